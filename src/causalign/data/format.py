@@ -1,0 +1,442 @@
+"""The one on-disk dataset format every importer writes and every command reads.
+
+A dataset is a folder::
+
+    DATA/
+      dataset.yaml      name, classes, attributes, image kind, free-form metadata
+      manifest.csv      one row per sample (columns below)
+      images/…          PNG (2D, gray or RGB) or NPY (2D (H,W)/(C,H,W) or 3D (D,H,W))
+      masks/…           same shape as the image's spatial part, nonzero = annotated area
+
+manifest.csv columns: ``id, split, label, site, image, mask, box_x0, box_y0, box_x1, box_y1``
+and one ``attr_<name>`` column per attribute listed in dataset.yaml. ``mask`` and the box
+columns may be empty (sample without annotation); attribute cells may be empty (missing
+annotation → NaN). Boxes are pixel coordinates, x1/y1 exclusive. Paths are relative to DATA.
+
+`LesionDataset` reads one split, validates it (missing files, mask/image shape mismatch,
+labels outside the declared classes, NaN/inf pixels, empty split) and raises `DataError`
+with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..io import atomic_write_text
+
+MANIFEST = "manifest.csv"
+META = "dataset.yaml"
+SPLITS = ("train", "val", "test")
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
+BASE_COLUMNS = ("id", "split", "label", "site", "image", "mask", *BOX_COLUMNS)
+
+
+@dataclass
+class DatasetMeta:
+    """Contents of dataset.yaml."""
+
+    name: str
+    classes: list[str]
+    attributes: list[str] = field(default_factory=list)
+    ndim: int = 2  # spatial dimensions of an image: 2 (H,W) or 3 (D,H,W)
+    channels: int = 1
+    info: dict = field(default_factory=dict)  # generator parameters, provenance, …
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "attributes": list(self.attributes),
+            "ndim": self.ndim,
+            "channels": self.channels,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> DatasetMeta:
+        for key in ("name", "classes"):
+            if key not in d:
+                raise DataError(f"{where}: missing key '{key}'")
+        if not isinstance(d["classes"], list) or len(d["classes"]) < 2:
+            raise DataError(f"{where}: 'classes' must list at least two class names")
+        return cls(
+            name=str(d["name"]),
+            classes=[str(c) for c in d["classes"]],
+            attributes=[str(a) for a in d.get("attributes") or []],
+            ndim=int(d.get("ndim", 2)),
+            channels=int(d.get("channels", 1)),
+            info=dict(d.get("info") or {}),
+        )
+
+
+@dataclass
+class SampleRecord:
+    """One manifest row, before the image is read."""
+
+    id: str
+    split: str
+    label: int
+    site: str
+    image: str
+    mask: str | None = None
+    box: tuple[int, int, int, int] | None = None
+    attributes: list[float] = field(default_factory=list)  # NaN = not annotated
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class DatasetWriter:
+    """Write a dataset in the format above; the manifest is written atomically on `close`.
+
+    >>> w = DatasetWriter(out, DatasetMeta("toy", ["benign", "malignant"], ["margin"]))
+    >>> w.add(image, label=1, split="train", mask=mask, attributes=[1.0])
+    >>> w.close()
+    """
+
+    def __init__(self, root: str | Path, meta: DatasetMeta, image_format: str = "png") -> None:
+        if image_format not in ("png", "npy"):
+            raise DataError(f"image format must be png or npy, got '{image_format}'")
+        self.root = Path(root)
+        self.meta = meta
+        self.image_format = image_format
+        self.rows: list[SampleRecord] = []
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        (self.root / "masks").mkdir(parents=True, exist_ok=True)
+
+    def add(
+        self,
+        image: np.ndarray,
+        label: int,
+        split: str,
+        mask: np.ndarray | None = None,
+        box: Sequence[int] | None = None,
+        attributes: Sequence[float] | None = None,
+        site: str = "0",
+        sample_id: str | None = None,
+    ) -> SampleRecord:
+        sid = sample_id if sample_id is not None else f"{len(self.rows):06d}"
+        fmt = self.image_format if image.ndim == 2 or self.image_format == "npy" else "npy"
+        img_rel = f"images/{sid}.{fmt}"
+        save_array(self.root / img_rel, image, fmt)
+        mask_rel = None
+        if mask is not None:
+            mask_rel = f"masks/{sid}.{'png' if mask.ndim == 2 else 'npy'}"
+            save_array(self.root / mask_rel, (mask > 0).astype(np.uint8) * 255, None)
+        attrs = [float("nan")] * len(self.meta.attributes) if attributes is None else attributes
+        if len(attrs) != len(self.meta.attributes):
+            raise DataError(f"sample {sid}: {len(attrs)} attributes given, "
+                            f"dataset declares {len(self.meta.attributes)}")
+        rec = SampleRecord(
+            id=sid, split=split, label=int(label), site=str(site), image=img_rel, mask=mask_rel,
+            box=tuple(int(v) for v in box) if box is not None else None,
+            attributes=[float(a) for a in attrs],
+        )
+        self.rows.append(rec)
+        return rec
+
+    def close(self) -> None:
+        write_manifest(self.root, self.meta, self.rows)
+
+
+def save_array(path: Path, array: np.ndarray, fmt: str | None) -> None:
+    """Save an image/mask: PNG for 2D arrays (uint8/uint16 kept, floats in [0,1] → uint8)."""
+    fmt = fmt or ("png" if array.ndim == 2 else "npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "npy":
+        np.save(path, array)
+        return
+    from PIL import Image
+
+    if array.dtype not in (np.uint8, np.uint16):
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def write_manifest(root: str | Path, meta: DatasetMeta, rows: Iterable[SampleRecord]) -> None:
+    """Write dataset.yaml and manifest.csv atomically."""
+    root = Path(root)
+    header = [*BASE_COLUMNS, *(f"attr_{a}" for a in meta.attributes)]
+    lines = [",".join(header)]
+    for r in rows:
+        box = list(r.box) if r.box is not None else ["", "", "", ""]
+        attrs = ["" if math.isnan(a) else f"{a:g}" for a in r.attributes]
+        cells = [r.id, r.split, str(r.label), r.site, r.image, r.mask or "", *map(str, box),
+                 *attrs]
+        lines.append(",".join(_csv_cell(c) for c in cells))
+    atomic_write_text(root / META, yaml.safe_dump(meta.to_dict(), sort_keys=False))
+    atomic_write_text(root / MANIFEST, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value: str) -> str:
+    if any(ch in value for ch in ',"\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_meta(root: str | Path) -> DatasetMeta:
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: dataset folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (a dataset is a folder with {META} and {MANIFEST})")
+    path = root / META
+    if not path.exists():
+        raise DataError(f"{path}: missing ({root} is not a causalign dataset; "
+                        f"create one with `causalign data synth` or `causalign data import`)")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a mapping")
+    return DatasetMeta.from_dict(d, str(path))
+
+
+def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[SampleRecord]:
+    """Parse manifest.csv into records, checking columns, labels, splits and boxes."""
+    root = Path(root)
+    meta = meta or read_meta(root)
+    path = root / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path}: missing")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        missing = [c for c in ("id", "split", "label", "image") if c not in cols]
+        missing += [f"attr_{a}" for a in meta.attributes if f"attr_{a}" not in cols]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        records = []
+        for lineno, row in enumerate(reader, start=2):
+            records.append(_parse_row(row, meta, f"{path}:{lineno}"))
+    return records
+
+
+def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
+    try:
+        label = int(row["label"])
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label '{row['label']}' is not an integer") from None
+    if not 0 <= label < len(meta.classes):
+        raise DataError(f"{where}: label {label} outside the declared classes "
+                        f"0..{len(meta.classes) - 1} ({', '.join(meta.classes)})")
+    split = (row.get("split") or "").strip()
+    if split not in SPLITS:
+        raise DataError(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
+    box = None
+    box_cells = [(row.get(c) or "").strip() for c in BOX_COLUMNS]
+    if any(box_cells):
+        try:
+            box = tuple(int(float(c)) for c in box_cells)
+        except ValueError:
+            raise DataError(f"{where}: box {box_cells} is not four numbers") from None
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
+    attrs = []
+    for a in meta.attributes:
+        cell = (row.get(f"attr_{a}") or "").strip()
+        try:
+            attrs.append(float(cell) if cell else float("nan"))
+        except ValueError:
+            raise DataError(f"{where}: attribute {a} = '{cell}' is not a number") from None
+    return SampleRecord(
+        id=str(row["id"]), split=split, label=label, site=str(row.get("site") or "0"),
+        image=row["image"], mask=(row.get("mask") or "").strip() or None, box=box,
+        attributes=attrs,
+    )
+
+
+def load_array(path: Path) -> np.ndarray:
+    """Read an image or mask file as a numpy array (PNG/JPEG via PIL, NPY via numpy)."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "CMYK", "LA", "RGBA"):
+                im = im.convert("RGB") if im.mode != "LA" else im.convert("L")
+            return np.asarray(im)
+    except DataError:
+        raise
+    except Exception as exc:  # corrupt/truncated files surface as many exception types
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def to_float_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
+    """Convert a stored array to float32 (C, *spatial) with intensities scaled to [0, 1]."""
+    if array.dtype == np.uint8:
+        out = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        out = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        out = array.astype(np.float32)
+    else:
+        raise DataError(f"{path}: unsupported pixel type {array.dtype}")
+    if out.size == 0:
+        raise DataError(f"{path}: empty image (shape {array.shape})")
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).sum())
+        raise DataError(f"{path}: {bad} NaN/inf pixel value(s)")
+    if out.ndim == ndim:
+        out = out[None]
+    elif out.ndim == ndim + 1 and ndim == 2 and out.shape[-1] in (3, 4) and out.shape[0] > 4:
+        out = np.moveaxis(out[..., :3], -1, 0)  # HWC (PNG RGB) → CHW
+    elif out.ndim != ndim + 1:
+        raise DataError(f"{path}: image has shape {array.shape}, expected {ndim} spatial "
+                        f"dimensions (optionally with a channel axis)")
+    return np.ascontiguousarray(out)
+
+
+class LesionDataset(Dataset):
+    """One split of a dataset on disk, fully validated and cached in memory.
+
+    Items are dicts of tensors: ``image`` (C, *spatial) float32, ``label`` long, ``mask``
+    (1, *spatial) float32 (zeros when absent), ``has_mask`` bool, ``box_mask`` (1, *spatial)
+    (the box when given, else the mask), ``attributes`` (p,) float32 with NaN where missing,
+    ``attr_known`` (p,) bool, ``site`` long (index into `sites`), ``index`` long.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train") -> None:
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        if split not in SPLITS:
+            raise DataError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+        self.split = split
+        all_records = read_manifest(self.root, self.meta)
+        self.sites = sorted({r.site for r in all_records}, key=_site_key)
+        self.records = [r for r in all_records if r.split == split]
+        if not self.records:
+            raise DataError(f"{self.root / MANIFEST}: split '{split}' is empty")
+        self._load_all()
+
+    # Loading everything once makes validation complete before training starts and keeps
+    # epochs I/O free; crops used in this field are small (≤ 300 px, ≤ a few thousand).
+    def _load_all(self) -> None:
+        images, masks, has_mask, boxes = [], [], [], []
+        shape = None
+        for r in self.records:
+            ipath = self.root / r.image
+            img = to_float_image(load_array(ipath), self.meta.ndim, ipath)
+            if shape is None:
+                shape = img.shape
+            elif img.shape != shape:
+                raise DataError(f"{ipath}: image shape {img.shape} differs from the split's "
+                                f"{shape} (resize on import so all images match)")
+            spatial = img.shape[1:]
+            if r.mask is not None:
+                mpath = self.root / r.mask
+                m = load_array(mpath)
+                if m.ndim == len(spatial) + 1 and m.shape[-1] in (3, 4):
+                    m = m[..., 0]
+                if tuple(m.shape) != tuple(spatial):
+                    raise DataError(f"{mpath}: mask shape {tuple(m.shape)} does not match "
+                                    f"image {ipath.name} shape {tuple(spatial)}")
+                if not np.isfinite(m.astype(np.float64)).all():
+                    raise DataError(f"{mpath}: NaN/inf values in mask")
+                mask = (m > 0).astype(np.float32)[None]
+                has_mask.append(True)
+            else:
+                mask = np.zeros((1, *spatial), np.float32)
+                has_mask.append(False)
+            if r.box is not None:
+                x0, y0, x1, y1 = r.box
+                h, w = spatial[-2], spatial[-1]
+                if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+                    raise DataError(f"{self.root / MANIFEST}: sample {r.id}: box {r.box} "
+                                    f"outside the image ({w}x{h})")
+                box = np.zeros((1, *spatial), np.float32)
+                box[..., y0:y1, x0:x1] = 1.0
+            else:
+                box = mask
+            images.append(img)
+            masks.append(mask)
+            boxes.append(box)
+        self.images = torch.from_numpy(np.stack(images))
+        self.masks = torch.from_numpy(np.stack(masks))
+        self.box_masks = torch.from_numpy(np.stack(boxes))
+        self.has_mask = torch.tensor(has_mask, dtype=torch.bool)
+        self.has_box_or_mask = self.has_mask | torch.tensor([r.box is not None
+                                                             for r in self.records])
+        self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
+        p = len(self.meta.attributes)
+        attrs = np.array([r.attributes for r in self.records], np.float32).reshape(-1, p)
+        self.attributes = torch.from_numpy(attrs)
+        self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.classes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.batch(torch.as_tensor(i))
+
+    def batch(self, idx: Tensor) -> dict[str, Tensor]:
+        """Items for an index tensor (a scalar gives one sample, a vector a batch); indexing
+        the cached tensors directly is much faster than collating per-sample dicts."""
+        attrs = self.attributes[idx]
+        return {
+            "image": self.images[idx],
+            "label": self.labels[idx],
+            "mask": self.masks[idx],
+            "has_mask": self.has_mask[idx],
+            "box_mask": self.box_masks[idx],
+            "has_annotation": self.has_box_or_mask[idx],
+            "attributes": torch.nan_to_num(attrs, nan=0.0),
+            "attr_known": ~torch.isnan(attrs),
+            "site": self.site_index[idx],
+            "index": idx,
+        }
+
+
+def _site_key(site: str):
+    return (0, int(site), "") if site.isdigit() else (1, 0, site)
+
+
+def dataset_summary(root: str | Path) -> dict:
+    """Counts per split and class, mask coverage: what `causalign data info` prints."""
+    meta = read_meta(root)
+    recs = read_manifest(root, meta)
+    out: dict = {"name": meta.name, "classes": meta.classes, "attributes": meta.attributes}
+    for split in SPLITS:
+        rs = [r for r in recs if r.split == split]
+        out[split] = {
+            "n": len(rs),
+            "per_class": {c: sum(r.label == k for r in rs) for k, c in enumerate(meta.classes)},
+            "with_mask": sum(r.mask is not None for r in rs),
+            "with_box": sum(r.box is not None for r in rs),
+        }
+    return out
+
+
+def ensure_empty_or_missing(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise DataError(f"{path}: output folder exists and is not empty (use --overwrite)")
+    os.makedirs(path, exist_ok=True)

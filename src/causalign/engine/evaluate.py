@@ -1,0 +1,118 @@
+"""Evaluation of a trained model on one split: classification, CAM localisation, deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.format import LesionDataset
+from ..explain import get_explainer, saliency_map
+from ..methods.base import Method
+from ..metrics import cam_precision, classification_metrics, deletion_scores, iou_dice, mass_in_mask
+
+
+def iterate_batches(
+    dataset: LesionDataset, batch_size: int, shuffle: bool = False,
+    generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    drop_last: bool = False,
+) -> Iterator[dict[str, Tensor]]:
+    """Batches of the cached split, moved to `device`."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        batch = dataset.batch(order[start:start + batch_size])
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, method: Method, dataset: LesionDataset, device,
+            batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class probabilities, labels and mean cross-entropy over the split."""
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for batch in iterate_batches(dataset, batch_size, device=device):
+        logits = model(method.model_input(batch)).float()
+        loss_sum += float(F.cross_entropy(logits, batch["label"], reduction="sum"))
+        probs.append(logits.softmax(1).cpu())
+        labels.append(batch["label"].cpu())
+    p = torch.cat(probs).numpy()
+    y = torch.cat(labels).numpy()
+    return p, y, loss_sum / len(y)
+
+
+def quick_metrics(model, method, dataset, device) -> dict:
+    """Classification metrics and loss (used every epoch for model selection)."""
+    probs, labels, loss = predict(model, method, dataset, device)
+    out = classification_metrics(probs, labels)
+    out["loss"] = loss
+    out["n"] = int(len(labels))
+    return out
+
+
+def evaluate_split(
+    model: nn.Module, method: Method, dataset: LesionDataset, device,
+    saliency: str = "gradcam", fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.1, 0.2),
+    batch_size: int = 128, progress=None,
+) -> dict:
+    """Everything metrics.json reports for a split.
+
+    Localisation uses the saliency of the *predicted* class on the input the model sees
+    (`method.model_input`); `cam_precision` against the box when the sample has one (else the
+    mask), `cam_precision_mask`, `cam_mass_in_mask`, IoU/Dice against the pixel mask.
+    Deletion zeroes the top-k pixels of the same map and measures the predicted class's
+    probability drop.
+    """
+    model.eval()
+    out = quick_metrics(model, method, dataset, device)
+    explainer = get_explainer(saliency, model)
+    prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
+    deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"evaluating {dataset.split}", total=len(dataset))
+    for batch in iterate_batches(dataset, batch_size, device=device):
+        x = method.model_input(batch)
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        maps = saliency_map(explainer.attribute(x, target=pred)).detach().float()
+        if maps.dim() == batch["mask"].dim():  # (N,1,...) maps from single-channel reduce
+            maps = maps[:, 0]
+        ann = batch["has_annotation"]
+        has_mask = batch["has_mask"]
+        box = batch["box_mask"][:, 0]
+        mask = batch["mask"][:, 0]
+        if ann.any():
+            prec_box.append(cam_precision(maps[ann], box[ann]).cpu())
+            flat = maps[ann].flatten(1)
+            empty.append(((flat.max(1).values - flat.min(1).values) <= 1e-12).cpu())
+        if has_mask.any():
+            prec_mask.append(cam_precision(maps[has_mask], mask[has_mask]).cpu())
+            mass.append(mass_in_mask(maps[has_mask], mask[has_mask]).cpu())
+            i, d = iou_dice(maps[has_mask], mask[has_mask])
+            iou.append(i.cpu())
+            dice.append(d.cpu())
+        for frac, drop in deletion_scores(model, x, maps, pred, fractions).items():
+            deletion[frac].append(drop.cpu())
+        if task is not None:
+            progress.advance(task, len(pred))
+
+    def mean(parts: list[Tensor]) -> float | None:
+        return float(torch.cat(parts).float().mean()) if parts else None
+
+    out.update({
+        "cam_precision": mean(prec_box),
+        "cam_precision_mask": mean(prec_mask),
+        "cam_mass_in_mask": mean(mass),
+        "saliency_iou": mean(iou),
+        "saliency_dice": mean(dice),
+        "cam_empty_fraction": mean(empty),
+        "n_annotated": int(sum(len(p) for p in prec_box)),
+        "saliency": saliency,
+        "deletion": {f"{f:g}": mean(v) for f, v in deletion.items()},
+    })
+    return out

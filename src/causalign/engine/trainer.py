@@ -1,0 +1,345 @@
+"""Trainer: Adam, seeds, progress bar, history.csv, checkpoint every epoch with resume,
+best-on-val selection, run directory with the resolved config, final metrics.json.
+
+The trainer is method-agnostic: it calls `method(model, batch) -> LossOutput`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .. import __version__
+from ..data.format import LesionDataset, read_meta
+from ..errors import CausalignError, NumericalError
+from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..methods.base import DataInfo, Method, build_method
+from .config import TrainConfig
+from .evaluate import evaluate_split, iterate_batches, quick_metrics
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CausalignError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint, verifying the SHA-256 written beside it."""
+    if not path.exists():
+        raise CausalignError(f"{path}: checkpoint not found")
+    data = path.read_bytes()
+    sha_path = Path(str(path) + ".sha256")
+    if sha_path.exists():
+        expected = sha_path.read_text().strip()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CausalignError(f"{path}: checkpoint is corrupt or truncated (checksum mismatch)")
+    import io
+
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CausalignError(f"{path}: cannot read checkpoint ({type(exc).__name__})") from None
+
+
+def data_info(ds: LesionDataset) -> DataInfo:
+    return DataInfo(in_channels=ds.image_shape[0], num_classes=ds.num_classes,
+                    image_shape=ds.image_shape, attributes=list(ds.meta.attributes))
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epochs completed
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    history: list[dict[str, Any]] | None = None
+
+
+class Trainer:
+    """Train `cfg.method` on DATA into the run folder `out`."""
+
+    def __init__(self, data: str | Path, cfg: TrainConfig, out: str | Path,
+                 resume: bool = False, progress: bool = True) -> None:
+        cfg.validate()
+        self.data = Path(data)
+        self.cfg = cfg
+        self.out = Path(out)
+        self.resume = resume
+        self.show_progress = progress
+        self.device = resolve_device(cfg.device)
+        self.method: Method = build_method(cfg.method, cfg.method_args)
+        read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
+        self._check_out_dir()
+
+    def _check_out_dir(self) -> None:
+        ckpt = self.out / CHECKPOINT
+        if ckpt.exists() and not self.resume:
+            raise CausalignError(f"{self.out}: already holds a run (pass --resume to continue "
+                                 f"it, or choose another --out)")
+        if self.out.exists() and not self.out.is_dir():
+            raise CausalignError(f"{self.out}: exists and is not a folder")
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
+        seed_everything(self.cfg.seed, self.cfg.deterministic)
+        self.train_set = LesionDataset(self.data, "train")
+        self.val_set = LesionDataset(self.data, "val")
+        self.info = data_info(self.train_set)
+        self.model = self.method.build_model(self.cfg, self.info).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
+                                          weight_decay=self.cfg.weight_decay)
+        self.scheduler = None
+        if self.cfg.scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=self.cfg.epochs)
+        self.method.setup(self.train_set, self.model)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.state = RunState(history=[])
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume and (self.out / CHECKPOINT).exists():
+            self._load_state()
+        else:
+            resolved = {
+                "data": str(self.data.resolve()),
+                "causalign_version": __version__,
+                "torch_version": str(torch.__version__),
+                **self.cfg.to_dict(),
+            }
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    def _save_state(self) -> None:
+        ckpt = {
+            "epoch": self.state.epoch,
+            "best_epoch": self.state.best_epoch,
+            "best_score": self.state.best_score,
+            "history": self.state.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "method_state": self.method.state_dict(),
+            "config": self.cfg.to_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "sampler": self.generator.get_state(),
+            },
+        }
+        atomic_torch_save(self.out / CHECKPOINT, ckpt)
+
+    def _load_state(self) -> None:
+        ckpt = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.method.load_state_dict(ckpt.get("method_state", {}))
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.generator.set_state(rng["sampler"].cpu())
+        self.state = RunState(epoch=ckpt["epoch"], best_epoch=ckpt["best_epoch"],
+                              best_score=ckpt["best_score"], history=ckpt["history"])
+
+    # ------------------------------------------------------------------ loop
+
+    def _progress(self):
+        if not self.show_progress:
+            return nullcontext(None)
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), console=Console(stderr=True),
+                        transient=False)
+
+    def _train_epoch(self, epoch: int, progress) -> dict[str, float]:
+        self.model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        task = None
+        n_batches = math.ceil(len(self.train_set) / self.cfg.batch_size)
+        if progress is not None:
+            task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=n_batches,
+                                     info="")
+        for step, batch in enumerate(iterate_batches(
+                self.train_set, self.cfg.batch_size, shuffle=True, generator=self.generator,
+                device=self.device)):
+            out = self.method(self.model, batch)
+            if not torch.isfinite(out.total):
+                raise NumericalError(
+                    f"non-finite loss at epoch {epoch} step {step} (parts: {out.parts}); "
+                    f"try a lower --lr")
+            self.optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            self.optimizer.step()
+            n = len(batch["label"])
+            count += n
+            sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * n
+            for k, v in out.parts.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            if task is not None:
+                progress.update(task, advance=1, info=f"loss {sums['loss'] / count:.4f}")
+        return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+
+    def _score(self, metrics: dict) -> float:
+        key = self.cfg.select_metric
+        if key == "loss":
+            return -metrics["loss"]
+        value = metrics.get(key)
+        return -math.inf if value is None else value
+
+    def fit(self) -> dict:
+        """Train (or resume), select the best epoch on val, evaluate, write metrics.json."""
+        self._setup()
+        with self._progress() as progress:
+            for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+                t0 = time.perf_counter()
+                row = {"epoch": epoch, **self._train_epoch(epoch, progress)}
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                train_eval = quick_metrics(self.model, self.method, self.train_set, self.device)
+                row["train_accuracy"] = train_eval["accuracy"]
+                val = quick_metrics(self.model, self.method, self.val_set, self.device)
+                row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+                row["seconds"] = time.perf_counter() - t0
+                score = self._score(val)
+                # ">=": among equally good epochs keep the later, better-trained one
+                if score >= self.state.best_score:
+                    self.state.best_score, self.state.best_epoch = score, epoch
+                    atomic_torch_save(self.out / BEST, {"epoch": epoch,
+                                                        "model": self.model.state_dict()})
+                self.state.epoch = epoch
+                self.state.history.append(row)
+                self._write_history()
+                self._save_state()
+            return self._final_evaluation(progress)
+
+    def _write_history(self) -> None:
+        rows = self.state.history
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        lines = [",".join(keys)]
+        for r in rows:
+            lines.append(",".join(_fmt(r.get(k)) for k in keys))
+        atomic_write_text(self.out / "history.csv", "\n".join(lines) + "\n")
+
+    def _final_evaluation(self, progress) -> dict:
+        best = load_checkpoint(self.out / BEST, map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        metrics: dict[str, Any] = {
+            "method": self.cfg.method,
+            "best_epoch": best["epoch"],
+            "epochs": self.state.epoch,
+        }
+        splits = [("val", self.val_set)]
+        try:
+            splits.append(("test", LesionDataset(self.data, "test")))
+        except CausalignError as exc:
+            if "is empty" not in str(exc):
+                raise
+            metrics["note"] = "no test split: test metrics omitted"
+        for name, ds in splits:
+            metrics[name] = evaluate_split(
+                self.model, self.method, ds, self.device, saliency=self.cfg.eval_saliency,
+                fractions=tuple(self.cfg.deletion_fractions), progress=progress)
+        train_acc = quick_metrics(self.model, self.method, self.train_set, self.device)
+        metrics["train"] = {k: train_acc[k] for k in ("accuracy", "balanced_accuracy", "loss",
+                                                       "n")}
+        atomic_write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def train(data: str | Path, cfg: TrainConfig, out: str | Path, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train a model and return its metrics (what `causalign train` does)."""
+    return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
+
+
+def data_info_from_disk(data: Path) -> DataInfo:
+    """DataInfo from dataset.yaml and the first image, without loading a whole split."""
+    from ..data.format import load_array, read_manifest, to_float_image
+
+    meta = read_meta(data)
+    records = read_manifest(data, meta)
+    if not records:
+        raise CausalignError(f"{data}: manifest has no samples")
+    path = data / records[0].image
+    shape = to_float_image(load_array(path), meta.ndim, path).shape
+    return DataInfo(in_channels=shape[0], num_classes=len(meta.classes), image_shape=shape,
+                    attributes=list(meta.attributes))
+
+
+def load_run(run: str | Path, device: str = "auto", data: str | Path | None = None
+             ) -> tuple[TrainConfig, nn.Module, Method, Path]:
+    """Load a run: its config, best model (eval mode), method and dataset path.
+
+    `data` overrides the dataset the run was trained on (e.g. another site)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CausalignError(f"{run}: run folder does not exist")
+    cfg_path = run / "config.yaml"
+    if not cfg_path.exists():
+        raise CausalignError(f"{cfg_path}: missing (not a causalign run folder)")
+    raw = yaml.safe_load(cfg_path.read_text()) or {}
+    data_path = Path(data) if data is not None else Path(raw.get("data", ""))
+    for k in ("data", "causalign_version", "torch_version"):
+        raw.pop(k, None)
+    cfg = TrainConfig(**raw)
+    dev = resolve_device(device)
+    method = build_method(cfg.method, cfg.method_args)
+    weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT
+    state = load_checkpoint(weights, map_location=dev)
+    model = method.build_model(cfg, data_info_from_disk(data_path)).to(dev)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return cfg, model, method, data_path

@@ -1,0 +1,13 @@
+"""Implicit differentiation of per-sample argmins: batched CG and the adjoint gradient."""
+
+from causalign.implicit.adjoint import ImplicitResult, hvp, implicit_argmin, implicit_gradient
+from causalign.implicit.cg import CGResult, batched_cg
+
+__all__ = [
+    "CGResult",
+    "ImplicitResult",
+    "batched_cg",
+    "hvp",
+    "implicit_argmin",
+    "implicit_gradient",
+]

@@ -1,0 +1,125 @@
+"""Batched, matrix-free conjugate gradient for N independent SPD systems.
+
+The implicit gradient of a per-sample argmin needs (H_i + δI) v_i = b_i for every sample i;
+H is block-diagonal over the batch, so one batched matvec serves all N systems at once and
+each system keeps its own step sizes and stopping state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["CGResult", "batched_cg"]
+
+
+@dataclass
+class CGResult:
+    """Outcome of :func:`batched_cg`.
+
+    ``iterations`` counts loop iterations run (the batch stops together); per-sample state is in
+    ``residual_norm`` (‖b_i − (A_i + δI) v_i‖ as tracked by the recursion), ``converged`` and
+    ``breakdown`` (non-positive or non-finite curvature met: that sample was frozen at its last
+    finite iterate).
+    """
+
+    solution: Tensor
+    iterations: int
+    residual_norm: Tensor
+    converged: Tensor
+    breakdown: Tensor
+
+
+def _bdot(u: Tensor, v: Tensor) -> Tensor:
+    """Per-sample inner product: reduce over every non-batch dim."""
+    return (u * v).reshape(u.shape[0], -1).sum(dim=1)
+
+
+def batched_cg(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    max_iter: int = 20,
+    tol: float = 1e-5,
+    damping: float = 0.0,
+    check_every: int = 5,
+) -> CGResult:
+    """Solve (A_i + damping·I) v_i = b_i for each sample i of ``b`` (shape (N, *dims)).
+
+    ``matvec(p)`` must return A p for the whole batch and act block-diagonally (sample i of the
+    output depends only on sample i of ``p``). Sample i stops when ‖r_i‖ <= tol·‖b_i‖; stopped
+    samples are frozen by masking while the rest continue. The loop never synchronises with the
+    host except for a cheap "anything still active?" test every ``check_every`` iterations.
+    """
+    if b.dim() < 1:
+        raise ValueError("b must have a leading batch dimension")
+    if max_iter < 0:
+        raise ValueError("max_iter must be >= 0")
+    n = b.shape[0]
+    shape = (n,) + (1,) * (b.dim() - 1)
+
+    def apply(p: Tensor) -> Tensor:
+        out = matvec(p)
+        return out + damping * p if damping != 0.0 else out
+
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+    else:
+        x = x0.detach().clone()
+        r = b - apply(x)
+    rs = _bdot(r, r)
+    b_norm = _bdot(b, b).sqrt()
+    thresh = tol * b_norm
+
+    # A non-finite right-hand side or start cannot be solved: flag it and return zeros there.
+    bad_start = ~(torch.isfinite(rs) & torch.isfinite(b_norm))
+    breakdown = bad_start.clone()
+    x = torch.where(bad_start.view(shape), torch.zeros_like(x), x)
+    r = torch.where(bad_start.view(shape), torch.zeros_like(r), r)
+    rs = torch.where(bad_start, torch.zeros_like(rs), rs)
+    converged = ~bad_start & (rs.sqrt() <= thresh)  # b_i = 0 (and x0 = 0) is already solved
+    active = ~(converged | breakdown)
+    p = r.clone()
+
+    tiny = torch.finfo(b.dtype).tiny if b.is_floating_point() else 1e-30
+    iterations = 0
+    for k in range(max_iter):
+        ap = apply(p)
+        pap = _bdot(p, ap)
+        # Negative/zero curvature or NaN: the system is not SPD along p; stop that sample
+        # before it takes a step, so its last iterate stays finite.
+        bad = active & ~(torch.isfinite(pap) & (pap > 0))
+        breakdown = breakdown | bad
+        active = active & ~bad
+        am = active.view(shape)
+
+        alpha = rs / torch.where(active, pap, torch.ones_like(pap))
+        # torch.where (not multiplying by a zero step) so NaN/inf in a frozen sample's A p
+        # can never leak into its iterate.
+        x = torch.where(am, x + alpha.view(shape) * p, x)
+        r = torch.where(am, r - alpha.view(shape) * ap, r)
+        rs_new = torch.where(active, _bdot(r, r), rs)
+
+        done = active & (rs_new.sqrt() <= thresh)
+        converged = converged | done
+        active = active & ~done
+
+        beta = rs_new / rs.clamp_min(tiny)
+        p = torch.where(active.view(shape), r + beta.view(shape) * p, p)
+        rs = rs_new
+        iterations = k + 1
+        if check_every > 0 and iterations % check_every == 0 and not bool(active.any()):
+            break
+
+    return CGResult(
+        solution=x,
+        iterations=iterations,
+        residual_norm=rs.sqrt(),
+        converged=converged,
+        breakdown=breakdown,
+    )

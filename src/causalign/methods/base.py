@@ -1,0 +1,136 @@
+"""One objective interface for every training method.
+
+A method is an object with ``__call__(model, batch) -> LossOutput``; the trainer never knows
+which method runs. Methods also say how to build their model (``build_model``), what the model
+sees (``model_input``: the oracle restricts it to the annotation), and may fit statistics on
+the training split first (``setup``). Hyper-parameters are a dataclass ``Params`` whose fields
+are the valid ``method.<name>`` config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError, unknown_name
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass
+class LossOutput:
+    """Total loss to minimise and named parts (floats, for logging)."""
+
+    total: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DataInfo:
+    """What a method needs to know about the data to build its model."""
+
+    in_channels: int
+    num_classes: int
+    image_shape: tuple[int, ...]
+    attributes: list[str]
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class Method:
+    """Base objective: subclasses implement `loss`; `Params` lists their hyper-parameters."""
+
+    name: str = "base"
+    Params: type = NoParams
+    # Does the method need annotations (masks/boxes) at training time?
+    uses_annotations: bool = False
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def setup(self, train_set, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Fit anything that depends on the training split (statistics, caches)."""
+
+    def build_model(self, cfg, info: DataInfo) -> nn.Module:
+        from ..models import build_model
+
+        if len(info.image_shape) != 3:
+            from ..errors import CausalignError
+
+            raise CausalignError(
+                f"model '{cfg.model}' takes 2D images (C,H,W); this dataset holds volumes of "
+                f"shape {info.image_shape}")
+        return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width)
+
+    def model_input(self, batch: dict[str, Tensor]) -> Tensor:
+        """The tensor the classifier sees for this batch (same at train and test time)."""
+        return batch["image"]
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        return self.loss(model, batch)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Method state saved in checkpoints (e.g. warm-start caches)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    _load_builtin()
+    if name not in _METHODS:
+        raise unknown_name("method", name, list(_METHODS))
+    return _METHODS[name]
+
+
+def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
+    """Instantiate a method, validating its hyper-parameters against `Params`."""
+    cls = method_class(name)
+    args = dict(args or {})
+    valid = {f.name: f for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        listed = ", ".join(f"method.{k}" for k in sorted(valid)) or "(none)"
+        raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
+                          f"valid: {listed}")
+    params = cls.Params(**args)
+    check = getattr(params, "validate", None)
+    if callable(check):
+        check()
+    return cls(params)
+
+
+def _load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    from .. import methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{info.name}")

@@ -1,0 +1,16 @@
+"""Empirical risk minimisation: plain cross-entropy, the unaligned reference."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LossOutput, Method, register_method
+
+
+@register_method("erm")
+class ERM(Method):
+    def loss(self, model: nn.Module, batch) -> LossOutput:
+        logits = model(self.model_input(batch))
+        ce = F.cross_entropy(logits, batch["label"])
+        return LossOutput(ce, {"ce": float(ce.detach())})

@@ -1,0 +1,37 @@
+"""Models: the seed's 7-layer CNN, MLP head, hierarchical wrapper, torchvision backbones."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import unknown_name
+from .backbones import BACKBONES, build_backbone
+from .cnn import SevenLayerCNN
+from .hierarchical import HierarchicalModel
+from .mlp import MLPHead
+
+MODEL_NAMES = ("cnn7", *BACKBONES)
+
+
+def build_model(name: str, in_channels: int, num_outputs: int, width: int = 16) -> nn.Module:
+    """Build a classifier by name: 'cnn7' (default) or a torchvision backbone."""
+    if name == "cnn7":
+        return SevenLayerCNN(in_channels, num_outputs, width=width)
+    if name in BACKBONES:
+        return build_backbone(name, in_channels, num_outputs)
+    raise unknown_name("model", name, list(MODEL_NAMES))
+
+
+def find_cam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM uses: `model.cam_layer` if defined, else the last Conv2d."""
+    layer = getattr(model, "cam_layer", None)
+    if isinstance(layer, nn.Module):
+        return layer
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
+    return convs[-1]
+
+
+__all__ = ["SevenLayerCNN", "MLPHead", "HierarchicalModel", "build_model", "build_backbone",
+           "find_cam_layer", "MODEL_NAMES"]
