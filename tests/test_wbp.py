@@ -11,7 +11,7 @@ from torch import nn
 from wbp_reference import wbp_reference
 
 from causalign.explain import get_explainer
-from causalign.explain.wbp import WBP, wbp_mode, wbp_weights
+from causalign.explain.wbp import WBP, rescale_factor, wbp_mode, wbp_weights
 
 TOL = 1e-5
 F64 = torch.float64
@@ -96,6 +96,54 @@ def test_float32_map_matches_float64_rules(act: nn.Module) -> None:
     _, s_ref = wbp_reference(net, x, target)
     s = WBP(copy.deepcopy(net).float()).attribute(x.float(), target)
     assert rel_err(s, s_ref) <= TOL
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=repr)
+def test_create_graph_map_equals_plain_map(act: nn.Module) -> None:
+    # The differentiable backward and the fast plain one compute the same factors.
+    torch.manual_seed(15)
+    net = conv_net(act).eval()
+    x = 2 * torch.randn(2, 2, 13, 13)
+    plain = WBP(net).attribute(x, 1)
+    graph = WBP(net).attribute(x, 1, create_graph=True)
+    assert rel_err(graph.detach(), plain) <= TOL
+
+
+RESCALED = [
+    nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.ELU(0.7),
+    nn.CELU(1.3), nn.SELU(), nn.Softplus(beta=2.0), nn.Mish(), nn.Hardtanh(-2.0, 1.5),
+    nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid(), nn.LogSigmoid(), nn.Softsign(),
+    nn.Tanhshrink(), nn.Softshrink(0.3),
+]
+
+
+@pytest.mark.parametrize("act", RESCALED, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_rescale_factor_values(act: nn.Module, dtype: torch.dtype) -> None:
+    # h = (g(z) − g(0))/z, finite everywhere, with the limit g'(0) at z = 0, in both backward
+    # paths (differentiable and plain).
+    rule = rescale_factor(act)
+    assert rule is not None and rescale_factor(nn.ReLU()) is None
+    z = torch.tensor([0.0, 1e-30, -1e-30, 1e-6, -1e-6, 1e-3, -0.4, 0.7, 3.0, -5.0, 50.0, -60.0],
+                     dtype=dtype)
+    with torch.no_grad():
+        out = act(z)
+        plain = rule.scale_grad(torch.ones_like(z), z, out)
+    with torch.enable_grad():
+        graph = rule(z, out)
+    z64 = z.double()
+    g = act.double() if hasattr(act, "double") else act
+    truth = (g(z64) - g(torch.zeros(1, dtype=F64))) / z64
+    zero = torch.zeros(1, dtype=F64, requires_grad=True)
+    (slope0,) = torch.autograd.grad(g(zero * 1).sum(), zero)
+    big = z64.abs() >= 1e-6  # below, float64 (g(z) − g(0))/z itself loses digits
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for h in (plain, graph):
+        assert torch.isfinite(h).all()
+        assert torch.allclose(h.double()[big], truth[big], rtol=tol, atol=tol)
+        assert torch.allclose(h.double()[0], slope0, atol=1e-6)
+        # ±1e-30: the one-sided limits, which h(±1e-6) approximates to O(1e-6).
+        assert torch.allclose(h.double()[1:3], truth[3:5], atol=1e-5)
 
 
 def test_mlp_and_bn1d() -> None:

@@ -380,7 +380,7 @@ class LesionDataset(Dataset):
                                                              for r in self.records])
         self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
         p = len(self.meta.attributes)
-        attrs = np.array([r.attributes for r in self.records], np.float32).reshape(-1, p)
+        attrs = np.array([r.attributes for r in self.records], np.float32).reshape(len(self), p)
         self.attributes = torch.from_numpy(attrs)
         self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
 

@@ -103,6 +103,14 @@ class Trainer:
                                  f"it, or choose another --out)")
         if self.out.exists() and not self.out.is_dir():
             raise CausalignError(f"{self.out}: exists and is not a folder")
+        if self.resume and ckpt.exists():
+            stored = stored_config(self.out)
+            diffs = [f"{k} {getattr(stored, k)!r} -> {getattr(self.cfg, k)!r}"
+                     for k in stored.to_dict() if k not in ("device", "threads")
+                     and getattr(stored, k) != getattr(self.cfg, k)]
+            if diffs:
+                raise CausalignError(f"{self.out}: --resume continues the stored run, but these "
+                                     f"settings differ: {'; '.join(diffs)} (use a new --out)")
 
     # ------------------------------------------------------------------ setup
 
@@ -305,6 +313,17 @@ def train(data: str | Path, cfg: TrainConfig, out: str | Path, resume: bool = Fa
     return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
 
 
+def stored_config(run: Path) -> TrainConfig:
+    """The resolved TrainConfig saved in RUN/config.yaml."""
+    path = Path(run) / "config.yaml"
+    if not path.exists():
+        raise CausalignError(f"{path}: missing (not a causalign run folder)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for k in ("data", "causalign_version", "torch_version"):
+        raw.pop(k, None)
+    return TrainConfig(**raw)
+
+
 def data_info_from_disk(data: Path) -> DataInfo:
     """DataInfo from dataset.yaml and the first image, without loading a whole split."""
     from ..data.format import load_array, read_manifest, to_float_image
@@ -332,9 +351,7 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
         raise CausalignError(f"{cfg_path}: missing (not a causalign run folder)")
     raw = yaml.safe_load(cfg_path.read_text()) or {}
     data_path = Path(data) if data is not None else Path(raw.get("data", ""))
-    for k in ("data", "causalign_version", "torch_version"):
-        raw.pop(k, None)
-    cfg = TrainConfig(**raw)
+    cfg = stored_config(run)
     dev = resolve_device(device)
     method = build_method(cfg.method, cfg.method_args)
     weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT

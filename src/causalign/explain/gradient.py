@@ -13,6 +13,10 @@ from torch import Tensor
 from .base import Explainer, register_explainer
 
 
+def _leaf(inputs: Tensor) -> Tensor:
+    return inputs.detach().requires_grad_(True)
+
+
 def _input_gradient(model, inputs: Tensor, target: Tensor, create_graph: bool) -> Tensor:
     x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
     logits = model(x)
@@ -29,7 +33,7 @@ class GradientSaliency(Explainer):
         target = self._target(inputs, target)
         if create_graph:
             return _input_gradient(self.model, inputs, target, True).abs()
-        return Saliency(self.model).attribute(inputs, target=target, abs=True)
+        return Saliency(self.model).attribute(_leaf(inputs), target=target, abs=True)
 
 
 @register_explainer("input-x-gradient")
@@ -40,4 +44,4 @@ class InputXGradientSaliency(Explainer):
         target = self._target(inputs, target)
         if create_graph:
             return inputs * _input_gradient(self.model, inputs, target, True)
-        return InputXGradient(self.model).attribute(inputs, target=target)
+        return InputXGradient(self.model).attribute(_leaf(inputs), target=target)

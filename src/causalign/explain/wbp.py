@@ -24,7 +24,7 @@ Choices, and what they mean for users:
   g(z)/z at z = 0: 0.5/z would let pre-activations near zero dominate the map. Their constant
   g(0) does not interact with the input, so, like a bias, it is left out:
   h = (g(z) − g(0))/z, computed in closed form without cancellation. For g(0) = 0 this is the
-  paper's g(z)/z. Where |z| is tiny h takes its limit g'(0).
+  paper's g(z)/z. At z = 0 h takes its limit g'(0) (PyTorch's derivative at a kink).
 * ``create_graph=True`` gives the exact derivative of the map in θ. A plain z·stopgrad(h)
   would miss h's own dependence on θ, and reusing the rescaled graph to differentiate the
   pre-activations z(θ) would chain h instead of g'. So h is recomputed in the backward pass
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .base import Explainer, register_explainer
 
-__all__ = ["WBP", "wbp_mode", "wbp_weights", "rescale_factor"]
+__all__ = ["WBP", "RescaleRule", "rescale_factor", "wbp_mode", "wbp_weights"]
 
 # h(z, out) -> rescale factor, elementwise; `out` is the module's output g(z).
 _Rule = Callable[[Tensor, Tensor], Tensor]
@@ -61,11 +61,16 @@ _RESCALED = (
 )
 
 
-def _safe_ratio(num: Tensor, z: Tensor, limit: float | Tensor, eps: float) -> Tensor:
-    """num/z, with the limit value where |z| < eps (so no 0/0 and no blow-up)."""
-    small = z.abs() < eps
-    ratio = num / torch.where(small, torch.ones_like(z), z)
-    return torch.where(small, torch.as_tensor(limit, dtype=ratio.dtype, device=z.device), ratio)
+def _safe_ratio(num: Tensor, z: Tensor, limit: float, eps: float = 0.0) -> Tensor:
+    """num/z, with the limit value where |z| <= eps (so no 0/0 and no blow-up).
+
+    The numerators here are accurate relative to z, so eps = 0 (only z == 0 is special) keeps
+    both one-sided limits right for activations with a kink at 0 (ELU, SELU, ReLU6).
+    """
+    small = z == 0 if eps == 0 else z.abs() <= eps
+    if torch.is_grad_enabled():  # create_graph: out-of-place, no inf anywhere in the graph
+        return torch.where(small, limit, num / torch.where(small, 1.0, z))
+    return (num / z).masked_fill_(small, limit)  # plain backward: fewer passes over memory
 
 
 def _centered_sigmoid(z: Tensor) -> Tensor:
@@ -86,59 +91,84 @@ def _centered_logsigmoid(z: Tensor) -> Tensor:
 
 
 def _closed_form_rule(module: nn.Module) -> _Rule | None:
-    """Rules for g(0) ≠ 0, where (g(z) − g(0))/z would lose digits to cancellation."""
+    """Rules known in closed form.
+
+    g(z) = z·φ(z) activations (GELU, SiLU, Mish) have h = φ(z): no division, no special case.
+    For g(0) ≠ 0, (g(z) − g(0))/z would lose digits to cancellation, so it is written out.
+    """
+    if isinstance(module, nn.GELU):
+        if module.approximate == "tanh":
+            c = math.sqrt(2 / math.pi)
+            return lambda z, out: 0.5 * (1 + torch.tanh(c * (z + 0.044715 * z * z * z)))
+        return lambda z, out: torch.special.ndtr(z)  # GELU(z)/z = Φ(z)
+    if isinstance(module, nn.SiLU):
+        return lambda z, out: torch.sigmoid(z)
+    if isinstance(module, nn.Mish):
+        return lambda z, out: torch.tanh(nn.functional.softplus(z))
     if isinstance(module, nn.Sigmoid):
-        return lambda z, out: _safe_ratio(_centered_sigmoid(z), z, 0.25, _tiny(z))
+        return lambda z, out: _safe_ratio(_centered_sigmoid(z), z, 0.25)
     if isinstance(module, nn.Hardsigmoid):
-        return lambda z, out: _safe_ratio(torch.clamp(z / 6, -0.5, 0.5), z, 1 / 6, _tiny(z))
+        return lambda z, out: _safe_ratio(torch.clamp(z / 6, -0.5, 0.5), z, 1 / 6)
     if isinstance(module, nn.Softplus):
         beta, threshold = float(module.beta), float(module.threshold)
-        return lambda z, out: _safe_ratio(
-            _centered_softplus(z, beta, threshold), z, 0.5, _tiny(z)
-        )
+        return lambda z, out: _safe_ratio(_centered_softplus(z, beta, threshold), z, 0.5)
     if isinstance(module, nn.LogSigmoid):
-        return lambda z, out: _safe_ratio(_centered_logsigmoid(z), z, 0.5, _tiny(z))
+        return lambda z, out: _safe_ratio(_centered_logsigmoid(z), z, 0.5)
     return None
 
 
-def _tiny(z: Tensor) -> float:
-    # Below this |z| the ratio of two O(z) terms is replaced by its limit; error O(eps·g'').
-    return float(torch.finfo(z.dtype).eps) if z.is_floating_point() else 1e-7
+class RescaleRule:
+    """WBP's rescale factor h(z) = (g(z) − g(0))/z for one activation module."""
 
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.closed = _closed_form_rule(module)
+        self._constants: dict[tuple[torch.dtype, torch.device], tuple[float, float]] = {}
 
-def _generic_rule(module: nn.Module) -> _Rule:
-    """h = (out − g(0))/z for any elementwise activation module; g(0), g'(0) probed once."""
-    cache: dict[tuple[torch.dtype, torch.device], tuple[float, float]] = {}
-
-    def probe(z: Tensor) -> tuple[float, float]:
+    def constants(self, z: Tensor) -> tuple[float, float]:
+        """(g(0), g'(0)) in z's dtype, probed once per dtype and device."""
         key = (z.dtype, z.device)
-        if key not in cache:
+        if key not in self._constants:
             with torch.enable_grad():
                 zero = torch.zeros(1, dtype=z.dtype, device=z.device, requires_grad=True)
                 # .forward: no hooks, no recursion; `zero * 1` tolerates in-place modules.
-                g0 = module.forward(zero * 1)
+                g0 = self.module.forward(zero * 1)
                 (dg0,) = torch.autograd.grad(g0.sum(), zero)
-            cache[key] = (float(g0.detach()), float(dg0))
-        return cache[key]
+            self._constants[key] = (float(g0.detach()), float(dg0))
+        return self._constants[key]
 
-    def rule(z: Tensor, out: Tensor) -> Tensor:
-        g0, dg0 = probe(z)
-        eps = _tiny(z)
-        if g0 != 0.0:  # cancellation in out − g(0) costs ~ulp(g0)/|z|: keep |z| larger
-            eps = math.sqrt(eps) * max(1.0, abs(g0))
+    def __call__(self, z: Tensor, out: Tensor) -> Tensor:
+        """h from the pre-activation z and the module's output g(z), differentiably."""
+        if self.closed is not None:
+            return self.closed(z, out)
+        g0, dg0 = self.constants(z)
+        if g0 == 0.0:
+            return _safe_ratio(out, z, dg0)
+        # A g(0) ≠ 0 without a closed form: out − g(0) cancels, costing ~ulp(g0)/|z|, so
+        # small |z| takes the limit instead.
+        eps = math.sqrt(float(torch.finfo(z.dtype).eps)) * max(1.0, abs(g0))
         return _safe_ratio(out - g0, z, dg0, eps)
 
-    return rule
+    def scale_grad(self, grad: Tensor, z: Tensor, out: Tensor) -> Tensor:
+        """grad ⊙ h: the rescaled activation's backward."""
+        if not torch.is_grad_enabled():
+            g0, dg0 = self.constants(z)
+            if g0 == 0.0:
+                # Plain backward, g(0) = 0: g(z)/z is accurate for every z ≠ 0 and z == 0 gives
+                # 0/0, so 3 passes over memory do it (the closed forms take up to 5).
+                h = torch.div(out, z).nan_to_num_(nan=dg0)
+                return h.mul_(grad) if h.dtype == grad.dtype else grad * h
+        return grad * self(z, out)
 
 
-def rescale_factor(module: nn.Module) -> _Rule | None:
-    """The WBP rescale rule h(z, g(z)) for an activation module; None where the gradient is it.
+def rescale_factor(module: nn.Module) -> RescaleRule | None:
+    """The WBP rescale rule for an activation module; None where the gradient already is it.
 
     Returns None for modules that need no rescaling (ReLU-like ones and non-activations).
     """
     if isinstance(module, _GRADIENT_IS_RULE) or not isinstance(module, _RESCALED):
         return None
-    return _closed_form_rule(module) or _generic_rule(module)
+    return RescaleRule(module)
 
 
 class _Phase:
@@ -161,7 +191,7 @@ class _RescaledBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, z: Tensor, out: Tensor, rule: _Rule, phase: _Phase
+        ctx, z: Tensor, out: Tensor, rule: RescaleRule, phase: _Phase
     ) -> Tensor:
         ctx.save_for_backward(z, out)
         ctx.rule = rule
@@ -175,12 +205,11 @@ class _RescaledBackward(torch.autograd.Function):
         if not ctx.phase.rescale:
             return None, grad, None, None
         z, out = ctx.saved_tensors
-        h = ctx.rule(z, out)
-        return (grad * h).to(z.dtype), None, None, None
+        return ctx.rule.scale_grad(grad, z, out).to(z.dtype), None, None, None
 
 
 def _make_hook(
-    rule: _Rule, phase: _Phase
+    rule: RescaleRule, phase: _Phase
 ) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):

@@ -1,0 +1,77 @@
+"""`causalign bench step`: time one training step of a method and of ERM in one process."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..methods.base import DataInfo, build_method
+from .config import TrainConfig
+from .trainer import resolve_device
+
+
+def synthetic_batch(batch_size: int, size: int, channels: int = 1, num_attributes: int = 6,
+                    device="cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random batch with square lesion masks, enough to exercise every method's step."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch_size, channels, size, size, generator=g)
+    mask = torch.zeros(batch_size, 1, size, size)
+    for i in range(batch_size):
+        c = torch.randint(size // 4, 3 * size // 4, (2,), generator=g)
+        r = size // 8
+        mask[i, :, c[0] - r:c[0] + r, c[1] - r:c[1] + r] = 1.0
+    attrs = (torch.rand(batch_size, num_attributes, generator=g) > 0.5).float()
+    batch = {
+        "image": x, "label": torch.randint(0, 2, (batch_size,), generator=g), "mask": mask,
+        "has_mask": torch.ones(batch_size, dtype=torch.bool), "box_mask": mask,
+        "has_annotation": torch.ones(batch_size, dtype=torch.bool), "attributes": attrs,
+        "attr_known": torch.ones(batch_size, num_attributes, dtype=torch.bool),
+        "site": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def time_steps(method_name: str, batch, cfg: TrainConfig, info: DataInfo, device,
+               steps: int, warmup: int, method_args: dict | None = None) -> list[float]:
+    method = build_method(method_name, method_args or {})
+    model = method.build_model(cfg, info).to(device)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = method(model, batch)
+        opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5,
+               warmup: int = 2, device: str = "auto", model: str = "cnn7",
+               method_args: dict | None = None) -> dict:
+    """Median seconds per training step for `method` and for ERM, same process and batch."""
+    dev = resolve_device(device)
+    cfg = TrainConfig(method=method, model=model)
+    info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, size, size),
+                    attributes=[f"a{i}" for i in range(6)])
+    batch = synthetic_batch(batch_size, size, device=dev)
+    build_method(method, method_args or {})  # validate before timing anything
+    erm = time_steps("erm", batch, cfg, info, dev, steps, warmup)
+    other = erm if method == "erm" else time_steps(method, batch, cfg, info, dev, steps, warmup,
+                                                   method_args)
+    m, e = statistics.median(other), statistics.median(erm)
+    return {
+        "method": method, "seconds_per_step": m, "erm_seconds_per_step": e,
+        "ratio_to_erm": m / e, "size": size, "batch_size": batch_size, "steps": steps,
+        "model": model, "device": str(dev), "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+    }

@@ -1,0 +1,113 @@
+"""Figures: example grids, saliency overlays, method × case CAM grids (paper 000 Fig. 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_savefig
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show_image(ax, image: np.ndarray) -> None:
+    """image (C,H,W) or (C,D,H,W): gray for one channel, RGB for three; volumes show the
+    slice with the most annotation (caller passes 2D) or the middle slice."""
+    if image.ndim == 4:
+        image = image[:, image.shape[1] // 2]
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(np.moveaxis(image[:3], 0, -1), 0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_box(ax, box_mask: np.ndarray, color: str = "red") -> None:
+    ys, xs = np.nonzero(box_mask)
+    if len(xs) == 0:
+        return
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((xs.min() - 0.5, ys.min() - 0.5), xs.max() - xs.min() + 1,
+                           ys.max() - ys.min() + 1, fill=False, edgecolor=color, lw=1.0))
+
+
+def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], path: str | Path,
+                 cols: int = 8) -> None:
+    """Grid of examples with the lesion mask outlined."""
+    plt = _plt()
+    n = len(images)
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.05 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.axis("on")
+        _show_image(ax, images[i])
+        m = masks[i][0]
+        if m.ndim == 3:
+            m = m[m.shape[0] // 2]
+        if m.any():
+            ax.contour(m, levels=[0.5], colors="red", linewidths=0.6)
+        ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def overlay(image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarray | None,
+            path: str | Path, title: str = "") -> None:
+    """One image with its saliency map overlaid (jet, alpha by strength) and the box."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(2.6, 2.6))
+    _overlay_ax(ax, image, saliency, box_mask)
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def _overlay_ax(ax, image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarray | None):
+    _show_image(ax, image)
+    s = saliency.astype(np.float64)
+    rng = s.max() - s.min()
+    s = (s - s.min()) / rng if rng > 0 else np.zeros_like(s)
+    ax.imshow(s, cmap="jet", alpha=0.45 * (s > 0.05), vmin=0, vmax=1)
+    if box_mask is not None:
+        _draw_box(ax, box_mask)
+
+
+def cam_grid(images: np.ndarray, boxes: np.ndarray, maps: dict[str, np.ndarray],
+             path: str | Path, row_titles: Sequence[str] | None = None) -> None:
+    """Paper 000 Fig. 4: rows = cases, first column the input with its box, then one column
+    per method (or saliency method) with its map overlaid."""
+    plt = _plt()
+    names = list(maps)
+    n = len(images)
+    fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.85 * n),
+                             squeeze=False)
+    for r in range(n):
+        _show_image(axes[r, 0], images[r])
+        _draw_box(axes[r, 0], boxes[r])
+        if row_titles:
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
+        for c, name in enumerate(names, start=1):
+            _overlay_ax(axes[r, c], images[r], maps[name][r], boxes[r])
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=8)
+    axes[0, 0].set_title("input", fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)

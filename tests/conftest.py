@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny synthetic dataset written once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causalign.data.synth import SynthConfig, generate
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    # Tiny tensors: one thread avoids oversubscription on the 2-core CI machine.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """32 px plus-minus benchmark: 48 train / 16 val / 16 test."""
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    generate(root, SynthConfig(n_train=48, n_val=16, n_test=16, size=32, seed=3))
+    return root

@@ -1,0 +1,142 @@
+"""Command line: the happy path and one clear line for every user error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from causalign.cli import main
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _assert_user_error(rc, err, needle):
+    assert rc != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_train_evaluate_explain(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, out, err = _run(capsys, "train", str(tiny_data), "--method", "erm", "--out", str(run),
+                        "--epochs", "1", "--set", "width=4", "--no-progress")
+    assert rc == 0, err
+    assert "test accuracy" in out
+    rc, out, err = _run(capsys, "evaluate", str(run), "--split", "val")
+    assert rc == 0, err
+    assert json.loads(out)["n"] == 16
+    rc, out, err = _run(capsys, "explain", str(run), "--saliency", "gradient", "--out",
+                        str(tmp_path / "ex"), "--limit", "3")
+    assert rc == 0, err
+    maps = sorted((tmp_path / "ex" / "maps").glob("*.npy"))
+    assert len(maps) == 3 and np.load(maps[0]).shape == (32, 32)
+    assert len(list((tmp_path / "ex" / "overlays").glob("*.png"))) == 3
+    assert (tmp_path / "ex" / "grid.png").stat().st_size > 1000
+
+
+def test_bench_step_prints_contract(capsys):
+    rc, out, err = _run(capsys, "bench", "step", "--method", "oracle", "--size", "32",
+                        "--batch-size", "4", "--steps", "1", "--warmup", "0")
+    assert rc == 0, err
+    obj = json.loads(out)
+    for key in ("method", "seconds_per_step", "erm_seconds_per_step", "ratio_to_erm"):
+        assert key in obj
+    assert obj["method"] == "oracle" and obj["seconds_per_step"] > 0
+
+
+def test_unknown_method(tiny_data, tmp_path, capsys):
+    rc, _, err = _run(capsys, "train", str(tiny_data), "--method", "magic", "--out",
+                      str(tmp_path / "r"))
+    _assert_user_error(rc, err, "unknown method 'magic'; valid: erm, oracle")
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    rc, _, err = _run(capsys, "train", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    _assert_user_error(rc, err, "dataset folder does not exist")
+
+
+def test_missing_run_dir(tmp_path, capsys):
+    rc, _, err = _run(capsys, "evaluate", str(tmp_path / "norun"))
+    _assert_user_error(rc, err, "run folder does not exist")
+
+
+def test_unknown_saliency(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, "train", str(tiny_data), "--out", str(run), "--epochs", "1",
+                "--set", "width=4", "--no-progress")[0] == 0
+    rc, _, err = _run(capsys, "explain", str(run), "--saliency", "xray", "--out",
+                      str(tmp_path / "ex"))
+    _assert_user_error(rc, err, "unknown saliency method 'xray'")
+
+
+def test_bad_set_key(tiny_data, tmp_path, capsys):
+    rc, _, err = _run(capsys, "train", str(tiny_data), "--out", str(tmp_path / "r"),
+                      "--set", "learning_rate=1")
+    _assert_user_error(rc, err, "unknown config key 'learning_rate'")
+
+
+@pytest.fixture
+def broken_data(tmp_path):
+    from causalign.data.synth import SynthConfig, generate
+
+    root = tmp_path / "broken"
+    generate(root, SynthConfig(n_train=6, n_val=2, n_test=2, size=32, seed=0))
+    return root
+
+
+def _rewrite_manifest(root, fn):
+    lines = (root / "manifest.csv").read_text().splitlines()
+    (root / "manifest.csv").write_text("\n".join(fn(lines)) + "\n")
+
+
+def test_data_errors_through_cli(broken_data, tmp_path, capsys):
+    from PIL import Image
+
+    # wrong mask shape
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(broken_data / "masks" / "train_00001.png")
+    rc, _, err = _run(capsys, "train", str(broken_data), "--out", str(tmp_path / "r1"))
+    _assert_user_error(rc, err, "train_00001.png: mask shape (5, 5) does not match image")
+
+
+def test_nan_image_through_cli(broken_data, tmp_path, capsys):
+    img = np.full((32, 32), np.nan, np.float32)
+    np.save(broken_data / "images" / "train_00002.npy", img)
+    _rewrite_manifest(broken_data, lambda ls: [ls[0]] + [
+        line.replace("images/train_00002.png", "images/train_00002.npy") for line in ls[1:]])
+    rc, _, err = _run(capsys, "data", "check", str(broken_data))
+    _assert_user_error(rc, err, "train_00002.npy: 1024 NaN/inf pixel value(s)")
+
+
+def test_empty_split_through_cli(broken_data, tmp_path, capsys):
+    _rewrite_manifest(broken_data, lambda ls: [line for line in ls if ",val," not in line])
+    rc, _, err = _run(capsys, "train", str(broken_data), "--out", str(tmp_path / "r"))
+    _assert_user_error(rc, err, "split 'val' is empty")
+
+
+def test_label_out_of_range_through_cli(broken_data, tmp_path, capsys):
+    def bump(lines):
+        cells = lines[1].split(",")
+        cells[2] = "7"
+        return [lines[0], ",".join(cells), *lines[2:]]
+
+    _rewrite_manifest(broken_data, bump)
+    rc, _, err = _run(capsys, "data", "check", str(broken_data))
+    _assert_user_error(rc, err, "label 7 outside the declared classes")
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "causalign", "train", str(tmp_path / "none"),
+                           "--method", "erm"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,47 @@
+"""Models: the 7-layer CNN, MLP head, hierarchical wrapper, torchvision backbones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from causalign.errors import CausalignError
+from causalign.models import HierarchicalModel, MLPHead, SevenLayerCNN, build_model, find_cam_layer
+
+
+def test_seven_layer_cnn():
+    m = SevenLayerCNN(1, 2)
+    weight_layers = [x for x in m.modules() if isinstance(x, nn.Conv2d | nn.Linear)]
+    assert len(weight_layers) == 7
+    x = torch.rand(3, 1, 64, 64)
+    assert m(x).shape == (3, 2)
+    feats = {}
+    m.cam_layer.register_forward_hook(lambda mod, i, o: feats.setdefault("a", o))
+    m(x)
+    assert feats["a"].shape[-2:] == (16, 16)  # CAM at 1/4 resolution
+
+
+def test_attribute_predictor_and_hierarchy():
+    f1 = SevenLayerCNN(1, 6)
+    f2 = MLPHead(6, 2)
+    h = HierarchicalModel(f1, f2)
+    x = torch.rand(2, 1, 32, 32)
+    assert h.attributes(x).shape == (2, 6)
+    assert h(x).shape == (2, 2)
+    assert torch.allclose(h(x), f2(f1(x).sigmoid()))
+    assert find_cam_layer(h) is f1.cam_layer
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 32), ("vgg11", 32), ("inception_v3", 80)])
+def test_backbones_one_channel_any_classes(name, size):
+    m = build_model(name, in_channels=1, num_outputs=3).eval()
+    with torch.no_grad():
+        out = m(torch.rand(2, 1, size, size))
+    assert out.shape == (2, 3)
+    assert isinstance(find_cam_layer(m), nn.Module)
+
+
+def test_unknown_model():
+    with pytest.raises(CausalignError, match="unknown model 'alexnet'; valid: .*resnet18"):
+        build_model("alexnet", 1, 2)

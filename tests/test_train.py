@@ -1,0 +1,130 @@
+"""Trainer: run folder contents, metrics.json contract, resume, best-on-val, oracle input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from causalign.engine import TrainConfig, Trainer, load_run, train
+from causalign.engine.config import apply_overrides, parse_set
+from causalign.errors import CausalignError, ConfigError
+from causalign.methods import build_method
+
+TEST_KEYS = {"accuracy", "balanced_accuracy", "auc", "cam_precision", "cam_mass_in_mask",
+             "deletion", "n"}
+
+
+def _cfg(**kw):
+    base = dict(method="erm", epochs=2, batch_size=16, width=4, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_erm_run_folder_and_metrics(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    metrics = train(tiny_data, _cfg(), run, progress=False)
+    for name in ("config.yaml", "history.csv", "checkpoint.pt", "checkpoint.pt.sha256",
+                 "best.pt", "metrics.json"):
+        assert (run / name).exists(), name
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert TEST_KEYS <= set(on_disk["test"]) and TEST_KEYS <= set(on_disk["val"])
+    assert set(on_disk["test"]["deletion"]) == {"0.002", "0.01", "0.02", "0.1", "0.2"}
+    assert on_disk["test"]["n"] == 16
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["method"] == "erm" and resolved["epochs"] == 2 and "data" in resolved
+    hist = (run / "history.csv").read_text().strip().splitlines()
+    assert len(hist) == 3 and "val_balanced_accuracy" in hist[0]
+
+
+def test_resume_matches_uninterrupted(tiny_data, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    cfg = _cfg(epochs=3, deterministic=True)
+    train(tiny_data, cfg, full, progress=False)
+    part = tmp_path / "part"
+    original = Trainer._save_state
+
+    def save_then_die(self):
+        original(self)
+        if self.state.epoch == 2:
+            raise KeyboardInterrupt  # interrupted right after epoch 2's checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_data, cfg, part, progress=False)
+    monkeypatch.setattr(Trainer, "_save_state", original)
+    assert not (part / "metrics.json").exists()
+    train(tiny_data, cfg, part, resume=True, progress=False)
+    assert json.loads((part / "metrics.json").read_text())["test"] == \
+        json.loads((full / "metrics.json").read_text())["test"]
+    a = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(part / "checkpoint.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_existing_run_needs_resume(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, _cfg(epochs=1), run, progress=False)
+    with pytest.raises(CausalignError, match="already holds a run"):
+        train(tiny_data, _cfg(epochs=1), run, progress=False)
+    with pytest.raises(CausalignError, match=r"settings differ: lr 0.001 -> 0.01"):
+        train(tiny_data, _cfg(epochs=1, lr=0.01), run, resume=True, progress=False)
+
+
+def test_corrupt_checkpoint_detected(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, _cfg(epochs=1), run, progress=False)
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CausalignError, match="corrupt or truncated"):
+        train(tiny_data, _cfg(epochs=1), run, resume=True, progress=False)
+
+
+def test_load_run_restores_best_model(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, _cfg(epochs=2), run, progress=False)
+    cfg, model, method, data = load_run(run, device="cpu")
+    best = torch.load(run / "best.pt", weights_only=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best["model"][k])
+    assert cfg.method == "erm" and not model.training
+
+
+def test_oracle_sees_only_the_annotation(tiny_data):
+    from causalign.data.format import LesionDataset
+
+    ds = LesionDataset(tiny_data, "train")
+    batch = ds.batch(torch.arange(4))
+    x = build_method("oracle").model_input(batch)
+    outside = batch["mask"] == 0
+    assert x[outside].abs().sum() == 0
+    assert torch.equal(x[~outside], batch["image"][~outside])
+    x_box = build_method("oracle", {"region": "box"}).model_input(batch)
+    assert (x_box != 0).sum() >= (x != 0).sum()
+
+
+def test_oracle_without_mask_falls_back_to_box_then_image(tiny_data):
+    from causalign.data.format import LesionDataset
+
+    batch = LesionDataset(tiny_data, "train").batch(torch.arange(2))
+    batch["has_mask"] = torch.tensor([False, False])
+    batch["has_annotation"] = torch.tensor([True, False])
+    x = build_method("oracle").model_input(batch)
+    assert torch.equal(x[0], batch["image"][0] * batch["box_mask"][0])
+    assert torch.equal(x[1], batch["image"][1])
+
+
+def test_config_overrides_and_errors():
+    cfg = apply_overrides(TrainConfig(), parse_set(["lr=0.01", "epochs=3", "method.region=box",
+                                                    "deletion_fractions=[0.1]"]))
+    assert cfg.lr == 0.01 and cfg.epochs == 3 and cfg.method_args == {"region": "box"}
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'; valid: .*lr"):
+        apply_overrides(TrainConfig(), {"lrr": 1})
+    with pytest.raises(ConfigError, match="epochs: expected int"):
+        apply_overrides(TrainConfig(), {"epochs": "many"})
+    with pytest.raises(ConfigError, match="unknown parameter.*'oracle'; valid: method.region"):
+        build_method("oracle", {"alpha": 1})
