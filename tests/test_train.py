@@ -25,7 +25,7 @@ def _cfg(**kw):
 
 def test_erm_run_folder_and_metrics(tiny_data, tmp_path):
     run = tmp_path / "run"
-    metrics = train(tiny_data, _cfg(), run, progress=False)
+    metrics = train(tiny_data, _cfg(), run, progress=True)
     for name in ("config.yaml", "history.csv", "checkpoint.pt", "checkpoint.pt.sha256",
                  "best.pt", "metrics.json"):
         assert (run / name).exists(), name

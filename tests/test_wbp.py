@@ -331,6 +331,25 @@ def test_hooks_removed_and_model_untouched() -> None:
     assert torch.equal(ga, gb)
 
 
+class _InPlaceAfterActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(1, 2, 3), nn.GELU(), nn.Linear(72, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        y += 1.0  # fine for the plain model (GELU saves its input), so fine under WBP too
+        return self.head(y.flatten(1))
+
+
+def test_in_place_update_of_activation_output() -> None:
+    torch.manual_seed(16)
+    net = _InPlaceAfterActivation()
+    s = WBP(net).attribute(torch.randn(2, 1, 8, 8), 0, create_graph=True)
+    s.abs().sum().backward()
+    assert torch.isfinite(s).all() and net.conv.weight.grad.abs().sum() > 0
+
+
 def test_modes_restored_and_running_stats_frozen() -> None:
     net = conv_net(nn.Tanh())
     net.train()

@@ -198,8 +198,7 @@ class Trainer:
 
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), console=Console(stderr=True),
-                        transient=False)
+                        console=Console(stderr=True), transient=False)
 
     def _train_epoch(self, epoch: int, progress) -> dict[str, float]:
         self.model.train()
@@ -208,8 +207,7 @@ class Trainer:
         task = None
         n_batches = math.ceil(len(self.train_set) / self.cfg.batch_size)
         if progress is not None:
-            task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=n_batches,
-                                     info="")
+            task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=n_batches)
         for step, batch in enumerate(iterate_batches(
                 self.train_set, self.cfg.batch_size, shuffle=True, generator=self.generator,
                 device=self.device)):
@@ -227,7 +225,8 @@ class Trainer:
             for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             if task is not None:
-                progress.update(task, advance=1, info=f"loss {sums['loss'] / count:.4f}")
+                progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
+                                f"loss {sums['loss'] / count:.4f}")
         return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
 
     def _score(self, metrics: dict) -> float:

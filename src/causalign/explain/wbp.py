@@ -196,7 +196,9 @@ class _RescaledBackward(torch.autograd.Function):
         ctx.save_for_backward(z, out)
         ctx.rule = rule
         ctx.phase = phase
-        return out.view_as(out)
+        # A copy, not a view: models may modify an activation's output in place (`y += r`),
+        # which autograd forbids on views returned by a Function (and `out` is saved).
+        return out.clone()
 
     @staticmethod
     def backward(  # type: ignore[override]
