@@ -95,6 +95,99 @@ def data_check(data: Annotated[Path, typer.Argument(help="dataset folder")]) -> 
     typer.echo("ok")
 
 
+_ONLY = "[{}] "  # which kinds use an option, shown in --help
+
+
+@data_app.command("import")
+def data_import(
+    kind: Annotated[str, typer.Argument(help="lidc | cbis-ddsm | busi | brats | cub | "
+                                             "decoy-mnist | folder")],
+    src: Annotated[Path, typer.Argument(help="the dataset in its own on-disk layout")],
+    out: Annotated[Path, typer.Argument(help="output dataset folder (resumed if interrupted)")],
+    size: Annotated[int | None, typer.Option(help="output side in px (default per kind: "
+                                                  "lidc 64, cub 224, decoy-mnist 28, else 128)")
+                    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of random splits (default 0)")] = None,
+    shortcut: Annotated[str | None, typer.Option(help="plus-minus | intensity | none: the "
+                                                      "paper's shortcut, in training images")
+                        ] = None,
+    val_frac: Annotated[float | None, typer.Option(help="fraction for val (default per kind)")
+                        ] = None,
+    test_frac: Annotated[float | None, typer.Option(help=_ONLY.format(
+        "lidc busi brats folder") + "fraction for test (others: official test split)")] = None,
+    classes: Annotated[str | None, typer.Option(help=_ONLY.format("busi cub folder")
+                                                + "classes to keep, in label order")] = None,
+    label: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
+                                              + "malignancy | presence")] = None,
+    mask_rule: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
+                                                  + "auto | consensus | union")] = None,
+    window: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
+                                               + "HU window LOW,HIGH (default -1000,400)")
+                      ] = None,
+    spacing: Annotated[float | None, typer.Option(help=_ONLY.format("lidc")
+                                                  + "mm per output pixel (default 1.0)")] = None,
+    cluster_mm: Annotated[float | None, typer.Option(help=_ONLY.format("lidc")
+                                                     + "readers' marks closer than this (mm) "
+                                                       "are one nodule (default 5)")] = None,
+    min_readers: Annotated[int | None, typer.Option(help=_ONLY.format("lidc"))] = None,
+    drop_uncertain: Annotated[bool | None, typer.Option(
+        "--drop-uncertain", help=_ONLY.format("lidc") + "skip nodules with median "
+                                                        "malignancy 3")] = None,
+    patches_csv: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
+                                                    + "CSV of pre-cropped patches")] = None,
+    abnormality: Annotated[str | None, typer.Option(help=_ONLY.format("cbis-ddsm")
+                                                    + "mass | calc | both")] = None,
+    context: Annotated[float | None, typer.Option(help=_ONLY.format("cbis-ddsm cub")
+                                                  + "crop margin per side, × box side")] = None,
+    dup_threshold: Annotated[int | None, typer.Option(help=_ONLY.format("busi")
+                                                      + "pHash bits for near-duplicates")
+                             ] = None,
+    drop_duplicates: Annotated[bool | None, typer.Option(
+        "--drop-duplicates", help=_ONLY.format("busi") + "keep one image per near-duplicate "
+                                                         "group")] = None,
+    task: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
+                                             + "tumor | grade | enhancing")] = None,
+    mode: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
+                                             + "slices | volumes")] = None,
+    modalities: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
+                                                   + "e.g. t1,t1ce,t2,flair")] = None,
+    region: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
+                                               + "mask: wt | tc | et")] = None,
+    slices_per_subject: Annotated[int | None, typer.Option(help=_ONLY.format("brats"))] = None,
+    min_tumor_px: Annotated[int | None, typer.Option(help=_ONLY.format("brats"))] = None,
+    depth: Annotated[int | None, typer.Option(help=_ONLY.format("brats")
+                                              + "slices per volume (--mode volumes)")] = None,
+    mask: Annotated[str | None, typer.Option(help=_ONLY.format("cub")
+                                             + "auto | box | segmentation | none")] = None,
+    crop: Annotated[str | None, typer.Option(help=_ONLY.format("cub") + "image | box")] = None,
+    mask_dilate: Annotated[int | None, typer.Option(help=_ONLY.format("decoy-mnist"))] = None,
+    shade_step: Annotated[int | None, typer.Option(help=_ONLY.format("decoy-mnist"))] = None,
+    csv: Annotated[str | None, typer.Option(help=_ONLY.format("folder")
+                                            + "CSV listing images/labels/masks/boxes")] = None,
+    color: Annotated[str | None, typer.Option(help=_ONLY.format("folder") + "gray | rgb")
+                     ] = None,
+    mask_suffix: Annotated[str | None, typer.Option(help=_ONLY.format("folder"))] = None,
+    image_format: Annotated[str | None, typer.Option(help="png | npy (2D images)")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N items per split (a quick look)")
+                     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="discard a previous import in OUT")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Convert a real dataset (in its own layout) into a causalign dataset; resumable.
+
+    Prints counts per split and class, mask coverage and every skipped item with its reason;
+    the same summary is saved as OUT/import_summary.json."""
+    given = {k: v for k, v in locals().items()
+             if k not in ("kind", "src", "out", "overwrite", "progress") and v is not None}
+    from contextlib import nullcontext
+
+    from .data.importers import format_summary, run_import
+
+    with _progress() if progress else nullcontext() as bar:
+        summary = run_import(kind, src, out, given, overwrite=overwrite, progress=bar)
+    typer.echo(format_summary(summary))
+
+
 # ---------------------------------------------------------------------------- train / eval
 
 
@@ -108,8 +201,8 @@ def train(
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    model: Annotated[str | None, typer.Option(help="cnn7 | resnet18 | vgg11 | inception_v3")
-                     ] = None,
+    model: Annotated[str | None, typer.Option(help="cnn7 | resnet18 | vgg11 | inception_v3 | "
+                                              "multiview (volumes)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
@@ -174,7 +267,8 @@ def evaluate(
 @app.command()
 def explain(
     run: Annotated[Path, typer.Argument(help="run folder")],
-    saliency: Annotated[str, typer.Option(help="gradcam | gradient | input-x-gradient | …")
+    saliency: Annotated[str, typer.Option(help="wbp | gradcam | gradient | input-x-gradient | "
+                                          "lrp-… | all (every method, side by side)")
                         ] = "gradcam",
     split: str = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
@@ -182,21 +276,100 @@ def explain(
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: str = "auto",
 ) -> None:
-    """Saliency maps (.npy) and overlay PNGs for a run's predictions."""
+    """Saliency maps (.npy) and overlay PNGs for a run's predictions; `--saliency all` writes
+    every method into DIR/<name>/ and DIR/all_saliency.png (all maps side by side)."""
     from .data.format import LesionDataset
+    from .engine.evaluate import VOLUME_UNSUPPORTED
     from .engine.trainer import load_run
     from .explain import get_explainer
     from .explain.export import export_saliency
 
     cfg, model, method, data_path = load_run(run, device=device, data=data)
-    get_explainer(saliency, model)  # unknown names fail before any work
+    if saliency != "all":
+        get_explainer(saliency, model)  # unknown names fail before any work
     ds = LesionDataset(data_path, split)
     if limit is not None and limit < 1:
         raise CausalignError(f"--limit must be >= 1, got {limit}")
+    volumes = len(ds.image_shape) == 4
+    if volumes and saliency in VOLUME_UNSUPPORTED:
+        raise CausalignError(f"--saliency {saliency} needs 2D images; this dataset holds "
+                             f"volumes (use wbp, gradient or lrp-…)")
+    dev = next(model.parameters()).device
+    if saliency == "all":
+        from .report.saliency import saliency_comparison, saliency_names
+
+        names = saliency_names(volumes)
+        with _progress() as progress:
+            for name in names:
+                export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
+                                progress=progress)
+        saliency_comparison(model, method, ds, out / "all_saliency.png", names=names,
+                            limit=min(6, limit or 6), device=dev)
+        typer.echo(f"wrote maps of {len(names)} methods to {out}/<method>/ and "
+                   f"{out / 'all_saliency.png'}")
+        return
     with _progress() as progress:
         summary = export_saliency(model, method, ds, saliency, out, limit=limit,
-                                  device=next(model.parameters()).device, progress=progress)
+                                  device=dev, progress=progress)
     typer.echo(f"wrote {summary['n']} maps and overlays to {out}")
+
+
+@app.command()
+def counterfactual(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    split: str = "test",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("counterfactuals"),
+    limit: Annotated[int | None, typer.Option(help="first N samples")] = 32,
+    data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
+    device: str = "auto",
+    alpha: Annotated[float | None, typer.Option(help="weight α of the distance")] = None,
+    steps: Annotated[int | None, typer.Option(help="Adam steps (default 100)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam step size (default 0.01)")] = None,
+    distance: Annotated[str | None, typer.Option(help="l1 | scaled-l1 | l2 | scaled-l2")
+                        ] = None,
+    space: Annotated[str | None, typer.Option(help="pixel | latent")] = None,
+    autoencoder: Annotated[Path | None, typer.Option(
+        help="latent space: autoencoder file (trained on the run's training split and saved "
+             "here when missing)")] = None,
+) -> None:
+    """Counterfactual x* flipping each prediction: triptych PNG (original | x* | signed
+    change), x* as .npy and summary.json. A causal-align run lends its α, distance and space."""
+    from .data.format import LesionDataset
+    from .engine.trainer import load_run
+    from .explain.counterfactual import DISTANCES, SPACES
+    from .explain.counterfactual_export import (
+        export_counterfactuals,
+        resolve_autoencoder,
+        settings_for_run,
+    )
+
+    if limit is not None and limit < 1:
+        raise CausalignError(f"--limit must be >= 1, got {limit}")
+    if distance is not None and distance not in DISTANCES:
+        raise CausalignError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
+    if space is not None and space not in SPACES:
+        raise CausalignError(f"unknown space '{space}'; valid: {', '.join(SPACES)}")
+    cfg, model, method, data_path = load_run(run, device=device, data=data)
+    settings = settings_for_run(method, alpha=alpha, steps=steps, lr=lr, distance=distance,
+                                space=space)
+    if settings.space == "latent" and settings.distance.startswith("scaled"):
+        raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
+                             f"takes l1 or l2")
+    ds = LesionDataset(data_path, split)
+    dev = next(model.parameters()).device
+    train_images = None
+    if settings.distance.startswith("scaled") or settings.space == "latent":
+        train_images = LesionDataset(data_path, "train").images
+    with _progress() as progress:
+        ae = None
+        if settings.space == "latent":
+            ae = resolve_autoencoder(run, train_images, dev, autoencoder, out, progress)
+        summary = export_counterfactuals(model, method, ds, settings, out, limit=limit,
+                                         device=dev, train_images=train_images,
+                                         autoencoder=ae, progress=progress)
+    typer.echo(f"wrote {summary['n_generated']} counterfactuals to {out}: flip rate "
+               f"{_f(summary['flip_rate'])}, change inside the annotation "
+               f"{_f(summary['change_in_mask'])}")
 
 
 # ---------------------------------------------------------------------------- bench / demo

@@ -28,7 +28,9 @@ class TrainConfig:
     scheduler: str = "cosine"  # learning-rate schedule over epochs: cosine | none
     seed: int = 0
     device: str = "auto"
-    select_metric: str = "balanced_accuracy"  # on val, higher is better
+    # Best-on-val selection. AUC is threshold-free, so an epoch whose BatchNorm running
+    # statistics still lag (a shifted decision threshold) is not mistaken for a bad model.
+    select_metric: str = "auc"
     eval_saliency: str = "gradcam"
     deletion_fractions: list[float] = field(default_factory=lambda: [0.002, 0.01, 0.02, 0.1,
                                                                      0.2])

@@ -14,6 +14,9 @@ from ..explain import get_explainer, saliency_map
 from ..methods.base import Method
 from ..metrics import cam_precision, classification_metrics, deletion_scores, iou_dice, mass_in_mask
 
+# Saliency methods that cannot map volumes (C, D, H, W).
+VOLUME_UNSUPPORTED = ("gradcam",)
+
 
 def iterate_batches(
     dataset: LesionDataset, batch_size: int, shuffle: bool = False,
@@ -69,6 +72,11 @@ def evaluate_split(
     """
     model.eval()
     out = quick_metrics(model, method, dataset, device)
+    note = None
+    if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
+        # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
+        note = f"{saliency} needs 2D images: localisation and deletion use wbp on volumes"
+        saliency = "wbp"
     explainer = get_explainer(saliency, model)
     prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}
@@ -115,4 +123,6 @@ def evaluate_split(
         "saliency": saliency,
         "deletion": {f"{f:g}": mean(v) for f, v in deletion.items()},
     })
+    if note is not None:
+        out["saliency_note"] = note
     return out

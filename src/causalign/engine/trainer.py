@@ -234,6 +234,8 @@ class Trainer:
         if key == "loss":
             return -metrics["loss"]
         value = metrics.get(key)
+        if value is None:  # AUC undefined (one class in val): fall back to balanced accuracy
+            value = metrics.get("balanced_accuracy")
         return -math.inf if value is None else value
 
     def fit(self) -> dict:
@@ -242,6 +244,7 @@ class Trainer:
         with self._progress() as progress:
             for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
                 t0 = time.perf_counter()
+                self.method.on_epoch_start(epoch)
                 row = {"epoch": epoch, **self._train_epoch(epoch, progress)}
                 if self.scheduler is not None:
                     self.scheduler.step()

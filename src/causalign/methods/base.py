@@ -58,15 +58,21 @@ class Method:
     def setup(self, train_set, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Fit anything that depends on the training split (statistics, caches)."""
 
+    def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 - optional hook
+        """Called by the trainer before each training epoch (1-based), for loss schedules."""
+
     def build_model(self, cfg, info: DataInfo) -> nn.Module:
-        from ..models import build_model
+        from ..errors import CausalignError
+        from ..models import VOLUME_MODELS, build_model
 
-        if len(info.image_shape) != 3:
-            from ..errors import CausalignError
-
+        volume = len(info.image_shape) == 4
+        if volume and cfg.model not in VOLUME_MODELS:
             raise CausalignError(
                 f"model '{cfg.model}' takes 2D images (C,H,W); this dataset holds volumes of "
-                f"shape {info.image_shape}")
+                f"shape {info.image_shape} (use --model multiview)")
+        if not volume and cfg.model in VOLUME_MODELS:
+            raise CausalignError(f"model '{cfg.model}' takes volumes (C,D,H,W); this dataset "
+                                 f"holds 2D images of shape {info.image_shape}")
         return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width)
 
     def model_input(self, batch: dict[str, Tensor]) -> Tensor:

@@ -9,14 +9,19 @@ from .backbones import BACKBONES, build_backbone
 from .cnn import SevenLayerCNN
 from .hierarchical import HierarchicalModel
 from .mlp import MLPHead
+from .multiview import MultiViewCNN
 
-MODEL_NAMES = ("cnn7", *BACKBONES)
+MODEL_NAMES = ("cnn7", *BACKBONES, "multiview")
+VOLUME_MODELS = ("multiview",)  # take (C, D, H, W) volumes; the others take 2D images
 
 
 def build_model(name: str, in_channels: int, num_outputs: int, width: int = 16) -> nn.Module:
-    """Build a classifier by name: 'cnn7' (default) or a torchvision backbone."""
+    """Build a classifier by name: 'cnn7' (default), a torchvision backbone, or 'multiview'
+    (volumes, App. E.3 of seed 002)."""
     if name == "cnn7":
         return SevenLayerCNN(in_channels, num_outputs, width=width)
+    if name == "multiview":
+        return MultiViewCNN(in_channels, num_outputs, width=width)
     if name in BACKBONES:
         return build_backbone(name, in_channels, num_outputs)
     raise unknown_name("model", name, list(MODEL_NAMES))
@@ -33,5 +38,5 @@ def find_cam_layer(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
-__all__ = ["SevenLayerCNN", "MLPHead", "HierarchicalModel", "build_model", "build_backbone",
-           "find_cam_layer", "MODEL_NAMES"]
+__all__ = ["SevenLayerCNN", "MLPHead", "HierarchicalModel", "MultiViewCNN", "build_model",
+           "build_backbone", "find_cam_layer", "MODEL_NAMES", "VOLUME_MODELS"]

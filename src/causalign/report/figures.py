@@ -111,3 +111,52 @@ def cam_grid(images: np.ndarray, boxes: np.ndarray, maps: dict[str, np.ndarray],
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
+
+
+def _change_ax(ax, change: np.ndarray, region: np.ndarray | None, vmax: float | None = None):
+    """Signed change x* − x summed over channels: red = increase, blue = decrease (paper 000
+    Fig. 9); symmetric colour scale so white is exactly "unchanged"."""
+    c = change.sum(axis=0) if change.ndim == 3 else change
+    lim = float(np.abs(c).max()) if vmax is None else vmax
+    ax.imshow(c, cmap="bwr", vmin=-max(lim, 1e-8), vmax=max(lim, 1e-8))
+    if region is not None and region.any():
+        ax.contour(region, levels=[0.5], colors="black", linewidths=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.ndarray | None,
+                            path: str | Path, title: str = "") -> None:
+    """Original | counterfactual x* | signed change x* − x (red up, blue down), with the
+    annotation outlined on the change map. ``image``/``x_star`` are (C, H, W)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(6.6, 2.5))
+    _show_image(axes[0], image)
+    _show_image(axes[1], x_star)
+    _change_ax(axes[2], x_star - image, region)
+    for ax, name in zip(axes, ("original", "counterfactual x*", "x* − x"), strict=True):
+        ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.ndarray,
+                        path: str | Path, row_titles: Sequence[str] | None = None) -> None:
+    """Several triptychs stacked, one case per row, for a quick look at a split."""
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.85 * n), squeeze=False)
+    for r in range(n):
+        _show_image(axes[r, 0], images[r])
+        _show_image(axes[r, 1], x_stars[r])
+        _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
+        if row_titles:
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
+    for ax, name in zip(axes[0], ("original", "x*", "x* − x"), strict=True):
+        ax.set_title(name, fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,318 @@
+"""BraTS brain-tumour MRI (paper 000 App. C.1; volumes for paper 002's multi-view model).
+
+SRC layout: one folder per subject, anywhere under SRC, holding NIfTI volumes::
+
+    BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz     (BraTS 2018–2021)
+    BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz  (BraTS 2023)
+    name_mapping.csv   optional (BraTS 2020): 'Grade' (HGG/LGG) per subject id
+    HGG/… LGG/…        or grade folders (BraTS 2018/2019)
+
+2023 names map to the classic ones: t1n → t1, t1c → t1ce, t2w → t2, t2f → flair. Volumes are
+reoriented to RAS (nibabel ``as_closest_canonical``) so axial slices are ``[:, :, z]``, shown
+anterior up, patient left on the left. Each modality is scaled to [0, 1] by its 0.5/99.5
+percentiles inside the brain (voxels > 0 in any modality); the brain's bounding square is
+cropped and resized to `--size`. Image channels = `--modalities` in the given order.
+
+Segmentation labels: 1 necrotic/non-enhancing core, 2 oedema, 4 (2023: 3) enhancing tumour.
+`--region` picks the mask: wt (whole tumour, labels > 0, default), tc (core: 1, 3, 4),
+et (enhancing: 3, 4).
+
+`--mode slices` (default), label by `--task`:
+  tumor      1 = axial slice with ≥ `--min-tumor-px` whole-tumour voxels, 0 = a brain slice
+             without any tumour voxel (brain area ≥ 25% of the largest slice's); as many
+             negatives as positives per subject, both evenly spaced through the volume.
+  grade      tumour slices only; 1 = HGG, 0 = LGG (subjects without a grade are skipped).
+  enhancing  tumour slices only; 1 = ≥ `--min-tumor-px` // 4 enhancing voxels in the slice.
+  Up to `--slices-per-subject` tumour slices per subject (evenly spaced).
+`--mode volumes`: one (C, D, H, W) volume per subject (`--depth` slices spanning the brain),
+whole-tumour mask, label = grade (needs `--task grade`).
+
+Splits are per subject (no subject in two splits), random with `--seed`, stratified by grade
+when known. Skipped with a reason: a missing modality or segmentation, an unreadable NIfTI,
+volumes whose shapes differ, a subject without tumour slices.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import DataError
+from ..format import DatasetMeta
+from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
+from .util import (
+    SkipItem,
+    assign_splits,
+    box_of_mask,
+    crop_square,
+    percentile_normalise,
+    require,
+    resize,
+)
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
+_FILE = re.compile(r"^(?P<subject>.+?)[_-](?P<mod>t1ce|t1n|t1c|t1|t2w|t2f|t2|flair|seg)"
+                   r"\.nii(?:\.gz)?$", re.IGNORECASE)
+REGIONS = {"wt": (1, 2, 3, 4), "tc": (1, 3, 4), "et": (3, 4)}
+
+
+@dataclass
+class BratsOptions(CommonOptions):
+    size: int = 128
+    task: str = "tumor"
+    mode: str = "slices"
+    modalities: str = "t1,t1ce,t2,flair"
+    region: str = "wt"
+    slices_per_subject: int = 8
+    min_tumor_px: int = 100
+    depth: int = 32
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+
+    def validate(self) -> None:
+        super().validate()
+        if self.task not in ("tumor", "grade", "enhancing"):
+            raise DataError(f"--task must be tumor, grade or enhancing, got '{self.task}'")
+        if self.mode not in ("slices", "volumes"):
+            raise DataError(f"--mode must be slices or volumes, got '{self.mode}'")
+        if self.mode == "volumes" and self.task != "grade":
+            raise DataError("--mode volumes needs --task grade (every BraTS volume has a "
+                            "tumour, so tumour presence cannot label volumes)")
+        mods = parse_list(self.modalities)
+        bad = [m for m in mods if ALIASES.get(m, m) not in MODALITIES]
+        if not mods or bad:
+            raise DataError(f"--modalities '{self.modalities}': choose from "
+                            f"{', '.join(MODALITIES)}")
+        if self.region not in REGIONS:
+            raise DataError(f"--region must be wt, tc or et, got '{self.region}'")
+        if self.slices_per_subject < 1 or self.min_tumor_px < 1 or self.depth < 4:
+            raise DataError("--slices-per-subject and --min-tumor-px must be >= 1, "
+                            "--depth >= 4")
+
+    def mods(self) -> list[str]:
+        return [ALIASES.get(m, m) for m in parse_list(self.modalities)]
+
+
+def find_subjects(src: Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
+    """subject id → {modality: path}, from file names anywhere under SRC."""
+    subjects: dict[str, dict[str, Path]] = {}
+    base = len(src.parts)
+    for dirpath, dirnames, filenames in os.walk(src):
+        if len(Path(dirpath).parts) - base >= max_depth:
+            dirnames[:] = []
+        dirnames.sort()
+        for name in sorted(filenames):
+            m = _FILE.match(name)
+            if m:
+                mod = m.group("mod").lower()
+                subjects.setdefault(m.group("subject"), {})[ALIASES.get(mod, mod)] = (
+                    Path(dirpath) / name)
+    return subjects
+
+
+def find_grades(src: Path, subjects: dict[str, dict[str, Path]]) -> dict[str, str]:
+    """HGG/LGG per subject from a CSV with a 'Grade' column (name_mapping.csv) or from
+    HGG/ and LGG/ parent folders."""
+    grades: dict[str, str] = {}
+    for subj, files in subjects.items():
+        for parent in next(iter(files.values())).parents:
+            if parent.name.upper() in ("HGG", "LGG"):
+                grades[subj] = parent.name.upper()
+                break
+    csvs = sorted(src.glob("*.csv")) + sorted(src.glob("*/*.csv"))
+    for path in csvs:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or "Grade" not in rows[0]:
+            continue
+        for row in rows:
+            g = (row.get("Grade") or "").strip().upper()
+            if g not in ("HGG", "LGG"):
+                continue
+            for v in row.values():
+                if v and v.strip() in subjects:
+                    grades.setdefault(v.strip(), g)
+    return grades
+
+
+def load_volume(nib, path: Path) -> np.ndarray:
+    """A NIfTI volume in RAS orientation as float32 (x, y, z)."""
+    try:
+        img = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors …
+        raise SkipItem("unreadable NIfTI", f"{path.name}: {type(exc).__name__}: {exc}"
+                       ) from None
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SkipItem("unexpected NIfTI shape", f"{path.name}: {data.shape}")
+    return data
+
+
+def to_display(vol: np.ndarray) -> np.ndarray:
+    """RAS (x, y, z) → (z, rows, cols): anterior at the top, patient left on the left."""
+    return np.ascontiguousarray(np.rot90(vol, k=1, axes=(0, 1)).transpose(2, 0, 1))
+
+
+class BratsImporter(Importer):
+    kind = "brats"
+    Options = BratsOptions
+    layout = ("<subject>/<subject>_{t1,t1ce,t2,flair,seg}.nii.gz (or 2023's -t1n/-t1c/-t2w/-t2f/"
+              "-seg) [+ name_mapping.csv or HGG/ LGG/ folders for grades]")
+
+    def plan(self) -> list[Unit]:
+        opts: BratsOptions = self.opts
+        self.nib = require("nibabel", "BraTS")
+        subjects = find_subjects(self.src)
+        if not subjects:
+            raise DataError(f"{self.src}: no BraTS NIfTI files (<subject>_t1.nii.gz …) found")
+        grades = find_grades(self.src, subjects)
+        need = [*opts.mods(), "seg"]
+        ok = []
+        for subj in sorted(subjects):
+            files = subjects[subj]
+            missing = [m for m in need if m not in files]
+            if missing:
+                reason = "missing segmentation" if missing == ["seg"] else "missing modality"
+                self.skip(subj, reason, f"no {', '.join(missing)} file")
+                continue
+            if opts.task == "grade" and subj not in grades:
+                self.skip(subj, "no grade", "not in a CSV with a Grade column nor under "
+                                            "HGG/ or LGG/")
+                continue
+            bad = self._unreadable_header([files[m] for m in need])
+            if bad:
+                self.skip(subj, "unreadable NIfTI", bad)
+                continue
+            ok.append(subj)
+        split_of = assign_splits(ok, opts.fractions(), opts.seed,
+                                 strata=[grades.get(s, "") for s in ok])
+        self.details = {"subjects": len(ok),
+                        "grades": {g: sum(grades.get(s) == g for s in ok) for g in ("HGG", "LGG")}}
+        units = [Unit(key=s, split=split_of[s], source=s,
+                      payload=(s, subjects[s], grades.get(s))) for s in ok]
+        return self.limit_units(units)
+
+    def _unreadable_header(self, paths: list[Path]) -> str:
+        """Headers are read while planning (cheap), so a corrupt file is skipped before the
+        subjects are split; truncated voxel data is still caught when processing."""
+        for p in paths:
+            try:
+                self.nib.load(str(p))
+            except Exception as exc:  # ImageFileError, gzip/zlib errors …
+                return f"{p.name}: {type(exc).__name__}: {exc}"
+        return ""
+
+    def meta(self) -> DatasetMeta:
+        opts: BratsOptions = self.opts
+        classes = {"tumor": ["no_tumor", "tumor"], "grade": ["LGG", "HGG"],
+                   "enhancing": ["non_enhancing", "enhancing"]}[opts.task]
+        return DatasetMeta(
+            name=f"brats-{opts.task}", classes=classes, attributes=[],
+            ndim=3 if opts.mode == "volumes" else 2, channels=len(opts.mods()),
+            info={"modalities": opts.mods(), "region": opts.region, "mode": opts.mode,
+                  "label_rule": {"tumor": f"slice with >= {opts.min_tumor_px} tumour voxels "
+                                          "→ 1, tumour-free brain slice → 0",
+                                 "grade": "HGG → 1, LGG → 0",
+                                 "enhancing": f">= {opts.min_tumor_px // 4} enhancing voxels "
+                                              "→ 1"}[opts.task],
+                  "orientation": "RAS; axial slices, anterior up, patient left on the left"})
+
+    def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
+        opts: BratsOptions = self.opts
+        subj, files, grade = unit.payload
+        vols = [load_volume(self.nib, files[m]) for m in opts.mods()]
+        seg = load_volume(self.nib, files["seg"])
+        shapes = {v.shape for v in [*vols, seg]}
+        if len(shapes) != 1:
+            raise SkipItem("volume shapes differ", f"{subj}: {sorted(shapes)}")
+        seg = np.rint(seg).astype(np.int16)
+        brain = np.zeros(seg.shape, bool)
+        for v in vols:
+            brain |= v > 0
+        brain |= seg > 0
+        if not brain.any():
+            raise SkipItem("empty volume", subj)
+        chans = [np.where(brain, percentile_normalise(v, brain), 0.0) for v in vols]
+        image = np.stack([to_display(c) for c in chans])  # (C, z, rows, cols)
+        seg_d = to_display(seg)
+        brain_d = to_display(brain)
+        region = np.isin(seg_d, REGIONS[opts.region])
+        # brain bounding square (over all slices)
+        x0, y0, x1, y1 = box_of_mask(brain_d.any(axis=0))
+        sl = ((x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0))  # centre x, y and side
+        if opts.mode == "volumes":
+            yield self._volume(unit, subj, grade, image, region, brain_d, sl)
+            return
+        whole = (seg_d > 0).sum(axis=(1, 2))
+        pos = [k for k in range(len(whole)) if whole[k] >= opts.min_tumor_px]
+        if not pos:
+            raise SkipItem("no tumour slice", f"{subj}: no slice with >= {opts.min_tumor_px} "
+                                              f"tumour voxels")
+        chosen = _evenly(pos, opts.slices_per_subject)
+        picks = [(k, 1) for k in chosen]
+        if opts.task == "tumor":
+            area = brain_d.sum(axis=(1, 2))
+            neg = [k for k in range(len(whole)) if whole[k] == 0 and area[k] >= 0.25 * area.max()]
+            if len(neg) < len(chosen):
+                self.note("fewer tumour-free slices than tumour slices")
+            picks += [(k, 0) for k in _evenly(neg, len(chosen))]
+        et = np.isin(seg_d, REGIONS["et"]).sum(axis=(1, 2))
+        for k, positive in sorted(picks):
+            if opts.task == "tumor":
+                label = positive
+            elif opts.task == "grade":
+                label = int(grade == "HGG")
+            else:
+                label = int(et[k] >= max(opts.min_tumor_px // 4, 1))
+            img = _crop_resize(image[:, k], sl, opts.size)
+            mask = None
+            if positive:
+                m = _crop_resize(region[k][None].astype(np.float32), sl, opts.size)[0]
+                mask = m >= 0.5 if (m >= 0.5).any() else None
+            yield Sample(id=f"{subj}_z{k:03d}", split=unit.split, label=label,
+                         image=img[0] if img.shape[0] == 1 else img, mask=mask,
+                         box=box_of_mask(mask) if mask is not None else None)
+
+    def _volume(self, unit: Unit, subj: str, grade: str | None, image: np.ndarray,
+                region: np.ndarray, brain: np.ndarray, sl: tuple[float, float, int]
+                ) -> Sample:
+        opts: BratsOptions = self.opts
+        zs = np.nonzero(brain.any(axis=(1, 2)))[0]
+        pos = np.linspace(zs.min(), zs.max(), opts.depth)
+        vol = np.stack([_crop_resize(_interp_z(image, p), sl, opts.size) for p in pos],
+                       axis=1)  # (C, D, H, W)
+        mask = np.stack([_crop_resize(_interp_z(region[None].astype(np.float32), p), sl,
+                                      opts.size)[0] >= 0.5 for p in pos])
+        return Sample(id=subj, split=unit.split, label=int(grade == "HGG"),
+                      image=vol[0] if vol.shape[0] == 1 else vol,
+                      mask=mask if mask.any() else None)
+
+
+def _crop_resize(chw: np.ndarray, sl: tuple[float, float, int], size: int) -> np.ndarray:
+    """Crop the square (centre x, centre y, side) from (C, H, W) and resize to size×size."""
+    cx, cy, side = sl
+    return resize(crop_square(chw, cx, cy, side), (size, size))
+
+
+def _interp_z(vol: np.ndarray, p: float) -> np.ndarray:
+    """Linear interpolation between axial slices of (C, Z, H, W) at position p."""
+    lo = int(np.floor(p))
+    hi = min(lo + 1, vol.shape[1] - 1)
+    t = p - lo
+    return (1 - t) * vol[:, lo] + t * vol[:, hi]
+
+
+def _evenly(items: list[int], n: int) -> list[int]:
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(idx.tolist()))]

@@ -1,0 +1,248 @@
+"""CUB-200-2011 (Wah et al. 2011; paper 002 §4.1, App. D).
+
+SRC layout (``CUB_200_2011``, or the folder holding it)::
+
+    images.txt              '<image_id> <class folder>/<file>.jpg'
+    image_class_labels.txt  '<image_id> <class_id>'
+    train_test_split.txt    '<image_id> <1 = train | 0 = test>'
+    bounding_boxes.txt      '<image_id> <x> <y> <width> <height>'   (pixels, floats)
+    classes.txt             '<class_id> <class folder>'
+    images/<class folder>/<file>.jpg
+    segmentations/<class folder>/<file>.png   optional (separate download; inside
+                                              CUB_200_2011/ or beside it)
+
+Label rule: the species; `--classes` selects a subset by id, id range or name
+(``1-10,17`` or ``001.Black_footed_Albatross``), labels are 0… in class-id order. Split: the
+official one — ``is_training_image = 1`` → train, 0 → test; `--val-frac` of each class's
+training images (random with `--seed`) become val.
+
+Annotation: the bounding box is always stored (box columns). The mask is `--mask auto`
+(default: the segmentation when the file exists, else the box), ``box`` (filled box),
+``segmentation`` (skip images without one) or ``none``. Segmentation PNGs average several
+annotators' outlines (gray levels); pixels ≥ 128 (a majority) are foreground.
+`--crop image` (default) letterboxes the whole photo to `--size`; `--crop box` crops a square
+around the box enlarged by `--context` (default 0.15 of its side on each side). RGB.
+
+Skipped with a reason: a listed image missing or unreadable, an image without class label or
+split entry, an unreadable segmentation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import DataError
+from ..format import DatasetMeta
+from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
+from .util import (
+    SkipItem,
+    assign_splits,
+    crop_square,
+    fit_square,
+    read_image,
+    resize,
+    resize_mask,
+    scale_box,
+)
+
+
+@dataclass
+class CubOptions(CommonOptions):
+    size: int = 224
+    classes: str = ""
+    val_frac: float = 0.1
+    mask: str = "auto"
+    crop: str = "image"
+    context: float = 0.15
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mask not in ("auto", "box", "segmentation", "none"):
+            raise DataError(f"--mask must be auto, box, segmentation or none, got '{self.mask}'")
+        if self.crop not in ("image", "box"):
+            raise DataError(f"--crop must be image or box, got '{self.crop}'")
+        if not 0 <= self.context <= 2:
+            raise DataError(f"--context must be in [0, 2], got {self.context}")
+
+    def fractions(self) -> dict[str, float]:
+        return {"train": 1.0 - self.val_frac, "val": self.val_frac, "test": 0.0}
+
+
+def read_table(path: Path, ncols: int) -> dict[str, list[str]]:
+    """'<id> <v1> …' lines → {id: [v1, …]} (the last column may contain spaces)."""
+    if not path.exists():
+        raise DataError(f"{path}: missing (expected the CUB_200_2011 layout)")
+    out: dict[str, list[str]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=ncols)
+        if len(parts) != ncols + 1:
+            raise DataError(f"{path}:{lineno}: expected {ncols + 1} fields, got '{line}'")
+        out[parts[0]] = parts[1:]
+    return out
+
+
+def find_root(src: Path) -> Path:
+    for c in (src, src / "CUB_200_2011"):
+        if (c / "images.txt").exists():
+            return c
+    raise DataError(f"{src}: no images.txt (expected CUB_200_2011/ with images.txt, "
+                    f"image_class_labels.txt, train_test_split.txt, bounding_boxes.txt)")
+
+
+def select_classes(spec: str, classes: dict[str, str]) -> list[str]:
+    """Class ids chosen by '1-10,17,Black_footed_Albatross' (ids, ranges, names)."""
+    if not spec.strip():
+        return sorted(classes, key=int)
+    by_name = {}
+    for cid, folder in classes.items():
+        by_name[folder.lower()] = cid
+        by_name[re.sub(r"^\d+\.", "", folder).lower()] = cid
+    chosen: list[str] = []
+    for tok in parse_list(spec):
+        m = re.fullmatch(r"(\d+)-(\d+)", tok)
+        ids = ([str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m
+               else [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")])
+        for cid in ids:
+            if cid not in classes:
+                raise DataError(f"--classes: unknown CUB class '{tok}' "
+                                f"(ids 1..{len(classes)} or names from classes.txt)")
+            if cid not in chosen:
+                chosen.append(cid)
+    if len(chosen) < 2:
+        raise DataError("--classes must select at least two classes")
+    return sorted(chosen, key=int)
+
+
+class CubImporter(Importer):
+    kind = "cub"
+    Options = CubOptions
+    layout = ("CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, "
+              "bounding_boxes.txt, classes.txt, images/…} [segmentations/…]")
+
+    def plan(self) -> list[Unit]:
+        opts: CubOptions = self.opts
+        root = find_root(self.src)
+        self.root = root
+        images = read_table(root / "images.txt", 1)
+        labels = read_table(root / "image_class_labels.txt", 1)
+        is_train = read_table(root / "train_test_split.txt", 1)
+        boxes = read_table(root / "bounding_boxes.txt", 4)
+        class_file = root / "classes.txt"
+        if class_file.exists():
+            classes = {k: v[0] for k, v in read_table(class_file, 1).items()}
+        else:  # derive names from the image folders
+            classes = {}
+            for iid, (path,) in images.items():
+                if iid in labels:
+                    classes.setdefault(labels[iid][0], path.split("/")[0])
+        chosen = select_classes(opts.classes, classes)
+        self.class_ids = chosen
+        self.class_names = [classes[c] for c in chosen]
+        seg_dirs = [root / "segmentations", root.parent / "segmentations"]
+        self.seg_root = next((d for d in seg_dirs if d.is_dir()), None)
+        if opts.mask == "segmentation" and self.seg_root is None:
+            raise DataError(f"{root}: --mask segmentation but no segmentations/ folder "
+                            f"(looked in {seg_dirs[0]} and {seg_dirs[1]})")
+        items = []
+        for iid in sorted(images, key=int):
+            (path,) = images[iid]
+            if iid not in labels:
+                self.skip(path, "no class label", f"image id {iid} not in image_class_labels")
+                continue
+            if labels[iid][0] not in chosen:
+                continue
+            if iid not in is_train:
+                self.skip(path, "no split entry", f"image id {iid} not in train_test_split")
+                continue
+            box = None
+            if iid in boxes:
+                try:
+                    x, y, w, h = (float(v) for v in boxes[iid])
+                    box = (x, y, x + w, y + h) if w > 0 and h > 0 else None
+                except ValueError:
+                    box = None
+            if box is None:
+                self.note("image without a usable bounding box")
+            items.append((iid, path, chosen.index(labels[iid][0]), is_train[iid][0] == "1", box))
+        train = [it for it in items if it[3]]
+        split_of = assign_splits([it[0] for it in train], opts.fractions(), opts.seed,
+                                 strata=[it[2] for it in train])
+        units = []
+        for iid, path, label, tr, box in items:
+            split = split_of[iid] if tr else "test"
+            units.append(Unit(key=iid, split=split, source=f"images/{path}",
+                              payload=(iid, path, label, box)))
+        return self.limit_units(units)
+
+    def meta(self) -> DatasetMeta:
+        return DatasetMeta(
+            name="cub", classes=list(self.class_names), attributes=[], ndim=2, channels=3,
+            info={"label_rule": "species in class-id order",
+                  "class_ids": [int(c) for c in self.class_ids],
+                  "split_rule": "official train_test_split.txt; val carved from train",
+                  "mask_rule": f"--mask {self.opts.mask}; segmentation ≥ 128 = foreground"})
+
+    def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
+        opts: CubOptions = self.opts
+        iid, path, label, box = unit.payload
+        img = read_image(self.root / "images" / path, "RGB")
+        h, w = img.shape[-2:]
+        seg = None
+        seg_path = (self.seg_root / path).with_suffix(".png") if self.seg_root else None
+        if opts.mask in ("auto", "segmentation") and seg_path is not None and seg_path.exists():
+            seg = read_mask_threshold(seg_path)
+            if seg.shape != (h, w):
+                raise SkipItem("mask shape mismatch",
+                               f"segmentations/{path}: {seg.shape}, image {(h, w)}")
+        elif opts.mask == "segmentation":
+            raise SkipItem("missing segmentation", f"segmentations/{path}")
+        if box is not None:  # clip to the photo
+            box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], w), min(box[3], h))
+            if box[2] <= box[0] or box[3] <= box[1]:
+                box = None
+        mask = None
+        if seg is not None:
+            mask = seg if seg.any() else None
+        elif opts.mask in ("auto", "box") and box is not None:
+            mask = np.zeros((h, w), bool)
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            mask[y0:y1, x0:x1] = True
+        if opts.crop == "box" and box is not None:
+            side = int(round(max(box[2] - box[0], box[3] - box[1]) * (1 + 2 * opts.context)))
+            side = max(side, 8)
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+            img = resize(crop_square(img, cx, cy, side), (opts.size, opts.size))
+            if mask is not None:
+                mask = resize_mask(crop_square(mask, cx, cy, side), (opts.size, opts.size))
+            scale = opts.size / side
+            out_box = scale_box(box, scale, -x0, -y0, opts.size, opts.size)
+        else:
+            if opts.crop == "box":
+                self.note("no box: whole image used (--crop box)")
+            img, mask, out_box = fit_square(img, mask, opts.size, box=box)
+        if mask is not None and not mask.any():
+            mask = None
+        yield Sample(id=f"cub_{int(iid):05d}", split=unit.split, label=label, image=img,
+                     mask=mask, box=out_box)
+
+
+def read_mask_threshold(path: Path) -> np.ndarray:
+    """CUB segmentation: gray levels = share of annotators; ≥ 128 (majority) = foreground."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L"))
+    except Exception as exc:
+        raise SkipItem("unreadable segmentation", f"{path}: {type(exc).__name__}: {exc}"
+                       ) from None
+    return arr >= 128
+

@@ -1,0 +1,46 @@
+"""DICOM reading for the importers (pydicom, from the optional `medical` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .util import SkipItem, require
+
+
+def pydicom_module(kind: str) -> Any:
+    return require("pydicom", kind)
+
+
+def read_header(pydicom: Any, path: Path, tags: list[str] | None = None) -> Any:
+    """Header only (no pixel data); raises SkipItem("unreadable DICOM")."""
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
+    except Exception as exc:  # InvalidDicomError, EOF, struct errors …
+        raise SkipItem("unreadable DICOM", f"{path}: {type(exc).__name__}: {exc}") from None
+
+
+def read_pixels(pydicom: Any, path: Path) -> tuple[np.ndarray, Any]:
+    """Pixel values in physical units (RescaleSlope·stored + RescaleIntercept, e.g. HU for CT)
+    as float32, and the dataset. MONOCHROME1 images are inverted so bright = dense."""
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as exc:
+        raise SkipItem("unreadable DICOM", f"{path}: {type(exc).__name__}: {exc}") from None
+    if arr.ndim != 2:
+        raise SkipItem("unsupported DICOM", f"{path}: pixel array of shape {arr.shape}")
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    arr = arr * slope + intercept
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        arr = arr.max() - arr
+    return arr, ds
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """Candidate DICOM files under a folder: '*.dcm', or files without a suffix."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and (p.suffix.lower() == ".dcm" or p.suffix == ""))

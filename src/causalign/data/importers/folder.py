@@ -1,0 +1,251 @@
+"""Plain folders of images: ``ROOT/<class>/<image>``, or a CSV that lists images.
+
+Tree layout::
+
+    ROOT/<class>/<name>.png|jpg|jpeg|bmp|tif|npy
+    ROOT/<class>/<name>_mask.png            optional; '<name>_mask_1.png' … are merged by OR
+
+Label rule: classes are the class folders in sorted order (or the order given by
+`--classes`, which may also select a subset), label = index of the image's class.
+
+CSV layout (`--csv FILE`, paths relative to ROOT) — columns, all optional but ``image``:
+``image``; ``label`` (class name, or an integer index) or ``class`` (default: the first folder
+of ``image``); ``split`` (train/val/test; empty → random); ``mask`` (one path, or several
+separated by ';' merged by OR); ``box_x0, box_y0, box_x1, box_y1`` (pixels of the original
+image, x1/y1 exclusive); ``site``; ``group`` (e.g. a patient id: a group never straddles two
+splits); ``attr_<name>`` (binary attributes, 0/1, empty = not annotated).
+
+Images are converted to gray (`--color gray`, default) or RGB, made square by zero padding
+and resized to `--size`. An all-zero mask is stored as no mask. Random splits are stratified
+by class and drawn with `--seed` at group level.
+
+Skipped with a reason: a CSV row pointing to a missing file, unreadable images or masks, a
+mask whose size differs from its image, unknown class/split values, non-numeric boxes or
+attributes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import DataError
+from ..format import SPLITS, DatasetMeta
+from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
+from .util import (
+    IMAGE_SUFFIXES,
+    SkipItem,
+    assign_splits,
+    box_of_mask,
+    fit_square,
+    read_image,
+    read_mask,
+    rel,
+    safe_id,
+)
+
+
+@dataclass
+class FolderOptions(CommonOptions):
+    size: int = 128
+    classes: str = ""
+    csv: str | None = None
+    color: str = "gray"
+    mask_suffix: str = "_mask"
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+
+    def validate(self) -> None:
+        super().validate()
+        if self.color not in ("gray", "rgb"):
+            raise DataError(f"--color must be gray or rgb, got '{self.color}'")
+        if not self.mask_suffix:
+            raise DataError("--mask-suffix must not be empty")
+
+
+@dataclass
+class _Item:
+    sid: str
+    source: str
+    image: Path
+    label: int
+    masks: list[Path]
+    box: tuple[float, float, float, float] | None = None
+    attributes: list[float] | None = None
+    site: str = "0"
+    group: str = ""
+    split: str = ""
+
+
+class FolderImporter(Importer):
+    kind = "folder"
+    Options = FolderOptions
+    layout = "ROOT/<class>/<image> with optional <image>_mask.<ext>, or --csv FILE"
+
+    def plan(self) -> list[Unit]:
+        opts: FolderOptions = self.opts
+        self.attributes: list[str] = []
+        items = self._plan_csv(Path(opts.csv)) if opts.csv else self._plan_tree()
+        fixed = [it for it in items if it.split]
+        free = [it for it in items if not it.split]
+        split_of = assign_splits([it.group or it.sid for it in free], opts.fractions(),
+                                 opts.seed, strata=[it.label for it in free])
+        for it in free:
+            it.split = split_of[it.group or it.sid]
+        units = [Unit(key=it.sid, split=it.split, source=it.source, payload=it)
+                 for it in fixed + free]
+        order = {it.sid: i for i, it in enumerate(items)}
+        units.sort(key=lambda u: order[u.key])
+        return self.limit_units(units)
+
+    # ------------------------------------------------------------------ tree
+    def _plan_tree(self) -> list[_Item]:
+        dirs = sorted(p.name for p in self.src.iterdir() if p.is_dir()
+                      and not p.name.startswith("."))
+        self.classes = self._choose_classes(dirs, "class folder")
+        suffix = re.escape(self.opts.mask_suffix)
+        mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$")
+        items = []
+        for k, cls in enumerate(self.classes):
+            files = sorted(p for p in (self.src / cls).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
+            masks: dict[Path, list[Path]] = {}
+            images = []
+            for p in files:
+                m = mask_re.match(p.stem)
+                if m:
+                    masks.setdefault(p.parent / m.group("stem"), []).append(p)
+                else:
+                    images.append(p)
+            stems = {p.parent / p.stem for p in images}
+            for key in sorted(set(masks) - stems):
+                self.skip(rel(masks[key][0], self.src), "mask without image")
+            for p in images:
+                r = p.relative_to(self.src)
+                items.append(_Item(sid=safe_id(str(r.with_suffix(""))), source=str(r), image=p,
+                                   label=k, masks=masks.get(p.parent / p.stem, [])))
+        return items
+
+    def _choose_classes(self, found: list[str], what: str) -> list[str]:
+        wanted = parse_list(self.opts.classes)
+        if wanted:
+            missing = [c for c in wanted if c not in found]
+            if missing:
+                raise DataError(f"{self.src}: --classes {', '.join(missing)} not found "
+                                f"(found {what}s: {', '.join(found) or 'none'})")
+            return wanted
+        if len(found) < 2:
+            raise DataError(f"{self.src}: need at least two {what}s, found "
+                            f"{len(found)} ({', '.join(found) or 'none'}); expected "
+                            f"ROOT/<class>/<image>")
+        return found
+
+    # ------------------------------------------------------------------ csv
+    def _plan_csv(self, csv_path: Path) -> list[_Item]:
+        path = csv_path if csv_path.is_absolute() else self.src / csv_path
+        if not path.exists() and csv_path.exists():
+            path = csv_path
+        if not path.exists():
+            raise DataError(f"{csv_path}: CSV file not found (looked in {self.src})")
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                    for row in reader]
+        if "image" not in cols:
+            raise DataError(f"{path}: missing column 'image' (columns: {', '.join(cols)})")
+        self.attributes = [c[5:] for c in cols if c.startswith("attr_")]
+        label_col = "label" if "label" in cols else "class" if "class" in cols else None
+
+        def class_of(row: dict) -> str:
+            if label_col:
+                return row[label_col]
+            return Path(row["image"]).parts[0] if len(Path(row["image"]).parts) > 1 else ""
+
+        values = sorted({class_of(r) for r in rows if class_of(r)},
+                        key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+        self.classes = self._choose_classes(values, "class value")
+        items = []
+        seen: dict[str, int] = {}
+        for lineno, row in enumerate(rows, start=2):
+            src_desc = f"{path.name}:{lineno}"
+            cls = class_of(row)
+            if cls not in self.classes:
+                if parse_list(self.opts.classes):
+                    self.note("CSV rows of classes not selected by --classes")
+                else:
+                    self.skip(src_desc, "unknown class", f"'{cls}'")
+                continue
+            split = row.get("split", "")
+            if split and split not in SPLITS:
+                self.skip(src_desc, "bad split value", f"'{split}'")
+                continue
+            try:
+                box = None
+                cells = [row.get(c, "") for c in ("box_x0", "box_y0", "box_x1", "box_y1")]
+                if any(cells):
+                    box = tuple(float(c) for c in cells)
+                    if box[2] <= box[0] or box[3] <= box[1]:
+                        raise ValueError(f"empty box {cells}")
+            except ValueError as exc:
+                self.skip(src_desc, "bad box", str(exc))
+                continue
+            try:
+                attrs = [float(row[f"attr_{a}"]) if row.get(f"attr_{a}") else math.nan
+                         for a in self.attributes]
+            except ValueError as exc:
+                self.skip(src_desc, "bad attribute value", str(exc))
+                continue
+            img_rel = Path(row["image"])
+            sid = safe_id(str(img_rel.with_suffix("")))
+            if sid in seen:
+                seen[sid] += 1
+                sid = f"{sid}_{seen[sid]}"
+            else:
+                seen[sid] = 0
+            masks = [self.src / m for m in parse_list(row.get("mask", "").replace(";", ","))]
+            items.append(_Item(sid=sid, source=f"{src_desc} ({row['image']})",
+                               image=self.src / img_rel, label=self.classes.index(cls),
+                               masks=masks, box=box, attributes=attrs,
+                               site=row.get("site") or "0", group=row.get("group", ""),
+                               split=split))
+        return items
+
+    def meta(self) -> DatasetMeta:
+        return DatasetMeta(
+            name=safe_id(self.src.name) or "folder", classes=list(self.classes),
+            attributes=list(self.attributes), ndim=2,
+            channels=3 if self.opts.color == "rgb" else 1,
+            info={"label_rule": ", ".join(f"{c} → {k}" for k, c in enumerate(self.classes)),
+                  "mask_rule": f"OR of '<image>{self.opts.mask_suffix}*' files (or the CSV's "
+                               "mask column); all-zero → no mask"})
+
+    def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
+        it: _Item = unit.payload
+        img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L")
+        spatial = img.shape[-2:]
+        mask = None
+        if it.masks:
+            mask = np.zeros(spatial, bool)
+            for mp in it.masks:
+                m = read_mask(mp)
+                if m.shape != spatial:
+                    raise SkipItem("mask shape mismatch",
+                                   f"{rel(mp, self.src)} is {m.shape}, image is {spatial}")
+                mask |= m
+            if not mask.any():
+                self.note("empty mask stored as no mask")
+                mask = None
+        img, mask, box = fit_square(img, mask, self.opts.size, box=it.box)
+        if it.box is not None and box is None:
+            self.note("box outside the image dropped")
+        yield Sample(id=it.sid, split=unit.split, label=it.label, image=img, mask=mask,
+                     box=box if it.box is not None else box_of_mask(mask),
+                     attributes=it.attributes, site=it.site)

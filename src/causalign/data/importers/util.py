@@ -1,0 +1,400 @@
+"""Helpers shared by the importers: optional libraries, image reading/resizing, masks, boxes,
+intensity normalisation, perceptual hashing and group-level splits."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import DataError
+
+# --------------------------------------------------------------------------- errors / libraries
+
+
+class SkipItem(Exception):
+    """One source item cannot be imported: recorded in the summary with `reason`, never fatal.
+
+    `reason` is a short category counted in the summary ("unreadable DICOM", "missing mask");
+    `detail` says which file and what went wrong.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+_EXTRA_OF = {"pydicom": "pydicom", "nibabel": "nibabel"}
+
+
+def require(module: str, kind: str) -> Any:
+    """Import an optional library or raise one clear line naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pkg = _EXTRA_OF.get(module, module)
+        raise DataError(f"importing {kind} data needs the '{pkg}' package, which is not installed: "
+                        f"pip install 'causalign[medical]'") from None
+
+
+def safe_id(text: str) -> str:
+    """A sample id usable as a file name: letters, digits, '.', '-', '_' only."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._")
+    return out or "sample"
+
+
+def rel(path: Path, root: Path) -> str:
+    """`path` relative to `root` when inside it (for messages), else the full path."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------- reading images
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+
+
+def read_image(path: Path, mode: str = "L") -> np.ndarray:
+    """Read PNG/JPEG/BMP/TIFF (via PIL) or NPY as float32: mode "L" → (H,W) gray,
+    "RGB" → (3,H,W). 8/16-bit files are scaled to [0,1]; other NPY arrays are min-max scaled.
+    Raises SkipItem("missing file" | "unreadable image")."""
+    if not path.exists():
+        raise SkipItem("missing file", str(path))
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
+        return _npy_to_float(arr, mode, path)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L":
+                arr = np.asarray(im).astype(np.float32)
+                top = 65535.0 if arr.max() > 255 else 255.0
+                return np.clip(arr / top, 0, 1)
+            im = im.convert(mode)
+            arr = np.asarray(im).astype(np.float32) / 255.0
+    except Exception as exc:  # PIL raises many types for truncated/corrupt files
+        raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
+    return np.moveaxis(arr, -1, 0).copy() if arr.ndim == 3 else arr
+
+
+def _npy_to_float(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+        arr = np.moveaxis(arr[..., :3], -1, 0)
+    if arr.ndim not in (2, 3):
+        raise SkipItem("unsupported image", f"{path}: array of shape {arr.shape} is not 2D")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise SkipItem("unsupported image", f"{path}: dtype {arr.dtype}")
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    else:
+        out = arr.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise SkipItem("NaN/inf pixels", str(path))
+        lo, hi = float(out.min()), float(out.max())
+        if lo < 0 or hi > 1:
+            out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    if mode == "L" and out.ndim == 3:
+        out = out.mean(axis=0)
+    elif mode == "RGB" and out.ndim == 2:
+        out = np.stack([out] * 3)
+    return out
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Binary mask (H,W) bool from a PNG/JPEG/NPY file: nonzero (any channel) = annotated."""
+    if not path.exists():
+        raise SkipItem("missing mask", str(path))
+    if path.suffix.lower() == ".npy":
+        try:
+            m = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise SkipItem("unreadable mask", f"{path}: {type(exc).__name__}: {exc}") from None
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                m = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I;16", "I") else im)
+        except Exception as exc:
+            raise SkipItem("unreadable mask", f"{path}: {type(exc).__name__}: {exc}") from None
+    if m.ndim == 3:
+        m = m.max(axis=-1) if m.shape[-1] in (3, 4) else m.max(axis=0)
+    if m.ndim != 2:
+        raise SkipItem("unsupported mask", f"{path}: shape {m.shape}")
+    # JPEG masks carry compression noise around 0: a quarter of the range separates it.
+    thr = 0.25 * float(m.max()) if m.dtype != np.bool_ and m.max() > 1 else 0
+    return m > thr
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def resize(arr: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
+    """Resize the last two axes of a float array to `shape` (h, w): order 1 = bilinear with
+    antialiasing when shrinking (PIL), 0 = nearest."""
+    from PIL import Image
+
+    h, w = shape
+    if arr.shape[-2:] == (h, w):
+        return arr.astype(np.float32, copy=False)
+    resample = Image.Resampling.BILINEAR if order else Image.Resampling.NEAREST
+    flat = arr.reshape(-1, *arr.shape[-2:]).astype(np.float32)
+    out = np.stack([np.asarray(Image.fromarray(c, mode="F").resize((w, h), resample))
+                    for c in flat])
+    return out.reshape(*arr.shape[:-2], h, w)
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a binary mask: bilinear then ≥ 0.5; a lesion that would vanish keeps its pixel
+    nearest to its centre so small annotations survive downsampling."""
+    if mask.shape[-2:] == tuple(shape):
+        return mask.astype(bool)
+    out = resize(mask.astype(np.float32), shape, order=1) >= 0.5
+    if mask.any() and not out.any():
+        ys, xs = np.nonzero(mask)
+        cy = int(ys.mean() * shape[0] / mask.shape[-2])
+        cx = int(xs.mean() * shape[1] / mask.shape[-1])
+        out[cy, cx] = True
+    return out
+
+
+def pad_to_square(arr: np.ndarray, value: float = 0.0) -> tuple[np.ndarray, int, int]:
+    """Pad the last two axes to a square (centred); returns (array, x offset, y offset)."""
+    h, w = arr.shape[-2:]
+    s = max(h, w)
+    oy, ox = (s - h) // 2, (s - w) // 2
+    pad = [(0, 0)] * (arr.ndim - 2) + [(oy, s - h - oy), (ox, s - w - ox)]
+    return np.pad(arr, pad, constant_values=value), ox, oy
+
+
+def fit_square(
+    image: np.ndarray, mask: np.ndarray | None, size: int, box: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int] | None]:
+    """Letterbox an image (and its mask/box) to size×size: pad to a square with zeros, then
+    resize, so anatomy keeps its aspect ratio. Boxes are (x0, y0, x1, y1), x1/y1 exclusive."""
+    img, ox, oy = pad_to_square(image)
+    scale = size / img.shape[-1]
+    img = resize(img, (size, size))
+    m = None
+    if mask is not None:
+        m = resize_mask(pad_to_square(mask.astype(np.float32))[0] > 0.5, (size, size))
+    b = None
+    if box is not None:
+        b = scale_box(box, scale, ox, oy, size, size)
+    return img, m, b
+
+
+def scale_box(
+    box: Sequence[float], scale: float, ox: float, oy: float, w: int, h: int
+) -> tuple[int, int, int, int] | None:
+    """Map a box through x' = (x + ox)·scale, clip to the image; None when it becomes empty."""
+    x0, y0, x1, y1 = ((box[0] + ox) * scale, (box[1] + oy) * scale,
+                      (box[2] + ox) * scale, (box[3] + oy) * scale)
+    x0, y0 = max(int(math.floor(x0)), 0), max(int(math.floor(y0)), 0)
+    x1, y1 = min(int(math.ceil(x1)), w), min(int(math.ceil(y1)), h)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def box_of_mask(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight box (x0, y0, x1, y1) of a 2D mask's nonzero pixels, x1/y1 exclusive."""
+    if mask is None or not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def crop_square(arr: np.ndarray, cx: float, cy: float, side: int, value: float = 0.0
+                ) -> np.ndarray:
+    """Square crop of the last two axes centred at (cx, cy), padded with `value` outside."""
+    h, w = arr.shape[-2:]
+    x0 = int(round(cx - side / 2))
+    y0 = int(round(cy - side / 2))
+    out = np.full((*arr.shape[:-2], side, side), value, dtype=arr.dtype)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + side, w), min(y0 + side, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[..., sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = arr[..., sy0:sy1, sx0:sx1]
+    return out
+
+
+def polygon_mask(shape: tuple[int, int], xs: Sequence[float], ys: Sequence[float]) -> np.ndarray:
+    """Fill a closed polygon given in pixel coordinates (outline pixels included)."""
+    from PIL import Image, ImageDraw
+
+    h, w = shape
+    im = Image.new("L", (w, h), 0)
+    pts = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)]
+    if len(pts) == 1:
+        ImageDraw.Draw(im).point(pts, fill=1)
+    else:
+        ImageDraw.Draw(im).polygon(pts, fill=1, outline=1)
+    return np.asarray(im, dtype=bool)
+
+
+def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    if iterations <= 0:
+        return mask.astype(bool)
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, iterations=iterations)
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map Hounsfield units to [0, 1]: lo → 0, hi → 1, clipped."""
+    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def percentile_normalise(x: np.ndarray, region: np.ndarray | None = None,
+                         lo_q: float = 0.5, hi_q: float = 99.5) -> np.ndarray:
+    """Scale so the `lo_q`/`hi_q` percentiles of `region` (default: all pixels) map to 0/1."""
+    vals = x[region] if region is not None and region.any() else x.ravel()
+    lo, hi = np.percentile(vals, [lo_q, hi_q])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((x.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of an array (maximises between-class variance of the histogram)."""
+    hist, edges = np.histogram(x.ravel(), bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a binary mask, holes filled."""
+    from scipy.ndimage import binary_fill_holes, label
+
+    lab, n = label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask.astype(bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return binary_fill_holes(lab == int(np.argmax(sizes)))
+
+
+# --------------------------------------------------------------------------- perceptual hash
+
+
+def phash(gray: np.ndarray, hash_size: int = 8, highfreq: int = 4) -> np.ndarray:
+    """DCT perceptual hash (as `imagehash.phash`): resize to 32×32, 2D DCT, keep the 8×8
+    lowest frequencies, bit = coefficient > their median. Returns 64 booleans."""
+    from scipy.fft import dctn
+
+    n = hash_size * highfreq
+    small = resize(gray.astype(np.float32), (n, n))
+    coef = dctn(small, norm="ortho")[:hash_size, :hash_size]
+    return (coef > np.median(coef)).ravel()
+
+
+def duplicate_groups(hashes: Sequence[np.ndarray], threshold: int) -> list[int]:
+    """Union-find over pairs whose hash Hamming distance is ≤ threshold; returns a group index
+    per item (the smallest member's index), so near-duplicate chains share one group."""
+    n = len(hashes)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if n:
+        bits = np.stack(hashes).astype(np.uint8)
+        for i in range(n - 1):
+            dist = (bits[i + 1:] != bits[i]).sum(axis=1)
+            for j in np.nonzero(dist <= threshold)[0]:
+                a, b = find(i), find(i + 1 + int(j))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    return [find(i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def assign_splits(
+    groups: Sequence[Hashable],
+    fractions: dict[str, float],
+    seed: int,
+    weights: Sequence[float] | None = None,
+    strata: Sequence[Hashable] | None = None,
+) -> dict[Hashable, str]:
+    """Assign whole groups (patients, duplicate sets, images) to splits.
+
+    Groups are shuffled with `seed` (after sorting, so the result does not depend on input
+    order). Within each stratum (e.g. class), every split with a positive fraction first gets
+    one group while groups remain, then each group goes to the split furthest below its
+    target weight. A group never straddles two splits. Deterministic given the inputs.
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(groups)
+    strata = list(strata) if strata is not None else [0] * len(groups)
+    info: dict[Hashable, list] = {}
+    for g, w, s in zip(groups, weights, strata, strict=True):
+        if g in info:
+            info[g][0] += w
+        else:
+            info[g] = [w, s]
+    active = [s for s in ("train", "val", "test") if fractions.get(s, 0.0) > 0]
+    if not active:
+        raise DataError("all split fractions are zero")
+    total_frac = sum(fractions[s] for s in active)
+    rng = np.random.default_rng(seed)
+    out: dict[Hashable, str] = {}
+    by_stratum: dict[Hashable, list[Hashable]] = {}
+    for g in sorted(info, key=str):
+        by_stratum.setdefault(info[g][1], []).append(g)
+    for stratum in sorted(by_stratum, key=str):
+        gs = by_stratum[stratum]
+        order = [gs[i] for i in rng.permutation(len(gs))]
+        total = sum(info[g][0] for g in gs)
+        load = dict.fromkeys(active, 0.0)
+        for i, g in enumerate(order):
+            if i < len(active) and len(order) >= len(active):
+                s = active[i]
+            else:
+                s = max(active, key=lambda k: (fractions[k] / total_frac * total - load[k],
+                                               -active.index(k)))
+            out[g] = s
+            load[s] += info[g][0]
+    # Small strata can leave a split empty: move the lightest group of the split with the
+    # most groups into it (while that split keeps at least one).
+    if len(info) >= len(active):
+        for s in active:
+            if s in out.values():
+                continue
+            counts = {k: sum(v == k for v in out.values()) for k in active}
+            donor = max(active, key=lambda k: (counts[k], -active.index(k)))
+            g = min((g for g, v in out.items() if v == donor), key=lambda g: (info[g][0], str(g)))
+            out[g] = s
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.median(vals)) if vals else float("nan")

@@ -1,0 +1,474 @@
+"""Counterfactual generator (seed 000 §3, Eq. 2; distances of App. C.4).
+
+    x* = argmin_x  CE(f(x), y*) + α·d(x, x0)
+
+solved per sample by K steps of Adam on the batch. The objective is a *sum* over samples and
+the model runs in eval mode (BatchNorm uses running statistics), so every sample's problem is
+independent of the others in its batch — the property the implicit gradient (causal-align
+training) relies on. Adam is element-wise, so a batched run is exactly N separate runs.
+
+Distances d(x, x0) = Σ_k e(x_k − x0_k) / s_k:
+
+* ``l1``        e(δ) = √(δ² + ε²) − ε  (smooth surrogate of |δ|: its gradient and Hessian exist
+  everywhere, which the stationarity condition behind the implicit gradient needs), s = 1;
+* ``scaled-l1`` the same divided by the per-pixel MAD over the training images;
+* ``l2``        e(δ) = δ², s = 1;
+* ``scaled-l2`` δ² divided by the per-pixel standard deviation (the paper's App. C.4 form).
+
+The per-pixel scales are normalised to mean 1, so α means the same for a distance and its
+scaled version (the paper's absolute form differs from ours by a constant absorbed in α).
+
+``space="latent"`` searches the code z of a small autoencoder instead (paper §3, "realistic
+counterfactuals"): x*(z) = x0 + D(z) − D(z0), z0 = E(x0), with the distance taken on z. The
+residual form makes x* = x0 exactly at z = z0, so reconstruction error never shows up as a
+"change" (it would otherwise count against the alignment loss everywhere).
+
+Targets y*: binary 1 − y; multi-class the most likely class other than y; or a given class
+(samples already of that class get no counterfactual). Optional warm start from the previous
+solution of the same sample (cache keyed by dataset index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+__all__ = [
+    "DISTANCES", "SPACES", "CounterfactualGenerator", "CounterfactualResult", "InnerProblem",
+    "WarmStartCache", "capture_bn_stats", "counterfactual_targets", "distance_curvature",
+    "distance_scale", "distance_value", "eval_mode",
+]
+
+DISTANCES = ("l1", "scaled-l1", "l2", "scaled-l2")
+SPACES = ("pixel", "latent")
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def distance_scale(images: Tensor, distance: str, floor: float = 0.05) -> Tensor | None:
+    """Per-pixel scale s_k for the scaled distances, shape images.shape[1:].
+
+    scaled-l1: MAD_k = median_i |x_ik − median_j x_jk|; scaled-l2: std_k. Normalised to mean 1
+    and floored at ``floor`` (relative): constant pixels (padding, a fixed border) have MAD 0,
+    and dividing by 0 would make them infinitely expensive — or, after a NaN, poison the run.
+    """
+    if distance not in DISTANCES:
+        raise ConfigError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
+    if not distance.startswith("scaled"):
+        return None
+    x = images.double()
+    if distance == "scaled-l1":
+        med = x.median(dim=0).values
+        s = (x - med).abs().median(dim=0).values
+    else:
+        s = x.std(dim=0) if len(x) > 1 else torch.ones_like(x[0])
+    mean = s.mean()
+    if not torch.isfinite(mean) or mean <= 0:
+        return torch.ones_like(s, dtype=images.dtype)  # no variation at all: unscaled
+    s = (s / mean).clamp_min(floor)
+    return (s / s.mean()).to(images.dtype)
+
+
+def distance_value(delta: Tensor, distance: str, scale: Tensor | None = None,
+                   eps: float = 0.0) -> Tensor:
+    """Per-sample d = Σ_k e(δ_k)/s_k for δ = x − x0 (N, ...); ``eps`` > 0 smooths the l1."""
+    if distance in ("l1", "scaled-l1"):
+        e = (delta.square() + eps * eps).sqrt() - eps if eps > 0 else delta.abs()
+    elif distance in ("l2", "scaled-l2"):
+        e = delta.square()
+    else:
+        raise ConfigError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
+    if scale is not None:
+        e = e / scale
+    return e.flatten(1).sum(1)
+
+
+def distance_curvature(delta: Tensor, distance: str, scale: Tensor | None = None,
+                       eps: float = 1e-2) -> Tensor:
+    """Diagonal of ∇²d at δ, element-wise (the distance is separable, so this is exact).
+
+    l1 surrogate: ε² / (δ² + ε²)^{3/2} — 1/ε at δ = 0, vanishing for large changes; l2: 2.
+    Used for Jacobi preconditioning of the implicit-gradient CG.
+    """
+    if distance in ("l1", "scaled-l1"):
+        c = eps * eps / (delta.square() + eps * eps).pow(1.5)
+    else:
+        c = torch.full_like(delta, 2.0)
+    return c / scale if scale is not None else c
+
+
+def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "other",
+                           logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(y*, valid): binary 1 − y; multi-class the most likely class ≠ y (needs ``logits``);
+    an int rule gives that class to every sample, valid only where y differs from it."""
+    labels = labels.long()
+    if isinstance(rule, int) or (isinstance(rule, str) and rule.lstrip("-").isdigit()):
+        c = int(rule)
+        if not 0 <= c < num_classes:
+            raise ConfigError(f"counterfactual target class {c} outside 0..{num_classes - 1}")
+        target = torch.full_like(labels, c)
+        return target, labels != c
+    if rule != "other":
+        raise ConfigError(f"counterfactual target rule must be 'other' or a class index, "
+                          f"got '{rule}'")
+    if num_classes == 2:
+        return 1 - labels, torch.ones_like(labels, dtype=torch.bool)
+    if logits is None:
+        raise ValueError("multi-class 'other' targets need the model's logits")
+    masked = logits.detach().float().scatter(1, labels[:, None], float("-inf"))
+    return masked.argmax(1), torch.ones_like(labels, dtype=torch.bool)
+
+
+BNStats = dict[nn.Module, tuple[Tensor, Tensor]]
+
+
+@contextmanager
+def eval_mode(model: nn.Module, fold_bn: bool = False,
+              bn_stats: BNStats | None = None) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (no BatchNorm batch statistics, no dropout), then restore
+    every submodule's own mode — a plain .train() would wake submodules kept in eval.
+
+    ``fold_bn`` computes eval BatchNorm as the plain affine map x·γ/√(σ²+ε) + (β − μ·γ/√(σ²+ε))
+    (same values, same gradients in γ, β): PyTorch's generic BatchNorm double backward costs
+    ~20% of a Hessian-vector product on CPU, the affine form almost nothing.
+    ``bn_stats`` maps BatchNorm modules to fixed (mean, var) used instead of the running
+    statistics (see `capture_bn_stats`); either way samples never interact.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    patched: list[tuple[nn.Module, object]] = []
+    bn_stats = bn_stats or {}
+    model.eval()
+    try:
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            stats = bn_stats.get(m)
+            if stats is None and not (fold_bn and m.running_var is not None):
+                continue
+            patched.append((m, m.__dict__.get("forward")))
+            mean, var = stats if stats is not None else (m.running_mean, m.running_var)
+            m.forward = partial(_bn_affine, m, mean, var)
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
+        for m, old in patched:
+            del m.forward
+            if old is not None:
+                m.forward = old
+
+
+def _bn_affine(bn: nn.Module, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
+    inv = torch.rsqrt(var + bn.eps)
+    w = bn.weight * inv if bn.weight is not None else inv
+    b = bn.bias - mean * w if bn.bias is not None else -mean * w
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * w.view(shape).to(x.dtype) + b.view(shape).to(x.dtype)
+
+
+@contextmanager
+def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
+    """Record, during a train-mode forward, each BatchNorm's batch (mean, biased var).
+
+    Training with counterfactuals computed under *running* statistics lets the network
+    become two functions: sharp under batch statistics (what CE trains) and flat under the
+    lagging running ones (what the alignment sees), which drives L_align to 0 for free —
+    observed on the plus-minus benchmark (train-mode accuracy 1.0, eval-mode a constant).
+    Freezing the current batch's statistics as constants gives the inner problem the very
+    function CE trains, still without any interaction between samples.
+    """
+    store: BNStats = {}
+
+    def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        if m.training:
+            x = inp[0].detach()
+            dims = [0, *range(2, x.dim())]
+            store[m] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- inner problem
+
+
+@dataclass
+class InnerProblem:
+    """T(u) = CE(f(x(u)), y*) + α·d(u, u0) per sample, with x(u) = u (pixels) or
+    x0 + D(u) − D(u0) (latent). The model must be in eval mode when it is evaluated."""
+
+    model: nn.Module
+    x0: Tensor
+    u0: Tensor
+    target: Tensor
+    alpha: float
+    distance: str
+    scale: Tensor | None
+    eps: float
+    decoder: nn.Module | None = None
+    base: Tensor | None = None  # D(u0) in latent space
+
+    def image(self, u: Tensor) -> Tensor:
+        if self.decoder is None:
+            return u
+        return self.x0 + self.decoder.decode(u, tuple(self.x0.shape[-2:])) - self.base
+
+    def objective(self, u: Tensor) -> Tensor:
+        """Per-sample T (N,); sum it for a scalar whose gradient is block-diagonal."""
+        return self.terms(u)[0]
+
+    def terms(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(per-sample T, logits at x(u))."""
+        logits = self.model(self.image(u))
+        ce = F.cross_entropy(logits, self.target, reduction="none")
+        dist = distance_value(u - self.u0, self.distance, self.scale, self.eps)
+        return ce + self.alpha * dist, logits
+
+    def curvature(self, u: Tensor) -> Tensor:
+        """α·diag(∇²d) at u (the distance part of the Hessian)."""
+        return self.alpha * distance_curvature(u - self.u0, self.distance, self.scale, self.eps)
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+class WarmStartCache:
+    """Last solution offset u* − u0 per sample, keyed by dataset index.
+
+    Offsets (not x*) are stored so a warm start stays meaningful if the same sample comes
+    back slightly different (e.g. augmented). Storage is one dense tensor grown on demand.
+    """
+
+    def __init__(self) -> None:
+        self.offsets: Tensor | None = None
+        self.known: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.known is None else int(self.known.sum())
+
+    def _grow(self, size: int, like: Tensor) -> None:
+        if self.offsets is not None and self.offsets.shape[0] >= size \
+                and self.offsets.shape[1:] == like.shape[1:]:
+            if self.offsets.device != like.device:
+                self.offsets = self.offsets.to(like.device)
+                self.known = self.known.to(like.device)
+            return
+        if self.offsets is not None and self.offsets.shape[1:] != like.shape[1:]:
+            self.offsets = self.known = None  # another input shape: old entries are useless
+        cap = max(size, 2 * (0 if self.offsets is None else self.offsets.shape[0]))
+        offsets = like.new_zeros((cap, *like.shape[1:]))
+        known = torch.zeros(cap, dtype=torch.bool, device=like.device)
+        if self.offsets is not None:
+            offsets[: self.offsets.shape[0]] = self.offsets.to(like.device)
+            known[: self.known.shape[0]] = self.known.to(like.device)
+        self.offsets, self.known = offsets, known
+
+    def get(self, ids: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(offsets, hit) for ``ids``; misses get zero offsets."""
+        ids = ids.to(like.device).long()
+        if self.offsets is None or self.offsets.shape[1:] != like.shape[1:]:
+            return torch.zeros_like(like), torch.zeros(len(ids), dtype=torch.bool,
+                                                       device=like.device)
+        self._grow(0, like)
+        inside = ids < self.offsets.shape[0]
+        safe = torch.where(inside, ids, torch.zeros_like(ids))
+        hit = inside & self.known[safe]
+        off = torch.where(hit.view(-1, *[1] * (like.dim() - 1)), self.offsets[safe].to(like),
+                          torch.zeros_like(like))
+        return off, hit
+
+    def put(self, ids: Tensor, offsets: Tensor, keep: Tensor) -> None:
+        """Store rows where ``keep``; rows not kept are forgotten (e.g. a diverged solve)."""
+        ids = ids.to(offsets.device).long()
+        self._grow(int(ids.max()) + 1 if len(ids) else 0, offsets)
+        self.offsets[ids[keep]] = offsets[keep].detach().to(self.offsets.dtype)
+        self.known[ids[keep]] = True
+        self.known[ids[~keep]] = False
+
+    def clear(self) -> None:
+        self.offsets = self.known = None
+
+    def state_dict(self) -> dict:
+        if self.offsets is None:
+            return {}
+        idx = self.known.nonzero().flatten()
+        return {"ids": idx.cpu(), "offsets": self.offsets[idx].cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clear()
+        if state and len(state.get("ids", ())):
+            self.put(state["ids"], state["offsets"], torch.ones(len(state["ids"]),
+                                                                dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- generator
+
+
+@dataclass
+class CounterfactualResult:
+    """Per-sample outcome of `CounterfactualGenerator.generate` (all tensors detached).
+
+    ``x_star`` in pixel space; ``u_star`` the searched variable (= x_star for pixels, the code
+    z* for latent); ``problem`` the inner problem at these samples (for the implicit step).
+    ``flipped``/``target_prob`` are None when generated with ``report=False``.
+    """
+
+    x_star: Tensor
+    u_star: Tensor
+    target: Tensor
+    diverged: Tensor
+    warm: Tensor
+    distance: Tensor
+    problem: InnerProblem
+    flipped: Tensor | None = None
+    target_prob: Tensor | None = None
+
+    @property
+    def change(self) -> Tensor:
+        return self.x_star - self.problem.x0
+
+
+class CounterfactualGenerator:
+    """x* = argmin CE(f(x), y*) + α·d(x, x0) by ``steps`` Adam steps at ``lr``, per sample.
+
+    The model is put in eval mode for the search and restored afterwards; its parameters get
+    no gradient. ``scale`` is the per-pixel scale of a scaled distance (`distance_scale` on
+    training images); ``autoencoder`` is required for ``space="latent"``.
+    """
+
+    def __init__(self, model: nn.Module, *, alpha: float = 0.01, steps: int = 100,
+                 lr: float = 0.01, distance: str = "l1", scale: Tensor | None = None,
+                 eps: float = 1e-2, space: str = "pixel", autoencoder: nn.Module | None = None,
+                 warm_start: bool = False, target_rule: str | int = "other") -> None:
+        if distance not in DISTANCES:
+            raise ConfigError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
+        if space not in SPACES:
+            raise ConfigError(f"unknown counterfactual space '{space}'; valid: pixel, latent")
+        if space == "latent" and distance.startswith("scaled"):
+            raise ConfigError(f"distance '{distance}' is per pixel; the latent space takes "
+                              f"l1 or l2")
+        if space == "latent" and autoencoder is None:
+            raise ConfigError("space 'latent' needs an autoencoder")
+        if distance.startswith("scaled") and scale is None:
+            raise ConfigError(f"distance '{distance}' needs per-pixel scales from the "
+                              f"training images (distance_scale)")
+        if not alpha >= 0 or steps < 0 or not lr > 0 or not eps > 0:
+            raise ConfigError("counterfactual needs alpha >= 0, steps >= 0, lr > 0, eps > 0")
+        self.model = model
+        self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
+        self.distance, self.scale, self.eps = distance, scale, float(eps)
+        self.space, self.autoencoder = space, autoencoder
+        self.warm_start = warm_start
+        self.target_rule = target_rule
+        self.cache = WarmStartCache()
+
+    def problem(self, x0: Tensor, target: Tensor) -> InnerProblem:
+        """The inner problem at x0 (encodes x0 in latent space)."""
+        x0 = x0.detach()
+        scale = self.scale.to(x0) if self.scale is not None else None
+        if self.space == "latent":
+            ae = self.autoencoder.to(x0.device)
+            with torch.no_grad():
+                u0 = ae.encode(x0)
+                base = ae.decode(u0, tuple(x0.shape[-2:]))
+            return InnerProblem(self.model, x0, u0, target, self.alpha, self.distance, None,
+                                self.eps, decoder=ae, base=base)
+        return InnerProblem(self.model, x0, x0, target, self.alpha, self.distance, scale,
+                            self.eps)
+
+    def targets(self, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(y*, valid) by the target rule; without labels y is the model's prediction.
+
+        One eval-mode forward gives the number of classes, the prediction and the ranking
+        the multi-class rule needs; training code passes y* directly and skips it."""
+        with torch.no_grad(), eval_mode(self.model):
+            logits = self.model(x0)
+        if labels is None:
+            labels = logits.argmax(1)
+        return counterfactual_targets(labels.to(x0.device), logits.shape[1], self.target_rule,
+                                      logits)
+
+    def generate(self, x0: Tensor, *, labels: Tensor | None = None,
+                 target: Tensor | None = None, ids: Tensor | None = None,
+                 report: bool = True, bn_stats: BNStats | None = None) -> CounterfactualResult:
+        """Counterfactuals for a batch x0 (N, C, ...).
+
+        ``target`` (y*) wins over ``labels`` + the target rule; with neither, y is the model's
+        prediction. ``ids`` (dataset indices) key the warm-start cache. ``bn_stats`` replaces
+        BatchNorm running statistics (`capture_bn_stats`). A sample whose search produced
+        NaN/inf is reset to x0 and flagged in ``diverged``; it never poisons others.
+        """
+        x0 = x0.detach()
+        if target is None:
+            target, valid = self.targets(x0, labels)
+            if not bool(valid.all()):
+                raise ValueError("some samples already have the requested target class; "
+                                 "select valid samples first (counterfactual_targets)")
+        target = target.to(x0.device).long()
+        prob = self.problem(x0, target)
+        u0 = prob.u0
+        warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+        u = u0.clone()
+        if self.warm_start and ids is not None:
+            off, warm = self.cache.get(ids, u0)
+            u = u0 + off
+        with eval_mode(self.model, fold_bn=True, bn_stats=bn_stats):
+            u = _adam(prob, u, self.steps, self.lr)
+            shape = (-1,) + (1,) * (u.dim() - 1)
+            ok = torch.isfinite(u).flatten(1).all(1)
+            u = torch.where(ok.view(shape), u, u0)
+            with torch.no_grad():
+                x_star = prob.image(u)
+                logits = self.model(x_star).float() if report else None
+        flipped = target_prob = None
+        if logits is not None:
+            finite = torch.isfinite(logits).all(1)
+            ok = ok & finite
+            probs = logits.softmax(1)
+            target_prob = torch.where(ok, probs.gather(1, target[:, None])[:, 0], 0.0)
+            flipped = ok & (logits.argmax(1) == target)
+        diverged = ~ok
+        if bool(diverged.any()):
+            u = torch.where(ok.view(shape), u, u0)
+            with torch.no_grad():
+                x_star = prob.image(u)
+        if self.warm_start and ids is not None:
+            self.cache.put(ids, u - u0, ok)
+        dist = distance_value(u - u0, self.distance, prob.scale, eps=0.0)
+        return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
+                                    diverged=diverged, warm=warm, distance=dist.detach(),
+                                    problem=prob, flipped=flipped, target_prob=target_prob)
+
+
+def _adam(prob: InnerProblem, u: Tensor, steps: int, lr: float, beta1: float = 0.9,
+          beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
+    """K element-wise Adam steps on Σ_i T_i(u_i). Written out (not torch.optim) so nothing
+    touches the model's parameters and no optimizer state outlives the call."""
+    u = u.detach().clone()
+    m = torch.zeros_like(u)
+    v = torch.zeros_like(u)
+    for t in range(1, steps + 1):
+        uu = u.requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(prob.objective(uu).sum(), uu)
+        with torch.no_grad():
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            step = lr / (1 - beta1 ** t)
+            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            u = uu.detach().addcdiv_(m, denom, value=-step)
+    return u.detach()

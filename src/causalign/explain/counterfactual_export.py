@@ -1,0 +1,179 @@
+"""`causalign counterfactual`: x* for a run's predictions, written as files and figures.
+
+Per image: OUT/cf/<id>.npy (x*, float32, the image's shape), OUT/triptychs/<id>.png
+(original | x* | signed change, red = increase, blue = decrease, like seed 000 Fig. 9), and
+OUT/summary.json (flip rate, mean distance, share of the change inside the annotation, one
+record per sample). The counterfactual flips the model's *prediction* (y = predicted class):
+it explains what the model decided, which is what a reader of the figure asks about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.format import LesionDataset
+from ..errors import CausalignError
+from ..io import atomic_write_json
+from .counterfactual import CounterfactualGenerator, distance_scale
+
+
+@dataclass
+class CounterfactualSettings:
+    """Generator settings for export; a causal-align run lends its α/distance/ε/space."""
+
+    alpha: float = 0.01
+    steps: int = 100  # no warm start here, so more steps than a training step uses
+    lr: float = 0.01
+    distance: str = "l1"
+    eps: float = 1e-2
+    space: str = "pixel"
+    target: str = "other"
+
+
+def settings_for_run(method, **overrides: Any) -> CounterfactualSettings:
+    """Defaults, then the run's causal-align parameters, then explicit overrides."""
+    s = CounterfactualSettings()
+    params = getattr(method, "params", None)
+    if getattr(method, "name", "") == "causal-align" and params is not None:
+        s.alpha, s.distance, s.eps = params.alpha, params.distance, params.eps
+        s.space, s.target = params.space, str(params.target)
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(s, k, v)
+    return s
+
+
+def change_in_region(change: Tensor, region: Tensor) -> Tensor:
+    """Per-sample share of Σ|x* − x| inside the annotation (NaN when nothing changed)."""
+    a = change.abs().flatten(1)
+    inside = (a * (region > 0).flatten(1).to(a.dtype)).sum(1)
+    total = a.sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.nan)
+
+
+def resolve_autoencoder(run: Path | None, train_images: Tensor, device, path: Path | None,
+                        out: Path, progress=None) -> nn.Module:
+    """Latent space: --autoencoder FILE if it exists; else the one a causal-align run kept in
+    its checkpoint; else train one on the training images and save it (to FILE if given,
+    else OUT/autoencoder.pt) so the next call reuses it."""
+    from ..models.autoencoder import (
+        autoencoder_from_state,
+        load_autoencoder,
+        save_autoencoder,
+        train_autoencoder,
+    )
+
+    if path is not None and path.exists():
+        return load_autoencoder(path, device)
+    if run is not None and (run / "checkpoint.pt").exists():
+        from ..engine.trainer import load_checkpoint
+
+        state = load_checkpoint(run / "checkpoint.pt", map_location="cpu")
+        ae_state = (state.get("method_state") or {}).get("autoencoder")
+        if ae_state is not None:
+            return autoencoder_from_state(ae_state, device)
+    ae = train_autoencoder(train_images, device=device, progress=progress)
+    save_autoencoder(path if path is not None else out / "autoencoder.pt", ae)
+    return ae
+
+
+def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
+                           settings: CounterfactualSettings, out: str | Path, *,
+                           limit: int | None = None, device="cpu", batch_size: int = 32,
+                           train_images: Tensor | None = None, autoencoder: nn.Module | None = None,
+                           progress=None) -> dict:
+    """Generate and write counterfactuals for the first ``limit`` samples; returns the summary.
+
+    ``train_images`` supply the per-pixel scales of a scaled distance; ``autoencoder`` is
+    needed for ``settings.space == "latent"``.
+    """
+    from ..report.figures import counterfactual_grid, counterfactual_triptych
+
+    out = Path(out)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:
+        raise CausalignError(f"split '{dataset.split}' has no samples to explain")
+    scale = None
+    if settings.distance.startswith("scaled"):
+        if train_images is None:
+            raise CausalignError(f"distance '{settings.distance}' needs the training images")
+        scale = distance_scale(train_images, settings.distance).to(device)
+    gen = CounterfactualGenerator(model, alpha=settings.alpha, steps=settings.steps,
+                                  lr=settings.lr, distance=settings.distance, scale=scale,
+                                  eps=settings.eps, space=settings.space,
+                                  autoencoder=autoencoder, target_rule=settings.target)
+    (out / "cf").mkdir(parents=True, exist_ok=True)
+    (out / "triptychs").mkdir(parents=True, exist_ok=True)
+    model.eval()
+    records: list[dict] = []
+    grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
+    task = progress.add_task("counterfactuals", total=n) if progress else None
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        batch = {k: v.to(device) for k, v in dataset.batch(idx).items()}
+        x = method.model_input(batch)
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        target, valid = gen.targets(x, pred)
+        res = gen.generate(x[valid], target=target[valid])
+        region = torch.where(batch["has_mask"].view(-1, *[1] * (x.dim() - 1)), batch["mask"],
+                             batch["box_mask"])
+        share = change_in_region(res.change, region[valid])
+        j = 0
+        for k, i in enumerate(idx.tolist()):
+            rec = dataset.records[i]
+            entry: dict[str, Any] = {"id": rec.id, "label": int(rec.label),
+                                     "prediction": int(pred[k])}
+            if not bool(valid[k]):
+                entry["skipped"] = "already the target class"
+                records.append(entry)
+                continue
+            xs = res.x_star[j].float().cpu().numpy()
+            np.save(out / "cf" / f"{rec.id}.npy", xs.astype(np.float32))
+            annotated = bool(batch["has_annotation"][k])
+            entry.update(
+                target=int(res.target[j]), flipped=bool(res.flipped[j]),
+                target_prob=float(res.target_prob[j]), distance=float(res.distance[j]),
+                diverged=bool(res.diverged[j]),
+                change_in_mask=float(share[j]) if annotated and bool(share[j].isfinite())
+                else None)
+            img = x[k].float().cpu().numpy()
+            reg = region[k, 0].float().cpu().numpy() if annotated else None
+            if img.ndim == 4:  # volume: the slice with the most annotation (or the middle)
+                z = int(reg.reshape(reg.shape[0], -1).sum(1).argmax()) if reg is not None \
+                    else img.shape[1] // 2
+                img, xs, reg = img[:, z], xs[:, z], (reg[z] if reg is not None else None)
+            title = (f"{rec.id}  pred {int(pred[k])} → {int(res.target[j])}  "
+                     f"p={float(res.target_prob[j]):.2f}"
+                     + ("" if bool(res.flipped[j]) else "  (not flipped)"))
+            counterfactual_triptych(img, xs, reg, out / "triptychs" / f"{rec.id}.png", title)
+            if len(grid) < 8:
+                grid.append((img, xs, reg if reg is not None else np.zeros(img.shape[1:]),
+                             f"{rec.id} {int(pred[k])}→{int(res.target[j])}"))
+            records.append(entry)
+            j += 1
+        if task is not None:
+            progress.advance(task, len(idx))
+    if grid:
+        counterfactual_grid(np.stack([g[0] for g in grid]), np.stack([g[1] for g in grid]),
+                            np.stack([g[2] for g in grid]), out / "grid.png",
+                            row_titles=[g[3] for g in grid])
+    done = [r for r in records if "flipped" in r]
+    shares = [r["change_in_mask"] for r in done if r.get("change_in_mask") is not None]
+    summary = {
+        "split": dataset.split, "n": n, "n_generated": len(done),
+        "flip_rate": float(np.mean([r["flipped"] for r in done])) if done else None,
+        "mean_target_prob": float(np.mean([r["target_prob"] for r in done])) if done else None,
+        "mean_distance": float(np.mean([r["distance"] for r in done])) if done else None,
+        "change_in_mask": float(np.mean(shares)) if shares else None,
+        "n_diverged": int(sum(r["diverged"] for r in done)),
+        "settings": asdict(settings), "out": str(out), "samples": records,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary

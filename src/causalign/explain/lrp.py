@@ -1,0 +1,251 @@
+"""Layer-wise relevance propagation (LRP) variants through zennit composites.
+
+Registered names and the rules they apply (zennit 0.5; "dense" = ``nn.Linear``, "conv" = any
+convolution, activations pass relevance through, average pooling uses the ε-normalisation):
+
+===============  ===========================================================================
+lrp-epsilon      ε rule on every conv and dense layer (LRP-ε, Bach et al. 2015)
+lrp-gamma        γ rule (γ = 0.25) on conv layers, ε on dense layers
+lrp-alpha-beta   α2β1 on conv layers, ε on dense layers (zennit ``EpsilonAlpha2Beta1``)
+lrp-flat         flat rule on the first layer, z⁺ on conv, ε on dense (``EpsilonPlusFlat``)
+lrp-w-square     w² rule on the first layer, z⁺ on conv, ε on dense
+lrp-zbox         z^B rule on the first layer with the data range [low, high] = [0, 1], γ on
+                 conv, ε on dense (``EpsilonGammaBox``)
+===============  ===========================================================================
+
+The relevance at the output is the target logit itself (R = z_t one-hot), so for bias-free
+networks the input relevances sum to the logit (conservation). BatchNorm is folded into the
+preceding conv/dense layer with zennit canonizers (``ResNetCanonizer`` for torchvision ResNets,
+``VGGCanonizer`` for VGGs, ``SequentialMergeBatchNorm`` otherwise), so maps use running
+statistics; attributions run in eval mode and every module's train/eval flag is restored.
+
+Differentiability. zennit's rules evaluate each layer with *copies* of its weights
+(``nn.Parameter(param.data)``) and its canonizers overwrite ``.data``, so a zennit map carries
+no gradient to the model's parameters. PPI trains through the map, so ``create_graph=True`` on
+``lrp-epsilon`` uses `lrp_epsilon_modified_gradient`, a modified-gradient form of the same rule
+that keeps the graph (it equals the zennit map; tests check it). The other variants refuse
+``create_graph=True`` rather than return a map whose parameter gradient is silently wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .base import Explainer, register_explainer
+
+__all__ = ["LRP", "LRP_VARIANTS", "default_canonizers", "lrp_epsilon_modified_gradient"]
+
+
+def default_canonizers(model: nn.Module) -> list:
+    """zennit canonizers that fold BatchNorm (and ResNet's residual sums) for `model`."""
+    from torchvision.models import VGG, ResNet
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    if isinstance(model, ResNet):
+        return [ResNetCanonizer()]
+    if isinstance(model, VGG):
+        return [VGGCanonizer()]
+    return [SequentialMergeBatchNorm()]
+
+
+def _composite(variant: str, canonizers: list, epsilon: float, gamma: float, low: float,
+               high: float, stabilizer: float):
+    from zennit.composites import (
+        EpsilonAlpha2Beta1,
+        EpsilonGammaBox,
+        EpsilonPlusFlat,
+        LayerMapComposite,
+        SpecialFirstLayerMapComposite,
+        layer_map_base,
+    )
+    from zennit.rules import Epsilon, Gamma, WSquare, ZPlus
+    from zennit.types import Convolution
+    from zennit.types import Linear as AnyLinear
+
+    base = layer_map_base(stabilizer)
+    dense = (nn.Linear, Epsilon(epsilon=epsilon))
+    if variant == "epsilon":
+        return LayerMapComposite(base + [(Convolution, Epsilon(epsilon=epsilon)), dense],
+                                 canonizers=canonizers)
+    if variant == "gamma":
+        return LayerMapComposite(
+            base + [(Convolution, Gamma(gamma=gamma, stabilizer=stabilizer)), dense],
+            canonizers=canonizers)
+    if variant == "alpha-beta":
+        return EpsilonAlpha2Beta1(epsilon=epsilon, stabilizer=stabilizer, canonizers=canonizers)
+    if variant == "flat":
+        return EpsilonPlusFlat(epsilon=epsilon, stabilizer=stabilizer, canonizers=canonizers)
+    if variant == "w-square":
+        return SpecialFirstLayerMapComposite(
+            layer_map=base + [(Convolution, ZPlus(stabilizer=stabilizer)), dense],
+            first_map=[(AnyLinear, WSquare(stabilizer=stabilizer))], canonizers=canonizers)
+    if variant == "zbox":
+        return EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma,
+                               stabilizer=stabilizer, canonizers=canonizers)
+    raise ValueError(f"unknown LRP variant '{variant}'")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class LRP(Explainer):
+    """LRP relevance of the target logit, shaped like the input (N, C, *spatial)."""
+
+    variant: str = "epsilon"
+
+    def __init__(self, model: nn.Module, epsilon: float = 1e-6, gamma: float = 0.25,
+                 low: float = 0.0, high: float = 1.0, stabilizer: float = 1e-6,
+                 canonizers: list | None = None) -> None:
+        super().__init__(model)
+        self.epsilon, self.gamma = epsilon, gamma
+        self.low, self.high, self.stabilizer = low, high, stabilizer
+        self.canonizers = canonizers
+
+    def composite(self):
+        canon = self.canonizers if self.canonizers is not None else default_canonizers(self.model)
+        return _composite(self.variant, canon, self.epsilon, self.gamma, self.low, self.high,
+                          self.stabilizer)
+
+    def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
+                  create_graph: bool = False) -> Tensor:
+        if create_graph:
+            if self.variant == "epsilon":
+                return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon,
+                                                     create_graph=True)
+            raise ValueError(f"lrp-{self.variant} is not differentiable in the model's "
+                             f"parameters (zennit evaluates rules on weight copies); use "
+                             f"lrp-epsilon, wbp, gradient or gradcam to train through a map")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("LRP needs autograd; call it outside torch.inference_mode()")
+        with _eval_mode(self.model):
+            target = self._target(inputs, target)  # predicted class in eval mode, as mapped
+        with torch.enable_grad(), _eval_mode(self.model), self.composite().context(self.model):
+            x = inputs.detach().requires_grad_(True)
+            logits = self.model(x)
+            onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
+            # R at the output = the target logit, so relevance is in logit units.
+            (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot * logits.detach())
+        return rel.detach()
+
+
+def _variant(name: str, variant: str) -> type[LRP]:
+    cls = type(f"LRP_{variant.replace('-', '_')}", (LRP,), {
+        "variant": variant, "__doc__": f"LRP with the {variant} composite (see module doc)."})
+    return register_explainer(name)(cls)  # type: ignore[return-value]
+
+
+LRP_VARIANTS: dict[str, type[LRP]] = {
+    f"lrp-{v}": _variant(f"lrp-{v}", v)
+    for v in ("epsilon", "gamma", "alpha-beta", "flat", "w-square", "zbox")
+}
+
+
+# ---------------------------------------------------------------- differentiable LRP-ε
+
+
+class _Scale:
+    """Shared switch: True while the relevance map is being back-propagated."""
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+class _EpsilonFactor(torch.autograd.Function):
+    """Identity forward; backward multiplies by z / (z + ε·sign z) while the map is built.
+
+    The factor is treated as a constant in θ: its derivative, ε/(z + ε·sign z)², is an O(1/ε)
+    spike where a pre-activation is ~0, noise rather than signal for training. After the map
+    is built the switch turns off, so a later backward through the forward pass (a training
+    loss) sees the plain identity.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, eps: float, scale: _Scale) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.eps, ctx.scale = eps, scale
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        if not ctx.scale.active:
+            return grad, None, None
+        (z,) = ctx.saved_tensors
+        z = z.detach()
+        sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)  # zennit: sign(0) counts as +1
+        return grad * (z / (z + ctx.eps * sign)), None, None
+
+
+def _epsilon_points(model: nn.Module) -> list[nn.Module]:
+    """Modules whose output is the denominator z of an ε-type rule after BN folding.
+
+    A conv/dense layer followed directly by BatchNorm (in leaf order, as zennit's
+    SequentialMergeBatchNorm sees it) is folded into one layer whose output is the BN output;
+    average pooling is zennit's ε-normalised ``Norm`` rule.
+    """
+    from zennit.core import collect_leaves
+    from zennit.types import AvgPool, BatchNorm
+    from zennit.types import Linear as AnyLinear
+
+    leaves = list(collect_leaves(model))
+    points = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, AnyLinear):
+            nxt = leaves[i + 1] if i + 1 < len(leaves) else None
+            points.append(nxt if isinstance(nxt, BatchNorm) else leaf)
+        elif isinstance(leaf, AvgPool):
+            points.append(leaf)
+    return points
+
+
+def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
+                                  target: Tensor | int | None = None, epsilon: float = 1e-6,
+                                  create_graph: bool = False) -> Tensor:
+    """LRP-ε as input ⊙ modified gradient, differentiable in θ with ``create_graph=True``.
+
+    With pass-through activations, the ε rule R_j = a_j Σ_k w_jk R_k / (z_k + ε·sign z_k) is
+    x ⊙ (the input gradient of the target logit in which every ε-rule layer's backward is scaled
+    by z/(z + ε·sign z) and every activation's by g(z)/z) — Ancona et al. (2018). The activation
+    part is exactly WBP's rescale rule, so this runs inside `wbp_mode` (eval mode, restored
+    afterwards). For ReLU networks and ε → 0 it is input × gradient. Residual sums written as
+    ``a + b`` in ``forward`` get no ε factor (zennit's ResNet canonizer adds one); the
+    difference is confined to sums within ~ε of zero.
+    """
+    from .wbp import _resolve_target, wbp_mode
+
+    scale = _Scale()
+    handles = []
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        return _EpsilonFactor.apply(output, epsilon, scale)
+
+    try:
+        with torch.enable_grad(), wbp_mode(model):
+            for m in _epsilon_points(model):
+                handles.append(m.register_forward_hook(hook))
+            x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+            logits = model(x)
+            tgt = _resolve_target(logits, target)
+            score = logits.gather(1, tgt[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, x, create_graph=create_graph)
+    finally:
+        scale.active = False
+        for h in handles:
+            h.remove()
+    rel = (x if create_graph else x.detach()) * grad
+    return rel if create_graph else rel.detach()
+

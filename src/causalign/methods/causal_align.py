@@ -1,0 +1,380 @@
+"""Causal alignment (seed 000 §4.1–4.2, Alg. 1): L = CE + λ·L_align.
+
+    L_align = mean_i ‖(x*_i − x_i) ⊙ (1 − m_i)‖₁                                   (Eq. 3)
+    x*_i    = argmin_x T_i(x, θ),  T_i = CE(f_θ(x), y*_i) + α·d(x, x_i)            (Eq. 2)
+
+The mean runs over samples that have an annotation (pixel mask, or box with
+``region="box"``); samples without one are skipped, and a batch without any gets no
+alignment term at all (L = CE exactly).
+
+dL_align/dθ goes through the implicit adjoint (`causalign.implicit.implicit_gradient`): solve
+(H + δI) v = ∇ₓL_align at x* by batched CG with Hessian-vector products, then
+dL/dθ = −∂/∂θ(∇ₓT·v). The inner problem and the implicit step run the model in eval mode, so
+BatchNorm never mixes samples and H is block-diagonal over the batch; the CE term uses the
+model's own (train) mode.
+
+Two engineering choices, both exact reformulations:
+
+* **Jacobi preconditioning.** The l1 surrogate's curvature α·ε²/(δ²+ε²)^{3/2} ranges over
+  orders of magnitude (1/ε at unchanged pixels, ~0 at changed ones), which would make plain CG
+  crawl. The CG runs in w = S⁻¹(x − x*) with S = (α·diag ∇²d + δ)^{-1/2}: the damped system
+  becomes S(H + δI)S. For a piecewise-linear classifier (ReLU, max-pool, eval BatchNorm — the
+  seed CNN, ResNets, VGG) the CE part of H is the rank-(C−1) Gauss–Newton term, so the
+  preconditioned matrix is identity + rank (C−1): CG converges in C iterations. The gradient
+  is unchanged (v = S·ṽ); damping δ keeps its x-space meaning via a θ-free ½δ‖Sw‖² term.
+* **One backward.** `implicit_gradient` returns dL_align/dθ while the loss is built, so the
+  CG report lands in this step's parts and failed samples can be dropped. The trainer's single
+  backward then picks it up through Σ_p ⟨p, g_p⟩ (value removed), so L.backward() gives
+  ∇CE + λ·dL_align/dθ.
+
+Failure handling: a counterfactual search that produced NaN/inf is reset to x0 and skipped;
+a sample whose CG solve broke down or missed the tolerance is dropped from the gradient (the
+solve is re-run with its right-hand side zeroed, warm-started from the other samples'
+solutions). Both are counted in the step's parts (hence in history.csv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..explain.counterfactual import (
+    DISTANCES,
+    SPACES,
+    CounterfactualGenerator,
+    CounterfactualResult,
+    WarmStartCache,
+    capture_bn_stats,
+    counterfactual_targets,
+    distance_scale,
+    eval_mode,
+)
+from ..implicit import implicit_gradient
+from .base import LossOutput, Method, register_method
+
+
+@dataclass
+class CausalAlignParams:
+    """`method.<key>` settings of causal-align; defaults explained inline."""
+
+    # Paper's α₁ for LIDC-IDRI (§5.2, its CBIS-DDSM value is 0.07; App. C.2 finds the result
+    # insensitive over 0.05–0.09).
+    alpha: float = 0.01
+    lam: float = 1.0  # λ: the paper's value on both datasets (§5.2; Tab. 5 flat over 0.8–1.2)
+    steps: int = 10  # K Adam steps for x*; with warm_start each sample keeps refining
+    inner_lr: float = 0.01  # Adam step in pixel units (images in [0, 1]); paper code: 0.01
+    cg_iters: int = 5  # preconditioned CG needs ~C iterations on piecewise-linear nets
+    cg_tol: float = 1e-3  # relative residual in preconditioned coordinates
+    damping: float = 1e-2  # δ in (H + δI)v = ∇ₓL
+    distance: str = "l1"  # l1 | scaled-l1 | l2 | scaled-l2 (paper Tab. 7: l1 best)
+    eps: float = 1e-2  # smoothing of the l1 surrogate √(δ²+ε²)−ε, in pixel units
+    target: str = "other"  # y* rule: "other" (binary 1−y, else most likely other class) | k
+    align_every: int = 1  # alignment term every n-th step (plain CE in between)
+    warm_start: bool = True  # start each x* from the sample's previous solution
+    hvp: str = "exact"  # exact (double backward) | finite-difference (the paper's variant)
+    fd_eps: float = 1e-3  # relative step of the finite-difference Hessian-vector product
+    region: str = "mask"  # mask: samples with a pixel mask | box: samples with a box (or mask)
+    # none: Eq. 3 as printed, Σ|Δ| outside the region | total: divided by the sample's whole
+    # change Σ|Δ| (the share of the counterfactual change outside the region, in [0, 1])
+    normalize: str = "none"
+    space: str = "pixel"  # pixel | latent (autoencoder code, L2 in the paper's code)
+    precondition: bool = True  # Jacobi-preconditioned CG (see module docstring)
+    # BatchNorm statistics of the inner problem: "batch" = this batch's, frozen as constants
+    # (the function CE trains; see capture_bn_stats for why) | "running" = plain eval mode
+    bn: str = "batch"
+    # latent space: "" trains an autoencoder on the training images in setup and keeps it in
+    # the checkpoint; a path loads it, or trains one and saves it there if the file is missing.
+    autoencoder: str = ""
+
+    def validate(self) -> None:
+        self._coerce()
+        checks = [
+            (self.alpha >= 0, f"method.alpha must be >= 0, got {self.alpha}"),
+            (self.lam >= 0, f"method.lam must be >= 0, got {self.lam}"),
+            (self.steps >= 1, f"method.steps must be >= 1, got {self.steps}"),
+            (self.inner_lr > 0, f"method.inner_lr must be > 0, got {self.inner_lr}"),
+            (self.cg_iters >= 1, f"method.cg_iters must be >= 1, got {self.cg_iters}"),
+            (self.cg_tol > 0, f"method.cg_tol must be > 0, got {self.cg_tol}"),
+            (self.damping >= 0, f"method.damping must be >= 0, got {self.damping}"),
+            (self.eps > 0, f"method.eps must be > 0, got {self.eps}"),
+            (self.fd_eps > 0, f"method.fd_eps must be > 0, got {self.fd_eps}"),
+            (self.align_every >= 1, f"method.align_every must be >= 1, got {self.align_every}"),
+            (self.distance in DISTANCES,
+             f"method.distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'"),
+            (self.hvp in ("exact", "finite-difference"),
+             f"method.hvp must be exact or finite-difference, got '{self.hvp}'"),
+            (self.bn in ("batch", "running"),
+             f"method.bn must be batch or running, got '{self.bn}'"),
+            (self.normalize in ("none", "total"),
+             f"method.normalize must be none or total, got '{self.normalize}'"),
+            (self.region in ("mask", "box"),
+             f"method.region must be mask or box, got '{self.region}'"),
+            (self.space in SPACES, f"method.space must be pixel or latent, got '{self.space}'"),
+            (str(self.target) == "other" or str(self.target).isdigit(),
+             f"method.target must be 'other' or a class index, got '{self.target}'"),
+            (not (self.space == "latent" and self.distance.startswith("scaled")),
+             f"method.distance '{self.distance}' is per pixel; space latent takes l1 or l2"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def _coerce(self) -> None:
+        # `--set method.alpha=1e-3` arrives as the string "1e-3" (YAML 1.1 wants "1.0e-3"), a
+        # YAML `steps: 10.0` as a float: convert to each field's type or name the bad key.
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise ValueError
+                elif isinstance(default, int):
+                    if isinstance(value, bool) or float(value) != int(float(value)):
+                        raise ValueError
+                    setattr(self, f.name, int(float(value)))
+                elif isinstance(default, float):
+                    if isinstance(value, bool):
+                        raise ValueError
+                    setattr(self, f.name, float(value))
+                else:
+                    setattr(self, f.name, str(value))
+            except (TypeError, ValueError):
+                kind = type(default).__name__
+                raise ConfigError(f"method.{f.name}: expected {kind}, got {value!r}") from None
+
+
+@register_method("causal-align")
+class CausalAlign(Method):
+    Params = CausalAlignParams
+    uses_annotations = True
+
+    def __init__(self, params: CausalAlignParams | None = None) -> None:
+        super().__init__(params)
+        self.scale: Tensor | None = None
+        self.autoencoder: nn.Module | None = None
+        self.cache = WarmStartCache()
+        self.step = 0
+        self._bn_stats: dict = {}
+
+    # ---------------------------------------------------------------- setup / state
+
+    def setup(self, train_set, model: nn.Module) -> None:
+        """Per-pixel distance scales and (latent space) the autoencoder, from training data."""
+        device = next(model.parameters()).device
+        if self.params.distance.startswith("scaled") and self.scale is None:
+            self.scale = distance_scale(train_set.images, self.params.distance).to(device)
+        if self.params.space == "latent" and self.autoencoder is None:
+            self.autoencoder = self._load_or_train_autoencoder(train_set.images, device)
+
+    def _load_or_train_autoencoder(self, images: Tensor, device) -> nn.Module:
+        from ..models.autoencoder import load_autoencoder, save_autoencoder, train_autoencoder
+
+        path = self.params.autoencoder
+        if path and Path(path).exists():
+            return load_autoencoder(path, device)
+        ae = train_autoencoder(images, device=device)
+        if path:
+            save_autoencoder(path, ae)
+        return ae
+
+    def _lazy_setup(self, x: Tensor) -> None:
+        # Without setup() (e.g. `bench step`, a bare objective call) the statistics come from
+        # the first batch seen — rougher than the training split, but never a crash.
+        if self.params.distance.startswith("scaled") and self.scale is None:
+            self.scale = distance_scale(x.detach(), self.params.distance)
+        if self.params.space == "latent" and self.autoencoder is None:
+            self.autoencoder = self._load_or_train_autoencoder(x.detach(), x.device)
+
+    def state_dict(self) -> dict:
+        from ..models.autoencoder import autoencoder_state
+
+        return {
+            "step": self.step,
+            "cache": self.cache.state_dict(),
+            "scale": None if self.scale is None else self.scale.cpu(),
+            "autoencoder": None if self.autoencoder is None
+            else autoencoder_state(self.autoencoder),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..models.autoencoder import autoencoder_from_state
+
+        self.step = int(state.get("step", 0))
+        self.cache.load_state_dict(state.get("cache", {}))
+        if state.get("scale") is not None:
+            self.scale = state["scale"]
+        if state.get("autoencoder") is not None:
+            self.autoencoder = autoencoder_from_state(state["autoencoder"])
+
+    # ---------------------------------------------------------------- objective
+
+    def generator(self, model: nn.Module) -> CounterfactualGenerator:
+        """The counterfactual generator this method trains through (shares the cache)."""
+        p = self.params
+        scale = self.scale
+        dev = next(model.parameters()).device
+        if self.autoencoder is not None:
+            self.autoencoder.to(dev)
+        gen = CounterfactualGenerator(
+            model, alpha=p.alpha, steps=p.steps, lr=p.inner_lr, distance=p.distance,
+            scale=None if scale is None else scale.to(dev), eps=p.eps, space=p.space,
+            autoencoder=self.autoencoder, warm_start=p.warm_start, target_rule=p.target)
+        gen.cache = self.cache
+        return gen
+
+    def annotation(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(region m, has) for the configured region; samples with has=False are skipped."""
+        if self.params.region == "mask":
+            return batch["mask"], batch["has_mask"].bool()
+        return batch["box_mask"], batch["has_annotation"].bool()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        x = self.model_input(batch)
+        y = batch["label"]
+        with capture_bn_stats(model) as bn_stats:
+            logits = model(x)
+        self._bn_stats = bn_stats if self.params.bn == "batch" else {}
+        ce = F.cross_entropy(logits, y)
+        parts: dict[str, float] = {"ce": float(ce.detach())}
+        self.step += 1
+        p = self.params
+        if p.lam == 0 or (self.step - 1) % p.align_every != 0:
+            parts["align_step"] = 0.0
+            return LossOutput(ce, parts)
+        parts["align_step"] = 1.0
+        region, has = self.annotation(batch)
+        target, valid = counterfactual_targets(y, logits.shape[1], p.target, logits)
+        sel = has & valid
+        if not bool(sel.any()):
+            parts["n_align"] = 0.0
+            return LossOutput(ce, parts)
+        idx = sel.nonzero().flatten()
+        self._lazy_setup(x)
+        term, stats = self.alignment(model, x[idx], target[idx], region[idx],
+                                     batch["index"][idx] if "index" in batch else None)
+        parts.update(stats)
+        return LossOutput(ce + p.lam * term, parts)
+
+    def alignment(self, model: nn.Module, x: Tensor, target: Tensor, region: Tensor,
+                  ids: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """L_align over these (annotated) samples: a tensor whose value is L_align and whose
+        gradient w.r.t. the model's parameters is the implicit dL_align/dθ; plus stats."""
+        p = self.params
+        bn_stats = self._bn_stats
+        res = self.generator(model).generate(x, target=target, ids=ids if p.warm_start else None,
+                                             report=False, bn_stats=bn_stats)
+        return self.implicit_term(model, res, region, bn_stats)
+
+    def implicit_term(self, model: nn.Module, res: CounterfactualResult, region: Tensor,
+                      bn_stats: dict | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Eq. 3 at the counterfactuals ``res`` with the implicit gradient attached;
+        ``bn_stats`` as used to generate them."""
+        x = res.problem.x0
+        n = len(x)
+        ok = ~res.diverged
+        outside = 1.0 - region.to(x.dtype)
+        per_sample = self._per_sample(res.x_star - x, outside)
+        n_ok = int(ok.sum())
+        stats = {"n_align": float(n), "cf_diverged": float(res.diverged.float().mean()),
+                 "cf_warm": float(res.warm.float().mean())}
+        params = [q for q in model.parameters() if q.requires_grad]
+        if n_ok == 0 or not params:
+            stats.update(align=0.0, flip_rate=0.0, cg_converged=0.0, cg_iters=0.0,
+                         cg_dropped=float(n_ok > 0))
+            return x.new_zeros(()), stats
+        value = per_sample[ok].mean()
+        outer = self._outer_grad(res, x, outside, ok, n_ok)
+        grads, more = self._implicit(model, res, outer, ok, params, bn_stats)
+        stats.update(align=float(value), **more)
+        surrogate = sum((q * g.detach()).sum() for q, g in zip(params, grads, strict=True))
+        return value.detach() + surrogate - surrogate.detach(), stats
+
+    def _per_sample(self, change: Tensor, outside: Tensor) -> Tensor:
+        """Per-sample alignment loss of a change x* − x (differentiable in the change)."""
+        a = change.abs()
+        out = (a * outside).flatten(1).sum(1)
+        if self.params.normalize == "total":
+            # κ keeps 0/0 away; 1e-6 of a pixel's full range is far below any real change.
+            out = out / (a.flatten(1).sum(1) + 1e-6)
+        return out
+
+    def _outer_grad(self, res: CounterfactualResult, x: Tensor, outside: Tensor, ok: Tensor,
+                    n_ok: int) -> Tensor:
+        """∇_u L_align at u* (rows of diverged samples zero). |δ| takes the subgradient
+        sign(δ), 0 at unchanged pixels — what autograd gives for abs()."""
+        u = res.u_star.detach().requires_grad_(True)
+        with torch.enable_grad():
+            per = self._per_sample(res.problem.image(u) - x, outside)
+            (g,) = torch.autograd.grad(torch.where(ok, per, 0.0).sum() / n_ok, u)
+        return g.detach()
+
+    def _implicit(self, model: nn.Module, res: CounterfactualResult, outer: Tensor,
+                  ok: Tensor, params: list[Tensor], bn_stats: dict | None
+                  ) -> tuple[tuple[Tensor, ...], dict]:
+        p = self.params
+        prob = res.problem
+        u_star = res.u_star.detach()
+        delta = p.damping
+        n = len(u_star)
+        shape = (-1,) + (1,) * (u_star.dim() - 1)
+        seen: list[Tensor] = []  # logits at x*: the first evaluation is at the solution
+
+        def terms(u: Tensor) -> Tensor:
+            t, logits = prob.terms(u)
+            if not seen:
+                seen.append(logits.detach())
+            return t.sum()
+
+        with eval_mode(model, fold_bn=True, bn_stats=bn_stats):
+            if p.precondition:
+                m = prob.curvature(u_star) + delta
+                s = m.clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
+
+                def inner(w: Tensor) -> Tensor:
+                    t = terms(u_star + s * w)
+                    return t + 0.5 * delta * (s * w).square().sum() if delta > 0 else t
+
+                start, rhs, damping = torch.zeros_like(u_star), s * outer, 0.0
+            else:
+                inner, start, rhs, damping = terms, u_star, outer, delta
+            kw = dict(cg_max_iter=p.cg_iters, cg_tol=p.cg_tol, damping=damping, hvp=p.hvp,
+                      fd_eps=p.fd_eps)
+            out = implicit_gradient(inner, start, params, rhs, **kw)
+            cg = out.cg
+            good = cg.converged & ~cg.breakdown & torch.isfinite(cg.solution).flatten(1).all(1)
+            failed = ok & ~good
+            grads = out.grads
+            iters = cg.iterations
+            if bool(failed.any()):
+                # Re-solve without the failed samples (their rhs zeroed), warm-started from the
+                # others' solutions, so only well-solved samples shape the update.
+                keep = (~failed).view(shape)
+                rhs2 = torch.where(keep, rhs, torch.zeros_like(rhs))
+                x0 = torch.where(keep, cg.solution, torch.zeros_like(rhs))
+                out2 = implicit_gradient(inner, start, params, rhs2, cg_x0=x0, **kw)
+                good2 = out2.cg.converged & ~out2.cg.breakdown
+                iters += out2.cg.iterations
+                if bool((good2 | failed).all()):
+                    grads = out2.grads
+                else:  # the re-solve failed too: no alignment gradient this step
+                    grads = tuple(torch.zeros_like(q) for q in params)
+                    failed = ok
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                grads = tuple(torch.zeros_like(q) for q in params)
+                failed = ok
+        n_ok = max(int(ok.sum()), 1)
+        flipped = ok & (seen[0].argmax(1) == prob.target)
+        stats = {
+            "flip_rate": float(flipped.float().mean()),
+            "cg_converged": float((cg.converged & ok).sum()) / n_ok,
+            "cg_iters": float(iters),
+            "cg_dropped": float(failed.sum()) / n,
+        }
+        return grads, stats
+

@@ -1,0 +1,342 @@
+"""Proactive Pseudo-Intervention (seed 002, §3.1, App. B, D, F).
+
+For each training image x with label y, a saliency map s of the true class (WBP by default)
+is normalised per image to [0, 1] and turned into a mask T(s). Then
+
+    x*  = x − T(s(x)) ⊙ x                 negative contrast: the evidence is removed
+    x'  = x − T(s(x_π(i))) ⊙ x            adversarial contrast: another image's mask
+    L   = w_cls·CE(f(x), y) + w_con·L_con + w_reg·L_reg + w_ad·CE(f(x'), y)
+
+with L_con = −log(1 − p_y(x*)) (= CE(f(x*), ¬y) for two classes; the one-vs-others reading
+for more) and L_reg = mean |s| of the normalised map. The map is computed with
+``create_graph=True``, so L_con and L_reg train the model *through* its saliency.
+
+Masks (``method.mask``):
+
+* ``soft``  T = sigmoid(ω(s − σ)), ω = 100, σ = 0.25; ``adaptive_k`` > 0 sets σ per image to
+  mean(s) + k·std(s) (App. B's image-adaptive threshold).
+* ``hard``  keep the points with s > k·std(s), k = ``hard_k`` = 7 (App. B).
+* ``box``   the box centred on the kept points' centre of mass, ± 1.2·std of their
+  coordinates along every spatial axis (App. B; covers ≥ 90 % of the kept points).
+* ``topn``  the soft mask restricted to the N most salient points (App. D: every saliency
+  backend then removes at most the same number of points). ``top_n`` < 1 is a fraction of
+  the pixels, ≥ 1 a count.
+
+Hard and box masks are binary, so with them the map gets gradient only from L_reg.
+
+Choices, and why:
+
+* Normalisation is s⁺ / max(s⁺) per image: negative WBP/LRP evidence speaks *against* the
+  class, so it is not removed; a min–max scaling would put zero-evidence pixels mid-range and
+  mask them.
+* The map is computed in eval mode (every backend; WBP does so itself): samples stay
+  independent and the saliency pass does not move BatchNorm running statistics. The contrast
+  images x*, x' are classified in train mode in one batch, with BatchNorm running statistics
+  frozen, so the statistics used at test time stay those of real images.
+* The adversarial mask is detached: L_ad asks f to ignore a false intervention; it is not a
+  training signal for the other image's map. An adaptive σ is detached for the same reason
+  (a threshold, not a quantity to optimise).
+* ``shift_masks`` (App. F) rolls each adversarial mask by a random offset of
+  ``shift_max``/2 … ``shift_max`` of the image size per spatial axis, so that when lesions
+  sit at the same place in every image, the positive contrast does not remove the lesion too.
+* The L_con schedule (App. D) multiplies w_con by ``con_boost`` from epoch
+  ``con_boost_epoch`` + 1 on; ``con_boost`` = 1 (default) switches it off, 100 is App. D's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import LossOutput, Method, register_method
+
+__all__ = ["PPI", "PPIParams", "soft_mask", "hard_mask", "box_mask", "topn_mask",
+           "normalize_saliency", "contrast_loss", "shift_masks"]
+
+BACKENDS = ("wbp", "gradcam", "lrp-epsilon", "gradient", "input-x-gradient")
+MASKS = ("soft", "hard", "box", "topn")
+
+
+@dataclass
+class PPIParams:
+    saliency: str = "wbp"  # backend: wbp | gradcam | lrp-epsilon | gradient | input-x-gradient
+    mask: str = "soft"  # soft | hard | box | topn
+    omega: float = 100.0  # soft mask slope ω
+    sigma: float = 0.25  # soft mask threshold σ on the normalised map
+    adaptive_k: float = 0.0  # > 0: σ = mean + k·std per image
+    hard_k: float = 7.0  # hard/box: keep s > k·std
+    box_std: float = 1.2  # box half-size in coordinate std's
+    top_n: float = 0.02  # topn: fraction (< 1) or count (≥ 1) of points
+    cls_weight: float = 1.0
+    con_weight: float = 1.0
+    reg_weight: float = 1.0
+    ad_weight: float = 1.0
+    con_boost: float = 1.0  # App. D: 100
+    con_boost_epoch: int = 20
+    shift_masks: bool = False  # App. F mask shifting for the adversarial contrasts
+    shift_max: float = 0.25
+
+    def validate(self) -> None:
+        if self.saliency not in BACKENDS:
+            raise ConfigError(f"method.saliency must be one of {', '.join(BACKENDS)}, got "
+                              f"'{self.saliency}'")
+        if self.mask not in MASKS:
+            raise ConfigError(f"method.mask must be one of {', '.join(MASKS)}, got "
+                              f"'{self.mask}'")
+        if not self.omega > 0:
+            raise ConfigError(f"method.omega must be > 0, got {self.omega}")
+        if not 0 <= self.sigma <= 1:
+            raise ConfigError(f"method.sigma must lie in [0, 1], got {self.sigma}")
+        if self.adaptive_k < 0 or self.hard_k < 0 or self.box_std <= 0:
+            raise ConfigError("method.adaptive_k and method.hard_k must be >= 0, "
+                              "method.box_std > 0")
+        if not self.top_n > 0:
+            raise ConfigError(f"method.top_n must be > 0, got {self.top_n}")
+        for name in ("cls_weight", "con_weight", "reg_weight", "ad_weight", "con_boost"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.shift_max < 1:
+            raise ConfigError(f"method.shift_max must lie in (0, 1), got {self.shift_max}")
+
+
+# ------------------------------------------------------------------ masks (pure functions)
+
+
+def _per_image(t: Tensor) -> Tensor:
+    """View (N, *spatial) as (N, P)."""
+    return t.flatten(1)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def normalize_saliency(s: Tensor, eps: float = 1e-12) -> Tensor:
+    """s⁺ / max(s⁺) per image, in [0, 1]; an image without positive evidence maps to zeros."""
+    pos = s.clamp_min(0)
+    peak = _per_image(pos).max(dim=1).values
+    return pos / _bcast(peak.clamp_min(eps), pos)
+
+
+def soft_mask(s: Tensor, omega: float = 100.0, sigma: float | Tensor = 0.25) -> Tensor:
+    """T(s) = sigmoid(ω(s − σ)); σ a number or a per-image tensor (N,)."""
+    if isinstance(sigma, Tensor):
+        sigma = _bcast(sigma, s)
+    return torch.sigmoid(omega * (s - sigma))
+
+
+def adaptive_sigma(s: Tensor, k: float) -> Tensor:
+    """Per-image threshold mean(s) + k·std(s) (App. B), detached."""
+    flat = _per_image(s.detach())
+    return flat.mean(1) + k * flat.std(1, unbiased=False)
+
+
+def hard_mask(s: Tensor, k: float = 7.0) -> Tensor:
+    """1[s > k·std(s)] per image (App. B); binary, no gradient."""
+    flat = _per_image(s.detach())
+    thr = k * flat.std(1, unbiased=False)
+    return (s.detach() > _bcast(thr, s)).to(s.dtype)
+
+
+def box_mask(s: Tensor, k: float = 7.0, box_std: float = 1.2) -> Tensor:
+    """Box around the hard-mask points: centre of mass ± box_std·std along each spatial axis.
+
+    Mass = saliency of the kept points. Images without kept points get an empty mask; a
+    single kept point gives a one-pixel box.
+    """
+    keep = hard_mask(s, k)
+    mass = s.detach().clamp_min(0) * keep
+    total = _per_image(mass).sum(1)
+    spatial = s.shape[1:]
+    inside = torch.ones_like(s, dtype=torch.bool)
+    for axis, size in enumerate(spatial):
+        shape = [1] * len(spatial)
+        shape[axis] = size
+        coord = torch.arange(size, device=s.device, dtype=s.dtype).view(1, *shape)
+        denom = _bcast(total.clamp_min(1e-30), s)
+        centre = _bcast(_per_image(mass * coord).sum(1), s) / denom
+        var = _bcast(_per_image(mass * (coord - centre) ** 2).sum(1), s) / denom
+        half = box_std * var.sqrt() + 0.5  # +0.5: the pixel holding the centre is inside
+        inside &= (coord - centre).abs() <= half
+    inside &= _bcast(total > 0, s)
+    return inside.to(s.dtype)
+
+
+def topn_mask(s: Tensor, n: float, omega: float = 100.0, sigma: float | Tensor = 0.25
+              ) -> Tensor:
+    """Soft mask restricted to the top-n points of each image (n < 1: fraction of points)."""
+    flat = _per_image(s)
+    idx = flat.detach().topk(n_points(tuple(s.shape[1:]), n), dim=1).indices
+    top = torch.zeros_like(flat).scatter_(1, idx, 1.0).view_as(s)
+    return top * soft_mask(s, omega, sigma)
+
+
+def shift_masks(masks: Tensor, max_fraction: float = 0.25,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Roll each mask by a random offset of max_fraction/2 … max_fraction of the size (random
+    sign) along every spatial axis (App. F), so it rarely covers its original place."""
+    out = []
+    spatial = masks.shape[1:]
+    dims = tuple(range(len(spatial)))
+    for m in masks:
+        shifts = []
+        for size in spatial:
+            lo, hi = max(1, int(size * max_fraction / 2)), max(1, int(size * max_fraction))
+            mag = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+            sign = 1 if float(torch.rand(1, generator=generator)) < 0.5 else -1
+            shifts.append(sign * mag)
+        out.append(torch.roll(m, shifts=tuple(shifts), dims=dims))
+    return torch.stack(out)
+
+
+def contrast_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean −log(1 − p_y): CE towards ¬y for two classes, one-vs-others for more (stable)."""
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)).mean()
+
+
+def derangement(n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+    """A random permutation π with π(i) ≠ i (n ≥ 2): shuffle, then map each to its successor."""
+    order = torch.randperm(n, generator=generator)
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
+    return perm.to(device)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Train-mode BatchNorm (batch statistics) that leaves the running statistics untouched."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            tracked = None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+            saved.append((m, m.momentum, tracked))
+            m.momentum = 0.0  # running = (1 − 0)·running + 0·batch
+    try:
+        yield model
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+# ------------------------------------------------------------------ the method
+
+
+@register_method("ppi")
+class PPI(Method):
+    """L_cls + L_con + L_reg + L_ad with differentiable saliency (see module doc)."""
+
+    Params = PPIParams
+
+    def __init__(self, params: PPIParams | None = None) -> None:
+        super().__init__(params)
+        self.epoch = 0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def con_weight_now(self) -> float:
+        p = self.params
+        boost = p.con_boost if self.epoch > p.con_boost_epoch else 1.0
+        return p.con_weight * boost
+
+    def saliency(self, model: nn.Module, x: Tensor, target: Tensor,
+                 create_graph: bool = True) -> Tensor:
+        """Raw map (N, *spatial) of the target class, differentiable in θ if create_graph."""
+        name = self.params.saliency
+        if name == "gradcam" and x.dim() == 5:
+            raise ConfigError("method.saliency=gradcam needs 2D images; use wbp for volumes")
+        if name == "wbp":
+            from ..explain.wbp import wbp_weights
+
+            w = wbp_weights(model, x, target, create_graph=create_graph)
+            return (x * w).sum(1)
+        from ..explain import get_explainer
+
+        with eval_mode(model):
+            a = get_explainer(name, model).attribute(x, target=target, create_graph=create_graph)
+        return a.sum(1)
+
+    def mask(self, s: Tensor) -> Tensor:
+        """T(s) for a normalised map s (N, *spatial)."""
+        p = self.params
+        sigma: float | Tensor = p.sigma
+        if p.adaptive_k > 0:
+            sigma = adaptive_sigma(s, p.adaptive_k)
+        if p.mask == "soft":
+            return soft_mask(s, p.omega, sigma)
+        if p.mask == "hard":
+            return hard_mask(s, p.hard_k)
+        if p.mask == "box":
+            return box_mask(s, p.hard_k, p.box_std)
+        return topn_mask(s, p.top_n, p.omega, sigma)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        p = self.params
+        x = self.model_input(batch)
+        y = batch["label"]
+        n = x.shape[0]
+        logits = model(x)
+        l_cls = F.cross_entropy(logits, y)
+        w_con = self.con_weight_now()
+        w_ad = p.ad_weight if n >= 2 else 0.0  # a derangement needs two images
+        parts = {"cls": float(l_cls.detach()), "con_weight": w_con}
+        total = p.cls_weight * l_cls
+        if w_con == 0 and w_ad == 0 and p.reg_weight == 0:
+            return LossOutput(total, parts)
+        s = normalize_saliency(self.saliency(model, x, y, create_graph=True))
+        l_reg = s.flatten(1).mean(1).mean()
+        total = total + p.reg_weight * l_reg
+        parts["reg"] = float(l_reg.detach())
+        contrasts, kinds = [], []
+        if w_con > 0 or w_ad > 0:
+            t = self.mask(s)
+            parts["mask_area"] = float(t.detach().flatten(1).mean(1).mean())
+            if w_con > 0:
+                contrasts.append(x - t.unsqueeze(1) * x)
+                kinds.append("con")
+            if w_ad > 0:
+                t_ad = t.detach()[derangement(n, device=x.device)]
+                if p.shift_masks:
+                    t_ad = shift_masks(t_ad, p.shift_max)
+                contrasts.append(x - t_ad.unsqueeze(1) * x)
+                kinds.append("ad")
+        if contrasts:
+            with frozen_bn_stats(model):
+                out = model(torch.cat(contrasts)).split(n)
+            for kind, o in zip(kinds, out, strict=True):
+                if kind == "con":
+                    l_con = contrast_loss(o, y)
+                    total = total + w_con * l_con
+                    parts["con"] = float(l_con.detach())
+                else:
+                    l_ad = F.cross_entropy(o, y)
+                    total = total + w_ad * l_ad
+                    parts["ad"] = float(l_ad.detach())
+        return LossOutput(total, parts)
+
+
+def n_points(spatial: tuple[int, ...], top_n: float) -> int:
+    """How many points the topn mask keeps for an image of this spatial shape."""
+    total = math.prod(spatial)
+    return max(1, min(total, int(round(top_n * total)) if top_n < 1 else int(top_n)))

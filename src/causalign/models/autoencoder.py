@@ -1,0 +1,156 @@
+"""A small convolutional autoencoder for latent-space counterfactuals (seed 000 §3).
+
+The paper searches counterfactuals in an autoencoder's latent space so that x* stays on the
+image manifold ("realistic" counterfactuals, its Fig. 9). This one is deliberately small: two
+stride-2 convolutions down to a (latent_channels, H/4, W/4) code and two transposed
+convolutions back. No BatchNorm, so a batch of codes never mixes samples: the latent inner
+problem stays a sum of independent per-sample problems, as the implicit gradient requires.
+
+`train_autoencoder` fits it on training images (MSE); `save_autoencoder` / `load_autoencoder`
+store it with its constructor arguments so a file is self-describing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CausalignError
+
+__all__ = ["ConvAutoencoder", "autoencoder_from_state", "autoencoder_state", "load_autoencoder",
+           "save_autoencoder", "train_autoencoder"]
+
+_FACTOR = 4  # two stride-2 stages
+
+
+class ConvAutoencoder(nn.Module):
+    """conv s2 → conv s2 → 1×1 to the code; 1×1 → convT s2 → convT s2 → sigmoid.
+
+    Inputs of any H, W are padded up to a multiple of 4 and the output cropped back.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 16, latent_channels: int = 8) -> None:
+        super().__init__()
+        self.config = {"in_channels": in_channels, "width": width,
+                       "latent_channels": latent_channels}
+        w = width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, w, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, latent_channels, 1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, 2 * w, 1), nn.ReLU(),
+            nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(w, in_channels, 4, stride=2, padding=1),
+        )
+
+    def encode(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise CausalignError(
+                f"the latent-space autoencoder takes 2D images (N,C,H,W), got shape "
+                f"{tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % _FACTOR, (-w) % _FACTOR
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.encoder(x)
+
+    def decode(self, z: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Image in [0, 1] from a code; ``size`` crops away the padding added by `encode`."""
+        out = torch.sigmoid(self.decoder(z))
+        if size is not None:
+            out = out[..., : size[0], : size[1]]
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x), tuple(x.shape[-2:]))
+
+
+def train_autoencoder(images: Tensor, *, epochs: int = 15, batch_size: int = 64,
+                      lr: float = 5e-3, width: int = 16, latent_channels: int = 8,
+                      seed: int = 0, device: torch.device | str = "cpu",
+                      progress: Any = None) -> ConvAutoencoder:
+    """Fit a `ConvAutoencoder` to ``images`` (N, C, H, W) in [0, 1] by mean squared error.
+
+    Returns the model in eval mode on ``device``; the final training MSE is stored in
+    ``model.train_mse`` so callers can report reconstruction quality.
+    """
+    if images.dim() != 4 or len(images) == 0:
+        raise CausalignError(f"autoencoder training needs a non-empty (N,C,H,W) image batch, "
+                             f"got shape {tuple(images.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ConvAutoencoder(images.shape[1], width, latent_channels).to(device)
+    # Start the output at the mean intensity (sigmoid⁻¹ of it) instead of 0.5: dark medical
+    # crops otherwise spend the first epochs learning the background level.
+    mean = images.float().mean().clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(float(torch.log(mean / (1 - mean))))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    n = len(images)
+    task = progress.add_task("training autoencoder", total=epochs) if progress else None
+    mse = math.nan
+    model.train()
+    for _ in range(epochs):
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            x = images[idx].to(device)
+            loss = F.mse_loss(model(x), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        sched.step()
+        mse = total / n
+        if task is not None:
+            progress.update(task, advance=1)
+    model.eval()
+    model.requires_grad_(False)  # a fixed generator: only the classifier is trained
+    model.train_mse = mse
+    return model
+
+
+def save_autoencoder(path: str | Path, model: ConvAutoencoder) -> None:
+    """Write the autoencoder (config + weights, with a SHA-256 beside it) atomically."""
+    from ..io import atomic_torch_save
+
+    atomic_torch_save(path, autoencoder_state(model))
+
+
+def autoencoder_from_state(data: dict, device: torch.device | str = "cpu") -> ConvAutoencoder:
+    """Rebuild an autoencoder from what `save_autoencoder` (or a method state) stores."""
+    if not isinstance(data, dict) or data.get("kind") != "causalign-autoencoder":
+        raise CausalignError("not a causalign autoencoder file")
+    model = ConvAutoencoder(**data["config"])
+    model.load_state_dict(data["state"])
+    model.train_mse = data.get("train_mse")
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def autoencoder_state(model: ConvAutoencoder) -> dict:
+    """Self-describing CPU state: what `save_autoencoder` writes and method checkpoints keep."""
+    return {"kind": "causalign-autoencoder", "config": model.config,
+            "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "train_mse": getattr(model, "train_mse", None)}
+
+
+def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> ConvAutoencoder:
+    """Read a file written by `save_autoencoder` (checksum verified)."""
+    from ..engine.trainer import load_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise CausalignError(f"{p}: autoencoder file not found")
+    try:
+        return autoencoder_from_state(load_checkpoint(p, map_location=device), device)
+    except CausalignError as exc:
+        raise CausalignError(f"{p}: {exc}") from None

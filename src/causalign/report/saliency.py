@@ -1,0 +1,67 @@
+"""Side-by-side saliency maps of every method for the same images (seed 002, Fig. 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.format import LesionDataset
+from ..engine.evaluate import VOLUME_UNSUPPORTED
+from ..explain import explainer_names, get_explainer, saliency_map
+
+
+def saliency_names(volumes: bool = False) -> list[str]:
+    """Every registered saliency method, WBP first (the paper's), the rest sorted."""
+    names = sorted(n for n in explainer_names()
+                   if not (volumes and n in VOLUME_UNSUPPORTED))
+    return (["wbp"] if "wbp" in names else []) + [n for n in names if n != "wbp"]
+
+
+def compute_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                 names: Sequence[str]) -> dict[str, np.ndarray]:
+    """{name: (N, *spatial) float32 map} of the target class for each saliency method."""
+    model.eval()
+    out = {}
+    for name in names:
+        a = get_explainer(name, model).attribute(x, target=target)
+        out[name] = saliency_map(a).detach().float().cpu().numpy()
+    return out
+
+
+def saliency_comparison(model: nn.Module, method, dataset: LesionDataset, path: str | Path,
+                        names: Sequence[str] | None = None, limit: int = 6,
+                        device: torch.device | str = "cpu") -> dict:
+    """Write a figure: rows = the first `limit` cases, columns = the input (lesion box in red)
+    and each method's map of the predicted class.
+
+    Maps show positive evidence only (negative relevance clipped to 0) and are min–max
+    scaled per map, so signed methods (WBP, LRP, input × gradient) and unsigned ones (gradient,
+    Grad-CAM) read alike. Volumes show the slice with the most annotation.
+    """
+    from .figures import cam_grid
+
+    volumes = len(dataset.image_shape) == 4
+    names = list(names) if names is not None else saliency_names(volumes)
+    n = min(limit, len(dataset))
+    batch = {k: v.to(device) for k, v in dataset.batch(torch.arange(n)).items()}
+    x = method.model_input(batch)
+    model.eval()
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    maps = compute_maps(model, x, pred, names)
+    images = x.detach().cpu().numpy()
+    boxes = batch["box_mask"][:, 0].cpu().numpy()
+    if volumes:
+        z = boxes.reshape(n, boxes.shape[1], -1).sum(2).argmax(1)
+        images = np.stack([images[i][:, z[i]] for i in range(n)])
+        boxes = np.stack([boxes[i][z[i]] for i in range(n)])
+        maps = {k: np.stack([v[i][z[i]] for i in range(n)]) for k, v in maps.items()}
+    shown = {k: np.clip(v, 0, None) for k, v in maps.items()}
+    titles = [f"{dataset.records[i].id} y={int(batch['label'][i])} p={int(pred[i])}"
+              for i in range(n)]
+    cam_grid(images, boxes, shown, path, row_titles=titles)
+    return {"figure": str(path), "methods": names, "n": n}

@@ -1,0 +1,249 @@
+"""Counterfactual generator: flips, distances, independence, warm start, divergence, latent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from causalign.data.format import LesionDataset
+from causalign.errors import ConfigError
+from causalign.explain.counterfactual import (
+    DISTANCES,
+    CounterfactualGenerator,
+    WarmStartCache,
+    counterfactual_targets,
+    distance_curvature,
+    distance_scale,
+    distance_value,
+    eval_mode,
+)
+from causalign.implicit import hvp
+from causalign.models import build_model
+from causalign.models.autoencoder import load_autoencoder, save_autoencoder, train_autoencoder
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data):
+    """A width-4 seed CNN fitted to the tiny training split (ERM, a few seconds)."""
+    ds = LesionDataset(tiny_data, "train")
+    torch.manual_seed(0)
+    model = build_model("cnn7", 1, 2, width=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss = F.cross_entropy(model(ds.images), ds.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(ds.images).argmax(1) == ds.labels).float().mean().item()
+    assert acc >= 0.75, acc  # the model really decides something worth flipping
+    return model, ds
+
+
+def test_generator_flips_predictions_and_restores_model(trained):
+    model, ds = trained
+    x = ds.images[:16]
+    model.train()
+    model.zero_grad(set_to_none=True)
+    gen = CounterfactualGenerator(model, alpha=0.001, steps=60, lr=0.02)
+    res = gen.generate(x)  # y = the model's prediction
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad(), eval_mode(model):
+        pred = model(x).argmax(1)
+        after = model(res.x_star).argmax(1)
+    assert torch.equal(res.target, 1 - pred)
+    assert torch.equal(res.flipped, after == res.target)
+    assert res.flipped.float().mean() >= 0.9, res.flipped
+    assert (res.target_prob[res.flipped] > 0.5).all()
+    l1 = (res.x_star - x).abs().flatten(1).sum(1)
+    torch.testing.assert_close(res.distance, l1)
+    assert not res.diverged.any()
+
+
+def test_batch_equals_per_sample_runs(trained):
+    """Eval-mode model + sum objective: a batched search is N independent searches."""
+    model, ds = trained
+    x = ds.images[:5]
+    gen = CounterfactualGenerator(model, alpha=0.01, steps=15, lr=0.02)
+    batched = gen.generate(x, target=torch.tensor([0, 1, 1, 0, 1]))
+    for i, t in enumerate([0, 1, 1, 0, 1]):
+        single = gen.generate(x[i:i + 1], target=torch.tensor([t]))
+        torch.testing.assert_close(single.x_star[0], batched.x_star[i], rtol=1e-4, atol=1e-5)
+
+
+def test_sparser_with_larger_alpha(trained):
+    model, ds = trained
+    x = ds.images[:8]
+    small = CounterfactualGenerator(model, alpha=1e-4, steps=40, lr=0.02).generate(x)
+    large = CounterfactualGenerator(model, alpha=0.05, steps=40, lr=0.02).generate(x)
+    assert large.distance.mean() < small.distance.mean()
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_smooth_surrogates_give_finite_hessian_vector_products(trained, distance):
+    model, ds = trained
+    x0 = ds.images[:4]
+    scale = distance_scale(ds.images, distance)
+    gen = CounterfactualGenerator(model, alpha=0.1, steps=0, distance=distance, scale=scale)
+    prob = gen.problem(x0, torch.tensor([0, 1, 0, 1]))
+    p = torch.randn_like(x0)
+    with eval_mode(model, fold_bn=True):
+        # x = x0 exactly (|δ| has a kink there) and a point with changed pixels
+        for x in (x0.clone(), x0 + 0.1 * torch.randn_like(x0)):
+            xx = x.requires_grad_(True)
+            (g,) = torch.autograd.grad(prob.objective(xx).sum(), xx, create_graph=True)
+            hp = hvp(g, xx, p)
+            assert torch.isfinite(hp).all() and hp.abs().sum() > 0
+            # Curvature along p is positive: the distance term is strictly convex
+            assert ((hp * p).flatten(1).sum(1) > 0).all()
+            # The distance part of H is diagonal: α·curvature·p, checked on the pure distance
+            (gd,) = torch.autograd.grad(
+                (0.1 * distance_value(xx - x0, distance, scale, prob.eps)).sum(), xx,
+                create_graph=True)
+            torch.testing.assert_close(hvp(gd, xx, p), prob.curvature(xx.detach()) * p,
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_distance_values_and_scales():
+    d = torch.tensor([[0.0, 0.5, -2.0]])
+    assert distance_value(d, "l1").item() == pytest.approx(2.5)
+    assert distance_value(d, "l2").item() == pytest.approx(4.25)
+    eps = 1e-2
+    smooth = distance_value(d, "l1", eps=eps).item()
+    assert 2.5 - 2 * eps < smooth < 2.5
+    s = torch.tensor([1.0, 2.0, 0.5])
+    assert distance_value(d, "scaled-l2", s).item() == pytest.approx(0.25 / 2 + 4 / 0.5)
+    assert distance_curvature(torch.zeros(1, 1), "l1", eps=eps).item() == pytest.approx(1 / eps)
+    # MAD and std per pixel, normalised to mean 1; a constant pixel is floored, not 1/0.
+    rng = np.random.default_rng(0)
+    imgs = torch.from_numpy(rng.random((51, 1, 2, 2))).float()  # odd: a unique median
+    imgs[:, 0, 0, 0] = 0.3
+    imgs[:, 0, 1, 1] *= 4
+    mad = distance_scale(imgs, "scaled-l1")
+    x = imgs.numpy().reshape(51, -1)
+    ref = np.median(np.abs(x - np.median(x, 0)), 0)
+    ref = ref / ref.mean()
+    ref = np.maximum(ref, 0.05)
+    np.testing.assert_allclose(mad.flatten().numpy(), ref / ref.mean(), rtol=1e-5)
+    assert mad.flatten()[0] > 0 and mad.flatten()[3] > mad.flatten()[1]
+    std = distance_scale(imgs, "scaled-l2")
+    assert std.flatten()[3] > std.flatten()[1] and torch.isfinite(std).all()
+    assert distance_scale(imgs, "l1") is None
+    with pytest.raises(ConfigError, match="unknown distance"):
+        distance_scale(imgs, "l3")
+
+
+def test_target_rules():
+    y = torch.tensor([0, 1, 1])
+    t, ok = counterfactual_targets(y, 2)
+    assert t.tolist() == [1, 0, 0] and ok.all()
+    logits = torch.tensor([[5.0, 1.0, 3.0], [0.0, 9.0, -1.0], [2.0, 0.0, 1.0]])
+    t, ok = counterfactual_targets(torch.tensor([0, 1, 0]), 3, logits=logits)
+    assert t.tolist() == [2, 0, 2]  # the most likely class other than y
+    t, ok = counterfactual_targets(torch.tensor([0, 2, 1]), 3, rule="2")
+    assert t.tolist() == [2, 2, 2] and ok.tolist() == [True, False, True]
+    with pytest.raises(ConfigError):
+        counterfactual_targets(y, 2, rule="5")
+    with pytest.raises(ConfigError):
+        counterfactual_targets(y, 2, rule="nearest")
+
+
+def test_warm_start_reuses_cache(trained):
+    model, ds = trained
+    x = ds.images[:6]
+    ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    gen = CounterfactualGenerator(model, alpha=0.01, steps=10, lr=0.02, warm_start=True)
+    first = gen.generate(x, ids=ids)
+    assert not first.warm.any() and len(gen.cache) == 6
+    gen.steps = 0  # no search: the result is exactly where the cache starts it
+    again = gen.generate(x, ids=ids)
+    assert again.warm.all()
+    torch.testing.assert_close(again.x_star, first.x_star)
+    gen.steps = 10
+    cont = gen.generate(x, ids=ids)  # continues from the cached point: lower objective
+    with eval_mode(model):
+        t_first = first.problem.objective(first.x_star)
+        t_cont = cont.problem.objective(cont.x_star)
+    assert (t_cont <= t_first + 1e-4).float().mean() >= 0.8
+    # Unknown ids start cold; a state round trip keeps the entries.
+    gen.steps = 0
+    cold = gen.generate(x[:2], ids=torch.tensor([99, 100]))
+    assert not cold.warm.any() and torch.equal(cold.x_star, x[:2])
+    cache = WarmStartCache()
+    cache.load_state_dict(gen.cache.state_dict())
+    off, hit = cache.get(ids, x)
+    assert hit.all()
+    torch.testing.assert_close(off, cont.x_star - x)
+
+
+class _NaNForFirst(nn.Module):
+    """Wraps a model; sample 0's logits become NaN once its input moved from x0."""
+
+    def __init__(self, model: nn.Module, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.x0 = model, x0
+
+    def forward(self, x):
+        out = self.model(x)
+        moved = (x[0] - self.x0[0]).abs().sum() > 0
+        bad = torch.zeros_like(out)
+        bad[0] = float("nan") if moved else 0.0
+        return out + bad
+
+
+def test_divergence_is_reset_and_flagged(trained):
+    model, ds = trained
+    x = ds.images[:4]
+    ids = torch.arange(4)
+    gen = CounterfactualGenerator(_NaNForFirst(model, x), alpha=0.01, steps=5, lr=0.02,
+                                  warm_start=True)
+    res = gen.generate(x, target=torch.tensor([1, 0, 1, 0]), ids=ids)
+    assert res.diverged.tolist() == [True, False, False, False]
+    assert torch.equal(res.x_star[0], x[0]) and torch.isfinite(res.x_star).all()
+    assert not res.flipped[0] and res.target_prob[0] == 0
+    _, hit = gen.cache.get(ids, x)
+    assert hit.tolist() == [False, True, True, True]  # a diverged solve is not cached
+    clean = CounterfactualGenerator(model, alpha=0.01, steps=5, lr=0.02).generate(
+        x[1:], target=torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(res.x_star[1:], clean.x_star, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_bn_matches_eval_batchnorm(trained):
+    model, ds = trained
+    x = ds.images[:4]
+    with torch.no_grad(), eval_mode(model):
+        ref = model(x)
+    with torch.no_grad(), eval_mode(model, fold_bn=True):
+        folded = model(x)
+    torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_latent_space_autoencoder(trained, tmp_path):
+    model, ds = trained
+    ae = train_autoencoder(ds.images, epochs=100, batch_size=8, width=8)  # 600 steps
+    baseline = (ds.images - ds.images.mean(0)).square().mean().item()  # predict the mean image
+    assert ae.train_mse < 0.2 * baseline, (ae.train_mse, baseline)
+    path = tmp_path / "ae.pt"
+    save_autoencoder(path, ae)
+    ae2 = load_autoencoder(path)
+    with torch.no_grad():
+        torch.testing.assert_close(ae2(ds.images[:4]), ae(ds.images[:4]))
+    x = ds.images[:8]
+    gen = CounterfactualGenerator(model, alpha=0.001, steps=0, space="latent", autoencoder=ae2)
+    same = gen.generate(x)
+    torch.testing.assert_close(same.x_star, x)  # residual form: z = z0 gives x* = x0 exactly
+    gen.steps, gen.lr = 100, 0.05
+    res = gen.generate(x)
+    assert res.u_star.shape[1:] == (8, 8, 8) and torch.isfinite(res.x_star).all()
+    assert res.flipped.float().mean() >= 0.5, res.flipped
+    with pytest.raises(ConfigError, match="latent space takes l1 or l2"):
+        CounterfactualGenerator(model, space="latent", distance="scaled-l1", autoencoder=ae)
+    with pytest.raises(ConfigError, match="needs an autoencoder"):
+        CounterfactualGenerator(model, space="latent")

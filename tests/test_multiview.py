@@ -1,0 +1,124 @@
+"""Multi-view volume model (seed 002, App. E.3): shapes, attention, slice sampling, WBP, PPI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from causalign.cli import main
+from causalign.data.synth import SynthConfig, generate
+from causalign.engine import TrainConfig
+from causalign.errors import CausalignError
+from causalign.explain import get_explainer
+from causalign.explain.wbp import wbp_weights
+from causalign.methods import DataInfo, build_method
+from causalign.models import MultiViewCNN, build_model
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vol") / "data"
+    generate(root, SynthConfig(n_train=16, n_val=8, n_test=8, size=32, depth=4, seed=5))
+    return root
+
+
+def _model(**kw) -> MultiViewCNN:
+    torch.manual_seed(0)
+    return MultiViewCNN(1, 2, width=4, **kw)
+
+
+def test_output_is_log_probability_of_attention_pooled_slices():
+    model = _model().eval()
+    x = torch.rand(3, 1, 6, 32, 32)
+    out = model(x)
+    assert out.shape == (3, 2)
+    assert torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-6)
+    w = model.last_attention
+    assert w.shape == (3, 6) and torch.allclose(w.sum(1), torch.ones(3), atol=1e-6)
+    assert (w >= 0).all()
+    # P = Σ_i w_i p_i with p_i the per-slice class probabilities.
+    views = x.transpose(1, 2).reshape(18, 1, 32, 32)
+    p = model.slice_cnn(views).softmax(1).view(3, 6, 2)
+    assert torch.allclose(out.exp(), (w.unsqueeze(-1) * p).sum(1), atol=1e-6)
+
+
+def test_attention_depends_on_slice_position():
+    model = _model().eval()
+    with torch.no_grad():
+        model.position.weight.normal_(0, 3)
+        model.attention.weight.normal_(0, 1)
+    x = torch.rand(1, 1, 1, 32, 32).expand(1, 1, 5, 32, 32)  # identical slices
+    model(x)
+    w = model.last_attention[0]
+    assert w.max() - w.min() > 1e-3  # only the position embedding tells them apart
+
+
+def test_random_slice_subset_in_train_mode_only():
+    model = _model(train_slices=0.5).train()
+    x = torch.rand(8, 1, 10, 32, 32)
+    model(x)
+    used = model.last_slices
+    assert used.shape == (8, 5)
+    assert all(len(set(row.tolist())) == 5 for row in used)  # no repeats
+    assert len({tuple(r.tolist()) for r in used}) > 1  # samples draw their own subsets
+    assert torch.allclose(model.last_attention.sum(1), torch.ones(8), atol=1e-6)
+    model.eval()
+    model(x)
+    assert torch.equal(model.last_slices, torch.arange(10).expand(8, 10))
+    assert _model(train_slices=3).train().slices_used(2, 10, torch.device("cpu")).shape == (2, 3)
+
+
+def test_wbp_and_ppi_on_volumes():
+    model = _model().train()
+    x = torch.rand(2, 1, 4, 32, 32)
+    s = get_explainer("wbp", model).attribute(x, target=torch.tensor([0, 1]))
+    assert s.shape == x.shape and torch.isfinite(s).all() and s.abs().sum() > 0
+    assert model.training  # WBP maps in eval mode (all slices) and restores the flag
+    w = wbp_weights(model, x, 1, create_graph=True)
+    grads = torch.autograd.grad((x * w).clamp_min(0).sum(), list(model.parameters()),
+                                allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    out = build_method("ppi")(model, {"image": x, "label": torch.tensor([0, 1])})
+    assert torch.isfinite(out.total) and {"con", "ad", "reg"} <= set(out.parts)
+    out.total.backward()
+    assert model.attention.weight.grad is not None
+    with pytest.raises(CausalignError, match="gradcam needs 2D"):
+        build_method("ppi", {"saliency": "gradcam"})(model, {"image": x,
+                                                              "label": torch.tensor([0, 1])})
+
+
+def test_model_choice_checks_dimensionality():
+    info3 = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 4, 32, 32), attributes=[])
+    info2 = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32), attributes=[])
+    erm = build_method("erm")
+    assert isinstance(erm.build_model(TrainConfig(model="multiview"), info3), MultiViewCNN)
+    with pytest.raises(CausalignError, match="use --model multiview"):
+        erm.build_model(TrainConfig(model="cnn7"), info3)
+    with pytest.raises(CausalignError, match="takes volumes"):
+        erm.build_model(TrainConfig(model="multiview"), info2)
+    assert isinstance(build_model("multiview", 1, 3), MultiViewCNN)
+
+
+def test_train_ppi_multiview_on_synthetic_volumes(volumes, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(volumes), "--method", "ppi", "--model", "multiview", "--out",
+                 str(run), "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                 "--no-progress", "--set", "width=4"]) == 0
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    # Grad-CAM (the default evaluation map) is 2D-only: evaluation says so and uses WBP.
+    assert test["saliency"] == "wbp" and "2D" in test["saliency_note"]
+    assert test["cam_precision"] is not None and test["deletion"]["0.01"] is not None
+    out = tmp_path / "ex"
+    assert main(["explain", str(run), "--saliency", "wbp", "--out", str(out), "--limit", "2",
+                 "--device", "cpu"]) == 0
+    assert main(["explain", str(run), "--saliency", "gradcam", "--out", str(out),
+                 "--device", "cpu"]) == 2
+    assert np_shape(next((out / "maps").glob("*.npy"))) == (4, 32, 32)
+
+
+def np_shape(path) -> tuple[int, ...]:
+    import numpy as np
+
+    return tuple(np.load(path).shape)
