@@ -125,4 +125,34 @@ def evaluate_split(
     })
     if note is not None:
         out["saliency_note"] = note
+    acc = attribute_accuracy(model, method, dataset, device)
+    if acc is not None:
+        out["attribute_accuracy"] = acc
     return out
+
+
+@torch.no_grad()
+def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset, device,
+                       batch_size: int = 256) -> dict | None:
+    """For models that predict attributes (``model.attributes(x)`` → logits, e.g. the
+    hierarchical X→A→Y model): accuracy of σ(logit) > 0.5 against the annotated attributes,
+    per attribute (over samples where it is annotated) and the mean over attributes.
+    None when the model predicts no attributes or the split has no annotations."""
+    names = list(dataset.meta.attributes)
+    if not callable(getattr(model, "attributes", None)) or not names:
+        return None
+    model.eval()
+    correct = torch.zeros(len(names), dtype=torch.float64)
+    count = torch.zeros(len(names), dtype=torch.float64)
+    for batch in iterate_batches(dataset, batch_size, device=device):
+        logits = model.attributes(method.model_input(batch)).float()
+        known = batch["attr_known"].bool()
+        hit = ((logits > 0) == (batch["attributes"] > 0.5)) & known
+        correct += hit.sum(0).double().cpu()
+        count += known.sum(0).double().cpu()
+    if not bool((count > 0).any()):
+        return None
+    per = {n: (float(c / k) if k > 0 else None)
+           for n, c, k in zip(names, correct, count, strict=True)}
+    vals = [v for v in per.values() if v is not None]
+    return {"mean": float(np.mean(vals)), "per_attribute": per}

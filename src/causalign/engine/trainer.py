@@ -6,10 +6,10 @@ The trainer is method-agnostic: it calls `method(model, batch) -> LossOutput`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +19,16 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from .. import __version__
 from ..data.format import LesionDataset, read_meta
 from ..errors import CausalignError, NumericalError
-from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, verified_bytes
 from ..methods.base import DataInfo, Method, build_method
+from . import distributed as D
 from .config import TrainConfig
-from .evaluate import evaluate_split, iterate_batches, quick_metrics
+from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -49,16 +51,29 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def recalibrate_batchnorm(model: nn.Module, method: Method, dataset: LesionDataset,
+                          batch_size: int, device: torch.device) -> None:
+    """Recompute BatchNorm running statistics over ``dataset`` (what the model sees).
+
+    Uses `torch.optim.swa_utils.update_bn` (cumulative average, model mode restored). The
+    batches are taken in order, so no sampler randomness is consumed; dropout's is forked.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    inputs = (method.model_input(b) for b in iterate_batches(dataset, batch_size,
+                                                             device=device))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        update_bn(inputs, model)
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint, verifying the SHA-256 written beside it."""
     if not path.exists():
         raise CausalignError(f"{path}: checkpoint not found")
-    data = path.read_bytes()
-    sha_path = Path(str(path) + ".sha256")
-    if sha_path.exists():
-        expected = sha_path.read_text().strip()
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise CausalignError(f"{path}: checkpoint is corrupt or truncated (checksum mismatch)")
+    data = verified_bytes(path)  # .sha256 (or .sha256.pending: killed between renames)
+    if data is None:
+        raise CausalignError(f"{path}: checkpoint is corrupt or truncated (checksum mismatch)")
     import io
 
     try:
@@ -117,11 +132,24 @@ class Trainer:
     def _setup(self) -> None:
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
+        # torchrun's environment (or a caller's process group) → data-parallel; see
+        # engine/distributed.py for the design. World size 1 leaves everything as it was.
+        self.dist = D.init_distributed(self.cfg.device)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if not self.dist.is_main:
+            self.show_progress = False
         seed_everything(self.cfg.seed, self.cfg.deterministic)
         self.train_set = LesionDataset(self.data, "train")
         self.val_set = LesionDataset(self.data, "val")
         self.info = data_info(self.train_set)
-        self.model = self.method.build_model(self.cfg, self.info).to(self.device)
+        self.model = self.method.build_model(self.cfg, self.info)
+        if self.dist.enabled and self.cfg.sync_bn:
+            if self.device.type != "cuda":
+                raise CausalignError("sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.device)
+        self._wrap_model()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
                                           weight_decay=self.cfg.weight_decay)
         self.scheduler = None
@@ -131,10 +159,14 @@ class Trainer:
         self.method.setup(self.train_set, self.model)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.state = RunState(history=[])
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.resume and (self.out / CHECKPOINT).exists():
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        resuming = self.resume and (self.out / CHECKPOINT).exists()
+        if self.dist.enabled:  # rank 0's view of the run folder decides (multi-node)
+            resuming = D.broadcast_object(resuming)
+        if resuming:
             self._load_state()
-        else:
+        elif self.dist.is_main:
             resolved = {
                 "data": str(self.data.resolve()),
                 "causalign_version": __version__,
@@ -164,8 +196,46 @@ class Trainer:
         }
         atomic_torch_save(self.out / CHECKPOINT, ckpt)
 
+    def _wrap_model(self) -> None:
+        """`train_model`: what the method's loss calls. DDP (bucketed all-reduce overlapping
+        backward) and torch.compile only for methods that are plain forwards + backward; the
+        others get the bare module and `all_reduce_gradients` after backward."""
+        self.train_model: nn.Module = self.model
+        plain = getattr(self.method, "plain_forward", False)
+        if self.dist.enabled:
+            D.broadcast_module(self.model)
+            if plain:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.compile:
+            if plain:
+                self.train_model = torch.compile(self.train_model)
+            else:
+                warnings.warn(f"compile: method '{self.cfg.method}' differentiates through "
+                              f"the model twice (autograd.grad / double backward), which "
+                              f"torch.compile does not support; training it uncompiled",
+                              stacklevel=2)
+        if self.cfg.amp and not plain:
+            warnings.warn(f"amp: method '{self.cfg.method}' keeps float32 (its inner "
+                          f"optimisation/saliency needs it); only its own "
+                          f"Method.classifier_autocast regions use bf16", stacklevel=2)
+        self.method.amp_dtype = torch.bfloat16 if self.cfg.amp else None
+
+    def _autocast(self):
+        """bf16 autocast around a plain-forward method's loss when `amp` is on."""
+        if self.cfg.amp and getattr(self.method, "plain_forward", False):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def _load_state(self) -> None:
-        ckpt = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        if self.dist.enabled:  # rank 0 reads (other nodes may not see its disk), then shares
+            ckpt = (load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
+                    if self.dist.is_main else None)
+            ckpt = D.broadcast_object(ckpt)
+        else:
+            ckpt = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
@@ -208,10 +278,13 @@ class Trainer:
         n_batches = math.ceil(len(self.train_set) / self.cfg.batch_size)
         if progress is not None:
             task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=n_batches)
+        if self.dist.enabled:
+            return self._train_epoch_distributed(epoch, progress, task)
         for step, batch in enumerate(iterate_batches(
                 self.train_set, self.cfg.batch_size, shuffle=True, generator=self.generator,
                 device=self.device)):
-            out = self.method(self.model, batch)
+            with self._autocast():
+                out = self.method(self.train_model, batch)
             if not torch.isfinite(out.total):
                 raise NumericalError(
                     f"non-finite loss at epoch {epoch} step {step} (parts: {out.parts}); "
@@ -229,6 +302,76 @@ class Trainer:
                                 f"loss {sums['loss'] / count:.4f}")
         return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
 
+    def _train_epoch_distributed(self, epoch: int, progress, task) -> dict[str, float]:
+        """One epoch data-parallel: the single-process global batches, each rank its chunk;
+        training loss and parts are sample-weighted means over all ranks."""
+        world, rank = self.dist.world, self.dist.rank
+        plain = self.train_model is not self.model
+        sums: dict[str, float] = {}
+        count = 0
+        n = len(self.train_set)
+        bs = self.cfg.batch_size
+        order = torch.randperm(n, generator=self.generator)  # as iterate_batches(shuffle=True)
+        for step, start in enumerate(range(0, n, bs)):
+            global_idx = order[start:start + bs]
+            n_global = len(global_idx)
+            local = D.shard_indices(global_idx, rank, world)
+            # DDP needs every rank to run forward+backward; a batch smaller than the world
+            # leaves some ranks empty, so it takes the all-reduce-after-backward path.
+            use_ddp = plain and n_global >= world
+            self.optimizer.zero_grad(set_to_none=True)
+            m = len(local)
+            if m > 0:
+                batch = {k: v.to(self.device, non_blocking=True)
+                         for k, v in self.train_set.batch(local).items()}
+                with self._autocast():
+                    out = self.method(self.train_model if use_ddp else self.model, batch)
+                if not torch.isfinite(out.total):
+                    raise NumericalError(
+                        f"non-finite loss at epoch {epoch} step {step} on rank {rank} "
+                        f"(parts: {out.parts}); try a lower --lr")
+                # mean over the chunk × m·world/N: the rank average is the global-batch mean
+                (out.total * (m * world / n_global)).backward()
+                count += m
+                sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * m
+                for k, v in out.parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * m
+            if not use_ddp:
+                D.all_reduce_gradients(list(self.model.parameters()), world)
+            self.optimizer.step()
+            if task is not None:
+                progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
+                                f"loss {sums.get('loss', 0.0) / max(count, 1):.4f}")
+        sums, count = D.merge_sums(D.gather_objects((sums, count), world))
+        return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+
+    def _quick_metrics(self, dataset) -> dict:
+        """`quick_metrics`; data-parallel: each rank predicts a chunk, predictions gathered."""
+        if not self.dist.enabled:
+            return quick_metrics(self.model, self.method, dataset, self.device)
+        from ..metrics import classification_metrics
+
+        shard = D.Shard(dataset, self.dist.rank, self.dist.world)
+        part = None
+        if len(shard):
+            probs, labels, loss = predict(self.model, self.method, shard, self.device)
+            part = (probs, labels, loss * len(labels))
+        parts = [p for p in D.gather_objects(part, self.dist.world) if p is not None]
+        probs = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        out = classification_metrics(probs, labels)
+        out["loss"] = sum(p[2] for p in parts) / len(labels)
+        out["n"] = int(len(labels))
+        return out
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        """A finite loss can still come with a non-finite gradient on the last step; never
+        checkpoint or evaluate NaN weights (one host sync per epoch)."""
+        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        if flags and not bool(torch.stack(flags).all()):
+            raise NumericalError(f"non-finite model weights after epoch {epoch} (a gradient "
+                                 f"overflowed); try a lower --lr or check the input scale")
+
     def _score(self, metrics: dict) -> float:
         key = self.cfg.select_metric
         if key == "loss":
@@ -241,29 +384,48 @@ class Trainer:
     def fit(self) -> dict:
         """Train (or resume), select the best epoch on val, evaluate, write metrics.json."""
         self._setup()
+        try:
+            return self._fit()
+        finally:
+            self.dist.close()
+
+    def _fit(self) -> dict:
+        main = self.dist.is_main
         with self._progress() as progress:
             for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
                 t0 = time.perf_counter()
                 self.method.on_epoch_start(epoch)
                 row = {"epoch": epoch, **self._train_epoch(epoch, progress)}
+                self._check_finite_weights(epoch)
                 if self.scheduler is not None:
                     self.scheduler.step()
-                train_eval = quick_metrics(self.model, self.method, self.train_set, self.device)
+                if self.cfg.bn_recalibrate:
+                    recalibrate_batchnorm(self.model, self.method, self.train_set,
+                                          self.cfg.batch_size, self.device)
+                if self.dist.enabled:  # every rank validates rank 0's BatchNorm statistics
+                    D.broadcast_buffers(self.model)
+                train_eval = self._quick_metrics(self.train_set)
                 row["train_accuracy"] = train_eval["accuracy"]
-                val = quick_metrics(self.model, self.method, self.val_set, self.device)
+                val = self._quick_metrics(self.val_set)
                 row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
                 row["seconds"] = time.perf_counter() - t0
                 score = self._score(val)
                 # ">=": among equally good epochs keep the later, better-trained one
                 if score >= self.state.best_score:
                     self.state.best_score, self.state.best_epoch = score, epoch
-                    atomic_torch_save(self.out / BEST, {"epoch": epoch,
-                                                        "model": self.model.state_dict()})
+                    if main:
+                        atomic_torch_save(self.out / BEST, {"epoch": epoch,
+                                                            "model": self.model.state_dict()})
                 self.state.epoch = epoch
                 self.state.history.append(row)
-                self._write_history()
-                self._save_state()
-            return self._final_evaluation(progress)
+                if main:
+                    self._write_history()
+                    self._save_state()
+            if not self.dist.enabled:
+                return self._final_evaluation(progress)
+            # rank 0 evaluates and writes metrics.json; the others wait and return its metrics
+            metrics = self._final_evaluation(progress) if main else None
+            return D.broadcast_object(metrics)
 
     def _write_history(self) -> None:
         rows = self.state.history

@@ -1,0 +1,212 @@
+"""Data-parallel training across processes with PyTorch's own engine (torch.distributed).
+
+`torchrun --nproc-per-node N -m causalign train ...` (or `torchrun --nnodes M
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT ...` across machines) starts N processes with
+RANK / WORLD_SIZE / LOCAL_RANK in their environment; the trainer then joins the process group
+(NCCL on CUDA, gloo on CPU) and trains data-parallel:
+
+* **Sharding.** ``batch_size`` is the *global* batch. Every rank draws the same permutation
+  from the trainer's seeded generator (so the global batch order is exactly the
+  single-process order) and takes a contiguous chunk of each global batch
+  (`shard_indices`) — DistributedSampler's job, done on the cached split.
+* **Loss weighting.** Each rank's loss is a mean over its chunk; it is multiplied by
+  ``n_local · world / n_global`` before backward, so the average over ranks is the mean over
+  the global batch even when chunks differ in size (last batch, batch not divisible by world).
+* **Gradients: two paths.** Methods whose loss is plain forwards of the classifier followed by
+  the trainer's ``backward()`` (``Method.plain_forward``: ERM, oracle) get the model wrapped in
+  `DistributedDataParallel`, whose autograd hooks all-reduce bucketed gradients while backward
+  still runs. Every other method gets the bare module and its gradients are all-reduced after
+  backward (`all_reduce_gradients`, coalesced buckets). Why: DDP's reducer is armed by
+  *DDP's* forward and fires on the parameters' gradient accumulation during ``backward()``;
+  gradients formed with ``torch.autograd.grad`` (causal-align's implicit adjoint,
+  hier-align) or a double backward through a saliency map (PPI, input-gradient penalties) are
+  not accumulated into ``.grad`` by that backward — DDP's documentation says it does not
+  support ``autograd.grad`` or double backward — and these methods call the model many times
+  per step (counterfactual inner loop, CG Hessian-vector products), read its submodules
+  (Grad-CAM layer, BatchNorm folding) and switch its modes, none of which a DDP wrapper
+  allows. Reducing ``.grad`` after the full backward is correct whatever produced it. It is
+  also the safe default for a new method: it has to opt in to the DDP path.
+* **BatchNorm.** DDP's default: batch statistics per rank (on CUDA, ``sync_bn`` converts to
+  `SyncBatchNorm`, which has no CPU kernel). Running statistics are broadcast from rank 0 at
+  the end of every epoch (and recalibrated on the full training split if configured), so
+  every rank validates the same model.
+* **Writing.** Only rank 0 writes the run folder; metrics are reduced across ranks (training
+  loss/parts: sample-weighted sums; validation: each rank predicts a chunk of the split and the
+  predictions are gathered before AUC/accuracy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import CausalignError
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+@dataclass
+class DistContext:
+    """Where this process sits in the job (world 1 = plain single-process training)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process created the group (and destroys it at the end)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CausalignError(f"WORLD_SIZE='{os.environ['WORLD_SIZE']}' is not an integer"
+                             ) from None
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the process group torchrun described in the environment (or the one already
+    initialised by the caller); world size 1 when neither."""
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(),
+                           int(os.environ.get("LOCAL_RANK", dist.get_rank())), False)
+    world = env_world_size()
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise CausalignError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise CausalignError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start "
+                             f"distributed runs with torchrun")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    # Long timeout: rank 0 alone runs the final evaluation (saliency, deletion) while the
+    # others wait at a barrier; a crashed rank still ends the job (torchrun stops the rest).
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=4))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def shard_indices(idx: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's contiguous chunk of a global batch (sizes differ by at most one)."""
+    return torch.tensor_split(idx, world)[rank]
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy parameters and buffers of rank ``src`` to every rank (in place)."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    with torch.no_grad():
+        for t in module.buffers():
+            dist.broadcast(t.data, src)
+
+
+def all_reduce_gradients(params: list[Tensor], world: int,
+                         bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``.grad`` over ranks, whatever produced it (backward, autograd.grad surrogate,
+    double backward). A parameter without a gradient on a rank counts as zero there; one
+    without a gradient on *every* rank keeps ``grad = None`` (so Adam skips it, as in a
+    single process)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    dev = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
+    dist.all_reduce(has)
+    grads = []
+    for p, h in zip(params, has.tolist(), strict=True):
+        if h == 0:
+            p.grad = None
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[Tensor] = []
+    size = 0
+    for g in grads:
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= bucket_bytes:
+            _reduce_bucket(bucket, world)
+            bucket, size = [], 0
+    if bucket:
+        _reduce_bucket(bucket, world)
+
+
+def _reduce_bucket(grads: list[Tensor], world: int) -> None:
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in group:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def merge_sums(parts: list[tuple[dict[str, float], int]]) -> tuple[dict[str, float], int]:
+    """Sample-weighted sums of every rank (keys present on some ranks only are summed where
+    present)."""
+    sums: dict[str, float] = {}
+    count = 0
+    for s, c in parts:
+        count += c
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums, count
+
+
+class Shard:
+    """A contiguous chunk of a cached split with the two things `iterate_batches` uses."""
+
+    def __init__(self, dataset, rank: int, world: int) -> None:
+        self.dataset = dataset
+        self.indices = shard_indices(torch.arange(len(dataset)), rank, world)
+        self.split = getattr(dataset, "split", "")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, idx: Tensor) -> dict[str, Tensor]:
+        return self.dataset.batch(self.indices[idx])
