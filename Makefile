@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench bench-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_erm.py --out benchmarks/results/erm.json
+
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results/gpu.json
+
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/bench_memory.py --out benchmarks/results/memory.json
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -2,10 +2,11 @@
 
     python benchmarks/bench_faithfulness.py [--data DIR | --synth-dir DIR] [--seeds 3]
         [--method erm --epochs 12 --n-train 400 --n-val 100 --n-test 200 --shortcut none]
-        [--runs DIR] [--out benchmarks/results]
+        [--runs DIR | --run-template 'DIR/erm-seed{seed}'] [--out benchmarks/results]
 
 For each seed a classifier is trained (or loaded: an existing RUNS/seed<k>/metrics.json is
-reused) on the synthetic lesion benchmark; then, for every registered saliency method and a
+reused; --run-template names existing runs, e.g. the demo's) on the synthetic lesion
+benchmark; then, for every registered saliency method and a
 random-map baseline, the top-k pixels of each test image's map of the *predicted* class are
 set to 0 and the drop of that class's probability is averaged over the test split
 (`causalign.metrics.deletion_scores`), at the fractions of DESIGN.md (0.2 % … 20 % of the
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--data", help="existing dataset (default: synthesise into --synth-dir)")
     ap.add_argument("--synth-dir", default="/tmp/causalign_faithfulness/data")
     ap.add_argument("--runs", default="/tmp/causalign_faithfulness/runs")
+    ap.add_argument("--run-template", help="existing runs to explain, e.g. "
+                    "/tmp/demo/runs/erm-seed{seed} (their data is used; nothing is trained)")
     ap.add_argument("--method", default="erm")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
@@ -148,26 +151,33 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = ensure_data(args)
+    data = None if args.run_template else ensure_data(args)
     fractions = tuple(DELETION_FRACTIONS)
     names = explainer_names()
     per_seed, models = [], []
     for seed in range(args.seeds):
-        run = Path(args.runs) / f"{args.method}_seed{seed}"
-        metrics = ensure_run(data, run, args.method, args.epochs, seed)
+        if args.run_template:
+            run = Path(args.run_template.format(seed=seed))
+            metrics = json.loads((run / "metrics.json").read_text())
+        else:
+            run = Path(args.runs) / f"{args.method}_seed{seed}"
+            metrics = ensure_run(data, run, args.method, args.epochs, seed)
         models.append({"run": str(run), "test_accuracy": metrics["test"]["accuracy"],
                        "test_auc": metrics["test"]["auc"]})
-        _, model, method, data_path = load_run(run, device="cpu")
+        cfg, model, method, data_path = load_run(run, device="cpu")
+        data = data or data_path
+        args.method, args.epochs = cfg.method, cfg.epochs  # what the explained runs are
         ds = LesionDataset(data_path, "test")
         per_seed.append(deletion_table(model, method, ds, names, fractions, seed))
         print(f"seed {seed}: wbp {per_seed[-1]['wbp']}", flush=True)
     summary = summarise(per_seed, fractions)
+    shortcut = ds.meta.info.get("config", {}).get("shortcut", args.shortcut)
     n_pixels = int(np.prod(ds.image_shape[1:]))
     smallest = f"{fractions[0]:g}"
     ranking = sorted(summary, key=lambda n: -summary[n][smallest]["mean"])
     result = {
         "benchmark": "faithfulness_deletion", "data": str(data), "method": args.method,
-        "epochs": args.epochs, "seeds": args.seeds, "n_test": len(ds),
+        "epochs": args.epochs, "seeds": args.seeds, "n_test": len(ds), "shortcut": shortcut,
         "image_shape": list(ds.image_shape), "fractions": list(fractions),
         "target": "predicted class", "fill": 0.0, "models": models,
         "drop": summary, "ranking_at_smallest_k": ranking,
@@ -181,7 +191,7 @@ def main() -> None:
     caption = (f"Mean drop of the predicted-class probability after zeroing the top-k pixels "
                f"of each map (mean (std) over {args.seeds} seeds; {args.method}, "
                f"{len(ds)} test images of {ds.image_shape[1]}×{ds.image_shape[2]} px, "
-               f"shortcut={args.shortcut}).")
+               f"shortcut={shortcut}).")
     (out / "faithfulness.md").write_text(markdown(summary, fractions, n_pixels, caption))
     curves(summary, fractions, out / "faithfulness_curves.png")
     print((out / "faithfulness.md").read_text())

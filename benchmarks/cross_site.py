@@ -110,14 +110,14 @@ def main() -> None:
     site_data = split_by_site(full, work, args.sites)
     tests = [LesionDataset(d, "test") for d in site_data]
     sets = parse_set(args.sets)
-    matrices: dict[str, np.ndarray] = {}
-    for method in METHODS:
-        m = np.zeros((args.sites, args.sites))
-        for i, data in enumerate(site_data):
+    matrices = {method: np.full((args.sites, args.sites), np.nan) for method in METHODS}
+    for i, data in enumerate(site_data):  # site by site, both methods: partial runs pair up
+        for method in METHODS:
+            m = matrices[method]
             run = work / "runs" / f"{method}_site{i}_seed{args.seed}"
             if not (run / "metrics.json").exists():
                 cfg = TrainConfig(method=method, epochs=args.epochs, seed=args.seed,
-                                  device="cpu")
+                                  device="cpu", threads=args.threads)
                 if method == "ppi" and sets:
                     cfg = apply_overrides(cfg, sets)
                 train(data, cfg, run, progress=False)
@@ -126,7 +126,6 @@ def main() -> None:
                 auc = quick_metrics(model, meth, ds, torch.device("cpu"))["auc"]
                 m[i, j] = np.nan if auc is None else auc  # None: one class in that split
             print(f"{method} train site {i}: " + " ".join(f"{v:.3f}" for v in m[i]), flush=True)
-        matrices[method] = m
 
     def summary(m: np.ndarray) -> dict:
         off = m[~np.eye(len(m), dtype=bool)]

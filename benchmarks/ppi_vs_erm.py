@@ -1,11 +1,12 @@
 """PPI vs ERM on the plus-minus synthetic benchmark (seed 002 §3.1 on seed 000's benchmark).
 
     python benchmarks/ppi_vs_erm.py [--data DIR | --synth-dir DIR] [--seeds 3 --epochs 12]
-        [--n-train 400 --n-val 100 --n-test 200] [--set method.key=value ...]
-        [--runs DIR] [--out benchmarks/results]
+        [--n-train 1000 --n-val 300 --n-test 500] [--set method.key=value ...]
+        [--runs DIR] [--erm-run 'DIR/erm-seed{seed}'] [--out benchmarks/results]
 
 Trains ERM and PPI (WBP saliency, soft mask, paper defaults unless --set says otherwise) for
-each seed on the same data (existing RUNS/<method>_seed<k>/metrics.json are reused), then
+each seed on the same data (existing RUNS/<method>_seed<k>/metrics.json are reused; --erm-run
+names existing ERM runs by a template, e.g. the demo's), then
 reports on the test split, mean (std) over seeds: accuracy, AUC, Grad-CAM precision and
 mass-in-mask (the metrics.json numbers), the same two for WBP maps, and deletion drops of
 both maps at 1 % and 10 % of the pixels. The training images carry a "+"/"−" symbol that
@@ -47,10 +48,14 @@ def _get(d: dict, key: str):
     return d[key]
 
 
-def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: dict) -> dict:
-    run = runs / f"{method}_seed{seed}"
+def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: dict,
+            threads: int = 1, template: str | None = None) -> dict:
+    run = Path(template.format(seed=seed)) if template else runs / f"{method}_seed{seed}"
+    if template and not (run / "metrics.json").exists():
+        raise SystemExit(f"{run}: no metrics.json (an --erm-run template names finished runs)")
     if not (run / "metrics.json").exists():
-        cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu")
+        cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu",
+                          threads=threads)
         if method == "ppi" and sets:
             cfg = apply_overrides(cfg, sets)
         t0 = time.perf_counter()
@@ -72,9 +77,11 @@ def main() -> None:
     ap.add_argument("--runs", default="/tmp/causalign_ppi/runs")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--n-train", type=int, default=400)
-    ap.add_argument("--n-val", type=int, default=100)
-    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-val", type=int, default=300)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--erm-run", help="template of existing ERM runs to reuse, e.g. "
+                    "/tmp/demo/runs/erm-seed{seed} (trained with the same data and epochs)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="PPI override, e.g. method.mask=box")
@@ -88,8 +95,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {"erm": [], "ppi": []}
     for seed in range(args.seeds):
         for method in results:
+            template = args.erm_run if method == "erm" else None
             results[method].append(run_one(data, Path(args.runs), method, seed, args.epochs,
-                                           sets))
+                                           sets, args.threads, template))
             r = results[method][-1]
             print(f"{method} seed {seed}: acc {r['gradcam']['accuracy']:.3f} "
                   f"auc {r['gradcam']['auc']:.3f} wbp-mass {r['wbp']['cam_mass_in_mask']:.3f}",
@@ -104,6 +112,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": "ppi_vs_erm", "data": str(data), "seeds": args.seeds,
+            "erm_runs": args.erm_run,
             "epochs": args.epochs, "ppi_overrides": sets,
             "sizes": {"train": args.n_train, "val": args.n_val, "test": args.n_test},
             "table": table,

@@ -69,7 +69,8 @@ def _case(space: str):
     region[:, :, 1:3, 1:3] = 1.0
     target = torch.tensor([1, 0, 1])
     model = _tiny_model()
-    args = dict(distance="l2", alpha=0.5, damping=0.0, cg_iters=60, cg_tol=1e-13, space=space)
+    args = dict(distance="l2", alpha=0.5, damping=0.0, cg_iters=60, cg_tol=1e-13, space=space,
+                normalize="none")
     method = build_method("causal-align", args)
     if space == "latent":
         method.params.alpha = 0.05  # the code is 3-dim: a weaker pull keeps x* − x0 visible
@@ -130,3 +131,139 @@ def test_implicit_gradient_of_alignment_matches_finite_differences(fd_case, vari
     assert rel < 1e-3, (space, variant, cos, rel)
     assert stats["cg_converged"] == 1.0 and stats["cg_dropped"] == 0.0
     assert model.training  # the implicit step restored the caller's mode
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def _batch(n: int = 4, size: int = 16, has_mask=None, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g)
+    mask = torch.zeros(n, 1, size, size)
+    mask[:, :, size // 4: size // 2, size // 4: size // 2] = 1.0
+    has = torch.ones(n, dtype=torch.bool) if has_mask is None else torch.tensor(has_mask)
+    return {"image": x, "label": torch.arange(n) % 2, "mask": mask, "has_mask": has,
+            "box_mask": mask, "has_annotation": has, "index": torch.arange(n)}
+
+
+def _small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 2)).train()
+
+
+def _grads(model: nn.Module, total: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    total.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _ce_grad(model: nn.Module, batch: dict) -> torch.Tensor:
+    return _grads(model, F.cross_entropy(model(batch["image"]), batch["label"]))
+
+
+FAST = dict(steps=3, cg_iters=3, warm_start=False)
+
+
+def test_no_masks_no_alignment_term():
+    model = _small_cnn()
+    batch = _batch(has_mask=[False] * 4)
+    method = build_method("causal-align", FAST)
+    out = method(model, batch)
+    assert out.parts["n_align"] == 0.0 and "align" not in out.parts
+    torch.testing.assert_close(_grads(model, out.total), _ce_grad(model, batch))
+    # Only annotated samples enter; the term then changes the gradient.
+    batch = _batch(has_mask=[True, False, True, False])
+    out = method(model, batch)
+    assert out.parts["n_align"] == 2.0 and out.parts["align"] > 0
+    g = _grads(model, out.total)
+    assert torch.isfinite(g).all() and not torch.allclose(g, _ce_grad(model, batch))
+
+
+def test_align_every_n_steps_and_align_batch():
+    model = _small_cnn()
+    batch = _batch(n=6)
+    method = build_method("causal-align", dict(FAST, align_every=2, align_batch=3))
+    flags = [method(model, batch).parts for _ in range(3)]
+    assert [p["align_step"] for p in flags] == [1.0, 0.0, 1.0]
+    assert flags[0]["n_align"] == 3.0  # align_batch caps the aligned samples
+    assert "n_align" not in flags[1]
+
+
+class _NaNWhenMoved(nn.Module):
+    """Sample 0's logits turn NaN as soon as its input leaves x0 (a diverging inner solve)."""
+
+    def __init__(self, model: nn.Module, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.x0 = model, x0
+
+    def forward(self, x):
+        out = self.model(x)
+        if x.shape == self.x0.shape and not torch.equal(x[0], self.x0[0]):
+            bad = torch.zeros_like(out)
+            bad[0] = float("nan")
+            out = out + bad
+        return out
+
+
+def test_diverged_counterfactual_is_skipped_and_counted():
+    batch = _batch()
+    model = _NaNWhenMoved(_small_cnn(), batch["image"])
+    # Running BatchNorm statistics: the inner problem does not depend on the batch's others.
+    method = build_method("causal-align", dict(FAST, bn="running"))
+    out = method(model, batch)
+    assert out.parts["cf_diverged"] == 0.25 and out.parts["n_align"] == 4.0
+    g = _grads(model, out.total)
+    assert torch.isfinite(out.total) and torch.isfinite(g).all()
+    # The term is the other three samples' Eq. 3: dropping sample 0 changes nothing else.
+    ref = build_method("causal-align", dict(FAST, bn="running"))
+    sub = {k: v[1:] for k, v in batch.items()}
+    _, stats = ref.alignment(model.model, sub["image"], 1 - sub["label"], sub["mask"], None)
+    assert out.parts["align"] == pytest.approx(stats["align"], rel=1e-4)
+
+
+def test_nonconverged_cg_is_dropped_and_counted():
+    model = _small_cnn()
+    batch = _batch()
+    # One iteration to 1e-12 cannot converge: every sample's term is dropped, none crashes.
+    method = build_method("causal-align", dict(FAST, cg_iters=1, cg_tol=1e-12,
+                                               precondition=False))
+    out = method(model, batch)
+    assert out.parts["cg_dropped"] == 1.0 and out.parts["cg_converged"] == 0.0
+    torch.testing.assert_close(_grads(model, out.total), _ce_grad(model, batch))
+
+
+@pytest.mark.parametrize("failure", ["diverged", "cg"])
+def test_training_survives_forced_failures_and_logs_them(tiny_data, tmp_path, failure):
+    """Through the trainer: a diverging inner solve (Adam step 1e38 → inf/NaN logits) or a CG
+    that cannot converge is counted per epoch in history.csv; the model stays finite."""
+    import csv
+
+    from causalign.engine import TrainConfig, train
+    from causalign.engine.trainer import load_run
+
+    args = dict(inner_lr=1e38) if failure == "diverged" else dict(cg_iters=1, cg_tol=1e-12,
+                                                                   precondition=False)
+    cfg = TrainConfig(method="causal-align", epochs=1, width=4, batch_size=16,
+                      deletion_fractions=[0.1], method_args=dict(FAST, **args))
+    train(tiny_data, cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    key = "train_cf_diverged" if failure == "diverged" else "train_cg_dropped"
+    assert float(rows[0][key]) == 1.0, rows[0]
+    assert float(rows[0]["train_n_align"]) > 0
+    _, model, _, _ = load_run(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_torchvision_backbone_step():
+    from causalign.models import build_model
+
+    model = build_model("resnet18", 1, 2).train()
+    batch = _batch(n=4, size=32)
+    method = build_method("causal-align", dict(FAST, cg_iters=2))
+    out = method(model, batch)
+    assert out.parts["n_align"] == 4.0 and out.parts["cf_diverged"] == 0.0
+    g = _grads(model, out.total)
+    assert torch.isfinite(g).all()
+    assert (g - _ce_grad(model, batch)).norm() > 0  # the alignment gradient reached θ
+    assert model.training

@@ -247,3 +247,72 @@ def test_latent_space_autoencoder(trained, tmp_path):
         CounterfactualGenerator(model, space="latent", distance="scaled-l1", autoencoder=ae)
     with pytest.raises(ConfigError, match="needs an autoencoder"):
         CounterfactualGenerator(model, space="latent")
+
+
+
+@pytest.fixture(scope="module")
+def erm_run(tiny_data, tmp_path_factory):
+    from causalign.cli import main
+
+    run = tmp_path_factory.mktemp("cf_cli") / "run"
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
+                 "--set", "width=4", "--set", "deletion_fractions=[0.1]", "--no-progress"]) == 0
+    return run
+
+
+def test_cli_counterfactual_writes_triptychs(erm_run, tmp_path):
+    """`causalign counterfactual RUN`: per image x* (.npy), a triptych PNG, a summary."""
+    import json
+
+    from causalign.cli import main
+
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(erm_run), "--out", str(out), "--limit", "3", "--steps",
+                 "20", "--lr", "0.05"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 3 and summary["n_generated"] == 3 and summary["n_diverged"] == 0
+    for r in summary["samples"]:
+        xs = np.load(out / "cf" / f"{r['id']}.npy")
+        assert xs.shape == (1, 32, 32) and np.isfinite(xs).all()
+        assert (out / "triptychs" / f"{r['id']}.png").stat().st_size > 1000
+        assert isinstance(r["flipped"], bool) and r["distance"] >= 0
+    assert summary["mean_distance"] > 0 and (out / "grid.png").exists()
+
+
+@pytest.mark.slow
+def test_cli_counterfactual_latent_space(erm_run, tmp_path):
+    """--space latent trains an autoencoder on the run's training split, saves it, reuses it."""
+    import json
+
+    from causalign.cli import main
+
+    ae_path = tmp_path / "ae.pt"
+    for k in range(2):
+        out = tmp_path / f"cf{k}"
+        assert main(["counterfactual", str(erm_run), "--out", str(out), "--limit", "2",
+                     "--space", "latent", "--distance", "l2", "--autoencoder", str(ae_path),
+                     "--steps", "10"]) == 0
+        assert ae_path.exists()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["settings"]["space"] == "latent" and summary["n_generated"] == 2
+
+
+def test_change_map_colours(tmp_path):
+    """The change panel follows the paper's Fig. 9: x* > x red, x* < x blue."""
+    import matplotlib.image as mpimg
+
+    from causalign.report.figures import counterfactual_triptych
+
+    img = np.zeros((1, 8, 8), np.float32)
+    xs = img.copy()
+    xs[0, :, :4] = 1.0  # left half increased
+    xs[0, :, 4:] = -1.0  # right half decreased
+    counterfactual_triptych(img, xs, None, tmp_path / "t.png")
+    rgb = mpimg.imread(tmp_path / "t.png")[..., :3]
+    panel = rgb[:, 2 * rgb.shape[1] // 3:]
+    red = (panel[..., 0] > 0.6) & (panel[..., 2] < 0.3)
+    blue = (panel[..., 2] > 0.6) & (panel[..., 0] < 0.3)
+    _, x_red = np.nonzero(red)
+    _, x_blue = np.nonzero(blue)
+    assert len(x_red) > 50 and len(x_blue) > 50
+    assert x_red.mean() < x_blue.mean()  # red on the left (increase), blue on the right

@@ -89,6 +89,22 @@ def test_wbp_and_ppi_on_volumes():
                                                               "label": torch.tensor([0, 1])})
 
 
+def test_delta_and_learned_tau_receive_gradient():
+    model = _model(learn_tau=True, tau=0.5).eval()
+    assert model.temperature().item() == pytest.approx(0.5)
+    with torch.no_grad():
+        model.attention.weight.normal_(0, 2)
+        model.position.weight.normal_(0, 2)
+    model.delta.data.fill_(0.0)  # some attention logits below −δ: the ReLU clips, δ matters
+    x = torch.rand(2, 1, 6, 32, 32)
+    out = model(x)
+    out[:, 1].sum().backward()
+    assert model.log_tau.grad is not None and model.log_tau.grad.abs() > 0
+    assert model.delta.grad is not None and model.delta.grad.abs() > 0
+    fixed = _model()
+    assert "tau" in dict(fixed.named_buffers()) and not hasattr(fixed, "log_tau")
+
+
 def test_model_choice_checks_dimensionality():
     info3 = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 4, 32, 32), attributes=[])
     info2 = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32), attributes=[])

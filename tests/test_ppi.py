@@ -196,6 +196,29 @@ def test_con_weight_schedule_switches_after_epoch():
     assert build_method("ppi").con_weight_now() == 1.0  # off by default
 
 
+def test_fraction_maps_and_contrasts_a_subset_of_the_batch():
+    model, batch = _model(), _batch(n=8)
+    method = build_method("ppi", {"fraction": 0.5})
+    seen = []
+    original = method.saliency
+
+    def recording(m, x, target, **kw):
+        seen.append((x.shape[0], target.clone()))
+        return original(m, x, target, **kw)
+
+    method.saliency = recording
+    out = method(model, batch)
+    assert seen[0][0] == 4  # ⌈0.5·8⌉ images get a map and contrasts
+    with torch.no_grad():
+        full_ce = F.cross_entropy(model(batch["image"]), batch["label"])
+    assert out.parts["cls"] == pytest.approx(float(full_ce), rel=1e-5)  # L_cls: whole batch
+    assert {"con", "ad", "reg"} <= set(out.parts)
+    # The subset's labels travel with its images: the map is of each image's own class.
+    assert seen[0][1].shape == (4,)
+    with pytest.raises(ConfigError, match="fraction"):
+        build_method("ppi", {"fraction": 0.0})
+
+
 def test_bad_parameters_are_config_errors():
     with pytest.raises(ConfigError, match="method.mask must be one of"):
         build_method("ppi", {"mask": "blob"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Create and inspect datasets."
 bench_app = typer.Typer(no_args_is_help=True, help="Micro-benchmarks (print JSON).")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+causal_app = typer.Typer(no_args_is_help=True,
+                        help="Causal attribution (CCCE) and the PC-algorithm check.")
+app.add_typer(causal_app, name="causal")
 
 
 def _progress():
@@ -227,6 +231,8 @@ def train(
         base = stored_config(out)  # continue the stored run; explicit flags must agree
     cfg = apply_overrides(base, values)
     metrics = run_train(data, cfg, out, resume=resume, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     test = metrics.get("test", metrics["val"])
     typer.echo(f"{cfg.method}: test accuracy {test['accuracy']:.3f}, "
                f"cam_precision {_f(test.get('cam_precision'))}; metrics in {out}/metrics.json")
@@ -370,6 +376,61 @@ def counterfactual(
     typer.echo(f"wrote {summary['n_generated']} counterfactuals to {out}: flip rate "
                f"{_f(summary['flip_rate'])}, change inside the annotation "
                f"{_f(summary['change_in_mask'])}")
+    rates = summary.get("attribute_change_rate")
+    if rates:  # hierarchical run: which predicted attributes the counterfactuals changed
+        typer.echo("attributes changed (share of counterfactuals, â → a*): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(rates.items(), key=lambda kv: -kv[1])))
+
+
+# ---------------------------------------------------------------------------- causal
+
+
+@causal_app.command("ccce")
+def causal_ccce(
+    data: Annotated[Path, typer.Argument(help="dataset folder (with attributes)")],
+    split: str = "train",
+    model: Annotated[str, typer.Option(help="P(Y|A): logistic | frequency")] = "logistic",
+    max_size: Annotated[int, typer.Option(help="largest attribute subset")] = 3,
+    tol: Annotated[float, typer.Option(help="smallest subset within tol of the best")] = 0.01,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")
+                        ] = None,
+) -> None:
+    """CCCE causal attribution (seed 000 §4.3): per attribute how often it is causal; on the
+    synthetic benchmark also how often the chosen subsets are truly causal."""
+    from .causal.ccce import dataset_attribution_report, format_attribution_report
+    from .io import atomic_write_json
+
+    rep = dataset_attribution_report(data, split, kind=model, max_size=max_size, tol=tol)
+    if json_out is not None:
+        atomic_write_json(json_out, rep)
+    typer.echo(format_attribution_report(rep))
+
+
+@causal_app.command("pc")
+def causal_pc(
+    run: Annotated[Path, typer.Argument(help="run folder (a trained model)")],
+    split: str = "test",
+    data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
+    components: Annotated[int, typer.Option(help="principal components of the features")] = 3,
+    alpha: Annotated[float, typer.Option(help="significance level of the CI tests")] = 0.01,
+    out: Annotated[Path | None, typer.Option(help="output folder (default RUN/pc)")] = None,
+    device: str = "cpu",
+) -> None:
+    """PC algorithm (causal-learn) on pooled image features, attributes and label; checks the
+    skeleton against X → A → Y and draws the graph (seed 000 App. C.5)."""
+    from .causal.pc import run_pc_check
+
+    rep = run_pc_check(run, split=split, data=data, n_components=components, alpha=alpha,
+                       out=out, device=device)
+    typer.echo(f"PC on {rep['n']} samples: {rep['n_edges']} edges "
+               f"{rep['edges_by_kind']}; skeleton consistent with X -> A -> Y: "
+               f"{rep['skeleton_consistent']}")
+    if rep["forbidden_edges"]:
+        typer.echo(f"forbidden edges: {', '.join(rep['forbidden_edges'])}")
+    typer.echo(f"attributes linked to the label: {', '.join(rep['attributes_linked_to_label'])}"
+               + (f" (truly causal: {', '.join(rep['truly_causal'])})"
+                  if "truly_causal" in rep else ""))
+    typer.echo(f"figure: {rep['figure']}")
 
 
 # ---------------------------------------------------------------------------- bench / demo
@@ -394,17 +455,58 @@ def bench_step_cmd(
 
 
 @app.command()
+def benchmark(
+    suite: Annotated[str, typer.Argument(help="suite YAML file, or a shipped suite: quick | "
+                                              "paper | demo")],
+    out: Annotated[Path, typer.Option(help="output folder (runs, results, report)")],
+    only: Annotated[str | None, typer.Option(help="comma-separated experiments to run")
+                    ] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (names or "
+                                                     "labels) to keep")] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (replace the "
+                                                   "suite's)")] = None,
+    datasets: Annotated[str | None, typer.Option(help="comma-separated datasets to keep")
+                        ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for every run")
+                    ] = None,
+    report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+) -> None:
+    """Methods × datasets × seeds × settings from SUITE; resumable (finished runs are
+    collected, interrupted ones resume); writes results.csv/json, tables.md, report.html."""
+    from .engine.benchmark import load_suite, run_suite, select
+    from .engine.config import parse_set
+
+    def split(v: str | None) -> list[str] | None:
+        return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+    try:
+        seed_list = [int(x) for x in split(seeds)] if seeds else None
+    except ValueError:
+        raise CausalignError(f"--seeds expects integers, got '{seeds}'") from None
+    st = load_suite(suite)
+    if only or methods or seed_list is not None or datasets:
+        st = select(st, split(only), split(methods), seed_list, split(datasets))
+    results = run_suite(st, out, extra=parse_set(set_ or []), progress=progress,
+                        report=report, log=typer.echo)
+    typer.echo((out / "tables.md").read_text())
+    typer.echo(f"results: {out / 'results.csv'}" +
+               (f"\nreport: {results['report']}" if results.get("report") else ""))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
     seeds: Annotated[int, typer.Option(help="seeds per method")] = 1,
-    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "erm,oracle",
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: "
+                                                     "the demo suite's)")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Synthetic plus-minus benchmark → train each method → table and overlay figure."""
+    """Synthetic plus-minus benchmark → train each method → tables and report.html."""
     from .demo import run_demo
 
-    report = run_demo(out, methods=[m.strip() for m in methods.split(",") if m.strip()],
-                      seeds=seeds, epochs=epochs)
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    report = run_demo(out, methods=names, seeds=seeds, epochs=epochs)
     typer.echo(report)
 
 
@@ -415,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except CausalignError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return 2
     except click.exceptions.Abort:
         typer.echo("aborted", err=True)
@@ -427,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("interrupted", err=True)
         return 130
     return 0
+
+
+def _one_line(msg: str) -> str:
+    """Escape control and line-separator characters (a file name or CSV cell can hold
+    them), so a user error is always exactly one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
 def entry() -> None:

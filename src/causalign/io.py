@@ -38,14 +38,38 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> str:
-    """Save with torch.save atomically; returns the SHA-256 of the bytes (stored beside it)."""
+    """Save with torch.save atomically; returns the SHA-256 of the bytes (stored beside it).
+
+    Two files cannot be replaced in one step, so the new digest is first written to
+    ``PATH.sha256.pending``, then the data replaced, then the pending digest renamed over
+    ``PATH.sha256``. A kill at any point leaves the data matching ``.sha256`` or
+    ``.sha256.pending`` (`verified_bytes` accepts either), never a false "corrupt".
+    """
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
+    sha = Path(str(path) + ".sha256")
+    pending = Path(str(path) + ".sha256.pending")
+    atomic_write_text(pending, digest + "\n")
     _atomic_bytes(path, data)
-    atomic_write_text(str(path) + ".sha256", digest + "\n")
+    os.replace(pending, sha)
     return digest
+
+
+def verified_bytes(path: str | Path) -> bytes | None:
+    """The bytes of a file saved by `atomic_torch_save`, or None when they match neither its
+    ``.sha256`` nor a ``.sha256.pending`` digest (a file without digest files is trusted)."""
+    path = Path(path)
+    data = path.read_bytes()
+    digests = []
+    for suffix in (".sha256", ".sha256.pending"):
+        side = Path(str(path) + suffix)
+        if side.exists():
+            digests.append(side.read_text().strip())
+    if digests and hashlib.sha256(data).hexdigest() not in digests:
+        return None
+    return data
 
 
 def atomic_savefig(fig, path: str | Path, **kwargs) -> None:

@@ -200,9 +200,11 @@ def read_meta(root: str | Path) -> DatasetMeta:
         raise DataError(f"{path}: missing ({root} is not a causalign dataset; "
                         f"create one with `causalign data synth` or `causalign data import`)")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a mapping")
     return DatasetMeta.from_dict(d, str(path))
@@ -215,16 +217,21 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
     path = root / MANIFEST
     if not path.exists():
         raise DataError(f"{path}: missing")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        missing = [c for c in ("id", "split", "label", "image") if c not in cols]
-        missing += [f"attr_{a}" for a in meta.attributes if f"attr_{a}" not in cols]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-        records = []
-        for lineno, row in enumerate(reader, start=2):
-            records.append(_parse_row(row, meta, f"{path}:{lineno}"))
+    with open(path, newline="", encoding="utf-8") as fh:
+        try:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            missing = [c for c in ("id", "split", "label", "image") if c not in cols]
+            missing += [f"attr_{a}" for a in meta.attributes if f"attr_{a}" not in cols]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+            records = []
+            for lineno, row in enumerate(reader, start=2):
+                records.append(_parse_row(row, meta, f"{path}:{lineno}"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+        except csv.Error as exc:  # NUL bytes, unterminated quotes at EOF …
+            raise DataError(f"{path}: not a valid CSV file ({exc})") from None
     return records
 
 
@@ -248,6 +255,8 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
             raise DataError(f"{where}: box {box_cells} is not four numbers") from None
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
+    if not (row.get("image") or "").strip():
+        raise DataError(f"{where}: no image path")
     attrs = []
     for a in meta.attributes:
         cell = (row.get(f"attr_{a}") or "").strip()
@@ -289,7 +298,7 @@ def to_float_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
         out = array.astype(np.float32) / 255.0
     elif array.dtype == np.uint16:
         out = array.astype(np.float32) / 65535.0
-    elif np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+    elif array.dtype.kind in "iuf":  # not bool, complex, timedelta, datetime, strings
         out = array.astype(np.float32)
     else:
         raise DataError(f"{path}: unsupported pixel type {array.dtype}")

@@ -7,6 +7,7 @@ Defaults are the paper's settings (Adam, lr 1e-3) scaled to the built-in benchma
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,36 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got "
+                              f"{self.weight_decay}")
+        if self.width < 1:
+            raise ConfigError(f"width must be >= 1, got {self.width}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = PyTorch's default), got "
+                              f"{self.threads}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        from ..models import MODEL_NAMES
+
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"unknown model '{self.model}'; valid: {', '.join(MODEL_NAMES)}")
+        from ..explain import explainer_names
+
+        if self.eval_saliency not in explainer_names():
+            raise ConfigError(f"unknown eval_saliency '{self.eval_saliency}'; valid: "
+                              f"{', '.join(explainer_names())}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:k], got '{self.device}'")
         if self.scheduler not in ("cosine", "none"):
             raise ConfigError(f"scheduler must be cosine or none, got '{self.scheduler}'")
         if self.select_metric not in ("balanced_accuracy", "accuracy", "auc", "loss"):
             raise ConfigError("select_metric must be balanced_accuracy, accuracy, auc or loss")
-        if any(not 0 < f < 1 for f in self.deletion_fractions):
+        if not isinstance(self.deletion_fractions, list) or any(
+                isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1
+                for f in self.deletion_fractions):
             raise ConfigError("deletion_fractions must lie in (0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,8 +98,10 @@ def valid_keys() -> list[str]:
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
     """Coerce a parsed value to the type of the field's current value."""
-    if current is None or value is None:
+    if current is None:
         return value
+    if value is None:
+        raise ConfigError(f"{key}: expected {type(current).__name__}, got nothing (null)")
     try:
         if isinstance(current, bool):
             if isinstance(value, bool):
@@ -116,7 +140,7 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
         elif key in data:
             data[key] = _coerce(key, value, data[key])
         else:
-            raise ConfigError(f"unknown config key '{key}'; valid: {', '.join(valid_keys())}, "
+            raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(valid_keys())}, "
                               f"method.<parameter>")
     new = TrainConfig(**data)
     new.validate()

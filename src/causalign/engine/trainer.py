@@ -365,12 +365,16 @@ class Trainer:
         return out
 
     def _check_finite_weights(self, epoch: int) -> None:
-        """A finite loss can still come with a non-finite gradient on the last step; never
-        checkpoint or evaluate NaN weights (one host sync per epoch)."""
-        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        """A finite loss can still come with a non-finite gradient on the last step, and
+        BatchNorm statistics can overflow on absurd intensities; never checkpoint or evaluate
+        a non-finite model (one host sync per epoch)."""
+        tensors = list(self.model.parameters()) + [b for b in self.model.buffers()
+                                                   if b.is_floating_point()]
+        flags = [torch.isfinite(t).all() for t in tensors]
         if flags and not bool(torch.stack(flags).all()):
-            raise NumericalError(f"non-finite model weights after epoch {epoch} (a gradient "
-                                 f"overflowed); try a lower --lr or check the input scale")
+            raise NumericalError(f"non-finite model weights or BatchNorm statistics after "
+                                 f"epoch {epoch}; try a lower --lr or check the input "
+                                 f"intensity scale")
 
     def _score(self, metrics: dict) -> float:
         key = self.cfg.select_metric
@@ -396,7 +400,6 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.method.on_epoch_start(epoch)
                 row = {"epoch": epoch, **self._train_epoch(epoch, progress)}
-                self._check_finite_weights(epoch)
                 if self.scheduler is not None:
                     self.scheduler.step()
                 if self.cfg.bn_recalibrate:
@@ -404,6 +407,7 @@ class Trainer:
                                           self.cfg.batch_size, self.device)
                 if self.dist.enabled:  # every rank validates rank 0's BatchNorm statistics
                     D.broadcast_buffers(self.model)
+                self._check_finite_weights(epoch)
                 train_eval = self._quick_metrics(self.train_set)
                 row["train_accuracy"] = train_eval["accuracy"]
                 val = self._quick_metrics(self.val_set)

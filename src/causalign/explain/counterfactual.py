@@ -234,9 +234,21 @@ class InnerProblem:
     def terms(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(per-sample T, logits at x(u))."""
         logits = self.model(self.image(u))
-        ce = F.cross_entropy(logits, self.target, reduction="none")
+        if self.target.is_floating_point():
+            # Soft multi-label targets (hierarchical Eq. 7: x* explains â → a*): Σ_k BCE.
+            ce = F.binary_cross_entropy_with_logits(logits, self.target.to(logits.dtype),
+                                                    reduction="none").flatten(1).sum(1)
+        else:
+            ce = F.cross_entropy(logits, self.target, reduction="none")
         dist = distance_value(u - self.u0, self.distance, self.scale, self.eps)
         return ce + self.alpha * dist, logits
+
+    def reached(self, logits: Tensor) -> Tensor:
+        """Per sample: did the model reach the target? Class targets: argmax = y*; soft
+        attribute targets: every thresholded attribute agrees with the target's."""
+        if self.target.is_floating_point():
+            return ((logits > 0) == (self.target > 0.5)).flatten(1).all(1)
+        return logits.argmax(1) == self.target
 
     def curvature(self, u: Tensor) -> Tensor:
         """α·diag(∇²d) at u (the distance part of the Hessian)."""
@@ -418,7 +430,9 @@ class CounterfactualGenerator:
             if not bool(valid.all()):
                 raise ValueError("some samples already have the requested target class; "
                                  "select valid samples first (counterfactual_targets)")
-        target = target.to(x0.device).long()
+        target = target.to(x0.device)
+        if not target.is_floating_point():  # float = soft attribute targets (Eq. 7)
+            target = target.long()
         prob = self.problem(x0, target)
         u0 = prob.u0
         warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
@@ -438,9 +452,13 @@ class CounterfactualGenerator:
         if logits is not None:
             finite = torch.isfinite(logits).all(1)
             ok = ok & finite
-            probs = logits.softmax(1)
-            target_prob = torch.where(ok, probs.gather(1, target[:, None])[:, 0], 0.0)
-            flipped = ok & (logits.argmax(1) == target)
+            if target.is_floating_point():  # soft targets: mean agreement 1 − |σ(z) − a*|
+                agree = 1 - (logits.sigmoid() - target).abs().flatten(1).mean(1)
+                target_prob = torch.where(ok, agree, 0.0)
+            else:
+                probs = logits.softmax(1)
+                target_prob = torch.where(ok, probs.gather(1, target[:, None])[:, 0], 0.0)
+            flipped = ok & prob.reached(logits)
         diverged = ~ok
         if bool(diverged.any()):
             u = torch.where(ok.view(shape), u, u0)
@@ -470,5 +488,7 @@ def _adam(prob: InnerProblem, u: Tensor, steps: int, lr: float, beta1: float = 0
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             step = lr / (1 - beta1 ** t)
             denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
-            u = uu.detach().addcdiv_(m, denom, value=-step)
+            # (m / denom)·step, not addcdiv_(value=-step): an absurd step size must give inf
+            # (then flagged as diverged), not a float-overflow exception
+            u = uu.detach().sub_(m.div(denom).mul_(step))
     return u.detach()

@@ -3,8 +3,10 @@
 Per image: OUT/cf/<id>.npy (x*, float32, the image's shape), OUT/triptychs/<id>.png
 (original | x* | signed change, red = increase, blue = decrease, like seed 000 Fig. 9), and
 OUT/summary.json (flip rate, mean distance, share of the change inside the annotation, one
-record per sample). The counterfactual flips the model's *prediction* (y = predicted class):
-it explains what the model decided, which is what a reader of the figure asks about.
+record per sample). For a hierarchical X→A→Y model each record also holds the predicted
+attributes at x and at x* (â → a*) and which of them flipped, shown under the triptych.
+The counterfactual flips the model's *prediction* (y = predicted class): it explains what
+the model decided, which is what a reader of the figure asks about.
 """
 
 from __future__ import annotations
@@ -55,6 +57,36 @@ def change_in_region(change: Tensor, region: Tensor) -> Tensor:
     inside = (a * (region > 0).flatten(1).to(a.dtype)).sum(1)
     total = a.sum(1)
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.nan)
+
+
+def attribute_changes(model: nn.Module, x: Tensor, x_star: Tensor,
+                      names: list[str]) -> list[dict] | None:
+    """Hierarchical models (``model.attributes(x)`` → attribute logits): per sample the
+    predicted attributes â at x and a* at x*, and the attributes whose thresholded value
+    changed (e.g. "spiculation 0.91→0.12"). None for flat classifiers."""
+    if not callable(getattr(model, "attributes", None)) or not names or len(x) == 0:
+        return None
+    with torch.no_grad():
+        before = model.attributes(x).float().sigmoid().cpu()
+        after = model.attributes(x_star).float().sigmoid().cpu()
+    out = []
+    for b, a in zip(before, after, strict=True):
+        changed = [f"{n} {float(bv):.2f}→{float(av):.2f}"
+                   for n, bv, av in zip(names, b, a, strict=True) if (bv > 0.5) != (av > 0.5)]
+        out.append({"attributes_before": {n: float(v) for n, v in zip(names, b, strict=True)},
+                    "attributes_after": {n: float(v) for n, v in zip(names, a, strict=True)},
+                    "attributes_changed": changed})
+    return out
+
+
+def attribute_change_rates(records: list[dict], names: list[str]) -> dict:
+    """Share of counterfactuals in which each attribute's thresholded prediction flipped."""
+    rows = [r for r in records if "attributes_changed" in r]
+    if not rows:
+        return {}
+    return {"attribute_change_rate": {
+        n: float(np.mean([any(c.split(" ")[0] == n for c in r["attributes_changed"])
+                          for r in rows])) for n in names}}
 
 
 def resolve_autoencoder(run: Path | None, train_images: Tensor, device, path: Path | None,
@@ -125,6 +157,8 @@ def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
         region = torch.where(batch["has_mask"].view(-1, *[1] * (x.dim() - 1)), batch["mask"],
                              batch["box_mask"])
         share = change_in_region(res.change, region[valid])
+        attrs = attribute_changes(model, x[valid], res.x_star,
+                                  list(dataset.meta.attributes))
         j = 0
         for k, i in enumerate(idx.tolist()):
             rec = dataset.records[i]
@@ -141,6 +175,7 @@ def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
                 target=int(res.target[j]), flipped=bool(res.flipped[j]),
                 target_prob=float(res.target_prob[j]), distance=float(res.distance[j]),
                 diverged=bool(res.diverged[j]),
+                **(attrs[j] if attrs is not None else {}),
                 change_in_mask=float(share[j]) if annotated and bool(share[j].isfinite())
                 else None)
             img = x[k].float().cpu().numpy()
@@ -152,6 +187,8 @@ def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
             title = (f"{rec.id}  pred {int(pred[k])} → {int(res.target[j])}  "
                      f"p={float(res.target_prob[j]):.2f}"
                      + ("" if bool(res.flipped[j]) else "  (not flipped)"))
+            if attrs is not None and attrs[j]["attributes_changed"]:
+                title += "\n" + ", ".join(attrs[j]["attributes_changed"])
             counterfactual_triptych(img, xs, reg, out / "triptychs" / f"{rec.id}.png", title)
             if len(grid) < 8:
                 grid.append((img, xs, reg if reg is not None else np.zeros(img.shape[1:]),
@@ -173,6 +210,7 @@ def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
         "mean_distance": float(np.mean([r["distance"] for r in done])) if done else None,
         "change_in_mask": float(np.mean(shares)) if shares else None,
         "n_diverged": int(sum(r["diverged"] for r in done)),
+        **attribute_change_rates(done, list(dataset.meta.attributes)),
         "settings": asdict(settings), "out": str(out), "samples": records,
     }
     atomic_write_json(out / "summary.json", summary)

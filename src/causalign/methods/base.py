@@ -51,6 +51,14 @@ class Method:
     Params: type = NoParams
     # Does the method need annotations (masks/boxes) at training time?
     uses_annotations: bool = False
+    # True when the loss is only forward passes of the classifier (no torch.autograd.grad,
+    # no double backward, no access to its submodules) and the trainer's backward() makes
+    # every gradient: then the trainer may hand it a DistributedDataParallel / torch.compile
+    # wrapper and run it under bf16 autocast. False (safe default): the bare module, float32,
+    # gradients all-reduced after backward (engine/distributed.py).
+    plain_forward: bool = False
+    # Set by the trainer: torch.bfloat16 when the `amp` config is on, else None.
+    amp_dtype: Any = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -74,6 +82,17 @@ class Method:
             raise CausalignError(f"model '{cfg.model}' takes volumes (C,D,H,W); this dataset "
                                  f"holds 2D images of shape {info.image_shape}")
         return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width)
+
+    def classifier_autocast(self, device) -> Any:
+        """Context for a classifier forward that may run in bf16 when `amp` is on; keep
+        counterfactual inner loops, CG and saliency maps outside it (float32)."""
+        import contextlib
+
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.amp_dtype)
 
     def model_input(self, batch: dict[str, Tensor]) -> Tensor:
         """The tensor the classifier sees for this batch (same at train and test time)."""

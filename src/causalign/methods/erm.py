@@ -10,6 +10,7 @@ from .base import LossOutput, Method, register_method
 
 @register_method("erm")
 class ERM(Method):
+    plain_forward = True
     def loss(self, model: nn.Module, batch) -> LossOutput:
         logits = model(self.model_input(batch))
         ce = F.cross_entropy(logits, batch["label"])

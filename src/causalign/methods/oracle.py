@@ -30,6 +30,7 @@ class OracleParams:
 class Oracle(Method):
     Params = OracleParams
     uses_annotations = True
+    plain_forward = True
 
     def model_input(self, batch: dict[str, Tensor]) -> Tensor:
         x = batch["image"]

@@ -41,6 +41,10 @@ Choices, and why:
   sit at the same place in every image, the positive contrast does not remove the lesion too.
 * The L_con schedule (App. D) multiplies w_con by ``con_boost`` from epoch
   ``con_boost_epoch`` + 1 on; ``con_boost`` = 1 (default) switches it off, 100 is App. D's.
+* ``fraction`` < 1 (speed option, not in the paper) computes the maps and both contrasts for a
+  random ⌈fraction·N⌉ of the batch each step (L_cls always uses the whole batch). L_con, L_reg
+  and L_ad are batch means, so this is an unbiased estimate of the same loss at about
+  ``fraction`` of the saliency and contrast cost.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class PPIParams:
     con_boost_epoch: int = 20
     shift_masks: bool = False  # App. F mask shifting for the adversarial contrasts
     shift_max: float = 0.25
+    fraction: float = 1.0  # share of the batch that gets maps and contrasts (speed option)
 
     def validate(self) -> None:
         if self.saliency not in BACKENDS:
@@ -104,6 +109,8 @@ class PPIParams:
                 raise ConfigError(f"method.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.shift_max < 1:
             raise ConfigError(f"method.shift_max must lie in (0, 1), got {self.shift_max}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"method.fraction must lie in (0, 1], got {self.fraction}")
 
 
 # ------------------------------------------------------------------ masks (pure functions)
@@ -299,6 +306,11 @@ class PPI(Method):
         logits = model(x)
         l_cls = F.cross_entropy(logits, y)
         w_con = self.con_weight_now()
+        if p.fraction < 1:  # maps and contrasts for a random subset (unbiased batch means)
+            k = max(2, math.ceil(p.fraction * n))
+            if k < n:
+                idx = torch.randperm(n, device=x.device)[:k]
+                x, y, n = x[idx], y[idx], k
         w_ad = p.ad_weight if n >= 2 else 0.0  # a derangement needs two images
         parts = {"cls": float(l_cls.detach()), "con_weight": w_con}
         total = p.cls_weight * l_cls

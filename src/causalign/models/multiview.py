@@ -14,9 +14,10 @@ the model plugs into every loss, metric and explainer that expects logits.
 + δ)/τ), δ is a shift common to every slice and cancels in the softmax, so it could neither
 stabilise nor be trained. Inside, a high initial δ keeps the ReLU open for every slice (all
 attention logits get gradient early on); as attention logits spread, slices with a_i < −δ are
-clipped to a common floor and δ receives gradient. τ is a fixed temperature (small sharpens
-the attention). In train mode each sample sees a random subset of its slices (the paper: 10 of
-100, to save compute); in eval mode every slice is used.
+clipped to a common floor and δ receives gradient. τ is the temperature (small sharpens the
+attention): fixed, as in the paper, or trainable with ``learn_tau=True`` (parametrised as
+τ = exp(log τ), so it stays positive). In train mode each sample sees a random subset of its
+slices (the paper: 10 of 100, to save compute); in eval mode every slice is used.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class MultiViewCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_outputs: int = 2, width: int = 16,
                  max_slices: int = 512, position_dim: int = 6, train_slices: float = 0.5,
-                 tau: float = 0.25, delta_init: float = 3.0) -> None:
+                 tau: float = 0.25, delta_init: float = 3.0, learn_tau: bool = False) -> None:
         super().__init__()
         if not 0 < train_slices:
             raise ValueError(f"train_slices must be > 0, got {train_slices}")
@@ -48,7 +49,11 @@ class MultiViewCNN(nn.Module):
         self.attention = nn.Linear(feat + position_dim, 1)  # FC₂
         self.attention_act = nn.ReLU()
         self.delta = nn.Parameter(torch.tensor(float(delta_init)))
-        self.register_buffer("tau", torch.tensor(float(tau)))
+        if learn_tau:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        else:
+            self.register_buffer("tau", torch.tensor(float(tau)))
+        self.learn_tau = learn_tau
         self.max_slices = max_slices
         self.train_slices = train_slices
         self.num_outputs = num_outputs
@@ -69,6 +74,10 @@ class MultiViewCNN(nn.Module):
         order = torch.rand(n, depth, device=device).argsort(dim=1)
         return order[:, :k].sort(dim=1).values
 
+    def temperature(self) -> Tensor:
+        """τ (a scalar tensor; differentiable when learned)."""
+        return self.log_tau.exp() if self.learn_tau else self.tau
+
     def attention_weights(self, features: Tensor, slices: Tensor) -> Tensor:
         """w (N, k) from slice features (N, k, F) and slice indices (N, k); rows sum to 1."""
         return self._log_weights(features, slices).exp()
@@ -76,7 +85,7 @@ class MultiViewCNN(nn.Module):
     def _log_weights(self, features: Tensor, slices: Tensor) -> Tensor:
         e = self.position(slices)
         a = self.attention(torch.cat([features, e], dim=-1)).squeeze(-1)
-        return F.log_softmax(self.attention_act(a + self.delta) / self.tau, dim=1)
+        return F.log_softmax(self.attention_act(a + self.delta) / self.temperature(), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:

@@ -28,13 +28,17 @@ def read_pixels(pydicom: Any, path: Path) -> tuple[np.ndarray, Any]:
     try:
         ds = pydicom.dcmread(str(path))
         arr = ds.pixel_array.astype(np.float32)
-    except Exception as exc:
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    except Exception as exc:  # also a RescaleSlope/Intercept that is not a number
         raise SkipItem("unreadable DICOM", f"{path}: {type(exc).__name__}: {exc}") from None
     if arr.ndim != 2:
         raise SkipItem("unsupported DICOM", f"{path}: pixel array of shape {arr.shape}")
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    arr = arr * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr * slope + intercept
+    if not np.isfinite(arr).all():
+        raise SkipItem("unreadable DICOM", f"{path}: non-finite pixel values after rescale "
+                       f"(RescaleSlope {slope}, RescaleIntercept {intercept})")
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = arr.max() - arr
     return arr, ds

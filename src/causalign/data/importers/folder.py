@@ -112,6 +112,7 @@ class FolderImporter(Importer):
         suffix = re.escape(self.opts.mask_suffix)
         mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$")
         items = []
+        seen: dict[str, int] = {}  # non-ASCII names can map to the same id ('良性/1' → '1')
         for k, cls in enumerate(self.classes):
             files = sorted(p for p in (self.src / cls).rglob("*")
                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -129,7 +130,13 @@ class FolderImporter(Importer):
                 self.skip(rel(masks[key][0], self.src), "mask without image")
             for p in images:
                 r = p.relative_to(self.src)
-                items.append(_Item(sid=safe_id(str(r.with_suffix(""))), source=str(r), image=p,
+                sid = safe_id(str(r.with_suffix("")))
+                if sid in seen:
+                    seen[sid] += 1
+                    sid = f"{sid}_{seen[sid]}"
+                else:
+                    seen[sid] = 0
+                items.append(_Item(sid=sid, source=str(r), image=p,
                                    label=k, masks=masks.get(p.parent / p.stem, [])))
         return items
 

@@ -1,0 +1,23 @@
+"""The annotated region of a batch, shared by the annotation-guided baselines.
+
+The annotated area is the pixel mask when a sample has one, else its box (as in the oracle);
+samples with neither are reported by ``annotated`` so a method can skip them (never treated
+as an all-zero annotation).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def annotation_region(batch: dict[str, Tensor], region: str = "mask") -> tuple[Tensor, Tensor]:
+    """(region (N, 1, ...) in {0, 1}, annotated (N,) bool).
+
+    ``region="mask"``: the pixel mask, the box for samples without one; ``"box"``: the box
+    (the mask for samples that only have a mask: ``box_mask`` already holds it)."""
+    shape = (-1, *[1] * (batch["mask"].dim() - 1))
+    if region == "mask":
+        area = batch["mask"].where(batch["has_mask"].view(shape), batch["box_mask"])
+    else:
+        area = batch["box_mask"]
+    return area.float(), batch["has_annotation"].bool()

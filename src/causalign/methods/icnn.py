@@ -1,0 +1,59 @@
+"""ICNN baseline (Zhang et al. 2018): the interpretable-CNN model (models/icnn.py) trained
+with cross-entropy plus λ × the mean filter loss −MI(X; T) of its interpretable layer.
+
+No annotation is used: ICNN makes filters part-like, it does not say which parts are the
+right ones (paper 000 §5.2 lists it among the methods without an explicit alignment
+constraint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.icnn import ICNN, filter_loss
+from .base import DataInfo, LossOutput, Method, register_method
+
+
+@dataclass
+class ICNNParams:
+    lam: float = 1.0  # weight of the mean filter loss
+    beta: float = 4.0  # template fall-off β
+    label_mask: bool = False  # paper's train-time T⁻ mask for other categories' images
+
+    def validate(self) -> None:
+        if not self.lam >= 0 or not self.beta > 0:
+            raise ConfigError("method.lam must be >= 0 and method.beta > 0")
+
+
+@register_method("icnn")
+class ICNNMethod(Method):
+    Params = ICNNParams
+
+    def build_model(self, cfg, info: DataInfo) -> nn.Module:
+        if len(info.image_shape) != 3:
+            raise ConfigError("icnn takes 2D images (C, H, W)")
+        model = ICNN(info.in_channels, info.num_classes, width=cfg.width)
+        model.interpretable.beta = self.params.beta
+        return model
+
+    def loss(self, model: nn.Module, batch) -> LossOutput:
+        x = self.model_input(batch)
+        y = batch["label"]
+        layer = model.interpretable
+        owner = model.filter_class  # (C_filters,) category of each filter
+        if self.params.label_mask:
+            layer.negative = y[:, None] != owner[None]
+        try:
+            logits = model(x)
+        finally:
+            layer.negative = None
+        ce = F.cross_entropy(logits, y)
+        share = torch.stack([(y == k).float().mean() for k in range(model.num_outputs)])
+        floss = filter_loss(layer.last_maps, share[owner], self.params.beta).mean()
+        total = ce + self.params.lam * floss
+        return LossOutput(total, {"ce": float(ce.detach()), "filter": float(floss.detach())})

@@ -1,0 +1,345 @@
+"""DIR/report.html: one self-contained page (every image embedded as base64 PNG) for a
+benchmark folder — the tables (mean (std), best in bold), runs that failed or were skipped,
+a CAM overlay grid method × case (paper 000 Fig. 4), counterfactual triptychs (Fig. 9),
+deletion curves, and a cross-site AUC heat-map when DIR/cross_site.json exists (written by
+benchmarks/cross_site.py).
+
+Figures are also kept as PNG files in DIR/figures/.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CausalignError
+from ..io import atomic_write_text
+
+CASES = 6
+CF_CASES = 4
+CF_PREFERENCE = ("causal-align", "hier-align", "ppi", "erm")
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table_html(t) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    body = []
+    for row, bold in zip(t.rows, t.bold, strict=True):
+        cells = [f"<th>{html.escape(row[0])}</th>"]
+        for c, b in zip(row[1:], bold, strict=True):
+            cells.append(f"<td><b>{html.escape(c)}</b></td>" if b else
+                         f"<td>{html.escape(c)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in t.notes)
+    return (f"<h3>{html.escape(t.title)}</h3><table class='results'><thead><tr>{head}</tr>"
+            f"</thead><tbody>{''.join(body)}</tbody></table><ul class='notes'>{notes}</ul>")
+
+
+def _reference_html(ref: dict | None) -> str:
+    if not ref:
+        return ""
+    cols = ref.get("columns", [])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in ["", *cols])
+    rows = "".join("<tr><th>" + html.escape(str(k)) + "</th>" +
+                   "".join(f"<td>{html.escape(str(v))}</td>" for v in vals) + "</tr>"
+                   for k, vals in (ref.get("rows") or {}).items())
+    return (f"<p class='ref'>Paper's numbers, for reference only "
+            f"({html.escape(str(ref.get('source', 'paper')))}):</p>"
+            f"<table class='reference'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>"
+            f"</table>")
+
+
+def _finished(results: dict) -> list[dict]:
+    return [r for r in results["runs"] if r["status"] == "done"]
+
+
+def _pick_runs(results: dict, dataset: str) -> dict[str, dict]:
+    """One finished run per method label on a dataset: default setting, lowest seed."""
+    out: dict[str, dict] = {}
+    for r in sorted(_finished(results), key=lambda r: (r["setting"] != "default", r["seed"])):
+        if r["dataset"] == dataset and r["label"] not in out:
+            out[r["label"]] = r
+    return out
+
+
+def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASES) -> bool:
+    """Grad-CAM of the predicted class, method × the same test cases (paper 000 Fig. 4)."""
+    from ..data.format import LesionDataset
+    from ..engine.trainer import load_run
+    from ..explain import get_explainer, saliency_map
+    from .figures import cam_grid
+
+    runs = _pick_runs(results, dataset)
+    if not runs:
+        return False
+    first = next(iter(runs.values()))
+    _, _, _, data = load_run(out / first["run_dir"], device="cpu")
+    test = LesionDataset(data, "test")
+    if len(test.image_shape) != 3:
+        return False
+    n = min(n, len(test))
+    # cases with a lesion annotation, both classes when possible
+    order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
+        list(range(len(test)))
+    idx = torch.tensor(_balanced(order, test.labels, n))
+    batch = test.batch(idx)
+    maps, titles = {}, None
+    for label, r in runs.items():
+        try:
+            _, model, method, _ = load_run(out / r["run_dir"], device="cpu", data=data)
+        except CausalignError:
+            continue
+        x = method.model_input(batch)
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        cam = saliency_map(get_explainer("gradcam", model).attribute(x, target=pred))
+        maps[label] = cam.detach().float().numpy()
+        if titles is None:
+            titles = [f"y={int(batch['label'][i])}" for i in range(len(idx))]
+    if not maps:
+        return False
+    cam_grid(batch["image"].numpy(), batch["box_mask"][:, 0].numpy(), maps, path,
+             row_titles=titles)
+    return True
+
+
+def _balanced(order: list[int], labels, n: int) -> list[int]:
+    by = {}
+    for i in order:
+        by.setdefault(int(labels[i]), []).append(i)
+    out: list[int] = []
+    while len(out) < n and any(by.values()):
+        for k in sorted(by):
+            if by[k] and len(out) < n:
+                out.append(by[k].pop(0))
+    return out
+
+
+def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
+                          n: int = CF_CASES) -> str | None:
+    """Triptychs original | x* | x* − x for the preferred method's run (paper 000 Fig. 9);
+    returns the label of the run shown."""
+    from ..data.format import LesionDataset
+    from ..engine.trainer import load_run
+    from ..explain.counterfactual import CounterfactualGenerator
+    from ..explain.counterfactual_export import settings_for_run
+    from .figures import counterfactual_grid
+
+    runs = _pick_runs(results, dataset)
+    chosen = None
+    for pref in CF_PREFERENCE:
+        for label, r in runs.items():
+            if r["method"] == pref:
+                chosen = (label, r)
+                break
+        if chosen:
+            break
+    if chosen is None and runs:
+        chosen = next(iter(runs.items()))
+    if chosen is None:
+        return None
+    label, r = chosen
+    _, model, method, data = load_run(out / r["run_dir"], device="cpu")
+    settings = settings_for_run(method)
+    if settings.space != "pixel" or settings.distance.startswith("scaled"):
+        settings.space, settings.distance = "pixel", "l1"  # no extra training for a figure
+    test = LesionDataset(data, "test")
+    if len(test.image_shape) != 3:
+        return None
+    order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
+        list(range(len(test)))
+    idx = torch.tensor(_balanced(order, test.labels, min(n, len(test))))
+    batch = test.batch(idx)
+    x = method.model_input(batch)
+    gen = CounterfactualGenerator(model, alpha=settings.alpha, steps=settings.steps,
+                                  lr=settings.lr, distance=settings.distance, eps=settings.eps,
+                                  target_rule=settings.target)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    target, valid = gen.targets(x, pred)
+    if not bool(valid.any()):
+        return None
+    res = gen.generate(x[valid], target=target[valid])
+    region = torch.where(batch["has_mask"].view(-1, 1, 1, 1), batch["mask"],
+                         batch["box_mask"])[valid][:, 0]
+    titles = [f"{int(p)}→{int(t)}" + ("" if bool(f) else " (no flip)")
+              for p, t, f in zip(pred[valid], res.target, res.flipped, strict=True)]
+    counterfactual_grid(x[valid].numpy(), res.x_star.numpy(), region.numpy(), path,
+                        row_titles=titles)
+    return label
+
+
+def deletion_figure(results: dict, path: Path) -> bool:
+    """Mean drop of the predicted class's probability after deleting the top-k salient pixels
+    (k as a fraction of the image), per method (default setting, mean over seeds)."""
+    from .figures import _plt
+
+    curves: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in _finished(results):
+        if r["setting"] != "default":
+            continue
+        dele = ((r.get("metrics") or {}).get("test") or {}).get("deletion") or {}
+        for k, v in dele.items():
+            if v is not None:
+                curves.setdefault((r["dataset"], r["label"]), {}).setdefault(k, []).append(v)
+    if not curves:
+        return False
+    datasets = sorted({d for d, _ in curves})
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.4),
+                             squeeze=False)
+    for ax, d in zip(axes[0], datasets, strict=True):
+        for (dd, label), pts in sorted(curves.items()):
+            if dd != d:
+                continue
+            ks = sorted(pts, key=float)
+            ax.plot([float(k) for k in ks], [float(np.mean(pts[k])) for k in ks], marker="o",
+                    label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of pixels deleted (top-k salient)")
+        ax.set_ylabel("drop of predicted-class probability")
+        ax.set_title(d, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    from ..io import atomic_savefig
+
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def cross_site_figure(src: Path, path: Path) -> bool:
+    """Heat-maps of a cross_site.json (train site × test site AUC), one per method."""
+    from .figures import _plt
+
+    try:
+        data = json.loads(src.read_text())
+    except (OSError, ValueError):
+        return False
+    mats = {k: np.asarray(v["auc"], dtype=float) for k, v in data.items()
+            if isinstance(v, dict) and isinstance(v.get("auc"), list)}
+    if not mats:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.6 * len(mats), 3.2), squeeze=False)
+    for ax, (name, m) in zip(axes[0], mats.items(), strict=True):
+        im = ax.imshow(m, vmin=0.5, vmax=1.0, cmap="viridis")
+        k = len(m)
+        names = [chr(ord("A") + i) for i in range(k)]
+        ax.set_xticks(range(k), names)
+        ax.set_yticks(range(k), names)
+        ax.set_xlabel("test site")
+        ax.set_ylabel("train site")
+        ax.set_title(name, fontsize=9)
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] < 0.75 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    from ..io import atomic_savefig
+
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em}
+th,td{border:1px solid #bbb;padding:3px 8px;text-align:right;font-size:13px}
+thead th{background:#eee}tbody th{text-align:left;background:#f7f7f7}
+ul.notes{font-size:12px;color:#555}p.ref{font-size:13px;color:#555}
+img{max-width:100%;border:1px solid #ddd;margin:.3em 0}
+.failed{color:#a00}.skipped{color:#a60}
+"""
+
+
+def write_report(out: str | Path, progress: bool = False, cross_site: Path | None = None
+                 ) -> Path:
+    """Build OUT/report.html from OUT/results.json (and the runs' checkpoints)."""
+    from ..engine.benchmark import (
+        experiment_table,
+        experiments_from_results,
+    )
+
+    out = Path(out)
+    res_path = out / "results.json"
+    if not res_path.exists():
+        raise CausalignError(f"{res_path}: missing (run `causalign benchmark` first)")
+    results = json.loads(res_path.read_text())
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    runs = results["runs"]
+    n = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "skipped")}
+    parts = [f"<h1>causalign benchmark — {html.escape(results.get('suite', ''))}</h1>",
+             f"<p>{html.escape(results.get('description', ''))}</p>",
+             f"<p>{n['done']} runs done, {n['failed']} failed, {n['skipped']} skipped; "
+             f"generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+             "<h2>Tables</h2>"]
+    for e in experiments_from_results(results):
+        parts.append(_table_html(experiment_table(e, runs)))
+        parts.append(_reference_html(e.reference))
+    problems = [r for r in runs if r["status"] != "done"]
+    if problems:
+        parts.append("<h2>Runs not finished</h2><ul>")
+        for r in problems:
+            parts.append(f"<li class='{r['status']}'>{html.escape(r['key'])}: {r['status']} — "
+                         f"{html.escape(str(r.get('error') or r.get('reason')))}</li>")
+        parts.append("</ul>")
+    datasets = []
+    for r in _finished(results):
+        if r["dataset"] not in datasets:
+            datasets.append(r["dataset"])
+    if datasets:
+        parts.append("<h2>CAM overlays (Fig. 4)</h2><p>Grad-CAM of the predicted class at "
+                     "the last conv layer; the red box is the annotated lesion. Rows: test "
+                     "cases, columns: methods (default setting, lowest seed).</p>")
+    for d in datasets[:3]:
+        p = figs / f"cam_grid_{d}.png"
+        try:
+            if cam_figure(out, results, d, p):
+                parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"CAM grid {d}"))
+        except Exception as exc:  # a figure must not sink the report
+            parts.append(f"<p class='failed'>CAM grid for {html.escape(d)} failed: "
+                         f"{html.escape(str(exc))}</p>")
+    if datasets:
+        d = datasets[0]
+        p = figs / f"counterfactuals_{d}.png"
+        try:
+            label = counterfactual_figure(out, results, d, p)
+            if label:
+                parts.append(f"<h2>Counterfactuals (Fig. 9)</h2><p>{html.escape(label)} on "
+                             f"{html.escape(d)}: original | counterfactual x* (the model's "
+                             f"prediction flipped) | x* − x (red: brighter, blue: darker; "
+                             f"black outline: annotation).</p>" + _img(p, "counterfactuals"))
+        except Exception as exc:
+            parts.append(f"<p class='failed'>counterfactual figure failed: "
+                         f"{html.escape(str(exc))}</p>")
+    p = figs / "deletion.png"
+    if deletion_figure(results, p):
+        parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
+                     "class's probability after zeroing the top-k Grad-CAM pixels (higher = "
+                     "the saliency points at what the model uses).</p>" + _img(p, "deletion"))
+    cs = cross_site if cross_site is not None else out / "cross_site.json"
+    p = figs / "cross_site.png"
+    if cs.exists() and cross_site_figure(cs, p):
+        parts.append("<h2>Cross-site generalisation</h2><p>Test AUC, model trained on the "
+                     "row's site and tested on the column's site.</p>" + _img(p, "cross-site"))
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>causalign report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    path = out / "report.html"
+    atomic_write_text(path, page)
+    path.chmod(0o644)  # a page to share: readable like any other output file
+    return path
