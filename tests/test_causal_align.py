@@ -190,6 +190,25 @@ def test_align_every_n_steps_and_align_batch():
     assert "n_align" not in flags[1]
 
 
+def test_balance_caps_the_alignment_gradient_norm():
+    """balance = ρ: ‖λ·dL_align/dθ‖ ≤ ρ·‖∇CE‖, same direction as without the cap."""
+    batch = _batch(n=4)
+    grads = {}
+    for rho in (0.0, 0.05):
+        model = _small_cnn()
+        method = build_method("causal-align", dict(FAST, lam=2.0, balance=rho))
+        out = method(model, batch)
+        g_ce = _ce_grad(model, batch)
+        grads[rho] = (_grads(model, out.total) - g_ce, g_ce, out.parts)
+    free, g_ce, parts = grads[0.0]
+    capped, _, capped_parts = grads[0.05]
+    assert "align_grad_scale" not in parts
+    assert free.norm() > 0.05 * g_ce.norm()  # the cap binds on this batch
+    assert 0 < capped_parts["align_grad_scale"] < 1
+    torch.testing.assert_close(capped.norm(), 0.05 * g_ce.norm(), rtol=1e-3, atol=1e-7)
+    assert F.cosine_similarity(capped, free, 0) > 0.999
+
+
 class _NaNWhenMoved(nn.Module):
     """Sample 0's logits turn NaN as soon as its input leaves x0 (a diverging inner solve)."""
 

@@ -279,6 +279,26 @@ def test_cli_counterfactual_writes_triptychs(erm_run, tmp_path):
     assert summary["mean_distance"] > 0 and (out / "grid.png").exists()
 
 
+def test_cli_counterfactual_ista(erm_run, tmp_path, capsys):
+    import json
+
+    from causalign.cli import main
+
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(erm_run), "--out", str(out), "--limit", "3", "--steps",
+                 "20", "--lr", "0.05", "--optimizer", "ista"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_generated"] == 3 and summary["mean_distance"] > 0
+    x_star = np.stack([np.load(out / "cf" / f"{r['id']}.npy") for r in summary["samples"]])
+    import yaml
+
+    ds = LesionDataset(yaml.safe_load((erm_run / "config.yaml").read_text())["data"], "test")
+    unchanged = (x_star == ds.images[:3].numpy()).mean()
+    assert unchanged > 0.2  # sparse: many pixels exactly as they were
+    assert main(["counterfactual", str(erm_run), "--out", str(out), "--optimizer", "lbfgs"]) != 0
+    assert "unknown optimizer 'lbfgs'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_counterfactual_latent_space(erm_run, tmp_path):
     """--space latent trains an autoencoder on the run's training split, saves it, reuses it."""
@@ -316,3 +336,42 @@ def test_change_map_colours(tmp_path):
     _, x_blue = np.nonzero(blue)
     assert len(x_red) > 50 and len(x_blue) > 50
     assert x_red.mean() < x_blue.mean()  # red on the left (increase), blue on the right
+
+
+def test_ista_one_step_moves_exactly_the_pixels_past_the_l1_threshold(trained):
+    """One proximal step from x0: a pixel changes iff |∂CE/∂x| > α (the l1 optimality
+    condition), by lr·|g|/max|g| − threshold, whatever the step size."""
+    model, ds = trained
+    x = ds.images[:6]
+    target = 1 - ds.labels[:6]
+    alpha = 0.02
+    gen = CounterfactualGenerator(model, alpha=alpha, steps=1, lr=0.05, optimizer="ista")
+    res = gen.generate(x, target=target)
+    xx = x.clone().requires_grad_(True)
+    with eval_mode(model):
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xx), target, reduction="sum"), xx)
+    moved = (res.x_star - x).abs() > 0
+    assert torch.equal(moved, g.abs() > alpha)
+    assert 0 < moved.float().mean() < 1  # a real mix on this model
+    eta = 0.05 / g.abs().flatten(1).amax(1).view(-1, 1, 1, 1)
+    expect = -g.sign() * (eta * (g.abs() - alpha)).clamp_min(0)
+    torch.testing.assert_close(res.x_star - x, expect, rtol=1e-4, atol=1e-6)
+
+
+def test_ista_is_sparser_than_adam_and_flips(trained):
+    model, ds = trained
+    x = ds.images[:16]
+    adam = CounterfactualGenerator(model, alpha=0.005, steps=60, lr=0.02).generate(x)
+    ista = CounterfactualGenerator(model, alpha=0.005, steps=60, lr=0.05,
+                                   optimizer="ista").generate(x)
+    # the same problem solved better: a lower objective T = CE(y*) + α·‖δ‖₁ with a several
+    # times smaller change (Adam moves every pixel)
+    objective = lambda r: -r.target_prob.log() + 0.005 * r.distance  # noqa: E731
+    assert objective(ista).mean() < objective(adam).mean()
+    assert ista.distance.mean() < 0.25 * adam.distance.mean()
+    unchanged = lambda r: ((r.x_star - x).abs() == 0).float().mean()  # noqa: E731
+    assert unchanged(ista) > 0.2 and unchanged(adam) < 0.01
+    assert ista.flipped.float().mean() >= 0.75, ista.flipped
+    assert not ista.diverged.any()
+    with pytest.raises(ConfigError, match="unknown counterfactual optimizer 'lbfgs'"):
+        CounterfactualGenerator(model, optimizer="lbfgs")

@@ -40,9 +40,10 @@ def test_erm_run_folder_and_metrics(tiny_data, tmp_path):
     assert len(hist) == 3 and "val_balanced_accuracy" in hist[0]
 
 
-def test_resume_matches_uninterrupted(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", ["none", "dihedral"])
+def test_resume_matches_uninterrupted(tiny_data, tmp_path, monkeypatch, augment):
     full = tmp_path / "full"
-    cfg = _cfg(epochs=3, deterministic=True)
+    cfg = _cfg(epochs=3, deterministic=True, augment=augment)
     train(tiny_data, cfg, full, progress=False)
     part = tmp_path / "part"
     original = Trainer._save_state
@@ -128,3 +129,28 @@ def test_config_overrides_and_errors():
         apply_overrides(TrainConfig(), {"epochs": "many"})
     with pytest.raises(ConfigError, match="unknown parameter.*'oracle'; valid: method.region"):
         build_method("oracle", {"alpha": 1})
+
+
+def test_dihedral_augment_moves_masks_with_image():
+    from causalign.engine.trainer import dihedral_augment
+    g = torch.Generator().manual_seed(0)
+    n, size = 64, 8
+    mask = torch.zeros(n, 1, size, size)
+    mask[:, :, 1, 2] = 1  # one off-diagonal, off-centre pixel: every transform moves it
+    image = torch.rand(n, 1, size, size) * (1 - mask) + 2 * mask  # value 2 marks the mask
+    batch = {"image": image, "mask": mask, "box_mask": mask.clone(),
+             "label": torch.zeros(n, dtype=torch.long)}
+    out = dihedral_augment(batch, g)
+    assert torch.equal(out["mask"].bool(), out["image"] == 2)
+    assert torch.equal(out["box_mask"], out["mask"])
+    assert torch.equal(batch["mask"], mask)  # the input batch is not modified
+    # all 8 elements of the dihedral group show up over 64 draws
+    where = {tuple(m.nonzero()[0].tolist()) for m in out["mask"][:, 0]}
+    assert len(where) == 8
+    again = dihedral_augment(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(again["image"], out["image"])
+
+
+def test_augment_key_is_validated():
+    with pytest.raises(ConfigError, match="augment must be none or dihedral"):
+        apply_overrides(TrainConfig(), parse_set(["augment=mixup"]))

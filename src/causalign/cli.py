@@ -329,8 +329,10 @@ def counterfactual(
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: str = "auto",
     alpha: Annotated[float | None, typer.Option(help="weight α of the distance")] = None,
-    steps: Annotated[int | None, typer.Option(help="Adam steps (default 100)")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam step size (default 0.01)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimiser steps (default 100)")] = None,
+    lr: Annotated[float | None, typer.Option(help="step size (default 0.01)")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        help="adam | ista (proximal gradient: sparse x* for the l1 distances)")] = None,
     distance: Annotated[str | None, typer.Option(help="l1 | scaled-l1 | l2 | scaled-l2")
                         ] = None,
     space: Annotated[str | None, typer.Option(help="pixel | latent")] = None,
@@ -342,7 +344,7 @@ def counterfactual(
     change), x* as .npy and summary.json. A causal-align run lends its α, distance and space."""
     from .data.format import LesionDataset
     from .engine.trainer import load_run
-    from .explain.counterfactual import DISTANCES, SPACES
+    from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
     from .explain.counterfactual_export import (
         export_counterfactuals,
         resolve_autoencoder,
@@ -355,9 +357,11 @@ def counterfactual(
         raise CausalignError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
     if space is not None and space not in SPACES:
         raise CausalignError(f"unknown space '{space}'; valid: {', '.join(SPACES)}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise CausalignError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     settings = settings_for_run(method, alpha=alpha, steps=steps, lr=lr, distance=distance,
-                                space=space)
+                                space=space, optimizer=optimizer)
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")

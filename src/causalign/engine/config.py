@@ -40,6 +40,11 @@ class TrainConfig:
     # momentum-0.1 averages lag the weights and the eval-mode model can collapse to one class
     # (measured: oracle val accuracy 0.48 -> 0.85 after recalibration).
     bn_recalibrate: bool = True
+    # Training-time augmentation: none | dihedral (random flips of H and W and, for square
+    # images, transposition, the same for image and masks). Lesion attributes are invariant
+    # to these, a corner shortcut symbol moves: use it for the oracle ceiling, not to compare
+    # methods on the shortcut benchmark.
+    augment: str = "none"
     deterministic: bool = False
     threads: int = 0  # 0 = PyTorch's default
     # Speed (engine/distributed.py, README "Scale and reliability"): bf16 autocast of the
@@ -79,6 +84,8 @@ class TrainConfig:
                               f"{', '.join(explainer_names())}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:k], got '{self.device}'")
+        if self.augment not in ("none", "dihedral"):
+            raise ConfigError(f"augment must be none or dihedral, got '{self.augment}'")
         if self.scheduler not in ("cosine", "none"):
             raise ConfigError(f"scheduler must be cosine or none, got '{self.scheduler}'")
         if self.select_metric not in ("balanced_accuracy", "accuracy", "auc", "loss"):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 from .. import __version__
@@ -65,6 +65,31 @@ def recalibrate_batchnorm(model: nn.Module, method: Method, dataset: LesionDatas
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         update_bn(inputs, model)
+
+
+SPATIAL_KEYS = ("image", "mask", "box_mask")
+
+
+def dihedral_augment(batch: dict[str, Tensor], generator: torch.Generator
+                     ) -> dict[str, Tensor]:
+    """Random per-sample flips of H and W (and transposition when H == W), applied alike to
+    the image and its masks. Draws from ``generator`` (the sampler's, saved in checkpoints),
+    so an interrupted run resumes with the same augmentations."""
+    n = len(batch["label"])
+    flip_h, flip_w, swap = torch.rand(3, n, generator=generator) < 0.5
+    h, w = batch["image"].shape[-2:]
+    out = dict(batch)
+    for key in SPATIAL_KEYS:
+        if key not in out:
+            continue
+        x = out[key].clone()
+        fh, fw, sw = (d.to(x.device) for d in (flip_h, flip_w, swap))
+        x[fh] = x[fh].flip(-2)
+        x[fw] = x[fw].flip(-1)
+        if h == w:
+            x[sw] = x[sw].transpose(-2, -1)
+        out[key] = x
+    return out
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -279,10 +304,15 @@ class Trainer:
         if progress is not None:
             task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=n_batches)
         if self.dist.enabled:
+            if self.cfg.augment != "none":
+                raise CausalignError("augment is not supported with torchrun yet (the global "
+                                     "batch's draws would differ per rank); use augment=none")
             return self._train_epoch_distributed(epoch, progress, task)
         for step, batch in enumerate(iterate_batches(
                 self.train_set, self.cfg.batch_size, shuffle=True, generator=self.generator,
                 device=self.device)):
+            if self.cfg.augment == "dihedral":
+                batch = dihedral_augment(batch, self.generator)
             with self._autocast():
                 out = self.method(self.train_model, batch)
             if not torch.isfinite(out.total):

@@ -36,6 +36,7 @@ class CounterfactualSettings:
     eps: float = 1e-2
     space: str = "pixel"
     target: str = "other"
+    optimizer: str = "adam"
 
 
 def settings_for_run(method, **overrides: Any) -> CounterfactualSettings:
@@ -45,6 +46,7 @@ def settings_for_run(method, **overrides: Any) -> CounterfactualSettings:
     if getattr(method, "name", "") == "causal-align" and params is not None:
         s.alpha, s.distance, s.eps = params.alpha, params.distance, params.eps
         s.space, s.target = params.space, str(params.target)
+        s.optimizer = params.inner_optimizer
     for k, v in overrides.items():
         if v is not None:
             setattr(s, k, v)
@@ -139,7 +141,8 @@ def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
     gen = CounterfactualGenerator(model, alpha=settings.alpha, steps=settings.steps,
                                   lr=settings.lr, distance=settings.distance, scale=scale,
                                   eps=settings.eps, space=settings.space,
-                                  autoencoder=autoencoder, target_rule=settings.target)
+                                  autoencoder=autoencoder, target_rule=settings.target,
+                                  optimizer=settings.optimizer)
     (out / "cf").mkdir(parents=True, exist_ok=True)
     (out / "triptychs").mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..explain.counterfactual import (
     DISTANCES,
+    OPTIMIZERS,
     SPACES,
     CounterfactualGenerator,
     CounterfactualResult,
@@ -72,6 +73,9 @@ class CausalAlignParams:
     # implicit gradient has cosine >= 0.95 to a tightly solved reference once warm-started
     steps: int = 10
     inner_lr: float = 0.01  # Adam step in pixel units (images in [0, 1]); paper code: 0.01
+    # adam (the paper's code) | ista: proximal gradient, a sparse x* for the l1 distances
+    # (explain/counterfactual.py `_proximal_gradient`)
+    inner_optimizer: str = "adam"
     cg_iters: int = 3  # preconditioned CG needs ~C iterations on piecewise-linear nets
     cg_tol: float = 1e-3  # relative residual in preconditioned coordinates
     damping: float = 1e-2  # δ in (H + δI)v = ∇ₓL
@@ -91,6 +95,9 @@ class CausalAlignParams:
     normalize: str = "none"
     space: str = "pixel"  # pixel | latent (autoencoder code, L2 in the paper's code)
     precondition: bool = True  # Jacobi-preconditioned CG (see module docstring)
+    # > 0: cap the norm of λ·dL_align/dθ at this multiple of ‖∇_θ CE‖ (one extra CE backward)
+    # so a large, noisy alignment gradient cannot drown the classification signal
+    balance: float = 0.0
     # BatchNorm statistics of the inner problem: "batch" = this batch's, frozen as constants
     # (the function CE trains; see capture_bn_stats for why) | "running" = plain eval mode
     bn: str = "batch"
@@ -112,6 +119,7 @@ class CausalAlignParams:
             (self.fd_eps > 0, f"method.fd_eps must be > 0, got {self.fd_eps}"),
             (self.align_every >= 1, f"method.align_every must be >= 1, got {self.align_every}"),
             (self.align_batch >= 0, f"method.align_batch must be >= 0, got {self.align_batch}"),
+            (self.balance >= 0, f"method.balance must be >= 0, got {self.balance}"),
             (self.distance in DISTANCES,
              f"method.distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'"),
             (self.hvp in ("exact", "finite-difference"),
@@ -122,6 +130,9 @@ class CausalAlignParams:
              f"method.normalize must be none or total, got '{self.normalize}'"),
             (self.region in ("mask", "box"),
              f"method.region must be mask or box, got '{self.region}'"),
+            (self.inner_optimizer in OPTIMIZERS,
+             f"method.inner_optimizer must be one of {', '.join(OPTIMIZERS)}, "
+             f"got '{self.inner_optimizer}'"),
             (self.space in SPACES, f"method.space must be pixel or latent, got '{self.space}'"),
             (str(self.target) == "other" or str(self.target).isdigit(),
              f"method.target must be 'other' or a class index, got '{self.target}'"),
@@ -249,7 +260,8 @@ class CausalAlign(Method):
         gen = CounterfactualGenerator(
             model, alpha=p.alpha, steps=p.steps, lr=p.inner_lr, distance=p.distance,
             scale=None if scale is None else scale.to(dev), eps=p.eps, space=p.space,
-            autoencoder=self.autoencoder, warm_start=p.warm_start, target_rule=p.target)
+            autoencoder=self.autoencoder, warm_start=p.warm_start, target_rule=p.target,
+            optimizer=p.inner_optimizer)
         gen.cache = self.cache
         return gen
 
@@ -283,25 +295,34 @@ class CausalAlign(Method):
         if p.align_batch and len(idx) > p.align_batch:
             idx = idx[: p.align_batch]  # batches are shuffled: the first ones are a random draw
         self._lazy_setup(x)
+        ce_norm = None
+        if p.balance > 0:
+            params = [q for q in model.parameters() if q.requires_grad]
+            g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+            ce_norm = torch.sqrt(sum(g.square().sum() for g in g_ce if g is not None))
         term, stats = self.alignment(model, x[idx], target[idx], region[idx],
-                                     batch["index"][idx] if "index" in batch else None)
+                                     batch["index"][idx] if "index" in batch else None,
+                                     grad_cap=None if ce_norm is None
+                                     else float(p.balance * ce_norm / p.lam))
         parts.update(stats)
         return LossOutput(ce + p.lam * term, parts)
 
     def alignment(self, model: nn.Module, x: Tensor, target: Tensor, region: Tensor,
-                  ids: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+                  ids: Tensor | None, grad_cap: float | None = None
+                  ) -> tuple[Tensor, dict[str, float]]:
         """L_align over these (annotated) samples: a tensor whose value is L_align and whose
         gradient w.r.t. the model's parameters is the implicit dL_align/dθ; plus stats."""
         p = self.params
         bn_stats = self._bn_stats
         res = self.generator(model).generate(x, target=target, ids=ids if p.warm_start else None,
                                              report=False, bn_stats=bn_stats)
-        return self.implicit_term(model, res, region, bn_stats)
+        return self.implicit_term(model, res, region, bn_stats, grad_cap=grad_cap)
 
     def implicit_term(self, model: nn.Module, res: CounterfactualResult, region: Tensor,
-                      bn_stats: dict | None = None) -> tuple[Tensor, dict[str, float]]:
+                      bn_stats: dict | None = None, grad_cap: float | None = None
+                      ) -> tuple[Tensor, dict[str, float]]:
         """Eq. 3 at the counterfactuals ``res`` with the implicit gradient attached;
-        ``bn_stats`` as used to generate them."""
+        ``bn_stats`` as used to generate them; ``grad_cap`` caps the gradient's norm."""
         x = res.problem.x0
         n = len(x)
         ok = ~res.diverged
@@ -319,6 +340,11 @@ class CausalAlign(Method):
         outer = self._outer_grad(res, x, outside, ok, n_ok)
         grads, more = self._implicit(model, res, outer, ok, params, bn_stats)
         stats.update(align=float(value), **more)
+        if grad_cap is not None:
+            norm = float(torch.sqrt(sum(g.square().sum() for g in grads)))
+            factor = min(1.0, grad_cap / norm) if norm > 0 else 1.0
+            grads = tuple(g * factor for g in grads)
+            stats["align_grad_scale"] = factor
         surrogate = sum((q * g.detach()).sum() for q, g in zip(params, grads, strict=True))
         return value.detach() + surrogate - surrogate.detach(), stats
 
