@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--synth-dir", default="/tmp/causalign_faithfulness/data")
     ap.add_argument("--runs", default="/tmp/causalign_faithfulness/runs")
     ap.add_argument("--run-template", help="existing runs to explain, e.g. "
-                    "/tmp/demo/runs/erm-seed{seed} (their data is used; nothing is trained)")
+                    "DEMO/runs/plus-minus/erm/seed{seed} (their data is used; nothing is trained)")
     ap.add_argument("--method", default="erm")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)

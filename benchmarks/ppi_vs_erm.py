@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--erm-run", help="template of existing ERM runs to reuse, e.g. "
-                    "/tmp/demo/runs/erm-seed{seed} (trained with the same data and epochs)")
+                    "DEMO/runs/plus-minus/erm/seed{seed} (trained with the same data and epochs)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="PPI override, e.g. method.mask=box")
