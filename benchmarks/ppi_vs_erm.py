@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
@@ -119,8 +120,11 @@ def main() -> None:
             "wall_seconds": {m: [r["wall_seconds"] for r in rs] for m, rs in results.items()},
             "best_epochs": {m: [r["best_epoch"] for r in rs] for m, rs in results.items()}}
     (out / "ppi_vs_erm.json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = [f"PPI (WBP, soft mask{', ' + str(sets) if sets else ''}) vs ERM, plus-minus "
-             f"benchmark ({args.n_train}/{args.n_val}/{args.n_test} images, 64 px, "
+    synth = (yaml.safe_load((data / "dataset.yaml").read_text()).get("info") or {}).get("config")
+    bench = (f"synthetic benchmark, shortcut {synth.get('shortcut')}" if isinstance(synth, dict)
+             else f"dataset {data}")
+    lines = [f"PPI (WBP, soft mask{', ' + str(sets) if sets else ''}) vs ERM, {bench}"
+             f" ({args.n_train}/{args.n_val}/{args.n_test} images, 64 px, "
              f"{args.epochs} epochs), test split, mean (std) over {args.seeds} seeds.", "",
              "| metric | ERM | PPI |", "|---|---|---|"]
     for label, row in table.items():
