@@ -527,21 +527,23 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
     inv_scale = 1.0 / prob.scale if prob.scale is not None else 1.0
     pull = alpha * float(torch.as_tensor(inv_scale).max()) if sparse else 0.0
     best_u, best_t = u.clone(), torch.full((len(u),), float("inf"), device=u.device)
-    for _ in range(steps + 1):
-        uu = u.requires_grad_(True)
-        with torch.enable_grad():
+    for step in range(steps + 1):
+        last = step == steps  # the final iterate is only scored: no gradient needed
+        uu = u if last else u.requires_grad_(True)
+        with torch.set_grad_enabled(not last):
             fit = prob.fit(uu)[0]
             # l1: the smooth part only, the distance goes into the proximal operator
             dist = distance_value(uu - prob.u0, prob.distance, prob.scale, 0.0 if sparse
                                   else prob.eps)
-            smooth = fit if sparse else fit + alpha * dist
-            (g,) = torch.autograd.grad(smooth.sum(), uu)
+            if not last:
+                smooth = fit if sparse else fit + alpha * dist
+                (g,) = torch.autograd.grad(smooth.sum(), uu)
         with torch.no_grad():
             t = (fit + alpha * dist).detach()
             better = torch.isfinite(t) & (t < best_t)
             best_t = torch.where(better, t, best_t)
             best_u = torch.where(better.view(shape), uu.detach(), best_u)
-            if _ == steps:
+            if last:
                 break
             # the l1 pull α/s counts in the normaliser: once the target is reached |g| falls
             # below α, and lr/max|g| alone would shrink δ by ≫ lr per step, back to x0
