@@ -171,3 +171,34 @@ def test_train_reports_attribute_accuracy(tiny_data, tmp_path):
     assert set(rec["attributes_after"]) == set(acc["per_attribute"])
     assert isinstance(rec["attributes_changed"], list)
     assert set(summary["attribute_change_rate"]) == set(acc["per_attribute"])
+
+
+def test_balance_caps_each_level_at_its_supervised_gradient():
+    """balance = ρ: on f₁ ‖λ₁·dL_align(θ₁)/dθ₁‖ ≤ ρ·‖∇θ₁(CE + BCE)‖, on f₂ ‖λ₂·dL_align(θ₂)/dθ₂‖
+    ≤ ρ·‖∇θ₂ CE‖; the capped gradient keeps the direction of the uncapped one."""
+    b = _batch()
+    extra = {}
+    for rho in (0.0, 0.05):
+        method = build_method("hier-align", dict(FAST, balance=rho))
+        method.fit_attribution(b["attributes"], b["label"])
+        model = _model(method)
+        model.train()
+        out = method(model, b)
+        model.zero_grad()
+        out.total.backward()
+        full = {k: _grads(getattr(model, k)).clone() for k in ("f1", "f2")}
+        sup = build_method("hier-align", dict(FAST, lam1=0.0, lam2=0.0))
+        model.zero_grad()
+        sup(model, b).total.backward()  # CE + BCE only: the supervised gradient
+        s1 = _grads(model.f1).clone()
+        s2 = torch.cat([q.grad.flatten() for q in model.f2.parameters()])  # f₂: CE only
+        extra[rho] = {"f1": (full["f1"] - s1, s1), "f2": (full["f2"] - s2, s2), "parts": out.parts}
+    parts = extra[0.05]["parts"]
+    assert 0 < parts["img_align_grad_scale"] < 1 and 0 < parts["attr_align_grad_scale"] < 1
+    assert "img_align_grad_scale" not in extra[0.0]["parts"]
+    for level in ("f1", "f2"):
+        free, _ = extra[0.0][level]
+        capped, sup_grad = extra[0.05][level]
+        assert free.norm() > 0.05 * sup_grad.norm()  # the cap binds on this batch
+        torch.testing.assert_close(capped.norm(), 0.05 * sup_grad.norm(), rtol=1e-3, atol=1e-7)
+        assert torch.nn.functional.cosine_similarity(capped, free, 0) > 0.999

@@ -101,6 +101,12 @@ class HierAlignParams:
     # first epoch with the alignment terms (1 = from the start, the paper's Eq. 5);
     # later = the X→A→Y model first learns attributes and label by CE + BCE alone
     align_start: int = 1
+    # > 0: cap each level's alignment gradient at this multiple of the norm of the supervised
+    # gradient of the same parameters (θ₁: CE + BCE, θ₂: CE). Measured on the plus-minus
+    # benchmark, λ₁·dL_align(θ₁)/dθ₁ is 10–50x the BCE gradient and points against it
+    # (cosine −0.4), which kept f₁ from learning the attributes (README); 0 = uncapped, Eq. 5
+    # as printed
+    balance: float = 1.0
     # CCCE attribution (r)
     ccce_model: str = "logistic"  # logistic | frequency
     ccce_max_size: int = 3
@@ -119,6 +125,7 @@ class HierAlignParams:
              f"method.ccce_model must be logistic or frequency, got '{self.ccce_model}'"),
             (self.ccce_max_size >= 1, "method.ccce_max_size must be >= 1"),
             (self.align_start >= 1, "method.align_start must be >= 1"),
+            (self.balance >= 0, f"method.balance must be >= 0, got {self.balance}"),
             (self.align_batch >= 0, "method.align_batch must be >= 0"),
             (self.ccce_tol >= 0, "method.ccce_tol must be >= 0"),
             (self.distance in DISTANCES,
@@ -160,6 +167,13 @@ def _subset(res: CounterfactualResult, keep: Tensor) -> CounterfactualResult:
         x_star=res.x_star[keep], u_star=res.u_star[keep], target=res.target[keep],
         diverged=res.diverged[keep], warm=res.warm[keep], distance=res.distance[keep],
         problem=sub)
+
+
+def _grad_norm(loss: Tensor, module: nn.Module) -> float:
+    """‖∂loss/∂θ‖ over ``module``'s trainable parameters (graph kept for the real backward)."""
+    params = [q for q in module.parameters() if q.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return float(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
 
 
 @register_method("hier-align")
@@ -311,6 +325,10 @@ class HierAlign(Method):
         if len(rows) == 0:
             return LossOutput(total, parts)
         self.pixel._lazy_setup(x)
+        cap1 = cap2 = None
+        if p.balance > 0:
+            cap1 = p.balance * _grad_norm(total, model.f1) / max(p.lam1, 1e-12)
+            cap2 = p.balance * _grad_norm(ce, model.f2) / max(p.lam2, 1e-12)
         res_a = self.attribute_counterfactual(model, a_hat[rows], target[rows])
         parts["attr_change"] = float((res_a.x_star - res_a.problem.x0).abs().sum(1).mean())
         with torch.no_grad():
@@ -319,7 +337,8 @@ class HierAlign(Method):
         sel_a = need_attr[rows]
         if bool(sel_a.any()):
             term2, stats = self.attr.implicit_term(model.f2, _subset(res_a, sel_a),
-                                                   r[rows][sel_a].to(z.dtype), None)
+                                                   r[rows][sel_a].to(z.dtype), None,
+                                                   grad_cap=cap2)
             total = total + p.lam2 * term2
             parts.update({f"attr_{k}": v for k, v in stats.items()})
         sel_x = need_img[rows]
@@ -327,7 +346,8 @@ class HierAlign(Method):
             ii = rows[sel_x]
             ids = batch["index"][ii] if "index" in batch else None
             res_x = self.image_counterfactual(model, x[ii], res_a.x_star[sel_x], ids, bn_stats)
-            term1, stats = self.pixel.implicit_term(model.f1, res_x, region[ii], bn_stats)
+            term1, stats = self.pixel.implicit_term(model.f1, res_x, region[ii], bn_stats,
+                                                    grad_cap=cap1)
             total = total + p.lam1 * term1
             parts.update({f"img_{k}": v for k, v in stats.items()})
         return LossOutput(total, parts)
