@@ -286,3 +286,29 @@ def test_torchvision_backbone_step():
     assert torch.isfinite(g).all()
     assert (g - _ce_grad(model, batch)).norm() > 0  # the alignment gradient reached θ
     assert model.training
+
+
+def test_dilate_grows_the_region_in_plane_only():
+    from causalign.methods.causal_align import dilate_region
+
+    m = torch.zeros(2, 1, 9, 9)
+    m[0, 0, 4, 4] = 1
+    out = dilate_region(m, 2)
+    assert torch.equal(out[0, 0, 2:7, 2:7], torch.ones(5, 5)) and out[0].sum() == 25
+    assert out[1].sum() == 0  # an empty region stays empty
+    assert torch.equal(dilate_region(m, 0), m)
+    vol = torch.zeros(1, 1, 3, 9, 9, dtype=torch.bool)
+    vol[0, 0, 1, 4, 4] = True
+    dv = dilate_region(vol, 1)
+    assert dv.dtype == torch.bool and int(dv[0, 0, 1].sum()) == 9
+    assert not dv[0, 0, 0].any() and not dv[0, 0, 2].any()  # slices are not mixed
+
+
+def test_dilate_is_applied_to_the_alignment_region():
+    method = build_method("causal-align", {"dilate": 1})
+    mask = torch.zeros(1, 1, 5, 5)
+    mask[0, 0, 2, 2] = 1
+    region, has = method.annotation({"mask": mask, "has_mask": torch.ones(1, dtype=torch.bool)})
+    assert int(region.sum()) == 9 and bool(has.all())
+    with pytest.raises(Exception, match="method.dilate must be >= 0"):
+        build_method("causal-align", {"dilate": -1})
