@@ -154,3 +154,29 @@ def test_dihedral_augment_moves_masks_with_image():
 def test_augment_key_is_validated():
     with pytest.raises(ConfigError, match="augment must be none or dihedral"):
         apply_overrides(TrainConfig(), parse_set(["augment=mixup"]))
+
+
+def test_init_starts_from_another_runs_weights(tiny_data, tmp_path):
+    src = tmp_path / "src"
+    train(tiny_data, _cfg(epochs=1), src, progress=False)
+    ft = tmp_path / "ft"
+    # a learning rate far below float32 resolution: the weights stay those of the source run
+    train(tiny_data, _cfg(epochs=1, init=str(src), lr=1e-20, seed=5), ft, progress=False)
+    a = torch.load(src / "best.pt", weights_only=False)["model"]
+    b = torch.load(ft / "checkpoint.pt", weights_only=False)["model"]
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(a[k], b[k]) for k in params)
+    fresh = tmp_path / "fresh"
+    train(tiny_data, _cfg(epochs=1, lr=1e-20, seed=5), fresh, progress=False)
+    c = torch.load(fresh / "checkpoint.pt", weights_only=False)["model"]
+    assert not all(torch.equal(a[k], c[k]) for k in params)  # without init: other weights
+
+
+def test_init_errors_name_the_problem(tiny_data, tmp_path):
+    with pytest.raises(CausalignError, match="init: .*no checkpoint there"):
+        train(tiny_data, _cfg(epochs=1, init=str(tmp_path / "missing")), tmp_path / "a",
+              progress=False)
+    src = tmp_path / "src"
+    train(tiny_data, _cfg(epochs=1, width=8), src, progress=False)
+    with pytest.raises(CausalignError, match="does not fit this model"):
+        train(tiny_data, _cfg(epochs=1, init=str(src)), tmp_path / "b", progress=False)

@@ -45,6 +45,9 @@ class TrainConfig:
     # to these, a corner shortcut symbol moves: use it for the oracle ceiling, not to compare
     # methods on the shortcut benchmark.
     augment: str = "none"
+    # Initial weights: a run folder (its best.pt, else checkpoint.pt) or a checkpoint file of
+    # the same architecture, e.g. to fine-tune a pretrained model; "" = random initialisation
+    init: str = ""
     deterministic: bool = False
     threads: int = 0  # 0 = PyTorch's default
     # Speed (engine/distributed.py, README "Scale and reliability"): bf16 autocast of the

@@ -107,6 +107,21 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CausalignError(f"{path}: cannot read checkpoint ({type(exc).__name__})") from None
 
 
+def init_weights(model: nn.Module, source: str | Path) -> None:
+    """Load model weights from a run folder (best.pt, else checkpoint.pt) or a checkpoint."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / BEST if (path / BEST).exists() else path / CHECKPOINT
+    if not path.exists():
+        raise CausalignError(f"init: {source}: no checkpoint there (a run folder or a .pt file)")
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"] if "model" in state else state)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CausalignError(f"init: {path} does not fit this model ({first})") from None
+
+
 def data_info(ds: LesionDataset) -> DataInfo:
     return DataInfo(in_channels=ds.image_shape[0], num_classes=ds.num_classes,
                     image_shape=ds.image_shape, attributes=list(ds.meta.attributes))
@@ -173,6 +188,8 @@ class Trainer:
             if self.device.type != "cuda":
                 raise CausalignError("sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self.cfg.init:
+            init_weights(self.model, self.cfg.init)
         self.model = self.model.to(self.device)
         self._wrap_model()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
