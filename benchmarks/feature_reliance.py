@@ -73,7 +73,7 @@ def main() -> None:
     head = ["run", "method", "label", "lesion brightness", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [Path(r["run"]).name, r["method"], f"{r['label']:+.2f}",
+        cells = ["/".join(Path(r["run"]).parts[-2:]), r["method"], f"{r['label']:+.2f}",
                  f"{r['lesion_brightness']:+.2f}", *(f"{r['attributes'][n]:+.2f}" for n in names)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, unknown_name
@@ -110,6 +111,12 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def grad_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
+    """‖∂loss/∂params‖ (the graph is kept for the step's real backward)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.sqrt(sum(g.square().sum() for g in grads if g is not None))
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:

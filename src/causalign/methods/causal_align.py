@@ -57,7 +57,7 @@ from ..explain.counterfactual import (
     eval_mode,
 )
 from ..implicit import implicit_gradient
-from .base import LossOutput, Method, register_method
+from .base import LossOutput, Method, grad_norm, register_method
 
 
 @dataclass
@@ -317,9 +317,7 @@ class CausalAlign(Method):
         self._lazy_setup(x)
         ce_norm = None
         if p.balance > 0:
-            params = [q for q in model.parameters() if q.requires_grad]
-            g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
-            ce_norm = torch.sqrt(sum(g.square().sum() for g in g_ce if g is not None))
+            ce_norm = grad_norm(ce, [q for q in model.parameters() if q.requires_grad])
         term, stats = self.alignment(model, x[idx], target[idx], region[idx],
                                      batch["index"][idx] if "index" in batch else None,
                                      grad_cap=None if ce_norm is None

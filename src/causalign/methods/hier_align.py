@@ -44,7 +44,7 @@ from ..explain.counterfactual import (
     capture_bn_stats,
     counterfactual_targets,
 )
-from .base import DataInfo, LossOutput, Method, register_method
+from .base import DataInfo, LossOutput, Method, grad_norm, register_method
 from .causal_align import CausalAlign, CausalAlignParams
 
 
@@ -169,11 +169,8 @@ def _subset(res: CounterfactualResult, keep: Tensor) -> CounterfactualResult:
         problem=sub)
 
 
-def _grad_norm(loss: Tensor, module: nn.Module) -> float:
-    """‖∂loss/∂θ‖ over ``module``'s trainable parameters (graph kept for the real backward)."""
-    params = [q for q in module.parameters() if q.requires_grad]
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return float(torch.sqrt(sum(g.square().sum() for g in grads if g is not None)))
+def _trainable(module: nn.Module) -> list[Tensor]:
+    return [q for q in module.parameters() if q.requires_grad]
 
 
 @register_method("hier-align")
@@ -327,8 +324,8 @@ class HierAlign(Method):
         self.pixel._lazy_setup(x)
         cap1 = cap2 = None
         if p.balance > 0:
-            cap1 = p.balance * _grad_norm(total, model.f1) / max(p.lam1, 1e-12)
-            cap2 = p.balance * _grad_norm(ce, model.f2) / max(p.lam2, 1e-12)
+            cap1 = p.balance * float(grad_norm(total, _trainable(model.f1))) / max(p.lam1, 1e-12)
+            cap2 = p.balance * float(grad_norm(ce, _trainable(model.f2))) / max(p.lam2, 1e-12)
         res_a = self.attribute_counterfactual(model, a_hat[rows], target[rows])
         parts["attr_change"] = float((res_a.x_star - res_a.problem.x0).abs().sum(1).mean())
         with torch.no_grad():
