@@ -90,6 +90,11 @@ class HierAlignParams:
     attr_steps: int = 50
     attr_lr: float = 0.3
     attr_eps: float = 1e-2  # l1 smoothing in logit units
+    # total: L_align(θ₂) as the share of the attribute change Σ|a* − â| that falls on
+    # attributes CCCE did not attribute | none: the raw sum as printed in the paper, which f₂
+    # can drive to 0 by sitting on its decision boundary (a* ≈ â flips it): measured, training
+    # then collapsed to a constant label head (CE > ln 2, val AUC 0.40)
+    attr_normalize: str = "total"
     # shared implicit-gradient settings
     cg_iters: int = 8  # the BCE Gauss-Newton term has rank p (6): CG needs ~p+1 iterations
     cg_tol: float = 1e-3
@@ -154,6 +159,7 @@ class HierAlignParams:
         return CausalAlignParams(alpha=self.alpha2, lam=self.lam2, steps=self.attr_steps,
                                  inner_lr=self.attr_lr, distance="l1", eps=self.attr_eps,
                                  warm_start=False, space="latent", bn="running",
+                                 normalize=self.attr_normalize,
                                  **self._shared())
 
 
