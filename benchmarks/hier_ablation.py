@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from causalign.data.format import META
 from causalign.data.synth import SynthConfig, generate
@@ -112,7 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lam", default="0.8,1.2", help="λ = λ₁ = λ₂ values besides 1")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hier-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="hier-align setting for every hier run, e.g. balance=0 "
+                         "attr_normalize=none (the defaults before the cap; README)")
     a = ap.parse_args(argv)
+    hier_extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.hier_set)}
+    tag = "+" + ",".join(f"{k}={v}" for k, v in hier_extra.items()) if hier_extra else ""
     torch.set_num_threads(a.threads)
 
     data = a.work / "data"
@@ -148,7 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(a.seeds):
         for v in variants:
             method, args = VARIANTS[v]
-            m = run_one(data, runs, f"{v}-seed{seed}", method, args, seed, a.epochs, a.threads)
+            name = f"{v}-seed{seed}"
+            if method == "hier-align" and hier_extra:
+                args, name = {**hier_extra, **args}, f"{v}{tag}-seed{seed}"
+            m = run_one(data, runs, name, method, args, seed, a.epochs, a.threads)
             m["seed"] = seed
             results[v].append(m)
             print(f"[{time.perf_counter() - t0:6.0f}s] {v} seed {seed}: "
@@ -164,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                                 "accuracy": base["test"]["accuracy"]})
             for val in [float(x) for x in values.split(",") if x.strip()]:
                 args = {"alpha1": val} if param == "alpha1" else {"lam1": val, "lam2": val}
-                m = run_one(data, runs, f"hier-{param}{val:g}-seed0", "hier-align", args, 0,
-                            a.epochs, a.threads)
+                m = run_one(data, runs, f"hier-{param}{val:g}{tag}-seed0", "hier-align",
+                            {**hier_extra, **args}, 0, a.epochs, a.threads)
                 entries.append({"value": val, "cam_precision": m["test"]["cam_precision"],
                                 "accuracy": m["test"]["accuracy"]})
                 sweeps[param] = entries
