@@ -105,6 +105,19 @@ def test_kill_then_rerun_finishes_only_the_missing_runs(bench_dir, monkeypatch):
     assert again == []
     errors = {r["key"]: r.get("error", "") for r in res["runs"]}
     assert all("other settings (epochs 2 -> 3)" in errors[k] for k in TRAINED)
+    # ... nor when only a method *default* changed since it was trained (the suite is the same)
+    copy2 = bench_dir["tmp"] / "copy2"
+    shutil.copytree(bench_dir["out"], copy2)
+    cfg_path = copy2 / "runs" / "pm/rrr/seed0" / "config.yaml"
+    stored = yaml.safe_load(cfg_path.read_text())
+    assert stored["method_params"]["lam"] == 10.0  # the resolved default is stored
+    stored["method_params"]["lam"] = 5.0  # as if trained when the default was 5
+    cfg_path.write_text(yaml.safe_dump(stored))
+    res = bm.run_suite(bench_dir["suite"], copy2, progress=False, report=False)
+    assert again == []
+    errors = {r["key"]: r.get("error", "") for r in res["runs"]}
+    assert "other settings (method.lam 5.0 -> 10.0)" in errors["pm/rrr/seed0"]
+    assert errors["pm/erm/seed0"] == ""
 
 
 def test_failures_and_skips_are_recorded(bench_dir):

@@ -76,6 +76,17 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
         train(tiny_data, _cfg(epochs=1, lr=0.01), run, resume=True, progress=False)
 
 
+def test_resume_refuses_a_run_whose_method_defaults_changed(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, _cfg(method="rrr", epochs=1), run, progress=False)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["method_params"] == {"lam": 10.0, "region": "mask"}  # defaults included
+    stored["method_params"]["lam"] = 5.0  # trained when the default was another value
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    with pytest.raises(CausalignError, match=r"settings differ: method.lam 5.0 -> 10.0"):
+        train(tiny_data, _cfg(method="rrr", epochs=1), run, resume=True, progress=False)
+
+
 def test_corrupt_checkpoint_detected(tiny_data, tmp_path):
     run = tmp_path / "run"
     train(tiny_data, _cfg(epochs=1), run, progress=False)

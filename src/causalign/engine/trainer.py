@@ -25,7 +25,7 @@ from .. import __version__
 from ..data.format import LesionDataset, read_meta
 from ..errors import CausalignError, NumericalError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, verified_bytes
-from ..methods.base import DataInfo, Method, build_method
+from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
 from . import distributed as D
 from .config import TrainConfig
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
@@ -163,6 +163,9 @@ class Trainer:
             diffs = [f"{k} {getattr(stored, k)!r} -> {getattr(self.cfg, k)!r}"
                      for k in stored.to_dict() if k not in ("device", "threads")
                      and getattr(stored, k) != getattr(self.cfg, k)]
+            stored_params = stored_method_params(self.out)
+            if stored_params is not None and not diffs:
+                diffs = params_diff(stored_params, resolved_params(self.method))
             if diffs:
                 raise CausalignError(f"{self.out}: --resume continues the stored run, but these "
                                      f"settings differ: {'; '.join(diffs)} (use a new --out)")
@@ -214,6 +217,7 @@ class Trainer:
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
                 **self.cfg.to_dict(),
+                "method_params": resolved_params(self.method),
             }
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
@@ -534,9 +538,17 @@ def stored_config(run: Path) -> TrainConfig:
     if not path.exists():
         raise CausalignError(f"{path}: missing (not a causalign run folder)")
     raw = yaml.safe_load(path.read_text()) or {}
-    for k in ("data", "causalign_version", "torch_version"):
+    for k in ("data", "causalign_version", "torch_version", "method_params"):
         raw.pop(k, None)
     return TrainConfig(**raw)
+
+
+def stored_method_params(run: Path) -> dict | None:
+    """The method's resolved hyper-parameters saved with RUN (None for runs from versions
+    that did not store them)."""
+    raw = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    params = raw.get("method_params")
+    return params if isinstance(params, dict) else None
 
 
 def data_info_from_disk(data: Path) -> DataInfo:

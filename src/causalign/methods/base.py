@@ -113,6 +113,20 @@ class Method:
         pass
 
 
+def resolved_params(method: Method) -> dict[str, Any]:
+    """Every hyper-parameter of ``method`` with its value, defaults included (stored with a
+    run, so a later change of a default is detected instead of silently mixing results)."""
+    params = method.params
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
+
+
+def params_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key old -> new' for every hyper-parameter whose value differs."""
+    keys = sorted(set(stored) | set(current))
+    return [f"method.{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if stored.get(k) != current.get(k)]
+
+
 def grad_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
     """‖∂loss/∂params‖ (the graph is kept for the step's real backward)."""
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
