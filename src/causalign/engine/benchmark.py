@@ -320,19 +320,11 @@ def _load_json(path: Path) -> dict | None:
 
 def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
     """Train (or resume, or just collect) one run; returns its metrics."""
-    from ..methods.base import build_method, params_diff, resolved_params
-    from .trainer import CHECKPOINT, stored_config, stored_method_params, train
+    from .trainer import CHECKPOINT, settings_diff, train
 
     done = run_dir / "metrics.json"
     if done.exists():
-        stored = stored_config(run_dir).to_dict()
-        want = spec.config.to_dict()
-        diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in want.items()
-                 if k not in ("device", "threads") and stored.get(k) != v]
-        stored_params = stored_method_params(run_dir)
-        if not diffs and stored_params is not None:  # a method default changed since
-            diffs = params_diff(stored_params, resolved_params(
-                build_method(spec.config.method, spec.config.method_args)))
+        diffs = settings_diff(run_dir, spec.config)
         if diffs:
             raise ConfigError(f"{run_dir} holds a finished run with other settings "
                               f"({'; '.join(diffs)}); delete it or use another --out")

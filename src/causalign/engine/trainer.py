@@ -159,13 +159,7 @@ class Trainer:
         if self.out.exists() and not self.out.is_dir():
             raise CausalignError(f"{self.out}: exists and is not a folder")
         if self.resume and ckpt.exists():
-            stored = stored_config(self.out)
-            diffs = [f"{k} {getattr(stored, k)!r} -> {getattr(self.cfg, k)!r}"
-                     for k in stored.to_dict() if k not in ("device", "threads")
-                     and getattr(stored, k) != getattr(self.cfg, k)]
-            stored_params = stored_method_params(self.out)
-            if stored_params is not None and not diffs:
-                diffs = params_diff(stored_params, resolved_params(self.method))
+            diffs = settings_diff(self.out, self.cfg, self.method)
             if diffs:
                 raise CausalignError(f"{self.out}: --resume continues the stored run, but these "
                                      f"settings differ: {'; '.join(diffs)} (use a new --out)")
@@ -549,6 +543,21 @@ def stored_method_params(run: Path) -> dict | None:
     raw = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
     params = raw.get("method_params")
     return params if isinstance(params, dict) else None
+
+
+def settings_diff(run: Path, cfg: TrainConfig, method: Method | None = None) -> list[str]:
+    """'key stored -> wanted' for every setting in which RUN differs from ``cfg`` (device
+    and threads excluded); when those agree, the method's resolved hyper-parameters are
+    compared too (runs that stored them), so a changed default is caught as well."""
+    stored = stored_config(run).to_dict()
+    want = cfg.to_dict()
+    diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in want.items()
+             if k not in ("device", "threads") and stored.get(k) != v]
+    stored_params = stored_method_params(run)
+    if not diffs and stored_params is not None:
+        method = method or build_method(cfg.method, cfg.method_args)
+        diffs = params_diff(stored_params, resolved_params(method))
+    return diffs
 
 
 def data_info_from_disk(data: Path) -> DataInfo:
