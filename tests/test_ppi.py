@@ -219,6 +219,53 @@ def test_fraction_maps_and_contrasts_a_subset_of_the_batch():
         build_method("ppi", {"fraction": 0.0})
 
 
+def test_contrast_on_positive_contrasts_only_non_zero_labels():
+    # No BatchNorm: the contrast batch's make-up must not change each image's logits.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 16 * 16, 2))
+    x, y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def by_hand(rows: torch.Tensor) -> float:
+        method = build_method("ppi")
+        s = normalize_saliency(method.saliency(model, x, y, create_graph=False))
+        x_star = x - soft_mask(s).unsqueeze(1) * x
+        with torch.no_grad():
+            return float(contrast_loss(model(x_star[rows]), y[rows]))
+
+    torch.manual_seed(1)  # the same derangement for L_ad in both calls
+    pos = build_method("ppi", {"contrast_on": "positive"})(model, {"image": x, "label": y})
+    torch.manual_seed(1)
+    every = build_method("ppi")(model, {"image": x, "label": y})
+    assert pos.parts["con"] == pytest.approx(by_hand(y == 1), rel=1e-5)
+    assert every.parts["con"] == pytest.approx(by_hand(torch.ones(6, dtype=bool)), rel=1e-5)
+    assert pos.parts["con"] != pytest.approx(every.parts["con"], rel=1e-3)
+    assert pos.parts["ad"] == pytest.approx(every.parts["ad"], rel=1e-5)  # L_ad: every image
+    # A batch without positives has no contrastive term, and still trains through L_reg/L_ad.
+    none = build_method("ppi", {"contrast_on": "positive"})(
+        model, {"image": x[y == 0], "label": y[y == 0]})
+    assert "con" not in none.parts and {"reg", "ad"} <= set(none.parts)
+    none.total.backward()
+    assert all(torch.isfinite(q.grad).all() for q in model.parameters())
+    with pytest.raises(ConfigError, match="method.contrast_on must be one of"):
+        build_method("ppi", {"contrast_on": "negative"})
+
+
+def test_warmup_epochs_train_l_cls_alone_first():
+    model, batch = _model(), _batch()
+    method = build_method("ppi", {"warmup_epochs": 2})
+    method.on_epoch_start(2)
+    out = method(model, batch)
+    assert set(out.parts) == {"cls", "con_weight"}
+    with torch.no_grad():
+        ce = F.cross_entropy(model(batch["image"]), batch["label"])
+    assert float(out.total.detach()) == pytest.approx(float(ce), rel=1e-5)
+    method.on_epoch_start(3)
+    assert {"con", "reg", "ad"} <= set(method(model, batch).parts)
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        build_method("ppi", {"warmup_epochs": -1})
+
+
 def test_bad_parameters_are_config_errors():
     with pytest.raises(ConfigError, match="method.mask must be one of"):
         build_method("ppi", {"mask": "blob"})

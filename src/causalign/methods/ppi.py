@@ -41,6 +41,15 @@ Choices, and why:
   sit at the same place in every image, the positive contrast does not remove the lesion too.
 * The L_con schedule (App. D) multiplies w_con by ``con_boost`` from epoch
   ``con_boost_epoch`` + 1 on; ``con_boost`` = 1 (default) switches it off, 100 is App. D's.
+* ``contrast_on`` = ``positive`` (not in the paper's Eq. 3, which contrasts every sample)
+  applies L_con to samples whose label is not class 0 only. In a diagnosis task class 0 is
+  "no finding"/benign: removing the evidence of a malignant lesion should give benign, but
+  removing a benign lesion's evidence gives no reason to predict malignant, and asking for it
+  gives the lesion-free contrasts of both classes opposite targets.
+* ``warmup_epochs`` W (not in the paper, whose backbones start from ImageNet weights):
+  epochs 1…W train L_cls alone, so the maps PPI intervenes on come from a model that has
+  learnt something. From scratch the first maps are noise, and removing them, or another
+  image's, with weight 1 each can hold L_cls at chance for the whole run (measured).
 * ``fraction`` < 1 (speed option, not in the paper) computes the maps and both contrasts for a
   random ⌈fraction·N⌉ of the batch each step (L_cls always uses the whole batch). L_con, L_reg
   and L_ad are batch means, so this is an unbiased estimate of the same loss at about
@@ -66,6 +75,7 @@ __all__ = ["PPI", "PPIParams", "soft_mask", "hard_mask", "box_mask", "topn_mask"
 
 BACKENDS = ("wbp", "gradcam", "lrp-epsilon", "gradient", "input-x-gradient")
 MASKS = ("soft", "hard", "box", "topn")
+CONTRAST_ON = ("all", "positive")
 
 
 @dataclass
@@ -87,6 +97,8 @@ class PPIParams:
     shift_masks: bool = False  # App. F mask shifting for the adversarial contrasts
     shift_max: float = 0.25
     fraction: float = 1.0  # share of the batch that gets maps and contrasts (speed option)
+    contrast_on: str = "all"  # all (Eq. 3) | positive: L_con only for labels != 0
+    warmup_epochs: int = 0  # epochs of L_cls alone before the PPI terms start
 
     def validate(self) -> None:
         if self.saliency not in BACKENDS:
@@ -111,6 +123,11 @@ class PPIParams:
             raise ConfigError(f"method.shift_max must lie in (0, 1), got {self.shift_max}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"method.fraction must lie in (0, 1], got {self.fraction}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"method.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.contrast_on not in CONTRAST_ON:
+            raise ConfigError(f"method.contrast_on must be one of {', '.join(CONTRAST_ON)}, "
+                              f"got '{self.contrast_on}'")
 
 
 # ------------------------------------------------------------------ masks (pure functions)
@@ -314,35 +331,38 @@ class PPI(Method):
         w_ad = p.ad_weight if n >= 2 else 0.0  # a derangement needs two images
         parts = {"cls": float(l_cls.detach()), "con_weight": w_con}
         total = p.cls_weight * l_cls
-        if w_con == 0 and w_ad == 0 and p.reg_weight == 0:
+        if (w_con == 0 and w_ad == 0 and p.reg_weight == 0) or 0 < self.epoch <= p.warmup_epochs:
             return LossOutput(total, parts)
         s = normalize_saliency(self.saliency(model, x, y, create_graph=True))
         l_reg = s.flatten(1).mean(1).mean()
         total = total + p.reg_weight * l_reg
         parts["reg"] = float(l_reg.detach())
-        contrasts, kinds = [], []
+        contrasts, kinds, targets = [], [], []
         if w_con > 0 or w_ad > 0:
             t = self.mask(s)
             parts["mask_area"] = float(t.detach().flatten(1).mean(1).mean())
-            if w_con > 0:
-                contrasts.append(x - t.unsqueeze(1) * x)
+            con_rows = (y != 0) if p.contrast_on == "positive" else torch.ones_like(y, dtype=bool)
+            if w_con > 0 and bool(con_rows.any()):
+                contrasts.append((x - t.unsqueeze(1) * x)[con_rows])
                 kinds.append("con")
+                targets.append(y[con_rows])
             if w_ad > 0:
                 t_ad = t.detach()[derangement(n, device=x.device)]
                 if p.shift_masks:
                     t_ad = shift_masks(t_ad, p.shift_max)
                 contrasts.append(x - t_ad.unsqueeze(1) * x)
                 kinds.append("ad")
+                targets.append(y)
         if contrasts:
             with frozen_bn_stats(model):
-                out = model(torch.cat(contrasts)).split(n)
-            for kind, o in zip(kinds, out, strict=True):
+                out = model(torch.cat(contrasts)).split([len(c) for c in contrasts])
+            for kind, o, target in zip(kinds, out, targets, strict=True):
                 if kind == "con":
-                    l_con = contrast_loss(o, y)
+                    l_con = contrast_loss(o, target)
                     total = total + w_con * l_con
                     parts["con"] = float(l_con.detach())
                 else:
-                    l_ad = F.cross_entropy(o, y)
+                    l_ad = F.cross_entropy(o, target)
                     total = total + w_ad * l_ad
                     parts["ad"] = float(l_ad.detach())
         return LossOutput(total, parts)
