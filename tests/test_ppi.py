@@ -219,17 +219,17 @@ def test_fraction_maps_and_contrasts_a_subset_of_the_batch():
         build_method("ppi", {"fraction": 0.0})
 
 
-def test_contrast_on_positive_contrasts_only_non_zero_labels():
+def test_contrast_on_positive_and_mean_fill():
     # No BatchNorm: the contrast batch's make-up must not change each image's logits.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 16 * 16, 2))
     x, y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 1, 0, 1, 0])
 
-    def by_hand(rows: torch.Tensor) -> float:
+    def by_hand(rows: torch.Tensor, fill: torch.Tensor | float = 0.0) -> float:
         method = build_method("ppi")
         s = normalize_saliency(method.saliency(model, x, y, create_graph=False))
-        x_star = x - soft_mask(s).unsqueeze(1) * x
+        x_star = x - soft_mask(s).unsqueeze(1) * (x - fill)
         with torch.no_grad():
             return float(contrast_loss(model(x_star[rows]), y[rows]))
 
@@ -239,6 +239,11 @@ def test_contrast_on_positive_contrasts_only_non_zero_labels():
     every = build_method("ppi")(model, {"image": x, "label": y})
     assert pos.parts["con"] == pytest.approx(by_hand(y == 1), rel=1e-5)
     assert every.parts["con"] == pytest.approx(by_hand(torch.ones(6, dtype=bool)), rel=1e-5)
+    # fill=mean: masked pixels move to the image's mean instead of to zero.
+    mean_fill = build_method("ppi", {"fill": "mean"})(model, {"image": x, "label": y})
+    assert mean_fill.parts["con"] == pytest.approx(
+        by_hand(torch.ones(6, dtype=bool), fill=x.mean((1, 2, 3), keepdim=True)), rel=1e-5)
+    assert mean_fill.parts["con"] != pytest.approx(every.parts["con"], rel=1e-3)
     assert pos.parts["con"] != pytest.approx(every.parts["con"], rel=1e-3)
     assert pos.parts["ad"] == pytest.approx(every.parts["ad"], rel=1e-5)  # L_ad: every image
     # A batch without positives has no contrastive term, and still trains through L_reg/L_ad.
@@ -249,6 +254,8 @@ def test_contrast_on_positive_contrasts_only_non_zero_labels():
     assert all(torch.isfinite(q.grad).all() for q in model.parameters())
     with pytest.raises(ConfigError, match="method.contrast_on must be one of"):
         build_method("ppi", {"contrast_on": "negative"})
+    with pytest.raises(ConfigError, match="method.fill must be one of"):
+        build_method("ppi", {"fill": "blur"})
 
 
 def test_warmup_epochs_train_l_cls_alone_first():

@@ -46,6 +46,10 @@ Choices, and why:
   "no finding"/benign: removing the evidence of a malignant lesion should give benign, but
   removing a benign lesion's evidence gives no reason to predict malignant, and asking for it
   gives the lesion-free contrasts of both classes opposite targets.
+* ``fill`` = ``mean`` (not in the paper, whose Eq. 1 sets the masked pixels to zero) sets
+  them to the image's mean intensity per channel. On images whose background is far from
+  0 a zero-filled cut-out is a dark silhouette that the classifier can learn to read ("a
+  hole means negative"), which is the intervention-detection shortcut L_ad is meant to stop.
 * ``warmup_epochs`` W (not in the paper, whose backbones start from ImageNet weights):
   epochs 1…W train L_cls alone, so the maps PPI intervenes on come from a model that has
   learnt something. From scratch the first maps are noise, and removing them, or another
@@ -76,6 +80,7 @@ __all__ = ["PPI", "PPIParams", "soft_mask", "hard_mask", "box_mask", "topn_mask"
 BACKENDS = ("wbp", "gradcam", "lrp-epsilon", "gradient", "input-x-gradient")
 MASKS = ("soft", "hard", "box", "topn")
 CONTRAST_ON = ("all", "positive")
+FILLS = ("zero", "mean")
 
 
 @dataclass
@@ -99,6 +104,7 @@ class PPIParams:
     fraction: float = 1.0  # share of the batch that gets maps and contrasts (speed option)
     contrast_on: str = "all"  # all (Eq. 3) | positive: L_con only for labels != 0
     warmup_epochs: int = 0  # epochs of L_cls alone before the PPI terms start
+    fill: str = "zero"  # what masked pixels become: zero (Eq. 1) | mean (the image's mean)
 
     def validate(self) -> None:
         if self.saliency not in BACKENDS:
@@ -125,6 +131,8 @@ class PPIParams:
             raise ConfigError(f"method.fraction must lie in (0, 1], got {self.fraction}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"method.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.fill not in FILLS:
+            raise ConfigError(f"method.fill must be one of {', '.join(FILLS)}, got '{self.fill}'")
         if self.contrast_on not in CONTRAST_ON:
             raise ConfigError(f"method.contrast_on must be one of {', '.join(CONTRAST_ON)}, "
                               f"got '{self.contrast_on}'")
@@ -342,15 +350,18 @@ class PPI(Method):
             t = self.mask(s)
             parts["mask_area"] = float(t.detach().flatten(1).mean(1).mean())
             con_rows = (y != 0) if p.contrast_on == "positive" else torch.ones_like(y, dtype=bool)
+            # x − T ⊙ (x − f): Eq. 1 for f = 0; f = the image's mean hides the cut-out's outline.
+            fill = x.flatten(2).mean(2).view(n, -1, *([1] * (x.dim() - 2))) \
+                if p.fill == "mean" else torch.zeros_like(x)
             if w_con > 0 and bool(con_rows.any()):
-                contrasts.append((x - t.unsqueeze(1) * x)[con_rows])
+                contrasts.append((x - t.unsqueeze(1) * (x - fill))[con_rows])
                 kinds.append("con")
                 targets.append(y[con_rows])
             if w_ad > 0:
                 t_ad = t.detach()[derangement(n, device=x.device)]
                 if p.shift_masks:
                     t_ad = shift_masks(t_ad, p.shift_max)
-                contrasts.append(x - t_ad.unsqueeze(1) * x)
+                contrasts.append(x - t_ad.unsqueeze(1) * (x - fill))
                 kinds.append("ad")
                 targets.append(y)
         if contrasts:
