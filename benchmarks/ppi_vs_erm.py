@@ -50,8 +50,12 @@ def _get(d: dict, key: str):
 
 
 def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: dict,
-            threads: int = 1, template: str | None = None) -> dict:
-    run = Path(template.format(seed=seed)) if template else runs / f"{method}_seed{seed}"
+            threads: int = 1, template: str | None = None, run_dir: Path | None = None
+            ) -> dict:
+    """Train RUNS/<method>_seed<k> (or ``run_dir``) unless finished, then evaluate it;
+    ``template`` names a finished run instead."""
+    run = Path(template.format(seed=seed)) if template else (
+        run_dir or runs / f"{method}_seed{seed}")
     if template and not (run / "metrics.json").exists():
         raise SystemExit(f"{run}: no metrics.json (an --erm-run template names finished runs)")
     if not (run / "metrics.json").exists():
@@ -60,7 +64,7 @@ def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: d
         if method == "ppi" and sets:
             cfg = apply_overrides(cfg, sets)
         t0 = time.perf_counter()
-        train(data, cfg, run, progress=False)
+        train(data, cfg, run, resume=(run / "checkpoint.pt").exists(), progress=False)
         (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     metrics = json.loads((run / "metrics.json").read_text())
     _, model, meth, data_path = load_run(run, device="cpu")

@@ -87,6 +87,21 @@ def test_resume_refuses_a_run_whose_method_defaults_changed(tiny_data, tmp_path)
         train(tiny_data, _cfg(method="rrr", epochs=1), run, resume=True, progress=False)
 
 
+def test_a_parameter_added_since_the_run_differs_only_off_its_default(tmp_path):
+    from causalign.engine.trainer import settings_diff
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = _cfg(method="rrr", epochs=1)
+    stored = {**cfg.to_dict(), "method_params": {"lam": 10.0}}  # trained before `region`
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert settings_diff(run, cfg) == []  # region at its default: the earlier behaviour
+    box = _cfg(method="rrr", epochs=1, method_args={"region": "box"})
+    stored["method_args"] = {"region": "box"}
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert settings_diff(run, box) == ["method.region None -> 'box'"]
+
+
 def test_corrupt_checkpoint_detected(tiny_data, tmp_path):
     run = tmp_path / "run"
     train(tiny_data, _cfg(epochs=1), run, progress=False)

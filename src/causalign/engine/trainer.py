@@ -556,7 +556,8 @@ def settings_diff(run: Path, cfg: TrainConfig, method: Method | None = None) -> 
     stored_params = stored_method_params(run)
     if not diffs and stored_params is not None:
         method = method or build_method(cfg.method, cfg.method_args)
-        diffs = params_diff(stored_params, resolved_params(method))
+        defaults = resolved_params(build_method(cfg.method, {}))
+        diffs = params_diff(stored_params, resolved_params(method), defaults)
     return diffs
 
 

@@ -120,11 +120,21 @@ def resolved_params(method: Method) -> dict[str, Any]:
     return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
 
 
-def params_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key old -> new' for every hyper-parameter whose value differs."""
-    keys = sorted(set(stored) | set(current))
-    return [f"method.{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in keys
-            if stored.get(k) != current.get(k)]
+def params_diff(stored: dict[str, Any], current: dict[str, Any],
+                defaults: dict[str, Any] | None = None) -> list[str]:
+    """'key old -> new' for every hyper-parameter whose value differs.
+
+    A key missing from ``stored`` is a parameter added after the run was trained; new
+    parameters default to the earlier behaviour, so it differs only when the wanted value
+    is not its default (``defaults``; without them every missing key differs)."""
+    defaults = defaults or {}
+    diffs = []
+    for k in sorted(set(stored) | set(current)):
+        if k not in stored and k in defaults and current.get(k) == defaults[k]:
+            continue
+        if stored.get(k) != current.get(k):
+            diffs.append(f"method.{k} {stored.get(k)!r} -> {current.get(k)!r}")
+    return diffs
 
 
 def grad_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
