@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalign.errors import ConfigError
 from causalign.explain.counterfactual import CounterfactualResult, InnerProblem, eval_mode
 from causalign.methods import build_method
 from causalign.models.autoencoder import ConvAutoencoder
@@ -178,6 +179,27 @@ def test_no_masks_no_alignment_term():
     assert out.parts["n_align"] == 2.0 and out.parts["align"] > 0
     g = _grads(model, out.total)
     assert torch.isfinite(g).all() and not torch.allclose(g, _ce_grad(model, batch))
+
+
+def test_align_on_positive_aligns_only_non_zero_labels():
+    model = _small_cnn()
+    batch = _batch(n=6, has_mask=[True, True, True, True, False, True])  # labels 0,1,0,1,0,1
+    seen = []
+    method = build_method("causal-align", dict(FAST, align_on="positive"))
+    original = method.alignment
+
+    def recording(m, x, target, region, ids, **kw):
+        seen.append(ids.clone())
+        return original(m, x, target, region, ids, **kw)
+
+    method.alignment = recording
+    out = method(model, batch)
+    assert seen[0].tolist() == [1, 3, 5] and out.parts["n_align"] == 3.0
+    negatives = {k: v[batch["label"] == 0] for k, v in batch.items()}
+    out = method(model, negatives)
+    assert out.parts["n_align"] == 0.0 and "align" not in out.parts
+    with pytest.raises(ConfigError, match="method.align_on must be all or positive"):
+        build_method("causal-align", {"align_on": "negative"})
 
 
 def test_align_every_n_steps_and_align_batch():

@@ -93,6 +93,10 @@ class CausalAlignParams:
     # grow the region by this many pixels (in H and W) before Eq. 3: a CNN's sensitivity to a
     # lesion spreads over its surroundings (README, "Why the lesion is not learnt")
     dilate: int = 0
+    # all: Eq. 3 over every annotated sample | positive: only samples whose label is not class
+    # 0. A benign lesion's mask has no room for the spikes or blurred margin a counterfactual
+    # towards malignant would add, so on negatives Eq. 3 penalises the causal change itself.
+    align_on: str = "all"
     # none: Eq. 3 as printed, Σ|Δ| outside the region | total: divided by the sample's whole
     # change Σ|Δ| (the share of the counterfactual change outside the region, in [0, 1])
     normalize: str = "none"
@@ -134,6 +138,8 @@ class CausalAlignParams:
              f"method.normalize must be none or total, got '{self.normalize}'"),
             (self.region in ("mask", "box"),
              f"method.region must be mask or box, got '{self.region}'"),
+            (self.align_on in ("all", "positive"),
+             f"method.align_on must be all or positive, got '{self.align_on}'"),
             (self.inner_optimizer in OPTIMIZERS,
              f"method.inner_optimizer must be one of {', '.join(OPTIMIZERS)}, "
              f"got '{self.inner_optimizer}'"),
@@ -308,6 +314,8 @@ class CausalAlign(Method):
         region, has = self.annotation(batch)
         target, valid = counterfactual_targets(y, logits.shape[1], p.target, logits)
         sel = has & valid
+        if p.align_on == "positive":
+            sel = sel & (y != 0)
         if not bool(sel.any()):
             parts["n_align"] = 0.0
             return LossOutput(ce, parts)
