@@ -84,6 +84,10 @@ def test_wbp_and_ppi_on_volumes():
     assert torch.isfinite(out.total) and {"con", "ad", "reg"} <= set(out.parts)
     out.total.backward()
     assert model.attention.weight.grad is not None
+    # The options that change the contrasts work on volumes too (per-volume mean fill).
+    opts = {"contrast_on": "positive", "fill": "mean"}
+    out = build_method("ppi", opts)(model, {"image": x, "label": torch.tensor([0, 1])})
+    assert torch.isfinite(out.total) and {"con", "ad", "reg"} <= set(out.parts)
     with pytest.raises(CausalignError, match="gradcam needs 2D"):
         build_method("ppi", {"saliency": "gradcam"})(model, {"image": x,
                                                               "label": torch.tensor([0, 1])})

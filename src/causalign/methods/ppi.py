@@ -351,8 +351,8 @@ class PPI(Method):
             parts["mask_area"] = float(t.detach().flatten(1).mean(1).mean())
             con_rows = (y != 0) if p.contrast_on == "positive" else torch.ones_like(y, dtype=bool)
             # x − T ⊙ (x − f): Eq. 1 for f = 0; f = the image's mean hides the cut-out's outline.
-            fill = x.flatten(2).mean(2).view(n, -1, *([1] * (x.dim() - 2))) \
-                if p.fill == "mean" else torch.zeros_like(x)
+            fill: Tensor | float = x.flatten(2).mean(2).view(n, -1, *([1] * (x.dim() - 2))) \
+                if p.fill == "mean" else 0.0
             if w_con > 0 and bool(con_rows.any()):
                 contrasts.append((x - t.unsqueeze(1) * (x - fill))[con_rows])
                 kinds.append("con")
