@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 
-from causalign.engine import TrainConfig
-from causalign.engine.config import apply_overrides, parse_set
-from causalign.engine.trainer import settings_diff
+from causalign.engine.config import parse_set
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ppi_vs_erm import run_one  # noqa: E402
@@ -54,14 +52,8 @@ COLUMNS = [("accuracy", "gradcam", "accuracy"), ("AUC", "gradcam", "auc"),
 
 def collect(data: Path, runs: Path, name: str, sets: dict, seed: int, epochs: int,
             threads: int) -> dict:
-    run = runs / f"{name}_seed{seed}"
-    cfg = apply_overrides(TrainConfig(method="ppi", epochs=epochs, seed=seed, device="cpu",
-                                      threads=threads), sets)
-    if (run / "metrics.json").exists():
-        diffs = settings_diff(run, cfg)
-        if diffs:
-            raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)})")
-    return run_one(data, runs, "ppi", seed, epochs, sets, threads, run_dir=run)
+    return run_one(data, runs, "ppi", seed, epochs, sets, threads,
+                   run_dir=runs / f"{name}_seed{seed}")
 
 
 def summary(results: list[dict]) -> dict:

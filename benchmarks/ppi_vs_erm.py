@@ -29,6 +29,7 @@ from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, evaluate_split, load_run, train
 from causalign.engine.config import apply_overrides, parse_set
+from causalign.engine.trainer import settings_diff
 
 ROWS = [
     ("accuracy", "gradcam", "accuracy"),
@@ -53,16 +54,20 @@ def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: d
             threads: int = 1, template: str | None = None, run_dir: Path | None = None
             ) -> dict:
     """Train RUNS/<method>_seed<k> (or ``run_dir``) unless finished, then evaluate it;
-    ``template`` names a finished run instead."""
+    ``template`` names a finished run instead. A finished run of ours is collected only if
+    its stored settings are the wanted ones."""
     run = Path(template.format(seed=seed)) if template else (
         run_dir or runs / f"{method}_seed{seed}")
     if template and not (run / "metrics.json").exists():
         raise SystemExit(f"{run}: no metrics.json (an --erm-run template names finished runs)")
+    cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu", threads=threads)
+    if method == "ppi" and sets:
+        cfg = apply_overrides(cfg, sets)
+    if (run / "metrics.json").exists() and not template:
+        diffs = settings_diff(run, cfg)
+        if diffs:
+            raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)})")
     if not (run / "metrics.json").exists():
-        cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu",
-                          threads=threads)
-        if method == "ppi" and sets:
-            cfg = apply_overrides(cfg, sets)
         t0 = time.perf_counter()
         train(data, cfg, run, resume=(run / "checkpoint.pt").exists(), progress=False)
         (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
