@@ -87,6 +87,8 @@ def _case(space: str):
             if isinstance(mod, nn.ReLU):
                 ae.decoder[i] = nn.Tanh()
         method.autoencoder = ae
+    if space == "smooth":
+        method.params.smooth_sigma = 0.7  # at 4×4 pixels a wider blur would be nearly flat
     return model, method, x0, region, target
 
 
@@ -106,7 +108,7 @@ def _fd(model, method, x0, region, target, eps=1e-6):
     return torch.tensor(out, dtype=DT)
 
 
-@pytest.fixture(scope="module", params=["pixel", "latent"])
+@pytest.fixture(scope="module", params=["pixel", "latent", "smooth"])
 def fd_case(request):
     model, method, x0, region, target = _case(request.param)
     return request.param, model, method, x0, region, target, _fd(model, method, x0, region,

@@ -13,6 +13,7 @@ from causalign.errors import ConfigError
 from causalign.explain.counterfactual import (
     DISTANCES,
     CounterfactualGenerator,
+    GaussianSmoother,
     WarmStartCache,
     counterfactual_targets,
     distance_curvature,
@@ -250,6 +251,52 @@ def test_latent_space_autoencoder(trained, tmp_path):
 
 
 
+def test_gaussian_smoother_is_a_normalised_blur_per_slice():
+    sm = GaussianSmoother(1.5)
+    const = torch.full((2, 1, 12, 12), 0.7)
+    torch.testing.assert_close(sm.decode(const), const)  # kernel sums to 1, replicate pad
+    torch.testing.assert_close(sm.encode(const), torch.zeros_like(const))
+    impulse = torch.zeros(1, 1, 15, 15)
+    impulse[0, 0, 7, 7] = 1.0
+    out = sm.decode(impulse)[0, 0]
+    t = torch.arange(-3, 4, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / 1.5) ** 2)
+    k = k / torch.exp(-0.5 * (torch.arange(-5, 6) / 1.5) ** 2).sum()  # radius ceil(3σ) = 5
+    torch.testing.assert_close(out[7, 4:11].double(), (k * k[3]), rtol=1e-5, atol=1e-7)
+    vol = torch.zeros(1, 1, 3, 15, 15)  # the kernel (radius 5) stays inside: mass is kept
+    vol[0, 0, 1, 7, 7] = 1.0
+    blurred = sm.decode(vol)
+    assert blurred[0, 0, 0].abs().max() == 0 and blurred[0, 0, 2].abs().max() == 0
+    assert blurred[0, 0, 1].sum().item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="sigma > 0"):
+        GaussianSmoother(0.0)
+
+
+def test_smooth_space_counterfactual_is_a_blurred_perturbation(trained):
+    """x* = x0 + G_σ * u*: it flips the model, starts at x0, and its change has far less
+    high-frequency energy than the pixel-space x* of the same model."""
+    model, ds = trained
+    x = ds.images[:16]
+    gen = CounterfactualGenerator(model, alpha=0.001, steps=0, space="smooth")
+    torch.testing.assert_close(gen.generate(x).x_star, x)
+    gen.steps, gen.lr = 60, 0.05
+    res = gen.generate(x)
+    torch.testing.assert_close(res.change, GaussianSmoother(1.0).decode(res.u_star),
+                               rtol=1e-5, atol=1e-6)
+    assert res.flipped.float().mean() >= 0.75, res.flipped
+
+    def roughness(change):  # mean |discrete Laplacian| per unit of mean |change|
+        lap = (4 * change[..., 1:-1, 1:-1] - change[..., :-2, 1:-1] - change[..., 2:, 1:-1]
+               - change[..., 1:-1, :-2] - change[..., 1:-1, 2:])
+        return float(lap.abs().mean() / change.abs().mean())
+
+    pixel = CounterfactualGenerator(model, alpha=0.001, steps=60, lr=0.02).generate(x)
+    assert roughness(res.change) < 0.5 * roughness(pixel.change), (
+        roughness(res.change), roughness(pixel.change))
+    with pytest.raises(ConfigError, match="sigma > 0"):
+        CounterfactualGenerator(model, space="smooth", smooth_sigma=-1.0)
+
+
 @pytest.fixture(scope="module")
 def erm_run(tiny_data, tmp_path_factory):
     from causalign.cli import main
@@ -297,6 +344,22 @@ def test_cli_counterfactual_ista(erm_run, tmp_path, capsys):
     assert unchanged > 0.2  # sparse: many pixels exactly as they were
     assert main(["counterfactual", str(erm_run), "--out", str(out), "--optimizer", "lbfgs"]) != 0
     assert "unknown optimizer 'lbfgs'" in capsys.readouterr().err
+
+
+def test_cli_counterfactual_smooth_space(erm_run, tmp_path, capsys):
+    import json
+
+    from causalign.cli import main
+
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(erm_run), "--out", str(out), "--limit", "2", "--space",
+                 "smooth", "--smooth-sigma", "2", "--steps", "10", "--lr", "0.05"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["space"] == "smooth" and summary["settings"]["smooth_sigma"] == 2
+    assert summary["n_generated"] == 2 and summary["mean_distance"] > 0
+    assert main(["counterfactual", str(erm_run), "--out", str(out), "--space", "smooth",
+                 "--smooth-sigma", "0"]) != 0
+    assert "--smooth-sigma must be > 0, got 0.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -335,7 +335,10 @@ def counterfactual(
         help="adam | ista (proximal gradient: sparse x* for the l1 distances)")] = None,
     distance: Annotated[str | None, typer.Option(help="l1 | scaled-l1 | l2 | scaled-l2")
                         ] = None,
-    space: Annotated[str | None, typer.Option(help="pixel | latent")] = None,
+    space: Annotated[str | None, typer.Option(
+        help="pixel | latent | smooth (x0 + Gaussian blur of a perturbation)")] = None,
+    smooth_sigma: Annotated[float | None, typer.Option(
+        help="smooth space: blur σ in pixels (default 1)")] = None,
     autoencoder: Annotated[Path | None, typer.Option(
         help="latent space: autoencoder file (trained on the run's training split and saved "
              "here when missing)")] = None,
@@ -359,9 +362,11 @@ def counterfactual(
         raise CausalignError(f"unknown space '{space}'; valid: {', '.join(SPACES)}")
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise CausalignError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
+    if smooth_sigma is not None and not smooth_sigma > 0:
+        raise CausalignError(f"--smooth-sigma must be > 0, got {smooth_sigma}")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     settings = settings_for_run(method, alpha=alpha, steps=steps, lr=lr, distance=distance,
-                                space=space, optimizer=optimizer)
+                                space=space, optimizer=optimizer, smooth_sigma=smooth_sigma)
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")

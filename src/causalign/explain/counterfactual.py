@@ -30,6 +30,7 @@ solution of the same sample (cache keyed by dataset index).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,13 +44,13 @@ from ..errors import ConfigError
 
 __all__ = [
     "DISTANCES", "OPTIMIZERS", "SPACES", "CounterfactualGenerator", "CounterfactualResult",
-    "InnerProblem",
+    "GaussianSmoother", "InnerProblem",
     "WarmStartCache", "capture_bn_stats", "counterfactual_targets", "distance_curvature",
     "distance_scale", "distance_value", "eval_mode",
 ]
 
 DISTANCES = ("l1", "scaled-l1", "l2", "scaled-l2")
-SPACES = ("pixel", "latent")
+SPACES = ("pixel", "latent", "smooth")
 OPTIMIZERS = ("adam", "ista")
 
 
@@ -205,13 +206,41 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
             h.remove()
 
 
+class GaussianSmoother(nn.Module):
+    """The fixed linear "decoder" of ``space="smooth"``: u ↦ G_σ * u, a separable Gaussian blur
+    over the last two axes (H, W; channels and volume slices are not mixed), replicate
+    padding. ``encode`` gives the zero code, so x(u) = x0 + G_σ * u starts at x0."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        if not sigma > 0:
+            raise ConfigError(f"smooth space needs sigma > 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.radius = max(1, math.ceil(3 * self.sigma))
+        t = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
+        k = torch.exp(-0.5 * (t / self.sigma) ** 2)
+        self.register_buffer("kernel", (k / k.sum()).float(), persistent=False)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+    def decode(self, u: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        shape, r = u.shape, self.radius
+        v = u.reshape(-1, 1, *shape[-2:])
+        k = self.kernel.to(v.dtype)
+        v = F.conv2d(F.pad(v, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        v = F.conv2d(F.pad(v, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        return v.reshape(shape)
+
+
 # --------------------------------------------------------------------------- inner problem
 
 
 @dataclass
 class InnerProblem:
     """T(u) = CE(f(x(u)), y*) + α·d(u, u0) per sample, with x(u) = u (pixels) or
-    x0 + D(u) − D(u0) (latent). The model must be in eval mode when it is evaluated."""
+    x0 + D(u) − D(u0) (latent; smooth with D = Gaussian blur, u0 = 0). The model must be in
+    eval mode when it is evaluated."""
 
     model: nn.Module
     x0: Tensor
@@ -222,7 +251,7 @@ class InnerProblem:
     scale: Tensor | None
     eps: float
     decoder: nn.Module | None = None
-    base: Tensor | None = None  # D(u0) in latent space
+    base: Tensor | None = None  # D(u0) in latent / smooth space
 
     def image(self, u: Tensor) -> Tensor:
         if self.decoder is None:
@@ -366,21 +395,23 @@ class CounterfactualGenerator:
 
     The model is put in eval mode for the search and restored afterwards; its parameters get
     no gradient. ``scale`` is the per-pixel scale of a scaled distance (`distance_scale` on
-    training images); ``autoencoder`` is required for ``space="latent"``.
+    training images); ``autoencoder`` is required for ``space="latent"``; ``smooth_sigma`` is
+    the blur (pixels) of ``space="smooth"``.
     """
 
     def __init__(self, model: nn.Module, *, alpha: float = 0.01, steps: int = 100,
                  lr: float = 0.01, distance: str = "l1", scale: Tensor | None = None,
                  eps: float = 1e-2, space: str = "pixel", autoencoder: nn.Module | None = None,
                  warm_start: bool = False, target_rule: str | int = "other",
-                 optimizer: str = "adam") -> None:
+                 optimizer: str = "adam", smooth_sigma: float = 1.0) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown counterfactual optimizer '{optimizer}'; valid: "
                               f"{', '.join(OPTIMIZERS)}")
         if distance not in DISTANCES:
             raise ConfigError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
         if space not in SPACES:
-            raise ConfigError(f"unknown counterfactual space '{space}'; valid: pixel, latent")
+            raise ConfigError(f"unknown counterfactual space '{space}'; valid: "
+                              f"{', '.join(SPACES)}")
         if space == "latent" and distance.startswith("scaled"):
             raise ConfigError(f"distance '{distance}' is per pixel; the latent space takes "
                               f"l1 or l2")
@@ -395,6 +426,7 @@ class CounterfactualGenerator:
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
         self.distance, self.scale, self.eps = distance, scale, float(eps)
         self.space, self.autoencoder = space, autoencoder
+        self.smoother = GaussianSmoother(smooth_sigma) if space == "smooth" else None
         self.warm_start = warm_start
         self.target_rule = target_rule
         self.optimizer = optimizer
@@ -411,6 +443,10 @@ class CounterfactualGenerator:
                 base = ae.decode(u0, tuple(x0.shape[-2:]))
             return InnerProblem(self.model, x0, u0, target, self.alpha, self.distance, None,
                                 self.eps, decoder=ae, base=base)
+        if self.space == "smooth":
+            zero = torch.zeros_like(x0)  # G_σ * 0 = 0: x(u) = x0 + G_σ * u
+            return InnerProblem(self.model, x0, zero, target, self.alpha, self.distance, scale,
+                                self.eps, decoder=self.smoother.to(x0.device), base=zero)
         return InnerProblem(self.model, x0, x0, target, self.alpha, self.distance, scale,
                             self.eps)
 

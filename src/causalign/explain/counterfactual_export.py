@@ -37,6 +37,7 @@ class CounterfactualSettings:
     space: str = "pixel"
     target: str = "other"
     optimizer: str = "adam"
+    smooth_sigma: float = 1.0
 
 
 def settings_for_run(method, **overrides: Any) -> CounterfactualSettings:
@@ -47,6 +48,7 @@ def settings_for_run(method, **overrides: Any) -> CounterfactualSettings:
         s.alpha, s.distance, s.eps = params.alpha, params.distance, params.eps
         s.space, s.target = params.space, str(params.target)
         s.optimizer = params.inner_optimizer
+        s.smooth_sigma = params.smooth_sigma
     for k, v in overrides.items():
         if v is not None:
             setattr(s, k, v)
@@ -142,7 +144,8 @@ def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
                                   lr=settings.lr, distance=settings.distance, scale=scale,
                                   eps=settings.eps, space=settings.space,
                                   autoencoder=autoencoder, target_rule=settings.target,
-                                  optimizer=settings.optimizer)
+                                  optimizer=settings.optimizer,
+                                  smooth_sigma=settings.smooth_sigma)
     (out / "cf").mkdir(parents=True, exist_ok=True)
     (out / "triptychs").mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -100,7 +100,9 @@ class CausalAlignParams:
     # none: Eq. 3 as printed, Σ|Δ| outside the region | total: divided by the sample's whole
     # change Σ|Δ| (the share of the counterfactual change outside the region, in [0, 1])
     normalize: str = "none"
-    space: str = "pixel"  # pixel | latent (autoencoder code, L2 in the paper's code)
+    # pixel | latent (autoencoder code, L2 in the paper's code) | smooth (x0 + G_σ * u, below)
+    space: str = "pixel"
+    smooth_sigma: float = 1.0  # σ in pixels of the blur of space=smooth
     precondition: bool = True  # Jacobi-preconditioned CG (see module docstring)
     # > 0: cap the norm of λ·dL_align/dθ at this multiple of ‖∇_θ CE‖ (one extra CE backward)
     # so a large, noisy alignment gradient cannot drown the classification signal
@@ -143,7 +145,10 @@ class CausalAlignParams:
             (self.inner_optimizer in OPTIMIZERS,
              f"method.inner_optimizer must be one of {', '.join(OPTIMIZERS)}, "
              f"got '{self.inner_optimizer}'"),
-            (self.space in SPACES, f"method.space must be pixel or latent, got '{self.space}'"),
+            (self.space in SPACES,
+             f"method.space must be one of {', '.join(SPACES)}, got '{self.space}'"),
+            (self.smooth_sigma > 0,
+             f"method.smooth_sigma must be > 0, got {self.smooth_sigma}"),
             (str(self.target) == "other" or str(self.target).isdigit(),
              f"method.target must be 'other' or a class index, got '{self.target}'"),
             (not (self.space == "latent" and self.distance.startswith("scaled")),
@@ -285,7 +290,7 @@ class CausalAlign(Method):
             model, alpha=p.alpha, steps=p.steps, lr=p.inner_lr, distance=p.distance,
             scale=None if scale is None else scale.to(dev), eps=p.eps, space=p.space,
             autoencoder=self.autoencoder, warm_start=p.warm_start, target_rule=p.target,
-            optimizer=p.inner_optimizer)
+            optimizer=p.inner_optimizer, smooth_sigma=p.smooth_sigma)
         gen.cache = self.cache
         return gen
 
