@@ -438,3 +438,34 @@ def test_ista_is_sparser_than_adam_and_flips(trained):
     assert not ista.diverged.any()
     with pytest.raises(ConfigError, match="unknown counterfactual optimizer 'lbfgs'"):
         CounterfactualGenerator(model, optimizer="lbfgs")
+
+
+def test_cf_localisation_symbol_swap_matches_the_generator():
+    """benchmarks/cf_localisation.py's reliance check: swapping turns the generator's "+" into
+    a "−" (vertical bar gone) and a "−" into exactly the generator's "+"."""
+    import importlib.util
+    from pathlib import Path
+
+    from causalign.data.synth import draw_symbol
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cf_localisation.py"
+    spec = importlib.util.spec_from_file_location("cf_localisation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    base = (0.32 + 0.01 * rng.standard_normal((2, 64, 64))).astype(np.float32)
+    plus, minus = base[0].copy(), base[1].copy()
+    draw_symbol(plus, True, 64)
+    draw_symbol(minus, False, 64)
+    images = torch.from_numpy(np.stack([plus, minus]))[:, None]
+    swapped, had_plus = bench.swap_symbol(images)
+    assert had_plus.tolist() == [True, False]
+    ref_minus = np.zeros((64, 64), np.float32)
+    draw_symbol(ref_minus, False, 64)
+    ref_plus = np.zeros((64, 64), np.float32)
+    draw_symbol(ref_plus, True, 64)
+    bar = (ref_plus > 0) & (ref_minus == 0)
+    assert swapped[0, 0].numpy()[bar].max() < 0.4  # the "+" lost its vertical bar
+    np.testing.assert_array_equal(swapped[0, 0].numpy()[ref_minus > 0], np.float32(0.9))
+    drawn = np.where(ref_plus > 0, np.float32(0.9), minus)
+    np.testing.assert_array_equal(swapped[1, 0].numpy(), drawn)
