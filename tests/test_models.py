@@ -42,6 +42,18 @@ def test_backbones_one_channel_any_classes(name, size):
     assert isinstance(find_cam_layer(m), nn.Module)
 
 
+@pytest.mark.parametrize("name,patch", [("bagnet9", 9), ("bagnet17", 17)])
+def test_bagnet_backbone_by_name_is_local(name, patch):
+    m = build_model(name, in_channels=1, num_outputs=2, width=8).eval()
+    assert m.patch == patch and find_cam_layer(m) is m.cam_layer
+    x = torch.rand(1, 1, 48, 48, requires_grad=True)
+    # one patch's evidence depends on exactly its patch × patch window of the input
+    m.patch_logits(x)[0, 1, 0, 0].backward()
+    nz = x.grad[0, 0].abs() > 0
+    rows, cols = nz.any(1).nonzero(), nz.any(0).nonzero()
+    assert int(rows.max()) + 1 == patch and int(cols.max()) + 1 == patch
+
+
 def test_unknown_model():
     with pytest.raises(CausalignError, match="unknown model 'alexnet'; valid: .*resnet18"):
         build_model("alexnet", 1, 2)

@@ -206,6 +206,7 @@ def train(
     lr: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     model: Annotated[str | None, typer.Option(help="cnn7 | resnet18 | vgg11 | inception_v3 | "
+                                              "bagnet9 | bagnet13 | bagnet17 | bagnet33 | "
                                               "multiview (volumes)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
