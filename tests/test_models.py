@@ -51,6 +51,7 @@ def test_bagnet_backbone_by_name_is_local(name, patch):
     m.patch_logits(x)[0, 1, 0, 0].backward()
     nz = x.grad[0, 0].abs() > 0
     rows, cols = nz.any(1).nonzero(), nz.any(0).nonzero()
+    assert int(rows.min()) == 0 and int(cols.min()) == 0
     assert int(rows.max()) + 1 == patch and int(cols.max()) + 1 == patch
 
 
