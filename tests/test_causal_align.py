@@ -298,10 +298,11 @@ def test_training_survives_forced_failures_and_logs_them(tiny_data, tmp_path, fa
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_torchvision_backbone_step():
+@pytest.mark.parametrize("name", ["resnet18", "bagnet9"])
+def test_backbone_step(name):
     from causalign.models import build_model
 
-    model = build_model("resnet18", 1, 2).train()
+    model = build_model(name, 1, 2).train()
     batch = _batch(n=4, size=32)
     method = build_method("causal-align", dict(FAST, cg_iters=2))
     out = method(model, batch)
