@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -161,6 +162,19 @@ def test_shipped_suites_plan():
     dist = [s for s in paper if "table7" in s.experiments]
     assert sorted(s.config.method_args["distance"] for s in dist) == \
         ["l1", "l2", "scaled-l1", "scaled-l2"]
+
+
+def test_benchmark_probe_suites_plan():
+    """The suites the README cites for its probes (benchmarks/suites/) stay runnable."""
+    files = sorted((Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.yaml"))
+    assert files
+    for f in files:
+        specs = bm.plan(bm.load_suite(f))
+        assert specs and not [s.error for s in specs if s.error], f.name
+    probes = bm.plan(bm.load_suite(files[0].parent / "causal_align_probes.yaml"))
+    big = {s.key for s in probes if "data_4k" in s.experiments or "data_4k_seeds" in s.experiments}
+    # causal-align seed 0 on plus-minus-4k is shared by both experiments: planned once
+    assert len(big) == 6 and len([s for s in probes if s.key in big]) == 6
 
 
 def test_cli_benchmark_user_errors(tmp_path, capsys):
