@@ -172,9 +172,9 @@ def test_benchmark_probe_suites_plan():
         specs = bm.plan(bm.load_suite(f))
         assert specs and not [s.error for s in specs if s.error], f.name
     probes = bm.plan(bm.load_suite(files[0].parent / "causal_align_probes.yaml"))
-    big = {s.key for s in probes if "data_4k" in s.experiments or "data_4k_seeds" in s.experiments}
-    # causal-align seed 0 on plus-minus-4k is shared by both experiments: planned once
-    assert len(big) == 6 and len([s for s in probes if s.key in big]) == 6
+    big = [s for s in probes if "data_4k" in s.experiments]
+    assert len(big) == 12 and len({s.key for s in big}) == 12  # 2 datasets × 2 methods × 3 seeds
+    assert {s.dataset for s in big} == {"plus-minus-4k", "shortcut-free-4k"}
 
 
 def test_cli_benchmark_user_errors(tmp_path, capsys):
