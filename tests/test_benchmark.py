@@ -166,12 +166,13 @@ def test_shipped_suites_plan():
 
 def test_benchmark_probe_suites_plan():
     """The suites the README cites for its probes (benchmarks/suites/) stay runnable."""
-    files = sorted((Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.yaml"))
+    suites = Path(__file__).parents[1] / "benchmarks" / "suites"
+    files = sorted(suites.glob("*.yaml"))
     assert files
     for f in files:
         specs = bm.plan(bm.load_suite(f))
         assert specs and not [s.error for s in specs if s.error], f.name
-    probes = bm.plan(bm.load_suite(files[0].parent / "causal_align_probes.yaml"))
+    probes = bm.plan(bm.load_suite(suites / "causal_align_probes.yaml"))
     big = [s for s in probes if "data_4k" in s.experiments]
     assert len(big) == 12 and len({s.key for s in big}) == 12  # 2 datasets × 2 methods × 3 seeds
     assert {s.dataset for s in big} == {"plus-minus-4k", "shortcut-free-4k"}
