@@ -116,11 +116,19 @@ def timed_ratio(make_method, model, batch, repeats: int, warmup: int = 1) -> dic
     return {"seconds_per_step": m, "erm_seconds_per_step": e, "ratio_to_erm": m / e}
 
 
-def reference_grad(args: dict, model, batch, ae=None) -> tuple[torch.Tensor, dict]:
-    """Tight inner solve (3 warm-started Adam stages) + long CG: the 'true' dL_align/dθ."""
-    method = build_method("causal-align", dict(args, warm_start=True))
-    method.autoencoder = ae
-    for steps, lr in REF_STAGES[:-1]:
+def reference_grad(args: dict, model, batch, ae=None, method=None, stages=None
+                   ) -> tuple[torch.Tensor, dict]:
+    """Tight inner solve (3 warm-started Adam stages) + long CG: the 'true' dL_align/dθ.
+
+    From x0, or (``method``: a causal-align method whose warm-start cache holds a solution)
+    from that solution — the inner problem is not convex, so this gives the reference for
+    the local minimum a warm-started run is in (``stages``: (steps, lr) pairs, default
+    REF_STAGES)."""
+    stages = REF_STAGES if stages is None else stages
+    if method is None:
+        method = build_method("causal-align", dict(args, warm_start=True))
+        method.autoencoder = ae
+    for steps, lr in stages[:-1]:
         method.params.steps, method.params.inner_lr = steps, lr
         method.step = 0
         with torch.no_grad(), capture_bn_stats(model) as st:
@@ -129,7 +137,7 @@ def reference_grad(args: dict, model, batch, ae=None) -> tuple[torch.Tensor, dic
         x, y = batch["image"], batch["label"]
         method.generator(model).generate(x, target=1 - y, ids=batch["index"], report=False,
                                          bn_stats=st)
-    steps, lr = REF_STAGES[-1]
+    steps, lr = stages[-1]
     method.params.steps, method.params.inner_lr = steps, lr
     method.params.cg_iters, method.params.cg_tol = REF_CG["cg_iters"], REF_CG["cg_tol"]
     return step_grads(method, model, batch)

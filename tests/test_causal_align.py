@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,3 +339,45 @@ def test_dilate_is_applied_to_the_alignment_region():
     assert int(region.sum()) == 9 and bool(has.all())
     with pytest.raises(Exception, match="method.dilate must be >= 0"):
         build_method("causal-align", {"dilate": -1})
+
+
+def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path):
+    """benchmarks/causal_align_grad_in_training.py probes the implicit gradient between epochs;
+    the run it probes must end exactly where an unprobed run with the same config ends, and
+    every probe must report finite cosines for the run, each variant and both references."""
+    import importlib.util
+    import json
+
+    from causalign.engine import TrainConfig, train
+    from causalign.engine.trainer import CHECKPOINT, load_checkpoint
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "causal_align_grad_in_training.py"
+    spec = importlib.util.spec_from_file_location("causal_align_grad_in_training", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    sets = ["width=4", "batch_size=16", "deletion_fractions=[0.1]", "method.steps=3",
+            "method.align_batch=4"]
+    probe.main([str(tiny_data), "--out", str(tmp_path / "probe"), "--epochs", "2",
+                "--probe-epochs", "1,2", "--probe-n", "4", "--ks", "3", "--ref-steps", "10",
+                "--threads", "0", "--variant", "+more:steps=6"]
+               + [f"--set={s}" for s in sets])
+    cfg = TrainConfig(method="causal-align", epochs=2, width=4, batch_size=16,
+                      deletion_fractions=[0.1], method_args=dict(steps=3, align_batch=4))
+    train(tiny_data, cfg, tmp_path / "plain", progress=False)
+    probed = load_checkpoint(tmp_path / "probe" / "run" / CHECKPOINT)
+    plain = load_checkpoint(tmp_path / "plain" / CHECKPOINT)
+    for k, v in plain["model"].items():
+        assert torch.equal(v, probed["model"][k]), k
+    assert torch.equal(plain["method_state"]["cache"]["offsets"],
+                       probed["method_state"]["cache"]["offsets"])
+    result = json.loads((tmp_path / "probe" / "grad_in_training.json").read_text())
+    assert [r["epoch"] for r in result["probes"]] == [1, 2]
+    for r in result["probes"]:
+        for name in ("run", "cold_3", "run_plus_3", "more"):
+            for key in ("cosine_to_ref", "cosine_to_ref_run"):
+                assert -1.0 <= r[name][key] <= 1.0, (name, key, r[name])
+        assert r["more"]["from_run_cache"] and not r["cold_3"]["from_run_cache"]
+        assert r["ref"]["norm_ratio_to_ce"] > 0 and -1 <= r["ref_run"]["cosine_to_ref"] <= 1
+        # "run" is the run's own setting from its cache, i.e. run_plus_K at its K
+        assert r["run"]["cosine_to_ref"] == pytest.approx(r["run_plus_3"]["cosine_to_ref"])
+    assert "more" in (tmp_path / "probe" / "grad_in_training.md").read_text()
