@@ -187,13 +187,19 @@ def table(probes: list[dict], variants: list[Variant]) -> str:
 
 
 def probe_saved_run(run: Path, n: int, variants: list[Variant]) -> dict:
-    """One probe at a run's last checkpoint (weights and warm-start cache of its last epoch)."""
+    """One probe at a run's last checkpoint (weights and warm-start cache of its last epoch).
+
+    A run of another method (e.g. ERM) is scored with causal-align's defaults and an empty
+    cache: what L_align and its gradient would be for that model."""
     cfg, model, method, data = load_run(run, device="cpu")
     state = load_checkpoint(run / CHECKPOINT)
     model.load_state_dict(state["model"])
-    method.load_state_dict(state.get("method_state", {}))
+    if cfg.method == "causal-align":
+        method.load_state_dict(state.get("method_state", {}))
+    else:
+        method = build_method("causal-align")
     batch = probe_batch(LesionDataset(data, "train"), "cpu", n)
-    return {"epoch": state["epoch"], "cached": cached_share(method, batch),
+    return {"epoch": state["epoch"], "method": cfg.method, "cached": cached_share(method, batch),
             **measure(model, method, batch, variants)}
 
 
