@@ -186,18 +186,22 @@ def table(probes: list[dict], variants: list[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def probe_saved_run(run: Path, n: int, variants: list[Variant]) -> dict:
+def probe_saved_run(run: Path, n: int, variants: list[Variant],
+                    method_args: dict | None = None) -> dict:
     """One probe at a run's last checkpoint (weights and warm-start cache of its last epoch).
 
     A run of another method (e.g. ERM) is scored with causal-align's defaults and an empty
-    cache: what L_align and its gradient would be for that model."""
+    cache: what L_align and its gradient would be for that model. ``method_args`` override
+    the scoring method's parameters (e.g. normalize=none for Eq. 3 as printed)."""
     cfg, model, method, data = load_run(run, device="cpu")
     state = load_checkpoint(run / CHECKPOINT)
     model.load_state_dict(state["model"])
     if cfg.method == "causal-align":
         method.load_state_dict(state.get("method_state", {}))
+        if method_args:
+            method.params = dataclasses.replace(method.params, **method_args)
     else:
-        method = build_method("causal-align")
+        method = build_method("causal-align", method_args or {})
     batch = probe_batch(LesionDataset(data, "train"), "cpu", n)
     return {"epoch": state["epoch"], "method": cfg.method, "cached": cached_share(method, batch),
             **measure(model, method, batch, variants)}
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                          "'+NAME:key=val,...' from the run's warm-start cache")
     ap.add_argument("--ref-steps", type=int, default=300,
                     help="Adam steps per reference stage (ref_run: twice that at 1e-3)")
-    ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--set", action="append", default=[], dest="sets",
+                    help="training config (method.<param> only with --from-run: how to score)")
     a = ap.parse_args(argv)
     bench_causal_align.REF_STAGES = tuple((a.ref_steps, lr)
                                           for _, lr in bench_causal_align.REF_STAGES)
@@ -233,8 +238,13 @@ def main(argv: list[str] | None = None) -> None:
                            f"1e-2/1e-3/1e-4, CG 1e-8); ref_run: {2 * a.ref_steps} at 1e-3 + "
                            f"{a.ref_steps} at 1e-4 from the run's cache"}
     if a.from_run:
-        result.update(run=a.from_run, probes=[probe_saved_run(Path(a.from_run), a.probe_n,
-                                                              variants)])
+        sets = parse_set(a.sets)
+        if any(not k.startswith("method.") for k in sets):
+            ap.error("with --from-run, --set takes only method.<param> (the scoring method)")
+        method_args = {k.split(".", 1)[1]: v for k, v in sets.items()}
+        result.update(run=a.from_run, sets=a.sets,
+                      probes=[probe_saved_run(Path(a.from_run), a.probe_n, variants,
+                                              method_args)])
     else:
         if not a.data:
             ap.error("DATA is required unless --from-run is given")

@@ -381,3 +381,18 @@ def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path
         # "run" is the run's own setting from its cache, i.e. run_plus_K at its K
         assert r["run"]["cosine_to_ref"] == pytest.approx(r["run_plus_3"]["cosine_to_ref"])
     assert "more" in (tmp_path / "probe" / "grad_in_training.md").read_text()
+
+    # --from-run scores a finished run; --set method.* changes how (Eq. 3 as printed here)
+    saved = {}
+    for name, extra in (("share", []), ("raw", ["--set", "method.normalize=none"])):
+        probe.main(["--from-run", str(tmp_path / "plain"), "--out", str(tmp_path / name),
+                    "--ks", "", "--ref-steps", "10", "--probe-n", "4", "--threads", "0",
+                    *extra])
+        saved[name] = json.loads((tmp_path / name / "grad_in_training.json").read_text())
+    share, raw = (saved[k]["probes"][0] for k in ("share", "raw"))
+    assert share["epoch"] == raw["epoch"] == 2
+    assert 0 <= share["ref"]["align"] <= 1 and 0 <= share["run"]["align"] <= 1
+    assert raw["run"]["align"] > 1  # a pixel sum over the image, not a share
+    with pytest.raises(SystemExit):
+        probe.main(["--from-run", str(tmp_path / "plain"), "--out", str(tmp_path / "bad"),
+                    "--set", "epochs=3"])
