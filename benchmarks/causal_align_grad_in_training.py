@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_causal_align  # noqa: E402
 from bench_causal_align import (  # noqa: E402
+    REF_STAGES,
     cosine,
     flat,
     reference_grad,
@@ -99,7 +99,11 @@ def parse_variant(text: str) -> Variant:
     return name, overrides, warm
 
 
-def measure(model, method, batch: dict, variants: list[Variant]) -> dict:
+def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int = 300
+            ) -> dict:
+    """Each variant's alignment gradient against the two tight references (module docstring);
+    the model's weights, mode and the RNG are restored afterwards, the method is not touched
+    (variants from its cache run on a copy)."""
     weights = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
     was_training = model.training
@@ -109,7 +113,8 @@ def measure(model, method, batch: dict, variants: list[Variant]) -> dict:
     out: dict = {}
     t0 = time.perf_counter()
     try:
-        ref, ref_parts = reference_grad(dict(args), model, batch)
+        stages = tuple((ref_steps, lr) for _, lr in REF_STAGES)
+        ref, ref_parts = reference_grad(dict(args), model, batch, stages=stages)
         g_ce = ce_grad(model, method, batch)
         lam = method.params.lam
         out["ref"] = {"align": ref_parts.get("align"), "flip_rate": ref_parts.get("flip_rate"),
@@ -121,9 +126,8 @@ def measure(model, method, batch: dict, variants: list[Variant]) -> dict:
         run_m = copy.deepcopy(method)
         run_m.params = dataclasses.replace(run_m.params, align_batch=0)
         # from lr 1e-3: a first stage at 1e-2 could carry x* out of the run's basin
-        n = bench_causal_align.REF_STAGES[0][0]
-        ref_run, ref_run_parts = reference_grad({}, model, batch, method=run_m,
-                                                stages=((2 * n, 1e-3), (n, 1e-4)))
+        ref_run, ref_run_parts = reference_grad(
+            {}, model, batch, method=run_m, stages=((2 * ref_steps, 1e-3), (ref_steps, 1e-4)))
         out["ref_run"] = {"align": ref_run_parts.get("align"),
                           "cosine_to_ref": cosine(ref_run, ref),
                           "norm_ratio_to_ce": float(lam * ref_run.norm() / g_ce.norm()),
@@ -151,9 +155,10 @@ def measure(model, method, batch: dict, variants: list[Variant]) -> dict:
 
 class ProbingTrainer(Trainer):
     def __init__(self, *a, probe_epochs: set[int], probe_n: int, variants: list[Variant],
-                 **kw):
+                 ref_steps: int, **kw):
         super().__init__(*a, **kw)
         self.probe_epochs, self.probe_n, self.variants = probe_epochs, probe_n, variants
+        self.ref_steps = ref_steps
         self.probes: list[dict] = []
 
     def _save_state(self) -> None:
@@ -162,7 +167,7 @@ class ProbingTrainer(Trainer):
         if epoch in self.probe_epochs:
             batch = probe_batch(self.train_set, self.device, self.probe_n)
             row = {"epoch": epoch, "cached": cached_share(self.method, batch),
-                   **measure(self.model, self.method, batch, self.variants)}
+                   **measure(self.model, self.method, batch, self.variants, self.ref_steps)}
             self.probes.append(row)
             print(json.dumps(row), flush=True)
 
@@ -187,7 +192,7 @@ def table(probes: list[dict], variants: list[Variant]) -> str:
 
 
 def probe_saved_run(run: Path, n: int, variants: list[Variant],
-                    method_args: dict | None = None) -> dict:
+                    method_args: dict | None = None, ref_steps: int = 300) -> dict:
     """One probe at a run's last checkpoint (weights and warm-start cache of its last epoch).
 
     A run of another method (e.g. ERM) is scored with causal-align's defaults and an empty
@@ -200,11 +205,12 @@ def probe_saved_run(run: Path, n: int, variants: list[Variant],
         method.load_state_dict(state.get("method_state", {}))
         if method_args:
             method.params = dataclasses.replace(method.params, **method_args)
+            method.params.validate()
     else:
         method = build_method("causal-align", method_args or {})
     batch = probe_batch(LesionDataset(data, "train"), "cpu", n)
     return {"epoch": state["epoch"], "method": cfg.method, "cached": cached_share(method, batch),
-            **measure(model, method, batch, variants)}
+            **measure(model, method, batch, variants, ref_steps)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,8 +232,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="training config (method.<param> only with --from-run: how to score)")
     a = ap.parse_args(argv)
-    bench_causal_align.REF_STAGES = tuple((a.ref_steps, lr)
-                                          for _, lr in bench_causal_align.REF_STAGES)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         method_args = {k.split(".", 1)[1]: v for k, v in sets.items()}
         result.update(run=a.from_run, sets=a.sets,
                       probes=[probe_saved_run(Path(a.from_run), a.probe_n, variants,
-                                              method_args)])
+                                              method_args, a.ref_steps)])
     else:
         if not a.data:
             ap.error("DATA is required unless --from-run is given")
@@ -252,15 +256,17 @@ def main(argv: list[str] | None = None) -> None:
                                           threads=a.threads), parse_set(a.sets))
         trainer = ProbingTrainer(a.data, cfg, out / "run", progress=False,
                                  probe_epochs={int(e) for e in a.probe_epochs.split(",")},
-                                 probe_n=a.probe_n, variants=variants)
+                                 probe_n=a.probe_n, variants=variants,
+                                 ref_steps=a.ref_steps)
         metrics = trainer.fit()
         test = metrics.get("test", {})
         result.update(data=str(a.data), seed=a.seed, epochs=a.epochs, sets=a.sets,
                       test_accuracy=test.get("accuracy"),
                       test_cam_precision=test.get("cam_precision"), probes=trainer.probes)
     atomic_write_json(out / "grad_in_training.json", result)
-    atomic_write_text(out / "grad_in_training.md", table(result["probes"], variants))
-    print(table(result["probes"], variants))
+    md = table(result["probes"], variants)
+    atomic_write_text(out / "grad_in_training.md", md)
+    print(md)
 
 
 if __name__ == "__main__":
