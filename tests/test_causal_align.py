@@ -206,6 +206,29 @@ def test_align_on_positive_aligns_only_non_zero_labels():
         build_method("causal-align", {"align_on": "negative"})
 
 
+def test_predicted_target_flips_the_models_decision_not_the_label():
+    model = _small_cnn()
+    batch = _batch(n=6)
+    with torch.no_grad():
+        predicted = model(batch["image"]).argmax(1)
+    seen = []
+    for rule in ("other", "predicted"):
+        method = build_method("causal-align", dict(FAST, target=rule))
+        original = method.alignment
+
+        def recording(m, x, target, region, ids, _orig=original, **kw):
+            seen.append(target.clone())
+            return _orig(m, x, target, region, ids, **kw)
+
+        method.alignment = recording
+        method(model, batch)
+    assert seen[0].tolist() == (1 - batch["label"]).tolist()
+    assert seen[1].tolist() == (1 - predicted).tolist()
+    assert seen[0].tolist() != seen[1].tolist()  # this batch has misclassified samples
+    with pytest.raises(ConfigError, match="method.target must be 'other', 'predicted'"):
+        build_method("causal-align", {"target": "nearest"})
+
+
 def test_align_every_n_steps_and_align_batch():
     model = _small_cnn()
     batch = _batch(n=6)

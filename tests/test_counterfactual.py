@@ -149,6 +149,15 @@ def test_target_rules():
     assert t.tolist() == [2, 0, 2]  # the most likely class other than y
     t, ok = counterfactual_targets(torch.tensor([0, 2, 1]), 3, rule="2")
     assert t.tolist() == [2, 2, 2] and ok.tolist() == [True, False, True]
+    # "predicted" flips the model's decision, not the label (the third sample, label 1, is
+    # predicted 0)
+    binary = torch.tensor([[2.0, -1.0], [0.0, 3.0], [4.0, 1.0]])
+    t, ok = counterfactual_targets(torch.tensor([0, 1, 1]), 2, rule="predicted", logits=binary)
+    assert t.tolist() == [1, 0, 1] and ok.all()  # the misclassified third heads for its label
+    t, _ = counterfactual_targets(torch.tensor([1, 0, 1]), 3, rule="predicted", logits=logits)
+    assert t.tolist() == [2, 0, 2]  # runner-up to the prediction, whatever the label
+    with pytest.raises(ValueError, match="logits"):
+        counterfactual_targets(y, 2, rule="predicted")
     with pytest.raises(ConfigError):
         counterfactual_targets(y, 2, rule="5")
     with pytest.raises(ConfigError):

@@ -23,9 +23,11 @@ counterfactuals"): x*(z) = x0 + D(z) − D(z0), z0 = E(x0), with the distance ta
 residual form makes x* = x0 exactly at z = z0, so reconstruction error never shows up as a
 "change" (it would otherwise count against the alignment loss everywhere).
 
-Targets y*: binary 1 − y; multi-class the most likely class other than y; or a given class
-(samples already of that class get no counterfactual). Optional warm start from the previous
-solution of the same sample (cache keyed by dataset index).
+Targets y*: binary 1 − y; multi-class the most likely class other than y; "predicted": the
+same rule applied to the model's prediction instead of the label (a misclassified sample's
+counterfactual then heads for its label, so being wrong is no cheaper a counterfactual); or a
+given class (samples already of that class get no counterfactual). Optional warm start from
+the previous solution of the same sample (cache keyed by dataset index).
 """
 
 from __future__ import annotations
@@ -112,8 +114,13 @@ def distance_curvature(delta: Tensor, distance: str, scale: Tensor | None = None
 def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "other",
                            logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(y*, valid): binary 1 − y; multi-class the most likely class ≠ y (needs ``logits``);
-    an int rule gives that class to every sample, valid only where y differs from it."""
+    "predicted" applies that rule to argmax ``logits`` instead of y; an int rule gives that
+    class to every sample, valid only where y differs from it."""
     labels = labels.long()
+    if rule == "predicted":
+        if logits is None:
+            raise ValueError("'predicted' counterfactual targets need the model's logits")
+        labels, rule = logits.detach().argmax(1), "other"
     if isinstance(rule, int) or (isinstance(rule, str) and rule.lstrip("-").isdigit()):
         c = int(rule)
         if not 0 <= c < num_classes:
@@ -121,8 +128,8 @@ def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "
         target = torch.full_like(labels, c)
         return target, labels != c
     if rule != "other":
-        raise ConfigError(f"counterfactual target rule must be 'other' or a class index, "
-                          f"got '{rule}'")
+        raise ConfigError(f"counterfactual target rule must be 'other', 'predicted' or a "
+                          f"class index, got '{rule}'")
     if num_classes == 2:
         return 1 - labels, torch.ones_like(labels, dtype=torch.bool)
     if logits is None:

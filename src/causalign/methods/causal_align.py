@@ -81,7 +81,9 @@ class CausalAlignParams:
     damping: float = 1e-2  # δ in (H + δI)v = ∇ₓL
     distance: str = "l1"  # l1 | scaled-l1 | l2 | scaled-l2 (paper Tab. 7: l1 best)
     eps: float = 1e-2  # smoothing of the l1 surrogate √(δ²+ε²)−ε, in pixel units
-    target: str = "other"  # y* rule: "other" (binary 1−y, else most likely other class) | k
+    # y* rule: "other" (binary 1−y, else most likely other class) | "predicted" (the same rule
+    # on the model's prediction: a misclassified sample's x* heads for its label) | class k
+    target: str = "other"
     align_every: int = 1  # alignment term every n-th step (plain CE in between)
     # at most this many annotated samples per batch enter L_align (0 = all): the alignment
     # cost scales with it while the CE term keeps the whole batch
@@ -149,8 +151,9 @@ class CausalAlignParams:
              f"method.space must be one of {', '.join(SPACES)}, got '{self.space}'"),
             (self.smooth_sigma > 0,
              f"method.smooth_sigma must be > 0, got {self.smooth_sigma}"),
-            (str(self.target) == "other" or str(self.target).isdigit(),
-             f"method.target must be 'other' or a class index, got '{self.target}'"),
+            (str(self.target) in ("other", "predicted") or str(self.target).isdigit(),
+             f"method.target must be 'other', 'predicted' or a class index, "
+             f"got '{self.target}'"),
             (not (self.space == "latent" and self.distance.startswith("scaled")),
              f"method.distance '{self.distance}' is per pixel; space latent takes l1 or l2"),
         ]
