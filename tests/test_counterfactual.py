@@ -149,8 +149,7 @@ def test_target_rules():
     assert t.tolist() == [2, 0, 2]  # the most likely class other than y
     t, ok = counterfactual_targets(torch.tensor([0, 2, 1]), 3, rule="2")
     assert t.tolist() == [2, 2, 2] and ok.tolist() == [True, False, True]
-    # "predicted" flips the model's decision, not the label (the third sample, label 1, is
-    # predicted 0)
+    # "predicted" flips the model's decision, not the label
     binary = torch.tensor([[2.0, -1.0], [0.0, 3.0], [4.0, 1.0]])
     t, ok = counterfactual_targets(torch.tensor([0, 1, 1]), 2, rule="predicted", logits=binary)
     assert t.tolist() == [1, 0, 1] and ok.all()  # the misclassified third heads for its label
