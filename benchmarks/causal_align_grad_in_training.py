@@ -14,7 +14,8 @@ on a fixed set of annotated training samples, measures without disturbing the ru
 BatchNorm buffers, cache and RNG are restored). With --from-run it probes a finished run's
 last checkpoint instead.
 
-References (both: Adam stages with decaying lr, then CG to 1e-8):
+References (both: Adam stages with decaying lr, then --ref-polish Gauss-Newton steps, then CG
+to 1e-8; Adam alone stops well short of the minimum, see bench_causal_align.reference_grad):
 
 * `ref`: from x0, as in bench_causal_align.py (3 × 300 steps at lr 1e-2, 1e-3, 1e-4);
 * `ref_run`: from the run's own cached x* (600 at 1e-3, 300 at 1e-4). The inner problem is
@@ -99,8 +100,8 @@ def parse_variant(text: str) -> Variant:
     return name, overrides, warm
 
 
-def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int = 300
-            ) -> dict:
+def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int = 300,
+            polish: int = 50, ref_newton: int = 0) -> dict:
     """Each variant's alignment gradient against the two tight references (module docstring);
     the model's weights, mode and the RNG are restored afterwards, the method is not touched
     (variants from its cache run on a copy)."""
@@ -113,8 +114,13 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
     out: dict = {}
     t0 = time.perf_counter()
     try:
-        stages = tuple((ref_steps, lr) for _, lr in REF_STAGES)
-        ref, ref_parts = reference_grad(dict(args), model, batch, stages=stages)
+        # ref_newton > 0: both references are that many Gauss-Newton steps alone (from x0 /
+        # from the run's cache): its line search never increases T, so ref_run stays in the
+        # run's basin, where Adam's dense first steps at 1e-3 can leave it
+        newton = ((ref_newton, 1.0, "newton"),)
+        stages = newton if ref_newton else tuple((ref_steps, lr) for _, lr in REF_STAGES)
+        ref, ref_parts = reference_grad(dict(args), model, batch, stages=stages,
+                                         polish=0 if ref_newton else polish)
         g_ce = ce_grad(model, method, batch)
         lam = method.params.lam
         out["ref"] = {"align": ref_parts.get("align"), "flip_rate": ref_parts.get("flip_rate"),
@@ -127,7 +133,9 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
         run_m.params = dataclasses.replace(run_m.params, align_batch=0)
         # from lr 1e-3: a first stage at 1e-2 could carry x* out of the run's basin
         ref_run, ref_run_parts = reference_grad(
-            {}, model, batch, method=run_m, stages=((2 * ref_steps, 1e-3), (ref_steps, 1e-4)))
+            {}, model, batch, method=run_m,
+            stages=newton if ref_newton else ((2 * ref_steps, 1e-3), (ref_steps, 1e-4)),
+            polish=0 if ref_newton else polish)
         out["ref_run"] = {"align": ref_run_parts.get("align"),
                           "cosine_to_ref": cosine(ref_run, ref),
                           "norm_ratio_to_ce": float(lam * ref_run.norm() / g_ce.norm()),
@@ -155,10 +163,10 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
 
 class ProbingTrainer(Trainer):
     def __init__(self, *a, probe_epochs: set[int], probe_n: int, variants: list[Variant],
-                 ref_steps: int, **kw):
+                 ref_steps: int, polish: int = 50, ref_newton: int = 0, **kw):
         super().__init__(*a, **kw)
         self.probe_epochs, self.probe_n, self.variants = probe_epochs, probe_n, variants
-        self.ref_steps = ref_steps
+        self.ref_steps, self.polish, self.ref_newton = ref_steps, polish, ref_newton
         self.probes: list[dict] = []
 
     def _save_state(self) -> None:
@@ -167,7 +175,8 @@ class ProbingTrainer(Trainer):
         if epoch in self.probe_epochs:
             batch = probe_batch(self.train_set, self.device, self.probe_n)
             row = {"epoch": epoch, "cached": cached_share(self.method, batch),
-                   **measure(self.model, self.method, batch, self.variants, self.ref_steps)}
+                   **measure(self.model, self.method, batch, self.variants, self.ref_steps,
+                           self.polish, self.ref_newton)}
             self.probes.append(row)
             print(json.dumps(row), flush=True)
 
@@ -192,7 +201,8 @@ def table(probes: list[dict], variants: list[Variant]) -> str:
 
 
 def probe_saved_run(run: Path, n: int, variants: list[Variant],
-                    method_args: dict | None = None, ref_steps: int = 300) -> dict:
+                    method_args: dict | None = None, ref_steps: int = 300,
+                    polish: int = 50, ref_newton: int = 0) -> dict:
     """One probe at a run's last checkpoint (weights and warm-start cache of its last epoch).
 
     A run of another method (e.g. ERM) is scored with causal-align's defaults and an empty
@@ -210,7 +220,7 @@ def probe_saved_run(run: Path, n: int, variants: list[Variant],
         method = build_method("causal-align", method_args or {})
     batch = probe_batch(LesionDataset(data, "train"), "cpu", n)
     return {"epoch": state["epoch"], "method": cfg.method, "cached": cached_share(method, batch),
-            **measure(model, method, batch, variants, ref_steps)}
+            **measure(model, method, batch, variants, ref_steps, polish, ref_newton)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
                          "'+NAME:key=val,...' from the run's warm-start cache")
     ap.add_argument("--ref-steps", type=int, default=300,
                     help="Adam steps per reference stage (ref_run: twice that at 1e-3)")
+    ap.add_argument("--ref-polish", type=int, default=50,
+                    help="Gauss-Newton steps that finish both references (0: Adam only, "
+                         "the references of results before 2026-12-02)")
+    ap.add_argument("--ref-newton", type=int, default=0,
+                    help="> 0: both references are this many Gauss-Newton steps alone "
+                         "(from x0 / from the run's cache) instead of Adam stages")
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="training config (method.<param> only with --from-run: how to score)")
     a = ap.parse_args(argv)
@@ -240,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     result = {"benchmark": "causal_align_grad_in_training", "probe_n": a.probe_n,
               "reference": f"bench_causal_align.reference_grad (3 x {a.ref_steps} Adam at "
                            f"1e-2/1e-3/1e-4, CG 1e-8); ref_run: {2 * a.ref_steps} at 1e-3 + "
-                           f"{a.ref_steps} at 1e-4 from the run's cache"}
+                           f"{a.ref_steps} at 1e-4 from the run's cache; both then "
+                           f"{a.ref_polish} Gauss-Newton steps"}
+    if a.ref_newton:
+        result["reference"] = (f"{a.ref_newton} Gauss-Newton steps from x0 (ref) / from the "
+                               f"run's cache (ref_run), then CG 1e-8")
     if a.from_run:
         sets = parse_set(a.sets)
         if any(not k.startswith("method.") for k in sets):
@@ -248,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         method_args = {k.split(".", 1)[1]: v for k, v in sets.items()}
         result.update(run=a.from_run, sets=a.sets,
                       probes=[probe_saved_run(Path(a.from_run), a.probe_n, variants,
-                                              method_args, a.ref_steps)])
+                                              method_args, a.ref_steps, a.ref_polish,
+                                              a.ref_newton)])
     else:
         if not a.data:
             ap.error("DATA is required unless --from-run is given")
@@ -257,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer = ProbingTrainer(a.data, cfg, out / "run", progress=False,
                                  probe_epochs={int(e) for e in a.probe_epochs.split(",")},
                                  probe_n=a.probe_n, variants=variants,
-                                 ref_steps=a.ref_steps)
+                                 ref_steps=a.ref_steps, polish=a.ref_polish,
+                                 ref_newton=a.ref_newton)
         metrics = trainer.fit()
         test = metrics.get("test", {})
         result.update(data=str(a.data), seed=a.seed, epochs=a.epochs, sets=a.sets,

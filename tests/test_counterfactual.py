@@ -67,11 +67,12 @@ def test_generator_flips_predictions_and_restores_model(trained):
     assert not res.diverged.any()
 
 
-def test_batch_equals_per_sample_runs(trained):
+@pytest.mark.parametrize("optimizer", ["adam", "newton"])
+def test_batch_equals_per_sample_runs(trained, optimizer):
     """Eval-mode model + sum objective: a batched search is N independent searches."""
     model, ds = trained
     x = ds.images[:5]
-    gen = CounterfactualGenerator(model, alpha=0.01, steps=15, lr=0.02)
+    gen = CounterfactualGenerator(model, alpha=0.01, steps=15, lr=0.02, optimizer=optimizer)
     batched = gen.generate(x, target=torch.tensor([0, 1, 1, 0, 1]))
     for i, t in enumerate([0, 1, 1, 0, 1]):
         single = gen.generate(x[i:i + 1], target=torch.tensor([t]))
@@ -477,3 +478,50 @@ def test_cf_localisation_symbol_swap_matches_the_generator():
     np.testing.assert_array_equal(swapped[0, 0].numpy()[ref_minus > 0], np.float32(0.9))
     drawn = np.where(ref_plus > 0, np.float32(0.9), minus)
     np.testing.assert_array_equal(swapped[1, 0].numpy(), drawn)
+
+
+@pytest.mark.parametrize("targets", ["class", "soft"])
+def test_newton_reaches_a_stationary_point_of_a_convex_problem(targets):
+    """Linear classifier + l2 distance: T is strictly convex and JᵀSJ is exactly its CE (or
+    Σ BCE) Hessian, so Gauss-Newton converges to ∇T = 0 in a few steps; Adam at the same
+    number of steps is far from it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
+    x = torch.rand(4, 3, 5, 5)
+    target = (torch.tensor([0, 1, 2, 1]) if targets == "class"
+              else torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.2, 0.9, 1.0],
+                                 [1.0, 1.0, 0.0]]))
+    kw = dict(alpha=0.05, steps=8, distance="l2")
+
+    def grad_norm(res):
+        u = res.u_star.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(res.problem.objective(u).sum(), u)
+        return g.flatten(1).norm(dim=1)
+
+    newton = CounterfactualGenerator(model, optimizer="newton", **kw).generate(x, target=target)
+    adam = CounterfactualGenerator(model, lr=0.05, **kw).generate(x, target=target)
+    assert (grad_norm(newton) < 1e-4).all(), grad_norm(newton)
+    assert (grad_norm(adam) > 100 * grad_norm(newton)).all()
+    assert not newton.diverged.any()
+
+
+def test_newton_never_increases_the_objective_and_beats_adam(trained):
+    """On the seed CNN (smooth l1): every Gauss-Newton step lowers or keeps each sample's T
+    (line search), and 10 steps end far lower than 10 or 100 Adam steps (0.03 against
+    0.30 / 0.13 on this model: Adam's dense sign steps wander before they settle)."""
+    model, ds = trained
+    x, target = ds.images[:16], 1 - ds.labels[:16]
+
+    def objective(optimizer, steps):
+        res = CounterfactualGenerator(model, alpha=0.01, steps=steps,
+                                      optimizer=optimizer).generate(x, target=target)
+        with torch.no_grad(), eval_mode(model, fold_bn=True):
+            return res.problem.objective(res.u_star), res
+
+    values = [objective("newton", k)[0] for k in range(6)]
+    for before, after in zip(values[:-1], values[1:], strict=True):
+        assert (after <= before + 1e-6).all()
+    assert (values[-1] < values[0] - 1e-3).all()  # every sample moved
+    newton, res = objective("newton", 10)
+    assert newton.mean() < 0.5 * min(objective("adam", k)[0].mean() for k in (10, 100))
+    assert res.flipped.float().mean() >= 0.75, res.flipped

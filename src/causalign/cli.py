@@ -333,7 +333,8 @@ def counterfactual(
     steps: Annotated[int | None, typer.Option(help="optimiser steps (default 100)")] = None,
     lr: Annotated[float | None, typer.Option(help="step size (default 0.01)")] = None,
     optimizer: Annotated[str | None, typer.Option(
-        help="adam | ista (proximal gradient: sparse x* for the l1 distances)")] = None,
+        help="adam | ista (proximal gradient: sparse x* for the l1 distances) | newton "
+             "(Gauss-Newton + line search: few steps, --lr unused)")] = None,
     distance: Annotated[str | None, typer.Option(help="l1 | scaled-l1 | l2 | scaled-l2")
                         ] = None,
     space: Annotated[str | None, typer.Option(
