@@ -235,6 +235,11 @@ def main() -> None:
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ref-steps", type=int, default=300, help="Adam steps per reference stage")
+    ap.add_argument("--ref-polish", type=int, default=50,
+                    help="Gauss-Newton steps that finish the Adam reference (0: Adam only, as "
+                         "in results before 2026-12-02)")
+    ap.add_argument("--optimizers", default="adam,newton",
+                    help="inner optimisers to sweep (method.inner_optimizer)")
     a = ap.parse_args()
     global REF_STAGES
     REF_STAGES = tuple((a.ref_steps, lr) for _, lr in REF_STAGES)
@@ -250,22 +255,28 @@ def main() -> None:
     normalize = a.normalize or base.normalize
     common = dict(align_batch=a.align_batch, normalize=normalize)
     print(f"reference (pixel space, {a.align_batch} samples)...", flush=True)
-    ref, ref_parts = reference_grad({}, model, sub)
+    ref, ref_parts = reference_grad({}, model, sub, polish=a.ref_polish)
+    # the inner problem is not convex: Newton from x0 may settle in another minimum than
+    # Adam's stages, so Newton rows are also compared with 100 Newton steps from x0
+    ref_newton, ref_newton_parts = reference_grad({}, model, sub,
+                                                  stages=((100, 1.0, "newton"),))
 
     rows = []
-    for k in ks:
-        for c in cgs:
-            args = dict(common, steps=k, cg_iters=c)
-            t = timed_ratio(lambda args=args: build_method("causal-align", args), model, batch,
-                            a.repeats)
-            g_cold, parts = config_grad(args, model, sub, 0)
-            g_warm, parts_w = config_grad(args, model, sub, a.warm_visits)
-            row = dict(steps=k, cg_iters=c, **t, cosine_cold=cosine(g_cold, ref),
-                       cosine_warm=cosine(g_warm, ref),
-                       cg_converged_warm=parts_w.get("cg_converged"),
-                       flip_rate_warm=parts_w.get("flip_rate"))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for opt, k, c in [(o, k, c) for o in a.optimizers.split(",") for k in ks for c in cgs]:
+        args = dict(common, steps=k, cg_iters=c, inner_optimizer=opt)
+        t = timed_ratio(lambda args=args: build_method("causal-align", args), model, batch,
+                        a.repeats)
+        g_cold, parts = config_grad(args, model, sub, 0)
+        g_warm, parts_w = config_grad(args, model, sub, a.warm_visits)
+        row = dict(optimizer=opt, steps=k, cg_iters=c, **t,
+                   cosine_cold=cosine(g_cold, ref), cosine_warm=cosine(g_warm, ref),
+                   cosine_cold_newton_ref=cosine(g_cold, ref_newton),
+                   cosine_warm_newton_ref=cosine(g_warm, ref_newton),
+                   align_warm=parts_w.get("align"),
+                   cg_converged_warm=parts_w.get("cg_converged"),
+                   flip_rate_warm=parts_w.get("flip_rate"))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     # Whole batch aligned (no align_batch) at the defaults, for the cost of align_batch.
     full = timed_ratio(lambda: build_method("causal-align", dict(common, align_batch=0)), model,
@@ -278,9 +289,12 @@ def main() -> None:
         "defaults": {"steps": base.steps, "cg_iters": base.cg_iters, "cg_tol": base.cg_tol,
                      "damping": base.damping, "alpha": base.alpha, "distance": base.distance,
                      "align_batch": base.align_batch, "normalize": base.normalize},
-        "reference": {"inner": [list(s) for s in REF_STAGES], **REF_CG,
-                      "cg_converged": ref_parts.get("cg_converged"),
-                      "flip_rate": ref_parts.get("flip_rate")},
+        "reference": {"inner": [list(s) for s in REF_STAGES], "newton_polish": a.ref_polish,
+                      **REF_CG, "cg_converged": ref_parts.get("cg_converged"),
+                      "flip_rate": ref_parts.get("flip_rate"), "align": ref_parts.get("align")},
+        "reference_newton": {"inner": "100 Gauss-Newton steps from x0", **REF_CG,
+                             "align": ref_newton_parts.get("align"),
+                             "cosine_to_reference": cosine(ref_newton, ref)},
         "sweep": rows,
         "defaults_whole_batch_aligned": full,
     }

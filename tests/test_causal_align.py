@@ -407,7 +407,8 @@ def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path
 
     # --from-run scores a finished run; --set method.* changes how (Eq. 3 as printed here)
     saved = {}
-    for name, extra in (("share", []), ("raw", ["--set", "method.normalize=none"])):
+    for name, extra in (("share", []), ("raw", ["--set", "method.normalize=none"]),
+                        ("newton_ref", ["--ref-newton", "5"])):
         probe.main(["--from-run", str(tmp_path / "plain"), "--out", str(tmp_path / name),
                     "--ks", "", "--ref-steps", "10", "--probe-n", "4", "--threads", "0",
                     *extra])
@@ -416,6 +417,11 @@ def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path
     assert share["epoch"] == raw["epoch"] == 2
     assert 0 <= share["ref"]["align"] <= 1 and 0 <= share["run"]["align"] <= 1
     assert raw["run"]["align"] > 1  # a pixel sum over the image, not a share
+    # references by Gauss-Newton alone: named as such, and the run is compared with them
+    assert saved["newton_ref"]["reference"].startswith("5 Gauss-Newton steps")
+    assert "Gauss-Newton" in saved["share"]["reference"]  # Adam stages + Newton polish
+    newton_probe = saved["newton_ref"]["probes"][0]
+    assert -1.0 <= newton_probe["run"]["cosine_to_ref_run"] <= 1.0
     with pytest.raises(SystemExit):
         probe.main(["--from-run", str(tmp_path / "plain"), "--out", str(tmp_path / "bad"),
                     "--set", "epochs=3"])

@@ -2,10 +2,12 @@
 
     x* = argmin_x  CE(f(x), y*) + α·d(x, x0)
 
-solved per sample by K steps of Adam on the batch. The objective is a *sum* over samples and
-the model runs in eval mode (BatchNorm uses running statistics), so every sample's problem is
-independent of the others in its batch — the property the implicit gradient (causal-align
-training) relies on. Adam is element-wise, so a batched run is exactly N separate runs.
+solved per sample by K steps on the batch: Adam (default), ISTA (proximal gradient, sparse
+x*) or damped Gauss-Newton (`_gauss_newton`: exact per-sample Newton systems via Woodbury,
+few steps to a tight solve). The objective is a *sum* over samples and the model runs in eval
+mode (BatchNorm uses running statistics), so every sample's problem is independent of the
+others in its batch — the property the implicit gradient (causal-align training) relies on.
+Each optimiser acts per sample, so a batched run is exactly N separate runs.
 
 Distances d(x, x0) = Σ_k e(x_k − x0_k) / s_k:
 
@@ -405,7 +407,8 @@ class CounterfactualResult:
 
 
 class CounterfactualGenerator:
-    """x* = argmin CE(f(x), y*) + α·d(x, x0) by ``steps`` Adam steps at ``lr``, per sample.
+    """x* = argmin CE(f(x), y*) + α·d(x, x0) by ``steps`` steps of ``optimizer`` (adam, ista
+    at step size ``lr``; newton, which needs no step size), per sample.
 
     The model is put in eval mode for the search and restored afterwards; its parameters get
     no gradient. ``scale`` is the per-pixel scale of a scaled distance (`distance_scale` on

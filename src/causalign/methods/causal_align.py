@@ -74,7 +74,8 @@ class CausalAlignParams:
     steps: int = 10
     inner_lr: float = 0.01  # Adam step in pixel units (images in [0, 1]); paper code: 0.01
     # adam (the paper's code) | ista: proximal gradient, a sparse x* for the l1 distances
-    # (explain/counterfactual.py `_proximal_gradient`)
+    # (explain/counterfactual.py `_proximal_gradient`) | newton: damped Gauss-Newton with a
+    # line search (`_gauss_newton`; inner_lr unused), a tight x* in a few steps
     inner_optimizer: str = "adam"
     cg_iters: int = 3  # preconditioned CG needs ~C iterations on piecewise-linear nets
     cg_tol: float = 1e-3  # relative residual in preconditioned coordinates
