@@ -1,7 +1,7 @@
 """How well does each inner optimiser solve the counterfactual problem, per second?
 
     python benchmarks/counterfactual_solvers.py RUN [RUN ...] [--n 16] [--threads 1]
-        [--solvers adam:10,adam:100,adam:900,newton:3,newton:10,newton:30]
+        [--solvers adam:10,adam:100,adam:900,newton:3,newton:10,newton:30] [--labels ...]
         [--out benchmarks/results/counterfactual_solvers.json]
 
 For each run's last checkpoint, on N annotated training images of its dataset (the same
@@ -10,7 +10,8 @@ x* = argmin CE(f(x), 1 − y) + α·d(x, x0) cold from x0 (pixel space, the run'
 and ε; lr 0.01 for Adam) with each solver and reports the mean and max of the smooth
 objective T the implicit gradient differentiates, the flip rate, the mean l1 change and the
 wall time. The problem is not convex: a lower T is a better solve of the same problem, not
-necessarily the same minimum. Writes JSON and a markdown table next to it.
+necessarily the same minimum. Writes JSON, a markdown table and a plot of T against seconds
+(one panel per run) next to it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from causalign.io import atomic_write_json, atomic_write_text  # noqa: E402
 from causalign.methods import build_method  # noqa: E402
 
 
-def solve_all(run: Path, n: int, solvers: list[tuple[str, int]]) -> dict:
+def solve_all(run: Path, n: int, solvers: list[tuple[str, int]], label: str) -> dict:
     cfg, model, _, data = load_run(run, device="cpu")
     model.load_state_dict(load_checkpoint(run / CHECKPOINT)["model"])
     params = build_method("causal-align", cfg.method_args if cfg.method == "causal-align"
@@ -56,8 +57,39 @@ def solve_all(run: Path, n: int, solvers: list[tuple[str, int]]) -> dict:
                      "l1_change": float(res.distance.mean())})
         print(f"{run}: {optimizer} K={steps}: T {rows[-1]['objective_mean']:.4f} "
               f"({seconds:.2f} s)", flush=True)
-    return {"run": str(run), "method": cfg.method, "epoch": load_checkpoint(
+    return {"run": label, "path": str(run), "method": cfg.method, "epoch": load_checkpoint(
         run / CHECKPOINT)["epoch"], "alpha": params.alpha, "rows": rows}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """T against wall time, log time axis, one line per optimiser, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        for optimizer, style in (("adam", "o-"), ("newton", "s-"), ("ista", "^-")):
+            rows = sorted((row for row in r["rows"] if row["optimizer"] == optimizer),
+                          key=lambda row: row["seconds"])
+            if rows:
+                ax.plot([row["seconds"] for row in rows],
+                        [row["objective_mean"] for row in rows], style, label=optimizer)
+                for row in rows:
+                    ax.annotate(str(row["steps"]), (row["seconds"], row["objective_mean"]),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(r["run"], fontsize=9)
+        ax.set_xlabel("seconds (16 images, 1 thread)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean T = CE(y*) + α·d (lower is better)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
 
 
 def table(results: list[dict]) -> str:
@@ -76,24 +108,31 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="0 = PyTorch's default")
     ap.add_argument("--solvers", default="adam:10,adam:100,adam:900,newton:3,newton:10,"
                                          "newton:30")
+    ap.add_argument("--labels", nargs="*", help="one name per run for the table and plot")
     ap.add_argument("--out", default="benchmarks/results/counterfactual_solvers.json")
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     solvers = []
     for item in a.solvers.split(","):
         name, _, k = item.partition(":")
         if not k.isdigit():
             ap.error(f"solver '{item}' is not OPTIMIZER:STEPS")
         solvers.append((name, int(k)))
-    results = [solve_all(Path(r), a.n, solvers) for r in a.runs]
+    labels = a.labels or a.runs
+    if len(labels) != len(a.runs):
+        ap.error(f"{len(labels)} labels for {len(a.runs)} runs")
+    results = [solve_all(Path(r), a.n, solvers, lab) for r, lab in zip(a.runs, labels,
+                                                                        strict=True)]
     out = Path(a.out)
     atomic_write_json(out, {"benchmark": "counterfactual_solvers", "threads": a.threads,
                             "n": a.n, "results": results})
     md = table(results)
     atomic_write_text(out.with_suffix(".md"), md)
+    plot(results, out.with_suffix(".png"))
     print(md)
 
 

@@ -548,3 +548,28 @@ def test_newton_works_in_every_space_and_distance(trained, setting):
             return res.problem.objective(res.u_star).mean()
 
     assert objective("newton") < objective("adam")
+
+
+def test_counterfactual_solvers_benchmark_writes_table_json_and_plot(erm_run, tmp_path):
+    """benchmarks/counterfactual_solvers.py: one row per solver with finite T, the Newton
+    row below the Adam row at equal steps on this model, markdown and PNG beside the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "counterfactual_solvers.py"
+    spec = importlib.util.spec_from_file_location("counterfactual_solvers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "solvers.json"
+    bench.main([str(erm_run), "--n", "4", "--threads", "0", "--solvers", "adam:10,newton:10",
+                "--labels", "erm", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["results"][0]["rows"]
+    assert [(r["optimizer"], r["steps"]) for r in rows] == [("adam", 10), ("newton", 10)]
+    assert all(np.isfinite(r["objective_mean"]) and r["seconds"] > 0 for r in rows)
+    assert rows[1]["objective_mean"] < rows[0]["objective_mean"]
+    assert "| erm | newton | 10 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        bench.main([str(erm_run), "--solvers", "adam", "--out", str(out)])
