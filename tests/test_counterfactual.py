@@ -573,3 +573,41 @@ def test_counterfactual_solvers_benchmark_writes_table_json_and_plot(erm_run, tm
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         bench.main([str(erm_run), "--solvers", "adam", "--out", str(out)])
+
+
+class _NaNWhere(nn.Module):
+    """Wraps a model; logits are NaN (or inf) for inputs with any pixel above ``limit`` —
+    a property of the input alone, so it holds whatever batch the sample is in."""
+
+    def __init__(self, model: nn.Module, limit: float, value: float) -> None:
+        super().__init__()
+        self.model, self.limit, self.value = model, limit, value
+
+    def forward(self, x):
+        out = self.model(x)
+        bad = x.flatten(1).amax(1, keepdim=True) > self.limit
+        return torch.where(bad, torch.full_like(out, self.value), out)
+
+
+def test_newton_flags_a_nan_model_and_never_steps_to_a_non_finite_point(trained):
+    """Non-finite logits at x0 are flagged as diverged (x* = x0, the others unaffected); a
+    model that turns inf once an input brightens is never followed there by the line search."""
+    model, ds = trained
+    x = ds.images[:4].clamp(0, 0.9)
+    x[0, 0, 0, 0] = 0.95  # only sample 0 is poisoned at x0
+    target = 1 - ds.labels[:4]
+    kw = dict(alpha=0.01, steps=5, optimizer="newton")
+    poisoned = _NaNWhere(model, 0.92, float("nan"))
+    res = CounterfactualGenerator(poisoned, **kw).generate(x, target=target)
+    assert res.diverged.tolist() == [True, False, False, False]
+    assert torch.equal(res.x_star[0], x[0]) and not res.flipped[0]
+    assert torch.isfinite(res.x_star).all()
+    # sample 0's NaN does not leak into the others: they end as they do without it
+    rest = CounterfactualGenerator(poisoned, **kw).generate(x[1:], target=target[1:])
+    torch.testing.assert_close(res.x_star[1:], rest.x_star, rtol=1e-4, atol=1e-5)
+    assert (res.x_star[1:] != x[1:]).any()
+
+    edge = CounterfactualGenerator(_NaNWhere(model, 0.905, float("inf")), **kw).generate(
+        x[1:], target=target[1:])
+    assert not edge.diverged.any() and torch.isfinite(edge.x_star).all()
+    assert (edge.x_star.flatten(1).amax(1) <= 0.905).all()
