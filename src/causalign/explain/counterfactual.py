@@ -620,7 +620,8 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     per-sample backtracking line search (``lr`` is not used: the step comes from the model).
 
     T = CE(z(u)) + α·d(u). The curvature model is H = JᵀSJ + α·W with J = ∂z/∂u (C × D per
-    sample, one backward per class), S = ∇²_z CE (softmax: diag p − ppᵀ; sigmoid: diag
+    sample, one backward per class; C − 1 for softmax, whose S has the null vector 1, so the
+    rows z_c − z_0 carry everything), S = ∇²_z CE (softmax: diag p − ppᵀ; sigmoid: diag
     σ(1 − σ)) and W diagonal: 2/s for l2, the majoriser 1/(s·√(δ² + ε²)) for the smooth l1
     (IRLS; it is ≥ the surrogate's own curvature, so a far-moved pixel is not thrown across
     x0 by a vanishing second derivative). For a piecewise-linear classifier in eval mode
@@ -636,23 +637,29 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     sparse = prob.distance in ("l1", "scaled-l1")
     for _ in range(steps):
         uu = u.requires_grad_(True)
+        soft = prob.target.is_floating_point()
         with torch.enable_grad():
             ce, logits = prob.fit(uu)
             logits = logits.flatten(1)
             n_out = logits.shape[1]
-            rows = [torch.autograd.grad(logits[:, c].sum(), uu, retain_graph=c < n_out - 1)[0]
-                    for c in range(n_out)]
+            # softmax: S·1 = 0 and Σ(p − e_y) = 0, so JᵀSJ and Jᵀ(p − e_y) only see the rows
+            # z_c − z_0 (c ≥ 1): C − 1 backwards, one for a binary classifier
+            outs = ([logits[:, c] for c in range(n_out)] if soft
+                    else [logits[:, c] - logits[:, 0] for c in range(1, n_out)])
+            rows = [torch.autograd.grad(o.sum(), uu, retain_graph=i < len(outs) - 1)[0]
+                    for i, o in enumerate(outs)]
         with torch.no_grad():
-            jac = torch.stack(rows, 1).flatten(2)                      # (N, C, D)
+            jac = torch.stack(rows, 1).flatten(2)              # (N, C or C − 1, D)
             z = logits.detach()
-            if prob.target.is_floating_point():
+            if soft:
                 sig = z.sigmoid()
                 resid = sig - prob.target.flatten(1).to(z)
                 curv_out = torch.diag_embed(sig * (1 - sig))
             else:
                 p = z.softmax(1)
-                resid = p - F.one_hot(prob.target, n_out).to(z)
-                curv_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+                resid = (p - F.one_hot(prob.target, n_out).to(z))[:, 1:]
+                q = p[:, 1:]
+                curv_out = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
             jac, resid, curv_out = jac.to(u.dtype), resid.to(u.dtype), curv_out.to(u.dtype)
             delta = (uu.detach() - prob.u0).flatten(1)
             if sparse:
@@ -665,7 +672,7 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             g = (jac * resid[:, :, None]).sum(1) + prob.alpha * grad_d
             a_inv = 1.0 / (prob.alpha * weight).clamp_min(1e-12)
             ja = jac * a_inv[:, None, :]
-            eye = torch.eye(n_out, dtype=u.dtype, device=u.device)
+            eye = torch.eye(jac.shape[1], dtype=u.dtype, device=u.device)
             inner = eye + (ja @ jac.transpose(1, 2)) @ curv_out        # I + J A⁻¹ Jᵀ S
             y = torch.linalg.solve(inner, (ja @ g[:, :, None]))
             corr = (jac.transpose(1, 2) @ (curv_out @ y))[..., 0]
