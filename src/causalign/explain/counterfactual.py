@@ -635,9 +635,9 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     shape = (-1,) + (1,) * (u.dim() - 1)
     inv_scale = (1.0 / prob.scale).flatten() if prob.scale is not None else None
     sparse = prob.distance in ("l1", "scaled-l1")
+    soft = prob.target.is_floating_point()
     for _ in range(steps):
         uu = u.requires_grad_(True)
-        soft = prob.target.is_floating_point()
         with torch.enable_grad():
             ce, logits = prob.fit(uu)
             logits = logits.flatten(1)
@@ -674,9 +674,14 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             ja = jac * a_inv[:, None, :]
             eye = torch.eye(jac.shape[1], dtype=u.dtype, device=u.device)
             inner = eye + (ja @ jac.transpose(1, 2)) @ curv_out        # I + J A⁻¹ Jᵀ S
-            y = torch.linalg.solve(inner, (ja @ g[:, :, None]))
+            # a sample with non-finite logits gets the identity here (never a LinAlgError
+            # for the batch) and a NaN step below, which the line search never takes
+            broken = ~torch.isfinite(inner).flatten(1).all(1)
+            inner = torch.where(broken[:, None, None], eye, inner)
+            y = torch.linalg.solve(inner, (ja @ g[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
             corr = (jac.transpose(1, 2) @ (curv_out @ y))[..., 0]
             step = -(a_inv * (g - corr))
+            step[broken] = float("nan")
             slope = (g * step).sum(1)
             t0 = (ce.detach() + prob.alpha * distance_value(
                 uu.detach() - prob.u0, prob.distance, prob.scale, prob.eps)).to(u.dtype)
