@@ -28,23 +28,29 @@ from causal_align_grad_in_training import probe_batch  # noqa: E402
 
 from causalign.data.format import LesionDataset  # noqa: E402
 from causalign.engine.trainer import CHECKPOINT, load_checkpoint, load_run  # noqa: E402
-from causalign.explain.counterfactual import CounterfactualGenerator, eval_mode  # noqa: E402
+from causalign.explain.counterfactual import (  # noqa: E402
+    CounterfactualGenerator,
+    distance_scale,
+    eval_mode,
+)
 from causalign.io import atomic_write_json, atomic_write_text  # noqa: E402
 from causalign.methods import build_method  # noqa: E402
 
 
 def solve_all(run: Path, n: int, solvers: list[tuple[str, int]], label: str) -> dict:
     cfg, model, _, data = load_run(run, device="cpu")
-    model.load_state_dict(load_checkpoint(run / CHECKPOINT)["model"])
+    state = load_checkpoint(run / CHECKPOINT)
+    model.load_state_dict(state["model"])
     params = build_method("causal-align", cfg.method_args if cfg.method == "causal-align"
                           else {}).params
-    batch = probe_batch(LesionDataset(data, "train"), "cpu", n)
+    train = LesionDataset(data, "train")
+    batch = probe_batch(train, "cpu", n)
     x0, target = batch["image"], 1 - batch["label"]
+    scale = distance_scale(train.images, params.distance)  # None unless a scaled distance
     rows = []
     for optimizer, steps in solvers:
         gen = CounterfactualGenerator(model, alpha=params.alpha, steps=steps, lr=0.01,
-                                      distance="l1" if params.distance == "scaled-l1"
-                                      else params.distance, eps=params.eps,
+                                      distance=params.distance, scale=scale, eps=params.eps,
                                       optimizer=optimizer)
         t0 = time.perf_counter()
         res = gen.generate(x0, target=target)
@@ -57,8 +63,8 @@ def solve_all(run: Path, n: int, solvers: list[tuple[str, int]], label: str) -> 
                      "l1_change": float(res.distance.mean())})
         print(f"{run}: {optimizer} K={steps}: T {rows[-1]['objective_mean']:.4f} "
               f"({seconds:.2f} s)", flush=True)
-    return {"run": label, "path": str(run), "method": cfg.method, "epoch": load_checkpoint(
-        run / CHECKPOINT)["epoch"], "alpha": params.alpha, "rows": rows}
+    return {"run": label, "path": str(run), "method": cfg.method, "epoch": state["epoch"],
+            "alpha": params.alpha, "distance": params.distance, "n": n, "rows": rows}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -81,7 +87,7 @@ def plot(results: list[dict], path: Path) -> None:
                                 fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_title(r["run"], fontsize=9)
-        ax.set_xlabel("seconds (16 images, 1 thread)")
+        ax.set_xlabel(f"seconds ({r['n']} images)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean T = CE(y*) + α·d (lower is better)")
     axes[0][0].legend()
