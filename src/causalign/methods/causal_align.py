@@ -94,7 +94,7 @@ class CausalAlignParams:
     fd_eps: float = 1e-3  # relative step of the finite-difference Hessian-vector product
     region: str = "mask"  # mask: samples with a pixel mask | box: samples with a box (or mask)
     # grow the region by this many pixels (in H and W) before Eq. 3: a CNN's sensitivity to a
-    # lesion spreads over its surroundings (README, "Why the lesion is not learnt")
+    # lesion spreads over its surroundings (docs/causal_align_investigation.md)
     dilate: int = 0
     # all: Eq. 3 over every annotated sample | positive: only samples whose label is not class
     # 0. A benign lesion's mask has no room for the spikes or blurred margin a counterfactual
