@@ -2,6 +2,7 @@
 
     python benchmarks/cf_localisation.py RUN [RUN ...] [--weights best|last] [--n 64]
         [--labels NAME ...] [--out benchmarks/results/cf_localisation.json] [--append]
+        [--setting SPACE:OPTIMIZER:ALPHA[:EPS] ...] [--steps 100]
 
 Eq. 3 can only tell a model that uses the lesion from one that uses the "+"/"−" shortcut if
 their counterfactuals put their change in different places. For each run, on the first N
@@ -12,7 +13,12 @@ training images of its dataset, this measures, for every counterfactual setting 
   inside the 16×16 top-left corner that holds the symbol (6 % of a 64 px image), averaged
   over all N images, flipped or not (as Eq. 3 in training is);
 * settings: pixel space with Adam (the training default) or ISTA; ``smooth`` space (x0 + G_σ*u,
-  σ = 1) with Adam or ISTA; α = 0.01 and 0.05.
+  σ = 1) with Adam or ISTA; α = 0.01 and 0.05. ``--setting`` replaces them, e.g.
+  ``pixel:newton:0.01:1e-4`` (EPS: the smoothing ε of the l1 surrogate √(δ²+ε²)−ε, default
+  1e-2 as in training; ISTA uses the exact l1 and ignores it);
+* the same shares over the positives only (label 1; ``align_on=positive`` aligns those) and
+  the raw Eq. 3, Σ|x* − x| outside the mask per image: its mean over all images (Eq. 3 itself),
+  median and 90th percentile (a few images can dominate the mean).
 
 and, on the same images, how much the model follows the symbol: the share of predictions
 that change when the symbol is swapped ("+" → "−" by filling the vertical bar with the corner's
@@ -39,9 +45,21 @@ from causalign.explain.counterfactual import CounterfactualGenerator
 from causalign.explain.counterfactual_export import change_in_region
 from causalign.io import atomic_write_json, atomic_write_text
 
-SETTINGS = [(space, opt, alpha) for space in ("pixel", "smooth") for opt in ("adam", "ista")
-            for alpha in (0.01, 0.05)]
-LR = {"adam": 0.01, "ista": 0.05}
+SETTINGS = [(space, opt, alpha, 1e-2) for space in ("pixel", "smooth")
+            for opt in ("adam", "ista") for alpha in (0.01, 0.05)]
+LR = {"adam": 0.01, "ista": 0.05, "newton": 1.0}
+
+
+def parse_setting(text: str) -> tuple[str, str, float, float]:
+    """``SPACE:OPTIMIZER:ALPHA[:EPS]`` → (space, optimizer, alpha, eps)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[1] not in LR:
+        raise SystemExit(f"--setting {text!r}: expected SPACE:OPTIMIZER:ALPHA[:EPS] with "
+                         f"OPTIMIZER one of {', '.join(LR)}")
+    try:
+        return parts[0], parts[1], float(parts[2]), float(parts[3]) if len(parts) == 4 else 1e-2
+    except ValueError:
+        raise SystemExit(f"--setting {text!r}: ALPHA and EPS must be numbers") from None
 
 
 def corner_region(like: torch.Tensor, size: int = 16) -> torch.Tensor:
@@ -72,7 +90,9 @@ def swap_symbol(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, had_plus
 
 
-def localisation(run: Path, weights: str, n: int) -> dict:
+def localisation(run: Path, weights: str, n: int,
+                 settings: list[tuple[str, str, float, float]] = SETTINGS,
+                 steps: int = 100) -> dict:
     cfg, model, method, data_path = load_run(run, device="cpu")
     if weights == "last":
         model.load_state_dict(load_checkpoint(run / "checkpoint.pt", map_location="cpu")["model"])
@@ -85,16 +105,22 @@ def localisation(run: Path, weights: str, n: int) -> dict:
         swapped, had_plus = swap_symbol(x)
         pred_swapped = model(swapped).argmax(1)
     regions = {"mask": batch["mask"], "box": batch["box_mask"], "corner": corner_region(x)}
+    positive = batch["label"] == 1
     rows = []
-    for space, opt, alpha in SETTINGS:
-        gen = CounterfactualGenerator(model, alpha=alpha, steps=100, lr=LR[opt], space=space,
-                                      optimizer=opt)
+    for space, opt, alpha, eps in settings:
+        gen = CounterfactualGenerator(model, alpha=alpha, steps=steps, lr=LR[opt], space=space,
+                                      optimizer=opt, eps=eps)
         target, _ = gen.targets(x, pred)
         res = gen.generate(x, target=target)
-        row = {"space": space, "optimizer": opt, "alpha": alpha,
-               "flip_rate": float(res.flipped.float().mean())}
+        outside = (res.change.abs() * (batch["mask"] == 0)).flatten(1).sum(1)
+        row = {"space": space, "optimizer": opt, "alpha": alpha, "eps": eps, "steps": steps,
+               "flip_rate": float(res.flipped.float().mean()),
+               "eq3_raw": float(outside.mean()), "eq3_raw_median": float(outside.median()),
+               "eq3_raw_q90": float(outside.quantile(0.9))}
         for name, region in regions.items():
-            row[name] = float(torch.nanmean(change_in_region(res.change, region)))
+            share = change_in_region(res.change, region)
+            row[name] = float(torch.nanmean(share))
+            row[name + "_positive"] = float(torch.nanmean(share[positive]))
         rows.append(row)
     return {
         "run": str(run), "method": cfg.method, "seed": cfg.seed, "weights": weights,
@@ -107,6 +133,10 @@ def localisation(run: Path, weights: str, n: int) -> dict:
     }
 
 
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
@@ -117,16 +147,20 @@ def markdown(results: list[dict]) -> str:
                   f"{swap}: {r['symbol_swap_changes']:.3f}; area of mask / box / corner: "
                   f"{r['area']['mask']:.3f} / {r['area']['box']:.3f} / "
                   f"{r['area']['corner']:.3f}", "",
-                  "| space | optimizer | α | flip rate | change in mask | in box | in corner |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {c['space']} | {c['optimizer']} | {c['alpha']} | {c['flip_rate']:.2f} | "
-                  f"{c['mask']:.3f} | {c['box']:.3f} | {c['corner']:.3f} |"
+                  "| space | optimizer | α | ε | flip rate | change in mask | in box | in corner "
+                  "| in mask, positives | in box, positives | raw Eq. 3: mean / median / q90 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['space']} | {c['optimizer']} | {c['alpha']} | {c.get('eps', 1e-2):g} | "
+                  f"{c['flip_rate']:.2f} | {c['mask']:.3f} | {c['box']:.3f} | "
+                  f"{c['corner']:.3f} | {_fmt(c.get('mask_positive'))} | "
+                  f"{_fmt(c.get('box_positive'))} | {_fmt(c.get('eq3_raw'), 2)} / "
+                  f"{_fmt(c.get('eq3_raw_median'), 2)} / {_fmt(c.get('eq3_raw_q90'), 2)} |"
                   for c in r["counterfactuals"]]
         lines.append("")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--weights", choices=["best", "last"], default="best")
@@ -135,7 +169,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cf_localisation.json"))
     ap.add_argument("--append", action="store_true", help="keep the runs already in --out")
-    args = ap.parse_args()
+    ap.add_argument("--setting", action="append", default=[], type=parse_setting,
+                    help="SPACE:OPTIMIZER:ALPHA[:EPS], repeatable; replaces the default grid")
+    ap.add_argument("--steps", type=int, default=100, help="search steps from x0")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kept = []
     if args.append and args.out.exists():
@@ -144,7 +181,8 @@ def main() -> None:
                 if (r["run"], r["weights"]) not in wanted]
     results = []
     for run in args.runs:
-        results.append(localisation(run, args.weights, args.n))
+        results.append(localisation(run, args.weights, args.n, args.setting or SETTINGS,
+                                    args.steps))
         if len(args.labels) > len(results) - 1:
             results[-1]["label"] = args.labels[len(results) - 1]
         print(json.dumps({k: v for k, v in results[-1].items() if k != "counterfactuals"}))

@@ -480,6 +480,37 @@ def test_cf_localisation_symbol_swap_matches_the_generator():
     np.testing.assert_array_equal(swapped[1, 0].numpy(), drawn)
 
 
+def test_cf_localisation_runs_chosen_settings_and_names_bad_ones(erm_run, tmp_path):
+    """--setting replaces the grid (ε reaches the generator and is recorded); each row has the
+    shares over all images and over the positives, and the raw Eq. 3; a malformed setting is a
+    one-line error."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cf_localisation.py"
+    spec = importlib.util.spec_from_file_location("cf_localisation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_setting("pixel:newton:0.01:1e-4") == ("pixel", "newton", 0.01, 1e-4)
+    assert bench.parse_setting("smooth:ista:0.05") == ("smooth", "ista", 0.05, 1e-2)
+    for bad in ("pixel:lbfgs:0.01", "pixel:adam", "pixel:adam:big"):
+        with pytest.raises(SystemExit, match="--setting"):
+            bench.parse_setting(bad)
+    out = tmp_path / "loc.json"
+    bench.main([str(erm_run), "--n", "8", "--steps", "5", "--setting", "pixel:newton:0.01:1e-4",
+                "--setting", "pixel:adam:0.01", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"][0]["counterfactuals"]
+    assert [(r["optimizer"], r["eps"], r["steps"]) for r in rows] == [("newton", 1e-4, 5),
+                                                                      ("adam", 1e-2, 5)]
+    for r in rows:
+        for key in ("mask", "box", "corner", "mask_positive", "box_positive"):
+            assert 0.0 <= r[key] <= 1.0, (key, r[key])
+        assert r["mask"] <= r["box"] and r["eq3_raw"] > 0
+        assert 0 <= r["eq3_raw_median"] <= r["eq3_raw_q90"]
+    assert "| pixel | newton | 0.01 | 0.0001 |" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("targets", ["class", "soft"])
 def test_newton_reaches_a_stationary_point_of_a_convex_problem(targets):
     """Linear classifier + l2 distance: T is strictly convex and JᵀSJ is exactly its CE (or
