@@ -344,9 +344,13 @@ def counterfactual(
     autoencoder: Annotated[Path | None, typer.Option(
         help="latent space: autoencoder file (trained on the run's training split and saved "
              "here when missing)")] = None,
+    eps: Annotated[float | None, typer.Option(
+        help="smoothing ε of the l1 distance √(δ²+ε²)−ε (default 0.01); changes below ε cost "
+             "like l2, so a smaller ε (1e-4) with --optimizer newton gives sparser x*")] = None,
 ) -> None:
     """Counterfactual x* flipping each prediction: triptych PNG (original | x* | signed
-    change), x* as .npy and summary.json. A causal-align run lends its α, distance and space."""
+    change), x* as .npy and summary.json. A causal-align run lends its α, distance, ε and
+    space."""
     from .data.format import LesionDataset
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
@@ -366,9 +370,12 @@ def counterfactual(
         raise CausalignError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
     if smooth_sigma is not None and not smooth_sigma > 0:
         raise CausalignError(f"--smooth-sigma must be > 0, got {smooth_sigma}")
+    if eps is not None and not eps > 0:
+        raise CausalignError(f"--eps must be > 0, got {eps}")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     settings = settings_for_run(method, alpha=alpha, steps=steps, lr=lr, distance=distance,
-                                space=space, optimizer=optimizer, smooth_sigma=smooth_sigma)
+                                space=space, optimizer=optimizer, smooth_sigma=smooth_sigma,
+                                eps=eps)
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")
