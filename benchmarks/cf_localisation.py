@@ -17,7 +17,7 @@ training images of its dataset, this measures, for every counterfactual setting 
   ``pixel:newton:0.01:1e-4`` (EPS: the smoothing ε of the l1 surrogate √(δ²+ε²)−ε, default
   1e-2 as in training; ISTA uses the exact l1 and ignores it);
 * the same shares over the positives only (label 1; ``align_on=positive`` aligns those) and
-  the raw Eq. 3, Σ|x* − x| outside the mask per image: its mean over all images (Eq. 3 itself),
+  the raw Eq. 3, Σ|x* − x| outside the mask per annotated image: its mean (Eq. 3 itself),
   median and 90th percentile (a few images can dominate the mean).
 
 and, on the same images, how much the model follows the symbol: the share of predictions
@@ -112,7 +112,8 @@ def localisation(run: Path, weights: str, n: int,
                                       optimizer=opt, eps=eps)
         target, _ = gen.targets(x, pred)
         res = gen.generate(x, target=target)
-        outside = (res.change.abs() * (batch["mask"] == 0)).flatten(1).sum(1)
+        # Eq. 3 sums over annotated images only; an image without a mask has no "outside"
+        outside = (res.change.abs() * (batch["mask"] == 0)).flatten(1).sum(1)[batch["has_mask"]]
         row = {"space": space, "optimizer": opt, "alpha": alpha, "eps": eps, "steps": steps,
                "flip_rate": float(res.flipped.float().mean()),
                "eq3_raw": float(outside.mean()), "eq3_raw_median": float(outside.median()),
