@@ -3,6 +3,7 @@
     python benchmarks/cf_localisation.py RUN [RUN ...] [--weights best|last] [--n 64]
         [--labels NAME ...] [--out benchmarks/results/cf_localisation.json] [--append]
         [--setting SPACE:OPTIMIZER:ALPHA[:EPS] ...] [--steps 100]
+        [--figure PNG] [--figure-n 2]
 
 Eq. 3 can only tell a model that uses the lesion from one that uses the "+"/"−" shortcut if
 their counterfactuals put their change in different places. For each run, on the first N
@@ -24,6 +25,9 @@ and, on the same images, how much the model follows the symbol: the share of pre
 that change when the symbol is swapped ("+" → "−" by filling the vertical bar with the corner's
 median, "−" → "+" by drawing it; `causalign.data.synth.draw_symbol` geometry). On plus-minus
 training images the symbol equals the label, so a shortcut model changes most predictions.
+
+``--figure`` also draws, for the first few images of every run, the signed change x* − x of
+each setting side by side with the mask outlined (one row per run and image).
 
 Writes JSON and a markdown table next to it; ``--append`` keeps the runs already in the JSON
 (a run measured again with the same weights replaces its old entry).
@@ -92,7 +96,9 @@ def swap_symbol(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def localisation(run: Path, weights: str, n: int,
                  settings: list[tuple[str, str, float, float]] = SETTINGS,
-                 steps: int = 100) -> dict:
+                 steps: int = 100, keep: int = 0) -> dict:
+    """The measurements of one run; ``keep`` > 0 adds the first ``keep`` images, masks and
+    changes (one per setting) under ``"examples"`` for the figure."""
     cfg, model, method, data_path = load_run(run, device="cpu")
     if weights == "last":
         model.load_state_dict(load_checkpoint(run / "checkpoint.pt", map_location="cpu")["model"])
@@ -106,7 +112,7 @@ def localisation(run: Path, weights: str, n: int,
         pred_swapped = model(swapped).argmax(1)
     regions = {"mask": batch["mask"], "box": batch["box_mask"], "corner": corner_region(x)}
     positive = batch["label"] == 1
-    rows = []
+    rows, kept_changes = [], {}
     for space, opt, alpha, eps in settings:
         gen = CounterfactualGenerator(model, alpha=alpha, steps=steps, lr=LR[opt], space=space,
                                       optimizer=opt, eps=eps)
@@ -123,6 +129,10 @@ def localisation(run: Path, weights: str, n: int,
             row[name] = float(torch.nanmean(share))
             row[name + "_positive"] = float(torch.nanmean(share[positive]))
         rows.append(row)
+        kept_changes[setting_name(space, opt, alpha, eps)] = res.change[:keep].numpy()
+    examples = ({"images": x[:keep].numpy(), "masks": batch["mask"][:keep, 0].numpy(),
+                 "labels": batch["label"][:keep].tolist(), "changes": kept_changes}
+                if keep > 0 else None)
     return {
         "run": str(run), "method": cfg.method, "seed": cfg.seed, "weights": weights,
         "data": str(data_path), "n": len(x),
@@ -131,7 +141,31 @@ def localisation(run: Path, weights: str, n: int,
         "symbol_present": bool(((x[:, 0][:, :16, :16] > 0.85).flatten(1).sum(1) >= 8).all()),
         "area": {k: float(v.flatten(1).mean(1).mean()) for k, v in regions.items()},
         "counterfactuals": rows,
+        **({"examples": examples} if examples else {}),
     }
+
+
+def setting_name(space: str, opt: str, alpha: float, eps: float) -> str:
+    return f"{space} {opt} α={alpha:g}" + ("" if opt == "ista" else f" ε={eps:g}")
+
+
+def draw_figure(results: list[dict], path: Path) -> None:
+    """Rows: each run's kept images; columns: the input and each setting's signed change."""
+    from causalign.report.figures import change_comparison_grid
+
+    images, masks, titles = [], [], []
+    changes: dict[str, list[np.ndarray]] = {}
+    for r in results:
+        ex = r["examples"]
+        images.append(ex["images"])
+        masks.append(ex["masks"])
+        name = r.get("label") or Path(r["run"]).name
+        titles += [f"{name}\ny={y}" for y in ex["labels"]]
+        for setting, change in ex["changes"].items():
+            changes.setdefault(setting, []).append(change)
+    change_comparison_grid(np.concatenate(images), {k: np.concatenate(v)
+                                                    for k, v in changes.items()},
+                           np.concatenate(masks), path, row_titles=titles)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -173,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--setting", action="append", default=[], type=parse_setting,
                     help="SPACE:OPTIMIZER:ALPHA[:EPS], repeatable; replaces the default grid")
     ap.add_argument("--steps", type=int, default=100, help="search steps from x0")
+    ap.add_argument("--figure", type=Path, help="PNG of the change maps, settings side by side")
+    ap.add_argument("--figure-n", type=int, default=2, help="images per run in --figure")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     kept = []
@@ -183,10 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for run in args.runs:
         results.append(localisation(run, args.weights, args.n, args.setting or SETTINGS,
-                                    args.steps))
+                                    args.steps, keep=args.figure_n if args.figure else 0))
         if len(args.labels) > len(results) - 1:
             results[-1]["label"] = args.labels[len(results) - 1]
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "counterfactuals"}))
+        print(json.dumps({k: v for k, v in results[-1].items()
+                          if k not in ("counterfactuals", "examples")}))
+    if args.figure:
+        draw_figure(results, args.figure)
+        print(f"figure: {args.figure}")
+    for r in results:
+        r.pop("examples", None)
     results = kept + results
     atomic_write_json(args.out, {"results": results})
     atomic_write_text(args.out.with_suffix(".md"), markdown(results))

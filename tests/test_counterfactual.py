@@ -522,9 +522,13 @@ def test_cf_localisation_runs_chosen_settings_and_names_bad_ones(erm_run, tmp_pa
         with pytest.raises(SystemExit, match="--setting"):
             bench.parse_setting(bad)
     out = tmp_path / "loc.json"
+    figure = tmp_path / "maps.png"
     bench.main([str(erm_run), "--n", "8", "--steps", "5", "--setting", "pixel:newton:0.01:1e-4",
-                "--setting", "pixel:adam:0.01", "--out", str(out)])
-    rows = json.loads(out.read_text())["results"][0]["counterfactuals"]
+                "--setting", "pixel:adam:0.01", "--out", str(out), "--figure", str(figure),
+                "--figure-n", "3"])
+    result = json.loads(out.read_text())["results"][0]
+    assert "examples" not in result  # the arrays feed the figure only
+    rows = result["counterfactuals"]
     assert [(r["optimizer"], r["eps"], r["steps"]) for r in rows] == [("newton", 1e-4, 5),
                                                                       ("adam", 1e-2, 5)]
     for r in rows:
@@ -533,6 +537,11 @@ def test_cf_localisation_runs_chosen_settings_and_names_bad_ones(erm_run, tmp_pa
         assert r["mask"] <= r["box"] and r["eq3_raw"] > 0
         assert 0 <= r["eq3_raw_median"] <= r["eq3_raw_q90"]
     assert "| pixel | newton | 0.01 | 0.0001 |" in out.with_suffix(".md").read_text()
+    # 3 image rows × (input + 2 settings) panels of ~1.8 × 1.85 in at 110 dpi
+    from PIL import Image
+
+    width, height = Image.open(figure).size
+    assert abs(width - 1.8 * 3 * 110) <= 2 and abs(height - 1.85 * 3 * 110) <= 2, (width, height)
 
 
 @pytest.mark.parametrize("targets", ["class", "soft"])

@@ -143,6 +143,31 @@ def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.nd
     plt.close(fig)
 
 
+def change_comparison_grid(images: np.ndarray, changes: dict[str, np.ndarray],
+                           regions: np.ndarray, path: str | Path,
+                           row_titles: Sequence[str] | None = None) -> None:
+    """One case per row: the input, then one signed change map x* − x per column of
+    ``changes`` (name → (N, C, H, W)), each on its own symmetric scale with the annotation
+    outlined, to compare where different searches or models put their change."""
+    plt = _plt()
+    names = list(changes)
+    n = len(images)
+    fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.85 * n),
+                             squeeze=False)
+    for r in range(n):
+        _show_image(axes[r, 0], images[r])
+        if row_titles:
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
+        for c, name in enumerate(names, start=1):
+            _change_ax(axes[r, c], changes[name][r], regions[r])
+    axes[0, 0].set_title("input", fontsize=8)
+    for c, name in enumerate(names, start=1):
+        axes[0, c].set_title(name, fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.ndarray,
                         path: str | Path, row_titles: Sequence[str] | None = None) -> None:
     """Several triptychs stacked, one case per row, for a quick look at a split."""
