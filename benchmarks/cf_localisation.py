@@ -183,12 +183,14 @@ def markdown(results: list[dict]) -> str:
                   f"{r['area']['mask']:.3f} / {r['area']['box']:.3f} / "
                   f"{r['area']['corner']:.3f}", "",
                   "| space | optimizer | α | ε | flip rate | change in mask | in box | in corner "
-                  "| in mask, positives | in box, positives | raw Eq. 3: mean / median / q90 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| in mask, positives | in box, positives | in corner, positives "
+                  "| raw Eq. 3: mean / median / q90 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {c['space']} | {c['optimizer']} | {c['alpha']} | {c.get('eps', 1e-2):g} | "
                   f"{c['flip_rate']:.2f} | {c['mask']:.3f} | {c['box']:.3f} | "
                   f"{c['corner']:.3f} | {_fmt(c.get('mask_positive'))} | "
-                  f"{_fmt(c.get('box_positive'))} | {_fmt(c.get('eq3_raw'), 2)} / "
+                  f"{_fmt(c.get('box_positive'))} | {_fmt(c.get('corner_positive'))} | "
+                  f"{_fmt(c.get('eq3_raw'), 2)} / "
                   f"{_fmt(c.get('eq3_raw_median'), 2)} / {_fmt(c.get('eq3_raw_q90'), 2)} |"
                   for c in r["counterfactuals"]]
         lines.append("")
