@@ -17,7 +17,7 @@ import torch
 from causalign.cli import main
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, train
-from causalign.io import atomic_torch_save
+from causalign.io import atomic_savefig, atomic_torch_save, atomic_write_json
 
 ARGS = ["--epochs", "3", "--batch-size", "8", "--seed", "1", "--set", "width=4",
         "--set", "deterministic=true", "--set", "threads=1", "--set", "eval_saliency=gradient",
@@ -150,3 +150,30 @@ def _replace_once_then(action):
         return action(src, dst)
 
     return replace
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_atomic_outputs_get_the_mode_open_would_give(tmp_path, umask):
+    """The temporary file behind an atomic write is created 0600; the result must have the
+    mode a plain open() gives (0666 less the umask), like any other output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        atomic_torch_save(tmp_path / "c.pt", {"v": 1})
+        fig = plt.figure()
+        atomic_savefig(fig, tmp_path / "f.png")
+        plt.close(fig)
+        with open(tmp_path / "plain.txt", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (os.stat(tmp_path / "plain.txt").st_mode & 0o777) == want
+    for name in ("m.json", "c.pt", "c.pt.sha256", "f.png"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == want, (name, oct(want))
