@@ -535,6 +535,7 @@ def test_cf_localisation_runs_chosen_settings_and_names_bad_ones(erm_run, tmp_pa
         for key in ("mask", "box", "corner", "mask_positive", "box_positive"):
             assert 0.0 <= r[key] <= 1.0, (key, r[key])
         assert r["mask"] <= r["box"] and r["eq3_raw"] > 0
+        assert 0.0 <= r["rank_mask"] <= 1.0 and 0.0 <= r["rank_mask_positive"] <= 1.0
         assert 0 <= r["eq3_raw_median"] <= r["eq3_raw_q90"]
     assert "| pixel | newton | 0.01 | 0.0001 |" in out.with_suffix(".md").read_text()
     # 3 image rows × (input + 2 settings) panels of ~1.8 × 1.85 in at 110 dpi

@@ -14,6 +14,7 @@ from causalign.metrics import (
     iou_dice,
     mass_in_mask,
     normalize_maps,
+    rank_accuracy,
 )
 
 
@@ -37,6 +38,25 @@ def test_mass_in_mask_and_iou():
     maps2 = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     iou, dice = iou_dice(maps2, ann)
     assert abs(iou.item() - 0.5) < 1e-6 and abs(dice.item() - 2 / 3) < 1e-6
+
+
+def test_rank_accuracy_hand_cases():
+    """Top-|A| pixels against A: 2 of the 3 largest inside a 3-pixel annotation → 2/3; a map
+    inside A scores 1 however faint; an empty annotation is NaN."""
+    ann = torch.zeros(3, 3, 3)
+    ann[:, 0, :] = 1  # |A| = 3 (top row)
+    maps = torch.zeros(3, 3, 3)
+    maps[0, 0, 0], maps[0, 0, 1], maps[0, 2, 2], maps[0, 0, 2] = 5.0, 4.0, 3.0, 0.5
+    maps[1, 0, :] = 1e-6
+    ann[2] = 0
+    acc = rank_accuracy(maps, ann)
+    assert abs(acc[0].item() - 2 / 3) < 1e-6
+    assert acc[1].item() == 1.0
+    assert torch.isnan(acc[2])
+    # per-sample k: a 1-pixel annotation takes only the single largest pixel
+    one = torch.zeros(1, 3, 3)
+    one[0, 1, 1] = 1
+    assert rank_accuracy(maps[:1], one).item() == 0.0
 
 
 def test_normalize_flags_constant_maps():

@@ -46,6 +46,22 @@ def mass_in_mask(maps: Tensor, annotation: Tensor) -> Tensor:
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
+def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
+    """Relevance rank accuracy (Arras et al., 2022, CLEVR-XAI): of the |A| highest-valued
+    pixels, with |A| the annotation's own size, the share inside A. Area-matched, so a map
+    that is random scores about |A| / N whatever its density, and one confined to A scores 1.
+    NaN where the annotation is empty. Ties are broken by ``torch.sort`` order."""
+    flat = maps.flatten(1)
+    ann = (annotation > 0).flatten(1)
+    k = ann.sum(1)
+    order = flat.argsort(dim=1, descending=True)
+    ranks_in = torch.gather(ann, 1, order)  # annotation membership in rank order
+    top = torch.arange(flat.shape[1], device=flat.device).unsqueeze(0) < k.unsqueeze(1)
+    hits = (ranks_in & top).sum(1).to(flat.dtype)
+    return torch.where(k > 0, hits / k.clamp_min(1).to(flat.dtype),
+                       torch.full_like(hits, float("nan")))
+
+
 def iou_dice(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
     """IoU and Dice between the binarised normalised map and the annotation."""
     norm, empty = normalize_maps(maps)
