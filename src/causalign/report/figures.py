@@ -93,21 +93,31 @@ def cam_grid(images: np.ndarray, boxes: np.ndarray, maps: dict[str, np.ndarray],
              path: str | Path, row_titles: Sequence[str] | None = None) -> None:
     """Paper 000 Fig. 4: rows = cases, first column the input with its box, then one column
     per method (or saliency method) with its map overlaid."""
+    def draw_input(ax, r: int) -> None:
+        _show_image(ax, images[r])
+        _draw_box(ax, boxes[r])
+
+    _input_and_columns_grid(
+        len(images), list(maps), path, row_titles, draw_input,
+        lambda ax, r, name: _overlay_ax(ax, images[r], maps[name][r], boxes[r]))
+
+
+def _input_and_columns_grid(n: int, names: list[str], path: str | Path,
+                            row_titles: Sequence[str] | None, draw_input, draw_cell) -> None:
+    """n rows × (input + one column per name) panels, titled on the first row;
+    ``draw_input(ax, row)`` and ``draw_cell(ax, row, name)`` fill them."""
     plt = _plt()
-    names = list(maps)
-    n = len(images)
     fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.85 * n),
                              squeeze=False)
     for r in range(n):
-        _show_image(axes[r, 0], images[r])
-        _draw_box(axes[r, 0], boxes[r])
+        draw_input(axes[r, 0], r)
         if row_titles:
             axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
         for c, name in enumerate(names, start=1):
-            _overlay_ax(axes[r, c], images[r], maps[name][r], boxes[r])
-            if r == 0:
-                axes[r, c].set_title(name, fontsize=8)
+            draw_cell(axes[r, c], r, name)
     axes[0, 0].set_title("input", fontsize=8)
+    for c, name in enumerate(names, start=1):
+        axes[0, c].set_title(name, fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
@@ -149,23 +159,10 @@ def change_comparison_grid(images: np.ndarray, changes: dict[str, np.ndarray],
     """One case per row: the input, then one signed change map x* − x per column of
     ``changes`` (name → (N, C, H, W)), each on its own symmetric scale with the annotation
     outlined, to compare where different searches or models put their change."""
-    plt = _plt()
-    names = list(changes)
-    n = len(images)
-    fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.85 * n),
-                             squeeze=False)
-    for r in range(n):
-        _show_image(axes[r, 0], images[r])
-        if row_titles:
-            axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
-        for c, name in enumerate(names, start=1):
-            _change_ax(axes[r, c], changes[name][r], regions[r])
-    axes[0, 0].set_title("input", fontsize=8)
-    for c, name in enumerate(names, start=1):
-        axes[0, c].set_title(name, fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    _input_and_columns_grid(
+        len(images), list(changes), path, row_titles,
+        lambda ax, r: _show_image(ax, images[r]),
+        lambda ax, r, name: _change_ax(ax, changes[name][r], regions[r]))
 
 
 def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.ndarray,
