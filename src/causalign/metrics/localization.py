@@ -50,7 +50,7 @@ def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
     """Relevance rank accuracy (Arras et al., 2022, CLEVR-XAI): of the |A| highest-valued
     pixels, with |A| the annotation's own size, the share inside A. Area-matched, so a map
     that is random scores about |A| / N whatever its density, and one confined to A scores 1.
-    NaN where the annotation is empty. Ties are broken by ``torch.sort`` order."""
+    NaN where the annotation is empty. Ties are broken in ``torch.argsort`` order."""
     flat = maps.flatten(1)
     ann = (annotation > 0).flatten(1)
     k = ann.sum(1)
