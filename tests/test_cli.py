@@ -140,3 +140,23 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["nosuch"], "No such command 'nosuch'"),
+    (["data", "validate", "x"], "No such command 'validate'"),
+    (["train"], "Missing argument 'data'"),
+    (["train", "x", "--bogus"], "No such option: --bogus"),
+    (["train", "x", "--epochs", "many"], "'--epochs'"),
+])
+def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
+    # The parser's own errors (typer may vendor click, so its exception classes move) must
+    # follow the same contract as ours: one line, exit 2, no traceback.
+    rc, _, err = _run(capsys, *argv)
+    _assert_user_error(rc, err, needle)
+    assert rc == 2 and "--help" in err
+
+
+def test_bare_group_prints_help_without_an_error_line(capsys):
+    rc, out, err = _run(capsys, "data")
+    assert rc == 2 and "synth" in out and "error" not in err

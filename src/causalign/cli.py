@@ -214,8 +214,11 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """Train a classifier with METHOD on DATA; writes config.yaml, history.csv, checkpoints,
-    metrics.json into --out."""
+    """Train a classifier with METHOD on DATA.
+
+    Writes config.yaml, history.csv, checkpoints and metrics.json into --out.
+
+    `--resume` continues an interrupted run from its last checkpoint."""
     from .engine.config import TrainConfig, apply_overrides, load_config_file, parse_set
     from .engine.trainer import train as run_train
 
@@ -283,8 +286,9 @@ def explain(
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: str = "auto",
 ) -> None:
-    """Saliency maps (.npy) and overlay PNGs for a run's predictions; `--saliency all` writes
-    every method into DIR/<name>/ and DIR/all_saliency.png (all maps side by side)."""
+    """Saliency maps (.npy) and overlay PNGs for a run's predictions.
+
+    `--saliency all` writes each method into DIR/<name>/ and all maps into DIR/all_saliency.png."""
     from .data.format import LesionDataset
     from .engine.evaluate import VOLUME_UNSUPPORTED
     from .engine.trainer import load_run
@@ -348,9 +352,11 @@ def counterfactual(
         help="smoothing ε of the l1 distance √(δ²+ε²)−ε (default 0.01); changes below ε cost "
              "like l2, so a smaller ε (1e-4) with --optimizer newton gives sparser x*")] = None,
 ) -> None:
-    """Counterfactual x* flipping each prediction: triptych PNG (original | x* | signed
-    change), x* as .npy and summary.json. A causal-align run lends its α, distance, ε and
-    space."""
+    """Counterfactual x* flipping each prediction: triptych PNGs, x* and summary.json.
+
+    Each triptych is original | x* | signed change (red = increase, blue = decrease).
+
+    A causal-align run lends its α, distance, ε and space."""
     from .data.format import LesionDataset
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
@@ -413,8 +419,9 @@ def causal_ccce(
     json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")
                         ] = None,
 ) -> None:
-    """CCCE causal attribution (seed 000 §4.3): per attribute how often it is causal; on the
-    synthetic benchmark also how often the chosen subsets are truly causal."""
+    """CCCE causal attribution (seed 000 §4.3): how often each attribute is causal.
+
+    On the synthetic benchmark it also reports how often the chosen subsets are truly causal."""
     from .causal.ccce import dataset_attribution_report, format_attribution_report
     from .io import atomic_write_json
 
@@ -434,8 +441,9 @@ def causal_pc(
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN/pc)")] = None,
     device: str = "cpu",
 ) -> None:
-    """PC algorithm (causal-learn) on pooled image features, attributes and label; checks the
-    skeleton against X → A → Y and draws the graph (seed 000 App. C.5)."""
+    """PC algorithm (causal-learn): checks the learnt skeleton against X → A → Y.
+
+    Runs on pooled image features, attributes and label; draws the graph (seed 000 App. C.5)."""
     from .causal.pc import run_pc_check
 
     rep = run_pc_check(run, split=split, data=data, n_components=components, alpha=alpha,
@@ -490,8 +498,11 @@ def benchmark(
     report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
-    """Methods × datasets × seeds × settings from SUITE; resumable (finished runs are
-    collected, interrupted ones resume); writes results.csv/json, tables.md, report.html."""
+    """Methods × datasets × seeds × settings from SUITE; resumable.
+
+    Finished runs are collected and interrupted ones resume.
+
+    Writes results.csv/json, tables.md and report.html."""
     from .engine.benchmark import load_suite, run_suite, select
     from .engine.config import parse_set
 
@@ -530,18 +541,24 @@ def demo(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors → one line on stderr and exit code 2, no traceback."""
-    import click
+    try:  # typer >= 0.26 vendors click; its parser raises these instead of click's own
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
 
     try:
         app(args=argv, standalone_mode=False)
     except CausalignError as exc:
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except ClickException as exc:  # unknown command or option, missing argument, bad value
+        message = exc.format_message()
+        if message:  # empty when a bare group printed its help (no_args_is_help)
+            command = getattr(getattr(exc, "ctx", None), "command_path", "causalign")
+            typer.echo(f"error: {_one_line(message)} (see `{command} --help`)", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
