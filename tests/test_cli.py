@@ -108,6 +108,17 @@ def test_data_errors_through_cli(broken_data, tmp_path, capsys):
     _assert_user_error(rc, err, "train_00001.png: mask shape (5, 5) does not match image")
 
 
+def test_corrupt_test_image_stops_training_before_it_starts(broken_data, tmp_path, capsys):
+    # The test split is only evaluated after training; a bad file there must still fail
+    # at once, not after the whole run.
+    test_images = sorted((broken_data / "images").glob("test_*.png"))
+    test_images[0].write_bytes(b"not a png")
+    run = tmp_path / "r"
+    rc, _, err = _run(capsys, "train", str(broken_data), "--out", str(run), "--epochs", "1")
+    _assert_user_error(rc, err, f"{test_images[0].name}: cannot read image")
+    assert not (run / "checkpoint.pt").exists() and not (run / "history.csv").exists()
+
+
 def test_nan_image_through_cli(broken_data, tmp_path, capsys):
     img = np.full((32, 32), np.nan, np.float32)
     np.save(broken_data / "images" / "train_00002.npy", img)

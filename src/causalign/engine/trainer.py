@@ -127,6 +127,16 @@ def data_info(ds: LesionDataset) -> DataInfo:
                     image_shape=ds.image_shape, attributes=list(ds.meta.attributes))
 
 
+def _optional_split(data: Path, split: str) -> LesionDataset | None:
+    """The split, or None when it has no samples (allowed for test); other errors raise."""
+    try:
+        return LesionDataset(data, split)
+    except CausalignError as exc:
+        if "is empty" not in str(exc):
+            raise
+        return None
+
+
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
@@ -179,6 +189,10 @@ class Trainer:
         seed_everything(self.cfg.seed, self.cfg.deterministic)
         self.train_set = LesionDataset(self.data, "train")
         self.val_set = LesionDataset(self.data, "val")
+        # Read the test split now, not after training: a corrupt test image must stop the
+        # run before hours of training, not after. Peak memory is unchanged, since the final
+        # evaluation holds all three splits anyway.
+        self.test_set = _optional_split(self.data, "test")
         self.info = data_info(self.train_set)
         self.model = self.method.build_model(self.cfg, self.info)
         if self.dist.enabled and self.cfg.sync_bn:
@@ -495,12 +509,10 @@ class Trainer:
             "epochs": self.state.epoch,
         }
         splits = [("val", self.val_set)]
-        try:
-            splits.append(("test", LesionDataset(self.data, "test")))
-        except CausalignError as exc:
-            if "is empty" not in str(exc):
-                raise
+        if self.test_set is None:
             metrics["note"] = "no test split: test metrics omitted"
+        else:
+            splits.append(("test", self.test_set))
         for name, ds in splits:
             metrics[name] = evaluate_split(
                 self.model, self.method, ds, self.device, saliency=self.cfg.eval_saliency,
