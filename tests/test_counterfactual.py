@@ -395,6 +395,21 @@ def test_cli_counterfactual_eps_sparsifies_the_newton_search(erm_run, tmp_path, 
     assert "--eps must be > 0, got 0.0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--alpha", "-1"], "got alpha -1.0"),
+    (["--lr", "nan"], "got lr nan"),
+])
+def test_cli_counterfactual_names_the_bad_search_setting(erm_run, tmp_path, capsys, argv,
+                                                         needle):
+    from causalign.cli import main
+
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(erm_run), "--out", str(out), "--limit", "2", *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
+
+
 @pytest.mark.slow
 def test_cli_counterfactual_latent_space(erm_run, tmp_path):
     """--space latent trains an autoencoder on the run's training split, saves it, reuses it."""

@@ -368,6 +368,8 @@ def counterfactual(
 
     if limit is not None and limit < 1:
         raise CausalignError(f"--limit must be >= 1, got {limit}")
+    if steps is not None and steps < 1:
+        raise CausalignError(f"--steps must be >= 1, got {steps}")
     if distance is not None and distance not in DISTANCES:
         raise CausalignError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
     if space is not None and space not in SPACES:

@@ -437,8 +437,12 @@ class CounterfactualGenerator:
         if distance.startswith("scaled") and scale is None:
             raise ConfigError(f"distance '{distance}' needs per-pixel scales from the "
                               f"training images (distance_scale)")
-        if not alpha >= 0 or steps < 0 or not lr > 0 or not eps > 0:
-            raise ConfigError("counterfactual needs alpha >= 0, steps >= 0, lr > 0, eps > 0")
+        bad = [f"{name} {value}" for name, value, ok in (
+            ("alpha", alpha, alpha >= 0), ("steps", steps, steps >= 0), ("lr", lr, lr > 0),
+            ("eps", eps, eps > 0)) if not ok]  # `not ok` also catches NaN
+        if bad:
+            raise ConfigError(f"counterfactual needs alpha >= 0, steps >= 0, lr > 0, eps > 0; "
+                              f"got {', '.join(bad)}")
         self.model = model
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
         self.distance, self.scale, self.eps = distance, scale, float(eps)
