@@ -47,3 +47,39 @@ def test_unknown_saliency(model):
     with pytest.raises(CausalignError, match="unknown saliency method 'foo'; valid: .*gradcam"):
         get_explainer("foo", model)
     assert {"gradcam", "gradient", "input-x-gradient"} <= set(explainer_names())
+
+
+ALL_EXPLAINERS = ["gradcam", "gradient", "input-x-gradient", "wbp", "lrp-epsilon",
+                  "lrp-alpha-beta"]
+
+
+@pytest.mark.parametrize("name", ALL_EXPLAINERS)
+def test_bad_inputs_fail_with_one_clear_error(model, name):
+    from causalign.errors import InputError
+
+    explainer = get_explainer(name, model)
+    x = torch.rand(3, 1, 32, 32)
+    x[1, 0, 5, 5] = float("nan")
+    # Without the check Grad-CAM and WBP return NaN maps and no error.
+    with pytest.raises(InputError, match="inputs hold 1 NaN/inf value"):
+        explainer.attribute(x, target=torch.tensor([0, 1, 1]))
+    x = torch.rand(3, 1, 32, 32)
+    with pytest.raises(InputError, match=r"one class per input \(3\), got shape \(2,\)"):
+        explainer.attribute(x, target=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="non-negative"):  # InputError is a ValueError too
+        explainer.attribute(x, target=torch.tensor([0, -1, 1]))
+    with pytest.raises(InputError, match="floating-point tensor"):
+        explainer.attribute(torch.zeros(3, 1, 32, 32, dtype=torch.uint8), target=0)
+    with pytest.raises(InputError, match="non-empty batch"):
+        explainer.attribute(torch.zeros(0, 1, 32, 32), target=0)
+    # A single target tensor element applies to every input, as an int does.
+    a = explainer.attribute(x, target=torch.tensor([1]))
+    assert torch.allclose(a, explainer.attribute(x, target=1))
+
+
+def test_wbp_names_a_target_class_the_model_lacks(model):
+    from causalign.errors import InputError
+
+    with pytest.raises(InputError, match=r"target classes must lie in 0..1, got 0..5"):
+        get_explainer("wbp", model).attribute(torch.rand(2, 1, 32, 32),
+                                              target=torch.tensor([0, 5]))

@@ -20,6 +20,12 @@ class ConfigError(CausalignError):
     """A configuration key or value is invalid."""
 
 
+class InputError(CausalignError, ValueError):
+    """A tensor given to the Python API is unusable (NaN/inf, wrong shape, bad target).
+
+    Also a ValueError, so `except ValueError` works as it does around torch calls."""
+
+
 class NumericalError(CausalignError):
     """Numerical trouble that could not be handled (e.g. NaN loss, diverging solve)."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import unknown_name
+from ..errors import InputError, unknown_name
 
 _EXPLAINERS: dict[str, Callable[..., Explainer]] = {}
 
@@ -39,7 +39,33 @@ class Explainer:
                 return self.model(inputs).argmax(dim=1)
         if isinstance(target, int):
             return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
-        return target.to(inputs.device).long()
+        return target.to(inputs.device).long().reshape(-1).expand(inputs.shape[0])
+
+
+def check_inputs(inputs: Tensor, target: Tensor | int | None = None) -> None:
+    """Fail with one clear line on inputs no saliency method can explain.
+
+    `inputs` must be a floating-point batch (N, C, *spatial) of finite values (a NaN pixel
+    turns Grad-CAM and WBP maps into NaN without an error); a tensor `target` needs one
+    non-negative class per input (or one for all)."""
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        kind = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise InputError(f"inputs must be a floating-point tensor (N, C, *spatial), got {kind}")
+    if inputs.dim() < 2 or inputs.shape[0] == 0:
+        raise InputError(f"inputs must be a non-empty batch (N, C, *spatial), got shape "
+                         f"{tuple(inputs.shape)}")
+    n_bad = int((~torch.isfinite(inputs.detach())).sum())
+    if n_bad:
+        raise InputError(f"inputs hold {n_bad} NaN/inf value(s); a saliency map of a "
+                         f"non-finite image is undefined")
+    if isinstance(target, Tensor):
+        if target.dim() > 1 or target.numel() not in (1, inputs.shape[0]):
+            raise InputError(f"target must hold one class per input ({inputs.shape[0]}), got "
+                             f"shape {tuple(target.shape)}")
+        if target.is_floating_point() or (target < 0).any():
+            raise InputError("target must hold non-negative integer class indices")
+    elif isinstance(target, int) and target < 0:
+        raise InputError(f"target class must be >= 0, got {target}")
 
 
 def register_explainer(name: str) -> Callable[[type[Explainer]], type[Explainer]]:

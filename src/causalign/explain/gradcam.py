@@ -6,7 +6,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 from torch import Tensor, nn
 
 from ..models import find_cam_layer
-from .base import Explainer, register_explainer
+from .base import Explainer, check_inputs, register_explainer
 
 
 @register_explainer("gradcam")
@@ -25,6 +25,7 @@ class GradCAM(Explainer):
         self._cam = LayerGradCam(model, self.layer)
 
     def attribute(self, inputs: Tensor, target=None, create_graph: bool = False) -> Tensor:
+        check_inputs(inputs, target)
         target = self._target(inputs, target)
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}
         cam = self._cam.attribute(inputs, target=target, relu_attributions=True, **kwargs)

@@ -10,7 +10,7 @@ import torch
 from captum.attr import InputXGradient, Saliency
 from torch import Tensor
 
-from .base import Explainer, register_explainer
+from .base import Explainer, check_inputs, register_explainer
 
 
 def _leaf(inputs: Tensor) -> Tensor:
@@ -30,6 +30,7 @@ class GradientSaliency(Explainer):
     """Simonyan et al. 2014 saliency: absolute input gradient of the target logit."""
 
     def attribute(self, inputs: Tensor, target=None, create_graph: bool = False) -> Tensor:
+        check_inputs(inputs, target)
         target = self._target(inputs, target)
         if create_graph:
             return _input_gradient(self.model, inputs, target, True).abs()
@@ -41,6 +42,7 @@ class InputXGradientSaliency(Explainer):
     """x ⊙ ∂z_t/∂x (Shrikumar et al. 2016)."""
 
     def attribute(self, inputs: Tensor, target=None, create_graph: bool = False) -> Tensor:
+        check_inputs(inputs, target)
         target = self._target(inputs, target)
         if create_graph:
             return inputs * _input_gradient(self.model, inputs, target, True)

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .base import Explainer, register_explainer
+from .base import Explainer, check_inputs, register_explainer
 
 __all__ = ["LRP", "LRP_VARIANTS", "default_canonizers", "lrp_epsilon_modified_gradient"]
 
@@ -121,6 +121,7 @@ class LRP(Explainer):
 
     def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
                   create_graph: bool = False) -> Tensor:
+        check_inputs(inputs, target)
         if create_graph:
             if self.variant == "epsilon":
                 return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon,

@@ -43,7 +43,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .base import Explainer, register_explainer
+from ..errors import InputError
+from .base import Explainer, check_inputs, register_explainer
 
 __all__ = ["WBP", "RescaleRule", "rescale_factor", "wbp_mode", "wbp_weights"]
 
@@ -269,7 +270,12 @@ def _resolve_target(logits: Tensor, target: Tensor | int | None) -> Tensor:
     if target.numel() == 1 and logits.shape[0] != 1:
         target = target.expand(logits.shape[0])
     if target.shape[0] != logits.shape[0]:
-        raise ValueError(f"target has {target.shape[0]} entries for {logits.shape[0]} inputs")
+        raise InputError(f"target has {target.shape[0]} entries for {logits.shape[0]} inputs")
+    if target.numel():
+        lo, hi = torch.stack(target.aminmax()).tolist()  # one device sync, not two
+        if not 0 <= lo <= hi < logits.shape[1]:
+            raise InputError(f"target classes must lie in 0..{logits.shape[1] - 1}, got "
+                             f"{lo}..{hi}")
     return target
 
 
@@ -304,6 +310,7 @@ class WBP(Explainer):
     def attribute(
         self, inputs: Tensor, target: Tensor | int | None = None, create_graph: bool = False
     ) -> Tensor:
+        check_inputs(inputs, target)
         weights = wbp_weights(self.model, inputs, target, create_graph=create_graph)
         x = inputs if create_graph else inputs.detach()
         return x * weights
