@@ -406,7 +406,9 @@ def test_cli_counterfactual_names_the_bad_search_setting(erm_run, tmp_path, caps
 
     out = tmp_path / "cf"
     assert main(["counterfactual", str(erm_run), "--out", str(out), "--limit", "2", *argv]) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # Exactly one line: the unused progress display must not leave a blank line above it.
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, repr(err)
     assert not (out / "summary.json").exists()
 
 

@@ -24,11 +24,9 @@ app.add_typer(causal_app, name="causal")
 
 
 def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from .engine.progress import progress_bar
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True))
+    return progress_bar(remaining=False)
 
 
 def _echo_json(obj) -> None:

@@ -36,7 +36,6 @@ import re
 import shutil
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from ..report.tables import mean_std
 from .config import TrainConfig, apply_overrides
+from .progress import progress_bar
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 ROW_KEYS = ("method", "dataset", "setting")
@@ -335,23 +335,6 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
     return train(data, spec.config, run_dir, resume=resume, progress=False)
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-
-
 def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None,
               progress: bool = True, report: bool = True, log=print) -> dict:
     """Run every missing run of the suite into OUT and write the results and tables."""
@@ -362,7 +345,7 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
     records: list[dict] = []
     data_paths: dict[str, Path] = {}
     data_errors: dict[str, str] = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("benchmark", total=len(specs)) if bar is not None else None
         for spec in specs:
             rec = {"key": spec.key, "dataset": spec.dataset, "method": spec.method,

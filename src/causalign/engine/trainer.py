@@ -29,6 +29,7 @@ from ..methods.base import DataInfo, Method, build_method, params_diff, resolved
 from . import distributed as D
 from .config import TrainConfig
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
+from .progress import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -308,21 +309,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _progress(self):
-        if not self.show_progress:
-            return nullcontext(None)
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True), transient=False)
+        return progress_bar(self.show_progress)
 
     def _train_epoch(self, epoch: int, progress) -> dict[str, float]:
         self.model.train()
