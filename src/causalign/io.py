@@ -8,9 +8,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _current_umask() -> int:
@@ -82,7 +85,7 @@ def verified_bytes(path: str | Path) -> bytes | None:
     return data
 
 
-def atomic_savefig(fig, path: str | Path, **kwargs) -> None:
+def atomic_savefig(fig: Figure, path: str | Path, **kwargs) -> None:
     """matplotlib savefig through a temporary file."""
     buf = io.BytesIO()
     fmt = Path(path).suffix.lstrip(".") or "png"

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from scipy.optimize import minimize
@@ -55,6 +57,12 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- P(Y | A) models
+
+
+class LabelModel(Protocol):
+    """What CCCE needs of a label model: P(Y=1 | a) for rows of binary attributes."""
+
+    def prob(self, a: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -143,7 +151,8 @@ class TrueProbit:
 LABEL_MODELS = ("logistic", "frequency")
 
 
-def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic", **kw):
+def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic",
+                    **kw) -> MonotoneLogistic | SmoothedFrequency:
     """Fit P(Y | A) on fully annotated rows (rows with a NaN are dropped)."""
     a = np.asarray(a, np.float64)
     keep = ~np.isnan(a).any(1)
@@ -165,7 +174,7 @@ def subsets(p: int, max_size: int = 3) -> list[tuple[int, ...]]:
     return [s for k in range(1, min(max_size, p) + 1) for s in itertools.combinations(range(p), k)]
 
 
-def ccce_scores(model, a: np.ndarray, y: np.ndarray,
+def ccce_scores(model: LabelModel, a: np.ndarray, y: np.ndarray,
                 sets: list[tuple[int, ...]]) -> np.ndarray:
     """CCCE(S) for each sample (rows of binary ``a``, labels ``y`` ∈ {0,1}) and each S in
     ``sets``: 1 − P(Y=y | A_S=1−y, A_-S=a_-S) / P(Y=y | A=a). Shape (n, len(sets))."""
@@ -199,7 +208,7 @@ class CCCEResult:
     sets: list[tuple[int, ...]]
 
 
-def causal_attribution(model, a: np.ndarray, y: np.ndarray, max_size: int = 3,
+def causal_attribution(model: LabelModel, a: np.ndarray, y: np.ndarray, max_size: int = 3,
                        tol: float = 1e-6) -> CCCEResult:
     """argmax_S CCCE(S) per sample (the smallest S among those within ``tol`` of the best,
     highest score among those) → r. Rows with any missing
@@ -280,7 +289,7 @@ def attribution_report(attributes: np.ndarray, labels: np.ndarray, names: list[s
     return out
 
 
-def dataset_attribution_report(data, split: str = "train", *, kind: str = "logistic",
+def dataset_attribution_report(data: str | Path, split: str = "train", *, kind: str = "logistic",
                                max_size: int = 3, tol: float = 0.01) -> dict:
     """`attribution_report` for a dataset folder's split; the synthetic benchmark's
     dataset.yaml supplies the true causal weights, threshold and noise of its label rule."""

@@ -17,12 +17,17 @@ causal-learn is an optional dependency (``pip install causalign[causal]``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CausalignError
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
+    from ..methods.base import Method
 
 __all__ = ["pc_graph", "pc_check", "pooled_features", "skeleton_check", "plot_graph"]
 
@@ -37,8 +42,8 @@ def _require_causallearn():
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, method, dataset, device="cpu",
-                    batch_size: int = 128) -> np.ndarray:
+def pooled_features(model: nn.Module, method: Method, dataset: LesionDataset,
+                    device: torch.device | str = "cpu", batch_size: int = 128) -> np.ndarray:
     """Global-average-pooled activations of the model's Grad-CAM layer, (n, channels)."""
     from ..engine.evaluate import iterate_batches
     from ..models import find_cam_layer

@@ -32,6 +32,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -39,6 +40,9 @@ from scipy.stats import norm
 
 from ..errors import DataError
 from .format import DatasetMeta, DatasetWriter
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 ATTRIBUTES = ("subtlety", "calcification", "margin", "spiculation", "lobulation", "texture")
 CAUSAL_WEIGHTS = (0.4, 0.0, 1.5, 2.0, 1.0, 0.7)
@@ -263,7 +267,7 @@ def render_sample(
     return np.clip(img, 0.0, 1.0).astype(np.float32), mask, box
 
 
-def generate(out: str | Path, cfg: SynthConfig, progress=None) -> DatasetMeta:
+def generate(out: str | Path, cfg: SynthConfig, progress: Progress | None = None) -> DatasetMeta:
     """Write the benchmark to `out` in the dataset format; deterministic given cfg.seed."""
     cfg.validate()
     threshold = label_threshold()

@@ -13,7 +13,7 @@ from .trainer import resolve_device
 
 
 def synthetic_batch(batch_size: int, size: int, channels: int = 1, num_attributes: int = 6,
-                    device="cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+                    device: torch.device | str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
     """A random batch with square lesion masks, enough to exercise every method's step."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, channels, size, size, generator=g)
@@ -33,8 +33,9 @@ def synthetic_batch(batch_size: int, size: int, channels: int = 1, num_attribute
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def time_steps(method_name: str, batch, cfg: TrainConfig, info: DataInfo, device,
-               steps: int, warmup: int, method_args: dict | None = None) -> list[float]:
+def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+               info: DataInfo, device: torch.device, steps: int, warmup: int,
+               method_args: dict | None = None) -> list[float]:
     method = build_method(method_name, method_args or {})
     model = method.build_model(cfg, info).to(device)
     model.train()

@@ -36,9 +36,10 @@ import re
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -48,6 +49,9 @@ from ..io import atomic_write_json, atomic_write_text
 from ..report.tables import mean_std
 from .config import TrainConfig, apply_overrides
 from .progress import progress_bar
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 ROW_KEYS = ("method", "dataset", "setting")
@@ -289,7 +293,7 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
 # ---------------------------------------------------------------------------- running
 
 
-def prepare_dataset(suite: Suite, name: str, out: Path, progress=None) -> Path:
+def prepare_dataset(suite: Suite, name: str, out: Path, progress: Progress | None = None) -> Path:
     """Dataset folder for a suite dataset: generated in OUT/data/<name> when synthetic."""
     spec = suite.datasets[name]
     if "path" in spec:
@@ -336,7 +340,8 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
 
 
 def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None,
-              progress: bool = True, report: bool = True, log=print) -> dict:
+              progress: bool = True, report: bool = True,
+              log: Callable[[str], None] = print) -> dict:
     """Run every missing run of the suite into OUT and write the results and tables."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,7 +469,7 @@ def _num(v) -> str:
 # ---------------------------------------------------------------------------- tables
 
 
-def get_path(d: dict, dotted: str):
+def get_path(d: dict, dotted: str) -> Any:
     """Dotted lookup; the deletion key holds dots ('test.deletion.0.02')."""
     if ".deletion." in dotted:
         head, frac = dotted.split(".deletion.", 1)

@@ -40,13 +40,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import CausalignError
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
@@ -200,7 +203,7 @@ def merge_sums(parts: list[tuple[dict[str, float], int]]) -> tuple[dict[str, flo
 class Shard:
     """A contiguous chunk of a cached split with the two things `iterate_batches` uses."""
 
-    def __init__(self, dataset, rank: int, world: int) -> None:
+    def __init__(self, dataset: LesionDataset, rank: int, world: int) -> None:
         self.dataset = dataset
         self.indices = shard_indices(torch.arange(len(dataset)), rank, world)
         self.split = getattr(dataset, "split", "")

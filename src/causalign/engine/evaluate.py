@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from ..data.format import LesionDataset
 from ..explain import get_explainer, saliency_map
 from ..methods.base import Method
 from ..metrics import cam_precision, classification_metrics, deletion_scores, iou_dice, mass_in_mask
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # Saliency methods that cannot map volumes (C, D, H, W).
 VOLUME_UNSUPPORTED = ("gradcam",)
@@ -33,7 +37,7 @@ def iterate_batches(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, method: Method, dataset: LesionDataset, device,
+def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
     """Class probabilities, labels and mean cross-entropy over the split."""
     model.eval()
@@ -48,7 +52,8 @@ def predict(model: nn.Module, method: Method, dataset: LesionDataset, device,
     return p, y, loss_sum / len(y)
 
 
-def quick_metrics(model, method, dataset, device) -> dict:
+def quick_metrics(model: nn.Module, method: Method, dataset: LesionDataset,
+                  device: torch.device | str) -> dict:
     """Classification metrics and loss (used every epoch for model selection)."""
     probs, labels, loss = predict(model, method, dataset, device)
     out = classification_metrics(probs, labels)
@@ -58,9 +63,9 @@ def quick_metrics(model, method, dataset, device) -> dict:
 
 
 def evaluate_split(
-    model: nn.Module, method: Method, dataset: LesionDataset, device,
+    model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
     saliency: str = "gradcam", fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.1, 0.2),
-    batch_size: int = 128, progress=None,
+    batch_size: int = 128, progress: Progress | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -132,8 +137,8 @@ def evaluate_split(
 
 
 @torch.no_grad()
-def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset, device,
-                       batch_size: int = 256) -> dict | None:
+def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset,
+                       device: torch.device | str, batch_size: int = 256) -> dict | None:
     """For models that predict attributes (``model.attributes(x)`` → logits, e.g. the
     hierarchical X→A→Y model): accuracy of σ(logit) > 0.5 against the annotated attributes,
     per attribute (over samples where it is annotated) and the mean over attributes.

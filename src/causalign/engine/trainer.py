@@ -93,7 +93,7 @@ def dihedral_augment(batch: dict[str, Tensor], generator: torch.Generator
     return out
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint, verifying the SHA-256 written beside it."""
     if not path.exists():
         raise CausalignError(f"{path}: checkpoint not found")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,11 @@ from ..data.format import LesionDataset
 from ..errors import CausalignError
 from ..io import atomic_write_json
 from .counterfactual import CounterfactualGenerator, distance_scale
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from ..methods.base import Method
 
 
 @dataclass
@@ -40,7 +45,7 @@ class CounterfactualSettings:
     smooth_sigma: float = 1.0
 
 
-def settings_for_run(method, **overrides: Any) -> CounterfactualSettings:
+def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings:
     """Defaults, then the run's causal-align parameters, then explicit overrides."""
     s = CounterfactualSettings()
     params = getattr(method, "params", None)
@@ -93,8 +98,9 @@ def attribute_change_rates(records: list[dict], names: list[str]) -> dict:
                           for r in rows])) for n in names}}
 
 
-def resolve_autoencoder(run: Path | None, train_images: Tensor, device, path: Path | None,
-                        out: Path, progress=None) -> nn.Module:
+def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.device | str,
+                        path: Path | None, out: Path,
+                        progress: Progress | None = None) -> nn.Module:
     """Latent space: --autoencoder FILE if it exists; else the one a causal-align run kept in
     its checkpoint; else train one on the training images and save it (to FILE if given,
     else OUT/autoencoder.pt) so the next call reuses it."""
@@ -119,11 +125,12 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device, path: Pa
     return ae
 
 
-def export_counterfactuals(model: nn.Module, method, dataset: LesionDataset,
+def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
                            settings: CounterfactualSettings, out: str | Path, *,
-                           limit: int | None = None, device="cpu", batch_size: int = 32,
-                           train_images: Tensor | None = None, autoencoder: nn.Module | None = None,
-                           progress=None) -> dict:
+                           limit: int | None = None, device: torch.device | str = "cpu",
+                           batch_size: int = 32, train_images: Tensor | None = None,
+                           autoencoder: nn.Module | None = None,
+                           progress: Progress | None = None) -> dict:
     """Generate and write counterfactuals for the first ``limit`` samples; returns the summary.
 
     ``train_images`` supply the per-pixel scales of a scaled distance; ``autoencoder`` is

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data.format import LesionDataset
 from ..io import atomic_write_json
 from .base import get_explainer, saliency_map
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
-def export_saliency(model, method, dataset: LesionDataset, saliency: str, out: str | Path,
-                    limit: int | None = None, device="cpu", batch_size: int = 32,
-                    progress=None) -> dict:
+    from ..methods.base import Method
+
+
+def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
+                    out: str | Path, limit: int | None = None,
+                    device: torch.device | str = "cpu", batch_size: int = 32,
+                    progress: Progress | None = None) -> dict:
     """Maps for the predicted class of the first `limit` samples of `dataset`.
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png

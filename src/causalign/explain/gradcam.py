@@ -24,7 +24,8 @@ class GradCAM(Explainer):
         self.upsample = upsample
         self._cam = LayerGradCam(model, self.layer)
 
-    def attribute(self, inputs: Tensor, target=None, create_graph: bool = False) -> Tensor:
+    def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
+                  create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target)
         target = self._target(inputs, target)
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}

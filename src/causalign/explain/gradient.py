@@ -29,7 +29,8 @@ def _input_gradient(model, inputs: Tensor, target: Tensor, create_graph: bool) -
 class GradientSaliency(Explainer):
     """Simonyan et al. 2014 saliency: absolute input gradient of the target logit."""
 
-    def attribute(self, inputs: Tensor, target=None, create_graph: bool = False) -> Tensor:
+    def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
+                  create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target)
         target = self._target(inputs, target)
         if create_graph:
@@ -41,7 +42,8 @@ class GradientSaliency(Explainer):
 class InputXGradientSaliency(Explainer):
     """x ⊙ ∂z_t/∂x (Shrikumar et al. 2016)."""
 
-    def attribute(self, inputs: Tensor, target=None, create_graph: bool = False) -> Tensor:
+    def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
+                  create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target)
         target = self._target(inputs, target)
         if create_graph:

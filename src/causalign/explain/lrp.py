@@ -31,11 +31,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .base import Explainer, check_inputs, register_explainer
+
+if TYPE_CHECKING:
+    from zennit.core import Composite
 
 __all__ = ["LRP", "LRP_VARIANTS", "default_canonizers", "lrp_epsilon_modified_gradient"]
 
@@ -114,7 +118,7 @@ class LRP(Explainer):
         self.low, self.high, self.stabilizer = low, high, stabilizer
         self.canonizers = canonizers
 
-    def composite(self):
+    def composite(self) -> Composite:
         canon = self.canonizers if self.canonizers is not None else default_canonizers(self.model)
         return _composite(self.variant, canon, self.epsilon, self.gamma, self.low, self.high,
                           self.stabilizer)

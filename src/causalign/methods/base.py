@@ -12,12 +12,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, unknown_name
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
+    from ..engine.config import TrainConfig
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -64,13 +68,15 @@ class Method:
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
 
-    def setup(self, train_set, model: nn.Module) -> None:  # noqa: B027 - optional hook
+    def setup(  # noqa: B027 - optional hook
+        self, train_set: LesionDataset, model: nn.Module
+    ) -> None:
         """Fit anything that depends on the training split (statistics, caches)."""
 
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Called by the trainer before each training epoch (1-based), for loss schedules."""
 
-    def build_model(self, cfg, info: DataInfo) -> nn.Module:
+    def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
         from ..errors import CausalignError
         from ..models import VOLUME_MODELS, build_model
 
@@ -84,7 +90,7 @@ class Method:
                                  f"holds 2D images of shape {info.image_shape}")
         return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width)
 
-    def classifier_autocast(self, device) -> Any:
+    def classifier_autocast(self, device: torch.device | str) -> Any:
         """Context for a classifier forward that may run in bf16 when `amp` is on; keep
         counterfactual inner loops, CG and saliency maps outside it (float32)."""
         import contextlib

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,9 @@ from ..explain.counterfactual import (
 )
 from ..implicit import implicit_gradient
 from .base import LossOutput, Method, grad_norm, register_method
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 
 @dataclass
@@ -233,7 +237,7 @@ class CausalAlign(Method):
 
     # ---------------------------------------------------------------- setup / state
 
-    def setup(self, train_set, model: nn.Module) -> None:
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """Per-pixel distance scales and (latent space) the autoencoder, from training data."""
         device = next(model.parameters()).device
         if self.params.distance.startswith("scaled") and self.scale is None:

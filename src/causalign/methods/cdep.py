@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ._annotation import annotation_region
 from .base import LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 _EPS = 1e-20
 
@@ -174,10 +178,10 @@ class CDEP(Method):
     Params = CDEPParams
     uses_annotations = True
 
-    def setup(self, train_set, model: nn.Module) -> None:
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         cd_layers(model)  # unsupported models fail before training starts
 
-    def loss(self, model: nn.Module, batch) -> LossOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
         area, annotated = annotation_region(batch, self.params.region)
         logits = model(x)  # the ordinary forward (updates BatchNorm running statistics)

@@ -23,6 +23,7 @@ only. The three batches go through the model in one forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ._annotation import annotation_region
 from .base import LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 FILLS = ("shuffle", "mean", "blank", "noise")
 
@@ -122,7 +126,7 @@ class Chang(Method):
         super().__init__(params)
         self.generator = torch.Generator().manual_seed(0)
 
-    def setup(self, train_set, model: nn.Module) -> None:
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         self.generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
     def state_dict(self) -> dict:
@@ -132,7 +136,7 @@ class Chang(Method):
         if "generator" in state:
             self.generator.set_state(state["generator"].cpu())
 
-    def loss(self, model: nn.Module, batch) -> LossOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
         y = batch["label"]
         area, annotated = annotation_region(batch, self.params.region)

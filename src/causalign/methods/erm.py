@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .base import LossOutput, Method, register_method
 
@@ -11,7 +11,7 @@ from .base import LossOutput, Method, register_method
 @register_method("erm")
 class ERM(Method):
     plain_forward = True
-    def loss(self, model: nn.Module, batch) -> LossOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         logits = model(self.model_input(batch))
         ce = F.cross_entropy(logits, batch["label"])
         return LossOutput(ce, {"ce": float(ce.detach())})

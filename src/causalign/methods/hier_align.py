@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,10 @@ from ..explain.counterfactual import (
 from .base import DataInfo, LossOutput, Method, grad_norm, register_method
 from .causal_align import CausalAlign, CausalAlignParams
 
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
+    from ..engine.config import TrainConfig
+
 
 class SigmoidCode(nn.Module):
     """'Autoencoder' between attribute probabilities and logits: encode = logit,
@@ -59,7 +64,10 @@ class SigmoidCode(nn.Module):
     def encode(self, a: Tensor) -> Tensor:
         return torch.logit(a.clamp(self.clamp, 1 - self.clamp))
 
-    def decode(self, u: Tensor, shape=None) -> Tensor:  # noqa: ARG002 - generator's signature
+    def decode(
+        self, u: Tensor,
+        shape: tuple[int, int] | None = None,  # noqa: ARG002 - generator's signature
+    ) -> Tensor:
         return u.sigmoid()
 
 
@@ -197,7 +205,7 @@ class HierAlign(Method):
 
     # ---------------------------------------------------------------- model / setup
 
-    def build_model(self, cfg, info: DataInfo) -> nn.Module:
+    def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
         from ..models import HierarchicalModel, MLPHead, build_model
 
         if not info.attributes:
@@ -210,7 +218,7 @@ class HierAlign(Method):
         f2 = MLPHead(p, info.num_classes, hidden=self.params.hidden)
         return HierarchicalModel(f1, f2)
 
-    def setup(self, train_set, model: nn.Module) -> None:
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """CCCE attribution r on the training annotations; pixel-distance statistics."""
         self.pixel.setup(train_set, getattr(model, "f1", model))
         self.fit_attribution(train_set.attributes, train_set.labels)

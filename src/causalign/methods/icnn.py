@@ -9,14 +9,18 @@ constraint).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.icnn import ICNN, filter_loss
 from .base import DataInfo, LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from ..engine.config import TrainConfig
 
 
 @dataclass
@@ -34,14 +38,14 @@ class ICNNParams:
 class ICNNMethod(Method):
     Params = ICNNParams
 
-    def build_model(self, cfg, info: DataInfo) -> nn.Module:
+    def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
         if len(info.image_shape) != 3:
             raise ConfigError("icnn takes 2D images (C, H, W)")
         model = ICNN(info.in_channels, info.num_classes, width=cfg.width)
         model.interpretable.beta = self.params.beta
         return model
 
-    def loss(self, model: nn.Module, batch) -> LossOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
         y = batch["label"]
         layer = model.interpretable

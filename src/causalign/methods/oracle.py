@@ -42,7 +42,7 @@ class Oracle(Method):
         region = region.where(annotated, region.new_ones(()))
         return x * region
 
-    def loss(self, model: nn.Module, batch) -> LossOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         logits = model(self.model_input(batch))
         ce = F.cross_entropy(logits, batch["label"])
         return LossOutput(ce, {"ce": float(ce.detach())})

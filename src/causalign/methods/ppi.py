@@ -234,7 +234,8 @@ def contrast_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return (torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)).mean()
 
 
-def derangement(n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+def derangement(n: int, device: torch.device | str | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
     """A random permutation π with π(i) ≠ i (n ≥ 2): shuffle, then map each to its successor."""
     order = torch.randperm(n, generator=generator)
     perm = torch.empty(n, dtype=torch.long)

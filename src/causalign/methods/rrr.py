@@ -99,7 +99,7 @@ class RRR(Method):
     Params = RRRParams
     uses_annotations = True
 
-    def loss(self, model: nn.Module, batch) -> LossOutput:
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
         logits = model(x)  # ordinary forward: CE and BatchNorm running statistics
         ce = F.cross_entropy(logits, batch["label"])

@@ -32,7 +32,7 @@ TAU_SCALE = 0.5
 BETA = 4.0
 
 
-def part_templates(n: int, beta: float = BETA, device=None) -> Tensor:
+def part_templates(n: int, beta: float = BETA, device: torch.device | str | None = None) -> Tensor:
     """(n², n, n) positive templates T_μ / τ = max(1 − β‖(i,j) − μ‖₁ / n, −1)."""
     ii, jj = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device),
                             indexing="ij")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 from ..data.format import LesionDataset
 from ..engine.evaluate import VOLUME_UNSUPPORTED
 from ..explain import explainer_names, get_explainer, saliency_map
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
 
 
 def saliency_names(volumes: bool = False) -> list[str]:
@@ -32,7 +36,7 @@ def compute_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     return out
 
 
-def saliency_comparison(model: nn.Module, method, dataset: LesionDataset, path: str | Path,
+def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset, path: str | Path,
                         names: Sequence[str] | None = None, limit: int = 6,
                         device: torch.device | str = "cpu") -> dict:
     """Write a figure: rows = the first `limit` cases, columns = the input (lesion box in red)

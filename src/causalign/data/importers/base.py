@@ -20,13 +20,16 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ...errors import DataError
 from ..format import DatasetMeta
 from .util import SkipItem
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 SHORTCUTS = ("none", "plus-minus", "intensity")
 IMAGE_FORMATS = ("png", "npy")
@@ -142,13 +145,13 @@ class Importer:
         target = self.unit_notes if self.unit_notes is not None else self.notes
         target[what] = target.get(what, 0) + n
 
-    def task(self, description: str, total: int | None):
+    def task(self, description: str, total: int | None) -> TaskID | None:
         """A progress-bar task (or None without a progress display)."""
         if self.progress is None:
             return None
         return self.progress.add_task(description, total=total)
 
-    def advance(self, task) -> None:
+    def advance(self, task: TaskID | None) -> None:
         if task is not None:
             self.progress.advance(task)
 

@@ -40,6 +40,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def find_grades(src: Path, subjects: dict[str, dict[str, Path]]) -> dict[str, st
     return grades
 
 
-def load_volume(nib, path: Path) -> np.ndarray:
+def load_volume(nib: ModuleType, path: Path) -> np.ndarray:
     """A NIfTI volume in RAS orientation as float32 (x, y, z)."""
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
