@@ -207,6 +207,18 @@ class _NaNForFirst(nn.Module):
         return out + bad
 
 
+def test_non_finite_x0_is_an_input_error_not_a_divergence(trained):
+    from causalign.errors import InputError
+
+    model, ds = trained
+    x = ds.images[:4].clone()
+    x[2, 0, 3, 3] = float("inf")
+    gen = CounterfactualGenerator(model, alpha=0.01, steps=5, lr=0.02)
+    # Before the check this returned x* = x0 for sample 2 (inf kept) flagged as diverged.
+    with pytest.raises(InputError, match="x0 holds 1 NaN/inf value"):
+        gen.generate(x, target=torch.tensor([1, 0, 1, 0]))
+
+
 def test_divergence_is_reset_and_flagged(trained):
     model, ds = trained
     x = ds.images[:4]

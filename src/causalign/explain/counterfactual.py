@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 __all__ = [
     "DISTANCES", "OPTIMIZERS", "SPACES", "CounterfactualGenerator", "CounterfactualResult",
@@ -494,6 +494,10 @@ class CounterfactualGenerator:
         NaN/inf is reset to x0 and flagged in ``diverged``; it never poisons others.
         """
         x0 = x0.detach()
+        n_bad = int((~torch.isfinite(x0)).sum())
+        if n_bad:  # a non-finite x0 would come back as a NaN "counterfactual" flagged diverged
+            raise InputError(f"x0 holds {n_bad} NaN/inf value(s); no counterfactual of a "
+                             f"non-finite image")
         if target is None:
             target, valid = self.targets(x0, labels)
             if not bool(valid.all()):
