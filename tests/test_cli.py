@@ -43,6 +43,20 @@ def test_train_evaluate_explain(tiny_data, tmp_path, capsys):
     assert len(list((tmp_path / "ex" / "overlays").glob("*.png"))) == 3
     assert (tmp_path / "ex" / "grid.png").stat().st_size > 1000
 
+    # A dataset the run's model does not fit (three classes): one line, not a traceback.
+    import shutil
+
+    import yaml
+
+    other = tmp_path / "three_classes"
+    shutil.copytree(tiny_data, other)
+    meta = yaml.safe_load((other / "dataset.yaml").read_text())
+    meta["classes"] = [*meta["classes"], "extra"]
+    (other / "dataset.yaml").write_text(yaml.safe_dump(meta))
+    rc, _, err = _run(capsys, "evaluate", str(run), "--data", str(other))
+    _assert_user_error(rc, err, "does not fit the run's model (3 classes, 1 channel(s)")
+    assert "classifier" in err and "(2, " in err and "(3, " in err
+
 
 def test_bench_step_prints_contract(capsys):
     rc, out, err = _run(capsys, "bench", "step", "--method", "oracle", "--size", "32",

@@ -592,7 +592,28 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
     method = build_method(cfg.method, cfg.method_args)
     weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT
     state = load_checkpoint(weights, map_location=dev)
-    model = method.build_model(cfg, data_info_from_disk(data_path)).to(dev)
-    model.load_state_dict(state["model"])
+    info = data_info_from_disk(data_path)
+    model = method.build_model(cfg, info).to(dev)
+    _load_run_weights(model, state["model"], weights, data_path, info)
     model.eval()
     return cfg, model, method, data_path
+
+
+def _load_run_weights(model: nn.Module, state: dict[str, Tensor], weights: Path,
+                      data_path: Path, info: DataInfo) -> None:
+    """load_state_dict, with a one-line user error when the dataset does not fit the model
+    (another class count, channel count or attribute list than the run was trained on)."""
+    current = model.state_dict()
+    differ = [f"{k} {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in state.items()
+              if k in current and current[k].shape != v.shape]
+    if differ:
+        more = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+        raise CausalignError(
+            f"{data_path}: does not fit the run's model ({info.num_classes} classes, "
+            f"{info.in_channels} channel(s), {len(info.attributes)} attribute(s) here); "
+            f"parameter shapes differ, checkpoint vs this data: {differ[0]}{more}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # other parameter names: not this run's architecture
+        raise CausalignError(f"{weights}: does not match the run's model "
+                             f"({str(exc).splitlines()[0]})") from exc
