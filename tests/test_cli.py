@@ -185,3 +185,26 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
 def test_bare_group_prints_help_without_an_error_line(capsys):
     rc, out, err = _run(capsys, "data")
     assert rc == 2 and "synth" in out and "error" not in err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["demo", "--methods", "erm,foo"], "unknown method 'foo'; valid: "),
+    (["demo", "--methods", ","], "--methods names no method"),
+    (["demo", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["bench", "step", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["bench", "step", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["data", "synth", "{tmp}/d", "--label-noise", "-1"], "--label-noise must be a finite σ"),
+])
+def test_demo_bench_and_synth_reject_bad_settings_before_any_work(tmp_path, capsys, argv,
+                                                                   needle):
+    # Before: `demo --methods foo` generated the data and exited 0 with a "skipped" table,
+    # `--seeds 0` silently ran one seed, `bench step --steps 0` and a negative label noise
+    # ended in tracebacks, and `--batch-size 0` timed empty batches.
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    out = tmp_path / "demo"
+    if argv[0] == "demo":
+        argv += ["--out", str(out)]
+    rc, _, err = _run(capsys, *argv)
+    _assert_user_error(rc, err, needle)
+    assert rc == 2 and not out.exists() and not (tmp_path / "d").exists()

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from .engine.benchmark import MethodSpec, load_suite, run_suite
+from .errors import ConfigError
 from .io import atomic_write_text
+from .methods.base import method_class
 
 
 def run_demo(out: str | Path, methods: list[str] | None = None, seeds: int = 1,
@@ -23,13 +25,22 @@ def run_demo(out: str | Path, methods: list[str] | None = None, seeds: int = 1,
     ``methods`` replaces the suite's method list (each keeps the suite's settings when it
     has some); ``epochs`` overrides every run's epoch count; ``seeds`` runs seeds 0…n−1."""
     out = Path(out)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    if methods is not None:
+        if not methods:
+            raise ConfigError("--methods names no method")
+        for m in methods:  # the suite runner skips unknown methods; a demo typo is an error
+            method_class(m)
     t0 = time.perf_counter()
     suite = load_suite("demo")
     exp = suite.experiments[0]
     if methods is not None:
         known = {m.name: m for m in exp.methods}
         exp.methods = [known.get(m, MethodSpec(m, m)) for m in methods]
-    exp.seeds = list(range(max(1, seeds)))
+    exp.seeds = list(range(seeds))
     extra = {"epochs": epochs} if epochs is not None else None
     results = run_suite(suite, out, extra=extra, progress=progress, report=True,
                         log=lambda s: None)
@@ -42,8 +53,9 @@ def run_demo(out: str | Path, methods: list[str] | None = None, seeds: int = 1,
     tables = (out / "tables.md").read_text()
     elapsed = time.perf_counter() - t0
     runs = results["runs"]
-    problems = [f"- {r['key']}: {r['status']} — {r.get('error') or r.get('reason')}"
-                for r in runs if r["status"] != "done"]
+    problems = [line for r in runs if r["status"] != "done"
+                if (line := f"- {r['key']}: {r['status']} — {r.get('error') or r.get('reason')}")
+                not in tables]  # tables.md already lists the skipped runs it knows of
     summary = (f"{tables}\n" + ("\n".join(problems) + "\n\n" if problems else "") +
                f"report: {results.get('report')}\nexamples: {examples}\n"
                f"runs: {out / 'runs'}\nresults: {out / 'results.csv'}\n"

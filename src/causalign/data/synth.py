@@ -77,6 +77,8 @@ class SynthConfig:
             raise DataError(f"--depth must be >= 1, got {self.depth}")
         if self.depth not in (1,) and self.depth < 4:
             raise DataError(f"--depth {self.depth}: volumes need at least 4 slices")
+        if not 0 <= self.label_noise < float("inf"):  # also rejects NaN
+            raise DataError(f"--label-noise must be a finite σ >= 0, got {self.label_noise}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..errors import ConfigError
 from ..methods.base import DataInfo, build_method
 from .config import TrainConfig
 from .trainer import resolve_device
@@ -60,6 +61,10 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
                warmup: int = 2, device: str = "auto", model: str = "cnn7",
                method_args: dict | None = None) -> dict:
     """Median seconds per training step for `method` and for ERM, same process and batch."""
+    for name, value, least in (("size", size, 8), ("batch_size", batch_size, 1),
+                               ("steps", steps, 1), ("warmup", warmup, 0)):
+        if value < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     dev = resolve_device(device)
     cfg = TrainConfig(method=method, model=model)
     info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, size, size),
