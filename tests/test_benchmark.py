@@ -232,3 +232,36 @@ def test_quick_suite_runs_every_method(tmp_path):
     bad = [(r["key"], r.get("error")) for r in results["runs"] if r["status"] == "failed"]
     assert not bad
     assert (tmp_path / "q" / "report.html").exists()
+
+
+def test_cli_benchmark_fails_fast_on_bad_suites_and_exits_nonzero_on_failed_runs(tmp_path,
+                                                                                   capsys):
+    def write(suite: dict) -> str:
+        p = tmp_path / "s.yaml"
+        p.write_text(yaml.safe_dump(suite))
+        return str(p)
+
+    tiny = {"n_train": 8, "n_val": 4, "n_test": 4, "size": 32}
+    exp = {"datasets": ["d"], "methods": ["erm"], "seeds": [0]}
+    # Bad generator settings and an empty seed list fail at load, before any dataset or run.
+    for suite, needle in [
+        ({"datasets": {"d": {"synth": {"bogus": 1}}}, "experiments": {"e": exp}},
+         "dataset 'd': unknown synth setting(s) bogus; valid: n_train"),
+        ({"datasets": {"d": {"synth": {**tiny, "label_noise": -1}}}, "experiments": {"e": exp}},
+         "dataset 'd': --label-noise must be a finite σ >= 0"),
+        ({"datasets": {"d": {"synth": tiny}}, "experiments": {"e": {**exp, "seeds": []}}},
+         "experiment 'e': seeds is empty"),
+    ]:
+        out = tmp_path / "o1"
+        assert main(["benchmark", write(suite), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+        assert not out.exists()
+    # A run that fails is recorded, every output is written, and the exit code says so.
+    out = tmp_path / "o2"
+    suite = {"datasets": {"d": {"path": str(tmp_path / "missing")}}, "experiments": {"e": exp}}
+    assert main(["benchmark", write(suite), "--out", str(out), "--no-progress",
+                 "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "error: 1 of 1 runs failed, e.g. d/erm/seed0: DataError:" in err
+    assert (out / "tables.md").exists() and (out / "runs/d/erm/seed0/error.txt").exists()

@@ -521,6 +521,16 @@ def benchmark(
     typer.echo((out / "tables.md").read_text())
     typer.echo(f"results: {out / 'results.csv'}" +
                (f"\nreport: {results['report']}" if results.get("report") else ""))
+    _fail_on_failed_runs(results["runs"], out)
+
+
+def _fail_on_failed_runs(runs: list[dict], out: Path) -> None:
+    """Exit non-zero (after every output is written) when a run failed, so scripts notice."""
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        first = failed[0]
+        raise CausalignError(f"{len(failed)} of {len(runs)} runs failed, e.g. {first['key']}: "
+                             f"{first.get('error')} (tracebacks: {out}/runs/<run>/error.txt)")
 
 
 @app.command()
@@ -537,6 +547,7 @@ def demo(
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     report = run_demo(out, methods=names, seeds=seeds, epochs=epochs)
     typer.echo(report)
+    _fail_on_failed_runs(json.loads((out / "results.json").read_text())["runs"], out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ DIR/results.csv, DIR/tables.md and (by default) DIR/report.html.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..data.format import META
-from ..errors import ConfigError
+from ..errors import CausalignError, ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from ..report.tables import mean_std
 from .config import TrainConfig, apply_overrides
@@ -52,6 +53,8 @@ from .progress import progress_bar
 
 if TYPE_CHECKING:
     from rich.progress import Progress
+
+    from ..data.synth import SynthConfig
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 ROW_KEYS = ("method", "dataset", "setting")
@@ -138,6 +141,8 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         if not isinstance(spec, dict) or len(set(spec) & {"synth", "path"}) != 1:
             raise ConfigError(f"suite {name}: dataset '{dname}' needs exactly one of "
                               f"'synth' or 'path'")
+        if "synth" in spec:  # bad generator settings fail now, not when the first run needs them
+            _synth_config(dname, spec["synth"])
     defaults = raw.get("defaults") or {}
     apply_overrides(TrainConfig(), defaults)  # unknown keys fail now, not after hours
     exps_raw = raw.get("experiments") or {}
@@ -173,6 +178,8 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         if not ds or not methods:
             raise ConfigError(f"experiment '{ename}': needs datasets and methods")
         seeds = [int(s) for s in _as_list(e.get("seeds", [0]), f"{ename}.seeds")]
+        if not seeds:
+            raise ConfigError(f"experiment '{ename}': seeds is empty (omit it for seed 0)")
         settings = e.get("settings") or {"default": {}}
         if not isinstance(settings, dict) or not all(isinstance(v, dict) or v is None
                                                      for v in settings.values()):
@@ -299,20 +306,34 @@ def prepare_dataset(suite: Suite, name: str, out: Path, progress: Progress | Non
     if "path" in spec:
         p = Path(spec["path"])
         return p if p.is_absolute() else (suite.root / p)
-    from ..data.synth import SynthConfig, generate
+    from ..data.synth import generate
 
     root = out / "data" / _slug(name)
     if (root / META).exists():
         return root
     if root.exists():  # an interrupted generation: start it again
         shutil.rmtree(root)
-    try:
-        cfg = SynthConfig(**(spec["synth"] or {}))
-    except TypeError as exc:
-        raise ConfigError(f"dataset '{name}': {exc}") from None
-    cfg.validate()
-    generate(root, cfg, progress=progress)
+    generate(root, _synth_config(name, spec["synth"]), progress=progress)
     return root
+
+
+def _synth_config(name: str, settings: dict | None) -> SynthConfig:
+    """The validated generator settings of a suite's synthetic dataset."""
+    from ..data.synth import SynthConfig
+
+    if settings is not None and not isinstance(settings, dict):
+        raise ConfigError(f"dataset '{name}': synth settings must be a mapping")
+    valid = [f.name for f in dataclasses.fields(SynthConfig)]
+    unknown = sorted(set(settings or {}) - set(valid))
+    if unknown:
+        raise ConfigError(f"dataset '{name}': unknown synth setting(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(valid)}")
+    cfg = SynthConfig(**(settings or {}))
+    try:
+        cfg.validate()
+    except CausalignError as exc:
+        raise ConfigError(f"dataset '{name}': {exc}") from None
+    return cfg
 
 
 def _load_json(path: Path) -> dict | None:
