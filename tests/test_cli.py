@@ -208,3 +208,26 @@ def test_demo_bench_and_synth_reject_bad_settings_before_any_work(tmp_path, caps
     rc, _, err = _run(capsys, *argv)
     _assert_user_error(rc, err, needle)
     assert rc == 2 and not out.exists() and not (tmp_path / "d").exists()
+
+
+def test_ctrl_c_exits_130_with_a_message_and_keeps_the_checkpoint(tiny_data, tmp_path):
+    # typer >= 0.26 returns Ctrl-C as exit code 130 instead of raising KeyboardInterrupt;
+    # main() used to drop that code, so an interrupted run exited 0 and silently.
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "causalign", "train", str(tiny_data),
+                             "--out", str(run), "--epochs", "500", "--set", "width=4",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()

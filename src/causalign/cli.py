@@ -558,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         from click.exceptions import ClickException
 
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, typer >= 0.26 turns Ctrl-C into a returned exit code (130)
+        # instead of raising; older versions raise KeyboardInterrupt (handled below).
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                typer.echo("interrupted", err=True)
+            return code
     except CausalignError as exc:
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return 2
