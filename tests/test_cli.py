@@ -231,3 +231,14 @@ def test_ctrl_c_exits_130_with_a_message_and_keeps_the_checkpoint(tiny_data, tmp
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+
+
+def test_an_output_path_the_os_refuses_is_one_line(tiny_data, tmp_path, capsys):
+    # A folder asked for under a regular file: NotADirectoryError used to end in a traceback.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc, _, err = _run(capsys, "train", str(tiny_data), "--out", str(blocker / "run"),
+                      "--epochs", "1", "--no-progress")
+    _assert_user_error(rc, err, f"{blocker / 'run'}: Not a directory")
+    rc, _, err = _run(capsys, "data", "synth", str(blocker / "d"), "--n-train", "4")
+    _assert_user_error(rc, err, f"{blocker / 'd'}: Not a directory")

@@ -580,6 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except OSError as exc:
+        if exc.errno is None or os.environ.get("CAUSALIGN_TRACEBACK"):
+            raise  # not the operating system refusing a path: a bug, keep its traceback
+        # an output folder under a file, a missing or read-only location, a full disk
+        where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        typer.echo(f"error: {_one_line(where + ': ' if where else '')}{exc.strerror}",
+                   err=True)
+        return 2
     return 0
 
 
