@@ -57,6 +57,16 @@ def test_train_evaluate_explain(tiny_data, tmp_path, capsys):
     _assert_user_error(rc, err, "does not fit the run's model (3 classes, 1 channel(s)")
     assert "classifier" in err and "(2, " in err and "(3, " in err
 
+    # The run's own dataset moved away: the error says how to point at it.
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"] = str(tmp_path / "moved_away")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc, _, err = _run(capsys, "evaluate", str(run))
+    _assert_user_error(rc, err, "moved_away: the run's dataset folder does not exist (moved? "
+                                "pass --data DIR)")
+    rc, out, err = _run(capsys, "evaluate", str(run), "--data", str(tiny_data))
+    assert rc == 0 and json.loads(out)["n"] > 0, err
+
 
 def test_bench_step_prints_contract(capsys):
     rc, out, err = _run(capsys, "bench", "step", "--method", "oracle", "--size", "32",

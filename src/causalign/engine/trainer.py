@@ -587,6 +587,9 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
         raise CausalignError(f"{cfg_path}: missing (not a causalign run folder)")
     raw = yaml.safe_load(cfg_path.read_text()) or {}
     data_path = Path(data) if data is not None else Path(raw.get("data", ""))
+    if data is None and not data_path.is_dir():
+        raise CausalignError(f"{data_path}: the run's dataset folder does not exist (moved? "
+                             f"pass --data DIR)")
     cfg = stored_config(run)
     dev = resolve_device(device)
     method = build_method(cfg.method, cfg.method_args)
