@@ -252,3 +252,29 @@ def test_an_output_path_the_os_refuses_is_one_line(tiny_data, tmp_path, capsys):
     _assert_user_error(rc, err, f"{blocker / 'run'}: Not a directory")
     rc, _, err = _run(capsys, "data", "synth", str(blocker / "d"), "--n-train", "4")
     _assert_user_error(rc, err, f"{blocker / 'd'}: Not a directory")
+
+
+@pytest.mark.parametrize("method", ["oracle", "causal-align", "rrr", "cdep", "chang"])
+def test_annotation_methods_refuse_a_training_split_without_any_annotation(
+        tiny_data, tmp_path, capsys, method):
+    import shutil
+
+    data = tmp_path / "no_masks"
+    shutil.copytree(tiny_data, data)
+    lines = (data / "manifest.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    blank = [head.index(c) for c in ("mask", "box_x0", "box_y0", "box_x1", "box_y1")]
+    rows = [line.split(",") for line in lines[1:]]
+    for r in rows:
+        for i in blank:
+            r[i] = ""
+    (data / "manifest.csv").write_text("\n".join([lines[0], *map(",".join, rows)]) + "\n")
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, "train", str(data), "--method", method, "--out", str(run),
+                      "--epochs", "1", "--set", "width=4", "--no-progress")
+    _assert_user_error(rc, err, f"method '{method}' learns from lesion masks or boxes, but "
+                                f"none of the 48 training samples has one")
+    assert not run.exists()
+    # ERM on the same data trains.
+    assert _run(capsys, "train", str(data), "--out", str(run), "--epochs", "1", "--set",
+                "width=4", "--no-progress")[0] == 0

@@ -194,6 +194,12 @@ class Trainer:
         # run before hours of training, not after. Peak memory is unchanged, since the final
         # evaluation holds all three splits anyway.
         self.test_set = _optional_split(self.data, "test")
+        if self.method.uses_annotations and not bool(self.train_set.has_box_or_mask.any()):
+            # Every sample would skip the annotation term: the run would be ERM under
+            # another name, and a results table would not show it.
+            raise CausalignError(f"method '{self.cfg.method}' learns from lesion masks or "
+                                 f"boxes, but none of the {len(self.train_set)} training "
+                                 f"samples has one (use erm, or annotate the data)")
         self.info = data_info(self.train_set)
         self.model = self.method.build_model(self.cfg, self.info)
         if self.dist.enabled and self.cfg.sync_bn:

@@ -54,7 +54,8 @@ class Method:
 
     name: str = "base"
     Params: type = NoParams
-    # Does the method need annotations (masks/boxes) at training time?
+    # Does the method need annotations (masks/boxes) at training time? The trainer refuses
+    # such a method on a training split without any: it would silently train as ERM.
     uses_annotations: bool = False
     # True when the loss is only forward passes of the classifier (no torch.autograd.grad,
     # no double backward, no access to its submodules) and the trainer's backward() makes

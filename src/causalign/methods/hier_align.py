@@ -190,7 +190,8 @@ def _trainable(module: nn.Module) -> list[Tensor]:
 @register_method("hier-align")
 class HierAlign(Method):
     Params = HierAlignParams
-    uses_annotations = True
+    # Masks/boxes are optional: without any, only the attribute level (Eq. 6) aligns.
+    uses_annotations = False
 
     def __init__(self, params: HierAlignParams | None = None) -> None:
         super().__init__(params)
