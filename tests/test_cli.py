@@ -221,7 +221,7 @@ def test_demo_bench_and_synth_reject_bad_settings_before_any_work(tmp_path, caps
 
 
 def test_ctrl_c_exits_130_with_a_message_and_keeps_the_checkpoint(tiny_data, tmp_path):
-    # typer >= 0.26 returns Ctrl-C as exit code 130 instead of raising KeyboardInterrupt;
+    # Recent typer (0.29 here) returns Ctrl-C as exit code 130 instead of raising;
     # main() used to drop that code, so an interrupted run exited 0 and silently.
     import signal
     import time

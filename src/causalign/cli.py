@@ -552,13 +552,13 @@ def demo(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors → one line on stderr and exit code 2, no traceback."""
-    try:  # typer >= 0.26 vendors click; its parser raises these instead of click's own
+    try:  # recent typer (0.29 here) vendors click; its parser raises these, not click's
         from typer._click.exceptions import ClickException
     except ImportError:
         from click.exceptions import ClickException
 
     try:
-        # Without standalone mode, typer >= 0.26 turns Ctrl-C into a returned exit code (130)
+        # Without standalone mode, recent typer turns Ctrl-C into a returned exit code (130)
         # instead of raising; older versions raise KeyboardInterrupt (handled below).
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code != 0:
