@@ -204,5 +204,13 @@ def test_init_errors_name_the_problem(tiny_data, tmp_path):
               progress=False)
     src = tmp_path / "src"
     train(tiny_data, _cfg(epochs=1, width=8), src, progress=False)
-    with pytest.raises(CausalignError, match="does not fit this model"):
+    # width 8 vs the default: same names, other shapes; the message names one and counts
+    with pytest.raises(CausalignError, match=r"does not fit this model \(parameter shapes "
+                       r"differ, checkpoint vs model: features\.0\.weight \(8, 1, 3, 3\) vs "
+                       r"\(\d+, 1, 3, 3\) and \d+ more\)"):
         train(tiny_data, _cfg(epochs=1, init=str(src)), tmp_path / "b", progress=False)
+    # another architecture: the names differ
+    with pytest.raises(CausalignError, match=r"parameter names differ: missing .* and \d+ "
+                                             r"more; unexpected .* and \d+ more"):
+        train(tiny_data, _cfg(epochs=1, init=str(src), model="resnet18"), tmp_path / "c",
+              progress=False)

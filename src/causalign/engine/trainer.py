@@ -116,8 +116,12 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     if not path.exists():
         raise CausalignError(f"init: {source}: no checkpoint there (a run folder or a .pt file)")
     state = load_checkpoint(path)
+    weights = state["model"] if "model" in state else state
+    problem = state_dict_mismatch(model, weights) if isinstance(weights, dict) else None
+    if problem is not None:
+        raise CausalignError(f"init: {path} does not fit this model ({problem[1]})")
     try:
-        model.load_state_dict(state["model"] if "model" in state else state)
+        model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CausalignError(f"init: {path} does not fit this model ({first})") from None
@@ -608,21 +612,39 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
     return cfg, model, method, data_path
 
 
+def state_dict_mismatch(model: nn.Module, state: dict[str, Tensor]) -> tuple[str, str] | None:
+    """Why `state` cannot load into `model`, as (kind, first example + count), or None.
+
+    kind is "shape" (same names, other shapes: e.g. another class count) or "names" (another
+    architecture). load_state_dict's own message spans dozens of lines."""
+    current = model.state_dict()
+
+    def first(items: list[str]) -> str:
+        return items[0] + (f" and {len(items) - 1} more" if len(items) > 1 else "")
+
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in state.items()
+              if k in current and hasattr(v, "shape") and current[k].shape != v.shape]
+    if shapes:
+        return "shape", f"parameter shapes differ, checkpoint vs model: {first(shapes)}"
+    missing = [k for k in current if k not in state]
+    unexpected = [k for k in state if k not in current]
+    if missing or unexpected:
+        parts = ([f"missing {first(missing)}"] if missing else []) + (
+            [f"unexpected {first(unexpected)}"] if unexpected else [])
+        return "names", f"parameter names differ: {'; '.join(parts)}"
+    return None
+
+
 def _load_run_weights(model: nn.Module, state: dict[str, Tensor], weights: Path,
                       data_path: Path, info: DataInfo) -> None:
     """load_state_dict, with a one-line user error when the dataset does not fit the model
     (another class count, channel count or attribute list than the run was trained on)."""
-    current = model.state_dict()
-    differ = [f"{k} {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in state.items()
-              if k in current and current[k].shape != v.shape]
-    if differ:
-        more = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+    problem = state_dict_mismatch(model, state)
+    if problem is not None and problem[0] == "shape":
         raise CausalignError(
             f"{data_path}: does not fit the run's model ({info.num_classes} classes, "
             f"{info.in_channels} channel(s), {len(info.attributes)} attribute(s) here); "
-            f"parameter shapes differ, checkpoint vs this data: {differ[0]}{more}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # other parameter names: not this run's architecture
-        raise CausalignError(f"{weights}: does not match the run's model "
-                             f"({str(exc).splitlines()[0]})") from exc
+            f"{problem[1]}")
+    if problem is not None:  # not this run's architecture
+        raise CausalignError(f"{weights}: does not match the run's model ({problem[1]})")
+    model.load_state_dict(state)
