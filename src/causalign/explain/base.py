@@ -54,17 +54,22 @@ def check_inputs(inputs: Tensor, target: Tensor | int | None = None) -> None:
     if inputs.dim() < 2 or inputs.shape[0] == 0:
         raise InputError(f"inputs must be a non-empty batch (N, C, *spatial), got shape "
                          f"{tuple(inputs.shape)}")
-    n_bad = int((~torch.isfinite(inputs.detach())).sum())
-    if n_bad:
-        raise InputError(f"inputs hold {n_bad} NaN/inf value(s); a saliency map of a "
-                         f"non-finite image is undefined")
+    counts = [(~torch.isfinite(inputs.detach())).sum()]
     if isinstance(target, Tensor):
         if target.dim() > 1 or target.numel() not in (1, inputs.shape[0]):
             raise InputError(f"target must hold one class per input ({inputs.shape[0]}), got "
                              f"shape {tuple(target.shape)}")
-        if target.is_floating_point() or (target < 0).any():
+        if target.is_floating_point():
             raise InputError("target must hold non-negative integer class indices")
-    elif isinstance(target, int) and target < 0:
+        counts.append((target < 0).sum().to(counts[0].device))
+    # One device sync for both counts: attribute() runs inside training steps (PPI).
+    n_bad, n_negative = (torch.stack(counts).tolist() + [0])[:2]
+    if n_bad:
+        raise InputError(f"inputs hold {n_bad} NaN/inf value(s); a saliency map of a "
+                         f"non-finite image is undefined")
+    if n_negative:
+        raise InputError("target must hold non-negative integer class indices")
+    if isinstance(target, int) and target < 0:
         raise InputError(f"target class must be >= 0, got {target}")
 
 
