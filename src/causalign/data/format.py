@@ -71,14 +71,37 @@ class DatasetMeta:
                 raise DataError(f"{where}: missing key '{key}'")
         if not isinstance(d["classes"], list) or len(d["classes"]) < 2:
             raise DataError(f"{where}: 'classes' must list at least two class names")
-        return cls(
-            name=str(d["name"]),
-            classes=[str(c) for c in d["classes"]],
-            attributes=[str(a) for a in d.get("attributes") or []],
-            ndim=int(d.get("ndim", 2)),
-            channels=int(d.get("channels", 1)),
-            info=dict(d.get("info") or {}),
-        )
+        # dataset.yaml is often edited by hand: check every value's type here, so a typo is
+        # one line naming the key, not a traceback (or a str iterated letter by letter)
+        classes = _names(d["classes"], "classes", where)
+        attributes = _names(d.get("attributes") or [], "attributes", where)
+        ndim, channels = d.get("ndim", 2), d.get("channels", 1)
+        if isinstance(ndim, bool) or ndim not in (2, 3):
+            raise DataError(f"{where}: 'ndim' must be 2 or 3 (spatial dimensions), got {ndim!r}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise DataError(f"{where}: 'channels' must be a positive integer, got {channels!r}")
+        info = d.get("info") or {}
+        if not isinstance(info, dict):
+            raise DataError(f"{where}: 'info' must be a mapping, got {type(info).__name__}")
+        if d["name"] is None or isinstance(d["name"], (list, dict)):
+            raise DataError(f"{where}: 'name' must be a string, got {d['name']!r}")
+        return cls(name=str(d["name"]), classes=classes, attributes=attributes,
+                   ndim=int(ndim), channels=channels, info=dict(info))
+
+
+def _names(value: object, key: str, where: str) -> list[str]:
+    """A list of distinct, non-empty scalar names (class or attribute names)."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: '{key}' must be a list of names, got {value!r}")
+    names = []
+    for v in value:
+        if v is None or isinstance(v, (list, dict)) or not str(v).strip():
+            raise DataError(f"{where}: '{key}' entry {v!r} is not a name")
+        names.append(str(v).strip())
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{where}: '{key}' lists {', '.join(dup)} more than once")
+    return names
 
 
 @dataclass
@@ -113,6 +136,7 @@ class DatasetWriter:
         self.meta = meta
         self.image_format = image_format
         self.rows: list[SampleRecord] = []
+        self._ids: set[str] = set()
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         (self.root / "masks").mkdir(parents=True, exist_ok=True)
 
@@ -128,7 +152,24 @@ class DatasetWriter:
         sample_id: str | None = None,
     ) -> SampleRecord:
         sid = sample_id if sample_id is not None else f"{len(self.rows):06d}"
+        # checked before any file is written: a repeated id would overwrite the earlier
+        # sample's image, and a bad split/label would only fail when the dataset is read
+        if not sid or sid in (".", "..") or "/" in sid or "\\" in sid:
+            raise DataError(f"sample id '{sid}' is not usable as a file name")
+        if sid in self._ids:
+            raise DataError(f"sample id '{sid}' added twice")
+        if split not in SPLITS:
+            raise DataError(f"sample {sid}: split '{split}' is not one of {', '.join(SPLITS)}")
+        if not 0 <= int(label) < len(self.meta.classes):
+            raise DataError(f"sample {sid}: label {label} outside the declared classes "
+                            f"0..{len(self.meta.classes) - 1}")
+        image = np.asarray(image)
         fmt = self.image_format if image.ndim == 2 or self.image_format == "npy" else "npy"
+        if fmt == "png" and image.dtype.kind == "f" and not np.isfinite(image).all():
+            # a PNG would store NaN as 0 without a word (np.clip keeps NaN, uint8 casts it);
+            # NPY keeps the NaN, which the reader reports
+            raise DataError(f"sample {sid}: {int((~np.isfinite(image)).sum())} NaN/inf "
+                            f"pixel value(s)")
         img_rel = f"images/{sid}.{fmt}"
         save_array(self.root / img_rel, image, fmt)
         mask_rel = None
@@ -145,6 +186,7 @@ class DatasetWriter:
             attributes=[float(a) for a in attrs],
         )
         self.rows.append(rec)
+        self._ids.add(sid)
         return rec
 
     def close(self) -> None:
@@ -199,12 +241,16 @@ def read_meta(root: str | Path) -> DatasetMeta:
     if not path.exists():
         raise DataError(f"{path}: missing ({root} is not a causalign dataset; "
                         f"create one with `causalign data synth` or `causalign data import`)")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        d = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # -sig: editors' BOM
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a mapping")
     return DatasetMeta.from_dict(d, str(path))
@@ -217,17 +263,43 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
     path = root / MANIFEST
     if not path.exists():
         raise DataError(f"{path}: missing")
-    with open(path, newline="", encoding="utf-8") as fh:
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    # utf-8-sig: a manifest saved by a spreadsheet starts with a BOM, which would otherwise
+    # become part of the first column's name ("missing column id" while 'id' is there)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         try:
-            reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
+            reader = csv.reader(fh)
+            cols = [c.strip() for c in next(reader, [])]
             missing = [c for c in ("id", "split", "label", "image") if c not in cols]
             missing += [f"attr_{a}" for a in meta.attributes if f"attr_{a}" not in cols]
             if missing:
                 raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+            dup = sorted({c for c in cols if c and cols.count(c) > 1})
+            if dup:
+                raise DataError(f"{path}: column(s) {', '.join(dup)} appear more than once")
             records = []
-            for lineno, row in enumerate(reader, start=2):
-                records.append(_parse_row(row, meta, f"{path}:{lineno}"))
+            first_line: dict[str, int] = {}
+            for cells in reader:
+                lineno = reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue  # blank line (e.g. left at the end by an editor)
+                where = f"{path}:{lineno}"
+                # a row with more or fewer cells than the header is misaligned (an unquoted
+                # comma, a lost cell): reading it by position would shift labels/masks
+                if len(cells) > len(cols) and not any(c.strip() for c in cells[len(cols):]):
+                    cells = cells[:len(cols)]  # trailing empty cells ("a,b,c,,")
+                if len(cells) != len(cols):
+                    raise DataError(f"{where}: {len(cells)} cells, the header has {len(cols)} "
+                                    f"(quote values that contain a comma)")
+                rec = _parse_row(dict(zip(cols, cells, strict=True)), meta, where)
+                # ids name per-sample output files (explanations, counterfactuals): a
+                # repeated id would silently overwrite another sample's file
+                if rec.id in first_line:
+                    raise DataError(f"{where}: id '{rec.id}' already used on line "
+                                    f"{first_line[rec.id]}")
+                first_line[rec.id] = lineno
+                records.append(rec)
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
         except csv.Error as exc:  # NUL bytes, unterminated quotes at EOF …
@@ -236,6 +308,10 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
 
 
 def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
+    sid = (row.get("id") or "").strip()
+    if not sid or sid in (".", "..") or "/" in sid or "\\" in sid:
+        raise DataError(f"{where}: id '{sid}' is not usable as a file name "
+                        f"(empty, or contains a path separator)")
     try:
         label = int(row["label"])
     except (TypeError, ValueError):
@@ -251,22 +327,28 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
     if any(box_cells):
         try:
             box = tuple(int(float(c)) for c in box_cells)
-        except ValueError:
-            raise DataError(f"{where}: box {box_cells} is not four numbers") from None
+        except (ValueError, OverflowError):  # OverflowError: 'inf'
+            raise DataError(f"{where}: box {box_cells} is not four finite numbers") from None
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
-    if not (row.get("image") or "").strip():
+    image = (row.get("image") or "").strip()
+    if not image:
         raise DataError(f"{where}: no image path")
     attrs = []
     for a in meta.attributes:
         cell = (row.get(f"attr_{a}") or "").strip()
         try:
-            attrs.append(float(cell) if cell else float("nan"))
+            v = float(cell) if cell else float("nan")
         except ValueError:
             raise DataError(f"{where}: attribute {a} = '{cell}' is not a number") from None
+        # attributes are binary targets (BCE, CCCE): 'inf' would turn the loss into NaN
+        if math.isinf(v) or not (math.isnan(v) or 0.0 <= v <= 1.0):
+            raise DataError(f"{where}: attribute {a} = '{cell}' is not in [0, 1] "
+                            f"(binary attribute: 0, 1, or empty when not annotated)")
+        attrs.append(v)
     return SampleRecord(
-        id=str(row["id"]), split=split, label=label, site=str(row.get("site") or "0"),
-        image=row["image"], mask=(row.get("mask") or "").strip() or None, box=box,
+        id=sid, split=split, label=label, site=(row.get("site") or "").strip() or "0",
+        image=image, mask=(row.get("mask") or "").strip() or None, box=box,
         attributes=attrs,
     )
 
@@ -309,8 +391,8 @@ def to_float_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
         raise DataError(f"{path}: {bad} NaN/inf pixel value(s)")
     if out.ndim == ndim:
         out = out[None]
-    elif out.ndim == ndim + 1 and ndim == 2 and out.shape[-1] in (3, 4) and out.shape[0] > 4:
-        out = np.moveaxis(out[..., :3], -1, 0)  # HWC (PNG RGB) → CHW
+    elif out.ndim == ndim + 1 and ndim == 2 and out.shape[-1] in (1, 3, 4) and out.shape[0] > 4:
+        out = np.moveaxis(out[..., :3], -1, 0)  # HWC (PNG RGB, NPY (H,W,1)) → CHW
     elif out.ndim != ndim + 1:
         raise DataError(f"{path}: image has shape {array.shape}, expected {ndim} spatial "
                         f"dimensions (optionally with a channel axis)")
@@ -343,28 +425,32 @@ class LesionDataset(Dataset):
     # epochs I/O free; crops used in this field are small (≤ 300 px, ≤ a few thousand).
     def _load_all(self) -> None:
         images, masks, has_mask, boxes = [], [], [], []
-        shape = None
+        shape, first = None, None
         for r in self.records:
             ipath = self.root / r.image
             img = to_float_image(load_array(ipath), self.meta.ndim, ipath)
             if shape is None:
-                shape = img.shape
+                shape, first = img.shape, ipath
             elif img.shape != shape:
-                raise DataError(f"{ipath}: image shape {img.shape} differs from the split's "
-                                f"{shape} (resize on import so all images match)")
+                raise DataError(f"{ipath}: image shape {img.shape} differs from {first.name}'s "
+                                f"{shape}, the split's first image (resize on import so all "
+                                f"images match)")
             spatial = img.shape[1:]
             if r.mask is not None:
                 mpath = self.root / r.mask
                 m = load_array(mpath)
                 if m.ndim == len(spatial) + 1 and m.shape[-1] in (3, 4):
-                    m = m[..., 0]
+                    m = m[..., :3].max(axis=-1)  # a mask drawn in any colour, not only red
                 if tuple(m.shape) != tuple(spatial):
                     raise DataError(f"{mpath}: mask shape {tuple(m.shape)} does not match "
                                     f"image {ipath.name} shape {tuple(spatial)}")
                 if not np.isfinite(m.astype(np.float64)).all():
                     raise DataError(f"{mpath}: NaN/inf values in mask")
                 mask = (m > 0).astype(np.float32)[None]
-                has_mask.append(True)
+                # an all-zero mask annotates nothing: as the importers do, treat it as no
+                # mask, since methods would otherwise read "the evidence is nowhere" and
+                # penalise every pixel (see methods/_annotation.py)
+                has_mask.append(bool(mask.any()))
             else:
                 mask = np.zeros((1, *spatial), np.float32)
                 has_mask.append(False)

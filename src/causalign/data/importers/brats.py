@@ -34,8 +34,6 @@ volumes whose shapes differ, a subject without tumour slices.
 
 from __future__ import annotations
 
-import csv
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,8 +51,10 @@ from .util import (
     box_of_mask,
     crop_square,
     percentile_normalise,
+    read_csv,
     require,
     resize,
+    walk,
 )
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -105,11 +105,10 @@ def find_subjects(src: Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
     """subject id → {modality: path}, from file names anywhere under SRC."""
     subjects: dict[str, dict[str, Path]] = {}
     base = len(src.parts)
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, dirnames, filenames in walk(src):
         if len(Path(dirpath).parts) - base >= max_depth:
             dirnames[:] = []
-        dirnames.sort()
-        for name in sorted(filenames):
+        for name in filenames:
             m = _FILE.match(name)
             if m:
                 mod = m.group("mod").lower()
@@ -129,9 +128,11 @@ def find_grades(src: Path, subjects: dict[str, dict[str, Path]]) -> dict[str, st
                 break
     csvs = sorted(src.glob("*.csv")) + sorted(src.glob("*/*.csv"))
     for path in csvs:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or "Grade" not in rows[0]:
+        try:
+            cols, rows = read_csv(path)
+        except DataError:
+            continue  # some other (unreadable) CSV: grades come from name_mapping.csv
+        if not rows or "Grade" not in cols:
             continue
         for row in rows:
             g = (row.get("Grade") or "").strip().upper()
@@ -155,6 +156,9 @@ def load_volume(nib: ModuleType, path: Path) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise SkipItem("unexpected NIfTI shape", f"{path.name}: {data.shape}")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:  # a NaN label would be cast to an arbitrary integer class in the mask
+        raise SkipItem("NaN/inf voxels", f"{path.name}: {bad} voxel(s)")
     return data
 
 

@@ -45,6 +45,7 @@ from .util import (
     read_mask,
     rel,
     safe_id,
+    unique_id,
 )
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
@@ -126,6 +127,10 @@ class BusiImporter(Importer):
                     self.skip(rel(p, self.src), "missing mask", f"no '{p.stem}_mask*.png'")
                     continue
                 items.append((k, p, ms))
+        empty = [c for k, c in enumerate(self.classes) if not any(it[0] == k for it in items)]
+        if empty:  # otherwise a two-class dataset with one class, and exit 0
+            raise DataError(f"{root}: no usable images in {', '.join(f'{c}/' for c in empty)} "
+                            f"(need '<class> (k).png' with '<class> (k)_mask.png')")
         # Near-duplicate detection: a hash per readable image.
         task = self.task("hashing images (near-duplicates)", len(items))
         kept, hashes = [], []
@@ -160,14 +165,14 @@ class BusiImporter(Importer):
         idx = [i for i in range(len(kept)) if i not in drop]
         split_of = assign_splits([group_of[i] for i in idx], opts.fractions(), opts.seed,
                                  strata=[kept[group_of[i]][0] for i in idx])
-        ids: dict[str, int] = {}
+        used: set[str] = set()
         units = []
         for i in idx:
             k, path, ms = kept[i]
             sid = safe_id(path.stem)
-            if sid in ids:
+            if sid.casefold() in used:
                 sid = safe_id(f"{self.classes[k]}_{path.stem}")
-            ids[sid] = 1
+            sid = unique_id(sid, used)
             units.append(Unit(key=f"{self.classes[k]}/{path.name}", split=split_of[group_of[i]],
                               source=names[i], payload=(sid, k, path, ms)))
         return self.limit_units(units)

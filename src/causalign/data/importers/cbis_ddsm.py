@@ -47,9 +47,7 @@ DICOM, an ROI series without a binary mask, an empty ROI mask, an unknown pathol
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,13 +67,16 @@ from .util import (
     largest_component,
     otsu_threshold,
     percentile_normalise,
+    read_csv,
     resize,
     resize_mask,
+    walk,
 )
 
 MASS_ATTRS = ["subtlety", "shape", "circumscription", "obscuration", "ill_definiteness",
               "spiculation"]
 CALC_ATTRS = ["subtlety", "calc_morphology", "calc_distribution"]
+_REQUIRED = ("pathology", "image_file_path", "roi_mask_file_path")
 _CASE = re.compile(r"^(Mass|Calc)-(Training|Test)_", re.IGNORECASE)
 
 
@@ -202,9 +203,15 @@ class CbisDdsmImporter(Importer):
         for key in sorted(csvs):
             abn, official = key.split("_")
             path = csvs[key]
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                rows = [{_norm_key(k): (v or "").strip() for k, v in r.items()}
-                        for r in csv.DictReader(fh)]
+            cols, raw = read_csv(path)
+            # a renamed or missing column would otherwise skip every row one by one
+            # ("unknown pathology ''") and import the other CSVs as if nothing were wrong
+            missing = [c for c in _REQUIRED if c not in {_norm_key(k) for k in cols}]
+            if missing:
+                raise DataError(f"{path}: missing column(s) "
+                                f"{', '.join(c.replace('_', ' ') for c in missing)} "
+                                f"(columns: {', '.join(cols) or 'none'})")
+            rows = [{_norm_key(k): v for k, v in r.items()} for r in raw]
             for lineno, row in enumerate(rows, start=2):
                 where = f"{path.name}:{lineno}"
                 img_path = row.get("image_file_path", "").strip().strip('"')
@@ -253,9 +260,9 @@ class CbisDdsmImporter(Importer):
         if self._case_dirs is None:
             self._case_dirs = {}
             base = len(self.src.parts)
-            for dirpath, dirnames, _ in os.walk(self.src):
+            for dirpath, dirnames, _ in walk(self.src):
                 keep = []
-                for d in sorted(dirnames):
+                for d in dirnames:
                     if _CASE.match(d):
                         self._case_dirs.setdefault(d, Path(dirpath) / d)
                     else:
@@ -297,8 +304,10 @@ class CbisDdsmImporter(Importer):
         opts: CbisDdsmOptions = self.opts
         e = unit.payload
         cands = self.resolve(e["image"], "image")
-        full, _ = read_pixels(self.pydicom, cands[0] if len(cands) == 1 else max(
-            cands, key=lambda f: f.stat().st_size))
+        path = cands[0] if len(cands) == 1 else max(cands, key=lambda f: f.stat().st_size)
+        full, _ = read_pixels(self.pydicom, path)
+        if float(full.max()) == float(full.min()):  # a failed export: every crop would be black
+            raise SkipItem("blank image", f"{path}: every pixel is {float(full.min()):g}")
         img, _ = remove_background(full)
         for row in e["rows"]:
             try:

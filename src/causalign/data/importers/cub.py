@@ -29,6 +29,7 @@ split entry, an unreadable segmentation.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,13 +78,24 @@ def read_table(path: Path, ncols: int) -> dict[str, list[str]]:
     """'<id> <v1> …' lines → {id: [v1, …]} (the last column may contain spaces)."""
     if not path.exists():
         raise DataError(f"{path}: missing (expected the CUB_200_2011 layout)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     out: dict[str, list[str]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=ncols)
         if len(parts) != ncols + 1:
             raise DataError(f"{path}:{lineno}: expected {ncols + 1} fields, got '{line}'")
+        # ids are integers (image / class ids): they are sorted and formatted as numbers
+        if not parts[0].isdigit():
+            raise DataError(f"{path}:{lineno}: id '{parts[0]}' is not a number")
+        if parts[0] in out:
+            raise DataError(f"{path}:{lineno}: id {parts[0]} listed twice")
         out[parts[0]] = parts[1:]
     return out
 
@@ -161,11 +173,16 @@ class CubImporter(Importer):
             if iid not in is_train:
                 self.skip(path, "no split entry", f"image id {iid} not in train_test_split")
                 continue
+            if is_train[iid][0] not in ("0", "1"):  # anything else would silently be test
+                self.skip(path, "bad split entry",
+                          f"image id {iid}: is_training_image '{is_train[iid][0]}' not 0/1")
+                continue
             box = None
             if iid in boxes:
                 try:
                     x, y, w, h = (float(v) for v in boxes[iid])
-                    box = (x, y, x + w, y + h) if w > 0 and h > 0 else None
+                    ok = all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
+                    box = (x, y, x + w, y + h) if ok else None  # 'nan' parses as a float
                 except ValueError:
                     box = None
             if box is None:

@@ -23,6 +23,7 @@ stops the import with one line: every sample depends on it.
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     """Read an IDX file (big-endian header: magic, dimension sizes; then uint8 data)."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: corrupt deflate data
         raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
     if len(raw) < 8:
         raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")

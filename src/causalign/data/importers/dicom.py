@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .util import SkipItem, require
+from .util import SkipItem, require, walk
 
 
 def pydicom_module(kind: str) -> Any:
@@ -46,5 +46,6 @@ def read_pixels(pydicom: Any, path: Path) -> tuple[np.ndarray, Any]:
 
 def dicom_files(folder: Path) -> list[Path]:
     """Candidate DICOM files under a folder: '*.dcm', or files without a suffix."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and (p.suffix.lower() == ".dcm" or p.suffix == ""))
+    return sorted(d / f for d, _, files in walk(folder) for f in files
+                  if not f.startswith(".") and (d / f).is_file()
+                  and (Path(f).suffix.lower() == ".dcm" or Path(f).suffix == ""))

@@ -26,7 +26,6 @@ attributes.
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections.abc import Iterator
@@ -44,10 +43,13 @@ from .util import (
     assign_splits,
     box_of_mask,
     fit_square,
+    read_csv,
     read_image,
     read_mask,
     rel,
     safe_id,
+    unique_id,
+    walk,
 )
 
 
@@ -94,10 +96,20 @@ class FolderImporter(Importer):
         items = self._plan_csv(Path(opts.csv)) if opts.csv else self._plan_tree()
         fixed = [it for it in items if it.split]
         free = [it for it in items if not it.split]
-        split_of = assign_splits([it.group or it.sid for it in free], opts.fractions(),
+        # without a group column, rows of one image file (e.g. one row per lesion) are one
+        # group: split apart, the same pixels would sit in train and in test. The group is
+        # named by the file's first sample id, so splits of unique files stay as they were.
+        first_sid: dict[Path, str] = {}
+        for it in free:
+            first_sid.setdefault(it.image.resolve(), it.sid)
+
+        def group(it: _Item) -> str:
+            return it.group or first_sid[it.image.resolve()]
+
+        split_of = assign_splits([group(it) for it in free], opts.fractions(),
                                  opts.seed, strata=[it.label for it in free])
         for it in free:
-            it.split = split_of[it.group or it.sid]
+            it.split = split_of[group(it)]
         units = [Unit(key=it.sid, split=it.split, source=it.source, payload=it)
                  for it in fixed + free]
         order = {it.sid: i for i, it in enumerate(items)}
@@ -112,11 +124,11 @@ class FolderImporter(Importer):
         suffix = re.escape(self.opts.mask_suffix)
         mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$")
         items = []
-        seen: dict[str, int] = {}  # non-ASCII names can map to the same id ('良性/1' → '1')
+        used: set[str] = set()  # non-ASCII names can map to the same id ('良性/1' → '1')
         for k, cls in enumerate(self.classes):
-            files = sorted(p for p in (self.src / cls).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.name.startswith("."))
+            files = sorted(d / f for d, _, names in walk(self.src / cls) for f in names
+                           if Path(f).suffix.lower() in IMAGE_SUFFIXES
+                           and not f.startswith(".") and (d / f).is_file())
             masks: dict[Path, list[Path]] = {}
             images = []
             for p in files:
@@ -130,14 +142,16 @@ class FolderImporter(Importer):
                 self.skip(rel(masks[key][0], self.src), "mask without image")
             for p in images:
                 r = p.relative_to(self.src)
-                sid = safe_id(str(r.with_suffix("")))
-                if sid in seen:
-                    seen[sid] += 1
-                    sid = f"{sid}_{seen[sid]}"
-                else:
-                    seen[sid] = 0
+                sid = unique_id(safe_id(str(r.with_suffix(""))), used)
                 items.append(_Item(sid=sid, source=str(r), image=p,
                                    label=k, masks=masks.get(p.parent / p.stem, [])))
+        # a class folder without images (an empty folder, a 'masks/' or '__MACOSX/' folder
+        # taken for a class) would silently declare a class no sample has
+        empty = [c for k, c in enumerate(self.classes) if not any(it.label == k for it in items)]
+        if empty:
+            raise DataError(f"{self.src}: class folder(s) {', '.join(empty)} hold no images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); remove them or pick the classes "
+                            f"with --classes")
         return items
 
     def _choose_classes(self, found: list[str], what: str) -> list[str]:
@@ -161,11 +175,7 @@ class FolderImporter(Importer):
             path = csv_path
         if not path.exists():
             raise DataError(f"{csv_path}: CSV file not found (looked in {self.src})")
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                    for row in reader]
+        cols, rows = read_csv(path)
         if "image" not in cols:
             raise DataError(f"{path}: missing column 'image' (columns: {', '.join(cols)})")
         self.attributes = [c[5:] for c in cols if c.startswith("attr_")]
@@ -180,7 +190,7 @@ class FolderImporter(Importer):
                         key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
         self.classes = self._choose_classes(values, "class value")
         items = []
-        seen: dict[str, int] = {}
+        used: set[str] = set()
         for lineno, row in enumerate(rows, start=2):
             src_desc = f"{path.name}:{lineno}"
             cls = class_of(row)
@@ -199,6 +209,8 @@ class FolderImporter(Importer):
                 cells = [row.get(c, "") for c in ("box_x0", "box_y0", "box_x1", "box_y1")]
                 if any(cells):
                     box = tuple(float(c) for c in cells)
+                    if not all(math.isfinite(v) for v in box):  # 'nan'/'inf' parse as floats
+                        raise ValueError(f"non-finite box {cells}")
                     if box[2] <= box[0] or box[3] <= box[1]:
                         raise ValueError(f"empty box {cells}")
             except ValueError as exc:
@@ -207,16 +219,18 @@ class FolderImporter(Importer):
             try:
                 attrs = [float(row[f"attr_{a}"]) if row.get(f"attr_{a}") else math.nan
                          for a in self.attributes]
+                # binary attributes (the dataset reader refuses anything else): 'inf' or a
+                # 1–5 score written as is would make the imported dataset unreadable
+                bad = [f"attr_{a}={row[f'attr_{a}']}" for a, v in zip(self.attributes, attrs,
+                                                                       strict=True)
+                       if math.isinf(v) or not (math.isnan(v) or 0.0 <= v <= 1.0)]
+                if bad:
+                    raise ValueError(f"{', '.join(bad)} not in [0, 1]")
             except ValueError as exc:
                 self.skip(src_desc, "bad attribute value", str(exc))
                 continue
             img_rel = Path(row["image"])
-            sid = safe_id(str(img_rel.with_suffix("")))
-            if sid in seen:
-                seen[sid] += 1
-                sid = f"{sid}_{seen[sid]}"
-            else:
-                seen[sid] = 0
+            sid = unique_id(safe_id(str(img_rel.with_suffix(""))), used)
             masks = [self.src / m for m in parse_list(row.get("mask", "").replace(";", ","))]
             items.append(_Item(sid=sid, source=f"{src_desc} ({row['image']})",
                                image=self.src / img_rel, label=self.classes.index(cls),

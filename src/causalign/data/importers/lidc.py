@@ -68,9 +68,7 @@ whose annotated slice is missing or unreadable, nodules without malignancy score
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,12 +86,15 @@ from .util import (
     box_of_mask,
     median,
     polygon_mask,
+    read_csv,
     read_image,
     read_mask,
     rel,
     resize,
     resize_mask,
     safe_id,
+    unique_id,
+    walk,
     window,
 )
 
@@ -241,9 +242,10 @@ def parse_lidc_xml(path: Path) -> ReadMessage:
             for name in CHARACTERISTICS:
                 t = _text(ch, name)
                 try:
-                    chars[name] = float(t) if t else math.nan
+                    v = float(t) if t else math.nan
                 except ValueError:
-                    chars[name] = math.nan
+                    v = math.nan
+                chars[name] = v if math.isfinite(v) else math.nan  # 'inf' is no score
             rois = []
             for roi in nod.findall("roi"):
                 try:
@@ -251,6 +253,10 @@ def parse_lidc_xml(path: Path) -> ReadMessage:
                     xs = [float(_text(e, "xCoord")) for e in roi.findall("edgeMap")]
                     ys = [float(_text(e, "yCoord")) for e in roi.findall("edgeMap")]
                 except ValueError:
+                    continue
+                # a 'nan' outline would make a NaN centroid that clusters with nothing, so
+                # the reader's mark would become a nodule of its own
+                if not all(math.isfinite(v) for v in (z, *xs, *ys)):
                     continue
                 if xs:
                     rois.append(Roi(z=z, sop=_text(roi, "imageSOP_UID"),
@@ -351,8 +357,8 @@ class LidcImporter(Importer):
     # ------------------------------------------------------------------ DICOM + XML
     def _plan_dicom(self) -> list[Unit]:
         opts: LidcOptions = self.opts
-        xmls = sorted(p for p in self.src.rglob("*") if p.suffix.lower() == ".xml"
-                      and p.is_file())
+        xmls = sorted(d / f for d, _, files in walk(self.src) for f in files
+                      if f.lower().endswith(".xml") and (d / f).is_file())
         if not xmls:
             csvs = sorted(self.src.glob("*.csv"))
             hint = f" (found {csvs[0].name}: use --patches-csv)" if csvs else ""
@@ -427,6 +433,11 @@ class LidcImporter(Importer):
                     z = float(ds.SliceLocation)
                 sop = str(ds.SOPInstanceUID)
                 sp = tuple(float(v) for v in ds.PixelSpacing)
+                # patches are resampled in mm: a zero spacing divides by zero (a garbage
+                # patch), a negative one mirrors the patch
+                if len(sp) != 2 or not all(math.isfinite(v) and v > 0 for v in sp) \
+                        or not math.isfinite(z):
+                    raise ValueError(f"PixelSpacing {list(sp)} / z {z} not positive finite")
             except SkipItem as exc:
                 self.skip(rel(f, self.src), exc.reason, exc.detail)
                 continue
@@ -571,10 +582,7 @@ class LidcImporter(Importer):
             path = p
         if not path.exists():
             raise DataError(f"{opts.patches_csv}: patches CSV not found (looked in {self.src})")
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            cols = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+        cols, rows = read_csv(path)
         pid_col = next((c for c in ("patient_id", "patient", "case") if c in cols), None)
         if "image" not in cols or pid_col is None:
             raise DataError(f"{path}: needs columns 'image' and 'patient_id' "
@@ -608,13 +616,10 @@ class LidcImporter(Importer):
                           "id": safe_id(str(Path(row["image"]).with_suffix("")))})
         free = [it for it in items if not it["split"]]
         split_of = assign_splits([it["patient"] for it in free], opts.fractions(), opts.seed)
-        ids: dict[str, int] = {}
+        used: set[str] = set()
         units = []
         for it in items:
-            if it["id"] in ids:
-                ids[it["id"]] += 1
-                it["id"] = f"{it['id']}_{ids[it['id']]}"
-            ids.setdefault(it["id"], 0)
+            it["id"] = unique_id(it["id"], used)
             units.append(Unit(key=it["row"], split=it["split"] or split_of[it["patient"]],
                               source=f"{it['row']} ({rel(it['image'], self.src)})", payload=it))
         return self.limit_units(units)
@@ -627,7 +632,10 @@ class LidcImporter(Importer):
                 raise ValueError(f"label '{cell}' is not 0 or 1")
             return int(cell)
         if col in ("readers", "num_readers"):
-            return int(int(float(cell)) >= PRESENCE_READERS)
+            n = float(cell)
+            if not math.isfinite(n) or n < 0:  # int(inf) raises OverflowError
+                raise ValueError(f"{col} '{cell}' is not a reader count")
+            return int(n >= PRESENCE_READERS)
         mal = median(_scores(cell))
         if math.isnan(mal):
             raise ValueError(f"malignancy '{cell}' has no score")
@@ -682,8 +690,12 @@ class _Slices:
 
 
 def _scores(cell: str) -> list[float]:
-    """'3' or '2;3;4' → [3.0] / [2.0, 3.0, 4.0] (empty → [])."""
-    return [float(v) for v in parse_list((cell or "").replace(";", ","))]
+    """'3' or '2;3;4' → [3.0] / [2.0, 3.0, 4.0] (empty → [], 'nan' = not scored, dropped);
+    'inf' raises ValueError (an 'inf' malignancy would otherwise silently be label 1)."""
+    out = [float(v) for v in parse_list((cell or "").replace(";", ","))]
+    if any(math.isinf(v) for v in out):
+        raise ValueError(f"'{cell}' is not a finite score")
+    return [v for v in out if not math.isnan(v)]
 
 
 def _read_patch(path: Path, win: tuple[float, float]) -> np.ndarray:
@@ -721,8 +733,7 @@ def _resample(img: np.ndarray, cx: float, cy: float, spacing_rc: tuple[float, fl
 
 def _all_dicoms(src: Path) -> list[Path]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames.sort()
-        out += [Path(dirpath) / f for f in sorted(filenames)
+    for dirpath, _, filenames in walk(src):
+        out += [dirpath / f for f in filenames
                 if not f.startswith(".") and (f.lower().endswith(".dcm") or "." not in f)]
     return out

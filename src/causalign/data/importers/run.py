@@ -52,6 +52,7 @@ def run_import(
         raise DataError(f"{src}: source folder does not exist")
     if not src.is_dir():
         raise DataError(f"{src}: not a folder (give the folder that holds the {kind} data)")
+    _check_overlap(src, out)
     opts = build_options(cls.Options, kind, dict(options or {}))
     importer: Importer = cls(src, opts, progress=progress)
     state = {"kind": kind, "source": str(src.resolve()),
@@ -119,6 +120,19 @@ def run_import(
 
 
 # ----------------------------------------------------------------------------- OUT folder
+
+
+def _check_overlap(src: Path, out: Path) -> None:
+    """OUT inside SRC: a rerun (resume) reads the import's own output as source data (the
+    folder importer made OUT/images a new class). SRC inside OUT: --overwrite deletes
+    OUT/images, which may be the source (CUB keeps its images in 'images/')."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents:
+        raise DataError(f"{out}: output folder is (inside) the source folder {src} (the "
+                        f"import would read its own output); choose an OUT outside SRC")
+    if o in s.parents:
+        raise DataError(f"{out}: output folder contains the source folder {src}; choose "
+                        f"an OUT that does not hold the source data")
 
 
 def _check_out(out: Path, state: dict, overwrite: bool) -> dict[str, dict]:
@@ -352,6 +366,8 @@ def _summary(kind: str, src: Path, out: Path, meta: DatasetMeta, rows: list[dict
         }
     warnings = [f"split '{s}' is empty (training and evaluation need train, val and test)"
                 for s in SPLITS if splits[s]["n"] == 0]
+    warnings += [f"class '{c}' has no samples (every one was skipped or filtered out)"
+                 for k, c in enumerate(meta.classes) if not any(r["label"] == k for r in rows)]
     return {
         "kind": kind, "source": str(src), "out": str(out), "n": len(rows),
         "classes": meta.classes, "attributes": meta.attributes,

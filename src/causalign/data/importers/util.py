@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,66 @@ def safe_id(text: str) -> str:
     return out or "sample"
 
 
+def unique_id(sid: str, used: set[str]) -> str:
+    """`sid`, or `sid_1`, `sid_2`… when taken; records the result in `used`.
+
+    Compared case-insensitively, since ids become file names ('A.png' and 'a.png' are one
+    file on macOS/Windows), and a generated suffix is checked too: 'img 1', 'img_1' and
+    'img_1_1' must not end up as two samples with one id."""
+    out, k = sid, 0
+    while out.casefold() in used:
+        k += 1
+        out = f"{sid}_{k}"
+    used.add(out.casefold())
+    return out
+
+
+def walk(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """`os.walk` (top-down, names sorted) that follows symlinked folders, each real folder
+    once. Datasets are often assembled from links (SRC/CBIS-DDSM → /mnt/…, one link per
+    patient); plain os.walk and Path.rglob skip those silently. A caller may prune
+    `dirnames` in place, as with os.walk."""
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:  # a link loop, or a folder reached twice
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        yield Path(dirpath), dirnames, sorted(filenames)
+
+
 def rel(path: Path, root: Path) -> str:
     """`path` relative to `root` when inside it (for messages), else the full path."""
     try:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(path)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV file, names and cells stripped, a leading BOM dropped.
+
+    A file that is not UTF-8 (e.g. saved as Latin-1/cp1252 by a spreadsheet), not CSV, or not
+    a file raises DataError naming it, instead of a UnicodeDecodeError traceback."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = [(c or "").strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()
+                     if isinstance(v, str) or v is None} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                        f"offset {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:  # NUL bytes, unterminated quotes …
+        raise DataError(f"{path}: not a valid CSV file ({exc})") from None
+    except OSError as exc:  # a folder named like the CSV, no permission …
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return cols, rows
 
 
 # --------------------------------------------------------------------------- reading images
