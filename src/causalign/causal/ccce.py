@@ -24,7 +24,10 @@ label). Among subsets whose score is within ``tol`` of the best, the smallest (a
 size the highest-scoring) is taken: adding an attribute that does not move P(Y | A) (one
 already at 1 − y, or one with no effect) never changes the score, and should not be
 attributed; and P(Y | A) fitted on annotations is often nearly deterministic, so many
-subsets score 1 − 10⁻⁴ against a maximum of 1 − 10⁻⁶ (default tol 0.01).
+subsets score 1 − 10⁻⁴ against a maximum of 1 − 10⁻⁶ (default tol 0.01). A sample for which
+no subset has a positive effect (every CCCE ≤ 0: y = 1 with every attribute already 0, or a
+P(Y | A) fitted on a single class, which is constant) gets no attribution (r all False,
+``subset`` −1) rather than the first subset of an all-way tie.
 
 P(Y | A) comes from the training annotations, by one of two models:
 
@@ -151,10 +154,27 @@ class TrueProbit:
 LABEL_MODELS = ("logistic", "frequency")
 
 
+def _check_data(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a (n, p) float64, y (n,) int64 in {0, 1}) or one clear error."""
+    a = np.asarray(a, np.float64)
+    y = np.asarray(y)
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise CausalignError(f"CCCE needs attributes shaped (samples, attributes) with at "
+                             f"least one attribute, got shape {a.shape}")
+    if y.shape != (a.shape[0],):
+        raise CausalignError(f"CCCE needs one label per row of attributes ({a.shape[0]}), got "
+                             f"shape {y.shape}")
+    with np.errstate(invalid="ignore"):
+        binary = np.isin(y, (0, 1)) if y.dtype.kind in "biuf" else np.zeros(y.shape, bool)
+    if not binary.all():
+        raise CausalignError("CCCE needs a binary label (0/1)")
+    return a, y.astype(np.int64)
+
+
 def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic",
                     **kw) -> MonotoneLogistic | SmoothedFrequency:
     """Fit P(Y | A) on fully annotated rows (rows with a NaN are dropped)."""
-    a = np.asarray(a, np.float64)
+    a, y = _check_data(a, y)
     keep = ~np.isnan(a).any(1)
     a, y = _binary(a[keep]), np.asarray(y)[keep]
     if kind == "logistic":
@@ -178,10 +198,8 @@ def ccce_scores(model: LabelModel, a: np.ndarray, y: np.ndarray,
                 sets: list[tuple[int, ...]]) -> np.ndarray:
     """CCCE(S) for each sample (rows of binary ``a``, labels ``y`` ∈ {0,1}) and each S in
     ``sets``: 1 − P(Y=y | A_S=1−y, A_-S=a_-S) / P(Y=y | A=a). Shape (n, len(sets))."""
-    a = _binary(np.asarray(a, np.float64)).astype(np.float64)
-    y = np.asarray(y).astype(np.int64)
-    if np.any((y != 0) & (y != 1)):
-        raise CausalignError("CCCE needs a binary label (0/1)")
+    a, y = _check_data(a, y)
+    a = _binary(a).astype(np.float64)
     p1 = model.prob(a)
     base = np.where(y == 1, p1, 1.0 - p1)
     tiny = np.finfo(np.float64).tiny
@@ -199,7 +217,9 @@ def ccce_scores(model: LabelModel, a: np.ndarray, y: np.ndarray,
 @dataclass
 class CCCEResult:
     """Per-sample attribution: ``r`` (n, p) bool (r_S = 1 for the chosen S), ``subset``
-    index into ``sets``, ``score`` the chosen CCCE, ``known`` rows that had full evidence."""
+    index into ``sets`` (−1: none; missing evidence, or no subset with a positive effect),
+    ``score`` the chosen CCCE (the best, ≤ 0, where none has an effect; NaN without
+    evidence), ``known`` rows that had full evidence."""
 
     r: np.ndarray
     subset: np.ndarray
@@ -212,9 +232,9 @@ def causal_attribution(model: LabelModel, a: np.ndarray, y: np.ndarray, max_size
                        tol: float = 1e-6) -> CCCEResult:
     """argmax_S CCCE(S) per sample (the smallest S among those within ``tol`` of the best,
     highest score among those) → r. Rows with any missing
-    (NaN) attribute have no evidence A = a: r is all False and ``known`` False there."""
-    a = np.asarray(a, np.float64)
-    y = np.asarray(y)
+    (NaN) attribute have no evidence A = a: r is all False and ``known`` False there. Rows
+    where every CCCE is ≤ 0 (no subset has an effect) get r all False and ``subset`` −1."""
+    a, y = _check_data(a, y)
     n, p = a.shape
     sets = subsets(p, max_size)
     known = ~np.isnan(a).any(1)
@@ -229,10 +249,13 @@ def causal_attribution(model: LabelModel, a: np.ndarray, y: np.ndarray, max_size
         near = scores >= best - tol
         smallest = np.where(near, size[None, :], np.iinfo(np.int64).max).min(1, keepdims=True)
         pick = np.argmax(np.where(near & (size[None, :] == smallest), scores, -np.inf), axis=1)
+        # all scores ≤ 0: every subset ties (typically at exactly 0), and argmax would name
+        # the first attribute as the cause of a label nothing in A moves
+        effect = best[:, 0] > 0
         rows = np.flatnonzero(known)
-        subset[rows] = pick
-        score[rows] = scores[np.arange(len(rows)), pick]
-        for i, j in zip(rows, pick, strict=True):
+        subset[rows] = np.where(effect, pick, -1)
+        score[rows] = np.where(effect, scores[np.arange(len(rows)), pick], best[:, 0])
+        for i, j in zip(rows[effect], pick[effect], strict=True):
             r[i, list(sets[j])] = True
     return CCCEResult(r=r, subset=subset, score=score, known=known, sets=sets)
 
@@ -252,8 +275,10 @@ def attribution_report(attributes: np.ndarray, labels: np.ndarray, names: list[s
     benchmark's ``causal_weights``, ``threshold``, ``noise``) also how often the chosen S
     holds only truly causal attributes and how often it equals the argmax under the true
     P(Y | A)."""
-    attributes = np.asarray(attributes, np.float64)
-    labels = np.asarray(labels)
+    attributes, labels = _check_data(attributes, labels)
+    if len(names) != attributes.shape[1]:
+        raise CausalignError(f"CCCE: {len(names)} attribute names for "
+                             f"{attributes.shape[1]} attribute columns")
     model = fit_label_model(attributes, labels, kind)
     res = causal_attribution(model, attributes, labels, max_size=max_size, tol=tol)
     k = res.known
@@ -262,6 +287,7 @@ def attribution_report(attributes: np.ndarray, labels: np.ndarray, names: list[s
     out: dict = {
         "label_model": kind, "max_size": max_size, "n": int(len(labels)), "n_known": n_known,
         "mean_subset_size": float(rk.sum(1).mean()) if n_known else None,
+        "n_no_effect": int((res.subset[k] < 0).sum()),  # no subset moves P(Y | A)
         "mean_score": float(np.nanmean(res.score)) if n_known else None,
         "causal_frequency": {nm: float(rk[:, j].mean()) if n_known else None
                              for j, nm in enumerate(names)},

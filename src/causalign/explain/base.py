@@ -9,14 +9,19 @@ methods, 1 for CAM-style methods). `saliency_map` reduces it to (N, *spatial) fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, unknown_name
 
 _EXPLAINERS: dict[str, Callable[..., Explainer]] = {}
+
+# What `attribute` accepts as a target: a class for all inputs or one class per input.
+Target = Tensor | int | Sequence[int] | np.ndarray | None
 
 
 class Explainer:
@@ -28,26 +33,88 @@ class Explainer:
         self.model = model
 
     def attribute(
-        self, inputs: Tensor, target: Tensor | int | None = None, create_graph: bool = False
+        self, inputs: Tensor, target: Target = None, create_graph: bool = False
     ) -> Tensor:
         raise NotImplementedError
 
-    def _target(self, inputs: Tensor, target: Tensor | int | None) -> Tensor:
-        """Resolve `target`: None means the predicted class."""
+    def _target(self, inputs: Tensor, target: Target) -> Tensor:
+        """Resolve `target`: None means the predicted class (in eval mode, as mapped)."""
+        target = as_target(target)
         if target is None:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.model):
                 return self.model(inputs).argmax(dim=1)
         if isinstance(target, int):
             return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
         return target.to(inputs.device).long().reshape(-1).expand(inputs.shape[0])
 
+    def _checked_model(self, target: Tensor) -> Callable[[Tensor], Tensor]:
+        """The model as a function that checks `target` against its number of classes before
+        Captum indexes the logits with it (an index error there is a device-side assert on
+        CUDA, not a readable message)."""
 
-def check_inputs(inputs: Tensor, target: Tensor | int | None = None) -> None:
+        def forward(x: Tensor) -> Tensor:
+            logits = self.model(x)
+            check_target_classes(logits, target)
+            return logits
+
+        return forward
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode, then restore every submodule's own train/eval flag, also when
+    the body raises. Maps are taken in eval mode: in train mode BatchNorm would mix the
+    samples of a batch and overwrite its running statistics, and dropout would make them
+    random."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def as_target(target: Target) -> Tensor | int | None:
+    """A target as None, a Python int or a tensor (lists, tuples and NumPy arrays of class
+    indices become tensors; NumPy integer scalars become ints)."""
+    if target is None or isinstance(target, Tensor):
+        return target
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        return int(target)
+    try:
+        out = torch.as_tensor(np.asarray(target))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"target must be an int, a sequence of class indices or a tensor, "
+                         f"got {type(target).__name__}") from exc
+    if out.dtype == torch.bool or out.is_floating_point() or out.is_complex():
+        raise InputError(f"target must hold integer class indices, got {out.dtype}")
+    return out
+
+
+def check_target_classes(logits: Tensor, target: Tensor) -> None:
+    """Fail with one clear line when a resolved target (N,) names a class the model's logits
+    (N, classes) do not have."""
+    if logits.dim() != 2:
+        raise InputError(f"saliency needs (N, classes) logits, got shape {tuple(logits.shape)}")
+    if target.numel():
+        lo, hi = torch.stack(target.aminmax()).tolist()  # one device sync, not two
+        if not 0 <= lo <= hi < logits.shape[1]:
+            raise InputError(f"target classes must lie in 0..{logits.shape[1] - 1}, got "
+                             f"{lo}..{hi}")
+
+
+def check_inputs(inputs: Tensor, target: Target = None) -> None:
     """Fail with one clear line on inputs no saliency method can explain.
 
     `inputs` must be a floating-point batch (N, C, *spatial) of finite values (a NaN pixel
     turns Grad-CAM and WBP maps into NaN without an error); a tensor `target` needs one
-    non-negative class per input (or one for all)."""
+    non-negative class per input (or one for all). Maps need autograd, so a call inside
+    ``torch.inference_mode()`` fails here too."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("saliency maps need autograd; call attribute outside "
+                           "torch.inference_mode()")
+    target = as_target(target)
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         kind = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
         raise InputError(f"inputs must be a floating-point tensor (N, C, *spatial), got {kind}")

@@ -262,6 +262,9 @@ class InnerProblem:
     eps: float
     decoder: nn.Module | None = None
     base: Tensor | None = None  # D(u0) in latent / smooth space
+    # Class targets not yet checked against the model's number of classes (done once, at the
+    # first forward: cross_entropy's index error is a device-side assert on CUDA).
+    unchecked: bool = dataclasses.field(default=True, repr=False, compare=False)
 
     def image(self, u: Tensor) -> Tensor:
         if self.decoder is None:
@@ -281,6 +284,9 @@ class InnerProblem:
     def fit(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(per-sample CE(f(x(u)), y*), logits): T without the distance term."""
         logits = self.model(self.image(u))
+        if self.unchecked and not self.target.is_floating_point():
+            _check_classes(self.target, logits.shape[1], "counterfactual target")
+            self.unchecked = False
         if self.target.is_floating_point():
             # Soft multi-label targets (hierarchical Eq. 7: x* explains â → a*): Σ_k BCE.
             ce = F.binary_cross_entropy_with_logits(logits, self.target.to(logits.dtype),
@@ -480,8 +486,9 @@ class CounterfactualGenerator:
             logits = self.model(x0)
         if labels is None:
             labels = logits.argmax(1)
-        return counterfactual_targets(labels.to(x0.device), logits.shape[1], self.target_rule,
-                                      logits)
+        labels = _as_classes(labels, len(x0), "labels").to(x0.device)
+        _check_classes(labels, logits.shape[1], "labels")
+        return counterfactual_targets(labels, logits.shape[1], self.target_rule, logits)
 
     def generate(self, x0: Tensor, *, labels: Tensor | None = None,
                  target: Tensor | None = None, ids: Tensor | None = None,
@@ -493,6 +500,13 @@ class CounterfactualGenerator:
         BatchNorm running statistics (`capture_bn_stats`). A sample whose search produced
         NaN/inf is reset to x0 and flagged in ``diverged``; it never poisons others.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("counterfactual search needs autograd; call generate outside "
+                               "torch.inference_mode()")
+        if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 2:
+            raise InputError(f"x0 must be a floating-point batch (N, C, ...), got "
+                             f"{getattr(x0, 'dtype', type(x0).__name__)} of shape "
+                             f"{tuple(getattr(x0, 'shape', ()))}")
         x0 = x0.detach()
         n_bad = int((~torch.isfinite(x0)).sum())
         if n_bad:  # a non-finite x0 would come back as a NaN "counterfactual" flagged diverged
@@ -503,9 +517,12 @@ class CounterfactualGenerator:
             if not bool(valid.all()):
                 raise ValueError("some samples already have the requested target class; "
                                  "select valid samples first (counterfactual_targets)")
+        if not (isinstance(target, Tensor) and target.is_floating_point()):
+            # float = soft attribute targets (Eq. 7); anything else holds class indices
+            target = _as_classes(target, len(x0), "target").long()
+        elif target.shape[0] != len(x0):
+            raise InputError(f"target has {target.shape[0]} rows for {len(x0)} inputs")
         target = target.to(x0.device)
-        if not target.is_floating_point():  # float = soft attribute targets (Eq. 7)
-            target = target.long()
         prob = self.problem(x0, target)
         u0 = prob.u0
         warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
@@ -547,26 +564,60 @@ class CounterfactualGenerator:
                                     problem=prob, flipped=flipped, target_prob=target_prob)
 
 
+def _as_classes(values: object, n: int, what: str) -> Tensor:
+    """``values`` (tensor, list, array) as an (n,) integer tensor, or one clear error."""
+    try:
+        out = values if isinstance(values, Tensor) else torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{what} must be a tensor of class indices, got "
+                         f"{type(values).__name__}") from exc
+    if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
+        raise InputError(f"{what} must hold integer class indices, got {out.dtype}")
+    if out.shape != (n,):
+        raise InputError(f"{what} must hold one class per input ({n}), got shape "
+                         f"{tuple(out.shape)}")
+    return out
+
+
+def _check_classes(classes: Tensor, num_classes: int, what: str) -> None:
+    """Fail with one clear line unless every entry of ``classes`` lies in 0..num_classes−1."""
+    if classes.numel():
+        lo, hi = torch.stack(classes.aminmax()).tolist()  # one device sync, not two
+        if not 0 <= lo <= hi < num_classes:
+            raise InputError(f"{what} classes must lie in 0..{num_classes - 1}, got "
+                             f"{lo}..{hi}")
+
+
 def _adam(prob: InnerProblem, u: Tensor, steps: int, lr: float, beta1: float = 0.9,
           beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
     """K element-wise Adam steps on Σ_i T_i(u_i). Written out (not torch.optim) so nothing
-    touches the model's parameters and no optimizer state outlives the call."""
+    touches the model's parameters and no optimizer state outlives the call.
+
+    The moments are kept in at least float32: in float16 g² underflows to 0 and eps = 1e-8
+    rounds to 0, so every step would be 0/0 and every sample "diverge"."""
     u = u.detach().clone()
-    m = torch.zeros_like(u)
-    v = torch.zeros_like(u)
+    work = _work_dtype(u.dtype)
+    m = torch.zeros_like(u, dtype=work)
+    v = torch.zeros_like(u, dtype=work)
     for t in range(1, steps + 1):
         uu = u.requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(prob.objective(uu).sum(), uu)
         with torch.no_grad():
+            g = g.to(work)
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             step = lr / (1 - beta1 ** t)
             denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
             # (m / denom)·step, not addcdiv_(value=-step): an absurd step size must give inf
             # (then flagged as diverged), not a float-overflow exception
-            u = uu.detach().sub_(m.div(denom).mul_(step))
+            u = uu.detach().sub_(m.div(denom).mul_(step).to(u.dtype))
     return u.detach()
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision searches (float16 / bfloat16), else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
 def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> Tensor:
@@ -644,6 +695,7 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     inv_scale = (1.0 / prob.scale).flatten() if prob.scale is not None else None
     sparse = prob.distance in ("l1", "scaled-l1")
     soft = prob.target.is_floating_point()
+    work = _work_dtype(u.dtype)  # the systems are solved in >= float32, steps taken in u's
     for _ in range(steps):
         uu = u.requires_grad_(True)
         with torch.enable_grad():
@@ -668,19 +720,19 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
                 resid = (p - F.one_hot(prob.target, n_out).to(z))[:, 1:]
                 q = p[:, 1:]
                 curv_out = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
-            jac, resid, curv_out = jac.to(u.dtype), resid.to(u.dtype), curv_out.to(u.dtype)
-            delta = (uu.detach() - prob.u0).flatten(1)
+            jac, resid, curv_out = jac.to(work), resid.to(work), curv_out.to(work)
+            delta = (uu.detach() - prob.u0).flatten(1).to(work)
             if sparse:
                 root = (delta.square() + prob.eps ** 2).sqrt()
                 grad_d, weight = delta / root, 1.0 / root
             else:
                 grad_d, weight = 2 * delta, torch.full_like(delta, 2.0)
             if inv_scale is not None:
-                grad_d, weight = grad_d * inv_scale, weight * inv_scale
+                grad_d, weight = grad_d * inv_scale.to(work), weight * inv_scale.to(work)
             g = (jac * resid[:, :, None]).sum(1) + prob.alpha * grad_d
             a_inv = 1.0 / (prob.alpha * weight).clamp_min(1e-12)
             ja = jac * a_inv[:, None, :]
-            eye = torch.eye(jac.shape[1], dtype=u.dtype, device=u.device)
+            eye = torch.eye(jac.shape[1], dtype=work, device=u.device)
             inner = eye + (ja @ jac.transpose(1, 2)) @ curv_out        # I + J A⁻¹ Jᵀ S
             # a sample with non-finite logits gets the identity here (never a LinAlgError
             # for the batch) and a NaN step below, which the line search never takes
@@ -692,17 +744,17 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             step[broken] = float("nan")
             slope = (g * step).sum(1)
             t0 = (ce.detach() + prob.alpha * distance_value(
-                uu.detach() - prob.u0, prob.distance, prob.scale, prob.eps)).to(u.dtype)
+                uu.detach() - prob.u0, prob.distance, prob.scale, prob.eps)).to(work)
             u = uu.detach()
             step = step.view_as(u)
             todo = torch.isfinite(step).flatten(1).all(1) & torch.isfinite(t0) & (slope < 0)
-            t = torch.ones(len(u), dtype=u.dtype, device=u.device)
+            t = torch.ones(len(u), dtype=work, device=u.device)
             for _ in range(max_halvings + 1):
                 idx = todo.nonzero().flatten()
                 if len(idx) == 0:
                     break
-                cand = u[idx] + t[idx].view(shape) * step[idx]
-                val = prob.subset(idx).objective(cand).to(u.dtype)
+                cand = (u[idx] + t[idx].view(shape) * step[idx]).to(u.dtype)
+                val = prob.subset(idx).objective(cand).to(work)
                 ok = torch.isfinite(val) & (val <= t0[idx] + armijo * t[idx] * slope[idx])
                 u[idx[ok]] = cand[ok]
                 todo[idx[ok]] = False

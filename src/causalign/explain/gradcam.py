@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import Tensor, nn
 
 from ..models import find_cam_layer
-from .base import Explainer, check_inputs, register_explainer
+from .base import Explainer, Target, check_inputs, eval_mode, register_explainer
 
 
 @register_explainer("gradcam")
 class GradCAM(Explainer):
     """ReLU(Σ_k α_k A_k) at `layer` (default: the model's `cam_layer` or last conv),
-    bilinearly upsampled to the input size; shape (N, 1, *spatial).
+    bilinearly upsampled to the input size; shape (N, 1, *spatial). Computed in eval mode
+    (every module's flag restored afterwards).
 
-    `create_graph=True` keeps it differentiable in the parameters (Captum `grad_kwargs`).
+    `create_graph=True` keeps it differentiable in the parameters (Captum `grad_kwargs`);
+    otherwise the map is detached (Captum's keeps the forward graph alive through the layer's
+    activations, and a backward from it would fill the parameters' `.grad`).
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module | None = None,
@@ -22,14 +26,18 @@ class GradCAM(Explainer):
         super().__init__(model)
         self.layer = layer if layer is not None else find_cam_layer(model)
         self.upsample = upsample
-        self._cam = LayerGradCam(model, self.layer)
 
-    def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
+    def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target)
         target = self._target(inputs, target)
+        create_graph = create_graph and torch.is_grad_enabled()  # no graph inside no_grad
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}
-        cam = self._cam.attribute(inputs, target=target, relu_attributions=True, **kwargs)
+        with eval_mode(self.model):
+            # a plain function hides a DataParallel model's devices from Captum: pass them on
+            cam = LayerGradCam(self._checked_model(target), self.layer,
+                               device_ids=getattr(self.model, "device_ids", None)).attribute(
+                inputs, target=target, relu_attributions=True, **kwargs)
         if self.upsample and cam.shape[2:] != inputs.shape[2:]:
             cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), "bilinear")
-        return cam
+        return cam if create_graph else cam.detach()

@@ -29,14 +29,19 @@ that keeps the graph (it equals the zennit map; tests check it). The other varia
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .base import Explainer, check_inputs, register_explainer
+from .base import (
+    Explainer,
+    Target,
+    check_inputs,
+    check_target_classes,
+    eval_mode,
+    register_explainer,
+)
 
 if TYPE_CHECKING:
     from zennit.core import Composite
@@ -94,15 +99,7 @@ def _composite(variant: str, canonizers: list, epsilon: float, gamma: float, low
     raise ValueError(f"unknown LRP variant '{variant}'")
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+_eval_mode = eval_mode  # the explainers' shared one (modes restored on errors)
 
 
 class LRP(Explainer):
@@ -123,7 +120,7 @@ class LRP(Explainer):
         return _composite(self.variant, canon, self.epsilon, self.gamma, self.low, self.high,
                           self.stabilizer)
 
-    def attribute(self, inputs: Tensor, target: Tensor | int | None = None,
+    def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target)
         if create_graph:
@@ -140,6 +137,7 @@ class LRP(Explainer):
         with torch.enable_grad(), _eval_mode(self.model), self.composite().context(self.model):
             x = inputs.detach().requires_grad_(True)
             logits = self.model(x)
+            check_target_classes(logits, target)
             onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
             # R at the output = the target logit, so relevance is in logit units.
             (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot * logits.detach())
@@ -216,7 +214,7 @@ def _epsilon_points(model: nn.Module) -> list[nn.Module]:
 
 
 def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
-                                  target: Tensor | int | None = None, epsilon: float = 1e-6,
+                                  target: Target = None, epsilon: float = 1e-6,
                                   create_graph: bool = False) -> Tensor:
     """LRP-ε as input ⊙ modified gradient, differentiable in θ with ``create_graph=True``.
 

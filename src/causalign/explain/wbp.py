@@ -44,7 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .base import Explainer, check_inputs, register_explainer
+from .base import (
+    Explainer,
+    Target,
+    as_target,
+    check_inputs,
+    check_target_classes,
+    register_explainer,
+)
 
 __all__ = ["WBP", "RescaleRule", "rescale_factor", "wbp_mode", "wbp_weights"]
 
@@ -259,30 +266,27 @@ def wbp_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _resolve_target(logits: Tensor, target: Tensor | int | None) -> Tensor:
+def _resolve_target(logits: Tensor, target: Target) -> Tensor:
     if logits.dim() != 2:
         raise ValueError(f"WBP needs (N, classes) logits, got shape {tuple(logits.shape)}")
+    target = as_target(target)
     if target is None:
         return logits.detach().argmax(dim=1)
     if isinstance(target, int):
-        return torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
-    target = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+        target = torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
+    target = target.to(logits.device).long().reshape(-1)
     if target.numel() == 1 and logits.shape[0] != 1:
         target = target.expand(logits.shape[0])
     if target.shape[0] != logits.shape[0]:
         raise InputError(f"target has {target.shape[0]} entries for {logits.shape[0]} inputs")
-    if target.numel():
-        lo, hi = torch.stack(target.aminmax()).tolist()  # one device sync, not two
-        if not 0 <= lo <= hi < logits.shape[1]:
-            raise InputError(f"target classes must lie in 0..{logits.shape[1] - 1}, got "
-                             f"{lo}..{hi}")
+    check_target_classes(logits, target)  # an int target too: gather would fail unreadably
     return target
 
 
 def wbp_weights(
     model: nn.Module,
     inputs: Tensor,
-    target: Tensor | int | None = None,
+    target: Target = None,
     create_graph: bool = False,
 ) -> Tensor:
     """W̃⁰[target]: the WBP saliency weights of each input's target logit, shaped like inputs.
@@ -308,7 +312,7 @@ class WBP(Explainer):
     """Weight Back Propagation map s_m(x) = W̃⁰[m] ⊙ x (seed 002, Eq. 7)."""
 
     def attribute(
-        self, inputs: Tensor, target: Tensor | int | None = None, create_graph: bool = False
+        self, inputs: Tensor, target: Target = None, create_graph: bool = False
     ) -> Tensor:
         check_inputs(inputs, target)
         weights = wbp_weights(self.model, inputs, target, create_graph=create_graph)

@@ -88,6 +88,7 @@ def implicit_gradient(
     hvp: HVPMode = "exact",
     fd_eps: float = 1e-3,
     cg_x0: Tensor | None = None,
+    cg_verify: bool = False,
 ) -> ImplicitResult:
     """dL/dθ for x* = argmin_x T(x, θ), given ``outer_grad`` = ∇ₓL at x*.
 
@@ -95,16 +96,29 @@ def implicit_gradient(
     batch; θ enters through closure and ``params`` lists the tensors to differentiate (leaves or
     intermediate tensors such as a predicted attribute vector). Unused params get zeros.
     ``hvp`` picks exact double-backward products or finite differences of ∇ₓT.
+    ``cg_verify`` checks CG's "converged" claim against the true residual when ``cg_tol`` is
+    below sqrt(machine eps) (see :func:`batched_cg`; exact products only).
     """
     if hvp not in ("exact", "finite-difference"):
         raise ValueError(f"hvp must be 'exact' or 'finite-difference', got {hvp!r}")
     if outer_grad.shape != x_star.shape:
         raise ValueError(f"outer_grad shape {tuple(outer_grad.shape)} != x* {tuple(x_star.shape)}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("implicit_gradient needs autograd; call it outside "
+                           "torch.inference_mode()")
     params = list(params)
 
     x = x_star.detach().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(inner_objective(x), x, create_graph=True)
+        t = inner_objective(x)
+        if not isinstance(t, Tensor) or t.numel() != 1:
+            raise ValueError(f"inner_objective must return a scalar (Σ_i T_i), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        g = None
+        if t.requires_grad:
+            (g,) = torch.autograd.grad(t.reshape(()), x, create_graph=True, allow_unused=True)
+    if g is None:  # autograd's own message would say "Set allow_unused=True"
+        raise ValueError("inner_objective does not depend on x: x* is no argmin of it")
 
     if hvp == "exact":
 
@@ -121,6 +135,9 @@ def implicit_gradient(
         max_iter=cg_max_iter,
         tol=cg_tol,
         damping=damping,
+        # finite-difference products are not a fixed linear map: their true residual
+        # measures the differencing noise (~fd_eps²), not the solve
+        verify=cg_verify and hvp == "exact",
     )
     v = cg.solution.detach()
 

@@ -1,13 +1,39 @@
 """Localisation of saliency maps against expert annotations (paper 000 §5.1).
 
 All functions take maps (N, *spatial) and binary annotations (N, *spatial) and return
-per-sample values, so callers choose which samples (e.g. annotated ones) to average.
+per-sample values, so callers choose which samples (e.g. annotated ones) to average. A
+singleton channel axis on either, (N, 1, *spatial), is accepted. Other shape differences
+and non-finite map values raise `InputError`: broadcasting would silently score every map
+against the first annotation, and a NaN pixel would silently score 0.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..errors import InputError
+
+
+def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
+    """(maps, annotation) with the same shape, or one clear error."""
+    if not isinstance(maps, Tensor) or not isinstance(annotation, Tensor):
+        raise InputError("maps and annotation must be tensors (N, *spatial)")
+
+    def squeeze(t: Tensor) -> Tensor:  # (N, 1, *spatial) → (N, *spatial)
+        return t[:, 0] if t.dim() > 2 and t.shape[1] == 1 else t
+
+    if maps.shape != annotation.shape:
+        maps, annotation = squeeze(maps), squeeze(annotation)
+    if maps.shape != annotation.shape or maps.dim() < 2:
+        raise InputError(f"maps {tuple(maps.shape)} and annotation {tuple(annotation.shape)} "
+                         f"must have the same shape (N, *spatial)")
+    if maps.is_floating_point():
+        n_bad = int((~torch.isfinite(maps)).sum())
+        if n_bad:
+            raise InputError(f"maps hold {n_bad} NaN/inf value(s); localisation of a "
+                             f"non-finite map is undefined")
+    return maps, annotation
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
@@ -29,6 +55,7 @@ def cam_precision(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> T
 
     An empty (constant) map selects no area and scores 0: it points at nothing annotated.
     """
+    maps, annotation = _check_pair(maps, annotation)
     norm, empty = normalize_maps(maps)
     sel = (norm >= threshold).flatten(1).float()
     ann = (annotation > 0).flatten(1).float()
@@ -40,6 +67,7 @@ def cam_precision(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> T
 
 def mass_in_mask(maps: Tensor, annotation: Tensor) -> Tensor:
     """Threshold-free share of saliency mass inside the annotation: Σ s·M / Σ s (s ≥ 0)."""
+    maps, annotation = _check_pair(maps, annotation)
     s = maps.clamp_min(0).flatten(1)
     total = s.sum(1)
     inside = (s * (annotation > 0).flatten(1).float()).sum(1)
@@ -51,6 +79,7 @@ def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
     pixels, with |A| the annotation's own size, the share inside A. Area-matched, so a map
     that is random scores about |A| / N whatever its density, and one confined to A scores 1.
     NaN where the annotation is empty. Ties are broken in ``torch.argsort`` order."""
+    maps, annotation = _check_pair(maps, annotation)
     flat = maps.flatten(1)
     ann = (annotation > 0).flatten(1)
     k = ann.sum(1)
@@ -64,6 +93,7 @@ def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
 
 def iou_dice(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
     """IoU and Dice between the binarised normalised map and the annotation."""
+    maps, annotation = _check_pair(maps, annotation)
     norm, empty = normalize_maps(maps)
     sel = ((norm >= threshold) & ~empty.view((-1,) + (1,) * (maps.dim() - 1))).flatten(1)
     ann = (annotation > 0).flatten(1)
