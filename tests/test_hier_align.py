@@ -83,6 +83,21 @@ def test_missing_attributes_skip_attribute_alignment():
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
 
 
+def test_a_sample_no_attribute_subset_explains_gets_no_attribute_alignment():
+    """CCCE gives no subset (−1) to a y = 1 row whose attributes are all 0: it has no r, so
+    its counterfactual must not be held to "change nothing" at the attribute level."""
+    method = build_method("hier-align", FAST)
+    model = _model(method)
+    b = _batch()
+    b["attributes"][1] = 0.0
+    method.fit_attribution(b["attributes"], b["label"])
+    subset = torch.from_numpy(method.attribution.subset)
+    assert subset[1] == -1
+    assert torch.equal(method.r_known, subset >= 0)
+    out = method(model, b)
+    assert out.parts["n_align_attr"] == float((subset >= 0).sum()) < 6.0
+
+
 def _polish(res):
     """Solve Eq. 6 to machine precision (L-BFGS from the generator's Adam solution)."""
     prob = res.problem

@@ -32,10 +32,25 @@ class BagNetMethod(Method):
     plain_forward = True  # forward passes only; backward() makes every gradient
 
     def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
+        from ..models import BAGNET_MODELS
+
         if len(info.image_shape) != 3:
             raise ConfigError("bagnet takes 2D images (C, H, W)")
-        return BagNet(info.in_channels, info.num_classes, width=cfg.width,
-                      patch=int(self.params.patch))
+        patch = int(self.params.patch)
+        # The method builds BagNet-q from method.patch: another --model (or a BagNet of
+        # another q) would be silently ignored and the run mislabelled.
+        if cfg.model in BAGNET_MODELS and BAGNET_MODELS[cfg.model] != patch:
+            raise ConfigError(f"method 'bagnet' builds BagNet-{patch} (method.patch={patch}) "
+                              f"but --model is {cfg.model}; set method.patch="
+                              f"{BAGNET_MODELS[cfg.model]} or leave --model at cnn7")
+        if cfg.model != "cnn7" and cfg.model not in BAGNET_MODELS:
+            raise ConfigError(f"method 'bagnet' builds its own model (BagNet-{patch}); "
+                              f"--model {cfg.model} is not supported (leave the default cnn7, "
+                              f"or use --method erm --model bagnet9|13|17|33)")
+        if min(info.image_shape[-2:]) < patch:
+            raise ConfigError(f"bagnet: images {tuple(info.image_shape[-2:])} are smaller than "
+                              f"its {patch} px patches (set a smaller method.patch)")
+        return BagNet(info.in_channels, info.num_classes, width=cfg.width, patch=patch)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         logits = model(self.model_input(batch))

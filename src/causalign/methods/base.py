@@ -10,6 +10,7 @@ are the valid ``method.<name>`` config keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,8 @@ class Method:
         if not volume and cfg.model in VOLUME_MODELS:
             raise CausalignError(f"model '{cfg.model}' takes volumes (C,D,H,W); this dataset "
                                  f"holds 2D images of shape {info.image_shape}")
-        return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width)
+        return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width,
+                           image_shape=info.image_shape)
 
     def classifier_autocast(self, device: torch.device | str) -> Any:
         """Context for a classifier forward that may run in bf16 when `amp` is on; keep
@@ -145,9 +147,14 @@ def params_diff(stored: dict[str, Any], current: dict[str, Any],
 
 
 def grad_norm(loss: Tensor, params: list[Tensor]) -> Tensor:
-    """‖∂loss/∂params‖ (the graph is kept for the step's real backward)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.sqrt(sum(g.square().sum() for g in grads if g is not None))
+    """‖∂loss/∂params‖ (the graph is kept for the step's real backward); 0 when no
+    parameter is trainable or none is used (a frozen f₁ or f₂ of hier-align), where
+    autograd would refuse an empty input list."""
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) \
+        if params and loss.requires_grad else ()
+    squares = [g.square().sum() for g in grads if g is not None]
+    return torch.sqrt(torch.stack(squares).sum()) if squares else loss.detach().new_zeros(())
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -182,10 +189,48 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
                           f"valid: {listed}")
     params = cls.Params(**args)
+    coerce_params(params)
     check = getattr(params, "validate", None)
     if callable(check):
         check()
     return cls(params)
+
+
+def coerce_params(params: Any) -> None:
+    """Convert each field of a ``Params`` dataclass to its default's type, in place.
+
+    `--set method.lam=1e-3` arrives as the string "1e-3" (YAML 1.1 reads only "1.0e-3" as a
+    number) and a YAML `steps: 10.0` as a float; without this, a method's ``validate``
+    compares a str with a number (a TypeError traceback) or ``int(17.5)`` silently truncates.
+    A value that does not convert, or a NaN/inf float (every weight, rate and threshold here
+    must be finite), raises a ConfigError naming the key."""
+    if not dataclasses.is_dataclass(params):
+        return
+    for f in dataclasses.fields(params):
+        value, default = getattr(params, f.name), f.default
+        if default is dataclasses.MISSING:
+            continue
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError
+            elif isinstance(default, int):
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                setattr(params, f.name, int(float(value)))
+            elif isinstance(default, float):
+                if isinstance(value, bool):
+                    raise ValueError
+                setattr(params, f.name, float(value))
+            elif isinstance(default, str):
+                if isinstance(value, (bool, float)):  # `target: no` -> False: not a name
+                    raise ValueError
+                setattr(params, f.name, str(value))
+        except (TypeError, ValueError, OverflowError):
+            kind = type(default).__name__
+            raise ConfigError(f"method.{f.name}: expected {kind}, got {value!r}") from None
+        if isinstance(default, float) and not math.isfinite(getattr(params, f.name)):
+            raise ConfigError(f"method.{f.name} must be a finite number, got {value!r}")
 
 
 def _load_builtin() -> None:

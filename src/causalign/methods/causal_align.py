@@ -35,7 +35,6 @@ solutions). Both are counted in the step's parts (hence in history.csv).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import CausalignError, ConfigError
 from ..explain.counterfactual import (
     DISTANCES,
     OPTIMIZERS,
@@ -58,7 +57,7 @@ from ..explain.counterfactual import (
     eval_mode,
 )
 from ..implicit import implicit_gradient
-from .base import LossOutput, Method, grad_norm, register_method
+from .base import LossOutput, Method, coerce_params, grad_norm, register_method
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -169,25 +168,7 @@ class CausalAlignParams:
     def _coerce(self) -> None:
         # `--set method.alpha=1e-3` arrives as the string "1e-3" (YAML 1.1 wants "1.0e-3"), a
         # YAML `steps: 10.0` as a float: convert to each field's type or name the bad key.
-        for f in dataclasses.fields(self):
-            value, default = getattr(self, f.name), f.default
-            try:
-                if isinstance(default, bool):
-                    if not isinstance(value, bool):
-                        raise ValueError
-                elif isinstance(default, int):
-                    if isinstance(value, bool) or float(value) != int(float(value)):
-                        raise ValueError
-                    setattr(self, f.name, int(float(value)))
-                elif isinstance(default, float):
-                    if isinstance(value, bool):
-                        raise ValueError
-                    setattr(self, f.name, float(value))
-                else:
-                    setattr(self, f.name, str(value))
-            except (TypeError, ValueError):
-                kind = type(default).__name__
-                raise ConfigError(f"method.{f.name}: expected {kind}, got {value!r}") from None
+        coerce_params(self)
 
 
 @dataclass
@@ -234,11 +215,21 @@ class CausalAlign(Method):
         self.cache = WarmStartCache()
         self.step = 0
         self._bn_stats: dict = {}
+        # setup() refuses a training split where no sample has the configured region (the
+        # trainer only checks for "a mask or a box"); hier-align's image level, whose masks
+        # are optional, turns this off.
+        self.require_region = True
 
     # ---------------------------------------------------------------- setup / state
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """Per-pixel distance scales and (latent space) the autoencoder, from training data."""
+        has_mask = getattr(train_set, "has_mask", None)
+        if self.require_region and self.params.region == "mask" and has_mask is not None \
+                and not bool(has_mask.any()):
+            # Box-only data: every step would skip L_align, i.e. train ERM under this name.
+            raise ConfigError("causal-align: method.region is 'mask' but no training sample "
+                              "has a pixel mask (only boxes); use --set method.region=box")
         device = next(model.parameters()).device
         if self.params.distance.startswith("scaled") and self.scale is None:
             self.scale = distance_scale(train_set.images, self.params.distance).to(device)
@@ -250,7 +241,15 @@ class CausalAlign(Method):
 
         path = self.params.autoencoder
         if path and Path(path).exists():
-            return load_autoencoder(path, device)
+            ae = load_autoencoder(path, device)
+            # A file fitted on other data (RGB vs grey) would fail deep inside a conv.
+            c = ae.config.get("in_channels") if isinstance(getattr(ae, "config", None), dict) \
+                else None
+            if c is not None and c != images.shape[1]:
+                raise CausalignError(f"{path}: autoencoder takes {c}-channel images; this "
+                                     f"data has {images.shape[1]} channel(s) (method."
+                                     f"autoencoder: train a new one, or give another file)")
+            return ae
         ae = train_autoencoder(images, device=device)
         if path:
             save_autoencoder(path, ae)

@@ -196,26 +196,31 @@ class HierAlign(Method):
     def __init__(self, params: HierAlignParams | None = None) -> None:
         super().__init__(params)
         self.pixel = CausalAlign(self.params.pixel_params())
+        self.pixel.require_region = False  # masks are optional here (attribute level only)
         self.attr = CausalAlign(self.params.attribute_params())
         self.attr.autoencoder = SigmoidCode()
         self.step = 0
         self.epoch = 1
         self.r_table: Tensor | None = None  # (n_train, p) bool: CCCE-causal attributes
-        self.r_known: Tensor | None = None  # (n_train,) bool: r defined (full evidence)
+        self.r_known: Tensor | None = None  # (n_train,) bool: r defined (full evidence, some effect)
         self.attribution = None  # CCCEResult on the training split
 
     # ---------------------------------------------------------------- model / setup
 
     def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
-        from ..models import HierarchicalModel, MLPHead, build_model
+        from ..models import VOLUME_MODELS, HierarchicalModel, MLPHead, build_model
 
         if not info.attributes:
             raise CausalignError("method 'hier-align' needs attribute annotations; this "
                                  "dataset declares none (attributes: [] in dataset.yaml)")
         if len(info.image_shape) == 4:
             raise CausalignError("method 'hier-align' takes 2D images (C,H,W)")
+        if cfg.model in VOLUME_MODELS:  # f₁ would fail on the first 2D batch
+            raise CausalignError(f"model '{cfg.model}' takes volumes (C,D,H,W); method "
+                                 f"'hier-align' takes 2D images (use a 2D --model)")
         p = len(info.attributes)
-        f1 = build_model(cfg.model, info.in_channels, p, width=cfg.width)
+        f1 = build_model(cfg.model, info.in_channels, p, width=cfg.width,
+                         image_shape=info.image_shape)
         f2 = MLPHead(p, info.num_classes, hidden=self.params.hidden)
         return HierarchicalModel(f1, f2)
 
@@ -244,7 +249,9 @@ class HierAlign(Method):
         res = causal_attribution(model, a, y, max_size=pm.ccce_max_size, tol=pm.ccce_tol)
         self.attribution = res
         self.r_table = torch.from_numpy(res.r)
-        self.r_known = torch.from_numpy(res.known)
+        # a row where no subset has a causal effect (subset −1) has no r to align to: leave it
+        # out rather than penalise every attribute change of its counterfactual
+        self.r_known = torch.from_numpy(res.known & (res.subset >= 0))
 
     def _r(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(r, r_known) for the batch's rows; without setup, attribution on this batch."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models import check_input_size
 from ..models.icnn import ICNN, filter_loss
 from .base import DataInfo, LossOutput, Method, register_method
 
@@ -41,6 +42,13 @@ class ICNNMethod(Method):
     def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
         if len(info.image_shape) != 3:
             raise ConfigError("icnn takes 2D images (C, H, W)")
+        if cfg.model != "cnn7":
+            # ICNN is its own architecture (the 7-layer CNN with an interpretable layer):
+            # silently training it under another --model would mislabel the run.
+            raise ConfigError(f"method 'icnn' builds its own model (the 7-layer CNN with an "
+                              f"interpretable layer); --model {cfg.model} is not supported "
+                              f"(leave the default cnn7)")
+        check_input_size("cnn7", info.image_shape)  # ICNN is the 7-layer CNN's body
         model = ICNN(info.in_channels, info.num_classes, width=cfg.width)
         model.interpretable.beta = self.params.beta
         return model
@@ -52,12 +60,19 @@ class ICNNMethod(Method):
         owner = model.filter_class  # (C_filters,) category of each filter
         if self.params.label_mask:
             layer.negative = y[:, None] != owner[None]
+        layer.record_maps = True
         try:
             logits = model(x)
+            maps = layer.last_maps
         finally:
             layer.negative = None
+            # The stored maps carry this step's autograd graph: left on the module they keep
+            # it alive until the next forward and make the model impossible to deepcopy
+            # (swa_utils.AveragedModel, copy.deepcopy: "Only Tensors created explicitly ...").
+            layer.record_maps = False
+            layer.last_maps = None
         ce = F.cross_entropy(logits, y)
         share = torch.stack([(y == k).float().mean() for k in range(model.num_outputs)])
-        floss = filter_loss(layer.last_maps, share[owner], self.params.beta).mean()
+        floss = filter_loss(maps, share[owner], self.params.beta).mean()
         total = ce + self.params.lam * floss
         return LossOutput(total, {"ce": float(ce.detach()), "filter": float(floss.detach())})

@@ -129,6 +129,8 @@ class PPIParams:
             raise ConfigError(f"method.shift_max must lie in (0, 1), got {self.shift_max}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"method.fraction must lie in (0, 1], got {self.fraction}")
+        if self.con_boost_epoch < 0:
+            raise ConfigError(f"method.con_boost_epoch must be >= 0, got {self.con_boost_epoch}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"method.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.fill not in FILLS:

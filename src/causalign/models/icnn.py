@@ -87,12 +87,16 @@ class InterpretableConv(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.relu = nn.ReLU()
         self.beta = beta
+        # Pre-mask maps of the last forward, kept only while `record_maps` is on (the ICNN
+        # method turns it on around its forward): they carry the autograd graph, which would
+        # otherwise stay alive on the module and make it impossible to deepcopy.
+        self.record_maps = False
         self.last_maps: Tensor | None = None
         self.negative: Tensor | None = None  # (N, C) bool: mask with T⁻ (train label mask)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.relu(self.conv(x))
-        self.last_maps = a
+        self.last_maps = a if self.record_maps else None
         out = template_mask(a, self.beta)
         if self.negative is not None and self.training:
             out = out * (~self.negative).to(out.dtype)[..., None, None]

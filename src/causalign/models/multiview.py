@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .cnn import SevenLayerCNN
 
 
@@ -88,11 +89,12 @@ class MultiViewCNN(nn.Module):
         return F.log_softmax(self.attention_act(a + self.delta) / self.temperature(), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        # InputError (a ValueError): a user's data problem, one line from the CLI
         if x.dim() != 5:
-            raise ValueError(f"MultiViewCNN takes volumes (N, C, D, H, W), got {tuple(x.shape)}")
+            raise InputError(f"MultiViewCNN takes volumes (N, C, D, H, W), got {tuple(x.shape)}")
         n, c, d, h, w = x.shape
         if d > self.max_slices:
-            raise ValueError(f"volume has {d} slices; this model embeds at most "
+            raise InputError(f"volume has {d} slices; this model embeds at most "
                              f"{self.max_slices} positions")
         slices = self.slices_used(n, d, x.device)
         k = slices.shape[1]
