@@ -8,9 +8,10 @@ import torch
 from causalign.data.synth import SynthConfig, generate
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _threads():
-    # Tiny tensors: one thread avoids oversubscription on the 2-core CI machine.
+    # Tiny tensors: one thread avoids oversubscription on the 2-core CI machine (intra-op
+    # threads only spin on them). Per module, so a test that changes it does not leak.
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -32,15 +32,6 @@ from causalign.models import SevenLayerCNN
 EXPLAINERS = ["gradcam", "gradient", "input-x-gradient", "wbp", "lrp-epsilon", "lrp-gamma"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only spin on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cnn(in_channels: int = 3) -> nn.Module:
     torch.manual_seed(0)
     model = SevenLayerCNN(in_channels, 2, width=4)

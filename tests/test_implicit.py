@@ -17,15 +17,6 @@ DT = torch.float64
 # --------------------------------------------------------------------------- batched CG
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors only: intra-op threads just spin on a shared CPU (20x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spd_batch(n: int, d: int, conds: list[float], seed: int = 0) -> torch.Tensor:
     """N SPD matrices with prescribed condition numbers (random eigenbases)."""
     gen = torch.Generator().manual_seed(seed)

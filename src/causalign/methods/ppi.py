@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..explain.base import eval_mode
 from .base import LossOutput, Method, register_method
 
 __all__ = ["PPI", "PPIParams", "soft_mask", "hard_mask", "box_mask", "topn_mask",
@@ -243,17 +244,6 @@ def derangement(n: int, device: torch.device | str | None = None,
     perm = torch.empty(n, dtype=torch.long)
     perm[order] = order.roll(-1)
     return perm.to(device)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextmanager
