@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -218,9 +219,12 @@ def train(
 
     `--resume` continues an interrupted run from its last checkpoint."""
     from .engine.config import TrainConfig, apply_overrides, load_config_file, parse_set
+    from .engine.trainer import RUN_METADATA
     from .engine.trainer import train as run_train
 
     values: dict = load_config_file(config) if config is not None else {}
+    for key in RUN_METADATA:  # a run's resolved config.yaml works as --config: its
+        values.pop(key, None)  # provenance (dataset, versions, resolved params) is no setting
     for key, val in (("method", method), ("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
                      ("seed", seed), ("model", model), ("device", device)):
         if val is not None:
@@ -235,9 +239,13 @@ def train(
     metrics = run_train(data, cfg, out, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
-    test = metrics.get("test", metrics["val"])
-    typer.echo(f"{cfg.method}: test accuracy {test['accuracy']:.3f}, "
-               f"cam_precision {_f(test.get('cam_precision'))}; metrics in {out}/metrics.json")
+    # a dataset without a test split reports val metrics: say so, not "test accuracy"
+    split = "test" if "test" in metrics else "val"
+    shown = metrics[split]
+    typer.echo(f"{cfg.method}: {split} accuracy {shown['accuracy']:.3f}, "
+               f"cam_precision {_f(shown.get('cam_precision'))}"
+               + ("" if split == "test" else " (no test split)")
+               + f"; metrics in {out}/metrics.json")
 
 
 def _f(v) -> str:
@@ -260,6 +268,8 @@ def evaluate(
     from .engine.trainer import load_run
     from .io import atomic_write_json
 
+    if out is not None and out.is_dir():  # fail before the evaluation, not after it
+        raise CausalignError(f"--out {out}: is a folder; give a file path for the metrics JSON")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = LesionDataset(data_path, split)
     dev = next(model.parameters()).device
@@ -378,6 +388,12 @@ def counterfactual(
         raise CausalignError(f"--smooth-sigma must be > 0, got {smooth_sigma}")
     if eps is not None and not eps > 0:
         raise CausalignError(f"--eps must be > 0, got {eps}")
+    # inf passed the generator's ">= 0" / "> 0" checks and ended as "lr": Infinity in
+    # summary.json (not valid JSON), every counterfactual diverged
+    for name, value in (("--alpha", alpha), ("--lr", lr), ("--smooth-sigma", smooth_sigma),
+                        ("--eps", eps)):
+        if value is not None and math.isinf(value):
+            raise CausalignError(f"{name} must be finite, got {value}")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     settings = settings_for_run(method, alpha=alpha, steps=steps, lr=lr, distance=distance,
                                 space=space, optimizer=optimizer, smooth_sigma=smooth_sigma,
@@ -425,6 +441,8 @@ def causal_ccce(
     from .causal.ccce import dataset_attribution_report, format_attribution_report
     from .io import atomic_write_json
 
+    if not (math.isfinite(tol) and tol >= 0):  # a negative tol admits no subset at all
+        raise CausalignError(f"--tol must be a finite number >= 0, got {tol}")
     rep = dataset_attribution_report(data, split, kind=model, max_size=max_size, tol=tol)
     if json_out is not None:
         atomic_write_json(json_out, rep)
@@ -446,6 +464,10 @@ def causal_pc(
     Runs on pooled image features, attributes and label; draws the graph (seed 000 App. C.5)."""
     from .causal.pc import run_pc_check
 
+    if components < 1:  # no feature node: the X -> A -> Y check has no X
+        raise CausalignError(f"--components must be >= 1, got {components}")
+    if not 0 < alpha < 1:  # causal-learn asserts it (an AssertionError traceback)
+        raise CausalignError(f"--alpha must lie in (0, 1), got {alpha}")
     rep = run_pc_check(run, split=split, data=data, n_components=components, alpha=alpha,
                        out=out, device=device)
     typer.echo(f"PC on {rep['n']} samples: {rep['n_edges']} edges "
@@ -513,6 +535,9 @@ def benchmark(
         seed_list = [int(x) for x in split(seeds)] if seeds else None
     except ValueError:
         raise CausalignError(f"--seeds expects integers, got '{seeds}'") from None
+    if seed_list is not None and any(s < 0 for s in seed_list):
+        # else every run fails alike, after overwriting the results of a finished OUT
+        raise CausalignError(f"--seeds must be >= 0, got '{seeds}'")
     st = load_suite(suite)
     if only or methods or seed_list is not None or datasets:
         st = select(st, split(only), split(methods), seed_list, split(datasets))

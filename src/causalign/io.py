@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -24,6 +25,8 @@ def _current_umask() -> int:
 
 def _atomic_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    if path.is_dir():  # os.replace would fail naming the temporary file, after the work
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

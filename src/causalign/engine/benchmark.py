@@ -127,6 +127,14 @@ def _as_list(v, what: str) -> list:
     raise ConfigError(f"{what}: expected a list, got {type(v).__name__}")
 
 
+def _seed(value: Any, experiment: str) -> int:
+    """A suite seed: a whole number >= 0 (int("a") was a traceback, int(1.5) silently 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"experiment '{experiment}': seeds must be whole numbers >= 0, "
+                          f"got {value!r}")
+    return value
+
+
 def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
     if not isinstance(raw, dict):
         raise ConfigError(f"suite {name}: expected a mapping")
@@ -177,7 +185,7 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                                   f"{{name, label, set}}")
         if not ds or not methods:
             raise ConfigError(f"experiment '{ename}': needs datasets and methods")
-        seeds = [int(s) for s in _as_list(e.get("seeds", [0]), f"{ename}.seeds")]
+        seeds = [_seed(s, ename) for s in _as_list(e.get("seeds", [0]), f"{ename}.seeds")]
         if not seeds:
             raise ConfigError(f"experiment '{ename}': seeds is empty (omit it for seed 0)")
         settings = e.get("settings") or {"default": {}}
@@ -199,8 +207,8 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
 def load_suite(name_or_path: str | Path) -> Suite:
     p = suite_path(name_or_path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # a binary file passed by mistake
         raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_suite(raw, p.parent, p.stem)
 
@@ -365,6 +373,13 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
               log: Callable[[str], None] = print) -> dict:
     """Run every missing run of the suite into OUT and write the results and tables."""
     out = Path(out)
+    if extra:
+        # an unknown key or bad value in --set would fail every run alike, and overwrite
+        # results.json/tables.md of a finished OUT with failures: stop before any output
+        try:
+            apply_overrides(TrainConfig(), extra)
+        except ConfigError as exc:
+            raise ConfigError(f"--set: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     specs = plan(suite, extra)
     t0 = time.perf_counter()
@@ -382,8 +397,9 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
                 bar.update(task, description=f"{spec.key}")
             if spec.skip_reason:
                 rec.update(status="skipped", reason=spec.skip_reason)
-            elif spec.error:
-                rec.update(status="failed", error=spec.error)
+            elif spec.error:  # invalid settings: error.txt too, where the CLI's summary
+                rec.update(status="failed", error=spec.error)  # line sends the reader
+                atomic_write_text(out / "runs" / spec.key / "error.txt", spec.error + "\n")
             else:
                 started = time.perf_counter()
                 try:
@@ -564,6 +580,10 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
     missing = [r for r in mine if r["status"] != "done"]
     for r in missing:
         notes.append(f"{r['key']}: {r['status']} — {r.get('error') or r.get('reason')}")
+    for r in mine:  # e.g. "no test split: test metrics omitted" (why its cells are empty)
+        note = (r.get("metrics") or {}).get("note") if r["status"] == "done" else None
+        if note:
+            notes.append(f"{r['key']}: {note}")
     seeds = sorted({r["seed"] for r in mine if r["status"] == "done"})
     if seeds:
         notes.insert(0, f"mean (std) over seeds {', '.join(map(str, seeds))}; best per "

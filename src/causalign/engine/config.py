@@ -16,6 +16,10 @@ import yaml
 
 from ..errors import ConfigError
 
+_INT32_MAX = 2**31 - 1  # torch.set_num_threads takes a C int
+_INT64_MAX = 2**63 - 1  # tensor sizes, loop bounds
+_SEED_MAX = 2**64 - 1  # torch.manual_seed's range (uint64)
+
 
 @dataclass
 class TrainConfig:
@@ -76,6 +80,12 @@ class TrainConfig:
                               f"{self.threads}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        # Python ints are unbounded, torch's are not: a value past its C type would surface
+        # as "Overflow when unpacking long" deep inside torch (a traceback, not a message).
+        for name, top in (("seed", _SEED_MAX), ("threads", _INT32_MAX), ("width", _INT64_MAX),
+                          ("epochs", _INT64_MAX), ("batch_size", _INT64_MAX)):
+            if getattr(self, name) > top:
+                raise ConfigError(f"{name} must be <= {top}, got {getattr(self, name)}")
         from ..models import MODEL_NAMES
 
         if self.model not in MODEL_NAMES:
@@ -176,8 +186,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # a binary file passed by mistake
         raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys")

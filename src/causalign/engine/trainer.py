@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 import warnings
 from contextlib import nullcontext
@@ -33,13 +34,25 @@ from .progress import progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+# what `Trainer._save_state` writes and `_load_state` needs
+_CHECKPOINT_KEYS = ("epoch", "best_epoch", "best_score", "history", "model", "optimizer", "rng")
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:K as a torch.device; anything else, or a CUDA device this
+    machine lacks, is a user error (torch.device's own is a RuntimeError listing backends)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CausalignError(f"device '{name}' requested but CUDA is not available")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "cpu" and match is None:
+        raise CausalignError(f"device must be auto, cpu or cuda[:k], got '{name}'")
+    if match is not None:
+        if not torch.cuda.is_available():
+            raise CausalignError(f"device '{name}' requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if match.group(1) is not None and int(match.group(1)) >= count:
+            raise CausalignError(f"device '{name}': this machine has {count} CUDA device(s) "
+                                 f"(cuda:0…cuda:{count - 1})")
     return torch.device(name)
 
 
@@ -127,6 +140,18 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
         raise CausalignError(f"init: {path} does not fit this model ({first})") from None
 
 
+def _same_dataset(a: Path, b: Path) -> bool:
+    """The same folder, or a copy of it (identical dataset.yaml and manifest.csv)."""
+    from ..data.format import MANIFEST, META
+
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return all((a / f).read_bytes() == (b / f).read_bytes() for f in (META, MANIFEST))
+    except OSError:
+        return False
+
+
 def data_info(ds: LesionDataset) -> DataInfo:
     return DataInfo(in_channels=ds.image_shape[0], num_classes=ds.num_classes,
                     image_shape=ds.image_shape, attributes=list(ds.meta.attributes))
@@ -168,12 +193,27 @@ class Trainer:
 
     def _check_out_dir(self) -> None:
         ckpt = self.out / CHECKPOINT
+        if self.out.exists() and not self.out.is_dir():
+            raise CausalignError(f"{self.out}: exists and is not a folder")
         if ckpt.exists() and not self.resume:
             raise CausalignError(f"{self.out}: already holds a run (pass --resume to continue "
                                  f"it, or choose another --out)")
-        if self.out.exists() and not self.out.is_dir():
-            raise CausalignError(f"{self.out}: exists and is not a folder")
+        # metrics.json without checkpoint.pt: a finished run whose checkpoint was deleted
+        # (evaluate needs only best.pt); training into it would silently replace it. (A
+        # best.pt alone is a run killed in its first epoch, between the two saves: restart.)
+        if (self.out / "metrics.json").exists() and not ckpt.exists():
+            raise CausalignError(f"{self.out}: already holds a finished run (metrics.json) "
+                                 f"without {CHECKPOINT} to resume from; choose another --out")
         if self.resume and ckpt.exists():
+            stored = read_run_config(self.out).get("data")
+            # another dataset would silently continue (and finally evaluate) the run on it,
+            # while config.yaml still names the first; a stored path that no longer exists
+            # is a moved dataset, and a copy (same manifest) is the same data: both may go on
+            if (isinstance(stored, str) and Path(stored).is_dir()
+                    and not _same_dataset(Path(stored), self.data)):
+                raise CausalignError(f"{self.out}: --resume continues the stored run, but it "
+                                     f"was trained on {stored}, not {self.data} (use a new "
+                                     f"--out)")
             diffs = settings_diff(self.out, self.cfg, self.method)
             if diffs:
                 raise CausalignError(f"{self.out}: --resume continues the stored run, but these "
@@ -230,6 +270,11 @@ class Trainer:
             resuming = D.broadcast_object(resuming)
         if resuming:
             self._load_state()
+            if self.dist.is_main:
+                # history.csv from the checkpoint's rows at once: a kill between writing the
+                # two leaves a row the checkpoint lacks, and a resumed finished run trains
+                # no epoch that would rewrite a deleted or stale file
+                self._write_history()
         elif self.dist.is_main:
             resolved = {
                 "data": str(self.data.resolve()),
@@ -301,6 +346,14 @@ class Trainer:
             ckpt = D.broadcast_object(ckpt)
         else:
             ckpt = load_checkpoint(self.out / CHECKPOINT, map_location=self.device)
+        path = self.out / CHECKPOINT
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:  # e.g. a best.pt copied over it: weights only, no optimizer or RNG state
+            raise CausalignError(f"{path}: not a training checkpoint (no {', '.join(missing)})")
+        problem = state_dict_mismatch(self.model, ckpt["model"])
+        if problem is not None:  # config.yaml edited after the checkpoint was written
+            raise CausalignError(f"{path}: does not fit the model that {self.out / 'config.yaml'}"
+                                 f" describes ({problem[1]}); use a new --out")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
@@ -535,21 +588,49 @@ def train(data: str | Path, cfg: TrainConfig, out: str | Path, resume: bool = Fa
     return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
 
 
-def stored_config(run: Path) -> TrainConfig:
-    """The resolved TrainConfig saved in RUN/config.yaml."""
+RUN_METADATA = ("data", "causalign_version", "torch_version", "method_params")
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """RUN/config.yaml as a mapping. A missing, empty, unreadable or non-mapping file is a
+    user error naming the file (it is hand-editable, and an edit must not end in a
+    traceback or, worse, in silently used defaults)."""
     path = Path(run) / "config.yaml"
-    if not path.exists():
+    if not path.is_file():
         raise CausalignError(f"{path}: missing (not a causalign run folder)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for k in ("data", "causalign_version", "torch_version", "method_params"):
-        raw.pop(k, None)
-    return TrainConfig(**raw)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CausalignError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise CausalignError(f"{path}: not a run configuration (expected a mapping of "
+                             f"settings, got {'nothing' if not raw else type(raw).__name__})")
+    return raw
+
+
+def stored_config(run: Path) -> TrainConfig:
+    """The resolved TrainConfig saved in RUN/config.yaml (validated: an edited file with an
+    unknown key or a bad value is reported as one line naming the file)."""
+    from .config import apply_overrides, valid_keys
+
+    path = Path(run) / "config.yaml"
+    raw = {k: v for k, v in read_run_config(run).items() if k not in RUN_METADATA}
+    unknown = sorted(str(k) for k in raw if k not in valid_keys() and k != "method_args")
+    if unknown:
+        raise CausalignError(f"{path}: unknown setting(s) {', '.join(unknown)} (edited, or "
+                             f"written by another causalign version?)")
+    try:
+        # missing keys keep their defaults (files from versions without them)
+        return apply_overrides(TrainConfig(), raw)
+    except CausalignError as exc:
+        raise CausalignError(f"{path}: {exc}") from None
 
 
 def stored_method_params(run: Path) -> dict | None:
     """The method's resolved hyper-parameters saved with RUN (None for runs from versions
     that did not store them)."""
-    raw = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    raw = read_run_config(run)
     params = raw.get("method_params")
     return params if isinstance(params, dict) else None
 
@@ -590,13 +671,16 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
 
     `data` overrides the dataset the run was trained on (e.g. another site)."""
     run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise CausalignError(f"{run}: is a file, not a run folder")
     if not run.is_dir():
         raise CausalignError(f"{run}: run folder does not exist")
-    cfg_path = run / "config.yaml"
-    if not cfg_path.exists():
-        raise CausalignError(f"{cfg_path}: missing (not a causalign run folder)")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
-    data_path = Path(data) if data is not None else Path(raw.get("data", ""))
+    raw = read_run_config(run)
+    stored_data = raw.get("data")
+    if data is None and not (isinstance(stored_data, str) and stored_data):
+        # Path("") is ".", which would load whatever dataset the current folder holds
+        raise CausalignError(f"{run / 'config.yaml'}: names no dataset (pass --data DIR)")
+    data_path = Path(data) if data is not None else Path(stored_data)
     if data is None and not data_path.is_dir():
         raise CausalignError(f"{data_path}: the run's dataset folder does not exist (moved? "
                              f"pass --data DIR)")
@@ -605,6 +689,8 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
     method = build_method(cfg.method, cfg.method_args)
     weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT
     state = load_checkpoint(weights, map_location=dev)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CausalignError(f"{weights}: not a causalign checkpoint (no model weights)")
     info = data_info_from_disk(data_path)
     model = method.build_model(cfg, info).to(dev)
     _load_run_weights(model, state["model"], weights, data_path, info)

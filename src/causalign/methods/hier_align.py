@@ -202,7 +202,7 @@ class HierAlign(Method):
         self.step = 0
         self.epoch = 1
         self.r_table: Tensor | None = None  # (n_train, p) bool: CCCE-causal attributes
-        self.r_known: Tensor | None = None  # (n_train,) bool: r defined (full evidence, some effect)
+        self.r_known: Tensor | None = None  # (n_train,) bool: r defined (evidence, an effect)
         self.attribution = None  # CCCEResult on the training split
 
     # ---------------------------------------------------------------- model / setup

@@ -14,12 +14,16 @@ import datetime as _dt
 import html
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import CausalignError
 from ..io import atomic_write_text
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 CASES = 6
 CF_CASES = 4
@@ -74,7 +78,6 @@ def _pick_runs(results: dict, dataset: str) -> dict[str, dict]:
 
 def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASES) -> bool:
     """Grad-CAM of the predicted class, method × the same test cases (paper 000 Fig. 4)."""
-    from ..data.format import LesionDataset
     from ..engine.trainer import load_run
     from ..explain import get_explainer, saliency_map
     from .figures import cam_grid
@@ -84,7 +87,7 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         return False
     first = next(iter(runs.values()))
     _, _, _, data = load_run(out / first["run_dir"], device="cpu")
-    test = LesionDataset(data, "test")
+    test = _figure_split(data)
     if len(test.image_shape) != 3:
         return False
     n = min(n, len(test))
@@ -105,12 +108,26 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         cam = saliency_map(get_explainer("gradcam", model).attribute(x, target=pred))
         maps[label] = cam.detach().float().numpy()
         if titles is None:
-            titles = [f"y={int(batch['label'][i])}" for i in range(len(idx))]
+            titles = [f"y={int(batch['label'][i])}{_split_tag(test)}" for i in range(len(idx))]
     if not maps:
         return False
     cam_grid(batch["image"].numpy(), batch["box_mask"][:, 0].numpy(), maps, path,
              row_titles=titles)
     return True
+
+
+def _figure_split(data: Path) -> LesionDataset:
+    """The test split, or val when the dataset has no test split (allowed: training then
+    reports val metrics only), so the report still shows the models instead of an error."""
+    from ..data.format import LesionDataset
+    from ..engine.trainer import _optional_split
+
+    split = _optional_split(data, "test")
+    return split if split is not None else LesionDataset(data, "val")
+
+
+def _split_tag(ds: LesionDataset) -> str:
+    return "" if ds.split == "test" else f" ({ds.split})"
 
 
 def _balanced(order: list[int], labels, n: int) -> list[int]:
@@ -129,7 +146,6 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
                           n: int = CF_CASES) -> str | None:
     """Triptychs original | x* | x* − x for the preferred method's run (paper 000 Fig. 9);
     returns the label of the run shown."""
-    from ..data.format import LesionDataset
     from ..engine.trainer import load_run
     from ..explain.counterfactual import CounterfactualGenerator
     from ..explain.counterfactual_export import settings_for_run
@@ -153,7 +169,7 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     settings = settings_for_run(method)
     if settings.space != "pixel" or settings.distance.startswith("scaled"):
         settings.space, settings.distance = "pixel", "l1"  # no extra training for a figure
-    test = LesionDataset(data, "test")
+    test = _figure_split(data)
     if len(test.image_shape) != 3:
         return None
     order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
@@ -172,7 +188,7 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     res = gen.generate(x[valid], target=target[valid])
     region = torch.where(batch["has_mask"].view(-1, 1, 1, 1), batch["mask"],
                          batch["box_mask"])[valid][:, 0]
-    titles = [f"{int(p)}→{int(t)}" + ("" if bool(f) else " (no flip)")
+    titles = [f"{int(p)}→{int(t)}{_split_tag(test)}" + ("" if bool(f) else " (no flip)")
               for p, t, f in zip(pred[valid], res.target, res.flipped, strict=True)]
     counterfactual_grid(x[valid].numpy(), res.x_star.numpy(), region.numpy(), path,
                         row_titles=titles)
