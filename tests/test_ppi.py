@@ -310,3 +310,15 @@ def test_bench_step_ppi(capsys):
                  "--steps", "1", "--warmup", "0", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "ppi" and result["ratio_to_erm"] > 0
+
+
+def test_gradcam_saliency_on_a_one_pixel_cam_layer_is_refused(tiny_data, tmp_path):
+    """resnet18 at 32 px ends in a 1x1 feature map: its Grad-CAM is constant, so PPI's mask
+    would cover every image (mask_area 1.0) and train on nothing."""
+    from causalign.engine import TrainConfig, train
+
+    cfg = TrainConfig(method="ppi", model="resnet18", epochs=1, batch_size=16,
+                      method_args={"saliency": "gradcam"})
+    with pytest.raises(ConfigError, match="Grad-CAM layer is 1x1 at 32x32 px"):
+        train(tiny_data, cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "history.csv").exists()

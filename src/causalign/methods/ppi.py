@@ -66,6 +66,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..explain.base import eval_mode
 from .base import LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 __all__ = ["PPI", "PPIParams", "soft_mask", "hard_mask", "box_mask", "topn_mask",
            "normalize_saliency", "contrast_loss", "shift_masks"]
@@ -276,6 +280,34 @@ class PPI(Method):
     def __init__(self, params: PPIParams | None = None) -> None:
         super().__init__(params)
         self.epoch = 0
+
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
+        """Refuse Grad-CAM saliency whose layer is one pixel at this image size (resnet18 at
+        32 px): its upsampled map is constant, so every intervention mask would cover the whole
+        image and PPI would train on nothing."""
+        if self.params.saliency != "gradcam" or len(train_set) == 0:
+            return
+        from ..models import find_cam_layer
+
+        seen: dict[str, tuple[int, ...]] = {}
+
+        def record(_m: nn.Module, _i: object, out: Tensor) -> None:
+            seen.setdefault("shape", tuple(out.shape[2:]))
+
+        handle = find_cam_layer(model).register_forward_hook(record)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in train_set.batch(torch.arange(1)).items()}
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(self.model_input(batch))
+        finally:
+            handle.remove()
+        cam = seen.get("shape", ())
+        if cam and min(cam) < 2:
+            size = "x".join(str(d) for d in batch["image"].shape[2:])
+            raise ConfigError(f"method.saliency=gradcam: this model's Grad-CAM layer is "
+                              f"{'x'.join(map(str, cam))} at {size} px images, so every map is "
+                              f"constant; use method.saliency=wbp or larger images")
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
