@@ -129,12 +129,18 @@ class DatasetWriter:
     >>> w.close()
     """
 
-    def __init__(self, root: str | Path, meta: DatasetMeta, image_format: str = "png") -> None:
+    def __init__(self, root: str | Path, meta: DatasetMeta, image_format: str = "png",
+                 png_bits: int = 8) -> None:
         if image_format not in ("png", "npy"):
             raise DataError(f"image format must be png or npy, got '{image_format}'")
+        if png_bits not in (8, 16):
+            raise DataError(f"png_bits must be 8 or 16, got {png_bits!r}")
         self.root = Path(root)
         self.meta = meta
         self.image_format = image_format
+        # float images in [0, 1] become 8- or 16-bit PNGs; 16 keeps a 12/16-bit source's
+        # levels (8 bits keep 256). uint8/uint16 arrays are stored as they are.
+        self.png_bits = png_bits
         self.rows: list[SampleRecord] = []
         self._ids: set[str] = set()
         (self.root / "images").mkdir(parents=True, exist_ok=True)
@@ -171,7 +177,7 @@ class DatasetWriter:
             raise DataError(f"sample {sid}: {int((~np.isfinite(image)).sum())} NaN/inf "
                             f"pixel value(s)")
         img_rel = f"images/{sid}.{fmt}"
-        save_array(self.root / img_rel, image, fmt)
+        save_array(self.root / img_rel, image, fmt, bits=self.png_bits)
         mask_rel = None
         if mask is not None:
             mask_rel = f"masks/{sid}.{'png' if mask.ndim == 2 else 'npy'}"
@@ -193,8 +199,9 @@ class DatasetWriter:
         write_manifest(self.root, self.meta, self.rows)
 
 
-def save_array(path: Path, array: np.ndarray, fmt: str | None) -> None:
-    """Save an image/mask: PNG for 2D arrays (uint8/uint16 kept, floats in [0,1] → uint8)."""
+def save_array(path: Path, array: np.ndarray, fmt: str | None, bits: int = 8) -> None:
+    """Save an image/mask: PNG for 2D arrays (uint8/uint16 kept; other arrays, floats in
+    [0, 1], → uint8, or uint16 with `bits` 16 — read back as value / 255 or / 65535)."""
     fmt = fmt or ("png" if array.ndim == 2 else "npy")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npy":
@@ -203,7 +210,10 @@ def save_array(path: Path, array: np.ndarray, fmt: str | None) -> None:
     from PIL import Image
 
     if array.dtype not in (np.uint8, np.uint16):
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if bits == 16 and array.ndim == 2:  # PIL writes 16-bit PNGs for gray images only
+            array = (np.clip(array, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+        else:
+            array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     Image.fromarray(array).save(path)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ...errors import DataError
 from ..format import DatasetMeta
-from .util import SkipItem
+from .util import IntensityScale, SkipItem
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -41,7 +41,8 @@ class CommonOptions:
 
     size: output side in pixels (images are made square). seed: split/randomness seed.
     shortcut: add the paper's synthetic shortcut to training images (see `run.add_shortcut`).
-    image_format: png (8-bit) or npy (float32) for 2D images. limit: import at most this many
+    image_format: png (8-bit; 16-bit when a source image has more than 8 bits, see
+    `util.IntensityScale`) or npy (float32) for 2D images. limit: import at most this many
     units (images, series, subjects…) per split, for a quick look at a big dataset.
     """
 
@@ -125,6 +126,9 @@ class Importer:
         self.notes: dict[str, int] = {}  # counted remarks (not skips), e.g. "mask resized"
         self.unit_notes: dict[str, int] | None = None  # set by the runner around process()
         self.details: dict[str, Any] = {}  # importer-specific summary entries
+        # the import's one rule for pixel values that are not 8-bit (set by plan() when the
+        # importer reads such files; see util.IntensityScale). None: 8-bit sources only.
+        self.scale: IntensityScale | None = None
 
     # -- to implement
     def plan(self) -> list[Unit]:

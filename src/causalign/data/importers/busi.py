@@ -45,6 +45,7 @@ from .util import (
     read_mask,
     rel,
     safe_id,
+    scan_intensity,
     unique_id,
 )
 
@@ -175,7 +176,11 @@ class BusiImporter(Importer):
             sid = unique_id(sid, used)
             units.append(Unit(key=f"{self.classes[k]}/{path.name}", split=split_of[group_of[i]],
                               source=names[i], payload=(sid, k, path, ms)))
-        return self.limit_units(units)
+        units = self.limit_units(units)
+        # one intensity rule for the import (BUSI is 8-bit; a 16-bit export is scaled by
+        # the import's bit depth, never per image). The hashes above are scale invariant.
+        self.scale = scan_intensity(u.payload[2] for u in units)
+        return units
 
     def meta(self) -> DatasetMeta:
         return DatasetMeta(
@@ -188,7 +193,7 @@ class BusiImporter(Importer):
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         sid, k, path, mask_paths = unit.payload
-        img = read_image(path, "L")
+        img = read_image(path, "L", self.scale)
         merged = np.zeros(img.shape, bool)
         for mp in mask_paths:
             m = read_mask(mp)

@@ -16,7 +16,11 @@ image, x1/y1 exclusive); ``site``; ``group`` (e.g. a patient id: a group never s
 splits); ``attr_<name>`` (binary attributes, 0/1, empty = not annotated).
 
 Images are converted to gray (`--color gray`, default) or RGB, made square by zero padding
-and resized to `--size`. An all-zero mask is stored as no mask. Random splits are stratified
+and resized to `--size`. Intensities: 8-bit files → value / 255; one rule for the whole
+import scales deeper files (16-bit PNG/TIFF and uint16 NPY by the bit depth of the largest
+value of the import, e.g. 12-bit data / 4095; float NPY outside [0, 1] by the import's
+range), never by an image's own maximum, and such imports store 16-bit PNGs (see
+`util.IntensityScale`). An all-zero mask is stored as no mask. Random splits are stratified
 by class and drawn with `--seed` at group level.
 
 Skipped with a reason: a CSV row pointing to a missing file, unreadable images or masks, a
@@ -48,6 +52,7 @@ from .util import (
     read_mask,
     rel,
     safe_id,
+    scan_intensity,
     unique_id,
     walk,
 )
@@ -114,7 +119,11 @@ class FolderImporter(Importer):
                  for it in fixed + free]
         order = {it.sid: i for i, it in enumerate(items)}
         units.sort(key=lambda u: order[u.key])
-        return self.limit_units(units)
+        units = self.limit_units(units)
+        # one intensity rule for the whole import (16-bit depth, float range), decided
+        # before any image is written; recomputed identically when an import resumes
+        self.scale = scan_intensity(u.payload.image for u in units)
+        return units
 
     # ------------------------------------------------------------------ tree
     def _plan_tree(self) -> list[_Item]:
@@ -250,7 +259,7 @@ class FolderImporter(Importer):
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         it: _Item = unit.payload
-        img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L")
+        img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L", self.scale)
         spatial = img.shape[-2:]
         mask = None
         if it.masks:

@@ -81,6 +81,7 @@ from ..format import SPLITS, DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .dicom import dicom_files, pydicom_module, read_header, read_pixels
 from .util import (
+    IntensityScale,
     SkipItem,
     assign_splits,
     box_of_mask,
@@ -93,6 +94,7 @@ from .util import (
     resize,
     resize_mask,
     safe_id,
+    scan_intensity,
     unique_id,
     walk,
     window,
@@ -622,7 +624,12 @@ class LidcImporter(Importer):
             it["id"] = unique_id(it["id"], used)
             units.append(Unit(key=it["row"], split=it["split"] or split_of[it["patient"]],
                               source=f"{it['row']} ({rel(it['image'], self.src)})", payload=it))
-        return self.limit_units(units)
+        units = self.limit_units(units)
+        # image-file patches (not NPY, which follow the HU rule of _read_patch): one
+        # intensity rule for the import, e.g. 16-bit PNGs by the import's bit depth
+        self.scale = scan_intensity(u.payload["image"] for u in units
+                                    if u.payload["image"].suffix.lower() != ".npy")
+        return units
 
     def _csv_label(self, row: dict, col: str) -> int | None:
         opts: LidcOptions = self.opts
@@ -647,7 +654,7 @@ class LidcImporter(Importer):
     def _process_patch(self, unit: Unit) -> Iterator[Sample | Skipped]:
         opts: LidcOptions = self.opts
         it = unit.payload
-        img = _read_patch(it["image"], opts.window_range())
+        img = _read_patch(it["image"], opts.window_range(), self.scale)
         mask = None
         if it["masks"]:
             ms = [read_mask(m) for m in it["masks"]]
@@ -698,9 +705,10 @@ def _scores(cell: str) -> list[float]:
     return [v for v in out if not math.isnan(v)]
 
 
-def _read_patch(path: Path, win: tuple[float, float]) -> np.ndarray:
+def _read_patch(path: Path, win: tuple[float, float], scale: IntensityScale | None = None
+                ) -> np.ndarray:
     if path.suffix.lower() != ".npy":
-        return read_image(path, "L")
+        return read_image(path, "L", scale)
     if not path.exists():
         raise SkipItem("missing file", str(path))
     try:

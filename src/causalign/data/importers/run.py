@@ -65,6 +65,13 @@ def run_import(
     meta.info.setdefault("importer", kind)
     meta.info.setdefault("source", str(src.resolve()))
     meta.info["options"] = state["options"]
+    # sources deeper than 8 bits: the import's intensity rule, and 16-bit PNGs (8 bits
+    # would keep 256 of a 12-bit image's 4096 levels); 8-bit imports are unchanged
+    png_bits = 16 if importer.scale is not None and importer.scale.high_depth else 8
+    if png_bits == 16:
+        stored = ("gray PNG images stored with 16 bits (RGB: 8)" if opts.image_format == "png"
+                  else "images stored as float32 NPY")
+        meta.info["intensity"] = f"{importer.scale.describe()}; {stored}"
     if opts.shortcut != "none":
         meta.info["shortcut"] = opts.shortcut
         meta.info["shortcut_in"] = ["train"]
@@ -88,7 +95,7 @@ def run_import(
                 reused += 1
             else:
                 importer.unit_notes = {}
-                recs, sk, complete = _process_unit(importer, unit, out, meta, opts)
+                recs, sk, complete = _process_unit(importer, unit, out, meta, opts, png_bits)
                 records[unit.key], skips[unit.key] = recs, sk
                 notes[unit.key], importer.unit_notes = importer.unit_notes, None
                 if complete:
@@ -206,8 +213,8 @@ def _files_ok(out: Path, recs: list[dict]) -> bool:
 # ----------------------------------------------------------------------------- one unit
 
 
-def _process_unit(importer: Importer, unit, out: Path, meta: DatasetMeta, opts
-                  ) -> tuple[list[dict], list[dict], bool]:
+def _process_unit(importer: Importer, unit, out: Path, meta: DatasetMeta, opts,
+                  png_bits: int = 8) -> tuple[list[dict], list[dict], bool]:
     """Write a unit's samples; returns (rows, skips, complete). A unit that raised SkipItem
     is not journaled, so a rerun tries it again (the user may have fixed the file)."""
     recs: list[dict] = []
@@ -227,13 +234,15 @@ def _process_unit(importer: Importer, unit, out: Path, meta: DatasetMeta, opts
             skips.append(item.to_dict())
             continue
         try:
-            recs.append(_write_sample(out, item, meta, opts))
+            recs.append(_write_sample(out, item, meta, opts, png_bits))
         except SkipItem as exc:
             skips.append(Skipped(item.id, exc.reason, exc.detail).to_dict())
     return recs, skips, True
 
 
-def _write_sample(out: Path, s: Sample, meta: DatasetMeta, opts) -> dict:
+def _write_sample(out: Path, s: Sample, meta: DatasetMeta, opts, png_bits: int = 8) -> dict:
+    """Write one sample's files; PNG images with `png_bits` (8, or 16 for an import with
+    sources deeper than 8 bits: 8 bits would keep only 256 of a 12-bit image's levels)."""
     img = np.asarray(s.image, dtype=np.float32)
     if not np.isfinite(img).all():
         raise SkipItem("NaN/inf pixels", f"sample {s.id}")
@@ -250,9 +259,12 @@ def _write_sample(out: Path, s: Sample, meta: DatasetMeta, opts) -> dict:
     gray_or_rgb = img.ndim == 2 or (img.ndim == 3 and img.shape[0] == 3)
     if spatial_nd == 2 and opts.image_format == "png" and gray_or_rgb:
         image_rel = f"images/{s.id}.png"
-        u8 = (img * 255.0 + 0.5).astype(np.uint8)
-        _save_png(out / image_rel, np.moveaxis(u8, 0, -1) if u8.ndim == 3 else u8)
-        shape = list(u8.shape if u8.ndim == 2 else (*u8.shape[1:], 3))
+        if png_bits == 16 and img.ndim == 2:
+            q = (img * 65535.0 + 0.5).astype(np.uint16)
+        else:  # PIL cannot write 16-bit RGB PNGs: colour images keep 8 bits
+            q = (img * 255.0 + 0.5).astype(np.uint8)
+        _save_png(out / image_rel, np.moveaxis(q, 0, -1) if q.ndim == 3 else q)
+        shape = list(q.shape if q.ndim == 2 else (*q.shape[1:], 3))
     else:
         image_rel = f"images/{s.id}.npy"
         _save_npy(out / image_rel, img)

@@ -7,7 +7,8 @@ import importlib
 import math
 import os
 import re
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,106 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+_PIL_INT_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit (and 32-bit integer) gray images
 
 
-def read_image(path: Path, mode: str = "L") -> np.ndarray:
-    """Read PNG/JPEG/BMP/TIFF (via PIL) or NPY as float32: mode "L" → (H,W) gray,
-    "RGB" → (3,H,W). 8/16-bit files are scaled to [0,1]; other NPY arrays are min-max scaled.
+@dataclass(frozen=True)
+class IntensityScale:
+    """How one import maps pixel values that are not 8-bit to [0, 1] — the same rule for
+    every image of the import, so brightness never depends on an image's own content.
+
+    - 8-bit sources (uint8 NPY, 8-bit PNG/JPEG/BMP/TIFF): value / 255, always.
+    - Unsigned integer sources of more than 8 bits (16-bit PNG/TIFF, uint16 NPY): value /
+      `int_max`, where `int_max` = 2^bits − 1 for the smallest bit depth (≥ 8) that holds
+      the largest value of all such images of the import (`scan_intensity`): 12-bit data
+      stored in 16-bit files (mammograms, ultrasound exports) spans [0, 1], and a dark
+      image stays dark next to a bright one.
+    - Float (and signed integer) NPY / float TIFF sources: kept as they are when every
+      such image of the import lies within [0, 1]; otherwise (value − lo) / (hi − lo) with
+      lo/hi the minimum/maximum over all of them (`float_range`).
+
+    `high_depth` is true when some source has more than 8 bits; the runner then stores PNG
+    outputs with 16 bits instead of 8 so that precision survives the import.
+    """
+
+    int_max: float | None = None  # None: no such source (a file read later: its dtype's max)
+    float_range: tuple[float, float] | None = None  # None: floats kept (all within [0, 1])
+    has_float: bool = False
+
+    @property
+    def high_depth(self) -> bool:
+        return self.int_max is not None or self.has_float
+
+    def describe(self) -> str:
+        """One line for dataset.yaml (info.intensity)."""
+        parts = ["8-bit sources: value / 255"]
+        if self.int_max is not None:
+            parts.append(f"integer sources above 8 bits: value / {int(self.int_max)} "
+                         f"({int(self.int_max).bit_length()}-bit depth, the smallest that "
+                         f"holds the largest value of the import)")
+        if self.float_range is not None:
+            lo, hi = self.float_range
+            parts.append(f"float sources: (value - {lo:g}) / ({hi:g} - {lo:g}), the range "
+                         f"of all float images of the import")
+        elif self.has_float:
+            parts.append("float sources: kept (all within [0, 1])")
+        return "; ".join(parts)
+
+
+def _depth_of(max_value: float) -> float:
+    """2^bits − 1 for the smallest bit depth ≥ 8 that holds `max_value` (4000 → 4095)."""
+    bits = max(8, int(max(max_value, 0)).bit_length())
+    return float(2 ** bits - 1)
+
+
+def scan_intensity(paths: Iterable[Path]) -> IntensityScale:
+    """The import-wide `IntensityScale` of these image files: one pass that reads only
+    headers for 8-bit files (PIL opens lazily, NPY through a memory map) and the pixels of
+    the others once (their maximum, or float range). Unreadable files are left to
+    `read_image`, which reports them when the unit is processed."""
+    from PIL import Image
+
+    int_top, lo, hi = -1.0, math.inf, -math.inf
+    has_float = False
+    for path in dict.fromkeys(Path(p) for p in paths):  # each file once, in order
+        try:
+            if path.suffix.lower() == ".npy":
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                if arr.dtype == np.uint8 or not np.issubdtype(arr.dtype, np.number) \
+                        or arr.size == 0:
+                    continue
+                if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+                    arr = arr[..., :3]  # as _npy_to_float: an alpha channel is dropped
+                arr = np.asarray(arr)
+            else:
+                with Image.open(path) as im:  # reads the header only
+                    if im.mode not in (*_PIL_INT_MODES, "F"):
+                        continue
+                    im.load()
+                    arr = np.asarray(im)
+        except Exception:  # noqa: BLE001 - reported per item by read_image
+            continue
+        # PIL's integer modes (16-bit PNG/TIFF) count as unsigned, as read_image clips at 0
+        if np.issubdtype(arr.dtype, np.unsignedinteger) or (
+                arr.dtype.kind == "i" and path.suffix.lower() != ".npy"):
+            int_top = max(int_top, float(arr.max()))
+        else:
+            vals = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+            has_float = True
+            if vals.size:
+                lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
+    rng = None if not has_float or (lo >= 0.0 and hi <= 1.0) else (lo, hi)
+    return IntensityScale(int_max=_depth_of(int_top) if int_top >= 0 else None,
+                          float_range=rng, has_float=has_float)
+
+
+def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None
+               ) -> np.ndarray:
+    """Read PNG/JPEG/BMP/TIFF (via PIL) or NPY as float32 in [0, 1]: mode "L" → (H,W) gray,
+    "RGB" → (3,H,W). 8-bit files: value / 255. Deeper files follow `scale`, the import's
+    one rule (see `IntensityScale`, built by `scan_intensity`); without it (a single file
+    read on its own) the declared depth: 16-bit / 65535, uint32 NPY / 2^32 − 1, and float
+    arrays outside [0, 1] min-max scaled on their own.
     Raises SkipItem("missing file" | "unreadable image")."""
     if not path.exists():
         raise SkipItem("missing file", str(path))
@@ -129,24 +225,31 @@ def read_image(path: Path, mode: str = "L") -> np.ndarray:
             arr = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
-        return _npy_to_float(arr, mode, path)
+        return _npy_to_float(arr, mode, path, scale)
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L":
-                arr = np.asarray(im).astype(np.float32)
-                top = 65535.0 if arr.max() > 255 else 255.0
-                return np.clip(arr / top, 0, 1)
+            if im.mode in _PIL_INT_MODES:
+                # not im.convert(): PIL clips 16-bit values to 255 when converting to L/RGB
+                top = scale.int_max if scale is not None and scale.int_max else 65535.0
+                arr = np.clip(np.asarray(im).astype(np.float32) / np.float32(top), 0, 1)
+                return np.stack([arr] * 3) if mode == "RGB" else arr
+            if im.mode == "F":  # 32-bit float TIFF: as a float NPY (convert() clips it)
+                return _npy_to_float(np.asarray(im), mode, path, scale)
             im = im.convert(mode)
             arr = np.asarray(im).astype(np.float32) / 255.0
+    except SkipItem:
+        raise
     except Exception as exc:  # PIL raises many types for truncated/corrupt files
         raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
     return np.moveaxis(arr, -1, 0).copy() if arr.ndim == 3 else arr
 
 
-def _npy_to_float(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
+def _npy_to_float(arr: np.ndarray, mode: str, path: Path,
+                  scale: IntensityScale | None = None) -> np.ndarray:
+    """An NPY array as float32 in [0, 1] by the rule of `read_image` / `IntensityScale`."""
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
         arr = np.moveaxis(arr[..., :3], -1, 0)
     if arr.ndim not in (2, 3):
@@ -155,15 +258,24 @@ def _npy_to_float(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
         raise SkipItem("unsupported image", f"{path}: dtype {arr.dtype}")
     if arr.dtype == np.uint8:
         out = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        out = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.unsignedinteger):  # uint16 (12/16-bit data), uint32 …
+        top = (scale.int_max if scale is not None and scale.int_max
+               else float(np.iinfo(arr.dtype).max))
+        out = np.clip(arr.astype(np.float32) / np.float32(top), 0.0, 1.0)
     else:
         out = arr.astype(np.float32)
         if not np.isfinite(out).all():
             raise SkipItem("NaN/inf pixels", str(path))
-        lo, hi = float(out.min()), float(out.max())
-        if lo < 0 or hi > 1:
-            out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        if scale is not None:
+            if scale.float_range is not None:  # the import's range, not this image's
+                lo, hi = scale.float_range
+                out = (out - np.float32(lo)) / np.float32(hi - lo) if hi > lo \
+                    else np.zeros_like(out)
+            out = np.clip(out, 0.0, 1.0)
+        else:
+            lo, hi = float(out.min()), float(out.max())
+            if lo < 0 or hi > 1:  # a single file on its own: its own range
+                out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     if mode == "L" and out.ndim == 3:
         out = out.mean(axis=0)
     elif mode == "RGB" and out.ndim == 2:
