@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -51,6 +52,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    """`np.save` through a temporary file: a kill mid-write leaves the old file or none,
+    never a truncated .npy that a reader takes as valid. Writes to ``path`` exactly (no
+    ``.npy`` appended, unlike np.save with a name lacking it)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    _atomic_bytes(path, buf.getvalue())
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> str:

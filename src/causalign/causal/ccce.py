@@ -42,6 +42,8 @@ P(Y | A) comes from the training annotations, by one of two models:
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -51,7 +53,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 from scipy.stats import norm
 
-from ..errors import CausalignError
+from ..errors import CausalignError, ConfigError
 
 __all__ = [
     "CCCEResult", "MonotoneLogistic", "SmoothedFrequency", "TrueProbit", "attribution_report",
@@ -189,8 +191,9 @@ def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic",
 
 def subsets(p: int, max_size: int = 3) -> list[tuple[int, ...]]:
     """All non-empty subsets of range(p) with at most ``max_size`` elements, by size."""
-    if max_size < 1:
-        raise CausalignError(f"CCCE max subset size must be >= 1, got {max_size}")
+    # an integer: 2.5 failed in range() with a TypeError naming no option
+    if isinstance(max_size, bool) or not isinstance(max_size, numbers.Integral) or max_size < 1:
+        raise ConfigError(f"CCCE max subset size must be an integer >= 1, got {max_size!r}")
     return [s for k in range(1, min(max_size, p) + 1) for s in itertools.combinations(range(p), k)]
 
 
@@ -234,6 +237,10 @@ def causal_attribution(model: LabelModel, a: np.ndarray, y: np.ndarray, max_size
     highest score among those) → r. Rows with any missing
     (NaN) attribute have no evidence A = a: r is all False and ``known`` False there. Rows
     where every CCCE is ≤ 0 (no subset has an effect) get r all False and ``subset`` −1."""
+    # a negative (or NaN) tol admits no subset at all, and argmax over nothing silently named
+    # the first attribute as every sample's cause; the CLI checked --tol, the API did not
+    if not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol >= 0):
+        raise ConfigError(f"CCCE tol must be a finite number >= 0, got {tol!r}")
     a, y = _check_data(a, y)
     n, p = a.shape
     sets = subsets(p, max_size)

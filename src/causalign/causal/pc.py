@@ -16,6 +16,7 @@ causal-learn is an optional dependency (``pip install causalign[causal]``).
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CausalignError
+from ..errors import CausalignError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -61,10 +62,52 @@ def pooled_features(model: nn.Module, method: Method, dataset: LesionDataset,
     return torch.cat(store).numpy()
 
 
+def _check_alpha(alpha: float) -> None:
+    # causal-learn only asserts it: a bare AssertionError without a message
+    if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
+        raise ConfigError(f"PC significance level alpha must lie in (0, 1), got {alpha!r}")
+
+
+def _check_settings(alpha: float, n_components: int) -> None:
+    _check_alpha(alpha)
+    # 0 or negative left no (or, by slicing from the end, the wrong) feature nodes and failed
+    # later as causal-learn's "correlation matrix is singular"
+    if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral) \
+            or n_components < 1:
+        raise ConfigError(f"PC check needs n_components >= 1 (an integer), got "
+                          f"{n_components!r}")
+
+
+def _check_inputs(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
+                  names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shapes agree and values are finite (attributes may be NaN = missing): otherwise numpy
+    or causal-learn failed later with an IndexError, "SVD did not converge", a bare
+    AssertionError or a misleading "correlation matrix is singular"."""
+    f = np.asarray(features, np.float64)
+    a = np.asarray(attributes, np.float64)
+    y = np.asarray(labels, np.float64)
+    if f.ndim != 2 or a.ndim != 2 or y.ndim != 1:
+        raise InputError(f"PC check needs features (n, channels), attributes (n, attributes) "
+                         f"and labels (n,); got shapes {f.shape}, {a.shape}, {y.shape}")
+    if not len(f) == len(a) == len(y):
+        raise InputError(f"PC check: {len(f)} feature rows, {len(a)} attribute rows and "
+                         f"{len(y)} labels")
+    if a.shape[1] != len(names):
+        raise InputError(f"PC check: {len(names)} attribute names for {a.shape[1]} "
+                         f"attribute columns")
+    for what, v in (("features", f), ("labels", y), ("attributes", a[~np.isnan(a)])):
+        if not np.isfinite(v).all():
+            raise InputError(f"PC check: {what} hold NaN/inf values"
+                             + (" (NaN marks a missing attribute; inf is not allowed)"
+                                if what == "attributes" else ""))
+    return f, a, y
+
+
 def pc_graph(data: np.ndarray, alpha: float = 0.01, indep_test: str = "fisherz"
              ) -> np.ndarray:
     """PC on the columns of ``data``; returns causal-learn's endpoint matrix G where
     G[j, i] = 1 and G[i, j] = −1 means i → j, both −1 an undirected edge, both 1 ↔."""
+    _check_alpha(alpha)
     pc = _require_causallearn()
     cg = pc(np.asarray(data, np.float64), alpha=alpha, indep_test=indep_test,
             show_progress=False)
@@ -166,18 +209,19 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
              figure: str | Path | None = None) -> dict:
     """PCs of ``features`` + attributes + label → PC graph → skeleton check (+ figure).
     Rows with a missing attribute are dropped."""
-    attributes = np.asarray(attributes, np.float64)
+    _check_settings(alpha, n_components)
+    features, attributes, labels = _check_inputs(features, attributes, labels, attribute_names)
     keep = ~np.isnan(attributes).any(1)
     if keep.sum() < 20:
         raise CausalignError(f"PC check: only {int(keep.sum())} fully annotated samples")
-    f = np.asarray(features, np.float64)[keep]
+    f = features[keep]
     f = f - f.mean(0)
     # PCA by SVD; components scaled to unit variance
     u, s, _ = np.linalg.svd(f, full_matrices=False)
     k = min(n_components, f.shape[1])
     pcs = u[:, :k] * np.sqrt(len(f))
     xnames = [f"X{i + 1}" for i in range(k)]
-    data = np.column_stack([pcs, attributes[keep], np.asarray(labels, np.float64)[keep]])
+    data = np.column_stack([pcs, attributes[keep], labels[keep]])
     # constant columns break the Fisher-z test (singular correlation): jitter-free removal
     names = [*xnames, *attribute_names, "Y"]
     std = data.std(0)
@@ -206,6 +250,7 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
     from ..engine.trainer import load_run
     from ..io import atomic_write_json
 
+    _check_settings(alpha, n_components)  # before loading the run and its features
     _require_causallearn()
     _, model, method, data_path = load_run(run, device=device, data=data)
     ds = LesionDataset(data_path, split)

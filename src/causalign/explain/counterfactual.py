@@ -223,8 +223,8 @@ class GaussianSmoother(nn.Module):
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
-        if not sigma > 0:
-            raise ConfigError(f"smooth space needs sigma > 0, got {sigma}")
+        if not (math.isfinite(sigma) and sigma > 0):  # inf: OverflowError in ceil below
+            raise ConfigError(f"smooth space needs a finite sigma > 0, got {sigma}")
         self.sigma = float(sigma)
         self.radius = max(1, math.ceil(3 * self.sigma))
         t = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
@@ -412,6 +412,17 @@ class CounterfactualResult:
         return self.x_star - self.problem.x0
 
 
+def _is_count(value: object) -> bool:
+    """A whole number >= 0 (an int, or a float such as 100.0 from a config file)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return v.is_integer() and v >= 0
+
+
 class CounterfactualGenerator:
     """x* = argmin CE(f(x), y*) + α·d(x, x0) by ``steps`` steps of ``optimizer`` (adam, ista
     at step size ``lr``; newton, which needs no step size), per sample.
@@ -443,12 +454,16 @@ class CounterfactualGenerator:
         if distance.startswith("scaled") and scale is None:
             raise ConfigError(f"distance '{distance}' needs per-pixel scales from the "
                               f"training images (distance_scale)")
+        # finite too: inf passed ">= 0" / "> 0" and every sample then diverged (the CLI
+        # checked it; the Python API did not); steps=inf failed in int() with an OverflowError
         bad = [f"{name} {value}" for name, value, ok in (
-            ("alpha", alpha, alpha >= 0), ("steps", steps, steps >= 0), ("lr", lr, lr > 0),
-            ("eps", eps, eps > 0)) if not ok]  # `not ok` also catches NaN
+            ("alpha", alpha, math.isfinite(alpha) and alpha >= 0),
+            ("steps", steps, _is_count(steps)),
+            ("lr", lr, math.isfinite(lr) and lr > 0),
+            ("eps", eps, math.isfinite(eps) and eps > 0)) if not ok]  # `not ok` catches NaN
         if bad:
-            raise ConfigError(f"counterfactual needs alpha >= 0, steps >= 0, lr > 0, eps > 0; "
-                              f"got {', '.join(bad)}")
+            raise ConfigError(f"counterfactual needs finite alpha >= 0, an integer steps >= 0, "
+                              f"finite lr > 0 and eps > 0; got {', '.join(bad)}")
         self.model = model
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
         self.distance, self.scale, self.eps = distance, scale, float(eps)

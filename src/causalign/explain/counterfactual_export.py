@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from ..data.format import LesionDataset
 from ..errors import CausalignError
-from ..io import atomic_write_json
-from .counterfactual import CounterfactualGenerator, distance_scale
+from ..io import atomic_save_npy, atomic_write_json
+from .counterfactual import CounterfactualGenerator, distance_scale, eval_mode
+from .export import OwnedFiles
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -134,11 +135,23 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
     """Generate and write counterfactuals for the first ``limit`` samples; returns the summary.
 
     ``train_images`` supply the per-pixel scales of a scaled distance; ``autoencoder`` is
-    needed for ``settings.space == "latent"``.
+    needed for ``settings.space == "latent"``. x* and triptychs an earlier export left in OUT
+    and this one does not rewrite (fewer samples, or now skipped) are removed (`OwnedFiles`).
     """
+    # eval for the search and the figures, then every submodule's own mode back
+    with eval_mode(model):
+        return _export_counterfactuals(model, method, dataset, settings, Path(out), limit,
+                                       device, batch_size, train_images, autoencoder,
+                                       progress)
+
+
+def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
+                            settings: CounterfactualSettings, out: Path, limit: int | None,
+                            device: torch.device | str, batch_size: int,
+                            train_images: Tensor | None, autoencoder: nn.Module | None,
+                            progress: Progress | None) -> dict:
     from ..report.figures import counterfactual_grid, counterfactual_triptych
 
-    out = Path(out)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n < 1:
         raise CausalignError(f"split '{dataset.split}' has no samples to explain")
@@ -153,9 +166,12 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
                                   autoencoder=autoencoder, target_rule=settings.target,
                                   optimizer=settings.optimizer,
                                   smooth_sigma=settings.smooth_sigma)
+    ids_n = [dataset.records[i].id for i in range(n)]
+    files = OwnedFiles(out, ".causalign-counterfactual.json",
+                       [f"cf/{i}.npy" for i in ids_n] + [f"triptychs/{i}.png" for i in ids_n]
+                       + ["grid.png", "summary.json"])
     (out / "cf").mkdir(parents=True, exist_ok=True)
     (out / "triptychs").mkdir(parents=True, exist_ok=True)
-    model.eval()
     records: list[dict] = []
     grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
     task = progress.add_task("counterfactuals", total=n) if progress else None
@@ -182,7 +198,7 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
                 records.append(entry)
                 continue
             xs = res.x_star[j].float().cpu().numpy()
-            np.save(out / "cf" / f"{rec.id}.npy", xs.astype(np.float32))
+            atomic_save_npy(files.path(f"cf/{rec.id}.npy"), xs.astype(np.float32))
             annotated = bool(batch["has_annotation"][k])
             entry.update(
                 target=int(res.target[j]), flipped=bool(res.flipped[j]),
@@ -202,7 +218,7 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
                      + ("" if bool(res.flipped[j]) else "  (not flipped)"))
             if attrs is not None and attrs[j]["attributes_changed"]:
                 title += "\n" + ", ".join(attrs[j]["attributes_changed"])
-            counterfactual_triptych(img, xs, reg, out / "triptychs" / f"{rec.id}.png", title)
+            counterfactual_triptych(img, xs, reg, files.path(f"triptychs/{rec.id}.png"), title)
             if len(grid) < 8:
                 grid.append((img, xs, reg if reg is not None else np.zeros(img.shape[1:]),
                              f"{rec.id} {int(pred[k])}→{int(res.target[j])}"))
@@ -212,7 +228,7 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
             progress.advance(task, len(idx))
     if grid:
         counterfactual_grid(np.stack([g[0] for g in grid]), np.stack([g[1] for g in grid]),
-                            np.stack([g[2] for g in grid]), out / "grid.png",
+                            np.stack([g[2] for g in grid]), files.path("grid.png"),
                             row_titles=[g[3] for g in grid])
     done = [r for r in records if "flipped" in r]
     shares = [r["change_in_mask"] for r in done if r.get("change_in_mask") is not None]
@@ -226,5 +242,7 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
         **attribute_change_rates(done, list(dataset.meta.attributes)),
         "settings": asdict(settings), "out": str(out), "samples": records,
     }
+    files.path("summary.json")
+    files.finish()  # before the summary: a summary present means the folder matches it
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -10,13 +12,59 @@ import torch
 from torch import nn
 
 from ..data.format import LesionDataset
-from ..io import atomic_write_json
+from ..errors import CausalignError
+from ..io import atomic_save_npy, atomic_write_json
 from .base import get_explainer, saliency_map
+from .counterfactual import eval_mode
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
     from ..methods.base import Method
+
+
+class OwnedFiles:
+    """The files one export command writes into OUT, recorded in ``OUT/<manifest>`` so that
+    the next run into the same folder removes those it does not write again.
+
+    Without it ``explain --limit 32`` then ``--limit 8`` left 24 stale maps beside a summary
+    saying n=8. Only files listed in the manifest are ever removed, so other files in OUT
+    (the user's, another command's) are left alone. Before anything is written the manifest
+    is widened to every file this run may write, so a run killed midway still leaves no
+    file the next run does not know about; the old summary.json is removed at the start
+    (a killed run then has no summary describing files it replaced).
+    """
+
+    def __init__(self, out: Path, manifest: str, planned: Iterable[str]) -> None:
+        self.out, self.manifest = out, out / manifest
+        self.previous = self._read()
+        self.planned = set(planned)
+        self.written: set[str] = set()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.manifest, sorted(self.previous | self.planned))
+        (out / "summary.json").unlink(missing_ok=True)
+
+    def _read(self) -> set[str]:
+        try:
+            names = json.loads(self.manifest.read_text())
+        except (OSError, ValueError):  # none yet, or not ours to interpret: remove nothing
+            return set()
+        if not isinstance(names, list):
+            return set()
+        # only plain relative names inside OUT (an edited manifest must not reach outside)
+        return {n for n in names if isinstance(n, str) and n
+                and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts}
+
+    def path(self, rel: str) -> Path:
+        """OUT/rel, recorded as written by this run."""
+        self.written.add(rel)
+        return self.out / rel
+
+    def finish(self) -> None:
+        """Remove the files of earlier runs (and planned ones) this run did not write."""
+        for rel in sorted((self.previous | self.planned) - self.written):
+            (self.out / rel).unlink(missing_ok=True)
+        atomic_write_json(self.manifest, sorted(self.written))
 
 
 def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
@@ -27,15 +75,31 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
     (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns a summary.
+    Maps and overlays an earlier export left in OUT and this one does not rewrite are removed
+    (`OwnedFiles`); other files in OUT are kept.
     """
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:  # before anything in OUT changes; np.stack of no maps failed at the end
+        raise CausalignError(f"split '{dataset.split}' has no samples to explain"
+                             + (f" (limit {limit})" if limit is not None else ""))
+    # eval for the maps, then every submodule's own mode back (a caller's training loop)
+    with eval_mode(model):
+        return _export_saliency(model, method, dataset, saliency, Path(out), n, device,
+                                batch_size, progress)
+
+
+def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
+                     out: Path, n: int, device: torch.device | str, batch_size: int,
+                     progress: Progress | None) -> dict:
     from ..report.figures import cam_grid, overlay
 
-    out = Path(out)
+    explainer = get_explainer(saliency, model)
+    ids_n = [dataset.records[i].id for i in range(n)]
+    files = OwnedFiles(out, ".causalign-explain.json",
+                       [f"maps/{i}.npy" for i in ids_n] + [f"overlays/{i}.png" for i in ids_n]
+                       + ["grid.png", "summary.json"])
     (out / "maps").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    explainer = get_explainer(saliency, model)
-    model.eval()
     images, boxes, maps_all, ids = [], [], [], []
     task = progress.add_task(f"explaining ({saliency})", total=n) if progress else None
     for start in range(0, n, batch_size):
@@ -48,7 +112,7 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
         for j, i in enumerate(idx.tolist()):
             rec = dataset.records[i]
             m = maps[j].numpy().astype(np.float32)
-            np.save(out / "maps" / f"{rec.id}.npy", m)
+            atomic_save_npy(files.path(f"maps/{rec.id}.npy"), m)
             img = x[j].detach().cpu().numpy()
             box = batch["box_mask"][j, 0].cpu().numpy()
             if m.ndim == 3:  # volume: show the slice with the most annotation
@@ -57,7 +121,7 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
             else:
                 m2 = m
             title = (f"{rec.id} y={rec.label} pred={int(pred[j])}")
-            overlay(img, m2, box, out / "overlays" / f"{rec.id}.png", title=title)
+            overlay(img, m2, box, files.path(f"overlays/{rec.id}.png"), title=title)
             if len(images) < 16:
                 images.append(img)
                 boxes.append(box)
@@ -66,7 +130,9 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
         if task is not None:
             progress.advance(task, len(idx))
     cam_grid(np.stack(images[:8]), np.stack(boxes[:8]), {saliency: np.stack(maps_all[:8])},
-             out / "grid.png", row_titles=ids[:8])
+             files.path("grid.png"), row_titles=ids[:8])
     summary = {"saliency": saliency, "split": dataset.split, "n": n, "out": str(out)}
+    files.path("summary.json")
+    files.finish()  # before the summary: a summary present means the folder matches it
     atomic_write_json(out / "summary.json", summary)
     return summary
