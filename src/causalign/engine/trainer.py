@@ -11,7 +11,8 @@ import random
 import re
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def drop_single_last(n: int, batch_size: int, model: nn.Module) -> bool:
+    """Whether to drop the final batch of an epoch over ``n`` samples: only when it would
+    hold exactly one sample and the model has BatchNorm, whose train-mode statistics of one
+    sample are undefined at 1x1 spatial size (a ValueError) and a one-image estimate
+    otherwise. The order is reshuffled every epoch, so each sample is still seen over
+    epochs; other configurations keep every batch (bit-identical results). A split of a
+    single sample (n <= batch_size) keeps its batch: dropping it would leave no step."""
+    return n > batch_size and n % batch_size == 1 and has_batchnorm(model)
+
+
 def recalibrate_batchnorm(model: nn.Module, method: Method, dataset: LesionDataset,
                           batch_size: int, device: torch.device) -> None:
     """Recompute BatchNorm running statistics over ``dataset`` (what the model sees).
@@ -72,10 +87,11 @@ def recalibrate_batchnorm(model: nn.Module, method: Method, dataset: LesionDatas
     Uses `torch.optim.swa_utils.update_bn` (cumulative average, model mode restored). The
     batches are taken in order, so no sampler randomness is consumed; dropout's is forked.
     """
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not has_batchnorm(model):
         return
+    drop = drop_single_last(len(dataset), batch_size, model)  # as in training
     inputs = (method.model_input(b) for b in iterate_batches(dataset, batch_size,
-                                                             device=device))
+                                                             device=device, drop_last=drop))
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         update_bn(inputs, model)
@@ -200,7 +216,8 @@ class Trainer:
                                  f"it, or choose another --out)")
         # metrics.json without checkpoint.pt: a finished run whose checkpoint was deleted
         # (evaluate needs only best.pt); training into it would silently replace it. (A
-        # best.pt alone is a run killed in its first epoch, between the two saves: restart.)
+        # best.pt alone, e.g. a run of an older version killed in its first epoch between
+        # its two saves, holds nothing to resume: restart.)
         if (self.out / "metrics.json").exists() and not ckpt.exists():
             raise CausalignError(f"{self.out}: already holds a finished run (metrics.json) "
                                  f"without {CHECKPOINT} to resume from; choose another --out")
@@ -275,6 +292,7 @@ class Trainer:
                 # two leaves a row the checkpoint lacks, and a resumed finished run trains
                 # no epoch that would rewrite a deleted or stale file
                 self._write_history()
+                self._restore_best()
         elif self.dist.is_main:
             resolved = {
                 "data": str(self.data.resolve()),
@@ -339,6 +357,9 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _guard_one_sample(self, batch: dict[str, Tensor]):
+        return _one_sample_batchnorm_error(self.cfg, batch, len(self.train_set))
+
     def _load_state(self) -> None:
         if self.dist.enabled:  # rank 0 reads (other nodes may not see its disk), then shares
             ckpt = (load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
@@ -376,23 +397,25 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, progress) -> dict[str, float]:
         self.model.train()
+        # per key: sample-weighted sum, and the samples of the steps that reported it
         sums: dict[str, float] = {}
-        count = 0
+        weights: dict[str, int] = {}
         task = None
-        n_batches = math.ceil(len(self.train_set) / self.cfg.batch_size)
+        drop = drop_single_last(len(self.train_set), self.cfg.batch_size, self.model)
+        n_batches = (len(self.train_set) - drop + self.cfg.batch_size - 1) // self.cfg.batch_size
         if progress is not None:
             task = progress.add_task(f"epoch {epoch}/{self.cfg.epochs}", total=n_batches)
         if self.dist.enabled:
             if self.cfg.augment != "none":
                 raise CausalignError("augment is not supported with torchrun yet (the global "
                                      "batch's draws would differ per rank); use augment=none")
-            return self._train_epoch_distributed(epoch, progress, task)
+            return self._train_epoch_distributed(epoch, progress, task, drop)
         for step, batch in enumerate(iterate_batches(
                 self.train_set, self.cfg.batch_size, shuffle=True, generator=self.generator,
-                device=self.device)):
+                device=self.device, drop_last=drop)):
             if self.cfg.augment == "dihedral":
                 batch = dihedral_augment(batch, self.generator)
-            with self._autocast():
+            with self._autocast(), self._guard_one_sample(batch):
                 out = self.method(self.train_model, batch)
             if not torch.isfinite(out.total):
                 raise NumericalError(
@@ -401,27 +424,24 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             self.optimizer.step()
-            n = len(batch["label"])
-            count += n
-            sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * n
-            for k, v in out.parts.items():
-                sums[k] = sums.get(k, 0.0) + v * n
+            _accumulate(sums, weights, out.total, out.parts, len(batch["label"]))
             if task is not None:
                 progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
-                                f"loss {sums['loss'] / count:.4f}")
-        return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+                                f"loss {sums['loss'] / weights['loss']:.4f}")
+        return _epoch_means(sums, weights)
 
-    def _train_epoch_distributed(self, epoch: int, progress, task) -> dict[str, float]:
+    def _train_epoch_distributed(self, epoch: int, progress, task, drop: bool
+                                 ) -> dict[str, float]:
         """One epoch data-parallel: the single-process global batches, each rank its chunk;
         training loss and parts are sample-weighted means over all ranks."""
         world, rank = self.dist.world, self.dist.rank
         plain = self.train_model is not self.model
         sums: dict[str, float] = {}
-        count = 0
+        weights: dict[str, int] = {}
         n = len(self.train_set)
         bs = self.cfg.batch_size
         order = torch.randperm(n, generator=self.generator)  # as iterate_batches(shuffle=True)
-        for step, start in enumerate(range(0, n, bs)):
+        for step, start in enumerate(range(0, n - drop, bs)):  # drop: see drop_single_last
             global_idx = order[start:start + bs]
             n_global = len(global_idx)
             local = D.shard_indices(global_idx, rank, world)
@@ -433,7 +453,7 @@ class Trainer:
             if m > 0:
                 batch = {k: v.to(self.device, non_blocking=True)
                          for k, v in self.train_set.batch(local).items()}
-                with self._autocast():
+                with self._autocast(), self._guard_one_sample(batch):
                     out = self.method(self.train_model if use_ddp else self.model, batch)
                 if not torch.isfinite(out.total):
                     raise NumericalError(
@@ -441,18 +461,18 @@ class Trainer:
                         f"(parts: {out.parts}); try a lower --lr")
                 # mean over the chunk × m·world/N: the rank average is the global-batch mean
                 (out.total * (m * world / n_global)).backward()
-                count += m
-                sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * m
-                for k, v in out.parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * m
+                _accumulate(sums, weights, out.total, out.parts, m)
             if not use_ddp:
                 D.all_reduce_gradients(list(self.model.parameters()), world)
             self.optimizer.step()
             if task is not None:
+                loss = sums.get("loss", 0.0) / max(weights.get("loss", 0), 1)
                 progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
-                                f"loss {sums.get('loss', 0.0) / max(count, 1):.4f}")
-        sums, count = D.merge_sums(D.gather_objects((sums, count), world))
-        return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+                                f"loss {loss:.4f}")
+        gathered = D.gather_objects((sums, weights), world)
+        sums, _ = D.merge_sums([(s, 0) for s, _ in gathered])
+        weights, _ = D.merge_sums([(w, 0) for _, w in gathered])
+        return _epoch_means(sums, weights)
 
     def _quick_metrics(self, dataset) -> dict:
         """`quick_metrics`; data-parallel: each rank predicts a chunk, predictions gathered."""
@@ -495,12 +515,24 @@ class Trainer:
         return -math.inf if value is None else value
 
     def fit(self) -> dict:
-        """Train (or resume), select the best epoch on val, evaluate, write metrics.json."""
-        self._setup()
+        """Train (or resume), select the best epoch on val, evaluate, write metrics.json.
+
+        The process-wide torch settings that `threads` and `deterministic` change are
+        restored on return (a caller's later work must not run single-threaded or in
+        deterministic mode because of one training run)."""
+        saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled(),
+                 torch.backends.cudnn.benchmark)
         try:
-            return self._fit()
+            self._setup()
+            try:
+                return self._fit()
+            finally:
+                self.dist.close()
         finally:
-            self.dist.close()
+            torch.set_num_threads(saved[0])
+            torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+            torch.backends.cudnn.benchmark = saved[3]
 
     def _fit(self) -> dict:
         main = self.dist.is_main
@@ -524,21 +556,43 @@ class Trainer:
                 row["seconds"] = time.perf_counter() - t0
                 score = self._score(val)
                 # ">=": among equally good epochs keep the later, better-trained one
-                if score >= self.state.best_score:
+                improved = score >= self.state.best_score
+                if improved:
                     self.state.best_score, self.state.best_epoch = score, epoch
-                    if main:
-                        atomic_torch_save(self.out / BEST, {"epoch": epoch,
-                                                            "model": self.model.state_dict()})
                 self.state.epoch = epoch
                 self.state.history.append(row)
                 if main:
                     self._write_history()
                     self._save_state()
+                    # best.pt only after the checkpoint that records its epoch: a kill between
+                    # the two then leaves a checkpoint whose own weights are the best ones
+                    # (restored on resume, `_restore_best`), never a best.pt of an epoch that
+                    # --resume reruns (on a GPU not bit-identically) and may not select
+                    if improved:
+                        self._save_best()
             if not self.dist.enabled:
                 return self._final_evaluation(progress)
             # rank 0 evaluates and writes metrics.json; the others wait and return its metrics
             metrics = self._final_evaluation(progress) if main else None
             return D.broadcast_object(metrics)
+
+    def _save_best(self) -> None:
+        atomic_torch_save(self.out / BEST, {"epoch": self.state.best_epoch,
+                                            "model": self.model.state_dict()})
+
+    def _restore_best(self) -> None:
+        """After loading a checkpoint: a kill between checkpoint.pt and best.pt of an epoch
+        that improved leaves best.pt of an earlier epoch (or none); that checkpoint's model
+        is the best one, so write it."""
+        if self.state.epoch == 0 or self.state.best_epoch != self.state.epoch:
+            return
+        try:
+            best = load_checkpoint(self.out / BEST)
+            if isinstance(best, dict) and best.get("epoch") == self.state.best_epoch:
+                return
+        except CausalignError:  # missing or damaged: rewritten below
+            pass
+        self._save_best()
 
     def _write_history(self) -> None:
         rows = self.state.history
@@ -572,6 +626,45 @@ class Trainer:
                                                        "n")}
         atomic_write_json(self.out / "metrics.json", metrics)
         return metrics
+
+
+def _accumulate(sums: dict[str, float], weights: dict[str, int], total: Tensor,
+                parts: dict[str, float], n: int) -> None:
+    """Add one step's loss and parts, each weighted by the step's ``n`` samples."""
+    for k, v in (("loss", float(total.detach())), *parts.items()):
+        sums[k] = sums.get(k, 0.0) + v * n
+        weights[k] = weights.get(k, 0) + n
+
+
+def _epoch_means(sums: dict[str, float], weights: dict[str, int]) -> dict[str, float]:
+    """history.csv's train_* columns: each part's sample-weighted mean over the steps that
+    reported it. Methods report some parts only on some steps (alignment every n-th step,
+    CG statistics only when a batch holds annotated samples); averaging those over every
+    sample would dilute them (a CG that always converges would read 0.5). A part no step
+    reported stays absent (an empty cell)."""
+    return {f"train_{k}": v / max(weights.get(k, 0), 1) for k, v in sums.items()}
+
+
+@contextmanager
+def _one_sample_batchnorm_error(cfg: TrainConfig, batch: dict[str, Tensor], n_train: int
+                                ) -> Iterator[None]:
+    """BatchNorm's ValueError on a train-mode batch of one sample (only possible with
+    batch_size=1, see drop_single_last, or a method's own sub-batch) as one clear line."""
+    try:
+        yield
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):  # BatchNorm's
+            raise
+        fix = "use a larger batch_size"
+        if len(batch["label"]) > 1:
+            what = f"method '{cfg.method}' fed a sub-batch of one sample to the model"
+        elif n_train == 1:
+            what, fix = "the training split holds a single sample", "add training samples"
+        else:
+            what = f"batch_size {cfg.batch_size} gives a training batch of one sample"
+        raise CausalignError(f"{what}, but model '{cfg.model}' has BatchNorm layers, which "
+                             f"need more than one value per channel in training mode; "
+                             f"{fix}") from None
 
 
 def _fmt(v: Any) -> str:
