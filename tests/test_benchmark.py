@@ -265,3 +265,20 @@ def test_cli_benchmark_fails_fast_on_bad_suites_and_exits_nonzero_on_failed_runs
     err = capsys.readouterr().err
     assert "error: 1 of 1 runs failed, e.g. d/erm/seed0: DataError:" in err
     assert (out / "tables.md").exists() and (out / "runs/d/erm/seed0/error.txt").exists()
+
+
+def test_a_finished_runs_numerical_warnings_reach_the_table_notes():
+    """A run whose alignment term was mostly skipped finishes 'done'; its metrics.json
+    warning must reach tables.md, not stay in the run folder."""
+    from causalign.engine.benchmark import Experiment, MethodSpec, _slim, experiment_table
+
+    metrics = {"method": "causal-align", "test": {"accuracy": 0.5},
+               "warnings": ["train_cg_dropped >= 0.5 in 1 of 1 epoch(s) (worst 1.00): CG"]}
+    rec = {"key": "d/causal-align/seed0", "dataset": "d", "method": "causal-align",
+           "label": "causal-align", "setting": "default", "seed": 0, "experiments": ["t"],
+           "status": "done", "metrics": _slim(metrics)}
+    exp = Experiment("t", "t", ["d"], [MethodSpec("causal-align", "causal-align")], [0],
+                     {"default": {}}, "method", ["test.accuracy"])
+    notes = experiment_table(exp, [rec]).notes
+    assert "d/causal-align/seed0: warning: train_cg_dropped >= 0.5 in 1 of 1 epoch(s) " \
+           "(worst 1.00): CG" in notes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,20 @@ def test_training_survives_forced_failures_and_logs_them(tiny_data, tmp_path, fa
     assert float(rows[0]["train_n_align"]) > 0
     _, model, _, _ = load_run(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the finished run says so, not only a history.csv column
+    warnings = json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{key} >= 0.5 in 1 of 1 epoch(s)")
+
+
+def test_numerical_trouble_names_each_counter_that_reached_the_threshold():
+    from causalign.engine.trainer import numerical_trouble
+
+    history = [{"epoch": 1, "train_cg_dropped": 0.2, "train_cf_diverged": 0.0},
+               {"epoch": 2, "train_cg_dropped": 0.75, "train_cf_diverged": ""},
+               {"epoch": 3, "train_cg_dropped": 0.5}]
+    (line,) = numerical_trouble(history)
+    assert line.startswith("train_cg_dropped >= 0.5 in 2 of 3 epoch(s) (worst 0.75)")
+    assert numerical_trouble([{"epoch": 1, "train_loss": 0.3}]) == []
 
 
 @pytest.mark.parametrize("name", ["resnet18", "bagnet9"])
@@ -369,7 +384,6 @@ def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path
     the run it probes must end exactly where an unprobed run with the same config ends, and
     every probe must report finite cosines for the run, each variant and both references."""
     import importlib.util
-    import json
 
     from causalign.engine import TrainConfig, train
     from causalign.engine.trainer import CHECKPOINT, load_checkpoint

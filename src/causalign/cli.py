@@ -246,6 +246,8 @@ def train(
                f"cam_precision {_f(shown.get('cam_precision'))}"
                + ("" if split == "test" else " (no test split)")
                + f"; metrics in {out}/metrics.json")
+    for line in metrics.get("warnings", []):
+        typer.echo(f"warning: {line}", err=True)
 
 
 def _f(v) -> str:

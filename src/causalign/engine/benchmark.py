@@ -453,7 +453,7 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
 
 
 def _slim(metrics: dict) -> dict:
-    keep = ("method", "best_epoch", "epochs", "val", "test", "train", "note")
+    keep = ("method", "best_epoch", "epochs", "val", "test", "train", "note", "warnings")
     return {k: metrics[k] for k in keep if k in metrics}
 
 
@@ -584,6 +584,8 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
         note = (r.get("metrics") or {}).get("note") if r["status"] == "done" else None
         if note:
             notes.append(f"{r['key']}: {note}")
+        if r["status"] == "done":  # a finished run whose alignment term was mostly skipped
+            notes += [f"{r['key']}: warning: {w}" for w in r["metrics"].get("warnings", [])]
     seeds = sorted({r["seed"] for r in mine if r["status"] == "done"})
     if seeds:
         notes.insert(0, f"mean (std) over seeds {', '.join(map(str, seeds))}; best per "

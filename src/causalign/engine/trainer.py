@@ -191,6 +191,32 @@ class RunState:
     history: list[dict[str, Any]] | None = None
 
 
+# history columns that count failed inner solves, as fractions of the aligned samples
+TROUBLE_COLUMNS = {
+    "train_cg_dropped": "CG broke down (negative curvature) or missed its tolerance, so the "
+                        "alignment gradient skipped those samples; try a larger method.damping "
+                        "or method.cg_iters",
+    "train_cf_diverged": "the counterfactual search diverged (NaN/inf) and was reset, so the "
+                         "alignment term skipped those samples; try a smaller method.inner_lr",
+}
+
+
+def numerical_trouble(history: list[dict[str, Any]], threshold: float = 0.5) -> list[str]:
+    """One line per failure counter of `history` that reached `threshold` in some epoch:
+    the run finished, but its alignment term was mostly absent there, which history.csv
+    alone leaves for the user to notice."""
+    lines = []
+    for column, meaning in TROUBLE_COLUMNS.items():
+        values = [(row["epoch"], float(row[column])) for row in history
+                  if row.get(column) not in (None, "") and math.isfinite(float(row[column]))]
+        bad = [epoch for epoch, v in values if v >= threshold]
+        if bad:
+            worst = max(v for _, v in values)
+            lines.append(f"{column} >= {threshold:g} in {len(bad)} of {len(values)} epoch(s) "
+                         f"(worst {worst:.2f}): {meaning}")
+    return lines
+
+
 class Trainer:
     """Train `cfg.method` on DATA into the run folder `out`."""
 
@@ -624,6 +650,9 @@ class Trainer:
         train_acc = quick_metrics(self.model, self.method, self.train_set, self.device)
         metrics["train"] = {k: train_acc[k] for k in ("accuracy", "balanced_accuracy", "loss",
                                                        "n")}
+        trouble = numerical_trouble(self.state.history or [])
+        if trouble:
+            metrics["warnings"] = trouble
         atomic_write_json(self.out / "metrics.json", metrics)
         return metrics
 
