@@ -18,8 +18,11 @@ from ..metrics import cam_precision, classification_metrics, deletion_scores, io
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-# Saliency methods that cannot map volumes (C, D, H, W).
-VOLUME_UNSUPPORTED = ("gradcam",)
+# Saliency methods that cannot explain the volume model: Grad-CAM's layer sees slices, not
+# volumes, and zennit has rules for none of MultiViewCNN's attention pooling except via
+# lrp-epsilon's modified gradient (explain/lrp.py).
+VOLUME_UNSUPPORTED = ("gradcam", "lrp-alpha-beta", "lrp-flat", "lrp-gamma", "lrp-w-square",
+                      "lrp-zbox")
 
 
 def iterate_batches(

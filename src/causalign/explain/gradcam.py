@@ -6,6 +6,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..models import find_cam_layer
 from .base import Explainer, Target, check_inputs, eval_mode, register_explainer
 
@@ -30,6 +31,12 @@ class GradCAM(Explainer):
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target)
+        if inputs.dim() != 4:
+            # A volume model (multiview) runs its CNN on N·D slices: the layer's activations
+            # no longer line up with the N inputs, and the upsampling would fail deep in torch.
+            raise InputError(f"gradcam needs 2D images (N, C, H, W); "
+                             f"{type(self.model).__name__} got inputs of shape "
+                             f"{tuple(inputs.shape)} (use wbp, lrp-* or gradient for volumes)")
         target = self._target(inputs, target)
         create_graph = create_graph and torch.is_grad_enabled()  # no graph inside no_grad
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}

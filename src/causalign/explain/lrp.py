@@ -25,6 +25,11 @@ no gradient to the model's parameters. PPI trains through the map, so ``create_g
 ``lrp-epsilon`` uses `lrp_epsilon_modified_gradient`, a modified-gradient form of the same rule
 that keeps the graph (it equals the zennit map; tests check it). The other variants refuse
 ``create_graph=True`` rather than return a map whose parameter gradient is silently wrong.
+
+The multi-view CNN (volumes) pools its slices with functional log-softmax/logsumexp and
+products that no zennit rule covers; zennit would pass relevance through them as a gradient.
+There ``lrp-epsilon`` is always the modified-gradient form (so explained and trained maps
+agree) and the other variants refuse the model with one line.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import (
     Explainer,
     Target,
@@ -132,6 +138,16 @@ class LRP(Explainer):
                              f"lrp-epsilon, wbp, gradient or gradcam to train through a map")
         if torch.is_inference_mode_enabled():
             raise RuntimeError("LRP needs autograd; call it outside torch.inference_mode()")
+        pooled = _unruled_pooling(self.model)
+        if pooled is not None:
+            # zennit would push relevance through the pooling's log-softmax/logsumexp/products
+            # as if it were a gradient: maps that conserve nothing and differ from the
+            # modified-gradient LRP-ε that PPI trains on. LRP-ε has a rule-free form (below).
+            if self.variant == "epsilon":
+                return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon)
+            raise InputError(f"lrp-{self.variant} has no rule for {pooled}'s attention pooling "
+                             f"(log-softmax, logsumexp, weighted slice sums); use lrp-epsilon, "
+                             f"wbp or gradient on this model")
         with _eval_mode(self.model):
             target = self._target(inputs, target)  # predicted class in eval mode, as mapped
         with torch.enable_grad(), _eval_mode(self.model), self.composite().context(self.model):
@@ -142,6 +158,17 @@ class LRP(Explainer):
             # R at the output = the target logit, so relevance is in logit units.
             (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot * logits.detach())
         return rel.detach()
+
+
+def _unruled_pooling(model: nn.Module) -> str | None:
+    """The class name of a submodule whose forward is nonlinear *functional* pooling that no
+    zennit rule covers (the multi-view CNN's attention over slices), else None."""
+    from ..models.multiview import MultiViewCNN
+
+    for m in model.modules():
+        if isinstance(m, MultiViewCNN):
+            return type(m).__name__
+    return None
 
 
 def _variant(name: str, variant: str) -> type[LRP]:
