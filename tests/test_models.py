@@ -55,3 +55,30 @@ def test_bagnet_backbone_by_name(name, patch):
 def test_unknown_model():
     with pytest.raises(CausalignError, match="unknown model 'alexnet'; valid: .*resnet18"):
         build_model("alexnet", 1, 2)
+
+
+def test_hierarchy_link_is_a_module_so_wbp_rescales_it():
+    """WBP rescales a sigmoid only if it can hook it: at the f₁ → f₂ link it must apply
+    h = (σ(z) − ½)/z, not σ'(z) (which a functional Tensor.sigmoid() would pass)."""
+    from causalign.explain.wbp import wbp_weights
+
+    torch.manual_seed(0)
+    h = HierarchicalModel(SevenLayerCNN(1, 3, width=4), MLPHead(3, 2, hidden=8)).eval()
+    h = h.double()
+    with torch.no_grad():  # attribute logits far from 0, where σ' and the rescale differ
+        h.f1.classifier.weight.mul_(300)
+        h.f1.classifier.bias.fill_(1.5)
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1])
+    got = wbp_weights(h, x, target)
+    # expected: f₁ and f₂ are piecewise linear in eval mode, so their WBP is their Jacobian;
+    # only the link is rescaled
+    xg = x.clone().requires_grad_(True)
+    z = h.f1(xg)
+    u = torch.sigmoid(z).detach().requires_grad_(True)
+    logits = h.f2(u)
+    (g2,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), u)
+    rescale = (torch.sigmoid(z) - 0.5).detach() / z.detach()
+    assert float(z.detach().abs().min()) > 0.5, z
+    (want,) = torch.autograd.grad((g2 * rescale * z).sum(), xg)
+    torch.testing.assert_close(got, want)

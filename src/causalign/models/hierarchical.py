@@ -16,6 +16,9 @@ class HierarchicalModel(nn.Module):
         super().__init__()
         self.f1 = attribute_net
         self.f2 = head
+        # a module, not Tensor.sigmoid(): WBP rescales and zennit applies LRP rules only to
+        # activations they can hook; a functional sigmoid would pass its gradient σ' instead
+        self.link = nn.Sigmoid()
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -25,4 +28,4 @@ class HierarchicalModel(nn.Module):
         return self.f1(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.f2(self.f1(x).sigmoid())
+        return self.f2(self.link(self.f1(x)))
