@@ -41,6 +41,7 @@ from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine.config import TrainConfig
 from causalign.explain.counterfactual import capture_bn_stats, eval_mode
+from causalign.io import atomic_write_json
 from causalign.methods import build_method
 from causalign.methods.base import DataInfo
 
@@ -339,7 +340,7 @@ def main() -> None:
     result["elapsed_s"] = time.perf_counter() - t_start
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(f"wrote {out}")
 
 

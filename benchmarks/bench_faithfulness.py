@@ -35,6 +35,7 @@ from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, load_run, train
 from causalign.engine.evaluate import iterate_batches
 from causalign.explain import explainer_names, get_explainer, saliency_map
+from causalign.io import atomic_write_json, atomic_write_text
 from causalign.metrics import DELETION_FRACTIONS, deletion_scores
 
 RANDOM = "random (baseline)"
@@ -187,12 +188,12 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "faithfulness.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "faithfulness.json", result)
     caption = (f"Mean drop of the predicted-class probability after zeroing the top-k pixels "
                f"of each map (mean (std) over {args.seeds} seeds; {args.method}, "
                f"{len(ds)} test images of {ds.image_shape[1]}×{ds.image_shape[2]} px, "
                f"shortcut={shortcut}).")
-    (out / "faithfulness.md").write_text(markdown(summary, fractions, n_pixels, caption))
+    atomic_write_text(out / "faithfulness.md", markdown(summary, fractions, n_pixels, caption))
     curves(summary, fractions, out / "faithfulness_curves.png")
     print((out / "faithfulness.md").read_text())
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from causalign.explain import explainer_names, get_explainer
+from causalign.io import atomic_write_json
 from causalign.models import build_model
 
 
@@ -95,7 +96,7 @@ def main() -> None:
                                   for m in result["models"].values())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "saliency_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "saliency_cost.json", result)
     print(f"wrote {out / 'saliency_cost.json'}")
 
 

@@ -23,6 +23,7 @@ import torchvision
 from torch import Tensor, nn
 
 from causalign.explain.wbp import WBP
+from causalign.io import atomic_write_json
 
 
 def small_cnn(act: type[nn.Module] = nn.ReLU, in_channels: int = 1) -> nn.Sequential:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_ratio_to_gradient": max(r["ratio_to_gradient"] for r in results.values()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out, report)
     print(json.dumps(report, indent=2))
     return report
 

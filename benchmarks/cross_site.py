@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, load_run, quick_metrics, train
 from causalign.engine.config import apply_overrides, parse_set
+from causalign.engine.trainer import settings_diff
+from causalign.io import atomic_write_json, atomic_write_text
 
 METHODS = ("erm", "ppi")
 
@@ -57,20 +61,26 @@ def split_by_site(full: Path, work: Path, sites: int) -> list[Path]:
     return out
 
 
+def _cell(v: float | None) -> str:
+    return "n/a" if v is None or np.isnan(v) else f"{v:.3f}"
+
+
 def heatmaps(matrices: dict[str, np.ndarray], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lo = min(float(m.min()) for m in matrices.values())
+    # undefined (NaN) cells are drawn blank and labelled n/a; they must not set the scale
+    finite = [float(np.nanmin(m)) for m in matrices.values() if np.isfinite(m).any()]
+    lo = min(finite) if finite else 0.0
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 3.8))
     names = [chr(ord("A") + i) for i in range(next(iter(matrices.values())).shape[0])]
     for ax, (title, m) in zip(np.atleast_1d(axes), matrices.items(), strict=True):
         im = ax.imshow(m, cmap="viridis", vmin=lo, vmax=1.0)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, _cell(m[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if m[i, j] < (lo + 1) / 2 else "black")
         ax.set_xticks(range(len(names)), names)
         ax.set_yticks(range(len(names)), names)
@@ -103,10 +113,20 @@ def main() -> None:
     t0 = time.perf_counter()
     work = Path(args.work)
     full = work / "full"
+    synth = SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                        size=args.size, shortcut=args.shortcut, sites=args.sites, seed=args.seed)
     if not (full / "manifest.csv").exists():
-        generate(full, SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                                   size=args.size, shortcut=args.shortcut, sites=args.sites,
-                                   seed=args.seed))
+        generate(full, synth)
+    else:
+        # the data and runs in --work are reused: refuse them when they were made with other
+        # options, or the tables would label old results with the new sizes
+        stored = ((yaml.safe_load((full / "dataset.yaml").read_text()) or {}).get("info")
+                  or {}).get("config") or {}
+        diffs = [f"{k}: {stored.get(k)} there, {v} asked" for k, v in asdict(synth).items()
+                 if stored.get(k) != v]
+        if diffs:
+            raise SystemExit(f"{full} was generated with other options ({'; '.join(diffs)}); "
+                             "use another --work")
     site_data = split_by_site(full, work, args.sites)
     tests = [LesionDataset(d, "test") for d in site_data]
     sets = parse_set(args.sets)
@@ -115,27 +135,41 @@ def main() -> None:
         for method in METHODS:
             m = matrices[method]
             run = work / "runs" / f"{method}_site{i}_seed{args.seed}"
+            cfg = TrainConfig(method=method, epochs=args.epochs, seed=args.seed,
+                              device="cpu", threads=args.threads)
+            if method == "ppi" and sets:
+                cfg = apply_overrides(cfg, sets)
             if not (run / "metrics.json").exists():
-                cfg = TrainConfig(method=method, epochs=args.epochs, seed=args.seed,
-                                  device="cpu", threads=args.threads)
-                if method == "ppi" and sets:
-                    cfg = apply_overrides(cfg, sets)
                 train(data, cfg, run, progress=False)
+            elif diffs := settings_diff(run, cfg):  # a finished run is reused only as asked
+                raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)}); "
+                                 "use another --work")
             _, model, meth, _ = load_run(run, device="cpu")
             for j, ds in enumerate(tests):
                 auc = quick_metrics(model, meth, ds, torch.device("cpu"))["auc"]
                 m[i, j] = np.nan if auc is None else auc  # None: one class in that split
             print(f"{method} train site {i}: " + " ".join(f"{v:.3f}" for v in m[i]), flush=True)
 
+    def _num(v: float) -> float | None:
+        return None if np.isnan(v) else float(v)  # JSON null, not the non-standard NaN
+
     def summary(m: np.ndarray) -> dict:
+        # a test site whose split holds one class has no AUC (NaN cell): the figures average
+        # the defined cells and say how many were left out instead of turning NaN
         off = m[~np.eye(len(m), dtype=bool)]
-        return {
-            "auc": m.tolist(),
-            "row_mean": m.mean(1).tolist(), "row_std": m.std(1).tolist(),
-            "mean": float(m.mean()), "in_site_mean": float(np.diag(m).mean()),
-            "cross_site_mean": float(off.mean()),
-            "gap_in_minus_cross": float(np.diag(m).mean() - off.mean()),
-        }
+        diag = np.diag(m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN → null
+            in_site, cross = np.nanmean(diag), np.nanmean(off)
+            return {
+                "auc": [[_num(v) for v in row] for row in m],
+                "row_mean": [_num(v) for v in np.nanmean(m, 1)],
+                "row_std": [_num(v) for v in np.nanstd(m, 1)],
+                "mean": _num(np.nanmean(m)), "in_site_mean": _num(in_site),
+                "cross_site_mean": _num(cross),
+                "gap_in_minus_cross": _num(in_site - cross),
+                "undefined_cells": int(np.isnan(m).sum()),
+            }
 
     result = {
         "benchmark": "cross_site", "sites": args.sites, "seed": args.seed,
@@ -148,7 +182,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cross_site.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "cross_site.json", result)
     names = [chr(ord("A") + i) for i in range(args.sites)]
     lines = [f"Test AUC, model trained on the row's site, tested on the column's site "
              f"(synthetic, {args.sites} sites, {args.n_train}/{args.n_val}/{args.n_test} "
@@ -158,13 +192,17 @@ def main() -> None:
         lines += [f"| {title} | " + " | ".join(names) + " | Mean | STD |",
                   "|---" * (args.sites + 3) + "|"]
         for i in range(args.sites):
-            lines.append(f"| {names[i]} | " + " | ".join(f"{v:.3f}" for v in m[i])
-                         + f" | {m[i].mean():.3f} | {m[i].std():.3f} |")
+            s = result[method]
+            lines.append(f"| {names[i]} | " + " | ".join(_cell(v) for v in m[i])
+                         + f" | {_cell(s['row_mean'][i])} | {_cell(s['row_std'][i])} |")
         s = result[method]
-        lines += ["", f"{title}: mean {s['mean']:.3f}, in-site {s['in_site_mean']:.3f}, "
-                  f"cross-site {s['cross_site_mean']:.3f}, gap "
-                  f"{s['gap_in_minus_cross']:.3f}", ""]
-    (out / "cross_site.md").write_text("\n".join(lines))
+        lines += ["", f"{title}: mean {_cell(s['mean'])}, in-site {_cell(s['in_site_mean'])}, "
+                  f"cross-site {_cell(s['cross_site_mean'])}, gap "
+                  f"{_cell(s['gap_in_minus_cross'])}", ""]
+        if s["undefined_cells"]:
+            lines += [f"{title}: {s['undefined_cells']} cell(s) n/a (a test split with one "
+                      "class has no AUC); the figures average the others.", ""]
+    atomic_write_text(out / "cross_site.md", "\n".join(lines))
     heatmaps({"+PPI": matrices["ppi"], "No PPI": matrices["erm"]}, out / "cross_site.png")
     print("\n".join(lines))
     print(f"one run per cell; {result['seconds']:.0f} s")

@@ -12,11 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from causalign.io import atomic_write_json, atomic_write_text
+
 FIGURES = ("mean", "in_site_mean", "cross_site_mean", "gap_in_minus_cross")
+
+
+def _nulls(a: np.ndarray | float):
+    """NaN → None (JSON null), elementwise, as nested lists for arrays."""
+    a = np.asarray(a, dtype=float)
+    if a.ndim == 0:
+        return None if np.isnan(a) else float(a)
+    return [_nulls(v) for v in a]
+
+
+def _cell(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def summarize(results: list[dict]) -> dict:
@@ -27,12 +42,18 @@ def summarize(results: list[dict]) -> dict:
                  "sites": results[0]["sites"], "epochs": results[0]["epochs"],
                  "ppi_overrides": results[0].get("ppi_overrides")}
     for method in ("erm", "ppi"):
-        mats = np.array([r[method]["auc"] for r in results])
-        out[method] = {"auc_mean": mats.mean(0).tolist(), "auc_std": mats.std(0).tolist()}
-        for f in FIGURES:
-            vals = [r[method][f] for r in results]
-            out[method][f] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
-                              "values": vals}
+        # cross_site.py writes null for a cell without an AUC (one class in that test
+        # split); such cells and figures are left out of the mean, not turned into NaN
+        mats = np.array([r[method]["auc"] for r in results], dtype=float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cell → null
+            out[method] = {"auc_mean": _nulls(np.nanmean(mats, 0)),
+                           "auc_std": _nulls(np.nanstd(mats, 0))}
+            for f in FIGURES:
+                vals = [r[method][f] for r in results]
+                arr = np.array(vals, dtype=float)
+                out[method][f] = {"mean": _nulls(np.nanmean(arr)),
+                                  "std": _nulls(np.nanstd(arr)), "values": vals}
     return out
 
 
@@ -41,7 +62,7 @@ def markdown(s: dict) -> str:
              f"{', '.join(map(str, s['seeds']))}: mean (std) over seeds.", "",
              "| figure | ERM | PPI |", "|---|---|---|"]
     for f in FIGURES:
-        cells = [f"{s[m][f]['mean']:.3f} ({s[m][f]['std']:.3f})" for m in ("erm", "ppi")]
+        cells = [f"{_cell(s[m][f]['mean'])} ({_cell(s[m][f]['std'])})" for m in ("erm", "ppi")]
         lines.append(f"| {f.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -57,9 +78,9 @@ def main() -> None:
         raise SystemExit(f"no such result file: {', '.join(missing)}")
     s = summarize([json.loads(p.read_text()) for p in args.results])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(s, indent=2) + "\n")
+    atomic_write_json(args.out, s)
     md = markdown(s)
-    args.out.with_suffix(".md").write_text(md)
+    atomic_write_text(args.out.with_suffix(".md"), md)
     print(md)
 
 

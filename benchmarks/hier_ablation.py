@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ import yaml
 from causalign.data.format import META
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, train
-from causalign.io import atomic_write_json
+from causalign.engine.trainer import settings_diff
+from causalign.io import atomic_write_json, atomic_write_text
 from causalign.report.tables import fmt_mean_std, markdown_table, mean_std
 
 VARIANTS = {
@@ -52,9 +54,13 @@ def run_one(data: Path, runs: Path, name: str, method: str, args: dict, seed: in
             epochs: int, threads: int) -> dict:
     run = runs / name
     path = run / "metrics.json"
+    cfg = TrainConfig(method=method, seed=seed, epochs=epochs, device="cpu",
+                      threads=threads, method_args=dict(args))
+    if path.exists() and (diffs := settings_diff(run, cfg)):
+        # a finished run is reused only when it is the run asked for
+        raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)}); "
+                         "use another --work")
     if not path.exists():
-        cfg = TrainConfig(method=method, seed=seed, epochs=epochs, device="cpu",
-                          threads=threads, method_args=dict(args))
         t0 = time.perf_counter()
         metrics = train(data, cfg, run, resume=True, progress=False)
         metrics["train_seconds"] = time.perf_counter() - t0
@@ -126,6 +132,14 @@ def main(argv: list[str] | None = None) -> None:
                         seed=a.data_seed)
     if not (data / META).exists():
         generate(data, synth)
+    else:  # reused data must be the data asked for, or old runs get the new sizes' labels
+        stored = ((yaml.safe_load((data / META).read_text()) or {}).get("info")
+                  or {}).get("config") or {}
+        diffs = [f"{k}: {stored.get(k)} there, {v} asked" for k, v in asdict(synth).items()
+                 if stored.get(k) != v]
+        if diffs:
+            raise SystemExit(f"{data} was generated with other options ({'; '.join(diffs)}); "
+                             "use another --work")
     runs = a.work / "runs"
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     results: dict[str, list[dict]] = {v: [] for v in variants}
@@ -148,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         a.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(a.out, payload)
-        a.out.with_suffix(".md").write_text(tables({k: v for k, v in results.items() if v},
-                                                   sweeps))
+        atomic_write_text(a.out.with_suffix(".md"),
+                          tables({k: v for k, v in results.items() if v}, sweeps))
 
     for seed in range(a.seeds):
         for v in variants:

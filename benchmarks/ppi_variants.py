@@ -24,7 +24,6 @@ Writes ppi_variants.json and ppi_variants.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from causalign.engine.config import parse_set
+from causalign.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ppi_vs_erm import run_one  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
     meta = {"benchmark": "ppi_variants", "data": str(data), "seeds": args.seeds,
             "epochs": args.epochs, "common_overrides": common, "erm_runs": args.erm_run,
             "variants": {n: VARIANTS[n] for n in names}, "table": table}
-    (out / "ppi_variants.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(out / "ppi_variants.json", meta)
     lines = [f"PPI variants vs ERM on {data} ({args.epochs} epochs, common overrides "
              f"{common or 'none'}), test split, mean (std) over {args.seeds} seeds.", "",
              "| variant | " + " | ".join(c[0] for c in COLUMNS) + " | best epochs |",
@@ -111,7 +111,7 @@ def main() -> None:
         cells = [f"{row[c[0]]['mean']:.3f} ({row[c[0]]['std']:.3f})" for c in COLUMNS]
         best = "/".join(str(v) for v in row["best epoch"]["values"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} |")
-    (out / "ppi_variants.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "ppi_variants.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

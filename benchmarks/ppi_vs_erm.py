@@ -30,6 +30,7 @@ from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, evaluate_split, load_run, train
 from causalign.engine.config import apply_overrides, parse_set
 from causalign.engine.trainer import settings_diff
+from causalign.io import atomic_write_json, atomic_write_text
 
 ROWS = [
     ("accuracy", "gradcam", "accuracy"),
@@ -121,25 +122,31 @@ def main() -> None:
                                     "std": statistics.pstdev(vals), "values": vals}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the sizes of the data actually used: with --data (or a reused --synth-dir) the
+    # --n-* options are not what was trained and tested on
+    splits = {s: LesionDataset(data, s) for s in ("train", "val", "test")}
+    sizes = {s: len(ds) for s, ds in splits.items()}
+    shape = list(splits["test"].image_shape)
     meta = {"benchmark": "ppi_vs_erm", "data": str(data), "seeds": args.seeds,
             "erm_runs": args.erm_run,
             "epochs": args.epochs, "ppi_overrides": sets,
-            "sizes": {"train": args.n_train, "val": args.n_val, "test": args.n_test},
+            "sizes": sizes, "image_shape": shape,
             "table": table,
             "wall_seconds": {m: [r["wall_seconds"] for r in rs] for m, rs in results.items()},
             "best_epochs": {m: [r["best_epoch"] for r in rs] for m, rs in results.items()}}
-    (out / "ppi_vs_erm.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(out / "ppi_vs_erm.json", meta)
     synth = (yaml.safe_load((data / "dataset.yaml").read_text()).get("info") or {}).get("config")
     bench = (f"synthetic benchmark, shortcut {synth.get('shortcut')}" if isinstance(synth, dict)
              else f"dataset {data}")
     lines = [f"PPI (WBP, soft mask{', ' + str(sets) if sets else ''}) vs ERM, {bench}"
-             f" ({args.n_train}/{args.n_val}/{args.n_test} images, 64 px, "
+             f" ({sizes['train']}/{sizes['val']}/{sizes['test']} images, "
+             f"{'×'.join(str(n) for n in shape[1:])} px, "
              f"{args.epochs} epochs), test split, mean (std) over {args.seeds} seeds.", "",
              "| metric | ERM | PPI |", "|---|---|---|"]
     for label, row in table.items():
         cells = [f"{row[m]['mean']:.3f} ({row[m]['std']:.3f})" for m in ("erm", "ppi")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    (out / "ppi_vs_erm.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "ppi_vs_erm.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

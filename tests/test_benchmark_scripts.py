@@ -1,0 +1,208 @@
+"""Smoke and regression tests of the measuring scripts in benchmarks/ at tiny sizes.
+
+Scripts already covered elsewhere: bench_gpu / bench_memory (test_speed_paths.py),
+causal_align_grad_in_training (test_causal_align.py), cf_localisation and
+counterfactual_solvers (test_counterfactual.py), benchmarks/suites (test_benchmark.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _strict_json(path: Path):
+    """Parse as standard JSON: NaN/Infinity (Python's json extension) fail the test."""
+    def refuse(const: str):
+        raise AssertionError(f"{path.name} holds the non-standard JSON constant {const}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _cross_site_result(seed: int, auc: list[list[float | None]], figures: dict) -> dict:
+    return {"seed": seed, "sites": 2, "epochs": 1, "ppi_overrides": {},
+            "erm": {"auc": auc, **figures}, "ppi": {"auc": auc, **figures}}
+
+
+def test_cross_site_seeds_leaves_undefined_cells_out(tmp_path, monkeypatch):
+    """A cross_site result with a null cell (a one-class test split has no AUC) used to crash
+    the seed summary (None in a float array); the cell is now left out of the mean, and a
+    cell undefined in every seed stays null instead of becoming NaN."""
+    seeds_mod = _load("cross_site_seeds")
+    figs0 = {"mean": 0.6, "in_site_mean": 0.7, "cross_site_mean": 0.5, "gap_in_minus_cross": 0.2}
+    figs1 = {"mean": 0.8, "in_site_mean": 0.9, "cross_site_mean": 0.7, "gap_in_minus_cross": 0.2}
+    r0 = _cross_site_result(0, [[0.7, None], [0.5, None]], figs0)
+    r1 = _cross_site_result(1, [[0.9, 0.6], [0.7, None]], figs1)
+    paths = []
+    for r in (r0, r1):
+        p = tmp_path / f"cross_site_seed{r['seed']}.json"
+        p.write_text(json.dumps(r))
+        paths.append(str(p))
+    out = tmp_path / "out" / "seeds.json"
+    monkeypatch.setattr("sys.argv", ["cross_site_seeds.py", *paths, "--out", str(out)])
+    seeds_mod.main()
+    s = _strict_json(out)
+    for method in ("erm", "ppi"):
+        mean = s[method]["auc_mean"]
+        assert mean[0][0] == pytest.approx(0.8) and mean[1][0] == pytest.approx(0.6)
+        assert mean[0][1] == pytest.approx(0.6)  # the one seed that has it
+        assert mean[1][1] is None  # undefined in every seed
+        assert s[method]["mean"]["mean"] == pytest.approx(0.7)
+    assert "n/a" not in out.with_suffix(".md").read_text()
+
+
+def test_cross_site_writes_no_nan_for_one_class_test_sites(tmp_path, monkeypatch):
+    """At 2 sites × 16 test images one site's test split holds one class (AUC undefined):
+    cross_site.json used to hold NaN (not valid JSON) and every summary figure was NaN; now
+    the cell is null, the figures average the defined cells and the count is reported.
+    Rerun on the same --work with other options, it refuses the stale data and runs."""
+    cs = _load("cross_site")
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", [
+        "cross_site.py", "--sites", "2", "--n-train", "32", "--n-val", "16", "--n-test", "16",
+        "--size", "32", "--epochs", "1", "--work", str(tmp_path / "work"), "--out", str(out)])
+    cs.main()
+    r = _strict_json(out / "cross_site.json")
+    assert r["sizes"]["per_site_test"] == [9, 7]
+    undefined = 0
+    for method in ("erm", "ppi"):
+        s = r[method]
+        cells = [v for row in s["auc"] for v in row]
+        undefined = sum(v is None for v in cells)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in cells), cells
+        assert s["undefined_cells"] == undefined
+        for key in ("mean", "in_site_mean", "cross_site_mean", "gap_in_minus_cross"):
+            assert _finite(s[key]), (method, key, s[key])
+    assert undefined > 0, "the setup no longer yields a one-class test site"
+    assert "n/a" in (out / "cross_site.md").read_text()
+    assert (out / "cross_site.png").stat().st_size > 0
+
+    # the same --work with other options: its data and runs used to be reused silently and
+    # reported under the new options; now the script stops and names the difference
+    args = ["cross_site.py", "--sites", "2", "--n-val", "16", "--n-test", "16", "--size", "32",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "other")]
+    monkeypatch.setattr("sys.argv", [*args, "--n-train", "40", "--epochs", "1"])
+    with pytest.raises(SystemExit, match="n_train: 32 there, 40 asked"):
+        cs.main()
+    monkeypatch.setattr("sys.argv", [*args, "--n-train", "32", "--epochs", "2"])
+    with pytest.raises(SystemExit, match="finished with other settings .*epochs 1 -> 2"):
+        cs.main()
+    assert not (tmp_path / "other").exists()
+
+
+def test_ppi_vs_erm_reports_the_data_it_used(tiny_data, tmp_path, monkeypatch):
+    """With --data the table used to state the --n-* defaults (1000/300/500 images, 64 px)
+    instead of the dataset's own split sizes and image size."""
+    mod = _load("ppi_vs_erm")
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", [
+        "ppi_vs_erm.py", "--data", str(tiny_data), "--runs", str(tmp_path / "runs"),
+        "--seeds", "1", "--epochs", "1", "--out", str(out)])
+    mod.main()
+    r = _strict_json(out / "ppi_vs_erm.json")
+    assert r["sizes"] == {"train": 48, "val": 16, "test": 16}
+    assert r["image_shape"] == [1, 32, 32]
+    for label, row in r["table"].items():
+        for method in ("erm", "ppi"):
+            assert _finite(row[method]["mean"]), (label, method)
+    header = (out / "ppi_vs_erm.md").read_text().splitlines()[0]
+    assert "48/16/16 images, 32×32 px" in header, header
+
+
+def test_bench_saliency_wbp_smoke(tmp_path):
+    mod = _load("bench_saliency_wbp")
+    out = tmp_path / "wbp.json"
+    mod.main(["--batch-size", "2", "--size", "32", "--repeats", "1", "--warmup", "1",
+              "--out", str(out)])
+    r = _strict_json(out)
+    assert set(r["models"]) == {"small_cnn_relu", "small_cnn_gelu", "resnet18"}
+    for m in r["models"].values():
+        assert m["gradient_seconds"] > 0 and m["wbp_seconds"] > 0
+        assert _finite(m["ratio_to_gradient"]) and m["ratio_to_gradient"] > 0
+    assert r["max_ratio_to_gradient"] == max(m["ratio_to_gradient"] for m in r["models"].values())
+
+
+def test_bench_saliency_smoke(tmp_path, monkeypatch):
+    from causalign.explain import explainer_names
+
+    mod = _load("bench_saliency")
+    monkeypatch.setattr("sys.argv", [
+        "bench_saliency.py", "--models", "cnn7", "--batch-size", "2", "--size", "32",
+        "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)])
+    mod.main()
+    r = _strict_json(tmp_path / "saliency_cost.json")
+    rows = r["models"]["cnn7"]
+    assert set(explainer_names()) <= set(rows)
+    assert rows["gradient_map (unit)"]["ratio_to_gradient_map"] == 1.0
+    for name, row in rows.items():
+        assert row["seconds_per_image"] > 0 and _finite(row["ratio_to_gradient_map"]), name
+
+
+def test_bench_erm_smoke(tmp_path, monkeypatch):
+    mod = _load("bench_erm")
+    out = tmp_path / "erm.json"
+    monkeypatch.setattr("sys.argv", ["bench_erm.py", "--out", str(out), "--size", "32",
+                                     "--batch-size", "4", "--repeats", "1", "--device", "cpu"])
+    mod.main()
+    r = _strict_json(out)
+    assert r["erm_step"]["seconds_per_step"] > 0 and r["erm_step"]["ratio_to_erm"] == 1.0
+    for key in ("predict_seconds", "full_eval_seconds", "full_eval_ms_per_image",
+                "full_eval_over_predict"):
+        assert _finite(r[key]) and r[key] > 0, key
+
+
+def test_bench_causal_align_smoke(tmp_path, monkeypatch):
+    mod = _load("bench_causal_align")
+    out = tmp_path / "sweep.json"
+    monkeypatch.setattr("sys.argv", [
+        "bench_causal_align.py", "--out", str(out), "--ks", "1", "--cgs", "3", "--size", "32",
+        "--batch-size", "8", "--align-batch", "2", "--repeats", "1", "--erm-steps", "1",
+        "--warm-visits", "1", "--ref-steps", "5", "--ref-polish", "1", "--skip-paper",
+        "--optimizers", "adam"])
+    mod.main()
+    r = _strict_json(out)
+    (row,) = r["sweep"]
+    assert (row["optimizer"], row["steps"], row["cg_iters"]) == ("adam", 1, 3)
+    assert row["cg_converged_warm"] == 1.0
+    for key in ("cosine_cold", "cosine_warm", "cosine_cold_newton_ref"):
+        assert -1.0 <= row[key] <= 1.0 and row[key] != 0.0, (key, row[key])
+    assert row["ratio_to_erm"] > 0 and _finite(r["reference"]["align"])
+
+
+def test_hier_ablation_refuses_stale_work(tmp_path):
+    """hier_ablation reuses WORK/data and finished WORK/runs; with other options it used to
+    reuse them silently (old results under the new settings); now it names the difference."""
+    mod = _load("hier_ablation")
+    base = ["--work", str(tmp_path / "work"), "--seeds", "1", "--size", "32", "--n-val", "16",
+            "--n-test", "16", "--no-sweep", "--variants", "none"]
+    out = tmp_path / "out" / "hier.json"
+    mod.main([*base, "--n-train", "32", "--epochs", "1", "--out", str(out)])
+    r = _strict_json(out)
+    assert r["data"]["n_train"] == 32 and r["epochs"] == 1
+    for key in ("cam_precision", "accuracy"):
+        assert _finite(r["ablation"]["none"][key]["mean"]), key
+    # same options: the finished run is reused without training
+    mod.main([*base, "--n-train", "32", "--epochs", "1", "--out", str(out)])
+    other = tmp_path / "other.json"
+    with pytest.raises(SystemExit, match="finished with other settings .*epochs 1 -> 2"):
+        mod.main([*base, "--n-train", "32", "--epochs", "2", "--out", str(other)])
+    with pytest.raises(SystemExit, match="n_train: 32 there, 40 asked"):
+        mod.main([*base, "--n-train", "40", "--epochs", "1", "--out", str(other)])
+    assert not other.exists()
