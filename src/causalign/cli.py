@@ -60,6 +60,8 @@ def data_synth(
         generate(out, cfg, progress=progress)
     if examples:
         write_examples(out, out / "examples.png")
+    else:  # with --overwrite, an earlier examples.png would show the old samples
+        (out / "examples.png").unlink(missing_ok=True)
     typer.echo(f"wrote {n_train + n_val + n_test} samples to {out}")
 
 

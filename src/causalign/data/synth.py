@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +40,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.stats import norm
 
 from ..errors import DataError
-from .format import DatasetMeta, DatasetWriter
+from .format import DatasetMeta, DatasetWriter, SampleRecord
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -79,6 +80,8 @@ class SynthConfig:
             raise DataError(f"--depth {self.depth}: volumes need at least 4 slices")
         if not 0 <= self.label_noise < float("inf"):  # also rejects NaN
             raise DataError(f"--label-noise must be a finite σ >= 0, got {self.label_noise}")
+        if self.seed < 0:  # NumPy's SeedSequence would raise a bare ValueError traceback
+            raise DataError(f"--seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -94,9 +97,14 @@ def site_params(k: int, n_sites: int, base_prob: float) -> SiteParams:
     if n_sites == 1:
         return SiteParams(gain=1.0, noise=0.02, blur=0.0, attribute_prob=base_prob)
     u = k / (n_sites - 1)
+    # Noise level rank: 2k mod K shuffles the sites (decorrelated from gain and blur), but for
+    # even K it maps k and k + K/2 to the same rank (K = 2: both sites had noise 0.01); the
+    # second half then takes the odd ranks, so the ranks are a permutation for every K.
+    # Odd K is unchanged.
+    rank = (2 * k) % n_sites + (2 * k) // n_sites * (1 - n_sites % 2)
     return SiteParams(
         gain=0.75 + 0.5 * u,
-        noise=0.01 + 0.04 * ((k * 2) % n_sites) / max(n_sites - 1, 1),
+        noise=0.01 + 0.04 * rank / (n_sites - 1),
         blur=1.2 * ((k + 1) % n_sites) / (n_sites - 1),
         attribute_prob=base_prob - 0.2 + 0.4 * u,
     )
@@ -117,7 +125,9 @@ def bayes_accuracy(noise: float, prob: float) -> float:
     w = np.array(CAUSAL_WEIGHTS)
     combos = np.array(list(itertools.product([0, 1], repeat=len(w))))
     p = np.prod(np.where(combos == 1, prob, 1 - prob), axis=1)
-    p1 = norm.cdf((combos @ w - label_threshold()) / noise)
+    margin = combos @ w - label_threshold()  # never 0: t lies midway between score values
+    # σ = 0 is a deterministic rule: P(y=1 | a) is 0 or 1 (no 0-division RuntimeWarning)
+    p1 = (margin > 0).astype(np.float64) if noise == 0 else norm.cdf(margin / noise)
     return float((p * np.maximum(p1, 1 - p1)).sum())
 
 
@@ -309,4 +319,20 @@ def generate(out: str | Path, cfg: SynthConfig, progress: Progress | None = None
             if task is not None:
                 progress.advance(task)
     writer.close()
+    _prune_stale(Path(out), writer.rows)
     return meta
+
+
+_SAMPLE_FILE = re.compile(r"(train|val|test)_\d+\.(png|npy)")
+
+
+def _prune_stale(root: Path, rows: list[SampleRecord]) -> None:
+    """Delete sample files of an earlier generation in `root` (`--overwrite` with fewer
+    samples, or 2D after volumes) that the new manifest does not list. Only names this
+    generator writes are touched, so other files a user keeps there survive."""
+    keep = {r.image for r in rows} | {r.mask for r in rows if r.mask}
+    for sub in ("images", "masks"):
+        for f in (root / sub).iterdir():
+            if (f.is_file() and _SAMPLE_FILE.fullmatch(f.name)
+                    and f"{sub}/{f.name}" not in keep):
+                f.unlink()

@@ -54,10 +54,12 @@ def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], p
     for i in range(n):
         ax = axes.flat[i]
         ax.axis("on")
-        _show_image(ax, images[i])
-        m = masks[i][0]
-        if m.ndim == 3:
-            m = m[m.shape[0] // 2]
+        image, m = images[i], masks[i][0]
+        if m.ndim == 3:  # a volume: show the slice with the most lesion (the middle slice
+            # can miss a lesion that spans only a few slices)
+            z = int(m.reshape(m.shape[0], -1).sum(1).argmax())
+            image, m = image[:, z], m[z]
+        _show_image(ax, image)
         if m.any():
             ax.contour(m, levels=[0.5], colors="red", linewidths=0.6)
         ax.set_title(titles[i], fontsize=7)

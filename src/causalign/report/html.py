@@ -13,6 +13,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 CASES = 6
 CF_CASES = 4
 CF_PREFERENCE = ("causal-align", "hier-align", "ppi", "erm")
+
+
+def _file_slug(name: str) -> str:
+    """A suite's dataset name as a file-name part: a "/" or "../" in it made nested folders
+    under DIR/figures/ or wrote outside it (same characters as the runs' folder names)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", name).strip("-.") or "dataset"
 
 
 def _img(path: Path, alt: str) -> str:
@@ -314,6 +321,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
             parts.append(f"<li class='{r['status']}'>{html.escape(r['key'])}: {r['status']} — "
                          f"{html.escape(str(r.get('error') or r.get('reason')))}</li>")
         parts.append("</ul>")
+    shown: set[str] = set()  # figure files the page embeds
     datasets = []
     for r in _finished(results):
         if r["dataset"] not in datasets:
@@ -323,16 +331,17 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                      "the last conv layer; the red box is the annotated lesion. Rows: test "
                      "cases, columns: methods (default setting, lowest seed).</p>")
     for d in datasets[:3]:
-        p = figs / f"cam_grid_{d}.png"
+        p = figs / f"cam_grid_{_file_slug(d)}.png"
         try:
             if cam_figure(out, results, d, p):
                 parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"CAM grid {d}"))
+                shown.add(p.name)
         except Exception as exc:  # a figure must not sink the report
             parts.append(f"<p class='failed'>CAM grid for {html.escape(d)} failed: "
                          f"{html.escape(str(exc))}</p>")
     if datasets:
         d = datasets[0]
-        p = figs / f"counterfactuals_{d}.png"
+        p = figs / f"counterfactuals_{_file_slug(d)}.png"
         try:
             label = counterfactual_figure(out, results, d, p)
             if label:
@@ -340,6 +349,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                              f"{html.escape(d)}: original | counterfactual x* (the model's "
                              f"prediction flipped) | x* − x (red: brighter, blue: darker; "
                              f"black outline: annotation).</p>" + _img(p, "counterfactuals"))
+                shown.add(p.name)
         except Exception as exc:
             parts.append(f"<p class='failed'>counterfactual figure failed: "
                          f"{html.escape(str(exc))}</p>")
@@ -348,14 +358,30 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
         parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
                      "class's probability after zeroing the top-k Grad-CAM pixels (higher = "
                      "the saliency points at what the model uses).</p>" + _img(p, "deletion"))
+        shown.add(p.name)
     cs = cross_site if cross_site is not None else out / "cross_site.json"
     p = figs / "cross_site.png"
     if cs.exists() and cross_site_figure(cs, p):
         parts.append("<h2>Cross-site generalisation</h2><p>Test AUC, model trained on the "
                      "row's site and tested on the column's site.</p>" + _img(p, "cross-site"))
+        shown.add(p.name)
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>causalign report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     path = out / "report.html"
     atomic_write_text(path, page)
     path.chmod(0o644)  # a page to share: readable like any other output file
+    _remove_stale_figures(figs, shown)
     return path
+
+
+_FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "deletion.png", "cross_site.png")
+
+
+def _remove_stale_figures(figs: Path, shown: set[str]) -> None:
+    """Delete figures an earlier report wrote that this one does not show (a figure that now
+    fails, a dataset or cross_site.json gone), so DIR/figures/ matches report.html. Done
+    after the page is written: an interrupted rebuild keeps the old page's figures."""
+    for pattern in _FIGURE_PATTERNS:
+        for f in figs.glob(pattern):
+            if f.name not in shown:
+                f.unlink(missing_ok=True)
