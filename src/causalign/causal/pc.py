@@ -198,8 +198,10 @@ def plot_graph(edges: list[dict], groups: dict[str, str], path: str | Path,
         ax.spines[s].set_visible(False)
     ax.set_title(title or "PC algorithm (red: edge forbidden by X → A → Y)", fontsize=9)
     fig.tight_layout()
+    from ..io import atomic_savefig
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
