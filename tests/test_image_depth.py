@@ -45,13 +45,18 @@ def _imported(out: Path) -> dict[str, np.ndarray]:
             for r in read_manifest(out)}
 
 
-def test_dark_16bit_image_stays_darker_than_bright_one(tmp_path):
-    # a dark 16-bit image (max <= 255) was divided by 255, a bright one by 65535: the dark
-    # one came out 13x brighter, a brightness cue a classifier can learn
-    src = tmp_path / "src"
+def _dark_and_bright(src: Path) -> Path:
+    """Two classes, each a dark (max 200) and a bright (max 4000) 16-bit PNG."""
     for cls in ("a", "b"):
         _png(src / cls / "dark.png", _flat(200))
         _png(src / cls / "bright.png", _flat(4000))
+    return src
+
+
+def test_dark_16bit_image_stays_darker_than_bright_one(tmp_path):
+    # a dark 16-bit image (max <= 255) was divided by 255, a bright one by 65535: the dark
+    # one came out 13x brighter, a brightness cue a classifier can learn
+    src = _dark_and_bright(tmp_path / "src")
     out = tmp_path / "out"
     run_import("folder", src, out, {"size": 16, **ALL_TRAIN})
     imgs = _imported(out)
@@ -84,10 +89,7 @@ def test_12bit_data_keeps_more_than_256_levels(tmp_path):
 
 def test_16bit_gray_as_rgb_is_not_saturated(tmp_path):
     # --color rgb converted 16-bit PNGs with PIL, which clips every value above 255 to 255
-    src = tmp_path / "src"
-    for cls in ("a", "b"):
-        _png(src / cls / "dark.png", _flat(200))
-        _png(src / cls / "bright.png", _flat(4000))
+    src = _dark_and_bright(tmp_path / "src")
     out = tmp_path / "out"
     run_import("folder", src, out, {"size": 16, "color": "rgb", **ALL_TRAIN})
     imgs = _imported(out)
