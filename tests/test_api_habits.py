@@ -14,7 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from causalign.causal.ccce import SmoothedFrequency, attribution_report, causal_attribution
+from causalign.causal.ccce import (
+    SmoothedFrequency,
+    attribution_report,
+    causal_attribution,
+    format_attribution_report,
+)
 from causalign.errors import CausalignError, InputError
 from causalign.explain import get_explainer
 from causalign.explain.counterfactual import CounterfactualGenerator
@@ -319,6 +324,15 @@ def test_ccce_single_class_attributes_nothing(kind):
     rep = attribution_report(a, np.ones(30, int), ["a", "b", "c"], kind=kind)
     assert rep["causal_frequency"] == {"a": 0.0, "b": 0.0, "c": 0.0}
     assert rep["n_no_effect"] == 30
+    # nothing attributed: the "only truly causal" fraction has no samples to speak of, and
+    # the table shows the absent label as "–", not nan
+    truth = {"causal_weights": {"a": 1.0, "b": 0.0, "c": 0.0}, "threshold": 0.5, "noise": 0.3}
+    rep = attribution_report(a, np.ones(30, int), ["a", "b", "c"], kind=kind, truth=truth)
+    assert rep["fraction_subset_only_truly_causal"] is None
+    text = format_attribution_report(rep)
+    assert "nan" not in text
+    assert "30 sample(s) where no subset has an effect" in text
+    assert "| a | 0.000 | – | 0.000 |" in text
 
 
 def test_ccce_shape_errors_are_one_line():

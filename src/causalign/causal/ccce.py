@@ -310,8 +310,11 @@ def attribution_report(attributes: np.ndarray, labels: np.ndarray, names: list[s
         w = np.array([float(truth["causal_weights"][nm]) for nm in names])
         causal = w > 0
         out["truly_causal"] = [nm for nm, c in zip(names, causal, strict=True) if c]
-        only_causal = ~(rk & ~causal).any(1)
-        out["fraction_subset_only_truly_causal"] = float(only_causal.mean())
+        # over the samples that got a subset: an empty S (no effect) holds nothing, so it
+        # would count as "only truly causal" without saying anything
+        only_causal = ~(rk & ~causal).any(1)[res.subset[k] >= 0]
+        out["fraction_subset_only_truly_causal"] = (float(only_causal.mean())
+                                                    if len(only_causal) else None)
         true_model = TrueProbit(w, float(truth["threshold"]), float(truth["noise"]))
         ref = causal_attribution(true_model, attributes[k], yk, max_size=max_size, tol=tol)
         out["fraction_equal_to_true_model_argmax"] = float((ref.r == rk).all(1).mean())
@@ -363,22 +366,29 @@ def format_attribution_report(rep: dict) -> str:
         head.append("causal under the true rule")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = rep.get("causal_frequency_by_label", {})
+    def freq(value: float | None) -> str:  # a label absent from the split has no frequency
+        return "–" if value is None else f"{value:.3f}"
+
     for nm in names:
-        cells = [nm, f"{rep['causal_frequency'][nm]:.3f}",
-                 f"{by.get('0', {}).get(nm, float('nan')):.3f}",
-                 f"{by.get('1', {}).get(nm, float('nan')):.3f}"]
+        cells = [nm, freq(rep["causal_frequency"][nm]), freq(by.get("0", {}).get(nm)),
+                 freq(by.get("1", {}).get(nm))]
         if weights:
             cells.append(f"{weights[nm]:.2f}")
         if truth is not None:
             cells.append(f"{truth[nm]:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    size = rep["mean_subset_size"]
     text = (f"CCCE attribution ({rep['label_model']} P(Y|A), |S| <= {rep['max_size']}) on "
             f"{rep['n_known']}/{rep['n']} fully annotated samples; mean |S| = "
-            f"{rep['mean_subset_size']:.2f}\n\n" + "\n".join(lines) + "\n")
+            f"{'–' if size is None else f'{size:.2f}'}\n\n" + "\n".join(lines) + "\n")
+    if rep.get("n_no_effect"):
+        text += (f"\n{rep['n_no_effect']} sample(s) where no subset has an effect on P(Y|A) "
+                 f"got no attribution\n")
     if "fraction_subset_only_truly_causal" in rep:
+        only = rep["fraction_subset_only_truly_causal"]
         text += (f"\ntruly causal: {', '.join(rep['truly_causal'])}\n"
                  f"chosen S holds only truly causal attributes: "
-                 f"{rep['fraction_subset_only_truly_causal']:.3f} of samples\n"
+                 f"{'–' if only is None else f'{only:.3f}'} of the attributed samples\n"
                  f"chosen S equals the argmax under the true P(Y|A): "
                  f"{rep['fraction_equal_to_true_model_argmax']:.3f} of samples\n")
     return text
