@@ -18,6 +18,7 @@ networks the input relevances sum to the logit (conservation). BatchNorm is fold
 preceding conv/dense layer with zennit canonizers (``ResNetCanonizer`` for torchvision ResNets,
 ``VGGCanonizer`` for VGGs, ``SequentialMergeBatchNorm`` otherwise), so maps use running
 statistics; attributions run in eval mode and every module's train/eval flag is restored.
+BagNet's mean over patch evidence is made a pooling module for the rules (`_bagnet_canonizer`).
 
 Differentiability. zennit's rules evaluate each layer with *copies* of its weights
 (``nn.Parameter(param.data)``) and its canonizers overwrite ``.data``, so a zennit map carries
@@ -50,13 +51,15 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from zennit.canonizers import AttributeCanonizer
     from zennit.core import Composite
 
 __all__ = ["LRP", "LRP_VARIANTS", "default_canonizers", "lrp_epsilon_modified_gradient"]
 
 
 def default_canonizers(model: nn.Module) -> list:
-    """zennit canonizers that fold BatchNorm (and ResNet's residual sums) for `model`."""
+    """zennit canonizers that fold BatchNorm (and ResNet's residual sums, BagNet's patch mean)
+    for `model`."""
     from torchvision.models import VGG, ResNet
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
@@ -65,7 +68,34 @@ def default_canonizers(model: nn.Module) -> list:
         return [ResNetCanonizer()]
     if isinstance(model, VGG):
         return [VGGCanonizer()]
-    return [SequentialMergeBatchNorm()]
+    # The BagNet canonizer finds BagNets anywhere in the tree (a wrapped backbone too).
+    return [SequentialMergeBatchNorm(), _bagnet_canonizer()]
+
+
+def _bagnet_canonizer() -> AttributeCanonizer:
+    """A zennit canonizer that turns BagNet's functional mean over patches into a module.
+
+    ``BagNet.forward`` averages the patch evidence with ``Tensor.mean``, which no rule sees:
+    zennit would push the output relevance through it as a *gradient*, giving every patch
+    the same relevance logit/(h·w) whatever its evidence (a patch voting against the class
+    would then receive positive relevance at the classifier's ε rule). As an
+    ``AdaptiveAvgPool2d`` the mean gets the ε-normalised average-pooling rule (R_patch =
+    evidence/(h·w) · R/logit), the same as cnn7's and ResNet's global pooling. Like zennit's
+    ResNet canonizer it overloads ``forward`` on the instance for the composite's lifetime.
+    """
+    from zennit.canonizers import AttributeCanonizer
+
+    from ..models.bagnet import BagNet
+
+    def forward(self: BagNet, x: Tensor) -> Tensor:
+        return self.canonizer_mean(self.patch_logits(x)).flatten(1)
+
+    def attribute_map(name: str, module: nn.Module) -> dict | None:
+        if isinstance(module, BagNet):
+            return {"forward": forward.__get__(module), "canonizer_mean": nn.AdaptiveAvgPool2d(1)}
+        return None
+
+    return AttributeCanonizer(attribute_map)
 
 
 def _composite(variant: str, canonizers: list, epsilon: float, gamma: float, low: float,
