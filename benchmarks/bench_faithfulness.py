@@ -1,11 +1,13 @@
 """Deletion faithfulness of every saliency method (seed 002, Table 2).
 
     python benchmarks/bench_faithfulness.py [--data DIR | --synth-dir DIR] [--seeds 3]
-        [--method erm --epochs 12 --n-train 400 --n-val 100 --n-test 200 --shortcut none]
-        [--runs DIR | --run-template 'DIR/erm-seed{seed}'] [--out benchmarks/results]
+        [--method erm --epochs 12 --n-train 400 --n-val 100 --n-test 200 --size 64]
+        [--shortcut none] [--runs DIR | --run-template 'DIR/erm-seed{seed}']
+        [--out benchmarks/results]
 
-For each seed a classifier is trained (or loaded: an existing RUNS/seed<k>/metrics.json is
-reused; --run-template names existing runs, e.g. the demo's) on the synthetic lesion
+For each seed a classifier is trained (or loaded: a finished RUNS/<method>_seed<k> is
+reused, and an existing --synth-dir dataset, only if made with the options asked for now;
+--run-template names existing runs, e.g. the demo's) on the synthetic lesion
 benchmark; then, for every registered saliency method and a
 random-map baseline, the top-k pixels of each test image's map of the *predicted* class are
 set to 0 and the drop of that class's probability is averaged over the test split
@@ -24,6 +26,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,12 +34,15 @@ import numpy as np
 import torch
 
 from causalign.data.format import LesionDataset
-from causalign.data.synth import SynthConfig, generate
+from causalign.data.synth import SynthConfig
 from causalign.engine import TrainConfig, load_run, train
 from causalign.engine.evaluate import iterate_batches
 from causalign.explain import explainer_names, get_explainer, saliency_map
 from causalign.io import atomic_write_json, atomic_write_text
 from causalign.metrics import DELETION_FRACTIONS, deletion_scores
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
 
 RANDOM = "random (baseline)"
 
@@ -45,17 +51,23 @@ def ensure_data(args) -> Path:
     if args.data:
         return Path(args.data)
     root = Path(args.synth_dir)
-    if not (root / "manifest.csv").exists():
-        generate(root, SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                                   shortcut=args.shortcut, seed=args.data_seed))
+    synth_or_reuse(root, SynthConfig(n_train=args.n_train, n_val=args.n_val,
+                                     n_test=args.n_test, size=args.size,
+                                     shortcut=args.shortcut, seed=args.data_seed),
+                   "--synth-dir")
     return root
 
 
 def ensure_run(data: Path, run: Path, method: str, epochs: int, seed: int) -> dict:
-    if (run / "metrics.json").exists():
-        return json.loads((run / "metrics.json").read_text())
     cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu")
-    return train(data, cfg, run, progress=False)
+    if (run / "metrics.json").exists():
+        # reused only when it is the run asked for, or old results get the new labels
+        check_finished_run(run, cfg, "--runs", data)
+        return json.loads((run / "metrics.json").read_text())
+    resume = (run / "checkpoint.pt").exists()
+    if resume:  # an interrupted run is continued, if it is the run asked for
+        check_finished_run(run, cfg, "--runs", data, state="interrupted")
+    return train(data, cfg, run, resume=resume, progress=False)
 
 
 def deletion_table(model, method, ds: LesionDataset, names: list[str],
@@ -145,6 +157,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--size", type=int, default=64, help="synthetic image side (px)")
     ap.add_argument("--shortcut", default="none")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

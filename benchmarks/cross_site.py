@@ -19,21 +19,22 @@ from __future__ import annotations
 import argparse
 import csv
 import shutil
+import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from causalign.data.format import LesionDataset
-from causalign.data.synth import SynthConfig, generate
+from causalign.data.synth import SynthConfig
 from causalign.engine import TrainConfig, load_run, quick_metrics, train
 from causalign.engine.config import apply_overrides, parse_set
-from causalign.engine.trainer import settings_diff
 from causalign.io import atomic_write_json, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
 
 METHODS = ("erm", "ppi")
 
@@ -115,18 +116,9 @@ def main() -> None:
     full = work / "full"
     synth = SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                         size=args.size, shortcut=args.shortcut, sites=args.sites, seed=args.seed)
-    if not (full / "manifest.csv").exists():
-        generate(full, synth)
-    else:
-        # the data and runs in --work are reused: refuse them when they were made with other
-        # options, or the tables would label old results with the new sizes
-        stored = ((yaml.safe_load((full / "dataset.yaml").read_text()) or {}).get("info")
-                  or {}).get("config") or {}
-        diffs = [f"{k}: {stored.get(k)} there, {v} asked" for k, v in asdict(synth).items()
-                 if stored.get(k) != v]
-        if diffs:
-            raise SystemExit(f"{full} was generated with other options ({'; '.join(diffs)}); "
-                             "use another --work")
+    # the data and runs in --work are reused: refused when made with other options, or the
+    # tables would label old results with the new sizes
+    synth_or_reuse(full, synth, "--work")
     site_data = split_by_site(full, work, args.sites)
     tests = [LesionDataset(d, "test") for d in site_data]
     sets = parse_set(args.sets)
@@ -141,9 +133,8 @@ def main() -> None:
                 cfg = apply_overrides(cfg, sets)
             if not (run / "metrics.json").exists():
                 train(data, cfg, run, progress=False)
-            elif diffs := settings_diff(run, cfg):  # a finished run is reused only as asked
-                raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)}); "
-                                 "use another --work")
+            else:  # a finished run is reused only as asked
+                check_finished_run(run, cfg, "--work")
             _, model, meth, _ = load_run(run, device="cpu")
             for j, ds in enumerate(tests):
                 auc = quick_metrics(model, meth, ds, torch.device("cpu"))["auc"]

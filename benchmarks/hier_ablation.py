@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
 
-from causalign.data.format import META
-from causalign.data.synth import SynthConfig, generate
+from causalign.data.synth import SynthConfig
 from causalign.engine import TrainConfig, train
-from causalign.engine.trainer import settings_diff
 from causalign.io import atomic_write_json, atomic_write_text
 from causalign.report.tables import fmt_mean_std, markdown_table, mean_std
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
 
 VARIANTS = {
     "none": ("erm", {}),
@@ -56,10 +57,8 @@ def run_one(data: Path, runs: Path, name: str, method: str, args: dict, seed: in
     path = run / "metrics.json"
     cfg = TrainConfig(method=method, seed=seed, epochs=epochs, device="cpu",
                       threads=threads, method_args=dict(args))
-    if path.exists() and (diffs := settings_diff(run, cfg)):
-        # a finished run is reused only when it is the run asked for
-        raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)}); "
-                         "use another --work")
+    if path.exists():  # a finished run is reused only when it is the run asked for
+        check_finished_run(run, cfg, "--work")
     if not path.exists():
         t0 = time.perf_counter()
         metrics = train(data, cfg, run, resume=True, progress=False)
@@ -130,16 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     data = a.work / "data"
     synth = SynthConfig(n_train=a.n_train, n_val=a.n_val, n_test=a.n_test, size=a.size,
                         seed=a.data_seed)
-    if not (data / META).exists():
-        generate(data, synth)
-    else:  # reused data must be the data asked for, or old runs get the new sizes' labels
-        stored = ((yaml.safe_load((data / META).read_text()) or {}).get("info")
-                  or {}).get("config") or {}
-        diffs = [f"{k}: {stored.get(k)} there, {v} asked" for k, v in asdict(synth).items()
-                 if stored.get(k) != v]
-        if diffs:
-            raise SystemExit(f"{data} was generated with other options ({'; '.join(diffs)}); "
-                             "use another --work")
+    # reused data must be the data asked for, or old runs get the new sizes' labels
+    synth_or_reuse(data, synth, "--work")
     runs = a.work / "runs"
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     results: dict[str, list[dict]] = {v: [] for v in variants}

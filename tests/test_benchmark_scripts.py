@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -205,4 +206,39 @@ def test_hier_ablation_refuses_stale_work(tmp_path):
         mod.main([*base, "--n-train", "32", "--epochs", "2", "--out", str(other)])
     with pytest.raises(SystemExit, match="n_train: 32 there, 40 asked"):
         mod.main([*base, "--n-train", "40", "--epochs", "1", "--out", str(other)])
+    assert not other.exists()
+
+
+def test_bench_faithfulness_refuses_stale_runs_and_data(tiny_data, tmp_path, monkeypatch):
+    """bench_faithfulness reuses --synth-dir and finished RUNS/<method>_seed<k>; with other
+    options (or another --data) it used to explain the old models on the old data silently,
+    under the new labels; now it names the folder and the difference."""
+    mod = _load("bench_faithfulness")
+    base = ["bench_faithfulness.py", "--synth-dir", str(tmp_path / "data"), "--runs",
+            str(tmp_path / "runs"), "--seeds", "1", "--size", "32", "--n-val", "16",
+            "--n-test", "16", "--threads", "1"]
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", [*base, "--n-train", "48", "--epochs", "1",
+                                     "--out", str(out)])
+    mod.main()
+    r = _strict_json(out / "faithfulness.json")
+    assert r["epochs"] == 1 and r["image_shape"] == [1, 32, 32] and r["n_test"] == 16
+    assert _finite(r["drop"]["wbp"]["0.002"]["mean"])
+    run = tmp_path / "runs" / "erm_seed0"
+    other = tmp_path / "other"
+    monkeypatch.setattr("sys.argv", [*base, "--n-train", "48", "--epochs", "2",
+                                     "--out", str(other)])
+    with pytest.raises(SystemExit, match=re.escape(
+            f"{run}: finished with other settings (epochs 1 -> 2); use another --runs")):
+        mod.main()
+    monkeypatch.setattr("sys.argv", [*base, "--n-train", "40", "--epochs", "1",
+                                     "--out", str(other)])
+    with pytest.raises(SystemExit, match="n_train: 48 there, 40 asked.*use another --synth-dir"):
+        mod.main()
+    # a run trained on the synthesised data is not the model of another --data
+    monkeypatch.setattr("sys.argv", [*base, "--data", str(tiny_data), "--epochs", "1",
+                                     "--out", str(other)])
+    with pytest.raises(SystemExit, match=r"finished with other settings \(data .* -> "
+                                         + re.escape(f"{tiny_data})")):
+        mod.main()
     assert not other.exists()

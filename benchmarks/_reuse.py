@@ -1,0 +1,59 @@
+"""Reuse of a benchmark script's earlier outputs only when they are what is asked for now.
+
+The scripts keep their synthetic dataset and finished runs so that they can be interrupted
+and rerun; a rerun with other options must not pick those up silently, or its tables would
+label the old results with the new settings. Each check stops the script with one line
+naming the folder, the setting that differs and the option to change (``flag``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from causalign.data.format import MANIFEST, META
+from causalign.data.synth import SynthConfig, generate
+from causalign.engine import TrainConfig
+from causalign.engine.trainer import _same_dataset, read_run_config, settings_diff
+from causalign.errors import CausalignError
+
+
+def synth_or_reuse(root: Path, synth: SynthConfig, flag: str) -> None:
+    """Generate the synthetic dataset ``synth`` into ROOT, or reuse the one there if it was
+    generated with the same options (the manifest is written last: its presence means a
+    finished generation)."""
+    if not (root / MANIFEST).exists():
+        generate(root, synth)
+        return
+    try:
+        meta = yaml.safe_load((root / META).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        meta = None  # unreadable: no stored options, so every one differs below
+    info = meta.get("info") if isinstance(meta, dict) else None
+    stored = info.get("config") if isinstance(info, dict) else None
+    stored = stored if isinstance(stored, dict) else {}
+    diffs = [f"{k}: {stored.get(k)} there, {v} asked" for k, v in asdict(synth).items()
+             if stored.get(k) != v]
+    if diffs:
+        raise SystemExit(f"{root} was generated with other options ({'; '.join(diffs)}); "
+                         f"use another {flag}")
+
+
+def check_finished_run(run: Path, cfg: TrainConfig, flag: str, data: Path | None = None,
+                       state: str = "finished") -> None:
+    """Stop unless the finished RUN was trained with ``cfg`` (device and threads aside) and,
+    when ``data`` is given, on that dataset (or a copy of it). ``state`` words the message
+    (an interrupted run about to be continued is checked the same way)."""
+    try:
+        diffs = settings_diff(run, cfg)
+        stored = read_run_config(run).get("data")
+    except CausalignError as exc:  # an edited or foreign config.yaml: one line, no traceback
+        raise SystemExit(f"error: {exc}") from None
+    if data is not None and isinstance(stored, str) and stored and not _same_dataset(
+            Path(stored), Path(data)):
+        diffs.append(f"data {stored} -> {data}")
+    if diffs:
+        raise SystemExit(f"{run}: {state} with other settings ({'; '.join(diffs)}); "
+                         f"use another {flag}")
