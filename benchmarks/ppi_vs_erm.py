@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +27,13 @@ import torch
 import yaml
 
 from causalign.data.format import LesionDataset
-from causalign.data.synth import SynthConfig, generate
+from causalign.data.synth import SynthConfig
 from causalign.engine import TrainConfig, evaluate_split, load_run, train
 from causalign.engine.config import apply_overrides, parse_set
-from causalign.engine.trainer import settings_diff
 from causalign.io import atomic_write_json, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
 
 ROWS = [
     ("accuracy", "gradcam", "accuracy"),
@@ -64,14 +67,14 @@ def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: d
     cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu", threads=threads)
     if method == "ppi" and sets:
         cfg = apply_overrides(cfg, sets)
-    if (run / "metrics.json").exists() and not template:
-        diffs = settings_diff(run, cfg)
-        if diffs:
-            raise SystemExit(f"{run}: finished with other settings ({'; '.join(diffs)})")
+    if not template and (run / "metrics.json").exists():
+        check_finished_run(run, cfg, "--runs", data)
+    elif not template and (run / "checkpoint.pt").exists():
+        check_finished_run(run, cfg, "--runs", data, state="interrupted")
     if not (run / "metrics.json").exists():
         t0 = time.perf_counter()
         train(data, cfg, run, resume=(run / "checkpoint.pt").exists(), progress=False)
-        (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        atomic_write_text(run / "wall_seconds.txt", f"{time.perf_counter() - t0:.1f}\n")
     metrics = json.loads((run / "metrics.json").read_text())
     _, model, meth, data_path = load_run(run, device="cpu")
     wbp = evaluate_split(model, meth, LesionDataset(data_path, "test"), torch.device("cpu"),
@@ -100,8 +103,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = Path(args.data) if args.data else Path(args.synth_dir)
-    if not args.data and not (data / "manifest.csv").exists():
-        generate(data, SynthConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test))
+    if not args.data:  # a kept --synth-dir is reused only if made with these options
+        synth_or_reuse(data, SynthConfig(n_train=args.n_train, n_val=args.n_val,
+                                         n_test=args.n_test), "--synth-dir")
     sets = parse_set(args.sets)
     results: dict[str, list[dict]] = {"erm": [], "ppi": []}
     for seed in range(args.seeds):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from causalign.data.synth import SynthConfig, generate
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -125,6 +127,18 @@ def test_ppi_vs_erm_reports_the_data_it_used(tiny_data, tmp_path, monkeypatch):
             assert _finite(row[method]["mean"]), (label, method)
     header = (out / "ppi_vs_erm.md").read_text().splitlines()[0]
     assert "48/16/16 images, 32×32 px" in header, header
+    # the kept runs are reused only for the same settings and data
+    base = ["ppi_vs_erm.py", "--runs", str(tmp_path / "runs"), "--seeds", "1",
+            "--out", str(tmp_path / "other")]
+    monkeypatch.setattr("sys.argv", [*base, "--data", str(tiny_data), "--epochs", "2"])
+    with pytest.raises(SystemExit, match="finished with other settings .*epochs 1 -> 2"):
+        mod.main()
+    other = tmp_path / "other_data"
+    generate(other, SynthConfig(n_train=8, n_val=4, n_test=4, size=32, seed=9))
+    monkeypatch.setattr("sys.argv", [*base, "--data", str(other), "--epochs", "1"])
+    with pytest.raises(SystemExit, match=f"data .* -> {other}"):
+        mod.main()
+    assert not (tmp_path / "other").exists()
 
 
 def test_bench_saliency_wbp_smoke(tmp_path):
