@@ -16,7 +16,7 @@ import yaml
 from causalign.data.format import MANIFEST, META
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
-from causalign.engine.trainer import _same_dataset, read_run_config, settings_diff
+from causalign.engine.trainer import read_run_config, same_dataset, settings_diff
 from causalign.errors import CausalignError
 
 
@@ -51,7 +51,7 @@ def check_finished_run(run: Path, cfg: TrainConfig, flag: str, data: Path | None
         stored = read_run_config(run).get("data")
     except CausalignError as exc:  # an edited or foreign config.yaml: one line, no traceback
         raise SystemExit(f"error: {exc}") from None
-    if data is not None and isinstance(stored, str) and stored and not _same_dataset(
+    if data is not None and isinstance(stored, str) and stored and not same_dataset(
             Path(stored), Path(data)):
         diffs.append(f"data {stored} -> {data}")
     if diffs:

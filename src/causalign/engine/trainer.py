@@ -156,7 +156,7 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
         raise CausalignError(f"init: {path} does not fit this model ({first})") from None
 
 
-def _same_dataset(a: Path, b: Path) -> bool:
+def same_dataset(a: Path, b: Path) -> bool:
     """The same folder, or a copy of it (identical dataset.yaml and manifest.csv)."""
     from ..data.format import MANIFEST, META
 
@@ -253,7 +253,7 @@ class Trainer:
             # while config.yaml still names the first; a stored path that no longer exists
             # is a moved dataset, and a copy (same manifest) is the same data: both may go on
             if (isinstance(stored, str) and Path(stored).is_dir()
-                    and not _same_dataset(Path(stored), self.data)):
+                    and not same_dataset(Path(stored), self.data)):
                 raise CausalignError(f"{self.out}: --resume continues the stored run, but it "
                                      f"was trained on {stored}, not {self.data} (use a new "
                                      f"--out)")
