@@ -17,7 +17,8 @@ Masks (``method.mask``):
   mean(s) + k·std(s) (App. B's image-adaptive threshold).
 * ``hard``  keep the points with s > k·std(s), k = ``hard_k`` = 7 (App. B).
 * ``box``   the box centred on the kept points' centre of mass, ± 1.2·std of their
-  coordinates along every spatial axis (App. B; covers ≥ 90 % of the kept points).
+  coordinates along every spatial axis (App. B, which reports ≥ 90 % of the kept points
+  inside on its data; not a guarantee: a uniform square of kept points gets 49 %).
 * ``topn``  the soft mask restricted to the N most salient points (App. D: every saliency
   backend then removes at most the same number of points). ``top_n`` < 1 is a fraction of
   the pixels, ≥ 1 a count.
