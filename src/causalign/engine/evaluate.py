@@ -13,7 +13,14 @@ from torch import Tensor, nn
 from ..data.format import LesionDataset
 from ..explain import get_explainer, saliency_map
 from ..methods.base import Method
-from ..metrics import cam_precision, classification_metrics, deletion_scores, iou_dice, mass_in_mask
+from ..metrics import (
+    cam_precision,
+    classification_metrics,
+    deletion_scores,
+    iou_dice,
+    mass_in_mask,
+    normalize_maps,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -104,8 +111,7 @@ def evaluate_split(
         mask = batch["mask"][:, 0]
         if ann.any():
             prec_box.append(cam_precision(maps[ann], box[ann]).cpu())
-            flat = maps[ann].flatten(1)
-            empty.append(((flat.max(1).values - flat.min(1).values) <= 1e-12).cpu())
+            empty.append(normalize_maps(maps[ann])[1].cpu())  # the test cam_precision uses
         if has_mask.any():
             prec_mask.append(cam_precision(maps[has_mask], mask[has_mask]).cpu())
             mass.append(mass_in_mask(maps[has_mask], mask[has_mask]).cpu())

@@ -26,7 +26,8 @@ def deletion_scores(
 
     maps: (N, *spatial) saliency (or (N, 1, *spatial)); inputs (N, C, *spatial); a pixel is
     removed in all channels; each fraction lies in (0, 1] and removes at least one pixel.
-    Ties are broken by a tiny deterministic jitter so k pixels are removed exactly. `target`
+    Ties are broken by pixel index (earlier first, a stable sort) so k pixels are removed
+    exactly and the ranking does not depend on the map's scale. `target`
     holds one class per input (an int applies to all). The model runs in eval mode (its
     modules' flags are restored): in train mode BatchNorm would update its running statistics
     on the deleted images and dropout would add noise to the drop.
@@ -51,8 +52,9 @@ def deletion_scores(
     if n_bad:  # NaN sorts arbitrarily: the "top-k" pixels would be meaningless
         raise InputError(f"maps hold {n_bad} NaN/inf value(s); deletion needs finite maps")
     numel = flat.shape[1]
-    jitter = torch.arange(numel, device=flat.device, dtype=flat.dtype).flip(0) * 1e-12
-    order = (flat + jitter).argsort(dim=1, descending=True)
+    # A stable sort breaks ties by pixel index whatever the map's scale: an additive jitter
+    # (once 1e-12 per index) outranked the map itself when its values were below ~numel·1e-12.
+    order = flat.sort(dim=1, descending=True, stable=True).indices
     modes = _eval_modes(model)
     try:
         logits = model(inputs)

@@ -38,11 +38,13 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
 
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """Per-sample min–max normalisation to [0, 1]; also returns which maps are empty
-    (constant, e.g. an all-zero Grad-CAM)."""
+    (constant, e.g. an all-zero Grad-CAM). `eps` is relative to the map's largest magnitude,
+    so whether a map is empty does not depend on its scale (an absolute 1e-12 called every
+    map with values ~1e-14 empty and scored it 0)."""
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values
     hi = flat.max(dim=1).values
-    empty = (hi - lo) <= eps
+    empty = (hi - lo) <= eps * torch.maximum(hi.abs(), lo.abs())
     scale = torch.where(empty, torch.ones_like(hi), hi - lo)
     shape = (-1,) + (1,) * (maps.dim() - 1)
     out = (maps - lo.view(shape)) / scale.view(shape)
