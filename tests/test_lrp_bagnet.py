@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lrp import input_x_grad, rel_err  # the same references as the other models' tests
 from torch import nn
 
 from causalign.explain import get_explainer
@@ -34,16 +35,6 @@ def spread_bagnet(name: str = "bagnet9") -> nn.Module:
         model.classifier.weight.mul_(20)
         model.classifier.bias.zero_()
     return model.eval()
-
-
-def input_x_grad(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    xg = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(net(xg).gather(1, t[:, None]).sum(), xg)
-    return x * g
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", ["bagnet9", "bagnet13"])
