@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from causalign.cli import main
@@ -184,7 +185,12 @@ def test_integers_past_torchs_range_are_rejected(tiny_data, tmp_path, capsys, se
 
 
 def test_the_largest_torch_seed_is_accepted():
-    TrainConfig(seed=2**64 - 1).validate()
+    # the bound is torch's own: the largest seed validate() lets through must seed a generator
+    cfg = TrainConfig(seed=2**64 - 1)
+    cfg.validate()
+    assert torch.Generator().manual_seed(cfg.seed).initial_seed() == 2**64 - 1
+    with pytest.raises(CausalignError, match="seed"):
+        TrainConfig(seed=2**64).validate()
 
 
 # ---------------------------------------------------------------- no test split
