@@ -99,7 +99,10 @@ def check_target_classes(logits: Tensor, target: Tensor) -> None:
         raise InputError(f"saliency needs (N, classes) logits, got shape {tuple(logits.shape)}")
     if target.numel():
         lo, hi = torch.stack(target.aminmax()).tolist()  # one device sync, not two
-        if not 0 <= lo <= hi < logits.shape[1]:
+        if lo < 0:
+            raise InputError(f"target must hold non-negative integer class indices "
+                             f"(0..{logits.shape[1] - 1}), got {lo}..{hi}")
+        if hi >= logits.shape[1]:
             raise InputError(f"target classes must lie in 0..{logits.shape[1] - 1}, got "
                              f"{lo}..{hi}")
 
@@ -121,21 +124,18 @@ def check_inputs(inputs: Tensor, target: Target = None) -> None:
     if inputs.dim() < 2 or inputs.shape[0] == 0:
         raise InputError(f"inputs must be a non-empty batch (N, C, *spatial), got shape "
                          f"{tuple(inputs.shape)}")
-    counts = [(~torch.isfinite(inputs.detach())).sum()]
     if isinstance(target, Tensor):
         if target.dim() > 1 or target.numel() not in (1, inputs.shape[0]):
             raise InputError(f"target must hold one class per input ({inputs.shape[0]}), got "
                              f"shape {tuple(target.shape)}")
         if target.is_floating_point():
             raise InputError("target must hold non-negative integer class indices")
-        counts.append((target < 0).sum().to(counts[0].device))
-    # One device sync for both counts: attribute() runs inside training steps (PPI).
-    n_bad, n_negative = (torch.stack(counts).tolist() + [0])[:2]
+    # One device sync here (attribute() runs inside PPI's training steps); the target's
+    # range, negatives included, is checked against the logits by check_target_classes.
+    n_bad = int((~torch.isfinite(inputs.detach())).sum())
     if n_bad:
         raise InputError(f"inputs hold {n_bad} NaN/inf value(s); a saliency map of a "
                          f"non-finite image is undefined")
-    if n_negative:
-        raise InputError("target must hold non-negative integer class indices")
     if isinstance(target, int) and target < 0:
         raise InputError(f"target class must be >= 0, got {target}")
 
