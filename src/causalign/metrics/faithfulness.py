@@ -7,14 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..explain.base import check_target_classes, eval_mode
 
 DELETION_FRACTIONS = (0.002, 0.01, 0.02, 0.1, 0.2)
-
-
-def _eval_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    return modes
 
 
 @torch.no_grad()
@@ -55,16 +50,11 @@ def deletion_scores(
     # A stable sort breaks ties by pixel index whatever the map's scale: an additive jitter
     # (once 1e-12 per index) outranked the map itself when its values were below ~numel·1e-12.
     order = flat.sort(dim=1, descending=True, stable=True).indices
-    modes = _eval_modes(model)
-    try:
+    with eval_mode(model):
         logits = model(inputs)
         if logits.dim() != 2:
             raise InputError(f"deletion needs (N, classes) logits, got {tuple(logits.shape)}")
-        if len(target):
-            lo, hi = torch.stack(target.aminmax()).tolist()
-            if not 0 <= lo <= hi < logits.shape[1]:
-                raise InputError(f"target classes must lie in 0..{logits.shape[1] - 1}, got "
-                                 f"{lo}..{hi}")
+        check_target_classes(logits, target)
         base = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
         out = {}
         for frac in fractions:
@@ -75,7 +65,4 @@ def deletion_scores(
             deleted = inputs * keep + fill * (1 - keep)
             prob = model(deleted).softmax(1).gather(1, target[:, None]).squeeze(1)
             out[frac] = base - prob
-    finally:
-        for m, training in modes:
-            m.training = training
     return out
