@@ -49,10 +49,15 @@ _EPS = 1e-20
 
 
 def _share_bias(rel: Tensor, irrel: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Split an additive bias between the two parts in proportion to their magnitudes."""
+    """Split an additive bias between the two parts in proportion to their magnitudes.
+
+    γ takes the rest of the bias, not b / (a + b + ε) of it: where both parts are exactly 0
+    (a zero background, a unit no part reaches) that dropped the bias and β + γ no longer
+    equalled the forward pass. There the whole bias goes to γ, as in CD for LSTMs (Murdoch
+    et al.) and CDEP's BatchNorm rule, so S = ∅ still gives β = 0."""
     a, b = rel.abs(), irrel.abs()
-    total = a + b + _EPS
-    return rel + a / total * bias, irrel + b / total * bias
+    frac = a / (a + b + _EPS)  # 0 where a = b = 0; ε also bounds the gradient
+    return rel + frac * bias, irrel + (1.0 - frac) * bias
 
 
 def _bias_view(bias: Tensor, like: Tensor) -> Tensor:

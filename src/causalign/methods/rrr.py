@@ -1,6 +1,9 @@
 """Right for the Right Reasons (Ross, Hughes & Doshi-Velez, IJCAI 2017).
 
-    L(θ) = CE(f(x), y) + λ · Σ_d (A_d · ∂/∂x_d Σ_k log p̂_k(x))²      (+ λ₂‖θ‖² = weight_decay)
+    L(θ) = CE(f(x), y) + λ · Σ_d (A_d · ∂/∂x_d Σ_k log p̂_k(x))²      (+ λ₂‖θ‖²)
+
+The paper's λ₂‖θ‖² is the trainer's ``weight_decay`` = 2λ₂ (Adam's L2 term adds wd·θ to
+the gradient, the gradient of (wd/2)‖θ‖²).
 
 A_d = 1 on pixels the annotation marks as irrelevant (outside the lesion mask, or its box),
 0 inside: the model is penalised for being *sensitive* to the background, the "right reasons"

@@ -5,7 +5,8 @@ The layer sits on the last conv stage of the 7-layer CNN (n × n maps). For each
 
 * **templates** (Eq. 1 of the paper): one positive template per position μ of the n × n grid,
   T_μ(i, j) = τ · max(1 − β‖(i, j) − μ‖₁ / n, −1), and a negative template T⁻ = −τ
-  (τ = 0.5 / n², β = 4);
+  (τ = 0.5 / n², β = 4); a non-square h × w map (non-square images) has one template per
+  position of its own grid, with n = max(h, w) in the fall-off and τ = 0.5 / (h·w);
 * **mask** (forward): x_masked = max(x ⊙ T_μ̂, 0) with μ̂ = argmax x, which keeps only the
   activation around the filter's strongest response (we use T_μ̂ / τ so the scale of the
   activations is kept; the positive constant τ does not change which units pass);
@@ -32,14 +33,20 @@ TAU_SCALE = 0.5
 BETA = 4.0
 
 
-def part_templates(n: int, beta: float = BETA, device: torch.device | str | None = None) -> Tensor:
-    """(n², n, n) positive templates T_μ / τ = max(1 − β‖(i,j) − μ‖₁ / n, −1)."""
-    ii, jj = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device),
+def part_templates(n: int, beta: float = BETA, device: torch.device | str | None = None,
+                   width: int | None = None) -> Tensor:
+    """(n·w, n, w) positive templates T_μ / τ = max(1 − β‖(i,j) − μ‖₁ / max(n, w), −1), one
+    per position μ of the n × w map (w = ``width``, default n: the paper's n × n maps).
+
+    A non-square map gets templates centred on its own positions only: templates centred
+    off the map are no part at any place of it, and they took prior mass α/n² each."""
+    w = n if width is None else width
+    ii, jj = torch.meshgrid(torch.arange(n, device=device), torch.arange(w, device=device),
                             indexing="ij")
-    pos = torch.stack([ii.flatten(), jj.flatten()], 1).float()  # (n², 2) = μ
+    pos = torch.stack([ii.flatten(), jj.flatten()], 1).float()  # (n·w, 2) = μ
     dist = (ii.flatten()[None].float() - pos[:, :1]).abs() + \
-        (jj.flatten()[None].float() - pos[:, 1:]).abs()  # (n², n²)
-    return (1.0 - beta * dist / n).clamp(min=-1.0).view(n * n, n, n)
+        (jj.flatten()[None].float() - pos[:, 1:]).abs()  # (n·w, n·w)
+    return (1.0 - beta * dist / max(n, w)).clamp(min=-1.0).view(n * w, n, w)
 
 
 def template_mask(x: Tensor, beta: float = BETA) -> Tensor:
@@ -60,9 +67,8 @@ def filter_loss(x: Tensor, alpha: Tensor | float, beta: float = BETA) -> Tensor:
 
     Returns (C,) losses. tr(x·T) = Σ_ij x_ij T_ij."""
     n_img, c, h, w = x.shape
-    n = max(h, w)
     tau = TAU_SCALE / (h * w)
-    t_pos = part_templates(n, beta, device=x.device)[:, :h, :w].to(x.dtype) * tau  # (M, h, w)
+    t_pos = part_templates(h, beta, device=x.device, width=w).to(x.dtype) * tau  # (M, h, w)
     m = t_pos.shape[0]
     flat = x.flatten(2)  # (N, C, P)
     s_pos = torch.einsum("ncp,mp->cmn", flat, t_pos.flatten(1))  # (C, M, N): tr(x·T_μ)
