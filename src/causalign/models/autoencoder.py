@@ -55,6 +55,11 @@ class ConvAutoencoder(nn.Module):
             raise CausalignError(
                 f"the latent-space autoencoder takes 2D images (N,C,H,W), got shape "
                 f"{tuple(x.shape)}")
+        c = self.config["in_channels"]
+        if x.shape[1] != c:  # else a bare conv RuntimeError (e.g. an RGB file on grey data)
+            raise CausalignError(f"the autoencoder takes {c}-channel images, got "
+                                 f"{x.shape[1]} channel(s) (shape {tuple(x.shape)}); train "
+                                 f"one on this data")
         h, w = x.shape[-2:]
         ph, pw = (-h) % _FACTOR, (-w) % _FACTOR
         if ph or pw:
@@ -129,8 +134,15 @@ def autoencoder_from_state(data: dict, device: torch.device | str = "cpu") -> Co
     """Rebuild an autoencoder from what `save_autoencoder` (or a method state) stores."""
     if not isinstance(data, dict) or data.get("kind") != "causalign-autoencoder":
         raise CausalignError("not a causalign autoencoder file")
-    model = ConvAutoencoder(**data["config"])
-    model.load_state_dict(data["state"])
+    try:
+        model = ConvAutoencoder(**data["config"])
+        model.load_state_dict(data["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        # a damaged or hand-edited file: one line naming the problem, not a traceback
+        what = " ".join(str(exc).split())  # one line, however long torch's message is
+        what = what if len(what) <= 160 else what[:157] + "..."
+        raise CausalignError(f"damaged autoencoder state ({type(exc).__name__}: "
+                             f"{what})") from None
     model.train_mse = data.get("train_mse")
     model.to(device).eval().requires_grad_(False)
     return model
@@ -150,7 +162,8 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> Co
     p = Path(path)
     if not p.exists():
         raise CausalignError(f"{p}: autoencoder file not found")
+    data = load_checkpoint(p, map_location=device)  # its errors already name the file
     try:
-        return autoencoder_from_state(load_checkpoint(p, map_location=device), device)
+        return autoencoder_from_state(data, device)
     except CausalignError as exc:
         raise CausalignError(f"{p}: {exc}") from None
