@@ -238,9 +238,13 @@ def train(
 
         base = stored_config(out)  # continue the stored run; explicit flags must agree
     cfg = apply_overrides(base, values)
+    finished = resume and (out / "metrics.json").is_file()  # train() returns its metrics
     metrics = run_train(data, cfg, out, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
+    if finished:
+        typer.echo(f"{out}: already finished ({metrics['epochs']} epoch(s)), nothing to resume",
+                   err=True)
     # a dataset without a test split reports val metrics: say so, not "test accuracy"
     split = "test" if "test" in metrics else "val"
     shown = metrics[split]
@@ -595,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 typer.echo("interrupted", err=True)
             return code
     except CausalignError as exc:
+        _hold_back(exc)
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return 2
     except typer.Abort:
@@ -603,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClickException as exc:  # unknown command or option, missing argument, bad value
         message = exc.format_message()
         if message:  # empty when a bare group printed its help (no_args_is_help)
+            _hold_back(exc)
             command = getattr(getattr(exc, "ctx", None), "command_path", "causalign")
             typer.echo(f"error: {_one_line(message)} (see `{command} --help`)", err=True)
         return exc.exit_code
@@ -618,6 +624,15 @@ def main(argv: list[str] | None = None) -> int:
                    err=True)
         return 2
     return 0
+
+
+def _hold_back(exc: BaseException) -> None:
+    """torchrun: one `error:` line per job, not one per rank (see hold_back_user_error).
+    Outside torchrun (no WORLD_SIZE), torch is not imported on this path."""
+    if "WORLD_SIZE" in os.environ:
+        from .engine.distributed import hold_back_user_error
+
+        hold_back_user_error(exc)
 
 
 def _one_line(msg: str) -> str:

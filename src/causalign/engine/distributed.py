@@ -38,6 +38,7 @@ RANK / WORLD_SIZE / LOCAL_RANK in their environment; the trainer then joins the 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,42 @@ def init_distributed(device: str) -> DistContext:
     # others wait at a barrier; a crashed rank still ends the job (torchrun stops the rest).
     dist.init_process_group(backend=backend, timeout=timedelta(hours=4))
     return DistContext(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+# How long a torchrun rank other than local rank 0 holds back a user error line. Every rank
+# runs the same checks on the same inputs, so they all hit the same error; local rank 0
+# prints it and exits, and torchrun then stops the other workers (SIGTERM, within its 0.1 s
+# --monitor-interval) while they wait: the line appears once, not once per rank. Waiting
+# (instead of exiting silently) matters twice: a silent rank that exited first would get
+# rank 0 killed before it printed (the ranks reach the check at moments apart by their
+# start-up jitter: seen with rank 0 four seconds late, no line at all), and a rank still
+# running after the wait has an error rank 0 does not share, which must not be lost.
+QUIET_RANK_GRACE_S = 10.0
+
+
+def mark_rank_local(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as this rank's own error (from its chunk of a batch: a non-finite loss,
+    a BatchNorm chunk of one sample), printed at once by `hold_back_user_error`."""
+    exc.rank_local = True  # type: ignore[attr-defined]
+    return exc
+
+
+def hold_back_user_error(exc: BaseException, grace_s: float | None = None) -> None:
+    """Call before printing ``exc`` as a one-line user error. Under torchrun, on any rank but
+    local rank 0 (each node's first process: a node's own output may be all its user sees,
+    and an error can be a node's own, such as a dataset missing there), wait ``grace_s``
+    (default QUIET_RANK_GRACE_S) for local rank 0 to report it and torchrun to stop this
+    process. Returns at once outside torchrun, on local rank 0 and for errors marked by
+    `mark_rank_local`."""
+    try:
+        if env_world_size() <= 1:
+            return
+    except CausalignError:  # a malformed WORLD_SIZE: not a torchrun job
+        return
+    if getattr(exc, "rank_local", False) or \
+            os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
+        return
+    time.sleep(QUIET_RANK_GRACE_S if grace_s is None else grace_s)
 
 
 def shard_indices(idx: Tensor, rank: int, world: int) -> Tensor:

@@ -6,6 +6,7 @@ The trainer is method-agnostic: it calls `method(model, batch) -> LossOutput`.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -183,6 +184,27 @@ def _optional_split(data: Path, split: str) -> LesionDataset | None:
         return None
 
 
+# what the trainer writes into a run folder, atomically (`causalign.io`)
+RUN_OUTPUTS = (CHECKPOINT, BEST, "history.csv", "metrics.json", "config.yaml")
+
+
+def remove_stale_temporaries(run: Path) -> list[Path]:
+    """Delete the temporary files that a SIGKILL (or power loss) during an atomic write of
+    the run's outputs left behind: ``.NAME.<random>.tmp`` beside NAME, e.g. a whole
+    checkpoint's size per kill, which no later write would ever remove. Only the trainer's
+    own output names are matched (one process trains a run folder at a time)."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        # ".checkpoint.pt.*.tmp" also matches its digest's ".checkpoint.pt.sha256.pending.*"
+        for tmp in run.glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
@@ -308,6 +330,7 @@ class Trainer:
         self.state = RunState(history=[])
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
         resuming = self.resume and (self.out / CHECKPOINT).exists()
         if self.dist.enabled:  # rank 0's view of the run folder decides (multi-node)
             resuming = D.broadcast_object(resuming)
@@ -479,12 +502,15 @@ class Trainer:
             if m > 0:
                 batch = {k: v.to(self.device, non_blocking=True)
                          for k, v in self.train_set.batch(local).items()}
-                with self._autocast(), self._guard_one_sample(batch):
-                    out = self.method(self.train_model if use_ddp else self.model, batch)
-                if not torch.isfinite(out.total):
-                    raise NumericalError(
-                        f"non-finite loss at epoch {epoch} step {step} on rank {rank} "
-                        f"(parts: {out.parts}); try a lower --lr")
+                try:
+                    with self._autocast(), self._guard_one_sample(batch):
+                        out = self.method(self.train_model if use_ddp else self.model, batch)
+                    if not torch.isfinite(out.total):
+                        raise NumericalError(
+                            f"non-finite loss at epoch {epoch} step {step} on rank {rank} "
+                            f"(parts: {out.parts}); try a lower --lr")
+                except CausalignError as exc:  # this rank's chunk: the rank must say it
+                    raise D.mark_rank_local(exc) from None
                 # mean over the chunk × m·world/N: the rank average is the global-batch mean
                 (out.total * (m * world / n_global)).backward()
                 _accumulate(sums, weights, out.total, out.parts, m)
@@ -552,13 +578,35 @@ class Trainer:
         try:
             self._setup()
             try:
-                return self._fit()
+                finished = self._finished_metrics()
+                return finished if finished is not None else self._fit()
             finally:
                 self.dist.close()
         finally:
             torch.set_num_threads(saved[0])
             torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
             torch.backends.cudnn.benchmark = saved[3]
+
+    def _finished_metrics(self) -> dict | None:
+        """--resume of a run that had finished (its checkpoint holds every epoch and its
+        metrics.json those epochs and that best epoch): the stored metrics. Re-running the
+        final evaluation would cost minutes on real data and rewrite a finished run's
+        metrics.json (on a GPU not bit-identically); there is nothing left to do. None when
+        training or the final evaluation is still to do (e.g. killed while evaluating)."""
+        if not self.resume or self.state.epoch < self.cfg.epochs:
+            return None
+        metrics = None
+        if self.dist.is_main:  # rank 0's disk decides, as for the checkpoint
+            try:
+                stored = json.loads((self.out / "metrics.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # missing or unreadable: evaluate again
+                stored = None
+            # best.pt gone (deleted by hand): the final evaluation says so, as before
+            if (isinstance(stored, dict) and stored.get("epochs") == self.state.epoch
+                    and stored.get("best_epoch") == self.state.best_epoch
+                    and (self.out / BEST).is_file()):
+                metrics = stored
+        return D.broadcast_object(metrics) if self.dist.enabled else metrics
 
     def _fit(self) -> dict:
         main = self.dist.is_main
