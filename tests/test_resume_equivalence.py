@@ -127,6 +127,26 @@ def test_causal_align_resumes_bitwise_mid_epoch(tiny_data, tmp_path, monkeypatch
                   batch_size=24, method_args={"steps": 2, "align_every": 2})
 
 
+def test_latent_space_resume_does_not_retrain_the_autoencoder(tiny_data, tmp_path,
+                                                              monkeypatch):
+    # Before: setup() ran before the checkpoint was read, so a resumed space=latent run
+    # trained a fresh autoencoder (minutes on real data) and then discarded it for the
+    # checkpoint's copy. The result was right; the time was lost.
+    import causalign.models.autoencoder as AE
+
+    calls = {"n": 0}
+    fit = AE.train_autoencoder
+
+    def counted(*args, **kw):
+        calls["n"] += 1
+        return fit(*args, **{**kw, "epochs": 1})
+
+    monkeypatch.setattr(AE, "train_autoencoder", counted)
+    latent = {"method_args": {"steps": 2, "space": "latent", "distance": "l2"}}
+    _check_method("causal-align", tiny_data, tmp_path, monkeypatch, **latent)
+    assert calls["n"] == 2  # the full run and the interrupted one; not the resume
+
+
 @pytest.mark.slow  # ~5 s per method on 2 cores
 @pytest.mark.parametrize("method", method_names())
 def test_every_method_resumes_bitwise_mid_epoch(tiny_data, tmp_path, monkeypatch, method):

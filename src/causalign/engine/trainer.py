@@ -325,17 +325,23 @@ class Trainer:
         if self.cfg.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=self.cfg.epochs)
-        self.method.setup(self.train_set, self.model)
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.state = RunState(history=[])
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)
         resuming = self.resume and (self.out / CHECKPOINT).exists()
         if self.dist.enabled:  # rank 0's view of the run folder decides (multi-node)
             resuming = D.broadcast_object(resuming)
-        if resuming:
-            self._load_state()
+        ckpt = self._read_checkpoint() if resuming else None
+        if ckpt is not None:
+            # the method's state first, so setup() skips what the checkpoint holds: a
+            # latent-space autoencoder would be retrained (minutes) and then discarded.
+            # _load_state loads it again after setup, which may reseed or refit state.
+            self.method.load_state_dict(ckpt.get("method_state", {}))
+        self.method.setup(self.train_set, self.model)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.state = RunState(history=[])
+        if ckpt is not None:
+            self._load_state(ckpt)
             if self.dist.is_main:
                 # history.csv from the checkpoint's rows at once: a kill between writing the
                 # two leaves a row the checkpoint lacks, and a resumed finished run trains
@@ -409,7 +415,7 @@ class Trainer:
     def _guard_one_sample(self, batch: dict[str, Tensor]):
         return _one_sample_batchnorm_error(self.cfg, batch, len(self.train_set))
 
-    def _load_state(self) -> None:
+    def _read_checkpoint(self) -> dict:
         if self.dist.enabled:  # rank 0 reads (other nodes may not see its disk), then shares
             ckpt = (load_checkpoint(self.out / CHECKPOINT, map_location="cpu")
                     if self.dist.is_main else None)
@@ -420,6 +426,10 @@ class Trainer:
         missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:  # e.g. a best.pt copied over it: weights only, no optimizer or RNG state
             raise CausalignError(f"{path}: not a training checkpoint (no {', '.join(missing)})")
+        return ckpt
+
+    def _load_state(self, ckpt: dict) -> None:
+        path = self.out / CHECKPOINT
         problem = state_dict_mismatch(self.model, ckpt["model"])
         if problem is not None:  # config.yaml edited after the checkpoint was written
             raise CausalignError(f"{path}: does not fit the model that {self.out / 'config.yaml'}"
