@@ -63,8 +63,10 @@ def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings
 
 def change_in_region(change: Tensor, region: Tensor) -> Tensor:
     """Per-sample share of Σ|x* − x| inside the annotation (NaN when nothing changed)."""
-    a = change.abs().flatten(1)
-    inside = (a * (region > 0).flatten(1).to(a.dtype)).sum(1)
+    a = change.abs()
+    # one-channel annotation, C-channel change (RGB, MRI modalities): broadcast it
+    inside = (a * (region > 0).to(a.dtype).expand_as(a)).flatten(1).sum(1)
+    a = a.flatten(1)
     total = a.sum(1)
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.nan)
 
@@ -81,12 +83,22 @@ def attribute_changes(model: nn.Module, x: Tensor, x_star: Tensor,
         after = model.attributes(x_star).float().sigmoid().cpu()
     out = []
     for b, a in zip(before, after, strict=True):
-        changed = [f"{n} {float(bv):.2f}→{float(av):.2f}"
+        changed = [f"{n} {_crossing(float(bv), float(av))}"
                    for n, bv, av in zip(names, b, a, strict=True) if (bv > 0.5) != (av > 0.5)]
         out.append({"attributes_before": {n: float(v) for n, v in zip(names, b, strict=True)},
                     "attributes_after": {n: float(v) for n, v in zip(names, a, strict=True)},
                     "attributes_changed": changed})
     return out
+
+
+def _crossing(before: float, after: float) -> str:
+    """'0.91→0.12'; with more digits when two digits would hide the crossing of 0.5 (a
+    change 0.5004 → 0.4996 read '0.50→0.50' under the triptych)."""
+    for digits in range(2, 7):
+        b, a = f"{before:.{digits}f}", f"{after:.{digits}f}"
+        if b != a and (float(b) > 0.5) != (float(a) > 0.5):
+            break
+    return f"{b}→{a}"
 
 
 def attribute_change_rates(records: list[dict], names: list[str]) -> dict:

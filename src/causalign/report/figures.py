@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,15 +20,27 @@ def _plt():
     return plt
 
 
+def _fit(label: str, inches: float, fontsize: float = 7) -> str:
+    """Wrap a row or panel label into lines that fit `inches` (about 0.6 em per character):
+    real sample ids (``Mass-Test_P_00016_LEFT_CC_1``, ``LIDC-IDRI-0002_01.2.2_n00``) have no
+    spaces and ran into the next row's label or off the figure."""
+    width = max(6, int(inches * 72 / (0.62 * fontsize)))
+    return "\n".join(textwrap.fill(part, width, break_long_words=True, break_on_hyphens=False)
+                     for part in label.split("\n"))
+
+
 def _show_image(ax, image: np.ndarray) -> None:
-    """image (C,H,W) or (C,D,H,W): gray for one channel, RGB for three; volumes show the
-    slice with the most annotation (caller passes 2D) or the middle slice."""
+    """image (C,H,W) or (C,D,H,W): RGB for three channels, else gray — one channel as is,
+    other counts (MRI modalities: 2 for `--modalities t1ce,flair`, 4 for BraTS) their mean,
+    so every modality shows (an RGB of the first three dropped FLAIR; two channels were no
+    image at all for matplotlib). Volumes show the slice with the most annotation (caller
+    passes 2D) or the middle slice."""
     if image.ndim == 4:
         image = image[:, image.shape[1] // 2]
-    if image.shape[0] == 1:
-        ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+    if image.shape[0] == 3:
+        ax.imshow(np.clip(np.moveaxis(image, 0, -1), 0, 1))
     else:
-        ax.imshow(np.clip(np.moveaxis(image[:3], 0, -1), 0, 1))
+        ax.imshow(image.mean(axis=0), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -62,7 +75,7 @@ def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], p
         _show_image(ax, image)
         if m.any():
             ax.contour(m, levels=[0.5], colors="red", linewidths=0.6)
-        ax.set_title(titles[i], fontsize=7)
+        ax.set_title(_fit(titles[i], 1.6), fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
@@ -113,8 +126,8 @@ def _input_and_columns_grid(n: int, names: list[str], path: str | Path,
                              squeeze=False)
     for r in range(n):
         draw_input(axes[r, 0], r)
-        if row_titles:
-            axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
+        if row_titles:  # rows are 1.85 in high, the image part about 1.4 in
+            axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
         for c, name in enumerate(names, start=1):
             draw_cell(axes[r, c], r, name)
     axes[0, 0].set_title("input", fontsize=8)
@@ -178,7 +191,7 @@ def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.nda
         _show_image(axes[r, 1], x_stars[r])
         _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
         if row_titles:
-            axes[r, 0].set_ylabel(row_titles[r], fontsize=7)
+            axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
     for ax, name in zip(axes[0], ("original", "x*", "x* − x"), strict=True):
         ax.set_title(name, fontsize=8)
     fig.tight_layout()

@@ -327,6 +327,15 @@ class CbisDdsmImporter(Importer):
         """The binary ROI mask among the files of the ROI series (the cropped image that
         shares the series is not binary, or not of the full image's size)."""
         candidates = self.resolve(roi_path, "ROI mask")
+        # The CSVs' ROI and cropped-image paths are swapped for some cases, and the TCIA
+        # download may keep mask and crop in separate series: the path (or its series) can
+        # name the crop alone. The mask is then another file of the same folder, or of the
+        # abnormality's own case folder (one per abnormality), tried after the named ones.
+        more = dicom_files(candidates[0].parent)
+        case = self._case_dir(roi_path.replace("\\", "/").strip("/").split("/")[0])
+        if case is not None:
+            more += dicom_files(case)
+        candidates = list(dict.fromkeys([*candidates, *more]))
         resized = None
         errors = []
         for f in candidates:

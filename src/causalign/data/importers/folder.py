@@ -239,6 +239,10 @@ class FolderImporter(Importer):
                 self.skip(src_desc, "bad attribute value", str(exc))
                 continue
             img_rel = Path(row["image"])
+            if not (self.src / img_rel).is_file():  # before the split: it would take a place
+                self.skip(f"{src_desc} ({row['image']})", "missing file",
+                          str(self.src / img_rel))
+                continue
             sid = unique_id(safe_id(str(img_rel.with_suffix(""))), used)
             masks = [self.src / m for m in parse_list(row.get("mask", "").replace(";", ","))]
             items.append(_Item(sid=sid, source=f"{src_desc} ({row['image']})",

@@ -611,8 +611,12 @@ class LidcImporter(Importer):
             if split and split not in SPLITS:
                 self.skip(where, "bad split value", f"'{split}'")
                 continue
+            image = self.src / row["image"]
+            if not image.is_file():  # before the split: it would take a patient's place
+                self.skip(f"{where} ({rel(image, self.src)})", "missing file", str(image))
+                continue
             masks = [self.src / m for m in parse_list(row.get("mask", "").replace(";", ","))]
-            items.append({"row": where, "image": self.src / row["image"], "masks": masks,
+            items.append({"row": where, "image": image, "masks": masks,
                           "patient": row[pid_col], "label": label, "attributes": attrs,
                           "split": split,
                           "id": safe_id(str(Path(row["image"]).with_suffix("")))})

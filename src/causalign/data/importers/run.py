@@ -114,6 +114,7 @@ def run_import(
     if not rows:
         reasons = _by_reason(all_skips)
         why = "; ".join(f"{n} × {r}" for r, n in reasons.items()) or "nothing found"
+        _discard_empty_import(out)
         raise DataError(f"{src}: no samples imported ({why}) — is this a {kind} folder? "
                         f"expected: {cls.layout}")
     write_manifest(out, meta, [_to_record(r) for r in rows])
@@ -181,6 +182,21 @@ def _init_out(out: Path, state: dict, overwrite: bool) -> None:
     (out / "images").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     atomic_write_json(out / STATE_DIR / "state.json", {**state, "complete": False})
+
+
+def _discard_empty_import(out: Path) -> None:
+    """After an import that produced no sample: drop its state (and the folders it made,
+    when empty). Nothing is there to resume, and a kept state would refuse the rerun with
+    corrected options ('holds an import with different settings'); the journal would even
+    replay the old options' skips. A folder holding a finished import is left alone."""
+    if (out / MANIFEST).exists():
+        return
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    for d in (out / "images", out / "masks", out):
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def _read_journal(path: Path) -> dict[str, dict]:
