@@ -441,3 +441,28 @@ def test_resume_on_another_dataset_is_refused_but_a_moved_one_is_accepted(run_co
     cfg.write_text(cfg.read_text().replace(str(tiny_data.resolve()), str(tmp_path / "gone")))
     rc, _, err = _run(capsys, "train", other, "--out", run_copy, "--resume", "--no-progress")
     assert rc == 0, err
+
+
+def test_train_without_out_uses_one_folder_per_method_and_seed(tiny_data, tmp_path, capsys,
+                                                               monkeypatch):
+    # Before: every `train` without --out wrote runs/run, so the second seed of a loop
+    # stopped with "already holds a run".
+    monkeypatch.chdir(tmp_path)
+    common = ["train", str(tiny_data), "--epochs", "1", "--set", "width=4", "--set",
+              "threads=1", "--set", "eval_saliency=gradient", "--no-progress"]
+    for s in ("0", "1"):
+        rc, _, err = _run(capsys, *common, "--seed", s)
+        assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["erm-seed0", "erm-seed1"]
+    assert (tmp_path / "runs" / "erm-seed1" / "metrics.json").is_file()
+
+
+def test_bench_step_threads_option_sets_and_restores_torch_threads(capsys):
+    before = torch.get_num_threads()
+    rc, out, err = _run(capsys, "bench", "step", "--size", "16", "--batch-size", "4",
+                        "--steps", "1", "--warmup", "0", "--threads", "1")
+    assert rc == 0, err
+    assert json.loads(out)["threads"] == 1
+    assert torch.get_num_threads() == before
+    rc, _, err = _run(capsys, "bench", "step", "--threads", "-1")
+    _assert_user_error(rc, err, "--threads")

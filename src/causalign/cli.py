@@ -201,7 +201,8 @@ def train(
     data: Annotated[Path, typer.Argument(help="dataset folder")],
     method: Annotated[str | None, typer.Option(help="erm | oracle | causal-align | … "
                                                "(default erm)")] = None,
-    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/run"),
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/METHOD-seedS)")
+                   ] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
@@ -233,6 +234,9 @@ def train(
             values[key] = val
     values.update(parse_set(set_ or []))
     base = TrainConfig()
+    if out is None:  # one folder per method and seed: a second run must not hit the first's
+        name, run_seed = values.get("method", base.method), values.get("seed", base.seed)
+        out = Path("runs") / f"{name}-seed{run_seed}"
     if resume and (out / "config.yaml").exists():
         from .engine.trainer import stored_config
 
@@ -497,17 +501,28 @@ def bench_step_cmd(
     method: Annotated[str, typer.Option(help="method to time against ERM")] = "erm",
     size: int = 64, batch_size: int = 64, steps: int = 5, warmup: int = 2,
     device: str = "auto", model: str = "cnn7",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method.key=value")] = None,
 ) -> None:
     """Time one training step of METHOD and of ERM in this process; prints one JSON object."""
+    import torch
+
     from .engine.bench import bench_step
     from .engine.config import parse_set
 
+    if threads < 0:
+        raise CausalignError(f"--threads must be >= 0 (0: torch's default), got {threads}")
     args = {k.split(".", 1)[1] if k.startswith("method.") else k: v
             for k, v in parse_set(set_ or []).items()}
-    typer.echo(json.dumps(bench_step(method, size=size, batch_size=batch_size, steps=steps,
-                                     warmup=warmup, device=device, model=model,
-                                     method_args=args)))
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = bench_step(method, size=size, batch_size=batch_size, steps=steps,
+                            warmup=warmup, device=device, model=model, method_args=args)
+    finally:
+        torch.set_num_threads(saved)
+    typer.echo(json.dumps(result))
 
 
 @app.command()
