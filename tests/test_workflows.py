@@ -51,6 +51,25 @@ def test_cbis_roi_path_naming_the_cropped_image_still_finds_the_mask(tmp_path):
     assert img[m].mean() > 0.9 and img[~m].mean() < 0.75  # the mask is on the mass
 
 
+def test_cbis_both_puts_a_patient_of_a_test_csv_wholly_in_test(tmp_path):
+    """The official split is per CSV: one patient can be in the mass training CSV and the
+    calc test CSV. With --abnormality both, that patient's training images went to
+    train/val while another of their images was in test (a patient-level leak)."""
+    fx = write_cbis(tmp_path / "src")
+    calc_test = fx["root"] / "calc_case_description_test_set.csv"
+    text = calc_test.read_text()
+    assert text.count("P_00038,") == 1
+    calc_test.write_text(text.replace("P_00038,", "P_00001,"))  # patient_id column only
+    out = tmp_path / "out"
+    s = run_import("cbis-ddsm", fx["root"], out, {"size": 32, "abnormality": "both"})
+    recs = _by_id(out)
+    p1 = {i: r.split for i, r in recs.items() if "P_00001" in i or "P_00038" in i}
+    assert len(p1) == 3, p1  # P_00001's two masses and the relabelled calcification
+    assert set(p1.values()) == {"test"}, p1
+    assert s["details"]["train_images_of_test_patients_moved_to_test"] == 1  # one mammogram
+    assert {r.split for i, r in recs.items() if "P_00004" in i} != {"test"}  # others kept
+
+
 def test_cbis_mask_in_its_own_series_when_the_csv_series_holds_only_the_crop(tmp_path):
     """TCIA downloads may keep the ROI mask and the cropped image in separate series; when
     the CSV's series UID is the crop's, the mask sits in another series folder of the

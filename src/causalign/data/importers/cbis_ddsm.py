@@ -17,8 +17,9 @@ SeriesInstanceUID (read from the DICOM headers); the ROI mask is told apart from
 image that shares its series by content: binary, with the full image's size.
 
 Label rule: pathology MALIGNANT → 1; BENIGN and BENIGN_WITHOUT_CALLBACK → 0. Split: the
-official one (train CSVs → train, test CSVs → test); `--val-frac` of the training *patients*
-(random with `--seed`) become val. `--abnormality mass` (default), ``calc`` or ``both``.
+official one (train CSVs → train, test CSVs → test; a patient listed in a test CSV has all
+their images in test, also those of another CSV's training set); `--val-frac` of the training
+*patients* (random with `--seed`) become val. `--abnormality mass` (default), ``calc`` or ``both``.
 
 Preprocessing: the full mammogram is scaled to [0, 1] by its maximum; background removal
 keeps the largest connected component above half the Otsu threshold (the breast; labels and
@@ -237,14 +238,21 @@ class CbisDdsmImporter(Importer):
                     "image": img_path, "official": official, "patient": patient, "rows": []})
                 entry["rows"].append({"id": sid, "label": label, "attributes": vec,
                                       "roi": roi_path, "source": where})
-        train = [e for e in by_image.values() if e["official"] == "train"]
+        # The official split is per CSV: a patient can be in one CSV's training set and
+        # another's test set (mass train, calc test). All of a test patient's images go to
+        # test, so no patient is in both training and test.
+        test_patients = {e["patient"] for e in by_image.values() if e["official"] == "test"}
+        train = [e for e in by_image.values()
+                 if e["official"] == "train" and e["patient"] not in test_patients]
         split_of = assign_splits([e["patient"] for e in train], opts.fractions(), opts.seed)
-        units = []
+        units, moved = [], 0
         for key, e in by_image.items():
-            split = split_of[e["patient"]] if e["official"] == "train" else "test"
+            split = split_of.get(e["patient"], "test")
+            moved += e["official"] == "train" and split == "test"
             units.append(Unit(key=key, split=split, source=e["image"], payload=e))
         self.details = {"csvs": {k: str(v) for k, v in sorted(csvs.items())},
-                        "abnormalities_listed": sum(len(e["rows"]) for e in by_image.values())}
+                        "abnormalities_listed": sum(len(e["rows"]) for e in by_image.values()),
+                        "train_images_of_test_patients_moved_to_test": moved}
         return self.limit_units(units)
 
     def meta(self) -> DatasetMeta:
@@ -252,7 +260,8 @@ class CbisDdsmImporter(Importer):
             name=f"cbis-ddsm-{self.opts.abnormality}", classes=["benign", "malignant"],
             attributes=list(self.attributes), ndim=2, channels=1,
             info={"label_rule": "pathology MALIGNANT → 1, BENIGN/BENIGN_WITHOUT_CALLBACK → 0",
-                  "split_rule": "official train/test CSVs; val = --val-frac of train patients",
+                  "split_rule": "official train/test CSVs (a test patient's images all in test); "
+                                "val = --val-frac of train patients",
                   "attribute_rules": "see causalign.data.importers.cbis_ddsm"})
 
     # ------------------------------------------------------------------ file resolution
