@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from numbers import Integral
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.format import LesionDataset
+from ..errors import InputError
 from ..explain import get_explainer, saliency_map
+from ..explain.base import eval_mode
 from ..methods.base import Method
 from ..metrics import (
     cam_precision,
@@ -38,6 +41,9 @@ def iterate_batches(
     drop_last: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
     """Batches of the cached split, moved to `device`."""
+    # a negative size gave no batches at all (metrics of nothing), 0 a bare range() error
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
@@ -49,17 +55,19 @@ def iterate_batches(
 @torch.no_grad()
 def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
-    """Class probabilities, labels and mean cross-entropy over the split."""
-    model.eval()
-    probs, labels, loss_sum = [], [], 0.0
-    for batch in iterate_batches(dataset, batch_size, device=device):
-        logits = model(method.model_input(batch)).float()
-        loss_sum += float(F.cross_entropy(logits, batch["label"], reduction="sum"))
-        probs.append(logits.softmax(1).cpu())
-        labels.append(batch["label"].cpu())
-    p = torch.cat(probs).numpy()
-    y = torch.cat(labels).numpy()
-    return p, y, loss_sum / len(y)
+    """Class probabilities, labels and mean cross-entropy over the split, in eval mode (every
+    module's train/eval flag restored). Results stay on the device until the end: one host
+    copy per split, not two device syncs per batch."""
+    probs, labels, losses = [], [], []
+    with eval_mode(model):
+        for batch in iterate_batches(dataset, batch_size, device=device):
+            logits = model(method.model_input(batch)).float()
+            losses.append(F.cross_entropy(logits, batch["label"], reduction="sum").double())
+            probs.append(logits.softmax(1))
+            labels.append(batch["label"])
+    p = torch.cat(probs).cpu().numpy()
+    y = torch.cat(labels).cpu().numpy()
+    return p, y, float(torch.stack(losses).sum()) / len(y)
 
 
 def quick_metrics(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -83,16 +91,29 @@ def evaluate_split(
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
     mask), `cam_precision_mask`, `cam_mass_in_mask`, IoU/Dice against the pixel mask.
     Deletion zeroes the top-k pixels of the same map and measures the predicted class's
-    probability drop.
+    probability drop. Runs in eval mode; every module's train/eval flag is restored.
+
+    One pass over the split: the logits that give the prediction (`predict_and_attribute`,
+    one forward for Grad-CAM's map and prediction together) also give the classification
+    metrics and the deletion baseline, so the model runs 1 + len(fractions) times per batch
+    (it ran 4 + len(fractions) times: a separate prediction pass, the prediction again, the
+    map's own forward and the deletion baseline).
     """
-    model.eval()
-    out = quick_metrics(model, method, dataset, device)
+    with eval_mode(model):
+        return _evaluate_split(model, method, dataset, device, saliency, fractions,
+                               batch_size, progress)
+
+
+def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
+                    device: torch.device | str, saliency: str, fractions: tuple[float, ...],
+                    batch_size: int, progress: Progress | None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
         note = f"{saliency} needs 2D images: localisation and deletion use wbp on volumes"
         saliency = "wbp"
     explainer = get_explainer(saliency, model)
+    probs, labels, losses = [], [], []
     prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}
     task = None
@@ -100,9 +121,20 @@ def evaluate_split(
         task = progress.add_task(f"evaluating {dataset.split}", total=len(dataset))
     for batch in iterate_batches(dataset, batch_size, device=device):
         x = method.model_input(batch)
-        with torch.no_grad():
-            pred = model(x).argmax(1)
-        maps = saliency_map(explainer.attribute(x, target=pred)).detach().float()
+        logits, maps = explainer.predict_and_attribute(x)
+        n_bad = int((~torch.isfinite(logits)).sum())
+        if n_bad:  # before the maps' own NaN errors, which would blame the saliency
+            raise InputError(f"the model's outputs on split '{dataset.split}' hold {n_bad} "
+                             f"NaN/inf value(s): the model's outputs are not finite")
+        # as `predict`: float32 probabilities and a summed cross-entropy, kept on the device
+        # (no sync per batch) and classified once at the end
+        logits32 = logits.float()
+        losses.append(F.cross_entropy(logits32, batch["label"], reduction="sum").double())
+        probs.append(logits32.softmax(1))
+        labels.append(batch["label"])
+        pred = logits.argmax(1)
+        maps = saliency_map(maps)  # float64 maps stay float64 (their ranking for deletion)
+        maps = maps.to(torch.promote_types(maps.dtype, torch.float32))
         if maps.dim() == batch["mask"].dim():  # (N,1,...) maps from single-channel reduce
             maps = maps[:, 0]
         ann = batch["has_annotation"]
@@ -110,18 +142,25 @@ def evaluate_split(
         box = batch["box_mask"][:, 0]
         mask = batch["mask"][:, 0]
         if ann.any():
-            prec_box.append(cam_precision(maps[ann], box[ann]).cpu())
-            empty.append(normalize_maps(maps[ann])[1].cpu())  # the test cam_precision uses
+            prec_box.append(cam_precision(maps[ann], box[ann]))
+            empty.append(normalize_maps(maps[ann])[1])  # the test cam_precision uses
         if has_mask.any():
-            prec_mask.append(cam_precision(maps[has_mask], mask[has_mask]).cpu())
-            mass.append(mass_in_mask(maps[has_mask], mask[has_mask]).cpu())
+            prec_mask.append(cam_precision(maps[has_mask], mask[has_mask]))
+            mass.append(mass_in_mask(maps[has_mask], mask[has_mask]))
             i, d = iou_dice(maps[has_mask], mask[has_mask])
-            iou.append(i.cpu())
-            dice.append(d.cpu())
-        for frac, drop in deletion_scores(model, x, maps, pred, fractions).items():
-            deletion[frac].append(drop.cpu())
+            iou.append(i)
+            dice.append(d)
+        for frac, drop in deletion_scores(model, x, maps, pred, fractions,
+                                          logits=logits).items():
+            deletion[frac].append(drop)
         if task is not None:
             progress.advance(task, len(pred))
+
+    p = torch.cat(probs).cpu().numpy()
+    y = torch.cat(labels).cpu().numpy()
+    out = classification_metrics(p, y)
+    out["loss"] = float(torch.stack(losses).sum()) / len(y)
+    out["n"] = int(len(y))
 
     def mean(parts: list[Tensor]) -> float | None:
         return float(torch.cat(parts).float().mean()) if parts else None
@@ -155,15 +194,16 @@ def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset,
     names = list(dataset.meta.attributes)
     if not callable(getattr(model, "attributes", None)) or not names:
         return None
-    model.eval()
-    correct = torch.zeros(len(names), dtype=torch.float64)
-    count = torch.zeros(len(names), dtype=torch.float64)
-    for batch in iterate_batches(dataset, batch_size, device=device):
-        logits = model.attributes(method.model_input(batch)).float()
-        known = batch["attr_known"].bool()
-        hit = ((logits > 0) == (batch["attributes"] > 0.5)) & known
-        correct += hit.sum(0).double().cpu()
-        count += known.sum(0).double().cpu()
+    hits, knowns = [], []  # per-batch counts, summed on the host once (no sync per batch)
+    with eval_mode(model):
+        for batch in iterate_batches(dataset, batch_size, device=device):
+            logits = model.attributes(method.model_input(batch)).float()
+            known = batch["attr_known"].bool()
+            hit = ((logits > 0) == (batch["attributes"] > 0.5)) & known
+            hits.append(hit.sum(0))
+            knowns.append(known.sum(0))
+    correct = torch.stack(hits).sum(0).double().cpu()
+    count = torch.stack(knowns).sum(0).double().cpu()
     if not bool((count > 0).any()):
         return None
     per = {n: (float(c / k) if k > 0 else None)

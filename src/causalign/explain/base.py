@@ -37,6 +37,21 @@ class Explainer:
     ) -> Tensor:
         raise NotImplementedError
 
+    def predict_and_attribute(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, map of the predicted class), both detached, in eval mode.
+
+        Evaluation needs the logits (accuracy, loss, the deletion baseline) and the map of the
+        argmax class; this default takes one no-grad forward for the logits and then
+        `attribute`. Explainers whose map comes with the logits of its own forward pass
+        (Grad-CAM) override it and save that second forward."""
+        check_inputs(inputs)
+        with torch.no_grad(), eval_mode(self.model):
+            logits = self.model(inputs)
+        if logits.dim() != 2:
+            raise InputError(f"saliency needs (N, classes) logits, got shape "
+                             f"{tuple(logits.shape)}")
+        return logits.detach(), self.attribute(inputs, target=logits.argmax(1)).detach()
+
     def _target(self, inputs: Tensor, target: Target) -> Tensor:
         """Resolve `target`: None means the predicted class (in eval mode, as mapped)."""
         target = as_target(target)

@@ -45,6 +45,50 @@ class GradCAM(Explainer):
             cam = LayerGradCam(self._checked_model(target), self.layer,
                                device_ids=getattr(self.model, "device_ids", None)).attribute(
                 inputs, target=target, relu_attributions=True, **kwargs)
+        cam = self._upsample(cam, inputs)
+        return cam if create_graph else cam.detach()
+
+    def _upsample(self, cam: Tensor, inputs: Tensor) -> Tensor:
         if self.upsample and cam.shape[2:] != inputs.shape[2:]:
             cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), "bilinear")
-        return cam if create_graph else cam.detach()
+        return cam
+
+    def predict_and_attribute(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, Grad-CAM of the predicted class) from ONE forward pass.
+
+        Evaluation otherwise runs the model twice per batch (a no-grad forward for the
+        prediction, then Captum's forward for the map of that prediction); here the layer's
+        activations are kept by a hook, the prediction is read off the same logits and the
+        target logits are differentiated w.r.t. the activations — Captum's formula
+        (spatial mean of the gradients, channel sum, ReLU). A DataParallel model, a layer
+        with a non-tensor output or one run more than once per forward takes the default
+        two-pass path."""
+        check_inputs(inputs)
+        if inputs.dim() != 4 or getattr(self.model, "device_ids", None):
+            return super().predict_and_attribute(inputs)
+        seen: list[Tensor] = []
+
+        def keep(module: nn.Module, args: tuple, output: object) -> None:
+            if isinstance(output, Tensor) and not output.requires_grad:
+                output.requires_grad_(True)  # frozen model: the activations are a leaf
+            seen.append(output)  # type: ignore[arg-type]
+
+        handle = self.layer.register_forward_hook(keep)
+        try:
+            with torch.enable_grad(), eval_mode(self.model):
+                logits = self.model(inputs.detach())
+        finally:
+            handle.remove()
+        if len(seen) != 1 or not isinstance(seen[0], Tensor) or seen[0].dim() < 3:
+            return super().predict_and_attribute(inputs)
+        if logits.dim() != 2:
+            raise InputError(f"saliency needs (N, classes) logits, got shape "
+                             f"{tuple(logits.shape)}")
+        acts = seen[0]
+        target = logits.detach().argmax(1)
+        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
+        with torch.no_grad():
+            alpha = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
+            cam = torch.relu((alpha * acts).sum(dim=1, keepdim=True))
+            cam = self._upsample(cam, inputs)
+        return logits.detach(), cam.detach()

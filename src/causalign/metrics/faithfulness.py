@@ -16,6 +16,7 @@ DELETION_FRACTIONS = (0.002, 0.01, 0.02, 0.1, 0.2)
 def deletion_scores(
     model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor | int | list[int],
     fractions: tuple[float, ...] = DELETION_FRACTIONS, fill: float = 0.0,
+    logits: Tensor | None = None,
 ) -> dict[float, Tensor]:
     """Per-sample drop p_t(x) − p_t(x with top-k pixels of `maps` set to `fill`).
 
@@ -26,6 +27,11 @@ def deletion_scores(
     holds one class per input (an int applies to all). The model runs in eval mode (its
     modules' flags are restored): in train mode BatchNorm would update its running statistics
     on the deleted images and dropout would add noise to the drop.
+
+    `logits`: the model's eval-mode logits of `inputs` when the caller already has them
+    (evaluation does), which saves the baseline forward pass. Probabilities are taken in at
+    least float32 (a bfloat16 model's drops were quantised to steps of ~0.004), so drops are
+    float32 for half/bfloat16/float32 models and float64 for float64 ones.
     """
     n = inputs.shape[0]
     spatial = tuple(inputs.shape[2:])
@@ -42,27 +48,40 @@ def deletion_scores(
         raise InputError(f"target must hold one integer class per input ({n}), got "
                          f"{target.dtype} of shape {tuple(target.shape)}")
     target = target.long()
-    flat = maps.flatten(1).float()
+    # float32 at least (half maps sort coarsely), float64 kept: 1 + 1e-10·k are distinct
+    # float64 values that all round to 1.0 in float32, where they tie and get ranked by index
+    flat = maps.flatten(1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     n_bad = int((~torch.isfinite(flat)).sum())
     if n_bad:  # NaN sorts arbitrarily: the "top-k" pixels would be meaningless
         raise InputError(f"maps hold {n_bad} NaN/inf value(s); deletion needs finite maps")
     numel = flat.shape[1]
     # A stable sort breaks ties by pixel index whatever the map's scale: an additive jitter
     # (once 1e-12 per index) outranked the map itself when its values were below ~numel·1e-12.
-    order = flat.sort(dim=1, descending=True, stable=True).indices
+    # on the inputs' device once (maps may live on the host), not once per fraction
+    order = flat.sort(dim=1, descending=True, stable=True).indices.to(inputs.device)
+    if logits is not None and tuple(logits.shape[:1]) != (n,):
+        raise InputError(f"logits {tuple(logits.shape)} must be (N, classes) for the {n} "
+                         f"inputs")
     with eval_mode(model):
-        logits = model(inputs)
+        logits = model(inputs) if logits is None else logits.to(inputs.device)
         if logits.dim() != 2:
             raise InputError(f"deletion needs (N, classes) logits, got {tuple(logits.shape)}")
         check_target_classes(logits, target)
-        base = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
+        base = _probs(logits).gather(1, target[:, None]).squeeze(1)
         out = {}
         for frac in fractions:
             k = max(1, int(round(frac * numel)))
             keep = torch.ones(n, numel, device=inputs.device, dtype=inputs.dtype)
-            keep.scatter_(1, order[:, :k].to(inputs.device), 0.0)
+            keep.scatter_(1, order[:, :k], 0.0)
             keep = keep.view(n, 1, *spatial)
             deleted = inputs * keep + fill * (1 - keep)
-            prob = model(deleted).softmax(1).gather(1, target[:, None]).squeeze(1)
+            prob = _probs(model(deleted)).gather(1, target[:, None]).squeeze(1)
             out[frac] = base - prob
     return out
+
+
+def _probs(logits: Tensor) -> Tensor:
+    """Softmax in at least float32: in a half/bfloat16 model's own dtype probabilities near
+    0.5 are spaced 2⁻⁹–2⁻⁸ apart, so every drop below ~0.004 came out 0."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)

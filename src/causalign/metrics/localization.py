@@ -28,6 +28,8 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
     if maps.shape != annotation.shape or maps.dim() < 2:
         raise InputError(f"maps {tuple(maps.shape)} and annotation {tuple(annotation.shape)} "
                          f"must have the same shape (N, *spatial)")
+    if maps.dtype == torch.bool:  # a binary (e.g. thresholded) map: torch has no bool − bool
+        maps = maps.float()
     if maps.is_floating_point():
         n_bad = int((~torch.isfinite(maps)).sum())
         if n_bad:
@@ -41,6 +43,8 @@ def normalize_maps(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     (constant, e.g. an all-zero Grad-CAM). `eps` is relative to the map's largest magnitude,
     so whether a map is empty does not depend on its scale (an absolute 1e-12 called every
     map with values ~1e-14 empty and scored it 0)."""
+    if maps.dtype == torch.bool:  # as _check_pair: bool − bool is not defined in torch
+        maps = maps.float()
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values
     hi = flat.max(dim=1).values
@@ -59,8 +63,10 @@ def cam_precision(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> T
     """
     maps, annotation = _check_pair(maps, annotation)
     norm, empty = normalize_maps(maps)
-    sel = (norm >= threshold).flatten(1).float()
-    ann = (annotation > 0).flatten(1).float()
+    # float64 maps keep float64; at least float32 (a half count overflows at 65504 pixels)
+    dtype = torch.promote_types(norm.dtype, torch.float32)
+    sel = (norm >= threshold).flatten(1).to(dtype)
+    ann = (annotation > 0).flatten(1).to(dtype)
     inter = (sel * ann).sum(1)
     area = sel.sum(1)
     prec = inter / area.clamp_min(1.0)
@@ -71,8 +77,9 @@ def mass_in_mask(maps: Tensor, annotation: Tensor) -> Tensor:
     """Threshold-free share of saliency mass inside the annotation: Σ s·M / Σ s (s ≥ 0)."""
     maps, annotation = _check_pair(maps, annotation)
     s = maps.clamp_min(0).flatten(1)
+    s = s.to(torch.promote_types(s.dtype, torch.float32))  # integer maps: float shares
     total = s.sum(1)
-    inside = (s * (annotation > 0).flatten(1).float()).sum(1)
+    inside = (s * (annotation > 0).flatten(1).to(s.dtype)).sum(1)
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
@@ -99,9 +106,10 @@ def iou_dice(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> tuple[
     norm, empty = normalize_maps(maps)
     sel = ((norm >= threshold) & ~empty.view((-1,) + (1,) * (maps.dim() - 1))).flatten(1)
     ann = (annotation > 0).flatten(1)
-    inter = (sel & ann).sum(1).float()
-    union = (sel | ann).sum(1).float()
-    size = sel.sum(1).float() + ann.sum(1).float()
+    dtype = torch.promote_types(norm.dtype, torch.float32)  # as cam_precision
+    inter = (sel & ann).sum(1).to(dtype)
+    union = (sel | ann).sum(1).to(dtype)
+    size = sel.sum(1).to(dtype) + ann.sum(1).to(dtype)
     iou = inter / union.clamp_min(1.0)
     dice = 2 * inter / size.clamp_min(1.0)
     return iou, dice
