@@ -219,6 +219,28 @@ def test_deletion_runs_in_eval_mode_and_leaves_the_model_untouched():
     torch.testing.assert_close(drops[0.1], ref[0.1])
 
 
+def test_saliency_figure_maps_and_pc_features_restore_train_mode(tiny_data):
+    """compute_maps (the saliency comparison figure) and the PC check's pooled_features
+    called model.eval() and left a caller's train-mode model in eval mode."""
+    from causalign.causal.pc import pooled_features
+    from causalign.data.format import LesionDataset
+    from causalign.methods import build_method
+    from causalign.report.saliency import compute_maps
+
+    model = _cnn().train()
+    before = _snapshot(model)
+    x = torch.rand(2, 3, 16, 16)
+    maps = compute_maps(model, x, torch.tensor([0, 1]), ["gradient", "wbp"])
+    _assert_untouched(model, before)
+    assert maps["gradient"].shape == (2, 16, 16)
+    ds = LesionDataset(tiny_data, "val")
+    grey = SevenLayerCNN(ds.image_shape[0], 2, width=4).train()
+    modes = [m.training for m in grey.modules()]
+    feats = pooled_features(grey, build_method("erm"), ds)
+    assert [m.training for m in grey.modules()] == modes
+    assert feats.shape[0] == len(ds)
+
+
 def test_deletion_rejects_bad_input_and_accepts_int_targets():
     model = _cnn().eval()
     x = torch.rand(2, 3, 16, 16)

@@ -47,16 +47,17 @@ def pooled_features(model: nn.Module, method: Method, dataset: LesionDataset,
                     device: torch.device | str = "cpu", batch_size: int = 128) -> np.ndarray:
     """Global-average-pooled activations of the model's Grad-CAM layer, (n, channels)."""
     from ..engine.evaluate import iterate_batches
+    from ..explain.base import eval_mode
     from ..models import find_cam_layer
 
     layer = find_cam_layer(model)
     store: list[torch.Tensor] = []
     handle = layer.register_forward_hook(
         lambda m, i, o: store.append(o.detach().float().flatten(2).mean(2).cpu()))
-    model.eval()
     try:
-        for batch in iterate_batches(dataset, batch_size, device=device):
-            model(method.model_input(batch))
+        with eval_mode(model):  # the caller's train/eval flags are restored
+            for batch in iterate_batches(dataset, batch_size, device=device):
+                model(method.model_input(batch))
     finally:
         handle.remove()
     return torch.cat(store).numpy()

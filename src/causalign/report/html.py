@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..errors import CausalignError
 from ..io import atomic_write_text
@@ -83,8 +84,23 @@ def _pick_runs(results: dict, dataset: str) -> dict[str, dict]:
     return out
 
 
+def _lesion_slices(region: Tensor) -> Tensor:
+    """Per case of a (N, D, H, W) annotation, the slice holding most of it (slice 0 when
+    there is none): where a volume's figure panel is cut."""
+    return region.flatten(2).sum(2).argmax(1)
+
+
+def _cut(volumes: Tensor, z: Tensor) -> Tensor:
+    """(N, C, D, H, W) or (N, D, H, W) → the slice z[i] of each case, (N, C, H, W) or
+    (N, H, W)."""
+    rows = torch.arange(len(z))
+    return volumes[rows, :, z] if volumes.dim() == 5 else volumes[rows, z]
+
+
 def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASES) -> bool:
-    """Grad-CAM of the predicted class, method × the same test cases (paper 000 Fig. 4)."""
+    """Grad-CAM of the predicted class, method × the same test cases (paper 000 Fig. 4).
+    Volumes: WBP (Grad-CAM's upsampling is 2D-only, as in evaluation), each case cut at the
+    slice with most annotation."""
     from ..engine.trainer import load_run
     from ..explain import get_explainer, saliency_map
     from .figures import cam_grid
@@ -95,8 +111,8 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
     first = next(iter(runs.values()))
     _, _, _, data = load_run(out / first["run_dir"], device="cpu")
     test = _figure_split(data)
-    if len(test.image_shape) != 3:
-        return False
+    volume = len(test.image_shape) == 4
+    saliency = "wbp" if volume else "gradcam"
     n = min(n, len(test))
     # cases with a lesion annotation, both classes when possible
     order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
@@ -112,13 +128,19 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         x = method.model_input(batch)
         with torch.no_grad():
             pred = model(x).argmax(1)
-        cam = saliency_map(get_explainer("gradcam", model).attribute(x, target=pred))
-        maps[label] = cam.detach().float().numpy()
+        cam = saliency_map(get_explainer(saliency, model).attribute(x, target=pred))
+        maps[label] = cam.detach().float()
         if titles is None:
             titles = [f"y={int(batch['label'][i])}{_split_tag(test)}" for i in range(len(idx))]
     if not maps:
         return False
-    cam_grid(batch["image"].numpy(), batch["box_mask"][:, 0].numpy(), maps, path,
+    images, boxes = batch["image"], batch["box_mask"][:, 0]
+    if volume:
+        z = _lesion_slices(boxes)
+        images, boxes = _cut(images, z), _cut(boxes, z)
+        maps = {k: _cut(v, z) for k, v in maps.items()}
+        titles = [f"{t}, slice {int(k)}" for t, k in zip(titles, z, strict=True)]
+    cam_grid(images.numpy(), boxes.numpy(), {k: v.numpy() for k, v in maps.items()}, path,
              row_titles=titles)
     return True
 
@@ -177,8 +199,6 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     if settings.space != "pixel" or settings.distance.startswith("scaled"):
         settings.space, settings.distance = "pixel", "l1"  # no extra training for a figure
     test = _figure_split(data)
-    if len(test.image_shape) != 3:
-        return None
     order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
         list(range(len(test)))
     idx = torch.tensor(_balanced(order, test.labels, min(n, len(test))))
@@ -197,8 +217,12 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
                          batch["box_mask"])[valid][:, 0]
     titles = [f"{int(p)}→{int(t)}{_split_tag(test)}" + ("" if bool(f) else " (no flip)")
               for p, t, f in zip(pred[valid], res.target, res.flipped, strict=True)]
-    counterfactual_grid(x[valid].numpy(), res.x_star.numpy(), region.numpy(), path,
-                        row_titles=titles)
+    x0, x_star = x[valid], res.x_star
+    if x0.dim() == 5:  # a volume: each case cut at the slice with most annotation
+        z = _lesion_slices(region)
+        x0, x_star, region = _cut(x0, z), _cut(x_star, z), _cut(region, z)
+        titles = [f"{t}, slice {int(k)}" for t, k in zip(titles, z, strict=True)]
+    counterfactual_grid(x0.numpy(), x_star.numpy(), region.numpy(), path, row_titles=titles)
     return label
 
 
@@ -328,7 +352,8 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
             datasets.append(r["dataset"])
     if datasets:
         parts.append("<h2>CAM overlays (Fig. 4)</h2><p>Grad-CAM of the predicted class at "
-                     "the last conv layer; the red box is the annotated lesion. Rows: test "
+                     "the last conv layer (WBP on volumes, cut at the slice with most "
+                     "annotation); the red box is the annotated lesion. Rows: test "
                      "cases, columns: methods (default setting, lowest seed).</p>")
     for d in datasets[:3]:
         p = figs / f"cam_grid_{_file_slug(d)}.png"

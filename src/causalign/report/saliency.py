@@ -13,6 +13,7 @@ from torch import nn
 from ..data.format import LesionDataset
 from ..engine.evaluate import VOLUME_UNSUPPORTED
 from ..explain import explainer_names, get_explainer, saliency_map
+from ..explain.base import eval_mode
 
 if TYPE_CHECKING:
     from ..methods.base import Method
@@ -28,11 +29,11 @@ def saliency_names(volumes: bool = False) -> list[str]:
 def compute_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                  names: Sequence[str]) -> dict[str, np.ndarray]:
     """{name: (N, *spatial) float32 map} of the target class for each saliency method."""
-    model.eval()
     out = {}
-    for name in names:
-        a = get_explainer(name, model).attribute(x, target=target)
-        out[name] = saliency_map(a).detach().float().cpu().numpy()
+    with eval_mode(model):  # the caller's train/eval flags are restored
+        for name in names:
+            a = get_explainer(name, model).attribute(x, target=target)
+            out[name] = saliency_map(a).detach().float().cpu().numpy()
     return out
 
 
@@ -53,8 +54,7 @@ def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset
     n = min(limit, len(dataset))
     batch = {k: v.to(device) for k, v in dataset.batch(torch.arange(n)).items()}
     x = method.model_input(batch)
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         pred = model(x).argmax(1)
     maps = compute_maps(model, x, pred, names)
     images = x.detach().cpu().numpy()
