@@ -423,7 +423,8 @@ def test_reader_npy_hw1_and_shape_message(tmp_path):
     _edit_manifest(root, lambda t: t.replace("images/000000.png", "images/000000.npy"))
     assert LesionDataset(root, "train").image_shape == (1, 8, 8)
     _png(root / "images" / "000002.png", np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match=r"000000.npy's \(1, 8, 8\), the split's first image"):
+    with pytest.raises(DataError, match=r"image has 3 channel\(s\), 000000.npy, the split's "
+                                        r"first image, has 1"):
         LesionDataset(root, "train")
 
 

@@ -441,6 +441,12 @@ class LesionDataset(Dataset):
             img = to_float_image(load_array(ipath), self.meta.ndim, ipath)
             if shape is None:
                 shape, first = img.shape, ipath
+            elif img.shape[1:] == shape[1:] and img.shape[0] != shape[0]:
+                # same size, other colour mode (a gray PNG among RGB ones): resizing, the
+                # remedy for a size mismatch, would not help
+                raise DataError(f"{ipath}: image has {img.shape[0]} channel(s), {first.name}, "
+                                f"the split's first image, has {shape[0]} (store every image "
+                                f"in one colour mode, e.g. import with --color rgb)")
             elif img.shape != shape:
                 raise DataError(f"{ipath}: image shape {img.shape} differs from {first.name}'s "
                                 f"{shape}, the split's first image (resize on import so all "

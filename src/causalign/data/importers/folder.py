@@ -25,7 +25,8 @@ by class and drawn with `--seed` at group level.
 
 Skipped with a reason: a CSV row pointing to a missing file, unreadable images or masks, a
 mask whose size differs from its image, unknown class/split values, non-numeric boxes or
-attributes.
+attributes, and with `--color rgb` a channel-first NPY of other than 1 or 3 channels (a
+(1, H, W) array is gray, stored as RGB).
 """
 
 from __future__ import annotations
@@ -264,6 +265,14 @@ class FolderImporter(Importer):
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         it: _Item = unit.payload
         img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L", self.scale)
+        if self.opts.color == "rgb" and img.ndim == 3 and img.shape[0] != 3:
+            # read_image passes a channel-first NPY's channels through, but dataset.yaml
+            # declares 3: a (1, H, W) array is gray → RGB; other counts (2, 4 modalities …)
+            # have no RGB reading, and a mix of counts would make the split unreadable
+            if img.shape[0] != 1:
+                raise SkipItem("unsupported image", f"{rel(it.image, self.src)} has "
+                               f"{img.shape[0]} channels; --color rgb takes 1 or 3")
+            img = np.repeat(img, 3, axis=0)
         spatial = img.shape[-2:]
         mask = None
         if it.masks:

@@ -185,7 +185,7 @@ def scan_intensity(paths: Iterable[Path]) -> IntensityScale:
                 if arr.dtype == np.uint8 or not np.issubdtype(arr.dtype, np.number) \
                         or arr.size == 0:
                     continue
-                if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+                if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] > 4:
                     arr = arr[..., :3]  # as _npy_to_float: an alpha channel is dropped
                 arr = np.asarray(arr)
             else:
@@ -250,7 +250,9 @@ def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None
 def _npy_to_float(arr: np.ndarray, mode: str, path: Path,
                   scale: IntensityScale | None = None) -> np.ndarray:
     """An NPY array as float32 in [0, 1] by the rule of `read_image` / `IntensityScale`."""
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+    # channel-last (H, W, 1|3|4), as `format.to_float_image` reads it; (H, W, 1) was taken
+    # as an H-channel image of size W × 1
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] > 4:
         arr = np.moveaxis(arr[..., :3], -1, 0)
     if arr.ndim not in (2, 3):
         raise SkipItem("unsupported image", f"{path}: array of shape {arr.shape} is not 2D")
@@ -302,7 +304,7 @@ def read_mask(path: Path) -> np.ndarray:
         except Exception as exc:
             raise SkipItem("unreadable mask", f"{path}: {type(exc).__name__}: {exc}") from None
     if m.ndim == 3:
-        m = m.max(axis=-1) if m.shape[-1] in (3, 4) else m.max(axis=0)
+        m = m.max(axis=-1) if m.shape[-1] in (1, 3, 4) else m.max(axis=0)
     if m.ndim != 2:
         raise SkipItem("unsupported mask", f"{path}: shape {m.shape}")
     # JPEG masks carry compression noise around 0: a quarter of the range separates it.
