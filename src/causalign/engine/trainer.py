@@ -10,6 +10,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -220,6 +221,9 @@ TROUBLE_COLUMNS = {
                         "or method.cg_iters",
     "train_cf_diverged": "the counterfactual search diverged (NaN/inf) and was reset, so the "
                          "alignment term skipped those samples; try a smaller method.inner_lr",
+    "train_empty_mask": "PPI's saliency maps had no positive evidence for the label (or the "
+                        "hard/box mask kept no point), so L_con/L_ad skipped those images; "
+                        "try method.saliency=wbp or a softer mask",
 }
 
 
@@ -250,6 +254,7 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.show_progress = progress
+        self._warned: set[str] = set()  # failure counters already reported (_warn_early)
         self.device = resolve_device(cfg.device)
         self.method: Method = build_method(cfg.method, cfg.method_args)
         read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
@@ -646,6 +651,7 @@ class Trainer:
                 self.state.epoch = epoch
                 self.state.history.append(row)
                 if main:
+                    self._warn_early(row)
                     self._write_history()
                     self._save_state()
                     # best.pt only after the checkpoint that records its epoch: a kill between
@@ -659,6 +665,17 @@ class Trainer:
             # rank 0 evaluates and writes metrics.json; the others wait and return its metrics
             metrics = self._final_evaluation(progress) if main else None
             return D.broadcast_object(metrics)
+
+    def _warn_early(self, row: dict[str, Any]) -> None:
+        """The first epoch in which a failure counter reaches numerical_trouble's threshold
+        says so on stderr at once: a run whose alignment term is mostly absent (e.g. CG
+        breaking down on every step) should not train for hours before the end-of-run
+        warning. Once per counter and process."""
+        for line in numerical_trouble([row]):
+            column = line.split(" ", 1)[0]
+            if column not in self._warned:
+                self._warned.add(column)
+                print(f"warning: epoch {row['epoch']}: {line}", file=sys.stderr, flush=True)
 
     def _save_best(self) -> None:
         atomic_torch_save(self.out / BEST, {"epoch": self.state.best_epoch,

@@ -25,7 +25,9 @@ comes from the background (CDEP's ``softmax(stack(rel, irrel))[:, 0]``):
 λ = 1 by default: the penalty lies in [0, 1] like CE's scale; with λ = 10 the model can zero
 the background share by staying at chance (measured on a two-cue toy problem).
 
-Supported models: the 7-layer CNN and any ``nn.Sequential`` of the layers above.
+Supported models: the 7-layer CNN, BagNet-q, torchvision's VGG (vgg11) and any
+``nn.Sequential`` of the layers above; ResNet and Inception (residual sums, concatenated
+branches) are refused before training.
 """
 
 from __future__ import annotations
@@ -118,17 +120,27 @@ def cd_maxpool(m: nn.MaxPool2d, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Ten
 
 def cd_layers(model: nn.Module) -> list[nn.Module]:
     """The model as a flat chain of layers CD can propagate through."""
+    from torchvision.models import VGG
+
+    from ..models.bagnet import BagNet
     from ..models.cnn import SevenLayerCNN
 
     if isinstance(model, SevenLayerCNN):
         return [*model.features, model.pool, model.flatten, model.dropout, model.classifier]
+    if isinstance(model, BagNet):
+        # Patch evidence of the real patches (the 1x1 classifier on the unpadded features is
+        # patch_logits: padding then cropping is the identity there), then their mean.
+        return [*model.features, model.classifier, nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if isinstance(model, VGG):  # torchvision: features → avgpool → flatten → classifier
+        return [*model.features, model.avgpool, nn.Flatten(), *model.classifier]
     if isinstance(model, nn.Sequential):
         out: list[nn.Module] = []
         for m in model:
             out += cd_layers(m) if isinstance(m, nn.Sequential) else [m]
         return out
-    raise ConfigError(f"cdep: contextual decomposition supports the cnn7 model and "
-                      f"nn.Sequential chains, not {type(model).__name__}")
+    raise ConfigError(f"cdep: contextual decomposition supports the cnn7, bagnet* and vgg11 "
+                      f"models and nn.Sequential chains, not {type(model).__name__} (residual "
+                      f"and multi-branch models have no CD rule here)")
 
 
 def cd_propagate(layers: Iterable[nn.Module], rel: Tensor, irrel: Tensor

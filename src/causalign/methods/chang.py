@@ -17,7 +17,9 @@ In-fill of the counterfactual (``method.fill``): ``shuffle`` (pixels drawn at ra
 image's own non-causal region, the paper's "Shuffle"/"Tile" in-filling without a learned
 model), ``mean`` (the non-causal region's mean), ``blank`` (zeros, the paper's "Ablation"),
 ``noise`` (uniform noise in the image's range). Samples without an annotation contribute CE
-only. The three batches go through the model in one forward pass.
+only; a batch with a single annotated sample has no other background, so no factual
+image (no `factual` part that step). The three batches go through the model in one forward
+pass.
 """
 
 from __future__ import annotations
@@ -152,10 +154,16 @@ class Chang(Method):
             return LossOutput(ce, {"ce": float(ce.detach())})
         aug = augment(x, y, area, annotated, self.params.fill, self.generator)
         k = len(aug["index"])
-        logits = model(torch.cat([x, aug["x_cf"], aug["x_f"]]))
+        # A factual image needs another annotated image's background: with a single
+        # annotated sample x_f is x itself, and its "factual" term would only re-weight CE.
+        factual = k >= 2
+        logits = model(torch.cat([x, aug["x_cf"], *([aug["x_f"]] if factual else [])]))
         ce = F.cross_entropy(logits[:n], y)
         cf = not_class_loss(logits[n:n + k], aug["y_cf"])
-        fact = F.cross_entropy(logits[n + k:], aug["y_f"])
-        total = ce + self.params.cf_weight * cf + self.params.factual_weight * fact
-        return LossOutput(total, {"ce": float(ce.detach()), "cf": float(cf.detach()),
-                                  "factual": float(fact.detach())})
+        total = ce + self.params.cf_weight * cf
+        parts = {"ce": float(ce.detach()), "cf": float(cf.detach())}
+        if factual:
+            fact = F.cross_entropy(logits[n + k:], aug["y_f"])
+            total = total + self.params.factual_weight * fact
+            parts["factual"] = float(fact.detach())
+        return LossOutput(total, parts)

@@ -55,6 +55,10 @@ Choices, and why:
   epochs 1…W train L_cls alone, so the maps PPI intervenes on come from a model that has
   learnt something. From scratch the first maps are noise, and removing them, or another
   image's, with weight 1 each can hold L_cls at chance for the whole run (measured).
+* An image whose map has no positive evidence for its label (Grad-CAM zeroes a class the
+  image speaks against) or whose hard/box mask keeps no point gets no contrast: x* would
+  be x itself, and L_con would then push f(x) away from y (history: ``empty_mask``, the
+  share of such images; their masks are not used for L_ad either).
 * ``fraction`` < 1 (speed option, not in the paper) computes the maps and both contrasts for a
   random ⌈fraction·N⌉ of the batch each step (L_cls always uses the whole batch). L_con, L_reg
   and L_ad are batch means, so this is an unbiased estimate of the same loss at about
@@ -375,7 +379,14 @@ class PPI(Method):
         if w_con > 0 or w_ad > 0:
             t = self.mask(s)
             parts["mask_area"] = float(t.detach().flatten(1).mean(1).mean())
+            # A map without positive evidence for y (Grad-CAM's ReLU zeroes every point of a
+            # class the image speaks against), or a hard/box mask that keeps no point, removes
+            # nothing: its contrast is x itself, so L_con would push f(x) away from y against
+            # L_cls, and L_ad would repeat L_cls. Such masks take part in neither contrast.
+            masked = (s.detach().flatten(1).amax(1) > 0) & (t.detach().flatten(1).amax(1) > 0)
+            parts["empty_mask"] = float((~masked).float().mean())
             con_rows = (y != 0) if p.contrast_on == "positive" else torch.ones_like(y, dtype=bool)
+            con_rows = con_rows & masked
             # x − T ⊙ (x − f): Eq. 1 for f = 0; f = the image's mean hides the cut-out's outline.
             fill: Tensor | float = x.flatten(2).mean(2).view(n, -1, *([1] * (x.dim() - 2))) \
                 if p.fill == "mean" else 0.0
@@ -384,12 +395,15 @@ class PPI(Method):
                 kinds.append("con")
                 targets.append(y[con_rows])
             if w_ad > 0:
-                t_ad = t.detach()[derangement(n, device=x.device)]
+                perm = derangement(n, device=x.device)
+                t_ad = t.detach()[perm]
                 if p.shift_masks:
                     t_ad = shift_masks(t_ad, p.shift_max)
-                contrasts.append(x - t_ad.unsqueeze(1) * (x - fill))
-                kinds.append("ad")
-                targets.append(y)
+                ad_rows = masked[perm]  # the other image's mask must remove something
+                if bool(ad_rows.any()):
+                    contrasts.append((x - t_ad.unsqueeze(1) * (x - fill))[ad_rows])
+                    kinds.append("ad")
+                    targets.append(y[ad_rows])
         if contrasts:
             with frozen_bn_stats(model):
                 out = model(torch.cat(contrasts)).split([len(c) for c in contrasts])
