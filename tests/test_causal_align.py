@@ -302,6 +302,43 @@ def test_nonconverged_cg_is_dropped_and_counted():
     torch.testing.assert_close(_grads(model, out.total), _ce_grad(model, batch))
 
 
+def _volume_batch(n: int = 8, depth: int = 4, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, depth, size, size, generator=g)
+    mask = torch.zeros(n, 1, depth, size, size)
+    mask[..., 4:8, 4:8] = 1.0
+    has = torch.ones(n, dtype=torch.bool)
+    return {"image": x, "label": torch.arange(n) % 2, "mask": mask, "has_mask": has,
+            "box_mask": mask, "has_annotation": has, "index": torch.arange(n)}
+
+
+def test_negative_curvature_raises_the_damping_instead_of_dropping_every_sample():
+    """multiview's slice attention makes the input Hessian indefinite: at δ = 0.01 CG breaks
+    down on every sample and the run was ERM under another name. Now the step is solved
+    again with δ × 10 (up to damping_max), and later steps keep the raised δ."""
+    from causalign.models import MultiViewCNN
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = MultiViewCNN(1, 2, width=4).train()
+        method = build_method("causal-align", dict(FAST, **kw))
+        return method, method(model, _volume_batch())
+
+    off, out_off = run(damping_max=0.01)  # escalation off: the old behaviour
+    assert out_off.parts["cg_dropped"] == 1.0 and out_off.parts["damping"] == 0.01
+    on, out_on = run()
+    assert out_on.parts["damping"] > 0.01 and on.damping == out_on.parts["damping"]
+    assert out_on.parts["cg_dropped"] < 1.0 and out_on.parts["cg_converged"] > 0.0
+    # kept for later steps and in the checkpoint's method state
+    fresh = build_method("causal-align", FAST)
+    fresh.load_state_dict(on.state_dict())
+    assert fresh.damping == on.damping
+    # a piecewise-linear CNN has a positive semi-definite input Hessian: δ never moves
+    cnn = build_method("causal-align", FAST)
+    out = cnn(_small_cnn(), _batch())
+    assert out.parts["damping"] == 0.01 and out.parts["cg_dropped"] == 0.0
+
+
 @pytest.mark.parametrize("failure", ["diverged", "cg"])
 def test_training_survives_forced_failures_and_logs_them(tiny_data, tmp_path, failure):
     """Through the trainer: a diverging inner solve (Adam step 1e38 → inf/NaN logits) or a CG

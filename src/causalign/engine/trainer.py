@@ -216,9 +216,9 @@ class RunState:
 
 # history columns that count failed inner solves, as fractions of the aligned samples
 TROUBLE_COLUMNS = {
-    "train_cg_dropped": "CG broke down (negative curvature) or missed its tolerance, so the "
-                        "alignment gradient skipped those samples; try a larger method.damping "
-                        "or method.cg_iters",
+    "train_cg_dropped": "CG missed its tolerance, or broke down (negative curvature) even at "
+                        "method.damping_max, so the alignment gradient skipped those samples; "
+                        "try a larger method.cg_iters, method.damping or method.damping_max",
     "train_cf_diverged": "the counterfactual search diverged (NaN/inf) and was reset, so the "
                          "alignment term skipped those samples; try a smaller method.inner_lr",
     "train_empty_mask": "PPI's saliency maps had no positive evidence for the label (or the "

@@ -83,6 +83,11 @@ class CausalAlignParams:
     cg_iters: int = 3  # preconditioned CG needs ~C iterations on piecewise-linear nets
     cg_tol: float = 1e-3  # relative residual in preconditioned coordinates
     damping: float = 1e-2  # δ in (H + δI)v = ∇ₓL
+    # A step whose CG meets negative curvature (an input Hessian that is not positive
+    # definite: multiview's slice attention, smooth activations) is solved again with δ × 10,
+    # up to this cap, and later steps keep the raised δ (history: train_damping). On
+    # piecewise-linear CNNs H is positive semi-definite and δ never moves. <= damping: off.
+    damping_max: float = 10.0
     distance: str = "l1"  # l1 | scaled-l1 | l2 | scaled-l2 (paper Tab. 7: l1 best)
     eps: float = 1e-2  # smoothing of the l1 surrogate √(δ²+ε²)−ε, in pixel units
     # y* rule: "other" (binary 1−y, else most likely other class) | "predicted" (the same rule
@@ -130,6 +135,8 @@ class CausalAlignParams:
             (self.cg_iters >= 1, f"method.cg_iters must be >= 1, got {self.cg_iters}"),
             (self.cg_tol > 0, f"method.cg_tol must be > 0, got {self.cg_tol}"),
             (self.damping >= 0, f"method.damping must be >= 0, got {self.damping}"),
+            (self.damping_max >= 0, f"method.damping_max must be >= 0, got "
+                                    f"{self.damping_max}"),
             (self.eps > 0, f"method.eps must be > 0, got {self.eps}"),
             (self.fd_eps > 0, f"method.fd_eps must be > 0, got {self.fd_eps}"),
             (self.align_every >= 1, f"method.align_every must be >= 1, got {self.align_every}"),
@@ -214,6 +221,7 @@ class CausalAlign(Method):
         self.autoencoder: nn.Module | None = None
         self.cache = WarmStartCache()
         self.step = 0
+        self.damping = self.params.damping  # raised on negative curvature (damping_max)
         self._bn_stats: dict = {}
         # setup() refuses a training split where no sample has the configured region (the
         # trainer only checks for "a mask or a box"); hier-align's image level, whose masks
@@ -268,6 +276,7 @@ class CausalAlign(Method):
 
         return {
             "step": self.step,
+            "damping": self.damping,
             "cache": self.cache.state_dict(),
             "scale": None if self.scale is None else self.scale.cpu(),
             "autoencoder": None if self.autoencoder is None
@@ -278,6 +287,7 @@ class CausalAlign(Method):
         from ..models.autoencoder import autoencoder_from_state
 
         self.step = int(state.get("step", 0))
+        self.damping = float(state.get("damping", self.params.damping))
         self.cache.load_state_dict(state.get("cache", {}))
         if state.get("scale") is not None:
             self.scale = state["scale"]
@@ -411,7 +421,6 @@ class CausalAlign(Method):
         p = self.params
         prob = res.problem
         u_star = res.u_star.detach()
-        delta = p.damping
         n = len(u_star)
         shape = (-1,) + (1,) * (u_star.dim() - 1)
         seen: list[Tensor] = []  # logits at x*: the first evaluation is at the solution
@@ -422,7 +431,8 @@ class CausalAlign(Method):
                 seen.append(logits.detach())
             return t.sum()
 
-        with eval_mode(model, fold_bn=True, bn_stats=bn_stats):
+        def system(delta: float):
+            """(inner objective, start, rhs, kwargs) of the adjoint solve at damping δ."""
             if p.precondition:
                 m = prob.curvature(u_star) + delta
                 s = m.clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
@@ -434,14 +444,26 @@ class CausalAlign(Method):
                 start, rhs, damping = torch.zeros_like(u_star), s * outer, 0.0
             else:
                 inner, start, rhs, damping = terms, u_star, outer, delta
-            kw = dict(cg_max_iter=p.cg_iters, cg_tol=p.cg_tol, damping=damping, hvp=p.hvp,
-                      fd_eps=p.fd_eps)
+            return inner, start, rhs, dict(cg_max_iter=p.cg_iters, cg_tol=p.cg_tol,
+                                           damping=damping, hvp=p.hvp, fd_eps=p.fd_eps)
+
+        with eval_mode(model, fold_bn=True, bn_stats=bn_stats):
+            delta = self.damping
+            inner, start, rhs, kw = system(delta)
             out = implicit_gradient(inner, start, params, rhs, **kw)
+            iters = out.cg.iterations
+            # Negative curvature: H + δI is not positive definite, so the IFT's solve has no
+            # meaning at this δ. Raise δ (Levenberg-Marquardt style) and solve again.
+            while bool((ok & out.cg.breakdown).any()) and delta < p.damping_max:
+                delta = min(max(10.0 * delta, 1e-3), p.damping_max)
+                inner, start, rhs, kw = system(delta)
+                out = implicit_gradient(inner, start, params, rhs, **kw)
+                iters = iters + out.cg.iterations
+            self.damping = delta
             cg = out.cg
             good = cg.converged & ~cg.breakdown & torch.isfinite(cg.solution).flatten(1).all(1)
             failed = ok & ~good
             grads = out.grads
-            iters = cg.iterations
             if bool(failed.any()):
                 # Re-solve without the failed samples (their rhs zeroed), warm-started from the
                 # others' solutions, so only well-solved samples shape the update.
@@ -466,6 +488,7 @@ class CausalAlign(Method):
             "cg_converged": float((cg.converged & ok).sum()) / n_ok,
             "cg_iters": float(iters),
             "cg_dropped": float(failed.sum()) / n,
+            "damping": delta,
         }
         return grads, stats
 
