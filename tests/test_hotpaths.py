@@ -13,11 +13,10 @@ from torch import nn
 from causalign.data.format import LesionDataset
 from causalign.engine.evaluate import evaluate_split, iterate_batches
 from causalign.errors import InputError
-from causalign.explain import get_explainer, saliency_map
+from causalign.explain import get_explainer
 from causalign.methods import build_method
 from causalign.metrics import (
     cam_precision,
-    classification_metrics,
     deletion_scores,
     iou_dice,
     mass_in_mask,
@@ -28,52 +27,18 @@ from causalign.models import build_model
 FRACTIONS = (0.01, 0.1, 0.2)
 
 
-def _reference_evaluate(model, method, ds, saliency, fractions, batch_size):
-    """The evaluation as it was written before the fused pass: a prediction pass over the
-    split, then per batch the prediction again, the map of that prediction (its own forward)
-    and deletion (its own baseline forward)."""
-    model.eval()
-    probs, labels, loss = [], [], 0.0
-    with torch.no_grad():
-        for b in iterate_batches(ds, 256):
-            logits = model(method.model_input(b)).float()
-            loss += float(F.cross_entropy(logits, b["label"], reduction="sum"))
-            probs.append(logits.softmax(1))
-            labels.append(b["label"])
-    out = classification_metrics(torch.cat(probs).numpy(), torch.cat(labels).numpy())
-    out["loss"] = loss / len(ds)
-    explainer = get_explainer(saliency, model)
-    parts: dict[str, list] = {k: [] for k in ("box", "mask", "mass", "iou", "dice", "empty")}
-    dele: dict[float, list] = {f: [] for f in fractions}
-    for b in iterate_batches(ds, batch_size):
-        x = method.model_input(b)
-        with torch.no_grad():
-            pred = model(x).argmax(1)
-        maps = saliency_map(explainer.attribute(x, target=pred)).detach().float()
-        if maps.dim() == b["mask"].dim():
-            maps = maps[:, 0]
-        ann, hm = b["has_annotation"], b["has_mask"]
-        box, mask = b["box_mask"][:, 0], b["mask"][:, 0]
-        if ann.any():
-            parts["box"].append(cam_precision(maps[ann], box[ann]))
-            parts["empty"].append(normalize_maps(maps[ann])[1])
-        if hm.any():
-            parts["mask"].append(cam_precision(maps[hm], mask[hm]))
-            parts["mass"].append(mass_in_mask(maps[hm], mask[hm]))
-            i, d = iou_dice(maps[hm], mask[hm])
-            parts["iou"].append(i)
-            parts["dice"].append(d)
-        for f, drop in deletion_scores(model, x, maps, pred, fractions).items():
-            dele[f].append(drop)
+def _bench_module():
+    """benchmarks/bench_eval_hotpath.py, whose `before_evaluate` is the evaluation as written
+    before the fused pass: a prediction pass over the split, then per batch the prediction
+    again, the map of that prediction (its own forward) and deletion (its own baseline)."""
+    import importlib.util
+    from pathlib import Path
 
-    def mean(p):
-        return float(torch.cat(p).float().mean()) if p else None
-
-    out.update({"cam_precision": mean(parts["box"]), "cam_precision_mask": mean(parts["mask"]),
-                "cam_mass_in_mask": mean(parts["mass"]), "saliency_iou": mean(parts["iou"]),
-                "saliency_dice": mean(parts["dice"]), "cam_empty_fraction": mean(parts["empty"]),
-                "deletion": {f"{f:g}": mean(v) for f, v in dele.items()}})
-    return out
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval_hotpath.py"
+    spec = importlib.util.spec_from_file_location("bench_eval_hotpath", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _model(ds, seed=0):
@@ -95,7 +60,8 @@ def test_evaluate_split_matches_the_reference_implementation(tiny_data, saliency
     method = build_method("erm")
     out = evaluate_split(model, method, ds, "cpu", saliency=saliency, fractions=FRACTIONS,
                          batch_size=5)
-    ref = _reference_evaluate(model, method, ds, saliency, FRACTIONS, batch_size=5)
+    ref = _bench_module().before_evaluate(model, method, ds, "cpu", saliency, FRACTIONS,
+                                          batch_size=5)
     for key, want in ref.items():
         if key == "deletion":
             assert out[key] == pytest.approx(want, abs=1e-6)
@@ -290,15 +256,10 @@ def test_quick_metrics_and_attribute_accuracy_restore_modes_and_match_a_referenc
 def test_bench_eval_hotpath_script_runs_and_agrees(tmp_path, monkeypatch):
     """benchmarks/bench_eval_hotpath.py at a tiny size: same metrics before and after, fewer
     model runs (its timings are not checked: tests do not time)."""
-    import importlib.util
     import json
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval_hotpath.py"
-    spec = importlib.util.spec_from_file_location("bench_eval_hotpath", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module()
     out = tmp_path / "hot.json"
     monkeypatch.setattr(sys, "argv", ["bench", "--out", str(out), "--n", "12", "--size", "32",
                                       "--repeats", "1"])

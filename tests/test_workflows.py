@@ -30,6 +30,15 @@ def _by_id(root):
 # ----------------------------------------------------------------------------- CBIS-DDSM
 
 
+def _assert_imported_with_mask_on_the_mass(root, out, case):
+    s = run_import("cbis-ddsm", root, out, {"size": 32})
+    assert s["skipped"]["by_reason"].get("ROI mask not found") == 1  # only P_00012's
+    rec = _by_id(out)[case]
+    img = load_array(out / rec.image).astype(np.float32) / 255.0
+    m = load_array(out / rec.mask) > 0
+    assert img[m].mean() > 0.9 and img[~m].mean() < 0.75  # the mask is on the mass
+
+
 def test_cbis_roi_path_naming_the_cropped_image_still_finds_the_mask(tmp_path):
     """The official CSVs swap the ROI-mask and cropped-image paths for some cases; the ROI
     path then names an existing file that is the crop, and the mask is its series sibling."""
@@ -42,13 +51,7 @@ def test_cbis_roi_path_naming_the_cropped_image_still_finds_the_mask(tmp_path):
     roi.rename(tmp)
     crop.rename(roi)
     tmp.rename(crop)
-    out = tmp_path / "out"
-    s = run_import("cbis-ddsm", fx["root"], out, {"size": 32})
-    assert s["skipped"]["by_reason"].get("ROI mask not found") == 1  # only P_00012's
-    rec = _by_id(out)[case]
-    img = load_array(out / rec.image).astype(np.float32) / 255.0
-    m = load_array(out / rec.mask) > 0
-    assert img[m].mean() > 0.9 and img[~m].mean() < 0.75  # the mask is on the mass
+    _assert_imported_with_mask_on_the_mass(fx["root"], tmp_path / "out", case)
 
 
 def test_cbis_both_puts_a_patient_of_a_test_csv_wholly_in_test(tmp_path):
@@ -86,13 +89,7 @@ def test_cbis_mask_in_its_own_series_when_the_csv_series_holds_only_the_crop(tmp
     ds.SeriesInstanceUID = "1.3.6.1.4.1.9590.100.1.2.999999"
     ds.save_as(own)
     mask_file.unlink()
-    out = tmp_path / "out"
-    s = run_import("cbis-ddsm", fx["root"], out, {"size": 32})
-    assert s["skipped"]["by_reason"].get("ROI mask not found") == 1  # only P_00012's
-    rec = _by_id(out)[case]
-    img = load_array(out / rec.image).astype(np.float32) / 255.0
-    m = load_array(out / rec.mask) > 0
-    assert img[m].mean() > 0.9 and img[~m].mean() < 0.75
+    _assert_imported_with_mask_on_the_mass(fx["root"], tmp_path / "out", case)
 
 
 # ----------------------------------------------------------------------------- splits
