@@ -48,5 +48,5 @@ def test_implicit_gradient_example(tmp_path: Path) -> None:
 def test_ppi_example(tmp_path: Path) -> None:
     out = _run(_block('build_method("ppi"'), tmp_path)
     parts = ast.literal_eval(out[0])  # a printed dict of floats
-    assert set(parts) == {"cls", "con", "reg", "ad", "mask_area", "con_weight"}
+    assert set(parts) == {"cls", "con", "reg", "ad", "mask_area", "empty_mask", "con_weight"}
     assert all(v == v for v in parts.values())  # no NaN

@@ -12,6 +12,16 @@ RANK / WORLD_SIZE / LOCAL_RANK in their environment; the trainer then joins the 
 * **Loss weighting.** Each rank's loss is a mean over its chunk; it is multiplied by
   ``n_local · world / n_global`` before backward, so the average over ranks is the mean over
   the global batch even when chunks differ in size (last batch, batch not divisible by world).
+* **Subset means.** A term averaged over part of the batch (annotated samples, converged
+  counterfactuals, contrasted rows) is reported in ``LossOutput.means`` with its count; the
+  ranks share those counts each step and re-weight the term (`reweight_subset_means`), so it
+  is the mean over the global batch's subset, not a mean of per-rank means. Count parts in
+  history (``n_align``, ``img_n_align``) are summed over ranks. Still per rank: caps and
+  draws inside a method (``align_batch``, ``balance``, PPI's ``fraction`` and L_ad pairs,
+  Chang's factual pairs, ICNN's class shares).
+* **Method state.** After each epoch the ranks' method states are merged
+  (`merge_method_states`): warm-start cache entries from the rank that processed the sample,
+  step counters from rank 0, damping the largest; the checkpoint then holds all of it.
 * **Gradients: two paths.** Methods whose loss is plain forwards of the classifier followed by
   the trainer's ``backward()`` (``Method.plain_forward``: ERM, oracle) get the model wrapped in
   `DistributedDataParallel`, whose autograd hooks all-reduce bucketed gradients while backward
@@ -74,6 +84,11 @@ class DistContext:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            # Every rank past its last collective first: a rank that tore down its gloo
+            # pairs while a peer was still in the final broadcast aborted that peer
+            # ("terminate called without an active exception", exit -6 after a finished
+            # run; seen in 2 of 10 CPU runs).
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 
@@ -250,3 +265,123 @@ class Shard:
 
     def batch(self, idx: Tensor) -> dict[str, Tensor]:
         return self.dataset.batch(self.indices[idx])
+
+
+def is_count_part(key: str) -> bool:
+    """A loss part that counts samples of the step (``n_align``, ``n_align_img``, ...): a
+    rank reports its chunk's count, the global batch's count is the sum over ranks."""
+    return key.startswith("n_") or "_n_" in key  # hier-align: img_n_align, attr_n_align
+
+
+def merge_step_counts(parts: list[list[tuple[int, int, str, float]]]
+                      ) -> tuple[dict[str, float], dict[str, int]]:
+    """Sample-weighted sums of count parts, as a single process would accumulate them.
+
+    ``parts[r]`` lists rank r's (step, global batch size, key, count). A step's count is the
+    sum over the ranks that reported it, weighted by the step's global batch size (once,
+    however many ranks reported it): averaging the per-rank counts instead would read
+    1/world of the single-process value."""
+    per_step: dict[tuple[int, str], list[float]] = {}
+    for rank_parts in parts:
+        for step, n_global, key, value in rank_parts:
+            entry = per_step.setdefault((step, key), [0.0, float(n_global)])
+            entry[0] += value
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for (_, key), (total, n_global) in per_step.items():
+        sums[key] = sums.get(key, 0.0) + total * n_global
+        weights[key] = weights.get(key, 0) + int(n_global)
+    return sums, weights
+
+
+def _is_cache_state(v: Any) -> bool:
+    return isinstance(v, dict) and "ids" in v and "offsets" in v
+
+
+def touched_only(state: dict, touched: Tensor) -> dict:
+    """``state`` with each per-sample cache cut to the entries of the samples in ``touched``
+    (what `merge_method_states` takes from this rank)."""
+    wanted = set(touched.tolist())
+    out = dict(state)
+    for key, v in state.items():
+        if _is_cache_state(v):
+            keep = torch.tensor([int(i) in wanted for i in v["ids"].tolist()],
+                                dtype=torch.bool)
+            out[key] = {"ids": v["ids"][keep], "offsets": v["offsets"][keep]}
+    return out
+
+
+def merge_method_states(states: list[dict], touched: list[Tensor],
+                        own: dict | None = None) -> dict:
+    """One method state for every rank after an epoch, from each rank's ``state_dict()``.
+
+    Per-sample caches (warm-start offsets, ``{"ids", "offsets"}``) were updated on each rank
+    only for the samples of its chunks: an entry is taken from the rank that processed that
+    sample this epoch (``touched[r]``: the dataset indices of rank r's chunks), else from
+    rank 0 (every rank held the same entry since the last merge). Without this, a sample
+    that lands on another rank next epoch starts cold there, and the checkpoint (rank 0's)
+    keeps only rank 0's half. ``own`` (default ``states[0]``) supplies the entries no rank
+    touched, so ``states`` may hold only the touched ones (`touched_only`). ``damping``
+    (raised on negative curvature, on the rank that met it) takes the largest. Everything
+    else is rank 0's (step counters: rank 0 never has an empty chunk)."""
+    merged = dict(states[0])
+    for key in states[0]:
+        values = [s.get(key) for s in states]
+        if key == "damping" and all(isinstance(v, (int, float)) for v in values):
+            merged[key] = max(values)
+            continue
+        if not any(_is_cache_state(v) for v in values) or \
+                not all(v == {} or _is_cache_state(v) for v in values):
+            continue
+        owner: dict[int, int] = {}
+        for r, ids in enumerate(touched):
+            for i in ids.tolist():
+                owner[int(i)] = r
+        ids_out: list[Tensor] = []
+        off_out: list[Tensor] = []
+        base = (own if own is not None else states[0]).get(key)
+        if _is_cache_state(base):  # entries no rank touched: equal on every rank
+            keep = torch.tensor([int(i) not in owner for i in base["ids"].tolist()],
+                                dtype=torch.bool)
+            ids_out.append(base["ids"][keep])
+            off_out.append(base["offsets"][keep])
+        for r, v in enumerate(values):
+            if not v:
+                continue
+            keep = torch.tensor([owner.get(int(i)) == r for i in v["ids"].tolist()],
+                                dtype=torch.bool)
+            ids_out.append(v["ids"][keep])
+            off_out.append(v["offsets"][keep])
+        merged[key] = ({"ids": torch.cat(ids_out), "offsets": torch.cat(off_out)}
+                       if ids_out and sum(len(i) for i in ids_out) else {})
+    return merged
+
+
+def sum_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    """The global batch's subset sizes: each rank's `LossOutput.means` counts, added up."""
+    out: dict[str, int] = {}
+    for counts in per_rank:
+        for k, c in counts.items():
+            out[k] = out.get(k, 0) + int(c)
+    return out
+
+
+def reweight_subset_means(total: Tensor, means: dict[str, tuple[Tensor, int]],
+                          global_counts: dict[str, int] | None, m: int, n_global: int
+                          ) -> Tensor:
+    """A rank's loss with each subset-mean term made a share of the global subset's mean.
+
+    The trainer scales a rank's loss by m·world/N and averages over ranks, which turns a
+    mean over the chunk into the mean over the global batch. A term averaged over k of the
+    chunk's samples (of K in the global batch) would come out as a mean of per-rank means,
+    weighted by chunk size instead of by k: rank 0 with 1 annotated sample and rank 1 with
+    3 would give the first one half the weight, not a quarter. Scaled by k·N/(m·K) instead,
+    the term contributes Σ(its samples)/K — the single-process mean over the global subset.
+    """
+    if not means or global_counts is None:
+        return total
+    for name, (term, k) in means.items():
+        big_k = global_counts.get(name, 0)
+        if big_k > 0:
+            total = total + term * (k * n_global / (m * big_k) - 1.0)
+    return total

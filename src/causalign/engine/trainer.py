@@ -504,16 +504,20 @@ class Trainer:
         weights: dict[str, int] = {}
         n = len(self.train_set)
         bs = self.cfg.batch_size
+        counts: list[tuple[int, int, str, float]] = []  # (step, N, key, count): summed
+        touched: list[Tensor] = []  # dataset indices of this rank's chunks
         order = torch.randperm(n, generator=self.generator)  # as iterate_batches(shuffle=True)
         for step, start in enumerate(range(0, n - drop, bs)):  # drop: see drop_single_last
             global_idx = order[start:start + bs]
             n_global = len(global_idx)
             local = D.shard_indices(global_idx, rank, world)
+            touched.append(local)
             # DDP needs every rank to run forward+backward; a batch smaller than the world
             # leaves some ranks empty, so it takes the all-reduce-after-backward path.
             use_ddp = plain and n_global >= world
             self.optimizer.zero_grad(set_to_none=True)
             m = len(local)
+            out = None
             if m > 0:
                 batch = {k: v.to(self.device, non_blocking=True)
                          for k, v in self.train_set.batch(local).items()}
@@ -526,9 +530,24 @@ class Trainer:
                             f"(parts: {out.parts}); try a lower --lr")
                 except CausalignError as exc:  # this rank's chunk: the rank must say it
                     raise D.mark_rank_local(exc) from None
+            global_counts = None
+            if getattr(self.method, "subset_means", False):  # every rank, even an empty one
+                global_counts = D.sum_counts(D.gather_objects(
+                    {} if out is None else {k: c for k, (_, c) in out.means.items()}, world))
+            if out is not None:
+                rank_loss = D.reweight_subset_means(out.total, out.means, global_counts, m,
+                                                    n_global)
                 # mean over the chunk × m·world/N: the rank average is the global-batch mean
-                (out.total * (m * world / n_global)).backward()
-                _accumulate(sums, weights, out.total, out.parts, m)
+                (rank_loss * (m * world / n_global)).backward()
+                out.total = rank_loss.detach()  # its share of the global-batch loss: history
+                # counts (n_align, ...) add up over ranks; the other parts are chunk means
+                counts += [(step, n_global, k, v) for k, v in out.parts.items()
+                           if D.is_count_part(k)]
+                # a logged subset mean (align) likewise: its share k/K of the global mean
+                counts += [(step, n_global, k, out.parts[k] * c / max(global_counts[k], 1))
+                           for k, (_, c) in out.means.items()
+                           if global_counts is not None and k in out.parts]
+                _accumulate(sums, weights, out.total, out.parts, m)  # counts replaced below
             if not use_ddp:
                 D.all_reduce_gradients(list(self.model.parameters()), world)
             self.optimizer.step()
@@ -536,10 +555,28 @@ class Trainer:
                 loss = sums.get("loss", 0.0) / max(weights.get("loss", 0), 1)
                 progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
                                 f"loss {loss:.4f}")
-        gathered = D.gather_objects((sums, weights), world)
-        sums, _ = D.merge_sums([(s, 0) for s, _ in gathered])
-        weights, _ = D.merge_sums([(w, 0) for _, w in gathered])
+        gathered = D.gather_objects((sums, weights, counts), world)
+        sums, _ = D.merge_sums([(s, 0) for s, _, _ in gathered])
+        weights, _ = D.merge_sums([(w, 0) for _, w, _ in gathered])
+        c_sums, c_weights = D.merge_step_counts([c for _, _, c in gathered])
+        sums.update(c_sums)  # in place: history's column order stays the single process's
+        weights.update(c_weights)
+        self._merge_method_state(torch.cat(touched) if touched else torch.zeros(0, dtype=int))
         return _epoch_means(sums, weights)
+
+    def _merge_method_state(self, touched: Tensor) -> None:
+        """Make the method's state (warm-start caches, step counter) one again across ranks
+        after a data-parallel epoch (`D.merge_method_states`), so the next epoch and the
+        checkpoint (rank 0's) see what a single process would have."""
+        state = self.method.state_dict()
+        # only the cache entries of this rank's samples travel (a cache holds one image-sized
+        # offset per sample: all of every rank's would be world × the cache on each rank)
+        gathered = D.gather_objects((D.touched_only(state, touched), touched),
+                                    self.dist.world)
+        if not any(s for s, _ in gathered):
+            return
+        self.method.load_state_dict(D.merge_method_states(
+            [s for s, _ in gathered], [t for _, t in gathered], own=state))
 
     def _quick_metrics(self, dataset) -> dict:
         """`quick_metrics`; data-parallel: each rank predicts a chunk, predictions gathered."""

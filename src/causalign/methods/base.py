@@ -33,6 +33,11 @@ class LossOutput:
 
     total: Tensor
     parts: dict[str, float] = field(default_factory=dict)
+    # Terms of ``total`` that are means over a subset of the batch (annotated samples,
+    # converged counterfactuals, ...): name -> (the term as added to ``total``, the number
+    # of samples it averages). Data-parallel training re-weights each by the global batch's
+    # count, so it stays the mean over the global subset (methods with `subset_means`).
+    means: dict[str, tuple[Tensor, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +69,9 @@ class Method:
     # wrapper and run it under bf16 autocast. False (safe default): the bare module, float32,
     # gradients all-reduced after backward (engine/distributed.py).
     plain_forward: bool = False
+    # True when the loss fills `LossOutput.means`: every rank then shares those counts each
+    # data-parallel step (one small gather), see engine/distributed.py.
+    subset_means: bool = False
     # Set by the trainer: torch.bfloat16 when the `amp` config is on, else None.
     amp_dtype: Any = None
 

@@ -214,6 +214,7 @@ def dilate_region(region: Tensor, pixels: int) -> Tensor:
 class CausalAlign(Method):
     Params = CausalAlignTrainingParams
     uses_annotations = True
+    subset_means = True  # L_align: a mean over the aligned samples (LossOutput.means)
 
     def __init__(self, params: CausalAlignParams | None = None) -> None:
         super().__init__(params)
@@ -353,7 +354,10 @@ class CausalAlign(Method):
                                      grad_cap=None if ce_norm is None
                                      else float(p.balance * ce_norm / p.lam))
         parts.update(stats)
-        return LossOutput(ce + p.lam * term, parts)
+        # L_align is a mean over the samples whose counterfactual did not diverge: data-
+        # parallel training weights it by the global batch's count (LossOutput.means)
+        n_ok = round(stats["n_align"] * (1.0 - stats["cf_diverged"]))
+        return LossOutput(ce + p.lam * term, parts, means={"align": (p.lam * term, n_ok)})
 
     def alignment(self, model: nn.Module, x: Tensor, target: Tensor, region: Tensor,
                   ids: Tensor | None, grad_cap: float | None = None

@@ -194,6 +194,7 @@ class CDEPParams:
 class CDEP(Method):
     Params = CDEPParams
     uses_annotations = True
+    subset_means = True  # the penalty averages the annotated samples (LossOutput.means)
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         cd_layers(model)  # unsupported models fail before training starts
@@ -212,4 +213,5 @@ class CDEP(Method):
             expl = logits.sum() * 0.0
         ce = F.cross_entropy(logits, batch["label"])
         total = ce + self.params.lam * expl
-        return LossOutput(total, {"ce": float(ce.detach()), "cdep": float(expl.detach())})
+        return LossOutput(total, {"ce": float(ce.detach()), "cdep": float(expl.detach())},
+                          means={"cdep": (self.params.lam * expl, int(annotated.sum()))})

@@ -128,6 +128,7 @@ class Chang(Method):
     Params = ChangParams
     uses_annotations = True
     plain_forward = True  # forward passes only; backward() makes every gradient
+    subset_means = True  # both terms average the annotated samples (LossOutput.means)
 
     def __init__(self, params: ChangParams | None = None) -> None:
         super().__init__(params)
@@ -162,8 +163,10 @@ class Chang(Method):
         cf = not_class_loss(logits[n:n + k], aug["y_cf"])
         total = ce + self.params.cf_weight * cf
         parts = {"ce": float(ce.detach()), "cf": float(cf.detach())}
+        means = {"cf": (self.params.cf_weight * cf, k)}
         if factual:
             fact = F.cross_entropy(logits[n + k:], aug["y_f"])
             total = total + self.params.factual_weight * fact
             parts["factual"] = float(fact.detach())
-        return LossOutput(total, parts)
+            means["factual"] = (self.params.factual_weight * fact, k)
+        return LossOutput(total, parts, means=means)

@@ -192,6 +192,7 @@ class HierAlign(Method):
     Params = HierAlignParams
     # Masks/boxes are optional: without any, only the attribute level (Eq. 6) aligns.
     uses_annotations = False
+    subset_means = True  # BCE over known attributes, both alignment terms (see loss)
 
     def __init__(self, params: HierAlignParams | None = None) -> None:
         super().__init__(params)
@@ -322,11 +323,14 @@ class HierAlign(Method):
         total = ce + p.attr_weight * bce
         parts: dict[str, float] = {"ce": float(ce.detach()), "bce_attr": float(bce.detach()),
                                    "attr_known": float(known.float().mean())}
+        # subset means (known attributes, aligned samples): data-parallel training weights
+        # them by the global batch's counts (LossOutput.means)
+        means = {"bce_attr": (p.attr_weight * bce, int(n_known))}
         self.step += 1
         if (p.lam1 == 0 and p.lam2 == 0) or (self.step - 1) % p.align_every != 0 \
                 or self.epoch < p.align_start:
             parts["align_step"] = 0.0
-            return LossOutput(total, parts)
+            return LossOutput(total, parts, means=means)
         parts["align_step"] = 1.0
         target, valid = counterfactual_targets(y, logits.shape[1], "other", logits)
         r, r_known = self._r(batch)
@@ -342,7 +346,7 @@ class HierAlign(Method):
         parts["n_align_attr"] = float(need_attr.sum())
         parts["n_align_img"] = float(need_img.sum())
         if len(rows) == 0:
-            return LossOutput(total, parts)
+            return LossOutput(total, parts, means=means)
         self.pixel._lazy_setup(x)
         cap1 = cap2 = None
         if p.balance > 0:
@@ -360,6 +364,7 @@ class HierAlign(Method):
                                                    grad_cap=cap2)
             total = total + p.lam2 * term2
             parts.update({f"attr_{k}": v for k, v in stats.items()})
+            means["attr_align"] = (p.lam2 * term2, _n_ok(stats))
         sel_x = need_img[rows]
         if bool(sel_x.any()):
             ii = rows[sel_x]
@@ -369,4 +374,10 @@ class HierAlign(Method):
                                                     grad_cap=cap1)
             total = total + p.lam1 * term1
             parts.update({f"img_{k}": v for k, v in stats.items()})
-        return LossOutput(total, parts)
+            means["img_align"] = (p.lam1 * term1, _n_ok(stats))
+        return LossOutput(total, parts, means=means)
+
+
+def _n_ok(stats: dict[str, float]) -> int:
+    """How many samples `CausalAlign.implicit_term`'s mean runs over (not diverged)."""
+    return round(stats["n_align"] * (1.0 - stats["cf_diverged"]))

@@ -281,6 +281,9 @@ class PPI(Method):
     """L_cls + L_con + L_reg + L_ad with differentiable saliency (see module doc)."""
 
     Params = PPIParams
+    # L_reg, L_con, L_ad average subsets of the batch (fraction, masked/contrasted rows):
+    # data-parallel training weights them by the global batch's counts (LossOutput.means)
+    subset_means = True
 
     def __init__(self, params: PPIParams | None = None) -> None:
         super().__init__(params)
@@ -375,6 +378,7 @@ class PPI(Method):
         l_reg = s.flatten(1).mean(1).mean()
         total = total + p.reg_weight * l_reg
         parts["reg"] = float(l_reg.detach())
+        means = {"reg": (p.reg_weight * l_reg, n)}
         contrasts, kinds, targets = [], [], []
         if w_con > 0 or w_ad > 0:
             t = self.mask(s)
@@ -412,11 +416,13 @@ class PPI(Method):
                     l_con = contrast_loss(o, target)
                     total = total + w_con * l_con
                     parts["con"] = float(l_con.detach())
+                    means["con"] = (w_con * l_con, len(target))
                 else:
                     l_ad = F.cross_entropy(o, target)
                     total = total + w_ad * l_ad
                     parts["ad"] = float(l_ad.detach())
-        return LossOutput(total, parts)
+                    means["ad"] = (w_ad * l_ad, len(target))
+        return LossOutput(total, parts, means=means)
 
 
 def n_points(spatial: tuple[int, ...], top_n: float) -> int:

@@ -101,6 +101,7 @@ def right_reasons(grad: Tensor, irrelevant: Tensor) -> Tensor:
 class RRR(Method):
     Params = RRRParams
     uses_annotations = True
+    subset_means = True  # the penalty averages the annotated samples (LossOutput.means)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
@@ -111,4 +112,5 @@ class RRR(Method):
         penalty = right_reasons(grad, 1.0 - area)
         rr = penalty[annotated].mean() if bool(annotated.any()) else penalty.sum() * 0.0
         total = ce + self.params.lam * rr
-        return LossOutput(total, {"ce": float(ce.detach()), "rrr": float(rr.detach())})
+        return LossOutput(total, {"ce": float(ce.detach()), "rrr": float(rr.detach())},
+                          means={"rrr": (self.params.lam * rr, int(annotated.sum()))})
