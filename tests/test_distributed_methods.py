@@ -9,11 +9,11 @@ process on the same global batches.
 from __future__ import annotations
 
 import csv
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import _free_port  # the same free-TCP-port helper
 from torch import nn
 
 from causalign.data.synth import SynthConfig, generate
@@ -214,12 +214,6 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         torch.save(trainer.method.state_dict()["cache"], f"{out}.cache.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _history(path) -> list[dict[str, str]]:
