@@ -16,9 +16,15 @@ RANK / WORLD_SIZE / LOCAL_RANK in their environment; the trainer then joins the 
   counterfactuals, contrasted rows) is reported in ``LossOutput.means`` with its count; the
   ranks share those counts each step and re-weight the term (`reweight_subset_means`), so it
   is the mean over the global batch's subset, not a mean of per-rank means. Count parts in
-  history (``n_align``, ``img_n_align``) are summed over ranks. Still per rank: caps and
-  draws inside a method (``align_batch``, ``balance``, PPI's ``fraction`` and L_ad pairs,
-  Chang's factual pairs, ICNN's class shares).
+  history (``n_align``, ``img_n_align``) are summed over ranks.
+* **Caps and draws.** Each step the trainer sets ``method.global_step`` (`GlobalStep`: this
+  rank's place in the global batch, the global batch's labels and annotation flags), so a
+  cap or draw inside a method acts on the global batch: causal-align's ``align_batch``
+  (no collective), ``balance`` (`global_mean_norms`: one all-reduce of the CE and alignment
+  gradients) and PPI's ``fraction`` (rank 0's draw, broadcast). Still per rank: PPI's L_ad
+  pairs, Chang's factual pairs (a pair across ranks needs an image-sized gather), ICNN's
+  filter loss (a softmax over the batch's images), hier-align's caps; and ``balance`` and
+  ``fraction`` on a global batch smaller than the world (the empty rank cannot join).
 * **Method state.** After each epoch the ranks' method states are merged
   (`merge_method_states`): warm-start cache entries from the rank that processed the sample,
   step counters from rank 0, damping the largest; the checkpoint then holds all of it.
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -166,6 +173,85 @@ def hold_back_user_error(exc: BaseException, grace_s: float | None = None) -> No
 def shard_indices(idx: Tensor, rank: int, world: int) -> Tensor:
     """This rank's contiguous chunk of a global batch (sizes differ by at most one)."""
     return torch.tensor_split(idx, world)[rank]
+
+
+# Per-sample fields a method may read about the whole global batch (`GlobalStep.batch`), with
+# the LesionDataset attribute holding them: metadata only, no images, so every rank can hold
+# the global batch's copy at no real cost.
+GLOBAL_FIELDS = {"label": "labels", "has_mask": "has_mask", "has_annotation": "has_box_or_mask"}
+
+
+@dataclass
+class GlobalStep:
+    """Where this rank's chunk sits in the current global batch.
+
+    The data-parallel trainer sets it as ``method.global_step`` before each step (on every
+    rank, also one with an empty chunk). Chunks are contiguous and in rank order
+    (`shard_indices`), so "the first k annotated samples of the global batch" are, on rank r,
+    the first k − (annotated samples of ranks < r) of its chunk: a method that knows the
+    global batch's labels and annotation flags (`batch`) applies a per-batch cap exactly as
+    one process would, without any collective."""
+
+    rank: int
+    world: int
+    sizes: tuple[int, ...]  # each rank's chunk size, in rank order
+    batch: dict[str, Tensor]  # the global batch's `GLOBAL_FIELDS` and "index" (CPU)
+
+    @property
+    def offset(self) -> int:
+        """Row of the global batch where this rank's chunk starts."""
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def n_global(self) -> int:
+        return sum(self.sizes)
+
+    def before(self, t: Tensor) -> Tensor:
+        """The rows of per-sample ``t`` (global batch) that lower ranks hold."""
+        return t[: self.offset]
+
+    def local(self, t: Tensor) -> Tensor:
+        """This rank's rows of per-sample ``t`` (global batch)."""
+        return t[self.offset: self.offset + self.sizes[self.rank]]
+
+
+def global_step(dataset: Any, global_idx: Tensor, rank: int, world: int) -> GlobalStep:
+    """The `GlobalStep` of the global batch ``global_idx`` (dataset indices) for this rank."""
+    global_idx = global_idx.cpu()
+    sizes = tuple(len(c) for c in torch.tensor_split(global_idx, world))
+    batch: dict[str, Tensor] = {"index": global_idx}
+    if all(hasattr(dataset, attr) for attr in GLOBAL_FIELDS.values()):
+        for key, attr in GLOBAL_FIELDS.items():
+            batch[key] = getattr(dataset, attr)[global_idx]
+    else:  # another dataset type: its batch, keeping the metadata only
+        full = dataset.batch(global_idx)
+        batch.update({k: full[k].cpu() for k in GLOBAL_FIELDS if k in full})
+    return GlobalStep(rank, world, sizes, batch)
+
+
+def global_mean_norms(grads: list[tuple[Sequence[Tensor | None], float]],
+                      params: Sequence[Tensor]) -> list[float]:
+    """Norms of gradients averaged over every rank's share, as one process would see them.
+
+    ``grads[j]`` is this rank's (gradient per parameter — None or empty: zero —, weight):
+    a mean over w_r of its samples, e.g. the chunk's CE gradient with the chunk size. One
+    process's gradient is Σ_r w_r·g_r / Σ_r w_r (0 where no rank has a sample). The norm of
+    a sum is not a function of the ranks' norms, so the vectors themselves travel: a single
+    all_reduce of len(grads) × (parameter count + 1) numbers. Every rank must call it."""
+    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    dev = params[0].device
+    flats = []
+    for g, w in grads:
+        g = tuple(g) if g else (None,) * len(params)
+        flats.append(torch.cat([(torch.zeros_like(q) if gi is None else gi.detach())
+                                .reshape(-1).to(dtype) * w
+                                for q, gi in zip(params, g, strict=True)]))
+    weights = torch.tensor([float(w) for _, w in grads], dtype=dtype, device=dev)
+    buf = torch.cat(flats + [weights])
+    dist.all_reduce(buf)
+    total = buf[-len(grads):].tolist()
+    return [float(buf[j * len(flats[0]):(j + 1) * len(flats[0])].norm()) / w if w > 0 else 0.0
+            for j, w in enumerate(total)]
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:

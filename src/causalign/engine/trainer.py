@@ -511,6 +511,9 @@ class Trainer:
             global_idx = order[start:start + bs]
             n_global = len(global_idx)
             local = D.shard_indices(global_idx, rank, world)
+            # where this chunk sits in the global batch: per-batch caps and draws inside the
+            # method (align_batch, balance, PPI's fraction) then act on the global batch
+            self.method.global_step = D.global_step(self.train_set, global_idx, rank, world)
             touched.append(local)
             # DDP needs every rank to run forward+backward; a batch smaller than the world
             # leaves some ranks empty, so it takes the all-reduce-after-backward path.
@@ -555,6 +558,7 @@ class Trainer:
                 loss = sums.get("loss", 0.0) / max(weights.get("loss", 0), 1)
                 progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
                                 f"loss {loss:.4f}")
+        self.method.global_step = None
         gathered = D.gather_objects((sums, weights, counts), world)
         sums, _ = D.merge_sums([(s, 0) for s, _, _ in gathered])
         weights, _ = D.merge_sums([(w, 0) for _, w, _ in gathered])

@@ -74,6 +74,11 @@ class Method:
     subset_means: bool = False
     # Set by the trainer: torch.bfloat16 when the `amp` config is on, else None.
     amp_dtype: Any = None
+    # Set by the data-parallel trainer before each step (`engine.distributed.GlobalStep`):
+    # where this rank's chunk sits in the global batch, so a per-batch cap or draw
+    # (causal-align's align_batch and balance, PPI's fraction) applies to the global batch
+    # as in one process. None: single process.
+    global_step: Any = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -35,6 +35,7 @@ solutions). Both are counted in the step's parts (hence in history.csv).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,10 @@ from .base import LossOutput, Method, coerce_params, grad_norm, register_method
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
+
+# Data-parallel `balance`: (this rank's alignment gradient, the samples it averages) -> the
+# factor one process would scale it by (`CausalAlign._global_balance`).
+GradCap = Callable[[Sequence[Tensor], int], float]
 
 
 @dataclass
@@ -95,7 +100,8 @@ class CausalAlignParams:
     target: str = "other"
     align_every: int = 1  # alignment term every n-th step (plain CE in between)
     # at most this many annotated samples per batch enter L_align (0 = all): the alignment
-    # cost scales with it while the CE term keeps the whole batch
+    # cost scales with it while the CE term keeps the whole batch (under torchrun: the first
+    # of the global batch, as in one process; see `_capped`)
     align_batch: int = 0
     warm_start: bool = True  # start each x* from the sample's previous solution
     hvp: str = "exact"  # exact (double backward) | finite-difference (the paper's variant)
@@ -339,28 +345,91 @@ class CausalAlign(Method):
         sel = has & valid
         if p.align_on == "positive":
             sel = sel & (y != 0)
-        if not bool(sel.any()):
+        idx = sel.nonzero().flatten()
+        if p.align_batch:
+            idx = self._capped(idx, batch)
+        global_cap = self._global_balance(model, ce, len(x)) if p.balance > 0 else None
+        if len(idx) == 0:
+            if global_cap is not None:  # the other ranks align: join their exchange
+                global_cap((), 0)
             parts["n_align"] = 0.0
             return LossOutput(ce, parts)
-        idx = sel.nonzero().flatten()
-        if p.align_batch and len(idx) > p.align_batch:
-            idx = idx[: p.align_batch]  # batches are shuffled: the first ones are a random draw
         self._lazy_setup(x)
-        ce_norm = None
-        if p.balance > 0:
+        cap: float | GradCap | None = global_cap
+        if p.balance > 0 and cap is None:
             ce_norm = grad_norm(ce, [q for q in model.parameters() if q.requires_grad])
+            cap = float(p.balance * ce_norm / p.lam)
         term, stats = self.alignment(model, x[idx], target[idx], region[idx],
                                      batch["index"][idx] if "index" in batch else None,
-                                     grad_cap=None if ce_norm is None
-                                     else float(p.balance * ce_norm / p.lam))
+                                     grad_cap=cap)
         parts.update(stats)
         # L_align is a mean over the samples whose counterfactual did not diverge: data-
         # parallel training weights it by the global batch's count (LossOutput.means)
         n_ok = round(stats["n_align"] * (1.0 - stats["cf_diverged"]))
         return LossOutput(ce + p.lam * term, parts, means={"align": (p.lam * term, n_ok)})
 
+    def alignable(self, labels: Tensor, has: Tensor) -> Tensor:
+        """Which samples L_align may use, from the data alone: annotated (``has``), with a
+        valid y* (`counterfactual_targets`: only a fixed target class k excludes samples,
+        those labelled k) and, for align_on=positive, a label other than 0."""
+        sel = has.bool()
+        if str(self.params.target).isdigit():
+            sel = sel & (labels != int(self.params.target))
+        if self.params.align_on == "positive":
+            sel = sel & (labels != 0)
+        return sel
+
+    def _capped(self, idx: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The first ``align_batch`` of the alignable rows ``idx`` (batches are shuffled: the
+        first ones are a random draw). Data-parallel (`global_step` set), the first of the
+        *global* batch, as in one process: chunks are contiguous in rank order, so this rank
+        keeps the first align_batch − (alignable samples of the lower ranks) of its own.
+        Capped per chunk instead, W ranks aligned up to W × align_batch samples a step."""
+        cap = self.params.align_batch
+        gs = self.global_step
+        if gs is None:
+            return idx[:cap]
+        g = gs.batch
+        if "index" in batch and not torch.equal(gs.local(g["index"]), batch["index"].cpu()):
+            raise RuntimeError("causal-align: method.global_step describes another batch than "
+                               "the one this rank was given (set it before every step)")
+        has = g["has_mask"] if self.params.region == "mask" else g["has_annotation"]
+        before = int(self.alignable(gs.before(g["label"]), gs.before(has)).sum())
+        return idx[: max(cap - before, 0)]
+
+    def _global_balance(self, model: nn.Module, ce: Tensor, m: int) -> GradCap | None:
+        """The `balance` cap of one process on the global batch, data-parallel.
+
+        One process caps ‖λ·dL_align/dθ‖ at balance·‖∇CE‖ with both gradients of the whole
+        global batch: Σ_r (m_r/N)·∇CE_r and Σ_r (k_r/K)·g_r over the ranks' chunks (k_r: the
+        rank's aligned samples). Their norms need the vectors, so the returned cap, called with
+        this rank's alignment gradient and k_r, all-reduces both (`global_mean_norms`) and
+        gives every rank the same factor. None (the cap stays per rank, on the chunk's
+        gradients) in a single process and on a step where some rank has an empty chunk (a
+        global batch smaller than the world): that rank never calls the loss, so it cannot
+        join. No rank aligns when the global batch has no alignable sample: no exchange then.
+        """
+        from ..engine.distributed import global_mean_norms
+
+        gs = self.global_step
+        params = [q for q in model.parameters() if q.requires_grad]
+        if gs is None or gs.world < 2 or 0 in gs.sizes or not params:
+            return None
+        g = gs.batch
+        has = g["has_mask"] if self.params.region == "mask" else g["has_annotation"]
+        if not bool(self.alignable(g["label"], has).any()):
+            return None
+        ce_grads = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+        limit = self.params.balance / self.params.lam
+
+        def cap(grads: Sequence[Tensor], k: int) -> float:
+            ce_norm, align_norm = global_mean_norms([(ce_grads, m), (grads, k)], params)
+            return min(1.0, limit * ce_norm / align_norm) if align_norm > 0 else 1.0
+
+        return cap
+
     def alignment(self, model: nn.Module, x: Tensor, target: Tensor, region: Tensor,
-                  ids: Tensor | None, grad_cap: float | None = None
+                  ids: Tensor | None, grad_cap: float | GradCap | None = None
                   ) -> tuple[Tensor, dict[str, float]]:
         """L_align over these (annotated) samples: a tensor whose value is L_align and whose
         gradient w.r.t. the model's parameters is the implicit dL_align/dθ; plus stats."""
@@ -371,10 +440,12 @@ class CausalAlign(Method):
         return self.implicit_term(model, res, region, bn_stats, grad_cap=grad_cap)
 
     def implicit_term(self, model: nn.Module, res: CounterfactualResult, region: Tensor,
-                      bn_stats: dict | None = None, grad_cap: float | None = None
+                      bn_stats: dict | None = None, grad_cap: float | GradCap | None = None
                       ) -> tuple[Tensor, dict[str, float]]:
         """Eq. 3 at the counterfactuals ``res`` with the implicit gradient attached;
-        ``bn_stats`` as used to generate them; ``grad_cap`` caps the gradient's norm."""
+        ``bn_stats`` as used to generate them; ``grad_cap`` caps the gradient's norm: a
+        number, or a function of (gradient, samples it averages) giving the factor (data-
+        parallel `balance`: called exactly once, also when no sample is left)."""
         x = res.problem.x0
         n = len(x)
         ok = ~res.diverged
@@ -385,6 +456,8 @@ class CausalAlign(Method):
                  "cf_warm": float(res.warm.float().mean())}
         params = [q for q in model.parameters() if q.requires_grad]
         if n_ok == 0 or not params:
+            if callable(grad_cap):
+                grad_cap((), 0)  # the other ranks' exchange needs this rank too
             stats.update(align=0.0, flip_rate=0.0, cg_converged=0.0, cg_iters=0.0,
                          cg_dropped=float(n_ok > 0))
             return x.new_zeros(()), stats
@@ -392,7 +465,11 @@ class CausalAlign(Method):
         outer = self._outer_grad(res, x, outside, ok, n_ok)
         grads, more = self._implicit(model, res, outer, ok, params, bn_stats)
         stats.update(align=float(value), **more)
-        if grad_cap is not None:
+        if callable(grad_cap):
+            factor = grad_cap(grads, n_ok)
+            grads = tuple(g * factor for g in grads)
+            stats["align_grad_scale"] = factor
+        elif grad_cap is not None:
             norm = float(torch.sqrt(sum(g.square().sum() for g in grads)))
             factor = min(1.0, grad_cap / norm) if norm > 0 else 1.0
             grads = tuple(g * factor for g in grads)

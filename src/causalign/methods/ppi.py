@@ -62,7 +62,8 @@ Choices, and why:
 * ``fraction`` < 1 (speed option, not in the paper) computes the maps and both contrasts for a
   random ⌈fraction·N⌉ of the batch each step (L_cls always uses the whole batch). L_con, L_reg
   and L_ad are batch means, so this is an unbiased estimate of the same loss at about
-  ``fraction`` of the saliency and contrast cost.
+  ``fraction`` of the saliency and contrast cost. Data-parallel, the sample is drawn over the
+  global batch (rank 0's draw, broadcast; `PPI._global_fraction`), not per rank's chunk.
 """
 
 from __future__ import annotations
@@ -325,6 +326,35 @@ class PPI(Method):
         boost = p.con_boost if self.epoch > p.con_boost_epoch else 1.0
         return p.con_weight * boost
 
+    def _global_fraction(self, m: int, device: torch.device) -> Tensor | None:
+        """Data-parallel `fraction`: this rank's rows of one draw over the global batch.
+
+        One process maps max(2, ⌈fraction·N⌉) samples of the global batch; drawn per chunk,
+        each of W ranks took max(2, ⌈fraction·m⌉) of its own, up to 2W in all (at W = 8 and
+        8 samples a rank, fraction 1/8 mapped 16 samples of 64 instead of 8). Rank 0 draws
+        the permutation one process would (`torch.randperm(N)` from its generator) and
+        broadcasts it (one collective of ≤ N integers); each rank keeps the drawn rows of its
+        chunk, in drawn order. None (the draw stays per chunk): a single process, a batch
+        that is all drawn, or a step where a rank has an empty chunk (it never calls the
+        loss, so it cannot join the broadcast)."""
+        import torch.distributed as dist
+
+        gs = self.global_step
+        if gs is None or gs.world < 2 or 0 in gs.sizes:
+            return None
+        if gs.sizes[gs.rank] != m:
+            raise RuntimeError(f"ppi: method.global_step gives this rank {gs.sizes[gs.rank]} "
+                               f"samples, the batch holds {m} (set it before every step)")
+        big_n = gs.n_global
+        k = max(2, math.ceil(self.params.fraction * big_n))
+        if k >= big_n:
+            return torch.arange(m, device=device)
+        drawn = torch.randperm(big_n, device=device)[:k] if gs.rank == 0 else \
+            torch.empty(k, dtype=torch.long, device=device)
+        dist.broadcast(drawn, 0)
+        mine = (drawn >= gs.offset) & (drawn < gs.offset + m)
+        return drawn[mine] - gs.offset
+
     def saliency(self, model: nn.Module, x: Tensor, target: Tensor,
                  create_graph: bool = True) -> Tensor:
         """Raw map (N, *spatial) of the target class, differentiable in θ if create_graph."""
@@ -365,14 +395,18 @@ class PPI(Method):
         l_cls = F.cross_entropy(logits, y)
         w_con = self.con_weight_now()
         if p.fraction < 1:  # maps and contrasts for a random subset (unbiased batch means)
-            k = max(2, math.ceil(p.fraction * n))
-            if k < n:
-                idx = torch.randperm(n, device=x.device)[:k]
-                x, y, n = x[idx], y[idx], k
+            idx = self._global_fraction(n, x.device)
+            if idx is None:
+                k = max(2, math.ceil(p.fraction * n))
+                if k < n:
+                    idx = torch.randperm(n, device=x.device)[:k]
+            if idx is not None:
+                x, y, n = x[idx], y[idx], len(idx)
         w_ad = p.ad_weight if n >= 2 else 0.0  # a derangement needs two images
         parts = {"cls": float(l_cls.detach()), "con_weight": w_con}
         total = p.cls_weight * l_cls
-        if (w_con == 0 and w_ad == 0 and p.reg_weight == 0) or 0 < self.epoch <= p.warmup_epochs:
+        if (w_con == 0 and w_ad == 0 and p.reg_weight == 0) or \
+                0 < self.epoch <= p.warmup_epochs or n == 0:  # n = 0: none drawn here
             return LossOutput(total, parts)
         s = normalize_saliency(self.saliency(model, x, y, create_graph=True))
         l_reg = s.flatten(1).mean(1).mean()
