@@ -183,6 +183,24 @@ def test_bench_erm_smoke(tmp_path, monkeypatch):
         assert _finite(r[key]) and r[key] > 0, key
 
 
+def test_bench_dataset_memory_smoke(tmp_path, monkeypatch):
+    """`all` writes a dataset of CUB-like crops, reads its training split in a fresh process
+    and times compact batches against a float32 copy: every figure present and positive."""
+    mod = _load("bench_dataset_memory")
+    out = tmp_path / "dataset_memory.json"
+    monkeypatch.setattr("sys.argv", ["bench_dataset_memory.py", "all", str(tmp_path / "d"),
+                                     "--n-train", "64", "--n-eval", "2", "--size", "64",
+                                     "--batch-size", "4", "--repeats", "1", "--out", str(out)])
+    mod.main()
+    r = _strict_json(out)
+    assert r["construct"]["n"] == 64 and r["construct"]["image_shape"] == [3, 64, 64]
+    # 64 RGB 64 px crops are 0.75 MiB as stored uint8 (+ bool masks for half of them), 3 MiB
+    # as float32: the cache holds the stored bytes
+    assert 0.75 <= r["construct"]["cached_tensors_mib"] < 1.5
+    assert r["construct"]["peak_rss_mib"] >= r["construct"]["rss_before_mib"] > 0
+    assert r["batches"]["new_ms_per_batch"] > 0 and r["batches"]["old_ms_per_batch"] > 0
+
+
 def test_bench_causal_align_smoke(tmp_path, monkeypatch):
     mod = _load("bench_causal_align")
     out = tmp_path / "sweep.json"

@@ -66,6 +66,8 @@ def data_synth(
 
 
 def write_examples(data: Path, path: Path, n: int = 16) -> None:
+    import torch
+
     from .data.format import LesionDataset
     from .report.figures import example_grid
 
@@ -77,7 +79,9 @@ def write_examples(data: Path, path: Path, n: int = 16) -> None:
         attrs = ds.attributes[i]
         on = [nm for nm, a in zip(names, attrs.tolist(), strict=True) if a == 1]
         titles.append(f"y={ds.meta.classes[int(ds.labels[i])][:6]} " + ",".join(on))
-    example_grid(ds.images[:k].numpy(), ds.masks[:k].numpy(), titles, path)
+    # the first k items only: `.images`/`.masks` would convert the whole split to float
+    first = ds.batch(torch.arange(k))
+    example_grid(first["image"].numpy(), first["mask"].numpy(), titles, path)
 
 
 @data_app.command("info")

@@ -384,19 +384,26 @@ def load_array(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
-def to_float_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
-    """Convert a stored array to float32 (C, *spatial) with intensities scaled to [0, 1]."""
-    if array.dtype == np.uint8:
-        out = array.astype(np.float32) / 255.0
-    elif array.dtype == np.uint16:
-        out = array.astype(np.float32) / 65535.0
+# Stored dtypes the cache keeps as they are, and what the float image divides them by:
+# 8/16-bit PNGs read back as value / 255 or / 65535 (see `save_array`); int8/int16 (e.g. CT
+# in HU) as their values. Their float32 conversion is exact per value, so converting a batch
+# gives the same floats as converting the whole image on reading did.
+_COMPACT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
+                  np.dtype(np.int8): None, np.dtype(np.int16): None}
+
+
+def _stored_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
+    """A stored array as (C, *spatial), validated: in its own dtype when that is one of
+    `_COMPACT_SCALE`'s, else float32 (the values `to_float_image` returns)."""
+    if array.dtype in _COMPACT_SCALE:
+        out = array
     elif array.dtype.kind in "iuf":  # not bool, complex, timedelta, datetime, strings
         out = array.astype(np.float32)
     else:
         raise DataError(f"{path}: unsupported pixel type {array.dtype}")
     if out.size == 0:
         raise DataError(f"{path}: empty image (shape {array.shape})")
-    if not np.isfinite(out).all():
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise DataError(f"{path}: {bad} NaN/inf pixel value(s)")
     if out.ndim == ndim:
@@ -407,6 +414,37 @@ def to_float_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
         raise DataError(f"{path}: image has shape {array.shape}, expected {ndim} spatial "
                         f"dimensions (optionally with a channel axis)")
     return np.ascontiguousarray(out)
+
+
+def to_float_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
+    """Convert a stored array to float32 (C, *spatial) with intensities scaled to [0, 1]."""
+    return _np_float_images(_stored_image(array, ndim, path))
+
+
+def _np_float_images(a: np.ndarray) -> np.ndarray:
+    """`_stored_image`'s array → float32 (the division as numpy does it, in float32)."""
+    if a.dtype == np.float32:
+        return a
+    scale = _COMPACT_SCALE[a.dtype]
+    return a.astype(np.float32) / scale if scale else a.astype(np.float32)
+
+
+def _image_tensor(store: np.ndarray) -> Tensor:
+    """The cache as a tensor; uint16 as its bits in int16 (torch < 2.3 has no uint16)."""
+    return torch.from_numpy(store.view(np.int16) if store.dtype == np.uint16 else store)
+
+
+def _float_images(x: Tensor, kind: np.dtype) -> Tensor:
+    """Cached images (`_image_tensor` of an array of dtype `kind`) → float32, the values
+    `to_float_image` gives. True division, not a multiplication by 1/255: that differs in the
+    last bit for some values, and batches must equal the float images bit for bit."""
+    if kind == np.float32:
+        return x
+    if kind == np.uint16:
+        x = x.to(torch.int32).bitwise_and_(0xFFFF)  # the int16 bits back to 0..65535
+    out = x.to(torch.float32)
+    scale = _COMPACT_SCALE[kind]
+    return out.div_(scale) if scale else out
 
 
 class LesionDataset(Dataset):
@@ -432,13 +470,22 @@ class LesionDataset(Dataset):
         self._load_all()
 
     # Loading everything once makes validation complete before training starts and keeps
-    # epochs I/O free; crops used in this field are small (≤ 300 px, ≤ a few thousand).
+    # epochs I/O free. The cache is compact, so that real sizes fit (paper 002's CUB, 6000 RGB
+    # crops of 224 px: 0.9 GB as stored uint8, 3.6 GB as float32, plus 2 × 1.2 GB of float
+    # masks): images in their stored integer dtype (see `_COMPACT_SCALE`), only the non-empty
+    # masks, as bool, and boxes as coordinates; `batch` makes the float32 tensors per batch.
     def _load_all(self) -> None:
-        images, masks, has_mask, boxes = [], [], [], []
-        shape, first = None, None
-        for r in self.records:
+        n = len(self.records)
+        store: np.ndarray | None = None  # (n, C, *spatial), filled in place: no 2nd copy
+        mask_store: Tensor | None = None  # (≤ n, 1, *spatial) bool, the non-empty masks
+        mask_row = torch.full((n,), -1, dtype=torch.long)  # row in mask_store, -1: none
+        boxes = torch.zeros((n, 4), dtype=torch.long)
+        has_box = torch.zeros(n, dtype=torch.bool)
+        n_mask_files = sum(r.mask is not None for r in self.records)
+        shape, first, used = None, None, 0
+        for k, r in enumerate(self.records):
             ipath = self.root / r.image
-            img = to_float_image(load_array(ipath), self.meta.ndim, ipath)
+            img = _stored_image(load_array(ipath), self.meta.ndim, ipath)
             if shape is None:
                 shape, first = img.shape, ipath
             elif img.shape[1:] == shape[1:] and img.shape[0] != shape[0]:
@@ -451,6 +498,13 @@ class LesionDataset(Dataset):
                 raise DataError(f"{ipath}: image shape {img.shape} differs from {first.name}'s "
                                 f"{shape}, the split's first image (resize on import so all "
                                 f"images match)")
+            if store is None:
+                store = np.empty((n, *shape), dtype=img.dtype)
+            elif img.dtype != store.dtype:
+                # stored dtypes differ within the split (8- and 16-bit PNGs): one float32
+                # cache, holding the values each image's own conversion gives
+                store, img = _np_float_images(store), _np_float_images(img)
+            store[k] = img
             spatial = img.shape[1:]
             if r.mask is not None:
                 mpath = self.root / r.mask
@@ -462,42 +516,62 @@ class LesionDataset(Dataset):
                                     f"image {ipath.name} shape {tuple(spatial)}")
                 if not np.isfinite(m.astype(np.float64)).all():
                     raise DataError(f"{mpath}: NaN/inf values in mask")
-                mask = (m > 0).astype(np.float32)[None]
                 # an all-zero mask annotates nothing: as the importers do, treat it as no
                 # mask, since methods would otherwise read "the evidence is nowhere" and
-                # penalise every pixel (see methods/_annotation.py)
-                has_mask.append(bool(mask.any()))
-            else:
-                mask = np.zeros((1, *spatial), np.float32)
-                has_mask.append(False)
+                # penalise every pixel (see methods/_annotation.py); its (zero) mask is
+                # what a sample without mask gets, so it needs no row
+                on = torch.from_numpy(np.ascontiguousarray(m > 0))
+                if bool(on.any()):
+                    if mask_store is None:
+                        mask_store = torch.zeros((n_mask_files, 1, *spatial), dtype=torch.bool)
+                    mask_store[used, 0] = on
+                    mask_row[k] = used
+                    used += 1
             if r.box is not None:
                 x0, y0, x1, y1 = r.box
                 h, w = spatial[-2], spatial[-1]
                 if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
                     raise DataError(f"{self.root / MANIFEST}: sample {r.id}: box {r.box} "
                                     f"outside the image ({w}x{h})")
-                box = np.zeros((1, *spatial), np.float32)
-                box[..., y0:y1, x0:x1] = 1.0
-            else:
-                box = mask
-            images.append(img)
-            masks.append(mask)
-            boxes.append(box)
-        self.images = torch.from_numpy(np.stack(images))
-        self.masks = torch.from_numpy(np.stack(masks))
-        self.box_masks = torch.from_numpy(np.stack(boxes))
-        self.has_mask = torch.tensor(has_mask, dtype=torch.bool)
-        self.has_box_or_mask = self.has_mask | torch.tensor([r.box is not None
-                                                             for r in self.records])
+                boxes[k] = torch.tensor(r.box)
+                has_box[k] = True
+        assert store is not None and shape is not None  # the split is not empty
+        if mask_store is None or used < len(mask_store):  # all-zero masks left rows unused
+            mask_store = (mask_store[:used].clone() if mask_store is not None
+                          else torch.zeros((0, 1, *shape[1:]), dtype=torch.bool))
+        self._images, self._kind = _image_tensor(store), store.dtype
+        self._masks, self._mask_row = mask_store, mask_row
+        self._boxes, self._has_box = boxes, has_box
+        self.has_mask = mask_row >= 0
+        self.has_box_or_mask = self.has_mask | has_box
         self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
         p = len(self.meta.attributes)
         attrs = np.array([r.attributes for r in self.records], np.float32).reshape(len(self), p)
         self.attributes = torch.from_numpy(attrs)
         self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
 
+    # Whole-split float32 tensors, for the few callers that need every image at once
+    # (per-pixel distance scales, autoencoder training): each access builds a new tensor of
+    # the split's full float size, so loops should index `batch` instead.
+    @property
+    def images(self) -> Tensor:
+        """(N, C, *spatial) float32 images, intensities as `to_float_image` scales them."""
+        return _float_images(self._images, self._kind)
+
+    @property
+    def masks(self) -> Tensor:
+        """(N, 1, *spatial) float32 masks, zeros where a sample has none."""
+        return self._mask_batch(torch.arange(len(self)))
+
+    @property
+    def box_masks(self) -> Tensor:
+        """(N, 1, *spatial) float32: the box where one is given, else the mask."""
+        idx = torch.arange(len(self))
+        return self._box_batch(idx, self._mask_batch(idx))
+
     @property
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.images.shape[1:])
+        return tuple(self._images.shape[1:])
 
     @property
     def num_classes(self) -> int:
@@ -509,16 +583,51 @@ class LesionDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return self.batch(torch.as_tensor(i))
 
+    def _mask_batch(self, idx: Tensor) -> Tensor:
+        """float32 masks for `idx` (any index `Tensor.__getitem__` takes), zeros where none."""
+        rows = self._mask_row[idx]
+        flat = rows.reshape(-1)
+        present = flat >= 0
+        if bool(present.all()):  # the usual case in a fully annotated split: one gather
+            out = self._masks[flat].to(torch.float32)
+        else:
+            out = torch.zeros((len(flat), *self._masks.shape[1:]), dtype=torch.float32)
+            sel = present.nonzero().squeeze(1)
+            if len(sel):
+                out[sel] = self._masks[flat[sel]].to(torch.float32)
+        return out.reshape(*rows.shape, *out.shape[1:])
+
+    def _box_batch(self, idx: Tensor, masks: Tensor) -> Tensor:
+        """Box masks for `idx`: 1 inside the box (every slice of a volume) where a box is
+        given, else a copy of `masks` (a copy: a caller editing one must not edit the other)."""
+        has = self._has_box[idx]
+        if not bool(has.any()):
+            return masks.clone()
+        x0, y0, x1, y1 = self._boxes[idx].unbind(-1)
+        h, w = masks.shape[-2:]
+        ys = torch.arange(h)
+        xs = torch.arange(w)
+        rows = ((ys >= y0[..., None]) & (ys < y1[..., None])).to(torch.float32)  # (*idx, H)
+        cols = ((xs >= x0[..., None]) & (xs < x1[..., None])).to(torch.float32)  # (*idx, W)
+        extra = masks.dim() - has.dim() - 2  # channel (+ depth) axes the box spans
+        lead = (*has.shape, *([1] * extra))
+        rect = rows.reshape(*lead, h, 1) * cols.reshape(*lead, 1, w)  # 0/1: exact
+        if bool(has.all()):
+            return rect.expand_as(masks).contiguous()
+        return torch.where(has.reshape(*lead, 1, 1), rect, masks)
+
     def batch(self, idx: Tensor) -> dict[str, Tensor]:
         """Items for an index tensor (a scalar gives one sample, a vector a batch); indexing
-        the cached tensors directly is much faster than collating per-sample dicts."""
+        the cached tensors directly is much faster than collating per-sample dicts. Images
+        and masks become float32 here, from the compact cache."""
         attrs = self.attributes[idx]
+        masks = self._mask_batch(idx)
         return {
-            "image": self.images[idx],
+            "image": _float_images(self._images[idx], self._kind),
             "label": self.labels[idx],
-            "mask": self.masks[idx],
+            "mask": masks,
             "has_mask": self.has_mask[idx],
-            "box_mask": self.box_masks[idx],
+            "box_mask": self._box_batch(idx, masks),
             "has_annotation": self.has_box_or_mask[idx],
             "attributes": torch.nan_to_num(attrs, nan=0.0),
             "attr_known": ~torch.isnan(attrs),

@@ -246,10 +246,14 @@ class CausalAlign(Method):
             raise ConfigError("causal-align: method.region is 'mask' but no training sample "
                               "has a pixel mask (only boxes); use --set method.region=box")
         device = next(model.parameters()).device
-        if self.params.distance.startswith("scaled") and self.scale is None:
-            self.scale = distance_scale(train_set.images, self.params.distance).to(device)
-        if self.params.space == "latent" and self.autoencoder is None:
-            self.autoencoder = self._load_or_train_autoencoder(train_set.images, device)
+        need_scale = self.params.distance.startswith("scaled") and self.scale is None
+        need_ae = self.params.space == "latent" and self.autoencoder is None
+        # the whole split as float32 (LesionDataset builds it on each `.images` access): once
+        images = train_set.images if need_scale or need_ae else None
+        if need_scale:
+            self.scale = distance_scale(images, self.params.distance).to(device)
+        if need_ae:
+            self.autoencoder = self._load_or_train_autoencoder(images, device)
 
     def _load_or_train_autoencoder(self, images: Tensor, device) -> nn.Module:
         from ..models.autoencoder import load_autoencoder, save_autoencoder, train_autoencoder
