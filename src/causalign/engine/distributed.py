@@ -23,7 +23,7 @@ RANK / WORLD_SIZE / LOCAL_RANK in their environment; the trainer then joins the 
   (no collective), ``balance`` (`global_mean_norms`: one all-reduce of the CE and alignment
   gradients) and PPI's ``fraction`` (rank 0's draw, broadcast). Still per rank: PPI's L_ad
   pairs, Chang's factual pairs (a pair across ranks needs an image-sized gather), ICNN's
-  filter loss (a softmax over the batch's images), hier-align's caps; and ``balance`` and
+  filter loss (a softmax over the batch's images); and ``balance`` and
   ``fraction`` on a global batch smaller than the world (the empty rank cannot join).
 * **Method state.** After each epoch the ranks' method states are merged
   (`merge_method_states`): warm-start cache entries from the rank that processed the sample,
@@ -238,6 +238,17 @@ def global_mean_norms(grads: list[tuple[Sequence[Tensor | None], float]],
     process's gradient is Σ_r w_r·g_r / Σ_r w_r (0 where no rank has a sample). The norm of
     a sum is not a function of the ranks' norms, so the vectors themselves travel: a single
     all_reduce of len(grads) × (parameter count + 1) numbers. Every rank must call it."""
+    return [float(g.norm()) for g in global_mean_grads(grads, params)]
+
+
+def global_mean_grads(grads: list[tuple[Sequence[Tensor | None], float]],
+                      params: Sequence[Tensor]) -> list[Tensor]:
+    """The gradients of `global_mean_norms` themselves, flattened: Σ_r w_r·g_r / Σ_r w_r per
+    entry of ``grads`` (zeros where no rank has a sample), from one all_reduce.
+
+    For a norm of a *combination* of means with different sample counts, which a list of
+    norms cannot give: hier-align's f₁ supervised gradient is ∇CE (a mean over the batch) +
+    w·∇BCE (a mean over the known attributes). Every rank must call it."""
     dtype = torch.promote_types(params[0].dtype, torch.float32)
     dev = params[0].device
     flats = []
@@ -250,7 +261,8 @@ def global_mean_norms(grads: list[tuple[Sequence[Tensor | None], float]],
     buf = torch.cat(flats + [weights])
     dist.all_reduce(buf)
     total = buf[-len(grads):].tolist()
-    return [float(buf[j * len(flats[0]):(j + 1) * len(flats[0])].norm()) / w if w > 0 else 0.0
+    size = len(flats[0])
+    return [buf[j * size:(j + 1) * size] / w if w > 0 else buf.new_zeros(size)
             for j, w in enumerate(total)]
 
 

@@ -30,6 +30,7 @@ over |S| ≤ 3.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,11 +47,12 @@ from ..explain.counterfactual import (
     counterfactual_targets,
 )
 from .base import DataInfo, LossOutput, Method, grad_norm, register_method
-from .causal_align import CausalAlign, CausalAlignParams
+from .causal_align import CausalAlign, CausalAlignParams, GradCap
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
     from ..engine.config import TrainConfig
+    from ..engine.distributed import GlobalStep
 
 
 class SigmoidCode(nn.Module):
@@ -332,26 +334,40 @@ class HierAlign(Method):
             parts["align_step"] = 0.0
             return LossOutput(total, parts, means=means)
         parts["align_step"] = 1.0
+        # rule "other" (1 − y; multi-class the likeliest other class) makes every sample valid:
+        # which samples align depends on the data alone, so the data-parallel caps below can
+        # read the global batch's flags instead of the other ranks' predictions
         target, valid = counterfactual_targets(y, logits.shape[1], "other", logits)
+        gs = self._global_batch(batch)
+        # before `_r`: its fallback (rows outside the table) may drop the table on one rank
+        global_attr, global_img = self._global_alignable(gs) if gs is not None else (None, None)
         r, r_known = self._r(batch)
         region, has_region = self.pixel.annotation(batch)
         need_attr = valid & r_known if p.lam2 > 0 else torch.zeros_like(valid)
         need_img = valid & has_region if p.lam1 > 0 else torch.zeros_like(valid)
-        if p.align_batch and int(need_img.sum()) > p.align_batch:
-            # batches are shuffled: the first annotated samples are a random draw
-            keep = need_img.nonzero().flatten()[: p.align_batch]
-            need_img = torch.zeros_like(need_img)
-            need_img[keep] = True
+        if p.align_batch:
+            need_img = self._capped(need_img, gs, global_img)
         rows = (need_attr | need_img).nonzero().flatten()
         parts["n_align_attr"] = float(need_attr.sum())
         parts["n_align_img"] = float(need_img.sum())
+        # data-parallel balance: caps from the global batch's gradients (every rank joins)
+        gcap2 = gcap1 = None
+        if p.balance > 0 and gs is not None:
+            gcap2, gcap1 = self._global_balance(model, ce, bce, len(x), int(n_known), gs,
+                                                global_attr, global_img)
         if len(rows) == 0:
+            for cap in (gcap2, gcap1):  # the other ranks align: join their exchanges, in order
+                if cap is not None:
+                    cap((), 0)
             return LossOutput(total, parts, means=means)
         self.pixel._lazy_setup(x)
-        cap1 = cap2 = None
+        cap1: float | GradCap | None = None
+        cap2: float | GradCap | None = None
         if p.balance > 0:
-            cap1 = p.balance * float(grad_norm(total, _trainable(model.f1))) / max(p.lam1, 1e-12)
-            cap2 = p.balance * float(grad_norm(ce, _trainable(model.f2))) / max(p.lam2, 1e-12)
+            cap1 = gcap1 if gcap1 is not None else \
+                p.balance * float(grad_norm(total, _trainable(model.f1))) / max(p.lam1, 1e-12)
+            cap2 = gcap2 if gcap2 is not None else \
+                p.balance * float(grad_norm(ce, _trainable(model.f2))) / max(p.lam2, 1e-12)
         res_a = self.attribute_counterfactual(model, a_hat[rows], target[rows])
         parts["attr_change"] = float((res_a.x_star - res_a.problem.x0).abs().sum(1).mean())
         with torch.no_grad():
@@ -365,6 +381,8 @@ class HierAlign(Method):
             total = total + p.lam2 * term2
             parts.update({f"attr_{k}": v for k, v in stats.items()})
             means["attr_align"] = (p.lam2 * term2, _n_ok(stats))
+        elif gcap2 is not None:  # nothing to align here: still join the exchange
+            gcap2((), 0)
         sel_x = need_img[rows]
         if bool(sel_x.any()):
             ii = rows[sel_x]
@@ -375,7 +393,106 @@ class HierAlign(Method):
             total = total + p.lam1 * term1
             parts.update({f"img_{k}": v for k, v in stats.items()})
             means["img_align"] = (p.lam1 * term1, _n_ok(stats))
+        elif gcap1 is not None:
+            gcap1((), 0)
         return LossOutput(total, parts, means=means)
+
+    # ---------------------------------------------------------------- data-parallel caps
+
+    def _global_batch(self, batch: dict[str, Tensor]) -> GlobalStep | None:
+        """`global_step` when the caps must act on the global batch (data-parallel), after
+        checking that it describes this batch; None in a single process."""
+        gs = self.global_step
+        if gs is None or not (self.params.align_batch or self.params.balance > 0):
+            return None
+        if "index" in batch and not torch.equal(gs.local(gs.batch["index"]),
+                                                batch["index"].cpu()):
+            raise RuntimeError("hier-align: method.global_step describes another batch than "
+                               "the one this rank was given (set it before every step)")
+        return gs
+
+    def _global_alignable(self, gs: GlobalStep) -> tuple[Tensor | None, Tensor]:
+        """Which samples of the global batch each level may align, from the data alone (every
+        rank computes the same flags; rule "other" leaves every sample valid): attribute
+        level r_known (None: unknown — no training table row for some sample, then `_r` fits
+        r per chunk and the level's cap stays per rank), image level an annotation."""
+        p, g = self.params, gs.batch
+        n = len(g["index"])
+        img = g["has_mask"] if self.pixel.params.region == "mask" else g["has_annotation"]
+        img = img.bool() if p.lam1 > 0 else torch.zeros(n, dtype=torch.bool)
+        if p.lam2 == 0:
+            return torch.zeros(n, dtype=torch.bool), img
+        idx = g["index"].long()
+        if self.r_known is None or n == 0 or int(idx.max()) >= len(self.r_known):
+            return None, img
+        # r_known already requires every attribute known (`fit_attribution`), as _r does
+        return self.r_known[idx].bool(), img
+
+    def _capped(self, need_img: Tensor, gs: GlobalStep | None,
+                global_img: Tensor | None) -> Tensor:
+        """The first ``align_batch`` samples of ``need_img`` (batches are shuffled: the first
+        annotated ones are a random draw). Data-parallel, the first of the *global* batch, as
+        in one process: chunks are contiguous in rank order, so this rank keeps the first
+        align_batch − (alignable samples of the lower ranks) of its own (no collective)."""
+        cap = self.params.align_batch
+        if gs is None or global_img is None:
+            if int(need_img.sum()) <= cap:
+                return need_img
+        else:
+            cap = max(cap - int(gs.before(global_img).sum()), 0)
+        keep = need_img.nonzero().flatten()[:cap]
+        need_img = torch.zeros_like(need_img)
+        need_img[keep] = True
+        return need_img
+
+    def _global_balance(self, model: nn.Module, ce: Tensor, bce: Tensor, m: int,
+                        n_known: int, gs: GlobalStep, global_attr: Tensor | None,
+                        global_img: Tensor) -> tuple[GradCap | None, GradCap | None]:
+        """(attribute-level, image-level) `balance` caps of one process on the global batch.
+
+        One process caps ‖λ₂·dL_align(θ₂)/dθ₂‖ at balance·‖∇_θ₂ CE‖ and ‖λ₁·dL_align(θ₁)/dθ₁‖
+        at balance·‖∇_θ₁ (CE + w·BCE)‖, all gradients of the global batch: CE a mean over its
+        N samples, BCE over its known attributes, each alignment term over its aligned
+        samples. Each returned cap, called with this rank's alignment gradient and its sample
+        count, all-reduces the vectors once and gives every rank the same factor. Every rank
+        calls a non-None cap exactly once per step, attribute level first, also with nothing
+        to align (``cap((), 0)``). None (per rank, on the chunk's gradients): a global batch
+        smaller than the world (an empty rank never calls the loss, so it cannot join), no
+        alignable sample at that level in the global batch, unknown r (`_global_alignable`),
+        or no trainable parameter there."""
+        from ..engine.distributed import global_mean_grads, global_mean_norms
+
+        p = self.params
+        if gs.world < 2 or 0 in gs.sizes:
+            return None, None
+        f1, f2 = _trainable(model.f1), _trainable(model.f2)
+        use2 = global_attr is not None and bool(global_attr.any()) and bool(f2)
+        use1 = bool(global_img.any()) and bool(f1)
+        if not (use1 or use2):
+            return None, None
+        # one backward of CE for both levels (f₁ for level 1, f₂ for level 2)
+        wanted = (f1 if use1 else []) + (f2 if use2 else [])
+        ce_grads = torch.autograd.grad(ce, wanted, retain_graph=True, allow_unused=True)
+        ce1 = ce_grads[: len(f1)] if use1 else ()
+        ce2 = ce_grads[len(wanted) - len(f2):] if use2 else ()
+        bce1 = torch.autograd.grad(bce, f1, retain_graph=True, allow_unused=True) \
+            if use1 and bce.requires_grad else ()
+        limit1, limit2 = p.balance / max(p.lam1, 1e-12), p.balance / max(p.lam2, 1e-12)
+
+        def cap2(grads: Sequence[Tensor], k: int) -> float:
+            ce_norm, align_norm = global_mean_norms([(ce2, m), (grads, k)], f2)
+            return min(1.0, limit2 * ce_norm / align_norm) if align_norm > 0 else 1.0
+
+        def cap1(grads: Sequence[Tensor], k: int) -> float:
+            g_ce, g_bce, g_align = global_mean_grads([(ce1, m), (bce1, n_known), (grads, k)],
+                                                     f1)
+            # the norm of a combination of means: CE's over the N samples, BCE's over the
+            # known attributes (a list of separate norms could not give it)
+            sup_norm = float((g_ce + p.attr_weight * g_bce).norm())
+            align_norm = float(g_align.norm())
+            return min(1.0, limit1 * sup_norm / align_norm) if align_norm > 0 else 1.0
+
+        return (cap2 if use2 else None), (cap1 if use1 else None)
 
 
 def _n_ok(stats: dict[str, float]) -> int:
