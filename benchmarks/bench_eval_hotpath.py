@@ -149,7 +149,7 @@ def main() -> None:
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             if dev.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(dev)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     best = {k: min(v) for k, v in times.items()}

@@ -48,16 +48,16 @@ def run_variant(method_name: str, *, size: int, batch_size: int, steps: int, war
     times = []
     for i in range(warmup + steps):
         if i == warmup:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with ctx:
             out = method(call_model, batch)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         opt.step()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)

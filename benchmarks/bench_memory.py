@@ -68,11 +68,11 @@ def measure_one(method_name: str, size: int, batch_size: int, device: str) -> di
     step(synthetic_batch(2, size, device=dev, seed=1))  # kernels loaded, Adam state built
     batch = synthetic_batch(batch_size, size, device=dev)
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         step(batch)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before
         kind = "cuda max_memory_allocated"
     else:

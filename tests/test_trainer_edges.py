@@ -181,3 +181,36 @@ def test_train_restores_torch_threads_and_deterministic_mode(tiny_data, tmp_path
     train(tiny_data, _cfg(deterministic=not before[1], threads=want_threads), tmp_path / "r",
           progress=False)
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+# ------------------------------------------------------------------ an exploding loss
+
+
+def test_exploding_loss_names_the_epochs_and_suggests_a_smaller_lr():
+    from causalign.engine.trainer import exploding_loss
+
+    history = [{"epoch": 1, "train_ce": 118.6}, {"epoch": 2, "train_ce": 6.2},
+               {"epoch": 3, "train_cls": "inf"}, {"epoch": 4, "train_ce": ""}]
+    (line,) = exploding_loss(history, num_classes=2, lr=1e-3)
+    # 10 x ln 2 = 6.93: epochs 1 and 3 (a non-finite mean counts), not 2 (6.2 is below)
+    assert "in 2 epoch(s), first epoch 1 (worst inf)" in line
+    assert "try a smaller --lr (this run: 0.001)" in line
+    # the bound scales with ln C: 12 is below 10 x ln 5 = 16.1
+    assert exploding_loss([{"epoch": 1, "train_ce": 12.0}], num_classes=5, lr=1e-3) == []
+    assert exploding_loss([{"epoch": 1, "train_ce": 12.0}], num_classes=2, lr=1e-3) != []
+
+
+def test_an_exploding_loss_is_warned_at_once_and_kept_in_metrics(data16, tmp_path, capfd):
+    """Adam at lr 3 overshoots on this data in epoch 1 (mean training CE 35 against ln 2) and
+    then recovers (4.4, 2.5): the run finishes with finite weights, so the warning is all that
+    tells the user; it comes on stderr in that epoch, once, and again in metrics.json."""
+    metrics = train(data16, _cfg(epochs=3, lr=3.0, batch_size=8), tmp_path / "run",
+                    progress=False)
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning: epoch")]
+    assert len(lines) == 1 and lines[0].startswith("warning: epoch 1: exploding loss"), err
+    assert any(w.startswith("exploding loss") for w in metrics.get("warnings", []))
+    # the same settings at the default lr give no such warning
+    ok = train(data16, _cfg(epochs=3, batch_size=8), tmp_path / "ok", progress=False)
+    assert not any("exploding" in w for w in ok.get("warnings", []))
+    assert "exploding" not in capfd.readouterr().err

@@ -34,6 +34,14 @@ def synthetic_batch(batch_size: int, size: int, channels: int = 1, num_attribute
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (a no-op off CUDA). The device itself, not the
+    current one: a bare torch.cuda.synchronize() waits for cuda:0, so steps timed on cuda:1
+    stopped the clock before their kernels had run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                info: DataInfo, device: torch.device, steps: int, warmup: int,
                method_args: dict | None = None) -> list[float]:
@@ -43,15 +51,13 @@ def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfi
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     times = []
     for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         out = method(model, batch)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times

@@ -243,6 +243,33 @@ def numerical_trouble(history: list[dict[str, Any]], threshold: float = 0.5) -> 
     return lines
 
 
+# history columns holding an epoch's mean training cross-entropy of the label (PPI: cls)
+CE_COLUMNS = ("train_ce", "train_cls")
+EXPLODING_CE = 10.0  # × a constant classifier's ln C
+
+
+def exploding_loss(history: list[dict[str, Any]], num_classes: int, lr: float) -> list[str]:
+    """One line if the mean training cross-entropy of some epoch exceeded EXPLODING_CE times
+    a constant classifier's ln C. A run can recover from such an epoch (torchvision's VGG11
+    under Adam at lr 1e-3: CE 119 in epoch 1, 6.2 in epoch 2), so its end metrics hide that
+    the optimiser overshot; the usual cure is a smaller learning rate."""
+    chance = math.log(max(num_classes, 2))
+    bad = []
+    for row in history:
+        for column in CE_COLUMNS:
+            value = row.get(column)
+            if value not in (None, "") and not float(value) <= EXPLODING_CE * chance:
+                bad.append((row["epoch"], float(value)))
+                break
+    if not bad:
+        return []
+    worst = max(v for _, v in bad)
+    return [f"exploding loss: mean training cross-entropy above {EXPLODING_CE:g} x ln "
+            f"{num_classes} = {EXPLODING_CE * chance:.2f} (a constant classifier's "
+            f"{chance:.2f}) in {len(bad)} epoch(s), first epoch {bad[0][0]} (worst {worst:.3g}): "
+            f"the optimiser overshoots; try a smaller --lr (this run: {lr:g})"]
+
+
 class Trainer:
     """Train `cfg.method` on DATA into the run folder `out`."""
 
@@ -711,12 +738,15 @@ class Trainer:
         """The first epoch in which a failure counter reaches numerical_trouble's threshold
         says so on stderr at once: a run whose alignment term is mostly absent (e.g. CG
         breaking down on every step) should not train for hours before the end-of-run
-        warning. Once per counter and process."""
-        for line in numerical_trouble([row]):
-            column = line.split(" ", 1)[0]
+        warning; so does an exploding loss (`exploding_loss`). Once per counter and process."""
+        for line in numerical_trouble([row]) + self._exploding([row]):
+            column = line.split(":", 1)[0].split(" ", 1)[0]
             if column not in self._warned:
                 self._warned.add(column)
                 print(f"warning: epoch {row['epoch']}: {line}", file=sys.stderr, flush=True)
+
+    def _exploding(self, history: list[dict[str, Any]]) -> list[str]:
+        return exploding_loss(history, self.train_set.num_classes, self.cfg.lr)
 
     def _save_best(self) -> None:
         atomic_torch_save(self.out / BEST, {"epoch": self.state.best_epoch,
@@ -766,7 +796,8 @@ class Trainer:
         train_acc = quick_metrics(self.model, self.method, self.train_set, self.device)
         metrics["train"] = {k: train_acc[k] for k in ("accuracy", "balanced_accuracy", "loss",
                                                        "n")}
-        trouble = numerical_trouble(self.state.history or [])
+        history = self.state.history or []
+        trouble = numerical_trouble(history) + self._exploding(history)
         if trouble:
             metrics["warnings"] = trouble
         atomic_write_json(self.out / "metrics.json", metrics)

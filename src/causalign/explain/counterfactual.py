@@ -499,7 +499,9 @@ class CounterfactualGenerator:
         x0 = x0.detach()
         scale = self.scale.to(x0) if self.scale is not None else None
         if self.space == "latent":
-            ae = self.autoencoder.to(x0.device)
+            # the inputs' device and dtype: an autoencoder fitted on the float32 training
+            # images failed in its first conv on a float64 model's inputs
+            ae = self.autoencoder.to(x0.device, x0.dtype)
             with torch.no_grad():
                 u0 = ae.encode(x0)
                 base = ae.decode(u0, tuple(x0.shape[-2:]))

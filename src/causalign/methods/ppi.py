@@ -304,8 +304,10 @@ class PPI(Method):
             seen.setdefault("shape", tuple(out.shape[2:]))
 
         handle = find_cam_layer(model).register_forward_hook(record)
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in train_set.batch(torch.arange(1)).items()}
+        param = next(model.parameters())
+        # the model's device and float dtype: float32 images failed in a float64 model
+        batch = {k: v.to(param.device, param.dtype) if v.is_floating_point()
+                 else v.to(param.device) for k, v in train_set.batch(torch.arange(1)).items()}
         try:
             with torch.no_grad(), eval_mode(model):
                 model(self.model_input(batch))

@@ -90,9 +90,12 @@ def train_autoencoder(images: Tensor, *, epochs: int = 15, batch_size: int = 64,
         raise CausalignError(f"autoencoder training needs a non-empty (N,C,H,W) image batch, "
                              f"got shape {tuple(images.shape)}")
     gen = torch.Generator().manual_seed(seed)
+    # the images' floating dtype (float64 for a float64 classifier, whose inner problem
+    # encodes its own inputs): a float32 autoencoder fails there on the first conv
+    dtype = images.dtype if images.is_floating_point() else torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ConvAutoencoder(images.shape[1], width, latent_channels).to(device)
+        model = ConvAutoencoder(images.shape[1], width, latent_channels).to(device, dtype)
     # Start the output at the mean intensity (sigmoid⁻¹ of it) instead of 0.5: dark medical
     # crops otherwise spend the first epochs learning the background level.
     mean = images.float().mean().clamp(1e-3, 1 - 1e-3)
@@ -105,16 +108,17 @@ def train_autoencoder(images: Tensor, *, epochs: int = 15, batch_size: int = 64,
     mse = math.nan
     model.train()
     for _ in range(epochs):
-        total = 0.0
+        total: Tensor | float = 0.0
         for idx in torch.randperm(n, generator=gen).split(batch_size):
-            x = images[idx].to(device)
+            x = images[idx].to(device, dtype)
             loss = F.mse_loss(model(x), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            # summed on the device: one host sync per epoch, not one per batch
+            total = total + loss.detach().double() * len(idx)
         sched.step()
-        mse = total / n
+        mse = float(total) / n
         if task is not None:
             progress.update(task, advance=1)
     model.eval()
@@ -136,6 +140,13 @@ def autoencoder_from_state(data: dict, device: torch.device | str = "cpu") -> Co
         raise CausalignError("not a causalign autoencoder file")
     try:
         model = ConvAutoencoder(**data["config"])
+        # the stored weights' float dtype: load_state_dict would round a float64
+        # autoencoder (fitted on float64 images) into the float32 module it copies into
+        state = data["state"]
+        dtypes = {v.dtype for v in state.values() if isinstance(v, Tensor)
+                  and v.is_floating_point()} if isinstance(state, dict) else set()
+        if len(dtypes) == 1:
+            model.to(dtypes.pop())
         model.load_state_dict(data["state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         # a damaged or hand-edited file: one line naming the problem, not a traceback

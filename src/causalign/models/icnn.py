@@ -24,6 +24,8 @@ and test time alike.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -34,18 +36,22 @@ BETA = 4.0
 
 
 def part_templates(n: int, beta: float = BETA, device: torch.device | str | None = None,
-                   width: int | None = None) -> Tensor:
+                   width: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """(n·w, n, w) positive templates T_μ / τ = max(1 − β‖(i,j) − μ‖₁ / max(n, w), −1), one
-    per position μ of the n × w map (w = ``width``, default n: the paper's n × n maps).
+    per position μ of the n × w map (w = ``width``, default n: the paper's n × n maps), in
+    ``dtype`` (default: torch's default dtype).
 
     A non-square map gets templates centred on its own positions only: templates centred
     off the map are no part at any place of it, and they took prior mass α/n² each."""
     w = n if width is None else width
+    dtype = dtype or torch.get_default_dtype()
     ii, jj = torch.meshgrid(torch.arange(n, device=device), torch.arange(w, device=device),
                             indexing="ij")
-    pos = torch.stack([ii.flatten(), jj.flatten()], 1).float()  # (n·w, 2) = μ
-    dist = (ii.flatten()[None].float() - pos[:, :1]).abs() + \
-        (jj.flatten()[None].float() - pos[:, 1:]).abs()  # (n·w, n·w)
+    # computed in ``dtype``: float32 templates cast up afterwards carry float32 rounding
+    # (1 − 4/3 and the like) into a float64 loss
+    pos = torch.stack([ii.flatten(), jj.flatten()], 1).to(dtype)  # (n·w, 2) = μ
+    dist = (ii.flatten()[None].to(dtype) - pos[:, :1]).abs() + \
+        (jj.flatten()[None].to(dtype) - pos[:, 1:]).abs()  # (n·w, n·w)
     return (1.0 - beta * dist / max(n, w)).clamp(min=-1.0).view(n * w, n, w)
 
 
@@ -68,7 +74,7 @@ def filter_loss(x: Tensor, alpha: Tensor | float, beta: float = BETA) -> Tensor:
     Returns (C,) losses. tr(x·T) = Σ_ij x_ij T_ij."""
     n_img, c, h, w = x.shape
     tau = TAU_SCALE / (h * w)
-    t_pos = part_templates(h, beta, device=x.device, width=w).to(x.dtype) * tau  # (M, h, w)
+    t_pos = part_templates(h, beta, device=x.device, width=w, dtype=x.dtype) * tau  # (M, h, w)
     m = t_pos.shape[0]
     flat = x.flatten(2)  # (N, C, P)
     s_pos = torch.einsum("ncp,mp->cmn", flat, t_pos.flatten(1))  # (C, M, N): tr(x·T_μ)
@@ -77,8 +83,9 @@ def filter_loss(x: Tensor, alpha: Tensor | float, beta: float = BETA) -> Tensor:
     log_px_t = scores.log_softmax(dim=2)  # log p(x_i | T), normalised over the batch
     alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).clamp(1e-6, 1 - 1e-6)
     alpha = alpha.expand(c) if alpha.dim() == 0 else alpha
+    # log M as a Python float: a float32 tensor here rounded it in a float64 loss
     log_prior = torch.cat([torch.log1p(-alpha)[:, None],
-                           (torch.log(alpha) - torch.log(torch.tensor(float(m))))[:, None]
+                           (torch.log(alpha) - math.log(m))[:, None]
                            .expand(c, m)], 1)  # (C, M+1)
     log_px = torch.logsumexp(log_prior[..., None] + log_px_t, dim=1)  # (C, N)
     mi = (log_prior.exp()[..., None] * log_px_t.exp() * (log_px_t - log_px[:, None])).sum((1, 2))
