@@ -200,12 +200,17 @@ def subsets(p: int, max_size: int = 3) -> list[tuple[int, ...]]:
 def ccce_scores(model: LabelModel, a: np.ndarray, y: np.ndarray,
                 sets: list[tuple[int, ...]]) -> np.ndarray:
     """CCCE(S) for each sample (rows of binary ``a``, labels ``y`` ∈ {0,1}) and each S in
-    ``sets``: 1 − P(Y=y | A_S=1−y, A_-S=a_-S) / P(Y=y | A=a). Shape (n, len(sets))."""
+    ``sets``: 1 − P(Y=y | A_S=1−y, A_-S=a_-S) / P(Y=y | A=a). Shape (n, len(sets)).
+
+    NaN for a sample whose label the model deems impossible (P(Y=y | A=a) = 0): the
+    conditional effect is undefined there. It used to divide by the smallest float instead,
+    giving every subset CCCE 1 and naming the first attribute the cause (a frequency model
+    with ``smoothing=0``, a single-class fit, or Φ underflowing in the true probit)."""
     a, y = _check_data(a, y)
     a = _binary(a).astype(np.float64)
     p1 = model.prob(a)
     base = np.where(y == 1, p1, 1.0 - p1)
-    tiny = np.finfo(np.float64).tiny
+    defined = base > 0
     out = np.empty((len(a), len(sets)))
     flip = (1 - y).astype(np.float64)
     for j, s in enumerate(sets):
@@ -213,16 +218,18 @@ def ccce_scores(model: LabelModel, a: np.ndarray, y: np.ndarray,
         a2[:, list(s)] = flip[:, None]
         q1 = model.prob(a2)
         q = np.where(y == 1, q1, 1.0 - q1)
-        out[:, j] = 1.0 - q / np.maximum(base, tiny)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, j] = np.where(defined, 1.0 - q / np.where(defined, base, 1.0), np.nan)
     return out
 
 
 @dataclass
 class CCCEResult:
     """Per-sample attribution: ``r`` (n, p) bool (r_S = 1 for the chosen S), ``subset``
-    index into ``sets`` (−1: none; missing evidence, or no subset with a positive effect),
-    ``score`` the chosen CCCE (the best, ≤ 0, where none has an effect; NaN without
-    evidence), ``known`` rows that had full evidence."""
+    index into ``sets`` (−1: none; missing evidence, no subset with a positive effect, or a
+    label the model deems impossible), ``score`` the chosen CCCE (the best, ≤ 0, where none
+    has an effect; NaN without evidence or where P(Y=y | A=a) = 0, as CCCE is undefined
+    there), ``known`` rows that had full evidence."""
 
     r: np.ndarray
     subset: np.ndarray

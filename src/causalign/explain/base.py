@@ -44,12 +44,9 @@ class Explainer:
         argmax class; this default takes one no-grad forward for the logits and then
         `attribute`. Explainers whose map comes with the logits of its own forward pass
         (Grad-CAM) override it and save that second forward."""
-        check_inputs(inputs)
+        check_inputs(inputs, model=self.model)
         with torch.no_grad(), eval_mode(self.model):
-            logits = self.model(inputs)
-        if logits.dim() != 2:
-            raise InputError(f"saliency needs (N, classes) logits, got shape "
-                             f"{tuple(logits.shape)}")
+            logits = check_logits(self.model(inputs))
         return logits.detach(), self.attribute(inputs, target=logits.argmax(1)).detach()
 
     def _target(self, inputs: Tensor, target: Target) -> Tensor:
@@ -57,7 +54,7 @@ class Explainer:
         target = as_target(target)
         if target is None:
             with torch.no_grad(), eval_mode(self.model):
-                return self.model(inputs).argmax(dim=1)
+                return check_logits(self.model(inputs)).argmax(dim=1)
         if isinstance(target, int):
             return torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
         return target.to(inputs.device).long().reshape(-1).expand(inputs.shape[0])
@@ -93,7 +90,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def as_target(target: Target) -> Tensor | int | None:
     """A target as None, a Python int or a tensor (lists, tuples and NumPy arrays of class
     indices become tensors; NumPy integer scalars become ints)."""
-    if target is None or isinstance(target, Tensor):
+    if target is None:
+        return target
+    if isinstance(target, Tensor):
+        if target.dtype == torch.bool:  # as for a bool list or array: a mask, not classes
+            raise InputError(f"target must hold integer class indices, got {target.dtype}")
         return target
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
         return int(target)
@@ -107,11 +108,21 @@ def as_target(target: Target) -> Tensor | int | None:
     return out
 
 
+def check_logits(logits: object, what: str = "saliency") -> Tensor:
+    """`logits` if the model returned one (N, classes) tensor, else one clear line (a model
+    returning a tuple or dict failed with "'tuple' object has no attribute 'dim'")."""
+    if not isinstance(logits, Tensor):
+        raise InputError(f"{what} needs a model that returns one (N, classes) logits tensor, "
+                         f"got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise InputError(f"{what} needs (N, classes) logits, got shape {tuple(logits.shape)}")
+    return logits
+
+
 def check_target_classes(logits: Tensor, target: Tensor) -> None:
     """Fail with one clear line when a resolved target (N,) names a class the model's logits
     (N, classes) do not have."""
-    if logits.dim() != 2:
-        raise InputError(f"saliency needs (N, classes) logits, got shape {tuple(logits.shape)}")
+    check_logits(logits)
     if target.numel():
         lo, hi = torch.stack(target.aminmax()).tolist()  # one device sync, not two
         if lo < 0:
@@ -122,13 +133,14 @@ def check_target_classes(logits: Tensor, target: Tensor) -> None:
                              f"{lo}..{hi}")
 
 
-def check_inputs(inputs: Tensor, target: Target = None) -> None:
+def check_inputs(inputs: Tensor, target: Target = None, model: nn.Module | None = None) -> None:
     """Fail with one clear line on inputs no saliency method can explain.
 
     `inputs` must be a floating-point batch (N, C, *spatial) of finite values (a NaN pixel
     turns Grad-CAM and WBP maps into NaN without an error); a tensor `target` needs one
     non-negative class per input (or one for all). Maps need autograd, so a call inside
-    ``torch.inference_mode()`` fails here too."""
+    ``torch.inference_mode()`` fails here too. With `model`, the inputs' dtype must be its
+    parameters' (see `check_model_dtype`)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("saliency maps need autograd; call attribute outside "
                            "torch.inference_mode()")
@@ -153,6 +165,25 @@ def check_inputs(inputs: Tensor, target: Target = None) -> None:
                          f"non-finite image is undefined")
     if isinstance(target, int) and target < 0:
         raise InputError(f"target class must be >= 0, got {target}")
+    if model is not None:
+        check_model_dtype(model, inputs)
+
+
+def check_model_dtype(model: nn.Module, inputs: Tensor) -> None:
+    """Fail with one clear line when `inputs` and `model`'s floating-point parameters differ
+    in dtype (float16 images into a float32 model): torch's own message ("expected scalar
+    type Half but found Float", "Input type (double) and bias type (float) should be the
+    same") comes from deep inside Captum or zennit and names neither. Under autocast mixed
+    dtypes are the point, and a model whose parameters mix dtypes casts by itself: both pass.
+    """
+    if torch.is_autocast_enabled(inputs.device.type):
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1 and inputs.dtype not in dtypes:
+        (dtype,) = dtypes
+        raise InputError(f"inputs are {inputs.dtype} but {type(model).__name__}'s parameters "
+                         f"are {dtype}; cast one to match (inputs.to({dtype}) or "
+                         f"model.to({inputs.dtype}))")
 
 
 def register_explainer(name: str) -> Callable[[type[Explainer]], type[Explainer]]:

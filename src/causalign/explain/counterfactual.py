@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from .base import check_model_dtype
 
 __all__ = [
     "DISTANCES", "OPTIMIZERS", "SPACES", "CounterfactualGenerator", "CounterfactualResult",
@@ -307,6 +308,9 @@ class InnerProblem:
         if self.unchecked and not self.target.is_floating_point():
             _check_classes(self.target, logits.shape[1], "counterfactual target")
             self.unchecked = False
+        elif self.unchecked:
+            _check_soft_target(self.target, logits)
+            self.unchecked = False
         if self.target.is_floating_point():
             # Soft multi-label targets (hierarchical Eq. 7: x* explains â → a*): Σ_k BCE.
             ce = F.binary_cross_entropy_with_logits(logits, self.target.to(logits.dtype),
@@ -474,6 +478,15 @@ class CounterfactualGenerator:
         if distance.startswith("scaled") and scale is None:
             raise ConfigError(f"distance '{distance}' needs per-pixel scales from the "
                               f"training images (distance_scale)")
+        if scale is not None:
+            # a NaN or zero scale gave NaN distances (Adam: every sample "diverged"; Newton:
+            # not flagged at all) and a negative one rewarded change; distance_scale gives
+            # finite positive scales
+            if not isinstance(scale, Tensor) or not scale.is_floating_point():
+                raise ConfigError(f"distance scale must be a floating-point tensor "
+                                  f"(distance_scale), got "
+                                  f"{getattr(scale, 'dtype', type(scale).__name__)}")
+            # its values are checked in `generate`, in the same device sync as x0's
         # finite too: inf passed ">= 0" / "> 0" and every sample then diverged (the CLI
         # checked it; the Python API did not); steps=inf failed in int() with an OverflowError
         bad = [f"{name} {value}" for name, value, ok in (
@@ -498,11 +511,16 @@ class CounterfactualGenerator:
         """The inner problem at x0 (encodes x0 in latent space)."""
         x0 = x0.detach()
         scale = self.scale.to(x0) if self.scale is not None else None
+        if scale is not None and self.space != "latent" and scale.shape != x0.shape[1:]:
+            # broadcasting failed deep in the search with torch's size-mismatch message
+            raise InputError(f"distance scale {tuple(scale.shape)} must have the shape of one "
+                             f"image of x0 {tuple(x0.shape[1:])} (distance_scale of images "
+                             f"like these)")
         if self.space == "latent":
             # the inputs' device and dtype: an autoencoder fitted on the float32 training
             # images failed in its first conv on a float64 model's inputs
             ae = self.autoencoder.to(x0.device, x0.dtype)
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(ae):
                 u0 = ae.encode(x0)
                 base = ae.decode(u0, tuple(x0.shape[-2:]))
             return InnerProblem(self.model, x0, u0, target, self.alpha, self.distance, None,
@@ -530,6 +548,20 @@ class CounterfactualGenerator:
     def generate(self, x0: Tensor, *, labels: Tensor | None = None,
                  target: Tensor | None = None, ids: Tensor | None = None,
                  report: bool = True, bn_stats: BNStats | None = None) -> CounterfactualResult:
+        """Counterfactuals for a batch x0 (N, C, ...); see `_generate`.
+
+        A latent-space autoencoder runs in eval mode too (its modules' flags restored): in
+        train mode its BatchNorm mixed the samples of the batch and overwrote its running
+        statistics, and dropout made every search random."""
+        ae = self.autoencoder if self.space == "latent" else None
+        with eval_mode(ae) if ae is not None else nullcontext():
+            return self._generate(x0, labels=labels, target=target, ids=ids, report=report,
+                                  bn_stats=bn_stats)
+
+    def _generate(self, x0: Tensor, *, labels: Tensor | None = None,
+                  target: Tensor | None = None, ids: Tensor | None = None,
+                  report: bool = True, bn_stats: BNStats | None = None
+                  ) -> CounterfactualResult:
         """Counterfactuals for a batch x0 (N, C, ...).
 
         ``target`` (y*) wins over ``labels`` + the target rule; with neither, y is the model's
@@ -545,10 +577,19 @@ class CounterfactualGenerator:
                              f"{getattr(x0, 'dtype', type(x0).__name__)} of shape "
                              f"{tuple(getattr(x0, 'shape', ()))}")
         x0 = x0.detach()
-        n_bad = int((~torch.isfinite(x0)).sum())
+        bad = (~torch.isfinite(x0)).sum()
+        if self.scale is not None:  # one device sync for both (generate runs every step)
+            scale = self.scale.to(x0.device)
+            bad = torch.stack([bad, (~(torch.isfinite(scale) & (scale > 0))).sum()])
+        n_bad, *n_bad_scale = bad.reshape(-1).tolist()
+        if n_bad_scale and n_bad_scale[0]:
+            raise ConfigError(f"distance scale holds {n_bad_scale[0]} value(s) that are not "
+                              f"finite and > 0 (distance_scale floors them)")
         if n_bad:  # a non-finite x0 would come back as a NaN "counterfactual" flagged diverged
             raise InputError(f"x0 holds {n_bad} NaN/inf value(s); no counterfactual of a "
                              f"non-finite image")
+        # float64 images into a float32 model: one line, not conv2d's "expected scalar type"
+        check_model_dtype(self.model, x0)
         if target is None:
             target, valid = self.targets(x0, labels)
             if not bool(valid.all()):
@@ -560,6 +601,8 @@ class CounterfactualGenerator:
         elif target.shape[0] != len(x0):
             raise InputError(f"target has {target.shape[0]} rows for {len(x0)} inputs")
         target = target.to(x0.device)
+        if self.warm_start and ids is not None:
+            ids = _as_ids(ids, len(x0))
         prob = self.problem(x0, target)
         u0 = prob.u0
         warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
@@ -610,10 +653,45 @@ def _as_classes(values: object, n: int, what: str) -> Tensor:
                          f"{type(values).__name__}") from exc
     if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
         raise InputError(f"{what} must hold integer class indices, got {out.dtype}")
+    if out.dim() == 0:  # one class for every input, as the explainers take an int target
+        out = out.expand(n)
     if out.shape != (n,):
         raise InputError(f"{what} must hold one class per input ({n}), got shape "
                          f"{tuple(out.shape)}")
     return out
+
+
+def _as_ids(ids: object, n: int) -> Tensor:
+    """Warm-start keys as an (n,) tensor of non-negative integers, or one clear error: a
+    list failed with "'list' object has no attribute 'to'", a float id was truncated (0.5
+    hit sample 0's entry) and a negative one wrapped around to another sample's entry."""
+    try:
+        out = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"ids must be a tensor of dataset indices, got "
+                         f"{type(ids).__name__}") from exc
+    if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
+        raise InputError(f"ids must hold integer dataset indices, got {out.dtype}")
+    if out.shape != (n,):
+        raise InputError(f"ids must hold one dataset index per input ({n}), got shape "
+                         f"{tuple(out.shape)}")
+    if out.numel() and int(out.min()) < 0:
+        raise InputError(f"ids must be non-negative dataset indices, got {int(out.min())}")
+    return out
+
+
+def _check_soft_target(target: Tensor, logits: Tensor) -> None:
+    """One clear line unless soft (attribute) targets are probabilities shaped like the
+    model's outputs: torch's BCE said only "Target size ... must be the same as input size",
+    and a NaN target made every sample "diverge" without naming the cause."""
+    if target.shape != logits.shape:
+        raise InputError(f"soft counterfactual target {tuple(target.shape)} must have the "
+                         f"shape of the model's outputs {tuple(logits.shape)}")
+    if target.numel():
+        lo, hi = torch.stack(target.detach().float().aminmax()).tolist()  # NaN propagates
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise InputError(f"soft counterfactual target must hold probabilities in [0, 1], "
+                             f"got {lo:g}..{hi:g}")
 
 
 def _check_classes(classes: Tensor, num_classes: int, what: str) -> None:

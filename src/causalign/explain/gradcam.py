@@ -8,7 +8,14 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..models import find_cam_layer
-from .base import Explainer, Target, check_inputs, eval_mode, register_explainer
+from .base import (
+    Explainer,
+    Target,
+    check_inputs,
+    check_logits,
+    eval_mode,
+    register_explainer,
+)
 
 
 @register_explainer("gradcam")
@@ -30,7 +37,7 @@ class GradCAM(Explainer):
 
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
-        check_inputs(inputs, target)
+        check_inputs(inputs, target, self.model)
         if inputs.dim() != 4:
             # A volume model (multiview) runs its CNN on N·D slices: the layer's activations
             # no longer line up with the N inputs, and the upsampling would fail deep in torch.
@@ -63,7 +70,7 @@ class GradCAM(Explainer):
         (spatial mean of the gradients, channel sum, ReLU). A DataParallel model, a layer
         with a non-tensor output or one run more than once per forward takes the default
         two-pass path."""
-        check_inputs(inputs)
+        check_inputs(inputs, model=self.model)
         if inputs.dim() != 4 or getattr(self.model, "device_ids", None):
             return super().predict_and_attribute(inputs)
         seen: list[Tensor] = []
@@ -81,12 +88,12 @@ class GradCAM(Explainer):
             handle.remove()
         if len(seen) != 1 or not isinstance(seen[0], Tensor) or seen[0].dim() < 3:
             return super().predict_and_attribute(inputs)
-        if logits.dim() != 2:
-            raise InputError(f"saliency needs (N, classes) logits, got shape "
-                             f"{tuple(logits.shape)}")
+        check_logits(logits)
         acts = seen[0]
         target = logits.detach().argmax(1)
-        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
+        with torch.enable_grad():  # inside a caller's no_grad the score would be a constant
+            score = logits.gather(1, target[:, None]).sum()
+        (grads,) = torch.autograd.grad(score, acts)
         with torch.no_grad():
             alpha = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
             cam = torch.relu((alpha * acts).sum(dim=1, keepdim=True))

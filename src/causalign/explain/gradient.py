@@ -31,7 +31,7 @@ def _gradient_map(explainer: Explainer, inputs: Tensor, target: Target,
                   create_graph: bool) -> tuple[Tensor, Tensor]:
     """(∂z_t/∂x, x) in eval mode; differentiable only with `create_graph` and autograd on
     (inside ``torch.no_grad()`` nothing is recorded, so the map is plain, as for any op)."""
-    check_inputs(inputs, target)
+    check_inputs(inputs, target, explainer.model)
     target = explainer._target(inputs, target)
     with eval_mode(explainer.model):
         if create_graph and torch.is_grad_enabled():

@@ -35,12 +35,13 @@ agree) and the other variants refuse the model with one line.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .base import (
     Explainer,
     Target,
@@ -59,17 +60,25 @@ __all__ = ["LRP", "LRP_VARIANTS", "default_canonizers", "lrp_epsilon_modified_gr
 
 def default_canonizers(model: nn.Module) -> list:
     """zennit canonizers that fold BatchNorm (and ResNet's residual sums, BagNet's patch mean)
-    for `model`."""
-    from torchvision.models import VGG, ResNet
-    from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+    for `model`.
 
-    if isinstance(model, ResNet):
-        return [ResNetCanonizer()]
-    if isinstance(model, VGG):
-        return [VGGCanonizer()]
-    # The BagNet canonizer finds BagNets anywhere in the tree (a wrapped backbone too).
-    return [SequentialMergeBatchNorm(), _bagnet_canonizer()]
+    Every canonizer here matches modules anywhere in the tree, so a wrapped backbone (the
+    hierarchical model's f₁, ``nn.Sequential(resnet)``, a normalising wrapper) gets the same
+    rules as the bare one. Choosing by the *top-level* type left a wrapped ResNet without its
+    residual-sum canonizer: relevance then crossed each ``out + identity`` as a gradient, and
+    LRP-ε maps of a hierarchical resnet18 summed to ~1e10 for a logit of 0.5. zennit's
+    VGGCanonizer is SequentialMergeBatchNorm itself."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+
+    canonizers = [SequentialMergeBatchNorm(), _bagnet_canonizer()]
+    blocks = {type(m) for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))}
+    if any(issubclass(b, Bottleneck) for b in blocks):
+        canonizers.append(ResNetBottleneckCanonizer())
+    if any(issubclass(b, BasicBlock) for b in blocks):
+        canonizers.append(ResNetBasicBlockCanonizer())
+    return canonizers
 
 
 def _bagnet_canonizer() -> AttributeCanonizer:
@@ -147,8 +156,19 @@ class LRP(Explainer):
                  low: float = 0.0, high: float = 1.0, stabilizer: float = 1e-6,
                  canonizers: list | None = None) -> None:
         super().__init__(model)
-        self.epsilon, self.gamma = epsilon, gamma
-        self.low, self.high, self.stabilizer = low, high, stabilizer
+        # NaN ε or γ, or a zero stabiliser, gave all-NaN maps without an error; a negative ε
+        # or γ, or low >= high, silently computed some other rule
+        bad = [f"{name} {value}" for name, value, ok in (
+            ("epsilon", epsilon, math.isfinite(epsilon) and epsilon >= 0),
+            ("gamma", gamma, math.isfinite(gamma) and gamma >= 0),
+            ("stabilizer", stabilizer, math.isfinite(stabilizer) and stabilizer > 0),
+            ("low/high", f"{low}/{high}", math.isfinite(low) and math.isfinite(high)
+             and low < high)) if not ok]  # `not ok` catches NaN
+        if bad:
+            raise ConfigError(f"{self.name} needs finite epsilon >= 0, gamma >= 0, "
+                              f"stabilizer > 0 and low < high; got {', '.join(bad)}")
+        self.epsilon, self.gamma = float(epsilon), float(gamma)
+        self.low, self.high, self.stabilizer = float(low), float(high), float(stabilizer)
         self.canonizers = canonizers
 
     def composite(self) -> Composite:
@@ -158,7 +178,7 @@ class LRP(Explainer):
 
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
-        check_inputs(inputs, target)
+        check_inputs(inputs, target, self.model)
         if create_graph:
             if self.variant == "epsilon":
                 return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon,

@@ -49,6 +49,7 @@ from .base import (
     Target,
     as_target,
     check_inputs,
+    check_logits,
     check_target_classes,
     register_explainer,
 )
@@ -267,8 +268,7 @@ def wbp_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _resolve_target(logits: Tensor, target: Target) -> Tensor:
-    if logits.dim() != 2:
-        raise ValueError(f"WBP needs (N, classes) logits, got shape {tuple(logits.shape)}")
+    check_logits(logits, "WBP")
     target = as_target(target)
     if target is None:
         return logits.detach().argmax(dim=1)
@@ -314,7 +314,7 @@ class WBP(Explainer):
     def attribute(
         self, inputs: Tensor, target: Target = None, create_graph: bool = False
     ) -> Tensor:
-        check_inputs(inputs, target)
+        check_inputs(inputs, target, self.model)
         weights = wbp_weights(self.model, inputs, target, create_graph=create_graph)
         x = inputs if create_graph else inputs.detach()
         return x * weights

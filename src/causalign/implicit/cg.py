@@ -25,7 +25,8 @@ class CGResult:
     ``residual_norm`` (‖b_i − (A_i + δI) v_i‖ as tracked by the recursion; recomputed from v_i
     with ``verify`` when ``tol`` < sqrt(machine eps), where the recursion's drift matters),
     ``converged`` and ``breakdown`` (non-positive or non-finite curvature met: that sample was
-    frozen at its last finite iterate).
+    frozen at its last finite iterate). ``residual_norm`` is in at least float32 (a float16
+    system's residual may exceed float16's range).
     """
 
     solution: Tensor
@@ -36,8 +37,26 @@ class CGResult:
 
 
 def _bdot(u: Tensor, v: Tensor) -> Tensor:
-    """Per-sample inner product: reduce over every non-batch dim."""
-    return (u * v).reshape(u.shape[0], -1).sum(dim=1)
+    """Per-sample inner product: reduce over every non-batch dim, in at least float32 (a
+    float16 sum of squares overflows once a vector's norm passes 256)."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    return (u.to(acc) * v.to(acc)).reshape(u.shape[0], -1).sum(dim=1)
+
+
+def _pow2_scale(b: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Per sample, the power of two at or just above max |b_i| (1 where b_i is zero or not
+    finite), shaped for broadcasting, in at least float32.
+
+    CG is linear in b, so solving for b/s and multiplying the solution by s is the same solve;
+    a power of two makes both divisions exact. Unscaled, ‖b‖² overflowed to inf for a
+    float32 rhs ~1e20 or a float16 rhs of norm > 256 (reported as breakdown, solution 0),
+    and underflowed to 0 for a float32 rhs ~1e-25 (reported converged at the solution 0)."""
+    acc = torch.promote_types(b.dtype, torch.float32)
+    amax = b.detach().to(acc).abs().reshape(b.shape[0], -1).amax(dim=1)
+    ok = torch.isfinite(amax) & (amax > 0)
+    _, exp = torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))
+    scale = torch.ldexp(torch.ones_like(amax), exp)
+    return torch.where(ok, scale, torch.ones_like(amax)).view(shape)
 
 
 def batched_cg(
@@ -92,11 +111,17 @@ def batched_cg(
         out = matvec(p)
         return out + damping * p if damping != 0.0 else out
 
+    # Solve for b/s (s a per-sample power of two) so that no inner product over- or
+    # underflows; x and the residual are scaled back at the end.
+    scale = _pow2_scale(b, shape)
+    acc = scale.dtype  # inner products, step sizes and thresholds: at least float32
+    b_in = b
+    b = (b.to(acc) / scale).to(b.dtype)
     if x0 is None:
         x = torch.zeros_like(b)
         r = b.clone()
     else:
-        x = x0.detach().clone()
+        x = (x0.detach().to(acc) / scale).to(b.dtype)
         r = b - apply(x)
     rs = _bdot(r, r)
     b_norm = _bdot(b, b).sqrt()
@@ -112,7 +137,7 @@ def batched_cg(
     active = ~(converged | breakdown)
     p = r.clone()
 
-    tiny = torch.finfo(b.dtype).tiny if b.is_floating_point() else 1e-30
+    tiny = torch.finfo(acc).tiny
     iterations = 0
     for k in range(max_iter):
         ap = apply(p)
@@ -127,8 +152,9 @@ def batched_cg(
         alpha = rs / torch.where(active, pap, torch.ones_like(pap))
         # torch.where (not multiplying by a zero step) so NaN/inf in a frozen sample's A p
         # can never leak into its iterate.
-        x = torch.where(am, x + alpha.view(shape) * p, x)
-        r = torch.where(am, r - alpha.view(shape) * ap, r)
+        step = alpha.view(shape).to(b.dtype)  # steps in b's dtype, as the iterates
+        x = torch.where(am, x + step * p, x)
+        r = torch.where(am, r - step * ap, r)
         rs_new = torch.where(active, _bdot(r, r), rs)
 
         done = active & (rs_new.sqrt() <= thresh)
@@ -136,7 +162,7 @@ def batched_cg(
         active = active & ~done
 
         beta = rs_new / rs.clamp_min(tiny)
-        p = torch.where(active.view(shape), r + beta.view(shape) * p, p)
+        p = torch.where(active.view(shape), r + beta.view(shape).to(b.dtype) * p, p)
         rs = rs_new
         iterations = k + 1
         if check_every > 0 and iterations % check_every == 0 and not bool(active.any()):
@@ -155,10 +181,13 @@ def batched_cg(
         residual = torch.where(checked, true_r, residual)
         converged = converged & checked & (true_r <= thresh)
 
+    # back to b's scale; a rhs that was not finite keeps its flagged zero solution
+    solution = (x.to(acc) * scale).to(b.dtype) if x.dtype != acc else x * scale
+    solution = torch.where(bad_start.view(shape), torch.zeros_like(b_in), solution)
     return CGResult(
-        solution=x,
+        solution=solution,
         iterations=iterations,
-        residual_norm=residual,
+        residual_norm=residual * scale.view(-1),
         converged=converged,
         breakdown=breakdown,
     )

@@ -3,11 +3,19 @@ how much the class score drops. A faithful map finds the pixels the decision res
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..explain.base import check_target_classes, eval_mode
+from ..explain.base import (
+    as_target,
+    check_logits,
+    check_model_dtype,
+    check_target_classes,
+    eval_mode,
+)
 
 DELETION_FRACTIONS = (0.002, 0.01, 0.02, 0.1, 0.2)
 
@@ -33,6 +41,21 @@ def deletion_scores(
     least float32 (a bfloat16 model's drops were quantised to steps of ~0.004), so drops are
     float32 for half/bfloat16/float32 models and float64 for float64 ones.
     """
+    if not isinstance(inputs, Tensor) or not isinstance(maps, Tensor):
+        # a NumPy map failed in Tensor.sort with "order must be str, not int"
+        raise InputError(f"deletion needs tensors: inputs (N, C, *spatial) and maps "
+                         f"(N, *spatial), got {type(inputs).__name__} and "
+                         f"{type(maps).__name__}")
+    if not inputs.is_floating_point() or inputs.dim() < 3:
+        raise InputError(f"inputs must be a floating-point batch (N, C, *spatial), got "
+                         f"{inputs.dtype} of shape {tuple(inputs.shape)}")
+    if not math.isfinite(fill):
+        raise InputError(f"deletion fill value must be finite, got {fill}")
+    n_bad = int((~torch.isfinite(inputs)).sum())
+    if n_bad:  # NaN pixels gave NaN drops and no error
+        raise InputError(f"inputs hold {n_bad} NaN/inf value(s); deletion of a non-finite "
+                         f"image is undefined")
+    check_model_dtype(model, inputs)
     n = inputs.shape[0]
     spatial = tuple(inputs.shape[2:])
     if maps.shape[0] != n or maps.shape[1:] not in (spatial, (1, *spatial)):
@@ -41,8 +64,10 @@ def deletion_scores(
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise InputError(f"deletion fractions must lie in (0, 1], got {bad}")
-    if isinstance(target, int):
-        target = torch.full((n,), target, dtype=torch.long)
+    target = as_target(target)  # lists, arrays; NumPy integers are ints
+    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+        # one class for all inputs, as the explainers take it (a 0-d tensor too)
+        target = torch.full((n,), int(target), dtype=torch.long)
     target = torch.as_tensor(target).to(inputs.device)
     if target.is_floating_point() or target.shape != (n,):
         raise InputError(f"target must hold one integer class per input ({n}), got "
@@ -64,9 +89,12 @@ def deletion_scores(
         raise InputError(f"logits {tuple(logits.shape)} must be (N, classes) for the {n} "
                          f"inputs")
     with eval_mode(model):
-        logits = model(inputs) if logits is None else logits.to(inputs.device)
-        if logits.dim() != 2:
-            raise InputError(f"deletion needs (N, classes) logits, got {tuple(logits.shape)}")
+        logits = check_logits(model(inputs) if logits is None else logits.to(inputs.device),
+                              "deletion")
+        n_bad = int((~torch.isfinite(logits)).sum())
+        if n_bad:  # every drop would be a silent NaN
+            raise InputError(f"the model's logits hold {n_bad} NaN/inf value(s); no deletion "
+                             f"score from non-finite outputs")
         check_target_classes(logits, target)
         base = _probs(logits).gather(1, target[:, None]).squeeze(1)
         out = {}

@@ -28,6 +28,20 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
     if maps.shape != annotation.shape or maps.dim() < 2:
         raise InputError(f"maps {tuple(maps.shape)} and annotation {tuple(annotation.shape)} "
                          f"must have the same shape (N, *spatial)")
+    # the maps' device: maps computed on the GPU against masks from the (CPU) dataset
+    # failed with "Expected all tensors to be on the same device"
+    return _check_maps(maps), annotation.to(maps.device)
+
+
+def _check_maps(maps: Tensor) -> Tensor:
+    """Maps (N, *spatial) with at least one pixel and finite values (bool ones as float), or
+    one clear error: a NaN pixel made every normalised value NaN, and maps without pixels
+    failed in Tensor.min with "Expected reduction dim 1 to have non-zero size"."""
+    if not isinstance(maps, Tensor) or maps.dim() < 2:
+        raise InputError(f"maps must be a tensor (N, *spatial), got "
+                         f"{tuple(getattr(maps, 'shape', ())) or type(maps).__name__}")
+    if maps.shape[0] and maps[0].numel() == 0:
+        raise InputError(f"maps {tuple(maps.shape)} have no pixels")
     if maps.dtype == torch.bool:  # a binary (e.g. thresholded) map: torch has no bool − bool
         maps = maps.float()
     if maps.is_floating_point():
@@ -35,16 +49,19 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
         if n_bad:
             raise InputError(f"maps hold {n_bad} NaN/inf value(s); localisation of a "
                              f"non-finite map is undefined")
-    return maps, annotation
+    return maps
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """Per-sample min–max normalisation to [0, 1]; also returns which maps are empty
     (constant, e.g. an all-zero Grad-CAM). `eps` is relative to the map's largest magnitude,
     so whether a map is empty does not depend on its scale (an absolute 1e-12 called every
-    map with values ~1e-14 empty and scored it 0)."""
-    if maps.dtype == torch.bool:  # as _check_pair: bool − bool is not defined in torch
-        maps = maps.float()
+    map with values ~1e-14 empty and scored it 0). Non-finite maps raise `InputError`."""
+    return _normalize(_check_maps(maps), eps)
+
+
+def _normalize(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """`normalize_maps` of maps already checked (`_check_maps`)."""
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values
     hi = flat.max(dim=1).values
@@ -62,7 +79,7 @@ def cam_precision(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> T
     An empty (constant) map selects no area and scores 0: it points at nothing annotated.
     """
     maps, annotation = _check_pair(maps, annotation)
-    norm, empty = normalize_maps(maps)
+    norm, empty = _normalize(maps)
     # float64 maps keep float64; at least float32 (a half count overflows at 65504 pixels)
     dtype = torch.promote_types(norm.dtype, torch.float32)
     sel = (norm >= threshold).flatten(1).to(dtype)
@@ -95,15 +112,19 @@ def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
     order = flat.argsort(dim=1, descending=True)
     ranks_in = torch.gather(ann, 1, order)  # annotation membership in rank order
     top = torch.arange(flat.shape[1], device=flat.device).unsqueeze(0) < k.unsqueeze(1)
-    hits = (ranks_in & top).sum(1).to(flat.dtype)
-    return torch.where(k > 0, hits / k.clamp_min(1).to(flat.dtype),
+    # float32 at least, as the other scores: an integer map's dtype cannot hold the NaN of an
+    # empty annotation (it raised "value cannot be converted to type int64_t"), and half
+    # precision would round the shares
+    dtype = torch.promote_types(flat.dtype, torch.float32)
+    hits = (ranks_in & top).sum(1).to(dtype)
+    return torch.where(k > 0, hits / k.clamp_min(1).to(dtype),
                        torch.full_like(hits, float("nan")))
 
 
 def iou_dice(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
     """IoU and Dice between the binarised normalised map and the annotation."""
     maps, annotation = _check_pair(maps, annotation)
-    norm, empty = normalize_maps(maps)
+    norm, empty = _normalize(maps)
     sel = ((norm >= threshold) & ~empty.view((-1,) + (1,) * (maps.dim() - 1))).flatten(1)
     ann = (annotation > 0).flatten(1)
     dtype = torch.promote_types(norm.dtype, torch.float32)  # as cam_precision
