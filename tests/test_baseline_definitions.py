@@ -150,16 +150,18 @@ def test_cdep_penalty_is_the_background_share_of_cd_scores():
 
 # --- ICNN: templates T_μ = τ max(1 − β‖(i,j) − μ‖₁/n, −1), mask, −MI(X; T) ----------------
 
-def _mi_by_hand(x: torch.Tensor, alpha: float, beta: float) -> float:
+def _mi_by_hand(x: torch.Tensor, alpha: float, beta: float,
+                dtype: torch.dtype | None = None) -> float:
     """−MI(X; T) of one filter, straight from Eq. 2–3 of Zhang et al., with loops: one
-    positive template per position μ of the h × w map (n² of them for n × n maps)."""
+    positive template per position μ of the h × w map (n² of them for n × n maps); templates
+    in ``dtype`` (default: torch's default), each entry a Python float."""
     n_img, h, w = x.shape
     n = max(h, w)
     tau = 0.5 / (h * w)
-    templates = [(1 - alpha, torch.full((h, w), -tau))]  # T⁻
+    templates = [(1 - alpha, torch.full((h, w), -tau, dtype=dtype))]  # T⁻
     for mi in range(h):
         for mj in range(w):
-            t = torch.empty(h, w)
+            t = torch.empty(h, w, dtype=dtype)
             for i in range(h):
                 for j in range(w):
                     t[i, j] = tau * max(1 - beta * (abs(i - mi) + abs(j - mj)) / n, -1)

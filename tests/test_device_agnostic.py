@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_baseline_definitions import _mi_by_hand  # −MI(X; T) from the paper, with loops
 
 from causalign.models.icnn import filter_loss, part_templates, template_mask
 
@@ -29,28 +30,6 @@ def _batch(n: int = 4, size: int = 16, dtype: torch.dtype = torch.float64) -> di
 
 # --- ICNN filter loss: no float32 constants inside a float64 loss -------------------------
 
-def _neg_mi_float64(x: torch.Tensor, alpha: float, beta: float) -> float:
-    """−MI(X; T) of one filter (N, h, w) from Eq. 2–3 of Zhang et al., in float64 and Python
-    floats throughout (loops over templates and images)."""
-    n_img, h, w = x.shape
-    n = max(h, w)
-    tau = 0.5 / (h * w)
-    templates = [(1 - alpha, torch.full((h, w), -tau, dtype=torch.float64))]
-    for mi in range(h):
-        for mj in range(w):
-            t = torch.tensor([[tau * max(1 - beta * (abs(i - mi) + abs(j - mj)) / n, -1)
-                               for j in range(w)] for i in range(h)], dtype=torch.float64)
-            templates.append((alpha / (h * w), t))
-    p_x_t = []
-    for _, t in templates:
-        e = torch.stack([torch.exp((x[k] * t).sum()) for k in range(n_img)])
-        p_x_t.append(e / e.sum())
-    p_x = sum(pt * px for (pt, _), px in zip(templates, p_x_t, strict=True))
-    mi = sum(pt * (px * torch.log(px / p_x)).sum()
-             for (pt, _), px in zip(templates, p_x_t, strict=True))
-    return -float(mi)
-
-
 def test_icnn_filter_loss_in_float64_has_float64_precision():
     """filter_loss took log M from a float32 tensor and built its templates in float32
     (1 − 4/3 rounded) before casting them up: a float64 loss was only float32-exact
@@ -60,8 +39,8 @@ def test_icnn_filter_loss_in_float64_has_float64_precision():
     alpha = [0.4, 0.6]
     got = filter_loss(x, torch.tensor(alpha, dtype=torch.float64), beta=4.0)
     assert got.dtype == torch.float64
-    want = torch.tensor([_neg_mi_float64(x[:, c], alpha[c], 4.0) for c in range(2)],
-                        dtype=torch.float64)
+    want = torch.tensor([_mi_by_hand(x[:, c], alpha[c], 4.0, torch.float64)
+                         for c in range(2)], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
     t = part_templates(3, beta=4.0, dtype=torch.float64)
     assert t.dtype == torch.float64 and float(t[4, 0, 1]) == 1 - 4 / 3

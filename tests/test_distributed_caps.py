@@ -195,28 +195,37 @@ PPI_CASES = [
 CASES = {"causal-align": BALANCE_CASES, "ppi": PPI_CASES}
 
 
+def _rank_step(method, model: torch.nn.Module, train_set, order: torch.Tensor, rank: int,
+               world: int) -> tuple[torch.Tensor, object, dict]:
+    """One data-parallel step as the trainer takes it, inside a process group: this rank's
+    chunk of the global batch ``order`` with its `GlobalStep`, subset means re-weighted by
+    the global counts, the gradient all-reduced. Returns (the global gradient, flattened;
+    this rank's LossOutput; the global subset counts)."""
+    local = shard_indices(order, rank, world)
+    n = len(order)
+    params = [p for p in model.parameters() if p.requires_grad]
+    method.global_step = global_step(train_set, order, rank, world)
+    res = method(model, train_set.batch(local))
+    counts = sum_counts(gather_objects({k: c for k, (_, c) in res.means.items()}, world))
+    rank_loss = reweight_subset_means(res.total, res.means, counts, len(local), n)
+    g = _flat(torch.autograd.grad(rank_loss * (len(local) * world / n), params,
+                                  allow_unused=True), params)
+    dist.all_reduce(g)
+    return g / world, res, counts
+
+
 def _worker(rank: int, world: int, port: int, data: str, out: str, name: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
         train_set = _load(data)
-        order = torch.arange(8)
-        local = shard_indices(order, rank, world)
         results = []
         for args in CASES[name]:
             method, model = _method_and_model(train_set, args, name)
-            params = [p for p in model.parameters() if p.requires_grad]
-            method.global_step = global_step(train_set, order, rank, world)
-            res = method(model, train_set.batch(local))
-            counts = sum_counts(gather_objects(
-                {k: c for k, (_, c) in res.means.items()}, world))
-            rank_loss = reweight_subset_means(res.total, res.means, counts, len(local), 8)
-            g = _flat(torch.autograd.grad(rank_loss * (len(local) * world / 8), params,
-                                          allow_unused=True), params)
-            dist.all_reduce(g)
+            g, res, counts = _rank_step(method, model, train_set, torch.arange(8), rank, world)
             # the global batch's mapped samples (PPI's L_reg count)
-            results.append((g / world, res.parts.get("align_grad_scale"), counts.get("reg")))
+            results.append((g, res.parts.get("align_grad_scale"), counts.get("reg")))
         if rank == 0:
             torch.save(results, out)
     finally:

@@ -16,16 +16,21 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import _free_port
-from test_distributed_caps import ANNOTATED, _flat, _load, _method_and_model, _split_grads
+from test_distributed_caps import (
+    ANNOTATED,
+    _flat,
+    _load,
+    _method_and_model,
+    _rank_step,
+    _split_grads,
+)
 
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
 from causalign.engine.distributed import (
     gather_objects,
     global_step,
-    reweight_subset_means,
     shard_indices,
-    sum_counts,
 )
 
 # few inner iterations: the caps, not the counterfactuals, are under test
@@ -144,22 +149,11 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
                             world_size=world, timeout=timedelta(seconds=60))
     try:
         train_set = _load(data)
-        order = torch.arange(8)
-        local = shard_indices(order, rank, world)
         results = []
         for args, r_rows in BALANCE_CASES:
             method, model = _setup(train_set, args, r_rows)
-            params = [p for p in model.parameters() if p.requires_grad]
-            method.global_step = global_step(train_set, order, rank, world)
-            res = method(model, train_set.batch(local))
-            counts = sum_counts(gather_objects(
-                {k: c for k, (_, c) in res.means.items()}, world))
-            rank_loss = reweight_subset_means(res.total, res.means, counts, len(local), 8)
-            g = _flat(torch.autograd.grad(rank_loss * (len(local) * world / 8), params,
-                                          allow_unused=True), params)
-            dist.all_reduce(g)
-            scales = gather_objects(_scales(res.parts), world)
-            results.append((g / world, scales))
+            g, res, _ = _rank_step(method, model, train_set, torch.arange(8), rank, world)
+            results.append((g, gather_objects(_scales(res.parts), world)))
         if rank == 0:
             torch.save(results, out)
     finally:
