@@ -644,37 +644,37 @@ class CounterfactualGenerator:
                                     problem=prob, flipped=flipped, target_prob=target_prob)
 
 
-def _as_classes(values: object, n: int, what: str) -> Tensor:
-    """``values`` (tensor, list, array) as an (n,) integer tensor, or one clear error."""
+def _as_indices(values: object, n: int, what: str, noun: str, one: str,
+                broadcast: bool) -> Tensor:
+    """``values`` (tensor, list, array) as an (n,) integer tensor of ``noun`` ("class
+    indices"; ``one``: "class"), or one clear error; a 0-d value stands for every input when
+    ``broadcast``."""
     try:
         out = values if isinstance(values, Tensor) else torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{what} must be a tensor of class indices, got "
+        raise InputError(f"{what} must be a tensor of {noun}, got "
                          f"{type(values).__name__}") from exc
     if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
-        raise InputError(f"{what} must hold integer class indices, got {out.dtype}")
-    if out.dim() == 0:  # one class for every input, as the explainers take an int target
+        raise InputError(f"{what} must hold integer {noun}, got {out.dtype}")
+    if broadcast and out.dim() == 0:
         out = out.expand(n)
     if out.shape != (n,):
-        raise InputError(f"{what} must hold one class per input ({n}), got shape "
+        raise InputError(f"{what} must hold one {one} per input ({n}), got shape "
                          f"{tuple(out.shape)}")
     return out
+
+
+def _as_classes(values: object, n: int, what: str) -> Tensor:
+    """``values`` as (n,) class indices; one class stands for every input, as the
+    explainers take an int target."""
+    return _as_indices(values, n, what, "class indices", "class", broadcast=True)
 
 
 def _as_ids(ids: object, n: int) -> Tensor:
     """Warm-start keys as an (n,) tensor of non-negative integers, or one clear error: a
     list failed with "'list' object has no attribute 'to'", a float id was truncated (0.5
     hit sample 0's entry) and a negative one wrapped around to another sample's entry."""
-    try:
-        out = ids if isinstance(ids, Tensor) else torch.as_tensor(ids)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"ids must be a tensor of dataset indices, got "
-                         f"{type(ids).__name__}") from exc
-    if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
-        raise InputError(f"ids must hold integer dataset indices, got {out.dtype}")
-    if out.shape != (n,):
-        raise InputError(f"ids must hold one dataset index per input ({n}), got shape "
-                         f"{tuple(out.shape)}")
+    out = _as_indices(ids, n, "ids", "dataset indices", "dataset index", broadcast=False)
     if out.numel() and int(out.min()) < 0:
         raise InputError(f"ids must be non-negative dataset indices, got {int(out.min())}")
     return out
