@@ -224,3 +224,26 @@ def test_balance_caps_each_level_at_its_supervised_gradient():
         assert free.norm() > 0.05 * sup_grad.norm()  # the cap binds on this batch
         torch.testing.assert_close(capped.norm(), 0.05 * sup_grad.norm(), rtol=1e-3, atol=1e-7)
         assert torch.nn.functional.cosine_similarity(capped, free, 0) > 0.999
+
+
+def test_float64_model_gets_float64_attribute_targets(monkeypatch):
+    """Eq. 7's image counterfactual moves f₁(x) towards a*; a float64 model's a* was rounded
+    to float32 (`.float()`) on its way to the search, so its inner problem was float32-exact
+    only. The target now keeps the images' dtype."""
+    from causalign.explain.counterfactual import CounterfactualGenerator
+
+    seen = []
+    generate = CounterfactualGenerator.generate
+
+    def spy(self, x0, *args, **kwargs):
+        if kwargs.get("target") is not None and kwargs["target"].is_floating_point():
+            seen.append(kwargs["target"].dtype)  # soft targets: the image-level a*
+        return generate(self, x0, *args, **kwargs)
+
+    monkeypatch.setattr(CounterfactualGenerator, "generate", spy)
+    method = build_method("hier-align", FAST)
+    model = _model(method).double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in _batch().items()}
+    out = method(model, batch)
+    assert out.total.dtype == torch.float64 and torch.isfinite(out.total)
+    assert seen and set(seen) == {torch.float64}

@@ -304,7 +304,8 @@ class HierAlign(Method):
         """Eq. 7: x* whose predicted attributes move from f₁(x) to a*."""
         ids = ids if self.params.warm_start else None
         return self.pixel.generator(model.f1).generate(
-            x, target=a_star.detach().float(), ids=ids, report=report, bn_stats=bn_stats)
+            # a* in the images' dtype: .float() rounded a float64 model's targets to float32
+            x, target=a_star.detach().to(x.dtype), ids=ids, report=report, bn_stats=bn_stats)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         p = self.params
