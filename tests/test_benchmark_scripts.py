@@ -201,6 +201,23 @@ def test_bench_dataset_memory_smoke(tmp_path, monkeypatch):
     assert r["batches"]["new_ms_per_batch"] > 0 and r["batches"]["old_ms_per_batch"] > 0
 
 
+def test_bench_import_smoke(tmp_path, monkeypatch):
+    """At a tiny scale every series is timed at N, 2N, 4N and gets its growth ratios; the
+    LIDC scan with the XMLs apart reports its own header-indexing progress."""
+    mod = _load("bench_import")
+    out = tmp_path / "import_speed.json"
+    monkeypatch.setattr("sys.argv", ["bench_import.py", "--scale", "0.002", "--out", str(out)])
+    mod.main()
+    r = _strict_json(out)
+    for name in ("lidc", "lidc_xml_apart", "folder", "folder_colliding_ids",
+                 "summary_many_classes"):
+        n = r[name]["n"]
+        assert n == [n[0], 2 * n[0], 4 * n[0]], name
+        assert all(t >= 0 for t in r[name]["seconds"]) and len(r[name]["ratio_2n_over_n"]) == 2
+    scans = r["lidc_xml_apart_progress"]
+    assert any("indexing DICOM headers" in str(v) for v in scans.values())
+
+
 def test_bench_causal_align_smoke(tmp_path, monkeypatch):
     mod = _load("bench_causal_align")
     out = tmp_path / "sweep.json"

@@ -441,6 +441,26 @@ def test_lidc_malignancy(src, tmp_path):
     _read_all(out)
 
 
+def test_lidc_dicom_files_named_by_uid_are_read(src, tmp_path):
+    """Exports that name each DICOM file by its SOP instance UID ('1.3.6.1.4.1.9328.50.3.17',
+    no '.dcm') were skipped: the UID's last component looked like a file suffix, so such a
+    tree imported nothing. Renamed so, the fixture imports as it does with '.dcm' names."""
+    import shutil
+
+    root = tmp_path / "uid"
+    shutil.copytree(src["lidc"]["root"], root)
+    renamed = 0
+    for i, f in enumerate(sorted(root.rglob("*.dcm"))):
+        f.rename(f.with_name(f"1.3.6.1.4.1.9328.50.3.{i}"))
+        renamed += 1
+    assert renamed and not list(root.rglob("*.dcm"))
+    want = run_import("lidc", src["lidc"]["root"], tmp_path / "a", {"size": 32})
+    got = run_import("lidc", root, tmp_path / "b", {"size": 32})
+    assert got["n"] == want["n"] > 0
+    assert [(r.id, r.label, r.split) for r in read_manifest(tmp_path / "b")] == \
+        [(r.id, r.label, r.split) for r in read_manifest(tmp_path / "a")]
+
+
 def test_lidc_presence_union_and_patches(src, tmp_path):
     out = tmp_path / "p"
     s = run_import("lidc", src["lidc"]["root"], out, {"size": 32, "label": "presence"})

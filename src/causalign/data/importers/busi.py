@@ -36,6 +36,7 @@ from ..format import DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .util import (
     SkipItem,
+    UsedIds,
     assign_splits,
     box_of_mask,
     duplicate_groups,
@@ -166,7 +167,7 @@ class BusiImporter(Importer):
         idx = [i for i in range(len(kept)) if i not in drop]
         split_of = assign_splits([group_of[i] for i in idx], opts.fractions(), opts.seed,
                                  strata=[kept[group_of[i]][0] for i in idx])
-        used: set[str] = set()
+        used = UsedIds()
         units = []
         for i in idx:
             k, path, ms = kept[i]

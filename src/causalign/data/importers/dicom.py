@@ -44,8 +44,17 @@ def read_pixels(pydicom: Any, path: Path) -> tuple[np.ndarray, Any]:
     return arr, ds
 
 
+def is_dicom_name(name: str) -> bool:
+    """A file name DICOM files are stored under: '*.dcm', no suffix ('IM000001', DICOMDIR
+    trees) or a UID ('1.3.6.1.4.1.14519….'), whose last component looked like a suffix and
+    was skipped. Hidden files are not."""
+    if name.startswith("."):
+        return False
+    suffix = Path(name).suffix
+    return suffix.lower() == ".dcm" or suffix == "" or name.replace(".", "").isdigit()
+
+
 def dicom_files(folder: Path) -> list[Path]:
-    """Candidate DICOM files under a folder: '*.dcm', or files without a suffix."""
+    """Candidate DICOM files under a folder (`is_dicom_name`)."""
     return sorted(d / f for d, _, files in walk(folder) for f in files
-                  if not f.startswith(".") and (d / f).is_file()
-                  and (Path(f).suffix.lower() == ".dcm" or Path(f).suffix == ""))
+                  if is_dicom_name(f) and (d / f).is_file())

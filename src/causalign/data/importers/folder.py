@@ -45,6 +45,7 @@ from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .util import (
     IMAGE_SUFFIXES,
     SkipItem,
+    UsedIds,
     assign_splits,
     box_of_mask,
     fit_square,
@@ -134,7 +135,7 @@ class FolderImporter(Importer):
         suffix = re.escape(self.opts.mask_suffix)
         mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$")
         items = []
-        used: set[str] = set()  # non-ASCII names can map to the same id ('良性/1' → '1')
+        used = UsedIds()  # non-ASCII names can map to the same id ('良性/1' → '1')
         for k, cls in enumerate(self.classes):
             files = sorted(d / f for d, _, names in walk(self.src / cls) for f in names
                            if Path(f).suffix.lower() in IMAGE_SUFFIXES
@@ -200,7 +201,7 @@ class FolderImporter(Importer):
                         key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
         self.classes = self._choose_classes(values, "class value")
         items = []
-        used: set[str] = set()
+        used = UsedIds()
         for lineno, row in enumerate(rows, start=2):
             src_desc = f"{path.name}:{lineno}"
             cls = class_of(row)

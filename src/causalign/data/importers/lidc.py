@@ -79,10 +79,11 @@ import numpy as np
 from ...errors import DataError
 from ..format import SPLITS, DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
-from .dicom import dicom_files, pydicom_module, read_header, read_pixels
+from .dicom import dicom_files, is_dicom_name, pydicom_module, read_header, read_pixels
 from .util import (
     IntensityScale,
     SkipItem,
+    UsedIds,
     assign_splits,
     box_of_mask,
     median,
@@ -422,9 +423,13 @@ class LidcImporter(Importer):
         self._scanned.add(folder)
         tags = ["SeriesInstanceUID", "PatientID", "SOPInstanceUID", "ImagePositionPatient",
                 "PixelSpacing", "SliceThickness", "SliceLocation"]
-        for f in dicom_files(folder) if folder != self.src else _all_dicoms(self.src):
-            if f in self._seen_files:
-                continue
+        files = dicom_files(folder) if folder != self.src else _all_dicoms(self.src)
+        files = [f for f in files if f not in self._seen_files]
+        # the whole-tree scan (XMLs kept apart from the CT, e.g. tcia-lidc-xml/) reads every
+        # header of the download (~244k) under one step of the per-XML bar: a bar of its own
+        task = self.task("indexing DICOM headers", len(files)) if folder == self.src else None
+        for f in files:
+            self.advance(task)
             self._seen_files.add(f)
             try:
                 ds = read_header(self.pydicom, f, tags)
@@ -622,7 +627,7 @@ class LidcImporter(Importer):
                           "id": safe_id(str(Path(row["image"]).with_suffix("")))})
         free = [it for it in items if not it["split"]]
         split_of = assign_splits([it["patient"] for it in free], opts.fractions(), opts.seed)
-        used: set[str] = set()
+        used = UsedIds()
         units = []
         for it in items:
             it["id"] = unique_id(it["id"], used)
@@ -746,6 +751,5 @@ def _resample(img: np.ndarray, cx: float, cy: float, spacing_rc: tuple[float, fl
 def _all_dicoms(src: Path) -> list[Path]:
     out = []
     for dirpath, _, filenames in walk(src):
-        out += [dirpath / f for f in filenames
-                if not f.startswith(".") and (f.lower().endswith(".dcm") or "." not in f)]
+        out += [dirpath / f for f in filenames if is_dicom_name(f)]
     return out

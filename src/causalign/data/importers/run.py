@@ -378,14 +378,22 @@ def _by_reason(skips: list[dict]) -> dict[str, int]:
 
 def _summary(kind: str, src: Path, out: Path, meta: DatasetMeta, rows: list[dict],
              skips: list[dict], importer: Importer, reused: int, n_units: int) -> dict:
+    # one pass over the rows: counting per class with a scan per class was O(classes ×
+    # rows), minutes for a folder import of 1000 classes × 1M images
+    by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    per_class: dict[str, dict[int, int]] = {split: {} for split in SPLITS}
+    for r in rows:
+        if r["split"] in by_split:
+            by_split[r["split"]].append(r)
+            counts = per_class[r["split"]]
+            counts[r["label"]] = counts.get(r["label"], 0) + 1
     splits = {}
     for split in SPLITS:
-        rs = [r for r in rows if r["split"] == split]
+        rs = by_split[split]
         masked = [r for r in rs if r["mask"]]
         splits[split] = {
             "n": len(rs),
-            "per_class": {c: sum(r["label"] == k for r in rs)
-                          for k, c in enumerate(meta.classes)},
+            "per_class": {c: per_class[split].get(k, 0) for k, c in enumerate(meta.classes)},
             "with_mask": len(masked),
             "mask_coverage": round(len(masked) / len(rs), 4) if rs else 0.0,
             "mean_mask_area": (round(float(np.mean([r["mask_frac"] for r in masked])), 4)
@@ -394,8 +402,9 @@ def _summary(kind: str, src: Path, out: Path, meta: DatasetMeta, rows: list[dict
         }
     warnings = [f"split '{s}' is empty (training and evaluation need train, val and test)"
                 for s in SPLITS if splits[s]["n"] == 0]
+    present = {r["label"] for r in rows}
     warnings += [f"class '{c}' has no samples (every one was skipped or filtered out)"
-                 for k, c in enumerate(meta.classes) if not any(r["label"] == k for r in rows)]
+                 for k, c in enumerate(meta.classes) if k not in present]
     return {
         "kind": kind, "source": str(src), "out": str(out), "n": len(rows),
         "classes": meta.classes, "attributes": meta.attributes,
