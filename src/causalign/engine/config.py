@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..errors import ConfigError
@@ -64,6 +68,12 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Check every setting, raising ConfigError naming the first bad one.
+
+        Values of the right kind but another Python type are normalised in place (NumPy
+        scalars to int/float/bool, an int lr to float, a path-like `init` to str, a tuple of
+        deletion fractions to a list), so config.yaml can be written and compared."""
+        self._normalise_types()
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -103,13 +113,73 @@ class TrainConfig:
             raise ConfigError(f"scheduler must be cosine or none, got '{self.scheduler}'")
         if self.select_metric not in ("balanced_accuracy", "accuracy", "auc", "loss"):
             raise ConfigError("select_metric must be balanced_accuracy, accuracy, auc or loss")
-        if not isinstance(self.deletion_fractions, list) or any(
-                isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1
-                for f in self.deletion_fractions):
-            raise ConfigError("deletion_fractions must lie in (0, 1)")
+
+    def _normalise_types(self) -> None:
+        # A TrainConfig built in Python is not type-checked by the dataclass: a string
+        # "false" would switch a flag on (truthy), "3" epochs failed as a TypeError deep in
+        # the loop, and NumPy scalars or a pathlib.Path made config.yaml's writer raise a
+        # RepresenterError after the data was loaded.
+        for f in dataclasses.fields(self):
+            if f.name in ("deletion_fractions", "method_args"):
+                continue
+            default = f.default
+            value = getattr(self, f.name)
+            if isinstance(default, bool):
+                if not isinstance(value, bool | np.bool_):
+                    raise ConfigError(f"{f.name} must be true or false, got {value!r} "
+                                      f"({type(value).__name__})")
+                value = bool(value)
+            elif isinstance(default, int):
+                if isinstance(value, bool | np.bool_) or not isinstance(value, Integral):
+                    raise ConfigError(f"{f.name} must be an integer, got {value!r} "
+                                      f"({type(value).__name__})")
+                value = int(value)
+            elif isinstance(default, float):
+                if isinstance(value, bool | np.bool_) or not isinstance(value, Real):
+                    raise ConfigError(f"{f.name} must be a number, got {value!r} "
+                                      f"({type(value).__name__})")
+                value = float(value)
+            elif isinstance(default, str):
+                if f.name == "init" and isinstance(value, os.PathLike):
+                    value = os.fspath(value)
+                if f.name == "device" and not isinstance(value, str):
+                    import torch
+
+                    if isinstance(value, torch.device):  # torch.device("cuda", 1) -> "cuda:1"
+                        value = str(value)
+                if not isinstance(value, str):
+                    raise ConfigError(f"{f.name} must be a string, got {value!r} "
+                                      f"({type(value).__name__})")
+            setattr(self, f.name, value)
+        fractions = self.deletion_fractions
+        if not isinstance(fractions, list | tuple) or any(
+                isinstance(v, bool | np.bool_) or not isinstance(v, Real) or not 0 < v < 1
+                for v in fractions):
+            raise ConfigError(f"deletion_fractions must be a list of numbers in (0, 1), got "
+                              f"{fractions!r}")
+        self.deletion_fractions = [float(v) for v in fractions]
+        if not isinstance(self.method_args, Mapping):
+            raise ConfigError(f"method_args must be a mapping of method parameter names to "
+                              f"values, got {self.method_args!r} "
+                              f"({type(self.method_args).__name__})")
+        self.method_args = {k: _plain(v) for k, v in self.method_args.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (and those inside lists/dicts) as Python values, a path as str: what
+    YAML's safe writer can store in config.yaml."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def valid_keys() -> list[str]:

@@ -52,6 +52,17 @@ def iterate_batches(
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _input(model: nn.Module, method: Method, batch: dict[str, Tensor]) -> Tensor:
+    """What the model sees, in the dtype of its floating-point parameters: the splits are
+    float32, and a model cast with `.double()` or `.to(torch.bfloat16)` failed inside its
+    first layer (a dtype-mismatch traceback; the inputs are not the caller's to cast)."""
+    x = method.model_input(batch)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        x = x.to(dtype)
+    return x
+
+
 @torch.no_grad()
 def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
@@ -61,7 +72,7 @@ def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: to
     probs, labels, losses = [], [], []
     with eval_mode(model):
         for batch in iterate_batches(dataset, batch_size, device=device):
-            logits = model(method.model_input(batch)).float()
+            logits = model(_input(model, method, batch)).float()
             losses.append(F.cross_entropy(logits, batch["label"], reduction="sum").double())
             probs.append(logits.softmax(1))
             labels.append(batch["label"])
@@ -120,7 +131,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     if progress is not None:
         task = progress.add_task(f"evaluating {dataset.split}", total=len(dataset))
     for batch in iterate_batches(dataset, batch_size, device=device):
-        x = method.model_input(batch)
+        x = _input(model, method, batch)
         logits, maps = explainer.predict_and_attribute(x)
         n_bad = int((~torch.isfinite(logits)).sum())
         if n_bad:  # before the maps' own NaN errors, which would blame the saliency
@@ -197,7 +208,7 @@ def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset,
     hits, knowns = [], []  # per-batch counts, summed on the host once (no sync per batch)
     with eval_mode(model):
         for batch in iterate_batches(dataset, batch_size, device=device):
-            logits = model.attributes(method.model_input(batch)).float()
+            logits = model.attributes(_input(model, method, batch)).float()
             known = batch["attr_known"].bool()
             hit = ((logits > 0) == (batch["attributes"] > 0.5)) & known
             hits.append(hit.sum(0))

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,11 @@ from torch.optim.swa_utils import update_bn
 
 from .. import __version__
 from ..data.format import LesionDataset, read_meta
-from ..errors import CausalignError, NumericalError
+from ..errors import CausalignError, ConfigError, NumericalError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, verified_bytes
 from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
 from . import distributed as D
-from .config import TrainConfig
+from .config import TrainConfig, apply_overrides
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
 from .progress import progress_bar
 
@@ -41,9 +41,14 @@ BEST = "best.pt"
 _CHECKPOINT_KEYS = ("epoch", "best_epoch", "best_score", "history", "model", "optimizer", "rng")
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto | cpu | cuda | cuda:K as a torch.device; anything else, or a CUDA device this
-    machine lacks, is a user error (torch.device's own is a RuntimeError listing backends)."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """auto | cpu | cuda | cuda:K (or such a torch.device) as a torch.device; anything else,
+    or a CUDA device this machine lacks, is a user error (torch.device's own is a
+    RuntimeError listing backends)."""
+    if isinstance(name, torch.device):  # what a PyTorch caller passes to load_run
+        name = str(name)
+    if not isinstance(name, str):  # re.fullmatch raised a TypeError on None
+        raise CausalignError(f"device must be auto, cpu or cuda[:k], got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
@@ -147,8 +152,12 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     if not path.exists():
         raise CausalignError(f"init: {source}: no checkpoint there (a run folder or a .pt file)")
     state = load_checkpoint(path)
-    weights = state["model"] if "model" in state else state
-    problem = state_dict_mismatch(model, weights) if isinstance(weights, dict) else None
+    weights = state["model"] if isinstance(state, dict) and "model" in state else state
+    if not isinstance(weights, dict):
+        # a .pt of a tensor or None made `"model" in state` raise (a traceback)
+        raise CausalignError(f"init: {path} holds no model weights ("
+                             f"{type(weights).__name__}, not a state dict)")
+    problem = state_dict_mismatch(model, weights)
     if problem is not None:
         raise CausalignError(f"init: {path} does not fit this model ({problem[1]})")
     try:
@@ -273,8 +282,13 @@ def exploding_loss(history: list[dict[str, Any]], num_classes: int, lr: float) -
 class Trainer:
     """Train `cfg.method` on DATA into the run folder `out`."""
 
-    def __init__(self, data: str | Path, cfg: TrainConfig, out: str | Path,
-                 resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, data: str | Path, cfg: TrainConfig | Mapping[str, Any],
+                 out: str | Path, resume: bool = False, progress: bool = True) -> None:
+        if isinstance(cfg, Mapping):  # {"method": "oracle", "epochs": 3}, as --config reads
+            cfg = apply_overrides(TrainConfig(), dict(cfg))
+        elif not isinstance(cfg, TrainConfig):  # an AttributeError on .validate() before
+            raise ConfigError(f"cfg must be a TrainConfig (or a mapping of its keys), got "
+                              f"{type(cfg).__name__}")
         cfg.validate()
         self.data = Path(data)
         self.cfg = cfg
@@ -319,6 +333,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
+        # again, not only in __init__: a second fit() of the same Trainer retrained from
+        # scratch over the run its first fit() had finished (metrics.json rewritten). Before
+        # init_distributed: no rank can have written a checkpoint of this fit yet.
+        self._check_out_dir()
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
         # torchrun's environment (or a caller's process group) → data-parallel; see
@@ -347,7 +365,16 @@ class Trainer:
             if self.device.type != "cuda":
                 raise CausalignError("sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if self.cfg.init:
+        elif self.cfg.sync_bn:
+            # one process has no other rank to synchronise with: say so rather than record
+            # sync_bn: true in config.yaml for a run that ran plain BatchNorm
+            warnings.warn("sync_bn: training runs in a single process (world size 1), which "
+                          "has no other ranks to synchronise with; BatchNorm runs as usual",
+                          stacklevel=2)
+        # A resumed run's weights come from its checkpoint: its init source may since have
+        # moved or been deleted, or be a path relative to another folder (config.yaml keeps
+        # it as given), and resuming failed on it for weights it would overwrite anyway.
+        if self.cfg.init and not (self.resume and (self.out / CHECKPOINT).is_file()):
             init_weights(self.model, self.cfg.init)
         self.model = self.model.to(self.device)
         self._wrap_model()
@@ -654,10 +681,20 @@ class Trainer:
 
         The process-wide torch settings that `threads` and `deterministic` change are
         restored on return (a caller's later work must not run single-threaded or in
-        deterministic mode because of one training run)."""
+        deterministic mode because of one training run); so are the caller's grad mode and
+        default dtype, which training overrides (autograd on, float32). The global RNGs are
+        seeded from `seed` and left as training leaves them."""
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                  torch.is_deterministic_algorithms_warn_only_enabled(),
                  torch.backends.cudnn.benchmark)
+        # Training needs autograd and the data's float32, whatever the caller's context: a
+        # call inside torch.no_grad()/inference_mode() failed at the first backward, and
+        # torch.set_default_dtype(torch.float64) built float64 weights that the float32
+        # batches cannot enter (tracebacks). Both are restored on return.
+        with _float32_default(), torch.inference_mode(False), torch.enable_grad():
+            return self._fit_restoring(saved)
+
+    def _fit_restoring(self, saved: tuple) -> dict:
         try:
             self._setup()
             try:
@@ -843,6 +880,18 @@ def _one_sample_batchnorm_error(cfg: TrainConfig, batch: dict[str, Tensor], n_tr
                              f"{fix}") from None
 
 
+@contextmanager
+def _float32_default() -> Iterator[None]:
+    """torch's default dtype float32 inside (models are built in the dtype of the data and
+    of the checkpoints), the caller's restored after, also on an exception."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
@@ -851,8 +900,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def train(data: str | Path, cfg: TrainConfig, out: str | Path, resume: bool = False,
-          progress: bool = True) -> dict:
+def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Path,
+          resume: bool = False, progress: bool = True) -> dict:
     """Train a model and return its metrics (what `causalign train` does)."""
     return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
 
@@ -881,7 +930,7 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
 def stored_config(run: Path) -> TrainConfig:
     """The resolved TrainConfig saved in RUN/config.yaml (validated: an edited file with an
     unknown key or a bad value is reported as one line naming the file)."""
-    from .config import apply_overrides, valid_keys
+    from .config import valid_keys
 
     path = Path(run) / "config.yaml"
     raw = {k: v for k, v in read_run_config(run).items() if k not in RUN_METADATA}
@@ -934,7 +983,7 @@ def data_info_from_disk(data: Path) -> DataInfo:
                     attributes=list(meta.attributes))
 
 
-def load_run(run: str | Path, device: str = "auto", data: str | Path | None = None
+def load_run(run: str | Path, device: str | torch.device = "auto", data: str | Path | None = None
              ) -> tuple[TrainConfig, nn.Module, Method, Path]:
     """Load a run: its config, best model (eval mode), method and dataset path.
 
@@ -961,7 +1010,8 @@ def load_run(run: str | Path, device: str = "auto", data: str | Path | None = No
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CausalignError(f"{weights}: not a causalign checkpoint (no model weights)")
     info = data_info_from_disk(data_path)
-    model = method.build_model(cfg, info).to(dev)
+    with _float32_default():  # the checkpoint's dtype, whatever torch's default is
+        model = method.build_model(cfg, info).to(dev)
     _load_run_weights(model, state["model"], weights, data_path, info)
     model.eval()
     return cfg, model, method, data_path
