@@ -111,11 +111,16 @@ def dihedral_augment(batch: dict[str, Tensor], generator: torch.Generator
                      ) -> dict[str, Tensor]:
     """Random per-sample flips of H and W (and transposition when H == W), applied alike to
     the image and its masks. Draws from ``generator`` (the sampler's, saved in checkpoints),
-    so an interrupted run resumes with the same augmentations."""
+    so an interrupted run resumes with the same augmentations. ``out["dihedral"]`` (N, 3)
+    bool records what each sample got (flip_h, flip_w, swap; swap only where applied): the
+    warm-start caches of causal-align/hier-align keep per-sample offsets in the stored
+    orientation (`causalign.explain.counterfactual.dihedral_transform`)."""
     n = len(batch["label"])
     flip_h, flip_w, swap = torch.rand(3, n, generator=generator) < 0.5
     h, w = batch["image"].shape[-2:]
     out = dict(batch)
+    out["dihedral"] = torch.stack([flip_h, flip_w, swap & (h == w)], 1).to(
+        batch["label"].device)
     for key in SPATIAL_KEYS:
         if key not in out:
             continue

@@ -340,11 +340,49 @@ class InnerProblem:
 # --------------------------------------------------------------------------- warm start
 
 
+def dihedral_transform(x: Tensor, dihedral: Tensor, inverse: bool = False) -> Tensor:
+    """Per-sample dihedral transforms of the last two axes of ``x`` (N, ..., H, W).
+
+    ``dihedral`` (N, 3) bool holds flip_h, flip_w, swap per sample, as the trainer's
+    ``augment=dihedral`` records them in ``batch["dihedral"]``: flip H, then W, then
+    transpose (swap only applies to square images). ``inverse`` undoes it (transpose, then
+    the flips, which commute). Exact: every step is a permutation of the pixels."""
+    t = dihedral.to(device=x.device, dtype=torch.bool)
+    if t.dim() != 2 or t.shape != (len(x), 3):
+        raise InputError(f"dihedral must be an (N, 3) bool tensor (flip_h, flip_w, swap) for "
+                         f"{len(x)} inputs, got shape {tuple(t.shape)}")
+    if x.dim() < 3:
+        raise InputError(f"dihedral transforms need inputs (N, ..., H, W), got shape "
+                         f"{tuple(x.shape)}")
+    square = x.shape[-1] == x.shape[-2]
+    if bool(t[:, 2].any()) and not square:
+        raise InputError(f"dihedral swap (transposition) needs square images, got "
+                         f"{tuple(x.shape[-2:])}")
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    fh, fw, sw = (t[:, k].view(shape) for k in range(3))
+    if inverse and square:
+        x = torch.where(sw, x.transpose(-2, -1), x)
+    x = torch.where(fh, x.flip(-2), x)
+    x = torch.where(fw, x.flip(-1), x)
+    if not inverse and square:
+        x = torch.where(sw, x.transpose(-2, -1), x)
+    return x
+
+
+def dihedral_code(dihedral: Tensor) -> Tensor:
+    """0..7: which of the 8 dihedral transforms each row of ``dihedral`` (N, 3) is."""
+    t = dihedral.long()
+    return t[:, 0] + 2 * t[:, 1] + 4 * t[:, 2]
+
+
 class WarmStartCache:
     """Last solution offset u* − u0 per sample, keyed by dataset index.
 
     Offsets (not x*) are stored so a warm start stays meaningful if the same sample comes
-    back slightly different (e.g. augmented). Storage is one dense tensor grown on demand.
+    back slightly different. Storage is one dense tensor grown on demand. Image-shaped
+    offsets of augmented inputs (``dihedral``, see `dihedral_transform`) are stored in the
+    sample's own orientation and handed back in the orientation it has now: a flipped
+    image's offset reused as is started the next search from a wrong (mirrored) offset.
     """
 
     def __init__(self) -> None:
@@ -371,8 +409,10 @@ class WarmStartCache:
             known[: self.known.shape[0]] = self.known.to(like.device)
         self.offsets, self.known = offsets, known
 
-    def get(self, ids: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(offsets, hit) for ``ids``; misses get zero offsets."""
+    def get(self, ids: Tensor, like: Tensor, dihedral: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:
+        """(offsets, hit) for ``ids``; misses get zero offsets. ``dihedral`` (N, 3): the
+        inputs' transforms; the stored (untransformed) offsets are transformed alike."""
         ids = ids.to(like.device).long()
         if self.offsets is None or self.offsets.shape[1:] != like.shape[1:]:
             return torch.zeros_like(like), torch.zeros(len(ids), dtype=torch.bool,
@@ -383,11 +423,17 @@ class WarmStartCache:
         hit = inside & self.known[safe]
         off = torch.where(hit.view(-1, *[1] * (like.dim() - 1)), self.offsets[safe].to(like),
                           torch.zeros_like(like))
+        if dihedral is not None:
+            off = dihedral_transform(off, dihedral)
         return off, hit
 
-    def put(self, ids: Tensor, offsets: Tensor, keep: Tensor) -> None:
-        """Store rows where ``keep``; rows not kept are forgotten (e.g. a diverged solve)."""
+    def put(self, ids: Tensor, offsets: Tensor, keep: Tensor,
+            dihedral: Tensor | None = None) -> None:
+        """Store rows where ``keep``; rows not kept are forgotten (e.g. a diverged solve).
+        ``dihedral`` (N, 3): the inputs' transforms, undone before storing."""
         ids = ids.to(offsets.device).long()
+        if dihedral is not None:
+            offsets = dihedral_transform(offsets, dihedral, inverse=True)
         self._grow(int(ids.max()) + 1 if len(ids) else 0, offsets)
         self.offsets[ids[keep]] = offsets[keep].detach().to(self.offsets.dtype)
         self.known[ids[keep]] = True
@@ -547,7 +593,8 @@ class CounterfactualGenerator:
 
     def generate(self, x0: Tensor, *, labels: Tensor | None = None,
                  target: Tensor | None = None, ids: Tensor | None = None,
-                 report: bool = True, bn_stats: BNStats | None = None) -> CounterfactualResult:
+                 report: bool = True, bn_stats: BNStats | None = None,
+                 dihedral: Tensor | None = None) -> CounterfactualResult:
         """Counterfactuals for a batch x0 (N, C, ...); see `_generate`.
 
         A latent-space autoencoder runs in eval mode too (its modules' flags restored): in
@@ -556,16 +603,18 @@ class CounterfactualGenerator:
         ae = self.autoencoder if self.space == "latent" else None
         with eval_mode(ae) if ae is not None else nullcontext():
             return self._generate(x0, labels=labels, target=target, ids=ids, report=report,
-                                  bn_stats=bn_stats)
+                                  bn_stats=bn_stats, dihedral=dihedral)
 
     def _generate(self, x0: Tensor, *, labels: Tensor | None = None,
                   target: Tensor | None = None, ids: Tensor | None = None,
-                  report: bool = True, bn_stats: BNStats | None = None
-                  ) -> CounterfactualResult:
+                  report: bool = True, bn_stats: BNStats | None = None,
+                  dihedral: Tensor | None = None) -> CounterfactualResult:
         """Counterfactuals for a batch x0 (N, C, ...).
 
         ``target`` (y*) wins over ``labels`` + the target rule; with neither, y is the model's
-        prediction. ``ids`` (dataset indices) key the warm-start cache. ``bn_stats`` replaces
+        prediction. ``ids`` (dataset indices) key the warm-start cache; ``dihedral`` (N, 3
+        bool: flip_h, flip_w, swap; ``batch["dihedral"]`` of ``augment=dihedral``) says how
+        each x0 was transformed from the sample as stored (`WarmStartCache`). ``bn_stats`` replaces
         BatchNorm running statistics (`capture_bn_stats`). A sample whose search produced
         NaN/inf is reset to x0 and flagged in ``diverged``; it never poisons others.
         """
@@ -603,12 +652,20 @@ class CounterfactualGenerator:
         target = target.to(x0.device)
         if self.warm_start and ids is not None:
             ids = _as_ids(ids, len(x0))
+            if dihedral is not None:
+                dihedral = _as_dihedral(dihedral, len(x0))
+                if self.space == "latent":
+                    # a code is not image-shaped (a flip of x0 is no flip of its code): each
+                    # orientation of a sample keeps its own entry, a warm start only from a
+                    # solution for this very input (a mirrored one started far off)
+                    ids = ids.to(dihedral.device) * 8 + dihedral_code(dihedral)
+                    dihedral = None
         prob = self.problem(x0, target)
         u0 = prob.u0
         warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
         u = u0.clone()
         if self.warm_start and ids is not None:
-            off, warm = self.cache.get(ids, u0)
+            off, warm = self.cache.get(ids, u0, dihedral)
             u = u0 + off
         with eval_mode(self.model, fold_bn=True, bn_stats=bn_stats):
             solve = {"adam": _adam, "ista": _proximal_gradient,
@@ -637,7 +694,7 @@ class CounterfactualGenerator:
             with torch.no_grad():
                 x_star = prob.image(u)
         if self.warm_start and ids is not None:
-            self.cache.put(ids, u - u0, ok)
+            self.cache.put(ids, u - u0, ok, dihedral)
         dist = distance_value(u - u0, self.distance, prob.scale, eps=0.0)
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
@@ -678,6 +735,16 @@ def _as_ids(ids: object, n: int) -> Tensor:
     if out.numel() and int(out.min()) < 0:
         raise InputError(f"ids must be non-negative dataset indices, got {int(out.min())}")
     return out
+
+
+def _as_dihedral(dihedral: object, n: int) -> Tensor:
+    """Per-sample dihedral transforms as an (n, 3) bool tensor, or one clear error."""
+    if not isinstance(dihedral, Tensor) or dihedral.shape != (n, 3) \
+            or dihedral.is_floating_point() or dihedral.is_complex():
+        raise InputError(f"dihedral must be an ({n}, 3) bool tensor (flip_h, flip_w, swap per "
+                         f"input), got {getattr(dihedral, 'dtype', type(dihedral).__name__)} "
+                         f"of shape {tuple(getattr(dihedral, 'shape', ()))}")
+    return dihedral.bool()
 
 
 def _check_soft_target(target: Tensor, logits: Tensor) -> None:

@@ -363,9 +363,11 @@ class CausalAlign(Method):
         if p.balance > 0 and cap is None:
             ce_norm = grad_norm(ce, [q for q in model.parameters() if q.requires_grad])
             cap = float(p.balance * ce_norm / p.lam)
+        # augment=dihedral's per-sample transforms: the warm start maps cached offsets
         term, stats = self.alignment(model, x[idx], target[idx], region[idx],
                                      batch["index"][idx] if "index" in batch else None,
-                                     grad_cap=cap)
+                                     grad_cap=cap, dihedral=batch["dihedral"][idx]
+                                     if "dihedral" in batch else None)
         parts.update(stats)
         # L_align is a mean over the samples whose counterfactual did not diverge: data-
         # parallel training weights it by the global batch's count (LossOutput.means)
@@ -433,14 +435,15 @@ class CausalAlign(Method):
         return cap
 
     def alignment(self, model: nn.Module, x: Tensor, target: Tensor, region: Tensor,
-                  ids: Tensor | None, grad_cap: float | GradCap | None = None
-                  ) -> tuple[Tensor, dict[str, float]]:
+                  ids: Tensor | None, grad_cap: float | GradCap | None = None,
+                  dihedral: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """L_align over these (annotated) samples: a tensor whose value is L_align and whose
-        gradient w.r.t. the model's parameters is the implicit dL_align/dθ; plus stats."""
+        gradient w.r.t. the model's parameters is the implicit dL_align/dθ; plus stats.
+        ``dihedral``: the samples' augmentation (``batch["dihedral"]``), for the warm start."""
         p = self.params
         bn_stats = self._bn_stats
         res = self.generator(model).generate(x, target=target, ids=ids if p.warm_start else None,
-                                             report=False, bn_stats=bn_stats)
+                                             report=False, bn_stats=bn_stats, dihedral=dihedral)
         return self.implicit_term(model, res, region, bn_stats, grad_cap=grad_cap)
 
     def implicit_term(self, model: nn.Module, res: CounterfactualResult, region: Tensor,

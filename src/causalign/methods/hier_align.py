@@ -300,12 +300,16 @@ class HierAlign(Method):
 
     def image_counterfactual(self, model: nn.Module, x: Tensor, a_star: Tensor,
                              ids: Tensor | None = None, bn_stats: dict | None = None,
-                             report: bool = False) -> CounterfactualResult:
-        """Eq. 7: x* whose predicted attributes move from f₁(x) to a*."""
+                             report: bool = False, dihedral: Tensor | None = None
+                             ) -> CounterfactualResult:
+        """Eq. 7: x* whose predicted attributes move from f₁(x) to a*. ``dihedral``: the
+        images' augmentation (``batch["dihedral"]``), for the warm start's cached offsets.
+        (Eq. 6 searches attribute vectors, orientation-free, and never warm-starts.)"""
         ids = ids if self.params.warm_start else None
         return self.pixel.generator(model.f1).generate(
             # a* in the images' dtype: .float() rounded a float64 model's targets to float32
-            x, target=a_star.detach().to(x.dtype), ids=ids, report=report, bn_stats=bn_stats)
+            x, target=a_star.detach().to(x.dtype), ids=ids, report=report, bn_stats=bn_stats,
+            dihedral=dihedral)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         p = self.params
@@ -388,7 +392,9 @@ class HierAlign(Method):
         if bool(sel_x.any()):
             ii = rows[sel_x]
             ids = batch["index"][ii] if "index" in batch else None
-            res_x = self.image_counterfactual(model, x[ii], res_a.x_star[sel_x], ids, bn_stats)
+            dihedral = batch["dihedral"][ii] if "dihedral" in batch else None
+            res_x = self.image_counterfactual(model, x[ii], res_a.x_star[sel_x], ids, bn_stats,
+                                              dihedral=dihedral)
             term1, stats = self.pixel.implicit_term(model.f1, res_x, region[ii], bn_stats,
                                                     grad_cap=cap1)
             total = total + p.lam1 * term1
