@@ -332,9 +332,11 @@ class InnerProblem:
 
     def subset(self, idx: Tensor) -> InnerProblem:
         """The same problem restricted to the samples ``idx`` (they are independent)."""
+        per_sample = self.scale is not None and self.scale.dim() == self.x0.dim()
         return dataclasses.replace(
             self, x0=self.x0[idx], u0=self.u0[idx], target=self.target[idx],
-            base=None if self.base is None else self.base[idx])
+            base=None if self.base is None else self.base[idx],
+            scale=self.scale[idx] if per_sample else self.scale)
 
 
 # --------------------------------------------------------------------------- warm start
@@ -553,8 +555,12 @@ class CounterfactualGenerator:
         self.optimizer = optimizer
         self.cache = WarmStartCache()
 
-    def problem(self, x0: Tensor, target: Tensor) -> InnerProblem:
-        """The inner problem at x0 (encodes x0 in latent space)."""
+    def problem(self, x0: Tensor, target: Tensor, dihedral: Tensor | None = None
+                ) -> InnerProblem:
+        """The inner problem at x0 (encodes x0 in latent space). ``dihedral`` (N, 3): how each
+        input was flipped (`augment=dihedral`); a per-pixel distance scale, measured on the
+        stored images, is flipped with it, so a flipped image's problem is the flipped
+        problem (unflipped, a change on the left was weighed by the right's scale)."""
         x0 = x0.detach()
         scale = self.scale.to(x0) if self.scale is not None else None
         if scale is not None and self.space != "latent" and scale.shape != x0.shape[1:]:
@@ -562,6 +568,8 @@ class CounterfactualGenerator:
             raise InputError(f"distance scale {tuple(scale.shape)} must have the shape of one "
                              f"image of x0 {tuple(x0.shape[1:])} (distance_scale of images "
                              f"like these)")
+        if scale is not None and dihedral is not None and self.space != "latent":
+            scale = dihedral_transform(scale.expand(len(x0), *scale.shape), dihedral)
         if self.space == "latent":
             # the inputs' device and dtype: an autoencoder fitted on the float32 training
             # images failed in its first conv on a float64 model's inputs
@@ -650,22 +658,23 @@ class CounterfactualGenerator:
         elif target.shape[0] != len(x0):
             raise InputError(f"target has {target.shape[0]} rows for {len(x0)} inputs")
         target = target.to(x0.device)
+        if dihedral is not None:
+            dihedral = _as_dihedral(dihedral, len(x0))
+        cache_dihedral = dihedral  # how cached offsets map onto these inputs
         if self.warm_start and ids is not None:
             ids = _as_ids(ids, len(x0))
-            if dihedral is not None:
-                dihedral = _as_dihedral(dihedral, len(x0))
-                if self.space == "latent":
-                    # a code is not image-shaped (a flip of x0 is no flip of its code): each
-                    # orientation of a sample keeps its own entry, a warm start only from a
-                    # solution for this very input (a mirrored one started far off)
-                    ids = ids.to(dihedral.device) * 8 + dihedral_code(dihedral)
-                    dihedral = None
-        prob = self.problem(x0, target)
+            if dihedral is not None and self.space == "latent":
+                # a code is not image-shaped (a flip of x0 is no flip of its code): each
+                # orientation of a sample keeps its own entry, a warm start only from a
+                # solution for this very input (a mirrored one started far off)
+                ids = ids.to(dihedral.device) * 8 + dihedral_code(dihedral)
+                cache_dihedral = None
+        prob = self.problem(x0, target, dihedral)
         u0 = prob.u0
         warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
         u = u0.clone()
         if self.warm_start and ids is not None:
-            off, warm = self.cache.get(ids, u0, dihedral)
+            off, warm = self.cache.get(ids, u0, cache_dihedral)
             u = u0 + off
         with eval_mode(self.model, fold_bn=True, bn_stats=bn_stats):
             solve = {"adam": _adam, "ista": _proximal_gradient,
@@ -694,7 +703,7 @@ class CounterfactualGenerator:
             with torch.no_grad():
                 x_star = prob.image(u)
         if self.warm_start and ids is not None:
-            self.cache.put(ids, u - u0, ok, dihedral)
+            self.cache.put(ids, u - u0, ok, cache_dihedral)
         dist = distance_value(u - u0, self.distance, prob.scale, eps=0.0)
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
@@ -874,7 +883,9 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     """
     u = u.detach().clone()
     shape = (-1,) + (1,) * (u.dim() - 1)
-    inv_scale = (1.0 / prob.scale).flatten() if prob.scale is not None else None
+    # (D,) for one scale shared by every sample, (N, D) for per-sample (flipped) scales
+    inv_scale = None if prob.scale is None else (1.0 / prob.scale).flatten(
+        1 if prob.scale.dim() == u.dim() else 0)
     sparse = prob.distance in ("l1", "scaled-l1")
     soft = prob.target.is_floating_point()
     work = _work_dtype(u.dtype)  # the systems are solved in >= float32, steps taken in u's

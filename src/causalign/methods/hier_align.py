@@ -29,7 +29,6 @@ over |S| ≤ 3.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -175,10 +174,7 @@ class HierAlignParams:
 
 def _subset(res: CounterfactualResult, keep: Tensor) -> CounterfactualResult:
     """Rows ``keep`` of a counterfactual result (and of its inner problem)."""
-    prob = res.problem
-    sub = dataclasses.replace(prob, x0=prob.x0[keep], u0=prob.u0[keep],
-                              target=prob.target[keep],
-                              base=None if prob.base is None else prob.base[keep])
+    sub = res.problem.subset(keep)
     return CounterfactualResult(
         x_star=res.x_star[keep], u_star=res.u_star[keep], target=res.target[keep],
         diverged=res.diverged[keep], warm=res.warm[keep], distance=res.distance[keep],
