@@ -466,3 +466,21 @@ def test_bench_step_threads_option_sets_and_restores_torch_threads(capsys):
     assert torch.get_num_threads() == before
     rc, _, err = _run(capsys, "bench", "step", "--threads", "-1")
     _assert_user_error(rc, err, "--threads")
+
+
+def test_causaligns_own_warnings_are_one_warning_line(tiny_data, tmp_path, capsys):
+    """A causalign UserWarning (here sync_bn in a single process) printed as Python's two
+    lines, a file path with a line number and the source line that raised it; the CLI now
+    prints it as one `warning: …` line, like the trainer's own warnings. Other packages'
+    warnings keep Python's format."""
+    import warnings
+
+    before = warnings.showwarning
+    rc, _, err = _run(capsys, "train", str(tiny_data), "--method", "erm", "--epochs", "1",
+                      "--out", str(tmp_path / "run"), "--set", "width=4", "--set",
+                      "threads=1", "--set", "sync_bn=true", "--no-progress")
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "sync_bn" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: sync_bn: "), err
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    assert warnings.showwarning is before  # main() leaves Python's display as it found it

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -603,7 +604,26 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors → one line on stderr and exit code 2, no traceback."""
+    """Entry point: user errors → one line on stderr and exit code 2, no traceback.
+
+    causalign's own UserWarnings (amp/compile fallbacks, sync_bn in one process) print as
+    one `warning: …` line like the trainer's, not as Python's two lines of file path and
+    source; other packages' warnings keep Python's format, which says where they come from."""
+    package = Path(__file__).resolve().parent
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(package):
+            print(f"warning: {_one_line(str(message))}", file=file or sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:  # recent typer (0.29 here) vendors click; its parser raises these, not click's
         from typer._click.exceptions import ClickException
     except ImportError:
