@@ -419,13 +419,14 @@ def merge_method_states(states: list[dict], touched: list[Tensor],
     rank 0 (every rank held the same entry since the last merge). Without this, a sample
     that lands on another rank next epoch starts cold there, and the checkpoint (rank 0's)
     keeps only rank 0's half. ``own`` (default ``states[0]``) supplies the entries no rank
-    touched, so ``states`` may hold only the touched ones (`touched_only`). ``damping``
-    (raised on negative curvature, on the rank that met it) takes the largest. Everything
+    touched, so ``states`` may hold only the touched ones (`touched_only`). A damping
+    (``damping``, hier-align's ``attr_damping``: raised on negative curvature, on the rank
+    that met it) takes the largest. Everything
     else is rank 0's (step counters: rank 0 never has an empty chunk)."""
     merged = dict(states[0])
     for key in states[0]:
         values = [s.get(key) for s in states]
-        if key == "damping" and all(isinstance(v, (int, float)) for v in values):
+        if key.endswith("damping") and all(isinstance(v, (int, float)) for v in values):
             merged[key] = max(values)
             continue
         if not any(_is_cache_state(v) for v in values) or \

@@ -241,12 +241,24 @@ TROUBLE_COLUMNS = {
 }
 
 
+def _trouble_columns(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(column, meaning) for every failure counter in `history`: TROUBLE_COLUMNS, and
+    hier-align's per-level ones (train_img_cg_dropped, train_attr_cf_diverged, …)."""
+    seen = dict.fromkeys(k for row in history for k in row)
+    out = []
+    for column, meaning in TROUBLE_COLUMNS.items():
+        counter = column.removeprefix("train_")
+        out += [(c, meaning) for c in seen
+                if c == column or (c.startswith("train_") and c.endswith("_" + counter))]
+    return out
+
+
 def numerical_trouble(history: list[dict[str, Any]], threshold: float = 0.5) -> list[str]:
     """One line per failure counter of `history` that reached `threshold` in some epoch:
     the run finished, but its alignment term was mostly absent there, which history.csv
     alone leaves for the user to notice."""
     lines = []
-    for column, meaning in TROUBLE_COLUMNS.items():
+    for column, meaning in _trouble_columns(history):
         values = [(row["epoch"], float(row[column])) for row in history
                   if row.get(column) not in (None, "") and math.isfinite(float(row[column]))]
         bad = [epoch for epoch, v in values if v >= threshold]

@@ -274,13 +274,20 @@ class HierAlign(Method):
         self.epoch = epoch
 
     def state_dict(self) -> dict:
+        # each level's CG damping, raised on negative curvature and kept for later steps
+        # (as causal-align keeps it): without it a resumed run restarted both levels at
+        # method.damping. "damping" (image level) is the key data-parallel merging maxes.
         return {"step": self.step, "cache": self.pixel.cache.state_dict(),
                 "scale": None if self.pixel.scale is None else self.pixel.scale.cpu(),
-                "r": self.r_table, "r_known": self.r_known}
+                "r": self.r_table, "r_known": self.r_known,
+                "damping": self.pixel.damping, "attr_damping": self.attr.damping}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", 0))
         self.pixel.cache.load_state_dict(state.get("cache", {}))
+        # older checkpoints hold no damping: the configured one, as before
+        self.pixel.damping = float(state.get("damping", self.params.damping))
+        self.attr.damping = float(state.get("attr_damping", self.params.damping))
         if state.get("scale") is not None:
             self.pixel.scale = state["scale"]
         if state.get("r") is not None:
