@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_train import die_after_checkpoint
 
 from causalign.engine import TrainConfig, load_run, train
 from causalign.engine.evaluate import evaluate_split, quick_metrics
@@ -150,11 +151,14 @@ def test_quick_metrics_and_evaluate_split_take_a_model_of_another_dtype(data, tm
 def test_sync_bn_in_a_single_process_warns_instead_of_silently_doing_nothing(data, tmp_path):
     """sync_bn only acts across torchrun ranks; a single process recorded sync_bn: true and
     ran plain BatchNorm without a word."""
-    with pytest.warns(UserWarning, match=r"sync_bn: training runs in a single process"):
-        train(data, _cfg(sync_bn=True), tmp_path / "run", progress=False)
+    with pytest.warns(UserWarning) as record:
+        metrics = train(data, _cfg(sync_bn=True), tmp_path / "run", progress=False)
+    said = [str(w.message) for w in record if "sync_bn" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("sync_bn: training runs in a single process")
+    assert "test" in metrics  # it still trained and evaluated, with plain BatchNorm
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no warning when it is off
-        train(data, _cfg(), tmp_path / "off", progress=False)
+        assert "test" in train(data, _cfg(), tmp_path / "off", progress=False)
 
 
 def test_resume_does_not_need_the_init_source_any_more(data, tmp_path, monkeypatch):
@@ -169,14 +173,7 @@ def test_resume_does_not_need_the_init_source_any_more(data, tmp_path, monkeypat
     train(data, _cfg(), source, progress=False)
     cfg = _cfg(epochs=2, init=str(source))
     full = train(data, cfg, tmp_path / "full", progress=False)
-    original = Trainer._save_state
-
-    def save_then_die(self):
-        original(self)
-        if self.state.epoch == 1:
-            raise KeyboardInterrupt  # interrupted right after epoch 1's checkpoint
-
-    monkeypatch.setattr(Trainer, "_save_state", save_then_die)
+    original = die_after_checkpoint(monkeypatch, 1)  # interrupted right after epoch 1's checkpoint
     with pytest.raises(KeyboardInterrupt):
         train(data, cfg, tmp_path / "part", progress=False)
     monkeypatch.setattr(Trainer, "_save_state", original)

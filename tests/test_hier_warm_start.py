@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import torch
+from test_hier_align import INFO, P, _batch
 
 from causalign.engine.config import TrainConfig
 from causalign.methods import build_method
-from causalign.methods.base import DataInfo
 from causalign.methods.hier_align import HierAlign
 
-P = 4
-INFO = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 16, 16),
-                attributes=[f"a{i}" for i in range(P)])
 FAST = dict(steps=2, attr_steps=5, cg_iters=3)
-
-
-def _batch(index: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    n = len(index)
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(n, 1, 16, 16)
-    mask[:, :, 4:12, 4:12] = 1
-    return {
-        "image": torch.rand(n, 1, 16, 16, generator=g),
-        "label": torch.tensor([0, 1] * (n // 2)),
-        "mask": mask, "has_mask": torch.ones(n, dtype=torch.bool), "box_mask": mask,
-        "has_annotation": torch.ones(n, dtype=torch.bool),
-        "attributes": (torch.rand(n, P, generator=g) > 0.5).float(),
-        "attr_known": torch.ones(n, P, dtype=torch.bool),
-        "index": torch.tensor(index),
-    }
 
 
 def test_state_dict_keeps_each_levels_damping() -> None:
@@ -52,7 +33,8 @@ def test_image_warm_start_is_keyed_by_the_aligned_rows_dataset_index() -> None:
     method = build_method("hier-align", dict(FAST))
     torch.manual_seed(0)
     model = method.build_model(TrainConfig(width=4), INFO)
-    b = _batch([7, 2, 9, 4])
+    b = _batch(4)
+    b["index"] = torch.tensor([7, 2, 9, 4])  # dataset indices in a shuffled order
     b["has_mask"][1] = False  # sample 2: no mask, so no image-level search
     method.loss(model, b)
     cache = method.pixel.cache

@@ -23,6 +23,20 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
+def die_after_checkpoint(monkeypatch, epoch: int):
+    """Make training stop with KeyboardInterrupt right after epoch ``epoch``'s checkpoint,
+    as a kill would; returns the real `Trainer._save_state`, to put back for the resume."""
+    original = Trainer._save_state
+
+    def save_then_die(self):
+        original(self)
+        if self.state.epoch == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_die)
+    return original
+
+
 def test_erm_run_folder_and_metrics(tiny_data, tmp_path):
     run = tmp_path / "run"
     metrics = train(tiny_data, _cfg(), run, progress=True)
@@ -46,14 +60,7 @@ def test_resume_matches_uninterrupted(tiny_data, tmp_path, monkeypatch, augment)
     cfg = _cfg(epochs=3, deterministic=True, augment=augment)
     train(tiny_data, cfg, full, progress=False)
     part = tmp_path / "part"
-    original = Trainer._save_state
-
-    def save_then_die(self):
-        original(self)
-        if self.state.epoch == 2:
-            raise KeyboardInterrupt  # interrupted right after epoch 2's checkpoint
-
-    monkeypatch.setattr(Trainer, "_save_state", save_then_die)
+    original = die_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_data, cfg, part, progress=False)
     monkeypatch.setattr(Trainer, "_save_state", original)
