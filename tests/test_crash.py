@@ -177,3 +177,25 @@ def test_atomic_outputs_get_the_mode_open_would_give(tmp_path, umask):
     assert (os.stat(tmp_path / "plain.txt").st_mode & 0o777) == want
     for name in ("m.json", "c.pt", "c.pt.sha256", "f.png"):
         assert (os.stat(tmp_path / name).st_mode & 0o777) == want, (name, oct(want))
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tiny_data, tmp_path, capsys, monkeypatch):
+    """ENOSPC surfaces at write or fsync, whose OSError names no file: the CLI printed
+    "error: No space left on device" without saying which output failed."""
+    import errno
+
+    import causalign.io as cio
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cio.os, "fsync", full)
+    out = tmp_path / "run"
+    rc = main(["train", str(tiny_data), "--out", str(out), "--epochs", "1", "--set", "width=4",
+               "--no-progress"])
+    monkeypatch.undo()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {out}{os.sep}") and err[0].endswith(
+        ": No space left on device"), err
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written

@@ -40,9 +40,13 @@ def _atomic_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # a failed write or fsync (a full disk, a quota) names no file: name the output,
+            # so the CLI's one line says which file could not be written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
