@@ -5,29 +5,44 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from ..errors import InputError
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
-    """accuracy, balanced accuracy and AUC (one-vs-rest macro for >2 classes; None when the
-    split holds a single class, where AUC is undefined).
+    """accuracy, balanced accuracy and AUC (one-vs-rest macro for >2 classes, over the
+    classes the split holds; None when the split holds a single class, where AUC is
+    undefined).
 
-    ``probs`` (N, C) and integer ``labels`` (N,) in 0..C−1; anything else, an empty split or a
-    NaN/inf probability raises `InputError` (a label C would otherwise count as "positive" in
-    the binary AUC and give a silently wrong number)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels)
+    ``probs`` (N, C) rows of class probabilities (each in [0, 1], summing to 1) and integer
+    (or bool) ``labels`` (N,) in 0..C−1; anything else, an empty split or a NaN/inf
+    probability raises `InputError` (a label C would otherwise count as "positive" in the
+    binary AUC and give a silently wrong number; so would logits, whose class-1 column ranks
+    samples differently from the softmax probability)."""
+    probs = np.asarray(_numpy(probs), dtype=np.float64)
+    labels = np.asarray(_numpy(labels))
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
         raise InputError(f"classification metrics need probs (N, classes) and labels (N,), "
                          f"got {probs.shape} and {labels.shape}")
     if probs.shape[0] == 0:
         raise InputError("classification metrics of an empty split are undefined")
+    if probs.shape[1] == 0:
+        raise InputError(f"probs {probs.shape} hold no classes")
     n_bad = int((~np.isfinite(probs)).sum())
     if n_bad:
         raise InputError(f"probs hold {n_bad} NaN/inf value(s): the model's outputs are not "
                          f"finite")
+    # loose enough for a half-precision softmax (rows off by ~C·5e-4), tight enough that
+    # logits or unnormalised scores are caught
+    off = float(np.abs(probs.sum(axis=1) - 1).max())
+    if probs.min() < -1e-3 or probs.max() > 1 + 1e-3 or off > 1e-2:
+        raise InputError(f"probs must be class probabilities (rows in [0, 1] summing to 1), "
+                         f"got values in [{probs.min():.4g}, {probs.max():.4g}] with row sums "
+                         f"off by up to {off:.3g}: pass softmax outputs, not logits")
+    if labels.dtype == np.bool_:  # binary labels as False/True are classes 0/1
+        labels = labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer) and not (
             np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
         raise InputError(f"labels must be integer class indices, got {labels.dtype}")
@@ -48,5 +63,23 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
         if len(present) == probs.shape[1] == 2:
             out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
         elif len(present) == probs.shape[1] > 2:
-            out["auc"] = float(roc_auc_score(labels, probs, multi_class="ovr"))
+            # rows renormalised in float64: scikit-learn demands sums within ~1e-5 and raised
+            # "Target scores need to be probabilities" on a half-precision softmax
+            rows = probs / probs.sum(axis=1, keepdims=True)
+            out["auc"] = float(roc_auc_score(labels, rows, multi_class="ovr"))
+        elif probs.shape[1] > 2 and len(present) >= 2:
+            # a class absent from the split has no one-vs-rest AUC; the macro mean over the
+            # others is defined (scikit-learn's "ovr" refuses such a split: it was None)
+            out["auc"] = float(np.mean([roc_auc_score(labels == c, probs[:, c])
+                                        for c in present]))
     return out
+
+
+def _numpy(x: object) -> object:
+    """Tensors as NumPy arrays: np.asarray failed on a tensor that requires grad ("Can't call
+    numpy() on Tensor that requires grad"), a bfloat16 one ("unsupported ScalarType
+    BFloat16") and a CUDA one."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.double() if x.is_floating_point() else x).numpy()
+    return x

@@ -30,8 +30,11 @@ def deletion_scores(
 
     maps: (N, *spatial) saliency (or (N, 1, *spatial)); inputs (N, C, *spatial); a pixel is
     removed in all channels; each fraction lies in (0, 1] and removes at least one pixel.
-    Ties are broken by pixel index (earlier first, a stable sort) so k pixels are removed
-    exactly and the ranking does not depend on the map's scale. `target`
+    Ties are broken in one fixed pseudo-random pixel order (`_tie_order`), so k pixels are
+    removed exactly, the ranking does not depend on the map's scale, the result is
+    deterministic and the same for a sample in any batch, and no image region is preferred:
+    index order removed the top-left pixels of every flat plateau first (a constant map "found"
+    the top-left shortcut symbol of the synthetic benchmark). `target`
     holds one class per input (an int applies to all). The model runs in eval mode (its
     modules' flags are restored): in train mode BatchNorm would update its running statistics
     on the deleted images and dropout would add noise to the drop.
@@ -81,10 +84,13 @@ def deletion_scores(
     if n_bad:  # NaN sorts arbitrarily: the "top-k" pixels would be meaningless
         raise InputError(f"maps hold {n_bad} NaN/inf value(s); deletion needs finite maps")
     numel = flat.shape[1]
-    # A stable sort breaks ties by pixel index whatever the map's scale: an additive jitter
-    # (once 1e-12 per index) outranked the map itself when its values were below ~numel·1e-12.
-    # on the inputs' device once (maps may live on the host), not once per fraction
-    order = flat.sort(dim=1, descending=True, stable=True).indices.to(inputs.device)
+    # A stable sort of the map in a fixed shuffled pixel order breaks ties by that order
+    # whatever the map's scale: an additive jitter (once 1e-12 per index) outranked the map
+    # itself when its values were below ~numel·1e-12, and plain index order favoured the
+    # top-left corner. On the inputs' device once (maps may live on the host).
+    shuffle = _tie_order(numel).to(flat.device)
+    ranked = flat[:, shuffle].sort(dim=1, descending=True, stable=True).indices
+    order = shuffle[ranked].to(inputs.device)
     if logits is not None and tuple(logits.shape[:1]) != (n,):
         raise InputError(f"logits {tuple(logits.shape)} must be (N, classes) for the {n} "
                          f"inputs")
@@ -107,6 +113,13 @@ def deletion_scores(
             prob = _probs(model(deleted)).gather(1, target[:, None]).squeeze(1)
             out[frac] = base - prob
     return out
+
+
+def _tie_order(numel: int) -> Tensor:
+    """A fixed pseudo-random permutation of ``numel`` pixel indices (its own seeded generator,
+    so the global RNG is neither used nor advanced): the order in which equal-valued pixels
+    are removed. One order for every sample keeps a sample's drop independent of its batch."""
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(0))
 
 
 def _probs(logits: Tensor) -> Tensor:

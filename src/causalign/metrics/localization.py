@@ -28,6 +28,11 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
     if maps.shape != annotation.shape or maps.dim() < 2:
         raise InputError(f"maps {tuple(maps.shape)} and annotation {tuple(annotation.shape)} "
                          f"must have the same shape (N, *spatial)")
+    if annotation.is_floating_point():
+        n_bad = int((~torch.isfinite(annotation)).sum())
+        if n_bad:  # NaN > 0 is False: a NaN mask silently counted as "not annotated"
+            raise InputError(f"annotation holds {n_bad} NaN/inf value(s); it must be a "
+                             f"binary mask")
     # the maps' device: maps computed on the GPU against masks from the (CPU) dataset
     # failed with "Expected all tensors to be on the same device"
     return _check_maps(maps), annotation.to(maps.device)
@@ -52,16 +57,32 @@ def _check_maps(maps: Tensor) -> Tensor:
     return maps
 
 
+def _check_threshold(threshold: float) -> None:
+    """A binarisation threshold on maps normalised to [0, 1]: a NaN one (every comparison
+    False) or one above 1 selected no pixel and silently scored every map 0."""
+    if not 0 <= threshold <= 1:
+        raise InputError(f"threshold must lie in [0, 1] (maps are normalised to [0, 1]), "
+                         f"got {threshold}")
+
+
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """Per-sample min–max normalisation to [0, 1]; also returns which maps are empty
     (constant, e.g. an all-zero Grad-CAM). `eps` is relative to the map's largest magnitude,
     so whether a map is empty does not depend on its scale (an absolute 1e-12 called every
-    map with values ~1e-14 empty and scored it 0). Non-finite maps raise `InputError`."""
-    return _normalize(_check_maps(maps), eps)
+    map with values ~1e-14 empty and scored it 0). Non-finite maps raise `InputError`.
+    Floating-point maps keep their dtype (computed in at least float32)."""
+    maps = _check_maps(maps)
+    norm, empty = _normalize(maps, eps)
+    return (norm.to(maps.dtype) if maps.is_floating_point() else norm), empty
 
 
 def _normalize(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
-    """`normalize_maps` of maps already checked (`_check_maps`)."""
+    """`normalize_maps` of maps already checked (`_check_maps`), in at least float32: in
+    half precision hi − lo overflowed to inf for maps spanning more than ±32752 (every value
+    normalised to 0 or NaN), and the rounding of (m − lo) / (hi − lo) moved pixels across the
+    0.5 threshold (12 of 200 random 16x16 maps scored differently than the same values in
+    float32)."""
+    maps = maps.to(torch.promote_types(maps.dtype, torch.float32))
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values
     hi = flat.max(dim=1).values
@@ -79,6 +100,7 @@ def cam_precision(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> T
     An empty (constant) map selects no area and scores 0: it points at nothing annotated.
     """
     maps, annotation = _check_pair(maps, annotation)
+    _check_threshold(threshold)
     norm, empty = _normalize(maps)
     # float64 maps keep float64; at least float32 (a half count overflows at 65504 pixels)
     dtype = torch.promote_types(norm.dtype, torch.float32)
@@ -95,28 +117,41 @@ def mass_in_mask(maps: Tensor, annotation: Tensor) -> Tensor:
     maps, annotation = _check_pair(maps, annotation)
     s = maps.clamp_min(0).flatten(1)
     s = s.to(torch.promote_types(s.dtype, torch.float32))  # integer maps: float shares
+    # each map divided by its own peak first, so the share does not depend on the map's
+    # scale: the sums of float32 values ~1e36 overflowed to a NaN share, and the old
+    # clamp_min(1e-30) of the total shrank the share of a map with values ~1e-33 (×0.03)
+    peak = s.amax(1, keepdim=True)
+    s = s / torch.where(peak > 0, peak, torch.ones_like(peak))
     total = s.sum(1)
     inside = (s * (annotation > 0).flatten(1).to(s.dtype)).sum(1)
-    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
+    return torch.where(total > 0, inside / total.clamp_min(1.0), torch.zeros_like(total))
 
 
 def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
     """Relevance rank accuracy (Arras et al., 2022, CLEVR-XAI): of the |A| highest-valued
     pixels, with |A| the annotation's own size, the share inside A. Area-matched, so a map
     that is random scores about |A| / N whatever its density, and one confined to A scores 1.
-    NaN where the annotation is empty. Ties are broken in ``torch.argsort`` order."""
+    NaN where the annotation is empty.
+
+    Pixels tied with the |A|-th largest value share the remaining places: each counts with
+    the fraction of those places it would get under a uniformly random tie order (the
+    expected score). ``argsort`` order made a constant map score 0 or 1 depending on where A
+    lies, and a quantised map depend on the sort's implementation."""
     maps, annotation = _check_pair(maps, annotation)
     flat = maps.flatten(1)
     ann = (annotation > 0).flatten(1)
     k = ann.sum(1)
-    order = flat.argsort(dim=1, descending=True)
-    ranks_in = torch.gather(ann, 1, order)  # annotation membership in rank order
-    top = torch.arange(flat.shape[1], device=flat.device).unsqueeze(0) < k.unsqueeze(1)
     # float32 at least, as the other scores: an integer map's dtype cannot hold the NaN of an
     # empty annotation (it raised "value cannot be converted to type int64_t"), and half
     # precision would round the shares
     dtype = torch.promote_types(flat.dtype, torch.float32)
-    hits = (ranks_in & top).sum(1).to(dtype)
+    ranked = flat.sort(dim=1, descending=True).values
+    kth = ranked.gather(1, (k - 1).clamp_min(0).unsqueeze(1))  # the |A|-th largest value
+    above, tied = flat > kth, flat == kth
+    n_above = above.sum(1).to(dtype)
+    n_tied = tied.sum(1).to(dtype)
+    hits = ((above & ann).sum(1).to(dtype)
+            + (k.to(dtype) - n_above) * (tied & ann).sum(1).to(dtype) / n_tied)
     return torch.where(k > 0, hits / k.clamp_min(1).to(dtype),
                        torch.full_like(hits, float("nan")))
 
@@ -124,6 +159,7 @@ def rank_accuracy(maps: Tensor, annotation: Tensor) -> Tensor:
 def iou_dice(maps: Tensor, annotation: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
     """IoU and Dice between the binarised normalised map and the annotation."""
     maps, annotation = _check_pair(maps, annotation)
+    _check_threshold(threshold)
     norm, empty = _normalize(maps)
     sel = ((norm >= threshold) & ~empty.view((-1,) + (1,) * (maps.dim() - 1))).flatten(1)
     ann = (annotation > 0).flatten(1)
