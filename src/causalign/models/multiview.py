@@ -18,6 +18,12 @@ clipped to a common floor and δ receives gradient. τ is the temperature (small
 attention): fixed, as in the paper, or trainable with ``learn_tau=True`` (parametrised as
 τ = exp(log τ), so it stays positive). In train mode each sample sees a random subset of its
 slices (the paper: 10 of 100, to save compute); in eval mode every slice is used.
+
+Inference without gradients (eval mode under ``torch.no_grad``, as in prediction) runs the
+volumes through the slice CNN a few at a time, at most ``infer_floats`` first-layer activation
+values per chunk: the CNN sees N·D slices at once, so a batch of 256 BraTS volumes
+(4×32×128×128) needed ~27 GB. Eval-mode BatchNorm treats slices independently, so the result
+is the same.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from .cnn import SevenLayerCNN
 
 class MultiViewCNN(nn.Module):
     """Volumes (N, C, D, H, W) → log class probabilities (N, num_outputs)."""
+
+    # First-layer activation values per no-grad inference chunk (256 MB in float32).
+    infer_floats: int = 2 ** 26
 
     def __init__(self, in_channels: int = 1, num_outputs: int = 2, width: int = 16,
                  max_slices: int = 512, position_dim: int = 6, train_slices: float = 0.5,
@@ -55,6 +64,7 @@ class MultiViewCNN(nn.Module):
         else:
             self.register_buffer("tau", torch.tensor(float(tau)))
         self.learn_tau = learn_tau
+        self.width = width
         self.max_slices = max_slices
         self.train_slices = train_slices
         self.num_outputs = num_outputs
@@ -96,6 +106,21 @@ class MultiViewCNN(nn.Module):
         if d > self.max_slices:
             raise InputError(f"volume has {d} slices; this model embeds at most "
                              f"{self.max_slices} positions")
+        per = max(1, self.infer_floats // max(1, d * h * w * self.width))
+        if n > per and not self.training and not torch.is_grad_enabled():
+            # Inference: a few volumes at a time bound the CNN's activation memory (and the
+            # transposed copy of the input); eval mode uses every slice, no randomness.
+            outs, att = [], []
+            for chunk in x.split(per):
+                outs.append(self._pool(chunk))
+                att.append(self.last_attention)
+            self.last_attention = torch.cat(att)
+            self.last_slices = torch.arange(d, device=x.device).expand(n, d)
+            return torch.cat(outs)
+        return self._pool(x)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        n, c, d, h, w = x.shape
         slices = self.slices_used(n, d, x.device)
         k = slices.shape[1]
         views = x.transpose(1, 2)  # (N, D, C, H, W)

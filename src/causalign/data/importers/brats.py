@@ -9,9 +9,11 @@ SRC layout: one folder per subject, anywhere under SRC, holding NIfTI volumes::
 
 2023 names map to the classic ones: t1n → t1, t1c → t1ce, t2w → t2, t2f → flair. Volumes are
 reoriented to RAS (nibabel ``as_closest_canonical``) so axial slices are ``[:, :, z]``, shown
-anterior up, patient left on the left. Each modality is scaled to [0, 1] by its 0.5/99.5
-percentiles inside the brain (voxels > 0 in any modality); the brain's bounding square is
-cropped and resized to `--size`. Image channels = `--modalities` in the given order.
+in the radiological convention: anterior up, patient left on the viewer's right. Each modality
+is scaled to [0, 1] by its 0.5/99.5 percentiles inside the brain (voxels > 0 in any modality);
+the brain's bounding square, square in millimetres (anisotropic in-plane voxels, e.g. 1×2 mm,
+are not squashed), is cropped and resized to `--size`. Image channels = `--modalities` in the
+given order.
 
 Segmentation labels: 1 necrotic/non-enhancing core, 2 oedema, 4 (2023: 3) enhancing tumour.
 `--region` picks the mask: wt (whole tumour, labels > 0, default), tc (core: 1, 3, 4),
@@ -29,7 +31,7 @@ whole-tumour mask, label = grade (needs `--task grade`).
 
 Splits are per subject (no subject in two splits), random with `--seed`, stratified by grade
 when known. Skipped with a reason: a missing modality or segmentation, an unreadable NIfTI,
-volumes whose shapes differ, a subject without tumour slices.
+volumes whose shapes or voxel sizes differ, a subject without tumour slices.
 """
 
 from __future__ import annotations
@@ -144,11 +146,13 @@ def find_grades(src: Path, subjects: dict[str, dict[str, Path]]) -> dict[str, st
     return grades
 
 
-def load_volume(nib: ModuleType, path: Path) -> np.ndarray:
-    """A NIfTI volume in RAS orientation as float32 (x, y, z)."""
+def load_volume(nib: ModuleType, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI volume in RAS orientation as float32 (x, y, z), and its voxel size in mm along
+    x, y, z (the lengths of the reoriented affine's columns)."""
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
         data = np.asarray(img.dataobj, dtype=np.float32)
+        spacing = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors …
         raise SkipItem("unreadable NIfTI", f"{path.name}: {type(exc).__name__}: {exc}"
                        ) from None
@@ -159,11 +163,14 @@ def load_volume(nib: ModuleType, path: Path) -> np.ndarray:
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:  # a NaN label would be cast to an arbitrary integer class in the mask
         raise SkipItem("NaN/inf voxels", f"{path.name}: {bad} voxel(s)")
-    return data
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        spacing = np.ones(3)  # a degenerate affine: treat voxels as isotropic
+    return data, spacing
 
 
 def to_display(vol: np.ndarray) -> np.ndarray:
-    """RAS (x, y, z) → (z, rows, cols): anterior at the top, patient left on the left."""
+    """RAS (x, y, z) → (z, rows, cols): anterior at the top, patient left on the viewer's
+    right (radiological convention: columns run along +x, towards the patient's left)."""
     return np.ascontiguousarray(np.rot90(vol, k=1, axes=(0, 1)).transpose(2, 0, 1))
 
 
@@ -229,16 +236,22 @@ class BratsImporter(Importer):
                                  "grade": "HGG → 1, LGG → 0",
                                  "enhancing": f">= {opts.min_tumor_px // 4} enhancing voxels "
                                               "→ 1"}[opts.task],
-                  "orientation": "RAS; axial slices, anterior up, patient left on the left"})
+                  "orientation": "RAS; axial slices, anterior up, patient left on the "
+                                 "viewer's right (radiological)"})
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         opts: BratsOptions = self.opts
         subj, files, grade = unit.payload
-        vols = [load_volume(self.nib, files[m]) for m in opts.mods()]
-        seg = load_volume(self.nib, files["seg"])
-        shapes = {v.shape for v in [*vols, seg]}
+        loaded = [load_volume(self.nib, files[m]) for m in [*opts.mods(), "seg"]]
+        vols = [v for v, _ in loaded[:-1]]
+        seg, spacing = loaded[-1]
+        shapes = {v.shape for v, _ in loaded}
         if len(shapes) != 1:
             raise SkipItem("volume shapes differ", f"{subj}: {sorted(shapes)}")
+        if any(not np.allclose(sp, spacing, rtol=1e-3, atol=1e-4) for _, sp in loaded):
+            raise SkipItem("voxel sizes differ", f"{subj}: " + ", ".join(
+                sorted({"×".join(f"{v:.3g}" for v in sp) for _, sp in loaded})) + " mm")
+        del loaded
         seg = np.rint(seg).astype(np.int16)
         brain = np.zeros(seg.shape, bool)
         for v in vols:
@@ -251,9 +264,18 @@ class BratsImporter(Importer):
         seg_d = to_display(seg)
         brain_d = to_display(brain)
         region = np.isin(seg_d, REGIONS[opts.region])
-        # brain bounding square (over all slices)
+        # brain bounding square (over all slices), square in mm: displayed columns run along
+        # RAS x, rows along y, so an anisotropic in-plane grid (sx ≠ sy) is cropped as a
+        # rectangle of voxels and the resize makes the pixels square (it was cropped square in
+        # voxels: a 2×1 mm grid came out squashed to half its width).
         x0, y0, x1, y1 = box_of_mask(brain_d.any(axis=0))
-        sl = ((x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0))  # centre x, y and side
+        sx, sy = float(spacing[0]), float(spacing[1])
+        side = max(x1 - x0, y1 - y0)
+        w = h = side
+        if not np.isclose(sx, sy, rtol=1e-3):
+            side_mm = max((x1 - x0) * sx, (y1 - y0) * sy)
+            w, h = max(1, round(side_mm / sx)), max(1, round(side_mm / sy))
+        sl = ((x0 + x1) / 2, (y0 + y1) / 2, w, h)  # centre x, y; width, height in voxels
         if opts.mode == "volumes":
             yield self._volume(unit, subj, grade, image, region, brain_d, sl)
             return
@@ -288,7 +310,7 @@ class BratsImporter(Importer):
                          box=box_of_mask(mask) if mask is not None else None)
 
     def _volume(self, unit: Unit, subj: str, grade: str | None, image: np.ndarray,
-                region: np.ndarray, brain: np.ndarray, sl: tuple[float, float, int]
+                region: np.ndarray, brain: np.ndarray, sl: tuple[float, float, int, int]
                 ) -> Sample:
         opts: BratsOptions = self.opts
         zs = np.nonzero(brain.any(axis=(1, 2)))[0]
@@ -302,10 +324,19 @@ class BratsImporter(Importer):
                       mask=mask if mask.any() else None)
 
 
-def _crop_resize(chw: np.ndarray, sl: tuple[float, float, int], size: int) -> np.ndarray:
-    """Crop the square (centre x, centre y, side) from (C, H, W) and resize to size×size."""
-    cx, cy, side = sl
-    return resize(crop_square(chw, cx, cy, side), (size, size))
+def _crop_resize(chw: np.ndarray, sl: tuple[float, float, int, int], size: int) -> np.ndarray:
+    """Crop the box (centre x, centre y, width, height; a square in mm) from (C, H, W),
+    padded with 0 outside, and resize to size×size."""
+    cx, cy, w, h = sl
+    if w == h:
+        return resize(crop_square(chw, cx, cy, w), (size, size))
+    x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
+    out = np.zeros((*chw.shape[:-2], h, w), dtype=chw.dtype)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + w, chw.shape[-1]), min(y0 + h, chw.shape[-2])
+    if sx1 > sx0 and sy1 > sy0:
+        out[..., sy0 - y0: sy1 - y0, sx0 - x0: sx1 - x0] = chw[..., sy0:sy1, sx0:sx1]
+    return resize(out, (size, size))
 
 
 def _interp_z(vol: np.ndarray, p: float) -> np.ndarray:
