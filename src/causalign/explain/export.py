@@ -67,6 +67,19 @@ class OwnedFiles:
         atomic_write_json(self.manifest, sorted(self.written))
 
 
+def display_slice(region: np.ndarray | None, depth: int) -> int:
+    """Slice of a volume to draw: the one with the most annotation in ``region`` (D, H, W),
+    else the middle one. A box spans every slice equally (`LesionDataset._box_batch`), so
+    its argmax was always slice 0, usually far from the lesion; pass the mask where there
+    is one."""
+    if region is None:
+        return depth // 2
+    per_slice = region.reshape(region.shape[0], -1).sum(1)
+    if not per_slice.max() > per_slice.min():  # empty, or the same area on every slice
+        return depth // 2
+    return int(per_slice.argmax())
+
+
 def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                     out: str | Path, limit: int | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 32,
@@ -101,6 +114,7 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
     (out / "maps").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     images, boxes, maps_all, ids = [], [], [], []
+    volumes = len(dataset.image_shape) == 4
     task = progress.add_task(f"explaining ({saliency})", total=n) if progress else None
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
@@ -113,14 +127,16 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
         preds = logits.argmax(1).cpu().tolist()
         images_np = x.detach().cpu().numpy()
         boxes_np = batch["box_mask"][:, 0].cpu().numpy()
+        masks_np = batch["mask"][:, 0].cpu().numpy() if volumes else None
+        has_mask = batch["has_mask"].cpu().tolist()
         for j, i in enumerate(idx.tolist()):
             rec = dataset.records[i]
             m = maps[j]
             atomic_save_npy(files.path(f"maps/{rec.id}.npy"), m)
             img = images_np[j]
             box = boxes_np[j]
-            if m.ndim == 3:  # volume: show the slice with the most annotation
-                z = int(box.reshape(box.shape[0], -1).sum(1).argmax())
+            if m.ndim == 3:  # volume: the slice with the most lesion (mask, else box)
+                z = display_slice(masks_np[j] if has_mask[j] else box, m.shape[0])
                 img, m2, box = img[:, z], m[z], box[z]
             else:
                 m2 = m
