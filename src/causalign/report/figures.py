@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..io import atomic_savefig
 
 
@@ -20,13 +22,34 @@ def _plt():
     return plt
 
 
+@contextmanager
+def _figure(*args, **kwargs) -> Iterator[tuple]:
+    """``plt.subplots(*args, **kwargs)`` closed on the way out, also when drawing or saving
+    fails: a failed figure stayed open in pyplot's registry (write_report goes on after a
+    failed figure, so each failure leaked one, and matplotlib warns past 20)."""
+    plt = _plt()
+    fig = plt.figure(figsize=kwargs.pop("figsize", None))
+    try:  # fig.subplots inside: with 0 rows it raises after the figure exists
+        yield fig, fig.subplots(*args, **kwargs)
+    finally:
+        plt.close(fig)
+
+
+def _plain(text: str) -> str:
+    """User text (sample ids, method labels, class and dataset names) shown as written:
+    matplotlib reads "$…$" as math, so an id like ``P$_^$`` raised a ParseSyntaxException
+    when the figure was saved and ``case$1$`` lost its dollars."""
+    return text.replace("$", r"\$")
+
+
 def _fit(label: str, inches: float, fontsize: float = 7) -> str:
     """Wrap a row or panel label into lines that fit `inches` (about 0.6 em per character):
     real sample ids (``Mass-Test_P_00016_LEFT_CC_1``, ``LIDC-IDRI-0002_01.2.2_n00``) have no
     spaces and ran into the next row's label or off the figure."""
     width = max(6, int(inches * 72 / (0.62 * fontsize)))
-    return "\n".join(textwrap.fill(part, width, break_long_words=True, break_on_hyphens=False)
-                     for part in label.split("\n"))
+    return _plain("\n".join(textwrap.fill(part, width, break_long_words=True,
+                                          break_on_hyphens=False)
+                            for part in label.split("\n")))
 
 
 def _show_image(ax, image: np.ndarray) -> None:
@@ -58,48 +81,78 @@ def _draw_box(ax, box_mask: np.ndarray, color: str = "red") -> None:
 def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], path: str | Path,
                  cols: int = 8) -> None:
     """Grid of examples with the lesion mask outlined."""
-    plt = _plt()
     n = len(images)
     rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.05 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        ax = axes.flat[i]
-        ax.axis("on")
-        image, m = images[i], masks[i][0]
-        if m.ndim == 3:  # a volume: show the slice with the most lesion (the middle slice
-            # can miss a lesion that spans only a few slices)
-            z = int(m.reshape(m.shape[0], -1).sum(1).argmax())
-            image, m = image[:, z], m[z]
-        _show_image(ax, image)
-        if m.any():
-            ax.contour(m, levels=[0.5], colors="red", linewidths=0.6)
-        ax.set_title(_fit(titles[i], 1.6), fontsize=7)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    with _figure(rows, cols, figsize=(1.9 * cols, 2.05 * rows), squeeze=False) as (fig, axes):
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(n):
+            ax = axes.flat[i]
+            ax.axis("on")
+            image, m = images[i], masks[i][0]
+            if m.ndim == 3:  # a volume: show the slice with the most lesion (the middle
+                # slice can miss a lesion that spans only a few slices)
+                z = int(m.reshape(m.shape[0], -1).sum(1).argmax())
+                image, m = image[:, z], m[z]
+            _show_image(ax, image)
+            if m.any():
+                ax.contour(m, levels=[0.5], colors="red", linewidths=0.6)
+            ax.set_title(_fit(titles[i], 1.6), fontsize=7)
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=110)
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarray | None,
             path: str | Path, title: str = "") -> None:
     """One image with its saliency map overlaid (jet, alpha by strength) and the box."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(2.6, 2.6))
-    _overlay_ax(ax, image, saliency, box_mask)
-    if title:
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    with _figure(figsize=(2.6, 2.6)) as (fig, ax):
+        _overlay_ax(ax, image, saliency, box_mask)
+        if title:  # wrapped: a CBIS-DDSM id with "y=… pred=…" ran off both edges
+            ax.set_title(_fit(title, 2.5, fontsize=8), fontsize=8)
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=110)
+
+
+BAD_COLOUR = "magenta"  # NaN pixels of a map: shown, not hidden as "no relevance"
+
+
+def _scaled_map(saliency: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A map scaled for display and whether it is signed.
+
+    Unsigned maps (Grad-CAM, |gradient|) are min–max scaled to [0, 1]. Signed maps (WBP,
+    LRP, input × gradient: any negative value) are divided by their largest |value|, so
+    0 stays 0 and the scale is symmetric: min–max scaling put "no relevance" at a
+    different colour in every image (mid-green of jet), and negative evidence looked
+    like weak positive evidence. Scales come from the finite values only: one NaN or inf
+    pixel made the whole map blank or raised "invalid value" warnings; ±inf is shown at
+    the ends of the scale, NaN stays NaN (drawn in BAD_COLOUR)."""
+    s = np.asarray(saliency, dtype=np.float64)
+    finite = s[np.isfinite(s)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    signed = lo < 0 or bool(np.isneginf(s).any())
+    if signed:
+        lim = max(-lo, hi) or 1.0  # only ±inf beside zeros: they show at ±1
+        return np.clip(s, -lim, lim) / lim, True
+    if hi > lo:
+        return (np.clip(s, lo, hi) - lo) / (hi - lo), False
+    return np.where(np.isnan(s), np.nan, np.where(s > hi, 1.0, 0.0)), False
 
 
 def _overlay_ax(ax, image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarray | None):
+    """Map over the image: jet for unsigned maps; for signed ones a diverging map centred
+    at 0 (red positive, blue negative evidence), opacity growing with |value| so the white
+    middle of the map does not veil the image. Weak pixels (< 5 % of the scale) are left
+    transparent."""
+    import matplotlib
+
     _show_image(ax, image)
-    s = saliency.astype(np.float64)
-    rng = s.max() - s.min()
-    s = (s - s.min()) / rng if rng > 0 else np.zeros_like(s)
-    ax.imshow(s, cmap="jet", alpha=0.45 * (s > 0.05), vmin=0, vmax=1)
+    s, signed = _scaled_map(saliency)
+    cmap = matplotlib.colormaps["bwr" if signed else "jet"].with_extremes(bad=BAD_COLOUR)
+    strength = np.abs(np.nan_to_num(s))
+    alpha = (0.8 * strength if signed else np.full_like(s, 0.45)) * (strength > 0.05)
+    alpha = np.where(np.isnan(s), 0.9, alpha)
+    ax.imshow(s, cmap=cmap, alpha=alpha, vmin=-1 if signed else 0, vmax=1)
     if box_mask is not None:
         _draw_box(ax, box_mask)
 
@@ -121,51 +174,68 @@ def _input_and_columns_grid(n: int, names: list[str], path: str | Path,
                             row_titles: Sequence[str] | None, draw_input, draw_cell) -> None:
     """n rows × (input + one column per name) panels, titled on the first row;
     ``draw_input(ax, row)`` and ``draw_cell(ax, row, name)`` fill them."""
-    plt = _plt()
-    fig, axes = plt.subplots(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.85 * n),
-                             squeeze=False)
-    for r in range(n):
-        draw_input(axes[r, 0], r)
-        if row_titles:  # rows are 1.85 in high, the image part about 1.4 in
-            axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
+    _some_cases(n, path)
+    with _figure(n, len(names) + 1, figsize=(1.8 * (len(names) + 1), 1.85 * n),
+                 squeeze=False) as (fig, axes):
+        for r in range(n):
+            draw_input(axes[r, 0], r)
+            if row_titles:  # rows are 1.85 in high, the image part about 1.4 in
+                axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
+            for c, name in enumerate(names, start=1):
+                draw_cell(axes[r, c], r, name)
+        axes[0, 0].set_title("input", fontsize=8)
         for c, name in enumerate(names, start=1):
-            draw_cell(axes[r, c], r, name)
-    axes[0, 0].set_title("input", fontsize=8)
-    for c, name in enumerate(names, start=1):
-        axes[0, c].set_title(name, fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+            # wrapped to the 1.8 in column: the paper suite's labels ("L_align, no
+            # hierarchy (causal-align)") ran into the next column's
+            axes[0, c].set_title(_fit(name, 1.7, fontsize=8), fontsize=8)
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=110)
+
+
+def _some_cases(n: int, path: str | Path) -> None:
+    """A grid of no cases is a caller's mistake: say so instead of matplotlib's "Number of
+    rows must be a positive integer, not 0"."""
+    if n < 1:
+        raise InputError(f"{path}: no cases to draw (0 images)")
 
 
 def _change_ax(ax, change: np.ndarray, region: np.ndarray | None, vmax: float | None = None):
     """Signed change x* − x summed over channels: red = increase, blue = decrease (paper 000
-    Fig. 9); symmetric colour scale so white is exactly "unchanged"."""
-    c = change.sum(axis=0) if change.ndim == 3 else change
-    lim = float(np.abs(c).max()) if vmax is None else vmax
-    ax.imshow(c, cmap="bwr", vmin=-max(lim, 1e-8), vmax=max(lim, 1e-8))
+    Fig. 9); symmetric colour scale so white is exactly "unchanged". The scale is written
+    under the panel: each panel has its own, and full red meant 0.5 in one row and 0.005
+    in the next with nothing to tell them apart."""
+    import matplotlib
+
+    c = np.asarray(change.sum(axis=0) if change.ndim == 3 else change, dtype=np.float64)
+    if vmax is None:  # from the finite values: one NaN made the limit NaN, the panel all blue
+        finite = np.abs(c[np.isfinite(c)])
+        lim = float(finite.max()) if finite.size else 0.0
+    else:
+        lim = vmax
+    lim = max(lim, 1e-8)
+    cmap = matplotlib.colormaps["bwr"].with_extremes(bad=BAD_COLOUR)
+    ax.imshow(np.clip(c, -lim, lim), cmap=cmap, vmin=-lim, vmax=lim)
     if region is not None and region.any():
         ax.contour(region, levels=[0.5], colors="black", linewidths=0.6)
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_xlabel(f"full colour = ±{lim:.2g}", fontsize=6, labelpad=2)
 
 
 def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.ndarray | None,
                             path: str | Path, title: str = "") -> None:
     """Original | counterfactual x* | signed change x* − x (red up, blue down), with the
     annotation outlined on the change map. ``image``/``x_star`` are (C, H, W)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(6.6, 2.5))
-    _show_image(axes[0], image)
-    _show_image(axes[1], x_star)
-    _change_ax(axes[2], x_star - image, region)
-    for ax, name in zip(axes, ("original", "counterfactual x*", "x* − x"), strict=True):
-        ax.set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    with _figure(1, 3, figsize=(6.6, 2.5)) as (fig, axes):
+        _show_image(axes[0], image)
+        _show_image(axes[1], x_star)
+        _change_ax(axes[2], x_star - image, region)
+        for ax, name in zip(axes, ("original", "counterfactual x*", "x* − x"), strict=True):
+            ax.set_title(name, fontsize=8)
+        if title:
+            fig.suptitle(_plain(title), fontsize=8)
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=110)
 
 
 def change_comparison_grid(images: np.ndarray, changes: dict[str, np.ndarray],
@@ -183,17 +253,16 @@ def change_comparison_grid(images: np.ndarray, changes: dict[str, np.ndarray],
 def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.ndarray,
                         path: str | Path, row_titles: Sequence[str] | None = None) -> None:
     """Several triptychs stacked, one case per row, for a quick look at a split."""
-    plt = _plt()
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.85 * n), squeeze=False)
-    for r in range(n):
-        _show_image(axes[r, 0], images[r])
-        _show_image(axes[r, 1], x_stars[r])
-        _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
-        if row_titles:
-            axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
-    for ax, name in zip(axes[0], ("original", "x*", "x* − x"), strict=True):
-        ax.set_title(name, fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    _some_cases(n, path)
+    with _figure(n, 3, figsize=(5.4, 1.85 * n), squeeze=False) as (fig, axes):
+        for r in range(n):
+            _show_image(axes[r, 0], images[r])
+            _show_image(axes[r, 1], x_stars[r])
+            _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
+            if row_titles:
+                axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
+        for ax, name in zip(axes[0], ("original", "x*", "x* − x"), strict=True):
+            ax.set_title(name, fontsize=8)
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=110)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..data.format import LesionDataset
 
 CASES = 6
+CAM_DATASETS = 3  # CAM grids per page: each costs a model load per method
 CF_CASES = 4
 CF_PREFERENCE = ("causal-align", "hier-align", "ppi", "erm")
 
@@ -108,8 +109,17 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
     runs = _pick_runs(results, dataset)
     if not runs:
         return False
-    first = next(iter(runs.values()))
-    _, _, _, data = load_run(out / first["run_dir"], device="cpu")
+    # the dataset from the first run that loads: a missing or corrupt first run (the
+    # suite's first method) sank the whole grid while any other one was just left out
+    data, first_error = None, None
+    for r in runs.values():
+        try:
+            _, _, _, data = load_run(out / r["run_dir"], device="cpu")
+            break
+        except CausalignError as exc:
+            first_error = first_error or exc
+    if data is None:
+        raise first_error
     test = _figure_split(data)
     volume = len(test.image_shape) == 4
     saliency = "wbp" if volume else "gradcam"
@@ -181,20 +191,23 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     from .figures import counterfactual_grid
 
     runs = _pick_runs(results, dataset)
-    chosen = None
-    for pref in CF_PREFERENCE:
-        for label, r in runs.items():
-            if r["method"] == pref:
-                chosen = (label, r)
-                break
-        if chosen:
-            break
-    if chosen is None and runs:
-        chosen = next(iter(runs.items()))
-    if chosen is None:
+    if not runs:
         return None
-    label, r = chosen
-    _, model, method, data = load_run(out / r["run_dir"], device="cpu")
+    # preferred methods first, then the rest in order; a run that does not load (folder
+    # gone, checkpoint corrupt) passes to the next instead of sinking the figure
+    rank = {m: i for i, m in enumerate(CF_PREFERENCE)}
+    candidates = sorted(runs.items(), key=lambda kv: rank.get(kv[1]["method"], len(rank)))
+    first_error = None
+    for cand, r in candidates:
+        try:
+            _, model, method, data = load_run(out / r["run_dir"], device="cpu")
+        except CausalignError as exc:
+            first_error = first_error or exc
+            continue
+        label = cand
+        break
+    else:
+        raise first_error
     settings = settings_for_run(method)
     if settings.space != "pixel" or settings.distance.startswith("scaled"):
         settings.space, settings.distance = "pixel", "l1"  # no extra training for a figure
@@ -229,7 +242,8 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
 def deletion_figure(results: dict, path: Path) -> bool:
     """Mean drop of the predicted class's probability after deleting the top-k salient pixels
     (k as a fraction of the image), per method (default setting, mean over seeds)."""
-    from .figures import _plt
+    from ..io import atomic_savefig
+    from .figures import _figure, _plain
 
     curves: dict[tuple[str, str], dict[str, list[float]]] = {}
     for r in _finished(results):
@@ -242,63 +256,90 @@ def deletion_figure(results: dict, path: Path) -> bool:
     if not curves:
         return False
     datasets = sorted({d for d, _ in curves})
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 3.4),
-                             squeeze=False)
-    for ax, d in zip(axes[0], datasets, strict=True):
-        for (dd, label), pts in sorted(curves.items()):
-            if dd != d:
-                continue
-            ks = sorted(pts, key=float)
-            ax.plot([float(k) for k in ks], [float(np.mean(pts[k])) for k in ks], marker="o",
-                    label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("fraction of pixels deleted (top-k salient)")
-        ax.set_ylabel("drop of predicted-class probability")
-        ax.set_title(d, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    from ..io import atomic_savefig
-
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
+    with _figure(1, len(datasets), figsize=(4.6 * len(datasets), 3.4),
+                 squeeze=False) as (fig, axes):
+        for ax, d in zip(axes[0], datasets, strict=True):
+            for (dd, label), pts in sorted(curves.items()):
+                if dd != d:
+                    continue
+                ks = sorted(pts, key=float)
+                ax.plot([float(k) for k in ks], [float(np.mean(pts[k])) for k in ks],
+                        marker="o", label=_plain(label))
+            ax.set_xscale("log")
+            ax.set_xlabel("fraction of pixels deleted (top-k salient)")
+            ax.set_ylabel("drop of predicted-class probability")
+            ax.set_title(_plain(d), fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=100)
     return True
 
 
-def cross_site_figure(src: Path, path: Path) -> bool:
-    """Heat-maps of a cross_site.json (train site × test site AUC), one per method."""
-    from .figures import _plt
-
+def _cross_site_matrices(src: Path) -> dict[str, np.ndarray]:
+    """{method: square (sites × sites) AUC matrix, NaN where undefined} from a
+    cross_site.json; a file that is not one raises a CausalignError naming it (a ragged or
+    non-square "auc" used to end `causalign benchmark` with numpy's traceback and no
+    report)."""
     try:
         data = json.loads(src.read_text())
-    except (OSError, ValueError):
-        return False
-    mats = {k: np.asarray(v["auc"], dtype=float) for k, v in data.items()
-            if isinstance(v, dict) and isinstance(v.get("auc"), list)}
+    except (OSError, ValueError) as exc:
+        raise CausalignError(f"{src}: unreadable cross-site results ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CausalignError(f"{src}: not a cross-site results object "
+                             f"(top level is a JSON {type(data).__name__})")
+    mats = {}
+    for name, v in data.items():
+        if not (isinstance(v, dict) and isinstance(v.get("auc"), list)):
+            continue  # other keys: settings, sizes, timings
+        try:
+            # null (a one-class test site, no AUC) → NaN
+            m = np.array([[np.nan if c is None else c for c in row] for row in v["auc"]],
+                         dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise CausalignError(f"{src}: '{name}.auc' is not a matrix of numbers ({exc})"
+                                 ) from exc
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+            raise CausalignError(f"{src}: '{name}.auc' must be a square train site × test "
+                                 f"site matrix, got shape {m.shape}")
+        mats[name] = m
+    return mats
+
+
+def cross_site_figure(src: Path, path: Path) -> bool:
+    """Heat-maps of a cross_site.json (train site × test site AUC), one per method, on one
+    colour scale (from 0.5, lower when an AUC is below it: those were drawn as 0.5);
+    undefined cells (null) are grey and marked "–". False when the file holds no AUC
+    matrix; CausalignError when it is malformed."""
+    from ..io import atomic_savefig
+    from .figures import _figure, _plain
+
+    mats = _cross_site_matrices(src)
     if not mats:
         return False
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.6 * len(mats), 3.2), squeeze=False)
-    for ax, (name, m) in zip(axes[0], mats.items(), strict=True):
-        im = ax.imshow(m, vmin=0.5, vmax=1.0, cmap="viridis")
-        k = len(m)
-        names = [chr(ord("A") + i) for i in range(k)]
-        ax.set_xticks(range(k), names)
-        ax.set_yticks(range(k), names)
-        ax.set_xlabel("test site")
-        ax.set_ylabel("train site")
-        ax.set_title(name, fontsize=9)
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] < 0.75 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    from ..io import atomic_savefig
-
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
+    finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()])
+    vmin = min(0.5, np.floor(float(finite.min()) * 10) / 10) if finite.size else 0.5
+    mid = (vmin + 1.0) / 2
+    with _figure(1, len(mats), figsize=(3.6 * len(mats), 3.2), squeeze=False) as (fig, axes):
+        for ax, (name, m) in zip(axes[0], mats.items(), strict=True):
+            im = ax.imshow(m, vmin=vmin, vmax=1.0, cmap="viridis")
+            ax.set_facecolor("lightgrey")  # NaN cells are transparent
+            k = len(m)
+            names = [chr(ord("A") + i) for i in range(k)]
+            ax.set_xticks(range(k), names)
+            ax.set_yticks(range(k), names)
+            ax.set_xlabel("test site")
+            ax.set_ylabel("train site")
+            ax.set_title(_plain(name), fontsize=9)
+            for i in range(k):
+                for j in range(k):
+                    v = m[i, j]
+                    ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center",
+                            va="center", fontsize=7,
+                            color="white" if np.isfinite(v) and v < mid else "black")
+            fig.colorbar(im, ax=ax, fraction=0.046, label="AUC")
+        fig.tight_layout()
+        atomic_savefig(fig, path, dpi=100)
     return True
 
 
@@ -325,7 +366,15 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     res_path = out / "results.json"
     if not res_path.exists():
         raise CausalignError(f"{res_path}: missing (run `causalign benchmark` first)")
-    results = json.loads(res_path.read_text())
+    if cross_site is not None and not Path(cross_site).is_file():
+        # asked for by name: silently leaving the section out hid a mistyped path
+        raise CausalignError(f"{cross_site}: cross-site results file not found")
+    try:  # a truncated or hand-edited file: one line naming it, not a JSONDecodeError
+        results = json.loads(res_path.read_text())
+    except ValueError as exc:
+        raise CausalignError(f"{res_path}: not valid JSON ({exc})") from exc
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise CausalignError(f"{res_path}: not a benchmark results file (no list of 'runs')")
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     runs = results["runs"]
@@ -355,8 +404,15 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                      "the last conv layer (WBP on volumes, cut at the slice with most "
                      "annotation); the red box is the annotated lesion. Rows: test "
                      "cases, columns: methods (default setting, lowest seed).</p>")
-    for d in datasets[:3]:
-        p = figs / f"cam_grid_{_file_slug(d)}.png"
+    slugs: dict[str, str] = {}  # "a/b" and "a b" both slug to "a-b": keep both grids
+    for d in datasets:
+        slug = base = _file_slug(d)
+        k = 2
+        while slug in slugs.values():
+            slug, k = f"{base}-{k}", k + 1
+        slugs[d] = slug
+    for d in datasets[:CAM_DATASETS]:
+        p = figs / f"cam_grid_{slugs[d]}.png"
         try:
             if cam_figure(out, results, d, p):
                 parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"CAM grid {d}"))
@@ -364,9 +420,12 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
         except Exception as exc:  # a figure must not sink the report
             parts.append(f"<p class='failed'>CAM grid for {html.escape(d)} failed: "
                          f"{html.escape(str(exc))}</p>")
+    if len(datasets) > CAM_DATASETS:  # said, not silently dropped
+        rest = ", ".join(html.escape(d) for d in datasets[CAM_DATASETS:])
+        parts.append(f"<p>Not drawn (the first {CAM_DATASETS} datasets only): {rest}.</p>")
     if datasets:
         d = datasets[0]
-        p = figs / f"counterfactuals_{_file_slug(d)}.png"
+        p = figs / f"counterfactuals_{slugs[d]}.png"
         try:
             label = counterfactual_figure(out, results, d, p)
             if label:
@@ -384,12 +443,18 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                      "class's probability after zeroing the top-k Grad-CAM pixels (higher = "
                      "the saliency points at what the model uses).</p>" + _img(p, "deletion"))
         shown.add(p.name)
-    cs = cross_site if cross_site is not None else out / "cross_site.json"
+    cs = Path(cross_site) if cross_site is not None else out / "cross_site.json"
     p = figs / "cross_site.png"
-    if cs.exists() and cross_site_figure(cs, p):
-        parts.append("<h2>Cross-site generalisation</h2><p>Test AUC, model trained on the "
-                     "row's site and tested on the column's site.</p>" + _img(p, "cross-site"))
-        shown.add(p.name)
+    if cs.exists():
+        try:
+            if cross_site_figure(cs, p):
+                parts.append("<h2>Cross-site generalisation</h2><p>Test AUC, model trained "
+                             "on the row's site and tested on the column's site.</p>"
+                             + _img(p, "cross-site"))
+                shown.add(p.name)
+        except CausalignError as exc:  # a malformed optional input must not sink the page
+            parts.append(f"<h2>Cross-site generalisation</h2><p class='failed'>cross-site "
+                         f"figure failed: {html.escape(str(exc))}</p>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>causalign report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
     path = out / "report.html"

@@ -19,7 +19,9 @@ def fmt_mean_std(values: Sequence[float | None], digits: int = 3) -> str:
     m, s = mean_std(values)
     if m is None:
         return "–"
-    return f"{m:.{digits}f} ({s:.{digits}f})" if len(values) > 1 else f"{m:.{digits}f}"
+    # std only over two or more actual values: one seed and a missing one is not "(0.000)"
+    n = sum(v is not None for v in values)
+    return f"{m:.{digits}f} ({s:.{digits}f})" if n > 1 else f"{m:.{digits}f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
