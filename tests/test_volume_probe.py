@@ -119,3 +119,44 @@ def test_multiview_no_grad_inference_runs_in_chunks_with_the_same_result():
     finally:
         handle.remove()
     assert seen == [5 * 3]  # train_slices 0.5 of 6 slices, all volumes at once
+
+
+def test_evaluation_batches_of_volumes_are_capped_by_values_not_samples(tmp_path, monkeypatch):
+    """Evaluation ran 128 (256 for prediction) samples a batch whatever their size: a BraTS
+    volume (4x155x128x128, 10 M values) gave ~180 GB for the saliency pass. Batches are now
+    capped at EVAL_VALUES_PER_BATCH input values; the metrics do not depend on it."""
+    import causalign.engine.evaluate as ev
+    from causalign.data.format import LesionDataset
+    from causalign.data.synth import SynthConfig, generate
+    from causalign.methods.base import build_method
+    from causalign.models import build_model
+
+    data = tmp_path / "vol"
+    generate(data, SynthConfig(n_train=4, n_val=4, n_test=10, size=32, depth=4, seed=0))
+    ds = LesionDataset(data, "test")
+    torch.manual_seed(0)
+    model = build_model("multiview", ds.image_shape[0], 2, width=4, image_shape=ds.image_shape)
+    method = build_method("erm", {})
+    per_sample = int(np.prod(ds.image_shape))  # 1x4x32x32 = 4096 values
+
+    sizes: list[int] = []
+    real = ev.iterate_batches
+
+    def recording(dataset, batch_size, **kw):
+        sizes.append(batch_size)
+        return real(dataset, batch_size, **kw)
+
+    monkeypatch.setattr(ev, "iterate_batches", recording)
+    whole = ev.evaluate_split(model, method, ds, "cpu", saliency="wbp", fractions=(0.1,))
+    monkeypatch.setattr(ev, "EVAL_VALUES_PER_BATCH", 3 * per_sample)
+    sizes.clear()
+    capped = ev.evaluate_split(model, method, ds, "cpu", saliency="wbp", fractions=(0.1,))
+    ev.predict(model, method, ds, "cpu")
+    assert sizes == [3, 3]  # evaluate_split's and predict's batches: 3 volumes, not 128 / 256
+    for key, value in whole.items():
+        if isinstance(value, float):
+            assert capped[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    monkeypatch.setattr(ev, "EVAL_VALUES_PER_BATCH", per_sample // 2)  # larger than the cap
+    sizes.clear()
+    ev.predict(model, method, ds, "cpu")
+    assert sizes == [1]  # one sample a batch, never zero

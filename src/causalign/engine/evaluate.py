@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from numbers import Integral
 from typing import TYPE_CHECKING
@@ -63,6 +64,23 @@ def _input(model: nn.Module, method: Method, batch: dict[str, Tensor]) -> Tensor
     return x
 
 
+# Input values in one evaluation batch. Evaluation's batches were a fixed 128 / 256
+# samples: harmless for 2D images (128 of 1x64x64 are 0.5 M values), but a BraTS volume
+# (4x155x128x128) is 10 M, and a batch of 128 needed ~180 GB for the saliency pass (WBP on one
+# such volume peaks at 1.4 GB). 2D images up to 1x128x128 keep 128 per batch (unchanged);
+# volumes and larger images get fewer per batch, never fewer than one. Measured with WBP on
+# 24 volumes of 1x32x128x128 (multiview, width 16, CPU): peak RSS 7.7 GB in one batch, 5.4 GB
+# at 2**23 values (16 volumes a batch), 2.1 GB at 2**21 (4 a batch); same metrics.
+EVAL_VALUES_PER_BATCH = 2 ** 21
+
+
+def eval_batch_size(dataset: LesionDataset, batch_size: int) -> int:
+    """``batch_size`` capped so a batch holds at most `EVAL_VALUES_PER_BATCH` input values.
+    Evaluation in eval mode is batch-independent, so only memory changes."""
+    per_sample = max(1, math.prod(dataset.image_shape))
+    return max(1, min(batch_size, EVAL_VALUES_PER_BATCH // per_sample))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
@@ -71,7 +89,8 @@ def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: to
     copy per split, not two device syncs per batch."""
     probs, labels, losses = [], [], []
     with eval_mode(model):
-        for batch in iterate_batches(dataset, batch_size, device=device):
+        for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size),
+                                     device=device):
             logits = model(_input(model, method, batch)).float()
             losses.append(F.cross_entropy(logits, batch["label"], reduction="sum").double())
             probs.append(logits.softmax(1))
@@ -130,7 +149,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     task = None
     if progress is not None:
         task = progress.add_task(f"evaluating {dataset.split}", total=len(dataset))
-    for batch in iterate_batches(dataset, batch_size, device=device):
+    for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size), device=device):
         x = _input(model, method, batch)
         logits, maps = explainer.predict_and_attribute(x)
         n_bad = int((~torch.isfinite(logits)).sum())
@@ -207,7 +226,8 @@ def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset,
         return None
     hits, knowns = [], []  # per-batch counts, summed on the host once (no sync per batch)
     with eval_mode(model):
-        for batch in iterate_batches(dataset, batch_size, device=device):
+        for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size),
+                                     device=device):
             logits = model.attributes(_input(model, method, batch)).float()
             known = batch["attr_known"].bool()
             hit = ((logits > 0) == (batch["attributes"] > 0.5)) & known
