@@ -77,6 +77,8 @@ EVAL_VALUES_PER_BATCH = 2 ** 21
 def eval_batch_size(dataset: LesionDataset, batch_size: int) -> int:
     """``batch_size`` capped so a batch holds at most `EVAL_VALUES_PER_BATCH` input values.
     Evaluation in eval mode is batch-independent, so only memory changes."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        return batch_size  # iterate_batches names the bad value
     per_sample = max(1, math.prod(dataset.image_shape))
     return max(1, min(batch_size, EVAL_VALUES_PER_BATCH // per_sample))
 
