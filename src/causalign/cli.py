@@ -7,6 +7,8 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,10 +27,10 @@ causal_app = typer.Typer(no_args_is_help=True,
 app.add_typer(causal_app, name="causal")
 
 
-def _progress():
+def _progress(enabled: bool = True):
     from .engine.progress import progress_bar
 
-    return progress_bar(remaining=False)
+    return progress_bar(enabled, remaining=False)
 
 
 def _echo_json(obj) -> None:
@@ -41,12 +43,18 @@ def _echo_json(obj) -> None:
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="output dataset folder")],
-    n_train: int = 1000, n_val: int = 300, n_test: int = 500, size: int = 64,
+    n_train: Annotated[int, typer.Option(help="training samples")] = 1000,
+    n_val: Annotated[int, typer.Option(help="validation samples")] = 300,
+    n_test: Annotated[int, typer.Option(help="test samples")] = 500,
+    size: Annotated[int, typer.Option(help="image side in px (>= 32)")] = 64,
     shortcut: Annotated[str, typer.Option(help="plus-minus | intensity | none")] = "plus-minus",
-    sites: int = 1, depth: int = 1, seed: int = 0,
-    label_noise: float = 0.3,
-    overwrite: bool = False,
+    sites: Annotated[int, typer.Option(help="acquisition sites")] = 1,
+    depth: Annotated[int, typer.Option(help="slices per volume (1: 2D images)")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    label_noise: Annotated[float, typer.Option(help="σ of the noise in the label rule")] = 0.3,
+    overwrite: Annotated[bool, typer.Option(help="write into OUT even if it is not empty")] = False,
     examples: Annotated[bool, typer.Option(help="also write examples.png")] = True,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Write the synthetic lesion benchmark (defaults = the demo's benchmark)."""
     from .data.format import ensure_empty_or_missing
@@ -57,8 +65,8 @@ def data_synth(
                       label_noise=label_noise)
     cfg.validate()
     ensure_empty_or_missing(out, overwrite)
-    with _progress() as progress:
-        generate(out, cfg, progress=progress)
+    with _progress(progress) as bar:
+        generate(out, cfg, progress=bar)
     if examples:
         write_examples(out, out / "examples.png")
     else:  # with --overwrite, an earlier examples.png would show the old samples
@@ -208,16 +216,23 @@ def train(
                                                "(default erm)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/METHOD-seedS)")
                    ] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    # defaults shown in --help are TrainConfig's (None here: --config and a --resume'd run's
+    # stored settings apply unless a flag is given); tests/test_cli_contract.py compares them
+    epochs: Annotated[int | None, typer.Option(help="training epochs (default 12)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per step, over all "
+                                                        "processes (default 64)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 0.001)")
+                  ] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (default 0)")] = None,
     model: Annotated[str | None, typer.Option(help="cnn7 | resnet18 | vgg11 | inception_v3 | "
                                               "bagnet9 | bagnet13 | bagnet17 | bagnet33 | "
-                                              "multiview (volumes)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+                                              "multiview (volumes) (default cnn7)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:K "
+                                                    "(default auto)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override "
+                                                  "(repeatable; method.<name>=value for "
+                                                  "the method)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -226,18 +241,32 @@ def train(
     Writes config.yaml, history.csv, checkpoints and metrics.json into --out.
 
     `--resume` continues an interrupted run from its last checkpoint."""
-    from .engine.config import TrainConfig, apply_overrides, load_config_file, parse_set
+    from .engine.config import (
+        TrainConfig,
+        apply_overrides,
+        load_config_file,
+        parse_set,
+        valid_keys,
+    )
     from .engine.trainer import RUN_METADATA
     from .engine.trainer import train as run_train
 
     values: dict = load_config_file(config) if config is not None else {}
     for key in RUN_METADATA:  # a run's resolved config.yaml works as --config: its
         values.pop(key, None)  # provenance (dataset, versions, resolved params) is no setting
-    for key, val in (("method", method), ("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
-                     ("seed", seed), ("model", model), ("device", device)):
-        if val is not None:
-            values[key] = val
-    values.update(parse_set(set_ or []))
+    unknown = [k for k in values if k not in valid_keys() and k != "method_args"
+               and not str(k).startswith("method.")]
+    if unknown:  # name the file: the same key from --set would read alike
+        raise CausalignError(f"{config}: unknown config key(s) {', '.join(map(repr, unknown))}; "
+                             f"valid: {', '.join(valid_keys())}, method.<parameter>")
+    flags = {key: val for key, val in (("method", method), ("epochs", epochs),
+                                        ("batch_size", batch_size), ("lr", lr), ("seed", seed),
+                                        ("model", model), ("device", device))
+             if val is not None}
+    sets = parse_set(set_ or [])
+    _refuse_conflicts(flags, sets)
+    values.update(flags)
+    values.update(sets)
     base = TrainConfig()
     if out is None:  # one folder per method and seed: a second run must not hit the first's
         name, run_seed = values.get("method", base.method), values.get("seed", base.seed)
@@ -265,6 +294,36 @@ def train(
         typer.echo(f"warning: {line}", err=True)
 
 
+def _refuse_conflicts(flags: dict, sets: dict) -> None:
+    """`--epochs 2 --set epochs=5` named two values for one setting; --set used to win
+    silently (e.g. `--method erm --set method=oracle` trained the oracle)."""
+    from .engine.config import TrainConfig, apply_overrides
+    from .errors import ConfigError
+
+    for key in flags.keys() & sets.keys():
+        try:  # compare as the config reads them: `--lr 0.001` agrees with `--set lr=1e-3`
+            same = (getattr(apply_overrides(TrainConfig(), {key: flags[key]}), key)
+                    == getattr(apply_overrides(TrainConfig(), {key: sets[key]}), key))
+        except ConfigError:
+            continue  # an invalid value: the full check below names it
+        if not same:
+            option = "--" + key.replace("_", "-")
+            raise CausalignError(f"{option} {flags[key]} and --set {key}={sets[key]} "
+                                 f"conflict; give one of them")
+
+
+def _check_output_file(option: str, path: Path, what: str) -> None:
+    """Refuse an output file path that cannot be written (a folder, or a path under a
+    file) before the work whose result it would hold."""
+    if path.is_dir():
+        raise CausalignError(f"{option} {path}: is a folder; give a file path for {what}")
+    for parent in path.parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise CausalignError(f"{option} {path}: {parent} is a file, not a folder")
+            return
+
+
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -273,11 +332,13 @@ def _f(v) -> str:
 def evaluate(
     run: Annotated[Path, typer.Argument(help="run folder")],
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
-    split: str = "test",
-    saliency: Annotated[str | None, typer.Option(help="saliency for localisation metrics")
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    saliency: Annotated[str | None, typer.Option(help="saliency for localisation metrics "
+                                                      "(default: the run's eval_saliency)")
                         ] = None,
-    device: str = "auto",
-    out: Annotated[Path | None, typer.Option(help="write the metrics JSON here")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="also write the metrics JSON here")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, CAM precision, deletion."""
     from .data.format import LesionDataset
@@ -285,14 +346,14 @@ def evaluate(
     from .engine.trainer import load_run
     from .io import atomic_write_json
 
-    if out is not None and out.is_dir():  # fail before the evaluation, not after it
-        raise CausalignError(f"--out {out}: is a folder; give a file path for the metrics JSON")
+    if out is not None:  # fail before the evaluation, not after it
+        _check_output_file("--out", out, "the metrics JSON")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = LesionDataset(data_path, split)
     dev = next(model.parameters()).device
-    with _progress() as progress:
+    with _progress(progress) as bar:
         metrics = evaluate_split(model, method, ds, dev, saliency=saliency or cfg.eval_saliency,
-                                 fractions=tuple(cfg.deletion_fractions), progress=progress)
+                                 fractions=tuple(cfg.deletion_fractions), progress=bar)
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics}
     if out is not None:
         atomic_write_json(out, metrics)
@@ -305,11 +366,12 @@ def explain(
     saliency: Annotated[str, typer.Option(help="wbp | gradcam | gradient | input-x-gradient | "
                                           "lrp-… | all (every method, side by side)")
                         ] = "gradcam",
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
     limit: Annotated[int | None, typer.Option(help="first N samples")] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Saliency maps (.npy) and overlay PNGs for a run's predictions.
 
@@ -335,29 +397,29 @@ def explain(
         from .report.saliency import saliency_comparison, saliency_names
 
         names = saliency_names(volumes)
-        with _progress() as progress:
+        with _progress(progress) as bar:
             for name in names:
                 export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
-                                progress=progress)
+                                progress=bar)
         saliency_comparison(model, method, ds, out / "all_saliency.png", names=names,
                             limit=min(6, limit or 6), device=dev)
         typer.echo(f"wrote maps of {len(names)} methods to {out}/<method>/ and "
                    f"{out / 'all_saliency.png'}")
         return
-    with _progress() as progress:
+    with _progress(progress) as bar:
         summary = export_saliency(model, method, ds, saliency, out, limit=limit,
-                                  device=dev, progress=progress)
+                                  device=dev, progress=bar)
     typer.echo(f"wrote {summary['n']} maps and overlays to {out}")
 
 
 @app.command()
 def counterfactual(
     run: Annotated[Path, typer.Argument(help="run folder")],
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("counterfactuals"),
     limit: Annotated[int | None, typer.Option(help="first N samples")] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     alpha: Annotated[float | None, typer.Option(help="weight α of the distance")] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps (default 100)")] = None,
     lr: Annotated[float | None, typer.Option(help="step size (default 0.01)")] = None,
@@ -376,6 +438,7 @@ def counterfactual(
     eps: Annotated[float | None, typer.Option(
         help="smoothing ε of the l1 distance √(δ²+ε²)−ε (default 0.01); changes below ε cost "
              "like l2, so a smaller ε (1e-4) with --optimizer newton gives sparser x*")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Counterfactual x* flipping each prediction: triptych PNGs, x* and summary.json.
 
@@ -423,13 +486,13 @@ def counterfactual(
     train_images = None
     if settings.distance.startswith("scaled") or settings.space == "latent":
         train_images = LesionDataset(data_path, "train").images
-    with _progress() as progress:
+    with _progress(progress) as bar:
         ae = None
         if settings.space == "latent":
-            ae = resolve_autoencoder(run, train_images, dev, autoencoder, out, progress)
+            ae = resolve_autoencoder(run, train_images, dev, autoencoder, out, bar)
         summary = export_counterfactuals(model, method, ds, settings, out, limit=limit,
                                          device=dev, train_images=train_images,
-                                         autoencoder=ae, progress=progress)
+                                         autoencoder=ae, progress=bar)
     typer.echo(f"wrote {summary['n_generated']} counterfactuals to {out}: flip rate "
                f"{_f(summary['flip_rate'])}, change inside the annotation "
                f"{_f(summary['change_in_mask'])}")
@@ -445,7 +508,7 @@ def counterfactual(
 @causal_app.command("ccce")
 def causal_ccce(
     data: Annotated[Path, typer.Argument(help="dataset folder (with attributes)")],
-    split: str = "train",
+    split: Annotated[str, typer.Option(help="train | val | test")] = "train",
     model: Annotated[str, typer.Option(help="P(Y|A): logistic | frequency")] = "logistic",
     max_size: Annotated[int, typer.Option(help="largest attribute subset")] = 3,
     tol: Annotated[float, typer.Option(help="smallest subset within tol of the best")] = 0.01,
@@ -460,6 +523,8 @@ def causal_ccce(
 
     if not (math.isfinite(tol) and tol >= 0):  # a negative tol admits no subset at all
         raise CausalignError(f"--tol must be a finite number >= 0, got {tol}")
+    if json_out is not None:  # fail before the attribution, not after it
+        _check_output_file("--json", json_out, "the JSON report")
     rep = dataset_attribution_report(data, split, kind=model, max_size=max_size, tol=tol)
     if json_out is not None:
         atomic_write_json(json_out, rep)
@@ -469,12 +534,12 @@ def causal_ccce(
 @causal_app.command("pc")
 def causal_pc(
     run: Annotated[Path, typer.Argument(help="run folder (a trained model)")],
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     components: Annotated[int, typer.Option(help="principal components of the features")] = 3,
     alpha: Annotated[float, typer.Option(help="significance level of the CI tests")] = 0.01,
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN/pc)")] = None,
-    device: str = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "cpu",
 ) -> None:
     """PC algorithm (causal-learn): checks the learnt skeleton against X → A → Y.
 
@@ -504,8 +569,12 @@ def causal_pc(
 @bench_app.command("step")
 def bench_step_cmd(
     method: Annotated[str, typer.Option(help="method to time against ERM")] = "erm",
-    size: int = 64, batch_size: int = 64, steps: int = 5, warmup: int = 2,
-    device: str = "auto", model: str = "cnn7",
+    size: Annotated[int, typer.Option(help="image side in px")] = 64,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = 64,
+    steps: Annotated[int, typer.Option(help="timed steps (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed steps first")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
+    model: Annotated[str, typer.Option(help="cnn7 | resnet18 | vgg11 | …")] = "cnn7",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method.key=value")] = None,
 ) -> None:
@@ -556,19 +625,28 @@ def benchmark(
     from .engine.benchmark import load_suite, run_suite, select
     from .engine.config import parse_set
 
-    def split(v: str | None) -> list[str] | None:
-        return [x.strip() for x in v.split(",") if x.strip()] if v else None
+    def split(option: str, v: str | None) -> list[str] | None:
+        if v is None:
+            return None
+        names = [x.strip() for x in v.split(",") if x.strip()]
+        if not names:  # `--methods ,` ran the whole suite (an empty list selects all), and
+            # `--seeds ,` ran nothing and exited 0
+            raise CausalignError(f"{option} names nothing, got '{v}' (give a comma-separated "
+                                 f"list)")
+        return names
 
+    only_list, method_list = split("--only", only), split("--methods", methods)
+    dataset_list, seed_names = split("--datasets", datasets), split("--seeds", seeds)
     try:
-        seed_list = [int(x) for x in split(seeds)] if seeds else None
+        seed_list = [int(x) for x in seed_names] if seed_names is not None else None
     except ValueError:
         raise CausalignError(f"--seeds expects integers, got '{seeds}'") from None
     if seed_list is not None and any(s < 0 for s in seed_list):
         # else every run fails alike, after overwriting the results of a finished OUT
         raise CausalignError(f"--seeds must be >= 0, got '{seeds}'")
     st = load_suite(suite)
-    if only or methods or seed_list is not None or datasets:
-        st = select(st, split(only), split(methods), seed_list, split(datasets))
+    if any(x is not None for x in (only_list, method_list, seed_list, dataset_list)):
+        st = select(st, only_list, method_list, seed_list, dataset_list)
     results = run_suite(st, out, extra=parse_set(set_ or []), progress=progress,
                         report=report, log=typer.echo)
     typer.echo((out / "tables.md").read_text())
@@ -592,13 +670,15 @@ def demo(
     seeds: Annotated[int, typer.Option(help="seeds per method")] = 1,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: "
                                                      "the demo suite's)")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs of every run (default: the "
+                                                    "demo suite's)")] = None,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
 ) -> None:
     """Synthetic plus-minus benchmark → train each method → tables and report.html."""
     from .demo import run_demo
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    report = run_demo(out, methods=names, seeds=seeds, epochs=epochs)
+    report = run_demo(out, methods=names, seeds=seeds, epochs=epochs, progress=progress)
     typer.echo(report)
     _fail_on_failed_runs(json.loads((out / "results.json").read_text())["runs"], out)
 
@@ -618,9 +698,49 @@ def main(argv: list[str] | None = None) -> int:
         else:
             previous(message, category, filename, lineno, file, line)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_as_interrupt():
         warnings.showwarning = show
         return _main(argv)
+
+
+_SIGNALLED: list[int] = []  # set by the SIGTERM handler, read when the command has ended
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, like Ctrl-C: `finally` clean-ups run (an
+    atomic write removes its temporary) and the command ends with one line."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's or `kill`'s SIGTERM used to end the process at once, silently. Not
+    under torchrun: it stops the other ranks with SIGTERM after local rank 0 printed the
+    job's one error line, and they must stay silent."""
+    import signal
+    import threading
+
+    if "WORLD_SIZE" in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        _SIGNALLED.append(signum)
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _SIGNALLED.clear()
+
+
+def _interrupted() -> int:
+    if _SIGNALLED:  # SIGTERM: the shell's code for a process it ended, 128 + 15
+        typer.echo("terminated", err=True)
+        return 143
+    typer.echo("interrupted", err=True)
+    return 130
 
 
 def _main(argv: list[str] | None) -> int:
@@ -634,9 +754,7 @@ def _main(argv: list[str] | None) -> int:
         # instead of raising; older versions raise KeyboardInterrupt (handled below).
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code != 0:
-            if code == 130:
-                typer.echo("interrupted", err=True)
-            return code
+            return _interrupted() if code == 130 else code
     except CausalignError as exc:
         _hold_back(exc)
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
@@ -648,21 +766,79 @@ def _main(argv: list[str] | None) -> int:
         message = exc.format_message()
         if message:  # empty when a bare group printed its help (no_args_is_help)
             _hold_back(exc)
-            command = getattr(getattr(exc, "ctx", None), "command_path", "causalign")
+            command = getattr(getattr(exc, "ctx", None), "command_path", None)
+            if command is None:  # e.g. "--epochs requires an argument" carries no context
+                command = _command_path(sys.argv[1:] if argv is None else argv)
             typer.echo(f"error: {_one_line(message)} (see `{command} --help`)", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
+        return _interrupted()
     except OSError as exc:
-        if exc.errno is None or os.environ.get("CAUSALIGN_TRACEBACK"):
+        if exc.errno is None or _traceback_wanted():
             raise  # not the operating system refusing a path: a bug, keep its traceback
         # an output folder under a file, a missing or read-only location, a full disk
         where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-        typer.echo(f"error: {_one_line(where + ': ' if where else '')}{exc.strerror}",
+        typer.echo(f"error: {_one_line(where + ': ' if where else '')}{_os_problem(exc)}",
                    err=True)
         return 2
+    except Exception as exc:
+        # too large a --size or --batch-size: numpy raises MemoryError, torch a RuntimeError
+        # (CPU) or OutOfMemoryError (CUDA); a traceback of the allocation helps nobody
+        if not _out_of_memory(exc) or _traceback_wanted():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        typer.echo(f"error: out of memory: {_one_line(first)} (a smaller --size or "
+                   f"--batch-size needs less)", err=True)
+        return 2
     return 0
+
+
+def _command_path(argv: list[str]) -> str:
+    """`causalign data synth` for ["data", "synth", "x", "--size"]: the (sub)command whose
+    --help explains the options, found by walking the command tree along the arguments."""
+    cmd = typer.main.get_command(app)
+    path = ["causalign"]
+    for token in argv:
+        sub = getattr(cmd, "commands", {}).get(token)
+        if sub is None:
+            break
+        cmd = sub
+        path.append(token)
+    return " ".join(path)
+
+
+def _traceback_wanted() -> bool:
+    """CAUSALIGN_TRACEBACK=1 (or true/yes/on); 0, false, no, off or empty keep it off."""
+    value = os.environ.get("CAUSALIGN_TRACEBACK", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _os_problem(exc: OSError) -> str:
+    """The operating system's reason, said plainly where its words mislead: mkdir of a path
+    that is a file reports "File exists", and a path under a file "Not a directory"."""
+    import errno
+
+    name = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, str | bytes) else None
+    if (name is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR) and name.exists()
+            and not name.is_dir()):
+        return "exists and is not a folder"
+    if name is not None and exc.errno == errno.ENOTDIR:
+        for parent in name.parents:  # the nearest ancestor that exists: a file, not a folder
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{exc.strerror} ({parent} is a file, not a folder)"
+                break
+    return str(exc.strerror)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # never import torch just to look
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def _hold_back(exc: BaseException) -> None:

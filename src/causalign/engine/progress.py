@@ -38,8 +38,20 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
     with progress:
         try:
             yield progress
+        except BaseException:
+            # an error or Ctrl-C ends the job: erase the bar (off a terminal: do not print
+            # its last frame), so the command line's `error: …` or `interrupted` stays the
+            # only line on stderr
+            _stop_silently(progress)
+            raise
         finally:
-            if not progress.tasks:  # nothing shown: stop silently (rich would print "\n")
-                progress.live.transient = True
-                progress.live.stop()
-                progress.disable = True
+            if not progress.tasks:  # nothing shown: stop silently
+                _stop_silently(progress)
+
+
+def _stop_silently(progress: Progress) -> None:
+    """Stop without a trace: transient erases the bar, and `disable` skips the blank line
+    `Progress.stop` prints off a terminal."""
+    progress.live.transient = True
+    progress.live.stop()
+    progress.disable = True
