@@ -351,7 +351,7 @@ def merge_sums(parts: list[tuple[dict[str, float], int]]) -> tuple[dict[str, flo
 
 
 class Shard:
-    """A contiguous chunk of a cached split with the two things `iterate_batches` uses."""
+    """A contiguous chunk of a cached split with what `iterate_batches` and evaluation use."""
 
     def __init__(self, dataset: LesionDataset, rank: int, world: int) -> None:
         self.dataset = dataset
@@ -360,6 +360,10 @@ class Shard:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:  # evaluation sizes its batches by it
+        return self.dataset.image_shape
 
     def batch(self, idx: Tensor) -> dict[str, Tensor]:
         return self.dataset.batch(self.indices[idx])

@@ -79,7 +79,10 @@ def eval_batch_size(dataset: LesionDataset, batch_size: int) -> int:
     Evaluation in eval mode is batch-independent, so only memory changes."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         return batch_size  # iterate_batches names the bad value
-    per_sample = max(1, math.prod(dataset.image_shape))
+    shape = getattr(dataset, "image_shape", None)  # iterate_batches needs only len + batch
+    if shape is None:
+        return batch_size
+    per_sample = max(1, math.prod(shape))
     return max(1, min(batch_size, EVAL_VALUES_PER_BATCH // per_sample))
 
 
