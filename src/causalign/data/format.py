@@ -13,6 +13,12 @@ and one ``attr_<name>`` column per attribute listed in dataset.yaml. ``mask`` an
 columns may be empty (sample without annotation); attribute cells may be empty (missing
 annotation → NaN). Boxes are pixel coordinates, x1/y1 exclusive. Paths are relative to DATA.
 
+Volumes (``ndim: 3``) may add the optional columns ``box_z0, box_z1``: the box's slice range,
+z1 exclusive, so a 3D box is the six numbers (x0, y0, x1, y1, z0, z1) (`SampleRecord.box`).
+A volume's box without them (both cells empty, or no such columns) spans every slice, as
+boxes on volumes always did. They are written only when some sample has a slice range, and
+a slice range on 2D images, or without the x/y box, is an error.
+
 `LesionDataset` reads one split, validates it (missing files, mask/image shape mismatch,
 labels outside the declared classes, NaN/inf pixels, empty split) and raises `DataError`
 with one line naming the file and the problem.
@@ -40,6 +46,7 @@ MANIFEST = "manifest.csv"
 META = "dataset.yaml"
 SPLITS = ("train", "val", "test")
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
+BOX_Z_COLUMNS = ("box_z0", "box_z1")  # optional: a volume's slice range (module docstring)
 BASE_COLUMNS = ("id", "split", "label", "site", "image", "mask", *BOX_COLUMNS)
 
 
@@ -114,7 +121,8 @@ class SampleRecord:
     site: str
     image: str
     mask: str | None = None
-    box: tuple[int, int, int, int] | None = None
+    # (x0, y0, x1, y1), or for a volume (x0, y0, x1, y1, z0, z1) with its slice range
+    box: tuple[int, ...] | None = None
     attributes: list[float] = field(default_factory=list)  # NaN = not annotated
 
 
@@ -169,6 +177,14 @@ class DatasetWriter:
         if not 0 <= int(label) < len(self.meta.classes):
             raise DataError(f"sample {sid}: label {label} outside the declared classes "
                             f"0..{len(self.meta.classes) - 1}")
+        if box is not None:
+            box = tuple(int(v) for v in box)
+            if len(box) not in (4, 6):
+                raise DataError(f"sample {sid}: box {box} has {len(box)} numbers, expected 4 "
+                                f"(x0, y0, x1, y1) or, for a volume, 6 (x0, y0, x1, y1, z0, z1)")
+            if len(box) == 6 and self.meta.ndim != 3:
+                raise DataError(f"sample {sid}: box {box} has a slice range (z0, z1), but the "
+                                f"dataset's images are 2D")
         image = np.asarray(image)
         fmt = self.image_format if image.ndim == 2 or self.image_format == "npy" else "npy"
         if fmt == "png" and image.dtype.kind == "f" and not np.isfinite(image).all():
@@ -188,8 +204,7 @@ class DatasetWriter:
                             f"dataset declares {len(self.meta.attributes)}")
         rec = SampleRecord(
             id=sid, split=split, label=int(label), site=str(site), image=img_rel, mask=mask_rel,
-            box=tuple(int(v) for v in box) if box is not None else None,
-            attributes=[float(a) for a in attrs],
+            box=box, attributes=[float(a) for a in attrs],
         )
         self.rows.append(rec)
         self._ids.add(sid)
@@ -220,10 +235,16 @@ def save_array(path: Path, array: np.ndarray, fmt: str | None, bits: int = 8) ->
 def write_manifest(root: str | Path, meta: DatasetMeta, rows: Iterable[SampleRecord]) -> None:
     """Write dataset.yaml and manifest.csv atomically."""
     root = Path(root)
-    header = [*BASE_COLUMNS, *(f"attr_{a}" for a in meta.attributes)]
+    rows = list(rows)
+    # the slice-range columns only where some box has one: other manifests stay as they were
+    with_z = any(r.box is not None and len(r.box) == 6 for r in rows)
+    header = [*BASE_COLUMNS, *(BOX_Z_COLUMNS if with_z else ()),
+              *(f"attr_{a}" for a in meta.attributes)]
     lines = [",".join(header)]
     for r in rows:
         box = list(r.box) if r.box is not None else ["", "", "", ""]
+        if with_z and len(box) == 4:
+            box += ["", ""]  # a box without slice range spans every slice
         attrs = ["" if math.isnan(a) else f"{a:g}" for a in r.attributes]
         cells = [r.id, r.split, str(r.label), r.site, r.image, r.mask or "", *map(str, box),
                  *attrs]
@@ -334,13 +355,26 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
         raise DataError(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
     box = None
     box_cells = [(row.get(c) or "").strip() for c in BOX_COLUMNS]
+    z_cells = [(row.get(c) or "").strip() for c in BOX_Z_COLUMNS]
+    if any(z_cells):
+        if meta.ndim != 3:
+            raise DataError(f"{where}: box slice range {z_cells} (box_z0, box_z1) given, but "
+                            f"the dataset's images are 2D")
+        if not all(z_cells):
+            raise DataError(f"{where}: box slice range {z_cells} needs both box_z0 and box_z1")
+        if not any(box_cells):
+            raise DataError(f"{where}: box slice range {z_cells} without a box (box_x0, "
+                            f"box_y0, box_x1, box_y1 are empty)")
     if any(box_cells):
         try:
-            box = tuple(int(float(c)) for c in box_cells)
+            box = tuple(int(float(c)) for c in box_cells + [c for c in z_cells if c])
         except (ValueError, OverflowError):  # OverflowError: 'inf'
-            raise DataError(f"{where}: box {box_cells} is not four finite numbers") from None
+            raise DataError(f"{where}: box {box_cells + [c for c in z_cells if c]} is not "
+                            f"{4 + 2 * any(z_cells)} finite numbers") from None
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
+        if len(box) == 6 and box[5] <= box[4]:
+            raise DataError(f"{where}: empty box slice range {box[4:]} (need z1 > z0)")
     image = (row.get("image") or "").strip()
     if not image:
         raise DataError(f"{where}: no image path")
@@ -479,7 +513,7 @@ class LesionDataset(Dataset):
         store: np.ndarray | None = None  # (n, C, *spatial), filled in place: no 2nd copy
         mask_store: Tensor | None = None  # (≤ n, 1, *spatial) bool, the non-empty masks
         mask_row = torch.full((n,), -1, dtype=torch.long)  # row in mask_store, -1: none
-        boxes = torch.zeros((n, 4), dtype=torch.long)
+        boxes = torch.zeros((n, 6), dtype=torch.long)  # x0, y0, x1, y1, z0, z1
         has_box = torch.zeros(n, dtype=torch.bool)
         n_mask_files = sum(r.mask is not None for r in self.records)
         shape, first, used = None, None, 0
@@ -528,12 +562,18 @@ class LesionDataset(Dataset):
                     mask_row[k] = used
                     used += 1
             if r.box is not None:
-                x0, y0, x1, y1 = r.box
+                x0, y0, x1, y1 = r.box[:4]
                 h, w = spatial[-2], spatial[-1]
                 if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
                     raise DataError(f"{self.root / MANIFEST}: sample {r.id}: box {r.box} "
                                     f"outside the image ({w}x{h})")
-                boxes[k] = torch.tensor(r.box)
+                # a box without slice range spans every slice of a volume (2D: unused)
+                d = spatial[0] if len(spatial) == 3 else 1
+                z0, z1 = r.box[4:] if len(r.box) == 6 else (0, d)
+                if z0 < 0 or z1 > d:
+                    raise DataError(f"{self.root / MANIFEST}: sample {r.id}: box slice range "
+                                    f"{z0}..{z1} outside the volume ({d} slices, 0..{d})")
+                boxes[k] = torch.tensor([x0, y0, x1, y1, z0, z1])
                 has_box[k] = True
         assert store is not None and shape is not None  # the split is not empty
         if mask_store is None or used < len(mask_store):  # all-zero masks left rows unused
@@ -598,12 +638,13 @@ class LesionDataset(Dataset):
         return out.reshape(*rows.shape, *out.shape[1:])
 
     def _box_batch(self, idx: Tensor, masks: Tensor) -> Tensor:
-        """Box masks for `idx`: 1 inside the box (every slice of a volume) where a box is
-        given, else a copy of `masks` (a copy: a caller editing one must not edit the other)."""
+        """Box masks for `idx`: 1 inside the box (in a volume, on the slices of its slice
+        range: every slice for a 4-number box) where a box is given, else a copy of `masks`
+        (a copy: a caller editing one must not edit the other)."""
         has = self._has_box[idx]
         if not bool(has.any()):
             return masks.clone()
-        x0, y0, x1, y1 = self._boxes[idx].unbind(-1)
+        x0, y0, x1, y1, z0, z1 = self._boxes[idx].unbind(-1)
         h, w = masks.shape[-2:]
         ys = torch.arange(h)
         xs = torch.arange(w)
@@ -612,6 +653,11 @@ class LesionDataset(Dataset):
         extra = masks.dim() - has.dim() - 2  # channel (+ depth) axes the box spans
         lead = (*has.shape, *([1] * extra))
         rect = rows.reshape(*lead, h, 1) * cols.reshape(*lead, 1, w)  # 0/1: exact
+        if extra == 2:  # a volume (channel, depth): only the box's slices; 2D is unchanged
+            d = masks.shape[-3]
+            zs = torch.arange(d)
+            depth = ((zs >= z0[..., None]) & (zs < z1[..., None])).to(torch.float32)
+            rect = rect * depth.reshape(*has.shape, 1, d, 1, 1)
         if bool(has.all()):
             return rect.expand_as(masks).contiguous()
         return torch.where(has.reshape(*lead, 1, 1), rect, masks)

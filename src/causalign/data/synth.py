@@ -23,7 +23,8 @@ Shortcuts (training split only; random in val/test):
 ``intensity`` a global brightness offset for y=1; ``none``.
 
 ``sites`` K acquisition sites differ in contrast gain, noise, blur and attribute (hence label)
-prevalence. ``depth`` D > 1 gives (D, H, W) volumes whose lesion spans a few slices.
+prevalence. ``depth`` D > 1 gives (D, H, W) volumes whose lesion spans a few slices; their
+boxes carry that slice range (box_z0, box_z1; see `causalign.data.format`).
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def box_of(mask: np.ndarray, pad: int, size: int) -> tuple[int, int, int, int]:
 def render_sample(
     cfg: SynthConfig, attrs: np.ndarray, label: int, split: str, site: SiteParams,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Image, mask and box: (x0, y0, x1, y1), for a volume with its slice range z0, z1."""
     s = cfg.size
     lesion_p = sample_lesion(s, rng)
     if cfg.depth == 1:
@@ -275,7 +277,13 @@ def render_sample(
     elif cfg.shortcut == "intensity":
         bright = bool(label) if is_train else bool(rng.integers(0, 2))
         img = img + (0.12 if bright else 0.0)
-    box = box_of(mask.any(axis=0) if mask.ndim == 3 else mask, pad=2, size=s)
+    box: tuple[int, ...] = box_of(mask.any(axis=0) if mask.ndim == 3 else mask, pad=2, size=s)
+    if mask.ndim == 3:
+        # a volume's box also gives the lesion's slices (z1 exclusive, no padding: only
+        # in-plane blur): a 4-number box spans every slice, lesion-free ones included, and
+        # cam_precision would count saliency there as on the lesion
+        zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+        box = (*box, int(zs.min()), int(zs.max()) + 1)
     return np.clip(img, 0.0, 1.0).astype(np.float32), mask, box
 
 

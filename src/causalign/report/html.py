@@ -86,9 +86,14 @@ def _pick_runs(results: dict, dataset: str) -> dict[str, dict]:
 
 
 def _lesion_slices(region: Tensor) -> Tensor:
-    """Per case of a (N, D, H, W) annotation, the slice holding most of it (slice 0 when
-    there is none): where a volume's figure panel is cut."""
-    return region.flatten(2).sum(2).argmax(1)
+    """Per case of a (N, D, H, W) annotation (the mask where a case has one, else its box),
+    the slice holding most of it, the middle slice when no slice holds more than another
+    (none, or a box spanning every slice: its argmax was always slice 0): where a volume's
+    figure panel is cut (`causalign.explain.export.display_slice`)."""
+    from ..explain.export import display_slice
+
+    r = region.detach().cpu().numpy()
+    return torch.tensor([display_slice(c, r.shape[1]) for c in r], dtype=torch.long)
 
 
 def _cut(volumes: Tensor, z: Tensor) -> Tensor:
@@ -146,7 +151,8 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         return False
     images, boxes = batch["image"], batch["box_mask"][:, 0]
     if volume:
-        z = _lesion_slices(boxes)
+        z = _lesion_slices(torch.where(batch["has_mask"].view(-1, 1, 1, 1), batch["mask"][:, 0],
+                                       boxes))
         images, boxes = _cut(images, z), _cut(boxes, z)
         maps = {k: _cut(v, z) for k, v in maps.items()}
         titles = [f"{t}, slice {int(k)}" for t, k in zip(titles, z, strict=True)]
@@ -226,8 +232,10 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     if not bool(valid.any()):
         return None
     res = gen.generate(x[valid], target=target[valid])
-    region = torch.where(batch["has_mask"].view(-1, 1, 1, 1), batch["mask"],
-                         batch["box_mask"])[valid][:, 0]
+    # the flag viewed to the mask's rank: (N, 1, 1, 1) against a volume's (N, 1, D, H, W)
+    # broadcast case 0's flag to every case (box-only cases got their empty mask)
+    has_mask = batch["has_mask"].view(-1, *[1] * (batch["mask"].dim() - 1))
+    region = torch.where(has_mask, batch["mask"], batch["box_mask"])[valid][:, 0]
     titles = [f"{int(p)}→{int(t)}{_split_tag(test)}" + ("" if bool(f) else " (no flip)")
               for p, t, f in zip(pred[valid], res.target, res.flipped, strict=True)]
     x0, x_star = x[valid], res.x_star

@@ -14,6 +14,7 @@ from ..data.format import LesionDataset
 from ..engine.evaluate import VOLUME_UNSUPPORTED
 from ..explain import explainer_names, get_explainer, saliency_map
 from ..explain.base import eval_mode
+from ..explain.export import display_slice
 
 if TYPE_CHECKING:
     from ..methods.base import Method
@@ -60,7 +61,13 @@ def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset
     images = x.detach().cpu().numpy()
     boxes = batch["box_mask"][:, 0].cpu().numpy()
     if volumes:
-        z = boxes.reshape(n, boxes.shape[1], -1).sum(2).argmax(1)
+        # the slice with the most lesion: the mask where there is one (a 4-number box spans
+        # every slice, and the argmax of such a box was always slice 0), else the box,
+        # else the middle slice
+        masks = batch["mask"][:, 0].cpu().numpy()
+        has_mask = batch["has_mask"].cpu().tolist()
+        z = [display_slice(masks[i] if has_mask[i] else boxes[i], boxes.shape[1])
+             for i in range(n)]
         images = np.stack([images[i][:, z[i]] for i in range(n)])
         boxes = np.stack([boxes[i][z[i]] for i in range(n)])
         maps = {k: np.stack([v[i][z[i]] for i in range(n)]) for k, v in maps.items()}
