@@ -267,3 +267,17 @@ def test_report_counterfactual_triptychs_of_volumes_use_each_cases_region(volume
     shown = _case_slices(x0, titles, vols)
     assert shown == {k: EXPECTED_SLICES[k] for k in shown} and len(shown) >= 2
     assert all(r.any() for r in region)  # each case's own mask or box, on its slice
+
+
+def test_a_box_with_a_slice_range_is_shown_at_its_middle_slice():
+    """A 3D box covers each of its slices equally: argmax took the range's first slice, the
+    lesion's edge."""
+    from causalign.explain.export import display_slice
+
+    box = np.zeros((8, 4, 4))
+    box[2:7, 1:3, 1:3] = 1  # slices 2..6
+    assert display_slice(box, 8) == 4
+    mask = np.zeros((8, 4, 4))
+    mask[3, :2, :2] = 1
+    mask[5, :, :] = 1  # the largest cross-section wins outright
+    assert display_slice(mask, 8) == 5

@@ -77,7 +77,10 @@ def display_slice(region: np.ndarray | None, depth: int) -> int:
     per_slice = region.reshape(region.shape[0], -1).sum(1)
     if not per_slice.max() > per_slice.min():  # empty, or the same area on every slice
         return depth // 2
-    return int(per_slice.argmax())
+    # the middle of the slices tied at the most: a box with a slice range covers each of its
+    # slices equally, and argmax chose the range's first slice, where the lesion is smallest
+    best = np.flatnonzero(per_slice == per_slice.max())
+    return int(best[(len(best) - 1) // 2])
 
 
 def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,

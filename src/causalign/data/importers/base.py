@@ -87,14 +87,15 @@ class Unit:
 @dataclass
 class Sample:
     """One output sample. `image` is float in [0, 1]: (H,W), (C,H,W), (D,H,W) or (C,D,H,W);
-    `mask` has the image's spatial shape (nonzero = annotated); `box` is (x0, y0, x1, y1)."""
+    `mask` has the image's spatial shape (nonzero = annotated); `box` is (x0, y0, x1, y1), for
+    a volume optionally with its slice range (x0, y0, x1, y1, z0, z1), z1 exclusive."""
 
     id: str
     split: str
     label: int
     image: np.ndarray
     mask: np.ndarray | None = None
-    box: tuple[int, int, int, int] | None = None
+    box: tuple[int, ...] | None = None
     attributes: list[float] | None = None
     site: str = "0"
 
