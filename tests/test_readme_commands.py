@@ -131,8 +131,17 @@ def _check_set(key_value: str, method: str | None, where: str) -> None:
     if "=" not in key_value:
         raise AssertionError(f"{where}: --set {key_value!r} is not key=value")
     key, raw = key_value.split("=", 1)
-    if key in ("key", "method.<name>", "method.<key>", "method.<k>", "method.<p>"):
+    if key in ("key", "method.<name>", "method.<key>", "method.<k>", "method.<p>",
+               "model.<option>"):
         return  # the generic form
+    if key.startswith("model."):  # a model option: accepted by a model that has it
+        from causalign.models import MODEL_OPTIONS
+
+        owners = [m for m, opts in MODEL_OPTIONS.items() if key.split(".", 1)[1] in opts]
+        assert owners, f"{where}: --set {key}: no model has this option"
+        if not _placeholder(raw):
+            apply_overrides(TrainConfig(model=owners[0]), parse_set([key_value])).validate()
+        return
     if key.startswith("method."):
         name = key.split(".", 1)[1]
         methods = [method] if method else method_names()

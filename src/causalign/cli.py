@@ -232,7 +232,8 @@ def train(
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override "
                                                   "(repeatable; method.<name>=value for "
-                                                  "the method)")] = None,
+                                                  "the method, model.<option>=value for "
+                                                  "the model's options)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -255,10 +256,11 @@ def train(
     for key in RUN_METADATA:  # a run's resolved config.yaml works as --config: its
         values.pop(key, None)  # provenance (dataset, versions, resolved params) is no setting
     unknown = [k for k in values if k not in valid_keys() and k != "method_args"
-               and not str(k).startswith("method.")]
+               and not str(k).startswith(("method.", "model."))]
     if unknown:  # name the file: the same key from --set would read alike
         raise CausalignError(f"{config}: unknown config key(s) {', '.join(map(repr, unknown))}; "
-                             f"valid: {', '.join(valid_keys())}, method.<parameter>")
+                             f"valid: {', '.join(valid_keys())}, method.<parameter>, "
+                             f"model.<option>")
     flags = {key: val for key, val in (("method", method), ("epochs", epochs),
                                         ("batch_size", batch_size), ("lr", lr), ("seed", seed),
                                         ("model", model), ("device", device))

@@ -66,6 +66,9 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     method_args: dict[str, Any] = field(default_factory=dict)
+    # Architecture options of `model` (models.MODEL_OPTIONS; `--set model.<option>=v`), e.g.
+    # multiview's train_slices (seed 002 App. E.3 trains on 10 of 100 slices). {} = defaults.
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Check every setting, raising ConfigError naming the first bad one.
@@ -96,10 +99,12 @@ class TrainConfig:
                           ("epochs", _INT64_MAX), ("batch_size", _INT64_MAX)):
             if getattr(self, name) > top:
                 raise ConfigError(f"{name} must be <= {top}, got {getattr(self, name)}")
-        from ..models import MODEL_NAMES
+        from ..models import MODEL_NAMES, check_model_args
 
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"unknown model '{self.model}'; valid: {', '.join(MODEL_NAMES)}")
+        # per model: cnn7 has no `tau`, and a bad value is named here, not deep in the build
+        self.model_args = check_model_args(self.model, self.model_args)
         from ..explain import explainer_names
 
         if self.eval_saliency not in explainer_names():
@@ -120,7 +125,7 @@ class TrainConfig:
         # the loop, and NumPy scalars or a pathlib.Path made config.yaml's writer raise a
         # RepresenterError after the data was loaded.
         for f in dataclasses.fields(self):
-            if f.name in ("deletion_fractions", "method_args"):
+            if f.name in ("deletion_fractions", "method_args", "model_args"):
                 continue
             default = f.default
             value = getattr(self, f.name)
@@ -215,7 +220,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-    """Set fields from a mapping; `method.<p>` keys (or a `method_args` dict) go to the method.
+    """Set fields from a mapping; `method.<p>` keys (or a `method_args` dict) go to the method,
+    `model.<option>` keys (or a `model_args` dict) to the model's architecture.
 
     Unknown keys raise ConfigError listing the valid ones.
     """
@@ -227,11 +233,17 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
             if not isinstance(value, dict):
                 raise ConfigError("method_args must be a mapping")
             data["method_args"].update(value)
+        elif key.startswith("model."):
+            data["model_args"][key.split(".", 1)[1]] = value
+        elif key == "model_args":
+            if not isinstance(value, dict):
+                raise ConfigError("model_args must be a mapping")
+            data["model_args"].update(value)
         elif key in data:
             data[key] = _coerce(key, value, data[key])
         else:
             raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(valid_keys())}, "
-                              f"method.<parameter>")
+                              f"method.<parameter>, model.<option>")
     new = TrainConfig(**data)
     new.validate()
     return new

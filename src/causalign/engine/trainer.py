@@ -162,6 +162,7 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
         # a .pt of a tensor or None made `"model" in state` raise (a traceback)
         raise CausalignError(f"init: {path} holds no model weights ("
                              f"{type(weights).__name__}, not a state dict)")
+    weights = _init_slice_positions(model, weights)
     problem = state_dict_mismatch(model, weights)
     if problem is not None:
         raise CausalignError(f"init: {path} does not fit this model ({problem[1]})")
@@ -170,6 +171,26 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CausalignError(f"init: {path} does not fit this model ({first})") from None
+
+
+def _init_slice_positions(model: nn.Module, weights: dict) -> dict:
+    """Fine-tuning a multi-view model on volumes of another depth: its slice-position table
+    has max(512, depth) rows for the data at hand, the source run's for its own data, and
+    init failed on "position.weight (520, 6) vs (512, 6)". The rows both tables have are
+    taken from the source; the model keeps its own size (so --resume and evaluate rebuild it
+    from the data as before), rows past the source's keep their fresh initialisation."""
+    from ..models import MultiViewCNN
+
+    w = weights.get("position.weight")
+    own = getattr(model, "position", None)
+    if (not isinstance(model, MultiViewCNN) or not isinstance(w, Tensor) or w.dim() != 2
+            or not isinstance(own, nn.Embedding) or w.shape[1] != own.embedding_dim
+            or w.shape[0] == own.num_embeddings):
+        return weights
+    table = own.weight.detach().clone()
+    k = min(len(table), len(w))
+    table[:k] = w[:k].to(table)
+    return {**weights, "position.weight": table}
 
 
 def same_dataset(a: Path, b: Path) -> bool:
@@ -974,8 +995,14 @@ def settings_diff(run: Path, cfg: TrainConfig, method: Method | None = None) -> 
     """'key stored -> wanted' for every setting in which RUN differs from ``cfg`` (device
     and threads excluded); when those agree, the method's resolved hyper-parameters are
     compared too (runs that stored them), so a changed default is caught as well."""
-    stored = stored_config(run).to_dict()
+    from ..models import resolved_model_args
+
+    stored_cfg = stored_config(run)
+    stored = stored_cfg.to_dict()
     want = cfg.to_dict()
+    if stored_cfg.model == cfg.model:  # an option at its default is no difference
+        stored["model_args"] = resolved_model_args(cfg.model, stored_cfg.model_args)
+        want["model_args"] = resolved_model_args(cfg.model, cfg.model_args)
     diffs = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in want.items()
              if k not in ("device", "threads") and stored.get(k) != v]
     stored_params = stored_method_params(run)
@@ -1029,9 +1056,29 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
     info = data_info_from_disk(data_path)
     with _float32_default():  # the checkpoint's dtype, whatever torch's default is
         model = method.build_model(cfg, info).to(dev)
+        _match_slice_positions(model, state["model"])
     _load_run_weights(model, state["model"], weights, data_path, info)
     model.eval()
     return cfg, model, method, data_path
+
+
+def _match_slice_positions(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Size a multi-view model's slice-position table as the checkpoint's.
+
+    build_model gives it max(512, depth) rows for the depth of the data at hand, so a run
+    trained on volumes deeper than 512 slices rebuilt for other data (--data, another depth)
+    had another row count, and loading failed as "does not fit the run's model". The table is
+    the run's: volumes deeper than it are then refused by the forward, naming both depths."""
+    from ..models import MultiViewCNN
+
+    w = state.get("position.weight")
+    if (not isinstance(model, MultiViewCNN) or not isinstance(w, Tensor) or w.dim() != 2
+            or w.shape[1] != model.position.embedding_dim
+            or w.shape[0] == model.position.num_embeddings):
+        return
+    old = model.position.weight
+    model.position = nn.Embedding(w.shape[0], w.shape[1], device=old.device, dtype=old.dtype)
+    model.max_slices = int(w.shape[0])
 
 
 def state_dict_mismatch(model: nn.Module, state: dict[str, Tensor]) -> tuple[str, str] | None:

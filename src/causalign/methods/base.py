@@ -104,7 +104,7 @@ class Method:
             raise CausalignError(f"model '{cfg.model}' takes volumes (C,D,H,W); this dataset "
                                  f"holds 2D images of shape {info.image_shape}")
         return build_model(cfg.model, info.in_channels, info.num_classes, width=cfg.width,
-                           image_shape=info.image_shape)
+                           image_shape=info.image_shape, options=cfg.model_args)
 
     def classifier_autocast(self, device: torch.device | str) -> Any:
         """Context for a classifier forward that may run in bf16 when `amp` is on; keep

@@ -219,7 +219,7 @@ class HierAlign(Method):
                                  f"'hier-align' takes 2D images (use a 2D --model)")
         p = len(info.attributes)
         f1 = build_model(cfg.model, info.in_channels, p, width=cfg.width,
-                         image_shape=info.image_shape)
+                         image_shape=info.image_shape, options=cfg.model_args)
         f2 = MLPHead(p, info.num_classes, hidden=self.params.hidden)
         return HierarchicalModel(f1, f2)
 
