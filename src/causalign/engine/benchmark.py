@@ -24,12 +24,20 @@ not rerun; one with a checkpoint resumes from it (a killed benchmark continues w
 stopped). A failing run is recorded with its error and the others go on; a method that is not
 registered (yet) is recorded as skipped with the reason. Outputs: DIR/results.json,
 DIR/results.csv, DIR/tables.md and (by default) DIR/report.html.
+
+`--set key=value` applies to every run; a `method.<p>` key goes to the selected methods that
+have that parameter (the line says which), and is refused when none has it. A --set that
+fails the runs it reaches, names `method`/`seed` (use --methods/--seeds), or contradicts
+runs finished in DIR without it, is refused before anything is written; so is a synthetic
+dataset in DIR/data generated with other settings than the suite's. Run folders are named
+over the whole suite, so --only/--methods/--datasets reuse the same ones.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import hashlib
 import io
 import json
@@ -115,6 +123,10 @@ class Suite:
     datasets: dict[str, dict[str, Any]]
     experiments: list[Experiment]
     root: Path  # folder of the suite file (relative dataset paths)
+    # the whole suite a `select`ion came from: run folders are named over it, so a run
+    # keeps its folder under --only/--methods/--datasets (two runs whose names collide got
+    # the plain name in the order met, and `--only B` then took A's finished folder)
+    full: Suite | None = None
 
 
 def _as_list(v, what: str) -> list:
@@ -135,6 +147,25 @@ def _seed(value: Any, experiment: str) -> int:
     return value
 
 
+def _no_duplicates(names: list[str], what: str, hint: str = "") -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ConfigError(f"{what} '{n}' is listed twice{hint}")
+        seen.add(n)
+
+
+def _no_run_axes(values: Any, where: str) -> None:
+    """`method` and `seed` are the runs' own axes: as overrides they were silently replaced
+    by each run's method and seed."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys")
+    for key, use in (("method", "methods"), ("seed", "seeds")):
+        if key in values:
+            how = f"--{use}" if where == "--set" else f"the experiment's {use}"
+            raise ConfigError(f"{where}: '{key}' is set by each run; use {how}")
+
+
 def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
     if not isinstance(raw, dict):
         raise ConfigError(f"suite {name}: expected a mapping")
@@ -151,7 +182,16 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                               f"'synth' or 'path'")
         if "synth" in spec:  # bad generator settings fail now, not when the first run needs them
             _synth_config(dname, spec["synth"])
+    # two names with one slug would share OUT/data/<slug>: the second silently got the
+    # first's images
+    slugs: dict[str, str] = {}
+    for dname in datasets:
+        other = slugs.setdefault(_slug(str(dname)), str(dname))
+        if other != str(dname):
+            raise ConfigError(f"suite {name}: datasets '{other}' and '{dname}' would share the "
+                              f"folder data/{_slug(str(dname))}; rename one")
     defaults = raw.get("defaults") or {}
+    _no_run_axes(defaults, f"suite {name}: defaults")
     apply_overrides(TrainConfig(), defaults)  # unknown keys fail now, not after hours
     exps_raw = raw.get("experiments") or {}
     if not isinstance(exps_raw, dict) or not exps_raw:
@@ -165,6 +205,7 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         if bad:
             raise ConfigError(f"experiment '{ename}': unknown key(s) {', '.join(sorted(bad))}")
         ds = [str(d) for d in _as_list(e.get("datasets"), f"{ename}.datasets")]
+        _no_duplicates(ds, f"experiment '{ename}': dataset")
         for d in ds:
             if d not in datasets:
                 raise ConfigError(f"experiment '{ename}': dataset '{d}' is not defined "
@@ -178,6 +219,11 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                 if extra:
                     raise ConfigError(f"experiment '{ename}': method entry keys are name, "
                                       f"label, set (got {', '.join(sorted(extra))})")
+                if not isinstance(m.get("set") or {}, dict):
+                    raise ConfigError(f"experiment '{ename}': method '{m['name']}': set maps "
+                                      f"config keys to values")
+                _no_run_axes(m.get("set") or {}, f"experiment '{ename}': method "
+                                                 f"'{m['name']}' set")
                 methods.append(MethodSpec(str(m["name"]), str(m.get("label", m["name"])),
                                           dict(m.get("set") or {})))
             else:
@@ -185,6 +231,10 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                                   f"{{name, label, set}}")
         if not ds or not methods:
             raise ConfigError(f"experiment '{ename}': needs datasets and methods")
+        # the table's rows/columns are labels: two methods under one label were averaged
+        # together as if they were seeds of one run
+        _no_duplicates([m.label for m in methods], f"experiment '{ename}': method label",
+                       " (give each a distinct label)")
         seeds = [_seed(s, ename) for s in _as_list(e.get("seeds", [0]), f"{ename}.seeds")]
         if not seeds:
             raise ConfigError(f"experiment '{ename}': seeds is empty (omit it for seed 0)")
@@ -193,6 +243,8 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                                                      for v in settings.values()):
             raise ConfigError(f"experiment '{ename}': settings map names to override sets")
         settings = {str(k): dict(v or {}) for k, v in settings.items()}
+        for sname, sset in settings.items():
+            _no_run_axes(sset, f"experiment '{ename}': setting '{sname}'")
         rows = e.get("rows", "method")
         if rows not in ROW_KEYS:
             raise ConfigError(f"experiment '{ename}': rows must be one of {', '.join(ROW_KEYS)}")
@@ -225,6 +277,16 @@ def select(suite: Suite, experiments: list[str] | None = None,
                 raise ConfigError(f"no experiment '{x}' in suite {suite.name} "
                                   f"({', '.join(names)})")
         exps = [e for e in exps if e.name in experiments]
+    # a misspelt name (`--methods erm,rrrr`) was silently dropped: the run went on without it
+    for option, wanted, known in (
+            ("--methods", methods, [x for e in exps for m in e.methods for x in (m.name, m.label)]),
+            ("--datasets", datasets, [d for e in exps for d in e.datasets])):
+        missing = [x for x in wanted or [] if x not in known]
+        if missing:
+            where = f"experiment(s) {', '.join(e.name for e in exps)}" if experiments \
+                else f"suite {suite.name}"
+            raise ConfigError(f"{option}: {', '.join(repr(x) for x in missing)} not in "
+                              f"{where} (it has: {', '.join(dict.fromkeys(known))})")
     out = []
     for e in exps:
         ms = [m for m in e.methods if not methods or m.name in methods or m.label in methods]
@@ -235,8 +297,12 @@ def select(suite: Suite, experiments: list[str] | None = None,
                                   e.reference))
     if not out:
         raise ConfigError("the selection leaves no runs")
+    base = suite.full or suite
+    whole = Suite(base.name, base.description, base.defaults, base.datasets,
+                  [dataclasses.replace(e, seeds=list(seeds)) if seeds is not None else e
+                   for e in base.experiments], base.root)
     return Suite(suite.name, suite.description, suite.defaults, suite.datasets, out,
-                 suite.root)
+                 suite.root, full=whole)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -255,25 +321,66 @@ class RunSpec:
     experiments: list[str]
     skip_reason: str | None = None
     error: str | None = None  # invalid configuration (recorded as a failed run)
+    # experiment -> [(label, setting)] under which this run appears there: a run merged
+    # across experiments keeps each experiment's own label (paper's Table 2 labels the
+    # Table 1 runs differently; matched by the first label only, its cells were empty)
+    roles: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", s).strip("-") or "run"
 
 
+def _split_extra(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--set values as (plain config keys, method parameters), `method_args={…}` expanded."""
+    plain, margs = {}, {}
+    for k, v in (extra or {}).items():
+        if k.startswith("method."):
+            margs[k.split(".", 1)[1]] = v
+        elif k == "method_args" and isinstance(v, dict):
+            margs.update({str(a): b for a, b in v.items()})
+        else:
+            plain[k] = v
+    return plain, margs
+
+
+def method_params(name: str) -> list[str] | None:
+    """The `method.<p>` parameters of a registered method; None when it is not registered."""
+    from ..methods.base import method_class, method_names
+
+    if name not in method_names():
+        return None
+    return [f.name for f in dataclasses.fields(method_class(name).Params)]
+
+
+def extra_for_method(extra: dict[str, Any] | None, method: str) -> dict[str, Any]:
+    """The --set values one method's runs get: every plain key, and only those method
+    parameters the method has (`--set method.lam=3` on a suite with erm and rrr sets rrr's
+    λ; erm has no λ, and failing each of its runs would only hide the finished ones)."""
+    plain, margs = _split_extra(extra)
+    params = method_params(method)
+    mine = {f"method.{k}": v for k, v in margs.items() if params is None or k in params}
+    return {**plain, **mine}
+
+
 def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
-    """Every distinct run of the suite, in order; duplicates across experiments merged."""
-    from ..methods.base import method_names
+    """Every distinct run of the suite, in order; duplicates across experiments merged.
+
+    A method parameter in ``extra`` (--set method.<p>) goes to the methods that have it."""
+    from ..methods.base import build_method, method_names
 
     registered = set(method_names())
     runs: dict[str, RunSpec] = {}
     by_hash: dict[str, str] = {}
+    # a selection's runs take the folders the whole suite gives them (Suite.full)
+    full_keys = {s.config_hash: s.key for s in plan(suite.full, extra)} if suite.full else {}
     for e in suite.experiments:
         for d in e.datasets:
             for m in e.methods:
+                mextra = extra_for_method(extra, m.name)
                 for sname, sset in e.settings.items():
                     for seed in e.seeds:
-                        values = {**suite.defaults, **sset, **m.overrides, **(extra or {}),
+                        values = {**suite.defaults, **sset, **m.overrides, **mextra,
                                   "method": m.name, "seed": seed}
                         cfg, err = None, None
                         try:
@@ -283,15 +390,23 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                         except Exception as exc:  # recorded, the others still run
                             err = f"{type(exc).__name__}: {exc}"
                             ident = {k: str(v) for k, v in values.items()}
+                        if cfg is not None and m.name in registered:
+                            try:  # a bad method parameter fails now, with the run's name
+                                build_method(cfg.method, cfg.method_args)
+                            except Exception as exc:
+                                err = f"{type(exc).__name__}: {exc}"
                         h = hashlib.sha256(json.dumps([d, ident], sort_keys=True, default=str)
                                            .encode()).hexdigest()[:12]
                         if h in by_hash:
                             spec = runs[by_hash[h]]
                             if e.name not in spec.experiments:
                                 spec.experiments.append(e.name)
+                            role = spec.roles.setdefault(e.name, [])
+                            if (m.label, sname) not in role:
+                                role.append((m.label, sname))
                             continue
                         name = _slug(m.label) + ("" if sname == "default" else f"@{_slug(sname)}")
-                        key = f"{_slug(d)}/{name}/seed{seed}"
+                        key = full_keys.get(h) or f"{_slug(d)}/{name}/seed{seed}"
                         if key in runs:
                             key = f"{_slug(d)}/{name}-{h[:6]}/seed{seed}"
                         skip = None
@@ -299,7 +414,8 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                             skip = (f"method '{m.name}' is not registered in this version of "
                                     f"causalign (registered: {', '.join(sorted(registered))})")
                         spec = RunSpec(key, d, m.name, m.label, sname, seed, cfg, h, [e.name],
-                                       skip_reason=skip, error=None if skip else err)
+                                       skip_reason=skip, error=None if skip else err,
+                                       roles={e.name: [(m.label, sname)]})
                         runs[key] = spec
                         by_hash[h] = key
     return list(runs.values())
@@ -318,11 +434,45 @@ def prepare_dataset(suite: Suite, name: str, out: Path, progress: Progress | Non
 
     root = out / "data" / _slug(name)
     if (root / META).exists():
+        stale = _synth_diff(suite, name, out)
+        if stale:
+            raise ConfigError(stale)
         return root
     if root.exists():  # an interrupted generation: start it again
         shutil.rmtree(root)
     generate(root, _synth_config(name, spec["synth"]), progress=progress)
     return root
+
+
+def _synth_diff(suite: Suite, name: str, out: Path) -> str | None:
+    """Why OUT/data/<name> is not the suite's synthetic dataset `name` (None when it is or
+    does not exist yet). A suite edited between reruns (n_train 64 -> 96) reused the old
+    images, and every finished run on them was collected as if trained on the new ones."""
+    from ..data.synth import SynthConfig
+
+    spec = suite.datasets[name]
+    root = out / "data" / _slug(name)
+    if "synth" not in spec or not (root / META).exists():
+        return None
+    want = dataclasses.asdict(_synth_config(name, spec["synth"]))
+    try:
+        meta = yaml.safe_load((root / META).read_text(encoding="utf-8")) or {}
+        stored = meta["info"]["config"]
+        valid = {f.name for f in dataclasses.fields(SynthConfig)}
+        # a generator setting added later takes its default (the earlier behaviour)
+        have = dataclasses.asdict(SynthConfig(**{k: v for k, v in stored.items()
+                                                 if k in valid}))
+        have.update({k: v for k, v in stored.items() if k not in valid})
+    except Exception:  # not written by the generator: cannot be the suite's dataset
+        return (f"{root} does not hold the synthetic dataset '{name}' of the suite (no "
+                f"generator settings in {META}); delete it or use another --out")
+    diffs = [f"{k} {have.get(k)!r} -> {want.get(k)!r}"
+             for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
+    if not diffs:
+        return None
+    return (f"{root} holds dataset '{name}' generated with other settings ({'; '.join(diffs)}),"
+            f" and the runs in {out / 'runs'} were trained on it; delete both or use another "
+            f"--out")
 
 
 def _synth_config(name: str, settings: dict | None) -> SynthConfig:
@@ -342,6 +492,26 @@ def _synth_config(name: str, settings: dict | None) -> SynthConfig:
     except CausalignError as exc:
         raise ConfigError(f"dataset '{name}': {exc}") from None
     return cfg
+
+
+def _history_seconds(run_dir: Path) -> float:
+    """Training seconds of the epochs in RUN_DIR/history.csv (0 when there is none)."""
+    from .trainer import CHECKPOINT
+
+    if not (run_dir / CHECKPOINT).exists():  # no checkpoint: trained from scratch
+        return 0.0
+    try:
+        with open(run_dir / "history.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return 0.0
+    total = 0.0
+    for row in rows:
+        try:
+            total += float(row.get("seconds") or 0.0)
+        except ValueError:
+            continue
+    return total
 
 
 def _load_json(path: Path) -> dict | None:
@@ -368,20 +538,97 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
     return train(data, spec.config, run_dir, resume=resume, progress=False)
 
 
+def _check_extra(suite: Suite, extra: dict[str, Any], specs: list[RunSpec],
+                 log: Callable[[str], None], out: Path | None = None) -> None:
+    """Refuse, before any output, --set values that would fail or be ignored by every run
+    they reach, or that contradict runs finished in OUT without them; say which methods a
+    parameter only some of them have applies to."""
+    _no_run_axes(extra, "--set")
+    plain, margs = _split_extra(extra)
+    try:
+        apply_overrides(TrainConfig(), plain)
+        if "method_args" in extra and not isinstance(extra["method_args"], dict):
+            raise ConfigError("method_args must be a mapping")
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
+    names = list(dict.fromkeys(m.name for e in suite.experiments for m in e.methods))
+    params = {n: p for n in names if (p := method_params(n)) is not None}
+    for key in margs:
+        have = [n for n, p in params.items() if key in p]
+        if not have:
+            valid = sorted({f"method.{k}" for p in params.values() for k in p})
+            if len(valid) > 15:  # the quick suite's ten methods have ~70: name the nearest
+                # bare names: with the shared "method." prefix every key looked close
+                bare = [v.removeprefix("method.") for v in valid]
+                close = difflib.get_close_matches(key, bare, n=5)
+                theirs = (f"did you mean {', '.join(f'method.{c}' for c in close)}?" if close else
+                          f"{len(valid)} in all, e.g. {', '.join(valid[:8])}, …")
+            else:
+                theirs = f"theirs: {', '.join(valid) or '(none)'}"
+            raise ConfigError(f"--set: method.{key} is a parameter of none of the selected "
+                              f"methods ({', '.join(params) or 'none registered'}); {theirs}")
+        if len(have) < len(params):
+            log(f"--set method.{key} applies to {', '.join(have)} only (not "
+                f"{', '.join(n for n in params if n not in have)}: no such parameter)")
+    # a value the methods refuse (method.lam=-1), alone or with the suite's own settings:
+    # the runs it reaches would all fail alike
+    def roles(spec: RunSpec) -> set[tuple]:
+        return {(e, lab, st, spec.dataset, spec.seed) for e, rl in spec.roles.items()
+                for lab, st in rl}
+
+    base = plan(suite)
+    fine = set().union(*[roles(s) for s in base if not s.error])
+    for spec in specs:
+        if spec.error and roles(spec) & fine:
+            raise ConfigError(f"--set: {spec.key}: {spec.error}")
+    if out is None:
+        return
+    # a --set added to (or changed on) the rerun of a finished OUT: every run it reaches
+    # failed as "holds a finished run with other settings", and results.json, tables.md
+    # and the report were rewritten with those failures; a run the suite alone still
+    # matches is the user's earlier result, not a stale one
+    from .trainer import CHECKPOINT, settings_diff
+
+    unchanged = {r for s in base if s.config is not None for r in roles(s)
+                 if _settings_diff(out / "runs" / s.key, s.config, settings_diff,
+                                   CHECKPOINT) == []}
+    for spec in specs:
+        if spec.config is None or spec.skip_reason or not roles(spec) & unchanged:
+            continue
+        diffs = _settings_diff(out / "runs" / spec.key, spec.config, settings_diff, CHECKPOINT)
+        if diffs:
+            raise ConfigError(f"--set: {out / 'runs' / spec.key} holds a run trained without "
+                              f"it ({'; '.join(diffs)}); drop the --set, delete the run, or "
+                              f"use another --out")
+
+
+def _settings_diff(run_dir: Path, cfg: TrainConfig, settings_diff: Callable,
+                   checkpoint: str) -> list[str] | None:
+    """How a started run in RUN_DIR differs from CFG ([] when it does not); None when RUN_DIR
+    holds no started run, or one that cannot be read (the run itself then says why)."""
+    if not ((run_dir / "metrics.json").exists() or (run_dir / checkpoint).exists()):
+        return None
+    try:
+        return settings_diff(run_dir, cfg)
+    except Exception:
+        return None
+
+
 def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None,
               progress: bool = True, report: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Run every missing run of the suite into OUT and write the results and tables."""
     out = Path(out)
+    specs = plan(suite, extra)
     if extra:
         # an unknown key or bad value in --set would fail every run alike, and overwrite
         # results.json/tables.md of a finished OUT with failures: stop before any output
-        try:
-            apply_overrides(TrainConfig(), extra)
-        except ConfigError as exc:
-            raise ConfigError(f"--set: {exc}") from None
+        _check_extra(suite, extra, specs, log, out)
+    for name in dict.fromkeys(d for e in suite.experiments for d in e.datasets):
+        stale = _synth_diff(suite, name, out)  # before any output, as --set
+        if stale:
+            raise ConfigError(stale)
     out.mkdir(parents=True, exist_ok=True)
-    specs = plan(suite, extra)
     t0 = time.perf_counter()
     records: list[dict] = []
     data_paths: dict[str, Path] = {}
@@ -392,7 +639,8 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
             rec = {"key": spec.key, "dataset": spec.dataset, "method": spec.method,
                    "label": spec.label, "setting": spec.setting, "seed": spec.seed,
                    "experiments": spec.experiments, "config_hash": spec.config_hash,
-                   "run_dir": f"runs/{spec.key}"}
+                   "run_dir": f"runs/{spec.key}",
+                   "roles": {k: [list(x) for x in v] for k, v in spec.roles.items()}}
             if bar is not None:
                 bar.update(task, description=f"{spec.key}")
             if spec.skip_reason:
@@ -414,16 +662,22 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
                             raise
                     run_dir = out / "runs" / spec.key
                     fresh = not (run_dir / "metrics.json").exists()
+                    # a run resumed from its checkpoint: add the epochs trained before the
+                    # interruption (only this invocation's part was counted, ~half of it)
+                    before = _history_seconds(run_dir) if fresh else 0.0
                     metrics = run_one(spec, data_paths[spec.dataset], run_dir)
                     if fresh:
-                        seconds = time.perf_counter() - started
+                        seconds = time.perf_counter() - started + before
                         atomic_write_json(run_dir / "benchmark_run.json",
-                                          {"seconds": seconds, "key": spec.key})
+                                          {"seconds": seconds, "key": spec.key,
+                                           "resumed_after_seconds": before})
                     else:  # collected: the time it took when it was trained
                         seconds = (_load_json(run_dir / "benchmark_run.json") or {}).get(
                             "seconds")
                     rec.update(status="done", metrics=_slim(metrics), trained_now=fresh,
                                seconds=seconds)
+                    # the traceback of an earlier failed attempt no longer describes it
+                    (run_dir / "error.txt").unlink(missing_ok=True)
                 except Exception as exc:  # one failing run is recorded, the rest go on
                     rec.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                                seconds=time.perf_counter() - started)
@@ -531,7 +785,11 @@ class Table:
 def experiment_table(e: Experiment, records: list[dict]) -> Table:
     """Rows = methods (or datasets/settings), columns = metric × (the other axes with more
     than one value); cells mean (std) over seeds; best per column in bold (not the oracle)."""
-    mine = [r for r in records if e.name in r["experiments"]]
+    # one entry per (label, setting) the run has in this experiment (a merged run may
+    # appear under another label than its first experiment's); results without "roles"
+    # (older versions) use the run's own label and setting
+    mine = [{**r, "label": lab, "setting": st} for r in records if e.name in r["experiments"]
+            for lab, st in (r.get("roles") or {}).get(e.name, [(r["label"], r["setting"])])]
     axes = {"method": [m.label for m in e.methods], "dataset": e.datasets,
             "setting": list(e.settings)}
     row_axis = e.rows
@@ -577,10 +835,11 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
     for lab, cells in zip(labels, values, strict=True):
         rows.append([lab] + [_fmt_cell(m, s, n) for m, s, n in cells])
     notes = []
-    missing = [r for r in mine if r["status"] != "done"]
+    once = list({r["key"]: r for r in mine}.values())  # a run under two labels: noted once
+    missing = [r for r in once if r["status"] != "done"]
     for r in missing:
         notes.append(f"{r['key']}: {r['status']} — {r.get('error') or r.get('reason')}")
-    for r in mine:  # e.g. "no test split: test metrics omitted" (why its cells are empty)
+    for r in once:  # e.g. "no test split: test metrics omitted" (why its cells are empty)
         note = (r.get("metrics") or {}).get("note") if r["status"] == "done" else None
         if note:
             notes.append(f"{r['key']}: {note}")
