@@ -109,7 +109,7 @@ def test_2d_manifest_has_no_slice_columns_and_4_number_volume_boxes_stay(tmp_pat
     (("2", "3", "9", "8", "1", ""), "needs both box_z0 and box_z1"),
     (("2", "3", "9", "8", "3", "3"), "empty box slice range"),
     (("", "", "", "", "1", "3"), "without a box"),
-    (("2", "3", "9", "8", "1", "x"), "is not 6 finite numbers"),
+    (("2", "3", "9", "8", "1", "x"), "is not six finite numbers"),
 ])
 def test_malformed_slice_range_is_one_clear_error(tmp_path, cells, needle):
     _volumes(tmp_path, {"z": (2, 3, 9, 8, 1, 3)})

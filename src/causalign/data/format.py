@@ -370,7 +370,7 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
             box = tuple(int(float(c)) for c in box_cells + [c for c in z_cells if c])
         except (ValueError, OverflowError):  # OverflowError: 'inf'
             raise DataError(f"{where}: box {box_cells + [c for c in z_cells if c]} is not "
-                            f"{4 + 2 * any(z_cells)} finite numbers") from None
+                            f"{'six' if any(z_cells) else 'four'} finite numbers") from None
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
         if len(box) == 6 and box[5] <= box[4]:
