@@ -7,19 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 import typer.main
+from test_cli_edges import _run
 
 from causalign.cli import app, main
 from causalign.engine import TrainConfig, train
 from causalign.errors import DataError
 
 
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def _assert_user_error(rc, err, needle):
+    """Stricter than test_cli_edges': the error is the only line on stderr, blank ones too."""
     assert rc == 2, err
     assert err.endswith("\n") and err.count("\n") == 1, repr(err)  # the only line on stderr
     assert err.startswith("error: ") and needle in err, err

@@ -312,17 +312,9 @@ def test_a_broken_results_json_is_one_clear_error(tmp_path, content, needle):
 def test_datasets_beyond_the_cam_grids_shown_are_named(tmp_path, monkeypatch):
     """Only the first three datasets get a CAM grid; the others vanished from the page
     without a word."""
-    from causalign.report import html as report_html
+    from test_synth_report_edges import fake_model_figures
 
-    def fake_figure(out, results, dataset, path, n=4):  # the page's text is tested here
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"\x89PNG\r\n\x1a\n")
-        return "erm"
-
-    monkeypatch.setattr(report_html, "cam_figure", fake_figure)
-    monkeypatch.setattr(report_html, "counterfactual_figure", fake_figure)
-    out = tmp_path / "bench"
-    out.mkdir()
+    out = fake_model_figures(monkeypatch, tmp_path)  # the page's text is tested here
     names = ["d1", "d2", "d3", "d4 <x>", "d5"]
     runs = [{"key": f"{d}/erm/seed0", "dataset": d, "method": "erm", "label": "erm",
              "setting": "default", "seed": 0, "run_dir": f"runs/{i}", "status": "done",

@@ -165,10 +165,9 @@ def test_example_grid_shows_the_lesion_slice_of_a_volume(tmp_path, monkeypatch):
         assert img.shape == (16, 16) and img.sum() == 25  # the whole 5×5 lesion is shown
 
 
-def test_report_figure_names_stay_inside_the_figures_folder(tmp_path, monkeypatch):
-    """A suite's dataset name may hold "/" (run folders are slugged): the CAM grid and
-    counterfactual figures were written to nested folders, or outside DIR/figures/ for a
-    name with "../"."""
+def fake_model_figures(monkeypatch, tmp_path):
+    """Stand-ins for the report's model-based figures (they need trained runs), writing a
+    PNG header where the real ones would; returns an empty benchmark folder."""
     from causalign.report import html as report_html
 
     def fake_figure(out, results, dataset, path, n=4):
@@ -176,11 +175,18 @@ def test_report_figure_names_stay_inside_the_figures_folder(tmp_path, monkeypatc
         path.write_bytes(b"\x89PNG\r\n\x1a\n")
         return "erm"
 
-    # the model-based figures need trained runs; only the file names are tested here
     monkeypatch.setattr(report_html, "cam_figure", fake_figure)
     monkeypatch.setattr(report_html, "counterfactual_figure", fake_figure)
     out = tmp_path / "bench"
     out.mkdir()
+    return out
+
+
+def test_report_figure_names_stay_inside_the_figures_folder(tmp_path, monkeypatch):
+    """A suite's dataset name may hold "/" (run folders are slugged): the CAM grid and
+    counterfactual figures were written to nested folders, or outside DIR/figures/ for a
+    name with "../"."""
+    out = fake_model_figures(monkeypatch, tmp_path)
     results = _results(deletion=False)
     results["runs"][0]["dataset"] = "../../lidc/sub set"
     (out / "results.json").write_text(json.dumps(results))

@@ -227,18 +227,13 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     """
     data = cfg.to_dict()
     for key, value in values.items():
-        if key.startswith("method."):
-            data["method_args"][key.split(".", 1)[1]] = value
-        elif key == "method_args":
+        prefix = key.split(".", 1)[0]
+        if prefix in ("method", "model") and "." in key:  # method.<parameter>, model.<option>
+            data[f"{prefix}_args"][key.split(".", 1)[1]] = value
+        elif key in ("method_args", "model_args"):
             if not isinstance(value, dict):
-                raise ConfigError("method_args must be a mapping")
-            data["method_args"].update(value)
-        elif key.startswith("model."):
-            data["model_args"][key.split(".", 1)[1]] = value
-        elif key == "model_args":
-            if not isinstance(value, dict):
-                raise ConfigError("model_args must be a mapping")
-            data["model_args"].update(value)
+                raise ConfigError(f"{key} must be a mapping")
+            data[key].update(value)
         elif key in data:
             data[key] = _coerce(key, value, data[key])
         else:
