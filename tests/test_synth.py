@@ -127,3 +127,17 @@ def test_intensity_shortcut(tmp_path):
 def test_invalid_config(kw, msg):
     with pytest.raises(DataError, match=msg):
         SynthConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("size,depth", [(100000, 1), (4097, 1), (1024, 128)])
+def test_too_large_a_synthetic_image_is_refused_before_any_output(tmp_path, capsys, size, depth):
+    """`data synth --size 100000` was a 57-line out-of-memory traceback after images/ and
+    masks/ had been created (a rerun then needed --overwrite)."""
+    from causalign.cli import main
+
+    out = tmp_path / "big"
+    rc = main(["data", "synth", str(out), "--size", str(size), "--depth", str(depth),
+               "--n-train", "1", "--n-val", "1", "--n-test", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --size"), err
+    assert "too large" in err[0] and not out.exists()

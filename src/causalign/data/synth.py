@@ -51,6 +51,12 @@ CAUSAL_WEIGHTS = (0.4, 0.0, 1.5, 2.0, 1.0, 0.7)
 SHORTCUTS = ("plus-minus", "intensity", "none")
 
 
+# Largest synthetic image: drawing is float64 NumPy per sample (measured on CPU: 1024 px
+# ~3 s and 0.1 GB, 2048 px ~10 s and 0.5 GB per image), so 4096 px is ~2 GB and 40 s.
+MAX_SIZE = 4096
+MAX_VOXELS = 2 ** 26
+
+
 @dataclass
 class SynthConfig:
     """Parameters of `causalign data synth` (defaults = the demo's benchmark)."""
@@ -71,6 +77,13 @@ class SynthConfig:
             raise DataError(f"unknown shortcut '{self.shortcut}'; valid: {', '.join(SHORTCUTS)}")
         if self.size < 32:
             raise DataError(f"--size {self.size} too small: lesions need at least 32 px")
+        if self.size > MAX_SIZE or self.depth * self.size ** 2 > MAX_VOXELS:
+            # checked before OUT is created: --size 100000 failed with a 57-line out-of-memory
+            # traceback (40 GB for one float image) after writing images/ and masks/
+            raise DataError(f"--size {self.size} --depth {self.depth} too large: synthetic "
+                            f"images have at most {MAX_SIZE} px a side and {MAX_VOXELS:,} "
+                            f"voxels ({self.depth * self.size ** 2:,} asked; one image of "
+                            f"2048 px took 10 s and 0.5 GB to draw)")
         if min(self.n_train, self.n_val, self.n_test) < 1:
             raise DataError("every split needs at least one sample (--n-train/--n-val/--n-test)")
         if self.sites < 1:
