@@ -68,6 +68,25 @@ def test_signed_map_overlay_is_centred_at_zero(monkeypatch, tmp_path):
     assert alpha[0, 7] == 0 and alpha[0, 0] > alpha[0, 4] > 0  # zero is see-through
 
 
+@pytest.mark.parametrize("signed,colour", [(True, "lime"), (False, "red")])
+def test_the_lesion_box_is_not_red_on_a_red_blue_map(monkeypatch, tmp_path, signed, colour):
+    """On a signed (red/blue) map a red lesion box read as positive evidence; unsigned jet
+    maps keep the paper's red box."""
+    import matplotlib.colors as mcolors
+
+    boxes: list = []
+
+    def capture(fig, path, **kwargs):
+        boxes.extend(p.get_edgecolor() for ax in fig.axes for p in ax.patches)
+
+    monkeypatch.setattr(figures, "atomic_savefig", capture)
+    sal = np.linspace(-1 if signed else 0, 1, 64).reshape(8, 8)
+    box = np.zeros((8, 8))
+    box[2:5, 2:5] = 1
+    figures.overlay(np.zeros((1, 8, 8), np.float32), sal, box, tmp_path / "o.png")
+    assert [mcolors.to_hex(c) for c in boxes] == [mcolors.to_hex(colour)]
+
+
 def test_unsigned_map_overlay_keeps_jet(monkeypatch, tmp_path):
     saved = _drawn(monkeypatch)
     sal = np.linspace(0, 2, 64).reshape(8, 8)

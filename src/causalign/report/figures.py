@@ -104,7 +104,7 @@ def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], p
 
 def overlay(image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarray | None,
             path: str | Path, title: str = "") -> None:
-    """One image with its saliency map overlaid (jet, alpha by strength) and the box."""
+    """One image with its saliency map overlaid and the box (see `_overlay_ax`)."""
     with _figure(figsize=(2.6, 2.6)) as (fig, ax):
         _overlay_ax(ax, image, saliency, box_mask)
         if title:  # wrapped: a CBIS-DDSM id with "y=… pred=…" ran off both edges
@@ -114,6 +114,7 @@ def overlay(image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarray | None
 
 
 BAD_COLOUR = "magenta"  # NaN pixels of a map: shown, not hidden as "no relevance"
+SIGNED_BOX_COLOUR = "lime"  # the lesion box over a red/blue (signed) map
 
 
 def _scaled_map(saliency: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -153,8 +154,8 @@ def _overlay_ax(ax, image: np.ndarray, saliency: np.ndarray, box_mask: np.ndarra
     alpha = (0.8 * strength if signed else np.full_like(s, 0.45)) * (strength > 0.05)
     alpha = np.where(np.isnan(s), 0.9, alpha)
     ax.imshow(s, cmap=cmap, alpha=alpha, vmin=-1 if signed else 0, vmax=1)
-    if box_mask is not None:
-        _draw_box(ax, box_mask)
+    if box_mask is not None:  # a red box would read as positive evidence on a red/blue map
+        _draw_box(ax, box_mask, color=SIGNED_BOX_COLOUR if signed else "red")
 
 
 def cam_grid(images: np.ndarray, boxes: np.ndarray, maps: dict[str, np.ndarray],
