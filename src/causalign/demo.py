@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .engine.benchmark import MethodSpec, load_suite, run_suite
+from .engine.benchmark import MethodSpec, load_suite, no_duplicates, run_suite
 from .errors import ConfigError
 from .io import atomic_write_text
 from .methods.base import method_class
@@ -34,6 +34,8 @@ def run_demo(out: str | Path, methods: list[str] | None = None, seeds: int = 1,
             raise ConfigError("--methods names no method")
         for m in methods:  # the suite runner skips unknown methods; a demo typo is an error
             method_class(m)
+        # `--methods erm,erm` gave two erm rows: the demo bypasses the suite parser's check
+        no_duplicates(methods, "--methods: method")
     t0 = time.perf_counter()
     suite = load_suite("demo")
     exp = suite.experiments[0]

@@ -127,6 +127,10 @@ class Suite:
     # keeps its folder under --only/--methods/--datasets (two runs whose names collide got
     # the plain name in the order met, and `--only B` then took A's finished folder)
     full: Suite | None = None
+    # the suite as loaded, before any selection: results and tables show its runs finished
+    # in OUT too (a `--methods erm` rerun rewrote them with the erm rows only)
+    origin: Suite | None = None
+    selection: str = ""  # the options that made this selection, for the summary line
 
 
 def _as_list(v, what: str) -> list:
@@ -147,7 +151,7 @@ def _seed(value: Any, experiment: str) -> int:
     return value
 
 
-def _no_duplicates(names: list[str], what: str, hint: str = "") -> None:
+def no_duplicates(names: list[str], what: str, hint: str = "") -> None:
     seen: set[str] = set()
     for n in names:
         if n in seen:
@@ -205,7 +209,7 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         if bad:
             raise ConfigError(f"experiment '{ename}': unknown key(s) {', '.join(sorted(bad))}")
         ds = [str(d) for d in _as_list(e.get("datasets"), f"{ename}.datasets")]
-        _no_duplicates(ds, f"experiment '{ename}': dataset")
+        no_duplicates(ds, f"experiment '{ename}': dataset")
         for d in ds:
             if d not in datasets:
                 raise ConfigError(f"experiment '{ename}': dataset '{d}' is not defined "
@@ -233,7 +237,7 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
             raise ConfigError(f"experiment '{ename}': needs datasets and methods")
         # the table's rows/columns are labels: two methods under one label were averaged
         # together as if they were seeds of one run
-        _no_duplicates([m.label for m in methods], f"experiment '{ename}': method label",
+        no_duplicates([m.label for m in methods], f"experiment '{ename}': method label",
                        " (give each a distinct label)")
         seeds = [_seed(s, ename) for s in _as_list(e.get("seeds", [0]), f"{ename}.seeds")]
         if not seeds:
@@ -301,8 +305,12 @@ def select(suite: Suite, experiments: list[str] | None = None,
     whole = Suite(base.name, base.description, base.defaults, base.datasets,
                   [dataclasses.replace(e, seeds=list(seeds)) if seeds is not None else e
                    for e in base.experiments], base.root)
+    chosen = " ".join(f"{opt} {','.join(map(str, v))}" for opt, v in (
+        ("--only", experiments), ("--methods", methods), ("--seeds", seeds),
+        ("--datasets", datasets)) if v is not None)
     return Suite(suite.name, suite.description, suite.defaults, suite.datasets, out,
-                 suite.root, full=whole)
+                 suite.root, full=whole, origin=suite.origin or suite,
+                 selection=" ".join(x for x in (suite.selection, chosen) if x))
 
 
 # ---------------------------------------------------------------------------- planning
@@ -628,6 +636,20 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
         stale = _synth_diff(suite, name, out)  # before any output, as --set
         if stale:
             raise ConfigError(stale)
+    # a selection (--only/--methods/--seeds/--datasets) decides what runs now; results and
+    # tables still show the suite's other runs finished in OUT (they were dropped)
+    whole = _whole_suite(suite)
+    whole_specs = plan(whole, extra) if whole is not None else None
+    earlier, left_out = (_earlier_runs(whole, whole_specs, {s.key for s in specs}, out,
+                                       suite.origin)
+                         if whole is not None and whole_specs is not None else ({}, 0))
+
+    def shown(recs: list[dict]) -> tuple[Suite, list[dict]]:
+        if whole is None or whole_specs is None:
+            return suite, recs
+        merged = _with_earlier(recs, whole_specs, earlier)
+        return _view(suite, whole, merged), merged
+
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records: list[dict] = []
@@ -636,11 +658,7 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
     with progress_bar(progress) as bar:
         task = bar.add_task("benchmark", total=len(specs)) if bar is not None else None
         for spec in specs:
-            rec = {"key": spec.key, "dataset": spec.dataset, "method": spec.method,
-                   "label": spec.label, "setting": spec.setting, "seed": spec.seed,
-                   "experiments": spec.experiments, "config_hash": spec.config_hash,
-                   "run_dir": f"runs/{spec.key}",
-                   "roles": {k: [list(x) for x in v] for k, v in spec.roles.items()}}
+            rec = _record(spec)
             if bar is not None:
                 bar.update(task, description=f"{spec.key}")
             if spec.skip_reason:
@@ -688,22 +706,120 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
             if bar is not None:
                 bar.advance(task)
             # results on disk after every run: a killed benchmark still shows what finished
-            _write_results(out, suite, records, time.perf_counter() - t0, final=False)
-    results = _write_results(out, suite, records, time.perf_counter() - t0, final=True)
-    tables = render_tables(suite, records)
+            _write_results(out, *shown(records), time.perf_counter() - t0, final=False)
+    view, every = shown(records)
+    results = _write_results(out, view, every, time.perf_counter() - t0, final=True)
+    tables = render_tables(view, every)
     atomic_write_text(out / "tables.md", tables)
     if report:
         from ..report.html import write_report
 
         results["report"] = str(write_report(out, progress=False))
     n = {s: sum(r["status"] == s for r in records) for s in ("done", "failed", "skipped")}
-    log(f"benchmark {suite.name}: {n['done']} done, {n['failed']} failed, "
+    chosen = f" (selected: {suite.selection})" if suite.selection else ""
+    log(f"benchmark {suite.name}{chosen}: {n['done']} done, {n['failed']} failed, "
         f"{n['skipped']} skipped ({sum(bool(r.get('trained_now')) for r in records)} trained "
         f"now) in {time.perf_counter() - t0:.0f} s")
+    if whole is not None:
+        log(f"  results and tables also show {len(earlier)} finished run(s) of the suite "
+            f"outside the selection" + (f"; {left_out} not finished in {out} (or with other "
+                                        f"settings) are not shown" if left_out else ""))
     for r in records:
         if r["status"] != "done":
             log(f"  {r['status']}: {r['key']}: {r.get('error') or r.get('reason')}")
     return results
+
+
+def _whole_suite(suite: Suite) -> Suite | None:
+    """The suite a selection came from, each experiment with its own seeds and those of
+    --seeds (runs of the suite too); None when SUITE is not a selection."""
+    if suite.origin is None:
+        return None
+    o = suite.origin
+    chosen = {e.name: e.seeds for e in (suite.full or suite).experiments}
+    return Suite(o.name, o.description, o.defaults, o.datasets,
+                 [dataclasses.replace(e, seeds=list(dict.fromkeys(
+                     [*e.seeds, *chosen.get(e.name, [])]))) for e in o.experiments], o.root)
+
+
+def _record(spec: RunSpec) -> dict:
+    return {"key": spec.key, "dataset": spec.dataset, "method": spec.method,
+            "label": spec.label, "setting": spec.setting, "seed": spec.seed,
+            "experiments": list(spec.experiments), "config_hash": spec.config_hash,
+            "run_dir": f"runs/{spec.key}",
+            "roles": {k: [list(x) for x in v] for k, v in spec.roles.items()}}
+
+
+def _earlier_runs(whole: Suite, specs: list[RunSpec], selected: set[str], out: Path,
+                  origin: Suite | None = None) -> tuple[dict[str, dict], int]:
+    """Records of the runs of WHOLE outside the selection that are finished in OUT with the
+    same settings (collected, not retrained), and how many runs of ORIGIN (its own seeds,
+    not those only --seeds adds) are left out."""
+    own = {(e.name, x) for e in (origin or whole).experiments for x in e.seeds}
+    from .trainer import CHECKPOINT, settings_diff
+
+    found: dict[str, dict] = {}
+    left = 0
+    stale: dict[str, str | None] = {}
+    for spec in specs:
+        if spec.key in selected:
+            continue
+        run_dir = out / "runs" / spec.key
+        if spec.dataset not in stale:  # runs on regenerated data are not the suite's
+            stale[spec.dataset] = _synth_diff(whole, spec.dataset, out)
+        metrics = None
+        if (spec.config is not None and not spec.skip_reason and not spec.error
+                and not stale[spec.dataset] and (run_dir / "metrics.json").exists()
+                and _settings_diff(run_dir, spec.config, settings_diff, CHECKPOINT) == []):
+            metrics = _load_json(run_dir / "metrics.json")
+        if metrics is None:
+            left += any((e, spec.seed) in own for e in spec.experiments)
+            continue
+        seconds = (_load_json(run_dir / "benchmark_run.json") or {}).get("seconds")
+        found[spec.key] = {**_record(spec), "status": "done", "metrics": _slim(metrics),
+                           "trained_now": False, "seconds": seconds, "selected": False}
+    return found, left
+
+
+def _with_earlier(records: list[dict], specs: list[RunSpec],
+                  earlier: dict[str, dict]) -> list[dict]:
+    """This invocation's records and the earlier finished ones, in the whole suite's order;
+    a selected run lists every experiment of the whole suite it belongs to."""
+    mine = {r["key"]: r for r in records}
+    merged = []
+    for spec in specs:
+        r = mine.get(spec.key)
+        if r is not None and r["config_hash"] == spec.config_hash:
+            del mine[spec.key]
+            merged.append({**r, "experiments": list(spec.experiments),
+                           "roles": {k: [list(x) for x in v] for k, v in spec.roles.items()}})
+        elif spec.key in earlier:
+            merged.append(earlier[spec.key])
+    return merged + list(mine.values())
+
+
+def _view(suite: Suite, whole: Suite, records: list[dict]) -> Suite:
+    """The experiments of WHOLE as results and tables show them: the selected ones, and of
+    the others only what has runs in RECORDS (no table of empty rows for a run never made)."""
+    sel = {e.name: e for e in suite.experiments}
+    exps = []
+    for e in whole.experiments:
+        s = sel.get(e.name)
+        roles = [(lab, st, r["dataset"], r["seed"]) for r in records
+                 for lab, st in (r.get("roles") or {}).get(e.name, [])]
+        if s is None and not roles:
+            continue
+        labels = {x[0] for x in roles} | {m.label for m in (s.methods if s else [])}
+        names = {x[1] for x in roles} | set(s.settings if s else [])
+        ds = {x[2] for x in roles} | set(s.datasets if s else [])
+        seeds = {x[3] for x in roles} | set(s.seeds if s else [])
+        exps.append(dataclasses.replace(
+            e, methods=[m for m in e.methods if m.label in labels],
+            datasets=[d for d in e.datasets if d in ds],
+            settings={k: v for k, v in e.settings.items() if k in names},
+            seeds=[x for x in e.seeds if x in seeds]))
+    return Suite(whole.name, whole.description, whole.defaults, whole.datasets, exps,
+                 whole.root)
 
 
 def _slim(metrics: dict) -> dict:
