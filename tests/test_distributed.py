@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -127,11 +129,20 @@ def _fit(data, method, out):
     return trainer, metrics
 
 
-def _worker(rank: int, world: int, port: int, data: str, root: str) -> None:
+def join_gloo(rank: int, world: int, port: int, register: Callable[[], None] | None = None,
+              timeout: timedelta | None = None) -> None:
+    """A spawned worker's start: one thread, the test module's methods registered (its
+    ``register``), then the gloo process group on localhost:``port``."""
     torch.set_num_threads(1)
-    _register()
+    if register is not None:
+        register()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, **({} if timeout is None else
+                                                 {"timeout": timeout}))
+
+
+def _worker(rank: int, world: int, port: int, data: str, root: str) -> None:
+    join_gloo(rank, world, port, _register)
     try:
         for method in METHODS:
             trainer, _ = _fit(data, method, f"{root}/{method}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _free_port  # the same free-TCP-port helper
+from test_distributed import _free_port, join_gloo  # the same port and worker helpers
 
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
@@ -215,9 +215,7 @@ def _rank_step(method, model: torch.nn.Module, train_set, order: torch.Tensor, r
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str, name: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    join_gloo(rank, world, port)
     try:
         train_set = _load(data)
         results = []
@@ -302,10 +300,7 @@ def _e2e_worker(rank: int, world: int, port: int, data: str, root: str) -> None:
 
     from causalign.engine import Trainer
 
-    torch.set_num_threads(1)
-    _register()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    join_gloo(rank, world, port, _register)
     try:
         for method in E2E:
             Trainer(data, _e2e_cfg(method), f"{root}/{method}", progress=False).fit()

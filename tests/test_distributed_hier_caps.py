@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _free_port
+from test_distributed import _free_port, join_gloo
 from test_distributed_caps import (
     ANNOTATED,
     _flat,
@@ -143,10 +143,8 @@ def _scales(parts):
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    torch.set_num_threads(1)
     # a rank that skipped an exchange would leave the other waiting: fail instead
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    join_gloo(rank, world, port, timeout=timedelta(seconds=60))
     try:
         train_set = _load(data)
         results = []
@@ -232,10 +230,7 @@ def _e2e_cfg() -> TrainConfig:
 def _e2e_worker(rank: int, world: int, port: int, data: str, root: str) -> None:
     from causalign.engine import Trainer
 
-    torch.set_num_threads(1)
-    _register()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+    join_gloo(rank, world, port, _register, timeout=timedelta(seconds=120))
     try:
         Trainer(data, _e2e_cfg(), root, progress=False).fit()
     finally:

@@ -13,7 +13,7 @@ import csv
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _free_port  # the same free-TCP-port helper
+from test_distributed import _free_port, join_gloo  # the same port and worker helpers
 from torch import nn
 
 from causalign.data.synth import SynthConfig, generate
@@ -204,10 +204,7 @@ def _cfg() -> TrainConfig:
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    torch.set_num_threads(1)
-    _register()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    join_gloo(rank, world, port, _register)
     try:
         trainer = Trainer(data, _cfg(), out, progress=False)
         trainer.fit()
