@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
 from ..io import atomic_write_text
@@ -488,9 +488,20 @@ class LesionDataset(Dataset):
     (1, *spatial) float32 (zeros when absent), ``has_mask`` bool, ``box_mask`` (1, *spatial)
     (the box when given, else the mask), ``attributes`` (p,) float32 with NaN where missing,
     ``attr_known`` (p,) bool, ``site`` long (index into `sites`), ``index`` long.
+
+    Keys and layout follow MONAI's dictionary convention (``image``, ``label``, ``mask``,
+    channel first), so ``transform``, a callable taking an item dict and returning one (a
+    MONAI ``Compose`` of ``…d`` transforms, or a plain function), can augment or preprocess
+    each item; it is applied to every item `__getitem__` and `batch` return. The trainer
+    builds its own datasets without one.
     """
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
+    def __init__(self, root: str | Path, split: str = "train",
+                 transform: Callable[[dict[str, Tensor]], Mapping] | None = None) -> None:
+        if transform is not None and not callable(transform):
+            raise TypeError(f"LesionDataset: transform must be a callable taking the item "
+                            f"dict, got {type(transform).__name__}")
+        self.transform = transform
         self.root = Path(root)
         self.meta = read_meta(self.root)
         if split not in SPLITS:
@@ -596,7 +607,10 @@ class LesionDataset(Dataset):
     @property
     def images(self) -> Tensor:
         """(N, C, *spatial) float32 images, intensities as `to_float_image` scales them."""
-        return _float_images(self._images, self._kind)
+        # a float32 cache would be returned as it is: a caller normalising it in place
+        # (``ds.images.sub_(mean)``) would change every later item
+        out = _float_images(self._images, self._kind)
+        return out.clone() if out is self._images else out
 
     @property
     def masks(self) -> Tensor:
@@ -620,8 +634,46 @@ class LesionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return self.batch(torch.as_tensor(i))
+    def __getitem__(self, i: int | slice | Sequence[int] | np.ndarray | Tensor
+                    ) -> dict[str, Tensor]:
+        """One item for an integer (Python, numpy or 0-d tensor; negative counts from the
+        end), a batch (as `batch` gives it) for a slice, an integer sequence/array/tensor or a
+        boolean mask over the split. ``item["index"]`` is always the position in the split."""
+        return self.batch(self._positions(i))
+
+    def _positions(self, i: object) -> Tensor:
+        """`__getitem__`'s index as long positions 0..n-1: out of range → IndexError, a
+        non-integer → TypeError (a bool selected the whole split with an extra axis, a float
+        or str failed inside torch with an unrelated message, ``index`` kept -1 or int32)."""
+        n = len(self)
+        if isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+            if not -n <= i < n:  # the common case (a sampler's int), without tensor ops
+                raise IndexError(f"index {i} is out of range for the '{self.split}' split "
+                                 f"of {n} samples")
+            return torch.tensor(int(i) % n)
+        if isinstance(i, slice):
+            return torch.arange(n)[i]
+        idx = None
+        if i is not None and not isinstance(i, (str, bytes)):
+            try:
+                idx = torch.as_tensor(i)
+            except (TypeError, ValueError, RuntimeError):  # e.g. a list of str, a dict
+                idx = None
+            if idx is not None and idx.numel() == 0 and idx.dtype != torch.bool:
+                idx = idx.long()  # ``[]`` is a float tensor: an empty selection, not floats
+        if idx is not None and idx.dtype == torch.bool and idx.shape == (n,) \
+                and not isinstance(i, (bool, np.bool_)):
+            return idx.nonzero().squeeze(1)  # a boolean mask over the split
+        if idx is None or idx.dtype == torch.bool or idx.is_floating_point() \
+                or idx.is_complex():
+            raise TypeError(f"LesionDataset index must be an integer, a slice, integers or a "
+                            f"boolean mask of length {n}, got {type(i).__name__} {i!r:.60}")
+        idx = idx.to("cpu", torch.long)
+        bad = (idx < -n) | (idx >= n)
+        if bool(bad.any()):
+            raise IndexError(f"index {int(idx[bad].reshape(-1)[0])} is out of range for the "
+                             f"'{self.split}' split of {n} samples")
+        return torch.where(idx < 0, idx + n, idx)
 
     def _mask_batch(self, idx: Tensor) -> Tensor:
         """float32 masks for `idx` (any index `Tensor.__getitem__` takes), zeros where none."""
@@ -665,7 +717,37 @@ class LesionDataset(Dataset):
     def batch(self, idx: Tensor) -> dict[str, Tensor]:
         """Items for an index tensor (a scalar gives one sample, a vector a batch); indexing
         the cached tensors directly is much faster than collating per-sample dicts. Images
-        and masks become float32 here, from the compact cache."""
+        and masks become float32 here, from the compact cache. Every tensor returned is new:
+        editing it in place leaves the dataset as it was. With a `transform`, each sample
+        goes through it and the results are collated (``default_collate``)."""
+        if idx.dim() == 0:
+            # a 0-d index selects views of the cache (label, flags, site, a float32 image)
+            # where a vector copies: an item edited in place, by a transform say, changed
+            # the split for good. Copying one item's tensors is cheaper than a 1-element
+            # vector index (which doubled the time per item)
+            item = {k: v.clone() for k, v in self._gather(idx).items()}
+            return self._transformed(item)
+        if self.transform is None or idx.numel() == 0:  # an empty batch: nothing to transform
+            return self._gather(idx)
+        flat = idx.reshape(-1)
+        items = [self.batch(j) for j in flat]  # each a 0-d index: one item, transformed
+        out = default_collate(items)
+        return {k: v.reshape(*idx.shape, *v.shape[1:]) if isinstance(v, Tensor) else v
+                for k, v in out.items()}
+
+    def _transformed(self, item: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.transform is None:
+            return item
+        out = self.transform(item)
+        if not isinstance(out, Mapping):  # e.g. a transform written for images, not dicts
+            name = getattr(self.transform, "__name__", type(self.transform).__name__)
+            raise TypeError(f"LesionDataset transform {name} returned "
+                            f"{type(out).__name__}, expected the item dict (keys "
+                            f"{', '.join(item)})")
+        return dict(out)
+
+    def _gather(self, idx: Tensor) -> dict[str, Tensor]:
+        """`batch` without transform, for an index tensor of any shape: the cache's items."""
         attrs = self.attributes[idx]
         masks = self._mask_batch(idx)
         return {
