@@ -260,7 +260,10 @@ def causal_attribution(model: LabelModel, a: np.ndarray, y: np.ndarray, max_size
         best = scores.max(1, keepdims=True)
         # smallest size with a subset within tol of the best; the best score of that size
         size = np.array([len(s) for s in sets])
-        near = scores >= best - tol
+        # only subsets with an effect (> 0) qualify: with tol above the best score a
+        # smaller subset with CCCE 0 (or < 0) was "near" and named the cause (a frequency
+        # model where each attribute alone is redundant and only the pair matters)
+        near = (scores >= best - tol) & (scores > 0)
         smallest = np.where(near, size[None, :], np.iinfo(np.int64).max).min(1, keepdims=True)
         pick = np.argmax(np.where(near & (size[None, :] == smallest), scores, -np.inf), axis=1)
         # all scores ≤ 0: every subset ties (typically at exactly 0), and argmax would name

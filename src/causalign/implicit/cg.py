@@ -25,8 +25,9 @@ class CGResult:
     ``residual_norm`` (‖b_i − (A_i + δI) v_i‖ as tracked by the recursion; recomputed from v_i
     with ``verify`` when ``tol`` < sqrt(machine eps), where the recursion's drift matters),
     ``converged`` and ``breakdown`` (non-positive or non-finite curvature met: that sample was
-    frozen at its last finite iterate). ``residual_norm`` is in at least float32 (a float16
-    system's residual may exceed float16's range).
+    frozen at its last finite iterate; or its solution lies beyond the dtype's range: it is
+    returned as zero). ``residual_norm`` is in at least float32 (a float16 system's residual
+    may exceed float16's range).
     """
 
     solution: Tensor
@@ -130,10 +131,14 @@ def batched_cg(
     # A non-finite right-hand side or start cannot be solved: flag it and return zeros there.
     bad_start = ~(torch.isfinite(rs) & torch.isfinite(b_norm))
     breakdown = bad_start.clone()
-    x = torch.where(bad_start.view(shape), torch.zeros_like(x), x)
-    r = torch.where(bad_start.view(shape), torch.zeros_like(r), r)
-    rs = torch.where(bad_start, torch.zeros_like(rs), rs)
-    converged = ~bad_start & (rs.sqrt() <= thresh)  # b_i = 0 (and x0 = 0) is already solved
+    # b_i = 0 is solved exactly by v_i = 0 (as in SciPy's cg). From a warm start x0_i ≠ 0 its
+    # threshold tol·‖b_i‖ = 0 was unreachable in floating point: the sample ran to max_iter
+    # and was reported unconverged, however small its residual.
+    reset = bad_start | (b_norm == 0)
+    x = torch.where(reset.view(shape), torch.zeros_like(x), x)
+    r = torch.where(reset.view(shape), torch.zeros_like(r), r)
+    rs = torch.where(reset, torch.zeros_like(rs), rs)
+    converged = ~bad_start & (rs.sqrt() <= thresh)  # b_i = 0 is already solved
     active = ~(converged | breakdown)
     p = r.clone()
 
@@ -183,7 +188,14 @@ def batched_cg(
 
     # back to b's scale; a rhs that was not finite keeps its flagged zero solution
     solution = (x.to(acc) * scale).to(b.dtype) if x.dtype != acc else x * scale
-    solution = torch.where(bad_start.view(shape), torch.zeros_like(b_in), solution)
+    # A solution beyond the dtype's range (float16 A = 0.01·I, b = 6e4: v = 6e6) came back
+    # inf and "converged": flag it breakdown with the zero solution (and that residual, ‖b‖),
+    # as a right-hand side that is not finite.
+    overflow = ~bad_start & ~torch.isfinite(solution).reshape(n, -1).all(1)
+    breakdown = breakdown | overflow
+    converged = converged & ~overflow
+    residual = torch.where(overflow, b_norm, residual)
+    solution = torch.where((bad_start | overflow).view(shape), torch.zeros_like(b_in), solution)
     return CGResult(
         solution=solution,
         iterations=iterations,

@@ -62,14 +62,13 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
         out["balanced_accuracy"] = float(balanced_accuracy_score(labels, pred))
         if len(present) == probs.shape[1] == 2:
             out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
-        elif len(present) == probs.shape[1] > 2:
-            # rows renormalised in float64: scikit-learn demands sums within ~1e-5 and raised
-            # "Target scores need to be probabilities" on a half-precision softmax
-            rows = probs / probs.sum(axis=1, keepdims=True)
-            out["auc"] = float(roc_auc_score(labels, rows, multi_class="ovr"))
         elif probs.shape[1] > 2 and len(present) >= 2:
-            # a class absent from the split has no one-vs-rest AUC; the macro mean over the
-            # others is defined (scikit-learn's "ovr" refuses such a split: it was None)
+            # one-vs-rest macro AUC: the mean of each present class's binary AUC on the
+            # model's own probabilities (what scikit-learn's "ovr" computes). Not "ovr" on
+            # rows renormalised to sum 1: that broke ties (a saturated float32 softmax's
+            # many exact 1.0s were ranked by their ~1e-13 tails), so the AUC differed from
+            # scikit-learn's on the same probabilities. A class absent from the split has no
+            # one-vs-rest AUC and is left out ("ovr" refuses such a split).
             out["auc"] = float(np.mean([roc_auc_score(labels == c, probs[:, c])
                                         for c in present]))
     return out

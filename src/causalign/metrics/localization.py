@@ -83,6 +83,15 @@ def _normalize(maps: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     0.5 threshold (12 of 200 random 16x16 maps scored differently than the same values in
     float32)."""
     maps = maps.to(torch.promote_types(maps.dtype, torch.float32))
+    # Each map divided by the power of two at or just below its largest magnitude first
+    # (2^(e−1): 2^128 is no float32; exact but for values 2^126 below the peak, which are 0
+    # once normalised anyway): hi − lo overflowed to inf for a float32 map spanning more
+    # than ±1.7e38, and every normalised value came out NaN or 0 (cam_precision silently 0).
+    peak = maps.detach().flatten(1).abs().amax(dim=1)
+    ok = torch.isfinite(peak) & (peak > 0)
+    _, exp = torch.frexp(torch.where(ok, peak, torch.ones_like(peak)))
+    pow2 = torch.ldexp(torch.ones_like(peak), exp - 1)
+    maps = maps / pow2.view((-1,) + (1,) * (maps.dim() - 1))
     flat = maps.flatten(1)
     lo = flat.min(dim=1).values
     hi = flat.max(dim=1).values
