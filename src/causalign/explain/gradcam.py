@@ -20,9 +20,10 @@ from .base import (
 
 @register_explainer("gradcam")
 class GradCAM(Explainer):
-    """ReLU(Σ_k α_k A_k) at `layer` (default: the model's `cam_layer` or last conv),
-    bilinearly upsampled to the input size; shape (N, 1, *spatial). Computed in eval mode
-    (every module's flag restored afterwards).
+    """ReLU(Σ_k α_k A_k) at `layer` (default: the model's `cam_layer` or last conv; when the
+    forward never runs that conv, as GoogLeNet's eval-mode auxiliary heads, the last conv it
+    does run), bilinearly upsampled to the input size; shape (N, 1, *spatial). Computed in
+    eval mode (every module's flag restored afterwards).
 
     `create_graph=True` keeps it differentiable in the parameters (Captum `grad_kwargs`);
     otherwise the map is detached (Captum's keeps the forward graph alive through the layer's
@@ -33,6 +34,7 @@ class GradCAM(Explainer):
                  upsample: bool = True) -> None:
         super().__init__(model)
         self.layer = layer if layer is not None else find_cam_layer(model)
+        self._default_layer = layer is None
         self.upsample = upsample
 
     def attribute(self, inputs: Tensor, target: Target = None,
@@ -47,13 +49,41 @@ class GradCAM(Explainer):
         target = self._target(inputs, target)
         create_graph = create_graph and torch.is_grad_enabled()  # no graph inside no_grad
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}
-        with eval_mode(self.model):
-            # a plain function hides a DataParallel model's devices from Captum: pass them on
-            cam = LayerGradCam(self._checked_model(target), self.layer,
-                               device_ids=getattr(self.model, "device_ids", None)).attribute(
-                inputs, target=target, relu_attributions=True, **kwargs)
+        try:
+            with eval_mode(self.model):
+                # a plain function hides a DataParallel model's devices from Captum: pass them on
+                cam = LayerGradCam(self._checked_model(target), self.layer,
+                                   device_ids=getattr(self.model, "device_ids", None)).attribute(
+                    inputs, target=target, relu_attributions=True, **kwargs)
+        except AssertionError as exc:  # Captum's "Forward hook did not obtain any outputs"
+            if "did not obtain any outputs" not in str(exc):
+                raise
+            self.layer = self._layer_that_runs(inputs)
+            self._default_layer = False  # chosen now: a second miss is refused, no loop
+            return self.attribute(inputs, target, create_graph)
         cam = self._upsample(cam, inputs)
         return cam if create_graph else cam.detach()
+
+    def _layer_that_runs(self, inputs: Tensor) -> nn.Module:
+        """The last Conv2d the forward runs, for a default layer it never runs (GoogLeNet's
+        auxiliary heads come last in module order and run only in train mode); a layer the
+        user chose is refused with one line instead of Captum's assertion."""
+        name = next((n for n, m in self.model.named_modules() if m is self.layer), "?")
+        ran: list[nn.Module] = []
+        if self._default_layer:
+            handles = [m.register_forward_hook(lambda m, a, o: ran.append(m))
+                       for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+            try:
+                with torch.no_grad(), eval_mode(self.model):
+                    self.model(inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        if not ran:
+            raise InputError(f"gradcam: {type(self.model).__name__}'s forward (eval mode) does "
+                             f"not run layer '{name}'; pass GradCAM(model, layer=...) a layer "
+                             f"it runs")
+        return ran[-1]
 
     def _upsample(self, cam: Tensor, inputs: Tensor) -> Tensor:
         if self.upsample and cam.shape[2:] != inputs.shape[2:]:
@@ -68,17 +98,21 @@ class GradCAM(Explainer):
         activations are kept by a hook, the prediction is read off the same logits and the
         target logits are differentiated w.r.t. the activations — Captum's formula
         (spatial mean of the gradients, channel sum, ReLU). A DataParallel model, a layer
-        with a non-tensor output or one run more than once per forward takes the default
-        two-pass path."""
+        with a non-tensor output, one run more than once per forward or one whose output a
+        later in-place op overwrites (``nn.ReLU(inplace=True)`` after the conv: the kept
+        tensor would hold the ReLU's output, while Captum keeps the layer's own) takes the
+        default two-pass path."""
         check_inputs(inputs, model=self.model)
         if inputs.dim() != 4 or getattr(self.model, "device_ids", None):
             return super().predict_and_attribute(inputs)
         seen: list[Tensor] = []
+        versions: list[int | None] = []  # the outputs' version counters when kept
 
         def keep(module: nn.Module, args: tuple, output: object) -> None:
             if isinstance(output, Tensor) and not output.requires_grad:
                 output.requires_grad_(True)  # frozen model: the activations are a leaf
             seen.append(output)  # type: ignore[arg-type]
+            versions.append(getattr(output, "_version", None))
 
         handle = self.layer.register_forward_hook(keep)
         try:
@@ -86,7 +120,8 @@ class GradCAM(Explainer):
                 logits = self.model(inputs.detach())
         finally:
             handle.remove()
-        if len(seen) != 1 or not isinstance(seen[0], Tensor) or seen[0].dim() < 3:
+        if len(seen) != 1 or not isinstance(seen[0], Tensor) or seen[0].dim() < 3 \
+                or seen[0]._version != versions[0]:
             return super().predict_and_attribute(inputs)
         check_logits(logits)
         acts = seen[0]

@@ -36,6 +36,10 @@ agree) and the other variants refuse the model with one line.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -170,6 +174,7 @@ class LRP(Explainer):
         self.epsilon, self.gamma = float(epsilon), float(gamma)
         self.low, self.high, self.stabilizer = float(low), float(high), float(stabilizer)
         self.canonizers = canonizers
+        self._merges_checked = False  # see _check_bn_merges: one extra forward, once
 
     def composite(self) -> Composite:
         canon = self.canonizers if self.canonizers is not None else default_canonizers(self.model)
@@ -198,16 +203,118 @@ class LRP(Explainer):
             raise InputError(f"lrp-{self.variant} has no rule for {pooled}'s attention pooling "
                              f"(log-softmax, logsumexp, weighted slice sums); use lrp-epsilon, "
                              f"wbp or gradient on this model")
+        from .wbp import check_rules
+
+        check_rules(self.model, self.name)  # zennit would pass relevance through as a gradient
+        composite = self.composite()
         with _eval_mode(self.model):
             target = self._target(inputs, target)  # predicted class in eval mode, as mapped
-        with torch.enable_grad(), _eval_mode(self.model), self.composite().context(self.model):
-            x = inputs.detach().requires_grad_(True)
-            logits = self.model(x)
-            check_target_classes(logits, target)
-            onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
-            # R at the output = the target logit, so relevance is in logit units.
-            (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot * logits.detach())
+            if not self._merges_checked:
+                _check_bn_merges(self.model, inputs, composite.canonizers, self.name)
+                self._merges_checked = True
+        with torch.enable_grad(), _eval_mode(self.model), _restored_on_error(self.model):
+            try:
+                # not composite.context(): a canonizer or hook failing inside register() would
+                # skip its __exit__ and leave the hooks registered so far on the user's model
+                composite.register(self.model)
+                x = inputs.detach().requires_grad_(True)
+                logits = self.model(x)
+                check_target_classes(logits, target)
+                onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
+                # R at the output = the target logit, so relevance is in logit units.
+                (rel,) = torch.autograd.grad(logits, x, grad_outputs=onehot * logits.detach())
+            finally:
+                composite.remove()
         return rel.detach()
+
+
+def _bn_merge_pairs(model: nn.Module, canonizers: list) -> list[tuple[str, str]]:
+    """(layer name, BatchNorm name) for every pair zennit's SequentialMergeBatchNorm folds:
+    a BatchNorm that directly follows a conv/dense layer in *module registration order*."""
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.core import collect_leaves
+
+    if not any(isinstance(c, SequentialMergeBatchNorm) for c in canonizers):
+        return []
+    lin_type = SequentialMergeBatchNorm.linear_type
+    bn_type = SequentialMergeBatchNorm.batch_norm_type
+    names = {id(m): n for n, m in model.named_modules()}
+    pairs, last = [], None
+    for leaf in collect_leaves(model):
+        if isinstance(last, lin_type) and isinstance(leaf, bn_type):
+            pairs.append((names.get(id(last), "?"), names.get(id(leaf), "?")))
+        last = leaf
+    return pairs
+
+
+def _check_bn_merges(model: nn.Module, inputs: Tensor, canonizers: list, what: str) -> None:
+    """Refuse a model where a BatchNorm that zennit would fold into the layer before it in
+    module order does not take that layer's output.
+
+    Registration order is not data flow: in a pre-activation ResNet, conv2 of one block is
+    followed by bn1 of the next, which normalises conv2's output *plus the skip*, and in a
+    DenseNet each norm1 normalises a concatenation. Folding such a pair made the canonized
+    network compute other logits (a silently wrong map), or crashed half-way on a channel
+    mismatch and left the user's model with merged weights and a stray bias. One no-grad
+    forward with hooks checks that each BatchNorm's input *is* its layer's output."""
+    pairs = _bn_merge_pairs(model, canonizers)
+    if not pairs:
+        return
+    modules = dict(model.named_modules())
+    outputs: dict[tuple[str, int], weakref.ref] = {}
+    bad: list[tuple[str, str]] = []
+
+    def keep(name: str):
+        def hook(_m: nn.Module, _args: tuple, out: object) -> None:
+            # a weak reference: keeping every layer's output alive would hold the whole
+            # forward's activations; DataParallel runs a thread per replica
+            outputs[name, threading.get_ident()] = weakref.ref(out)
+        return hook
+
+    def compare(lin: str, bn: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            ref = outputs.get((lin, threading.get_ident()))
+            if not args or ref is None or args[0] is not ref():
+                bad.append((lin, bn))
+        return hook
+
+    handles = []
+    try:
+        for lin, bn in pairs:
+            handles.append(modules[lin].register_forward_hook(keep(lin)))
+            handles.append(modules[bn].register_forward_pre_hook(compare(lin, bn)))
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if bad:
+        lin, bn = bad[0]
+        raise InputError(f"{what} cannot fold BatchNorm '{bn}' into '{lin}', the layer before "
+                         f"it in module order: its input is not that layer's output (a residual "
+                         f"sum or concatenation in between, as in pre-activation ResNets and "
+                         f"DenseNets); use wbp, gradient or gradcam for this model")
+
+
+@contextmanager
+def _restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Put back every parameter and buffer of `model` (the objects and their ``.data``) when
+    the body raises: zennit's canonizers rebind ``.data`` and add bias parameters, and one that
+    fails half-way returns no handle to undo what it already changed."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    data = [(t, t.data) for _, ps, bs in saved for t in (*ps.values(), *bs.values())
+            if t is not None]
+    try:
+        yield
+    except BaseException:
+        for m, params, buffers in saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        for t, d in data:
+            t.data = d
+        raise
 
 
 def _unruled_pooling(model: nn.Module) -> str | None:
@@ -314,7 +421,7 @@ def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
         return _EpsilonFactor.apply(output, epsilon, scale)
 
     try:
-        with torch.enable_grad(), wbp_mode(model):
+        with torch.enable_grad(), wbp_mode(model, "lrp-epsilon"):
             for m in _epsilon_points(model):
                 handles.append(m.register_forward_hook(hook))
             x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)

@@ -32,6 +32,12 @@ Choices, and what they mean for users:
   to passing gradients through the activation's true derivative.
 * The map is computed in eval mode (BatchNorm running statistics, no dropout, samples
   independent); every module's previous train/eval flag is restored afterwards.
+* Nonlinear modules with no rule in the paper (LayerNorm, GroupNorm, instance statistics,
+  attention, softmax, GLU, bilinear: `unsupported_layers`) are refused with one line naming
+  them: back-propagating their true derivative would give a gradient map labelled WBP. Their
+  functional forms, and products of two input-dependent tensors in a ``forward`` (the gates
+  of squeeze-excitation blocks in EfficientNet and MobileNetV3, ``scale * x``), cannot be
+  seen and get the gradient (product) rule, as functional activations do.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ from .base import (
     register_explainer,
 )
 
-__all__ = ["WBP", "RescaleRule", "rescale_factor", "wbp_mode", "wbp_weights"]
+__all__ = ["WBP", "RescaleRule", "rescale_factor", "unsupported_layers", "wbp_mode",
+           "wbp_weights"]
 
 # h(z, out) -> rescale factor, elementwise; `out` is the module's output g(z).
 _Rule = Callable[[Tensor, Tensor], Tensor]
@@ -170,6 +177,40 @@ class RescaleRule:
         return grad * self(z, out)
 
 
+# Nonlinear modules that no WBP rule (seed 002, Table 1) nor LRP rule here covers: their
+# normalisation statistics, attention weights or products depend on the input, so neither the
+# layer Jacobian nor a rescale h = g(z)/z is the paper's W̃ (zennit even treats
+# MultiheadAttention as an activation and crashes in its backward hook).
+_NO_RULE: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.MultiheadAttention,
+    nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.Bilinear,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """'Type (n×, e.g. 'name')' for each kind of `model`'s nonlinear modules without a WBP/LRP
+    rule; empty when every module is covered. Instance norm counts unless it normalises with
+    running statistics (then it is BatchNorm's affine map in eval mode)."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        instance_stats = (isinstance(m, nn.modules.instancenorm._InstanceNorm)
+                          and not m.track_running_stats)
+        if isinstance(m, _NO_RULE) or instance_stats:
+            found.setdefault(type(m).__name__, []).append(name or "<model>")
+    return [f"{kind} ({len(names)}x, e.g. '{names[0]}')" for kind, names in found.items()]
+
+
+def check_rules(model: nn.Module, what: str) -> None:
+    """Refuse, with one line, a model with modules `what` (wbp, lrp-*) has no rule for."""
+    bad = unsupported_layers(model)
+    if bad:
+        raise InputError(f"{what} has no rule for {type(model).__name__}'s "
+                         f"{', '.join(bad)} (its rules cover conv, linear, BatchNorm, pooling "
+                         f"and activation layers); use gradient, input-x-gradient or gradcam "
+                         f"for this model")
+
+
 def rescale_factor(module: nn.Module) -> RescaleRule | None:
     """The WBP rescale rule for an activation module; None where the gradient already is it.
 
@@ -234,13 +275,15 @@ def _make_hook(
 
 
 @contextmanager
-def wbp_mode(model: nn.Module) -> Iterator[nn.Module]:
+def wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[nn.Module]:
     """Put `model` in eval mode with WBP's rescale rule on its activation modules.
 
     Forward values are unchanged; gradients through each rescaled activation are h = g(z)/z
     times the incoming gradient. Hooks, in-place flags and every module's train/eval flag are
-    restored on exit, also when the body raises.
+    restored on exit, also when the body raises. A model with modules no rule covers
+    (`unsupported_layers`) is refused, naming `what` and the modules.
     """
+    check_rules(model, what)
     modes = [(m, m.training) for m in model.modules()]
     phase = _Phase()
     handles = []

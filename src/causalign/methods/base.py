@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, unknown_name
+from ..errors import ConfigError, InputError, unknown_name
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -122,7 +122,18 @@ class Method:
         return batch["image"]
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-        return self.loss(model, batch)
+        """The loss of `model` on `batch`, after checking both: users call methods from their
+        own training loops with their own models and batches, where a mask without its channel
+        axis silently broadcast into an (N, N, H, W) penalty and an (N,) output failed deep in
+        cross_entropy ("Expected floating point type for target with class probabilities")."""
+        check_batch(self.name, batch, self.uses_annotations, model)
+        if hasattr(model, "_orig_mod"):  # torch.compile'd (trainer only): no hook to trace
+            return self.loss(model, batch)
+        handle = model.register_forward_hook(_logits_hook(self.name))
+        try:
+            return self.loss(model, batch)
+        finally:
+            handle.remove()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         raise NotImplementedError
@@ -133,6 +144,84 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook
         pass
+
+
+# What annotation-guided methods read (`_annotation.annotation_region`, the oracle, causal-align).
+ANNOTATION_KEYS = ("mask", "has_mask", "box_mask", "has_annotation")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def check_batch(method: str, batch: Any, annotations: bool = False,
+                model: nn.Module | None = None) -> None:
+    """Fail with one clear line (InputError) on a batch a method cannot use.
+
+    A batch is a dict as `causalign.data.LesionDataset` (and a torch DataLoader over it)
+    yields: ``image`` (N, C, *spatial) float, ``label`` (N,) int64 and, for methods that use
+    annotations, ``mask`` and ``box_mask`` (N, 1, *spatial) and ``has_mask`` and
+    ``has_annotation`` (N,) bool, masks holding values in [0, 1]. Shapes and dtypes cost no
+    device sync; the masks' values one."""
+    from ..explain.base import check_model_dtype
+
+    if not isinstance(batch, Mapping):
+        raise InputError(f"{method} needs a batch dict (as LesionDataset yields), got "
+                         f"{type(batch).__name__}")
+    need = ("image", "label", *(ANNOTATION_KEYS if annotations else ()))
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise InputError(f"{method} needs batch keys {', '.join(need)} (as "
+                         f"causalign.data.LesionDataset yields them); missing: "
+                         f"{', '.join(missing)}")
+    x = batch["image"]
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 \
+            or x.shape[0] == 0:
+        raise InputError(f"{method}: batch['image'] must be a non-empty floating-point tensor "
+                         f"(N, C, *spatial), got {_describe(x)}")
+    n = x.shape[0]
+    y = batch["label"]
+    if not isinstance(y, Tensor) or y.dtype != torch.long or tuple(y.shape) != (n,):
+        raise InputError(f"{method}: batch['label'] must be an int64 tensor of shape ({n},) "
+                         f"(one class index per image), got {_describe(y)}")
+    if annotations:
+        region = (n, 1, *x.shape[2:])
+        for key in ("mask", "box_mask"):
+            m = batch[key]
+            if not isinstance(m, Tensor) or tuple(m.shape) != region or m.is_complex():
+                raise InputError(f"{method}: batch['{key}'] must have shape {region} (one "
+                                 f"channel, the image's spatial size), got {_describe(m)}")
+        for key in ("has_mask", "has_annotation"):
+            f = batch[key]
+            if not isinstance(f, Tensor) or f.dtype != torch.bool or tuple(f.shape) != (n,):
+                raise InputError(f"{method}: batch['{key}'] must be a bool tensor of shape "
+                                 f"({n},), got {_describe(f)}")
+        # Masks weight pixels ((1 - m) outside the lesion, x * m for the oracle): a 0/255 mask
+        # read from a PNG gave weights of -254 and a silently wrong loss. One sync (the
+        # methods already sync for their logged parts).
+        graded = [k for k in ("mask", "box_mask") if batch[k].dtype != torch.bool]
+        if graded and int(sum((~((batch[k] >= 0) & (batch[k] <= 1))).sum() for k in graded)):
+            k = next(k for k in graded if not bool(((batch[k] >= 0) & (batch[k] <= 1)).all()))
+            lo, hi = batch[k].float().nan_to_num(nan=float("inf")).aminmax()
+            raise InputError(f"{method}: batch['{k}'] must hold values in [0, 1] (1 = "
+                             f"annotated), got {float(lo):g}..{float(hi):g} (NaN shown as inf); "
+                             f"use (mask > 0) for 0/255 masks")
+    if model is not None:
+        check_model_dtype(model, x)
+
+
+def _logits_hook(method: str) -> Callable[[nn.Module, tuple, Any], None]:
+    """A forward hook that refuses a model output other than (N, classes >= 2) logits."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] < 2:
+            raise InputError(f"{method} needs a model that returns (N, classes) logits with "
+                             f"classes >= 2 (for two classes end in nn.Linear(d, 2)); "
+                             f"{type(module).__name__} returned {_describe(output)}")
+
+    return hook
 
 
 def resolved_params(method: Method) -> dict[str, Any]:
