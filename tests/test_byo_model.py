@@ -351,3 +351,19 @@ def test_label_and_dtype_mismatches_are_refused(loader_batch):
         erm(_net().double(), batch)
     out = erm(_net().double(), dict(batch, image=batch["image"].double()))  # both float64
     assert out.total.dtype == torch.float64
+
+
+def test_hier_align_names_the_model_and_batch_it_needs(loader_batch):
+    """Was AttributeError "'Sequential' object has no attribute 'f1'" and KeyError
+    'attributes'."""
+    from causalign.models import HierarchicalModel
+
+    _, batch = loader_batch
+    m = build_method("hier-align")
+    with pytest.raises(InputError, match=r"hier-align needs a hierarchical model with modules "
+                                         r"f1 .* got Sequential"):
+        m(_net(), batch)
+    no_attrs = {k: v for k, v in batch.items() if k not in ("attributes", "attr_known")}
+    model = HierarchicalModel(_net(6), nn.Linear(6, 2))
+    with pytest.raises(InputError, match=r"needs batch\['attributes'\]"):
+        m(model, no_attrs)

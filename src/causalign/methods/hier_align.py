@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CausalignError, ConfigError
+from ..errors import CausalignError, ConfigError, InputError
 from ..explain.counterfactual import (
     DISTANCES,
     CounterfactualResult,
@@ -316,6 +316,15 @@ class HierAlign(Method):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         p = self.params
+        # a user's own model or batch (Method.__call__ checks image, label and the logits):
+        # an AttributeError 'f1' / KeyError 'attributes' said nothing of what is needed
+        if not all(isinstance(getattr(model, k, None), nn.Module) for k in ("f1", "f2")):
+            raise InputError(f"hier-align needs a hierarchical model with modules f1 (image -> "
+                             f"attribute logits) and f2 (attributes -> class logits), as "
+                             f"causalign.models.HierarchicalModel; got {type(model).__name__}")
+        if "attributes" not in batch:
+            raise InputError("hier-align needs batch['attributes'] (N, attributes) float, NaN "
+                             "or attr_known False where unknown, as LesionDataset yields it")
         x = self.model_input(batch)
         y = batch["label"]
         with capture_bn_stats(model) as bn_stats:
