@@ -26,11 +26,11 @@ def _block(marker: str) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(BLOCKS) == 3
+    assert len(BLOCKS) == 4
 
 
 def test_quickstart_example(tmp_path: Path) -> None:
-    out = _run(_block("SynthConfig"), tmp_path)
+    out = _run(_block("TrainConfig"), tmp_path)
     acc, cam_precision = map(float, out[0].split())
     assert 0.0 <= acc <= 1.0 and 0.0 <= cam_precision <= 1.0
     assert out[1] == "torch.Size([4, 1, 64, 64])"
@@ -50,3 +50,9 @@ def test_ppi_example(tmp_path: Path) -> None:
     parts = ast.literal_eval(out[0])  # a printed dict of floats
     assert set(parts) == {"cls", "con", "reg", "ad", "mask_area", "empty_mask", "con_weight"}
     assert all(v == v for v in parts.values())  # no NaN
+
+
+def test_own_model_and_loop_example(tmp_path: Path) -> None:
+    out = _run(_block("DataLoader"), tmp_path)
+    assert out == [f"{name} (4, 1, 32, 32)" for name in ("wbp", "lrp-epsilon", "gradcam",
+                                                         "gradient")]
