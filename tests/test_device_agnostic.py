@@ -169,14 +169,15 @@ def test_models_forward_on_the_inputs_device(name, train):
     """Every model creates its internal tensors (slice draws, position indices, filter
     owners, templates) on the input's device: meta stands in for CUDA."""
     from causalign.models import HierarchicalModel, MLPHead, build_model
+    from causalign.models.backbones import BACKBONES
     from causalign.models.icnn import ICNN
 
     if name == "icnn":
         model = ICNN(1, 2, width=4)
     elif name == "hierarchical":
         model = HierarchicalModel(build_model("cnn7", 1, 3, width=4), MLPHead(3, 2, hidden=4))
-    else:
-        model = build_model(name, 1, 2, width=4)
+    else:  # fixed-architecture backbones refuse a width
+        model = build_model(name, 1, 2, **({} if name in BACKBONES else {"width": 4}))
     model = model.to("meta").train(train)
     shape = (2, 1, 4, 32, 32) if name == "multiview" else (2, 1, 32, 32)
     out = model(torch.empty(shape, device="meta"))

@@ -17,6 +17,7 @@ from causalign.explain import explainer_names, get_explainer
 from causalign.explain.lrp import lrp_epsilon_modified_gradient
 from causalign.explain.wbp import wbp_weights
 from causalign.models import build_model
+from causalign.models.backbones import BACKBONES
 
 # Small inputs each model accepts (bagnet9 needs ≥ 9 px; multiview takes (N, C, D, H, W)).
 MODELS = {"cnn7": (12, 12), "resnet18": (16, 16), "bagnet9": (12, 12),
@@ -32,7 +33,8 @@ def _hook_count(model: nn.Module) -> int:
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_every_explainer_on_every_model(model_name, channels):
     torch.manual_seed(0)
-    model = build_model(model_name, channels, 2, width=4).train()
+    width = {} if model_name in BACKBONES else {"width": 4}  # backbones refuse a width
+    model = build_model(model_name, channels, 2, **width).train()
     x = torch.rand(2, channels, *MODELS[model_name])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for name in explainer_names():

@@ -11,6 +11,7 @@ from causalign.data.format import LesionDataset
 from causalign.methods.base import build_method
 from causalign.methods.ppi import contrast_loss, normalize_saliency, soft_mask
 from causalign.models import SevenLayerCNN
+from causalign.models.backbones import BACKBONES
 
 
 def _only_annotated(batch: dict[str, torch.Tensor], keep: list[int]) -> dict[str, torch.Tensor]:
@@ -100,7 +101,8 @@ def test_every_method_trains_or_refuses_on_each_small_2d_model(tiny_data, method
     from causalign.errors import CausalignError
 
     train_set = LesionDataset(tiny_data, "train")
-    cfg = TrainConfig(method=method_name, model=model_name, width=4)
+    cfg = TrainConfig(method=method_name, model=model_name,  # backbones refuse a width
+                      width=TrainConfig.width if model_name in BACKBONES else 4)
     method = build_method(method_name)
     torch.manual_seed(0)
     refusal = REFUSES.get((method_name, model_name))
@@ -128,7 +130,7 @@ def test_cdep_decomposes_bagnet_and_vgg(name, size):
     from causalign.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(name, 1, 2, width=4)
+    model = build_model(name, 1, 2, **({} if name in BACKBONES else {"width": 4}))
     for m in model.modules():  # dropout draws its own mask in CD: compare without it
         if isinstance(m, nn.Dropout):
             m.p = 0.0

@@ -219,5 +219,5 @@ def test_init_errors_name_the_problem(tiny_data, tmp_path):
     # another architecture: the names differ
     with pytest.raises(CausalignError, match=r"parameter names differ: missing .* and \d+ "
                                              r"more; unexpected .* and \d+ more"):
-        train(tiny_data, _cfg(epochs=1, init=str(src), model="resnet18"), tmp_path / "c",
+        train(tiny_data, _cfg(epochs=1, init=str(src), model="resnet18", width=16), tmp_path / "c",
               progress=False)

@@ -66,7 +66,7 @@ def test_final_batch_of_one_sample_is_dropped_for_batchnorm(data16, tmp_path, mo
 
 def test_batch_size_one_with_batchnorm_at_1x1_is_one_clear_line(tiny_data, tmp_path, capsys):
     rc = main(["train", str(tiny_data), "--model", "resnet18", "--batch-size", "1",
-               "--epochs", "1", "--device", "cpu", "--set", "width=4", "--no-progress",
+               "--epochs", "1", "--device", "cpu", "--no-progress",
                "--out", str(tmp_path / "r")])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
@@ -80,7 +80,7 @@ def test_single_sample_training_split_with_batchnorm_at_1x1_is_one_clear_line(tm
     data = tmp_path / "data"
     generate(data, SynthConfig(n_train=1, n_val=4, n_test=4, size=32, seed=3))
     with pytest.raises(CausalignError, match="training split holds a single sample"):
-        train(data, _cfg(model="resnet18"), tmp_path / "r", progress=False)
+        train(data, _cfg(model="resnet18", width=16), tmp_path / "r", progress=False)
 
 
 def test_batch_size_one_trains_where_batchnorm_allows(tiny_data, tmp_path):

@@ -440,6 +440,10 @@ def counterfactual(
     eps: Annotated[float | None, typer.Option(
         help="smoothing ε of the l1 distance √(δ²+ε²)−ε (default 0.01); changes below ε cost "
              "like l2, so a smaller ε (1e-4) with --optimizer newton gives sparser x*")] = None,
+    bounds: Annotated[str, typer.Option(
+        help="keep x* within an intensity range: 'data' (the images' range: [0, 1] for "
+             "8/16-bit PNGs and synthetic data, else the observed min..max), 'LO,HI', or "
+             "'none' (unbounded, as causal-align trains)")] = "data",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Counterfactual x* flipping each prediction: triptych PNGs, x* and summary.json.
@@ -451,11 +455,13 @@ def counterfactual(
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
     from .explain.counterfactual_export import (
+        data_range,
         export_counterfactuals,
         resolve_autoencoder,
         settings_for_run,
     )
 
+    fixed_bounds = _parse_bounds(bounds)  # before loading anything: a typo fails at once
     if limit is not None and limit < 1:
         raise CausalignError(f"--limit must be >= 1, got {limit}")
     if steps is not None and steps < 1:
@@ -485,23 +491,43 @@ def counterfactual(
                              f"takes l1 or l2")
     ds = LesionDataset(data_path, split)
     dev = next(model.parameters()).device
-    train_images = None
-    if settings.distance.startswith("scaled") or settings.space == "latent":
-        train_images = LesionDataset(data_path, "train").images
+    train_images = LesionDataset(data_path, "train").images if split != "train" else ds.images
+    # the range the summary's out-of-range count is taken against, and x*'s bounds
+    valid_range = fixed_bounds or data_range(train_images, ds.images)
+    settings.bounds = None if bounds.strip().lower() == "none" else valid_range
     with _progress(progress) as bar:
         ae = None
         if settings.space == "latent":
             ae = resolve_autoencoder(run, train_images, dev, autoencoder, out, bar)
         summary = export_counterfactuals(model, method, ds, settings, out, limit=limit,
                                          device=dev, train_images=train_images,
-                                         autoencoder=ae, progress=bar)
+                                         autoencoder=ae, progress=bar,
+                                         valid_range=valid_range)
+    lo, hi = summary["valid_range"]
     typer.echo(f"wrote {summary['n_generated']} counterfactuals to {out}: flip rate "
                f"{_f(summary['flip_rate'])}, change inside the annotation "
-               f"{_f(summary['change_in_mask'])}")
+               f"{_f(summary['change_in_mask'])}, x* values outside [{lo:g}, {hi:g}]: "
+               f"{summary['n_out_of_range']}")
     rates = summary.get("attribute_change_rate")
     if rates:  # hierarchical run: which predicted attributes the counterfactuals changed
         typer.echo("attributes changed (share of counterfactuals, â → a*): " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(rates.items(), key=lambda kv: -kv[1])))
+
+
+def _parse_bounds(text: str) -> tuple[float, float] | None:
+    """`counterfactual --bounds`: 'data' / 'none' → None (decided from the data), 'LO,HI' →
+    the pair; anything else one clear line."""
+    word = text.strip().lower()
+    if word in ("data", "none"):
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise CausalignError(f"--bounds must be 'data', 'none' or 'LO,HI' with finite "
+                             f"LO < HI, got '{text}'")
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------- causal

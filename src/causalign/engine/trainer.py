@@ -30,6 +30,7 @@ from ..data.format import LesionDataset, read_meta
 from ..errors import CausalignError, ConfigError, NumericalError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, verified_bytes
 from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
+from ..models.backbones import BACKBONES
 from . import distributed as D
 from .config import TrainConfig, apply_overrides
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
@@ -1047,6 +1048,9 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
         raise CausalignError(f"{data_path}: the run's dataset folder does not exist (moved? "
                              f"pass --data DIR)")
     cfg = stored_config(run)
+    if cfg.model in BACKBONES and cfg.width != TrainConfig.width:
+        # a run from before a width was refused for fixed backbones: it never changed them
+        cfg.width = TrainConfig.width
     dev = resolve_device(device)
     method = build_method(cfg.method, cfg.method_args)
     weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT

@@ -30,6 +30,18 @@ same rule applied to the model's prediction instead of the label (a misclassifie
 counterfactual then heads for its label, so being wrong is no cheaper a counterfactual); or a
 given class (samples already of that class get no counterfactual). Optional warm start from
 the previous solution of the same sample (cache keyed by dataset index).
+
+Optional intensity ``bounds`` (lo, hi) keep x* a valid image (default None: unbounded, as
+causal-align training uses it). Each pixel's feasible interval is [min(lo, x0), max(hi, x0)],
+so x0 itself is always feasible (x* = x0 costs nothing; a pixel already outside the range
+never has to move). In pixel space x = u and the search is a true projected method: Adam
+and ISTA project u after every step (for l1 the box-constrained proximal step is exactly
+the soft-threshold followed by the clamp, the problem being separable per pixel), Newton
+fixes the pixels held at a bound by their gradient, solves for the others and projects
+along its line search (Bertsekas' projected Newton). In the smooth and latent spaces
+x(u) = x0 + D(u) − D(u0) is not a box in u, so there the *image* is clamped,
+x(u) = clamp(x0 + D(u) − D(u0)): the search optimises the clamped image it returns, the
+distance stays the one on u.
 """
 
 from __future__ import annotations
@@ -283,14 +295,32 @@ class InnerProblem:
     eps: float
     decoder: nn.Module | None = None
     base: Tensor | None = None  # D(u0) in latent / smooth space
+    # Per-pixel feasible interval of x (shaped like x0; see the module docstring), or None.
+    lower: Tensor | None = None
+    upper: Tensor | None = None
     # Class targets not yet checked against the model's number of classes (done once, at the
     # first forward: cross_entropy's index error is a device-side assert on CUDA).
     unchecked: bool = dataclasses.field(default=True, repr=False, compare=False)
 
     def image(self, u: Tensor) -> Tensor:
         if self.decoder is None:
+            return u  # bounded: the optimisers keep u (= x) feasible by projection
+        x = self.x0 + self.decoder.decode(u, tuple(self.x0.shape[-2:])) - self.base
+        if self.lower is not None:  # a box on x is no box on u: clamp the image itself
+            x = torch.clamp(x, self.lower, self.upper)
+        return x
+
+    def project(self, u: Tensor) -> Tensor:
+        """u projected onto the feasible set: the box in pixel space, u itself otherwise
+        (the image map clamps there) or when unbounded."""
+        if self.lower is None or self.decoder is not None:
             return u
-        return self.x0 + self.decoder.decode(u, tuple(self.x0.shape[-2:])) - self.base
+        return torch.clamp(u, self.lower, self.upper)
+
+    @property
+    def projected(self) -> bool:
+        """Do the optimisers project u (bounded pixel space)?"""
+        return self.lower is not None and self.decoder is None
 
     def objective(self, u: Tensor) -> Tensor:
         """Per-sample T (N,); sum it for a scalar whose gradient is block-diagonal."""
@@ -336,6 +366,8 @@ class InnerProblem:
         return dataclasses.replace(
             self, x0=self.x0[idx], u0=self.u0[idx], target=self.target[idx],
             base=None if self.base is None else self.base[idx],
+            lower=None if self.lower is None else self.lower[idx],
+            upper=None if self.upper is None else self.upper[idx],
             scale=self.scale[idx] if per_sample else self.scale)
 
 
@@ -502,14 +534,16 @@ class CounterfactualGenerator:
     The model is put in eval mode for the search and restored afterwards; its parameters get
     no gradient. ``scale`` is the per-pixel scale of a scaled distance (`distance_scale` on
     training images); ``autoencoder`` is required for ``space="latent"``; ``smooth_sigma`` is
-    the blur (pixels) of ``space="smooth"``.
+    the blur (pixels) of ``space="smooth"``. ``bounds`` (lo, hi) keeps x* within the
+    intensity range (see the module docstring; None, the default: unbounded).
     """
 
     def __init__(self, model: nn.Module, *, alpha: float = 0.01, steps: int = 100,
                  lr: float = 0.01, distance: str = "l1", scale: Tensor | None = None,
                  eps: float = 1e-2, space: str = "pixel", autoencoder: nn.Module | None = None,
                  warm_start: bool = False, target_rule: str | int = "other",
-                 optimizer: str = "adam", smooth_sigma: float = 1.0) -> None:
+                 optimizer: str = "adam", smooth_sigma: float = 1.0,
+                 bounds: tuple[float, float] | None = None) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown counterfactual optimizer '{optimizer}'; valid: "
                               f"{', '.join(OPTIMIZERS)}")
@@ -553,6 +587,7 @@ class CounterfactualGenerator:
         self.warm_start = warm_start
         self.target_rule = target_rule
         self.optimizer = optimizer
+        self.bounds = _check_bounds(bounds)
         self.cache = WarmStartCache()
 
     def problem(self, x0: Tensor, target: Tensor, dihedral: Tensor | None = None
@@ -578,13 +613,21 @@ class CounterfactualGenerator:
                 u0 = ae.encode(x0)
                 base = ae.decode(u0, tuple(x0.shape[-2:]))
             return InnerProblem(self.model, x0, u0, target, self.alpha, self.distance, None,
-                                self.eps, decoder=ae, base=base)
+                                self.eps, decoder=ae, base=base, **self._box(x0))
         if self.space == "smooth":
             zero = torch.zeros_like(x0)  # G_σ * 0 = 0: x(u) = x0 + G_σ * u
             return InnerProblem(self.model, x0, zero, target, self.alpha, self.distance, scale,
-                                self.eps, decoder=self.smoother.to(x0.device), base=zero)
+                                self.eps, decoder=self.smoother.to(x0.device), base=zero,
+                                **self._box(x0))
         return InnerProblem(self.model, x0, x0, target, self.alpha, self.distance, scale,
-                            self.eps)
+                            self.eps, **self._box(x0))
+
+    def _box(self, x0: Tensor) -> dict[str, Tensor | None]:
+        """Per-pixel feasible interval [min(lo, x0), max(hi, x0)]: x0 is always feasible."""
+        if self.bounds is None:
+            return {"lower": None, "upper": None}
+        lo, hi = self.bounds
+        return {"lower": x0.clamp(max=lo), "upper": x0.clamp(min=hi)}
 
     def targets(self, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """(y*, valid) by the target rule; without labels y is the model's prediction.
@@ -675,7 +718,7 @@ class CounterfactualGenerator:
         u = u0.clone()
         if self.warm_start and ids is not None:
             off, warm = self.cache.get(ids, u0, cache_dihedral)
-            u = u0 + off
+            u = prob.project(u0 + off)  # an offset stored unbounded may leave the box
         with eval_mode(self.model, fold_bn=True, bn_stats=bn_stats):
             solve = {"adam": _adam, "ista": _proximal_gradient,
                      "newton": _gauss_newton}[self.optimizer]
@@ -708,6 +751,22 @@ class CounterfactualGenerator:
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
                                     problem=prob, flipped=flipped, target_prob=target_prob)
+
+
+def _check_bounds(bounds: object) -> tuple[float, float] | None:
+    """``bounds`` as (lo, hi) floats with lo < hi, both finite, or one clear ConfigError."""
+    if bounds is None:
+        return None
+    try:
+        lo, hi = (float(b) for b in bounds)  # type: ignore[union-attr]
+        ok = not isinstance(bounds, str) and not any(
+            isinstance(b, bool) for b in bounds)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"counterfactual bounds must be two finite numbers lo < hi "
+                          f"(the images' intensity range), got {bounds!r}")
+    return lo, hi
 
 
 def _as_indices(values: object, n: int, what: str, noun: str, one: str,
@@ -803,6 +862,8 @@ def _adam(prob: InnerProblem, u: Tensor, steps: int, lr: float, beta1: float = 0
             # (m / denom)·step, not addcdiv_(value=-step): an absurd step size must give inf
             # (then flagged as diverged), not a float-overflow exception
             u = uu.detach().sub_(m.div(denom).mul_(step).to(u.dtype))
+            if prob.projected:  # projected Adam: x stays within the bounds at every step
+                u = prob.project(u)
     return u.detach()
 
 
@@ -858,6 +919,8 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
                 thresh = eta * alpha * inv_scale
                 delta = delta.sign() * (delta.abs() - thresh).clamp_min(0)
             u = prob.u0 + delta
+            if prob.projected:  # per pixel, prox of l1 + box = soft-threshold, then clamp
+                u = prob.project(u)
     # a sample that never had a finite objective keeps its (non-finite) last iterate, so the
     # caller flags it as diverged
     never = torch.isinf(best_t).view(shape)
@@ -924,6 +987,13 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
                 grad_d, weight = grad_d * inv_scale.to(work), weight * inv_scale.to(work)
             g = (jac * resid[:, :, None]).sum(1) + prob.alpha * grad_d
             a_inv = 1.0 / (prob.alpha * weight).clamp_min(1e-12)
+            if prob.projected:
+                # projected Newton: a pixel held at its bound by the gradient is fixed (A⁻¹ 0
+                # there turns the Woodbury solve into the exact one over the free pixels)
+                flat = uu.detach().flatten(1)
+                held = (((flat <= prob.lower.flatten(1)) & (g > 0))
+                        | ((flat >= prob.upper.flatten(1)) & (g < 0)))
+                a_inv = a_inv.masked_fill(held, 0.0)
             ja = jac * a_inv[:, None, :]
             eye = torch.eye(jac.shape[1], dtype=work, device=u.device)
             inner = eye + (ja @ jac.transpose(1, 2)) @ curv_out        # I + J A⁻¹ Jᵀ S
@@ -947,8 +1017,16 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
                 if len(idx) == 0:
                     break
                 cand = (u[idx] + t[idx].view(shape) * step[idx]).to(u.dtype)
-                val = prob.subset(idx).objective(cand).to(work)
-                ok = torch.isfinite(val) & (val <= t0[idx] + armijo * t[idx] * slope[idx])
+                sub = prob.subset(idx)
+                if prob.projected:
+                    # Armijo along the projection arc; a non-descent arc must not increase T
+                    cand = sub.project(cand)
+                    gain = (g[idx] * (cand - u[idx]).flatten(1).to(work)).sum(1)
+                    bound = t0[idx] + armijo * gain.clamp_max(0.0)
+                else:
+                    bound = t0[idx] + armijo * t[idx] * slope[idx]
+                val = sub.objective(cand).to(work)
+                ok = torch.isfinite(val) & (val <= bound)
                 u[idx[ok]] = cand[ok]
                 todo[idx[ok]] = False
                 t[idx[~ok]] *= 0.5

@@ -1,9 +1,11 @@
 """`causalign counterfactual`: x* for a run's predictions, written as files and figures.
 
 Per image: OUT/cf/<id>.npy (x*, float32, the image's shape), OUT/triptychs/<id>.png
-(original | x* | signed change, red = increase, blue = decrease, like seed 000 Fig. 9), and
-OUT/summary.json (flip rate, mean distance, share of the change inside the annotation, one
-record per sample). For a hierarchical X→A→Y model each record also holds the predicted
+(original | x* | signed change, red = increase, blue = decrease, like seed 000 Fig. 9; for
+several channels per pixel the channel change of largest magnitude), and
+OUT/summary.json (flip rate, mean distance, share of the change inside the annotation, how
+many pixels of x* lie outside the images' intensity range, one record per sample). For a
+hierarchical X→A→Y model each record also holds the predicted
 attributes at x and at x* (â → a*) and which of them flipped, shown under the triptych.
 The counterfactual flips the model's *prediction* (y = predicted class): it explains what
 the model decided, which is what a reader of the figure asks about.
@@ -46,6 +48,9 @@ class CounterfactualSettings:
     target: str = "other"
     optimizer: str = "adam"
     smooth_sigma: float = 1.0
+    # x* intensity range (lo, hi), see CounterfactualGenerator; None = unbounded (what
+    # causal-align trains with). `causalign counterfactual` passes the data's range.
+    bounds: tuple[float, float] | None = None
 
 
 def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings:
@@ -63,8 +68,31 @@ def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings
     return s
 
 
+def data_range(*images: Tensor) -> tuple[float, float]:
+    """The images' intensity range for bounding x*: (0, 1) when every value lies there (what
+    `to_float_image` gives 8/16-bit PNGs, and synthetic images), else the observed
+    (min, max) (float or int16 images, e.g. CT in HU, keep their own values)."""
+    vals = [torch.stack(t.detach().float().aminmax()).tolist() for t in images if t.numel()]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(v[0] for v in vals), max(v[1] for v in vals)
+    if 0.0 <= lo and hi <= 1.0:
+        return 0.0, 1.0
+    if not lo < hi:  # one constant value outside [0, 1]: [0, 1] widened to hold it
+        return min(float(lo), 0.0), max(float(hi), 1.0)
+    return float(lo), float(hi)
+
+
+def out_of_range(x: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """Per sample: how many values of ``x`` (N, ...) lie outside [lo, hi]."""
+    lo, hi = bounds
+    return ((x < lo) | (x > hi)).flatten(1).sum(1)
+
+
 def change_in_region(change: Tensor, region: Tensor) -> Tensor:
-    """Per-sample share of Σ|x* − x| inside the annotation (NaN when nothing changed)."""
+    """Per-sample share of Σ|x* − x| inside the annotation (NaN when nothing changed). The
+    sum runs over channels too, of magnitudes: opposite channel changes (a hue change) add
+    up instead of cancelling."""
     a = change.abs()
     # one-channel annotation, C-channel change (RGB, MRI modalities): broadcast it
     inside = (a * (region > 0).to(a.dtype).expand_as(a)).flatten(1).sum(1)
@@ -174,25 +202,29 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
                            limit: int | None = None, device: torch.device | str = "cpu",
                            batch_size: int = 32, train_images: Tensor | None = None,
                            autoencoder: nn.Module | None = None,
-                           progress: Progress | None = None) -> dict:
+                           progress: Progress | None = None,
+                           valid_range: tuple[float, float] | None = None) -> dict:
     """Generate and write counterfactuals for the first ``limit`` samples; returns the summary.
 
     ``train_images`` supply the per-pixel scales of a scaled distance; ``autoencoder`` is
-    needed for ``settings.space == "latent"``. x* and triptychs an earlier export left in OUT
+    needed for ``settings.space == "latent"``. The summary counts the x* values outside
+    ``valid_range`` (default: ``settings.bounds``, else (0, 1), the stored images' range;
+    0 when x* is bounded to it). x* and triptychs an earlier export left in OUT
     and this one does not rewrite (fewer samples, or now skipped) are removed (`OwnedFiles`).
     """
     # eval for the search and the figures, then every submodule's own mode back
     with eval_mode(model):
         return _export_counterfactuals(model, method, dataset, settings, Path(out), limit,
                                        device, batch_size, train_images, autoencoder,
-                                       progress)
+                                       progress, valid_range)
 
 
 def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
                             settings: CounterfactualSettings, out: Path, limit: int | None,
                             device: torch.device | str, batch_size: int,
                             train_images: Tensor | None, autoencoder: nn.Module | None,
-                            progress: Progress | None) -> dict:
+                            progress: Progress | None,
+                            valid_range: tuple[float, float] | None = None) -> dict:
     from ..report.figures import counterfactual_grid, counterfactual_triptych
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -209,7 +241,9 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                                   eps=settings.eps, space=settings.space,
                                   autoencoder=autoencoder, target_rule=settings.target,
                                   optimizer=settings.optimizer,
-                                  smooth_sigma=settings.smooth_sigma)
+                                  smooth_sigma=settings.smooth_sigma, bounds=settings.bounds)
+    if valid_range is None:
+        valid_range = gen.bounds if gen.bounds is not None else (0.0, 1.0)
     ids_n = [dataset.records[i].id for i in range(n)]
     files = OwnedFiles(out, ".causalign-counterfactual.json",
                        [f"cf/{i}.npy" for i in ids_n] + [f"triptychs/{i}.png" for i in ids_n]
@@ -217,6 +251,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
     (out / "cf").mkdir(parents=True, exist_ok=True)
     (out / "triptychs").mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
+    n_values = 1  # values per image (set from the first x*)
     grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
     task = progress.add_task("counterfactuals", total=n) if progress else None
     for start in range(0, n, batch_size):
@@ -230,6 +265,9 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
         region = torch.where(batch["has_mask"].view(-1, *[1] * (x.dim() - 1)), batch["mask"],
                              batch["box_mask"])
         share = change_in_region(res.change, region[valid])
+        # on the float32 x* as written to cf/<id>.npy
+        n_out = out_of_range(res.x_star.float(), valid_range).tolist()
+        n_values = res.x_star[0].numel() if len(res.x_star) else n_values
         attrs = attribute_changes(model, x[valid], res.x_star,
                                   list(dataset.meta.attributes))
         j = 0
@@ -247,7 +285,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
             entry.update(
                 target=int(res.target[j]), flipped=bool(res.flipped[j]),
                 target_prob=float(res.target_prob[j]), distance=float(res.distance[j]),
-                diverged=bool(res.diverged[j]),
+                diverged=bool(res.diverged[j]), n_out_of_range=int(n_out[j]),
                 **(attrs[j] if attrs is not None else {}),
                 change_in_mask=float(share[j]) if annotated and bool(share[j].isfinite())
                 else None)
@@ -282,6 +320,11 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
         "mean_distance": float(np.mean([r["distance"] for r in done])) if done else None,
         "change_in_mask": float(np.mean(shares)) if shares else None,
         "n_diverged": int(sum(r["diverged"] for r in done)),
+        # x* values outside the images' range (a bounded search: 0), and their share
+        "valid_range": [float(v) for v in valid_range],
+        "n_out_of_range": int(sum(r["n_out_of_range"] for r in done)),
+        "out_of_range_share": (sum(r["n_out_of_range"] for r in done)
+                               / (len(done) * n_values) if done else None),
         **attribute_change_rates(done, list(dataset.meta.attributes)),
         "settings": asdict(settings), "out": str(out), "samples": records,
     }

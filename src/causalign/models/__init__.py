@@ -140,6 +140,20 @@ def resolved_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_fixed_width(name: str, width: int) -> None:
+    """torchvision backbones have their own fixed channel counts: `width` used to be ignored
+    silently (resnet18 had 11.17 M parameters at width 4 and at 64), so a run believed to be
+    small was not. Any width but TrainConfig's default is refused. (The config cannot tell
+    an explicit `width=16` from the default; 16 is accepted either way.)"""
+    from ..engine.config import TrainConfig
+
+    default = TrainConfig.width
+    if width != default:
+        raise ConfigError(f"model '{name}' has a fixed architecture: width does not apply "
+                          f"(got width={width}; leave it at the default {default}, or choose "
+                          f"cnn7, a bagnet or multiview to set it)")
+
+
 def build_model(name: str, in_channels: int, num_outputs: int, width: int = 16,
                 image_shape: tuple[int, ...] | None = None,
                 options: Mapping[str, Any] | None = None) -> nn.Module:
@@ -162,6 +176,7 @@ def build_model(name: str, in_channels: int, num_outputs: int, width: int = 16,
         return MultiViewCNN(in_channels, num_outputs, width=width, max_slices=max(512, depth),
                             **options)
     if name in BACKBONES:
+        _check_fixed_width(name, width)
         return build_backbone(name, in_channels, num_outputs)
     if name in BAGNET_MODELS:
         return BagNet(in_channels, num_outputs, width=width, patch=BAGNET_MODELS[name])

@@ -200,14 +200,28 @@ def _some_cases(n: int, path: str | Path) -> None:
         raise InputError(f"{path}: no cases to draw (0 images)")
 
 
+def signed_change_map(change: np.ndarray) -> np.ndarray:
+    """One signed value per pixel of a change x* − x, (C, H, W) or (H, W) → (H, W): the
+    channel change of largest magnitude, with its sign (ties: the first channel).
+
+    The sum over channels cancelled opposite changes: a pure hue change (R +0.5, G −0.5)
+    drew as "unchanged". The largest-magnitude channel never hides a change, keeps its sign
+    and units, and is the change itself for one channel."""
+    c = np.asarray(change, dtype=np.float64)
+    if c.ndim != 3:
+        return c
+    pick = np.argmax(np.nan_to_num(np.abs(c), nan=np.inf), axis=0)[None]  # NaN shows as NaN
+    return np.take_along_axis(c, pick, axis=0)[0]
+
+
 def _change_ax(ax, change: np.ndarray, region: np.ndarray | None, vmax: float | None = None):
-    """Signed change x* − x summed over channels: red = increase, blue = decrease (paper 000
-    Fig. 9); symmetric colour scale so white is exactly "unchanged". The scale is written
-    under the panel: each panel has its own, and full red meant 0.5 in one row and 0.005
-    in the next with nothing to tell them apart."""
+    """Signed change x* − x (per pixel the largest channel change, `signed_change_map`): red
+    = increase, blue = decrease (paper 000 Fig. 9); symmetric colour scale so white is
+    exactly "unchanged". The scale is written under the panel: each panel has its own, and
+    full red meant 0.5 in one row and 0.005 in the next with nothing to tell them apart."""
     import matplotlib
 
-    c = np.asarray(change.sum(axis=0) if change.ndim == 3 else change, dtype=np.float64)
+    c = signed_change_map(change)
     if vmax is None:  # from the finite values: one NaN made the limit NaN, the panel all blue
         finite = np.abs(c[np.isfinite(c)])
         lim = float(finite.max()) if finite.size else 0.0
