@@ -44,6 +44,7 @@ from causalign.explain.counterfactual import capture_bn_stats, eval_mode
 from causalign.io import atomic_write_json
 from causalign.methods import build_method
 from causalign.methods.base import DataInfo
+from causalign.methods.causal_align import auto_cg_iters
 
 REF_STAGES = ((300, 1e-2), (300, 1e-3), (300, 1e-4))
 REF_CG = dict(cg_iters=200, cg_tol=1e-8)
@@ -287,7 +288,10 @@ def main() -> None:
         "torch": torch.__version__, "size": a.size, "batch_size": a.batch_size,
         "align_batch": a.align_batch, "normalize": normalize, "repeats": a.repeats,
         "warm_visits": a.warm_visits,
-        "defaults": {"steps": base.steps, "cg_iters": base.cg_iters, "cg_tol": base.cg_tol,
+        "defaults": {"steps": base.steps,
+                     # 0 = auto: what it resolves to on this (binary) benchmark
+                     "cg_iters": base.cg_iters or auto_cg_iters(2, soft=False),
+                     "cg_tol": base.cg_tol,
                      "damping": base.damping, "alpha": base.alpha, "distance": base.distance,
                      "align_batch": base.align_batch, "normalize": base.normalize},
         "reference": {"inner": [list(s) for s in REF_STAGES], "newton_polish": a.ref_polish,

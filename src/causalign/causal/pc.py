@@ -206,12 +206,46 @@ def plot_graph(edges: list[dict], groups: dict[str, str], path: str | Path,
     plt.close(fig)
 
 
+def label_columns(labels: np.ndarray, class_names: list[str] | None = None
+                  ) -> tuple[np.ndarray, list[str]]:
+    """The label as PC variables: one column "Y" for two classes; with more classes present,
+    one 0/1 indicator "Y=<class>" per class but the first present one (all K would sum to 1:
+    a singular correlation matrix). A K-class label as one number 0…K−1 made Fisher-z read
+    the arbitrary class order as a quantity: an attribute marking exactly the middle class
+    of three correlates 0 with it, and its A–Y edge came and went with the class order."""
+    y = np.asarray(labels, np.float64)
+    present = np.unique(y)
+    if len(present) <= 2:
+        return y[:, None], ["Y"]
+
+    def name(c: float) -> str:
+        k = int(c)
+        return str(class_names[k]) if class_names is not None and 0 <= k < len(class_names) \
+            and c == k else f"{c:g}"
+
+    cols = np.column_stack([(y == c).astype(np.float64) for c in present[1:]])
+    return cols, [f"Y={name(c)}" for c in present[1:]]
+
+
+def _dependent(data: np.ndarray, names: list[str]) -> str:
+    """Which variables are exact copies of each other (|correlation| 1), for the message."""
+    corr = np.corrcoef(data, rowvar=False)
+    pairs = [f"{names[i]} and {names[j]}" for i in range(len(names))
+             for j in range(i + 1, len(names)) if abs(corr[i, j]) > 1 - 1e-9]
+    if pairs:
+        return f"{', '.join(pairs[:3])} are perfectly correlated (drop one, e.g. an " \
+               f"attribute that equals the label or marks exactly one class)"
+    return "some variable is a linear combination of others (e.g. attributes that sum to " \
+           "a constant)"
+
+
 def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
              attribute_names: list[str], *, n_components: int = 3, alpha: float = 0.01,
              indep_test: str = "fisherz", causal_attributes: list[str] | None = None,
-             figure: str | Path | None = None) -> dict:
+             figure: str | Path | None = None, class_names: list[str] | None = None) -> dict:
     """PCs of ``features`` + attributes + label → PC graph → skeleton check (+ figure).
-    Rows with a missing attribute are dropped."""
+    Rows with a missing attribute are dropped. A label of more than two classes enters as
+    class indicators (`label_columns`), all in the group Y."""
     _check_settings(alpha, n_components)
     features, attributes, labels = _check_inputs(features, attributes, labels, attribute_names)
     keep = ~np.isnan(attributes).any(1)
@@ -224,16 +258,25 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     k = min(n_components, f.shape[1])
     pcs = u[:, :k] * np.sqrt(len(f))
     xnames = [f"X{i + 1}" for i in range(k)]
-    data = np.column_stack([pcs, attributes[keep], labels[keep]])
+    ycols, ynames = label_columns(labels[keep], class_names)
+    data = np.column_stack([pcs, attributes[keep], ycols])
     # constant columns break the Fisher-z test (singular correlation): jitter-free removal
-    names = [*xnames, *attribute_names, "Y"]
+    names = [*xnames, *attribute_names, *ynames]
     std = data.std(0)
     if np.any(std == 0):
         const = [n for n, sd in zip(names, std, strict=True) if sd == 0]
         raise CausalignError(f"PC check: constant variable(s) {', '.join(const)}")
-    graph = pc_graph(data, alpha=alpha, indep_test=indep_test)
+    try:
+        graph = pc_graph(data, alpha=alpha, indep_test=indep_test)
+    except ValueError as exc:  # causal-learn's Fisher-z: "correlation matrix is singular"
+        if "singular" not in str(exc):
+            raise
+        raise CausalignError(f"PC check: the variables' correlation matrix is singular, "
+                             f"so the {indep_test} test cannot run: "
+                             f"{_dependent(data, names)}") from None
     edges = edges_of(graph, names)
-    groups = {**{n: "X" for n in xnames}, **{n: "A" for n in attribute_names}, "Y": "Y"}
+    groups = {**{n: "X" for n in xnames}, **{n: "A" for n in attribute_names},
+              **{n: "Y" for n in ynames}}
     out = {"n": int(keep.sum()), "alpha": alpha, "indep_test": indep_test,
            "n_components": k,
            "explained_variance": float((s[:k] ** 2).sum() / (s ** 2).sum()),
@@ -266,7 +309,8 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
     out = Path(out) if out is not None else Path(run) / "pc"
     rep = pc_check(feats, ds.attributes.numpy(), ds.labels.numpy(), list(ds.meta.attributes),
                    n_components=n_components, alpha=alpha, indep_test=indep_test,
-                   causal_attributes=causal, figure=out / "pc_graph.png")
+                   causal_attributes=causal, figure=out / "pc_graph.png",
+                   class_names=list(ds.meta.classes))
     rep.update(run=str(run), split=split)
     atomic_write_json(out / "pc_check.json", rep)
     return rep

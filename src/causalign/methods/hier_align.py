@@ -236,6 +236,8 @@ class HierAlign(Method):
         y = labels.detach().cpu().numpy()
         n, p = a.shape
         full = ~np.isnan(a).any(1)
+        if len(y) and int(y.max()) > 1:
+            self._check_binary(int(y.max()) + 1)
         if not full.any() or set(np.unique(y[full]).tolist()) - {0, 1} \
                 or len(np.unique(y[full])) < 2:
             # nothing to fit (no complete rows, one class, or not a binary label)
@@ -251,6 +253,14 @@ class HierAlign(Method):
         # a row where no subset has a causal effect (subset −1) has no r to align to: leave it
         # out rather than penalise every attribute change of its counterfactual
         self.r_known = torch.from_numpy(res.known & (res.subset >= 0))
+
+    def _check_binary(self, classes: int) -> None:
+        """CCCE (seed 000 §4.3) is defined for a binary label: with more classes no sample
+        gets an attribution r, so the attribute level (λ₂) would silently never align."""
+        if classes > 2 and self.params.lam2 > 0:
+            raise ConfigError(f"hier-align: the attribute-level alignment (CCCE attribution, "
+                              f"method.lam2) needs a binary label; this data has {classes} "
+                              f"classes (set method.lam2=0 to align the image level only)")
 
     def _r(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(r, r_known) for the batch's rows; without setup, attribution on this batch."""
@@ -332,6 +342,7 @@ class HierAlign(Method):
             a_hat = z.sigmoid()
             logits = model.f2(a_hat)
         bn_stats = bn_stats if p.bn == "batch" else {}
+        self._check_binary(logits.shape[1])
         ce = F.cross_entropy(logits, y)
         known = batch["attr_known"].bool() if "attr_known" in batch else \
             torch.ones_like(z, dtype=torch.bool)

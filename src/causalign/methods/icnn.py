@@ -49,6 +49,15 @@ class ICNNMethod(Method):
                               f"interpretable layer); --model {cfg.model} is not supported "
                               f"(leave the default cnn7)")
         check_input_size("cnn7", info.image_shape)  # ICNN is the 7-layer CNN's body
+        filters = 4 * cfg.width  # the interpretable layer's filters, filter f → class f mod C
+        if filters < info.num_classes:
+            # classes beyond the filter count would own no filter: their images get no part
+            # template and no filter loss, silently unlike the paper's one-category filters
+            need = -(-info.num_classes // 4)
+            raise ConfigError(f"method 'icnn' gives each class its own interpretable filters: "
+                              f"{info.num_classes} classes need at least {info.num_classes} "
+                              f"filters, width {cfg.width} gives {filters} (4 × width); "
+                              f"use --set width={need} or more")
         model = ICNN(info.in_channels, info.num_classes, width=cfg.width)
         model.interpretable.beta = self.params.beta
         return model

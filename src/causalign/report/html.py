@@ -146,7 +146,8 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         cam = saliency_map(get_explainer(saliency, model).attribute(x, target=pred))
         maps[label] = cam.detach().float()
         if titles is None:
-            titles = [f"y={int(batch['label'][i])}{_split_tag(test)}" for i in range(len(idx))]
+            titles = [f"y={class_name(test, int(batch['label'][i]))}{_split_tag(test)}"
+                      for i in range(len(idx))]
     if not maps:
         return False
     images, boxes = batch["image"], batch["box_mask"][:, 0]
@@ -171,6 +172,15 @@ def _figure_split(data: Path) -> LesionDataset:
     return split if split is not None else LesionDataset(data, "val")
 
 
+def class_name(ds: LesionDataset, k: int, width: int = 20) -> str:
+    """Class ``k``'s name from dataset.yaml for a figure's row title (BUSI's "malignant"
+    says more than "2"), shortened to ``width`` characters so many long names (CUB's
+    "001.Black_footed_Albatross") stay readable; the index where no name is known."""
+    names = list(getattr(getattr(ds, "meta", None), "classes", None) or [])
+    name = str(names[k]) if 0 <= k < len(names) else str(k)
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
 def _split_tag(ds: LesionDataset) -> str:
     return "" if ds.split == "test" else f" ({ds.split})"
 
@@ -193,7 +203,7 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     returns the label of the run shown."""
     from ..engine.trainer import load_run
     from ..explain.counterfactual import CounterfactualGenerator
-    from ..explain.counterfactual_export import settings_for_run
+    from ..explain.counterfactual_export import settings_for_run, split_range
     from .figures import counterfactual_grid
 
     runs = _pick_runs(results, dataset)
@@ -225,7 +235,10 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     x = method.model_input(batch)
     gen = CounterfactualGenerator(model, alpha=settings.alpha, steps=settings.steps,
                                   lr=settings.lr, distance=settings.distance, eps=settings.eps,
-                                  target_rule=settings.target)
+                                  target_rule=settings.target,
+                                  # as `causalign counterfactual --bounds data`: x* stays a
+                                  # valid image (unbounded, 0.5 % of its values fell outside)
+                                  bounds=split_range(test))
     with torch.no_grad():
         pred = model(x).argmax(1)
     target, valid = gen.targets(x, pred)
@@ -236,7 +249,8 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     # broadcast case 0's flag to every case (box-only cases got their empty mask)
     has_mask = batch["has_mask"].view(-1, *[1] * (batch["mask"].dim() - 1))
     region = torch.where(has_mask, batch["mask"], batch["box_mask"])[valid][:, 0]
-    titles = [f"{int(p)}→{int(t)}{_split_tag(test)}" + ("" if bool(f) else " (no flip)")
+    titles = [f"{class_name(test, int(p))}→{class_name(test, int(t))}{_split_tag(test)}"
+              + ("" if bool(f) else " (no flip)")
               for p, t, f in zip(pred[valid], res.target, res.flipped, strict=True)]
     x0, x_star = x[valid], res.x_star
     if x0.dim() == 5:  # a volume: each case cut at the slice with most annotation
@@ -439,7 +453,8 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
             if label:
                 parts.append(f"<h2>Counterfactuals (Fig. 9)</h2><p>{html.escape(label)} on "
                              f"{html.escape(d)}: original | counterfactual x* (the model's "
-                             f"prediction flipped) | x* − x (red: brighter, blue: darker; "
+                             f"prediction, left of the arrow, moved to the class right of it) "
+                             f"| x* − x (red: brighter, blue: darker; "
                              f"black outline: annotation).</p>" + _img(p, "counterfactuals"))
                 shown.add(p.name)
         except Exception as exc:

@@ -72,7 +72,9 @@ def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset
         boxes = np.stack([boxes[i][z[i]] for i in range(n)])
         maps = {k: np.stack([v[i][z[i]] for i in range(n)]) for k, v in maps.items()}
     shown = {k: np.clip(v, 0, None) for k, v in maps.items()}
-    titles = [f"{dataset.records[i].id} y={int(batch['label'][i])} p={int(pred[i])}"
-              for i in range(n)]
+    from .html import class_name  # dataset.yaml's names: "y=malignant" rather than "y=2"
+
+    titles = [f"{dataset.records[i].id} y={class_name(dataset, int(batch['label'][i]))} "
+              f"p={class_name(dataset, int(pred[i]))}" for i in range(n)]
     cam_grid(images, boxes, shown, path, row_titles=titles)
     return {"figure": str(path), "methods": names, "n": n}
