@@ -53,7 +53,11 @@ def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfi
     for i in range(warmup + steps):
         synchronize(device)
         t0 = time.perf_counter()
-        out = method(model, batch)
+        try:
+            out = method(model, batch)
+        except ValueError as exc:
+            _one_value_per_channel(exc, method_name, cfg.model, batch)
+            raise
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         opt.step()
@@ -61,6 +65,21 @@ def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfi
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def _one_value_per_channel(exc: ValueError, method: str, model: str,
+                           batch: dict[str, torch.Tensor]) -> None:
+    """BatchNorm's train-mode ValueError on a single value per channel (one image whose
+    feature map the model has pooled to 1x1: `--model resnet18 --size 16 --batch-size 1`)
+    as one line naming the options; it was a traceback. Other ValueErrors pass through."""
+    if "Expected more than 1 value per channel" not in str(exc):
+        return
+    n, size = len(batch["label"]), batch["image"].shape[-1]
+    who = (f"method '{method}' fed a sub-batch of one image to the model" if n > 1
+           else f"--batch-size {n} at --size {size} leaves one value per channel")
+    raise ConfigError(f"{who}, but the BatchNorm layers of model '{model}' need more than one "
+                      f"value per channel in training mode; use a larger --batch-size (or "
+                      f"--size)") from None
 
 
 def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5,

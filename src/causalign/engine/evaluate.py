@@ -73,17 +73,38 @@ def _input(model: nn.Module, method: Method, batch: dict[str, Tensor]) -> Tensor
 # at 2**23 values (16 volumes a batch), 2.1 GB at 2**21 (4 a batch); same metrics.
 EVAL_VALUES_PER_BATCH = 2 ** 21
 
+# On the CPU a tighter cap, for speed: the activations of a whole batch of large images fall
+# out of the CPU caches, and evaluation (1 + len(fractions) forwards per batch) got slower
+# per image as batches grew. cnn7, 1 thread, `evaluate_split` with Grad-CAM, process CPU
+# time (benchmarks/bench_sizes.py conditions): 224 px, 32 images: 7.6 s in one batch, 3.6 s
+# in batches of 5; 128 px, 64 images: 5.1 s → 3.2 s (batches of 16); 64 px, 256 images:
+# 4.5 s → 2.7 s (batches of 64). ResNet-18, which downsamples early, is unchanged (7.6 s →
+# 7.5 s at 224 px). Same metrics to the last digit. GPUs keep the larger batches.
+EVAL_VALUES_PER_BATCH_CPU = 2 ** 18
 
-def eval_batch_size(dataset: LesionDataset, batch_size: int) -> int:
-    """``batch_size`` capped so a batch holds at most `EVAL_VALUES_PER_BATCH` input values.
-    Evaluation in eval mode is batch-independent, so only memory changes."""
+
+def eval_batch_size(dataset: LesionDataset, batch_size: int,
+                    device: torch.device | str | None = None) -> int:
+    """``batch_size`` capped so a batch holds at most `EVAL_VALUES_PER_BATCH` input values
+    (`EVAL_VALUES_PER_BATCH_CPU` when `device` is the CPU). Evaluation in eval mode is
+    batch-independent, so only memory and speed change."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         return batch_size  # iterate_batches names the bad value
     shape = getattr(dataset, "image_shape", None)  # iterate_batches needs only len + batch
     if shape is None:
         return batch_size
+    cap = EVAL_VALUES_PER_BATCH
+    if _is_cpu(device):
+        cap = min(cap, EVAL_VALUES_PER_BATCH_CPU)
     per_sample = max(1, math.prod(shape))
-    return max(1, min(batch_size, EVAL_VALUES_PER_BATCH // per_sample))
+    return max(1, min(batch_size, cap // per_sample))
+
+
+def _is_cpu(device: torch.device | str | None) -> bool:
+    try:
+        return device is not None and torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):  # not a device: iterate_batches' .to() names it
+        return False
 
 
 @torch.no_grad()
@@ -94,15 +115,22 @@ def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: to
     copy per split, not two device syncs per batch."""
     probs, labels, losses = [], [], []
     with eval_mode(model):
-        for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size),
+        for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size, device),
                                      device=device):
             logits = model(_input(model, method, batch)).float()
-            losses.append(F.cross_entropy(logits, batch["label"], reduction="sum").double())
+            losses.append(F.cross_entropy(logits, batch["label"], reduction="none"))
             probs.append(logits.softmax(1))
             labels.append(batch["label"])
     p = torch.cat(probs).cpu().numpy()
     y = torch.cat(labels).cpu().numpy()
-    return p, y, float(torch.stack(losses).sum()) / len(y)
+    return p, y, _mean_loss(losses)
+
+
+def _mean_loss(losses: list[Tensor]) -> float:
+    """Mean of per-sample cross-entropies, summed in float64 over the whole split at once:
+    the same number however the split was batched (float32 sums per batch made the loss
+    depend on the batch size in its last digits)."""
+    return float(torch.cat(losses).double().mean())
 
 
 def quick_metrics(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -154,7 +182,9 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     task = None
     if progress is not None:
         task = progress.add_task(f"evaluating {dataset.split}", total=len(dataset))
-    for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size), device=device):
+    batches = iterate_batches(dataset, eval_batch_size(dataset, batch_size, device),
+                              device=device)
+    for batch in batches:
         x = _input(model, method, batch)
         logits, maps = explainer.predict_and_attribute(x)
         n_bad = int((~torch.isfinite(logits)).sum())
@@ -164,7 +194,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         # as `predict`: float32 probabilities and a summed cross-entropy, kept on the device
         # (no sync per batch) and classified once at the end
         logits32 = logits.float()
-        losses.append(F.cross_entropy(logits32, batch["label"], reduction="sum").double())
+        losses.append(F.cross_entropy(logits32, batch["label"], reduction="none"))
         probs.append(logits32.softmax(1))
         labels.append(batch["label"])
         pred = logits.argmax(1)
@@ -194,7 +224,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     p = torch.cat(probs).cpu().numpy()
     y = torch.cat(labels).cpu().numpy()
     out = classification_metrics(p, y)
-    out["loss"] = float(torch.stack(losses).sum()) / len(y)
+    out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
 
     def mean(parts: list[Tensor]) -> float | None:
@@ -231,7 +261,7 @@ def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset,
         return None
     hits, knowns = [], []  # per-batch counts, summed on the host once (no sync per batch)
     with eval_mode(model):
-        for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size),
+        for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size, device),
                                      device=device):
             logits = model.attributes(_input(model, method, batch)).float()
             known = batch["attr_known"].bool()
