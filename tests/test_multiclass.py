@@ -292,3 +292,15 @@ def test_split_range_streams_the_split(tmp_path):
     ds = LesionDataset(tmp_path / "f", "test")
     assert split_range(ds, batch_size=3) == pytest.approx(data_range(ds.images))
     assert split_range(ds)[0] < -100  # float data keeps its own range
+
+
+def test_pc_check_keeps_a_continuous_label_as_one_variable():
+    """A continuous score is not K classes: one indicator per distinct value made 2000
+    variables and PC ran for many minutes (test_pc's X → A → Y data)."""
+    from causalign.causal.pc import label_columns
+
+    y = np.random.default_rng(0).normal(size=50)
+    cols, names = label_columns(y)
+    assert names == ["Y"] and cols.shape == (50, 1)
+    cols, names = label_columns(np.arange(9) % 3, BUSI)
+    assert names == ["Y=benign", "Y=malignant"] and cols.shape == (9, 2)

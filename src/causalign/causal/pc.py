@@ -208,14 +208,17 @@ def plot_graph(edges: list[dict], groups: dict[str, str], path: str | Path,
 
 def label_columns(labels: np.ndarray, class_names: list[str] | None = None
                   ) -> tuple[np.ndarray, list[str]]:
-    """The label as PC variables: one column "Y" for two classes; with more classes present,
-    one 0/1 indicator "Y=<class>" per class but the first present one (all K would sum to 1:
-    a singular correlation matrix). A K-class label as one number 0…K−1 made Fisher-z read
-    the arbitrary class order as a quantity: an attribute marking exactly the middle class
-    of three correlates 0 with it, and its A–Y edge came and went with the class order."""
+    """The label as PC variables: one column "Y" for two classes or a continuous (non-integer)
+    score; with more integer classes present, one 0/1 indicator "Y=<class>" per class but
+    the first present one (all K would sum to 1: a singular correlation matrix). A K-class
+    label as one number 0…K−1 made Fisher-z read the arbitrary class order as a quantity: an
+    attribute marking exactly the middle class of three correlates 0 with it, and its A–Y
+    edge came and went with the class order."""
     y = np.asarray(labels, np.float64)
     present = np.unique(y)
-    if len(present) <= 2:
+    if len(present) <= 2 or not np.all(present == np.round(present)):
+        # binary, or a continuous score (not classes: one indicator per distinct value
+        # would give thousands of variables)
         return y[:, None], ["Y"]
 
     def name(c: float) -> str:
