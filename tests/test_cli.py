@@ -230,7 +230,11 @@ def test_ctrl_c_exits_130_with_a_message_and_keeps_the_checkpoint(tiny_data, tmp
     proc = subprocess.Popen([sys.executable, "-m", "causalign", "train", str(tiny_data),
                              "--out", str(run), "--epochs", "500", "--set", "width=4",
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            # as from a terminal: a suite started in the background (`make
+                            # test &`) passes SIGINT on ignored, and the child then trained all
+                            # 500 epochs and exited 0
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (run / "checkpoint.pt").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
