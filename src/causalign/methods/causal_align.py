@@ -35,6 +35,7 @@ solutions). Both are counted in the step's parts (hence in history.csv).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,9 @@ class CausalAlign(Method):
         self.step = 0
         self.damping = self.params.damping  # raised on negative curvature (damping_max)
         self._bn_stats: dict = {}
-        self._outputs: tuple[int, int] | None = None  # (id(model), its outputs): auto cg_iters
+        # (weak reference to the model, its outputs) for auto cg_iters; weak, not id(): a
+        # new model can reuse a collected one's id
+        self._outputs: tuple[weakref.ref, int] | None = None
         # setup() refuses a training split where no sample has the configured region (the
         # trainer only checks for "a mask or a box"); hier-align's image level, whose masks
         # are optional, turns this off.
@@ -521,13 +524,13 @@ class CausalAlign(Method):
 
     def _auto_cg_iters(self, model: nn.Module, prob: InnerProblem, u_star: Tensor) -> int:
         """`auto_cg_iters` for this model's outputs: soft targets give their count, class
-        targets need one forward (no grad), done once per model (kept by id: the output
-        width of a model does not change between steps)."""
+        targets need one forward (no grad), done once per model (the output width of a
+        model does not change between steps)."""
         if prob.target.is_floating_point():
             return auto_cg_iters(prob.target[0].numel(), soft=True)
-        if self._outputs is None or self._outputs[0] != id(model):
+        if self._outputs is None or self._outputs[0]() is not model:
             with torch.no_grad():
-                self._outputs = (id(model), int(prob.terms(u_star)[1].shape[1]))
+                self._outputs = (weakref.ref(model), int(prob.terms(u_star)[1].shape[1]))
         return auto_cg_iters(self._outputs[1], soft=False)
 
     def _implicit(self, model: nn.Module, res: CounterfactualResult, outer: Tensor,
