@@ -4,6 +4,7 @@ classes with attributes), on tiny in-memory batches and 32 px datasets."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,49 @@ def test_pc_check_keeps_a_continuous_label_as_one_variable():
     assert names == ["Y"] and cols.shape == (50, 1)
     cols, names = label_columns(np.arange(9) % 3, BUSI)
     assert names == ["Y=benign", "Y=malignant"] and cols.shape == (9, 2)
+
+
+def test_cli_exports_title_rows_with_class_names(three_class_bench, tmp_path, monkeypatch):
+    """`causalign counterfactual` and `causalign explain` titled their figures "0→2" and
+    "y=2 p=0", as the report did; they now use dataset.yaml's names too."""
+    from causalign.data.format import LesionDataset
+    from causalign.engine.trainer import load_run
+    from causalign.explain.counterfactual_export import export_counterfactuals, settings_for_run
+    from causalign.explain.export import export_saliency
+    from causalign.report import figures
+
+    out, _ = three_class_bench
+    _, model, method, data = load_run(out / "runs/busi/erm/seed0", device="cpu")
+    test = LesionDataset(data, "test")
+    seen: dict[str, list[str]] = {"grid": [], "single": []}
+    real_grid, real_trip, real_overlay, real_cam = (
+        figures.counterfactual_grid, figures.counterfactual_triptych, figures.overlay,
+        figures.cam_grid)
+
+    def grid(*a, row_titles=None, **kw):
+        seen["grid"].extend(row_titles or [])
+        return real_grid(*a, row_titles=row_titles, **kw)
+
+    def trip(img, xs, reg, path, title, *a, **kw):
+        seen["single"].append(title)
+        return real_trip(img, xs, reg, path, title, *a, **kw)
+
+    def cam(*a, row_titles=None, **kw):
+        seen["grid"].extend(row_titles or [])
+        return real_cam(*a, row_titles=row_titles, **kw)
+
+    def over(*a, title=None, **kw):
+        seen["single"].append(title)
+        return real_overlay(*a, title=title, **kw)
+
+    monkeypatch.setattr(figures, "counterfactual_grid", grid)
+    monkeypatch.setattr(figures, "counterfactual_triptych", trip)
+    monkeypatch.setattr(figures, "cam_grid", cam)
+    monkeypatch.setattr(figures, "overlay", over)
+    settings = settings_for_run(method, steps=3)
+    export_counterfactuals(model, method, test, settings, tmp_path / "cf", limit=4)
+    export_saliency(model, method, test, "gradient", tmp_path / "ex", limit=4)
+    assert len(seen["grid"]) >= 6 and len(seen["single"]) >= 6, seen
+    for title in seen["grid"] + seen["single"]:
+        names = re.findall(r"(?:y=|p=|pred[= ]|→ ?)([A-Za-z]+)", title)
+        assert names and all(n in BUSI for n in names), title

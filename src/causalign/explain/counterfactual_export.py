@@ -239,7 +239,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                             train_images: Tensor | None, autoencoder: nn.Module | None,
                             progress: Progress | None,
                             valid_range: tuple[float, float] | None = None) -> dict:
-    from ..report.figures import counterfactual_grid, counterfactual_triptych
+    from ..report.figures import class_name, counterfactual_grid, counterfactual_triptych
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n < 1:  # name the limit: "split 'test' has no samples" misled for limit=0
@@ -308,7 +308,8 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
             if img.ndim == 4:  # volume: the slice with the most annotation (or the middle)
                 z = display_slice(reg, img.shape[1])
                 img, xs, reg = img[:, z], xs[:, z], (reg[z] if reg is not None else None)
-            title = (f"{rec.id}  pred {int(pred[k])} → {int(res.target[j])}  "
+            src, dst = class_name(dataset, int(pred[k])), class_name(dataset, int(res.target[j]))
+            title = (f"{rec.id}  pred {src} → {dst}  "
                      f"p={float(res.target_prob[j]):.2f}"
                      + ("" if bool(res.flipped[j]) else "  (not flipped)"))
             if attrs is not None and attrs[j]["attributes_changed"]:
@@ -316,7 +317,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
             counterfactual_triptych(img, xs, reg, files.path(f"triptychs/{rec.id}.png"), title)
             if len(grid) < 8:
                 grid.append((img, xs, reg if reg is not None else np.zeros(img.shape[1:]),
-                             f"{rec.id} {int(pred[k])}→{int(res.target[j])}"))
+                             f"{rec.id} {src}→{dst}"))
             records.append(entry)
             j += 1
         if task is not None:

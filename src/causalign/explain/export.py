@@ -107,7 +107,7 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
 def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                      out: Path, n: int, device: torch.device | str, batch_size: int,
                      progress: Progress | None) -> dict:
-    from ..report.figures import cam_grid, overlay
+    from ..report.figures import cam_grid, class_name, overlay
 
     explainer = get_explainer(saliency, model)
     ids_n = [dataset.records[i].id for i in range(n)]
@@ -143,13 +143,15 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
                 img, m2, box = img[:, z], m[z], box[z]
             else:
                 m2 = m
-            title = (f"{rec.id} y={rec.label} pred={preds[j]}")
+            title = (f"{rec.id} y={class_name(dataset, rec.label)} "
+                     f"pred={class_name(dataset, preds[j])}")
             overlay(img, m2, box, files.path(f"overlays/{rec.id}.png"), title=title)
             if len(images) < 16:
                 images.append(img)
                 boxes.append(box)
                 maps_all.append(m2)
-                ids.append(f"{rec.id} y={rec.label} p={preds[j]}")
+                ids.append(f"{rec.id} y={class_name(dataset, rec.label)} "
+                           f"p={class_name(dataset, preds[j])}")
         if task is not None:
             progress.advance(task, len(idx))
     cam_grid(np.stack(images[:8]), np.stack(boxes[:8]), {saliency: np.stack(maps_all[:8])},

@@ -281,3 +281,12 @@ def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.nda
             ax.set_title(name, fontsize=8)
         fig.tight_layout()
         atomic_savefig(fig, path, dpi=110)
+
+
+def class_name(ds: object, k: int, width: int = 20) -> str:
+    """Class ``k``'s name from dataset.yaml for a figure's row title (BUSI's "malignant"
+    says more than "2"), shortened to ``width`` characters so many long names (CUB's
+    "001.Black_footed_Albatross") stay readable; the index where no name is known."""
+    names = list(getattr(getattr(ds, "meta", None), "classes", None) or [])
+    name = str(names[k]) if 0 <= k < len(names) else str(k)
+    return name if len(name) <= width else name[: width - 1] + "…"

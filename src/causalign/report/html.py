@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import CausalignError
 from ..io import atomic_write_text
+from .figures import class_name
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -170,15 +171,6 @@ def _figure_split(data: Path) -> LesionDataset:
 
     split = _optional_split(data, "test")
     return split if split is not None else LesionDataset(data, "val")
-
-
-def class_name(ds: LesionDataset, k: int, width: int = 20) -> str:
-    """Class ``k``'s name from dataset.yaml for a figure's row title (BUSI's "malignant"
-    says more than "2"), shortened to ``width`` characters so many long names (CUB's
-    "001.Black_footed_Albatross") stay readable; the index where no name is known."""
-    names = list(getattr(getattr(ds, "meta", None), "classes", None) or [])
-    name = str(names[k]) if 0 <= k < len(names) else str(k)
-    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def _split_tag(ds: LesionDataset) -> str:

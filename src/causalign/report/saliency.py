@@ -72,7 +72,7 @@ def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset
         boxes = np.stack([boxes[i][z[i]] for i in range(n)])
         maps = {k: np.stack([v[i][z[i]] for i in range(n)]) for k, v in maps.items()}
     shown = {k: np.clip(v, 0, None) for k, v in maps.items()}
-    from .html import class_name  # dataset.yaml's names: "y=malignant" rather than "y=2"
+    from .figures import class_name  # dataset.yaml's names: "y=malignant", not "y=2"
 
     titles = [f"{dataset.records[i].id} y={class_name(dataset, int(batch['label'][i]))} "
               f"p={class_name(dataset, int(pred[i]))}" for i in range(n)]
