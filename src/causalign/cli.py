@@ -455,10 +455,10 @@ def counterfactual(
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
     from .explain.counterfactual_export import (
-        data_range,
         export_counterfactuals,
         resolve_autoencoder,
         settings_for_run,
+        splits_range,
     )
 
     fixed_bounds = _parse_bounds(bounds)  # before loading anything: a typo fails at once
@@ -491,9 +491,16 @@ def counterfactual(
                              f"takes l1 or l2")
     ds = LesionDataset(data_path, split)
     dev = next(model.parameters()).device
-    train_images = LesionDataset(data_path, "train").images if split != "train" else ds.images
-    # the range the summary's out-of-range count is taken against, and x*'s bounds
-    valid_range = fixed_bounds or data_range(train_images, ds.images)
+    # The training split as one float32 tensor only where it is needed (per-pixel scales, the
+    # autoencoder): every call built it (4x the uint8 cache; twice for --split train), and
+    # loaded the training split even for explicit --bounds and an l1 search of 4 images
+    need_train = settings.distance.startswith("scaled") or settings.space == "latent"
+    train_ds = ds if split == "train" else (
+        LesionDataset(data_path, "train") if need_train or fixed_bounds is None else None)
+    train_images = train_ds.images if need_train else None
+    # the range the summary's out-of-range count is taken against, and x*'s bounds (read
+    # batch by batch)
+    valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is ds else (train_ds, ds)))
     settings.bounds = None if bounds.strip().lower() == "none" else valid_range
     with _progress(progress) as bar:
         ae = None

@@ -46,6 +46,7 @@ distance stays the one on u.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -336,6 +337,7 @@ class InnerProblem:
         """(per-sample CE(f(x(u)), y*), logits): T without the distance term."""
         logits = self.model(self.image(u))
         if self.unchecked and not self.target.is_floating_point():
+            _check_class_logits(logits, len(u))
             _check_classes(self.target, logits.shape[1], "counterfactual target")
             self.unchecked = False
         elif self.unchecked:
@@ -608,13 +610,18 @@ class CounterfactualGenerator:
         if self.space == "latent":
             # the inputs' device and dtype: an autoencoder fitted on the float32 training
             # images failed in its first conv on a float64 model's inputs
-            ae = self.autoencoder.to(x0.device, x0.dtype)
+            ae = _autoencoder_like(self.autoencoder, x0)
             with torch.no_grad(), eval_mode(ae):
                 u0 = ae.encode(x0)
                 base = ae.decode(u0, tuple(x0.shape[-2:]))
             return InnerProblem(self.model, x0, u0, target, self.alpha, self.distance, None,
                                 self.eps, decoder=ae, base=base, **self._box(x0))
         if self.space == "smooth":
+            if x0.dim() < 4:
+                # the blur runs over the last two axes: on (N, C) it mixed the samples of a
+                # batch (a batched search differed from per-sample ones), on (N, C, L) channels
+                raise InputError(f"space 'smooth' blurs over H, W: it needs images (N, C, H, "
+                                 f"W) or volumes (N, C, D, H, W), got shape {tuple(x0.shape)}")
             zero = torch.zeros_like(x0)  # G_σ * 0 = 0: x(u) = x0 + G_σ * u
             return InnerProblem(self.model, x0, zero, target, self.alpha, self.distance, scale,
                                 self.eps, decoder=self.smoother.to(x0.device), base=zero,
@@ -636,6 +643,7 @@ class CounterfactualGenerator:
         the multi-class rule needs; training code passes y* directly and skips it."""
         with torch.no_grad(), eval_mode(self.model):
             logits = self.model(x0)
+        _check_class_logits(logits, len(x0))
         if labels is None:
             labels = logits.argmax(1)
         labels = _as_classes(labels, len(x0), "labels").to(x0.device)
@@ -753,6 +761,17 @@ class CounterfactualGenerator:
                                     problem=prob, flipped=flipped, target_prob=target_prob)
 
 
+def _autoencoder_like(ae: nn.Module, x0: Tensor) -> nn.Module:
+    """``ae`` on x0's device and dtype: itself when it is there already (training), else an
+    eval-mode copy. ``ae.to(...)`` moved the caller's own autoencoder in place: a float32 one
+    came back float64 after a search of a float64 model and then failed on float32 images."""
+    tensors = [*ae.parameters(), *ae.buffers()]
+    if all(t.device == x0.device and (t.dtype == x0.dtype or not t.is_floating_point())
+           for t in tensors):
+        return ae
+    return copy.deepcopy(ae).to(x0.device, x0.dtype).eval()
+
+
 def _check_bounds(bounds: object) -> tuple[float, float] | None:
     """``bounds`` as (lo, hi) floats with lo < hi, both finite, or one clear ConfigError."""
     if bounds is None:
@@ -829,6 +848,19 @@ def _check_soft_target(target: Tensor, logits: Tensor) -> None:
                              f"got {lo:g}..{hi:g}")
 
 
+def _check_class_logits(logits: object, n: int) -> None:
+    """One clear line unless the model's outputs are (N, C) class logits with C >= 2. A
+    single-logit (sigmoid) binary classifier made every target the sample's own class 0:
+    x* = x0 reported as "flipped" with target_prob 1; an (N,) output failed with an
+    IndexError."""
+    shape = tuple(getattr(logits, "shape", ()))
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or shape[0] != n or shape[1] < 2:
+        raise InputError(f"counterfactual class targets need (N, C) class logits with C >= 2 "
+                         f"from the model, got outputs of shape {shape} for {n} inputs (a "
+                         f"single-logit binary classifier z: return torch.cat([-z, z], 1) / 2, "
+                         f"whose softmax is sigmoid(z))")
+
+
 def _check_classes(classes: Tensor, num_classes: int, what: str) -> None:
     """Fail with one clear line unless every entry of ``classes`` lies in 0..num_classes−1."""
     if classes.numel():
@@ -892,6 +924,9 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
     inv_scale = 1.0 / prob.scale if prob.scale is not None else 1.0
     pull = alpha * float(torch.as_tensor(inv_scale).max()) if sparse else 0.0
     best_u, best_t = u.clone(), torch.full((len(u),), float("inf"), device=u.device)
+    # samples that met a NaN/inf gradient: the best-iterate rule hid it (a NaN gradient at x0
+    # returned x0 as a plain "not flipped", never flagged as diverged)
+    hit = torch.zeros(len(u), dtype=torch.bool, device=u.device)
     for step in range(steps + 1):
         last = step == steps  # the final iterate is only scored: no gradient needed
         uu = u if last else u.requires_grad_(True)
@@ -910,6 +945,7 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
             best_u = torch.where(better.view(shape), uu.detach(), best_u)
             if last:
                 break
+            hit |= ~torch.isfinite(g).flatten(1).all(1)
             # the l1 pull α/s counts in the normaliser: once the target is reached |g| falls
             # below α, and lr/max|g| alone would shrink δ by ≫ lr per step, back to x0
             gmax = g.abs().flatten(1).amax(1).view(shape).clamp_min(pull).clamp_min(1e-12)
@@ -921,10 +957,12 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
             u = prob.u0 + delta
             if prob.projected:  # per pixel, prox of l1 + box = soft-threshold, then clamp
                 u = prob.project(u)
-    # a sample that never had a finite objective keeps its (non-finite) last iterate, so the
-    # caller flags it as diverged
+    # a sample that never had a finite objective keeps its (non-finite) last iterate, and one
+    # that met a non-finite gradient comes back NaN: the caller resets either to x0 and flags
+    # it as diverged (as Adam's)
     never = torch.isinf(best_t).view(shape)
-    return torch.where(never, u.detach(), best_u).detach()
+    out = torch.where(never, u.detach(), best_u)
+    return torch.where(hit.view(shape), torch.nan, out).detach()
 
 
 def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = None,
@@ -952,6 +990,10 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     sparse = prob.distance in ("l1", "scaled-l1")
     soft = prob.target.is_floating_point()
     work = _work_dtype(u.dtype)  # the systems are solved in >= float32, steps taken in u's
+    # samples whose step could not be computed (NaN/inf logits, gradient or objective at an
+    # accepted point): they stayed where they were and came back as a plain "not flipped"
+    # (with report=False, as training calls it, even NaN logits at x0 went unflagged)
+    stuck = torch.zeros(len(u), dtype=torch.bool, device=u.device)
     for _ in range(steps):
         uu = u.requires_grad_(True)
         with torch.enable_grad():
@@ -1001,16 +1043,28 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             # for the batch) and a NaN step below, which the line search never takes
             broken = ~torch.isfinite(inner).flatten(1).all(1)
             inner = torch.where(broken[:, None, None], eye, inner)
-            y = torch.linalg.solve(inner, (ja @ g[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
-            corr = (jac.transpose(1, 2) @ (curv_out @ y))[..., 0]
-            step = -(a_inv * (g - corr))
+            if prob.alpha == 0:
+                # α = 0: g = Jᵀr and A⁻¹ = 1e12 (the clamp), where A⁻¹g − A⁻¹·corr cancels
+                # catastrophically (the step was noise: no flip, or a 1e3-sized change).
+                # The same step without the difference: A⁻¹Jᵀ(I + S·J A⁻¹Jᵀ)⁻¹r, i.e. the
+                # Gauss-Newton step on the logits, min-norm in u
+                dual = eye + curv_out @ (ja @ jac.transpose(1, 2))
+                dual = torch.where(broken[:, None, None], eye, dual)
+                y = torch.linalg.solve(dual, resid[:, :, None].nan_to_num(0.0, 0.0, 0.0))
+                step = -(a_inv * (jac.transpose(1, 2) @ y)[..., 0])
+            else:
+                y = torch.linalg.solve(inner, (ja @ g[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
+                corr = (jac.transpose(1, 2) @ (curv_out @ y))[..., 0]
+                step = -(a_inv * (g - corr))
             step[broken] = float("nan")
             slope = (g * step).sum(1)
             t0 = (ce.detach() + prob.alpha * distance_value(
                 uu.detach() - prob.u0, prob.distance, prob.scale, prob.eps)).to(work)
             u = uu.detach()
             step = step.view_as(u)
-            todo = torch.isfinite(step).flatten(1).all(1) & torch.isfinite(t0) & (slope < 0)
+            computed = torch.isfinite(step).flatten(1).all(1) & torch.isfinite(t0)
+            stuck |= ~computed
+            todo = computed & (slope < 0)
             t = torch.ones(len(u), dtype=work, device=u.device)
             for _ in range(max_halvings + 1):
                 idx = todo.nonzero().flatten()
@@ -1030,4 +1084,5 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
                 u[idx[ok]] = cand[ok]
                 todo[idx[ok]] = False
                 t[idx[~ok]] *= 0.5
-    return u.detach()
+    # non-finite rows: the caller resets them to x0 and flags them as diverged
+    return torch.where(stuck.view(shape), torch.nan, u).detach()

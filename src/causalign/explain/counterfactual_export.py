@@ -87,12 +87,19 @@ def data_range(*images: Tensor) -> tuple[float, float]:
 def split_range(dataset: LesionDataset, batch_size: int = 256) -> tuple[float, float]:
     """`data_range` of one split, read batch by batch: a split's `.images` is a whole float32
     copy (3.6 GB for CUB's 6000 RGB crops), too much for bounding a report figure."""
+    return splits_range(dataset, batch_size=batch_size)
+
+
+def splits_range(*datasets: LesionDataset, batch_size: int = 256) -> tuple[float, float]:
+    """`data_range` of the values of all ``datasets`` together, read batch by batch."""
     lo, hi = math.inf, -math.inf
-    for start in range(0, len(dataset), batch_size):
-        x = dataset.batch(torch.arange(start, min(start + batch_size, len(dataset))))["image"]
-        b_lo, b_hi = torch.stack(x.float().aminmax()).tolist()
-        lo, hi = min(lo, b_lo), max(hi, b_hi)
-    if lo > hi:  # an empty split
+    for dataset in datasets:
+        for start in range(0, len(dataset), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(dataset)))
+            x = dataset.batch(idx)["image"]
+            b_lo, b_hi = torch.stack(x.float().aminmax()).tolist()
+            lo, hi = min(lo, b_lo), max(hi, b_hi)
+    if lo > hi:  # empty splits
         return 0.0, 1.0
     return data_range(torch.tensor([lo, hi]))
 

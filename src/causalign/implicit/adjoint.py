@@ -10,6 +10,7 @@ single backward of g·v w.r.t. θ. Neither H nor the Jacobian ∇_θ x* is ever 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from causalign.implicit.cg import CGResult, batched_cg
+from causalign.implicit.cg import CGResult, batched_cg, iteration_count
 
 __all__ = ["ImplicitResult", "hvp", "implicit_argmin", "implicit_gradient"]
 
@@ -98,15 +99,47 @@ def implicit_gradient(
     ``hvp`` picks exact double-backward products or finite differences of ∇ₓT.
     ``cg_verify`` checks CG's "converged" claim against the true residual when ``cg_tol`` is
     below sqrt(machine eps) (see :func:`batched_cg`; exact products only).
+    ``outer_grad`` of a lower precision than x* is promoted to x*'s dtype. Bad arguments fail
+    in one line (ValueError/TypeError): ``cg_max_iter`` an integer >= 1, ``damping`` >= 0,
+    ``fd_eps`` > 0 and at least 10× x*'s machine epsilon for finite differences.
+    Returns the gradients; nothing is accumulated into any ``.grad``.
     """
     if hvp not in ("exact", "finite-difference"):
         raise ValueError(f"hvp must be 'exact' or 'finite-difference', got {hvp!r}")
+    if not (isinstance(x_star, Tensor) and x_star.is_floating_point() and x_star.dim() >= 1):
+        got = (f"{x_star.dtype} of shape {tuple(x_star.shape)}" if isinstance(x_star, Tensor)
+               else type(x_star).__name__)
+        raise ValueError(f"x_star must be a floating-point tensor (N, ...) with a leading batch "
+                         f"dimension, got {got}")
+    if not (isinstance(outer_grad, Tensor) and outer_grad.is_floating_point()):
+        raise ValueError(f"outer_grad must be a floating-point tensor, got "
+                         f"{getattr(outer_grad, 'dtype', type(outer_grad).__name__)}")
     if outer_grad.shape != x_star.shape:
         raise ValueError(f"outer_grad shape {tuple(outer_grad.shape)} != x* {tuple(x_star.shape)}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("implicit_gradient needs autograd; call it outside "
                            "torch.inference_mode()")
     params = list(params)
+    bad = [i for i, q in enumerate(params) if not isinstance(q, Tensor)]
+    if bad:  # `q.requires_grad` below failed with "'float' object has no attribute ..."
+        raise TypeError(f"params must be tensors; params[{bad[0]}] is "
+                        f"{type(params[bad[0]]).__name__}")
+    # Zero iterations return the start: every gradient would silently be 0 (or cg_x0's).
+    iteration_count(cg_max_iter, "cg_max_iter", minimum=1)
+    if hvp == "finite-difference":
+        # fd_eps <= 0 or NaN made every product 0: CG broke down and each gradient came back
+        # silently 0. A step within a few ulps of x (bfloat16: eps 7.8e-3 against the default
+        # 1e-3) rounds x ± h·p back to x, or leaves only rounding noise in the difference.
+        if not (math.isfinite(fd_eps) and fd_eps > 0):
+            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
+        floor = 10 * torch.finfo(x_star.dtype).eps
+        if fd_eps < floor:
+            raise ValueError(f"fd_eps={fd_eps:g} is below what {x_star.dtype} resolves: the "
+                             f"finite-difference Hessian products would be rounding noise; "
+                             f"use fd_eps >= {floor:.2g} or hvp='exact'")
+    # ∇ₓL lives in x's space: a lower-precision outer_grad (float32 against a float64 x*, or
+    # an autocast half) ran the whole CG in its dtype and capped the gradient's accuracy there.
+    outer_grad = outer_grad.to(torch.promote_types(outer_grad.dtype, x_star.dtype))
 
     x = x_star.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -123,6 +156,10 @@ def implicit_gradient(
     if hvp == "exact":
 
         def matvec(p: Tensor) -> Tensor:
+            # T linear in x, with no θ that requires grad: g is a constant without a graph
+            # (autograd.grad failed with "element 0 of tensors does not require grad"); H = 0.
+            if not g.requires_grad:
+                return torch.zeros_like(p)
             return _exact_hvp(g, x, p).detach()
 
     else:

@@ -8,6 +8,7 @@ each system keeps its own step sizes and stopping state.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,14 +91,15 @@ def batched_cg(
         raise ValueError("b must have a leading batch dimension")
     if not b.is_floating_point():  # integer iterates would truncate every step silently
         raise ValueError(f"b must be a floating-point tensor, got {b.dtype}")
-    if max_iter < 0:
-        raise ValueError("max_iter must be >= 0")
+    max_iter = iteration_count(max_iter, "max_iter", minimum=0)
     # `not tol >= 0` also catches NaN: a NaN or negative tolerance can never be met, so every
     # solve would run to max_iter and be reported unconverged, however exact.
     if not (math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
-    if not math.isfinite(damping):
-        raise ValueError(f"damping must be finite, got {damping}")
+    # δ < 0 shifts the spectrum down: (A + δI) may be indefinite and the solve silently
+    # differs from the damped one asked for (a sign slip, not a damping)
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
     if x0 is not None and x0.shape != b.shape:
         raise ValueError(f"x0 shape {tuple(x0.shape)} != b {tuple(b.shape)}")
     n = b.shape[0]
@@ -203,3 +205,16 @@ def batched_cg(
         converged=converged,
         breakdown=breakdown,
     )
+
+
+def iteration_count(value: object, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or one ValueError line naming ``name``. A float
+    (NaN included) failed in range() with "'float' object cannot be interpreted as an
+    integer"; a bool is refused too. numpy ints and 0-d integer tensors pass."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return count

@@ -1,0 +1,178 @@
+"""Audit regressions for the counterfactual generator and `causalign counterfactual`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from causalign.data.format import LesionDataset
+from causalign.errors import InputError
+from causalign.explain.counterfactual import CounterfactualGenerator
+from causalign.explain.counterfactual_export import data_range
+from causalign.models.autoencoder import ConvAutoencoder
+
+
+def _linear(n_out: int = 2, flat_out: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, n_out)]
+    if flat_out:
+        layers.append(nn.Flatten(0))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("n_out,flat_out", [(1, False), (1, True)])
+def test_single_logit_model_is_refused_not_reported_as_flipped(n_out, flat_out):
+    """A one-logit (sigmoid) binary classifier made every target the sample's own class:
+    x* = x0 came back "flipped" with target_prob 1; an (N,) output raised an IndexError."""
+    model = _linear(n_out, flat_out)
+    x = torch.rand(3, 1, 8, 8)
+    gen = CounterfactualGenerator(model, steps=2)
+    with pytest.raises(InputError, match="C >= 2"):
+        gen.generate(x)
+    with pytest.raises(InputError, match="C >= 2"):  # explicit class targets too
+        gen.generate(x, target=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("space", ["pixel", "smooth"])
+def test_newton_with_alpha_zero_finds_the_counterfactual(space):
+    """α = 0 (allowed; Adam and ISTA flip every sample) left Newton's Woodbury step to
+    catastrophic cancellation: no step at all in the smooth space (flip rate 0), changes of
+    ~4000 and a missed flip in pixel space."""
+    model = _linear()
+    x = torch.rand(3, 1, 8, 8) * 0.5
+    res = CounterfactualGenerator(model, alpha=0.0, steps=5, optimizer="newton",
+                                  space=space).generate(x)
+    assert not res.diverged.any()
+    assert res.flipped.all()
+    assert res.change.abs().amax() < 50
+
+
+class _NaNGradRow0(torch.autograd.Function):
+    """Identity forward (finite logits); a NaN gradient for sample 0 (e.g. sqrt at 0)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        g = g.clone()
+        g[0] = float("nan")
+        return g
+
+
+class _NaNGradModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _linear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(_NaNGradRow0.apply(x))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "ista", "newton"])
+def test_a_nan_gradient_is_flagged_as_diverged_by_every_optimizer(optimizer):
+    """ISTA's best-iterate rule and Newton's line search hid a NaN gradient: x* = x0 came
+    back as a plain "not flipped", diverged False (Adam flagged it)."""
+    x = torch.rand(3, 1, 8, 8) * 0.5
+    res = CounterfactualGenerator(_NaNGradModel(), steps=3, lr=0.05,
+                                  optimizer=optimizer).generate(x)
+    assert res.diverged.tolist() == [True, False, False]
+    assert torch.equal(res.x_star[0], x[0]) and torch.isfinite(res.x_star).all()
+    assert res.flipped[1:].all()
+
+
+class _NaNLogitsRow0(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _linear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        poison = torch.zeros_like(z)
+        poison[0] = float("nan")
+        return z + poison if len(z) == 3 else z  # the full batch: sample 0's logits NaN
+
+
+def test_newton_flags_nan_logits_without_report():
+    """report=False (how causal-align training calls it): Newton at NaN logits never
+    stepped and returned x0 as not diverged."""
+    x = torch.rand(3, 1, 8, 8) * 0.5
+    res = CounterfactualGenerator(_NaNLogitsRow0(), steps=3, optimizer="newton").generate(
+        x, target=torch.ones(3, dtype=torch.long), report=False)
+    assert res.diverged.tolist() == [True, False, False]
+    assert torch.equal(res.x_star[0], x[0])
+
+
+def test_latent_search_leaves_the_callers_autoencoder_as_it_was():
+    """A float64 model's search converted the caller's float32 autoencoder in place
+    (`.to(dtype)`), which then failed on the float32 images it was made for."""
+    torch.manual_seed(0)
+    ae = ConvAutoencoder(in_channels=1, width=4, latent_channels=2).train()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    res = CounterfactualGenerator(model, steps=2, space="latent",
+                                  autoencoder=ae).generate(x)
+    assert res.x_star.dtype == torch.float64 and torch.isfinite(res.x_star).all()
+    assert all(p.dtype == torch.float32 for p in ae.parameters())
+    assert ae.training
+    ae.eval()
+    with torch.no_grad():
+        ae(torch.rand(1, 1, 16, 16))  # still usable on its own float32 images
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    from causalign.cli import main
+
+    run = tmp_path_factory.mktemp("cf_audit") / "run"
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
+                 "--set", "width=4", "--set", "deletion_fractions=[0.1]", "--set", "threads=1",
+                 "--no-progress"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("split,bounds", [("test", "0,1"), ("test", "data"),
+                                          ("train", "data")])
+def test_cli_counterfactual_builds_no_whole_split_float_copy(tiny_run, tiny_data, tmp_path,
+                                                             monkeypatch, split, bounds):
+    """Every call built the whole training split as float32 (`.images`, twice for --split
+    train), even for --bounds LO,HI and an l1 search of a few images; the range is now read
+    batch by batch and gives the same value."""
+    from causalign.cli import main
+
+    expected = data_range(LesionDataset(tiny_data, "train").images,
+                          LesionDataset(tiny_data, split).images)
+    calls = []
+    original = LesionDataset.images
+
+    def counted(self):
+        calls.append(self.split)
+        return original.fget(self)
+
+    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(tiny_run), "--split", split, "--out", str(out),
+                 "--limit", "2", "--steps", "2", "--bounds", bounds, "--no-progress"]) == 0
+    assert calls == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["valid_range"] == ([0.0, 1.0] if bounds == "0,1" else list(expected))
+    calls.clear()
+    assert main(["counterfactual", str(tiny_run), "--split", split, "--out", str(out),
+                 "--limit", "2", "--steps", "2", "--distance", "scaled-l1",
+                 "--no-progress"]) == 0
+    assert calls == ["train"]  # the per-pixel scales need it, once
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (3, 2, 8)])
+def test_smooth_space_refuses_inputs_without_two_spatial_axes(shape):
+    """The blur runs over the last two axes: an (N, C) batch was blurred across its samples
+    (sample 0's x* depended on the others), an (N, C, L) one across channels."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape[1:]), 2))
+    gen = CounterfactualGenerator(model, space="smooth", steps=2)
+    with pytest.raises(InputError, match="space 'smooth'"):
+        gen.generate(torch.rand(*shape))
