@@ -337,6 +337,7 @@ class Trainer:
         self._warned: set[str] = set()  # failure counters already reported (_warn_early)
         self.device = resolve_device(cfg.device)
         self.method: Method = build_method(cfg.method, cfg.method_args)
+        self._setups = 0  # fit() calls that reached _setup (a second one rebuilds the method)
         read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
         self._check_out_dir()
 
@@ -376,6 +377,16 @@ class Trainer:
         # scratch over the run its first fit() had finished (metrics.json rewritten). Before
         # init_distributed: no rank can have written a checkpoint of this fit yet.
         self._check_out_dir()
+        if self._setups:
+            # A fit() interrupted (Ctrl-C in a notebook) left its training state in the
+            # method: causal-align's step counter (align_every), warm-start caches and raised
+            # damping. Calling fit() again before the first checkpoint restarted from that
+            # state, not from scratch, so the run differed from an uninterrupted one; from a
+            # checkpoint it is overwritten anyway. Start from a fresh method, as a new
+            # Trainer (or `causalign train --resume`) does.
+            self.method = build_method(self.cfg.method, self.cfg.method_args)
+            self._warned.clear()
+        self._setups += 1
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
         # torchrun's environment (or a caller's process group) → data-parallel; see
@@ -832,7 +843,10 @@ class Trainer:
         """After loading a checkpoint: a kill between checkpoint.pt and best.pt of an epoch
         that improved leaves best.pt of an earlier epoch (or none); that checkpoint's model
         is the best one, so write it."""
-        if self.state.epoch == 0 or self.state.best_epoch != self.state.epoch:
+        if self.state.epoch == 0:
+            return
+        if self.state.best_epoch != self.state.epoch:
+            self._check_best()
             return
         try:
             best = load_checkpoint(self.out / BEST)
@@ -841,6 +855,28 @@ class Trainer:
         except CausalignError:  # missing or damaged: rewritten below
             pass
         self._save_best()
+
+    def _check_best(self) -> None:
+        """The best epoch is an earlier one than the checkpoint's: only best.pt holds its
+        weights. Missing, damaged or of another epoch, --resume trained every remaining epoch
+        and only then failed in the final evaluation (and again on every later --resume, the
+        run could never finish); say so before training. Not for a run with no epoch left,
+        whose final evaluation (or stored metrics) comes at once."""
+        if self.state.epoch >= self.cfg.epochs:
+            return
+        path = self.out / BEST
+        try:
+            best = load_checkpoint(path)
+            problem = None if isinstance(best, dict) and best.get("epoch") == \
+                self.state.best_epoch and isinstance(best.get("model"), dict) else \
+                f"{path}: holds no weights of epoch {self.state.best_epoch}"
+        except CausalignError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise CausalignError(
+                f"{problem}; it is the only copy of the run's best epoch "
+                f"{self.state.best_epoch} ({CHECKPOINT} holds epoch {self.state.epoch}), so "
+                f"the run cannot select its best model: train it again with a new --out")
 
     def _write_history(self) -> None:
         rows = self.state.history

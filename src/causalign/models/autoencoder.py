@@ -154,6 +154,13 @@ def autoencoder_from_state(data: dict, device: torch.device | str = "cpu") -> Co
         what = what if len(what) <= 160 else what[:157] + "..."
         raise CausalignError(f"damaged autoencoder state ({type(exc).__name__}: "
                              f"{what})") from None
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        # NaN/inf weights (a diverged fit) decode every code to NaN: each counterfactual was
+        # reset and skipped, so a latent run trained ERM under its name, with a warning only
+        raise CausalignError(f"damaged autoencoder state (non-finite weights in {bad[0]}"
+                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + ")")
     model.train_mse = data.get("train_mse")
     model.to(device).eval().requires_grad_(False)
     return model
