@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..implicit.fastgrad import patch_modules
 from .base import check_model_dtype
 
 __all__ = [
@@ -186,7 +187,10 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
 
     ``fold_bn`` computes eval BatchNorm as the plain affine map x·γ/√(σ²+ε) + (β − μ·γ/√(σ²+ε))
     (same values, same gradients in γ, β): PyTorch's generic BatchNorm double backward costs
-    ~20% of a Hessian-vector product on CPU, the affine form almost nothing.
+    ~20% of a Hessian-vector product on CPU, the affine form almost nothing. It also gives
+    convolutions and ReLUs the lean double backward of `causalign.implicit.fastgrad` (same
+    kernels, bit-identical values; only inside ``implicit_gradient``'s twice-differentiated
+    forward, elsewhere they run their own forward).
     ``bn_stats`` maps BatchNorm modules to fixed (mean, var) used instead of the running
     statistics (see `capture_bn_stats`); either way samples never interact.
     """
@@ -204,6 +208,8 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
             patched.append((m, m.__dict__.get("forward")))
             mean, var = stats if stats is not None else (m.running_mean, m.running_var)
             m.forward = partial(_bn_affine, m, mean, var)
+        if fold_bn:
+            patched.extend(patch_modules(model))
         yield model
     finally:
         for m, was in modes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from causalign.implicit.cg import CGResult, batched_cg, iteration_count
+from causalign.implicit.fastgrad import double_backward_graph
 
 __all__ = ["ImplicitResult", "hvp", "implicit_argmin", "implicit_gradient"]
 
@@ -142,7 +144,9 @@ def implicit_gradient(
     outer_grad = outer_grad.to(torch.promote_types(outer_grad.dtype, x_star.dtype))
 
     x = x_star.detach().requires_grad_(True)
-    with torch.enable_grad():
+    # exact products differentiate this forward twice: lean double-backward nodes for the
+    # modules that causalign's eval_mode(fold_bn=True) patched (implicit/fastgrad.py)
+    with torch.enable_grad(), double_backward_graph() if hvp == "exact" else nullcontext():
         t = inner_objective(x)
         if not isinstance(t, Tensor) or t.numel() != 1:
             raise ValueError(f"inner_objective must return a scalar (Σ_i T_i), got "
@@ -172,6 +176,12 @@ def implicit_gradient(
         max_iter=cg_max_iter,
         tol=cg_tol,
         damping=damping,
+        # stop as soon as every sample has converged: a product costs a forward and a
+        # backward, the "anything active?" test one host sync. Preconditioned CG on a
+        # piecewise-linear classifier converges in C iterations (causal_align.py), so with the
+        # binary default cap of 3 the 3rd product was computed for samples already frozen
+        # (the solution is the same: frozen samples' iterates never move)
+        check_every=1,
         # finite-difference products are not a fixed linear map: their true residual
         # measures the differencing noise (~fd_eps²), not the solve
         verify=cg_verify and hvp == "exact",
