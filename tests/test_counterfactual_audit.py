@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from causalign.data.format import LesionDataset
-from causalign.errors import InputError
+from causalign.errors import ConfigError, InputError
 from causalign.explain.counterfactual import CounterfactualGenerator
 from causalign.explain.counterfactual_export import data_range
 from causalign.models.autoencoder import ConvAutoencoder
@@ -176,3 +177,26 @@ def test_smooth_space_refuses_inputs_without_two_spatial_axes(shape):
     gen = CounterfactualGenerator(model, space="smooth", steps=2)
     with pytest.raises(InputError, match="space 'smooth'"):
         gen.generate(torch.rand(*shape))
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": "a"}, {"lr": None}, {"eps": [0.1]},
+                                    {"alpha": torch.tensor([1.0, 2.0])},
+                                    {"target_rule": "foo"}, {"target_rule": -1},
+                                    {"target_rule": True}])
+def test_bad_settings_are_one_config_error_at_construction(kwargs):
+    """A string alpha failed in math.isfinite with a bare TypeError ("must be real number");
+    an unknown target rule was only refused at the first generate()."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError) as err:
+        CounterfactualGenerator(model, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_numeric_settings_of_other_types_are_accepted():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    for kwargs in ({"alpha": np.float32(0.1)}, {"alpha": torch.tensor(0.1)},
+                   {"target_rule": np.int64(1)}, {"target_rule": "1"},
+                   {"target_rule": "predicted"}):
+        gen = CounterfactualGenerator(model, steps=2, **kwargs)
+        res = gen.generate(torch.rand(3, 1, 2, 2), labels=torch.zeros(3, dtype=torch.long))
+        assert res.x_star.shape == (3, 1, 2, 2)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -159,7 +160,8 @@ def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "
         if logits is None:
             raise ValueError("'predicted' counterfactual targets need the model's logits")
         labels, rule = logits.detach().argmax(1), "other"
-    if isinstance(rule, int) or (isinstance(rule, str) and rule.lstrip("-").isdigit()):
+    if (isinstance(rule, numbers.Integral) and not isinstance(rule, bool)) or (
+            isinstance(rule, str) and rule.lstrip("-").isdigit()):
         c = int(rule)
         if not 0 <= c < num_classes:
             raise ConfigError(f"counterfactual target class {c} outside 0..{num_classes - 1}")
@@ -579,7 +581,12 @@ class CounterfactualGenerator:
             # its values are checked in `generate`, in the same device sync as x0's
         # finite too: inf passed ">= 0" / "> 0" and every sample then diverged (the CLI
         # checked it; the Python API did not); steps=inf failed in int() with an OverflowError
-        bad = [f"{name} {value}" for name, value, ok in (
+        # a string or None failed in math.isfinite with a bare "must be real number"
+        bad = [f"{name} {value!r}" for name, value in (("alpha", alpha), ("lr", lr),
+                                                        ("eps", eps))
+               if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
+                   isinstance(value, Tensor) and value.numel() == 1))]
+        bad = bad or [f"{name} {value}" for name, value, ok in (
             ("alpha", alpha, math.isfinite(alpha) and alpha >= 0),
             ("steps", steps, _is_count(steps)),
             ("lr", lr, math.isfinite(lr) and lr > 0),
@@ -587,6 +594,13 @@ class CounterfactualGenerator:
         if bad:
             raise ConfigError(f"counterfactual needs finite alpha >= 0, an integer steps >= 0, "
                               f"finite lr > 0 and eps > 0; got {', '.join(bad)}")
+        # an unknown rule failed only at the first generate(), after any setup work
+        if not (target_rule in ("other", "predicted") or (
+                isinstance(target_rule, (numbers.Integral, str))
+                and not isinstance(target_rule, bool)
+                and str(target_rule).isdigit())):
+            raise ConfigError(f"counterfactual target rule must be 'other', 'predicted' or a "
+                              f"class index, got {target_rule!r}")
         self.model = model
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
         self.distance, self.scale, self.eps = distance, scale, float(eps)
