@@ -243,3 +243,39 @@ def test_causal_align_channels_last_and_gradient_accumulation():
     out.total.backward()
     for p, r in zip(model.parameters(), ref, strict=True):
         torch.testing.assert_close(p.grad, r + 0.5, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_align_leaves_an_unused_parameters_grad_none_as_erm_does():
+    """A zero .grad on a parameter the model never uses made weight decay act on it under
+    causal-align but not under ERM (whose backward leaves it None)."""
+    from torch import nn
+
+    from causalign.methods import build_method
+
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 2))
+            self.spare = nn.Linear(3, 3)  # e.g. a head switched off
+
+        def forward(self, x):
+            return self.net(x)
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 1, 12, 12)
+    mask[..., 3:6, 3:6] = 1.0
+    has = torch.ones(4, dtype=torch.bool)
+    batch = {"image": torch.rand(4, 1, 12, 12, generator=g), "label": torch.arange(4) % 2,
+             "mask": mask, "has_mask": has, "box_mask": mask, "has_annotation": has}
+    for name in ("erm", "causal-align"):
+        model = WithSpare()
+        args = dict(steps=3, warm_start=False) if name == "causal-align" else {}
+        out = build_method(name, args)(model, batch)
+        if name == "causal-align":
+            assert out.parts["n_align"] == 4.0 and out.parts["cg_dropped"] == 0.0
+        out.total.backward()
+        assert model.spare.weight.grad is None and model.spare.bias.grad is None, name
+        assert all(p.grad is not None and bool(p.grad.ne(0).any())
+                   for p in model.net.parameters()), name

@@ -500,7 +500,14 @@ class CausalAlign(Method):
             factor = min(1.0, grad_cap / norm) if norm > 0 else 1.0
             grads = tuple(g * factor for g in grads)
             stats["align_grad_scale"] = factor
-        surrogate = sum((q * g.detach()).sum() for q, g in zip(params, grads, strict=True))
+        # A parameter the model never uses has an all-zero implicit gradient: leave its .grad
+        # None, as CE's backward does (a zero .grad made AdamW's or SGD's weight decay act on
+        # it, unlike ERM). A used one gets CE's gradient anyway, to which + 0 changes nothing.
+        nonzero = torch.stack([g.ne(0).any() for g in grads]).tolist()
+        surrogate = sum((q * g.detach()).sum()
+                        for q, g, nz in zip(params, grads, nonzero, strict=True) if nz)
+        if not isinstance(surrogate, Tensor):  # every gradient zero (all samples dropped)
+            surrogate = value.new_zeros(())
         return value.detach() + surrogate - surrogate.detach(), stats
 
     def _per_sample(self, change: Tensor, outside: Tensor) -> Tensor:
