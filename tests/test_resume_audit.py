@@ -4,11 +4,9 @@ epoch lives only in a damaged or missing best.pt."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import pytest
 import torch
+from test_resume_equivalence import _history, _interrupt_mid_epoch, _Stop
 
 from causalign.cli import main
 from causalign.engine import TrainConfig, train
@@ -17,44 +15,11 @@ from causalign.io import atomic_torch_save
 from causalign.methods.base import method_class
 
 
-class _Stop(KeyboardInterrupt):
-    """Stands in for Ctrl-C in the middle of a training step."""
-
-
 def _cfg(epochs: int = 2, **kw) -> TrainConfig:
     settings = dict(method="causal-align", width=4, batch_size=16, seed=3, deterministic=True,
                     threads=1, eval_saliency="gradient", deletion_fractions=[0.1],
                     method_args={"steps": 2})
     return TrainConfig(epochs=epochs, **{**settings, **kw})
-
-
-def _history(run: Path) -> list[dict]:
-    with open(run / "history.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        row.pop("seconds")  # wall time
-    return rows
-
-
-def _stop_in_epoch(monkeypatch, epoch: int, after_steps: int) -> None:
-    """Raise _Stop at `epoch`'s step after_steps + 1, inside the method's loss."""
-    cls = method_class("causal-align")
-    seen = {"epoch": 0, "steps": 0}
-    start, call = cls.on_epoch_start, cls.__call__
-
-    def on_epoch_start(self, e):
-        seen["epoch"], seen["steps"] = e, 0
-        return start(self, e)
-
-    def __call__(self, model, batch):
-        if seen["epoch"] == epoch:
-            seen["steps"] += 1
-            if seen["steps"] > after_steps:
-                raise _Stop
-        return call(self, model, batch)
-
-    monkeypatch.setattr(cls, "on_epoch_start", on_epoch_start)
-    monkeypatch.setattr(cls, "__call__", __call__)
 
 
 def test_fit_again_after_an_interrupt_before_the_first_checkpoint_equals_a_fresh_run(
@@ -68,7 +33,7 @@ def test_fit_again_after_an_interrupt_before_the_first_checkpoint_equals_a_fresh
     run = tmp_path / "run"
     trainer = Trainer(tiny_data, _cfg(**cfg), run, resume=True, progress=False)
     with monkeypatch.context() as m:
-        _stop_in_epoch(m, epoch=1, after_steps=2)
+        _interrupt_mid_epoch(m, "causal-align", epoch=1, after_steps=2)
         with pytest.raises(_Stop):
             trainer.fit()
     assert not (run / "checkpoint.pt").exists()  # premise: nothing to resume from
@@ -86,7 +51,7 @@ def best_elsewhere(tiny_data, tmp_path, monkeypatch):
     """A run interrupted after epoch 2 of 3 whose best epoch is 1: only best.pt holds it."""
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        _stop_in_epoch(m, epoch=3, after_steps=0)
+        _interrupt_mid_epoch(m, "causal-align", epoch=3, after_steps=0)
         with pytest.raises(_Stop):
             train(tiny_data, _cfg(epochs=3), run, progress=False)
     ckpt = load_checkpoint(run / "checkpoint.pt")
