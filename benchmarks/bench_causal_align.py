@@ -16,7 +16,10 @@ For every (K inner Adam steps, CG iterations) pair:
   to a high-accuracy reference on the same model and samples: the inner problem solved by
   3 × 300 warm-started Adam steps at lr 1e-2, 1e-3, 1e-4, then CG to 1e-8 relative residual
   (200 iterations). Reported cold (x* from K steps at x0) and warm (the sample's x* refined
-  over 8 earlier visits, what warm start gives in training after a few epochs).
+  over 8 earlier visits, what warm start gives in training after a few epochs). The inner
+  problem is not convex, and warm iterates may head for another local minimum than the
+  reference's, so each warm row also gives its cosine to a reference solved the same tight
+  way but started from that row's own x* (``cosine_warm_own_ref``; ``--no-own-ref`` skips it).
 
 Side by side, in the same process: the configuration of the paper's published code — latent
 space of an autoencoder, L2 distance on the code, 200 Adam steps at lr 0.01, implicit gradient
@@ -48,6 +51,7 @@ from causalign.methods.causal_align import auto_cg_iters
 
 REF_STAGES = ((300, 1e-2), (300, 1e-3), (300, 1e-4))
 REF_CG = dict(cg_iters=200, cg_tol=1e-8)
+OWN_REF_POLISH = 50  # --ref-polish
 
 
 def flat(gs) -> torch.Tensor:
@@ -156,14 +160,21 @@ def reference_grad(args: dict, model, batch, ae=None, method=None, stages=None,
     return step_grads(method, model, batch)
 
 
-def config_grad(args: dict, model, batch, warm_visits: int) -> tuple[torch.Tensor, dict]:
+def config_grad(args: dict, model, batch, warm_visits: int, own_ref: bool = False
+                ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """The configuration's alignment gradient after ``warm_visits`` earlier visits; with
+    ``own_ref``, also the reference continued from the x* that gradient used (its cache)."""
     method = build_method("causal-align", dict(args, warm_start=warm_visits > 0))
     for _ in range(warm_visits):
         with torch.no_grad(), capture_bn_stats(model) as st:
             model(batch["image"])
         method.generator(model).generate(batch["image"], target=1 - batch["label"],
                                          ids=batch["index"], report=False, bn_stats=st)
-    return step_grads(method, model, batch)
+    g, parts = step_grads(method, model, batch)
+    if not own_ref or warm_visits == 0:
+        return g, parts, None
+    # the step left its x* in the warm-start cache: solve tightly from there
+    return g, parts, reference_grad({}, model, batch, method=method, polish=OWN_REF_POLISH)[0]
 
 
 # ------------------------------------------------------------------ the paper's published code
@@ -240,11 +251,15 @@ def main() -> None:
     ap.add_argument("--ref-polish", type=int, default=50,
                     help="Gauss-Newton steps that finish the Adam reference (0: Adam only, as "
                          "in results before 2026-12-02)")
+    ap.add_argument("--no-own-ref", action="store_true",
+                    help="skip the reference continued from each warm configuration's own x* "
+                         "(the local minimum its iterates are in; ~45 s a row)")
     ap.add_argument("--optimizers", default="adam,newton",
                     help="inner optimisers to sweep (method.inner_optimizer)")
     a = ap.parse_args()
-    global REF_STAGES
+    global REF_STAGES, OWN_REF_POLISH
     REF_STAGES = tuple((a.ref_steps, lr) for _, lr in REF_STAGES)
+    OWN_REF_POLISH = a.ref_polish
     torch.set_num_threads(a.threads)
     ks = [int(k) for k in a.ks.split(",")]
     cgs = [int(c) for c in a.cgs.split(",")]
@@ -268,12 +283,16 @@ def main() -> None:
         args = dict(common, steps=k, cg_iters=c, inner_optimizer=opt)
         t = timed_ratio(lambda args=args: build_method("causal-align", args), model, batch,
                         a.repeats)
-        g_cold, parts = config_grad(args, model, sub, 0)
-        g_warm, parts_w = config_grad(args, model, sub, a.warm_visits)
+        g_cold, parts, _ = config_grad(args, model, sub, 0)
+        g_warm, parts_w, own = config_grad(args, model, sub, a.warm_visits,
+                                           own_ref=not a.no_own_ref)
         row = dict(optimizer=opt, steps=k, cg_iters=c, **t,
                    cosine_cold=cosine(g_cold, ref), cosine_warm=cosine(g_warm, ref),
                    cosine_cold_newton_ref=cosine(g_cold, ref_newton),
                    cosine_warm_newton_ref=cosine(g_warm, ref_newton),
+                   **({} if own is None else
+                      dict(cosine_warm_own_ref=cosine(g_warm, own),
+                           own_ref_cosine_to_reference=cosine(own, ref))),
                    align_warm=parts_w.get("align"),
                    cg_converged_warm=parts_w.get("cg_converged"),
                    flip_rate_warm=parts_w.get("flip_rate"))

@@ -231,9 +231,52 @@ def test_bench_causal_align_smoke(tmp_path, monkeypatch):
     (row,) = r["sweep"]
     assert (row["optimizer"], row["steps"], row["cg_iters"]) == ("adam", 1, 3)
     assert row["cg_converged_warm"] == 1.0
-    for key in ("cosine_cold", "cosine_warm", "cosine_cold_newton_ref"):
+    for key in ("cosine_cold", "cosine_warm", "cosine_cold_newton_ref", "cosine_warm_own_ref",
+                "own_ref_cosine_to_reference"):
         assert -1.0 <= row[key] <= 1.0 and row[key] != 0.0, (key, row[key])
     assert row["ratio_to_erm"] > 0 and _finite(r["reference"]["align"])
+
+
+def test_warm_cosine_probe_adam_is_the_method_adam(tmp_path, monkeypatch):
+    """The probe's own Adam loop, with no decay and no carry-over, gives the method's Adam
+    iterates bit for bit (so its variants differ from the default only in what they name);
+    carry-over continues the moments: two visits of K equal one search of 2K steps."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load("warm_cosine_probes")
+    import torch
+
+    import causalign.explain.counterfactual as cf
+    from causalign.models import SevenLayerCNN
+
+    torch.manual_seed(0)
+    model = SevenLayerCNN(in_channels=1, num_outputs=2, width=4).eval()
+    x0 = torch.rand(3, 1, 16, 16)
+    gen = cf.CounterfactualGenerator(model, steps=5, lr=0.05)
+    prob = gen.problem(x0, torch.tensor([1, 0, 1]))
+    builtin = cf._adam(prob, x0, 5, 0.05)
+    assert torch.equal(mod.probe_adam(1.0, False)(prob, x0, 5, 0.05), builtin)
+    carry = mod.probe_adam(1.0, True)
+    two = carry(prob, carry(prob, x0, 3, 0.05), 2, 0.05)
+    assert torch.equal(two, builtin)
+    assert not torch.equal(mod.probe_adam(0.1, False)(prob, x0, 5, 0.05), builtin)
+    with pytest.raises(SystemExit, match="unknown variant item 'momentum=0.5'"):
+        mod.parse_variant("momentum=0.5")
+
+
+def test_warm_cosine_probes_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load("warm_cosine_probes")
+    monkeypatch.setattr(mod.sweep, "REF_STAGES", mod.sweep.REF_STAGES)  # main() rescales it
+    out = tmp_path / "probes.json"
+    mod.main(["--k", "2", "--warm-visits", "1", "--size", "32", "--align-batch", "2",
+              "--erm-steps", "1", "--ref-steps", "3", "--ref-polish", "1", "--variants",
+              "default;carry", "--out", str(out)])
+    r = _strict_json(out)
+    assert [row["variant"] for row in r["rows"]] == ["default", "carry"]
+    for row in r["rows"]:
+        for key in ("cosine_warm", "cosine_warm_own_ref", "own_ref_cosine_to_reference"):
+            assert -1.0 <= row[key] <= 1.0 and row[key] != 0.0, (key, row[key])
+        assert _finite(row["align_warm"]) and _finite(row["own_ref_align"])
 
 
 def test_hier_ablation_refuses_stale_work(tmp_path):
