@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..implicit.fastgrad import patch_modules
+from ..models.norm import channel_mean_var
 from .base import check_model_dtype
 
 __all__ = [
@@ -245,9 +246,7 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
 
     def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         if m.training:
-            x = inp[0].detach()
-            dims = [0, *range(2, x.dim())]
-            store[m] = (x.mean(dims), x.var(dims, unbiased=False))
+            store[m] = channel_mean_var(inp[0].detach())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]

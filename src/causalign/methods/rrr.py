@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.norm import channel_mean_var
 from ._annotation import annotation_region
 from .base import LossOutput, Method, register_method
 
@@ -63,10 +64,8 @@ def batch_stats_as_constants(model: nn.Module) -> Iterator[None]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
     def forward(m, x: Tensor) -> Tensor:
-        dims = [0, *range(2, x.dim())]
         shape = (1, -1, *[1] * (x.dim() - 2))
-        mean = x.mean(dims).detach().view(shape)
-        var = x.var(dims, unbiased=False).detach().view(shape)
+        mean, var = (s.detach().view(shape) for s in channel_mean_var(x.detach()))
         y = (x - mean) * torch.rsqrt(var + m.eps)
         if m.weight is not None:
             y = y * m.weight.view(shape) + m.bias.view(shape)
