@@ -30,6 +30,23 @@ def test_channel_mean_var_accurate_with_large_offset():
     torch.testing.assert_close(var.double(), exact, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_mean_var_half_precision_does_not_overflow(dtype):
+    """One activation per channel 300 away from the rest: its square (9e4) overflows
+    float16, the variance (~310) does not. Reduced in float32 the result is finite, in the
+    input's dtype and as close as that dtype can hold."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    x[0, :, 0, 0] = 300.0
+    x = x.to(dtype)
+    mean, var = channel_mean_var(x)
+    assert mean.dtype == var.dtype == dtype
+    exact = x.double().var([0, 2, 3], unbiased=False)
+    assert torch.isfinite(var).all()
+    torch.testing.assert_close(var.double(), exact, rtol=1e-2, atol=0)
+    torch.testing.assert_close(mean.double(), x.double().mean([0, 2, 3]), rtol=1e-2, atol=1.0)
+
+
 def test_capture_bn_stats_are_the_batch_norm_statistics():
     """With momentum 1 the running buffers become the batch's own statistics (running_var
     unbiased): what capture_bn_stats records must be those, for every BatchNorm."""
