@@ -78,6 +78,26 @@ def test_bench_step_prints_contract(capsys):
     assert obj["method"] == "oracle" and obj["seconds_per_step"] > 0
 
 
+def test_bench_step_profile_names_the_parts_of_a_causal_align_step(capsys):
+    """--profile: ms per step in the counterfactual search and the implicit gradient's parts
+    (torch.profiler record_function ranges), each > 0 and together less than the step."""
+    rc, out, err = _run(capsys, "bench", "step", "--method", "causal-align", "--size", "16",
+                        "--batch-size", "4", "--steps", "2", "--warmup", "0", "--profile",
+                        "--set", "method.steps=3")
+    assert rc == 0, err
+    obj = json.loads(out)
+    parts = obj["profile_ms_per_step"]
+    assert set(parts) == {"counterfactual.search", "implicit.first_derivative", "implicit.cg",
+                          "implicit.mixed_product"}
+    assert all(v > 0 for v in parts.values()), parts
+    assert sum(parts.values()) < obj["profiled_step_ms"]
+    # ERM has none of these parts
+    rc, out, err = _run(capsys, "bench", "step", "--size", "16", "--batch-size", "4",
+                        "--steps", "1", "--warmup", "0", "--profile")
+    assert rc == 0, err
+    assert json.loads(out)["profile_ms_per_step"] == {}
+
+
 def test_unknown_method(tiny_data, tmp_path, capsys):
     rc, _, err = _run(capsys, "train", str(tiny_data), "--method", "magic", "--out",
                       str(tmp_path / "r"))

@@ -612,6 +612,9 @@ def bench_step_cmd(
     model: Annotated[str, typer.Option(help="cnn7 | resnet18 | vgg11 | …")] = "cnn7",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method.key=value")] = None,
+    profile: Annotated[bool, typer.Option(help="also profile the method's steps: ms per "
+                                               "step in the counterfactual search, CG, ...")
+                       ] = False,
 ) -> None:
     """Time one training step of METHOD and of ERM in this process; prints one JSON object."""
     import torch
@@ -628,7 +631,8 @@ def bench_step_cmd(
         torch.set_num_threads(threads)
     try:
         result = bench_step(method, size=size, batch_size=batch_size, steps=steps,
-                            warmup=warmup, device=device, model=model, method_args=args)
+                            warmup=warmup, device=device, model=model, method_args=args,
+                            profile=profile)
     finally:
         torch.set_num_threads(saved)
     typer.echo(json.dumps(result))

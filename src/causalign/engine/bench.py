@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -42,15 +43,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# the parts of a step that causalign names with torch.profiler.record_function
+PROFILED_PARTS = ("causalign.counterfactual.search", "causalign.implicit.first_derivative",
+                  "causalign.implicit.cg", "causalign.implicit.mixed_product")
+
+
 def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                info: DataInfo, device: torch.device, steps: int, warmup: int,
-               method_args: dict | None = None) -> list[float]:
+               method_args: dict | None = None, profile: dict | None = None) -> list[float]:
+    """Seconds of each of ``steps`` training steps after ``warmup`` untimed ones. With a
+    ``profile`` dict, the timed steps run under torch.profiler and it receives the milliseconds
+    per step spent in each of `PROFILED_PARTS` that occurred (host time: on CUDA, kernels
+    still queued when a part's host code returns are counted where they are waited for)."""
     method = build_method(method_name, method_args or {})
     model = method.build_model(cfg, info).to(device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    times = []
+    times: list[float] = []
+    prof = None
     for i in range(warmup + steps):
+        if profile is not None and i == warmup:
+            # a CUDA build of torch on a machine without a GPU logs a kineto "ERROR" line
+            # (gpuGetDeviceCount) on every profile, though nothing is wrong; 5 = fatal only
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            prof.__enter__()
         synchronize(device)
         t0 = time.perf_counter()
         try:
@@ -64,6 +81,12 @@ def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfi
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        for event in prof.key_averages():
+            if event.key in PROFILED_PARTS:
+                profile[event.key.removeprefix("causalign.")] = \
+                    event.cpu_time_total / 1e3 / steps
     return times
 
 
@@ -84,8 +107,13 @@ def _one_value_per_channel(exc: ValueError, method: str, model: str,
 
 def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5,
                warmup: int = 2, device: str = "auto", model: str = "cnn7",
-               method_args: dict | None = None) -> dict:
-    """Median seconds per training step for `method` and for ERM, same process and batch."""
+               method_args: dict | None = None, profile: bool = False) -> dict:
+    """Median seconds per training step for `method` and for ERM, same process and batch.
+    ``profile``: time the method's steps once more under torch.profiler and add
+    ``profile_ms_per_step``, the milliseconds per step in each named part of the step
+    (`PROFILED_PARTS`: counterfactual search, the implicit gradient's first derivative, CG
+    and mixed product; the rest is the forward, backward and optimizer step) and
+    ``profiled_step_ms`` (that run's mean step, profiler overhead included)."""
     for name, value, least in (("size", size, 8), ("batch_size", batch_size, 1),
                                ("steps", steps, 1), ("warmup", warmup, 0)):
         if value < least:
@@ -100,9 +128,16 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
     other = erm if method == "erm" else time_steps(method, batch, cfg, info, dev, steps, warmup,
                                                    method_args)
     m, e = statistics.median(other), statistics.median(erm)
-    return {
+    result = {
         "method": method, "seconds_per_step": m, "erm_seconds_per_step": e,
         "ratio_to_erm": m / e, "size": size, "batch_size": batch_size, "steps": steps,
         "model": model, "device": str(dev), "threads": torch.get_num_threads(),
         "torch": str(torch.__version__),
     }
+    if profile:  # a separate run: the profiler's overhead stays out of the timings above
+        parts: dict[str, float] = {}
+        profiled = time_steps(method, batch, cfg, info, dev, steps, warmup, method_args,
+                              profile=parts)
+        result["profile_ms_per_step"] = parts
+        result["profiled_step_ms"] = 1e3 * statistics.fmean(profiled)
+    return result

@@ -58,6 +58,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from ..errors import ConfigError, InputError
 from ..implicit.fastgrad import patch_modules
@@ -749,7 +750,8 @@ class CounterfactualGenerator:
         with eval_mode(self.model, fold_bn=True, bn_stats=bn_stats):
             solve = {"adam": _adam, "ista": _proximal_gradient,
                      "newton": _gauss_newton}[self.optimizer]
-            u = solve(prob, u, self.steps, self.lr)
+            with record_function("causalign.counterfactual.search"):  # named in profiles
+                u = solve(prob, u, self.steps, self.lr)
             shape = (-1,) + (1,) * (u.dim() - 1)
             ok = torch.isfinite(u).flatten(1).all(1)
             u = torch.where(ok.view(shape), u, u0)

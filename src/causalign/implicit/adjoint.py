@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from causalign.implicit.cg import CGResult, batched_cg, iteration_count
 from causalign.implicit.fastgrad import double_backward_graph
@@ -146,7 +147,8 @@ def implicit_gradient(
     x = x_star.detach().requires_grad_(True)
     # exact products differentiate this forward twice: lean double-backward nodes for the
     # modules that causalign's eval_mode(fold_bn=True) patched (implicit/fastgrad.py)
-    with torch.enable_grad(), double_backward_graph() if hvp == "exact" else nullcontext():
+    with torch.enable_grad(), double_backward_graph() if hvp == "exact" else nullcontext(), \
+            record_function("causalign.implicit.first_derivative"):
         t = inner_objective(x)
         if not isinstance(t, Tensor) or t.numel() != 1:
             raise ValueError(f"inner_objective must return a scalar (Σ_i T_i), got "
@@ -169,32 +171,34 @@ def implicit_gradient(
     else:
         matvec = _fd_matvec(inner_objective, x.detach(), fd_eps)
 
-    cg = batched_cg(
-        matvec,
-        outer_grad.detach(),
-        x0=cg_x0,
-        max_iter=cg_max_iter,
-        tol=cg_tol,
-        damping=damping,
-        # stop as soon as every sample has converged: a product costs a forward and a
-        # backward, the "anything active?" test one host sync. Preconditioned CG on a
-        # piecewise-linear classifier converges in C iterations (causal_align.py), so with the
-        # binary default cap of 3 the 3rd product was computed for samples already frozen
-        # (the solution is the same: frozen samples' iterates never move)
-        check_every=1,
-        # finite-difference products are not a fixed linear map: their true residual
-        # measures the differencing noise (~fd_eps²), not the solve
-        verify=cg_verify and hvp == "exact",
-    )
+    with record_function("causalign.implicit.cg"):  # named in profiles
+        cg = batched_cg(
+            matvec,
+            outer_grad.detach(),
+            x0=cg_x0,
+            max_iter=cg_max_iter,
+            tol=cg_tol,
+            damping=damping,
+            # stop as soon as every sample has converged: a product costs a forward and a
+            # backward, the "anything active?" test one host sync. Preconditioned CG on a
+            # piecewise-linear classifier converges in C iterations (causal_align.py), so with the
+            # binary default cap of 3 the 3rd product was computed for samples already frozen
+            # (the solution is the same: frozen samples' iterates never move)
+            check_every=1,
+            # finite-difference products are not a fixed linear map: their true residual
+            # measures the differencing noise (~fd_eps²), not the solve
+            verify=cg_verify and hvp == "exact",
+        )
     v = cg.solution.detach()
 
     # Only tensors that can carry a gradient are differentiated; the rest get zeros.
     diff_idx = [i for i, p in enumerate(params) if p.requires_grad]
     grads: list[Tensor] = [torch.zeros_like(p) for p in params]
     if diff_idx and g.requires_grad:
-        mixed = torch.autograd.grad(
-            g, [params[i] for i in diff_idx], grad_outputs=v, allow_unused=True
-        )
+        with record_function("causalign.implicit.mixed_product"):
+            mixed = torch.autograd.grad(
+                g, [params[i] for i in diff_idx], grad_outputs=v, allow_unused=True
+            )
         for i, gr in zip(diff_idx, mixed, strict=True):
             if gr is not None:
                 grads[i] = -gr
