@@ -18,8 +18,9 @@ For every (K inner Adam steps, CG iterations) pair:
   (200 iterations). Reported cold (x* from K steps at x0) and warm (the sample's x* refined
   over 8 earlier visits, what warm start gives in training after a few epochs). The inner
   problem is not convex, and warm iterates may head for another local minimum than the
-  reference's, so each warm row also gives its cosine to a reference solved the same tight
-  way but started from that row's own x* (``cosine_warm_own_ref``; ``--no-own-ref`` skips it).
+  reference's, so each warm row also gives its cosine to references started from that row's
+  own x*: solved the same tight way (``cosine_warm_own_ref``) and by Gauss-Newton alone, which
+  never leaves the row's basin (``cosine_warm_own_newton_ref``); ``--no-own-ref`` skips both.
 
 Side by side, in the same process: the configuration of the paper's published code — latent
 space of an autoencoder, L2 distance on the code, 200 Adam steps at lr 0.01, implicit gradient
@@ -31,6 +32,7 @@ same latent problem at the chosen K/CG.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -52,6 +54,7 @@ from causalign.methods.causal_align import auto_cg_iters
 REF_STAGES = ((300, 1e-2), (300, 1e-3), (300, 1e-4))
 REF_CG = dict(cg_iters=200, cg_tol=1e-8)
 OWN_REF_POLISH = 50  # --ref-polish
+OWN_NEWTON_STEPS = 100  # --own-newton-steps
 
 
 def flat(gs) -> torch.Tensor:
@@ -161,9 +164,12 @@ def reference_grad(args: dict, model, batch, ae=None, method=None, stages=None,
 
 
 def config_grad(args: dict, model, batch, warm_visits: int, own_ref: bool = False
-                ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, dict, tuple[torch.Tensor, torch.Tensor] | None]:
     """The configuration's alignment gradient after ``warm_visits`` earlier visits; with
-    ``own_ref``, also the reference continued from the x* that gradient used (its cache)."""
+    ``own_ref``, also two references solved tightly from the x* that gradient used (its
+    cache): the sweep's Adam stages + Gauss-Newton polish, and Gauss-Newton alone
+    (`OWN_NEWTON_STEPS`). Newton's line search never increases T, so the second stays in the
+    basin the configuration's x* is in; Adam's first steps at lr 1e-2 can leave it."""
     method = build_method("causal-align", dict(args, warm_start=warm_visits > 0))
     for _ in range(warm_visits):
         with torch.no_grad(), capture_bn_stats(model) as st:
@@ -173,8 +179,14 @@ def config_grad(args: dict, model, batch, warm_visits: int, own_ref: bool = Fals
     g, parts = step_grads(method, model, batch)
     if not own_ref or warm_visits == 0:
         return g, parts, None
-    # the step left its x* in the warm-start cache: solve tightly from there
-    return g, parts, reference_grad({}, model, batch, method=method, polish=OWN_REF_POLISH)[0]
+    # the step left its x* in the warm-start cache: solve tightly from there (each reference
+    # refines the cache in place, so the second starts from a copy of the step's)
+    start = copy.deepcopy(method.cache.state_dict())
+    own = reference_grad({}, model, batch, method=method, polish=OWN_REF_POLISH)[0]
+    method.cache.load_state_dict(start)
+    own_newton = reference_grad({}, model, batch, method=method,
+                                stages=((OWN_NEWTON_STEPS, 1.0, "newton"),))[0]
+    return g, parts, (own, own_newton)
 
 
 # ------------------------------------------------------------------ the paper's published code
@@ -254,12 +266,14 @@ def main() -> None:
     ap.add_argument("--no-own-ref", action="store_true",
                     help="skip the reference continued from each warm configuration's own x* "
                          "(the local minimum its iterates are in; ~45 s a row)")
+    ap.add_argument("--own-newton-steps", type=int, default=100,
+                    help="Gauss-Newton steps of the own-x* Newton reference")
     ap.add_argument("--optimizers", default="adam,newton",
                     help="inner optimisers to sweep (method.inner_optimizer)")
     a = ap.parse_args()
-    global REF_STAGES, OWN_REF_POLISH
+    global REF_STAGES, OWN_REF_POLISH, OWN_NEWTON_STEPS
     REF_STAGES = tuple((a.ref_steps, lr) for _, lr in REF_STAGES)
-    OWN_REF_POLISH = a.ref_polish
+    OWN_REF_POLISH, OWN_NEWTON_STEPS = a.ref_polish, a.own_newton_steps
     torch.set_num_threads(a.threads)
     ks = [int(k) for k in a.ks.split(",")]
     cgs = [int(c) for c in a.cgs.split(",")]
@@ -291,8 +305,10 @@ def main() -> None:
                    cosine_cold_newton_ref=cosine(g_cold, ref_newton),
                    cosine_warm_newton_ref=cosine(g_warm, ref_newton),
                    **({} if own is None else
-                      dict(cosine_warm_own_ref=cosine(g_warm, own),
-                           own_ref_cosine_to_reference=cosine(own, ref))),
+                      dict(cosine_warm_own_ref=cosine(g_warm, own[0]),
+                           own_ref_cosine_to_reference=cosine(own[0], ref),
+                           cosine_warm_own_newton_ref=cosine(g_warm, own[1]),
+                           own_newton_ref_cosine_to_reference=cosine(own[1], ref))),
                    align_warm=parts_w.get("align"),
                    cg_converged_warm=parts_w.get("cg_converged"),
                    flip_rate_warm=parts_w.get("flip_rate"))
