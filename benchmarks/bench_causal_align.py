@@ -163,6 +163,16 @@ def reference_grad(args: dict, model, batch, ae=None, method=None, stages=None,
     return step_grads(method, model, batch)
 
 
+def visit(method, model, batch, times: int) -> None:
+    """``times`` earlier visits of ``batch``: counterfactual searches that fill the method's
+    warm-start cache, at the batch's own BatchNorm statistics, as training would."""
+    for _ in range(times):
+        with torch.no_grad(), capture_bn_stats(model) as st:
+            model(batch["image"])
+        method.generator(model).generate(batch["image"], target=1 - batch["label"],
+                                         ids=batch["index"], report=False, bn_stats=st)
+
+
 def config_grad(args: dict, model, batch, warm_visits: int, own_ref: bool = False
                 ) -> tuple[torch.Tensor, dict, tuple[torch.Tensor, torch.Tensor] | None]:
     """The configuration's alignment gradient after ``warm_visits`` earlier visits; with
@@ -171,11 +181,7 @@ def config_grad(args: dict, model, batch, warm_visits: int, own_ref: bool = Fals
     (`OWN_NEWTON_STEPS`). Newton's line search never increases T, so the second stays in the
     basin the configuration's x* is in; Adam's first steps at lr 1e-2 can leave it."""
     method = build_method("causal-align", dict(args, warm_start=warm_visits > 0))
-    for _ in range(warm_visits):
-        with torch.no_grad(), capture_bn_stats(model) as st:
-            model(batch["image"])
-        method.generator(model).generate(batch["image"], target=1 - batch["label"],
-                                         ids=batch["index"], report=False, bn_stats=st)
+    visit(method, model, batch, warm_visits)
     g, parts = step_grads(method, model, batch)
     if not own_ref or warm_visits == 0:
         return g, parts, None

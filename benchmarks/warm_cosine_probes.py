@@ -26,7 +26,15 @@ from pathlib import Path
 
 import bench_causal_align as sweep
 import torch
-from bench_causal_align import build_method, cosine, make_batch, reference_grad, setup, step_grads
+from bench_causal_align import (
+    build_method,
+    cosine,
+    make_batch,
+    reference_grad,
+    setup,
+    step_grads,
+    visit,
+)
 
 import causalign.explain.counterfactual as cf
 from causalign.io import atomic_write_json
@@ -111,11 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    steps=a.k, cg_iters=3, warm_start=True))
         cf._adam = probe_adam(decay, carry) if custom else _builtin_adam
         try:
-            for _ in range(a.warm_visits):
-                with torch.no_grad(), cf.capture_bn_stats(model) as st:
-                    model(sub["image"])
-                method.generator(model).generate(sub["image"], target=1 - sub["label"],
-                                                 ids=sub["index"], report=False, bn_stats=st)
+            visit(method, model, sub, a.warm_visits)
             g, parts = step_grads(method, model, sub)
         finally:
             cf._adam = _builtin_adam  # the references use the method's own Adam
