@@ -97,6 +97,30 @@ def test_misspelt_methods_or_datasets_are_refused(tmp_path, capsys):
     assert rc == 2 and "'rrrr' not in suite" in err and not (tmp_path / "o").exists()
 
 
+def test_settings_selection_keeps_only_the_named_override_sets(tmp_path, capsys):
+    # Table 7 reruns of some distances only: before --settings, the l1 runs (Table 1's) ran
+    # again with the others
+    raw = {**RAW, "experiments": {
+        "t7": {"datasets": ["pm"], "methods": ["rrr"], "seeds": [0],
+               "settings": {"a": {"method.lam": 1}, "b": {"method.lam": 2},
+                            "c": {"method.lam": 3}}},
+        "t1": RAW["experiments"]["t1"]}}
+    suite = bm.parse_suite(raw, Path("."), "tiny")
+    sub = bm.select(suite, settings=["b", "c"])
+    # an experiment without those settings (t1 has only "default") drops out
+    assert [e.name for e in sub.experiments] == ["t7"]
+    assert sub.experiments[0].settings == {"b": {"method.lam": 2}, "c": {"method.lam": 3}}
+    assert sorted(s.config.method_args["lam"] for s in bm.plan(sub)) == [2, 3]
+    assert "--settings b,c" in sub.selection
+    with pytest.raises(ConfigError, match=r"--settings: 'd' not in suite tiny \(it has: a, b, "
+                                          r"c, default\)"):
+        bm.select(suite, settings=["b", "d"])
+    rc, err = _run(capsys, "benchmark", _write(tmp_path, raw), "--out", tmp_path / "o",
+                   "--settings", "zz", "--no-progress")
+    assert rc == 2 and err.count("\n") == 1 and "--settings: 'zz' not in suite" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_duplicate_labels_datasets_and_colliding_dataset_folders_are_refused():
     def exp(**kw) -> dict:
         return {**RAW, "experiments": {"t1": {**RAW["experiments"]["t1"], **kw}}}

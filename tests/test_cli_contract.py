@@ -224,7 +224,8 @@ def test_every_option_says_what_it_takes():
 # ---------------------------------------------------------------- benchmark selections
 
 
-@pytest.mark.parametrize("option", ["--methods", "--only", "--datasets", "--seeds"])
+@pytest.mark.parametrize("option", ["--methods", "--only", "--datasets", "--seeds",
+                                    "--settings"])
 def test_a_benchmark_selection_naming_nothing_is_refused(tmp_path, capsys, option):
     # Before: `--methods ,` (an empty list selects everything) ran the whole suite, and
     # `--seeds ,` ran no run at all and exited 0 with an empty table.

@@ -651,6 +651,8 @@ def benchmark(
                                                    "suite's)")] = None,
     datasets: Annotated[str | None, typer.Option(help="comma-separated datasets to keep")
                         ] = None,
+    settings: Annotated[str | None, typer.Option(help="comma-separated settings (named "
+                                                      "override sets) to keep")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for every run")
                     ] = None,
     report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
@@ -676,6 +678,7 @@ def benchmark(
 
     only_list, method_list = split("--only", only), split("--methods", methods)
     dataset_list, seed_names = split("--datasets", datasets), split("--seeds", seeds)
+    setting_list = split("--settings", settings)
     try:
         seed_list = [int(x) for x in seed_names] if seed_names is not None else None
     except ValueError:
@@ -684,8 +687,9 @@ def benchmark(
         # else every run fails alike, after overwriting the results of a finished OUT
         raise CausalignError(f"--seeds must be >= 0, got '{seeds}'")
     st = load_suite(suite)
-    if any(x is not None for x in (only_list, method_list, seed_list, dataset_list)):
-        st = select(st, only_list, method_list, seed_list, dataset_list)
+    if any(x is not None for x in (only_list, method_list, seed_list, dataset_list,
+                                   setting_list)):
+        st = select(st, only_list, method_list, seed_list, dataset_list, setting_list)
     results = run_suite(st, out, extra=parse_set(set_ or []), progress=progress,
                         report=report, log=typer.echo)
     typer.echo((out / "tables.md").read_text())

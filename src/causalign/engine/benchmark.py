@@ -271,8 +271,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 def select(suite: Suite, experiments: list[str] | None = None,
            methods: list[str] | None = None, seeds: list[int] | None = None,
-           datasets: list[str] | None = None) -> Suite:
-    """A sub-suite: only these experiments / methods / seeds / datasets."""
+           datasets: list[str] | None = None, settings: list[str] | None = None) -> Suite:
+    """A sub-suite: only these experiments / methods / seeds / datasets / settings."""
     exps = suite.experiments
     if experiments:
         names = [e.name for e in exps]
@@ -284,7 +284,8 @@ def select(suite: Suite, experiments: list[str] | None = None,
     # a misspelt name (`--methods erm,rrrr`) was silently dropped: the run went on without it
     for option, wanted, known in (
             ("--methods", methods, [x for e in exps for m in e.methods for x in (m.name, m.label)]),
-            ("--datasets", datasets, [d for e in exps for d in e.datasets])):
+            ("--datasets", datasets, [d for e in exps for d in e.datasets]),
+            ("--settings", settings, [k for e in exps for k in e.settings])):
         missing = [x for x in wanted or [] if x not in known]
         if missing:
             where = f"experiment(s) {', '.join(e.name for e in exps)}" if experiments \
@@ -296,8 +297,9 @@ def select(suite: Suite, experiments: list[str] | None = None,
         ms = [m for m in e.methods if not methods or m.name in methods or m.label in methods]
         ds = [d for d in e.datasets if not datasets or d in datasets]
         ss = list(seeds) if seeds is not None else e.seeds
-        if ms and ds:
-            out.append(Experiment(e.name, e.title, ds, ms, ss, e.settings, e.rows, e.metrics,
+        sts = {k: v for k, v in e.settings.items() if not settings or k in settings}
+        if ms and ds and sts:
+            out.append(Experiment(e.name, e.title, ds, ms, ss, sts, e.rows, e.metrics,
                                   e.reference))
     if not out:
         raise ConfigError("the selection leaves no runs")
@@ -307,7 +309,7 @@ def select(suite: Suite, experiments: list[str] | None = None,
                    for e in base.experiments], base.root)
     chosen = " ".join(f"{opt} {','.join(map(str, v))}" for opt, v in (
         ("--only", experiments), ("--methods", methods), ("--seeds", seeds),
-        ("--datasets", datasets)) if v is not None)
+        ("--datasets", datasets), ("--settings", settings)) if v is not None)
     return Suite(suite.name, suite.description, suite.defaults, suite.datasets, out,
                  suite.root, full=whole, origin=suite.origin or suite,
                  selection=" ".join(x for x in (suite.selection, chosen) if x))
