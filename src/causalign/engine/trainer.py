@@ -466,6 +466,8 @@ class Trainer:
                 "method_params": resolved_params(self.method),
             }
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            if self.method.checkpoint_after_setup:  # e.g. a freshly trained autoencoder
+                self._save_state()
 
     def _save_state(self) -> None:
         ckpt = {

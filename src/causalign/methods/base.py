@@ -74,6 +74,10 @@ class Method:
     subset_means: bool = False
     # Set by the trainer: torch.bfloat16 when the `amp` config is on, else None.
     amp_dtype: Any = None
+    # Set by setup() when it fitted state that is slow to fit again (a latent-space
+    # autoencoder): the trainer then writes a checkpoint before epoch 1, so a run killed in
+    # its first epoch resumes with that state instead of fitting it once more.
+    checkpoint_after_setup: bool = False
     # Set by the data-parallel trainer before each step (`engine.distributed.GlobalStep`):
     # where this rank's chunk sits in the global batch, so a per-batch cap or draw
     # (causal-align's align_batch and balance, PPI's fraction) applies to the global batch

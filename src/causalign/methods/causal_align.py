@@ -291,6 +291,7 @@ class CausalAlign(Method):
         ae = train_autoencoder(images, device=device)
         if path:
             save_autoencoder(path, ae)
+        self.checkpoint_after_setup = True
         return ae
 
     def _lazy_setup(self, x: Tensor) -> None:
