@@ -315,6 +315,24 @@ def test_masks_outside_0_1_are_refused(method, loader_batch):
     build_method(method, SMALL.get(method))(_net(), dict(batch, mask=batch["mask"] > 0))  # bool
 
 
+@pytest.mark.parametrize("method", ["erm", "causal-align", "rrr", "ppi", "oracle"])
+def test_non_finite_pixels_are_refused_before_the_loss(method, loader_batch):
+    """A NaN pixel in a user's own batch gave a NaN loss, and after opt.step() a NaN model:
+    nothing said which input was at fault."""
+    _, batch = loader_batch
+    for bad in (float("nan"), float("inf")):
+        image = batch["image"].clone()
+        image[2, 0, 5, 5] = bad
+        image[4, 0, 0, 0] = bad
+        model = _net()
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(InputError, match=r"batch\['image'\] holds 2 NaN/inf value\(s\), in "
+                                             r"sample\(s\) 2, 4 of 6"):
+            build_method(method, SMALL.get(method))(model, dict(batch, image=image))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert _n_hooks(model) == 0
+
+
 @pytest.mark.parametrize("method", ["erm", "rrr", "ppi"])
 def test_model_with_one_output_is_refused_and_unhooked(method, loader_batch):
     """An (N,) output failed inside cross_entropy with "Expected floating point type for

@@ -167,8 +167,8 @@ def check_batch(method: str, batch: Any, annotations: bool = False,
     A batch is a dict as `causalign.data.LesionDataset` (and a torch DataLoader over it)
     yields: ``image`` (N, C, *spatial) float, ``label`` (N,) int64 and, for methods that use
     annotations, ``mask`` and ``box_mask`` (N, 1, *spatial) and ``has_mask`` and
-    ``has_annotation`` (N,) bool, masks holding values in [0, 1]. Shapes and dtypes cost no
-    device sync; the masks' values one."""
+    ``has_annotation`` (N,) bool, masks holding values in [0, 1], every pixel finite. Shapes
+    and dtypes cost no device sync; the pixel and mask values one."""
     from ..explain.base import check_model_dtype
 
     if not isinstance(batch, Mapping):
@@ -202,16 +202,27 @@ def check_batch(method: str, batch: Any, annotations: bool = False,
             if not isinstance(f, Tensor) or f.dtype != torch.bool or tuple(f.shape) != (n,):
                 raise InputError(f"{method}: batch['{key}'] must be a bool tensor of shape "
                                  f"({n},), got {_describe(f)}")
-        # Masks weight pixels ((1 - m) outside the lesion, x * m for the oracle): a 0/255 mask
-        # read from a PNG gave weights of -254 and a silently wrong loss. One sync (the
-        # methods already sync for their logged parts).
-        graded = [k for k in ("mask", "box_mask") if batch[k].dtype != torch.bool]
-        if graded and int(sum((~((batch[k] >= 0) & (batch[k] <= 1))).sum() for k in graded)):
-            k = next(k for k in graded if not bool(((batch[k] >= 0) & (batch[k] <= 1)).all()))
-            lo, hi = batch[k].float().nan_to_num(nan=float("inf")).aminmax()
-            raise InputError(f"{method}: batch['{k}'] must hold values in [0, 1] (1 = "
-                             f"annotated), got {float(lo):g}..{float(hi):g} (NaN shown as inf); "
-                             f"use (mask > 0) for 0/255 masks")
+    # Pixel and mask values, in one device sync (the methods already sync for their logged
+    # parts). A NaN/inf pixel (a corrupt float image, a zero std in the user's own
+    # normalisation) made the loss NaN and, after the optimiser step, the model. Masks weight
+    # pixels ((1 - m) outside the lesion, x * m for the oracle): a 0/255 mask read from a PNG
+    # gave weights of -254 and a silently wrong loss.
+    graded = [k for k in ("mask", "box_mask") if annotations and batch[k].dtype != torch.bool]
+    counts = torch.stack([(~torch.isfinite(x)).sum(),
+                          *((~((batch[k] >= 0) & (batch[k] <= 1))).sum() for k in graded)])
+    bad_pixels, *bad_masks = counts.tolist()
+    if bad_pixels:
+        rows = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
+        raise InputError(f"{method}: batch['image'] holds {bad_pixels} NaN/inf value(s), in "
+                         f"sample(s) {shown} of {n}; the loss and then the weights would be "
+                         f"NaN")
+    if any(bad_masks):
+        k = graded[next(i for i, c in enumerate(bad_masks) if c)]
+        lo, hi = batch[k].float().nan_to_num(nan=float("inf")).aminmax()
+        raise InputError(f"{method}: batch['{k}'] must hold values in [0, 1] (1 = "
+                         f"annotated), got {float(lo):g}..{float(hi):g} (NaN shown as inf); "
+                         f"use (mask > 0) for 0/255 masks")
     if model is not None:
         check_model_dtype(model, x)
 
