@@ -276,6 +276,8 @@ def main() -> None:
                     help="Gauss-Newton steps of the own-x* Newton reference")
     ap.add_argument("--optimizers", default="adam,newton",
                     help="inner optimisers to sweep (method.inner_optimizer)")
+    ap.add_argument("--polish", default="0",
+                    help="Gauss-Newton steps after the search to sweep (method.newton_polish)")
     a = ap.parse_args()
     global REF_STAGES, OWN_REF_POLISH, OWN_NEWTON_STEPS
     REF_STAGES = tuple((a.ref_steps, lr) for _, lr in REF_STAGES)
@@ -299,14 +301,16 @@ def main() -> None:
                                                   stages=((100, 1.0, "newton"),))
 
     rows = []
-    for opt, k, c in [(o, k, c) for o in a.optimizers.split(",") for k in ks for c in cgs]:
-        args = dict(common, steps=k, cg_iters=c, inner_optimizer=opt)
+    polishes = [int(x) for x in a.polish.split(",")]
+    for opt, k, c, pol in [(o, k, c, p) for o in a.optimizers.split(",") for k in ks
+                           for c in cgs for p in polishes]:
+        args = dict(common, steps=k, cg_iters=c, inner_optimizer=opt, newton_polish=pol)
         t = timed_ratio(lambda args=args: build_method("causal-align", args), model, batch,
                         a.repeats)
         g_cold, parts, _ = config_grad(args, model, sub, 0)
         g_warm, parts_w, own = config_grad(args, model, sub, a.warm_visits,
                                            own_ref=not a.no_own_ref)
-        row = dict(optimizer=opt, steps=k, cg_iters=c, **t,
+        row = dict(optimizer=opt, steps=k, cg_iters=c, newton_polish=pol, **t,
                    cosine_cold=cosine(g_cold, ref), cosine_warm=cosine(g_warm, ref),
                    cosine_cold_newton_ref=cosine(g_cold, ref_newton),
                    cosine_warm_newton_ref=cosine(g_warm, ref_newton),

@@ -621,6 +621,32 @@ def test_newton_never_increases_the_objective_and_beats_adam(trained):
     assert res.flipped.float().mean() >= 0.75, res.flipped
 
 
+def test_newton_polish_finishes_adam_in_its_basin(trained):
+    """polish=P: P Gauss-Newton steps after the K Adam steps. They start from Adam's iterate
+    (equal to P Newton steps on that iterate), never raise any sample's T and lower it on
+    the batch (0.296 → 0.029 on this model at P = 3)."""
+    from causalign.explain.counterfactual import _gauss_newton
+
+    model, ds = trained
+    x, target = ds.images[:16], 1 - ds.labels[:16]
+
+    def run(polish):
+        res = CounterfactualGenerator(model, alpha=0.01, steps=10,
+                                      polish=polish).generate(x, target=target)
+        with torch.no_grad(), eval_mode(model, fold_bn=True):
+            return res, res.problem.objective(res.u_star)
+
+    adam, t_adam = run(0)
+    polished, t_pol = run(3)
+    with eval_mode(model, fold_bn=True):
+        by_hand = _gauss_newton(adam.problem, adam.u_star, 3)
+    torch.testing.assert_close(polished.u_star, by_hand)
+    assert (t_pol <= t_adam + 1e-6).all()
+    assert t_pol.mean() < 0.5 * t_adam.mean(), (t_pol.mean(), t_adam.mean())
+    with pytest.raises(ConfigError, match="polish -1"):
+        CounterfactualGenerator(model, polish=-1)
+
+
 @pytest.mark.parametrize("setting", ["smooth", "latent", "scaled-l1", "scaled-l2"])
 def test_newton_works_in_every_space_and_distance(trained, setting):
     """The Gauss-Newton search only needs logits and ∂logits/∂u, so it runs through the

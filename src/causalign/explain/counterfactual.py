@@ -539,7 +539,8 @@ def _is_count(value: object) -> bool:
 
 class CounterfactualGenerator:
     """x* = argmin CE(f(x), y*) + α·d(x, x0) by ``steps`` steps of ``optimizer`` (adam, ista
-    at step size ``lr``; newton, which needs no step size), per sample.
+    at step size ``lr``; newton, which needs no step size), per sample, then ``polish``
+    Gauss-Newton steps (0: none).
 
     The model is put in eval mode for the search and restored afterwards; its parameters get
     no gradient. ``scale`` is the per-pixel scale of a scaled distance (`distance_scale` on
@@ -553,7 +554,7 @@ class CounterfactualGenerator:
                  eps: float = 1e-2, space: str = "pixel", autoencoder: nn.Module | None = None,
                  warm_start: bool = False, target_rule: str | int = "other",
                  optimizer: str = "adam", smooth_sigma: float = 1.0,
-                 bounds: tuple[float, float] | None = None) -> None:
+                 bounds: tuple[float, float] | None = None, polish: int = 0) -> None:
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown counterfactual optimizer '{optimizer}'; valid: "
                               f"{', '.join(OPTIMIZERS)}")
@@ -589,11 +590,12 @@ class CounterfactualGenerator:
         bad = bad or [f"{name} {value}" for name, value, ok in (
             ("alpha", alpha, math.isfinite(alpha) and alpha >= 0),
             ("steps", steps, _is_count(steps)),
+            ("polish", polish, _is_count(polish)),
             ("lr", lr, math.isfinite(lr) and lr > 0),
             ("eps", eps, math.isfinite(eps) and eps > 0)) if not ok]  # `not ok` catches NaN
         if bad:
-            raise ConfigError(f"counterfactual needs finite alpha >= 0, an integer steps >= 0, "
-                              f"finite lr > 0 and eps > 0; got {', '.join(bad)}")
+            raise ConfigError(f"counterfactual needs finite alpha >= 0, integer steps and "
+                              f"polish >= 0, finite lr > 0 and eps > 0; got {', '.join(bad)}")
         # an unknown rule failed only at the first generate(), after any setup work
         if not (target_rule in ("other", "predicted") or (
                 isinstance(target_rule, (numbers.Integral, str))
@@ -603,6 +605,7 @@ class CounterfactualGenerator:
                               f"class index, got {target_rule!r}")
         self.model = model
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
+        self.polish = int(polish)
         self.distance, self.scale, self.eps = distance, scale, float(eps)
         self.space, self.autoencoder = space, autoencoder
         self.smoother = GaussianSmoother(smooth_sigma) if space == "smooth" else None
@@ -752,6 +755,11 @@ class CounterfactualGenerator:
                      "newton": _gauss_newton}[self.optimizer]
             with record_function("causalign.counterfactual.search"):  # named in profiles
                 u = solve(prob, u, self.steps, self.lr)
+                if self.polish:
+                    # Gauss-Newton's line search never increases T: it continues the search
+                    # in the basin the first optimiser reached (an Adam iterate after K steps
+                    # is often short of its minimum, where the implicit gradient holds)
+                    u = _gauss_newton(prob, u, self.polish)
             shape = (-1,) + (1,) * (u.dim() - 1)
             ok = torch.isfinite(u).flatten(1).all(1)
             u = torch.where(ok.view(shape), u, u0)

@@ -48,6 +48,7 @@ class CounterfactualSettings:
     space: str = "pixel"
     target: str = "other"
     optimizer: str = "adam"
+    polish: int = 0  # Gauss-Newton steps after the search (method.newton_polish)
     smooth_sigma: float = 1.0
     # x* intensity range (lo, hi), see CounterfactualGenerator; None = unbounded (what
     # causal-align trains with). `causalign counterfactual` passes the data's range.
@@ -61,7 +62,7 @@ def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings
     if getattr(method, "name", "") == "causal-align" and params is not None:
         s.alpha, s.distance, s.eps = params.alpha, params.distance, params.eps
         s.space, s.target = params.space, str(params.target)
-        s.optimizer = params.inner_optimizer
+        s.optimizer, s.polish = params.inner_optimizer, params.newton_polish
         s.smooth_sigma = params.smooth_sigma
     for k, v in overrides.items():
         if v is not None:
@@ -261,7 +262,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                                   lr=settings.lr, distance=settings.distance, scale=scale,
                                   eps=settings.eps, space=settings.space,
                                   autoencoder=autoencoder, target_rule=settings.target,
-                                  optimizer=settings.optimizer,
+                                  optimizer=settings.optimizer, polish=settings.polish,
                                   smooth_sigma=settings.smooth_sigma, bounds=settings.bounds)
     if valid_range is None:
         valid_range = gen.bounds if gen.bounds is not None else (0.0, 1.0)

@@ -87,6 +87,10 @@ class CausalAlignParams:
     # (explain/counterfactual.py `_proximal_gradient`) | newton: damped Gauss-Newton with a
     # line search (`_gauss_newton`; inner_lr unused), a tight x* in a few steps
     inner_optimizer: str = "adam"
+    # Gauss-Newton steps after the K steps of inner_optimizer (0: none): their line search
+    # never raises T, so they move x* towards the minimum of the basin the search reached
+    # (README, "Inner solvers": measured cosines)
+    newton_polish: int = 0
     # CG iteration cap. Preconditioned CG needs ~C iterations on piecewise-linear nets (the
     # Gauss-Newton term has rank C-1, module docstring), so 0 = auto: max(3, C) for C
     # classes (3 for binary, as tuned on the benchmark; a fixed 3 dropped every sample of a
@@ -143,6 +147,8 @@ class CausalAlignParams:
             (self.alpha >= 0, f"method.alpha must be >= 0, got {self.alpha}"),
             (self.lam >= 0, f"method.lam must be >= 0, got {self.lam}"),
             (self.steps >= 1, f"method.steps must be >= 1, got {self.steps}"),
+            (self.newton_polish >= 0, f"method.newton_polish must be >= 0, got "
+                                      f"{self.newton_polish}"),
             (self.inner_lr > 0, f"method.inner_lr must be > 0, got {self.inner_lr}"),
             (self.cg_iters >= 0, f"method.cg_iters must be >= 0 (0 = auto: from the number "
                                  f"of classes), got {self.cg_iters}"),
@@ -338,7 +344,7 @@ class CausalAlign(Method):
             model, alpha=p.alpha, steps=p.steps, lr=p.inner_lr, distance=p.distance,
             scale=None if scale is None else scale.to(dev), eps=p.eps, space=p.space,
             autoencoder=self.autoencoder, warm_start=p.warm_start, target_rule=p.target,
-            optimizer=p.inner_optimizer, smooth_sigma=p.smooth_sigma)
+            optimizer=p.inner_optimizer, smooth_sigma=p.smooth_sigma, polish=p.newton_polish)
         gen.cache = self.cache
         return gen
 
