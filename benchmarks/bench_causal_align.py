@@ -2,12 +2,13 @@
 
     python benchmarks/bench_causal_align.py [--out benchmarks/results/causal_align_sweep.json]
         [--ks 1,3,5,10 --cgs 1,2,3,5 --size 64 --batch-size 64 --align-batch 16 --repeats 3]
+        [--optimizers adam,newton --polish 0,2 --seed S --no-own-ref --skip-paper]
 
 Setup (CPU, one intra-op thread by default): a plus-minus synthetic training set (the demo's
 generator at --size px), the seed's 7-layer CNN briefly trained by ERM so it already leans on
 the shortcut (the state causal-align has to correct), one training batch.
 
-For every (K inner Adam steps, CG iterations) pair:
+For every (inner optimiser, K inner steps, CG iterations, Gauss-Newton polish steps):
 
 * **time**: one full training step (loss + backward) of causal-align and one of ERM on the same
   batch, alternated repeat by repeat in this process so load on a shared machine hits both;
