@@ -67,7 +67,7 @@ from .base import check_model_dtype
 
 __all__ = [
     "DISTANCES", "OPTIMIZERS", "SPACES", "CounterfactualGenerator", "CounterfactualResult",
-    "GaussianSmoother", "InnerProblem",
+    "GaussianSmoother", "InnerProblem", "logit_curvature",
     "WarmStartCache", "capture_bn_stats", "counterfactual_targets", "distance_curvature",
     "distance_scale", "distance_value", "eval_mode",
 ]
@@ -994,6 +994,40 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
     return torch.where(hit.view(shape), torch.nan, out).detach()
 
 
+def logit_curvature(prob: InnerProblem, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fit term's Gauss-Newton factors at u: (per-sample CE, J, r, S), detached.
+
+    CE(z(u)) has gradient Jᵀr and Gauss-Newton Hessian JᵀSJ, with J = ∂z/∂u (N, R, D),
+    r (N, R) and S = ∇²_z CE (N, R, R). Softmax: S·1 = 0 and Σ(p − e_y) = 0, so only the
+    rows z_c − z_0 (c ≥ 1) matter: R = C − 1 backwards, one for a binary classifier. Soft
+    (sigmoid) targets: R = C, S = diag σ(1 − σ). For a piecewise-linear classifier in eval mode
+    (ReLU, max-pool, affine BatchNorm) JᵀSJ *is* the CE Hessian within a linear region.
+    """
+    uu = u.detach().requires_grad_(True)
+    soft = prob.target.is_floating_point()
+    with torch.enable_grad():
+        ce, logits = prob.fit(uu)
+        logits = logits.flatten(1)
+        n_out = logits.shape[1]
+        outs = ([logits[:, c] for c in range(n_out)] if soft
+                else [logits[:, c] - logits[:, 0] for c in range(1, n_out)])
+        rows = [torch.autograd.grad(o.sum(), uu, retain_graph=i < len(outs) - 1)[0]
+                for i, o in enumerate(outs)]
+    with torch.no_grad():
+        jac = torch.stack(rows, 1).flatten(2)              # (N, C or C − 1, D)
+        z = logits.detach()
+        if soft:
+            sig = z.sigmoid()
+            resid = sig - prob.target.flatten(1).to(z)
+            curv_out = torch.diag_embed(sig * (1 - sig))
+        else:
+            p = z.softmax(1)
+            resid = (p - F.one_hot(prob.target, n_out).to(z))[:, 1:]
+            q = p[:, 1:]
+            curv_out = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
+    return ce.detach(), jac, resid, curv_out
+
+
 def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = None,
                   max_halvings: int = 10, armijo: float = 1e-4) -> Tensor:
     """K damped Gauss-Newton steps on Σ_i T_i(u_i), solved exactly per sample, with a
@@ -1017,36 +1051,15 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     inv_scale = None if prob.scale is None else (1.0 / prob.scale).flatten(
         1 if prob.scale.dim() == u.dim() else 0)
     sparse = prob.distance in ("l1", "scaled-l1")
-    soft = prob.target.is_floating_point()
     work = _work_dtype(u.dtype)  # the systems are solved in >= float32, steps taken in u's
     # samples whose step could not be computed (NaN/inf logits, gradient or objective at an
     # accepted point): they stayed where they were and came back as a plain "not flipped"
     # (with report=False, as training calls it, even NaN logits at x0 went unflagged)
     stuck = torch.zeros(len(u), dtype=torch.bool, device=u.device)
     for _ in range(steps):
-        uu = u.requires_grad_(True)
-        with torch.enable_grad():
-            ce, logits = prob.fit(uu)
-            logits = logits.flatten(1)
-            n_out = logits.shape[1]
-            # softmax: S·1 = 0 and Σ(p − e_y) = 0, so JᵀSJ and Jᵀ(p − e_y) only see the rows
-            # z_c − z_0 (c ≥ 1): C − 1 backwards, one for a binary classifier
-            outs = ([logits[:, c] for c in range(n_out)] if soft
-                    else [logits[:, c] - logits[:, 0] for c in range(1, n_out)])
-            rows = [torch.autograd.grad(o.sum(), uu, retain_graph=i < len(outs) - 1)[0]
-                    for i, o in enumerate(outs)]
+        uu = u
+        ce, jac, resid, curv_out = logit_curvature(prob, uu)
         with torch.no_grad():
-            jac = torch.stack(rows, 1).flatten(2)              # (N, C or C − 1, D)
-            z = logits.detach()
-            if soft:
-                sig = z.sigmoid()
-                resid = sig - prob.target.flatten(1).to(z)
-                curv_out = torch.diag_embed(sig * (1 - sig))
-            else:
-                p = z.softmax(1)
-                resid = (p - F.one_hot(prob.target, n_out).to(z))[:, 1:]
-                q = p[:, 1:]
-                curv_out = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
             jac, resid, curv_out = jac.to(work), resid.to(work), curv_out.to(work)
             delta = (uu.detach() - prob.u0).flatten(1).to(work)
             if sparse:

@@ -2,6 +2,7 @@
 
 from causalign.implicit.adjoint import ImplicitResult, hvp, implicit_argmin, implicit_gradient
 from causalign.implicit.cg import CGResult, batched_cg
+from causalign.implicit.lowrank import lowrank_diag_solve
 
 __all__ = [
     "CGResult",
@@ -10,4 +11,5 @@ __all__ = [
     "hvp",
     "implicit_argmin",
     "implicit_gradient",
+    "lowrank_diag_solve",
 ]

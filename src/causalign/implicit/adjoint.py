@@ -93,6 +93,7 @@ def implicit_gradient(
     fd_eps: float = 1e-3,
     cg_x0: Tensor | None = None,
     cg_verify: bool = False,
+    adjoint: Tensor | None = None,
 ) -> ImplicitResult:
     """dL/dθ for x* = argmin_x T(x, θ), given ``outer_grad`` = ∇ₓL at x*.
 
@@ -102,6 +103,10 @@ def implicit_gradient(
     ``hvp`` picks exact double-backward products or finite differences of ∇ₓT.
     ``cg_verify`` checks CG's "converged" claim against the true residual when ``cg_tol`` is
     below sqrt(machine eps) (see :func:`batched_cg`; exact products only).
+    ``adjoint``: v already solved by the caller (a structured solve such as
+    :func:`~causalign.implicit.lowrank_diag_solve` of a Gauss-Newton Hessian); CG is skipped
+    and reported as a direct solve (0 iterations, residual not tracked: NaN, converged and
+    no breakdown where v is finite).
     ``outer_grad`` of a lower precision than x* is promoted to x*'s dtype. Bad arguments fail
     in one line (ValueError/TypeError): ``cg_max_iter`` an integer >= 1, ``damping`` >= 0,
     ``fd_eps`` > 0 and at least 10× x*'s machine epsilon for finite differences.
@@ -119,6 +124,9 @@ def implicit_gradient(
                          f"{getattr(outer_grad, 'dtype', type(outer_grad).__name__)}")
     if outer_grad.shape != x_star.shape:
         raise ValueError(f"outer_grad shape {tuple(outer_grad.shape)} != x* {tuple(x_star.shape)}")
+    if adjoint is not None and (not isinstance(adjoint, Tensor) or adjoint.shape != x_star.shape):
+        raise ValueError(f"adjoint shape {tuple(getattr(adjoint, 'shape', ()))} != x* "
+                         f"{tuple(x_star.shape)}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("implicit_gradient needs autograd; call it outside "
                            "torch.inference_mode()")
@@ -159,6 +167,15 @@ def implicit_gradient(
     if g is None:  # autograd's own message would say "Set allow_unused=True"
         raise ValueError("inner_objective does not depend on x: x* is no argmin of it")
 
+    if adjoint is not None:
+        v = adjoint.detach().to(outer_grad.dtype)
+        finite = torch.isfinite(v).flatten(1).all(1)
+        cg = CGResult(solution=torch.where(finite.view((-1,) + (1,) * (v.dim() - 1)), v, 0.0),
+                      iterations=0, residual_norm=torch.full(finite.shape, float("nan"),
+                                                           device=v.device),
+                      converged=finite, breakdown=~finite)
+        return _mixed_product(g, params, cg)
+
     if hvp == "exact":
 
         def matvec(p: Tensor) -> Tensor:
@@ -189,8 +206,12 @@ def implicit_gradient(
             # measures the differencing noise (~fd_eps²), not the solve
             verify=cg_verify and hvp == "exact",
         )
-    v = cg.solution.detach()
+    return _mixed_product(g, params, cg)
 
+
+def _mixed_product(g: Tensor, params: Sequence[Tensor], cg: CGResult) -> ImplicitResult:
+    """dL/dθ = −(∂g/∂θ)ᵀ v with v = cg.solution: one backward of g·v w.r.t. θ."""
+    v = cg.solution.detach()
     # Only tensors that can carry a gradient are differentiated; the rest get zeros.
     diff_idx = [i for i, p in enumerate(params) if p.requires_grad]
     grads: list[Tensor] = [torch.zeros_like(p) for p in params]

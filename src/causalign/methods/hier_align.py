@@ -109,6 +109,7 @@ class HierAlignParams:
     cg_tol: float = 1e-3
     damping: float = 1e-2
     hvp: str = "exact"
+    negative_curvature: str = "gauss-newton"  # as causal-align's
     fd_eps: float = 1e-3
     precondition: bool = True
     align_every: int = 1
@@ -153,7 +154,8 @@ class HierAlignParams:
 
     def _shared(self) -> dict:
         return dict(cg_iters=self.cg_iters, cg_tol=self.cg_tol, damping=self.damping,
-                    hvp=self.hvp, fd_eps=self.fd_eps, precondition=self.precondition,
+                    hvp=self.hvp, negative_curvature=self.negative_curvature,
+                    fd_eps=self.fd_eps, precondition=self.precondition,
                     align_every=1)
 
     def pixel_params(self) -> CausalAlignParams:
