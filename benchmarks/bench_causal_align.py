@@ -255,7 +255,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/causal_align_sweep.json")
     ap.add_argument("--ks", default="1,3,5,10")
-    ap.add_argument("--cgs", default="1,2,3,5")
+    ap.add_argument("--cgs", default="1,2,3,5",
+                    help="CG iterations to sweep; gn = the direct Gauss-Newton solve")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--align-batch", type=int, default=16)
@@ -285,7 +286,8 @@ def main() -> None:
     OWN_REF_POLISH, OWN_NEWTON_STEPS = a.ref_polish, a.own_newton_steps
     torch.set_num_threads(a.threads)
     ks = [int(k) for k in a.ks.split(",")]
-    cgs = [int(c) for c in a.cgs.split(",")]
+    # "gn": the direct Gauss-Newton adjoint solve (method.hvp=gauss-newton) instead of CG
+    cgs = [c if c == "gn" else int(c) for c in a.cgs.split(",")]
     t_start = time.perf_counter()
 
     ds, model = setup(a.size, max(128, a.batch_size), a.erm_steps, a.seed)
@@ -305,13 +307,15 @@ def main() -> None:
     polishes = [int(x) for x in a.polish.split(",")]
     for opt, k, c, pol in [(o, k, c, p) for o in a.optimizers.split(",") for k in ks
                            for c in cgs for p in polishes]:
-        args = dict(common, steps=k, cg_iters=c, inner_optimizer=opt, newton_polish=pol)
+        solve = (dict(hvp="gauss-newton") if c == "gn" else dict(cg_iters=c))
+        args = dict(common, steps=k, inner_optimizer=opt, newton_polish=pol, **solve)
         t = timed_ratio(lambda args=args: build_method("causal-align", args), model, batch,
                         a.repeats)
         g_cold, parts, _ = config_grad(args, model, sub, 0)
         g_warm, parts_w, own = config_grad(args, model, sub, a.warm_visits,
                                            own_ref=not a.no_own_ref)
-        row = dict(optimizer=opt, steps=k, cg_iters=c, newton_polish=pol, **t,
+        row = dict(optimizer=opt, steps=k, cg_iters=None if c == "gn" else c,
+                   hvp="gauss-newton" if c == "gn" else "exact", newton_polish=pol, **t,
                    cosine_cold=cosine(g_cold, ref), cosine_warm=cosine(g_warm, ref),
                    cosine_cold_newton_ref=cosine(g_cold, ref_newton),
                    cosine_warm_newton_ref=cosine(g_warm, ref_newton),

@@ -222,20 +222,23 @@ def test_bench_causal_align_smoke(tmp_path, monkeypatch):
     mod = _load("bench_causal_align")
     out = tmp_path / "sweep.json"
     monkeypatch.setattr("sys.argv", [
-        "bench_causal_align.py", "--out", str(out), "--ks", "1", "--cgs", "3", "--size", "32",
+        "bench_causal_align.py", "--out", str(out), "--ks", "1", "--cgs", "3,gn", "--size", "32",
         "--batch-size", "8", "--align-batch", "2", "--repeats", "1", "--erm-steps", "1",
         "--warm-visits", "1", "--ref-steps", "5", "--ref-polish", "1", "--skip-paper",
         "--optimizers", "adam", "--own-newton-steps", "2"])
     mod.main()
     r = _strict_json(out)
-    (row,) = r["sweep"]
-    assert (row["optimizer"], row["steps"], row["cg_iters"]) == ("adam", 1, 3)
-    assert row["cg_converged_warm"] == 1.0
-    for key in ("cosine_cold", "cosine_warm", "cosine_cold_newton_ref", "cosine_warm_own_ref",
-                "own_ref_cosine_to_reference", "cosine_warm_own_newton_ref",
-                "own_newton_ref_cosine_to_reference"):
-        assert -1.0 <= row[key] <= 1.0 and row[key] != 0.0, (key, row[key])
-    assert row["ratio_to_erm"] > 0 and _finite(r["reference"]["align"])
+    row, gn = r["sweep"]
+    assert (row["optimizer"], row["steps"], row["cg_iters"], row["hvp"]) == ("adam", 1, 3, "exact")
+    assert (gn["cg_iters"], gn["hvp"]) == (None, "gauss-newton")  # the direct solve
+    for one in (row, gn):
+        assert one["cg_converged_warm"] == 1.0
+        for key in ("cosine_cold", "cosine_warm", "cosine_cold_newton_ref",
+                    "cosine_warm_own_ref", "own_ref_cosine_to_reference",
+                    "cosine_warm_own_newton_ref", "own_newton_ref_cosine_to_reference"):
+            assert -1.0 <= one[key] <= 1.0 and one[key] != 0.0, (key, one[key])
+        assert one["ratio_to_erm"] > 0
+    assert _finite(r["reference"]["align"])
 
 
 def test_warm_cosine_probe_adam_is_the_method_adam(tmp_path, monkeypatch):
