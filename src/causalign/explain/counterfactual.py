@@ -1057,11 +1057,10 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     # (with report=False, as training calls it, even NaN logits at x0 went unflagged)
     stuck = torch.zeros(len(u), dtype=torch.bool, device=u.device)
     for _ in range(steps):
-        uu = u
-        ce, jac, resid, curv_out = logit_curvature(prob, uu)
+        ce, jac, resid, curv_out = logit_curvature(prob, u)
         with torch.no_grad():
             jac, resid, curv_out = jac.to(work), resid.to(work), curv_out.to(work)
-            delta = (uu.detach() - prob.u0).flatten(1).to(work)
+            delta = (u - prob.u0).flatten(1).to(work)
             if sparse:
                 root = (delta.square() + prob.eps ** 2).sqrt()
                 grad_d, weight = delta / root, 1.0 / root
@@ -1074,7 +1073,7 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             if prob.projected:
                 # projected Newton: a pixel held at its bound by the gradient is fixed (A⁻¹ 0
                 # there turns the Woodbury solve into the exact one over the free pixels)
-                flat = uu.detach().flatten(1)
+                flat = u.flatten(1)
                 held = (((flat <= prob.lower.flatten(1)) & (g > 0))
                         | ((flat >= prob.upper.flatten(1)) & (g < 0)))
                 a_inv = a_inv.masked_fill(held, 0.0)
@@ -1101,8 +1100,7 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             step[broken] = float("nan")
             slope = (g * step).sum(1)
             t0 = (ce.detach() + prob.alpha * distance_value(
-                uu.detach() - prob.u0, prob.distance, prob.scale, prob.eps)).to(work)
-            u = uu.detach()
+                u - prob.u0, prob.distance, prob.scale, prob.eps)).to(work)
             step = step.view_as(u)
             computed = torch.isfinite(step).flatten(1).all(1) & torch.isfinite(t0)
             stuck |= ~computed
