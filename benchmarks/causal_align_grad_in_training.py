@@ -25,7 +25,8 @@ to 1e-8; Adam alone stops well short of the minimum, see bench_causal_align.refe
 Gradients compared with them:
 
 * `run`: the gradient the run itself would take now (a copy of its warm-start cache, its K);
-* `cold_K`: K Adam steps from x0 (no cache), for each K in --ks;
+* `cold_K`: K steps of the run's search (`inner_optimizer`: Adam at the default) from x0
+  (no cache), for each K in --ks;
 * `run_plus_K`: the run's cache refined by K steps;
 * `--variant`: any method.<param> overrides, from x0 or (leading +) from the run's cache.
 

@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     for text in a.variants.split(";"):
         args, decay, carry = parse_variant(text)
         custom = decay != 1.0 or carry
-        method = build_method("causal-align", dict(args, align_batch=a.align_batch,
+        # Adam unless the variant names another search: the one these probes vary (swapped
+        # in below), whatever the method's default
+        method = build_method("causal-align", dict({"inner_optimizer": "adam", **args},
+                                                   align_batch=a.align_batch,
                                                    normalize="total",
                                                    steps=a.k, cg_iters=3, warm_start=True))
         cf._adam = probe_adam(decay, carry) if custom else _builtin_adam

@@ -284,7 +284,8 @@ def test_total_loss_is_ce_plus_lambda_times_eq3_over_annotated_samples(region, n
     x, y = batch["image"], batch["label"]
     sel = torch.tensor(has if region == "mask" else box)
     m = batch["mask"] if region == "mask" else batch["box_mask"]
-    gen = CounterfactualGenerator(model, alpha=alpha, steps=7, lr=0.05, distance="l2")
+    gen = CounterfactualGenerator(model, alpha=alpha, steps=7, lr=0.05, distance="l2",
+                                  optimizer=method.params.inner_optimizer)  # the default's
     logits = model(x)
     if classes == 2:
         y_star = 1 - y
