@@ -5,12 +5,14 @@
 
 For every run: Pearson correlation, over the split, of the model's class-1 logit margin
 (logit₁ − logit₀) with (a) the true label, (b) each annotated attribute and (c) the lesion's
-mean brightness inside its mask. On the synthetic benchmark the label follows spiculation,
-margin, lobulation, texture and subtlety (weights 2.0, 1.5, 1.0, 0.7, 0.4); mean lesion
-brightness is driven by subtlety (contrast) and texture (solid vs ground-glass) and is nearly
-uncorrelated with the label — a model whose margin tracks brightness has found an in-lesion
-feature that is not the cause of the label. Hierarchical models are scored on their label
-head. Writes JSON and a markdown table next to it.
+mean brightness inside its mask. On the default synthetic benchmark the label follows
+spiculation, margin, lobulation, texture and subtlety (weights 2.0, 1.5, 1.0, 0.7, 0.4); mean
+lesion brightness is driven by subtlety (contrast) and texture (solid vs ground-glass) and is
+nearly uncorrelated with the label — a model whose margin tracks brightness has found an
+in-lesion feature that is not the cause of the label. (`data synth --weights` moves the
+causes; the label's own correlation with brightness is printed for the data measured.)
+Hierarchical models are scored on their label head. Writes JSON and a markdown table next to
+it.
 """
 
 from __future__ import annotations

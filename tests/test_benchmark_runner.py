@@ -154,6 +154,33 @@ def test_changed_synthetic_dataset_settings_are_refused_before_any_output(tmp_pa
         bm.prepare_dataset(changed, "pm", out)
 
 
+def test_causal_weights_are_part_of_a_synthetic_datasets_identity(tmp_path):
+    """A dataset generated before `causal_weights` existed is the default rule's (reused);
+    one generated with other weights is refused, naming the setting."""
+    import yaml
+
+    out = tmp_path / "out"
+    suite = bm.parse_suite(RAW, tmp_path, "tiny")
+    data = bm.prepare_dataset(suite, "pm", out)
+    meta_file = data / "dataset.yaml"
+    meta = yaml.safe_load(meta_file.read_text())
+    assert meta["info"]["config"]["causal_weights"] is None
+    del meta["info"]["config"]["causal_weights"]  # as the generator wrote it before
+    meta_file.write_text(yaml.safe_dump(meta))
+    assert bm.prepare_dataset(suite, "pm", out) == data
+    interior = {"calcification": 2.0, "texture": 1.5, "subtlety": 1.0}
+    moved = bm.parse_suite({**RAW, "datasets": {"pm": {"synth": {**TINY,
+                                                                 "causal_weights": interior}}}},
+                           tmp_path, "tiny")
+    with pytest.raises(ConfigError, match=r"generated with other settings \(causal_weights "
+                                          r"None -> \{'calcification': 2.0"):
+        bm.prepare_dataset(moved, "pm", out)
+    bad = {**RAW, "datasets": {"pm": {"synth": {**TINY, "causal_weights": {"lobes": 1}}}}}
+    with pytest.raises(ConfigError, match="dataset 'pm': causal weights: unknown attribute "
+                                          "'lobes'"):
+        bm.parse_suite(bad, tmp_path, "tiny")
+
+
 def test_a_run_shared_by_two_experiments_fills_both_tables(tmp_path):
     """Paper Table 2 lists Table 1's runs under other labels: merged into one run, its
     cells were empty ('–') in every table but the first."""

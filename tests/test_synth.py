@@ -13,6 +13,8 @@ from causalign.data.synth import (
     SynthConfig,
     bayes_accuracy,
     generate,
+    label_threshold,
+    parse_weights,
     render_lesion,
 )
 from causalign.errors import DataError
@@ -141,3 +143,55 @@ def test_too_large_a_synthetic_image_is_refused_before_any_output(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --size"), err
     assert "too large" in err[0] and not out.exists()
+
+
+def test_causal_weights_replace_the_label_rule(tmp_path):
+    """`causal_weights` moves the label's causes (here: the lesion's interior); unnamed
+    attributes weigh 0, the threshold stays near the median score, dataset.yaml records the
+    rule that was used (CCCE's ground truth reads it)."""
+    weights = {"calcification": 2.0, "texture": 1.5, "subtlety": 1.0}
+    cfg = SynthConfig(n_train=400, n_val=2, n_test=2, size=32, seed=5, causal_weights=weights)
+    meta = generate(tmp_path / "d", cfg)
+    w = np.array([weights.get(a, 0.0) for a in ATTRIBUTES])
+    assert np.array_equal(cfg.weights(), w)
+    info = meta.info
+    assert info["causal_weights"] == dict(zip(ATTRIBUTES, w.tolist(), strict=True))
+    # scores 0 … 4.5; the median of the 8 combinations of the three causes lies between 2 and
+    # 2.5, so exactly the combinations of two or three causes are positive: a balanced label
+    assert info["threshold"] == label_threshold(w) == 2.25
+    ds = LesionDataset(tmp_path / "d", "train")
+    a, y = ds.attributes.numpy(), ds.labels.numpy()
+    rule = (a @ w > 2.25).astype(int)
+    assert (rule == y).mean() > 0.9  # σ = 0.3 flips only scores next to t
+    assert 0.4 < y.mean() < 0.6
+    # the default rule's causes no longer predict the label
+    spic = a[:, ATTRIBUTES.index("spiculation")].astype(bool)
+    assert abs(y[spic].mean() - y[~spic].mean()) < 0.15
+    assert bayes_accuracy(0.3, 0.5, w) == pytest.approx(0.9479, abs=1e-4)
+    assert bayes_accuracy(0.3, 0.5, w) != bayes_accuracy(0.3, 0.5)
+    # the default stays the outline rule, bit for bit
+    assert np.array_equal(SynthConfig().weights(), np.array(CAUSAL_WEIGHTS))
+
+
+@pytest.mark.parametrize("weights, needle", [
+    ({"volume": 1.0}, "unknown attribute 'volume'"),
+    ({"calcification": -1.0}, "calcification must be a finite weight >= 0"),
+    ({"calcification": float("nan")}, "calcification must be a finite weight >= 0"),
+    ({"calcification": True}, "calcification must be a finite weight >= 0"),
+    ({"texture": 0.0}, "at least one attribute needs a weight > 0"),
+    ({}, "must map attribute names to weights"),
+])
+def test_bad_causal_weights_are_refused(weights, needle):
+    with pytest.raises(DataError, match=needle):
+        SynthConfig(causal_weights=weights).validate()
+
+
+def test_parse_weights():
+    assert parse_weights("calcification=2, texture=1.5,") == {"calcification": 2.0,
+                                                              "texture": 1.5}
+    for text, needle in [("calcification", "is not NAME=WEIGHT"),
+                         ("calcification=two", "is not NAME=WEIGHT"),
+                         ("texture=1,texture=2", "'texture' is named twice"),
+                         ("lobes=1", "unknown attribute 'lobes'")]:
+        with pytest.raises(DataError, match=needle):
+            parse_weights(text)

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from causalign.cli import main
 from causalign.data.synth import SynthConfig, bayes_accuracy, site_params
@@ -195,3 +196,20 @@ def test_report_figure_names_stay_inside_the_figures_folder(tmp_path, monkeypatc
     assert written == ["bench/figures/cam_grid_lidc-sub-set.png",
                        "bench/figures/counterfactuals_lidc-sub-set.png"], written
     assert page.count("<img") == 2 and "../../lidc/sub set" in page
+
+
+def test_bad_weights_option_is_a_one_line_error(tmp_path, capsys):
+    rc, _, err = _run(capsys, "data", "synth", str(tmp_path / "d"), "--n-train", "2",
+                      "--n-val", "1", "--n-test", "1", "--size", "32", "--weights",
+                      "calcification=2,volume=1", "--no-examples")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: causal weights: unknown attribute 'volume'"), err
+    assert not (tmp_path / "d").exists()
+    rc, out, _ = _run(capsys, "data", "synth", str(tmp_path / "d"), "--n-train", "4",
+                      "--n-val", "2", "--n-test", "2", "--size", "32", "--weights",
+                      "calcification=1", "--no-examples", "--no-progress")
+    assert rc == 0, out
+    info = yaml.safe_load((tmp_path / "d" / "dataset.yaml").read_text())["info"]
+    assert info["causal_weights"]["calcification"] == 1.0
+    assert info["causal_weights"]["spiculation"] == 0.0 and info["threshold"] == 0.5

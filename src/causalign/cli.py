@@ -52,17 +52,21 @@ def data_synth(
     depth: Annotated[int, typer.Option(help="slices per volume (1: 2D images)")] = 1,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     label_noise: Annotated[float, typer.Option(help="σ of the noise in the label rule")] = 0.3,
+    weights: Annotated[str, typer.Option(
+        help="the label rule's attribute weights, NAME=W,… (unnamed: 0); default: "
+             "spiculation 2, margin 1.5, lobulation 1, texture 0.7, subtlety 0.4")] = "",
     overwrite: Annotated[bool, typer.Option(help="write into OUT even if it is not empty")] = False,
     examples: Annotated[bool, typer.Option(help="also write examples.png")] = True,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Write the synthetic lesion benchmark (defaults = the demo's benchmark)."""
     from .data.format import ensure_empty_or_missing
-    from .data.synth import SynthConfig, generate
+    from .data.synth import SynthConfig, generate, parse_weights
 
     cfg = SynthConfig(n_train=n_train, n_val=n_val, n_test=n_test, size=size,
                       shortcut=shortcut, sites=sites, depth=depth, seed=seed,
-                      label_noise=label_noise)
+                      label_noise=label_noise,
+                      causal_weights=parse_weights(weights) if weights else None)
     cfg.validate()
     ensure_empty_or_missing(out, overwrite)
     with _progress(progress) as bar:

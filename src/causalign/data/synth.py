@@ -17,6 +17,10 @@ The label follows a monotone noisy rule ``y = 1[w·a + ε > t]``, ε ~ N(0, σ²
 non-negative weights (spiculation > margin > lobulation > texture > subtlety, calcification 0),
 so attributes cause the label, some matter more than others, and calcification is a visible
 but non-causal distractor. The Bayes accuracy of the rule is stored in dataset.yaml.
+``causal_weights`` replaces w (attributes it does not name weigh 0); t is then chosen the same
+way, near the median score. The default weights put the causes on the lesion's outline
+(spikes, blurred margin, lobes); e.g. ``{calcification: 2, texture: 1.5, subtlety: 1}`` puts
+them in its interior, where every cause changes the brightness inside the mask.
 
 Shortcuts (training split only; random in val/test):
 ``plus-minus`` a "+" (y=1) or "−" (y=0) symbol in the top-left corner;
@@ -32,6 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +76,14 @@ class SynthConfig:
     seed: int = 0
     label_noise: float = 0.3  # σ of ε in the label rule
     attribute_prob: float = 0.5
+    # w of the label rule by attribute name, unnamed attributes 0; None: CAUSAL_WEIGHTS
+    causal_weights: dict[str, float] | None = None
+
+    def weights(self) -> np.ndarray:
+        """The label rule's weight vector, in ATTRIBUTES order."""
+        if self.causal_weights is None:
+            return np.array(CAUSAL_WEIGHTS, dtype=np.float64)
+        return np.array([float(self.causal_weights.get(a, 0.0)) for a in ATTRIBUTES])
 
     def validate(self) -> None:
         if self.shortcut not in SHORTCUTS:
@@ -96,6 +109,44 @@ class SynthConfig:
             raise DataError(f"--label-noise must be a finite σ >= 0, got {self.label_noise}")
         if self.seed < 0:  # NumPy's SeedSequence would raise a bare ValueError traceback
             raise DataError(f"--seed must be >= 0, got {self.seed}")
+        if self.causal_weights is not None:
+            self._validate_weights(self.causal_weights)
+
+    @staticmethod
+    def _validate_weights(weights: object) -> None:
+        if not isinstance(weights, dict) or not weights:
+            raise DataError(f"causal weights must map attribute names to weights, got "
+                            f"{weights!r}")
+        for name, w in weights.items():
+            if name not in ATTRIBUTES:
+                raise DataError(f"causal weights: unknown attribute '{name}'; valid: "
+                                f"{', '.join(ATTRIBUTES)}")
+            if isinstance(w, bool) or not isinstance(w, int | float) \
+                    or not 0 <= w < float("inf"):
+                raise DataError(f"causal weights: {name} must be a finite weight >= 0, "
+                                f"got {w!r}")
+        if not any(w > 0 for w in weights.values()):
+            raise DataError("causal weights: at least one attribute needs a weight > 0 "
+                            "(else the label would be noise alone)")
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"calcification=2,texture=1.5"`` -> {"calcification": 2.0, "texture": 1.5}, checked."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = None
+        if not sep or w is None:
+            raise DataError(f"--weights: '{item}' is not NAME=WEIGHT (e.g. "
+                            f"'calcification=2,texture=1.5')")
+        if name.strip() in weights:
+            raise DataError(f"--weights: '{name.strip()}' is named twice")
+        weights[name.strip()] = w
+    SynthConfig._validate_weights(weights)
+    return weights
 
 
 @dataclass
@@ -124,9 +175,9 @@ def site_params(k: int, n_sites: int, base_prob: float) -> SiteParams:
     )
 
 
-def label_threshold() -> float:
+def label_threshold(weights: Sequence[float] = CAUSAL_WEIGHTS) -> float:
     """Threshold t: midway between the two score values around the median at p = 0.5."""
-    w = np.array(CAUSAL_WEIGHTS)
+    w = np.asarray(weights, dtype=np.float64)
     combos = np.array(list(itertools.product([0, 1], repeat=len(w))))
     vals = np.unique(combos @ w)
     t = np.median(combos @ w)
@@ -134,12 +185,13 @@ def label_threshold() -> float:
     return float((vals[i] + vals[i - 1]) / 2) if 0 < i < len(vals) else float(t)
 
 
-def bayes_accuracy(noise: float, prob: float) -> float:
+def bayes_accuracy(noise: float, prob: float,
+                   weights: Sequence[float] = CAUSAL_WEIGHTS) -> float:
     """Accuracy of the best classifier that knows the attributes exactly."""
-    w = np.array(CAUSAL_WEIGHTS)
+    w = np.asarray(weights, dtype=np.float64)
     combos = np.array(list(itertools.product([0, 1], repeat=len(w))))
     p = np.prod(np.where(combos == 1, prob, 1 - prob), axis=1)
-    margin = combos @ w - label_threshold()  # never 0: t lies midway between score values
+    margin = combos @ w - label_threshold(w)  # never 0: t lies midway between score values
     # σ = 0 is a deterministic rule: P(y=1 | a) is 0 or 1 (no 0-division RuntimeWarning)
     p1 = (margin > 0).astype(np.float64) if noise == 0 else norm.cdf(margin / noise)
     return float((p * np.maximum(p1, 1 - p1)).sum())
@@ -303,8 +355,8 @@ def render_sample(
 def generate(out: str | Path, cfg: SynthConfig, progress: Progress | None = None) -> DatasetMeta:
     """Write the benchmark to `out` in the dataset format; deterministic given cfg.seed."""
     cfg.validate()
-    threshold = label_threshold()
-    weights = np.array(CAUSAL_WEIGHTS)
+    weights = cfg.weights()
+    threshold = label_threshold(weights)
     sites = [site_params(k, cfg.sites, cfg.attribute_prob) for k in range(cfg.sites)]
     meta = DatasetMeta(
         name=f"synth-{cfg.shortcut}", classes=["benign", "malignant"],
@@ -312,10 +364,11 @@ def generate(out: str | Path, cfg: SynthConfig, progress: Progress | None = None
         info={
             "generator": "causalign.data.synth",
             "config": asdict(cfg),
-            "causal_weights": dict(zip(ATTRIBUTES, CAUSAL_WEIGHTS, strict=True)),
+            "causal_weights": dict(zip(ATTRIBUTES, weights.tolist(), strict=True)),
             "label_rule": f"y = 1[w.a + N(0, {cfg.label_noise}^2) > {threshold:.3f}]",
             "threshold": threshold,
-            "bayes_accuracy": {str(k): bayes_accuracy(cfg.label_noise, sp.attribute_prob)
+            "bayes_accuracy": {str(k): bayes_accuracy(cfg.label_noise, sp.attribute_prob,
+                                                      weights)
                                for k, sp in enumerate(sites)},
             "sites": [asdict(sp) for sp in sites],
             "shortcut_in": ["train"],
