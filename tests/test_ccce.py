@@ -99,3 +99,20 @@ def test_report_on_synthetic_rule_recovers_causal_attributes():
     assert rep["fraction_subset_only_truly_causal"] > 0.95
     assert rep["fitted_weights"]["spiculation"] > rep["fitted_weights"]["subtlety"]
     assert rep["causal_frequency"]["spiculation"] > rep["causal_frequency"]["subtlety"]
+
+
+def test_dataset_report_follows_a_moved_label_rule(tmp_path):
+    """`data synth --weights` moves the label's causes into the lesion's interior: CCCE on the
+    written dataset attributes them there, and never the default rule's spiculation."""
+    from causalign.causal.ccce import dataset_attribution_report
+    from causalign.data.synth import SynthConfig, generate
+
+    weights = {"calcification": 2.0, "texture": 1.5, "subtlety": 1.0}
+    generate(tmp_path / "d", SynthConfig(n_train=600, n_val=2, n_test=2, size=32, seed=3,
+                                         causal_weights=weights))
+    rep = dataset_attribution_report(tmp_path / "d", tol=0.01)
+    freq = rep["causal_frequency"]
+    for name in ("spiculation", "margin", "lobulation"):
+        assert freq[name] < 0.02, (name, freq)
+    assert freq["calcification"] > freq["subtlety"] > 0.1, freq
+    assert rep["fraction_subset_only_truly_causal"] > 0.95
