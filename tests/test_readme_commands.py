@@ -24,6 +24,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# README.md and the longer write-ups it links (docs/*.md): what a user copies from either
+# must exist as written. Spans and commands cite paths from the repository root (a command
+# runs there); markdown links and images are relative to the file, as GitHub renders them.
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+DOC_IDS = [str(d.relative_to(ROOT)) for d in DOCS]
+per_doc = pytest.mark.parametrize("doc", DOCS, ids=DOC_IDS)
 
 # Paths the README names that are written on demand, not shipped (the reason is in the README).
 NOT_SHIPPED = {
@@ -214,8 +220,9 @@ def test_readme_shows_the_cli() -> None:
             "data synth", "data import", "bench step", "causal ccce", "causal pc"} <= found
 
 
-def test_every_causalign_command_and_option_exists() -> None:
-    problems = [p for cmd, toks in causalign_invocations(README.read_text())
+@per_doc
+def test_every_causalign_command_and_option_exists(doc: Path) -> None:
+    problems = [p for cmd, toks in causalign_invocations(doc.read_text())
                 for p in _check_invocation(cmd, toks)]
     assert not problems, "\n".join(problems)
 
@@ -233,10 +240,11 @@ def test_every_cli_subcommand_is_documented() -> None:
     assert not missing, f"CLI commands the README never shows: {missing}"
 
 
-def test_standalone_settings_exist() -> None:
+@per_doc
+def test_standalone_settings_exist(doc: Path) -> None:
     """Spans such as `--set method.region=box`, `method.align_start=4`, `augment=dihedral`."""
     problems = []
-    for span in _spans(README.read_text()):
+    for span in _spans(doc.read_text()):
         if "causalign" in span or ".py" in span:
             continue  # whole commands: checked with their command
         for kv in re.findall(r"--set (\S+=\S*)", span):
@@ -286,9 +294,10 @@ def benchmark_invocations(text: str) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def test_every_benchmark_script_and_flag_exists() -> None:
-    invocations = benchmark_invocations(README.read_text())
-    assert len(invocations) >= 10
+@per_doc
+def test_every_benchmark_script_and_flag_exists(doc: Path) -> None:
+    invocations = benchmark_invocations(doc.read_text())
+    assert doc != README or len(invocations) >= 10  # the parser finds the README's
     problems = []
     for cmd, name, rest in invocations:
         script = ROOT / "benchmarks" / name
@@ -318,12 +327,12 @@ def _expand(path: str) -> list[str]:
 
 
 def cited_paths(text: str) -> list[str]:
-    """Repository paths the README cites in spans, commands and links."""
+    """Repository paths a document cites in spans and commands (from the repository root;
+    its markdown links are `_links`)."""
     pattern = r"(?<![\w/.\-])((?:src|benchmarks|docs|tests|\.ci)/[^\s`)\]|;:'\"]*)"
     found: list[str] = []
     for chunk in [*_spans(text), *(ln for b in _fenced(text) for ln in _shell_lines(b))]:
         found += re.findall(pattern, chunk.replace("\\|", "|"))
-    found += [p for p in re.findall(r"\]\(([^)#\s]+)", text) if not p.startswith(("http", ".."))]
     paths = []
     for p in found:
         p = p.rstrip(".,")
@@ -333,21 +342,32 @@ def cited_paths(text: str) -> list[str]:
     return paths
 
 
-def test_every_cited_path_exists() -> None:
-    paths = cited_paths(README.read_text())
-    assert len(paths) >= 40
-    missing = []
-    for p in paths:
-        if p in NOT_SHIPPED or re.search(r"<|RUN|DIR|\{seed\}", p):
-            continue
-        if not glob.glob(str(ROOT / p)):
-            missing.append(p)
-    assert not missing, f"README cites paths that do not exist: {sorted(set(missing))}"
+def _links(text: str) -> list[str]:
+    """Targets of a document's markdown links and images inside the repository (relative to
+    the document; web addresses and ../shared, which lies beside the checkout, left out)."""
+    return [p for p in re.findall(r"\]\(([^)#\s]+)", _prose(text))
+            if not p.startswith(("http", "../shared", "../../shared"))]
 
 
-def test_cited_test_names_exist() -> None:
+def _missing(paths: list[str], base: Path) -> list[str]:
+    return [p for p in paths
+            if p not in NOT_SHIPPED and not re.search(r"<|RUN|DIR|\{seed\}", p)
+            and not glob.glob(str(base / p))]
+
+
+@per_doc
+def test_every_cited_path_exists(doc: Path) -> None:
+    text = doc.read_text()
+    paths = cited_paths(text)
+    assert doc != README or len(paths) >= 40  # the parser finds the README's
+    missing = _missing(paths, ROOT) + _missing(_links(text), doc.parent)
+    assert not missing, f"{doc.name} cites paths that do not exist: {sorted(set(missing))}"
+
+
+@per_doc
+def test_cited_test_names_exist(doc: Path) -> None:
     problems = []
-    for path, name in re.findall(r"(tests/test_\w+\.py)::(\w+)", README.read_text()):
+    for path, name in re.findall(r"(tests/test_\w+\.py)::(\w+)", doc.read_text()):
         src = (ROOT / path).read_text() if (ROOT / path).is_file() else ""
         if not re.search(rf"^\s*(async )?def {name}\(", src, re.M):
             problems.append(f"{path}::{name}")
@@ -367,16 +387,17 @@ def _slugs(markdown: str) -> set[str]:
     return out
 
 
-def test_every_anchor_resolves() -> None:
-    text = README.read_text()
+@per_doc
+def test_every_anchor_resolves(doc: Path) -> None:
+    text = doc.read_text()
     problems = []
     for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
-        doc = ROOT / target if target else README
-        if not doc.is_file():
+        linked = (doc.parent / target).resolve() if target else doc
+        if not linked.is_file():
             problems.append(f"{target}: no such file")
-        elif anchor not in _slugs(doc.read_text()):
-            problems.append(f"{target or 'README.md'}#{anchor}")
-    assert not problems, f"links to headings that do not exist: {problems}"
+        elif anchor not in _slugs(linked.read_text()):
+            problems.append(f"{target or doc.name}#{anchor}")
+    assert not problems, f"{doc.name} links to headings that do not exist: {problems}"
 
 
 def test_ppi_results_link_points_at_the_ppi_results() -> None:
@@ -450,11 +471,12 @@ def test_shipped_suites_exist(suite: str) -> None:
     assert yaml.safe_load(path.read_text())["name"] == suite
 
 
-def test_every_train_command_names_its_run_folder() -> None:
+@per_doc
+def test_every_train_command_names_its_run_folder(doc: Path) -> None:
     """`train` without --out writes runs/METHOD-seedS, and a finished run is never
     overwritten: the README's sweeps (one method and seed, other settings) would stop at
     their second run without --out."""
-    bare = [cmd for cmd, toks in causalign_invocations(README.read_text())
+    bare = [cmd for cmd, toks in causalign_invocations(doc.read_text())
             if toks[:1] == ["train"] and len(toks) > 1 and "--out" not in toks]
     assert not bare, "train commands without --out:\n" + "\n".join(bare)
 
