@@ -91,11 +91,12 @@ class CausalAlignParams:
     lam: float = 1.0  # λ: the paper's value on both datasets (§5.2; Tab. 5 flat over 0.8–1.2)
     # K steps of inner_optimizer for x*; with warm_start each sample keeps refining across
     # epochs. K, the optimiser and the CG iterations come from benchmarks/bench_causal_align.py
-    # (README, "Gauss-Newton K = 7"): Adam at K = 10 (the paper code's optimiser) has warm
-    # cosine >= 0.95 to a tight solve of its own minimum on one seed of three; Gauss-Newton at
-    # K = 7 has it on all three at ~1.1x the step cost, but trained worse models: in pixel
-    # space slightly (accuracy 0.589 / CAM 0.465 against 0.596 / 0.520), in the latent space
-    # and on the multiview model clearly (the latent run took the symbol), so it stays an option
+    # (docs/causal_align_solvers.md, "Gauss-Newton at K = 7"): Adam at K = 10 (the paper
+    # code's optimiser) has warm cosine >= 0.95 to a tight solve of its own minimum on one
+    # seed of three; Gauss-Newton at K = 7 has it on all three at ~1.1x the step cost, but
+    # trained worse models: in pixel space slightly (accuracy 0.589 / CAM 0.465 against
+    # 0.596 / 0.520), in the latent space and on the multiview model clearly (the latent run
+    # took the symbol), so it stays an option
     steps: int = 10
     inner_lr: float = 0.01  # Adam / ISTA step in pixel units (images in [0, 1]); paper code: 0.01
     # adam (the paper's code) | newton: damped Gauss-Newton with a line search
@@ -104,7 +105,7 @@ class CausalAlignParams:
     inner_optimizer: str = "adam"
     # Gauss-Newton steps after the K steps of inner_optimizer (0: none): their line search
     # never raises T, so they move x* towards the minimum of the basin the search reached
-    # (README, "Inner solvers": measured cosines)
+    # (docs/causal_align_solvers.md, "Speed and gradient accuracy": measured cosines)
     newton_polish: int = 0
     # CG iteration cap. Preconditioned CG needs ~C iterations on piecewise-linear nets (the
     # Gauss-Newton term has rank C-1, module docstring), so 0 = auto: max(3, C) for C
@@ -123,7 +124,8 @@ class CausalAlignParams:
     # what a step does when CG meets negative curvature: gauss-newton solves it with the
     # Gauss-Newton system instead (positive definite; δ stays), damping raises δ as above.
     # Measured on multiview: damping reached 10 within 3 epochs and the term stopped acting
-    # (the run ended where ERM ends); gauss-newton kept δ at 0.01 (README)
+    # (the run ended where ERM ends); gauss-newton kept δ at 0.01
+    # (docs/causal_align_solvers.md, "Negative curvature")
     negative_curvature: str = "gauss-newton"
     distance: str = "l1"  # l1 | scaled-l1 | l2 | scaled-l2 (paper Tab. 7: l1 best)
     eps: float = 1e-2  # smoothing of the l1 surrogate √(δ²+ε²)−ε, in pixel units
