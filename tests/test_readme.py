@@ -26,11 +26,11 @@ def _block(marker: str) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(BLOCKS) == 4
+    assert len(BLOCKS) == 5
 
 
 def test_quickstart_example(tmp_path: Path) -> None:
-    out = _run(_block("TrainConfig"), tmp_path)
+    out = _run(_block('TrainConfig(method="oracle"'), tmp_path)
     acc, cam_precision = map(float, out[0].split())
     assert 0.0 <= acc <= 1.0 and 0.0 <= cam_precision <= 1.0
     assert out[1] == "torch.Size([4, 1, 64, 64])"
@@ -56,3 +56,14 @@ def test_own_model_and_loop_example(tmp_path: Path) -> None:
     out = _run(_block("DataLoader"), tmp_path)
     assert out == [f"{name} (4, 1, 32, 32)" for name in ("wbp", "lrp-epsilon", "gradcam",
                                                          "gradient")]
+
+
+def test_counterfactual_example(tmp_path: Path) -> None:
+    """Prints "flipped F, change inside the mask M": a trained model's predictions flip (the
+    README shows 1.00) and the in-mask share is a share."""
+    out = _run(_block("CounterfactualGenerator"), tmp_path)
+    m = re.fullmatch(r"flipped (\d\.\d\d), change inside the mask (\d\.\d\d)", out[-1])
+    assert m, out
+    flipped, inside = float(m[1]), float(m[2])
+    assert flipped >= 0.75
+    assert 0.0 < inside < 1.0
