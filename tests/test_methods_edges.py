@@ -159,6 +159,21 @@ def test_causal_align_refuses_an_autoencoder_of_other_channels(tmp_path):
         method(model, _batch(channels=3))
 
 
+def test_causal_align_refuses_an_unusable_autoencoder_path_before_training(tmp_path,
+                                                                           monkeypatch):
+    import causalign.models.autoencoder as ae_mod
+
+    def no_training(images, **kwargs):
+        raise AssertionError("trained an autoencoder it could not have saved")
+
+    monkeypatch.setattr(ae_mod, "train_autoencoder", no_training)
+    (tmp_path / "a_file").write_text("x")
+    method = build_method("causal-align", {"steps": 1, "space": "latent",
+                                           "autoencoder": str(tmp_path / "a_file" / "ae.pt")})
+    with pytest.raises(CausalignError, match="cannot create the folder"):
+        method(build_model("cnn7", 1, 2, width=4), _batch())
+
+
 def test_causal_align_refuses_a_box_only_training_split():
     # The trainer checks for "a mask or a box"; with region=mask and boxes only, every step
     # skipped L_align (n_align = 0): ERM under the name causal-align, without a word.

@@ -183,6 +183,7 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
     else OUT/autoencoder.pt) so the next call reuses it."""
     from ..models.autoencoder import (
         autoencoder_from_state,
+        check_autoencoder_destination,
         load_autoencoder,
         save_autoencoder,
         train_autoencoder,
@@ -211,8 +212,10 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
             return load_autoencoder(out / "autoencoder.pt", device)
     if path is None:  # a run killed between the two writes must not vouch for the new file
         source.unlink(missing_ok=True)
+    destination = check_autoencoder_destination(path if path is not None
+                                                else out / "autoencoder.pt")
     ae = train_autoencoder(train_images, device=device, progress=progress)
-    save_autoencoder(path if path is not None else out / "autoencoder.pt", ae)
+    save_autoencoder(destination, ae)
     if path is None:
         atomic_write_json(source, {"train_images_sha256": fingerprint,
                                    "train_images_shape": list(train_images.shape)})

@@ -321,7 +321,12 @@ class CausalAlign(Method):
             self.autoencoder = self._load_or_train_autoencoder(images, device)
 
     def _load_or_train_autoencoder(self, images: Tensor, device) -> nn.Module:
-        from ..models.autoencoder import load_autoencoder, save_autoencoder, train_autoencoder
+        from ..models.autoencoder import (
+            check_autoencoder_destination,
+            load_autoencoder,
+            save_autoencoder,
+            train_autoencoder,
+        )
 
         path = self.params.autoencoder
         if path and Path(path).exists():
@@ -334,6 +339,8 @@ class CausalAlign(Method):
                                      f"data has {images.shape[1]} channel(s) (method."
                                      f"autoencoder: train a new one, or give another file)")
             return ae
+        if path:  # refuse an unwritable destination before the training, not after it
+            check_autoencoder_destination(path)
         ae = train_autoencoder(images, device=device)
         if path:
             save_autoencoder(path, ae)

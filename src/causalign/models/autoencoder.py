@@ -13,6 +13,7 @@ store it with its constructor arguments so a file is self-describing.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,24 @@ def train_autoencoder(images: Tensor, *, epochs: int = 15, batch_size: int = 64,
     return model
 
 
+def check_autoencoder_destination(path: str | Path) -> Path:
+    """Make sure a trained autoencoder can be saved at ``path`` *before* it is trained (35 s
+    for 1000 images on one core): the folder is created if missing; a path that is a folder,
+    or a folder that cannot be created or written, is refused in one line."""
+    p = Path(path)
+    if p.is_dir():
+        raise CausalignError(f"{p}: is a folder; the autoencoder is saved to a file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CausalignError(f"{p.parent}: cannot create the folder for the autoencoder "
+                             f"({exc.strerror or type(exc).__name__})") from None
+    if not os.access(p.parent, os.W_OK):
+        raise CausalignError(f"{p.parent}: folder is not writable; the trained autoencoder "
+                             f"could not be saved there")
+    return p
+
+
 def save_autoencoder(path: str | Path, model: ConvAutoencoder) -> None:
     """Write the autoencoder (config + weights, with a SHA-256 beside it) atomically."""
     from ..io import atomic_torch_save
@@ -180,6 +199,8 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> Co
     p = Path(path)
     if not p.exists():
         raise CausalignError(f"{p}: autoencoder file not found")
+    if p.is_dir():
+        raise CausalignError(f"{p}: is a folder, not an autoencoder file")
     data = load_checkpoint(p, map_location=device)  # its errors already name the file
     try:
         return autoencoder_from_state(data, device)
