@@ -23,6 +23,11 @@ For every (inner optimiser, K inner steps, CG iterations, Gauss-Newton polish st
   own x*: solved the same tight way (``cosine_warm_own_ref``) and by Gauss-Newton alone, which
   never leaves the row's basin (``cosine_warm_own_newton_ref``); ``--no-own-ref`` skips both.
 
+The JSON is rewritten after every row (``"complete": false`` until the end), so an
+interrupted sweep keeps its finished rows: rerun with the same options and it continues
+(rows are only reused for identical options; each row's timing is a ratio measured within
+its own process, so a resumed sweep's rows stay comparable).
+
 Side by side, in the same process: the configuration of the paper's published code — latent
 space of an autoencoder, L2 distance on the code, 200 Adam steps at lr 0.01, implicit gradient
 by TorchOpt `custom_root` with `solve_normal_cg(rtol=0.1)` — timed the same way, with its
@@ -251,6 +256,25 @@ def paper_step(model, ae, batch, alpha: float, steps: int = 200, lr: float = 0.0
     return flat(grads), time.perf_counter() - t0
 
 
+def _row_key(row: dict) -> tuple:
+    """(optimizer, K, CG cap or "gn", polish): what identifies a sweep row."""
+    solve = "gn" if row["hvp"] == "gauss-newton" else row["cg_iters"]
+    return row["optimizer"], row["steps"], solve, row["newton_polish"]
+
+
+def finished_rows(out: Path, settings: dict) -> dict[tuple, dict]:
+    """Rows of an interrupted sweep at ``out`` run with the same ``settings`` ({} when there
+    is none: no file, a finished sweep, other options, or not this script's JSON)."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("complete", True) \
+            or old.get("settings") != settings:
+        return {}
+    return {_row_key(r): r for r in old.get("sweep", [])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/causal_align_sweep.json")
@@ -289,6 +313,12 @@ def main() -> None:
     # "gn": the direct Gauss-Newton adjoint solve (method.hvp=gauss-newton) instead of CG
     cgs = [c if c == "gn" else int(c) for c in a.cgs.split(",")]
     t_start = time.perf_counter()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in sorted(vars(a).items()) if k != "out"}
+    done = finished_rows(out, settings)
+    if done:
+        print(f"continuing the interrupted sweep in {out}: {len(done)} row(s) kept", flush=True)
 
     ds, model = setup(a.size, max(128, a.batch_size), a.erm_steps, a.seed)
     batch = make_batch(ds, a.batch_size)
@@ -307,6 +337,10 @@ def main() -> None:
     polishes = [int(x) for x in a.polish.split(",")]
     for opt, k, c, pol in [(o, k, c, p) for o in a.optimizers.split(",") for k in ks
                            for c in cgs for p in polishes]:
+        kept = done.get((opt, k, c, pol))
+        if kept is not None:
+            rows.append(kept)
+            continue
         solve = (dict(hvp="gauss-newton") if c == "gn" else dict(cg_iters=c))
         args = dict(common, steps=k, inner_optimizer=opt, newton_polish=pol, **solve)
         t = timed_ratio(lambda args=args: build_method("causal-align", args), model, batch,
@@ -329,12 +363,16 @@ def main() -> None:
                    flip_rate_warm=parts_w.get("flip_rate"))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        atomic_write_json(out, {"benchmark": "causal_align_sweep", "complete": False,
+                                "settings": settings, "sweep": rows})
 
     # Whole batch aligned (no align_batch) at the defaults, for the cost of align_batch.
     full = timed_ratio(lambda: build_method("causal-align", dict(common, align_batch=0)), model,
                        batch, a.repeats)
     result = {
-        "benchmark": "causal_align_sweep", "device": "cpu", "threads": a.threads,
+        "benchmark": "causal_align_sweep", "complete": True, "settings": settings,
+        "rows_kept_from_an_interrupted_run": len(done),
+        "device": "cpu", "threads": a.threads,
         "torch": torch.__version__, "size": a.size, "batch_size": a.batch_size,
         "align_batch": a.align_batch, "normalize": normalize, "repeats": a.repeats,
         "warm_visits": a.warm_visits,
@@ -393,9 +431,7 @@ def main() -> None:
         result["paper_config"] = {"torchopt_solve_normal_cg_rtol0.1_adam200": paper, **ours}
         print(json.dumps(result["paper_config"]), flush=True)
 
-    result["elapsed_s"] = time.perf_counter() - t_start
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result["elapsed_s"] = time.perf_counter() - t_start  # this process's part
     atomic_write_json(out, result)
     print(f"wrote {out}")
 

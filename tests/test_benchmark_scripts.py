@@ -241,6 +241,46 @@ def test_bench_causal_align_smoke(tmp_path, monkeypatch):
     assert _finite(r["reference"]["align"])
 
 
+def test_bench_causal_align_interrupted_sweep_keeps_and_continues_its_rows(tmp_path,
+                                                                            monkeypatch):
+    mod = _load("bench_causal_align")
+    out = tmp_path / "sweep.json"
+    argv = ["bench_causal_align.py", "--out", str(out), "--ks", "1", "--cgs", "3,gn",
+            "--size", "32", "--batch-size", "8", "--align-batch", "2", "--repeats", "1",
+            "--erm-steps", "1", "--warm-visits", "1", "--ref-steps", "5", "--ref-polish", "1",
+            "--skip-paper", "--optimizers", "adam", "--no-own-ref"]
+    monkeypatch.setattr("sys.argv", argv)
+    real, solved = mod.config_grad, []
+
+    def interrupted_at_gn(args, *rest, **kw):
+        if args.get("hvp") == "gauss-newton":
+            raise KeyboardInterrupt
+        solved.append(args.get("cg_iters"))
+        return real(args, *rest, **kw)
+
+    monkeypatch.setattr(mod, "config_grad", interrupted_at_gn)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main()
+    partial = _strict_json(out)
+    assert partial["complete"] is False and len(partial["sweep"]) == 1
+    first = partial["sweep"][0]
+    assert (first["cg_iters"], first["hvp"]) == (3, "exact")
+
+    solved.clear()
+    monkeypatch.setattr(mod, "config_grad", lambda args, *rest, **kw:
+                        solved.append(args.get("hvp", "exact")) or real(args, *rest, **kw))
+    mod.main()
+    r = _strict_json(out)
+    assert r["complete"] is True and r["rows_kept_from_an_interrupted_run"] == 1
+    assert r["sweep"][0] == first  # kept, not measured again
+    assert r["sweep"][1]["hvp"] == "gauss-newton"
+    assert solved == ["gauss-newton", "gauss-newton"]  # only the missing row (cold, warm)
+
+    # other options: nothing reused; a finished sweep is measured again
+    assert mod.finished_rows(out, {"ks": "2"}) == {}
+    assert mod.finished_rows(out, r["settings"]) == {}  # complete
+
+
 def test_warm_cosine_probe_adam_is_the_method_adam(tmp_path, monkeypatch):
     """The probe's own Adam loop, with no decay and no carry-over, gives the method's Adam
     iterates bit for bit (so its variants differ from the default only in what they name);
