@@ -323,6 +323,26 @@ def test_warm_cosine_probes_smoke(tmp_path, monkeypatch):
         assert _finite(row["align_warm"]) and _finite(row["own_ref_align"])
 
 
+def test_fd_hvp_probe_reports_products_and_steps(tmp_path, monkeypatch):
+    """The probe's figures are what they say: the exact-product step drops nothing, product
+    errors and shares are numbers in range, and the fallback step's cosine is a cosine."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load("fd_hvp_probe")
+    out = tmp_path / "fd.json"
+    mod.main(["--size", "32", "--align-batch", "4", "--erm-steps", "2", "--warm-visits", "1",
+              "--fd-eps", "1e-2,1e-4", "--caps", "3", "--directions", "2", "--out", str(out)])
+    r = _strict_json(out)
+    assert r["exact"]["cg_dropped"] == 0.0 and r["exact"]["gn_fallback"] == 0.0
+    assert [row["fd_eps"] for row in r["rows"]] == [0.01, 1e-4]
+    for row in r["rows"]:
+        assert row["relative_error_max"] >= row["relative_error_median"] > 0
+        assert 0.0 <= row["share_nonpositive_curvature"] <= 1.0
+        step = row["cap3"]
+        assert -1.0 <= step["default"]["cosine_to_exact"] <= 1.0
+        assert 0.0 <= step["default"]["gn_fallback"] <= 1.0
+        assert 0.0 <= step["damping_fixed"]["cg_dropped"] <= 1.0
+
+
 def test_hier_ablation_refuses_stale_work(tmp_path):
     """hier_ablation reuses WORK/data and finished WORK/runs; with other options it used to
     reuse them silently (old results under the new settings); now it names the difference."""

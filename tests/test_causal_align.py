@@ -136,6 +136,9 @@ def test_implicit_gradient_of_alignment_matches_finite_differences(fd_case, vari
     assert cos >= 0.99, (space, variant, cos, rel)
     assert rel < 1e-3, (space, variant, cos, rel)
     assert stats["cg_converged"] == 1.0 and stats["cg_dropped"] == 0.0
+    # the finite-difference products themselves solved it (no Gauss-Newton fallback, which
+    # would pass this test with the exact gradient whatever the differences gave)
+    assert stats["gn_fallback"] == 0.0 and stats.get("fd_fallback", 0.0) == 0.0
     assert model.training  # the implicit step restored the caller's mode
 
 
@@ -406,6 +409,32 @@ def test_numerical_trouble_is_reported_when_it_first_happens(tiny_data, tmp_path
     lines = [ln for ln in seen["err"].splitlines() if ln.startswith("warning:")]
     assert len(lines) == 1, seen["err"]
     assert lines[0].startswith("warning: epoch 1: train_cg_dropped >= 0.5 in 1 of 1 epoch(s)")
+
+
+def test_finite_difference_products_on_a_relu_cnn_fall_back_and_say_so():
+    """On a CNN of ReLUs the finite differences cross activation switches (the products are
+    off by more than their own norm, benchmarks/fd_hvp_probe.py) and CG breaks down: the step
+    is solved with the Gauss-Newton system, counted as fd_fallback, and the trainer's warning
+    names the cause. With exact products nothing falls back and no fd column appears."""
+    from causalign.engine.trainer import numerical_trouble
+    from causalign.models import build_model
+
+    def step(**kw):
+        torch.manual_seed(0)
+        model = build_model("cnn7", 1, 2, width=8).train()
+        out = build_method("causal-align", dict(steps=3, warm_start=False, **kw))(
+            model, _batch(n=8, size=32))
+        return out.parts, _grads(model, out.total)
+
+    fd, g_fd = step(hvp="finite-difference")
+    assert fd["fd_fallback"] == 1.0 and fd["gn_fallback"] == 1.0 and fd["cg_dropped"] == 0.0
+    exact, g_exact = step()
+    assert "fd_fallback" not in exact and exact["gn_fallback"] == 0.0
+    # the fallback's gradient is the exact one (Gauss-Newton = H on a piecewise-linear CNN)
+    assert F.cosine_similarity(g_fd, g_exact, dim=0) > 0.999
+    (line,) = numerical_trouble([{"epoch": 1, "train_fd_fallback": fd["fd_fallback"]}])
+    assert line.startswith("train_fd_fallback >= 0.5 in 1 of 1 epoch(s)")
+    assert "method.hvp=exact" in line
 
 
 def test_numerical_trouble_names_each_counter_that_reached_the_threshold():

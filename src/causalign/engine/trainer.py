@@ -254,7 +254,13 @@ class RunState:
 TROUBLE_COLUMNS = {
     "train_cg_dropped": "CG missed its tolerance, or broke down (negative curvature) even at "
                         "method.damping_max, so the alignment gradient skipped those samples; "
-                        "try a larger method.cg_iters, method.damping or method.damping_max",
+                        "try a larger method.cg_iters, method.damping or method.damping_max "
+                        "(or, with method.hvp=finite-difference on a ReLU network, "
+                        "method.hvp=exact)",
+    "train_fd_fallback": "the finite-difference Hessian products (method.hvp=finite-difference) "
+                         "broke CG, so those steps were solved with the Gauss-Newton system "
+                         "instead: on a network of ReLUs or max-pools finite differences cross "
+                         "activation switches and are not the Hessian; use method.hvp=exact",
     "train_cf_diverged": "the counterfactual search diverged (NaN/inf) and was reset, so the "
                          "alignment term skipped those samples; try a smaller method.inner_lr",
     "train_empty_mask": "PPI's saliency maps had no positive evidence for the label (or the "

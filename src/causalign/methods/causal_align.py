@@ -38,7 +38,10 @@ Failure handling: a counterfactual search that produced NaN/inf is reset to x0 a
 a sample whose CG solve broke down or missed the tolerance is dropped from the gradient (the
 solve is re-run with its right-hand side zeroed, warm-started from the other samples'
 solutions). Both are counted in the step's parts (hence in history.csv), as are the steps
-solved by the Gauss-Newton fallback (`gn_fallback`).
+solved by the Gauss-Newton fallback (`gn_fallback`; with `hvp=finite-difference` also
+`fd_fallback`, which the trainer warns about: on a ReLU network the finite differences cross
+activation switches, are not the Hessian, and break CG on nearly every step,
+benchmarks/fd_hvp_probe.py).
 """
 
 from __future__ import annotations
@@ -675,6 +678,8 @@ class CausalAlign(Method):
                 grads, stats = self._implicit_gauss_newton(prob, u_star, outer, ok,
                                                            params, terms, seen)
                 stats.update(cg_iters=float(iters), gn_fallback=1.0)
+                if p.hvp == "finite-difference":  # not the products asked for: warned
+                    stats["fd_fallback"] = 1.0
                 return grads, stats
             while bool((ok & out.cg.breakdown).any()) and delta < p.damping_max:
                 delta = min(max(10.0 * delta, 1e-3), p.damping_max)
@@ -713,5 +718,7 @@ class CausalAlign(Method):
             "damping": delta,
             "gn_fallback": 0.0,
         }
+        if p.hvp == "finite-difference":
+            stats["fd_fallback"] = 0.0
         return grads, stats
 
