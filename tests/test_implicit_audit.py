@@ -279,3 +279,98 @@ def test_causal_align_leaves_an_unused_parameters_grad_none_as_erm_does():
         assert model.spare.weight.grad is None and model.spare.bias.grad is None, name
         assert all(p.grad is not None and bool(p.grad.ne(0).any())
                    for p in model.net.parameters()), name
+
+
+def _caller_built_problem():
+    """θ enters the inner problem through a = exp(θ), computed by the caller outside it."""
+    theta = torch.tensor([0.1, -0.2, 0.3], dtype=DT, requires_grad=True)
+    a = theta.exp()
+
+    def inner(x: torch.Tensor) -> torch.Tensor:
+        return (0.5 * (x - a).square() + 0.25 * x.pow(4)).sum()
+
+    x = torch.zeros(4, 3, dtype=DT)
+    for _ in range(60):
+        x = x - (x - a.detach() + x**3) / (1 + 3 * x**2)
+    # dΣx*/dθ over 4 rows: 4·(dx*/da)·(da/dθ) with dx*/da = 1/(1 + 3x*²)
+    return theta, a, inner, x, 4 / (1 + 3 * x[0] ** 2) * a.detach()
+
+
+def test_the_callers_graph_survives_an_implicit_gradient():
+    theta, a, inner, x, exact = _caller_built_problem()
+    res = implicit_gradient(inner, x, [theta], torch.ones_like(x), cg_tol=1e-12)
+    torch.testing.assert_close(res.grads[0], exact)
+    # a second solve on the same objective (causal-align retries with more damping) and the
+    # caller's own backward through a: both freed-graph errors before
+    again = implicit_gradient(inner, x, [theta], torch.ones_like(x), cg_tol=1e-12)
+    torch.testing.assert_close(again.grads[0], exact)
+    (a * a).sum().backward()
+    torch.testing.assert_close(theta.grad, 2 * a.detach() ** 2)
+
+
+def test_implicit_argmin_combines_with_other_uses_of_the_same_graph():
+    theta, a, inner, x, exact = _caller_built_problem()
+    x_att = implicit_argmin(inner, x, [theta], cg_tol=1e-12)
+    (x_att.sum() + (a * a).sum()).backward()
+    torch.testing.assert_close(theta.grad, exact + 2 * a.detach() ** 2)
+
+
+def test_one_tensor_as_params_is_a_list_of_one():
+    # list(theta) split it into 0-d slices outside the graph: all-zero gradients, "converged"
+    theta, inner, x, exact = _readme_problem()
+    res = implicit_gradient(inner, x, theta, torch.ones_like(x), cg_tol=1e-12)
+    assert len(res.grads) == 1
+    torch.testing.assert_close(res.grads[0], exact)
+    implicit_argmin(inner, x, theta, cg_tol=1e-12).sum().backward()
+    torch.testing.assert_close(theta.grad, exact)
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    ({"hvp": "bogus"}, "hvp must be"),
+    ({"cg_max_iter": 0}, "cg_max_iter must be an integer >= 1"),
+    ({"damping": -1.0}, "damping must be a finite number >= 0"),
+    ({"hvp": "finite-difference", "fd_eps": 0.0}, "fd_eps must be"),
+    ({"cg_maxiter": 5}, "unknown option 'cg_maxiter'"),
+])
+def test_implicit_argmin_refuses_bad_options_before_the_forward_runs_on(options, needle):
+    # they failed only inside .backward(), after the whole forward and loss had run
+    theta, inner, x, _ = _readme_problem()
+    with pytest.raises((ValueError, TypeError), match=needle):
+        implicit_argmin(inner, x, [theta], **options)
+
+
+def test_cg_checks_the_shape_of_the_operators_output():
+    b = torch.randn(3, 6, dtype=DT)
+    # an (N, 1) product broadcast against the (N, D) system: CG "did not converge", silently
+    with pytest.raises(ValueError, match=r"matvec must return a tensor shaped like its input"):
+        batched_cg(lambda p: p.sum(1, keepdim=True), b)
+
+
+def test_cg_restarts_a_non_finite_warm_start_and_marks_an_unsolvable_rhs():
+    a = torch.diag_embed(torch.tensor([[1.0, 2.0, 4.0]] * 3, dtype=DT))
+    b = torch.randn(3, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    b[2, 0] = float("nan")
+    x0 = torch.zeros_like(b)
+    x0[1, 1] = float("nan")  # a solvable system: it was given up as zero and "breakdown"
+    res = batched_cg(lambda p: (a @ p[..., None])[..., 0], b, x0=x0, tol=1e-12)
+    assert res.converged.tolist() == [True, True, False]
+    assert res.breakdown.tolist() == [False, False, True]
+    torch.testing.assert_close(res.solution[:2], b[:2] / a.diagonal(dim1=1, dim2=2)[:2])
+    # the unsolved sample's residual is not 0 ("solved exactly") but NaN, with a zero solution
+    assert torch.isnan(res.residual_norm[2]) and (res.solution[2] == 0).all()
+
+
+def test_lowrank_solve_flags_a_singular_sample_instead_of_failing_the_batch():
+    from causalign.implicit import lowrank_diag_solve
+
+    n, d = 3, 5
+    jac = torch.zeros(n, 1, d, dtype=DT)
+    jac[:, 0, 0] = 1.0
+    curv = torch.ones(n, 1, 1, dtype=DT)
+    curv[1] = -1.0  # indefinite S: I + J A⁻¹ Jᵀ S = 0 for sample 1 (LinAlgError for all)
+    rhs = torch.randn(n, d, dtype=DT, generator=torch.Generator().manual_seed(1))
+    v = lowrank_diag_solve(jac, curv, torch.ones(n, d, dtype=DT), rhs)
+    assert torch.isnan(v[1]).all() and torch.isfinite(v[[0, 2]]).all()
+    dense = jac.transpose(1, 2) @ curv @ jac + torch.eye(d, dtype=DT)
+    solved = torch.linalg.solve(dense[[0, 2]], rhs[[0, 2], :, None])[..., 0]
+    torch.testing.assert_close(v[[0, 2]], solved)

@@ -10,6 +10,7 @@ single backward of g·v w.r.t. θ. Neither H nor the Jacobian ∇_θ x* is ever 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -83,7 +84,7 @@ def _fd_matvec(
 def implicit_gradient(
     inner_objective: Callable[[Tensor], Tensor],
     x_star: Tensor,
-    params: Sequence[Tensor],
+    params: Sequence[Tensor] | Tensor,
     outer_grad: Tensor,
     *,
     cg_max_iter: int = 20,
@@ -99,7 +100,10 @@ def implicit_gradient(
 
     ``inner_objective(x)`` returns Σ_i T_i(x_i, θ) (a scalar) so ∇ₓ is block-diagonal over the
     batch; θ enters through closure and ``params`` lists the tensors to differentiate (leaves or
-    intermediate tensors such as a predicted attribute vector). Unused params get zeros.
+    intermediate tensors such as a predicted attribute vector; one tensor alone is taken as a
+    list of one, as in ``torch.autograd.grad``). Unused params get zeros. The caller's graph is
+    left intact: tensors computed from θ outside ``inner_objective`` can be backpropagated
+    through afterwards, and the function called again.
     ``hvp`` picks exact double-backward products or finite differences of ∇ₓT.
     ``cg_verify`` checks CG's "converged" claim against the true residual when ``cg_tol`` is
     below sqrt(machine eps) (see :func:`batched_cg`; exact products only).
@@ -112,8 +116,6 @@ def implicit_gradient(
     ``fd_eps`` > 0 and at least 10× x*'s machine epsilon for finite differences.
     Returns the gradients; nothing is accumulated into any ``.grad``.
     """
-    if hvp not in ("exact", "finite-difference"):
-        raise ValueError(f"hvp must be 'exact' or 'finite-difference', got {hvp!r}")
     if not (isinstance(x_star, Tensor) and x_star.is_floating_point() and x_star.dim() >= 1):
         got = (f"{x_star.dtype} of shape {tuple(x_star.shape)}" if isinstance(x_star, Tensor)
                else type(x_star).__name__)
@@ -130,24 +132,12 @@ def implicit_gradient(
     if torch.is_inference_mode_enabled():
         raise RuntimeError("implicit_gradient needs autograd; call it outside "
                            "torch.inference_mode()")
-    params = list(params)
+    params = _as_param_list(params)
     bad = [i for i, q in enumerate(params) if not isinstance(q, Tensor)]
     if bad:  # `q.requires_grad` below failed with "'float' object has no attribute ..."
         raise TypeError(f"params must be tensors; params[{bad[0]}] is "
                         f"{type(params[bad[0]]).__name__}")
-    # Zero iterations return the start: every gradient would silently be 0 (or cg_x0's).
-    iteration_count(cg_max_iter, "cg_max_iter", minimum=1)
-    if hvp == "finite-difference":
-        # fd_eps <= 0 or NaN made every product 0: CG broke down and each gradient came back
-        # silently 0. A step within a few ulps of x (bfloat16: eps 7.8e-3 against the default
-        # 1e-3) rounds x ± h·p back to x, or leaves only rounding noise in the difference.
-        if not (math.isfinite(fd_eps) and fd_eps > 0):
-            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
-        floor = 10 * torch.finfo(x_star.dtype).eps
-        if fd_eps < floor:
-            raise ValueError(f"fd_eps={fd_eps:g} is below what {x_star.dtype} resolves: the "
-                             f"finite-difference Hessian products would be rounding noise; "
-                             f"use fd_eps >= {floor:.2g} or hvp='exact'")
+    _check_options(hvp, cg_max_iter, damping, fd_eps, x_star.dtype)
     # ∇ₓL lives in x's space: a lower-precision outer_grad (float32 against a float64 x*, or
     # an autocast half) ran the whole CG in its dtype and capped the gradient's accuracy there.
     outer_grad = outer_grad.to(torch.promote_types(outer_grad.dtype, x_star.dtype))
@@ -209,6 +199,32 @@ def implicit_gradient(
     return _mixed_product(g, params, cg)
 
 
+def _check_options(hvp: str, cg_max_iter: object, damping: float, fd_eps: float,
+                   dtype: torch.dtype) -> None:
+    """One ValueError line for an option :func:`implicit_gradient` cannot use."""
+    if hvp not in ("exact", "finite-difference"):
+        raise ValueError(f"hvp must be 'exact' or 'finite-difference', got {hvp!r}")
+    # Zero iterations return the start: every gradient would silently be 0 (or cg_x0's).
+    iteration_count(cg_max_iter, "cg_max_iter", minimum=1)
+    if hvp == "finite-difference":
+        # fd_eps <= 0 or NaN made every product 0: CG broke down and each gradient came back
+        # silently 0. A step within a few ulps of x (bfloat16: eps 7.8e-3 against the default
+        # 1e-3) rounds x ± h·p back to x, or leaves only rounding noise in the difference.
+        if not (math.isfinite(fd_eps) and fd_eps > 0):
+            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
+        floor = 10 * torch.finfo(dtype).eps
+        if fd_eps < floor:
+            raise ValueError(f"fd_eps={fd_eps:g} is below what {dtype} resolves: the "
+                             f"finite-difference Hessian products would be rounding noise; "
+                             f"use fd_eps >= {floor:.2g} or hvp='exact'")
+    try:
+        damping_ok = math.isfinite(damping) and damping >= 0
+    except TypeError:
+        damping_ok = False
+    if not damping_ok:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
 def _mixed_product(g: Tensor, params: Sequence[Tensor], cg: CGResult) -> ImplicitResult:
     """dL/dθ = −(∂g/∂θ)ᵀ v with v = cg.solution: one backward of g·v w.r.t. θ."""
     v = cg.solution.detach()
@@ -217,13 +233,24 @@ def _mixed_product(g: Tensor, params: Sequence[Tensor], cg: CGResult) -> Implici
     grads: list[Tensor] = [torch.zeros_like(p) for p in params]
     if diff_idx and g.requires_grad:
         with record_function("causalign.implicit.mixed_product"):
+            # retain_graph: g's graph can reach nodes the caller built from θ outside
+            # inner_objective (a = θ.exp() used inside it); freeing them broke the caller's
+            # own later backward and a second solve ("backward through the graph a second
+            # time"). g's own nodes are local and go when it does.
             mixed = torch.autograd.grad(
-                g, [params[i] for i in diff_idx], grad_outputs=v, allow_unused=True
+                g, [params[i] for i in diff_idx], grad_outputs=v, allow_unused=True,
+                retain_graph=True,
             )
         for i, gr in zip(diff_idx, mixed, strict=True):
             if gr is not None:
                 grads[i] = -gr
     return ImplicitResult(grads=tuple(grads), cg=cg)
+
+
+def _as_param_list(params: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """``params`` as a list; a bare tensor is one parameter. ``list(theta)`` split it into
+    0-d slices that are not in any graph, so every gradient came back silently 0."""
+    return [params] if isinstance(params, Tensor) else list(params)
 
 
 _exact_hvp = hvp  # `implicit_gradient` shadows the name with its ``hvp`` mode argument
@@ -252,7 +279,7 @@ class _ImplicitArgmin(torch.autograd.Function):
 def implicit_argmin(
     inner_objective: Callable[[Tensor], Tensor],
     x_star: Tensor,
-    params: Sequence[Tensor],
+    params: Sequence[Tensor] | Tensor,
     **options: Any,
 ) -> Tensor:
     """Attach a detached solution x* to the graph of ``params`` via the implicit adjoint.
@@ -262,5 +289,21 @@ def implicit_argmin(
     ``params``. Params may be non-leaf tensors (e.g. predicted attributes), whose gradient then
     flows on to whatever produced them.
     """
+    # Checked now: a misspelt option or a bad value failed only inside .backward(), after the
+    # whole forward and loss had run.
+    known = [k for k, p in inspect.signature(implicit_gradient).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"implicit_argmin got unknown option {unknown[0]!r}; known: "
+                        f"{', '.join(known)}")
+    if not (isinstance(x_star, Tensor) and x_star.is_floating_point()):
+        raise ValueError(f"x_star must be a floating-point tensor, got "
+                         f"{getattr(x_star, 'dtype', type(x_star).__name__)}")
+    defaults = {k: p.default for k, p in inspect.signature(implicit_gradient).parameters.items()}
+    chosen = {**defaults, **options}
+    _check_options(chosen["hvp"], chosen["cg_max_iter"], chosen["damping"], chosen["fd_eps"],
+                   x_star.dtype)
+    params = _as_param_list(params)
     opts = dict(options, inner_objective=inner_objective)
     return _ImplicitArgmin.apply(x_star.detach(), opts, *params)

@@ -27,8 +27,10 @@ class CGResult:
     with ``verify`` when ``tol`` < sqrt(machine eps), where the recursion's drift matters),
     ``converged`` and ``breakdown`` (non-positive or non-finite curvature met: that sample was
     frozen at its last finite iterate; or its solution lies beyond the dtype's range: it is
-    returned as zero). ``residual_norm`` is in at least float32 (a float16 system's residual
-    may exceed float16's range).
+    returned as zero; a right-hand side that is not finite gives the zero solution and a NaN
+    residual). A warm start ``x0`` that is not finite is replaced by zero for that sample.
+    ``residual_norm`` is in at least float32 (a float16 system's residual may exceed float16's
+    range).
     """
 
     solution: Tensor
@@ -112,6 +114,12 @@ def batched_cg(
 
     def apply(p: Tensor) -> Tensor:
         out = matvec(p)
+        # A (N, 1) product for an (N, D) system broadcast silently and CG just "did not
+        # converge"; shape metadata costs no host sync.
+        if not isinstance(out, Tensor) or out.shape != p.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"matvec must return a tensor shaped like its input "
+                             f"{tuple(p.shape)}, got {got}")
         return out + damping * p if damping != 0.0 else out
 
     # Solve for b/s (s a per-sample power of two) so that no inner product over- or
@@ -129,8 +137,16 @@ def batched_cg(
     rs = _bdot(r, r)
     b_norm = _bdot(b, b).sqrt()
     thresh = tol * b_norm
+    if x0 is not None:
+        # A warm start that is not finite (or whose residual is not) says nothing about a
+        # finite system: start that sample from zero rather than give it up (it came back as
+        # zero and "breakdown" though solvable).
+        cold = ~torch.isfinite(rs) & torch.isfinite(b_norm)
+        x = torch.where(cold.view(shape), torch.zeros_like(x), x)
+        r = torch.where(cold.view(shape), b, r)
+        rs = torch.where(cold, b_norm.square(), rs)
 
-    # A non-finite right-hand side or start cannot be solved: flag it and return zeros there.
+    # A non-finite right-hand side cannot be solved: flag it and return zeros there.
     bad_start = ~(torch.isfinite(rs) & torch.isfinite(b_norm))
     breakdown = bad_start.clone()
     # b_i = 0 is solved exactly by v_i = 0 (as in SciPy's cg). From a warm start x0_i ≠ 0 its
@@ -197,6 +213,8 @@ def batched_cg(
     breakdown = breakdown | overflow
     converged = converged & ~overflow
     residual = torch.where(overflow, b_norm, residual)
+    # not solved at all: a residual of 0 read as "solved exactly"
+    residual = torch.where(bad_start, torch.full_like(residual, float("nan")), residual)
     solution = torch.where((bad_start | overflow).view(shape), torch.zeros_like(b_in), solution)
     return CGResult(
         solution=solution,

@@ -22,8 +22,9 @@ def lowrank_diag_solve(jac: Tensor, curv: Tensor, diag: Tensor, rhs: Tensor) -> 
 
     ``jac`` (N, R, D), ``curv`` = S (N, R, R), ``diag`` = a (N, D), all > 0, and ``rhs``
     (N, ...) with D elements per sample; returns v shaped like ``rhs``. Solved in at least
-    float32. A sample whose system is not finite, or whose diagonal is not positive, comes
-    back as NaN (never a LinAlgError for the batch).
+    float32. S is expected positive semi-definite (a softmax CE Hessian is), which keeps the
+    system positive definite. A sample whose system is not finite or singular, or whose
+    diagonal is not positive, comes back as NaN (never a LinAlgError for the batch).
     """
     n = rhs.shape[0]
     if jac.dim() != 3 or curv.shape != (n, jac.shape[1], jac.shape[1]) or jac.shape[0] != n:
@@ -42,7 +43,10 @@ def lowrank_diag_solve(jac: Tensor, curv: Tensor, diag: Tensor, rhs: Tensor) -> 
     inner = eye + (ja @ jac.transpose(1, 2)) @ curv                  # I + J A⁻¹ Jᵀ S
     bad |= ~torch.isfinite(inner).flatten(1).all(1) | ~torch.isfinite(b).all(1)
     inner = torch.where(bad[:, None, None], eye, inner)
-    y = torch.linalg.solve(inner, (ja @ b[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
+    # solve_ex: a singular I + J A⁻¹ Jᵀ S in one sample (an indefinite S) raised a
+    # LinAlgError for the whole batch; its info flags that sample alone.
+    y, info = torch.linalg.solve_ex(inner, (ja @ b[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
+    bad |= info != 0
     v = a_inv * (b - (jac.transpose(1, 2) @ (curv @ y))[..., 0])
     v[bad] = float("nan")
     return v.reshape(rhs.shape).to(rhs.dtype)
