@@ -485,7 +485,7 @@ def test_dilate_is_applied_to_the_alignment_region():
     mask[0, 0, 2, 2] = 1
     region, has = method.annotation({"mask": mask, "has_mask": torch.ones(1, dtype=torch.bool)})
     assert int(region.sum()) == 9 and bool(has.all())
-    with pytest.raises(Exception, match="method.dilate must be >= 0"):
+    with pytest.raises(Exception, match=r"method.dilate must be in 0\.\.1048576, got -1"):
         build_method("causal-align", {"dilate": -1})
 
 

@@ -200,3 +200,88 @@ def test_numeric_settings_of_other_types_are_accepted():
         gen = CounterfactualGenerator(model, steps=2, **kwargs)
         res = gen.generate(torch.rand(3, 1, 2, 2), labels=torch.zeros(3, dtype=torch.long))
         assert res.x_star.shape == (3, 1, 2, 2)
+
+
+def test_cli_warns_when_the_searches_diverge(tiny_run, tmp_path, capsys):
+    """Every search diverged (x* kept at x0), yet the run exited 0 with "flip rate 0.000"
+    and nothing on stderr; only summary.json's n_diverged said so."""
+    from causalign.cli import main
+
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(tiny_run), "--out", str(out), "--limit", "3", "--steps",
+                 "3", "--lr", "1e38", "--bounds", "none", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_diverged"] == 3
+    assert "warning: 3 of 3 counterfactual searches diverged" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_model_with_non_finite_outputs(tiny_run, tmp_path, capsys):
+    """NaN weights: argmax of NaN logits was reported as prediction 0, exit 0."""
+    import hashlib
+    import shutil
+
+    from causalign.cli import main
+
+    run = tmp_path / "run_nan"
+    shutil.copytree(tiny_run, run)
+    for name in ("checkpoint.pt", "best.pt"):
+        path = run / name
+        if not path.exists():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        weights = state["model"]
+        first = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[first].view(-1)[0] = float("nan")
+        torch.save(state, path)
+        digest = path.with_name(name + ".sha256")
+        old = digest.read_text()
+        digest.write_text(old.replace(old.split()[0],
+                                      hashlib.sha256(path.read_bytes()).hexdigest()))
+    assert main(["counterfactual", str(run), "--out", str(tmp_path / "cf"), "--limit", "2",
+                 "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model's outputs are not finite on sample" in err[0]
+
+
+def test_cli_refuses_an_autoencoder_outside_the_latent_space(tiny_run, tmp_path, capsys):
+    from causalign.cli import main
+
+    assert main(["counterfactual", str(tiny_run), "--out", str(tmp_path / "cf"), "--limit",
+                 "2", "--steps", "2", "--autoencoder", str(tmp_path / "ae.pt"),
+                 "--no-progress"]) == 2
+    assert "--autoencoder is used only with --space latent" in capsys.readouterr().err
+    assert not (tmp_path / "ae.pt").exists()
+
+
+@pytest.mark.parametrize("sigma", [1e308, 1e7])
+def test_a_blur_wider_than_any_image_is_refused(sigma):
+    """1e308: OverflowError traceback from ceil(3σ); 1e7: a 6e7-tap kernel."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(ConfigError, match=r"sigma in \(0, 1024"):
+        CounterfactualGenerator(model, space="smooth", smooth_sigma=sigma)
+
+
+def test_images_outside_0_1_are_drawn_over_their_own_range():
+    """A fixed [0, 1] grey scale drew CT in HU (or any −50..50 data) almost all black and
+    white; x and x* share one scale so the change shows as it is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from causalign.report.figures import _show_image, display_range
+
+    hu = np.linspace(-50, 50, 64, dtype=np.float32).reshape(1, 8, 8)
+    assert display_range(hu) == (-50.0, 50.0)
+    assert display_range(hu / 100 + 0.5) == (0.0, 1.0)  # data in [0, 1]: as before
+    assert display_range(hu, hu * 2) == (-100.0, 100.0)
+    assert display_range(np.full((1, 4, 4), np.nan)) == (0.0, 1.0)
+    fig, ax = plt.subplots()
+    try:
+        _show_image(ax, hu)
+        assert ax.images[0].get_clim() == (-50.0, 50.0)
+        _show_image(ax, np.repeat(hu, 3, axis=0))  # RGB rescaled, not clipped to [0, 1]
+        rgb = ax.images[1].get_array()
+        assert float(rgb.min()) == 0.0 and float(rgb.max()) == 1.0 and len(np.unique(rgb)) > 32
+    finally:
+        plt.close(fig)

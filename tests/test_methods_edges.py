@@ -255,3 +255,30 @@ def test_hier_align_trains_with_one_level_frozen(frozen):
     trained = model.f2 if frozen == "f1" else model.f1
     assert all(p.grad is None for p in getattr(model, frozen).parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    ({"target": "²"}, "method.target must be"),  # "²".isdigit(): int() failed at step 1
+    ({"dilate": 10**20}, "method.dilate must be in 0..1048576"),  # max_pool2d overflow
+    ({"eps": 1e-30}, "method.eps must be >= 1e-15"),  # ε² underflows: every search NaN
+    ({"autoencoder": "ae.pt"}, "method.autoencoder is used only with method.space=latent"),
+])
+def test_causal_align_settings_that_failed_late_or_silently_are_refused(args, needle):
+    with pytest.raises(ConfigError, match=needle):
+        build_method("causal-align", args)
+
+
+def test_causal_align_setup_refuses_settings_the_data_cannot_take(tiny_data):
+    """target=5 on two classes failed at the first step without naming the setting; a
+    dilation over the whole image left no alignment term (ERM under another name)."""
+    from causalign.data.format import LesionDataset
+
+    train_set = LesionDataset(tiny_data, "train")
+    model = build_model("cnn7", 1, 2, width=4)
+    with pytest.raises(ConfigError, match=r"method.target=5 is no class of this data "
+                                          r"\(classes 0..1\)"):
+        build_method("causal-align", {"target": 5}).setup(train_set, model)
+    with pytest.raises(ConfigError, match=r"method.dilate=32 grows the region over the whole "
+                                          r"32×32 image"):
+        build_method("causal-align", {"dilate": 32}).setup(train_set, model)
+    build_method("causal-align", {"target": 1, "dilate": 31}).setup(train_set, model)

@@ -221,3 +221,23 @@ def test_init_errors_name_the_problem(tiny_data, tmp_path):
                                              r"more; unexpected .* and \d+ more"):
         train(tiny_data, _cfg(epochs=1, init=str(src), model="resnet18", width=16), tmp_path / "c",
               progress=False)
+
+
+def test_resume_compares_method_settings_by_value_not_by_spelling(tmp_path):
+    """`--set method.lam=1 --set method.alpha=0.001` on resume as `alpha=1e-3`, or with a
+    default spelt out (`steps=10`), was refused: the raw --set dicts were compared."""
+    from causalign.engine.trainer import settings_diff
+    from causalign.methods import build_method
+    from causalign.methods.base import resolved_params
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = _cfg(method="causal-align", epochs=1, method_args={"lam": 1, "alpha": 0.001})
+    stored = {**cfg.to_dict(),
+              "method_params": resolved_params(build_method(cfg.method, cfg.method_args))}
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    for args in ({"lam": "1", "alpha": "1e-3"}, {"lam": 1.0, "alpha": 0.001, "steps": 10}):
+        assert settings_diff(run, _cfg(method="causal-align", epochs=1, method_args=args)) == []
+    # a real difference is still named, as method.<key>
+    other = _cfg(method="causal-align", epochs=1, method_args={"lam": 1, "alpha": "2e-3"})
+    assert settings_diff(run, other) == ["method.alpha 0.001 -> 0.002"]

@@ -490,6 +490,9 @@ def counterfactual(
     settings = settings_for_run(method, alpha=alpha, steps=steps, lr=lr, distance=distance,
                                 space=space, optimizer=optimizer, smooth_sigma=smooth_sigma,
                                 eps=eps)
+    if autoencoder is not None and settings.space != "latent":  # it was silently unused
+        raise CausalignError(f"--autoencoder is used only with --space latent; this search "
+                             f"is in {settings.space} space")
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")
@@ -515,6 +518,10 @@ def counterfactual(
                                          autoencoder=ae, progress=bar,
                                          valid_range=valid_range)
     lo, hi = summary["valid_range"]
+    if summary["n_diverged"]:  # exit 0 with "flip rate 0.000" hid that nothing was searched
+        typer.echo(f"warning: {summary['n_diverged']} of {summary['n_generated']} "
+                   f"counterfactual searches diverged (x* not finite; the original is kept "
+                   f"as their x*): lower --lr or keep --bounds", err=True)
     typer.echo(f"wrote {summary['n_generated']} counterfactuals to {out}: flip rate "
                f"{_f(summary['flip_rate'])}, change inside the annotation "
                f"{_f(summary['change_in_mask'])}, x* values outside [{lo:g}, {hi:g}]: "

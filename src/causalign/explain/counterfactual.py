@@ -258,6 +258,10 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
             h.remove()
 
 
+MAX_SMOOTH_SIGMA = 1024.0
+MIN_L1_EPS = 1e-15  # smallest l1 smoothing ε whose ε² float32 still holds (with margin)
+
+
 class GaussianSmoother(nn.Module):
     """The fixed linear "decoder" of ``space="smooth"``: u ↦ G_σ * u, a separable Gaussian blur
     over the last two axes (H, W; channels and volume slices are not mixed), replicate
@@ -265,8 +269,10 @@ class GaussianSmoother(nn.Module):
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
-        if not (math.isfinite(sigma) and sigma > 0):  # inf: OverflowError in ceil below
-            raise ConfigError(f"smooth space needs a finite sigma > 0, got {sigma}")
+        # inf: OverflowError in ceil below; 1e308 too, and 1e7 built a 6e7-tap kernel
+        if not (math.isfinite(sigma) and 0 < sigma <= MAX_SMOOTH_SIGMA):
+            raise ConfigError(f"smooth space needs a sigma in (0, {MAX_SMOOTH_SIGMA}] pixels "
+                              f"(wider blurs exceed any image), got {sigma}")
         self.sigma = float(sigma)
         self.radius = max(1, math.ceil(3 * self.sigma))
         t = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
@@ -592,10 +598,12 @@ class CounterfactualGenerator:
             ("steps", steps, _is_count(steps)),
             ("polish", polish, _is_count(polish)),
             ("lr", lr, math.isfinite(lr) and lr > 0),
-            ("eps", eps, math.isfinite(eps) and eps > 0)) if not ok]  # `not ok` catches NaN
+            # ε below ~1e-19: ε² underflows float32, every search came back NaN ("diverged")
+            ("eps", eps, math.isfinite(eps) and eps >= MIN_L1_EPS)) if not ok]  # catches NaN
         if bad:
             raise ConfigError(f"counterfactual needs finite alpha >= 0, integer steps and "
-                              f"polish >= 0, finite lr > 0 and eps > 0; got {', '.join(bad)}")
+                              f"polish >= 0, finite lr > 0 and eps >= {MIN_L1_EPS:g}; got "
+                              f"{', '.join(bad)}")
         # an unknown rule failed only at the first generate(), after any setup work
         if not (target_rule in ("other", "predicted") or (
                 isinstance(target_rule, (numbers.Integral, str))

@@ -284,7 +284,14 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
         batch = {k: v.to(device) for k, v in dataset.batch(idx).items()}
         x = method.model_input(batch)
         with torch.no_grad():
-            pred = model(x).argmax(1)
+            logits = model(x)
+        finite = torch.isfinite(logits).all(1)
+        if not bool(finite.all()):  # argmax of NaN logits read as a prediction of class 0
+            bad = dataset.records[int(idx[~finite.cpu()][0])].id
+            raise CausalignError(f"the model's outputs are not finite on sample '{bad}' "
+                                 f"({int((~finite).sum())} of {len(idx)} in its batch): "
+                                 f"NaN/inf weights in the checkpoint, or such input values")
+        pred = logits.argmax(1)
         target, valid = gen.targets(x, pred)
         res = gen.generate(x[valid], target=target[valid])
         region = torch.where(batch["has_mask"].view(-1, *[1] * (x.dim() - 1)), batch["mask"],

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from ..errors import CausalignError, ConfigError
 from ..explain.counterfactual import (
     DISTANCES,
+    MIN_L1_EPS,
     OPTIMIZERS,
     SPACES,
     CounterfactualGenerator,
@@ -186,11 +187,16 @@ class CausalAlignParams:
             (self.damping >= 0, f"method.damping must be >= 0, got {self.damping}"),
             (self.damping_max >= 0, f"method.damping_max must be >= 0, got "
                                     f"{self.damping_max}"),
-            (self.eps > 0, f"method.eps must be > 0, got {self.eps}"),
+            (self.eps >= MIN_L1_EPS, f"method.eps must be >= {MIN_L1_EPS:g} (ε² underflows "
+                                     f"float32 below ~1e-19: NaN at unchanged pixels), got "
+                                     f"{self.eps}"),
             (self.fd_eps > 0, f"method.fd_eps must be > 0, got {self.fd_eps}"),
             (self.align_every >= 1, f"method.align_every must be >= 1, got {self.align_every}"),
             (self.align_batch >= 0, f"method.align_batch must be >= 0, got {self.align_batch}"),
-            (self.dilate >= 0, f"method.dilate must be >= 0, got {self.dilate}"),
+            # 2^20: F.max_pool2d raised "Overflow when unpacking long long" on 1e20; the
+            # image-size check is in setup()
+            (0 <= self.dilate <= 2**20, f"method.dilate must be in 0..{2**20}, got "
+                                        f"{self.dilate}"),
             (self.balance >= 0, f"method.balance must be >= 0, got {self.balance}"),
             (self.distance in DISTANCES,
              f"method.distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'"),
@@ -214,11 +220,16 @@ class CausalAlignParams:
              f"method.space must be one of {', '.join(SPACES)}, got '{self.space}'"),
             (self.smooth_sigma > 0,
              f"method.smooth_sigma must be > 0, got {self.smooth_sigma}"),
-            (str(self.target) in ("other", "predicted") or str(self.target).isdigit(),
+            # isascii: "²".isdigit() is True, and int("²") failed at the first step
+            (str(self.target) in ("other", "predicted")
+             or (str(self.target).isascii() and str(self.target).isdigit()),
              f"method.target must be 'other', 'predicted' or a class index, "
              f"got '{self.target}'"),
             (not (self.space == "latent" and self.distance.startswith("scaled")),
              f"method.distance '{self.distance}' is per pixel; space latent takes l1 or l2"),
+            (not (self.autoencoder and self.space != "latent"),  # it was silently unused
+             f"method.autoencoder is used only with method.space=latent (space is "
+             f"'{self.space}')"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -313,6 +324,17 @@ class CausalAlign(Method):
             # Box-only data: every step would skip L_align, i.e. train ERM under this name.
             raise ConfigError("causal-align: method.region is 'mask' but no training sample "
                               "has a pixel mask (only boxes); use --set method.region=box")
+        target = str(self.params.target)
+        n_classes = len(getattr(getattr(train_set, "meta", None), "classes", None) or [])
+        if target.isdigit() and n_classes and int(target) >= n_classes:
+            # was refused only at the first step, after loading (and a latent autoencoder)
+            raise ConfigError(f"method.target={target} is no class of this data (classes "
+                              f"0..{n_classes - 1})")
+        shape = getattr(train_set, "image_shape", None)
+        if shape is not None and self.params.dilate >= max(shape[-2:]):
+            # the grown region covers every image: L_align is 0 and the run is ERM
+            raise ConfigError(f"method.dilate={self.params.dilate} grows the region over the "
+                              f"whole {shape[-2]}×{shape[-1]} image: no alignment term left")
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None

@@ -52,18 +52,36 @@ def _fit(label: str, inches: float, fontsize: float = 7) -> str:
                             for part in label.split("\n")))
 
 
-def _show_image(ax, image: np.ndarray) -> None:
+def display_range(*images: np.ndarray) -> tuple[float, float]:
+    """The intensity range to draw ``images`` in: [0, 1] when their finite values lie in it
+    (PNGs, synthetic data), else their own finite min..max (CT in HU, z-scored MRI), which
+    a fixed [0, 1] drew almost entirely black and white."""
+    values = [np.asarray(im, dtype=np.float64) for im in images]
+    finite = [v[np.isfinite(v)] for v in values]
+    finite = [f for f in finite if f.size]
+    if not finite:
+        return 0.0, 1.0
+    lo = min(float(f.min()) for f in finite)
+    hi = max(float(f.max()) for f in finite)
+    if lo >= 0.0 and hi <= 1.0:
+        return 0.0, 1.0
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+def _show_image(ax, image: np.ndarray, value_range: tuple[float, float] | None = None) -> None:
     """image (C,H,W) or (C,D,H,W): RGB for three channels, else gray — one channel as is,
     other counts (MRI modalities: 2 for `--modalities t1ce,flair`, 4 for BraTS) their mean,
     so every modality shows (an RGB of the first three dropped FLAIR; two channels were no
     image at all for matplotlib). Volumes show the slice with the most annotation (caller
-    passes 2D) or the middle slice."""
+    passes 2D) or the middle slice. Intensities are drawn over ``value_range`` (default:
+    :func:`display_range` of this image; panels to compare, such as x and x*, share one)."""
     if image.ndim == 4:
         image = image[:, image.shape[1] // 2]
+    lo, hi = value_range if value_range is not None else display_range(image)
     if image.shape[0] == 3:
-        ax.imshow(np.clip(np.moveaxis(image, 0, -1), 0, 1))
+        ax.imshow(np.clip((np.moveaxis(image, 0, -1) - lo) / (hi - lo), 0, 1))
     else:
-        ax.imshow(image.mean(axis=0), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image.mean(axis=0), cmap="gray", vmin=lo, vmax=hi)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -241,9 +259,10 @@ def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.nd
                             path: str | Path, title: str = "") -> None:
     """Original | counterfactual x* | signed change x* − x (red up, blue down), with the
     annotation outlined on the change map. ``image``/``x_star`` are (C, H, W)."""
+    shared = display_range(image, x_star)  # one grey scale, so x* − x shows as it is
     with _figure(1, 3, figsize=(6.6, 2.5)) as (fig, axes):
-        _show_image(axes[0], image)
-        _show_image(axes[1], x_star)
+        _show_image(axes[0], image, shared)
+        _show_image(axes[1], x_star, shared)
         _change_ax(axes[2], x_star - image, region)
         for ax, name in zip(axes, ("original", "counterfactual x*", "x* − x"), strict=True):
             ax.set_title(name, fontsize=8)
@@ -272,8 +291,9 @@ def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.nda
     _some_cases(n, path)
     with _figure(n, 3, figsize=(5.4, 1.85 * n), squeeze=False) as (fig, axes):
         for r in range(n):
-            _show_image(axes[r, 0], images[r])
-            _show_image(axes[r, 1], x_stars[r])
+            shared = display_range(images[r], x_stars[r])
+            _show_image(axes[r, 0], images[r], shared)
+            _show_image(axes[r, 1], x_stars[r], shared)
             _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
             if row_titles:
                 axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
