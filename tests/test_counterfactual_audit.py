@@ -285,3 +285,14 @@ def test_images_outside_0_1_are_drawn_over_their_own_range():
         assert float(rgb.min()) == 0.0 and float(rgb.max()) == 1.0 and len(np.unique(rgb)) > 32
     finally:
         plt.close(fig)
+
+
+def test_a_hier_align_run_lends_its_image_levels_search_settings():
+    """Trained with method.alpha1=0.5 distance=l2, its counterfactuals used α = 0.01 and l1."""
+    from causalign.explain.counterfactual_export import settings_for_run
+    from causalign.methods import build_method
+
+    method = build_method("hier-align", {"alpha1": 0.5, "distance": "l2", "eps": 0.02})
+    s = settings_for_run(method)
+    assert (s.alpha, s.distance, s.eps, s.space) == (0.5, "l2", 0.02, "pixel")
+    assert settings_for_run(method, alpha=0.1).alpha == 0.1  # explicit options still win

@@ -454,7 +454,8 @@ def counterfactual(
 
     Each triptych is original | x* | signed change (red = increase, blue = decrease).
 
-    A causal-align run lends its α, distance, ε and space."""
+    A causal-align run lends its α, distance, ε and space; a hier-align run those of its
+    image level (α₁)."""
     from .data.format import LesionDataset
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES

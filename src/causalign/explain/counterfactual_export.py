@@ -56,10 +56,14 @@ class CounterfactualSettings:
 
 
 def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings:
-    """Defaults, then the run's causal-align parameters, then explicit overrides."""
+    """Defaults, then the run's causal-align parameters (a hier-align run: those of its
+    image level, Eq. 7), then explicit overrides."""
     s = CounterfactualSettings()
     params = getattr(method, "params", None)
-    if getattr(method, "name", "") == "causal-align" and params is not None:
+    if getattr(method, "name", "") == "hier-align" and hasattr(params, "pixel_params"):
+        # its α₁, distance and ε were ignored: the image's x* used the generic defaults
+        params = params.pixel_params()
+    if getattr(method, "name", "") in ("causal-align", "hier-align") and params is not None:
         s.alpha, s.distance, s.eps = params.alpha, params.distance, params.eps
         s.space, s.target = params.space, str(params.target)
         s.optimizer, s.polish = params.inner_optimizer, params.newton_polish
