@@ -291,6 +291,48 @@ def finished_rows(out: Path, settings: dict) -> dict[tuple, dict]:
     return {_row_key(r): r for r in old.get("sweep", [])}
 
 
+def _counts(text: str, minimum: int, extra: tuple[str, ...] = ()) -> list | None:
+    """Comma-separated integers >= ``minimum`` (or words of ``extra``); None if any is not."""
+    out: list = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in extra:
+            out.append(item)
+        elif item.isascii() and item.isdigit() and int(item) >= minimum:
+            out.append(int(item))
+        else:
+            return None
+    return out
+
+
+def check_options(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[list, list]:
+    """Sweep lists and counts, refused in one line before any setup: a typo failed with a
+    traceback, and a bad --optimizers or --repeats 0 only after the minutes-long reference
+    solves."""
+    from causalign.explain.counterfactual import OPTIMIZERS
+
+    ks = _counts(a.ks, 1)
+    # "gn": the direct Gauss-Newton adjoint solve (method.hvp=gauss-newton) instead of CG
+    cgs = _counts(a.cgs, 1, ("gn",))
+    if ks is None:
+        ap.error(f"--ks must be integers >= 1, comma-separated; got '{a.ks}'")
+    if cgs is None:
+        ap.error(f"--cgs must be integers >= 1 or gn, comma-separated; got '{a.cgs}'")
+    if _counts(a.polish, 0) is None:
+        ap.error(f"--polish must be integers >= 0, comma-separated; got '{a.polish}'")
+    bad = [o for o in a.optimizers.split(",") if o not in OPTIMIZERS]
+    if bad:
+        ap.error(f"--optimizers: unknown '{bad[0]}'; valid: {', '.join(OPTIMIZERS)}")
+    for name in ("threads", "repeats", "size", "batch_size", "align_batch", "ref_steps",
+                 "own_newton_steps", "paper_tight_steps"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("erm_steps", "warm_visits", "ref_polish"):
+        if getattr(a, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    return ks, cgs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/causal_align_sweep.json")
@@ -326,10 +368,8 @@ def main() -> None:
     global REF_STAGES, OWN_REF_POLISH, OWN_NEWTON_STEPS
     REF_STAGES = tuple((a.ref_steps, lr) for _, lr in REF_STAGES)
     OWN_REF_POLISH, OWN_NEWTON_STEPS = a.ref_polish, a.own_newton_steps
+    ks, cgs = check_options(ap, a)
     torch.set_num_threads(a.threads)
-    ks = [int(k) for k in a.ks.split(",")]
-    # "gn": the direct Gauss-Newton adjoint solve (method.hvp=gauss-newton) instead of CG
-    cgs = [c if c == "gn" else int(c) for c in a.cgs.split(",")]
     t_start = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -398,3 +398,22 @@ def test_bench_faithfulness_refuses_stale_runs_and_data(tiny_data, tmp_path, mon
                                          + re.escape(f"{tiny_data})")):
         mod.main()
     assert not other.exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--ks", "abc"], "--ks must be integers >= 1"),
+    (["--cgs", "0"], "--cgs must be integers >= 1 or gn"),
+    (["--optimizers", "adam,bogus"], "--optimizers: unknown 'bogus'"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bench_causal_align_refuses_bad_options_before_any_setup(argv, needle, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A typo was a traceback; a bad --optimizers or --repeats 0 failed only after the
+    minutes-long reference solves."""
+    mod = _load("bench_causal_align")
+    monkeypatch.setattr(mod, "setup", lambda *a, **k: pytest.fail("setup ran"))
+    monkeypatch.setattr("sys.argv", ["bench_causal_align.py", "--out",
+                                     str(tmp_path / "r.json"), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err

@@ -76,6 +76,12 @@ def test_bench_step_prints_contract(capsys):
     for key in ("method", "seconds_per_step", "erm_seconds_per_step", "ratio_to_erm"):
         assert key in obj
     assert obj["method"] == "oracle" and obj["seconds_per_step"] > 0
+    assert obj["method_args"] == {} and obj["warmup"] == 0
+    rc, out, err = _run(capsys, "bench", "step", "--method", "rrr", "--size", "32",
+                        "--batch-size", "4", "--steps", "1", "--warmup", "0", "--set",
+                        "method.lam=5")
+    assert rc == 0, err
+    assert json.loads(out)["method_args"] == {"lam": 5}  # the settings timed are recorded
 
 
 def test_bench_step_profile_names_the_parts_of_a_causal_align_step(capsys):

@@ -131,6 +131,9 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
     result = {
         "method": method, "seconds_per_step": m, "erm_seconds_per_step": e,
         "ratio_to_erm": m / e, "size": size, "batch_size": batch_size, "steps": steps,
+        # the --set settings and warm-up: two results of one method were told apart only by
+        # their file names
+        "method_args": dict(method_args or {}), "warmup": warmup,
         "model": model, "device": str(dev), "threads": torch.get_num_threads(),
         "torch": str(torch.__version__),
     }
