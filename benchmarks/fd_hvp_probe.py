@@ -1,7 +1,8 @@
 """Finite-difference Hessian-vector products (the paper's variant) against exact ones.
 
     python benchmarks/fd_hvp_probe.py [--seed 0] [--fd-eps 1e-2,1e-3,1e-4,1e-5]
-        [--caps 3,10] [--out benchmarks/results/fd_hvp_probe/seed0.json]
+        [--caps 3,10 (or "" for the products alone)] [--float64]
+        [--out benchmarks/results/fd_hvp_probe/seed0.json]
 
 The fixed-θ setting of `bench_causal_align.py` (its `setup`: the 7-layer CNN briefly trained
 by ERM on the plus-minus data, 16 aligned samples). The samples' x* is warm-started by
@@ -91,12 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--align-batch", type=int, default=16)
     ap.add_argument("--erm-steps", type=int, default=20)
+    ap.add_argument("--float64", action="store_true",
+                    help="model and images in float64: whether rounding causes the errors")
     ap.add_argument("--out", default="benchmarks/results/fd_hvp_probe/seed0.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     ds, model = setup(a.size, 128, a.erm_steps, a.seed)
     batch = make_batch(ds, a.align_batch)
+    if a.float64:
+        model.double()
+        batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
     warm = build_method("causal-align", dict(align_batch=a.align_batch, warm_start=True))
     visit(warm, model, batch, a.warm_visits)
     cache = copy.deepcopy(warm.cache.state_dict())
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     for fd_eps in (float(e) for e in a.fd_eps.split(",")):
         row: dict = dict(fd_eps=fd_eps, **product_errors(model, batch, cache, fd_eps,
                                                           a.directions, a.seed))
-        for cap in (int(c) for c in a.caps.split(",")):
+        for cap in (int(c) for c in a.caps.split(",") if c):
             g, fallback = _step(model, batch, cache, a.align_batch, hvp="finite-difference",
                                 fd_eps=fd_eps, cg_iters=cap)
             _, fixed = _step(model, batch, cache, a.align_batch, hvp="finite-difference",
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"benchmark": "fd_hvp_probe", "seed": a.seed, "size": a.size,
+              "dtype": "float64" if a.float64 else "float32",
               "align_batch": a.align_batch, "warm_visits": a.warm_visits,
               "directions": a.directions, "exact": exact_cg, "rows": rows,
               "torch": torch.__version__, "elapsed_s": time.perf_counter() - t_start}

@@ -417,3 +417,23 @@ def test_bench_causal_align_refuses_bad_options_before_any_setup(argv, needle, t
     with pytest.raises(SystemExit) as exit_:
         mod.main()
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_causal_align_step_table_smoke(tmp_path, monkeypatch):
+    """Every configuration run in every round, ratios positive and their range right; the
+    profiled default names the step's parts."""
+    mod = _load("causal_align_step_table")
+    out = tmp_path / "table.json"
+    mod.main(["--threads", "1", "--rounds", "2", "--steps", "1", "--size", "16",
+              "--batch-size", "4", "--configs", "default,newton3", "--profile-threads", "1",
+              "--out", str(out)])
+    r = _strict_json(out)
+    assert [(x["config"], x["round"]) for x in r["runs"]] == [
+        ("default", 0), ("newton3", 0), ("default", 1), ("newton3", 1)]
+    assert r["runs"][1]["method_args"] == {"inner_optimizer": "newton", "steps": 3}
+    for name, row in r["summary"].items():
+        assert len(row["ratios"]) == 2 and all(x > 0 for x in row["ratios"]), name
+        assert row["min"] == min(row["ratios"]) and row["max"] == max(row["ratios"])
+    assert r["profiles"][0]["profile_ms_per_step"]["counterfactual.search"] > 0
+    with pytest.raises(SystemExit):
+        mod.main(["--configs", "bogus", "--out", str(out)])
