@@ -282,3 +282,34 @@ def test_causal_align_setup_refuses_settings_the_data_cannot_take(tiny_data):
                                           r"32×32 image"):
         build_method("causal-align", {"dilate": 32}).setup(train_set, model)
     build_method("causal-align", {"target": 1, "dilate": 31}).setup(train_set, model)
+
+
+def test_latent_space_on_volumes_is_refused_up_front(tmp_path):
+    """It failed inside the autoencoder's training: "needs a non-empty (N,C,H,W) image
+    batch", naming neither the setting nor the volumes."""
+    from causalign.data.format import LesionDataset
+    from causalign.data.synth import SynthConfig, generate
+
+    generate(tmp_path / "v", SynthConfig(n_train=8, n_val=2, n_test=2, size=32, depth=4,
+                                         seed=0))
+    train_set = LesionDataset(tmp_path / "v", "train")
+    model = build_model("multiview", 1, 2, width=4)
+    with pytest.raises(ConfigError, match=r"method.space=latent takes 2D images"):
+        build_method("causal-align", {"space": "latent"}).setup(train_set, model)
+
+
+def test_a_setting_refused_at_setup_leaves_no_empty_run_folder(tiny_data, tmp_path, capsys):
+    from causalign.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_data), "--method", "causal-align", "--out", str(run),
+                 "--epochs", "1", "--set", "width=4", "--set", "threads=1",
+                 "--set", "method.target=5", "--no-progress"]) == 2
+    assert "method.target=5 is no class of this data" in capsys.readouterr().err
+    assert not run.exists()
+    run.mkdir()  # a folder the user made stays
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", str(tiny_data), "--method", "causal-align", "--out", str(run),
+                 "--epochs", "1", "--set", "width=4", "--set", "threads=1",
+                 "--set", "method.target=5", "--no-progress"]) == 2
+    assert (run / "notes.txt").read_text() == "mine"

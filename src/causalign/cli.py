@@ -498,6 +498,10 @@ def counterfactual(
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")
     ds = LesionDataset(data_path, split)
+    if settings.space == "latent" and len(ds.image_shape) == 4:
+        raise CausalignError(f"--space latent takes 2D images (its autoencoder is 2D); "
+                             f"{data_path} holds volumes {tuple(ds.image_shape)}: use "
+                             f"--space pixel or smooth")
     dev = next(model.parameters()).device
     # The training split as one float32 tensor only where it is needed (per-pixel scales, the
     # autoencoder): every call built it (4x the uint8 cache; twice for --split train), and

@@ -440,6 +440,7 @@ class Trainer:
         if self.cfg.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=self.cfg.epochs)
+        created = self.dist.is_main and not self.out.exists()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)
@@ -452,7 +453,14 @@ class Trainer:
             # latent-space autoencoder would be retrained (minutes) and then discarded.
             # _load_state loads it again after setup, which may reseed or refit state.
             self.method.load_state_dict(ckpt.get("method_state", {}))
-        self.method.setup(self.train_set, self.model)
+        try:
+            self.method.setup(self.train_set, self.model)
+        except Exception:
+            # a setting the data cannot take (method.target past its classes, ...) left an
+            # empty run folder behind
+            if created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.state = RunState(history=[])
         if ckpt is not None:

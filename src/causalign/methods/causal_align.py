@@ -331,6 +331,11 @@ class CausalAlign(Method):
             raise ConfigError(f"method.target={target} is no class of this data (classes "
                               f"0..{n_classes - 1})")
         shape = getattr(train_set, "image_shape", None)
+        if shape is not None and len(shape) == 4 and self.params.space == "latent":
+            # refused only inside the autoencoder's training, in words naming neither
+            raise ConfigError(f"method.space=latent takes 2D images (its autoencoder is 2D); "
+                              f"this data holds volumes {tuple(shape)}: use space pixel or "
+                              f"smooth")
         if shape is not None and self.params.dilate >= max(shape[-2:]):
             # the grown region covers every image: L_align is 0 and the run is ERM
             raise ConfigError(f"method.dilate={self.params.dilate} grows the region over the "
