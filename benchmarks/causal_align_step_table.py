@@ -7,7 +7,7 @@
 Each configuration is `causalign bench step --method causal-align --steps S --threads T
 [--set …]` (ERM timed in the same process, on the same batch). Configurations alternate
 round by round, so load on a shared machine hits all of them; the JSON keeps every run
-(``runs``) and the per-configuration range. ``--profile-threads`` adds, per thread count,
+(``runs``) and the per-configuration median and range. ``--profile-threads`` adds, per thread count,
 one ``--profile`` run of the default: milliseconds per step in the counterfactual search,
 the implicit gradient's parts and the rest of the step.
 """
@@ -15,6 +15,7 @@ the implicit gradient's parts and the rest of the step.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     summary = {}
     for name in names:
         ratios = [x["ratio_to_erm"] for x in runs if x["config"] == name]
+        # the median: one run can catch a load spike on a shared machine
         summary[name] = {"method_args": CONFIGS[name], "ratios": ratios,
-                         "min": min(ratios), "max": max(ratios)}
+                         "median": statistics.median(ratios), "min": min(ratios),
+                         "max": max(ratios)}
     profiles = []
     for threads in profile_threads:
         torch.set_num_threads(threads)

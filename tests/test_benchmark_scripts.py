@@ -434,6 +434,7 @@ def test_causal_align_step_table_smoke(tmp_path, monkeypatch):
     for name, row in r["summary"].items():
         assert len(row["ratios"]) == 2 and all(x > 0 for x in row["ratios"]), name
         assert row["min"] == min(row["ratios"]) and row["max"] == max(row["ratios"])
+        assert row["min"] <= row["median"] <= row["max"]
     assert r["profiles"][0]["profile_ms_per_step"]["counterfactual.search"] > 0
     with pytest.raises(SystemExit):
         mod.main(["--configs", "bogus", "--out", str(out)])
