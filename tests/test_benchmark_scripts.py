@@ -438,3 +438,16 @@ def test_causal_align_step_table_smoke(tmp_path, monkeypatch):
     assert r["profiles"][0]["profile_ms_per_step"]["counterfactual.search"] > 0
     with pytest.raises(SystemExit):
         mod.main(["--configs", "bogus", "--out", str(out)])
+    # volumes, settings common to every configuration, every configuration profiled
+    mod.main(["--threads", "1", "--rounds", "1", "--steps", "1", "--warmup", "0", "--size",
+              "16", "--batch-size", "4", "--model", "multiview", "--depth", "4", "--configs",
+              "no_switch,gn_direct", "--set", "method.steps=2", "--profile-threads", "1",
+              "--profile-all", "--out", str(out)])
+    r = _strict_json(out)
+    assert r["model"] == "multiview" and r["depth"] == 4 and r["set"] == {"steps": 2}
+    assert r["summary"]["gn_direct"]["method_args"] == {"steps": 2, "hvp": "gauss-newton"}
+    assert [p["config"] for p in r["profiles"]] == ["no_switch", "gn_direct"]
+    assert "implicit.cg" in r["profiles"][0]["profile_ms_per_step"]  # CG ran, then the
+    assert "implicit.cg" not in r["profiles"][1]["profile_ms_per_step"]  # direct solve only
+    with pytest.raises(SystemExit):  # a 2D model on volumes, before any timing
+        mod.main(["--model", "cnn7", "--depth", "8", "--out", str(out)])

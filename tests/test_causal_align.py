@@ -294,6 +294,21 @@ def test_diverged_counterfactual_is_skipped_and_counted():
     assert out.parts["align"] == pytest.approx(stats["align"], rel=1e-4)
 
 
+def test_a_step_whose_every_search_diverged_reports_no_solve_figures():
+    """Every counterfactual diverged: nothing was solved, so the step reports cf_diverged
+    and no L_align, flip rate or CG figures (history.csv averages a part over the steps that
+    report it). It reported cg_converged 0, flip_rate 0 and align 0, which pulled the
+    epoch's means down as if CG had failed."""
+    sub = _batch(n=1)
+    model = _NaNWhenMoved(_small_cnn(), sub["image"])
+    method = build_method("causal-align", dict(FAST, bn="running"))
+    out = method(model, sub)
+    assert out.parts["cf_diverged"] == 1.0 and out.parts["n_align"] == 1.0
+    for key in ("align", "flip_rate", "cg_converged", "cg_iters", "cg_dropped"):
+        assert key not in out.parts, key
+    torch.testing.assert_close(_grads(model, out.total), _ce_grad(model.model, sub))
+
+
 def test_nonconverged_cg_is_dropped_and_counted():
     model = _small_cnn()
     batch = _batch()
@@ -357,6 +372,59 @@ def test_negative_curvature_raises_the_damping_instead_of_dropping_every_sample(
     out = cnn(_small_cnn(), _batch())
     assert out.parts["damping"] == 0.01 and out.parts["cg_dropped"] == 0.0
     assert out.parts["gn_fallback"] == 0.0  # nor does the fallback ever run there
+
+
+def test_after_gn_switch_fallback_steps_every_step_is_solved_directly():
+    """On multiview CG met negative curvature on every step, and each step paid for the CG
+    solve and then the Gauss-Newton fallback's (batch 64: 9.35x ERM against 6.79x after the
+    switch). After gn_switch such steps in a row no CG runs: the step is solved
+    directly, with the fallback's gradient, counted as a fallback; the switch is kept in the
+    checkpoint. gn_switch=0 tries CG on every step, as before."""
+    from causalign.models import MultiViewCNN
+
+    torch.manual_seed(0)
+    model = MultiViewCNN(1, 2, width=4).train()
+    batch = _volume_batch()
+
+    def steps(method, n):  # the model is not updated: every step meets the same curvature
+        out = []
+        for _ in range(n):
+            torch.manual_seed(1)  # train mode draws the CE forward's slices
+            o = method(model, batch)
+            out.append((o.parts, _grads(model, o.total)))
+        return out
+
+    switching = build_method("causal-align", dict(FAST, gn_switch=2))
+    direct = build_method("causal-align", dict(FAST, hvp="gauss-newton"))
+    never = build_method("causal-align", dict(FAST, gn_switch=0))
+    runs = steps(switching, 3)
+    assert [p["cg_iters"] > 0 for p, _ in runs] == [True, True, False]  # no CG on step 3
+    assert all(p["gn_fallback"] == 1.0 and p["cg_dropped"] == 0.0 for p, _ in runs)
+    assert switching.gn_switched and switching.gn_streak == 2
+    for (_, g), (_, g_direct) in zip(runs, steps(direct, 3), strict=True):
+        torch.testing.assert_close(g, g_direct)  # the same gradient on every step
+    assert all(p["cg_iters"] > 0 for p, _ in steps(never, 3)) and not never.gn_switched
+    # kept in the checkpoint's method state
+    resumed = build_method("causal-align", dict(FAST, gn_switch=2))
+    resumed.load_state_dict(switching.state_dict())
+    assert resumed.gn_switched and steps(resumed, 1)[0][0]["cg_iters"] == 0
+    # a step that CG solves ends the streak; a piecewise-linear CNN never switches
+    cnn = build_method("causal-align", dict(FAST, gn_switch=2))
+    cnn.gn_streak = 1
+    out = cnn(_small_cnn(), _batch())
+    assert out.parts["gn_fallback"] == 0.0 and cnn.gn_streak == 0 and not cnn.gn_switched
+    with pytest.raises(ConfigError, match="method.gn_switch must be >= 0"):
+        build_method("causal-align", dict(gn_switch=-1))
+
+
+def test_hier_align_keeps_each_levels_gn_switch_in_its_state():
+    hier = build_method("hier-align", dict(gn_switch=5))
+    assert hier.pixel.params.gn_switch == 5 and hier.attr.params.gn_switch == 5
+    hier.pixel.gn_switched, hier.attr.gn_streak = True, 2
+    again = build_method("hier-align", {})
+    again.load_state_dict(hier.state_dict())
+    assert again.pixel.gn_switched and not again.attr.gn_switched
+    assert again.attr.gn_streak == 2 and again.pixel.gn_streak == 0
 
 
 @pytest.mark.parametrize("failure", ["diverged", "cg"])

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from causalign.cli import main
 
@@ -82,6 +83,63 @@ def test_bench_step_prints_contract(capsys):
                         "method.lam=5")
     assert rc == 0, err
     assert json.loads(out)["method_args"] == {"lam": 5}  # the settings timed are recorded
+
+
+def test_bench_step_times_the_volume_model_on_volumes(capsys):
+    # Before there was no --depth: `bench step --model multiview` was refused for its 2D
+    # images, so the multiview step could not be timed at all.
+    rc, out, err = _run(capsys, "bench", "step", "--method", "causal-align", "--model",
+                        "multiview", "--size", "16", "--depth", "4", "--batch-size", "4",
+                        "--steps", "1", "--warmup", "0", "--set", "method.steps=2")
+    assert rc == 0, err
+    obj = json.loads(out)
+    assert obj["model"] == "multiview" and obj["depth"] == 4 and obj["seconds_per_step"] > 0
+
+
+def test_bench_step_alternates_erm_and_method_steps(monkeypatch):
+    # Before, every ERM step was timed before every method step, so a load change on a
+    # shared machine went into the ratio.
+    from causalign.engine import bench
+
+    order = []
+
+    class Recorded:
+        def __init__(self, name, *args, **kwargs):
+            self.name = name
+
+        def __call__(self):
+            order.append(self.name)
+            return 1.0 if self.name == "erm" else 3.0
+
+    monkeypatch.setattr(bench, "_TimedStep", Recorded)
+    result = bench.bench_step("causal-align", size=16, batch_size=2, steps=3, warmup=1)
+    assert order == ["erm", "causal-align"] * 4  # one warm-up pair, then three timed pairs
+    assert result["ratio_to_erm"] == 3.0
+
+
+def test_bench_step_leaves_the_callers_random_state_alone():
+    # bench_step seeds its runs (one initial model for timed and profiled runs); the
+    # caller's generator is restored, not left reseeded
+    from causalign.engine.bench import bench_step
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    bench_step("erm", size=16, batch_size=2, steps=1, warmup=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_synthetic_bench_batch_volumes_carry_their_lesion_in_the_middle_slices():
+    from causalign.engine.bench import synthetic_batch
+
+    flat, vol = synthetic_batch(3, 16), synthetic_batch(3, 16, depth=8)
+    assert flat["image"].shape == (3, 1, 16, 16) and flat["mask"].shape == (3, 1, 16, 16)
+    assert vol["image"].shape == (3, 1, 8, 16, 16) and vol["mask"].shape == (3, 1, 8, 16, 16)
+    per_slice = vol["mask"].sum(dim=(1, 3, 4))
+    assert (per_slice[:, :2] == 0).all() and (per_slice[:, 6:] == 0).all()
+    assert (per_slice[:, 2:6] == 16).all()  # a 4 x 4 square (side size // 4) in each
+    for d in (3, 4, 5):  # the same square in every lesion slice
+        assert torch.equal(vol["mask"][:, :, d], vol["mask"][:, :, 2])
 
 
 def test_bench_step_profile_names_the_parts_of_a_causal_align_step(capsys):
@@ -230,6 +288,10 @@ def test_bare_group_prints_help_without_an_error_line(capsys):
     (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["bench", "step", "--steps", "0"], "--steps must be >= 1, got 0"),
     (["bench", "step", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["bench", "step", "--depth", "2"], "--depth 2: volumes need at least 4 slices"),
+    (["bench", "step", "--depth", "8"], "model 'cnn7' takes 2D images: leave --depth at 1"),
+    (["bench", "step", "--model", "multiview"], "model 'multiview' takes volumes: give "
+                                                "--depth >= 4"),
     (["data", "synth", "{tmp}/d", "--label-noise", "-1"], "--label-noise must be a finite σ"),
 ])
 def test_demo_bench_and_synth_reject_bad_settings_before_any_work(tmp_path, capsys, argv,

@@ -228,7 +228,13 @@ def test_divergence_is_reset_and_flagged(trained):
     res = gen.generate(x, target=torch.tensor([1, 0, 1, 0]), ids=ids)
     assert res.diverged.tolist() == [True, False, False, False]
     assert torch.equal(res.x_star[0], x[0]) and torch.isfinite(res.x_star).all()
-    assert not res.flipped[0] and res.target_prob[0] == 0
+    # x* = x0 is what is returned, so its report is x0's: the target's probability was
+    # reported as 0 there (as if the search had pushed it to none)
+    from causalign.explain.counterfactual import eval_mode
+    with torch.no_grad(), eval_mode(model):
+        p0 = model(x[:1]).softmax(1)[0, 1]
+    assert not res.flipped[0] and 0 < float(p0) < 1
+    torch.testing.assert_close(res.target_prob[0], p0, rtol=1e-4, atol=1e-5)
     _, hit = gen.cache.get(ids, x)
     assert hit.tolist() == [False, True, True, True]  # a diverged solve is not cached
     clean = CounterfactualGenerator(model, alpha=0.01, steps=5, lr=0.02).generate(
@@ -722,6 +728,7 @@ def test_newton_flags_a_nan_model_and_never_steps_to_a_non_finite_point(trained)
     assert res.diverged.tolist() == [True, False, False, False]
     assert torch.equal(res.x_star[0], x[0]) and not res.flipped[0]
     assert torch.isfinite(res.x_star).all()
+    assert torch.isnan(res.target_prob[0])  # the model itself is NaN at x* = x0
     # sample 0's NaN does not leak into the others: they end as they do without it
     rest = CounterfactualGenerator(poisoned, **kw).generate(x[1:], target=target[1:])
     torch.testing.assert_close(res.x_star[1:], rest.x_star, rtol=1e-4, atol=1e-5)

@@ -87,6 +87,20 @@ def test_a_nan_gradient_is_flagged_as_diverged_by_every_optimizer(optimizer):
     assert res.flipped[1:].all()
 
 
+def test_the_report_keeps_a_float64_models_precision():
+    # target_prob was cut to float32 (the logits were cast) for a float64 model and input
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) * 0.5
+    model = _linear().double()
+    res = CounterfactualGenerator(model, steps=3, lr=0.05).generate(x)
+    with torch.no_grad():
+        expected = model(res.x_star).softmax(1).gather(1, res.target[:, None])[:, 0]
+    assert res.target_prob.dtype == torch.float64
+    torch.testing.assert_close(res.target_prob, expected, rtol=1e-12, atol=1e-12)
+    half = CounterfactualGenerator(_linear().bfloat16(), steps=2, lr=0.05).generate(
+        x.bfloat16())
+    assert half.target_prob.dtype == torch.float32  # low precision is widened
+
+
 class _NaNLogitsRow0(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -621,6 +621,8 @@ def causal_pc(
 def bench_step_cmd(
     method: Annotated[str, typer.Option(help="method to time against ERM")] = "erm",
     size: Annotated[int, typer.Option(help="image side in px")] = 64,
+    depth: Annotated[int, typer.Option(help="slices per volume (1: 2D images; >= 4 for "
+                                            "--model multiview)")] = 1,
     batch_size: Annotated[int, typer.Option(help="images per step")] = 64,
     steps: Annotated[int, typer.Option(help="timed steps (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 2,
@@ -648,7 +650,7 @@ def bench_step_cmd(
     try:
         result = bench_step(method, size=size, batch_size=batch_size, steps=steps,
                             warmup=warmup, device=device, model=model, method_args=args,
-                            profile=profile)
+                            profile=profile, depth=depth)
     finally:
         torch.set_num_threads(saved)
     typer.echo(json.dumps(result))

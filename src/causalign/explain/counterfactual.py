@@ -773,29 +773,38 @@ class CounterfactualGenerator:
             u = torch.where(ok.view(shape), u, u0)
             with torch.no_grad():
                 x_star = prob.image(u)
-                logits = self.model(x_star).float() if report else None
+                logits = _report_logits(self.model, x_star) if report else None
+                if logits is not None:
+                    finite = torch.isfinite(logits).all(1)
+                    if not bool(finite.all()):  # the model's output at x* is not finite
+                        ok = ok & finite
+                        u = torch.where(ok.view(shape), u, u0)
+                        x_star = prob.image(u)
+                        # reported at the x* returned, x0: the target's probability was 0
+                        # there, as if the search had left it at none
+                        logits = _report_logits(self.model, x_star)
         flipped = target_prob = None
         if logits is not None:
-            finite = torch.isfinite(logits).all(1)
-            ok = ok & finite
             if target.is_floating_point():  # soft targets: mean agreement 1 − |σ(z) − a*|
-                agree = 1 - (logits.sigmoid() - target).abs().flatten(1).mean(1)
-                target_prob = torch.where(ok, agree, 0.0)
+                target_prob = 1 - (logits.sigmoid() - target).abs().flatten(1).mean(1)
             else:
-                probs = logits.softmax(1)
-                target_prob = torch.where(ok, probs.gather(1, target[:, None])[:, 0], 0.0)
+                target_prob = logits.softmax(1).gather(1, target[:, None])[:, 0]
+            # a diverged search is no counterfactual, whatever its x0's prediction
             flipped = ok & prob.reached(logits)
         diverged = ~ok
-        if bool(diverged.any()):
-            u = torch.where(ok.view(shape), u, u0)
-            with torch.no_grad():
-                x_star = prob.image(u)
         if self.warm_start and ids is not None:
             self.cache.put(ids, u - u0, ok, cache_dihedral)
         dist = distance_value(u - u0, self.distance, prob.scale, eps=0.0)
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
                                     problem=prob, flipped=flipped, target_prob=target_prob)
+
+
+def _report_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's logits for the report, in float32 at least: half/bfloat16 outputs are
+    widened, float64 ones kept (their target probabilities were cut to float32)."""
+    logits = model(x)
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _autoencoder_like(ae: nn.Module, x0: Tensor) -> nn.Module:

@@ -110,6 +110,7 @@ class HierAlignParams:
     damping: float = 1e-2
     hvp: str = "exact"
     negative_curvature: str = "gauss-newton"  # as causal-align's
+    gn_switch: int = 3  # as causal-align's, per level
     fd_eps: float = 1e-3
     precondition: bool = True
     align_every: int = 1
@@ -155,7 +156,7 @@ class HierAlignParams:
     def _shared(self) -> dict:
         return dict(cg_iters=self.cg_iters, cg_tol=self.cg_tol, damping=self.damping,
                     hvp=self.hvp, negative_curvature=self.negative_curvature,
-                    fd_eps=self.fd_eps, precondition=self.precondition,
+                    gn_switch=self.gn_switch, fd_eps=self.fd_eps, precondition=self.precondition,
                     align_every=1)
 
     def pixel_params(self) -> CausalAlignParams:
@@ -292,7 +293,11 @@ class HierAlign(Method):
         return {"step": self.step, "cache": self.pixel.cache.state_dict(),
                 "scale": None if self.pixel.scale is None else self.pixel.scale.cpu(),
                 "r": self.r_table, "r_known": self.r_known,
-                "damping": self.pixel.damping, "attr_damping": self.attr.damping}
+                "damping": self.pixel.damping, "attr_damping": self.attr.damping,
+                # each level's switch to the Gauss-Newton solve (causal-align's gn_switch)
+                "gn_streak": self.pixel.gn_streak, "gn_switched": self.pixel.gn_switched,
+                "attr_gn_streak": self.attr.gn_streak,
+                "attr_gn_switched": self.attr.gn_switched}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", 0))
@@ -300,6 +305,9 @@ class HierAlign(Method):
         # older checkpoints hold no damping: the configured one, as before
         self.pixel.damping = float(state.get("damping", self.params.damping))
         self.attr.damping = float(state.get("attr_damping", self.params.damping))
+        for level, prefix in ((self.pixel, ""), (self.attr, "attr_")):
+            level.gn_streak = int(state.get(prefix + "gn_streak", 0))
+            level.gn_switched = bool(state.get(prefix + "gn_switched", False))
         if state.get("scale") is not None:
             self.pixel.scale = state["scale"]
         if state.get("r") is not None:
