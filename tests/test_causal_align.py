@@ -700,6 +700,14 @@ def test_gauss_newton_adjoint_needs_no_damping_on_an_indefinite_hessian():
     assert any(float(g.abs().max()) > 0 for g in grads)
 
 
+def test_damping_escalation_under_the_direct_solve_is_refused():
+    # hvp=gauss-newton runs no CG, so negative_curvature=damping was silently unused
+    with pytest.raises(ConfigError, match="method.negative_curvature=damping has no effect "
+                                          "with method.hvp=gauss-newton"):
+        build_method("causal-align", dict(hvp="gauss-newton", negative_curvature="damping"))
+    build_method("causal-align", dict(hvp="gauss-newton"))  # the default rule is fine
+
+
 def test_unknown_hvp_mode_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="method.hvp must be one of exact, finite-difference, "
                                           "gauss-newton, got 'newton'"):

@@ -289,6 +289,11 @@ def test_bare_group_prints_help_without_an_error_line(capsys):
     (["bench", "step", "--steps", "0"], "--steps must be >= 1, got 0"),
     (["bench", "step", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["bench", "step", "--depth", "2"], "--depth 2: volumes need at least 4 slices"),
+    # an empty path was the current folder: an unset shell variable wrote there
+    (["data", "synth", ""], "argument 3 is empty; give a value (as a path, '.' is the "
+                            "current folder)"),
+    (["demo", "--out="], "--out is empty; give a value ('.' is the current folder)"),
+    (["bench", "step", "--set", ""], "--set is empty; give a value"),
     (["bench", "step", "--depth", "8"], "model 'cnn7' takes 2D images: leave --depth at 1"),
     (["bench", "step", "--model", "multiview"], "model 'multiview' takes volumes: give "
                                                 "--depth >= 4"),

@@ -804,6 +804,27 @@ def _interrupted() -> int:
     return 130
 
 
+def _refuse_empty_arguments(args: list[str]) -> None:
+    """An empty argument is never a valid value here, and as a path it meant the current
+    folder: `--out ""` (an unset shell variable) wrote a run's files into the working
+    directory, `data synth ""` a dataset."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        option = name if eq and name.startswith("--") and not value.strip() else None
+        if option is None and not arg.strip():
+            before = args[i - 1] if i else ""
+            option = before if before.startswith("--") and "=" not in before else None
+            if option is None:
+                raise CausalignError(f"argument {i + 1} is empty; give a value (as a path, "
+                                     f"'.' is the current folder)")
+        if option is not None:
+            hint = " ('.' is the current folder)" if option in _PATH_OPTIONS else ""
+            raise CausalignError(f"{option} is empty; give a value{hint}")
+
+
+_PATH_OPTIONS = ("--out", "--data", "--config", "--json", "--autoencoder")
+
+
 def _main(argv: list[str] | None) -> int:
     try:  # recent typer (0.29 here) vendors click; its parser raises these, not click's
         from typer._click.exceptions import ClickException
@@ -811,6 +832,7 @@ def _main(argv: list[str] | None) -> int:
         from click.exceptions import ClickException
 
     try:
+        _refuse_empty_arguments(sys.argv[1:] if argv is None else argv)
         # Without standalone mode, recent typer turns Ctrl-C into a returned exit code (130)
         # instead of raising; older versions raise KeyboardInterrupt (handled below).
         code = app(args=argv, standalone_mode=False)

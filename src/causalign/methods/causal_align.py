@@ -239,6 +239,12 @@ class CausalAlignParams:
              f"got '{self.target}'"),
             (not (self.space == "latent" and self.distance.startswith("scaled")),
              f"method.distance '{self.distance}' is per pixel; space latent takes l1 or l2"),
+            # no CG runs under hvp=gauss-newton, so none meets negative curvature: the damping
+            # escalation asked for was silently unused
+            (not (self.hvp == "gauss-newton" and self.negative_curvature == "damping"),
+             "method.negative_curvature=damping has no effect with method.hvp=gauss-newton "
+             "(its direct solve is positive definite; no CG runs to meet negative "
+             "curvature)"),
             (not (self.autoencoder and self.space != "latent"),  # it was silently unused
              f"method.autoencoder is used only with method.space=latent (space is "
              f"'{self.space}')"),
