@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> None:
         common = {k.removeprefix("method."): v for k, v in parse_set(a.sets).items()}
     except CausalignError as exc:
         ap.error(f"--set: {exc}")
+    clash = [(name, k) for name in names for k in CONFIGS[name]
+             if k in common and common[k] != CONFIGS[name][k]]
+    if clash:  # the configuration's own value would silently win
+        ap.error(f"--set {clash[0][1]}={common[clash[0][1]]} contradicts configuration "
+                 f"'{clash[0][0]}' ({clash[0][1]}={CONFIGS[clash[0][0]][clash[0][1]]})")
     configs = {name: {**common, **CONFIGS[name]} for name in names}
     try:  # a bad setting or model fails here, in one line, before any timing
         for name in names:

@@ -451,3 +451,5 @@ def test_causal_align_step_table_smoke(tmp_path, monkeypatch):
     assert "implicit.cg" not in r["profiles"][1]["profile_ms_per_step"]  # direct solve only
     with pytest.raises(SystemExit):  # a 2D model on volumes, before any timing
         mod.main(["--model", "cnn7", "--depth", "8", "--out", str(out)])
+    with pytest.raises(SystemExit):  # --set steps=20 would silently lose to newton5's 5
+        mod.main(["--set", "steps=20", "--configs", "newton5", "--out", str(out)])

@@ -13,6 +13,7 @@ from torch import nn
 from causalign.errors import ConfigError
 from causalign.explain.counterfactual import CounterfactualResult, InnerProblem, eval_mode
 from causalign.methods import build_method
+from causalign.methods.base import resolved_params
 from causalign.models.autoencoder import ConvAutoencoder
 
 DT = torch.float64
@@ -295,16 +296,18 @@ def test_diverged_counterfactual_is_skipped_and_counted():
 
 
 def test_a_step_whose_every_search_diverged_reports_no_solve_figures():
-    """Every counterfactual diverged: nothing was solved, so the step reports cf_diverged
-    and no L_align, flip rate or CG figures (history.csv averages a part over the steps that
-    report it). It reported cg_converged 0, flip_rate 0 and align 0, which pulled the
-    epoch's means down as if CG had failed."""
+    """Every counterfactual diverged: nothing was solved, so the step reports no L_align, CG
+    convergence or iteration count (history.csv averages a part over the steps that report
+    it). It reported cg_converged 0 and align 0, which pulled the epoch's means down as if
+    CG had failed. The shares of all aligned samples stay (none flipped, none dropped), as
+    on a step where only some diverged, so data-parallel chunks average like one process."""
     sub = _batch(n=1)
     model = _NaNWhenMoved(_small_cnn(), sub["image"])
     method = build_method("causal-align", dict(FAST, bn="running"))
     out = method(model, sub)
     assert out.parts["cf_diverged"] == 1.0 and out.parts["n_align"] == 1.0
-    for key in ("align", "flip_rate", "cg_converged", "cg_iters", "cg_dropped"):
+    assert out.parts["flip_rate"] == 0.0 and out.parts["cg_dropped"] == 0.0
+    for key in ("align", "cg_converged", "cg_iters"):
         assert key not in out.parts, key
     torch.testing.assert_close(_grads(model, out.total), _ce_grad(model.model, sub))
 
@@ -415,6 +418,53 @@ def test_after_gn_switch_fallback_steps_every_step_is_solved_directly():
     assert out.parts["gn_fallback"] == 0.0 and cnn.gn_streak == 0 and not cnn.gn_switched
     with pytest.raises(ConfigError, match="method.gn_switch must be >= 0"):
         build_method("causal-align", dict(gn_switch=-1))
+
+
+def test_a_run_stored_before_gn_switch_resumes_only_if_it_never_fell_back(tmp_path):
+    """gn_switch's default (3) is not the earlier behaviour (CG on every step, 0). A run
+    stored before the setting existed was resumed or collected with the switch on; now it
+    is compared with 0, unless its history shows no fallback, where the switch never acts."""
+    import yaml
+
+    from causalign.engine.config import TrainConfig
+    from causalign.engine.trainer import settings_diff
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(method="causal-align", epochs=1)
+    params = dict(resolved_params(build_method("causal-align", {})))
+    del params["gn_switch"]
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(),
+                                                    "method_params": params}))
+
+    def history(fallback):
+        (run / "history.csv").write_text(f"epoch,train_gn_fallback\n1,0\n2,{fallback}\n")
+
+    history(0.5)
+    assert settings_diff(run, cfg) == [
+        "method.gn_switch 0 (before the setting existed) -> 3"]
+    off = TrainConfig(method="causal-align", epochs=1, method_args={"gn_switch": 0})
+    assert settings_diff(run, off) == []  # resumable with the earlier behaviour
+    history(0)  # never fell back (every 2D CNN run): the switch never acted
+    assert settings_diff(run, cfg) == []
+    (run / "history.csv").write_text("epoch,train_img_gn_fallback\n1,0.25\n")
+    assert build_method("hier-align", {}).setting_had_no_effect("gn_switch", []) is True
+    assert build_method("hier-align", {}).setting_had_no_effect(
+        "gn_switch", [{"train_img_gn_fallback": "0.25"}]) is False
+
+
+def test_data_parallel_merge_keeps_a_ranks_gn_switch():
+    # rank 0's values were taken: a rank that had switched went back to CG + fallback at
+    # every epoch's end
+    from causalign.engine.distributed import merge_method_states
+
+    s0 = {"gn_switched": False, "gn_streak": 1, "attr_gn_switched": False,
+          "attr_gn_streak": 0, "step": 4}
+    s1 = {"gn_switched": True, "gn_streak": 3, "attr_gn_switched": False,
+          "attr_gn_streak": 2, "step": 3}
+    merged = merge_method_states([s0, s1], [torch.tensor([0]), torch.tensor([1])])
+    assert merged == {"gn_switched": True, "gn_streak": 3, "attr_gn_switched": False,
+                      "attr_gn_streak": 2, "step": 4}
 
 
 def test_hier_align_keeps_each_levels_gn_switch_in_its_state():
@@ -700,12 +750,22 @@ def test_gauss_newton_adjoint_needs_no_damping_on_an_indefinite_hessian():
     assert any(float(g.abs().max()) > 0 for g in grads)
 
 
-def test_damping_escalation_under_the_direct_solve_is_refused():
-    # hvp=gauss-newton runs no CG, so negative_curvature=damping was silently unused
-    with pytest.raises(ConfigError, match="method.negative_curvature=damping has no effect "
-                                          "with method.hvp=gauss-newton"):
-        build_method("causal-align", dict(hvp="gauss-newton", negative_curvature="damping"))
-    build_method("causal-align", dict(hvp="gauss-newton"))  # the default rule is fine
+def test_damping_escalation_under_the_direct_solve_is_warned_at_setup(tiny_data):
+    # hvp=gauss-newton runs no CG, so negative_curvature=damping was silently unused. A
+    # warning when training starts, not a refusal: a run trained so stays loadable.
+    import warnings
+
+    from causalign.data.format import LesionDataset
+
+    train_set = LesionDataset(tiny_data, "train")
+    method = build_method("causal-align", dict(hvp="gauss-newton",
+                                               negative_curvature="damping"))
+    with pytest.warns(UserWarning, match="method.negative_curvature=damping has no effect "
+                                         "with method.hvp=gauss-newton"):
+        method.setup(train_set, _small_cnn())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_method("causal-align", dict(hvp="gauss-newton")).setup(train_set, _small_cnn())
 
 
 def test_unknown_hvp_mode_is_refused_in_one_line():

@@ -117,6 +117,14 @@ def test_bench_step_alternates_erm_and_method_steps(monkeypatch):
     assert result["ratio_to_erm"] == 3.0
 
 
+def test_an_empty_value_is_kept_where_it_is_the_options_default(tmp_path, capsys):
+    # `data synth --weights ""` (the default: the benchmark's own rule) must not be
+    # refused by the empty-argument check
+    rc, out, err = _run(capsys, "data", "synth", str(tmp_path / "d"), "--weights", "",
+                        "--n-train", "4", "--n-val", "2", "--n-test", "2", "--size", "32")
+    assert rc == 0, err
+
+
 def test_bench_step_leaves_the_callers_random_state_alone():
     # bench_step seeds its runs (one initial model for timed and profiled runs); the
     # caller's generator is restored, not left reseeded
@@ -294,6 +302,8 @@ def test_bare_group_prints_help_without_an_error_line(capsys):
                             "current folder)"),
     (["demo", "--out="], "--out is empty; give a value ('.' is the current folder)"),
     (["bench", "step", "--set", ""], "--set is empty; give a value"),
+    # after a flag the empty argument is a stray positional one, not the flag's value
+    (["data", "synth", "{tmp}/d", "--overwrite", ""], "argument 5 is empty"),
     (["bench", "step", "--depth", "8"], "model 'cnn7' takes 2D images: leave --depth at 1"),
     (["bench", "step", "--model", "multiview"], "model 'multiview' takes volumes: give "
                                                 "--depth >= 4"),

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -805,21 +805,43 @@ def _interrupted() -> int:
 
 
 def _refuse_empty_arguments(args: list[str]) -> None:
-    """An empty argument is never a valid value here, and as a path it meant the current
-    folder: `--out ""` (an unset shell variable) wrote a run's files into the working
-    directory, `data synth ""` a dataset."""
+    """An empty argument is refused unless its option's default is empty too
+    (`data synth --weights ""`): as a path it meant the current folder, so `--out ""` (an
+    unset shell variable) wrote a run's files into the working directory and `data synth ""`
+    a dataset there."""
+    if all(arg.strip() and not arg.endswith("=") for arg in args):
+        return  # the usual case: nothing to look up
+    import typer.main
+
+    command: Any = typer.main.get_command(app)
+    for arg in args:  # the subcommand the arguments address (`data synth`, `bench step`)
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None and not arg.startswith("-"):
+            break
+        command = sub or command
+    options = {name: param for param in getattr(command, "params", [])
+               for name in (*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ()))
+               if name.startswith("-")}
+
+    def refuse(option: str) -> None:
+        param = options.get(option)
+        if param is not None and param.default == "":
+            return  # an empty value is this option's own default
+        hint = " ('.' is the current folder)" if option in _PATH_OPTIONS else ""
+        raise CausalignError(f"{option} is empty; give a value{hint}")
+
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
-        option = name if eq and name.startswith("--") and not value.strip() else None
-        if option is None and not arg.strip():
+        if eq and name.startswith("--") and not value.strip():
+            refuse(name)
+        elif not arg.strip():
             before = args[i - 1] if i else ""
-            option = before if before.startswith("--") and "=" not in before else None
-            if option is None:
+            param = options.get(before)
+            if param is not None and not getattr(param, "is_flag", False):
+                refuse(before)
+            else:  # a positional argument, or a stray one after a flag
                 raise CausalignError(f"argument {i + 1} is empty; give a value (as a path, "
                                      f"'.' is the current folder)")
-        if option is not None:
-            hint = " ('.' is the current folder)" if option in _PATH_OPTIONS else ""
-            raise CausalignError(f"{option} is empty; give a value{hint}")
 
 
 _PATH_OPTIONS = ("--out", "--data", "--config", "--json", "--autoencoder")

@@ -65,7 +65,9 @@ class _TimedStep:
         self.method = build_method(method_name, method_args or {})
         # the same initial weights for every run of a method: a timed and a profiled run (or
         # two configurations) then start from one model, not two random ones
-        torch.manual_seed(cfg.seed)
+        # (the CPU generator only: models are built on the CPU, and torch.manual_seed would
+        # also reseed every CUDA device's, which fork_rng restores only for the bench's own)
+        torch.default_generator.manual_seed(cfg.seed)
         self.model = self.method.build_model(cfg, info).to(device)
         self.model.train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)

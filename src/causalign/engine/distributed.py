@@ -425,12 +425,21 @@ def merge_method_states(states: list[dict], touched: list[Tensor],
     keeps only rank 0's half. ``own`` (default ``states[0]``) supplies the entries no rank
     touched, so ``states`` may hold only the touched ones (`touched_only`). A damping
     (``damping``, hier-align's ``attr_damping``: raised on negative curvature, on the rank
-    that met it) takes the largest. Everything
+    that met it) takes the largest, as does a streak of Gauss-Newton fallbacks (``gn_streak``),
+    and a switch to that solve (``gn_switched``) holds if any rank made it. Everything
     else is rank 0's (step counters: rank 0 never has an empty chunk)."""
     merged = dict(states[0])
     for key in states[0]:
         values = [s.get(key) for s in states]
         if key.endswith("damping") and all(isinstance(v, (int, float)) for v in values):
+            merged[key] = max(values)
+            continue
+        # causal-align's switch to the Gauss-Newton solve (gn_switch): kept if any rank
+        # switched, else rank 0's value reverted it at every epoch's end on the others
+        if key.endswith("gn_switched") and all(isinstance(v, bool) for v in values):
+            merged[key] = any(values)
+            continue
+        if key.endswith("gn_streak") and all(isinstance(v, int) for v in values):
             merged[key] = max(values)
             continue
         if not any(_is_cache_state(v) for v in values) or \

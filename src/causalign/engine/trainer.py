@@ -1067,8 +1067,28 @@ def settings_diff(run: Path, cfg: TrainConfig, method: Method | None = None) -> 
     if not diffs and stored_params is not None:
         method = method or build_method(cfg.method, cfg.method_args)
         defaults = resolved_params(build_method(cfg.method, {}))
-        diffs = params_diff(stored_params, resolved_params(method), defaults)
+        history: list[dict] | None = None
+
+        def no_effect(key: str) -> bool:
+            nonlocal history
+            if history is None:
+                history = _stored_history(run)
+            return method.setting_had_no_effect(key, history)
+
+        diffs = params_diff(stored_params, resolved_params(method), defaults,
+                            before=method.params_before, no_effect=no_effect)
     return diffs
+
+
+def _stored_history(run: Path) -> list[dict]:
+    """RUN's history.csv rows as {column: text} ([] without one)."""
+    import csv
+
+    try:
+        with open(run / "history.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error):
+        return []
 
 
 def data_info_from_disk(data: Path) -> DataInfo:

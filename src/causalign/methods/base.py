@@ -83,9 +83,19 @@ class Method:
     # (causal-align's align_batch and balance, PPI's fraction) applies to the global batch
     # as in one process. None: single process.
     global_step: Any = None
+    # Settings added after runs were stored whose default is not the earlier behaviour:
+    # key -> the value that reproduces it. A stored run without the key is compared with
+    # that value on --resume and when a benchmark collects it (`params_diff`), unless
+    # `setting_had_no_effect` says its history shows the setting could not have acted.
+    params_before: dict[str, Any] = {}
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
+        """True when a stored run's history.csv rows show that setting ``key`` (one of
+        `params_before`) could not have changed that run."""
+        return False
 
     def setup(  # noqa: B027 - optional hook
         self, train_set: LesionDataset, model: nn.Module
@@ -247,15 +257,24 @@ def resolved_params(method: Method) -> dict[str, Any]:
 
 
 def params_diff(stored: dict[str, Any], current: dict[str, Any],
-                defaults: dict[str, Any] | None = None) -> list[str]:
+                defaults: dict[str, Any] | None = None, before: dict[str, Any] | None = None,
+                no_effect: Callable[[str], bool] | None = None) -> list[str]:
     """'key old -> new' for every hyper-parameter whose value differs.
 
-    A key missing from ``stored`` is a parameter added after the run was trained; new
+    A key missing from ``stored`` is a parameter added after the run was trained. Most new
     parameters default to the earlier behaviour, so it differs only when the wanted value
-    is not its default (``defaults``; without them every missing key differs)."""
-    defaults = defaults or {}
+    is not its default (``defaults``; without them every missing key differs). Where the
+    default changed the behaviour, ``before`` gives the earlier value (`Method.params_before`)
+    and the wanted value is compared with it, unless ``no_effect(key)`` says the setting
+    could not have acted on this run."""
+    defaults, before = defaults or {}, before or {}
     diffs = []
     for k in sorted(set(stored) | set(current)):
+        if k not in stored and k in before:
+            if current.get(k) != before[k] and not (no_effect and no_effect(k)):
+                diffs.append(f"method.{k} {before[k]!r} (before the setting existed) -> "
+                             f"{current.get(k)!r}")
+            continue
         if k not in stored and k in defaults and current.get(k) == defaults[k]:
             continue
         if stored.get(k) != current.get(k):

@@ -49,6 +49,7 @@ benchmarks/fd_hvp_probe.py).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -239,12 +240,6 @@ class CausalAlignParams:
              f"got '{self.target}'"),
             (not (self.space == "latent" and self.distance.startswith("scaled")),
              f"method.distance '{self.distance}' is per pixel; space latent takes l1 or l2"),
-            # no CG runs under hvp=gauss-newton, so none meets negative curvature: the damping
-            # escalation asked for was silently unused
-            (not (self.hvp == "gauss-newton" and self.negative_curvature == "damping"),
-             "method.negative_curvature=damping has no effect with method.hvp=gauss-newton "
-             "(its direct solve is positive definite; no CG runs to meet negative "
-             "curvature)"),
             (not (self.autoencoder and self.space != "latent"),  # it was silently unused
              f"method.autoencoder is used only with method.space=latent (space is "
              f"'{self.space}')"),
@@ -310,11 +305,24 @@ def auto_cg_iters(outputs: int, soft: bool, curved_map: bool = False) -> int:
     return max(CURVED_MAP_CG_ITERS if curved_map else 3, rank + 1)
 
 
+def never_fell_back(history: list[dict]) -> bool:
+    """True when no history.csv row records a Gauss-Newton fallback (any level's
+    ``*gn_fallback`` column): such a run trained as it would have with any `gn_switch`, which
+    acts only after fallbacks (every 2D CNN run: CG never meets negative curvature there)."""
+    return not any(float(v or 0) > 0 for row in history for k, v in row.items()
+                   if k.endswith("gn_fallback"))
+
+
 @register_method("causal-align")
 class CausalAlign(Method):
     Params = CausalAlignTrainingParams
     uses_annotations = True
     subset_means = True  # L_align: a mean over the aligned samples (LossOutput.means)
+    # runs stored before gn_switch existed tried CG on every step
+    params_before = {"gn_switch": 0}
+
+    def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
+        return key == "gn_switch" and never_fell_back(history)
 
     def __init__(self, params: CausalAlignParams | None = None) -> None:
         super().__init__(params)
@@ -362,6 +370,12 @@ class CausalAlign(Method):
             # the grown region covers every image: L_align is 0 and the run is ERM
             raise ConfigError(f"method.dilate={self.params.dilate} grows the region over the "
                               f"whole {shape[-2]}×{shape[-1]} image: no alignment term left")
+        if self.params.hvp == "gauss-newton" and self.params.negative_curvature == "damping":
+            # no CG runs, so none meets negative curvature: the escalation asked for is
+            # unused (a warning, not a refusal: runs trained so stay loadable and resumable)
+            warnings.warn("method.negative_curvature=damping has no effect with "
+                          "method.hvp=gauss-newton: its direct solve is positive definite "
+                          "and no CG runs to meet negative curvature", stacklevel=2)
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
@@ -597,9 +611,12 @@ class CausalAlign(Method):
             if n_ok:  # a frozen model: no gradient for any sample
                 stats.update(align=0.0, flip_rate=0.0, cg_converged=0.0, cg_iters=0.0,
                              cg_dropped=1.0)
-            # else every search diverged (cf_diverged 1): nothing was solved, so the step
-            # reports no L_align, flip rate or CG figures, as a step without annotated
-            # samples; its 0s pulled the epoch's means in history.csv down
+            else:
+                # every search diverged (cf_diverged 1): the shares of all aligned samples
+                # are 0 (none flipped, none dropped by CG), but nothing was solved, so there
+                # is no L_align, CG convergence or iteration count: their 0s pulled the
+                # epoch's means in history.csv down as if CG had failed
+                stats.update(flip_rate=0.0, cg_dropped=0.0)
             return x.new_zeros(()), stats
         value = per_sample[ok].mean()
         outer = self._outer_grad(res, x, outside, ok, n_ok)

@@ -46,7 +46,7 @@ from ..explain.counterfactual import (
     counterfactual_targets,
 )
 from .base import DataInfo, LossOutput, Method, grad_norm, register_method
-from .causal_align import CausalAlign, CausalAlignParams, GradCap
+from .causal_align import CausalAlign, CausalAlignParams, GradCap, never_fell_back
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -194,6 +194,10 @@ class HierAlign(Method):
     # Masks/boxes are optional: without any, only the attribute level (Eq. 6) aligns.
     uses_annotations = False
     subset_means = True  # BCE over known attributes, both alignment terms (see loss)
+    params_before = {"gn_switch": 0}  # as causal-align's
+
+    def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
+        return key == "gn_switch" and never_fell_back(history)
 
     def __init__(self, params: HierAlignParams | None = None) -> None:
         super().__init__(params)
