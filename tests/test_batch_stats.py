@@ -64,3 +64,29 @@ def test_capture_bn_stats_are_the_batch_norm_statistics():
         n = x.shape[0] * h * h
         torch.testing.assert_close(mean, bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(var * n / (n - 1), bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_eval_mode_with_captured_stats_gives_the_train_mode_output(fold_bn):
+    """causal-align's inner problem: the model in eval mode (samples independent) with the
+    batch's BatchNorm statistics frozen in, i.e. the function CE trains on this batch. A
+    mutation that dropped ``bn_stats`` (running statistics instead) passed every test of
+    this file."""
+    from causalign.explain.counterfactual import eval_mode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).double()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64) * 2 + 1
+    model.train()
+    with capture_bn_stats(model) as stats, torch.no_grad():
+        train_out = model(x)
+    with torch.no_grad(), eval_mode(model, fold_bn=fold_bn, bn_stats=stats):
+        frozen = model(x)
+        one = model(x[:1])  # a sample alone: no batch statistics of its own
+    with torch.no_grad(), eval_mode(model, fold_bn=fold_bn):
+        running = model(x)
+    torch.testing.assert_close(frozen, train_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(one, train_out[:1], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(running, train_out, atol=1e-3)
+    assert model.training  # restored

@@ -312,6 +312,142 @@ def test_a_step_whose_every_search_diverged_reports_no_solve_figures():
     torch.testing.assert_close(_grads(model, out.total), _ce_grad(model.model, sub))
 
 
+# ------------------------------------------------------- gaps found by a mutation audit
+
+
+def test_a_diverged_samples_absence_leaves_the_others_gradient_unscaled():
+    """The term is the mean over the samples that did not diverge: its gradient is the
+    three clean samples' alignment gradient, not 3/4 of it (∇L_align divided by all n)."""
+    import copy
+
+    batch = _batch()
+    model = _NaNWhenMoved(_small_cnn(), batch["image"])
+    out = build_method("causal-align", dict(FAST, bn="running"))(model, batch)
+    # the running statistics the step's inner problem used (a later train-mode forward
+    # moves them)
+    at_step = copy.deepcopy(model.model)
+    g_align = _grads(model.model, out.total) - _ce_grad(model.model, batch)
+    ref = build_method("causal-align", dict(FAST, bn="running"))
+    sub = {k: v[1:] for k, v in batch.items()}
+    term, _ = ref.alignment(at_step, sub["image"], 1 - sub["label"], sub["mask"], None)
+    torch.testing.assert_close(g_align, _grads(at_step, term), rtol=1e-4, atol=1e-7)
+
+
+def test_a_balance_that_does_not_bind_leaves_the_gradient_alone():
+    # the cap only ever shrinks: min(1, ρ‖∇CE‖/‖∇L_align‖), never a factor above 1
+    batch = _batch(n=4)
+    grads = {}
+    for rho in (0.0, 1e6):
+        model = _small_cnn()
+        out = build_method("causal-align", dict(FAST, balance=rho))(model, batch)
+        grads[rho] = (_grads(model, out.total), out.parts)
+    assert grads[1e6][1]["align_grad_scale"] == 1.0
+    torch.testing.assert_close(grads[1e6][0], grads[0.0][0])
+
+
+def test_a_callable_grad_cap_scales_the_alignment_gradient():
+    # the data-parallel balance passes a function of (gradient, samples) giving the factor
+    batch = _batch(n=4)
+    model = _small_cnn()
+    method = build_method("causal-align", dict(FAST, bn="running"))
+    x, y, m = batch["image"], 1 - batch["label"], batch["mask"]
+    seen = []
+
+    def half(g, k):
+        seen.append(k)
+        return 0.5
+
+    full, _ = method.alignment(model, x, y, m, None)
+    capped, stats = method.alignment(model, x, y, m, None, grad_cap=half)
+    assert seen == [4] and stats["align_grad_scale"] == 0.5
+    torch.testing.assert_close(_grads(model, capped), 0.5 * _grads(model, full))
+
+
+def test_damping_escalates_tenfold_until_cg_solves_the_step(monkeypatch):
+    """negative_curvature=damping: δ × 10 per retry (from 0.01), capped at damping_max, until
+    CG meets no negative curvature."""
+    import causalign.methods.causal_align as ca
+    from causalign.models import MultiViewCNN
+
+    tried = []
+    real = ca.implicit_gradient
+
+    def recording(*args, **kw):
+        out = real(*args, **kw)
+        if kw.get("cg_x0") is None:  # not the re-solve without dropped samples
+            tried.append((kw["damping"], bool(out.cg.breakdown.any())))
+        return out
+
+    monkeypatch.setattr(ca, "implicit_gradient", recording)
+    torch.manual_seed(0)
+    model = MultiViewCNN(1, 2, width=4).train()
+    method = build_method("causal-align", dict(FAST, negative_curvature="damping",
+                                               precondition=False, damping_max=50.0))
+    out = method(model, _volume_batch())
+    deltas = [d for d, _ in tried]
+    assert deltas[0] == 0.01 and len(deltas) >= 2  # multiview breaks CG at δ = 0.01
+    for a, b in zip(deltas, deltas[1:], strict=False):
+        assert b == pytest.approx(min(10 * a, 50.0))
+    assert all(broke for _, broke in tried[:-1])  # retried only after a breakdown
+    assert not tried[-1][1] or deltas[-1] == 50.0
+    assert out.parts["damping"] == pytest.approx(deltas[-1]) == method.damping
+
+
+def test_a_failed_re_solve_drops_the_alignment_gradient(monkeypatch):
+    """A sample CG fails is dropped and the step solved again without it; when that re-solve
+    fails too, the step has no alignment gradient (it was used anyway)."""
+    import dataclasses
+
+    import causalign.methods.causal_align as ca
+
+    real = ca.implicit_gradient
+    calls = []
+
+    def failing(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(kw.get("cg_x0") is not None)
+        bad = 0 if len(calls) == 1 else 1  # the solve fails sample 0, its re-solve sample 1
+        converged = out.cg.converged.clone()
+        converged[bad] = False
+        return dataclasses.replace(out, cg=dataclasses.replace(out.cg, converged=converged))
+
+    monkeypatch.setattr(ca, "implicit_gradient", failing)
+    model = _small_cnn()
+    batch = _batch()
+    out = build_method("causal-align", FAST)(model, batch)
+    assert calls == [False, True]  # the solve, then the warm-started re-solve
+    assert out.parts["cg_dropped"] == 1.0
+    torch.testing.assert_close(_grads(model, out.total), _ce_grad(model, batch))
+
+
+def test_normalize_total_is_the_share_of_the_change_outside_the_region():
+    method = build_method("causal-align", {})  # training default: normalize=total
+    delta = torch.zeros(2, 1, 4, 4)
+    delta[0, 0, 0, 0], delta[0, 0, 3, 3] = 0.3, -0.1  # 0.3 outside, 0.1 inside
+    delta[1, 0, 3, 3] = 0.2  # all inside
+    outside = torch.ones(2, 1, 4, 4)
+    outside[:, :, 2:, 2:] = 0
+    share = method._per_sample(delta, outside)
+    torch.testing.assert_close(share, torch.tensor([0.3 / (0.4 + 1e-6), 0.0]))
+    raw = build_method("causal-align", dict(normalize="none"))._per_sample(delta, outside)
+    torch.testing.assert_close(raw, torch.tensor([0.3, 0.0]))
+
+
+def test_training_steps_warm_start_from_the_previous_visit():
+    """warm_start (the default) with the batch's dataset indices: the second visit of a
+    sample starts from its cached x* (cf_warm), which training never used if the ids did
+    not reach the generator."""
+    model = _small_cnn()
+    batch = _batch()
+    method = build_method("causal-align", dict(FAST, warm_start=True))
+    first = method(model, batch)
+    second = method(model, batch)
+    assert first.parts["cf_warm"] == 0.0 and second.parts["cf_warm"] == 1.0
+    cold = build_method("causal-align", dict(FAST, warm_start=False))
+    cold(model, batch)
+    assert cold(model, batch).parts["cf_warm"] == 0.0
+
+
 def test_nonconverged_cg_is_dropped_and_counted():
     model = _small_cnn()
     batch = _batch()

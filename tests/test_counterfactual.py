@@ -489,6 +489,51 @@ def test_ista_one_step_moves_exactly_the_pixels_past_the_l1_threshold(trained):
     torch.testing.assert_close(res.x_star - x, expect, rtol=1e-4, atol=1e-6)
 
 
+def test_ista_thresholds_each_pixel_at_its_own_scale(trained):
+    """scaled-l1: a pixel moves iff |∂CE/∂x| > α/s (its MAD), by the soft-threshold at
+    η·α/s, with η = lr / max(max|g|, α·max(1/s)); and the reported distance is Σ|Δ|/s."""
+    model, ds = trained
+    x, target, alpha = ds.images[:6], 1 - ds.labels[:6], 0.02
+    scale = distance_scale(ds.images, "scaled-l1")
+    assert scale.min() < 0.5 * scale.max()  # a real spread of scales on this data
+    res = CounterfactualGenerator(model, alpha=alpha, steps=1, lr=0.05, optimizer="ista",
+                                  distance="scaled-l1", scale=scale).generate(x, target=target)
+    xx = x.clone().requires_grad_(True)
+    with eval_mode(model):
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xx), target, reduction="sum"), xx)
+    thresh = alpha / scale
+    moved = (res.x_star - x).abs() > 0
+    assert torch.equal(moved, g.abs() > thresh)
+    assert 0 < moved.float().mean() < 1
+    gmax = g.abs().flatten(1).amax(1).clamp_min(float(thresh.max())).view(-1, 1, 1, 1)
+    eta = 0.05 / gmax
+    expect = -g.sign() * (eta * (g.abs() - thresh)).clamp_min(0)
+    torch.testing.assert_close(res.x_star - x, expect, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.distance,
+                               ((res.x_star - x).abs() / scale).flatten(1).sum(1))
+
+
+def test_a_sample_that_diverges_later_loses_its_warm_start(trained):
+    """A diverged solve is not cached, and an entry cached before is forgotten: a later
+    visit starts cold, not from the offset that led to the divergence."""
+    model, ds = trained
+    x, ids, target = ds.images[:4], torch.arange(4), torch.tensor([1, 0, 1, 0])
+    healthy = CounterfactualGenerator(model, alpha=0.01, steps=5, lr=0.02, warm_start=True)
+    healthy.generate(x, target=target, ids=ids)
+    assert healthy.cache.get(ids, x)[1].all()
+    poisoned = CounterfactualGenerator(_NaNForFirst(model, x), alpha=0.01, steps=5, lr=0.02,
+                                       warm_start=True)
+    poisoned.cache = healthy.cache
+    assert poisoned.generate(x, target=target, ids=ids).diverged.tolist() == [
+        True, False, False, False]
+    assert healthy.cache.get(ids, x)[1].tolist() == [False, True, True, True]
+    again = CounterfactualGenerator(model, alpha=0.01, steps=0, lr=0.02, warm_start=True)
+    again.cache = healthy.cache
+    res = again.generate(x, target=target, ids=ids)
+    assert res.warm.tolist() == [False, True, True, True]
+    assert torch.equal(res.x_star[0], x[0])
+
+
 def test_ista_is_sparser_than_adam_and_flips(trained):
     model, ds = trained
     x = ds.images[:16]

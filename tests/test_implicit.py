@@ -424,3 +424,54 @@ def test_supplied_adjoint_skips_cg_and_gives_the_same_gradient(reference) -> Non
     assert all(bool(torch.isfinite(gr).all()) for gr in res.grads)
     with pytest.raises(ValueError, match="adjoint shape"):
         _ours(params, x0, y_star, w, x_star, adjoint=v[:2])
+
+
+# ------------------------------------------------- options reaching CG (mutation audit)
+
+
+def _quadratic(a: torch.Tensor):
+    """T(x, θ) = Σ_i ½ x_iᵀ A_i x_i − θ_iᵀ x_i: x* = A⁻¹θ and, for an outer gradient w,
+    dL/dθ = A⁻¹w (the adjoint v itself)."""
+
+    def inner(theta: torch.Tensor):
+        def t(x: torch.Tensor) -> torch.Tensor:
+            return (0.5 * torch.einsum("ni,nij,nj->n", x, a, x) - (theta * x).sum(1)).sum()
+
+        return t
+
+    return inner
+
+
+def test_a_warm_start_reaches_cg():
+    """cg_x0 is what the trainer's re-solve warm-starts from; ignoring it only slowed CG, so
+    no gradient check could see it. Started at the solution, one iteration converges;
+    from zero, on a condition number of 1e4, it does not."""
+    a = _spd_batch(3, 20, [1e4, 1e4, 1e4])
+    theta = torch.randn(3, 20, dtype=DT, requires_grad=True)
+    w = torch.randn(3, 20, dtype=DT)
+    x_star = torch.linalg.solve(a, theta.detach())
+    v = torch.linalg.solve(a, w)
+    t = _quadratic(a)(theta)
+    cold = implicit_gradient(t, x_star, [theta], w, cg_max_iter=1, cg_tol=1e-8)
+    assert not cold.cg.converged.any()
+    warm = implicit_gradient(t, x_star, [theta], w, cg_x0=v, cg_max_iter=1, cg_tol=1e-8)
+    assert warm.cg.converged.all()
+    torch.testing.assert_close(warm.grads[0], v, rtol=1e-8, atol=1e-10)
+
+
+def test_cg_verify_reaches_cg():
+    """cg_verify checks CG's convergence claim against the true residual ‖b − (H + δI)v‖;
+    not passed on, a float32 solve asked for a tolerance below its precision claimed
+    convergence its residual does not have."""
+    a = _spd_batch(4, 40, [1e4] * 4, seed=1).float()
+    theta = torch.randn(4, 40, requires_grad=True)
+    w = torch.randn(4, 40)
+    x_star = torch.linalg.solve(a, theta.detach())
+    t = _quadratic(a)(theta)
+    kw = dict(cg_max_iter=400, cg_tol=1e-9)
+    trusted = implicit_gradient(t, x_star, [theta], w, **kw)
+    verified = implicit_gradient(t, x_star, [theta], w, cg_verify=True, **kw)
+    v = verified.cg.solution
+    true_rel = (w - torch.einsum("nij,nj->ni", a, v)).norm(dim=1) / w.norm(dim=1)
+    assert trusted.cg.converged.all()  # the recurrence's residual fell below 1e-9
+    assert not verified.cg.converged.any() and (true_rel > 1e-9).all()
