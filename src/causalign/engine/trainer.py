@@ -259,8 +259,10 @@ TROUBLE_COLUMNS = {
                         "method.hvp=exact)",
     "train_fd_fallback": "the finite-difference Hessian products (method.hvp=finite-difference) "
                          "broke CG, so those steps were solved with the Gauss-Newton system "
-                         "instead: on a network of ReLUs or max-pools finite differences cross "
-                         "activation switches and are not the Hessian; use method.hvp=exact",
+                         "instead (after method.gn_switch such steps in a row, every later "
+                         "step is, without trying the products): on a network of ReLUs or "
+                         "max-pools finite differences cross activation switches and are not "
+                         "the Hessian; use method.hvp=exact",
     "train_cf_diverged": "the counterfactual search diverged (NaN/inf) and was reset, so the "
                          "alignment term skipped those samples; try a smaller method.inner_lr",
     "train_empty_mask": "PPI's saliency maps had no positive evidence for the label (or the "

@@ -703,6 +703,14 @@ class CausalAlign(Method):
             "gn_fallback": 0.0,
         }
 
+    def _count_fallback(self, stats: dict) -> dict:
+        """Mark a step solved by the Gauss-Newton fallback; under hvp=finite-difference also
+        as `fd_fallback`, since the products asked for were not the ones used (warned)."""
+        stats["gn_fallback"] = 1.0
+        if self.params.hvp == "finite-difference":
+            stats["fd_fallback"] = 1.0
+        return stats
+
     def _implicit(self, model: nn.Module, res: CounterfactualResult, outer: Tensor,
                   ok: Tensor, params: list[Tensor], bn_stats: dict | None
                   ) -> tuple[tuple[Tensor, ...], dict]:
@@ -744,10 +752,7 @@ class CausalAlign(Method):
                 grads, stats = self._implicit_gauss_newton(prob, u_star, outer, ok, params,
                                                            terms, seen)
             # still the fallback's solve, counted as such (no CG ran: cg_iters 0)
-            stats["gn_fallback"] = 1.0
-            if p.hvp == "finite-difference":
-                stats["fd_fallback"] = 1.0
-            return grads, stats
+            return grads, self._count_fallback(stats)
         with eval_mode(model, fold_bn=True, bn_stats=bn_stats):
             max_iter = p.cg_iters if p.cg_iters > 0 else self._auto_cg_iters(model, prob, u_star)
             delta = self.damping
@@ -762,10 +767,8 @@ class CausalAlign(Method):
                 self.gn_switched = 0 < p.gn_switch <= self.gn_streak
                 grads, stats = self._implicit_gauss_newton(prob, u_star, outer, ok,
                                                            params, terms, seen)
-                stats.update(cg_iters=float(iters), gn_fallback=1.0)
-                if p.hvp == "finite-difference":  # not the products asked for: warned
-                    stats["fd_fallback"] = 1.0
-                return grads, stats
+                stats["cg_iters"] = float(iters)
+                return grads, self._count_fallback(stats)
             self.gn_streak = 0
             while bool((ok & out.cg.breakdown).any()) and delta < p.damping_max:
                 delta = min(max(10.0 * delta, 1e-3), p.damping_max)
