@@ -160,7 +160,6 @@ def reference_grad(args: dict, model, batch, ae=None, method=None, stages=None,
         method.step = 0
         with torch.no_grad(), capture_bn_stats(model) as st:
             model(batch["image"])
-        method._bn_stats = st
         x, y = batch["image"], batch["label"]
         method.generator(model).generate(x, target=1 - y, ids=batch["index"], report=False,
                                          bn_stats=st)

@@ -244,6 +244,48 @@ def test_align_every_n_steps_and_align_batch():
     assert "n_align" not in flags[1]
 
 
+def test_batch_statistics_are_gathered_only_on_steps_that_align(monkeypatch):
+    """bn=batch captures each BatchNorm's batch statistics for the inner problem; a step that
+    does not align (align_every), or bn=running, must not pay for it."""
+    import causalign.methods.causal_align as ca
+    from causalign.explain.counterfactual import capture_bn_stats
+
+    calls = []
+
+    def counting(model):
+        calls.append(1)
+        return capture_bn_stats(model)
+
+    monkeypatch.setattr(ca, "capture_bn_stats", counting)
+    model, batch = _small_cnn(), _batch(n=4)
+    method = build_method("causal-align", dict(FAST, align_every=2))
+    steps = [method(model, batch).parts["align_step"] for _ in range(4)]
+    assert steps == [1.0, 0.0, 1.0, 0.0] and len(calls) == 2
+    calls.clear()
+    method = build_method("causal-align", dict(FAST, bn="running"))
+    method(model, batch)
+    assert calls == []
+
+
+def test_alignment_takes_the_batch_statistics_as_an_argument():
+    """`alignment(bn_stats=…)` is what `loss` uses under bn=batch: the same L_align value
+    as the step's, and a different one under running statistics (None)."""
+    from causalign.explain.counterfactual import capture_bn_stats
+
+    model, batch = _small_cnn(), _batch(n=4)
+    with torch.no_grad():  # running statistics far from this batch's
+        model[1].running_mean.fill_(3.0)
+    parts = build_method("causal-align", FAST)(model, batch).parts
+    x, y = batch["image"], batch["label"]
+    with torch.no_grad(), capture_bn_stats(model) as stats:
+        model(x)
+    args = (model, x, 1 - y, batch["mask"], None)
+    with_batch, _ = build_method("causal-align", FAST).alignment(*args, bn_stats=stats)
+    running, _ = build_method("causal-align", FAST).alignment(*args)
+    assert float(with_batch.detach()) == pytest.approx(parts["align"], rel=1e-5)
+    assert abs(float(running.detach()) - parts["align"]) > 1e-3
+
+
 def test_balance_caps_the_alignment_gradient_norm():
     """balance = ρ: ‖λ·dL_align/dθ‖ ≤ ρ·‖∇CE‖, same direction as without the cap."""
     batch = _batch(n=4)

@@ -310,3 +310,19 @@ def test_a_hier_align_run_lends_its_image_levels_search_settings():
     s = settings_for_run(method)
     assert (s.alpha, s.distance, s.eps, s.space) == (0.5, "l2", 0.02, "pixel")
     assert settings_for_run(method, alpha=0.1).alpha == 0.1  # explicit options still win
+
+
+def test_the_generator_refuses_a_target_rule_the_config_refuses():
+    """One predicate decides what a target rule is: "²".isdigit() is True, so the
+    generator took it and failed with a ValueError at the first search; a negative class
+    index is no class either."""
+    from causalign.explain.counterfactual import is_target_rule
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    for bad in ("²", -1, "-1", True, "others"):
+        assert not is_target_rule(bad)
+        with pytest.raises(ConfigError, match="target rule"):
+            CounterfactualGenerator(model, target_rule=bad)
+    for good in ("other", "predicted", 0, "1"):
+        assert is_target_rule(good)
+        CounterfactualGenerator(model, target_rule=good)

@@ -252,8 +252,9 @@ class RunState:
 
 # history columns that count failed inner solves, as fractions of the aligned samples
 TROUBLE_COLUMNS = {
-    "train_cg_dropped": "CG missed its tolerance, or broke down (negative curvature) even at "
-                        "method.damping_max, so the alignment gradient skipped those samples; "
+    "train_cg_dropped": "CG missed its tolerance (or, under method.negative_curvature=damping, "
+                        "broke down even at method.damping_max), or the Gauss-Newton solve "
+                        "was not finite, so the alignment gradient skipped those samples; "
                         "try a larger method.cg_iters, method.damping or method.damping_max "
                         "(or, with method.hvp=finite-difference on a ReLU network, "
                         "method.hvp=exact)",

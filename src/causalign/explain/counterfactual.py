@@ -5,8 +5,10 @@
 solved per sample by K steps on the batch: Adam (default), ISTA (proximal gradient, sparse
 x*) or damped Gauss-Newton (`_gauss_newton`: exact per-sample Newton systems via Woodbury,
 few steps to a tight solve). The objective is a *sum* over samples and the model runs in eval
-mode (BatchNorm uses running statistics), so every sample's problem is independent of the
-others in its batch — the property the implicit gradient (causal-align training) relies on.
+mode (BatchNorm uses fixed statistics: the running ones, or a training batch's captured by
+`capture_bn_stats`, as causal-align's default ``bn="batch"`` passes them), so every sample's
+problem is independent of the others in its batch — the property the implicit gradient
+(causal-align training) relies on.
 Each optimiser acts per sample, so a batched run is exactly N separate runs.
 
 Distances d(x, x0) = Σ_k e(x_k − x0_k) / s_k:
@@ -62,14 +64,15 @@ from torch.profiler import record_function
 
 from ..errors import ConfigError, InputError
 from ..implicit.fastgrad import patch_modules
+from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
 from .base import check_model_dtype
 
 __all__ = [
     "DISTANCES", "OPTIMIZERS", "SPACES", "CounterfactualGenerator", "CounterfactualResult",
     "GaussianSmoother", "InnerProblem", "logit_curvature",
-    "WarmStartCache", "capture_bn_stats", "counterfactual_targets", "distance_curvature",
-    "distance_scale", "distance_value", "eval_mode",
+    "WarmStartCache", "capture_bn_stats", "counterfactual_targets", "is_target_rule",
+    "distance_curvature", "distance_scale", "distance_value", "eval_mode",
 ]
 
 DISTANCES = ("l1", "scaled-l1", "l2", "scaled-l2")
@@ -150,6 +153,18 @@ def distance_curvature(delta: Tensor, distance: str, scale: Tensor | None = None
     else:
         c = torch.full_like(delta, 2.0)
     return c / scale if scale is not None else c
+
+
+def is_target_rule(rule: object) -> bool:
+    """Whether ``rule`` names a counterfactual target rule: "other", "predicted" or a
+    non-negative class index (an int, or a string of ASCII digits: "²".isdigit() is True)."""
+    if isinstance(rule, bool):
+        return False
+    if isinstance(rule, numbers.Integral):
+        return int(rule) >= 0
+    if rule in ("other", "predicted"):
+        return True
+    return isinstance(rule, str) and rule.isascii() and rule.isdigit()
 
 
 def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "other",
@@ -280,9 +295,12 @@ class GaussianSmoother(nn.Module):
         self.register_buffer("kernel", (k / k.sum()).float(), persistent=False)
 
     def encode(self, x: Tensor) -> Tensor:
+        """The zero code: x(0) = x0."""
         return torch.zeros_like(x)
 
     def decode(self, u: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """G_σ * u, shaped like ``u``. ``size`` is not used (the blur keeps the shape); it
+        is there for `ConvAutoencoder.decode`'s signature."""
         shape, r = u.shape, self.radius
         v = u.reshape(-1, 1, *shape[-2:])
         k = self.kernel.to(v.dtype)
@@ -605,10 +623,7 @@ class CounterfactualGenerator:
                               f"polish >= 0, finite lr > 0 and eps >= {MIN_L1_EPS:g}; got "
                               f"{', '.join(bad)}")
         # an unknown rule failed only at the first generate(), after any setup work
-        if not (target_rule in ("other", "predicted") or (
-                isinstance(target_rule, (numbers.Integral, str))
-                and not isinstance(target_rule, bool)
-                and str(target_rule).isdigit())):
+        if not is_target_rule(target_rule):
             raise ConfigError(f"counterfactual target rule must be 'other', 'predicted' or a "
                               f"class index, got {target_rule!r}")
         self.model = model
@@ -969,7 +984,8 @@ def _proximal_gradient(prob: InnerProblem, u: Tensor, steps: int, lr: float) -> 
     alpha = prob.alpha
     inv_scale = 1.0 / prob.scale if prob.scale is not None else 1.0
     pull = alpha * float(torch.as_tensor(inv_scale).max()) if sparse else 0.0
-    best_u, best_t = u.clone(), torch.full((len(u),), float("inf"), device=u.device)
+    best_u = u.clone()
+    best_t = torch.full((len(u),), float("inf"), dtype=_work_dtype(u.dtype), device=u.device)
     # samples that met a NaN/inf gradient: the best-iterate rule hid it (a NaN gradient at x0
     # returned x0 as a plain "not flipped", never flagged as diverged)
     hit = torch.zeros(len(u), dtype=torch.bool, device=u.device)
@@ -1057,7 +1073,8 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     (IRLS; it is ≥ the surrogate's own curvature, so a far-moved pixel is not thrown across
     x0 by a vanishing second derivative). For a piecewise-linear classifier in eval mode
     (ReLU, max-pool, affine BatchNorm) JᵀSJ *is* the CE Hessian within a linear region. The
-    C-rank + diagonal system is solved by Woodbury in O(C²D) per sample — no CG, no H:
+    C-rank + diagonal system is solved by Woodbury (`causalign.implicit.lowrank_diag_solve`)
+    in O(C²D) per sample — no CG, no H:
         (A + JᵀSJ)⁻¹g = A⁻¹g − A⁻¹JᵀS (I + JA⁻¹JᵀS)⁻¹ JA⁻¹g,   A = α·W.
     The line search (Armijo, halving) evaluates only the samples not yet accepted, so T never
     increases; a sample without an acceptable step stays where it is.
@@ -1086,35 +1103,36 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
             if inv_scale is not None:
                 grad_d, weight = grad_d * inv_scale.to(work), weight * inv_scale.to(work)
             g = (jac * resid[:, :, None]).sum(1) + prob.alpha * grad_d
-            a_inv = 1.0 / (prob.alpha * weight).clamp_min(1e-12)
+            diag = (prob.alpha * weight).clamp_min(1e-12)  # A, the distance's curvature
             if prob.projected:
-                # projected Newton: a pixel held at its bound by the gradient is fixed (A⁻¹ 0
-                # there turns the Woodbury solve into the exact one over the free pixels)
+                # projected Newton: a pixel held at its bound by the gradient is fixed (A = ∞,
+                # A⁻¹ = 0 there turns the Woodbury solve into the exact one over the free
+                # pixels)
                 flat = u.flatten(1)
                 held = (((flat <= prob.lower.flatten(1)) & (g > 0))
                         | ((flat >= prob.upper.flatten(1)) & (g < 0)))
-                a_inv = a_inv.masked_fill(held, 0.0)
-            ja = jac * a_inv[:, None, :]
-            eye = torch.eye(jac.shape[1], dtype=work, device=u.device)
-            inner = eye + (ja @ jac.transpose(1, 2)) @ curv_out        # I + J A⁻¹ Jᵀ S
-            # a sample with non-finite logits gets the identity here (never a LinAlgError
-            # for the batch) and a NaN step below, which the line search never takes
-            broken = ~torch.isfinite(inner).flatten(1).all(1)
-            inner = torch.where(broken[:, None, None], eye, inner)
+                diag = diag.masked_fill(held, math.inf)
             if prob.alpha == 0:
                 # α = 0: g = Jᵀr and A⁻¹ = 1e12 (the clamp), where A⁻¹g − A⁻¹·corr cancels
                 # catastrophically (the step was noise: no flip, or a 1e3-sized change).
                 # The same step without the difference: A⁻¹Jᵀ(I + S·J A⁻¹Jᵀ)⁻¹r, i.e. the
                 # Gauss-Newton step on the logits, min-norm in u
+                a_inv = 1.0 / diag
+                ja = jac * a_inv[:, None, :]
+                eye = torch.eye(jac.shape[1], dtype=work, device=u.device)
                 dual = eye + curv_out @ (ja @ jac.transpose(1, 2))
+                # a sample with non-finite logits gets the identity here (never a
+                # LinAlgError for the batch) and a NaN step, which the line search never
+                # takes; solve_ex: no host sync for an error check
+                broken = ~torch.isfinite(dual).flatten(1).all(1)
                 dual = torch.where(broken[:, None, None], eye, dual)
-                y = torch.linalg.solve(dual, resid[:, :, None].nan_to_num(0.0, 0.0, 0.0))
+                y, info = torch.linalg.solve_ex(
+                    dual, resid[:, :, None].nan_to_num(0.0, 0.0, 0.0))
                 step = -(a_inv * (jac.transpose(1, 2) @ y)[..., 0])
+                step = step.masked_fill((broken | (info != 0))[:, None], math.nan)
             else:
-                y = torch.linalg.solve(inner, (ja @ g[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
-                corr = (jac.transpose(1, 2) @ (curv_out @ y))[..., 0]
-                step = -(a_inv * (g - corr))
-            step[broken] = float("nan")
+                # (A + JᵀSJ)⁻¹g by Woodbury; NaN for a sample whose system is not finite
+                step = -lowrank_diag_solve(jac, curv_out, diag, g)
             slope = (g * step).sum(1)
             t0 = (ce.detach() + prob.alpha * distance_value(
                 u - prob.u0, prob.distance, prob.scale, prob.eps)).to(work)

@@ -162,7 +162,7 @@ def implicit_gradient(
         finite = torch.isfinite(v).flatten(1).all(1)
         cg = CGResult(solution=torch.where(finite.view((-1,) + (1,) * (v.dim() - 1)), v, 0.0),
                       iterations=0, residual_norm=torch.full(finite.shape, float("nan"),
-                                                           device=v.device),
+                                                           dtype=v.dtype, device=v.device),
                       converged=finite, breakdown=~finite)
         return _mixed_product(g, params, cg)
 

@@ -48,5 +48,5 @@ def lowrank_diag_solve(jac: Tensor, curv: Tensor, diag: Tensor, rhs: Tensor) -> 
     y, info = torch.linalg.solve_ex(inner, (ja @ b[:, :, None]).nan_to_num(0.0, 0.0, 0.0))
     bad |= info != 0
     v = a_inv * (b - (jac.transpose(1, 2) @ (curv @ y))[..., 0])
-    v[bad] = float("nan")
+    v = v.masked_fill(bad[:, None], float("nan"))  # not v[bad] = …: no host sync on CUDA
     return v.reshape(rhs.shape).to(rhs.dtype)

@@ -38,10 +38,13 @@ uses it for every step from the start; `negative_curvature="damping"` raises δ 
 to `damping_max`).
 
 Failure handling: a counterfactual search that produced NaN/inf is reset to x0 and skipped;
-a sample whose CG solve broke down or missed the tolerance is dropped from the gradient (the
-solve is re-run with its right-hand side zeroed, warm-started from the other samples'
-solutions). Both are counted in the step's parts (hence in history.csv), as are the steps
-solved by the Gauss-Newton fallback (`gn_fallback`; with `hvp=finite-difference` also
+a step where CG met negative curvature goes to the Gauss-Newton solve (above; under
+`negative_curvature="damping"`, δ is raised until CG solves or δ reaches `damping_max`);
+a sample whose CG solve still broke down or missed the tolerance, or whose Gauss-Newton
+solve was not finite, is dropped from the gradient (CG's solve is re-run with its
+right-hand side zeroed, warm-started from the other samples' solutions). Both are counted
+in the step's parts (hence in history.csv), as are the steps solved by the Gauss-Newton
+fallback (`gn_fallback`; with `hvp=finite-difference` also
 `fd_fallback`, which the trainer warns about: on a ReLU network the finite differences cross
 activation switches, are not the Hessian, and break CG on nearly every step,
 benchmarks/fd_hvp_probe.py).
@@ -52,6 +55,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +70,7 @@ from ..explain.counterfactual import (
     MIN_L1_EPS,
     OPTIMIZERS,
     SPACES,
+    BNStats,
     CounterfactualGenerator,
     CounterfactualResult,
     InnerProblem,
@@ -74,6 +79,7 @@ from ..explain.counterfactual import (
     counterfactual_targets,
     distance_scale,
     eval_mode,
+    is_target_rule,
     logit_curvature,
 )
 from ..implicit import implicit_gradient, lowrank_diag_solve
@@ -233,9 +239,7 @@ class CausalAlignParams:
              f"method.space must be one of {', '.join(SPACES)}, got '{self.space}'"),
             (self.smooth_sigma > 0,
              f"method.smooth_sigma must be > 0, got {self.smooth_sigma}"),
-            # isascii: "²".isdigit() is True, and int("²") failed at the first step
-            (str(self.target) in ("other", "predicted")
-             or (str(self.target).isascii() and str(self.target).isdigit()),
+            (is_target_rule(str(self.target)),
              f"method.target must be 'other', 'predicted' or a class index, "
              f"got '{self.target}'"),
             (not (self.space == "latent" and self.distance.startswith("scaled")),
@@ -313,6 +317,31 @@ def never_fell_back(history: list[dict]) -> bool:
                    if k.endswith("gn_fallback"))
 
 
+def _finite_or_dropped(grads: tuple[Tensor, ...], ok: Tensor, failed: Tensor
+                       ) -> tuple[tuple[Tensor, ...], Tensor]:
+    """(grads, failed), or zeros and every aligned sample failed when any gradient is not
+    finite. One host sync for all parameters (not one per parameter tensor)."""
+    if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return grads, failed
+    return tuple(torch.zeros_like(g) for g in grads), ok
+
+
+def _solve_stats(prob: InnerProblem, seen: list[Tensor], ok: Tensor, converged: Tensor,
+                 failed: Tensor, iters: int | float, damping: float) -> dict[str, float]:
+    """The adjoint solve's history columns: shares of the aligned samples (``ok``: not
+    diverged) that flipped / whose solve converged / were dropped."""
+    n_ok = max(int(ok.sum()), 1)
+    flipped = ok & prob.reached(seen[0])
+    return {
+        "flip_rate": float(flipped.float().mean()),
+        "cg_converged": float((converged & ok).sum()) / n_ok,
+        "cg_iters": float(iters),
+        "cg_dropped": float(failed.sum()) / len(ok),
+        "damping": damping,
+        "gn_fallback": 0.0,
+    }
+
+
 @register_method("causal-align")
 class CausalAlign(Method):
     Params = CausalAlignTrainingParams
@@ -335,7 +364,6 @@ class CausalAlign(Method):
         # has switched to solving every step that way (`gn_switch`)
         self.gn_streak = 0
         self.gn_switched = False
-        self._bn_stats: dict = {}
         # (weak reference to the model, its outputs) for auto cg_iters; weak, not id(): a
         # new model can reuse a collected one's id
         self._outputs: tuple[weakref.ref, int] | None = None
@@ -476,14 +504,17 @@ class CausalAlign(Method):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
         y = batch["label"]
-        with capture_bn_stats(model) as bn_stats:
+        p = self.params
+        aligns = p.lam != 0 and self.step % p.align_every == 0
+        # the batch's BatchNorm statistics, for the inner problem (bn=batch); not gathered
+        # on steps that do not align
+        with capture_bn_stats(model) if aligns and p.bn == "batch" else nullcontext({}) \
+                as bn_stats:
             logits = model(x)
-        self._bn_stats = bn_stats if self.params.bn == "batch" else {}
         ce = F.cross_entropy(logits, y)
         parts: dict[str, float] = {"ce": float(ce.detach())}
         self.step += 1
-        p = self.params
-        if p.lam == 0 or (self.step - 1) % p.align_every != 0:
+        if not aligns:
             parts["align_step"] = 0.0
             return LossOutput(ce, parts)
         parts["align_step"] = 1.0
@@ -510,7 +541,7 @@ class CausalAlign(Method):
         term, stats = self.alignment(model, x[idx], target[idx], region[idx],
                                      batch["index"][idx] if "index" in batch else None,
                                      grad_cap=cap, dihedral=batch["dihedral"][idx]
-                                     if "dihedral" in batch else None)
+                                     if "dihedral" in batch else None, bn_stats=bn_stats)
         parts.update(stats)
         # L_align is a mean over the samples whose counterfactual did not diverge: data-
         # parallel training weights it by the global batch's count (LossOutput.means)
@@ -579,12 +610,14 @@ class CausalAlign(Method):
 
     def alignment(self, model: nn.Module, x: Tensor, target: Tensor, region: Tensor,
                   ids: Tensor | None, grad_cap: float | GradCap | None = None,
-                  dihedral: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                  dihedral: Tensor | None = None, bn_stats: BNStats | None = None
+                  ) -> tuple[Tensor, dict[str, float]]:
         """L_align over these (annotated) samples: a tensor whose value is L_align and whose
         gradient w.r.t. the model's parameters is the implicit dL_align/dθ; plus stats.
-        ``dihedral``: the samples' augmentation (``batch["dihedral"]``), for the warm start."""
+        ``dihedral``: the samples' augmentation (``batch["dihedral"]``), for the warm start.
+        ``bn_stats``: BatchNorm statistics the inner problem uses (`capture_bn_stats` of the
+        training forward, as `loss` passes them under bn=batch); None: running statistics."""
         p = self.params
-        bn_stats = self._bn_stats
         res = self.generator(model).generate(x, target=target, ids=ids if p.warm_start else None,
                                              report=False, bn_stats=bn_stats, dihedral=dihedral)
         return self.implicit_term(model, res, region, bn_stats, grad_cap=grad_cap)
@@ -680,7 +713,6 @@ class CausalAlign(Method):
         product. α∇²d + δ > 0, so the system is positive definite on any classifier and δ is
         never raised; a sample whose solve is not finite is dropped (its v zeroed). Runs
         inside the caller's eval_mode (folded BatchNorm)."""
-        n = len(u_star)
         _, jac, _, curv = logit_curvature(prob, u_star)
         diag = (prob.curvature(u_star) + self.damping).flatten(1)
         v = lowrank_diag_solve(jac, curv, diag, outer)
@@ -688,20 +720,8 @@ class CausalAlign(Method):
         failed = ok & ~good
         v = torch.where(good.view((-1,) + (1,) * (v.dim() - 1)), v, 0.0)
         out = implicit_gradient(terms, u_star, params, outer, hvp="exact", adjoint=v)
-        grads = out.grads
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            grads = tuple(torch.zeros_like(q) for q in params)
-            failed = ok
-        n_ok = max(int(ok.sum()), 1)
-        flipped = ok & prob.reached(seen[0])
-        return grads, {
-            "flip_rate": float(flipped.float().mean()),
-            "cg_converged": float((good & ok).sum()) / n_ok,
-            "cg_iters": 0.0,
-            "cg_dropped": float(failed.sum()) / n,
-            "damping": self.damping,
-            "gn_fallback": 0.0,
-        }
+        grads, failed = _finite_or_dropped(out.grads, ok, failed)
+        return grads, _solve_stats(prob, seen, ok, good, failed, 0, self.damping)
 
     def _count_fallback(self, stats: dict) -> dict:
         """Mark a step solved by the Gauss-Newton fallback; under hvp=finite-difference also
@@ -717,7 +737,6 @@ class CausalAlign(Method):
         p = self.params
         prob = res.problem
         u_star = res.u_star.detach()
-        n = len(u_star)
         shape = (-1,) + (1,) * (u_star.dim() - 1)
         seen: list[Tensor] = []  # logits at x*: the first evaluation is at the solution
 
@@ -794,19 +813,8 @@ class CausalAlign(Method):
                 else:  # the re-solve failed too: no alignment gradient this step
                     grads = tuple(torch.zeros_like(q) for q in params)
                     failed = ok
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                grads = tuple(torch.zeros_like(q) for q in params)
-                failed = ok
-        n_ok = max(int(ok.sum()), 1)
-        flipped = ok & prob.reached(seen[0])
-        stats = {
-            "flip_rate": float(flipped.float().mean()),
-            "cg_converged": float((cg.converged & ok).sum()) / n_ok,
-            "cg_iters": float(iters),
-            "cg_dropped": float(failed.sum()) / n,
-            "damping": delta,
-            "gn_fallback": 0.0,
-        }
+            grads, failed = _finite_or_dropped(grads, ok, failed)
+        stats = _solve_stats(prob, seen, ok, cg.converged, failed, iters, delta)
         if p.hvp == "finite-difference":
             stats["fd_fallback"] = 0.0
         return grads, stats
