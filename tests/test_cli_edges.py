@@ -484,3 +484,81 @@ def test_causaligns_own_warnings_are_one_warning_line(tiny_data, tmp_path, capsy
     assert len(lines) == 1 and lines[0].startswith("warning: sync_bn: "), err
     assert "UserWarning" not in err and "warnings.warn" not in err
     assert warnings.showwarning is before  # main() leaves Python's display as it found it
+
+
+@pytest.mark.parametrize("key,value", [("lr", 1e38), ("weight_decay", 1e39)])
+def test_a_setting_beyond_float32_arithmetic_is_refused(key, value):
+    """A finite but huge lr or weight decay passed validation, and Adam's first step failed
+    with 'value cannot be converted to type float without overflow' (a traceback)."""
+    from causalign.engine.config import TrainConfig
+    from causalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key} must be at most 1e"):
+        TrainConfig(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("method,args,match", [
+    ("causal-align", {"alpha": 1e38}, "method.alpha must be in"),
+    ("causal-align", {"lam": 1e39}, "method.lam must be in"),
+    ("hier-align", {"lam2": 1e39}, "method.lam1/lam2 must be in"),
+])
+def test_alignment_weights_beyond_float32_arithmetic_are_refused(method, args, match):
+    """α = 1e38 made every search 'diverge' with advice to lower method.inner_lr, λ = 1e39 a
+    non-finite loss with advice to lower --lr: neither named the setting at fault."""
+    from causalign.errors import ConfigError
+    from causalign.methods import build_method
+
+    with pytest.raises(ConfigError, match=match):
+        build_method(method, args)
+
+
+def test_counterfactual_refuses_an_alpha_beyond_float32_arithmetic():
+    from causalign.errors import ConfigError
+    from causalign.explain.counterfactual import CounterfactualGenerator
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    with pytest.raises(ConfigError, match="alpha in"):
+        CounterfactualGenerator(model, alpha=1e39)
+    CounterfactualGenerator(model, alpha=1e30, lr=1e38)  # lr: a diverged search, reported
+
+
+def test_resume_with_another_method_names_the_method_not_its_stored_settings(run_copy,
+                                                                              tiny_data,
+                                                                              capsys):
+    """A stored run with method.* settings, resumed under another --method: the stored
+    settings were checked against the new method first ("unknown parameter(s) lam for
+    method 'erm'"), which hid the cause."""
+    cfg = run_copy / "config.yaml"
+    text = cfg.read_text()
+    assert "method: erm\n" in text and "method_args: {}\n" in text
+    cfg.write_text(text.replace("method: erm\n", "method: rrr\n")
+                   .replace("method_args: {}\n", "method_args:\n  lam: 5.0\n"))
+    rc, _, err = _run(capsys, "train", tiny_data, "--out", run_copy, "--resume", "--method",
+                      "erm", "--no-progress")
+    _assert_user_error(rc, err, "settings differ: method 'rrr' -> 'erm'")
+
+
+def test_an_edited_method_setting_in_config_yaml_names_the_file(run_copy, capsys):
+    """method_args edited to a bad value: `evaluate` said "method.lam must be >= 0" without
+    the file; config.yaml says above method_params that only method_args is read back."""
+    cfg = run_copy / "config.yaml"
+    text = cfg.read_text()
+    assert "edit method_args to change one" in text  # the note above method_params
+    cfg.write_text(text.replace("method: erm\n", "method: rrr\n")
+                   .replace("method_args: {}\n", "method_args:\n  lam: -1.0\n"))
+    rc, _, err = _run(capsys, "evaluate", run_copy, "--no-progress")
+    _assert_user_error(rc, err, f"{cfg}: method.lam must be >= 0")
+
+
+def test_a_config_file_whose_method_args_is_no_mapping_is_named(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method_args: [1, 2]\n")
+    rc, _, err = _run(capsys, "train", tiny_data, "--config", bad, "--out", tmp_path / "run",
+                      "--no-progress")
+    _assert_user_error(rc, err, f"{bad}: method_args must be a mapping")
+
+
+def test_training_into_the_dataset_folder_is_refused(tiny_data, capsys):
+    rc, _, err = _run(capsys, "train", tiny_data, "--out", tiny_data, "--no-progress")
+    _assert_user_error(rc, err, "is the dataset folder; choose another --out")
+    assert not (tiny_data / "config.yaml").exists()

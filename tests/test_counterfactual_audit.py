@@ -326,3 +326,23 @@ def test_the_generator_refuses_a_target_rule_the_config_refuses():
     for good in ("other", "predicted", 0, "1"):
         assert is_target_rule(good)
         CounterfactualGenerator(model, target_rule=good)
+
+
+def test_cli_refuses_a_smooth_sigma_outside_the_smooth_space(tiny_run, tmp_path, capsys):
+    """--smooth-sigma 3 on a pixel-space search ran unblurred while summary.json recorded
+    smooth_sigma 3.0; --autoencoder outside the latent space was already refused."""
+    from causalign.cli import main
+
+    assert main(["counterfactual", str(tiny_run), "--out", str(tmp_path / "cf"), "--limit",
+                 "2", "--steps", "2", "--smooth-sigma", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--smooth-sigma is used only with --space smooth" in err[0]
+    assert not (tmp_path / "cf").exists()
+
+
+def test_causal_align_refuses_a_smooth_sigma_outside_the_smooth_space():
+    from causalign.methods import build_method
+
+    with pytest.raises(ConfigError, match="smooth_sigma is used only with method.space=smooth"):
+        build_method("causal-align", {"smooth_sigma": 3.0})
+    build_method("causal-align", {"smooth_sigma": 3.0, "space": "smooth"})

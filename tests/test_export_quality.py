@@ -3,6 +3,8 @@ latent-space autoencoder reused by a second `counterfactual --space latent` into
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -102,8 +104,9 @@ def test_latent_autoencoder_in_out_is_reused_for_the_same_training_images(tmp_pa
 
     monkeypatch.setattr(ae_mod, "train_autoencoder", counting)
     images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    first = resolve_autoencoder(None, images, "cpu", None, tmp_path)
-    second = resolve_autoencoder(None, images, "cpu", None, tmp_path)
+    first, _ = resolve_autoencoder(None, images, "cpu", None, tmp_path)
+    second, source = resolve_autoencoder(None, images, "cpu", None, tmp_path)
+    assert source == str(tmp_path / "autoencoder.pt")
     # the second call loaded OUT/autoencoder.pt; it retrained and overwrote the file before
     assert len(trained) == 1
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
@@ -148,3 +151,31 @@ def test_counterfactual_limit_below_one_names_the_limit(volumes, tmp_path, limit
         export_counterfactuals(model, build_method("erm"), ds, CounterfactualSettings(steps=1),
                                tmp_path, limit=limit)
     assert not any(tmp_path.iterdir())  # nothing written before the refusal
+
+
+def test_latent_run_autoencoder_is_saved_to_a_missing_autoencoder_file(tmp_path, monkeypatch):
+    """`counterfactual --autoencoder FILE` on a run trained with space=latent: FILE missing,
+    the run's own autoencoder (its model's latent space) was used and FILE never written,
+    although --autoencoder promises to save it there; summary.json now says which one."""
+    import causalign.engine.trainer as trainer_mod
+
+    monkeypatch.setattr(ae_mod, "train_autoencoder", _no_training)
+    own = ae_mod.ConvAutoencoder(in_channels=1, width=4, latent_channels=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    real_load = trainer_mod.load_checkpoint
+    fake = {"method_state": {"autoencoder": ae_mod.autoencoder_state(own)}}
+    monkeypatch.setattr(trainer_mod, "load_checkpoint", lambda path, **kw: (
+        fake if Path(path) == run / "checkpoint.pt" else real_load(path, **kw)))
+    dest = tmp_path / "ae" / "ae.pt"
+    images = torch.rand(4, 1, 16, 16)
+    ae, source = resolve_autoencoder(run, images, "cpu", dest, tmp_path / "out")
+    assert dest.is_file() and "saved from the run checkpoint" in source
+    saved = ae_mod.load_autoencoder(dest)
+    for a, b, c in zip(own.state_dict().values(), ae.state_dict().values(),
+                       saved.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # without FILE: the run's, named as such
+    _, source = resolve_autoencoder(run, images, "cpu", None, tmp_path / "out")
+    assert source.startswith("run checkpoint")

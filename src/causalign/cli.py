@@ -281,6 +281,13 @@ def train(
         from .engine.trainer import stored_config
 
         base = stored_config(out)  # continue the stored run; explicit flags must agree
+        # another method: refused here, before the stored method.* settings are checked
+        # against it ("unknown parameter(s) alpha, eps for method 'oracle'" hid the cause)
+        if (values.get("method", base.method) != base.method
+                and (out / "checkpoint.pt").exists()):  # else the trainer names the problem
+            raise CausalignError(f"{out}: --resume continues the stored run, but these "
+                                 f"settings differ: method '{base.method}' -> "
+                                 f"'{values['method']}' (use a new --out)")
     cfg = apply_overrides(base, values)
     finished = resume and (out / "metrics.json").is_file()  # train() returns its metrics
     metrics = run_train(data, cfg, out, resume=resume, progress=progress)
@@ -494,6 +501,9 @@ def counterfactual(
     if autoencoder is not None and settings.space != "latent":  # it was silently unused
         raise CausalignError(f"--autoencoder is used only with --space latent; this search "
                              f"is in {settings.space} space")
+    if smooth_sigma is not None and settings.space != "smooth":  # as silently unused
+        raise CausalignError(f"--smooth-sigma is used only with --space smooth; this search "
+                             f"is in {settings.space} space")
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")
@@ -517,7 +527,8 @@ def counterfactual(
     with _progress(progress) as bar:
         ae = None
         if settings.space == "latent":
-            ae = resolve_autoencoder(run, train_images, dev, autoencoder, out, bar)
+            ae, settings.autoencoder = resolve_autoencoder(run, train_images, dev,
+                                                           autoencoder, out, bar)
         summary = export_counterfactuals(model, method, ds, settings, out, limit=limit,
                                          device=dev, train_images=train_images,
                                          autoencoder=ae, progress=bar,

@@ -7,6 +7,11 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+# The largest magnitude a weight, rate or threshold setting may take. Beyond it float32
+# arithmetic on it overflows (Adam's first step lr / (1 − β₁), α·d(x, x0), λ·L_align): a
+# traceback from the optimiser, or a "diverged" report that blames another setting.
+MAX_SETTING = 1e30
+
 
 class CausalignError(Exception):
     """A problem with the user's input or configuration, reported as one clear line."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..errors import ConfigError
+from ..errors import MAX_SETTING, ConfigError
 
 _INT32_MAX = 2**31 - 1  # torch.set_num_threads takes a C int
 _INT64_MAX = 2**63 - 1  # tensor sizes, loop bounds
@@ -86,6 +86,11 @@ class TrainConfig:
         if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got "
                               f"{self.weight_decay}")
+        # 1e38 passed and the optimiser's first step failed with an overflow traceback
+        for name in ("lr", "weight_decay"):
+            if getattr(self, name) > MAX_SETTING:
+                raise ConfigError(f"{name} must be at most {MAX_SETTING:g} (float32 "
+                                  f"arithmetic overflows beyond), got {getattr(self, name)}")
         if self.width < 1:
             raise ConfigError(f"width must be >= 1, got {self.width}")
         if self.threads < 0:
@@ -268,4 +273,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys")
+    for key in ("method_args", "model_args"):  # named here: later it is one of many sources
+        if key in data and data[key] is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{p}: {key} must be a mapping of names to values, got "
+                              f"{data[key]!r}")
     return data

@@ -354,6 +354,9 @@ class Trainer:
         ckpt = self.out / CHECKPOINT
         if self.out.exists() and not self.out.is_dir():
             raise CausalignError(f"{self.out}: exists and is not a folder")
+        # the run's files (config.yaml, history.csv, checkpoints) went in among the images
+        if self.out.resolve() == self.data.resolve():
+            raise CausalignError(f"{self.out}: is the dataset folder; choose another --out")
         if ckpt.exists() and not self.resume:
             raise CausalignError(f"{self.out}: already holds a run (pass --resume to continue "
                                  f"it, or choose another --out)")
@@ -482,7 +485,13 @@ class Trainer:
                 **self.cfg.to_dict(),
                 "method_params": resolved_params(self.method),
             }
-            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            record = {"method_params": resolved.pop("method_params")}
+            # method_params is what users edit first (every hyper-parameter is listed there),
+            # but only method_args is read back: the file says so where the edit would go
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False)
+                              + "# method_params: the method's resolved settings, a record "
+                                "(compared on --resume); edit method_args to change one\n"
+                              + yaml.safe_dump(record, sort_keys=False))
             if self.method.checkpoint_after_setup:  # e.g. a freshly trained autoencoder
                 self._save_state()
 
@@ -1034,9 +1043,13 @@ def stored_config(run: Path) -> TrainConfig:
                              f"written by another causalign version?)")
     try:
         # missing keys keep their defaults (files from versions without them)
-        return apply_overrides(TrainConfig(), raw)
+        cfg = apply_overrides(TrainConfig(), raw)
+        # an edited method_args (method.alpha -1) failed later, in build_method, as a line
+        # that did not name the file
+        build_method(cfg.method, cfg.method_args)
     except CausalignError as exc:
         raise CausalignError(f"{path}: {exc}") from None
+    return cfg
 
 
 def stored_method_params(run: Path) -> dict | None:

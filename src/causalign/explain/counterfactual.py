@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from ..errors import ConfigError, InputError
+from ..errors import MAX_SETTING, ConfigError, InputError
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
@@ -612,15 +612,16 @@ class CounterfactualGenerator:
                if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
                    isinstance(value, Tensor) and value.numel() == 1))]
         bad = bad or [f"{name} {value}" for name, value, ok in (
-            ("alpha", alpha, math.isfinite(alpha) and alpha >= 0),
+            ("alpha", alpha, math.isfinite(alpha) and 0 <= alpha <= MAX_SETTING),
             ("steps", steps, _is_count(steps)),
             ("polish", polish, _is_count(polish)),
             ("lr", lr, math.isfinite(lr) and lr > 0),
             # ε below ~1e-19: ε² underflows float32, every search came back NaN ("diverged")
             ("eps", eps, math.isfinite(eps) and eps >= MIN_L1_EPS)) if not ok]  # catches NaN
         if bad:
-            raise ConfigError(f"counterfactual needs finite alpha >= 0, integer steps and "
-                              f"polish >= 0, finite lr > 0 and eps >= {MIN_L1_EPS:g}; got "
+            raise ConfigError(f"counterfactual needs alpha in [0, {MAX_SETTING:g}], integer "
+                              f"steps and polish >= 0, finite lr > 0 and eps >= "
+                              f"{MIN_L1_EPS:g}; got "
                               f"{', '.join(bad)}")
         # an unknown rule failed only at the first generate(), after any setup work
         if not is_target_rule(target_rule):

@@ -50,6 +50,8 @@ class CounterfactualSettings:
     optimizer: str = "adam"
     polish: int = 0  # Gauss-Newton steps after the search (method.newton_polish)
     smooth_sigma: float = 1.0
+    # latent space: where its autoencoder came from (`resolve_autoencoder`), for summary.json
+    autoencoder: str = ""
     # x* intensity range (lo, hi), see CounterfactualGenerator; None = unbounded (what
     # causal-align trains with). `causalign counterfactual` passes the data's range.
     bounds: tuple[float, float] | None = None
@@ -180,11 +182,13 @@ def _images_fingerprint(images: Tensor) -> str:
 
 def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.device | str,
                         path: Path | None, out: Path,
-                        progress: Progress | None = None) -> nn.Module:
-    """Latent space: --autoencoder FILE if it exists; else the one a causal-align run kept in
-    its checkpoint; else OUT/autoencoder.pt when an earlier call trained it on these same
-    training images; else train one on the training images and save it (to FILE if given,
-    else OUT/autoencoder.pt) so the next call reuses it."""
+                        progress: Progress | None = None) -> tuple[nn.Module, str]:
+    """(autoencoder, where it came from) for the latent space: --autoencoder FILE if it
+    exists; else the one a causal-align run kept in its checkpoint (saved to FILE when
+    given); else OUT/autoencoder.pt when an earlier call trained it on these same training
+    images; else train one on the training images and save it (to FILE if given, else
+    OUT/autoencoder.pt) so the next call reuses it. The second item, for summary.json, names
+    the file or says "run checkpoint"."""
     from ..models.autoencoder import (
         autoencoder_from_state,
         check_autoencoder_destination,
@@ -194,14 +198,20 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
     )
 
     if path is not None and path.exists():
-        return load_autoencoder(path, device)
+        return load_autoencoder(path, device), str(path)
     if run is not None and (run / "checkpoint.pt").exists():
         from ..engine.trainer import load_checkpoint
 
         state = load_checkpoint(run / "checkpoint.pt", map_location="cpu")
         ae_state = (state.get("method_state") or {}).get("autoencoder")
         if ae_state is not None:
-            return autoencoder_from_state(ae_state, device)
+            ae = autoencoder_from_state(ae_state, device)
+            if path is None:
+                return ae, f"run checkpoint ({run / 'checkpoint.pt'})"
+            # FILE missing: the run's own (the one its model was trained with) is saved
+            # there, as --autoencoder promises; nothing was written before
+            save_autoencoder(check_autoencoder_destination(path), ae)
+            return ae, f"{path} (saved from the run checkpoint)"
     # Without --autoencoder every call retrained (35 s for 1000 64 px images on one core)
     # and overwrote OUT/autoencoder.pt. It is reused only when its recorded training images
     # are these: one trained for another dataset into the same OUT is not.
@@ -213,7 +223,7 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
         except (OSError, ValueError, AttributeError):  # none, or not ours: train anew
             recorded = None
         if recorded == fingerprint:
-            return load_autoencoder(out / "autoencoder.pt", device)
+            return load_autoencoder(out / "autoencoder.pt", device), str(out / "autoencoder.pt")
     if path is None:  # a run killed between the two writes must not vouch for the new file
         source.unlink(missing_ok=True)
     destination = check_autoencoder_destination(path if path is not None
@@ -223,7 +233,7 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
     if path is None:
         atomic_write_json(source, {"train_images_sha256": fingerprint,
                                    "train_images_shape": list(train_images.shape)})
-    return ae
+    return ae, f"{destination} (trained on the training split)"
 
 
 def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CausalignError, ConfigError
+from ..errors import MAX_SETTING, CausalignError, ConfigError
 from ..explain.counterfactual import (
     DISTANCES,
     MIN_L1_EPS,
@@ -192,8 +192,12 @@ class CausalAlignParams:
     def validate(self) -> None:
         self._coerce()
         checks = [
-            (self.alpha >= 0, f"method.alpha must be >= 0, got {self.alpha}"),
-            (self.lam >= 0, f"method.lam must be >= 0, got {self.lam}"),
+            # α·d(x, x0) and λ·L_align overflowed float32 beyond it, reported as a diverged
+            # search ("try a smaller method.inner_lr") or a non-finite loss ("lower --lr")
+            (0 <= self.alpha <= MAX_SETTING,
+             f"method.alpha must be in [0, {MAX_SETTING:g}], got {self.alpha}"),
+            (0 <= self.lam <= MAX_SETTING,
+             f"method.lam must be in [0, {MAX_SETTING:g}], got {self.lam}"),
             (self.steps >= 1, f"method.steps must be >= 1, got {self.steps}"),
             (self.newton_polish >= 0, f"method.newton_polish must be >= 0, got "
                                       f"{self.newton_polish}"),
@@ -246,6 +250,10 @@ class CausalAlignParams:
              f"method.distance '{self.distance}' is per pixel; space latent takes l1 or l2"),
             (not (self.autoencoder and self.space != "latent"),  # it was silently unused
              f"method.autoencoder is used only with method.space=latent (space is "
+             f"'{self.space}')"),
+            # as silently unused (config.yaml then recorded a blur that was never applied)
+            (self.smooth_sigma == 1.0 or self.space == "smooth",
+             f"method.smooth_sigma is used only with method.space=smooth (space is "
              f"'{self.space}')"),
         ]
         for ok, msg in checks:

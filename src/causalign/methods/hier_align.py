@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CausalignError, ConfigError, InputError
+from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError
 from ..explain.counterfactual import (
     DISTANCES,
     CounterfactualResult,
@@ -131,8 +131,10 @@ class HierAlignParams:
     def validate(self) -> None:
         CausalAlignParams._coerce(self)  # same string → field-type coercion
         checks = [
-            (self.alpha1 >= 0 and self.alpha2 >= 0, "method.alpha1/alpha2 must be >= 0"),
-            (self.lam1 >= 0 and self.lam2 >= 0, "method.lam1/lam2 must be >= 0"),
+            (all(0 <= v <= MAX_SETTING for v in (self.alpha1, self.alpha2)),
+             f"method.alpha1/alpha2 must be in [0, {MAX_SETTING:g}]"),
+            (all(0 <= v <= MAX_SETTING for v in (self.lam1, self.lam2)),
+             f"method.lam1/lam2 must be in [0, {MAX_SETTING:g}]"),
             (self.attr_weight >= 0, "method.attr_weight must be >= 0"),
             (self.hidden >= 1, "method.hidden must be >= 1"),
             (self.attr_steps >= 1 and self.attr_lr > 0 and self.attr_eps > 0,
