@@ -336,6 +336,8 @@ class InnerProblem:
     unchecked: bool = dataclasses.field(default=True, repr=False, compare=False)
 
     def image(self, u: Tensor) -> Tensor:
+        """The image x(u) a search variable stands for: u itself in pixel space, else
+        x0 + decode(u) − decode(u0), clamped to the bounds when they are set."""
         if self.decoder is None:
             return u  # bounded: the optimisers keep u (= x) feasible by projection
         x = self.x0 + self.decoder.decode(u, tuple(self.x0.shape[-2:])) - self.base
@@ -508,15 +510,18 @@ class WarmStartCache:
         self.known[ids[~keep]] = False
 
     def clear(self) -> None:
+        """Forget every cached offset."""
         self.offsets = self.known = None
 
     def state_dict(self) -> dict:
+        """The cached samples' ids and offsets (CPU), for a checkpoint; {} when empty."""
         if self.offsets is None:
             return {}
         idx = self.known.nonzero().flatten()
         return {"ids": idx.cpu(), "offsets": self.offsets[idx].cpu()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Replace the cache with what `state_dict` stored."""
         self.clear()
         if state and len(state.get("ids", ())):
             self.put(state["ids"], state["offsets"], torch.ones(len(state["ids"]),
@@ -547,6 +552,7 @@ class CounterfactualResult:
 
     @property
     def change(self) -> Tensor:
+        """x* − x0, the signed change the counterfactual makes."""
         return self.x_star - self.problem.x0
 
 

@@ -287,7 +287,9 @@ def implicit_argmin(
     The returned tensor equals x*; backpropagating any loss through it runs
     :func:`implicit_gradient` (``options`` are its keyword arguments) and delivers dL/dθ to
     ``params``. Params may be non-leaf tensors (e.g. predicted attributes), whose gradient then
-    flows on to whatever produced them.
+    flows on to whatever produced them. The training methods call `implicit_gradient`
+    directly (their outer loss is known when they solve); this is the autograd-composable form
+    for other bilevel code.
     """
     # Checked now: a misspelt option or a bad value failed only inside .backward(), after the
     # whole forward and loss had run.

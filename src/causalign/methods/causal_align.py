@@ -458,6 +458,8 @@ class CausalAlign(Method):
             self.autoencoder = self._load_or_train_autoencoder(x.detach(), x.device)
 
     def state_dict(self) -> dict:
+        """What a checkpoint keeps so a resumed run continues exactly: step counter, damping,
+        Gauss-Newton switch, warm-start cache, per-pixel scales and the latent autoencoder."""
         from ..models.autoencoder import autoencoder_state
 
         return {
@@ -472,6 +474,7 @@ class CausalAlign(Method):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s contents (keys missing in older checkpoints: defaults)."""
         from ..models.autoencoder import autoencoder_from_state
 
         self.step = int(state.get("step", 0))
@@ -510,6 +513,8 @@ class CausalAlign(Method):
         return dilate_region(region, self.params.dilate), has
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        """CE + λ·L_align (Eq. 3) on the annotated samples, every `align_every` steps; the
+        alignment term's gradient is the implicit one (`implicit_term`)."""
         x = self.model_input(batch)
         y = batch["label"]
         p = self.params
@@ -755,7 +760,8 @@ class CausalAlign(Method):
             return t.sum()
 
         def system(delta: float):
-            """(inner objective, start, rhs, kwargs) of the adjoint solve at damping δ."""
+            """(inner objective, point, rhs, kwargs) of the adjoint solve at damping δ: the
+            Hessian is taken at `point` (x*, or w = 0 when preconditioned)."""
             if p.precondition:
                 m = prob.curvature(u_star) + delta
                 s = m.clamp_min(torch.finfo(m.dtype).tiny).rsqrt()
@@ -764,10 +770,10 @@ class CausalAlign(Method):
                     t = terms(u_star + s * w)
                     return t + 0.5 * delta * (s * w).square().sum() if delta > 0 else t
 
-                start, rhs, damping = torch.zeros_like(u_star), s * outer, 0.0
+                point, rhs, damping = torch.zeros_like(u_star), s * outer, 0.0
             else:
-                inner, start, rhs, damping = terms, u_star, outer, delta
-            return inner, start, rhs, dict(cg_max_iter=max_iter, cg_tol=p.cg_tol,
+                inner, point, rhs, damping = terms, u_star, outer, delta
+            return inner, point, rhs, dict(cg_max_iter=max_iter, cg_tol=p.cg_tol,
                                            damping=damping, hvp=p.hvp, fd_eps=p.fd_eps)
 
         if p.hvp == "gauss-newton":
@@ -783,8 +789,8 @@ class CausalAlign(Method):
         with eval_mode(model, fold_bn=True, bn_stats=bn_stats):
             max_iter = p.cg_iters if p.cg_iters > 0 else self._auto_cg_iters(model, prob, u_star)
             delta = self.damping
-            inner, start, rhs, kw = system(delta)
-            out = implicit_gradient(inner, start, params, rhs, **kw)
+            inner, point, rhs, kw = system(delta)
+            out = implicit_gradient(inner, point, params, rhs, **kw)
             iters = out.cg.iterations
             # Negative curvature: H + δI is not positive definite, so the IFT's solve has no
             # meaning at this δ. Solve the step with the Gauss-Newton system instead, or raise
@@ -799,8 +805,8 @@ class CausalAlign(Method):
             self.gn_streak = 0
             while bool((ok & out.cg.breakdown).any()) and delta < p.damping_max:
                 delta = min(max(10.0 * delta, 1e-3), p.damping_max)
-                inner, start, rhs, kw = system(delta)
-                out = implicit_gradient(inner, start, params, rhs, **kw)
+                inner, point, rhs, kw = system(delta)
+                out = implicit_gradient(inner, point, params, rhs, **kw)
                 iters = iters + out.cg.iterations
             self.damping = delta
             cg = out.cg
@@ -813,7 +819,7 @@ class CausalAlign(Method):
                 keep = (~failed).view(shape)
                 rhs2 = torch.where(keep, rhs, torch.zeros_like(rhs))
                 x0 = torch.where(keep, cg.solution, torch.zeros_like(rhs))
-                out2 = implicit_gradient(inner, start, params, rhs2, cg_x0=x0, **kw)
+                out2 = implicit_gradient(inner, point, params, rhs2, cg_x0=x0, **kw)
                 good2 = out2.cg.converged & ~out2.cg.breakdown
                 iters += out2.cg.iterations
                 if bool((good2 | failed).all()):
