@@ -928,6 +928,28 @@ def test_gauss_newton_adjoint_needs_no_damping_on_an_indefinite_hessian():
     assert any(float(g.abs().max()) > 0 for g in grads)
 
 
+def test_a_smooth_sigma_outside_the_smooth_space_is_warned_at_setup(tiny_data):
+    # method.smooth_sigma with space=pixel was silently unused (config.yaml recorded a blur
+    # never applied). A warning when training starts, not a refusal: runs trained so by
+    # earlier versions stay loadable (evaluate, counterfactual, --resume build the method).
+    import warnings
+
+    from causalign.data.format import LesionDataset
+
+    train_set = LesionDataset(tiny_data, "train")
+    method = build_method("causal-align", {"smooth_sigma": 3.0})
+    with warnings.catch_warnings(record=True) as unused:
+        warnings.simplefilter("always")
+        method.setup(train_set, _small_cnn())
+    assert [str(w.message).split(":")[0] for w in unused] == [
+        "method.smooth_sigma=3 has no effect"]
+    for args in ({"smooth_sigma": 3.0, "space": "smooth"}, {}):
+        with warnings.catch_warnings(record=True) as fine:
+            warnings.simplefilter("always")
+            build_method("causal-align", args).setup(train_set, _small_cnn())
+        assert fine == []
+
+
 def test_damping_escalation_under_the_direct_solve_is_warned_at_setup(tiny_data):
     # hvp=gauss-newton runs no CG, so negative_curvature=damping was silently unused. A
     # warning when training starts, not a refusal: a run trained so stays loadable.

@@ -562,3 +562,25 @@ def test_training_into_the_dataset_folder_is_refused(tiny_data, capsys):
     rc, _, err = _run(capsys, "train", tiny_data, "--out", tiny_data, "--no-progress")
     _assert_user_error(rc, err, "is the dataset folder; choose another --out")
     assert not (tiny_data / "config.yaml").exists()
+
+
+def test_resume_with_another_method_before_the_first_checkpoint_names_the_method(
+        run_copy, tiny_data, capsys):
+    """Killed before its first checkpoint: config.yaml is there, checkpoint.pt and
+    metrics.json not; the stored method.* settings went to the new method as well."""
+    for name in ("checkpoint.pt", "checkpoint.pt.sha256", "metrics.json"):
+        (run_copy / name).unlink(missing_ok=True)
+    cfg = run_copy / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("method: erm\n", "method: rrr\n")
+                   .replace("method_args: {}\n", "method_args:\n  lam: 5.0\n"))
+    rc, _, err = _run(capsys, "train", tiny_data, "--out", run_copy, "--resume", "--method",
+                      "erm", "--no-progress")
+    _assert_user_error(rc, err, "settings differ: method 'rrr' -> 'erm'")
+
+
+def test_a_config_file_with_empty_method_args_reads_as_no_arguments(tmp_path):
+    from causalign.engine.config import load_config_file
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("method: erm\nmethod_args:\nmodel_args:\n")
+    assert load_config_file(empty) == {"method": "erm", "method_args": {}, "model_args": {}}

@@ -338,11 +338,3 @@ def test_cli_refuses_a_smooth_sigma_outside_the_smooth_space(tiny_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--smooth-sigma is used only with --space smooth" in err[0]
     assert not (tmp_path / "cf").exists()
-
-
-def test_causal_align_refuses_a_smooth_sigma_outside_the_smooth_space():
-    from causalign.methods import build_method
-
-    with pytest.raises(ConfigError, match="smooth_sigma is used only with method.space=smooth"):
-        build_method("causal-align", {"smooth_sigma": 3.0})
-    build_method("causal-align", {"smooth_sigma": 3.0, "space": "smooth"})

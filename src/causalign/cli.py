@@ -283,8 +283,9 @@ def train(
         base = stored_config(out)  # continue the stored run; explicit flags must agree
         # another method: refused here, before the stored method.* settings are checked
         # against it ("unknown parameter(s) alpha, eps for method 'oracle'" hid the cause)
+        # (a finished run without its checkpoint: the trainer's message says that)
         if (values.get("method", base.method) != base.method
-                and (out / "checkpoint.pt").exists()):  # else the trainer names the problem
+                and ((out / "checkpoint.pt").exists() or not (out / "metrics.json").exists())):
             raise CausalignError(f"{out}: --resume continues the stored run, but these "
                                  f"settings differ: method '{base.method}' -> "
                                  f"'{values['method']}' (use a new --out)")

@@ -274,7 +274,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys")
     for key in ("method_args", "model_args"):  # named here: later it is one of many sources
-        if key in data and data[key] is not None and not isinstance(data[key], dict):
+        if key in data and data[key] is None:  # `method_args:` with nothing under it
+            data[key] = {}
+        if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{p}: {key} must be a mapping of names to values, got "
                               f"{data[key]!r}")
     return data

@@ -251,10 +251,6 @@ class CausalAlignParams:
             (not (self.autoencoder and self.space != "latent"),  # it was silently unused
              f"method.autoencoder is used only with method.space=latent (space is "
              f"'{self.space}')"),
-            # as silently unused (config.yaml then recorded a blur that was never applied)
-            (self.smooth_sigma == 1.0 or self.space == "smooth",
-             f"method.smooth_sigma is used only with method.space=smooth (space is "
-             f"'{self.space}')"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -412,6 +408,12 @@ class CausalAlign(Method):
             warnings.warn("method.negative_curvature=damping has no effect with "
                           "method.hvp=gauss-newton: its direct solve is positive definite "
                           "and no CG runs to meet negative curvature", stacklevel=2)
+        if self.params.smooth_sigma != 1.0 and self.params.space != "smooth":
+            # silently unused before (config.yaml recorded a blur never applied); a warning,
+            # not a refusal, for the same reason as above
+            warnings.warn(f"method.smooth_sigma={self.params.smooth_sigma:g} has no effect: "
+                          f"it is used only with method.space=smooth (space is "
+                          f"'{self.params.space}')", stacklevel=2)
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
