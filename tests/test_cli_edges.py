@@ -584,3 +584,19 @@ def test_a_config_file_with_empty_method_args_reads_as_no_arguments(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("method: erm\nmethod_args:\nmodel_args:\n")
     assert load_config_file(empty) == {"method": "erm", "method_args": {}, "model_args": {}}
+
+
+def test_a_checkpoint_from_a_node_with_more_gpus_restores_the_visible_ones(monkeypatch):
+    """The checkpoint keeps one CUDA generator state per visible GPU; resumed where fewer
+    are visible, set_rng_state_all indexed past them (an IndexError traceback)."""
+    from causalign.engine.trainer import restore_cuda_rng
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.append(states))
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    restore_cuda_rng(states)
+    assert len(got) == 1 and len(got[0]) == 1 and torch.equal(got[0][0], states[0])
+    restore_cuda_rng(None)  # a checkpoint written without CUDA
+    assert len(got) == 1

@@ -338,3 +338,68 @@ def test_cli_refuses_a_smooth_sigma_outside_the_smooth_space(tiny_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--smooth-sigma is used only with --space smooth" in err[0]
     assert not (tmp_path / "cf").exists()
+
+
+def test_the_inner_problem_runs_convolutions_without_tf32_on_cuda(monkeypatch):
+    """PyTorch lets cuDNN run float32 convolutions in TF32 on Ampere+ GPUs by default; the
+    search and the implicit gradient (eval_mode with fold_bn) turn it off and restore it.
+    No GPU here: CUDA is reported present, and the flag is read inside the model."""
+    from causalign.explain.counterfactual import eval_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return x.flatten(1)[:, :2]
+
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default
+    CounterfactualGenerator(Probe(), steps=2).generate(torch.rand(2, 1, 4, 4),
+                                                       labels=torch.tensor([0, 1]))
+    with eval_mode(Probe(), fold_bn=False) as model:
+        model(torch.rand(1, 1, 4, 4))
+    # the check of the model's outputs at x0 runs first, in the caller's precision; every
+    # search step in full float32; eval_mode without fold_bn leaves the setting alone
+    assert seen[0] is True and set(seen[1:-1]) == {False} and seen[-1] is True
+    assert torch.backends.cudnn.allow_tf32  # restored
+
+
+def test_the_warm_start_cache_grows_no_further_than_the_training_split():
+    """Shuffled batches reach ~N ids at once; doubling then held ~2N rows of offsets on the
+    model's device (1980 rows for N = 1000). With the split's size as capacity it holds N;
+    ids beyond it still fit (doubling, as before)."""
+    from causalign.explain.counterfactual import WarmStartCache
+
+    like = torch.zeros(4, 1, 2, 2)
+    for capacity, rows in ((None, 1980), (1000, 1000)):
+        cache = WarmStartCache(capacity)
+        for hi in (990, 999, 1000):
+            ids = torch.arange(hi - 4, hi)
+            cache.put(ids, like, torch.ones(4, dtype=torch.bool))
+        assert cache.offsets.shape[0] == rows, capacity
+    cache.put(torch.tensor([1500]), like[:1], torch.ones(1, dtype=torch.bool))
+    assert cache.offsets.shape[0] >= 1501 and cache.known[1500]
+
+
+def test_load_run_reads_the_checkpoint_on_the_cpu(tiny_run, monkeypatch):
+    """Without best.pt, load_run reads checkpoint.pt: its optimiser state and warm-start
+    cache went onto the --device only for the weights to be copied out."""
+    import causalign.engine.trainer as trainer_mod
+
+    where = []
+
+    class Recorded(Exception):
+        pass
+
+    def recording(path, map_location=None, **kw):
+        where.append(str(map_location))
+        raise Recorded
+
+    # a device other than the CPU (no GPU here): the weights' file must still be read onto
+    # the CPU
+    monkeypatch.setattr(trainer_mod, "resolve_device", lambda device: torch.device("meta"))
+    monkeypatch.setattr(trainer_mod, "load_checkpoint", recording)
+    with pytest.raises(Recorded):
+        trainer_mod.load_run(tiny_run, device="cuda")
+    assert where == ["cpu"]

@@ -242,6 +242,16 @@ def remove_stale_temporaries(run: Path) -> list[Path]:
     return removed
 
 
+def restore_cuda_rng(states: list[Tensor] | None) -> None:
+    """Set the CUDA generators from a checkpoint's per-device states. A checkpoint written on
+    a node with more GPUs than this one holds more states than there are devices, and
+    `torch.cuda.set_rng_state_all` indexed past them (an IndexError): the visible devices
+    get the first states, as their indices match."""
+    if states is None or not torch.cuda.is_available():
+        return
+    torch.cuda.set_rng_state_all([s.cpu() for s in states[:torch.cuda.device_count()]])
+
+
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
@@ -578,8 +588,7 @@ class Trainer:
         self.method.load_state_dict(ckpt.get("method_state", {}))
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        restore_cuda_rng(rng.get("cuda"))
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.generator.set_state(rng["sampler"].cpu())
@@ -1147,7 +1156,10 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
     dev = resolve_device(device)
     method = build_method(cfg.method, cfg.method_args)
     weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT
-    state = load_checkpoint(weights, map_location=dev)
+    # on the CPU: without best.pt this is checkpoint.pt, whose optimiser state and warm-start
+    # cache went onto the device only for the weights to be copied out (load_state_dict
+    # moves them to the model's device)
+    state = load_checkpoint(weights, map_location="cpu")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CausalignError(f"{weights}: not a causalign checkpoint (no model weights)")
     info = data_info_from_disk(data_path)

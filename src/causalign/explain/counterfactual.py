@@ -52,6 +52,7 @@ import copy
 import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -199,6 +200,37 @@ BNStats = dict[nn.Module, tuple[Tensor, Tensor]]
 
 
 @contextmanager
+def ieee_fp32_convolutions() -> Iterator[None]:
+    """cuDNN convolutions in full float32 inside the context (no TF32), on CUDA.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 (10 mantissa bits) by default on
+    Ampere and later GPUs. The counterfactual search, ∇ₓT and its Hessian-vector products
+    then carry ~1e-3 relative error: with convolution operands rounded to 10 bits (an
+    emulation on CPU) the exact Hessian-vector product was off by 5e-2 instead of 4e-7 and
+    the alignment gradient's cosine to a float64 reference fell to 0.79–0.89. Training's CE
+    forward and backward keep whatever the user chose. Without CUDA nothing changes."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    flags = cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                        benchmark_limit=cudnn.benchmark_limit,
+                        deterministic=cudnn.deterministic, allow_tf32=False,
+                        fp32_precision=torch.backends.fp32_precision)
+    try:
+        flags.__enter__()
+    except RuntimeError as exc:  # the caller mixed PyTorch's legacy and new TF32 settings
+        warnings.warn(f"could not turn TF32 off for the inner problem ({exc}); its "
+                      f"convolutions keep the caller's precision", stacklevel=3)
+        yield
+        return
+    try:
+        yield
+    finally:
+        flags.__exit__(None, None, None)
+
+
+@contextmanager
 def eval_mode(model: nn.Module, fold_bn: bool = False,
               bn_stats: BNStats | None = None) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode (no BatchNorm batch statistics, no dropout), then restore
@@ -212,10 +244,14 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
     forward, elsewhere they run their own forward).
     ``bn_stats`` maps BatchNorm modules to fixed (mean, var) used instead of the running
     statistics (see `capture_bn_stats`); either way samples never interact.
+    ``fold_bn`` (the inner problem's search and implicit gradient) also runs convolutions in
+    full float32 on CUDA (`ieee_fp32_convolutions`).
     """
     modes = [(m, m.training) for m in model.modules()]
     patched: list[tuple[nn.Module, object]] = []
     bn_stats = bn_stats or {}
+    precision = ieee_fp32_convolutions() if fold_bn else nullcontext()
+    precision.__enter__()  # left in the finally below, after the modes are restored
     model.eval()
     try:
         for m in model.modules():
@@ -237,6 +273,7 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
             del m.forward
             if old is not None:
                 m.forward = old
+        precision.__exit__(None, None, None)
 
 
 def _bn_affine(bn: nn.Module, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
@@ -455,9 +492,13 @@ class WarmStartCache:
     image's offset reused as is started the next search from a wrong (mirrored) offset.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
         self.offsets: Tensor | None = None
         self.known: Tensor | None = None
+        # rows to grow to at most when doubling (the training split's size, as ids are its
+        # indices): shuffled batches reach ~N ids at once, and doubling then allocated ~2N
+        # rows of offsets on the model's device
+        self.capacity = capacity
 
     def __len__(self) -> int:
         return 0 if self.known is None else int(self.known.sum())
@@ -471,7 +512,10 @@ class WarmStartCache:
             return
         if self.offsets is not None and self.offsets.shape[1:] != like.shape[1:]:
             self.offsets = self.known = None  # another input shape: old entries are useless
-        cap = max(size, 2 * (0 if self.offsets is None else self.offsets.shape[0]))
+        grown = 2 * (0 if self.offsets is None else self.offsets.shape[0])
+        if self.capacity is not None and size <= self.capacity:  # else: doubling, as before
+            grown = min(grown, self.capacity)
+        cap = max(size, grown)
         offsets = like.new_zeros((cap, *like.shape[1:]))
         known = torch.zeros(cap, dtype=torch.bool, device=like.device)
         if self.offsets is not None:
