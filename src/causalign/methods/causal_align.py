@@ -380,7 +380,8 @@ class CausalAlign(Method):
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """Per-pixel distance scales and (latent space) the autoencoder, from training data."""
-        self.cache.capacity = len(train_set)  # sample ids index the training split
+        # sample ids index the training split (a stand-in without a length: no bound)
+        self.cache.capacity = len(train_set) if hasattr(train_set, "__len__") else None
         has_mask = getattr(train_set, "has_mask", None)
         if self.require_region and self.params.region == "mask" and has_mask is not None \
                 and not bool(has_mask.any()):
