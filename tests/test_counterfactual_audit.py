@@ -403,3 +403,15 @@ def test_load_run_reads_the_checkpoint_on_the_cpu(tiny_run, monkeypatch):
     with pytest.raises(Recorded):
         trainer_mod.load_run(tiny_run, device="cuda")
     assert where == ["cpu"]
+
+
+def test_multiclass_other_target_is_decided_at_the_logits_precision():
+    """'other' on 3+ classes takes the strongest other class; float64 logits were rounded to
+    float32 first, so two classes 1e-12 apart tied and the lower index won."""
+    from causalign.explain.counterfactual import counterfactual_targets
+
+    logits = torch.tensor([[5.0, 1.0, 1.0 + 1e-12]], dtype=torch.float64)
+    target, valid = counterfactual_targets(torch.tensor([0]), 3, "other", logits)
+    assert target.tolist() == [2] and valid.tolist() == [True]
+    half = torch.tensor([[0.0, 2.0, 1.0]], dtype=torch.float16)
+    assert counterfactual_targets(torch.tensor([0]), 3, "other", half)[0].tolist() == [1]

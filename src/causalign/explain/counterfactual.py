@@ -192,7 +192,9 @@ def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "
         return 1 - labels, torch.ones_like(labels, dtype=torch.bool)
     if logits is None:
         raise ValueError("multi-class 'other' targets need the model's logits")
-    masked = logits.detach().float().scatter(1, labels[:, None], float("-inf"))
+    # at least float32 (half logits), float64 kept: a near-tie is decided at full precision
+    masked = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).scatter(
+        1, labels[:, None], float("-inf"))
     return masked.argmax(1), torch.ones_like(labels, dtype=torch.bool)
 
 
