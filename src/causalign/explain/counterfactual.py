@@ -252,30 +252,28 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
     modes = [(m, m.training) for m in model.modules()]
     patched: list[tuple[nn.Module, object]] = []
     bn_stats = bn_stats or {}
-    precision = ieee_fp32_convolutions() if fold_bn else nullcontext()
-    precision.__enter__()  # left in the finally below, after the modes are restored
-    model.eval()
-    try:
-        for m in model.modules():
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
-            stats = bn_stats.get(m)
-            if stats is None and not (fold_bn and m.running_var is not None):
-                continue
-            patched.append((m, m.__dict__.get("forward")))
-            mean, var = stats if stats is not None else (m.running_mean, m.running_var)
-            m.forward = partial(_bn_affine, m, mean, var)
-        if fold_bn:
-            patched.extend(patch_modules(model))
-        yield model
-    finally:
-        for m, was in modes:
-            m.training = was
-        for m, old in patched:
-            del m.forward
-            if old is not None:
-                m.forward = old
-        precision.__exit__(None, None, None)
+    with ieee_fp32_convolutions() if fold_bn else nullcontext():
+        model.eval()
+        try:
+            for m in model.modules():
+                if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    continue
+                stats = bn_stats.get(m)
+                if stats is None and not (fold_bn and m.running_var is not None):
+                    continue
+                patched.append((m, m.__dict__.get("forward")))
+                mean, var = stats if stats is not None else (m.running_mean, m.running_var)
+                m.forward = partial(_bn_affine, m, mean, var)
+            if fold_bn:
+                patched.extend(patch_modules(model))
+            yield model
+        finally:
+            for m, was in modes:
+                m.training = was
+            for m, old in patched:
+                del m.forward
+                if old is not None:
+                    m.forward = old
 
 
 def _bn_affine(bn: nn.Module, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
@@ -673,8 +671,7 @@ class CounterfactualGenerator:
         if bad:
             raise ConfigError(f"counterfactual needs alpha in [0, {MAX_SETTING:g}], integer "
                               f"steps and polish >= 0, finite lr > 0 and eps >= "
-                              f"{MIN_L1_EPS:g}; got "
-                              f"{', '.join(bad)}")
+                              f"{MIN_L1_EPS:g}; got {', '.join(bad)}")
         # an unknown rule failed only at the first generate(), after any setup work
         if not is_target_rule(target_rule):
             raise ConfigError(f"counterfactual target rule must be 'other', 'predicted' or a "

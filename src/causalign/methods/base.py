@@ -369,7 +369,6 @@ def coerce_params(params: Any) -> None:
             raise ConfigError(f"method.{f.name} must be a finite number, got {value!r}")
 
 
-
 def _load_builtin() -> None:
     import importlib
     import pkgutil
