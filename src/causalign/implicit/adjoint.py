@@ -72,11 +72,15 @@ def _fd_matvec(
         p_norm = p.reshape(n, -1).norm(dim=1)
         h = fd_eps * x_norm.clamp_min(1.0) / p_norm.clamp_min(torch.finfo(p.dtype).tiny)
         h = torch.where(p_norm > 0, h, torch.zeros_like(h)).view(shape)
-        g_plus = _grad_x(inner_objective, x + h * p)
-        g_minus = _grad_x(inner_objective, x - h * p)
+        # The step in x's dtype: CG's directions are in the outer gradient's, which may be
+        # wider (a float64 ∇ₓL on a float32 problem evaluated the model at a float64 x and a
+        # float32 model failed: "Input type (double) and bias type (float)").
+        step = (h * p).to(x.dtype)
+        g_plus = _grad_x(inner_objective, x + step)
+        g_minus = _grad_x(inner_objective, x - step)
         # p_i = 0 gives h_i = 0 and 0/0: that product is exactly zero.
         denom = 2 * h.clamp_min(torch.finfo(h.dtype).tiny)
-        return torch.where(h > 0, (g_plus - g_minus) / denom, 0.0)
+        return torch.where(h > 0, (g_plus - g_minus).to(p.dtype) / denom, 0.0)
 
     return matvec
 
@@ -104,6 +108,11 @@ def implicit_gradient(
     list of one, as in ``torch.autograd.grad``). Unused params get zeros. The caller's graph is
     left intact: tensors computed from θ outside ``inner_objective`` can be backpropagated
     through afterwards, and the function called again.
+    Per-sample CG needs the samples uncoupled: T_i may depend on x_i alone, so no BatchNorm
+    in train mode (batch statistics), no dropout, and x of shape (D,) means D scalar
+    problems, not one D-vector problem (give it shape (1, D)). A coupled objective gives a
+    wrong gradient, which CG may still report as converged. x* must be finite (a NaN row made
+    every θ-gradient NaN): drop or reset such samples first.
     ``hvp`` picks exact double-backward products or finite differences of ∇ₓT.
     ``cg_verify`` checks CG's "converged" claim against the true residual when ``cg_tol`` is
     below sqrt(machine eps) (see :func:`batched_cg`; exact products only).
@@ -129,6 +138,16 @@ def implicit_gradient(
     if adjoint is not None and (not isinstance(adjoint, Tensor) or adjoint.shape != x_star.shape):
         raise ValueError(f"adjoint shape {tuple(getattr(adjoint, 'shape', ()))} != x* "
                          f"{tuple(x_star.shape)}")
+    if x_star.numel() > 0:
+        finite = torch.isfinite(x_star.detach()).reshape(x_star.shape[0], -1).all(1)
+        if not bool(finite.all()):
+            # ∂g/∂θ at a NaN/inf sample is NaN, and NaN·0 = NaN: its zero adjoint did not keep
+            # it out of the mixed product, so one such sample made every θ-gradient NaN while
+            # the CG report flagged that sample alone.
+            bad_rows = (~finite).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, bad_rows[:5])) + (", ..." if len(bad_rows) > 5 else "")
+            raise ValueError(f"x_star is not finite in sample(s) [{shown}]: no gradient is "
+                             f"defined there; drop or reset those samples first")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("implicit_gradient needs autograd; call it outside "
                            "torch.inference_mode()")
@@ -272,8 +291,31 @@ class _ImplicitArgmin(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         opts = dict(ctx.options)
         inner = opts.pop("inner_objective")
-        res = implicit_gradient(inner, ctx.x_star, list(ctx.params), grad_out, **opts)
-        return (None, None, *res.grads)
+        res = implicit_gradient(inner, ctx.x_star, list(ctx.params), grad_out.detach(),
+                                **opts)
+        grads = res.grads
+        if torch.is_grad_enabled():
+            # create_graph=True: the mixed product has no graph, so a second derivative would
+            # silently miss the terms through v and ∂g/∂θ (and a non-leaf param's chain rule
+            # would still attach one): differentiating these gradients raises instead.
+            # The guard node takes the params as inputs: the engine only runs nodes on a path
+            # to what is differentiated, and the params are that path.
+            grads = tuple(_FirstOrderOnly.apply(gr, *ctx.params) for gr in grads)
+        return (None, None, *grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose own derivative is refused (`implicit_argmin` is once differentiable)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, *params: Tensor) -> Tensor:
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        raise RuntimeError("implicit_argmin is once_differentiable: its gradient cannot be "
+                           "differentiated again (create_graph=True gives no second "
+                           "derivative)")
 
 
 def implicit_argmin(
@@ -307,5 +349,51 @@ def implicit_argmin(
     _check_options(chosen["hvp"], chosen["cg_max_iter"], chosen["damping"], chosen["fd_eps"],
                    x_star.dtype)
     params = _as_param_list(params)
+    _refuse_nested_params(params)
     opts = dict(options, inner_objective=inner_objective)
     return _ImplicitArgmin.apply(x_star.detach(), opts, *params)
+
+
+def _refuse_nested_params(params: Sequence[Tensor]) -> None:
+    """One ValueError line when a param is computed from another one.
+
+    The backward of `_ImplicitArgmin` returns each param's total derivative (autograd.grad
+    through every path of g), and autograd then also carries the derived param's gradient on
+    to its source: the path through it was counted twice (params [a = e^φ, φ]: 0.296 for an
+    exact 0.519). Only the graphs of non-leaf params are walked: model weights cost nothing.
+    """
+    first: dict[int, int] = {}
+    for i, q in enumerate(params):
+        j = first.setdefault(id(q), i)
+        if j != i and isinstance(q, Tensor) and q.requires_grad:  # [θ, θ]: counted twice too
+            raise ValueError(f"params[{i}] is params[{j}]: pass each tensor once (its "
+                             f"gradient would be counted twice)")
+    owner: dict[object, int] = {}
+    for i, q in enumerate(params):
+        if not isinstance(q, Tensor) or not q.requires_grad:
+            continue
+        if q.grad_fn is not None:
+            owner.setdefault(q.grad_fn, i)
+    leaves = {id(q): i for i, q in enumerate(params)
+              if isinstance(q, Tensor) and q.requires_grad and q.grad_fn is None}
+    if len(owner) + len(leaves) < 2:
+        return
+    for i, q in enumerate(params):
+        if not isinstance(q, Tensor) or q.grad_fn is None:
+            continue
+        seen: set[object] = {q.grad_fn}
+        stack = [q.grad_fn]
+        while stack:
+            node = stack.pop()
+            for nxt, _ in node.next_functions:
+                if nxt is None or nxt in seen:
+                    continue
+                seen.add(nxt)
+                j = owner.get(nxt)
+                if j is None:
+                    var = getattr(nxt, "variable", None)  # AccumulateGrad of a leaf
+                    j = leaves.get(id(var)) if var is not None else None
+                if j is not None and j != i:
+                    raise ValueError(f"params[{i}] is computed from params[{j}]: pass only one "
+                                     f"of them (its gradient would be counted twice)")
+                stack.append(nxt)
