@@ -83,6 +83,28 @@ def test_missing_attributes_skip_attribute_alignment():
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
 
 
+def test_level_shares_are_weighted_by_the_samples_each_level_aligned():
+    """history.csv's img_* / attr_* shares are of the samples each level aligned, not of
+    the batch (weighted by 6 here, a step aligning 3 images counted as one aligning 6)."""
+    method = build_method("hier-align", FAST)
+    model = _model(method)
+    b = _batch()
+    method.fit_attribution(torch.where(b["attr_known"], b["attributes"], torch.nan),
+                           b["label"])
+    b["attr_known"][2, 1] = False  # 5 attribute rows
+    b["has_mask"][:3] = False  # 3 image rows
+    b["has_annotation"][:3] = False
+    out = method(model, b)
+    assert out.parts["n_align_attr"] == 5.0 and out.parts["n_align_img"] == 3.0
+    w = out.part_weights
+    assert w["img_cf_diverged"] == 3 and w["img_flip_rate"] == 3 and w["img_cg_dropped"] == 3
+    assert w["attr_cf_diverged"] == 5 and w["attr_cg_dropped"] == 5
+    # the attribute search runs on every row either level needs: all but row 2, which has
+    # neither a full attribute row nor a mask
+    assert w["attr_cf_flip"] == 5 and w["attr_change"] == 5
+    assert "img_cg_iters" not in w  # per-step figures keep the batch weighting
+
+
 def test_a_sample_no_attribute_subset_explains_gets_no_attribute_alignment():
     """CCCE gives no subset (−1) to a y = 1 row whose attributes are all 0: it has no r, so
     its counterfactual must not be held to "change nothing" at the attribute level."""

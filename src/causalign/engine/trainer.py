@@ -629,7 +629,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             self.optimizer.step()
-            _accumulate(sums, weights, out.total, out.parts, len(batch["label"]))
+            _accumulate(sums, weights, out.total, out.parts, len(batch["label"]),
+                        out.part_weights)
             if task is not None:
                 progress.update(task, advance=1, description=f"epoch {epoch}/{self.cfg.epochs} "
                                 f"loss {sums['loss'] / weights['loss']:.4f}")
@@ -691,7 +692,8 @@ class Trainer:
                 counts += [(step, n_global, k, out.parts[k] * c / max(global_counts[k], 1))
                            for k, (_, c) in out.means.items()
                            if global_counts is not None and k in out.parts]
-                _accumulate(sums, weights, out.total, out.parts, m)  # counts replaced below
+                # counts replaced below
+                _accumulate(sums, weights, out.total, out.parts, m, out.part_weights)
             if not use_ddp:
                 D.all_reduce_gradients(list(self.model.parameters()), world)
             self.optimizer.step()
@@ -954,11 +956,17 @@ class Trainer:
 
 
 def _accumulate(sums: dict[str, float], weights: dict[str, int], total: Tensor,
-                parts: dict[str, float], n: int) -> None:
-    """Add one step's loss and parts, each weighted by the step's ``n`` samples."""
+                parts: dict[str, float], n: int,
+                part_weights: dict[str, int] | None = None) -> None:
+    """Add one step's loss and parts, each weighted by the step's ``n`` samples, or by
+    ``part_weights[k]`` for a part that is a share of a subset (`LossOutput.part_weights`:
+    a step's cf_diverged of 1 aligned sample weighed as much as another's of 16, and the
+    epoch's value was not the share of the epoch's aligned samples)."""
+    part_weights = part_weights or {}
     for k, v in (("loss", float(total.detach())), *parts.items()):
-        sums[k] = sums.get(k, 0.0) + v * n
-        weights[k] = weights.get(k, 0) + n
+        w = part_weights.get(k, n)
+        sums[k] = sums.get(k, 0.0) + v * w
+        weights[k] = weights.get(k, 0) + w
 
 
 def _epoch_means(sums: dict[str, float], weights: dict[str, int]) -> dict[str, float]:

@@ -182,7 +182,7 @@ def implicit_gradient(
         cg = CGResult(solution=torch.where(finite.view((-1,) + (1,) * (v.dim() - 1)), v, 0.0),
                       iterations=0, residual_norm=torch.full(finite.shape, float("nan"),
                                                            dtype=v.dtype, device=v.device),
-                      converged=finite, breakdown=~finite)
+                      converged=finite, breakdown=~finite, nonfinite=~finite)
         return _mixed_product(g, params, cg)
 
     if hvp == "exact":

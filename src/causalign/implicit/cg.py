@@ -38,6 +38,11 @@ class CGResult:
     residual_norm: Tensor
     converged: Tensor
     breakdown: Tensor
+    nonfinite: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:  # built by hand (a direct solve): no product was taken
+            self.nonfinite = torch.zeros_like(self.breakdown)
 
 
 def _bdot(u: Tensor, v: Tensor) -> Tensor:
@@ -110,7 +115,7 @@ def batched_cg(
         empty = b.new_zeros(0)
         none = torch.zeros(0, dtype=torch.bool, device=b.device)
         return CGResult(solution=b.clone(), iterations=0, residual_norm=empty,
-                        converged=none, breakdown=none.clone())
+                        converged=none, breakdown=none.clone(), nonfinite=none.clone())
 
     def apply(p: Tensor) -> Tensor:
         out = matvec(p)
@@ -149,6 +154,7 @@ def batched_cg(
     # A non-finite right-hand side cannot be solved: flag it and return zeros there.
     bad_start = ~(torch.isfinite(rs) & torch.isfinite(b_norm))
     breakdown = bad_start.clone()
+    nonfinite = bad_start.clone()
     # b_i = 0 is solved exactly by v_i = 0 (as in SciPy's cg). From a warm start x0_i ≠ 0 its
     # threshold tol·‖b_i‖ = 0 was unreachable in floating point: the sample ran to max_iter
     # and was reported unconverged, however small its residual.
@@ -169,6 +175,7 @@ def batched_cg(
         # before it takes a step, so its last iterate stays finite.
         bad = active & ~(torch.isfinite(pap) & (pap > 0))
         breakdown = breakdown | bad
+        nonfinite = nonfinite | (active & ~torch.isfinite(pap))
         active = active & ~bad
         am = active.view(shape)
 
@@ -211,6 +218,7 @@ def batched_cg(
     # as a right-hand side that is not finite.
     overflow = ~bad_start & ~torch.isfinite(solution).reshape(n, -1).all(1)
     breakdown = breakdown | overflow
+    nonfinite = nonfinite | overflow
     converged = converged & ~overflow
     residual = torch.where(overflow, b_norm, residual)
     # not solved at all: a residual of 0 read as "solved exactly"
@@ -222,6 +230,7 @@ def batched_cg(
         residual_norm=residual * scale.view(-1),
         converged=converged,
         breakdown=breakdown,
+        nonfinite=nonfinite,
     )
 
 

@@ -38,6 +38,10 @@ class LossOutput:
     # of samples it averages). Data-parallel training re-weights each by the global batch's
     # count, so it stays the mean over the global subset (methods with `subset_means`).
     means: dict[str, tuple[Tensor, int]] = field(default_factory=dict)
+    # Parts that are shares of a subset of the batch (causal-align's cf_diverged: of the
+    # aligned samples): name -> that subset's size, the weight of this step's value in the
+    # epoch's mean (history.csv). Parts not named here are weighted by the batch size.
+    part_weights: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -330,6 +330,57 @@ def _finite_or_dropped(grads: tuple[Tensor, ...], ok: Tensor, failed: Tensor
     return tuple(torch.zeros_like(g) for g in grads), ok
 
 
+def _curved(cg, ok: Tensor) -> Tensor:
+    """Aligned samples whose CG met finite curvature <= 0: what a Gauss-Newton solve or more
+    damping can fix. A NaN/inf product (``cg.nonfinite``) is no curvature: raising δ for it
+    ran δ up to damping_max for the rest of the run, and it counted towards gn_switch."""
+    return ok & cg.breakdown & ~cg.nonfinite
+
+
+def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Tensor,
+                      outer: Tensor, v: Tensor, ok: Tensor, failed: Tensor,
+                      params: list[Tensor]) -> tuple[tuple[Tensor, ...], Tensor]:
+    """`_finite_or_dropped`, per sample where possible. The mixed product −∂θ(∇ₓT·v) runs
+    over the whole batch, so one sample whose terms are NaN/inf poisons every parameter's
+    gradient even with its v zeroed (0·NaN = NaN in the backward): the product is taken
+    again over the samples that are aligned, not failed, and whose v, T_i and ∇T_i are
+    finite (H is block-diagonal, so their gradient is the same); only if that is not
+    finite either, or no sample is left out, is every aligned sample dropped. Runs in the
+    caller's eval_mode."""
+    if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return grads, failed
+    # the culprits: a v or a T_i or ∇T_i that is not finite (one more forward and backward,
+    # only on such a step)
+    u = u_star.detach().requires_grad_(True)
+    with torch.enable_grad():
+        t = prob.terms(u)[0]
+        (gu,) = torch.autograd.grad(t.sum(), u)
+    keep = (ok & ~failed & torch.isfinite(v).flatten(1).all(1) & torch.isfinite(t)
+            & torch.isfinite(gu).flatten(1).all(1))
+    if bool(keep.any()) and bool((ok & ~keep).any()):
+        idx = keep.nonzero().flatten()
+        sub = prob.subset(idx)
+        out = implicit_gradient(lambda u: sub.terms(u)[0].sum(), u_star[idx], params,
+                                outer[idx], hvp="exact", adjoint=v[idx])
+        if bool(torch.stack([torch.isfinite(g).all() for g in out.grads]).all()):
+            return out.grads, ok & ~keep
+    return _finite_or_dropped(grads, ok, failed)
+
+
+def share_weights(stats: dict[str, float], prefix: str = "") -> dict[str, int]:
+    """`LossOutput.part_weights` of `implicit_term`'s stats (history.csv columns
+    ``prefix + name``): its shares are of the step's aligned samples (cg_converged and the
+    other solve shares of those not diverged), so the epoch's value is the share of the
+    epoch's samples (per-step figures, cg_iters or damping, keep the batch weighting).
+    Weighted by the batch size instead, a step with 1 aligned sample counted
+    as much as one with 16 (4 of 8 diverged read 0.33, under the 0.5 warning line)."""
+    n = round(stats.get("n_align", 0.0))
+    n_ok = round(n * (1.0 - stats.get("cf_diverged", 0.0)))
+    weights = {k: n for k in ("cf_diverged", "cf_warm", "flip_rate", "cg_dropped")}
+    weights.update({k: n_ok for k in ("align", "cg_converged")})
+    return {prefix + k: w for k, w in weights.items() if k in stats}
+
+
 def _solve_stats(prob: InnerProblem, seen: list[Tensor], ok: Tensor, converged: Tensor,
                  failed: Tensor, iters: int | float, damping: float) -> dict[str, float]:
     """The adjoint solve's history columns: shares of the aligned samples (``ok``: not
@@ -563,7 +614,8 @@ class CausalAlign(Method):
         # L_align is a mean over the samples whose counterfactual did not diverge: data-
         # parallel training weights it by the global batch's count (LossOutput.means)
         n_ok = round(stats["n_align"] * (1.0 - stats["cf_diverged"]))
-        return LossOutput(ce + p.lam * term, parts, means={"align": (p.lam * term, n_ok)})
+        return LossOutput(ce + p.lam * term, parts, means={"align": (p.lam * term, n_ok)},
+                          part_weights=share_weights(stats))
 
     def alignable(self, labels: Tensor, has: Tensor) -> Tensor:
         """Which samples L_align may use, from the data alone: annotated (``has``), with a
@@ -737,7 +789,7 @@ class CausalAlign(Method):
         failed = ok & ~good
         v = torch.where(good.view((-1,) + (1,) * (v.dim() - 1)), v, 0.0)
         out = implicit_gradient(terms, u_star, params, outer, hvp="exact", adjoint=v)
-        grads, failed = _finite_or_dropped(out.grads, ok, failed)
+        grads, failed = _finite_or_subset(out.grads, prob, u_star, outer, v, ok, failed, params)
         return grads, _solve_stats(prob, seen, ok, good, failed, 0, self.damping)
 
     def _count_fallback(self, stats: dict) -> dict:
@@ -799,7 +851,7 @@ class CausalAlign(Method):
             # Negative curvature: H + δI is not positive definite, so the IFT's solve has no
             # meaning at this δ. Solve the step with the Gauss-Newton system instead, or raise
             # δ (Levenberg-Marquardt style) and solve again.
-            if p.negative_curvature == "gauss-newton" and bool((ok & out.cg.breakdown).any()):
+            if p.negative_curvature == "gauss-newton" and bool(_curved(out.cg, ok).any()):
                 self.gn_streak += 1
                 self.gn_switched = 0 < p.gn_switch <= self.gn_streak
                 grads, stats = self._implicit_gauss_newton(prob, u_star, outer, ok,
@@ -807,7 +859,7 @@ class CausalAlign(Method):
                 stats["cg_iters"] = float(iters)
                 return grads, self._count_fallback(stats)
             self.gn_streak = 0
-            while bool((ok & out.cg.breakdown).any()) and delta < p.damping_max:
+            while bool(_curved(out.cg, ok).any()) and delta < p.damping_max:
                 delta = min(max(10.0 * delta, 1e-3), p.damping_max)
                 inner, point, rhs, kw = system(delta)
                 out = implicit_gradient(inner, point, params, rhs, **kw)
@@ -817,6 +869,7 @@ class CausalAlign(Method):
             good = cg.converged & ~cg.breakdown & torch.isfinite(cg.solution).flatten(1).all(1)
             failed = ok & ~good
             grads = out.grads
+            v = cg.solution
             if bool(failed.any()):
                 # Re-solve without the failed samples (their rhs zeroed), warm-started from the
                 # others' solutions, so only well-solved samples shape the update.
@@ -827,11 +880,15 @@ class CausalAlign(Method):
                 good2 = out2.cg.converged & ~out2.cg.breakdown
                 iters += out2.cg.iterations
                 if bool((good2 | failed).all()):
-                    grads = out2.grads
+                    grads, v = out2.grads, out2.cg.solution
                 else:  # the re-solve failed too: no alignment gradient this step
                     grads = tuple(torch.zeros_like(q) for q in params)
                     failed = ok
-            grads, failed = _finite_or_dropped(grads, ok, failed)
+            if p.precondition:  # CG solved for w = S⁻¹(u − u*): the adjoint in u is S·v
+                m = prob.curvature(u_star) + delta
+                v = m.clamp_min(torch.finfo(m.dtype).tiny).rsqrt() * v
+            grads, failed = _finite_or_subset(grads, prob, u_star, outer, v, ok, failed,
+                                              params)
         stats = _solve_stats(prob, seen, ok, cg.converged, failed, iters, delta)
         if p.hvp == "finite-difference":
             stats["fd_fallback"] = 0.0

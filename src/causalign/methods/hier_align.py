@@ -46,7 +46,7 @@ from ..explain.counterfactual import (
     counterfactual_targets,
 )
 from .base import DataInfo, LossOutput, Method, grad_norm, register_method
-from .causal_align import CausalAlign, CausalAlignParams, GradCap, never_fell_back
+from .causal_align import CausalAlign, CausalAlignParams, GradCap, never_fell_back, share_weights
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -417,6 +417,8 @@ class HierAlign(Method):
         with torch.no_grad():
             parts["attr_cf_flip"] = float((model.f2(res_a.x_star).argmax(1)
                                            == target[rows]).float().mean())
+        # history.csv: shares of the rows searched, not of the batch (`share_weights`)
+        shares = {"attr_change": len(rows), "attr_cf_flip": len(rows)}
         sel_a = need_attr[rows]
         if bool(sel_a.any()):
             term2, stats = self.attr.implicit_term(model.f2, _subset(res_a, sel_a),
@@ -424,6 +426,7 @@ class HierAlign(Method):
                                                    grad_cap=cap2)
             total = total + p.lam2 * term2
             parts.update({f"attr_{k}": v for k, v in stats.items()})
+            shares.update(share_weights(stats, "attr_"))
             means["attr_align"] = (p.lam2 * term2, _n_ok(stats))
         elif gcap2 is not None:  # nothing to align here: still join the exchange
             gcap2((), 0)
@@ -438,10 +441,11 @@ class HierAlign(Method):
                                                     grad_cap=cap1)
             total = total + p.lam1 * term1
             parts.update({f"img_{k}": v for k, v in stats.items()})
+            shares.update(share_weights(stats, "img_"))
             means["img_align"] = (p.lam1 * term1, _n_ok(stats))
         elif gcap1 is not None:
             gcap1((), 0)
-        return LossOutput(total, parts, means=means)
+        return LossOutput(total, parts, means=means, part_weights=shares)
 
     # ---------------------------------------------------------------- data-parallel caps
 
