@@ -108,13 +108,31 @@ def data_info_cmd(data: Annotated[Path, typer.Argument(help="dataset folder")]) 
 @data_app.command("check")
 def data_check(data: Annotated[Path, typer.Argument(help="dataset folder")]) -> None:
     """Fully validate every split (files, shapes, labels, NaN/inf)."""
-    from .data.format import SPLITS, LesionDataset
+    from .data.format import SPLITS, LesionDataset, check_split_channels
 
+    first = None
     for split in SPLITS:
         ds = LesionDataset(data, split)
+        if first is None:
+            first = ds
+        else:  # one model takes every split: one channel count
+            check_split_channels(ds, first.image_shape[0], f"split '{first.split}' has")
         typer.echo(f"{split}: {len(ds)} samples, image {ds.image_shape}, "
                    f"{int(ds.has_mask.sum())} with mask")
     typer.echo("ok")
+
+
+def _split_for_model(data_path: Path, split: str):
+    """``split`` of ``data_path``, refused in one line when its images have another channel
+    count than the model `load_run` built (from the dataset's first image): it failed
+    inside the first convolution with a traceback."""
+    from .data.format import LesionDataset, check_split_channels
+    from .engine.trainer import data_info_from_disk
+
+    ds = LesionDataset(data_path, split)
+    check_split_channels(ds, data_info_from_disk(data_path).in_channels,
+                         "the run's model takes")
+    return ds
 
 
 _ONLY = "[{}] "  # which kinds use an option, shown in --help
@@ -355,7 +373,6 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, CAM precision, deletion."""
-    from .data.format import LesionDataset
     from .engine.evaluate import evaluate_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
@@ -363,7 +380,7 @@ def evaluate(
     if out is not None:  # fail before the evaluation, not after it
         _check_output_file("--out", out, "the metrics JSON")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
-    ds = LesionDataset(data_path, split)
+    ds = _split_for_model(data_path, split)
     dev = next(model.parameters()).device
     with _progress(progress) as bar:
         metrics = evaluate_split(model, method, ds, dev, saliency=saliency or cfg.eval_saliency,
@@ -390,7 +407,6 @@ def explain(
     """Saliency maps (.npy) and overlay PNGs for a run's predictions.
 
     `--saliency all` writes each method into DIR/<name>/ and all maps into DIR/all_saliency.png."""
-    from .data.format import LesionDataset
     from .engine.evaluate import VOLUME_UNSUPPORTED
     from .engine.trainer import load_run
     from .explain import get_explainer
@@ -399,7 +415,7 @@ def explain(
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     if saliency != "all":
         get_explainer(saliency, model)  # unknown names fail before any work
-    ds = LesionDataset(data_path, split)
+    ds = _split_for_model(data_path, split)
     if limit is not None and limit < 1:
         raise CausalignError(f"--limit must be >= 1, got {limit}")
     volumes = len(ds.image_shape) == 4
@@ -508,7 +524,7 @@ def counterfactual(
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")
-    ds = LesionDataset(data_path, split)
+    ds = _split_for_model(data_path, split)
     if settings.space == "latent" and len(ds.image_shape) == 4:
         raise CausalignError(f"--space latent takes 2D images (its autoencoder is 2D); "
                              f"{data_path} holds volumes {tuple(ds.image_shape)}: use "

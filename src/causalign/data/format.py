@@ -764,6 +764,18 @@ class LesionDataset(Dataset):
         }
 
 
+def check_split_channels(ds: LesionDataset, channels: int, whose: str) -> None:
+    """Refuse a split whose images have another channel count than ``channels`` (the
+    training split's, or the run's model's), in one line: each split is checked only
+    within itself on loading, so a gray training split and an RGB validation split trained
+    a whole epoch and then failed inside the first convolution (a traceback)."""
+    have = ds.image_shape[0]
+    if have != channels:
+        raise DataError(f"{ds.root}: split '{ds.split}' has {have}-channel images, {whose} "
+                        f"{channels} (store every split in one colour mode, e.g. import with "
+                        f"--color rgb or --color gray)")
+
+
 def _site_key(site: str):
     return (0, int(site), "") if site.isdigit() else (1, 0, site)
 

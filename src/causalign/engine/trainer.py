@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 from .. import __version__
-from ..data.format import LesionDataset, read_meta
+from ..data.format import LesionDataset, check_split_channels, read_meta
 from ..errors import CausalignError, ConfigError, NumericalError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, verified_bytes
 from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
@@ -425,6 +425,10 @@ class Trainer:
         # run before hours of training, not after. Peak memory is unchanged, since the final
         # evaluation holds all three splits anyway.
         self.test_set = _optional_split(self.data, "test")
+        for other in (self.val_set, self.test_set):
+            if other is not None:  # each split is validated only within itself
+                check_split_channels(other, self.train_set.image_shape[0],
+                                     "the training split's have")
         if self.method.uses_annotations and not bool(self.train_set.has_box_or_mask.any()):
             # Every sample would skip the annotation term: the run would be ERM under
             # another name, and a results table would not show it.
