@@ -161,6 +161,37 @@ def test_folder_tree(src, tmp_path):
     assert all(len(d) for d in _read_all(out).values())
 
 
+def test_exif_orientation_is_read_as_stored_and_counted(tmp_path):
+    """A JPEG whose EXIF tag asks viewers to turn it keeps its stored pixels (as PIL and
+    torchvision read it, and as the mask beside it was drawn here), and the summary counts
+    it: before, nothing said so, and a mask drawn on the turned view sat elsewhere."""
+    from PIL import Image
+
+    from causalign.data.importers.util import EXIF_NOTE
+
+    root = tmp_path / "src"
+    for cls in ("healthy", "lesion"):
+        (root / cls).mkdir(parents=True)
+        for k in range(4):
+            img = np.full((32, 32), 60, np.uint8)
+            m = np.zeros((32, 32), np.uint8)
+            if cls == "lesion":
+                img[4:12, 4:12] = 250  # top-left in the stored pixels
+                m[4:12, 4:12] = 255
+                Image.fromarray(m).save(root / cls / f"im{k}_mask.png")
+            exif = Image.Exif()
+            exif[274] = 3 if k < 3 else 1  # 180°: 3 of 4 files of each class; 1: as stored
+            Image.fromarray(img).save(root / cls / f"im{k}.jpg", quality=95, exif=exif)
+    out = tmp_path / "d"
+    s = run_import("folder", root, out, {"size": 32, "val_frac": 0.25, "test_frac": 0.25})
+    assert s["notes"].get(EXIF_NOTE) == 6
+    lesion = [r for r in read_manifest(out) if r.label == 1]
+    assert lesion
+    for r in lesion:
+        img, m = _image(out, r), _mask(out, r)
+        assert img[m].mean() > 0.85 and img[~m].mean() < 0.4, r.id
+
+
 def test_folder_csv(src, tmp_path):
     fx = src["folder_csv"]
     out = tmp_path / "fc"

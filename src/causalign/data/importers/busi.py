@@ -194,10 +194,10 @@ class BusiImporter(Importer):
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         sid, k, path, mask_paths = unit.payload
-        img = read_image(path, "L", self.scale)
+        img = read_image(path, "L", self.scale, note=self.note)
         merged = np.zeros(img.shape, bool)
         for mp in mask_paths:
-            m = read_mask(mp)
+            m = read_mask(mp, note=self.note)
             if m.shape != img.shape:
                 raise SkipItem("mask shape mismatch",
                                f"{rel(mp, self.src)} is {m.shape}, image is {img.shape}")

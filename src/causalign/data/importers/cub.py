@@ -209,7 +209,7 @@ class CubImporter(Importer):
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         opts: CubOptions = self.opts
         iid, path, label, box = unit.payload
-        img = read_image(self.root / "images" / path, "RGB")
+        img = read_image(self.root / "images" / path, "RGB", note=self.note)
         h, w = img.shape[-2:]
         seg = None
         seg_path = (self.seg_root / path).with_suffix(".png") if self.seg_root else None

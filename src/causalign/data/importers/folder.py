@@ -265,7 +265,8 @@ class FolderImporter(Importer):
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         it: _Item = unit.payload
-        img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L", self.scale)
+        img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L", self.scale,
+                         note=self.note)
         if self.opts.color == "rgb" and img.ndim == 3 and img.shape[0] != 3:
             # read_image passes a channel-first NPY's channels through, but dataset.yaml
             # declares 3: a (1, H, W) array is gray → RGB; other counts (2, 4 modalities …)
@@ -279,7 +280,7 @@ class FolderImporter(Importer):
         if it.masks:
             mask = np.zeros(spatial, bool)
             for mp in it.masks:
-                m = read_mask(mp)
+                m = read_mask(mp, note=self.note)
                 if m.shape != spatial:
                     raise SkipItem("mask shape mismatch",
                                    f"{rel(mp, self.src)} is {m.shape}, image is {spatial}")

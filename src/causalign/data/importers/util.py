@@ -7,7 +7,7 @@ import importlib
 import math
 import os
 import re
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,13 +227,33 @@ def scan_intensity(paths: Iterable[Path]) -> IntensityScale:
                           float_range=rng, has_float=has_float)
 
 
-def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None
-               ) -> np.ndarray:
+EXIF_NOTE = ("file with an EXIF orientation tag read as stored, not turned (as PIL and "
+             "torchvision read it): check its annotation was drawn on the stored pixels")
+
+
+def _note_exif(im, note: Callable[[str], None] | None) -> None:
+    """Count a file whose EXIF orientation (tag 274) asks viewers to turn it. Its pixels are
+    kept as stored, the convention of PIL, torchvision and most annotation files (CUB's boxes
+    are in stored pixels), but a mask drawn on the turned view would then sit elsewhere:
+    the import summary says how many such files there were."""
+    if note is None:
+        return
+    try:
+        turned = im.getexif().get(274, 1) not in (0, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is no orientation
+        turned = False
+    if turned:
+        note(EXIF_NOTE)
+
+
+def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None,
+               note: Callable[[str], None] | None = None) -> np.ndarray:
     """Read PNG/JPEG/BMP/TIFF (via PIL) or NPY as float32 in [0, 1]: mode "L" → (H,W) gray,
     "RGB" → (3,H,W). 8-bit files: value / 255. Deeper files follow `scale`, the import's
     one rule (see `IntensityScale`, built by `scan_intensity`); without it (a single file
     read on its own) the declared depth: 16-bit / 65535, uint32 NPY / 2^32 − 1, and float
     arrays outside [0, 1] min-max scaled on their own.
+    ``note`` (an importer's `Importer.note`) counts files with an EXIF orientation tag.
     Raises SkipItem("missing file" | "unreadable image")."""
     if not path.exists():
         raise SkipItem("missing file", str(path))
@@ -248,6 +268,7 @@ def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None
     try:
         with Image.open(path) as im:
             im.load()
+            _note_exif(im, note)
             if im.mode in _PIL_INT_MODES:
                 # not im.convert(): PIL clips 16-bit values to 255 when converting to L/RGB
                 top = scale.int_max if scale is not None and scale.int_max else 65535.0
@@ -302,8 +323,9 @@ def _npy_to_float(arr: np.ndarray, mode: str, path: Path,
     return out
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Binary mask (H,W) bool from a PNG/JPEG/NPY file: nonzero (any channel) = annotated."""
+def read_mask(path: Path, note: Callable[[str], None] | None = None) -> np.ndarray:
+    """Binary mask (H,W) bool from a PNG/JPEG/NPY file: nonzero (any channel) = annotated.
+    ``note`` as for `read_image`."""
     if not path.exists():
         raise SkipItem("missing mask", str(path))
     if path.suffix.lower() == ".npy":
@@ -317,6 +339,7 @@ def read_mask(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im.load()
+                _note_exif(im, note)
                 m = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I;16", "I") else im)
         except Exception as exc:
             raise SkipItem("unreadable mask", f"{path}: {type(exc).__name__}: {exc}") from None
