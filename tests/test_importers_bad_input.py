@@ -121,16 +121,43 @@ def test_folder_csv_non_finite_box_and_bad_attributes_are_skipped(tmp_path):
         assert bool(LesionDataset(tmp_path / "out", split).attributes.isfinite().all())
 
 
-def test_folder_csv_rows_of_one_image_share_a_split(tmp_path):
-    # one row per lesion: the rows of one file were split independently, so the same
-    # pixels landed in train and in test
-    _tree(tmp_path / "src", n=10)
-    rows = "".join(f"{c}/img_{i}.png,{c}\n" * 2 for c in "ab" for i in range(10))
-    (tmp_path / "src" / "list.csv").write_text("image,label\n" + rows)
-    run_import("folder", tmp_path / "src", tmp_path / "out", {"size": 8, "csv": "list.csv"})
-    recs = read_manifest(tmp_path / "out")  # in CSV order: the two rows of a file in turn
-    assert len(recs) == 40 and all(recs[k + 1].id == recs[k].id + "_1" for k in (0, 2, 38))
-    assert [r.split for r in recs[0::2]] == [r.split for r in recs[1::2]]
+def test_folder_csv_rows_of_one_image_are_one_sample(tmp_path):
+    # one row per lesion: the rows of one file were split independently, so the same pixels
+    # landed in train and in test; then they were kept together but each row stayed a
+    # sample of its own, annotated with its own lesion only (the other lesions of the image
+    # counted as "outside the annotation" in Eq. 3 and CAM precision)
+    _tree(tmp_path / "src", n=10, shape=(40, 40))
+    rows = "".join(f"{c}/img_{i}.png,{c},2,2,8,8\n{c}/img_{i}.png,{c},20,24,30,36\n"
+                   for c in "ab" for i in range(10))
+    rows += "a/img_0.png,b,1,1,3,3\n"  # no: a 3rd row of img_0 with another label
+    rows += "b/img_9.png,b,,,,\n"  # a row with no box adds nothing to the box
+    (tmp_path / "src" / "list.csv").write_text("image,label,box_x0,box_y0,box_x1,box_y1\n"
+                                               + rows)
+    s = run_import("folder", tmp_path / "src", tmp_path / "out", {"size": 40, "csv": "list.csv"})
+    assert _skips(s) == {"rows of one image with different labels": 1}
+    assert s["notes"]["CSV rows merged into their image's sample (masks OR-ed, boxes joined)"] \
+        == 19 + 1
+    recs = read_manifest(tmp_path / "out")
+    assert len(recs) == 19 and len({r.id for r in recs}) == 19
+    assert all(r.box == (2, 2, 30, 36) for r in recs)  # both lesions' boxes, joined
+
+
+def test_folder_csv_rows_of_one_image_merge_their_masks(tmp_path):
+    _tree(tmp_path / "src", n=4, shape=(16, 16))
+    for k, (y, x) in enumerate(((2, 2), (10, 10))):
+        m = np.zeros((16, 16), np.uint8)
+        m[y:y + 4, x:x + 4] = 255
+        _png(tmp_path / "src" / f"m{k}.png", m)
+    rows = "".join(f"{c}/img_{i}.png,{c},m0.png,1\n{c}/img_{i}.png,{c},m1.png,\n"
+                   for c in "ab" for i in range(4))
+    (tmp_path / "src" / "list.csv").write_text("image,label,mask,attr_round\n" + rows)
+    run_import("folder", tmp_path / "src", tmp_path / "out", {"size": 16, "csv": "list.csv"})
+    ds = LesionDataset(tmp_path / "out", "train")
+    assert len(ds) > 0
+    for i in range(len(ds)):
+        d = ds[i]
+        assert int(d["mask"].sum()) == 32  # both lesions' masks, OR-ed
+        assert float(d["attributes"][0]) == 1.0  # one row knows it, the other leaves it blank
 
 
 def test_cbis_csv_missing_column_or_not_utf8(real, tmp_path, capsys):

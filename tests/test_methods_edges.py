@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 
 import pytest
 import torch
@@ -186,6 +187,23 @@ def test_causal_align_refuses_a_box_only_training_split():
     build_method("causal-align", {"region": "box"}).setup(boxes_only, model)
     # hier-align's image level is optional: masks absent is not an error there
     build_method("hier-align").pixel.setup(boxes_only, model)
+
+
+def test_causal_align_warns_when_part_of_the_annotated_samples_have_only_a_box():
+    # a mixed mask/box import: under region=mask the box-only samples skip L_align
+    mixed = types.SimpleNamespace(has_mask=torch.arange(8) < 5,
+                                  has_box_or_mask=torch.ones(8, dtype=torch.bool),
+                                  images=torch.rand(8, 1, 16, 16))
+    model = _model("causal-align")
+    with pytest.warns(UserWarning, match="3 of 8 annotated training samples have only a box"):
+        build_method("causal-align").setup(mixed, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # region=box uses them: nothing to say
+        build_method("causal-align", {"region": "box"}).setup(mixed, model)
+        masks = types.SimpleNamespace(has_mask=torch.ones(8, dtype=torch.bool),
+                                      has_box_or_mask=torch.ones(8, dtype=torch.bool),
+                                      images=torch.rand(8, 1, 16, 16))
+        build_method("causal-align").setup(masks, model)
 
 
 # ---------------------------------------------------------------- state left by a step

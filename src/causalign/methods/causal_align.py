@@ -439,6 +439,17 @@ class CausalAlign(Method):
             # Box-only data: every step would skip L_align, i.e. train ERM under this name.
             raise ConfigError("causal-align: method.region is 'mask' but no training sample "
                               "has a pixel mask (only boxes); use --set method.region=box")
+        annotated = getattr(train_set, "has_box_or_mask", None)
+        if self.require_region and self.params.region == "mask" and has_mask is not None \
+                and annotated is not None:
+            box_only = int((annotated & ~has_mask).sum())
+            if box_only:
+                # they skip L_align: a mixed mask/box import aligned only part of its
+                # annotated samples, without a word
+                warnings.warn(f"causal-align: {box_only} of {int(annotated.sum())} annotated "
+                              f"training samples have only a box and get no alignment term "
+                              f"under method.region=mask (method.region=box uses boxes, and "
+                              f"masks' boxes)", stacklevel=2)
         target = str(self.params.target)
         n_classes = len(getattr(getattr(train_set, "meta", None), "classes", None) or [])
         if target.isdigit() and n_classes and int(target) >= n_classes:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +252,46 @@ class FolderImporter(Importer):
                                masks=masks, box=box, attributes=attrs,
                                site=row.get("site") or "0", group=row.get("group", ""),
                                split=split))
-        return items
+        return self._merge_rows_of_one_image(items)
+
+    def _merge_rows_of_one_image(self, items: list[_Item]) -> list[_Item]:
+        """One sample per image file. Rows of one image (one row per lesion) were one sample
+        each, every copy annotated with its own lesion only: Eq. 3 and CAM precision then
+        counted the image's other lesions as "outside the annotation". Merged: masks OR-ed,
+        boxes joined into their bounding box, an attribute kept where the rows agree
+        (unknown otherwise). Rows that disagree on label, split or site are skipped."""
+        by_image: dict[Path, list[_Item]] = {}
+        for it in items:
+            by_image.setdefault(it.image.resolve(), []).append(it)
+        merged = []
+        for rows in by_image.values():
+            first = rows[0]
+            if len(rows) == 1:
+                merged.append(first)
+                continue
+            lines = ", ".join(r.source.split(" ")[0] for r in rows)
+            clash = next((what for what, values in (
+                ("labels", {r.label for r in rows}), ("splits", {r.split for r in rows}),
+                ("sites", {r.site for r in rows})) if len(values) > 1), None)
+            if clash is not None:
+                self.skip(f"{lines} ({first.image.name})",
+                          f"rows of one image with different {clash}")
+                continue
+            boxes = [r.box for r in rows if r.box is not None]
+            box = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                   max(b[2] for b in boxes), max(b[3] for b in boxes)) if boxes else None
+            attrs = None
+            if first.attributes is not None:
+                attrs = []
+                for k in range(len(first.attributes)):
+                    known = {r.attributes[k] for r in rows if not math.isnan(r.attributes[k])}
+                    attrs.append(known.pop() if len(known) == 1 else math.nan)
+            masks = list(dict.fromkeys(m for r in rows for m in r.masks))
+            self.note("CSV rows merged into their image's sample (masks OR-ed, boxes "
+                      "joined)", len(rows) - 1)
+            merged.append(replace(first, source=f"{lines} ({first.image.name})", masks=masks,
+                                  box=box, attributes=attrs))
+        return merged
 
     def meta(self) -> DatasetMeta:
         return DatasetMeta(
