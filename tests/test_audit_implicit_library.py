@@ -30,6 +30,9 @@ def test_non_finite_x_star_is_refused_in_one_line(bad: float) -> None:
         implicit_gradient(_quartic(theta), x, theta, torch.ones(3, 2))
     with pytest.raises(ValueError, match="not finite"):
         implicit_argmin(_quartic(theta), x, theta).sum().backward()
+    # a caller that resets such samples itself (causal-align) skips the check and its sync
+    res = implicit_gradient(_quartic(theta), x, theta, torch.ones(3, 2), check_finite=False)
+    assert bool(res.cg.breakdown[1]) and not bool(res.cg.breakdown[0])
 
 
 def test_finite_difference_products_with_a_float64_outer_grad_on_a_float32_problem() -> None:

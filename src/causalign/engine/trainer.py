@@ -692,8 +692,12 @@ class Trainer:
                 # counts (n_align, ...) add up over ranks; the other parts are chunk means
                 counts += [(step, n_global, k, v) for k, v in out.parts.items()
                            if D.is_count_part(k)]
-                # a logged subset mean (align) likewise: its share k/K of the global mean
-                counts += [(step, n_global, k, out.parts[k] * c / max(global_counts[k], 1))
+                # a logged subset mean (align) likewise: its share k/K of the global mean,
+                # weighted in the epoch's mean as one process weights it: by the global
+                # subset's size K where the method names the part in `part_weights` (the
+                # global batch's N otherwise)
+                counts += [(step, global_counts[k] if k in out.part_weights else n_global, k,
+                            out.parts[k] * c / max(global_counts[k], 1))
                            for k, (_, c) in out.means.items()
                            if global_counts is not None and k in out.parts]
                 # counts replaced below

@@ -99,6 +99,7 @@ def implicit_gradient(
     cg_x0: Tensor | None = None,
     cg_verify: bool = False,
     adjoint: Tensor | None = None,
+    check_finite: bool = True,
 ) -> ImplicitResult:
     """dL/dθ for x* = argmin_x T(x, θ), given ``outer_grad`` = ∇ₓL at x*.
 
@@ -120,6 +121,8 @@ def implicit_gradient(
     :func:`~causalign.implicit.lowrank_diag_solve` of a Gauss-Newton Hessian); CG is skipped
     and reported as a direct solve (0 iterations, residual not tracked: NaN, converged and
     no breakdown where v is finite).
+    ``check_finite=False`` skips the refusal of a non-finite x* (one host sync a call), for
+    callers that have already reset such samples.
     ``outer_grad`` of a lower precision than x* is promoted to x*'s dtype. Bad arguments fail
     in one line (ValueError/TypeError): ``cg_max_iter`` an integer >= 1, ``damping`` >= 0,
     ``fd_eps`` > 0 and at least 10× x*'s machine epsilon for finite differences.
@@ -138,7 +141,7 @@ def implicit_gradient(
     if adjoint is not None and (not isinstance(adjoint, Tensor) or adjoint.shape != x_star.shape):
         raise ValueError(f"adjoint shape {tuple(getattr(adjoint, 'shape', ()))} != x* "
                          f"{tuple(x_star.shape)}")
-    if x_star.numel() > 0:
+    if check_finite and x_star.numel() > 0:
         finite = torch.isfinite(x_star.detach()).reshape(x_star.shape[0], -1).all(1)
         if not bool(finite.all()):
             # ∂g/∂θ at a NaN/inf sample is NaN, and NaN·0 = NaN: its zero adjoint did not keep
@@ -368,12 +371,14 @@ def _refuse_nested_params(params: Sequence[Tensor]) -> None:
         if j != i and isinstance(q, Tensor) and q.requires_grad:  # [θ, θ]: counted twice too
             raise ValueError(f"params[{i}] is params[{j}]: pass each tensor once (its "
                              f"gradient would be counted twice)")
-    owner: dict[object, int] = {}
+    # a non-leaf param is one output of its grad_fn: (node, output_nr). A node can have
+    # several (unbind, split, chunk): siblings of one node are not computed from each other.
+    owner: dict[tuple[object, int], int] = {}
     for i, q in enumerate(params):
         if not isinstance(q, Tensor) or not q.requires_grad:
             continue
         if q.grad_fn is not None:
-            owner.setdefault(q.grad_fn, i)
+            owner.setdefault((q.grad_fn, q.output_nr), i)
     leaves = {id(q): i for i, q in enumerate(params)
               if isinstance(q, Tensor) and q.requires_grad and q.grad_fn is None}
     if len(owner) + len(leaves) < 2:
@@ -385,15 +390,16 @@ def _refuse_nested_params(params: Sequence[Tensor]) -> None:
         stack = [q.grad_fn]
         while stack:
             node = stack.pop()
-            for nxt, _ in node.next_functions:
-                if nxt is None or nxt in seen:
+            for nxt, nr in node.next_functions:
+                if nxt is None:
                     continue
-                seen.add(nxt)
-                j = owner.get(nxt)
+                j = owner.get((nxt, nr))
                 if j is None:
                     var = getattr(nxt, "variable", None)  # AccumulateGrad of a leaf
                     j = leaves.get(id(var)) if var is not None else None
                 if j is not None and j != i:
                     raise ValueError(f"params[{i}] is computed from params[{j}]: pass only one "
                                      f"of them (its gradient would be counted twice)")
-                stack.append(nxt)
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)

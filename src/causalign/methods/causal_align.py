@@ -338,7 +338,7 @@ def _curved(cg, ok: Tensor) -> Tensor:
 
 
 def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Tensor,
-                      outer: Tensor, v: Tensor, ok: Tensor, failed: Tensor,
+                      outer: Tensor, adjoint: Callable[[], Tensor], ok: Tensor, failed: Tensor,
                       params: list[Tensor]) -> tuple[tuple[Tensor, ...], Tensor]:
     """`_finite_or_dropped`, per sample where possible. The mixed product −∂θ(∇ₓT·v) runs
     over the whole batch, so one sample whose terms are NaN/inf poisons every parameter's
@@ -350,7 +350,8 @@ def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Ten
     if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
         return grads, failed
     # the culprits: a v or a T_i or ∇T_i that is not finite (one more forward and backward,
-    # only on such a step)
+    # only on such a step; ``adjoint`` gives v in u's space, built only here)
+    v = adjoint()
     u = u_star.detach().requires_grad_(True)
     with torch.enable_grad():
         t = prob.terms(u)[0]
@@ -361,7 +362,7 @@ def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Ten
         idx = keep.nonzero().flatten()
         sub = prob.subset(idx)
         out = implicit_gradient(lambda u: sub.terms(u)[0].sum(), u_star[idx], params,
-                                outer[idx], hvp="exact", adjoint=v[idx])
+                                outer[idx], hvp="exact", adjoint=v[idx], check_finite=False)
         if bool(torch.stack([torch.isfinite(g).all() for g in out.grads]).all()):
             return out.grads, ok & ~keep
     return _finite_or_dropped(grads, ok, failed)
@@ -799,8 +800,10 @@ class CausalAlign(Method):
         good = torch.isfinite(v).flatten(1).all(1)
         failed = ok & ~good
         v = torch.where(good.view((-1,) + (1,) * (v.dim() - 1)), v, 0.0)
-        out = implicit_gradient(terms, u_star, params, outer, hvp="exact", adjoint=v)
-        grads, failed = _finite_or_subset(out.grads, prob, u_star, outer, v, ok, failed, params)
+        out = implicit_gradient(terms, u_star, params, outer, hvp="exact", adjoint=v,
+                                check_finite=False)
+        grads, failed = _finite_or_subset(out.grads, prob, u_star, outer, lambda: v, ok, failed,
+                                          params)
         return grads, _solve_stats(prob, seen, ok, good, failed, 0, self.damping)
 
     def _count_fallback(self, stats: dict) -> dict:
@@ -840,8 +843,10 @@ class CausalAlign(Method):
                 point, rhs, damping = torch.zeros_like(u_star), s * outer, 0.0
             else:
                 inner, point, rhs, damping = terms, u_star, outer, delta
+            # check_finite=False: the generator reset diverged samples to x0 (no extra sync)
             return inner, point, rhs, dict(cg_max_iter=max_iter, cg_tol=p.cg_tol,
-                                           damping=damping, hvp=p.hvp, fd_eps=p.fd_eps)
+                                           damping=damping, hvp=p.hvp, fd_eps=p.fd_eps,
+                                           check_finite=False)
 
         if p.hvp == "gauss-newton":
             with eval_mode(model, fold_bn=True, bn_stats=bn_stats):
@@ -895,10 +900,16 @@ class CausalAlign(Method):
                 else:  # the re-solve failed too: no alignment gradient this step
                     grads = tuple(torch.zeros_like(q) for q in params)
                     failed = ok
-            if p.precondition:  # CG solved for w = S⁻¹(u − u*): the adjoint in u is S·v
+            w = v
+
+            def adjoint() -> Tensor:
+                if not p.precondition:
+                    return w
+                # CG solved for w = S⁻¹(u − u*): the adjoint in u is S·w
                 m = prob.curvature(u_star) + delta
-                v = m.clamp_min(torch.finfo(m.dtype).tiny).rsqrt() * v
-            grads, failed = _finite_or_subset(grads, prob, u_star, outer, v, ok, failed,
+                return m.clamp_min(torch.finfo(m.dtype).tiny).rsqrt() * w
+
+            grads, failed = _finite_or_subset(grads, prob, u_star, outer, adjoint, ok, failed,
                                               params)
         stats = _solve_stats(prob, seen, ok, cg.converged, failed, iters, delta)
         if p.hvp == "finite-difference":

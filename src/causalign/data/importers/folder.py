@@ -90,6 +90,8 @@ class _Item:
     site: str = "0"
     group: str = ""
     split: str = ""
+    # merged CSV rows where some gave masks and some boxes: the stored box joins both
+    join_mask_box: bool = False
 
 
 class FolderImporter(Importer):
@@ -259,7 +261,8 @@ class FolderImporter(Importer):
         each, every copy annotated with its own lesion only: Eq. 3 and CAM precision then
         counted the image's other lesions as "outside the annotation". Merged: masks OR-ed,
         boxes joined into their bounding box, an attribute kept where the rows agree
-        (unknown otherwise). Rows that disagree on label, split or site are skipped."""
+        (unknown otherwise), a split or group given on some rows only taken from them. Rows
+        that disagree on label, site, or a given split or group are skipped."""
         by_image: dict[Path, list[_Item]] = {}
         for it in items:
             by_image.setdefault(it.image.resolve(), []).append(it)
@@ -270,9 +273,14 @@ class FolderImporter(Importer):
                 merged.append(first)
                 continue
             lines = ", ".join(r.source.split(" ")[0] for r in rows)
+            # an empty split or group cell leaves it to the image's other rows (one row per
+            # lesion often fills them in once): only two given values clash
+            splits = {r.split for r in rows if r.split}
+            groups = {r.group for r in rows if r.group}
             clash = next((what for what, values in (
-                ("labels", {r.label for r in rows}), ("splits", {r.split for r in rows}),
-                ("sites", {r.site for r in rows})) if len(values) > 1), None)
+                ("labels", {r.label for r in rows}), ("splits", splits),
+                ("sites", {r.site for r in rows}), ("groups", groups)) if len(values) > 1),
+                None)
             if clash is not None:
                 self.skip(f"{lines} ({first.image.name})",
                           f"rows of one image with different {clash}")
@@ -290,7 +298,9 @@ class FolderImporter(Importer):
             self.note("CSV rows merged into their image's sample (masks OR-ed, boxes "
                       "joined)", len(rows) - 1)
             merged.append(replace(first, source=f"{lines} ({first.image.name})", masks=masks,
-                                  box=box, attributes=attrs))
+                                  box=box, attributes=attrs, split=next(iter(splits), ""),
+                                  group=next(iter(groups), ""),
+                                  join_mask_box=bool(masks) and box is not None))
         return merged
 
     def meta(self) -> DatasetMeta:
@@ -330,6 +340,12 @@ class FolderImporter(Importer):
         img, mask, box = fit_square(img, mask, self.opts.size, box=it.box)
         if it.box is not None and box is None:
             self.note("box outside the image dropped")
+        if it.join_mask_box and mask is not None:
+            # one row's lesion has a mask, another's only a box: the box holds both (the
+            # box of a mask-only row was otherwise lost, its lesion "outside" under box)
+            mb = box_of_mask(mask)
+            box = mb if box is None else (min(box[0], mb[0]), min(box[1], mb[1]),
+                                          max(box[2], mb[2]), max(box[3], mb[3]))
         yield Sample(id=it.sid, split=unit.split, label=it.label, image=img, mask=mask,
                      box=box if it.box is not None else box_of_mask(mask),
                      attributes=it.attributes, site=it.site)
