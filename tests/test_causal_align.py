@@ -244,6 +244,28 @@ def test_align_every_n_steps_and_align_batch():
     assert "n_align" not in flags[1]
 
 
+def test_align_every_beyond_an_epoch_is_warned(tiny_data, tmp_path):
+    # 48 training images in batches of 16: 3 steps an epoch. align_every=4 over 3 epochs
+    # aligns on steps 0, 4, 8: every epoch has one; align_every=5 on steps 0 and 5 only
+    import warnings
+
+    from causalign.engine.config import TrainConfig
+    from causalign.engine.trainer import train
+
+    def run(every, name):
+        cfg = TrainConfig(method="causal-align", epochs=3, batch_size=16, width=4, threads=1,
+                          method_args=dict(FAST, align_every=every))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train(tiny_data, cfg, tmp_path / name, progress=False)
+        return [str(w.message) for w in seen if "align_every" in str(w.message)]
+
+    assert run(4, "a") == []
+    (msg,) = run(5, "b")
+    assert "method.align_every=5 is more than the 3 steps of an epoch: 1 of the 3 epochs " \
+        "have no alignment step" in msg
+
+
 def test_batch_statistics_are_gathered_only_on_steps_that_align(monkeypatch):
     """bn=batch captures each BatchNorm's batch statistics for the inner problem; a step that
     does not align (align_every), or bn=running, must not pay for it."""

@@ -481,6 +481,7 @@ class Trainer:
             if created and self.out.is_dir() and not any(self.out.iterdir()):
                 self.out.rmdir()
             raise
+        self._warn_sparse_alignment()
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.state = RunState(history=[])
         if ckpt is not None:
@@ -867,6 +868,26 @@ class Trainer:
             # rank 0 evaluates and writes metrics.json; the others wait and return its metrics
             metrics = self._final_evaluation(progress) if main else None
             return D.broadcast_object(metrics)
+
+    def _warn_sparse_alignment(self) -> None:
+        """Warn when `method.align_every` leaves whole epochs without an alignment step. Its
+        step counter runs over the whole run, so align_every=100 with 8 steps an epoch
+        aligned on step 0 and then trained plain CE for 12 epochs, without a word."""
+        every = getattr(getattr(self.method, "params", None), "align_every", 1)
+        if not isinstance(every, int) or every <= 1:
+            return
+        drop = drop_single_last(len(self.train_set), self.cfg.batch_size, self.model)
+        steps = (len(self.train_set) - drop + self.cfg.batch_size - 1) // self.cfg.batch_size
+        if steps < 1 or every <= steps:
+            return
+        epochs = self.cfg.epochs
+        aligned = {s // steps for s in range(0, epochs * steps, every)}
+        if len(aligned) == epochs:
+            return
+        warnings.warn(f"method.align_every={every} is more than the {steps} steps of an epoch: "
+                      f"{epochs - len(aligned)} of the {epochs} epochs have no alignment step "
+                      f"(plain CE; their alignment columns in history.csv stay empty)",
+                      stacklevel=2)
 
     def _warn_early(self, row: dict[str, Any]) -> None:
         """The first epoch in which a failure counter reaches numerical_trouble's threshold
