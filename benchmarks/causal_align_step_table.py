@@ -39,6 +39,10 @@ CONFIGS: dict[str, dict] = {
     "newton7": {"inner_optimizer": "newton", "steps": 7},
     "newton10": {"inner_optimizer": "newton", "steps": 10},
     "adam40": {"steps": 40},
+    # the moonshot's candidates: half the search's cost a step (every2: the mean of an
+    # aligning and a plain step; batch8: half the aligned samples)
+    "every2": {"align_every": 2},
+    "batch8": {"align_batch": 8},
     # the adjoint solve on curved models (multiview, latent): CG on every step with the
     # Gauss-Newton fallback (as before gn_switch), against the direct solve from the start
     "no_switch": {"gn_switch": 0},

@@ -377,7 +377,9 @@ class InnerProblem:
         x0 + decode(u) − decode(u0), clamped to the bounds when they are set."""
         if self.decoder is None:
             return u  # bounded: the optimisers keep u (= x) feasible by projection
-        x = self.x0 + self.decoder.decode(u, tuple(self.x0.shape[-2:])) - self.base
+        # x0 + (D(u) − D(u0)), not (x0 + D(u)) − D(u0): rounded twice, x* missed x0 by an
+        # ulp at u = u0 (6e-8 on every pixel), where the docstring promises x0 exactly
+        x = self.x0 + (self.decoder.decode(u, tuple(self.x0.shape[-2:])) - self.base)
         if self.lower is not None:  # a box on x is no box on u: clamp the image itself
             x = torch.clamp(x, self.lower, self.upper)
         return x
@@ -794,6 +796,8 @@ class CounterfactualGenerator:
                              f"non-finite image")
         # float64 images into a float32 model: one line, not conv2d's "expected scalar type"
         check_model_dtype(self.model, x0)
+        if len(x0) > 1:
+            _check_no_batch_statistics(self.model, bn_stats)
         if target is None:
             target, valid = self.targets(x0, labels)
             if not bool(valid.all()):
@@ -863,6 +867,22 @@ class CounterfactualGenerator:
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
                                     problem=prob, flipped=flipped, target_prob=target_prob)
+
+
+def _check_no_batch_statistics(model: nn.Module, bn_stats: BNStats | None) -> None:
+    """One clear line for a BatchNorm without running statistics (``track_running_stats=
+    False``) and no fixed ``bn_stats`` for it: in eval mode it still normalises with the
+    batch's statistics, so every sample's search depended on the others in its batch (a
+    batched x* differed from the per-sample one by up to 0.54 per pixel) and the flip report
+    with it."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None \
+                and not (bn_stats and m in bn_stats):
+            raise InputError(f"BatchNorm '{name or type(m).__name__}' has no running "
+                             f"statistics (track_running_stats=False): in eval mode it "
+                             f"normalises over the batch, so the samples' counterfactual "
+                             f"searches would depend on each other; pass bn_stats "
+                             f"(capture_bn_stats) or one sample at a time")
 
 
 def _report_logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -1130,6 +1150,8 @@ def _gauss_newton(prob: InnerProblem, u: Tensor, steps: int, lr: float | None = 
     increases; a sample without an acceptable step stays where it is.
     """
     u = u.detach().clone()
+    if len(u) == 0:  # nothing to solve (an export batch whose every sample is skipped):
+        return u     # the Woodbury solve cannot reshape 0 samples into (0, -1)
     shape = (-1,) + (1,) * (u.dim() - 1)
     # (D,) for one scale shared by every sample, (N, D) for per-sample (flipped) scales
     inv_scale = None if prob.scale is None else (1.0 / prob.scale).flatten(
