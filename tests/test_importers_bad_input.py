@@ -142,6 +142,19 @@ def test_folder_csv_rows_of_one_image_are_one_sample(tmp_path):
     assert all(r.box == (2, 2, 30, 36) for r in recs)  # both lesions' boxes, joined
 
 
+def test_folder_csv_rows_of_one_image_take_a_site_given_on_one_row(tmp_path):
+    # an empty site cell was stored as "0" before the merge, so it clashed with the site the
+    # image's other row named, and the image was skipped
+    _tree(tmp_path / "src", n=4, shape=(16, 16))
+    rows = "".join(f"{c}/img_{i}.png,{c},B\n{c}/img_{i}.png,{c},\n" for c in "ab" for i in range(4))
+    rows += "a/img_0.png,a,C\n"  # a second named site for img_0: a real clash
+    (tmp_path / "src" / "list.csv").write_text("image,label,site\n" + rows)
+    s = run_import("folder", tmp_path / "src", tmp_path / "out", {"size": 16, "csv": "list.csv"})
+    assert _skips(s) == {"rows of one image with different sites": 1}
+    recs = read_manifest(tmp_path / "out")
+    assert len(recs) == 7 and {r.site for r in recs} == {"B"}
+
+
 def test_folder_csv_rows_of_one_image_merge_their_masks(tmp_path):
     _tree(tmp_path / "src", n=4, shape=(16, 16))
     for k, (y, x) in enumerate(((2, 2), (10, 10))):

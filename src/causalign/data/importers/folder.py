@@ -252,7 +252,7 @@ class FolderImporter(Importer):
             items.append(_Item(sid=sid, source=f"{src_desc} ({row['image']})",
                                image=self.src / img_rel, label=self.classes.index(cls),
                                masks=masks, box=box, attributes=attrs,
-                               site=row.get("site") or "0", group=row.get("group", ""),
+                               site=row.get("site", ""), group=row.get("group", ""),
                                split=split))
         return self._merge_rows_of_one_image(items)
 
@@ -261,8 +261,8 @@ class FolderImporter(Importer):
         each, every copy annotated with its own lesion only: Eq. 3 and CAM precision then
         counted the image's other lesions as "outside the annotation". Merged: masks OR-ed,
         boxes joined into their bounding box, an attribute kept where the rows agree
-        (unknown otherwise), a split or group given on some rows only taken from them. Rows
-        that disagree on label, site, or a given split or group are skipped."""
+        (unknown otherwise), a split, site or group given on some rows only taken from them. Rows
+        that disagree on the label, or on a given split, site or group are skipped."""
         by_image: dict[Path, list[_Item]] = {}
         for it in items:
             by_image.setdefault(it.image.resolve(), []).append(it)
@@ -270,16 +270,17 @@ class FolderImporter(Importer):
         for rows in by_image.values():
             first = rows[0]
             if len(rows) == 1:
-                merged.append(first)
+                merged.append(replace(first, site=first.site or "0"))  # no site: site 0
                 continue
             lines = ", ".join(r.source.split(" ")[0] for r in rows)
-            # an empty split or group cell leaves it to the image's other rows (one row per
-            # lesion often fills them in once): only two given values clash
+            # an empty split, site or group cell leaves it to the image's other rows (one row
+            # per lesion often fills them in once): only two given values clash
             splits = {r.split for r in rows if r.split}
             groups = {r.group for r in rows if r.group}
+            sites = {r.site for r in rows if r.site}
             clash = next((what for what, values in (
                 ("labels", {r.label for r in rows}), ("splits", splits),
-                ("sites", {r.site for r in rows}), ("groups", groups)) if len(values) > 1),
+                ("sites", sites), ("groups", groups)) if len(values) > 1),
                 None)
             if clash is not None:
                 self.skip(f"{lines} ({first.image.name})",
@@ -299,7 +300,7 @@ class FolderImporter(Importer):
                       "joined)", len(rows) - 1)
             merged.append(replace(first, source=f"{lines} ({first.image.name})", masks=masks,
                                   box=box, attributes=attrs, split=next(iter(splits), ""),
-                                  group=next(iter(groups), ""),
+                                  group=next(iter(groups), ""), site=next(iter(sites), "0"),
                                   join_mask_box=bool(masks) and box is not None))
         return merged
 
