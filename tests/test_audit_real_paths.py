@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_importers import _one_error_line, _run  # the CLI's one-error-line check
 
-from causalign.cli import main
 from causalign.data import DatasetWriter
 from causalign.data.format import DatasetMeta
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def _one_error_line(rc, err, needle):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert needle in lines[0], lines[0]
 
 
 def _write(root, rgb_splits=(), n=(8, 4, 4), size=16):

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import csv
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from test_distributed import _free_port  # the same port helper
+from test_distributed_methods import _history
 from torch import nn
 
 from causalign.data.format import LesionDataset
@@ -125,12 +125,6 @@ def _cfg() -> TrainConfig:
                        deletion_fractions=[0.1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     torch.set_num_threads(1)
     _register()
@@ -140,11 +134,6 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         Trainer(data, _cfg(), out, progress=False).fit()
     finally:
         dist.destroy_process_group()
-
-
-def _history(path: Path) -> list[dict]:
-    with open(path / "history.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -195,8 +195,10 @@ def test_causal_align_warns_when_part_of_the_annotated_samples_have_only_a_box()
                                   has_box_or_mask=torch.ones(8, dtype=torch.bool),
                                   images=torch.rand(8, 1, 16, 16))
     model = _model("causal-align")
-    with pytest.warns(UserWarning, match="3 of 8 annotated training samples have only a box"):
+    with pytest.warns(UserWarning, match="3 of 8 annotated training samples have only a box") \
+            as seen:
         build_method("causal-align").setup(mixed, model)
+    assert sum("only a box" in str(w.message) for w in seen) == 1  # once, not per sample
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # region=box uses them: nothing to say
         build_method("causal-align", {"region": "box"}).setup(mixed, model)

@@ -321,11 +321,16 @@ def never_fell_back(history: list[dict]) -> bool:
                    if k.endswith("gn_fallback"))
 
 
+def _all_finite(grads: Sequence[Tensor]) -> bool:
+    """Every gradient finite? One host sync for all parameters (not one per tensor)."""
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def _finite_or_dropped(grads: tuple[Tensor, ...], ok: Tensor, failed: Tensor
                        ) -> tuple[tuple[Tensor, ...], Tensor]:
     """(grads, failed), or zeros and every aligned sample failed when any gradient is not
-    finite. One host sync for all parameters (not one per parameter tensor)."""
-    if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    finite."""
+    if _all_finite(grads):
         return grads, failed
     return tuple(torch.zeros_like(g) for g in grads), ok
 
@@ -347,7 +352,7 @@ def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Ten
     finite (H is block-diagonal, so their gradient is the same); only if that is not
     finite either, or no sample is left out, is every aligned sample dropped. Runs in the
     caller's eval_mode."""
-    if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    if _all_finite(grads):
         return grads, failed
     # the culprits: a v or a T_i or ∇T_i that is not finite (one more forward and backward,
     # only on such a step; ``adjoint`` gives v in u's space, built only here)
@@ -363,7 +368,7 @@ def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Ten
         sub = prob.subset(idx)
         out = implicit_gradient(lambda u: sub.terms(u)[0].sum(), u_star[idx], params,
                                 outer[idx], hvp="exact", adjoint=v[idx], check_finite=False)
-        if bool(torch.stack([torch.isfinite(g).all() for g in out.grads]).all()):
+        if _all_finite(out.grads):
             return out.grads, ok & ~keep
     return _finite_or_dropped(grads, ok, failed)
 
