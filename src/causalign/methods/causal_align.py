@@ -3,6 +3,9 @@
     L_align = mean_i ‖(x*_i − x_i) ⊙ (1 − m_i)‖₁                                   (Eq. 3)
     x*_i    = argmin_x T_i(x, θ),  T_i = CE(f_θ(x), y*_i) + α·d(x, x_i)            (Eq. 2)
 
+``normalize="none"`` is Eq. 3 as printed; the `causal-align` default (``normalize="total"``,
+`CausalAlignTrainingParams`) divides each sample's term by its whole change ‖x*_i − x_i‖₁,
+a deliberate deviation (README, "Causal alignment").
 The mean runs over samples that have an annotation (pixel mask, or box with
 ``region="box"``); samples without one are skipped, and a batch without any gets no
 alignment term at all (L = CE exactly).
@@ -99,10 +102,10 @@ GradCap = Callable[[Sequence[Tensor], int], float]
 class CausalAlignParams:
     """`method.<key>` settings of causal-align; defaults explained inline."""
 
-    # Paper's α₁ for LIDC-IDRI (§5.2, its CBIS-DDSM value is 0.07; App. C.2 finds the result
-    # insensitive over 0.05–0.09).
+    # Paper's α₁ for LIDC-IDRI (§5.1, "Implementation Details"; its CBIS-DDSM value is 0.07;
+    # App. C.2 finds the result insensitive over 0.05–0.09).
     alpha: float = 0.01
-    lam: float = 1.0  # λ: the paper's value on both datasets (§5.2; Tab. 5 flat over 0.8–1.2)
+    lam: float = 1.0  # λ: the paper's value on both datasets (§5.1; Tab. 5 flat over 0.8–1.2)
     # K steps of inner_optimizer for x*; with warm_start each sample keeps refining across
     # epochs. K, the optimiser and the CG iterations come from benchmarks/bench_causal_align.py
     # (docs/causal_align_solvers.md, "Gauss-Newton at K = 7"): Adam at K = 10 (the paper
