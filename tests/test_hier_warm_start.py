@@ -38,7 +38,7 @@ def test_image_warm_start_is_keyed_by_the_aligned_rows_dataset_index() -> None:
     b["has_mask"][1] = False  # sample 2: no mask, so no image-level search
     method.loss(model, b)
     cache = method.pixel.cache
-    assert sorted(cache.known.nonzero().flatten().tolist()) == [4, 7, 9]
+    assert cache.cached_ids().tolist() == [4, 7, 9]
     assert len(method.attr.cache) == 0
     x = method.model_input(b)
     a_star = torch.rand(4, P)

@@ -488,83 +488,144 @@ class WarmStartCache:
     """Last solution offset u* − u0 per sample, keyed by dataset index.
 
     Offsets (not x*) are stored so a warm start stays meaningful if the same sample comes
-    back slightly different. Storage is one dense tensor grown on demand. Image-shaped
-    offsets of augmented inputs (``dihedral``, see `dihedral_transform`) are stored in the
-    sample's own orientation and handed back in the orientation it has now: a flipped
-    image's offset reused as is started the next search from a wrong (mirrored) offset.
+    back slightly different. Storage is compact: one row per sample ever stored, in the
+    order they were first stored, plus an id → row table (8 bytes an id). A dense table
+    indexed by id held a row for every id up to the largest, so a split where a tenth of
+    the images have masks paid for all of them. ``device`` keeps the rows there ("cpu":
+    host memory, each step copies only its batch's rows; None: the searched inputs'
+    device). Image-shaped offsets of augmented inputs (``dihedral``, see
+    `dihedral_transform`) are stored in the sample's own orientation and handed back in
+    the orientation it has now: a flipped image's offset reused as is started the next
+    search from a wrong (mirrored) offset.
     """
 
-    def __init__(self, capacity: int | None = None) -> None:
-        self.offsets: Tensor | None = None
-        self.known: Tensor | None = None
+    def __init__(self, capacity: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.offsets: Tensor | None = None  # (rows, *sample shape)
+        self.known: Tensor | None = None  # (rows,) bool: the row holds a usable offset
+        self.row_ids: Tensor | None = None  # (rows,) the dataset id each row belongs to
+        self.row_of: Tensor | None = None  # (ids,) long: each id's row, -1 for none
         # rows to grow to at most when doubling (the training split's size, as ids are its
-        # indices): shuffled batches reach ~N ids at once, and doubling then allocated ~2N
-        # rows of offsets on the model's device
+        # indices): doubling past it allocated up to ~2N rows of offsets
         self.capacity = capacity
+        self.device = None if device is None else torch.device(device)
 
     def __len__(self) -> int:
         return 0 if self.known is None else int(self.known.sum())
 
-    def _grow(self, size: int, like: Tensor) -> None:
-        if self.offsets is not None and self.offsets.shape[0] >= size \
-                and self.offsets.shape[1:] == like.shape[1:]:
-            if self.offsets.device != like.device:
-                self.offsets = self.offsets.to(like.device)
-                self.known = self.known.to(like.device)
-            return
-        if self.offsets is not None and self.offsets.shape[1:] != like.shape[1:]:
-            self.offsets = self.known = None  # another input shape: old entries are useless
-        grown = 2 * (0 if self.offsets is None else self.offsets.shape[0])
-        if self.capacity is not None and size <= self.capacity:  # else: doubling, as before
-            grown = min(grown, self.capacity)
-        cap = max(size, grown)
-        offsets = like.new_zeros((cap, *like.shape[1:]))
-        known = torch.zeros(cap, dtype=torch.bool, device=like.device)
-        if self.offsets is not None:
-            offsets[: self.offsets.shape[0]] = self.offsets.to(like.device)
-            known[: self.known.shape[0]] = self.known.to(like.device)
-        self.offsets, self.known = offsets, known
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds (offsets and index tables)."""
+        held = (self.offsets, self.known, self.row_ids, self.row_of)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def cached_ids(self) -> Tensor:
+        """The dataset ids with a usable offset, ascending (on the cache's device)."""
+        if self.known is None:
+            return torch.zeros(0, dtype=torch.long)
+        return self.row_ids[self.known].sort().values
+
+    def _home(self, like: Tensor) -> torch.device:
+        return self.device if self.device is not None else like.device
+
+    def _move(self, device: torch.device) -> None:
+        if self.offsets is not None and self.offsets.device != device:
+            self.offsets, self.known = self.offsets.to(device), self.known.to(device)
+            self.row_ids, self.row_of = self.row_ids.to(device), self.row_of.to(device)
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        """Each id's row (-1: none); ``ids`` on the cache's device."""
+        if not self.row_of.shape[0]:
+            return torch.full_like(ids, -1)
+        inside = (ids >= 0) & (ids < self.row_of.shape[0])
+        return torch.where(inside, self.row_of[ids.clamp(0, self.row_of.shape[0] - 1)],
+                           torch.full_like(ids, -1))
 
     def get(self, ids: Tensor, like: Tensor, dihedral: Tensor | None = None
             ) -> tuple[Tensor, Tensor]:
         """(offsets, hit) for ``ids``; misses get zero offsets. ``dihedral`` (N, 3): the
         inputs' transforms; the stored (untransformed) offsets are transformed alike."""
-        ids = ids.to(like.device).long()
-        if self.offsets is None or self.offsets.shape[1:] != like.shape[1:]:
+        if self.offsets is None or not self.offsets.shape[0] \
+                or self.offsets.shape[1:] != like.shape[1:]:
             return torch.zeros_like(like), torch.zeros(len(ids), dtype=torch.bool,
                                                        device=like.device)
-        self._grow(0, like)
-        inside = ids < self.offsets.shape[0]
-        safe = torch.where(inside, ids, torch.zeros_like(ids))
-        hit = inside & self.known[safe]
-        off = torch.where(hit.view(-1, *[1] * (like.dim() - 1)), self.offsets[safe].to(like),
-                          torch.zeros_like(like))
+        self._move(self._home(like))  # a loaded checkpoint's cache arrives on the CPU
+        rows = self._rows(ids.to(self.offsets.device).long())
+        safe = rows.clamp(min=0)
+        hit = (rows >= 0) & self.known[safe]
+        off = torch.where(hit.view(-1, *[1] * (like.dim() - 1)), self.offsets[safe],
+                          torch.zeros((), dtype=self.offsets.dtype, device=hit.device))
+        off, hit = off.to(like), hit.to(like.device)
         if dihedral is not None:
             off = dihedral_transform(off, dihedral)
         return off, hit
+
+    def _grow(self, n_ids: int, n_rows: int, like: Tensor, home: torch.device) -> None:
+        """Room for ids < ``n_ids`` and ``n_rows`` rows of ``like``'s sample shape."""
+        if self.offsets is None:
+            self.offsets = like.new_zeros((0, *like.shape[1:]), device=home)
+            self.known = torch.zeros(0, dtype=torch.bool, device=home)
+            self.row_ids = torch.zeros(0, dtype=torch.long, device=home)
+            self.row_of = torch.zeros(0, dtype=torch.long, device=home)
+        self._move(home)
+        if n_ids > self.row_of.shape[0]:  # the id table is small: size it to the split
+            size = max(n_ids, self.capacity or 0)
+            self.row_of = torch.cat([self.row_of, self.row_of.new_full(
+                (size - self.row_of.shape[0],), -1)])
+        have = self.offsets.shape[0]
+        if n_rows > have:
+            grown = 2 * have
+            if self.capacity is not None and n_rows <= self.capacity:
+                grown = min(grown, self.capacity)
+            extra = max(n_rows, grown) - have
+            self.offsets = torch.cat([self.offsets, self.offsets.new_zeros(
+                (extra, *self.offsets.shape[1:]))])
+            self.known = torch.cat([self.known, self.known.new_zeros(extra)])
+            self.row_ids = torch.cat([self.row_ids, self.row_ids.new_full((extra,), -1)])
 
     def put(self, ids: Tensor, offsets: Tensor, keep: Tensor,
             dihedral: Tensor | None = None) -> None:
         """Store rows where ``keep``; rows not kept are forgotten (e.g. a diverged solve).
         ``dihedral`` (N, 3): the inputs' transforms, undone before storing."""
-        ids = ids.to(offsets.device).long()
         if dihedral is not None:
             offsets = dihedral_transform(offsets, dihedral, inverse=True)
-        self._grow(int(ids.max()) + 1 if len(ids) else 0, offsets)
-        self.offsets[ids[keep]] = offsets[keep].detach().to(self.offsets.dtype)
-        self.known[ids[keep]] = True
-        self.known[ids[~keep]] = False
+        home = self._home(offsets)
+        ids, keep = ids.to(home).long(), keep.to(home).bool()
+        if not len(ids):
+            return
+        if self.offsets is not None and self.offsets.shape[1:] != offsets.shape[1:]:
+            self.clear()  # another input shape: old entries are useless
+        used = 0 if self.row_ids is None else int((self.row_ids >= 0).sum())
+        self._grow(int(ids.max()) + 1, used, offsets, home)
+        kept = ids[keep]
+        new = torch.unique(kept[self._rows(kept) < 0])  # ids stored for the first time
+        if len(new):
+            self._grow(0, used + len(new), offsets, home)
+            fresh = torch.arange(used, used + len(new), device=home)
+            self.row_of[new], self.row_ids[fresh] = fresh, new
+        rows = self._rows(kept)
+        self.offsets[rows] = offsets[keep].detach().to(home, self.offsets.dtype)
+        self.known[rows] = True
+        dropped = self._rows(ids[~keep])
+        self.known[dropped[dropped >= 0]] = False
 
     def clear(self) -> None:
         """Forget every cached offset."""
-        self.offsets = self.known = None
+        self.offsets = self.known = self.row_ids = self.row_of = None
 
     def state_dict(self) -> dict:
-        """The cached samples' ids and offsets (CPU), for a checkpoint; {} when empty."""
+        """The cached samples' ids (ascending) and offsets (CPU), for a checkpoint; {} when
+        empty."""
         if self.offsets is None:
             return {}
-        idx = self.known.nonzero().flatten()
-        return {"ids": idx.cpu(), "offsets": self.offsets[idx].cpu()}
+        ids = self.cached_ids()
+        rows = self._rows(ids)
+        # row by row in chunks: a gather of every row at once held a second copy of the
+        # cache on its device
+        chunks = [self.offsets[r].cpu() for r in rows.split(256)]
+        offsets = torch.cat(chunks) if chunks else self.offsets.new_zeros(
+            (0, *self.offsets.shape[1:]), device="cpu")
+        return {"ids": ids.cpu(), "offsets": offsets}
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the cache with what `state_dict` stored."""

@@ -91,6 +91,7 @@ class HierAlignParams:
     distance: str = "l1"
     eps: float = 1e-2
     warm_start: bool = True
+    cache_device: str = "model"  # the warm-start cache's device (causal-align's setting)
     region: str = "mask"
     normalize: str = "total"
     align_batch: int = 16
@@ -166,7 +167,8 @@ class HierAlignParams:
         return CausalAlignParams(alpha=self.alpha1, lam=self.lam1, steps=self.steps,
                                  inner_lr=self.inner_lr, distance=self.distance, eps=self.eps,
                                  warm_start=self.warm_start, region=self.region,
-                                 normalize=self.normalize, bn=self.bn, **self._shared())
+                                 normalize=self.normalize, bn=self.bn,
+                                 cache_device=self.cache_device, **self._shared())
 
     def attribute_params(self) -> CausalAlignParams:
         """causal-align settings of the attribute level (Eq. 6, logit space)."""
