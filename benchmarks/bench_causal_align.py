@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine.config import TrainConfig
+from causalign.errors import CausalignError
 from causalign.explain.counterfactual import capture_bn_stats, eval_mode
 from causalign.io import atomic_write_json
 from causalign.methods import build_method
@@ -74,9 +75,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def setup(size: int, n_train: int, erm_steps: int, seed: int):
+    synth = SynthConfig(n_train=n_train, n_val=1, n_test=1, size=size, seed=seed)
+    try:  # before the temporary folder: --size 16 was a DataError traceback (and a leftover)
+        synth.validate()
+    except CausalignError as exc:
+        raise SystemExit(f"error: {exc}") from None
     tmp = Path(tempfile.mkdtemp(prefix="bench_ca_"))
-    generate(tmp / "data", SynthConfig(n_train=n_train, n_val=1, n_test=1, size=size,
-                                       seed=seed))
+    generate(tmp / "data", synth)
     ds = LesionDataset(tmp / "data", "train")
     torch.manual_seed(seed)
     erm = build_method("erm")
@@ -329,6 +334,8 @@ def check_options(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[l
     for name in ("erm_steps", "warm_visits", "ref_polish"):
         if getattr(a, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    if Path(a.out).is_dir():  # the first row's write failed, after the reference solves
+        ap.error(f"--out {a.out}: is a folder; give a file path for the JSON")
     return ks, cgs
 
 

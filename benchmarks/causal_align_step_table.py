@@ -8,12 +8,13 @@
 Each configuration is `causalign bench step --method causal-align --steps S --threads T
 [--set …]` (ERM timed in the same process, on the same batch). Configurations alternate
 round by round, so load on a shared machine hits all of them; the JSON keeps every run
-(``runs``) and the per-configuration median and range. ``--profile-threads`` adds, per thread count,
-one ``--profile`` run of the first configuration (``--profile-all``: of each): milliseconds
-per step in the counterfactual search, the implicit gradient's parts and the rest of the
-step. ``--model multiview --depth 8``
-times volumes; ``--set`` settings apply to every configuration (``--set space=latent --set
-distance=l2``: the latent space).
+(``runs``) and the per-configuration median and range; it is rewritten after every run
+(``"complete": false`` until the end), so an interrupt keeps the finished runs.
+``--profile-threads`` adds, per thread count, one ``--profile`` run of the first
+configuration (``--profile-all``: of each): milliseconds per step in the counterfactual
+search, the implicit gradient's parts and the rest of the step. ``--model multiview
+--depth 8`` times volumes; ``--set`` settings apply to every configuration
+(``--set space=latent --set distance=l2``: the latent space).
 """
 
 from __future__ import annotations
@@ -76,13 +77,20 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not names:
         ap.error(f"--configs: unknown '{unknown[0] if unknown else ''}'; valid: "
                  f"{', '.join(CONFIGS)}")
-    for name in ("threads", "rounds", "steps", "size", "batch_size"):
-        if getattr(a, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    # --size as `bench_step` takes it: --size 4 was its ConfigError traceback
+    for name, least in (("threads", 1), ("rounds", 1), ("steps", 1), ("size", 8),
+                        ("batch_size", 1)):
+        if getattr(a, name) < least:
+            ap.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(a, name)}")
     try:
         profile_threads = [int(t) for t in a.profile_threads.split(",") if t]
     except ValueError:
-        ap.error(f"--profile-threads must be integers, got '{a.profile_threads}'")
+        profile_threads = [0]
+    if any(t < 1 for t in profile_threads):  # 0 failed in torch.set_num_threads, after the rounds
+        ap.error(f"--profile-threads must be integers >= 1, got '{a.profile_threads}'")
+    out = Path(a.out)
+    if out.is_dir():  # the JSON's write failed after every round had run
+        ap.error(f"--out {out}: is a folder; give a file path for the JSON")
     try:
         common = {k.removeprefix("method."): v for k, v in parse_set(a.sets).items()}
     except CausalignError as exc:
@@ -108,8 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {a.warmup}")
     shape = {"model": a.model, "depth": a.depth, "warmup": a.warmup}
+    settings = {"threads": a.threads, "rounds": a.rounds, "steps": a.steps, "size": a.size,
+                "batch_size": a.batch_size, **shape, "set": common,
+                "torch": torch.__version__}
     t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     for r in range(a.rounds):
         for name in names:
@@ -117,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
                              steps=a.steps, method_args=configs[name], **shape)
             runs.append({"config": name, "round": r, **res})
             print(f"{name} round {r}: {res['ratio_to_erm']:.2f}x ERM", flush=True)
+            # an interrupt kept none of the finished runs (minutes at 64 px); rewritten
+            # whole after each, "complete": false until the end
+            atomic_write_json(out, {"benchmark": "causal_align_step_table",
+                                    "complete": False, **settings, "runs": runs})
     summary = {}
     for name in names:
         ratios = [x["ratio_to_erm"] for x in runs if x["config"] == name]
@@ -133,13 +149,9 @@ def main(argv: list[str] | None = None) -> None:
             profiles.append({"config": name, **res})
             print(f"profile {name}, {threads} thread(s): {res['profile_ms_per_step']}",
                   flush=True)
-    result = {"benchmark": "causal_align_step_table", "threads": a.threads,
-              "rounds": a.rounds, "steps": a.steps, "size": a.size,
-              "batch_size": a.batch_size, **shape, "set": common,
-              "torch": torch.__version__, "summary": summary,
-              "runs": runs, "profiles": profiles, "elapsed_s": time.perf_counter() - t_start}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "causal_align_step_table", "complete": True, **settings,
+              "summary": summary, "runs": runs, "profiles": profiles,
+              "elapsed_s": time.perf_counter() - t_start}
     atomic_write_json(out, result)
     print(f"wrote {out}")
 

@@ -48,7 +48,8 @@ import torch
 from causalign.data.format import LesionDataset
 from causalign.data.synth import draw_symbol
 from causalign.engine.trainer import load_checkpoint, load_run
-from causalign.explain.counterfactual import CounterfactualGenerator
+from causalign.errors import CausalignError
+from causalign.explain.counterfactual import SPACES, CounterfactualGenerator
 from causalign.explain.counterfactual_export import change_in_region
 from causalign.io import atomic_write_json, atomic_write_text
 from causalign.metrics import rank_accuracy
@@ -61,9 +62,11 @@ LR = {"adam": 0.01, "ista": 0.05, "newton": 1.0}
 def parse_setting(text: str) -> tuple[str, str, float, float]:
     """``SPACE:OPTIMIZER:ALPHA[:EPS]`` → (space, optimizer, alpha, eps)."""
     parts = text.split(":")
-    if len(parts) not in (3, 4) or parts[1] not in LR:
+    # the space too: an unknown one failed only at its run's search, after earlier runs
+    if len(parts) not in (3, 4) or parts[0] not in SPACES or parts[1] not in LR:
         raise SystemExit(f"--setting {text!r}: expected SPACE:OPTIMIZER:ALPHA[:EPS] with "
-                         f"OPTIMIZER one of {', '.join(LR)}")
+                         f"SPACE one of {', '.join(SPACES)} and OPTIMIZER one of "
+                         f"{', '.join(LR)}")
     try:
         return parts[0], parts[1], float(parts[2]), float(parts[3]) if len(parts) == 4 else 1e-2
     except ValueError:
@@ -222,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--figure", type=Path, help="PNG of the change maps, settings side by side")
     ap.add_argument("--figure-n", type=int, default=2, help="images per run in --figure")
     args = ap.parse_args(argv)
+    # --steps 0 wrote NaN shares (not JSON) of an unchanged x*; --n 0 and --threads 0 were
+    # tracebacks
+    for name in ("n", "threads", "steps", "figure_n"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     kept = []
     if args.append and args.out.exists():
@@ -230,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
                 if (r["run"], r["weights"]) not in wanted]
     results = []
     for run in args.runs:
-        results.append(localisation(run, args.weights, args.n, args.setting or SETTINGS,
-                                    args.steps, keep=args.figure_n if args.figure else 0))
+        try:  # a missing or foreign run, an unknown space: one line, not a traceback
+            results.append(localisation(run, args.weights, args.n, args.setting or SETTINGS,
+                                        args.steps, keep=args.figure_n if args.figure else 0))
+        except CausalignError as exc:
+            raise SystemExit(f"error: {exc}") from None
         if len(args.labels) > len(results) - 1:
             results[-1]["label"] = args.labels[len(results) - 1]
         print(json.dumps({k: v for k, v in results[-1].items()

@@ -28,7 +28,9 @@ from causal_align_grad_in_training import probe_batch  # noqa: E402
 
 from causalign.data.format import LesionDataset  # noqa: E402
 from causalign.engine.trainer import CHECKPOINT, load_checkpoint, load_run  # noqa: E402
+from causalign.errors import CausalignError  # noqa: E402
 from causalign.explain.counterfactual import (  # noqa: E402
+    OPTIMIZERS,
     CounterfactualGenerator,
     distance_scale,
     eval_mode,
@@ -120,19 +122,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--labels", nargs="*", help="one name per run for the table and plot")
     ap.add_argument("--out", default="benchmarks/results/counterfactual_solvers.json")
     a = ap.parse_args(argv)
+    if a.n < 1:  # --n 0 was a RuntimeError traceback (max() of no samples)
+        ap.error(f"--n must be >= 1, got {a.n}")
+    if a.threads < 0:
+        ap.error(f"--threads must be >= 0 (0: PyTorch's default), got {a.threads}")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     solvers = []
     for item in a.solvers.split(","):
         name, _, k = item.partition(":")
-        if not k.isdigit():
-            ap.error(f"solver '{item}' is not OPTIMIZER:STEPS")
+        # an unknown optimizer was a ConfigError traceback at its turn; K = 0 no search
+        if name not in OPTIMIZERS or not k.isdigit() or int(k) < 1:
+            ap.error(f"solver '{item}' is not OPTIMIZER:STEPS with OPTIMIZER one of "
+                     f"{', '.join(OPTIMIZERS)} and STEPS >= 1")
         solvers.append((name, int(k)))
     labels = a.labels or a.runs
     if len(labels) != len(a.runs):
         ap.error(f"{len(labels)} labels for {len(a.runs)} runs")
-    results = [solve_all(Path(r), a.n, solvers, lab) for r, lab in zip(a.runs, labels,
-                                                                        strict=True)]
+    try:  # a missing or foreign run folder: one line, not a traceback
+        results = [solve_all(Path(r), a.n, solvers, lab) for r, lab in zip(a.runs, labels,
+                                                                            strict=True)]
+    except CausalignError as exc:
+        raise SystemExit(f"error: {exc}") from None
     out = Path(a.out)
     atomic_write_json(out, {"benchmark": "counterfactual_solvers", "threads": a.threads,
                             "n": a.n, "results": results})

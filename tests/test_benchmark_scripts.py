@@ -453,3 +453,108 @@ def test_causal_align_step_table_smoke(tmp_path, monkeypatch):
         mod.main(["--model", "cnn7", "--depth", "8", "--out", str(out)])
     with pytest.raises(SystemExit):  # --set steps=20 would silently lose to newton5's 5
         mod.main(["--set", "steps=20", "--configs", "newton5", "--out", str(out)])
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--profile-threads", "0"], "--profile-threads must be integers >= 1"),
+    (["--profile-threads", "-1"], "--profile-threads must be integers >= 1"),
+    (["--size", "4"], "--size must be >= 8, got 4"),
+    (["--out", "{tmp}"], "is a folder; give a file path"),
+])
+def test_causal_align_step_table_refuses_bad_options_before_timing(argv, needle, tmp_path,
+                                                                   monkeypatch, capsys):
+    """--profile-threads 0 failed in torch.set_num_threads after every round had run,
+    --size 4 was bench_step's ConfigError traceback, and --out FOLDER failed at the write
+    after all the timings."""
+    mod = _load("causal_align_step_table")
+    monkeypatch.setattr(mod, "bench_step", lambda *a, **k: pytest.fail("timed"))
+    argv = [v.replace("{tmp}", str(tmp_path)) for v in argv]
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["--out", str(tmp_path / "t.json"), *argv])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_causal_align_step_table_keeps_finished_runs_when_interrupted(tmp_path, monkeypatch):
+    """The JSON was written only at the end: an interrupt lost every finished run."""
+    mod = _load("causal_align_step_table")
+    calls = []
+
+    def fake_bench(*a, **k):
+        calls.append(k["method_args"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"ratio_to_erm": 3.0, "method_args": k["method_args"]}
+
+    monkeypatch.setattr(mod, "bench_step", fake_bench)
+    out = tmp_path / "table.json"
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--configs", "default,newton3", "--profile-threads", "", "--out", str(out)])
+    r = _strict_json(out)
+    assert r["complete"] is False and [x["config"] for x in r["runs"]] == ["default"]
+    assert r["runs"][0]["ratio_to_erm"] == 3.0 and r["size"] == 64
+
+
+@pytest.mark.parametrize("name", ["bench_causal_align", "fd_hvp_probe", "warm_cosine_probes"])
+def test_fixed_theta_scripts_refuse_a_size_below_the_synthetic_minimum(name, tmp_path,
+                                                                       monkeypatch):
+    """--size 16 was the synthetic generator's DataError traceback (from the shared
+    `setup`), leaving its temporary folder behind."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load(name)
+    argv = ["--size", "16", "--out", str(tmp_path / "r.json")]
+    if name == "bench_causal_align":
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+        argv = None
+    monkeypatch.setattr("tempfile.mkdtemp", lambda **k: pytest.fail("temporary folder made"))
+    with pytest.raises(SystemExit, match="error: --size 16 too small"):
+        mod.main() if argv is None else mod.main(argv)
+
+
+def test_bench_causal_align_refuses_a_folder_as_out(tmp_path, monkeypatch, capsys):
+    """--out FOLDER failed at the first row's write, after the reference solves."""
+    mod = _load("bench_causal_align")
+    monkeypatch.setattr(mod, "setup", lambda *a, **k: pytest.fail("setup ran"))
+    monkeypatch.setattr("sys.argv", ["bench_causal_align.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--setting", "foo:adam:0.01"], "SPACE one of pixel, latent, smooth"),
+    (["{tmp}/missing"], "error: {tmp}/missing: run folder does not exist"),
+])
+def test_cf_localisation_refuses_bad_options_in_one_line(argv, needle, tmp_path, capsys):
+    """--steps 0 wrote NaN shares into the JSON; --n 0 (IndexError), --threads 0, an unknown
+    space and a missing run folder were tracebacks."""
+    mod = _load("cf_localisation")
+    argv = [v.replace("{tmp}", str(tmp_path)) for v in argv]
+    runs = [] if any(v.startswith(str(tmp_path)) for v in argv) else [str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_:
+        mod.main([*runs, *argv, "--out", str(tmp_path / "cfl.json")])
+    text = str(exit_.value.code) + capsys.readouterr().err
+    assert needle.replace("{tmp}", str(tmp_path)) in text
+    assert not (tmp_path / "cfl.json").exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--solvers", "bogus:3"], "solver 'bogus:3' is not OPTIMIZER:STEPS"),
+    (["--solvers", "adam:0"], "solver 'adam:0' is not OPTIMIZER:STEPS"),
+    ([], "error: {tmp}/missing: run folder does not exist"),
+])
+def test_counterfactual_solvers_refuses_bad_options_in_one_line(argv, needle, tmp_path,
+                                                                monkeypatch, capsys):
+    """--n 0 was a RuntimeError traceback, an unknown optimizer a ConfigError one at its
+    turn, and a missing run folder a CausalignError one."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load("counterfactual_solvers")
+    with pytest.raises(SystemExit) as exit_:
+        mod.main([str(tmp_path / "missing"), *argv, "--out", str(tmp_path / "s.json")])
+    text = str(exit_.value.code) + capsys.readouterr().err
+    assert needle.replace("{tmp}", str(tmp_path)) in text
+    assert not (tmp_path / "s.json").exists()
