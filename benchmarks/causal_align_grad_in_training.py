@@ -120,6 +120,7 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
         # run's basin, where Adam's dense first steps at 1e-3 can leave it
         newton = ((ref_newton, 1.0, "newton"),)
         stages = newton if ref_newton else tuple((ref_steps, lr) for _, lr in REF_STAGES)
+        _say(f"probe: tight reference from x0 ({_stages_text(stages, polish, ref_newton)})", t0)
         ref, ref_parts = reference_grad(dict(args), model, batch, stages=stages,
                                          polish=0 if ref_newton else polish)
         g_ce = ce_grad(model, method, batch)
@@ -133,6 +134,7 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
         run_m = copy.deepcopy(method)
         run_m.params = dataclasses.replace(run_m.params, align_batch=0)
         # from lr 1e-3: a first stage at 1e-2 could carry x* out of the run's basin
+        _say("probe: tight reference from the run's cached x*", t0)
         ref_run, ref_run_parts = reference_grad(
             {}, model, batch, method=run_m,
             stages=newton if ref_newton else ((2 * ref_steps, 1e-3), (ref_steps, 1e-4)),
@@ -142,6 +144,7 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
                           "norm_ratio_to_ce": float(lam * ref_run.norm() / g_ce.norm()),
                           "cosine_to_ce": cosine(ref_run, g_ce)}
         for name, overrides, warm in variants:
+            _say(f"probe: variant {name}", t0)
             if warm:  # a copy of the run's method: its cache stays as it was
                 m = copy.deepcopy(method)
                 m.params = dataclasses.replace(m.params, align_batch=0, **overrides)
@@ -160,6 +163,18 @@ def measure(model, method, batch: dict, variants: list[Variant], ref_steps: int 
         torch.set_rng_state(rng)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _say(what: str, since: float) -> None:
+    """One stderr line per stage: a probe runs minutes of reference solves, and the script
+    printed nothing until its first JSON row."""
+    print(f"[{time.perf_counter() - since:6.0f} s] {what}", file=sys.stderr, flush=True)
+
+
+def _stages_text(stages: tuple, polish: int, ref_newton: int) -> str:
+    if ref_newton:
+        return f"{ref_newton} Gauss-Newton steps"
+    return " + ".join(f"{n} Adam at {lr:g}" for n, lr in stages) + f", {polish} Gauss-Newton"
 
 
 class ProbingTrainer(Trainer):

@@ -101,6 +101,13 @@ def swap_symbol(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, had_plus
 
 
+def _stat(values: torch.Tensor, reduce) -> float | None:
+    """``reduce`` over the finite ``values``; None (JSON null, "–" in the table) when there
+    are none: a sample of only negatives, or no annotated image, wrote NaN."""
+    values = values[torch.isfinite(values)]
+    return float(reduce(values)) if len(values) else None
+
+
 def localisation(run: Path, weights: str, n: int,
                  settings: list[tuple[str, str, float, float]] = SETTINGS,
                  steps: int = 100, keep: int = 0) -> dict:
@@ -129,17 +136,18 @@ def localisation(run: Path, weights: str, n: int,
         outside = (res.change.abs() * (batch["mask"] == 0)).flatten(1).sum(1)[batch["has_mask"]]
         row = {"space": space, "optimizer": opt, "alpha": alpha, "eps": eps, "steps": steps,
                "flip_rate": float(res.flipped.float().mean()),
-               "eq3_raw": float(outside.mean()), "eq3_raw_median": float(outside.median()),
-               "eq3_raw_q90": float(outside.quantile(0.9))}
+               "eq3_raw": _stat(outside, torch.mean),
+               "eq3_raw_median": _stat(outside, torch.median),
+               "eq3_raw_q90": _stat(outside, lambda t: t.quantile(0.9))}
         for name, region in regions.items():
             share = change_in_region(res.change, region)
-            row[name] = float(torch.nanmean(share))
-            row[name + "_positive"] = float(torch.nanmean(share[positive]))
+            row[name] = _stat(share, torch.nanmean)
+            row[name + "_positive"] = _stat(share[positive], torch.nanmean)
         # where the largest changes are, ignoring faint spread: of the |mask| most-changed
         # pixels, the share in the mask (a uniform change scores the mask's area, ~0.05)
         rank = rank_accuracy(res.change.abs().sum(1), batch["mask"][:, 0])
-        row["rank_mask"] = float(torch.nanmean(rank))
-        row["rank_mask_positive"] = float(torch.nanmean(rank[positive]))
+        row["rank_mask"] = _stat(rank, torch.nanmean)
+        row["rank_mask_positive"] = _stat(rank[positive], torch.nanmean)
         rows.append(row)
         kept_changes[setting_name(space, opt, alpha, eps)] = res.change[:keep].numpy()
     examples = ({"images": x[:keep].numpy(), "masks": batch["mask"][:keep, 0].numpy(),
@@ -199,8 +207,8 @@ def markdown(results: list[dict]) -> str:
                   "| rank accuracy (mask): all / positives | raw Eq. 3: mean / median / q90 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {c['space']} | {c['optimizer']} | {c['alpha']} | {c.get('eps', 1e-2):g} | "
-                  f"{c['flip_rate']:.2f} | {c['mask']:.3f} | {c['box']:.3f} | "
-                  f"{c['corner']:.3f} | {_fmt(c.get('mask_positive'))} | "
+                  f"{c['flip_rate']:.2f} | {_fmt(c['mask'])} | {_fmt(c['box'])} | "
+                  f"{_fmt(c['corner'])} | {_fmt(c.get('mask_positive'))} | "
                   f"{_fmt(c.get('box_positive'))} | {_fmt(c.get('corner_positive'))} | "
                   f"{_fmt(c.get('rank_mask'))} / {_fmt(c.get('rank_mask_positive'))} | "
                   f"{_fmt(c.get('eq3_raw'), 2)} / "

@@ -30,7 +30,16 @@ import time
 from pathlib import Path
 
 import torch
-from bench_causal_align import cosine, make_batch, setup, step_grads, visit
+from bench_causal_align import (
+    _counts,
+    check_counts,
+    check_out,
+    cosine,
+    make_batch,
+    setup,
+    step_grads,
+    visit,
+)
 
 from causalign.explain.counterfactual import capture_bn_stats, eval_mode
 from causalign.implicit.adjoint import _fd_matvec, hvp
@@ -81,6 +90,15 @@ def product_errors(model, batch, cache: dict, fd_eps: float, directions: int,
             "share_nonpositive_curvature": nonpositive / (n * directions)}
 
 
+def _positive_floats(text: str) -> list[float] | None:
+    """Comma-separated finite numbers > 0; None if any is not ('abc' was a traceback)."""
+    try:
+        out = [float(e) for e in text.split(",")]
+    except ValueError:
+        return None
+    return out if all(0 < e < float("inf") for e in out) else None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -96,6 +114,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="model and images in float64: whether rounding causes the errors")
     ap.add_argument("--out", default="benchmarks/results/fd_hvp_probe/seed0.json")
     a = ap.parse_args(argv)
+    fd_steps = _positive_floats(a.fd_eps)
+    caps = _counts(a.caps, 1) if a.caps else []
+    if fd_steps is None:
+        ap.error(f"--fd-eps must be numbers > 0, comma-separated; got '{a.fd_eps}'")
+    if caps is None:
+        ap.error(f"--caps must be integers >= 1, comma-separated; got '{a.caps}'")
+    check_counts(ap, a, ("directions", "size", "align_batch"), ("warm_visits", "erm_steps"))
+    check_out(ap, a.out)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     ds, model = setup(a.size, 128, a.erm_steps, a.seed)
@@ -108,10 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     cache = copy.deepcopy(warm.cache.state_dict())
     exact, exact_cg = _step(model, batch, cache, a.align_batch)
     rows = []
-    for fd_eps in (float(e) for e in a.fd_eps.split(",")):
+    for fd_eps in fd_steps:
         row: dict = dict(fd_eps=fd_eps, **product_errors(model, batch, cache, fd_eps,
                                                           a.directions, a.seed))
-        for cap in (int(c) for c in a.caps.split(",") if c):
+        for cap in caps:
             g, fallback = _step(model, batch, cache, a.align_batch, hvp="finite-difference",
                                 fd_eps=fd_eps, cg_iters=cap)
             _, fixed = _step(model, batch, cache, a.align_batch, hvp="finite-difference",

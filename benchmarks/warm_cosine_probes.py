@@ -80,12 +80,17 @@ def parse_variant(text: str) -> tuple[dict, float, bool]:
             carry = True
             continue
         key, _, value = item.partition("=")
+        try:
+            number = float(value) if key in ("lr", "decay") else None
+        except ValueError:
+            number = None
+        if number is None or not number > 0:
+            raise SystemExit(f"error: variant item '{item}': expected lr=V or decay=D with "
+                             "V, D > 0, carry or default")
         if key == "lr":
-            args["inner_lr"] = float(value)
-        elif key == "decay":
-            decay = float(value)
+            args["inner_lr"] = number
         else:
-            raise SystemExit(f"unknown variant item '{item}' (lr=V, decay=D, carry, default)")
+            decay = number
     return args, decay, carry
 
 
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
                                           "decay=0.01;carry")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    sweep.check_counts(ap, a, ("k", "size", "align_batch", "ref_steps"),
+                       ("warm_visits", "erm_steps", "ref_polish"))
+    sweep.check_out(ap, a.out)
+    variants = [(text, *parse_variant(text)) for text in a.variants.split(";")]
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     sweep.REF_STAGES = tuple((a.ref_steps, lr) for _, lr in sweep.REF_STAGES)
@@ -111,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = make_batch(ds, a.align_batch)
     ref, _ = reference_grad({}, model, sub, polish=a.ref_polish)
     rows = []
-    for text in a.variants.split(";"):
-        args, decay, carry = parse_variant(text)
+    for text, args, decay, carry in variants:  # parsed before setup: a typo failed after it
         custom = decay != 1.0 or carry
         # Adam unless the variant names another search: the one these probes vary (swapped
         # in below), whatever the method's default

@@ -303,8 +303,9 @@ def test_warm_cosine_probe_adam_is_the_method_adam(tmp_path, monkeypatch):
     two = carry(prob, carry(prob, x0, 3, 0.05), 2, 0.05)
     assert torch.equal(two, builtin)
     assert not torch.equal(mod.probe_adam(0.1, False)(prob, x0, 5, 0.05), builtin)
-    with pytest.raises(SystemExit, match="unknown variant item 'momentum=0.5'"):
-        mod.parse_variant("momentum=0.5")
+    for item in ("momentum=0.5", "lr=abc", "decay=-1"):  # lr=abc was a ValueError traceback
+        with pytest.raises(SystemExit, match=f"error: variant item '{item}'"):
+            mod.parse_variant(item)
 
 
 def test_warm_cosine_probes_smoke(tmp_path, monkeypatch):
@@ -510,6 +511,50 @@ def test_fixed_theta_scripts_refuse_a_size_below_the_synthetic_minimum(name, tmp
         mod.main() if argv is None else mod.main(argv)
 
 
+def test_bench_causal_align_setup_removes_its_temporary_data_when_the_process_ends(tmp_path):
+    """The shared `setup` of the fixed-θ scripts wrote its synthetic split to a temporary
+    folder and never removed it (~1 MB a run piled up in the temp dir)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import bench_causal_align as b; ds, _ = b.setup(32, 8, 1, 0); "
+            f"print(len(ds), len(list(__import__('pathlib').Path(r'{tmp_path}')"
+            ".glob('bench_ca_*'))))")
+    env = {**os.environ, "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["8", "1"]  # the data is there while the process runs
+    assert not list(tmp_path.glob("bench_ca_*"))
+
+
+@pytest.mark.parametrize(("name", "argv", "needle"), [
+    ("fd_hvp_probe", ["--fd-eps", "abc"], "--fd-eps must be numbers > 0"),
+    ("fd_hvp_probe", ["--fd-eps", "1e-3,0"], "--fd-eps must be numbers > 0"),
+    ("fd_hvp_probe", ["--caps", "3,x"], "--caps must be integers >= 1"),
+    ("fd_hvp_probe", ["--directions", "0"], "--directions must be >= 1, got 0"),
+    ("fd_hvp_probe", ["--out", "{tmp}"], "is a folder"),
+    ("warm_cosine_probes", ["--k", "0"], "--k must be >= 1, got 0"),
+    ("warm_cosine_probes", ["--ref-polish", "-1"], "--ref-polish must be >= 0, got -1"),
+    ("warm_cosine_probes", ["--out", "{tmp}"], "is a folder"),
+    ("warm_cosine_probes", ["--variants", "default;lr=abc"], "variant item 'lr=abc'"),
+])
+def test_fixed_theta_probes_refuse_bad_options_before_setup(name, argv, needle, tmp_path,
+                                                           monkeypatch, capsys):
+    """Each of these failed after `setup` and the reference solves, most with a traceback
+    (--fd-eps abc: ValueError; --k 0: ConfigError; a folder as --out: IsADirectoryError)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load(name)
+    monkeypatch.setattr(mod, "setup", lambda *a, **k: pytest.fail("setup ran"))
+    with pytest.raises(SystemExit) as exit_:
+        mod.main([arg.format(tmp=tmp_path) for arg in argv])
+    said = f"{exit_.value.code} {capsys.readouterr().err}"
+    assert needle in said
+
+
 def test_bench_causal_align_refuses_a_folder_as_out(tmp_path, monkeypatch, capsys):
     """--out FOLDER failed at the first row's write, after the reference solves."""
     mod = _load("bench_causal_align")
@@ -558,3 +603,21 @@ def test_counterfactual_solvers_refuses_bad_options_in_one_line(argv, needle, tm
     text = str(exit_.value.code) + capsys.readouterr().err
     assert needle.replace("{tmp}", str(tmp_path)) in text
     assert not (tmp_path / "s.json").exists()
+
+
+def test_cf_localisation_writes_null_not_nan_for_an_empty_group():
+    """A sample with no positive (or no annotated) image wrote NaN shares into the JSON."""
+    import torch
+
+    mod = _load("cf_localisation")
+    assert mod._stat(torch.tensor([]), torch.nanmean) is None
+    assert mod._stat(torch.tensor([float("nan")]), torch.nanmean) is None
+    assert mod._stat(torch.tensor([float("nan"), 0.25, 0.75]), torch.nanmean) == 0.5
+    assert mod._stat(torch.tensor([1.0, 3.0, 2.0]), torch.median) == 2.0
+    row = {"space": "pixel", "optimizer": "adam", "alpha": 0.01, "eps": 0.01, "flip_rate": 1.0,
+           "mask": None, "box": 0.5, "corner": 0.1, "mask_positive": None}
+    table = mod.markdown([{"run": "r", "method": "erm", "weights": "best", "symbol_present": True,
+                           "train_accuracy": 1.0, "symbol_swap_changes": 0.5,
+                           "area": {"mask": 0.05, "box": 0.15, "corner": 0.06},
+                           "counterfactuals": [row]}])
+    assert "| 1.00 | – | 0.500 | 0.100 | – |" in table

@@ -807,7 +807,7 @@ def test_dilate_is_applied_to_the_alignment_region():
         build_method("causal-align", {"dilate": -1})
 
 
-def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path):
+def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path, capsys):
     """benchmarks/causal_align_grad_in_training.py probes the implicit gradient between epochs;
     the run it probes must end exactly where an unprobed run with the same config ends, and
     every probe must report finite cosines for the run, each variant and both references."""
@@ -826,6 +826,11 @@ def test_gradient_probe_in_training_leaves_the_run_unchanged(tiny_data, tmp_path
                 "--probe-epochs", "1,2", "--probe-n", "4", "--ks", "3", "--ref-steps", "10",
                 "--threads", "0", "--variant", "+more:steps=6"]
                + [f"--set={s}" for s in sets])
+    # each probe's stages are announced (it printed nothing for minutes before)
+    err = capsys.readouterr().err
+    assert err.count("probe: tight reference from x0 (10 Adam at 0.01 + 10 Adam at 0.001 "
+                     "+ 10 Adam at 0.0001, 50 Gauss-Newton)") == 2, err
+    assert err.count("probe: variant more") == 2, err
     cfg = TrainConfig(method="causal-align", epochs=2, width=4, batch_size=16,
                       deletion_fractions=[0.1], method_args=dict(steps=3, align_batch=4))
     train(tiny_data, cfg, tmp_path / "plain", progress=False)
