@@ -428,19 +428,51 @@ def test_resume_on_another_dataset_is_refused_but_a_moved_one_is_accepted(run_co
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))
     before = (run_copy / "metrics.json").read_text()
     rc, _, err = _run(capsys, "train", other, "--out", run_copy, "--resume", "--no-progress")
-    _assert_user_error(rc, err, f"--resume continues the stored run, but it was trained on "
-                                f"{tiny_data.resolve()}, not {other}")
+    _assert_user_error(rc, err, f"--resume continues the stored run, but {other} is not the "
+                                f"dataset it was trained on")
     assert (run_copy / "metrics.json").read_text() == before
     # an exact copy of the stored dataset is the same data
     copy = tmp_path / "copy"
     shutil.copytree(tiny_data, copy)
     rc, _, err = _run(capsys, "train", copy, "--out", run_copy, "--resume", "--no-progress")
     assert rc == 0, err
-    # the stored dataset no longer exists (moved): another may continue it
+    # the stored dataset no longer exists (moved): its copy may continue it, another not
     cfg = run_copy / "config.yaml"
     cfg.write_text(cfg.read_text().replace(str(tiny_data.resolve()), str(tmp_path / "gone")))
+    rc, _, err = _run(capsys, "train", copy, "--out", run_copy, "--resume", "--no-progress")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "train", other, "--out", run_copy, "--resume", "--no-progress")
+    _assert_user_error(rc, err, "is not the dataset it was trained on")
+    # a run from before the digest: a moved dataset could be any, as before
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(keepends=True)
+                           if not line.startswith("data_digest:")))
     rc, _, err = _run(capsys, "train", other, "--out", run_copy, "--resume", "--no-progress")
     assert rc == 0, err
+
+
+def test_resume_on_a_dataset_regenerated_at_the_same_path_is_refused(tiny_data, tmp_path,
+                                                                     capsys):
+    """Regenerated in place (another seed, fewer images), the dataset passed the path check:
+    the run went on with a warm-start cache and history of other images (state audit)."""
+    from causalign.data.synth import SynthConfig, generate
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = tmp_path / "run"
+    common = ["--set", "width=4", "--set", "threads=1", "--set", "eval_saliency=gradient",
+              "--set", "deletion_fractions=[0.1]", "--no-progress"]
+    rc, _, err = _run(capsys, "train", data, "--out", run, "--epochs", "1", *common)
+    assert rc == 0, err
+    (run / "metrics.json").unlink()  # as if stopped before the end: resumable
+    shutil.rmtree(data)
+    generate(data, SynthConfig(n_train=24, n_val=8, n_test=8, size=32, seed=5))
+    before = (run / "checkpoint.pt").read_bytes()
+    rc, _, err = _run(capsys, "train", data, "--out", run, "--epochs", "1", "--resume",
+                      *common)
+    _assert_user_error(rc, err, f"--resume continues the stored run, but {data} is not the "
+                                f"dataset it was trained on (its dataset.yaml or manifest.csv "
+                                f"differ")
+    assert (run / "checkpoint.pt").read_bytes() == before
 
 
 def test_train_without_out_uses_one_folder_per_method_and_seed(tiny_data, tmp_path, capsys,

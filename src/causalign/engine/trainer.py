@@ -6,6 +6,7 @@ The trainer is method-agnostic: it calls `method(model, batch) -> LossOutput`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -194,6 +195,22 @@ def _init_slice_positions(model: nn.Module, weights: dict) -> dict:
     return {**weights, "position.weight": table}
 
 
+def dataset_digest(data: Path) -> str | None:
+    """A digest of the dataset's dataset.yaml and manifest.csv (labels, splits, attributes,
+    annotation files), stored in a run's config.yaml so --resume can tell a dataset
+    regenerated or edited in place from the one the run started on; None if unreadable."""
+    from ..data.format import MANIFEST, META
+
+    digest = hashlib.sha256()
+    try:
+        for name in (META, MANIFEST):
+            digest.update((data / name).read_bytes())
+            digest.update(b"\0")
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
 def same_dataset(a: Path, b: Path) -> bool:
     """The same folder, or a copy of it (identical dataset.yaml and manifest.csv)."""
     from ..data.format import MANIFEST, META
@@ -378,11 +395,21 @@ class Trainer:
             raise CausalignError(f"{self.out}: already holds a finished run (metrics.json) "
                                  f"without {CHECKPOINT} to resume from; choose another --out")
         if self.resume and ckpt.exists():
-            stored = read_run_config(self.out).get("data")
+            stored_cfg = read_run_config(self.out)
+            stored, digest = stored_cfg.get("data"), stored_cfg.get("data_digest")
             # another dataset would silently continue (and finally evaluate) the run on it,
-            # while config.yaml still names the first; a stored path that no longer exists
-            # is a moved dataset, and a copy (same manifest) is the same data: both may go on
-            if (isinstance(stored, str) and Path(stored).is_dir()
+            # while config.yaml still names the first. With the stored digest a copy or a
+            # moved dataset (same contents) may go on, and a dataset regenerated or edited
+            # at the same path may not: its warm-start cache and history belong to other
+            # images. Runs from before the digest: a stored path that no longer exists is a
+            # moved dataset, and a copy (same manifest) is the same data.
+            if isinstance(digest, str):
+                if dataset_digest(self.data) != digest:
+                    raise CausalignError(
+                        f"{self.out}: --resume continues the stored run, but {self.data} "
+                        f"is not the dataset it was trained on (its dataset.yaml or "
+                        f"manifest.csv differ from when the run started; use a new --out)")
+            elif (isinstance(stored, str) and Path(stored).is_dir()
                     and not same_dataset(Path(stored), self.data)):
                 raise CausalignError(f"{self.out}: --resume continues the stored run, but it "
                                      f"was trained on {stored}, not {self.data} (use a new "
@@ -495,6 +522,7 @@ class Trainer:
         elif self.dist.is_main:
             resolved = {
                 "data": str(self.data.resolve()),
+                "data_digest": dataset_digest(self.data),
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
                 **self.cfg.to_dict(),
@@ -1055,7 +1083,7 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
     return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
 
 
-RUN_METADATA = ("data", "causalign_version", "torch_version", "method_params")
+RUN_METADATA = ("data", "data_digest", "causalign_version", "torch_version", "method_params")
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
