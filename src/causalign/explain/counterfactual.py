@@ -739,7 +739,7 @@ class CounterfactualGenerator:
         if not is_target_rule(target_rule):
             raise ConfigError(f"counterfactual target rule must be 'other', 'predicted' or a "
                               f"class index, got {target_rule!r}")
-        self.model = model
+        self.model = _eager(model)
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
         self.polish = int(polish)
         self.distance, self.scale, self.eps = distance, scale, float(eps)
@@ -930,6 +930,17 @@ class CounterfactualGenerator:
                                     problem=prob, flipped=flipped, target_prob=target_prob)
 
 
+def _eager(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (``_orig_mod``, the same parameters), else
+    ``model``: the search and the implicit gradient run it eagerly. Through the compiled
+    graph, causal-align's alignment gradient came out silently wrong (backend eager: off by
+    13 % of its largest entry, the lean double-backward nodes of ``eval_mode(fold_bn=True)``
+    traced into the graph) or failed deep in AOTAutograd (inductor: "donated buffers
+    requires create_graph=False"); the caller's own forward (CE) stays compiled."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) else model
+
+
 def _check_no_batch_statistics(model: nn.Module, bn_stats: BNStats | None) -> None:
     """One clear line for a BatchNorm without running statistics (``track_running_stats=
     False``) and no fixed ``bn_stats`` for it: in eval mode it still normalises with the
@@ -1047,8 +1058,11 @@ def _check_class_logits(logits: object, n: int) -> None:
     IndexError."""
     shape = tuple(getattr(logits, "shape", ()))
     if not isinstance(logits, Tensor) or logits.dim() != 2 or shape[0] != n or shape[1] < 2:
+        # a dict or namedtuple output read "of shape ()"
+        got = f"of shape {shape}" if isinstance(logits, Tensor) else \
+            f"as a {type(logits).__name__}"
         raise InputError(f"counterfactual class targets need (N, C) class logits with C >= 2 "
-                         f"from the model, got outputs of shape {shape} for {n} inputs (a "
+                         f"from the model, got outputs {got} for {n} inputs (a "
                          f"single-logit binary classifier z: return torch.cat([-z, z], 1) / 2, "
                          f"whose softmax is sigmoid(z))")
 

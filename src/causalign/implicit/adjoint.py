@@ -106,9 +106,10 @@ def implicit_gradient(
     ``inner_objective(x)`` returns Σ_i T_i(x_i, θ) (a scalar) so ∇ₓ is block-diagonal over the
     batch; θ enters through closure and ``params`` lists the tensors to differentiate (leaves or
     intermediate tensors such as a predicted attribute vector; one tensor alone is taken as a
-    list of one, as in ``torch.autograd.grad``). Unused params get zeros. The caller's graph is
-    left intact: tensors computed from θ outside ``inner_objective`` can be backpropagated
-    through afterwards, and the function called again.
+    list of one, as in ``torch.autograd.grad``). Unused leaf params get zeros; a computed
+    param the objective never reaches (a parametrized .weight read outside it) is refused. The
+    caller's graph is left intact: tensors computed from θ outside ``inner_objective`` can be
+    backpropagated through afterwards, and the function called again.
     Per-sample CG needs the samples uncoupled: T_i may depend on x_i alone, so no BatchNorm
     in train mode (batch statistics), no dropout, and x of shape (D,) means D scalar
     problems, not one D-vector problem (give it shape (1, D)). A coupled objective gives a
@@ -253,6 +254,7 @@ def _mixed_product(g: Tensor, params: Sequence[Tensor], cg: CGResult) -> Implici
     # Only tensors that can carry a gradient are differentiated; the rest get zeros.
     diff_idx = [i for i, p in enumerate(params) if p.requires_grad]
     grads: list[Tensor] = [torch.zeros_like(p) for p in params]
+    mixed: Sequence[Tensor | None] = [None] * len(diff_idx)
     if diff_idx and g.requires_grad:
         with record_function("causalign.implicit.mixed_product"):
             # retain_graph: g's graph can reach nodes the caller built from θ outside
@@ -263,9 +265,18 @@ def _mixed_product(g: Tensor, params: Sequence[Tensor], cg: CGResult) -> Implici
                 g, [params[i] for i in diff_idx], grad_outputs=v, allow_unused=True,
                 retain_graph=True,
             )
-        for i, gr in zip(diff_idx, mixed, strict=True):
-            if gr is not None:
-                grads[i] = -gr
+    for i, gr in zip(diff_idx, mixed, strict=True):
+        if gr is not None:
+            grads[i] = -gr
+        elif params[i].grad_fn is not None:
+            # A computed tensor the objective never reached is a stale copy, not an unused
+            # weight: a parametrized module's .weight (parametrize, weight_norm,
+            # spectral_norm) is recomputed on every access, so [conv.weight] got an all-zero
+            # gradient, silently.
+            raise ValueError(f"params[{i}] is a computed tensor that inner_objective does "
+                             f"not use (its gradient would be 0): a parametrized weight is "
+                             f"recomputed on each access; pass the tensors it is computed "
+                             f"from (model.parameters())")
     return ImplicitResult(grads=tuple(grads), cg=cg)
 
 

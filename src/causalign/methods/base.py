@@ -144,10 +144,10 @@ class Method:
         own training loops with their own models and batches, where a mask without its channel
         axis silently broadcast into an (N, N, H, W) penalty and an (N,) output failed deep in
         cross_entropy ("Expected floating point type for target with class probabilities")."""
-        check_batch(self.name, batch, self.uses_annotations, model)
+        top = check_batch(self.name, batch, self.uses_annotations, model)
         if hasattr(model, "_orig_mod"):  # torch.compile'd (trainer only): no hook to trace
             return self.loss(model, batch)
-        handle = model.register_forward_hook(_logits_hook(self.name))
+        handle = model.register_forward_hook(_logits_hook(self.name, top))
         try:
             return self.loss(model, batch)
         finally:
@@ -175,8 +175,9 @@ def _describe(value: object) -> str:
 
 
 def check_batch(method: str, batch: Any, annotations: bool = False,
-                model: nn.Module | None = None) -> None:
-    """Fail with one clear line (InputError) on a batch a method cannot use.
+                model: nn.Module | None = None) -> int:
+    """Fail with one clear line (InputError) on a batch a method cannot use; returns the
+    largest label, for `_logits_hook` to check against the model's classes.
 
     A batch is a dict as `causalign.data.LesionDataset` (and a torch DataLoader over it)
     yields: ``image`` (N, C, *spatial) float, ``label`` (N,) int64 and, for methods that use
@@ -204,6 +205,12 @@ def check_batch(method: str, batch: Any, annotations: bool = False,
     if not isinstance(y, Tensor) or y.dtype != torch.long or tuple(y.shape) != (n,):
         raise InputError(f"{method}: batch['label'] must be an int64 tensor of shape ({n},) "
                          f"(one class index per image), got {_describe(y)}")
+    ids = batch.get("index")
+    if ids is not None and not (isinstance(ids, Tensor) and tuple(ids.shape) == (n,)):
+        # a list failed in causal-align with "only integer tensors of a single element can be
+        # converted to an index"
+        raise InputError(f"{method}: batch['index'] (dataset indices, optional) must be a "
+                         f"tensor of shape ({n},), got {_describe(ids)}")
     if annotations:
         region = (n, 1, *x.shape[2:])
         for key in ("mask", "box_mask"):
@@ -222,9 +229,15 @@ def check_batch(method: str, batch: Any, annotations: bool = False,
     # pixels ((1 - m) outside the lesion, x * m for the oracle): a 0/255 mask read from a PNG
     # gave weights of -254 and a silently wrong loss.
     graded = [k for k in ("mask", "box_mask") if annotations and batch[k].dtype != torch.bool]
-    counts = torch.stack([(~torch.isfinite(x)).sum(),
+    # The label range rides along: a label outside the model's classes failed in
+    # cross_entropy ("Target 5 is out of bounds"; on CUDA a device-side assert), and -100
+    # (cross_entropy's ignore_index) left CE silent and failed in causal-align naming y* 101.
+    counts = torch.stack([y.min(), y.max(), (~torch.isfinite(x)).sum(),
                           *((~((batch[k] >= 0) & (batch[k] <= 1))).sum() for k in graded)])
-    bad_pixels, *bad_masks = counts.tolist()
+    low, top, bad_pixels, *bad_masks = counts.tolist()
+    if low < 0:
+        raise InputError(f"{method}: batch['label'] must hold class indices >= 0, got {low} "
+                         f"(cross_entropy's ignore_index is not supported: drop those samples)")
     if bad_pixels:
         rows = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
@@ -239,16 +252,23 @@ def check_batch(method: str, batch: Any, annotations: bool = False,
                          f"use (mask > 0) for 0/255 masks")
     if model is not None:
         check_model_dtype(model, x)
+    return top
 
 
-def _logits_hook(method: str) -> Callable[[nn.Module, tuple, Any], None]:
-    """A forward hook that refuses a model output other than (N, classes >= 2) logits."""
+def _logits_hook(method: str, top: int | None = None
+                 ) -> Callable[[nn.Module, tuple, Any], None]:
+    """A forward hook that refuses a model output other than (N, classes >= 2) logits, or
+    fewer classes than label ``top`` needs."""
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] < 2:
             raise InputError(f"{method} needs a model that returns (N, classes) logits with "
                              f"classes >= 2 (for two classes end in nn.Linear(d, 2)); "
                              f"{type(module).__name__} returned {_describe(output)}")
+        if top is not None and top >= output.shape[1]:
+            raise InputError(f"{method}: batch['label'] holds class {top}, but "
+                             f"{type(module).__name__} returns {output.shape[1]} logits "
+                             f"(classes 0..{output.shape[1] - 1})")
 
     return hook
 
