@@ -400,6 +400,12 @@ def _is_cache_state(v: Any) -> bool:
     return isinstance(v, dict) and "ids" in v and "offsets" in v
 
 
+def _cache_rows(v: dict, keep: Tensor) -> dict:
+    """The rows ``keep`` of a cache state: ids, offsets and, where stored, the class target
+    each offset was solved for (`WarmStartCache`; dropped, the rows warm-started any y*)."""
+    return {k: v[k][keep] for k in ("ids", "offsets", "targets") if k in v}
+
+
 def touched_only(state: dict, touched: Tensor) -> dict:
     """``state`` with each per-sample cache cut to the entries of the samples in ``touched``
     (what `merge_method_states` takes from this rank)."""
@@ -409,7 +415,7 @@ def touched_only(state: dict, touched: Tensor) -> dict:
         if _is_cache_state(v):
             keep = torch.tensor([int(i) in wanted for i in v["ids"].tolist()],
                                 dtype=torch.bool)
-            out[key] = {"ids": v["ids"][keep], "offsets": v["offsets"][keep]}
+            out[key] = _cache_rows(v, keep)
     return out
 
 
@@ -449,23 +455,22 @@ def merge_method_states(states: list[dict], touched: list[Tensor],
         for r, ids in enumerate(touched):
             for i in ids.tolist():
                 owner[int(i)] = r
-        ids_out: list[Tensor] = []
-        off_out: list[Tensor] = []
+        parts: list[dict] = []
         base = (own if own is not None else states[0]).get(key)
         if _is_cache_state(base):  # entries no rank touched: equal on every rank
             keep = torch.tensor([int(i) not in owner for i in base["ids"].tolist()],
                                 dtype=torch.bool)
-            ids_out.append(base["ids"][keep])
-            off_out.append(base["offsets"][keep])
+            parts.append(_cache_rows(base, keep))
         for r, v in enumerate(values):
             if not v:
                 continue
             keep = torch.tensor([owner.get(int(i)) == r for i in v["ids"].tolist()],
                                 dtype=torch.bool)
-            ids_out.append(v["ids"][keep])
-            off_out.append(v["offsets"][keep])
-        merged[key] = ({"ids": torch.cat(ids_out), "offsets": torch.cat(off_out)}
-                       if ids_out and sum(len(i) for i in ids_out) else {})
+            parts.append(_cache_rows(v, keep))
+        # targets only where every part has them (a state from before they were kept: none)
+        fields = [k for k in ("ids", "offsets", "targets") if all(k in q for q in parts)]
+        merged[key] = ({k: torch.cat([q[k] for q in parts]) for k in fields}
+                       if sum(len(q["ids"]) for q in parts) else {})
     return merged
 
 

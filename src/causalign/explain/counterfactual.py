@@ -496,7 +496,11 @@ class WarmStartCache:
     device). Image-shaped offsets of augmented inputs (``dihedral``, see
     `dihedral_transform`) are stored in the sample's own orientation and handed back in
     the orientation it has now: a flipped image's offset reused as is started the next
-    search from a wrong (mirrored) offset.
+    search from a wrong (mirrored) offset. A row also keeps the class target y* it was
+    solved for (``target`` of `put`); `get` given the current targets misses where they
+    differ: with C > 2 classes the "other" rule's y* (the most likely other class) changes
+    as the model trains (23 % of the revisits of a 12-class run), and a search started
+    from a counterfactual towards another class ended worse than a cold one.
     """
 
     def __init__(self, capacity: int | None = None,
@@ -505,6 +509,9 @@ class WarmStartCache:
         self.known: Tensor | None = None  # (rows,) bool: the row holds a usable offset
         self.row_ids: Tensor | None = None  # (rows,) the dataset id each row belongs to
         self.row_of: Tensor | None = None  # (ids,) long: each id's row, -1 for none
+        # (rows,) long: the class y* each row was solved for, -1 unknown; None until a put
+        # gives targets (soft-target users pay nothing)
+        self.targets: Tensor | None = None
         # rows to grow to at most when doubling (the training split's size, as ids are its
         # indices): doubling past it allocated up to ~2N rows of offsets
         self.capacity = capacity
@@ -516,7 +523,7 @@ class WarmStartCache:
     @property
     def nbytes(self) -> int:
         """Bytes the cache holds (offsets and index tables)."""
-        held = (self.offsets, self.known, self.row_ids, self.row_of)
+        held = (self.offsets, self.known, self.row_ids, self.row_of, self.targets)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def cached_ids(self) -> Tensor:
@@ -532,6 +539,8 @@ class WarmStartCache:
         if self.offsets is not None and self.offsets.device != device:
             self.offsets, self.known = self.offsets.to(device), self.known.to(device)
             self.row_ids, self.row_of = self.row_ids.to(device), self.row_of.to(device)
+            if self.targets is not None:
+                self.targets = self.targets.to(device)
 
     def _rows(self, ids: Tensor) -> Tensor:
         """Each id's row (-1: none); ``ids`` on the cache's device."""
@@ -541,10 +550,12 @@ class WarmStartCache:
         return torch.where(inside, self.row_of[ids.clamp(0, self.row_of.shape[0] - 1)],
                            torch.full_like(ids, -1))
 
-    def get(self, ids: Tensor, like: Tensor, dihedral: Tensor | None = None
-            ) -> tuple[Tensor, Tensor]:
+    def get(self, ids: Tensor, like: Tensor, dihedral: Tensor | None = None,
+            target: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(offsets, hit) for ``ids``; misses get zero offsets. ``dihedral`` (N, 3): the
-        inputs' transforms; the stored (untransformed) offsets are transformed alike."""
+        inputs' transforms; the stored (untransformed) offsets are transformed alike.
+        ``target`` (N,) class y*: a row stored for another class is a miss (one stored
+        without a target, e.g. by an older checkpoint, still hits)."""
         if self.offsets is None or not self.offsets.shape[0] \
                 or self.offsets.shape[1:] != like.shape[1:]:
             return torch.zeros_like(like), torch.zeros(len(ids), dtype=torch.bool,
@@ -553,6 +564,9 @@ class WarmStartCache:
         rows = self._rows(ids.to(self.offsets.device).long())
         safe = rows.clamp(min=0)
         hit = (rows >= 0) & self.known[safe]
+        if target is not None and self.targets is not None:
+            stored = self.targets[safe]
+            hit = hit & ((stored < 0) | (stored == target.to(stored.device).long()))
         off = torch.where(hit.view(-1, *[1] * (like.dim() - 1)), self.offsets[safe],
                           torch.zeros((), dtype=self.offsets.dtype, device=hit.device))
         off, hit = off.to(like), hit.to(like.device)
@@ -582,11 +596,14 @@ class WarmStartCache:
                 (extra, *self.offsets.shape[1:]))])
             self.known = torch.cat([self.known, self.known.new_zeros(extra)])
             self.row_ids = torch.cat([self.row_ids, self.row_ids.new_full((extra,), -1)])
+            if self.targets is not None:
+                self.targets = torch.cat([self.targets, self.targets.new_full((extra,), -1)])
 
     def put(self, ids: Tensor, offsets: Tensor, keep: Tensor,
-            dihedral: Tensor | None = None) -> None:
+            dihedral: Tensor | None = None, target: Tensor | None = None) -> None:
         """Store rows where ``keep``; rows not kept are forgotten (e.g. a diverged solve).
-        ``dihedral`` (N, 3): the inputs' transforms, undone before storing."""
+        ``dihedral`` (N, 3): the inputs' transforms, undone before storing. ``target``
+        (N,): the class y* each offset was solved for (None: unknown, any target hits)."""
         if dihedral is not None:
             offsets = dihedral_transform(offsets, dihedral, inverse=True)
         home = self._home(offsets)
@@ -606,12 +623,16 @@ class WarmStartCache:
         rows = self._rows(kept)
         self.offsets[rows] = offsets[keep].detach().to(home, self.offsets.dtype)
         self.known[rows] = True
+        if target is not None and self.targets is None:
+            self.targets = self.row_ids.new_full(self.row_ids.shape, -1)
+        if self.targets is not None:
+            self.targets[rows] = -1 if target is None else target.to(home).long()[keep]
         dropped = self._rows(ids[~keep])
         self.known[dropped[dropped >= 0]] = False
 
     def clear(self) -> None:
         """Forget every cached offset."""
-        self.offsets = self.known = self.row_ids = self.row_of = None
+        self.offsets = self.known = self.row_ids = self.row_of = self.targets = None
 
     def state_dict(self) -> dict:
         """The cached samples' ids (ascending) and offsets (CPU), for a checkpoint; {} when
@@ -625,14 +646,19 @@ class WarmStartCache:
         chunks = [self.offsets[r].cpu() for r in rows.split(256)]
         offsets = torch.cat(chunks) if chunks else self.offsets.new_zeros(
             (0, *self.offsets.shape[1:]), device="cpu")
-        return {"ids": ids.cpu(), "offsets": offsets}
+        state = {"ids": ids.cpu(), "offsets": offsets}
+        if self.targets is not None:
+            state["targets"] = self.targets[rows].cpu()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the cache with what `state_dict` stored."""
         self.clear()
         if state and len(state.get("ids", ())):
+            # "targets": absent from checkpoints written before rows kept their y*
             self.put(state["ids"], state["offsets"], torch.ones(len(state["ids"]),
-                                                                dtype=torch.bool))
+                                                                dtype=torch.bool),
+                     target=state.get("targets"))
 
 
 # --------------------------------------------------------------------------- generator
@@ -882,11 +908,14 @@ class CounterfactualGenerator:
                 ids = ids.to(dihedral.device) * 8 + dihedral_code(dihedral)
                 cache_dihedral = None
         prob = self.problem(x0, target, dihedral)
+        # the warm start reuses only offsets solved for the same class y* (`WarmStartCache`);
+        # soft attribute targets are not checked
+        class_target = None if target.is_floating_point() else target
         u0 = prob.u0
         warm = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
         u = u0.clone()
         if self.warm_start and ids is not None:
-            off, warm = self.cache.get(ids, u0, cache_dihedral)
+            off, warm = self.cache.get(ids, u0, cache_dihedral, class_target)
             u = prob.project(u0 + off)  # an offset stored unbounded may leave the box
         with eval_mode(self.model, fold_bn=True, bn_stats=bn_stats):
             solve = {"adam": _adam, "ista": _proximal_gradient,
@@ -923,7 +952,7 @@ class CounterfactualGenerator:
             flipped = ok & prob.reached(logits)
         diverged = ~ok
         if self.warm_start and ids is not None:
-            self.cache.put(ids, u - u0, ok, cache_dihedral)
+            self.cache.put(ids, u - u0, ok, cache_dihedral, class_target)
         dist = distance_value(u - u0, self.distance, prob.scale, eps=0.0)
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
