@@ -57,7 +57,8 @@ def test_data_parallel_merge_keeps_the_targets():
     a.put(torch.tensor([0, 1]), off, torch.ones(2, dtype=torch.bool), target=torch.tensor([3, 4]))
     b.put(torch.tensor([0, 1]), off, torch.ones(2, dtype=torch.bool), target=torch.tensor([5, 6]))
     touched = [torch.tensor([0]), torch.tensor([1])]
-    states = [touched_only({"cache": c.state_dict()}, t) for c, t in zip((a, b), touched)]
+    states = [touched_only({"cache": c.state_dict()}, t)
+              for c, t in zip((a, b), touched, strict=True)]
     merged = merge_method_states(states, touched, own={"cache": a.state_dict()})["cache"]
     got = dict(zip(merged["ids"].tolist(), merged["targets"].tolist(), strict=True))
     assert got == {0: 3, 1: 6}
