@@ -887,7 +887,7 @@ def test_latent_space_auto_cg_budget_solves_what_three_iterations_drop(tiny_data
 
     assert auto_cg_iters(2, soft=False) == 3
     assert auto_cg_iters(2, soft=False, curved_map=True) == 10
-    assert auto_cg_iters(12, soft=False, curved_map=True) == 12
+    assert auto_cg_iters(12, soft=False, curved_map=True) == 22  # C + 10 for C > 2
     ds = LesionDataset(tiny_data, "train")
     torch.manual_seed(0)
     model = build_model("cnn7", 1, 2, width=4)
