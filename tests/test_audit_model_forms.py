@@ -133,3 +133,15 @@ def test_a_dict_output_is_named_by_the_generator():
 
     with pytest.raises(InputError, match=r"got outputs as a dict for 4 inputs"):
         CounterfactualGenerator(DictOut().eval()).generate(_batch()["image"])
+
+
+def test_an_objective_free_of_every_param_gives_zeros_also_for_computed_params():
+    """The refusal above is for an objective that depends on θ through other tensors; one
+    that depends on none (no sample aligned, say) has a zero gradient for every param."""
+    theta = torch.randn(3, requires_grad=True)
+    a = theta.exp()  # computed, unused by the objective
+    x0 = torch.rand(2, 3)
+    res = implicit_gradient(lambda u: 0.5 * (u - x0).square().sum(), x0, [theta, a],
+                            torch.ones_like(x0), cg_tol=1e-8, cg_max_iter=10)
+    assert all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(res.grads, [theta, a],
+                                                                     strict=True))

@@ -106,8 +106,9 @@ def implicit_gradient(
     ``inner_objective(x)`` returns Σ_i T_i(x_i, θ) (a scalar) so ∇ₓ is block-diagonal over the
     batch; θ enters through closure and ``params`` lists the tensors to differentiate (leaves or
     intermediate tensors such as a predicted attribute vector; one tensor alone is taken as a
-    list of one, as in ``torch.autograd.grad``). Unused leaf params get zeros; a computed
-    param the objective never reaches (a parametrized .weight read outside it) is refused. The
+    list of one, as in ``torch.autograd.grad``). Unused params get zeros, except a computed
+    param the objective never reaches although it reaches the weights the param is computed
+    from (a parametrized .weight read outside it: a stale copy), which is refused. The
     caller's graph is left intact: tensors computed from θ outside ``inner_objective`` can be
     backpropagated through afterwards, and the function called again.
     Per-sample CG needs the samples uncoupled: T_i may depend on x_i alone, so no BatchNorm
@@ -268,16 +269,36 @@ def _mixed_product(g: Tensor, params: Sequence[Tensor], cg: CGResult) -> Implici
     for i, gr in zip(diff_idx, mixed, strict=True):
         if gr is not None:
             grads[i] = -gr
-        elif params[i].grad_fn is not None:
-            # A computed tensor the objective never reached is a stale copy, not an unused
-            # weight: a parametrized module's .weight (parametrize, weight_norm,
-            # spectral_norm) is recomputed on every access, so [conv.weight] got an all-zero
-            # gradient, silently.
+        elif params[i].grad_fn is not None and _reaches_leaves_of(g, v, params[i]):
+            # A computed tensor the objective never reached, while it does reach the weights
+            # the tensor is computed from, is a stale copy: a parametrized module's .weight
+            # (parametrize, weight_norm, spectral_norm) is recomputed on every access, so
+            # [conv.weight] got an all-zero gradient, silently. One whose weights the
+            # objective does not use at all keeps its zero gradient.
             raise ValueError(f"params[{i}] is a computed tensor that inner_objective does "
                              f"not use (its gradient would be 0): a parametrized weight is "
                              f"recomputed on each access; pass the tensors it is computed "
                              f"from (model.parameters())")
     return ImplicitResult(grads=tuple(grads), cg=cg)
+
+
+def _reaches_leaves_of(g: Tensor, v: Tensor, tensor: Tensor) -> bool:
+    """Whether g·v depends on any leaf ``tensor`` is computed from (one extra backward, on
+    the refusal path only)."""
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf that requires grad
+            leaves.append(node.variable)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    if not leaves or not g.requires_grad:
+        return False
+    reached = torch.autograd.grad(g, leaves, grad_outputs=v, allow_unused=True,
+                                  retain_graph=True)
+    return any(r is not None for r in reached)
 
 
 def _as_param_list(params: Sequence[Tensor] | Tensor) -> list[Tensor]:
