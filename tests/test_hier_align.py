@@ -196,6 +196,29 @@ def test_build_model_needs_attributes():
         method.build_model(TrainConfig(), info)
 
 
+def test_train_refuses_data_without_any_attribute_annotation(tiny_data, tmp_path, capsys):
+    """Attributes declared but every cell empty: no BCE term and no attribute alignment; it
+    trained silently, while a dataset declaring no attributes is refused."""
+    import csv
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    with open(data / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.update({k: "" for k in row if k.startswith("attr_")})
+    with open(data / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code = main(["train", str(data), "--method", "hier-align", "--epochs", "1", "--out",
+                 str(tmp_path / "run"), "--set", "threads=1", "--no-progress"])
+    assert code != 0
+    assert "no training sample has one" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_reports_attribute_accuracy(tiny_data, tmp_path):
     cfg = TrainConfig(method="hier-align", epochs=1, batch_size=48, width=4, device="cpu",
                       method_args=dict(FAST))

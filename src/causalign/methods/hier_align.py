@@ -236,6 +236,13 @@ class HierAlign(Method):
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """CCCE attribution r on the training annotations; pixel-distance statistics."""
+        attrs = getattr(train_set, "attributes", None)
+        if attrs is not None and attrs.numel() and bool(torch.isnan(attrs).all()):
+            # declared but never annotated (all attr_ cells empty): no BCE term and no
+            # attribute-level alignment, so f₁'s "attributes" were unsupervised logits and
+            # the run trained without a word (a dataset declaring none is refused)
+            raise CausalignError("method 'hier-align' needs attribute annotations; no "
+                                 "training sample has one (every attr_ cell is empty)")
         self.pixel.setup(train_set, getattr(model, "f1", model))
         self.fit_attribution(train_set.attributes, train_set.labels)
 
