@@ -325,3 +325,23 @@ def test_gauss_newton_solve_at_both_levels():
     # level's alignment really is in both
     (_, f2_none), _ = run(lam2=0.0, **tight)
     assert cos(f2_exact, f2_none, dim=0) < 0.99
+
+
+def test_a_one_class_training_split_warns_that_the_attribute_level_never_aligns():
+    """Every annotated sample of one class: CCCE attributes nothing, and the run trained with
+    no attribute-level alignment without a word (hier audit)."""
+    import warnings
+
+    method = build_method("hier-align")
+    attrs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    with pytest.warns(UserWarning, match=r"every fully annotated training sample has label 0, "
+                                         r"so CCCE attributes nothing"):
+        method.fit_attribution(attrs, torch.zeros(3, dtype=torch.long))
+    assert not method.r_known.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two classes: no warning
+        method.fit_attribution(attrs, torch.tensor([0, 1, 1]))
+    quiet = build_method("hier-align", {"lam2": 0.0})  # the level is off: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.fit_attribution(attrs, torch.zeros(3, dtype=torch.long))

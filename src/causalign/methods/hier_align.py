@@ -29,6 +29,7 @@ over |S| ≤ 3.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -259,6 +260,11 @@ class HierAlign(Method):
         if not full.any() or set(np.unique(y[full]).tolist()) - {0, 1} \
                 or len(np.unique(y[full])) < 2:
             # nothing to fit (no complete rows, one class, or not a binary label)
+            if full.any() and len(np.unique(y[full])) < 2 and self.params.lam2 > 0:
+                # the run went on with no attribute-level alignment and no word about it
+                warnings.warn(f"hier-align: every fully annotated training sample has label "
+                              f"{int(y[full][0])}, so CCCE attributes nothing and the "
+                              f"attribute level (method.lam2) never aligns", stacklevel=2)
             self.r_table = torch.zeros(n, p, dtype=torch.bool)
             self.r_known = torch.zeros(n, dtype=torch.bool)
             self.attribution = None
