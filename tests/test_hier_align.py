@@ -329,19 +329,17 @@ def test_gauss_newton_solve_at_both_levels():
 
 def test_a_one_class_training_split_warns_that_the_attribute_level_never_aligns():
     """Every annotated sample of one class: CCCE attributes nothing, and the run trained with
-    no attribute-level alignment without a word (hier audit)."""
+    no attribute-level alignment without a word (hier audit). Only the training split of
+    `setup` is judged, not a batch-local attribution."""
     import warnings
 
     method = build_method("hier-align")
-    attrs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    attrs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [float("nan"), 1.0]])
     with pytest.warns(UserWarning, match=r"every fully annotated training sample has label 0, "
                                          r"so CCCE attributes nothing"):
-        method.fit_attribution(attrs, torch.zeros(3, dtype=torch.long))
-    assert not method.r_known.any()
+        method._warn_one_class(attrs, torch.tensor([0, 0, 0, 1]))  # the 1 lacks an attribute
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # two classes: no warning
-        method.fit_attribution(attrs, torch.tensor([0, 1, 1]))
-    quiet = build_method("hier-align", {"lam2": 0.0})  # the level is off: nothing to say
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        quiet.fit_attribution(attrs, torch.zeros(3, dtype=torch.long))
+        method._warn_one_class(attrs, torch.tensor([0, 1, 1, 1]))
+        # the level is off: nothing to say
+        build_method("hier-align", {"lam2": 0.0})._warn_one_class(attrs, torch.zeros(4).long())

@@ -246,6 +246,18 @@ class HierAlign(Method):
                                  "training sample has one (every attr_ cell is empty)")
         self.pixel.setup(train_set, getattr(model, "f1", model))
         self.fit_attribution(train_set.attributes, train_set.labels)
+        self._warn_one_class(train_set.attributes, train_set.labels)
+
+    def _warn_one_class(self, attributes: Tensor, labels: Tensor) -> None:
+        """A training split whose fully annotated samples share one class ran with no
+        attribute-level alignment (CCCE attributes nothing) and no word about it. Only for
+        the split in `setup`: a batch-local attribution (no setup) sees one batch."""
+        full = ~torch.isnan(attributes.detach().cpu().double()).any(1)
+        classes = labels.detach().cpu()[full].unique()
+        if len(classes) == 1 and self.params.lam2 > 0:
+            warnings.warn(f"hier-align: every fully annotated training sample has label "
+                          f"{int(classes[0])}, so CCCE attributes nothing and the attribute "
+                          f"level (method.lam2) never aligns", stacklevel=2)
 
     def fit_attribution(self, attributes: Tensor, labels: Tensor) -> None:
         """r for every row (NaN = missing attribute; rows with any NaN get no r)."""
@@ -260,11 +272,6 @@ class HierAlign(Method):
         if not full.any() or set(np.unique(y[full]).tolist()) - {0, 1} \
                 or len(np.unique(y[full])) < 2:
             # nothing to fit (no complete rows, one class, or not a binary label)
-            if full.any() and len(np.unique(y[full])) < 2 and self.params.lam2 > 0:
-                # the run went on with no attribute-level alignment and no word about it
-                warnings.warn(f"hier-align: every fully annotated training sample has label "
-                              f"{int(y[full][0])}, so CCCE attributes nothing and the "
-                              f"attribute level (method.lam2) never aligns", stacklevel=2)
             self.r_table = torch.zeros(n, p, dtype=torch.bool)
             self.r_known = torch.zeros(n, dtype=torch.bool)
             self.attribution = None
