@@ -335,11 +335,14 @@ def test_a_one_class_training_split_warns_that_the_attribute_level_never_aligns(
 
     method = build_method("hier-align")
     attrs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [float("nan"), 1.0]])
-    with pytest.warns(UserWarning, match=r"every fully annotated training sample has label 0, "
-                                         r"so CCCE attributes nothing"):
-        method._warn_one_class(attrs, torch.tensor([0, 0, 0, 1]))  # the 1 lacks an attribute
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # two classes: no warning
-        method._warn_one_class(attrs, torch.tensor([0, 1, 1, 1]))
-        # the level is off: nothing to say
-        build_method("hier-align", {"lam2": 0.0})._warn_one_class(attrs, torch.zeros(4).long())
+    def said(m, labels: list[int]) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m._warn_one_class(attrs, torch.tensor(labels))
+        return [str(w.message) for w in caught]
+
+    one = said(method, [0, 0, 0, 1])  # the 1 lacks an attribute: one class among the full
+    assert len(one) == 1 and one[0].startswith("hier-align: every fully annotated training "
+                                               "sample has label 0, so CCCE attributes nothing")
+    assert said(method, [0, 1, 1, 1]) == []  # two classes
+    assert said(build_method("hier-align", {"lam2": 0.0}), [0, 0, 0, 1]) == []  # level off

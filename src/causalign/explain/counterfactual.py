@@ -512,6 +512,7 @@ class WarmStartCache:
         # (rows,) long: the class y* each row was solved for, -1 unknown; None until a put
         # gives targets (soft-target users pay nothing)
         self.targets: Tensor | None = None
+        self.rows_used = 0  # rows handed out so far (row_ids >= 0)
         # rows to grow to at most when doubling (the training split's size, as ids are its
         # indices): doubling past it allocated up to ~2N rows of offsets
         self.capacity = capacity
@@ -612,7 +613,7 @@ class WarmStartCache:
             return
         if self.offsets is not None and self.offsets.shape[1:] != offsets.shape[1:]:
             self.clear()  # another input shape: old entries are useless
-        used = 0 if self.row_ids is None else int((self.row_ids >= 0).sum())
+        used = self.rows_used  # a Python count: no device sync per step
         self._grow(int(ids.max()) + 1, used, offsets, home)
         kept = ids[keep]
         new = torch.unique(kept[self._rows(kept) < 0])  # ids stored for the first time
@@ -620,6 +621,7 @@ class WarmStartCache:
             self._grow(0, used + len(new), offsets, home)
             fresh = torch.arange(used, used + len(new), device=home)
             self.row_of[new], self.row_ids[fresh] = fresh, new
+            self.rows_used = used + len(new)
         rows = self._rows(kept)
         self.offsets[rows] = offsets[keep].detach().to(home, self.offsets.dtype)
         self.known[rows] = True
@@ -633,6 +635,7 @@ class WarmStartCache:
     def clear(self) -> None:
         """Forget every cached offset."""
         self.offsets = self.known = self.row_ids = self.row_of = self.targets = None
+        self.rows_used = 0
 
     def state_dict(self) -> dict:
         """The cached samples' ids (ascending) and offsets (CPU), for a checkpoint; {} when
