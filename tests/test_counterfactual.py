@@ -351,6 +351,12 @@ def test_cli_counterfactual_writes_triptychs(erm_run, tmp_path):
         assert (out / "triptychs" / f"{r['id']}.png").stat().st_size > 1000
         assert isinstance(r["flipped"], bool) and r["distance"] >= 0
     assert summary["mean_distance"] > 0 and (out / "grid.png").exists()
+    # the per prediction→target breakdown partitions the searched samples
+    by = summary["by_transition"]
+    assert sum(t["n"] for t in by.values()) == 3
+    for key, t in by.items():
+        rs = [r for r in summary["samples"] if f"{r['prediction']}→{r['target']}" == key]
+        assert t["n"] == len(rs) and t["flip_rate"] == np.mean([r["flipped"] for r in rs])
 
 
 def test_cli_counterfactual_ista(erm_run, tmp_path, capsys):
@@ -783,3 +789,17 @@ def test_newton_flags_a_nan_model_and_never_steps_to_a_non_finite_point(trained)
         x[1:], target=target[1:])
     assert not edge.diverged.any() and torch.isfinite(edge.x_star).all()
     assert (edge.x_star.flatten(1).amax(1) <= 0.905).all()
+
+
+def test_transition_rates_group_by_prediction_and_target():
+    from causalign.explain.counterfactual_export import transition_rates
+
+    rec = [dict(prediction=2, target=0, flipped=True, target_prob=0.9, distance=1.0),
+           dict(prediction=2, target=0, flipped=False, target_prob=0.3, distance=3.0),
+           dict(prediction=0, target=1, flipped=True, target_prob=0.7, distance=2.0)]
+    rates = transition_rates(rec)
+    assert list(rates) == ["0→1", "2→0"]
+    assert rates["2→0"] == {"n": 2, "flip_rate": 0.5, "mean_target_prob": 0.6,
+                            "mean_distance": 2.0}
+    assert rates["0→1"]["n"] == 1 and rates["0→1"]["flip_rate"] == 1.0
+    assert transition_rates([]) == {}

@@ -559,6 +559,11 @@ def counterfactual(
                f"{_f(summary['flip_rate'])}, change inside the annotation "
                f"{_f(summary['change_in_mask'])}, x* values outside [{lo:g}, {hi:g}]: "
                f"{summary['n_out_of_range']}")
+    by = summary.get("by_transition") or {}
+    if len(by) > 1:  # one overall rate hides a prediction→target pair the search cannot reach
+        typer.echo("flip rate by prediction→target: " + ", ".join(
+            f"{k} {_f(v['flip_rate'])} (n {v['n']})"
+            for k, v in sorted(by.items(), key=lambda kv: kv[1]["flip_rate"])[:8]))
     rates = summary.get("attribute_change_rate")
     if rates:  # hierarchical run: which predicted attributes the counterfactuals changed
         typer.echo("attributes changed (share of counterfactuals, â → a*): " + ", ".join(

@@ -159,6 +159,21 @@ def _crossing(before: float, after: float) -> str:
     return f"{b}→{a}"
 
 
+def transition_rates(done: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per "prediction→target" pair (class indices, e.g. "2→0"): how many counterfactuals
+    were searched, their flip rate, mean target probability and mean distance. With many
+    classes one overall flip rate hides a pair the search cannot reach."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in done:
+        groups.setdefault((r["prediction"], r["target"]), []).append(r)
+    return {f"{src}→{dst}": {
+        "n": len(rs),
+        "flip_rate": float(np.mean([r["flipped"] for r in rs])),
+        "mean_target_prob": float(np.mean([r["target_prob"] for r in rs])),
+        "mean_distance": float(np.mean([r["distance"] for r in rs])),
+    } for (src, dst), rs in sorted(groups.items())}
+
+
 def attribute_change_rates(records: list[dict], names: list[str]) -> dict:
     """Share of counterfactuals in which each attribute's thresholded prediction flipped."""
     rows = [r for r in records if "attributes_changed" in r]
@@ -373,6 +388,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
         "out_of_range_share": (sum(r["n_out_of_range"] for r in done)
                                / (len(done) * n_values) if done else None),
         **attribute_change_rates(done, list(dataset.meta.attributes)),
+        "by_transition": transition_rates(done),
         "settings": asdict(settings), "out": str(out), "samples": records,
     }
     files.path("summary.json")
