@@ -85,6 +85,29 @@ def test_bench_step_prints_contract(capsys):
     assert json.loads(out)["method_args"] == {"lam": 5}  # the settings timed are recorded
 
 
+def test_bench_step_times_a_many_class_model(capsys, monkeypatch):
+    # Before there was no --classes: causal-align's multi-class cost (its CG budget is
+    # C + 10) could not be timed with `bench step`.
+    from causalign.engine import bench
+
+    seen = {}
+    real = bench.time_steps_alternated
+
+    def spy(method, batch, cfg, info, *args, **kwargs):
+        seen.update(classes=info.num_classes, labels=set(batch["label"].tolist()))
+        return real(method, batch, cfg, info, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_steps_alternated", spy)
+    rc, out, err = _run(capsys, "bench", "step", "--method", "causal-align", "--classes", "5",
+                        "--size", "16", "--batch-size", "16", "--steps", "1", "--warmup", "0",
+                        "--set", "method.steps=2")
+    assert rc == 0, err
+    assert json.loads(out)["classes"] == 5 and seen["classes"] == 5
+    assert seen["labels"] <= set(range(5)) and max(seen["labels"]) >= 2
+    rc, out, err = _run(capsys, "bench", "step", "--classes", "1")
+    assert rc != 0 and err.strip() == "error: --classes must be >= 2, got 1"
+
+
 def test_bench_step_times_the_volume_model_on_volumes(capsys):
     # Before there was no --depth: `bench step --model multiview` was refused for its 2D
     # images, so the multiview step could not be timed at all.

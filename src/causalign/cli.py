@@ -657,6 +657,7 @@ def bench_step_cmd(
     depth: Annotated[int, typer.Option(help="slices per volume (1: 2D images; >= 4 for "
                                             "--model multiview)")] = 1,
     batch_size: Annotated[int, typer.Option(help="images per step")] = 64,
+    classes: Annotated[int, typer.Option(help="classes (model outputs, label range)")] = 2,
     steps: Annotated[int, typer.Option(help="timed steps (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
@@ -683,7 +684,7 @@ def bench_step_cmd(
     try:
         result = bench_step(method, size=size, batch_size=batch_size, steps=steps,
                             warmup=warmup, device=device, model=model, method_args=args,
-                            profile=profile, depth=depth)
+                            profile=profile, depth=depth, classes=classes)
     finally:
         torch.set_num_threads(saved)
     typer.echo(json.dumps(result))

@@ -17,10 +17,10 @@ from .trainer import resolve_device
 
 def synthetic_batch(batch_size: int, size: int, channels: int = 1, num_attributes: int = 6,
                     device: torch.device | str = "cpu", seed: int = 0,
-                    depth: int = 1) -> dict[str, torch.Tensor]:
+                    depth: int = 1, num_classes: int = 2) -> dict[str, torch.Tensor]:
     """A random batch with square lesion masks, enough to exercise every method's step.
     ``depth`` > 1 gives (C, D, H, W) volumes whose lesion spans the middle half of the
-    slices, for the volume models."""
+    slices, for the volume models; labels are drawn uniformly from ``num_classes``."""
     g = torch.Generator().manual_seed(seed)
     spatial = (size, size) if depth == 1 else (depth, size, size)
     x = torch.rand(batch_size, channels, *spatial, generator=g)
@@ -33,7 +33,8 @@ def synthetic_batch(batch_size: int, size: int, channels: int = 1, num_attribute
               slice(c[0] - r, c[0] + r), slice(c[1] - r, c[1] + r))] = 1.0
     attrs = (torch.rand(batch_size, num_attributes, generator=g) > 0.5).float()
     batch = {
-        "image": x, "label": torch.randint(0, 2, (batch_size,), generator=g), "mask": mask,
+        "image": x, "label": torch.randint(0, num_classes, (batch_size,), generator=g),
+        "mask": mask,
         "has_mask": torch.ones(batch_size, dtype=torch.bool), "box_mask": mask,
         "has_annotation": torch.ones(batch_size, dtype=torch.bool), "attributes": attrs,
         "attr_known": torch.ones(batch_size, num_attributes, dtype=torch.bool),
@@ -146,7 +147,7 @@ def _one_value_per_channel(exc: ValueError, method: str, model: str,
 def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5,
                warmup: int = 2, device: str = "auto", model: str = "cnn7",
                method_args: dict | None = None, profile: bool = False,
-               depth: int = 1) -> dict:
+               depth: int = 1, classes: int = 2) -> dict:
     """Median seconds per training step for `method` and for ERM, same process and batch,
     their steps alternated.
     ``profile``: time the method's steps once more under torch.profiler and add
@@ -154,9 +155,12 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
     (`PROFILED_PARTS`: counterfactual search, the implicit gradient's first derivative, CG
     and mixed product; the rest is the forward, backward and optimizer step) and
     ``profiled_step_ms`` (that run's mean step, profiler overhead included). ``depth`` > 1
-    times (1, depth, size, size) volumes, which the volume models (`multiview`) need."""
+    times (1, depth, size, size) volumes, which the volume models (`multiview`) need.
+    ``classes``: the model's outputs and the labels' range (causal-align's search and CG
+    budget depend on it)."""
     for name, value, least in (("size", size, 8), ("batch_size", batch_size, 1),
-                               ("steps", steps, 1), ("warmup", warmup, 0), ("depth", depth, 1)):
+                               ("steps", steps, 1), ("warmup", warmup, 0), ("depth", depth, 1),
+                               ("classes", classes, 2)):
         if value < least:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if 1 < depth < 4:  # as `causalign data synth --depth`: multiview's views need 4 slices
@@ -168,9 +172,9 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
     dev = resolve_device(device)
     cfg = TrainConfig(method=method, model=model)
     shape = (1, size, size) if depth == 1 else (1, depth, size, size)
-    info = DataInfo(in_channels=1, num_classes=2, image_shape=shape,
+    info = DataInfo(in_channels=1, num_classes=classes, image_shape=shape,
                     attributes=[f"a{i}" for i in range(6)])
-    batch = synthetic_batch(batch_size, size, device=dev, depth=depth)
+    batch = synthetic_batch(batch_size, size, device=dev, depth=depth, num_classes=classes)
     build_method(method, method_args or {})  # validate before timing anything
     # the runs seed torch's generator (`_TimedStep`): the caller's is restored after
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -190,7 +194,7 @@ def _bench(method: str, batch: dict[str, torch.Tensor], cfg: TrainConfig, info: 
     m, e = statistics.median(other), statistics.median(erm)
     result = {
         "method": method, "seconds_per_step": m, "erm_seconds_per_step": e,
-        "ratio_to_erm": m / e, "size": size, "depth": depth,
+        "ratio_to_erm": m / e, "size": size, "depth": depth, "classes": info.num_classes,
         "batch_size": len(batch["label"]), "steps": steps,
         # the --set settings and warm-up: two results of one method were told apart only by
         # their file names
