@@ -259,7 +259,8 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
                 if not isinstance(m, nn.modules.batchnorm._BatchNorm):
                     continue
                 stats = bn_stats.get(m)
-                if stats is None and not (fold_bn and m.running_var is not None):
+                if stats is None and not (fold_bn and m.running_var is not None
+                                          and _own_forward(m)):
                     continue
                 patched.append((m, m.__dict__.get("forward")))
                 mean, var = stats if stats is not None else (m.running_mean, m.running_var)
@@ -274,6 +275,14 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
                 del m.forward
                 if old is not None:
                     m.forward = old
+
+
+def _own_forward(m: nn.Module) -> bool:
+    """Whether folding may replace ``m``'s forward: none set on the instance, or an enclosing
+    ``eval_mode``'s. Another one (a wrapper, a monkeypatch) may compute more than the
+    class's forward, which the folded map would silently skip; it runs as it is."""
+    fwd = m.__dict__.get("forward")
+    return fwd is None or (isinstance(fwd, partial) and fwd.func is _bn_affine)
 
 
 def _bn_affine(bn: nn.Module, mean: Tensor, var: Tensor, x: Tensor) -> Tensor:
