@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalign.errors import InputError
 from causalign.explain.counterfactual import capture_bn_stats, eval_mode
 from causalign.implicit import implicit_gradient
 from causalign.implicit.fastgrad import double_backward_graph
@@ -78,6 +79,28 @@ def test_nested_eval_mode_still_records_the_lean_nodes() -> None:
     assert type(out.grad_fn).__name__.startswith("_ReLU")
     assert type(out.grad_fn.next_functions[0][0]).__name__.startswith("_Conv")
     assert all("forward" not in m.__dict__ for m in net.modules())
+
+
+class _SharedBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.relu(self.bn(self.conv(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_capture_bn_stats_refuses_a_batchnorm_run_twice() -> None:
+    """One (mean, var) per module: a BatchNorm applied at two places got its last call's
+    statistics at both, silently another function than the training forward (0.66)."""
+    torch.manual_seed(0)
+    net = _SharedBN().to(D).train()
+    with pytest.raises(InputError, match="'bn' ran more than once"), torch.no_grad(), \
+            capture_bn_stats(net):
+        net(torch.randn(6, 3, 6, 6, dtype=D))
 
 
 def test_captured_statistics_reproduce_the_training_forward() -> None:

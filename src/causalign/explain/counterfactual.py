@@ -303,11 +303,19 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
     observed on the plus-minus benchmark (train-mode accuracy 1.0, eval-mode a constant).
     Freezing the current batch's statistics as constants gives the inner problem the very
     function CE trains, still without any interaction between samples.
+    A BatchNorm run more than once (one module applied at several places) normalises each
+    call with that call's statistics, but a module holds one (mean, var): the inner problem
+    would use the last call's everywhere, another function than CE trains (logits off by
+    0.66 on a two-call model), so that is refused in one line (InputError) when the
+    context closes.
     """
     store: BNStats = {}
+    repeated: list[nn.Module] = []
 
     def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         if m.training:
+            if m in store and m not in repeated:
+                repeated.append(m)
             store[m] = channel_mean_var(inp[0].detach())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
@@ -317,6 +325,12 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
     finally:
         for h in handles:
             h.remove()
+    if repeated:
+        name = next((n for n, m in model.named_modules() if m is repeated[0]), "")
+        raise InputError(f"BatchNorm '{name or type(repeated[0]).__name__}' ran more than once "
+                         f"while its statistics were captured: each call has its own batch "
+                         f"statistics, which one fixed (mean, var) cannot reproduce; use "
+                         f"bn='running' or a separate BatchNorm module per call")
 
 
 MAX_SMOOTH_SIGMA = 1024.0
