@@ -991,9 +991,22 @@ def _eager(model: nn.Module) -> nn.Module:
     graph, causal-align's alignment gradient came out silently wrong (backend eager: off by
     13 % of its largest entry, the lean double-backward nodes of ``eval_mode(fold_bn=True)``
     traced into the graph) or failed deep in AOTAutograd (inductor: "donated buffers
-    requires create_graph=False"); the caller's own forward (CE) stays compiled."""
+    requires create_graph=False"); the caller's own forward (CE) stays compiled. A compiled
+    module inside ``nn.DataParallel`` (rewrapped around the eager module, same devices) or
+    ``DistributedDataParallel`` (its eager module: a new DDP would broadcast) is unwrapped
+    alike: through the wrapper the gradient was off as much, silently."""
     orig = getattr(model, "_orig_mod", None)
-    return orig if isinstance(orig, nn.Module) else model
+    if isinstance(orig, nn.Module):
+        return orig
+    inner = getattr(model, "module", None)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
+            and isinstance(inner, nn.Module) and isinstance(getattr(inner, "_orig_mod", None),
+                                                            nn.Module):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or not model.device_ids:
+            return inner._orig_mod  # (a DataParallel without GPUs runs its module as is)
+        return nn.DataParallel(inner._orig_mod, device_ids=model.device_ids,
+                               output_device=model.output_device, dim=model.dim)
+    return model
 
 
 def _check_no_batch_statistics(model: nn.Module, bn_stats: BNStats | None) -> None:
