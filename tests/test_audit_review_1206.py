@@ -38,3 +38,24 @@ def test_compiled_model_inside_a_data_parallel_wrapper_gets_the_plain_gradient(
             dist.destroy_process_group()
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["causal-align", "hier-align"])
+def test_resume_may_move_the_warm_start_cache_to_the_host(method, tmp_path):
+    """method.cache_device only places the cache (same numbers either way), but --resume
+    refused it as a changed setting ("method.cache_device 'model' -> 'cpu'"): a run whose
+    cache outgrew the GPU could not go on with it in host memory."""
+    import yaml
+
+    from causalign.engine import TrainConfig
+    from causalign.engine.trainer import settings_diff
+    from causalign.methods import build_method
+    from causalign.methods.base import resolved_params
+
+    cfg = TrainConfig(method=method)
+    stored = {**cfg.to_dict(), "method_params": resolved_params(build_method(method, {}))}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    moved = TrainConfig(method=method, method_args={"cache_device": "cpu"})
+    assert settings_diff(tmp_path, moved) == []
+    other = TrainConfig(method=method, method_args={"cache_device": "cpu", "eps": 0.5})
+    assert settings_diff(tmp_path, other) == ["method.eps 0.01 -> 0.5"]

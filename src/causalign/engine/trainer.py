@@ -1166,7 +1166,8 @@ def settings_diff(run: Path, cfg: TrainConfig, method: Method | None = None) -> 
             return method.setting_had_no_effect(key, history)
 
         diffs = params_diff(stored_params, resolved_params(method), defaults,
-                            before=method.params_before, no_effect=no_effect)
+                            before=method.params_before, no_effect=no_effect,
+                            ignore=method.placement_params)
     return diffs
 
 

@@ -92,6 +92,10 @@ class Method:
     # that value on --resume and when a benchmark collects it (`params_diff`), unless
     # `setting_had_no_effect` says its history shows the setting could not have acted.
     params_before: dict[str, Any] = {}
+    # Settings that only place the method's state (same numbers either way, as TrainConfig's
+    # device and threads): never a difference on --resume or when a benchmark collects a run
+    # (`params_diff`), so a run that ran out of GPU memory can go on with them changed.
+    placement_params: tuple[str, ...] = ()
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -282,7 +286,8 @@ def resolved_params(method: Method) -> dict[str, Any]:
 
 def params_diff(stored: dict[str, Any], current: dict[str, Any],
                 defaults: dict[str, Any] | None = None, before: dict[str, Any] | None = None,
-                no_effect: Callable[[str], bool] | None = None) -> list[str]:
+                no_effect: Callable[[str], bool] | None = None,
+                ignore: tuple[str, ...] = ()) -> list[str]:
     """'key old -> new' for every hyper-parameter whose value differs.
 
     A key missing from ``stored`` is a parameter added after the run was trained. Most new
@@ -290,10 +295,11 @@ def params_diff(stored: dict[str, Any], current: dict[str, Any],
     is not its default (``defaults``; without them every missing key differs). Where the
     default changed the behaviour, ``before`` gives the earlier value (`Method.params_before`)
     and the wanted value is compared with it, unless ``no_effect(key)`` says the setting
-    could not have acted on this run."""
+    could not have acted on this run. Keys in ``ignore`` (`Method.placement_params`) are
+    never a difference."""
     defaults, before = defaults or {}, before or {}
     diffs = []
-    for k in sorted(set(stored) | set(current)):
+    for k in sorted((set(stored) | set(current)) - set(ignore)):
         if k not in stored and k in before:
             if current.get(k) != before[k] and not (no_effect and no_effect(k)):
                 diffs.append(f"method.{k} {before[k]!r} (before the setting existed) -> "

@@ -437,6 +437,7 @@ class CausalAlign(Method):
     subset_means = True  # L_align: a mean over the aligned samples (LossOutput.means)
     # runs stored before gn_switch existed tried CG on every step
     params_before = {"gn_switch": 0}
+    placement_params = ("cache_device",)  # the warm-start cache's device: same numbers
 
     def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
         return key == "gn_switch" and never_fell_back(history)

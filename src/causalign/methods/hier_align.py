@@ -200,6 +200,7 @@ class HierAlign(Method):
     uses_annotations = False
     subset_means = True  # BCE over known attributes, both alignment terms (see loss)
     params_before = {"gn_switch": 0}  # as causal-align's
+    placement_params = ("cache_device",)  # the warm-start cache's device: same numbers
 
     def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
         return key == "gn_switch" and never_fell_back(history)
