@@ -59,3 +59,27 @@ def test_resume_may_move_the_warm_start_cache_to_the_host(method, tmp_path):
     assert settings_diff(tmp_path, moved) == []
     other = TrainConfig(method=method, method_args={"cache_device": "cpu", "eps": 0.5})
     assert settings_diff(tmp_path, other) == ["method.eps 0.01 -> 0.5"]
+
+
+def test_data_parallel_merge_keeps_targets_when_a_rank_holds_rows_without_them():
+    """After resuming a checkpoint written before rows kept their y*, a rank that solved
+    nothing in an epoch still holds target-less rows: the merge dropped every rank's
+    targets, so x* solved for class 3 warm-started class 1 for the rest of the run."""
+    from causalign.engine.distributed import merge_method_states, touched_only
+    from causalign.explain.counterfactual import WarmStartCache
+
+    old = {"ids": torch.tensor([0, 1, 2, 3]), "offsets": torch.arange(4.0).view(4, 1)}
+    caches = [WarmStartCache() for _ in range(2)]
+    for c in caches:
+        c.load_state_dict(old)
+    caches[0].put(torch.tensor([0, 2]), torch.tensor([[10.0], [12.0]]),
+                  torch.ones(2, dtype=torch.bool), target=torch.tensor([3, 3]))
+    touched = [torch.tensor([0, 2]), torch.tensor([1, 3])]
+    states = [{"cache": c.state_dict()} for c in caches]
+    cut = [touched_only(s, t) for s, t in zip(states, touched, strict=True)]
+    for own in states:
+        merged = WarmStartCache()
+        merged.load_state_dict(merge_method_states(cut, touched, own=own)["cache"])
+        _, hit = merged.get(torch.tensor([0, 1, 2, 3]), torch.zeros(4, 1),
+                            target=torch.tensor([1, 1, 3, 1]))
+        assert hit.tolist() == [False, True, True, True]  # 1 and 3: no y*, any target hits

@@ -467,7 +467,13 @@ def merge_method_states(states: list[dict], touched: list[Tensor],
             keep = torch.tensor([owner.get(int(i)) == r for i in v["ids"].tolist()],
                                 dtype=torch.bool)
             parts.append(_cache_rows(v, keep))
-        # targets only where every part has them (a state from before they were kept: none)
+        # a part without targets (rows from a checkpoint written before they were kept, on
+        # a rank that solved nothing since) gets -1, unknown, per row: dropping every part's
+        # targets made rows solved for one class warm-start any other for the whole run
+        if any("targets" in q for q in parts):
+            parts = [q if "targets" in q else
+                     {**q, "targets": torch.full((len(q["ids"]),), -1, dtype=torch.long)}
+                     for q in parts]
         fields = [k for k in ("ids", "offsets", "targets") if all(k in q for q in parts)]
         merged[key] = ({k: torch.cat([q[k] for q in parts]) for k in fields}
                        if sum(len(q["ids"]) for q in parts) else {})
