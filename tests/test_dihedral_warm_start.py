@@ -13,6 +13,7 @@ from causalign.errors import InputError
 from causalign.explain.counterfactual import (
     CounterfactualGenerator,
     WarmStartCache,
+    dihedral_code,
     dihedral_transform,
 )
 from causalign.methods import build_method
@@ -128,6 +129,33 @@ def test_latent_codes_are_keyed_by_orientation():
                          dihedral=other)
     assert not bool(moved.warm.any())  # cold: no code was solved for this input yet
     assert torch.equal(moved.u_star, moved.problem.u0)
+
+
+def test_latent_orientation_keys_survive_the_data_parallel_merge():
+    """The latent space keys a cache row by index × 8 + orientation; the data-parallel merge
+    compared those keys with dataset indices, so each rank kept only its own rows and the
+    merged cache (the checkpoint's) lost every other rank's solutions."""
+    from causalign.engine.distributed import merge_method_states, touched_only
+
+    t = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    ranks, touched = [], [torch.tensor([3, 5]), torch.tensor([4, 6])]
+    for ids in touched:
+        gen = CounterfactualGenerator(_Net().eval(), steps=3, lr=0.05, warm_start=True,
+                                      space="latent", autoencoder=_PoolCode())
+        gen.generate(dihedral_transform(torch.rand(2, 1, 8, 8), t),
+                     target=torch.ones(2, dtype=torch.long), ids=ids, report=False,
+                     dihedral=t)
+        ranks.append({"cache": gen.cache.state_dict()})
+    cut = [touched_only(s, k) for s, k in zip(ranks, touched, strict=True)]
+    assert [len(c["cache"]["ids"]) for c in cut] == [2, 2]  # was [0, 0]
+    merged = merge_method_states(cut, touched, own=ranks[0])["cache"]
+    codes = dihedral_code(t)
+    want = sorted((torch.cat(touched).view(2, 2) * 8 + codes).flatten().tolist())
+    assert sorted(merged["ids"].tolist()) == want  # was rank 0's rows only
+    again = CounterfactualGenerator(_Net().eval(), warm_start=True, space="latent",
+                                    autoencoder=_PoolCode())
+    again.cache.load_state_dict(merged)
+    assert again.cache.id_stride == 8 and len(again.cache) == 4
 
 
 def _batch(n: int = 6, size: int = 8, attributes: int = 0) -> dict[str, torch.Tensor]:

@@ -403,7 +403,17 @@ def _is_cache_state(v: Any) -> bool:
 def _cache_rows(v: dict, keep: Tensor) -> dict:
     """The rows ``keep`` of a cache state: ids, offsets and, where stored, the class target
     each offset was solved for (`WarmStartCache`; dropped, the rows warm-started any y*)."""
-    return {k: v[k][keep] for k in ("ids", "offsets", "targets") if k in v}
+    rows = {k: v[k][keep] for k in ("ids", "offsets", "targets") if k in v}
+    return {**rows, "id_stride": v["id_stride"]} if "id_stride" in v else rows
+
+
+def _sample_ids(v: dict) -> list[int]:
+    """The dataset index of each row of a cache state: its ids are index × ``id_stride`` +
+    a per-sample key where one sample holds several rows (the latent space under dihedral
+    augmentation keeps each orientation apart); compared as they are, such ids matched no
+    rank's samples, so each rank kept only its own rows and the checkpoint lost the rest."""
+    stride = int(v.get("id_stride", 1))
+    return [int(i) // stride for i in v["ids"].tolist()]
 
 
 def touched_only(state: dict, touched: Tensor) -> dict:
@@ -413,8 +423,7 @@ def touched_only(state: dict, touched: Tensor) -> dict:
     out = dict(state)
     for key, v in state.items():
         if _is_cache_state(v):
-            keep = torch.tensor([int(i) in wanted for i in v["ids"].tolist()],
-                                dtype=torch.bool)
+            keep = torch.tensor([i in wanted for i in _sample_ids(v)], dtype=torch.bool)
             out[key] = _cache_rows(v, keep)
     return out
 
@@ -458,13 +467,13 @@ def merge_method_states(states: list[dict], touched: list[Tensor],
         parts: list[dict] = []
         base = (own if own is not None else states[0]).get(key)
         if _is_cache_state(base):  # entries no rank touched: equal on every rank
-            keep = torch.tensor([int(i) not in owner for i in base["ids"].tolist()],
+            keep = torch.tensor([i not in owner for i in _sample_ids(base)],
                                 dtype=torch.bool)
             parts.append(_cache_rows(base, keep))
         for r, v in enumerate(values):
             if not v:
                 continue
-            keep = torch.tensor([owner.get(int(i)) == r for i in v["ids"].tolist()],
+            keep = torch.tensor([owner.get(i) == r for i in _sample_ids(v)],
                                 dtype=torch.bool)
             parts.append(_cache_rows(v, keep))
         # a part without targets (rows from a checkpoint written before they were kept, on
@@ -475,8 +484,11 @@ def merge_method_states(states: list[dict], touched: list[Tensor],
                      {**q, "targets": torch.full((len(q["ids"]),), -1, dtype=torch.long)}
                      for q in parts]
         fields = [k for k in ("ids", "offsets", "targets") if all(k in q for q in parts)]
+        strides = {q["id_stride"] for q in parts if "id_stride" in q}
         merged[key] = ({k: torch.cat([q[k] for q in parts]) for k in fields}
                        if sum(len(q["ids"]) for q in parts) else {})
+        if merged[key] and strides:
+            merged[key]["id_stride"] = max(strides)
     return merged
 
 

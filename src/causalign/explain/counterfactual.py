@@ -540,6 +540,10 @@ class WarmStartCache:
         # indices): doubling past it allocated up to ~2N rows of offsets
         self.capacity = capacity
         self.device = None if device is None else torch.device(device)
+        # ids are dataset index × id_stride + a per-sample key (the latent space under
+        # dihedral augmentation keys each orientation apart: stride 8); the data-parallel
+        # merge maps them back to dataset indices to know which rank solved a row
+        self.id_stride = 1
 
     def __len__(self) -> int:
         return 0 if self.known is None else int(self.known.sum())
@@ -673,6 +677,8 @@ class WarmStartCache:
         offsets = torch.cat(chunks) if chunks else self.offsets.new_zeros(
             (0, *self.offsets.shape[1:]), device="cpu")
         state = {"ids": ids.cpu(), "offsets": offsets}
+        if self.id_stride != 1:
+            state["id_stride"] = self.id_stride
         if self.targets is not None:
             state["targets"] = self.targets[rows].cpu()
         return state
@@ -680,6 +686,8 @@ class WarmStartCache:
     def load_state_dict(self, state: dict) -> None:
         """Replace the cache with what `state_dict` stored."""
         self.clear()
+        if state and "id_stride" in state:
+            self.id_stride = int(state["id_stride"])
         if state and len(state.get("ids", ())):
             # "targets": absent from checkpoints written before rows kept their y*
             self.put(state["ids"], state["offsets"], torch.ones(len(state["ids"]),
@@ -932,6 +940,7 @@ class CounterfactualGenerator:
                 # orientation of a sample keeps its own entry, a warm start only from a
                 # solution for this very input (a mirrored one started far off)
                 ids = ids.to(dihedral.device) * 8 + dihedral_code(dihedral)
+                self.cache.id_stride = 8
                 cache_dihedral = None
         prob = self.problem(x0, target, dihedral)
         # the warm start reuses only offsets solved for the same class y* (`WarmStartCache`);
