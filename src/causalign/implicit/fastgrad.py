@@ -18,7 +18,10 @@ They call the very same ATen kernels with the same arguments as the built-in nod
 every value and gradient is bit-identical (checked by tests/test_implicit_fastgrad.py); the
 weight term of the double backward is computed only when the running backward pass needs
 the weight (the mixed product ∂(g·v)/∂θ), as asked through the engine's
-``_will_engine_execute_node``. Outside the context the patched modules run their own forward.
+``_will_engine_execute_node``. Outside the context the patched modules run their own forward,
+except that a plain ``nn.MaxPool2d`` on a contiguous CPU batch pools a channels_last copy
+(`_MaxPool2d`: the same values, indices and gradients, ~2x cheaper; the counterfactual search
+runs 10 forwards a step).
 """
 
 from __future__ import annotations
@@ -143,6 +146,47 @@ class _Conv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+class _MaxPool2d(torch.autograd.Function):
+    """max_pool2d of a contiguous (N, C, H, W) CPU batch computed on a channels_last copy:
+    ATen's contiguous CPU kernel is scalar per output (6.4 ms on 16 × 16 × 64 × 64, one
+    thread), the channels_last one vectorised over channels (0.8 ms; the copy 1.9 ms). Both
+    scan each window in the same order with the same rule (first maximum, NaN wins), so
+    values and indices are equal; the backward is ATen's own op with those indices, so it is
+    differentiated again as MaxPool2DWithIndicesBackward0's would be."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: list[int], stride: list[int],  # type: ignore[override]
+                padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
+        out, idx = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), kernel, stride, padding,
+            dilation, ceil_mode)
+        idx = idx.contiguous()
+        ctx.save_for_backward(x, idx)
+        ctx.conf = (kernel, stride, padding, dilation, ceil_mode)
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, idx = ctx.saved_tensors
+        return (torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.conf, idx),
+                None, None, None, None, None)
+
+
+def _pair(v: int | tuple[int, ...]) -> list[int]:
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+def _pool_forward(module: nn.MaxPool2d, orig: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    # the counterfactual search's forwards (10 a step); inside double_backward_graph the
+    # built-in node, whose backward is itself differentiable
+    if (not _ACTIVE.get() and x.dim() == 4 and x.device.type == "cpu"
+            and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)):
+        stride = module.stride if module.stride is not None else module.kernel_size
+        return _MaxPool2d.apply(x, _pair(module.kernel_size), _pair(stride),
+                                _pair(module.padding), _pair(module.dilation), module.ceil_mode)
+    return orig(x)
+
+
 def _relu_forward(orig: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     if _ACTIVE.get() and torch.is_grad_enabled():
         return _ReLU.apply(x)
@@ -170,7 +214,8 @@ def _eligible_conv(m: nn.Module) -> bool:
 
 def patch_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """Give ``model``'s plain ReLUs (not in place) and groups-1 zero-padded convolutions a
-    forward that records `_ReLU` / `_Conv` inside `double_backward_graph`. Returns (module,
+    forward that records `_ReLU` / `_Conv` inside `double_backward_graph`, and plain
+    ``nn.MaxPool2d`` modules `_MaxPool2d` outside it. Returns (module,
     its instance-level ``forward`` before, or None) for the caller to restore.
     A module whose ``forward`` is already set on the instance keeps it: someone else's
     (a wrapper, a monkeypatch) may compute more than the class's forward, which the lean
@@ -185,6 +230,8 @@ def patch_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
             fwd: Callable = partial(_relu_forward, m.forward)
         elif _eligible_conv(m):
             fwd = partial(_conv_forward, m, m.forward)
+        elif type(m) is nn.MaxPool2d and not m.return_indices:
+            fwd = partial(_pool_forward, m, m.forward)
         else:
             continue
         patched.append((m, m.__dict__.get("forward")))
