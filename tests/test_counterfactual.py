@@ -359,6 +359,31 @@ def test_cli_counterfactual_writes_triptychs(erm_run, tmp_path):
         assert t["n"] == len(rs) and t["flip_rate"] == np.mean([r["flipped"] for r in rs])
 
 
+def test_cli_counterfactual_prints_the_worst_prediction_target_pairs_first(
+        erm_run, tmp_path, capsys, monkeypatch):
+    """With several prediction→target pairs the CLI line lists their flip rates, lowest
+    first and at most 8: one overall rate hid a pair the search could not reach."""
+    from causalign.cli import main
+    from causalign.explain import counterfactual_export as export
+
+    real = export.export_counterfactuals
+    rates = [0.9, 0.1, 0.5, 1.0, 0.3, 0.7, 0.2, 0.8, 0.6, 0.4]
+
+    def with_many_pairs(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        summary["by_transition"] = {f"{i}→{i + 1}": {"n": 1, "flip_rate": r}
+                                    for i, r in enumerate(rates)}
+        return summary
+
+    monkeypatch.setattr(export, "export_counterfactuals", with_many_pairs)
+    assert main(["counterfactual", str(erm_run), "--out", str(tmp_path / "cf"), "--limit",
+                 "2", "--steps", "2"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines()
+                if ln.startswith("flip rate by prediction→target: "))
+    shown = [p.split()[0] for p in line.split(": ", 1)[1].split(", ")]
+    assert shown == ["1→2", "6→7", "4→5", "9→10", "2→3", "8→9", "5→6", "7→8"]
+
+
 def test_cli_counterfactual_ista(erm_run, tmp_path, capsys):
     import json
 
