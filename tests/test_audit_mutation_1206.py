@@ -119,5 +119,8 @@ def test_hier_align_setup_warns_when_the_annotated_split_has_one_class():
 
     attrs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     split = SimpleNamespace(attributes=attrs, labels=torch.ones(4, dtype=torch.long))
-    with pytest.warns(UserWarning, match="every fully annotated training sample has label 1"):
+    with pytest.warns(UserWarning, match="every fully annotated training sample has label 1"
+                      ) as record:
         build_method("hier-align").setup(split, nn.Linear(2, 2))
+    assert sum("attribute-level" in str(w.message) or "label 1" in str(w.message)
+               for w in record) == 1  # said once, at setup
