@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -450,24 +451,29 @@ def counterfactual(
     limit: Annotated[int | None, typer.Option(help="first N samples")] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
-    alpha: Annotated[float | None, typer.Option(help="weight α of the distance")] = None,
+    alpha: Annotated[float | None, typer.Option(
+        help="weight α of the distance (default 0.01, or the run's)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimiser steps (default 100)")] = None,
     lr: Annotated[float | None, typer.Option(help="step size (default 0.01)")] = None,
     optimizer: Annotated[str | None, typer.Option(
         help="adam | ista (proximal gradient: sparse x* for the l1 distances) | newton "
-             "(Gauss-Newton + line search: few steps, --lr unused)")] = None,
-    distance: Annotated[str | None, typer.Option(help="l1 | scaled-l1 | l2 | scaled-l2")
-                        ] = None,
+             "(Gauss-Newton + line search: few steps, --lr unused) (default adam, or the "
+             "run's)")] = None,
+    distance: Annotated[str | None, typer.Option(
+        help="l1 | scaled-l1 | l2 | scaled-l2 (default l1, or the run's)")] = None,
     space: Annotated[str | None, typer.Option(
-        help="pixel | latent | smooth (x0 + Gaussian blur of a perturbation)")] = None,
+        help="pixel | latent | smooth (x0 + Gaussian blur of a perturbation) (default pixel, "
+             "or the run's)")] = None,
     smooth_sigma: Annotated[float | None, typer.Option(
-        help="smooth space: blur σ in pixels (default 1)")] = None,
+        help="smooth space: blur σ in pixels (default 1, or the run's)")] = None,
     autoencoder: Annotated[Path | None, typer.Option(
-        help="latent space: autoencoder file (trained on the run's training split and saved "
-             "here when missing)")] = None,
+        help="latent space: autoencoder file; when missing, a space=latent run's own (from "
+             "its checkpoint) or one trained on the run's training split is saved here")
+                           ] = None,
     eps: Annotated[float | None, typer.Option(
-        help="smoothing ε of the l1 distance √(δ²+ε²)−ε (default 0.01); changes below ε cost "
-             "like l2, so a smaller ε (1e-4) with --optimizer newton gives sparser x*")] = None,
+        help="smoothing ε of the l1 distance √(δ²+ε²)−ε (default 0.01, or the run's); changes "
+             "below ε cost like l2, so a smaller ε (1e-4) with --optimizer newton gives "
+             "sparser x*")] = None,
     bounds: Annotated[str, typer.Option(
         help="keep x* within an intensity range: 'data' (the images' range: [0, 1] for "
              "8/16-bit PNGs and synthetic data, else the observed min..max), 'LO,HI', or "
@@ -478,8 +484,9 @@ def counterfactual(
 
     Each triptych is original | x* | signed change (red = increase, blue = decrease).
 
-    A causal-align run lends its α, distance, ε and space; a hier-align run those of its
-    image level (α₁)."""
+    A causal-align run lends its α, distance, ε, space, smooth σ, target rule and inner
+    optimizer (with its Gauss-Newton polish steps), not its steps or step size; a hier-align
+    run those of its image level (α₁)."""
     from .data.format import LesionDataset
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
@@ -998,3 +1005,20 @@ def _one_line(msg: str) -> str:
 def entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+def _reflow_help(*apps: typer.Typer) -> None:
+    """Join the lines of each paragraph of the commands' docstrings. Typer's help keeps the
+    line breaks of every paragraph after the first, so a wrapped docstring printed as broken
+    lines (`counterfactual --help`: "a hier-align run those of its" / "image level"); a
+    paragraph that starts with \\b keeps its lines (click's convention)."""
+    for a in apps:
+        for info in a.registered_commands:
+            cb = info.callback
+            if cb is not None and cb.__doc__:
+                paragraphs = inspect.cleandoc(cb.__doc__).split("\n\n")
+                cb.__doc__ = "\n\n".join(p if p.startswith("\b") else " ".join(p.split())
+                                         for p in paragraphs)
+
+
+_reflow_help(app, data_app, bench_app, causal_app)

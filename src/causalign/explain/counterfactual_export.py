@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class CounterfactualSettings:
-    """Generator settings for export; a causal-align run lends its α/distance/ε/space."""
+    """Generator settings for export; a causal-align run lends its α, distance, ε, space,
+    target rule, optimiser, polish and smooth σ (`settings_for_run`), not steps or lr."""
 
     alpha: float = 0.01
     steps: int = 100  # no warm start here, so more steps than a training step uses
