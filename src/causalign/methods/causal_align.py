@@ -496,8 +496,11 @@ class CausalAlign(Method):
             raise ConfigError(f"method.space=latent takes 2D images (its autoencoder is 2D); "
                               f"this data holds volumes {tuple(shape)}: use space pixel or "
                               f"smooth")
-        if shape is not None and self.params.dilate >= max(shape[-2:]):
-            # the grown region covers every image: L_align is 0 and the run is ERM
+        if shape is not None and self.params.dilate >= max(shape[-2:]) - 1:
+            # the grown region covers every image: L_align is 0 and the run is ERM. Any two
+            # pixels lie within max(H, W) − 1 of each other (per axis), so from there on one
+            # annotated pixel anywhere grows over the whole image (the bound was max(H, W),
+            # which let max(H, W) − 1 through)
             raise ConfigError(f"method.dilate={self.params.dilate} grows the region over the "
                               f"whole {shape[-2]}×{shape[-1]} image: no alignment term left")
         if self.params.hvp == "gauss-newton" and self.params.negative_curvature == "damping":
