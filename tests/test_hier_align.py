@@ -346,3 +346,12 @@ def test_a_one_class_training_split_warns_that_the_attribute_level_never_aligns(
                                                "sample has label 0, so CCCE attributes nothing")
     assert said(method, [0, 1, 1, 1]) == []  # two classes
     assert said(build_method("hier-align", {"lam2": 0.0}), [0, 0, 0, 1]) == []  # level off
+
+
+def test_a_bad_attr_normalize_is_named():
+    """It was refused as "method.normalize must be none or total", naming the image level's
+    key (attribute_params passes attr_normalize on as normalize)."""
+    with pytest.raises(CausalignError, match=r"^method\.attr_normalize must be none or total, "
+                                             r"got 'share'$"):
+        build_method("hier-align", {"attr_normalize": "share"})
+    build_method("hier-align", {"attr_normalize": "none"})

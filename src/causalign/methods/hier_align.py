@@ -148,6 +148,10 @@ class HierAlignParams:
             (self.balance >= 0, f"method.balance must be >= 0, got {self.balance}"),
             (self.align_batch >= 0, "method.align_batch must be >= 0"),
             (self.ccce_tol >= 0, "method.ccce_tol must be >= 0"),
+            # checked here: attribute_params() passes it on as `normalize`, whose message
+            # named method.normalize for a bad method.attr_normalize
+            (self.attr_normalize in ("none", "total"),
+             f"method.attr_normalize must be none or total, got '{self.attr_normalize}'"),
             (self.distance in DISTANCES,
              f"method.distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'"),
         ]
