@@ -235,12 +235,15 @@ def test_readme_counterfactual_defaults():
     assert bounds and params["bounds"].default == bounds[1]
 
 
-def test_readme_bench_step_classes_default():
+def test_readme_bench_step_defaults():
     text = " ".join(_readme().split())
+    params = {p.name: p for p in _command("bench", "step").params}
     m = re.search(r"`--classes` sets the model's outputs and the labels' range \(default "
                   r"(\d+)\)", text)
-    params = {p.name: p for p in _command("bench", "step").params}
     assert m and params["classes"].default == int(m[1])
+    m = re.search(r"`--steps` timed steps \(default (\d+)\) after `--warmup` untimed ones "
+                  r"\(default (\d+)\)", text)
+    assert m and (params["steps"].default, params["warmup"].default) == (int(m[1]), int(m[2]))
 
 
 def test_no_help_paragraph_breaks_mid_sentence():
