@@ -104,7 +104,10 @@ GradCap = Callable[[Sequence[Tensor], int], float]
 
 @dataclass
 class CausalAlignParams:
-    """`method.<key>` settings of causal-align; defaults explained inline."""
+    """`method.<key>` settings of causal-align; defaults explained inline. These are Eq. 3 as
+    printed (what hier-align's levels build on); the `causal-align` method itself trains with
+    `CausalAlignTrainingParams`, which differ in ``normalize`` ("total") and ``align_batch``
+    (16)."""
 
     # Paper's α₁ for LIDC-IDRI (§5.1, "Implementation Details"; its CBIS-DDSM value is 0.07;
     # App. C.2 finds the result insensitive over 0.05–0.09).
