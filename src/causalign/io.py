@@ -8,7 +8,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -58,6 +58,31 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
             # so the CLI's one line says which file could not be written
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def remove_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporaries ``.NAME.<random>.tmp`` that a SIGKILL during an atomic write
+    of NAME (one of ``names``, plain file names in ``folder``) left there: no later write
+    removes them. The folder is listed once, however many names (an export's thousands of
+    maps). Only for folders one process writes at a time: another writer's temporary would
+    go from under it."""
+    folder, wanted = Path(folder), set(names)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # none yet (or unreadable: the write itself will say so)
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")) or "." not in name[1:-4]:
+            continue
+        if name[1:-4].rsplit(".", 1)[0] in wanted and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

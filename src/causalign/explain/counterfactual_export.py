@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.format import LesionDataset
 from ..errors import CausalignError
-from ..io import atomic_save_npy, atomic_write_json
+from ..io import atomic_save_npy, atomic_write_json, remove_temporaries
 from .counterfactual import CounterfactualGenerator, distance_scale, eval_mode
 from .export import OwnedFiles, display_slice
 
@@ -232,6 +232,9 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
     # and overwrote OUT/autoencoder.pt. It is reused only when its recorded training images
     # are these: one trained for another dataset into the same OUT is not.
     source = out / AUTOENCODER_SOURCE
+    if path is None:  # what a SIGKILL while saving them left in OUT (one export at a time)
+        remove_temporaries(out, [AUTOENCODER_SOURCE, "autoencoder.pt", "autoencoder.pt.sha256",
+                                 "autoencoder.pt.sha256.pending"])
     fingerprint = _images_fingerprint(train_images)
     if path is None and (out / "autoencoder.pt").exists():
         try:

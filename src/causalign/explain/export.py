@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.format import LesionDataset
 from ..errors import CausalignError
-from ..io import atomic_save_npy, atomic_write_json
+from ..io import atomic_save_npy, atomic_write_json, remove_temporaries
 from .base import get_explainer, saliency_map
 from .counterfactual import eval_mode
 
@@ -41,8 +41,19 @@ class OwnedFiles:
         self.planned = set(planned)
         self.written: set[str] = set()
         out.mkdir(parents=True, exist_ok=True)
+        self._remove_temporaries()
         atomic_write_json(self.manifest, sorted(self.previous | self.planned))
         (out / "summary.json").unlink(missing_ok=True)
+
+    def _remove_temporaries(self) -> None:
+        """``.NAME.<random>.tmp`` files that a SIGKILL during an atomic write of one of this
+        export's files left (no later write removes them), one listing per folder."""
+        by_folder: dict[Path, set[str]] = {}
+        for rel in self.previous | self.planned | {self.manifest.name, "summary.json"}:
+            path = self.out / rel
+            by_folder.setdefault(path.parent, set()).add(path.name)
+        for folder, names in by_folder.items():
+            remove_temporaries(folder, names)
 
     def _read(self) -> set[str]:
         try:

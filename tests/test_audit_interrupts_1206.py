@@ -1,0 +1,121 @@
+"""Audit 2026-12-06 (issue #3 surfaces): interruption, reruns and the file system around
+`causalign counterfactual` and its latent-space autoencoder.
+
+- a SIGKILL during an atomic write leaves ``.NAME.<random>.tmp``; no rerun removed it (the
+  trainer already cleans its own, `remove_stale_temporaries`);
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from causalign.data.format import LesionDataset
+from causalign.explain.counterfactual_export import (
+    AUTOENCODER_SOURCE,
+    CounterfactualSettings,
+    _images_fingerprint,
+    export_counterfactuals,
+    resolve_autoencoder,
+)
+from causalign.methods import build_method
+from causalign.models import build_model
+from causalign.models.autoencoder import ConvAutoencoder, save_autoencoder
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data):
+    torch.manual_seed(0)
+    model = build_model("cnn7", 1, 2, width=4).eval()
+    return model, build_method("erm"), LesionDataset(tiny_data, "test")
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+# ------------------------------------------------------- SIGKILL mid-write, then rerun
+
+
+_KILLED_EXPORT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from causalign.data.format import LesionDataset
+    from causalign.explain.counterfactual_export import CounterfactualSettings, \\
+        export_counterfactuals
+    from causalign.methods import build_method
+    from causalign.models import build_model
+
+    data, out = sys.argv[1:3]
+    real = os.replace
+    def replace(src, dst, *a, **k):  # SIGKILL with the second x* complete in its temporary
+        if str(dst).endswith(os.sep + "cf" + os.sep + sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst, *a, **k)
+    os.replace = replace
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("cnn7", 1, 2, width=4).eval()
+    export_counterfactuals(model, build_method("erm"), LesionDataset(data, "test"),
+                           CounterfactualSettings(steps=2), out, limit=3)
+""")
+
+
+def test_counterfactual_sigkill_mid_write_leaves_no_temporary_after_rerun(setup, tiny_data,
+                                                                          tmp_path):
+    model, method, ds = setup
+    out = tmp_path / "cf out"
+    victim = f"{ds.records[1].id}.npy"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(tiny_data), str(out),
+                           victim], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = _temporaries(out)
+    assert left and left[0].startswith(f".{victim}.")  # what a real SIGKILL leaves
+    assert not (out / "summary.json").exists()
+    summary = export_counterfactuals(model, method, ds, CounterfactualSettings(steps=2), out,
+                                     limit=3)
+    assert _temporaries(out) == []
+    assert summary["n"] == 3 and (out / "summary.json").exists()
+
+
+def test_remove_temporaries_touches_only_the_named_files(tmp_path):
+    from causalign.io import remove_temporaries
+
+    for name in (".a.npy.k3j_x9q0.tmp", ".b.npy.abcdefgh.tmp", "a.npy", ".a.npy",
+                 ".notes.txt.abcdefgh.tmp", ".a.npy.sha256.pending.abcdefgh.tmp"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".a.npy.dir00000.tmp").mkdir()  # not a file: kept
+    removed = remove_temporaries(tmp_path, ["a.npy", "a.npy.sha256.pending"])
+    assert sorted(p.name for p in removed) == [".a.npy.k3j_x9q0.tmp",
+                                               ".a.npy.sha256.pending.abcdefgh.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".a.npy", ".a.npy.dir00000.tmp", ".b.npy.abcdefgh.tmp", ".notes.txt.abcdefgh.tmp",
+        "a.npy"]
+    assert remove_temporaries(tmp_path / "missing", ["a.npy"]) == []
+
+
+def test_out_autoencoder_temporaries_removed_on_rerun(tmp_path):
+    images = torch.rand(4, 1, 8, 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_autoencoder(out / "autoencoder.pt", ConvAutoencoder(1, width=4, latent_channels=2))
+    (out / AUTOENCODER_SOURCE).write_text(json.dumps(
+        {"train_images_sha256": _images_fingerprint(images)}))
+    # what a SIGKILL during save_autoencoder / the json's write leaves
+    for name in (".autoencoder.pt.q1w2e3r4.tmp", ".autoencoder.pt.sha256.pending.q1w2e3r4.tmp",
+                 f".{AUTOENCODER_SOURCE}.q1w2e3r4.tmp"):
+        (out / name).write_bytes(b"\0" * 64)
+    ae, where = resolve_autoencoder(None, images, "cpu", None, out)
+    assert where == str(out / "autoencoder.pt")  # the recorded one, reused
+    assert _temporaries(out) == []
