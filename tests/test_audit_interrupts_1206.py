@@ -3,6 +3,8 @@
 
 - a SIGKILL during an atomic write leaves ``.NAME.<random>.tmp``; no rerun removed it (the
   trainer already cleans its own, `remove_stale_temporaries`);
+- `explain` and `counterfactual` into one --out overwrote each other's summary.json and
+  grid.png, leaving the other's maps beside a summary that does not describe them;
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from causalign.data.format import LesionDataset
+from causalign.errors import CausalignError
 from causalign.explain.counterfactual_export import (
     AUTOENCODER_SOURCE,
     CounterfactualSettings,
@@ -25,6 +28,7 @@ from causalign.explain.counterfactual_export import (
     export_counterfactuals,
     resolve_autoencoder,
 )
+from causalign.explain.export import export_saliency
 from causalign.methods import build_method
 from causalign.models import build_model
 from causalign.models.autoencoder import ConvAutoencoder, save_autoencoder
@@ -119,3 +123,33 @@ def test_out_autoencoder_temporaries_removed_on_rerun(tmp_path):
     ae, where = resolve_autoencoder(None, images, "cpu", None, out)
     assert where == str(out / "autoencoder.pt")  # the recorded one, reused
     assert _temporaries(out) == []
+
+
+# ------------------------------------------------ two export commands into one folder
+
+
+def test_counterfactual_refuses_an_explain_folder_and_the_reverse(setup, tmp_path):
+    model, method, ds = setup
+    a, b = tmp_path / "a", tmp_path / "b"
+    export_saliency(model, method, ds, "gradient", a, limit=4)
+    before = (a / "summary.json").read_text()
+    with pytest.raises(CausalignError, match=r"causalign explain.*summary\.json"):
+        export_counterfactuals(model, method, ds, CounterfactualSettings(steps=2), a, limit=2)
+    assert (a / "summary.json").read_text() == before  # explain's, untouched
+    assert not (a / "cf").exists()
+
+    export_counterfactuals(model, method, ds, CounterfactualSettings(steps=2), b, limit=2)
+    before = (b / "summary.json").read_text()
+    with pytest.raises(CausalignError, match=r"causalign counterfactual.*summary\.json"):
+        export_saliency(model, method, ds, "gradient", b, limit=2)
+    assert (b / "summary.json").read_text() == before
+    assert not (b / "maps").exists()
+
+
+def test_export_into_a_folder_of_another_export_whose_files_are_gone_is_allowed(setup,
+                                                                               tmp_path):
+    model, method, ds = setup
+    (tmp_path / ".causalign-explain.json").write_text(json.dumps(["summary.json", "grid.png"]))
+    summary = export_counterfactuals(model, method, ds, CounterfactualSettings(steps=2),
+                                     tmp_path, limit=1)
+    assert summary["n"] == 1

@@ -32,7 +32,8 @@ class OwnedFiles:
     (the user's, another command's) are left alone. Before anything is written the manifest
     is widened to every file this run may write, so a run killed midway still leaves no
     file the next run does not know about; the old summary.json is removed at the start
-    (a killed run then has no summary describing files it replaced).
+    (a killed run then has no summary describing files it replaced). A folder holding
+    another export command's files of the same names (summary.json, grid.png) is refused.
     """
 
     def __init__(self, out: Path, manifest: str, planned: Iterable[str]) -> None:
@@ -40,10 +41,27 @@ class OwnedFiles:
         self.previous = self._read()
         self.planned = set(planned)
         self.written: set[str] = set()
+        self._refuse_other_exports()
         out.mkdir(parents=True, exist_ok=True)
         self._remove_temporaries()
         atomic_write_json(self.manifest, sorted(self.previous | self.planned))
         (out / "summary.json").unlink(missing_ok=True)
+
+    def _refuse_other_exports(self) -> None:
+        """Another export command's files in OUT that this one would overwrite: `explain`
+        then `counterfactual` into one folder replaced explain's summary.json and grid.png
+        and left its maps beside a summary describing counterfactuals (and the reverse)."""
+        for other in sorted(self.out.glob(".causalign-*.json")):
+            if other.name == self.manifest.name or not other.is_file():
+                continue
+            clash = sorted(n for n in self._read(other) & self.planned
+                           if (self.out / n).exists())
+            if clash:
+                command = other.name[len(".causalign-"):-len(".json")]
+                raise CausalignError(
+                    f"{self.out}: holds the output of `causalign {command}` ({other.name}), "
+                    f"whose {' and '.join(clash[:3])} this export would overwrite; choose "
+                    f"another --out, or remove that output first")
 
     def _remove_temporaries(self) -> None:
         """``.NAME.<random>.tmp`` files that a SIGKILL during an atomic write of one of this
@@ -55,9 +73,9 @@ class OwnedFiles:
         for folder, names in by_folder.items():
             remove_temporaries(folder, names)
 
-    def _read(self) -> set[str]:
+    def _read(self, manifest: Path | None = None) -> set[str]:
         try:
-            names = json.loads(self.manifest.read_text())
+            names = json.loads((manifest or self.manifest).read_text())
         except (OSError, ValueError):  # none yet, or not ours to interpret: remove nothing
             return set()
         if not isinstance(names, list):
