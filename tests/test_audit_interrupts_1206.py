@@ -5,6 +5,8 @@
   trainer already cleans its own, `remove_stale_temporaries`);
 - `explain` and `counterfactual` into one --out overwrote each other's summary.json and
   grid.png, leaving the other's maps beside a summary that does not describe them;
+- `counterfactual --space latent --autoencoder FILE` with an autoencoder of other channels
+  failed inside the first search, naming no file, after OUT's summary.json was removed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from causalign.cli import main
 from causalign.data.format import LesionDataset
 from causalign.errors import CausalignError
 from causalign.explain.counterfactual_export import (
@@ -41,6 +44,15 @@ def setup(tiny_data):
     torch.manual_seed(0)
     model = build_model("cnn7", 1, 2, width=4).eval()
     return model, build_method("erm"), LesionDataset(tiny_data, "test")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("interrupts") / "rün 1"  # a space and a non-ASCII letter
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
+                 "--set", "width=4", "--set", "deletion_fractions=[0.1]", "--set", "threads=1",
+                 "--no-progress"]) == 0
+    return run
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -153,3 +165,31 @@ def test_export_into_a_folder_of_another_export_whose_files_are_gone_is_allowed(
     summary = export_counterfactuals(model, method, ds, CounterfactualSettings(steps=2),
                                      tmp_path, limit=1)
     assert summary["n"] == 1
+
+
+# ------------------------------------------- --autoencoder FILE of the wrong channels
+
+
+def test_counterfactual_wrong_channel_autoencoder_one_line_before_any_output(tiny_run,
+                                                                             tmp_path, capsys):
+    out = tmp_path / "cf"
+    base = ["counterfactual", str(tiny_run), "--out", str(out), "--limit", "2", "--steps", "1",
+            "--no-progress"]
+    assert main(base) == 0
+    summary = (out / "summary.json").read_text()
+    ae3 = tmp_path / "rgb ae.pt"
+    save_autoencoder(ae3, ConvAutoencoder(3, width=4, latent_channels=2))
+    capsys.readouterr()
+    assert main(base + ["--space", "latent", "--autoencoder", str(ae3)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(ae3) in err and "3-channel" in err, err
+    assert (out / "summary.json").read_text() == summary  # the earlier export is intact
+
+
+def test_resolve_autoencoder_checks_channels_of_the_file(tmp_path):
+    ae3 = tmp_path / "ae3.pt"
+    save_autoencoder(ae3, ConvAutoencoder(3, width=4, latent_channels=2))
+    with pytest.raises(CausalignError, match=r"ae3\.pt: autoencoder takes 3-channel"):
+        resolve_autoencoder(None, torch.rand(2, 1, 8, 8), "cpu", ae3, tmp_path / "out")
+    ae, where = resolve_autoencoder(None, torch.rand(2, 3, 8, 8), "cpu", ae3, tmp_path / "out")
+    assert where == str(ae3)

@@ -214,14 +214,15 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
     )
 
     if path is not None and path.exists():
-        return load_autoencoder(path, device), str(path)
+        return _fits(load_autoencoder(path, device), train_images, str(path)), str(path)
     if run is not None and (run / "checkpoint.pt").exists():
         from ..engine.trainer import load_checkpoint
 
         state = load_checkpoint(run / "checkpoint.pt", map_location="cpu")
         ae_state = (state.get("method_state") or {}).get("autoencoder")
         if ae_state is not None:
-            ae = autoencoder_from_state(ae_state, device)
+            ae = _fits(autoencoder_from_state(ae_state, device), train_images,
+                       f"{run / 'checkpoint.pt'} (its autoencoder)")
             if path is None:
                 return ae, f"run checkpoint ({run / 'checkpoint.pt'})"
             # FILE missing: the run's own (the one its model was trained with) is saved
@@ -253,6 +254,17 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
         atomic_write_json(source, {"train_images_sha256": fingerprint,
                                    "train_images_shape": list(train_images.shape)})
     return ae, f"{destination} (trained on the training split)"
+
+
+def _fits(ae: nn.Module, train_images: Tensor, where: str) -> nn.Module:
+    """``ae`` if it takes the images' channels. An RGB file on grey data failed only inside
+    the first search, in words naming no file, after OUT's earlier summary.json was gone."""
+    c = ae.config.get("in_channels") if isinstance(getattr(ae, "config", None), dict) else None
+    if c is not None and train_images.dim() == 4 and c != train_images.shape[1]:
+        raise CausalignError(f"{where}: autoencoder takes {c}-channel images; this data has "
+                             f"{train_images.shape[1]} channel(s) (--autoencoder: give another "
+                             f"file, or a new path to train one)")
+    return ae
 
 
 def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
