@@ -33,7 +33,9 @@ Gradients compared with them:
 Reported per gradient: cosine to `ref` and to `ref_run`, its L_align value (share of the
 change outside the mask with normalize=total), flip rate, norm relative to `ref`, cosine to
 ∇CE; per reference: ‖λ·g‖ / ‖∇CE‖ and cos(g, ∇CE). Writes DIR/grad_in_training.json and a
-markdown table; a training run itself lands in DIR/run.
+markdown table; a training run itself lands in DIR/run. The JSON is rewritten after each
+probe ("complete": false until the end): rerun with the same options to continue an
+interrupted call.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from bench_causal_align import (  # noqa: E402
 from causalign.data.format import LesionDataset  # noqa: E402
 from causalign.engine.config import TrainConfig, apply_overrides, parse_set  # noqa: E402
 from causalign.engine.trainer import CHECKPOINT, Trainer, load_checkpoint, load_run  # noqa: E402
+from causalign.errors import CausalignError  # noqa: E402
 from causalign.io import atomic_write_json, atomic_write_text  # noqa: E402
 from causalign.methods import build_method  # noqa: E402
 
@@ -178,23 +181,52 @@ def _stages_text(stages: tuple, polish: int, ref_newton: int) -> str:
 
 
 class ProbingTrainer(Trainer):
+    """Trainer that probes after the checkpoint of each of ``probe_epochs``. ``probes`` are
+    those an interrupted call kept (resume=True) and ``record(probes)`` runs after each new
+    one, so a rerun continues instead of losing them."""
+
     def __init__(self, *a, probe_epochs: set[int], probe_n: int, variants: list[Variant],
-                 ref_steps: int, polish: int = 50, ref_newton: int = 0, **kw):
+                 ref_steps: int, polish: int = 50, ref_newton: int = 0,
+                 probes: list[dict] | None = None, record=None, **kw):
         super().__init__(*a, **kw)
         self.probe_epochs, self.probe_n, self.variants = probe_epochs, probe_n, variants
         self.ref_steps, self.polish, self.ref_newton = ref_steps, polish, ref_newton
-        self.probes: list[dict] = []
+        self.probes: list[dict] = list(probes or [])
+        self.record = record
+
+    def _setup(self) -> None:
+        super()._setup()
+        # resumed from a checkpoint whose probe was cut short (the kill came while probing)
+        self._probe_if_due()
 
     def _save_state(self) -> None:
         super()._save_state()
+        self._probe_if_due()
+
+    def _probe_if_due(self) -> None:
         epoch = self.state.epoch
-        if epoch in self.probe_epochs:
+        if epoch in self.probe_epochs and epoch not in {r["epoch"] for r in self.probes}:
             batch = probe_batch(self.train_set, self.device, self.probe_n)
             row = {"epoch": epoch, "cached": cached_share(self.method, batch),
                    **measure(self.model, self.method, batch, self.variants, self.ref_steps,
                            self.polish, self.ref_newton)}
             self.probes.append(row)
             print(json.dumps(row), flush=True)
+            if self.record is not None:
+                self.record(self.probes)
+
+
+def kept_probes(out: Path, settings: dict) -> list[dict] | None:
+    """The probes an interrupted (or finished) call with these ``settings`` recorded in
+    OUT/grad_in_training.json; None when there is none, or it was run with other ones."""
+    try:
+        old = json.loads((out / "grad_in_training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or old.get("settings") != settings:
+        return None
+    probes = old.get("probes")
+    return probes if isinstance(probes, list) else None
 
 
 def table(probes: list[dict], variants: list[Variant]) -> str:
@@ -291,12 +323,36 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("DATA is required unless --from-run is given")
         cfg = apply_overrides(TrainConfig(method="causal-align", epochs=a.epochs, seed=a.seed,
                                           threads=a.threads), parse_set(a.sets))
-        trainer = ProbingTrainer(a.data, cfg, out / "run", progress=False,
-                                 probe_epochs={int(e) for e in a.probe_epochs.split(",")},
-                                 probe_n=a.probe_n, variants=variants,
-                                 ref_steps=a.ref_steps, polish=a.ref_polish,
-                                 ref_newton=a.ref_newton)
-        metrics = trainer.fit()
+        # An interrupted call left OUT/run with a checkpoint: the rerun failed with a
+        # traceback ("already holds a run (pass --resume ...)", an option this script has
+        # not) and the probes taken so far were only in the killed process's stdout. Now
+        # they are recorded after each probe, and a rerun with the same options resumes.
+        settings = {k: v for k, v in sorted(vars(a).items()) if k != "out"}
+        kept = None
+        if (out / "run" / CHECKPOINT).exists():
+            kept = kept_probes(out, settings)
+            if kept is None:
+                ap.error(f"--out {out}: {out / 'run'} holds a run of a call with other "
+                         f"options (or none recorded); choose another --out or remove it")
+
+        def record(probes: list[dict]) -> None:
+            atomic_write_json(out / "grad_in_training.json",
+                              {**result, "complete": False, "settings": settings,
+                               "probes": probes})
+
+        try:
+            trainer = ProbingTrainer(a.data, cfg, out / "run", progress=False,
+                                     resume=kept is not None,
+                                     probe_epochs={int(e) for e in a.probe_epochs.split(",")},
+                                     probe_n=a.probe_n, variants=variants,
+                                     ref_steps=a.ref_steps, polish=a.ref_polish,
+                                     ref_newton=a.ref_newton, probes=kept, record=record)
+            if kept is None:  # from the start: a kill before the first probe is resumable
+                record([])
+            metrics = trainer.fit()
+        except CausalignError as exc:
+            ap.error(str(exc))
+        result.update(complete=True, settings=settings)
         test = metrics.get("test", {})
         result.update(data=str(a.data), seed=a.seed, epochs=a.epochs, sets=a.sets,
                       test_accuracy=test.get("accuracy"),

@@ -193,3 +193,57 @@ def test_resolve_autoencoder_checks_channels_of_the_file(tmp_path):
         resolve_autoencoder(None, torch.rand(2, 1, 8, 8), "cpu", ae3, tmp_path / "out")
     ae, where = resolve_autoencoder(None, torch.rand(2, 3, 8, 8), "cpu", ae3, tmp_path / "out")
     assert where == str(ae3)
+
+
+# ------------------------------------- benchmarks/causal_align_grad_in_training.py rerun
+
+
+def _grad_probe_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "causal_align_grad_in_training.py"
+    spec = importlib.util.spec_from_file_location("causal_align_grad_in_training_1206", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grad_in_training_interrupted_mid_probe_resumes_on_rerun(tiny_data, tmp_path,
+                                                                monkeypatch, capsys):
+    """Interrupted while probing epoch 1 (its checkpoint written), the rerun failed with a
+    traceback: "OUT/run: already holds a run (pass --resume ...)", an option the script has
+    not, and the probe rows were lost. Now it resumes and ends where an uninterrupted call
+    ends."""
+    from causalign.engine.trainer import CHECKPOINT, load_checkpoint
+
+    probe = _grad_probe_script()
+    args = ["--epochs", "2", "--probe-epochs", "1,2", "--probe-n", "2", "--ks", "1",
+            "--ref-steps", "3", "--ref-polish", "0", "--threads", "0",
+            "--set=width=4", "--set=batch_size=16", "--set=deletion_fractions=[0.1]",
+            "--set=method.steps=2", "--set=method.align_batch=4"]
+    real = probe.measure
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        probe.main([str(tiny_data), "--out", str(tmp_path / "a"), *args])
+    assert (tmp_path / "a" / "run" / CHECKPOINT).exists()
+    monkeypatch.setattr(probe, "measure", real)
+    probe.main([str(tiny_data), "--out", str(tmp_path / "a"), *args])
+    probe.main([str(tiny_data), "--out", str(tmp_path / "b"), *args])  # uninterrupted
+    a, b = (json.loads((tmp_path / n / "grad_in_training.json").read_text()) for n in "ab")
+    assert a["complete"] and [r["epoch"] for r in a["probes"]] == [1, 2]
+    for ra, rb in zip(a["probes"], b["probes"], strict=True):
+        assert ra["run"]["cosine_to_ref"] == pytest.approx(rb["run"]["cosine_to_ref"])
+    wa, wb = (load_checkpoint(tmp_path / n / "run" / CHECKPOINT)["model"] for n in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+    # other options into the same --out: one line, not a traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        probe.main([str(tiny_data), "--out", str(tmp_path / "a"), *args, "--seed", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds a run of a call with other options" in err and "Traceback" not in err
