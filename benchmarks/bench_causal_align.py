@@ -351,9 +351,17 @@ def check_counts(ap: argparse.ArgumentParser, a: argparse.Namespace,
 
 
 def check_out(ap: argparse.ArgumentParser, out: str | Path | None) -> None:
-    """A folder as --out failed at the JSON's write, after the work."""
-    if out is not None and Path(out).is_dir():
+    """A folder as --out failed at the JSON's write, after the work; a path under a file
+    in a traceback (its folder's mkdir), as `causalign`'s own --json/--out checks refuse."""
+    if out is None:
+        return
+    if Path(out).is_dir():
         ap.error(f"--out {out}: is a folder; give a file path for the JSON")
+    for parent in Path(out).parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                ap.error(f"--out {out}: {parent} is a file, not a folder")
+            return
 
 
 def main() -> None:

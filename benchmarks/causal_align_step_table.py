@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     if out.is_dir():  # the JSON's write failed after every round had run
         ap.error(f"--out {out}: is a folder; give a file path for the JSON")
+    for parent in out.parents:  # under a file: a traceback from its folder's mkdir
+        if parent.exists():
+            if not parent.is_dir():
+                ap.error(f"--out {out}: {parent} is a file, not a folder")
+            break
     try:
         common = {k.removeprefix("method."): v for k, v in parse_set(a.sets).items()}
     except CausalignError as exc:

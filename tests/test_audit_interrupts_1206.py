@@ -247,3 +247,36 @@ def test_grad_in_training_interrupted_mid_probe_resumes_on_rerun(tiny_data, tmp_
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds a run of a call with other options" in err and "Traceback" not in err
+
+
+# --------------------------------------------- JSON-writing #3 benchmarks: --out under a file
+
+
+def _load_benchmark(name: str, monkeypatch):
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_1206_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["causal_align_step_table", "bench_causal_align",
+                                  "fd_hvp_probe", "warm_cosine_probes"])
+def test_benchmark_out_under_a_file_is_one_line_before_any_work(name, tmp_path, monkeypatch,
+                                                                capsys):
+    """--out FILE/x.json was a FileExistsError traceback from the folder's mkdir."""
+    mod = _load_benchmark(name, monkeypatch)
+    for work in ("bench_step", "setup"):
+        if hasattr(mod, work):
+            monkeypatch.setattr(mod, work, lambda *a, **k: pytest.fail("work started"))
+    (tmp_path / "f").write_text("a file")
+    argv = ["--out", str(tmp_path / "f" / "x.json")]
+    if name == "bench_causal_align":  # reads sys.argv
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main() if name == "bench_causal_align" else mod.main(argv)
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
