@@ -280,3 +280,27 @@ def test_benchmark_out_under_a_file_is_one_line_before_any_work(name, tmp_path, 
         mod.main() if name == "bench_causal_align" else mod.main(argv)
     assert exit_.value.code == 2
     assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------- an autoencoder destination under a file
+
+
+@pytest.mark.parametrize("via", ["counterfactual", "train"])
+def test_autoencoder_destination_under_a_file_names_the_file(via, tiny_data, tiny_run,
+                                                            tmp_path, capsys):
+    """"error: F: cannot create the folder for the autoencoder (File exists)" read as if F
+    were a folder that exists; now it says F is a file."""
+    f = tmp_path / "f"
+    f.write_text("a file")
+    dest = f / "ae.pt"
+    if via == "counterfactual":
+        argv = ["counterfactual", str(tiny_run), "--out", str(tmp_path / "cf"), "--limit", "1",
+                "--steps", "1", "--space", "latent", "--autoencoder", str(dest),
+                "--no-progress"]
+    else:
+        argv = ["train", str(tiny_data), "--method", "causal-align", "--out",
+                str(tmp_path / "run"), "--epochs", "1", "--set", "width=4", "--set",
+                "method.space=latent", "--set", f"method.autoencoder={dest}", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{f} is a file, not a folder" in err, err

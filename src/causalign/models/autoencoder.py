@@ -135,6 +135,12 @@ def check_autoencoder_destination(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         raise CausalignError(f"{p}: is a folder; the autoencoder is saved to a file")
+    for parent in p.parents:  # mkdir under a file said "File exists", naming no file
+        if parent.exists():
+            if not parent.is_dir():
+                raise CausalignError(f"{p.parent}: cannot create the folder for the "
+                                     f"autoencoder ({parent} is a file, not a folder)")
+            break
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
