@@ -507,6 +507,10 @@ def dihedral_code(dihedral: Tensor) -> Tensor:
     return t[:, 0] + 2 * t[:, 1] + 4 * t[:, 2]
 
 
+# the lower precisions `WarmStartCache` may store its rows in (method.cache_dtype)
+LOW_CACHE_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class WarmStartCache:
     """Last solution offset u* − u0 per sample, keyed by dataset index.
 
@@ -524,10 +528,22 @@ class WarmStartCache:
     differ: with C > 2 classes the "other" rule's y* (the most likely other class) changes
     as the model trains (23 % of the revisits of a 12-class run), and a search started
     from a counterfactual towards another class ended worse than a cold one.
+
+    ``dtype`` stores the rows in a lower precision (float16 or bfloat16: half the bytes;
+    None: the dtype of the offsets stored, float32 in training); `get` hands them back in
+    the searched inputs' dtype. A row that is not finite once cast (float16 overflows above
+    65504, e.g. offsets of HU-valued CT images) is not kept: its sample starts cold, as
+    after a diverged solve, rather than from a clipped offset. ``overflowed`` counts them.
     """
 
     def __init__(self, capacity: int | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if dtype is not None and dtype not in LOW_CACHE_DTYPES:
+            raise InputError(f"WarmStartCache dtype must be None (the offsets' own) or one of "
+                             f"{', '.join(map(str, LOW_CACHE_DTYPES))}, got {dtype}")
+        self.dtype = dtype
+        self.overflowed = 0  # rows not kept because the cast to dtype made them non-finite
         self.offsets: Tensor | None = None  # (rows, *sample shape)
         self.known: Tensor | None = None  # (rows,) bool: the row holds a usable offset
         self.row_ids: Tensor | None = None  # (rows,) the dataset id each row belongs to
@@ -605,7 +621,8 @@ class WarmStartCache:
     def _grow(self, n_ids: int, n_rows: int, like: Tensor, home: torch.device) -> None:
         """Room for ids < ``n_ids`` and ``n_rows`` rows of ``like``'s sample shape."""
         if self.offsets is None:
-            self.offsets = like.new_zeros((0, *like.shape[1:]), device=home)
+            self.offsets = like.new_zeros((0, *like.shape[1:]), device=home,
+                                          dtype=self.dtype or like.dtype)
             self.known = torch.zeros(0, dtype=torch.bool, device=home)
             self.row_ids = torch.zeros(0, dtype=torch.long, device=home)
             self.row_of = torch.zeros(0, dtype=torch.long, device=home)
@@ -650,8 +667,17 @@ class WarmStartCache:
             self.row_of[new], self.row_ids[fresh] = fresh, new
             self.rows_used = used + len(new)
         rows = self._rows(kept)
-        self.offsets[rows] = offsets[keep].detach().to(home, self.offsets.dtype)
+        solved = offsets[keep].detach().to(home)
+        stored = solved.to(self.offsets.dtype)
+        self.offsets[rows] = stored
         self.known[rows] = True
+        if self.dtype is not None and self.dtype != offsets.dtype and len(rows):
+            # cast overflow (float16 > 65504): such a row is a miss, not a clipped offset
+            bad = ~torch.isfinite(stored.flatten(1)).all(1) \
+                & torch.isfinite(solved.flatten(1)).all(1)
+            if bool(bad.any()):
+                self.known[rows[bad]] = False
+                self.overflowed += int(bad.sum())
         if target is not None and self.targets is None:
             self.targets = self.row_ids.new_full(self.row_ids.shape, -1)
         if self.targets is not None:
@@ -689,8 +715,13 @@ class WarmStartCache:
         if state and "id_stride" in state:
             self.id_stride = int(state["id_stride"])
         if state and len(state.get("ids", ())):
-            # "targets": absent from checkpoints written before rows kept their y*
-            self.put(state["ids"], state["offsets"], torch.ones(len(state["ids"]),
+            # "targets": absent from checkpoints written before rows kept their y*.
+            # Rows stored in a lower precision load into a cache without a dtype of its
+            # own as float32 (then the warm start continues as it would have)
+            offsets = state["offsets"]
+            if self.dtype is None and offsets.dtype in LOW_CACHE_DTYPES:
+                offsets = offsets.float()
+            self.put(state["ids"], offsets, torch.ones(len(state["ids"]),
                                                                 dtype=torch.bool),
                      target=state.get("targets"))
 

@@ -96,6 +96,8 @@ if TYPE_CHECKING:
 
 # method.cache_device -> `WarmStartCache`'s device (None: wherever the search runs)
 CACHE_DEVICES = {"model": None, "cpu": "cpu"}
+# method.cache_dtype -> `WarmStartCache`'s dtype (None: the searched offsets', float32)
+CACHE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Data-parallel `balance`: (this rank's alignment gradient, the samples it averages) -> the
 # factor one process would scale it by (`CausalAlign._global_balance`).
@@ -177,6 +179,10 @@ class CausalAlignParams:
     # "model" = the model's device | "cpu" = host memory, for large splits on a GPU (10k RGB
     # 224 px images: 5.6 GiB); each step copies only its batch's rows. Same numbers either way
     cache_device: str = "model"
+    # the warm-start cache's precision: float32 | float16 | bfloat16 (half the bytes; rows
+    # are converted back for the search, so only the warm start's first iterate changes; a
+    # row that overflows float16 starts cold). Changes numbers: a --resume refuses a change
+    cache_dtype: str = "float32"
     # exact (double-backward products in CG) | finite-difference (the paper's variant) |
     # gauss-newton: solve (JᵀSJ + α∇²d + δI)v = ∇L directly (Woodbury, no CG): the exact
     # Hessian on piecewise-linear classifiers, positive definite on any (multiview, latent)
@@ -250,6 +256,9 @@ class CausalAlignParams:
              f"method.bn must be batch or running, got '{self.bn}'"),
             (self.cache_device in CACHE_DEVICES,
              f"method.cache_device must be model or cpu, got '{self.cache_device}'"),
+            (self.cache_dtype in CACHE_DTYPES,
+             f"method.cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got "
+             f"'{self.cache_dtype}'"),
             (self.normalize in ("none", "total"),
              f"method.normalize must be none or total, got '{self.normalize}'"),
             (self.region in ("mask", "box"),
@@ -449,7 +458,8 @@ class CausalAlign(Method):
         super().__init__(params)
         self.scale: Tensor | None = None
         self.autoencoder: nn.Module | None = None
-        self.cache = WarmStartCache(device=CACHE_DEVICES[self.params.cache_device])
+        self.cache = WarmStartCache(device=CACHE_DEVICES[self.params.cache_device],
+                                    dtype=CACHE_DTYPES[self.params.cache_dtype])
         self.step = 0
         self.damping = self.params.damping  # raised on negative curvature (damping_max)
         # consecutive aligned steps solved by the Gauss-Newton fallback, and whether the run

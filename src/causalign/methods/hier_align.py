@@ -93,6 +93,7 @@ class HierAlignParams:
     eps: float = 1e-2
     warm_start: bool = True
     cache_device: str = "model"  # the warm-start cache's device (causal-align's setting)
+    cache_dtype: str = "float32"  # its precision (causal-align's setting)
     region: str = "mask"
     normalize: str = "total"
     align_batch: int = 16
@@ -173,7 +174,8 @@ class HierAlignParams:
                                  inner_lr=self.inner_lr, distance=self.distance, eps=self.eps,
                                  warm_start=self.warm_start, region=self.region,
                                  normalize=self.normalize, bn=self.bn,
-                                 cache_device=self.cache_device, **self._shared())
+                                 cache_device=self.cache_device,
+                                 cache_dtype=self.cache_dtype, **self._shared())
 
     def attribute_params(self) -> CausalAlignParams:
         """causal-align settings of the attribute level (Eq. 6, logit space)."""
