@@ -3,6 +3,7 @@
     python benchmarks/bench_causal_align.py [--out benchmarks/results/causal_align_sweep.json]
         [--ks 1,3,5,10 --cgs 1,2,3,5 --size 64 --batch-size 64 --align-batch 16 --repeats 3]
         [--optimizers adam,newton --polish 0,2 --seed S --no-own-ref --skip-paper]
+        [--cache-dtype float32|float16|bfloat16]
 
 Setup (CPU, one intra-op thread by default): a plus-minus synthetic training set (the demo's
 generator at --size px), the seed's 7-layer CNN briefly trained by ERM so it already leans on
@@ -336,6 +337,11 @@ def check_options(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[l
                          "ref_steps", "own_newton_steps", "paper_tight_steps"),
                  ("erm_steps", "warm_visits", "ref_polish"))
     check_out(ap, a.out)
+    from causalign.methods.causal_align import CACHE_DTYPES
+
+    if a.cache_dtype not in CACHE_DTYPES:
+        ap.error(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}; "
+                 f"got '{a.cache_dtype}'")
     return ks, cgs
 
 
@@ -395,6 +401,9 @@ def main() -> None:
                     help="inner optimisers to sweep (method.inner_optimizer)")
     ap.add_argument("--polish", default="0",
                     help="Gauss-Newton steps after the search to sweep (method.newton_polish)")
+    ap.add_argument("--cache-dtype", default="float32",
+                    help="precision of the warm-start cache of every configuration "
+                         "(method.cache_dtype: float32 | float16 | bfloat16)")
     a = ap.parse_args()
     global REF_STAGES, OWN_REF_POLISH, OWN_NEWTON_STEPS
     REF_STAGES = tuple((a.ref_steps, lr) for _, lr in REF_STAGES)
@@ -404,7 +413,8 @@ def main() -> None:
     t_start = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in sorted(vars(a).items()) if k != "out"}
+    settings = {k: v for k, v in sorted(vars(a).items()) if k != "out"
+                and not (k == "cache_dtype" and v == "float32")}  # as before the option
     done = finished_rows(out, settings)
     if done:
         print(f"continuing the interrupted sweep in {out}: {len(done)} row(s) kept", flush=True)
@@ -415,6 +425,8 @@ def main() -> None:
     base = build_method("causal-align").params
     normalize = a.normalize or base.normalize
     common = dict(align_batch=a.align_batch, normalize=normalize)
+    if a.cache_dtype != "float32":  # the default: the settings of earlier sweeps as they were
+        common["cache_dtype"] = a.cache_dtype
     print(f"reference (pixel space, {a.align_batch} samples)...", flush=True)
     ref, ref_parts = reference_grad({}, model, sub, polish=a.ref_polish)
     # the inner problem is not convex: Newton from x0 may settle in another minimum than

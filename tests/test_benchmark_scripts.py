@@ -406,6 +406,7 @@ def test_bench_faithfulness_refuses_stale_runs_and_data(tiny_data, tmp_path, mon
     (["--cgs", "0"], "--cgs must be integers >= 1 or gn"),
     (["--optimizers", "adam,bogus"], "--optimizers: unknown 'bogus'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--cache-dtype", "float8"], "--cache-dtype must be one of float32, float16, bfloat16"),
 ])
 def test_bench_causal_align_refuses_bad_options_before_any_setup(argv, needle, tmp_path,
                                                                  monkeypatch, capsys):
@@ -621,3 +622,24 @@ def test_cf_localisation_writes_null_not_nan_for_an_empty_group():
                            "area": {"mask": 0.05, "box": 0.15, "corner": 0.06},
                            "counterfactuals": [row]}])
     assert "| 1.00 | – | 0.500 | 0.100 | – |" in table
+
+
+def test_warm_cache_dtype_smoke(tmp_path, monkeypatch):
+    """Bytes per row exact (offsets halve, index tables 25 B a row), one seed's cosines."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = _load("warm_cache_dtype")
+    out = tmp_path / "r.json"
+    monkeypatch.setattr("sys.argv", [
+        "warm_cache_dtype.py", "--seeds", "0", "--size", "32", "--ref-steps", "2",
+        "--ref-polish", "0", "--warm-visits", "1", "--erm-steps", "1", "--rows", "2",
+        "--shape", "3,8,8", "--out", str(out)])
+    mod.main()
+    r = _strict_json(out)
+    assert r["complete"] is True
+    assert r["bytes"]["float32"]["bytes_per_row"] == 3 * 8 * 8 * 4 + 25
+    for d in ("float16", "bfloat16"):
+        assert r["bytes"][d]["bytes_per_row"] == 3 * 8 * 8 * 2 + 25
+        assert r["bytes"][d]["stored_dtype"] == f"torch.{d}"
+        assert 0 < r["bytes"][d]["rel_l2_error_randn"] < 1e-2
+        assert -1 <= r["seeds"][0][d]["cosine_warm"] <= 1
+    assert r["bytes"]["float32"]["rel_l2_error_randn"] == 0
