@@ -13,11 +13,15 @@
    1e-8); per dtype the alignment gradient after --warm-visits warm visits whose offsets
    went through a cache of that dtype (`config_grad`), its cosine to the reference
    (``cosine_warm``, as the sweep's) and to float32's warm gradient, and L_align.
+   ``float32-jitter`` (a control, in --dtypes): float32 rows, each value multiplied by
+   1 + u, u uniform in ±2^-11 (float16's rounding, but random) as it is stored: how far
+   the warm gradient moves under any perturbation of that size over the warm visits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -31,6 +35,25 @@ from causalign.explain.counterfactual import WarmStartCache
 from causalign.io import atomic_write_json
 from causalign.methods import build_method
 from causalign.methods.causal_align import CACHE_DTYPES
+
+JITTER = "float32-jitter"
+
+
+@contextlib.contextmanager
+def jittered_puts(seed: int, rel: float = 2.0 ** -11):
+    """`WarmStartCache.put` multiplies each stored value by 1 + U(-rel, rel)."""
+    g = torch.Generator().manual_seed(seed)
+    put = WarmStartCache.put
+
+    def noisy(self, ids, offsets, keep, *args, **kwargs):
+        u = (torch.rand(offsets.shape, generator=g) * 2 - 1) * rel
+        return put(self, ids, offsets * (1 + u.to(offsets)), keep, *args, **kwargs)
+
+    WarmStartCache.put = noisy
+    try:
+        yield
+    finally:
+        WarmStartCache.put = put
 
 
 def bytes_per_row(shape: tuple[int, ...], rows: int, dtype: str) -> dict:
@@ -65,7 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     dtypes = a.dtypes.split(",")
-    bad = [d for d in dtypes if d not in CACHE_DTYPES]
+    bad = [d for d in dtypes if d not in CACHE_DTYPES and d != JITTER]
     if bad:
         ap.error(f"--dtypes: unknown '{bad[0]}'; valid: {', '.join(CACHE_DTYPES)}")
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -79,7 +102,7 @@ def main() -> None:
         "benchmark": "warm_cache_dtype", "complete": False,
         "settings": {k: v for k, v in sorted(vars(a).items()) if k != "out"},
         "torch": torch.__version__, "machine": platform.machine(), "device": "cpu",
-        "bytes": {d: bytes_per_row(shape, a.rows, d) for d in dtypes},
+        "bytes": {d: bytes_per_row(shape, a.rows, d) for d in dtypes if d != JITTER},
         "seeds": [],
     }
     print(json.dumps(result["bytes"]), flush=True)
@@ -92,9 +115,10 @@ def main() -> None:
         row: dict = {"seed": seed}
         grads = {}
         for d in dtypes:
-            args = dict(common) if d == "float32" else dict(common, cache_dtype=d)
+            args = dict(common) if d in ("float32", JITTER) else dict(common, cache_dtype=d)
             torch.manual_seed(seed)
-            g, parts, _ = config_grad(args, model, sub, a.warm_visits)
+            with jittered_puts(seed) if d == JITTER else contextlib.nullcontext():
+                g, parts, _ = config_grad(args, model, sub, a.warm_visits)
             grads[d] = g
             row[d] = {"cosine_warm": cosine(g, ref), "align_warm": parts.get("align"),
                       "flip_rate_warm": parts.get("flip_rate")}
