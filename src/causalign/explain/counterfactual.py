@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..errors import MAX_SETTING, ConfigError, InputError
+from ..implicit.adjoint import no_autocast
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
@@ -247,12 +248,15 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
     ``bn_stats`` maps BatchNorm modules to fixed (mean, var) used instead of the running
     statistics (see `capture_bn_stats`); either way samples never interact.
     ``fold_bn`` (the inner problem's search and implicit gradient) also runs convolutions in
-    full float32 on CUDA (`ieee_fp32_convolutions`).
+    full float32 on CUDA (`ieee_fp32_convolutions`) and turns a caller's autocast off
+    (`no_autocast`: a bf16 autocast around causal-align's loss ran the search and CG in
+    bfloat16, the alignment gradient 13 % off, silently).
     """
     modes = [(m, m.training) for m in model.modules()]
     patched: list[tuple[nn.Module, object]] = []
     bn_stats = bn_stats or {}
-    with ieee_fp32_convolutions() if fold_bn else nullcontext():
+    with ieee_fp32_convolutions() if fold_bn else nullcontext(), \
+            no_autocast() if fold_bn else nullcontext():
         model.eval()
         try:
             for m in model.modules():
@@ -891,7 +895,7 @@ class CounterfactualGenerator:
 
         One eval-mode forward gives the number of classes, the prediction and the ranking
         the multi-class rule needs; training code passes y* directly and skips it."""
-        with torch.no_grad(), eval_mode(self.model):
+        with torch.no_grad(), eval_mode(self.model), no_autocast():  # ranked as searched
             logits = self.model(x0)
         _check_class_logits(logits, len(x0))
         if labels is None:

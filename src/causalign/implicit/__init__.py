@@ -1,6 +1,12 @@
 """Implicit differentiation of per-sample argmins: batched CG and the adjoint gradient."""
 
-from causalign.implicit.adjoint import ImplicitResult, hvp, implicit_argmin, implicit_gradient
+from causalign.implicit.adjoint import (
+    ImplicitResult,
+    hvp,
+    implicit_argmin,
+    implicit_gradient,
+    no_autocast,
+)
 from causalign.implicit.cg import CGResult, batched_cg
 from causalign.implicit.lowrank import lowrank_diag_solve
 
@@ -12,4 +18,5 @@ __all__ = [
     "implicit_argmin",
     "implicit_gradient",
     "lowrank_diag_solve",
+    "no_autocast",
 ]
