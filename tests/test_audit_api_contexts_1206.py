@@ -1,5 +1,5 @@
 """#3's Python API under the autograd contexts and model states PyTorch users call it in:
-autocast around the training step (audit 2026-12-06)."""
+autocast around the training step, images that require grad (audit 2026-12-06)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalign.errors import InputError
 from causalign.explain import CounterfactualGenerator
 from causalign.implicit import implicit_gradient
 from causalign.methods import build_method
@@ -96,3 +97,43 @@ def test_causal_align_loss_under_autocast_keeps_the_inner_problem_float32(optimi
     got = _alignment_grad(True, inner_optimizer=optimizer, steps=5, bn="running")
     assert float((got - ref).norm() / ref.norm()) < 1e-3
 
+
+# --------------------------------------------------------------------------- image grads
+
+
+def test_causal_align_refuses_an_image_that_requires_grad():
+    """An image that requires grad (an adversarial perturbation, a trained preprocessing)
+    got only CE's gradient: its .grad equalled that of λ = 0, the alignment term's
+    dependence on x missing, silently. Now one line; a detached image, a λ = 0 run and a
+    call under no_grad are unaffected."""
+    model = _cnn().train()
+    b = _batch()
+    b["image"] = b["image"].clone().requires_grad_(True)
+    method = build_method("causal-align", {"steps": 2, "warm_start": False})
+    with pytest.raises(InputError, match=r"batch\['image'\] requires grad.*\.detach\(\)"):
+        method(model, b)
+    assert all(q.grad is None for q in model.parameters())
+    with torch.no_grad():
+        assert not method(model, b).total.requires_grad
+    out = build_method("causal-align", {"steps": 2, "lam": 0.0})(model, b)
+    out.total.backward()
+    assert b["image"].grad is not None
+    b["image"] = b["image"].detach()
+    assert torch.isfinite(method(model, b).total)
+
+
+def test_causal_align_inside_inference_mode_is_refused_before_touching_state():
+    """Refused only by the search, after the CE forward had updated BatchNorm's running
+    statistics and the step counter had moved, in words naming generate(). Under no_grad
+    the value comes back (no graph), as for any loss."""
+    model = _cnn().train()
+    before = [t.clone() for t in model[1].buffers()]
+    method = build_method("causal-align", {"steps": 2, "warm_start": False})
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"causal-align needs "
+                                                                   r"autograd.*inference_mode"):
+        method(model, _batch())
+    assert method.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model[1].buffers(), strict=True))
+    with torch.no_grad():
+        out = method(model, _batch())
+    assert torch.isfinite(out.total) and not out.total.requires_grad and out.parts["align"] > 0

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import MAX_SETTING, CausalignError, ConfigError
+from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError
 from ..explain.counterfactual import (
     DISTANCES,
     MIN_L1_EPS,
@@ -634,6 +634,20 @@ class CausalAlign(Method):
         x = self.model_input(batch)
         y = batch["label"]
         p = self.params
+        if p.lam != 0 and torch.is_inference_mode_enabled():
+            # refused by the search only after the CE forward had updated BatchNorm's running
+            # statistics and the step counter had moved, in words naming generate
+            raise RuntimeError(f"{self.name} needs autograd for its counterfactual search; "
+                               f"call it outside torch.inference_mode() (under "
+                               f"torch.no_grad() it gives the loss's value)")
+        if p.lam != 0 and x.requires_grad and torch.is_grad_enabled():
+            # L_align depends on x through x* − x and x*(x), but implicit_term attaches its
+            # gradient to the parameters only: an image that requires grad (an adversarial
+            # perturbation, a trained preprocessing) got CE's gradient alone, silently
+            raise InputError(f"{self.name}: batch['image'] requires grad, but the alignment "
+                             f"term's gradient reaches only the model's parameters, not the "
+                             f"image (its .grad would hold CE's part alone); pass "
+                             f"batch['image'].detach()")
         aligns = p.lam != 0 and self.step % p.align_every == 0
         # the batch's BatchNorm statistics, for the inner problem (bn=batch); not gathered
         # on steps that do not align
