@@ -137,3 +137,40 @@ def test_causal_align_inside_inference_mode_is_refused_before_touching_state():
     with torch.no_grad():
         out = method(model, _batch())
     assert torch.isfinite(out.total) and not out.total.requires_grad and out.parts["align"] > 0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_causal_align_under_no_grad_leaves_the_training_state_alone():
+    """A validation loss, `with torch.no_grad(): method(model, val_batch)`, wrote its
+    counterfactuals into the warm-start cache under the validation indices, which the cache
+    reads as training indices (validation image i's offset became training sample i's warm
+    start), and moved the step counter (`align_every`'s schedule). Now the training step
+    after it is the one without it, and the value is still the loss (a cold search)."""
+    torch.manual_seed(0)
+    train_b, val_b = _batch(4), _batch(4)
+    val_b["image"] = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+
+    def run(with_validation: bool):
+        model = _cnn().train()
+        method = build_method("causal-align", {"steps": 3, "align_every": 2})
+        method(model, train_b).total.backward()  # fills the cache for indices 0..3
+        if with_validation:
+            with torch.no_grad():
+                val = method(model, val_b)
+            assert torch.isfinite(val.total) and val.parts["align"] > 0
+            assert val.parts["cf_warm"] == 0  # no training sample's offset reused
+        step, rows = method.step, method.cache.offsets.clone()
+        model.zero_grad()
+        method(model, train_b)  # step 1: no alignment (align_every 2)
+        out = method(model, train_b)  # step 2: aligns, warm from step 0's offsets
+        out.total.backward()
+        return step, rows, out, [q.grad.clone() for q in model.parameters()]
+
+    step_a, rows_a, out_a, grads_a = run(False)
+    step_b, rows_b, out_b, grads_b = run(True)
+    assert step_b == step_a == 1
+    assert torch.equal(rows_b, rows_a)
+    assert out_b.parts == out_a.parts
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))

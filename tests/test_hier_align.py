@@ -355,3 +355,60 @@ def test_a_bad_attr_normalize_is_named():
                                              r"got 'share'$"):
         build_method("hier-align", {"attr_normalize": "share"})
     build_method("hier-align", {"attr_normalize": "none"})
+
+
+def test_a_batch_past_the_attribution_table_keeps_the_table():
+    """A batch whose index reaches past the training split's CCCE table (another split's
+    samples) gets attribution on itself; that branch set the table to None, so every later
+    training step lost the training split's attribution, silently."""
+    method = build_method("hier-align", dict(FAST))
+    b = _batch(6)
+    method.fit_attribution(b["attributes"], b["label"])
+    table, known = method.r_table.clone(), method.r_known.clone()
+    model = _model(method).train()
+    other = _batch(6, seed=3)
+    other["index"] = torch.arange(6) + 100
+    method(model, other)
+    assert method.r_table is not None and torch.equal(method.r_table, table)
+    assert torch.equal(method.r_known, known)
+
+
+def test_a_validation_loss_under_no_grad_leaves_the_training_state_alone():
+    """`with torch.no_grad(): method(model, val_batch)` read the training table's CCCE rows
+    and warm starts for the validation indices (other images) and wrote its x* into the
+    cache under them, and moved the step counter. Now the next training step is the one
+    without it, and the value is the whole loss."""
+    def run(with_validation: bool):
+        method = build_method("hier-align", dict(FAST, align_every=2))
+        train_b = _batch(6)
+        method.fit_attribution(train_b["attributes"], train_b["label"])
+        model = _model(method).train()
+        method(model, train_b).total.backward()
+        if with_validation:
+            with torch.no_grad():
+                val = method(model, _batch(6, seed=5))
+            assert torch.isfinite(val.total) and "img_align" in val.parts
+        step, rows = method.step, method.pixel.cache.offsets.clone()
+        model.zero_grad()
+        method(model, train_b)  # step 2: no alignment (align_every 2)
+        out = method(model, train_b)
+        out.total.backward()
+        return step, rows, out.parts, _grads(model)
+
+    step_a, rows_a, parts_a, grads_a = run(False)
+    step_b, rows_b, parts_b, grads_b = run(True)
+    assert step_a == step_b == 1
+    assert torch.equal(rows_a, rows_b)
+    assert parts_a == parts_b
+    assert torch.equal(grads_a, grads_b)
+
+
+def test_an_image_that_requires_grad_is_refused():
+    """As for causal-align: the image's .grad held the supervised terms' gradient alone
+    (equal to the λ₁ = λ₂ = 0 run's), the alignment terms' dependence on x missing."""
+    method = build_method("hier-align", dict(FAST))
+    b = _batch()
+    method.fit_attribution(b["attributes"], b["label"])
+    b["image"] = b["image"].clone().requires_grad_(True)
+    with pytest.raises(CausalignError, match=r"batch\['image'\] requires grad"):
+        method(_model(method).train(), b)

@@ -630,7 +630,22 @@ class CausalAlign(Method):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         """CE + λ·L_align (Eq. 3) on the annotated samples, every `align_every` steps; the
-        alignment term's gradient is the implicit one (`implicit_term`)."""
+        alignment term's gradient is the implicit one (`implicit_term`).
+
+        Under ``torch.no_grad()`` (a validation loss: nothing can be backpropagated) the call
+        gives the whole loss's value (L_align included, whatever `align_every`) and leaves the
+        training state alone: no warm start from or into the cache, whose rows are the
+        training split's indices (a validation batch's index i is another image than training
+        sample i), and the step counter, damping and Gauss-Newton switch stay as they were."""
+        if torch.is_grad_enabled():
+            return self._loss(model, batch, warm=True)
+        state = (self.step, self.damping, self.gn_streak, self.gn_switched)
+        try:
+            return self._loss(model, batch, warm=False)
+        finally:
+            self.step, self.damping, self.gn_streak, self.gn_switched = state
+
+    def _loss(self, model: nn.Module, batch: dict[str, Tensor], warm: bool) -> LossOutput:
         x = self.model_input(batch)
         y = batch["label"]
         p = self.params
@@ -648,7 +663,8 @@ class CausalAlign(Method):
                              f"term's gradient reaches only the model's parameters, not the "
                              f"image (its .grad would hold CE's part alone); pass "
                              f"batch['image'].detach()")
-        aligns = p.lam != 0 and self.step % p.align_every == 0
+        # a validation loss (warm False) is the whole loss, whatever align_every's schedule
+        aligns = p.lam != 0 and (not warm or self.step % p.align_every == 0)
         # the batch's BatchNorm statistics, for the inner problem (bn=batch); not gathered
         # on steps that do not align
         with capture_bn_stats(model) if aligns and p.bn == "batch" else nullcontext({}) \
@@ -682,7 +698,8 @@ class CausalAlign(Method):
             cap = float(p.balance * ce_norm / p.lam)
         # augment=dihedral's per-sample transforms: the warm start maps cached offsets
         term, stats = self.alignment(model, x[idx], target[idx], region[idx],
-                                     batch["index"][idx] if "index" in batch else None,
+                                     batch["index"][idx] if "index" in batch and warm
+                                     else None,
                                      grad_cap=cap, dihedral=batch["dihedral"][idx]
                                      if "dihedral" in batch else None, bn_stats=bn_stats)
         parts.update(stats)

@@ -300,18 +300,22 @@ class HierAlign(Method):
                               f"method.lam2) needs a binary label; this data has {classes} "
                               f"classes (set method.lam2=0 to align the image level only)")
 
-    def _r(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(r, r_known) for the batch's rows; without setup, attribution on this batch."""
+    def _r(self, batch: dict[str, Tensor], local: bool = False) -> tuple[Tensor, Tensor]:
+        """(r, r_known) for the batch's rows; without setup, for indices outside the
+        training table, or ``local``, attribution on this batch (the table is kept)."""
         known_attr = batch["attr_known"].bool().all(1) if "attr_known" in batch else \
             torch.ones_like(batch["label"], dtype=torch.bool)
         idx = batch.get("index")
-        if self.r_table is None or idx is None or int(idx.max()) >= len(self.r_table):
+        if local or self.r_table is None or idx is None or int(idx.max()) >= len(self.r_table):
             attrs = batch["attributes"].float()
             if "attr_known" in batch:
                 attrs = torch.where(batch["attr_known"].bool(), attrs, torch.nan)
+            table = (self.r_table, self.r_known, self.attribution)
             self.fit_attribution(attrs, batch["label"])
             r, rk = self.r_table, self.r_known
-            self.r_table = self.r_known = None  # batch-local, not the training table
+            # batch-local: the training table stays (it was set to None, so a batch with an
+            # index past the table lost it for every later training step)
+            self.r_table, self.r_known, self.attribution = table
         else:
             i = idx.cpu().long()
             r, rk = self.r_table[i], self.r_known[i]
@@ -370,6 +374,25 @@ class HierAlign(Method):
             dihedral=dihedral)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        """CE + BCE on the attributes + λ₁·image-level + λ₂·attribute-level alignment.
+
+        Under ``torch.no_grad()`` (a validation loss) it gives the whole loss's value and
+        leaves the training state alone, as causal-align does: no warm start from or into
+        the cache, the batch's own CCCE attribution instead of the training table's rows
+        (both are keyed by training indices), step counter, damping and Gauss-Newton
+        switches unchanged."""
+        if torch.is_grad_enabled():
+            return self._loss(model, batch, warm=True)
+        levels = (self.pixel, self.attr)
+        saved = (self.step, [(lv.damping, lv.gn_streak, lv.gn_switched) for lv in levels])
+        try:
+            return self._loss(model, batch, warm=False)
+        finally:
+            self.step = saved[0]
+            for lv, (damping, streak, switched) in zip(levels, saved[1], strict=True):
+                lv.damping, lv.gn_streak, lv.gn_switched = damping, streak, switched
+
+    def _loss(self, model: nn.Module, batch: dict[str, Tensor], warm: bool) -> LossOutput:
         p = self.params
         # a user's own model or batch (Method.__call__ checks image, label and the logits):
         # an AttributeError 'f1' / KeyError 'attributes' said nothing of what is needed
@@ -382,6 +405,16 @@ class HierAlign(Method):
                              "or attr_known False where unknown, as LesionDataset yields it")
         x = self.model_input(batch)
         y = batch["label"]
+        if (p.lam1 != 0 or p.lam2 != 0) and torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name} needs autograd for its counterfactual searches; "
+                               f"call it outside torch.inference_mode() (under "
+                               f"torch.no_grad() it gives the loss's value)")
+        if p.lam1 != 0 and x.requires_grad and torch.is_grad_enabled():
+            # as in causal-align: the image-level term's gradient reaches the parameters only
+            raise InputError(f"{self.name}: batch['image'] requires grad, but the alignment "
+                             f"terms' gradients reach only the model's parameters, not the "
+                             f"image (its .grad would miss them); pass "
+                             f"batch['image'].detach()")
         with capture_bn_stats(model) as bn_stats:
             z = model.f1(x)
             a_hat = z.sigmoid()
@@ -402,7 +435,8 @@ class HierAlign(Method):
         # them by the global batch's counts (LossOutput.means)
         means = {"bce_attr": (p.attr_weight * bce, int(n_known))}
         self.step += 1
-        if (p.lam1 == 0 and p.lam2 == 0) or (self.step - 1) % p.align_every != 0 \
+        # a validation loss (warm False) is the whole loss, whatever align_every's schedule
+        if (p.lam1 == 0 and p.lam2 == 0) or (warm and (self.step - 1) % p.align_every != 0) \
                 or self.epoch < p.align_start:
             parts["align_step"] = 0.0
             return LossOutput(total, parts, means=means)
@@ -414,7 +448,7 @@ class HierAlign(Method):
         gs = self._global_batch(batch)
         # before `_r`: its fallback (rows outside the table) may drop the table on one rank
         global_attr, global_img = self._global_alignable(gs) if gs is not None else (None, None)
-        r, r_known = self._r(batch)
+        r, r_known = self._r(batch, local=not warm)
         region, has_region = self.pixel.annotation(batch)
         need_attr = valid & r_known if p.lam2 > 0 else torch.zeros_like(valid)
         need_img = valid & has_region if p.lam1 > 0 else torch.zeros_like(valid)
@@ -462,7 +496,7 @@ class HierAlign(Method):
         sel_x = need_img[rows]
         if bool(sel_x.any()):
             ii = rows[sel_x]
-            ids = batch["index"][ii] if "index" in batch else None
+            ids = batch["index"][ii] if "index" in batch and warm else None
             dihedral = batch["dihedral"][ii] if "dihedral" in batch else None
             res_x = self.image_counterfactual(model, x[ii], res_a.x_star[sel_x], ids, bn_stats,
                                               dihedral=dihedral)
