@@ -304,3 +304,31 @@ def test_autoencoder_destination_under_a_file_names_the_file(via, tiny_data, tin
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{f} is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_an_interrupted_train_says_how_to_continue(tiny_data, tmp_path, monkeypatch, capsys,
+                                                    checkpointed):
+    """Ctrl-C during `causalign train` printed only "interrupted"; with a checkpoint written
+    the user had to know about --resume. Now the line before names the command that goes
+    on; before the first checkpoint (a plain rerun starts over) no hint."""
+    import causalign.engine.trainer as trainer
+
+    out = tmp_path / "run"
+
+    def interrupted_train(data, cfg, run_dir, **kw):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpointed:
+            (run_dir / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted_train)
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(out),
+                 "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "interrupted"
+    if checkpointed:
+        assert err[:-1] == [f"{out}: its last checkpoint is kept; `causalign train {tiny_data} "
+                            f"--out {out} --resume` continues it"]
+    else:
+        assert err[:-1] == []

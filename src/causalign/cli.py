@@ -310,7 +310,13 @@ def train(
                                  f"'{values['method']}' (use a new --out)")
     cfg = apply_overrides(base, values)
     finished = resume and (out / "metrics.json").is_file()  # train() returns its metrics
-    metrics = run_train(data, cfg, out, resume=resume, progress=progress)
+    try:
+        metrics = run_train(data, cfg, out, resume=resume, progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on ("interrupted" follows)
+        if os.environ.get("RANK", "0") == "0" and (out / "checkpoint.pt").is_file():
+            typer.echo(f"{out}: its last checkpoint is kept; `causalign train {data} --out "
+                       f"{out} --resume` continues it", err=True)
+        raise
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     if finished:
