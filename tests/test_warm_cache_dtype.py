@@ -178,3 +178,39 @@ def test_a_training_step_runs_with_a_half_precision_cache_and_warm_starts_from_i
         out = method(model, batch)
         assert torch.isfinite(out.total)
     assert method.cache.offsets.dtype == torch.float16 and len(method.cache) == n
+
+
+def test_offsets_past_float16_are_announced_once_a_run():
+    """Rows that overflow float16 are left out of the cache (cold starts); that was counted
+    in `cache.overflowed` only, so a user of HU-valued images saw nothing. One warning a run
+    now names the count and the dtypes that keep them."""
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    n = 4
+    mask = torch.zeros(n, 1, 8, 8)
+    mask[:, :, 2:5, 2:5] = 1
+    batch = {"image": torch.rand(n, 1, 8, 8), "label": torch.tensor([0, 1, 0, 1]),
+             "mask": mask, "has_mask": torch.ones(n, dtype=torch.bool), "box_mask": mask,
+             "has_annotation": torch.ones(n, dtype=torch.bool), "index": torch.arange(n)}
+    # Adam moves every pixel by about inner_lr a step: offsets ~1e5 > float16's 65504
+    method = build_method("causal-align", {"cache_dtype": "float16", "steps": 1,
+                                           "inner_lr": 1e5, "align_batch": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            method(model, batch)
+    overflow = [str(w.message) for w in caught if "exceeded" in str(w.message)]
+    assert method.cache.overflowed > 0
+    assert len(overflow) == 1
+    assert "method.cache_dtype=float16's range" in overflow[0] and "65504" in overflow[0]
+    quiet = build_method("causal-align", {"cache_dtype": "bfloat16", "steps": 1,
+                                          "inner_lr": 1e5, "align_batch": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet(model, batch)
+    assert quiet.cache.overflowed == 0 and not [w for w in caught if "exceeded" in str(w.message)]

@@ -466,6 +466,7 @@ class CausalAlign(Method):
         # has switched to solving every step that way (`gn_switch`)
         self.gn_streak = 0
         self.gn_switched = False
+        self._overflow_warned = False  # warn_cache_overflow: once a run
         # (weak reference to the model, its outputs) for auto cg_iters; weak, not id(): a
         # new model can reuse a collected one's id
         self._outputs: tuple[weakref.ref, int] | None = None
@@ -781,7 +782,19 @@ class CausalAlign(Method):
         p = self.params
         res = self.generator(model).generate(x, target=target, ids=ids if p.warm_start else None,
                                              report=False, bn_stats=bn_stats, dihedral=dihedral)
+        self.warn_cache_overflow()
         return self.implicit_term(model, res, region, bn_stats, grad_cap=grad_cap)
+
+    def warn_cache_overflow(self) -> None:
+        """Once a run: some counterfactual offsets exceeded ``cache_dtype``'s range and were
+        not cached (those samples start cold each visit; counted in ``cache.overflowed``)."""
+        if self.cache.overflowed and not self._overflow_warned:
+            self._overflow_warned = True
+            warnings.warn(f"causal-align: {self.cache.overflowed} warm-start offset(s) exceeded "
+                          f"method.cache_dtype={self.params.cache_dtype}'s range (|x* − x| > "
+                          f"{torch.finfo(self.cache.dtype).max:g}) and were not cached: those "
+                          f"samples start cold; cache_dtype bfloat16 or float32 keeps them",
+                          stacklevel=2)
 
     def implicit_term(self, model: nn.Module, res: CounterfactualResult, region: Tensor,
                       bn_stats: dict | None = None, grad_cap: float | GradCap | None = None

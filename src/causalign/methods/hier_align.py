@@ -368,10 +368,12 @@ class HierAlign(Method):
         images' augmentation (``batch["dihedral"]``), for the warm start's cached offsets.
         (Eq. 6 searches attribute vectors, orientation-free, and never warm-starts.)"""
         ids = ids if self.params.warm_start else None
-        return self.pixel.generator(model.f1).generate(
+        res = self.pixel.generator(model.f1).generate(
             # a* in the images' dtype: .float() rounded a float64 model's targets to float32
             x, target=a_star.detach().to(x.dtype), ids=ids, report=report, bn_stats=bn_stats,
             dihedral=dihedral)
+        self.pixel.warn_cache_overflow()
+        return res
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         """CE + BCE on the attributes + λ₁·image-level + λ₂·attribute-level alignment.
