@@ -474,11 +474,39 @@ class CausalAlign(Method):
         # trainer only checks for "a mask or a box"); hier-align's image level, whose masks
         # are optional, turns this off.
         self.require_region = True
+        # The run this object's state belongs to: what setup() or the first aligned step
+        # fitted itself ("scale", "autoencoder"; one assigned by the user is not refitted),
+        # whether setup() ran, and whether load_state_dict() came after it (a resume: the
+        # next setup() keeps that state, as the trainer relies on). A second setup() (another
+        # split or model, or this one changed) starts a new run: it kept dataset A's warm-start
+        # cache for B's sample i, A's scales and autoencoder, step counter and damping.
+        self._fitted: set[str] = set()
+        self._set_up = False
+        self._restored = False
+
+    def new_run(self) -> None:
+        """Forget the training state of a previous run: warm-start cache, step counter,
+        damping, Gauss-Newton switch, the auto CG cap's model, and the scales and
+        autoencoder this object fitted (setup() fits them again)."""
+        self.cache.clear()
+        self.step, self.damping = 0, self.params.damping
+        self.gn_streak, self.gn_switched = 0, False
+        self._outputs = None
+        if "scale" in self._fitted:
+            self.scale = None
+        if "autoencoder" in self._fitted:
+            self.autoencoder = None
+        self._fitted.clear()
 
     # ---------------------------------------------------------------- setup / state
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
-        """Per-pixel distance scales and (latent space) the autoencoder, from training data."""
+        """Per-pixel distance scales and (latent space) the autoencoder, from training data.
+        Called again (another training split or model), it starts a new run (`new_run`),
+        unless `load_state_dict` came in between (a resume keeps the loaded state)."""
+        if (self._set_up or self.step) and not self._restored:
+            self.new_run()
+        self._restored = False
         # sample ids index the training split (a stand-in without a length: no bound)
         self.cache.capacity = len(train_set) if hasattr(train_set, "__len__") else None
         has_mask = getattr(train_set, "has_mask", None)
@@ -536,8 +564,11 @@ class CausalAlign(Method):
         images = train_set.images if need_scale or need_ae else None
         if need_scale:
             self.scale = distance_scale(images, self.params.distance).to(device)
+            self._fitted.add("scale")
         if need_ae:
             self.autoencoder = self._load_or_train_autoencoder(images, device)
+            self._fitted.add("autoencoder")
+        self._set_up = True
 
     def _load_or_train_autoencoder(self, images: Tensor, device) -> nn.Module:
         from ..models.autoencoder import (
@@ -571,8 +602,10 @@ class CausalAlign(Method):
         # the first batch seen — rougher than the training split, but never a crash.
         if self.params.distance.startswith("scaled") and self.scale is None:
             self.scale = distance_scale(x.detach(), self.params.distance)
+            self._fitted.add("scale")
         if self.params.space == "latent" and self.autoencoder is None:
             self.autoencoder = self._load_or_train_autoencoder(x.detach(), x.device)
+            self._fitted.add("autoencoder")
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps so a resumed run continues exactly: step counter, damping,
@@ -601,8 +634,11 @@ class CausalAlign(Method):
         self.cache.load_state_dict(state.get("cache", {}))
         if state.get("scale") is not None:
             self.scale = state["scale"]
+            self._fitted.add("scale")
         if state.get("autoencoder") is not None:
             self.autoencoder = autoencoder_from_state(state["autoencoder"])
+            self._fitted.add("autoencoder")
+        self._restored = True
 
     # ---------------------------------------------------------------- objective
 

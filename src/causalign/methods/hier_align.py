@@ -219,6 +219,10 @@ class HierAlign(Method):
         self.attr.autoencoder = SigmoidCode()
         self.step = 0
         self.epoch = 1
+        # as causal-align's: a second setup() starts a new run unless load_state_dict()
+        # came in between
+        self._set_up = False
+        self._restored = False
         self.r_table: Tensor | None = None  # (n_train, p) bool: CCCE-causal attributes
         self.r_known: Tensor | None = None  # (n_train,) bool: r defined (evidence, an effect)
         self.attribution = None  # CCCEResult on the training split
@@ -251,9 +255,17 @@ class HierAlign(Method):
             # the run trained without a word (a dataset declaring none is refused)
             raise CausalignError("method 'hier-align' needs attribute annotations; no "
                                  "training sample has one (every attr_ cell is empty)")
+        if (self._set_up or self.step) and not self._restored:
+            # another split or model: a new run (each level's cache, scales, damping and
+            # Gauss-Newton switch; the CCCE attribution is fitted again below)
+            self.step = 0
+            self.pixel.new_run()
+            self.attr.new_run()
+        self._restored = False
         self.pixel.setup(train_set, getattr(model, "f1", model))
         self.fit_attribution(train_set.attributes, train_set.labels)
         self._warn_one_class(train_set.attributes, train_set.labels)
+        self._set_up = True
 
     def _warn_one_class(self, attributes: Tensor, labels: Tensor) -> None:
         """A training split whose fully annotated samples share one class ran with no
@@ -349,8 +361,10 @@ class HierAlign(Method):
             level.gn_switched = bool(state.get(prefix + "gn_switched", False))
         if state.get("scale") is not None:
             self.pixel.scale = state["scale"]
+            self.pixel._fitted.add("scale")
         if state.get("r") is not None:
             self.r_table, self.r_known = state["r"], state["r_known"]
+        self._restored = self.pixel._restored = True  # the next setup() keeps this state
 
     # ---------------------------------------------------------------- objective
 

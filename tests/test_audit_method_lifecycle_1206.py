@@ -1,0 +1,113 @@
+"""The lifecycle of causal-align / hier-align method objects in a user's own training loop:
+setup() called again, state_dict() into a fresh object, pickling, no setup() at all,
+on_epoch_start() forgotten or 0-based."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from causalign.data import LesionDataset, SynthConfig, generate
+from causalign.explain.counterfactual import distance_scale
+from causalign.methods import build_method
+from causalign.models import HierarchicalModel, MLPHead
+
+FAST = {"steps": 2, "align_batch": 4}
+HIER = {"steps": 2, "attr_steps": 3, "align_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifecycle")
+    generate(root / "a", SynthConfig(n_train=16, n_val=4, n_test=4, size=32, seed=0))
+    generate(root / "b", SynthConfig(n_train=16, n_val=4, n_test=4, size=32, seed=5))
+    return LesionDataset(root / "a", "train"), LesionDataset(root / "b", "train")
+
+
+def _net(outputs=2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, outputs))
+
+
+def _hier():
+    torch.manual_seed(0)
+    f1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))
+    return HierarchicalModel(f1, MLPHead(6, 2, hidden=8))
+
+
+def _step(method, model, batch):
+    model.zero_grad()
+    out = method(model, batch)
+    out.total.backward()
+    return out
+
+
+def test_a_second_setup_on_another_split_starts_a_new_run(splits):
+    """setup() on split B after training on A kept A's per-pixel scales (setup skipped a
+    scale already there), A's warm-start rows (B's sample i started from A's offset i) and
+    the step counter."""
+    a, b = splits
+    method = build_method("causal-align", dict(FAST, distance="scaled-l1"))
+    model = _net()
+    method.setup(a, model)
+    _step(method, model, a.batch(torch.arange(8)))
+    assert len(method.cache) == 4 and method.step == 1
+    method.setup(b, model)
+    assert torch.equal(method.scale, distance_scale(b.images, "scaled-l1"))
+    assert len(method.cache) == 0 and method.step == 0
+    out = _step(method, model, b.batch(torch.arange(8)))
+    assert out.parts["cf_warm"] == 0.0  # no row of A's run warm-starts B's samples
+
+
+def test_setup_after_load_state_dict_keeps_the_loaded_state(splits):
+    """The trainer's resume order (and a user's): load_state_dict, then setup: the loaded
+    cache, scales and step stay."""
+    a, _ = splits
+    method = build_method("causal-align", dict(FAST, distance="scaled-l1"))
+    model = _net()
+    method.setup(a, model)
+    _step(method, model, a.batch(torch.arange(8)))
+    state = copy.deepcopy(method.state_dict())
+    state["scale"] = state["scale"] * 2  # tell a kept scale from a refitted one
+    for fresh in (build_method("causal-align", dict(FAST, distance="scaled-l1")), method):
+        fresh.load_state_dict(copy.deepcopy(state))
+        fresh.setup(a, model)
+        assert torch.equal(fresh.scale, state["scale"])
+        assert len(fresh.cache) == 4 and fresh.step == 1
+
+
+def test_hier_align_second_setup_starts_a_new_run(splits):
+    a, b = splits
+    method = build_method("hier-align", HIER)
+    model = _hier()
+    method.setup(a, model)
+    method.on_epoch_start(1)
+    _step(method, model, a.batch(torch.arange(8)))
+    assert len(method.pixel.cache) > 0 and method.step == 1
+    method.setup(b, model)
+    assert len(method.pixel.cache) == 0 and method.step == 0
+
+
+def test_a_fresh_object_loading_the_state_takes_the_same_step(splits):
+    a, _ = splits
+    params = dict(FAST, distance="scaled-l1")
+    method, model = build_method("causal-align", params), _net()
+    method.setup(a, model)
+    batch = a.batch(torch.arange(8))
+    for _ in range(2):
+        _step(method, model, batch)
+    weights = copy.deepcopy(model.state_dict())
+    fresh = build_method("causal-align", params)
+    fresh.load_state_dict(copy.deepcopy(method.state_dict()))
+    results = []
+    for m in (method, fresh, copy.deepcopy(method)):
+        model.load_state_dict(weights)
+        out = _step(m, model, batch)
+        results.append((out.total.detach(), [q.grad.clone() for q in model.parameters()]))
+        assert out.parts["cf_warm"] == 1.0
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert all(torch.equal(g, h) for g, h in zip(grads, results[0][1], strict=True))
