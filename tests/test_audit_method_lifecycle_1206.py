@@ -3,6 +3,8 @@ setup() called again, state_dict() into a fresh object, pickling, no setup() at 
 on_epoch_start() forgotten or 0-based."""
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -111,3 +113,29 @@ def test_a_fresh_object_loading_the_state_takes_the_same_step(splits):
     for loss, grads in results[1:]:
         assert torch.equal(loss, results[0][0])
         assert all(torch.equal(g, h) for g, h in zip(grads, results[0][1], strict=True))
+
+
+@pytest.mark.parametrize("name", ["causal-align", "hier-align"])
+def test_pickle_and_torch_save_of_a_method_that_has_stepped(splits, name):
+    """The auto CG cap's weak reference to the model made pickle.dumps(method) and
+    torch.save(method) fail after the first aligned step ("cannot pickle
+    'weakref.ReferenceType' object")."""
+    a, _ = splits
+    if name == "causal-align":
+        method, model = build_method(name, FAST), _net()
+    else:
+        method, model = build_method(name, dict(HIER, cg_iters=0)), _hier()
+    method.setup(a, model)
+    method.on_epoch_start(1)
+    _step(method, model, a.batch(torch.arange(8)))
+    cache = method.cache if name == "causal-align" else method.pixel.cache
+    assert len(cache)
+    copied = pickle.loads(pickle.dumps(method))
+    buf = io.BytesIO()
+    torch.save(method, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (copied, loaded):
+        c = m.cache if name == "causal-align" else m.pixel.cache
+        assert torch.equal(c.cached_ids(), cache.cached_ids())
+        _step(m, model, a.batch(torch.arange(8)))  # and it trains on

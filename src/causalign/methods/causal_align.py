@@ -484,6 +484,13 @@ class CausalAlign(Method):
         self._set_up = False
         self._restored = False
 
+    def __getstate__(self) -> dict:
+        # pickle / torch.save(method): the auto CG cap's weak reference to the model cannot be
+        # pickled (a TypeError once a step had run); the next step finds it again
+        state = self.__dict__.copy()
+        state["_outputs"] = None
+        return state
+
     def new_run(self) -> None:
         """Forget the training state of a previous run: warm-start cache, step counter,
         damping, Gauss-Newton switch, the auto CG cap's model, and the scales and
