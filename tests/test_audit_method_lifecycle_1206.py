@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from causalign.data import LesionDataset, SynthConfig, generate
+from causalign.errors import ConfigError
 from causalign.explain.counterfactual import distance_scale
 from causalign.methods import build_method
 from causalign.models import HierarchicalModel, MLPHead
@@ -139,3 +140,35 @@ def test_pickle_and_torch_save_of_a_method_that_has_stepped(splits, name):
         c = m.cache if name == "causal-align" else m.pixel.cache
         assert torch.equal(c.cached_ids(), cache.cached_ids())
         _step(m, model, a.batch(torch.arange(8)))  # and it trains on
+
+
+@pytest.mark.parametrize(("saved", "loading"), [
+    ({"distance": "scaled-l1"}, {"distance": "l1"}),
+    ({"distance": "scaled-l2"}, {"distance": "scaled-l1"}),
+    ({}, {"space": "smooth"}),
+])
+def test_a_state_of_other_settings_is_refused(splits, saved, loading):
+    """An l1 method that loaded a scaled-l1 state computed scaled-l1 (the generator divides
+    by any scale it is given); a pixel-space cache warm-started space smooth's variable."""
+    a, _ = splits
+    method, model = build_method("causal-align", dict(FAST, **saved)), _net()
+    method.setup(a, model)
+    _step(method, model, a.batch(torch.arange(8)))
+    other = build_method("causal-align", dict(FAST, **loading))
+    key = next(iter(loading))
+    with pytest.raises(ConfigError, match=rf"other settings \(method\.{key} "):
+        other.load_state_dict(method.state_dict())
+    # an older state without its settings: scales into an unscaled distance still refused
+    old = {k: v for k, v in method.state_dict().items() if k != "settings"}
+    if old["scale"] is not None and not loading.get("distance", "l1").startswith("scaled"):
+        with pytest.raises(ConfigError, match="per-pixel distance scales"):
+            other.load_state_dict(old)
+
+
+def test_hier_align_state_of_another_distance_is_refused(splits):
+    a, _ = splits
+    method, model = build_method("hier-align", dict(HIER, distance="scaled-l1")), _hier()
+    method.setup(a, model)
+    other = build_method("hier-align", HIER)
+    with pytest.raises(ConfigError, match=r"method\.distance 'scaled-l1' -> 'l1'"):
+        other.load_state_dict(method.state_dict())

@@ -352,6 +352,23 @@ def auto_cg_iters(outputs: int, soft: bool, curved_map: bool = False) -> int:
     return max(CURVED_MAP_CG_ITERS if curved_map else 3, rank + 1 + slack)
 
 
+def check_state_settings(name: str, state: dict, params: object) -> None:
+    """Refuse a `state_dict` saved under another distance or search space (`settings`): its
+    scales, autoencoder and warm-start offsets belong to those. Loaded into an l1 method,
+    scaled-l1's per-pixel scales silently made its distance scaled; a pixel-space cache
+    warm-started space smooth's search variable."""
+    saved = state.get("settings") or {}
+    diffs = [f"method.{k} {v!r} -> {getattr(params, k)!r}" for k, v in saved.items()
+             if hasattr(params, k) and getattr(params, k) != v]
+    distance = str(getattr(params, "distance", ""))
+    if not saved and state.get("scale") is not None and not distance.startswith("scaled"):
+        diffs.append(f"per-pixel distance scales -> method.distance {distance!r}")
+    if diffs:
+        raise ConfigError(f"{name}: this method state was saved with other settings "
+                          f"({'; '.join(diffs)}); build the method with the saved settings "
+                          f"to load it")
+
+
 def never_fell_back(history: list[dict]) -> bool:
     """True when no history.csv row records a Gauss-Newton fallback (any level's
     ``*gn_fallback`` column): such a run trained as it would have with any `gn_switch`, which
@@ -628,12 +645,15 @@ class CausalAlign(Method):
             "scale": None if self.scale is None else self.scale.cpu(),
             "autoencoder": None if self.autoencoder is None
             else autoencoder_state(self.autoencoder),
+            # what the cache, scales and autoencoder were made for (`check_state_settings`)
+            "settings": {"distance": self.params.distance, "space": self.params.space},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s contents (keys missing in older checkpoints: defaults)."""
         from ..models.autoencoder import autoencoder_from_state
 
+        check_state_settings(self.name, state, self.params)
         self.step = int(state.get("step", 0))
         self.damping = float(state.get("damping", self.params.damping))
         self.gn_streak = int(state.get("gn_streak", 0))

@@ -348,9 +348,14 @@ class HierAlign(Method):
                 # each level's switch to the Gauss-Newton solve (causal-align's gn_switch)
                 "gn_streak": self.pixel.gn_streak, "gn_switched": self.pixel.gn_switched,
                 "attr_gn_streak": self.attr.gn_streak,
-                "attr_gn_switched": self.attr.gn_switched}
+                "attr_gn_switched": self.attr.gn_switched,
+                # what the cache and scales were made for (`check_state_settings`)
+                "settings": {"distance": self.params.distance}}
 
     def load_state_dict(self, state: dict) -> None:
+        from .causal_align import check_state_settings
+
+        check_state_settings(self.name, state, self.params)
         self.step = int(state.get("step", 0))
         self.pixel.cache.load_state_dict(state.get("cache", {}))
         # older checkpoints hold no damping: the configured one, as before
