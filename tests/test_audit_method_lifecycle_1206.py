@@ -5,6 +5,7 @@ on_epoch_start() forgotten or 0-based."""
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -172,3 +173,34 @@ def test_hier_align_state_of_another_distance_is_refused(splits):
     other = build_method("hier-align", HIER)
     with pytest.raises(ConfigError, match=r"method\.distance 'scaled-l1' -> 'l1'"):
         other.load_state_dict(method.state_dict())
+
+
+def test_no_setup_says_what_it_fits_on_the_batch(splits):
+    """Without setup(), scaled-l1's per-pixel scales were fitted on the first batch (and
+    space latent's autoencoder trained on it), without a word."""
+    a, _ = splits
+    method, model = build_method("causal-align", dict(FAST, distance="scaled-l1")), _net()
+    batch = a.batch(torch.arange(8))
+    with pytest.warns(UserWarning, match=r"setup\(\) was not called: its per-pixel distance "
+                                         r"scales fitted on this batch \(8 images\)"):
+        _step(method, model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(method, model, batch)  # once
+    set_up = build_method("causal-align", dict(FAST, distance="scaled-l1"))
+    set_up.setup(a, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(set_up, model, batch)
+
+
+def test_hier_align_without_setup_says_its_attribution_is_per_batch(splits):
+    a, _ = splits
+    method, model = build_method("hier-align", HIER), _hier()
+    batch = a.batch(torch.arange(8))
+    with pytest.warns(UserWarning, match=r"hier-align: setup\(\) was not called: its CCCE "
+                                         r"attribution r .*each batch"):
+        _step(method, model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(method, model, batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -77,7 +78,10 @@ class _TimedStep:
         synchronize(self.device)
         t0 = time.perf_counter()
         try:
-            out = self.method(self.model, self.batch)
+            with warnings.catch_warnings():
+                # no training split here: what setup() would fit comes from the batch, meant
+                warnings.filterwarnings("ignore", message=r".*setup\(\) was not called")
+                out = self.method(self.model, self.batch)
         except ValueError as exc:
             _one_value_per_channel(exc, self.method_name, self.cfg.model, self.batch)
             raise

@@ -352,6 +352,13 @@ def auto_cg_iters(outputs: int, soft: bool, curved_map: bool = False) -> int:
     return max(CURVED_MAP_CG_ITERS if curved_map else 3, rank + 1 + slack)
 
 
+def no_setup_message(name: str, what: str, n: int, each: bool = False) -> str:
+    """The warning of a method that fits on a batch what setup() fits on the split."""
+    return (f"{name}: setup() was not called: {what} fitted on {'each' if each else 'this'} "
+            f"batch ({n} image{'s' if n != 1 else ''}), not on the training split; call "
+            f"method.setup(train_set, model) before training")
+
+
 def check_state_settings(name: str, state: dict, params: object) -> None:
     """Refuse a `state_dict` saved under another distance or search space (`settings`): its
     scales, autoencoder and warm-start offsets belong to those. Loaded into an l1 method,
@@ -621,9 +628,19 @@ class CausalAlign(Method):
         self.checkpoint_after_setup = True
         return ae
 
-    def _lazy_setup(self, x: Tensor) -> None:
+    def _lazy_setup(self, x: Tensor, warn: bool = True) -> None:
         # Without setup() (e.g. `bench step`, a bare objective call) the statistics come from
-        # the first batch seen — rougher than the training split, but never a crash.
+        # the first batch seen — rougher than the training split, but never a crash. Said
+        # once (a user loop that forgot setup() trained on them without a word).
+        path = self.params.autoencoder  # an existing file is loaded, not fitted
+        fit = [what for what, need in (
+            ("its per-pixel distance scales", self.params.distance.startswith("scaled")
+             and self.scale is None),
+            ("its latent autoencoder", self.params.space == "latent" and self.autoencoder is None
+             and not (path and Path(path).exists())))
+            if need]
+        if fit and warn:
+            warnings.warn(no_setup_message(self.name, " and ".join(fit), len(x)), stacklevel=5)
         if self.params.distance.startswith("scaled") and self.scale is None:
             self.scale = distance_scale(x.detach(), self.params.distance)
             self._fitted.add("scale")

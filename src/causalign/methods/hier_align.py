@@ -47,7 +47,14 @@ from ..explain.counterfactual import (
     counterfactual_targets,
 )
 from .base import DataInfo, LossOutput, Method, grad_norm, register_method
-from .causal_align import CausalAlign, CausalAlignParams, GradCap, never_fell_back, share_weights
+from .causal_align import (
+    CausalAlign,
+    CausalAlignParams,
+    GradCap,
+    never_fell_back,
+    no_setup_message,
+    share_weights,
+)
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -220,9 +227,10 @@ class HierAlign(Method):
         self.step = 0
         self.epoch = 1
         # as causal-align's: a second setup() starts a new run unless load_state_dict()
-        # came in between
+        # came in between; the no-setup warning is given once
         self._set_up = False
         self._restored = False
+        self._warned_no_setup = False
         self.r_table: Tensor | None = None  # (n_train, p) bool: CCCE-causal attributes
         self.r_known: Tensor | None = None  # (n_train,) bool: r defined (evidence, an effect)
         self.attribution = None  # CCCEResult on the training split
@@ -462,6 +470,13 @@ class HierAlign(Method):
             parts["align_step"] = 0.0
             return LossOutput(total, parts, means=means)
         parts["align_step"] = 1.0
+        if warm and self.r_table is None and not self._warned_no_setup:
+            self._warned_no_setup = True
+            what = "its CCCE attribution r" + (
+                " (and, on the first, its per-pixel distance scales)"
+                if self.pixel.params.distance.startswith("scaled") and self.pixel.scale is None
+                else "")
+            warnings.warn(no_setup_message(self.name, what, len(x), each=True), stacklevel=4)
         # rule "other" (1 − y; multi-class the likeliest other class) makes every sample valid:
         # which samples align depends on the data alone, so the data-parallel caps below can
         # read the global batch's flags instead of the other ranks' predictions
@@ -488,7 +503,7 @@ class HierAlign(Method):
                 if cap is not None:
                     cap((), 0)
             return LossOutput(total, parts, means=means)
-        self.pixel._lazy_setup(x)
+        self.pixel._lazy_setup(x, warn=False)  # said above
         cap1: float | GradCap | None = None
         cap2: float | GradCap | None = None
         if p.balance > 0:
