@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from causalign.data import LesionDataset, SynthConfig, generate
-from causalign.errors import ConfigError
+from causalign.errors import ConfigError, InputError
 from causalign.explain.counterfactual import distance_scale
 from causalign.methods import build_method
 from causalign.models import HierarchicalModel, MLPHead
@@ -204,3 +204,25 @@ def test_hier_align_without_setup_says_its_attribution_is_per_batch(splits):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _step(method, model, batch)
+
+
+def test_hier_align_refuses_epoch_zero_and_a_forgotten_on_epoch_start(splits):
+    """on_epoch_start(0) (0-based epochs) left out the alignment terms for the whole first
+    epoch; align_start > 1 without on_epoch_start never aligned at all."""
+    a, _ = splits
+    model = _hier()
+    method = build_method("hier-align", HIER)
+    method.setup(a, model)
+    with pytest.raises(InputError, match="1-based"):
+        method.on_epoch_start(0)
+    late = build_method("hier-align", dict(HIER, align_start=2))
+    late.setup(a, model)
+    batch = a.batch(torch.arange(8))
+    running = model.f1[1].running_mean.clone()
+    with pytest.raises(InputError, match=r"align_start=2 counts epochs.*on_epoch_start"):
+        late(model, batch)
+    assert late.step == 0 and torch.equal(model.f1[1].running_mean, running)
+    late.on_epoch_start(1)
+    assert late(model, batch).parts["align_step"] == 0.0
+    late.on_epoch_start(2)
+    assert late(model, batch).parts["align_step"] == 1.0

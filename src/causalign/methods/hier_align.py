@@ -226,6 +226,9 @@ class HierAlign(Method):
         self.attr.autoencoder = SigmoidCode()
         self.step = 0
         self.epoch = 1
+        # on_epoch_start() called at all: align_start > 1 counts epochs only through it
+        # (never called, epoch stayed 1 and the run never aligned, without a word)
+        self._epochs_told = False
         # as causal-align's: a second setup() starts a new run unless load_state_dict()
         # came in between; the no-setup warning is given once
         self._set_up = False
@@ -343,7 +346,13 @@ class HierAlign(Method):
         return r.to(dev), rk.to(dev) & known_attr
 
     def on_epoch_start(self, epoch: int) -> None:
+        if epoch < 1:
+            # 0-based epochs (`for epoch in range(E)`) silently left out the alignment terms
+            # for the whole first epoch (epoch 0 < align_start 1)
+            raise InputError(f"hier-align: on_epoch_start takes 1-based epochs (the first "
+                             f"is 1, as method.align_start counts them), got {epoch}")
         self.epoch = epoch
+        self._epochs_told = True
 
     def state_dict(self) -> dict:
         # each level's CG damping, raised on negative curvature and kept for later steps
@@ -444,6 +453,12 @@ class HierAlign(Method):
                              f"terms' gradients reach only the model's parameters, not the "
                              f"image (its .grad would miss them); pass "
                              f"batch['image'].detach()")
+        if p.align_start > 1 and not self._epochs_told and (p.lam1 != 0 or p.lam2 != 0):
+            # epoch stayed 1 < align_start: the run never aligned, without a word (refused
+            # before the forward, which would move BatchNorm's running statistics)
+            raise InputError(f"hier-align: method.align_start={p.align_start} counts epochs, "
+                             f"which method.on_epoch_start(epoch) gives it (1-based); call it "
+                             f"before each epoch, as the trainer does")
         with capture_bn_stats(model) as bn_stats:
             z = model.f1(x)
             a_hat = z.sigmoid()
