@@ -8,6 +8,14 @@ import torch
 from causalign.data.synth import SynthConfig, generate
 
 
+def pytest_configure(config):
+    # Many unit tests call a method on a hand-made batch without setup() on purpose; the
+    # once-per-object warning that says so is tested where it matters (pytest.warns records
+    # it whatever this filter says) and would only fill the CI log here.
+    config.addinivalue_line("filterwarnings",
+                            r"ignore:.*setup\(\) was not called:UserWarning")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _threads():
     # Tiny tensors: one thread avoids oversubscription on the 2-core CI machine (intra-op
