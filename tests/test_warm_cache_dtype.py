@@ -160,18 +160,23 @@ def test_data_parallel_merge_keeps_the_dtype(dtype):
     assert torch.equal(got[[0, 2]], off[[0, 2]].to(dtype).float())
 
 
-def test_a_training_step_runs_with_a_half_precision_cache_and_warm_starts_from_it():
-    torch.manual_seed(0)
+def _tiny_model_and_batch(n: int = 4) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     from torch import nn
 
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 2))
-    n = 4
     mask = torch.zeros(n, 1, 8, 8)
     mask[:, :, 2:5, 2:5] = 1
-    batch = {"image": torch.rand(n, 1, 8, 8), "label": torch.tensor([0, 1, 0, 1]),
+    batch = {"image": torch.rand(n, 1, 8, 8), "label": torch.tensor([0, 1] * (n // 2)),
              "mask": mask, "has_mask": torch.ones(n, dtype=torch.bool), "box_mask": mask,
              "has_annotation": torch.ones(n, dtype=torch.bool), "index": torch.arange(n)}
+    return model, batch
+
+
+def test_a_training_step_runs_with_a_half_precision_cache_and_warm_starts_from_it():
+    n = 4
+    model, batch = _tiny_model_and_batch(n)
     method = build_method("causal-align", {"cache_dtype": "float16", "steps": 2,
                                            "align_batch": 0})
     for _ in range(2):
@@ -186,17 +191,7 @@ def test_offsets_past_float16_are_announced_once_a_run():
     now names the count and the dtypes that keep them."""
     import warnings
 
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 2))
-    n = 4
-    mask = torch.zeros(n, 1, 8, 8)
-    mask[:, :, 2:5, 2:5] = 1
-    batch = {"image": torch.rand(n, 1, 8, 8), "label": torch.tensor([0, 1, 0, 1]),
-             "mask": mask, "has_mask": torch.ones(n, dtype=torch.bool), "box_mask": mask,
-             "has_annotation": torch.ones(n, dtype=torch.bool), "index": torch.arange(n)}
+    model, batch = _tiny_model_and_batch()
     # Adam moves every pixel by about inner_lr a step: offsets ~1e5 > float16's 65504
     method = build_method("causal-align", {"cache_dtype": "float16", "steps": 1,
                                            "inner_lr": 1e5, "align_batch": 0})

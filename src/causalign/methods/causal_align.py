@@ -337,6 +337,23 @@ CURVED_MAP_CG_ITERS = 10
 MULTICLASS_CG_SLACK = 10
 
 
+def refuse_autograd_context(name: str, x: Tensor, image_term: bool = True) -> None:
+    """Refuse, before anything moves, the calls an alignment loss cannot serve: inside
+    ``torch.inference_mode()`` (the search needs autograd; it failed only after the CE
+    forward had updated BatchNorm's running statistics and the step counter had moved) and
+    an image that requires grad (L_align depends on x through x* − x and x*(x), but the
+    implicit gradient reaches the parameters only: the image's .grad held the supervised
+    part alone, silently); ``image_term`` False: no image-level term, only the first check."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name} needs autograd for its counterfactual search; call it "
+                           f"outside torch.inference_mode() (under torch.no_grad() it gives "
+                           f"the loss's value)")
+    if image_term and x.requires_grad and torch.is_grad_enabled():
+        raise InputError(f"{name}: batch['image'] requires grad, but the alignment term's "
+                         f"gradient reaches only the model's parameters, not the image (its "
+                         f".grad would miss it); pass batch['image'].detach()")
+
+
 def auto_cg_iters(outputs: int, soft: bool, curved_map: bool = False) -> int:
     """CG iterations that `method.cg_iters` 0 (auto) allows: with Jacobi preconditioning the
     system is identity + the Gauss-Newton term, of rank C − 1 for cross-entropy over C
@@ -730,20 +747,8 @@ class CausalAlign(Method):
         x = self.model_input(batch)
         y = batch["label"]
         p = self.params
-        if p.lam != 0 and torch.is_inference_mode_enabled():
-            # refused by the search only after the CE forward had updated BatchNorm's running
-            # statistics and the step counter had moved, in words naming generate
-            raise RuntimeError(f"{self.name} needs autograd for its counterfactual search; "
-                               f"call it outside torch.inference_mode() (under "
-                               f"torch.no_grad() it gives the loss's value)")
-        if p.lam != 0 and x.requires_grad and torch.is_grad_enabled():
-            # L_align depends on x through x* − x and x*(x), but implicit_term attaches its
-            # gradient to the parameters only: an image that requires grad (an adversarial
-            # perturbation, a trained preprocessing) got CE's gradient alone, silently
-            raise InputError(f"{self.name}: batch['image'] requires grad, but the alignment "
-                             f"term's gradient reaches only the model's parameters, not the "
-                             f"image (its .grad would hold CE's part alone); pass "
-                             f"batch['image'].detach()")
+        if p.lam != 0:
+            refuse_autograd_context(self.name, x)
         # a validation loss (warm False) is the whole loss, whatever align_every's schedule
         aligns = p.lam != 0 and (not warm or self.step % p.align_every == 0)
         # the batch's BatchNorm statistics, for the inner problem (bn=batch); not gathered

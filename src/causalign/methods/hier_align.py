@@ -53,6 +53,7 @@ from .causal_align import (
     GradCap,
     never_fell_back,
     no_setup_message,
+    refuse_autograd_context,
     share_weights,
 )
 
@@ -443,16 +444,8 @@ class HierAlign(Method):
                              "or attr_known False where unknown, as LesionDataset yields it")
         x = self.model_input(batch)
         y = batch["label"]
-        if (p.lam1 != 0 or p.lam2 != 0) and torch.is_inference_mode_enabled():
-            raise RuntimeError(f"{self.name} needs autograd for its counterfactual searches; "
-                               f"call it outside torch.inference_mode() (under "
-                               f"torch.no_grad() it gives the loss's value)")
-        if p.lam1 != 0 and x.requires_grad and torch.is_grad_enabled():
-            # as in causal-align: the image-level term's gradient reaches the parameters only
-            raise InputError(f"{self.name}: batch['image'] requires grad, but the alignment "
-                             f"terms' gradients reach only the model's parameters, not the "
-                             f"image (its .grad would miss them); pass "
-                             f"batch['image'].detach()")
+        if p.lam1 != 0 or p.lam2 != 0:
+            refuse_autograd_context(self.name, x, image_term=p.lam1 != 0)
         if p.align_start > 1 and not self._epochs_told and (p.lam1 != 0 or p.lam2 != 0):
             # epoch stayed 1 < align_start: the run never aligned, without a word (refused
             # before the forward, which would move BatchNorm's running statistics)
