@@ -402,7 +402,8 @@ def evaluate(
 def explain(
     run: Annotated[Path, typer.Argument(help="run folder")],
     saliency: Annotated[str, typer.Option(help="wbp | gradcam | gradient | input-x-gradient | "
-                                          "lrp-… | all (every method, side by side)")
+                                          "lrp-… | counterfactual | all (every method, "
+                                          "side by side)")
                         ] = "gradcam",
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),

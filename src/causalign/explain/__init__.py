@@ -3,6 +3,7 @@ counterfactual generator x* = argmin CE(f(x), y*) + α·d(x, x0) (`Counterfactua
 
 from .base import Explainer, explainer_names, get_explainer, register_explainer, saliency_map
 from .counterfactual import CounterfactualGenerator, CounterfactualResult
+from .counterfactual_map import CounterfactualSaliency
 
-__all__ = ["CounterfactualGenerator", "CounterfactualResult", "Explainer", "explainer_names",
-           "get_explainer", "register_explainer", "saliency_map"]
+__all__ = ["CounterfactualGenerator", "CounterfactualResult", "CounterfactualSaliency",
+           "Explainer", "explainer_names", "get_explainer", "register_explainer", "saliency_map"]

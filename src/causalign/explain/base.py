@@ -217,7 +217,7 @@ def _load_builtin() -> None:
     # Import modules that register explainers; optional ones may be absent while in progress.
     import importlib
 
-    for mod in ("gradient", "gradcam", "wbp", "lrp"):
+    for mod in ("gradient", "gradcam", "wbp", "lrp", "counterfactual_map"):
         try:
             importlib.import_module(f"{__package__}.{mod}")
         except ModuleNotFoundError as exc:
