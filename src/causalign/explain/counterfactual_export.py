@@ -181,7 +181,9 @@ def attribute_change_rates(records: list[dict], names: list[str]) -> dict:
     if not rows:
         return {}
     return {"attribute_change_rate": {
-        n: float(np.mean([any(c.split(" ")[0] == n for c in r["attributes_changed"])
+        # "<name> 0.91→0.12": the name is all before the last space (names may hold
+        # spaces; split(" ")[0] credited "bill shape"'s changes to "bill", or to none)
+        n: float(np.mean([any(c.rsplit(" ", 1)[0] == n for c in r["attributes_changed"])
                           for r in rows])) for n in names}}
 
 
