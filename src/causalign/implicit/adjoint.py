@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -59,13 +59,19 @@ def _autocast_on(device: str) -> bool:
         return device == "cuda" and bool(torch.is_autocast_enabled())
 
 
-def _without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _without_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """``fn`` run inside `no_autocast`: its forwards and, since the autograd engine runs a
     backward under the autocast state of its caller, its backwards too (a Linear's double
-    backward is a matmul that autocast casts)."""
+    backward is a matmul that autocast casts). Typed with ``fn``'s own signature:
+    ``Callable[..., Any]`` erased `implicit_gradient`'s to ``(*Any, **Any) -> Any`` for
+    type checkers and IDEs."""
 
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with no_autocast():
             return fn(*args, **kwargs)
 
