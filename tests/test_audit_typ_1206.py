@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+from torch import Tensor, nn
+
 from causalign.explain.counterfactual_export import attribute_change_rates
+from causalign.methods.causal_align import CausalAlign, CausalAlignParams
+from causalign.models.autoencoder import ConvAutoencoder
 
 
 def test_attribute_change_rate_names_with_spaces() -> None:
@@ -11,3 +17,35 @@ def test_attribute_change_rate_names_with_spaces() -> None:
     recs = [{"attributes_changed": ["bill shape 0.91→0.12"]}, {"attributes_changed": []}]
     rates = attribute_change_rates(recs, ["bill", "bill shape", "wing"])
     assert rates["attribute_change_rate"] == {"bill": 0.0, "bill shape": 0.5, "wing": 0.0}
+
+
+class _OwnAutoencoder(nn.Module):
+    """Not a ConvAutoencoder: any module with encode/decode serves the latent space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Conv2d(1, 2, 1), nn.Conv2d(2, 1, 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.enc(x)
+
+    def decode(self, z: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        return torch.sigmoid(self.dec(z))
+
+
+def test_causal_align_state_dict_with_own_autoencoder() -> None:
+    # CausalAlign.autoencoder is typed nn.Module (one assigned by the user is kept), but
+    # state_dict passed it to autoencoder_state(ConvAutoencoder): AttributeError 'config'
+    m = CausalAlign(CausalAlignParams(space="latent", distance="l2"))
+    own = _OwnAutoencoder()
+    m.autoencoder = own
+    with pytest.warns(UserWarning, match="not a ConvAutoencoder"):
+        state = m.state_dict()
+    assert state["autoencoder"] is None
+    fresh = CausalAlign(CausalAlignParams(space="latent", distance="l2"))
+    fresh.autoencoder = own
+    fresh.load_state_dict(state)  # the user's module stays
+    assert fresh.autoencoder is own
+    # a ConvAutoencoder is still kept
+    m.autoencoder = ConvAutoencoder(in_channels=1, width=2, latent_channels=2)
+    assert m.state_dict()["autoencoder"]["kind"] == "causalign-autoencoder"

@@ -668,8 +668,17 @@ class CausalAlign(Method):
     def state_dict(self) -> dict:
         """What a checkpoint keeps so a resumed run continues exactly: step counter, damping,
         Gauss-Newton switch, warm-start cache, per-pixel scales and the latent autoencoder."""
-        from ..models.autoencoder import autoencoder_state
+        from ..models.autoencoder import ConvAutoencoder, autoencoder_state
 
+        ae = self.autoencoder
+        if ae is not None and not isinstance(ae, ConvAutoencoder):
+            # a user-assigned module with encode/decode (the generator takes any): the
+            # checkpoint format describes only ConvAutoencoder, and autoencoder_state failed
+            # with "'MyAE' object has no attribute 'config'" at the first checkpoint
+            warnings.warn(f"causal-align: the assigned autoencoder ({type(ae).__name__}) is "
+                          f"not a ConvAutoencoder and is not kept in the state; assign it "
+                          f"again when resuming", stacklevel=2)
+            ae = None
         return {
             "step": self.step,
             "damping": self.damping,
@@ -677,8 +686,7 @@ class CausalAlign(Method):
             "gn_switched": self.gn_switched,
             "cache": self.cache.state_dict(),
             "scale": None if self.scale is None else self.scale.cpu(),
-            "autoencoder": None if self.autoencoder is None
-            else autoencoder_state(self.autoencoder),
+            "autoencoder": None if ae is None else autoencoder_state(ae),
             # what the cache, scales and autoencoder were made for (`check_state_settings`)
             "settings": {"distance": self.params.distance, "space": self.params.space},
         }
