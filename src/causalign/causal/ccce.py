@@ -46,7 +46,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from scipy.optimize import minimize
@@ -80,6 +80,8 @@ class MonotoneLogistic:
     bias: float = 0.0
 
     def fit(self, a: np.ndarray, y: np.ndarray) -> MonotoneLogistic:
+        """Fit w ≥ 0 and b on rows of binary attributes ``a`` (n, p) and labels ``y`` ∈ {0,1}
+        (L-BFGS-B); returns self."""
         a = np.asarray(a, np.float64)
         y = np.asarray(y, np.float64)
         n, p = a.shape
@@ -104,6 +106,7 @@ class MonotoneLogistic:
         return self
 
     def prob(self, a: np.ndarray) -> np.ndarray:
+        """P(Y=1 | a) for each row of ``a`` (n, p)."""
         if self.weights is None:
             raise RuntimeError("MonotoneLogistic: call fit() first")
         return expit(np.asarray(a, np.float64) @ self.weights + self.bias)
@@ -119,6 +122,8 @@ class SmoothedFrequency:
     prior: float = 0.5
 
     def fit(self, a: np.ndarray, y: np.ndarray) -> SmoothedFrequency:
+        """Count each attribute configuration of ``a`` (n, p) and its labels ``y`` ∈ {0,1};
+        returns self."""
         a = np.asarray(a)
         y = np.asarray(y, np.float64)
         if len(a) == 0:
@@ -133,6 +138,7 @@ class SmoothedFrequency:
         return self
 
     def prob(self, a: np.ndarray) -> np.ndarray:
+        """P(Y=1 | a) for each row of ``a`` (n, p); unseen configurations get the prior."""
         k, pi = self.smoothing, self.prior
         out = np.empty(len(a))
         for i, row in enumerate(_binary(np.asarray(a))):
@@ -174,8 +180,9 @@ def _check_data(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic",
-                    **kw) -> MonotoneLogistic | SmoothedFrequency:
-    """Fit P(Y | A) on fully annotated rows (rows with a NaN are dropped)."""
+                    **kw: Any) -> MonotoneLogistic | SmoothedFrequency:
+    """Fit P(Y | A) on fully annotated rows (rows with a NaN are dropped); ``kw`` go to the
+    model (`MonotoneLogistic`'s l1, l2; `SmoothedFrequency`'s smoothing)."""
     a, y = _check_data(a, y)
     keep = ~np.isnan(a).any(1)
     a, y = _binary(a[keep]), np.asarray(y)[keep]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,13 @@ class Explainer:
     def attribute(
         self, inputs: Tensor, target: Target = None, create_graph: bool = False
     ) -> Tensor:
+        """The map of ``target``'s logit for each input of ``inputs`` (N, C, *spatial):
+        shape (N, C, *spatial) for pixel methods, (N, 1, *spatial) for CAM-style ones.
+
+        ``target``: one class for every input (an int), one per input (tensor, sequence or
+        array of class indices), or None for the model's prediction. Computed in eval mode;
+        detached unless ``create_graph`` (then differentiable in the model's parameters, for
+        training through the map, where the method supports it). Subclasses implement it."""
         raise NotImplementedError
 
     def predict_and_attribute(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,6 +195,9 @@ def check_model_dtype(model: nn.Module, inputs: Tensor) -> None:
 
 
 def register_explainer(name: str) -> Callable[[type[Explainer]], type[Explainer]]:
+    """Class decorator: make an `Explainer` subclass available as `get_explainer(name, ...)`
+    (and sets its ``name``)."""
+
     def deco(cls: type[Explainer]) -> type[Explainer]:
         cls.name = name
         _EXPLAINERS[name] = cls
@@ -196,12 +207,14 @@ def register_explainer(name: str) -> Callable[[type[Explainer]], type[Explainer]
 
 
 def explainer_names() -> list[str]:
+    """The names `get_explainer` accepts, sorted."""
     _load_builtin()
     return sorted(_EXPLAINERS)
 
 
-def get_explainer(name: str, model: nn.Module, **kwargs) -> Explainer:
-    """Build the explainer called `name` for `model` (unknown names list the valid ones)."""
+def get_explainer(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
+    """Build the explainer called `name` for `model` (unknown names list the valid ones);
+    ``kwargs`` go to its constructor (e.g. ``layer=`` for gradcam)."""
     _load_builtin()
     if name not in _EXPLAINERS:
         raise unknown_name("saliency method", name, list(_EXPLAINERS))

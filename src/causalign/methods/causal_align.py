@@ -214,6 +214,7 @@ class CausalAlignParams:
     autoencoder: str = ""
 
     def validate(self) -> None:
+        """Coerce each setting to its type and refuse a bad one with one ConfigError line."""
         self._coerce()
         checks = [
             # α·d(x, x0) and λ·L_align overflowed float32 beyond it, reported as a diverged

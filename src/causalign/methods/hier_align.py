@@ -58,6 +58,7 @@ from .causal_align import (
 )
 
 if TYPE_CHECKING:
+    from ..causal.ccce import CCCEResult
     from ..data.format import LesionDataset
     from ..engine.config import TrainConfig
     from ..engine.distributed import GlobalStep
@@ -72,12 +73,14 @@ class SigmoidCode(nn.Module):
         self.clamp = clamp
 
     def encode(self, a: Tensor) -> Tensor:
+        """Logits of the probabilities ``a`` (clamped away from 0 and 1)."""
         return torch.logit(a.clamp(self.clamp, 1 - self.clamp))
 
     def decode(
         self, u: Tensor,
         shape: tuple[int, int] | None = None,  # noqa: ARG002 - generator's signature
     ) -> Tensor:
+        """Probabilities σ(u); ``shape`` is unused."""
         return u.sigmoid()
 
 
@@ -140,6 +143,7 @@ class HierAlignParams:
     ccce_tol: float = 0.01  # smallest subset within tol of the best CCCE
 
     def validate(self) -> None:
+        """Coerce each setting to its type and refuse a bad one with one ConfigError line."""
         CausalAlignParams._coerce(self)  # same string → field-type coercion
         checks = [
             (all(0 <= v <= MAX_SETTING for v in (self.alpha1, self.alpha2)),
@@ -237,11 +241,12 @@ class HierAlign(Method):
         self._warned_no_setup = False
         self.r_table: Tensor | None = None  # (n_train, p) bool: CCCE-causal attributes
         self.r_known: Tensor | None = None  # (n_train,) bool: r defined (evidence, an effect)
-        self.attribution = None  # CCCEResult on the training split
+        self.attribution: CCCEResult | None = None  # on the training split
 
     # ---------------------------------------------------------------- model / setup
 
     def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
+        """f₂ ∘ f₁: ``cfg.model`` predicting the attributes, an MLP head the label (2D only)."""
         from ..models import VOLUME_MODELS, HierarchicalModel, MLPHead, build_model
 
         if not info.attributes:
@@ -371,6 +376,7 @@ class HierAlign(Method):
                 "settings": {"distance": self.params.distance}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s contents (keys missing in older checkpoints: defaults)."""
         from .causal_align import check_state_settings
 
         check_state_settings(self.name, state, self.params)
