@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -141,7 +141,7 @@ def _fd_matvec(
 def implicit_gradient(
     inner_objective: Callable[[Tensor], Tensor],
     x_star: Tensor,
-    params: Sequence[Tensor] | Tensor,
+    params: Iterable[Tensor] | Tensor,
     outer_grad: Tensor,
     *,
     cg_max_iter: int = 20,
@@ -157,7 +157,8 @@ def implicit_gradient(
     """dL/dθ for x* = argmin_x T(x, θ), given ``outer_grad`` = ∇ₓL at x*.
 
     ``inner_objective(x)`` returns Σ_i T_i(x_i, θ) (a scalar) so ∇ₓ is block-diagonal over the
-    batch; θ enters through closure and ``params`` lists the tensors to differentiate (leaves or
+    batch; θ enters through closure and ``params`` lists the tensors to differentiate (any
+    iterable, e.g. ``model.parameters()``; leaves or
     intermediate tensors such as a predicted attribute vector; one tensor alone is taken as a
     list of one, as in ``torch.autograd.grad``). Unused params get zeros, except a computed
     param the objective never reaches although it reaches the weights the param is computed
@@ -356,7 +357,7 @@ def _reaches_leaves_of(g: Tensor, v: Tensor, tensor: Tensor) -> bool:
     return any(r is not None for r in reached)
 
 
-def _as_param_list(params: Sequence[Tensor] | Tensor) -> list[Tensor]:
+def _as_param_list(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
     """``params`` as a list; a bare tensor is one parameter. ``list(theta)`` split it into
     0-d slices that are not in any graph, so every gradient came back silently 0."""
     return [params] if isinstance(params, Tensor) else list(params)
@@ -411,7 +412,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 def implicit_argmin(
     inner_objective: Callable[[Tensor], Tensor],
     x_star: Tensor,
-    params: Sequence[Tensor] | Tensor,
+    params: Iterable[Tensor] | Tensor,
     **options: Any,
 ) -> Tensor:
     """Attach a detached solution x* to the graph of ``params`` via the implicit adjoint.
