@@ -49,3 +49,15 @@ def test_causal_align_state_dict_with_own_autoencoder() -> None:
     # a ConvAutoencoder is still kept
     m.autoencoder = ConvAutoencoder(in_channels=1, width=2, latent_channels=2)
     assert m.state_dict()["autoencoder"]["kind"] == "causalign-autoencoder"
+
+
+@pytest.mark.parametrize("rule", ["²", "٣"])
+def test_counterfactual_targets_non_ascii_digit_rule(rule: str) -> None:
+    # str.isdigit() holds for "²" (int() then failed with a bare ValueError) and "٣" (taken
+    # as class 3); is_target_rule, which the generator checks, refuses both
+    from causalign.errors import ConfigError
+    from causalign.explain.counterfactual import counterfactual_targets, is_target_rule
+
+    assert not is_target_rule(rule)
+    with pytest.raises(ConfigError, match="target rule"):
+        counterfactual_targets(torch.tensor([0, 1]), 4, rule, torch.zeros(2, 4))

@@ -179,8 +179,10 @@ def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "
         if logits is None:
             raise ValueError("'predicted' counterfactual targets need the model's logits")
         labels, rule = logits.detach().argmax(1), "other"
+    # ASCII digits only, as `is_target_rule`: "²".isdigit() is True and int("²") a bare
+    # ValueError; int("٣") is 3
     if (isinstance(rule, numbers.Integral) and not isinstance(rule, bool)) or (
-            isinstance(rule, str) and rule.lstrip("-").isdigit()):
+            isinstance(rule, str) and rule.isascii() and rule.lstrip("-").isdigit()):
         c = int(rule)
         if not 0 <= c < num_classes:
             raise ConfigError(f"counterfactual target class {c} outside 0..{num_classes - 1}")
