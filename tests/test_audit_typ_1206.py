@@ -61,3 +61,23 @@ def test_counterfactual_targets_non_ascii_digit_rule(rule: str) -> None:
     assert not is_target_rule(rule)
     with pytest.raises(ConfigError, match="target rule"):
         counterfactual_targets(torch.tensor([0, 1]), 4, rule, torch.zeros(2, 4))
+
+
+def test_lowrank_diag_solve_empty_batch() -> None:
+    # reshape(0, -1) is ambiguous: an empty batch raised a RuntimeError, while batched_cg
+    # and implicit_gradient (its callers' alternatives) return an empty solve
+    from causalign.implicit import lowrank_diag_solve
+
+    v = lowrank_diag_solve(torch.zeros(0, 2, 4), torch.zeros(0, 2, 2), torch.ones(0, 4),
+                           torch.zeros(0, 1, 2, 2))
+    assert v.shape == (0, 1, 2, 2)
+    # the shapes are still checked for N = 0
+    with pytest.raises(ValueError, match="do not match"):
+        lowrank_diag_solve(torch.zeros(0, 2, 4), torch.zeros(0, 2, 2), torch.ones(0, 3),
+                           torch.zeros(0, 1, 2, 2))
+    # and a non-empty solve is unchanged: (JᵀSJ + diag(a)) v = b
+    jac, curv = torch.randn(3, 2, 4, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    diag, b = torch.rand(3, 4, dtype=torch.float64) + 0.5, torch.randn(3, 4, dtype=torch.float64)
+    v = lowrank_diag_solve(jac, curv.expand(3, 2, 2), diag, b)
+    a = jac.transpose(1, 2) @ jac + torch.diag_embed(diag)
+    assert torch.allclose((a @ v[:, :, None])[..., 0], b, atol=1e-10)

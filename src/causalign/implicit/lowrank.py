@@ -11,6 +11,8 @@ O(R²D), instead of CG iterations of double-backward Hessian products:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,9 @@ def lowrank_diag_solve(jac: Tensor, curv: Tensor, diag: Tensor, rhs: Tensor) -> 
     if jac.dim() != 3 or curv.shape != (n, jac.shape[1], jac.shape[1]) or jac.shape[0] != n:
         raise ValueError(f"jac must be (N, R, D) and curv (N, R, R) for N = {n}, got "
                          f"{tuple(jac.shape)} and {tuple(curv.shape)}")
-    b = rhs.reshape(n, -1)
+    # not reshape(n, -1): ambiguous for N = 0 (a RuntimeError, where batched_cg and
+    # implicit_gradient return an empty solve)
+    b = rhs.reshape(n, math.prod(rhs.shape[1:]))
     if diag.shape != b.shape or jac.shape[2] != b.shape[1]:
         raise ValueError(f"diag {tuple(diag.shape)} and jac {tuple(jac.shape)} do not match "
                          f"rhs with {b.shape[1]} elements per sample")
