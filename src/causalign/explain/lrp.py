@@ -331,7 +331,7 @@ def _unruled_pooling(model: nn.Module) -> str | None:
 def _variant(name: str, variant: str) -> type[LRP]:
     cls = type(f"LRP_{variant.replace('-', '_')}", (LRP,), {
         "variant": variant, "__doc__": f"LRP with the {variant} composite (see module doc)."})
-    return register_explainer(name)(cls)  # type: ignore[return-value]
+    return register_explainer(name)(cls)
 
 
 LRP_VARIANTS: dict[str, type[LRP]] = {
