@@ -53,11 +53,12 @@ import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -202,6 +203,10 @@ def counterfactual_targets(labels: Tensor, num_classes: int, rule: str | int = "
 
 
 BNStats = dict[nn.Module, tuple[Tensor, Tensor]]
+# what `generate` takes as labels / class targets / warm-start ids: a tensor, or a list or
+# array of integers (converted, `_as_indices`); one int stands for every input (classes)
+Classes = Tensor | int | Sequence[int] | np.ndarray
+Ids = Tensor | Sequence[int] | np.ndarray
 
 
 @contextmanager
@@ -892,7 +897,7 @@ class CounterfactualGenerator:
         lo, hi = self.bounds
         return {"lower": x0.clamp(max=lo), "upper": x0.clamp(min=hi)}
 
-    def targets(self, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    def targets(self, x0: Tensor, labels: Classes | None) -> tuple[Tensor, Tensor]:
         """(y*, valid) by the target rule; without labels y is the model's prediction.
 
         One eval-mode forward gives the number of classes, the prediction and the ranking
@@ -906,8 +911,8 @@ class CounterfactualGenerator:
         _check_classes(labels, logits.shape[1], "labels")
         return counterfactual_targets(labels, logits.shape[1], self.target_rule, logits)
 
-    def generate(self, x0: Tensor, *, labels: Tensor | None = None,
-                 target: Tensor | None = None, ids: Tensor | None = None,
+    def generate(self, x0: Tensor, *, labels: Classes | None = None,
+                 target: Classes | None = None, ids: Ids | None = None,
                  report: bool = True, bn_stats: BNStats | None = None,
                  dihedral: Tensor | None = None) -> CounterfactualResult:
         """Counterfactuals for a batch x0 (N, C, ...); see `_generate`.
@@ -920,8 +925,8 @@ class CounterfactualGenerator:
             return self._generate(x0, labels=labels, target=target, ids=ids, report=report,
                                   bn_stats=bn_stats, dihedral=dihedral)
 
-    def _generate(self, x0: Tensor, *, labels: Tensor | None = None,
-                  target: Tensor | None = None, ids: Tensor | None = None,
+    def _generate(self, x0: Tensor, *, labels: Classes | None = None,
+                  target: Classes | None = None, ids: Ids | None = None,
                   report: bool = True, bn_stats: BNStats | None = None,
                   dihedral: Tensor | None = None) -> CounterfactualResult:
         """Counterfactuals for a batch x0 (N, C, ...).
