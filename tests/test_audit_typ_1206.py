@@ -81,3 +81,14 @@ def test_lowrank_diag_solve_empty_batch() -> None:
     v = lowrank_diag_solve(jac, curv.expand(3, 2, 2), diag, b)
     a = jac.transpose(1, 2) @ jac + torch.diag_embed(diag)
     assert torch.allclose((a @ v[:, :, None])[..., 0], b, atol=1e-10)
+
+
+def test_settings_for_run_refuses_unknown_setting() -> None:
+    # **overrides went through setattr: a misspelt name became a new, unused attribute and
+    # the search ran with the default α, silently
+    from causalign.explain.counterfactual_export import settings_for_run
+
+    with pytest.raises(TypeError, match="unknown setting 'alpah'"):
+        settings_for_run(object(), alpah=0.5)
+    s = settings_for_run(object(), alpha=0.5, steps=None)  # None: keep the default
+    assert (s.alpha, s.steps) == (0.5, 100)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,11 @@ class CounterfactualSettings:
 def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings:
     """Defaults, then the run's causal-align parameters (a hier-align run: those of its
     image level, Eq. 7), then explicit overrides."""
+    known = [f.name for f in fields(CounterfactualSettings)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:  # setattr took a misspelt name (alpah=0.5) as a new attribute, unused
+        raise TypeError(f"settings_for_run got unknown setting {unknown[0]!r}; known: "
+                        f"{', '.join(known)}")
     s = CounterfactualSettings()
     params = getattr(method, "params", None)
     if getattr(method, "name", "") == "hier-align" and hasattr(params, "pixel_params"):
