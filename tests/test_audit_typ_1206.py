@@ -92,3 +92,28 @@ def test_settings_for_run_refuses_unknown_setting() -> None:
         settings_for_run(object(), alpah=0.5)
     s = settings_for_run(object(), alpha=0.5, steps=None)  # None: keep the default
     assert (s.alpha, s.steps) == (0.5, 100)
+
+
+def test_ieee_fp32_convolutions_on_torch_before_fp32_precision(monkeypatch) -> None:
+    # torch 2.2-2.8 (pyproject: torch>=2.2) has no torch.backends.fp32_precision and a
+    # cudnn.flags() without that argument; on CUDA the context raised AttributeError, so
+    # every counterfactual search and causal-align step failed there
+    import contextlib
+
+    from causalign.explain.counterfactual import ieee_fp32_convolutions
+
+    seen: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def old_flags(enabled=False, benchmark=False, benchmark_limit=10, deterministic=False,
+                  allow_tf32=True):  # torch 2.2's signature
+        seen.update(allow_tf32=allow_tf32)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delattr(type(torch.backends), "fp32_precision", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "flags", old_flags)
+    assert not hasattr(torch.backends, "fp32_precision")
+    with ieee_fp32_convolutions():
+        pass
+    assert seen == {"allow_tf32": False}

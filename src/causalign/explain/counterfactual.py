@@ -223,10 +223,16 @@ def ieee_fp32_convolutions() -> Iterator[None]:
         yield
         return
     cudnn = torch.backends.cudnn
-    flags = cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                        benchmark_limit=cudnn.benchmark_limit,
-                        deterministic=cudnn.deterministic, allow_tf32=False,
-                        fp32_precision=torch.backends.fp32_precision)
+    settings: dict[str, object] = dict(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, benchmark_limit=cudnn.benchmark_limit,
+        deterministic=cudnn.deterministic, allow_tf32=False)
+    # the global fp32_precision kept as it is; only torch >= 2.9 has it (and flags() takes
+    # it): on torch 2.2-2.8, which pyproject admits, reading it raised AttributeError at
+    # every CUDA search
+    precision = getattr(torch.backends, "fp32_precision", None)
+    if precision is not None:
+        settings["fp32_precision"] = precision
+    flags = cudnn.flags(**settings)
     try:
         flags.__enter__()
     except RuntimeError as exc:  # the caller mixed PyTorch's legacy and new TF32 settings
