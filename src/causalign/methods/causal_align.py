@@ -486,6 +486,14 @@ def _solve_stats(prob: InnerProblem, seen: list[Tensor], ok: Tensor, converged: 
 
 @register_method("causal-align")
 class CausalAlign(Method):
+    """Causal alignment L = CE + λ·L_align (seed 000, Eq. 2-3; see the module docstring).
+
+    ``CausalAlign(params)`` with `CausalAlignTrainingParams` (the ``method.*`` settings);
+    `setup` fits what the settings need on the training split (per-pixel scales for a
+    scaled distance, the autoencoder for ``space="latent"``), `loss` gives CE + λ·L_align
+    with the implicit gradient attached, `generator` the counterfactual generator it trains
+    through (sharing its warm-start cache). One object belongs to one run of one model."""
+
     Params = CausalAlignTrainingParams
     uses_annotations = True
     subset_means = True  # L_align: a mean over the aligned samples (LossOutput.means)

@@ -213,6 +213,14 @@ def _trainable(module: nn.Module) -> list[Tensor]:
 
 @register_method("hier-align")
 class HierAlign(Method):
+    """Hierarchical causal alignment X → A → Y (seed 000, Eq. 5-7; see the module docstring).
+
+    ``HierAlign(params)`` with `HierAlignParams`; `build_model` gives f₂ ∘ f₁
+    (`HierarchicalModel`), `setup` fits the CCCE attribution r on the training annotations
+    and the image level's distance scales, `loss` gives Eq. 5 with both alignment terms'
+    implicit gradients attached (``pixel`` and ``attr``: the image- and attribute-level
+    `CausalAlign`). One object belongs to one run of one model."""
+
     Params = HierAlignParams
     # Masks/boxes are optional: without any, only the attribute level (Eq. 6) aligns.
     uses_annotations = False
