@@ -27,6 +27,7 @@ with one line naming the file and the problem.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -633,6 +634,20 @@ class LesionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def content_digest(self) -> str:
+        """SHA-256 (hex) of what this split trains or scores on: the stored pixels (in their
+        stored dtype), masks, boxes, labels, attributes and sites, shapes included.
+        `dataset_digest` reads only dataset.yaml and manifest.csv, so images reprocessed in
+        place under the same names went unrecorded. Hashes the in-memory cache (no second
+        read of the files); the same files give the same digest on any machine."""
+        digest = hashlib.sha256(f"{self.split}:{np.dtype(self._kind).str}".encode())
+        for t in (self._images, self._masks, self._mask_row, self._boxes, self._has_box,
+                  self.labels, self.attributes, self.site_index):
+            arr = np.ascontiguousarray(t.numpy())
+            digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+            digest.update(memoryview(arr).cast("B"))
+        return digest.hexdigest()
 
     def __getitem__(self, i: int | slice | Sequence[int] | np.ndarray | Tensor
                     ) -> dict[str, Tensor]:

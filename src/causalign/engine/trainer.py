@@ -36,6 +36,7 @@ from . import distributed as D
 from .config import TrainConfig, apply_overrides
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
 from .progress import progress_bar
+from .provenance import content_digest, environment
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -523,8 +524,14 @@ class Trainer:
             resolved = {
                 "data": str(self.data.resolve()),
                 "data_digest": dataset_digest(self.data),
+                # the pixels too: data_digest covers only dataset.yaml and manifest.csv
+                "data_content_digest": content_digest((self.train_set, self.val_set,
+                                                       self.test_set)),
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
+                # commit, versions, machine and thread count: what makes a rerun
+                # bit-identical (README "Reproducibility")
+                "environment": environment(self.device),
                 **self.cfg.to_dict(),
                 "method_params": resolved_params(self.method),
             }
@@ -1083,7 +1090,8 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
     return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
 
 
-RUN_METADATA = ("data", "data_digest", "causalign_version", "torch_version", "method_params")
+RUN_METADATA = ("data", "data_digest", "data_content_digest", "causalign_version",
+                "torch_version", "environment", "method_params")
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:

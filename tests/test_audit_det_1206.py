@@ -1,0 +1,93 @@
+"""Audit 2026-12-06 (determinism and reproducibility): what a run folder records so a number
+can be traced back and rerun exactly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from causalign.data.format import LesionDataset
+from causalign.engine.trainer import dataset_digest, train
+
+
+def _first_train_image(root: Path) -> Path:
+    ds = LesionDataset(root, "train")
+    return root / ds.records[0].image
+
+
+def test_content_digest_sees_pixels_that_the_manifest_digest_misses(tiny_data, tmp_path):
+    """data_digest hashes dataset.yaml and manifest.csv only: one image rewritten in place
+    (same name, shape and dtype) left it unchanged, so a run folder could not tell which
+    pixels its numbers came from."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    before = LesionDataset(copy, "train").content_digest()
+    assert LesionDataset(tiny_data, "train").content_digest() == before  # a copy: the same
+    path = _first_train_image(copy)
+    img = np.array(Image.open(path))
+    img.flat[0] = 255 - img.flat[0]  # one pixel
+    Image.fromarray(img).save(path)
+    assert dataset_digest(copy) == dataset_digest(tiny_data)  # the manifest digest is blind
+    assert LesionDataset(copy, "train").content_digest() != before
+
+
+def test_run_records_environment_and_data_content(tiny_data, tmp_path):
+    """config.yaml held the causalign and torch versions only: not the source commit, Python
+    / NumPy versions, machine, resolved device, the thread count actually used (threads 0 =
+    torch's default, machine-dependent) nor a digest of the pixels. The run's own config.yaml
+    still works as --config (the records are provenance, not settings)."""
+    run = tmp_path / "run"
+    train(tiny_data, {"method": "erm", "epochs": 1, "width": 4, "threads": 1, "seed": 2,
+                       "deletion_fractions": [0.1]},
+          run, progress=False)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    env = cfg["environment"]
+    assert env["device"] == "cpu" and env["threads"] == 1
+    assert env["python"] and env["numpy"] == np.__version__ and env["platform"]
+    assert "causalign_commit" in env
+    digest = cfg["data_content_digest"]
+    assert isinstance(digest, str) and len(digest) == 16
+    # the stored config is still a valid configuration (provenance keys are no settings)
+    from causalign.engine.trainer import stored_config
+
+    assert stored_config(run).seed == 2
+    # a copy of the data in another folder: the same content digest
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    from causalign.engine.provenance import content_digest
+
+    splits = [LesionDataset(copy, s) for s in ("train", "val", "test")]
+    assert content_digest(splits) == digest
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_source_commit_of_a_checkout(tmp_path):
+    """The commit causalign runs from, marked -dirty when src/ has uncommitted edits; None
+    outside a causalign checkout (an installed wheel)."""
+    from causalign.engine.provenance import source_commit
+
+    root = tmp_path / "repo"
+    (root / "src" / "causalign").mkdir(parents=True)
+    f = root / "src" / "causalign" / "x.py"
+    f.write_text("a = 1\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    assert source_commit(root) is None  # no .git yet
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    head = git("rev-parse", "HEAD")
+    assert source_commit(root) == head
+    f.write_text("a = 2\n")
+    assert source_commit(root) == head + "-dirty"
+    assert source_commit(tmp_path) is None  # not a checkout of causalign
