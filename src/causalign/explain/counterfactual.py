@@ -9,7 +9,9 @@ mode (BatchNorm uses fixed statistics: the running ones, or a training batch's c
 `capture_bn_stats`, as causal-align's default ``bn="batch"`` passes them), so every sample's
 problem is independent of the others in its batch — the property the implicit gradient
 (causal-align training) relies on.
-Each optimiser acts per sample, so a batched run is exactly N separate runs.
+Each optimiser acts per sample, so a batched run is N separate runs in exact arithmetic; in
+floating point the kernels round differently with the batch size, and the non-convex search
+can amplify that (up to ~0.04 per pixel measured, README "Reproducibility").
 
 Distances d(x, x0) = Σ_k e(x_k − x0_k) / s_k:
 
