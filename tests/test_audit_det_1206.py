@@ -48,7 +48,7 @@ def test_run_records_environment_and_data_content(tiny_data, tmp_path):
           run, progress=False)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     env = cfg["environment"]
-    assert env["device"] == "cpu" and env["threads"] == 1
+    assert env["device"] == "cpu" and env["threads"] == 1 and env["world_size"] == 1
     assert env["python"] and env["numpy"] == np.__version__ and env["platform"]
     assert "causalign_commit" in env
     digest = cfg["data_content_digest"]

@@ -55,8 +55,10 @@ def content_digest(splits: Iterable[Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """The software and machine a run trains on (config.yaml's ``environment``)."""
+def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """The software and machine a run trains on (config.yaml's ``environment``).
+    ``world_size``: the data-parallel processes (torchrun); each holds its own BatchNorm
+    batch statistics and chunk of the global batch, so results depend on it."""
     env: dict[str, Any] = {
         "causalign_commit": source_commit(),
         "python": platform.python_version(),
@@ -66,6 +68,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         # threads=0 means torch's default, which depends on the machine: the count used
         "threads": torch.get_num_threads(),
+        "world_size": int(world_size),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -531,7 +531,7 @@ class Trainer:
                 "torch_version": str(torch.__version__),
                 # commit, versions, machine and thread count: what makes a rerun
                 # bit-identical (README "Reproducibility")
-                "environment": environment(self.device),
+                "environment": environment(self.device, self.dist.world),
                 **self.cfg.to_dict(),
                 "method_params": resolved_params(self.method),
             }
