@@ -3,6 +3,7 @@ can be traced back and rerun exactly."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,15 +38,20 @@ def test_content_digest_sees_pixels_that_the_manifest_digest_misses(tiny_data, t
     assert LesionDataset(copy, "train").content_digest() != before
 
 
-def test_run_records_environment_and_data_content(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def det_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("det") / "run"
+    train(tiny_data, {"method": "erm", "epochs": 1, "width": 4, "threads": 1, "seed": 2,
+                      "deletion_fractions": [0.1]}, run, progress=False)
+    return run
+
+
+def test_run_records_environment_and_data_content(det_run, tiny_data, tmp_path):
     """config.yaml held the causalign and torch versions only: not the source commit, Python
     / NumPy versions, machine, resolved device, the thread count actually used (threads 0 =
-    torch's default, machine-dependent) nor a digest of the pixels. The run's own config.yaml
-    still works as --config (the records are provenance, not settings)."""
-    run = tmp_path / "run"
-    train(tiny_data, {"method": "erm", "epochs": 1, "width": 4, "threads": 1, "seed": 2,
-                       "deletion_fractions": [0.1]},
-          run, progress=False)
+    torch's default, machine-dependent), the world size nor a digest of the pixels. The run's
+    own config.yaml still works as --config (the records are provenance, not settings)."""
+    run = det_run
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     env = cfg["environment"]
     assert env["device"] == "cpu" and env["threads"] == 1 and env["world_size"] == 1
@@ -91,3 +97,25 @@ def test_source_commit_of_a_checkout(tmp_path):
     f.write_text("a = 2\n")
     assert source_commit(root) == head + "-dirty"
     assert source_commit(tmp_path) is None  # not a checkout of causalign
+
+
+def test_counterfactual_summary_names_its_weights_data_and_machine(det_run, tmp_path, capsys):
+    """summary.json held the search settings only: not which run / weights file made x*, on
+    which data, with which batch size (x* changes with it in float32), threads or versions."""
+    from causalign.cli import main
+
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(det_run), "--limit", "2", "--steps", "2", "--out",
+                 str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    prov = summary["provenance"]
+    assert summary["batch_size"] == 32
+    assert prov["run"] == str(det_run.resolve()) and prov["weights"] == "best.pt"
+    # the digest atomic_torch_save wrote beside the weights
+    assert prov["weights_sha256"] == (det_run / "best.pt.sha256").read_text().split()[0]
+    test = LesionDataset(prov["data"], "test")
+    from causalign.engine.provenance import content_digest
+
+    assert prov["split_content_digest"] == content_digest([test])
+    assert prov["environment"]["device"] == "cpu" and prov["environment"]["threads"] >= 1

@@ -280,7 +280,8 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
                            batch_size: int = 32, train_images: Tensor | None = None,
                            autoencoder: nn.Module | None = None,
                            progress: Progress | None = None,
-                           valid_range: tuple[float, float] | None = None) -> dict:
+                           valid_range: tuple[float, float] | None = None,
+                           provenance: dict[str, Any] | None = None) -> dict:
     """Generate and write counterfactuals for the first ``limit`` samples; returns the summary.
 
     ``train_images`` supply the per-pixel scales of a scaled distance; ``autoencoder`` is
@@ -288,12 +289,15 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
     ``valid_range`` (default: ``settings.bounds``, else (0, 1), the stored images' range;
     0 when x* is bounded to it). x* and triptychs an earlier export left in OUT
     and this one does not rewrite (fewer samples, or now skipped) are removed (`OwnedFiles`).
+    ``provenance`` (which weights, data and machine; `causalign counterfactual` passes them)
+    is stored in the summary as given, and ``batch_size`` with it: x* can change in the last
+    float32 digits, amplified by the search, with the batch it is solved in.
     """
     # eval for the search and the figures, then every submodule's own mode back
     with eval_mode(model):
         return _export_counterfactuals(model, method, dataset, settings, Path(out), limit,
                                        device, batch_size, train_images, autoencoder,
-                                       progress, valid_range)
+                                       progress, valid_range, provenance)
 
 
 def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -301,7 +305,8 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                             device: torch.device | str, batch_size: int,
                             train_images: Tensor | None, autoencoder: nn.Module | None,
                             progress: Progress | None,
-                            valid_range: tuple[float, float] | None = None) -> dict:
+                            valid_range: tuple[float, float] | None = None,
+                            provenance: dict[str, Any] | None = None) -> dict:
     from ..report.figures import class_name, counterfactual_grid, counterfactual_triptych
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -412,7 +417,9 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                                / (len(done) * n_values) if done else None),
         **attribute_change_rates(done, list(dataset.meta.attributes)),
         "by_transition": transition_rates(done),
-        "settings": asdict(settings), "out": str(out), "samples": records,
+        "settings": asdict(settings), "batch_size": batch_size,
+        **({"provenance": dict(provenance)} if provenance is not None else {}),
+        "out": str(out), "samples": records,
     }
     files.path("summary.json")
     files.finish()  # before the summary: a summary present means the folder matches it
