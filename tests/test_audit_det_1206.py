@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -57,6 +58,7 @@ def test_run_records_environment_and_data_content(det_run, tiny_data, tmp_path):
     assert env["device"] == "cpu" and env["threads"] == 1 and env["world_size"] == 1
     assert env["python"] and env["numpy"] == np.__version__ and env["platform"]
     assert "causalign_commit" in env
+    assert env["float32_matmul_precision"] == torch.get_float32_matmul_precision()
     digest = cfg["data_content_digest"]
     assert isinstance(digest, str) and len(digest) == 16
     # the stored config is still a valid configuration (provenance keys are no settings)

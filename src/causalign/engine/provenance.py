@@ -69,12 +69,16 @@ def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
         # threads=0 means torch's default, which depends on the machine: the count used
         "threads": torch.get_num_threads(),
         "world_size": int(world_size),
+        # process-wide precision switches a caller's script may have changed ("high" or
+        # "medium" lets float32 matmuls run in TF32/bfloat16 where the hardware has it)
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         env["gpu"] = torch.cuda.get_device_name(index)
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+        env["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)  # True: torch's default
     return env
 
 
