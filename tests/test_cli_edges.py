@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -443,9 +444,9 @@ def test_resume_on_another_dataset_is_refused_but_a_moved_one_is_accepted(run_co
     assert rc == 0, err
     rc, _, err = _run(capsys, "train", other, "--out", run_copy, "--resume", "--no-progress")
     _assert_user_error(rc, err, "is not the dataset it was trained on")
-    # a run from before the digest: a moved dataset could be any, as before
+    # a run from before the digests: a moved dataset could be any, as before
     cfg.write_text("".join(line for line in cfg.read_text().splitlines(keepends=True)
-                           if not line.startswith("data_digest:")))
+                           if not line.startswith(("data_digest:", "data_content_digest:"))))
     rc, _, err = _run(capsys, "train", other, "--out", run_copy, "--resume", "--no-progress")
     assert rc == 0, err
 
@@ -632,3 +633,26 @@ def test_a_checkpoint_from_a_node_with_more_gpus_restores_the_visible_ones(monke
     assert len(got) == 1 and len(got[0]) == 1 and torch.equal(got[0][0], states[0])
     restore_cuda_rng(None)  # a checkpoint written without CUDA
     assert len(got) == 1
+
+
+def test_resume_on_pixels_rewritten_in_place_is_refused(run_copy, tiny_data, tmp_path, capsys):
+    # Before: the digest covered dataset.yaml and manifest.csv only, so a dataset whose image
+    # was rewritten under the same name resumed on the new pixels with the old run's state.
+    from PIL import Image
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_data, edited)
+    png = sorted((edited / "images").glob("train_*.png"))[0]
+    pixels = np.array(Image.open(png))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(png)
+    before = (run_copy / "metrics.json").read_text()
+    rc, _, err = _run(capsys, "train", edited, "--out", run_copy, "--resume", "--no-progress")
+    _assert_user_error(rc, err, f"--resume continues the stored run, but the images, masks or "
+                                f"labels of {edited} changed since it started")
+    assert (run_copy / "metrics.json").read_text() == before
+    # the unedited copy still resumes
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    rc, _, err = _run(capsys, "train", copy, "--out", run_copy, "--resume", "--no-progress")
+    assert rc == 0, err

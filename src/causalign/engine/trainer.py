@@ -420,6 +420,23 @@ class Trainer:
                 raise CausalignError(f"{self.out}: --resume continues the stored run, but these "
                                      f"settings differ: {'; '.join(diffs)} (use a new --out)")
 
+    def _check_same_contents(self) -> None:
+        """Refuse a resume on images, masks or labels that changed since the run started.
+
+        `data_digest` (checked with the folder) covers dataset.yaml and manifest.csv only: an
+        image rewritten in place under its name (re-windowed CT, a re-exported mask) went on
+        with the stored warm-start cache, scales and history of the old pixels. Runs from
+        before `data_content_digest` have none to compare with."""
+        stored = read_run_config(self.out).get("data_content_digest")
+        if not isinstance(stored, str):
+            return
+        now = content_digest((self.train_set, self.val_set, self.test_set))
+        if now != stored:
+            raise CausalignError(
+                f"{self.out}: --resume continues the stored run, but the images, masks or "
+                f"labels of {self.data} changed since it started (same dataset.yaml and "
+                f"manifest.csv, other contents; use a new --out)")
+
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
@@ -495,6 +512,8 @@ class Trainer:
         resuming = self.resume and (self.out / CHECKPOINT).exists()
         if self.dist.enabled:  # rank 0's view of the run folder decides (multi-node)
             resuming = D.broadcast_object(resuming)
+        if resuming:
+            self._check_same_contents()
         ckpt = self._read_checkpoint() if resuming else None
         if ckpt is not None:
             # the method's state first, so setup() skips what the checkpoint holds: a
