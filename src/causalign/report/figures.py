@@ -245,6 +245,9 @@ def _change_ax(ax, change: np.ndarray, region: np.ndarray | None, vmax: float | 
         lim = float(finite.max()) if finite.size else 0.0
     else:
         lim = vmax
+    # x* = x (a search that left the image, e.g. ISTA under a large α) was labelled
+    # "full colour = ±1e-08", a scale for a change that does not exist
+    label = f"full colour = ±{scale_text(lim)}" if lim > 0 else "no change (x* = x)"
     lim = max(lim, 1e-8)
     cmap = matplotlib.colormaps["bwr"].with_extremes(bad=BAD_COLOUR)
     ax.imshow(np.clip(c, -lim, lim), cmap=cmap, vmin=-lim, vmax=lim)
@@ -252,7 +255,19 @@ def _change_ax(ax, change: np.ndarray, region: np.ndarray | None, vmax: float | 
         ax.contour(region, levels=[0.5], colors="black", linewidths=0.6)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(f"full colour = ±{lim:.2g}", fontsize=6, labelpad=2)
+    ax.set_xlabel(label, fontsize=6, labelpad=2)
+
+
+def scale_text(v: float) -> str:
+    """A colour-scale limit in two significant digits, positional where that reads
+    (0.0049, 0.28, 200, 1500: '.2g' wrote CT changes in HU as '2e+02', '1.5e+03'), with an
+    exponent only below 1e-3 or from 1e5 on."""
+    if v == 0 or not np.isfinite(v):
+        return f"{v:g}"
+    if 1e-3 <= abs(v) < 1e5:
+        return np.format_float_positional(v, precision=2, unique=False, fractional=False,
+                                          trim="-")
+    return f"{v:.2g}"
 
 
 def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.ndarray | None,
@@ -260,16 +275,29 @@ def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.nd
     """Original | counterfactual x* | signed change x* − x (red up, blue down), with the
     annotation outlined on the change map. ``image``/``x_star`` are (C, H, W)."""
     shared = display_range(image, x_star)  # one grey scale, so x* − x shows as it is
-    with _figure(1, 3, figsize=(6.6, 2.5)) as (fig, axes):
+    # wrapped to the figure: a hierarchical model's list of changed attributes (and long
+    # ids) ran off both edges; the figure grows by the title's lines and the image's aspect
+    # (a fixed 6.6 × 2.5 in drew a 64 × 24 px image 0.7 in wide, with the rest blank)
+    title = _fit(title, 6.3, fontsize=8) if title else ""
+    lines = title.count("\n") + 1 if title else 0
+    height = 2.1 * _aspect(image) + 0.25 + 0.15 * lines
+    with _figure(1, 3, figsize=(6.6, height)) as (fig, axes):
         _show_image(axes[0], image, shared)
         _show_image(axes[1], x_star, shared)
         _change_ax(axes[2], x_star - image, region)
         for ax, name in zip(axes, ("original", "counterfactual x*", "x* − x"), strict=True):
             ax.set_title(name, fontsize=8)
         if title:
-            fig.suptitle(_plain(title), fontsize=8)
+            fig.suptitle(title, fontsize=8)
         fig.tight_layout()
         atomic_savefig(fig, path, dpi=110)
+
+
+def _aspect(image: np.ndarray) -> float:
+    """Height / width of an image (C, H, W) or (C, D, H, W), within [0.35, 1.8]: a figure's
+    panel height for a unit of width (beyond these the panels are left narrow or flat)."""
+    h, w = image.shape[-2:]
+    return float(np.clip(h / max(w, 1), 0.35, 1.8))
 
 
 def change_comparison_grid(images: np.ndarray, changes: dict[str, np.ndarray],
@@ -289,14 +317,16 @@ def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.nda
     """Several triptychs stacked, one case per row, for a quick look at a split."""
     n = len(images)
     _some_cases(n, path)
-    with _figure(n, 3, figsize=(5.4, 1.85 * n), squeeze=False) as (fig, axes):
+    # rows as high as the images' aspect needs (a wide image left most of each row blank)
+    row = 1.6 * _aspect(images[0]) + 0.25
+    with _figure(n, 3, figsize=(5.4, row * n), squeeze=False) as (fig, axes):
         for r in range(n):
             shared = display_range(images[r], x_stars[r])
             _show_image(axes[r, 0], images[r], shared)
             _show_image(axes[r, 1], x_stars[r], shared)
             _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
-            if row_titles:
-                axes[r, 0].set_ylabel(_fit(row_titles[r], 1.4), fontsize=7)
+            if row_titles:  # wrapped to the image's height (less for a wide image)
+                axes[r, 0].set_ylabel(_fit(row_titles[r], row - 0.45), fontsize=7)
         for ax, name in zip(axes[0], ("original", "x*", "x* − x"), strict=True):
             ax.set_title(name, fontsize=8)
         fig.tight_layout()
