@@ -1,6 +1,6 @@
 """Counterfactual figures as a reader sees them: the change panel of an x* equal to x, the
-scale label of large (CT, HU) changes, a long triptych title kept on the figure, and panels
-sized by the image's aspect."""
+scale label of large (CT, HU) changes, a long triptych title kept on the figure, panels sized
+by the image's aspect, and grid.png rows marking a search that did not flip."""
 
 from __future__ import annotations
 
@@ -11,8 +11,16 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import causalign.report.figures as figures  # noqa: E402
+from causalign.data.format import DatasetMeta, DatasetWriter, LesionDataset  # noqa: E402
+from causalign.explain.counterfactual_export import (  # noqa: E402
+    CounterfactualSettings,
+    export_counterfactuals,
+)
+from causalign.methods import build_method  # noqa: E402
+from causalign.models import build_model  # noqa: E402
 
 
 def _saved(monkeypatch) -> list:
@@ -99,3 +107,32 @@ def test_triptych_panels_follow_the_image_aspect(monkeypatch, tmp_path, shape):
         assert pw >= 1.2
     else:  # wide: the image, not white space, fills the figure's height (it was a third)
         assert ph / h_in >= 0.5
+
+
+def test_grid_row_of_an_unflipped_counterfactual_says_so(monkeypatch, tmp_path):
+    """grid.png titled every row "<id> benign→malignant", flipped or not; the triptych of the
+    same sample said "(not flipped)"."""
+    root = tmp_path / "data"
+    w = DatasetWriter(root, DatasetMeta("d", ["benign", "malignant"], ndim=2),
+                      image_format="npy")
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        w.add(rng.random((32, 32)).astype(np.float32), label=k % 2, split="test",
+              sample_id=f"s{k}")
+    w.close()
+    ds = LesionDataset(root, "test")
+    torch.manual_seed(0)
+    model = build_model("cnn7", 1, 2, width=4).eval()
+    rows, tri = [], []
+    monkeypatch.setattr(figures, "counterfactual_grid",
+                        lambda *a, row_titles=None, **k: rows.extend(row_titles))
+    monkeypatch.setattr(figures, "counterfactual_triptych",
+                        lambda img, xs, reg, path, title="": tri.append(title))
+    # no search steps: x* = x0, so nothing flips
+    summary = export_counterfactuals(model, build_method("erm"), ds,
+                                     CounterfactualSettings(steps=0), tmp_path / "cf")
+    flipped = {r["id"]: r["flipped"] for r in summary["samples"] if "flipped" in r}
+    assert flipped and not any(flipped.values())
+    assert len(rows) == len(flipped)
+    assert all(r.endswith("(not flipped)") for r in rows)
+    assert all("(not flipped)" in t for t in tri)

@@ -390,9 +390,11 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
             if attrs is not None and attrs[j]["attributes_changed"]:
                 title += "\n" + ", ".join(attrs[j]["attributes_changed"])
             counterfactual_triptych(img, xs, reg, files.path(f"triptychs/{rec.id}.png"), title)
-            if len(grid) < 8:
+            if len(grid) < 8:  # a row whose search failed says so, as its triptych does
+                # (grid.png read "benign→malignant" for an x* that did not flip)
                 grid.append((img, xs, reg if reg is not None else np.zeros(img.shape[1:]),
-                             f"{rec.id} {src}→{dst}"))
+                             f"{rec.id} {src}→{dst}"
+                             + ("" if bool(res.flipped[j]) else " (not flipped)")))
             records.append(entry)
             j += 1
         if task is not None:
