@@ -165,11 +165,13 @@ def test_report_figures_name_the_classes_from_dataset_yaml(three_class_bench, tm
     monkeypatch.setattr(figures, "counterfactual_grid", spy("counterfactual_grid"))
     assert report_html.cam_figure(out, results, "busi", tmp_path / "cam.png", n=3)
     assert report_html.counterfactual_figure(out, results, "busi", tmp_path / "cf.png", n=3)
-    # one case per class (balanced), each row titled with its label's name
-    assert sorted(seen["cam_grid"]) == sorted(f"y={c}" for c in BUSI)
-    rows = seen["counterfactual_grid"]
-    assert rows and all(t.split(" ")[0].split("→")[0] in BUSI and
-                        t.split(" ")[0].split("→")[1] in BUSI for t in rows), rows
+    # one case per class (balanced), each row titled "<id> y=<label's name>"
+    assert sorted(t.split(" ", 1)[1] for t in seen["cam_grid"]) == sorted(f"y={c}"
+                                                                         for c in BUSI)
+    rows = seen["counterfactual_grid"]  # "<id> y=<name>\n<pred name>→<target name>"
+    pairs = [t.split("\n")[1].split(" ")[0].split("→") for t in rows]
+    assert rows and all(t.split("\n")[0].split(" y=")[1] in BUSI for t in rows), rows
+    assert all(p in BUSI and q in BUSI for p, q in pairs), rows
 
 
 def test_class_names_in_figures_are_shortened(tmp_path):

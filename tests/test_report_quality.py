@@ -289,6 +289,30 @@ def test_cam_grid_and_counterfactuals_survive_one_unloadable_run(two_runs, tmp_p
         report_html.cam_figure(out2, results, "pm", tmp_path / "cam2.png", n=2)
 
 
+def test_report_cam_and_counterfactual_rows_name_their_cases(two_runs, tiny_data,
+                                                            monkeypatch):
+    """The report's counterfactual rows read only "benign→malignant" and the CAM grid's
+    "y=benign": neither named the case, so the rows could not be matched to each other, to a
+    sample, or (counterfactuals) to the true class."""
+    from causalign.data.format import LesionDataset
+    from causalign.report import html as report_html
+
+    results = json.loads((two_runs / "results.json").read_text())
+    rows: dict[str, list[str]] = {}
+    monkeypatch.setattr(figures, "cam_grid", lambda *a, row_titles=None, **k:
+                        rows.setdefault("cam", list(row_titles)))
+    monkeypatch.setattr(figures, "counterfactual_grid", lambda *a, row_titles=None, **k:
+                        rows.setdefault("cf", list(row_titles)))
+    assert report_html.cam_figure(two_runs, results, "pm", two_runs / "cam.png", n=2)
+    assert report_html.counterfactual_figure(two_runs, results, "pm", two_runs / "cf.png",
+                                             n=2) == "causal-align"
+    ids = {r.split(" ")[0] for r in rows["cam"]}
+    assert len(ids) == 2 and ids <= {r.id for r in LesionDataset(tiny_data, "test").records}
+    for title in rows["cf"]:  # "<id> y=<class>\n<pred>→<target>"
+        sid, rest = title.split(" ", 1)
+        assert sid in ids and rest.startswith("y=") and "→" in rest.split("\n")[1]
+
+
 @pytest.mark.parametrize("text", ["P$_^$ y=1", "case$1$ y=0"])
 def test_dollar_signs_in_ids_and_labels_are_shown_as_text(tmp_path, monkeypatch, text):
     """matplotlib read "$…$" in a sample id, method label or class name as math: ``P$_^$``

@@ -147,8 +147,11 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         cam = saliency_map(get_explainer(saliency, model).attribute(x, target=pred))
         maps[label] = cam.detach().float()
         if titles is None:
-            titles = [f"y={class_name(test, int(batch['label'][i]))}{_split_tag(test)}"
-                      for i in range(len(idx))]
+            # the sample id: the same cases head the counterfactual figure, whose rows
+            # (and this grid's) could not be matched to each other or to a sample
+            titles = [f"{test.records[int(i)].id} "
+                      f"y={class_name(test, int(batch['label'][k]))}{_split_tag(test)}"
+                      for k, i in enumerate(idx)]
     if not maps:
         return False
     images, boxes = batch["image"], batch["box_mask"][:, 0]
@@ -241,9 +244,15 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     # broadcast case 0's flag to every case (box-only cases got their empty mask)
     has_mask = batch["has_mask"].view(-1, *[1] * (batch["mask"].dim() - 1))
     region = torch.where(has_mask, batch["mask"], batch["box_mask"])[valid][:, 0]
-    titles = [f"{class_name(test, int(p))}→{class_name(test, int(t))}{_split_tag(test)}"
+    # id and true class as in the CAM grid, then prediction → target: the rows said only
+    # "benign→malignant", with nothing to tell which case or what its label was
+    ids = [test.records[int(i)].id for i in idx[valid.cpu()]]
+    labels = batch["label"][valid.cpu()]
+    titles = [f"{sid} y={class_name(test, int(y))}{_split_tag(test)}\n"
+              f"{class_name(test, int(p))}→{class_name(test, int(t))}"
               + ("" if bool(f) else " (no flip)")
-              for p, t, f in zip(pred[valid], res.target, res.flipped, strict=True)]
+              for sid, y, p, t, f in zip(ids, labels, pred[valid], res.target, res.flipped,
+                                         strict=True)]
     x0, x_star = x[valid], res.x_star
     if x0.dim() == 5:  # a volume: each case cut at the slice with most annotation
         z = _lesion_slices(region)
