@@ -136,3 +136,19 @@ def test_grid_row_of_an_unflipped_counterfactual_says_so(monkeypatch, tmp_path):
     assert len(rows) == len(flipped)
     assert all(r.endswith("(not flipped)") for r in rows)
     assert all("(not flipped)" in t for t in tri)
+
+
+def test_one_diverged_x_star_pixel_does_not_darken_the_image_panels(monkeypatch, tmp_path):
+    """x and x* were drawn over the range of both: one x* pixel at 4.0 in a [0, 1] image (an
+    unbounded search) drew both panels on [0, 4], the original near-black and x*'s real
+    change (−0.2) invisible. They are drawn over the original's range; x* saturates."""
+    figs = _saved(monkeypatch)
+    img = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+    xs = img.copy()
+    xs[0, 2, 2] = 4.0
+    xs[0, 8:11, 8:11] -= 0.2
+    figures.counterfactual_triptych(img, xs, None, tmp_path / "t.png")
+    figures.counterfactual_grid(img[None], xs[None], np.zeros((1, 16, 16)), tmp_path / "g.png")
+    for fig, _ in figs:
+        original, x_star = fig.axes[0].images[0], fig.axes[1].images[0]
+        assert original.get_clim() == (0.0, 1.0) and x_star.get_clim() == (0.0, 1.0)

@@ -274,7 +274,10 @@ def counterfactual_triptych(image: np.ndarray, x_star: np.ndarray, region: np.nd
                             path: str | Path, title: str = "") -> None:
     """Original | counterfactual x* | signed change x* − x (red up, blue down), with the
     annotation outlined on the change map. ``image``/``x_star`` are (C, H, W)."""
-    shared = display_range(image, x_star)  # one grey scale, so x* − x shows as it is
+    # one grey scale, so x* − x shows as it is: the original's. The range of both let one
+    # diverged x* pixel (4.0 in a [0, 1] image: --bounds none) draw both panels near-black,
+    # hiding the original and x*'s real change; x* values beyond it now saturate
+    shared = display_range(image)
     # wrapped to the figure: a hierarchical model's list of changed attributes (and long
     # ids) ran off both edges; the figure grows by the title's lines and the image's aspect
     # (a fixed 6.6 × 2.5 in drew a 64 × 24 px image 0.7 in wide, with the rest blank)
@@ -321,7 +324,7 @@ def counterfactual_grid(images: np.ndarray, x_stars: np.ndarray, regions: np.nda
     row = 1.6 * _aspect(images[0]) + 0.25
     with _figure(n, 3, figsize=(5.4, row * n), squeeze=False) as (fig, axes):
         for r in range(n):
-            shared = display_range(images[r], x_stars[r])
+            shared = display_range(images[r])  # the original's, as in the triptych
             _show_image(axes[r, 0], images[r], shared)
             _show_image(axes[r, 1], x_stars[r], shared)
             _change_ax(axes[r, 2], x_stars[r] - images[r], regions[r])
