@@ -179,3 +179,32 @@ def test_latent_run_autoencoder_is_saved_to_a_missing_autoencoder_file(tmp_path,
     # without FILE: the run's, named as such
     _, source = resolve_autoencoder(run, images, "cpu", None, tmp_path / "out")
     assert source.startswith("run checkpoint")
+
+
+def test_volume_figures_name_the_slice_they_show(volumes, tmp_path, monkeypatch):
+    """A volume's triptych, overlay and grid rows showed one slice without saying which (the
+    report's figures say ", slice k"): slice 4 of the lesion and the middle slice 3 of a
+    box-only case looked alike."""
+    ds, model, _ = volumes
+    titles: dict[str, list[str]] = {}
+
+    def record(name: str, key: str):
+        def f(*args, **kwargs):
+            value = kwargs.get(key, args[4] if len(args) > 4 else None)
+            titles.setdefault(name, []).extend([value] if isinstance(value, str) else value)
+        monkeypatch.setattr(figures, name, f)
+
+    record("counterfactual_triptych", "title")
+    record("counterfactual_grid", "row_titles")
+    record("overlay", "title")
+    record("cam_grid", "row_titles")
+    export_counterfactuals(model, build_method("erm"), ds, CounterfactualSettings(steps=1),
+                           tmp_path / "cf")
+    export_saliency(model, build_method("erm"), ds, "gradient", tmp_path / "ex")
+    want = {"masked": f"masked, slice {LESION_SLICE} ", "boxed": f"boxed, slice {DEPTH // 2} "}
+    assert set(titles) == {"counterfactual_triptych", "counterfactual_grid", "overlay",
+                           "cam_grid"}
+    for name, shown in titles.items():
+        assert sorted(t.split(" ")[0].rstrip(",") for t in shown) == ["boxed", "masked"]
+        for t in shown:
+            assert t.startswith(want[t.split(" ")[0].rstrip(",")]), (name, t)

@@ -380,11 +380,14 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                 else None)
             img = x[k].float().cpu().numpy()
             reg = region[k, 0].float().cpu().numpy() if annotated else None
+            where = ""  # which slice a volume's figure shows (the report says it; these
+            # figures did not, and a reader could not tell slice 0 from the lesion's)
             if img.ndim == 4:  # volume: the slice with the most annotation (or the middle)
                 z = display_slice(reg, img.shape[1])
                 img, xs, reg = img[:, z], xs[:, z], (reg[z] if reg is not None else None)
+                where = f", slice {z}"  # 0-based, as in the report
             src, dst = class_name(dataset, int(pred[k])), class_name(dataset, int(res.target[j]))
-            title = (f"{rec.id}  pred {src} → {dst}  "
+            title = (f"{rec.id}{where}  pred {src} → {dst}  "
                      f"p={float(res.target_prob[j]):.2f}"
                      + ("" if bool(res.flipped[j]) else "  (not flipped)"))
             if attrs is not None and attrs[j]["attributes_changed"]:
@@ -393,7 +396,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
             if len(grid) < 8:  # a row whose search failed says so, as its triptych does
                 # (grid.png read "benign→malignant" for an x* that did not flip)
                 grid.append((img, xs, reg if reg is not None else np.zeros(img.shape[1:]),
-                             f"{rec.id} {src}→{dst}"
+                             f"{rec.id}{where} {src}→{dst}"
                              + ("" if bool(res.flipped[j]) else " (not flipped)")))
             records.append(entry)
             j += 1

@@ -167,19 +167,21 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
             atomic_save_npy(files.path(f"maps/{rec.id}.npy"), m)
             img = images_np[j]
             box = boxes_np[j]
+            where = ""  # a volume's figure names the slice it shows
             if m.ndim == 3:  # volume: the slice with the most lesion (mask, else box)
                 z = display_slice(masks_np[j] if has_mask[j] else box, m.shape[0])
                 img, m2, box = img[:, z], m[z], box[z]
+                where = f", slice {z}"  # 0-based, as in the report
             else:
                 m2 = m
-            title = (f"{rec.id} y={class_name(dataset, rec.label)} "
+            title = (f"{rec.id}{where} y={class_name(dataset, rec.label)} "
                      f"pred={class_name(dataset, preds[j])}")
             overlay(img, m2, box, files.path(f"overlays/{rec.id}.png"), title=title)
             if len(images) < 16:
                 images.append(img)
                 boxes.append(box)
                 maps_all.append(m2)
-                ids.append(f"{rec.id} y={class_name(dataset, rec.label)} "
+                ids.append(f"{rec.id}{where} y={class_name(dataset, rec.label)} "
                            f"p={class_name(dataset, preds[j])}")
         if task is not None:
             progress.advance(task, len(idx))
