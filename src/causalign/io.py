@@ -140,16 +140,39 @@ class _HashingWriter:
 def verified_bytes(path: str | Path) -> bytes | None:
     """The bytes of a file saved by `atomic_torch_save`, or None when they match neither its
     ``.sha256`` nor a ``.sha256.pending`` digest (a file without digest files is trusted)."""
+    # A run still training replaces the file while it is read (`evaluate` or `counterfactual`
+    # on a run mid-training): its pending digest vanishes (a FileNotFoundError from reading
+    # it after seeing it), and a file read just before a save matched neither digest read
+    # just after it (a false "corrupt"). Digests read before and after the data cover both:
+    # the data read matched one of them whenever it was whole.
+    # A file replaced again while being checked (saves faster than reads) is read anew; one
+    # that stayed put and still matches no digest is corrupt.
     path = Path(path)
-    data = path.read_bytes()
-    digests = []
+    for _ in range(5):
+        before = _identity(path)
+        digests = _digests(path)
+        data = path.read_bytes()
+        digests += _digests(path)
+        if not digests or hashlib.sha256(data).hexdigest() in digests:
+            return data
+        if _identity(path) == before:
+            break
+    return None
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _digests(path: Path) -> list[str]:
+    found = []
     for suffix in (".sha256", ".sha256.pending"):
-        side = Path(str(path) + suffix)
-        if side.exists():
-            digests.append(side.read_text().strip())
-    if digests and hashlib.sha256(data).hexdigest() not in digests:
-        return None
-    return data
+        try:
+            found.append(Path(str(path) + suffix).read_text().strip())
+        except FileNotFoundError:  # none, or renamed since: the other read has it
+            pass
+    return found
 
 
 def atomic_savefig(fig: Figure, path: str | Path, **kwargs) -> None:
