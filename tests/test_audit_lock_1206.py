@@ -1,11 +1,177 @@
-"""Concurrent use of one folder: readers of a run that is still training."""
+"""Concurrent use of one folder: a second writer (the same job launched twice, a --resume
+while the run still trains) is refused at once, naming the other process; the lock dies
+with its holder (even by SIGKILL), so a lock file left behind blocks nobody."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from causalign.cli import main
+from causalign.io import LOCK_NAME, FolderInUse, check_folder_free, folder_lock
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+
+# another process holding the lock as `folder_lock` does; plain Python (no torch import), so
+# it starts in well under a second
+_HOLDER = textwrap.dedent("""
+    import fcntl, os, sys
+    folder = sys.argv[1]
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".causalign.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"pid {os.getpid()} on testhost, `causalign train`".encode())
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
+
+
+@contextmanager
+def held_by_other_process(folder: Path):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("lock") / "run"
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
+                 "--set", "width=4", "--set", "threads=1", "--no-progress"]) == 0
+    return run
+
+
+def _one_line_naming(capsys, folder: Path, pid: int) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(folder) in err and f"pid {pid}" in err and "in use" in err, err
+    return err
+
+
+def test_train_into_a_folder_another_process_trains_is_refused(tiny_data, tmp_path, capsys):
+    # before: the second `train --out RUN` trained too (both exit 0, one run's files
+    # written by two processes); with --resume it resumed the first's checkpoint alike
+    out = tmp_path / "run"
+    with held_by_other_process(out) as holder:
+        argv = ["train", str(tiny_data), "--method", "erm", "--out", str(out), "--epochs", "1",
+                "--set", "width=4", "--no-progress"]
+        assert main(argv) == 2
+        _one_line_naming(capsys, out, holder.pid)
+        assert main(argv + ["--resume"]) == 2
+        _one_line_naming(capsys, out, holder.pid)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
+    # released (the holder exited): the same command now trains
+    assert main(argv) == 0
+    assert (out / "metrics.json").is_file()
+
+
+def test_train_refusal_names_the_process_not_its_first_checkpoint(tiny_data, tiny_run, tmp_path,
+                                                                  capsys):
+    # a run that has its first checkpoint already read "already holds a run (pass --resume
+    # to continue it)", and --resume then trained it twice
+    with held_by_other_process(tiny_run) as holder:
+        assert main(["train", str(tiny_data), "--method", "erm", "--out", str(tiny_run),
+                     "--epochs", "1", "--set", "width=4", "--no-progress"]) == 2
+        _one_line_naming(capsys, tiny_run, holder.pid)
+
+
+@pytest.mark.parametrize("command", ["counterfactual", "explain"])
+def test_export_into_a_folder_in_use_is_refused(command, tiny_run, tmp_path, capsys):
+    out = tmp_path / "cf"
+    argv = [command, str(tiny_run), "--out", str(out), "--limit", "2", "--no-progress"]
+    if command == "counterfactual":
+        argv += ["--steps", "2"]
+    with held_by_other_process(out) as holder:
+        assert main(argv) == 2
+        _one_line_naming(capsys, out, holder.pid)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    assert main(argv) == 0
+    assert (out / "summary.json").is_file()
+
+
+def test_benchmark_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    # before: the second benchmark resumed the runs the first was training and deleted
+    # the dataset it was still generating (an interrupted generation, to it)
+    suite = tmp_path / "s.yaml"
+    suite.write_text(textwrap.dedent("""
+        name: s
+        defaults: {epochs: 1, width: 4, batch_size: 16, device: cpu, threads: 1}
+        datasets:
+          pm: {synth: {n_train: 16, n_val: 8, n_test: 8, size: 32, seed: 0}}
+        experiments:
+          t: {datasets: [pm], methods: [erm], seeds: [0], rows: method,
+              metrics: [test.accuracy]}
+    """))
+    out = tmp_path / "bench"
+    with held_by_other_process(out) as holder:
+        assert main(["benchmark", str(suite), "--out", str(out), "--no-report",
+                     "--no-progress"]) == 2
+        _one_line_naming(capsys, out, holder.pid)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def test_a_sigkilled_holder_leaves_a_lock_file_that_blocks_nobody(tmp_path):
+    out = tmp_path / "run"
+    with held_by_other_process(out) as holder:
+        with pytest.raises(FolderInUse, match=f"pid {holder.pid}"):
+            check_folder_free(out)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+    assert (out / LOCK_NAME).exists()  # stale: left by the killed holder
+    check_folder_free(out)
+    with folder_lock(out, "causalign train"):
+        text = (out / LOCK_NAME).read_text()
+        assert text.startswith(f"pid {os.getpid()} ") and "causalign train" in text
+    assert sorted(p.name for p in out.iterdir()) == []  # released: the lock file is removed
+
+
+def test_lock_is_reentrant_in_its_thread_refused_in_another(tmp_path):
+    out = tmp_path / "x"
+    errors = []
+
+    def other() -> None:
+        try:
+            with folder_lock(out, "other"):
+                pass
+        except FolderInUse as exc:
+            errors.append(str(exc))
+
+    with folder_lock(out, "outer"), folder_lock(out, "inner"):  # the CLI, then the exporter
+        check_folder_free(out)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "another thread" in errors[0]
+    assert not out.exists()  # created by the lock and left empty: removed with it
+
+
+def test_lock_keeps_a_folder_it_did_not_create_or_that_got_outputs(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with folder_lock(kept, "x"):
+        pass
+    assert kept.is_dir() and not any(kept.iterdir())
+    new = tmp_path / "new"
+    with folder_lock(new, "x"):
+        (new / "summary.json").write_text("{}")
+    assert (new / "summary.json").is_file()
+    with pytest.raises(Exception, match="not a folder"):
+        with folder_lock(new / "summary.json", "x"):
+            pass
 
 
 def _save_during(monkeypatch, path: Path, hook_on: str, new) -> None:

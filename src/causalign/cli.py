@@ -419,6 +419,7 @@ def explain(
     from .engine.trainer import load_run
     from .explain import get_explainer
     from .explain.export import export_saliency
+    from .io import folder_lock
 
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     if saliency != "all":
@@ -435,12 +436,12 @@ def explain(
         from .report.saliency import saliency_comparison, saliency_names
 
         names = saliency_names(volumes)
-        with _progress(progress) as bar:
+        with folder_lock(out, f"causalign explain --out {out}"), _progress(progress) as bar:
             for name in names:
                 export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
                                 progress=bar)
-        saliency_comparison(model, method, ds, out / "all_saliency.png", names=names,
-                            limit=min(6, limit or 6), device=dev)
+            saliency_comparison(model, method, ds, out / "all_saliency.png", names=names,
+                                limit=min(6, limit or 6), device=dev)
         typer.echo(f"wrote maps of {len(names)} methods to {out}/<method>/ and "
                    f"{out / 'all_saliency.png'}")
         return
@@ -503,6 +504,7 @@ def counterfactual(
         settings_for_run,
         splits_range,
     )
+    from .io import folder_lock
 
     fixed_bounds = _parse_bounds(bounds)  # before loading anything: a typo fails at once
     if limit is not None and limit < 1:
@@ -555,7 +557,8 @@ def counterfactual(
     # batch by batch)
     valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is ds else (train_ds, ds)))
     settings.bounds = None if bounds.strip().lower() == "none" else valid_range
-    with _progress(progress) as bar:
+    # held from the autoencoder on: it is saved into OUT too (`folder_lock`)
+    with folder_lock(out, f"causalign counterfactual --out {out}"), _progress(progress) as bar:
         ae = None
         if settings.space == "latent":
             ae, settings.autoencoder = resolve_autoencoder(run, train_images, dev,

@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file in the same folder, then rename."""
+"""Atomic file output: write to a temporary file in the same folder, then rename; and
+`folder_lock`, one writing process per output folder."""
 
 from __future__ import annotations
 
@@ -7,16 +8,27 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .errors import CausalignError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+try:  # POSIX; elsewhere folders are not locked (as before)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 def _current_umask() -> int:
@@ -181,3 +193,143 @@ def atomic_savefig(fig: Figure, path: str | Path, **kwargs) -> None:
     fmt = Path(path).suffix.lstrip(".") or "png"
     fig.savefig(buf, format=fmt, **kwargs)
     _atomic_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------- one writer per folder
+
+LOCK_NAME = ".causalign.lock"
+# folders this process holds: lock file path -> [fd, depth, owning thread]. flock conflicts
+# between two open files of one process too, so a nested use (the CLI, then the trainer or an
+# export it calls, on the same folder) must reuse the lock rather than refuse itself.
+_held: dict[str, list[int]] = {}  # thread idents are ints too
+_held_guard = threading.Lock()
+
+
+class FolderInUse(CausalignError):
+    """Another process (or thread) is writing the folder."""
+
+
+def _in_use(folder: Path, path: str, who: str) -> FolderInUse:
+    try:  # what the holder wrote: pid, host, command (empty if caught before it wrote)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            holder = " ".join(fh.read(500).split())
+    except OSError:
+        holder = ""
+    return FolderInUse(f"{folder}: in use by {who} ({holder or 'pid unknown'}); wait for it "
+                       f"to finish or choose another folder")
+
+
+@contextmanager
+def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
+    """Make this process the only causalign writer of ``folder`` while the block runs.
+
+    An advisory ``fcntl.flock`` on ``FOLDER/.causalign.lock`` (the folder is created when
+    missing): a second writer (the same job launched twice, a --resume while the run still
+    trains) fails at once with `FolderInUse`, naming the holder's pid, host and command,
+    instead of training the run twice, deleting the other's temporary files or interleaving
+    its outputs. The lock file is removed on release, with the folder when it was created
+    here and is left empty (a command that failed early leaves nothing). The kernel drops
+    the lock when its holder dies, even by SIGKILL, so the lock file that leaves blocks
+    nobody. Re-entrant in the owning thread. Where locks are unsupported (Windows, a file
+    system without flock) or the lock file cannot be created (a read-only folder: the
+    writes themselves will say so), the block runs unlocked, as before."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CausalignError(f"{folder}: exists and is not a folder")
+    created = not folder.exists()
+    if fcntl is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = os.path.realpath(folder / LOCK_NAME)
+    me = threading.get_ident()
+    with _held_guard:
+        entry = _held.get(path)
+        if entry is not None:
+            if entry[2] != me:
+                raise _in_use(folder, path, "another thread of this process")
+            entry[1] += 1
+    if entry is not None:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                entry[1] -= 1
+        return
+    fd = _acquire(folder, path)
+    if fd is None:
+        yield
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    info = f"pid {os.getpid()} on {socket.gethostname()}, `{command}` since {stamp}"
+    try:
+        os.write(fd, info.encode("utf-8"))
+    except OSError:  # a full disk: the lock holds all the same
+        pass
+    entry = [fd, 1, me]
+    with _held_guard:
+        _held[path] = entry
+    try:
+        yield
+    finally:
+        with _held_guard:
+            del _held[path]
+        try:  # removed while still locked: whoever opened it meanwhile is refused, and
+            os.unlink(path)  # `_acquire` skips a file unlinked after it opened it
+            if created:
+                os.rmdir(folder)  # only if empty: a failed command leaves no folder
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _acquire(folder: Path, path: str) -> int | None:
+    """An fd holding the flock of ``path`` (a new, empty lock file), None where this file
+    system cannot lock; `FolderInUse` when another process holds it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _in_use(folder, path, "another causalign process") from None
+            return None  # ENOLCK, EOPNOTSUPP...
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)  # a stale file of a killed holder names it still
+            return fd
+        os.close(fd)  # its holder released and removed it as we opened it: take the new one
+
+
+def check_folder_free(folder: str | Path) -> None:
+    """Raise `FolderInUse` when another process holds `folder_lock` on ``folder``; takes
+    nothing (a check before work that reads the folder, e.g. whether it holds a run, so that
+    the refusal names the other process rather than what its half-written state looks like)."""
+    path = os.path.realpath(Path(folder) / LOCK_NAME)
+    with _held_guard:
+        entry = _held.get(path)
+    if entry is not None:
+        if entry[2] != threading.get_ident():
+            raise _in_use(folder, path, "another thread of this process")
+        return
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (or unreadable): nobody holds it
+        return
+    try:  # shared: two checks at once do not refuse each other
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _in_use(Path(folder), path, "another causalign process") from None
+    finally:
+        os.close(fd)

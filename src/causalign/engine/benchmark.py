@@ -54,7 +54,7 @@ import yaml
 
 from ..data.format import META
 from ..errors import CausalignError, ConfigError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, folder_lock
 from ..report.tables import mean_std
 from .config import TrainConfig, apply_overrides
 from .progress import progress_bar
@@ -629,6 +629,15 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
               log: Callable[[str], None] = print) -> dict:
     """Run every missing run of the suite into OUT and write the results and tables."""
     out = Path(out)
+    # One benchmark per OUT at a time: a second one (a job launched twice) resumed each run
+    # the first was training, deleted the dataset it was generating and rewrote its
+    # results. Each run folder is locked by its trainer too (`causalign train --out`).
+    with folder_lock(out, f"causalign benchmark {suite.name} --out {out}"):
+        return _run_suite(suite, out, extra, progress, report, log)
+
+
+def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: bool,
+               report: bool, log: Callable[[str], None]) -> dict:
     specs = plan(suite, extra)
     if extra:
         # an unknown key or bad value in --set would fail every run alike, and overwrite

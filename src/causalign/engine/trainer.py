@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -29,7 +30,14 @@ from torch.optim.swa_utils import update_bn
 from .. import __version__
 from ..data.format import LesionDataset, check_split_channels, read_meta
 from ..errors import CausalignError, ConfigError, NumericalError
-from ..io import atomic_torch_save, atomic_write_json, atomic_write_text, verified_bytes
+from ..io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_folder_free,
+    folder_lock,
+    verified_bytes,
+)
 from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
 from ..models.backbones import BACKBONES
 from . import distributed as D
@@ -243,6 +251,17 @@ def _optional_split(data: Path, split: str) -> LesionDataset | None:
 RUN_OUTPUTS = (CHECKPOINT, BEST, "history.csv", "metrics.json", "config.yaml")
 
 
+def _writes_run_folder() -> bool:
+    """Whether this process writes the run folder: always, except a data-parallel rank
+    other than 0 (torchrun's RANK, or the caller's process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    try:
+        return int(os.environ.get("RANK", "0")) == 0 or D.env_world_size() <= 1
+    except ValueError:  # init_distributed names a malformed RANK
+        return True
+
+
 def remove_stale_temporaries(run: Path) -> list[Path]:
     """Delete the temporary files that a SIGKILL (or power loss) during an atomic write of
     the run's outputs left behind: ``.NAME.<random>.tmp`` beside NAME, e.g. a whole
@@ -376,6 +395,8 @@ class Trainer:
         self.method: Method = build_method(cfg.method, cfg.method_args)
         self._setups = 0  # fit() calls that reached _setup (a second one rebuilds the method)
         read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
+        if _writes_run_folder():  # a run still training there: say so, not "already holds a
+            check_folder_free(self.out)  # run (pass --resume)" from its first checkpoint
         self._check_out_dir()
 
     def _check_out_dir(self) -> None:
@@ -843,7 +864,12 @@ class Trainer:
         # call inside torch.no_grad()/inference_mode() failed at the first backward, and
         # torch.set_default_dtype(torch.float64) built float64 weights that the float32
         # batches cannot enter (tracebacks). Both are restored on return.
-        with _float32_default(), torch.inference_mode(False), torch.enable_grad():
+        # One writer per run folder: the same command launched twice (a job array), or a
+        # --resume while the run still trains, trained the run twice over the same files
+        # (and deleted the other's in-flight temporaries). Rank 0 alone writes it.
+        lock = (folder_lock(self.out, f"causalign train --out {self.out}")
+                if _writes_run_folder() else nullcontext())
+        with lock, _float32_default(), torch.inference_mode(False), torch.enable_grad():
             return self._fit_restoring(saved)
 
     def _fit_restoring(self, saved: tuple) -> dict:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..data.format import LesionDataset
 from ..errors import CausalignError
-from ..io import atomic_save_npy, atomic_write_json, remove_temporaries
+from ..io import atomic_save_npy, atomic_write_json, folder_lock, remove_temporaries
 from .counterfactual import CounterfactualGenerator, distance_scale, eval_mode
 from .export import OwnedFiles, display_slice
 
@@ -294,7 +294,9 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
     float32 digits, amplified by the search, with the batch it is solved in.
     """
     # eval for the search and the figures, then every submodule's own mode back
-    with eval_mode(model):
+    # one export at a time per folder (`folder_lock`): two into one OUT removed each other's
+    # temporaries and x* files (`OwnedFiles`) and crashed or mixed their summaries
+    with folder_lock(out, f"causalign counterfactual --out {out}"), eval_mode(model):
         return _export_counterfactuals(model, method, dataset, settings, Path(out), limit,
                                        device, batch_size, train_images, autoencoder,
                                        progress, valid_range, provenance)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.format import LesionDataset
 from ..errors import CausalignError
-from ..io import atomic_save_npy, atomic_write_json, remove_temporaries
+from ..io import atomic_save_npy, atomic_write_json, folder_lock, remove_temporaries
 from .base import get_explainer, saliency_map
 from .counterfactual import eval_mode
 
@@ -128,7 +128,9 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
         raise CausalignError(f"split '{dataset.split}' has no samples to explain"
                              + (f" (limit {limit})" if limit is not None else ""))
     # eval for the maps, then every submodule's own mode back (a caller's training loop)
-    with eval_mode(model):
+    # one export at a time per folder: a second one removed the first's temporaries and
+    # manifest entries under it (`folder_lock`)
+    with folder_lock(out, f"causalign explain --out {out}"), eval_mode(model):
         return _export_saliency(model, method, dataset, saliency, Path(out), n, device,
                                 batch_size, progress)
 
