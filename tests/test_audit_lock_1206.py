@@ -243,3 +243,20 @@ def test_pending_digest_renamed_while_read_is_not_reported_corrupt(tmp_path, mon
 
     monkeypatch.setattr(Path, "read_text", read_text)
     assert verified_bytes(path) == path.read_bytes()
+
+
+def test_only_rank_zero_checks_and_locks_the_run_folder(tiny_data, tmp_path, monkeypatch):
+    # under torchrun rank 0 holds the lock: the other ranks, which never write the run
+    # folder, must not refuse it as "in use"
+    from causalign.engine.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = {"method": "erm", "epochs": 1, "width": 4}
+    with held_by_other_process(out):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        Trainer(tiny_data, cfg, out)  # no FolderInUse
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(FolderInUse):
+            Trainer(tiny_data, cfg, out)
+
