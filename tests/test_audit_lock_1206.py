@@ -260,3 +260,36 @@ def test_only_rank_zero_checks_and_locks_the_run_folder(tiny_data, tmp_path, mon
         with pytest.raises(FolderInUse):
             Trainer(tiny_data, cfg, out)
 
+
+def test_counterfactual_summary_names_the_weights_it_used_while_training_writes(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    # a run still training: best.pt was replaced after `load_run` read it, and summary.json
+    # hashed the file again, naming weights the counterfactuals did not come from
+    import json
+    import shutil
+
+    import torch
+
+    import causalign.engine.trainer as trainer
+    from causalign.io import atomic_torch_save
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    used = (run / "best.pt.sha256").read_text().split()[0]
+    real = trainer.load_run
+
+    def load_then_train_on(*a, **k):
+        loaded = real(*a, **k)
+        state = trainer.load_checkpoint(run / "best.pt")
+        state["model"] = {k: v + 1 if torch.is_floating_point(v) else v
+                          for k, v in state["model"].items()}
+        atomic_torch_save(run / "best.pt", state)  # the next epoch's best
+        return loaded
+
+    monkeypatch.setattr(trainer, "load_run", load_then_train_on)
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(run), "--limit", "1", "--steps", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    prov = json.loads((out / "summary.json").read_text())["provenance"]
+    assert prov["weights"] == "best.pt" and prov["weights_sha256"] == used
+    assert (run / "best.pt.sha256").read_text().split()[0] != used

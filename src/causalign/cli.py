@@ -567,8 +567,9 @@ def counterfactual(
                                          device=dev, train_images=train_images,
                                          autoencoder=ae, progress=bar,
                                          valid_range=valid_range,
-                                         provenance=_counterfactual_provenance(run, data_path,
-                                                                               ds, dev))
+                                         provenance=_counterfactual_provenance(run, model,
+                                                                               data_path, ds,
+                                                                               dev))
     lo, hi = summary["valid_range"]
     if summary["n_diverged"]:  # exit 0 with "flip rate 0.000" hid that nothing was searched
         typer.echo(f"warning: {summary['n_diverged']} of {summary['n_generated']} "
@@ -589,23 +590,16 @@ def counterfactual(
             f"{k} {v:.2f}" for k, v in sorted(rates.items(), key=lambda kv: -kv[1])))
 
 
-def _counterfactual_provenance(run: Path, data_path: Path, ds: Any, device: Any) -> dict:
+def _counterfactual_provenance(run: Path, model: Any, data_path: Path, ds: Any,
+                               device: Any) -> dict:
     """What summary.json needs to say where its x* came from: the run and the digest of the
-    weights file `load_run` read (best.pt, else checkpoint.pt), the data and its split's
-    content digest, and the machine (`environment`): a summary alone named none of them."""
-    import hashlib
-
+    weights `load_run` read into ``model`` (best.pt, else checkpoint.pt), the data and its
+    split's content digest, and the machine (`environment`): a summary alone named none of
+    them."""
     from .engine.provenance import content_digest, environment
-    from .engine.trainer import BEST, CHECKPOINT
 
-    run = Path(run)
-    weights = run / BEST if (run / BEST).exists() else run / CHECKPOINT
-    sha = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return {"run": str(run.resolve()), "weights": weights.name,
-            "weights_sha256": sha.hexdigest(), "data": str(Path(data_path).resolve()),
+    return {"run": str(Path(run).resolve()), **model.causalign_weights,
+            "data": str(Path(data_path).resolve()),
             "split_content_digest": content_digest([ds]), "environment": environment(device)}
 
 

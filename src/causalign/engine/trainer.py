@@ -145,8 +145,10 @@ def dihedral_augment(batch: dict[str, Tensor], generator: torch.Generator
     return out
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint, verifying the SHA-256 written beside it."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
+                    digest: dict[str, str] | None = None) -> dict:
+    """Load a checkpoint, verifying the SHA-256 written beside it; ``digest["sha256"]``
+    receives that of the bytes loaded (the file may be replaced right after)."""
     if not path.exists():
         raise CausalignError(f"{path}: checkpoint not found")
     data = verified_bytes(path)  # .sha256 (or .sha256.pending: killed between renames)
@@ -154,6 +156,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CausalignError(f"{path}: checkpoint is corrupt or truncated (checksum mismatch)")
     import io
 
+    if digest is not None:
+        digest["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as exc:
@@ -1278,7 +1282,8 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
     # on the CPU: without best.pt this is checkpoint.pt, whose optimiser state and warm-start
     # cache went onto the device only for the weights to be copied out (load_state_dict
     # moves them to the model's device)
-    state = load_checkpoint(weights, map_location="cpu")
+    loaded: dict[str, str] = {}
+    state = load_checkpoint(weights, map_location="cpu", digest=loaded)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CausalignError(f"{weights}: not a causalign checkpoint (no model weights)")
     info = data_info_from_disk(data_path)
@@ -1287,6 +1292,10 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
         _match_slice_positions(model, state["model"])
     _load_run_weights(model, state["model"], weights, data_path, info)
     model.eval()
+    # which file and bytes these weights are: a run still training replaces best.pt (or
+    # writes its first one) after this read, and hashing the file again later named other
+    # weights than the model holds (`causalign counterfactual`'s summary.json)
+    model.causalign_weights = {"weights": weights.name, "weights_sha256": loaded.get("sha256")}
     return cfg, model, method, data_path
 
 
