@@ -293,3 +293,37 @@ def test_counterfactual_summary_names_the_weights_it_used_while_training_writes(
     prov = json.loads((out / "summary.json").read_text())["provenance"]
     assert prov["weights"] == "best.pt" and prov["weights_sha256"] == used
     assert (run / "best.pt.sha256").read_text().split()[0] != used
+
+
+def test_a_lock_file_removed_by_its_releaser_as_it_is_opened_is_not_held(tmp_path,
+                                                                         monkeypatch):
+    # the previous holder unlinked the file between our open and flock: a lock on that
+    # orphan would not exclude the next process, which creates and locks a new file
+    import fcntl
+
+    import causalign.io as cio
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            os.unlink(out / LOCK_NAME)  # the releaser's last step
+        return real(fd, op)
+
+    monkeypatch.setattr(cio.fcntl, "flock", flock)
+    with folder_lock(out, "causalign train"):
+        monkeypatch.setattr(cio.fcntl, "flock", real)
+        assert len(calls) == 2  # the orphan was dropped, the new file locked
+        probe = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import fcntl, os, sys
+            fd = os.open(sys.argv[1], os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                print("free")
+            except OSError:
+                print("held")
+        """), str(out / LOCK_NAME)], capture_output=True, text=True, check=True)
+        assert probe.stdout.strip() == "held"
