@@ -121,3 +121,15 @@ def test_counterfactual_summary_names_its_weights_data_and_machine(det_run, tmp_
 
     assert prov["split_content_digest"] == content_digest([test])
     assert prov["environment"]["device"] == "cpu" and prov["environment"]["threads"] >= 1
+
+
+def test_content_digest_of_a_dataset_without_attributes(tiny_data):
+    # A dataset with no attribute columns holds an (N, 0) array; memoryview cannot cast a
+    # view with a zero in its shape, so every run on such data failed at its start.
+    from causalign.data.format import LesionDataset
+
+    ds = LesionDataset(tiny_data, "train")
+    full = ds.content_digest()
+    ds.attributes = ds.attributes[:, :0]
+    empty = ds.content_digest()
+    assert len(empty) == 64 and empty != full

@@ -646,7 +646,8 @@ class LesionDataset(Dataset):
                   self.labels, self.attributes, self.site_index):
             arr = np.ascontiguousarray(t.numpy())
             digest.update(f"{arr.dtype.str}{arr.shape}".encode())
-            digest.update(memoryview(arr).cast("B"))
+            if arr.size:  # a dataset without attributes (or masks) has (N, 0) arrays,
+                digest.update(memoryview(arr).cast("B"))  # which memoryview cannot cast
         return digest.hexdigest()
 
     def __getitem__(self, i: int | slice | Sequence[int] | np.ndarray | Tensor
