@@ -3,12 +3,12 @@ limits, `--overwrite` reruns and report rebuilds leaving no stale files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from html.parser import HTMLParser
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
@@ -72,8 +72,9 @@ def test_overwrite_leaves_no_stale_samples_or_examples(tmp_path, capsys):
     rc, _, err = _run(capsys, "data", "synth", str(out), "--n-train", "2", "--n-val", "1",
                       "--n-test", "1", "--size", "32", "--overwrite", "--no-examples")
     assert rc == 0, err
-    manifest = pd.read_csv(out / "manifest.csv")
-    listed = set(manifest["image"]) | set(manifest["mask"])
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    listed = {row["image"] for row in manifest} | {row["mask"] for row in manifest}
     on_disk = {f"{sub}/{f.name}" for sub in ("images", "masks") for f in (out / sub).iterdir()}
     # the 8 .npy volumes of the first run are gone; only the new PNGs (and the user's file)
     assert on_disk == listed | {"images/keep_me.txt"}, sorted(on_disk - listed)
