@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def test_every_package_data_pattern_names_a_file() -> None:
@@ -99,3 +100,25 @@ def test_every_third_party_import_is_declared() -> None:
             if not names & ok:
                 missing.append(f"{area}/{where}: {module} ({', '.join(sorted(names))})")
     assert not missing, missing
+
+
+def test_model_dtype_check_on_a_torch_without_device_autocast_queries(monkeypatch) -> None:
+    """torch < 2.4's is_autocast_enabled() takes no device; check_model_dtype called it with
+    one, so every explainer, counterfactual search and method batch check raised TypeError
+    there (implicit.adjoint already handled both signatures)."""
+    from torch import nn
+
+    from causalign.errors import InputError
+    from causalign.explain.base import check_model_dtype
+
+    def old_is_autocast_enabled() -> bool:  # torch 2.2's signature: CUDA autocast only
+        return False
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", old_is_autocast_enabled)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: False)  # 2.2's, no warning
+    model = nn.Linear(3, 2)
+    check_model_dtype(model, torch.zeros(1, 3))
+    with pytest.raises(InputError, match="float64"):
+        check_model_dtype(model, torch.zeros(1, 3, dtype=torch.float64))
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: True)
+    check_model_dtype(model, torch.zeros(1, 3, dtype=torch.float64))  # CPU autocast: mixed ok

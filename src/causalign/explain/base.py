@@ -184,7 +184,9 @@ def check_model_dtype(model: nn.Module, inputs: Tensor) -> None:
     same") comes from deep inside Captum or zennit and names neither. Under autocast mixed
     dtypes are the point, and a model whose parameters mix dtypes casts by itself: both pass.
     """
-    if torch.is_autocast_enabled(inputs.device.type):
+    from ..implicit.adjoint import _autocast_on  # both signatures: torch < 2.4 takes no device
+
+    if _autocast_on(inputs.device.type):
         return
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and inputs.dtype not in dtypes:
