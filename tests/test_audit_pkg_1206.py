@@ -122,3 +122,28 @@ def test_model_dtype_check_on_a_torch_without_device_autocast_queries(monkeypatc
         check_model_dtype(model, torch.zeros(1, 3, dtype=torch.float64))
     monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: True)
     check_model_dtype(model, torch.zeros(1, 3, dtype=torch.float64))  # CPU autocast: mixed ok
+
+
+def test_cg_rescaling_with_torch_2_2s_ldexp(monkeypatch) -> None:
+    """torch 2.2's ldexp(x, integer exponent) is x * 2^e with 2^e in float32 (0 below
+    2^-149): batched_cg's power-of-two rescaling divided a float64 rhs of 1e-200 by 0 and did
+    not converge on torch 2.2.2 (tests/test_torch_habits.py failed there)."""
+    from causalign.implicit.cg import batched_cg
+
+    monkeypatch.setattr(torch, "ldexp", lambda x, e: x * torch.pow(2.0, e))
+    b = torch.full((2, 3), 1e-200, dtype=torch.float64)
+    b[1] = 0
+    res = batched_cg(lambda p: 2 * p, b)
+    assert res.converged.tolist() == [True, True] and not res.breakdown.any()
+    torch.testing.assert_close(res.solution, b / 2, rtol=1e-12, atol=0)
+
+
+def test_cg_solves_a_rhs_near_the_dtype_maximum() -> None:
+    """max |b| in [2^127, 2^128): the power of two just above it is inf in float32, so b/s
+    was 0 and CG reported breakdown with the solution 0 (the answer, 1e38, is finite)."""
+    from causalign.implicit.cg import batched_cg
+
+    b = torch.full((1, 3), 2e38)
+    res = batched_cg(lambda p: 2 * p, b)
+    assert res.converged.tolist() == [True] and not res.breakdown.any()
+    torch.testing.assert_close(res.solution, b / 2)

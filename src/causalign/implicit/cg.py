@@ -64,6 +64,11 @@ def _pow2_scale(b: Tensor, shape: tuple[int, ...]) -> Tensor:
     amax = b.detach().to(acc).abs().reshape(b.shape[0], -1).amax(dim=1)
     ok = torch.isfinite(amax) & (amax > 0)
     _, exp = torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))
+    # max |b_i| >= 2^127 in float32: the power above it, 2^128, is inf (a rhs of 2e38 broke
+    # down with solution 0); the largest finite power instead, b/s < 2. The exponent goes to
+    # ldexp as a float of acc's dtype: torch 2.2's ldexp took 2^exp in float32 for an
+    # integer exp, 0 below 2^-149, so a float64 rhs of 1e-200 was divided by 0.
+    exp = exp.clamp(max=math.floor(math.log2(torch.finfo(acc).max))).to(acc)
     scale = torch.ldexp(torch.ones_like(amax), exp)
     return torch.where(ok, scale, torch.ones_like(amax)).view(shape)
 
