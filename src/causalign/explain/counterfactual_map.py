@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .base import Explainer, Target, check_inputs, check_logits, eval_mode, register_explainer
+from .base import Explainer, Target, check_inputs, register_explainer
 from .counterfactual import CounterfactualGenerator
 
 
@@ -54,10 +53,6 @@ class CounterfactualSaliency(Explainer):
                              "a gradient map (wbp, gradient, input-x-gradient)")
         check_inputs(inputs, target, self.model)
         target = self._target(inputs, target)
-        if self.model.training:
-            # one forward to check the logits' shape here (the search runs in eval mode)
-            with torch.no_grad(), eval_mode(self.model):
-                check_logits(self.model(inputs[:1]), "counterfactual saliency")
         # labels = the explained class; the "other" rule turns each into y* != target
         result = self.generator.generate(inputs, labels=target, report=True)
         self.flipped = result.flipped
