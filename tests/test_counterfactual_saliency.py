@@ -129,3 +129,54 @@ def test_explain_and_evaluate_take_the_counterfactual_map(tiny_data, tmp_path, c
                  "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 16 and 0.0 <= metrics["cam_precision"] <= 1.0
+
+
+def test_explain_and_evaluate_search_with_the_runs_settings(tiny_data, tmp_path, capsys):
+    """A causal-align run trained with α 0.5 and scaled-l2 got maps from the generic search
+    (α 0.01, l1) under explain/evaluate; they now take the run's, as `counterfactual` does."""
+    from causalign.data.format import LesionDataset
+    from causalign.engine.trainer import load_run
+    from causalign.explain.counterfactual import distance_scale
+
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_data), "--method", "causal-align", "--out", str(run),
+                 "--epochs", "1", "--set", "width=4", "--set", "method.steps=2", "--set",
+                 "method.alpha=0.5", "--set", "method.distance=scaled-l2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(run), "--saliency", "counterfactual", "--out",
+                 str(tmp_path / "ex"), "--limit", "3", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "ex" / "summary.json").read_text())
+    assert summary["explainer_settings"]["alpha"] == 0.5
+    assert summary["explainer_settings"]["distance"] == "scaled-l2"
+    _, model, _, _ = load_run(run, device="cpu")
+    test = LesionDataset(tiny_data, "test")
+    x = test.batch(torch.arange(3))["image"]
+    pred = model(x).argmax(1)
+    scale = distance_scale(LesionDataset(tiny_data, "train").images, "scaled-l2")
+    ours = CounterfactualSaliency(model, alpha=0.5, distance="scaled-l2", scale=scale)
+    written = np.stack([np.load(tmp_path / "ex" / "maps" / f"{r.id}.npy")
+                        for r in test.records[:3]])
+    expected = ours.attribute(x, target=pred)[:, 0].detach().numpy()
+    generic = CounterfactualSaliency(model).attribute(x, target=pred)[:, 0].detach().numpy()
+    assert np.allclose(written, expected, atol=1e-5)
+    assert not np.allclose(written, generic, atol=1e-3)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "val", "--saliency", "counterfactual",
+                 "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["counterfactual_search"]["alpha"] == 0.5
+    assert metrics["counterfactual_search"]["distance"] == "scaled-l2"
+
+
+def test_latent_run_without_its_autoencoder_is_refused(tiny_data, tmp_path):
+    """A latent-space run's map needs the autoencoder it was trained with; a fresh one would
+    search another space. Without it in checkpoint.pt: one line naming the file."""
+    from causalign.engine.trainer import build_method
+    from causalign.errors import CausalignError
+    from causalign.explain.counterfactual_export import explainer_options_for_run
+
+    method = build_method("causal-align", {"space": "latent"})
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CausalignError, match="does not hold"):
+        explainer_options_for_run(tmp_path / "run", method, tiny_data, "cpu")

@@ -389,10 +389,14 @@ def evaluate(
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = _split_for_model(data_path, split)
     dev = next(model.parameters()).device
+    saliency = saliency or cfg.eval_saliency
+    options = _run_explainer_kwargs(run, method, data_path, dev, [saliency])
     with _progress(progress) as bar:
-        metrics = evaluate_split(model, method, ds, dev, saliency=saliency or cfg.eval_saliency,
-                                 fractions=tuple(cfg.deletion_fractions), progress=bar)
-    metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics}
+        metrics = evaluate_split(model, method, ds, dev, saliency=saliency,
+                                 fractions=tuple(cfg.deletion_fractions), progress=bar,
+                                 explainer_kwargs=options.get(saliency))
+    metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
+               **_search_record(options)}
     if out is not None:
         atomic_write_json(out, metrics)
     _echo_json(metrics)
@@ -436,19 +440,44 @@ def explain(
         from .report.saliency import saliency_comparison, saliency_names
 
         names = saliency_names(volumes)
+        options = _run_explainer_kwargs(run, method, data_path, dev, names)
         with folder_lock(out, f"causalign explain --out {out}"), _progress(progress) as bar:
             for name in names:
                 export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
-                                progress=bar)
+                                progress=bar, explainer_kwargs=options.get(name))
             saliency_comparison(model, method, ds, out / "all_saliency.png", names=names,
-                                limit=min(6, limit or 6), device=dev)
+                                limit=min(6, limit or 6), device=dev,
+                                explainer_kwargs=options)
         typer.echo(f"wrote maps of {len(names)} methods to {out}/<method>/ and "
                    f"{out / 'all_saliency.png'}")
         return
+    options = _run_explainer_kwargs(run, method, data_path, dev, [saliency])
     with _progress(progress) as bar:
         summary = export_saliency(model, method, ds, saliency, out, limit=limit,
-                                  device=dev, progress=bar)
+                                  device=dev, progress=bar,
+                                  explainer_kwargs=options.get(saliency))
     typer.echo(f"wrote {summary['n']} maps and overlays to {out}")
+
+
+def _run_explainer_kwargs(run: Path, method: Any, data_path: Path, device: Any,
+                         names: list[str]) -> dict[str, dict[str, Any]]:
+    """{"counterfactual": its search settings} when ``names`` include the counterfactual
+    map: the run's search (`explainer_options_for_run`), as `causalign counterfactual RUN`
+    uses; it took the generic defaults, whatever α or distance the run was trained with."""
+    if "counterfactual" not in names:
+        return {}
+    from .explain.counterfactual_export import explainer_options_for_run
+
+    return {"counterfactual": explainer_options_for_run(run, method, data_path, device)}
+
+
+def _search_record(options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The counterfactual map's search settings for metrics.json (tensors left out)."""
+    search = options.get("counterfactual")
+    if search is None:
+        return {}
+    return {"counterfactual_search": {k: v for k, v in search.items()
+                                      if isinstance(v, (int, float, str))}}
 
 
 @app.command()

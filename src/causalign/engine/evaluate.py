@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from numbers import Integral
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -147,6 +147,7 @@ def evaluate_split(
     model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
     saliency: str = "gradcam", fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.1, 0.2),
     batch_size: int = 128, progress: Progress | None = None,
+    explainer_kwargs: dict[str, Any] | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -164,18 +165,19 @@ def evaluate_split(
     """
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
-                               batch_size, progress)
+                               batch_size, progress, explainer_kwargs or {})
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     device: torch.device | str, saliency: str, fractions: tuple[float, ...],
-                    batch_size: int, progress: Progress | None) -> dict:
+                    batch_size: int, progress: Progress | None,
+                    explainer_kwargs: dict[str, Any]) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
         note = f"{saliency} needs 2D images: localisation and deletion use wbp on volumes"
-        saliency = "wbp"
-    explainer = get_explainer(saliency, model)
+        saliency, explainer_kwargs = "wbp", {}
+    explainer = get_explainer(saliency, model, **explainer_kwargs)
     probs, labels, losses = [], [], []
     prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}

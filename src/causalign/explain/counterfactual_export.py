@@ -82,6 +82,41 @@ def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings
     return s
 
 
+def explainer_options_for_run(run: Path, method: Method, data_path: Path,
+                              device: torch.device | str) -> dict[str, Any]:
+    """`CounterfactualSaliency` keyword arguments for a run's model: the search
+    `causalign counterfactual RUN` runs (`settings_for_run`: a causal-align run's α,
+    distance, ε, space, optimiser, polish and smooth σ, with 100 steps at lr 0.01), so that
+    `explain`/`evaluate --saliency counterfactual` show the change the run was trained to put
+    inside the lesion, not the generic defaults' (α 0.01, l1, pixels). A scaled distance takes
+    its per-pixel scale from the training split; the latent space the run's own autoencoder
+    (from checkpoint.pt). x* is unbounded, as in training."""
+    s = settings_for_run(method)
+    options: dict[str, Any] = {
+        "alpha": s.alpha, "steps": s.steps, "lr": s.lr, "distance": s.distance, "eps": s.eps,
+        "space": s.space, "optimizer": s.optimizer, "polish": s.polish,
+        "smooth_sigma": s.smooth_sigma}
+    if s.distance.startswith("scaled"):
+        train = LesionDataset(data_path, "train")
+        if len(train) == 0:
+            raise CausalignError(f"{data_path}: distance '{s.distance}' takes its per-pixel "
+                                 f"scale from the training split, which is empty")
+        options["scale"] = distance_scale(train.images, s.distance).to(device)
+    if s.space == "latent":
+        from ..engine.trainer import load_checkpoint
+        from ..models.autoencoder import autoencoder_from_state
+
+        ckpt = Path(run) / "checkpoint.pt"
+        state = load_checkpoint(ckpt, map_location="cpu") if ckpt.exists() else {}
+        ae_state = (state.get("method_state") or {}).get("autoencoder")
+        if ae_state is None:  # a newly trained one would explain another search space
+            raise CausalignError(f"{run}: a space=latent run's counterfactual map needs its "
+                                 f"autoencoder, which {ckpt} does not hold; use `causalign "
+                                 f"counterfactual {run} --autoencoder FILE`")
+        options["autoencoder"] = autoencoder_from_state(ae_state, device)
+    return options
+
+
 def data_range(*images: Tensor) -> tuple[float, float]:
     """The images' intensity range for bounding x*: (0, 1) when every value lies there (what
     `to_float_image` gives 8/16-bit PNGs, and synthetic images), else the observed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -115,8 +115,10 @@ def display_slice(region: np.ndarray | None, depth: int) -> int:
 def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                     out: str | Path, limit: int | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 32,
-                    progress: Progress | None = None) -> dict:
-    """Maps for the predicted class of the first `limit` samples of `dataset`.
+                    progress: Progress | None = None,
+                    explainer_kwargs: dict[str, Any] | None = None) -> dict:
+    """Maps for the predicted class of the first `limit` samples of `dataset`
+    (``explainer_kwargs`` go to the explainer, e.g. a run's counterfactual search settings).
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
     (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns a summary.
@@ -132,15 +134,15 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
     # manifest entries under it (`folder_lock`)
     with folder_lock(out, f"causalign explain --out {out}"), eval_mode(model):
         return _export_saliency(model, method, dataset, saliency, Path(out), n, device,
-                                batch_size, progress)
+                                batch_size, progress, explainer_kwargs or {})
 
 
 def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                      out: Path, n: int, device: torch.device | str, batch_size: int,
-                     progress: Progress | None) -> dict:
+                     progress: Progress | None, explainer_kwargs: dict[str, Any]) -> dict:
     from ..report.figures import cam_grid, class_name, overlay
 
-    explainer = get_explainer(saliency, model)
+    explainer = get_explainer(saliency, model, **explainer_kwargs)
     ids_n = [dataset.records[i].id for i in range(n)]
     files = OwnedFiles(out, ".causalign-explain.json",
                        [f"maps/{i}.npy" for i in ids_n] + [f"overlays/{i}.png" for i in ids_n]
@@ -190,6 +192,9 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
     cam_grid(np.stack(images[:8]), np.stack(boxes[:8]), {saliency: np.stack(maps_all[:8])},
              files.path("grid.png"), row_titles=ids[:8])
     summary = {"saliency": saliency, "split": dataset.split, "n": n, "out": str(out)}
+    settings = {k: v for k, v in explainer_kwargs.items() if isinstance(v, (int, float, str))}
+    if settings:  # e.g. the counterfactual search's α and distance: they shape the maps
+        summary["explainer_settings"] = settings
     files.path("summary.json")
     files.finish()  # before the summary: a summary present means the folder matches it
     atomic_write_json(out / "summary.json", summary)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,19 +28,24 @@ def saliency_names(volumes: bool = False) -> list[str]:
 
 
 def compute_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                 names: Sequence[str]) -> dict[str, np.ndarray]:
-    """{name: (N, *spatial) float32 map} of the target class for each saliency method."""
+                 names: Sequence[str],
+                 explainer_kwargs: Mapping[str, dict[str, Any]] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """{name: (N, *spatial) float32 map} of the target class for each saliency method
+    (``explainer_kwargs[name]``, where given, go to that explainer)."""
     out = {}
+    kwargs = explainer_kwargs or {}
     with eval_mode(model):  # the caller's train/eval flags are restored
         for name in names:
-            a = get_explainer(name, model).attribute(x, target=target)
+            a = get_explainer(name, model, **kwargs.get(name, {})).attribute(x, target=target)
             out[name] = saliency_map(a).detach().float().cpu().numpy()
     return out
 
 
 def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset, path: str | Path,
                         names: Sequence[str] | None = None, limit: int = 6,
-                        device: torch.device | str = "cpu") -> dict:
+                        device: torch.device | str = "cpu",
+                        explainer_kwargs: Mapping[str, dict[str, Any]] | None = None) -> dict:
     """Write a figure: rows = the first `limit` cases, columns = the input (lesion box in red)
     and each method's map of the predicted class.
 
@@ -57,7 +62,7 @@ def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset
     x = method.model_input(batch)
     with torch.no_grad(), eval_mode(model):
         pred = model(x).argmax(1)
-    maps = compute_maps(model, x, pred, names)
+    maps = compute_maps(model, x, pred, names, explainer_kwargs)
     images = x.detach().cpu().numpy()
     boxes = batch["box_mask"][:, 0].cpu().numpy()
     if volumes:
