@@ -277,3 +277,30 @@ def test_torchrun_user_error_is_printed_once(tmp_path):
     assert res.returncode != 0
     lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("error: ")]
     assert lines == [f"error: {tmp_path / 'missing'}: dataset folder does not exist"], lines
+
+
+def test_a_resume_records_its_machine(tiny_data, tmp_path, monkeypatch):
+    # config.yaml's `environment` is the first start's: a run resumed on another machine,
+    # torch or thread count (which change the bits) left no trace of it
+    import json
+
+    import causalign.engine.trainer as trainer_module
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_mid_epoch(m, "erm", epoch=2, after_steps=1)
+        with pytest.raises(_Stop):
+            train(tiny_data, _cfg("erm", epochs=2), run, progress=False)
+    assert not (run / "resumes.json").exists()
+    real = trainer_module.environment
+    monkeypatch.setattr(trainer_module, "environment",
+                        lambda *a, **k: {**real(*a, **k), "platform": "the other machine"})
+    train(tiny_data, _cfg("erm", epochs=2), run, resume=True, progress=False)
+    records = json.loads((run / "resumes.json").read_text())
+    assert [r["from_epoch"] for r in records] == [1]
+    assert records[0]["environment"]["platform"] == "the other machine"
+    config = (run / "config.yaml").read_text()
+    assert "the other machine" not in config  # the first start's record is kept
+    # a finished run's --resume trains nothing and records nothing
+    train(tiny_data, _cfg("erm", epochs=2), run, resume=True, progress=False)
+    assert len(json.loads((run / "resumes.json").read_text())) == 1

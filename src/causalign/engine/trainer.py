@@ -48,6 +48,7 @@ from .provenance import content_digest, environment
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+RESUMES = "resumes.json"  # one record per --resume: when, from which epoch, on what machine
 # what `Trainer._save_state` writes and `_load_state` needs
 _CHECKPOINT_KEYS = ("epoch", "best_epoch", "best_score", "history", "model", "optimizer", "rng")
 
@@ -564,6 +565,8 @@ class Trainer:
                 # no epoch that would rewrite a deleted or stale file
                 self._write_history()
                 self._restore_best()
+                if not (self.out / "metrics.json").is_file():  # a finished run trains nothing
+                    self._record_resume()
         elif self.dist.is_main:
             resolved = {
                 "data": str(self.data.resolve()),
@@ -588,6 +591,23 @@ class Trainer:
                               + yaml.safe_dump(record, sort_keys=False))
             if self.method.checkpoint_after_setup:  # e.g. a freshly trained autoencoder
                 self._save_state()
+
+    def _record_resume(self) -> None:
+        """Append this resume's machine to OUT/resumes.json: config.yaml's `environment` is
+        the first start's, so a run resumed on another machine, torch or thread count (which
+        change the bits, README "Reproducibility") said nothing of it."""
+        path = self.out / RESUMES
+        try:
+            past = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+        except (OSError, ValueError):  # unreadable: kept beside, a fresh list is started
+            past = None
+        if not isinstance(past, list):
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+            past = []
+        past.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "from_epoch": self.state.epoch,
+                     "environment": environment(self.device, self.dist.world)})
+        atomic_write_json(path, past)
 
     def _save_state(self) -> None:
         ckpt = {
