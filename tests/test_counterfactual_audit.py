@@ -415,3 +415,30 @@ def test_multiclass_other_target_is_decided_at_the_logits_precision():
     assert target.tolist() == [2] and valid.tolist() == [True]
     half = torch.tensor([[0.0, 2.0, 1.0]], dtype=torch.float16)
     assert counterfactual_targets(torch.tensor([0]), 3, "other", half)[0].tolist() == [1]
+
+
+def test_latent_export_into_another_exports_folder_is_refused_before_training(
+        tiny_data, tmp_path, capsys, monkeypatch):
+    # Before: `counterfactual --space latent --out F` with F holding `explain`'s output
+    # trained its autoencoder (minutes on real data), saved it into F, then was refused.
+    import causalign.models.autoencoder as AE
+    from causalign.cli import main
+
+    run, out = tmp_path / "run", tmp_path / "shared"
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs",
+                 "1", "--set", "width=4", "--no-progress"]) == 0
+    assert main(["explain", str(run), "--saliency", "gradient", "--out", str(out), "--limit",
+                 "2", "--no-progress"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the autoencoder was trained for a refused folder")
+
+    monkeypatch.setattr(AE, "train_autoencoder", no_training)
+    capsys.readouterr()
+    rc = main(["counterfactual", str(run), "--space", "latent", "--distance", "l2", "--out",
+               str(out), "--limit", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "holds the output of `causalign explain`" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # no autoencoder.pt left in it

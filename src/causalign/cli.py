@@ -528,6 +528,7 @@ def counterfactual(
     from .engine.trainer import load_run
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
     from .explain.counterfactual_export import (
+        check_counterfactual_folder,
         export_counterfactuals,
         resolve_autoencoder,
         settings_for_run,
@@ -590,6 +591,9 @@ def counterfactual(
     with folder_lock(out, f"causalign counterfactual --out {out}"), _progress(progress) as bar:
         ae = None
         if settings.space == "latent":
+            # its autoencoder can take minutes to train: a folder the export refuses is
+            # refused first
+            check_counterfactual_folder(out, ds, limit)
             ae, settings.autoencoder = resolve_autoencoder(run, train_images, dev,
                                                            autoencoder, out, bar)
         summary = export_counterfactuals(model, method, ds, settings, out, limit=limit,

@@ -28,7 +28,7 @@ from ..data.format import LesionDataset
 from ..errors import CausalignError
 from ..io import atomic_save_npy, atomic_write_json, folder_lock, remove_temporaries
 from .counterfactual import CounterfactualGenerator, distance_scale, eval_mode
-from .export import OwnedFiles, display_slice
+from .export import OwnedFiles, display_slice, refuse_other_exports
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -80,6 +80,23 @@ def settings_for_run(method: Method, **overrides: Any) -> CounterfactualSettings
         if v is not None:
             setattr(s, k, v)
     return s
+
+
+COUNTERFACTUAL_MANIFEST = ".causalign-counterfactual.json"
+
+
+def counterfactual_files(dataset: LesionDataset, n: int) -> list[str]:
+    """The files an export of the first ``n`` samples writes into OUT."""
+    ids = [dataset.records[i].id for i in range(n)]
+    return ([f"cf/{i}.npy" for i in ids] + [f"triptychs/{i}.png" for i in ids]
+            + ["grid.png", "summary.json"])
+
+
+def check_counterfactual_folder(out: Path, dataset: LesionDataset, limit: int | None) -> None:
+    """Refuse OUT when it holds another export's files this one would overwrite, before any
+    work (the check `export_counterfactuals` makes when it starts writing)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    refuse_other_exports(out, COUNTERFACTUAL_MANIFEST, counterfactual_files(dataset, n))
 
 
 def explainer_options_for_run(run: Path, method: Method, data_path: Path,
@@ -363,10 +380,7 @@ def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDat
                                   smooth_sigma=settings.smooth_sigma, bounds=settings.bounds)
     if valid_range is None:
         valid_range = gen.bounds if gen.bounds is not None else (0.0, 1.0)
-    ids_n = [dataset.records[i].id for i in range(n)]
-    files = OwnedFiles(out, ".causalign-counterfactual.json",
-                       [f"cf/{i}.npy" for i in ids_n] + [f"triptychs/{i}.png" for i in ids_n]
-                       + ["grid.png", "summary.json"])
+    files = OwnedFiles(out, COUNTERFACTUAL_MANIFEST, counterfactual_files(dataset, n))
     (out / "cf").mkdir(parents=True, exist_ok=True)
     (out / "triptychs").mkdir(parents=True, exist_ok=True)
     records: list[dict] = []

@@ -48,20 +48,20 @@ class OwnedFiles:
         (out / "summary.json").unlink(missing_ok=True)
 
     def _refuse_other_exports(self) -> None:
-        """Another export command's files in OUT that this one would overwrite: `explain`
-        then `counterfactual` into one folder replaced explain's summary.json and grid.png
-        and left its maps beside a summary describing counterfactuals (and the reverse)."""
-        for other in sorted(self.out.glob(".causalign-*.json")):
-            if other.name == self.manifest.name or not other.is_file():
-                continue
-            clash = sorted(n for n in self._read(other) & self.planned
-                           if (self.out / n).exists())
-            if clash:
-                command = other.name[len(".causalign-"):-len(".json")]
-                raise CausalignError(
-                    f"{self.out}: holds the output of `causalign {command}` ({other.name}), "
-                    f"whose {' and '.join(clash[:3])} this export would overwrite; choose "
-                    f"another --out, or remove that output first")
+        refuse_other_exports(self.out, self.manifest.name, self.planned)
+
+    @staticmethod
+    def read_manifest(manifest: Path) -> set[str]:
+        """The plain relative names inside OUT that ``manifest`` lists (none if unreadable)."""
+        try:
+            names = json.loads(manifest.read_text())
+        except (OSError, ValueError):  # none yet, or not ours to interpret: remove nothing
+            return set()
+        if not isinstance(names, list):
+            return set()
+        # only plain relative names inside OUT (an edited manifest must not reach outside)
+        return {n for n in names if isinstance(n, str) and n
+                and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts}
 
     def _remove_temporaries(self) -> None:
         """``.NAME.<random>.tmp`` files that a SIGKILL during an atomic write of one of this
@@ -73,16 +73,8 @@ class OwnedFiles:
         for folder, names in by_folder.items():
             remove_temporaries(folder, names)
 
-    def _read(self, manifest: Path | None = None) -> set[str]:
-        try:
-            names = json.loads((manifest or self.manifest).read_text())
-        except (OSError, ValueError):  # none yet, or not ours to interpret: remove nothing
-            return set()
-        if not isinstance(names, list):
-            return set()
-        # only plain relative names inside OUT (an edited manifest must not reach outside)
-        return {n for n in names if isinstance(n, str) and n
-                and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts}
+    def _read(self) -> set[str]:
+        return self.read_manifest(self.manifest)
 
     def path(self, rel: str) -> Path:
         """OUT/rel, recorded as written by this run."""
@@ -94,6 +86,26 @@ class OwnedFiles:
         for rel in sorted((self.previous | self.planned) - self.written):
             (self.out / rel).unlink(missing_ok=True)
         atomic_write_json(self.manifest, sorted(self.written))
+
+
+def refuse_other_exports(out: Path, manifest: str, planned: Iterable[str]) -> None:
+    """Another export command's files in OUT that this one (its manifest name, the files it
+    plans) would overwrite: `explain` then `counterfactual` into one folder replaced
+    explain's summary.json and grid.png and left its maps beside a summary describing
+    counterfactuals (and the reverse). Callable before expensive preparation (a latent
+    search's autoencoder), which was trained first and then refused."""
+    planned = set(planned)
+    for other in sorted(Path(out).glob(".causalign-*.json")):
+        if other.name == manifest or not other.is_file():
+            continue
+        clash = sorted(n for n in OwnedFiles.read_manifest(other) & planned
+                       if (Path(out) / n).exists())
+        if clash:
+            command = other.name[len(".causalign-"):-len(".json")]
+            raise CausalignError(
+                f"{out}: holds the output of `causalign {command}` ({other.name}), "
+                f"whose {' and '.join(clash[:3])} this export would overwrite; choose "
+                f"another --out, or remove that output first")
 
 
 def display_slice(region: np.ndarray | None, depth: int) -> int:
