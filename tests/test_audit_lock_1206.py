@@ -327,3 +327,30 @@ def test_a_lock_file_removed_by_its_releaser_as_it_is_opened_is_not_held(tmp_pat
                 print("held")
         """), str(out / LOCK_NAME)], capture_output=True, text=True, check=True)
         assert probe.stdout.strip() == "held"
+
+
+def test_data_synth_and_import_into_a_folder_in_use_are_refused(tmp_path, capsys):
+    # before: two `data synth OUT` at once both passed the emptiness check (the other had
+    # not written yet) and wrote every file twice; two imports replayed one journal
+    out = tmp_path / "data"
+    synth = ["data", "synth", str(out), "--n-train", "8", "--n-val", "4", "--n-test", "4",
+             "--size", "32", "--no-examples", "--no-progress"]
+    with held_by_other_process(out) as holder:
+        assert main(synth) == 2
+        _one_line_naming(capsys, out, holder.pid)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    assert main(synth) == 0  # the dead holder's lock file is no "not empty" folder
+    assert (out / "manifest.csv").is_file() and not (out / LOCK_NAME).exists()
+    src = tmp_path / "src"
+    for label in ("benign", "malignant"):
+        (src / label).mkdir(parents=True)
+        for i in range(2):
+            png = sorted((out / "images").rglob("*.png"))[i]  # any PNG will do
+            (src / label / f"{i}.png").write_bytes(png.read_bytes())
+    imported = tmp_path / "imported"
+    with held_by_other_process(imported) as holder:
+        assert main(["data", "import", "folder", str(src), str(imported),
+                     "--no-progress"]) == 2
+        _one_line_naming(capsys, imported, holder.pid)
+    assert main(["data", "import", "folder", str(src), str(imported), "--no-progress"]) == 0
+    assert (imported / "manifest.csv").is_file() and not (imported / LOCK_NAME).exists()

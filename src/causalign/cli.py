@@ -69,13 +69,18 @@ def data_synth(
                       label_noise=label_noise,
                       causal_weights=parse_weights(weights) if weights else None)
     cfg.validate()
-    ensure_empty_or_missing(out, overwrite)
-    with _progress(progress) as bar:
-        generate(out, cfg, progress=bar)
-    if examples:
-        write_examples(out, out / "examples.png")
-    else:  # with --overwrite, an earlier examples.png would show the old samples
-        (out / "examples.png").unlink(missing_ok=True)
+    from .io import folder_lock
+
+    # one writer: the same synth launched twice (a job array) interleaved two writes of
+    # every file and both passed the emptiness check
+    with folder_lock(out, f"causalign data synth {out}"):
+        ensure_empty_or_missing(out, overwrite)
+        with _progress(progress) as bar:
+            generate(out, cfg, progress=bar)
+        if examples:
+            write_examples(out, out / "examples.png")
+        else:  # with --overwrite, an earlier examples.png would show the old samples
+            (out / "examples.png").unlink(missing_ok=True)
     typer.echo(f"wrote {n_train + n_val + n_test} samples to {out}")
 
 
@@ -223,8 +228,12 @@ def data_import(
     from contextlib import nullcontext
 
     from .data.importers import format_summary, run_import
+    from .io import folder_lock
 
-    with _progress() if progress else nullcontext() as bar:
+    # one writer: a second import into OUT (or a resume while the first still runs)
+    # replayed the same journal and wrote every file twice
+    with folder_lock(out, f"causalign data import {kind} {out}"), \
+            (_progress() if progress else nullcontext()) as bar:
         summary = run_import(kind, src, out, given, overwrite=overwrite, progress=bar)
     typer.echo(format_summary(summary))
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
-from ..io import atomic_write_text
+from ..io import LOCK_NAME, atomic_write_text
 
 MANIFEST = "manifest.csv"
 META = "dataset.yaml"
@@ -813,6 +813,7 @@ def dataset_summary(root: str | Path) -> dict:
 
 
 def ensure_empty_or_missing(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    """Refuse a non-empty ``path`` (but for the writer's own lock file) unless ``overwrite``."""
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()) and not overwrite:
         raise DataError(f"{path}: output folder exists and is not empty (use --overwrite)")
     os.makedirs(path, exist_ok=True)

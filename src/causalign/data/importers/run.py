@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
-from ...io import atomic_write_json
+from ...io import LOCK_NAME, atomic_write_json
 from ..format import MANIFEST, META, SPLITS, DatasetMeta, SampleRecord, load_array, write_manifest
 from ..synth import draw_symbol
 from .base import Importer, Sample, Skipped, build_options
@@ -150,7 +150,7 @@ def _check_out(out: Path, state: dict, overwrite: bool) -> dict[str, dict]:
         raise DataError(f"{out}: exists and is not a folder")
     if overwrite or not out.exists():
         return {}
-    if any(out.iterdir()) and not state_file.exists():
+    if any(p.name != LOCK_NAME for p in out.iterdir()) and not state_file.exists():
         raise DataError(f"{out}: output folder exists and is not empty (use --overwrite)")
     if not state_file.exists():
         return {}
