@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -160,9 +161,44 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
     if digest is not None:
         digest["sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is a pickle, and one received with a run folder (its
+        # .sha256 made alongside) ran any code it named when loaded. Only tensors, plain
+        # containers and the NumPy array of older checkpoints' RNG state are accepted.
+        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        what = re.search(r"GLOBAL (\S+)", str(exc))
+        raise CausalignError(
+            f"{path}: refused: the checkpoint holds a Python object other than tensors and "
+            f"plain data ({what.group(1) if what else 'unsupported type'}), which loading "
+            f"could execute; load only checkpoints written by causalign") from None
     except Exception as exc:
         raise CausalignError(f"{path}: cannot read checkpoint ({type(exc).__name__})") from None
+
+
+def _numpy_safe_globals() -> list:
+    """What a pickled NumPy array needs: older checkpoints kept NumPy's RNG state as one
+    (uint32 keys). Arrays are rebuilt from raw bytes, never by calling stored code."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+_NUMPY_SAFE_GLOBALS = _numpy_safe_globals()
+
+
+def _numpy_rng_to_tensor(state: tuple) -> tuple:
+    """NumPy's legacy RNG state with its uint32 key array as an int64 tensor."""
+    return (state[0], torch.from_numpy(np.asarray(state[1]).astype(np.int64)), *state[2:])
+
+
+def _numpy_rng_from_tensor(state: tuple) -> tuple:
+    """`_numpy_rng_to_tensor`'s inverse; a state holding an ndarray (older checkpoints) is
+    returned as it is."""
+    keys = state[1]
+    if isinstance(keys, Tensor):
+        keys = keys.cpu().numpy().astype(np.uint32)
+    return (state[0], keys, *state[2:])
 
 
 def init_weights(model: nn.Module, source: str | Path) -> None:
@@ -623,7 +659,9 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                # as a tensor: the checkpoint then holds no NumPy object, so plain
+                # torch.load (weights_only by default) reads it too
+                "numpy": _numpy_rng_to_tensor(np.random.get_state()),
                 "python": random.getstate(),
                 "sampler": self.generator.get_state(),
             },
@@ -693,7 +731,7 @@ class Trainer:
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         restore_cuda_rng(rng.get("cuda"))
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_rng_from_tensor(rng["numpy"]))
         random.setstate(rng["python"])
         self.generator.set_state(rng["sampler"].cpu())
         self.state = RunState(epoch=ckpt["epoch"], best_epoch=ckpt["best_epoch"],

@@ -1,0 +1,78 @@
+"""Untrusted files (audit 'sec', 2026-12-06): checkpoints, planted symlinks, crafted manifests
+and decompression bombs must end in one clear error, never run code or touch files outside."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from causalign.errors import CausalignError
+
+
+class _Payload:
+    """Unpickling this creates a folder: stands in for arbitrary code in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _plant_checkpoint(path: Path, obj: object) -> None:
+    """What an attacker ships: the pickle and a matching .sha256 beside it."""
+    torch.save(obj, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    Path(str(path) + ".sha256").write_text(digest + "\n")
+
+
+def test_malicious_checkpoint_runs_no_code(tmp_path: Path) -> None:
+    from causalign.engine.trainer import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "best.pt"
+    _plant_checkpoint(ckpt, {"epoch": 1, "model": {"w": torch.zeros(1)},
+                             "x": _Payload(marker)})
+    with pytest.raises(CausalignError, match="best.pt.*refused"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
+def test_own_checkpoint_state_loads_weights_only(tmp_path: Path) -> None:
+    """The trainer's checkpoint (RNG states included) loads under weights_only, and so does
+    one written before (NumPy's RNG state as an ndarray), so resume keeps working."""
+    import random
+
+    from causalign.engine.trainer import load_checkpoint
+
+    old = tmp_path / "old.pt"
+    _plant_checkpoint(old, {"rng": {"numpy": np.random.get_state(),
+                                    "python": random.getstate()}})
+    state = load_checkpoint(old)
+    np.random.set_state(state["rng"]["numpy"])
+    assert pickle.dumps(state)  # plain data
+
+
+def test_trainer_checkpoint_has_no_numpy_objects() -> None:
+    """The RNG state is stored as tensors: the checkpoint needs no allow-list at all."""
+    import io
+
+    from causalign.engine.trainer import _numpy_rng_from_tensor, _numpy_rng_to_tensor
+
+    np.random.seed(3)
+    state = np.random.get_state()
+    buf = io.BytesIO()
+    torch.save({"numpy": _numpy_rng_to_tensor(state)}, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)["numpy"]  # no safe_globals needed
+    np.random.set_state(_numpy_rng_from_tensor(back))
+    a = np.random.rand(3)
+    np.random.set_state(state)
+    np.testing.assert_array_equal(a, np.random.rand(3))
+
