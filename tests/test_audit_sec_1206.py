@@ -76,3 +76,20 @@ def test_trainer_checkpoint_has_no_numpy_objects() -> None:
     np.random.set_state(state)
     np.testing.assert_array_equal(a, np.random.rand(3))
 
+
+def test_planted_lock_symlink_leaves_its_target_alone(tmp_path: Path) -> None:
+    """RUN/.causalign.lock -> a user's file: the lock truncated the target, wrote its pid line
+    into it and deleted it on release (`train --resume` of a received run folder)."""
+    from causalign.io import check_folder_free, folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    (run / ".causalign.lock").symlink_to(victim)
+    with pytest.raises(CausalignError, match=r"\.causalign\.lock.*symbolic link"):
+        with folder_lock(run, "train"):
+            pass
+    check_folder_free(run)  # a read-only check: nothing to refuse, nothing touched
+    assert victim.read_text() == "precious\n"
+    assert (run / ".causalign.lock").is_symlink()

@@ -198,6 +198,7 @@ def atomic_savefig(fig: Figure, path: str | Path, **kwargs) -> None:
 # ----------------------------------------------------------------------- one writer per folder
 
 LOCK_NAME = ".causalign.lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform has none (Windows: no flock)
 # folders this process holds: lock file path -> [fd, depth, owning thread]. flock conflicts
 # between two open files of one process too, so a nested use (the CLI, then the trainer or an
 # export it calls, on the same folder) must reuse the lock rather than refuse itself.
@@ -241,7 +242,10 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    path = os.path.realpath(folder / LOCK_NAME)
+    # the folder resolved (a linked run folder is one folder), never the lock file itself:
+    # a link planted at its name (a received run folder) made the lock truncate, write and
+    # then delete the link's target
+    path = os.path.join(os.path.realpath(folder), LOCK_NAME)
     me = threading.get_ident()
     with _held_guard:
         entry = _held.get(path)
@@ -289,8 +293,12 @@ def _acquire(folder: Path, path: str) -> int | None:
     system cannot lock; `FolderInUse` when another process holds it."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
         except OSError:
+            if os.path.islink(path):  # ELOOP (O_NOFOLLOW): never write through it
+                raise CausalignError(
+                    f"{folder / LOCK_NAME}: is a symbolic link, not a lock file causalign "
+                    f"wrote; remove it (its target is left alone)") from None
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -313,7 +321,7 @@ def check_folder_free(folder: str | Path) -> None:
     """Raise `FolderInUse` when another process holds `folder_lock` on ``folder``; takes
     nothing (a check before work that reads the folder, e.g. whether it holds a run, so that
     the refusal names the other process rather than what its half-written state looks like)."""
-    path = os.path.realpath(Path(folder) / LOCK_NAME)
+    path = os.path.join(os.path.realpath(folder), LOCK_NAME)  # as `folder_lock`
     with _held_guard:
         entry = _held.get(path)
     if entry is not None:
@@ -323,8 +331,8 @@ def check_folder_free(folder: str | Path) -> None:
     if fcntl is None:
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no lock file (or unreadable): nobody holds it
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:  # no lock file (unreadable, a link): nobody holds it
         return
     try:  # shared: two checks at once do not refuse each other
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
