@@ -93,3 +93,41 @@ def test_planted_lock_symlink_leaves_its_target_alone(tmp_path: Path) -> None:
     check_folder_free(run)  # a read-only check: nothing to refuse, nothing touched
     assert victim.read_text() == "precious\n"
     assert (run / ".causalign.lock").is_symlink()
+
+
+def test_dataset_writer_replaces_planted_links(tmp_path: Path) -> None:
+    """`data synth OUT --overwrite` of a received folder: a link at a sample's file name had
+    its target overwritten by np.save / PIL; now the link itself is replaced."""
+    from causalign.data import DatasetMeta, DatasetWriter
+
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep")
+    out = tmp_path / "data"
+    w = DatasetWriter(out, DatasetMeta("t", ["a", "b"]))
+    (out / "images" / "s0.png").symlink_to(victim)
+    (out / "masks" / "s0.png").symlink_to(victim)
+    (out / "images" / "s1.npy").symlink_to(victim)
+    img = np.zeros((8, 8), np.float32)
+    w.add(img, label=0, split="train", mask=np.ones((8, 8)), sample_id="s0")
+    w.add(np.zeros((2, 8, 8), np.float32), label=1, split="train", sample_id="s1")
+    w.close()
+    assert victim.read_bytes() == b"keep"
+    for rel in ("images/s0.png", "masks/s0.png", "images/s1.npy"):
+        assert not (out / rel).is_symlink()
+    assert not [p for p in (out / "images").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_import_output_ignores_links_at_temporary_names(tmp_path: Path) -> None:
+    """The importers wrote `.NAME.tmp` by that fixed name: a link planted there (a resumed
+    import in a received folder) had its target overwritten before the rename."""
+    from causalign.data.importers.run import _save_npy, _save_png
+
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep")
+    (tmp_path / ".a.png.tmp").symlink_to(victim)
+    (tmp_path / ".b.npy.tmp").symlink_to(victim)
+    _save_png(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    _save_npy(tmp_path / "b.npy", np.zeros((4, 4), np.float32))
+    assert victim.read_bytes() == b"keep"
+    assert np.load(tmp_path / "b.npy").shape == (4, 4)
+

@@ -41,8 +41,18 @@ def _atomic_bytes(path: str | Path, data: bytes) -> None:
     _atomic_write(path, lambda fh: fh.write(data))
 
 
+def atomic_write_file(path: str | Path, write: Callable[[IO[bytes]], object],
+                      fsync: bool = True) -> None:
+    """``write(fh)`` into a new temporary file beside ``path`` (random name, created
+    exclusively), then rename it over ``path``: a symbolic link planted at ``path`` or at a
+    temporary's name is replaced, never written through. ``fsync=False`` for the many
+    small files of a dataset, which were never synced one by one."""
+    _atomic_write(path, write, fsync=fsync)
+
+
 def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
-                  before_replace: Callable[[], None] | None = None) -> None:
+                  before_replace: Callable[[], None] | None = None,
+                  fsync: bool = True) -> None:
     """``write(fh)`` into a temporary file beside ``path``, then rename it over ``path``;
     ``before_replace`` runs after the data is on disk and before the rename."""
     path = Path(path)
@@ -58,7 +68,8 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
-from ..io import LOCK_NAME, atomic_write_text
+from ..io import LOCK_NAME, atomic_write_file, atomic_write_text
 
 MANIFEST = "manifest.csv"
 META = "dataset.yaml"
@@ -219,9 +219,11 @@ def save_array(path: Path, array: np.ndarray, fmt: str | None, bits: int = 8) ->
     """Save an image/mask: PNG for 2D arrays (uint8/uint16 kept; other arrays, floats in
     [0, 1], → uint8, or uint16 with `bits` 16 — read back as value / 255 or / 65535)."""
     fmt = fmt or ("png" if array.ndim == 2 else "npy")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # through a temporary file renamed over `path`: np.save / PIL's save opened `path`
+    # itself, so a link left at a sample's name (`data synth --overwrite` of a received
+    # folder) had its target overwritten
     if fmt == "npy":
-        np.save(path, array)
+        atomic_write_file(path, lambda fh: np.save(fh, array), fsync=False)
         return
     from PIL import Image
 
@@ -230,7 +232,8 @@ def save_array(path: Path, array: np.ndarray, fmt: str | None, bits: int = 8) ->
             array = (np.clip(array, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
         else:
             array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    Image.fromarray(array).save(path)
+    atomic_write_file(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"),
+                      fsync=False)
 
 
 def write_manifest(root: str | Path, meta: DatasetMeta, rows: Iterable[SampleRecord]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
-from ...io import LOCK_NAME, atomic_write_json
+from ...io import LOCK_NAME, atomic_write_file, atomic_write_json
 from ..format import MANIFEST, META, SPLITS, DatasetMeta, SampleRecord, load_array, write_manifest
 from ..synth import draw_symbol
 from .base import Importer, Sample, Skipped, build_options
@@ -181,6 +181,11 @@ def _init_out(out: Path, state: dict, overwrite: bool) -> None:
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
+    for sub in ("images", "masks"):  # temporaries of a killed import (`_save_png`)
+        for entry in os.scandir(out / sub):
+            if (entry.name.startswith(".") and entry.name.endswith(".tmp")
+                    and entry.is_file(follow_symlinks=False)):
+                os.unlink(entry.path)
     atomic_write_json(out / STATE_DIR / "state.json", {**state, "complete": False})
 
 
@@ -309,19 +314,17 @@ def _write_sample(out: Path, s: Sample, meta: DatasetMeta, opts, png_bits: int =
             "attributes": [None if math.isnan(a) else float(a) for a in attrs]}
 
 
+# A fresh temporary (random name, created exclusively) renamed over the output: the fixed
+# name ".NAME.tmp" was opened as it was, so a link left there had its target overwritten.
 def _save_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write_file(path, lambda fh: Image.fromarray(arr).save(fh, format="PNG"),
+                      fsync=False)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
+    atomic_write_file(path, lambda fh: np.save(fh, arr), fsync=False)
 
 
 def _to_record(r: dict) -> SampleRecord:
