@@ -131,3 +131,46 @@ def test_import_output_ignores_links_at_temporary_names(tmp_path: Path) -> None:
     assert victim.read_bytes() == b"keep"
     assert np.load(tmp_path / "b.npy").shape == (4, 4)
 
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A PNG whose header declares w × h but holds one row of pixels (bytes, not GB)."""
+    import struct
+    import zlib
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * (w + 1))) + chunk(b"IEND", b""))
+
+
+def test_images_over_pils_pixel_limit_are_refused(tmp_path: Path, monkeypatch) -> None:
+    """PIL only warns between MAX_IMAGE_PIXELS and twice that, and decodes: a 657 KB PNG of
+    13000 x 13000 RGBA took 2.8 GB. Scaled down here: limit 1000 px, a 40 x 40 image."""
+    from PIL import Image
+
+    from causalign.data.format import load_array
+    from causalign.data.importers.util import SkipItem, read_image, read_mask
+    from causalign.errors import DataError
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"big\.png: refused as a possible decompression bomb"):
+        load_array(path)
+    with pytest.raises(SkipItem, match="image too large"):
+        read_image(path)
+    with pytest.raises(SkipItem, match="mask too large"):
+        read_mask(path)
+
+
+def test_huge_png_header_is_one_line(tmp_path: Path) -> None:
+    from causalign.data.format import load_array
+    from causalign.errors import DataError
+
+    path = tmp_path / "bomb.png"
+    _png_header_only(path, 60000, 60000)
+    with pytest.raises(DataError, match=r"bomb\.png: refused") as info:
+        load_array(path)
+    assert "\n" not in str(info.value)

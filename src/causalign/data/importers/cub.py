@@ -253,10 +253,10 @@ class CubImporter(Importer):
 
 def read_mask_threshold(path: Path) -> np.ndarray:
     """CUB segmentation: gray levels = share of annotators; ≥ 128 (majority) = foreground."""
-    from PIL import Image
+    from ..format import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # over PIL's pixel limit: DataError, caught below
             arr = np.asarray(im.convert("L"))
     except Exception as exc:
         raise SkipItem("unreadable segmentation", f"{path}: {type(exc).__name__}: {exc}"

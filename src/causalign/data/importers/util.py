@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
+from ..format import open_image
 
 # --------------------------------------------------------------------------- errors / libraries
 
@@ -191,7 +192,6 @@ def scan_intensity(paths: Iterable[Path]) -> IntensityScale:
     headers for 8-bit files (PIL opens lazily, NPY through a memory map) and the pixels of
     the others once (their maximum, or float range). Unreadable files are left to
     `read_image`, which reports them when the unit is processed."""
-    from PIL import Image
 
     int_top, lo, hi = -1.0, math.inf, -math.inf
     has_float = False
@@ -206,7 +206,7 @@ def scan_intensity(paths: Iterable[Path]) -> IntensityScale:
                     arr = arr[..., :3]  # as _npy_to_float: an alpha channel is dropped
                 arr = np.asarray(arr)
             else:
-                with Image.open(path) as im:  # reads the header only
+                with open_image(path) as im:  # reads the header only
                     if im.mode not in (*_PIL_INT_MODES, "F"):
                         continue
                     im.load()
@@ -263,10 +263,9 @@ def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None,
         except Exception as exc:
             raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
         return _npy_to_float(arr, mode, path, scale)
-    from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             _note_exif(im, note)
             if im.mode in _PIL_INT_MODES:
@@ -280,6 +279,8 @@ def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None,
             arr = np.asarray(im).astype(np.float32) / 255.0
     except SkipItem:
         raise
+    except DataError as exc:  # over PIL's pixel limit (`open_image`)
+        raise SkipItem("image too large", str(exc)) from None
     except Exception as exc:  # PIL raises many types for truncated/corrupt files
         raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
     return np.moveaxis(arr, -1, 0).copy() if arr.ndim == 3 else arr
@@ -334,13 +335,14 @@ def read_mask(path: Path, note: Callable[[str], None] | None = None) -> np.ndarr
         except Exception as exc:
             raise SkipItem("unreadable mask", f"{path}: {type(exc).__name__}: {exc}") from None
     else:
-        from PIL import Image
 
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.load()
                 _note_exif(im, note)
                 m = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I;16", "I") else im)
+        except DataError as exc:  # over PIL's pixel limit (`open_image`)
+            raise SkipItem("mask too large", str(exc)) from None
         except Exception as exc:
             raise SkipItem("unreadable mask", f"{path}: {type(exc).__name__}: {exc}") from None
     if m.ndim == 3:
