@@ -174,3 +174,33 @@ def test_huge_png_header_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bomb\.png: refused") as info:
         load_array(path)
     assert "\n" not in str(info.value)
+
+
+def test_nifti_header_over_voxel_limit_is_skipped_before_reading(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """A 1.1 KB .nii.gz declaring 1000^3 float32 took 28 s and 4.4 GB before it was found
+    damaged; the header's shape is now checked first (limit lowered for the test)."""
+    nib = pytest.importorskip("nibabel")
+    from causalign.data.importers import util
+    from causalign.data.importers.brats import load_volume
+
+    path = tmp_path / "s_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(path))
+    monkeypatch.setattr(util, "MAX_VOXELS", 500, raising=False)
+    with pytest.raises(util.SkipItem, match=r"NIfTI too large.*\(8, 8, 8\)"):
+        load_volume(nib, path)
+
+
+def test_dicom_header_over_voxel_limit_is_skipped_before_decoding(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from fixtures_real import write_dicom
+
+    from causalign.data.importers import util
+    from causalign.data.importers.dicom import read_pixels
+
+    path = tmp_path / "a.dcm"
+    write_dicom(path, np.zeros((8, 8), np.uint16), SOPInstanceUID="1.2.3.4")
+    monkeypatch.setattr(util, "MAX_VOXELS", 32, raising=False)
+    with pytest.raises(util.SkipItem, match=r"DICOM too large.*\(1, 8, 8, 1\)"):
+        read_pixels(pydicom, path)

@@ -51,6 +51,7 @@ from .util import (
     SkipItem,
     assign_splits,
     box_of_mask,
+    check_voxels,
     crop_square,
     percentile_normalise,
     read_csv,
@@ -150,7 +151,13 @@ def load_volume(nib: ModuleType, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A NIfTI volume in RAS orientation as float32 (x, y, z), and its voxel size in mm along
     x, y, z (the lengths of the reoriented affine's columns)."""
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors …
+        raise SkipItem("unreadable NIfTI", f"{path.name}: {type(exc).__name__}: {exc}"
+                       ) from None
+    check_voxels(img.shape, path, "NIfTI")  # the header, before any voxel is read
+    try:
+        img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
         spacing = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors …
@@ -218,7 +225,9 @@ class BratsImporter(Importer):
         subjects are split; truncated voxel data is still caught when processing."""
         for p in paths:
             try:
-                self.nib.load(str(p))
+                check_voxels(self.nib.load(str(p)).shape, p, "NIfTI")
+            except SkipItem as exc:
+                return exc.detail
             except Exception as exc:  # ImageFileError, gzip/zlib errors …
                 return f"{p.name}: {type(exc).__name__}: {exc}"
         return ""

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .util import SkipItem, require, walk
+from .util import SkipItem, check_voxels, require, walk
 
 
 def pydicom_module(kind: str) -> Any:
@@ -27,6 +27,12 @@ def read_pixels(pydicom: Any, path: Path) -> tuple[np.ndarray, Any]:
     as float32, and the dataset. MONOCHROME1 images are inverted so bright = dense."""
     try:
         ds = pydicom.dcmread(str(path))
+        shape = [_int_tag(ds, "NumberOfFrames"), _int_tag(ds, "Rows"), _int_tag(ds, "Columns"),
+                 _int_tag(ds, "SamplesPerPixel")]
+    except Exception as exc:
+        raise SkipItem("unreadable DICOM", f"{path}: {type(exc).__name__}: {exc}") from None
+    check_voxels(shape, path, "DICOM")  # before decoding (a compressed frame can be tiny)
+    try:
         arr = ds.pixel_array.astype(np.float32)
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
@@ -42,6 +48,13 @@ def read_pixels(pydicom: Any, path: Path) -> tuple[np.ndarray, Any]:
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = arr.max() - arr
     return arr, ds
+
+
+def _int_tag(ds: Any, name: str) -> int:
+    """A size tag as an int (1 when absent or empty)."""
+    value = ds.get(name)
+    value = getattr(value, "value", value)
+    return max(int(value), 1) if value not in (None, "") else 1
 
 
 def is_dicom_name(name: str) -> bool:
