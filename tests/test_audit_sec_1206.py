@@ -204,3 +204,42 @@ def test_dicom_header_over_voxel_limit_is_skipped_before_decoding(tmp_path: Path
     monkeypatch.setattr(util, "MAX_VOXELS", 32, raising=False)
     with pytest.raises(util.SkipItem, match=r"DICOM too large.*\(1, 8, 8, 1\)"):
         read_pixels(pydicom, path)
+
+
+@pytest.mark.parametrize("column,value", [("image", "../secret.png"),
+                                          ("image", "images/../../secret.png"),
+                                          ("mask", "/etc/hostname")])
+def test_manifest_paths_outside_the_dataset_are_refused(tmp_path: Path, column: str,
+                                                        value: str) -> None:
+    """A received dataset's manifest read any file it named (absolute, or '..' out of it)."""
+    from causalign.data import DatasetMeta, DatasetWriter
+    from causalign.data.format import MANIFEST, read_manifest
+    from causalign.errors import DataError
+
+    data = tmp_path / "data"
+    w = DatasetWriter(data, DatasetMeta("t", ["a", "b"]))
+    w.add(np.zeros((8, 8), np.float32), label=0, split="train", mask=np.ones((8, 8)))
+    w.close()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    text = (data / MANIFEST).read_text()
+    old = "images/000000.png" if column == "image" else "masks/000000.png"
+    (data / MANIFEST).write_text(text.replace(old, value))
+    with pytest.raises(DataError, match=rf"manifest.csv:2: {column} path .* is outside the "
+                                        rf"dataset folder"):
+        read_manifest(data)
+
+
+def test_manifest_paths_through_links_inside_the_dataset_still_work(tmp_path: Path) -> None:
+    """Datasets assembled from links (images/ -> shared storage) keep working."""
+    from causalign.data import DatasetMeta, DatasetWriter, LesionDataset
+
+    store = tmp_path / "store"
+    w = DatasetWriter(store, DatasetMeta("t", ["a", "b"]))
+    w.add(np.zeros((8, 8), np.float32), label=0, split="train")
+    w.close()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("dataset.yaml", "manifest.csv"):
+        (data / name).write_bytes((store / name).read_bytes())
+    (data / "images").symlink_to(store / "images")
+    assert len(LesionDataset(data, "train")) == 1

@@ -384,6 +384,9 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
     image = (row.get("image") or "").strip()
     if not image:
         raise DataError(f"{where}: no image path")
+    mask = (row.get("mask") or "").strip() or None
+    for what, rel in (("image", image), ("mask", mask)):
+        _check_inside(rel, what, where)
     attrs = []
     for a in meta.attributes:
         cell = (row.get(f"attr_{a}") or "").strip()
@@ -398,7 +401,7 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
         attrs.append(v)
     return SampleRecord(
         id=sid, split=split, label=label, site=(row.get("site") or "").strip() or "0",
-        image=image, mask=(row.get("mask") or "").strip() or None, box=box,
+        image=image, mask=mask, box=box,
         attributes=attrs,
     )
 
@@ -422,6 +425,20 @@ def open_image(path: Path) -> Iterator:
                             ) from None
     with im:
         yield im
+
+
+def _check_inside(rel: str | None, what: str, where: str) -> None:
+    """Manifest paths are relative to the dataset folder and stay inside it: an absolute
+    path or one climbing out with '..' (a received dataset naming ~/.ssh/… or
+    ../../other-study/…) is refused, so reading a dataset reads only its own folder. A
+    symbolic link inside the folder is followed wherever it points: that is how datasets are
+    assembled from shared storage, and its target is the resolved path in any message."""
+    if rel is None:
+        return
+    norm = os.path.normpath(rel.replace("\\", "/"))
+    if os.path.isabs(norm) or norm == ".." or norm.startswith("../"):
+        raise DataError(f"{where}: {what} path '{rel}' is outside the dataset folder "
+                        f"(paths must be relative to it, without leading '..')")
 
 
 def load_array(path: Path) -> np.ndarray:
