@@ -243,3 +243,17 @@ def test_manifest_paths_through_links_inside_the_dataset_still_work(tmp_path: Pa
         (data / name).write_bytes((store / name).read_bytes())
     (data / "images").symlink_to(store / "images")
     assert len(LesionDataset(data, "train")) == 1
+
+
+def test_report_escapes_a_crafted_run_status(tmp_path: Path) -> None:
+    """write_report(DIR) on a received benchmark folder: the run status went into the page
+    unescaped, so a results.json could put a script into report.html."""
+    import json
+
+    from causalign.report.html import write_report
+
+    (tmp_path / "results.json").write_text(json.dumps({"suite": "s", "runs": [
+        {"key": "k", "status": "x'><script>alert(1)</script>", "error": "e"}]}))
+    page = Path(write_report(tmp_path, progress=False)).read_text()
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(1)" in page

@@ -414,7 +414,10 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     if problems:
         parts.append("<h2>Runs not finished</h2><ul>")
         for r in problems:
-            parts.append(f"<li class='{r['status']}'>{html.escape(r['key'])}: {r['status']} — "
+            # escaped like every other field: results.json may come from elsewhere, and a
+            # status of "x'><script>…" ran in the browser opening report.html
+            status = html.escape(str(r["status"]))
+            parts.append(f"<li class='{status}'>{html.escape(str(r['key']))}: {status} — "
                          f"{html.escape(str(r.get('error') or r.get('reason')))}</li>")
         parts.append("</ul>")
     shown: set[str] = set()  # figure files the page embeds
