@@ -257,3 +257,26 @@ def test_report_escapes_a_crafted_run_status(tmp_path: Path) -> None:
     page = Path(write_report(tmp_path, progress=False)).read_text()
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(1)" in page
+
+
+def test_resumed_import_does_not_append_through_a_journal_link(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from causalign.data.importers import run_import
+    from causalign.errors import DataError
+
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(src / cls / f"{i}.png")
+    out = tmp_path / "out"
+    run_import("folder", src, out, {"size": 8})
+    victim = tmp_path / "victim.txt"
+    victim.write_text("")
+    journal = out / ".import" / "journal.jsonl"
+    journal.unlink()
+    journal.symlink_to(victim)
+    with pytest.raises(DataError, match=r"journal.jsonl: is a symbolic link"):
+        run_import("folder", src, out, {"size": 8})
+    assert victim.read_text() == ""

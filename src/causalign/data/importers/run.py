@@ -86,7 +86,7 @@ def run_import(
     notes: dict[str, dict[str, int]] = {}
     reused = 0
     task = progress.add_task(f"importing {kind}", total=len(units)) if progress else None
-    with open(journal_path, "a") as journal:
+    with _open_journal(journal_path) as journal:
         for unit in units:
             entry = done.get(unit.key)
             if entry is not None and _files_ok(out, entry["records"]):
@@ -128,6 +128,20 @@ def run_import(
 
 
 # ----------------------------------------------------------------------------- OUT folder
+
+
+def _open_journal(path: Path):
+    """The journal, opened to append without following a link at its name: a resumed
+    import in a folder from elsewhere appended its lines to whatever such a link named."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
+    except OSError as exc:
+        if path.is_symlink():
+            raise DataError(f"{path}: is a symbolic link, not an import journal; remove it "
+                            f"or use --overwrite") from None
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    return os.fdopen(fd, "a")
 
 
 def _check_overlap(src: Path, out: Path) -> None:
