@@ -168,10 +168,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         what = re.search(r"GLOBAL (\S+)", str(exc))
+        if what is None:  # not a pickle at all (garbage bytes): damaged, not hostile
+            raise CausalignError(f"{path}: cannot read checkpoint (UnpicklingError)") from None
         raise CausalignError(
             f"{path}: refused: the checkpoint holds a Python object other than tensors and "
-            f"plain data ({what.group(1) if what else 'unsupported type'}), which loading "
-            f"could execute; load only checkpoints written by causalign") from None
+            f"plain data ({what.group(1)}), which loading could execute; load only "
+            f"checkpoints written by causalign") from None
     except Exception as exc:
         raise CausalignError(f"{path}: cannot read checkpoint ({type(exc).__name__})") from None
 
