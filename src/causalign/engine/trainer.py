@@ -164,7 +164,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
         # weights_only: a checkpoint is a pickle, and one received with a run folder (its
         # .sha256 made alongside) ran any code it named when loaded. Only tensors, plain
         # containers and the NumPy array of older checkpoints' RNG state are accepted.
-        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+        with _safe_numpy():
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         what = re.search(r"GLOBAL (\S+)", str(exc))
@@ -187,6 +187,13 @@ def _numpy_safe_globals() -> list:
 
 
 _NUMPY_SAFE_GLOBALS = _numpy_safe_globals()
+
+
+def _safe_numpy():
+    """The allow-list as a context (torch >= 2.5); older torch reads tensors only, which is
+    all that checkpoints written since hold (`_numpy_rng_to_tensor`)."""
+    safe = getattr(torch.serialization, "safe_globals", None)
+    return safe(_NUMPY_SAFE_GLOBALS) if safe is not None else nullcontext()
 
 
 def _numpy_rng_to_tensor(state: tuple) -> tuple:
