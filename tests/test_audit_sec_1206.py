@@ -280,3 +280,22 @@ def test_resumed_import_does_not_append_through_a_journal_link(tmp_path: Path) -
     with pytest.raises(DataError, match=r"journal.jsonl: is a symbolic link"):
         run_import("folder", src, out, {"size": 8})
     assert victim.read_text() == ""
+
+
+def test_export_cleanup_does_not_delete_through_a_linked_subfolder(tmp_path: Path) -> None:
+    """An export folder from elsewhere: its file list names maps/notes.txt and maps/ links
+    to a folder of the user's; the next export's clean-up deleted that file."""
+    import json
+
+    from causalign.explain.export import OwnedFiles
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "maps").symlink_to(mine)
+    (out / ".causalign-explain.json").write_text(json.dumps(["maps/notes.txt"]))
+    files = OwnedFiles(out, ".causalign-explain.json", planned=[])
+    files.finish()
+    assert (mine / "notes.txt").read_text() == "keep"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -51,17 +52,22 @@ class OwnedFiles:
         refuse_other_exports(self.out, self.manifest.name, self.planned)
 
     @staticmethod
-    def read_manifest(manifest: Path) -> set[str]:
-        """The plain relative names inside OUT that ``manifest`` lists (none if unreadable)."""
+    def read_manifest(manifest: Path, out: Path) -> set[str]:
+        """The plain relative names inside ``out`` that ``manifest`` lists (none if
+        unreadable)."""
         try:
             names = json.loads(manifest.read_text())
         except (OSError, ValueError):  # none yet, or not ours to interpret: remove nothing
             return set()
         if not isinstance(names, list):
             return set()
-        # only plain relative names inside OUT (an edited manifest must not reach outside)
+        # only plain relative names inside OUT (an edited manifest must not reach outside),
+        # whose folder is OUT's own: through a linked subfolder (OUT/maps -> the user's
+        # folder, in an export folder from elsewhere) the clean-up deleted files there
+        root = os.path.realpath(out)
         return {n for n in names if isinstance(n, str) and n
-                and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts}
+                and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts
+                and _inside(os.path.realpath((out / n).parent), root)}
 
     def _remove_temporaries(self) -> None:
         """``.NAME.<random>.tmp`` files that a SIGKILL during an atomic write of one of this
@@ -74,7 +80,7 @@ class OwnedFiles:
             remove_temporaries(folder, names)
 
     def _read(self) -> set[str]:
-        return self.read_manifest(self.manifest)
+        return self.read_manifest(self.manifest, self.out)
 
     def path(self, rel: str) -> Path:
         """OUT/rel, recorded as written by this run."""
@@ -98,7 +104,7 @@ def refuse_other_exports(out: Path, manifest: str, planned: Iterable[str]) -> No
     for other in sorted(Path(out).glob(".causalign-*.json")):
         if other.name == manifest or not other.is_file():
             continue
-        clash = sorted(n for n in OwnedFiles.read_manifest(other) & planned
+        clash = sorted(n for n in OwnedFiles.read_manifest(other, Path(out)) & planned
                        if (Path(out) / n).exists())
         if clash:
             command = other.name[len(".causalign-"):-len(".json")]
@@ -106,6 +112,10 @@ def refuse_other_exports(out: Path, manifest: str, planned: Iterable[str]) -> No
                 f"{out}: holds the output of `causalign {command}` ({other.name}), "
                 f"whose {' and '.join(clash[:3])} this export would overwrite; choose "
                 f"another --out, or remove that output first")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def display_slice(region: np.ndarray | None, depth: int) -> int:
