@@ -208,7 +208,7 @@ def main() -> None:
                f"shortcut={shortcut}).")
     atomic_write_text(out / "faithfulness.md", markdown(summary, fractions, n_pixels, caption))
     curves(summary, fractions, out / "faithfulness_curves.png")
-    print((out / "faithfulness.md").read_text())
+    print((out / "faithfulness.md").read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

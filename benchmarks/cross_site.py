@@ -41,7 +41,7 @@ METHODS = ("erm", "ppi")
 
 def split_by_site(full: Path, work: Path, sites: int) -> list[Path]:
     """Per-site dataset folders sharing the full dataset's image files (symlinks)."""
-    with open(full / "manifest.csv", newline="") as fh:
+    with open(full / "manifest.csv", newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields, rows = reader.fieldnames, list(reader)
     out = []
@@ -54,7 +54,7 @@ def split_by_site(full: Path, work: Path, sites: int) -> list[Path]:
                 link = root / sub
                 if not link.exists():
                     link.symlink_to((full / sub).resolve(), target_is_directory=True)
-            with open(root / "manifest.csv", "w", newline="") as fh:
+            with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
                 writer = csv.DictWriter(fh, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(r for r in rows if r["site"] == str(k))

@@ -139,7 +139,8 @@ def main() -> None:
             "wall_seconds": {m: [r["wall_seconds"] for r in rs] for m, rs in results.items()},
             "best_epochs": {m: [r["best_epoch"] for r in rs] for m, rs in results.items()}}
     atomic_write_json(out / "ppi_vs_erm.json", meta)
-    synth = (yaml.safe_load((data / "dataset.yaml").read_text()).get("info") or {}).get("config")
+    meta_yaml = (data / "dataset.yaml").read_text(encoding="utf-8")
+    synth = (yaml.safe_load(meta_yaml).get("info") or {}).get("config")
     bench = (f"synthetic benchmark, shortcut {synth.get('shortcut')}" if isinstance(synth, dict)
              else f"dataset {data}")
     lines = [f"PPI (WBP, soft mask{', ' + str(sets) if sets else ''}) vs ERM, {bench}"

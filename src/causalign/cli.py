@@ -853,7 +853,7 @@ def benchmark(
         st = select(st, only_list, method_list, seed_list, dataset_list, setting_list)
     results = run_suite(st, out, extra=parse_set(set_ or []), progress=progress,
                         report=report, log=typer.echo)
-    typer.echo((out / "tables.md").read_text())
+    typer.echo((out / "tables.md").read_text(encoding="utf-8"))
     typer.echo(f"results: {out / 'results.csv'}" +
                (f"\nreport: {results['report']}" if results.get("report") else ""))
     _fail_on_failed_runs(results["runs"], out)
@@ -884,7 +884,8 @@ def demo(
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     report = run_demo(out, methods=names, seeds=seeds, epochs=epochs, progress=progress)
     typer.echo(report)
-    _fail_on_failed_runs(json.loads((out / "results.json").read_text())["runs"], out)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    _fail_on_failed_runs(results["runs"], out)
 
 
 def main(argv: list[str] | None = None) -> int:

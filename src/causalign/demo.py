@@ -52,7 +52,7 @@ def run_demo(out: str | Path, methods: list[str] | None = None, seeds: int = 1,
         from .cli import write_examples
 
         write_examples(data, examples)
-    tables = (out / "tables.md").read_text()
+    tables = (out / "tables.md").read_text(encoding="utf-8")
     elapsed = time.perf_counter() - t0
     # tables.md already notes every run that is not done (the demo has one experiment)
     summary = (f"{tables}\n"

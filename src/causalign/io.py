@@ -192,7 +192,7 @@ def _digests(path: Path) -> list[str]:
     found = []
     for suffix in (".sha256", ".sha256.pending"):
         try:
-            found.append(Path(str(path) + suffix).read_text().strip())
+            found.append(Path(str(path) + suffix).read_text(encoding="utf-8").strip())
         except FileNotFoundError:  # none, or renamed since: the other read has it
             pass
     return found

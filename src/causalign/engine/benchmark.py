@@ -511,7 +511,7 @@ def _history_seconds(run_dir: Path) -> float:
     if not (run_dir / CHECKPOINT).exists():  # no checkpoint: trained from scratch
         return 0.0
     try:
-        with open(run_dir / "history.csv", newline="") as fh:
+        with open(run_dir / "history.csv", newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except OSError:
         return 0.0
@@ -526,7 +526,7 @@ def _history_seconds(run_dir: Path) -> float:
 
 def _load_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

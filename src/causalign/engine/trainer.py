@@ -1300,7 +1300,7 @@ def _stored_history(run: Path) -> list[dict]:
     import csv
 
     try:
-        with open(run / "history.csv", newline="") as f:
+        with open(run / "history.csv", newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     except (OSError, csv.Error):
         return []

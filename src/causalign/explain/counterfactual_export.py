@@ -298,7 +298,7 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
     fingerprint = _images_fingerprint(train_images)
     if path is None and (out / "autoencoder.pt").exists():
         try:
-            recorded = json.loads(source.read_text()).get("train_images_sha256")
+            recorded = json.loads(source.read_text(encoding="utf-8")).get("train_images_sha256")
         except (OSError, ValueError, AttributeError):  # none, or not ours: train anew
             recorded = None
         if recorded == fingerprint:

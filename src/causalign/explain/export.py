@@ -56,7 +56,7 @@ class OwnedFiles:
         """The plain relative names inside ``out`` that ``manifest`` lists (none if
         unreadable)."""
         try:
-            names = json.loads(manifest.read_text())
+            names = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # none yet, or not ours to interpret: remove nothing
             return set()
         if not isinstance(names, list):

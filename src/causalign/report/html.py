@@ -305,7 +305,7 @@ def _cross_site_matrices(src: Path) -> dict[str, np.ndarray]:
     non-square "auc" used to end `causalign benchmark` with numpy's traceback and no
     report)."""
     try:
-        data = json.loads(src.read_text())
+        data = json.loads(src.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CausalignError(f"{src}: unreadable cross-site results ({exc})") from exc
     if not isinstance(data, dict):
@@ -393,7 +393,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
         # asked for by name: silently leaving the section out hid a mistyped path
         raise CausalignError(f"{cross_site}: cross-site results file not found")
     try:  # a truncated or hand-edited file: one line naming it, not a JSONDecodeError
-        results = json.loads(res_path.read_text())
+        results = json.loads(res_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise CausalignError(f"{res_path}: not valid JSON ({exc})") from exc
     if not isinstance(results, dict) or not isinstance(results.get("runs"), list):

@@ -141,7 +141,7 @@ def _open_journal(path: Path):
             raise DataError(f"{path}: is a symbolic link, not an import journal; remove it "
                             f"or use --overwrite") from None
         raise OSError(exc.errno, exc.strerror, str(path)) from None
-    return os.fdopen(fd, "a")
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def _check_overlap(src: Path, out: Path) -> None:
@@ -169,7 +169,7 @@ def _check_out(out: Path, state: dict, overwrite: bool) -> dict[str, dict]:
     if not state_file.exists():
         return {}
     try:
-        old = json.loads(state_file.read_text())
+        old = json.loads(state_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise DataError(f"{state_file}: unreadable import state (use --overwrite)") from None
     old_core = {k: old.get(k) for k in ("kind", "source", "options")}
@@ -222,7 +222,7 @@ def _read_journal(path: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if not path.exists():
         return done
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
             done[entry["unit"]] = entry
