@@ -77,3 +77,62 @@ def test_benchmark_prints_non_ascii_tables_under_a_non_utf8_locale(tmp_path):
     """, tmp_path, _ASCII_LOCALE)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "## Täble — one" in proc.stdout
+
+
+def _tiny_dataset(root: Path, ids: list[str]) -> Path:
+    import numpy as np
+
+    from causalign.data.format import DatasetMeta, DatasetWriter
+
+    w = DatasetWriter(root, DatasetMeta("toy", ["a", "b"], ["m"]))
+    for k, sid in enumerate(ids):
+        w.add(np.full((8, 8), k / 10, np.float32), label=k % 2, split="train",
+              mask=np.ones((8, 8), np.uint8), attributes=[1.0], sample_id=sid)
+    w.close()
+    return root
+
+
+def test_writer_refuses_ids_differing_only_in_case(tmp_path):
+    import pytest
+
+    from causalign.errors import DataError
+
+    # images/A.png and images/a.png are one file on macOS/Windows: the second sample
+    # silently replaced the first's image and mask there
+    with pytest.raises(DataError, match="differs only in case"):
+        _tiny_dataset(tmp_path / "d", ["A", "a"])
+
+
+def test_manifest_refuses_ids_differing_only_in_case(tmp_path):
+    import pytest
+
+    from causalign.data.format import MANIFEST, read_manifest
+    from causalign.errors import DataError
+
+    root = _tiny_dataset(tmp_path / "d", ["Case1", "x"])
+    path = root / MANIFEST
+    rows = path.read_text(encoding="utf-8").splitlines()
+    # a second sample 'case1' with its own image: per-sample outputs (maps/case1.npy,
+    # cf/case1.npy) overwrite Case1's on a case-insensitive file system
+    rows.append(rows[2].replace("x,", "case1,", 1))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"'case1' differs only in case from id 'Case1' on line 2"):
+        read_manifest(root)
+
+
+def test_manifest_paths_with_backslashes_read_on_posix(tmp_path):
+    import torch
+
+    from causalign.data.format import MANIFEST, LesionDataset
+
+    root = _tiny_dataset(tmp_path / "d", ["s0", "s1"])
+    path = root / MANIFEST
+    text = path.read_text(encoding="utf-8")
+    # as written on Windows: images\s0.png, masks\s0.png
+    path.write_text(text.replace("images/", "images\\").replace("masks/", "masks\\"),
+                    encoding="utf-8")
+    ds = LesionDataset(root, "train")
+    assert len(ds) == 2 and ds.records[1].image == "images/s1.png"
+    assert torch.allclose(ds.batch(torch.tensor([1]))["image"], torch.full((1, 1, 8, 8), 0.1),
+                          atol=1 / 255)
+    assert bool(ds.has_mask.all())

@@ -11,7 +11,9 @@ A dataset is a folder::
 manifest.csv columns: ``id, split, label, site, image, mask, box_x0, box_y0, box_x1, box_y1``
 and one ``attr_<name>`` column per attribute listed in dataset.yaml. ``mask`` and the box
 columns may be empty (sample without annotation); attribute cells may be empty (missing
-annotation → NaN). Boxes are pixel coordinates, x1/y1 exclusive. Paths are relative to DATA.
+annotation → NaN). Boxes are pixel coordinates, x1/y1 exclusive. Paths are relative to DATA;
+a backslash in them is a folder separator on every OS (a manifest written on Windows).
+Ids name per-sample files, so two may not differ only in case (one file on macOS/Windows).
 
 Volumes (``ndim: 3``) may add the optional columns ``box_z0, box_z1``: the box's slice range,
 z1 exclusive, so a 3D box is the six numbers (x0, y0, x1, y1, z0, z1) (`SampleRecord.box`).
@@ -153,7 +155,7 @@ class DatasetWriter:
         # levels (8 bits keep 256). uint8/uint16 arrays are stored as they are.
         self.png_bits = png_bits
         self.rows: list[SampleRecord] = []
-        self._ids: set[str] = set()
+        self._ids: dict[str, str] = {}  # casefolded id -> id
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         (self.root / "masks").mkdir(parents=True, exist_ok=True)
 
@@ -173,8 +175,13 @@ class DatasetWriter:
         # sample's image, and a bad split/label would only fail when the dataset is read
         if not sid or sid in (".", "..") or "/" in sid or "\\" in sid:
             raise DataError(f"sample id '{sid}' is not usable as a file name")
-        if sid in self._ids:
+        if sid in self._ids.values():
             raise DataError(f"sample id '{sid}' added twice")
+        if sid.casefold() in self._ids:
+            # images/A.png and images/a.png are one file on macOS and Windows: the second
+            # sample silently replaced the first's image and mask there
+            raise DataError(f"sample id '{sid}' differs only in case from "
+                            f"'{self._ids[sid.casefold()]}' (one file name on macOS/Windows)")
         if split not in SPLITS:
             raise DataError(f"sample {sid}: split '{split}' is not one of {', '.join(SPLITS)}")
         if not 0 <= int(label) < len(self.meta.classes):
@@ -210,7 +217,7 @@ class DatasetWriter:
             box=box, attributes=[float(a) for a in attrs],
         )
         self.rows.append(rec)
-        self._ids.add(sid)
+        self._ids[sid.casefold()] = sid
         return rec
 
     def close(self) -> None:
@@ -317,6 +324,7 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
                 raise DataError(f"{path}: column(s) {', '.join(dup)} appear more than once")
             records = []
             first_line: dict[str, int] = {}
+            folded: dict[str, str] = {}  # casefolded id -> id
             for cells in reader:
                 lineno = reader.line_num
                 if not any(c.strip() for c in cells):
@@ -335,7 +343,15 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
                 if rec.id in first_line:
                     raise DataError(f"{where}: id '{rec.id}' already used on line "
                                     f"{first_line[rec.id]}")
+                # …and so would one differing only in case on macOS and Windows, whose file
+                # systems ignore case (maps/A.npy and maps/a.npy are one file)
+                other = folded.get(rec.id.casefold())
+                if other is not None:
+                    raise DataError(f"{where}: id '{rec.id}' differs only in case from id "
+                                    f"'{other}' on line {first_line[other]} (one file name "
+                                    f"on macOS/Windows; rename one)")
                 first_line[rec.id] = lineno
+                folded[rec.id.casefold()] = rec.id
                 records.append(rec)
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
@@ -381,10 +397,12 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
             raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
         if len(box) == 6 and box[5] <= box[4]:
             raise DataError(f"{where}: empty box slice range {box[4:]} (need z1 > z0)")
-    image = (row.get("image") or "").strip()
+    # a manifest written on Windows (by hand, or str() of a WindowsPath) separates folders
+    # with backslashes: on Linux/macOS 'images\\a.png' named a missing file
+    image = (row.get("image") or "").strip().replace("\\", "/")
     if not image:
         raise DataError(f"{where}: no image path")
-    mask = (row.get("mask") or "").strip() or None
+    mask = (row.get("mask") or "").strip().replace("\\", "/") or None
     for what, rel in (("image", image), ("mask", mask)):
         _check_inside(rel, what, where)
     attrs = []
