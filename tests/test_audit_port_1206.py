@@ -136,3 +136,93 @@ def test_manifest_paths_with_backslashes_read_on_posix(tmp_path):
     assert torch.allclose(ds.batch(torch.tensor([1]))["image"], torch.full((1, 1, 8, 8), 0.1),
                           atol=1 / 255)
     assert bool(ds.has_mask.all())
+
+
+# ------------------------------------------------------------------ folder lock without fcntl
+
+
+def test_import_and_folder_lock_without_fcntl_or_msvcrt(tmp_path):
+    # neither POSIX nor Windows locking: the package imports and the lock degrades to none
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['fcntl'] = None\nsys.modules['msvcrt'] = None\n",
+        encoding="utf-8")
+    proc = _run("""
+        import causalign, causalign.cli
+        from causalign import io
+        assert io.fcntl is None and getattr(io, "msvcrt", None) is None
+        with io.folder_lock("OUT", "causalign train"):
+            io.check_folder_free("OUT")
+            print("ran unlocked")
+    """, tmp_path, path=[str(stub)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ran unlocked" in proc.stdout
+
+
+class _FakeMsvcrt:
+    """msvcrt.locking's contract, on POSIX record locks: an exclusive lock of `n` bytes
+    from the current position, OSError(EACCES) at once when another process holds it."""
+
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def locking(self, fd: int, mode: int, n: int) -> None:
+        import errno
+        import fcntl
+
+        self.calls.append(mode)
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        op = fcntl.LOCK_UN if mode == self.LK_UNLCK else fcntl.LOCK_EX | fcntl.LOCK_NB
+        try:
+            fcntl.lockf(fd, op, n, pos, os.SEEK_SET)
+        except OSError as exc:
+            raise OSError(errno.EACCES, "Permission denied") from exc
+
+
+# a Windows process holding the folder lock: the byte `_MSVCRT_LOCK_OFFSET` locked, its note
+# at the start of the file (plain Python, no torch: it starts at once)
+_WIN_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1 << 20, os.SEEK_SET)
+os.write(fd, b"pid 4242 on winbox, `causalign train`")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_folder_lock_on_windows_uses_msvcrt(tmp_path, monkeypatch):
+    import pytest
+
+    from causalign import io as cio
+
+    fake = _FakeMsvcrt()
+    monkeypatch.setattr(cio, "fcntl", None)
+    monkeypatch.setattr(cio, "msvcrt", fake, raising=False)
+    folder = tmp_path / "run"
+    # alone: locked (note written, byte lock taken), released, the folder it created removed
+    with cio.folder_lock(folder, "causalign train"):
+        note = (folder / cio.LOCK_NAME).read_text(encoding="utf-8")
+        assert note.startswith(f"pid {os.getpid()} ")
+    assert fake.calls == [fake.LK_NBLCK, fake.LK_UNLCK]
+    assert not folder.exists()
+    # held by another process: refused at once, naming it (its note is readable past the
+    # locked byte); before the fix the folder was simply written by both
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _WIN_HOLDER, str(folder / cio.LOCK_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(cio.FolderInUse, match="winbox"):
+            cio.check_folder_free(folder)
+        with pytest.raises(cio.FolderInUse, match=r"another causalign process \(pid 4242"):
+            with cio.folder_lock(folder, "causalign train"):
+                pass
+    finally:
+        holder.communicate("", timeout=10)
+    with cio.folder_lock(folder, "causalign train"):  # its holder gone: free again
+        pass
+    assert folder.is_dir() and not (folder / cio.LOCK_NAME).exists()

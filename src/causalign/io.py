@@ -25,10 +25,16 @@ from .errors import CausalignError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-try:  # POSIX; elsewhere folders are not locked (as before)
+try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+msvcrt: Any = None
+if fcntl is None:
+    try:  # Windows: a byte-range lock (see `_lock`)
+        import msvcrt
+    except ImportError:  # pragma: no cover - neither: folders are not locked
+        msvcrt = None
 
 
 def _current_umask() -> int:
@@ -242,14 +248,15 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
     its outputs. The lock file is removed on release, with the folder when it was created
     here and is left empty (a command that failed early leaves nothing). The kernel drops
     the lock when its holder dies, even by SIGKILL, so the lock file that leaves blocks
-    nobody. Re-entrant in the owning thread. Where locks are unsupported (Windows, a file
-    system without flock) or the lock file cannot be created (a read-only folder: the
-    writes themselves will say so), the block runs unlocked, as before."""
+    nobody. Re-entrant in the owning thread. On Windows (no fcntl) an msvcrt byte-range lock
+    does the same. Where locks are unsupported (a file system without them) or the lock
+    file cannot be created (a read-only folder: the writes themselves will say so), the
+    block runs unlocked, as before."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CausalignError(f"{folder}: exists and is not a folder")
     created = not folder.exists()
-    if fcntl is None:
+    if not _locking():
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -289,14 +296,64 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
     finally:
         with _held_guard:
             del _held[path]
+        removed = False
         try:  # removed while still locked: whoever opened it meanwhile is refused, and
             os.unlink(path)  # `_acquire` skips a file unlinked after it opened it
+            removed = True
             if created:
                 os.rmdir(folder)  # only if empty: a failed command leaves no folder
         except OSError:
             pass
         finally:
-            os.close(fd)  # releases the lock
+            _unlock_and_close(fd)  # releases the lock
+        if not removed:  # Windows: an open file cannot be removed; closed, it can
+            try:
+                os.unlink(path)
+                if created:
+                    os.rmdir(folder)
+            except OSError:  # another process took it meanwhile (and holds it open)
+                pass
+
+
+# Windows' locks are mandatory byte-range locks: the byte locked lies far beyond the holder's
+# note (pid, host, command), which the refused process must still be able to read.
+_MSVCRT_LOCK_OFFSET = 1 << 20
+
+
+def _locking() -> bool:
+    return fcntl is not None or msvcrt is not None
+
+
+def _lock(fd: int, shared: bool = False) -> None:
+    """Lock ``fd`` without waiting (OSError when held elsewhere): flock where there is
+    fcntl (shared for a check), else msvcrt's exclusive byte lock (Windows has no shared
+    one: two checks at the same instant may refuse each other, once)."""
+    if fcntl is not None:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return
+    os.lseek(fd, _MSVCRT_LOCK_OFFSET, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _unlock_and_close(fd: int) -> None:
+    if fcntl is None and msvcrt is not None:
+        try:  # closing releases it too, but Windows may do so only later
+            os.lseek(fd, _MSVCRT_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        except OSError:
+            pass
+    os.close(fd)
+
+
+def _busy(exc: OSError) -> bool:
+    """Whether a failed `_lock` means another holder (not a file system without locks)."""
+    codes = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
+    if fcntl is None:  # msvcrt.locking: EACCES, or EDEADLOCK after its retries
+        codes.add(getattr(errno, "EDEADLOCK", errno.EDEADLK))
+    return exc.errno in codes
 
 
 def _acquire(folder: Path, path: str) -> int | None:
@@ -312,10 +369,10 @@ def _acquire(folder: Path, path: str) -> int | None:
                     f"wrote; remove it (its target is left alone)") from None
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if _busy(exc):
                 raise _in_use(folder, path, "another causalign process") from None
             return None  # ENOLCK, EOPNOTSUPP...
         try:
@@ -325,7 +382,8 @@ def _acquire(folder: Path, path: str) -> int | None:
         if same:
             os.ftruncate(fd, 0)  # a stale file of a killed holder names it still
             return fd
-        os.close(fd)  # its holder released and removed it as we opened it: take the new one
+        # its holder released and removed it as we opened it: take the new one
+        _unlock_and_close(fd)
 
 
 def check_folder_free(folder: str | Path) -> None:
@@ -339,16 +397,21 @@ def check_folder_free(folder: str | Path) -> None:
         if entry[2] != threading.get_ident():
             raise _in_use(folder, path, "another thread of this process")
         return
-    if fcntl is None:
+    if not _locking():
         return
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    try:  # msvcrt.locking needs a handle open for writing
+        fd = os.open(path, (os.O_RDONLY if fcntl is not None else os.O_RDWR) | _NOFOLLOW)
     except OSError:  # no lock file (unreadable, a link): nobody holds it
         return
+    locked = False
     try:  # shared: two checks at once do not refuse each other
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _lock(fd, shared=True)
+        locked = True
     except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        if _busy(exc):
             raise _in_use(Path(folder), path, "another causalign process") from None
     finally:
-        os.close(fd)
+        if locked:
+            _unlock_and_close(fd)
+        else:
+            os.close(fd)
