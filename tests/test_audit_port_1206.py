@@ -226,3 +226,17 @@ def test_folder_lock_on_windows_uses_msvcrt(tmp_path, monkeypatch):
     with cio.folder_lock(folder, "causalign train"):  # its holder gone: free again
         pass
     assert folder.is_dir() and not (folder / cio.LOCK_NAME).exists()
+
+
+def test_folder_lock_in_a_folder_named_with_non_utf8_bytes(tmp_path):
+    import pytest
+
+    from causalign import io as cio
+
+    if sys.platform in ("win32", "darwin"):
+        pytest.skip("file names there are always Unicode")
+    # b'R\xfcN' (Latin-1), as a shell passes it: Python decodes it to 'R\udcfcN'
+    folder = tmp_path / os.fsdecode(b"R\xfcN")
+    with cio.folder_lock(folder, f"causalign train --out {folder}"):
+        note = (folder / cio.LOCK_NAME).read_bytes()
+    assert b"R\\udcfcN" in note and not folder.exists()

@@ -285,7 +285,9 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     info = f"pid {os.getpid()} on {socket.gethostname()}, `{command}` since {stamp}"
     try:
-        os.write(fd, info.encode("utf-8"))
+        # backslashreplace: a folder name that is not UTF-8 (legacy bytes, decoded by Python
+        # to lone surrogates) made .encode raise, a traceback before any work
+        os.write(fd, info.encode("utf-8", "backslashreplace"))
     except OSError:  # a full disk: the lock holds all the same
         pass
     entry = [fd, 1, me]
