@@ -240,3 +240,29 @@ def test_folder_lock_in_a_folder_named_with_non_utf8_bytes(tmp_path):
     with cio.folder_lock(folder, f"causalign train --out {folder}"):
         note = (folder / cio.LOCK_NAME).read_bytes()
     assert b"R\\udcfcN" in note and not folder.exists()
+
+
+def test_atomic_save_retries_a_replace_windows_refuses_while_the_file_is_read(tmp_path,
+                                                                              monkeypatch):
+    from causalign import io as cio
+
+    # Windows: replacing checkpoint.pt fails while `evaluate` (another process) has it open;
+    # training died with PermissionError at its next checkpoint
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) <= 2:
+            raise PermissionError(13, "Access is denied", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(cio.os, "replace", replace)
+    monkeypatch.setattr(cio.time, "sleep", lambda s: None)
+    digest = cio.atomic_torch_save(tmp_path / "checkpoint.pt", {"epoch": 3})
+    assert calls == ["checkpoint.pt.sha256.pending", "checkpoint.pt.sha256.pending",
+                     "checkpoint.pt.sha256.pending", "checkpoint.pt", "checkpoint.pt.sha256"]
+    assert cio.verified_bytes(tmp_path / "checkpoint.pt") is not None
+    assert (tmp_path / "checkpoint.pt.sha256").read_text(encoding="utf-8").strip() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt",
+                                                           "checkpoint.pt.sha256"]

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -41,6 +42,24 @@ def _current_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; restored at once
     os.umask(mask)
     return mask
+
+
+# Windows refuses to replace a file another process has open (Python opens files without
+# FILE_SHARE_DELETE): `evaluate` reading checkpoint.pt while the run trains, an indexer or a
+# virus scanner. A short retry rides out such reads; POSIX replaces at once.
+_REPLACE_RETRIES = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def replace(src: str | Path, dst: str | Path) -> None:
+    """`os.replace`, retried on Windows while ``dst`` is briefly held open elsewhere."""
+    for wait in (*_REPLACE_RETRIES, None) if sys.platform == "win32" else (None,):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if wait is None or Path(dst).is_dir():
+                raise
+            time.sleep(wait)
 
 
 def _atomic_bytes(path: str | Path, data: bytes) -> None:
@@ -78,7 +97,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
                 os.fsync(fh.fileno())
         if before_replace is not None:
             before_replace()
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -148,7 +167,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> str:
     pending = Path(str(path) + ".sha256.pending")
     _atomic_write(path, lambda fh: torch.save(obj, _HashingWriter(fh, hasher)),
                   before_replace=lambda: atomic_write_text(pending, hasher.hexdigest() + "\n"))
-    os.replace(pending, sha)
+    replace(pending, sha)
     return hasher.hexdigest()
 
 
