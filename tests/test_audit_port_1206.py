@@ -266,3 +266,23 @@ def test_atomic_save_retries_a_replace_windows_refuses_while_the_file_is_read(tm
     assert (tmp_path / "checkpoint.pt.sha256").read_text(encoding="utf-8").strip() == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt",
                                                            "checkpoint.pt.sha256"]
+
+
+def test_benchmark_run_folders_of_labels_differing_only_in_case_differ(tmp_path):
+    from causalign.engine.benchmark import load_suite, plan
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(textwrap.dedent("""
+        name: s
+        datasets:
+          pm: {synth: {n_train: 8, n_val: 4, n_test: 4, size: 32}}
+        experiments:
+          t:
+            datasets: [pm]
+            methods: [{name: erm, label: ERM}, {name: erm, label: erm, set: {lr: 0.01}}]
+            seeds: [0]
+    """), encoding="utf-8")
+    keys = [s.key for s in plan(load_suite(str(suite)))]
+    # runs/pm/ERM/seed0 and runs/pm/erm/seed0 are one folder on macOS/Windows: the second
+    # run found the first's results there
+    assert len(keys) == 2 and len({k.casefold() for k in keys}) == 2, keys

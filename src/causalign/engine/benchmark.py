@@ -382,6 +382,8 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
     registered = set(method_names())
     runs: dict[str, RunSpec] = {}
     by_hash: dict[str, str] = {}
+    # keys are folders: labels 'ERM' and 'erm' gave two runs one folder on macOS/Windows
+    folded: set[str] = set()
     # a selection's runs take the folders the whole suite gives them (Suite.full)
     full_keys = {s.config_hash: s.key for s in plan(suite.full, extra)} if suite.full else {}
     for e in suite.experiments:
@@ -417,7 +419,7 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                             continue
                         name = _slug(m.label) + ("" if sname == "default" else f"@{_slug(sname)}")
                         key = full_keys.get(h) or f"{_slug(d)}/{name}/seed{seed}"
-                        if key in runs:
+                        if key.casefold() in folded:
                             key = f"{_slug(d)}/{name}-{h[:6]}/seed{seed}"
                         skip = None
                         if m.name not in registered:
@@ -427,6 +429,7 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                                        skip_reason=skip, error=None if skip else err,
                                        roles={e.name: [(m.label, sname)]})
                         runs[key] = spec
+                        folded.add(key.casefold())
                         by_hash[h] = key
     return list(runs.values())
 
