@@ -286,3 +286,24 @@ def test_benchmark_run_folders_of_labels_differing_only_in_case_differ(tmp_path)
     # runs/pm/ERM/seed0 and runs/pm/erm/seed0 are one folder on macOS/Windows: the second
     # run found the first's results there
     assert len(keys) == 2 and len({k.casefold() for k in keys}) == 2, keys
+
+
+def test_mps_is_refused_saying_why_and_what_to_use():
+    import pytest
+    import torch
+
+    from causalign.engine.config import TrainConfig, apply_overrides
+    from causalign.engine.trainer import resolve_device
+    from causalign.errors import CausalignError
+
+    # a Mac user's `--device mps` / `--set device=mps` read like a typo ("must be auto, cpu
+    # or cuda[:k]"); auto never picks MPS, so it runs on the CPU
+    why = r"Apple MPS is not supported .* use cpu, which auto picks"
+    with pytest.raises(CausalignError, match=why):
+        resolve_device("mps")
+    with pytest.raises(CausalignError, match=why):
+        resolve_device(torch.device("mps"))
+    with pytest.raises(CausalignError, match=why):
+        apply_overrides(TrainConfig(), {"device": "mps"})
+    with pytest.raises(CausalignError, match=r"got 'tpu'$"):
+        resolve_device("tpu")

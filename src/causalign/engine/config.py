@@ -28,6 +28,14 @@ _INT64_MAX = 2**63 - 1  # tensor sizes, loop bounds
 _SEED_MAX = 2**64 - 1  # torch.manual_seed's range (uint64)
 
 
+def mps_note(name: str) -> str:
+    """Why Apple's MPS is refused, for the error naming it: 'mps' read as a typo."""
+    if not name.startswith("mps"):
+        return ""
+    return ("; Apple MPS is not supported (untested, and it has no float64, which parts of "
+            "causalign compute in): on a Mac use cpu, which auto picks")
+
+
 @dataclass
 class TrainConfig:
     method: str = "erm"
@@ -119,7 +127,8 @@ class TrainConfig:
             raise ConfigError(f"unknown eval_saliency '{self.eval_saliency}'; valid: "
                               f"{', '.join(explainer_names())}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda[:k], got '{self.device}'")
+            raise ConfigError(f"device must be auto, cpu or cuda[:k], got '{self.device}'"
+                              + mps_note(self.device))
         if self.augment not in ("none", "dihedral"):
             raise ConfigError(f"augment must be none or dihedral, got '{self.augment}'")
         if self.scheduler not in ("cosine", "none"):

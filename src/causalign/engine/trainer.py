@@ -42,7 +42,7 @@ from ..io import (
 from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
 from ..models.backbones import BACKBONES
 from . import distributed as D
-from .config import TrainConfig, apply_overrides
+from .config import TrainConfig, apply_overrides, mps_note
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
 from .progress import progress_bar
 from .provenance import content_digest, environment
@@ -66,7 +66,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if name != "cpu" and match is None:
-        raise CausalignError(f"device must be auto, cpu or cuda[:k], got '{name}'")
+        raise CausalignError(f"device must be auto, cpu or cuda[:k], got '{name}'"
+                             + mps_note(name))
     if match is not None:
         if not torch.cuda.is_available():
             raise CausalignError(f"device '{name}' requested but CUDA is not available")
