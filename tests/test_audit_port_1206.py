@@ -307,3 +307,21 @@ def test_mps_is_refused_saying_why_and_what_to_use():
         apply_overrides(TrainConfig(), {"device": "mps"})
     with pytest.raises(CausalignError, match=r"got 'tpu'$"):
         resolve_device("tpu")
+
+
+def test_help_redirected_to_a_cp1252_file_does_not_crash(monkeypatch):
+    import io
+
+    from causalign.cli import main
+
+    # Windows: stdout redirected to a file or pipe is cp1252, errors 'strict'; the help's
+    # '→' (demo: "benchmark → train each method → tables") ended `causalign --help > f`
+    # with a UnicodeEncodeError traceback
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="cp1252", errors="strict", newline="\n")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["--help"]) == 0
+    out.flush()
+    text = raw.getvalue().decode("cp1252")
+    assert "benchmark \\u2192 train" in text
+    assert out.errors == "strict"  # restored for whoever writes after the command

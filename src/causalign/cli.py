@@ -903,9 +903,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             previous(message, category, filename, lineno, file, line)
 
-    with warnings.catch_warnings(), _sigterm_as_interrupt():
+    with warnings.catch_warnings(), _sigterm_as_interrupt(), _unencodable_output_escaped():
         warnings.showwarning = show
         return _main(argv)
+
+
+@contextmanager
+def _unencodable_output_escaped() -> Iterator[None]:
+    """Output redirected to a file or pipe on Windows is cp1252 with errors 'strict': a
+    '→' in the help or '…' in a message ended `causalign --help > help.txt` with a
+    UnicodeEncodeError traceback. Such characters print as escapes instead (\\u2192)."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+                changed.append(stream)
+            except (ValueError, OSError):  # e.g. a closed stream: left as it is
+                pass
+    try:
+        yield
+    finally:
+        for stream in changed:
+            try:
+                stream.reconfigure(errors="strict")
+            except (ValueError, OSError):
+                pass
 
 
 _SIGNALLED: list[int] = []  # set by the SIGTERM handler, read when the command has ended
