@@ -325,3 +325,18 @@ def test_help_redirected_to_a_cp1252_file_does_not_crash(monkeypatch):
     text = raw.getvalue().decode("cp1252")
     assert "benchmark \\u2192 train" in text
     assert out.errors == "strict"  # restored for whoever writes after the command
+
+
+def test_writer_refuses_ids_windows_cannot_name_a_file_by(tmp_path):
+    import pytest
+
+    from causalign.errors import DataError
+
+    # 'a:b' wrote images/a:b.png on Linux; on Windows (NTFS) that is a hidden stream of a
+    # file 'a', and 'con' is the console device
+    with pytest.raises(DataError, match=r"'a:b' is not usable as a file name on Windows "
+                                        r"\(contains ':'\)"):
+        _tiny_dataset(tmp_path / "d1", ["a:b"])
+    with pytest.raises(DataError, match="'Con' is a device name"):
+        _tiny_dataset(tmp_path / "d2", ["x", "Con"])
+    _tiny_dataset(tmp_path / "d3", ["console", "com10", "a.b"])  # ordinary names pass

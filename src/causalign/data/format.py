@@ -175,6 +175,9 @@ class DatasetWriter:
         # sample's image, and a bad split/label would only fail when the dataset is read
         if not sid or sid in (".", "..") or "/" in sid or "\\" in sid:
             raise DataError(f"sample id '{sid}' is not usable as a file name")
+        why = _not_portable(sid)
+        if why:
+            raise DataError(f"sample id '{sid}' is not usable as a file name on Windows ({why})")
         if sid in self._ids.values():
             raise DataError(f"sample id '{sid}' added twice")
         if sid.casefold() in self._ids:
@@ -222,6 +225,23 @@ class DatasetWriter:
 
     def close(self) -> None:
         write_manifest(self.root, self.meta, self.rows)
+
+
+# file names Windows refuses or reads as devices (images/con.png is the console there)
+_WINDOWS_BAD_CHARS = frozenset('<>:"|?*') | frozenset(map(chr, range(32)))
+_WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{k}" for k in range(1, 10)),
+                              *(f"LPT{k}" for k in range(1, 10))})
+
+
+def _not_portable(sid: str) -> str:
+    """Why ``sid`` cannot name a file on Windows ('' when it can). On NTFS 'a:b.png' even
+    wrote a hidden stream 'b.png' of a file 'a' instead of failing."""
+    bad = sorted({c for c in sid if c in _WINDOWS_BAD_CHARS})
+    if bad:
+        return "contains " + " ".join(repr(c) for c in bad)
+    if sid.split(".")[0].strip().upper() in _WINDOWS_DEVICES:
+        return f"'{sid.split('.')[0]}' is a device name"
+    return ""
 
 
 def save_array(path: Path, array: np.ndarray, fmt: str | None, bits: int = 8) -> None:
