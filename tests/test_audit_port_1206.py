@@ -340,3 +340,19 @@ def test_writer_refuses_ids_windows_cannot_name_a_file_by(tmp_path):
     with pytest.raises(DataError, match="'Con' is a device name"):
         _tiny_dataset(tmp_path / "d2", ["x", "Con"])
     _tiny_dataset(tmp_path / "d3", ["console", "com10", "a.b"])  # ordinary names pass
+
+
+def test_export_manifest_names_reaching_outside_on_windows_are_ignored(tmp_path):
+    import json
+
+    from causalign.explain.export import OwnedFiles
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # on Windows these name files outside OUT, which `finish` then deleted (the POSIX
+    # check saw one plain file name in each)
+    names = ["..\\victim.txt", "C:\\Users\\me\\victim.txt", "\\victim.txt", "C:victim.txt",
+             "maps\\..\\..\\victim.txt", "maps/a.npy"]
+    (out / ".causalign-explain.json").write_text(json.dumps(names), encoding="utf-8")
+    owned = OwnedFiles(out, ".causalign-explain.json", planned=[])
+    assert owned.previous == {"maps/a.npy"}

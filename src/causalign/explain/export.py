@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from ..methods.base import Method
+
+
+def _relative_inside(name: str) -> bool:
+    """Whether ``name`` is a relative path below its folder on POSIX and on Windows."""
+    return not any(p.is_absolute() or p.anchor or ".." in p.parts
+                   for p in (PurePosixPath(name), PureWindowsPath(name)))
 
 
 class OwnedFiles:
@@ -62,12 +68,12 @@ class OwnedFiles:
         if not isinstance(names, list):
             return set()
         # only plain relative names inside OUT (an edited manifest must not reach outside),
-        # whose folder is OUT's own: through a linked subfolder (OUT/maps -> the user's
-        # folder, in an export folder from elsewhere) the clean-up deleted files there
+        # read as Windows paths too (there '..\\victim' and 'C:\\victim' passed the POSIX
+        # check), whose folder is OUT's own: through a linked subfolder (OUT/maps -> the
+        # user's folder, in an export folder from elsewhere) the clean-up deleted files there
         root = os.path.realpath(out)
-        return {n for n in names if isinstance(n, str) and n
-                and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts
-                and _inside(os.path.realpath((out / n).parent), root)}
+        return {n for n in names if isinstance(n, str) and n and _relative_inside(n)
+                and _resolves_inside(os.path.realpath((out / n).parent), root)}
 
     def _remove_temporaries(self) -> None:
         """``.NAME.<random>.tmp`` files that a SIGKILL during an atomic write of one of this
@@ -114,7 +120,7 @@ def refuse_other_exports(out: Path, manifest: str, planned: Iterable[str]) -> No
                 f"another --out, or remove that output first")
 
 
-def _inside(path: str, root: str) -> bool:
+def _resolves_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
