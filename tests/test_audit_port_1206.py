@@ -356,3 +356,21 @@ def test_export_manifest_names_reaching_outside_on_windows_are_ignored(tmp_path)
     (out / ".causalign-explain.json").write_text(json.dumps(names), encoding="utf-8")
     owned = OwnedFiles(out, ".causalign-explain.json", planned=[])
     assert owned.previous == {"maps/a.npy"}
+
+
+def test_manifest_ids_windows_cannot_name_files_by_are_refused_there(tmp_path, monkeypatch):
+    import pytest
+
+    from causalign.data.format import MANIFEST, read_manifest
+    from causalign.errors import DataError
+
+    root = _tiny_dataset(tmp_path / "d", ["s0", "s1"])
+    path = root / MANIFEST
+    path.write_text(path.read_text(encoding="utf-8").replace("\ns1,", "\na:b,"),
+                    encoding="utf-8")
+    assert [r.id for r in read_manifest(root)] == ["s0", "a:b"]  # Linux: a file name
+    monkeypatch.setattr(sys, "platform", "win32")
+    # Windows: explain wrote maps/a:b.npy, a hidden stream of a file 'a', not an error
+    with pytest.raises(DataError, match=r":3: id 'a:b' is not usable as a file name on "
+                                        r"Windows \(contains ':'\)"):
+        read_manifest(root)

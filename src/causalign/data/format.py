@@ -32,6 +32,7 @@ import csv
 import hashlib
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -385,6 +386,9 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
     if not sid or sid in (".", "..") or "/" in sid or "\\" in sid:
         raise DataError(f"{where}: id '{sid}' is not usable as a file name "
                         f"(empty, or contains a path separator)")
+    why = _not_portable(sid) if sys.platform == "win32" else ""
+    if why:  # per-sample outputs are named by it: maps/a:b.npy is a hidden NTFS stream
+        raise DataError(f"{where}: id '{sid}' is not usable as a file name on Windows ({why})")
     try:
         label = int(row["label"])
     except (TypeError, ValueError):
