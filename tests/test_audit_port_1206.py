@@ -99,8 +99,11 @@ def test_writer_refuses_ids_differing_only_in_case(tmp_path):
 
     # images/A.png and images/a.png are one file on macOS/Windows: the second sample
     # silently replaced the first's image and mask there
-    with pytest.raises(DataError, match="differs only in case"):
+    with pytest.raises(DataError, match="differs only in case or Unicode form from 'A'"):
         _tiny_dataset(tmp_path / "d", ["A", "a"])
+    # macOS also ignores the Unicode form: 'é' as one code point or as e + combining accent
+    with pytest.raises(DataError, match="differs only in case or Unicode form"):
+        _tiny_dataset(tmp_path / "e", ["caf\u00e9", "cafe\u0301"])
 
 
 def test_manifest_refuses_ids_differing_only_in_case(tmp_path):
@@ -116,7 +119,8 @@ def test_manifest_refuses_ids_differing_only_in_case(tmp_path):
     # cf/case1.npy) overwrite Case1's on a case-insensitive file system
     rows.append(rows[2].replace("x,", "case1,", 1))
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"'case1' differs only in case from id 'Case1' on line 2"):
+    with pytest.raises(DataError, match=r"'case1' differs only in case or Unicode form from "
+                                        r"id 'Case1' on line 2"):
         read_manifest(root)
 
 

@@ -13,7 +13,8 @@ and one ``attr_<name>`` column per attribute listed in dataset.yaml. ``mask`` an
 columns may be empty (sample without annotation); attribute cells may be empty (missing
 annotation → NaN). Boxes are pixel coordinates, x1/y1 exclusive. Paths are relative to DATA;
 a backslash in them is a folder separator on every OS (a manifest written on Windows).
-Ids name per-sample files, so two may not differ only in case (one file on macOS/Windows).
+Ids name per-sample files, so two may not differ only in case or Unicode form (one file on
+macOS/Windows).
 
 Volumes (``ndim: 3``) may add the optional columns ``box_z0, box_z1``: the box's slice range,
 z1 exclusive, so a 3D box is the six numbers (x0, y0, x1, y1, z0, z1) (`SampleRecord.box`).
@@ -33,6 +34,7 @@ import hashlib
 import math
 import os
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -156,7 +158,7 @@ class DatasetWriter:
         # levels (8 bits keep 256). uint8/uint16 arrays are stored as they are.
         self.png_bits = png_bits
         self.rows: list[SampleRecord] = []
-        self._ids: dict[str, str] = {}  # casefolded id -> id
+        self._ids: dict[str, str] = {}  # `_file_key` -> id
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         (self.root / "masks").mkdir(parents=True, exist_ok=True)
 
@@ -181,11 +183,11 @@ class DatasetWriter:
             raise DataError(f"sample id '{sid}' is not usable as a file name on Windows ({why})")
         if sid in self._ids.values():
             raise DataError(f"sample id '{sid}' added twice")
-        if sid.casefold() in self._ids:
+        if _file_key(sid) in self._ids:
             # images/A.png and images/a.png are one file on macOS and Windows: the second
             # sample silently replaced the first's image and mask there
-            raise DataError(f"sample id '{sid}' differs only in case from "
-                            f"'{self._ids[sid.casefold()]}' (one file name on macOS/Windows)")
+            raise DataError(f"sample id '{sid}' differs only in case or Unicode form from "
+                            f"'{self._ids[_file_key(sid)]}' (one file name on macOS/Windows)")
         if split not in SPLITS:
             raise DataError(f"sample {sid}: split '{split}' is not one of {', '.join(SPLITS)}")
         if not 0 <= int(label) < len(self.meta.classes):
@@ -221,11 +223,17 @@ class DatasetWriter:
             box=box, attributes=[float(a) for a in attrs],
         )
         self.rows.append(rec)
-        self._ids[sid.casefold()] = sid
+        self._ids[_file_key(sid)] = sid
         return rec
 
     def close(self) -> None:
         write_manifest(self.root, self.meta, self.rows)
+
+
+def _file_key(sid: str) -> str:
+    """What a case-insensitive file system compares (macOS's also ignores the Unicode
+    normalisation: 'é' typed as one code point or as e + accent is one file there)."""
+    return unicodedata.normalize("NFC", sid).casefold()
 
 
 # file names Windows refuses or reads as devices (images/con.png is the console there)
@@ -345,7 +353,7 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
                 raise DataError(f"{path}: column(s) {', '.join(dup)} appear more than once")
             records = []
             first_line: dict[str, int] = {}
-            folded: dict[str, str] = {}  # casefolded id -> id
+            folded: dict[str, str] = {}  # `_file_key` -> id
             for cells in reader:
                 lineno = reader.line_num
                 if not any(c.strip() for c in cells):
@@ -365,14 +373,15 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
                     raise DataError(f"{where}: id '{rec.id}' already used on line "
                                     f"{first_line[rec.id]}")
                 # …and so would one differing only in case on macOS and Windows, whose file
-                # systems ignore case (maps/A.npy and maps/a.npy are one file)
-                other = folded.get(rec.id.casefold())
+                # systems ignore case (maps/A.npy and maps/a.npy are one file; macOS also
+                # the Unicode form)
+                other = folded.get(_file_key(rec.id))
                 if other is not None:
-                    raise DataError(f"{where}: id '{rec.id}' differs only in case from id "
-                                    f"'{other}' on line {first_line[other]} (one file name "
-                                    f"on macOS/Windows; rename one)")
+                    raise DataError(f"{where}: id '{rec.id}' differs only in case or Unicode "
+                                    f"form from id '{other}' on line {first_line[other]} (one "
+                                    f"file name on macOS/Windows; rename one)")
                 first_line[rec.id] = lineno
-                folded[rec.id.casefold()] = rec.id
+                folded[_file_key(rec.id)] = rec.id
                 records.append(rec)
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
