@@ -37,6 +37,7 @@ from ..io import (
     atomic_write_text,
     check_folder_free,
     folder_lock,
+    replace,
     verified_bytes,
 )
 from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
@@ -648,7 +649,7 @@ class Trainer:
         except (OSError, ValueError):  # unreadable: kept beside, a fresh list is started
             past = None
         if not isinstance(past, list):
-            os.replace(path, path.with_name(path.name + ".unreadable"))
+            replace(path, path.with_name(path.name + ".unreadable"))
             past = []
         past.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "from_epoch": self.state.epoch,
