@@ -591,7 +591,10 @@ def counterfactual(
     need_train = settings.distance.startswith("scaled") or settings.space == "latent"
     train_ds = ds if split == "train" else (
         LesionDataset(data_path, "train") if need_train or fixed_bounds is None else None)
-    train_images = train_ds.images if need_train else None
+    # per-pixel scales read the split's cache chunk by chunk (`distance_scale`); only the
+    # autoencoder needs the whole split as float32
+    train_images = (train_ds.images if settings.space == "latent"
+                    else train_ds if need_train else None)
     # the range the summary's out-of-range count is taken against, and x*'s bounds (read
     # batch by batch)
     valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is ds else (train_ds, ds)))

@@ -717,6 +717,21 @@ class LesionDataset(Dataset):
         return self._box_batch(idx, self._mask_batch(idx))
 
     @property
+    def stored_dtype(self) -> np.dtype:
+        """The dtype the image cache keeps (uint8 for 8-bit PNGs; see `_COMPACT_SCALE`)."""
+        return np.dtype(self._kind)
+
+    def pixel_columns(self, start: int, stop: int, stored: bool = False) -> Tensor:
+        """Pixels ``start:stop`` of every image flattened to C·spatial values: (N, stop −
+        start), float32 as `images` has them, or with ``stored`` in the cache's dtype (a
+        uint16 cache as its int16 bits). For per-pixel statistics over the split (the scaled
+        distances') without its whole float copy."""
+        cols = self._images.reshape(len(self), -1)[:, start:stop]
+        if stored or self._kind == np.float32:
+            return cols.clone()  # a copy, never a view a caller could edit the cache through
+        return _float_images(cols, self._kind)
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self._images.shape[1:])
 

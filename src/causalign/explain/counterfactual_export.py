@@ -329,14 +329,15 @@ def _fits(ae: nn.Module, train_images: Tensor, where: str) -> nn.Module:
 def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
                            settings: CounterfactualSettings, out: str | Path, *,
                            limit: int | None = None, device: torch.device | str = "cpu",
-                           batch_size: int = 32, train_images: Tensor | None = None,
+                           batch_size: int = 32, train_images: Tensor | LesionDataset | None = None,
                            autoencoder: nn.Module | None = None,
                            progress: Progress | None = None,
                            valid_range: tuple[float, float] | None = None,
                            provenance: dict[str, Any] | None = None) -> dict:
     """Generate and write counterfactuals for the first ``limit`` samples; returns the summary.
 
-    ``train_images`` supply the per-pixel scales of a scaled distance; ``autoencoder`` is
+    ``train_images`` (a tensor, or the training `LesionDataset`, read chunk by chunk) supply
+    the per-pixel scales of a scaled distance; ``autoencoder`` is
     needed for ``settings.space == "latent"``. The summary counts the x* values outside
     ``valid_range`` (default: ``settings.bounds``, else (0, 1), the stored images' range;
     0 when x* is bounded to it). x* and triptychs an earlier export left in OUT
@@ -357,7 +358,8 @@ def export_counterfactuals(model: nn.Module, method: Method, dataset: LesionData
 def _export_counterfactuals(model: nn.Module, method: Method, dataset: LesionDataset,
                             settings: CounterfactualSettings, out: Path, limit: int | None,
                             device: torch.device | str, batch_size: int,
-                            train_images: Tensor | None, autoencoder: nn.Module | None,
+                            train_images: Tensor | LesionDataset | None,
+                            autoencoder: nn.Module | None,
                             progress: Progress | None,
                             valid_range: tuple[float, float] | None = None,
                             provenance: dict[str, Any] | None = None) -> dict:
