@@ -93,9 +93,9 @@ OPTIMIZERS = ("adam", "ista", "newton")
 
 
 # Values per chunk of pixel columns (N images × k pixels) `distance_scale` converts to
-# float64 at once: 256 MB, whatever the split's size (the whole split as float64, plus the
+# float64 at once: 64 MB, whatever the split's size (the whole split as float64, plus the
 # median's copies, took ~35x the uint8 cache: 3.9 GB peak for 5000 gray 128 px images)
-_SCALE_CHUNK_VALUES = 1 << 25
+_SCALE_CHUNK_VALUES = 1 << 23
 # below this many columns per chunk, torch's std over dim 0 may round differently
 _SCALE_MIN_COLUMNS = 256
 
