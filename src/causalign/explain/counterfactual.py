@@ -727,8 +727,11 @@ class WarmStartCache:
             if self.capacity is not None and n_rows <= self.capacity:
                 grown = min(grown, self.capacity)
             extra = max(n_rows, grown) - have
-            self.offsets = torch.cat([self.offsets, self.offsets.new_zeros(
-                (extra, *self.offsets.shape[1:]))])
+            # copied into the grown tensor: torch.cat with a zeros block held the old rows,
+            # the zeros and the result at once (2x the cache at its last doubling, 1.5x now)
+            offsets = self.offsets.new_zeros((have + extra, *self.offsets.shape[1:]))
+            offsets[:have] = self.offsets
+            self.offsets = offsets
             self.known = torch.cat([self.known, self.known.new_zeros(extra)])
             self.row_ids = torch.cat([self.row_ids, self.row_ids.new_full((extra,), -1)])
             if self.targets is not None:
