@@ -165,3 +165,12 @@ def test_warm_start_cache_grows_without_a_zeros_block_and_a_concatenation(monkey
     assert cache.offsets.shape[0] == 40
     got, hit = cache.get(torch.arange(40), torch.zeros(40, 1, 3, 3))
     assert hit.all() and torch.equal(got, real_cat(batches))
+
+
+def test_distance_scale_of_huge_finite_values_is_no_nan_error():
+    """The NaN/inf count runs only where a chunk's sum is not finite; a sum that overflows
+    on finite values must still give a scale, not a refusal."""
+    x = torch.full((4, 1, 2, 2), 1e308, dtype=torch.float64)
+    x[0] = -1e308
+    s = cf.distance_scale(x, "scaled-l2")
+    assert s.dtype == torch.float64 and torch.isfinite(s).all()

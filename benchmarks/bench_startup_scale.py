@@ -1,0 +1,154 @@
+"""Start-up costs of a training run that grow with the dataset, phase by phase (JSON).
+
+    python benchmarks/bench_startup_scale.py /tmp/startup_data [--n-train 2000 --size 128
+        --channels 1] [--out benchmarks/results/startup_scale.json]
+
+Writes (once, if the folder is missing) a dataset of 8-bit PNGs with a mask each, then runs
+every phase in one process (one thread) and reports its seconds and its peak resident set
+size above the process's size before the phase (Linux VmHWM, reset between phases through
+/proc/self/clear_refs, so torch's allocations count): reading the training split (decode
+and validation into the compact cache), its pixel digest (`content_digest`, config.yaml's
+data_content_digest), and the per-pixel scales of the scaled distances, as
+`distance_scale` computes them now (from the split's cache, in pixel chunks; 8-bit MAD by
+level counts) and as it did before (the whole split as float32, then float64, then medians
+over it). Ratios old/new compare the two scale computations, measured in the same process
+on the same split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _status(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def make(root: Path, n_train: int, size: int, channels: int, seed: int = 0) -> None:
+    """8-bit PNGs (gray or RGB): a smooth field plus noise, a square mask each."""
+    from PIL import Image
+
+    from causalign.data.format import DatasetMeta, SampleRecord, write_manifest
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    n_eval = max(16, n_train // 25)
+    yy, xx = np.mgrid[:size, :size] / size
+    rows = []
+    for k, split in enumerate(["train"] * n_train + ["val"] * n_eval + ["test"] * n_eval):
+        field = 0.5 + 0.25 * np.sin(6 * xx + k) * np.cos(4 * yy - k)
+        noise = rng.normal(0, 0.08, (size, size) if channels == 1 else (size, size, channels))
+        img = field if channels == 1 else field[..., None]
+        img = (np.clip(img + noise, 0, 1) * 255 + 0.5).astype(np.uint8)
+        Image.fromarray(img).save(root / f"images/{k:06d}.png", compress_level=1)
+        mask = np.zeros((size, size), np.uint8)
+        c = rng.integers(size // 4, 3 * size // 4, 2)
+        mask[c[0] - size // 8:c[0] + size // 8, c[1] - size // 8:c[1] + size // 8] = 255
+        Image.fromarray(mask).save(root / f"masks/{k:06d}.png")
+        rows.append(SampleRecord(id=f"{k:06d}", split=split, label=k % 2, site="0",
+                                 image=f"images/{k:06d}.png", mask=f"masks/{k:06d}.png",
+                                 box=None, attributes=[]))
+    write_manifest(root, DatasetMeta("startup-scale", ["a", "b"], [], 2, channels), rows)
+
+
+def _old_scale(images, distance: str):
+    """`distance_scale` before it read the cache in chunks (the same numbers)."""
+    import torch
+
+    from causalign.explain.counterfactual import _median0
+
+    x = images.double()
+    if int((~torch.isfinite(x)).sum()):
+        raise ValueError("NaN/inf pixels")
+    if distance == "scaled-l1":
+        s = _median0((x - _median0(x)).abs())
+    else:
+        s = x.std(dim=0) if len(x) > 1 else torch.ones_like(x[0])
+    s = s / s.mean()
+    s = s.clamp_min(0.05)
+    return (s / s.mean()).to(images.dtype)
+
+
+def _reset_peak() -> float:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5); returns that RSS in MiB."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status("VmRSS")
+
+
+def run_phases(root: Path) -> dict:
+    """Every phase in this process, one after another, each with its own peak."""
+    import torch
+
+    torch.set_num_threads(1)
+    from causalign.data.format import LesionDataset
+    from causalign.explain.counterfactual import distance_scale
+
+    out: dict = {}
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    ds = LesionDataset(root, "train")
+    out["load"] = {"seconds": time.perf_counter() - t0,
+                   "peak_mib_above_start": _status("VmHWM") - base,
+                   "cache_mib": (ds._images.numel() * ds._images.element_size()
+                                 + ds._masks.numel()) / 2**20,
+                   "n": len(ds), "image_shape": list(ds.image_shape)}
+    phases = {"digest": ds.content_digest}
+    for d in ("scaled-l1", "scaled-l2"):
+        phases[f"new-{d}"] = lambda d=d: _sha(distance_scale(ds, d))
+        phases[f"old-{d}"] = lambda d=d: _sha(_old_scale(ds.images, d))
+    for name, fn in phases.items():
+        base = _reset_peak()
+        t0 = time.perf_counter()
+        value = fn()
+        out[name] = {"seconds": time.perf_counter() - t0,
+                     "peak_mib_above_start": _status("VmHWM") - base}
+        if name != "digest":
+            out[name]["scale_sha"] = value
+    return out
+
+
+def _sha(t) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if not (a.root / "manifest.csv").exists():
+        make(a.root, a.n_train, a.size, a.channels)
+    results = run_phases(a.root)
+    for d in ("scaled-l1", "scaled-l2"):
+        old, new = results[f"old-{d}"], results[f"new-{d}"]
+        results[f"{d}_ratio_old_over_new"] = {
+            "seconds": old["seconds"] / new["seconds"],
+            "peak_mib": old["peak_mib_above_start"] / max(new["peak_mib_above_start"], 1.0),
+            "same_scale": old["scale_sha"] == new["scale_sha"]}
+    text = json.dumps(results, indent=1)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
