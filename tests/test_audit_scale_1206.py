@@ -202,3 +202,29 @@ def test_loading_a_warm_start_cache_gathers_no_copy_of_its_rows(monkeypatch):
     cache.put(state["ids"], state["offsets"] + 1, keep)
     got, hit = cache.get(state["ids"], state["offsets"])
     assert torch.equal(hit, keep) and torch.equal(got[keep], state["offsets"][keep] + 1)
+
+
+def test_cli_counterfactual_scaled_distance_reads_the_split_in_chunks(tiny_data, tmp_path,
+                                                                      monkeypatch):
+    """`causalign counterfactual --distance scaled-l1` built the training split's whole
+    float32 copy for its scales; it now hands the split itself to `distance_scale`."""
+    import json
+
+    from causalign.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
+                 "--set", "width=4", "--set", "deletion_fractions=[0.1]", "--no-progress"]) == 0
+    calls = []
+    whole = LesionDataset.images
+
+    def counted(self):
+        calls.append(self.split)
+        return whole.fget(self)
+
+    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(run), "--out", str(out), "--limit", "2", "--steps", "3",
+                 "--distance", "scaled-l1", "--no-progress"]) == 0
+    assert calls == []
+    assert json.loads((out / "summary.json").read_text())["n_generated"] == 2
