@@ -118,7 +118,7 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
         if len(train) == 0:
             raise CausalignError(f"{data_path}: distance '{s.distance}' takes its per-pixel "
                                  f"scale from the training split, which is empty")
-        options["scale"] = distance_scale(train.images, s.distance).to(device)
+        options["scale"] = distance_scale(train, s.distance).to(device)
     if s.space == "latent":
         from ..engine.trainer import load_checkpoint
         from ..models.autoencoder import autoencoder_from_state
