@@ -167,10 +167,7 @@ def skeleton_check(edges: list[dict], groups: dict[str, str],
 def plot_graph(edges: list[dict], groups: dict[str, str], path: str | Path,
                title: str = "") -> None:
     """X nodes left, A middle, Y right; arrows for oriented edges, lines for undirected."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..report.figures import agg_figure  # not pyplot: the caller's backend stays
 
     cols = {"X": 0.0, "A": 1.0, "Y": 2.0}
     colors = {"X": "#9ecae1", "A": "#fdae6b", "Y": "#a1d99b"}
@@ -179,7 +176,8 @@ def plot_graph(edges: list[dict], groups: dict[str, str], path: str | Path,
         names = [n for n, gg in groups.items() if gg == g]
         for k, n in enumerate(names):
             pos[n] = (x, (len(names) - 1) / 2 - k)
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.7 * max(len(pos), 4))))
+    fig = agg_figure(figsize=(7, max(3, 0.7 * max(len(pos), 4))))
+    ax = fig.subplots()
     for e in edges:
         (x0, y0), (x1, y1) = pos[e["from"]], pos[e["to"]]
         bad = {groups[e["from"]], groups[e["to"]]} in ({"X", "Y"}, {"A"})
@@ -203,7 +201,6 @@ def plot_graph(edges: list[dict], groups: dict[str, str], path: str | Path,
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def label_columns(labels: np.ndarray, class_names: list[str] | None = None

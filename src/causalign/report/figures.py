@@ -6,33 +6,37 @@ import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputError
 from ..io import atomic_savefig
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _plt():
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def agg_figure(figsize: tuple[float, float] | None = None) -> Figure:
+    """A figure drawn by its own Agg canvas, outside pyplot.
 
-    return plt
+    ``matplotlib.use("Agg")`` + pyplot switched the *process's* backend: a notebook that
+    called a figure writer (``causalign data synth``'s examples, a report) lost its inline
+    or GUI backend for its own plots. A Figure with its own canvas needs no backend and never
+    enters pyplot's registry, so nothing stays open either (a failed figure is garbage)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 @contextmanager
 def _figure(*args, **kwargs) -> Iterator[tuple]:
-    """``plt.subplots(*args, **kwargs)`` closed on the way out, also when drawing or saving
-    fails: a failed figure stayed open in pyplot's registry (write_report goes on after a
-    failed figure, so each failure leaked one, and matplotlib warns past 20)."""
-    plt = _plt()
-    fig = plt.figure(figsize=kwargs.pop("figsize", None))
-    try:  # fig.subplots inside: with 0 rows it raises after the figure exists
-        yield fig, fig.subplots(*args, **kwargs)
-    finally:
-        plt.close(fig)
+    """``(fig, fig.subplots(*args, **kwargs))`` of an `agg_figure`."""
+    fig = agg_figure(figsize=kwargs.pop("figsize", None))
+    yield fig, fig.subplots(*args, **kwargs)
 
 
 def _plain(text: str) -> str:
