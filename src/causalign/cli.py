@@ -906,9 +906,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             previous(message, category, filename, lineno, file, line)
 
-    with warnings.catch_warnings(), _sigterm_as_interrupt(), _unencodable_output_escaped():
-        warnings.showwarning = show
-        return _main(argv)
+    # typer's Typer.__call__ replaces sys.excepthook for good (with a hook that calls the
+    # one it saw at import), so an in-process call (a notebook, a test) lost the caller's
+    # own hook; restored on the way out, before a bug's traceback goes up to it.
+    excepthook = sys.excepthook
+    try:
+        with warnings.catch_warnings(), _sigterm_as_interrupt(), \
+                _unencodable_output_escaped():
+            warnings.showwarning = show
+            return _main(argv)
+    finally:
+        sys.excepthook = excepthook
 
 
 @contextmanager
