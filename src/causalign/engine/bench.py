@@ -105,10 +105,17 @@ def time_steps(method_name: str, batch: dict[str, torch.Tensor], cfg: TrainConfi
     if profile is None:
         return [step() for _ in range(steps)]
     # a CUDA build of torch on a machine without a GPU logs a kineto "ERROR" line
-    # (gpuGetDeviceCount) on every profile, though nothing is wrong; 5 = fatal only
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        times = [step() for _ in range(steps)]
+    # (gpuGetDeviceCount) on every profile, though nothing is wrong; 5 = fatal only. Only
+    # while profiling: the caller's os.environ (a notebook's, its later subprocesses') kept it.
+    ours = "KINETO_LOG_LEVEL" not in os.environ
+    if ours:
+        os.environ["KINETO_LOG_LEVEL"] = "5"
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            times = [step() for _ in range(steps)]
+    finally:
+        if ours:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
     for event in prof.key_averages():
         if event.key in PROFILED_PARTS:
             profile[event.key.removeprefix("causalign.")] = event.cpu_time_total / 1e3 / steps
