@@ -928,8 +928,10 @@ class Trainer:
         The process-wide torch settings that `threads` and `deterministic` change are
         restored on return (a caller's later work must not run single-threaded or in
         deterministic mode because of one training run); so are the caller's grad mode and
-        default dtype, which training overrides (autograd on, float32). The global RNGs are
-        seeded from `seed` and left as training leaves them."""
+        default dtype, which training overrides (autograd on, float32). Training seeds the
+        global RNGs (torch, CUDA, numpy, Python) from `seed`; the caller's states are put
+        back on return, so a notebook's own seeded draws after a train() are the ones they
+        would have been without it."""
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                  torch.is_deterministic_algorithms_warn_only_enabled(),
                  torch.backends.cudnn.benchmark)
@@ -942,7 +944,8 @@ class Trainer:
         # (and deleted the other's in-flight temporaries). Rank 0 alone writes it.
         lock = (folder_lock(self.out, f"causalign train --out {self.out}")
                 if _writes_run_folder() else nullcontext())
-        with lock, _float32_default(), torch.inference_mode(False), torch.enable_grad():
+        with (lock, _float32_default(), _callers_rng(), torch.inference_mode(False),
+              torch.enable_grad()):
             return self._fit_restoring(saved)
 
     def _fit_restoring(self, saved: tuple) -> dict:
@@ -1194,6 +1197,24 @@ def _float32_default() -> Iterator[None]:
         torch.set_default_dtype(saved)
 
 
+@contextmanager
+def _callers_rng() -> Iterator[None]:
+    """The global RNG states (torch CPU and every CUDA device, numpy, Python) put back on the
+    way out. Training seeds them all (`seed_everything`): train() left a caller's seeded
+    stream reset to the run's seed, so a notebook's draws after it repeated the run's. (CUDA
+    only where available; a checkpoint reads every device's state there anyway.)"""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
@@ -1356,9 +1377,13 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CausalignError(f"{weights}: not a causalign checkpoint (no model weights)")
     info = data_info_from_disk(data_path)
-    with _float32_default():  # the checkpoint's dtype, whatever torch's default is
-        model = method.build_model(cfg, info).to(dev)
+    # the checkpoint's dtype, whatever torch's default is; the random initialisation that
+    # the checkpoint's weights replace drew from the caller's global RNG (forked: built on
+    # the CPU, moved after)
+    with _float32_default(), torch.random.fork_rng(devices=[]):
+        model = method.build_model(cfg, info)
         _match_slice_positions(model, state["model"])
+    model = model.to(dev)
     _load_run_weights(model, state["model"], weights, data_path, info)
     model.eval()
     # which file and bytes these weights are: a run still training replaces best.pt (or
