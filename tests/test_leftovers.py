@@ -166,20 +166,16 @@ def _hue_change() -> tuple[np.ndarray, np.ndarray]:
 
 def test_rgb_change_map_does_not_cancel_opposite_channels():
     """Before: the drawn map summed the channels, so the hue change drew as white."""
-    from causalign.report.figures import _change_ax, _plt, signed_change_map
+    from causalign.report.figures import _change_ax, agg_figure, signed_change_map
 
     change, region = _hue_change()
     m = signed_change_map(change)
     assert m[1, 1] == pytest.approx(0.5) and m[4, 4] == pytest.approx(-0.2)
     assert m[0, 0] == 0.0
     assert np.array_equal(signed_change_map(change[:1]), change[0])  # one channel: itself
-    plt = _plt()
-    fig, ax = plt.subplots()
-    try:
-        _change_ax(ax, change, region)
-        drawn = np.asarray(ax.images[0].get_array())
-    finally:
-        plt.close(fig)
+    ax = agg_figure().subplots()
+    _change_ax(ax, change, region)
+    drawn = np.asarray(ax.images[0].get_array())
     assert drawn[1, 1] == pytest.approx(0.5) and drawn[4, 4] == pytest.approx(-0.2)
     # the share inside the annotation takes magnitudes per channel: nothing cancels either
     share = change_in_region(torch.from_numpy(change)[None],
