@@ -301,17 +301,33 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
     if fd is None:
         yield
         return
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    info = f"pid {os.getpid()} on {socket.gethostname()}, `{command}` since {stamp}"
     try:
-        # backslashreplace: a folder name that is not UTF-8 (legacy bytes, decoded by Python
-        # to lone surrogates) made .encode raise, a traceback before any work
-        os.write(fd, info.encode("utf-8", "backslashreplace"))
-    except OSError:  # a full disk: the lock holds all the same
-        pass
-    entry = [fd, 1, me]
-    with _held_guard:
-        _held[path] = entry
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        info = f"pid {os.getpid()} on {socket.gethostname()}, `{command}` since {stamp}"
+        try:
+            # backslashreplace: a folder name that is not UTF-8 (legacy bytes, decoded by
+            # Python to lone surrogates) made .encode raise, a traceback before any work
+            os.write(fd, info.encode("utf-8", "backslashreplace"))
+        except OSError:  # a full disk: the lock holds all the same
+            pass
+        entry = [fd, 1, me]
+        with _held_guard:
+            _held[path] = entry
+    except BaseException:
+        # Ctrl-C (a notebook) between taking the lock and registering it kept the fd and
+        # its flock open for the life of the process: every later call on this folder was
+        # refused as "in use by another causalign process"
+        with _held_guard:
+            if path in _held and _held[path][0] == fd:
+                del _held[path]
+        try:
+            os.unlink(path)
+            if created:
+                os.rmdir(folder)  # only if empty, as on release
+        except OSError:
+            pass
+        _unlock_and_close(fd)
+        raise
     try:
         yield
     finally:
@@ -397,12 +413,16 @@ def _acquire(folder: Path, path: str) -> int | None:
                 raise _in_use(folder, path, "another causalign process") from None
             return None  # ENOLCK, EOPNOTSUPP...
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)  # a stale file of a killed holder names it still
-            return fd
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)  # a stale file of a killed holder names it still
+                return fd
+        except BaseException:  # Ctrl-C here left the flock held by a lost fd (as above)
+            _unlock_and_close(fd)
+            raise
         # its holder released and removed it as we opened it: take the new one
         _unlock_and_close(fd)
 
