@@ -121,10 +121,15 @@ def fd_case(request):
 
 @pytest.mark.parametrize("variant", [dict(), dict(precondition=False),
                                      dict(hvp="finite-difference", fd_eps=1e-5)])
-def test_implicit_gradient_of_alignment_matches_finite_differences(fd_case, variant):
+def test_implicit_gradient_of_alignment_matches_finite_differences(fd_case, variant,
+                                                                   monkeypatch):
     space, model, method, x0, region, target, fd = fd_case
+    # fd_case's method is shared by the variants: a plain setattr left precondition=False on
+    # for the variants after it (and, shuffled, hvp="finite-difference" on for the default one)
     for k, v in variant.items():
-        setattr(method.params, k, v)
+        monkeypatch.setattr(method.params, k, v)
+    assert (method.params.precondition, method.params.hvp) == (
+        variant.get("precondition", True), variant.get("hvp", "exact"))
     res = _solve(method, model, x0, target)
     model.zero_grad(set_to_none=True)
     term, stats = method.implicit_term(model, res, region)
