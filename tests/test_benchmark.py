@@ -59,7 +59,6 @@ def bench_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "out"
     suite = _suite(tmp)
-    mp = pytest.MonkeyPatch()
     original = Trainer._save_state
     epochs: list[tuple[str, int]] = []
 
@@ -69,15 +68,16 @@ def bench_dir(tmp_path_factory):
         if len(epochs) == 5:  # runs 1, 2 done (2 epochs each); run 3 after epoch 1
             raise KeyboardInterrupt
 
-    mp.setattr(Trainer, "_save_state", killer)
-    with pytest.raises(KeyboardInterrupt):
-        bm.run_suite(suite, out, progress=True, report=False)
-    mp.undo()
+    # contexts, not bare MonkeyPatch objects: an undo() after a failed pytest.raises was
+    # skipped, and the killer (KeyboardInterrupt: pytest stops) outlived this module
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "_save_state", killer)
+        with pytest.raises(KeyboardInterrupt):
+            bm.run_suite(suite, out, progress=True, report=False)
     first = json.loads((out / "results.json").read_text())
-    mp = pytest.MonkeyPatch()
-    calls = _count_training(mp)
-    results = bm.run_suite(suite, out, progress=False, report=True)
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_training(mp)
+        results = bm.run_suite(suite, out, progress=False, report=True)
     return {"out": out, "suite": suite, "first": first, "calls": calls, "results": results,
             "tmp": tmp}
 

@@ -220,7 +220,6 @@ def test_a_resumed_runs_seconds_include_the_epochs_before_the_interruption(tmp_p
            "experiments": {"t1": {"datasets": ["pm"], "methods": ["erm"]}}}
     suite = bm.parse_suite(raw, tmp_path, "tiny")
     out = tmp_path / "out"
-    mp = pytest.MonkeyPatch()
     train_epoch, save = Trainer._train_epoch, Trainer._save_state
 
     def slow(self, *a, **kw):  # a first epoch that takes a while
@@ -231,11 +230,13 @@ def test_a_resumed_runs_seconds_include_the_epochs_before_the_interruption(tmp_p
         save(self)
         raise KeyboardInterrupt
 
-    mp.setattr(Trainer, "_train_epoch", slow)
-    mp.setattr(Trainer, "_save_state", killed)
-    with pytest.raises(KeyboardInterrupt):
-        bm.run_suite(suite, out, progress=False, report=False, log=lambda s: None)
-    mp.undo()
+    # a context: should the run not be interrupted, a bare MonkeyPatch's undo() was skipped
+    # and every later Trainer in the session raised KeyboardInterrupt, which ends pytest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "_train_epoch", slow)
+        mp.setattr(Trainer, "_save_state", killed)
+        with pytest.raises(KeyboardInterrupt):
+            bm.run_suite(suite, out, progress=False, report=False, log=lambda s: None)
     (run,) = bm.run_suite(suite, out, progress=False, report=False, log=lambda s: None)["runs"]
     with open(out / run["run_dir"] / "history.csv", newline="") as fh:
         history = list(csv.DictReader(fh))
