@@ -46,10 +46,19 @@ def trained(tiny_data):
     return model, ds
 
 
-def test_generator_flips_predictions_and_restores_model(trained):
-    model, ds = trained
+@pytest.fixture
+def trained_in_train_mode(trained):
+    """`trained`, switched to train mode for one test and put back to eval: the module's
+    other tests share the model, and it stayed in train mode (BatchNorm on batch statistics)
+    for whichever of them ran after this one."""
+    trained[0].train()
+    yield trained
+    trained[0].eval()
+
+
+def test_generator_flips_predictions_and_restores_model(trained_in_train_mode):
+    model, ds = trained_in_train_mode
     x = ds.images[:16]
-    model.train()
     model.zero_grad(set_to_none=True)
     gen = CounterfactualGenerator(model, alpha=0.001, steps=60, lr=0.02)
     res = gen.generate(x)  # y = the model's prediction
