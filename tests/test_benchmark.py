@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -210,10 +211,16 @@ def test_report_is_self_contained_and_renders(bench_dir, tmp_path):
     alone = tmp_path / "report.html"
     alone.write_text(text)
     shot = tmp_path / "shot.png"
+    # Chromium's profile and caches in tmp_path: with the user's HOME every call left a
+    # headless profile (~/.cache/chromium-headless/scoped_dir*, never removed) behind
+    home = tmp_path / "home"
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_CONFIG_HOME": str(home / ".config")}
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--hide-scrollbars", "--window-size=1200,1600"]
+             "--hide-scrollbars", "--window-size=1200,1600",
+             f"--user-data-dir={tmp_path / 'profile'}"]
     subprocess.run([*flags, f"--screenshot={shot}", alone.as_uri()], check=True,
-                   capture_output=True, timeout=120)
+                   capture_output=True, timeout=120, env=env)
     from PIL import Image
 
     img = Image.open(shot).convert("L")
@@ -221,7 +228,7 @@ def test_report_is_self_contained_and_renders(bench_dir, tmp_path):
     lo, hi = img.getextrema()
     assert hi - lo > 100  # not a blank page
     dom = subprocess.run([*flags, "--dump-dom", alone.as_uri()], check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=120, env=env).stdout
     assert dom.count("<table") >= 2 and "Tiny table" in dom and "<img" in dom
 
 
