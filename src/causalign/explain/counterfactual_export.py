@@ -120,18 +120,27 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
                                  f"scale from the training split, which is empty")
         options["scale"] = distance_scale(train, s.distance).to(device)
     if s.space == "latent":
-        from ..engine.trainer import load_checkpoint
         from ..models.autoencoder import autoencoder_from_state
 
-        ckpt = Path(run) / "checkpoint.pt"
-        state = load_checkpoint(ckpt, map_location="cpu") if ckpt.exists() else {}
-        ae_state = (state.get("method_state") or {}).get("autoencoder")
+        ae_state = run_autoencoder_state(Path(run))
         if ae_state is None:  # a newly trained one would explain another search space
             raise CausalignError(f"{run}: a space=latent run's counterfactual map needs its "
-                                 f"autoencoder, which {ckpt} does not hold; use `causalign "
-                                 f"counterfactual {run} --autoencoder FILE`")
+                                 f"autoencoder, which {Path(run) / 'checkpoint.pt'} does not "
+                                 f"hold; use `causalign counterfactual {run} --autoencoder "
+                                 f"FILE`")
         options["autoencoder"] = autoencoder_from_state(ae_state, device)
     return options
+
+
+def run_autoencoder_state(run: Path) -> dict | None:
+    """The latent autoencoder a causal-align run kept in RUN/checkpoint.pt (None without)."""
+    from ..engine.trainer import load_checkpoint
+
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.exists():
+        return None
+    state = load_checkpoint(ckpt, map_location="cpu")
+    return (state.get("method_state") or {}).get("autoencoder")
 
 
 def data_range(*images: Tensor) -> tuple[float, float]:
@@ -274,11 +283,8 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor, device: torch.de
 
     if path is not None and path.exists():
         return _fits(load_autoencoder(path, device), train_images, str(path)), str(path)
-    if run is not None and (run / "checkpoint.pt").exists():
-        from ..engine.trainer import load_checkpoint
-
-        state = load_checkpoint(run / "checkpoint.pt", map_location="cpu")
-        ae_state = (state.get("method_state") or {}).get("autoencoder")
+    if run is not None:
+        ae_state = run_autoencoder_state(run)
         if ae_state is not None:
             ae = _fits(autoencoder_from_state(ae_state, device), train_images,
                        f"{run / 'checkpoint.pt'} (its autoencoder)")
