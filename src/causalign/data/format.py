@@ -556,6 +556,22 @@ def _np_float_images(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) / scale if scale else a.astype(np.float32)
 
 
+def _not_binary(mask: np.ndarray) -> bool:
+    """Whether a mask holds more than one value besides 0 (or any negative value): binary
+    masks are {0, v} for one v > 0, e.g. {0, 1} or {0, 255}."""
+    positive = mask[mask > 0]
+    return bool((mask < 0).any()) or (positive.size > 0 and positive.min() != positive.max())
+
+
+def _holds_8bit_values(image: np.ndarray) -> bool:
+    """An unscaled image (float, or int32/64, read as float32) whose values look like 8-bit
+    pixels: whole numbers in 0..255, not all 0/1. (HU-valued CT has negatives; float images
+    in [0, 1] have max ≤ 1.)"""
+    top = float(image.max())
+    return (1.0 < top <= 255.0 and float(image.min()) >= 0.0
+            and bool(np.array_equal(image, np.round(image))))
+
+
 def _image_tensor(store: np.ndarray) -> Tensor:
     """The cache as a tensor; uint16 as its bits in int16 (torch < 2.3 has no uint16)."""
     return torch.from_numpy(store.view(np.int16) if store.dtype == np.uint16 else store)
@@ -621,9 +637,14 @@ class LesionDataset(Dataset):
         has_box = torch.zeros(n, dtype=torch.bool)
         n_mask_files = sum(r.mask is not None for r in self.records)
         shape, first, used = None, None, 0
+        soft_masks: list[tuple[Path, np.ndarray]] = []  # (path, mask) of non-binary masks
+        float_bytes: list[tuple[Path, np.dtype]] = []  # unscaled images of 8-bit values
         for k, r in enumerate(self.records):
             ipath = self.root / r.image
-            img = _stored_image(load_array(ipath), self.meta.ndim, ipath)
+            raw = load_array(ipath)
+            img = _stored_image(raw, self.meta.ndim, ipath)
+            if img.dtype == np.float32 and _holds_8bit_values(img):
+                float_bytes.append((ipath, raw.dtype))
             if shape is None:
                 shape, first = img.shape, ipath
             elif img.shape[1:] == shape[1:] and img.shape[0] != shape[0]:
@@ -658,6 +679,8 @@ class LesionDataset(Dataset):
                 # mask, since methods would otherwise read "the evidence is nowhere" and
                 # penalise every pixel (see methods/_annotation.py); its (zero) mask is
                 # what a sample without mask gets, so it needs no row
+                if _not_binary(m):
+                    soft_masks.append((mpath, m))
                 on = torch.from_numpy(np.ascontiguousarray(m > 0))
                 if bool(on.any()):
                     if mask_store is None:
@@ -680,6 +703,7 @@ class LesionDataset(Dataset):
                 boxes[k] = torch.tensor([x0, y0, x1, y1, z0, z1])
                 has_box[k] = True
         assert store is not None and shape is not None  # the split is not empty
+        self._warn_values(soft_masks, n_mask_files, float_bytes)
         if mask_store is None or used < len(mask_store):  # all-zero masks left rows unused
             mask_store = (mask_store[:used].clone() if mask_store is not None
                           else torch.zeros((0, 1, *shape[1:]), dtype=torch.bool))
@@ -693,6 +717,33 @@ class LesionDataset(Dataset):
         attrs = np.array([r.attributes for r in self.records], np.float32).reshape(len(self), p)
         self.attributes = torch.from_numpy(attrs)
         self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
+
+    def _warn_values(self, soft_masks: list[tuple[Path, np.ndarray]], n_mask_files: int,
+                     float_bytes: list[tuple[Path, np.dtype]]) -> None:
+        """Say so when the stored values are probably not what the files mean. Both cases
+        load without error and train quietly on something else: a soft, probability or
+        JPEG-saved mask counts every positive pixel as annotated (a JPEG's ringing marks
+        pixels far from the lesion), and 8-bit values saved as float reach the model as
+        0..255 where an 8-bit PNG gives 0..1."""
+        where = f"{self.root}, split '{self.split}'"
+        if soft_masks:
+            path, m = soft_masks[0]
+            levels = np.unique(m)
+            shown = (f"{len(levels)} distinct values from {m.min():g} to {m.max():g}"
+                     if len(levels) > 4
+                     else "values " + ", ".join(f"{v:g}" for v in levels.tolist()))
+            warnings.warn(f"{where}: {len(soft_masks)} of {n_mask_files} masks are not binary "
+                          f"(e.g. {path.name}: {shown}); "
+                          f"every pixel > 0 counts as annotated, so threshold soft, "
+                          f"probability or JPEG-saved masks (and store masks as PNG) first",
+                          stacklevel=4)
+        if float_bytes:
+            path, dtype = float_bytes[0]
+            warnings.warn(f"{where}: {len(float_bytes)} of {len(self.records)} images hold "
+                          f"whole numbers up to 255 stored as {dtype} (e.g. {path.name}): "
+                          f"such images are used as stored, so the model sees 0..255 where "
+                          f"uint8 files read as 0..1; divide them by 255 or store them as "
+                          f"uint8", stacklevel=4)
 
     # Whole-split float32 tensors, for the few callers that need every image at once
     # (per-pixel distance scales, autoencoder training): each access builds a new tensor of
