@@ -455,6 +455,27 @@ def test_resume_on_another_dataset_is_refused_but_a_moved_one_is_accepted(run_co
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_resume_accepts_the_dataset_with_other_line_endings(run_copy, tiny_data, tmp_path,
+                                                            capsys, ending):
+    """dataset.yaml and manifest.csv saved with CRLF (opened and saved on Windows, git's
+    autocrlf) are the same dataset: --resume refused them as another one. An edited CRLF
+    manifest is still refused."""
+    copy = tmp_path / "crlf"
+    shutil.copytree(tiny_data, copy)
+    for name in ("dataset.yaml", "manifest.csv"):
+        path = copy / name
+        path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", ending))
+    if ending == b"\r\n":
+        assert b"\r\n" in (copy / "manifest.csv").read_bytes()
+    rc, _, err = _run(capsys, "train", copy, "--out", run_copy, "--resume", "--no-progress")
+    assert rc == 0, err
+    manifest = copy / "manifest.csv"
+    manifest.write_bytes(b"".join(manifest.read_bytes().splitlines(keepends=True)[:-1]))
+    rc, _, err = _run(capsys, "train", copy, "--out", run_copy, "--resume", "--no-progress")
+    _assert_user_error(rc, err, "is not the dataset it was trained on")
+
+
 def test_resume_on_a_dataset_regenerated_at_the_same_path_is_refused(tiny_data, tmp_path,
                                                                      capsys):
     """Regenerated in place (another seed, fewer images), the dataset passed the path check:

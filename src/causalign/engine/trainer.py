@@ -272,6 +272,31 @@ def dataset_digest(data: Path) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def _line_ending_forms(text: bytes) -> set[bytes]:
+    """`text` as stored, with LF and with CRLF line endings."""
+    lf = text.replace(b"\r\n", b"\n")
+    return {text, lf, lf.replace(b"\n", b"\r\n")}
+
+
+def dataset_digest_matches(data: Path, digest: str) -> bool:
+    """Whether `data`'s dataset.yaml and manifest.csv give `digest` (`dataset_digest`), as
+    stored or with their line endings converted: a manifest opened and saved on Windows
+    (CRLF), or checked out by git with autocrlf, is the same dataset, and --resume refused
+    it as another one. Its pixels, masks and labels are still compared by
+    `data_content_digest`."""
+    from ..data.format import MANIFEST, META
+
+    try:
+        meta, manifest = ((data / name).read_bytes() for name in (META, MANIFEST))
+    except OSError:
+        return False
+    for m in _line_ending_forms(meta):
+        for c in _line_ending_forms(manifest):
+            if hashlib.sha256(m + b"\0" + c + b"\0").hexdigest()[:16] == digest:
+                return True
+    return False
+
+
 def same_dataset(a: Path, b: Path) -> bool:
     """The same folder, or a copy of it (identical dataset.yaml and manifest.csv)."""
     from ..data.format import MANIFEST, META
@@ -478,7 +503,7 @@ class Trainer:
             # images. Runs from before the digest: a stored path that no longer exists is a
             # moved dataset, and a copy (same manifest) is the same data.
             if isinstance(digest, str):
-                if dataset_digest(self.data) != digest:
+                if not dataset_digest_matches(self.data, digest):
                     raise CausalignError(
                         f"{self.out}: --resume continues the stored run, but {self.data} "
                         f"is not the dataset it was trained on (its dataset.yaml or "
