@@ -12,7 +12,8 @@ data_content_digest), and the per-pixel scales of the scaled distances, as
 `distance_scale` computes them now (from the split's cache, in pixel chunks; 8-bit MAD by
 level counts) and as it did before (the whole split as float32, then float64, then medians
 over it). Ratios old/new compare the two scale computations, measured in the same process
-on the same split.
+on the same split. The latent space's autoencoder is trained (``--ae-epochs``) from the split
+read a batch at a time (now) and from its whole float32 ``.images`` (before).
 """
 
 from __future__ import annotations
@@ -88,13 +89,14 @@ def _reset_peak() -> float:
     return _status("VmRSS")
 
 
-def run_phases(root: Path) -> dict:
+def run_phases(root: Path, ae_epochs: int = 1) -> dict:
     """Every phase in this process, one after another, each with its own peak."""
     import torch
 
     torch.set_num_threads(1)
     from causalign.data.format import LesionDataset
     from causalign.explain.counterfactual import distance_scale
+    from causalign.models.autoencoder import train_autoencoder
 
     out: dict = {}
     base = _reset_peak()
@@ -109,6 +111,10 @@ def run_phases(root: Path) -> dict:
     for d in ("scaled-l1", "scaled-l2"):
         phases[f"new-{d}"] = lambda d=d: _sha(distance_scale(ds, d))
         phases[f"old-{d}"] = lambda d=d: _sha(_old_scale(ds.images, d))
+    if ae_epochs > 0:
+        phases["new-latent-ae"] = lambda: _ae_sha(train_autoencoder(ds, epochs=ae_epochs))
+        phases["old-latent-ae"] = lambda: _ae_sha(train_autoencoder(ds.images,
+                                                                    epochs=ae_epochs))
     for name, fn in phases.items():
         base = _reset_peak()
         t0 = time.perf_counter()
@@ -116,8 +122,14 @@ def run_phases(root: Path) -> dict:
         out[name] = {"seconds": time.perf_counter() - t0,
                      "peak_mib_above_start": _status("VmHWM") - base}
         if name != "digest":
-            out[name]["scale_sha"] = value
+            out[name]["ae_sha" if "latent" in name else "scale_sha"] = value
     return out
+
+
+def _ae_sha(model) -> str:
+    import torch
+
+    return _sha(torch.cat([v.flatten().float() for v in model.state_dict().values()]))
 
 
 def _sha(t) -> str:
@@ -132,17 +144,22 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    ap.add_argument("--ae-epochs", type=int, default=1,
+                    help="epochs of the latent autoencoder phases (0: skip them)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if not (a.root / "manifest.csv").exists():
         make(a.root, a.n_train, a.size, a.channels)
-    results = run_phases(a.root)
-    for d in ("scaled-l1", "scaled-l2"):
+    results = run_phases(a.root, a.ae_epochs)
+    for d in ("scaled-l1", "scaled-l2", "latent-ae"):
+        if f"new-{d}" not in results:
+            continue
         old, new = results[f"old-{d}"], results[f"new-{d}"]
         results[f"{d}_ratio_old_over_new"] = {
             "seconds": old["seconds"] / new["seconds"],
             "peak_mib": old["peak_mib_above_start"] / max(new["peak_mib_above_start"], 1.0),
-            "same_scale": old["scale_sha"] == new["scale_sha"]}
+            **({"same_autoencoder": old["ae_sha"] == new["ae_sha"]} if d == "latent-ae"
+               else {"same_scale": old["scale_sha"] == new["scale_sha"]})}
     text = json.dumps(results, indent=1)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

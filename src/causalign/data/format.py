@@ -756,6 +756,11 @@ class LesionDataset(Dataset):
         out = _float_images(self._images, self._kind)
         return out.clone() if out is self._images else out
 
+    def image_batch(self, idx: Tensor) -> Tensor:
+        """Float32 images (len(idx), C, *spatial) at split positions ``idx``, as `images`
+        has them, untransformed: the images alone, without `batch`'s masks and boxes."""
+        return _float_images(self._images[torch.as_tensor(idx, dtype=torch.long)], self._kind)
+
     @property
     def masks(self) -> Tensor:
         """(N, 1, *spatial) float32 masks, zeros where a sample has none."""

@@ -93,6 +93,7 @@ HVP_MODES = ("exact", "finite-difference", "gauss-newton")
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
+    from ..models.autoencoder import ImageSplit
 
 # method.cache_device -> `WarmStartCache`'s device (None: wherever the search runs)
 CACHE_DEVICES = {"model": None, "cpu": "cpu"}
@@ -625,12 +626,14 @@ class CausalAlign(Method):
             self.scale = distance_scale(source, self.params.distance).to(device)
             self._fitted.add("scale")
         if need_ae:
-            # the whole split as float32 (LesionDataset builds it on each `.images` access)
-            self.autoencoder = self._load_or_train_autoencoder(train_set.images, device)
+            # a dataset split is read a batch at a time (its `.images` is a whole float32
+            # copy, 4× a uint8 cache); a plain split-like object gives its `.images`
+            source = train_set if hasattr(train_set, "image_batch") else train_set.images
+            self.autoencoder = self._load_or_train_autoencoder(source, device)
             self._fitted.add("autoencoder")
         self._set_up = True
 
-    def _load_or_train_autoencoder(self, images: Tensor, device) -> nn.Module:
+    def _load_or_train_autoencoder(self, images: Tensor | ImageSplit, device) -> nn.Module:
         from ..models.autoencoder import (
             check_autoencoder_destination,
             load_autoencoder,
@@ -644,9 +647,10 @@ class CausalAlign(Method):
             # A file fitted on other data (RGB vs grey) would fail deep inside a conv.
             c = ae.config.get("in_channels") if isinstance(getattr(ae, "config", None), dict) \
                 else None
-            if c is not None and c != images.shape[1]:
+            channels = images.shape[1] if isinstance(images, Tensor) else images.image_shape[0]
+            if c is not None and c != channels:
                 raise CausalignError(f"{path}: autoencoder takes {c}-channel images; this "
-                                     f"data has {images.shape[1]} channel(s) (method."
+                                     f"data has {channels} channel(s) (method."
                                      f"autoencoder: train a new one, or give another file)")
             return ae
         if path:  # refuse an unwritable destination before the training, not after it

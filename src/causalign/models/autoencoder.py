@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -86,45 +87,73 @@ DEFAULT_AE_EPOCHS = 15
 MIN_AE_STEPS = 240
 
 
-def train_autoencoder(images: Tensor, *, epochs: int | None = None, batch_size: int = 64,
+class ImageSplit(Protocol):
+    """A split that gives float images by index (`LesionDataset`): training reads it batch
+    by batch instead of as one float32 tensor (4× a uint8 cache, on top of it)."""
+
+    image_shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def image_batch(self, idx: Tensor) -> Tensor: ...
+
+
+def _mean_pixel(take: Callable[[Tensor], Tensor], shape: tuple[int, ...],
+                chunk: int = 256) -> Tensor:
+    """Mean pixel value of images ``take(idx)`` (``shape`` in all), summed in float64 chunk
+    by chunk (as float32): the same for a tensor and a split read by batches."""
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, shape[0], chunk):
+        total += take(torch.arange(start, min(start + chunk, shape[0]))).sum(dtype=torch.float64)
+    return (total / math.prod(shape)).float()
+
+
+def train_autoencoder(images: Tensor | ImageSplit, *, epochs: int | None = None,
+                      batch_size: int = 64,
                       lr: float = 5e-3, width: int = 16, latent_channels: int = 8,
                       seed: int = 0, device: torch.device | str = "cpu",
                       progress: Any = None) -> ConvAutoencoder:
     """Fit a `ConvAutoencoder` to ``images`` (N, C, H, W) in [0, 1] by mean squared error.
+    ``images`` may also be a dataset split (`ImageSplit`, e.g. `LesionDataset`), read a
+    batch at a time.
 
     ``epochs`` None (the default): 15, or more on a small split, so that training takes at
     least ``MIN_AE_STEPS`` optimiser steps; an explicit count is used as given.
     Returns the model in eval mode on ``device``; the final training MSE is stored in
     ``model.train_mse`` so callers can report reconstruction quality.
     """
-    if images.dim() != 4 or len(images) == 0:
+    if isinstance(images, Tensor):
+        shape, take = tuple(images.shape), images.__getitem__
+        # the images' floating dtype (float64 for a float64 classifier, whose inner problem
+        # encodes its own inputs): a float32 autoencoder fails there on the first conv
+        dtype = images.dtype if images.is_floating_point() else torch.get_default_dtype()
+    else:
+        shape, take, dtype = (len(images), *images.image_shape), images.image_batch, torch.float32
+    if len(shape) != 4 or shape[0] == 0:
         raise CausalignError(f"autoencoder training needs a non-empty (N,C,H,W) image batch, "
-                             f"got shape {tuple(images.shape)}")
+                             f"got shape {shape}")
     if epochs is None:
         per_epoch = math.ceil(len(images) / max(batch_size, 1))
         epochs = max(DEFAULT_AE_EPOCHS, math.ceil(MIN_AE_STEPS / per_epoch))
     gen = torch.Generator().manual_seed(seed)
-    # the images' floating dtype (float64 for a float64 classifier, whose inner problem
-    # encodes its own inputs): a float32 autoencoder fails there on the first conv
-    dtype = images.dtype if images.is_floating_point() else torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ConvAutoencoder(images.shape[1], width, latent_channels).to(device, dtype)
+        model = ConvAutoencoder(shape[1], width, latent_channels).to(device, dtype)
     # Start the output at the mean intensity (sigmoid⁻¹ of it) instead of 0.5: dark medical
     # crops otherwise spend the first epochs learning the background level.
-    mean = images.float().mean().clamp(1e-3, 1 - 1e-3)
+    mean = _mean_pixel(take, shape).clamp(1e-3, 1 - 1e-3)
     with torch.no_grad():
         model.decoder[-1].bias.fill_(float(torch.log(mean / (1 - mean))))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    n = len(images)
+    n = shape[0]
     task = progress.add_task("training autoencoder", total=epochs) if progress else None
     mse = math.nan
     model.train()
     for _ in range(epochs):
         total: Tensor | float = 0.0
         for idx in torch.randperm(n, generator=gen).split(batch_size):
-            x = images[idx].to(device, dtype)
+            x = take(idx).to(device, dtype)
             loss = F.mse_loss(model(x), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
