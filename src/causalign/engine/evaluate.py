@@ -117,13 +117,21 @@ def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: to
     with eval_mode(model):
         for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size, device),
                                      device=device):
-            logits = model(_input(model, method, batch)).float()
-            losses.append(F.cross_entropy(logits, batch["label"], reduction="none"))
-            probs.append(logits.softmax(1))
+            logits = model(_input(model, method, batch))
+            losses.append(F.cross_entropy(logits.float(), batch["label"], reduction="none"))
+            probs.append(_probs(logits))
             labels.append(batch["label"])
     p = torch.cat(probs).cpu().numpy()
     y = torch.cat(labels).cpu().numpy()
     return p, y, _mean_loss(losses)
+
+
+def _probs(logits: Tensor) -> Tensor:
+    """Class probabilities for the classification metrics, in float64: a float32 softmax
+    rounds every probability above 1 − 3e-8 (a logit margin above ~17) to exactly 1.0, so a
+    confident model's positives all tied and its AUC came out 0.5 whatever their ranking;
+    float64 keeps margins up to ~36 apart."""
+    return logits.double().softmax(1)
 
 
 def _mean_loss(losses: list[Tensor]) -> float:
@@ -193,11 +201,10 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         if n_bad:  # before the maps' own NaN errors, which would blame the saliency
             raise InputError(f"the model's outputs on split '{dataset.split}' hold {n_bad} "
                              f"NaN/inf value(s): the model's outputs are not finite")
-        # as `predict`: float32 probabilities and a summed cross-entropy, kept on the device
+        # as `predict`: float64 probabilities and a summed cross-entropy, kept on the device
         # (no sync per batch) and classified once at the end
-        logits32 = logits.float()
-        losses.append(F.cross_entropy(logits32, batch["label"], reduction="none"))
-        probs.append(logits32.softmax(1))
+        losses.append(F.cross_entropy(logits.float(), batch["label"], reduction="none"))
+        probs.append(_probs(logits))
         labels.append(batch["label"])
         pred = logits.argmax(1)
         maps = saliency_map(maps)  # float64 maps stay float64 (their ranking for deletion)
