@@ -44,3 +44,22 @@ def test_auc_of_a_confident_model_ranks_by_its_scores_not_float32_rounding(tiny_
     assert quick_metrics(model, method, ds, "cpu")["auc"] == pytest.approx(want, abs=1e-12)
     out = evaluate_split(model, method, ds, "cpu", saliency="gradient", fractions=(0.1,))
     assert out["auc"] == pytest.approx(want, abs=1e-12)
+
+
+def test_benchmark_table_bolds_the_lowest_loss_not_the_highest():
+    """Regression: "best per column in bold" took the largest mean of every metric, so a suite
+    listing `test.loss` (or `test.cam_empty_fraction`) put the worst method in bold."""
+    from causalign.engine.benchmark import Experiment, MethodSpec, experiment_table
+
+    def rec(method: str, loss: float, acc: float) -> dict:
+        return {"key": f"d/{method}/seed0", "dataset": "d", "method": method, "label": method,
+                "setting": "default", "seed": 0, "experiments": ["t"], "status": "done",
+                "metrics": {"test": {"loss": loss, "accuracy": acc,
+                                     "cam_empty_fraction": loss / 10}}}
+
+    exp = Experiment("t", "t", ["d"], [MethodSpec("erm", "erm"), MethodSpec("rrr", "rrr")],
+                     [0], {"default": {}}, "method",
+                     ["test.loss", "test.accuracy", "test.cam_empty_fraction"])
+    t = experiment_table(exp, [rec("erm", 0.3, 0.9), rec("rrr", 0.7, 0.6)])
+    # erm: lower loss, higher accuracy, fewer empty maps: best in every column
+    assert t.bold == [[True, True, True], [False, False, False]]

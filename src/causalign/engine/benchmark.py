@@ -73,6 +73,9 @@ METRIC_LABELS = {
     "test.cam_mass_in_mask": "CAM mass in mask", "test.cam_precision_mask": "CAM prec. (mask)",
     "test.saliency_iou": "saliency IoU", "test.deletion.0.02": "deletion@2%",
 }
+# Metrics where less is better: "best per column in bold" took the largest of every metric,
+# so a suite listing test.loss put the worst method in bold.
+LOWER_IS_BETTER = ("loss", "cam_empty_fraction")
 # Rows never shown in bold: the oracle sees only the annotation, it is a ceiling, not a rival.
 NOT_COMPETING = ("oracle",)
 
@@ -954,10 +957,12 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
     competing = [i for i, lab in enumerate(labels)
                  if not (row_axis == "method" and _method_of(e, lab) in NOT_COMPETING)]
     bold = [[False] * len(values[0]) for _ in values] if values else []
+    per_metric = len(col_keys)  # columns run metric-major: metric × col_keys
     for j in range(len(values[0]) if values else 0):
         cand = [(values[i][j][0], i) for i in competing if values[i][j][0] is not None]
         if len(cand) > 1:
-            best = max(v for v, _ in cand)
+            lower = e.metrics[j // per_metric].rsplit(".", 1)[-1] in LOWER_IS_BETTER
+            best = (min if lower else max)(v for v, _ in cand)
             for v, i in cand:
                 if abs(v - best) < 5e-4:
                     bold[i][j] = True
