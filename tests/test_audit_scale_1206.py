@@ -276,3 +276,30 @@ def test_image_batch_is_a_copy(tmp_path):
     assert torch.equal(x, before[[2, 0]])
     x.zero_()
     assert torch.equal(ds.images, before)
+
+
+def test_counterfactual_latent_helpers_read_a_split_by_chunks(tmp_path, monkeypatch):
+    """`causalign counterfactual --space latent` built the training split's float32
+    `.images` for its autoencoder, its fingerprint and the low-flip hint's variance; the
+    split is now read chunk by chunk, with the fingerprint recorded before (an autoencoder
+    an earlier call saved into OUT is still reused) and the same variance."""
+    from causalign.explain import counterfactual_export as ce
+
+    ds = _write(tmp_path / "d", _images("uint8", 300, np.random.default_rng(6)))
+    whole = ds.images
+    old = np.ascontiguousarray(whole.numpy())
+    h = __import__("hashlib").sha256(f"{old.shape} {old.dtype}".encode())
+    h.update(old.tobytes())
+    old_var = float(whole.float().var(0).mean())
+    calls = []
+
+    def counted(self):
+        calls.append(1)
+        return LesionDataset.__dict__["_counted_images"].fget(self)
+
+    monkeypatch.setattr(LesionDataset, "_counted_images", LesionDataset.images, raising=False)
+    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    assert ce._images_fingerprint(ds) == h.hexdigest() == ce._images_fingerprint(whole)
+    assert ce.mean_pixel_variance(ds) == pytest.approx(old_var, rel=1e-5)
+    assert ce.mean_pixel_variance(whole) == pytest.approx(old_var, rel=1e-5)
+    assert calls == []

@@ -591,10 +591,9 @@ def counterfactual(
     need_train = settings.distance.startswith("scaled") or settings.space == "latent"
     train_ds = ds if split == "train" else (
         LesionDataset(data_path, "train") if need_train or fixed_bounds is None else None)
-    # per-pixel scales read the split's cache chunk by chunk (`distance_scale`); only the
-    # autoencoder needs the whole split as float32
-    train_images = (train_ds.images if settings.space == "latent"
-                    else train_ds if need_train else None)
+    # per-pixel scales and the autoencoder read the split's cache chunk by chunk (its
+    # `.images` is a whole float32 copy)
+    train_images = train_ds if need_train else None
     # the range the summary's out-of-range count is taken against, and x*'s bounds (read
     # batch by batch)
     valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is ds else (train_ds, ds)))
@@ -658,7 +657,9 @@ def _low_flip_warning(summary: dict, settings: Any, ae_mse: float | None,
     hint = (f"try a smaller --alpha (now {settings.alpha:g}), more --steps (now "
             f"{settings.steps}) or --optimizer newton")
     if settings.space == "latent" and ae_mse is not None and train_images is not None:
-        var = float(train_images.float().var(0).mean())  # the mean image's MSE
+        from .explain.counterfactual_export import mean_pixel_variance
+
+        var = mean_pixel_variance(train_images)  # the mean image's MSE
         if ae_mse > 0.5 * var:
             hint += (f"; the autoencoder reconstructs the training images poorly (MSE "
                      f"{ae_mse:.3g} against {var:.3g} for their mean image): give a better "
