@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -271,6 +272,23 @@ def test_warmup_epochs_train_l_cls_alone_first():
     assert {"con", "reg", "ad"} <= set(method(model, batch).parts)
     with pytest.raises(ConfigError, match="warmup_epochs"):
         build_method("ppi", {"warmup_epochs": -1})
+
+
+def test_a_loop_without_on_epoch_start_is_told_its_schedule_does_not_apply():
+    """A user's loop that never called on_epoch_start skipped warmup_epochs (and never
+    reached con_boost) without a word; it is said once. Defaults (no schedule) stay quiet."""
+    model, batch = _model(), _batch()
+    method = build_method("ppi", {"warmup_epochs": 2, "con_boost": 100})
+    with pytest.warns(UserWarning, match=r"ppi: method.warmup_epochs=2 and method.con_boost="
+                                         r"100 count epochs from on_epoch_start\(epoch\)"):
+        method(model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method(model, batch)  # once
+        build_method("ppi")(model, batch)  # no schedule: nothing to say
+        scheduled = build_method("ppi", {"warmup_epochs": 1})
+        scheduled.on_epoch_start(1)  # the trainer's way
+        scheduled(model, batch)
 
 
 def test_bad_parameters_are_config_errors():

@@ -69,6 +69,7 @@ Choices, and why:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -289,6 +290,7 @@ class PPI(Method):
     def __init__(self, params: PPIParams | None = None) -> None:
         super().__init__(params)
         self.epoch = 0
+        self._said_no_epoch = False
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """Refuse Grad-CAM saliency whose layer is one pixel at this image size (resnet18 at
@@ -322,6 +324,21 @@ class PPI(Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _warn_no_epoch(self) -> None:
+        """A loop that never calls `on_epoch_start` (a user's own, a notebook's) left epoch
+        at 0: warmup_epochs and con_boost count epochs from it, so the warm-up was skipped
+        and the boost never came, without a word. Said once."""
+        p = self.params
+        schedule = [what for what, on in (
+            (f"method.warmup_epochs={p.warmup_epochs}", p.warmup_epochs > 0),
+            (f"method.con_boost={p.con_boost:g}", p.con_boost != 1)) if on]
+        if schedule and not self._said_no_epoch:
+            self._said_no_epoch = True
+            warnings.warn(f"ppi: {' and '.join(schedule)} count epochs from "
+                          f"on_epoch_start(epoch), which this loop has not called: call "
+                          f"method.on_epoch_start(epoch) (1-based) before each epoch, or the "
+                          f"schedule does not apply", stacklevel=3)
 
     def con_weight_now(self) -> float:
         p = self.params
@@ -395,6 +412,8 @@ class PPI(Method):
         n = x.shape[0]
         logits = model(x)
         l_cls = F.cross_entropy(logits, y)
+        if self.epoch == 0:
+            self._warn_no_epoch()
         w_con = self.con_weight_now()
         if p.fraction < 1:  # maps and contrasts for a random subset (unbiased batch means)
             idx = self._global_fraction(n, x.device)
