@@ -13,7 +13,9 @@ data_content_digest), and the per-pixel scales of the scaled distances, as
 level counts) and as it did before (the whole split as float32, then float64, then medians
 over it). Ratios old/new compare the two scale computations, measured in the same process
 on the same split. The latent space's autoencoder is trained (``--ae-epochs``) from the split
-read a batch at a time (now) and from its whole float32 ``.images`` (before).
+read a batch at a time (now) and from its whole float32 ``.images`` (before), each in a fresh
+process after reading the split: in this one, memory freed by the earlier phases stays
+resident and hides a new allocation of the same size.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +100,6 @@ def run_phases(root: Path, ae_epochs: int = 1) -> dict:
     torch.set_num_threads(1)
     from causalign.data.format import LesionDataset
     from causalign.explain.counterfactual import distance_scale
-    from causalign.models.autoencoder import train_autoencoder
 
     out: dict = {}
     base = _reset_peak()
@@ -112,10 +115,15 @@ def run_phases(root: Path, ae_epochs: int = 1) -> dict:
         phases[f"new-{d}"] = lambda d=d: _sha(distance_scale(ds, d))
         phases[f"old-{d}"] = lambda d=d: _sha(_old_scale(ds.images, d))
     if ae_epochs > 0:
-        phases["new-latent-ae"] = lambda: _ae_sha(train_autoencoder(ds, epochs=ae_epochs))
-        phases["old-latent-ae"] = lambda: _ae_sha(train_autoencoder(ds.images,
-                                                                    epochs=ae_epochs))
+        for name in ("new-latent-ae", "old-latent-ae"):
+            run = subprocess.run([sys.executable, __file__, str(root), "--ae-phase", name,
+                                  "--ae-epochs", str(ae_epochs)], capture_output=True,
+                                 text=True, check=True)
+            phases[name] = lambda out=run.stdout: json.loads(out)
     for name, fn in phases.items():
+        if name.endswith("latent-ae"):
+            out[name] = fn()
+            continue
         base = _reset_peak()
         t0 = time.perf_counter()
         value = fn()
@@ -124,6 +132,23 @@ def run_phases(root: Path, ae_epochs: int = 1) -> dict:
         if name != "digest":
             out[name]["ae_sha" if "latent" in name else "scale_sha"] = value
     return out
+
+
+def ae_phase(root: Path, name: str, ae_epochs: int) -> dict:
+    """One autoencoder phase in this (fresh) process, after reading the split."""
+    import torch
+
+    torch.set_num_threads(1)
+    from causalign.data.format import LesionDataset
+    from causalign.models.autoencoder import train_autoencoder
+
+    ds = LesionDataset(root, "train")
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    model = train_autoencoder(ds if name.startswith("new") else ds.images, epochs=ae_epochs)
+    return {"seconds": time.perf_counter() - t0,
+            "peak_mib_above_start": _status("VmHWM") - base, "ae_sha": _ae_sha(model),
+            "epochs": ae_epochs}
 
 
 def _ae_sha(model) -> str:
@@ -146,8 +171,12 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=1, choices=(1, 3))
     ap.add_argument("--ae-epochs", type=int, default=1,
                     help="epochs of the latent autoencoder phases (0: skip them)")
+    ap.add_argument("--ae-phase", help=argparse.SUPPRESS)  # internal: one phase, JSON out
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.ae_phase:
+        print(json.dumps(ae_phase(a.root, a.ae_phase, a.ae_epochs)))
+        return
     if not (a.root / "manifest.csv").exists():
         make(a.root, a.n_train, a.size, a.channels)
     results = run_phases(a.root, a.ae_epochs)
