@@ -120,3 +120,15 @@ def test_data_check_prints_one_warning_line(tmp_path, capsys):
     lines = [e for e in err if "not binary" in e]
     # train and its copies in val and test each hold the soft mask of sample 0
     assert len(lines) == 3 and all(e.startswith("warning: ") for e in lines)
+
+
+def test_every_soft_mask_is_counted_and_the_first_named(tmp_path):
+    root = _dataset(tmp_path / "d")
+    for k in (1, 3):
+        soft = np.zeros((16, 16), np.uint8)
+        soft[4:9, 4:9] = 100 + k
+        soft[5, 5] = 255
+        Image.fromarray(soft).save(root / f"masks/{k}.png")
+    msgs = _messages(root)
+    assert len(msgs) == 1 and "2 of 4 masks are not binary (e.g. 1.png: values 0, 101, 255)" \
+        in msgs[0]

@@ -637,14 +637,17 @@ class LesionDataset(Dataset):
         has_box = torch.zeros(n, dtype=torch.bool)
         n_mask_files = sum(r.mask is not None for r in self.records)
         shape, first, used = None, None, 0
-        soft_masks: list[tuple[Path, np.ndarray]] = []  # (path, mask) of non-binary masks
-        float_bytes: list[tuple[Path, np.dtype]] = []  # unscaled images of 8-bit values
+        # non-binary masks and unscaled images of 8-bit values: how many, and the first
+        # (path, mask) / (path, stored dtype) to name (not every mask: the split's size)
+        soft_masks: list = [0, None]
+        float_bytes: list = [0, None]
         for k, r in enumerate(self.records):
             ipath = self.root / r.image
             raw = load_array(ipath)
             img = _stored_image(raw, self.meta.ndim, ipath)
             if img.dtype == np.float32 and _holds_8bit_values(img):
-                float_bytes.append((ipath, raw.dtype))
+                float_bytes[0] += 1
+                float_bytes[1] = float_bytes[1] or (ipath, raw.dtype)
             if shape is None:
                 shape, first = img.shape, ipath
             elif img.shape[1:] == shape[1:] and img.shape[0] != shape[0]:
@@ -680,7 +683,8 @@ class LesionDataset(Dataset):
                 # penalise every pixel (see methods/_annotation.py); its (zero) mask is
                 # what a sample without mask gets, so it needs no row
                 if _not_binary(m):
-                    soft_masks.append((mpath, m))
+                    soft_masks[0] += 1
+                    soft_masks[1] = soft_masks[1] or (mpath, m)
                 on = torch.from_numpy(np.ascontiguousarray(m > 0))
                 if bool(on.any()):
                     if mask_store is None:
@@ -718,28 +722,27 @@ class LesionDataset(Dataset):
         self.attributes = torch.from_numpy(attrs)
         self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
 
-    def _warn_values(self, soft_masks: list[tuple[Path, np.ndarray]], n_mask_files: int,
-                     float_bytes: list[tuple[Path, np.dtype]]) -> None:
+    def _warn_values(self, soft_masks: list, n_mask_files: int, float_bytes: list) -> None:
         """Say so when the stored values are probably not what the files mean. Both cases
         load without error and train quietly on something else: a soft, probability or
         JPEG-saved mask counts every positive pixel as annotated (a JPEG's ringing marks
         pixels far from the lesion), and 8-bit values saved as float reach the model as
         0..255 where an 8-bit PNG gives 0..1."""
         where = f"{self.root}, split '{self.split}'"
-        if soft_masks:
-            path, m = soft_masks[0]
+        if soft_masks[0]:
+            path, m = soft_masks[1]
             levels = np.unique(m)
             shown = (f"{len(levels)} distinct values from {m.min():g} to {m.max():g}"
                      if len(levels) > 4
                      else "values " + ", ".join(f"{v:g}" for v in levels.tolist()))
-            warnings.warn(f"{where}: {len(soft_masks)} of {n_mask_files} masks are not binary "
+            warnings.warn(f"{where}: {soft_masks[0]} of {n_mask_files} masks are not binary "
                           f"(e.g. {path.name}: {shown}); "
                           f"every pixel > 0 counts as annotated, so threshold soft, "
                           f"probability or JPEG-saved masks (and store masks as PNG) first",
                           stacklevel=4)
-        if float_bytes:
-            path, dtype = float_bytes[0]
-            warnings.warn(f"{where}: {len(float_bytes)} of {len(self.records)} images hold "
+        if float_bytes[0]:
+            path, dtype = float_bytes[1]
+            warnings.warn(f"{where}: {float_bytes[0]} of {len(self.records)} images hold "
                           f"whole numbers up to 255 stored as {dtype} (e.g. {path.name}): "
                           f"such images are used as stored, so the model sees 0..255 where "
                           f"uint8 files read as 0..1; divide them by 255 or store them as "
