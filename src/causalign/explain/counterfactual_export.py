@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from ..data.format import LesionDataset
 from ..errors import CausalignError
 from ..io import atomic_save_npy, atomic_write_json, folder_lock, remove_temporaries
+from ..models.autoencoder import image_chunks, images_shape
 from .counterfactual import CounterfactualGenerator, distance_scale, eval_mode
 from .export import OwnedFiles, display_slice, refuse_other_exports
 
@@ -257,26 +257,12 @@ def attribute_change_rates(records: list[dict], names: list[str]) -> dict:
 AUTOENCODER_SOURCE = "autoencoder.json"  # beside OUT/autoencoder.pt: what it was trained on
 
 
-def _images_shape(images: Tensor | LesionDataset) -> tuple[int, ...]:
-    return (tuple(images.shape) if isinstance(images, Tensor)
-            else (len(images), *images.image_shape))
-
-
-def _image_chunks(images: Tensor | LesionDataset, chunk: int = 256) -> Iterator[Tensor]:
-    """The images in order, ``chunk`` at a time: a split as float32 batches (its `.images`
-    is a whole float32 copy, 4× a uint8 cache)."""
-    n = _images_shape(images)[0]
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(start + chunk, n))
-        yield images[idx] if isinstance(images, Tensor) else images.image_batch(idx)
-
-
 def _images_fingerprint(images: Tensor | LesionDataset) -> str:
     """sha256 of the images' shape, dtype and values (a few ms for 1000 64 px images); a
     split hashes as its float32 `.images` would, chunk by chunk."""
     dtype = images.dtype if isinstance(images, Tensor) else torch.float32
-    h = hashlib.sha256(f"{_images_shape(images)} {str(dtype).removeprefix('torch.')}".encode())
-    for x in _image_chunks(images):
+    h = hashlib.sha256(f"{images_shape(images)} {str(dtype).removeprefix('torch.')}".encode())
+    for x in image_chunks(images):
         h.update(np.ascontiguousarray(x.detach().cpu().numpy()).tobytes())
     return h.hexdigest()
 
@@ -285,11 +271,11 @@ def mean_pixel_variance(images: Tensor | LesionDataset) -> float:
     """Per-pixel variance over the images (ddof 1), averaged over pixels: the MSE of
     reconstructing every image by the mean image. Summed in float64, chunk by chunk."""
     total = total_sq = None
-    for x in _image_chunks(images):
+    for x in image_chunks(images):
         x = x.double().flatten(1)
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
-    n = _images_shape(images)[0]
+    n = images_shape(images)[0]
     if total is None or total_sq is None or n < 2:
         return math.nan
     return float(((total_sq - total * total / n) / (n - 1)).clamp_min(0).mean())
@@ -349,7 +335,7 @@ def resolve_autoencoder(run: Path | None, train_images: Tensor | LesionDataset,
     save_autoencoder(destination, ae)
     if path is None:
         atomic_write_json(source, {"train_images_sha256": fingerprint,
-                                   "train_images_shape": list(_images_shape(train_images))})
+                                   "train_images_shape": list(images_shape(train_images))})
     return ae, f"{destination} (trained on the training split)"
 
 
@@ -357,7 +343,7 @@ def _fits(ae: nn.Module, train_images: Tensor | LesionDataset, where: str) -> nn
     """``ae`` if it takes the images' channels. An RGB file on grey data failed only inside
     the first search, in words naming no file, after OUT's earlier summary.json was gone."""
     c = ae.config.get("in_channels") if isinstance(getattr(ae, "config", None), dict) else None
-    shape = _images_shape(train_images)
+    shape = images_shape(train_images)
     if c is not None and len(shape) == 4 and c != shape[1]:
         raise CausalignError(f"{where}: autoencoder takes {c}-channel images; this data has "
                              f"{shape[1]} channel(s) (--autoencoder: give another "

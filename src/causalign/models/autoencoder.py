@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,14 +98,28 @@ class ImageSplit(Protocol):
     def image_batch(self, idx: Tensor) -> Tensor: ...
 
 
-def _mean_pixel(take: Callable[[Tensor], Tensor], shape: tuple[int, ...],
-                chunk: int = 256) -> Tensor:
-    """Mean pixel value of images ``take(idx)`` (``shape`` in all), summed in float64 chunk
-    by chunk (as float32): the same for a tensor and a split read by batches."""
+def images_shape(images: Tensor | ImageSplit) -> tuple[int, ...]:
+    """(N, C, *spatial) of a tensor or of a split."""
+    return (tuple(images.shape) if isinstance(images, Tensor)
+            else (len(images), *images.image_shape))
+
+
+def image_chunks(images: Tensor | ImageSplit, chunk: int = 256) -> Iterator[Tensor]:
+    """The images in order, ``chunk`` at a time: a split as float32 batches (its `.images`
+    is a whole float32 copy, 4× a uint8 cache)."""
+    n = images_shape(images)[0]
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(start + chunk, n))
+        yield images[idx] if isinstance(images, Tensor) else images.image_batch(idx)
+
+
+def _mean_pixel(images: Tensor | ImageSplit) -> Tensor:
+    """Mean pixel value, summed in float64 chunk by chunk (as float32): the same for a
+    tensor and a split read by batches."""
     total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, shape[0], chunk):
-        total += take(torch.arange(start, min(start + chunk, shape[0]))).sum(dtype=torch.float64)
-    return (total / math.prod(shape)).float()
+    for x in image_chunks(images):
+        total += x.sum(dtype=torch.float64)
+    return (total / math.prod(images_shape(images))).float()
 
 
 def train_autoencoder(images: Tensor | ImageSplit, *, epochs: int | None = None,
@@ -122,13 +136,14 @@ def train_autoencoder(images: Tensor | ImageSplit, *, epochs: int | None = None,
     Returns the model in eval mode on ``device``; the final training MSE is stored in
     ``model.train_mse`` so callers can report reconstruction quality.
     """
+    shape = images_shape(images)
     if isinstance(images, Tensor):
-        shape, take = tuple(images.shape), images.__getitem__
+        take = images.__getitem__
         # the images' floating dtype (float64 for a float64 classifier, whose inner problem
         # encodes its own inputs): a float32 autoencoder fails there on the first conv
         dtype = images.dtype if images.is_floating_point() else torch.get_default_dtype()
     else:
-        shape, take, dtype = (len(images), *images.image_shape), images.image_batch, torch.float32
+        take, dtype = images.image_batch, torch.float32
     if len(shape) != 4 or shape[0] == 0:
         raise CausalignError(f"autoencoder training needs a non-empty (N,C,H,W) image batch, "
                              f"got shape {shape}")
@@ -141,7 +156,7 @@ def train_autoencoder(images: Tensor | ImageSplit, *, epochs: int | None = None,
         model = ConvAutoencoder(shape[1], width, latent_channels).to(device, dtype)
     # Start the output at the mean intensity (sigmoid⁻¹ of it) instead of 0.5: dark medical
     # crops otherwise spend the first epochs learning the background level.
-    mean = _mean_pixel(take, shape).clamp(1e-3, 1 - 1e-3)
+    mean = _mean_pixel(images).clamp(1e-3, 1 - 1e-3)
     with torch.no_grad():
         model.decoder[-1].bias.fill_(float(torch.log(mean / (1 - mean))))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
