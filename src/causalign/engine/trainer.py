@@ -40,7 +40,14 @@ from ..io import (
     replace,
     verified_bytes,
 )
-from ..methods.base import DataInfo, Method, build_method, params_diff, resolved_params
+from ..methods.base import (
+    DataInfo,
+    Method,
+    build_method,
+    method_class,
+    params_diff,
+    resolved_params,
+)
 from ..models.backbones import BACKBONES
 from . import distributed as D
 from .config import TrainConfig, apply_overrides, mps_note
@@ -1295,6 +1302,41 @@ def stored_config(run: Path) -> TrainConfig:
         build_method(cfg.method, cfg.method_args)
     except CausalignError as exc:
         raise CausalignError(f"{path}: {exc}") from None
+    return _keep_run_params(cfg, stored_method_params(run))
+
+
+def _keep_run_params(cfg: TrainConfig, stored: dict | None) -> TrainConfig:
+    """``cfg`` with the run's own hyper-parameters where this version's defaults differ.
+
+    config.yaml's method_args holds only what the user set; the rest came from the defaults
+    of the version that trained the run, recorded in method_params. A default changed since
+    (causal-align's cg_iters 3 -> 0 = auto) was applied to the old run: `train --resume`
+    refused it as "settings differ: method.cg_iters 3 -> 0 (use a new --out)" with nothing
+    changed by the user, and `load_run` (counterfactual, which lends the run's search
+    settings) built the method with the new default. Settings added since with a default
+    that is not the earlier behaviour (`Method.params_before`) get that earlier value."""
+    if not stored:
+        return cfg
+    try:
+        cls = method_class(cfg.method)
+        defaults = resolved_params(build_method(cfg.method, {}))
+    except CausalignError:
+        return cfg
+    skip = set(cfg.method_args) | set(cls.placement_params)
+    keep = {k: v for k, v in stored.items()
+            if k in defaults and k not in skip and v != defaults[k]}
+    keep.update({k: v for k, v in cls.params_before.items()
+                 if k not in stored and k not in skip and k in defaults})
+    if not keep:
+        return cfg
+    args = {**cfg.method_args, **keep}
+    try:
+        build_method(cfg.method, args)
+    except CausalignError:
+        # a stored value this version no longer takes: left to the record, which
+        # `settings_diff` names on --resume
+        return cfg
+    cfg.method_args = args
     return cfg
 
 
