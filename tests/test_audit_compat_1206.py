@@ -1,0 +1,88 @@
+"""On-disk compatibility with artifacts written by older causalign versions (audit, compat)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from causalign.engine.config import TrainConfig
+from causalign.engine.trainer import settings_diff, stored_config
+from causalign.methods.base import build_method, resolved_params
+
+
+def _old_run(root: Path, **params: object) -> Path:
+    """A run folder's config.yaml as causalign before 2026-12-05 wrote it: causal-align's
+    cg_iters default was 3 (now 0 = auto); gn_switch, newton_polish, damping_max,
+    negative_curvature and the cache settings did not exist; no model_args."""
+    run = root / "run"
+    run.mkdir(parents=True)
+    stored = resolved_params(build_method("causal-align", {}))
+    for key in ("newton_polish", "damping_max", "negative_curvature", "gn_switch",
+                "cache_device", "cache_dtype"):
+        del stored[key]
+    stored.update(cg_iters=3, **params)
+    cfg = TrainConfig(method="causal-align", epochs=8).to_dict()
+    del cfg["model_args"]
+    cfg.update(data=str(root / "data"), causalign_version="0.1.0", method_params=stored)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return run
+
+
+def test_an_old_run_keeps_the_defaults_it_was_trained_with(tmp_path):
+    # `train --resume` builds its config from stored_config: the new default cg_iters 0 was
+    # applied to the old run and the resume refused with "settings differ: method.cg_iters
+    # 3 -> 0 (use a new --out)", nothing having been changed by the user
+    run = _old_run(tmp_path)
+    cfg = stored_config(run)
+    assert settings_diff(run, cfg) == []
+    method = build_method(cfg.method, cfg.method_args)  # what load_run / counterfactual use
+    assert method.params.cg_iters == 3
+    assert method.params.gn_switch == 0  # params_before: the earlier behaviour
+    assert cfg.epochs == 8 and cfg.model_args == {}
+
+
+def test_an_explicit_other_value_on_resume_is_still_a_difference(tmp_path):
+    from causalign.engine.config import apply_overrides
+
+    run = _old_run(tmp_path)
+    wanted = apply_overrides(stored_config(run), {"method.cg_iters": 0})
+    assert settings_diff(run, wanted) == ["method.cg_iters 3 -> 0"]
+    # the user's own method_args win over the record
+    run2 = _old_run(tmp_path / "b", alpha=0.05)
+    raw = yaml.safe_load((run2 / "config.yaml").read_text())
+    raw["method_args"] = {"alpha": 0.05}
+    (run2 / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert stored_config(run2).method_args == {"alpha": 0.05, "cg_iters": 3, "gn_switch": 0}
+
+
+def test_a_current_run_gets_no_pinned_settings(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(method="causal-align")
+    params = resolved_params(build_method("causal-align", {}))
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(),
+                                                    "method_params": params}))
+    assert stored_config(run).method_args == {}
+
+
+def test_a_stored_value_this_version_refuses_is_named_on_resume(tmp_path):
+    run = _old_run(tmp_path, distance="l3")  # an option that no longer exists
+    cfg = stored_config(run)  # still readable (evaluate, explain)
+    assert "distance" not in cfg.method_args
+    # refused naming the value (gn_switch: no history, so no fallback it could have changed)
+    assert settings_diff(run, cfg) == ["method.cg_iters 3 -> 0", "method.distance 'l3' -> 'l1'"]
+
+
+@pytest.mark.parametrize(("method", "key"), [("rrr", "lam"), ("hier-align", "alpha2"),
+                                             ("ppi", "omega")])
+def test_other_methods_keep_their_stored_defaults(tmp_path, method, key):
+    run = tmp_path / "run"
+    run.mkdir()
+    params = resolved_params(build_method(method, {}))
+    params[key] = params[key] * 0.5  # trained when the default was another value
+    (run / "config.yaml").write_text(yaml.safe_dump({**TrainConfig(method=method).to_dict(),
+                                                    "method_params": params}))
+    cfg = stored_config(run)
+    assert cfg.method_args[key] == params[key] and settings_diff(run, cfg) == []
