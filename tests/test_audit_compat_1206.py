@@ -39,7 +39,10 @@ def test_an_old_run_keeps_the_defaults_it_was_trained_with(tmp_path):
     assert settings_diff(run, cfg) == []
     method = build_method(cfg.method, cfg.method_args)  # what load_run / counterfactual use
     assert method.params.cg_iters == 3
-    assert method.params.gn_switch == 0  # params_before: the earlier behaviour
+    # params_before: the earlier behaviour (CG on every step; a curved sample dropped at
+    # δ = damping, not solved by Gauss-Newton)
+    assert method.params.gn_switch == 0 and method.params.damping_max == 0.0
+    assert method.params.negative_curvature == "damping"
     assert cfg.epochs == 8 and cfg.model_args == {}
 
 
@@ -54,7 +57,9 @@ def test_an_explicit_other_value_on_resume_is_still_a_difference(tmp_path):
     raw = yaml.safe_load((run2 / "config.yaml").read_text())
     raw["method_args"] = {"alpha": 0.05}
     (run2 / "config.yaml").write_text(yaml.safe_dump(raw))
-    assert stored_config(run2).method_args == {"alpha": 0.05, "cg_iters": 3, "gn_switch": 0}
+    assert stored_config(run2).method_args == {"alpha": 0.05, "cg_iters": 3, "gn_switch": 0,
+                                               "damping_max": 0.0,
+                                               "negative_curvature": "damping"}
 
 
 def test_a_current_run_gets_no_pinned_settings(tmp_path):
@@ -86,3 +91,33 @@ def test_other_methods_keep_their_stored_defaults(tmp_path, method, key):
                                                     "method_params": params}))
     cfg = stored_config(run)
     assert cfg.method_args[key] == params[key] and settings_diff(run, cfg) == []
+
+
+@pytest.mark.parametrize("method", ["causal-align", "hier-align"])
+def test_negative_curvature_of_an_old_run_is_compared_with_the_earlier_behaviour(tmp_path,
+                                                                                method):
+    """negative_curvature (default gauss-newton) and causal-align's damping_max (default 10)
+    did not exist before 2026-12-05: a run stored before dropped (later: re-damped) the
+    samples whose CG met negative curvature, and was resumed or collected by a benchmark
+    with the Gauss-Newton fallback on, silently. Now the earlier value is compared, unless
+    the run's history shows CG never met negative curvature."""
+    run = tmp_path / "run"
+    run.mkdir()
+    params = resolved_params(build_method(method, {}))
+    for key in ("negative_curvature", "damping_max", "gn_switch"):
+        params.pop(key, None)
+    cfg = TrainConfig(method=method, epochs=1)
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(),
+                                                    "method_params": params}))
+    prefix = "train_img_" if method == "hier-align" else "train_"
+    (run / "history.csv").write_text(f"epoch,{prefix}cg_dropped\n1,0\n2,0.125\n")
+    diffs = settings_diff(run, cfg)
+    assert "method.negative_curvature 'damping' (before the setting existed) -> " \
+           "'gauss-newton'" in diffs
+    assert (method == "causal-align") == (
+        "method.damping_max 0.0 (before the setting existed) -> 10.0" in diffs)
+    assert settings_diff(run, stored_config(run)) == []  # what `train --resume` builds
+    (run / "history.csv").write_text(f"epoch,{prefix}cg_dropped,{prefix}damping\n1,0,0.01\n")
+    assert settings_diff(run, cfg) == []  # CG never met negative curvature: no effect
+    (run / "history.csv").write_text(f"epoch,{prefix}cg_dropped,{prefix}damping\n1,0,0.1\n")
+    assert settings_diff(run, cfg) != []  # δ was raised: it did

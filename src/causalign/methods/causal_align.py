@@ -403,6 +403,25 @@ def never_fell_back(history: list[dict]) -> bool:
                    if k.endswith("gn_fallback"))
 
 
+def never_met_negative_curvature(history: list[dict], damping: float) -> bool:
+    """True when no history.csv row shows a step whose CG could have met negative curvature:
+    no sample dropped (``*cg_dropped``: what runs from before `negative_curvature` did with
+    such a sample), no damping raised above ``damping`` (``*damping``), no Gauss-Newton
+    fallback. Such a run trained as it would have with any `negative_curvature` and
+    `damping_max`, which act only on those steps (every 2D CNN run in pixel space)."""
+    for row in history:
+        for k, v in row.items():
+            try:
+                value = float(v or 0)
+            except (TypeError, ValueError):
+                return False  # unreadable: not shown to be without effect
+            if k.endswith(("cg_dropped", "gn_fallback")) and value > 0:
+                return False
+            if k.endswith("damping") and value > damping * (1 + 1e-6):
+                return False
+    return True
+
+
 def _all_finite(grads: Sequence[Tensor]) -> bool:
     """Every gradient finite? One host sync for all parameters (not one per tensor)."""
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -498,11 +517,16 @@ class CausalAlign(Method):
     Params = CausalAlignTrainingParams
     uses_annotations = True
     subset_means = True  # L_align: a mean over the aligned samples (LossOutput.means)
-    # runs stored before gn_switch existed tried CG on every step
-    params_before = {"gn_switch": 0}
+    # runs stored before gn_switch existed tried CG on every step; before damping_max a
+    # step whose CG met negative curvature dropped those samples at δ = damping (a cap of
+    # 0 = off), and before negative_curvature it raised δ (damping_max) instead of solving
+    # the Gauss-Newton system
+    params_before = {"gn_switch": 0, "damping_max": 0.0, "negative_curvature": "damping"}
     placement_params = ("cache_device",)  # the warm-start cache's device: same numbers
 
     def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
+        if key in ("damping_max", "negative_curvature"):
+            return never_met_negative_curvature(history, self.params.damping)
         return key == "gn_switch" and never_fell_back(history)
 
     def __init__(self, params: CausalAlignParams | None = None) -> None:

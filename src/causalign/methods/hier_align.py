@@ -52,6 +52,7 @@ from .causal_align import (
     CausalAlignParams,
     GradCap,
     never_fell_back,
+    never_met_negative_curvature,
     no_setup_message,
     refuse_autograd_context,
     share_weights,
@@ -225,10 +226,14 @@ class HierAlign(Method):
     # Masks/boxes are optional: without any, only the attribute level (Eq. 6) aligns.
     uses_annotations = False
     subset_means = True  # BCE over known attributes, both alignment terms (see loss)
-    params_before = {"gn_switch": 0}  # as causal-align's
+    # as causal-align's; before negative_curvature both levels raised δ (up to 10; runs from
+    # before 2026-12-05 01:15 dropped the samples instead, which no setting reproduces)
+    params_before = {"gn_switch": 0, "negative_curvature": "damping"}
     placement_params = ("cache_device",)  # the warm-start cache's device: same numbers
 
     def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
+        if key == "negative_curvature":
+            return never_met_negative_curvature(history, self.params.damping)
         return key == "gn_switch" and never_fell_back(history)
 
     def __init__(self, params: HierAlignParams | None = None) -> None:
