@@ -121,3 +121,36 @@ def test_negative_curvature_of_an_old_run_is_compared_with_the_earlier_behaviour
     assert settings_diff(run, cfg) == []  # CG never met negative curvature: no effect
     (run / "history.csv").write_text(f"epoch,{prefix}cg_dropped,{prefix}damping\n1,0,0.1\n")
     assert settings_diff(run, cfg) != []  # δ was raised: it did
+
+
+def _old_export(out: Path, summary: dict) -> Path:
+    """An export folder as causalign before 2026-12-04 22:46 wrote it: no manifest."""
+    import json
+
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps(summary))
+    (out / "grid.png").write_bytes(b"png")
+    return out
+
+
+def test_an_older_versions_export_of_the_other_command_is_not_overwritten(tmp_path):
+    # the manifest-based refusal (explain's summary.json and grid.png replaced by
+    # counterfactual's, and the reverse) missed folders from before the manifests
+    from causalign.errors import CausalignError
+    from causalign.explain.counterfactual_export import COUNTERFACTUAL_MANIFEST
+    from causalign.explain.export import OwnedFiles, refuse_other_exports
+
+    ex = _old_export(tmp_path / "ex", {"saliency": "gradcam", "split": "test", "n": 4,
+                                       "out": "ex"})
+    cf = _old_export(tmp_path / "cf", {"split": "test", "n": 4, "n_generated": 4,
+                                       "flip_rate": 1.0, "out": "cf"})
+    planned_cf = {"summary.json", "grid.png", "triptychs/test_0.png", "cf/test_0.npy"}
+    with pytest.raises(CausalignError, match=r"ex: holds the output of `causalign explain` "
+                                             r"\(by an older causalign version"):
+        refuse_other_exports(ex, COUNTERFACTUAL_MANIFEST, planned_cf)
+    with pytest.raises(CausalignError, match="holds the output of `causalign counterfactual`"):
+        OwnedFiles(cf, ".causalign-explain.json", {"summary.json", "grid.png", "maps/a.npy"})
+    assert (cf / "summary.json").read_text().startswith('{"split"')  # left as it was
+    # the same command's older output is its own to rewrite, as before
+    refuse_other_exports(cf, COUNTERFACTUAL_MANIFEST, planned_cf)
+    OwnedFiles(ex, ".causalign-explain.json", {"summary.json", "grid.png"})

@@ -107,6 +107,15 @@ def refuse_other_exports(out: Path, manifest: str, planned: Iterable[str]) -> No
     counterfactuals (and the reverse). Callable before expensive preparation (a latent
     search's autoencoder), which was trained first and then refused."""
     planned = set(planned)
+    older = _unlisted_export(Path(out), manifest)
+    if older is not None:
+        clash = sorted(n for n in planned & {"summary.json", "grid.png"}
+                       if (Path(out) / n).exists())
+        if clash:
+            raise CausalignError(
+                f"{out}: holds the output of `causalign {older}` (by an older causalign "
+                f"version, without a manifest), whose {' and '.join(clash)} this export "
+                f"would overwrite; choose another --out, or remove that output first")
     for other in sorted(Path(out).glob(".causalign-*.json")):
         if other.name == manifest or not other.is_file():
             continue
@@ -118,6 +127,31 @@ def refuse_other_exports(out: Path, manifest: str, planned: Iterable[str]) -> No
                 f"{out}: holds the output of `causalign {command}` ({other.name}), "
                 f"whose {' and '.join(clash[:3])} this export would overwrite; choose "
                 f"another --out, or remove that output first")
+
+
+# summary.json keys only one export command writes: OUT's files from a version before the
+# manifests (2026-12-04) are recognised by them, as explain's then counterfactual's
+_SUMMARY_KEYS = {".causalign-explain.json": ("explain", "saliency"),
+                 ".causalign-counterfactual.json": ("counterfactual", "flip_rate")}
+
+
+def _unlisted_export(out: Path, manifest: str) -> str | None:
+    """The other export command whose output OUT holds with no manifest (an older version's:
+    `explain` then, manifest-less, was overwritten by `counterfactual` without a word, and
+    the reverse), by its summary.json; None when there is none or it is this command's."""
+    summary = out / "summary.json"
+    if (out / manifest).exists() or not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    for name, (command, key) in _SUMMARY_KEYS.items():
+        if name != manifest and key in data and not (out / name).exists():
+            return command
+    return None
 
 
 def _resolves_inside(path: str, root: str) -> bool:
