@@ -14,7 +14,8 @@ maps are what causal-align's alignment term and `causalign counterfactual` measu
 Unlike gradient maps this one is a search result, not a function of the weights that autograd
 can follow: ``create_graph=True`` is refused. ``flipped`` holds, after each call, which
 samples' x* reached y* (a map whose search did not flip the prediction shows where the change
-went, not what suffices).
+went, not what suffices), and ``diverged`` which searches diverged (their maps are zero; the
+first call with one warns, later calls do not, so a command warns once, not once per batch).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .base import Explainer, Target, check_inputs, register_explainer
 from .counterfactual import CounterfactualGenerator
+
+
+class CounterfactualDivergedWarning(UserWarning, RuntimeWarning):
+    """Some counterfactual searches diverged. A UserWarning, so the command line prints it as
+    causalign's other warnings (one `warning: …` line), and a RuntimeWarning, as it was."""
 
 
 @register_explainer("counterfactual")
@@ -44,6 +50,10 @@ class CounterfactualSaliency(Explainer):
         self.signed = bool(signed)
         self.generator = CounterfactualGenerator(model, target_rule="other", **search)
         self.flipped: Tensor | None = None
+        # which samples' searches diverged, after each call; said once per explainer
+        # (`evaluate` and `explain` call once per batch: one warning each, counts differing)
+        self.diverged: Tensor | None = None
+        self._warned_diverged = False
 
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
@@ -56,10 +66,14 @@ class CounterfactualSaliency(Explainer):
         # labels = the explained class; the "other" rule turns each into y* != target
         result = self.generator.generate(inputs, labels=target, report=True)
         self.flipped = result.flipped
+        self.diverged = result.diverged
         n_diverged = int(result.diverged.sum())
-        if n_diverged:
+        if n_diverged and not self._warned_diverged:
+            self._warned_diverged = True
             # x* was reset to x0: an all-zero map, not a NaN one
             warnings.warn(f"{n_diverged} of {len(inputs)} counterfactual searches diverged "
-                          f"(NaN/inf); their maps are zero", RuntimeWarning, stacklevel=2)
+                          f"(NaN/inf); their maps are zero (said once per explainer; "
+                          f"`.diverged` marks them after every call)",
+                          CounterfactualDivergedWarning, stacklevel=2)
         change = inputs.detach() - result.x_star
         return change if self.signed else change.abs()

@@ -1,0 +1,70 @@
+"""Output contract audit (obs, 2026-12-06): what scripts and CI logs read from causalign."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+
+from causalign import cli
+from causalign.explain import CounterfactualSaliency
+from causalign.explain.counterfactual import CounterfactualResult
+from causalign.models import SevenLayerCNN
+
+
+def _diverging_explainer() -> CounterfactualSaliency:
+    """A counterfactual explainer whose search diverges on the last sample of every call."""
+    model = SevenLayerCNN(1, 2, width=4).eval()
+    e = CounterfactualSaliency(model, steps=1)
+    real = e.generator.generate
+
+    def diverging(x0, **kw):  # the generator resets a diverged sample's x* to x0
+        r = real(x0, **kw)
+        x_star = r.x_star.clone()
+        x_star[-1] = x0[-1]
+        diverged = torch.zeros(len(x0), dtype=torch.bool)
+        diverged[-1] = True
+        fields = {f: getattr(r, f) for f in CounterfactualResult.__dataclass_fields__}
+        return CounterfactualResult(**{**fields, "x_star": x_star, "diverged": diverged})
+
+    e.generator = types.SimpleNamespace(generate=diverging)
+    return e
+
+
+def test_diverged_counterfactual_maps_warn_once_per_explainer_not_per_batch():
+    # `evaluate`/`explain --saliency counterfactual` call attribute once per batch: the
+    # count in the message differed per batch, so Python's once-per-text filter let one
+    # warning through per batch
+    e = _diverging_explainer()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for n in (3, 2, 4):
+            maps = e.attribute(torch.rand(n, 1, 8, 8), target=torch.zeros(n, dtype=torch.long))
+            assert maps[-1].abs().sum() == 0
+    diverged = [w for w in seen if "counterfactual searches diverged" in str(w.message)]
+    assert len(diverged) == 1, [str(w.message) for w in seen]
+    assert issubclass(diverged[0].category, RuntimeWarning)  # as before, for callers
+    # the later calls' diverged samples stay visible without a warning each
+    assert getattr(e, "diverged", None) is not None
+    assert e.diverged.tolist() == [False, False, False, True]
+
+
+def test_diverged_counterfactual_warning_is_one_warning_line_on_the_command_line(
+        monkeypatch, capsys):
+    # README: causalign's own warnings print as one line `warning: …`; this one was a plain
+    # RuntimeWarning, printed in Python's two-line format (file:line, then the source line)
+    e = _diverging_explainer()
+
+    def command(argv):  # as `evaluate` and `explain` call it, once per batch
+        for n in (3, 2):
+            e.predict_and_attribute(torch.rand(n, 1, 8, 8))
+        return 0
+
+    monkeypatch.setattr(cli, "_main", command)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        assert cli.main([]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("warning: 1 of 3 counterfactual searches diverged"), err
