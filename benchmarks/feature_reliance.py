@@ -29,10 +29,17 @@ from causalign.engine.trainer import load_run
 from causalign.io import atomic_write_json, atomic_write_text
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson r, None where undefined (fewer than 2 samples, or a constant side: a one-class
+    split, a split without masks): JSON null, not the non-standard NaN; and no numpy
+    warnings from the std of an empty slice."""
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def _signed(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.2f}"
 
 
 def reliance(run: Path, data: Path | None, split: str) -> dict:
@@ -75,13 +82,13 @@ def main() -> None:
     head = ["run", "method", "label", "lesion brightness", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ["/".join(Path(r["run"]).parts[-2:]), r["method"], f"{r['label']:+.2f}",
-                 f"{r['lesion_brightness']:+.2f}", *(f"{r['attributes'][n]:+.2f}" for n in names)]
+        cells = ["/".join(Path(r["run"]).parts[-2:]), r["method"], _signed(r["label"]),
+                 _signed(r["lesion_brightness"]), *(_signed(r["attributes"][n]) for n in names)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     atomic_write_text(a.out.with_suffix(".md"), table)
     print(table)
-    print(f"label vs lesion brightness: {rows[0]['label_vs_brightness']:+.2f}")
+    print(f"label vs lesion brightness: {_signed(rows[0]['label_vs_brightness'])}")
     print(json.dumps({"written": str(a.out)}))
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import types
 import warnings
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from causalign import cli
 from causalign.explain import CounterfactualSaliency
 from causalign.explain.counterfactual import CounterfactualResult
+from causalign.io import atomic_write_json
 from causalign.models import SevenLayerCNN
 
 
@@ -68,3 +75,42 @@ def test_diverged_counterfactual_warning_is_one_warning_line_on_the_command_line
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("warning: 1 of 3 counterfactual searches diverged"), err
+
+
+def _load_benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"audit_obs_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _strict(text: str):
+    def refuse(const: str):
+        raise AssertionError(f"non-standard JSON constant {const}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_feature_reliance_undefined_correlations_are_null_not_nan():
+    # a one-class test split (label), no mask in the split (lesion brightness) or an
+    # attribute constant on it: the correlation is undefined; feature_reliance.json held a
+    # bare NaN (not JSON) and numpy printed four RuntimeWarnings per empty slice
+    fr = _load_benchmark("feature_reliance")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fr._corr(np.array([0.1, 0.5, 0.3]), np.ones(3)) is None  # one class
+        assert fr._corr(np.array([]), np.array([])) is None  # nothing masked
+        assert fr._corr(np.array([0.2]), np.array([1.0])) is None  # one sample
+        assert fr._corr(np.array([0.1, 0.5, 0.3]), np.array([0.0, 1.0, 1.0])) == \
+            pytest.approx(float(np.corrcoef([0.1, 0.5, 0.3], [0.0, 1.0, 1.0])[0, 1]))
+
+
+def test_atomic_write_json_writes_standard_json_for_non_finite_numbers(tmp_path):
+    # json.dumps writes NaN/Infinity, which strict parsers (jq, JavaScript, Go) refuse;
+    # every JSON file causalign writes goes through this helper: null instead
+    path = tmp_path / "m.json"
+    atomic_write_json(path, {"auc": float("nan"), "deletion": {"0.1": np.float64("nan")},
+                             "range": (-math.inf, 1.5), "n": 3, "ok": True, "none": None})
+    assert _strict(path.read_text()) == {"auc": None, "deletion": {"0.1": None},
+                                         "range": [None, 1.5], "n": 3, "ok": True,
+                                         "none": None}

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -137,8 +138,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_bytes(path, text.encode("utf-8"))
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf; NumPy's too) replaced by None: JSON has
+    no NaN, and json.dumps's `NaN` / `Infinity` are refused by strict parsers (jq, JavaScript,
+    Go). causalign's undefined metrics are null already; this keeps every writer to that."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """`obj` as standard JSON (non-finite numbers as null, `finite_or_null`), atomically."""
+    atomic_write_text(path, json.dumps(finite_or_null(obj), indent=2, sort_keys=False,
+                                       allow_nan=False) + "\n")
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
