@@ -114,3 +114,12 @@ def test_atomic_write_json_writes_standard_json_for_non_finite_numbers(tmp_path)
     assert _strict(path.read_text()) == {"auc": None, "deletion": {"0.1": None},
                                          "range": [None, 1.5], "n": 3, "ok": True,
                                          "none": None}
+
+
+def test_json_on_stdout_is_standard_json(capsys):
+    # `evaluate`, `data info` and `bench step` print JSON for scripts (`| jq`): the same
+    # guard as the files, and bench step's one line stays one line
+    cli._echo_json({"auc": float("nan"), "ratio": math.inf})
+    assert _strict(capsys.readouterr().out) == {"auc": None, "ratio": None}
+    cli._echo_json({"a": 1, "b": [1.5]}, indent=None)
+    assert capsys.readouterr().out == '{"a": 1, "b": [1.5]}\n'

@@ -34,8 +34,11 @@ def _progress(enabled: bool = True):
     return progress_bar(enabled, remaining=False)
 
 
-def _echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2))
+def _echo_json(obj, indent: int | None = 2) -> None:
+    """JSON on stdout, standard like the files (`finite_or_null`: no bare NaN/Infinity)."""
+    from .io import finite_or_null
+
+    typer.echo(json.dumps(finite_or_null(obj), indent=indent, allow_nan=False))
 
 
 # ---------------------------------------------------------------------------- data
@@ -800,7 +803,7 @@ def bench_step_cmd(
                             profile=profile, depth=depth, classes=classes)
     finally:
         torch.set_num_threads(saved)
-    typer.echo(json.dumps(result))
+    _echo_json(result, indent=None)  # one line, as documented
 
 
 @app.command()
