@@ -123,3 +123,29 @@ def test_json_on_stdout_is_standard_json(capsys):
     assert _strict(capsys.readouterr().out) == {"auc": None, "ratio": None}
     cli._echo_json({"a": 1, "b": [1.5]}, indent=None)
     assert capsys.readouterr().out == '{"a": 1, "b": [1.5]}\n'
+
+
+def _history_header(rows: list[dict], tmp_path: Path) -> list[str]:
+    from causalign.engine.trainer import Trainer
+
+    fake = types.SimpleNamespace(state=types.SimpleNamespace(history=rows), out=tmp_path)
+    Trainer._write_history(fake)  # type: ignore[arg-type]
+    return (tmp_path / "history.csv").read_text().splitlines()[0].split(",")
+
+
+def test_history_columns_keep_one_order_when_a_part_starts_in_a_later_epoch(tmp_path):
+    # hier-align with align_start=2 (or align_every beyond an epoch, a PPI warm-up): the
+    # alignment columns first appear in epoch 2 and were appended after `seconds`, so the
+    # same method's runs had different column orders (`tail -n +2` concatenation or a
+    # positional reader mixed them up) and `seconds` was no longer the last column
+    def row(epoch: int, aligned: bool) -> dict:
+        r: dict = {"epoch": epoch, "train_loss": 1.0, "train_ce": 0.7, "train_align_step": 1.0}
+        if aligned:
+            r.update(train_align=0.3, train_flip_rate=1.0)
+        r.update(train_accuracy=0.5, val_accuracy=0.5, val_auc=None, val_loss=0.7, seconds=1.2)
+        return r
+
+    late = _history_header([row(1, False), row(2, True)], tmp_path / "a")
+    early = _history_header([row(1, True), row(2, True)], tmp_path / "b")
+    assert late == early
+    assert late[0] == "epoch" and late[-1] == "seconds"

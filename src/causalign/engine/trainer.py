@@ -1136,9 +1136,7 @@ class Trainer:
 
     def _write_history(self) -> None:
         rows = self.state.history
-        keys: list[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
+        keys = history_columns(rows)
         lines = [",".join(keys)]
         for r in rows:
             lines.append(",".join(_fmt(r.get(k)) for k in keys))
@@ -1245,6 +1243,29 @@ def _callers_rng() -> Iterator[None]:
         random.setstate(saved[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def history_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """history.csv's header: epoch, the method's train_* parts, train_accuracy, val_*,
+    seconds, each group in the order its columns first appear. A part first reported in a
+    later epoch (hier-align's align_start, align_every beyond an epoch, PPI's warm-up) was
+    appended after `seconds`, so one method's runs had different column orders."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+
+    def group(k: str) -> int:
+        if k == "epoch":
+            return 0
+        if k == "train_accuracy":
+            return 2
+        if k.startswith("train_"):
+            return 1
+        if k.startswith("val_"):
+            return 3
+        return 5 if k == "seconds" else 4
+
+    return sorted(keys, key=group)  # stable: first-seen order within a group
 
 
 def _fmt(v: Any) -> str:
