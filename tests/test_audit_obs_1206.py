@@ -149,3 +149,32 @@ def test_history_columns_keep_one_order_when_a_part_starts_in_a_later_epoch(tmp_
     early = _history_header([row(1, True), row(2, True)], tmp_path / "b")
     assert late == early
     assert late[0] == "epoch" and late[-1] == "seconds"
+
+
+def test_a_benchmark_runs_early_warning_names_the_run(monkeypatch, tmp_path, capsys):
+    # `causalign benchmark` / `demo` train many runs in one process: the trainer's
+    # `warning: epoch 1: train_cg_dropped >= 0.5 …` on stderr did not say which run it
+    # was about (only results.json's notes did, at the end)
+    from causalign.engine import benchmark, trainer
+
+    seen = {}
+
+    def fake_train(data, cfg, out, resume=False, progress=True, **kw):
+        seen.update(kw)
+        return {"method": "erm"}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    spec = types.SimpleNamespace(key="plus-minus/causal-align/seed0", config=None)
+    benchmark.run_one(spec, tmp_path / "data", tmp_path / "run")  # type: ignore[arg-type]
+    assert seen.get("name") == "plus-minus/causal-align/seed0"
+
+    fake = types.SimpleNamespace(name="plus-minus/causal-align/seed0", _warned=set(),
+                                 _exploding=lambda history: [])
+    row = {"epoch": 1, "train_cg_dropped": 0.9}
+    trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: plus-minus/causal-align/seed0: epoch 1: train_cg_dropped"), err
+    fake.name = None  # `causalign train`: the run is the command's own, as documented
+    fake._warned = set()
+    trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
+    assert capsys.readouterr().err.startswith("warning: epoch 1: train_cg_dropped")

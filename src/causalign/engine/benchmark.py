@@ -551,7 +551,8 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
         if m is not None:
             return m
     resume = (run_dir / CHECKPOINT).exists()
-    return train(data, spec.config, run_dir, resume=resume, progress=False)
+    # named: its warnings go to stderr among the other runs' (one process trains them all)
+    return train(data, spec.config, run_dir, resume=resume, progress=False, name=spec.key)
 
 
 def _check_extra(suite: Suite, extra: dict[str, Any], specs: list[RunSpec],

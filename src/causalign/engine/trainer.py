@@ -462,7 +462,8 @@ class Trainer:
     """Train `cfg.method` on DATA into the run folder `out`."""
 
     def __init__(self, data: str | Path, cfg: TrainConfig | Mapping[str, Any],
-                 out: str | Path, resume: bool = False, progress: bool = True) -> None:
+                 out: str | Path, resume: bool = False, progress: bool = True,
+                 name: str | None = None) -> None:
         if isinstance(cfg, Mapping):  # {"method": "oracle", "epochs": 3}, as --config reads
             cfg = apply_overrides(TrainConfig(), dict(cfg))
         elif not isinstance(cfg, TrainConfig):  # an AttributeError on .validate() before
@@ -474,6 +475,8 @@ class Trainer:
         self.out = Path(out)
         self.resume = resume
         self.show_progress = progress
+        # said in its stderr warnings: a benchmark trains many runs in one process
+        self.name = name
         self._warned: set[str] = set()  # failure counters already reported (_warn_early)
         self.device = resolve_device(cfg.device)
         self.method: Method = build_method(cfg.method, cfg.method_args)
@@ -1086,7 +1089,9 @@ class Trainer:
             column = line.split(":", 1)[0].split(" ", 1)[0]
             if column not in self._warned:
                 self._warned.add(column)
-                print(f"warning: epoch {row['epoch']}: {line}", file=sys.stderr, flush=True)
+                run = f"{self.name}: " if self.name else ""
+                print(f"warning: {run}epoch {row['epoch']}: {line}", file=sys.stderr,
+                      flush=True)
 
     def _exploding(self, history: list[dict[str, Any]]) -> list[str]:
         return exploding_loss(history, self.train_set.num_classes, self.cfg.lr)
@@ -1277,9 +1282,10 @@ def _fmt(v: Any) -> str:
 
 
 def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Path,
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train a model and return its metrics (what `causalign train` does)."""
-    return Trainer(data, cfg, out, resume=resume, progress=progress).fit()
+          resume: bool = False, progress: bool = True, name: str | None = None) -> dict:
+    """Train a model and return its metrics (what `causalign train` does). ``name`` (e.g. a
+    benchmark's run key) prefixes the warnings it prints while training."""
+    return Trainer(data, cfg, out, resume=resume, progress=progress, name=name).fit()
 
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "causalign_version",
