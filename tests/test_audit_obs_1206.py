@@ -178,3 +178,35 @@ def test_a_benchmark_runs_early_warning_names_the_run(monkeypatch, tmp_path, cap
     fake._warned = set()
     trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
     assert capsys.readouterr().err.startswith("warning: epoch 1: train_cg_dropped")
+
+
+def test_off_a_terminal_each_bar_prints_its_line_when_it_finishes(capsys):
+    # stderr a file or pipe (CI): rich drew nothing until the display stopped, then every
+    # task at once, so `causalign train`'s log was empty until training ended (CircleCI and
+    # Travis stop a job after 10 minutes without output) and every line had the end's time
+    from causalign.engine.progress import progress_bar
+
+    with progress_bar() as bar:
+        first = bar.add_task("epoch 1/2", total=2)
+        bar.advance(first)
+        assert capsys.readouterr().err == ""  # no line per update
+        bar.advance(first)
+        assert "epoch 1/2" in capsys.readouterr().err  # at once, not when the bar stops
+        second = bar.add_task("epoch 2/2", total=1)
+        bar.update(second, advance=1, description="epoch 2/2 loss 0.5")
+        assert "epoch 2/2 loss 0.5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == "", repr(err)  # not repeated at the end, and no blank line
+
+
+def test_off_a_terminal_a_long_task_prints_a_heartbeat_line(capsys, monkeypatch):
+    from causalign.engine import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.0, raising=False)
+    with progress.progress_bar() as bar:
+        task = bar.add_task("benchmark", total=3)
+        bar.advance(task)
+        assert "benchmark" in capsys.readouterr().err  # still running: said it is alive
+        bar.advance(task, 2)
+        assert "3/3" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""

@@ -1,13 +1,23 @@
-"""The one progress-bar style of every long job: rich, on stderr, `None` when switched off."""
+"""The one progress-bar style of every long job: rich, on stderr, `None` when switched off.
+
+Off a terminal (a CI log, `2> log`) rich draws nothing until the bar stops and then prints
+every task at once: a training run's log stayed empty until it ended, every line stamped with
+the end time, and CI services that stop a job after 10 minutes without output (CircleCI,
+Travis) stopped long runs. There each task prints its one line when it finishes, and a task
+still running prints it at most once every `HEARTBEAT_S`."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress
+
+HEARTBEAT_S = 60.0  # off a terminal: a running task's line at most this often
 
 
 @contextmanager
@@ -34,7 +44,9 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
                TimeElapsedColumn()]
     if remaining:
         columns.append(TimeRemainingColumn())
-    progress = Progress(*columns, console=Console(stderr=True))
+    console = Console(stderr=True)
+    kind = _line_progress_class() if _lines_only(console) else Progress
+    progress = kind(*columns, console=console)
     with progress:
         try:
             yield progress
@@ -47,6 +59,63 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
         finally:
             if not progress.tasks:  # nothing shown: stop silently
                 _stop_silently(progress)
+
+
+def _lines_only(console: Console) -> bool:
+    """No live display: a file or pipe, or a dumb terminal (rich redraws neither)."""
+    return not console.is_jupyter and (not console.is_terminal or console.is_dumb_terminal)
+
+
+_LINE_PROGRESS: Any = None
+
+
+def _line_progress_class() -> Any:
+    """`Progress` printing a task's line when it finishes (and a heartbeat while it runs)
+    instead of all of them when the display stops. Built on first use: rich is imported
+    lazily, as above."""
+    global _LINE_PROGRESS
+    if _LINE_PROGRESS is not None:
+        return _LINE_PROGRESS
+    from rich.progress import Progress, TaskID
+
+    class LineProgress(Progress):
+        def __init__(self, *columns: Any, **kwargs: Any) -> None:
+            # transient: the lines are out already, the final frame would repeat them
+            super().__init__(*columns, transient=True, **kwargs)
+            self._last_line: dict[TaskID, float] = {}  # task -> when its line was printed
+            self._finished_lines: set[TaskID] = set()
+
+        def add_task(self, *args: Any, **kwargs: Any) -> TaskID:
+            task_id = super().add_task(*args, **kwargs)
+            self._last_line[task_id] = time.monotonic()  # a heartbeat HEARTBEAT_S later
+            return task_id
+
+        def update(self, task_id: TaskID, **kwargs: Any) -> None:
+            super().update(task_id, **kwargs)
+            self._print_line(task_id)
+
+        def advance(self, task_id: TaskID, advance: float = 1) -> None:
+            super().advance(task_id, advance)
+            self._print_line(task_id)
+
+        def _print_line(self, task_id: TaskID) -> None:
+            task = self._tasks.get(task_id)
+            if self.disable or task is None or task_id in self._finished_lines:
+                return
+            now = time.monotonic()
+            if task.finished:
+                self._finished_lines.add(task_id)
+            elif now - self._last_line.get(task_id, now) < HEARTBEAT_S:
+                return
+            self._last_line[task_id] = now
+            self.console.print(self.make_tasks_table([task]))
+
+        def stop(self) -> None:
+            if not self.disable:  # without Progress.stop's blank line off a terminal
+                self.live.stop()
+
+    _LINE_PROGRESS = LineProgress
+    return LineProgress
 
 
 def _stop_silently(progress: Progress) -> None:
