@@ -210,3 +210,14 @@ def test_off_a_terminal_a_long_task_prints_a_heartbeat_line(capsys, monkeypatch)
         bar.advance(task, 2)
         assert "3/3" in capsys.readouterr().err
     assert capsys.readouterr().err == ""
+
+
+def test_off_a_terminal_a_task_without_a_total_still_shows_its_last_state(capsys):
+    from causalign.engine.progress import progress_bar
+
+    with progress_bar() as bar:
+        task = bar.add_task("scanning headers", total=None)
+        bar.advance(task, 5)
+        assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    assert err.count("scanning headers") == 1, repr(err)

@@ -100,7 +100,8 @@ def _line_progress_class() -> Any:
 
         def _print_line(self, task_id: TaskID) -> None:
             task = self._tasks.get(task_id)
-            if self.disable or task is None or task_id in self._finished_lines:
+            if (self.disable or task is None or not task.visible
+                    or task_id in self._finished_lines):
                 return
             now = time.monotonic()
             if task.finished:
@@ -111,8 +112,15 @@ def _line_progress_class() -> Any:
             self.console.print(self.make_tasks_table([task]))
 
         def stop(self) -> None:
-            if not self.disable:  # without Progress.stop's blank line off a terminal
-                self.live.stop()
+            if self.disable:
+                return
+            # a task that never finished (no total, or left short): its last state, once,
+            # as rich printed every task at the end
+            for task in self.tasks:
+                if task.visible and task.id not in self._finished_lines:
+                    self._finished_lines.add(task.id)
+                    self.console.print(self.make_tasks_table([task]))
+            self.live.stop()  # without Progress.stop's blank line off a terminal
 
     _LINE_PROGRESS = LineProgress
     return LineProgress
