@@ -29,6 +29,7 @@ over |S| ≤ 3.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -413,8 +414,12 @@ class HierAlign(Method):
     def attribute_counterfactual(self, model: nn.Module, a_hat: Tensor,
                                  target: Tensor) -> CounterfactualResult:
         """Eq. 6: a* (``x_star`` of the result, probabilities) for attribute vectors â."""
-        return self.attr.generator(model.f2).generate(a_hat.detach(), target=target,
-                                                      report=False)
+        res = self.attr.generator(model.f2).generate(a_hat.detach(), target=target,
+                                                     report=False)
+        # a* = â + σ(u*) − σ(u₀) with u₀ the logit of â clamped to [1e-6, 1 − 1e-6]: where f₁
+        # is confident (â exactly 0 or 1 in float32) it left [0, 1] by up to ~1e-6, and Eq. 7's
+        # search refused it as a BCE target, stopping training mid-run
+        return dataclasses.replace(res, x_star=res.x_star.clamp(0.0, 1.0))
 
     def image_counterfactual(self, model: nn.Module, x: Tensor, a_star: Tensor,
                              ids: Tensor | None = None, bn_stats: dict | None = None,
