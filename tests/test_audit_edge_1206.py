@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from causalign.cli import main
 from causalign.engine.config import TrainConfig
+from causalign.errors import ConfigError
 from causalign.methods import build_method
 from causalign.methods.base import DataInfo
 
@@ -42,3 +44,40 @@ def test_hier_align_saturated_attributes_keep_a_star_a_probability():
     out = method.loss(model, _batch())
     assert torch.isfinite(out.total)
     assert out.parts["n_align_img"] > 0 and "img_align" in out.parts
+
+
+@pytest.mark.parametrize("every", [0, -1])
+def test_hier_align_refuses_align_every_below_one(every: int) -> None:
+    """hier-align passes align_every=1 to its levels, so only its own check sees the key: 0
+    failed on the first step with a ZeroDivisionError traceback, -1 was accepted."""
+    with pytest.raises(ConfigError, match=rf"method.align_every must be >= 1, got {every}"):
+        build_method("hier-align", {"align_every": every})
+
+
+@pytest.mark.parametrize("method", ["causal-align", "hier-align"])
+@pytest.mark.parametrize("tol", [1.0, 5.0])
+def test_cg_tol_of_one_or_more_is_refused(method: str, tol: float) -> None:
+    """CG stops at ‖r‖ <= tol·‖b‖, met by v = 0 once tol >= 1: every step reported CG
+    converged with no sample dropped, and the alignment gradient was exactly zero."""
+    with pytest.raises(ConfigError, match=r"method.cg_tol must be in \(0, 1\)"):
+        build_method(method, {"cg_tol": tol})
+    build_method(method, {"cg_tol": 0.5})  # below 1 stays valid
+
+
+def test_hier_align_refuses_an_overflowing_attr_weight() -> None:
+    """attr_weight had no upper bound (α and λ have MAX_SETTING): 1e40 overflowed float32 and
+    stopped training on its first step with "non-finite loss"."""
+    with pytest.raises(ConfigError, match=r"method.attr_weight must be in \[0, 1e\+30\]"):
+        build_method("hier-align", {"attr_weight": 1e40})
+
+
+def test_align_start_after_the_last_epoch_is_refused(tiny_data, tmp_path, capsys) -> None:
+    """method.align_start=2 with 1 epoch trained CE + BCE only, exit 0, without a word."""
+    rc = main(["train", str(tiny_data), "--method", "hier-align", "--epochs", "1",
+               "--batch-size", "48", "--out", str(tmp_path / "run"), "--no-progress",
+               "--set", "method.align_start=2", "--set", "method.steps=1",
+               "--set", "method.attr_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "method.align_start=2 is after the run's last epoch (epochs 1)" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -230,7 +230,10 @@ class CausalAlignParams:
             (self.inner_lr > 0, f"method.inner_lr must be > 0, got {self.inner_lr}"),
             (self.cg_iters >= 0, f"method.cg_iters must be >= 0 (0 = auto: from the number "
                                  f"of classes), got {self.cg_iters}"),
-            (self.cg_tol > 0, f"method.cg_tol must be > 0, got {self.cg_tol}"),
+            # a relative residual: at >= 1 the zero vector meets it, so CG "converged" at
+            # once and the alignment gradient was silently zero (history: converged, none
+            # dropped)
+            (0 < self.cg_tol < 1, f"method.cg_tol must be in (0, 1), got {self.cg_tol}"),
             (self.damping >= 0, f"method.damping must be >= 0, got {self.damping}"),
             (self.damping_max >= 0, f"method.damping_max must be >= 0, got "
                                     f"{self.damping_max}"),

@@ -152,7 +152,6 @@ class HierAlignParams:
              f"method.alpha1/alpha2 must be in [0, {MAX_SETTING:g}]"),
             (all(0 <= v <= MAX_SETTING for v in (self.lam1, self.lam2)),
              f"method.lam1/lam2 must be in [0, {MAX_SETTING:g}]"),
-            (self.attr_weight >= 0, "method.attr_weight must be >= 0"),
             (self.hidden >= 1, "method.hidden must be >= 1"),
             (self.attr_steps >= 1 and self.attr_lr > 0 and self.attr_eps > 0,
              "method.attr_steps must be >= 1, attr_lr and attr_eps > 0"),
@@ -160,6 +159,13 @@ class HierAlignParams:
              f"method.ccce_model must be logistic or frequency, got '{self.ccce_model}'"),
             (self.ccce_max_size >= 1, "method.ccce_max_size must be >= 1"),
             (self.align_start >= 1, "method.align_start must be >= 1"),
+            # not in the levels' checks (_shared passes them align_every=1): 0 failed with a
+            # ZeroDivisionError traceback on the first step, a negative value was accepted
+            (self.align_every >= 1, f"method.align_every must be >= 1, got {self.align_every}"),
+            # hier-align's own weight of Eq. 5 (alpha/lam are capped): 1e40 overflowed
+            # float32 and stopped training on its first step with "non-finite loss"
+            (0 <= self.attr_weight <= MAX_SETTING,
+             f"method.attr_weight must be in [0, {MAX_SETTING:g}], got {self.attr_weight}"),
             (self.balance >= 0, f"method.balance must be >= 0, got {self.balance}"),
             (self.align_batch >= 0, "method.align_batch must be >= 0"),
             (self.ccce_tol >= 0, "method.ccce_tol must be >= 0"),
