@@ -480,6 +480,13 @@ class Trainer:
         self._warned: set[str] = set()  # failure counters already reported (_warn_early)
         self.device = resolve_device(cfg.device)
         self.method: Method = build_method(cfg.method, cfg.method_args)
+        # hier-align's first aligned epoch past the last one: the run trained CE + BCE only,
+        # exit 0 and no word, with method.align_start recorded in config.yaml as if it acted
+        start = getattr(getattr(self.method, "params", None), "align_start", 1)
+        if isinstance(start, int) and start > cfg.epochs:
+            raise ConfigError(f"method.align_start={start} is after the run's last epoch "
+                              f"(epochs {cfg.epochs}): the alignment terms would never act; "
+                              f"use method.align_start <= {cfg.epochs} or more epochs")
         self._setups = 0  # fit() calls that reached _setup (a second one rebuilds the method)
         read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
         if _writes_run_folder():  # a run still training there: say so, not "already holds a
