@@ -790,6 +790,26 @@ class LesionDataset(Dataset):
             return cols.clone()  # a copy, never a view a caller could edit the cache through
         return _float_images(cols, self._kind)
 
+    def regions_cover_image(self, region: str = "mask") -> bool:
+        """True when the split has an annotated sample and every annotated sample's region
+        covers its whole image: ``region`` "mask" the pixel masks, "box" the box where one
+        is given, else the mask (as `box_masks`). No pixel then lies outside any region, so
+        an alignment loss on the outside (causal-align's Eq. 3) is 0 for every sample."""
+        full_row = self._masks.flatten(1).all(1)  # per stored mask (bool cache: cheap)
+        mask_full = torch.zeros(len(self), dtype=torch.bool)
+        mask_full[self.has_mask] = full_row[self._mask_row[self.has_mask]]
+        if region == "mask":
+            annotated, full = self.has_mask, mask_full
+        else:
+            spatial = self.image_shape[1:]
+            h, w = spatial[-2], spatial[-1]
+            d = spatial[0] if len(spatial) == 3 else 1
+            x0, y0, x1, y1, z0, z1 = self._boxes.unbind(-1)
+            box_full = (x0 <= 0) & (y0 <= 0) & (x1 >= w) & (y1 >= h) & (z0 <= 0) & (z1 >= d)
+            annotated = self.has_box_or_mask
+            full = torch.where(self._has_box, box_full, mask_full)
+        return bool(annotated.any()) and bool(full[annotated].all())
+
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self._images.shape[1:])

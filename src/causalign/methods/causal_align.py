@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError
+from ..errors import MAX_SETTING, CausalignError, ConfigError, DataError, InputError
 from ..explain.counterfactual import (
     DISTANCES,
     MIN_L1_EPS,
@@ -611,6 +611,15 @@ class CausalAlign(Method):
                               f"training samples have only a box and get no alignment term "
                               f"under method.region=mask (method.region=box uses boxes, and "
                               f"masks' boxes)", stacklevel=2)
+        covers = getattr(train_set, "regions_cover_image", None)
+        if self.require_region and callable(covers) and covers(self.params.region):
+            # outside = 1 − m is 0 everywhere: L_align is 0 for every sample and the run
+            # trained ERM at the alignment's cost, history's train_align 0, without a word
+            # (as method.dilate over the whole image, refused below)
+            raise DataError(f"causal-align: every annotated training sample's "
+                            f"{self.params.region} covers its whole image, so no pixel lies "
+                            f"outside a region and L_align is 0 (the run would be ERM); check "
+                            f"the annotations (an inverted or blank-filled export?)")
         target = str(self.params.target)
         n_classes = len(getattr(getattr(train_set, "meta", None), "classes", None) or [])
         if target.isdigit() and n_classes and int(target) >= n_classes:
