@@ -15,6 +15,7 @@ P = 4
 INFO = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32),
                 attributes=[f"a{i}" for i in range(P)])
 FAST = dict(steps=2, attr_steps=10, cg_iters=3)
+FAST_CA = dict(steps=2, cg_iters=3)
 
 
 def _batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -81,3 +82,40 @@ def test_align_start_after_the_last_epoch_is_refused(tiny_data, tmp_path, capsys
     assert rc == 2 and len(err) == 1
     assert "method.align_start=2 is after the run's last epoch (epochs 1)" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_causal_align_refuses_masks_covering_every_image(tiny_data, tmp_path) -> None:
+    """Every training mask covering its whole image (an inverted or blank-filled export):
+    1 − m was 0 everywhere, L_align 0 for every sample, and causal-align trained ERM at the
+    alignment's cost with exit 0 (history: train_align 0). Boxes that do not cover the
+    image still align under region=box."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from causalign.data.format import LesionDataset
+    from causalign.errors import DataError
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    for p in (root / "masks").glob("train_*.png"):
+        Image.fromarray(np.full_like(np.array(Image.open(p)), 255)).save(p)
+    train = LesionDataset(root, "train")
+    assert bool(train.has_mask.any())
+    method = build_method("causal-align", FAST_CA)
+    model = method.build_model(TrainConfig(width=4), INFO)
+    with pytest.raises(DataError, match=r"every annotated training sample's mask covers its "
+                                        r"whole image"):
+        method.setup(train, model)
+    assert not train.regions_cover_image("box")
+    build_method("causal-align", dict(FAST_CA, region="box")).setup(train, model)
+    # the untouched data is not refused
+    build_method("causal-align", FAST_CA).setup(LesionDataset(tiny_data, "train"), model)
+
+
+def test_hier_align_attr_eps_below_the_floor_names_attr_eps() -> None:
+    """method.attr_eps=1e-30 was refused by the attribute level's own check, as
+    "method.eps must be >= 1e-15": the image level's key, which the user had not set."""
+    with pytest.raises(ConfigError, match=r"^method.attr_eps must be >= 1e-15.*got 1e-30$"):
+        build_method("hier-align", {"attr_eps": 1e-30})

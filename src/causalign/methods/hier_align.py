@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError
 from ..explain.counterfactual import (
     DISTANCES,
+    MIN_L1_EPS,
     CounterfactualResult,
     capture_bn_stats,
     counterfactual_targets,
@@ -155,6 +156,11 @@ class HierAlignParams:
             (self.hidden >= 1, "method.hidden must be >= 1"),
             (self.attr_steps >= 1 and self.attr_lr > 0 and self.attr_eps > 0,
              "method.attr_steps must be >= 1, attr_lr and attr_eps > 0"),
+            # checked here: attribute_params() passes it on as `eps`, whose message named
+            # method.eps (the image level's key) for a bad method.attr_eps
+            (self.attr_eps >= MIN_L1_EPS,
+             f"method.attr_eps must be >= {MIN_L1_EPS:g} (ε² underflows float32 below "
+             f"~1e-19), got {self.attr_eps}"),
             (self.ccce_model in ("logistic", "frequency"),
              f"method.ccce_model must be logistic or frequency, got '{self.ccce_model}'"),
             (self.ccce_max_size >= 1, "method.ccce_max_size must be >= 1"),
