@@ -119,3 +119,26 @@ def test_hier_align_attr_eps_below_the_floor_names_attr_eps() -> None:
     "method.eps must be >= 1e-15": the image level's key, which the user had not set."""
     with pytest.raises(ConfigError, match=r"^method.attr_eps must be >= 1e-15.*got 1e-30$"):
         build_method("hier-align", {"attr_eps": 1e-30})
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"align_on": "positive"}, "method.align_on=positive skips those labelled 0"),
+    ({"target": "0"}, "method.target=0 skips the samples labelled 0"),
+])
+def test_causal_align_refuses_a_split_with_no_alignable_sample(settings, named) -> None:
+    """Only negatives annotated: align_on=positive (or target 0) skipped every annotated
+    sample, history's train_n_align was 0 and the run trained ERM with exit 0."""
+    from types import SimpleNamespace
+
+    labels = torch.tensor([0, 0, 1, 1])
+    has = torch.tensor([True, True, False, False])  # the positives have no mask
+    split = SimpleNamespace(labels=labels, has_mask=has, has_box_or_mask=has,
+                            image_shape=(1, 32, 32), meta=SimpleNamespace(classes=["a", "b"]))
+    method = build_method("causal-align", dict(FAST_CA, **settings))
+    model = method.build_model(TrainConfig(width=4), INFO)
+    with pytest.raises(ConfigError, match=rf"none of the 2 annotated training samples can "
+                                          rf"align \({named}\)"):
+        method.setup(split, model)
+    # one annotated positive is enough
+    split.has_mask = split.has_box_or_mask = torch.tensor([True, True, True, False])
+    build_method("causal-align", dict(FAST_CA, **settings)).setup(split, model)

@@ -626,6 +626,7 @@ class CausalAlign(Method):
             # was refused only at the first step, after loading (and a latent autoencoder)
             raise ConfigError(f"method.target={target} is no class of this data (classes "
                               f"0..{n_classes - 1})")
+        self._refuse_nothing_alignable(train_set)
         shape = getattr(train_set, "image_shape", None)
         if shape is not None and len(shape) == 4 and self.params.space == "latent":
             # refused only inside the autoencoder's training, in words naming neither
@@ -668,6 +669,28 @@ class CausalAlign(Method):
             self.autoencoder = self._load_or_train_autoencoder(source, device)
             self._fitted.add("autoencoder")
         self._set_up = True
+
+    def _refuse_nothing_alignable(self, train_set: LesionDataset) -> None:
+        """Refuse a split in which annotated samples exist but `alignable` keeps none of them
+        (align_on=positive with only negatives annotated, a fixed method.target that every
+        annotated sample already has): every step skipped L_align, history's train_n_align
+        0, and the run trained ERM under this name with exit 0."""
+        p = self.params
+        labels = getattr(train_set, "labels", None)
+        has = getattr(train_set, "has_mask" if p.region == "mask" else "has_box_or_mask",
+                      None)
+        if not self.require_region or labels is None or has is None or not bool(has.any()):
+            return  # nothing annotated: refused or warned about elsewhere
+        if bool(self.alignable(labels, has).any()):
+            return
+        why = []
+        if str(p.target).isdigit():
+            why.append(f"method.target={p.target} skips the samples labelled {p.target}")
+        if p.align_on == "positive":
+            why.append("method.align_on=positive skips those labelled 0")
+        raise ConfigError(f"causal-align: none of the {int(has.sum())} annotated training "
+                          f"samples can align ({' and '.join(why)}), so L_align never acts "
+                          f"and the run would be ERM")
 
     def _load_or_train_autoencoder(self, images: Tensor | ImageSplit, device) -> nn.Module:
         from ..models.autoencoder import (
