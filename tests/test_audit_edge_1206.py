@@ -142,3 +142,12 @@ def test_causal_align_refuses_a_split_with_no_alignable_sample(settings, named) 
     # one annotated positive is enough
     split.has_mask = split.has_box_or_mask = torch.tensor([True, True, True, False])
     build_method("causal-align", dict(FAST_CA, **settings)).setup(split, model)
+
+
+def test_hier_align_refuses_a_hidden_width_past_torch_sizes() -> None:
+    """method.hidden=1e20 passed validation and nn.Linear failed with an "Overflow when
+    unpacking long long" TypeError traceback when the model was built."""
+    with pytest.raises(ConfigError, match=r"method.hidden must be in 1\.\.2147483647"):
+        build_method("hier-align", {"hidden": 10**20})
+    with pytest.raises(ConfigError, match=r"method.hidden must be in 1\.\."):
+        build_method("hier-align", {"hidden": 0})

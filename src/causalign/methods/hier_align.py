@@ -67,6 +67,9 @@ if TYPE_CHECKING:
     from ..engine.distributed import GlobalStep
 
 
+_HIDDEN_MAX = 2**31 - 1  # method.hidden: f₂'s hidden width
+
+
 class SigmoidCode(nn.Module):
     """'Autoencoder' between attribute probabilities and logits: encode = logit,
     decode = σ. Lets the generator search Eq. 6 on logits while x* is a probability."""
@@ -153,7 +156,10 @@ class HierAlignParams:
              f"method.alpha1/alpha2 must be in [0, {MAX_SETTING:g}]"),
             (all(0 <= v <= MAX_SETTING for v in (self.lam1, self.lam2)),
              f"method.lam1/lam2 must be in [0, {MAX_SETTING:g}]"),
-            (self.hidden >= 1, "method.hidden must be >= 1"),
+            # a width past torch's int64 sizes failed in nn.Linear with an "Overflow when
+            # unpacking long long" TypeError traceback; 2^31 - 1 is already beyond any memory
+            (1 <= self.hidden <= _HIDDEN_MAX,
+             f"method.hidden must be in 1..{_HIDDEN_MAX}, got {self.hidden}"),
             (self.attr_steps >= 1 and self.attr_lr > 0 and self.attr_eps > 0,
              "method.attr_steps must be >= 1, attr_lr and attr_eps > 0"),
             # checked here: attribute_params() passes it on as `eps`, whose message named
