@@ -151,3 +151,14 @@ def test_hier_align_refuses_a_hidden_width_past_torch_sizes() -> None:
         build_method("hier-align", {"hidden": 10**20})
     with pytest.raises(ConfigError, match=r"method.hidden must be in 1\.\."):
         build_method("hier-align", {"hidden": 0})
+
+
+@pytest.mark.parametrize("value", [None, [], {"a": 1}])
+def test_a_text_setting_refuses_null_lists_and_mappings(value, tmp_path, monkeypatch) -> None:
+    """`--set method.autoencoder=null` (or `[]`) became the path "None" ("[]"): a
+    space=latent run trained an autoencoder and saved it under that name in the working
+    directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"method.autoencoder: expected str, got"):
+        build_method("causal-align", {"autoencoder": value, "space": "latent"})
+    assert build_method("causal-align", {"target": 1}).params.target == "1"  # ints stay

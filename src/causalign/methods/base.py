@@ -389,7 +389,9 @@ def coerce_params(params: Any) -> None:
                     raise ValueError
                 setattr(params, f.name, float(value))
             elif isinstance(default, str):
-                if isinstance(value, (bool, float)):  # `target: no` -> False: not a name
+                # `target: no` -> False: not a name; `autoencoder: null` / `[]` became the
+                # path "None" / "[]", where space=latent then saved an autoencoder
+                if value is None or isinstance(value, (bool, float, list, tuple, dict)):
                     raise ValueError
                 setattr(params, f.name, str(value))
         except (TypeError, ValueError, OverflowError):
