@@ -133,3 +133,19 @@ def test_every_soft_mask_is_counted_and_the_first_named(tmp_path):
     msgs = _messages(root)
     assert len(msgs) == 1 and "2 of 4 masks are not binary (e.g. 1.png: values 0, 101, 255)" \
         in msgs[0]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int8])
+def test_8bit_values_in_signed_integer_images_are_named(tmp_path, dtype):
+    """int8/int16 images are kept unscaled (only uint8/uint16 read as 0..1), as float and
+    int32 ones, but the check looked only at images converted to float32: an 8-bit image
+    saved as int16 reached the model as 0..255 without a word (review audit)."""
+    top = 256 if dtype == np.int16 else 128
+    img = np.random.default_rng(2).integers(0, top, (16, 16)).astype(dtype)
+    msgs = _messages(_dataset(tmp_path / "d", image=img, fmt="npy"))
+    assert len(msgs) == 1, msgs
+    assert "1 of 4 images hold whole numbers up to 255" in msgs[0]
+    assert f"stored as {np.dtype(dtype)}" in msgs[0]
+    # signed CT values (HU) stay quiet, as for float images
+    ct = np.linspace(-1000, 2000, 256).reshape(16, 16).astype(np.int16)
+    assert _messages(_dataset(tmp_path / "ct", image=ct, fmt="npy")) == []

@@ -564,9 +564,9 @@ def _not_binary(mask: np.ndarray) -> bool:
 
 
 def _holds_8bit_values(image: np.ndarray) -> bool:
-    """An unscaled image (float, or int32/64, read as float32) whose values look like 8-bit
-    pixels: whole numbers in 0..255, not all 0/1. (HU-valued CT has negatives; float images
-    in [0, 1] have max ≤ 1.)"""
+    """An unscaled image (float or int32/64, read as float32; int8/int16, kept as stored)
+    whose values look like 8-bit pixels: whole numbers in 0..255, not all 0/1. (HU-valued CT
+    has negatives; float images in [0, 1] have max ≤ 1.)"""
     top = float(image.max())
     return (1.0 < top <= 255.0 and float(image.min()) >= 0.0
             and bool(np.array_equal(image, np.round(image))))
@@ -645,7 +645,9 @@ class LesionDataset(Dataset):
             ipath = self.root / r.image
             raw = load_array(ipath)
             img = _stored_image(raw, self.meta.ndim, ipath)
-            if img.dtype == np.float32 and _holds_8bit_values(img):
+            # every image kept unscaled: float/int32 (read as float32) and int8/int16
+            # (cached as stored); only uint8/uint16 are scaled to 0..1
+            if _COMPACT_SCALE.get(img.dtype) is None and _holds_8bit_values(img):
                 float_bytes[0] += 1
                 float_bytes[1] = float_bytes[1] or (ipath, raw.dtype)
             if shape is None:
