@@ -149,3 +149,21 @@ def test_8bit_values_in_signed_integer_images_are_named(tmp_path, dtype):
     # signed CT values (HU) stay quiet, as for float images
     ct = np.linspace(-1000, 2000, 256).reshape(16, 16).astype(np.int16)
     assert _messages(_dataset(tmp_path / "ct", image=ct, fmt="npy")) == []
+
+
+def test_8bit_values_saved_as_uint16_are_named(tmp_path):
+    """uint16 images read as value/65535: a split of 8-bit images saved as 16-bit PNGs reached
+    the model as 0..0.004 without a word (review audit). A split with one dark 16-bit image
+    among bright ones stays quiet."""
+    rng = np.random.default_rng(3)
+    root = _dataset(tmp_path / "d", image=rng.integers(0, 256, (16, 16)).astype(np.uint16))
+    for k in range(1, 4):  # every image 16-bit, values of 8 bits
+        Image.fromarray(rng.integers(0, 256, (16, 16)).astype(np.uint16)).save(
+            root / f"images/{k}.png")
+    assert np.array(Image.open(root / "images/1.png")).dtype == np.uint16
+    msgs = _messages(root)
+    assert len(msgs) == 1, msgs
+    assert "all 4 images are uint16 with values only up to 255" in msgs[0]
+    assert "so the model sees 0..0.0039" in msgs[0]
+    Image.fromarray(rng.integers(0, 4096, (16, 16)).astype(np.uint16)).save(root / "images/2.png")
+    assert _messages(root) == []  # 12-bit data among them: a 16-bit split

@@ -641,6 +641,9 @@ class LesionDataset(Dataset):
         # (path, mask) / (path, stored dtype) to name (not every mask: the split's size)
         soft_masks: list = [0, None]
         float_bytes: list = [0, None]
+        # the largest uint16 value and how many uint16 images: a split of 8-bit images saved
+        # as 16-bit PNGs reads as 0..0.004 (uint16 scales by 65535)
+        wide: list = [0, 0, None]
         for k, r in enumerate(self.records):
             ipath = self.root / r.image
             raw = load_array(ipath)
@@ -650,6 +653,9 @@ class LesionDataset(Dataset):
             if _COMPACT_SCALE.get(img.dtype) is None and _holds_8bit_values(img):
                 float_bytes[0] += 1
                 float_bytes[1] = float_bytes[1] or (ipath, raw.dtype)
+            elif img.dtype == np.uint16:
+                wide[0], wide[1] = wide[0] + 1, max(wide[1], int(img.max()))
+                wide[2] = wide[2] or ipath
             if shape is None:
                 shape, first = img.shape, ipath
             elif img.shape[1:] == shape[1:] and img.shape[0] != shape[0]:
@@ -709,7 +715,7 @@ class LesionDataset(Dataset):
                 boxes[k] = torch.tensor([x0, y0, x1, y1, z0, z1])
                 has_box[k] = True
         assert store is not None and shape is not None  # the split is not empty
-        self._warn_values(soft_masks, n_mask_files, float_bytes)
+        self._warn_values(soft_masks, n_mask_files, float_bytes, wide)
         if mask_store is None or used < len(mask_store):  # all-zero masks left rows unused
             mask_store = (mask_store[:used].clone() if mask_store is not None
                           else torch.zeros((0, 1, *shape[1:]), dtype=torch.bool))
@@ -724,12 +730,13 @@ class LesionDataset(Dataset):
         self.attributes = torch.from_numpy(attrs)
         self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
 
-    def _warn_values(self, soft_masks: list, n_mask_files: int, float_bytes: list) -> None:
+    def _warn_values(self, soft_masks: list, n_mask_files: int, float_bytes: list,
+                     wide: list) -> None:
         """Say so when the stored values are probably not what the files mean. Both cases
         load without error and train quietly on something else: a soft, probability or
         JPEG-saved mask counts every positive pixel as annotated (a JPEG's ringing marks
-        pixels far from the lesion), and 8-bit values saved as float reach the model as
-        0..255 where an 8-bit PNG gives 0..1."""
+        pixels far from the lesion), 8-bit values saved as float reach the model as
+        0..255 where an 8-bit PNG gives 0..1, and as 16-bit PNGs as 0..0.004."""
         where = f"{self.root}, split '{self.split}'"
         if soft_masks[0]:
             path, m = soft_masks[1]
@@ -749,6 +756,13 @@ class LesionDataset(Dataset):
                           f"such images are used as stored, so the model sees 0..255 where "
                           f"uint8 files read as 0..1; divide them by 255 or store them as "
                           f"uint8", stacklevel=4)
+        # only when every image is uint16 and none exceeds 255: one dark 16-bit image among
+        # bright ones is no sign of 8-bit data
+        if wide[0] == len(self.records) and 1 < wide[1] <= 255:
+            warnings.warn(f"{where}: all {wide[0]} images are uint16 with values only up to "
+                          f"{wide[1]} (e.g. {wide[2].name}): uint16 files read as value/65535, "
+                          f"so the model sees 0..{wide[1] / 65535:.2g}; store 8-bit images as "
+                          f"uint8 (they then read as 0..1)", stacklevel=4)
 
     # Whole-split float32 tensors, for the few callers that need every image at once
     # (per-pixel distance scales, autoencoder training): each access builds a new tensor of
