@@ -397,6 +397,10 @@ TROUBLE_COLUMNS = {
                          "the Hessian; use method.hvp=exact",
     "train_cf_diverged": "the counterfactual search diverged (NaN/inf) and was reset, so the "
                          "alignment term skipped those samples; try a smaller method.inner_lr",
+    "train_cf_stuck": "the counterfactual search left x* = x without reaching the target (no "
+                      "iterate beat the start), so L_align was 0 for those samples; a "
+                      "method.inner_lr too large for method.inner_optimizer overshoots every "
+                      "step: try a smaller method.inner_lr (or method.alpha)",
     "train_empty_mask": "PPI's saliency maps had no positive evidence for the label (or the "
                         "hard/box mask kept no point), so L_con/L_ad skipped those images; "
                         "try method.saliency=wbp or a softer mask",

@@ -486,19 +486,27 @@ def share_weights(stats: dict[str, float], prefix: str = "") -> dict[str, int]:
     as much as one with 16 (4 of 8 diverged read 0.33, under the 0.5 warning line)."""
     n = round(stats.get("n_align", 0.0))
     n_ok = round(n * (1.0 - stats.get("cf_diverged", 0.0)))
-    weights = {k: n for k in ("cf_diverged", "cf_warm", "flip_rate", "cg_dropped")}
+    weights = {k: n for k in ("cf_diverged", "cf_warm", "cf_stuck", "flip_rate", "cg_dropped")}
     weights.update({k: n_ok for k in ("align", "cg_converged")})
     return {prefix + k: w for k, w in weights.items() if k in stats}
 
 
 def _solve_stats(prob: InnerProblem, seen: list[Tensor], ok: Tensor, converged: Tensor,
-                 failed: Tensor, iters: int | float, damping: float) -> dict[str, float]:
+                 failed: Tensor, iters: int | float, damping: float,
+                 u_star: Tensor) -> dict[str, float]:
     """The adjoint solve's history columns: shares of the aligned samples (``ok``: not
-    diverged) that flipped / whose solve converged / were dropped."""
+    diverged) that flipped / whose solve converged / were dropped / whose search never left
+    the start (cf_stuck: x* = x exactly and the target not reached; their L_align is 0)."""
     n_ok = max(int(ok.sum()), 1)
-    flipped = ok & prob.reached(seen[0])
+    reached = prob.reached(seen[0])
+    flipped = ok & reached
+    # an overshooting step (method.inner_lr=1e20 under ista: every iterate worse than the
+    # start, so the best-iterate rule returned x) left x* = x on every step: train_align 0,
+    # nothing diverged, and no counter said so
+    unmoved = (u_star == prob.u0).flatten(1).all(1)
     return {
         "flip_rate": float(flipped.float().mean()),
+        "cf_stuck": float((ok & ~reached & unmoved).float().mean()),
         "cg_converged": float((converged & ok).sum()) / n_ok,
         "cg_iters": float(iters),
         "cg_dropped": float(failed.sum()) / len(ok),
@@ -1065,7 +1073,7 @@ class CausalAlign(Method):
                                 check_finite=False)
         grads, failed = _finite_or_subset(out.grads, prob, u_star, outer, lambda: v, ok, failed,
                                           params)
-        return grads, _solve_stats(prob, seen, ok, good, failed, 0, self.damping)
+        return grads, _solve_stats(prob, seen, ok, good, failed, 0, self.damping, u_star)
 
     def _count_fallback(self, stats: dict) -> dict:
         """Mark a step solved by the Gauss-Newton fallback; under hvp=finite-difference also
@@ -1172,7 +1180,7 @@ class CausalAlign(Method):
 
             grads, failed = _finite_or_subset(grads, prob, u_star, outer, adjoint, ok, failed,
                                               params)
-        stats = _solve_stats(prob, seen, ok, cg.converged, failed, iters, delta)
+        stats = _solve_stats(prob, seen, ok, cg.converged, failed, iters, delta, u_star)
         if p.hvp == "finite-difference":
             stats["fd_fallback"] = 0.0
         return grads, stats

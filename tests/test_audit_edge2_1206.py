@@ -1,0 +1,47 @@
+"""Boundary-value leftovers of the edge audit (edge2): settings that silently zeroed or
+dropped the alignment term, or hints that named the wrong key."""
+
+from __future__ import annotations
+
+import torch
+
+from causalign.engine.config import TrainConfig
+from causalign.engine.trainer import numerical_trouble
+from causalign.methods import build_method
+from causalign.methods.base import DataInfo
+
+INFO = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32), attributes=[])
+
+
+def _batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, 1, 32, 32)
+    mask[:, :, 10:22, 10:22] = 1
+    return {
+        "image": torch.rand(n, 1, 32, 32, generator=g),
+        "label": torch.tensor([0, 1] * (n // 2)),
+        "mask": mask, "has_mask": torch.ones(n, dtype=torch.bool), "box_mask": mask,
+        "has_annotation": torch.ones(n, dtype=torch.bool),
+        "index": torch.arange(n),
+    }
+
+
+def _parts(settings: dict) -> dict[str, float]:
+    torch.manual_seed(0)
+    method = build_method("causal-align", {"steps": 3, "cg_iters": 3, **settings})
+    model = method.build_model(TrainConfig(width=4), INFO)
+    return method.loss(model, _batch()).parts
+
+
+def test_an_overshooting_ista_step_is_counted_as_stuck_and_warned() -> None:
+    """inner_lr=1e20 under ista: every iterate is worse than x, the best-iterate rule returned
+    x* = x, so L_align was 0 on every step, nothing diverged and no counter said so."""
+    stuck = _parts({"inner_optimizer": "ista", "inner_lr": 1e20})
+    assert stuck["align"] == 0.0 and stuck["cf_diverged"] == 0.0
+    assert stuck["cf_stuck"] >= 0.5
+    assert stuck["cf_stuck"] + stuck["flip_rate"] == 1.0  # the rest started at the target
+    lines = numerical_trouble([{"epoch": 1, "train_cf_stuck": stuck["cf_stuck"]}])
+    assert len(lines) == 1 and "method.inner_lr" in lines[0]
+    # sane steps move every counterfactual: no false alarm
+    for settings in ({"inner_optimizer": "ista"}, {}):
+        assert _parts(settings)["cf_stuck"] == 0.0
