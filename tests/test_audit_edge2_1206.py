@@ -45,3 +45,24 @@ def test_an_overshooting_ista_step_is_counted_as_stuck_and_warned() -> None:
     # sane steps move every counterfactual: no false alarm
     for settings in ({"inner_optimizer": "ista"}, {}):
         assert _parts(settings)["cf_stuck"] == 0.0
+
+
+def _setup_warnings(settings: dict, method_name: str = "causal-align") -> list[str]:
+    import warnings
+    from types import SimpleNamespace
+
+    method = build_method(method_name, settings)
+    model = method.build_model(TrainConfig(width=4), INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method.setup(SimpleNamespace(), model)
+    return [str(w.message) for w in caught]
+
+
+def test_a_damping_that_silences_the_alignment_gradient_warns() -> None:
+    """method.damping=1e30 was accepted: the adjoint ∇L/δ made the alignment gradient exactly
+    0 (1.5e-5 of its norm at 1e4) while train_align, cg_converged and the rest looked fine."""
+    assert any("method.damping=1e+30" in m and "1/damping" in m
+               for m in _setup_warnings({"damping": 1e30}))
+    for sane in (0.0, 0.01, 10.0):
+        assert not any("method.damping" in m for m in _setup_warnings({"damping": sane}))
