@@ -66,3 +66,27 @@ def test_a_damping_that_silences_the_alignment_gradient_warns() -> None:
                for m in _setup_warnings({"damping": 1e30}))
     for sane in (0.0, 0.01, 10.0):
         assert not any("method.damping" in m for m in _setup_warnings({"damping": sane}))
+
+
+def _summary(distance: float) -> dict:
+    sample = {"flipped": False, "diverged": False, "distance": distance}
+    return {"n_generated": 4, "flip_rate": 0.0, "n_diverged": 0, "mean_target_prob": 0.4,
+            "valid_range": [0.0, 1.0], "samples": [dict(sample) for _ in range(4)]}
+
+
+def test_the_low_flip_hint_names_an_overshooting_step_size() -> None:
+    """counterfactual --optimizer ista --lr 1e20: every search returned x (distance 0), and
+    the warning told the user to lower --alpha or raise --steps, never --lr."""
+    from types import SimpleNamespace
+
+    from causalign.cli import _low_flip_warning
+
+    def line(lr: float, distance: float) -> str:
+        settings = SimpleNamespace(alpha=0.01, steps=100, lr=lr, optimizer="ista",
+                                   space="pixel")
+        return _low_flip_warning(_summary(distance), settings, None, None) or ""
+
+    assert "smaller --lr" in line(1e20, 0.0) and "never left x" in line(1e20, 0.0)
+    # a sane step whose searches stay put (α too large) keeps the α hint; so do moved ones
+    assert "--lr" not in line(0.01, 0.0) and "smaller --alpha" in line(0.01, 0.0)
+    assert "--lr" not in line(1e20, 3.5)

@@ -659,6 +659,18 @@ def _low_flip_warning(summary: dict, settings: Any, ae_mse: float | None,
     flipped = round(rate * n)
     hint = (f"try a smaller --alpha (now {settings.alpha:g}), more --steps (now "
             f"{settings.steps}) or --optimizer newton")
+    # unflipped searches that returned x itself (distance exactly 0) with a step past the
+    # images' whole intensity range: every step overshoots, so none beat the start
+    # (--optimizer ista --lr 1e20). The line blamed α and --steps, never the step size
+    stuck = sum(1 for r in summary.get("samples") or []
+                if not r.get("flipped") and not r.get("diverged") and r.get("distance") == 0)
+    lo, hi = summary.get("valid_range") or (0.0, 1.0)
+    if stuck and 2 * stuck >= n_ok - flipped and getattr(settings, "optimizer", "") != "newton" \
+            and settings.lr > hi - lo:
+        return (f"warning: only {flipped} of {n} counterfactuals flipped the prediction and "
+                f"{stuck} search(es) never left x: --lr {settings.lr:g} steps past the images' "
+                f"whole intensity range ({hi - lo:g}), so every step overshot and none improved "
+                f"on the start; try a smaller --lr (default 0.01)")
     if settings.space == "latent" and ae_mse is not None and train_images is not None:
         from .explain.counterfactual_export import mean_pixel_variance
 
