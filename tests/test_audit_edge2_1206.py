@@ -47,15 +47,20 @@ def test_an_overshooting_ista_step_is_counted_as_stuck_and_warned() -> None:
         assert _parts(settings)["cf_stuck"] == 0.0
 
 
-def _setup_warnings(settings: dict, method_name: str = "causal-align") -> list[str]:
+def _setup_warnings(settings: dict, method_name: str = "causal-align",
+                    info: DataInfo | None = INFO) -> list[str]:
     import warnings
     from types import SimpleNamespace
 
     method = build_method(method_name, settings)
-    model = method.build_model(TrainConfig(width=4), INFO)
+    info = info or DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32),
+                            attributes=["a0", "a1"])
+    model = method.build_model(TrainConfig(width=4), info)
+    split = SimpleNamespace(attributes=torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+                            labels=torch.tensor([0, 1]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        method.setup(SimpleNamespace(), model)
+        method.setup(split, model)
     return [str(w.message) for w in caught]
 
 
@@ -90,3 +95,16 @@ def test_the_low_flip_hint_names_an_overshooting_step_size() -> None:
     # a sane step whose searches stay put (α too large) keeps the α hint; so do moved ones
     assert "--lr" not in line(0.01, 0.0) and "smaller --alpha" in line(0.01, 0.0)
     assert "--lr" not in line(1e20, 3.5)
+
+
+def test_cache_settings_without_a_warm_start_warn_naming_both_keys() -> None:
+    """method.cache_dtype / cache_device with warm_start=false were accepted and recorded, but
+    no search reads the warm-start cache: a silent no-op."""
+    for name in ("causal-align", "hier-align"):
+        info = INFO if name == "causal-align" else None
+        lines = _setup_warnings({"warm_start": False, "cache_dtype": "float16",
+                                 "cache_device": "cpu"}, name, info)
+        assert any("method.cache_device=cpu" in m and "method.cache_dtype=float16" in m
+                   and "method.warm_start=false" in m for m in lines), name
+    for settings in ({"warm_start": False}, {"cache_dtype": "float16"}):
+        assert not any("cache" in m for m in _setup_warnings(settings))

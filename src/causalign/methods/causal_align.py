@@ -660,6 +660,15 @@ class CausalAlign(Method):
             warnings.warn("method.negative_curvature=damping has no effect with "
                           "method.hvp=gauss-newton: its direct solve is positive definite "
                           "and no CG runs to meet negative curvature", stacklevel=2)
+        unused = [f"method.{k}={getattr(self.params, k)}" for k, default in
+                  (("cache_device", "model"), ("cache_dtype", "float32"))
+                  if getattr(self.params, k) != default]
+        if unused and not self.params.warm_start:
+            # no search reads the cache without a warm start: accepted and recorded in
+            # config.yaml, yet unused (a warning, not a refusal, as smooth_sigma below)
+            warnings.warn(f"{' and '.join(unused)} have no effect with "
+                          f"method.warm_start=false: the warm-start cache they configure is "
+                          f"never used", stacklevel=2)
         if self.params.damping > DAMPING_WARN:
             # the adjoint v ≈ ∇L/δ once δ dominates the curvature: measured on cnn7 (32 px),
             # the alignment gradient's norm fell from 2.0 at δ = 0.01 to 0.015 at 10, 1.5e-5
