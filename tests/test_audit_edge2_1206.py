@@ -3,9 +3,16 @@ dropped the alignment term, or hints that named the wrong key."""
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
+import pytest
 import torch
 
+from causalign.cli import _low_flip_warning
+from causalign.engine.bench import bench_step
 from causalign.engine.config import TrainConfig
+from causalign.errors import ConfigError
 from causalign.engine.trainer import numerical_trouble
 from causalign.methods import build_method
 from causalign.methods.base import DataInfo
@@ -49,9 +56,6 @@ def test_an_overshooting_ista_step_is_counted_as_stuck_and_warned() -> None:
 
 def _setup_warnings(settings: dict, method_name: str = "causal-align",
                     info: DataInfo | None = INFO) -> list[str]:
-    import warnings
-    from types import SimpleNamespace
-
     method = build_method(method_name, settings)
     info = info or DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32),
                             attributes=["a0", "a1"])
@@ -82,10 +86,6 @@ def _summary(distance: float) -> dict:
 def test_the_low_flip_hint_names_an_overshooting_step_size() -> None:
     """counterfactual --optimizer ista --lr 1e20: every search returned x (distance 0), and
     the warning told the user to lower --alpha or raise --steps, never --lr."""
-    from types import SimpleNamespace
-
-    from causalign.cli import _low_flip_warning
-
     def line(lr: float, distance: float) -> str:
         settings = SimpleNamespace(alpha=0.01, steps=100, lr=lr, optimizer="ista",
                                    space="pixel")
@@ -108,3 +108,12 @@ def test_cache_settings_without_a_warm_start_warn_naming_both_keys() -> None:
                    and "method.warm_start=false" in m for m in lines), name
     for settings in ({"warm_start": False}, {"cache_dtype": "float16"}):
         assert not any("cache" in m for m in _setup_warnings(settings))
+
+
+def test_bench_step_refuses_a_dilation_over_the_whole_image() -> None:
+    """bench step skips the method's setup(), so method.dilate=100 at 16 px (the region grows
+    over every image: L_align 0) was timed as if it were causal-align; train refuses it."""
+    with pytest.raises(ConfigError, match=r"method.dilate=100 grows the region over the whole "
+                                          r"16×16 image"):
+        bench_step("causal-align", size=16, batch_size=2, steps=1, warmup=0, device="cpu",
+                   method_args={"dilate": 100, "steps": 1, "cg_iters": 1})

@@ -186,7 +186,12 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
     info = DataInfo(in_channels=1, num_classes=classes, image_shape=shape,
                     attributes=[f"a{i}" for i in range(6)])
     batch = synthetic_batch(batch_size, size, device=dev, depth=depth, num_classes=classes)
-    build_method(method, method_args or {})  # validate before timing anything
+    built = build_method(method, method_args or {})  # validate before timing anything
+    check = getattr(built, "check_settings", None)
+    if check is not None:
+        # the steps skip setup(), and with it the refusal of method.dilate=100 at 64 px:
+        # the bench timed an alignment term that was 0
+        check(shape)
     # the runs seed torch's generator (`_TimedStep`): the caller's is restored after
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         return _bench(method, batch, cfg, info, dev, steps, warmup, method_args, profile)

@@ -641,7 +641,31 @@ class CausalAlign(Method):
             raise ConfigError(f"method.target={target} is no class of this data (classes "
                               f"0..{n_classes - 1})")
         self._refuse_nothing_alignable(train_set)
-        shape = getattr(train_set, "image_shape", None)
+        self.check_settings(getattr(train_set, "image_shape", None))
+        device = next(model.parameters()).device
+        need_scale = self.params.distance.startswith("scaled") and self.scale is None
+        need_ae = self.params.space == "latent" and self.autoencoder is None
+        if need_scale:
+            # from the split's compact cache, a chunk of pixels at a time (a dataset object;
+            # a plain split-like object gives its `.images`): `.images` then float64 took ~35x
+            # the uint8 cache at once (3.9 GB for 5000 gray 128 px images)
+            source = train_set if hasattr(train_set, "pixel_columns") else train_set.images
+            self.scale = distance_scale(source, self.params.distance).to(device)
+            self._fitted.add("scale")
+        if need_ae:
+            # a dataset split is read a batch at a time (its `.images` is a whole float32
+            # copy, 4× a uint8 cache); a plain split-like object gives its `.images`
+            source = train_set if hasattr(train_set, "image_batch") else train_set.images
+            self.autoencoder = self._load_or_train_autoencoder(source, device)
+            self._fitted.add("autoencoder")
+        self._set_up = True
+
+    def check_settings(self, image_shape: tuple[int, ...] | None) -> None:
+        """The checks of `setup` that need no training split, only the images' shape (None:
+        unknown): refusals of settings that leave no alignment term (method.dilate over the
+        whole image) and warnings of unused or silencing ones. `causalign bench step` runs
+        them too: it skips setup, and timed a zero alignment term under method.dilate=100."""
+        shape = image_shape
         if shape is not None and len(shape) == 4 and self.params.space == "latent":
             # refused only inside the autoencoder's training, in words naming neither
             raise ConfigError(f"method.space=latent takes 2D images (its autoencoder is 2D); "
@@ -683,23 +707,6 @@ class CausalAlign(Method):
             warnings.warn(f"method.smooth_sigma={self.params.smooth_sigma:g} has no effect: "
                           f"it is used only with method.space=smooth (space is "
                           f"'{self.params.space}')", stacklevel=2)
-        device = next(model.parameters()).device
-        need_scale = self.params.distance.startswith("scaled") and self.scale is None
-        need_ae = self.params.space == "latent" and self.autoencoder is None
-        if need_scale:
-            # from the split's compact cache, a chunk of pixels at a time (a dataset object;
-            # a plain split-like object gives its `.images`): `.images` then float64 took ~35x
-            # the uint8 cache at once (3.9 GB for 5000 gray 128 px images)
-            source = train_set if hasattr(train_set, "pixel_columns") else train_set.images
-            self.scale = distance_scale(source, self.params.distance).to(device)
-            self._fitted.add("scale")
-        if need_ae:
-            # a dataset split is read a batch at a time (its `.images` is a whole float32
-            # copy, 4× a uint8 cache); a plain split-like object gives its `.images`
-            source = train_set if hasattr(train_set, "image_batch") else train_set.images
-            self.autoencoder = self._load_or_train_autoencoder(source, device)
-            self._fitted.add("autoencoder")
-        self._set_up = True
 
     def _refuse_nothing_alignable(self, train_set: LesionDataset) -> None:
         """Refuse a split in which annotated samples exist but `alignable` keeps none of them

@@ -295,6 +295,10 @@ class HierAlign(Method):
         f2 = MLPHead(p, info.num_classes, hidden=self.params.hidden)
         return HierarchicalModel(f1, f2)
 
+    def check_settings(self, image_shape: tuple[int, ...] | None) -> None:
+        """The image level's data-independent checks (`CausalAlign.check_settings`)."""
+        self.pixel.check_settings(image_shape)
+
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """CCCE attribution r on the training annotations; pixel-distance statistics."""
         attrs = getattr(train_set, "attributes", None)
