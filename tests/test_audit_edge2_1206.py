@@ -12,8 +12,8 @@ import torch
 from causalign.cli import _low_flip_warning
 from causalign.engine.bench import bench_step
 from causalign.engine.config import TrainConfig
-from causalign.errors import ConfigError
 from causalign.engine.trainer import numerical_trouble
+from causalign.errors import ConfigError
 from causalign.methods import build_method
 from causalign.methods.base import DataInfo
 
