@@ -400,7 +400,8 @@ TROUBLE_COLUMNS = {
     "train_cf_stuck": "the counterfactual search left x* = x without reaching the target (no "
                       "iterate beat the start), so L_align was 0 for those samples; a "
                       "method.inner_lr too large for method.inner_optimizer overshoots every "
-                      "step: try a smaller method.inner_lr (or method.alpha)",
+                      "step (try a smaller method.inner_lr), and a method.alpha so large "
+                      "that no change pays for itself keeps x too (try a smaller alpha)",
     "train_empty_mask": "PPI's saliency maps had no positive evidence for the label (or the "
                         "hard/box mask kept no point), so L_con/L_ad skipped those images; "
                         "try method.saliency=wbp or a softer mask",
