@@ -84,6 +84,21 @@ def test_align_start_after_the_last_epoch_is_refused(tiny_data, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("warmup", [2, 3])
+def test_ppi_warmup_covering_every_epoch_is_refused(tiny_data, tmp_path, capsys,
+                                                    warmup) -> None:
+    """PPI's method.warmup_epochs >= epochs trained L_cls alone for the whole run (ERM under
+    PPI's name), exit 0, without a word; one epoch fewer is a run with PPI terms."""
+    rc = main(["train", str(tiny_data), "--method", "ppi", "--epochs", "2",
+               "--out", str(tmp_path / "run"), "--no-progress",
+               "--set", f"method.warmup_epochs={warmup}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert (f"method.warmup_epochs={warmup} covers every epoch of the run (epochs 2): the ppi "
+            f"terms would never act") in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_causal_align_refuses_masks_covering_every_image(tiny_data, tmp_path) -> None:
     """Every training mask covering its whole image (an inverted or blank-filled export):
     1 − m was 0 everywhere, L_align 0 for every sample, and causal-align trained ERM at the

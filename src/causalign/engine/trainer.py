@@ -492,6 +492,12 @@ class Trainer:
             raise ConfigError(f"method.align_start={start} is after the run's last epoch "
                               f"(epochs {cfg.epochs}): the alignment terms would never act; "
                               f"use method.align_start <= {cfg.epochs} or more epochs")
+        # PPI's warm-up covering every epoch: the same silent ERM under PPI's name
+        warmup = getattr(getattr(self.method, "params", None), "warmup_epochs", 0)
+        if isinstance(warmup, int) and warmup >= cfg.epochs:
+            raise ConfigError(f"method.warmup_epochs={warmup} covers every epoch of the run "
+                              f"(epochs {cfg.epochs}): the {cfg.method} terms would never act; "
+                              f"use method.warmup_epochs < {cfg.epochs} or more epochs")
         self._setups = 0  # fit() calls that reached _setup (a second one rebuilds the method)
         read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
         if _writes_run_folder():  # a run still training there: say so, not "already holds a
