@@ -4,10 +4,11 @@ Off a terminal (a CI log, `2> log`) rich draws nothing until the bar stops and t
 every task at once: a training run's log stayed empty until it ended, every line stamped with
 the end time, and CI services that stop a job after 10 minutes without output (CircleCI,
 Travis) stopped long runs. There each task prints its one line when it finishes, and a task
-still running prints it at most once every `HEARTBEAT_S`."""
+still running prints it once every `HEARTBEAT_S`, also while nothing advances it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ def _line_progress_class() -> Any:
             super().__init__(*columns, transient=True, **kwargs)
             self._last_line: dict[TaskID, float] = {}  # task -> when its line was printed
             self._finished_lines: set[TaskID] = set()
+            self._line_lock = threading.Lock()
 
         def add_task(self, *args: Any, **kwargs: Any) -> TaskID:
             task_id = super().add_task(*args, **kwargs)
@@ -98,17 +100,29 @@ def _line_progress_class() -> Any:
             super().advance(task_id, advance)
             self._print_line(task_id)
 
+        def get_renderable(self) -> Any:
+            # rich's refresh thread calls this ~10 times a second, also while nothing
+            # updates a bar: a benchmark's bar moves only between runs, and one run of 17
+            # minutes left a CI log silent that long. Heartbeats come from here too.
+            for task_id in list(getattr(self, "_last_line", ())):  # () while __init__ runs
+                self._print_line(task_id)
+            return super().get_renderable()
+
         def _print_line(self, task_id: TaskID) -> None:
-            task = self._tasks.get(task_id)
-            if (self.disable or task is None or not task.visible
-                    or task_id in self._finished_lines):
-                return
-            now = time.monotonic()
-            if task.finished:
-                self._finished_lines.add(task_id)
-            elif now - self._last_line.get(task_id, now) < HEARTBEAT_S:
-                return
-            self._last_line[task_id] = now
+            # the caller's thread and rich's refresh thread both get here: the decision under
+            # a lock of its own (one line per heartbeat), the print outside it (printing
+            # takes Live's lock, which the refresh thread holds while calling in)
+            with self._line_lock:
+                task = self._tasks.get(task_id)
+                if (self.disable or task is None or not task.visible
+                        or task_id in self._finished_lines):
+                    return
+                now = time.monotonic()
+                if task.finished:
+                    self._finished_lines.add(task_id)
+                elif now - self._last_line.get(task_id, now) < HEARTBEAT_S:
+                    return
+                self._last_line[task_id] = now
             self.console.print(self.make_tasks_table([task]))
 
         def stop(self) -> None:
