@@ -22,6 +22,20 @@ def _write(root, images, masks=True) -> LesionDataset:
     return LesionDataset(root, "train")
 
 
+def _count_images_accesses(monkeypatch) -> list[str]:
+    """`LesionDataset.images` (the whole split as float32) patched to record each access
+    (the split's name) in the returned list."""
+    calls: list[str] = []
+    whole = LesionDataset.images
+
+    def counted(self):
+        calls.append(self.split)
+        return whole.fget(self)
+
+    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    return calls
+
+
 def _images(kind: str, n: int, rng) -> list[np.ndarray]:
     shape = (n, 3, 5, 7)
     if kind == "uint8":
@@ -84,14 +98,7 @@ def test_causal_align_setup_never_builds_the_whole_split_as_floats(tmp_path, mon
 
     ds = _write(tmp_path / "d", _images("uint8", 6, np.random.default_rng(0)))
     want = cf.distance_scale(ds.images, "scaled-l1")
-    calls = []
-    whole = LesionDataset.images
-
-    def counted(self):
-        calls.append(1)
-        return whole.fget(self)
-
-    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    calls = _count_images_accesses(monkeypatch)
     method = build_method("causal-align", {"distance": "scaled-l1"})
     method.setup(ds, SevenLayerCNN(in_channels=3, num_outputs=2, width=4))
     assert calls == [] and torch.equal(method.scale, want)
@@ -215,14 +222,7 @@ def test_cli_counterfactual_scaled_distance_reads_the_split_in_chunks(tiny_data,
     run = tmp_path / "run"
     assert main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
                  "--set", "width=4", "--set", "deletion_fractions=[0.1]", "--no-progress"]) == 0
-    calls = []
-    whole = LesionDataset.images
-
-    def counted(self):
-        calls.append(self.split)
-        return whole.fget(self)
-
-    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    calls = _count_images_accesses(monkeypatch)
     out = tmp_path / "cf"
     assert main(["counterfactual", str(run), "--out", str(out), "--limit", "2", "--steps", "3",
                  "--distance", "scaled-l1", "--no-progress"]) == 0
@@ -254,14 +254,7 @@ def test_latent_setup_does_not_build_the_split_as_float32(tmp_path, monkeypatch)
 
     ds = _write(tmp_path / "d", _images("uint8", 6, np.random.default_rng(4)))
     want = train_autoencoder(ds.images)
-    calls = []
-    whole = LesionDataset.images
-
-    def counted(self):
-        calls.append(1)
-        return whole.fget(self)
-
-    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    calls = _count_images_accesses(monkeypatch)
     method = build_method("causal-align", {"space": "latent", "distance": "l2"})
     method.setup(ds, SevenLayerCNN(in_channels=3, num_outputs=2, width=4))
     assert calls == []
@@ -291,14 +284,7 @@ def test_counterfactual_latent_helpers_read_a_split_by_chunks(tmp_path, monkeypa
     h = __import__("hashlib").sha256(f"{old.shape} {old.dtype}".encode())
     h.update(old.tobytes())
     old_var = float(whole.float().var(0).mean())
-    calls = []
-
-    def counted(self):
-        calls.append(1)
-        return LesionDataset.__dict__["_counted_images"].fget(self)
-
-    monkeypatch.setattr(LesionDataset, "_counted_images", LesionDataset.images, raising=False)
-    monkeypatch.setattr(LesionDataset, "images", property(counted))
+    calls = _count_images_accesses(monkeypatch)
     assert ce._images_fingerprint(ds) == h.hexdigest() == ce._images_fingerprint(whole)
     assert ce.mean_pixel_variance(ds) == pytest.approx(old_var, rel=1e-5)
     assert ce.mean_pixel_variance(whole) == pytest.approx(old_var, rel=1e-5)
