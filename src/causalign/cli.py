@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import CausalignError
+from .errors import CausalignError, interrupt_behind
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Causally aligned medical-image classifiers: train, explain, audit.")
@@ -1073,6 +1073,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return _interrupted()
     except OSError as exc:
+        if interrupt_behind(exc) is not None and not _traceback_wanted():
+            return _interrupted()  # a clean-up's failure after Ctrl-C (see below)
         if exc.errno is None or _traceback_wanted():
             raise  # not the operating system refusing a path: a bug, keep its traceback
         # an output folder under a file, a missing or read-only location, a full disk
@@ -1081,6 +1083,10 @@ def _main(argv: list[str] | None) -> int:
                    err=True)
         return 2
     except Exception as exc:
+        if interrupt_behind(exc) is not None and not _traceback_wanted():
+            # Ctrl-C landed inside a library whose clean-up then failed (torch.save's zip
+            # writer): the interrupt is what happened, not the clean-up's error
+            return _interrupted()
         # too large a --size or --batch-size: numpy raises MemoryError, torch a RuntimeError
         # (CPU) or OutOfMemoryError (CUDA); a traceback of the allocation helps nobody
         if not _out_of_memory(exc) or _traceback_wanted():

@@ -38,3 +38,16 @@ class NumericalError(CausalignError):
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> CausalignError:
     """Uniform message for an unknown registry entry, listing the valid names."""
     return CausalignError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")
+
+
+def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM raised as one) that ``exc`` is or that was
+    being handled when ``exc`` was raised (its ``__context__`` chain), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import CausalignError
+from .errors import CausalignError, interrupt_behind
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -102,6 +102,12 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        interrupt = interrupt_behind(exc)
+        if interrupt is not None and interrupt is not exc:
+            # Ctrl-C inside torch.save: its zip writer's clean-up then fails ("unexpected
+            # pos"), and that RuntimeError hid the interrupt, so the CLI printed a traceback
+            # and exited 1 instead of 130. The interrupt is what happened: raise it.
+            raise interrupt from None
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             # a failed write or fsync (a full disk, a quota) names no file: name the output,
             # so the CLI's one line says which file could not be written
