@@ -121,6 +121,32 @@ def test_malformed_slice_range_is_one_clear_error(tmp_path, cells, needle):
         read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("cells, box", [
+    (("2.4", "3.6", "8.2", "7.9", "1.5", "2.5"), (2, 3, 9, 8, 1, 3)),
+    # a sub-pixel box: truncated to 10..10, it was refused as "empty box"
+    (("10.2", "10.2", "10.8", "10.8", "", ""), (10, 10, 11, 11)),
+    (("2", "3", "9", "8", "1.0", "3.0"), (2, 3, 9, 8, 1, 3)),  # whole numbers: unchanged
+])
+def test_fractional_box_cells_are_rounded_outward(tmp_path, cells, box):
+    """Starts down, ends up (as the importers' scale_box): truncation cut off the last
+    pixel or slice the box reaches into."""
+    _volumes(tmp_path, {"z": (2, 3, 9, 8, 1, 3)})
+    text = (tmp_path / "manifest.csv").read_text().splitlines()
+    row = text[1].split(",")
+    row[6:12] = cells
+    (tmp_path / "manifest.csv").write_text("\n".join([text[0], ",".join(row)]) + "\n")
+    assert read_manifest(tmp_path)[0].box == box
+
+
+def test_writer_rounds_a_fractional_box_outward(tmp_path):
+    meta = DatasetMeta("t", ["a", "b"])
+    w = DatasetWriter(tmp_path, meta)
+    w.add(np.zeros((16, 16), np.uint8), label=0, split="test", box=(2.5, 3.5, 7.5, 8.01),
+          sample_id="s")
+    w.close()
+    assert read_manifest(tmp_path)[0].box == (2, 3, 8, 9)
+
+
 def test_slice_range_outside_the_volume_is_named(tmp_path, capsys):
     _volumes(tmp_path, {"z": (2, 3, 9, 8, 4, DEPTH + 1)}, splits=("train", "test"))
     with pytest.raises(DataError, match=r"slice range 4\.\.7 outside the volume \(6 slices"):

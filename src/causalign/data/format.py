@@ -58,6 +58,15 @@ BOX_Z_COLUMNS = ("box_z0", "box_z1")  # optional: a volume's slice range (module
 BASE_COLUMNS = ("id", "split", "label", "site", "image", "mask", *BOX_COLUMNS)
 
 
+def outward_box(coords: Sequence[float]) -> tuple[int, ...]:
+    """Whole-pixel box (x0, y0, x1, y1[, z0, z1]; exclusive ends) covering fractional
+    coordinates: starts rounded down, ends up, as the importers' `scale_box` does. Truncation
+    cut a pixel the box reaches into, and made a sub-pixel box (10.2..10.8) "empty"."""
+    starts = (0, 1, 4)  # x0, y0, z0
+    return tuple(int(math.floor(v) if i in starts else math.ceil(v))
+                 for i, v in enumerate(coords))
+
+
 @dataclass
 class DatasetMeta:
     """Contents of dataset.yaml."""
@@ -168,7 +177,7 @@ class DatasetWriter:
         label: int,
         split: str,
         mask: np.ndarray | None = None,
-        box: Sequence[int] | None = None,
+        box: Sequence[float] | None = None,
         attributes: Sequence[float] | None = None,
         site: str = "0",
         sample_id: str | None = None,
@@ -194,7 +203,7 @@ class DatasetWriter:
             raise DataError(f"sample {sid}: label {label} outside the declared classes "
                             f"0..{len(self.meta.classes) - 1}")
         if box is not None:
-            box = tuple(int(v) for v in box)
+            box = outward_box(box)
             if len(box) not in (4, 6):
                 raise DataError(f"sample {sid}: box {box} has {len(box)} numbers, expected 4 "
                                 f"(x0, y0, x1, y1) or, for a volume, 6 (x0, y0, x1, y1, z0, z1)")
@@ -422,7 +431,7 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
                             f"box_y0, box_x1, box_y1 are empty)")
     if any(box_cells):
         try:
-            box = tuple(int(float(c)) for c in box_cells + [c for c in z_cells if c])
+            box = outward_box([float(c) for c in box_cells + [c for c in z_cells if c]])
         except (ValueError, OverflowError):  # OverflowError: 'inf'
             raise DataError(f"{where}: box {box_cells + [c for c in z_cells if c]} is not "
                             f"{'six' if any(z_cells) else 'four'} finite numbers") from None
