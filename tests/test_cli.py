@@ -414,3 +414,16 @@ def test_annotation_methods_refuse_a_training_split_without_any_annotation(
     # ERM on the same data trains.
     assert _run(capsys, "train", str(data), "--out", str(run), "--epochs", "1", "--set",
                 "width=4", "--no-progress")[0] == 0
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(tiny_data, tmp_path, capsys):
+    """Allowed (a scheduler's job passes --resume from its first start), but a mistyped --out
+    trained a new run from scratch without a word; a real resume stays quiet."""
+    run = tmp_path / "run"
+    argv = ["train", str(tiny_data), "--out", str(run), "--epochs", "1", "--set", "width=4",
+            "--no-progress", "--resume"]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert f"warning: {run}: --resume found no checkpoint.pt to continue" in err, err
+    rc, out, err = _run(capsys, *argv)  # the run it finished: nothing new to say
+    assert rc == 0 and "found no checkpoint" not in err and "already finished" in out + err

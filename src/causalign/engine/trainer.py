@@ -655,6 +655,11 @@ class Trainer:
                 self.out.rmdir()
             raise
         self._warn_sparse_alignment()
+        if self.resume and ckpt is None and self.dist.is_main:
+            # allowed (a scheduler's job passes --resume from its first start), but said: a
+            # mistyped --out otherwise trained a new run from scratch without a word
+            warnings.warn(f"{self.out}: --resume found no {CHECKPOINT} to continue; training "
+                          f"a new run from epoch 1", stacklevel=2)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.state = RunState(history=[])
         if ckpt is not None:
