@@ -177,3 +177,33 @@ def test_a_text_setting_refuses_null_lists_and_mappings(value, tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"method.autoencoder: expected str, got"):
         build_method("causal-align", {"autoencoder": value, "space": "latent"})
     assert build_method("causal-align", {"target": 1}).params.target == "1"  # ints stay
+
+
+def test_hier_align_warns_when_masks_cover_every_image(tiny_data, tmp_path) -> None:
+    """The same annotations under hier-align: Eq. 7 (the image level) was 0 for every sample
+    without a word. Warned, not refused: the attribute level still aligns."""
+    import shutil
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from causalign.data.format import LesionDataset
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    for p in (root / "masks").glob("train_*.png"):
+        Image.fromarray(np.full_like(np.array(Image.open(p)), 255)).save(p)
+    train = LesionDataset(root, "train")
+    info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32),
+                    attributes=list(train.meta.attributes))
+    method = build_method("hier-align", FAST)
+    model = method.build_model(TrainConfig(width=4), info)
+    with pytest.warns(UserWarning, match=r"every annotated training sample's mask covers its "
+                                         r"whole image, so the image-level alignment "
+                                         r"\(method.lam1\) is 0"):
+        method.setup(train, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_method("hier-align", dict(FAST, lam1=0)).setup(train, model)  # asked for none
+        build_method("hier-align", FAST).setup(LesionDataset(tiny_data, "train"), model)

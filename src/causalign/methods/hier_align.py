@@ -316,6 +316,15 @@ class HierAlign(Method):
             self.attr.new_run()
         self._restored = False
         self.pixel.setup(train_set, getattr(model, "f1", model))
+        covers = getattr(train_set, "regions_cover_image", None)
+        if self.params.lam1 > 0 and callable(covers) and covers(self.params.region):
+            # no pixel lies outside a region: Eq. 7 is 0 for every sample, and the image
+            # level trained nothing without a word. Only warned (causal-align refuses): the
+            # attribute level still aligns
+            warnings.warn(f"hier-align: every annotated training sample's {self.params.region} "
+                          f"covers its whole image, so the image-level alignment "
+                          f"(method.lam1) is 0; check the annotations (an inverted or "
+                          f"blank-filled export?)", stacklevel=2)
         self.fit_attribution(train_set.attributes, train_set.labels)
         self._warn_one_class(train_set.attributes, train_set.labels)
         self._set_up = True
