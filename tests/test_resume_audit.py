@@ -34,10 +34,11 @@ def test_fit_again_after_an_interrupt_before_the_first_checkpoint_equals_a_fresh
     trainer = Trainer(tiny_data, _cfg(**cfg), run, resume=True, progress=False)
     with monkeypatch.context() as m:
         _interrupt_mid_epoch(m, "causal-align", epoch=1, after_steps=2)
-        with pytest.raises(_Stop):
+        with pytest.raises(_Stop), pytest.warns(UserWarning, match="found no checkpoint"):
             trainer.fit()
     assert not (run / "checkpoint.pt").exists()  # premise: nothing to resume from
-    trainer.fit()
+    with pytest.warns(UserWarning, match="found no checkpoint.pt to continue"):
+        trainer.fit()
     assert _history(run) == _history(full)
     assert (run / "metrics.json").read_text() == (full / "metrics.json").read_text()
     a, b = (torch.load(r / "checkpoint.pt", weights_only=False) for r in (full, run))
