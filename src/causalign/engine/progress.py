@@ -8,7 +8,6 @@ still running prints it once every `HEARTBEAT_S`, also while nothing advances it
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,7 +84,6 @@ def _line_progress_class() -> Any:
             super().__init__(*columns, transient=True, **kwargs)
             self._last_line: dict[TaskID, float] = {}  # task -> when its line was printed
             self._finished_lines: set[TaskID] = set()
-            self._line_lock = threading.Lock()
 
         def add_task(self, *args: Any, **kwargs: Any) -> TaskID:
             task_id = super().add_task(*args, **kwargs)
@@ -109,10 +107,13 @@ def _line_progress_class() -> Any:
             return super().get_renderable()
 
         def _print_line(self, task_id: TaskID) -> None:
-            # the caller's thread and rich's refresh thread both get here: the decision under
-            # a lock of its own (one line per heartbeat), the print outside it (printing
-            # takes Live's lock, which the refresh thread holds while calling in)
-            with self._line_lock:
+            # the caller's thread and rich's refresh thread both get here. Decision, line and
+            # print under Live's lock (the refresh thread holds it while calling in; taken
+            # first, so the order is always Live's, then Progress's) and Progress's (what
+            # update/advance hold while changing a task): with the print outside, a heartbeat
+            # decided just before a task finished rendered the finished state, so the
+            # finished line came twice, the second after the caller's own had returned
+            with self.live._lock, self._lock:
                 task = self._tasks.get(task_id)
                 if (self.disable or task is None or not task.visible
                         or task_id in self._finished_lines):
@@ -123,17 +124,18 @@ def _line_progress_class() -> Any:
                 elif now - self._last_line.get(task_id, now) < HEARTBEAT_S:
                     return
                 self._last_line[task_id] = now
-            self.console.print(self.make_tasks_table([task]))
+                self.console.print(self.make_tasks_table([task]))
 
         def stop(self) -> None:
             if self.disable:
                 return
             # a task that never finished (no total, or left short): its last state, once,
             # as rich printed every task at the end
-            for task in self.tasks:
-                if task.visible and task.id not in self._finished_lines:
-                    self._finished_lines.add(task.id)
-                    self.console.print(self.make_tasks_table([task]))
+            with self.live._lock, self._lock:  # as _print_line: no heartbeat in between
+                for task in self.tasks:
+                    if task.visible and task.id not in self._finished_lines:
+                        self._finished_lines.add(task.id)
+                        self.console.print(self.make_tasks_table([task]))
             self.live.stop()  # without Progress.stop's blank line off a terminal
 
     _LINE_PROGRESS = LineProgress

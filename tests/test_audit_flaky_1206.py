@@ -1,0 +1,48 @@
+"""Races audit (flaky, 2026-12-06): what could fail by chance of timing, on a loaded 2-core CI
+machine or for a user, made deterministic."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+from rich.console import Console
+from rich.progress import MofNCompleteColumn, TextColumn
+
+
+def test_a_heartbeat_decided_as_a_task_finishes_does_not_repeat_its_finished_line(monkeypatch):
+    # rich's refresh thread decided a heartbeat, then built its line outside any lock: a task
+    # finishing meanwhile made the heartbeat show the finished state, so the finished line
+    # came twice, the second after the caller's own print had returned (7 of 300 tries with
+    # a 1 µs switch interval; test_audit_obs's heartbeat test reads that late line).
+    # The refresh thread is played by `beat`, stopped where the line is built.
+    from causalign.engine import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.0)
+    buf = io.StringIO()
+    bar = progress._line_progress_class()(TextColumn("{task.description}"),
+                                          MofNCompleteColumn(), auto_refresh=False,
+                                          console=Console(file=buf, width=60))
+    decided, go = threading.Event(), threading.Event()
+    real = bar.make_tasks_table
+
+    def make_tasks_table(tasks):
+        if threading.current_thread().name == "beat" and not decided.is_set():
+            decided.set()
+            go.wait(5)
+        return real(tasks)
+
+    bar.make_tasks_table = make_tasks_table
+    with bar:
+        task = bar.add_task("benchmark", total=3)
+        beat = threading.Thread(target=bar._print_line, args=(task,), name="beat")
+        beat.start()
+        assert decided.wait(5)
+        finish = threading.Thread(target=bar.advance, args=(task, 3))
+        finish.start()
+        finish.join(0.5)  # fixed: waits for the heartbeat (its line shows 0/3)
+        go.set()
+        beat.join(5)
+        finish.join(5)
+    lines = buf.getvalue().splitlines()
+    assert lines == ["benchmark 0/3", "benchmark 3/3"], lines
