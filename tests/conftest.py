@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from causalign.data.synth import SynthConfig, generate
+
+# Variables a CI service or a developer's shell may set that change what the tests read:
+# FORCE_COLOR (set by many CI workflows) and TTY_COMPATIBLE/TTY_INTERACTIVE make rich take a
+# captured stderr for a terminal (live redraws with cursor codes instead of one line per task),
+# COLUMNS/LINES narrow rich's lines, CAUSALIGN_TRACEBACK=1 turns every one-line error into a
+# traceback. Removed for the whole session (before any import reads them), so the spawned
+# `causalign` processes inherit the same neutral environment; a test sets one where it tests it.
+NEUTRAL_ENV_REMOVED = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES",
+                       "CAUSALIGN_TRACEBACK")
+for _name in NEUTRAL_ENV_REMOVED:
+    os.environ.pop(_name, None)
 
 
 def pytest_configure(config):

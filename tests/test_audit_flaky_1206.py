@@ -46,3 +46,15 @@ def test_a_heartbeat_decided_as_a_task_finishes_does_not_repeat_its_finished_lin
         finish.join(5)
     lines = buf.getvalue().splitlines()
     assert lines == ["benchmark 0/3", "benchmark 3/3"], lines
+
+
+def test_the_suite_runs_in_a_neutral_environment():
+    # FORCE_COLOR=1 (common in CI workflows) made 3 output tests of test_audit_obs fail, as did
+    # TTY_COMPATIBLE/TTY_INTERACTIVE=1 and COLUMNS=30; CAUSALIGN_TRACEBACK=1 (a developer
+    # debugging) failed test_cli_contract's one-line errors. conftest removes them.
+    import os
+
+    names = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES",
+             "CAUSALIGN_TRACEBACK")
+    assert [n for n in names if n in os.environ] == []
+    assert Console(file=io.StringIO()).is_terminal is False  # rich: a file is no terminal
