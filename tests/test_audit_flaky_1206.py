@@ -4,8 +4,10 @@ machine or for a user, made deterministic."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 
+import pytest
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, TextColumn
 
@@ -52,9 +54,27 @@ def test_the_suite_runs_in_a_neutral_environment():
     # FORCE_COLOR=1 (common in CI workflows) made 3 output tests of test_audit_obs fail, as did
     # TTY_COMPATIBLE/TTY_INTERACTIVE=1 and COLUMNS=30; CAUSALIGN_TRACEBACK=1 (a developer
     # debugging) failed test_cli_contract's one-line errors. conftest removes them.
-    import os
-
     names = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES",
              "CAUSALIGN_TRACEBACK")
     assert [n for n in names if n in os.environ] == []
     assert Console(file=io.StringIO()).is_terminal is False  # rich: a file is no terminal
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_reading_the_umask_for_an_atomic_write_does_not_set_it(tmp_path, monkeypatch):
+    # every atomic write read the umask by setting it to 022 and back: meanwhile a file any
+    # other thread created got 022's mode under the user's 077, and two threads writing at
+    # once could leave the process at 022 for good
+    from causalign import io as cio
+
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(cio.os, "umask", lambda m: calls.append(m) or real(m))
+    old = real(0o077)
+    try:
+        assert cio._current_umask() == 0o077
+        cio.atomic_write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        real(old)
+    assert calls == []
+    assert (os.stat(tmp_path / "m.json").st_mode & 0o777) == 0o600

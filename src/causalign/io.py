@@ -39,10 +39,26 @@ if fcntl is None:
         msvcrt = None
 
 
+_umask_guard = threading.Lock()
+
+
 def _current_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; restored at once
-    os.umask(mask)
-    return mask
+    """The process's umask, read without changing it where Linux reports it (/proc, since
+    4.7). Reading it by setting it changed it for the whole process meanwhile: a file
+    another thread created then got 0644 under a 077 umask, and two threads reading at
+    once left it at 022 for good (the second read the first's placeholder and restored
+    that)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_guard:  # elsewhere: set and restored, never by two threads at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 # Windows refuses to replace a file another process has open (Python opens files without
