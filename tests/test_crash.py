@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -39,6 +40,40 @@ def _epochs_done(run) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+# `causalign train` as `python -m causalign` runs it, stopped inside epoch 2 (one step taken,
+# the next batch not yet given) once epoch 1 is checkpointed; it says so by creating MARKER.
+# The SIGKILL used to follow history.csv's first row by 0.3 epoch (sleep): but history.csv
+# is written before the checkpoint (a slow fsync: no checkpoint yet), and a test process
+# that woke late killed after epoch 2 had finished, both by chance of timing.
+_STOPPED_IN_EPOCH_2 = textwrap.dedent("""
+    import runpy, sys, time
+    from pathlib import Path
+    import causalign.engine.trainer as T
+
+    marker = Path(sys.argv[1])
+    real_epoch, real_batches, now = T.Trainer._train_epoch, T.iterate_batches, {}
+
+    def train_epoch(self, epoch, *a, **k):
+        now["epoch"] = epoch
+        try:
+            return real_epoch(self, epoch, *a, **k)
+        finally:
+            now.pop("epoch", None)
+
+    def batches(*a, **k):
+        for i, batch in enumerate(real_batches(*a, **k)):
+            if now.get("epoch") == 2 and i == 1:
+                marker.touch()
+                while True:
+                    time.sleep(1)
+            yield batch
+
+    T.Trainer._train_epoch, T.iterate_batches = train_epoch, batches
+    sys.argv = ["causalign", *sys.argv[2:]]
+    runpy.run_module("causalign", run_name="__main__")
+""")
+
+
 def test_sigkill_mid_epoch_then_resume_matches(crash_data, tmp_path, capsys):
     # Uninterrupted reference, same settings as the CLI run below (in-process: faster).
     full = tmp_path / "full"
@@ -46,19 +81,18 @@ def test_sigkill_mid_epoch_then_resume_matches(crash_data, tmp_path, capsys):
                       eval_saliency="gradient")
     train(crash_data, cfg, full, progress=False)
 
-    run = tmp_path / "killed"
+    run, marker = tmp_path / "killed", tmp_path / "in-epoch-2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "causalign", "train", str(crash_data),
-                             "--out", str(run), *ARGS], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_IN_EPOCH_2, str(marker), "train",
+                             str(crash_data), "--out", str(run), *ARGS], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not _epochs_done(run):  # epoch 1 checkpointed: the process is in epoch 2
+        while not marker.exists():  # epoch 1 checkpointed, one step of epoch 2 taken
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "epoch 1 never finished"
+            assert time.monotonic() < deadline, "epoch 2 never started"
             time.sleep(0.01)
-        epoch_s = float(_epochs_done(run)[0]["seconds"])
-        time.sleep(0.3 * epoch_s)  # well inside epoch 2's training steps
+        assert len(_epochs_done(run)) == 1
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:
