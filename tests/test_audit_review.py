@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from test_distributed import _free_port  # the same port helper
+from test_distributed import rendezvous  # the same rendezvous helper
 from test_distributed_methods import _history
 from torch import nn
 
@@ -125,10 +125,10 @@ def _cfg() -> TrainConfig:
                        deletion_fractions=[0.1])
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _worker(rank: int, world: int, store: str, data: str, out: str) -> None:
     torch.set_num_threads(1)
     _register()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=store, rank=rank,
                             world_size=world)
     try:
         Trainer(data, _cfg(), out, progress=False).fit()
@@ -145,7 +145,7 @@ def test_data_parallel_subset_mean_is_weighted_as_in_one_process(tmp_path):
     Trainer(data, _cfg(), tmp_path / "single", progress=False).fit()
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")),
+    mp.start_processes(_worker, args=(2, rendezvous(tmp_path), str(data), str(tmp_path / "ddp")),
                        nprocs=2, join=True, start_method="fork")
     single, ddp = _history(tmp_path / "single"), _history(tmp_path / "ddp")
     for rs, rd in zip(single, ddp, strict=True):

@@ -129,20 +129,19 @@ def _fit(data, method, out):
     return trainer, metrics
 
 
-def join_gloo(rank: int, world: int, port: int, register: Callable[[], None] | None = None,
+def join_gloo(rank: int, world: int, store: str, register: Callable[[], None] | None = None,
               timeout: timedelta | None = None) -> None:
     """A spawned worker's start: one thread, the test module's methods registered (its
-    ``register``), then the gloo process group on localhost:``port``."""
+    ``register``), then the gloo process group meeting at ``store`` (`rendezvous`)."""
     torch.set_num_threads(1)
     if register is not None:
         register()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, **({} if timeout is None else
-                                                 {"timeout": timeout}))
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
+                            **({} if timeout is None else {"timeout": timeout}))
 
 
-def _worker(rank: int, world: int, port: int, data: str, root: str) -> None:
-    join_gloo(rank, world, port, _register)
+def _worker(rank: int, world: int, store: str, data: str, root: str) -> None:
+    join_gloo(rank, world, store, _register)
     try:
         for method in METHODS:
             trainer, _ = _fit(data, method, f"{root}/{method}")
@@ -155,6 +154,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous(folder: Path) -> str:
+    """Where two forked workers meet: a file store in the test's folder. A TCP port taken
+    by `_free_port` is released before rank 0 binds it again, and anything on the machine
+    may take it meanwhile (DistNetworkError EADDRINUSE, by chance); a file store has no
+    such window. (torchrun, in the slow tests, still needs a port.)"""
+    path = Path(folder) / "gloo-rendezvous"
+    assert not path.exists()  # FileStore needs a fresh file
+    return path.as_uri()
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +179,7 @@ def two_process_runs(tmp_path_factory):
     single = {m: _fit(data, m, root / "single" / m) for m in METHODS}
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(2, _free_port(), str(data), str(root / "ddp")),
+    mp.start_processes(_worker, args=(2, rendezvous(root), str(data), str(root / "ddp")),
                        nprocs=2, join=True, start_method="fork")
     return data, root, single
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _free_port, join_gloo  # the same port and worker helpers
+from test_distributed import join_gloo, rendezvous  # the same rendezvous and worker helpers
 
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
@@ -214,8 +214,8 @@ def _rank_step(method, model: torch.nn.Module, train_set, order: torch.Tensor, r
     return g / world, res, counts
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str, name: str) -> None:
-    join_gloo(rank, world, port)
+def _worker(rank: int, world: int, store: str, data: str, out: str, name: str) -> None:
+    join_gloo(rank, world, store)
     try:
         train_set = _load(data)
         results = []
@@ -234,7 +234,7 @@ def _run_two_ranks(data_dir, tmp_path, name):
     import torch.multiprocessing as mp
 
     out = tmp_path / f"{name}.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), str(data_dir), str(out), name),
+    mp.start_processes(_worker, args=(2, rendezvous(tmp_path), str(data_dir), str(out), name),
                        nprocs=2, join=True, start_method="fork")
     return torch.load(out, weights_only=False)
 
@@ -295,12 +295,12 @@ def _e2e_cfg(method: str) -> TrainConfig:
                        scheduler="none", method_args=dict(E2E[method]))
 
 
-def _e2e_worker(rank: int, world: int, port: int, data: str, root: str) -> None:
+def _e2e_worker(rank: int, world: int, store: str, data: str, root: str) -> None:
     from test_distributed import _register
 
     from causalign.engine import Trainer
 
-    join_gloo(rank, world, port, _register)
+    join_gloo(rank, world, store, _register)
     try:
         for method in E2E:
             Trainer(data, _e2e_cfg(method), f"{root}/{method}", progress=False).fit()
@@ -323,7 +323,8 @@ def test_two_process_training_with_caps_matches_one_process(tmp_path):
     data = tmp_path / "data"
     generate(data, SynthConfig(n_train=13, n_val=4, n_test=4, size=32, seed=3))
     _register()
-    mp.start_processes(_e2e_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")),
+    mp.start_processes(_e2e_worker,
+                       args=(2, rendezvous(tmp_path), str(data), str(tmp_path / "ddp")),
                        nprocs=2, join=True, start_method="fork")
     for method in E2E:
         Trainer(data, _e2e_cfg(method), tmp_path / method, progress=False).fit()

@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _free_port, join_gloo
+from test_distributed import join_gloo, rendezvous
 from test_distributed_caps import (
     ANNOTATED,
     _flat,
@@ -142,9 +142,9 @@ def _scales(parts):
     return parts.get("attr_align_grad_scale"), parts.get("img_align_grad_scale")
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
+def _worker(rank: int, world: int, store: str, data: str, out: str) -> None:
     # a rank that skipped an exchange would leave the other waiting: fail instead
-    join_gloo(rank, world, port, timeout=timedelta(seconds=60))
+    join_gloo(rank, world, store, timeout=timedelta(seconds=60))
     try:
         train_set = _load(data)
         results = []
@@ -166,7 +166,7 @@ def test_balance_caps_use_the_global_batchs_gradients(data_dir, tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "hier.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), str(data_dir), str(out)),
+    mp.start_processes(_worker, args=(2, rendezvous(tmp_path), str(data_dir), str(out)),
                        nprocs=2, join=True, start_method="fork")
     split = torch.load(out, weights_only=False)
     train_set = _load(data_dir)
@@ -227,10 +227,10 @@ def _e2e_cfg() -> TrainConfig:
                        method_args=dict(E2E_ARGS))
 
 
-def _e2e_worker(rank: int, world: int, port: int, data: str, root: str) -> None:
+def _e2e_worker(rank: int, world: int, store: str, data: str, root: str) -> None:
     from causalign.engine import Trainer
 
-    join_gloo(rank, world, port, _register, timeout=timedelta(seconds=120))
+    join_gloo(rank, world, store, _register, timeout=timedelta(seconds=120))
     try:
         Trainer(data, _e2e_cfg(), root, progress=False).fit()
     finally:
@@ -249,7 +249,8 @@ def test_two_process_hier_align_training_with_caps_matches_one_process(tmp_path)
     data = tmp_path / "data"
     generate(data, SynthConfig(n_train=13, n_val=4, n_test=4, size=32, seed=3))
     _register()
-    mp.start_processes(_e2e_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")),
+    mp.start_processes(_e2e_worker,
+                       args=(2, rendezvous(tmp_path), str(data), str(tmp_path / "ddp")),
                        nprocs=2, join=True, start_method="fork")
     Trainer(data, _e2e_cfg(), tmp_path / "single", progress=False).fit()
     ck_s = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)["model"]

@@ -13,7 +13,7 @@ import csv
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _free_port, join_gloo  # the same port and worker helpers
+from test_distributed import join_gloo, rendezvous  # the same rendezvous and worker helpers
 from torch import nn
 
 from causalign.data.synth import SynthConfig, generate
@@ -203,8 +203,8 @@ def _cfg() -> TrainConfig:
                                     "align_on": "positive"})
 
 
-def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    join_gloo(rank, world, port, _register)
+def _worker(rank: int, world: int, store: str, data: str, out: str) -> None:
+    join_gloo(rank, world, store, _register)
     try:
         trainer = Trainer(data, _cfg(), out, progress=False)
         trainer.fit()
@@ -227,7 +227,7 @@ def test_two_process_causal_align_warm_start_matches_single_process(tmp_path):
     single.fit()
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")),
+    mp.start_processes(_worker, args=(2, rendezvous(tmp_path), str(data), str(tmp_path / "ddp")),
                        nprocs=2, join=True, start_method="fork")
     # every rank ends the epoch with the single process's warm-start cache
     ref = single.method.state_dict()["cache"]
