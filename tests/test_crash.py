@@ -18,6 +18,7 @@ import torch
 from causalign.cli import main
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig, train
+from causalign.errors import DataError
 from causalign.io import atomic_savefig, atomic_torch_save, atomic_write_json
 
 ARGS = ["--epochs", "3", "--batch-size", "8", "--seed", "1", "--set", "width=4",
@@ -262,8 +263,13 @@ def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("a library's clean-up failed"),
+    OSError(28, "a library's clean-up failed"),  # an errno: the one-line OS branch
+    DataError("a library's clean-up failed"),  # a library error turned into a user error
+], ids=lambda e: type(e).__name__)
 def test_an_error_raised_while_an_interrupt_unwinds_exits_130(tiny_data, tmp_path, capsys,
-                                                              monkeypatch):
+                                                              monkeypatch, error):
     """The CLI's own net for the same race in any other library clean-up: an exception
     whose context is the interrupt is the interrupt, one line and 130, no traceback."""
     import causalign.engine.trainer as trainer_module
@@ -272,7 +278,7 @@ def test_an_error_raised_while_an_interrupt_unwinds_exits_130(tiny_data, tmp_pat
         try:
             raise KeyboardInterrupt
         except KeyboardInterrupt:
-            raise RuntimeError("a library's clean-up failed") from None
+            raise error from None
 
     monkeypatch.setattr(trainer_module, "atomic_torch_save", save_interrupted)
     rc = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "1",

@@ -1055,6 +1055,8 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(code, int) and code != 0:
             return _interrupted() if code == 130 else code
     except CausalignError as exc:
+        if interrupt_behind(exc) is not None and not _traceback_wanted():
+            return _interrupted()  # an error reported while Ctrl-C unwound (see below)
         _hold_back(exc)
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         return 2
