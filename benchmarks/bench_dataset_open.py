@@ -1,0 +1,65 @@
+"""CPU seconds to open a training split (`LesionDataset`: read, validate, cache) and to make
+one pass of float32 batches over it, each in a fresh process, for one or more source trees
+(e.g. a baseline worktree's ``src`` and this checkout's), their runs alternated so that a
+load change on a shared machine falls on all alike.
+
+    python benchmarks/bench_dataset_open.py DATA [--src src /tmp/base/src] [--repeats 5] \
+        [--out benchmarks/results/dataset_open.json]
+
+DATA: a dataset folder (e.g. ``causalign data synth DATA --n-train 5000 --size 64``).
+Process CPU time, not wall time: on a shared machine other processes inflate the wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+_CHILD = """
+import sys, time, torch
+torch.set_num_threads(1)
+from causalign.data.format import LesionDataset
+c0 = time.process_time()
+ds = LesionDataset(sys.argv[1], "train")
+c1 = time.process_time()
+for i in range(0, len(ds), 64):
+    ds.batch(torch.arange(i, min(len(ds), i + 64)))
+c2 = time.process_time()
+print(c1 - c0, c2 - c1, len(ds))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--src", nargs="+", default=[str(Path(__file__).parents[1] / "src")])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    times: dict[str, dict[str, list[float]]] = {s: {"open": [], "pass": []} for s in args.src}
+    n = 0
+    for r in range(args.repeats):
+        for src in args.src if r % 2 == 0 else args.src[::-1]:
+            env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
+            out = subprocess.run([sys.executable, "-c", _CHILD, str(args.data)], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()
+            times[src]["open"].append(float(out[0]))
+            times[src]["pass"].append(float(out[1]))
+            n = int(out[2])
+    result = {"data": str(args.data), "train_samples": n, "repeats": args.repeats,
+              "unit": "process CPU seconds", "sources": {
+                  src: {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                        for k, v in t.items()} for src, t in times.items()}}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
