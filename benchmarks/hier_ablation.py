@@ -61,7 +61,9 @@ def run_one(data: Path, runs: Path, name: str, method: str, args: dict, seed: in
         check_finished_run(run, cfg, "--work")
     if not path.exists():
         t0 = time.perf_counter()
-        metrics = train(data, cfg, run, resume=True, progress=False)
+        # an interrupted run continues; a new one is not a resume (train would warn)
+        metrics = train(data, cfg, run, resume=(run / "checkpoint.pt").exists(),
+                        progress=False)
         metrics["train_seconds"] = time.perf_counter() - t0
         atomic_write_json(path, metrics)
     return json.loads(path.read_text())
