@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..data.format import META
-from ..errors import CausalignError, ConfigError
+from ..errors import CausalignError, ConfigError, interrupt_behind
 from ..io import atomic_write_json, atomic_write_text, folder_lock
 from ..report.tables import mean_std
 from .config import TrainConfig, apply_overrides
@@ -715,6 +715,12 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                     # the traceback of an earlier failed attempt no longer describes it
                     (run_dir / "error.txt").unlink(missing_ok=True)
                 except Exception as exc:  # one failing run is recorded, the rest go on
+                    interrupt = interrupt_behind(exc)
+                    if interrupt is not None:
+                        # Ctrl-C inside a run whose clean-up then failed: recorded as a
+                        # failure, the benchmark went on to the next run (and the next
+                        # Ctrl-C met the same fate); the interrupt is what happened
+                        raise interrupt from None
                     rec.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                                seconds=time.perf_counter() - started)
                     run_dir = out / "runs" / spec.key
