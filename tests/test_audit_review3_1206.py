@@ -35,3 +35,54 @@ def test_benchmark_stops_at_an_interrupt_hidden_behind_a_clean_up_error(tmp_path
     with pytest.raises(KeyboardInterrupt):
         bm.run_suite(suite, tmp_path / "out", progress=False, report=False)
     assert calls == ["pm/erm/seed0"]  # the second run never started
+
+
+def test_ctrl_c_while_the_bar_prints_its_last_lines_still_stops_its_refresh_thread(
+        monkeypatch):
+    # off a terminal the bar prints unfinished tasks' lines as it stops; Ctrl-C there skipped
+    # live.stop(), so rich's refresh thread lived on, printing a heartbeat every minute into
+    # whatever ran next (the Python API, a notebook catching the interrupt) - 2 of 100 tries
+    # of a random Ctrl-C in a short job left one running
+    import io
+
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, TextColumn
+
+    from causalign.engine import progress
+
+    bar = progress._line_progress_class()(TextColumn("{task.description}"),
+                                          MofNCompleteColumn(),
+                                          console=Console(file=io.StringIO(), width=60))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with bar:
+            bar.add_task("scanning", total=None)  # never finishes: printed by stop()
+            monkeypatch.setattr(bar.console, "print", interrupted)
+    assert not bar.live.is_started
+    assert bar.live._refresh_thread is None
+
+
+def test_ctrl_c_while_the_bar_starts_stops_its_refresh_thread(monkeypatch):
+    # Ctrl-C while rich's Live.start waited for its refresh thread (Progress.__enter__ then
+    # raised, so `with progress` never stopped it): the thread lived on (3 of 200 tries)
+    from rich.live import Live
+
+    from causalign.engine import progress
+
+    started: list[Live] = []
+    real = Live.start
+
+    def start(self, refresh=False):
+        started.append(self)
+        real(self, refresh)
+        raise KeyboardInterrupt  # as if it landed in the thread's start() wait
+
+    monkeypatch.setattr(Live, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        with progress.progress_bar():
+            pass
+    assert len(started) == 1
+    assert started[0]._refresh_thread is None and not started[0].is_started

@@ -47,18 +47,25 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
     console = Console(stderr=True)
     kind = _line_progress_class() if _lines_only(console) else Progress
     progress = kind(*columns, console=console)
-    with progress:
-        try:
-            yield progress
-        except BaseException:
-            # an error or Ctrl-C ends the job: erase the bar (off a terminal: do not print
-            # its last frame), so the command line's `error: …` or `interrupted` stays the
-            # only line on stderr
+    try:
+        progress.start()
+    except BaseException:
+        # Ctrl-C while rich waited for its refresh thread to start: `with progress` never
+        # called stop, and the thread lived on (heartbeats into whatever ran next)
+        _stop_silently(progress)
+        raise
+    try:
+        yield progress
+    except BaseException:
+        # an error or Ctrl-C ends the job: erase the bar (off a terminal: do not print
+        # its last frame), so the command line's `error: …` or `interrupted` stays the
+        # only line on stderr
+        _stop_silently(progress)
+        raise
+    finally:
+        if not progress.tasks:  # nothing shown: stop silently
             _stop_silently(progress)
-            raise
-        finally:
-            if not progress.tasks:  # nothing shown: stop silently
-                _stop_silently(progress)
+        progress.stop()  # what `with progress` did; nothing after _stop_silently
 
 
 def _lines_only(console: Console) -> bool:
@@ -131,12 +138,16 @@ def _line_progress_class() -> Any:
                 return
             # a task that never finished (no total, or left short): its last state, once,
             # as rich printed every task at the end
-            with self.live._lock, self._lock:  # as _print_line: no heartbeat in between
-                for task in self.tasks:
-                    if task.visible and task.id not in self._finished_lines:
-                        self._finished_lines.add(task.id)
-                        self.console.print(self.make_tasks_table([task]))
-            self.live.stop()  # without Progress.stop's blank line off a terminal
+            try:
+                with self.live._lock, self._lock:  # as _print_line: no heartbeat between
+                    for task in self.tasks:
+                        if task.visible and task.id not in self._finished_lines:
+                            self._finished_lines.add(task.id)
+                            self.console.print(self.make_tasks_table([task]))
+            finally:
+                # also after Ctrl-C in a print above: else rich's refresh thread lived on,
+                # printing heartbeats into whatever ran next in the process
+                self.live.stop()  # without Progress.stop's blank line off a terminal
 
     _LINE_PROGRESS = LineProgress
     return LineProgress
