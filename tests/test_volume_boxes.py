@@ -126,6 +126,9 @@ def test_malformed_slice_range_is_one_clear_error(tmp_path, cells, needle):
     # a sub-pixel box: truncated to 10..10, it was refused as "empty box"
     (("10.2", "10.2", "10.8", "10.8", "", ""), (10, 10, 11, 11)),
     (("2", "3", "9", "8", "1.0", "3.0"), (2, 3, 9, 8, 1, 3)),  # whole numbers: unchanged
+    # whole numbers with float noise: not grown by a pixel (review3)
+    (("1.9999999999999998", "3", "9.000000000000002", "8", "1", "3.0000000000000004"),
+     (2, 3, 9, 8, 1, 3)),
 ])
 def test_fractional_box_cells_are_rounded_outward(tmp_path, cells, box):
     """Starts down, ends up (as the importers' scale_box): truncation cut off the last

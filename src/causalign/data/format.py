@@ -63,8 +63,14 @@ def outward_box(coords: Sequence[float]) -> tuple[int, ...]:
     coordinates: starts rounded down, ends up, as the importers' `scale_box` does. Truncation
     cut a pixel the box reaches into, and made a sub-pixel box (10.2..10.8) "empty"."""
     starts = (0, 1, 4)  # x0, y0, z0
-    return tuple(int(math.floor(v) if i in starts else math.ceil(v))
+    # a whole number printed with float noise (9.000000000000002 from 3 * 0.1 * 30) is that
+    # number: rounded outward it grew the box by a pixel, and a box ending at the image's
+    # edge was refused as "outside the image"
+    return tuple(int(math.floor(v + _BOX_NOISE) if i in starts else math.ceil(v - _BOX_NOISE))
                  for i, v in enumerate(coords))
+
+
+_BOX_NOISE = 1e-6  # pixels; far above float64's error at image sizes, far below a pixel
 
 
 @dataclass
