@@ -86,3 +86,24 @@ def test_ctrl_c_while_the_bar_starts_stops_its_refresh_thread(monkeypatch):
             pass
     assert len(started) == 1
     assert started[0]._refresh_thread is None and not started[0].is_started
+
+
+@pytest.mark.parametrize("env", ["FORCE_COLOR", "TTY_COMPATIBLE"])
+def test_a_forced_terminal_that_is_a_file_gets_lines_not_redrawn_frames(
+        env, capsys, monkeypatch):
+    # FORCE_COLOR=1 (many CI workflows) made rich take the log file for a terminal: the bar
+    # was redrawn ~10 times a second on one line (`causalign train 2> log`: 10 KB for three
+    # one-step epochs, 0.8 KB without), the very thing one line per task avoids. conftest
+    # removes the variable, so no test saw it.
+    import time
+
+    from causalign.engine import progress
+
+    monkeypatch.setenv(env, "1")
+    with progress.progress_bar() as bar:
+        task = bar.add_task("epoch 1/1", total=2)
+        time.sleep(0.35)  # rich's refresh thread: 3 redraws on a live display
+        bar.advance(task, 2)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[2K" not in err, repr(err)
+    assert err.count("2/2") == 1 and "0/2" not in err, repr(err)

@@ -8,6 +8,7 @@ still running prints it once every `HEARTBEAT_S`, also while nothing advances it
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,12 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
     if remaining:
         columns.append(TimeRemainingColumn())
     console = Console(stderr=True)
+    if (console.is_terminal and not console.is_jupyter and not _is_tty(console.file)
+            and os.environ.get("TTY_INTERACTIVE") != "1"):
+        # FORCE_COLOR (set by many CI workflows) or TTY_COMPATIBLE makes rich take any file
+        # for a terminal: a CI log then got ~10 redrawn frames a second on one line (10 KB
+        # for 3 one-step epochs) instead of one line per task. Colour stays; redraws go.
+        console = Console(stderr=True, force_interactive=False)
     kind = _line_progress_class() if _lines_only(console) else Progress
     progress = kind(*columns, console=console)
     try:
@@ -69,8 +76,18 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
 
 
 def _lines_only(console: Console) -> bool:
-    """No live display: a file or pipe, or a dumb terminal (rich redraws neither)."""
-    return not console.is_jupyter and (not console.is_terminal or console.is_dumb_terminal)
+    """No live display: a file or pipe, a dumb terminal, or a terminal rich may not redraw
+    (TTY_INTERACTIVE=0, a forced terminal that is a file): rich redraws none of them."""
+    return not console.is_jupyter and (not console.is_terminal or console.is_dumb_terminal
+                                       or not console.is_interactive)
+
+
+def _is_tty(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # closed
+        return False
 
 
 _LINE_PROGRESS: Any = None
@@ -87,8 +104,11 @@ def _line_progress_class() -> Any:
 
     class LineProgress(Progress):
         def __init__(self, *columns: Any, **kwargs: Any) -> None:
-            # transient: the lines are out already, the final frame would repeat them
-            super().__init__(*columns, transient=True, **kwargs)
+            # transient: the lines are out already, the final frame would repeat them; no
+            # redirected stdout/stderr (on a forced terminal rich sent stdout to stderr, to
+            # keep a live display below it that lines do not have)
+            super().__init__(*columns, transient=True, redirect_stdout=False,
+                             redirect_stderr=False, **kwargs)
             self._last_line: dict[TaskID, float] = {}  # task -> when its line was printed
             self._finished_lines: set[TaskID] = set()
 
