@@ -107,3 +107,58 @@ def test_a_forced_terminal_that_is_a_file_gets_lines_not_redrawn_frames(
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b[2K" not in err, repr(err)
     assert err.count("2/2") == 1 and "0/2" not in err, repr(err)
+
+
+def test_a_command_run_inside_a_callers_ctrl_c_handler_reports_its_own_error(tmp_path,
+                                                                           capsys):
+    # every error raised while the caller handled an old, finished Ctrl-C has it in its
+    # context chain: 6580b78's net passed a plain user error off as the interrupt (130,
+    # "interrupted" after the error line it had not printed)
+    from causalign.cli import main
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:  # e.g. a wrapper summarising after its own Ctrl-C
+        code = main(["train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "dataset folder does not exist" in err and "interrupted" not in err
+
+
+def test_an_atomic_write_inside_a_callers_ctrl_c_handler_raises_its_own_error(tmp_path):
+    # a failed write (here a write callback's error) was turned into the caller's old
+    # KeyboardInterrupt, re-raised from inside the write
+    from causalign.io import _atomic_write
+
+    def write(fh):
+        raise OSError(28, "No space left on device")
+
+    raised: BaseException | None = None
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        try:
+            _atomic_write(tmp_path / "results.json", write)
+        except BaseException as exc:  # noqa: BLE001 - the old interrupt, before the fix
+            raised = exc
+    assert isinstance(raised, OSError) and "No space left" in str(raised), repr(raised)
+
+
+def test_a_benchmark_inside_a_callers_ctrl_c_handler_records_failed_runs(tmp_path,
+                                                                        monkeypatch):
+    def run_one(spec, data, run_dir):
+        raise RuntimeError("a real failure")
+
+    monkeypatch.setattr(bm, "prepare_dataset", lambda suite, name, out: tmp_path)
+    monkeypatch.setattr(bm, "run_one", run_one)
+    suite = bm.parse_suite(_SUITE, tmp_path, "tiny")
+    results: dict | BaseException
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        try:
+            results = bm.run_suite(suite, tmp_path / "out", progress=False, report=False)
+        except BaseException as exc:  # noqa: BLE001 - the old interrupt, before the fix
+            results = exc
+    assert isinstance(results, dict), repr(results)
+    assert [r["status"] for r in results["runs"]] == ["failed", "failed"]

@@ -1047,6 +1047,7 @@ def _main(argv: list[str] | None) -> int:
     except ImportError:
         from click.exceptions import ClickException
 
+    handled = sys.exc_info()[1]  # the caller's, if called in an except block: not ours
     try:
         _refuse_empty_arguments(sys.argv[1:] if argv is None else argv)
         # Without standalone mode, recent typer turns Ctrl-C into a returned exit code (130)
@@ -1055,7 +1056,7 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(code, int) and code != 0:
             return _interrupted() if code == 130 else code
     except CausalignError as exc:
-        if interrupt_behind(exc) is not None and not _traceback_wanted():
+        if interrupt_behind(exc, handled) is not None and not _traceback_wanted():
             return _interrupted()  # an error reported while Ctrl-C unwound (see below)
         _hold_back(exc)
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
@@ -1075,7 +1076,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return _interrupted()
     except OSError as exc:
-        if interrupt_behind(exc) is not None and not _traceback_wanted():
+        if interrupt_behind(exc, handled) is not None and not _traceback_wanted():
             return _interrupted()  # a clean-up's failure after Ctrl-C (see below)
         if exc.errno is None or _traceback_wanted():
             raise  # not the operating system refusing a path: a bug, keep its traceback
@@ -1085,7 +1086,7 @@ def _main(argv: list[str] | None) -> int:
                    err=True)
         return 2
     except Exception as exc:
-        if interrupt_behind(exc) is not None and not _traceback_wanted():
+        if interrupt_behind(exc, handled) is not None and not _traceback_wanted():
             # Ctrl-C landed inside a library whose clean-up then failed (torch.save's zip
             # writer): the interrupt is what happened, not the clean-up's error
             return _interrupted()

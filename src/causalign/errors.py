@@ -40,12 +40,18 @@ def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> Ca
     return CausalignError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")
 
 
-def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+def interrupt_behind(exc: BaseException,
+                     before: BaseException | None = None) -> KeyboardInterrupt | None:
     """The KeyboardInterrupt (Ctrl-C, or SIGTERM raised as one) that ``exc`` is or that was
-    being handled when ``exc`` was raised (its ``__context__`` chain), else None."""
+    being handled when ``exc`` was raised (its ``__context__`` chain), else None.
+
+    ``before``: the exception the caller was handling when the work began
+    (``sys.exc_info()[1]`` then); the chain ends there. Work started inside an ``except
+    KeyboardInterrupt:`` block (a wrapper running a command after its own Ctrl-C) chains
+    every error it raises to that old interrupt, which would pass them all off as one."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    while current is not None and current is not before and id(current) not in seen:
         if isinstance(current, KeyboardInterrupt):
             return current
         seen.add(id(current))

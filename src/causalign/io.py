@@ -102,6 +102,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handled = sys.exc_info()[1]  # a caller's exception being handled: not an interrupt here
     try:
         # mkstemp creates the file 0600; give it the mode open() would (0666 less the
         # umask), so results and checkpoints stay readable by the group as usual
@@ -118,7 +119,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        interrupt = interrupt_behind(exc)
+        interrupt = interrupt_behind(exc, handled)
         if interrupt is not None and interrupt is not exc:
             # Ctrl-C inside torch.save: its zip writer's clean-up then fails ("unexpected
             # pos"), and that RuntimeError hid the interrupt, so the CLI printed a traceback

@@ -43,6 +43,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -669,6 +670,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
         return _view(suite, whole, merged), merged
 
     out.mkdir(parents=True, exist_ok=True)
+    handled = sys.exc_info()[1]  # a caller's exception being handled: not an interrupt here
     t0 = time.perf_counter()
     records: list[dict] = []
     data_paths: dict[str, Path] = {}
@@ -715,7 +717,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                     # the traceback of an earlier failed attempt no longer describes it
                     (run_dir / "error.txt").unlink(missing_ok=True)
                 except Exception as exc:  # one failing run is recorded, the rest go on
-                    interrupt = interrupt_behind(exc)
+                    interrupt = interrupt_behind(exc, handled)
                     if interrupt is not None:
                         # Ctrl-C inside a run whose clean-up then failed: recorded as a
                         # failure, the benchmark went on to the next run (and the next
