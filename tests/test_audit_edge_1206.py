@@ -99,24 +99,30 @@ def test_ppi_warmup_covering_every_epoch_is_refused(tiny_data, tmp_path, capsys,
     assert not (tmp_path / "run").exists()
 
 
-def test_causal_align_refuses_masks_covering_every_image(tiny_data, tmp_path) -> None:
-    """Every training mask covering its whole image (an inverted or blank-filled export):
-    1 − m was 0 everywhere, L_align 0 for every sample, and causal-align trained ERM at the
-    alignment's cost with exit 0 (history: train_align 0). Boxes that do not cover the
-    image still align under region=box."""
+def _with_full_training_masks(tiny_data, tmp_path):
+    """A copy of `tiny_data` whose training masks each cover the whole image (an inverted or
+    blank-filled export)."""
     import shutil
 
     import numpy as np
     from PIL import Image
 
-    from causalign.data.format import LesionDataset
-    from causalign.errors import DataError
-
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
     for p in (root / "masks").glob("train_*.png"):
         Image.fromarray(np.full_like(np.array(Image.open(p)), 255)).save(p)
-    train = LesionDataset(root, "train")
+    return root
+
+
+def test_causal_align_refuses_masks_covering_every_image(tiny_data, tmp_path) -> None:
+    """Every training mask covering its whole image (an inverted or blank-filled export):
+    1 − m was 0 everywhere, L_align 0 for every sample, and causal-align trained ERM at the
+    alignment's cost with exit 0 (history: train_align 0). Boxes that do not cover the
+    image still align under region=box."""
+    from causalign.data.format import LesionDataset
+    from causalign.errors import DataError
+
+    train = LesionDataset(_with_full_training_masks(tiny_data, tmp_path), "train")
     assert bool(train.has_mask.any())
     method = build_method("causal-align", FAST_CA)
     model = method.build_model(TrainConfig(width=4), INFO)
@@ -182,19 +188,11 @@ def test_a_text_setting_refuses_null_lists_and_mappings(value, tmp_path, monkeyp
 def test_hier_align_warns_when_masks_cover_every_image(tiny_data, tmp_path) -> None:
     """The same annotations under hier-align: Eq. 7 (the image level) was 0 for every sample
     without a word. Warned, not refused: the attribute level still aligns."""
-    import shutil
     import warnings
-
-    import numpy as np
-    from PIL import Image
 
     from causalign.data.format import LesionDataset
 
-    root = tmp_path / "data"
-    shutil.copytree(tiny_data, root)
-    for p in (root / "masks").glob("train_*.png"):
-        Image.fromarray(np.full_like(np.array(Image.open(p)), 255)).save(p)
-    train = LesionDataset(root, "train")
+    train = LesionDataset(_with_full_training_masks(tiny_data, tmp_path), "train")
     info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32),
                     attributes=list(train.meta.attributes))
     method = build_method("hier-align", FAST)
