@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from causalign.cli import main
+from causalign.engine.config import TrainConfig
 
 
 def _run(capsys, *argv):
@@ -427,3 +428,25 @@ def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(tiny_data, tmp_p
     assert f"warning: {run}: --resume found no checkpoint.pt to continue" in err, err
     rc, out, err = _run(capsys, *argv)  # the run it finished: nothing new to say
     assert rc == 0 and "found no checkpoint" not in err and "already finished" in out + err
+
+
+def test_resume_with_nothing_to_resume_warns_before_the_splits_are_read(
+        tiny_data, tmp_path, monkeypatch):
+    """The warning came after the method's setup (a latent-space autoencoder trains for
+    minutes there): a user who mistyped --out waited that long to learn it. It now comes
+    before the splits are read, so it is shown even when reading them fails."""
+    import warnings
+
+    from causalign.engine import trainer as trainer_mod
+
+    def unreadable(*args, **kwargs):
+        raise trainer_mod.CausalignError("split unreadable")
+
+    monkeypatch.setattr(trainer_mod, "LesionDataset", unreadable)
+    cfg = TrainConfig(epochs=1, width=4, threads=1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(trainer_mod.CausalignError, match="split unreadable"):
+            trainer_mod.Trainer(tiny_data, cfg, tmp_path / "run", resume=True,
+                                progress=False).fit()
+    assert any("--resume found no checkpoint.pt" in str(w.message) for w in seen), seen

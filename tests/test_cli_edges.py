@@ -673,8 +673,8 @@ def test_resume_on_pixels_rewritten_in_place_is_refused(run_copy, tiny_data, tmp
     Image.fromarray(pixels).save(png)
     before = (run_copy / "metrics.json").read_text()
     rc, _, err = _run(capsys, "train", edited, "--out", run_copy, "--resume", "--no-progress")
-    _assert_user_error(rc, err, f"--resume continues the stored run, but the images, masks or "
-                                f"labels of {edited} changed since it started")
+    _assert_user_error(rc, err, f"--resume continues the stored run, but the images, masks, boxes "
+                                f"or labels of {edited} read differently than when it started")
     assert (run_copy / "metrics.json").read_text() == before
     # the unedited copy still resumes
     copy = tmp_path / "copy"

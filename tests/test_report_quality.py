@@ -237,6 +237,61 @@ def test_report_dataset_names_that_slug_alike_keep_their_own_figures(tmp_path, m
     assert {(out / "figures" / g).read_bytes()[8:] for g in grids} == {b"a/b", b"a b"}
 
 
+def _one_run_results(out):
+    out.mkdir()
+    runs = [{"key": "pm/erm/seed0", "dataset": "pm", "method": "erm", "label": "erm",
+             "setting": "default", "seed": 0, "run_dir": "runs/0", "status": "done",
+             "metrics": {}}]
+    (out / "results.json").write_text(json.dumps(
+        {"suite": "s", "description": "", "experiments": [], "runs": runs}))
+
+
+@pytest.mark.parametrize("figure", ["cam_figure", "counterfactual_figure"])
+def test_report_ctrl_c_behind_a_figures_error_stops_the_report(tmp_path, monkeypatch, figure):
+    """A Ctrl-C inside a figure whose clean-up then failed was written into the page as
+    "figure failed" and the report went on; the interrupt must reach the caller (the CLI
+    exits 130). An error with no interrupt behind it still only fails its figure."""
+    from causalign.report import html as report_html
+
+    def interrupted(out, results, dataset, path, n=4):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("clean-up failed") from None
+
+    monkeypatch.setattr(report_html, figure, interrupted)
+    out = tmp_path / "bench"
+    _one_run_results(out)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(out)
+    assert not (out / "report.html").exists()
+
+    def broken(out, results, dataset, path, n=4):
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(report_html, figure, broken)
+    page = write_report(out).read_text(encoding="utf-8")
+    assert "failed: no model" in page
+
+
+def test_report_built_inside_a_handled_ctrl_c_keeps_figure_errors(tmp_path, monkeypatch):
+    """A report built in a caller's `except KeyboardInterrupt:` block: its figure errors chain
+    to that old, handled interrupt and must not be taken for a new one."""
+    from causalign.report import html as report_html
+
+    def broken(out, results, dataset, path, n=4):
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(report_html, "cam_figure", broken)
+    out = tmp_path / "bench"
+    _one_run_results(out)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        page = write_report(out).read_text(encoding="utf-8")
+    assert "CAM grid for pm failed: no model" in page
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_data, tmp_path_factory):
     """A benchmark folder with two real 1-epoch runs (erm first, then causal-align)."""

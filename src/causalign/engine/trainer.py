@@ -559,9 +559,10 @@ class Trainer:
         now = content_digest((self.train_set, self.val_set, self.test_set))
         if now != stored:
             raise CausalignError(
-                f"{self.out}: --resume continues the stored run, but the images, masks or "
-                f"labels of {self.data} changed since it started (same dataset.yaml and "
-                f"manifest.csv, other contents; use a new --out)")
+                f"{self.out}: --resume continues the stored run, but the images, masks, "
+                f"boxes or labels of {self.data} read differently than when it started "
+                f"(same dataset.yaml and manifest.csv: files changed, or a causalign "
+                f"version that reads them differently; use a new --out)")
 
     # ------------------------------------------------------------------ setup
 
@@ -589,6 +590,13 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         if not self.dist.is_main:
             self.show_progress = False
+        if self.resume and self.dist.is_main and not (self.out / CHECKPOINT).exists():
+            # allowed (a scheduler's job passes --resume from its first start), but said: a
+            # mistyped --out otherwise trained a new run from scratch without a word. Said
+            # before the splits are read and the method set up (a latent-space autoencoder
+            # trains for minutes there), so a user can stop the run at once.
+            warnings.warn(f"{self.out}: --resume found no {CHECKPOINT} to continue; training "
+                          f"a new run from epoch 1", stacklevel=2)
         seed_everything(self.cfg.seed, self.cfg.deterministic)
         self.train_set = LesionDataset(self.data, "train")
         self.val_set = LesionDataset(self.data, "val")
@@ -655,11 +663,6 @@ class Trainer:
                 self.out.rmdir()
             raise
         self._warn_sparse_alignment()
-        if self.resume and ckpt is None and self.dist.is_main:
-            # allowed (a scheduler's job passes --resume from its first start), but said: a
-            # mistyped --out otherwise trained a new run from scratch without a word
-            warnings.warn(f"{self.out}: --resume found no {CHECKPOINT} to continue; training "
-                          f"a new run from epoch 1", stacklevel=2)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.state = RunState(history=[])
         if ckpt is not None:

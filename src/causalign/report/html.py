@@ -14,6 +14,7 @@ import datetime as _dt
 import html
 import json
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CausalignError
+from ..errors import CausalignError, interrupt_behind
 from ..io import atomic_write_text
 from .figures import class_name
 
@@ -385,6 +386,9 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
         experiments_from_results,
     )
 
+    # what was being handled when the report began: an interrupt behind a figure's error is
+    # re-raised, but not one a caller had already handled (errors.interrupt_behind)
+    handled = sys.exc_info()[1]
     out = Path(out)
     res_path = out / "results.json"
     if not res_path.exists():
@@ -444,6 +448,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                 parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"CAM grid {d}"))
                 shown.add(p.name)
         except Exception as exc:  # a figure must not sink the report
+            _raise_interrupt_behind(exc, handled)
             parts.append(f"<p class='failed'>CAM grid for {html.escape(d)} failed: "
                          f"{html.escape(str(exc))}</p>")
     if len(datasets) > CAM_DATASETS:  # said, not silently dropped
@@ -462,6 +467,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                              f"black outline: annotation).</p>" + _img(p, "counterfactuals"))
                 shown.add(p.name)
         except Exception as exc:
+            _raise_interrupt_behind(exc, handled)
             parts.append(f"<p class='failed'>counterfactual figure failed: "
                          f"{html.escape(str(exc))}</p>")
     p = figs / "deletion.png"
@@ -492,6 +498,15 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
 
 
 _FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "deletion.png", "cross_site.png")
+
+
+def _raise_interrupt_behind(exc: Exception, handled: BaseException | None) -> None:
+    """A Ctrl-C inside a figure whose clean-up then failed (the counterfactual figure runs a
+    model search) was written into the page as "figure failed", and the report went on:
+    the interrupt is what happened, so raise it."""
+    interrupt = interrupt_behind(exc, handled)
+    if interrupt is not None:
+        raise interrupt from None
 
 
 def _remove_stale_figures(figs: Path, shown: set[str]) -> None:
