@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -150,17 +149,11 @@ def _worker(rank: int, world: int, store: str, data: str, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rendezvous(folder: Path) -> str:
-    """Where two forked workers meet: a file store in the test's folder. A TCP port taken
-    by `_free_port` is released before rank 0 binds it again, and anything on the machine
-    may take it meanwhile (DistNetworkError EADDRINUSE, by chance); a file store has no
-    such window. (torchrun, in the slow tests, still needs a port.)"""
+    """Where two forked workers meet: a file store in the test's folder. A free TCP port
+    found by binding port 0 is released before rank 0 binds it again, and anything on the
+    machine may take it meanwhile (DistNetworkError EADDRINUSE, by chance); a file store has
+    no such window. (torchrun, in the slow tests, runs --standalone: its agent keeps port 0.)"""
     path = Path(folder) / "gloo-rendezvous"
     assert not path.exists()  # FileStore needs a fresh file
     return path.as_uri()
@@ -253,7 +246,8 @@ def test_torchrun_cli_two_processes_and_resume(tmp_path):
     data = tmp_path / "data"
     generate(data, SynthConfig(n_train=24, n_val=8, n_test=8, size=32, seed=3))
     run = tmp_path / "run"
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m",
+    # --standalone: torchrun's agent binds port 0 and keeps it (no free-port race)
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m",
            "causalign", "train", str(data), "--out", str(run), "--epochs", "2",
            "--batch-size", "8", "--device", "cpu", "--set", "width=4", "--set", "threads=1",
            "--set", "eval_saliency=gradient", "--no-progress"]
@@ -264,7 +258,6 @@ def test_torchrun_cli_two_processes_and_resume(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["test"]["n"] == 8
     assert len((run / "history.csv").read_text().strip().splitlines()) == 3
-    cmd[cmd.index("--master-port") + 1] = str(_free_port())
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env,
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
