@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -209,6 +210,64 @@ def test_two_processes_match_single_process(two_process_runs, method):
                 assert float(a) == pytest.approx(float(b), rel=1e-3, abs=1e-4), name
     m_d = json.loads((ddp_dir / "metrics.json").read_text())
     assert m_d["val"]["n"] == 4 and m_d["test"]["accuracy"] == metrics["test"]["accuracy"]
+
+
+def _register_warning_method() -> None:
+    if "erm-warns" in _registered():
+        return
+    erm = method_class("erm")
+
+    class ERMWarns(erm):
+        """Warns once at setup (the same on every rank) and at its first loss (per rank)."""
+
+        def build_model(self, cfg, info):
+            return _tiny(cfg, info)
+
+        def setup(self, train_set, model):
+            warnings.warn("setup warning", stacklevel=2)
+
+        def loss(self, model, batch):
+            if not getattr(self, "_said", False):
+                self._said = True
+                warnings.warn(f"loss warning of rank {dist.get_rank()}", stacklevel=2)
+            return super().loss(model, batch)
+
+    register_method("erm-warns")(ERMWarns)
+
+
+def _warning_worker(rank: int, world: int, store: str, data: str, root: str) -> None:
+    join_gloo(rank, world, store, _register_warning_method)
+    try:
+        cfg = TrainConfig(method="erm-warns", epochs=1, batch_size=4, seed=0, device="cpu",
+                          threads=1, eval_saliency="gradient", deletion_fractions=[0.1])
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Trainer(data, cfg, f"{root}/run", progress=False).fit()
+            # (an import during fit, sympy's, may add its own filter: only ours is checked)
+            filters_kept = ("ignore", None, Warning, None, 0) not in warnings.filters
+        Path(f"{root}/warnings.rank{rank}.json").write_text(json.dumps(
+            {"messages": [str(w.message) for w in seen], "filters_kept": filters_kept}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_setup_warnings_are_said_by_rank_0_only(tmp_path):
+    """Under torchrun every rank printed the same setup warnings (data checks, method
+    settings) once per rank. Rank 0 says them; a warning from a rank's own training step is
+    still shown on that rank, and the caller's warning filters are as they were."""
+    import torch.multiprocessing as mp
+
+    data = tmp_path / "data"
+    generate(data, SynthConfig(n_train=8, n_val=4, n_test=4, size=32, seed=3))
+    _register_warning_method()
+    mp.start_processes(_warning_worker, args=(2, rendezvous(tmp_path), str(data), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    seen = [json.loads((tmp_path / f"warnings.rank{r}.json").read_text()) for r in (0, 1)]
+    assert "setup warning" in seen[0]["messages"]
+    assert "setup warning" not in seen[1]["messages"]
+    for r in (0, 1):
+        assert f"loss warning of rank {r}" in seen[r]["messages"]
+        assert seen[r]["filters_kept"]
 
 
 def test_shards_cover_the_global_batch():

@@ -590,6 +590,15 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         if not self.dist.is_main:
             self.show_progress = False
+        # Every rank reads the same splits with the same settings, so under torchrun each
+        # printed the same setup warnings (non-binary masks, align_every, amp ...) once per
+        # rank. Rank 0 says them; warnings during training (a rank's own batches) still
+        # show on every rank.
+        with nullcontext() if self.dist.is_main else _warnings_ignored():
+            self._setup_run()
+
+    def _setup_run(self) -> None:
+        """`_setup` once the process group is joined: data, model, method, checkpoint."""
         if self.resume and self.dist.is_main and not (self.out / CHECKPOINT).exists():
             # allowed (a scheduler's job passes --resume from its first start), but said: a
             # mistyped --out otherwise trained a new run from scratch without a word. Said
@@ -1244,6 +1253,14 @@ def _one_sample_batchnorm_error(cfg: TrainConfig, batch: dict[str, Tensor], n_tr
         raise CausalignError(f"{what}, but model '{cfg.model}' has BatchNorm layers, which "
                              f"need more than one value per channel in training mode; "
                              f"{fix}") from None
+
+
+@contextmanager
+def _warnings_ignored() -> Iterator[None]:
+    """No warning shown inside (the filters are restored on exit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextmanager
