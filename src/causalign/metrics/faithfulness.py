@@ -4,7 +4,9 @@ how much the class score drops. A faithful map finds the pixels the decision res
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,7 +24,8 @@ DELETION_FRACTIONS = (0.002, 0.01, 0.02, 0.1, 0.2)
 
 @torch.no_grad()
 def deletion_scores(
-    model: nn.Module, inputs: Tensor, maps: Tensor, target: Tensor | int | list[int],
+    model: nn.Module, inputs: Tensor, maps: Tensor,
+    target: Tensor | int | Sequence[int] | np.ndarray,
     fractions: tuple[float, ...] = DELETION_FRACTIONS, fill: float = 0.0,
     logits: Tensor | None = None,
 ) -> dict[float, Tensor]:
@@ -67,6 +70,9 @@ def deletion_scores(
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise InputError(f"deletion fractions must lie in (0, 1], got {bad}")
+    if target is None:  # the explainers' "predicted class"; torch.as_tensor(None) raised
+        raise InputError("deletion needs a target class per input (None is not one): pass "
+                         "e.g. model(inputs).argmax(1) for the predicted classes")
     target = as_target(target)  # lists, arrays; NumPy integers are ints
     if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
         # one class for all inputs, as the explainers take it (a 0-d tensor too)
