@@ -27,3 +27,27 @@ def test_deletion_scores_takes_every_target_form_its_hint_names(target: object) 
     x, maps = torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4)
     out = deletion_scores(_model(), x, maps, target, fractions=(0.5,))  # type: ignore[arg-type]
     assert out[0.5].shape == (2,)
+
+
+def test_image_split_protocol_declares_image_shape_read_only_like_lesion_dataset() -> None:
+    # a settable attribute in the Protocol made every LesionDataset argument of
+    # train_autoencoder / images_shape / image_chunks a type error (LesionDataset's is a
+    # property): 8 of mypy's arg-type reports
+    from causalign.data import LesionDataset
+    from causalign.models.autoencoder import ImageSplit
+
+    assert isinstance(LesionDataset.__dict__["image_shape"], property)
+    assert isinstance(ImageSplit.__dict__.get("image_shape"), property)
+
+
+def test_classification_metrics_hint_names_the_tensors_it_takes() -> None:
+    import typing
+
+    from causalign.metrics import classification_metrics
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]], requires_grad=True)
+    out = classification_metrics(probs, torch.tensor([0, 1]))
+    assert out["accuracy"] == 1.0 and out["auc"] == 1.0
+    hints = typing.get_type_hints(classification_metrics)
+    assert torch.Tensor in typing.get_args(hints["probs"])
+    assert torch.Tensor in typing.get_args(hints["labels"])

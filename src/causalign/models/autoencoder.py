@@ -91,7 +91,10 @@ class ImageSplit(Protocol):
     """A split that gives float images by index (`LesionDataset`): training reads it batch
     by batch instead of as one float32 tensor (4× a uint8 cache, on top of it)."""
 
-    image_shape: tuple[int, ...]
+    # read-only, as `LesionDataset.image_shape` (a property): a plain attribute here asks
+    # for a settable one, so a type checker refused LesionDataset as an ImageSplit
+    @property
+    def image_shape(self) -> tuple[int, ...]: ...
 
     def __len__(self) -> int: ...
 
