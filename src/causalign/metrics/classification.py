@@ -11,7 +11,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 from ..errors import InputError
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                           ) -> dict[str, float | None]:
     """accuracy, balanced accuracy and AUC (one-vs-rest macro for >2 classes, over the
     classes the split holds; None when the split holds a single class, where AUC is
     undefined).
