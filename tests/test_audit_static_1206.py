@@ -51,3 +51,20 @@ def test_classification_metrics_hint_names_the_tensors_it_takes() -> None:
     hints = typing.get_type_hints(classification_metrics)
     assert torch.Tensor in typing.get_args(hints["probs"])
     assert torch.Tensor in typing.get_args(hints["labels"])
+
+
+def test_synth_and_box_hints_name_what_their_callers_pass() -> None:
+    # generate() passes cfg.weights(), an ndarray, to label_threshold and bayes_accuracy;
+    # importers pass a mask that may be None to box_of_mask (which returns None for it)
+    import typing
+
+    from causalign.data.importers.util import box_of_mask
+    from causalign.data.synth import CAUSAL_WEIGHTS, bayes_accuracy, label_threshold
+
+    w = np.asarray(CAUSAL_WEIGHTS)
+    assert label_threshold(w) == label_threshold(CAUSAL_WEIGHTS)
+    assert 0.5 < bayes_accuracy(0.3, 0.5, w) <= 1.0
+    for fn in (label_threshold, bayes_accuracy):
+        assert np.ndarray in typing.get_args(typing.get_type_hints(fn)["weights"])
+    assert box_of_mask(None) is None and box_of_mask(np.zeros((3, 3), bool)) is None
+    assert type(None) in typing.get_args(typing.get_type_hints(box_of_mask)["mask"])

@@ -175,7 +175,7 @@ def site_params(k: int, n_sites: int, base_prob: float) -> SiteParams:
     )
 
 
-def label_threshold(weights: Sequence[float] = CAUSAL_WEIGHTS) -> float:
+def label_threshold(weights: Sequence[float] | np.ndarray = CAUSAL_WEIGHTS) -> float:
     """Threshold t: midway between the two score values around the median at p = 0.5."""
     w = np.asarray(weights, dtype=np.float64)
     combos = np.array(list(itertools.product([0, 1], repeat=len(w))))
@@ -186,7 +186,7 @@ def label_threshold(weights: Sequence[float] = CAUSAL_WEIGHTS) -> float:
 
 
 def bayes_accuracy(noise: float, prob: float,
-                   weights: Sequence[float] = CAUSAL_WEIGHTS) -> float:
+                   weights: Sequence[float] | np.ndarray = CAUSAL_WEIGHTS) -> float:
     """Accuracy of the best classifier that knows the attributes exactly."""
     w = np.asarray(weights, dtype=np.float64)
     combos = np.array(list(itertools.product([0, 1], repeat=len(w))))

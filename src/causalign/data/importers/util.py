@@ -439,8 +439,9 @@ def scale_box(
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
-def box_of_mask(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Tight box (x0, y0, x1, y1) of a 2D mask's nonzero pixels, x1/y1 exclusive."""
+def box_of_mask(mask: np.ndarray | None) -> tuple[int, int, int, int] | None:
+    """Tight box (x0, y0, x1, y1) of a 2D mask's nonzero pixels, x1/y1 exclusive; None for
+    no mask or an empty one."""
     if mask is None or not mask.any():
         return None
     ys, xs = np.nonzero(mask)
