@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from causalign.errors import InputError
 from causalign.metrics import deletion_scores
 
 
@@ -14,12 +13,18 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
 
 
-def test_deletion_scores_without_target_is_one_clear_input_error() -> None:
+def test_deletion_scores_without_target_scores_the_predicted_class() -> None:
     # the explainers take target=None (the predicted class); deletion_scores failed in
     # torch.as_tensor with "Could not infer dtype of NoneType" (a RuntimeError)
-    x, maps = torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4)
-    with pytest.raises(InputError, match="target"):
-        deletion_scores(_model(), x, maps, None)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = _model()
+    x, maps = torch.rand(4, 1, 4, 4), torch.rand(4, 4, 4)
+    predicted = model.eval()(x).argmax(1)
+    model.train()
+    out = deletion_scores(model, x, maps, None, fractions=(0.5,))
+    assert torch.equal(out[0.5], deletion_scores(model, x, maps, predicted,
+                                                 fractions=(0.5,))[0.5])
+    assert model.training  # its mode restored
 
 
 @pytest.mark.parametrize("target", [np.array([0, 1]), (0, 1), [0, 1], 1, np.int64(1)])

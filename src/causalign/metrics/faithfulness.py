@@ -25,7 +25,7 @@ DELETION_FRACTIONS = (0.002, 0.01, 0.02, 0.1, 0.2)
 @torch.no_grad()
 def deletion_scores(
     model: nn.Module, inputs: Tensor, maps: Tensor,
-    target: Tensor | int | Sequence[int] | np.ndarray,
+    target: Tensor | int | Sequence[int] | np.ndarray | None,
     fractions: tuple[float, ...] = DELETION_FRACTIONS, fill: float = 0.0,
     logits: Tensor | None = None,
 ) -> dict[float, Tensor]:
@@ -38,7 +38,8 @@ def deletion_scores(
     deterministic and the same for a sample in any batch, and no image region is preferred:
     index order removed the top-left pixels of every flat plateau first (a constant map "found"
     the top-left shortcut symbol of the synthetic benchmark). `target`
-    holds one class per input (an int applies to all). The model runs in eval mode (its
+    holds one class per input (an int applies to all; None: each input's predicted class,
+    as the explainers take it). The model runs in eval mode (its
     modules' flags are restored): in train mode BatchNorm would update its running statistics
     on the deleted images and dropout would add noise to the drop.
 
@@ -70,18 +71,19 @@ def deletion_scores(
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise InputError(f"deletion fractions must lie in (0, 1], got {bad}")
-    if target is None:  # the explainers' "predicted class"; torch.as_tensor(None) raised
-        raise InputError("deletion needs a target class per input (None is not one): pass "
-                         "e.g. model(inputs).argmax(1) for the predicted classes")
-    target = as_target(target)  # lists, arrays; NumPy integers are ints
-    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
-        # one class for all inputs, as the explainers take it (a 0-d tensor too)
-        target = torch.full((n,), int(target), dtype=torch.long)
-    target = torch.as_tensor(target).to(inputs.device)
-    if target.is_floating_point() or target.shape != (n,):
-        raise InputError(f"target must hold one integer class per input ({n}), got "
-                         f"{target.dtype} of shape {tuple(target.shape)}")
-    target = target.long()
+    # None: each input's predicted class (eval mode), as the explainers read it; it failed
+    # in torch.as_tensor with "Could not infer dtype of NoneType"
+    predicted = target is None
+    if target is not None:
+        target = as_target(target)  # lists, arrays; NumPy integers are ints
+        if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+            # one class for all inputs, as the explainers take it (a 0-d tensor too)
+            target = torch.full((n,), int(target), dtype=torch.long)
+        target = torch.as_tensor(target).to(inputs.device)
+        if target.is_floating_point() or target.shape != (n,):
+            raise InputError(f"target must hold one integer class per input ({n}), got "
+                             f"{target.dtype} of shape {tuple(target.shape)}")
+        target = target.long()
     # float32 at least (half maps sort coarsely), float64 kept: 1 + 1e-10·k are distinct
     # float64 values that all round to 1.0 in float32, where they tie and get ranked by index
     flat = maps.flatten(1)
@@ -107,6 +109,8 @@ def deletion_scores(
         if n_bad:  # every drop would be a silent NaN
             raise InputError(f"the model's logits hold {n_bad} NaN/inf value(s); no deletion "
                              f"score from non-finite outputs")
+        if predicted:
+            target = logits.argmax(1)
         check_target_classes(logits, target)
         base = _probs(logits).gather(1, target[:, None]).squeeze(1)
         out = {}
