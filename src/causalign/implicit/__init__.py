@@ -7,11 +7,12 @@ from causalign.implicit.adjoint import (
     implicit_gradient,
     no_autocast,
 )
-from causalign.implicit.cg import CGResult, batched_cg
+from causalign.implicit.cg import CGResult, CoupledSystemsError, batched_cg
 from causalign.implicit.lowrank import lowrank_diag_solve
 
 __all__ = [
     "CGResult",
+    "CoupledSystemsError",
     "ImplicitResult",
     "batched_cg",
     "hvp",

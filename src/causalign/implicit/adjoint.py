@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from causalign.implicit.cg import CGResult, batched_cg, iteration_count
+from causalign.implicit.cg import CGResult, CoupledSystemsError, batched_cg, iteration_count
 from causalign.implicit.fastgrad import double_backward_graph
 
 __all__ = ["ImplicitResult", "hvp", "implicit_argmin", "implicit_gradient", "no_autocast"]
@@ -258,7 +258,7 @@ def implicit_gradient(
     else:
         matvec = _fd_matvec(inner_objective, x.detach(), fd_eps)
 
-    with record_function("causalign.implicit.cg"):  # named in profiles
+    with record_function("causalign.implicit.cg"), _coupled_as_objective_error(x_star):
         cg = batched_cg(
             matvec,
             outer_grad.detach(),
@@ -277,6 +277,19 @@ def implicit_gradient(
             verify=cg_verify and hvp == "exact",
         )
     return _mixed_product(g, params, cg)
+
+
+@contextmanager
+def _coupled_as_objective_error(x_star: Tensor) -> Iterator[None]:
+    """batched_cg's refusal of a coupled 1-D system, said in implicit_gradient's terms."""
+    try:
+        yield
+    except CoupledSystemsError:
+        d = x_star.shape[0]
+        raise ValueError(f"inner_objective couples the entries of the 1-D x_star (shape "
+                         f"({d},)): a 1-D x is {d} independent scalar problems (the first "
+                         f"dimension is the batch); for one {d}-vector problem pass x_star "
+                         f"and outer_grad of shape (1, {d})") from None
 
 
 def _check_options(hvp: str, cg_max_iter: object, damping: float, fd_eps: float,

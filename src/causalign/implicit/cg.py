@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CGResult", "batched_cg"]
+__all__ = ["CGResult", "CoupledSystemsError", "batched_cg"]
 
 
 @dataclass
@@ -87,7 +87,10 @@ def batched_cg(
     """Solve (A_i + damping·I) v_i = b_i for each sample i of ``b`` (shape (N, *dims)).
 
     ``matvec(p)`` must return A p for the whole batch and act block-diagonally (sample i of the
-    output depends only on sample i of ``p``). Sample i stops when ‖r_i‖ <= tol·‖b_i‖; stopped
+    output depends only on sample i of ``p``). A 1-D ``b`` (D,) is D independent 1×1 systems,
+    not one D-dimensional system as in SciPy's and TorchOpt's cg: a ``matvec`` that mixes
+    its entries is refused (`CoupledSystemsError`, a ValueError; one more product); pass
+    ``b[None]`` for one system. Sample i stops when ‖r_i‖ <= tol·‖b_i‖; stopped
     samples are frozen by masking while the rest continue. The loop never synchronises with the
     host except for a cheap "anything still active?" test every ``check_every`` iterations.
 
@@ -204,6 +207,8 @@ def batched_cg(
             break
 
     residual = rs.sqrt()
+    if b.dim() == 1 and n > 1 and iterations > 0:
+        _refuse_coupled_scalar_systems(apply, b, x, residual, bad_start)
     # The recursion's residual drifts from the true b − (A + δI)x by ~ eps·cond(A)·‖b‖ and
     # keeps shrinking after the true one has stalled: at tolerances near the precision it
     # reports "converged" for solves that are not (float32 at tol 1e-12: a recursive 1e-13
@@ -237,6 +242,37 @@ def batched_cg(
         breakdown=breakdown,
         nonfinite=nonfinite,
     )
+
+
+class CoupledSystemsError(ValueError):
+    """`batched_cg` was given a 1-D ``b`` and a ``matvec`` that mixes its entries."""
+
+
+def _refuse_coupled_scalar_systems(apply: Callable[[Tensor], Tensor], b: Tensor, x: Tensor,
+                                   residual: Tensor, bad_start: Tensor) -> None:
+    """Raise `CoupledSystemsError` when ``matvec`` does not act entry by entry on a 1-D b.
+
+    A 1-D b of length D is D independent 1×1 systems (the first dimension is the batch), but
+    SciPy's ``cg(A, b)`` and TorchOpt's ``solve_cg(matvec, b)`` read it as ONE D-dimensional
+    system. Called that way with ``lambda p: A @ p``, every "system" was reported converged
+    while ‖A v − b‖ was of the order of ‖b‖: a silently wrong solution. For truly 1×1
+    systems (a diagonal matvec) the recursion's residual is the true one up to rounding, so
+    one more product tells the two apart."""
+    acc = residual.dtype
+    ax = apply(x).to(acc)
+    true = (b.to(acc) - ax).abs()
+    # rounding of the same few operations; a finite-difference matvec (implicit_gradient's
+    # hvp option) adds ~1e-4 relative noise in float32, far below an actual coupling's O(1)
+    slack = max(1e-3, 4 * torch.finfo(b.dtype).eps)
+    size = torch.maximum(b.to(acc).abs(), ax.abs())
+    checked = ~bad_start & torch.isfinite(true) & torch.isfinite(size)
+    coupled = checked & ((true - residual).abs() > slack * size)
+    if bool(coupled.any()):
+        raise CoupledSystemsError(
+            f"matvec couples the entries of the 1-D b (shape {tuple(b.shape)}): batched_cg "
+            f"solves a 1-D b as {b.shape[0]} independent 1x1 systems (the first dimension is "
+            f"the batch); for one {b.shape[0]}-dimensional system, as SciPy's or TorchOpt's "
+            f"cg, pass b[None] (shape (1, {b.shape[0]})) and a matvec acting on that shape")
 
 
 def iteration_count(value: object, name: str, minimum: int) -> int:

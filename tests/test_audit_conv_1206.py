@@ -1,0 +1,63 @@
+"""Audit 2026-12-06 (conv): the public API used with the habits of PyTorch, Captum, MONAI,
+zennit and TorchOpt users."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causalign.implicit import CoupledSystemsError, batched_cg, implicit_gradient
+
+
+def _spd(d: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return m @ m.T + d * torch.eye(d, dtype=torch.float64)
+
+
+def test_cg_refuses_a_coupled_matvec_on_a_1d_rhs_as_scipy_and_torchopt_take_it():
+    """``batched_cg(lambda p: A @ p, b)`` with b of shape (D,), as SciPy's ``cg(A, b)`` and
+    TorchOpt's ``solve_cg(matvec, b)`` are called, was solved as D 1x1 systems: every one
+    reported converged while ‖A v − b‖ = 1.86 for ‖b‖ ≈ 2 (a silently wrong solution)."""
+    a = _spd(6)
+    b = torch.linspace(-1.0, 1.5, 6, dtype=torch.float64)
+    with pytest.raises(CoupledSystemsError, match=r"pass b\[None\] \(shape \(1, 6\)\)"):
+        batched_cg(lambda p: a @ p, b, max_iter=50, tol=1e-10)
+    one = batched_cg(lambda p: p @ a, b[None], max_iter=50, tol=1e-10)  # the way to say it
+    assert one.converged.all()
+    torch.testing.assert_close(a @ one.solution[0], b)
+
+
+def test_cg_still_solves_1d_rhs_as_independent_scalar_systems():
+    """A 1-D b with an entry-wise matvec is D 1x1 systems, as documented: still solved, with
+    a zero rhs, a breakdown (negative curvature) and damping handled as before."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        d = torch.tensor([2.0, -1.0, 4.0, 3.0], dtype=dtype)
+        b = torch.tensor([1.0, 1.0, 0.0, 6.0], dtype=dtype)
+        res = batched_cg(lambda p, d=d: d * p, b, damping=1.0)
+        assert res.converged.tolist() == [True, False, True, True]
+        assert res.breakdown.tolist() == [False, True, False, False]
+        torch.testing.assert_close(res.solution[[0, 2, 3]],
+                                   torch.tensor([1 / 3, 0.0, 1.5], dtype=dtype))
+
+
+def test_implicit_gradient_refuses_a_coupled_objective_of_a_1d_x():
+    """A quadratic ½xᵀAx − θᵀx of a 1-D x (one vector problem, in a SciPy user's eyes)
+    gave a gradient of D decoupled scalar problems, silently; now one line says to pass
+    shape (1, D). Entry-wise (truly scalar) problems keep working, exact and by finite
+    differences."""
+    a = _spd(5).float()
+    theta = torch.randn(5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with pytest.raises(ValueError, match=r"couples the entries of the 1-D x_star.*\(1, 5\)"):
+        implicit_gradient(lambda x: 0.5 * x @ a @ x - theta @ x, torch.zeros(5), [theta],
+                          torch.ones(5))
+    # the same problem as one (1, 5) sample: dL/dθ = A⁻¹ 1 for L = Σ x*, x* = A⁻¹θ
+    res = implicit_gradient(lambda x: (0.5 * (x @ a) * x).sum() - (theta * x).sum(),
+                            torch.zeros(1, 5), [theta], torch.ones(1, 5), cg_max_iter=50,
+                            cg_tol=1e-7)
+    torch.testing.assert_close(res.grads[0], torch.linalg.solve(a, torch.ones(5)),
+                               rtol=1e-4, atol=1e-5)
+    for hvp in ("exact", "finite-difference"):
+        res = implicit_gradient(lambda x: (0.5 * (x - theta) ** 2 + 0.1 * x ** 4).sum(),
+                                torch.randn(7)[:5], [theta], torch.ones(5), hvp=hvp)
+        assert res.cg.converged.all()
