@@ -84,3 +84,32 @@ def test_lrp_of_a_compiled_model_is_the_eager_models_map():
         got = get_explainer(name, compiled).attribute(x, target=1)
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-9)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_dataset_writer_takes_tensors_and_works_as_a_context_manager(tmp_path):
+    """A PyTorch user's ``w.add(image_tensor, ..., mask=mask_tensor)`` failed with
+    "'Tensor' object has no attribute 'astype'" (a tensor image passed, its mask not), an
+    image that requires grad with "Can't call numpy() on Tensor that requires grad", and
+    ``with DatasetWriter(...) as w`` with "does not support the context manager protocol"."""
+    from causalign.data import DatasetMeta, DatasetWriter, LesionDataset
+
+    meta = DatasetMeta("toy", ["a", "b"], [])
+    images = torch.rand(4, 8, 8)
+    mask = torch.zeros(8, 8)
+    mask[2:5, 3:6] = 1
+    with DatasetWriter(tmp_path / "d", meta, image_format="npy") as w:
+        for i, split in enumerate(("train", "train", "val", "test")):
+            img = images[i].clone().requires_grad_(i == 0)
+            w.add(img, label=torch.tensor(i % 2), split=split, mask=mask.bool() if i else mask)
+        w.add(images[0].bfloat16(), label=0, split="test")
+    ds = LesionDataset(tmp_path / "d", "train")
+    torch.testing.assert_close(ds[:]["image"][:, 0], images[:2])
+    assert ds[:]["has_mask"].all() and torch.equal(ds[1]["mask"][0], mask)
+    assert ds[:]["label"].tolist() == [0, 1]
+    torch.testing.assert_close(LesionDataset(tmp_path / "d", "test")[1]["image"][0],
+                               images[0].bfloat16().float())
+    # an exception inside the block writes no manifest: no half dataset that reads as whole
+    with pytest.raises(RuntimeError, match="stop"), DatasetWriter(tmp_path / "e", meta) as w:
+        w.add(images[0], label=0, split="train")
+        raise RuntimeError("stop")
+    assert not (tmp_path / "e" / "manifest.csv").exists()

@@ -158,6 +158,10 @@ class DatasetWriter:
     >>> w = DatasetWriter(out, DatasetMeta("toy", ["benign", "malignant"], ["margin"]))
     >>> w.add(image, label=1, split="train", mask=mask, attributes=[1.0])
     >>> w.close()
+
+    or ``with DatasetWriter(out, meta) as w: ...``, which writes the manifest when the block
+    ends without an exception (after one, none is written: a half-written dataset is not
+    left looking complete). Images and masks may be NumPy arrays or tensors.
     """
 
     def __init__(self, root: str | Path, meta: DatasetMeta, image_format: str = "png",
@@ -177,12 +181,19 @@ class DatasetWriter:
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         (self.root / "masks").mkdir(parents=True, exist_ok=True)
 
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+
     def add(
         self,
-        image: np.ndarray,
+        image: np.ndarray | Tensor,
         label: int,
         split: str,
-        mask: np.ndarray | None = None,
+        mask: np.ndarray | Tensor | None = None,
         box: Sequence[float] | None = None,
         attributes: Sequence[float] | None = None,
         site: str = "0",
@@ -216,7 +227,8 @@ class DatasetWriter:
             if len(box) == 6 and self.meta.ndim != 3:
                 raise DataError(f"sample {sid}: box {box} has a slice range (z0, z1), but the "
                                 f"dataset's images are 2D")
-        image = np.asarray(image)
+        image = _as_array(image)
+        mask = None if mask is None else _as_array(mask)
         fmt = self.image_format if image.ndim == 2 or self.image_format == "npy" else "npy"
         if fmt == "png" and image.dtype.kind == "f" and not np.isfinite(image).all():
             # a PNG would store NaN as 0 without a word (np.clip keeps NaN, uint8 casts it);
@@ -243,6 +255,18 @@ class DatasetWriter:
 
     def close(self) -> None:
         write_manifest(self.root, self.meta, self.rows)
+
+
+def _as_array(value: object) -> np.ndarray:
+    """An image or mask as a NumPy array; a tensor detached and on the host (a mask tensor
+    failed with "'Tensor' object has no attribute 'astype'", an image that requires grad
+    with "Can't call numpy() on Tensor that requires grad", a bfloat16 one in NumPy)."""
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
 
 
 def _file_key(sid: str) -> str:
