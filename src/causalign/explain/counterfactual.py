@@ -72,7 +72,9 @@ from ..implicit.adjoint import no_autocast
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
-from .base import check_model_dtype
+from .base import check_model_dtype, eager_module
+
+_eager = eager_module  # the name this module used before eager_module moved to base
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -934,7 +936,7 @@ class CounterfactualGenerator:
         if not is_target_rule(target_rule):
             raise ConfigError(f"counterfactual target rule must be 'other', 'predicted' or a "
                               f"class index, got {target_rule!r}")
-        self.model = _eager(model)
+        self.model = eager_module(model)
         self.alpha, self.steps, self.lr = float(alpha), int(steps), float(lr)
         self.polish = int(polish)
         self.distance, self.scale, self.eps = distance, scale, float(eps)
@@ -1127,30 +1129,6 @@ class CounterfactualGenerator:
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
                                     problem=prob, flipped=flipped, target_prob=target_prob)
-
-
-def _eager(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper runs (``_orig_mod``, the same parameters), else
-    ``model``: the search and the implicit gradient run it eagerly. Through the compiled
-    graph, causal-align's alignment gradient came out silently wrong (backend eager: off by
-    13 % of its largest entry, the lean double-backward nodes of ``eval_mode(fold_bn=True)``
-    traced into the graph) or failed deep in AOTAutograd (inductor: "donated buffers
-    requires create_graph=False"); the caller's own forward (CE) stays compiled. A compiled
-    module inside ``nn.DataParallel`` (rewrapped around the eager module, same devices) or
-    ``DistributedDataParallel`` (its eager module: a new DDP would broadcast) is unwrapped
-    alike: through the wrapper the gradient was off as much, silently."""
-    orig = getattr(model, "_orig_mod", None)
-    if isinstance(orig, nn.Module):
-        return orig
-    inner = getattr(model, "module", None)
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
-            and isinstance(inner, nn.Module) and isinstance(getattr(inner, "_orig_mod", None),
-                                                            nn.Module):
-        if isinstance(model, nn.parallel.DistributedDataParallel) or not model.device_ids:
-            return inner._orig_mod  # (a DataParallel without GPUs runs its module as is)
-        return nn.DataParallel(inner._orig_mod, device_ids=model.device_ids,
-                               output_device=model.output_device, dim=model.dim)
-    return model
 
 
 def _check_no_batch_statistics(model: nn.Module, bn_stats: BNStats | None) -> None:

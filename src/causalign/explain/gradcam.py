@@ -33,7 +33,7 @@ class GradCAM(Explainer):
     def __init__(self, model: nn.Module, layer: nn.Module | None = None,
                  upsample: bool = True) -> None:
         super().__init__(model)
-        self.layer = layer if layer is not None else find_cam_layer(model)
+        self.layer = layer if layer is not None else find_cam_layer(self.model)
         self._default_layer = layer is None
         self.upsample = upsample
 

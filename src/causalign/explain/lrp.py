@@ -54,7 +54,6 @@ from .base import (
     eval_mode,
     register_explainer,
 )
-from .counterfactual import _eager
 
 if TYPE_CHECKING:
     from zennit.canonizers import AttributeCanonizer
@@ -177,55 +176,49 @@ class LRP(Explainer):
         self.canonizers = canonizers
         self._merges_checked = False  # see _check_bn_merges: one extra forward, once
 
-    def composite(self, model: nn.Module | None = None) -> Composite:
-        """The zennit composite for ``model`` (default: the explained model)."""
-        model = self.model if model is None else model
-        canon = self.canonizers if self.canonizers is not None else default_canonizers(model)
+    def composite(self) -> Composite:
+        canon = self.canonizers if self.canonizers is not None else default_canonizers(self.model)
         return _composite(self.variant, canon, self.epsilon, self.gamma, self.low, self.high,
                           self.stabilizer)
 
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
-        # zennit's hooks do not survive torch.compile: through a compiled model (backend
-        # eager) LRP-ε maps came out ~4000x the eager ones. Its eager module holds the same
-        # parameters, and is what the counterfactual search runs too.
-        model = _eager(self.model)
-        check_inputs(inputs, target, model)
+        check_inputs(inputs, target, self.model)
         if create_graph:
             if self.variant == "epsilon":
-                return lrp_epsilon_modified_gradient(model, inputs, target, self.epsilon,
+                return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon,
                                                      create_graph=True)
             raise ValueError(f"lrp-{self.variant} is not differentiable in the model's "
                              f"parameters (zennit evaluates rules on weight copies); use "
                              f"lrp-epsilon, wbp, gradient or gradcam to train through a map")
         if torch.is_inference_mode_enabled():
             raise RuntimeError("LRP needs autograd; call it outside torch.inference_mode()")
-        pooled = _unruled_pooling(model)
+        pooled = _unruled_pooling(self.model)
         if pooled is not None:
             # zennit would push relevance through the pooling's log-softmax/logsumexp/products
             # as if it were a gradient: maps that conserve nothing and differ from the
             # modified-gradient LRP-ε that PPI trains on. LRP-ε has a rule-free form (below).
             if self.variant == "epsilon":
-                return lrp_epsilon_modified_gradient(model, inputs, target, self.epsilon)
+                return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon)
             raise InputError(f"lrp-{self.variant} has no rule for {pooled}'s attention pooling "
                              f"(log-softmax, logsumexp, weighted slice sums); use lrp-epsilon, "
                              f"wbp or gradient on this model")
         from .wbp import check_rules
 
-        check_rules(model, self.name)  # zennit would pass relevance through as a gradient
-        composite = self.composite(model)
-        with _eval_mode(model):
+        check_rules(self.model, self.name)  # zennit would pass relevance through as a gradient
+        composite = self.composite()
+        with _eval_mode(self.model):
             target = self._target(inputs, target)  # predicted class in eval mode, as mapped
             if not self._merges_checked:
-                _check_bn_merges(model, inputs, composite.canonizers, self.name)
+                _check_bn_merges(self.model, inputs, composite.canonizers, self.name)
                 self._merges_checked = True
-        with torch.enable_grad(), _eval_mode(model), _restored_on_error(model):
+        with torch.enable_grad(), _eval_mode(self.model), _restored_on_error(self.model):
             try:
                 # not composite.context(): a canonizer or hook failing inside register() would
                 # skip its __exit__ and leave the hooks registered so far on the user's model
-                composite.register(model)
+                composite.register(self.model)
                 x = inputs.detach().requires_grad_(True)
-                logits = model(x)
+                logits = self.model(x)
                 check_target_classes(logits, target)
                 onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
                 # R at the output = the target logit, so relevance is in logit units.
