@@ -39,6 +39,15 @@ def test_cg_still_solves_1d_rhs_as_independent_scalar_systems():
         assert res.breakdown.tolist() == [False, True, False, False]
         torch.testing.assert_close(res.solution[[0, 2, 3]],
                                    torch.tensor([1 / 3, 0.0, 1.5], dtype=dtype))
+    # neither a warm start whose b − A x0 cancels (A = 307, b = 1.2e-3, x0 = −0.76) nor
+    # half precision's drift (a "converged" x off by 1 %) is taken for a coupling
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.float32):
+        d = (torch.rand(500, generator=gen) * 10.0 ** torch.randint(-3, 4, (500,), generator=gen))
+        b = torch.randn(500, generator=gen) * 10.0 ** torch.randint(-3, 3, (500,), generator=gen)
+        d, b = d.to(dtype), b.to(dtype)
+        batched_cg(lambda p, d=d: d * p, b, x0=torch.randn(500, generator=gen).to(dtype))
+        batched_cg(lambda p, d=d: d * p, b, max_iter=3)
 
 
 def test_implicit_gradient_refuses_a_coupled_objective_of_a_1d_x():

@@ -89,7 +89,7 @@ def batched_cg(
     ``matvec(p)`` must return A p for the whole batch and act block-diagonally (sample i of the
     output depends only on sample i of ``p``). A 1-D ``b`` (D,) is D independent 1×1 systems,
     not one D-dimensional system as in SciPy's and TorchOpt's cg: a ``matvec`` that mixes
-    its entries is refused (`CoupledSystemsError`, a ValueError; one more product); pass
+    its entries is refused (`CoupledSystemsError`, a ValueError; two more products); pass
     ``b[None]`` for one system. Sample i stops when ‖r_i‖ <= tol·‖b_i‖; stopped
     samples are frozen by masking while the rest continue. The loop never synchronises with the
     host except for a cheap "anything still active?" test every ``check_every`` iterations.
@@ -134,6 +134,9 @@ def batched_cg(
             raise ValueError(f"matvec must return a tensor shaped like its input "
                              f"{tuple(p.shape)}, got {got}")
         return out + damping * p if damping != 0.0 else out
+
+    if b.dim() == 1 and n > 1 and max_iter > 0:
+        _refuse_coupled_scalar_systems(matvec, b)
 
     # Solve for b/s (s a per-sample power of two) so that no inner product over- or
     # underflows; x and the residual are scaled back at the end.
@@ -207,8 +210,6 @@ def batched_cg(
             break
 
     residual = rs.sqrt()
-    if b.dim() == 1 and n > 1 and iterations > 0:
-        _refuse_coupled_scalar_systems(apply, b, x, residual, bad_start)
     # The recursion's residual drifts from the true b − (A + δI)x by ~ eps·cond(A)·‖b‖ and
     # keeps shrinking after the true one has stalled: at tolerances near the precision it
     # reports "converged" for solves that are not (float32 at tol 1e-12: a recursive 1e-13
@@ -248,31 +249,39 @@ class CoupledSystemsError(ValueError):
     """`batched_cg` was given a 1-D ``b`` and a ``matvec`` that mixes its entries."""
 
 
-def _refuse_coupled_scalar_systems(apply: Callable[[Tensor], Tensor], b: Tensor, x: Tensor,
-                                   residual: Tensor, bad_start: Tensor) -> None:
+def _refuse_coupled_scalar_systems(matvec: Callable[[Tensor], Tensor], b: Tensor) -> None:
     """Raise `CoupledSystemsError` when ``matvec`` does not act entry by entry on a 1-D b.
 
     A 1-D b of length D is D independent 1×1 systems (the first dimension is the batch), but
     SciPy's ``cg(A, b)`` and TorchOpt's ``solve_cg(matvec, b)`` read it as ONE D-dimensional
     system. Called that way with ``lambda p: A @ p``, every "system" was reported converged
-    while ‖A v − b‖ was of the order of ‖b‖: a silently wrong solution. For truly 1×1
-    systems (a diagonal matvec) the recursion's residual is the true one up to rounding, so
-    one more product tells the two apart."""
-    acc = residual.dtype
-    ax = apply(x).to(acc)
-    true = (b.to(acc) - ax).abs()
-    # rounding of the same few operations; a finite-difference matvec (implicit_gradient's
-    # hvp option) adds ~1e-4 relative noise in float32, far below an actual coupling's O(1)
-    slack = max(1e-3, 4 * torch.finfo(b.dtype).eps)
-    size = torch.maximum(b.to(acc).abs(), ax.abs())
-    checked = ~bad_start & torch.isfinite(true) & torch.isfinite(size)
-    coupled = checked & ((true - residual).abs() > slack * size)
-    if bool(coupled.any()):
+    while ‖A v − b‖ was of the order of ‖b‖: a silently wrong solution. An entry-wise map
+    commutes with flipping the signs of entries, exactly in floating point (rounding is
+    symmetric), whatever the dtype: A(s ⊙ b) = s ⊙ A b for random signs s. A coupled map
+    does not. Two more products, on this rare path only (a batch of scalar problems)."""
+    p = b.detach()
+    if not bool(torch.isfinite(p).all()):
+        p = torch.where(torch.isfinite(p), p, torch.zeros_like(p))
+    signs = torch.randint(0, 2, p.shape, generator=torch.Generator().manual_seed(0))
+    signs[1] = 1 - signs[0]  # both signs present: a 2x2 coupling is always seen
+    signs = (2 * signs - 1).to(device=p.device, dtype=p.dtype)
+    u, v = matvec(p), matvec(signs * p)
+    if not (isinstance(u, Tensor) and isinstance(v, Tensor) and u.shape == v.shape == p.shape):
+        return  # batched_cg's own check names the wrong shape
+    acc = torch.promote_types(p.dtype, torch.float32)
+    u, v = u.detach().to(acc), v.detach().to(acc)
+    gap = (v - signs.to(acc) * u).abs()
+    # bit-exact for an entry-wise map; a little room for reductions whose order varies
+    # between the two calls (atomics on a GPU)
+    slack = 16 * torch.finfo(p.dtype).eps * (u.abs() + v.abs())
+    ok = ~torch.isfinite(gap) | (gap <= slack)
+    if not bool(ok.all()):
+        d = b.shape[0]
         raise CoupledSystemsError(
-            f"matvec couples the entries of the 1-D b (shape {tuple(b.shape)}): batched_cg "
-            f"solves a 1-D b as {b.shape[0]} independent 1x1 systems (the first dimension is "
-            f"the batch); for one {b.shape[0]}-dimensional system, as SciPy's or TorchOpt's "
-            f"cg, pass b[None] (shape (1, {b.shape[0]})) and a matvec acting on that shape")
+            f"matvec couples the entries of the 1-D b (shape ({d},)): batched_cg solves a 1-D "
+            f"b as {d} independent 1x1 systems (the first dimension is the batch); for one "
+            f"{d}-dimensional system, as SciPy's or TorchOpt's cg, pass b[None] (shape "
+            f"(1, {d})) and a matvec acting on that shape")
 
 
 def iteration_count(value: object, name: str, minimum: int) -> int:
