@@ -167,8 +167,9 @@ def implicit_gradient(
     backpropagated through afterwards, and the function called again.
     Per-sample CG needs the samples uncoupled: T_i may depend on x_i alone, so no BatchNorm
     in train mode (batch statistics), no dropout, and x of shape (D,) means D scalar
-    problems, not one D-vector problem (give it shape (1, D)). A coupled objective gives a
-    wrong gradient, which CG may still report as converged. x* must be finite (a NaN row made
+    problems, not one D-vector problem (give it shape (1, D); a 1-D x whose entries
+    interact is refused). Otherwise a coupled objective gives a wrong gradient, which CG may
+    still report as converged. x* must be finite (a NaN row made
     every θ-gradient NaN): drop or reset such samples first.
     ``hvp`` picks exact double-backward products or finite differences of ∇ₓT.
     ``cg_verify`` checks CG's "converged" claim against the true residual when ``cg_tol`` is
