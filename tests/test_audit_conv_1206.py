@@ -133,3 +133,25 @@ def test_dataset_writer_takes_tensors_and_works_as_a_context_manager(tmp_path):
         w.add(images[0], label=0, split="train")
         raise RuntimeError("stop")
     assert not (tmp_path / "e" / "manifest.csv").exists()
+
+
+def test_gradcam_takes_a_layer_name_and_refuses_a_non_module_in_one_line():
+    """``get_explainer("gradcam", model, layer="features.15")`` (torchcam's
+    ``target_layer`` habit) failed at the first map with "'str' object has no attribute
+    'register_forward_hook'", and ``layer=3`` with "'int' object is not iterable", both
+    deep inside Captum."""
+    from causalign.errors import InputError
+    from causalign.explain import get_explainer
+    from causalign.models import SevenLayerCNN
+
+    torch.manual_seed(0)
+    model = SevenLayerCNN(1, 2, width=2).eval()
+    x = torch.rand(2, 1, 8, 8)
+    by_name = get_explainer("gradcam", model, layer="features.16").attribute(x, target=1)
+    by_module = get_explainer("gradcam", model, layer=model.features[16]).attribute(x, target=1)
+    torch.testing.assert_close(by_name, by_module)
+    with pytest.raises(InputError, match=r"no layer 'features\.99' \(its convolutions: .*"
+                                         r"features\.17\)"):
+        get_explainer("gradcam", model, layer="features.99")
+    with pytest.raises(InputError, match="must be a module of the model or its name"):
+        get_explainer("gradcam", model, layer=3)

@@ -18,21 +18,41 @@ from .base import (
 )
 
 
+def _named_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (as `named_modules` and torchcam's ``target_layer``
+    spell it): a name failed at the first map with "'str' object has no attribute
+    'register_forward_hook'". A compiled model's names may keep their ``_orig_mod.``."""
+    name = name.removeprefix("_orig_mod.")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        raise InputError(f"gradcam: {type(model).__name__} has no layer '{name}' (its "
+                         f"convolutions: {', '.join(convs[-5:]) or 'none'})") from None
+
+
 @register_explainer("gradcam")
 class GradCAM(Explainer):
-    """ReLU(Σ_k α_k A_k) at `layer` (default: the model's `cam_layer` or last conv; when the
-    forward never runs that conv, as GoogLeNet's eval-mode auxiliary heads, the last conv it
-    does run), bilinearly upsampled to the input size; shape (N, 1, *spatial). Computed in
-    eval mode (every module's flag restored afterwards).
+    """ReLU(Σ_k α_k A_k) at `layer` (a module or its name, e.g. ``"layer4"`` of a ResNet; default:
+    the model's `cam_layer` or last conv; when the forward never runs that conv, as
+    GoogLeNet's eval-mode auxiliary heads, the last conv it does run), bilinearly upsampled
+    to the input size; shape (N, 1, *spatial). Computed in eval mode (every module's flag
+    restored afterwards).
 
     `create_graph=True` keeps it differentiable in the parameters (Captum `grad_kwargs`);
     otherwise the map is detached (Captum's keeps the forward graph alive through the layer's
     activations, and a backward from it would fill the parameters' `.grad`).
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module | None = None,
+    def __init__(self, model: nn.Module, layer: nn.Module | str | None = None,
                  upsample: bool = True) -> None:
         super().__init__(model)
+        if isinstance(layer, str):
+            layer = _named_layer(self.model, layer)
+        elif layer is not None and not isinstance(layer, nn.Module):
+            # failed at the first map with "'int' object is not iterable" deep in Captum
+            raise InputError(f"gradcam layer must be a module of the model or its name "
+                             f"(e.g. 'layer4' of a ResNet), got {type(layer).__name__}")
         self.layer = layer if layer is not None else find_cam_layer(self.model)
         self._default_layer = layer is None
         self.upsample = upsample
