@@ -155,3 +155,35 @@ def test_gradcam_takes_a_layer_name_and_refuses_a_non_module_in_one_line():
         get_explainer("gradcam", model, layer="features.99")
     with pytest.raises(InputError, match="must be a module of the model or its name"):
         get_explainer("gradcam", model, layer=3)
+
+
+def test_batch_statistics_of_a_compiled_model_that_has_run_before():
+    """Hooks on the submodules of a ``torch.compile``'d model do not fire in a graph Dynamo
+    traced without them: after one train-mode forward without them (a step of
+    ``align_every=2``, a warm-up), `capture_bn_stats` came back empty and causal-align's
+    inner problem silently used the running statistics (its gradient at cosine 0.46 to the
+    eager model's). The statistics are now taken by an eager no-grad pass of the same
+    inputs, which leaves the running statistics and the compiled forward's backward alone."""
+    from causalign.explain.counterfactual import capture_bn_stats
+    from causalign.models import SevenLayerCNN
+
+    torch.manual_seed(0)
+    model = SevenLayerCNN(1, 2, width=2).train()
+    reference = SevenLayerCNN(1, 2, width=2).train()
+    reference.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    x0, x = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    compiled(x0)
+    reference(x0)
+    with capture_bn_stats(compiled) as stats:
+        logits = compiled(x)
+    with capture_bn_stats(reference) as expected:
+        reference(x)
+    assert len(stats) == len(expected) == 6
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ref_bns = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m, r in zip(bns, ref_bns, strict=True):
+        torch.testing.assert_close(stats[m], expected[r])
+    logits.sum().backward()  # the buffers the compiled forward saved are untouched
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())

@@ -55,7 +55,7 @@ import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -414,8 +414,26 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
                 repeated.append(m)
             store[m] = channel_mean_var(inp[0].detach())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    def bn_hooks(net: nn.Module) -> list:
+        return [m.register_forward_hook(hook) for m in net.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module):
+        # torch.compile'd: hooks on submodules do not fire in a graph Dynamo traced without
+        # them (any earlier train-mode forward: a step of align_every > 1, a warm-up), so the
+        # statistics came back empty and the inner problem silently used the running ones
+        # (causal-align's gradient at cosine 0.46 to the eager model's). A hook on the
+        # compiled wrapper itself always runs: it recomputes them from an eager no-grad
+        # forward of the same inputs.
+        def recapture(_m: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                   for m in orig.modules()):
+                _eager_batch_stats(orig, args, kwargs, bn_hooks)
+
+        handles = [model.register_forward_hook(recapture, with_kwargs=True)]
+    else:
+        handles = bn_hooks(model)
     try:
         yield store
     finally:
@@ -427,6 +445,34 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
                          f"while its statistics were captured: each call has its own batch "
                          f"statistics, which one fixed (mean, var) cannot reproduce; use "
                          f"bn='running' or a separate BatchNorm module per call")
+
+
+def _eager_batch_stats(model: nn.Module, args: tuple, kwargs: dict,
+                       bn_hooks: Callable[[nn.Module], list]) -> None:
+    """Run ``model`` (a compiled model's eager module, in its current modes) on the inputs
+    of the compiled forward that just ran, with ``bn_hooks`` recording each BatchNorm's batch
+    statistics; no graph, and neither the running statistics nor the RNG state (dropout)
+    changed by this second pass."""
+    # track_running_stats off for the pass: a train-mode BatchNorm then normalises with the
+    # batch's statistics as before but updates no buffer. Updating and restoring them in
+    # place bumped their version, and the compiled forward's backward, which saved them,
+    # failed ("modified by an inplace operation").
+    bns = [(m, m.track_running_stats) for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    cuda = sorted({t.device.index or 0 for t in (*args, *kwargs.values())
+                   if isinstance(t, Tensor) and t.is_cuda})
+    handles = bn_hooks(model)
+    try:
+        for m, _ in bns:
+            if m.training:
+                m.track_running_stats = False
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, tracked in bns:
+            m.track_running_stats = tracked
 
 
 MAX_SMOOTH_SIGMA = 1024.0
