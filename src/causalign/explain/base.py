@@ -112,7 +112,6 @@ def eager_module(model: nn.Module) -> nn.Module:
     return model
 
 
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` in eval mode, then restore every submodule's own train/eval flag, also when

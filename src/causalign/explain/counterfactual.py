@@ -74,8 +74,6 @@ from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
 from .base import check_model_dtype, eager_module
 
-_eager = eager_module  # the name this module used before eager_module moved to base
-
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
 
