@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import CausalignError, interrupt_behind
+from .errors import CausalignError, did_you_mean, interrupt_behind
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Causally aligned medical-image classifiers: train, explain, audit.")
@@ -295,7 +295,8 @@ def train(
     if unknown:  # name the file: the same key from --set would read alike
         raise CausalignError(f"{config}: unknown config key(s) {', '.join(map(repr, unknown))}; "
                              f"valid: {', '.join(valid_keys())}, method.<parameter>, "
-                             f"model.<option>")
+                             f"model.<option>"
+                             + "".join(did_you_mean(k, valid_keys()) for k in unknown))
     flags = {key: val for key, val in (("method", method), ("epochs", epochs),
                                         ("batch_size", batch_size), ("lr", lr), ("seed", seed),
                                         ("model", model), ("device", device))
@@ -554,11 +555,14 @@ def counterfactual(
     if steps is not None and steps < 1:
         raise CausalignError(f"--steps must be >= 1, got {steps}")
     if distance is not None and distance not in DISTANCES:
-        raise CausalignError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}")
+        raise CausalignError(f"unknown distance '{distance}'; valid: {', '.join(DISTANCES)}"
+                             + did_you_mean(distance, DISTANCES))
     if space is not None and space not in SPACES:
-        raise CausalignError(f"unknown space '{space}'; valid: {', '.join(SPACES)}")
+        raise CausalignError(f"unknown space '{space}'; valid: {', '.join(SPACES)}"
+                             + did_you_mean(space, SPACES))
     if optimizer is not None and optimizer not in OPTIMIZERS:
-        raise CausalignError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
+        raise CausalignError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}"
+                             + did_you_mean(optimizer, OPTIMIZERS))
     if smooth_sigma is not None and not smooth_sigma > 0:
         raise CausalignError(f"--smooth-sigma must be > 0, got {smooth_sigma}")
     if eps is not None and not eps > 0:

@@ -7,6 +7,8 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # The largest magnitude a weight, rate or threshold setting may take. Beyond it float32
 # arithmetic on it overflows (Adam's first step lr / (1 − β₁), α·d(x, x0), λ·L_align): a
 # traceback from the optimiser, or a "diverged" report that blames another setting.
@@ -35,9 +37,33 @@ class NumericalError(CausalignError):
     """Numerical trouble that could not be handled (e.g. NaN loss, diverging solve)."""
 
 
+def did_you_mean(name: object, valid: Iterable[str], prefix: str = "") -> str:
+    """"; did you mean 'x'?" naming the valid names closest to a misspelt ``name`` (case
+    ignored: `--distance L1` means l1), or "" when none is close. A list of 30 method
+    settings named the right one nowhere near the typo (`method.lamm` -> `method.lam`).
+    ``prefix`` is shown before each name, not compared (every `method.` key shares it)."""
+    import difflib
+
+    text = str(name).strip().lower()
+    names = {str(v).lower(): str(v) for v in valid}
+    starts = [v for k, v in names.items() if text and k.startswith(text)]
+    if text in names:  # another case, or stray blanks: that name
+        close = [names[text]]
+    elif 0 < len(starts) <= 6:  # a stem: `--saliency lrp` means one of the lrp-… rules
+        close = starts
+    else:
+        close = [names[c] for c in difflib.get_close_matches(text, list(names), n=3,
+                                                             cutoff=0.6)]
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "?"
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> CausalignError:
-    """Uniform message for an unknown registry entry, listing the valid names."""
-    return CausalignError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")
+    """Uniform message for an unknown registry entry, listing the valid names (and the
+    closest ones, `did_you_mean`)."""
+    return CausalignError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}"
+                          + did_you_mean(name, valid))
 
 
 def interrupt_behind(exc: BaseException,

@@ -47,7 +47,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from ..errors import DataError
+from ..errors import DataError, did_you_mean
 from ..io import LOCK_NAME, atomic_write_file, atomic_write_text
 
 MANIFEST = "manifest.csv"
@@ -659,7 +659,8 @@ class LesionDataset(Dataset):
         self.root = Path(root)
         self.meta = read_meta(self.root)
         if split not in SPLITS:
-            raise DataError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+            raise DataError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}"
+                            + did_you_mean(split, SPLITS))
         self.split = split
         all_records = read_manifest(self.root, self.meta)
         self.sites = sorted({r.site for r in all_records}, key=_site_key)

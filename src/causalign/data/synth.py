@@ -45,7 +45,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.stats import norm
 
-from ..errors import DataError
+from ..errors import DataError, did_you_mean
 from .format import DatasetMeta, DatasetWriter, SampleRecord
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ class SynthConfig:
 
     def validate(self) -> None:
         if self.shortcut not in SHORTCUTS:
-            raise DataError(f"unknown shortcut '{self.shortcut}'; valid: {', '.join(SHORTCUTS)}")
+            raise DataError(f"unknown shortcut '{self.shortcut}'; valid: {', '.join(SHORTCUTS)}"
+                            + did_you_mean(self.shortcut, SHORTCUTS))
         if self.size < 32:
             raise DataError(f"--size {self.size} too small: lesions need at least 32 px")
         if self.size > MAX_SIZE or self.depth * self.size ** 2 > MAX_VOXELS:

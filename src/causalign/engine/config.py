@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..errors import MAX_SETTING, ConfigError
+from ..errors import MAX_SETTING, ConfigError, did_you_mean
 
 _INT32_MAX = 2**31 - 1  # torch.set_num_threads takes a C int
 _INT64_MAX = 2**63 - 1  # tensor sizes, loop bounds
@@ -118,23 +118,30 @@ class TrainConfig:
         from ..models import MODEL_NAMES, check_model_args
 
         if self.model not in MODEL_NAMES:
-            raise ConfigError(f"unknown model '{self.model}'; valid: {', '.join(MODEL_NAMES)}")
+            raise ConfigError(f"unknown model '{self.model}'; valid: {', '.join(MODEL_NAMES)}"
+                              + did_you_mean(self.model, MODEL_NAMES))
         # per model: cnn7 has no `tau`, and a bad value is named here, not deep in the build
         self.model_args = check_model_args(self.model, self.model_args)
         from ..explain import explainer_names
 
         if self.eval_saliency not in explainer_names():
             raise ConfigError(f"unknown eval_saliency '{self.eval_saliency}'; valid: "
-                              f"{', '.join(explainer_names())}")
+                              f"{', '.join(explainer_names())}"
+                              + did_you_mean(self.eval_saliency, explainer_names()))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:k], got '{self.device}'"
                               + mps_note(self.device))
         if self.augment not in ("none", "dihedral"):
-            raise ConfigError(f"augment must be none or dihedral, got '{self.augment}'")
+            raise ConfigError(f"augment must be none or dihedral, got '{self.augment}'"
+                              + did_you_mean(self.augment, ("none", "dihedral")))
         if self.scheduler not in ("cosine", "none"):
-            raise ConfigError(f"scheduler must be cosine or none, got '{self.scheduler}'")
-        if self.select_metric not in ("balanced_accuracy", "accuracy", "auc", "loss"):
-            raise ConfigError("select_metric must be balanced_accuracy, accuracy, auc or loss")
+            raise ConfigError(f"scheduler must be cosine or none, got '{self.scheduler}'"
+                              + did_you_mean(self.scheduler, ("cosine", "none")))
+        metrics = ("balanced_accuracy", "accuracy", "auc", "loss")
+        if self.select_metric not in metrics:  # it named neither the value nor a close one
+            raise ConfigError(f"select_metric must be balanced_accuracy, accuracy, auc or "
+                              f"loss, got '{self.select_metric}'"
+                              + did_you_mean(self.select_metric, metrics))
 
     def _normalise_types(self) -> None:
         # A TrainConfig built in Python is not type-checked by the dataclass: a string
@@ -255,7 +262,8 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
             data[key] = _coerce(key, value, data[key])
         else:
             raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(valid_keys())}, "
-                              f"method.<parameter>, model.<option>")
+                              f"method.<parameter>, model.<option>"
+                              + did_you_mean(key, valid_keys()))
     new = TrainConfig(**data)
     new.validate()
     return new

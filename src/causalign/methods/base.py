@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, unknown_name
+from ..errors import ConfigError, InputError, did_you_mean, unknown_name
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -353,7 +353,8 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
     if unknown:
         listed = ", ".join(f"method.{k}" for k in sorted(valid)) or "(none)"
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
-                          f"valid: {listed}")
+                          f"valid: {listed}"
+                          + "".join(did_you_mean(k, valid, "method.") for k in unknown))
     params = cls.Params(**args)
     coerce_params(params)
     check = getattr(params, "validate", None)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import DataError, did_you_mean
 from ..format import DatasetMeta
 from .util import IntensityScale, SkipItem
 
@@ -56,7 +56,8 @@ class CommonOptions:
         if self.size < 8:
             raise DataError(f"--size must be >= 8, got {self.size}")
         if self.shortcut not in SHORTCUTS:
-            raise DataError(f"unknown shortcut '{self.shortcut}'; valid: {', '.join(SHORTCUTS)}")
+            raise DataError(f"unknown shortcut '{self.shortcut}'; valid: {', '.join(SHORTCUTS)}"
+                            + did_you_mean(self.shortcut, SHORTCUTS))
         if self.image_format not in IMAGE_FORMATS:
             raise DataError(f"--image-format must be png or npy, got '{self.image_format}'")
         if self.limit is not None and self.limit < 1:
