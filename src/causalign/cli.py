@@ -17,15 +17,48 @@ import typer
 
 from .errors import CausalignError, did_you_mean, interrupt_behind
 
+# -h as well as --help: `causalign train -h` was "No such option: -h"
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  context_settings=_CONTEXT,
                   help="Causally aligned medical-image classifiers: train, explain, audit.")
-data_app = typer.Typer(no_args_is_help=True, help="Create and inspect datasets.")
-bench_app = typer.Typer(no_args_is_help=True, help="Micro-benchmarks (print JSON).")
+data_app = typer.Typer(no_args_is_help=True, context_settings=_CONTEXT,
+                       help="Create and inspect datasets.")
+bench_app = typer.Typer(no_args_is_help=True, context_settings=_CONTEXT,
+                        help="Micro-benchmarks (print JSON).")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
-causal_app = typer.Typer(no_args_is_help=True,
+causal_app = typer.Typer(no_args_is_help=True, context_settings=_CONTEXT,
                         help="Causal attribution (CCCE) and the PC-algorithm check.")
 app.add_typer(causal_app, name="causal")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"causalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print the version and exit (also recorded in each run's config.yaml)")] = False,
+          ) -> None:
+    """Causally aligned medical-image classifiers: train, explain, audit."""
+
+
+# The names --help offers (cli.py imports no torch, so not read from the registries;
+# tests/test_audit_cli_1206.py checks them against methods, models and explainers).
+METHODS_HELP = ("erm | oracle | causal-align | hier-align | ppi | rrr | cdep | chang | icnn | "
+                "bagnet")
+MODELS_HELP = ("cnn7 | resnet18 | vgg11 | inception_v3 | bagnet9 | bagnet13 | bagnet17 | "
+               "bagnet33 | multiview (volumes)")
+SALIENCY_HELP = ("gradcam | gradient | input-x-gradient | wbp | lrp-epsilon | lrp-gamma | "
+                 "lrp-alpha-beta | lrp-flat | lrp-w-square | lrp-zbox | counterfactual")
+DEMO_METHODS = "erm, oracle, rrr, causal-align, hier-align, ppi"  # suites/demo.yaml
+_SET = "KEY=VALUE"  # --set's metavar: typer showed <list[str]>
 
 
 def _progress(enabled: bool = True):
@@ -247,8 +280,7 @@ def data_import(
 @app.command()
 def train(
     data: Annotated[Path, typer.Argument(help="dataset folder")],
-    method: Annotated[str | None, typer.Option(help="erm | oracle | causal-align | … "
-                                               "(default erm)")] = None,
+    method: Annotated[str | None, typer.Option(help=f"{METHODS_HELP} (default erm)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/METHOD-seedS)")
                    ] = None,
     # defaults shown in --help are TrainConfig's (None here: --config and a --resume'd run's
@@ -259,16 +291,14 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 0.001)")
                   ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default 0)")] = None,
-    model: Annotated[str | None, typer.Option(help="cnn7 | resnet18 | vgg11 | inception_v3 | "
-                                              "bagnet9 | bagnet13 | bagnet17 | bagnet33 | "
-                                              "multiview (volumes) (default cnn7)")] = None,
+    model: Annotated[str | None, typer.Option(help=f"{MODELS_HELP} (default cnn7)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:K "
                                                     "(default auto)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override "
-                                                  "(repeatable; method.<name>=value for "
-                                                  "the method, model.<option>=value for "
-                                                  "the model's options)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar=_SET, help="override any config key (repeatable; method.<name>=value "
+        "for the method, model.<option>=value for the model's options); a key the method "
+        "lacks is refused with its settings and their defaults")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
@@ -385,8 +415,9 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="run folder")],
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
-    saliency: Annotated[str | None, typer.Option(help="saliency for localisation metrics "
-                                                      "(default: the run's eval_saliency)")
+    saliency: Annotated[str | None, typer.Option(help=f"saliency for localisation metrics: "
+                                                      f"{SALIENCY_HELP} (default: the run's "
+                                                      f"eval_saliency)")
                         ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     out: Annotated[Path | None, typer.Option(help="also write the metrics JSON here")] = None,
@@ -418,9 +449,8 @@ def evaluate(
 @app.command()
 def explain(
     run: Annotated[Path, typer.Argument(help="run folder")],
-    saliency: Annotated[str, typer.Option(help="wbp | gradcam | gradient | input-x-gradient | "
-                                          "lrp-… | counterfactual | all (every method, "
-                                          "side by side)")
+    saliency: Annotated[str, typer.Option(help=f"{SALIENCY_HELP} | all (every method, "
+                                               f"side by side)")
                         ] = "gradcam",
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
@@ -784,7 +814,8 @@ def causal_pc(
 
 @bench_app.command("step")
 def bench_step_cmd(
-    method: Annotated[str, typer.Option(help="method to time against ERM")] = "erm",
+    method: Annotated[str, typer.Option(help=f"method to time against ERM: {METHODS_HELP}")
+                      ] = "erm",
     size: Annotated[int, typer.Option(help="image side in px")] = 64,
     depth: Annotated[int, typer.Option(help="slices per volume (1: 2D images; >= 4 for "
                                             "--model multiview)")] = 1,
@@ -793,9 +824,11 @@ def bench_step_cmd(
     steps: Annotated[int, typer.Option(help="timed steps (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option(help="untimed steps first")] = 2,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
-    model: Annotated[str, typer.Option(help="cnn7 | resnet18 | vgg11 | …")] = "cnn7",
+    model: Annotated[str, typer.Option(help=MODELS_HELP)] = "cnn7",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 0,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="method.key=value")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar=_SET,
+                                                  help="method.<name>=value (repeatable)")
+                    ] = None,
     profile: Annotated[bool, typer.Option(help="also profile the method's steps: ms per "
                                                "step in the counterfactual search, CG, ...")
                        ] = False,
@@ -837,7 +870,9 @@ def benchmark(
                         ] = None,
     settings: Annotated[str | None, typer.Option(help="comma-separated settings (named "
                                                       "override sets) to keep")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for every run")
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar=_SET,
+                                                  help="config key=value for every run "
+                                                       "(repeatable)")
                     ] = None,
     report: Annotated[bool, typer.Option(help="write OUT/report.html")] = True,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
@@ -895,8 +930,9 @@ def _fail_on_failed_runs(runs: list[dict], out: Path) -> None:
 def demo(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
     seeds: Annotated[int, typer.Option(help="seeds per method")] = 1,
-    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: "
-                                                     "the demo suite's)")] = None,
+    methods: Annotated[str | None, typer.Option(help=f"comma-separated methods of "
+                                                     f"{METHODS_HELP} (default: the demo "
+                                                     f"suite's: {DEMO_METHODS})")] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs of every run (default: the "
                                                     "demo suite's)")] = None,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,

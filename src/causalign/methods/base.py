@@ -351,9 +351,11 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
     valid = {f.name: f for f in dataclasses.fields(cls.Params)}
     unknown = sorted(set(args) - set(valid))
     if unknown:
-        listed = ", ".join(f"method.{k}" for k in sorted(valid)) or "(none)"
+        # each with its default: nothing else on the command line shows a method's settings
+        listed = ", ".join(f"method.{k}={_default_text(valid[k])}"
+                           for k in sorted(valid)) or "(none)"
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
-                          f"valid: {listed}"
+                          f"valid (with defaults): {listed}"
                           + "".join(did_you_mean(k, valid, "method.") for k in unknown))
     params = cls.Params(**args)
     coerce_params(params)
@@ -361,6 +363,19 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
     if callable(check):
         check()
     return cls(params)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """A Params field's default as `--set` takes it (YAML: true/false, '' for empty)."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "''" if value == "" else str(value)
 
 
 def coerce_params(params: Any) -> None:
