@@ -140,3 +140,58 @@ def test_an_unknown_method_setting_lists_the_settings_with_their_defaults(tmp_pa
     for shown in ("method.alpha=0.01", "method.steps=10", "method.warm_start=true",
                   "method.autoencoder=''", "method.distance=l1"):
         assert shown in err, shown
+
+
+def test_data_import_help_states_each_kinds_default():
+    # Before: --min-readers, --slices-per-subject, --min-tumor-px, --mask-dilate, --shade-step
+    # and --mask-suffix had no text beyond their kind; --shortcut, --test-frac, --label, --task,
+    # --mode, --region, --crop, --color, ... named no default (e.g. --shortcut's is none)
+    import dataclasses
+
+    import typer.main
+
+    from causalign.cli import app
+    from causalign.data.importers import IMPORTERS, get_importer
+
+    cmd = typer.main.get_command(app).commands["data"].commands["import"]
+    helps = {p.name: " ".join((p.help or "").split()) for p in cmd.params}
+    missing = []
+    for kind in IMPORTERS:
+        options = get_importer(kind).Options
+        for f in dataclasses.fields(options):
+            default = f.default
+            if f.name in ("limit", "seed") or default in (None, "", False, True):
+                continue  # limit: all items; seed: said once; flags: off unless given
+            text = f"{default:g}" if isinstance(default, float) else str(default)
+            if text not in helps[f.name] and not (f.name == "modalities"
+                                                  and "default all four" in helps[f.name]):
+                missing.append(f"{kind} --{f.name.replace('_', '-')} {text}: "
+                               f"{helps[f.name]!r}")
+    assert not missing, missing
+
+
+def test_no_help_text_holds_what_rich_reads_as_a_markup_tag(capsys):
+    # Before: data import's "[lidc] ", "[brats] ", ... prefixes were read by typer's rich
+    # help as markup tags and dropped: --min-readers showed no text at all, and no option
+    # said which kinds use it
+    import re
+
+    import typer.main
+
+    from causalign.cli import app
+
+    tag = re.compile(r"(?<!\\)\[[a-z#/@][^\[]*?\]")  # rich.markup's tag syntax
+    found = []
+
+    def walk(cmd, path):
+        texts = [("doc", cmd.help or "")] + [(p.name, getattr(p, "help", None) or "")
+                                             for p in getattr(cmd, "params", [])]
+        found.extend(f"{path} {name}: {tag.findall(t)}" for name, t in texts if tag.search(t))
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "causalign")
+    assert not found, found
+    text = _help(capsys, "data", "import")
+    assert "--min-readers <int> lidc only: skip nodules" in text
+    assert "--test-frac <float> lidc, busi, brats, folder only: fraction for test" in text

@@ -177,7 +177,10 @@ def _split_for_model(data_path: Path, split: str):
     return ds
 
 
-_ONLY = "[{}] "  # which kinds use an option, shown in --help
+def _only(kinds: str) -> str:
+    """Which kinds use an option, as its --help starts. Not "[lidc] ": typer's rich help
+    reads a bracketed word as a markup tag and dropped it (--min-readers showed no text)."""
+    return ", ".join(kinds.split()) + " only: "
 
 
 @data_app.command("import")
@@ -191,65 +194,94 @@ def data_import(
                     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of random splits (default 0)")] = None,
     shortcut: Annotated[str | None, typer.Option(help="plus-minus | intensity | none: the "
-                                                      "paper's shortcut, in training images")
-                        ] = None,
-    val_frac: Annotated[float | None, typer.Option(help="fraction for val (default per kind)")
-                        ] = None,
-    test_frac: Annotated[float | None, typer.Option(help=_ONLY.format(
-        "lidc busi brats folder") + "fraction for test (others: official test split)")] = None,
-    classes: Annotated[str | None, typer.Option(help=_ONLY.format("busi cub folder")
-                                                + "classes to keep, in label order")] = None,
-    label: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
-                                              + "malignancy | presence")] = None,
-    mask_rule: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
-                                                  + "auto | consensus | union")] = None,
-    window: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
+                                                      "paper's shortcut, in training images "
+                                                      "(default none)")] = None,
+    val_frac: Annotated[float | None, typer.Option(help="fraction for val (default per kind: "
+                                                        "lidc 0.2, busi brats folder 0.15, "
+                                                        "else 0.1)")] = None,
+    test_frac: Annotated[float | None, typer.Option(help=_only(
+        "lidc busi brats folder") + "fraction for test (default lidc 0.2, else 0.15; the "
+                                    "other kinds keep their official test split)")] = None,
+    classes: Annotated[str | None, typer.Option(help=_only("busi cub folder")
+                                                + "classes to keep, in label order (default "
+                                                  "busi benign,malignant; others all)")
+                       ] = None,
+    label: Annotated[str | None, typer.Option(help=_only("lidc")
+                                              + "malignancy | presence (default malignancy)")
+                     ] = None,
+    mask_rule: Annotated[str | None, typer.Option(help=_only("lidc")
+                                                  + "auto | consensus | union (default auto)")
+                         ] = None,
+    window: Annotated[str | None, typer.Option(help=_only("lidc")
                                                + "HU window LOW,HIGH (default -1000,400)")
                       ] = None,
-    spacing: Annotated[float | None, typer.Option(help=_ONLY.format("lidc")
+    spacing: Annotated[float | None, typer.Option(help=_only("lidc")
                                                   + "mm per output pixel (default 1.0)")] = None,
-    cluster_mm: Annotated[float | None, typer.Option(help=_ONLY.format("lidc")
+    cluster_mm: Annotated[float | None, typer.Option(help=_only("lidc")
                                                      + "readers' marks closer than this (mm) "
                                                        "are one nodule (default 5)")] = None,
-    min_readers: Annotated[int | None, typer.Option(help=_ONLY.format("lidc"))] = None,
+    min_readers: Annotated[int | None, typer.Option(help=_only("lidc")
+                                                    + "skip nodules marked by fewer readers, "
+                                                      "1..4 (default 1)")] = None,
     drop_uncertain: Annotated[bool | None, typer.Option(
-        "--drop-uncertain", help=_ONLY.format("lidc") + "skip nodules with median "
+        "--drop-uncertain", help=_only("lidc") + "skip nodules with median "
                                                         "malignancy 3")] = None,
-    patches_csv: Annotated[str | None, typer.Option(help=_ONLY.format("lidc")
+    patches_csv: Annotated[str | None, typer.Option(help=_only("lidc")
                                                     + "CSV of pre-cropped patches")] = None,
-    abnormality: Annotated[str | None, typer.Option(help=_ONLY.format("cbis-ddsm")
-                                                    + "mass | calc | both")] = None,
-    context: Annotated[float | None, typer.Option(help=_ONLY.format("cbis-ddsm cub")
-                                                  + "crop margin per side, × box side")] = None,
-    dup_threshold: Annotated[int | None, typer.Option(help=_ONLY.format("busi")
-                                                      + "pHash bits for near-duplicates")
-                             ] = None,
+    abnormality: Annotated[str | None, typer.Option(help=_only("cbis-ddsm")
+                                                    + "mass | calc | both (default mass)")
+                           ] = None,
+    context: Annotated[float | None, typer.Option(help=_only("cbis-ddsm cub")
+                                                  + "crop margin per side, × box side "
+                                                    "(default cbis-ddsm 0.5, cub 0.15)")
+                       ] = None,
+    dup_threshold: Annotated[int | None, typer.Option(help=_only("busi")
+                                                      + "pHash bits for near-duplicates "
+                                                        "(default 4)")] = None,
     drop_duplicates: Annotated[bool | None, typer.Option(
-        "--drop-duplicates", help=_ONLY.format("busi") + "keep one image per near-duplicate "
+        "--drop-duplicates", help=_only("busi") + "keep one image per near-duplicate "
                                                          "group")] = None,
-    task: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
-                                             + "tumor | grade | enhancing")] = None,
-    mode: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
-                                             + "slices | volumes")] = None,
-    modalities: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
-                                                   + "e.g. t1,t1ce,t2,flair")] = None,
-    region: Annotated[str | None, typer.Option(help=_ONLY.format("brats")
-                                               + "mask: wt | tc | et")] = None,
-    slices_per_subject: Annotated[int | None, typer.Option(help=_ONLY.format("brats"))] = None,
-    min_tumor_px: Annotated[int | None, typer.Option(help=_ONLY.format("brats"))] = None,
-    depth: Annotated[int | None, typer.Option(help=_ONLY.format("brats")
-                                              + "slices per volume (--mode volumes)")] = None,
-    mask: Annotated[str | None, typer.Option(help=_ONLY.format("cub")
-                                             + "auto | box | segmentation | none")] = None,
-    crop: Annotated[str | None, typer.Option(help=_ONLY.format("cub") + "image | box")] = None,
-    mask_dilate: Annotated[int | None, typer.Option(help=_ONLY.format("decoy-mnist"))] = None,
-    shade_step: Annotated[int | None, typer.Option(help=_ONLY.format("decoy-mnist"))] = None,
-    csv: Annotated[str | None, typer.Option(help=_ONLY.format("folder")
+    task: Annotated[str | None, typer.Option(help=_only("brats")
+                                             + "tumor | grade | enhancing (default tumor)")
+                    ] = None,
+    mode: Annotated[str | None, typer.Option(help=_only("brats")
+                                             + "slices | volumes (default slices)")] = None,
+    modalities: Annotated[str | None, typer.Option(help=_only("brats")
+                                                   + "channels, a subset of t1,t1ce,t2,flair "
+                                                     "(default all four)")] = None,
+    region: Annotated[str | None, typer.Option(help=_only("brats")
+                                               + "mask: wt | tc | et (default wt)")] = None,
+    slices_per_subject: Annotated[int | None, typer.Option(help=_only("brats")
+                                                           + "tumour slices kept per subject "
+                                                             "(default 8)")] = None,
+    min_tumor_px: Annotated[int | None, typer.Option(help=_only("brats")
+                                                     + "tumour pixels that make a slice "
+                                                       "positive (default 100)")] = None,
+    depth: Annotated[int | None, typer.Option(help=_only("brats")
+                                              + "slices per volume (--mode volumes; default "
+                                                "32)")] = None,
+    mask: Annotated[str | None, typer.Option(help=_only("cub")
+                                             + "auto | box | segmentation | none (default "
+                                               "auto)")] = None,
+    crop: Annotated[str | None, typer.Option(help=_only("cub") + "image | box "
+                                                                        "(default image)")
+                    ] = None,
+    mask_dilate: Annotated[int | None, typer.Option(help=_only("decoy-mnist")
+                                                    + "px the digit mask is dilated by, 0..5 "
+                                                      "(default 1)")] = None,
+    shade_step: Annotated[int | None, typer.Option(help=_only("decoy-mnist")
+                                                   + "grey-level step of the decoy swatch "
+                                                     "per class, 1..28 (default 25)")] = None,
+    csv: Annotated[str | None, typer.Option(help=_only("folder")
                                             + "CSV listing images/labels/masks/boxes")] = None,
-    color: Annotated[str | None, typer.Option(help=_ONLY.format("folder") + "gray | rgb")
+    color: Annotated[str | None, typer.Option(help=_only("folder") + "gray | rgb "
+                                                                         "(default gray)")
                      ] = None,
-    mask_suffix: Annotated[str | None, typer.Option(help=_ONLY.format("folder"))] = None,
-    image_format: Annotated[str | None, typer.Option(help="png | npy (2D images)")] = None,
+    mask_suffix: Annotated[str | None, typer.Option(help=_only("folder")
+                                                    + "a mask is <image><suffix>* (default "
+                                                      "_mask)")] = None,
+    image_format: Annotated[str | None, typer.Option(help="png | npy (2D images; default "
+                                                          "png)")] = None,
     limit: Annotated[int | None, typer.Option(help="at most N items per split (a quick look)")
                      ] = None,
     overwrite: Annotated[bool, typer.Option(help="discard a previous import in OUT")] = False,
