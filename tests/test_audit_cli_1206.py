@@ -195,3 +195,24 @@ def test_no_help_text_holds_what_rich_reads_as_a_markup_tag(capsys):
     text = _help(capsys, "data", "import")
     assert "--min-readers <int> lidc only: skip nodules" in text
     assert "--test-frac <float> lidc, busi, brats, folder only: fraction for test" in text
+
+
+def test_train_help_names_every_config_key_and_its_default(capsys):
+    # Before: the keys only --set/--config set (width, scheduler, augment, amp, ...) were
+    # named nowhere in --help, and their defaults nowhere on the command line
+    import dataclasses
+    import re
+
+    flags = {"method", "model", "epochs", "batch_size", "lr", "seed", "device"}
+    text = _help(capsys, "train")
+    base = TrainConfig()
+    missing = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in flags or f.name in ("method_args", "model_args"):
+            continue
+        value = getattr(base, f.name)
+        shown = (str(value).lower() if isinstance(value, bool) else f"{value:g}"
+                 if isinstance(value, float) else "none" if value == "" else str(value))
+        if not re.search(rf"\b{f.name}\b[^()]*\({re.escape(shown)}(?![\w.])", text):
+            missing.append(f"{f.name} ({shown})")
+    assert not missing, missing

@@ -338,7 +338,16 @@ def train(
 
     Writes config.yaml, history.csv, checkpoints and metrics.json into --out.
 
-    `--resume` continues an interrupted run from its last checkpoint."""
+    `--resume` continues an interrupted run from its last checkpoint.
+
+    Settings without a flag, as --set KEY=VALUE or in --config (default): width (16),
+    weight_decay (0), scheduler cosine | none (cosine), select_metric auc |
+    balanced_accuracy | accuracy | loss (auc), eval_saliency (gradcam), deletion_fractions
+    ([0.002, 0.01, 0.02, 0.1, 0.2]), bn_recalibrate (true), augment none | dihedral (none),
+    init, a run folder or .pt file to start from (none: random weights), deterministic
+    (false), threads (0: torch's), amp (false), compile (false), sync_bn (false); and
+    method.<name> for the method's settings (a misspelt one lists them with their
+    defaults), model.<option> for the model's."""
     from .engine.config import (
         TrainConfig,
         apply_overrides,
