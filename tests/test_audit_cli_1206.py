@@ -216,3 +216,22 @@ def test_train_help_names_every_config_key_and_its_default(capsys):
         if not re.search(rf"\b{f.name}\b[^()]*\({re.escape(shown)}(?![\w.])", text):
             missing.append(f"{f.name} ({shown})")
     assert not missing, missing
+
+
+@pytest.mark.parametrize(("sets", "meant"), [
+    # a method's setting without its prefix: "unknown config key 'lam'" listed only the
+    # training keys, and difflib's nearest was 'amp'
+    (["--method", "causal-align", "--set", "lam=3"], "did you mean 'method.lam'?"),
+    (["--set", "lam=3"], "did you mean 'method.lam' (a setting of causal-align, cdep, icnn, "
+                         "rrr)?"),
+    (["--model", "multiview", "--set", "tau=1"], "did you mean 'model.tau'?"),
+    # a training setting under a prefix: "it takes none" / the method's 32 settings
+    (["--set", "model.width=8"], "width is a training setting: --set width=…"),
+    (["--method", "causal-align", "--set", "method.epochs=3"],
+     "epochs is a training setting: --set epochs=…"),
+    (["--model", "multiview", "--set", "model.train_slice=3"],
+     "did you mean 'model.train_slices'?"),
+])
+def test_a_setting_given_at_the_wrong_level_names_the_right_key(tmp_path, capsys, sets, meant):
+    rc, _, err = _run(capsys, "train", tmp_path / "no_data", "--out", tmp_path / "run", *sets)
+    _assert_user_error(rc, err, meant)

@@ -59,6 +59,17 @@ def did_you_mean(name: object, valid: Iterable[str], prefix: str = "") -> str:
     return "; did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "?"
 
 
+def wrong_level(key: str) -> str:
+    """"; epochs is a training setting: --set epochs=…" when a `method.`/`model.` key is a
+    training setting (`--set method.epochs=3`, `--set model.width=8`): the list of the
+    method's settings, or "it takes none", left the user to guess; "" otherwise."""
+    from .engine.config import valid_keys
+
+    if key in valid_keys():
+        return f"; {key} is a training setting: --set {key}=…"
+    return ""
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> CausalignError:
     """Uniform message for an unknown registry entry, listing the valid names (and the
     closest ones, `did_you_mean`)."""

@@ -263,10 +263,32 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
         else:
             raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(valid_keys())}, "
                               f"method.<parameter>, model.<option>"
-                              + did_you_mean(key, valid_keys()))
+                              + (_prefix_hint(key, values.get("method", data["method"]),
+                                              values.get("model", data["model"]))
+                                 or did_you_mean(key, valid_keys())))
     new = TrainConfig(**data)
     new.validate()
     return new
+
+
+def _prefix_hint(key: str, method: Any, model: Any) -> str:
+    """"; did you mean 'method.lam'?" when an unknown key is a setting of the configured
+    method (or an option of the model) given without its prefix (`--set lam=1`)."""
+    import dataclasses
+
+    from ..methods.base import method_class, method_names
+    from ..models import MODEL_OPTIONS
+
+    if isinstance(method, str) and method in method_names():
+        if key in {f.name for f in dataclasses.fields(method_class(method).Params)}:
+            return f"; did you mean 'method.{key}'?"
+    if isinstance(model, str) and key in MODEL_OPTIONS.get(model, {}):
+        return f"; did you mean 'model.{key}'?"
+    owners = [m for m in method_names()  # another method's: --method was left out
+              if key in {f.name for f in dataclasses.fields(method_class(m).Params)}]
+    if owners:
+        return f"; did you mean 'method.{key}' (a setting of {', '.join(owners)})?"
+    return ""
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

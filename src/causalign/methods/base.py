@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, did_you_mean, unknown_name
+from ..errors import ConfigError, InputError, did_you_mean, unknown_name, wrong_level
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -356,7 +356,8 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
                            for k in sorted(valid)) or "(none)"
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
                           f"valid (with defaults): {listed}"
-                          + "".join(did_you_mean(k, valid, "method.") for k in unknown))
+                          + "".join(wrong_level(k) or did_you_mean(k, valid, "method.")
+                                    for k in unknown))
     params = cls.Params(**args)
     coerce_params(params)
     check = getattr(params, "validate", None)

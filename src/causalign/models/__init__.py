@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..errors import CausalignError, ConfigError, unknown_name
+from ..errors import CausalignError, ConfigError, did_you_mean, unknown_name, wrong_level
 from .backbones import BACKBONES, build_backbone
 from .bagnet import BagNet
 from .cnn import SevenLayerCNN
@@ -120,7 +120,8 @@ def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
         if key not in allowed:
             valid = (f"valid: {', '.join(allowed)}" if allowed
                      else "it takes none")
-            raise ConfigError(f"model '{name}' has no option {key!r} in model_args ({valid})")
+            raise ConfigError(f"model '{name}' has no option {key!r} in model_args ({valid})"
+                              + (wrong_level(key) or did_you_mean(key, allowed, "model.")))
         try:
             out[key] = allowed[key](value)
         except ValueError as exc:
