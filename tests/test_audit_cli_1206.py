@@ -226,12 +226,19 @@ def test_train_help_names_every_config_key_and_its_default(capsys):
                          "rrr)?"),
     (["--model", "multiview", "--set", "tau=1"], "did you mean 'model.tau'?"),
     # a training setting under a prefix: "it takes none" / the method's 32 settings
-    (["--set", "model.width=8"], "width is a training setting: --set width=…"),
+    (["--set", "model.width=8"], "width is a training setting, not the model's"),
     (["--method", "causal-align", "--set", "method.epochs=3"],
-     "epochs is a training setting: --set epochs=…"),
+     "epochs is a training setting, not the method's"),
     (["--model", "multiview", "--set", "model.train_slice=3"],
      "did you mean 'model.train_slices'?"),
 ])
 def test_a_setting_given_at_the_wrong_level_names_the_right_key(tmp_path, capsys, sets, meant):
     rc, _, err = _run(capsys, "train", tmp_path / "no_data", "--out", tmp_path / "run", *sets)
     _assert_user_error(rc, err, meant)
+
+
+def test_bench_steps_set_hint_does_not_send_a_training_setting_to_its_set(capsys):
+    # bench step's --set takes method settings only: a hint "--set epochs=…" would loop
+    rc, _, err = _run(capsys, "bench", "step", "--set", "epochs=3")
+    _assert_user_error(rc, err, "epochs is a training setting, not the method's")
+    assert "--set epochs" not in err

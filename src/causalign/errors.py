@@ -59,14 +59,15 @@ def did_you_mean(name: object, valid: Iterable[str], prefix: str = "") -> str:
     return "; did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "?"
 
 
-def wrong_level(key: str) -> str:
-    """"; epochs is a training setting: --set epochs=…" when a `method.`/`model.` key is a
+def wrong_level(key: str, owner: str) -> str:
+    """"; epochs is a training setting, not the method's" when a `method.`/`model.` key is a
     training setting (`--set method.epochs=3`, `--set model.width=8`): the list of the
-    method's settings, or "it takes none", left the user to guess; "" otherwise."""
+    method's settings, or "it takes none", left the user to guess; "" otherwise. (Not
+    "use --set epochs=…": `bench step --set` takes no training settings.)"""
     from .engine.config import valid_keys
 
     if key in valid_keys():
-        return f"; {key} is a training setting: --set {key}=…"
+        return f"; {key} is a training setting, not the {owner}'s"
     return ""
 
 

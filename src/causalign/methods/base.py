@@ -356,7 +356,7 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
                            for k in sorted(valid)) or "(none)"
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
                           f"valid (with defaults): {listed}"
-                          + "".join(wrong_level(k) or did_you_mean(k, valid, "method.")
+                          + "".join(wrong_level(k, "method") or did_you_mean(k, valid, "method.")
                                     for k in unknown))
     params = cls.Params(**args)
     coerce_params(params)

@@ -121,7 +121,7 @@ def check_model_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
             valid = (f"valid: {', '.join(allowed)}" if allowed
                      else "it takes none")
             raise ConfigError(f"model '{name}' has no option {key!r} in model_args ({valid})"
-                              + (wrong_level(key) or did_you_mean(key, allowed, "model.")))
+                              + (wrong_level(key, "model") or did_you_mean(key, allowed, "model.")))
         try:
             out[key] = allowed[key](value)
         except ValueError as exc:
