@@ -242,3 +242,16 @@ def test_bench_steps_set_hint_does_not_send_a_training_setting_to_its_set(capsys
     rc, _, err = _run(capsys, "bench", "step", "--set", "epochs=3")
     _assert_user_error(rc, err, "epochs is a training setting, not the method's")
     assert "--set epochs" not in err
+
+
+@pytest.mark.parametrize(("option", "typo", "meant"), [
+    ("--methods", "erm,orcle", "did you mean 'oracle'?"),
+    ("--only", "tabel1", "did you mean 'table1'?"),
+    ("--datasets", "plus-minu", "did you mean 'plus-minus'?"),
+])
+def test_a_misspelt_benchmark_selection_names_the_meant_one(tmp_path, capsys, option, typo,
+                                                           meant):
+    rc, _, err = _run(capsys, "benchmark", "quick", "--out", tmp_path / "o", "--no-progress",
+                      option, typo)
+    _assert_user_error(rc, err, meant)
+    assert not (tmp_path / "o").exists()

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..data.format import META
-from ..errors import CausalignError, ConfigError, interrupt_behind
+from ..errors import CausalignError, ConfigError, did_you_mean, interrupt_behind
 from ..io import atomic_write_json, atomic_write_text, folder_lock
 from ..report.tables import mean_std
 from .config import TrainConfig, apply_overrides
@@ -283,7 +283,7 @@ def select(suite: Suite, experiments: list[str] | None = None,
         for x in experiments:
             if x not in names:
                 raise ConfigError(f"no experiment '{x}' in suite {suite.name} "
-                                  f"({', '.join(names)})")
+                                  f"({', '.join(names)})" + did_you_mean(x, names))
         exps = [e for e in exps if e.name in experiments]
     # a misspelt name (`--methods erm,rrrr`) was silently dropped: the run went on without it
     for option, wanted, known in (
@@ -295,7 +295,8 @@ def select(suite: Suite, experiments: list[str] | None = None,
             where = f"experiment(s) {', '.join(e.name for e in exps)}" if experiments \
                 else f"suite {suite.name}"
             raise ConfigError(f"{option}: {', '.join(repr(x) for x in missing)} not in "
-                              f"{where} (it has: {', '.join(dict.fromkeys(known))})")
+                              f"{where} (it has: {', '.join(dict.fromkeys(known))})"
+                              + "".join(did_you_mean(x, known) for x in missing))
     out = []
     for e in exps:
         ms = [m for m in e.methods if not methods or m.name in methods or m.label in methods]
