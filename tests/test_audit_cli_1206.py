@@ -255,3 +255,10 @@ def test_a_misspelt_benchmark_selection_names_the_meant_one(tmp_path, capsys, op
                       option, typo)
     _assert_user_error(rc, err, meant)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["explain", "counterfactual"])
+def test_limit_help_says_how_to_take_the_whole_split(capsys, command):
+    # Before: "first N samples [default: 32]": --limit 0 is refused and None cannot be typed,
+    # so nothing said that a large N takes every sample
+    assert "N past the split's size: all" in _help(capsys, command)

@@ -495,7 +495,8 @@ def explain(
                         ] = "gradcam",
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
-    limit: Annotated[int | None, typer.Option(help="first N samples")] = 32,
+    limit: Annotated[int | None, typer.Option(help="first N samples (N past the split's size: all)")
+                     ] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
@@ -569,7 +570,8 @@ def counterfactual(
     run: Annotated[Path, typer.Argument(help="run folder")],
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("counterfactuals"),
-    limit: Annotated[int | None, typer.Option(help="first N samples")] = 32,
+    limit: Annotated[int | None, typer.Option(help="first N samples (N past the split's size: all)")
+                     ] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     alpha: Annotated[float | None, typer.Option(
