@@ -88,10 +88,13 @@ def test_dash_h_shows_the_help(capsys, argv):
 # ---------------------------------------------------------------- what --help offers
 
 
-def _help(capsys, *argv) -> str:
-    import os
+@pytest.fixture(autouse=True)
+def _wide_help(monkeypatch):
+    """--help tables 100 columns wide, whatever the terminal: words are not folded."""
+    monkeypatch.setenv("COLUMNS", "100")
 
-    os.environ.setdefault("COLUMNS", "100")
+
+def _help(capsys, *argv) -> str:
     rc, out, _ = _run(capsys, *argv, "--help")
     assert rc == 0
     return " ".join(out.replace("│", " ").split())  # the rich table's cells joined
