@@ -265,3 +265,11 @@ def test_limit_help_says_how_to_take_the_whole_split(capsys, command):
     # Before: "first N samples [default: 32]": --limit 0 is refused and None cannot be typed,
     # so nothing said that a large N takes every sample
     assert "N past the split's size: all" in _help(capsys, command)
+
+
+def test_another_methods_setting_names_the_methods_that_have_it(tmp_path, capsys):
+    # Before: `--set method.lam=1` without --method: "unknown parameter(s) lam for method
+    # 'erm'; valid: (none)", nothing said that --method was missing
+    rc, _, err = _run(capsys, "train", tmp_path / "d", "--set", "method.lam=1")
+    _assert_user_error(rc, err, "lam is a setting of causal-align, cdep, icnn, rrr "
+                                "(see --method)")

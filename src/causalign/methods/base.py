@@ -356,14 +356,22 @@ def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
                            for k in sorted(valid)) or "(none)"
         raise ConfigError(f"unknown parameter(s) {', '.join(unknown)} for method '{name}'; "
                           f"valid (with defaults): {listed}"
-                          + "".join(wrong_level(k, "method") or did_you_mean(k, valid, "method.")
-                                    for k in unknown))
+                          + "".join(wrong_level(k, "method") or _other_methods(k, name)
+                                    or did_you_mean(k, valid, "method.") for k in unknown))
     params = cls.Params(**args)
     coerce_params(params)
     check = getattr(params, "validate", None)
     if callable(check):
         check()
     return cls(params)
+
+
+def _other_methods(key: str, name: str) -> str:
+    """"; lam is a setting of causal-align, cdep, …" when other methods have ``key``:
+    `train DATA --set method.lam=1` without --method trains erm, which has none."""
+    owners = [m for m in sorted(_METHODS) if m != name
+              and key in {f.name for f in dataclasses.fields(_METHODS[m].Params)}]
+    return f"; {key} is a setting of {', '.join(owners)} (see --method)" if owners else ""
 
 
 def _default_text(f: dataclasses.Field) -> str:
