@@ -187,3 +187,35 @@ def test_batch_statistics_of_a_compiled_model_that_has_run_before():
         torch.testing.assert_close(stats[m], expected[r])
     logits.sum().backward()  # the buffers the compiled forward saved are untouched
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "Sequential"])
+def test_batch_statistics_of_a_wrapped_compiled_model_that_has_run_before(wrap):
+    """The same with the compiled model inside a wrapper (DataParallel, a user's container):
+    only a model with ``_orig_mod`` itself was recognised, so the BatchNorms inside a wrapped
+    one got plain hooks, which a graph traced without them never runs: empty statistics,
+    silently (the DataParallel gradient test failed whenever an earlier test had compiled
+    the same class without hooks)."""
+    from causalign.explain.counterfactual import capture_bn_stats
+    from causalign.models import SevenLayerCNN
+
+    torch.manual_seed(0)
+    model = SevenLayerCNN(1, 2, width=2).train()
+    reference = SevenLayerCNN(1, 2, width=2).train()
+    reference.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    wrapped = (torch.nn.DataParallel(compiled) if wrap == "DataParallel"
+               else torch.nn.Sequential(compiled))
+    x0, x = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    wrapped(x0)  # traced without hooks
+    reference(x0)
+    with capture_bn_stats(wrapped) as stats:
+        wrapped(x).sum().backward()
+    with capture_bn_stats(reference) as expected:
+        reference(x)
+    assert len(stats) == len(expected) == 6
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ref_bns = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m, r in zip(bns, ref_bns, strict=True):
+        torch.testing.assert_close(stats[m], expected[r])

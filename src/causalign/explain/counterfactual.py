@@ -416,22 +416,31 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
         return [m.register_forward_hook(hook) for m in net.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    orig = getattr(model, "_orig_mod", None)
-    if isinstance(orig, nn.Module):
-        # torch.compile'd: hooks on submodules do not fire in a graph Dynamo traced without
-        # them (any earlier train-mode forward: a step of align_every > 1, a warm-up), so the
-        # statistics came back empty and the inner problem silently used the running ones
-        # (causal-align's gradient at cosine 0.46 to the eager model's). A hook on the
-        # compiled wrapper itself always runs: it recomputes them from an eager no-grad
-        # forward of the same inputs.
+    # torch.compile'd parts (the model itself, or one inside DataParallel / DDP or a user's
+    # container): hooks on their submodules do not fire in a graph Dynamo traced without
+    # them (any earlier train-mode forward: a step of align_every > 1, a warm-up, another
+    # instance of the same class compiled before), so the statistics came back empty and
+    # the inner problem silently used the running ones (causal-align's gradient at cosine
+    # 0.46 to the eager model's). A hook on the compiled wrapper itself always runs: it
+    # recomputes them from an eager no-grad forward of the same inputs. BatchNorms outside
+    # any compiled part get the plain hook.
+    compiled = [m for m in model.modules() if isinstance(getattr(m, "_orig_mod", None),
+                                                         nn.Module)]
+    inside = {id(b) for c in compiled for b in c.modules()}
+
+    def recapture_with(orig: nn.Module):
         def recapture(_m: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                    for m in orig.modules()):
                 _eager_batch_stats(orig, args, kwargs, bn_hooks)
+        return recapture
 
-        handles = [model.register_forward_hook(recapture, with_kwargs=True)]
-    else:
-        handles = bn_hooks(model)
+    nested = {id(b) for c in compiled for b in c._orig_mod.modules() if b is not c}
+    outermost = [c for c in compiled if id(c) not in nested]  # its eager pass covers the rest
+    handles = [c.register_forward_hook(recapture_with(c._orig_mod), with_kwargs=True)
+               for c in outermost]
+    handles += [m.register_forward_hook(hook) for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside]
     try:
         yield store
     finally:
