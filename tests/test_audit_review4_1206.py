@@ -1,0 +1,39 @@
+"""Review of 2026-12-06's commits (review4): the 1-D coupling probe of batched_cg, ..."""
+import pytest
+import torch
+
+from causalign.implicit import CoupledSystemsError, batched_cg
+
+
+def _tridiag(d: int) -> torch.Tensor:
+    return 2 * torch.eye(d) + torch.diag(torch.ones(d - 1), 1) + torch.diag(torch.ones(d - 1), -1)
+
+
+def test_cg_probe_sees_a_coupling_whose_product_overflows_in_float16():
+    """A float16 b of 3e4 overflowed A b to inf; the inf gap was taken for rounding and the
+    coupled system 'converged' 6-13 % off."""
+    a = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float16)
+    b = torch.tensor([3e4, 2e4], dtype=torch.float16)
+    with pytest.raises(CoupledSystemsError):
+        batched_cg(lambda p: a @ p, b)
+
+
+@pytest.mark.parametrize("k", range(6))
+def test_cg_probe_sees_a_coupling_into_a_zero_entry_of_b(k):
+    """b = e_5 with a tridiagonal A was accepted (the two entries drew the same sign)."""
+    a = _tridiag(6)
+    b = torch.zeros(6)
+    b[k] = 1.0
+    with pytest.raises(CoupledSystemsError):
+        batched_cg(lambda p: a @ p, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_cg_probe_still_accepts_entrywise_maps_with_zeros_and_extremes(dtype):
+    fin = torch.finfo(dtype)
+    b = torch.tensor([0.0, 1.0, -3.0, fin.max / 4, fin.tiny, 0.0, float("nan"), 2.0], dtype=dtype)
+    a = torch.tensor([2.0, 3.0, 0.5, 1.5, 7.0, 1.0, 1.0, 1e-3], dtype=dtype)
+    r = batched_cg(lambda p: a * p, b, max_iter=3, damping=0.25)
+    ok = torch.isfinite(b)
+    want = b.double() / (a.double() + 0.25)
+    torch.testing.assert_close(r.solution.double()[ok], want[ok], rtol=8 * fin.eps, atol=0)
