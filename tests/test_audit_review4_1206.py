@@ -37,3 +37,33 @@ def test_cg_probe_still_accepts_entrywise_maps_with_zeros_and_extremes(dtype):
     ok = torch.isfinite(b)
     want = b.double() / (a.double() + 0.25)
     torch.testing.assert_close(r.solution.double()[ok], want[ok], rtol=8 * fin.eps, atol=0)
+
+
+def test_capture_bn_stats_of_a_compiled_model_replays_the_forwards_dropout_mask():
+    """The eager re-run that takes a compiled model's BatchNorm statistics drew its dropout
+    mask from the RNG state after the compiled forward: statistics of another mask (means
+    0.07-0.5 off at p=0.5); it now replays the state the forward started from."""
+    import copy
+
+    from torch import nn
+
+    from causalign.explain.counterfactual import capture_bn_stats
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Dropout(0.5), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    compiled = torch.compile(copy.deepcopy(eager), backend="eager")
+    x = torch.randn(4, 1, 8, 8)
+    compiled(x)  # a hookless train-mode forward: Dynamo traces without any hook
+    torch.manual_seed(1)
+    with capture_bn_stats(compiled) as got:
+        compiled(x)
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    with capture_bn_stats(eager) as want:
+        eager(x)
+    (mean, var), = got.values()
+    (mean_e, var_e), = want.values()
+    torch.testing.assert_close(mean, mean_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, var_e, rtol=1e-6, atol=1e-6)
+    assert torch.equal(after, torch.get_rng_state())  # the re-run left the RNG as the forward did

@@ -416,31 +416,33 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
         return [m.register_forward_hook(hook) for m in net.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    # torch.compile'd parts (the model itself, or one inside DataParallel / DDP or a user's
-    # container): hooks on their submodules do not fire in a graph Dynamo traced without
-    # them (any earlier train-mode forward: a step of align_every > 1, a warm-up, another
-    # instance of the same class compiled before), so the statistics came back empty and
-    # the inner problem silently used the running ones (causal-align's gradient at cosine
-    # 0.46 to the eager model's). A hook on the compiled wrapper itself always runs: it
-    # recomputes them from an eager no-grad forward of the same inputs. BatchNorms outside
-    # any compiled part get the plain hook.
-    compiled = [m for m in model.modules() if isinstance(getattr(m, "_orig_mod", None),
-                                                         nn.Module)]
-    inside = {id(b) for c in compiled for b in c.modules()}
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module):
+        # torch.compile'd: hooks on submodules do not fire in a graph Dynamo traced without
+        # them (any earlier train-mode forward: a step of align_every > 1, a warm-up), so the
+        # statistics came back empty and the inner problem silently used the running ones
+        # (causal-align's gradient at cosine 0.46 to the eager model's). A hook on the
+        # compiled wrapper itself always runs: it recomputes them from an eager no-grad
+        # forward of the same inputs.
+        # The RNG state the compiled forward started from: the eager pass replays it, so a
+        # dropout before a BatchNorm draws the same mask (taken after the forward, the
+        # statistics were those of another mask: means 0.5 off at p=0.5). Inductor's own
+        # RNG differs from eager's unless fallback_random is set; eager backends match.
+        rng: list[tuple[Tensor, list[Tensor]]] = []
 
-    def recapture_with(orig: nn.Module):
+        def save_rng(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            rng[:] = [(torch.get_rng_state(), [torch.cuda.get_rng_state(i)
+                                               for i in _cuda_devices(args, kwargs)])]
+
         def recapture(_m: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                    for m in orig.modules()):
-                _eager_batch_stats(orig, args, kwargs, bn_hooks)
-        return recapture
+                _eager_batch_stats(orig, args, kwargs, bn_hooks, rng[0] if rng else None)
 
-    nested = {id(b) for c in compiled for b in c._orig_mod.modules() if b is not c}
-    outermost = [c for c in compiled if id(c) not in nested]  # its eager pass covers the rest
-    handles = [c.register_forward_hook(recapture_with(c._orig_mod), with_kwargs=True)
-               for c in outermost]
-    handles += [m.register_forward_hook(hook) for m in model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside]
+        handles = [model.register_forward_pre_hook(save_rng, with_kwargs=True),
+                   model.register_forward_hook(recapture, with_kwargs=True)]
+    else:
+        handles = bn_hooks(model)
     try:
         yield store
     finally:
@@ -454,8 +456,15 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
                          f"bn='running' or a separate BatchNorm module per call")
 
 
+def _cuda_devices(args: tuple, kwargs: dict) -> list[int]:
+    """The CUDA devices of a forward's tensor inputs (whose RNG a dropout there draws)."""
+    return sorted({t.device.index or 0 for t in (*args, *kwargs.values())
+                   if isinstance(t, Tensor) and t.is_cuda})
+
+
 def _eager_batch_stats(model: nn.Module, args: tuple, kwargs: dict,
-                       bn_hooks: Callable[[nn.Module], list]) -> None:
+                       bn_hooks: Callable[[nn.Module], list],
+                       rng: tuple[Tensor, list[Tensor]] | None = None) -> None:
     """Run ``model`` (a compiled model's eager module, in its current modes) on the inputs
     of the compiled forward that just ran, with ``bn_hooks`` recording each BatchNorm's batch
     statistics; no graph, and neither the running statistics nor the RNG state (dropout)
@@ -466,14 +475,17 @@ def _eager_batch_stats(model: nn.Module, args: tuple, kwargs: dict,
     # failed ("modified by an inplace operation").
     bns = [(m, m.track_running_stats) for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    cuda = sorted({t.device.index or 0 for t in (*args, *kwargs.values())
-                   if isinstance(t, Tensor) and t.is_cuda})
+    cuda = _cuda_devices(args, kwargs)
     handles = bn_hooks(model)
     try:
         for m, _ in bns:
             if m.training:
                 m.track_running_stats = False
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            if rng is not None:  # the state the compiled forward started from
+                torch.set_rng_state(rng[0])
+                for i, state in zip(cuda, rng[1], strict=True):
+                    torch.cuda.set_rng_state(state, i)
             model(*args, **kwargs)
     finally:
         for h in handles:
