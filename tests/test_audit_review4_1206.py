@@ -67,3 +67,25 @@ def test_capture_bn_stats_of_a_compiled_model_replays_the_forwards_dropout_mask(
     torch.testing.assert_close(mean, mean_e, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var, var_e, rtol=1e-6, atol=1e-6)
     assert torch.equal(after, torch.get_rng_state())  # the re-run left the RNG as the forward did
+
+
+def test_capture_bn_stats_of_a_compiled_model_inside_dataparallel():
+    """eager_module unwraps a compiled model inside DataParallel, capture_bn_stats did not:
+    its hooks on the BatchNorms missed in the traced graph and the statistics came back
+    empty, silently (the inner problem then used the running ones)."""
+    from torch import nn
+
+    from causalign.explain.counterfactual import capture_bn_stats
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 2))
+    dp = nn.DataParallel(torch.compile(net, backend="eager"))  # no GPU: runs its module
+    x = torch.randn(4, 1, 8, 8)
+    dp(x)  # traced without hooks
+    with capture_bn_stats(dp) as got:
+        dp(x)
+    assert list(got) == [net[1]]
+    mean, var = got[net[1]]
+    h = net[0](x).detach()
+    torch.testing.assert_close(mean.reshape(-1), h.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var.reshape(-1), h.var(dim=(0, 2, 3), unbiased=False))

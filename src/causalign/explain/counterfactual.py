@@ -416,7 +416,12 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
         return [m.register_forward_hook(hook) for m in net.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    orig = getattr(model, "_orig_mod", None)
+    compiled = model
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        # a compiled model inside (Data|DistributedData)Parallel, as eager_module takes it:
+        # hooks on its BatchNorms missed just the same (no statistics, silently)
+        compiled = model.module
+    orig = getattr(compiled, "_orig_mod", None)
     if isinstance(orig, nn.Module):
         # torch.compile'd: hooks on submodules do not fire in a graph Dynamo traced without
         # them (any earlier train-mode forward: a step of align_every > 1, a warm-up), so the
@@ -428,19 +433,22 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
         # dropout before a BatchNorm draws the same mask (taken after the forward, the
         # statistics were those of another mask: means 0.5 off at p=0.5). Inductor's own
         # RNG differs from eager's unless fallback_random is set; eager backends match.
-        rng: list[tuple[Tensor, list[Tensor]]] = []
+        # (per wrapper: DataParallel runs its replicas' forwards in threads at once)
+        rng: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
-        def save_rng(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            rng[:] = [(torch.get_rng_state(), [torch.cuda.get_rng_state(i)
-                                               for i in _cuda_devices(args, kwargs)])]
+        def save_rng(wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
+            rng[id(wrapper)] = (torch.get_rng_state(), [torch.cuda.get_rng_state(i)
+                                                        for i in _cuda_devices(args, kwargs)])
 
-        def recapture(_m: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
+        def recapture(wrapper: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
+            # the wrapper's own eager module: a DataParallel replica's is on its device
+            eager = wrapper._orig_mod
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                   for m in orig.modules()):
-                _eager_batch_stats(orig, args, kwargs, bn_hooks, rng[0] if rng else None)
+                   for m in eager.modules()):
+                _eager_batch_stats(eager, args, kwargs, bn_hooks, rng.pop(id(wrapper), None))
 
-        handles = [model.register_forward_pre_hook(save_rng, with_kwargs=True),
-                   model.register_forward_hook(recapture, with_kwargs=True)]
+        handles = [compiled.register_forward_pre_hook(save_rng, with_kwargs=True),
+                   compiled.register_forward_hook(recapture, with_kwargs=True)]
     else:
         handles = bn_hooks(model)
     try:
