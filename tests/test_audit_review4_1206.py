@@ -89,3 +89,18 @@ def test_capture_bn_stats_of_a_compiled_model_inside_dataparallel():
     h = net[0](x).detach()
     torch.testing.assert_close(mean.reshape(-1), h.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(var.reshape(-1), h.var(dim=(0, 2, 3), unbiased=False))
+
+
+def test_dataset_writer_checks_the_attribute_count_before_writing_any_file(tmp_path):
+    """add() said its checks run before any file is written, but a wrong attribute count
+    was refused after the image and mask were saved: orphan files in images/ and masks/."""
+    from causalign.data import DatasetWriter
+    from causalign.data.format import DatasetMeta
+    from causalign.errors import DataError
+
+    w = DatasetWriter(tmp_path, DatasetMeta("toy", ["a", "b"], ["margin"]))
+    with pytest.raises(DataError, match="2 attributes given, dataset declares 1"):
+        w.add(torch.rand(8, 8), label=0, split="train", mask=torch.ones(8, 8),
+              attributes=[1.0, 2.0])
+    assert list((tmp_path / "images").iterdir()) == []
+    assert list((tmp_path / "masks").iterdir()) == []

@@ -227,6 +227,11 @@ class DatasetWriter:
             if len(box) == 6 and self.meta.ndim != 3:
                 raise DataError(f"sample {sid}: box {box} has a slice range (z0, z1), but the "
                                 f"dataset's images are 2D")
+        # (before any file: a wrong count left an orphan image and mask behind)
+        attrs = [float("nan")] * len(self.meta.attributes) if attributes is None else attributes
+        if len(attrs) != len(self.meta.attributes):
+            raise DataError(f"sample {sid}: {len(attrs)} attributes given, "
+                            f"dataset declares {len(self.meta.attributes)}")
         image = _as_array(image)
         mask = None if mask is None else _as_array(mask)
         fmt = self.image_format if image.ndim == 2 or self.image_format == "npy" else "npy"
@@ -241,10 +246,6 @@ class DatasetWriter:
         if mask is not None:
             mask_rel = f"masks/{sid}.{'png' if mask.ndim == 2 else 'npy'}"
             save_array(self.root / mask_rel, (mask > 0).astype(np.uint8) * 255, None)
-        attrs = [float("nan")] * len(self.meta.attributes) if attributes is None else attributes
-        if len(attrs) != len(self.meta.attributes):
-            raise DataError(f"sample {sid}: {len(attrs)} attributes given, "
-                            f"dataset declares {len(self.meta.attributes)}")
         rec = SampleRecord(
             id=sid, split=split, label=int(label), site=str(site), image=img_rel, mask=mask_rel,
             box=box, attributes=[float(a) for a in attrs],
