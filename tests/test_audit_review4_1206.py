@@ -104,3 +104,24 @@ def test_dataset_writer_checks_the_attribute_count_before_writing_any_file(tmp_p
               attributes=[1.0, 2.0])
     assert list((tmp_path / "images").iterdir()) == []
     assert list((tmp_path / "masks").iterdir()) == []
+
+
+def test_setup_warnings_of_other_ranks_still_obey_an_error_filter():
+    """Ranks other than 0 ran the setup under simplefilter('ignore'), which overrode a
+    caller's -W error / filterwarnings=error: rank 0 failed at a setup warning while the
+    other ranks went on into the first collective and waited for it. They now drop only
+    what the caller's filters would have shown."""
+    import warnings
+
+    from causalign.engine.trainer import _warnings_ignored
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="same on every rank"), _warnings_ignored():
+            warnings.warn("same on every rank", stacklevel=1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with _warnings_ignored():
+            warnings.warn("setup", stacklevel=1)
+        warnings.warn("after", stacklevel=1)
+    assert [str(w.message) for w in seen] == ["after"]
