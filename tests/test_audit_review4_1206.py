@@ -125,3 +125,22 @@ def test_setup_warnings_of_other_ranks_still_obey_an_error_filter():
             warnings.warn("setup", stacklevel=1)
         warnings.warn("after", stacklevel=1)
     assert [str(w.message) for w in seen] == ["after"]
+
+
+def test_help_constants_name_nothing_the_registries_refuse():
+    """cli.py's hand-written choice lists were checked one way only (every registered name
+    appears somewhere in the help): a name removed from a registry but left in the constant
+    ('bagnet | lfd') passed, and --help offered a choice the command refuses."""
+    import re
+
+    from causalign.cli import METHODS_HELP, MODELS_HELP, SALIENCY_HELP
+    from causalign.explain import explainer_names
+    from causalign.methods.base import method_names
+    from causalign.models import MODEL_NAMES
+
+    def names(text: str) -> list[str]:
+        return [re.sub(r"\s*\(.*\)$", "", n).strip() for n in text.split("|")]
+
+    assert set(names(METHODS_HELP)) <= set(method_names())
+    assert set(names(MODELS_HELP)) == set(MODEL_NAMES)
+    assert set(names(SALIENCY_HELP)) == set(explainer_names())
