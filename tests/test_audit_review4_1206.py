@@ -144,3 +144,22 @@ def test_help_constants_name_nothing_the_registries_refuse():
     assert set(names(METHODS_HELP)) <= set(method_names())
     assert set(names(MODELS_HELP)) == set(MODEL_NAMES)
     assert set(names(SALIENCY_HELP)) == set(explainer_names())
+
+
+@pytest.mark.parametrize("layer", ["", "5"])
+def test_gradcam_refuses_a_layer_without_spatial_output_in_one_line(layer):
+    """layer='' (get_submodule's name of the model itself) or a Linear's name failed in the
+    upsampling with torch's 'Input and output must have the same number of spatial
+    dimensions', a ValueError traceback; it is one InputError line naming the layer."""
+    from torch import nn
+
+    from causalign.errors import InputError
+    from causalign.explain import get_explainer
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    explainer = get_explainer("gradcam", model, layer=layer)
+    with pytest.raises(InputError, match=r"has no spatial output.*last: 0, 2"):
+        explainer.attribute(torch.randn(2, 1, 12, 12), target=0)
+    with pytest.raises(InputError, match="has no spatial output"):
+        explainer.predict_and_attribute(torch.randn(2, 1, 12, 12))

@@ -81,6 +81,16 @@ class GradCAM(Explainer):
             self.layer = self._layer_that_runs(inputs)
             self._default_layer = False  # chosen now: a second miss is refused, no loop
             return self.attribute(inputs, target, create_graph)
+        if cam.dim() != inputs.dim():
+            # a layer without spatial output (layer='' is the model itself, a Linear, a
+            # Flatten) failed in the upsampling: "Input and output must have the same
+            # number of spatial dimensions", a ValueError traceback from torch
+            name = next((n for n, m in self.model.named_modules() if m is self.layer), "?")
+            convs = [n for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)]
+            raise InputError(f"gradcam: layer '{name}' ({type(self.layer).__name__}) has no "
+                             f"spatial output (its map is {tuple(cam.shape)}); pick a "
+                             f"convolutional layer (the model's last: "
+                             f"{', '.join(convs[-5:]) or 'none'})")
         cam = self._upsample(cam, inputs)
         return cam if create_graph else cam.detach()
 
