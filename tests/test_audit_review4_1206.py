@@ -163,3 +163,30 @@ def test_gradcam_refuses_a_layer_without_spatial_output_in_one_line(layer):
         explainer.attribute(torch.randn(2, 1, 12, 12), target=0)
     with pytest.raises(InputError, match="has no spatial output"):
         explainer.predict_and_attribute(torch.randn(2, 1, 12, 12))
+
+
+def _reordered_sums(c: torch.Tensor, coupling: float = 0.0):
+    """(A p)_i = Σ_h c_ih p_i (+ coupling to the next entry), the H terms summed in a new
+    order at each call, as atomics on a GPU do."""
+    def matvec(p: torch.Tensor) -> torch.Tensor:
+        terms = c[:, torch.randperm(c.shape[1])] * p[:, None]
+        out = torch.zeros_like(p)
+        for h in range(terms.shape[1]):
+            out = out + terms[:, h]
+        return out + coupling * torch.roll(p, 1)
+    return matvec
+
+
+def test_cg_probe_accepts_an_entrywise_map_whose_sums_run_in_another_order_each_call():
+    """Per-entry sums that cancel 100x and are reordered per call differ from themselves by
+    ~1e-4 relative, far over the 16 eps slack: the entry-wise map was refused. The map's own
+    run-to-run noise (a third product, before a refusal only) now bounds the gap; a coupling
+    far above that noise is still refused."""
+    torch.manual_seed(1)
+    c = torch.randn(8, 256) * 100
+    c[:, -1] = -c[:, :-1].sum(1) + 1.0  # each entry's sum is 1, from terms of ~100
+    b = torch.randn(8)
+    r = batched_cg(_reordered_sums(c), b, max_iter=5)
+    torch.testing.assert_close(r.solution, b, rtol=1e-2, atol=1e-2)
+    with pytest.raises(CoupledSystemsError):
+        batched_cg(_reordered_sums(c, coupling=0.5), b, max_iter=5)

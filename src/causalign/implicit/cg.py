@@ -89,10 +89,11 @@ def batched_cg(
     ``matvec(p)`` must return A p for the whole batch and act block-diagonally (sample i of the
     output depends only on sample i of ``p``). A 1-D ``b`` (D,) is D independent 1×1 systems,
     not one D-dimensional system as in SciPy's and TorchOpt's cg: a ``matvec`` that mixes
-    its entries is refused (`CoupledSystemsError`, a ValueError; two more products); pass
-    ``b[None]`` for one system. Sample i stops when ‖r_i‖ <= tol·‖b_i‖; stopped
-    samples are frozen by masking while the rest continue. The loop never synchronises with the
-    host except for a cheap "anything still active?" test every ``check_every`` iterations.
+    its entries is refused (`CoupledSystemsError`, a ValueError; two more products, a third
+    before a refusal); pass ``b[None]`` for one system. Sample i stops when
+    ‖r_i‖ <= tol·‖b_i‖; stopped samples are frozen by masking while the rest continue. The
+    loop never synchronises with the host except for a cheap "anything still active?" test
+    every ``check_every`` iterations.
 
     By default ``converged`` and ``residual_norm`` are the recursion's, as in SciPy's and
     TorchOpt's CG. With ``verify`` and ``tol`` below sqrt(machine eps), where the recursion
@@ -258,7 +259,8 @@ def _refuse_coupled_scalar_systems(matvec: Callable[[Tensor], Tensor], b: Tensor
     while ‖A v − b‖ was of the order of ‖b‖: a silently wrong solution. An entry-wise map
     commutes with flipping the signs of entries, exactly in floating point (rounding is
     symmetric), whatever the dtype: A(s ⊙ b) = s ⊙ A b for random signs s. A coupled map
-    does not. Two more products, on this rare path only (a batch of scalar problems).
+    does not. Two more products, on this rare path only (a batch of scalar problems), and a
+    third before a refusal (the map's own run-to-run noise).
 
     The probe is b with each entry scaled by a power of two into [0.5, 1] (exact; the same
     directions for a linear map): probed with b itself, a float16 b of 3e4 overflowed A b to
@@ -283,6 +285,20 @@ def _refuse_coupled_scalar_systems(matvec: Callable[[Tensor], Tensor], b: Tensor
     # between the two calls (atomics on a GPU)
     slack = 16 * torch.finfo(p.dtype).eps * (u.abs() + v.abs())
     ok = ~torch.isfinite(gap) | (gap <= slack)
+    if not bool(ok.all()):
+        # An entry-wise map whose per-entry sums cancel and run in another order each call
+        # (atomics on a GPU) differs from itself by more than 16 eps: such an entry was
+        # refused (a 256-term sum cancelling 100x, reordered: gaps ~1e-4 relative). A third
+        # product, on this path only, measures the map's own run-to-run noise; a gap within
+        # a few times that noise is no evidence of coupling (a deterministic map has none).
+        w = matvec(p)
+        if isinstance(w, Tensor) and w.shape == p.shape:
+            w = w.detach().to(acc)
+            both = u.abs() + w.abs()
+            rel = torch.where(both > 0, (w - u).abs() / both, torch.zeros_like(both))
+            noise = rel[torch.isfinite(rel)].amax() if bool(torch.isfinite(rel).any()) else 0.0
+            ok |= gap <= 8 * noise * (u.abs() + v.abs())
+    # an entry-wise map sends a zero entry to zero, however its sums are ordered
     ok &= (p != 0) | ((u == 0) & (v == 0)) | ~torch.isfinite(u) | ~torch.isfinite(v)
     if not bool(ok.all()):
         d = b.shape[0]
