@@ -190,3 +190,16 @@ def test_cg_probe_accepts_an_entrywise_map_whose_sums_run_in_another_order_each_
     torch.testing.assert_close(r.solution, b, rtol=1e-2, atol=1e-2)
     with pytest.raises(CoupledSystemsError):
         batched_cg(_reordered_sums(c, coupling=0.5), b, max_iter=5)
+
+
+@pytest.mark.parametrize(("key", "meant"), [("Lam", "method.lam"), ("lamm", "method.lam"),
+                                            ("alpah", "method.alpha"), ("epoch", "epochs")])
+def test_a_misspelt_bare_method_setting_names_the_method_key(key, meant):
+    """An unknown --set key was compared with the training settings only: `Lam=1` for
+    causal-align suggested 'amp', and `lamm`, `alpah` suggested nothing."""
+    from causalign.engine.config import TrainConfig, apply_overrides
+    from causalign.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(TrainConfig(method="causal-align"), {key: 1})
+    assert str(err.value).endswith(f"; did you mean '{meant}'?")

@@ -7,7 +7,7 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 # The largest magnitude a weight, rate or threshold setting may take. Beyond it float32
 # arithmetic on it overflows (Adam's first step lr / (1 − β₁), α·d(x, x0), λ·L_align): a
@@ -37,15 +37,18 @@ class NumericalError(CausalignError):
     """Numerical trouble that could not be handled (e.g. NaN loss, diverging solve)."""
 
 
-def did_you_mean(name: object, valid: Iterable[str], prefix: str = "") -> str:
+def did_you_mean(name: object, valid: Iterable[str], prefix: str = "",
+                 shown: Mapping[str, str] | None = None) -> str:
     """"; did you mean 'x'?" naming the valid names closest to a misspelt ``name`` (case
     ignored: `--distance L1` means l1), or "" when none is close. A list of 30 method
     settings named the right one nowhere near the typo (`method.lamm` -> `method.lam`).
-    ``prefix`` is shown before each name, not compared (every `method.` key shares it)."""
+    ``prefix`` is shown before each name, not compared (every `method.` key shares it);
+    ``shown`` maps a name to what is shown for it (names of several levels at once)."""
     import difflib
 
     text = str(name).strip().lower()
-    names = {str(v).lower(): str(v) for v in valid}
+    shown = shown or {}
+    names = {str(v).lower(): str(shown.get(v, v)) for v in valid}
     starts = [v for k, v in names.items() if text and k.startswith(text)]
     if text in names:  # another case, or stray blanks: that name
         close = [names[text]]

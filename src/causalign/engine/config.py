@@ -263,12 +263,34 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
         else:
             raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(valid_keys())}, "
                               f"method.<parameter>, model.<option>"
-                              + (_prefix_hint(key, values.get("method", data["method"]),
-                                              values.get("model", data["model"]))
-                                 or did_you_mean(key, valid_keys())))
+                              + _unknown_key_hint(key, values.get("method", data["method"]),
+                                                  values.get("model", data["model"])))
     new = TrainConfig(**data)
     new.validate()
     return new
+
+
+def _unknown_key_hint(key: str, method: Any, model: Any) -> str:
+    """The hint after an unknown config key: an exact setting of a method or the model given
+    without its prefix (`_prefix_hint`), else the closest of the training settings and the
+    configured method's and model's (prefixed). Only training settings were compared:
+    `--set Lam=1` for causal-align suggested 'amp', and `lamm`, `alpah`, `STEPS` nothing."""
+    import dataclasses
+
+    from ..methods.base import method_class, method_names
+    from ..models import MODEL_OPTIONS
+
+    hint = _prefix_hint(key, method, model)
+    if hint:
+        return hint
+    names = {k: k for k in valid_keys()}  # a training setting wins a shared name
+    if isinstance(method, str) and method in method_names():
+        for f in dataclasses.fields(method_class(method).Params):
+            names.setdefault(f.name, f"method.{f.name}")
+    if isinstance(model, str):
+        for option in MODEL_OPTIONS.get(model, {}):
+            names.setdefault(option, f"model.{option}")
+    return did_you_mean(key, names, shown=names)
 
 
 def _prefix_hint(key: str, method: Any, model: Any) -> str:
