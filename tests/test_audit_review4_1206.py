@@ -203,3 +203,26 @@ def test_a_misspelt_bare_method_setting_names_the_method_key(key, meant):
     with pytest.raises(ConfigError) as err:
         apply_overrides(TrainConfig(method="causal-align"), {key: 1})
     assert str(err.value).endswith(f"; did you mean '{meant}'?")
+
+
+def test_explaining_a_compiled_model_says_its_wrappers_hooks_are_not_run():
+    """Explainers run a compiled model's eager module (429c2fc): a hook on the
+    torch.compile wrapper (an input normalisation as a pre-hook) was silently left out of
+    every map. It is said; a wrapper without hooks explains without a word."""
+    import warnings
+
+    from torch import nn
+
+    from causalign.explain import get_explainer
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    model(torch.rand(1, 1, 8, 8))
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_explainer("gradient", compiled)
+    compiled.register_forward_pre_hook(lambda m, a: (a[0] * 10 - 5,))
+    with pytest.warns(UserWarning, match=r"1 forward hook\(s\) on the torch.compile wrapper"):
+        get_explainer("gradient", compiled)
+    with pytest.warns(UserWarning, match="register them there"):
+        get_explainer("gradient", nn.DataParallel(compiled))

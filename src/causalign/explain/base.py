@@ -9,6 +9,7 @@ methods, 1 for CAM-style methods). `saliency_map` reduces it to (N, *spatial) fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -100,16 +101,30 @@ def eager_module(model: nn.Module) -> nn.Module:
     """
     orig = getattr(model, "_orig_mod", None)
     if isinstance(orig, nn.Module):
+        _warn_wrapper_hooks(model)
         return orig
     inner = getattr(model, "module", None)
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
             and isinstance(inner, nn.Module) and isinstance(getattr(inner, "_orig_mod", None),
                                                             nn.Module):
+        _warn_wrapper_hooks(model, inner)
         if isinstance(model, nn.parallel.DistributedDataParallel) or not model.device_ids:
             return inner._orig_mod  # (a DataParallel without GPUs runs its module as is)
         return nn.DataParallel(inner._orig_mod, device_ids=model.device_ids,
                                output_device=model.output_device, dim=model.dim)
     return model
+
+
+def _warn_wrapper_hooks(*wrappers: nn.Module) -> None:
+    """Say that hooks registered on a compiled model's wrapper(s) are not run: the eager
+    module skips them (an input normalisation as a pre-hook on the torch.compile wrapper
+    was silently left out of every map and counterfactual)."""
+    n = sum(len(w._forward_pre_hooks) + len(w._forward_hooks) for w in wrappers)
+    if n:
+        warnings.warn(f"{n} forward hook(s) on the torch.compile wrapper are not run: "
+                      f"explanations and counterfactuals run its eager module "
+                      f"(model._orig_mod); register them there to keep them",
+                      stacklevel=3)
 
 
 @contextmanager
