@@ -219,3 +219,45 @@ def test_batch_statistics_of_a_wrapped_compiled_model_that_has_run_before(wrap):
     ref_bns = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m, r in zip(bns, ref_bns, strict=True):
         torch.testing.assert_close(stats[m], expected[r])
+
+
+def test_causalign_own_hooks_on_a_compiled_wrapper_are_not_reported_as_the_users():
+    """The warning that hooks on a torch.compile wrapper are not run counted causalign's own
+    (capture_bn_stats' recapture hooks): a compiled causal-align step warned of them at the
+    counterfactual generator it builds inside that context. A user's hook still warns."""
+    import warnings
+
+    from causalign.explain.counterfactual import CounterfactualGenerator, capture_bn_stats
+    from causalign.models import SevenLayerCNN
+
+    torch.manual_seed(0)
+    compiled = torch.compile(SevenLayerCNN(1, 2, width=2).train(), backend="eager")
+    for wrapped in (compiled, torch.nn.DataParallel(compiled)):
+        with capture_bn_stats(wrapped), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            wrapped(torch.rand(4, 1, 8, 8))
+            CounterfactualGenerator(wrapped)
+    handle = compiled.register_forward_pre_hook(lambda m, args: None)
+    try:
+        with pytest.warns(UserWarning, match="1 forward hook"):
+            CounterfactualGenerator(compiled)
+    finally:
+        handle.remove()
+
+
+def test_causal_align_on_a_wrapped_compiled_model_warns_of_no_hook_of_its_own():
+    """causal-align's own output check (a forward hook on the model it is given) on a
+    DataParallel around a compiled model was counted as a user's hook on the wrapper."""
+    import copy
+    import warnings
+
+    from test_audit_model_forms import _batch, _net
+
+    from causalign.methods import build_method
+
+    compiled = torch.compile(copy.deepcopy(_net().train()), backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = build_method("causal-align", {"steps": 2})(torch.nn.DataParallel(compiled),
+                                                         _batch())
+    assert torch.isfinite(out.total)

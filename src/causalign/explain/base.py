@@ -115,11 +115,18 @@ def eager_module(model: nn.Module) -> nn.Module:
     return model
 
 
+INTERNAL_HOOK = "_causalign_internal_hook"  # attribute set on causalign's own hook functions
+
+
 def _warn_wrapper_hooks(*wrappers: nn.Module) -> None:
     """Say that hooks registered on a compiled model's wrapper(s) are not run: the eager
     module skips them (an input normalisation as a pre-hook on the torch.compile wrapper
     was silently left out of every map and counterfactual)."""
-    n = sum(len(w._forward_pre_hooks) + len(w._forward_hooks) for w in wrappers)
+    # causalign's own (capture_bn_stats' recapture, marked `INTERNAL_HOOK`) are not the
+    # user's: a compiled causal-align run warned of them at every generator it built
+    n = sum(not getattr(h, INTERNAL_HOOK, False)
+            for w in wrappers for h in (*w._forward_pre_hooks.values(),
+                                        *w._forward_hooks.values()))
     if n:
         warnings.warn(f"{n} forward hook(s) on the torch.compile wrapper are not run: "
                       f"explanations and counterfactuals run its eager module "

@@ -72,7 +72,7 @@ from ..implicit.adjoint import no_autocast
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
-from .base import check_model_dtype, eager_module
+from .base import INTERNAL_HOOK, check_model_dtype, eager_module
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -416,41 +416,45 @@ def capture_bn_stats(model: nn.Module) -> Iterator[BNStats]:
         return [m.register_forward_hook(hook) for m in net.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    compiled = model
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        # a compiled model inside (Data|DistributedData)Parallel, as eager_module takes it:
-        # hooks on its BatchNorms missed just the same (no statistics, silently)
-        compiled = model.module
-    orig = getattr(compiled, "_orig_mod", None)
-    if isinstance(orig, nn.Module):
-        # torch.compile'd: hooks on submodules do not fire in a graph Dynamo traced without
-        # them (any earlier train-mode forward: a step of align_every > 1, a warm-up), so the
-        # statistics came back empty and the inner problem silently used the running ones
-        # (causal-align's gradient at cosine 0.46 to the eager model's). A hook on the
-        # compiled wrapper itself always runs: it recomputes them from an eager no-grad
-        # forward of the same inputs.
-        # The RNG state the compiled forward started from: the eager pass replays it, so a
-        # dropout before a BatchNorm draws the same mask (taken after the forward, the
-        # statistics were those of another mask: means 0.5 off at p=0.5). Inductor's own
-        # RNG differs from eager's unless fallback_random is set; eager backends match.
-        # (per wrapper: DataParallel runs its replicas' forwards in threads at once)
-        rng: dict[int, tuple[Tensor, list[Tensor]]] = {}
+    # torch.compile'd parts (the model itself, or one inside DataParallel / DDP or a user's
+    # container): hooks on their submodules do not fire in a graph Dynamo traced without
+    # them (any earlier train-mode forward: a step of align_every > 1, a warm-up, another
+    # instance of the same class compiled before), so the statistics came back empty and
+    # the inner problem silently used the running ones (causal-align's gradient at cosine
+    # 0.46 to the eager model's). A hook on each outermost compiled wrapper always runs: it
+    # recomputes them from an eager no-grad forward of the same inputs. BatchNorms outside
+    # any compiled part get the plain hook.
+    compiled = [m for m in model.modules()
+                if isinstance(getattr(m, "_orig_mod", None), nn.Module)]
+    nested = {id(b) for c in compiled for b in c._orig_mod.modules() if b is not c}
+    outermost = [c for c in compiled if id(c) not in nested]  # its eager pass covers the rest
+    inside = {id(b) for c in compiled for b in c.modules()}
+    # The RNG state the compiled forward started from: the eager pass replays it, so a
+    # dropout before a BatchNorm draws the same mask (taken after the forward, the
+    # statistics were those of another mask: means 0.5 off at p=0.5). Inductor's own RNG
+    # differs from eager's unless fallback_random is set; eager backends match.
+    # (per wrapper: DataParallel runs its replicas' forwards in threads at once)
+    rng: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
-        def save_rng(wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
-            rng[id(wrapper)] = (torch.get_rng_state(), [torch.cuda.get_rng_state(i)
-                                                        for i in _cuda_devices(args, kwargs)])
+    def save_rng(wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
+        rng[id(wrapper)] = (torch.get_rng_state(), [torch.cuda.get_rng_state(i)
+                                                    for i in _cuda_devices(args, kwargs)])
 
-        def recapture(wrapper: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
-            # the wrapper's own eager module: a DataParallel replica's is on its device
-            eager = wrapper._orig_mod
-            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                   for m in eager.modules()):
-                _eager_batch_stats(eager, args, kwargs, bn_hooks, rng.pop(id(wrapper), None))
+    def recapture(wrapper: nn.Module, args: tuple, kwargs: dict, _out: object) -> None:
+        # the wrapper's own eager module: a DataParallel replica's is on its device
+        eager = wrapper._orig_mod
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for m in eager.modules()):
+            _eager_batch_stats(eager, args, kwargs, bn_hooks, rng.pop(id(wrapper), None))
 
-        handles = [compiled.register_forward_pre_hook(save_rng, with_kwargs=True),
-                   compiled.register_forward_hook(recapture, with_kwargs=True)]
-    else:
-        handles = bn_hooks(model)
+    for fn in (save_rng, recapture):  # not a user's hook on the wrapper (eager_module)
+        setattr(fn, INTERNAL_HOOK, True)
+    handles = []
+    for c in outermost:
+        handles += [c.register_forward_pre_hook(save_rng, with_kwargs=True),
+                    c.register_forward_hook(recapture, with_kwargs=True)]
+    handles += [m.register_forward_hook(hook) for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside]
     try:
         yield store
     finally:

@@ -274,6 +274,10 @@ def _logits_hook(method: str, top: int | None = None
                              f"{type(module).__name__} returns {output.shape[1]} logits "
                              f"(classes 0..{output.shape[1] - 1})")
 
+    from ..explain.base import INTERNAL_HOOK  # (here: explain/ is imported on first use)
+
+    # ours, not a user's: eager_module does not warn that the search skips it
+    setattr(hook, INTERNAL_HOOK, True)
     return hook
 
 
