@@ -261,3 +261,33 @@ def test_causal_align_on_a_wrapped_compiled_model_warns_of_no_hook_of_its_own():
         out = build_method("causal-align", {"steps": 2})(torch.nn.DataParallel(compiled),
                                                          _batch())
     assert torch.isfinite(out.total)
+
+
+def test_explainers_of_a_model_with_a_compiled_part_give_the_eager_models_maps():
+    """A compiled part inside a container (nn.Sequential(torch.compile(backbone), head)) has
+    the same problem one level down: only a model compiled as a whole, or inside
+    DataParallel/DDP, was explained through its eager module. After one forward, Grad-CAM
+    failed ("does not run layer") and LRP maps were computed without zennit's rules. The
+    container is now explained through a view of it with the eager part; the user's model
+    keeps its compiled part."""
+    from causalign.explain import get_explainer
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
+        torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten())
+    head = torch.nn.Linear(4, 2)
+    eager = torch.nn.Sequential(backbone, head).eval()
+    x = torch.rand(2, 1, 8, 8)
+    torch._dynamo.reset()
+    compiled_part = torch.compile(backbone, backend="eager")
+    model = torch.nn.Sequential(compiled_part, head).eval()
+    model(x)  # traced without any explainer's hooks
+    for name, layer in (("gradcam", {"layer": backbone[3]}), ("wbp", {}),
+                        ("lrp-epsilon", {})):
+        got = get_explainer(name, model, **layer).attribute(x, target=1)
+        torch.testing.assert_close(got, get_explainer(name, eager, **layer).attribute(
+            x, target=1))
+    assert model[0] is compiled_part and not model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

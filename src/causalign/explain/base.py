@@ -9,6 +9,7 @@ methods, 1 for CAM-style methods). `saliency_map` reduces it to (N, *spatial) fo
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -112,7 +113,30 @@ def eager_module(model: nn.Module) -> nn.Module:
             return inner._orig_mod  # (a DataParallel without GPUs runs its module as is)
         return nn.DataParallel(inner._orig_mod, device_ids=model.device_ids,
                                output_device=model.output_device, dim=model.dim)
+    parts = [m for m in model.modules() if isinstance(getattr(m, "_orig_mod", None),
+                                                      nn.Module)]
+    if parts:
+        # compiled parts inside a container (nn.Sequential(torch.compile(backbone), head)):
+        # the same graph problem, one level down. Explained through a view whose compiled
+        # parts are their eager modules; the user's model is not changed.
+        _warn_wrapper_hooks(*parts)
+        return _eager_view(model)
     return model
+
+
+def _eager_view(module: nn.Module) -> nn.Module:
+    """``module`` with every torch.compile'd part replaced by its eager module: a shallow
+    copy of each container on the way (same parameters, buffers and hooks; its own
+    ``_modules`` dict), the user's module itself left as it is."""
+    orig = getattr(module, "_orig_mod", None)
+    if isinstance(orig, nn.Module):
+        return _eager_view(orig)
+    if not any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in module.modules()):
+        return module
+    view = copy.copy(module)
+    view._modules = {name: None if child is None else _eager_view(child)
+                     for name, child in module._modules.items()}
+    return view
 
 
 INTERNAL_HOOK = "_causalign_internal_hook"  # attribute set on causalign's own hook functions
