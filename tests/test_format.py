@@ -148,7 +148,18 @@ def test_box_outside_image(tmp_path):
         w.add(np.zeros((16, 16), np.float32), label=0, split="train", box=(0, 0, 20, 5),
               sample_id="badbox")
 
-    root = _write(tmp_path / "d", extra=add_bad_box)
+    # the writer refuses it before writing anything; a manifest edited by hand, on reading
+    with pytest.raises(DataError, match=r"badbox: box \(0, 0, 20, 5\) outside the image"):
+        _write(tmp_path / "w", extra=add_bad_box)
+
+    def add_box(w):
+        w.add(np.zeros((16, 16), np.float32), label=0, split="train", box=(0, 0, 16, 5),
+              sample_id="badbox")
+
+    root = _write(tmp_path / "d", extra=add_box)
+    manifest = root / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace("badbox,train,0,0,images/badbox.png,,0,0,16,5",
+                                                     "badbox,train,0,0,images/badbox.png,,0,0,20,5"))
     with pytest.raises(DataError, match=r"badbox: box \(0, 0, 20, 5\) outside the image"):
         LesionDataset(root, "train")
 

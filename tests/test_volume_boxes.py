@@ -151,7 +151,14 @@ def test_writer_rounds_a_fractional_box_outward(tmp_path):
 
 
 def test_slice_range_outside_the_volume_is_named(tmp_path, capsys):
-    _volumes(tmp_path, {"z": (2, 3, 9, 8, 4, DEPTH + 1)}, splits=("train", "test"))
+    # the writer refuses it before writing; a manifest edited by hand is refused on reading
+    with pytest.raises(DataError, match=r"slice range 4\.\.7 outside the volume \(6 slices"):
+        _volumes(tmp_path / "w", {"z": (2, 3, 9, 8, 4, DEPTH + 1)}, splits=("train", "test"))
+    _volumes(tmp_path, {"z": (2, 3, 9, 8, 4, DEPTH)}, splits=("train", "test"))
+    text = (tmp_path / "manifest.csv").read_text()
+    assert text.count(f"2,3,9,8,4,{DEPTH}") == 2
+    (tmp_path / "manifest.csv").write_text(text.replace(f"2,3,9,8,4,{DEPTH}",
+                                                        f"2,3,9,8,4,{DEPTH + 1}"))
     with pytest.raises(DataError, match=r"slice range 4\.\.7 outside the volume \(6 slices"):
         LesionDataset(tmp_path, "test")
     rc = main(["data", "check", str(tmp_path)])

@@ -234,6 +234,10 @@ class DatasetWriter:
                             f"dataset declares {len(self.meta.attributes)}")
         image = _as_array(image)
         mask = None if mask is None else _as_array(mask)
+        # the reader's shape and box checks, before any file: a volume's mask given for one
+        # slice (H, W), a box past the last slice or a 2D image in a 3D dataset were written
+        # and only refused when the dataset was read, by `causalign train`
+        self._check_shapes(sid, image, mask, box)
         fmt = self.image_format if image.ndim == 2 or self.image_format == "npy" else "npy"
         if fmt == "png" and image.dtype.kind == "f" and not np.isfinite(image).all():
             # a PNG would store NaN as 0 without a word (np.clip keeps NaN, uint8 casts it);
@@ -254,8 +258,47 @@ class DatasetWriter:
         self._ids[_file_key(sid)] = sid
         return rec
 
+    def _check_shapes(self, sid: str, image: np.ndarray, mask: np.ndarray | None,
+                      box: tuple | None) -> None:
+        """Refuse (DataError) what `LesionDataset` would refuse on reading: an image without
+        ``meta.ndim`` spatial axes, a mask not of the image's spatial shape, a box (or its
+        slice range) outside the image."""
+        spatial = _spatial_shape(image.shape, self.meta.ndim)
+        if spatial is None:
+            raise DataError(f"sample {sid}: image has shape {image.shape}, expected "
+                            f"{self.meta.ndim} spatial dimensions (optionally with a channel "
+                            f"axis)")
+        if mask is not None:
+            m = mask.shape
+            if len(m) == len(spatial) + 1 and m[-1] in (3, 4):  # a colour mask, as read
+                m = m[:-1]
+            if tuple(m) != spatial:
+                raise DataError(f"sample {sid}: mask shape {tuple(mask.shape)} does not match "
+                                f"the image's {spatial}"
+                                + (" (a volume's mask covers every slice: zeros on the "
+                                   "unannotated ones)" if len(spatial) == 3 else ""))
+        if box is not None:
+            h, w = spatial[-2:]
+            x0, y0, x1, y1 = box[:4]
+            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+                raise DataError(f"sample {sid}: box {box} outside the image ({w}x{h})")
+            if len(box) == 6 and (box[4] < 0 or box[5] > spatial[0]):
+                raise DataError(f"sample {sid}: box slice range {box[4]}..{box[5]} outside "
+                                f"the volume ({spatial[0]} slices, 0..{spatial[0]})")
+
     def close(self) -> None:
         write_manifest(self.root, self.meta, self.rows)
+
+
+def _spatial_shape(shape: tuple[int, ...], ndim: int) -> tuple[int, ...] | None:
+    """The spatial shape `_stored_image` reads an array of ``shape`` as (None: refused)."""
+    if len(shape) == ndim:
+        return tuple(shape)
+    if len(shape) == ndim + 1 and ndim == 2 and shape[-1] in (1, 3, 4) and shape[0] > 4:
+        return tuple(shape[:2])  # HWC
+    if len(shape) == ndim + 1:
+        return tuple(shape[1:])
+    return None
 
 
 def _as_array(value: object) -> np.ndarray:

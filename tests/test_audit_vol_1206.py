@@ -1,0 +1,55 @@
+"""Audit (2026-12-06, volumes end to end): defects found walking 3D data through causalign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from causalign.data import DatasetWriter
+from causalign.data.format import DatasetMeta
+from causalign.errors import DataError
+
+
+def _volume_writer(root: Path) -> DatasetWriter:
+    return DatasetWriter(root, DatasetMeta("v", ["a", "b"], [], ndim=3), image_format="npy")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    # one annotated slice given as a 2D mask: the most natural mistake with a volume
+    ({"mask": np.ones((16, 16), np.uint8)}, "mask shape (16, 16)"),
+    ({"mask": np.ones((3, 16, 16), np.uint8)}, "mask shape (3, 16, 16)"),
+    ({"box": [1, 2, 8, 9, 2, 7]}, "slice range 2..7 outside the volume (4 slices"),
+    ({"box": [1, 2, 20, 9]}, "outside the image (16x16)"),
+    ({"image": np.random.rand(16, 16).astype(np.float32)}, "expected 3 spatial dimensions"),
+])
+def test_writer_refuses_a_volume_sample_its_reader_cannot_read(tmp_path: Path, kwargs: dict,
+                                                              words: str) -> None:
+    # these were written (image, mask, manifest row) and only failed when the dataset was
+    # read — by `causalign train`, after the dataset had been built and copied around
+    image = kwargs.pop("image", np.random.rand(4, 16, 16).astype(np.float32))
+    w = _volume_writer(tmp_path)
+    with pytest.raises(DataError) as info:
+        w.add(image, 1, "train", **kwargs)
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+    # nothing of the refused sample was left behind
+    assert not list((tmp_path / "images").iterdir())
+    assert not list((tmp_path / "masks").iterdir())
+    assert w.rows == []
+
+
+def test_writer_keeps_accepting_valid_volume_samples(tmp_path: Path) -> None:
+    from causalign.data import LesionDataset
+
+    img = np.random.rand(4, 16, 16).astype(np.float32)
+    m = np.zeros((4, 16, 16), np.uint8)
+    m[1:3, 4:8, 4:8] = 1  # a lesion on two of the four slices
+    with _volume_writer(tmp_path) as w:
+        for s in ("train", "val", "test"):
+            w.add(img, 1, s, mask=m)
+            w.add(img[None], 0, s, box=[0, 0, 16, 16, 0, 4])  # channel axis, full box
+            w.add(img, 0, s, box=[1.5, 2, 8, 9.2])  # no slice range: every slice
+    ds = LesionDataset(tmp_path, "train")
+    assert ds.image_shape == (1, 4, 16, 16)
