@@ -53,3 +53,21 @@ def test_writer_keeps_accepting_valid_volume_samples(tmp_path: Path) -> None:
             w.add(img, 0, s, box=[1.5, 2, 8, 9.2])  # no slice range: every slice
     ds = LesionDataset(tmp_path, "train")
     assert ds.image_shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("optimizer, suggested", [("newton", False), ("adam", True),
+                                                  ("ista", True)])
+def test_low_flip_warning_suggests_newton_only_when_not_already_used(optimizer: str,
+                                                                     suggested: bool) -> None:
+    # `causalign counterfactual RUN --optimizer newton` on a 2-epoch multiview run flipped 1
+    # of 3 and said "... or --optimizer newton": the optimizer it had just used
+    from types import SimpleNamespace
+
+    from causalign.cli import _low_flip_warning
+
+    s = SimpleNamespace(alpha=0.01, steps=3, space="pixel", optimizer=optimizer, lr=0.01)
+    summary = {"n_generated": 3, "n_diverged": 0, "flip_rate": 1 / 3, "mean_target_prob": 0.49,
+               "samples": [], "valid_range": [0.0, 1.0]}
+    line = _low_flip_warning(summary, s, None, None)
+    assert line is not None and "only 1 of 3" in line and "--alpha" in line
+    assert ("--optimizer newton" in line) is suggested

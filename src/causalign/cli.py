@@ -734,8 +734,11 @@ def _low_flip_warning(summary: dict, settings: Any, ae_mse: float | None,
     if rate is None or n_ok <= 0 or rate >= LOW_FLIP_RATE:
         return None  # nothing searched, or every search diverged (warned above)
     flipped = round(rate * n)
-    hint = (f"try a smaller --alpha (now {settings.alpha:g}), more --steps (now "
-            f"{settings.steps}) or --optimizer newton")
+    # newton only where it is not what just ran (it was suggested after a newton search)
+    newton = getattr(settings, "optimizer", "") == "newton"
+    hint = (f"try a smaller --alpha (now {settings.alpha:g})"
+            + (f" or more --steps (now {settings.steps})" if newton else
+               f", more --steps (now {settings.steps}) or --optimizer newton"))
     # unflipped searches that returned x itself (distance exactly 0) with a step past the
     # images' whole intensity range: every step overshoots, so none beat the start
     # (--optimizer ista --lr 1e20). The line blamed α and --steps, never the step size
