@@ -71,3 +71,21 @@ def test_low_flip_warning_suggests_newton_only_when_not_already_used(optimizer: 
     line = _low_flip_warning(summary, s, None, None)
     assert line is not None and "only 1 of 3" in line and "--alpha" in line
     assert ("--optimizer newton" in line) is suggested
+
+
+def test_hier_align_refusal_of_volumes_names_the_data_and_the_way_out() -> None:
+    # `train VOL --method hier-align` said only "method 'hier-align' takes 2D images (C,H,W)"
+    # — nothing about the dataset holding volumes, nor what trains on them
+    from causalign.engine.config import TrainConfig
+    from causalign.errors import CausalignError
+    from causalign.methods import build_method
+    from causalign.methods.base import DataInfo
+
+    method = build_method("hier-align")
+    info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 6, 32, 32),
+                    attributes=["margin"])
+    with pytest.raises(CausalignError) as err:
+        method.build_model(TrainConfig(method="hier-align"), info)
+    msg = str(err.value)
+    assert "hier-align" in msg and "volumes of shape (1, 6, 32, 32)" in msg
+    assert "--model multiview" in msg and "\n" not in msg

@@ -285,7 +285,10 @@ class HierAlign(Method):
             raise CausalignError("method 'hier-align' needs attribute annotations; this "
                                  "dataset declares none (attributes: [] in dataset.yaml)")
         if len(info.image_shape) == 4:
-            raise CausalignError("method 'hier-align' takes 2D images (C,H,W)")
+            # the data and the way out named: the line said only "takes 2D images"
+            raise CausalignError(f"method 'hier-align' takes 2D images (C,H,W); this dataset "
+                                 f"holds volumes of shape {tuple(info.image_shape)} (for "
+                                 f"volumes: --method causal-align --model multiview)")
         if cfg.model in VOLUME_MODELS:  # f₁ would fail on the first 2D batch
             raise CausalignError(f"model '{cfg.model}' takes volumes (C,D,H,W); method "
                                  f"'hier-align' takes 2D images (use a 2D --model)")
