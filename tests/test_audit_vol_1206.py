@@ -89,3 +89,49 @@ def test_hier_align_refusal_of_volumes_names_the_data_and_the_way_out() -> None:
     msg = str(err.value)
     assert "hier-align" in msg and "volumes of shape (1, 6, 32, 32)" in msg
     assert "--model multiview" in msg and "\n" not in msg
+
+
+class _Split:
+    """A training split stand-in: what `CausalAlign.setup` reads, no pixels."""
+
+    def __init__(self, n: int, shape: tuple[int, ...]) -> None:
+        import torch
+
+        self.labels = torch.arange(n) % 2
+        self.has_mask = torch.ones(n, dtype=torch.bool)
+        self.has_box_or_mask = self.has_mask
+        self.image_shape = shape
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@pytest.mark.parametrize("args, warned", [
+    ({}, True),
+    ({"cache_dtype": "float16", "cache_device": "cpu"}, True),
+    ({"warm_start": False}, False),
+])
+def test_setup_warns_when_the_warm_start_cache_would_not_fit(args: dict, warned: bool) -> None:
+    # 300 BraTS-sized volumes (4 × 155 × 240 × 240): 143 MB of float32 offsets each, 43 GB
+    # of cache filled on the GPU epochs into the run, with no word at setup
+    import warnings
+
+    from torch import nn
+
+    from causalign.methods import build_method
+
+    method = build_method("causal-align", args)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        method.setup(_Split(300, (4, 155, 240, 240)), nn.Linear(2, 2))
+    lines = [str(w.message) for w in seen if "warm-start cache" in str(w.message)]
+    assert bool(lines) is warned
+    if warned:
+        gib = "20.0 GiB at float16" if args else "39.9 GiB at float32"
+        assert gib in lines[0] and "(4, 155, 240, 240)" in lines[0]
+        assert ("host memory" in lines[0]) is bool(args)
+    # a small volume split: nothing said
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_method("causal-align", args).setup(_Split(300, (1, 8, 32, 32)), nn.Linear(2, 2))
+    assert not [w for w in seen if "warm-start cache" in str(w.message)]

@@ -56,6 +56,7 @@ benchmarks/fd_hvp_probe.py).
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -99,6 +100,8 @@ if TYPE_CHECKING:
 CACHE_DEVICES = {"model": None, "cpu": "cpu"}
 # method.cache_dtype -> `WarmStartCache`'s dtype (None: the searched offsets', float32)
 CACHE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# `setup` warns above this warm-start cache size (bytes, at full growth)
+CACHE_WARN_BYTES = 4 * 2**30
 
 # Data-parallel `balance`: (this rank's alignment gradient, the samples it averages) -> the
 # factor one process would scale it by (`CausalAlign._global_balance`).
@@ -642,6 +645,7 @@ class CausalAlign(Method):
                               f"0..{n_classes - 1})")
         self._refuse_nothing_alignable(train_set)
         self.check_settings(getattr(train_set, "image_shape", None))
+        self._warn_cache_size(train_set)
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
@@ -707,6 +711,30 @@ class CausalAlign(Method):
             warnings.warn(f"method.smooth_sigma={self.params.smooth_sigma:g} has no effect: "
                           f"it is used only with method.space=smooth (space is "
                           f"'{self.params.space}')", stacklevel=2)
+
+    def _warn_cache_size(self, train_set: LesionDataset) -> None:
+        """Warn when the warm-start cache would outgrow `CACHE_WARN_BYTES`: one image-sized
+        offset per alignable training sample, on the model's device and in every
+        checkpoint.pt. On volumes that is C·D·H·W floats a sample (BraTS-sized 4 × 155 ×
+        240 × 240: 143 MB), which filled a GPU epochs into a run, without a word before."""
+        p = self.params
+        labels = getattr(train_set, "labels", None)
+        has = getattr(train_set, "has_mask" if p.region == "mask" else "has_box_or_mask",
+                      None)
+        shape = getattr(train_set, "image_shape", None)
+        if not (p.warm_start and self.require_region and p.space != "latent") or \
+                labels is None or has is None or not shape:
+            return  # latent: the rows are codes, not images
+        n = int(self.alignable(labels, has).sum())
+        itemsize = 2 if CACHE_DTYPES[p.cache_dtype] is not None else 4
+        size = n * math.prod(shape) * itemsize
+        if size > CACHE_WARN_BYTES:
+            where = "host memory" if p.cache_device == "cpu" else "the model's device"
+            warnings.warn(f"causal-align: the warm-start cache will hold up to {n} offsets of "
+                          f"shape {tuple(shape)} ({size / 2**30:.1f} GiB at {p.cache_dtype}) "
+                          f"in {where} and in every checkpoint.pt; --set "
+                          f"method.cache_device=cpu, method.cache_dtype=float16 or "
+                          f"method.warm_start=false shrink or drop it", stacklevel=2)
 
     def _refuse_nothing_alignable(self, train_set: LesionDataset) -> None:
         """Refuse a split in which annotated samples exist but `alignable` keeps none of them
