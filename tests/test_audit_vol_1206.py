@@ -135,3 +135,29 @@ def test_setup_warns_when_the_warm_start_cache_would_not_fit(args: dict, warned:
         warnings.simplefilter("always")
         build_method("causal-align", args).setup(_Split(300, (1, 8, 32, 32)), nn.Linear(2, 2))
     assert not [w for w in seen if "warm-start cache" in str(w.message)]
+
+
+def _run_record(dataset: str, saliency: str) -> dict:
+    return {"key": f"{dataset}/erm/seed0", "dataset": dataset, "method": "erm", "label": "erm",
+            "setting": "default", "seed": 0, "run_dir": "missing", "status": "done",
+            "metrics": {"test": {"saliency": saliency,
+                                 "deletion": {"0.01": 0.1, "0.1": 0.3}}}}
+
+
+@pytest.mark.parametrize("runs, words", [
+    # a volume suite: evaluation deleted by WBP, the caption said Grad-CAM
+    ([("vol", "wbp")], "top-k WBP pixels"),
+    ([("img", "gradcam")], "top-k Grad-CAM pixels"),
+    ([("img", "gradcam"), ("vol", "wbp")], "top-k salient (img: Grad-CAM; vol: WBP) pixels"),
+])
+def test_report_deletion_caption_names_the_saliency_deleted_by(tmp_path: Path, runs: list,
+                                                               words: str) -> None:
+    import json
+
+    from causalign.report.html import write_report
+
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"suite": "s", "description": "", "experiments": [],
+         "runs": [_run_record(d, s) for d, s in runs]}))
+    page = Path(write_report(tmp_path)).read_text()
+    assert "Deletion curves" in page and words in page

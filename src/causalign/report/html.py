@@ -263,6 +263,24 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     return label
 
 
+def _deletion_saliency(results: dict) -> str:
+    """The saliency the deletion curves deleted by, from the runs' test metrics: "Grad-CAM"
+    said for every page, while volumes are evaluated with WBP (and a suite may set
+    eval_saliency); per dataset where they differ."""
+    names = {"gradcam": "Grad-CAM", "wbp": "WBP"}
+    per: dict[str, set[str]] = {}
+    for r in _finished(results):
+        test = (r.get("metrics") or {}).get("test") or {}
+        if r.get("setting") == "default" and test.get("deletion"):
+            per.setdefault(str(r["dataset"]), set()).add(
+                names.get(str(test.get("saliency")), str(test.get("saliency") or "Grad-CAM")))
+    kinds = {k for v in per.values() for k in v}
+    if len(kinds) <= 1:
+        return next(iter(kinds), "Grad-CAM")
+    return "salient (" + "; ".join(f"{d}: {', '.join(sorted(v))}"
+                                   for d, v in per.items()) + ")"
+
+
 def deletion_figure(results: dict, path: Path) -> bool:
     """Mean drop of the predicted class's probability after deleting the top-k salient pixels
     (k as a fraction of the image), per method (default setting, mean over seeds)."""
@@ -473,8 +491,9 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     p = figs / "deletion.png"
     if deletion_figure(results, p):
         parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
-                     "class's probability after zeroing the top-k Grad-CAM pixels (higher = "
-                     "the saliency points at what the model uses).</p>" + _img(p, "deletion"))
+                     f"class's probability after zeroing the top-k "
+                     f"{html.escape(_deletion_saliency(results))} pixels (higher = the "
+                     "saliency points at what the model uses).</p>" + _img(p, "deletion"))
         shown.add(p.name)
     cs = Path(cross_site) if cross_site is not None else out / "cross_site.json"
     p = figs / "cross_site.png"
