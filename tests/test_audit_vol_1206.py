@@ -161,3 +161,32 @@ def test_report_deletion_caption_names_the_saliency_deleted_by(tmp_path: Path, r
          "runs": [_run_record(d, s) for d, s in runs]}))
     page = Path(write_report(tmp_path)).read_text()
     assert "Deletion curves" in page and words in page
+
+
+@pytest.mark.parametrize("saliency", ["lrp-gamma", "gradcam"])
+def test_evaluate_refuses_an_asked_for_2d_only_saliency_on_volumes(monkeypatch, capsys,
+                                                                   saliency: str) -> None:
+    # `evaluate VOLRUN --saliency lrp-gamma` exited 0 with WBP's numbers (a note inside the
+    # JSON only), while `explain VOLRUN --saliency lrp-gamma` refused in one line. The run's
+    # own eval_saliency (gradcam by default) still falls back to WBP, as in training.
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    import causalign.cli as cli
+    import causalign.engine.evaluate as ev
+    import causalign.engine.trainer as tr
+
+    cfg = SimpleNamespace(eval_saliency="gradcam", deletion_fractions=[0.1])
+    monkeypatch.setattr(tr, "load_run", lambda *a, **k: (cfg, nn.Linear(2, 2), None, "d"))
+    monkeypatch.setattr(cli, "_split_for_model",
+                        lambda *a, **k: SimpleNamespace(image_shape=(1, 4, 8, 8)))
+
+    def evaluated(*a, **k):
+        raise AssertionError("evaluated with a substituted saliency")
+
+    monkeypatch.setattr(ev, "evaluate_split", evaluated)
+    rc = cli.main(["evaluate", "run", "--saliency", saliency, "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert f"--saliency {saliency} needs 2D images" in err[0] and "volumes" in err[0]
