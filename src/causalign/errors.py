@@ -62,6 +62,14 @@ def did_you_mean(name: object, valid: Iterable[str], prefix: str = "",
     return "; did you mean " + " or ".join(f"'{prefix}{c}'" for c in close) + "?"
 
 
+def not_one_of(key: str, value: object, choices: Iterable[str]) -> str:
+    """"KEY must be a or b, got 'v'" (or "one of a, b, c" for more), plus the closest choice:
+    `--set method.distance=L1` named the four distances but not which one was meant."""
+    names = [str(c) for c in choices]
+    listed = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
+    return f"{key} must be {listed}, got '{value}'" + did_you_mean(value, names)
+
+
 def wrong_level(key: str, owner: str) -> str:
     """"; epochs is a training setting, not the method's" when a `method.`/`model.` key is a
     training setting (`--set method.epochs=3`, `--set model.width=8`): the list of the

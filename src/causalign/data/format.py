@@ -47,7 +47,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from ..errors import DataError, did_you_mean
+from ..errors import DataError, did_you_mean, not_one_of
 from ..io import LOCK_NAME, atomic_write_file, atomic_write_text
 
 MANIFEST = "manifest.csv"
@@ -167,7 +167,7 @@ class DatasetWriter:
     def __init__(self, root: str | Path, meta: DatasetMeta, image_format: str = "png",
                  png_bits: int = 8) -> None:
         if image_format not in ("png", "npy"):
-            raise DataError(f"image format must be png or npy, got '{image_format}'")
+            raise DataError(not_one_of("image format", image_format, ("png", "npy")))
         if png_bits not in (8, 16):
             raise DataError(f"png_bits must be 8 or 16, got {png_bits!r}")
         self.root = Path(root)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..errors import MAX_SETTING, ConfigError, did_you_mean
+from ..errors import MAX_SETTING, ConfigError, did_you_mean, not_one_of
 
 _INT32_MAX = 2**31 - 1  # torch.set_num_threads takes a C int
 _INT64_MAX = 2**63 - 1  # tensor sizes, loop bounds
@@ -132,16 +132,12 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:k], got '{self.device}'"
                               + mps_note(self.device))
         if self.augment not in ("none", "dihedral"):
-            raise ConfigError(f"augment must be none or dihedral, got '{self.augment}'"
-                              + did_you_mean(self.augment, ("none", "dihedral")))
+            raise ConfigError(not_one_of("augment", self.augment, ("none", "dihedral")))
         if self.scheduler not in ("cosine", "none"):
-            raise ConfigError(f"scheduler must be cosine or none, got '{self.scheduler}'"
-                              + did_you_mean(self.scheduler, ("cosine", "none")))
+            raise ConfigError(not_one_of("scheduler", self.scheduler, ("cosine", "none")))
         metrics = ("balanced_accuracy", "accuracy", "auc", "loss")
         if self.select_metric not in metrics:  # it named neither the value nor a close one
-            raise ConfigError(f"select_metric must be balanced_accuracy, accuracy, auc or "
-                              f"loss, got '{self.select_metric}'"
-                              + did_you_mean(self.select_metric, metrics))
+            raise ConfigError(not_one_of("select_metric", self.select_metric, metrics))
 
     def _normalise_types(self) -> None:
         # A TrainConfig built in Python is not type-checked by the dataclass: a string

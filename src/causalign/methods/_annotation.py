@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..errors import ConfigError, not_one_of
+
+REGIONS = ("mask", "box")  # method.region of every annotation-guided method
+
+
+def check_region(region: str) -> None:
+    """ConfigError naming method.region's choices (and the closest) for an unknown one."""
+    if region not in REGIONS:
+        raise ConfigError(not_one_of("method.region", region, REGIONS))
+
 
 def annotation_region(batch: dict[str, Tensor], region: str = "mask") -> tuple[Tensor, Tensor]:
     """(region (N, 1, ...) in {0, 1}, annotated (N,) bool).

@@ -69,7 +69,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import MAX_SETTING, CausalignError, ConfigError, DataError, InputError
+from ..errors import (
+    MAX_SETTING,
+    CausalignError,
+    ConfigError,
+    DataError,
+    InputError,
+    not_one_of,
+)
 from ..explain.counterfactual import (
     DISTANCES,
     MIN_L1_EPS,
@@ -88,9 +95,14 @@ from ..explain.counterfactual import (
     logit_curvature,
 )
 from ..implicit import implicit_gradient, lowrank_diag_solve
+from ._annotation import REGIONS
 from .base import LossOutput, Method, coerce_params, grad_norm, register_method
 
 HVP_MODES = ("exact", "finite-difference", "gauss-newton")
+NEGATIVE_CURVATURE = ("gauss-newton", "damping")
+BN_MODES = ("batch", "running")
+NORMALIZE = ("none", "total")
+ALIGN_ON = ("all", "positive")
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -253,31 +265,23 @@ class CausalAlignParams:
             (0 <= self.dilate <= 2**20, f"method.dilate must be in 0..{2**20}, got "
                                         f"{self.dilate}"),
             (self.balance >= 0, f"method.balance must be >= 0, got {self.balance}"),
-            (self.distance in DISTANCES,
-             f"method.distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'"),
-            (self.negative_curvature in ("gauss-newton", "damping"),
-             f"method.negative_curvature must be gauss-newton or damping, got "
-             f"'{self.negative_curvature}'"),
-            (self.hvp in HVP_MODES,
-             f"method.hvp must be one of {', '.join(HVP_MODES)}, got '{self.hvp}'"),
-            (self.bn in ("batch", "running"),
-             f"method.bn must be batch or running, got '{self.bn}'"),
+            (self.distance in DISTANCES, not_one_of("method.distance", self.distance, DISTANCES)),
+            (self.negative_curvature in NEGATIVE_CURVATURE,
+             not_one_of("method.negative_curvature", self.negative_curvature,
+                        NEGATIVE_CURVATURE)),
+            (self.hvp in HVP_MODES, not_one_of("method.hvp", self.hvp, HVP_MODES)),
+            (self.bn in BN_MODES, not_one_of("method.bn", self.bn, BN_MODES)),
             (self.cache_device in CACHE_DEVICES,
-             f"method.cache_device must be model or cpu, got '{self.cache_device}'"),
+             not_one_of("method.cache_device", self.cache_device, CACHE_DEVICES)),
             (self.cache_dtype in CACHE_DTYPES,
-             f"method.cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got "
-             f"'{self.cache_dtype}'"),
-            (self.normalize in ("none", "total"),
-             f"method.normalize must be none or total, got '{self.normalize}'"),
-            (self.region in ("mask", "box"),
-             f"method.region must be mask or box, got '{self.region}'"),
-            (self.align_on in ("all", "positive"),
-             f"method.align_on must be all or positive, got '{self.align_on}'"),
+             not_one_of("method.cache_dtype", self.cache_dtype, CACHE_DTYPES)),
+            (self.normalize in NORMALIZE, not_one_of("method.normalize", self.normalize,
+                                                     NORMALIZE)),
+            (self.region in REGIONS, not_one_of("method.region", self.region, REGIONS)),
+            (self.align_on in ALIGN_ON, not_one_of("method.align_on", self.align_on, ALIGN_ON)),
             (self.inner_optimizer in OPTIMIZERS,
-             f"method.inner_optimizer must be one of {', '.join(OPTIMIZERS)}, "
-             f"got '{self.inner_optimizer}'"),
-            (self.space in SPACES,
-             f"method.space must be one of {', '.join(SPACES)}, got '{self.space}'"),
+             not_one_of("method.inner_optimizer", self.inner_optimizer, OPTIMIZERS)),
+            (self.space in SPACES, not_one_of("method.space", self.space, SPACES)),
             (self.smooth_sigma > 0,
              f"method.smooth_sigma must be > 0, got {self.smooth_sigma}"),
             (is_target_rule(str(self.target)),

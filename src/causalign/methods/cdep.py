@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._annotation import annotation_region
+from ._annotation import annotation_region, check_region
 from .base import LossOutput, Method, register_method
 
 if TYPE_CHECKING:
@@ -186,8 +186,7 @@ class CDEPParams:
     def validate(self) -> None:
         if not self.lam >= 0:
             raise ConfigError(f"method.lam must be >= 0, got {self.lam}")
-        if self.region not in ("mask", "box"):
-            raise ConfigError(f"method.region must be 'mask' or 'box', got '{self.region}'")
+        check_region(self.region)
 
 
 @register_method("cdep")

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ._annotation import annotation_region
+from ..errors import ConfigError, not_one_of
+from ._annotation import annotation_region, check_region
 from .base import LossOutput, Method, register_method
 
 if TYPE_CHECKING:
@@ -50,10 +50,8 @@ class ChangParams:
 
     def validate(self) -> None:
         if self.fill not in FILLS:
-            raise ConfigError(f"method.fill must be one of {', '.join(FILLS)}, got "
-                              f"'{self.fill}'")
-        if self.region not in ("mask", "box"):
-            raise ConfigError(f"method.region must be 'mask' or 'box', got '{self.region}'")
+            raise ConfigError(not_one_of("method.fill", self.fill, FILLS))
+        check_region(self.region)
         if self.cf_weight < 0 or self.factual_weight < 0:
             raise ConfigError("method.cf_weight and method.factual_weight must be >= 0")
 

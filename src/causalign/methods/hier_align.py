@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError
+from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError, not_one_of
 from ..explain.counterfactual import (
     DISTANCES,
     MIN_L1_EPS,
@@ -50,6 +50,7 @@ from ..explain.counterfactual import (
 )
 from .base import DataInfo, LossOutput, Method, grad_norm, register_method
 from .causal_align import (
+    NORMALIZE,
     CausalAlign,
     CausalAlignParams,
     GradCap,
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from ..engine.distributed import GlobalStep
 
 
+CCCE_MODELS = ("logistic", "frequency")
 _HIDDEN_MAX = 2**31 - 1  # method.hidden: f₂'s hidden width
 
 
@@ -167,8 +169,8 @@ class HierAlignParams:
             (self.attr_eps >= MIN_L1_EPS,
              f"method.attr_eps must be >= {MIN_L1_EPS:g} (ε² underflows float32 below "
              f"~1e-19), got {self.attr_eps}"),
-            (self.ccce_model in ("logistic", "frequency"),
-             f"method.ccce_model must be logistic or frequency, got '{self.ccce_model}'"),
+            (self.ccce_model in CCCE_MODELS,
+             not_one_of("method.ccce_model", self.ccce_model, CCCE_MODELS)),
             (self.ccce_max_size >= 1, "method.ccce_max_size must be >= 1"),
             (self.align_start >= 1, "method.align_start must be >= 1"),
             # not in the levels' checks (_shared passes them align_every=1): 0 failed with a
@@ -183,10 +185,9 @@ class HierAlignParams:
             (self.ccce_tol >= 0, "method.ccce_tol must be >= 0"),
             # checked here: attribute_params() passes it on as `normalize`, whose message
             # named method.normalize for a bad method.attr_normalize
-            (self.attr_normalize in ("none", "total"),
-             f"method.attr_normalize must be none or total, got '{self.attr_normalize}'"),
-            (self.distance in DISTANCES,
-             f"method.distance must be one of {', '.join(DISTANCES)}, got '{self.distance}'"),
+            (self.attr_normalize in NORMALIZE,
+             not_one_of("method.attr_normalize", self.attr_normalize, NORMALIZE)),
+            (self.distance in DISTANCES, not_one_of("method.distance", self.distance, DISTANCES)),
         ]
         for ok, msg in checks:
             if not ok:

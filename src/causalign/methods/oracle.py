@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ._annotation import check_region
 from .base import LossOutput, Method, register_method
 
 
@@ -22,8 +22,7 @@ class OracleParams:
     region: str = "mask"  # "mask" (pixel mask, box as fallback) or "box"
 
     def validate(self) -> None:
-        if self.region not in ("mask", "box"):
-            raise ConfigError(f"method.region must be 'mask' or 'box', got '{self.region}'")
+        check_region(self.region)
 
 
 @register_method("oracle")

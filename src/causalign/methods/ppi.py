@@ -79,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, not_one_of
 from ..explain.base import eval_mode
 from .base import LossOutput, Method, register_method
 
@@ -120,11 +120,9 @@ class PPIParams:
 
     def validate(self) -> None:
         if self.saliency not in BACKENDS:
-            raise ConfigError(f"method.saliency must be one of {', '.join(BACKENDS)}, got "
-                              f"'{self.saliency}'")
+            raise ConfigError(not_one_of("method.saliency", self.saliency, BACKENDS))
         if self.mask not in MASKS:
-            raise ConfigError(f"method.mask must be one of {', '.join(MASKS)}, got "
-                              f"'{self.mask}'")
+            raise ConfigError(not_one_of("method.mask", self.mask, MASKS))
         if not self.omega > 0:
             raise ConfigError(f"method.omega must be > 0, got {self.omega}")
         if not 0 <= self.sigma <= 1:
@@ -146,10 +144,9 @@ class PPIParams:
         if self.warmup_epochs < 0:
             raise ConfigError(f"method.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.fill not in FILLS:
-            raise ConfigError(f"method.fill must be one of {', '.join(FILLS)}, got '{self.fill}'")
+            raise ConfigError(not_one_of("method.fill", self.fill, FILLS))
         if self.contrast_on not in CONTRAST_ON:
-            raise ConfigError(f"method.contrast_on must be one of {', '.join(CONTRAST_ON)}, "
-                              f"got '{self.contrast_on}'")
+            raise ConfigError(not_one_of("method.contrast_on", self.contrast_on, CONTRAST_ON))
 
 
 # ------------------------------------------------------------------ masks (pure functions)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.norm import channel_mean_var
-from ._annotation import annotation_region
+from ._annotation import annotation_region, check_region
 from .base import LossOutput, Method, register_method
 
 
@@ -49,8 +49,7 @@ class RRRParams:
     def validate(self) -> None:
         if not self.lam >= 0:
             raise ConfigError(f"method.lam must be >= 0, got {self.lam}")
-        if self.region not in ("mask", "box"):
-            raise ConfigError(f"method.region must be 'mask' or 'box', got '{self.region}'")
+        check_region(self.region)
 
 
 @contextmanager

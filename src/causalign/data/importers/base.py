@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ...errors import DataError, did_you_mean
+from ...errors import DataError, did_you_mean, not_one_of
 from ..format import DatasetMeta
 from .util import IntensityScale, SkipItem
 
@@ -59,7 +59,7 @@ class CommonOptions:
             raise DataError(f"unknown shortcut '{self.shortcut}'; valid: {', '.join(SHORTCUTS)}"
                             + did_you_mean(self.shortcut, SHORTCUTS))
         if self.image_format not in IMAGE_FORMATS:
-            raise DataError(f"--image-format must be png or npy, got '{self.image_format}'")
+            raise DataError(not_one_of("--image-format", self.image_format, IMAGE_FORMATS))
         if self.limit is not None and self.limit < 1:
             raise DataError(f"--limit must be >= 1, got {self.limit}")
         for name in ("val_frac", "test_frac"):

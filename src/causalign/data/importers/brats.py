@@ -44,7 +44,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import DataError, not_one_of
 from ..format import DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .util import (
@@ -83,9 +83,9 @@ class BratsOptions(CommonOptions):
     def validate(self) -> None:
         super().validate()
         if self.task not in ("tumor", "grade", "enhancing"):
-            raise DataError(f"--task must be tumor, grade or enhancing, got '{self.task}'")
+            raise DataError(not_one_of("--task", self.task, ("tumor", "grade", "enhancing")))
         if self.mode not in ("slices", "volumes"):
-            raise DataError(f"--mode must be slices or volumes, got '{self.mode}'")
+            raise DataError(not_one_of("--mode", self.mode, ("slices", "volumes")))
         if self.mode == "volumes" and self.task != "grade":
             raise DataError("--mode volumes needs --task grade (every BraTS volume has a "
                             "tumour, so tumour presence cannot label volumes)")
@@ -95,7 +95,7 @@ class BratsOptions(CommonOptions):
             raise DataError(f"--modalities '{self.modalities}': choose from "
                             f"{', '.join(MODALITIES)}")
         if self.region not in REGIONS:
-            raise DataError(f"--region must be wt, tc or et, got '{self.region}'")
+            raise DataError(not_one_of("--region", self.region, REGIONS))
         if self.slices_per_subject < 1 or self.min_tumor_px < 1 or self.depth < 4:
             raise DataError("--slices-per-subject and --min-tumor-px must be >= 1, "
                             "--depth >= 4")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import DataError, not_one_of
 from ..format import DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .util import (
@@ -63,10 +63,11 @@ class CubOptions(CommonOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.mask not in ("auto", "box", "segmentation", "none"):
-            raise DataError(f"--mask must be auto, box, segmentation or none, got '{self.mask}'")
+        masks = ("auto", "box", "segmentation", "none")
+        if self.mask not in masks:
+            raise DataError(not_one_of("--mask", self.mask, masks))
         if self.crop not in ("image", "box"):
-            raise DataError(f"--crop must be image or box, got '{self.crop}'")
+            raise DataError(not_one_of("--crop", self.crop, ("image", "box")))
         if not 0 <= self.context <= 2:
             raise DataError(f"--context must be in [0, 2], got {self.context}")
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import DataError, not_one_of
 from ..format import SPLITS, DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .util import (
@@ -73,7 +73,7 @@ class FolderOptions(CommonOptions):
     def validate(self) -> None:
         super().validate()
         if self.color not in ("gray", "rgb"):
-            raise DataError(f"--color must be gray or rgb, got '{self.color}'")
+            raise DataError(not_one_of("--color", self.color, ("gray", "rgb")))
         if not self.mask_suffix:
             raise DataError("--mask-suffix must not be empty")
 

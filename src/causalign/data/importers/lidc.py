@@ -76,7 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import DataError, not_one_of
 from ..format import SPLITS, DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .dicom import dicom_files, is_dicom_name, pydicom_module, read_header, read_pixels
@@ -143,10 +143,10 @@ class LidcOptions(CommonOptions):
     def validate(self) -> None:
         super().validate()
         if self.label not in ("malignancy", "presence"):
-            raise DataError(f"--label must be malignancy or presence, got '{self.label}'")
+            raise DataError(not_one_of("--label", self.label, ("malignancy", "presence")))
         if self.mask_rule not in ("auto", "consensus", "union"):
-            raise DataError(f"--mask-rule must be auto, consensus or union, got "
-                            f"'{self.mask_rule}'")
+            raise DataError(not_one_of("--mask-rule", self.mask_rule,
+                                       ("auto", "consensus", "union")))
         self.window_range()
         if not 0.05 <= self.spacing <= 10:
             raise DataError(f"--spacing must be in [0.05, 10] mm, got {self.spacing}")
