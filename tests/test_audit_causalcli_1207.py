@@ -101,3 +101,28 @@ def test_ccce_frequency_model_over_hundreds_of_attributes_is_refused_in_one_line
     with pytest.raises(CausalignError, match="312 attributes .* logistic") as err:
         causal_attribution(m, a, y)
     assert "\n" not in str(err.value)
+
+
+def test_pc_leaves_out_an_attribute_constant_on_the_split() -> None:
+    """Real LIDC splits: no calcified nodule among 23 patients makes 'calcification' constant.
+    The whole check stopped on it ("constant variable(s) calcification") and the CLI has no
+    way to leave an attribute out; a constant attribute has no edge, so it is listed."""
+    pytest.importorskip("causallearn")
+    from causalign.causal.pc import pc_check
+
+    rng = np.random.default_rng(0)
+    n = 60
+    feats = rng.normal(size=(n, 5))
+    spic = (feats[:, 0] + 0.3 * rng.normal(size=n) > 0).astype(np.float64)
+    y = np.where(rng.random(n) < 0.1, 1 - spic, spic)
+    a = np.column_stack([np.zeros(n), spic, np.ones(n)])
+    a[3, 1] = np.nan
+    rep = pc_check(feats, a, y, ["calcification", "spiculation", "texture"],
+                   causal_attributes=["calcification", "spiculation"])
+    assert rep["constant_attributes"] == ["calcification", "texture"]
+    assert rep["n"] == n - 1
+    nodes = {e["from"] for e in rep["edges"]} | {e["to"] for e in rep["edges"]}
+    assert "spiculation" in nodes and not nodes & {"calcification", "texture"}
+    assert rep["truly_causal"] == ["spiculation"]
+    with pytest.raises(CausalignError, match="every attribute is constant"):
+        pc_check(feats, a[:, [0, 2]], y, ["calcification", "texture"])

@@ -854,6 +854,9 @@ def causal_pc(
                f"{rep['skeleton_consistent']}")
     if rep["forbidden_edges"]:
         typer.echo(f"forbidden edges: {', '.join(rep['forbidden_edges'])}")
+    if rep.get("constant_attributes"):
+        typer.echo(f"left out (constant on the {split} split, so no edge): "
+                   f"{', '.join(rep['constant_attributes'])}")
     typer.echo(f"attributes linked to the label: {', '.join(rep['attributes_linked_to_label'])}"
                + (f" (truly causal: {', '.join(rep['truly_causal'])})"
                   if "truly_causal" in rep else ""))

@@ -259,7 +259,21 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     pcs = u[:, :k] * np.sqrt(len(f))
     xnames = [f"X{i + 1}" for i in range(k)]
     ycols, ynames = label_columns(labels[keep], class_names)
-    data = np.column_stack([pcs, attributes[keep], ycols])
+    # an attribute constant on the split (real data: no calcified nodule among the test
+    # patients) is independent of every variable, so it has no edge: it is left out and
+    # listed. It used to stop the whole check ("constant variable(s) calcification"), with
+    # no way to leave the attribute out from the command line
+    a_keep = attributes[keep]
+    varies = a_keep.std(0) > 0
+    constant = [n for n, v in zip(attribute_names, varies, strict=True) if not v]
+    if not varies.any():
+        raise CausalignError(f"PC check: every attribute is constant on these "
+                             f"{int(keep.sum())} samples ({', '.join(constant)}), so there is "
+                             f"no X -> A -> Y to check")
+    attribute_names = [n for n, v in zip(attribute_names, varies, strict=True) if v]
+    if causal_attributes is not None:
+        causal_attributes = [n for n in causal_attributes if n in attribute_names]
+    data = np.column_stack([pcs, a_keep[:, varies], ycols])
     # constant columns break the Fisher-z test (singular correlation): jitter-free removal
     names = [*xnames, *attribute_names, *ynames]
     std = data.std(0)
@@ -280,7 +294,8 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     out = {"n": int(keep.sum()), "alpha": alpha, "indep_test": indep_test,
            "n_components": k,
            "explained_variance": float((s[:k] ** 2).sum() / (s ** 2).sum()),
-           "edges": edges, **skeleton_check(edges, groups, causal_attributes)}
+           "edges": edges, **skeleton_check(edges, groups, causal_attributes),
+           "constant_attributes": constant}
     if figure is not None:
         plot_graph(edges, groups, figure)
         out["figure"] = str(figure)
