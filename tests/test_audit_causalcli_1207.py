@@ -126,3 +126,58 @@ def test_pc_leaves_out_an_attribute_constant_on_the_split() -> None:
     assert rep["truly_causal"] == ["spiculation"]
     with pytest.raises(CausalignError, match="every attribute is constant"):
         pc_check(feats, a[:, [0, 2]], y, ["calcification", "texture"])
+
+
+def _write(root, attributes: list[str], rows: list[tuple[int, list[float]]]):
+    from causalign.data.format import DatasetMeta, DatasetWriter
+
+    with DatasetWriter(root, DatasetMeta("lidc-like", ["benign", "malignant"],
+                                         attributes)) as w:
+        for y, a in rows:
+            w.add(np.zeros((1, 8, 8), np.float32), label=y, split="train", attributes=a)
+    return root
+
+
+def _fake_run(run, data, method: str, params: dict | None = None):
+    import yaml
+
+    run.mkdir()
+    cfg = {"data": str(data), "method": method, "method_params": params or {}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_causal_ccce_on_a_run_folder_uses_its_dataset_and_ccce_settings(tmp_path, capsys
+                                                                        ) -> None:
+    """`causal ccce RUN` said "RUN/dataset.yaml: missing (RUN is not a causalign dataset)";
+    now the run's dataset is attributed with the CCCE settings a hier-align run aligned
+    to (here the frequency model, |S| <= 1), and a run on data without attributes is
+    refused in one line."""
+    from causalign.cli import main
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(30):
+        a = (rng.random(3) < 0.5).astype(float)
+        rows.append((int(a[0] or a[1]), list(a)))
+    data = _write(tmp_path / "lidc", ["spiculation", "lobulation", "margin"], rows)
+    run = _fake_run(tmp_path / "run", data, "hier-align",
+                    {"ccce_model": "frequency", "ccce_max_size": 1, "ccce_tol": 0.01})
+    out_json = tmp_path / "r.json"
+    assert main(["causal", "ccce", str(run), "--json", str(out_json)]) == 0
+    import json
+
+    rep = json.loads(out_json.read_text())
+    assert rep["label_model"] == "frequency" and rep["max_size"] == 1
+    assert rep["data"] == str(data)
+    assert set(rep["causal_frequency"]) == {"spiculation", "lobulation", "margin"}
+    capsys.readouterr()
+    # a flag still wins over the run's setting
+    assert main(["causal", "ccce", str(run), "--model", "logistic"]) == 0
+    assert "logistic P(Y|A), |S| <= 1" in capsys.readouterr().out
+
+    plain = _write(tmp_path / "plain", [], [(0, []), (1, [])])
+    erm = _fake_run(tmp_path / "erm", plain, "erm")
+    assert main(["causal", "ccce", str(erm)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "declares no attributes" in err[0], err

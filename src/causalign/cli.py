@@ -804,11 +804,16 @@ def _parse_bounds(text: str) -> tuple[float, float] | None:
 
 @causal_app.command("ccce")
 def causal_ccce(
-    data: Annotated[Path, typer.Argument(help="dataset folder (with attributes)")],
+    data: Annotated[Path, typer.Argument(
+        help="dataset folder (with attributes), or a run folder: its dataset, and for a "
+             "hier-align run the CCCE settings it trained with")],
     split: Annotated[str, typer.Option(help="train | val | test")] = "train",
-    model: Annotated[str, typer.Option(help="P(Y|A): logistic | frequency")] = "logistic",
-    max_size: Annotated[int, typer.Option(help="largest attribute subset")] = 3,
-    tol: Annotated[float, typer.Option(help="smallest subset within tol of the best")] = 0.01,
+    model: Annotated[str | None, typer.Option(
+        help="P(Y|A): logistic | frequency (default logistic, or the run's)")] = None,
+    max_size: Annotated[int | None, typer.Option(
+        help="largest attribute subset (default 3, or the run's)")] = None,
+    tol: Annotated[float | None, typer.Option(
+        help="smallest subset within tol of the best (default 0.01, or the run's)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")
                         ] = None,
 ) -> None:
@@ -818,6 +823,10 @@ def causal_ccce(
     from .causal.ccce import dataset_attribution_report, format_attribution_report
     from .io import atomic_write_json
 
+    data, run_params = _ccce_source(data)
+    model = model if model is not None else str(run_params.get("ccce_model", "logistic"))
+    max_size = max_size if max_size is not None else int(run_params.get("ccce_max_size", 3))
+    tol = tol if tol is not None else float(run_params.get("ccce_tol", 0.01))
     if not (math.isfinite(tol) and tol >= 0):  # a negative tol admits no subset at all
         raise CausalignError(f"--tol must be a finite number >= 0, got {tol}")
     if json_out is not None:  # fail before the attribution, not after it
@@ -826,6 +835,27 @@ def causal_ccce(
     if json_out is not None:
         atomic_write_json(json_out, rep)
     typer.echo(format_attribution_report(rep))
+
+
+def _ccce_source(path: Path) -> tuple[Path, dict]:
+    """(dataset folder, the run's method settings) for `causal ccce`'s argument. A run folder
+    (config.yaml, no dataset.yaml) gave "RUN/dataset.yaml: missing (RUN is not a causalign
+    dataset)": the dataset it trained on is used, and a hier-align run's ccce_* settings, so
+    the table is the attribution r that run aligned to."""
+    from .engine.trainer import read_run_config
+
+    if (path / "dataset.yaml").exists() or not (path / "config.yaml").is_file():
+        return path, {}
+    raw = read_run_config(path)
+    stored = raw.get("data")
+    if not (isinstance(stored, str) and stored):
+        raise CausalignError(f"{path / 'config.yaml'}: names no dataset (pass the dataset "
+                             f"folder instead of the run)")
+    if not Path(stored).is_dir():
+        raise CausalignError(f"{stored}: the run's dataset folder does not exist (moved? pass "
+                             f"the dataset folder instead of the run)")
+    params = raw.get("method_params") if raw.get("method") == "hier-align" else None
+    return Path(stored), params if isinstance(params, dict) else {}
 
 
 @causal_app.command("pc")
