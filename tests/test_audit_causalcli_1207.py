@@ -181,3 +181,52 @@ def test_causal_ccce_on_a_run_folder_uses_its_dataset_and_ccce_settings(tmp_path
     assert main(["causal", "ccce", str(erm)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "declares no attributes" in err[0], err
+
+
+def _protective(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """LIDC as imported: spiculation raises malignancy, calcification (1 = calcified, a
+    benign sign) lowers it, lobulation a little raises it."""
+    rng = np.random.default_rng(seed)
+    spic, calc, lob = (rng.random((3, n)) < np.array([[0.4], [0.3], [0.5]])).astype(float)
+    z = 2.5 * spic - 3.0 * calc + 0.5 * lob - 1.0
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    return np.column_stack([spic, calc, lob]), y
+
+
+def test_ccce_report_warns_when_an_attribute_lowers_the_label() -> None:
+    """CCCE assumes monotonicity (seed 000 §4.3): a protective attribute is fitted weight
+    0 and attributed 0.000, a silent "not causal" however strongly it predicts y."""
+    from causalign.causal.ccce import attribution_report, format_attribution_report
+
+    names = ["spiculation", "calcification", "lobulation"]
+    a, y = _protective()
+    rep = attribution_report(a, y, names)
+    assert rep["fitted_weights"]["calcification"] == 0.0
+    assert list(rep["monotonicity_violating"]) == ["calcification"]
+    assert rep["monotonicity_violating"]["calcification"] < -1
+    assert rep["monotonicity_p_value"] < 1e-6
+    text = format_attribution_report(rep)
+    assert "monotonicity" in text and "calcification (unconstrained weight" in text
+    # recoded (1 = not calcified, the suspicious state): no warning, and it is attributed
+    a2 = a.copy()
+    a2[:, 1] = 1 - a2[:, 1]
+    rep2 = attribution_report(a2, y, names)
+    assert rep2["monotonicity_violating"] == {}
+    assert rep2["causal_frequency"]["calcification"] > 0.2
+
+
+def test_hier_align_setup_warns_about_a_protective_attribute() -> None:
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from causalign.methods import build_method
+
+    a, y = _protective()
+    split = SimpleNamespace(attributes=torch.tensor(a, dtype=torch.float32),
+                            labels=torch.tensor(y),
+                            meta=SimpleNamespace(attributes=["spiculation", "calcification",
+                                                             "lobulation"]))
+    with pytest.warns(UserWarning, match="calcification lower P.Y=1. when present"):
+        build_method("hier-align").setup(split, nn.Linear(3, 2))

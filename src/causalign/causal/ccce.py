@@ -57,8 +57,9 @@ from scipy.stats import norm
 from ..errors import CausalignError, ConfigError
 
 __all__ = [
-    "CCCEResult", "MonotoneLogistic", "SmoothedFrequency", "TrueProbit", "attribution_report",
-    "causal_attribution", "ccce_scores", "fit_label_model", "subsets",
+    "CCCEResult", "MonotoneLogistic", "SmoothedFrequency", "Subsets", "TrueProbit",
+    "attribution_report", "causal_attribution", "ccce_scores", "fit_label_model",
+    "monotonicity_check", "subsets",
 ]
 
 
@@ -114,7 +115,9 @@ class MonotoneLogistic:
 
     def index_weights(self) -> np.ndarray | None:
         """w ≥ 0 with P(Y=1 | a) increasing in w·a alone (`causal_attribution`'s top-k
-        search); None before fit."""
+        search); None before fit (or for weights set by hand with a negative entry)."""
+        if self.weights is None or (np.asarray(self.weights) < 0).any():
+            return None
         return self.weights
 
 
@@ -202,6 +205,61 @@ def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic",
     if kind == "frequency":
         return SmoothedFrequency(**kw).fit(a, y)
     raise CausalignError(f"unknown CCCE label model '{kind}'; valid: {', '.join(LABEL_MODELS)}")
+
+
+def _penalised_logistic(a: np.ndarray, y: np.ndarray, nonneg: np.ndarray,
+                        l2: float = 1e-3) -> tuple[float, np.ndarray]:
+    """(mean penalised log-loss, w) of a logistic fit with w_j ≥ 0 where ``nonneg``."""
+    n, p = a.shape
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:p], theta[p]
+        z = a @ w + b
+        r = expit(z) - y
+        f = (np.logaddexp(0.0, z) - y * z).mean() + 0.5 * l2 * (w @ w)
+        return float(f), np.concatenate([a.T @ r / n + l2 * w, [r.mean()]])
+
+    bounds = [(0.0, None) if c else (None, None) for c in nonneg] + [(None, None)]
+    res = minimize(loss, np.zeros(p + 1), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-14})
+    return float(res.fun), res.x[:p]
+
+
+def monotonicity_check(a: np.ndarray, y: np.ndarray, names: list[str],
+                       level: float = 0.05, max_tested: int = 20) -> dict:
+    """Do the annotations contradict CCCE's monotonicity (seed 000 §4.3: switching any
+    attribute from 0 to 1 never lowers P(Y=1))? Likelihood-ratio tests of logistic models
+    (small L2, so a separable label stays finite): all weights ≥ 0 against unconstrained
+    (``p_value``); where that is rejected at ``level``, each attribute with a negative
+    unconstrained weight (the ``max_tested`` most negative) by itself (its weight ≥ 0
+    against free, the others free, one degree of freedom). ``violating``: those rejected,
+    name → unconstrained weight. Their CCCE is ≤ 0 by construction, so they are never
+    attributed however strongly they predict the label (LIDC's calcification, a benign
+    sign, as imported: 1 = calcified); recode them as 1 − a."""
+    from scipy.stats import chi2
+
+    a, y = _check_data(a, y)
+    keep = ~np.isnan(a).any(1)
+    ab, yk = _binary(a[keep]).astype(np.float64), y[keep].astype(np.float64)
+    out: dict = {"p_value": None, "violating": {}}
+    n, p = ab.shape
+    if n < 2 or len(np.unique(yk)) < 2:
+        return out
+    free_loss, w = _penalised_logistic(ab, yk, np.zeros(p, bool))
+    neg = np.flatnonzero(w < 0)
+    if not len(neg):
+        return out
+    mono_loss, _ = _penalised_logistic(ab, yk, np.ones(p, bool))
+    out["p_value"] = float(chi2.sf(max(2.0 * n * (mono_loss - free_loss), 0.0), len(neg)))
+    if out["p_value"] >= level:
+        return out
+    for j in neg[np.argsort(w[neg], kind="stable")][:max_tested]:
+        one = np.zeros(p, bool)
+        one[j] = True
+        loss_j, _ = _penalised_logistic(ab, yk, one)
+        if chi2.sf(max(2.0 * n * (loss_j - free_loss), 0.0), 1) < level:
+            out["violating"][names[j]] = float(w[j])
+    return out
 
 
 # --------------------------------------------------------------------------- CCCE
@@ -449,6 +507,9 @@ def attribution_report(attributes: np.ndarray, labels: np.ndarray, names: list[s
         out["fitted_weights"] = {nm: float(w) for nm, w in zip(names, model.weights,
                                                                strict=True)}
         out["fitted_bias"] = model.bias
+    mono = monotonicity_check(attributes, labels, names)
+    out["monotonicity_p_value"] = mono["p_value"]
+    out["monotonicity_violating"] = mono["violating"]
     if truth is not None and n_known:
         w = np.array([float(truth["causal_weights"][nm]) for nm in names])
         causal = w > 0
@@ -524,6 +585,13 @@ def format_attribution_report(rep: dict) -> str:
     text = (f"CCCE attribution ({rep['label_model']} P(Y|A), |S| <= {rep['max_size']}) on "
             f"{rep['n_known']}/{rep['n']} fully annotated samples; mean |S| = "
             f"{'–' if size is None else f'{size:.2f}'}\n\n" + "\n".join(lines) + "\n")
+    if rep.get("monotonicity_violating"):
+        bad = ", ".join(f"{nm} (unconstrained weight {w:.2f})"
+                        for nm, w in rep["monotonicity_violating"].items())
+        text += (f"\nwarning: the labels contradict CCCE's monotonicity assumption (p = "
+                 f"{rep['monotonicity_p_value']:.2g}); present, these attributes lower "
+                 f"P(Y=1), so CCCE never attributes them: {bad}; recode each as 1 - value if "
+                 f"it is a protective sign\n")
     if rep.get("n_no_effect"):
         text += (f"\n{rep['n_no_effect']} sample(s) where no subset has an effect on P(Y|A) "
                  f"got no attribution\n")

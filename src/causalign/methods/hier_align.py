@@ -331,6 +331,7 @@ class HierAlign(Method):
                           f"blank-filled export?)", stacklevel=2)
         self.fit_attribution(train_set.attributes, train_set.labels)
         self._warn_one_class(train_set.attributes, train_set.labels)
+        self._warn_not_monotone(train_set)
         self._set_up = True
 
     def _warn_one_class(self, attributes: Tensor, labels: Tensor) -> None:
@@ -343,6 +344,26 @@ class HierAlign(Method):
             warnings.warn(f"hier-align: every fully annotated training sample has label "
                           f"{int(classes[0])}, so CCCE attributes nothing and the attribute "
                           f"level (method.lam2) never aligns", stacklevel=2)
+
+    def _warn_not_monotone(self, train_set: LesionDataset) -> None:
+        """An attribute whose presence lowers P(Y=1) in the training annotations (LIDC's
+        calcification as imported) breaks CCCE's monotonicity: r never marks it, so the
+        attribute level penalises every change of it, without a word."""
+        from ..causal.ccce import monotonicity_check
+
+        if self.params.lam2 == 0 or self.attribution is None:
+            return
+        names = list(getattr(getattr(train_set, "meta", None), "attributes", None) or [])
+        a = train_set.attributes.detach().cpu().double().numpy()
+        if len(names) != a.shape[1]:
+            names = [f"attribute {j}" for j in range(a.shape[1])]
+        check = monotonicity_check(a, train_set.labels.detach().cpu().numpy(), names)
+        if check["violating"]:
+            warnings.warn(f"hier-align: in the training annotations "
+                          f"{', '.join(check['violating'])} lower P(Y=1) when present "
+                          f"(p = {check['p_value']:.2g}), against CCCE's monotonicity: "
+                          f"CCCE never attributes them (recode each as 1 - value; "
+                          f"`causalign causal ccce` shows the table)", stacklevel=3)
 
     def fit_attribution(self, attributes: Tensor, labels: Tensor) -> None:
         """r for every row (NaN = missing attribute; rows with any NaN get no r)."""
