@@ -230,3 +230,78 @@ def test_hier_align_setup_warns_about_a_protective_attribute() -> None:
                                                              "lobulation"]))
     with pytest.warns(UserWarning, match="calcification lower P.Y=1. when present"):
         build_method("hier-align").setup(split, nn.Linear(3, 2))
+
+
+CUB_ATTRS = ["has_bill_shape::curved_(up_or_down)", "has_wing_color::blue",
+             "has_wing_color::brown", "has_size::small_(5_-_9_in)"]
+
+
+def _cub_with_attributes(root):
+    """write_cub's 13 images plus the official attribute files: attributes.txt beside
+    CUB_200_2011/, attributes/image_attribute_labels.txt inside (one 6-field line, as the
+    official file has; image 2's attribute 3 'not visible'; image 5 has no lines)."""
+    from fixtures_real import write_cub
+
+    info = write_cub(root)
+    (root / "attributes.txt").write_text(
+        "".join(f"{i} {n}\n" for i, n in enumerate(CUB_ATTRS, 1)))
+    lines = []
+    for iid in range(1, 14):
+        if iid == 5:
+            continue
+        for aid in range(1, 5):
+            present = int((iid + aid) % 3 == 0)
+            certainty = 1 if (iid, aid) == (2, 3) else 3
+            extra = " 0" if (iid, aid) == (4, 2) else ""
+            lines.append(f"{iid} {aid} {present} {certainty}{extra} 7.5\n")
+    (root / "CUB_200_2011" / "attributes").mkdir()
+    (root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt").write_text(
+        "".join(lines))
+    return info
+
+
+def test_cub_import_carries_the_312_attribute_files_through_to_ccce(tmp_path, capsys) -> None:
+    """The CUB importer wrote `attributes: []`: a user with the download could not train
+    hier-align or run CCCE on CUB's attributes at all ("needs attribute annotations")."""
+    from causalign.cli import main
+    from causalign.data.format import LesionDataset, read_meta
+
+    _cub_with_attributes(tmp_path / "src")
+    out = tmp_path / "cub"
+    assert main(["data", "import", "cub", str(tmp_path / "src"), str(out), "--size", "16",
+                 "--classes", "1,2", "--cub-attributes", "all", "--no-progress"]) == 0
+    meta = read_meta(out)
+    assert meta.attributes == CUB_ATTRS
+    values = {}
+    for split in ("train", "val", "test"):
+        try:
+            ds = LesionDataset(out, split)
+        except Exception:  # an empty split
+            continue
+        for rec, a in zip(ds.records, ds.attributes.numpy(), strict=True):
+            values[int(rec.id.split("_")[1])] = a
+    assert values[1].tolist() == [0.0, 1.0, 0.0, 0.0]  # (1 + aid) % 3 == 0: aid 2
+    assert np.isnan(values[2][2]) and values[2][0] == 1.0  # not visible → missing
+    assert values[4][1] == 1.0  # the 6-field line is read
+    assert np.isnan(values[5]).all()  # no lines: not annotated
+    capsys.readouterr()
+    assert main(["causal", "ccce", str(out)]) == 0
+    assert "has_wing_color::blue" in capsys.readouterr().out
+
+
+def test_cub_attribute_selection_by_ids_and_names(tmp_path, capsys) -> None:
+    """A selection by id range and name; an unknown attribute is one line."""
+    from causalign.cli import main
+    from causalign.data.format import read_meta
+
+    _cub_with_attributes(tmp_path / "src")
+    out2 = tmp_path / "cub2"
+    assert main(["data", "import", "cub", str(tmp_path / "src"), str(out2), "--size", "16",
+                 "--classes", "1,2", "--cub-attributes", "1-2,has_size::small_(5_-_9_in)",
+                 "--no-progress"]) == 0
+    assert read_meta(out2).attributes == [CUB_ATTRS[0], CUB_ATTRS[1], CUB_ATTRS[3]]
+    capsys.readouterr()
+    assert main(["data", "import", "cub", str(tmp_path / "src"), str(tmp_path / "cub3"),
+                 "--cub-attributes", "has_tail::none", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown CUB attribute 'has_tail::none'" in err[0]

@@ -235,6 +235,10 @@ def data_import(
                                                   + "crop margin per side, × box side "
                                                     "(default cbis-ddsm 0.5, cub 0.15)")
                        ] = None,
+    cub_attributes: Annotated[str | None, typer.Option(
+        help=_only("cub") + "none | all | attribute ids, ranges or names (e.g. "
+                            "'1-15,has_wing_color::blue'): CUB's 312 binary attributes "
+                            "(default none)")] = None,
     dup_threshold: Annotated[int | None, typer.Option(help=_only("busi")
                                                       + "pHash bits for near-duplicates "
                                                         "(default 4)")] = None,

@@ -23,6 +23,15 @@ annotators' outlines (gray levels); pixels ≥ 128 (a majority) are foreground.
 `--crop image` (default) letterboxes the whole photo to `--size`; `--crop box` crops a square
 around the box enlarged by `--context` (default 0.15 of its side on each side). RGB.
 
+Attributes (`--cub-attributes`, default ``none``): ``all`` or a list of attribute ids, id
+ranges and names (``1-15,has_wing_color::blue``) from ``attributes.txt`` (beside
+CUB_200_2011/ in the official download, or inside it or its attributes/ folder), values from
+``attributes/image_attribute_labels.txt`` ('<image_id> <attribute_id> <is_present>
+<certainty_id> <time>'; extra fields, as a few official lines have, are ignored): 1/0 as
+``is_present``, empty (not annotated) where the certainty is 1 ("not visible") or the image
+has no line for the attribute. Needed for hier-align and `causalign causal ccce` (CCCE needs
+a binary label: pick two species with `--classes`).
+
 Skipped with a reason: a listed image missing or unreadable, an image without class label or
 split entry, an unreadable segmentation.
 """
@@ -60,6 +69,7 @@ class CubOptions(CommonOptions):
     mask: str = "auto"
     crop: str = "image"
     context: float = 0.15
+    cub_attributes: str = "none"  # none | all | ids, id ranges, names
 
     def validate(self) -> None:
         super().validate()
@@ -98,6 +108,71 @@ def read_table(path: Path, ncols: int) -> dict[str, list[str]]:
         if parts[0] in out:
             raise DataError(f"{path}:{lineno}: id {parts[0]} listed twice")
         out[parts[0]] = parts[1:]
+    return out
+
+
+NOT_VISIBLE = "1"  # certainties.txt: 1 not visible, 2 guessing, 3 probably, 4 definitely
+
+
+def read_attribute_names(root: Path) -> dict[str, str]:
+    """attributes.txt ('<id> <name>'): beside CUB_200_2011/ (the official tarball), in it,
+    or in its attributes/ folder."""
+    places = [root.parent / "attributes.txt", root / "attributes.txt",
+              root / "attributes" / "attributes.txt"]
+    path = next((p for p in places if p.is_file()), None)
+    if path is None:
+        raise DataError(f"--cub-attributes: no attributes.txt (looked in "
+                        f"{', '.join(str(p) for p in places)})")
+    return {k: v[0] for k, v in read_table(path, 1).items()}
+
+
+def select_attributes(spec: str, names: dict[str, str]) -> list[str]:
+    """Attribute ids chosen by 'all' or '1-15,has_wing_color::blue', in id order."""
+    if spec.strip().lower() == "all":
+        return sorted(names, key=int)
+    by_name = {v.lower(): k for k, v in names.items()}
+    chosen: set[str] = set()
+    for tok in parse_list(spec):
+        m = re.fullmatch(r"(\d+)-(\d+)", tok)
+        ids = ([str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m
+               else [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")])
+        for aid in ids:
+            if aid not in names:
+                raise DataError(f"--cub-attributes: unknown CUB attribute '{tok}' (ids "
+                                f"1..{len(names)} or names from attributes.txt)")
+            chosen.add(aid)
+    if not chosen:
+        raise DataError("--cub-attributes: no attribute selected (none, all, or ids/names)")
+    return sorted(chosen, key=int)
+
+
+def read_attribute_labels(path: Path, wanted: list[str], images: set[str]
+                          ) -> dict[str, list[float]]:
+    """image id → values of the ``wanted`` attribute ids (1/0, NaN: not visible or no line)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing (--cub-attributes needs the per-image labels)")
+    col = {aid: j for j, aid in enumerate(wanted)}
+    out: dict[str, list[float]] = {}
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 4 or not (parts[0].isdigit() and parts[1].isdigit()) \
+                        or parts[2] not in ("0", "1"):
+                    raise DataError(f"{path}:{lineno}: expected '<image_id> <attribute_id> "
+                                    f"<is_present 0/1> <certainty_id> <time>', got "
+                                    f"'{line.strip()}'")
+                j = col.get(parts[1])
+                if j is None or parts[0] not in images:
+                    continue
+                row = out.setdefault(parts[0], [math.nan] * len(wanted))
+                row[j] = math.nan if parts[3] == NOT_VISIBLE else float(parts[2])
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return out
 
 
@@ -163,6 +238,14 @@ class CubImporter(Importer):
         if opts.mask == "segmentation" and self.seg_root is None:
             raise DataError(f"{root}: --mask segmentation but no segmentations/ folder "
                             f"(looked in {seg_dirs[0]} and {seg_dirs[1]})")
+        self.attr_names: list[str] = []
+        attr_of: dict[str, list[float]] = {}
+        if opts.cub_attributes.strip().lower() != "none":
+            names = read_attribute_names(root)
+            wanted = select_attributes(opts.cub_attributes, names)
+            self.attr_names = [names[a] for a in wanted]
+            attr_of = read_attribute_labels(root / "attributes" / "image_attribute_labels.txt",
+                                            wanted, set(images))
         items = []
         for iid in sorted(images, key=int):
             (path,) = images[iid]
@@ -195,21 +278,26 @@ class CubImporter(Importer):
         units = []
         for iid, path, label, tr, box in items:
             split = split_of[iid] if tr else "test"
+            attrs = attr_of.get(iid, [math.nan] * len(self.attr_names)) \
+                if self.attr_names else None
             units.append(Unit(key=iid, split=split, source=f"images/{path}",
-                              payload=(iid, path, label, box)))
+                              payload=(iid, path, label, box, attrs)))
         return self.limit_units(units)
 
     def meta(self) -> DatasetMeta:
         return DatasetMeta(
-            name="cub", classes=list(self.class_names), attributes=[], ndim=2, channels=3,
+            name="cub", classes=list(self.class_names), attributes=list(self.attr_names),
+            ndim=2, channels=3,
             info={"label_rule": "species in class-id order",
                   "class_ids": [int(c) for c in self.class_ids],
                   "split_rule": "official train_test_split.txt; val carved from train",
-                  "mask_rule": f"--mask {self.opts.mask}; segmentation ≥ 128 = foreground"})
+                  "mask_rule": f"--mask {self.opts.mask}; segmentation ≥ 128 = foreground",
+                  **({"attribute_rule": "is_present (1/0); empty where certainty 1 (not "
+                                        "visible) or not listed"} if self.attr_names else {})})
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         opts: CubOptions = self.opts
-        iid, path, label, box = unit.payload
+        iid, path, label, box, attrs = unit.payload
         img = read_image(self.root / "images" / path, "RGB", note=self.note)
         h, w = img.shape[-2:]
         seg = None
@@ -249,7 +337,7 @@ class CubImporter(Importer):
         if mask is not None and not mask.any():
             mask = None
         yield Sample(id=f"cub_{int(iid):05d}", split=unit.split, label=label, image=img,
-                     mask=mask, box=out_box)
+                     mask=mask, box=out_box, attributes=attrs)
 
 
 def read_mask_threshold(path: Path) -> np.ndarray:
