@@ -305,3 +305,30 @@ def test_cub_attribute_selection_by_ids_and_names(tmp_path, capsys) -> None:
                  "--cub-attributes", "has_tail::none", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown CUB attribute 'has_tail::none'" in err[0]
+
+
+def test_pc_refuses_more_variables_than_samples_and_selects_attributes() -> None:
+    """CUB's 312 attributes on 34 samples: causal-learn only warned ("number of features is
+    much larger than the sample size") and ran for minutes on an undefined Fisher-z test.
+    Now one line naming the counts, and `select` (`causal pc --attributes`) picks a few,
+    dropping rows only for missing values of the chosen attributes."""
+    pytest.importorskip("causallearn")
+    from causalign.causal.pc import pc_check
+    from causalign.errors import InputError
+
+    rng = np.random.default_rng(0)
+    n, p = 30, 40
+    feats = rng.normal(size=(n, 6))
+    a = (rng.random((n, p)) < 0.5).astype(np.float64)
+    y = np.where(rng.random(n) < 0.15, 1 - a[:, 0], a[:, 0])
+    a[:10, 30] = np.nan  # missing only in an attribute that is not selected
+    names = [f"has_part::{j}" for j in range(p)]
+    with pytest.raises(CausalignError, match=r"44 variables .* for 20 samples") as err:
+        pc_check(feats, a, y, names)
+    assert "\n" not in str(err.value)
+    rep = pc_check(feats, a, y, names, select=["has_part::0", "has_part::1"])
+    assert rep["n"] == n
+    assert {e["from"] for e in rep["edges"]} | {e["to"] for e in rep["edges"]} <= \
+        {"X1", "X2", "X3", "has_part::0", "has_part::1", "Y"}
+    with pytest.raises(InputError, match=r"unknown attribute\(s\) wings; .*\(40 in all\)"):
+        pc_check(feats, a, y, names, select=["wings"])

@@ -871,6 +871,8 @@ def causal_pc(
     alpha: Annotated[float, typer.Option(help="significance level of the CI tests")] = 0.01,
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN/pc)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "cpu",
+    attributes: Annotated[str | None, typer.Option(
+        help="comma-separated attribute names to include (default all)")] = None,
 ) -> None:
     """PC algorithm (causal-learn): checks the learnt skeleton against X → A → Y.
 
@@ -881,8 +883,11 @@ def causal_pc(
         raise CausalignError(f"--components must be >= 1, got {components}")
     if not 0 < alpha < 1:  # causal-learn asserts it (an AssertionError traceback)
         raise CausalignError(f"--alpha must lie in (0, 1), got {alpha}")
+    from .data.importers.base import parse_list
+
     rep = run_pc_check(run, split=split, data=data, n_components=components, alpha=alpha,
-                       out=out, device=device)
+                       out=out, device=device,
+                       attributes=parse_list(attributes) if attributes is not None else None)
     typer.echo(f"PC on {rep['n']} samples: {rep['n_edges']} edges "
                f"{rep['edges_by_kind']}; skeleton consistent with X -> A -> Y: "
                f"{rep['skeleton_consistent']}")

@@ -242,12 +242,26 @@ def _dependent(data: np.ndarray, names: list[str]) -> str:
 def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
              attribute_names: list[str], *, n_components: int = 3, alpha: float = 0.01,
              indep_test: str = "fisherz", causal_attributes: list[str] | None = None,
-             figure: str | Path | None = None, class_names: list[str] | None = None) -> dict:
+             figure: str | Path | None = None, class_names: list[str] | None = None,
+             select: list[str] | None = None) -> dict:
     """PCs of ``features`` + attributes + label → PC graph → skeleton check (+ figure).
-    Rows with a missing attribute are dropped. A label of more than two classes enters as
-    class indicators (`label_columns`), all in the group Y."""
+    ``select``: only these attributes (by name; default all). Rows with a missing (selected)
+    attribute are dropped. A label of more than two classes enters as class indicators
+    (`label_columns`), all in the group Y."""
     _check_settings(alpha, n_components)
     features, attributes, labels = _check_inputs(features, attributes, labels, attribute_names)
+    if select is not None:
+        unknown = [n for n in select if n not in attribute_names]
+        if unknown or not select:
+            given = ", ".join(unknown) or "(none given)"
+            known = ", ".join(attribute_names[:8]) + (
+                f", … ({len(attribute_names)} in all)" if len(attribute_names) > 8 else "")
+            raise InputError(f"PC check: unknown attribute(s) {given}; the data's: {known}")
+        cols = [attribute_names.index(n) for n in dict.fromkeys(select)]
+        attributes = attributes[:, cols]
+        attribute_names = [attribute_names[j] for j in cols]
+        if causal_attributes is not None:
+            causal_attributes = [n for n in causal_attributes if n in attribute_names]
     keep = ~np.isnan(attributes).any(1)
     if keep.sum() < 20:
         raise CausalignError(f"PC check: only {int(keep.sum())} fully annotated samples")
@@ -274,6 +288,15 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     if causal_attributes is not None:
         causal_attributes = [n for n in causal_attributes if n in attribute_names]
     data = np.column_stack([pcs, a_keep[:, varies], ycols])
+    # Fisher-z's statistic is √(n − |S| − 3)·z with conditioning sets up to all but two
+    # variables: with n ≤ variables + 1 it is undefined, and causal-learn only warned and
+    # ran on (CUB's 312 attributes on 34 samples: no result after minutes)
+    if len(data) < data.shape[1] + 2:
+        raise CausalignError(
+            f"PC check: {data.shape[1]} variables ({k} feature components, "
+            f"{int(varies.sum())} attributes, {len(ynames)} label) for {len(data)} samples; "
+            f"the {indep_test} test needs at least variables + 2 samples: select fewer "
+            f"attributes (--attributes)")
     # constant columns break the Fisher-z test (singular correlation): jitter-free removal
     names = [*xnames, *attribute_names, *ynames]
     std = data.std(0)
@@ -304,7 +327,8 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
 
 def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | None = None,
                  n_components: int = 3, alpha: float = 0.01, indep_test: str = "fisherz",
-                 out: str | Path | None = None, device: str = "cpu") -> dict:
+                 out: str | Path | None = None, device: str = "cpu",
+                 attributes: list[str] | None = None) -> dict:
     """`pc_check` on a trained run: its pooled features on ``split`` with the split's
     annotated attributes and labels; writes OUT/pc_graph.png and OUT/pc_check.json."""
     from ..data.format import LesionDataset
@@ -325,7 +349,7 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
     rep = pc_check(feats, ds.attributes.numpy(), ds.labels.numpy(), list(ds.meta.attributes),
                    n_components=n_components, alpha=alpha, indep_test=indep_test,
                    causal_attributes=causal, figure=out / "pc_graph.png",
-                   class_names=list(ds.meta.classes))
+                   class_names=list(ds.meta.classes), select=attributes)
     rep.update(run=str(run), split=split)
     atomic_write_json(out / "pc_check.json", rep)
     return rep
