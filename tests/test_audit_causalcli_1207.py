@@ -332,3 +332,27 @@ def test_pc_refuses_more_variables_than_samples_and_selects_attributes() -> None
         {"X1", "X2", "X3", "has_part::0", "has_part::1", "Y"}
     with pytest.raises(InputError, match=r"unknown attribute\(s\) wings; .*\(40 in all\)"):
         pc_check(feats, a, y, names, select=["wings"])
+
+
+def test_folder_csv_with_ordinal_attribute_scores_is_refused_in_one_line(tmp_path, capsys
+                                                                          ) -> None:
+    """Radiologists' 1-5 scores written as attr_ columns: 9 of 12 rows were skipped as "bad
+    attribute value" and the 3 imported were those scored 1 ("none" on the scale), stored
+    as present."""
+    from PIL import Image
+
+    from causalign.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = ["image,label,attr_spiculation,attr_margin\n"]
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(src / f"i{i}.png")
+        lines.append(f"i{i}.png,{['benign', 'malignant'][i % 2]},{i % 5 + 1},{i % 2}\n")
+    (src / "labels.csv").write_text("".join(lines))
+    rc = main(["data", "import", "folder", str(src), str(tmp_path / "out"), "--csv",
+               "labels.csv", "--size", "8", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "attr_spiculation holds scores" in err[0] and "9 of 12" in err[0]
+    assert not (tmp_path / "out" / "dataset.yaml").exists()

@@ -192,6 +192,7 @@ class FolderImporter(Importer):
         if "image" not in cols:
             raise DataError(f"{path}: missing column 'image' (columns: {', '.join(cols)})")
         self.attributes = [c[5:] for c in cols if c.startswith("attr_")]
+        _refuse_score_columns(path, self.attributes, rows)
         label_col = "label" if "label" in cols else "class" if "class" in cols else None
 
         def class_of(row: dict) -> str:
@@ -350,3 +351,27 @@ class FolderImporter(Importer):
         yield Sample(id=it.sid, split=unit.split, label=it.label, image=img, mask=mask,
                      box=box if it.box is not None else box_of_mask(mask),
                      attributes=it.attributes, site=it.site)
+
+
+def _refuse_score_columns(path: Path, attributes: list[str], rows: list[dict]) -> None:
+    """An attribute column that holds scores (LIDC-style 1–5 ratings written as is), not 0/1.
+    Each such row used to be skipped as "bad attribute value", and the rows kept were those
+    whose score happened to be 0 or 1: a score of 1 ("none" on a 1–5 scale) imported as
+    present, on a biased subset. A column whose values mostly lie outside [0, 1] is refused;
+    a stray value in a binary column is still skipped with its row."""
+    for a in attributes:
+        vals = []
+        for row in rows:
+            try:
+                v = float(row.get(f"attr_{a}") or "nan")
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                vals.append(v)
+        out = [v for v in vals if not 0.0 <= v <= 1.0]
+        if len(vals) >= 2 and 2 * len(out) > len(vals):
+            raise DataError(
+                f"{path}: column attr_{a} holds scores, not binary attributes ({len(out)} of "
+                f"{len(vals)} values outside [0, 1], range {min(vals):g}..{max(vals):g}); "
+                f"write 0/1 (e.g. 1 where the score is >= 3, as the lidc importer does)")
+
