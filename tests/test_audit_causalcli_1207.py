@@ -356,3 +356,14 @@ def test_folder_csv_with_ordinal_attribute_scores_is_refused_in_one_line(tmp_pat
     assert rc == 2 and len(err) == 1, err
     assert "attr_spiculation holds scores" in err[0] and "9 of 12" in err[0]
     assert not (tmp_path / "out" / "dataset.yaml").exists()
+
+
+def test_ccce_report_names_a_one_class_split() -> None:
+    """A small real val split with only benign nodules: the table said only that no subset
+    has an effect, not why."""
+    from causalign.causal.ccce import attribution_report, format_attribution_report
+
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = format_attribution_report(attribution_report(a, np.zeros(3, np.int64),
+                                                        ["spiculation", "margin"]))
+    assert "every fully annotated sample has label 0" in text

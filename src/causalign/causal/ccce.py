@@ -585,6 +585,10 @@ def format_attribution_report(rep: dict) -> str:
     text = (f"CCCE attribution ({rep['label_model']} P(Y|A), |S| <= {rep['max_size']}) on "
             f"{rep['n_known']}/{rep['n']} fully annotated samples; mean |S| = "
             f"{'–' if size is None else f'{size:.2f}'}\n\n" + "\n".join(lines) + "\n")
+    if len(by) == 1 and rep["n_known"]:
+        # P(Y | A) fitted on one class is constant: "no subset has an effect" said no why
+        text += (f"\nevery fully annotated sample has label {next(iter(by))}: P(Y|A) fitted "
+                 f"on one class is constant, so CCCE attributes nothing here\n")
     if rep.get("monotonicity_violating"):
         bad = ", ".join(f"{nm} (unconstrained weight {w:.2f})"
                         for nm, w in rep["monotonicity_violating"].items())
