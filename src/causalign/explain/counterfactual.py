@@ -1044,7 +1044,11 @@ class CounterfactualGenerator:
             # the inputs' device and dtype: an autoencoder fitted on the float32 training
             # images failed in its first conv on a float64 model's inputs
             ae = _autoencoder_like(self.autoencoder, x0)
-            with torch.no_grad(), eval_mode(ae):
+            # autocast off, as for the search (`eval_mode(fold_bn=True)`): under a caller's
+            # bf16 autocast u0 and D(u0) came out bfloat16 and the search, run without
+            # autocast, failed in the decoder ("Input type (c10::BFloat16) and bias type
+            # (float) should be the same")
+            with torch.no_grad(), eval_mode(ae), no_autocast():
                 u0 = ae.encode(x0)
                 base = ae.decode(u0, tuple(x0.shape[-2:]))
             return InnerProblem(self.model, x0, u0, target, self.alpha, self.distance, None,

@@ -1,0 +1,37 @@
+"""Audit (integ, 2026-12-07): causalign's pieces inside a user's own PyTorch loop."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from causalign.explain import CounterfactualGenerator
+from causalign.models.autoencoder import train_autoencoder
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 2))
+
+
+def _images(n: int = 4) -> torch.Tensor:
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_latent_counterfactuals_under_bf16_autocast():
+    # the code u0 and D(u0) were taken under the caller's autocast (bfloat16) while the
+    # search runs without it: the decoder failed ("Input type (c10::BFloat16) and bias type
+    # (float) should be the same"), so causal-align space=latent broke under autocast
+    x = _images()
+    ae = train_autoencoder(x, epochs=1)
+    gen = CounterfactualGenerator(_classifier(), steps=3, space="latent", autoencoder=ae)
+    ref = gen.generate(x, target=torch.ones(4, dtype=torch.long))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = gen.generate(x, target=torch.ones(4, dtype=torch.long))
+    assert res.x_star.dtype == torch.float32
+    torch.testing.assert_close(res.x_star, ref.x_star)
