@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -35,3 +36,19 @@ def test_latent_counterfactuals_under_bf16_autocast():
         res = gen.generate(x, target=torch.ones(4, dtype=torch.long))
     assert res.x_star.dtype == torch.float32
     torch.testing.assert_close(res.x_star, ref.x_star)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "autocast"])
+def test_train_autoencoder_ignores_the_callers_grad_and_autocast(context):
+    # causal-align fits its latent autoencoder lazily in the first loss call: under
+    # torch.no_grad() (a validation pass first) that failed with "element 0 of tensors does
+    # not require grad"; under bf16 autocast it trained another (bfloat16) autoencoder
+    x = _images(8)
+    ref = train_autoencoder(x, epochs=2)
+    ctx = torch.no_grad() if context == "no_grad" else torch.autocast("cpu",
+                                                                     dtype=torch.bfloat16)
+    with ctx:
+        ae = train_autoencoder(x, epochs=2)
+    assert ae.train_mse == pytest.approx(ref.train_mse, rel=1e-6)
+    for a, b in zip(_weights(ae), _weights(ref), strict=True):
+        torch.testing.assert_close(a, b)

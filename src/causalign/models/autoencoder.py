@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CausalignError
+from ..implicit.adjoint import no_autocast
 
 __all__ = ["ConvAutoencoder", "autoencoder_from_state", "autoencoder_state", "load_autoencoder",
            "save_autoencoder", "train_autoencoder"]
@@ -168,20 +169,25 @@ def train_autoencoder(images: Tensor | ImageSplit, *, epochs: int | None = None,
     task = progress.add_task("training autoencoder", total=epochs) if progress else None
     mse = math.nan
     model.train()
-    for _ in range(epochs):
-        total: Tensor | float = 0.0
-        for idx in torch.randperm(n, generator=gen).split(batch_size):
-            x = take(idx).to(device, dtype)
-            loss = F.mse_loss(model(x), x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # summed on the device: one host sync per epoch, not one per batch
-            total = total + loss.detach().double() * len(idx)
-        sched.step()
-        mse = float(total) / n
-        if task is not None:
-            progress.update(task, advance=1)
+    # grad on and autocast off whatever the caller's context: causal-align fits its
+    # autoencoder lazily inside the first loss call, which a user loop may make under
+    # torch.no_grad() (a validation pass first: "element 0 of tensors does not require
+    # grad") or torch.autocast (an autoencoder trained in bfloat16, unlike setup()'s)
+    with torch.enable_grad(), no_autocast():
+        for _ in range(epochs):
+            total: Tensor | float = 0.0
+            for idx in torch.randperm(n, generator=gen).split(batch_size):
+                x = take(idx).to(device, dtype)
+                loss = F.mse_loss(model(x), x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                # summed on the device: one host sync per epoch, not one per batch
+                total = total + loss.detach().double() * len(idx)
+            sched.step()
+            mse = float(total) / n
+            if task is not None:
+                progress.update(task, advance=1)
     model.eval()
     model.requires_grad_(False)  # a fixed generator: only the classifier is trained
     model.train_mse = mse
