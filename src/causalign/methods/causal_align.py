@@ -94,7 +94,7 @@ from ..explain.counterfactual import (
     is_target_rule,
     logit_curvature,
 )
-from ..implicit import implicit_gradient, lowrank_diag_solve
+from ..implicit import implicit_gradient, lowrank_diag_solve, no_autocast
 from ._annotation import REGIONS
 from .base import LossOutput, Method, coerce_params, grad_norm, register_method
 
@@ -1100,7 +1100,10 @@ class CausalAlign(Method):
         """∇_u L_align at u* (rows of diverged samples zero). |δ| takes the subgradient
         sign(δ), 0 at unchanged pixels — what autograd gives for abs()."""
         u = res.u_star.detach().requires_grad_(True)
-        with torch.enable_grad():
+        # autocast off, as for the search and CG: under a caller's bf16 autocast the latent
+        # decoder (and the smooth space's blur) ran in bfloat16 here, whose rounding of
+        # D(u*) − D(u0) swamped the change: the alignment gradient was 69 % off (latent)
+        with torch.enable_grad(), no_autocast():
             per = self._per_sample(res.problem.image(u) - x, outside)
             (g,) = torch.autograd.grad(torch.where(ok, per, 0.0).sum() / n_ok, u)
         return g.detach()
