@@ -78,3 +78,47 @@ def test_alignment_gradient_unchanged_by_bf16_autocast(space):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5 * float(grads[0].norm()))
+
+
+@pytest.fixture(scope="module")
+def train_split(tmp_path_factory):
+    from causalign.data import LesionDataset, SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("integ")
+    generate(root, SynthConfig(n_train=8, n_val=2, n_test=2, size=32, seed=0))
+    return LesionDataset(root, "train")
+
+
+def test_hier_align_loss_under_bf16_autocast(train_split):
+    # f1 gave bfloat16 attribute probabilities under autocast and Eq. 6's search, run
+    # without autocast, failed in f2's Linear ("mat1 and mat2 must have the same dtype, but
+    # got BFloat16 and Float"): hier-align could not be used in an autocast training loop
+    from causalign.methods import build_method
+    from causalign.models import HierarchicalModel
+    from causalign.models.mlp import MLPHead
+
+    torch.manual_seed(0)
+    f1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                       nn.Flatten(), nn.Linear(4, train_split.attributes.shape[1]))
+    model = HierarchicalModel(f1, MLPHead(train_split.attributes.shape[1], 2, hidden=8))
+    method = build_method("hier-align", {"steps": 2, "attr_steps": 3, "warm_start": False})
+    method.setup(train_split, model)
+    method.on_epoch_start(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(model, train_split.batch(torch.arange(8)))
+    assert out.parts["attr_n_align"] > 0 and out.parts["img_n_align"] > 0
+    out.total.backward()
+    assert all(torch.isfinite(q.grad).all() for q in model.f2.parameters())
+
+
+def test_counterfactual_generator_refuses_mixed_dtypes_under_autocast():
+    # the dtype check was skipped under autocast, but the search runs without it: bfloat16
+    # inputs to a float32 model failed inside conv2d ("Input type (c10::BFloat16) and bias
+    # type (float) should be the same") instead of the one line given outside autocast
+    from causalign.errors import InputError
+
+    gen = CounterfactualGenerator(_classifier(), steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(InputError, match="inputs are torch.bfloat16 but Sequential's "
+                                            "parameters are torch.float32"):
+        gen.generate(_images().bfloat16(), target=torch.ones(4, dtype=torch.long))

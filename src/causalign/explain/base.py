@@ -255,16 +255,18 @@ def check_inputs(inputs: Tensor, target: Target = None, model: nn.Module | None 
         check_model_dtype(model, inputs)
 
 
-def check_model_dtype(model: nn.Module, inputs: Tensor) -> None:
+def check_model_dtype(model: nn.Module, inputs: Tensor, autocast_ok: bool = True) -> None:
     """Fail with one clear line when `inputs` and `model`'s floating-point parameters differ
     in dtype (float16 images into a float32 model): torch's own message ("expected scalar
     type Half but found Float", "Input type (double) and bias type (float) should be the
     same") comes from deep inside Captum or zennit and names neither. Under autocast mixed
     dtypes are the point, and a model whose parameters mix dtypes casts by itself: both pass.
+    ``autocast_ok=False``: for callers that run the model with autocast off whatever the
+    caller's context (the counterfactual search), where mixed dtypes fail as outside it.
     """
     from ..implicit.adjoint import _autocast_on  # both signatures: torch < 2.4 takes no device
 
-    if _autocast_on(inputs.device.type):
+    if autocast_ok and _autocast_on(inputs.device.type):
         return
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and inputs.dtype not in dtypes:

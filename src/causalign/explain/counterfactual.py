@@ -1133,8 +1133,11 @@ class CounterfactualGenerator:
         if n_bad:  # a non-finite x0 would come back as a NaN "counterfactual" flagged diverged
             raise InputError(f"x0 holds {n_bad} NaN/inf value(s); no counterfactual of a "
                              f"non-finite image")
-        # float64 images into a float32 model: one line, not conv2d's "expected scalar type"
-        check_model_dtype(self.model, x0)
+        # float64 images into a float32 model: one line, not conv2d's "expected scalar type".
+        # Also under autocast: the search runs without it (`eval_mode(fold_bn=True)`), so
+        # bfloat16 inputs to a float32 model failed deep inside ("mat1 and mat2 must have the
+        # same dtype")
+        check_model_dtype(self.model, x0, autocast_ok=False)
         if len(x0) > 1:
             _check_no_batch_statistics(self.model, bn_stats)
         if target is None:

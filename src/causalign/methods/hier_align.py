@@ -470,7 +470,11 @@ class HierAlign(Method):
     def attribute_counterfactual(self, model: nn.Module, a_hat: Tensor,
                                  target: Tensor) -> CounterfactualResult:
         """Eq. 6: a* (``x_star`` of the result, probabilities) for attribute vectors â."""
-        res = self.attr.generator(model.f2).generate(a_hat.detach(), target=target,
+        # â in f₂'s own dtype: under a caller's autocast f₁ gave bfloat16 probabilities, and
+        # the search (run without autocast, as causal-align's) failed in f₂'s first Linear
+        dtype = next((q.dtype for q in model.f2.parameters() if q.is_floating_point()),
+                     a_hat.dtype)
+        res = self.attr.generator(model.f2).generate(a_hat.detach().to(dtype), target=target,
                                                      report=False)
         # a* = â + σ(u*) − σ(u₀) with u₀ the logit of â clamped to [1e-6, 1 − 1e-6]: where f₁
         # is confident (â exactly 0 or 1 in float32) it left [0, 1] by up to ~1e-6, and Eq. 7's
