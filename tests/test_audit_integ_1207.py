@@ -122,3 +122,38 @@ def test_counterfactual_generator_refuses_mixed_dtypes_under_autocast():
             pytest.raises(InputError, match="inputs are torch.bfloat16 but Sequential's "
                                             "parameters are torch.float32"):
         gen.generate(_images().bfloat16(), target=torch.ones(4, dtype=torch.long))
+
+
+def test_implicit_gradient_through_attention():
+    # the exact products and the mixed product differentiate ∇ₓT again, and the fused CPU
+    # flash-attention kernel has no double backward: implicit_gradient (so causal-align on
+    # any model with nn.MultiheadAttention) failed with "derivative for aten::_scaled_dot_
+    # product_flash_attention_for_cpu_backward is not implemented"
+    import torch.nn.functional as F
+
+    from causalign.implicit import implicit_gradient
+
+    dt = torch.float64
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=dt, requires_grad=True)
+
+    def inner(x: torch.Tensor, th: torch.Tensor) -> torch.Tensor:  # 2 samples (4 tokens × 3)
+        return 0.5 * (x - th).square().sum() + 0.05 * F.scaled_dot_product_attention(
+            x, x, x).sum()
+
+    def solve(th: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros(2, 4, 3, dtype=dt)
+        for _ in range(200):
+            x = x.detach().requires_grad_()
+            (g,) = torch.autograd.grad(inner(x, th), x)
+            x = x - 0.8 * g
+        return x.detach()
+
+    c = torch.randn(2, 4, 3, dtype=dt, generator=torch.Generator().manual_seed(0))
+    res = implicit_gradient(lambda x: inner(x, theta), solve(theta.detach()), [theta], c,
+                            cg_tol=1e-10, cg_max_iter=50)
+    fd = []
+    for i in range(3):
+        e = torch.zeros(3, dtype=dt)
+        e[i] = 1e-5
+        fd.append(((solve(theta.detach() + e) - solve(theta.detach() - e)) * c).sum() / 2e-5)
+    torch.testing.assert_close(res.grads[0], torch.stack(fd), rtol=1e-6, atol=1e-8)

@@ -59,6 +59,21 @@ def _autocast_on(device: str) -> bool:
         return device == "cuda" and bool(torch.is_autocast_enabled())
 
 
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention``) in its math
+    form inside: a graph that is differentiated twice needs it, since the fused flash and
+    memory-efficient kernels implement no double backward. Nothing changes on torch < 2.3,
+    which has no ``torch.nn.attention``."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -225,9 +240,13 @@ def implicit_gradient(
 
     x = x_star.detach().requires_grad_(True)
     # exact products differentiate this forward twice: lean double-backward nodes for the
-    # modules that causalign's eval_mode(fold_bn=True) patched (implicit/fastgrad.py)
+    # modules that causalign's eval_mode(fold_bn=True) patched (implicit/fastgrad.py).
+    # Attention in its math form: g is differentiated again (products, mixed product), and
+    # the fused kernels have no double backward ("derivative for aten::_scaled_dot_product_
+    # flash_attention_for_cpu_backward is not implemented": any model with
+    # nn.MultiheadAttention or F.scaled_dot_product_attention failed in causal-align)
     with torch.enable_grad(), double_backward_graph() if hvp == "exact" else nullcontext(), \
-            record_function("causalign.implicit.first_derivative"):
+            math_attention(), record_function("causalign.implicit.first_derivative"):
         t = inner_objective(x)
         if not isinstance(t, Tensor) or t.numel() != 1:
             raise ValueError(f"inner_objective must return a scalar (Σ_i T_i), got "
