@@ -157,3 +157,13 @@ def test_implicit_gradient_through_attention():
         e[i] = 1e-5
         fd.append(((solve(theta.detach() + e) - solve(theta.detach() - e)) * c).sum() / 2e-5)
     torch.testing.assert_close(res.grads[0], torch.stack(fd), rtol=1e-6, atol=1e-8)
+
+
+def test_counterfactual_generator_names_a_numpy_batch():
+    # "x0 must be a floating-point batch (N, C, ...), got float32 of shape (4, 1, 16, 16)"
+    # described a NumPy array as if it were a valid float32 batch
+    from causalign.errors import InputError
+
+    gen = CounterfactualGenerator(_classifier(), steps=2)
+    with pytest.raises(InputError, match="x0 must be a torch.Tensor .* got ndarray"):
+        gen.generate(_images().numpy(), target=[1, 0, 1, 0])

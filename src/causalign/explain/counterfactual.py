@@ -1117,10 +1117,14 @@ class CounterfactualGenerator:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("counterfactual search needs autograd; call generate outside "
                                "torch.inference_mode()")
-        if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 2:
+        if not isinstance(x0, Tensor):
+            # a NumPy batch was described by its dtype and shape alone ("got float32 of
+            # shape (6, 1, 32, 32)"), which read like a valid input
+            raise InputError(f"x0 must be a torch.Tensor (N, C, ...), got "
+                             f"{type(x0).__name__}; pass torch.as_tensor(x0)")
+        if not x0.is_floating_point() or x0.dim() < 2:
             raise InputError(f"x0 must be a floating-point batch (N, C, ...), got "
-                             f"{getattr(x0, 'dtype', type(x0).__name__)} of shape "
-                             f"{tuple(getattr(x0, 'shape', ()))}")
+                             f"{x0.dtype} of shape {tuple(x0.shape)}")
         x0 = x0.detach()
         bad = (~torch.isfinite(x0)).sum()
         if self.scale is not None:  # one device sync for both (generate runs every step)
