@@ -167,3 +167,36 @@ def test_counterfactual_generator_names_a_numpy_batch():
     gen = CounterfactualGenerator(_classifier(), steps=2)
     with pytest.raises(InputError, match="x0 must be a torch.Tensor .* got ndarray"):
         gen.generate(_images().numpy(), target=[1, 0, 1, 0])
+
+
+def test_setup_takes_a_random_split_subset(train_split):
+    # random_split's Subset (the usual way to hold out a validation part in one's own loop)
+    # failed in setup with "'Subset' object has no attribute 'images'" (scaled distances,
+    # the latent space) or "'attributes'" (hier-align); the scales now come from the
+    # subset's own samples, nested subsets included
+    from torch.utils.data import Subset
+
+    from causalign.explain.counterfactual import distance_scale
+    from causalign.methods import build_method
+    from causalign.models import HierarchicalModel
+    from causalign.models.mlp import MLPHead
+
+    sub = Subset(Subset(train_split, [7, 6, 5, 4, 3, 2]), [0, 2, 3, 5])  # samples 7, 5, 4, 2
+    method = build_method("causal-align", {"distance": "scaled-l1"})
+    method.setup(sub, _classifier())
+    want = distance_scale(train_split.images[[7, 5, 4, 2]], "scaled-l1")
+    torch.testing.assert_close(method.scale, want)
+    assert not torch.allclose(want, distance_scale(train_split.images, "scaled-l1"))
+    p = train_split.attributes.shape[1]
+    hier = build_method("hier-align", {})
+    f1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                       nn.Flatten(), nn.Linear(4, p))
+    hier.setup(sub, HierarchicalModel(f1, MLPHead(p, 2, hidden=8)))
+    # the table is looked up by batch["index"], the full split's positions a Subset yields
+    rows = [7, 5, 4, 2]
+    ref = build_method("hier-align", {})
+    ref.fit_attribution(train_split.attributes[rows], train_split.labels[rows])
+    assert hier.r_table.shape == (len(train_split), p)
+    assert torch.equal(hier.r_table[rows], ref.r_table)
+    assert torch.equal(hier.r_known[rows], ref.r_known)
+    assert not hier.r_known[[0, 1, 3, 6]].any()

@@ -29,6 +29,7 @@ with one line naming the file and the problem.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import math
@@ -826,6 +827,25 @@ class LesionDataset(Dataset):
         self.attributes = torch.from_numpy(attrs)
         self.site_index = torch.tensor([self.sites.index(r.site) for r in self.records])
 
+    def restricted(self, positions: Tensor | Sequence[int]) -> LesionDataset:
+        """A copy of this split holding only the samples at ``positions`` (what a
+        ``torch.utils.data.Subset`` of it iterates), for the statistics methods fit in
+        `setup`: per-pixel scales, the latent autoencoder, CCCE attribution. Its `batch`
+        numbers samples 0..len−1; the items a Subset yields keep this split's positions as
+        ``index``, so tables keyed by them map rows back through ``source_positions`` (this
+        split's positions of the copy's rows) into ``source_len`` (this split's size) rows."""
+        pos = self._positions(torch.as_tensor(positions, dtype=torch.long).reshape(-1))
+        view = copy.copy(self)
+        view.records = [self.records[i] for i in pos.tolist()]
+        view._images = self._images[pos]
+        view._mask_row, view._boxes, view._has_box = (self._mask_row[pos], self._boxes[pos],
+                                                      self._has_box[pos])
+        for name in ("has_mask", "has_box_or_mask", "labels", "attributes", "site_index"):
+            setattr(view, name, getattr(self, name)[pos])
+        view.source_positions = getattr(self, "source_positions", torch.arange(len(self)))[pos]
+        view.source_len = getattr(self, "source_len", len(self))
+        return view
+
     def _warn_values(self, soft_masks: list, n_mask_files: int, float_bytes: list,
                      wide: list) -> None:
         """Say so when the stored values are probably not what the files mean. Both cases
@@ -1115,3 +1135,25 @@ def ensure_empty_or_missing(path: Path, overwrite: bool) -> None:
     if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()) and not overwrite:
         raise DataError(f"{path}: output folder exists and is not empty (use --overwrite)")
     os.makedirs(path, exist_ok=True)
+
+
+def as_training_split(train_set: object) -> object:
+    """``train_set`` for a method's `setup`: a ``torch.utils.data.Subset`` (nested ones too,
+    as ``random_split`` makes them) of a `LesionDataset` becomes that split `restricted` to
+    the subset's samples; anything else is returned as it is. A user loop that held out a
+    validation part with ``random_split`` failed in setup with "'Subset' object has no
+    attribute 'images'" (scaled distances, the latent space) or "'attributes'" (hier-align);
+    the full split instead would fit those statistics on the held-out samples too."""
+    from torch.utils.data import Subset
+
+    if not isinstance(train_set, Subset):
+        return train_set
+    indices: list[int] | None = None
+    ds: object = train_set
+    while isinstance(ds, Subset):
+        outer = [int(i) for i in ds.indices]
+        indices = outer if indices is None else [outer[i] for i in indices]
+        ds = ds.dataset
+    if not isinstance(ds, LesionDataset) or indices is None:
+        return train_set
+    return ds.restricted(torch.tensor(indices, dtype=torch.long))

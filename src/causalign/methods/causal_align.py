@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.format import as_training_split
 from ..errors import (
     MAX_SETTING,
     CausalignError,
@@ -609,7 +610,9 @@ class CausalAlign(Method):
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         """Per-pixel distance scales and (latent space) the autoencoder, from training data.
         Called again (another training split or model), it starts a new run (`new_run`),
-        unless `load_state_dict` came in between (a resume keeps the loaded state)."""
+        unless `load_state_dict` came in between (a resume keeps the loaded state).
+        A ``torch.utils.data.Subset`` of a split (``random_split``) fits on its samples."""
+        train_set = as_training_split(train_set)
         if (self._set_up or self.step) and not self._restored:
             self.new_run()
         self._restored = False

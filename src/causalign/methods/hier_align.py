@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.format import as_training_split
 from ..errors import MAX_SETTING, CausalignError, ConfigError, InputError, not_one_of
 from ..explain.counterfactual import (
     DISTANCES,
@@ -304,7 +305,9 @@ class HierAlign(Method):
         self.pixel.check_settings(image_shape)
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
-        """CCCE attribution r on the training annotations; pixel-distance statistics."""
+        """CCCE attribution r on the training annotations; pixel-distance statistics. A
+        ``torch.utils.data.Subset`` of a split (``random_split``) fits on its samples."""
+        train_set = as_training_split(train_set)
         attrs = getattr(train_set, "attributes", None)
         if attrs is not None and attrs.numel() and bool(torch.isnan(attrs).all()):
             # declared but never annotated (all attr_ cells empty): no BCE term and no
@@ -330,6 +333,15 @@ class HierAlign(Method):
                           f"(method.lam1) is 0; check the annotations (an inverted or "
                           f"blank-filled export?)", stacklevel=2)
         self.fit_attribution(train_set.attributes, train_set.labels)
+        rows = getattr(train_set, "source_positions", None)
+        if rows is not None and self.r_table is not None and self.r_known is not None:
+            # a Subset's batches carry the full split's positions as `index` (`_r` looks
+            # the table up by them): its rows go back to those positions, the others unknown
+            table = torch.zeros((train_set.source_len, *self.r_table.shape[1:]),
+                                dtype=self.r_table.dtype)
+            known = torch.zeros(train_set.source_len, dtype=self.r_known.dtype)
+            table[rows], known[rows] = self.r_table, self.r_known
+            self.r_table, self.r_known = table, known
         self._warn_one_class(train_set.attributes, train_set.labels)
         self._warn_not_monotone(train_set)
         self._set_up = True

@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.format import as_training_split
 from ..errors import ConfigError, not_one_of
 from ..explain.base import eval_mode
 from .base import LossOutput, Method, register_method
@@ -293,6 +294,7 @@ class PPI(Method):
         """Refuse Grad-CAM saliency whose layer is one pixel at this image size (resnet18 at
         32 px): its upsampled map is constant, so every intervention mask would cover the whole
         image and PPI would train on nothing."""
+        train_set = as_training_split(train_set)  # a Subset has no `batch`
         if self.params.saliency != "gradcam" or len(train_set) == 0:
             return
         from ..models import find_cam_layer
