@@ -200,3 +200,22 @@ def test_setup_takes_a_random_split_subset(train_split):
     assert torch.equal(hier.r_table[rows], ref.r_table)
     assert torch.equal(hier.r_known[rows], ref.r_known)
     assert not hier.r_known[[0, 1, 3, 6]].any()
+
+
+def test_setup_names_a_dataset_it_cannot_fit_on(train_split):
+    # a ConcatDataset (or a user's own Dataset) failed with "'ConcatDataset' object has no
+    # attribute 'images'" / "'attributes'"
+    from torch.utils.data import ConcatDataset
+
+    from causalign.errors import InputError
+    from causalign.methods import build_method
+    from causalign.models import HierarchicalModel
+
+    both = ConcatDataset([train_split, train_split])
+    with pytest.raises(InputError, match="causal-align: setup fits its per-pixel distance "
+                                         "scales .* got ConcatDataset"):
+        build_method("causal-align", {"distance": "scaled-l1"}).setup(both, _classifier())
+    model = HierarchicalModel(_classifier(), nn.Linear(2, 2))
+    with pytest.raises(InputError, match="hier-align: setup fits the CCCE attribution .* got "
+                                         "ConcatDataset"):
+        build_method("hier-align", {}).setup(both, model)

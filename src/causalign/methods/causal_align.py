@@ -656,6 +656,15 @@ class CausalAlign(Method):
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
+        if (need_scale or need_ae) and not any(hasattr(train_set, k) for k in (
+                "images", "pixel_columns", "image_batch")):
+            # a ConcatDataset or a user's own Dataset failed with "'ConcatDataset' object
+            # has no attribute 'images'"
+            what = "per-pixel distance scales" if need_scale else "latent autoencoder"
+            raise InputError(f"{self.name}: setup fits its {what} on the training images, "
+                             f"so it needs a LesionDataset split (or a Subset of one, or an "
+                             f"object with .images (N, C, ...)); got "
+                             f"{type(train_set).__name__}")
         if need_scale:
             # from the split's compact cache, a chunk of pixels at a time (a dataset object;
             # a plain split-like object gives its `.images`): `.images` then float64 took ~35x

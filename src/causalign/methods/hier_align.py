@@ -308,6 +308,13 @@ class HierAlign(Method):
         """CCCE attribution r on the training annotations; pixel-distance statistics. A
         ``torch.utils.data.Subset`` of a split (``random_split``) fits on its samples."""
         train_set = as_training_split(train_set)
+        if not all(isinstance(getattr(train_set, k, None), Tensor)
+                   for k in ("attributes", "labels")):
+            # was "'ConcatDataset' object has no attribute 'attributes'"
+            raise InputError(f"hier-align: setup fits the CCCE attribution on the training "
+                             f"split's attributes and labels, so it needs a LesionDataset "
+                             f"split (or a Subset of one, or an object with .attributes and "
+                             f".labels); got {type(train_set).__name__}")
         attrs = getattr(train_set, "attributes", None)
         if attrs is not None and attrs.numel() and bool(torch.isnan(attrs).all()):
             # declared but never annotated (all attr_ cells empty): no BCE term and no
