@@ -219,3 +219,17 @@ def test_setup_names_a_dataset_it_cannot_fit_on(train_split):
     with pytest.raises(InputError, match="hier-align: setup fits the CCCE attribution .* got "
                                          "ConcatDataset"):
         build_method("hier-align", {}).setup(both, model)
+
+
+def test_batched_cg_names_numpy_arguments():
+    # "'numpy.ndarray' object has no attribute 'dim'"
+    import numpy as np
+
+    from causalign.implicit import batched_cg
+
+    b = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="b must be a torch.Tensor .* got ndarray"):
+        batched_cg(lambda v: 2 * v, np.ones((3, 2), np.float32))
+    with pytest.raises(ValueError, match="x0 must be a torch.Tensor .* got ndarray"):
+        batched_cg(lambda v: 2 * v, b, x0=np.zeros((3, 2), np.float32))
+    torch.testing.assert_close(batched_cg(lambda v: 2 * v, b).solution, b / 2)

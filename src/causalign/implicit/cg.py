@@ -103,6 +103,11 @@ def batched_cg(
     most accurate one available. Leave it off when ``matvec`` is not a fixed linear map
     (finite-difference products: their noise, not the solve, would set that residual).
     """
+    for name, t in (("b", b), ("x0", x0)):
+        if t is not None and not isinstance(t, Tensor):
+            # a NumPy b failed with "'numpy.ndarray' object has no attribute 'dim'"
+            raise ValueError(f"{name} must be a torch.Tensor (N, ...), got "
+                             f"{type(t).__name__}; pass torch.as_tensor({name})")
     if b.dim() < 1:
         raise ValueError("b must have a leading batch dimension")
     if not b.is_floating_point():  # integer iterates would truncate every step silently
