@@ -233,3 +233,21 @@ def test_batched_cg_names_numpy_arguments():
     with pytest.raises(ValueError, match="x0 must be a torch.Tensor .* got ndarray"):
         batched_cg(lambda v: 2 * v, b, x0=np.zeros((3, 2), np.float32))
     torch.testing.assert_close(batched_cg(lambda v: 2 * v, b).solution, b / 2)
+
+
+def test_metrics_say_how_to_reduce_multichannel_attributions():
+    # an explainer's attribution of an RGB input is (N, 3, H, W): the metrics refused it
+    # with a bare shape mismatch, not saying that its channels need reducing
+    from causalign.errors import InputError
+    from causalign.explain import saliency_map
+    from causalign.metrics import cam_precision, deletion_scores
+
+    maps, mask = torch.rand(4, 3, 8, 8), torch.zeros(4, 1, 8, 8)
+    mask[..., 2:5, 2:5] = 1
+    with pytest.raises(InputError,
+                       match=r"3-channel attributions: reduce them .*explain\.saliency_map"):
+        cam_precision(maps, mask)
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(InputError, match="3-channel attributions"):
+        deletion_scores(model, torch.rand(4, 3, 8, 8), maps, target=0)
+    assert cam_precision(saliency_map(maps), mask).shape == (4,)

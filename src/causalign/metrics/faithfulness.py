@@ -18,6 +18,7 @@ from ..explain.base import (
     check_target_classes,
     eval_mode,
 )
+from .localization import channel_hint
 
 DELETION_FRACTIONS = (0.002, 0.01, 0.02, 0.1, 0.2)
 
@@ -67,7 +68,7 @@ def deletion_scores(
     spatial = tuple(inputs.shape[2:])
     if maps.shape[0] != n or maps.shape[1:] not in (spatial, (1, *spatial)):
         raise InputError(f"maps {tuple(maps.shape)} must be (N, *spatial) of the inputs "
-                         f"{tuple(inputs.shape)}")
+                         f"{tuple(inputs.shape)}{channel_hint(maps, spatial)}")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise InputError(f"deletion fractions must lie in (0, 1], got {bad}")

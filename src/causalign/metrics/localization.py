@@ -27,7 +27,8 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
         maps, annotation = squeeze(maps), squeeze(annotation)
     if maps.shape != annotation.shape or maps.dim() < 2:
         raise InputError(f"maps {tuple(maps.shape)} and annotation {tuple(annotation.shape)} "
-                         f"must have the same shape (N, *spatial)")
+                         f"must have the same shape (N, *spatial)"
+                         f"{channel_hint(maps, annotation.shape[-(maps.dim() - 2):])}")
     if annotation.is_floating_point():
         n_bad = int((~torch.isfinite(annotation)).sum())
         if n_bad:  # NaN > 0 is False: a NaN mask silently counted as "not annotated"
@@ -36,6 +37,15 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
     # the maps' device: maps computed on the GPU against masks from the (CPU) dataset
     # failed with "Expected all tensors to be on the same device"
     return _check_maps(maps), annotation.to(maps.device)
+
+
+def channel_hint(maps: Tensor, spatial: tuple[int, ...]) -> str:
+    """A hint for maps (N, C > 1, *spatial): an explainer's attribution of a multi-channel
+    (RGB) input, whose channels must be reduced to one map per sample first."""
+    if maps.dim() >= 3 and maps.shape[1] > 1 and tuple(maps.shape[2:]) == tuple(spatial):
+        return (f"; these are {maps.shape[1]}-channel attributions: reduce them to one map "
+                f"per sample first (causalign.explain.saliency_map sums the channels)")
+    return ""
 
 
 def _check_maps(maps: Tensor) -> Tensor:
