@@ -43,7 +43,9 @@ to `damping_max`).
 
 Failure handling: a counterfactual search that produced NaN/inf is reset to x0 and skipped;
 a step where CG met negative curvature goes to the Gauss-Newton solve (above; under
-`negative_curvature="damping"`, δ is raised until CG solves or δ reaches `damping_max`);
+`negative_curvature="damping"`, δ is raised until CG solves or δ reaches `damping_max`), and
+so does a step on which CG missed the tolerance for most samples within the auto cap (a
+smooth classifier, where the cap's piecewise-linear assumption fails);
 a sample whose CG solve still broke down or missed the tolerance, or whose Gauss-Newton
 solve was not finite, is dropped from the gradient (CG's solve is re-run with its
 right-hand side zeroed, warm-started from the other samples' solutions). Both are counted
@@ -458,6 +460,12 @@ def _curved(cg, ok: Tensor) -> Tensor:
     damping can fix. A NaN/inf product (``cg.nonfinite``) is no curvature: raising δ for it
     ran δ up to damping_max for the rest of the run, and it counted towards gn_switch."""
     return ok & cg.breakdown & ~cg.nonfinite
+
+
+def _unconverged(cg, ok: Tensor) -> Tensor:
+    """Aligned samples whose CG ran out of iterations: no breakdown, finite products, and
+    the tolerance still missed."""
+    return ok & ~cg.converged & ~cg.breakdown & ~cg.nonfinite
 
 
 def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Tensor,
@@ -1212,8 +1220,15 @@ class CausalAlign(Method):
             iters = out.cg.iterations
             # Negative curvature: H + δI is not positive definite, so the IFT's solve has no
             # meaning at this δ. Solve the step with the Gauss-Newton system instead, or raise
-            # δ (Levenberg-Marquardt style) and solve again.
-            if p.negative_curvature == "gauss-newton" and bool(_curved(out.cg, ok).any()):
+            # δ (Levenberg-Marquardt style) and solve again. The same Gauss-Newton solve takes
+            # a step on which most samples ran out of the auto cap, which assumes a
+            # piecewise-linear classifier: on a smooth one (tanh MLP) CG missed it on every
+            # step and every sample was dropped, a zero alignment term. A few float32 misses
+            # (hier-align's image level: 0-2 % of a step's samples) stay dropped samples, and
+            # a cap the user set is kept as asked.
+            capped = p.cg_iters == 0 and 2 * int(_unconverged(out.cg, ok).sum()) > int(ok.sum())
+            if p.negative_curvature == "gauss-newton" and (bool(_curved(out.cg, ok).any())
+                                                           or capped):
                 self.gn_streak += 1
                 self.gn_switched = 0 < p.gn_switch <= self.gn_streak
                 grads, stats = self._implicit_gauss_newton(prob, u_star, outer, ok,
