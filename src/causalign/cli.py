@@ -356,6 +356,7 @@ def train(
         TrainConfig,
         apply_overrides,
         load_config_file,
+        merge_settings,
         parse_set,
         valid_keys,
     )
@@ -378,8 +379,9 @@ def train(
              if val is not None}
     sets = parse_set(set_ or [])
     _refuse_conflicts(flags, sets)
-    values.update(flags)
-    values.update(sets)
+    # method_args/model_args merge per parameter: `--set method_args={…}` replaced the
+    # --config file's whole mapping
+    values = merge_settings(values, flags, sets)
     base = TrainConfig()
     if out is None:  # one folder per method and seed: a second run must not hit the first's
         name, run_seed = values.get("method", base.method), values.get("seed", base.seed)

@@ -57,7 +57,7 @@ from ..data.format import META
 from ..errors import CausalignError, ConfigError, did_you_mean, interrupt_behind
 from ..io import atomic_write_json, atomic_write_text, folder_lock
 from ..report.tables import mean_std
-from .config import TrainConfig, apply_overrides
+from .config import TrainConfig, apply_overrides, load_yaml, merge_settings
 from .progress import progress_bar
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
 def load_suite(name_or_path: str | Path) -> Suite:
     p = suite_path(name_or_path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:  # a binary file passed by mistake
         raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_suite(raw, p.parent, p.stem)
@@ -397,11 +397,14 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                 mextra = extra_for_method(extra, m.name)
                 for sname, sset in e.settings.items():
                     for seed in e.seeds:
-                        values = {**suite.defaults, **sset, **m.overrides, **mextra,
-                                  "method": m.name, "seed": seed}
+                        layers = (suite.defaults, sset, m.overrides, mextra,
+                                  {"method": m.name, "seed": seed})
+                        values = {k: v for layer in layers for k, v in layer.items()}
                         cfg, err = None, None
                         try:
-                            cfg = apply_overrides(TrainConfig(), values)
+                            # method_args/model_args merge across the layers (a setting's
+                            # method_args replaced the defaults' whole mapping)
+                            cfg = apply_overrides(TrainConfig(), merge_settings(*layers))
                             ident = {k: v for k, v in cfg.to_dict().items()
                                      if k not in ("device", "threads")}
                         except Exception as exc:  # recorded, the others still run

@@ -239,20 +239,66 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
 
 
-def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+_NESTED = ("method_args", "model_args")
+
+
+def _fold(values: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``values`` with `method.<p>` / `model.<o>` keys folded into method_args / model_args.
+
+    One parameter given both ways with different values is refused: which won depended on
+    the order of the keys (`method_args: {lam: 2}` then `method.lam: 3` trained with 3,
+    the other way round with 2)."""
+    out: dict[Any, Any] = {}
+    nested: dict[str, dict[Any, Any]] = {}
+    how: dict[tuple[str, Any], str] = {}
+
+    def put(field: str, name: Any, value: Any, given: str) -> None:
+        args = nested.setdefault(field, {})
+        if name in args and args[name] != value:
+            prefix = field.removesuffix("_args")
+            raise ConfigError(f"{prefix}.{name} given twice, {args[name]!r} ({how[field, name]})"
+                              f" and {value!r} ({given}); give one")
+        args[name] = value
+        how[field, name] = given
+
+    for key, value in values.items():
+        prefix = key.split(".", 1)[0] if isinstance(key, str) else None
+        if prefix in ("method", "model") and "." in key:  # method.<parameter>, model.<option>
+            put(f"{prefix}_args", key.split(".", 1)[1], value, f"as {key}")
+        elif key in _NESTED:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} must be a mapping")
+            nested.setdefault(key, {})
+            for name, v in value.items():
+                put(key, name, v, f"in {key}")
+        else:
+            out[key] = value
+    out.update(nested)
+    return out
+
+
+def merge_settings(*layers: Mapping[Any, Any]) -> dict[Any, Any]:
+    """Layers of settings (defaults, --config, flags, --set; a suite's defaults, setting,
+    method `set:`, --set) as one mapping, later layers winning. method_args and model_args
+    merge per parameter: a later layer's `method_args: {alpha: …}` replaced the whole
+    mapping, and the method settings of the layers below were dropped silently."""
+    out: dict[Any, Any] = {}
+    for layer in layers:
+        for key, value in _fold(layer).items():
+            out[key] = {**out.get(key, {}), **value} if key in _NESTED else value
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, values: Mapping[Any, Any]) -> TrainConfig:
     """Set fields from a mapping; `method.<p>` keys (or a `method_args` dict) go to the method,
-    `model.<option>` keys (or a `model_args` dict) to the model's architecture.
+    `model.<option>` keys (or a `model_args` dict) to the model's architecture, merged into
+    ``cfg``'s. Combine several sources with `merge_settings` first.
 
     Unknown keys raise ConfigError listing the valid ones.
     """
     data = cfg.to_dict()
-    for key, value in values.items():
-        prefix = key.split(".", 1)[0]
-        if prefix in ("method", "model") and "." in key:  # method.<parameter>, model.<option>
-            data[f"{prefix}_args"][key.split(".", 1)[1]] = value
-        elif key in ("method_args", "model_args"):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key} must be a mapping")
+    for key, value in _fold(values).items():
+        if key in _NESTED:
             data[key].update(value)
         elif key in data:
             data[key] = _coerce(key, value, data[key])
@@ -309,17 +355,63 @@ def _prefix_hint(key: str, method: Any, model: Any) -> str:
     return ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
+    last silently, so `epochs: 1` added at the end of a config.yaml that already says
+    `epochs: 12` (or two `lam:` under method_args) trained with whichever came last."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
+                              deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}  # key -> line of its first occurrence
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides: meant
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                where = (f"line {line}" if seen[key] == line
+                         else f"lines {seen[key]} and {line}")
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice ({where}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        except TypeError:  # an unhashable key: the base constructor names it
+            continue
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, but a key given twice in one mapping is a yaml.YAMLError naming it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """Parse ["key=value", ...]; values are YAML scalars/lists (1e-3, true, [0.1, 0.2])."""
-    out = {}
+    """Parse ["key=value", ...]; values are YAML scalars/lists (1e-3, true, [0.1, 0.2]).
+
+    A key given twice with different values is refused: the last one won silently
+    (`--set epochs=2 ... --set epochs=5`), where `--epochs 2 --set epochs=5` is refused."""
+    out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
+        except yaml.constructor.ConstructorError as exc:  # {lam: 1, lam: 2}
+            raise ConfigError(f"--set {key}: {exc.problem}") from None
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        if key in out and out[key] != value:
+            raise ConfigError(f"--set {key} given twice ({out[key]!r} and {value!r}); "
+                              f"give one")
+        out[key] = value
     return out
 
 
@@ -328,7 +420,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:  # a binary file passed by mistake
         raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -339,4 +431,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{p}: {key} must be a mapping of names to values, got "
                               f"{data[key]!r}")
+    try:  # a method setting given twice (method.lam and under method_args): name the file
+        _fold(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     return data

@@ -50,7 +50,7 @@ from ..methods.base import (
 )
 from ..models.backbones import BACKBONES
 from . import distributed as D
-from .config import TrainConfig, apply_overrides, mps_note
+from .config import TrainConfig, apply_overrides, load_yaml, mps_note
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
 from .progress import progress_bar
 from .provenance import content_digest, environment
@@ -1344,7 +1344,7 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CausalignError(f"{path}: missing (not a causalign run folder)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CausalignError(f"{path}: not valid YAML ({first})") from None

@@ -1,0 +1,145 @@
+"""Configuration audit (helper cfg, 2026-12-07): one setting given twice, and method_args /
+model_args across the layers of a run's settings (--config, --set; a suite's defaults,
+settings, method set:, --set)."""
+
+from __future__ import annotations
+
+import pytest
+
+from causalign.cli import main
+from causalign.engine import trainer as trainer_mod
+from causalign.engine.benchmark import parse_suite, plan
+from causalign.engine.config import (
+    TrainConfig,
+    apply_overrides,
+    load_config_file,
+    parse_set,
+)
+from causalign.errors import CausalignError, ConfigError
+
+
+def _one_error_line(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert rc != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _captured_train(monkeypatch) -> list[TrainConfig]:
+    """`causalign train`'s resolved config, without training."""
+    seen: list[TrainConfig] = []
+
+    def fake_train(data, cfg, out, resume=False, progress=True):
+        seen.append(cfg)
+        return {"epochs": cfg.epochs, "test": {"accuracy": 0.5, "cam_precision": None}}
+
+    monkeypatch.setattr(trainer_mod, "train", fake_train)
+    return seen
+
+
+# ------------------------------------------------------------ a key given twice in a YAML
+
+
+def test_config_file_with_a_key_given_twice_is_refused(tmp_path, capsys):
+    # PyYAML keeps the last silently: `epochs: 2` appended to a config.yaml that says
+    # `epochs: 12` trained 2 epochs, or 12 if appended the other way round
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 12\nlr: 0.01\nepochs: 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'epochs' given twice \(lines 1 and 3\)"):
+        load_config_file(cfg)
+    line = _one_error_line(capsys, ["train", str(tmp_path / "data"), "--config", str(cfg),
+                                    "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(cfg) in line and "'epochs' given twice" in line
+    assert not (tmp_path / "run").exists()
+    # nested and flow mappings too
+    cfg.write_text("method: rrr\nmethod_args: {lam: 1, lam: 10}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key 'lam' given twice \(line 2\)"):
+        load_config_file(cfg)
+    # a YAML merge key followed by overrides is no duplicate
+    cfg.write_text("base: &b {lam: 1}\nmethod_args:\n  <<: *b\n  lam: 2\n", encoding="utf-8")
+    assert load_config_file(cfg)["method_args"] == {"lam": 2}
+
+
+def test_run_config_and_suite_with_a_key_given_twice_are_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: erm\nseed: 0\nseed: 1\n", encoding="utf-8")
+    with pytest.raises(CausalignError, match="'seed' given twice"):
+        trainer_mod.read_run_config(run)
+    from causalign.engine.benchmark import load_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ndatasets: {a: {synth: {size: 32}}}\nexperiments:\n"
+                     "  t: {datasets: [a], methods: [erm]}\n"
+                     "  t: {datasets: [a], methods: [rrr]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="'t' given twice"):
+        load_suite(suite)
+
+
+def test_set_given_twice_with_different_values_is_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"--set epochs given twice \(2 and 5\)"):
+        parse_set(["epochs=2", "epochs=5"])
+    assert parse_set(["epochs=2", " epochs=2"]) == {"epochs": 2}  # the same value: harmless
+    with pytest.raises(ConfigError, match="--set method_args: key 'lam' given twice"):
+        parse_set(["method_args={lam: 1, lam: 2}"])
+    line = _one_error_line(capsys, ["train", str(tmp_path / "data"), "--set", "epochs=2",
+                                    "--set", "epochs=5", "--out", str(tmp_path / "r")])
+    assert "--set epochs given twice" in line
+
+
+def test_a_method_setting_given_both_ways_in_one_mapping_is_refused(tmp_path):
+    # which won depended on the order of the keys
+    for values in ({"method": "rrr", "method_args": {"lam": 2}, "method.lam": 3},
+                   {"method": "rrr", "method.lam": 3, "method_args": {"lam": 2}}):
+        with pytest.raises(ConfigError, match="method.lam given twice"):
+            apply_overrides(TrainConfig(), values)
+    same = apply_overrides(TrainConfig(), {"method": "rrr", "method_args": {"lam": 2},
+                                           "method.lam": 2.0})
+    assert same.method_args == {"lam": 2}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: multiview\nmodel_args: {tau: 2}\nmodel.tau: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"{cfg}: model.tau given twice"):
+        load_config_file(cfg)
+
+
+# ------------------------------------------------------------ method_args across layers
+
+
+def test_set_method_args_merges_with_the_config_files(tmp_path, monkeypatch):
+    # `--set method_args={alpha: …}` replaced the --config file's whole method_args: its
+    # lam and steps were dropped without a word
+    seen = _captured_train(monkeypatch)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: causal-align\nmethod_args: {lam: 2, steps: 3}\n"
+                   "model_args: {}\n", encoding="utf-8")
+    rc = main(["train", str(tmp_path / "data"), "--config", str(cfg), "--set",
+               "method_args={alpha: 0.02}", "--set", "method.steps=4", "--out",
+               str(tmp_path / "r"), "--no-progress"])
+    assert rc == 0
+    assert seen[0].method_args == {"lam": 2, "steps": 4, "alpha": 0.02}
+
+
+def test_merge_settings_later_layers_win_per_parameter():
+    from causalign.engine.config import merge_settings
+
+    merged = merge_settings({"epochs": 3, "method_args": {"lam": 2, "steps": 3}},
+                            {"method.steps": 5, "model_args": {"tau": 2}},
+                            {"epochs": 4, "method_args": {"alpha": 0.1}, "model.tau": 3})
+    assert merged == {"epochs": 4, "method_args": {"lam": 2, "steps": 5, "alpha": 0.1},
+                      "model_args": {"tau": 3}}
+
+
+def test_benchmark_setting_method_args_merge_with_the_suite_defaults(tmp_path):
+    # a setting's (or a method's set:) method_args replaced the defaults' whole mapping:
+    # every run of the 'l2' setting trained with the default λ, not the suite's 5
+    raw = {"name": "s", "defaults": {"epochs": 1, "method_args": {"lam": 5}},
+           "datasets": {"a": {"synth": {"size": 32}}},
+           "experiments": {"t": {"datasets": ["a"],
+                                 "methods": [{"name": "causal-align",
+                                              "set": {"method_args": {"steps": 3}}}],
+                                 "settings": {"l2": {"method_args": {"distance": "l2"}}}}}}
+    [spec] = plan(parse_suite(raw, tmp_path, "s"), {"method_args": {"alpha": 0.02}})
+    assert spec.error is None, spec.error
+    assert spec.config.method_args == {"lam": 5, "distance": "l2", "steps": 3, "alpha": 0.02}
