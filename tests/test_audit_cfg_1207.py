@@ -143,3 +143,55 @@ def test_benchmark_setting_method_args_merge_with_the_suite_defaults(tmp_path):
     [spec] = plan(parse_suite(raw, tmp_path, "s"), {"method_args": {"alpha": 0.02}})
     assert spec.error is None, spec.error
     assert spec.config.method_args == {"lam": 5, "distance": "l2", "steps": 3, "alpha": 0.02}
+
+
+# ------------------------------------------------------------ a run's method_params record
+
+
+def _run_config(tmp_path, **params) -> object:
+    """A causal-align run's config.yaml (as written) whose method_params record ``params``
+    over this version's defaults."""
+    import yaml
+
+    from causalign.methods.base import build_method, resolved_params
+
+    record = {**resolved_params(build_method("causal-align", {"steps": 2})), **params}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": "/elsewhere", "method": "causal-align",
+                                    "epochs": 1, "method_args": {"steps": 2},
+                                    "method_params": record}), encoding="utf-8")
+    return path
+
+
+def test_config_whose_method_params_differ_from_the_run_warns(tmp_path, monkeypatch, capsys):
+    # method_params is only a record: a colleague's run trained when cg_iters defaulted to 3
+    # (or a method_params edited in place of method_args) was reproduced with the current
+    # defaults, silently
+    seen = _captured_train(monkeypatch)
+    path = _run_config(tmp_path, cg_iters=3, lam=2.0)
+    rc = main(["train", str(tmp_path / "data"), "--config", str(path), "--out",
+               str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert seen[0].method_args == {"steps": 2}  # still a record only: not read
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1, err
+    assert "method.cg_iters 3 -> 0" in warning[0] and "method.lam 2.0 -> 1.0" in warning[0]
+    assert "--set method.lam=2.0 --set method.cg_iters=3" in warning[0]
+    # following the advice trains with the recorded values, and says nothing more
+    rc = main(["train", str(tmp_path / "data"), "--config", str(path), "--set",
+               "method.lam=2.0", "--set", "method.cg_iters=3", "--out",
+               str(tmp_path / "r2"), "--no-progress"])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+    assert seen[1].method_args == {"steps": 2, "lam": 2.0, "cg_iters": 3}
+
+
+def test_config_whose_method_params_agree_or_of_another_method_is_quiet(tmp_path, monkeypatch,
+                                                                        capsys):
+    seen = _captured_train(monkeypatch)
+    path = _run_config(tmp_path)
+    for extra in ([], ["--set", "method.lam=3"], ["--method", "hier-align"]):
+        rc = main(["train", str(tmp_path / "data"), "--config", str(path), *extra, "--out",
+                   str(tmp_path / f"r{len(seen)}"), "--no-progress"])
+        assert rc == 0 and "warning" not in capsys.readouterr().err
+    assert seen[1].method_args == {"steps": 2, "lam": 3}

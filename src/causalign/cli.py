@@ -11,11 +11,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .errors import CausalignError, did_you_mean, interrupt_behind
+
+if TYPE_CHECKING:
+    from .engine.config import TrainConfig
 
 # -h as well as --help: `causalign train -h` was "No such option: -h"
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -364,6 +367,7 @@ def train(
     from .engine.trainer import train as run_train
 
     values: dict = load_config_file(config) if config is not None else {}
+    recorded = values.get("method_params"), values.get("method")  # before it is dropped
     for key in RUN_METADATA:  # a run's resolved config.yaml works as --config: its
         values.pop(key, None)  # provenance (dataset, versions, resolved params) is no setting
     unknown = [k for k in values if k not in valid_keys() and k != "method_args"
@@ -399,6 +403,8 @@ def train(
                                  f"settings differ: method '{base.method}' -> "
                                  f"'{values['method']}' (use a new --out)")
     cfg = apply_overrides(base, values)
+    if config is not None and not resume:  # a resume compares with the run's own record
+        _warn_unread_method_params(config, *recorded, cfg, merge_settings(sets))
     finished = resume and (out / "metrics.json").is_file()  # train() returns its metrics
     try:
         metrics = run_train(data, cfg, out, resume=resume, progress=progress)
@@ -421,6 +427,39 @@ def train(
                + f"; metrics in {out}/metrics.json")
     for line in metrics.get("warnings", []):
         typer.echo(f"warning: {line}", err=True)
+
+
+def _warn_unread_method_params(config: Path, recorded: object, recorded_method: object,
+                               cfg: TrainConfig, sets: dict) -> None:
+    """A run's config.yaml passed as --config: its method_params is a record, not read, so
+    a run trained by a version with other defaults (causal-align's cg_iters 3 -> 0), or a
+    method_params edited in place of method_args, trained with other hyper-parameters than
+    the record shows, silently. Say which, and how to keep the recorded values."""
+    from .methods.base import build_method, method_class, params_diff, resolved_params
+
+    if not isinstance(recorded, dict) or recorded_method != cfg.method:
+        return  # no record, or one of another method (--method X): nothing to compare
+    cls = method_class(cfg.method)
+    given = set(sets.get("method_args", {}))  # changed on purpose on the command line
+    now = resolved_params(build_method(cfg.method, cfg.method_args))
+    keys = [k for k in now if k not in given and k not in cls.placement_params
+            and k in recorded and recorded[k] != now[k]]
+    if not keys:
+        return
+    diffs = params_diff({k: recorded[k] for k in keys}, {k: now[k] for k in keys})
+    again = " ".join(f"--set method.{k}={_yaml_value(recorded[k])}" for k in keys)
+    warnings.warn(f"{config}: method_params records other values than this run uses: "
+                  f"{'; '.join(diffs)} (method_params is a record, only method_args is "
+                  f"read: a default changed since that run, or an edit); to train with the "
+                  f"recorded values add {again}", stacklevel=2)
+
+
+def _yaml_value(value: object) -> str:
+    """``value`` as --set reads it back (YAML flow style, one line)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix(
+        "\n...").strip()
 
 
 def _refuse_conflicts(flags: dict, sets: dict) -> None:
