@@ -195,3 +195,24 @@ def test_config_whose_method_params_agree_or_of_another_method_is_quiet(tmp_path
                    str(tmp_path / f"r{len(seen)}"), "--no-progress"])
         assert rc == 0 and "warning" not in capsys.readouterr().err
     assert seen[1].method_args == {"steps": 2, "lam": 3}
+
+
+# ------------------------------------------------------------ YAML 1.1 booleans for names
+
+
+def test_a_yaml_boolean_or_list_for_a_string_setting_is_named(tmp_path, capsys):
+    # `augment: no` was refused as "got 'False'" (the user wrote no such thing), and
+    # `init: off` / `init: [a, b]` looked for checkpoints named 'False' / "['a', 'b']"
+    with pytest.raises(ConfigError, match=r"augment: expected a string, got the boolean "
+                                          r"False \(YAML reads an unquoted yes/no/on/off"):
+        apply_overrides(TrainConfig(), parse_set(["augment=no"]))
+    with pytest.raises(ConfigError, match="init: expected a string, got the boolean False"):
+        apply_overrides(TrainConfig(), {"init": False})
+    with pytest.raises(ConfigError, match=r"init: expected str, got \['a', 'b'\]"):
+        apply_overrides(TrainConfig(), {"init": ["a", "b"]})
+    assert apply_overrides(TrainConfig(), {"augment": "dihedral"}).augment == "dihedral"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("init: off\n", encoding="utf-8")
+    line = _one_error_line(capsys, ["train", str(tmp_path / "data"), "--config", str(cfg),
+                                    "--out", str(tmp_path / "r")])
+    assert "init: expected a string, got the boolean False" in line

@@ -229,6 +229,14 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if isinstance(current, float) and not isinstance(value, bool):
             return float(value)
         if isinstance(current, str):
+            # YAML 1.1 reads an unquoted no/off/yes/on as a boolean: `augment: no` was
+            # refused as "got 'False'", `init: off` looked for a checkpoint named False
+            if isinstance(value, bool):
+                raise ConfigError(f"{key}: expected a string, got the boolean {value} (YAML "
+                                  f"reads an unquoted yes/no/on/off/true/false as one; quote "
+                                  f"it if a string is meant)")
+            if isinstance(value, list | dict):  # `init: [a, b]` became the path "['a', 'b']"
+                raise ValueError
             return str(value)
         if isinstance(current, list) and isinstance(value, list):
             return value
