@@ -216,3 +216,69 @@ def test_a_yaml_boolean_or_list_for_a_string_setting_is_named(tmp_path, capsys):
     line = _one_error_line(capsys, ["train", str(tmp_path / "data"), "--config", str(cfg),
                                     "--out", str(tmp_path / "r")])
     assert "init: expected a string, got the boolean False" in line
+
+
+# ------------------------------------------------------------ the init weights' provenance
+
+
+def _weights_file(path, seed: int):
+    import torch
+
+    from causalign.models import build_model
+
+    torch.manual_seed(seed)
+    torch.save({"model": build_model("cnn7", 1, 2, width=4).state_dict()}, path)
+    return path
+
+
+def test_run_records_the_init_weights_and_reads_back(tiny_data, tmp_path, monkeypatch):
+    # init is kept as given (R1, ../pretrained): the same config.yaml rerun from another
+    # folder, or after the source run was resumed (a new best.pt), started from other weights
+    # with nothing recorded to tell
+    import hashlib
+
+    import yaml
+
+    from causalign.engine.trainer import Trainer, stored_config
+
+    init = _weights_file(tmp_path / "init.pt", 0)
+    monkeypatch.chdir(tmp_path)
+    Trainer(tiny_data, {"epochs": 1, "width": 4, "threads": 1, "init": "init.pt"},
+            tmp_path / "run", progress=False).fit()
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
+    assert stored["init"] == "init.pt"
+    assert stored["init_source"] == {
+        "path": str(init.resolve()),
+        "sha256": hashlib.sha256(init.read_bytes()).hexdigest()[:16]}
+    assert stored_config(tmp_path / "run").init == "init.pt"  # metadata, not a setting
+    seen = _captured_train(monkeypatch)
+    assert main(["train", str(tiny_data), "--config", str(tmp_path / "run" / "config.yaml"),
+                 "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    assert seen[0].init == "init.pt"
+
+
+def test_config_whose_init_weights_changed_warns(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import yaml
+
+    seen = _captured_train(monkeypatch)
+    init = _weights_file(tmp_path / "init.pt", 0)
+    recorded = {"path": "/elsewhere/init.pt",
+                "sha256": hashlib.sha256(init.read_bytes()).hexdigest()[:16]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"method": "erm", "init": str(init),
+                                    "init_source": recorded}), encoding="utf-8")
+    argv = ["train", str(tmp_path / "data"), "--config", str(path), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "r1")]) == 0  # the same weights: quiet
+    assert "warning" not in capsys.readouterr().err
+    _weights_file(init, 1)  # the source replaced (its run resumed, another person's file)
+    assert main([*argv, "--out", str(tmp_path / "r2")]) == 0
+    err = capsys.readouterr().err
+    assert f"init {init} now resolves to {init.resolve()}" in err, err
+    assert f"sha256 {recorded['sha256']}" in err and err.count("warning: ") == 1
+    # init given anew on the command line: on purpose, nothing to say
+    assert main([*argv, "--set", f"init={init}", "--out",
+                 str(tmp_path / "r3")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert len(seen) == 3

@@ -368,6 +368,7 @@ def train(
 
     values: dict = load_config_file(config) if config is not None else {}
     recorded = values.get("method_params"), values.get("method")  # before it is dropped
+    recorded_init = values.get("init"), values.get("init_source")
     for key in RUN_METADATA:  # a run's resolved config.yaml works as --config: its
         values.pop(key, None)  # provenance (dataset, versions, resolved params) is no setting
     unknown = [k for k in values if k not in valid_keys() and k != "method_args"
@@ -405,6 +406,8 @@ def train(
     cfg = apply_overrides(base, values)
     if config is not None and not resume:  # a resume compares with the run's own record
         _warn_unread_method_params(config, *recorded, cfg, merge_settings(sets))
+        if "init" not in sets:  # given anew on the command line: on purpose
+            _warn_other_init(config, *recorded_init, cfg)
     finished = resume and (out / "metrics.json").is_file()  # train() returns its metrics
     try:
         metrics = run_train(data, cfg, out, resume=resume, progress=progress)
@@ -452,6 +455,24 @@ def _warn_unread_method_params(config: Path, recorded: object, recorded_method: 
                   f"{'; '.join(diffs)} (method_params is a record, only method_args is "
                   f"read: a default changed since that run, or an edit); to train with the "
                   f"recorded values add {again}", stacklevel=2)
+
+
+def _warn_other_init(config: Path, init: object, recorded: object, cfg: TrainConfig) -> None:
+    """A run's config.yaml passed as --config keeps `init` as given: rerun from another
+    folder (a relative path, another person's runs/) or after its source run was resumed
+    (a new best.pt) it started from other weights than the run did, silently."""
+    from .engine.trainer import init_source
+
+    if (not isinstance(recorded, dict) or not cfg.init or cfg.init != init
+            or not isinstance(recorded.get("sha256"), str)):
+        return  # no record (older run, no init), or another init
+    now = init_source(cfg.init)
+    if now is None or now["sha256"] == recorded["sha256"]:
+        return  # missing: the trainer's error names it
+    warnings.warn(f"{config}: init {cfg.init} now resolves to {now['path']} (sha256 "
+                  f"{now['sha256']}), not the weights the recorded run started from "
+                  f"({recorded.get('path')}, sha256 {recorded['sha256']}): this run starts "
+                  f"from other weights; --set init=FILE names the original", stacklevel=2)
 
 
 def _yaml_value(value: object) -> str:

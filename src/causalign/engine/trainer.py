@@ -219,11 +219,33 @@ def _numpy_rng_from_tensor(state: tuple) -> tuple:
     return (state[0], keys, *state[2:])
 
 
-def init_weights(model: nn.Module, source: str | Path) -> None:
-    """Load model weights from a run folder (best.pt, else checkpoint.pt) or a checkpoint."""
+def init_file(source: str | Path) -> Path:
+    """The file `init` names: a run folder's best.pt (else its checkpoint.pt), or the file."""
     path = Path(source)
     if path.is_dir():
         path = path / BEST if (path / BEST).exists() else path / CHECKPOINT
+    return path
+
+
+def init_source(source: str | Path) -> dict[str, str] | None:
+    """The resolved file and content digest of `init`, recorded in config.yaml: `init` is
+    kept as given, so the same config.yaml rerun elsewhere (a relative path, another
+    person's runs/) or after the source run was resumed (a new best.pt) started from other
+    weights, silently. None when there is no such file."""
+    path = init_file(source)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()[:16]}
+
+
+def init_weights(model: nn.Module, source: str | Path) -> None:
+    """Load model weights from a run folder (best.pt, else checkpoint.pt) or a checkpoint."""
+    path = init_file(source)
     if not path.exists():
         raise CausalignError(f"init: {source}: no checkpoint there (a run folder or a .pt file)")
     state = load_checkpoint(path)
@@ -693,6 +715,8 @@ class Trainer:
                                                        self.test_set)),
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
+                # the weights `init` named when the run started (init is kept as given)
+                **({"init_source": init_source(self.cfg.init)} if self.cfg.init else {}),
                 # commit, versions, machine and thread count: what makes a rerun
                 # bit-identical (README "Reproducibility")
                 "environment": environment(self.device, self.dist.world),
@@ -1333,7 +1357,7 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
 
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "causalign_version",
-                "torch_version", "environment", "method_params")
+                "torch_version", "environment", "method_params", "init_source")
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
