@@ -282,3 +282,21 @@ def test_config_whose_init_weights_changed_warns(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "r3")]) == 0
     assert "warning" not in capsys.readouterr().err
     assert len(seen) == 3
+
+
+def test_trainer_takes_a_run_config_yaml_loaded_whole(tiny_data, tmp_path):
+    # the Python API's mapping is read "as --config reads", but a run's config.yaml loaded
+    # with yaml.safe_load failed as "unknown config key 'data'"
+    import yaml
+
+    from causalign.engine.trainer import Trainer
+
+    text = ("data: /elsewhere\ndata_digest: 0123\ncausalign_version: 0.1.0\n"
+            "environment: {threads: 1}\nmethod: rrr\nepochs: 1\nwidth: 4\n"
+            "method_args: {lam: 3}\nmethod_params: {lam: 3.0, region: mask}\n"
+            "init_source: {path: /x.pt, sha256: ab}\n")
+    trainer = Trainer(tiny_data, yaml.safe_load(text), tmp_path / "run", progress=False)
+    assert (trainer.cfg.method, trainer.cfg.epochs, trainer.cfg.method_args) == \
+        ("rrr", 1, {"lam": 3})
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'"):
+        Trainer(tiny_data, {"lrr": 1}, tmp_path / "run2", progress=False)

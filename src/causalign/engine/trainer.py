@@ -492,7 +492,11 @@ class Trainer:
                  out: str | Path, resume: bool = False, progress: bool = True,
                  name: str | None = None) -> None:
         if isinstance(cfg, Mapping):  # {"method": "oracle", "epochs": 3}, as --config reads
-            cfg = apply_overrides(TrainConfig(), dict(cfg))
+            # a run's config.yaml loaded whole works, as with --config: its provenance
+            # (data, digests, versions, method_params) is no setting ("unknown config key
+            # 'data'" before)
+            cfg = apply_overrides(TrainConfig(), {k: v for k, v in cfg.items()
+                                                  if k not in RUN_METADATA})
         elif not isinstance(cfg, TrainConfig):  # an AttributeError on .validate() before
             raise ConfigError(f"cfg must be a TrainConfig (or a mapping of its keys), got "
                               f"{type(cfg).__name__}")
