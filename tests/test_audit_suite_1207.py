@@ -9,6 +9,7 @@ import pytest
 
 from causalign.cli import main
 from causalign.engine import benchmark as bm
+from causalign.errors import ConfigError
 
 HEAD = """\
 name: mine
@@ -51,3 +52,70 @@ def test_yaml_merge_keys_still_override(tmp_path):
             "  t2:\n    <<: *base\n    seeds: [1]\n")
     suite = bm.load_suite(_write(tmp_path, body))
     assert [e.seeds for e in suite.experiments] == [[0], [1]]
+
+
+EXP = "experiments:\n  t1:\n    datasets: [pm]\n"
+
+
+@pytest.mark.parametrize("body, needle", [
+    # a misspelt metric gave a column of "–" and exit code 0
+    (EXP + "    methods: [erm]\n    metrics: [test.acuracy]\n",
+     "experiment 't1': unknown metric 'test.acuracy'; valid: <split>.<name>"),
+    (EXP + "    methods: [erm]\n    metrics: [test.deletion.0.020]\n",
+     "metric 'test.deletion.0.020': write the fraction as metrics.json does, "
+     "test.deletion.0.02"),
+    (EXP + "    methods: [erm]\n    metrics: [test.deletion.0.05]\n",
+     "metric 'test.deletion.0.05': the runs compute deletion at 0.002, 0.01, 0.02, 0.1, 0.2 "
+     "only"),
+    (EXP + "    methods: [erm]\n    metrics: []\n", "experiment 't1': metrics is empty"),
+    # unknown keys in a setting or a method's set: recorded as failed runs after every
+    # other run had trained (README: unknown keys fail when the suite is loaded)
+    (EXP + "    methods: [erm]\n    settings: {a: {epochz: 2}}\n",
+     "experiment 't1': method 'erm', setting 'a': unknown config key 'epochz'; did you mean "
+     "'epochs'?"),
+    (EXP + "    methods: [{name: rrr, label: R, set: {method.lamb: 3}}]\n",
+     "experiment 't1': method 'R': unknown parameter(s) lamb for method 'rrr'"),
+    (EXP + "    methods: [erm, rrr]\n    settings: {l2: {method.lam: 1}}\n",
+     "experiment 't1': method 'erm', setting 'l2': unknown parameter(s) lam for method 'erm'"),
+    # a misspelt method was skipped as "not registered", exit code 0
+    (EXP + "    methods: [erm, causal_align]\n",
+     "experiment 't1': unknown method 'causal_align'; did you mean 'causal-align'?"),
+])
+def test_suite_mistakes_fail_at_load(tmp_path, capsys, body, needle):
+    _refused(tmp_path, capsys, _write(tmp_path, body), needle)
+
+
+def test_a_method_parameter_in_defaults_that_a_method_lacks_fails_at_load(tmp_path):
+    head = HEAD.replace("threads: 1}", "threads: 1, method.lam: 3}")
+    with pytest.raises(ConfigError, match="method 'erm': unknown parameter"):
+        bm.load_suite(_write(tmp_path, EXP + "    methods: [rrr, erm]\n", head))
+    # the methods that have it are fine, and bad values still wait for plan (recorded)
+    suite = bm.load_suite(_write(tmp_path, EXP + "    methods: [rrr, cdep]\n", head))
+    assert {s.config.method_args["lam"] for s in bm.plan(suite)} == {3}
+
+
+def test_an_unknown_method_of_no_close_name_is_still_skipped(tmp_path):
+    suite = bm.load_suite(_write(tmp_path, EXP + "    methods: [erm, no-such-method]\n"))
+    assert [s.skip_reason is not None for s in bm.plan(suite)] == [False, True]
+
+
+def test_a_missing_dataset_path_is_refused_before_any_run(tmp_path, capsys, monkeypatch):
+    from causalign.data.synth import SynthConfig, generate
+
+    generate(tmp_path / "real", SynthConfig(n_train=8, n_val=4, n_test=4, size=32))
+    (tmp_path / "suites").mkdir()
+    # relative to the suite file's folder, not the current one: the synthetic dataset's
+    # runs trained first, then each run of the missing one failed
+    body = ("  real: {path: real}\n" + EXP.replace("[pm]", "[pm, real]")
+            + "    methods: [erm]\n")
+    suite = tmp_path / "suites" / "mine.yaml"
+    suite.write_text(HEAD + body)
+    monkeypatch.chdir(tmp_path)
+    _refused(tmp_path, capsys, suite,
+             f"dataset 'real': {suite.parent / 'real'} does not exist (a relative path is "
+             f"taken from the suite file's folder, {suite.parent}); the one under the current "
+             f"folder is {tmp_path / 'real'}: write that")
+    (tmp_path / "suites" / "real").mkdir()
+    _refused(tmp_path, capsys, suite, "real has no dataset.yaml (not a dataset)")
+    suite.write_text(HEAD + body.replace("{path: real}", "{path: }"))
+    _refused(tmp_path, capsys, suite, "dataset 'real': path must be a folder name, got None")

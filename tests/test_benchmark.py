@@ -265,8 +265,11 @@ def test_cli_benchmark_fails_fast_on_bad_suites_and_exits_nonzero_on_failed_runs
         assert err.count("\n") == 1 and needle in err, err
         assert not out.exists()
     # A run that fails is recorded, every output is written, and the exit code says so.
+    # (A missing dataset folder is refused before any output; a damaged one fails its runs.)
     out = tmp_path / "o2"
-    suite = {"datasets": {"d": {"path": str(tmp_path / "missing")}}, "experiments": {"e": exp}}
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "dataset.yaml").write_text("bogus: 1\n")
+    suite = {"datasets": {"d": {"path": str(tmp_path / "damaged")}}, "experiments": {"e": exp}}
     assert main(["benchmark", write(suite), "--out", str(out), "--no-progress",
                  "--no-report"]) == 2
     err = capsys.readouterr().err

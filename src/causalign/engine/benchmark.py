@@ -7,7 +7,7 @@ A suite (shipped: ``quick``, ``paper``, ``demo`` in causalign/suites/, or any YA
     defaults: {epochs: 2, width: 8}          # TrainConfig keys (method.<p> too) for every run
     datasets:
       plus-minus: {synth: {shortcut: plus-minus, size: 32, n_train: 64}}   # generated in DIR
-      mine: {path: /data/lidc}               # or an existing dataset (relative to the suite)
+      mine: {path: /data/lidc}               # or an existing dataset (relative to the suite file)
     experiments:
       table1:
         title: Comparison with baselines
@@ -190,6 +190,10 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                               f"'synth' or 'path'")
         if "synth" in spec:  # bad generator settings fail now, not when the first run needs them
             _synth_config(dname, spec["synth"])
+        elif not isinstance(spec["path"], str) or not spec["path"].strip():
+            # `path:` left empty was the folder "None" beside the suite
+            raise ConfigError(f"suite {name}: dataset '{dname}': path must be a folder name, "
+                              f"got {spec['path']!r}")
     # two names with one slug would share OUT/data/<slug>: the second silently got the
     # first's images
     slugs: dict[str, str] = {}
@@ -239,6 +243,14 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                                   f"{{name, label, set}}")
         if not ds or not methods:
             raise ConfigError(f"experiment '{ename}': needs datasets and methods")
+        from ..methods.base import method_names
+
+        for m in methods:
+            # a method of a later version is skipped (documented), but a misspelling of a
+            # registered one (causal_align) was skipped too, with exit code 0
+            close = did_you_mean(m.name, method_names()) if m.name not in method_names() else ""
+            if close:
+                raise ConfigError(f"experiment '{ename}': unknown method '{m.name}'{close}")
         # the table's rows/columns are labels: two methods under one label were averaged
         # together as if they were seeds of one run
         no_duplicates([m.label for m in methods], f"experiment '{ename}': method label",
@@ -258,10 +270,93 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
             raise ConfigError(f"experiment '{ename}': rows must be one of {', '.join(ROW_KEYS)}")
         metrics = [str(m) for m in _as_list(e.get("metrics", DEFAULT_METRICS),
                                             f"{ename}.metrics")]
+        if not metrics:
+            raise ConfigError(f"experiment '{ename}': metrics is empty (omit it for "
+                              f"{', '.join(DEFAULT_METRICS)})")
+        for metric in metrics:
+            _check_metric(ename, metric)
+        _check_run_keys(ename, defaults, methods, settings, metrics)
         experiments.append(Experiment(ename, str(e.get("title", ename)), ds, methods, seeds,
                                       settings, rows, metrics, e.get("reference")))
     return Suite(str(raw.get("name", name)), str(raw.get("description", "")), defaults,
                  datasets, experiments, root)
+
+
+# What metrics.json holds per split (causalign.engine.evaluate), for `metrics:` entries:
+# a misspelt one (test.acuracy) gave a column of "–" and exit code 0.
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "auc", "loss", "n", "cam_precision",
+                "cam_precision_mask", "cam_mass_in_mask", "saliency_iou", "saliency_dice",
+                "cam_empty_fraction", "n_annotated", "attribute_accuracy.mean")
+METRIC_SPLITS = ("test", "val", "train")
+
+
+def _check_metric(experiment: str, metric: str) -> None:
+    """Refuse a metric no run's metrics.json can hold (its column would only show "–")."""
+    if metric in ("best_epoch", "epochs"):
+        return
+    split, _, name = metric.partition(".")
+    if split in METRIC_SPLITS and (name in METRIC_NAMES
+                                   or name.startswith("attribute_accuracy.per_attribute.")):
+        return
+    if split in METRIC_SPLITS and name.startswith("deletion."):
+        frac = name.removeprefix("deletion.")
+        try:
+            f = float(frac)
+        except ValueError:
+            f = None
+        if f is not None:
+            if frac != f"{f:g}":  # metrics.json's key is f"{f:g}": 0.020 found nothing
+                raise ConfigError(f"experiment '{experiment}': metric '{metric}': write the "
+                                  f"fraction as metrics.json does, {split}.deletion.{f:g}")
+            return
+    valid = [f"{s}.{n}" for s in METRIC_SPLITS for n in METRIC_NAMES]
+    raise ConfigError(f"experiment '{experiment}': unknown metric '{metric}'; valid: "
+                      f"<split>.<name> with split {', '.join(METRIC_SPLITS)} and name "
+                      f"{', '.join(METRIC_NAMES)}, deletion.<fraction> (e.g. "
+                      f"test.deletion.0.02), best_epoch, epochs" + did_you_mean(metric, valid))
+
+
+def _check_run_keys(experiment: str, defaults: dict[str, Any], methods: list[MethodSpec],
+                    settings: dict[str, dict[str, Any]], metrics: list[str]) -> None:
+    """Unknown config keys and method parameters in a setting or a method's `set` (or a
+    method.<p> in defaults that a method lacks) fail at load, as in `defaults`: they were
+    recorded as failed runs, after every other run had trained. Bad values are left to
+    `plan` (recorded with the run's name, the others still run)."""
+    from ..methods.base import build_method
+    from .config import _unknown_key_hint
+
+    fields = set(TrainConfig().to_dict())
+    for m in methods:
+        params = method_params(m.name)  # None: not registered (skipped)
+        for sname, sset in settings.items():
+            values = merge_settings(defaults, sset, m.overrides)  # as plan() merges
+            where = (f"experiment '{experiment}': method '{m.label}'"
+                     + ("" if sname == "default" and len(settings) == 1
+                        else f", setting '{sname}'"))
+            plain, margs = _split_extra(values)
+            for key in plain:
+                if key.startswith("model.") or key in fields:
+                    continue
+                raise ConfigError(f"{where}: unknown config key {key!r}"
+                                  + _unknown_key_hint(key, m.name,
+                                                      values.get("model", "cnn7")))
+            unknown = {k: v for k, v in margs.items() if params is not None and k not in params}
+            if unknown:
+                try:
+                    build_method(m.name, unknown)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+            try:
+                fractions = apply_overrides(TrainConfig(), plain).deletion_fractions
+            except Exception:  # a bad value: plan records it with the run's name
+                continue
+            computed = {f"{float(f):g}" for f in fractions}
+            for metric in metrics:
+                frac = metric.partition(".deletion.")[2]
+                if frac and frac not in computed:
+                    have = ", ".join(sorted(computed, key=float)) or "no fraction"
+                    raise ConfigError(f"{where}: metric '{metric}': the runs compute deletion "
+                                      f"at {have} only (deletion_fractions)")
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
@@ -449,7 +544,7 @@ def prepare_dataset(suite: Suite, name: str, out: Path, progress: Progress | Non
     """Dataset folder for a suite dataset: generated in OUT/data/<name> when synthetic."""
     spec = suite.datasets[name]
     if "path" in spec:
-        p = Path(spec["path"])
+        p = Path(str(spec["path"])).expanduser()  # `~/data` was read as a folder named ~
         return p if p.is_absolute() else (suite.root / p)
     from ..data.synth import generate
 
@@ -494,6 +589,25 @@ def _synth_diff(suite: Suite, name: str, out: Path) -> str | None:
     return (f"{root} holds dataset '{name}' generated with other settings ({'; '.join(diffs)}),"
             f" and the runs in {out / 'runs'} were trained on it; delete both or use another "
             f"--out")
+
+
+def _missing_path(suite: Suite, name: str) -> str | None:
+    """Why the `path:` dataset NAME cannot be a dataset (None when it may be): a missing one
+    failed each of its runs in turn, after the other datasets' runs had all trained."""
+    spec = suite.datasets[name]
+    if "path" not in spec:
+        return None
+    given = Path(str(spec["path"])).expanduser()
+    where = given if given.is_absolute() else suite.root / given
+    if (where / META).is_file():
+        return None
+    what = "does not exist" if not where.exists() else f"has no {META} (not a dataset)"
+    hint = ""
+    if not given.is_absolute():
+        hint = f" (a relative path is taken from the suite file's folder, {suite.root})"
+        if (given / META).is_file():
+            hint += f"; the one under the current folder is {given.resolve()}: write that"
+    return f"dataset '{name}': {where} {what}{hint}"
 
 
 def _synth_config(name: str, settings: dict | None) -> SynthConfig:
@@ -656,8 +770,8 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
         # results.json/tables.md of a finished OUT with failures: stop before any output
         _check_extra(suite, extra, specs, log, out)
     for name in dict.fromkeys(d for e in suite.experiments for d in e.datasets):
-        stale = _synth_diff(suite, name, out)  # before any output, as --set
-        if stale:
+        stale = _synth_diff(suite, name, out) or _missing_path(suite, name)  # before any
+        if stale:  # output, as --set
             raise ConfigError(stale)
     # a selection (--only/--methods/--seeds/--datasets) decides what runs now; results and
     # tables still show the suite's other runs finished in OUT (they were dropped)
