@@ -119,3 +119,21 @@ def test_a_missing_dataset_path_is_refused_before_any_run(tmp_path, capsys, monk
     _refused(tmp_path, capsys, suite, "real has no dataset.yaml (not a dataset)")
     suite.write_text(HEAD + body.replace("{path: real}", "{path: }"))
     _refused(tmp_path, capsys, suite, "dataset 'real': path must be a folder name, got None")
+
+
+def test_a_default_given_explicitly_is_the_same_run(tmp_path):
+    # Table 1's `set: {method.lam: 10}` (rrr's default) and another table's plain rrr were
+    # two runs with one configuration, trained twice (the second into rrr-<hash>)
+    body = ("experiments:\n  t1: {datasets: [pm], methods: [{name: rrr, set: {method.lam: 10}}]}"
+            "\n  t2: {datasets: [pm], methods: [rrr], settings: {default: {}, l1: "
+            "{method.lam: 1}, l10: {method.lam: 10.0}}}\n")
+    specs = bm.plan(bm.load_suite(_write(tmp_path, body)))
+    assert [s.key for s in specs] == ["pm/rrr/seed0", "pm/rrr@l1/seed0"]
+    assert specs[0].roles == {"t1": [("rrr", "default")],
+                              "t2": [("rrr", "default"), ("rrr", "l10")]}
+    # the paper suite trained causal-align seed 0 at its defaults four times (Tables 1, 7's
+    # l1, and the default alpha and lambda of the sensitivity tables)
+    paper = [s for s in bm.plan(bm.load_suite("paper")) if s.method == "causal-align"
+             and s.dataset == "plus-minus" and s.seed == 0 and not s.config.method_args]
+    assert len(bm.plan(bm.load_suite("paper"))) == 42
+    assert [s.key for s in paper] == ["plus-minus/Ours-causal-align/seed0"]

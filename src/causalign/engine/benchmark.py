@@ -477,7 +477,8 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
     """Every distinct run of the suite, in order; duplicates across experiments merged.
 
     A method parameter in ``extra`` (--set method.<p>) goes to the methods that have it."""
-    from ..methods.base import build_method, method_names
+    from ..methods.base import build_method, method_names, resolved_params
+    from ..models import resolved_model_args
 
     registered = set(method_names())
     runs: dict[str, RunSpec] = {}
@@ -507,7 +508,13 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                             ident = {k: str(v) for k, v in values.items()}
                         if cfg is not None and m.name in registered:
                             try:  # a bad method parameter fails now, with the run's name
-                                build_method(cfg.method, cfg.method_args)
+                                method = build_method(cfg.method, cfg.method_args)
+                                # resolved, as a finished run is compared: Table 1's `set:
+                                # {method.lam: 10}` (the default) and Table 4's plain rrr are
+                                # one run, which was trained twice (the 2nd as rrr-<hash>)
+                                ident["method_args"] = resolved_params(method)
+                                ident["model_args"] = resolved_model_args(cfg.model,
+                                                                          cfg.model_args)
                             except Exception as exc:
                                 err = f"{type(exc).__name__}: {exc}"
                         h = hashlib.sha256(json.dumps([d, ident], sort_keys=True, default=str)
