@@ -3,6 +3,7 @@ loaded, with one line, before any dataset is generated or run trained."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,69 @@ def test_a_default_given_explicitly_is_the_same_run(tmp_path):
              and s.dataset == "plus-minus" and s.seed == 0 and not s.config.method_args]
     assert len(bm.plan(bm.load_suite("paper"))) == 42
     assert [s.key for s in paper] == ["plus-minus/Ours-causal-align/seed0"]
+
+
+def test_a_cell_over_fewer_seeds_is_marked():
+    # erm has seeds 0-2 (a `--seeds 2 --methods erm` rerun), rrr only 0-1: the note said
+    # "mean (std) over seeds 0, 1, 2" for both rows and nothing told rrr's cell apart
+    exp = bm.Experiment("t", "t", ["d"], [bm.MethodSpec("erm", "erm"),
+                                          bm.MethodSpec("rrr", "rrr")], [0, 1, 2],
+                        {"default": {}}, "method", ["test.accuracy"])
+
+    def rec(method: str, seed: int, acc: float, status: str = "done") -> dict:
+        return {"key": f"d/{method}/seed{seed}", "dataset": "d", "method": method,
+                "label": method, "setting": "default", "seed": seed, "experiments": ["t"],
+                "status": status, "metrics": {"test": {"accuracy": acc}}}
+
+    runs = [rec("erm", 0, 0.5), rec("erm", 1, 0.7), rec("erm", 2, 0.6),
+            rec("rrr", 0, 0.4), rec("rrr", 1, 0.8)]
+    table = bm.experiment_table(exp, runs)
+    assert table.rows == [["erm", "0.600 (0.082)"], ["rrr", "0.600 (0.200)†"]]
+    assert "† over fewer seeds, without rrr: seed 2" in table.notes
+    # every cell over every seed: no mark, no note
+    table = bm.experiment_table(exp, runs + [rec("rrr", 2, 0.6)])
+    assert table.rows[1] == ["rrr", "0.600 (0.163)"]
+    assert not any("†" in n for n in table.notes)
+
+
+def _folder_dataset(root: Path, seed: int) -> None:
+    import numpy as np
+
+    from causalign.data import DatasetWriter
+    from causalign.data.format import DatasetMeta
+
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(root, DatasetMeta("toy", ["neg", "pos"], [])) as w:
+        for split, n in (("train", 8), ("val", 4), ("test", 4)):
+            for i in range(n):
+                mask = np.zeros((32, 32), np.uint8)
+                mask[8:16, 8:16] = 1
+                w.add(rng.random((32, 32)).astype(np.float32), label=i % 2, split=split,
+                      mask=mask)
+
+
+def test_a_finished_run_on_other_data_is_not_collected(tmp_path):
+    # `path:` pointed at another dataset (or a second suite with another dataset of that
+    # name writing into the same OUT): the run trained on the first was collected as done
+    _folder_dataset(tmp_path / "a", seed=0)
+    _folder_dataset(tmp_path / "b", seed=1)  # same manifest, other pixels
+    shutil.copytree(tmp_path / "a", tmp_path / "a-moved")
+    out = tmp_path / "out"
+
+    def run(path: str) -> dict:
+        head = ("defaults: {epochs: 1, width: 4, batch_size: 8, threads: 1, "
+                "eval_saliency: gradient}\n"
+                f"datasets:\n  toy: {{path: {path}}}\n")
+        suite = bm.load_suite(_write(tmp_path, "experiments:\n  t: {datasets: [toy], "
+                                               "methods: [erm]}\n", head))
+        (rec,) = bm.run_suite(suite, out, progress=False, report=False, log=lambda _: None
+                              )["runs"]
+        return rec
+
+    assert run("a")["trained_now"]
+    moved = run("a-moved")  # a moved copy of the same data is the same dataset
+    assert moved["status"] == "done" and not moved["trained_now"]
+    other = run("b")
+    assert other["status"] == "failed", other
+    assert "holds a finished run trained on other data than" in other["error"]
+    assert "same manifest, but its images, masks or labels differ" in other["error"]

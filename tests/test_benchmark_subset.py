@@ -93,7 +93,9 @@ def test_a_seeds_subset_adds_its_seed_to_the_finished_ones(finished, tmp_path, c
     assert table.rows[0][2] == f"{mean:.3f} ({std:.3f})"  # erm over seeds 0 and 1
     rrr = finished["results"]["runs"][1]
     assert rrr["key"] == "pm/rrr/seed0"
-    assert table.rows[1][2] == f"{rrr['metrics']['test']['accuracy']:.3f}"
+    # over seed 0 only, where the note says "over seeds 0, 1": marked
+    assert table.rows[1][2] == f"{rrr['metrics']['test']['accuracy']:.3f}†"
+    assert "† over fewer seeds, without rrr: seed 1" in table.notes
     tables = (out / "tables.md").read_text()
     assert "mean (std) over seeds 0, 1" in tables and "| rrr |" in tables
     # seed 1 of rrr was never part of the suite: not counted as missing

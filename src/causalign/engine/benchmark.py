@@ -663,7 +663,54 @@ def _load_json(path: Path) -> dict | None:
         return None
 
 
-def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
+def _dataset_dir(suite: Suite, name: str, out: Path) -> Path:
+    """Where dataset NAME is (or will be generated), without generating it."""
+    spec = suite.datasets[name]
+    if "path" in spec:
+        p = Path(str(spec["path"])).expanduser()
+        return p if p.is_absolute() else suite.root / p
+    return out / "data" / _slug(name)
+
+
+def _data_diff(run_dir: Path, data: Path, digests: dict[str, str | None] | None = None
+               ) -> str | None:
+    """Why the run in RUN_DIR was not trained on DATA (None when it was, or cannot tell): a
+    finished run was collected after its suite's `path:` was pointed at another dataset
+    (or a second suite with another dataset of the same name wrote into the same OUT).
+    As `train --resume`: dataset.yaml and manifest.csv, then the pixels, masks and labels
+    (read once per dataset and DIGESTS, the caller's cache for one benchmark)."""
+    from ..data.format import LesionDataset
+    from .provenance import content_digest
+    from .trainer import _optional_split, dataset_digest_matches, read_run_config
+
+    try:
+        stored = read_run_config(run_dir)
+    except CausalignError:
+        return None  # the settings check names the file
+    digest, content = stored.get("data_digest"), stored.get("data_content_digest")
+    what = None
+    if isinstance(digest, str) and not dataset_digest_matches(data, digest):
+        what = "its dataset.yaml and manifest.csv differ"
+    elif isinstance(content, str):  # runs from before the digests: nothing to compare
+        digests = {} if digests is None else digests
+        key = str(data.resolve())
+        if key not in digests:
+            try:
+                digests[key] = content_digest((LesionDataset(data, "train"),
+                                               LesionDataset(data, "val"),
+                                               _optional_split(data, "test")))
+            except Exception:  # unreadable now: the run that trains on it says why
+                digests[key] = None
+        if digests[key] is not None and digests[key] != content:
+            what = "same manifest, but its images, masks or labels differ"
+    if what is None:
+        return None
+    return (f"{run_dir} holds a finished run trained on other data than {data} "
+            f"({stored.get('data')}: {what}); delete it or use another --out")
+
+
+def run_one(spec: RunSpec, data: Path, run_dir: Path,
+            digests: dict[str, str | None] | None = None) -> dict:
     """Train (or resume, or just collect) one run; returns its metrics."""
     from .trainer import CHECKPOINT, settings_diff, train
 
@@ -673,6 +720,9 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
         if diffs:
             raise ConfigError(f"{run_dir} holds a finished run with other settings "
                               f"({'; '.join(diffs)}); delete it or use another --out")
+        other = _data_diff(run_dir, data, digests)
+        if other:
+            raise ConfigError(other)
         m = _load_json(done)
         if m is not None:
             return m
@@ -784,8 +834,9 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
     # tables still show the suite's other runs finished in OUT (they were dropped)
     whole = _whole_suite(suite)
     whole_specs = plan(whole, extra) if whole is not None else None
+    digests: dict[str, str | None] = {}  # content digest per dataset folder, read once
     earlier, left_out = (_earlier_runs(whole, whole_specs, {s.key for s in specs}, out,
-                                       suite.origin)
+                                       suite.origin, digests)
                          if whole is not None and whole_specs is not None else ({}, 0))
 
     def shown(recs: list[dict]) -> tuple[Suite, list[dict]]:
@@ -828,7 +879,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                     # a run resumed from its checkpoint: add the epochs trained before the
                     # interruption (only this invocation's part was counted, ~half of it)
                     before = _history_seconds(run_dir) if fresh else 0.0
-                    metrics = run_one(spec, data_paths[spec.dataset], run_dir)
+                    metrics = run_one(spec, data_paths[spec.dataset], run_dir, digests)
                     if fresh:
                         seconds = time.perf_counter() - started + before
                         atomic_write_json(run_dir / "benchmark_run.json",
@@ -902,7 +953,8 @@ def _record(spec: RunSpec) -> dict:
 
 
 def _earlier_runs(whole: Suite, specs: list[RunSpec], selected: set[str], out: Path,
-                  origin: Suite | None = None) -> tuple[dict[str, dict], int]:
+                  origin: Suite | None = None, digests: dict[str, str | None] | None = None
+                  ) -> tuple[dict[str, dict], int]:
     """Records of the runs of WHOLE outside the selection that are finished in OUT with the
     same settings (collected, not retrained), and how many runs of ORIGIN (its own seeds,
     not those only --seeds adds) are left out."""
@@ -921,7 +973,9 @@ def _earlier_runs(whole: Suite, specs: list[RunSpec], selected: set[str], out: P
         metrics = None
         if (spec.config is not None and not spec.skip_reason and not spec.error
                 and not stale[spec.dataset] and (run_dir / "metrics.json").exists()
-                and _settings_diff(run_dir, spec.config, settings_diff, CHECKPOINT) == []):
+                and _settings_diff(run_dir, spec.config, settings_diff, CHECKPOINT) == []
+                and not _data_diff(run_dir, _dataset_dir(whole, spec.dataset, out),
+                                   digests)):
             metrics = _load_json(run_dir / "metrics.json")
         if metrics is None:
             left += any((e, spec.seed) in own for e in spec.experiments)
@@ -1076,17 +1130,31 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
             header.append(" ".join([name, *ck]))
     values: list[list[tuple[float | None, float | None, int]]] = []
     labels: list[str] = []
+    # the seeds the note names: a cell averaged over fewer of them (a failed run, or one of
+    # another selection not finished) looked like every other cell of "mean over seeds …"
+    all_seeds = sorted({r["seed"] for r in mine if r["status"] == "done"})
+    short: list[list[bool]] = []
+    lacking: list[str] = []
     for rv in axes[row_axis]:
-        cells = []
+        cells, shorts = [], []
         for metric in e.metrics:
             for ck in col_keys:
                 sel = [r for r in mine if field(r, row_axis) == rv and r["status"] == "done"
                        and all(field(r, a) == v for a, v in zip(col_axes, ck, strict=True))]
-                vals = [get_path(r.get("metrics") or {}, metric) for r in sel]
-                vals = [v for v in vals if isinstance(v, (int, float))]
+                got = [(r["seed"], get_path(r.get("metrics") or {}, metric)) for r in sel]
+                got = [(sd, v) for sd, v in got if isinstance(v, (int, float))]
+                vals = [v for _, v in got]
                 m, s = mean_std(vals)
                 cells.append((m, s, len(vals)))
+                missing = [sd for sd in all_seeds if sd not in {sd for sd, _ in got}]
+                shorts.append(bool(vals) and bool(missing))
+                if vals and missing:
+                    where = " ".join([rv, *ck])
+                    text = f"{where}: seed {', '.join(map(str, missing))}"
+                    if text not in lacking:
+                        lacking.append(text)
         values.append(cells)
+        short.append(shorts)
         labels.append(rv)
     competing = [i for i, lab in enumerate(labels)
                  if not (row_axis == "method" and _method_of(e, lab) in NOT_COMPETING)]
@@ -1101,9 +1169,12 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
                 if abs(v - best) < 5e-4:
                     bold[i][j] = True
     rows = []
-    for lab, cells in zip(labels, values, strict=True):
-        rows.append([lab] + [_fmt_cell(m, s, n) for m, s, n in cells])
+    for lab, cells, marks in zip(labels, values, short, strict=True):
+        rows.append([lab] + [_fmt_cell(m, s, n) + ("†" if mark else "")
+                             for (m, s, n), mark in zip(cells, marks, strict=True)])
     notes = []
+    if lacking:
+        notes.append(f"† over fewer seeds, without {'; '.join(lacking)}")
     once = list({r["key"]: r for r in mine}.values())  # a run under two labels: noted once
     missing = [r for r in once if r["status"] != "done"]
     for r in missing:
