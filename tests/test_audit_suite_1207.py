@@ -3,6 +3,7 @@ loaded, with one line, before any dataset is generated or run trained."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,24 @@ def test_a_finished_run_on_other_data_is_not_collected(tmp_path):
     assert other["status"] == "failed", other
     assert "holds a finished run trained on other data than" in other["error"]
     assert "same manifest, but its images, masks or labels differ" in other["error"]
+
+
+@pytest.mark.parametrize("ref, needle", [
+    # each crashed tables.md (AttributeError/TypeError) after every run had trained
+    ("see paper", "reference: expected {source, columns, rows}, got str"),
+    ("{columns: [acc], rows: [erm]}", "reference: rows must map a row name"),
+    ("{columns: acc, rows: {erm: [0.5]}}", "reference: columns must be a list"),
+    ("{columns: [acc, auc], rows: {erm: 0.5}}", "row 'erm' must be a list of 2 value(s)"),
+    # a misspelt key dropped the header silently
+    ("{colums: [acc], rows: {erm: [0.5]}}",
+     "reference: unknown key(s) colums; valid: source, columns, rows; did you mean 'columns'?"),
+])
+def test_a_malformed_reference_table_fails_at_load(tmp_path, ref, needle):
+    body = EXP + f"    methods: [erm]\n    reference: {ref}\n"
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        bm.load_suite(_write(tmp_path, body))
+
+
+def test_a_seed_listed_twice_fails_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="experiment 't1': seed '1' is listed twice"):
+        bm.load_suite(_write(tmp_path, EXP + "    methods: [erm]\n    seeds: [0, 1, 1]\n"))

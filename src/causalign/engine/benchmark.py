@@ -276,6 +276,8 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         for metric in metrics:
             _check_metric(ename, metric)
         _check_run_keys(ename, defaults, methods, settings, metrics)
+        no_duplicates([str(x) for x in seeds], f"experiment '{ename}': seed")
+        _check_reference(ename, e.get("reference"))
         experiments.append(Experiment(ename, str(e.get("title", ename)), ds, methods, seeds,
                                       settings, rows, metrics, e.get("reference")))
     return Suite(str(raw.get("name", name)), str(raw.get("description", "")), defaults,
@@ -288,6 +290,34 @@ METRIC_NAMES = ("accuracy", "balanced_accuracy", "auc", "loss", "n", "cam_precis
                 "cam_precision_mask", "cam_mass_in_mask", "saliency_iou", "saliency_dice",
                 "cam_empty_fraction", "n_annotated", "attribute_accuracy.mean")
 METRIC_SPLITS = ("test", "val", "train")
+
+
+def _check_reference(experiment: str, ref: Any) -> None:
+    """A `reference:` table {source, columns, rows: {name: [values]}}: a malformed one
+    (a string, rows as a list) crashed tables.md after every run had trained, and a
+    misspelt key (colums) dropped the table's header silently."""
+    if ref is None:
+        return
+    where = f"experiment '{experiment}': reference"
+    if not isinstance(ref, dict):
+        raise ConfigError(f"{where}: expected {{source, columns, rows}}, got "
+                          f"{type(ref).__name__}")
+    unknown = sorted(set(map(str, ref)) - {"source", "columns", "rows"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: source, "
+                          f"columns, rows" + "".join(did_you_mean(k, ["source", "columns",
+                                                                      "rows"])
+                                                     for k in unknown))
+    cols = ref.get("columns") or []
+    if not isinstance(cols, list):
+        raise ConfigError(f"{where}: columns must be a list of column names")
+    rows = ref.get("rows") or {}
+    if not isinstance(rows, dict):
+        raise ConfigError(f"{where}: rows must map a row name to its list of values")
+    for name, vals in rows.items():
+        if not isinstance(vals, list) or len(vals) != len(cols):
+            raise ConfigError(f"{where}: row '{name}' must be a list of {len(cols)} value(s), "
+                              f"one per column, got {vals!r}")
 
 
 def _check_metric(experiment: str, metric: str) -> None:
