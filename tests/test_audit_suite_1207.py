@@ -226,3 +226,23 @@ def test_a_malformed_reference_table_fails_at_load(tmp_path, ref, needle):
 def test_a_seed_listed_twice_fails_at_load(tmp_path):
     with pytest.raises(ConfigError, match="experiment 't1': seed '1' is listed twice"):
         bm.load_suite(_write(tmp_path, EXP + "    methods: [erm]\n    seeds: [0, 1, 1]\n"))
+
+
+def test_a_runs_seconds_leave_out_generating_its_dataset(tmp_path, monkeypatch):
+    import time
+
+    def slow_generate(root, cfg, progress=None):  # stands in for the generator
+        time.sleep(0.6)
+        root.mkdir(parents=True)
+
+    def fake_run(spec, data, run_dir, digests=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return {"method": spec.method, "test": {"accuracy": 0.5}}
+
+    monkeypatch.setattr("causalign.data.synth.generate", slow_generate)
+    monkeypatch.setattr(bm, "run_one", fake_run)
+    suite = bm.load_suite(_write(tmp_path, EXP + "    methods: [erm]\n    seeds: [0, 1]\n"))
+    runs = bm.run_suite(suite, tmp_path / "out", progress=False, report=False,
+                        log=lambda _: None)["runs"]
+    assert [r["status"] for r in runs] == ["done", "done"]
+    assert runs[0]["seconds"] < 0.3, runs[0]["seconds"]  # was 0.6 s + the run's own

@@ -904,6 +904,10 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                         except Exception as exc:
                             data_errors[spec.dataset] = f"dataset '{spec.dataset}': {exc}"
                             raise
+                        # the run's seconds are its training: generating the dataset was
+                        # counted in the first run on it (the first of a fresh OUT took
+                        # ~7x the next seed's at 32 px)
+                        started = time.perf_counter()
                     run_dir = out / "runs" / spec.key
                     fresh = not (run_dir / "metrics.json").exists()
                     # a run resumed from its checkpoint: add the epochs trained before the
