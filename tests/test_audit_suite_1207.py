@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,25 @@ def test_a_runs_seconds_leave_out_generating_its_dataset(tmp_path, monkeypatch):
                         log=lambda _: None)["runs"]
     assert [r["status"] for r in runs] == ["done", "done"]
     assert runs[0]["seconds"] < 0.3, runs[0]["seconds"]  # was 0.6 s + the run's own
+
+
+def test_a_second_suite_in_the_same_out_says_it_replaces_the_tables(tmp_path, monkeypatch):
+    def fake_run(spec, data, run_dir, digests=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return {"method": spec.method, "test": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(bm, "run_one", fake_run)
+    monkeypatch.setattr("causalign.data.synth.generate",
+                        lambda root, cfg, progress=None: root.mkdir(parents=True))
+    out = tmp_path / "out"
+    first = bm.load_suite(_write(tmp_path, EXP + "    methods: [erm]\n"))
+    bm.run_suite(first, out, progress=False, report=False, log=lambda _: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same suite again: nothing to say
+        bm.run_suite(first, out, progress=False, report=False, log=lambda _: None)
+    second = bm.load_suite(_write(tmp_path, EXP + "    methods: [erm]\n",
+                                  HEAD.replace("name: mine", "name: other")))
+    with pytest.warns(UserWarning, match=r"held the results of suite 'mine': results.json, "
+                                         r"results.csv, tables.md and report.html now show "
+                                         r"suite 'other'"):
+        bm.run_suite(second, out, progress=False, report=False, log=lambda _: None)

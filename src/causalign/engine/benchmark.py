@@ -875,6 +875,15 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
         merged = _with_earlier(recs, whole_specs, earlier)
         return _view(suite, whole, merged), merged
 
+    before = _load_json(out / "results.json") or {}
+    if isinstance(before, dict) and before.get("suite") not in (None, suite.name):
+        # a second suite in the same OUT silently replaced the first one's tables
+        import warnings
+
+        warnings.warn(f"{out} held the results of suite '{before['suite']}': results.json, "
+                      f"results.csv, tables.md and report.html now show suite '{suite.name}'"
+                      f" (the runs of both stay in {out / 'runs'}; give each suite its own "
+                      f"--out to keep both tables)", stacklevel=3)
     out.mkdir(parents=True, exist_ok=True)
     handled = sys.exc_info()[1]  # a caller's exception being handled: not an interrupt here
     t0 = time.perf_counter()
