@@ -236,7 +236,7 @@ def test_a_runs_seconds_leave_out_generating_its_dataset(tmp_path, monkeypatch):
         time.sleep(0.6)
         root.mkdir(parents=True)
 
-    def fake_run(spec, data, run_dir, digests=None):
+    def fake_run(spec, data, run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         return {"method": spec.method, "test": {"accuracy": 0.5}}
 
@@ -250,7 +250,7 @@ def test_a_runs_seconds_leave_out_generating_its_dataset(tmp_path, monkeypatch):
 
 
 def test_a_second_suite_in_the_same_out_says_it_replaces_the_tables(tmp_path, monkeypatch):
-    def fake_run(spec, data, run_dir, digests=None):
+    def fake_run(spec, data, run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         return {"method": spec.method, "test": {"accuracy": 0.5}}
 

@@ -739,8 +739,12 @@ def _data_diff(run_dir: Path, data: Path, digests: dict[str, str | None] | None 
             f"({stored.get('data')}: {what}); delete it or use another --out")
 
 
-def run_one(spec: RunSpec, data: Path, run_dir: Path,
-            digests: dict[str, str | None] | None = None) -> dict:
+# content digest per dataset folder, read once per benchmark (`_data_diff`); reset by
+# `_run_suite`, so data rewritten between two benchmarks of one process is read again
+_DIGESTS: dict[str, str | None] = {}
+
+
+def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
     """Train (or resume, or just collect) one run; returns its metrics."""
     from .trainer import CHECKPOINT, settings_diff, train
 
@@ -750,7 +754,7 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path,
         if diffs:
             raise ConfigError(f"{run_dir} holds a finished run with other settings "
                               f"({'; '.join(diffs)}); delete it or use another --out")
-        other = _data_diff(run_dir, data, digests)
+        other = _data_diff(run_dir, data, _DIGESTS)
         if other:
             raise ConfigError(other)
         m = _load_json(done)
@@ -864,9 +868,9 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
     # tables still show the suite's other runs finished in OUT (they were dropped)
     whole = _whole_suite(suite)
     whole_specs = plan(whole, extra) if whole is not None else None
-    digests: dict[str, str | None] = {}  # content digest per dataset folder, read once
+    _DIGESTS.clear()
     earlier, left_out = (_earlier_runs(whole, whole_specs, {s.key for s in specs}, out,
-                                       suite.origin, digests)
+                                       suite.origin, _DIGESTS)
                          if whole is not None and whole_specs is not None else ({}, 0))
 
     def shown(recs: list[dict]) -> tuple[Suite, list[dict]]:
@@ -922,7 +926,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                     # a run resumed from its checkpoint: add the epochs trained before the
                     # interruption (only this invocation's part was counted, ~half of it)
                     before = _history_seconds(run_dir) if fresh else 0.0
-                    metrics = run_one(spec, data_paths[spec.dataset], run_dir, digests)
+                    metrics = run_one(spec, data_paths[spec.dataset], run_dir)
                     if fresh:
                         seconds = time.perf_counter() - started + before
                         atomic_write_json(run_dir / "benchmark_run.json",
