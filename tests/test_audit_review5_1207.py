@@ -62,3 +62,21 @@ def test_lazy_sets_compare_equal_to_the_list_they_replace() -> None:
     assert res.sets == C.subsets(3, 2)  # it was a list; the lazy Subsets compared False
     assert res.sets == C.Subsets(3, 2) and res.sets != C.Subsets(3, 1)
     assert C.Subsets(3, 5) == C.subsets(3, 5)
+
+
+def test_monotonicity_check_no_alarm_for_an_attribute_coded_as_anothers_complement() -> None:
+    # not_a1 = 1 - a1 with a1 raising P(Y=1): the monotone fit (w_a1 = d, w_not_a1 = 0) fits
+    # exactly as well as the free one (d/2, -d/2); the penalised losses differed by the L2
+    # term alone, and 2n times that read as a violation (p = 0.003, not_a1 'violating')
+    rng = np.random.default_rng(1)
+    n = 2000
+    a1 = (rng.random(n) < 0.5).astype(float)
+    a3 = (rng.random(n) < 0.5).astype(float)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(3 * a1 + a3 - 2)))).astype(int)
+    check = C.monotonicity_check(np.stack([a1, 1 - a1, a3], 1), y, ["a1", "not_a1", "a3"])
+    assert check["violating"] == {}
+    assert check["p_value"] is None or check["p_value"] > 0.05
+    # a genuinely protective attribute is still found
+    y3 = (rng.random(n) < 1 / (1 + np.exp(-(-3 * a1 + a3)))).astype(int)
+    found = C.monotonicity_check(np.stack([a1, a3], 1), y3, ["a1", "a3"])
+    assert list(found["violating"]) == ["a1"] and found["p_value"] < 1e-10

@@ -225,7 +225,10 @@ def fit_label_model(a: np.ndarray, y: np.ndarray, kind: str = "logistic",
 
 def _penalised_logistic(a: np.ndarray, y: np.ndarray, nonneg: np.ndarray,
                         l2: float = 1e-3) -> tuple[float, np.ndarray]:
-    """(mean penalised log-loss, w) of a logistic fit with w_j ≥ 0 where ``nonneg``."""
+    """(mean log-loss without the penalty, w) at the penalised logistic fit with w_j ≥ 0
+    where ``nonneg``. The likelihood-ratio tests compare log-likelihoods: the penalised
+    losses differ by the L2 term alone where the constraint costs no fit (an attribute
+    coded as the complement of another), and times 2n that read as a violation."""
     n, p = a.shape
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -238,7 +241,9 @@ def _penalised_logistic(a: np.ndarray, y: np.ndarray, nonneg: np.ndarray,
     bounds = [(0.0, None) if c else (None, None) for c in nonneg] + [(None, None)]
     res = minimize(loss, np.zeros(p + 1), jac=True, method="L-BFGS-B", bounds=bounds,
                    options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-14})
-    return float(res.fun), res.x[:p]
+    w, b = res.x[:p], res.x[p]
+    z = a @ w + b
+    return float((np.logaddexp(0.0, z) - y * z).mean()), w
 
 
 def monotonicity_check(a: np.ndarray, y: np.ndarray, names: list[str],
