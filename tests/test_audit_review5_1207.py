@@ -80,3 +80,13 @@ def test_monotonicity_check_no_alarm_for_an_attribute_coded_as_anothers_compleme
     y3 = (rng.random(n) < 1 / (1 + np.exp(-(-3 * a1 + a3)))).astype(int)
     found = C.monotonicity_check(np.stack([a1, a3], 1), y3, ["a1", "a3"])
     assert list(found["violating"]) == ["a1"] and found["p_value"] < 1e-10
+
+
+def test_cub_attribute_selection_refuses_a_reversed_range() -> None:
+    from causalign.data.importers.cub import select_attributes
+    from causalign.errors import DataError
+
+    names = {str(i): f"has_x::v{i}" for i in range(1, 21)}
+    assert select_attributes("1-3,has_X::V5", names) == ["1", "2", "3", "5"]
+    with pytest.raises(DataError, match="empty id range '15-1'"):
+        select_attributes("15-1,3", names)  # it gave ['3']: attributes 1..15 dropped

@@ -134,6 +134,10 @@ def select_attributes(spec: str, names: dict[str, str]) -> list[str]:
     chosen: set[str] = set()
     for tok in parse_list(spec):
         m = re.fullmatch(r"(\d+)-(\d+)", tok)
+        if m and int(m.group(1)) > int(m.group(2)):
+            # '15-1' selected nothing and, beside another token, was dropped without a word
+            raise DataError(f"--cub-attributes: empty id range '{tok}' (write low-high, "
+                            f"e.g. {m.group(2)}-{m.group(1)})")
         ids = ([str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m
                else [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")])
         for aid in ids:
@@ -195,6 +199,10 @@ def select_classes(spec: str, classes: dict[str, str]) -> list[str]:
     chosen: list[str] = []
     for tok in parse_list(spec):
         m = re.fullmatch(r"(\d+)-(\d+)", tok)
+        if m and int(m.group(1)) > int(m.group(2)):
+            # '15-1' selected nothing and, beside another token, was dropped without a word
+            raise DataError(f"--cub-attributes: empty id range '{tok}' (write low-high, "
+                            f"e.g. {m.group(2)}-{m.group(1)})")
         ids = ([str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m
                else [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")])
         for cid in ids:
