@@ -90,3 +90,17 @@ def test_cub_attribute_selection_refuses_a_reversed_range() -> None:
     assert select_attributes("1-3,has_X::V5", names) == ["1", "2", "3", "5"]
     with pytest.raises(DataError, match="empty id range '15-1'"):
         select_attributes("15-1,3", names)  # it gave ['3']: attributes 1..15 dropped
+
+
+def test_pc_check_leaves_out_a_constant_fractional_attribute() -> None:
+    pytest.importorskip("causallearn")
+    from causalign.causal.pc import pc_check
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y = rng.integers(0, 2, n)
+    a = np.column_stack([(y + (rng.random(n) < 0.2)) % 2, np.full(n, 0.7)]).astype(float)
+    feats = rng.normal(size=(n, 4)) + y[:, None]
+    # std of a constant 0.7 column is 1e-16, not 0: it was kept and the check failed
+    rep = pc_check(feats, a, y, ["spic", "soft"], n_components=2)
+    assert rep["constant_attributes"] == ["soft"]

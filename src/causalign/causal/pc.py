@@ -278,7 +278,9 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     # listed. It used to stop the whole check ("constant variable(s) calcification"), with
     # no way to leave the attribute out from the command line
     a_keep = attributes[keep]
-    varies = a_keep.std(0) > 0
+    # max - min, not std: a constant 0.7 column has std 1e-16 (rounding in the mean), so it
+    # was kept and the Fisher-z test met a singular correlation matrix
+    varies = np.ptp(a_keep, 0) > 0
     constant = [n for n, v in zip(attribute_names, varies, strict=True) if not v]
     if not varies.any():
         raise CausalignError(f"PC check: every attribute is constant on these "
