@@ -104,3 +104,28 @@ def test_pc_check_leaves_out_a_constant_fractional_attribute() -> None:
     # std of a constant 0.7 column is 1e-16, not 0: it was kept and the check failed
     rep = pc_check(feats, a, y, ["spic", "soft"], n_components=2)
     assert rep["constant_attributes"] == ["soft"]
+
+
+def test_folder_import_refuses_a_score_column_whose_most_common_score_is_1(tmp_path, capsys
+                                                                          ) -> None:
+    # LIDC-like spiculation: 13 of 20 nodules scored 1 ("none"), the rest 2-5: 7 of 20
+    # outside [0, 1] passed the "mostly outside" rule; the 7 rows were skipped and the 13
+    # imported with spiculation present
+    from PIL import Image
+
+    from causalign.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    scores = [1] * 13 + [2, 3, 4, 5, 2, 3, 5]
+    lines = ["image,label,attr_spiculation\n"]
+    for i, sc in enumerate(scores):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(src / f"i{i}.png")
+        lines.append(f"i{i}.png,{['benign', 'malignant'][i % 2]},{sc}\n")
+    (src / "labels.csv").write_text("".join(lines))
+    rc = main(["data", "import", "folder", str(src), str(tmp_path / "out"), "--csv",
+               "labels.csv", "--size", "8", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "attr_spiculation holds scores" in err[0] and "7 of 20" in err[0]
+    assert not (tmp_path / "out" / "dataset.yaml").exists()

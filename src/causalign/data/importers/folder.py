@@ -357,8 +357,9 @@ def _refuse_score_columns(path: Path, attributes: list[str], rows: list[dict]) -
     """An attribute column that holds scores (LIDC-style 1–5 ratings written as is), not 0/1.
     Each such row used to be skipped as "bad attribute value", and the rows kept were those
     whose score happened to be 0 or 1: a score of 1 ("none" on a 1–5 scale) imported as
-    present, on a biased subset. A column whose values mostly lie outside [0, 1] is refused;
-    a stray value in a binary column is still skipped with its row."""
+    present, on a biased subset. A column whose values mostly lie outside [0, 1], or that
+    holds two or more integer levels above 1, is refused; a stray value in a binary column
+    is still skipped with its row."""
     for a in attributes:
         vals = []
         for row in rows:
@@ -369,7 +370,11 @@ def _refuse_score_columns(path: Path, attributes: list[str], rows: list[dict]) -
             if math.isfinite(v):
                 vals.append(v)
         out = [v for v in vals if not 0.0 <= v <= 1.0]
-        if len(vals) >= 2 and 2 * len(out) > len(vals):
+        # a rating scale shows several levels above 1; with "none" (1) the most common
+        # score (LIDC's spiculation, lobulation: ~2/3 of nodules) fewer than half the values
+        # lie outside [0, 1], and the 1s were imported as present
+        levels = {v for v in out if v >= 2 and v == int(v)}
+        if len(vals) >= 2 and (2 * len(out) > len(vals) or len(levels) >= 2):
             raise DataError(
                 f"{path}: column attr_{a} holds scores, not binary attributes ({len(out)} of "
                 f"{len(vals)} values outside [0, 1], range {min(vals):g}..{max(vals):g}); "
