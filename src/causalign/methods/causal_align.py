@@ -58,6 +58,7 @@ benchmarks/fd_hvp_probe.py).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -664,8 +665,11 @@ class CausalAlign(Method):
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
-        if (need_scale or need_ae) and not any(hasattr(train_set, k) for k in (
-                "images", "pixel_columns", "image_batch")):
+        # getattr_static: `images` is a property that builds the whole split as floats (the
+        # memory setup avoids by reading the compact cache)
+        if (need_scale or need_ae) and not any(
+                inspect.getattr_static(train_set, k, None) is not None
+                for k in ("images", "pixel_columns", "image_batch")):
             # a ConcatDataset or a user's own Dataset failed with "'ConcatDataset' object
             # has no attribute 'images'"
             what = "per-pixel distance scales" if need_scale else "latent autoencoder"
