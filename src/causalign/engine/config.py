@@ -368,11 +368,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     last silently, so `epochs: 1` added at the end of a config.yaml that already says
     `epochs: 12` (or two `lam:` under method_args) trained with whichever came last."""
 
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        # the keys as written: a merge (`<<`) that pulls this node in flattens it in place
+        # (its merged keys and its own, one after the other) before an alias to it is
+        # constructed, and the check then refused a key that was overridden, as meant
+        node.written_keys = [k for k, _ in node.value]  # type: ignore[attr-defined]
+        return node
+
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
                               deep: bool = False) -> dict:
     seen: dict[Any, int] = {}  # key -> line of its first occurrence
-    for key_node, _ in node.value:
+    for key_node in getattr(node, "written_keys", [k for k, _ in node.value]):
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides: meant
             continue
         key = loader.construct_object(key_node, deep=True)
