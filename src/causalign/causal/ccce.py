@@ -153,6 +153,8 @@ class SmoothedFrequency:
         """P(Y=1 | a) for each row of ``a`` (n, p); unseen configurations get the prior."""
         k, pi = self.smoothing, self.prior
         rows = _binary(np.asarray(a))
+        if not len(rows):  # reshape(0, -1) raised: no rows scored as nothing, as before
+            return np.empty(0)
         rows = rows.reshape(len(rows), -1)
         p = rows.shape[1]
         # rows looked up by their packed bytes: a tuple of p Python ints per row cost ~10 µs
