@@ -39,3 +39,31 @@ def test_frequency_model_scores_no_rows():
     assert m.prob(np.zeros((0, 3))).shape == (0,)
     assert ccce_scores(m, np.zeros((0, 3)), np.zeros(0), [(0,), (1, 2)]).shape == (0, 2)
     np.testing.assert_allclose(m.prob(np.array([[1, 0, 1], [1, 1, 1]])), [0.75, 0.5])
+
+
+_COLLIDING = """\
+name: coll
+defaults: {epochs: 1, threads: 1}
+datasets:
+  ds: {synth: {n_train: 32, n_val: 16, n_test: 16, size: 32}}
+experiments:
+  a: {datasets: [ds], methods: [rrr], seeds: [0]}
+  b: {datasets: [ds], methods: [{name: rrr, set: {method.lam: 5}}], seeds: [0]}
+"""
+
+
+def test_a_colliding_runs_folder_does_not_move_with_the_resolved_parameters(tmp_path,
+                                                                          monkeypatch):
+    # two runs labelled rrr: the second's folder is suffixed by a hash. 1ca6141 hashed the
+    # resolved parameters into it, which renamed the folder of an OUT made before (and would
+    # again whenever a method gains a parameter): the finished run was retrained beside it
+    import causalign.methods.base as base
+    from causalign.engine.benchmark import load_suite, plan
+
+    (tmp_path / "coll.yaml").write_text(_COLLIDING, encoding="utf-8")
+    suite = load_suite(tmp_path / "coll.yaml")
+    keys = [s.key for s in plan(suite)]
+    assert keys[0] == "ds/rrr/seed0" and keys[1].startswith("ds/rrr-")
+    real = base.resolved_params
+    monkeypatch.setattr(base, "resolved_params", lambda m: {**real(m), "new_option": 1})
+    assert [s.key for s in plan(suite)] == keys

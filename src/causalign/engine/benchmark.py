@@ -536,6 +536,11 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                         except Exception as exc:  # recorded, the others still run
                             err = f"{type(exc).__name__}: {exc}"
                             ident = {k: str(v) for k, v in values.items()}
+                        # a colliding folder's suffix, from the settings as given: the
+                        # resolved identity below renamed such folders (an OUT of an
+                        # earlier version was retrained beside its finished runs)
+                        named = hashlib.sha256(json.dumps([d, ident], sort_keys=True,
+                                                          default=str).encode()).hexdigest()
                         if cfg is not None and m.name in registered:
                             try:  # a bad method parameter fails now, with the run's name
                                 method = build_method(cfg.method, cfg.method_args)
@@ -560,7 +565,7 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                         name = _slug(m.label) + ("" if sname == "default" else f"@{_slug(sname)}")
                         key = full_keys.get(h) or f"{_slug(d)}/{name}/seed{seed}"
                         if key.casefold() in folded:
-                            key = f"{_slug(d)}/{name}-{h[:6]}/seed{seed}"
+                            key = f"{_slug(d)}/{name}-{named[:6]}/seed{seed}"
                         skip = None
                         if m.name not in registered:
                             skip = (f"method '{m.name}' is not registered in this version of "
