@@ -67,3 +67,26 @@ def test_a_colliding_runs_folder_does_not_move_with_the_resolved_parameters(tmp_
     real = base.resolved_params
     monkeypatch.setattr(base, "resolved_params", lambda m: {**real(m), "new_option": 1})
     assert [s.key for s in plan(suite)] == keys
+
+
+def test_setup_fits_scales_without_the_whole_float_copy(tiny_data, monkeypatch):
+    # 35ed042's check that the split has images read `hasattr(train_set, "images")` first:
+    # the property builds the split's whole float32 copy (4x a uint8 cache), which the
+    # chunked `pixel_columns` path right below exists to avoid
+    from causalign.data.format import LesionDataset
+    from causalign.methods import build_method
+    from causalign.models import build_model
+
+    calls = []
+    real = LesionDataset.images
+
+    def images(self):
+        calls.append(1)
+        return real.fget(self)
+
+    monkeypatch.setattr(LesionDataset, "images", property(images))
+    ds = LesionDataset(tiny_data, "train")
+    method = build_method("causal-align", {"distance": "scaled-l1"})
+    method.setup(ds, build_model("cnn7", in_channels=1, num_outputs=2))
+    assert method.scale is not None
+    assert calls == []
