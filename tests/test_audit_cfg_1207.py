@@ -300,3 +300,17 @@ def test_trainer_takes_a_run_config_yaml_loaded_whole(tiny_data, tmp_path):
         ("rrr", 1, {"lam": 3})
     with pytest.raises(ConfigError, match="unknown config key 'lrr'"):
         Trainer(tiny_data, {"lrr": 1}, tmp_path / "run2", progress=False)
+
+
+def test_one_number_spelt_two_ways_is_not_a_conflict():
+    # PyYAML reads `1e-3` as a string and `0.001` as a float: the two were refused as a
+    # setting given twice with different values
+    from causalign.engine.config import merge_settings, parse_set
+
+    assert parse_set(["lr=1e-3", "lr=0.001"]) == {"lr": 0.001}
+    assert merge_settings({"method.alpha": "1e-2", "method_args": {"alpha": 0.01}})[
+        "method_args"] == {"alpha": 0.01}
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_set(["lr=1e-3", "lr=0.002"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_set(["amp=true", "amp=1"])  # a boolean is not the number 1 here

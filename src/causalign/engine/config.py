@@ -250,6 +250,19 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 _NESTED = ("method_args", "model_args")
 
 
+def _same_setting(a: Any, b: Any) -> bool:
+    """Two spellings of one setting value: equal, or the same number (PyYAML reads `1e-3` as
+    a string and `0.001` as a float, so `--set lr=1e-3 --set lr=0.001` was a conflict)."""
+    if isinstance(a, bool) or isinstance(b, bool):  # True == 1 in Python: not here
+        return type(a) is type(b) and a == b
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def _fold(values: Mapping[Any, Any]) -> dict[Any, Any]:
     """``values`` with `method.<p>` / `model.<o>` keys folded into method_args / model_args.
 
@@ -262,7 +275,7 @@ def _fold(values: Mapping[Any, Any]) -> dict[Any, Any]:
 
     def put(field: str, name: Any, value: Any, given: str) -> None:
         args = nested.setdefault(field, {})
-        if name in args and args[name] != value:
+        if name in args and not _same_setting(args[name], value):
             prefix = field.removesuffix("_args")
             raise ConfigError(f"{prefix}.{name} given twice, {args[name]!r} ({how[field, name]})"
                               f" and {value!r} ({given}); give one")
@@ -424,7 +437,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {key}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw
-        if key in out and out[key] != value:
+        if key in out and not _same_setting(out[key], value):
             raise ConfigError(f"--set {key} given twice ({out[key]!r} and {value!r}); "
                               f"give one")
         out[key] = value
