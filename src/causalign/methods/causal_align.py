@@ -118,6 +118,12 @@ CACHE_DEVICES = {"model": None, "cpu": "cpu"}
 CACHE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # `setup` warns above this warm-start cache size (bytes, at full growth)
 CACHE_WARN_BYTES = 4 * 2**30
+# `setup` warns when the training images span more than this many intensity units: inner_lr,
+# eps and alpha are in units of a [0, 1] image, so on CT in HU (span ~4000) or 0..255 floats
+# the search's x* hardly moves (z-scored MRI, span ~10, is fine and not warned about)
+INTENSITY_SPAN_WARN = 100.0
+# ... judged from this many training images (a whole-split pass would cost a large set dearly)
+INTENSITY_SAMPLE = 64
 
 # Data-parallel `balance`: (this rank's alignment gradient, the samples it averages) -> the
 # factor one process would scale it by (`CausalAlign._global_balance`).
@@ -662,6 +668,7 @@ class CausalAlign(Method):
         self._refuse_nothing_alignable(train_set)
         self.check_settings(getattr(train_set, "image_shape", None))
         self._warn_cache_size(train_set)
+        self._warn_intensity_range(train_set)
         device = next(model.parameters()).device
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
@@ -763,6 +770,28 @@ class CausalAlign(Method):
                           f"in {where} and in every checkpoint.pt; --set "
                           f"method.cache_device=cpu, method.cache_dtype=float16 or "
                           f"method.warm_start=false shrink or drop it", stacklevel=2)
+
+    def _warn_intensity_range(self, train_set: LesionDataset) -> None:
+        """Warn when the training images span far more than [0, 1]: the search's step
+        (inner_lr), the l1's eps and alpha are in units of a [0, 1] image. On int16 CT in HU
+        (-1000..1000) x* moved at most 0.004 HU in K = 10 steps and flipped only the samples
+        the model already got wrong (4 of 32), L_align then a function of noise, without a
+        word. Pixel and smooth spaces only (the latent search works on codes)."""
+        batch = getattr(train_set, "image_batch", None)
+        if not (self.require_region and self.params.space != "latent" and callable(batch)):
+            return
+        n = min(len(train_set), INTENSITY_SAMPLE)
+        if n == 0:
+            return
+        lo, hi = torch.stack(batch(torch.arange(n)).float().aminmax()).tolist()
+        if hi - lo > INTENSITY_SPAN_WARN:
+            p = self.params
+            warnings.warn(f"causal-align: training images span {lo:g}..{hi:g}, but "
+                          f"method.inner_lr={p.inner_lr:g}, method.eps={p.eps:g} and "
+                          f"method.alpha={p.alpha:g} are in units of [0, 1] images, so the "
+                          f"counterfactual search hardly moves x*; rescale the images to "
+                          f"[0, 1] (e.g. a fixed window for CT) or scale those settings with "
+                          f"the range", stacklevel=2)
 
     def _refuse_nothing_alignable(self, train_set: LesionDataset) -> None:
         """Refuse a split in which annotated samples exist but `alignable` keeps none of them

@@ -1,0 +1,49 @@
+"""Audit (intensity ranges): causal-align's pixel-unit settings on images outside [0, 1]."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from causalign.data import LesionDataset
+from causalign.data.format import DatasetMeta, DatasetWriter
+from causalign.methods.causal_align import CausalAlign, CausalAlignParams
+
+
+def _dataset(root, transform) -> LesionDataset:
+    rng = np.random.default_rng(0)
+    with DatasetWriter(root, DatasetMeta("toy", ["a", "b"]), image_format="npy") as w:
+        for i in range(6):
+            x = rng.random((1, 16, 16)).astype(np.float32)
+            mask = np.zeros((16, 16), np.uint8)
+            mask[4:8, 4:8] = 1
+            w.add(transform(x), label=i % 2, split="train", mask=mask)
+    return LesionDataset(root, "train")
+
+
+def _setup_warnings(ds: LesionDataset, **params) -> list[str]:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 2))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        CausalAlign(CausalAlignParams(**params)).setup(ds, model)
+    return [str(w.message) for w in got if "units of [0, 1] images" in str(w.message)]
+
+
+def test_hounsfield_images_warn_that_search_settings_are_in_unit_pixels(tmp_path):
+    # int16 CT in HU: inner_lr 0.01 moved x* by at most 0.004 HU in 10 steps, silently
+    ds = _dataset(tmp_path / "hu", lambda x: (x * 2000 - 1000).astype(np.int16))
+    msgs = _setup_warnings(ds)
+    assert len(msgs) == 1 and "method.inner_lr=0.01" in msgs[0], msgs
+    lo, hi = torch.stack(ds.images.aminmax()).tolist()
+    assert f"{lo:g}..{hi:g}" in msgs[0]
+
+
+def test_z_scored_and_unit_images_do_not_warn(tmp_path):
+    z = _dataset(tmp_path / "z", lambda x: ((x - x.mean()) / x.std() * 1.5).astype(np.float32))
+    assert float(z.images.min()) < -1 and float(z.images.max()) > 1  # really outside [0, 1]
+    assert _setup_warnings(z) == []
+    unit = _dataset(tmp_path / "unit", lambda x: x)
+    assert _setup_warnings(unit) == []
