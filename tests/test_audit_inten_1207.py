@@ -47,3 +47,40 @@ def test_z_scored_and_unit_images_do_not_warn(tmp_path):
     assert _setup_warnings(z) == []
     unit = _dataset(tmp_path / "unit", lambda x: x)
     assert _setup_warnings(unit) == []
+
+
+class _MeanModel(nn.Module):
+    """Class-1 logit grows with the mean intensity (HU): a deletion's fill value moves it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.flatten(1).mean(1) / 100
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_deletion_fill_reaches_the_metric_and_is_checked(tmp_path):
+    from causalign.engine.config import TrainConfig, apply_overrides
+    from causalign.engine.evaluate import evaluate_split
+    from causalign.errors import ConfigError
+    from causalign.methods import build_method
+    from causalign.metrics import deletion_scores
+
+    # CT in HU: 0 is water, so the fixed fill 0 could not express "air" (-1000)
+    ds = _dataset(tmp_path / "hu", lambda x: (x * 2000 - 1000).astype(np.int16))
+    model, method = _MeanModel().eval(), build_method("erm")
+    water = evaluate_split(model, method, ds, "cpu", saliency="gradient", fractions=(0.5,))
+    air = evaluate_split(model, method, ds, "cpu", saliency="gradient", fractions=(0.5,),
+                         deletion_fill=-1000.0)
+    assert air["deletion"] != water["deletion"]
+    batch = ds.batch(torch.arange(len(ds)))
+    x = batch["image"]
+    maps = torch.rand(x.shape[0], *x.shape[2:])
+    direct = deletion_scores(model, x, maps, 1, (0.5,), fill=-1000.0)[0.5]
+    assert bool((direct > 0).all())  # air lowers the mean: p(class 1) drops
+    cfg = apply_overrides(TrainConfig(), {"deletion_fill": "-1000"})
+    assert cfg.deletion_fill == -1000.0
+    try:
+        TrainConfig(deletion_fill=float("nan")).validate()  # as train() does
+    except ConfigError as e:
+        assert "deletion_fill must be a finite number" in str(e)
+    else:
+        raise AssertionError("a NaN deletion_fill was accepted")

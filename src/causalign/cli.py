@@ -350,7 +350,8 @@ def train(
     Settings without a flag, as --set KEY=VALUE or in --config (default): width (16),
     weight_decay (0), scheduler cosine | none (cosine), select_metric auc |
     balanced_accuracy | accuracy | loss (auc), eval_saliency (gradcam), deletion_fractions
-    ([0.002, 0.01, 0.02, 0.1, 0.2]), bn_recalibrate (true), augment none | dihedral (none),
+    ([0.002, 0.01, 0.02, 0.1, 0.2]), deletion_fill (0: the value deleted pixels take; -1000
+    for CT in HU), bn_recalibrate (true), augment none | dihedral (none),
     init, a run folder or .pt file to start from (none: random weights), deterministic
     (false), threads (0: torch's), amp (false), compile (false), sync_bn (false); and
     method.<name> for the method's settings (a misspelt one lists them with their
@@ -550,6 +551,7 @@ def evaluate(
     with _progress(progress) as bar:
         metrics = evaluate_split(model, method, ds, dev, saliency=saliency,
                                  fractions=tuple(cfg.deletion_fractions), progress=bar,
+                                 deletion_fill=cfg.deletion_fill,
                                  explainer_kwargs=options.get(saliency))
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
                **_search_record(options)}

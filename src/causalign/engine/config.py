@@ -54,6 +54,10 @@ class TrainConfig:
     eval_saliency: str = "gradcam"
     deletion_fractions: list[float] = field(default_factory=lambda: [0.002, 0.01, 0.02, 0.1,
                                                                      0.2])
+    # the value deleted pixels take in the deletion metric: 0 is black for [0, 1] images, but
+    # water for CT in HU (air is -1000) and the mean for z-scored images; set it to the data's
+    # "nothing here" value, e.g. deletion_fill=-1000 for HU
+    deletion_fill: float = 0.0
     # Re-estimate BatchNorm running statistics on the training split (train-mode forward,
     # cumulative average) before each validation. With few steps per epoch the default
     # momentum-0.1 averages lag the weights and the eval-mode model can collapse to one class
@@ -138,6 +142,9 @@ class TrainConfig:
         metrics = ("balanced_accuracy", "accuracy", "auc", "loss")
         if self.select_metric not in metrics:  # it named neither the value nor a close one
             raise ConfigError(not_one_of("select_metric", self.select_metric, metrics))
+        if not math.isfinite(self.deletion_fill):  # refused here, not after training
+            raise ConfigError(f"deletion_fill must be a finite number, got "
+                              f"{self.deletion_fill!r}")
 
     def _normalise_types(self) -> None:
         # A TrainConfig built in Python is not type-checked by the dataclass: a string

@@ -155,7 +155,7 @@ def evaluate_split(
     model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
     saliency: str = "gradcam", fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.1, 0.2),
     batch_size: int = 128, progress: Progress | None = None,
-    explainer_kwargs: dict[str, Any] | None = None,
+    explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -173,13 +173,13 @@ def evaluate_split(
     """
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
-                               batch_size, progress, explainer_kwargs or {})
+                               batch_size, progress, explainer_kwargs or {}, deletion_fill)
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     device: torch.device | str, saliency: str, fractions: tuple[float, ...],
                     batch_size: int, progress: Progress | None,
-                    explainer_kwargs: dict[str, Any]) -> dict:
+                    explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -225,7 +225,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
             iou.append(i)
             dice.append(d)
         for frac, drop in deletion_scores(model, x, maps, pred, fractions,
-                                          logits=logits).items():
+                                          fill=deletion_fill, logits=logits).items():
             deletion[frac].append(drop)
         if task is not None:
             progress.advance(task, len(pred))

@@ -1226,7 +1226,8 @@ class Trainer:
         for name, ds in splits:
             metrics[name] = evaluate_split(
                 self.model, self.method, ds, self.device, saliency=self.cfg.eval_saliency,
-                fractions=tuple(self.cfg.deletion_fractions), progress=progress)
+                fractions=tuple(self.cfg.deletion_fractions), progress=progress,
+                deletion_fill=self.cfg.deletion_fill)
         train_acc = quick_metrics(self.model, self.method, self.train_set, self.device)
         metrics["train"] = {k: train_acc[k] for k in ("accuracy", "balanced_accuracy", "loss",
                                                        "n")}
