@@ -39,3 +39,30 @@ def test_readme_synth_commands_in_order_do_not_collide() -> None:
                 bad.append(f"{cmd}  (already written: {', '.join(map(str, clash))})")
             made.append(out)
     assert not bad, "synth into a non-empty folder:\n" + "\n".join(bad)
+
+
+def test_cf_localisation_commands_write_the_file_they_cite() -> None:
+    """cf_localisation.py writes --out (default benchmarks/results/cf_localisation.json) and
+    a .md beside it, replacing both. Three commands in docs/causal_align_investigation.md
+    gave no --out but cited another stored file (cf_localisation_eps, _pixel_vs_smooth,
+    interior_causes/cf_localisation_calcification): run as written they overwrote the
+    stored results of the 'where the change goes' table with another experiment."""
+    from test_readme_commands import DOCS
+
+    default = "benchmarks/results/cf_localisation"
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"\s+", " ", doc.read_text())
+        for m in re.finditer(r"`python benchmarks/cf_localisation\.py ([^`]*)`", text):
+            out = re.search(r"--out (\S+)", m.group(1))
+            if out and out.group(1).isupper():  # a placeholder (JSON): the reader chooses
+                continue
+            cited = re.search(r"`((?:benchmarks/results/)?[\w/]*cf_localisation[\w]*)\.",
+                              text[m.end():m.end() + 400])
+            if cited is None:
+                continue
+            written = out.group(1).rsplit(".", 1)[0] if out else default
+            if not written.endswith(cited.group(1)):
+                bad.append(f"{doc.name}: {m.group(0)[:70]}… writes {written}.*, "
+                           f"cites {cited.group(1)}")
+    assert not bad, "\n".join(bad)
