@@ -2,7 +2,7 @@
 
     python benchmarks/fd_hvp_probe.py [--seed 0] [--fd-eps 1e-2,1e-3,1e-4,1e-5]
         [--caps 3,10 (or "" for the products alone)] [--float64]
-        [--out benchmarks/results/fd_hvp_probe/seed0.json]
+        [--out benchmarks/results/fd_hvp_probe/seedS[_float64].json]
 
 The fixed-θ setting of `bench_causal_align.py` (its `setup`: the 7-layer CNN briefly trained
 by ERM on the plus-minus data, 16 aligned samples). The samples' x* is warm-started by
@@ -112,8 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--erm-steps", type=int, default=20)
     ap.add_argument("--float64", action="store_true",
                     help="model and images in float64: whether rounding causes the errors")
-    ap.add_argument("--out", default="benchmarks/results/fd_hvp_probe/seed0.json")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/fd_hvp_probe/seedS[_float64].json")
     a = ap.parse_args(argv)
+    # per seed and dtype, as the stored files are named: a fixed seed0.json let the runs of
+    # seeds 1 and 2 (and the float64 one) replace seed 0's results
+    a.out = a.out or (f"benchmarks/results/fd_hvp_probe/seed{a.seed}"
+                      f"{'_float64' if a.float64 else ''}.json")
     fd_steps = _positive_floats(a.fd_eps)
     caps = _counts(a.caps, 1) if a.caps else []
     if fd_steps is None:

@@ -66,3 +66,24 @@ def test_cf_localisation_commands_write_the_file_they_cite() -> None:
                 bad.append(f"{doc.name}: {m.group(0)[:70]}… writes {written}.*, "
                            f"cites {cited.group(1)}")
     assert not bad, "\n".join(bad)
+
+
+def test_fd_hvp_probe_default_out_follows_seed_and_dtype(tmp_path, monkeypatch) -> None:
+    """docs/causal_align_solvers.md runs `fd_hvp_probe.py --seed S` for seeds 0-2 and cites
+    fd_hvp_probe/seed{0,1,2}.json and seed0_float64.json, but --out defaulted to seed0.json
+    for every seed and dtype: seeds 1 and 2 (and the float64 run) replaced seed 0's file."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("fd_probe_docs",
+                                                  root / "benchmarks" / "fd_hvp_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.chdir(tmp_path)
+    small = ["--size", "32", "--align-batch", "2", "--erm-steps", "1", "--warm-visits", "1",
+             "--fd-eps", "1e-2", "--caps", "", "--directions", "1"]
+    mod.main(["--seed", "1", "--float64", *small])  # one run: both parts of the name
+    written = sorted(p.name for p in (tmp_path / "benchmarks/results/fd_hvp_probe").iterdir())
+    assert written == ["seed1_float64.json"]
