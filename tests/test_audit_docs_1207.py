@@ -87,3 +87,20 @@ def test_fd_hvp_probe_default_out_follows_seed_and_dtype(tmp_path, monkeypatch) 
     mod.main(["--seed", "1", "--float64", *small])  # one run: both parts of the name
     written = sorted(p.name for p in (tmp_path / "benchmarks/results/fd_hvp_probe").iterdir())
     assert written == ["seed1_float64.json"]
+
+
+def test_bench_causal_align_reruns_name_their_out() -> None:
+    """bench_causal_align.py's --out defaults to the stored default sweep
+    (benchmarks/results/causal_align_sweep.json), which a rerun with other options replaces
+    (finished rows are reused only for identical options). Six reruns in the docs whose
+    results are stored elsewhere (causal_align_sweep_rerun_2026-12-05/) gave no --out."""
+    from test_readme_commands import DOCS
+
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"\s+", " ", doc.read_text())
+        for m in re.finditer(r"`python benchmarks/bench_causal_align\.py([^`]*)`", text):
+            if "causal_align_sweep_rerun" in text[m.end():m.end() + 300] \
+                    and "--out" not in m.group(1):
+                bad.append(f"{doc.name}: {m.group(0)}")
+    assert not bad, "\n".join(bad)
