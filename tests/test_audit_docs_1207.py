@@ -103,4 +103,9 @@ def test_bench_causal_align_reruns_name_their_out() -> None:
             if "causal_align_sweep_rerun" in text[m.end():m.end() + 300] \
                     and "--out" not in m.group(1):
                 bad.append(f"{doc.name}: {m.group(0)}")
+        # the same for the step table: its default is the README's stored table
+        for m in re.finditer(r"`python benchmarks/causal_align_step_table\.py([^`]*)`", text):
+            if "causal_align_moonshot" in text[m.end():m.end() + 300] \
+                    and "--out" not in m.group(1):
+                bad.append(f"{doc.name}: {m.group(0)}")
     assert not bad, "\n".join(bad)
