@@ -129,3 +129,14 @@ def test_folder_import_refuses_a_score_column_whose_most_common_score_is_1(tmp_p
     assert rc == 2 and len(err) == 1, err
     assert "attr_spiculation holds scores" in err[0] and "7 of 20" in err[0]
     assert not (tmp_path / "out" / "dataset.yaml").exists()
+
+
+def test_cub_class_selection_names_its_own_flag_for_a_reversed_range() -> None:
+    # the class list's copy of the range check said "--cub-attributes" for `--classes 15-1`
+    from causalign.data.importers.cub import select_classes
+    from causalign.errors import DataError
+
+    classes = {str(i): f"{i:03d}.Bird_{i}" for i in range(1, 21)}
+    assert select_classes("1-2,bird_5", classes) == ["1", "2", "5"]
+    with pytest.raises(DataError, match="^--classes: empty id range '15-1'"):
+        select_classes("15-1,3", classes)

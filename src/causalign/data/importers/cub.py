@@ -126,6 +126,19 @@ def read_attribute_names(root: Path) -> dict[str, str]:
     return {k: v[0] for k, v in read_table(path, 1).items()}
 
 
+def _token_ids(tok: str, by_name: dict[str, str], flag: str) -> list[str]:
+    """The ids one token of an id list names: 'low-high', an id, or a name in ``by_name``
+    ("" for an unknown name, which the caller refuses)."""
+    m = re.fullmatch(r"(\d+)-(\d+)", tok)
+    if m and int(m.group(1)) > int(m.group(2)):
+        # '15-1' selected nothing and, beside another token, was dropped without a word
+        raise DataError(f"{flag}: empty id range '{tok}' (write low-high, "
+                        f"e.g. {m.group(2)}-{m.group(1)})")
+    if m:
+        return [str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)]
+    return [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")]
+
+
 def select_attributes(spec: str, names: dict[str, str]) -> list[str]:
     """Attribute ids chosen by 'all' or '1-15,has_wing_color::blue', in id order."""
     if spec.strip().lower() == "all":
@@ -133,13 +146,7 @@ def select_attributes(spec: str, names: dict[str, str]) -> list[str]:
     by_name = {v.lower(): k for k, v in names.items()}
     chosen: set[str] = set()
     for tok in parse_list(spec):
-        m = re.fullmatch(r"(\d+)-(\d+)", tok)
-        if m and int(m.group(1)) > int(m.group(2)):
-            # '15-1' selected nothing and, beside another token, was dropped without a word
-            raise DataError(f"--cub-attributes: empty id range '{tok}' (write low-high, "
-                            f"e.g. {m.group(2)}-{m.group(1)})")
-        ids = ([str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m
-               else [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")])
+        ids = _token_ids(tok, by_name, "--cub-attributes")
         for aid in ids:
             if aid not in names:
                 raise DataError(f"--cub-attributes: unknown CUB attribute '{tok}' (ids "
@@ -198,13 +205,7 @@ def select_classes(spec: str, classes: dict[str, str]) -> list[str]:
         by_name[re.sub(r"^\d+\.", "", folder).lower()] = cid
     chosen: list[str] = []
     for tok in parse_list(spec):
-        m = re.fullmatch(r"(\d+)-(\d+)", tok)
-        if m and int(m.group(1)) > int(m.group(2)):
-            # '15-1' selected nothing and, beside another token, was dropped without a word
-            raise DataError(f"--cub-attributes: empty id range '{tok}' (write low-high, "
-                            f"e.g. {m.group(2)}-{m.group(1)})")
-        ids = ([str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)] if m
-               else [str(int(tok))] if tok.isdigit() else [by_name.get(tok.lower(), "")])
+        ids = _token_ids(tok, by_name, "--classes")
         for cid in ids:
             if cid not in classes:
                 raise DataError(f"--classes: unknown CUB class '{tok}' "
