@@ -1259,9 +1259,10 @@ class CausalAlign(Method):
             # step and every sample was dropped, a zero alignment term. A few float32 misses
             # (hier-align's image level: 0-2 % of a step's samples) stay dropped samples, and
             # a cap the user set is kept as asked.
-            capped = p.cg_iters == 0 and 2 * int(_unconverged(out.cg, ok).sum()) > int(ok.sum())
-            if p.negative_curvature == "gauss-newton" and (bool(_curved(out.cg, ok).any())
-                                                           or capped):
+            # One host sync for both tests (the step's hot path), none under damping.
+            if p.negative_curvature == "gauss-newton" and bool(
+                    _curved(out.cg, ok).any()
+                    | ((p.cg_iters == 0) & (2 * _unconverged(out.cg, ok).sum() > ok.sum()))):
                 self.gn_streak += 1
                 self.gn_switched = 0 < p.gn_switch <= self.gn_streak
                 grads, stats = self._implicit_gauss_newton(prob, u_star, outer, ok,
