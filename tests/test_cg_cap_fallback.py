@@ -69,3 +69,23 @@ def test_a_piecewise_linear_classifier_still_solves_by_cg():
     _, parts = _alignment_grad(model, _batch(0))
     assert float(parts["cg_converged"]) == 1.0
     assert float(parts["gn_fallback"]) == 0.0
+
+
+def test_under_damping_a_smooth_classifier_raises_the_damping_instead():
+    # negative_curvature=damping never takes the Gauss-Newton solve: a step missing the auto
+    # cap raised nothing before and dropped every sample (a zero alignment term)
+    model, batch = _tanh_mlp(2), _batch(2)
+    grad, parts = _alignment_grad(model, batch, negative_curvature="damping")
+    assert float(parts["cg_dropped"]) == 0.0  # was 1.0
+    assert float(parts["gn_fallback"]) == 0.0
+    assert float(parts["damping"]) > 0.01  # raised from the default, and recorded
+    ref, ref_parts = _alignment_grad(model, batch, cg_iters=300, cg_tol=1e-7)
+    assert float(ref_parts["gn_fallback"]) == 0.0 and float(ref_parts["cg_converged"]) == 1.0
+    assert float(torch.nn.functional.cosine_similarity(grad, ref, 0)) > 0.95
+
+
+def test_under_damping_a_cap_the_user_set_is_kept():
+    _, parts = _alignment_grad(_tanh_mlp(2), _batch(2), negative_curvature="damping",
+                               cg_iters=3)
+    assert float(parts["cg_dropped"]) == 1.0
+    assert float(parts["damping"]) == 0.01
