@@ -84,6 +84,15 @@ def test_bench_step_prints_contract(capsys):
                         "method.lam=5")
     assert rc == 0, err
     assert json.loads(out)["method_args"] == {"lam": 5}  # the settings timed are recorded
+    # one parameter spelt both ways: the last one won silently
+    rc, _, err = _run(capsys, "bench", "step", "--method", "rrr", "--size", "32", "--steps",
+                      "1", "--set", "lam=3", "--set", "method.lam=4")
+    _assert_user_error(rc, err, "--set method.lam given twice (3 and 4, as 'lam' and "
+                                "'method.lam'); give one")
+    rc, out, err = _run(capsys, "bench", "step", "--method", "rrr", "--size", "32",
+                        "--batch-size", "4", "--steps", "1", "--warmup", "0", "--set",
+                        "lam=1e-3", "--set", "method.lam=0.001")
+    assert rc == 0 and json.loads(out)["method_args"] == {"lam": 0.001}, err
 
 
 def test_bench_step_times_a_many_class_model(capsys, monkeypatch):

@@ -994,12 +994,18 @@ def bench_step_cmd(
     import torch
 
     from .engine.bench import bench_step
-    from .engine.config import parse_set
+    from .engine.config import _same_setting, parse_set
 
     if threads < 0:
         raise CausalignError(f"--threads must be >= 0 (0: torch's default), got {threads}")
-    args = {k.split(".", 1)[1] if k.startswith("method.") else k: v
-            for k, v in parse_set(set_ or []).items()}
+    args: dict[str, object] = {}
+    for key, value in parse_set(set_ or []).items():
+        name = key.split(".", 1)[1] if key.startswith("method.") else key
+        # `--set steps=3 --set method.steps=4`: one parameter, and the last one won silently
+        if name in args and not _same_setting(args[name], value):
+            raise CausalignError(f"--set method.{name} given twice ({args[name]!r} and "
+                                 f"{value!r}, as '{name}' and 'method.{name}'); give one")
+        args[name] = value
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
