@@ -269,3 +269,19 @@ def test_a_second_suite_in_the_same_out_says_it_replaces_the_tables(tmp_path, mo
                                          r"results.csv, tables.md and report.html now show "
                                          r"suite 'other'"):
         bm.run_suite(second, out, progress=False, report=False, log=lambda _: None)
+
+
+@pytest.mark.parametrize("body, needle", [
+    # an empty settings list ran the default setting (an empty seeds list is refused)
+    ("experiments:\n  t1: {datasets: [pm], methods: [erm], settings: []}\n",
+     "experiment 't1': settings is empty (omit it for one 'default' setting)"),
+    ("experiments:\n  t1: {datasets: [pm], methods: [erm], settings: {}}\n",
+     "experiment 't1': settings is empty"),
+    # `title:` headed the table "None", `label:` named the method's row "None"
+    ("experiments:\n  t1: {datasets: [pm], methods: [erm], title: }\n",
+     "experiment 't1': title is empty (omit it to use the experiment's name)"),
+    ("experiments:\n  t1: {datasets: [pm], methods: [{name: erm, label: }]}\n",
+     "experiment 't1': method 'erm': label is empty (omit it to use the method's name)"),
+])
+def test_an_empty_title_label_or_settings_is_refused(tmp_path, capsys, body, needle):
+    _refused(tmp_path, capsys, _write(tmp_path, body), needle)

@@ -236,6 +236,10 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
                                       f"config keys to values")
                 _no_run_axes(m.get("set") or {}, f"experiment '{ename}': method "
                                                  f"'{m['name']}' set")
+                if "label" in m and (m["label"] is None or not str(m["label"]).strip()):
+                    # `label:` made the method's row "None"
+                    raise ConfigError(f"experiment '{ename}': method '{m['name']}': label is "
+                                      f"empty (omit it to use the method's name)")
                 methods.append(MethodSpec(str(m["name"]), str(m.get("label", m["name"])),
                                           dict(m.get("set") or {})))
             else:
@@ -258,6 +262,9 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         seeds = [_seed(s, ename) for s in _as_list(e.get("seeds", [0]), f"{ename}.seeds")]
         if not seeds:
             raise ConfigError(f"experiment '{ename}': seeds is empty (omit it for seed 0)")
+        if "settings" in e and not e["settings"]:  # as an empty seeds list: not the default
+            raise ConfigError(f"experiment '{ename}': settings is empty (omit it for one "
+                              f"'default' setting)")
         settings = e.get("settings") or {"default": {}}
         if not isinstance(settings, dict) or not all(isinstance(v, dict) or v is None
                                                      for v in settings.values()):
@@ -278,6 +285,10 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
         _check_run_keys(ename, defaults, methods, settings, metrics)
         no_duplicates([str(x) for x in seeds], f"experiment '{ename}': seed")
         _check_reference(ename, e.get("reference"))
+        if "title" in e and (e["title"] is None or not str(e["title"]).strip()):
+            # `title:` gave the table the heading "None"
+            raise ConfigError(f"experiment '{ename}': title is empty (omit it to use the "
+                              f"experiment's name)")
         experiments.append(Experiment(ename, str(e.get("title", ename)), ds, methods, seeds,
                                       settings, rows, metrics, e.get("reference")))
     return Suite(str(raw.get("name", name)), str(raw.get("description", "")), defaults,
