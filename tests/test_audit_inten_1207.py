@@ -84,3 +84,25 @@ def test_deletion_fill_reaches_the_metric_and_is_checked(tmp_path):
         assert "deletion_fill must be a finite number" in str(e)
     else:
         raise AssertionError("a NaN deletion_fill was accepted")
+
+
+def test_the_low_flip_hint_names_the_intensity_scale() -> None:
+    """`causalign counterfactual` on HU data flipped none and blamed only α and --steps; the
+    searches had moved x* by thousandths of a HU, because --lr is in [0, 1] units."""
+    from types import SimpleNamespace
+
+    from causalign.cli import _low_flip_warning
+
+    def line(lo: float, hi: float, space: str = "pixel") -> str:
+        summary = {"n_generated": 4, "flip_rate": 0.0, "n_diverged": 0,
+                   "mean_target_prob": 0.4, "valid_range": [lo, hi],
+                   "samples": [{"flipped": False, "diverged": False, "distance": 0.01}] * 4}
+        settings = SimpleNamespace(alpha=0.01, steps=100, lr=0.01, optimizer="adam",
+                                   space=space)
+        return _low_flip_warning(summary, settings, None, None) or ""
+
+    hu = line(-1000.0, 400.0)
+    assert "the images span -1000..400" in hu and "--lr (0.01)" in hu, hu
+    assert "smaller --alpha" in hu  # the other remedies stay
+    for sane in (line(0.0, 1.0), line(-3.0, 4.0), line(-1000.0, 400.0, "latent")):
+        assert sane and "images span" not in sane

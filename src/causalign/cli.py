@@ -824,6 +824,14 @@ def _low_flip_warning(summary: dict, settings: Any, ae_mse: float | None,
                 f"{stuck} search(es) never left x: --lr {settings.lr:g} steps past the images' "
                 f"whole intensity range ({hi - lo:g}), so every step overshot and none improved "
                 f"on the start; try a smaller --lr (default 0.01)")
+    from .methods.causal_align import INTENSITY_SPAN_WARN
+
+    if settings.space != "latent" and hi - lo > INTENSITY_SPAN_WARN:
+        # HU / 0..255 data: --lr and --alpha are in units of a [0, 1] image, so x* hardly
+        # moves (a 10-step search moved 0.004 HU), and the line blamed only α and --steps
+        hint += (f"; the images span {lo:g}..{hi:g}, but --lr ({settings.lr:g}) and --alpha "
+                 f"are in units of [0, 1] images: rescale the images to [0, 1], or scale "
+                 f"--lr up and --alpha down with the range")
     if settings.space == "latent" and ae_mse is not None and train_images is not None:
         from .explain.counterfactual_export import mean_pixel_variance
 
