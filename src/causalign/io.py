@@ -285,7 +285,7 @@ class FolderInUse(CausalignError):
     """Another process (or thread) is writing the folder."""
 
 
-def _in_use(folder: Path, path: str, who: str) -> FolderInUse:
+def _in_use(folder: str | os.PathLike[str], path: str, who: str) -> FolderInUse:
     try:  # what the holder wrote: pid, host, command (empty if caught before it wrote)
         with open(path, encoding="utf-8", errors="replace") as fh:
             holder = " ".join(fh.read(500).split())

@@ -29,6 +29,8 @@ from ..metrics import (
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from .distributed import Shard
+
 # Saliency methods that cannot explain the volume model: Grad-CAM's layer sees slices, not
 # volumes, and zennit has rules for none of MultiViewCNN's attention pooling except via
 # lrp-epsilon's modified gradient (explain/lrp.py).
@@ -37,7 +39,7 @@ VOLUME_UNSUPPORTED = ("gradcam", "lrp-alpha-beta", "lrp-flat", "lrp-gamma", "lrp
 
 
 def iterate_batches(
-    dataset: LesionDataset, batch_size: int, shuffle: bool = False,
+    dataset: LesionDataset | Shard, batch_size: int, shuffle: bool = False,
     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
     drop_last: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
@@ -83,7 +85,7 @@ EVAL_VALUES_PER_BATCH = 2 ** 21
 EVAL_VALUES_PER_BATCH_CPU = 2 ** 18
 
 
-def eval_batch_size(dataset: LesionDataset, batch_size: int,
+def eval_batch_size(dataset: LesionDataset | Shard, batch_size: int,
                     device: torch.device | str | None = None) -> int:
     """``batch_size`` capped so a batch holds at most `EVAL_VALUES_PER_BATCH` input values
     (`EVAL_VALUES_PER_BATCH_CPU` when `device` is the CPU). Evaluation in eval mode is
@@ -108,7 +110,8 @@ def _is_cpu(device: torch.device | str | None) -> bool:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, method: Method, dataset: LesionDataset, device: torch.device | str,
+def predict(model: nn.Module, method: Method, dataset: LesionDataset | Shard,
+            device: torch.device | str,
             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
     """Class probabilities, labels and mean cross-entropy over the split, in eval mode (every
     module's train/eval flag restored). Results stay on the device until the end: one host

@@ -479,7 +479,7 @@ def _unconverged(cg, ok: Tensor) -> Tensor:
 
 def _finite_or_subset(grads: tuple[Tensor, ...], prob: InnerProblem, u_star: Tensor,
                       outer: Tensor, adjoint: Callable[[], Tensor], ok: Tensor, failed: Tensor,
-                      params: list[Tensor]) -> tuple[tuple[Tensor, ...], Tensor]:
+                      params: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], Tensor]:
     """`_finite_or_dropped`, per sample where possible. The mixed product −∂θ(∇ₓT·v) runs
     over the whole batch, so one sample whose terms are NaN/inf poisons every parameter's
     gradient even with its v zeroed (0·NaN = NaN in the backward): the product is taken
@@ -1176,7 +1176,7 @@ class CausalAlign(Method):
         return auto_cg_iters(self._outputs[1], soft=False, curved_map=curved)
 
     def _implicit_gauss_newton(self, prob: InnerProblem, u_star: Tensor, outer: Tensor,
-                               ok: Tensor, params: list[Tensor],
+                               ok: Tensor, params: Sequence[Tensor],
                                terms: Callable[[Tensor], Tensor], seen: list[Tensor]
                                ) -> tuple[tuple[Tensor, ...], dict]:
         """`hvp=gauss-newton`: v = (JᵀSJ + α∇²d + δI)⁻¹∇L by Woodbury, then the exact mixed
@@ -1204,7 +1204,7 @@ class CausalAlign(Method):
         return stats
 
     def _implicit(self, model: nn.Module, res: CounterfactualResult, outer: Tensor,
-                  ok: Tensor, params: list[Tensor], bn_stats: dict | None
+                  ok: Tensor, params: Sequence[Tensor], bn_stats: dict | None
                   ) -> tuple[tuple[Tensor, ...], dict]:
         p = self.params
         prob = res.problem
