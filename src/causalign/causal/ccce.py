@@ -255,7 +255,8 @@ def monotonicity_check(a: np.ndarray, y: np.ndarray, names: list[str],
     (small L2, so a separable label stays finite): all weights ≥ 0 against unconstrained
     (``p_value``); where that is rejected at ``level``, each attribute with a negative
     unconstrained weight (the ``max_tested`` most negative) by itself (its weight ≥ 0
-    against free, the others free, one degree of freedom). ``violating``: those rejected,
+    against free, the others free, one degree of freedom; Holm's step-down at ``level`` over
+    the negatively weighted attributes, family-wise). ``violating``: those rejected,
     name → unconstrained weight. Their CCCE is ≤ 0 by construction, so they are never
     attributed however strongly they predict the label (LIDC's calcification, a benign
     sign, as imported: 1 = calcified); recode them as 1 − a."""
@@ -276,12 +277,19 @@ def monotonicity_check(a: np.ndarray, y: np.ndarray, names: list[str],
     out["p_value"] = float(chi2.sf(max(2.0 * n * (mono_loss - free_loss), 0.0), len(neg)))
     if out["p_value"] >= level:
         return out
+    tested = []
     for j in neg[np.argsort(w[neg], kind="stable")][:max_tested]:
         one = np.zeros(p, bool)
         one[j] = True
         loss_j, _ = _penalised_logistic(ab, yk, one)
-        if chi2.sf(max(2.0 * n * (loss_j - free_loss), 0.0), 1) < level:
-            out["violating"][names[j]] = float(w[j])
+        tested.append((float(chi2.sf(max(2.0 * n * (loss_j - free_loss), 0.0), 1)), int(j)))
+    # Holm's step-down over every negatively weighted attribute (the untested ones count):
+    # each at `level` alone flagged 0.59 null attributes per run beside one true violator
+    # (30 attributes, n 400), every one a recoding suggestion the user would act on
+    for rank, (pv, j) in enumerate(sorted(tested)):
+        if pv >= level / (len(neg) - rank):
+            break
+        out["violating"][names[j]] = float(w[j])
     return out
 
 
