@@ -22,7 +22,7 @@ def test_benchmark_stops_at_an_interrupt_hidden_behind_a_clean_up_error(tmp_path
     # next run started, so Ctrl-C did not stop the benchmark
     calls = []
 
-    def run_one(spec, data, run_dir):
+    def run_one(spec, data, run_dir, digests=None):
         calls.append(spec.key)
         try:
             raise KeyboardInterrupt
@@ -146,7 +146,7 @@ def test_an_atomic_write_inside_a_callers_ctrl_c_handler_raises_its_own_error(tm
 
 def test_a_benchmark_inside_a_callers_ctrl_c_handler_records_failed_runs(tmp_path,
                                                                         monkeypatch):
-    def run_one(spec, data, run_dir):
+    def run_one(spec, data, run_dir, digests=None):
         raise RuntimeError("a real failure")
 
     monkeypatch.setattr(bm, "prepare_dataset", lambda suite, name, out: tmp_path)

@@ -236,7 +236,7 @@ def test_a_runs_seconds_leave_out_generating_its_dataset(tmp_path, monkeypatch):
         time.sleep(0.6)
         root.mkdir(parents=True)
 
-    def fake_run(spec, data, run_dir):
+    def fake_run(spec, data, run_dir, digests=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         return {"method": spec.method, "test": {"accuracy": 0.5}}
 
@@ -250,7 +250,7 @@ def test_a_runs_seconds_leave_out_generating_its_dataset(tmp_path, monkeypatch):
 
 
 def test_a_second_suite_in_the_same_out_says_it_replaces_the_tables(tmp_path, monkeypatch):
-    def fake_run(spec, data, run_dir):
+    def fake_run(spec, data, run_dir, digests=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         return {"method": spec.method, "test": {"accuracy": 0.5}}
 
@@ -285,3 +285,30 @@ def test_a_second_suite_in_the_same_out_says_it_replaces_the_tables(tmp_path, mo
 ])
 def test_an_empty_title_label_or_settings_is_refused(tmp_path, capsys, body, needle):
     _refused(tmp_path, capsys, _write(tmp_path, body), needle)
+
+
+def test_a_dataset_unreadable_at_first_is_compared_once_readable(tmp_path, monkeypatch):
+    # the benchmark's digest cache kept "no digest" for a dataset whose pixels it could not
+    # read on first sight (same manifest), so it was never compared again in that benchmark
+    from causalign.engine import provenance
+
+    _folder_dataset(tmp_path / "a", seed=0)
+    _folder_dataset(tmp_path / "b", seed=1)  # same manifest, other pixels
+    out = tmp_path / "out"
+    head = ("defaults: {epochs: 1, width: 4, batch_size: 8, threads: 1, "
+            "eval_saliency: gradient}\ndatasets:\n  toy: {path: a}\n")
+    suite = bm.load_suite(_write(tmp_path, "experiments:\n  t: {datasets: [toy], "
+                                           "methods: [erm]}\n", head))
+    (rec,) = bm.run_suite(suite, out, progress=False, report=False, log=lambda _: None
+                          )["runs"]
+    run_dir, digests = out / rec["run_dir"], {}
+    real = provenance.content_digest
+
+    def unreadable(*args, **kwargs):
+        raise OSError("image being copied")
+
+    monkeypatch.setattr(provenance, "content_digest", unreadable)
+    assert bm._data_diff(run_dir, tmp_path / "b", digests) is None  # cannot tell yet
+    monkeypatch.setattr(provenance, "content_digest", real)
+    assert "images, masks or labels differ" in (
+        bm._data_diff(run_dir, tmp_path / "b", digests) or "")

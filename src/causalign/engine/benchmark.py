@@ -745,8 +745,9 @@ def _data_diff(run_dir: Path, data: Path, digests: dict[str, str | None] | None 
                 digests[key] = content_digest((LesionDataset(data, "train"),
                                                LesionDataset(data, "val"),
                                                _optional_split(data, "test")))
-            except Exception:  # unreadable now: the run that trains on it says why
-                digests[key] = None
+            except Exception:  # unreadable now: the run that trains on it says why; not
+                # cached, so a folder generated later in the benchmark is still compared
+                return None
         if digests[key] is not None and digests[key] != content:
             what = "same manifest, but its images, masks or labels differ"
     if what is None:
@@ -755,13 +756,10 @@ def _data_diff(run_dir: Path, data: Path, digests: dict[str, str | None] | None 
             f"({stored.get('data')}: {what}); delete it or use another --out")
 
 
-# content digest per dataset folder, read once per benchmark (`_data_diff`); reset by
-# `_run_suite`, so data rewritten between two benchmarks of one process is read again
-_DIGESTS: dict[str, str | None] = {}
-
-
-def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
-    """Train (or resume, or just collect) one run; returns its metrics."""
+def run_one(spec: RunSpec, data: Path, run_dir: Path,
+            digests: dict[str, str | None] | None = None) -> dict:
+    """Train (or resume, or just collect) one run; returns its metrics. ``digests``: the
+    benchmark's content digest per dataset folder (`_data_diff`), so each is read once."""
     from .trainer import CHECKPOINT, settings_diff, train
 
     done = run_dir / "metrics.json"
@@ -770,7 +768,7 @@ def run_one(spec: RunSpec, data: Path, run_dir: Path) -> dict:
         if diffs:
             raise ConfigError(f"{run_dir} holds a finished run with other settings "
                               f"({'; '.join(diffs)}); delete it or use another --out")
-        other = _data_diff(run_dir, data, _DIGESTS)
+        other = _data_diff(run_dir, data, digests)
         if other:
             raise ConfigError(other)
         m = _load_json(done)
@@ -884,9 +882,11 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
     # tables still show the suite's other runs finished in OUT (they were dropped)
     whole = _whole_suite(suite)
     whole_specs = plan(whole, extra) if whole is not None else None
-    _DIGESTS.clear()
+    # content digest per dataset folder, read once per benchmark (a module-level cache kept
+    # data rewritten between two benchmarks of one process until it was reset)
+    digests: dict[str, str | None] = {}
     earlier, left_out = (_earlier_runs(whole, whole_specs, {s.key for s in specs}, out,
-                                       suite.origin, _DIGESTS)
+                                       suite.origin, digests)
                          if whole is not None and whole_specs is not None else ({}, 0))
 
     def shown(recs: list[dict]) -> tuple[Suite, list[dict]]:
@@ -942,7 +942,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                     # a run resumed from its checkpoint: add the epochs trained before the
                     # interruption (only this invocation's part was counted, ~half of it)
                     before = _history_seconds(run_dir) if fresh else 0.0
-                    metrics = run_one(spec, data_paths[spec.dataset], run_dir)
+                    metrics = run_one(spec, data_paths[spec.dataset], run_dir, digests)
                     if fresh:
                         seconds = time.perf_counter() - started + before
                         atomic_write_json(run_dir / "benchmark_run.json",
