@@ -312,3 +312,30 @@ def test_a_dataset_unreadable_at_first_is_compared_once_readable(tmp_path, monke
     monkeypatch.setattr(provenance, "content_digest", real)
     assert "images, masks or labels differ" in (
         bm._data_diff(run_dir, tmp_path / "b", digests) or "")
+
+
+def test_editing_the_first_of_two_colliding_runs_keeps_the_others_finished_run(tmp_path):
+    # t1 and t2 shared one erm run (runs/toy/erm/seed0). Editing t1's erm `set:` gave the
+    # edited run that folder (first in suite order), where it was refused as "a finished run
+    # with other settings", and t2's unchanged erm retrained under runs/toy/erm-<hash>/
+    _folder_dataset(tmp_path / "a", seed=0)
+    out = tmp_path / "out"
+    head = ("defaults: {epochs: 1, width: 4, batch_size: 8, threads: 1, "
+            "eval_saliency: gradient}\ndatasets:\n  toy: {path: a}\n")
+
+    def run(t1_method: str) -> dict:
+        body = (f"experiments:\n  t1: {{datasets: [toy], methods: [{t1_method}]}}\n"
+                "  t2: {datasets: [toy], methods: [erm]}\n")
+        suite = bm.load_suite(_write(tmp_path, body, head))
+        recs = bm.run_suite(suite, out, progress=False, report=False, log=lambda _: None
+                            )["runs"]
+        return {tuple(r["experiments"]): r for r in recs}
+
+    first = run("erm")
+    (shared,) = first.values()
+    assert shared["trained_now"] and shared["run_dir"] == "runs/toy/erm/seed0"
+    second = run("{name: erm, set: {lr: 0.002}}")
+    assert {k: (r["status"], r["trained_now"]) for k, r in second.items()} == {
+        ("t1",): ("done", True), ("t2",): ("done", False)}, second
+    assert second[("t2",)]["run_dir"] == "runs/toy/erm/seed0"  # the finished run, reused
+    assert second[("t1",)]["run_dir"].startswith("runs/toy/erm-")

@@ -514,10 +514,12 @@ def extra_for_method(extra: dict[str, Any] | None, method: str) -> dict[str, Any
     return {**plain, **mine}
 
 
-def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
+def plan(suite: Suite, extra: dict[str, Any] | None = None, out: Path | None = None
+         ) -> list[RunSpec]:
     """Every distinct run of the suite, in order; duplicates across experiments merged.
 
-    A method parameter in ``extra`` (--set method.<p>) goes to the methods that have it."""
+    A method parameter in ``extra`` (--set method.<p>) goes to the methods that have it.
+    With ``out``, a finished run keeps its folder (`_keep_finished_folders`)."""
     from ..methods.base import build_method, method_names, resolved_params
     from ..models import resolved_model_args
 
@@ -527,7 +529,9 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
     # keys are folders: labels 'ERM' and 'erm' gave two runs one folder on macOS/Windows
     folded: set[str] = set()
     # a selection's runs take the folders the whole suite gives them (Suite.full)
-    full_keys = {s.config_hash: s.key for s in plan(suite.full, extra)} if suite.full else {}
+    full_keys = ({s.config_hash: s.key for s in plan(suite.full, extra, out)}
+                 if suite.full else {})
+    plain_keys: dict[str, str] = {}  # a colliding run's suffixed folder -> the plain one
     for e in suite.experiments:
         for d in e.datasets:
             for m in e.methods:
@@ -576,7 +580,9 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                         name = _slug(m.label) + ("" if sname == "default" else f"@{_slug(sname)}")
                         key = full_keys.get(h) or f"{_slug(d)}/{name}/seed{seed}"
                         if key.casefold() in folded:
+                            plain = key
                             key = f"{_slug(d)}/{name}-{named[:6]}/seed{seed}"
+                            plain_keys[key] = plain
                         skip = None
                         if m.name not in registered:
                             skip = (f"method '{m.name}' is not registered in this version of "
@@ -587,7 +593,30 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None) -> list[RunSpec]:
                         runs[key] = spec
                         folded.add(key.casefold())
                         by_hash[h] = key
+    if out is not None and not suite.full:
+        _keep_finished_folders(runs, plain_keys, out)
     return list(runs.values())
+
+
+def _keep_finished_folders(runs: dict[str, RunSpec], plain_keys: dict[str, str], out: Path
+                           ) -> None:
+    """Two runs that would share a folder: the first in suite order takes the plain one, the
+    other a suffixed one. After an edit to the first (its `set:`), the plain folder's
+    finished run belonged to the other: the edited run was refused there ("a finished run
+    with other settings") and the unchanged one retrained under the suffix. Swap them."""
+    from .trainer import CHECKPOINT, settings_diff
+
+    for suffixed, plain in plain_keys.items():
+        moved, holder = runs.get(suffixed), runs.get(plain)
+        if moved is None or holder is None or moved.config is None or holder.config is None:
+            continue
+        run_dir = out / "runs" / plain
+        if (_settings_diff(run_dir, holder.config, settings_diff, CHECKPOINT)
+                and _settings_diff(run_dir, moved.config, settings_diff, CHECKPOINT) == []):
+            moved.key, holder.key = plain, suffixed
+    order = list(runs.values())
+    runs.clear()
+    runs.update((spec.key, spec) for spec in order)
 
 
 # ---------------------------------------------------------------------------- running
@@ -817,7 +846,7 @@ def _check_extra(suite: Suite, extra: dict[str, Any], specs: list[RunSpec],
         return {(e, lab, st, spec.dataset, spec.seed) for e, rl in spec.roles.items()
                 for lab, st in rl}
 
-    base = plan(suite)
+    base = plan(suite, out=out)
     fine = set().union(*[roles(s) for s in base if not s.error])
     for spec in specs:
         if spec.error and roles(spec) & fine:
@@ -869,7 +898,7 @@ def run_suite(suite: Suite, out: str | Path, extra: dict[str, Any] | None = None
 
 def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: bool,
                report: bool, log: Callable[[str], None]) -> dict:
-    specs = plan(suite, extra)
+    specs = plan(suite, extra, out)
     if extra:
         # an unknown key or bad value in --set would fail every run alike, and overwrite
         # results.json/tables.md of a finished OUT with failures: stop before any output
@@ -881,7 +910,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
     # a selection (--only/--methods/--seeds/--datasets) decides what runs now; results and
     # tables still show the suite's other runs finished in OUT (they were dropped)
     whole = _whole_suite(suite)
-    whole_specs = plan(whole, extra) if whole is not None else None
+    whole_specs = plan(whole, extra, out) if whole is not None else None
     # content digest per dataset folder, read once per benchmark (a module-level cache kept
     # data rewritten between two benchmarks of one process until it was reset)
     digests: dict[str, str | None] = {}
