@@ -16,10 +16,14 @@ Choices, and what they mean for users:
 * ReLU, LeakyReLU, PReLU, Hardshrink are positively homogeneous per piece: g(z)/z is their
   Jacobian, so they need no hook and functional calls (``F.relu``) are fine. PyTorch's ReLU
   gate is 1{z > 0} where the paper writes 1{z ≥ 0}; they differ only where z == 0 exactly.
-* Other activations are rescaled only when they are ``nn.Module`` instances (nn.Sigmoid,
-  nn.GELU, ...). A functional call (``torch.sigmoid``, ``F.gelu``) inside a ``forward`` cannot be
-  seen by a hook: it back-propagates its true derivative g'(z), i.e. that layer gets the
-  gradient rule instead of the rescale rule.
+* Other activations are rescaled as ``nn.Module`` instances (nn.Sigmoid, nn.GELU, ...) by
+  forward hooks and, in `wbp_weights` (the WBP explainer, PPI), as functional calls too
+  (``torch.sigmoid``, ``x.tanh()``, ``F.gelu``, ``F.silu``, ...: `_FUNCTIONAL`) through a torch
+  function mode around the forward pass. Without it a functional activation back-propagated its
+  true derivative g'(z): a GELU MLP written with ``F.gelu`` got a different map from the same
+  weights with ``nn.GELU`` (0.04 of a 0.1 map), labelled WBP. In-place functional calls
+  (``inplace=True``, ``sigmoid_``) are not rescaled: they overwrite the z the rule needs.
+  `wbp_mode` on its own (a user's own forward and backward) hooks modules only.
 * Activations with g(0) ≠ 0 (Sigmoid, Hardsigmoid, Softplus, LogSigmoid) have no finite
   g(z)/z at z = 0: 0.5/z would let pre-activations near zero dominate the map. Their constant
   g(0) does not interact with the input, so, like a bias, it is left out:
@@ -34,10 +38,12 @@ Choices, and what they mean for users:
   independent); every module's previous train/eval flag is restored afterwards.
 * Nonlinear modules with no rule in the paper (LayerNorm, GroupNorm, instance statistics,
   attention, softmax, GLU, bilinear: `unsupported_layers`) are refused with one line naming
-  them: back-propagating their true derivative would give a gradient map labelled WBP. Their
-  functional forms, and products of two input-dependent tensors in a ``forward`` (the gates
-  of squeeze-excitation blocks in EfficientNet and MobileNetV3, ``scale * x``), cannot be
-  seen and get the gradient (product) rule, as functional activations do.
+  them: back-propagating their true derivative would give a gradient map labelled WBP. So are
+  the functional normalisations and attention (``F.layer_norm``, ``F.group_norm``,
+  ``F.scaled_dot_product_attention``, ...: `_FUNCTIONAL_NO_RULE`) when `wbp_weights` sees one
+  in the forward pass. Functional softmax (the multi-view CNN's pooling over slices) and
+  products of two input-dependent tensors in a ``forward`` (the gates of squeeze-excitation
+  blocks in EfficientNet and MobileNetV3, ``scale * x``) get the gradient (product) rule.
 """
 
 from __future__ import annotations
@@ -47,7 +53,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError
 from .base import (
@@ -269,9 +277,86 @@ def _make_hook(
         z = args[0]
         if not (z.requires_grad or output.requires_grad):
             return None  # nothing will flow through here
+        if getattr(output.grad_fn, "_forward_cls", None) is _RescaledBackward:
+            return None  # its functional call inside forward was rescaled (`_Functional`)
         return _RescaledBackward.apply(z, output, rule, phase)
 
     return hook
+
+
+# Functional activations (as torch hands them to a function mode) -> (module equivalent built
+# from the call's keyword arguments: its rescale rule is the module's, closed forms included;
+# the keyword arguments that mean an in-place call).
+_FUNCTIONAL: dict[Callable, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
+    F.gelu: (lambda approximate="none": nn.GELU(approximate=approximate), ()),
+    F.silu: (lambda inplace=False: nn.SiLU(), ("inplace",)),
+    F.mish: (lambda inplace=False: nn.Mish(), ("inplace",)),
+    torch.sigmoid: (nn.Sigmoid, ()),
+    Tensor.sigmoid: (nn.Sigmoid, ()),
+    torch.tanh: (nn.Tanh, ()),
+    Tensor.tanh: (nn.Tanh, ()),
+    F.elu: (lambda alpha=1.0, inplace=False: nn.ELU(alpha), ("inplace",)),
+    F.celu: (lambda alpha=1.0, inplace=False: nn.CELU(alpha), ("inplace",)),
+    F.selu: (lambda inplace=False: nn.SELU(), ("inplace",)),
+    F.softplus: (lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold), ()),
+    F.hardtanh: (lambda min_val=-1.0, max_val=1.0, inplace=False: nn.Hardtanh(min_val, max_val),
+                 ("inplace",)),
+    F.relu6: (lambda inplace=False: nn.ReLU6(), ("inplace",)),
+    F.hardswish: (lambda inplace=False: nn.Hardswish(), ("inplace",)),
+    F.hardsigmoid: (lambda inplace=False: nn.Hardsigmoid(), ("inplace",)),
+    F.logsigmoid: (nn.LogSigmoid, ()),
+    F.softsign: (nn.Softsign, ()),
+    F.tanhshrink: (nn.Tanhshrink, ()),
+    F.softshrink: (lambda lambd=0.5: nn.Softshrink(lambd), ()),
+}
+
+# Functional forms of `_NO_RULE` modules: refused when `wbp_weights` sees them run. (Softmax
+# is not among them: the multi-view CNN pools its slices with F.log_softmax, see module doc.)
+_FUNCTIONAL_NO_RULE: dict[Callable, str] = {
+    F.layer_norm: "F.layer_norm", F.group_norm: "F.group_norm",
+    F.local_response_norm: "F.local_response_norm", F.glu: "F.glu", F.bilinear: "F.bilinear",
+    F.scaled_dot_product_attention: "F.scaled_dot_product_attention",
+    F.multi_head_attention_forward: "F.multi_head_attention_forward",
+    **({F.rms_norm: "F.rms_norm"} if hasattr(F, "rms_norm") else {}),
+}
+
+
+class _Functional(TorchFunctionMode):
+    """Rescales functional activations (`_FUNCTIONAL`) run during one forward pass, as the
+    module hooks do, and refuses functional layers without a rule (`_FUNCTIONAL_NO_RULE`).
+    Only the forward runs under it: the rules' own ops in the backward are not activations."""
+
+    def __init__(self, phase: _Phase, model: nn.Module, what: str) -> None:
+        super().__init__()
+        self.phase, self.model, self.what = phase, model, what
+        self.rules: dict[tuple, RescaleRule] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _FUNCTIONAL_NO_RULE:
+            raise InputError(f"{self.what} has no rule for {_FUNCTIONAL_NO_RULE[func]} in "
+                             f"{type(self.model).__name__}'s forward (its rules cover conv, "
+                             f"linear, BatchNorm, pooling and activation layers); use "
+                             f"gradient, input-x-gradient or gradcam for this model")
+        out = func(*args, **kwargs)
+        entry = _FUNCTIONAL.get(func)
+        if entry is None or not args or not isinstance(args[0], Tensor) \
+                or not isinstance(out, Tensor) or not torch.is_grad_enabled():
+            return out
+        make, inplace_keys = entry
+        z = args[0]
+        if out is z or any(kwargs.get(k) for k in inplace_keys) \
+                or not (z.requires_grad or out.requires_grad) or out.shape != z.shape:
+            return out  # in place (z is gone), nothing flows through, or not elementwise
+        # positional extras (F.softshrink(x, 0.3), F.elu(x, 0.5)) as the factory's keywords
+        names = make.__code__.co_varnames[:make.__code__.co_argcount] \
+            if hasattr(make, "__code__") else ()
+        options = {**dict(zip(names, args[1:], strict=False)), **kwargs}
+        key = (func, tuple(sorted(options.items())))
+        rule = self.rules.get(key)
+        if rule is None:
+            rule = self.rules[key] = RescaleRule(make(**options))
+        return _RescaledBackward.apply(z, out, rule, self.phase)
 
 
 @contextmanager
@@ -281,8 +366,16 @@ def wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[nn.Module]:
     Forward values are unchanged; gradients through each rescaled activation are h = g(z)/z
     times the incoming gradient. Hooks, in-place flags and every module's train/eval flag are
     restored on exit, also when the body raises. A model with modules no rule covers
-    (`unsupported_layers`) is refused, naming `what` and the modules.
+    (`unsupported_layers`) is refused, naming `what` and the modules. Functional activations
+    are not seen here (`wbp_weights` adds them for its forward pass).
     """
+    with _wbp_mode(model, what):
+        yield model
+
+
+@contextmanager
+def _wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[_Phase]:
+    """`wbp_mode`, yielding its phase (shared with `_Functional`)."""
     check_rules(model, what)
     modes = [(m, m.training) for m in model.modules()]
     phase = _Phase()
@@ -299,7 +392,7 @@ def wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[nn.Module]:
                 module.inplace = False
                 made_out_of_place.append(module)
             handles.append(module.register_forward_hook(_make_hook(rule, phase)))
-        yield model
+        yield phase
     finally:
         phase.rescale = False  # later backwards through this graph differentiate z(θ)
         for handle in handles:
@@ -339,9 +432,10 @@ def wbp_weights(
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError("WBP needs autograd; call it outside torch.inference_mode()")
-    with torch.enable_grad(), wbp_mode(model):
+    with torch.enable_grad(), _wbp_mode(model) as phase:
         x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-        logits = model(x)
+        with _Functional(phase, model, "wbp"):  # the forward only, see `_Functional`
+            logits = model(x)
         tgt = _resolve_target(logits, target)
         # Samples are independent in eval mode, so one backward of the summed target logits
         # gives every sample's row of W̃⁰.

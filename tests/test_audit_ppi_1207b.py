@@ -1,0 +1,108 @@
+"""Audit (paper 002: WBP and PPI on architectures beyond the seed CNN), 2026-12-07."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from causalign.errors import InputError
+from causalign.explain.wbp import wbp_weights
+
+# (functional call, the same activation as a module)
+_PAIRS = [
+    (lambda z: F.gelu(z), nn.GELU()),
+    (lambda z: F.gelu(z, approximate="tanh"), nn.GELU(approximate="tanh")),
+    (lambda z: F.silu(z), nn.SiLU()),
+    (lambda z: torch.sigmoid(z), nn.Sigmoid()),
+    (lambda z: z.tanh(), nn.Tanh()),
+    (lambda z: F.elu(z, 0.5), nn.ELU(0.5)),
+    (lambda z: F.softplus(z, beta=2.0), nn.Softplus(beta=2.0)),
+    (lambda z: F.softshrink(z, 0.3), nn.Softshrink(0.3)),
+    (lambda z: F.mish(z), nn.Mish()),
+]
+
+
+class _MLP(nn.Module):
+    def __init__(self, act: nn.Module | None = None, fn=None) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.act, self.fn = act, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.l1(x)
+        return self.l2(self.fn(z) if self.fn is not None else self.act(z))
+
+
+@pytest.mark.parametrize("i", range(len(_PAIRS)))
+def test_wbp_rescales_functional_activations_as_modules(i: int) -> None:
+    """A functional activation (F.gelu, torch.sigmoid, x.tanh() in a forward) back-propagated
+    its true derivative g'(z) instead of WBP's rescale h = (g(z) − g(0))/z: the same weights
+    gave a different "WBP" map with F.gelu than with nn.GELU (max diff 0.04, map ~0.1). Now
+    the functional call gets the module's rule: same map, same parameter gradient through it
+    (create_graph, as PPI trains), and the map is the paper's W̃⁰ computed by hand."""
+    fn, act = _PAIRS[i]
+    torch.manual_seed(i)
+    module_net = _MLP(act=act).double()
+    func_net = _MLP(fn=fn).double()
+    func_net.load_state_dict(module_net.state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 0])
+    maps = []
+    grads = []
+    for net in (module_net, func_net):
+        w = wbp_weights(net, x, target, create_graph=True)
+        (g,) = torch.autograd.grad((x * w).square().sum(), net.l1.weight)
+        maps.append(w.detach())
+        grads.append(g)
+    torch.testing.assert_close(maps[1], maps[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    # by hand: W̃⁰ = W2 diag(h(z)) W1, h(z) = (g(z) − g(0))/z
+    z = module_net.l1(x).detach()
+    with torch.no_grad():
+        h = (fn(z) - fn(torch.zeros(1, dtype=z.dtype))) / z
+        hand = torch.stack([module_net.l2.weight[t] @ torch.diag(h[n]) @ module_net.l1.weight
+                            for n, t in enumerate(target.tolist())])
+    torch.testing.assert_close(maps[1], hand, rtol=1e-9, atol=1e-12)
+
+
+def test_wbp_module_activation_not_rescaled_twice() -> None:
+    """nn.GELU's forward calls F.gelu: the module hook and the functional rescale must not
+    both apply (h² would shrink the map)."""
+    torch.manual_seed(0)
+    net = _MLP(act=nn.GELU()).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    w = wbp_weights(net, x, 1)
+    z = net.l1(x).detach()
+    h = torch.special.ndtr(z)  # GELU(z)/z = Φ(z)
+    hand = torch.stack([net.l2.weight[1] @ torch.diag(h[n]) @ net.l1.weight for n in range(3)])
+    torch.testing.assert_close(w, hand.detach(), rtol=1e-10, atol=1e-12)
+
+
+class _FunctionalNorm(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.l1(x)
+        if self.kind == "layer_norm":
+            z = F.layer_norm(z, (4,))
+        else:
+            q = z[:, None, None, :]
+            z = F.scaled_dot_product_attention(q, q, q)[:, 0, 0]
+        return self.l2(F.relu(z))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "scaled_dot_product_attention"])
+def test_wbp_refuses_functional_layers_without_a_rule(kind: str) -> None:
+    """nn.LayerNorm / nn.MultiheadAttention modules were refused, but F.layer_norm and
+    F.scaled_dot_product_attention in a forward silently gave a gradient map labelled WBP."""
+    model = _FunctionalNorm(kind).train()
+    with pytest.raises(InputError, match=rf"wbp has no rule for F\.{kind}"):
+        wbp_weights(model, torch.randn(2, 4), 0)
+    assert model.training
+    # outside WBP the model runs as before (the mode is gone)
+    assert model(torch.randn(2, 4)).shape == (2, 2)
