@@ -121,11 +121,15 @@ def _composite(variant: str, canonizers: list, epsilon: float, gamma: float, low
         SpecialFirstLayerMapComposite,
         layer_map_base,
     )
-    from zennit.rules import Epsilon, Gamma, WSquare, ZPlus
+    from zennit.rules import Epsilon, Gamma, Pass, WSquare, ZPlus
     from zennit.types import Convolution
     from zennit.types import Linear as AnyLinear
 
-    base = layer_map_base(stabilizer)
+    # zennit's `Activation` type (relevance passes through) lacks nn.Mish, which it then
+    # crossed as a gradient: a Mish model's lrp-epsilon map differed from the modified-gradient
+    # one PPI trains on (which rescales every activation, as WBP) by more than the map itself.
+    extra = [(nn.Mish, Pass())]
+    base = extra + layer_map_base(stabilizer)
     dense = (nn.Linear, Epsilon(epsilon=epsilon))
     if variant == "epsilon":
         return LayerMapComposite(base + [(Convolution, Epsilon(epsilon=epsilon)), dense],
@@ -135,16 +139,18 @@ def _composite(variant: str, canonizers: list, epsilon: float, gamma: float, low
             base + [(Convolution, Gamma(gamma=gamma, stabilizer=stabilizer)), dense],
             canonizers=canonizers)
     if variant == "alpha-beta":
-        return EpsilonAlpha2Beta1(epsilon=epsilon, stabilizer=stabilizer, canonizers=canonizers)
+        return EpsilonAlpha2Beta1(epsilon=epsilon, stabilizer=stabilizer, layer_map=extra,
+                                  canonizers=canonizers)
     if variant == "flat":
-        return EpsilonPlusFlat(epsilon=epsilon, stabilizer=stabilizer, canonizers=canonizers)
+        return EpsilonPlusFlat(epsilon=epsilon, stabilizer=stabilizer, layer_map=extra,
+                               canonizers=canonizers)
     if variant == "w-square":
         return SpecialFirstLayerMapComposite(
             layer_map=base + [(Convolution, ZPlus(stabilizer=stabilizer)), dense],
             first_map=[(AnyLinear, WSquare(stabilizer=stabilizer))], canonizers=canonizers)
     if variant == "zbox":
         return EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma,
-                               stabilizer=stabilizer, canonizers=canonizers)
+                               stabilizer=stabilizer, layer_map=extra, canonizers=canonizers)
     raise ValueError(f"unknown LRP variant '{variant}'")
 
 
