@@ -127,3 +127,20 @@ def test_lrp_epsilon_on_mish_model_matches_the_map_ppi_trains_on() -> None:
     torch.testing.assert_close(zennit_map, trained_map, rtol=1e-4, atol=1e-6)
     for name in LRP_VARIANTS:  # the built-in composites take the Mish rule too
         assert torch.isfinite(get_explainer(name, model).attribute(x, target=1)).all()
+
+
+@pytest.mark.parametrize("name", ["wbp", "lrp-epsilon", "lrp-gamma"])
+def test_wbp_and_lrp_refuse_batchnorm_without_running_statistics(name: str) -> None:
+    """BatchNorm(track_running_stats=False) normalises over the batch even in eval mode: WBP's
+    map of a sample changed with the other samples of its batch (by 0.07 of a 0.21 map), and
+    zennit's BatchNorm merge crashed with "'NoneType' object has no attribute 'data'". Both
+    are refused with one line, as instance norm without running statistics is."""
+    from causalign.explain import get_explainer
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                          nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    with pytest.raises(InputError, match=rf"{name} has no rule for .*BatchNorm2d without "
+                                         r"running statistics \(1x, e\.g\. '1'\)"):
+        get_explainer(name, model).attribute(torch.rand(3, 3, 8, 8), target=1)
+    assert model.training

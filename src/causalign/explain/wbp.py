@@ -199,12 +199,19 @@ _NO_RULE: tuple[type[nn.Module], ...] = (
 def unsupported_layers(model: nn.Module) -> list[str]:
     """'Type (n×, e.g. 'name')' for each kind of `model`'s nonlinear modules without a WBP/LRP
     rule; empty when every module is covered. Instance norm counts unless it normalises with
-    running statistics (then it is BatchNorm's affine map in eval mode)."""
+    running statistics (then it is BatchNorm's affine map in eval mode), and so does a
+    BatchNorm without running statistics (``track_running_stats=False``): in eval mode it
+    still normalises over the batch, so the γ/σ rule has no σ and a sample's map depended on
+    the other samples in its batch (WBP: by 0.07 of a 0.21 map; zennit's BatchNorm merge
+    crashed with "'NoneType' object has no attribute 'data'")."""
     found: dict[str, list[str]] = {}
     for name, m in model.named_modules():
         instance_stats = (isinstance(m, nn.modules.instancenorm._InstanceNorm)
                           and not m.track_running_stats)
-        if isinstance(m, _NO_RULE) or instance_stats:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None:
+            found.setdefault(f"{type(m).__name__} without running statistics",
+                             []).append(name or "<model>")
+        elif isinstance(m, _NO_RULE) or instance_stats:
             found.setdefault(type(m).__name__, []).append(name or "<model>")
     return [f"{kind} ({len(names)}x, e.g. '{names[0]}')" for kind, names in found.items()]
 
