@@ -30,7 +30,9 @@ that keeps the graph (it equals the zennit map; tests check it). The other varia
 The multi-view CNN (volumes) pools its slices with functional log-softmax/logsumexp and
 products that no zennit rule covers; zennit would pass relevance through them as a gradient.
 There ``lrp-epsilon`` is always the modified-gradient form (so explained and trained maps
-agree) and the other variants refuse the model with one line.
+agree) and the other variants refuse the model with one line. Layers without a rule are
+refused as modules (`wbp.unsupported_layers`) and as functional calls seen in the forward
+(``F.layer_norm``, ``F.scaled_dot_product_attention``, ...: `wbp._FUNCTIONAL_NO_RULE`).
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ class LRP(Explainer):
             raise InputError(f"lrp-{self.variant} has no rule for {pooled}'s attention pooling "
                              f"(log-softmax, logsumexp, weighted slice sums); use lrp-epsilon, "
                              f"wbp or gradient on this model")
-        from .wbp import check_rules
+        from .wbp import _Functional, check_rules
 
         check_rules(self.model, self.name)  # zennit would pass relevance through as a gradient
         composite = self.composite()
@@ -224,7 +226,10 @@ class LRP(Explainer):
                 # skip its __exit__ and leave the hooks registered so far on the user's model
                 composite.register(self.model)
                 x = inputs.detach().requires_grad_(True)
-                logits = self.model(x)
+                # F.layer_norm, F.scaled_dot_product_attention, ...: no rule, as their modules
+                # (relevance crossed them as a gradient: maps of ~170 for logits of ~0.1)
+                with _Functional(None, self.model, self.name):
+                    logits = self.model(x)
                 check_target_classes(logits, target)
                 onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
                 # R at the output = the target logit, so relevance is in logit units.
@@ -416,7 +421,7 @@ def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
     ``a + b`` in ``forward`` get no ε factor (zennit's ResNet canonizer adds one); the
     difference is confined to sums within ~ε of zero.
     """
-    from .wbp import _resolve_target, wbp_mode
+    from .wbp import _Functional, _resolve_target, wbp_mode
 
     scale = _Scale()
     handles = []
@@ -431,7 +436,8 @@ def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
             for m in _epsilon_points(model):
                 handles.append(m.register_forward_hook(hook))
             x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-            logits = model(x)
+            with _Functional(None, model, "lrp-epsilon"):  # F.layer_norm etc.: refused
+                logits = model(x)
             tgt = _resolve_target(logits, target)
             score = logits.gather(1, tgt[:, None]).sum()
             (grad,) = torch.autograd.grad(score, x, create_graph=create_graph)

@@ -333,8 +333,9 @@ class _Functional(TorchFunctionMode):
     module hooks do, and refuses functional layers without a rule (`_FUNCTIONAL_NO_RULE`).
     Only the forward runs under it: the rules' own ops in the backward are not activations."""
 
-    def __init__(self, phase: _Phase, model: nn.Module, what: str) -> None:
+    def __init__(self, phase: _Phase | None, model: nn.Module, what: str) -> None:
         super().__init__()
+        # phase None: refuse only (LRP, whose rules see modules, not functional activations)
         self.phase, self.model, self.what = phase, model, what
         self.rules: dict[tuple, RescaleRule] = {}
 
@@ -346,7 +347,7 @@ class _Functional(TorchFunctionMode):
                              f"linear, BatchNorm, pooling and activation layers); use "
                              f"gradient, input-x-gradient or gradcam for this model")
         out = func(*args, **kwargs)
-        entry = _FUNCTIONAL.get(func)
+        entry = _FUNCTIONAL.get(func) if self.phase is not None else None
         if entry is None or not args or not isinstance(args[0], Tensor) \
                 or not isinstance(out, Tensor) or not torch.is_grad_enabled():
             return out
