@@ -21,6 +21,9 @@ _PAIRS = [
     (lambda z: F.softplus(z, beta=2.0), nn.Softplus(beta=2.0)),
     (lambda z: F.softshrink(z, 0.3), nn.Softshrink(0.3)),
     (lambda z: F.mish(z), nn.Mish()),
+    # in place, as `h = F.silu(h, inplace=True)` (z is copied before it is overwritten)
+    (lambda z: F.silu(z.clone(), inplace=True), nn.SiLU()),
+    (lambda z: F.elu(z.clone(), 0.5, True), nn.ELU(0.5)),
 ]
 
 

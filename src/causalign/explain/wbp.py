@@ -21,8 +21,9 @@ Choices, and what they mean for users:
   (``torch.sigmoid``, ``x.tanh()``, ``F.gelu``, ``F.silu``, ...: `_FUNCTIONAL`) through a torch
   function mode around the forward pass. Without it a functional activation back-propagated its
   true derivative g'(z): a GELU MLP written with ``F.gelu`` got a different map from the same
-  weights with ``nn.GELU`` (0.04 of a 0.1 map), labelled WBP. In-place functional calls
-  (``inplace=True``, ``sigmoid_``) are not rescaled: they overwrite the z the rule needs.
+  weights with ``nn.GELU`` (0.04 of a 0.1 map), labelled WBP. An ``inplace=True`` call is
+  rescaled in the tensor it returns (z is copied first); code that reads the overwritten
+  input afterwards instead, and in-place methods (``sigmoid_``), get the gradient rule.
   `wbp_mode` on its own (a user's own forward and backward) hooks modules only.
 * Activations with g(0) ≠ 0 (Sigmoid, Hardsigmoid, Softplus, LogSigmoid) have no finite
   g(z)/z at z = 0: 0.5/z would let pre-activations near zero dominate the map. Their constant
@@ -291,30 +292,28 @@ def _make_hook(
     return hook
 
 
-# Functional activations (as torch hands them to a function mode) -> (module equivalent built
-# from the call's keyword arguments: its rescale rule is the module's, closed forms included;
-# the keyword arguments that mean an in-place call).
-_FUNCTIONAL: dict[Callable, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {
-    F.gelu: (lambda approximate="none": nn.GELU(approximate=approximate), ()),
-    F.silu: (lambda inplace=False: nn.SiLU(), ("inplace",)),
-    F.mish: (lambda inplace=False: nn.Mish(), ("inplace",)),
-    torch.sigmoid: (nn.Sigmoid, ()),
-    Tensor.sigmoid: (nn.Sigmoid, ()),
-    torch.tanh: (nn.Tanh, ()),
-    Tensor.tanh: (nn.Tanh, ()),
-    F.elu: (lambda alpha=1.0, inplace=False: nn.ELU(alpha), ("inplace",)),
-    F.celu: (lambda alpha=1.0, inplace=False: nn.CELU(alpha), ("inplace",)),
-    F.selu: (lambda inplace=False: nn.SELU(), ("inplace",)),
-    F.softplus: (lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold), ()),
-    F.hardtanh: (lambda min_val=-1.0, max_val=1.0, inplace=False: nn.Hardtanh(min_val, max_val),
-                 ("inplace",)),
-    F.relu6: (lambda inplace=False: nn.ReLU6(), ("inplace",)),
-    F.hardswish: (lambda inplace=False: nn.Hardswish(), ("inplace",)),
-    F.hardsigmoid: (lambda inplace=False: nn.Hardsigmoid(), ("inplace",)),
-    F.logsigmoid: (nn.LogSigmoid, ()),
-    F.softsign: (nn.Softsign, ()),
-    F.tanhshrink: (nn.Tanhshrink, ()),
-    F.softshrink: (lambda lambd=0.5: nn.Softshrink(lambd), ()),
+# Functional activations (as torch hands them to a function mode) -> their module equivalent,
+# built from the call's arguments (its rescale rule is the module's, closed forms included).
+_FUNCTIONAL: dict[Callable, Callable[..., nn.Module]] = {
+    F.gelu: lambda approximate="none": nn.GELU(approximate=approximate),
+    F.silu: lambda inplace=False: nn.SiLU(),
+    F.mish: lambda inplace=False: nn.Mish(),
+    torch.sigmoid: nn.Sigmoid,
+    Tensor.sigmoid: nn.Sigmoid,
+    torch.tanh: nn.Tanh,
+    Tensor.tanh: nn.Tanh,
+    F.elu: lambda alpha=1.0, inplace=False: nn.ELU(alpha),
+    F.celu: lambda alpha=1.0, inplace=False: nn.CELU(alpha),
+    F.selu: lambda inplace=False: nn.SELU(),
+    F.softplus: lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold),
+    F.hardtanh: lambda min_val=-1.0, max_val=1.0, inplace=False: nn.Hardtanh(min_val, max_val),
+    F.relu6: lambda inplace=False: nn.ReLU6(),
+    F.hardswish: lambda inplace=False: nn.Hardswish(),
+    F.hardsigmoid: lambda inplace=False: nn.Hardsigmoid(),
+    F.logsigmoid: nn.LogSigmoid,
+    F.softsign: nn.Softsign,
+    F.tanhshrink: nn.Tanhshrink,
+    F.softshrink: lambda lambd=0.5: nn.Softshrink(lambd),
 }
 
 # Functional forms of `_NO_RULE` modules: refused when `wbp_weights` sees them run. (Softmax
@@ -346,25 +345,28 @@ class _Functional(TorchFunctionMode):
                              f"{type(self.model).__name__}'s forward (its rules cover conv, "
                              f"linear, BatchNorm, pooling and activation layers); use "
                              f"gradient, input-x-gradient or gradcam for this model")
-        out = func(*args, **kwargs)
         entry = _FUNCTIONAL.get(func) if self.phase is not None else None
         if entry is None or not args or not isinstance(args[0], Tensor) \
-                or not isinstance(out, Tensor) or not torch.is_grad_enabled():
-            return out
-        make, inplace_keys = entry
-        z = args[0]
-        if out is z or any(kwargs.get(k) for k in inplace_keys) \
-                or not (z.requires_grad or out.requires_grad) or out.shape != z.shape:
-            return out  # in place (z is gone), nothing flows through, or not elementwise
-        # positional extras (F.softshrink(x, 0.3), F.elu(x, 0.5)) as the factory's keywords
+                or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        make, z = entry, args[0]
+        # positional extras (F.softshrink(x, 0.3), F.elu(x, 0.5, True)) as the factory's
+        # keywords
         names = make.__code__.co_varnames[:make.__code__.co_argcount] \
             if hasattr(make, "__code__") else ()
         options = {**dict(zip(names, args[1:], strict=False)), **kwargs}
-        key = (func, tuple(sorted(options.items())))
+        # in place (`h = F.silu(h, inplace=True)`) overwrites z, which the rule needs: keep a
+        # copy (the returned tensor is rescaled; code that reads h itself afterwards is not)
+        z_in = z.clone() if options.get("inplace") and z.requires_grad else z
+        out = func(*args, **kwargs)
+        if not isinstance(out, Tensor) or not (z_in.requires_grad or out.requires_grad) \
+                or out.shape != z_in.shape:
+            return out  # nothing flows through, or not elementwise
+        key = (func, tuple(sorted((k, v) for k, v in options.items() if k != "inplace")))
         rule = self.rules.get(key)
         if rule is None:
             rule = self.rules[key] = RescaleRule(make(**options))
-        return _RescaledBackward.apply(z, out, rule, self.phase)
+        return _RescaledBackward.apply(z_in, out, rule, self.phase)
 
 
 @contextmanager
