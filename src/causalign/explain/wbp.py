@@ -24,7 +24,9 @@ Choices, and what they mean for users:
   weights with ``nn.GELU`` (0.04 of a 0.1 map), labelled WBP. An ``inplace=True`` call is
   rescaled in the tensor it returns (z is copied first); code that reads the overwritten
   input afterwards instead, and in-place methods (``sigmoid_``), get the gradient rule.
-  `wbp_mode` on its own (a user's own forward and backward) hooks modules only.
+  `wbp_mode` on its own (a user's own forward and backward) hooks modules only, and so does
+  an ``nn.DataParallel`` model on several GPUs (its replicas run in threads the mode, which
+  is thread-local, does not reach).
 * Activations with g(0) ≠ 0 (Sigmoid, Hardsigmoid, Softplus, LogSigmoid) have no finite
   g(z)/z at z = 0: 0.5/z would let pre-activations near zero dominate the map. Their constant
   g(0) does not interact with the input, so, like a bias, it is left out:
@@ -346,9 +348,9 @@ class _Functional(TorchFunctionMode):
                              f"linear, BatchNorm, pooling and activation layers); use "
                              f"gradient, input-x-gradient or gradcam for this model")
         entry = _FUNCTIONAL.get(func) if self.phase is not None else None
-        if entry is None or not args or not isinstance(args[0], Tensor) \
+        if entry is None or not args or not isinstance(args[0], Tensor) or "out" in kwargs \
                 or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
+            return func(*args, **kwargs)  # (`out=`: writes a given tensor, no graph to keep)
         make, z = entry, args[0]
         # positional extras (F.softshrink(x, 0.3), F.elu(x, 0.5, True)) as the factory's
         # keywords
