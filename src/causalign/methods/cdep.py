@@ -121,6 +121,12 @@ def cd_maxpool(m: nn.MaxPool2d, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Ten
     return pick(rel), pick(irrel)
 
 
+# The layers `cd_propagate` has a rule for.
+CD_LAYERS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.MaxPool2d,
+             nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_CD_NAMES = ", ".join(t.__name__.lstrip("_") for t in CD_LAYERS)
+
+
 def cd_layers(model: nn.Module) -> list[nn.Module]:
     """The model as a flat chain of layers CD can propagate through."""
     from torchvision.models import VGG
@@ -139,7 +145,15 @@ def cd_layers(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
         out: list[nn.Module] = []
         for m in model:
-            out += cd_layers(m) if isinstance(m, nn.Sequential) else [m]
+            # a supported model inside a chain (nn.Sequential(normalise, cnn7)) is its layers
+            out += cd_layers(m) if isinstance(m, (nn.Sequential, SevenLayerCNN, BagNet, VGG)) \
+                else [m]
+        # every layer checked here, so `setup` refuses the model before training instead of
+        # the first step's `cd_propagate`
+        for m in out:
+            if not isinstance(m, CD_LAYERS):
+                raise ConfigError(f"cdep: no contextual-decomposition rule for "
+                                  f"{type(m).__name__} (supported: {_CD_NAMES})")
         return out
     raise ConfigError(f"cdep: contextual decomposition supports the cnn7, bagnet* and vgg11 "
                       f"models and nn.Sequential chains, not {type(model).__name__} (residual "
@@ -170,7 +184,7 @@ def cd_propagate(layers: Iterable[nn.Module], rel: Tensor, irrel: Tensor
             pass
         else:
             raise ConfigError(f"cdep: no contextual-decomposition rule for "
-                              f"{type(m).__name__}")
+                              f"{type(m).__name__} (supported: {_CD_NAMES})")
     return rel, irrel
 
 
