@@ -922,15 +922,17 @@ class LesionDataset(Dataset):
             return cols.clone()  # a copy, never a view a caller could edit the cache through
         return _float_images(cols, self._kind)
 
-    def regions_cover_image(self, region: str = "mask") -> bool:
+    def regions_cover_image(self, region: str = "mask", box_fallback: bool = False) -> bool:
         """True when the split has an annotated sample and every annotated sample's region
-        covers its whole image: ``region`` "mask" the pixel masks, "box" the box where one
-        is given, else the mask (as `box_masks`). No pixel then lies outside any region, so
-        an alignment loss on the outside (causal-align's Eq. 3) is 0 for every sample."""
+        covers its whole image: ``region`` "mask" the pixel masks (with ``box_fallback``, the
+        box of a sample without a mask, as the baselines' `annotation_region`), "box" the box
+        where one is given, else the mask (as `box_masks`). No pixel then lies outside any
+        region, so an alignment loss on the outside (causal-align's Eq. 3) is 0 for every
+        sample."""
         full_row = self._masks.flatten(1).all(1)  # per stored mask (bool cache: cheap)
         mask_full = torch.zeros(len(self), dtype=torch.bool)
         mask_full[self.has_mask] = full_row[self._mask_row[self.has_mask]]
-        if region == "mask":
+        if region == "mask" and not box_fallback:
             annotated, full = self.has_mask, mask_full
         else:
             spatial = self.image_shape[1:]
@@ -939,7 +941,8 @@ class LesionDataset(Dataset):
             x0, y0, x1, y1, z0, z1 = self._boxes.unbind(-1)
             box_full = (x0 <= 0) & (y0 <= 0) & (x1 >= w) & (y1 >= h) & (z0 <= 0) & (z1 >= d)
             annotated = self.has_box_or_mask
-            full = torch.where(self._has_box, box_full, mask_full)
+            full = torch.where(self.has_mask, mask_full, box_full) if region == "mask" \
+                else torch.where(self._has_box, box_full, mask_full)
         return bool(annotated.any()) and bool(full[annotated].all())
 
     @property

@@ -7,9 +7,11 @@ as an all-zero annotation).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
-from ..errors import ConfigError, not_one_of
+from ..errors import ConfigError, DataError, not_one_of
 
 REGIONS = ("mask", "box")  # method.region of every annotation-guided method
 
@@ -31,3 +33,16 @@ def annotation_region(batch: dict[str, Tensor], region: str = "mask") -> tuple[T
     else:
         area = batch["box_mask"]
     return area.float(), batch["has_annotation"].bool()
+
+
+def refuse_full_regions(method: str, train_set: Any, region: str, consequence: str) -> None:
+    """DataError when every annotated training sample's region (`annotation_region`: the
+    mask, the box without one) covers its whole image: no pixel lies outside the annotation,
+    so the method's annotation term has nothing to act on (``consequence`` says what the run
+    would be) — as causal-align refuses such data. Datasets without the check pass."""
+    covers = getattr(train_set, "regions_cover_image", None)
+    if callable(covers) and covers(region, box_fallback=True):
+        raise DataError(f"{method}: every annotated training sample's {region} covers its "
+                        f"whole image, so no pixel lies outside the annotation and "
+                        f"{consequence}; check the annotations (an inverted or blank-filled "
+                        f"export?)")

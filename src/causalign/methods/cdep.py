@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._annotation import annotation_region, check_region
+from ._annotation import annotation_region, check_region, refuse_full_regions
 from .base import LossOutput, Method, register_method
 
 if TYPE_CHECKING:
@@ -214,6 +214,10 @@ class CDEP(Method):
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         cd_layers(model)  # unsupported models fail before training starts
+        # S = ∅ for every sample: β = 0 and the penalty softmax(0, γ_k)₀ = σ(−logit_k) only
+        # pushes every logit up
+        refuse_full_regions("cdep", train_set, self.params.region,
+                            "there is no background whose evidence CDEP could penalise")
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)

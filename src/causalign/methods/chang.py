@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, not_one_of
-from ._annotation import annotation_region, check_region
+from ._annotation import annotation_region, check_region, refuse_full_regions
 from .base import LossOutput, Method, register_method
 
 if TYPE_CHECKING:
@@ -133,6 +133,10 @@ class Chang(Method):
         self.generator = torch.Generator().manual_seed(0)
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
+        # a counterfactual would be the whole image in-filled yet told "not y", and a factual
+        # image the image itself
+        refuse_full_regions("chang", train_set, self.params.region,
+                            "no counterfactual or factual image keeps any non-causal part")
         self.generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
     def state_dict(self) -> dict:

@@ -9,12 +9,16 @@ neither keeps the full image (it cannot be restricted), which `evaluate` reports
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._annotation import check_region
+from ._annotation import check_region, refuse_full_regions
 from .base import LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 
 @dataclass
@@ -30,6 +34,10 @@ class Oracle(Method):
     Params = OracleParams
     uses_annotations = True
     plain_forward = True
+
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
+        refuse_full_regions("oracle", train_set, self.params.region,
+                            "x·m is the full image (the run would be ERM, not the oracle)")
 
     def model_input(self, batch: dict[str, Tensor]) -> Tensor:
         x = batch["image"]

@@ -30,6 +30,7 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.norm import channel_mean_var
-from ._annotation import annotation_region, check_region
+from ._annotation import annotation_region, check_region, refuse_full_regions
 from .base import LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from ..data.format import LesionDataset
 
 
 @dataclass
@@ -100,6 +104,10 @@ class RRR(Method):
     Params = RRRParams
     uses_annotations = True
     subset_means = True  # the penalty averages the annotated samples (LossOutput.means)
+
+    def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
+        refuse_full_regions("rrr", train_set, self.params.region,
+                            "the right-reasons penalty is 0 (the run would be ERM)")
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
