@@ -103,3 +103,31 @@ def test_baselines_refuse_regions_covering_every_image(name, tiny_data, tmp_path
     assert mixed.regions_cover_image("mask")  # causal-align's check ignores box-only samples
     build_method(name).setup(mixed, model)  # the box of train_00000 leaves background
     build_method(name).setup(LesionDataset(tiny_data, "train"), model)
+
+
+def test_icnn_filter_loss_is_far_below_ce_at_the_default_lambda(tiny_data):
+    """Pins what README "Baselines" now says (it claimed every λ puts the two terms on one
+    scale): at λ = 1 ICNN's filter loss at initialisation is orders of magnitude below CE,
+    in value and in its parameter gradient."""
+    import torch.nn.functional as F
+
+    from causalign.data.format import LesionDataset
+    from causalign.engine.evaluate import iterate_batches
+    from causalign.models.icnn import ICNN, filter_loss
+
+    torch.manual_seed(0)
+    batch = next(iter(iterate_batches(LesionDataset(tiny_data, "train"), 32)))
+    model = ICNN(1, 2, width=16).train()
+    out = build_method("icnn")(model, batch)
+    assert abs(out.parts["filter"]) < 1e-3 * out.parts["ce"]
+    params = list(model.parameters())
+    model.interpretable.record_maps = True
+    logits = model(batch["image"])
+    maps = model.interpretable.last_maps
+    model.interpretable.record_maps = False
+    y = batch["label"]
+    share = torch.stack([(y == k).float().mean() for k in range(2)])
+    terms = (F.cross_entropy(logits, y), filter_loss(maps, share[model.filter_class]).mean())
+    norms = [torch.sqrt(sum(g.square().sum() for g in torch.autograd.grad(
+        t, params, retain_graph=True, allow_unused=True) if g is not None)) for t in terms]
+    assert norms[1] < 1e-2 * norms[0]
