@@ -52,7 +52,12 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
         # for a terminal: a CI log then got ~10 redrawn frames a second on one line (10 KB
         # for 3 one-step epochs) instead of one line per task. Colour stays; redraws go.
         console = Console(stderr=True, force_interactive=False)
-    kind = _line_progress_class() if _lines_only(console) else Progress
+    if _lines_only(console):
+        kind = _line_progress_class()
+    elif console.is_jupyter:
+        kind = Progress
+    else:
+        kind = _live_progress_class()
     progress = kind(*columns, console=console)
     try:
         progress.start()
@@ -171,6 +176,46 @@ def _line_progress_class() -> Any:
 
     _LINE_PROGRESS = LineProgress
     return LineProgress
+
+
+_LIVE_PROGRESS: Any = None
+
+
+def _live_progress_class() -> Any:
+    """`Progress` for a live terminal whose finished tasks leave the display: their line is
+    printed once above it (into the scrollback) and the task hidden. rich kept every finished
+    task in the redrawn frame and crops a frame taller than the terminal with "...": from
+    epoch ~24 of a 100-epoch run in a 24-row terminal the running epoch's bar (its loss) and
+    then the final evaluation's were below the crop, the display looked frozen for the rest
+    of the run, and each redraw (10 a second) rendered every past epoch again."""
+    global _LIVE_PROGRESS
+    if _LIVE_PROGRESS is not None:
+        return _LIVE_PROGRESS
+    from rich.progress import Progress, TaskID
+
+    class LiveProgress(Progress):
+        def update(self, task_id: TaskID, **kwargs: Any) -> None:
+            super().update(task_id, **kwargs)
+            self._retire(task_id)
+
+        def advance(self, task_id: TaskID, advance: float = 1) -> None:
+            super().advance(task_id, advance)
+            self._retire(task_id)
+
+        def _retire(self, task_id: TaskID) -> None:
+            # Live's lock first, then Progress's: the order of rich's refresh thread (as in
+            # LineProgress._print_line). A hidden task still takes updates (never a KeyError)
+            with self.live._lock, self._lock:
+                task = self._tasks.get(task_id)
+                if self.disable or task is None or not task.visible or not task.finished:
+                    return
+                line = self.make_tasks_table([task])  # while visible: it skips hidden ones
+                task.visible = False
+                self.refresh()  # else the print below repeats the frame still holding it
+                self.console.print(line)
+
+    _LIVE_PROGRESS = LiveProgress
+    return LiveProgress
 
 
 def _stop_silently(progress: Progress) -> None:
