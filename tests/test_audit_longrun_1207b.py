@@ -4,9 +4,12 @@ run-folder growth, per-epoch cost)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import torch
 
+from causalign.data.format import LesionDataset
 from causalign.engine.progress import progress_bar
 
 
@@ -50,3 +53,69 @@ def test_a_hidden_finished_task_still_takes_updates(live_terminal):
         progress.advance(task)
         progress.update(task, description="evaluating done")  # no KeyError
         progress.advance(task)
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    """File names `LesionDataset` reads (images and masks), recorded in the returned list."""
+    from causalign.data import format as fmt
+
+    reads: list[str] = []
+    real = fmt.load_array
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(fmt, "load_array", counted)
+    return reads
+
+
+def test_synth_examples_read_only_the_samples_they_show(tiny_data, tmp_path, monkeypatch):
+    # examples.png shows 16 training samples, but `data synth` read, decoded and validated
+    # the whole training split for it (~2 min of a 20000-image synth)
+    from causalign.cli import write_examples
+
+    reads = _count_reads(monkeypatch)
+    write_examples(tiny_data, tmp_path / "examples.png", n=4)
+    assert (tmp_path / "examples.png").stat().st_size > 0
+    assert sorted(set(reads)) == [f"train_{i:05d}.png" for i in range(4)], reads
+
+
+def test_a_limited_dataset_is_the_first_samples_of_the_whole_one(tiny_data):
+    whole = LesionDataset(tiny_data, "test")
+    first = LesionDataset(tiny_data, "test", limit=5)
+    assert len(first) == 5 and first.records == whole.records[:5]
+    assert first.sites == whole.sites
+    a, b = first.batch(torch.arange(5)), whole.batch(torch.arange(5))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].nan_to_num(-7), b[key].nan_to_num(-7)), key
+    assert len(LesionDataset(tiny_data, "test", limit=10**6)) == len(whole)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="limit"):
+            LesionDataset(tiny_data, "test", limit=bad)
+
+
+def test_explain_with_a_limit_reads_only_those_samples(tiny_data, tmp_path, monkeypatch,
+                                                        capsys):
+    # `explain --limit 32` (the default) read and validated the whole split first: minutes
+    # for 32 maps of a 20000-image test split
+    from causalign.cli import main
+    from causalign.engine import trainer
+    from causalign.engine.config import TrainConfig
+    from causalign.methods import build_method
+
+    def untrained_run(run, device="auto", data=None):  # a run's model, without training one
+        cfg = TrainConfig(width=4)
+        method = build_method("erm", {})
+        model = method.build_model(cfg, trainer.data_info_from_disk(tiny_data)).eval()
+        return cfg, model, method, tiny_data
+
+    monkeypatch.setattr(trainer, "load_run", untrained_run)
+    reads = _count_reads(monkeypatch)
+    assert main(["explain", str(tmp_path / "run"), "--saliency", "gradient", "--out",
+                 str(tmp_path / "ex"), "--limit", "3", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert len(list((tmp_path / "ex" / "maps").glob("*.npy"))) == 3
+    assert sorted({r for r in reads if r.startswith("test_")}) == \
+        [f"test_{i:05d}.png" for i in range(3)], reads

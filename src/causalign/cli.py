@@ -129,7 +129,7 @@ def write_examples(data: Path, path: Path, n: int = 16) -> None:
     from .data.format import LesionDataset
     from .report.figures import example_grid
 
-    ds = LesionDataset(data, "train")
+    ds = LesionDataset(data, "train", limit=n)  # the first n only (not a 20000-image split)
     k = min(n, len(ds))
     names = [a[:4] for a in ds.meta.attributes]
     titles = []
@@ -167,14 +167,14 @@ def data_check(data: Annotated[Path, typer.Argument(help="dataset folder")]) -> 
     typer.echo("ok")
 
 
-def _split_for_model(data_path: Path, split: str):
-    """``split`` of ``data_path``, refused in one line when its images have another channel
-    count than the model `load_run` built (from the dataset's first image): it failed
-    inside the first convolution with a traceback."""
+def _split_for_model(data_path: Path, split: str, limit: int | None = None):
+    """``split`` of ``data_path`` (its first ``limit`` samples), refused in one line when its
+    images have another channel count than the model `load_run` built (from the dataset's
+    first image): it failed inside the first convolution with a traceback."""
     from .data.format import LesionDataset, check_split_channels
     from .engine.trainer import data_info_from_disk
 
-    ds = LesionDataset(data_path, split)
+    ds = LesionDataset(data_path, split, limit=limit)
     check_split_channels(ds, data_info_from_disk(data_path).in_channels,
                          "the run's model takes")
     return ds
@@ -586,9 +586,11 @@ def explain(
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     if saliency != "all":
         get_explainer(saliency, model)  # unknown names fail before any work
-    ds = _split_for_model(data_path, split)
     if limit is not None and limit < 1:
         raise CausalignError(f"--limit must be >= 1, got {limit}")
+    # only the samples explained are read: --limit 32 (the default) read and validated a
+    # whole 20000-image split first (minutes)
+    ds = _split_for_model(data_path, split, limit)
     volumes = len(ds.image_shape) == 4
     if volumes and saliency in VOLUME_UNSUPPORTED:
         raise CausalignError(f"--saliency {saliency} needs 2D images; this dataset holds "

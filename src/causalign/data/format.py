@@ -693,10 +693,19 @@ class LesionDataset(Dataset):
     MONAI ``Compose`` of ``…d`` transforms, or a plain function), can augment or preprocess
     each item; it is applied to every item `__getitem__` and `batch` return. The trainer
     builds its own datasets without one.
+
+    ``limit`` keeps only the split's first ``limit`` samples (manifest order) and reads only
+    their files: a command that shows a few samples (`data synth`'s examples.png, `explain
+    --limit 32`) read, decoded and validated all of a 20000-image split first.
     """
 
     def __init__(self, root: str | Path, split: str = "train",
-                 transform: Callable[[dict[str, Tensor]], Mapping] | None = None) -> None:
+                 transform: Callable[[dict[str, Tensor]], Mapping] | None = None,
+                 limit: int | None = None) -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"LesionDataset: limit must be a positive int or None, got "
+                             f"{limit!r}")
         if transform is not None and not callable(transform):
             raise TypeError(f"LesionDataset: transform must be a callable taking the item "
                             f"dict, got {type(transform).__name__}")
@@ -712,6 +721,7 @@ class LesionDataset(Dataset):
         self.records = [r for r in all_records if r.split == split]
         if not self.records:
             raise DataError(f"{self.root / MANIFEST}: split '{split}' is empty")
+        self.records = self.records[:limit]
         self._load_all()
 
     # Loading everything once makes validation complete before training starts and keeps
