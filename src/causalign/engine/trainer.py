@@ -794,14 +794,15 @@ class Trainer:
             if plain:
                 self.train_model = torch.compile(self.train_model)
             else:
-                warnings.warn(f"compile: method '{self.cfg.method}' differentiates through "
-                              f"the model twice (autograd.grad / double backward), which "
-                              f"torch.compile does not support; training it uncompiled",
-                              stacklevel=2)
+                warnings.warn(f"compile: method '{self.cfg.method}' "
+                              f"{self.method.not_plain_reason}, which torch.compile does "
+                              f"not support; training it uncompiled", stacklevel=2)
         if self.cfg.amp and not plain:
-            warnings.warn(f"amp: method '{self.cfg.method}' keeps float32 (its inner "
-                          f"optimisation/saliency needs it); only its own "
-                          f"Method.classifier_autocast regions use bf16", stacklevel=2)
+            # No method opens a Method.classifier_autocast region today: the warning said
+            # those "use bf16", so amp seemed to do part of its work; it does none.
+            warnings.warn(f"amp: method '{self.cfg.method}' keeps float32: it "
+                          f"{self.method.not_plain_reason}; amp has no effect on it",
+                          stacklevel=2)
         self.method.amp_dtype = torch.bfloat16 if self.cfg.amp else None
 
     def _autocast(self):

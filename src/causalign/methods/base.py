@@ -73,6 +73,11 @@ class Method:
     # wrapper and run it under bf16 autocast. False (safe default): the bare module, float32,
     # gradients all-reduced after backward (engine/distributed.py).
     plain_forward: bool = False
+    # Why a method is not plain_forward, for the trainer's compile/amp warnings: the reason
+    # used to be "differentiates through the model twice" for every such method, which is
+    # false for ICNN and CDEP (one backward each; they read the model's submodules).
+    not_plain_reason: str = ("differentiates through the model twice (autograd.grad / "
+                             "double backward)")
     # True when the loss fills `LossOutput.means`: every rank then shares those counts each
     # data-parallel step (one small gather), see engine/distributed.py.
     subset_means: bool = False

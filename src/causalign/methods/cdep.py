@@ -211,6 +211,8 @@ class CDEP(Method):
     Params = CDEPParams
     uses_annotations = True
     subset_means = True  # the penalty averages the annotated samples (LossOutput.means)
+    not_plain_reason = ("runs contextual decomposition over the model's layers one by one "
+                        "(not the model's forward)")
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
         cd_layers(model)  # unsupported models fail before training starts

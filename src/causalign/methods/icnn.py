@@ -42,6 +42,8 @@ class ICNNParams:
 @register_method("icnn")
 class ICNNMethod(Method):
     Params = ICNNParams
+    not_plain_reason = ("reads the maps its interpretable layer records during the forward "
+                        "(module state a compiled or autocast forward does not keep as-is)")
 
     def build_model(self, cfg: TrainConfig, info: DataInfo) -> nn.Module:
         if len(info.image_shape) != 3:

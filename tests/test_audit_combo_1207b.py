@@ -1,0 +1,53 @@
+"""Audit (pairwise combinations of `causalign train` options), 2026-12-07."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from causalign.engine import TrainConfig, Trainer
+
+
+def _setup_warnings(data, out, **kw) -> tuple[Trainer, list[str]]:
+    cfg = TrainConfig(**{**dict(method="erm", epochs=1, batch_size=16, width=4, seed=0,
+                                device="cpu", eval_saliency="gradient",
+                                deletion_fractions=[0.1]), **kw})
+    t = Trainer(data, cfg, out, progress=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        t._setup()
+    return t, [str(w.message) for w in rec]
+
+
+@pytest.mark.parametrize("method", ["icnn", "cdep"])
+def test_compile_and_amp_warnings_name_the_real_reason(tiny_data, tmp_path, method):
+    # icnn and cdep take one backward: the warnings said they "differentiate through the
+    # model twice", and that bf16 "classifier_autocast regions" ran, which no method has
+    t, msgs = _setup_warnings(tiny_data, tmp_path / method, method=method, compile=True,
+                              amp=True)
+    comp = [m for m in msgs if m.startswith(f"compile: method '{method}'")]
+    amp = [m for m in msgs if m.startswith(f"amp: method '{method}'")]
+    assert len(comp) == 1 and len(amp) == 1
+    assert "twice" not in comp[0] and "double backward" not in comp[0]
+    assert "twice" not in amp[0] and "amp has no effect" in amp[0]
+    assert "classifier_autocast" not in amp[0]
+    assert t.train_model is t.model  # uncompiled, as the warning says
+    # and float32 throughout, as the warning says: amp has no effect on it
+    seen: list[torch.dtype] = []
+    conv = next(m for m in t.model.modules() if isinstance(m, nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = t.train_set.batch(torch.arange(4))
+    batch = {k: v.to(t.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with t._autocast():
+        out = t.method(t.train_model, batch)
+    out.total.backward()
+    assert seen and all(d == torch.float32 for d in seen)
+
+
+def test_double_backward_methods_keep_their_reason(tiny_data, tmp_path):
+    _, msgs = _setup_warnings(tiny_data, tmp_path / "rrr", method="rrr", compile=True)
+    assert any(m.startswith("compile: method 'rrr' differentiates through the model twice")
+               for m in msgs)
