@@ -51,3 +51,48 @@ def test_double_backward_methods_keep_their_reason(tiny_data, tmp_path):
     _, msgs = _setup_warnings(tiny_data, tmp_path / "rrr", method="rrr", compile=True)
     assert any(m.startswith("compile: method 'rrr' differentiates through the model twice")
                for m in msgs)
+
+
+def _strip_annotations(src, dst, keep_box: bool) -> None:
+    """A copy of dataset `src` without pixel masks (and, unless keep_box, without boxes)."""
+    import csv
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["mask"] = ""
+        if not keep_box:
+            for c in ("box_x0", "box_y0", "box_x1", "box_y1"):
+                r[c] = ""
+    with open(dst / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.mark.parametrize("keep_box,region,expect", [
+    (False, "mask", "no training sample has a pixel mask, so"),
+    (False, "box", "no training sample has a mask or box"),
+    (True, "mask", "only boxes; use --set method.region=box"),
+])
+def test_hier_align_warns_when_the_image_level_has_no_region(tiny_data, tmp_path, keep_box,
+                                                             region, expect):
+    # `causalign train` of hier-align on data without masks ran the image level (lam1=1)
+    # as 0 for every sample (history train_n_align_img 0) without a word
+    data = tmp_path / "data"
+    _strip_annotations(tiny_data, data, keep_box)
+    _, msgs = _setup_warnings(data, tmp_path / "run", method="hier-align",
+                              method_args={"region": region})
+    hits = [m for m in msgs if "image-level alignment (method.lam1=1)" in m]
+    assert len(hits) == 1 and expect in hits[0]
+    # lam1=0 asks for the attribute level alone: nothing to warn about
+    _, msgs = _setup_warnings(data, tmp_path / "run0", method="hier-align",
+                              method_args={"region": region, "lam1": 0})
+    assert not [m for m in msgs if "image-level" in m]
+
+
+def test_hier_align_with_masks_does_not_warn(tiny_data, tmp_path):
+    _, msgs = _setup_warnings(tiny_data, tmp_path / "run", method="hier-align")
+    assert not [m for m in msgs if "image-level" in m]

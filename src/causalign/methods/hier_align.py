@@ -330,6 +330,7 @@ class HierAlign(Method):
             self.attr.new_run()
         self._restored = False
         self.pixel.setup(train_set, getattr(model, "f1", model))
+        self._warn_no_region(train_set)
         covers = getattr(train_set, "regions_cover_image", None)
         if self.params.lam1 > 0 and callable(covers) and covers(self.params.region):
             # no pixel lies outside a region: Eq. 7 is 0 for every sample, and the image
@@ -352,6 +353,36 @@ class HierAlign(Method):
         self._warn_one_class(train_set.attributes, train_set.labels)
         self._warn_not_monotone(train_set)
         self._set_up = True
+
+    def _warn_no_region(self, train_set: LesionDataset) -> None:
+        """The image level (Eq. 7) aligns only samples with a region: a pixel mask under
+        method.region=mask (a box does not stand in), a mask or box under region=box. Data
+        without any (or box-only data under region=mask) ran method.lam1 as 0, history's
+        train_n_align_img 0, without a word (causal-align refuses it; here the attribute
+        level still aligns, so it is a warning)."""
+        if self.params.lam1 <= 0:
+            return
+        has_mask = getattr(train_set, "has_mask", None)
+        annotated = getattr(train_set, "has_box_or_mask", None)
+        if not isinstance(has_mask, Tensor) or not isinstance(annotated, Tensor):
+            return
+        region = self.params.region
+        usable = has_mask if region == "mask" else annotated
+        if bool(usable.any()):
+            box_only = int((annotated & ~has_mask).sum()) if region == "mask" else 0
+            if box_only:
+                warnings.warn(f"hier-align: {box_only} of {int(annotated.sum())} annotated "
+                              f"training samples have only a box and get no image-level "
+                              f"alignment under method.region=mask (method.region=box uses "
+                              f"boxes, and masks' boxes)", stacklevel=3)
+            return
+        what = ("a pixel mask" + (" (only boxes; use --set method.region=box)"
+                                  if bool(annotated.any()) else "")
+                if region == "mask" else "a mask or box")
+        warnings.warn(f"hier-align: no training sample has {what}, so the image-level "
+                      f"alignment (method.lam1={self.params.lam1:g}) never applies; only "
+                      f"the attribute level aligns (set method.lam1=0 to say so)",
+                      stacklevel=3)
 
     def _warn_one_class(self, attributes: Tensor, labels: Tensor) -> None:
         """A training split whose fully annotated samples share one class ran with no
