@@ -634,6 +634,7 @@ class Trainer:
                           f"a new run from epoch 1", stacklevel=2)
         seed_everything(self.cfg.seed, self.cfg.deterministic)
         self.train_set = LesionDataset(self.data, "train")
+        self._train_eval: LesionDataset | None = None  # `_train_eval_set`, made on first use
         self.val_set = LesionDataset(self.data, "val")
         # Read the test split now, not after training: a corrupt test image must stop the
         # run before hours of training, not after. Peak memory is unchanged, since the final
@@ -989,6 +990,19 @@ class Trainer:
         self.method.load_state_dict(D.merge_method_states(
             [s for s, _ in gathered], [t for _, t in gathered], own=state))
 
+    def _train_eval_set(self) -> LesionDataset:
+        """The training samples `train_accuracy` is measured on (`train_eval_samples`): a
+        fixed random subset, the same every epoch and on every rank (seeded by the run's
+        seed; the manifest's first N may be one class), or the whole split."""
+        n = self.cfg.train_eval_samples
+        if not 0 < n < len(self.train_set):
+            return self.train_set
+        if self._train_eval is None:
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            keep = torch.randperm(len(self.train_set), generator=g)[:n].sort().values
+            self._train_eval = self.train_set.restricted(keep)
+        return self._train_eval
+
     def _quick_metrics(self, dataset) -> dict:
         """`quick_metrics`; data-parallel: each rank predicts a chunk, predictions gathered."""
         if not self.dist.enabled:
@@ -1104,7 +1118,7 @@ class Trainer:
                 if self.dist.enabled:  # every rank validates rank 0's BatchNorm statistics
                     D.broadcast_buffers(self.model)
                 self._check_finite_weights(epoch)
-                train_eval = self._quick_metrics(self.train_set)
+                train_eval = self._quick_metrics(self._train_eval_set())
                 row["train_accuracy"] = train_eval["accuracy"]
                 val = self._quick_metrics(self.val_set)
                 row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
