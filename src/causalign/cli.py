@@ -1102,6 +1102,42 @@ def _fail_on_failed_runs(runs: list[dict], out: Path) -> None:
 
 
 @app.command()
+def curves(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (their history.csv)")],
+    out: Annotated[Path | None, typer.Option(help="figure file (default: RUN/curves.png for "
+                                                  "one run; needed for several)")] = None,
+) -> None:
+    """Per-epoch training curves of one or more runs side by side: training loss, validation
+    AUC, accuracy and, for the alignment methods, the alignment term."""
+    from .engine.trainer import _stored_history
+    from .report.figures import training_curves
+
+    if out is None:
+        if len(runs) > 1:
+            raise CausalignError(f"give --out FILE for the figure of {len(runs)} runs")
+        out = runs[0] / "curves.png"
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise CausalignError(f"--out {out}: give a .png, .pdf or .svg file")
+    histories: dict[str, list[dict]] = {}
+    # labels: the runs' paths below their common folder (runs/erm/seed0, runs/rrr/seed0)
+    resolved = [r.resolve() for r in runs]
+    common = Path(os.path.commonpath(resolved)) if len(runs) > 1 else resolved[0].parent
+    for run, full in zip(runs, resolved, strict=True):
+        if not run.is_dir():
+            raise CausalignError(f"{run}: not a run folder")
+        rows = _stored_history(run)
+        if not rows:
+            raise CausalignError(f"{run}: no history.csv rows (not a training run, or no "
+                                 f"epoch finished yet)")
+        label = str(full.relative_to(common)) if full != common else full.name
+        if label in histories:
+            raise CausalignError(f"{run}: given twice")
+        histories[label] = rows
+    training_curves(histories, out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
     seeds: Annotated[int, typer.Option(help="seeds per method")] = 1,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -347,3 +347,78 @@ def class_name(ds: object, k: int, width: int = 20) -> str:
     names = list(getattr(getattr(ds, "meta", None), "classes", None) or [])
     name = str(names[k]) if 0 <= k < len(names) else str(k)
     return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _number(text: Any) -> float:
+    """A history.csv cell as a float (NaN for empty, "nan", or text that is no number)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _alignment_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The alignment-term columns of a history (causal-align's ``train_align``, hier-align's
+    per level), not their step and sample counts."""
+    keys = rows[0].keys() if rows else ()
+    return [k for k in keys if k.startswith("train_") and k.endswith("align")
+            and not k.endswith(("_n_align", "align_step"))]
+
+
+def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                    title: str = "") -> None:
+    """Per-epoch curves of one or more runs' history.csv rows (label → rows): training loss,
+    validation AUC, training (dashed) and validation accuracy, and the alignment term where
+    a run has one. The best epoch is what the run keeps; the curves show how it got there."""
+    if not histories or not any(histories.values()):
+        raise InputError("training_curves: no history rows to draw")
+    from matplotlib.ticker import MaxNLocator
+
+    aligned = {label: _alignment_columns(rows) for label, rows in histories.items()}
+    panels = ["loss", "auc", "accuracy"] + (["align"] if any(aligned.values()) else [])
+    with _figure(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False
+                 ) as (fig, axes):
+        colours = {label: f"C{i % 10}" for i, label in enumerate(histories)}
+        for ax, panel in zip(axes[0], panels, strict=True):
+            for label, rows in histories.items():
+                if not rows:
+                    continue
+                epochs = [_number(r.get("epoch")) for r in rows]
+                kw = {"color": colours[label], "marker": "o" if len(rows) <= 20 else None,
+                      "markersize": 3}
+                if panel == "loss":
+                    ax.plot(epochs, [_number(r.get("train_loss")) for r in rows],
+                            label=_fit(label, 3.6 * len(panels) / min(3, len(histories))),
+                            **kw)
+                elif panel == "auc":
+                    ax.plot(epochs, [_number(r.get("val_auc")) for r in rows], **kw)
+                elif panel == "accuracy":
+                    ax.plot(epochs, [_number(r.get("val_accuracy")) for r in rows], **kw)
+                    ax.plot(epochs, [_number(r.get("train_accuracy")) for r in rows],
+                            linestyle="--", **{**kw, "marker": None})
+                else:
+                    for k, style in zip(aligned[label], ("-", "--", ":", "-."), strict=False):
+                        ax.plot(epochs, [_number(r.get(k)) for r in rows], linestyle=style,
+                                **kw)
+            if panel == "align" and max(len(c) for c in aligned.values()) > 1:
+                # the line style names the column (hier-align: image and attribute level)
+                longest = max(aligned.values(), key=len)
+                for k, style in zip(longest, ("-", "--", ":", "-."), strict=False):
+                    ax.plot([], [], color="k", linestyle=style, label=k.removeprefix("train_"))
+                ax.legend(fontsize=7)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title({"loss": "training loss", "auc": "validation AUC",
+                          "accuracy": "accuracy (val solid, train dashed)",
+                          "align": "alignment term L_align (train)"}[panel], fontsize=9)
+            ax.grid(alpha=0.3)
+        # one legend of the runs under the panels: long run paths crowded the first panel
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        rows_of_legend = -(-len(labels) // 3) + sum(t.count("\n") for t in labels[::3])
+        fig.set_figheight(3.0 + 0.18 * rows_of_legend)
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7,
+                   frameon=False)
+        if title:
+            fig.suptitle(_plain(title), fontsize=10)
+        fig.tight_layout(rect=(0, 0.18 * rows_of_legend / fig.get_figheight() + 0.02, 1, 1))
+        atomic_savefig(fig, path, dpi=100)

@@ -1,8 +1,8 @@
 """DIR/report.html: one self-contained page (every image embedded as base64 PNG) for a
 benchmark folder — the tables (mean (std), best in bold), runs that failed or were skipped,
 a CAM overlay grid method × case (paper 000 Fig. 4), counterfactual triptychs (Fig. 9),
-deletion curves, and a cross-site AUC heat-map when DIR/cross_site.json exists (written by
-benchmarks/cross_site.py).
+training curves per dataset (history.csv), deletion curves, and a cross-site AUC heat-map
+when DIR/cross_site.json exists (written by benchmarks/cross_site.py).
 
 Figures are also kept as PNG files in DIR/figures/.
 """
@@ -281,6 +281,20 @@ def _deletion_saliency(results: dict) -> str:
                                    for d, v in per.items()) + ")"
 
 
+def curves_figure(out: Path, results: dict, dataset: str, path: Path) -> bool:
+    """Training curves of one run per method on ``dataset`` (`_pick_runs`), from their
+    history.csv; False when none has rows (runs collected from elsewhere, deleted)."""
+    from ..engine.trainer import _stored_history
+    from .figures import training_curves
+
+    histories = {label: rows for label, r in _pick_runs(results, dataset).items()
+                 if (rows := _stored_history(out / r["run_dir"]))}
+    if not histories:
+        return False
+    training_curves(histories, path, title=dataset)
+    return True
+
+
 def deletion_figure(results: dict, path: Path) -> bool:
     """Mean drop of the predicted class's probability after deleting the top-k salient pixels
     (k as a fraction of the image), per method (default setting, mean over seeds)."""
@@ -488,6 +502,23 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
             _raise_interrupt_behind(exc, handled)
             parts.append(f"<p class='failed'>counterfactual figure failed: "
                          f"{html.escape(str(exc))}</p>")
+    for d in datasets[:CAM_DATASETS]:
+        p = figs / f"curves_{slugs[d]}.png"
+        try:
+            drawn = curves_figure(out, results, d, p)
+        except Exception as exc:  # a figure must not sink the report
+            _raise_interrupt_behind(exc, handled)
+            parts.append(f"<p class='failed'>training curves for {html.escape(d)} failed: "
+                         f"{html.escape(str(exc))}</p>")
+            continue
+        if drawn:
+            if not any(f.startswith("curves_") for f in shown):
+                parts.append("<h2>Training curves</h2><p>Per epoch (history.csv): training "
+                             "loss, validation AUC, accuracy (validation solid, training "
+                             "dashed) and the alignment term where a method has one; default "
+                             "setting, lowest seed.</p>")
+            parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"training curves {d}"))
+            shown.add(p.name)
     p = figs / "deletion.png"
     if deletion_figure(results, p):
         parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
@@ -516,7 +547,8 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     return path
 
 
-_FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "deletion.png", "cross_site.png")
+_FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "curves_*.png", "deletion.png",
+                    "cross_site.png")
 
 
 def _raise_interrupt_behind(exc: Exception, handled: BaseException | None) -> None:
