@@ -227,7 +227,8 @@ class LRP(Explainer):
                 composite.register(self.model)
                 x = inputs.detach().requires_grad_(True)
                 # F.layer_norm, F.scaled_dot_product_attention, ...: no rule, as their modules
-                # (relevance crossed them as a gradient: maps of ~170 for logits of ~0.1)
+                # (relevance crossed them as a gradient: maps of ~170 for logits of ~0.1);
+                # functional activations pass relevance, as zennit's rule for their modules
                 with _Functional(None, self.model, self.name):
                     logits = self.model(x)
                 check_target_classes(logits, target)
@@ -421,7 +422,7 @@ def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
     ``a + b`` in ``forward`` get no ε factor (zennit's ResNet canonizer adds one); the
     difference is confined to sums within ~ε of zero.
     """
-    from .wbp import _Functional, _resolve_target, wbp_mode
+    from .wbp import _Functional, _resolve_target, _wbp_mode
 
     scale = _Scale()
     handles = []
@@ -432,11 +433,13 @@ def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
         return _EpsilonFactor.apply(output, epsilon, scale)
 
     try:
-        with torch.enable_grad(), wbp_mode(model, "lrp-epsilon"):
+        with torch.enable_grad(), _wbp_mode(model, "lrp-epsilon") as phase:
             for m in _epsilon_points(model):
                 handles.append(m.register_forward_hook(hook))
             x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-            with _Functional(None, model, "lrp-epsilon"):  # F.layer_norm etc.: refused
+            # functional activations rescaled as their modules (F.gelu was crossed as a
+            # gradient, unlike nn.GELU); F.layer_norm etc. refused
+            with _Functional(phase, model, "lrp-epsilon"):
                 logits = model(x)
             tgt = _resolve_target(logits, target)
             score = logits.gather(1, tgt[:, None]).sum()

@@ -329,14 +329,30 @@ _FUNCTIONAL_NO_RULE: dict[Callable, str] = {
 }
 
 
+class _PassBackward(torch.autograd.Function):
+    """Identity on an activation's output whose backward hands the incoming gradient to z
+    unchanged: zennit's ``Pass`` rule, which its LRP composites give activation modules."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, out: Tensor) -> Tensor:  # type: ignore[override]
+        return out.clone()  # a copy, as `_RescaledBackward` (models edit outputs in place)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
 class _Functional(TorchFunctionMode):
     """Rescales functional activations (`_FUNCTIONAL`) run during one forward pass, as the
     module hooks do, and refuses functional layers without a rule (`_FUNCTIONAL_NO_RULE`).
-    Only the forward runs under it: the rules' own ops in the backward are not activations."""
+    Only the forward runs under it: the rules' own ops in the backward are not activations.
+
+    `phase` None gives the activations zennit's Pass rule instead (the LRP composites' rule
+    for their modules): without either a functional activation (``F.gelu``) was crossed as a
+    gradient, so LRP maps of the same weights differed between ``F.gelu`` and ``nn.GELU``."""
 
     def __init__(self, phase: _Phase | None, model: nn.Module, what: str) -> None:
         super().__init__()
-        # phase None: refuse only (LRP, whose rules see modules, not functional activations)
         self.phase, self.model, self.what = phase, model, what
         self.rules: dict[tuple, RescaleRule] = {}
 
@@ -347,7 +363,7 @@ class _Functional(TorchFunctionMode):
                              f"{type(self.model).__name__}'s forward (its rules cover conv, "
                              f"linear, BatchNorm, pooling and activation layers); use "
                              f"gradient, input-x-gradient or gradcam for this model")
-        entry = _FUNCTIONAL.get(func) if self.phase is not None else None
+        entry = _FUNCTIONAL.get(func)
         if entry is None or not args or not isinstance(args[0], Tensor) or "out" in kwargs \
                 or not torch.is_grad_enabled():
             return func(*args, **kwargs)  # (`out=`: writes a given tensor, no graph to keep)
@@ -364,6 +380,8 @@ class _Functional(TorchFunctionMode):
         if not isinstance(out, Tensor) or not (z_in.requires_grad or out.requires_grad) \
                 or out.shape != z_in.shape:
             return out  # nothing flows through, or not elementwise
+        if self.phase is None:
+            return _PassBackward.apply(z_in, out)
         key = (func, tuple(sorted((k, v) for k, v in options.items() if k != "inplace")))
         rule = self.rules.get(key)
         if rule is None:
