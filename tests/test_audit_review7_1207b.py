@@ -59,3 +59,47 @@ def test_zennit_lrp_passes_relevance_through_functional_activations(variant: str
     b = get_explainer(variant, fun).attribute(x, 0)
     assert a.abs().max() > 1e-3
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _FunctionalStats(nn.Module):
+    """conv -> a functional normalisation over batch/sample statistics -> relu -> linear."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.c = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4).eval()
+        self.l = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(x)
+        if self.kind == "instance":
+            h = F.instance_norm(h)
+        elif self.kind == "batch-train":
+            h = F.batch_norm(h, None, None, training=True)
+        elif self.kind == "torch-batch":
+            h = torch.batch_norm(h, None, None, None, None, True, 0.1, 1e-5, False)
+        elif self.kind == "torch-layer":
+            h = torch.layer_norm(h, h.shape[1:])
+        elif self.kind == "running":  # eval-mode running statistics: an affine map, fine
+            h = F.batch_norm(h, self.bn.running_mean, self.bn.running_var)
+        return self.l(F.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["instance", "batch-train", "torch-batch", "torch-layer"])
+@pytest.mark.parametrize("name", ["wbp", "lrp-epsilon"])
+def test_functional_batch_statistics_refused(kind: str, name: str) -> None:
+    # their modules are refused (unsupported_layers); the functional forms ran silently and a
+    # sample's F.batch_norm(training=True) map changed with its batch-mates (0.037 of 0.27)
+    from causalign.errors import InputError
+
+    x = torch.randn(4, 1, 6, 6)
+    with pytest.raises(InputError, match=r"(instance_norm|batch_norm|layer_norm)"):
+        get_explainer(name, _FunctionalStats(kind)).attribute(x, 0)
+
+
+@pytest.mark.parametrize("name", ["wbp", "lrp-epsilon"])
+def test_functional_running_statistics_still_explained(name: str) -> None:
+    x = torch.randn(4, 1, 6, 6)
+    a = get_explainer(name, _FunctionalStats("running")).attribute(x, 0)
+    assert torch.isfinite(a).all() and a.abs().max() > 0
