@@ -78,8 +78,8 @@ class TrainConfig:
     deterministic: bool = False
     threads: int = 0  # 0 = PyTorch's default
     # Speed (engine/distributed.py, README "Scale and reliability"): bf16 autocast of the
-    # classifier forward (plain-forward methods; others keep float32 outside their own
-    # Method.classifier_autocast regions), torch.compile of the model (plain-forward methods),
+    # classifier forward (plain-forward methods; the others keep float32: no method opens a
+    # Method.classifier_autocast region), torch.compile of the model (plain-forward methods),
     # SyncBatchNorm across ranks under torchrun (CUDA only).
     amp: bool = False
     compile: bool = False

@@ -33,6 +33,10 @@ There ``lrp-epsilon`` is always the modified-gradient form (so explained and tra
 agree) and the other variants refuse the model with one line. Layers without a rule are
 refused as modules (`wbp.unsupported_layers`) and as functional calls seen in the forward
 (``F.layer_norm``, ``F.scaled_dot_product_attention``, ...: `wbp._FUNCTIONAL_NO_RULE`).
+Functional activations in a forward (``F.gelu``, ``torch.sigmoid``: `wbp._FUNCTIONAL`) get
+their module's rule: the rescale rule in the modified-gradient ``lrp-epsilon``, zennit's Pass
+in the other variants (they were crossed as a gradient, so ``F.gelu`` and ``nn.GELU`` gave
+different maps of the same weights).
 """
 
 from __future__ import annotations
