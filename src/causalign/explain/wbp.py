@@ -319,6 +319,22 @@ _FUNCTIONAL: dict[Callable, Callable[..., nn.Module]] = {
     F.softshrink: lambda lambd=0.5: nn.Softshrink(lambd),
 }
 
+# Functional activations whose gradient already is the rescale rule (g(z)/z, see the module
+# doc): WBP leaves them alone, but zennit's Pass rule (`_Functional` with phase None) is not
+# their gradient: F.leaky_relu crossed as a gradient scales relevance by the slope, and an
+# lrp-epsilon map then differed from nn.LeakyReLU's (0.018 of a 0.13 map). The factories only
+# name the positional arguments (for ``inplace``).
+_PASS_ONLY: dict[Callable, Callable[..., None]] = {
+    F.relu: lambda inplace=False: None,
+    torch.relu: lambda: None,
+    Tensor.relu: lambda: None,
+    F.leaky_relu: lambda negative_slope=0.01, inplace=False: None,
+    F.prelu: lambda weight=None: None,
+    F.rrelu: lambda lower=1 / 8, upper=1 / 3, training=False, inplace=False: None,
+    F.hardshrink: lambda lambd=0.5: None,
+    F.threshold: lambda threshold=None, value=None, inplace=False: None,
+}
+
 # Functional forms of `_NO_RULE` modules: refused when `wbp_weights` sees them run. (Softmax
 # is not among them: the multi-view CNN pools its slices with F.log_softmax, see module doc.)
 _FUNCTIONAL_NO_RULE: dict[Callable, str] = {
@@ -391,7 +407,7 @@ class _Functional(TorchFunctionMode):
                              f"{type(self.model).__name__}'s forward (its rules cover conv, "
                              f"linear, BatchNorm, pooling and activation layers); use "
                              f"gradient, input-x-gradient or gradcam for this model")
-        entry = _FUNCTIONAL.get(func)
+        entry = _FUNCTIONAL.get(func) or (_PASS_ONLY.get(func) if self.phase is None else None)
         if entry is None or not args or not isinstance(args[0], Tensor) or "out" in kwargs \
                 or not torch.is_grad_enabled():
             return func(*args, **kwargs)  # (`out=`: writes a given tensor, no graph to keep)
