@@ -617,6 +617,15 @@ def _stored_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
     if out.dtype.kind == "f" and not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise DataError(f"{path}: {bad} NaN/inf pixel value(s)")
+    if path.suffix.lower() != ".npy":
+        # PIL gives (H, W) or (H, W, C), always: the NPY guess below (channel-last only when
+        # H > 4) read a 4-row RGB PNG as a 4-channel 6x3 image, and an RGB PNG in a volume
+        # dataset as a (H, W, 3) volume, with `data check` saying ok
+        if ndim != 2:
+            raise DataError(f"{path}: a {path.suffix} file holds a 2D image; volumes "
+                            f"(ndim: {ndim}) are read from .npy files")
+        if out.ndim == 3:
+            return np.ascontiguousarray(np.moveaxis(out[..., :3], -1, 0))
     if out.ndim == ndim:
         out = out[None]
     elif out.ndim == ndim + 1 and ndim == 2 and out.shape[-1] in (1, 3, 4) and out.shape[0] > 4:
