@@ -53,3 +53,34 @@ def test_colour_png_in_a_volume_dataset_is_refused(tmp_path: Path) -> None:
     root = _png_dataset(tmp_path / "v", [img, img], "RGB", ndim=3)
     with pytest.raises(DataError, match="volumes"):
         LesionDataset(root, "train")
+
+
+def _outline_extent(ax) -> np.ndarray | None:
+    """(xmin, ymin, xmax, ymax) over the contour lines drawn on ``ax`` (None: none drawn)."""
+    verts = [p.vertices for c in ax.collections for p in c.get_paths() if len(p.vertices)]
+    if not verts:
+        return None
+    v = np.concatenate(verts)
+    return np.concatenate([v.min(0), v.max(0)])
+
+
+@pytest.mark.parametrize("where", ["whole", "corner"])
+def test_annotation_outline_closes_at_the_image_border(where: str) -> None:
+    # a non-square 6x4 panel; a mask covering the image drew no outline at all, one in the
+    # top-right corner lost its top and right sides (ends at pixel centres, not the edge)
+    from causalign.report.figures import _change_ax, agg_figure
+
+    region = np.zeros((6, 4))
+    if where == "whole":
+        region[:] = 1
+    else:
+        region[:3, 2:] = 1
+    fig = agg_figure()
+    ax = fig.add_subplot()
+    _change_ax(ax, np.zeros((1, 6, 4)), region)
+    ext = _outline_extent(ax)
+    assert ext is not None
+    want = [-0.5, -0.5, 3.5, 5.5] if where == "whole" else [1.5, -0.5, 3.5, 2.5]
+    np.testing.assert_allclose(ext, want)
+    # the panel still shows the image's own extent (the padding is outside it)
+    assert ax.get_xlim() == (-0.5, 3.5) and ax.get_ylim() == (5.5, -0.5)

@@ -100,6 +100,22 @@ def _draw_box(ax, box_mask: np.ndarray, color: str = "red") -> None:
                            ys.max() - ys.min() + 1, fill=False, edgecolor=color, lw=1.0))
 
 
+def _outline(ax, region: np.ndarray, color: str) -> None:
+    """Outline of a 2D annotation ``region`` (nonzero = inside), closed at the image border.
+
+    A plain contour stops at the outermost pixel centres: a mask touching the border lost
+    the sides along it (its ends half a pixel short of the edge), and a mask covering the
+    whole image drew nothing at all. Padded with zeros one pixel all round (at coordinates
+    -1 and H/W), the outline closes on the image's edge."""
+    r = np.pad(np.asarray(region, dtype=np.float64) > 0, 1).astype(np.float64)
+    h, w = r.shape
+    ax.contour(np.arange(-1, w - 1), np.arange(-1, h - 1), r, levels=[0.5], colors=color,
+               linewidths=0.6)
+    # the padding must not widen the panel: keep the image's own extent
+    ax.set_xlim(-0.5, w - 2.5)
+    ax.set_ylim(h - 2.5, -0.5)
+
+
 def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], path: str | Path,
                  cols: int = 8) -> None:
     """Grid of examples with the lesion mask outlined."""
@@ -118,7 +134,7 @@ def example_grid(images: np.ndarray, masks: np.ndarray, titles: Sequence[str], p
                 image, m = image[:, z], m[z]
             _show_image(ax, image)
             if m.any():
-                ax.contour(m, levels=[0.5], colors="red", linewidths=0.6)
+                _outline(ax, m, "red")
             ax.set_title(_fit(titles[i], 1.6), fontsize=7)
         fig.tight_layout()
         atomic_savefig(fig, path, dpi=110)
@@ -256,7 +272,7 @@ def _change_ax(ax, change: np.ndarray, region: np.ndarray | None, vmax: float | 
     cmap = matplotlib.colormaps["bwr"].with_extremes(bad=BAD_COLOUR)
     ax.imshow(np.clip(c, -lim, lim), cmap=cmap, vmin=-lim, vmax=lim)
     if region is not None and region.any():
-        ax.contour(region, levels=[0.5], colors="black", linewidths=0.6)
+        _outline(ax, region, "black")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel(label, fontsize=6, labelpad=2)
