@@ -603,6 +603,10 @@ _COMPACT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0,
                   np.dtype(np.int8): None, np.dtype(np.int16): None}
 
 
+# files `load_array` reads through PIL, always as (H, W) or (H, W, C)
+PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+
+
 def _stored_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
     """A stored array as (C, *spatial), validated: in its own dtype when that is one of
     `_COMPACT_SCALE`'s, else float32 (the values `to_float_image` returns)."""
@@ -617,10 +621,11 @@ def _stored_image(array: np.ndarray, ndim: int, path: Path) -> np.ndarray:
     if out.dtype.kind == "f" and not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise DataError(f"{path}: {bad} NaN/inf pixel value(s)")
-    if path.suffix.lower() != ".npy":
+    if path.suffix.lower() in PIL_SUFFIXES:
         # PIL gives (H, W) or (H, W, C), always: the NPY guess below (channel-last only when
         # H > 4) read a 4-row RGB PNG as a 4-channel 6x3 image, and an RGB PNG in a volume
-        # dataset as a (H, W, 3) volume, with `data check` saying ok
+        # dataset as a (H, W, 3) volume, with `data check` saying ok. Only image suffixes:
+        # an array handed to `to_float_image` under another name keeps the NPY reading
         if ndim != 2:
             raise DataError(f"{path}: a {path.suffix} file holds a 2D image; volumes "
                             f"(ndim: {ndim}) are read from .npy files")
