@@ -53,6 +53,10 @@ def test_a_hidden_finished_task_still_takes_updates(live_terminal):
         progress.advance(task)
         progress.update(task, description="evaluating done")  # no KeyError
         progress.advance(task)
+        (state,) = [t for t in progress.tasks if t.id == task]
+        # retired from the live frame, yet the updates after that still landed
+        assert not state.visible and state.finished
+        assert state.description == "evaluating done" and state.completed == 2
 
 
 def _count_reads(monkeypatch) -> list[str]:
