@@ -307,8 +307,8 @@ def test_deletion_of_a_bfloat16_model_is_not_quantised():
     drop = deletion_scores(model, x, maps, 1, fractions=(1 / n,))[1 / n]
     deleted = x.clone()
     deleted.view(-1)[-1] = 0  # the top pixel of the map
-    with torch.no_grad():  # the model's own bfloat16 logits, their softmax in float32
-        z0, z1 = model(x)[0].float(), model(deleted)[0].float()
+    with torch.no_grad():  # the model's own bfloat16 logits, their softmax in float64
+        z0, z1 = model(x)[0].double(), model(deleted)[0].double()
     want = float(z0.softmax(0)[1] - z1.softmax(0)[1])
     assert want > 0.002
     assert drop.dtype == torch.float32

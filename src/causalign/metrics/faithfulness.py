@@ -45,9 +45,11 @@ def deletion_scores(
     on the deleted images and dropout would add noise to the drop.
 
     `logits`: the model's eval-mode logits of `inputs` when the caller already has them
-    (evaluation does), which saves the baseline forward pass. Probabilities are taken in at
-    least float32 (a bfloat16 model's drops were quantised to steps of ~0.004), so drops are
-    float32 for half/bfloat16/float32 models and float64 for float64 ones.
+    (evaluation does), which saves the baseline forward pass. Drops are float32 for
+    half/bfloat16/float32 models and float64 for float64 ones, but the probabilities and their
+    difference are float64: in a bfloat16 model's own dtype drops were quantised to steps of
+    ~0.004, and in float32 a confident model's p = 1 − 1e-12 and 1 − 1e-9 both round to 1.0,
+    so that drop of 1e-9 read 0 (on the host for MPS, which has no float64).
     """
     if not isinstance(inputs, Tensor) or not isinstance(maps, Tensor):
         # a NumPy map failed in Tensor.sort with "order must be str, not int"
@@ -113,7 +115,8 @@ def deletion_scores(
         if predicted:
             target = logits.argmax(1)
         check_target_classes(logits, target)
-        base = _probs(logits).gather(1, target[:, None]).squeeze(1)
+        base = _target_probs(logits, target)
+        drop_dtype = torch.promote_types(logits.dtype, torch.float32)
         out = {}
         for frac in fractions:
             k = max(1, int(round(frac * numel)))
@@ -121,8 +124,8 @@ def deletion_scores(
             keep.scatter_(1, order[:, :k], 0.0)
             keep = keep.view(n, 1, *spatial)
             deleted = inputs * keep + fill * (1 - keep)
-            prob = _probs(model(deleted)).gather(1, target[:, None]).squeeze(1)
-            out[frac] = base - prob
+            prob = _target_probs(model(deleted), target)
+            out[frac] = (base - prob).to(inputs.device, drop_dtype)
     return out
 
 
@@ -133,7 +136,10 @@ def _tie_order(numel: int) -> Tensor:
     return torch.randperm(numel, generator=torch.Generator().manual_seed(0))
 
 
-def _probs(logits: Tensor) -> Tensor:
-    """Softmax in at least float32: in a half/bfloat16 model's own dtype probabilities near
-    0.5 are spaced 2⁻⁹–2⁻⁸ apart, so every drop below ~0.004 came out 0."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
+def _target_probs(logits: Tensor, target: Tensor) -> Tensor:
+    """p_target in float64 (see `deletion_scores`), on the logits' device unless it lacks
+    float64 (MPS), then on the host."""
+    if logits.device.type == "mps":
+        logits = logits.cpu()
+    probs = logits.detach().to(torch.float64).softmax(1)
+    return probs.gather(1, target.to(probs.device)[:, None]).squeeze(1)
