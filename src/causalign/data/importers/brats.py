@@ -15,14 +15,18 @@ the brain's bounding square, square in millimetres (anisotropic in-plane voxels,
 are not squashed), is cropped and resized to `--size`. Image channels = `--modalities` in the
 given order.
 
-Segmentation labels: 1 necrotic/non-enhancing core, 2 oedema, 4 (2023: 3) enhancing tumour.
-`--region` picks the mask: wt (whole tumour, labels > 0, default), tc (core: 1, 3, 4),
-et (enhancing: 3, 4).
+Segmentation labels, by the release's naming. 2018–2021 names (``_t1ce``): 1 necrotic/
+non-enhancing core, 2 oedema, 4 enhancing tumour. 2023+ names (``-t1c``): 1 non-enhancing
+core, 2 oedema (SNFH), 3 enhancing tumour, and in BraTS 2024's post-treatment gliomas 4 the
+resection cavity, which is not tumour (it is in no region; its slices are not tumour slices).
+`--region` picks the mask (classic / 2023+ labels): wt (whole tumour, default: 1–4 / 1–3),
+tc (core: 1, 3, 4 / 1, 3), et (enhancing: 3, 4 / 3).
 
 `--mode slices` (default), label by `--task`:
   tumor      1 = axial slice with ≥ `--min-tumor-px` whole-tumour voxels, 0 = a brain slice
-             without any tumour voxel (brain area ≥ 25% of the largest slice's); as many
-             negatives as positives per subject, both evenly spaced through the volume.
+             without any labelled voxel (tumour or cavity; brain area ≥ 25% of the largest
+             slice's); as many negatives as positives per subject, both evenly spaced
+             through the volume.
   grade      tumour slices only; 1 = HGG, 0 = LGG (subjects without a grade are skipped).
   enhancing  tumour slices only; 1 = ≥ `--min-tumor-px` // 4 enhancing voxels in the slice.
   Up to `--slices-per-subject` tumour slices per subject (evenly spaced).
@@ -65,6 +69,21 @@ ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
 _FILE = re.compile(r"^(?P<subject>.+?)[_-](?P<mod>t1ce|t1n|t1c|t1|t2w|t2f|t2|flair|seg)"
                    r"\.nii(?:\.gz)?$", re.IGNORECASE)
 REGIONS = {"wt": (1, 2, 3, 4), "tc": (1, 3, 4), "et": (3, 4)}
+# 2023+ releases (BraTS-GLI-…-t1c names): enhancing tumour is 3, and 4 is BraTS 2024's
+# resection cavity, a post-surgical hole that the classic regions above took for enhancing
+# tumour (a subject with a cavity and no tumour gave only "tumour" slices, masks on the hole)
+REGIONS_2023 = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
+RESECTION_CAVITY_2024 = 4
+
+
+def label_scheme(files: dict[str, Path]) -> str:
+    """'2023' when a subject's files carry the 2023+ modality names (t1n, t1c, t2w, t2f),
+    else 'classic' (2018–2021: enhancing tumour = 4)."""
+    for path in files.values():
+        m = _FILE.match(path.name)
+        if m and m.group("mod").lower() in ALIASES:
+            return "2023"
+    return "classic"
 
 
 @dataclass
@@ -262,6 +281,9 @@ class BratsImporter(Importer):
                 sorted({"×".join(f"{v:.3g}" for v in sp) for _, sp in loaded})) + " mm")
         del loaded
         seg = np.rint(seg).astype(np.int16)
+        regions = REGIONS_2023 if label_scheme(files) == "2023" else REGIONS
+        if regions is REGIONS_2023 and (seg == RESECTION_CAVITY_2024).any():
+            self.note("label 4 read as resection cavity (BraTS 2024), not tumour")
         brain = np.zeros(seg.shape, bool)
         for v in vols:
             brain |= v > 0
@@ -272,7 +294,7 @@ class BratsImporter(Importer):
         image = np.stack([to_display(c) for c in chans])  # (C, z, rows, cols)
         seg_d = to_display(seg)
         brain_d = to_display(brain)
-        region = np.isin(seg_d, REGIONS[opts.region])
+        region = np.isin(seg_d, regions[opts.region])
         # brain bounding square (over all slices), square in mm: displayed columns run along
         # RAS x, rows along y, so an anisotropic in-plane grid (sx ≠ sy) is cropped as a
         # rectangle of voxels and the resize makes the pixels square (it was cropped square in
@@ -288,7 +310,8 @@ class BratsImporter(Importer):
         if opts.mode == "volumes":
             yield self._volume(unit, subj, grade, image, region, brain_d, sl)
             return
-        whole = (seg_d > 0).sum(axis=(1, 2))
+        whole = np.isin(seg_d, regions["wt"]).sum(axis=(1, 2))
+        labelled = (seg_d > 0).sum(axis=(1, 2))  # tumour or (2024) resection cavity
         pos = [k for k in range(len(whole)) if whole[k] >= opts.min_tumor_px]
         if not pos:
             raise SkipItem("no tumour slice", f"{subj}: no slice with >= {opts.min_tumor_px} "
@@ -297,11 +320,12 @@ class BratsImporter(Importer):
         picks = [(k, 1) for k in chosen]
         if opts.task == "tumor":
             area = brain_d.sum(axis=(1, 2))
-            neg = [k for k in range(len(whole)) if whole[k] == 0 and area[k] >= 0.25 * area.max()]
+            neg = [k for k in range(len(whole))
+                   if labelled[k] == 0 and area[k] >= 0.25 * area.max()]
             if len(neg) < len(chosen):
                 self.note("fewer tumour-free slices than tumour slices")
             picks += [(k, 0) for k in _evenly(neg, len(chosen))]
-        et = np.isin(seg_d, REGIONS["et"]).sum(axis=(1, 2))
+        et = np.isin(seg_d, regions["et"]).sum(axis=(1, 2))
         for k, positive in sorted(picks):
             if opts.task == "tumor":
                 label = positive

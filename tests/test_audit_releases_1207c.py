@@ -1,0 +1,82 @@
+"""Importers on the on-disk variants of real dataset releases (BraTS 2024's label 4, …):
+each either imports correctly or refuses in one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_real import BRATS_SHAPE, _save_nii
+
+from causalign.data.format import load_array, read_manifest
+from causalign.data.importers import run_import
+
+pytest.importorskip("nibabel")
+
+
+def _brain() -> tuple[np.ndarray, ...]:
+    x, y, z = np.mgrid[0:BRATS_SHAPE[0], 0:BRATS_SHAPE[1], 0:BRATS_SHAPE[2]]
+    brain = (((x - 9.5) / 9) ** 2 + ((y - 9.5) / 9) ** 2 + ((z - 4.5) / 5.5) ** 2) <= 1
+    return x, y, z, brain
+
+
+def _brats_subject(root: Path, subj: str, seg: np.ndarray, brain: np.ndarray,
+                   names: tuple[str, ...], sep: str, suffix: str = ".nii.gz") -> None:
+    for mod in names:
+        vol = np.where(brain, 300.0, 0.0).astype(np.float32)
+        _save_nii(root / subj / f"{subj}{sep}{mod}{suffix}", vol, np.eye(4))
+    _save_nii(root / subj / f"{subj}{sep}seg{suffix}", seg, np.eye(4))
+
+
+# ----------------------------------------------------------------------------- BraTS 2024
+
+
+def test_brats_2024_resection_cavity_is_not_tumour(tmp_path):
+    """BraTS 2024 post-treatment gliomas label the resection cavity 4 (ET is 3 from 2023
+    on). It was read as enhancing tumour: a subject with a cavity and no tumour gave 6
+    "tumour" slices, masks on the hole."""
+    x, y, z, brain = _brain()
+    cavity = (abs(x - 6) <= 2) & (abs(y - 6) <= 2) & (z >= 2) & (z <= 7) & brain
+    et = (abs(x - 13) <= 2) & (abs(y - 13) <= 2) & (z == 5)
+    root = tmp_path / "BraTS2024-GLI"
+    names = ("t1n", "t1c", "t2w", "t2f")
+    for k in range(4):
+        seg = np.zeros(BRATS_SHAPE, np.uint8)
+        seg[cavity] = 4
+        if k % 2:
+            seg[et] = 3
+        _brats_subject(root, f"BraTS-GLI-0000{k}-100", seg, brain, names, "-")
+    out = tmp_path / "out"
+    s = run_import("brats", root, out, {"size": 20, "min_tumor_px": 5})
+    recs = read_manifest(out)
+    assert s["skipped"]["by_reason"] == {"no tumour slice": 2}  # cavity only: no tumour
+    pos = [r for r in recs if r.label == 1]
+    assert sorted(r.id for r in pos) == ["BraTS-GLI-00001-100_z005",
+                                         "BraTS-GLI-00003-100_z005"]
+    for r in pos:  # the mask is the ET (lower right of the brain), not the cavity
+        m = load_array(out / r.mask) > 0
+        assert m.sum() > 0
+        ys, xs = np.nonzero(m)
+        assert ys.mean() < 10 and xs.mean() > 10  # displayed: anterior (+y) up, +x right
+    # negatives hold no labelled voxel at all: no cavity slice is a "no tumour" slice
+    for r in recs:
+        if r.label == 0:
+            assert int(r.id.rsplit("_z", 1)[1]) not in range(2, 8)
+    # enhancing task: the cavity is not enhancing tumour
+    run_import("brats", root, tmp_path / "e", {"size": 20, "min_tumor_px": 5,
+                                               "task": "enhancing"})
+    assert all(r.label == 1 for r in read_manifest(tmp_path / "e"))
+
+
+def test_brats_classic_label_4_is_still_enhancing(tmp_path):
+    """2018–2021 names (_t1ce): 4 stays the enhancing tumour."""
+    x, y, z, brain = _brain()
+    seg = np.zeros(BRATS_SHAPE, np.uint8)
+    seg[(abs(x - 6) <= 2) & (abs(y - 6) <= 2) & (z >= 2) & (z <= 7) & brain] = 4
+    root = tmp_path / "BraTS2021"
+    _brats_subject(root, "BraTS2021_00000", seg, brain, ("t1", "t1ce", "t2", "flair"), "_")
+    out = tmp_path / "out"
+    run_import("brats", root, out, {"size": 20, "min_tumor_px": 5, "region": "et",
+                                    "val_frac": 0.0, "test_frac": 0.0})
+    assert sum(r.label for r in read_manifest(out)) == 6
