@@ -80,3 +80,31 @@ def test_brats_classic_label_4_is_still_enhancing(tmp_path):
     run_import("brats", root, out, {"size": 20, "min_tumor_px": 5, "region": "et",
                                     "val_frac": 0.0, "test_frac": 0.0})
     assert sum(r.label for r in read_manifest(out)) == 6
+
+
+def test_brats_2020_case_355_segmentation_under_another_name(tmp_path):
+    """BraTS 2020 (uncompressed .nii, Kaggle) ships case 355's segmentation as
+    'W39_1998.09.19_Segm.nii': the subject was skipped as "missing segmentation"."""
+    x, y, z, brain = _brain()
+    seg = np.zeros(BRATS_SHAPE, np.uint8)
+    seg[(abs(x - 6) <= 2) & (abs(y - 6) <= 2) & (z >= 3) & (z <= 6) & brain] = 2
+    root = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    mods = ("t1", "t1ce", "t2", "flair")
+    _brats_subject(root, "BraTS20_Training_354", seg, brain, mods, "_", ".nii")
+    _brats_subject(root, "BraTS20_Training_355", seg, brain, mods, "_", ".nii")
+    (root / "BraTS20_Training_355" / "BraTS20_Training_355_seg.nii").rename(
+        root / "BraTS20_Training_355" / "W39_1998.09.19_Segm.nii")
+    # a validation-style subject without any segmentation stays skipped, also beside a
+    # model's prediction (never taken for the ground truth)
+    _brats_subject(root, "BraTS20_Training_356", seg, brain, mods, "_", ".nii")
+    (root / "BraTS20_Training_356" / "BraTS20_Training_356_seg.nii").rename(
+        root / "BraTS20_Training_356" / "seg_pred.nii")
+    out = tmp_path / "out"
+    s = run_import("brats", root, out, {"size": 20, "min_tumor_px": 5})
+    assert s["skipped"]["by_reason"] == {"missing segmentation": 1}
+    assert any("another name" in k for k in s["notes"])
+    subjects = {r.id.rsplit("_z", 1)[0] for r in read_manifest(out)}
+    assert subjects == {"BraTS20_Training_354", "BraTS20_Training_355"}
+    a = {r.id.split("_z")[1]: r.label for r in read_manifest(out) if "354" in r.id}
+    b = {r.id.split("_z")[1]: r.label for r in read_manifest(out) if "355" in r.id}
+    assert a == b and sum(a.values()) == 4  # same seg → same slices and labels

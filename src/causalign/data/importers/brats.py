@@ -35,7 +35,9 @@ whole-tumour mask, label = grade (needs `--task grade`).
 
 Splits are per subject (no subject in two splits), random with `--seed`, stratified by grade
 when known. Skipped with a reason: a missing modality or segmentation, an unreadable NIfTI,
-volumes whose shapes or voxel sizes differ, a subject without tumour slices.
+volumes whose shapes or voxel sizes differ, a subject without tumour slices. A subject
+folder whose segmentation has another name (BraTS 2020's case 355:
+``W39_1998.09.19_Segm.nii``) uses its one NIfTI named ``*_Segm.nii``, noted in the summary.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 ALIASES = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
 _FILE = re.compile(r"^(?P<subject>.+?)[_-](?P<mod>t1ce|t1n|t1c|t1|t2w|t2f|t2|flair|seg)"
                    r"\.nii(?:\.gz)?$", re.IGNORECASE)
+# '<anything>_Segm.nii': a segmentation under a name that is not '<subject>_seg' (only this
+# form, so that e.g. a model's 'seg_pred.nii.gz' is never taken for the ground truth)
+_STRAY_SEG = re.compile(r"^.+[_-]segm\.nii(?:\.gz)?$", re.IGNORECASE)
 REGIONS = {"wt": (1, 2, 3, 4), "tc": (1, 3, 4), "et": (3, 4)}
 # 2023+ releases (BraTS-GLI-…-t1c names): enhancing tumour is 3, and 4 is BraTS 2024's
 # resection cavity, a post-surgical hole that the classic regions above took for enhancing
@@ -124,8 +129,11 @@ class BratsOptions(CommonOptions):
 
 
 def find_subjects(src: Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
-    """subject id → {modality: path}, from file names anywhere under SRC."""
+    """subject id → {modality: path}, from file names anywhere under SRC. A subject folder
+    without a '<subject>_seg' file but with one NIfTI named '*_Segm.nii' uses that one:
+    BraTS 2020's case 355 ships its segmentation as 'W39_1998.09.19_Segm.nii'."""
     subjects: dict[str, dict[str, Path]] = {}
+    stray: dict[Path, list[Path]] = {}  # folder → NIfTIs whose names are not BraTS names
     base = len(src.parts)
     for dirpath, dirnames, filenames in walk(src):
         if len(Path(dirpath).parts) - base >= max_depth:
@@ -136,6 +144,14 @@ def find_subjects(src: Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
                 mod = m.group("mod").lower()
                 subjects.setdefault(m.group("subject"), {})[ALIASES.get(mod, mod)] = (
                     Path(dirpath) / name)
+            elif _STRAY_SEG.match(name) and not name.startswith("."):
+                stray.setdefault(Path(dirpath), []).append(Path(dirpath) / name)
+    for subj, files in subjects.items():
+        folder = next(iter(files.values())).parent
+        cands = stray.get(folder, [])
+        # only in the subject's own folder, and only when unambiguous
+        if "seg" not in files and folder.name == subj and len(cands) == 1:
+            files["seg"] = cands[0]
     return subjects
 
 
@@ -226,6 +242,9 @@ class BratsImporter(Importer):
                 self.skip(subj, "no grade", "not in a CSV with a Grade column nor under "
                                             "HGG/ or LGG/")
                 continue
+            if not _FILE.match(files["seg"].name):
+                self.note("segmentation under another name used (e.g. BraTS 2020 case 355's "
+                          "W39_1998.09.19_Segm.nii)")
             bad = self._unreadable_header([files[m] for m in need])
             if bad:
                 self.skip(subj, "unreadable NIfTI", bad)
