@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_real import BRATS_SHAPE, _save_nii
+from fixtures_real import BRATS_SHAPE, CALC_HEADER, MASS_HEADER, _save_nii, _write_csv
 
+from causalign.cli import main
 from causalign.data.format import load_array, read_manifest
 from causalign.data.importers import run_import
+from causalign.errors import DataError
 
 pytest.importorskip("nibabel")
 
@@ -108,3 +110,46 @@ def test_brats_2020_case_355_segmentation_under_another_name(tmp_path):
     a = {r.id.split("_z")[1]: r.label for r in read_manifest(out) if "354" in r.id}
     b = {r.id.split("_z")[1]: r.label for r in read_manifest(out) if "355" in r.id}
     assert a == b and sum(a.values()) == 4  # same seg → same slices and labels
+
+
+# ----------------------------------------------------------------------------- CBIS-DDSM
+
+
+def _kaggle_cbis(root: Path) -> Path:
+    """The Kaggle JPEG re-release: archive/csv/{official CSVs, dicom_info.csv} and
+    archive/jpeg/<SeriesInstanceUID>/1-1.jpg (no TCIA case folders)."""
+    from PIL import Image
+
+    rows, info = [], []
+    for k in range(3):
+        full, roi = f"1.3.6.1.4.1.9590.100.1.2.{100 + k}", f"1.3.6.1.4.1.9590.100.1.2.{200 + k}"
+        case = f"Mass-Training_P_0000{k}_LEFT_CC"
+        rows.append([f"P_0000{k}", 2, "LEFT", "CC", 1, "mass", "OVAL", "CIRCUMSCRIBED", 4,
+                     "BENIGN", 3, f"{case}/1.2.{k}/{full}/000000.dcm\n",
+                     f"{case}_1/1.3.{k}/{roi}/000001.dcm\n",
+                     f"{case}_1/1.3.{k}/{roi}/000000.dcm\n"])
+        for uid, desc in ((full, "full mammogram images"), (roi, "ROI mask images")):
+            d = root / "jpeg" / uid
+            d.mkdir(parents=True)
+            Image.fromarray(np.zeros((40, 40), np.uint8)).save(d / "1-1.jpg")
+            info.append([f"CBIS-DDSM/dicom/{uid}.dcm", f"CBIS-DDSM/jpeg/{uid}/1-1.jpg", uid,
+                         desc])
+    _write_csv(root / "csv" / "mass_case_description_train_set.csv", MASS_HEADER, rows[1:])
+    _write_csv(root / "csv" / "mass_case_description_test_set.csv", MASS_HEADER, rows[:1])
+    for split in ("train", "test"):
+        _write_csv(root / "csv" / f"calc_case_description_{split}_set.csv", CALC_HEADER, [])
+    _write_csv(root / "csv" / "dicom_info.csv",
+               ["file_path", "image_path", "SeriesInstanceUID", "SeriesDescription"], info)
+    return root
+
+
+def test_cbis_kaggle_jpeg_release_is_refused_by_name(tmp_path, capsys):
+    """Every row was looked up and skipped ("3 × image not found"), then a generic "is this
+    a cbis-ddsm folder?": the layout the user has was never named."""
+    root = _kaggle_cbis(tmp_path / "archive")
+    with pytest.raises(DataError, match="Kaggle JPEG re-release of CBIS-DDSM"):
+        run_import("cbis-ddsm", root, tmp_path / "out", {"size": 32})
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+    assert main(["data", "import", "cbis-ddsm", str(root), str(tmp_path / "o2")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TCIA DICOM download" in err[0]

@@ -192,12 +192,13 @@ class CbisDdsmImporter(Importer):
 
     def plan(self) -> list[Unit]:
         opts: CbisDdsmOptions = self.opts
-        self.pydicom = pydicom_module("CBIS-DDSM")
         csvs = find_csvs(self.src, opts.abnormality)
+        self._case_dirs: dict[str, Path] | None = None
+        self._refuse_jpeg_release(csvs)
+        self.pydicom = pydicom_module("CBIS-DDSM")
         self.attributes = (MASS_ATTRS if opts.abnormality == "mass" else
                            CALC_ATTRS if opts.abnormality == "calc" else
                            MASS_ATTRS + CALC_ATTRS[1:])
-        self._case_dirs: dict[str, Path] | None = None
         self._series_index: dict[Path, dict[str, list[Path]]] = {}
         by_image: dict[str, dict] = {}
         seen_ids: set[str] = set()
@@ -263,6 +264,26 @@ class CbisDdsmImporter(Importer):
                   "split_rule": "official train/test CSVs (a test patient's images all in test); "
                                 "val = --val-frac of train patients",
                   "attribute_rules": "see causalign.data.importers.cbis_ddsm"})
+
+    def _refuse_jpeg_release(self, csvs: dict[str, Path]) -> None:
+        """The Kaggle JPEG re-release (csv/dicom_info.csv, jpeg/<SeriesInstanceUID>/1-1.jpg)
+        keeps the official CSVs, whose DICOM paths then point nowhere: every row was looked
+        up and skipped as "image not found", ending in a generic "is this a cbis-ddsm
+        folder?". Its masks are lossy JPEGs and its folders hold no case names; without
+        any TCIA case folder beside it, it is refused by name before any row is read."""
+        folders = sorted({p.parent for p in csvs.values()} | {self.src})
+        marks = [f / "dicom_info.csv" for f in folders if (f / "dicom_info.csv").is_file()]
+        marks += [d for d in dict.fromkeys([self.src / "jpeg", *(f.parent / "jpeg"
+                                                                  for f in folders)])
+                  if d.is_dir()]
+        if not marks:
+            return
+        self._case_dir("")  # indexes the TCIA case folders
+        if self._case_dirs:
+            return
+        raise DataError(f"{self.src}: the Kaggle JPEG re-release of CBIS-DDSM ({marks[0]}) is "
+                        f"not supported; import the TCIA DICOM download (CBIS-DDSM/<case>/…/"
+                        f"*.dcm with the official CSVs)")
 
     # ------------------------------------------------------------------ file resolution
     def _case_dir(self, case: str) -> Path | None:
