@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_real import BRATS_SHAPE, CALC_HEADER, MASS_HEADER, _save_nii, _write_csv
+from fixtures_real import (
+    BRATS_SHAPE,
+    CALC_HEADER,
+    MASS_HEADER,
+    _save_nii,
+    _write_csv,
+    write_busi,
+    write_lidc,
+)
 
 from causalign.cli import main
 from causalign.data.format import load_array, read_manifest
@@ -153,3 +161,48 @@ def test_cbis_kaggle_jpeg_release_is_refused_by_name(tmp_path, capsys):
     assert main(["data", "import", "cbis-ddsm", str(root), str(tmp_path / "o2")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TCIA DICOM download" in err[0]
+
+
+# ----------------------------------------------------------------------------- macOS copies
+
+_APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 40
+
+
+def _add_appledouble(root: Path, pattern: str) -> int:
+    """'._<name>' beside every file matching pattern, as a copy from a Mac leaves them."""
+    files = [p for p in root.rglob(pattern) if not p.name.startswith(".")]
+    for f in files:
+        (f.parent / f"._{f.name}").write_bytes(_APPLEDOUBLE)
+    return len(files)
+
+
+def test_busi_ignores_macos_appledouble_files(tmp_path):
+    """'._benign (1).png' beside each image (and mask) were taken as images: 13 extra skips
+    on the fixture (12 "unreadable image", 1 "missing mask")."""
+    fx = write_busi(tmp_path / "clean")
+    clean = run_import("busi", fx["root"], tmp_path / "a", {"size": 24})
+    mac = write_busi(tmp_path / "mac")
+    assert _add_appledouble(mac["root"], "*.png") > 17
+    s = run_import("busi", mac["root"], tmp_path / "b", {"size": 24})
+    assert s["skipped"]["by_reason"] == clean["skipped"]["by_reason"]
+    assert [r.id for r in read_manifest(tmp_path / "b")] == \
+        [r.id for r in read_manifest(tmp_path / "a")]
+
+
+def test_brats_ignores_macos_appledouble_files(tmp_path):
+    x, y, z, brain = _brain()
+    seg = np.zeros(BRATS_SHAPE, np.uint8)
+    seg[(abs(x - 6) <= 2) & (abs(y - 6) <= 2) & (z >= 3) & (z <= 6) & brain] = 2
+    root = tmp_path / "BraTS2021"
+    _brats_subject(root, "BraTS2021_00000", seg, brain, ("t1", "t1ce", "t2", "flair"), "_")
+    assert _add_appledouble(root, "*.nii.gz") == 5
+    s = run_import("brats", root, tmp_path / "out", {"size": 20, "min_tumor_px": 5})
+    assert s["skipped"]["n"] == 0, s["skipped"]["by_reason"]
+    assert s["details"]["subjects"] == 1
+
+
+def test_lidc_ignores_macos_appledouble_xml(tmp_path):
+    fx = write_lidc(tmp_path / "lidc")
+    assert _add_appledouble(fx["root"], "*.xml") == 4
+    s = run_import("lidc", fx["root"], tmp_path / "out", {"size": 16})
+    assert "unreadable XML" not in s["skipped"]["by_reason"]

@@ -139,7 +139,8 @@ def find_subjects(src: Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
         if len(Path(dirpath).parts) - base >= max_depth:
             dirnames[:] = []
         for name in filenames:
-            m = _FILE.match(name)
+            # a hidden '._BraTS20_…_t1.nii' (macOS AppleDouble) made a subject of its own
+            m = _FILE.match(name) if not name.startswith(".") else None
             if m:
                 mod = m.group("mod").lower()
                 subjects.setdefault(m.group("subject"), {})[ALIASES.get(mod, mod)] = (

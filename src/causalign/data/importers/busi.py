@@ -110,7 +110,9 @@ class BusiImporter(Importer):
         items = []  # (class index, image path, mask paths)
         for k, cls in enumerate(self.classes):
             folder = _class_dir(root, cls)
-            files = [p for p in folder.iterdir() if p.is_file()
+            # not hidden files: macOS copies leave '._benign (1).png' (AppleDouble) beside
+            # each image, which were counted as unreadable images
+            files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                      and p.suffix.lower() in (".png", ".jpg", ".jpeg")]
             masks: dict[str, list[Path]] = {}
             images = []

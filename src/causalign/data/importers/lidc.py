@@ -360,8 +360,10 @@ class LidcImporter(Importer):
     # ------------------------------------------------------------------ DICOM + XML
     def _plan_dicom(self) -> list[Unit]:
         opts: LidcOptions = self.opts
+        # not hidden files: macOS copies leave a '._069.xml' (AppleDouble) beside each XML
         xmls = sorted(d / f for d, _, files in walk(self.src) for f in files
-                      if f.lower().endswith(".xml") and (d / f).is_file())
+                      if f.lower().endswith(".xml") and not f.startswith(".")
+                      and (d / f).is_file())
         if not xmls:
             csvs = sorted(self.src.glob("*.csv"))
             hint = f" (found {csvs[0].name}: use --patches-csv)" if csvs else ""
