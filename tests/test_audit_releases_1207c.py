@@ -206,3 +206,33 @@ def test_lidc_ignores_macos_appledouble_xml(tmp_path):
     assert _add_appledouble(fx["root"], "*.xml") == 4
     s = run_import("lidc", fx["root"], tmp_path / "out", {"size": 16})
     assert "unreadable XML" not in s["skipped"]["by_reason"]
+
+
+# ----------------------------------------------------------------------------- plain folders
+
+
+def test_folder_mask_suffix_in_other_case_is_a_mask(tmp_path):
+    """Suffixes were matched in any case ('.PNG', '.JPG'), the mask suffix was not:
+    'img0_Mask.PNG' beside 'img0.JPG' was imported as an image of its class (a sample id
+    'A_img0_Mask'), and img0 had no mask."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ROOT"
+    for c in ("A", "B"):
+        (root / c).mkdir(parents=True)
+        for k, ext in enumerate((".JPG", ".png", ".jpeg", ".tif")):
+            img = (rng.random((30, 30)) * 255).astype(np.uint8)
+            Image.fromarray(img).save(root / c / f"img{k}{ext}")
+        m = np.zeros((30, 30), np.uint8)
+        m[5:10, 5:10] = 255
+        Image.fromarray(m).save(root / c / "img0_Mask.PNG")
+        Image.fromarray(m).save(root / c / "img1_MASK_1.png")
+        (root / c / ".DS_Store").write_bytes(b"\0")
+        (root / c / "._img2.jpeg").write_bytes(_APPLEDOUBLE)
+    s = run_import("folder", root, tmp_path / "out", {"size": 16})
+    recs = {r.id: r for r in read_manifest(tmp_path / "out")}
+    assert s["skipped"]["n"] == 0
+    assert sorted(recs) == [f"{c}_img{k}" for c in ("A", "B") for k in range(4)]
+    assert [k for k, r in sorted(recs.items()) if r.mask is not None] == \
+        ["A_img0", "A_img1", "B_img0", "B_img1"]

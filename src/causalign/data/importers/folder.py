@@ -4,6 +4,7 @@ Tree layout::
 
     ROOT/<class>/<name>.png|jpg|jpeg|bmp|tif|npy
     ROOT/<class>/<name>_mask.png            optional; '<name>_mask_1.png' … are merged by OR
+                                            (the suffix in any case: '_Mask', '_MASK')
 
 Label rule: classes are the class folders in sorted order (or the order given by
 `--classes`, which may also select a subset), label = index of the image's class.
@@ -135,7 +136,9 @@ class FolderImporter(Importer):
                       and not p.name.startswith("."))
         self.classes = self._choose_classes(dirs, "class folder")
         suffix = re.escape(self.opts.mask_suffix)
-        mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$")
+        # case-insensitive, as the suffixes are ('x_Mask.PNG' beside 'x.png' was imported as
+        # an image of the class, and x had no mask)
+        mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$", re.IGNORECASE)
         items = []
         used = UsedIds()  # non-ASCII names can map to the same id ('良性/1' → '1')
         for k, cls in enumerate(self.classes):
