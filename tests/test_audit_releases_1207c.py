@@ -236,3 +236,30 @@ def test_folder_mask_suffix_in_other_case_is_a_mask(tmp_path):
     assert sorted(recs) == [f"{c}_img{k}" for c in ("A", "B") for k in range(4)]
     assert [k for k, r in sorted(recs.items()) if r.mask is not None] == \
         ["A_img0", "A_img1", "B_img0", "B_img1"]
+
+
+def test_brats_grades_from_the_kaggle_2020_layout(tmp_path):
+    """Kaggle's BraTS 2020 (awsaf49/brats20-dataset-training-validation) keeps
+    name_mapping.csv three folders below its root; grades were looked for two levels down
+    only, so `--task grade` on that root imported nothing ("2 × no grade")."""
+    x, y, z, brain = _brain()
+    seg = np.zeros(BRATS_SHAPE, np.uint8)
+    seg[(abs(x - 6) <= 2) & (abs(y - 6) <= 2) & (z >= 3) & (z <= 6) & brain] = 2
+    root = tmp_path / "brats20-dataset-training-validation"
+    data = root / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData"
+    mods = ("t1", "t1ce", "t2", "flair")
+    for k in (1, 2):
+        _brats_subject(data, f"BraTS20_Training_00{k}", seg, brain, mods, "_", ".nii")
+    _write_csv(data / "name_mapping.csv", ["Grade", "BraTS_2020_subject_ID"],
+              [["HGG", "BraTS20_Training_001"], ["LGG", "BraTS20_Training_002"]])
+    val = root / "BraTS2020_ValidationData" / "MICCAI_BraTS2020_ValidationData"
+    _brats_subject(val, "BraTS20_Validation_001", seg, brain, mods, "_", ".nii")
+    (val / "BraTS20_Validation_001" / "BraTS20_Validation_001_seg.nii").unlink()
+    _write_csv(val / "name_mapping_validation_data.csv", ["BraTS_2020_subject_ID"],
+              [["BraTS20_Validation_001"]])
+    out = tmp_path / "out"
+    s = run_import("brats", root, out, {"size": 20, "min_tumor_px": 5, "task": "grade",
+                                        "val_frac": 0.0, "test_frac": 0.0})
+    assert s["details"]["grades"] == {"HGG": 1, "LGG": 1}
+    labels = {r.id.rsplit("_z", 1)[0]: r.label for r in read_manifest(out)}
+    assert labels == {"BraTS20_Training_001": 1, "BraTS20_Training_002": 0}

@@ -165,7 +165,10 @@ def find_grades(src: Path, subjects: dict[str, dict[str, Path]]) -> dict[str, st
             if parent.name.upper() in ("HGG", "LGG"):
                 grades[subj] = parent.name.upper()
                 break
-    csvs = sorted(src.glob("*.csv")) + sorted(src.glob("*/*.csv"))
+    # as deep as subject folders are looked for: the Kaggle copy of BraTS 2020 keeps it in
+    # <root>/BraTS2020_TrainingData/MICCAI_BraTS2020_TrainingData/name_mapping.csv
+    csvs = [p for pattern in ("*.csv", "*/*.csv", "*/*/*.csv", "*/*/*/*.csv")
+            for p in sorted(src.glob(pattern))]
     for path in csvs:
         try:
             cols, rows = read_csv(path)
