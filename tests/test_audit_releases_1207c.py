@@ -263,3 +263,25 @@ def test_brats_grades_from_the_kaggle_2020_layout(tmp_path):
     assert s["details"]["grades"] == {"HGG": 1, "LGG": 1}
     labels = {r.id.rsplit("_z", 1)[0]: r.label for r in read_manifest(out)}
     assert labels == {"BraTS20_Training_001": 1, "BraTS20_Training_002": 0}
+
+
+def test_folder_reports_a_broken_symlink(tmp_path):
+    """A class folder of links whose targets moved lost those images without a word (the
+    import counted 1 of 2 images, 0 skipped)."""
+    from PIL import Image
+
+    store = tmp_path / "store"
+    store.mkdir()
+    root = tmp_path / "ROOT"
+    for c in ("A", "B"):
+        (root / c).mkdir(parents=True)
+        for k in range(2):
+            target = store / f"{c}{k}.png"
+            Image.fromarray(np.full((12, 12), 40 * k, np.uint8)).save(target)
+            (root / c / f"img{k}.png").symlink_to(target)
+    (store / "A1.png").unlink()
+    s = run_import("folder", root, tmp_path / "out", {"size": 16})
+    assert s["skipped"]["by_reason"] == {"broken symlink": 1}
+    assert s["skipped"]["items"][0]["source"] == "A/img1.png"
+    assert sorted(r.id for r in read_manifest(tmp_path / "out")) == ["A_img0", "B_img0",
+                                                                    "B_img1"]

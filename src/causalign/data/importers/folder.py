@@ -33,6 +33,7 @@ attributes, and with `--color rgb` a channel-first NPY of other than 1 or 3 chan
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -142,9 +143,14 @@ class FolderImporter(Importer):
         items = []
         used = UsedIds()  # non-ASCII names can map to the same id ('良性/1' → '1')
         for k, cls in enumerate(self.classes):
-            files = sorted(d / f for d, _, names in walk(self.src / cls) for f in names
-                           if Path(f).suffix.lower() in IMAGE_SUFFIXES
-                           and not f.startswith(".") and (d / f).is_file())
+            named = sorted(d / f for d, _, names in walk(self.src / cls) for f in names
+                           if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."))
+            # a link whose target is gone (a dataset assembled from links, then moved) was
+            # dropped without a word: the class silently lost those images
+            for p in named:
+                if p.is_symlink() and not p.exists():
+                    self.skip(rel(p, self.src), "broken symlink", f"-> {os.readlink(p)}")
+            files = [p for p in named if p.is_file()]
             masks: dict[Path, list[Path]] = {}
             images = []
             for p in files:
