@@ -285,3 +285,26 @@ def test_folder_reports_a_broken_symlink(tmp_path):
     assert s["skipped"]["items"][0]["source"] == "A/img1.png"
     assert sorted(r.id for r in read_manifest(tmp_path / "out")) == ["A_img0", "B_img0",
                                                                     "B_img1"]
+
+
+def test_brats_peds_2024_label_numbering_is_refused_not_misread(tmp_path):
+    """BraTS-PEDs 2024 labels 1 ET, 2 NET, 3 cystic component, 4 oedema. Read with the adult
+    2023+ table, its cyst (3) became the 'enhancing tumour' and its oedema (4) a resection
+    cavity; such a subject is now skipped with the reason."""
+    x, y, z, brain = _brain()
+    seg = np.zeros(BRATS_SHAPE, np.uint8)
+    seg[(abs(x - 6) <= 3) & (abs(y - 6) <= 3) & (z >= 2) & (z <= 7) & brain] = 4  # oedema
+    seg[(abs(x - 6) <= 1) & (abs(y - 6) <= 1) & (z >= 3) & (z <= 6)] = 1  # ET
+    seg[(abs(x - 13) <= 2) & (abs(y - 13) <= 2) & (z == 5)] = 3  # cyst
+    root = tmp_path / "BraTS-PEDs2024"
+    names = ("t1n", "t1c", "t2w", "t2f")
+    _brats_subject(root, "BraTS-PED-00001-000", seg, brain, names, "-")
+    ok = np.zeros(BRATS_SHAPE, np.uint8)  # 2023 numbering (labels 1-3) still imports
+    ok[(abs(x - 6) <= 2) & (abs(y - 6) <= 2) & (z >= 2) & (z <= 7) & brain] = 3
+    _brats_subject(root, "BraTS-PED-00002-000", ok, brain, names, "-")
+    out = tmp_path / "out"
+    s = run_import("brats", root, out, {"size": 20, "min_tumor_px": 5, "val_frac": 0.0,
+                                        "test_frac": 0.0})
+    assert s["skipped"]["by_reason"] == {"BraTS-PEDs 2024 labels": 1}
+    recs = read_manifest(out)
+    assert recs and {r.id.rsplit("_z", 1)[0] for r in recs} == {"BraTS-PED-00002-000"}

@@ -19,6 +19,9 @@ Segmentation labels, by the release's naming. 2018–2021 names (``_t1ce``): 1 n
 non-enhancing core, 2 oedema, 4 enhancing tumour. 2023+ names (``-t1c``): 1 non-enhancing
 core, 2 oedema (SNFH), 3 enhancing tumour, and in BraTS 2024's post-treatment gliomas 4 the
 resection cavity, which is not tumour (it is in no region; its slices are not tumour slices).
+BraTS-PEDs 2024 numbers its labels otherwise (1 ET, 2 NET, 3 cyst, 4 oedema): a BraTS-PED
+subject whose segmentation holds label 4 is skipped ("BraTS-PEDs 2024 labels"); one without
+oedema cannot be told from the 2023 numbering and is read as it.
 `--region` picks the mask (classic / 2023+ labels): wt (whole tumour, default: 1–4 / 1–3),
 tc (core: 1, 3, 4 / 1, 3), et (enhancing: 3, 4 / 3).
 
@@ -305,6 +308,13 @@ class BratsImporter(Importer):
         del loaded
         seg = np.rint(seg).astype(np.int16)
         regions = REGIONS_2023 if label_scheme(files) == "2023" else REGIONS
+        if subj.upper().startswith("BRATS-PED") and (seg == 4).any():
+            # BraTS-PEDs 2024 numbers its labels 1 ET, 2 NET, 3 cystic component, 4 oedema:
+            # read as the adult gliomas' labels, ET became 'core' and the cystic component
+            # 'enhancing'. 2023's PED labels (1-3) follow the adult numbering.
+            raise SkipItem("BraTS-PEDs 2024 labels", f"{subj}: label 4 (oedema in "
+                           f"BraTS-PEDs 2024: 1 ET, 2 NET, 3 cyst, 4 oedema) is not the "
+                           f"adult glioma numbering this importer reads")
         if regions is REGIONS_2023 and (seg == RESECTION_CAVITY_2024).any():
             self.note("label 4 read as resection cavity (BraTS 2024), not tumour")
         brain = np.zeros(seg.shape, bool)
