@@ -235,5 +235,8 @@ class CDEP(Method):
             expl = logits.sum() * 0.0
         ce = F.cross_entropy(logits, batch["label"])
         total = ce + self.params.lam * expl
+        k = int(annotated.sum())
+        # weighted by the annotated samples in history's train_cdep (see rrr)
         return LossOutput(total, {"ce": float(ce.detach()), "cdep": float(expl.detach())},
-                          means={"cdep": (self.params.lam * expl, int(annotated.sum()))})
+                          means={"cdep": (self.params.lam * expl, k)},
+                          part_weights={"cdep": k})

@@ -171,4 +171,6 @@ class Chang(Method):
             total = total + self.params.factual_weight * fact
             parts["factual"] = float(fact.detach())
             means["factual"] = (self.params.factual_weight * fact, k)
-        return LossOutput(total, parts, means=means)
+        # history's train_cf / train_factual: means over the epoch's annotated samples
+        # (weighted by this step's k, not by the batch size)
+        return LossOutput(total, parts, means=means, part_weights={k_: k for k_ in means})

@@ -118,5 +118,8 @@ class RRR(Method):
         penalty = right_reasons(grad, 1.0 - area)
         rr = penalty[annotated].mean() if bool(annotated.any()) else penalty.sum() * 0.0
         total = ce + self.params.lam * rr
+        k = int(annotated.sum())
+        # history's train_rrr is the mean over the epoch's annotated samples: weighted by
+        # them, so a step without any (its 0) does not dilute it, as it did by batch size
         return LossOutput(total, {"ce": float(ce.detach()), "rrr": float(rr.detach())},
-                          means={"rrr": (self.params.lam * rr, int(annotated.sum()))})
+                          means={"rrr": (self.params.lam * rr, k)}, part_weights={"rrr": k})
