@@ -62,3 +62,62 @@ def test_subset_parts_are_means_over_the_annotated_samples(tiny_data, name, part
         want = sum(v * k for v, k in seen[p]) / sum(k for _, k in seen[p])
         assert epoch[f"train_{p}"] == pytest.approx(want, rel=1e-6), (p, seen[p], epoch)
 
+
+# ---------------------------------------------------------------- one-class splits
+
+def _drop_class(src, dst, split: str, label: int) -> None:
+    """A copy of dataset ``src`` whose ``split`` has lost its samples labelled ``label``."""
+    import csv
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if not (r["split"] == split and int(r["label"]) == label)]
+    with open(dst / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+
+
+def _cfg(**kw):
+    from causalign.engine import TrainConfig
+
+    return TrainConfig(**{"method": "erm", "epochs": 2, "batch_size": 16, "width": 4,
+                          "threads": 1, "device": "cpu", "eval_saliency": "gradient",
+                          "deletion_fractions": [0.1], **kw})
+
+
+def test_one_class_val_split_says_selection_is_degenerate(tiny_data, tmp_path):
+    """With one class in val, AUC is undefined and the best epoch was picked on balanced
+    accuracy (= that class's recall) without a word: now a warning and metrics.json say so."""
+    from causalign.engine import train
+
+    data = tmp_path / "data"
+    _drop_class(tiny_data, data, "val", 1)
+    with pytest.warns(UserWarning, match=r"val split holds only class 0"):
+        metrics = train(data, _cfg(), tmp_path / "run", progress=False)
+    assert metrics["val"]["auc"] is None
+    assert any("val split holds only class 0" in w for w in metrics.get("warnings", []))
+
+
+def test_one_class_training_split_is_warned_about(tiny_data, tmp_path):
+    from causalign.engine import train
+
+    data = tmp_path / "data"
+    _drop_class(tiny_data, data, "train", 0)
+    with pytest.warns(UserWarning, match=r"training split holds only class 1"):
+        metrics = train(data, _cfg(epochs=1), tmp_path / "run", progress=False)
+    assert any("training split holds only class 1" in w for w in metrics.get("warnings", []))
+
+
+def test_two_class_splits_get_no_class_warning(tiny_data, tmp_path):
+    import warnings
+
+    from causalign.engine import train
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = train(tiny_data, _cfg(epochs=1), tmp_path / "run", progress=False)
+    assert not [w for w in caught if "split holds only class" in str(w.message)]
+    assert not any("holds only class" in w for w in metrics.get("warnings", []))

@@ -442,6 +442,38 @@ def _trouble_columns(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def one_class_notes(train_set: LesionDataset, val_set: LesionDataset,
+                    select_metric: str) -> list[str]:
+    """One line per split of the run that holds a single class (all its samples one label):
+    the training split (the model can only learn a constant) and the validation split, on
+    which AUC is undefined and the best-epoch selection falls back to balanced accuracy, that
+    one class's recall: it picks the epoch that predicts that class most often, not the best
+    model (measured: 52 negatives, three epochs tied at 0.538, the last one kept)."""
+    notes = []
+
+    def only(ds: LesionDataset) -> str | None:
+        present = torch.unique(ds.labels).tolist() if len(ds) else []
+        if len(present) != 1:
+            return None
+        c = int(present[0])
+        names = getattr(ds.meta, "classes", None) or []
+        named = f" ({names[c]})" if c < len(names) else ""
+        return f"class {c}{named}, {len(ds)} sample(s)"
+
+    held = only(train_set)
+    if held is not None:
+        notes.append(f"the training split holds only {held}: the model cannot learn to tell "
+                     f"the classes apart (check the manifest's split and label columns)")
+    held = only(val_set)
+    if held is not None and select_metric != "loss":
+        on = ("AUC is undefined there, so the best epoch is selected on balanced accuracy "
+              "(that class's recall)" if select_metric == "auc" else
+              f"the best epoch is selected on {select_metric}")
+        notes.append(f"the val split holds only {held}: {on}, which rewards predicting that "
+                     f"class, not a better model; add samples of the other class(es) to val")
+    return notes
+
+
 def numerical_trouble(history: list[dict[str, Any]], threshold: float = 0.5) -> list[str]:
     """One line per failure counter of `history` that reached `threshold` in some epoch:
     the run finished, but its alignment term was mostly absent there, which history.csv
@@ -644,6 +676,12 @@ class Trainer:
             if other is not None:  # each split is validated only within itself
                 check_split_channels(other, self.train_set.image_shape[0],
                                      "the training split's have")
+        # a split with one class trained or selected silently (exit 0, a constant model or
+        # an arbitrary best epoch): said at once and kept for metrics.json's warnings
+        self._class_notes = one_class_notes(self.train_set, self.val_set,
+                                            self.cfg.select_metric)
+        for note in self._class_notes:
+            warnings.warn(note, stacklevel=2)
         if self.method.uses_annotations and not bool(self.train_set.has_box_or_mask.any()):
             # Every sample would skip the annotation term: the run would be ERM under
             # another name, and a results table would not show it.
@@ -1255,7 +1293,8 @@ class Trainer:
         metrics["train"] = {k: train_acc[k] for k in ("accuracy", "balanced_accuracy", "loss",
                                                        "n")}
         history = self.state.history or []
-        trouble = numerical_trouble(history) + self._exploding(history)
+        trouble = (list(getattr(self, "_class_notes", [])) + numerical_trouble(history)
+                   + self._exploding(history))
         if trouble:
             metrics["warnings"] = trouble
         atomic_write_json(self.out / "metrics.json", metrics)
