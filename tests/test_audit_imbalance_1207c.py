@@ -121,3 +121,41 @@ def test_two_class_splits_get_no_class_warning(tiny_data, tmp_path):
         metrics = train(tiny_data, _cfg(epochs=1), tmp_path / "run", progress=False)
     assert not [w for w in caught if "split holds only class" in str(w.message)]
     assert not any("holds only class" in w for w in metrics.get("warnings", []))
+
+
+def test_hier_align_bce_attr_is_the_mean_over_known_attributes():
+    """hier-align's train_bce_attr (a mean over the known attribute entries) was weighted by
+    the batch size and took a 0 from every step without a known attribute: with attributes
+    on a few samples only it read a fraction of the epoch's mean BCE."""
+    from causalign.engine.config import TrainConfig
+    from causalign.methods.base import DataInfo
+
+    p = 4
+    info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 32, 32),
+                    attributes=[f"a{i}" for i in range(p)])
+    method = build_method("hier-align", {"lam1": 0.0, "lam2": 0.0})
+    torch.manual_seed(0)
+    model = method.build_model(TrainConfig(width=4), info)
+    g = torch.Generator().manual_seed(0)
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    seen = []
+    for known_rows in ([], [0, 1], [], [0, 1, 2, 3]):
+        n = 8
+        mask = torch.zeros(n, 1, 32, 32)
+        mask[:, :, 10:22, 10:22] = 1
+        known = torch.zeros(n, p, dtype=torch.bool)
+        known[known_rows] = True
+        batch = {"image": torch.rand(n, 1, 32, 32, generator=g),
+                 "label": torch.tensor([0, 1] * (n // 2)), "mask": mask,
+                 "has_mask": torch.ones(n, dtype=torch.bool), "box_mask": mask,
+                 "has_annotation": torch.ones(n, dtype=torch.bool),
+                 "attributes": (torch.rand(n, p, generator=g) > 0.5).float(),
+                 "attr_known": known, "index": torch.arange(n)}
+        out = method(model, batch)
+        _accumulate(sums, weights, out.total, out.parts, n, out.part_weights)
+        if known_rows:
+            seen.append((out.parts["bce_attr"], len(known_rows) * p))
+    want = sum(v * k for v, k in seen) / sum(k for _, k in seen)
+    assert _epoch_means(sums, weights)["train_bce_attr"] == pytest.approx(want, rel=1e-6)
+

@@ -605,12 +605,15 @@ class HierAlign(Method):
         # subset means (known attributes, aligned samples): data-parallel training weights
         # them by the global batch's counts (LossOutput.means)
         means = {"bce_attr": (p.attr_weight * bce, int(n_known))}
+        # history's train_bce_attr: the mean over the epoch's known attribute entries, so a
+        # step without any (its 0) does not dilute it, as it did weighted by the batch size
+        weights = {"bce_attr": int(n_known)}
         self.step += 1
         # a validation loss (warm False) is the whole loss, whatever align_every's schedule
         if (p.lam1 == 0 and p.lam2 == 0) or (warm and (self.step - 1) % p.align_every != 0) \
                 or self.epoch < p.align_start:
             parts["align_step"] = 0.0
-            return LossOutput(total, parts, means=means)
+            return LossOutput(total, parts, means=means, part_weights=weights)
         parts["align_step"] = 1.0
         if warm and self.r_table is None and not self._warned_no_setup:
             self._warned_no_setup = True
@@ -644,7 +647,7 @@ class HierAlign(Method):
             for cap in (gcap2, gcap1):  # the other ranks align: join their exchanges, in order
                 if cap is not None:
                     cap((), 0)
-            return LossOutput(total, parts, means=means)
+            return LossOutput(total, parts, means=means, part_weights=weights)
         self.pixel._lazy_setup(x, warn=False)  # said above
         cap1: float | GradCap | None = None
         cap2: float | GradCap | None = None
@@ -659,7 +662,7 @@ class HierAlign(Method):
             parts["attr_cf_flip"] = float((model.f2(res_a.x_star).argmax(1)
                                            == target[rows]).float().mean())
         # history.csv: shares of the rows searched, not of the batch (`share_weights`)
-        shares = {"attr_change": len(rows), "attr_cf_flip": len(rows)}
+        shares = {**weights, "attr_change": len(rows), "attr_cf_flip": len(rows)}
         sel_a = need_attr[rows]
         if bool(sel_a.any()):
             term2, stats = self.attr.implicit_term(model.f2, _subset(res_a, sel_a),
