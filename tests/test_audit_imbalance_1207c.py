@@ -159,3 +159,29 @@ def test_hier_align_bce_attr_is_the_mean_over_known_attributes():
     want = sum(v * k for v, k in seen) / sum(k for _, k in seen)
     assert _epoch_means(sums, weights)["train_bce_attr"] == pytest.approx(want, rel=1e-6)
 
+
+def test_ppi_positive_contrast_is_the_mean_over_contrasted_samples(tiny_data):
+    """PPI with contrast_on=positive: L_con is a mean over the batch's positives (rare on
+    imbalanced data); history's train_con weighted it by the batch size, so a step with one
+    positive counted as much as one with four."""
+    torch.manual_seed(0)
+    ds = LesionDataset(tiny_data, "train")
+    model = SevenLayerCNN(1, 2, width=4)
+    method = build_method("ppi", {"contrast_on": "positive", "ad_weight": 0.0})
+    method.on_epoch_start(1)
+    labels = ds.labels
+    neg = (labels == 0).nonzero().flatten()
+    pos = (labels == 1).nonzero().flatten()
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    seen = []
+    for k in (1, 4):
+        idx = torch.cat([pos[:k], neg[:8 - k]]) if k == 1 else torch.cat([pos[4:4 + k],
+                                                                          neg[8:12]])
+        out = method(model, ds.batch(idx))
+        _accumulate(sums, weights, out.total, out.parts, len(idx), out.part_weights)
+        assert "con" in out.parts, out.parts
+        seen.append((out.parts["con"], out.means["con"][1]))
+    assert seen[0][1] != seen[1][1]  # the two steps contrasted different numbers of samples
+    want = sum(v * c for v, c in seen) / sum(c for _, c in seen)
+    assert _epoch_means(sums, weights)["train_con"] == pytest.approx(want, rel=1e-6)

@@ -476,7 +476,11 @@ class PPI(Method):
                     total = total + w_ad * l_ad
                     parts["ad"] = float(l_ad.detach())
                     means["ad"] = (w_ad * l_ad, len(target))
-        return LossOutput(total, parts, means=means)
+        # history's train_reg / train_con / train_ad: each the mean over the epoch's samples
+        # it averaged (contrast_on=positive: the positives, few on imbalanced data), not
+        # weighted by the batch size
+        return LossOutput(total, parts, means=means,
+                          part_weights={k: c for k, (_, c) in means.items()})
 
 
 def n_points(spatial: tuple[int, ...], top_n: float) -> int:
