@@ -185,3 +185,21 @@ def test_ppi_positive_contrast_is_the_mean_over_contrasted_samples(tiny_data):
     assert seen[0][1] != seen[1][1]  # the two steps contrasted different numbers of samples
     want = sum(v * c for v, c in seen) / sum(c for _, c in seen)
     assert _epoch_means(sums, weights)["train_con"] == pytest.approx(want, rel=1e-6)
+
+
+def test_evaluate_reports_how_many_samples_the_mask_metrics_average(tiny_data):
+    """cam_precision averages the annotated samples (box or mask; counted in n_annotated),
+    but cam_precision_mask, cam_mass_in_mask and IoU/Dice only those with a pixel mask: on a
+    split with boxes everywhere and masks on some (LIDC-like) their sample count was
+    nowhere."""
+    from causalign.engine.evaluate import evaluate_split
+    from causalign.models import build_model
+
+    torch.manual_seed(0)
+    ds = LesionDataset(tiny_data, "test")
+    ds.has_mask[::4] = False  # a box but no mask: still annotated
+    model = build_model("cnn7", ds.image_shape[0], ds.num_classes, width=4).eval()
+    out = evaluate_split(model, build_method("erm"), ds, "cpu", saliency="gradient",
+                         fractions=(0.1,), batch_size=5)
+    assert out["n_annotated"] == len(ds)
+    assert out["n_mask"] == len(ds) - len(range(0, len(ds), 4))

@@ -250,6 +250,9 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         "saliency_dice": mean(dice),
         "cam_empty_fraction": mean(empty),
         "n_annotated": int(sum(len(p) for p in prec_box)),
+        # the samples cam_precision_mask, cam_mass_in_mask and IoU/Dice average (a pixel
+        # mask): fewer than n_annotated where some samples have only a box
+        "n_mask": int(sum(len(p) for p in prec_mask)),
         "saliency": saliency,
         "deletion": {f"{f:g}": mean(v) for f, v in deletion.items()},
     })
