@@ -203,3 +203,22 @@ def test_evaluate_reports_how_many_samples_the_mask_metrics_average(tiny_data):
                          fractions=(0.1,), batch_size=5)
     assert out["n_annotated"] == len(ds)
     assert out["n_mask"] == len(ds) - len(range(0, len(ds), 4))
+
+
+def test_train_summary_line_shows_balanced_accuracy_and_auc(tiny_data, tmp_path, capsys):
+    """On imbalanced data the summary's accuracy alone reads well for a constant model (85 %
+    negatives: 'test accuracy 0.852' at balanced accuracy 0.500): the line also gives the
+    balanced accuracy and AUC (n/a where undefined)."""
+    import json
+
+    from causalign.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["train", str(tiny_data), "--method", "erm", "--out", str(run), "--epochs", "1",
+               "--set", "width=4", "--set", "threads=1", "--set", "eval_saliency=gradient",
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert out.startswith(f"erm: test accuracy {test['accuracy']:.3f}, balanced accuracy "
+                          f"{test['balanced_accuracy']:.3f}, AUC "), out
