@@ -222,3 +222,19 @@ def test_train_summary_line_shows_balanced_accuracy_and_auc(tiny_data, tmp_path,
     test = json.loads((run / "metrics.json").read_text())["test"]
     assert out.startswith(f"erm: test accuracy {test['accuracy']:.3f}, balanced accuracy "
                           f"{test['balanced_accuracy']:.3f}, AUC "), out
+
+
+def test_benchmark_table_note_states_the_std_convention():
+    """tables.md / report.html cells are mean (std) over seeds with numpy's population std
+    (ddof 0); the note said only 'mean (std)', so a reader could not tell it from the sample
+    std (ddof 1, √2 larger over two seeds)."""
+    from causalign.engine import benchmark as bm
+
+    e = bm.Experiment("t", "T", ["pm"], [bm.MethodSpec("erm", "erm")], [0, 1], {"default": {}},
+                      "method", ["test.accuracy"])
+    records = [{"key": f"pm/erm/seed{s}", "experiments": ["t"], "label": "erm",
+                "setting": "default", "dataset": "pm", "seed": s, "status": "done",
+                "metrics": {"test": {"accuracy": acc}}} for s, acc in ((0, 0.5), (1, 0.7))]
+    table = bm.experiment_table(e, records)
+    assert table.rows[0][1] == "0.600 (0.100)"  # ddof 0: ddof 1 would be 0.141
+    assert "ddof 0" in table.notes[0] and "mean (std) over seeds 0, 1" in table.notes[0]

@@ -1279,7 +1279,9 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
             notes += [f"{r['key']}: warning: {w}" for w in r["metrics"].get("warnings", [])]
     seeds = sorted({r["seed"] for r in mine if r["status"] == "done"})
     if seeds:
-        notes.insert(0, f"mean (std) over seeds {', '.join(map(str, seeds))}; best per "
+        # which std: numpy's population std (report.tables.mean_std), not the sample one
+        notes.insert(0, f"mean (std) over seeds {', '.join(map(str, seeds))} (std with "
+                        f"ddof 0); best per "
                         f"column in bold" + (" (the oracle, a ceiling, is not ranked)"
                                              if any(_method_of(e, lab) in NOT_COMPETING
                                                     for lab in labels) else ""))
