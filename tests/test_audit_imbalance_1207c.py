@@ -238,3 +238,24 @@ def test_benchmark_table_note_states_the_std_convention():
     table = bm.experiment_table(e, records)
     assert table.rows[0][1] == "0.600 (0.100)"  # ddof 0: ddof 1 would be 0.141
     assert "ddof 0" in table.notes[0] and "mean (std) over seeds 0, 1" in table.notes[0]
+
+
+def test_a_class_absent_from_the_training_split_is_warned_about(tiny_data, tmp_path):
+    """Three declared classes, none of the training samples in class 2: the model's third
+    output is never trained, silently (val/test AUC still averaged the classes present)."""
+    import shutil
+
+    import yaml
+
+    from causalign.engine.trainer import one_class_notes
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    meta = yaml.safe_load((data / "dataset.yaml").read_text())
+    meta["classes"] = [*meta["classes"], "rare"]
+    (data / "dataset.yaml").write_text(yaml.safe_dump(meta))
+    train_set, val_set = LesionDataset(data, "train"), LesionDataset(data, "val")
+    notes = one_class_notes(train_set, val_set, "auc")
+    assert len(notes) == 1 and "no sample of class 2 (rare)" in notes[0], notes
+    assert one_class_notes(LesionDataset(tiny_data, "train"), LesionDataset(tiny_data, "val"),
+                           "auc") == []

@@ -445,7 +445,8 @@ def _trouble_columns(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def one_class_notes(train_set: LesionDataset, val_set: LesionDataset,
                     select_metric: str) -> list[str]:
     """One line per split of the run that holds a single class (all its samples one label):
-    the training split (the model can only learn a constant) and the validation split, on
+    the training split (the model can only learn a constant; also a training split without
+    some declared class, whose output is never trained) and the validation split, on
     which AUC is undefined and the best-epoch selection falls back to balanced accuracy, that
     one class's recall: it picks the epoch that predicts that class most often, not the best
     model (measured: 52 negatives, three epochs tied at 0.538, the last one kept)."""
@@ -464,6 +465,18 @@ def one_class_notes(train_set: LesionDataset, val_set: LesionDataset,
     if held is not None:
         notes.append(f"the training split holds only {held}: the model cannot learn to tell "
                      f"the classes apart (check the manifest's split and label columns)")
+    elif len(train_set):
+        # a declared class without a training sample: its output is never trained, and the
+        # val/test AUC (over the classes each split holds) does not show it
+        names = list(getattr(train_set.meta, "classes", None) or [])
+        present = set(torch.unique(train_set.labels).tolist())
+        missing = [c for c in range(train_set.num_classes) if c not in present]
+        if missing:
+            which = ", ".join(f"{c} ({names[c]})" if c < len(names) else str(c)
+                              for c in missing)
+            notes.append(f"the training split holds no sample of class {which}: the model "
+                         f"cannot learn to predict it (check the manifest's split and label "
+                         f"columns)")
     held = only(val_set)
     if held is not None and select_metric != "loss":
         on = ("AUC is undefined there, so the best epoch is selected on balanced accuracy "
