@@ -3,7 +3,13 @@
 * history.csv's train_rrr / train_cdep / train_cf / train_factual were weighted by the batch
   size, and RRR and CDEP logged 0 on steps without an annotated sample: with masks on 2 % of
   the training split, train_rrr read 0.093 and train_cdep 0.270 where their mean over the
-  annotated samples was 0.166 and 0.482 (diluted by the 6 of 13 steps with none).
+  annotated samples was 0.166 and 0.482 (diluted by the 6 of 13 steps with none); likewise
+  hier-align's train_bce_attr (known attributes) and PPI's train_con / train_ad.
+* A one-class val split (AUC undefined: selection on one class's recall), a one-class
+  training split and a declared class without a training sample trained without a word.
+* metrics.json gave no count for the mask-only localisation metrics (n_mask); the train
+  summary line showed accuracy alone (0.852 for a majority-class model); benchmark tables
+  did not say their std is ddof 0.
 """
 
 from __future__ import annotations
