@@ -79,7 +79,8 @@ def test_single_sample_training_split_with_batchnorm_at_1x1_is_one_clear_line(tm
 
     data = tmp_path / "data"
     generate(data, SynthConfig(n_train=1, n_val=4, n_test=4, size=32, seed=3))
-    with pytest.raises(CausalignError, match="training split holds a single sample"):
+    with pytest.raises(CausalignError, match="training split holds a single sample"), \
+            pytest.warns(UserWarning, match="training split holds only class"):
         train(data, _cfg(model="resnet18", width=16), tmp_path / "r", progress=False)
 
 
