@@ -534,15 +534,21 @@ def evaluate(
                         ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     out: Annotated[Path | None, typer.Option(help="also write the metrics JSON here")] = None,
+    predictions: Annotated[Path | None, typer.Option(
+        help="also write each sample's prediction here (CSV: id, site, label, predicted, "
+             "p_<class>)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """Evaluate a run on a split: accuracy, balanced accuracy, AUC, CAM precision, deletion."""
+    """Evaluate a run on a split: accuracy, balanced accuracy, AUC, sensitivity/specificity,
+    CAM precision, deletion."""
     from .engine.evaluate import VOLUME_UNSUPPORTED, evaluate_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
 
     if out is not None:  # fail before the evaluation, not after it
         _check_output_file("--out", out, "the metrics JSON")
+    if predictions is not None:
+        _check_output_file("--predictions", predictions, "the predictions CSV")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = _split_for_model(data_path, split)
     if saliency in VOLUME_UNSUPPORTED and len(ds.image_shape) == 4:
@@ -557,7 +563,8 @@ def evaluate(
         metrics = evaluate_split(model, method, ds, dev, saliency=saliency,
                                  fractions=tuple(cfg.deletion_fractions), progress=bar,
                                  deletion_fill=cfg.deletion_fill,
-                                 explainer_kwargs=options.get(saliency))
+                                 explainer_kwargs=options.get(saliency),
+                                 predictions=predictions)
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
                **_search_record(options)}
     if out is not None:

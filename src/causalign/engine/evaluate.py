@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Iterator
 from numbers import Integral
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +19,7 @@ from ..data.format import LesionDataset
 from ..errors import InputError
 from ..explain import get_explainer, saliency_map
 from ..explain.base import eval_mode
+from ..io import atomic_write_text
 from ..methods.base import Method
 from ..metrics import (
     cam_precision,
@@ -137,6 +141,27 @@ def _probs(logits: Tensor) -> Tensor:
     return logits.double().softmax(1)
 
 
+def write_predictions(path: str | Path, dataset: LesionDataset, probs: np.ndarray) -> None:
+    """One CSV row per sample of ``dataset``, in its manifest order: id, site, label,
+    predicted (argmax) and each class's probability (``p_<class name>``), written
+    atomically. ``probs`` (N, C) are the split's class probabilities in that order."""
+    records = dataset.records
+    if probs.shape[0] != len(records):
+        raise InputError(f"{probs.shape[0]} prediction rows for the {len(records)} samples "
+                         f"of split '{dataset.split}'")
+    names = list(getattr(dataset.meta, "classes", None) or [])
+    names += [str(c) for c in range(len(names), probs.shape[1])]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "site", "label", "predicted", *(f"p_{n}" for n in names)])
+    pred = probs.argmax(axis=1)
+    for r, row, k in zip(records, probs, pred, strict=True):
+        # repr-exact float64 (17 significant digits): a saturated model's 1 − 1e-12 stays
+        # apart from 1.0, as the AUC in metrics.json took it
+        writer.writerow([r.id, r.site, r.label, int(k), *(f"{v:.17g}" for v in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
 def _mean_loss(losses: list[Tensor]) -> float:
     """Mean of per-sample cross-entropies, summed in float64 over the whole split at once:
     the same number however the split was batched (float32 sums per batch made the loss
@@ -159,8 +184,13 @@ def evaluate_split(
     saliency: str = "gradcam", fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.1, 0.2),
     batch_size: int = 128, progress: Progress | None = None,
     explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
+    predictions: str | Path | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
+
+    ``predictions``: also write each sample's prediction there as CSV (`write_predictions`),
+    for the statistics metrics.json does not hold (confidence intervals, DeLong tests,
+    calibration, error review).
 
     Localisation uses the saliency of the *predicted* class on the input the model sees
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
@@ -176,13 +206,15 @@ def evaluate_split(
     """
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
-                               batch_size, progress, explainer_kwargs or {}, deletion_fill)
+                               batch_size, progress, explainer_kwargs or {}, deletion_fill,
+                               predictions)
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     device: torch.device | str, saliency: str, fractions: tuple[float, ...],
                     batch_size: int, progress: Progress | None,
-                    explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0) -> dict:
+                    explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0,
+                    predictions: str | Path | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -238,6 +270,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     out = classification_metrics(p, y)
     out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
+    if predictions is not None:
+        write_predictions(predictions, dataset, p)
 
     def mean(parts: list[Tensor]) -> float | None:
         return float(torch.cat(parts).float().mean()) if parts else None

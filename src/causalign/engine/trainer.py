@@ -442,6 +442,9 @@ def _trouble_columns(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+HISTORY_VAL_METRICS = ("accuracy", "balanced_accuracy", "auc", "loss")
+
+
 def one_class_notes(train_set: LesionDataset, val_set: LesionDataset,
                     select_metric: str) -> list[str]:
     """One line per split of the run that holds a single class (all its samples one label):
@@ -1172,7 +1175,9 @@ class Trainer:
                 train_eval = self._quick_metrics(self._train_eval_set())
                 row["train_accuracy"] = train_eval["accuracy"]
                 val = self._quick_metrics(self.val_set)
-                row.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+                # history's columns stay these four (metrics.json's per-class recalls are
+                # a list and would change the header a resumed run appends to)
+                row.update({f"val_{k}": val[k] for k in HISTORY_VAL_METRICS})
                 row["seconds"] = time.perf_counter() - t0
                 score = self._score(val)
                 # ">=": among equally good epochs keep the later, better-trained one
@@ -1301,7 +1306,8 @@ class Trainer:
             metrics[name] = evaluate_split(
                 self.model, self.method, ds, self.device, saliency=self.cfg.eval_saliency,
                 fractions=tuple(self.cfg.deletion_fractions), progress=progress,
-                deletion_fill=self.cfg.deletion_fill)
+                deletion_fill=self.cfg.deletion_fill,
+                predictions=self.out / f"predictions_{name}.csv")
         train_acc = quick_metrics(self.model, self.method, self.train_set, self.device)
         metrics["train"] = {k: train_acc[k] for k in ("accuracy", "balanced_accuracy", "loss",
                                                        "n")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,10 +13,12 @@ from ..errors import InputError
 
 
 def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                           ) -> dict[str, float | None]:
+                           ) -> dict[str, Any]:
     """accuracy, balanced accuracy and AUC (one-vs-rest macro for >2 classes, over the
     classes the split holds; None when the split holds a single class, where AUC is
-    undefined).
+    undefined), and each class's recall (`recall_per_class`, None for a class the split
+    lacks), which for two classes are also given as `sensitivity` (class 1's recall) and
+    `specificity` (class 0's); None for more classes.
 
     ``probs`` (N, C) rows of class probabilities (each in [0, 1], summing to 1) and integer
     (or bool) ``labels`` (N,) in 0..C−1; anything else, an empty split or a NaN/inf
@@ -52,12 +55,20 @@ def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray 
         raise InputError(f"labels must lie in 0..{probs.shape[1] - 1}, got "
                          f"{labels.min()}..{labels.max()}")
     pred = probs.argmax(axis=1)
-    out: dict[str, float | None] = {
+    out: dict[str, Any] = {
         "accuracy": float(accuracy_score(labels, pred)),
         "balanced_accuracy": None,
         "auc": None,
     }
     present = np.unique(labels)
+    # what a clinical reader asks first: how many positives (negatives) were found; no
+    # threshold but argmax, as accuracy uses
+    recall = [float((pred[labels == c] == c).mean()) if (labels == c).any() else None
+              for c in range(probs.shape[1])]
+    binary = probs.shape[1] == 2
+    out["sensitivity"] = recall[1] if binary else None
+    out["specificity"] = recall[0] if binary else None
+    out["recall_per_class"] = recall
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out["balanced_accuracy"] = float(balanced_accuracy_score(labels, pred))
