@@ -57,3 +57,25 @@ def check_finished_run(run: Path, cfg: TrainConfig, flag: str, data: Path | None
     if diffs:
         raise SystemExit(f"{run}: {state} with other settings ({'; '.join(diffs)}); "
                          f"use another {flag}")
+
+
+def check_template_run(run: Path, method: str, epochs: int, data: Path, flag: str) -> None:
+    """Stop unless RUN, a finished run named by a template option (``flag``), is a ``method``
+    run of ``epochs`` epochs on ``data`` (or a copy of it). Only these three are compared:
+    such runs come from elsewhere (the demo's), trained with their own other settings; but
+    a run of another dataset or length would be tabled beside this script's runs under this
+    script's --data and --epochs."""
+    try:
+        stored = read_run_config(run)
+    except CausalignError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    diffs = []
+    if stored.get("method") != method:
+        diffs.append(f"method {stored.get('method')} -> {method}")
+    if stored.get("epochs") != epochs:
+        diffs.append(f"epochs {stored.get('epochs')} -> {epochs} (--epochs)")
+    where = stored.get("data")
+    if not (isinstance(where, str) and where and same_dataset(Path(where), Path(data))):
+        diffs.append(f"data {where} -> {data}")
+    if diffs:
+        raise SystemExit(f"{run}: {flag} names a run with other settings ({'; '.join(diffs)})")

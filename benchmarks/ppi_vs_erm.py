@@ -33,7 +33,7 @@ from causalign.engine.config import apply_overrides, parse_set
 from causalign.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
+from _reuse import check_finished_run, check_template_run, synth_or_reuse  # noqa: E402
 
 ROWS = [
     ("accuracy", "gradcam", "accuracy"),
@@ -64,6 +64,8 @@ def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: d
         run_dir or runs / f"{method}_seed{seed}")
     if template and not (run / "metrics.json").exists():
         raise SystemExit(f"{run}: no metrics.json (an --erm-run template names finished runs)")
+    if template:  # tabled under this --data and --epochs: it must be a run of those
+        check_template_run(run, method, epochs, data, "--erm-run")
     cfg = TrainConfig(method=method, epochs=epochs, seed=seed, device="cpu", threads=threads)
     if method == "ppi" and sets:
         cfg = apply_overrides(cfg, sets)

@@ -1,0 +1,60 @@
+"""Audit 2026-12-07 (benchmark scripts run as documented): regression tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"audit_bench_1207c_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_run(run: Path, data: Path, method: str = "erm", epochs: int = 5) -> Path:
+    """A finished run folder as far as the template checks look: config.yaml + metrics.json."""
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"data": str(data), "method": method, "epochs": epochs, "seed": 0}))
+    (run / "metrics.json").write_text("{}")
+    return run
+
+
+def test_ppi_vs_erm_refuses_an_erm_template_of_other_data_or_epochs(tiny_data, tmp_path,
+                                                                    monkeypatch):
+    """--erm-run runs were tabled without a look at what they were trained on: ERM runs of
+    another dataset (1 epoch) stood in the ERM column of a table headed with --data's name
+    and '3 epochs'. Now the script stops and names both differences."""
+    mod = _load("ppi_vs_erm", monkeypatch)
+    other = tmp_path / "other_data"
+    _fake_run(tmp_path / "erm_seed0", other, epochs=5)
+    with pytest.raises(SystemExit) as exit_:
+        mod.run_one(tiny_data, tmp_path / "runs", "erm", 0, 12, {},
+                    template=str(tmp_path / "erm_seed{seed}"))
+    msg = str(exit_.value.code)
+    assert "--erm-run" in msg and "epochs 5 -> 12" in msg and f"data {other}" in msg
+    assert not (tmp_path / "runs").exists()
+
+
+def test_erm_template_check_accepts_a_copy_of_the_data(tiny_data, tmp_path, monkeypatch):
+    """A run of the same length on a copy of --data (the demo's folder moved) is accepted."""
+    reuse = _load("_reuse", monkeypatch)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    run = _fake_run(tmp_path / "erm_seed0", copy, epochs=12)
+    reuse.check_template_run(run, "erm", 12, tiny_data, "--erm-run")  # no SystemExit
+    with pytest.raises(SystemExit, match="method ppi -> erm"):
+        reuse.check_template_run(_fake_run(tmp_path / "ppi", tiny_data, "ppi", 12), "erm", 12,
+                                 tiny_data, "--erm-run")
+
+
