@@ -8,6 +8,8 @@ naming the folder, the setting that differs and the option to change (``flag``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +20,19 @@ from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
 from causalign.engine.trainer import read_run_config, same_dataset, settings_diff
 from causalign.errors import CausalignError
+
+
+def one_line_errors(main: Callable[..., None]) -> Callable[..., None]:
+    """A script's ``main`` with the CLI's contract for user errors: a CausalignError (a
+    missing dataset or run folder, an unknown --set key) stops it with one ``error:`` line
+    and exit status 1 instead of a traceback."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> None:
+        try:
+            main(*args, **kwargs)
+        except CausalignError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return wrapped
 
 
 def synth_or_reuse(root: Path, synth: SynthConfig, flag: str) -> None:

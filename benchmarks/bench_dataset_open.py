@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if not args.data.is_dir():  # else each child's traceback, then CalledProcessError's
+        ap.error(f"{args.data}: dataset folder does not exist")
     times: dict[str, dict[str, list[float]]] = {s: {"open": [], "pass": []} for s in args.src}
     n = 0
     for r in range(args.repeats):

@@ -42,7 +42,7 @@ from causalign.io import atomic_write_json, atomic_write_text
 from causalign.metrics import DELETION_FRACTIONS, deletion_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
+from _reuse import check_finished_run, one_line_errors, synth_or_reuse  # noqa: E402
 
 RANDOM = "random (baseline)"
 
@@ -144,7 +144,8 @@ def curves(summary: dict, fractions, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="existing dataset (default: synthesise into --synth-dir)")
     ap.add_argument("--synth-dir", default="/tmp/causalign_faithfulness/data")
@@ -162,7 +163,7 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = None if args.run_template else ensure_data(args)
@@ -172,6 +173,8 @@ def main() -> None:
     for seed in range(args.seeds):
         if args.run_template:
             run = Path(args.run_template.format(seed=seed))
+            if not (run / "metrics.json").is_file():
+                raise SystemExit(f"{run}: no metrics.json (--run-template names finished runs)")
             metrics = json.loads((run / "metrics.json").read_text())
         else:
             run = Path(args.runs) / f"{args.method}_seed{seed}"

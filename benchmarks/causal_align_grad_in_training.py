@@ -314,10 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         if any(not k.startswith("method.") for k in sets):
             ap.error("with --from-run, --set takes only method.<param> (the scoring method)")
         method_args = {k.split(".", 1)[1]: v for k, v in sets.items()}
-        result.update(run=a.from_run, sets=a.sets,
-                      probes=[probe_saved_run(Path(a.from_run), a.probe_n, variants,
-                                              method_args, a.ref_steps, a.ref_polish,
-                                              a.ref_newton)])
+        try:  # a missing or foreign run folder: one line, as for DATA below
+            probe = probe_saved_run(Path(a.from_run), a.probe_n, variants, method_args,
+                                    a.ref_steps, a.ref_polish, a.ref_newton)
+        except CausalignError as exc:
+            ap.error(str(exc))
+        result.update(run=a.from_run, sets=a.sets, probes=[probe])
     else:
         if not a.data:
             ap.error("DATA is required unless --from-run is given")

@@ -76,7 +76,18 @@ def main() -> None:
     missing = [str(p) for p in args.results if not p.is_file()]
     if missing:
         raise SystemExit(f"no such result file: {', '.join(missing)}")
-    s = summarize([json.loads(p.read_text()) for p in args.results])
+    results = []
+    for p in args.results:
+        try:
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SystemExit(f"{p}: not JSON ({exc})") from None
+        missing = [k for k in ("seed", "sites", "epochs", "erm", "ppi")
+                   if not isinstance(r, dict) or k not in r]
+        if missing:  # another script's result: it was a KeyError traceback
+            raise SystemExit(f"{p}: not a cross_site.py result (no {', '.join(missing)})")
+        results.append(r)
+    s = summarize(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, s)
     md = markdown(s)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ import torch
 from causalign.data.format import LesionDataset
 from causalign.engine.trainer import load_run
 from causalign.io import atomic_write_json, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _reuse import one_line_errors  # noqa: E402
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -67,14 +71,15 @@ def reliance(run: Path, data: Path | None, split: str) -> dict:
     return out
 
 
-def main() -> None:
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "feature_reliance.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = [reliance(r, a.data, a.split) for r in a.runs]
     atomic_write_json(a.out, {"runs": rows})

@@ -40,7 +40,7 @@ from causalign.io import atomic_write_json, atomic_write_text
 from causalign.report.tables import fmt_mean_std, markdown_table, mean_std
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
+from _reuse import check_finished_run, one_line_errors, synth_or_reuse  # noqa: E402
 
 VARIANTS = {
     "none": ("erm", {}),
@@ -104,6 +104,7 @@ def tables(results: dict[str, list[dict]], sweeps: dict[str, list[dict]]) -> str
     return text
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/hier_ablation"))
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="hier-align setting for every hier run, e.g. balance=0 "
                          "attr_normalize=none (the defaults before the cap; README)")
     a = ap.parse_args(argv)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:  # before any data is made: it was a KeyError traceback after that
+        ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     hier_extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.hier_set)}
     tag = "+" + ",".join(f"{k}={v}" for k, v in hier_extra.items()) if hier_extra else ""
     torch.set_num_threads(a.threads)
@@ -134,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     # reused data must be the data asked for, or old runs get the new sizes' labels
     synth_or_reuse(data, synth, "--work")
     runs = a.work / "runs"
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     sweeps: dict[str, list[dict]] = {}
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from causalign.engine.config import parse_set
 from causalign.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _reuse import one_line_errors  # noqa: E402
 from ppi_vs_erm import run_one  # noqa: E402
 
 VARIANTS: dict[str, dict[str, object]] = {
@@ -66,7 +67,8 @@ def summary(results: list[dict]) -> dict:
     return out
 
 
-def main() -> None:
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--erm-run", required=True,
@@ -79,7 +81,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="override common to every variant, e.g. method.fraction=0.25")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ppi_variants"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data, runs = Path(args.data), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,12 @@ from causalign.engine.config import apply_overrides, parse_set
 from causalign.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import check_finished_run, check_template_run, synth_or_reuse  # noqa: E402
+from _reuse import (  # noqa: E402
+    check_finished_run,
+    check_template_run,
+    one_line_errors,
+    synth_or_reuse,
+)
 
 ROWS = [
     ("accuracy", "gradcam", "accuracy"),
@@ -86,7 +91,8 @@ def run_one(data: Path, runs: Path, method: str, seed: int, epochs: int, sets: d
             "wall_seconds": float(wall.read_text()) if wall.exists() else None}
 
 
-def main() -> None:
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data")
     ap.add_argument("--synth-dir", default="/tmp/causalign_ppi/data")
@@ -102,7 +108,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="PPI override, e.g. method.mask=box")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = Path(args.data) if args.data else Path(args.synth_dir)
     if not args.data:  # a kept --synth-dir is reused only if made with these options

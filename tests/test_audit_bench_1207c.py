@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,61 @@ def test_erm_template_check_accepts_a_copy_of_the_data(tiny_data, tmp_path, monk
                                  tiny_data, "--erm-run")
 
 
+
+
+def _exit_text(exc: pytest.ExceptionInfo, capsys) -> str:
+    return str(exc.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "argv", "needle"), [
+    ("feature_reliance", ["{tmp}/missing", "--out", "{tmp}/o/fr.json"],
+     "error: {tmp}/missing: run folder does not exist"),
+    ("bench_faithfulness", ["--run-template", "{tmp}/missing{seed}", "--seeds", "1",
+                            "--out", "{tmp}/o"],
+     "{tmp}/missing0: no metrics.json (--run-template names finished runs)"),
+    ("ppi_vs_erm", ["--data", "{tmp}/missing", "--seeds", "1", "--epochs", "1",
+                    "--runs", "{tmp}/runs", "--out", "{tmp}/o"],
+     "error: {tmp}/missing: dataset folder does not exist"),
+    ("hier_ablation", ["--variants", "bogus", "--work", "{tmp}/work", "--out", "{tmp}/o/h.json"],
+     "--variants: unknown bogus; known: none, flat, hier, hier-noalign"),
+    ("causal_align_grad_in_training", ["--from-run", "{tmp}/missing", "--out", "{tmp}/o"],
+     "error: {tmp}/missing: run folder does not exist"),
+])
+def test_benchmark_user_errors_are_one_line(name, argv, needle, tmp_path, monkeypatch, capsys):
+    """A missing run or dataset folder was a CausalignError / FileNotFoundError traceback in
+    these scripts (hier_ablation: a KeyError after generating its data); now one line,
+    non-zero, and nothing written."""
+    mod = _load(name, monkeypatch)
+    argv = [v.replace("{tmp}", str(tmp_path)) for v in argv]
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(argv)
+    assert exit_.value.code not in (0, None)
+    text = _exit_text(exit_, capsys)
+    assert needle.replace("{tmp}", str(tmp_path)) in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "o").exists() and not (tmp_path / "work").exists()
+
+
+def test_cross_site_seeds_refuses_a_foreign_result_in_one_line(tmp_path, monkeypatch, capsys):
+    """Another script's JSON (feature_reliance's) was a KeyError 'seed' traceback."""
+    mod = _load("cross_site_seeds", monkeypatch)
+    other = tmp_path / "fr.json"
+    other.write_text('{"runs": []}')
+    monkeypatch.setattr(sys, "argv", ["cross_site_seeds.py", str(other),
+                                      "--out", str(tmp_path / "o" / "s.json")])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert f"{other}: not a cross_site.py result (no seed" in _exit_text(exit_, capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_dataset_open_refuses_a_missing_folder_in_one_line(tmp_path, monkeypatch,
+                                                                 capsys):
+    """A missing DATA ran every child to its traceback, then raised CalledProcessError."""
+    mod = _load("bench_dataset_open", monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["bench_dataset_open.py", str(tmp_path / "missing"),
+                                      "--repeats", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'missing'}: dataset folder does not exist" in capsys.readouterr().err
