@@ -143,10 +143,22 @@ def main(argv: list[str] | None = None) -> None:
     sweeps: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
 
-    def write() -> None:
+    sweep_values = {"alpha1": a.alpha1, "lam": a.lam}
+    n_runs = a.seeds * len(variants) + (0 if a.no_sweep else sum(
+        len([x for x in v.split(",") if x.strip()]) for v in sweep_values.values()))
+
+    trained: list[str] = []  # the runs done so far, for the completeness note
+
+    def write(complete: bool = False) -> None:
+        # rewritten after every run: the settings and a completeness flag say what a
+        # stopped script's file holds (it read like a finished result of other settings)
+        done = len(trained)
         payload = {
             "benchmark": "plus-minus synthetic", "data": {**synth.__dict__},
             "epochs": a.epochs, "threads": a.threads, "std": "ddof=0",
+            "seeds": a.seeds, "variants": variants, "hier_set": hier_extra,
+            "sweep": None if a.no_sweep else sweep_values,
+            "complete": complete, "runs_done": done, "runs_planned": n_runs,
             "ablation": summarise({k: v for k, v in results.items() if v}),
             "sweeps": sweeps, "elapsed_s": time.perf_counter() - t0,
             "runs": {k: [{"seed": r.get("seed"), "test": {m: r["test"].get(m) for m in
@@ -159,8 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         a.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(a.out, payload)
-        atomic_write_text(a.out.with_suffix(".md"),
-                          tables({k: v for k, v in results.items() if v}, sweeps))
+        note = "" if complete else (f"INCOMPLETE: {done} of {n_runs} runs so far (stopped, or "
+                                    f"still running)\n\n")
+        extra = f"hier-align settings: {hier_extra}\n\n" if hier_extra else ""
+        atomic_write_text(a.out.with_suffix(".md"), note + extra + tables(
+            {k: v for k, v in results.items() if v}, sweeps))
 
     for seed in range(a.seeds):
         for v in variants:
@@ -169,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             if method == "hier-align" and hier_extra:
                 args, name = {**hier_extra, **args}, f"{v}{tag}-seed{seed}"
             m = run_one(data, runs, name, method, args, seed, a.epochs, a.threads)
+            trained.append(name)
             m["seed"] = seed
             results[v].append(m)
             print(f"[{time.perf_counter() - t0:6.0f}s] {v} seed {seed}: "
@@ -186,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 args = {"alpha1": val} if param == "alpha1" else {"lam1": val, "lam2": val}
                 m = run_one(data, runs, f"hier-{param}{val:g}{tag}-seed0", "hier-align",
                             {**hier_extra, **args}, 0, a.epochs, a.threads)
+                trained.append(param)
                 entries.append({"value": val, "cam_precision": m["test"]["cam_precision"],
                                 "accuracy": m["test"]["accuracy"]})
                 sweeps[param] = entries
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"acc {m['test']['accuracy']:.3f} cam {m['test']['cam_precision']:.3f}",
                       flush=True)
                 write()
-    write()
+    write(complete=True)
     print(tables({k: v for k, v in results.items() if v}, sweeps))
 
 

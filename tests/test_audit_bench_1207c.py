@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -117,3 +118,36 @@ def test_bench_dataset_open_refuses_a_missing_folder_in_one_line(tmp_path, monke
         mod.main()
     assert exit_.value.code == 2
     assert f"{tmp_path / 'missing'}: dataset folder does not exist" in capsys.readouterr().err
+
+
+def test_hier_ablation_states_its_settings_and_whether_it_finished(tmp_path, monkeypatch):
+    """The JSON, rewritten after every run, had no mark of a stopped script (a file with one
+    run of six read like a finished table) and did not record --hier-set, the settings the
+    README's 'earlier defaults' ablation was run with."""
+    mod = _load("hier_ablation", monkeypatch)
+    monkeypatch.setattr(mod, "synth_or_reuse", lambda *a, **k: None)
+    calls: list[str] = []
+
+    def fake_run(data, runs, name, method, args, seed, epochs, threads):
+        if len(calls) == 1 and stop:
+            raise KeyboardInterrupt
+        calls.append(name)
+        return {"test": {"accuracy": 0.5, "cam_precision": 0.1}, "best_epoch": 1}
+
+    monkeypatch.setattr(mod, "run_one", fake_run)
+    out = tmp_path / "h.json"
+    argv = ["--work", str(tmp_path / "w"), "--out", str(out), "--seeds", "1",
+            "--variants", "none,hier", "--no-sweep", "--hier-set", "balance=0"]
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(argv)
+    part = json.loads(out.read_text())
+    assert part["complete"] is False and part["runs_done"] == 1 and part["runs_planned"] == 2
+    assert part["hier_set"] == {"balance": 0}
+    assert out.with_suffix(".md").read_text().startswith("INCOMPLETE: 1 of 2 runs")
+    stop, calls[:] = False, []
+    mod.main(argv)
+    whole = json.loads(out.read_text())
+    assert whole["complete"] is True and whole["runs_done"] == 2
+    assert whole["seeds"] == 1 and whole["variants"] == ["none", "hier"]
+    assert "INCOMPLETE" not in out.with_suffix(".md").read_text()
