@@ -18,8 +18,10 @@ import yaml
 from causalign.data.format import MANIFEST, META
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
+from causalign.engine.config import apply_overrides
 from causalign.engine.trainer import read_run_config, same_dataset, settings_diff
 from causalign.errors import CausalignError
+from causalign.methods import build_method
 
 
 def one_line_errors(main: Callable[..., None]) -> Callable[..., None]:
@@ -94,3 +96,11 @@ def check_template_run(run: Path, method: str, epochs: int, data: Path, flag: st
         diffs.append(f"data {where} -> {data}")
     if diffs:
         raise SystemExit(f"{run}: {flag} names a run with other settings ({'; '.join(diffs)})")
+
+
+def check_overrides(method: str, sets: dict) -> None:
+    """Refuse a --set typo before anything is trained (a CausalignError, one line under
+    `one_line_errors`): the PPI runs come after the ERM ones, so an unknown key was
+    reported only once ERM's training of the first seed or site had finished."""
+    cfg = apply_overrides(TrainConfig(method=method), sets)
+    build_method(cfg.method, cfg.method_args)

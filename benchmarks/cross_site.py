@@ -34,7 +34,12 @@ from causalign.engine.config import apply_overrides, parse_set
 from causalign.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import check_finished_run, synth_or_reuse  # noqa: E402
+from _reuse import (  # noqa: E402
+    check_finished_run,
+    check_overrides,
+    one_line_errors,
+    synth_or_reuse,
+)
 
 METHODS = ("erm", "ppi")
 
@@ -94,7 +99,8 @@ def heatmaps(matrices: dict[str, np.ndarray], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sites", type=int, default=4)
     ap.add_argument("--n-train", type=int, default=800)
@@ -109,7 +115,9 @@ def main() -> None:
                     help="PPI override, e.g. method.mask=box")
     ap.add_argument("--work", default="/tmp/causalign_cross_site")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    sets = parse_set(args.sets)
+    check_overrides("ppi", sets)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = Path(args.work)
@@ -121,7 +129,6 @@ def main() -> None:
     synth_or_reuse(full, synth, "--work")
     site_data = split_by_site(full, work, args.sites)
     tests = [LesionDataset(d, "test") for d in site_data]
-    sets = parse_set(args.sets)
     matrices = {method: np.full((args.sites, args.sites), np.nan) for method in METHODS}
     for i, data in enumerate(site_data):  # site by site, both methods: partial runs pair up
         for method in METHODS:

@@ -34,7 +34,7 @@ from causalign.engine.config import parse_set
 from causalign.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import one_line_errors  # noqa: E402
+from _reuse import check_overrides, one_line_errors  # noqa: E402
 from ppi_vs_erm import run_one  # noqa: E402
 
 VARIANTS: dict[str, dict[str, object]] = {
@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data, runs = Path(args.data), Path(args.runs)
-    runs.mkdir(parents=True, exist_ok=True)
     common = parse_set(args.sets)
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    for name in names:
+        check_overrides("ppi", {**common, **VARIANTS[name]})
+    runs.mkdir(parents=True, exist_ok=True)
     table = {"ERM": summary([run_one(data, runs, "erm", s, args.epochs, {}, args.threads,
                                      args.erm_run) for s in range(args.seeds)])}
     for name in names:

@@ -35,6 +35,7 @@ from causalign.io import atomic_write_json, atomic_write_text
 sys.path.insert(0, str(Path(__file__).parent))
 from _reuse import (  # noqa: E402
     check_finished_run,
+    check_overrides,
     check_template_run,
     one_line_errors,
     synth_or_reuse,
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="PPI override, e.g. method.mask=box")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    check_overrides("ppi", parse_set(args.sets))  # before the data and ERM runs are made
     torch.set_num_threads(args.threads)
     data = Path(args.data) if args.data else Path(args.synth_dir)
     if not args.data:  # a kept --synth-dir is reused only if made with these options

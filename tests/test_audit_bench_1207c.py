@@ -151,3 +151,30 @@ def test_hier_ablation_states_its_settings_and_whether_it_finished(tmp_path, mon
     assert whole["complete"] is True and whole["runs_done"] == 2
     assert whole["seeds"] == 1 and whole["variants"] == ["none", "hier"]
     assert "INCOMPLETE" not in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize(("name", "argv"), [
+    ("ppi_vs_erm", ["--synth-dir", "{tmp}/data", "--n-train", "16", "--n-val", "8",
+                    "--n-test", "8", "--seeds", "1", "--epochs", "1", "--runs", "{tmp}/runs",
+                    "--out", "{tmp}/o"]),
+    ("ppi_variants", ["--data", "{tmp}/data", "--erm-run", "{tmp}/erm{seed}",
+                      "--runs", "{tmp}/runs", "--out", "{tmp}/o"]),
+    ("cross_site", ["--sites", "2", "--n-train", "16", "--n-val", "8", "--n-test", "16",
+                    "--size", "32", "--epochs", "1", "--work", "{tmp}/work", "--out", "{tmp}/o"]),
+])
+def test_ppi_set_typo_is_refused_before_anything_is_trained(name, argv, tmp_path,
+                                                            monkeypatch, capsys):
+    """`--set method.fracton=0.25` was reported only when the first PPI run started, after
+    ERM's run of seed 0 / site 0 had been trained (ppi_vs_erm at its default size: a full
+    12-epoch ERM run). Now the scripts stop before making data or runs."""
+    mod = _load(name, monkeypatch)
+    argv = [v.replace("{tmp}", str(tmp_path)) for v in argv]
+    with pytest.raises(SystemExit) as exit_:
+        mod.main([*argv, "--set", "method.fracton=0.25"])
+    assert "unknown parameter(s) fracton for method 'ppi'" in _exit_text(exit_, capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ppi_override_check_accepts_the_documented_set(monkeypatch):
+    reuse = _load("_reuse", monkeypatch)
+    reuse.check_overrides("ppi", {"method.fraction": 0.25, "method.mask": "box"})
