@@ -20,6 +20,15 @@ import numpy as np
 from causalign.io import atomic_write_json, atomic_write_text
 
 FIGURES = ("mean", "in_site_mean", "cross_site_mean", "gap_in_minus_cross")
+# cross_site.py options every seed's result must share (sizes.per_site_test varies by seed)
+SETTINGS = ("sites", "epochs", "shortcut", "ppi_overrides", "sizes.train", "sizes.val",
+            "sizes.test")
+
+
+def _setting(result: dict, key: str):
+    head, _, rest = key.partition(".")
+    value = result.get(head)
+    return value.get(rest) if rest and isinstance(value, dict) else value
 
 
 def _nulls(a: np.ndarray | float):
@@ -38,6 +47,14 @@ def summarize(results: list[dict]) -> dict:
     seeds = [r["seed"] for r in results]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"the results repeat a seed: {seeds}")
+    # the table is labelled with the first result's settings: results of other settings
+    # (a seed run with other --epochs or --set) would be averaged under that label
+    for r in results[1:]:
+        diffs = [f"{k} {_setting(results[0], k)!r} vs {_setting(r, k)!r}" for k in SETTINGS
+                 if _setting(r, k) != _setting(results[0], k)]
+        if diffs:
+            raise SystemExit(f"seed {r['seed']} was run with other settings than seed "
+                             f"{results[0]['seed']} ({'; '.join(diffs)})")
     out: dict = {"benchmark": "cross_site_seeds", "seeds": seeds,
                  "sites": results[0]["sites"], "epochs": results[0]["epochs"],
                  "ppi_overrides": results[0].get("ppi_overrides")}

@@ -178,3 +178,30 @@ def test_ppi_set_typo_is_refused_before_anything_is_trained(name, argv, tmp_path
 def test_ppi_override_check_accepts_the_documented_set(monkeypatch):
     reuse = _load("_reuse", monkeypatch)
     reuse.check_overrides("ppi", {"method.fraction": 0.25, "method.mask": "box"})
+
+
+def test_cross_site_seeds_refuses_results_of_other_settings(tmp_path, monkeypatch, capsys):
+    """Seed results of other --epochs / --set were averaged under the first one's label
+    ('8 epochs' over an 8-epoch and a 4-epoch result, exit 0)."""
+    mod = _load("cross_site_seeds", monkeypatch)
+    figs = {"mean": 0.6, "in_site_mean": 0.7, "cross_site_mean": 0.5, "gap_in_minus_cross": 0.2}
+    paths = []
+    for seed, epochs in ((0, 8), (1, 4)):
+        r = {"seed": seed, "sites": 2, "epochs": epochs, "shortcut": "none",
+             "ppi_overrides": {"method.fraction": 0.25},
+             "sizes": {"train": 800, "val": 200, "test": 400, "per_site_test": [9 + seed, 8]},
+             "erm": {"auc": [[0.7, 0.6], [0.5, 0.8]], **figs},
+             "ppi": {"auc": [[0.7, 0.6], [0.5, 0.8]], **figs}}
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "o" / "seeds.json"
+    monkeypatch.setattr(sys, "argv", ["cross_site_seeds.py", *map(str, paths), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert "seed 1 was run with other settings than seed 0 (epochs 8 vs 4)" in _exit_text(
+        exit_, capsys)
+    assert not out.exists()
+    # per-site test sizes differ by seed (the data's own draw): not a difference
+    paths[1].write_text(paths[1].read_text().replace('"epochs": 4', '"epochs": 8'))
+    mod.main()
+    assert json.loads(out.read_text())["epochs"] == 8
