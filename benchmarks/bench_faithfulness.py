@@ -37,6 +37,7 @@ from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig
 from causalign.engine import TrainConfig, load_run, train
 from causalign.engine.evaluate import iterate_batches
+from causalign.engine.trainer import same_dataset
 from causalign.explain import explainer_names, get_explainer, saliency_map
 from causalign.io import atomic_write_json, atomic_write_text
 from causalign.metrics import DELETION_FRACTIONS, deletion_scores
@@ -182,6 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         models.append({"run": str(run), "test_accuracy": metrics["test"]["accuracy"],
                        "test_auc": metrics["test"]["auc"]})
         cfg, model, method, data_path = load_run(run, device="cpu")
+        if per_seed:  # one table of one setting: a templated run of another is refused
+            diffs = [f"{k} {a} -> {b}" for k, a, b in (("method", args.method, cfg.method),
+                                                      ("epochs", args.epochs, cfg.epochs))
+                     if a != b]
+            if not same_dataset(Path(data), Path(data_path)):
+                diffs.append(f"data {data} -> {data_path}")
+            if diffs:
+                raise SystemExit(f"{run}: not a run of seed 0's settings ({'; '.join(diffs)})")
         data = data or data_path
         args.method, args.epochs = cfg.method, cfg.epochs  # what the explained runs are
         ds = LesionDataset(data_path, "test")

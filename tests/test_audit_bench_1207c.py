@@ -205,3 +205,36 @@ def test_cross_site_seeds_refuses_results_of_other_settings(tmp_path, monkeypatc
     paths[1].write_text(paths[1].read_text().replace('"epochs": 4', '"epochs": 8'))
     mod.main()
     assert json.loads(out.read_text())["epochs"] == 8
+
+
+def test_bench_faithfulness_refuses_template_runs_of_other_settings(tiny_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    """--run-template runs of different data / epochs were pooled into one table: seed 0
+    (1 epoch, data32) and seed 1 (2 epochs, data32b) gave faithfulness.json with data
+    'data32', epochs 2, exit 0."""
+    from types import SimpleNamespace
+
+    from causalign.data.synth import SynthConfig, generate
+
+    mod = _load("bench_faithfulness", monkeypatch)
+    generate(tmp_path / "other_data", SynthConfig(n_train=16, n_val=8, n_test=8, size=32,
+                                                  seed=9))
+    stored = {0: (tiny_data, 1), 1: (tmp_path / "other_data", 2)}
+    for seed in stored:
+        (tmp_path / f"r{seed}").mkdir()
+        (tmp_path / f"r{seed}" / "metrics.json").write_text(
+            json.dumps({"test": {"accuracy": 0.5, "auc": 0.5}}))
+
+    def fake_load_run(run, device="cpu"):
+        data, epochs = stored[int(str(run)[-1])]
+        return SimpleNamespace(method="erm", epochs=epochs), None, None, data
+
+    monkeypatch.setattr(mod, "load_run", fake_load_run)
+    monkeypatch.setattr(mod, "deletion_table", lambda model, method, ds, names, fractions,
+                        seed: {"wbp": {f"{f:g}": 0.1 for f in fractions}})
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["--run-template", str(tmp_path / "r{seed}"), "--seeds", "2",
+                  "--threads", "1", "--out", str(tmp_path / "o")])
+    text = _exit_text(exit_, capsys)
+    assert f"{tmp_path / 'r1'}: not a run of seed 0's settings (epochs 1 -> 2; data" in text
+    assert not (tmp_path / "o").exists()
