@@ -60,7 +60,11 @@ def main() -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        # whole or not at all (the parent imports no causalign, so not causalign.io): a
+        # crash mid-write left a truncated result in place of the previous one
+        tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

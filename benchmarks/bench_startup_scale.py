@@ -191,8 +191,10 @@ def main() -> None:
                else {"same_scale": old["scale_sha"] == new["scale_sha"]})}
     text = json.dumps(results, indent=1)
     if a.out:
+        from causalign.io import atomic_write_text  # a crash mid-write keeps the old file
+
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+        atomic_write_text(a.out, text + "\n")
     print(text)
 
 

@@ -238,3 +238,49 @@ def test_bench_faithfulness_refuses_template_runs_of_other_settings(tiny_data, t
     text = _exit_text(exit_, capsys)
     assert f"{tmp_path / 'r1'}: not a run of seed 0's settings (epochs 1 -> 2; data" in text
     assert not (tmp_path / "o").exists()
+
+
+def _crash_writing(monkeypatch, target: Path) -> None:
+    """Opening ``target`` itself for writing truncates it, then fails (a full disk)."""
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self == target and "w" in mode:
+            real_open(self, mode, *args, **kwargs).close()
+            raise OSError(28, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+
+
+def test_bench_startup_scale_writes_its_json_atomically(tmp_path, monkeypatch):
+    """--out was written in place: a failed write left an empty file for the last result."""
+    mod = _load("bench_startup_scale", monkeypatch)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "manifest.csv").write_text("")
+    monkeypatch.setattr(mod, "run_phases", lambda root, ae_epochs: {"load": {"seconds": 1.0}})
+    out = tmp_path / "startup.json"
+    out.write_text('{"previous": true}\n')
+    _crash_writing(monkeypatch, out)
+    monkeypatch.setattr(sys, "argv", ["bench_startup_scale.py", str(root), "--out", str(out)])
+    mod.main()
+    assert json.loads(out.read_text()) == {"load": {"seconds": 1.0}}
+
+
+def test_bench_dataset_open_writes_its_json_atomically(tmp_path, monkeypatch):
+    mod = _load("bench_dataset_open", monkeypatch)
+    (tmp_path / "data").mkdir()
+
+    class Done:
+        stdout = "0.5 0.25 16\n"
+
+    monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: Done())
+    out = tmp_path / "open.json"
+    out.write_text('{"previous": true}\n')
+    _crash_writing(monkeypatch, out)
+    monkeypatch.setattr(sys, "argv", ["bench_dataset_open.py", str(tmp_path / "data"),
+                                      "--repeats", "1", "--out", str(out)])
+    mod.main()
+    assert json.loads(out.read_text())["train_samples"] == 16
+    assert not list(tmp_path.glob(".*.tmp"))
