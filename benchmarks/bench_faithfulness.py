@@ -39,7 +39,7 @@ from causalign.engine import TrainConfig, load_run, train
 from causalign.engine.evaluate import iterate_batches
 from causalign.engine.trainer import same_dataset
 from causalign.explain import explainer_names, get_explainer, saliency_map
-from causalign.io import atomic_write_json, atomic_write_text
+from causalign.io import atomic_savefig, atomic_write_json, atomic_write_text
 from causalign.metrics import DELETION_FRACTIONS, deletion_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -141,7 +141,7 @@ def curves(summary: dict, fractions, path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)  # a crash mid-write keeps the previous PNG whole
     plt.close(fig)
 
 

@@ -31,7 +31,7 @@ from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig
 from causalign.engine import TrainConfig, load_run, quick_metrics, train
 from causalign.engine.config import apply_overrides, parse_set
-from causalign.io import atomic_write_json, atomic_write_text
+from causalign.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _reuse import (  # noqa: E402
@@ -95,7 +95,7 @@ def heatmaps(matrices: dict[str, np.ndarray], path: Path) -> None:
         ax.set_title(title)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)  # a crash mid-write keeps the previous PNG whole
     plt.close(fig)
 
 

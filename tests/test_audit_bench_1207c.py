@@ -284,3 +284,32 @@ def test_bench_dataset_open_writes_its_json_atomically(tmp_path, monkeypatch):
     mod.main()
     assert json.loads(out.read_text())["train_samples"] == 16
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["bench_faithfulness", "cross_site"])
+def test_benchmark_figures_are_written_atomically(name, tmp_path, monkeypatch):
+    """faithfulness_curves.png and cross_site.png were saved in place, after the JSON: a
+    save that failed halfway left a broken PNG beside a whole result."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    mod = _load(name, monkeypatch)
+    real = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        if isinstance(fname, (str, Path)):  # straight to the file: half of it, then a failure
+            Path(fname).write_bytes(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    png = tmp_path / "figure.png"
+    if name == "bench_faithfulness":
+        fractions = (0.01, 0.1)
+        mod.curves({"wbp": {f"{f:g}": {"mean": 0.2, "std": 0.0} for f in fractions},
+                    mod.RANDOM: {f"{f:g}": {"mean": 0.1, "std": 0.0} for f in fractions}},
+                   fractions, png)
+    else:
+        m = np.array([[0.7, 0.6], [0.5, 0.8]])
+        mod.heatmaps({"+PPI": m, "No PPI": m}, png)
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
