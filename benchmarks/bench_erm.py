@@ -20,6 +20,7 @@ from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine.bench import bench_step
 from causalign.engine.evaluate import evaluate_split, quick_metrics
+from causalign.errors import CausalignError
 from causalign.io import atomic_write_json
 from causalign.methods import build_method
 from causalign.models import build_model
@@ -34,8 +35,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    step = bench_step("erm", size=args.size, batch_size=args.batch_size, steps=10, warmup=3,
-                      device=args.device)
+    try:  # --device bogus (or cuda without CUDA): one line, not a traceback
+        step = bench_step("erm", size=args.size, batch_size=args.batch_size, steps=10,
+                          warmup=3, device=args.device)
+    except CausalignError as exc:
+        raise SystemExit(f"error: {exc}") from None
     dev = torch.device(step["device"])
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp) / "d", SynthConfig(n_train=8, n_val=8, n_test=256, size=args.size))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from causalign.data.format import LesionDataset
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine.evaluate import evaluate_split, iterate_batches
-from causalign.explain import get_explainer, saliency_map
+from causalign.errors import unknown_name
+from causalign.explain import explainer_names, get_explainer, saliency_map
 from causalign.io import atomic_write_json
 from causalign.methods import build_method
 from causalign.metrics import (
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.saliency not in explainer_names():  # was a traceback after making the data
+        ap.error(str(unknown_name("saliency method", args.saliency, explainer_names())))
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

@@ -23,9 +23,11 @@ import torch
 
 from causalign.engine.bench import synthetic_batch
 from causalign.engine.config import TrainConfig
+from causalign.errors import unknown_name
 from causalign.io import atomic_write_json
-from causalign.methods import build_method
+from causalign.methods import build_method, method_names
 from causalign.methods.base import DataInfo
+from causalign.models import MODEL_NAMES
 
 
 def run_variant(method_name: str, *, size: int, batch_size: int, steps: int, warmup: int,
@@ -77,6 +79,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
+    # checked before the CUDA check: a typo must not read as 'skipped' (exit 0) here and
+    # as a row of errors on the GPU machine
+    for m in (m.strip() for m in args.methods.split(",") if m.strip()):
+        if m not in method_names():
+            ap.error(str(unknown_name("method", m, method_names())))
+    if args.model not in MODEL_NAMES:
+        ap.error(str(unknown_name("model", args.model, MODEL_NAMES)))
     if not torch.cuda.is_available():
         print("bench_gpu: skipped, no CUDA device (torch.cuda.is_available() is False); "
               "CPU step timings: benchmarks/bench_erm.py, memory: benchmarks/bench_memory.py",

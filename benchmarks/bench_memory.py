@@ -149,6 +149,12 @@ def main() -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from causalign.errors import unknown_name  # not at import: --one measures a bare process
+    from causalign.methods import method_names
+
+    for m in methods:  # was measured in every child, recorded as "error", and exit 0
+        if m not in method_names():
+            ap.error(str(unknown_name("method", m, method_names())))
     sizes = [int(s) for s in args.sizes.split(",")]
     b_lo, b_hi = (int(b) for b in args.batches.split(","))
     rows, fits = [], []

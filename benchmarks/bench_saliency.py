@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from causalign.errors import unknown_name
 from causalign.explain import explainer_names, get_explainer
 from causalign.io import atomic_write_json
-from causalign.models import build_model
+from causalign.models import MODEL_NAMES, build_model
 
 
 def gradient_map(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
@@ -85,6 +86,9 @@ def main() -> None:
                      "median batch time of one plain gradient map",
         "models": {},
     }
+    for name in args.models.split(","):
+        if name not in MODEL_NAMES:  # was a traceback
+            ap.error(str(unknown_name("model", name, MODEL_NAMES)))
     for name in args.models.split(","):
         model = build_model(name, 1, 2).to(device).eval()
         x = torch.rand(args.batch_size, 1, args.size, args.size, device=device)

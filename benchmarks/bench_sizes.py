@@ -50,11 +50,11 @@ from causalign.data.synth import SynthConfig, generate
 from causalign.engine.bench import synthetic_batch
 from causalign.engine.config import TrainConfig
 from causalign.engine.evaluate import eval_batch_size, evaluate_split, iterate_batches, predict
-from causalign.errors import CausalignError
-from causalign.explain import get_explainer, saliency_map
+from causalign.errors import CausalignError, unknown_name
+from causalign.explain import explainer_names, get_explainer, saliency_map
 from causalign.explain.export import export_saliency
 from causalign.io import atomic_write_json
-from causalign.methods import build_method
+from causalign.methods import build_method, method_names
 from causalign.methods.base import DataInfo
 from causalign.metrics import (
     DELETION_FRACTIONS,
@@ -63,6 +63,7 @@ from causalign.metrics import (
     iou_dice,
     mass_in_mask,
 )
+from causalign.models import MODEL_NAMES
 
 
 def _rss_mb() -> float:
@@ -253,6 +254,13 @@ def main() -> None:
     if "erm" not in methods:
         methods = ["erm", *methods]
     saliencies = args.saliency.split(",")
+    # an unknown name was recorded as that row's "error" and the script exited 0 with a
+    # result that looked measured; a refusal of a *known* method (cdep on ResNet) still is
+    for kind, names, valid in (("model", models, MODEL_NAMES), ("method", methods, method_names()),
+                               ("saliency method", saliencies, explainer_names())):
+        for n in names:
+            if n not in valid:
+                ap.error(str(unknown_name(kind, n, valid)))
     result: dict = {
         "benchmark": "bench_sizes", "device": "cpu", "threads": args.threads,
         "torch": str(torch.__version__), "cpu": platform.processor() or platform.machine(),

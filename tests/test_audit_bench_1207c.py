@@ -313,3 +313,33 @@ def test_benchmark_figures_are_written_atomically(name, tmp_path, monkeypatch):
         m = np.array([[0.7, 0.6], [0.5, 0.8]])
         mod.heatmaps({"+PPI": m, "No PPI": m}, png)
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize(("name", "argv", "needle"), [
+    ("bench_sizes", ["--models", "cnn7", "--sizes", "32", "--methods", "causal_align",
+                     "--skip", "eval", "--warmup", "0"],
+     "unknown method 'causal_align'; valid: "),
+    ("bench_memory", ["--methods", "bogus", "--sizes", "32", "--batches", "2,4"],
+     "unknown method 'bogus'; valid: "),
+    ("bench_gpu", ["--methods", "erm,bogus"], "unknown method 'bogus'; valid: "),
+    ("bench_gpu", ["--model", "bogus"], "unknown model 'bogus'; valid: "),
+    ("bench_saliency", ["--models", "bogus", "--repeats", "1"], "unknown model 'bogus'"),
+    ("bench_eval_hotpath", ["--saliency", "bogus", "--n", "4", "--size", "32"],
+     "unknown saliency method 'bogus'"),
+    ("bench_erm", ["--device", "bogus"], "error: device must be auto, cpu or cuda"),
+])
+def test_timing_scripts_refuse_unknown_names_in_one_line(name, argv, needle, tmp_path,
+                                                         monkeypatch, capsys):
+    """bench_sizes / bench_memory measured an unknown --methods entry, stored its error as
+    that row and exited 0 with a result file; bench_gpu said 'skipped' (exit 0) on a CPU
+    machine whatever the typo; bench_saliency, bench_eval_hotpath and bench_erm raised
+    tracebacks. Now: one line, non-zero, no result."""
+    mod = _load(name, monkeypatch)
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv, "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code not in (0, None)
+    text = _exit_text(exit_, capsys)
+    assert needle in text and "Traceback" not in text
+    assert not out.exists()
