@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    if args.seeds < 1:  # a mean over no seed: a StatisticsError / IndexError, or an empty table
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = None if args.run_template else ensure_data(args)

@@ -40,7 +40,12 @@ from causalign.io import atomic_write_json, atomic_write_text
 from causalign.report.tables import fmt_mean_std, markdown_table, mean_std
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _reuse import check_finished_run, one_line_errors, synth_or_reuse  # noqa: E402
+from _reuse import (  # noqa: E402
+    check_finished_run,
+    check_overrides,
+    one_line_errors,
+    synth_or_reuse,
+)
 
 VARIANTS = {
     "none": ("erm", {}),
@@ -125,11 +130,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="hier-align setting for every hier run, e.g. balance=0 "
                          "attr_normalize=none (the defaults before the cap; README)")
     a = ap.parse_args(argv)
+    if a.seeds < 1:  # a mean over no seed: a StatisticsError / IndexError, or an empty table
+        ap.error(f"--seeds must be >= 1, got {a.seeds}")
+    bad = [kv for kv in a.hier_set if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:  # was a ValueError traceback (unpacking)
+        ap.error(f"--hier-set {bad[0]!r}: expected KEY=VALUE")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:  # before any data is made: it was a KeyError traceback after that
         ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     hier_extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.hier_set)}
+    # an unknown key was refused only when the first hier run started, after ERM's
+    check_overrides("hier-align", {f"method.{k}": v for k, v in hier_extra.items()})
     tag = "+" + ",".join(f"{k}={v}" for k, v in hier_extra.items()) if hier_extra else ""
     torch.set_num_threads(a.threads)
 

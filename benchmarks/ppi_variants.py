@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="override common to every variant, e.g. method.fraction=0.25")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ppi_variants"))
     args = ap.parse_args(argv)
+    if args.seeds < 1:  # a mean over no seed: a StatisticsError / IndexError, or an empty table
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     torch.set_num_threads(args.threads)
     data, runs = Path(args.data), Path(args.runs)
     common = parse_set(args.sets)

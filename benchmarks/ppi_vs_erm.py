@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="PPI override, e.g. method.mask=box")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    if args.seeds < 1:  # a mean over no seed: a StatisticsError / IndexError, or an empty table
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
     check_overrides("ppi", parse_set(args.sets))  # before the data and ERM runs are made
     torch.set_num_threads(args.threads)
     data = Path(args.data) if args.data else Path(args.synth_dir)

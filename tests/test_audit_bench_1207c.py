@@ -343,3 +343,33 @@ def test_timing_scripts_refuse_unknown_names_in_one_line(name, argv, needle, tmp
     text = _exit_text(exit_, capsys)
     assert needle in text and "Traceback" not in text
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "argv", "needle"), [
+    ("ppi_vs_erm", ["--seeds", "0", "--data", "{tmp}/data", "--runs", "{tmp}/runs"],
+     "--seeds must be >= 1, got 0"),
+    ("ppi_variants", ["--seeds", "0", "--data", "{tmp}/data", "--erm-run", "{tmp}/e{seed}",
+                      "--runs", "{tmp}/runs"], "--seeds must be >= 1, got 0"),
+    ("bench_faithfulness", ["--seeds", "0", "--run-template", "{tmp}/r{seed}"],
+     "--seeds must be >= 1, got 0"),
+    ("hier_ablation", ["--seeds", "0", "--work", "{tmp}/work", "--size", "32", "--n-train", "16",
+                       "--n-val", "8", "--n-test", "8", "--no-sweep"],
+     "--seeds must be >= 1, got 0"),
+    ("hier_ablation", ["--hier-set", "balance", "--work", "{tmp}/work"],
+     "--hier-set 'balance': expected KEY=VALUE"),
+    ("hier_ablation", ["--hier-set", "balanse=0", "--work", "{tmp}/work"],
+     "unknown parameter(s) balanse for method 'hier-align'"),
+])
+def test_seed_count_and_hier_set_are_checked_first(name, argv, needle, tmp_path, monkeypatch,
+                                                   capsys):
+    """--seeds 0 was a StatisticsError (ppi_vs_erm, ppi_variants) or IndexError
+    (bench_faithfulness) traceback, and an empty 'complete' table from hier_ablation (exit
+    0); --hier-set without '=' a ValueError traceback, and an unknown hier-align key was
+    refused only after the data and the ERM runs were made."""
+    mod = _load(name, monkeypatch)
+    argv = [v.replace("{tmp}", str(tmp_path)) for v in argv]
+    with pytest.raises(SystemExit) as exit_:
+        mod.main([*argv, "--out", str(tmp_path / "o" / "r.json")])
+    assert exit_.value.code not in (0, None)
+    assert needle in _exit_text(exit_, capsys)
+    assert list(tmp_path.iterdir()) == []
