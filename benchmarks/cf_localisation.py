@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("n", "threads", "steps", "figure_n"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if len(args.labels) > len(args.runs):  # the extra names were dropped silently
+        ap.error(f"{len(args.labels)} labels for {len(args.runs)} runs")
     torch.set_num_threads(args.threads)
     kept = []
     if args.append and args.out.exists():

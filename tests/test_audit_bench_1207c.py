@@ -373,3 +373,13 @@ def test_seed_count_and_hier_set_are_checked_first(name, argv, needle, tmp_path,
     assert exit_.value.code not in (0, None)
     assert needle in _exit_text(exit_, capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cf_localisation_refuses_more_labels_than_runs(tmp_path, monkeypatch, capsys):
+    """Two --labels for one run: the second was dropped and the script went on (exit 0);
+    counterfactual_solvers.py already refused the same mismatch."""
+    mod = _load("cf_localisation", monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        mod.main([str(tmp_path / "missing"), "--labels", "A", "B",
+                  "--out", str(tmp_path / "cf.json")])
+    assert "2 labels for 1 runs" in _exit_text(exit_, capsys)
