@@ -87,3 +87,4 @@ def test_evaluate_predictions_option(tiny_data, tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1
     assert lines[0].startswith("error: --predictions") and "is a folder" in lines[0]
+

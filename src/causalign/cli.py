@@ -1445,3 +1445,7 @@ def _reflow_help(*apps: typer.Typer) -> None:
 
 
 _reflow_help(app, data_app, bench_app, causal_app)
+
+
+if __name__ == "__main__":  # `python -m causalign.cli` printed nothing and exited 0
+    sys.exit(main())
