@@ -30,7 +30,7 @@ from torch.optim.swa_utils import update_bn
 
 from .. import __version__
 from ..data.format import LesionDataset, check_split_channels, read_meta
-from ..errors import CausalignError, ConfigError, NumericalError
+from ..errors import CausalignError, ConfigError, DataError, NumericalError
 from ..io import (
     atomic_torch_save,
     atomic_write_json,
@@ -772,6 +772,10 @@ class Trainer:
                 # the pixels too: data_digest covers only dataset.yaml and manifest.csv
                 "data_content_digest": content_digest((self.train_set, self.val_set,
                                                        self.test_set)),
+                # the label and attribute order the model's outputs mean: evaluating it on
+                # another dataset (--data, another site) listing them otherwise is refused
+                "data_classes": list(self.train_set.meta.classes),
+                "data_attributes": list(self.train_set.meta.attributes),
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
                 # the weights `init` named when the run started (init is kept as given)
@@ -1451,8 +1455,9 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
     return Trainer(data, cfg, out, resume=resume, progress=progress, name=name).fit()
 
 
-RUN_METADATA = ("data", "data_digest", "data_content_digest", "causalign_version",
-                "torch_version", "environment", "method_params", "init_source")
+RUN_METADATA = ("data", "data_digest", "data_content_digest", "data_classes",
+                "data_attributes", "causalign_version", "torch_version", "environment",
+                "method_params", "init_source")
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
@@ -1641,13 +1646,46 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
         model = method.build_model(cfg, info)
         _match_slice_positions(model, state["model"])
     model = model.to(dev)
-    _load_run_weights(model, state["model"], weights, data_path, info)
+    _load_run_weights(model, state["model"], weights, data_path, info)  # counts first
+    _check_run_names(run, raw, model, data_path)  # then names and order
     model.eval()
     # which file and bytes these weights are: a run still training replaces best.pt (or
     # writes its first one) after this read, and hashing the file again later named other
     # weights than the model holds (`causalign counterfactual`'s summary.json)
     model.causalign_weights = {"weights": weights.name, "weights_sha256": loaded.get("sha256")}
     return cfg, model, method, data_path
+
+
+def _run_names(raw: dict, key: str, stored_data: object) -> list[str] | None:
+    """The class or attribute names RUN was trained with: config.yaml's record, else (a run
+    from before it was kept) its dataset's dataset.yaml when that folder is still there."""
+    names = raw.get(f"data_{key}")
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(stored_data, str) and stored_data and Path(stored_data).is_dir():
+        try:
+            return list(getattr(read_meta(Path(stored_data)), key))
+        except CausalignError:
+            return None
+    return None
+
+
+def _check_run_names(run: Path, raw: dict, model: nn.Module, data_path: Path) -> None:
+    """Refuse data whose classes (or, for a model predicting attributes, attributes) are
+    named or ordered otherwise than the run's. Labels are indices into dataset.yaml's list:
+    another site listing [malignant, benign] was scored by index, measured accuracy 0.34 and
+    AUC 0.27 for a model at 0.66 / 0.73 on the same images listed [benign, malignant]."""
+    meta = read_meta(data_path)
+    checks = [("classes", meta.classes)]
+    if callable(getattr(model, "attributes", None)):  # hier-align's f1: outputs per attribute
+        checks.append(("attributes", meta.attributes))
+    for key, here in checks:
+        trained = _run_names(raw, key, raw.get("data"))
+        if trained is not None and list(here) != trained:
+            raise DataError(
+                f"{data_path}: {key} {list(here)} are not the run's {trained} ({run} was "
+                f"trained with them in that order; outputs are matched by position: list the "
+                f"run's names in its order in dataset.yaml, the manifest's {key} to match)")
 
 
 def _match_slice_positions(model: nn.Module, state: dict[str, Tensor]) -> None:

@@ -1,0 +1,87 @@
+"""Cross-site audit: a trained run used on another site's dataset (--data OTHER)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from causalign.cli import main
+from causalign.engine import TrainConfig, load_run, train
+from causalign.errors import CausalignError
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def erm_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("xsite") / "run"
+    train(tiny_data, TrainConfig(method="erm", epochs=1, width=4, device="cpu"), run,
+          progress=False)
+    return run
+
+
+def _relisted(src: Path, dst: Path, classes: list[str], flip: bool) -> Path:
+    """`src` with dataset.yaml's classes replaced (and, with `flip`, labels 0/1 swapped)."""
+    shutil.copytree(src, dst)
+    meta = yaml.safe_load((dst / "dataset.yaml").read_text())
+    meta["classes"] = classes
+    (dst / "dataset.yaml").write_text(yaml.safe_dump(meta))
+    if flip:
+        with open(dst / "manifest.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["label"] = str(1 - int(r["label"]))
+        with open(dst / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return dst
+
+
+def test_run_records_class_and_attribute_names(erm_run, tiny_data):
+    raw = yaml.safe_load((erm_run / "config.yaml").read_text())
+    meta = yaml.safe_load((tiny_data / "dataset.yaml").read_text())
+    assert raw["data_classes"] == meta["classes"]
+    assert raw["data_attributes"] == meta["attributes"]
+
+
+def test_other_site_with_classes_in_another_order_is_refused(erm_run, tiny_data, tmp_path,
+                                                             capsys):
+    """The same images listed [malignant, benign] with labels flipped (the same meaning) were
+    scored by index: accuracy 1 - the true one, AUC 1 - AUC, exit 0."""
+    other = _relisted(tiny_data, tmp_path / "reordered", ["malignant", "benign"], flip=True)
+    for cmd in (["evaluate", str(erm_run), "--data", str(other)],
+                ["explain", str(erm_run), "--data", str(other), "--saliency", "gradient",
+                 "--limit", "2", "--out", str(tmp_path / "ex")]):
+        rc, _, err = _run(capsys, *cmd)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert rc != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+        assert "['malignant', 'benign']" in lines[0] and "['benign', 'malignant']" in lines[0]
+
+
+def test_other_class_names_refused_and_old_run_falls_back_to_its_dataset(
+        erm_run, tiny_data, tmp_path):
+    other = _relisted(tiny_data, tmp_path / "renamed", ["negative", "positive"], flip=False)
+    with pytest.raises(CausalignError, match="negative"):
+        load_run(erm_run, device="cpu", data=other)
+    # a run written before the names were recorded: its own dataset's list is the reference
+    old = tmp_path / "old_run"
+    shutil.copytree(erm_run, old)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    raw.pop("data_classes")
+    raw.pop("data_attributes")
+    (old / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(CausalignError, match="negative"):
+        load_run(old, device="cpu", data=other)
+    # the same names in the same order (another site's copy) still load
+    same = _relisted(tiny_data, tmp_path / "same", ["benign", "malignant"], flip=False)
+    load_run(old, device="cpu", data=same)
+    load_run(erm_run, device="cpu", data=same)
