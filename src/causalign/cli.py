@@ -167,16 +167,20 @@ def data_check(data: Annotated[Path, typer.Argument(help="dataset folder")]) -> 
     typer.echo("ok")
 
 
-def _split_for_model(data_path: Path, split: str, limit: int | None = None):
+def _split_for_model(data_path: Path, split: str, limit: int | None = None,
+                     run: Path | None = None):
     """``split`` of ``data_path`` (its first ``limit`` samples), refused in one line when its
     images have another channel count than the model `load_run` built (from the dataset's
-    first image): it failed inside the first convolution with a traceback."""
+    first image): it failed inside the first convolution with a traceback. With ``run``, a
+    warning when its pixel values lie far from those the run was trained on."""
     from .data.format import LesionDataset, check_split_channels
-    from .engine.trainer import data_info_from_disk
+    from .engine.trainer import data_info_from_disk, warn_other_intensity
 
     ds = LesionDataset(data_path, split, limit=limit)
     check_split_channels(ds, data_info_from_disk(data_path).in_channels,
                          "the run's model takes")
+    if run is not None:
+        warn_other_intensity(run, ds)
     return ds
 
 
@@ -550,7 +554,7 @@ def evaluate(
     if predictions is not None:
         _check_output_file("--predictions", predictions, "the predictions CSV")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
-    ds = _split_for_model(data_path, split)
+    ds = _split_for_model(data_path, split, run=run)
     if saliency in VOLUME_UNSUPPORTED and len(ds.image_shape) == 4:
         # asked for by name: refused as `explain` does (it exited 0 with WBP's numbers and a
         # note inside the JSON); the run's own eval_saliency still falls back to WBP
@@ -602,7 +606,7 @@ def explain(
         raise CausalignError(f"--limit must be >= 1, got {limit}")
     # only the samples explained are read: --limit 32 (the default) read and validated a
     # whole 20000-image split first (minutes)
-    ds = _split_for_model(data_path, split, limit)
+    ds = _split_for_model(data_path, split, limit, run=run)
     volumes = len(ds.image_shape) == 4
     if volumes and saliency in VOLUME_UNSUPPORTED:
         raise CausalignError(f"--saliency {saliency} needs 2D images; this dataset holds "
@@ -746,7 +750,7 @@ def counterfactual(
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")
-    ds = _split_for_model(data_path, split)
+    ds = _split_for_model(data_path, split, run=run)
     if settings.space == "latent" and len(ds.image_shape) == 4:
         raise CausalignError(f"--space latent takes 2D images (its autoencoder is 2D); "
                              f"{data_path} holds volumes {tuple(ds.image_shape)}: use "

@@ -776,6 +776,9 @@ class Trainer:
                 # another dataset (--data, another site) listing them otherwise is refused
                 "data_classes": list(self.train_set.meta.classes),
                 "data_attributes": list(self.train_set.meta.attributes),
+                # the pixel values the model learnt on: another site's images far outside
+                # them (16-bit or HU values unscaled) are warned about (`warn_other_intensity`)
+                "data_intensity": list(intensity_range(self.train_set)),
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
                 # the weights `init` named when the run started (init is kept as given)
@@ -1456,8 +1459,8 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
 
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "data_classes",
-                "data_attributes", "causalign_version", "torch_version", "environment",
-                "method_params", "init_source")
+                "data_attributes", "data_intensity", "causalign_version", "torch_version",
+                "environment", "method_params", "init_source")
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
@@ -1686,6 +1689,40 @@ def _check_run_names(run: Path, raw: dict, model: nn.Module, data_path: Path) ->
                 f"{data_path}: {key} {list(here)} are not the run's {trained} ({run} was "
                 f"trained with them in that order; outputs are matched by position: list the "
                 f"run's names in its order in dataset.yaml, the manifest's {key} to match)")
+
+
+def intensity_range(ds: LesionDataset, chunk: int = 64) -> tuple[float, float]:
+    """The smallest and largest pixel value of a split, as the model sees them (scaled)."""
+    lo, hi = math.inf, -math.inf
+    for start in range(0, len(ds), chunk):  # in chunks: no float copy of the whole split
+        x = ds.image_batch(torch.arange(start, min(start + chunk, len(ds))))
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return lo, hi
+
+
+def warn_other_intensity(run: Path, ds: LesionDataset) -> None:
+    """Warn when ``ds``'s pixel values lie far from those RUN was trained on: images are
+    fed as stored (uint8/uint16 scaled to 0..1, float and int16 arrays as they are), so
+    another site's float 0..65535 or HU arrays reached a model trained on 0..1 PNGs
+    unscaled. Measured: accuracy 0.545, AUC 0.500 for a model at 0.66 / 0.729, no word.
+    A run without the record (older versions) is not checked."""
+    try:
+        trained = read_run_config(run).get("data_intensity")
+    except CausalignError:
+        return
+    if not (isinstance(trained, list) and len(trained) == 2
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in trained)):
+        return
+    lo, hi = float(trained[0]), float(trained[1])
+    span = max(hi - lo, 1e-12)
+    here_lo, here_hi = intensity_range(ds)
+    # a span outside the training range, or one an eighth of it (12-bit values in a 16-bit
+    # PNG read as 0..0.06): the synthetic sites' contrast gains (0.75..1.25) stay inside
+    if here_lo < lo - span or here_hi > hi + span or here_hi - here_lo < span / 8:
+        warnings.warn(f"{ds.root} ({ds.split}): pixel values {here_lo:.4g}..{here_hi:.4g}, "
+                      f"the run was trained on {lo:.4g}..{hi:.4g}; images are not rescaled "
+                      f"to the run's range, so its predictions here are probably meaningless "
+                      f"(store this site's images as the training site's were)", stacklevel=2)
 
 
 def _match_slice_positions(model: nn.Module, state: dict[str, Tensor]) -> None:
