@@ -123,3 +123,32 @@ def test_other_site_far_outside_the_training_intensities_is_warned(erm_run, tiny
     for data in (tiny_data, same):
         rc, _, err = _run(capsys, "evaluate", str(erm_run), "--data", str(data))
         assert rc == 0 and "pixel values" not in err, err
+
+
+def _test_only(src: Path, dst: Path) -> Path:
+    """`src` keeping only its test rows: a site whose data is used for evaluation alone."""
+    shutil.copytree(src, dst)
+    with open(dst / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    with open(dst / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return dst
+
+
+def test_counterfactual_on_a_test_only_site(erm_run, tiny_data, tmp_path, capsys):
+    """An l1 search needs no training split, but read one for x*'s bounds: a test-only
+    site was refused ("split 'train' is empty"), while evaluate and explain ran."""
+    other = _test_only(tiny_data, tmp_path / "test_only")
+    rc, out, err = _run(capsys, "counterfactual", str(erm_run), "--data", str(other),
+                        "--out", str(tmp_path / "cf"), "--limit", "2", "--steps", "5",
+                        "--no-progress")
+    assert rc == 0, err
+    assert "wrote 2 counterfactuals" in out
+    # a per-pixel scale still needs that site's training split: one line saying so
+    rc, _, err = _run(capsys, "counterfactual", str(erm_run), "--data", str(other),
+                      "--out", str(tmp_path / "cf2"), "--limit", "2", "--steps", "5",
+                      "--distance", "scaled-l1", "--no-progress")
+    assert rc != 0 and "split 'train' is empty" in err, err
+

@@ -760,14 +760,25 @@ def counterfactual(
     # autoencoder): every call built it (4x the uint8 cache; twice for --split train), and
     # loaded the training split even for explicit --bounds and an l1 search of 4 images
     need_train = settings.distance.startswith("scaled") or settings.space == "latent"
-    train_ds = ds if split == "train" else (
-        LesionDataset(data_path, "train") if need_train or fixed_bounds is None else None)
+    if split == "train":
+        train_ds = ds
+    elif need_train:
+        train_ds = LesionDataset(data_path, "train")
+    elif fixed_bounds is None:
+        # only for the bounds: another site's test-only dataset (--data) has no training
+        # split, and an l1 search of its images was refused as "split 'train' is empty"
+        from .engine.trainer import _optional_split
+
+        train_ds = _optional_split(data_path, "train")
+    else:
+        train_ds = None
     # per-pixel scales and the autoencoder read the split's cache chunk by chunk (its
     # `.images` is a whole float32 copy)
     train_images = train_ds if need_train else None
     # the range the summary's out-of-range count is taken against, and x*'s bounds (read
     # batch by batch)
-    valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is ds else (train_ds, ds)))
+    valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is None or train_ds is ds
+                                                   else (train_ds, ds)))
     settings.bounds = None if bounds.strip().lower() == "none" else valid_range
     # held from the autoencoder on: it is saved into OUT too (`folder_lock`)
     with folder_lock(out, f"causalign counterfactual --out {out}"), _progress(progress) as bar:
