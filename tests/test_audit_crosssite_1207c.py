@@ -152,3 +152,31 @@ def test_counterfactual_on_a_test_only_site(erm_run, tiny_data, tmp_path, capsys
                       "--distance", "scaled-l1", "--no-progress")
     assert rc != 0 and "split 'train' is empty" in err, err
 
+
+def _cross_site_seeds():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_site_seeds.py"
+    spec = importlib.util.spec_from_file_location("bench_cross_site_seeds_xsite", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("key, other", [("epochs", 12), ("sites", 3),
+                                        ("ppi_overrides", {"method.mask": "box"})])
+def test_cross_site_seeds_refuses_results_of_other_settings(key, other):
+    """Seed files of another epoch count (or PPI overrides) were averaged and the table
+    labelled with the first file's; another site count failed with a numpy traceback."""
+    mod = _cross_site_seeds()
+    figs = {"mean": 0.6, "in_site_mean": 0.7, "cross_site_mean": 0.5, "gap_in_minus_cross": 0.2}
+
+    def result(seed: int, **changes) -> dict:
+        r = {"benchmark": "cross_site", "seed": seed, "sites": 2, "epochs": 1,
+             "shortcut": "none", "ppi_overrides": {}, "sizes": {"train": 8}, **changes}
+        auc = [[0.7] * r["sites"] for _ in range(r["sites"])]
+        return {**r, "erm": {"auc": auc, **figs}, "ppi": {"auc": auc, **figs}}
+
+    assert mod.summarize([result(0), result(1)])["epochs"] == 1
+    with pytest.raises(SystemExit, match=f"differ in {key}"):
+        mod.summarize([result(0), result(1, **{key: other})])
