@@ -205,3 +205,27 @@ def test_hier_align_run_refuses_other_attribute_order(tiny_data, tmp_path):
     with pytest.raises(CausalignError, match="attributes .* are not the run's"):
         load_run(run, device="cpu", data=other)
     load_run(run, device="cpu", data=tiny_data)  # its own order loads
+
+
+def test_oracle_on_a_site_without_annotations_is_warned(tiny_data, tmp_path, capsys):
+    """The oracle classifies x·m; a sample without mask or box keeps its full image. On a
+    site without annotations every sample did, silently (measured accuracy 0.77 -> 0.54)."""
+    run = tmp_path / "oracle"
+    train(tiny_data, TrainConfig(method="oracle", epochs=1, width=4, device="cpu"), run,
+          progress=False)
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_data, bare)
+    with open(bare / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in r:
+            if k == "mask" or k.startswith("box_"):
+                r[k] = ""
+    with open(bare / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    rc, _, err = _run(capsys, "evaluate", str(run), "--data", str(bare), "--no-progress")
+    assert rc == 0 and "16 of 16 samples have no mask or box" in err, err
+    rc, _, err = _run(capsys, "evaluate", str(run), "--no-progress")  # its own, annotated
+    assert rc == 0 and "no mask or box" not in err, err

@@ -67,6 +67,9 @@ class Method:
     # Does the method need annotations (masks/boxes) at training time? The trainer refuses
     # such a method on a training split without any: it would silently train as ERM.
     uses_annotations: bool = False
+    # Does `model_input` read the annotation at test time too (the oracle's x·m)? A sample
+    # without one is then classified from its full image, which the model never saw
+    annotated_input: bool = False
     # True when the loss is only forward passes of the classifier (no torch.autograd.grad,
     # no double backward, no access to its submodules) and the trainer's backward() makes
     # every gradient: then the trainer may hand it a DistributedDataParallel / torch.compile

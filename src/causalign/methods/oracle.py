@@ -33,6 +33,7 @@ class OracleParams:
 class Oracle(Method):
     Params = OracleParams
     uses_annotations = True
+    annotated_input = True
     plain_forward = True
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:
