@@ -229,3 +229,14 @@ def test_oracle_on_a_site_without_annotations_is_warned(tiny_data, tmp_path, cap
     assert rc == 0 and "16 of 16 samples have no mask or box" in err, err
     rc, _, err = _run(capsys, "evaluate", str(run), "--no-progress")  # its own, annotated
     assert rc == 0 and "no mask or box" not in err, err
+
+
+def test_twelve_bit_values_in_a_sixteen_bit_range_are_warned(erm_run, tiny_data, tmp_path):
+    """12-bit values stored in 16-bit PNGs read as 0..0.0625 (uint16 scales by 65535): the
+    same test images stored so were evaluated at AUC 0.507 (0.729 as 8-bit), no word."""
+    from causalign.data.format import LesionDataset
+    from causalign.engine.trainer import warn_other_intensity
+
+    narrow = _rescaled(tiny_data, tmp_path / "narrow", 4095.0 / 65535.0)
+    with pytest.warns(UserWarning, match="pixel values 0.*trained on"):
+        warn_other_intensity(erm_run, LesionDataset(narrow, "test"))
