@@ -240,3 +240,27 @@ def test_twelve_bit_values_in_a_sixteen_bit_range_are_warned(erm_run, tiny_data,
     narrow = _rescaled(tiny_data, tmp_path / "narrow", 4095.0 / 65535.0)
     with pytest.warns(UserWarning, match="pixel values 0.*trained on"):
         warn_other_intensity(erm_run, LesionDataset(narrow, "test"))
+
+
+def test_counterfactual_maps_use_the_runs_training_scale_on_another_site(tiny_data, tmp_path,
+                                                                        capsys):
+    """A scaled-distance causal-align run's `explain --saliency counterfactual` took the
+    per-pixel scale from --data's training split: the same test images' maps changed with
+    the site (correlation down to 0.73), and a test-only site was refused."""
+    import numpy as np
+
+    run = tmp_path / "ca"
+    train(tiny_data, TrainConfig(method="causal-align", epochs=1, width=4, device="cpu",
+                                 method_args={"distance": "scaled-l1"}), run, progress=False)
+    other = _test_only(tiny_data, tmp_path / "test_only")
+    outs = {}
+    for name, data in (("own", tiny_data), ("other", other)):
+        outs[name] = tmp_path / f"ex_{name}"
+        rc, _, err = _run(capsys, "explain", str(run), "--data", str(data), "--saliency",
+                          "counterfactual", "--limit", "3", "--out", str(outs[name]),
+                          "--no-progress")
+        assert rc == 0, err
+    maps = sorted((outs["own"] / "maps").glob("*.npy"))
+    assert len(maps) == 3
+    for f in maps:
+        np.testing.assert_array_equal(np.load(f), np.load(outs["other"] / "maps" / f.name))

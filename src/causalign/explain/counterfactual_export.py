@@ -107,18 +107,15 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
     distance, ε, space, optimiser, polish and smooth σ, with 100 steps at lr 0.01), so that
     `explain`/`evaluate --saliency counterfactual` show the change the run was trained to put
     inside the lesion, not the generic defaults' (α 0.01, l1, pixels). A scaled distance takes
-    its per-pixel scale from the training split; the latent space the run's own autoencoder
-    (from checkpoint.pt). x* is unbounded, as in training."""
+    its per-pixel scale from the run's training split (`_run_training_data`); the latent
+    space the run's own autoencoder (from checkpoint.pt). x* is unbounded, as in training."""
     s = settings_for_run(method)
     options: dict[str, Any] = {
         "alpha": s.alpha, "steps": s.steps, "lr": s.lr, "distance": s.distance, "eps": s.eps,
         "space": s.space, "optimizer": s.optimizer, "polish": s.polish,
         "smooth_sigma": s.smooth_sigma}
     if s.distance.startswith("scaled"):
-        train = LesionDataset(data_path, "train")
-        if len(train) == 0:
-            raise CausalignError(f"{data_path}: distance '{s.distance}' takes its per-pixel "
-                                 f"scale from the training split, which is empty")
+        train = LesionDataset(_run_training_data(Path(run), data_path), "train")
         options["scale"] = distance_scale(train, s.distance).to(device)
     if s.space == "latent":
         from ..models.autoencoder import autoencoder_from_state
@@ -131,6 +128,25 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
                                  f"FILE`")
         options["autoencoder"] = autoencoder_from_state(ae_state, device)
     return options
+
+
+def _run_training_data(run: Path, data_path: Path) -> Path:
+    """The dataset whose training split gives the run's per-pixel distance scale: the one
+    it trained on (as its search did) while that folder is still there unchanged, else
+    ``data_path``. With --data OTHER the other site's training split gave it: the same
+    test images' maps then depended on that site (correlation down to 0.73, one image's
+    mass in the lesion 0.41 -> 0.33), and a test-only site was refused."""
+    from ..engine.trainer import dataset_digest_matches, read_run_config
+
+    try:
+        raw = read_run_config(run)
+    except CausalignError:  # no readable config.yaml (a bare folder from the API)
+        return data_path
+    stored, digest = raw.get("data"), raw.get("data_digest")
+    if isinstance(stored, str) and stored and Path(stored).is_dir() and (
+            not isinstance(digest, str) or dataset_digest_matches(Path(stored), digest)):
+        return Path(stored)
+    return data_path
 
 
 def run_autoencoder_state(run: Path) -> dict | None:
