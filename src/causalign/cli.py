@@ -718,12 +718,13 @@ def counterfactual(
     optimizer (with its Gauss-Newton polish steps), not its steps or step size; a hier-align
     run those of its image level (α₁)."""
     from .data.format import LesionDataset
-    from .engine.trainer import load_run
+    from .engine.trainer import load_run, same_dataset
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
     from .explain.counterfactual_export import (
         check_counterfactual_folder,
         export_counterfactuals,
         resolve_autoencoder,
+        run_training_data,
         settings_for_run,
         splits_range,
     )
@@ -776,10 +777,14 @@ def counterfactual(
     # autoencoder): every call built it (4x the uint8 cache; twice for --split train), and
     # loaded the training split even for explicit --bounds and an l1 search of 4 images
     need_train = settings.distance.startswith("scaled") or settings.space == "latent"
-    if split == "train":
+    reference = run_training_data(run, data_path) if need_train else data_path
+    if split == "train" and same_dataset(reference, data_path):
         train_ds = ds
     elif need_train:
-        train_ds = LesionDataset(data_path, "train")
+        # the run's own training split, as `explain --saliency counterfactual` takes it:
+        # with --data OTHER the other site's gave another per-pixel scale (change inside the
+        # annotation 0.600 -> 0.598 for the same 16 images), and a test-only site was refused
+        train_ds = LesionDataset(reference, "train")
     elif fixed_bounds is None:
         # only for the bounds: another site's test-only dataset (--data) has no training
         # split, and an l1 search of its images was refused as "split 'train' is empty"

@@ -107,7 +107,7 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
     distance, ε, space, optimiser, polish and smooth σ, with 100 steps at lr 0.01), so that
     `explain`/`evaluate --saliency counterfactual` show the change the run was trained to put
     inside the lesion, not the generic defaults' (α 0.01, l1, pixels). A scaled distance takes
-    its per-pixel scale from the run's training split (`_run_training_data`); the latent
+    its per-pixel scale from the run's training split (`run_training_data`); the latent
     space the run's own autoencoder (from checkpoint.pt). x* is unbounded, as in training."""
     s = settings_for_run(method)
     options: dict[str, Any] = {
@@ -115,7 +115,7 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
         "space": s.space, "optimizer": s.optimizer, "polish": s.polish,
         "smooth_sigma": s.smooth_sigma}
     if s.distance.startswith("scaled"):
-        train = LesionDataset(_run_training_data(Path(run), data_path), "train")
+        train = LesionDataset(run_training_data(Path(run), data_path), "train")
         options["scale"] = distance_scale(train, s.distance).to(device)
     if s.space == "latent":
         from ..models.autoencoder import autoencoder_from_state
@@ -130,7 +130,7 @@ def explainer_options_for_run(run: Path, method: Method, data_path: Path,
     return options
 
 
-def _run_training_data(run: Path, data_path: Path) -> Path:
+def run_training_data(run: Path, data_path: Path) -> Path:
     """The dataset whose training split gives the run's per-pixel distance scale: the one
     it trained on (as its search did) while that folder is still there unchanged, else
     ``data_path``. With --data OTHER the other site's training split gave it: the same
