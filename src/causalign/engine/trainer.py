@@ -353,8 +353,10 @@ def _optional_split(data: Path, split: str) -> LesionDataset | None:
         return None
 
 
-# what the trainer writes into a run folder, atomically (`causalign.io`)
-RUN_OUTPUTS = (CHECKPOINT, BEST, "history.csv", "metrics.json", "config.yaml")
+# what the trainer writes into a run folder, atomically (`causalign.io`); the predictions
+# CSVs too, or a kill during their write left a '.predictions_val.csv.*.tmp' no resume removed
+RUN_OUTPUTS = (CHECKPOINT, BEST, "history.csv", "metrics.json", "config.yaml",
+               "predictions_val.csv", "predictions_test.csv")
 
 
 def _writes_run_folder() -> bool:

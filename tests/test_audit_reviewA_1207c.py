@@ -1,0 +1,25 @@
+"""Review of the 2026-12-07 session's newest commits (part A): regressions found there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from causalign.engine.trainer import remove_stale_temporaries
+
+
+def test_a_killed_predictions_write_leaves_no_temporary(tmp_path: Path) -> None:
+    # training writes predictions_{val,test}.csv atomically (1fb5761); a SIGKILL during that
+    # write leaves '.predictions_val.csv.<random>.tmp', which a resume must clean up as it
+    # does for the run's other outputs
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".predictions_val.csv.ab12cd.tmp", run / ".predictions_test.csv.x9.tmp",
+             run / ".metrics.json.q1.tmp"]
+    for p in stale:
+        p.write_text("partial")
+    keep = run / "predictions_val.csv"
+    keep.write_text("id\n")
+    removed = remove_stale_temporaries(run)
+    assert sorted(removed) == sorted(stale)
+    assert not any(p.exists() for p in stale)
+    assert keep.exists()
