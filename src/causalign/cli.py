@@ -537,6 +537,16 @@ def _check_output_file(option: str, path: Path, what: str) -> None:
             return
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two output paths name one file (also through '.', '..' or a link)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -567,6 +577,11 @@ def evaluate(
         _check_output_file("--out", out, "the metrics JSON")
     if predictions is not None:
         _check_output_file("--predictions", predictions, "the predictions CSV")
+        # one file for both: the JSON was written over the CSV, exit 0, predictions lost
+        if out is not None and _same_file(out, predictions):
+            raise CausalignError(f"--out {out} and --predictions {predictions} name the same "
+                                 f"file; give the metrics JSON and the predictions CSV "
+                                 f"different paths")
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = _split_for_model(data_path, split, run=run)
     _warn_unannotated_input(method, ds)
