@@ -813,8 +813,17 @@ def counterfactual(
     train_images = train_ds if need_train else None
     # the range the summary's out-of-range count is taken against, and x*'s bounds (read
     # batch by batch)
-    valid_range = fixed_bounds or splits_range(*((ds,) if train_ds is None or train_ds is ds
-                                                   else (train_ds, ds)))
+    # from --data's own splits whatever the distance: a scaled search's training split is
+    # the run's (`reference`), and with --data OTHER it gave the bounds too, so the same
+    # float images were bounded to [44.7, 1000] under scaled-l1 and [44.7, 600] under l1
+    bounds_train = train_ds
+    if fixed_bounds is None and need_train and not same_dataset(reference, data_path):
+        from .engine.trainer import _optional_split
+
+        bounds_train = ds if split == "train" else _optional_split(data_path, "train")
+    valid_range = fixed_bounds or splits_range(*((ds,) if bounds_train is None
+                                                 or bounds_train is ds
+                                                 else (bounds_train, ds)))
     settings.bounds = None if bounds.strip().lower() == "none" else valid_range
     # held from the autoencoder on: it is saved into OUT too (`folder_lock`)
     with folder_lock(out, f"causalign counterfactual --out {out}"), _progress(progress) as bar:
