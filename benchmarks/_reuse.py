@@ -19,7 +19,12 @@ from causalign.data.format import MANIFEST, META
 from causalign.data.synth import SynthConfig, generate
 from causalign.engine import TrainConfig
 from causalign.engine.config import apply_overrides
-from causalign.engine.trainer import read_run_config, same_dataset, settings_diff
+from causalign.engine.trainer import (
+    dataset_digest_matches,
+    read_run_config,
+    same_dataset,
+    settings_diff,
+)
 from causalign.errors import CausalignError
 from causalign.methods import build_method
 
@@ -91,8 +96,11 @@ def check_template_run(run: Path, method: str, epochs: int, data: Path, flag: st
         diffs.append(f"method {stored.get('method')} -> {method}")
     if stored.get("epochs") != epochs:
         diffs.append(f"epochs {stored.get('epochs')} -> {epochs} (--epochs)")
-    where = stored.get("data")
-    if not (isinstance(where, str) and where and same_dataset(Path(where), Path(data))):
+    where, digest = stored.get("data"), stored.get("data_digest")
+    # or its digest: a run whose dataset folder has moved since (--data the new place)
+    # names a folder that is gone, and was refused as another dataset
+    if not ((isinstance(where, str) and where and same_dataset(Path(where), Path(data)))
+            or (isinstance(digest, str) and dataset_digest_matches(Path(data), digest))):
         diffs.append(f"data {where} -> {data}")
     if diffs:
         raise SystemExit(f"{run}: {flag} names a run with other settings ({'; '.join(diffs)})")

@@ -7,6 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+import yaml
+
 from causalign.cli import main
 from causalign.engine import TrainConfig, train
 
@@ -52,3 +55,35 @@ def test_counterfactual_bounds_do_not_depend_on_the_distance_under_data(tiny_dat
         ranges[distance] = json.loads((out / "summary.json").read_text())["valid_range"]
     assert ranges["l1"] == ranges["scaled-l1"], ranges
     assert ranges["l1"][1] <= 600.0 + 1e-3, ranges
+
+
+def test_erm_template_run_whose_data_folder_moved_is_accepted(tiny_data, tmp_path):
+    """check_template_run compared only the folder config.yaml names: a finished ERM run
+    whose dataset was moved since (--data names the new place, same dataset.yaml and
+    manifest.csv, as its data_digest says) was refused as 'data ... -> ...'."""
+    import importlib.util
+    import sys
+
+    from causalign.engine.trainer import dataset_digest
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("reviewB_reuse", bench / "_reuse.py")
+        reuse = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(reuse)
+    finally:
+        sys.path.remove(str(bench))
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_data, moved)
+    run = tmp_path / "erm_seed0"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"data": str(tmp_path / "gone"), "data_digest": dataset_digest(tiny_data),
+         "method": "erm", "epochs": 12, "seed": 0}))
+    reuse.check_template_run(run, "erm", 12, moved, "--erm-run")  # no SystemExit
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    (other / "dataset.yaml").write_text((other / "dataset.yaml").read_text() + "\n# x\n")
+    with pytest.raises(SystemExit, match="data "):
+        reuse.check_template_run(run, "erm", 12, other, "--erm-run")
