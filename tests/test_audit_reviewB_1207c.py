@@ -87,3 +87,21 @@ def test_erm_template_run_whose_data_folder_moved_is_accepted(tiny_data, tmp_pat
     (other / "dataset.yaml").write_text((other / "dataset.yaml").read_text() + "\n# x\n")
     with pytest.raises(SystemExit, match="data "):
         reuse.check_template_run(run, "erm", 12, other, "--erm-run")
+
+
+def test_scaled_search_on_a_site_of_another_image_size(tiny_data, tmp_path, capsys):
+    """Since the scaled distance's per-pixel scale came from the run's own training split,
+    a 32 px run's search on a 48 px site (--data) was refused: 'distance scale (1, 32, 32)
+    must have the shape of one image of x0 (1, 48, 48)', where --data's own training split
+    had served before. The run's scale is used only for images of its shape."""
+    from causalign.data.synth import SynthConfig, generate
+
+    other = tmp_path / "d48"
+    generate(other, SynthConfig(n_train=8, n_val=4, n_test=4, size=48, seed=5))
+    run = tmp_path / "run"
+    train(tiny_data, TrainConfig(method="erm", epochs=1, width=4, device="cpu"), run,
+          progress=False)
+    rc = main(["counterfactual", str(run), "--data", str(other), "--out", str(tmp_path / "cf"),
+               "--limit", "2", "--steps", "2", "--distance", "scaled-l1", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "cf" / "cf").glob("*.npy"))) == 2

@@ -144,9 +144,22 @@ def run_training_data(run: Path, data_path: Path) -> Path:
         return data_path
     stored, digest = raw.get("data"), raw.get("data_digest")
     if isinstance(stored, str) and stored and Path(stored).is_dir() and (
-            not isinstance(digest, str) or dataset_digest_matches(Path(stored), digest)):
+            not isinstance(digest, str) or dataset_digest_matches(Path(stored), digest)) \
+            and _same_image_shape(Path(stored), data_path):
         return Path(stored)
     return data_path
+
+
+def _same_image_shape(a: Path, b: Path) -> bool:
+    """Whether datasets A and B hold images of one shape. A per-pixel scale is one image's
+    shape: the run's 32 px scale refused a 48 px site's search ('distance scale (1, 32, 32)
+    must have the shape of one image of x0 (1, 48, 48)'), which --data's own split served."""
+    from ..engine.trainer import data_info_from_disk
+
+    try:
+        return data_info_from_disk(a).image_shape == data_info_from_disk(b).image_shape
+    except CausalignError:  # unreadable here: the caller's reading of B names the problem
+        return True
 
 
 def run_autoencoder_state(run: Path) -> dict | None:
