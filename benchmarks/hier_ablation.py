@@ -139,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:  # before any data is made: it was a KeyError traceback after that
         ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    sweep_lists: dict[str, list[float]] = {}
+    for flag, text in (("alpha1", a.alpha1), ("lam", a.lam)):
+        try:  # here, not when the sweep starts: a typo was a ValueError traceback after
+            # every ablation run had trained
+            sweep_lists[flag] = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            ap.error(f"--{flag} {text!r}: expected comma-separated numbers")
     hier_extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.hier_set)}
     # an unknown key was refused only when the first hier run started, after ERM's
     check_overrides("hier-align", {f"method.{k}": v for k, v in hier_extra.items()})
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sweep_values = {"alpha1": a.alpha1, "lam": a.lam}
     n_runs = a.seeds * len(variants) + (0 if a.no_sweep else sum(
-        len([x for x in v.split(",") if x.strip()]) for v in sweep_values.values()))
+        len(v) for v in sweep_lists.values()))
 
     trained: list[str] = []  # the runs done so far, for the completeness note
 
@@ -205,12 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             write()
     if not a.no_sweep:
         base = results.get("hier", [None])[0] if results.get("hier") else None
-        for param, values, default in (("alpha1", a.alpha1, 0.01), ("lam", a.lam, 1.0)):
+        for param, default in (("alpha1", 0.01), ("lam", 1.0)):
             entries = []
             if base is not None:
                 entries.append({"value": default, "cam_precision": base["test"]["cam_precision"],
                                 "accuracy": base["test"]["accuracy"]})
-            for val in [float(x) for x in values.split(",") if x.strip()]:
+            for val in sweep_lists[param]:
                 args = {"alpha1": val} if param == "alpha1" else {"lam1": val, "lam2": val}
                 m = run_one(data, runs, f"hier-{param}{val:g}{tag}-seed0", "hier-align",
                             {**hier_extra, **args}, 0, a.epochs, a.threads)

@@ -105,3 +105,29 @@ def test_scaled_search_on_a_site_of_another_image_size(tiny_data, tmp_path, caps
                "--limit", "2", "--steps", "2", "--distance", "scaled-l1", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert len(list((tmp_path / "cf" / "cf").glob("*.npy"))) == 2
+
+
+def test_hier_ablation_refuses_a_sweep_typo_before_training(tmp_path, capsys):
+    """--alpha1/--lam were parsed only when the sweep began: '--alpha1 0.005,abc' trained
+    every ablation run, then stopped with a ValueError traceback. Now argparse refuses it
+    first, in one line, and nothing is made."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("reviewB_hier_ablation",
+                                                      bench / "hier_ablation.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["--work", str(work), "--out", str(tmp_path / "o.json"), "--seeds", "1",
+                  "--epochs", "1", "--size", "32", "--n-train", "16", "--n-val", "8",
+                  "--n-test", "8", "--variants", "none", "--alpha1", "0.005,abc"])
+    assert exit_.value.code == 2
+    assert "--alpha1" in capsys.readouterr().err
+    assert not work.exists() and not (tmp_path / "o.json").exists()
