@@ -145,6 +145,28 @@ def curves(summary: dict, fractions, path: Path) -> None:
     plt.close(fig)
 
 
+def check_template_runs(template: str, seeds: int) -> None:
+    """Stop unless every run ``template`` names for seeds 0..seeds-1 is finished and has
+    seed 0's method, epochs and dataset (or a copy), before any is explained: checked in
+    the loop, a later seed's run was refused only after seed 0's deletion table (every
+    explainer over the test split). Loading each run's weights once more costs little."""
+    first: tuple[str, int, Path] | None = None
+    for seed in range(seeds):
+        run = Path(template.format(seed=seed))
+        if not (run / "metrics.json").is_file():
+            raise SystemExit(f"{run}: no metrics.json (--run-template names finished runs)")
+        cfg, _, _, data_path = load_run(run, device="cpu")
+        if first is None:
+            first = (cfg.method, cfg.epochs, Path(data_path))
+            continue
+        diffs = [f"{k} {a} -> {b}" for k, a, b in (("method", first[0], cfg.method),
+                                                  ("epochs", first[1], cfg.epochs)) if a != b]
+        if not same_dataset(first[2], Path(data_path)):
+            diffs.append(f"data {first[2]} -> {data_path}")
+        if diffs:
+            raise SystemExit(f"{run}: not a run of seed 0's settings ({'; '.join(diffs)})")
+
+
 @one_line_errors
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -169,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.run_template:
+        check_template_runs(args.run_template, args.seeds)
     data = None if args.run_template else ensure_data(args)
     fractions = tuple(DELETION_FRACTIONS)
     names = explainer_names()

@@ -131,3 +131,33 @@ def test_hier_ablation_refuses_a_sweep_typo_before_training(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "--alpha1" in capsys.readouterr().err
     assert not work.exists() and not (tmp_path / "o.json").exists()
+
+
+def test_faithfulness_template_runs_checked_before_any_is_explained(tiny_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    """bench_faithfulness --run-template compared seed 1's run with seed 0's only after seed
+    0's deletion table (every explainer over the test split: minutes at the defaults). Now
+    every run is checked first: refused before any table is computed."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("reviewB_faith",
+                                                      bench / "bench_faithfulness.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    for seed, epochs in ((0, 1), (1, 2)):
+        train(tiny_data, TrainConfig(method="erm", epochs=epochs, width=4, device="cpu",
+                                     seed=seed), tmp_path / f"erm_seed{seed}", progress=False)
+    tables = []
+    monkeypatch.setattr(mod, "deletion_table", lambda *a, **k: tables.append(a) or {"wbp": 0.0})
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["--run-template", str(tmp_path / "erm_seed{seed}"), "--seeds", "2",
+                  "--out", str(tmp_path / "out"), "--threads", "1"])
+    assert "epochs 1 -> 2" in str(exit_.value.code) + capsys.readouterr().err
+    assert tables == []
+    assert not (tmp_path / "out").exists()
