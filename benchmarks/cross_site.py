@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "cross_site", "sites": args.sites, "seed": args.seed,
         "epochs": args.epochs, "shortcut": args.shortcut, "ppi_overrides": sets,
+        # the image side too: cross_site_seeds.py compares it (seeds run at --size 32 and 64
+        # were averaged under one label)
+        "image_size": args.size,
         "sizes": {"train": args.n_train, "val": args.n_val, "test": args.n_test,
                   "per_site_test": [len(t) for t in tests]},
         "rows": "train site", "columns": "test site",

@@ -21,8 +21,9 @@ from causalign.io import atomic_write_json, atomic_write_text
 
 FIGURES = ("mean", "in_site_mean", "cross_site_mean", "gap_in_minus_cross")
 # cross_site.py options every seed's result must share (sizes.per_site_test varies by seed)
-SETTINGS = ("sites", "epochs", "shortcut", "ppi_overrides", "sizes.train", "sizes.val",
-            "sizes.test")
+# (image_size: absent, so None for all, in results from before it was recorded)
+SETTINGS = ("sites", "epochs", "shortcut", "ppi_overrides", "image_size", "sizes.train",
+            "sizes.val", "sizes.test")
 
 
 def _setting(result: dict, key: str):

@@ -161,3 +161,46 @@ def test_faithfulness_template_runs_checked_before_any_is_explained(tiny_data, t
     assert "epochs 1 -> 2" in str(exit_.value.code) + capsys.readouterr().err
     assert tables == []
     assert not (tmp_path / "out").exists()
+
+
+def _bench_module(name: str):
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(f"reviewB_{name}", bench / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
+def test_cross_site_seeds_refuses_results_of_another_image_size():
+    """cross_site.py recorded no --size, so cross_site_seeds.py averaged a seed run at 32 px
+    with one at 64 px under one label (exit 0). Results now record image_size and it is
+    compared; results from before (no key) still combine with each other."""
+    mod = _bench_module("cross_site_seeds")
+    figs = {"mean": 0.6, "in_site_mean": 0.7, "cross_site_mean": 0.5, "gap_in_minus_cross": 0.2}
+
+    def result(seed: int, **changes) -> dict:
+        r = {"benchmark": "cross_site", "seed": seed, "sites": 2, "epochs": 1,
+             "shortcut": "none", "ppi_overrides": {}, "sizes": {"train": 8}, **changes}
+        auc = [[0.7] * 2 for _ in range(2)]
+        return {**r, "erm": {"auc": auc, **figs}, "ppi": {"auc": auc, **figs}}
+
+    assert mod.summarize([result(0), result(1)])["epochs"] == 1  # older results
+    assert mod.summarize([result(0, image_size=32), result(1, image_size=32)])
+    with pytest.raises(SystemExit, match="seed 1 was run with other settings .*image_size"):
+        mod.summarize([result(0, image_size=32), result(1, image_size=64)])
+
+
+@pytest.mark.slow
+def test_cross_site_records_its_image_size(tmp_path):
+    mod = _bench_module("cross_site")
+    mod.main(["--sites", "2", "--n-train", "32", "--n-val", "16", "--n-test", "16",
+              "--size", "32", "--epochs", "1", "--work", str(tmp_path / "w"),
+              "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "cross_site.json").read_text())["image_size"] == 32
