@@ -308,3 +308,19 @@ def test_brats_peds_2024_label_numbering_is_refused_not_misread(tmp_path):
     assert s["skipped"]["by_reason"] == {"BraTS-PEDs 2024 labels": 1}
     recs = read_manifest(out)
     assert recs and {r.id.rsplit("_z", 1)[0] for r in recs} == {"BraTS-PED-00002-000"}
+
+
+def test_busi_class_root_is_not_the_macosx_copy(tmp_path):
+    """A macOS zip unpacked beside the data: '__MACOSX/{benign,malignant,normal}' sorted
+    before 'busi/' and was taken for the class root ('__MACOSX: no usable images')."""
+    src = tmp_path / "unzipped"
+    write_busi(src / "busi")
+    for cls in ("benign", "malignant", "normal"):
+        stub = src / "__MACOSX" / cls / f"._{cls} (1).png"
+        stub.parent.mkdir(parents=True)
+        stub.write_bytes(b"\x00\x05\x16\x07")
+    (src / "busi" / "Dataset_BUSI_with_GT").rename(src / "busi_data")
+    (src / "busi").rmdir()
+    out = tmp_path / "out"
+    run_import("busi", src, out, {"size": 32})
+    assert len(read_manifest(out)) > 0

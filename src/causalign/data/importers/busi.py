@@ -81,8 +81,11 @@ def natural_key(name: str) -> list:
 
 def find_class_root(src: Path, classes: list[str]) -> Path:
     """The folder that holds the class folders: SRC itself or one/two levels below it."""
-    candidates = [src, src / "Dataset_BUSI_with_GT", *sorted(p for p in src.iterdir()
-                                                              if p.is_dir())]
+    # a macOS zip's '__MACOSX/' copy (and hidden folders) hold the same class folder names
+    # full of '._x.png' stubs: picked first when it sorted before the real root
+    candidates = [src, src / "Dataset_BUSI_with_GT", *sorted(
+        p for p in src.iterdir()
+        if p.is_dir() and p.name != "__MACOSX" and not p.name.startswith("."))]
     for c in candidates:
         if c.is_dir() and all(_class_dir(c, k) is not None for k in classes):
             return c
