@@ -738,6 +738,7 @@ def counterfactual(
     from .explain.counterfactual_export import (
         check_counterfactual_folder,
         export_counterfactuals,
+        recorded_training_range,
         resolve_autoencoder,
         run_training_data,
         settings_for_run,
@@ -793,6 +794,7 @@ def counterfactual(
     # loaded the training split even for explicit --bounds and an l1 search of 4 images
     need_train = settings.distance.startswith("scaled") or settings.space == "latent"
     reference = run_training_data(run, data_path) if need_train else data_path
+    recorded = None  # the training split's range, when the run recorded it
     if split == "train" and same_dataset(reference, data_path):
         train_ds = ds
     elif need_train:
@@ -802,10 +804,12 @@ def counterfactual(
         train_ds = LesionDataset(reference, "train")
     elif fixed_bounds is None:
         # only for the bounds: another site's test-only dataset (--data) has no training
-        # split, and an l1 search of its images was refused as "split 'train' is empty"
+        # split, and an l1 search of its images was refused as "split 'train' is empty";
+        # the range the run recorded of its own training split spares reading it
         from .engine.trainer import _optional_split
 
-        train_ds = _optional_split(data_path, "train")
+        recorded = recorded_training_range(run, data_path)
+        train_ds = None if recorded is not None else _optional_split(data_path, "train")
     else:
         train_ds = None
     # per-pixel scales and the autoencoder read the split's cache chunk by chunk (its
@@ -823,7 +827,8 @@ def counterfactual(
         bounds_train = ds if split == "train" else _optional_split(data_path, "train")
     valid_range = fixed_bounds or splits_range(*((ds,) if bounds_train is None
                                                  or bounds_train is ds
-                                                 else (bounds_train, ds)))
+                                                 else (bounds_train, ds)),
+                                               also=recorded)
     settings.bounds = None if bounds.strip().lower() == "none" else valid_range
     # held from the autoencoder on: it is saved into OUT too (`folder_lock`)
     with folder_lock(out, f"causalign counterfactual --out {out}"), _progress(progress) as bar:
