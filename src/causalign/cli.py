@@ -430,8 +430,12 @@ def train(
         if "init" not in sets:  # given anew on the command line: on purpose
             _warn_other_init(config, *recorded_init, cfg)
     finished = resume and (out / "metrics.json").is_file()  # train() returns its metrics
+    # metrics.json's warnings repeat the setup's one-class notes, already warned before
+    # training: each printed twice on stderr; the closing list skips what was shown
+    warned: set[str] = set()
     try:
-        metrics = run_train(data, cfg, out, resume=resume, progress=progress)
+        with _warnings_noted(warned):
+            metrics = run_train(data, cfg, out, resume=resume, progress=progress)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on ("interrupted" follows)
         if os.environ.get("RANK", "0") == "0" and (out / "checkpoint.pt").is_file():
             typer.echo(f"{out}: its last checkpoint is kept; `causalign train {data} --out "
@@ -453,7 +457,25 @@ def train(
                + ("" if split == "test" else " (no test split)")
                + f"; metrics in {out}/metrics.json")
     for line in metrics.get("warnings", []):
-        typer.echo(f"warning: {line}", err=True)
+        if line not in warned:
+            typer.echo(f"warning: {line}", err=True)
+
+
+@contextmanager
+def _warnings_noted(shown: set[str]) -> Iterator[None]:
+    """Add the text of each warning shown inside the block to `shown` (and show it as
+    before)."""
+    inner = warnings.showwarning
+
+    def note(message, category, filename, lineno, file=None, line=None) -> None:
+        shown.add(str(message))
+        inner(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = note
+    try:
+        yield
+    finally:
+        warnings.showwarning = inner
 
 
 def _warn_unread_method_params(config: Path, recorded: object, recorded_method: object,
