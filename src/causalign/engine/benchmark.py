@@ -46,7 +46,9 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -786,6 +788,38 @@ def _data_diff(run_dir: Path, data: Path, digests: dict[str, str | None] | None 
             f"({stored.get('data')}: {what}); delete it or use another --out")
 
 
+# Python's own showwarning (catch_warnings(record=True) restores it and records through
+# _showwarnmsg_impl): taken from the module, the CLI may have replaced the attribute already
+_SHOW_ORIG = getattr(warnings, "_showwarning_orig", warnings.showwarning)
+
+
+@contextmanager
+def _said_once_per_dataset(said: set[tuple[str, str]], dataset: str, key: str
+                           ) -> Iterator[None]:
+    """Show each warning raised inside once per dataset, prefixed with the run key that
+    first raised it. A dataset's one-class val split was warned by every run trained on it
+    (12 identical lines for 2 methods × 2 seeds × 3 settings), naming no dataset."""
+    inner = warnings.showwarning
+
+    def once(message, category, filename, lineno, file=None, line=None) -> None:
+        if (dataset, str(message)) in said:
+            return
+        said.add((dataset, str(message)))
+        text = f"{key}: {message}"
+        if inner is _SHOW_ORIG:  # not replaced (e.g. catch_warnings(record=True)): its sink
+            warnings._showwarnmsg_impl(  # type: ignore[attr-defined]
+                warnings.WarningMessage(category(text), category, filename, lineno, file,
+                                        line))
+        else:
+            inner(text, category, filename, lineno, file, line)
+
+    warnings.showwarning = once
+    try:
+        yield
+    finally:
+        warnings.showwarning = inner
+
+
 def run_one(spec: RunSpec, data: Path, run_dir: Path,
             digests: dict[str, str | None] | None = None) -> dict:
     """Train (or resume, or just collect) one run; returns its metrics. ``digests``: the
@@ -928,8 +962,6 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
     before = _load_json(out / "results.json") or {}
     if isinstance(before, dict) and before.get("suite") not in (None, suite.name):
         # a second suite in the same OUT silently replaced the first one's tables
-        import warnings
-
         warnings.warn(f"{out} held the results of suite '{before['suite']}': results.json, "
                       f"results.csv, tables.md and report.html now show suite '{suite.name}'"
                       f" (the runs of both stay in {out / 'runs'}; give each suite its own "
@@ -938,6 +970,7 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
     handled = sys.exc_info()[1]  # a caller's exception being handled: not an interrupt here
     t0 = time.perf_counter()
     records: list[dict] = []
+    said: set[tuple[str, str]] = set()  # (dataset, warning) shown: each said once
     data_paths: dict[str, Path] = {}
     data_errors: dict[str, str] = {}
     with progress_bar(progress) as bar:
@@ -972,7 +1005,8 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
                     # a run resumed from its checkpoint: add the epochs trained before the
                     # interruption (only this invocation's part was counted, ~half of it)
                     before = _history_seconds(run_dir) if fresh else 0.0
-                    metrics = run_one(spec, data_paths[spec.dataset], run_dir, digests)
+                    with _said_once_per_dataset(said, spec.dataset, spec.key):
+                        metrics = run_one(spec, data_paths[spec.dataset], run_dir, digests)
                     if fresh:
                         seconds = time.perf_counter() - started + before
                         atomic_write_json(run_dir / "benchmark_run.json",
