@@ -42,11 +42,16 @@ def test_benchmark_says_a_datasets_one_class_val_split_once(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["benchmark", str(suite), "--out", str(tmp_path / "b"), "--no-progress",
                "--no-report"])
-    err = capsys.readouterr().err
+    cap = capsys.readouterr()
+    err = cap.err
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if "the val split holds only" in ln]
     assert len(lines) == 1, err
     assert lines[0].startswith("warning: folder/"), lines[0]  # names the run, so the dataset
+    # the table's notes (stdout, tables.md, report.html): one note, not one per run
+    notes = [ln for ln in cap.out.splitlines() if "the val split holds only" in ln]
+    assert len(notes) == 1, cap.out
+    assert "and 3 other run(s): warning:" in notes[0], notes[0]
 
 
 def test_benchmark_warnings_still_reach_a_recording_caller(tmp_path):

@@ -1306,12 +1306,19 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
     missing = [r for r in once if r["status"] != "done"]
     for r in missing:
         notes.append(f"{r['key']}: {r['status']} — {r.get('error') or r.get('reason')}")
+    warned: dict[tuple[str, str], list[str]] = {}  # (dataset, warning) -> its runs' keys
     for r in once:  # e.g. "no test split: test metrics omitted" (why its cells are empty)
         note = (r.get("metrics") or {}).get("note") if r["status"] == "done" else None
         if note:
             notes.append(f"{r['key']}: {note}")
         if r["status"] == "done":  # a finished run whose alignment term was mostly skipped
-            notes += [f"{r['key']}: warning: {w}" for w in r["metrics"].get("warnings", [])]
+            for w in r["metrics"].get("warnings", []):
+                warned.setdefault((str(r.get("dataset")), w), []).append(r["key"])
+    # one note per dataset and warning: a dataset's one-class val split was listed once per
+    # run on it (18 identical notes for 2 datasets x 3 methods x 2 seeds)
+    for (_, w), keys in warned.items():
+        who = keys[0] if len(keys) == 1 else f"{keys[0]} and {len(keys) - 1} other run(s)"
+        notes.append(f"{who}: warning: {w}")
     seeds = sorted({r["seed"] for r in mine if r["status"] == "done"})
     if seeds:
         # which std: numpy's population std (report.tables.mean_std), not the sample one
