@@ -27,6 +27,7 @@ from causalign.engine.trainer import (
 )
 from causalign.errors import CausalignError
 from causalign.methods import build_method
+from causalign.methods.base import resolved_params
 
 
 def one_line_errors(main: Callable[..., None]) -> Callable[..., None]:
@@ -106,9 +107,10 @@ def check_template_run(run: Path, method: str, epochs: int, data: Path, flag: st
         raise SystemExit(f"{run}: {flag} names a run with other settings ({'; '.join(diffs)})")
 
 
-def check_overrides(method: str, sets: dict) -> None:
+def check_overrides(method: str, sets: dict) -> dict:
     """Refuse a --set typo before anything is trained (a CausalignError, one line under
     `one_line_errors`): the PPI runs come after the ERM ones, so an unknown key was
-    reported only once ERM's training of the first seed or site had finished."""
+    reported only once ERM's training of the first seed or site had finished. Returns the
+    method's resolved parameters under ``sets``."""
     cfg = apply_overrides(TrainConfig(method=method), sets)
-    build_method(cfg.method, cfg.method_args)
+    return resolved_params(build_method(cfg.method, cfg.method_args))

@@ -177,7 +177,8 @@ def test_ppi_set_typo_is_refused_before_anything_is_trained(name, argv, tmp_path
 
 def test_ppi_override_check_accepts_the_documented_set(monkeypatch):
     reuse = _load("_reuse", monkeypatch)
-    reuse.check_overrides("ppi", {"method.fraction": 0.25, "method.mask": "box"})
+    params = reuse.check_overrides("ppi", {"method.fraction": 0.25, "method.mask": "box"})
+    assert params["fraction"] == 0.25 and params["mask"] == "box"
 
 
 def test_cross_site_seeds_refuses_results_of_other_settings(tmp_path, monkeypatch, capsys):
