@@ -34,6 +34,18 @@ print(c1 - c0, c2 - c1, len(ds))
 """
 
 
+def _child(src: str, data: Path, env: dict) -> list[str]:
+    """One child's output; a failing child (not a dataset folder, an empty training split,
+    a source tree that does not import) stops the script with its last stderr line: it
+    printed a traceback per repeat, then the parent's CalledProcessError."""
+    run = subprocess.run([sys.executable, "-c", _CHILD, str(data)], env=env,
+                         capture_output=True, text=True)
+    if run.returncode:
+        last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+        raise SystemExit(f"error: {data} with --src {src}: {last}")
+    return run.stdout.split()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path)
@@ -41,6 +53,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if not args.data.is_dir():  # else each child's traceback, then CalledProcessError's
         ap.error(f"{args.data}: dataset folder does not exist")
     times: dict[str, dict[str, list[float]]] = {s: {"open": [], "pass": []} for s in args.src}
@@ -48,8 +62,7 @@ def main() -> None:
     for r in range(args.repeats):
         for src in args.src if r % 2 == 0 else args.src[::-1]:
             env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1")
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(args.data)], env=env,
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = _child(src, args.data, env)
             times[src]["open"].append(float(out[0]))
             times[src]["pass"].append(float(out[1]))
             n = int(out[2])

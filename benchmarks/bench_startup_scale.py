@@ -118,7 +118,10 @@ def run_phases(root: Path, ae_epochs: int = 1) -> dict:
         for name in ("new-latent-ae", "old-latent-ae"):
             run = subprocess.run([sys.executable, __file__, str(root), "--ae-phase", name,
                                   "--ae-epochs", str(ae_epochs)], capture_output=True,
-                                 text=True, check=True)
+                                 text=True)
+            if run.returncode:  # the child's last line, not a CalledProcessError traceback
+                last = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+                raise SystemExit(f"error: autoencoder phase {name}: {last}")
             phases[name] = lambda out=run.stdout: json.loads(out)
     for name, fn in phases.items():
         if name.endswith("latent-ae"):
@@ -174,6 +177,10 @@ def main() -> None:
     ap.add_argument("--ae-phase", help=argparse.SUPPRESS)  # internal: one phase, JSON out
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    # checked before a dataset is written: --n-train 0 wrote one and then stopped on a
+    # traceback ("split 'train' is empty"); the scales need two images
+    if a.n_train < 2 or a.size < 8 or a.ae_epochs < 0:
+        ap.error("--n-train must be at least 2, --size at least 8, --ae-epochs at least 0")
     if a.ae_phase:
         print(json.dumps(ae_phase(a.root, a.ae_phase, a.ae_epochs)))
         return
@@ -199,4 +206,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _reuse import one_line_errors  # a dataset the loader refuses: one line, not a traceback
+
+    one_line_errors(main)()

@@ -275,6 +275,8 @@ def test_bench_dataset_open_writes_its_json_atomically(tmp_path, monkeypatch):
 
     class Done:
         stdout = "0.5 0.25 16\n"
+        stderr = ""
+        returncode = 0
 
     monkeypatch.setattr(mod.subprocess, "run", lambda *a, **k: Done())
     out = tmp_path / "open.json"
