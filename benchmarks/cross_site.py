@@ -178,13 +178,17 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": {"train": args.n_train, "val": args.n_val, "test": args.n_test,
                   "per_site_test": [len(t) for t in tests]},
         "rows": "train site", "columns": "test site",
+        # which manifest `site` each row/column is, and its letter in cross_site.md / .png:
+        # the matrices' order was implied only
+        "site_ids": [str(k) for k in range(args.sites)],
+        "site_names": [chr(ord("A") + k) for k in range(args.sites)],
         "erm": summary(matrices["erm"]), "ppi": summary(matrices["ppi"]),
         "seconds": time.perf_counter() - t0,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "cross_site.json", result)
-    names = [chr(ord("A") + i) for i in range(args.sites)]
+    names = result["site_names"]
     lines = [f"Test AUC, model trained on the row's site, tested on the column's site "
              f"(synthetic, {args.sites} sites, {args.n_train}/{args.n_val}/{args.n_test} "
              f"images in all, seed {args.seed}, {args.epochs} epochs).", ""]

@@ -86,6 +86,9 @@ def test_cross_site_writes_no_nan_for_one_class_test_sites(tmp_path, monkeypatch
         cs.main()
     r = _strict_json(out / "cross_site.json")
     assert r["sizes"]["per_site_test"] == [9, 7]
+    # the matrices' rows and columns name their manifest site and their letter in the table
+    assert r["site_ids"] == ["0", "1"] and r["site_names"] == ["A", "B"]
+    assert "| A | B | Mean | STD |" in (out / "cross_site.md").read_text()
     undefined = 0
     for method in ("erm", "ppi"):
         s = r[method]
