@@ -88,3 +88,26 @@ def test_evaluate_predictions_option(tiny_data, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1
     assert lines[0].startswith("error: --predictions") and "is a folder" in lines[0]
 
+
+
+def test_evaluate_refuses_to_write_over_the_runs_own_records(tiny_data, tmp_path, capsys):
+    """`--out RUN/metrics.json` replaced the training's test metrics with the evaluation's
+    (exit 0), and `--predictions RUN/config.yaml` left a run that no longer loads."""
+    run = tmp_path / "run"
+    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0), run,
+          progress=False)
+    before = {name: (run / name).read_bytes()
+              for name in ("metrics.json", "config.yaml", "predictions_test.csv")}
+    capsys.readouterr()
+    for option, name in (("--out", "metrics.json"), ("--predictions", "config.yaml"),
+                         ("--predictions", "predictions_test.csv")):
+        rc = main(["evaluate", str(run), "--split", "val", option, str(run / name),
+                   "--no-progress"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {option} {run / name}: is the run's own {name}")
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # another file in the run folder is fine
+    rc = main(["evaluate", str(run), "--split", "val", "--out", str(run / "eval_val.json"),
+               "--no-progress"])
+    assert rc in (0, None) and json.loads((run / "eval_val.json").read_text())["split"] == "val"

@@ -559,6 +559,22 @@ def _check_output_file(option: str, path: Path, what: str) -> None:
             return
 
 
+def _refuse_run_record(run: Path, **outputs: Path | None) -> None:
+    """Refuse an output path that is one of the run's own files: `--out RUN/metrics.json`
+    replaced the training's test metrics (which benchmark tables and `curves` read) with
+    this evaluation's, and `--predictions RUN/config.yaml` made the run unloadable."""
+    from .engine.trainer import RUN_OUTPUTS
+
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        for name in RUN_OUTPUTS:
+            if _same_file(path, run / name):
+                raise CausalignError(f"--{option} {path}: is the run's own {name}; give a "
+                                     f"path outside the run's records (e.g. "
+                                     f"{run / ('eval_' + path.stem + path.suffix)})")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Whether two output paths name one file (also through '.', '..' or a link)."""
     try:
@@ -604,6 +620,7 @@ def evaluate(
             raise CausalignError(f"--out {out} and --predictions {predictions} name the same "
                                  f"file; give the metrics JSON and the predictions CSV "
                                  f"different paths")
+    _refuse_run_record(run, out=out, predictions=predictions)
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = _split_for_model(data_path, split, run=run)
     _warn_unannotated_input(method, ds)
