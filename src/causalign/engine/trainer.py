@@ -1720,7 +1720,10 @@ def warn_other_intensity(run: Path, ds: LesionDataset) -> None:
     here_lo, here_hi = intensity_range(ds)
     # a span outside the training range, or one an eighth of it (12-bit values in a 16-bit
     # PNG read as 0..0.06): the synthetic sites' contrast gains (0.75..1.25) stay inside
-    if here_lo < lo - span or here_hi > hi + span or here_hi - here_lo < span / 8:
+    # (a constant training split has no span to be narrower than: its own constant images
+    # were flagged as "an eighth of it")
+    narrow = hi > lo and here_hi - here_lo < span / 8
+    if here_lo < lo - span or here_hi > hi + span or narrow:
         warnings.warn(f"{ds.root} ({ds.split}): pixel values {here_lo:.4g}..{here_hi:.4g}, "
                       f"the run was trained on {lo:.4g}..{hi:.4g}; images are not rescaled "
                       f"to the run's range, so its predictions here are probably meaningless "

@@ -1,0 +1,53 @@
+"""The rule by which `warn_other_intensity` tells another site's pixel range from the run's:
+a span beyond one training span outside it, or under an eighth of it, warns; the synthetic
+sites' contrast gains (0.75..1.25) and a degenerate (constant) training range do not
+misfire."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from causalign.engine import trainer
+
+
+@pytest.mark.parametrize(("trained", "here", "warns"), [
+    ((0.0, 1.0), (0.0, 1.0), False),
+    ((0.0, 1.0), (0.1, 0.9), False),        # a smaller test split inside the range
+    ((0.0, 1.0), (0.0, 1.25), False),       # a contrast gain of 1.25
+    ((0.0, 1.0), (-0.9, 1.9), False),       # up to one span outside: not flagged
+    ((0.0, 1.0), (0.0, 2.01), True),        # beyond one span above
+    ((0.0, 1.0), (-1.01, 1.0), True),       # beyond one span below
+    ((0.0, 1.0), (0.0, 65535.0), True),     # float 0..65535
+    ((0.0, 1.0), (-1024.0, 3071.0), True),  # HU
+    ((0.0, 1.0), (0.0, 0.0625), True),      # 12-bit values in a 16-bit PNG
+    ((0.0, 1.0), (0.0, 0.13), False),       # just over an eighth
+    ((0.5, 0.5), (0.5, 0.5), False),        # constant training images, the same here
+    ((0.5, 0.5), (0.4, 0.6), True),         # constant training images, others here
+])
+def test_other_intensity_rule(trained, here, warns, monkeypatch):
+    monkeypatch.setattr(trainer, "read_run_config",
+                        lambda run: {"data_intensity": list(trained)})
+    monkeypatch.setattr(trainer, "intensity_range", lambda ds: here)
+    ds = SimpleNamespace(root=Path("/data/site_b"), split="test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.warn_other_intensity(Path("/runs/a"), ds)
+    messages = [str(w.message) for w in caught]
+    assert bool(messages) is warns, messages
+    if warns:
+        assert len(messages) == 1 and messages[0].startswith("/data/site_b (test): pixel values")
+
+
+@pytest.mark.parametrize("record", [None, [0.0], [0.0, float("nan")], "0..1"])
+def test_runs_without_a_usable_record_are_not_checked(record, monkeypatch):
+    monkeypatch.setattr(trainer, "read_run_config", lambda run: {"data_intensity": record})
+    monkeypatch.setattr(trainer, "intensity_range", lambda ds: (0.0, 65535.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.warn_other_intensity(Path("/runs/a"), SimpleNamespace(root=Path("/d"),
+                                                                      split="test"))
+    assert caught == []
