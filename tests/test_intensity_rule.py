@@ -51,3 +51,43 @@ def test_runs_without_a_usable_record_are_not_checked(record, monkeypatch):
         trainer.warn_other_intensity(Path("/runs/a"), SimpleNamespace(root=Path("/d"),
                                                                       split="test"))
     assert caught == []
+
+
+@pytest.mark.parametrize(("trained", "here", "warns"), [
+    ([1, 32, 32], (1, 32, 32), False),
+    ([1, 32, 32], (3, 32, 32), False),          # channels are refused elsewhere
+    ([1, 32, 32], (1, 48, 48), True),
+    ([1, 32, 32], (1, 32, 40), True),           # non-square
+    ([1, 24, 32, 32], (1, 40, 32, 32), False),  # a volume's depth may differ
+    ([1, 24, 32, 32], (1, 24, 64, 64), True),
+    (None, (1, 48, 48), False),                 # a run from before the record
+])
+def test_other_geometry_warns_on_another_image_size(trained, here, warns, monkeypatch):
+    monkeypatch.setattr(trainer, "read_run_config", lambda run: {"data_image_shape": trained})
+    ds = SimpleNamespace(root=Path("/data/site_b"), split="val", image_shape=here)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.warn_other_geometry(Path("/runs/a"), ds)
+    messages = [str(w.message) for w in caught]
+    assert bool(messages) is warns, messages
+    if warns:
+        assert messages[0].startswith(f"/data/site_b (val): images are {here[-2]}×{here[-1]} px")
+
+
+def test_evaluate_on_another_image_size_warns_once(tiny_data, tmp_path, capsys):
+    """A run trained at one size, evaluated with --data at another: it ran silently."""
+    from causalign.cli import main
+    from causalign.data.synth import SynthConfig, generate
+    from causalign.engine import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0), run,
+          progress=False)
+    assert trainer.read_run_config(run)["data_image_shape"][-2:] == [32, 32]
+    other = tmp_path / "other"
+    generate(other, SynthConfig(n_train=8, n_val=4, n_test=8, size=40, seed=1))
+    capsys.readouterr()
+    rc = main(["evaluate", str(run), "--data", str(other), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc in (0, None), err
+    assert err.count("images are 40×40 px, the run was trained on 32×32") == 1, err

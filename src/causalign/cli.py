@@ -172,15 +172,21 @@ def _split_for_model(data_path: Path, split: str, limit: int | None = None,
     """``split`` of ``data_path`` (its first ``limit`` samples), refused in one line when its
     images have another channel count than the model `load_run` built (from the dataset's
     first image): it failed inside the first convolution with a traceback. With ``run``, a
-    warning when its pixel values lie far from those the run was trained on."""
+    warning when its pixel values lie far from those the run was trained on, or its images
+    have another size."""
     from .data.format import LesionDataset, check_split_channels
-    from .engine.trainer import data_info_from_disk, warn_other_intensity
+    from .engine.trainer import (
+        data_info_from_disk,
+        warn_other_geometry,
+        warn_other_intensity,
+    )
 
     ds = LesionDataset(data_path, split, limit=limit)
     check_split_channels(ds, data_info_from_disk(data_path).in_channels,
                          "the run's model takes")
     if run is not None:
         warn_other_intensity(run, ds)
+        warn_other_geometry(run, ds)
     return ds
 
 
