@@ -36,8 +36,11 @@ tc (core: 1, 3, 4 / 1, 3), et (enhancing: 3, 4 / 3).
 `--mode volumes`: one (C, D, H, W) volume per subject (`--depth` slices spanning the brain),
 whole-tumour mask, label = grade (needs `--task grade`).
 
-Splits are per subject (no subject in two splits), random with `--seed`, stratified by grade
-when known. Skipped with a reason: a missing modality or segmentation, an unreadable NIfTI,
+Splits are per patient (no patient in two splits), random with `--seed`, stratified by grade
+when known. A subject is a patient, except in 2023+ names ``BraTS-<cohort>-<patient>-<time
+point>``: BraTS 2024's post-treatment ``BraTS-GLI-00005-100`` and ``-101`` are one patient at
+two time points, kept in one split (the cohort stays in the patient: GLI-00005 is not
+MEN-00005). Skipped with a reason: a missing modality or segmentation, an unreadable NIfTI,
 volumes whose shapes or voxel sizes differ, a subject without tumour slices. A subject
 folder whose segmentation has another name (BraTS 2020's case 355:
 ``W39_1998.09.19_Segm.nii``) uses its one NIfTI named ``*_Segm.nii``, noted in the summary.
@@ -77,6 +80,8 @@ _FILE = re.compile(r"^(?P<subject>.+?)[_-](?P<mod>t1ce|t1n|t1c|t1|t2w|t2f|t2|fla
 # form, so that e.g. a model's 'seg_pred.nii.gz' is never taken for the ground truth)
 _STRAY_SEG = re.compile(r"^.+[_-]segm\.nii(?:\.gz)?$", re.IGNORECASE)
 REGIONS = {"wt": (1, 2, 3, 4), "tc": (1, 3, 4), "et": (3, 4)}
+# 2023+ subject names: BraTS-<cohort>-<patient>-<time point> (GLI, MEN, MET, PED, SSA, MEN-RT)
+_TIMEPOINT = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+(?:-[A-Za-z]+)*-\d+)-\d+$", re.IGNORECASE)
 # 2023+ releases (BraTS-GLI-…-t1c names): enhancing tumour is 3, and 4 is BraTS 2024's
 # resection cavity, a post-surgical hole that the classic regions above took for enhancing
 # tumour (a subject with a cavity and no tumour gave only "tumour" slices, masks on the hole)
@@ -129,6 +134,14 @@ class BratsOptions(CommonOptions):
 
     def mods(self) -> list[str]:
         return [ALIASES.get(m, m) for m in parse_list(self.modalities)]
+
+
+def patient_of(subject: str) -> str:
+    """The patient a subject belongs to: 'BraTS-GLI-00005' for BraTS 2024's time points
+    'BraTS-GLI-00005-100' and '-101'; other names are a patient each. Split per subject, the
+    two scans of one patient landed in train and test (4 of 6 two-scan patients)."""
+    m = _TIMEPOINT.match(subject)
+    return m.group("patient") if m else subject
 
 
 def find_subjects(src: Path, max_depth: int = 4) -> dict[str, dict[str, Path]]:
@@ -257,12 +270,14 @@ class BratsImporter(Importer):
                 self.skip(subj, "unreadable NIfTI", bad)
                 continue
             ok.append(subj)
-        split_of = assign_splits(ok, opts.fractions(), opts.seed,
+        patients = [patient_of(s) for s in ok]
+        split_of = assign_splits(patients, opts.fractions(), opts.seed,
                                  strata=[grades.get(s, "") for s in ok])
-        self.details = {"subjects": len(ok),
+        self.details = {"subjects": len(ok), "patients": len(set(patients)),
                         "grades": {g: sum(grades.get(s) == g for s in ok) for g in ("HGG", "LGG")}}
-        units = [Unit(key=s, split=split_of[s], source=s,
-                      payload=(s, subjects[s], grades.get(s))) for s in ok]
+        units = [Unit(key=s, split=split_of[p], source=s,
+                      payload=(s, subjects[s], grades.get(s))) for s, p in zip(ok, patients,
+                                                                          strict=True)]
         return self.limit_units(units)
 
     def _unreadable_header(self, paths: list[Path]) -> str:
@@ -285,6 +300,8 @@ class BratsImporter(Importer):
             name=f"brats-{opts.task}", classes=classes, attributes=[],
             ndim=3 if opts.mode == "volumes" else 2, channels=len(opts.mods()),
             info={"modalities": opts.mods(), "region": opts.region, "mode": opts.mode,
+                  "split_rule": "patient-level random split (a 2023+ patient's time points "
+                                "BraTS-GLI-00005-100, -101 together)",
                   "label_rule": {"tumor": f"slice with >= {opts.min_tumor_px} tumour voxels "
                                           "→ 1, tumour-free brain slice → 0",
                                  "grade": "HGG → 1, LGG → 0",
