@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_real import BRATS_SHAPE
+from fixtures_real import BRATS_SHAPE, _png, _write_csv, write_lidc_patches
 
 from causalign.data.format import read_manifest
 from causalign.data.importers import run_import
+from causalign.data.importers.util import read_csv
 
 
 def _splits_by(records, key) -> dict[str, set[str]]:
@@ -51,3 +52,47 @@ def test_brats_patient_of_keeps_cohort_and_classic_names():
     assert patient_of("BraTS-MEN-RT-0001-1") == "BraTS-MEN-RT-0001"
     assert patient_of("BraTS2021_00000") == "BraTS2021_00000"
     assert patient_of("BraTS20_Training_001") == "BraTS20_Training_001"
+
+
+def test_folder_group_rows_without_split_follow_the_groups_given_split(tmp_path):
+    """A patient's first image given split 'test', the others left empty: the empty ones were
+    drawn on their own, and 8 of 10 patients had images in test and in train or val."""
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(10):
+        for k in range(3):
+            _png(root / f"p{p}_{k}.png", (rng.random((16, 16)) * 255).astype(np.uint8))
+            rows.append([f"p{p}_{k}.png", "a" if p % 2 else "b", "test" if k == 0 else "",
+                         f"P{p}"])
+    rows += [["q_0.png", "a", "train", "Q"], ["q_1.png", "a", "test", "Q"]]  # user's choice
+    for name in ("q_0.png", "q_1.png"):
+        _png(root / name, (rng.random((16, 16)) * 255).astype(np.uint8))
+    _write_csv(root / "l.csv", ["image", "label", "split", "group"], rows)
+    s = run_import("folder", root, tmp_path / "out", {"csv": "l.csv", "size": 16})
+    recs = read_manifest(tmp_path / "out")
+    assert len(recs) == 32  # nobody dropped
+    by = _splits_by([r for r in recs if r.id.startswith("p")], lambda r: r.id.split("_")[0])
+    assert by == {f"p{p}": {"test"} for p in range(10)}
+    # the CSV itself puts group Q in train and test: kept as given, and said so
+    assert [n for what, n in s["notes"].items() if "more than one split" in what] == [1]
+
+
+def test_lidc_patches_patient_rows_without_split_follow_the_patients_split(tmp_path):
+    """The same for LIDC patches: a patient's rows with an empty split cell follow the split
+    given on their other rows (they were drawn by patient, apart from it)."""
+    pytest.importorskip("PIL")
+    info = write_lidc_patches(tmp_path / "src")
+    csv = tmp_path / "src" / info["csv"]
+    cols, rows = read_csv(csv)
+    # every patient: first patch fixed to test, the second left to the importer
+    seen: set[str] = set()
+    for r in rows:
+        r["split"] = "" if r["patient_id"] in seen else "test"
+        seen.add(r["patient_id"])
+    _write_csv(csv, [*cols, "split"], [[r.get(c, "") for c in [*cols, "split"]] for r in rows])
+    run_import("lidc", tmp_path / "src", tmp_path / "out",
+               {"patches_csv": info["csv"], "size": 16})
+    by = _splits_by(read_manifest(tmp_path / "out"), lambda r: r.id.rsplit("_", 1)[0])
+    assert len(by) == info["patients"]
+    assert all(sp == {"test"} for sp in by.values()), by

@@ -14,7 +14,9 @@ CSV layout (`--csv FILE`, paths relative to ROOT) — columns, all optional but 
 of ``image``); ``split`` (train/val/test; empty → random); ``mask`` (one path, or several
 separated by ';' merged by OR); ``box_x0, box_y0, box_x1, box_y1`` (pixels of the original
 image, x1/y1 exclusive); ``site``; ``group`` (e.g. a patient id: a group never straddles two
-splits); ``attr_<name>`` (binary attributes, 0/1, empty = not annotated).
+splits it is drawn into; its rows with an empty ``split`` take the split given on its other
+rows, and a group the ``split`` column itself puts in two splits is noted in the summary);
+``attr_<name>`` (binary attributes, 0/1, empty = not annotated).
 
 Images are converted to gray (`--color gray`, default) or RGB, made square by zero padding
 and resized to `--size`. Intensities: 8-bit files → value / 255; one rule for the whole
@@ -105,6 +107,19 @@ class FolderImporter(Importer):
         opts: FolderOptions = self.opts
         self.attributes: list[str] = []
         items = self._plan_csv(Path(opts.csv)) if opts.csv else self._plan_tree()
+        # a group with a split cell filled on some rows only: its other rows follow that
+        # split (drawn apart, 8 of 10 patients had images in test and in train or val)
+        given: dict[str, list[str]] = {}
+        for it in items:
+            if it.split and it.group and it.split not in given.setdefault(it.group, []):
+                given[it.group].append(it.split)
+        for it in items:
+            if not it.split and it.group in given:
+                it.split = given[it.group][0]
+        mixed = sorted(g for g, splits in given.items() if len(splits) > 1)
+        if mixed:  # the user's own split column puts a group in two splits: say so
+            self.note("group(s) in more than one split by the CSV's split column (e.g. "
+                      f"{mixed[0]}: {', '.join(given[mixed[0]])})", len(mixed))
         fixed = [it for it in items if it.split]
         free = [it for it in items if not it.split]
         # without a group column, rows of one image file (e.g. one row per lesion) are one

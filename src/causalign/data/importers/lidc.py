@@ -58,7 +58,9 @@ salient state, as in the synthetic benchmark; NaN when no reader scored it):
 ``patient_id``; optional ``mask`` (one path, or one per reader separated by ';', combined by
 `--mask-rule`), ``label`` (0/1 as given) or ``malignancy`` (score or ';'-separated reader
 scores → median → rule above) or ``readers`` (count → presence rule), the six attribute
-columns (score or ';'-separated reader scores → median → thresholds above), ``split``.
+columns (score or ';'-separated reader scores → median → thresholds above), ``split`` (empty:
+the split given on the patient's other rows, else drawn by patient; a patient the column
+itself puts in two splits is noted in the summary).
 Patches are resized to `--size` (their pixel spacing is unknown, so not resampled).
 
 Skipped with a reason: unreadable XML/DICOM files, XML without a CT series on disk, nodules
@@ -627,6 +629,19 @@ class LidcImporter(Importer):
                           "patient": row[pid_col], "label": label, "attributes": attrs,
                           "split": split,
                           "id": safe_id(str(Path(row["image"]).with_suffix("")))})
+        # a patient with a split cell filled on some rows only: their other rows follow it
+        # (drawn apart, one patient's patches sat in test and in train)
+        given: dict[str, list[str]] = {}
+        for it in items:
+            if it["split"] and it["split"] not in given.setdefault(it["patient"], []):
+                given[it["patient"]].append(it["split"])
+        for it in items:
+            if not it["split"] and it["patient"] in given:
+                it["split"] = given[it["patient"]][0]
+        mixed = sorted(p for p, splits in given.items() if len(splits) > 1)
+        if mixed:  # the CSV's own split column puts a patient in two splits: say so
+            self.note("patient(s) in more than one split by the CSV's split column (e.g. "
+                      f"{mixed[0]}: {', '.join(given[mixed[0]])})", len(mixed))
         free = [it for it in items if not it["split"]]
         split_of = assign_splits([it["patient"] for it in free], opts.fractions(), opts.seed)
         used = UsedIds()
