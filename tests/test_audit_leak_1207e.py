@@ -35,8 +35,10 @@ def test_brats_time_points_of_one_patient_share_a_split(tmp_path):
                            ("t1n", "t1c", "t2w", "t2f"), "-")
     s = run_import("brats", root, tmp_path / "out",
                    {"size": 16, "min_tumor_px": 5, "slices_per_subject": 1})
-    by = _splits_by(read_manifest(tmp_path / "out"), lambda r: r.id[:len("BraTS-GLI-00000")])
+    recs = read_manifest(tmp_path / "out")
+    by = _splits_by(recs, lambda r: r.id[:len("BraTS-GLI-00000")])
     assert len(by) == 6
+    assert all(r.group == r.id[:len("BraTS-GLI-00000")] for r in recs)  # in the manifest
     assert {p: sp for p, sp in by.items() if len(sp) > 1} == {}
     assert s["details"]["patients"] == 6 and s["details"]["subjects"] == 12
     assert {sp for v in by.values() for sp in v} == {"train", "val", "test"}
@@ -96,3 +98,51 @@ def test_lidc_patches_patient_rows_without_split_follow_the_patients_split(tmp_p
     by = _splits_by(read_manifest(tmp_path / "out"), lambda r: r.id.rsplit("_", 1)[0])
     assert len(by) == info["patients"]
     assert all(sp == {"test"} for sp in by.values()), by
+
+
+def test_manifest_records_group_and_data_check_reports_leaks(tmp_path, capsys):
+    """The manifest named no patient, so nobody could verify a patient-level split, and
+    `data check` said "ok" for a patient in train and test and for one image file copied into
+    test. Now the importer's group is a manifest column, and check warns of both."""
+    import shutil
+
+    from causalign.cli import main
+
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(4):
+        for k in range(2):
+            _png(root / f"p{p}_{k}.png", (rng.random((16, 16)) * 255).astype(np.uint8))
+            split = ["train", "val", "test"][p % 3] if p < 3 else ["train", "test"][k]
+            rows.append([f"p{p}_{k}.png", "a" if p % 2 else "b", split, f"P{p}"])
+    shutil.copy(root / "p0_0.png", root / "copy.png")
+    rows.append(["copy.png", "b", "test", "C"])
+    _write_csv(root / "l.csv", ["image", "label", "split", "group"], rows)
+    out = tmp_path / "out"
+    run_import("folder", root, out, {"csv": "l.csv", "size": 16})
+    groups = {r.id: r.group for r in read_manifest(out)}
+    assert groups["p3_0"] == "P3" and groups["copy"] == "C"
+    capsys.readouterr()
+    assert main(["data", "check", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "warning: 1 group(s) have samples in more than one split" in text
+    assert "P3 (train, test)" in text
+    assert "warning: 1 image(s) have pixels identical to an image of another split: " \
+           "train/p0_0 = test/copy" in text
+
+
+def test_data_check_quiet_without_leaks_and_old_manifests_read(tmp_path, capsys):
+    """Guard: a dataset without a group column (every manifest written before) reads as
+    before and checks without warnings; a synthetic dataset has no image in two splits."""
+    from causalign.cli import main
+
+    out = tmp_path / "syn"
+    assert main(["data", "synth", str(out), "--n-train", "24", "--n-val", "8", "--n-test",
+                 "8", "--size", "32", "--no-progress", "--no-examples"]) == 0
+    assert "group" not in (out / "manifest.csv").read_text().splitlines()[0].split(",")
+    assert {r.group for r in read_manifest(out)} == {""}
+    capsys.readouterr()
+    assert main(["data", "check", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "warning" not in text and text.rstrip().endswith("ok")

@@ -152,18 +152,24 @@ def data_info_cmd(data: Annotated[Path, typer.Argument(help="dataset folder")]) 
 
 @data_app.command("check")
 def data_check(data: Annotated[Path, typer.Argument(help="dataset folder")]) -> None:
-    """Fully validate every split (files, shapes, labels, NaN/inf)."""
-    from .data.format import SPLITS, LesionDataset, check_split_channels
+    """Fully validate every split (files, shapes, labels, NaN/inf); warn of leakage between
+    splits (a group/patient in two splits, identical images in two splits)."""
+    from .data.format import SPLITS, LesionDataset, check_split_channels, split_leaks
 
     first = None
+    datasets = []
     for split in SPLITS:
         ds = LesionDataset(data, split)
         if first is None:
             first = ds
         else:  # one model takes every split: one channel count
             check_split_channels(ds, first.image_shape[0], f"split '{first.split}' has")
+        datasets.append(ds)
         typer.echo(f"{split}: {len(ds)} samples, image {ds.image_shape}, "
                    f"{int(ds.has_mask.sum())} with mask")
+    # a leak is not a format error (the data still trains), so a warning, not a failure
+    for line in split_leaks(datasets):
+        typer.echo(f"warning: {line}")
     typer.echo("ok")
 
 

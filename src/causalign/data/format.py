@@ -22,6 +22,11 @@ A volume's box without them (both cells empty, or no such columns) spans every s
 boxes on volumes always did. They are written only when some sample has a slice range, and
 a slice range on 2D images, or without the x/y box, is an error.
 
+An optional ``group`` column names the patient (subject, study…) a sample comes from, written
+by the importers that know it (BraTS, LIDC-IDRI, CBIS-DDSM, a folder CSV's ``group``) and only
+when some sample has one. Samples of one group belong in one split: `causalign data check`
+reports groups found in several splits, and images of identical pixels in several splits.
+
 `LesionDataset` reads one split, validates it (missing files, mask/image shape mismatch,
 labels outside the declared classes, NaN/inf pixels, empty split) and raises `DataError`
 with one line naming the file and the problem.
@@ -57,6 +62,7 @@ SPLITS = ("train", "val", "test")
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 BOX_Z_COLUMNS = ("box_z0", "box_z1")  # optional: a volume's slice range (module docstring)
 BASE_COLUMNS = ("id", "split", "label", "site", "image", "mask", *BOX_COLUMNS)
+GROUP_COLUMN = "group"  # optional: the sample's patient (module docstring)
 
 
 def outward_box(coords: Sequence[float]) -> tuple[int, ...]:
@@ -148,6 +154,9 @@ class SampleRecord:
     # (x0, y0, x1, y1), or for a volume (x0, y0, x1, y1, z0, z1) with its slice range
     box: tuple[int, ...] | None = None
     attributes: list[float] = field(default_factory=list)  # NaN = not annotated
+    # the patient (subject, study…) the sample comes from, "" unknown: one group belongs in
+    # one split, which `causalign data check` verifies
+    group: str = ""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -199,6 +208,7 @@ class DatasetWriter:
         attributes: Sequence[float] | None = None,
         site: str = "0",
         sample_id: str | None = None,
+        group: str = "",
     ) -> SampleRecord:
         sid = sample_id if sample_id is not None else f"{len(self.rows):06d}"
         # checked before any file is written: a repeated id would overwrite the earlier
@@ -253,7 +263,7 @@ class DatasetWriter:
             save_array(self.root / mask_rel, (mask > 0).astype(np.uint8) * 255, None)
         rec = SampleRecord(
             id=sid, split=split, label=int(label), site=str(site), image=img_rel, mask=mask_rel,
-            box=box, attributes=[float(a) for a in attrs],
+            box=box, attributes=[float(a) for a in attrs], group=str(group),
         )
         self.rows.append(rec)
         self._ids[_file_key(sid)] = sid
@@ -364,8 +374,9 @@ def write_manifest(root: str | Path, meta: DatasetMeta, rows: Iterable[SampleRec
     rows = list(rows)
     # the slice-range columns only where some box has one: other manifests stay as they were
     with_z = any(r.box is not None and len(r.box) == 6 for r in rows)
+    with_group = any(r.group for r in rows)  # likewise the group column
     header = [*BASE_COLUMNS, *(BOX_Z_COLUMNS if with_z else ()),
-              *(f"attr_{a}" for a in meta.attributes)]
+              *((GROUP_COLUMN,) if with_group else ()), *(f"attr_{a}" for a in meta.attributes)]
     lines = [",".join(header)]
     for r in rows:
         box = list(r.box) if r.box is not None else ["", "", "", ""]
@@ -373,7 +384,7 @@ def write_manifest(root: str | Path, meta: DatasetMeta, rows: Iterable[SampleRec
             box += ["", ""]  # a box without slice range spans every slice
         attrs = ["" if math.isnan(a) else f"{a:g}" for a in r.attributes]
         cells = [r.id, r.split, str(r.label), r.site, r.image, r.mask or "", *map(str, box),
-                 *attrs]
+                 *([r.group] if with_group else []), *attrs]
         lines.append(",".join(_csv_cell(c) for c in cells))
     atomic_write_text(root / META, yaml.safe_dump(meta.to_dict(), sort_keys=False))
     atomic_write_text(root / MANIFEST, "\n".join(lines) + "\n")
@@ -537,7 +548,7 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
     return SampleRecord(
         id=sid, split=split, label=label, site=(row.get("site") or "").strip() or "0",
         image=image, mask=mask, box=box,
-        attributes=attrs,
+        attributes=attrs, group=(row.get(GROUP_COLUMN) or "").strip(),
     )
 
 
@@ -1135,6 +1146,43 @@ def check_split_channels(ds: LesionDataset, channels: int, whose: str) -> None:
         raise DataError(f"{ds.root}: split '{ds.split}' has {have}-channel images, {whose} "
                         f"{channels} (store every split in one colour mode, e.g. import with "
                         f"--color rgb or --color gray)")
+
+
+def split_leaks(datasets: Sequence[LesionDataset], examples: int = 3) -> list[str]:
+    """What ties the splits together, one line per kind (none: []): groups (patients, from
+    the manifest's ``group`` column) with samples in more than one split, and images whose
+    pixels equal those of an image in another split (a copied file, a re-exported study).
+    Either inflates validation and test scores; `causalign data check` prints them."""
+    where: dict[str, dict[str, list[str]]] = {}
+    by_pixels: dict[bytes, list[tuple[str, str]]] = {}
+    for ds in datasets:
+        for r in ds.records:
+            if r.group:
+                where.setdefault(r.group, {}).setdefault(ds.split, []).append(r.id)
+        # the float32 pixels the model sees, so one image stored as 8-bit PNG and as NPY
+        # still matches; in chunks, not the whole split as float32 at once
+        for start in range(0, len(ds), 256):
+            idx = torch.arange(start, min(start + 256, len(ds)))
+            images = ds.batch(idx)["image"].numpy()
+            for k, img in zip(idx.tolist(), images, strict=True):
+                key = hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16)
+                by_pixels.setdefault(key.digest(), []).append((ds.split, ds.records[k].id))
+    lines = []
+    mixed = {g: s for g, s in where.items() if len(s) > 1}
+    if mixed:
+        shown = ", ".join(f"{g} ({', '.join(sp for sp in SPLITS if sp in s)})"
+                          for g, s in sorted(mixed.items())[:examples])
+        more = f", … (+{len(mixed) - examples})" if len(mixed) > examples else ""
+        lines.append(f"{len(mixed)} group(s) have samples in more than one split (patient-"
+                     f"level leakage): {shown}{more}")
+    shared = [ids for ids in by_pixels.values() if len({sp for sp, _ in ids}) > 1]
+    if shared:
+        shown = ", ".join(" = ".join(f"{sp}/{i}" for sp, i in ids[:3])
+                          for ids in shared[:examples])
+        more = f", … (+{len(shared) - examples})" if len(shared) > examples else ""
+        lines.append(f"{len(shared)} image(s) have pixels identical to an image of another "
+                     f"split: {shown}{more}")
+    return lines
 
 
 def _site_key(site: str):

@@ -89,7 +89,9 @@ class Unit:
 class Sample:
     """One output sample. `image` is float in [0, 1]: (H,W), (C,H,W), (D,H,W) or (C,D,H,W);
     `mask` has the image's spatial shape (nonzero = annotated); `box` is (x0, y0, x1, y1), for
-    a volume optionally with its slice range (x0, y0, x1, y1, z0, z1), z1 exclusive."""
+    a volume optionally with its slice range (x0, y0, x1, y1, z0, z1), z1 exclusive.
+    `group` is the patient (subject…) the sample comes from, recorded in the manifest so that
+    `causalign data check` can verify that no patient sits in two splits ("" unknown)."""
 
     id: str
     split: str
@@ -99,6 +101,7 @@ class Sample:
     box: tuple[int, ...] | None = None
     attributes: list[float] | None = None
     site: str = "0"
+    group: str = ""
 
 
 @dataclass

@@ -390,7 +390,8 @@ class BratsImporter(Importer):
                 mask = m >= 0.5 if (m >= 0.5).any() else None
             yield Sample(id=f"{subj}_z{k:03d}", split=unit.split, label=label,
                          image=img[0] if img.shape[0] == 1 else img, mask=mask,
-                         box=box_of_mask(mask) if mask is not None else None)
+                         box=box_of_mask(mask) if mask is not None else None,
+                         group=patient_of(subj))
 
     def _volume(self, unit: Unit, subj: str, grade: str | None, image: np.ndarray,
                 region: np.ndarray, brain: np.ndarray, sl: tuple[float, float, int, int]
@@ -404,7 +405,7 @@ class BratsImporter(Importer):
                                       opts.size)[0] >= 0.5 for p in pos])
         return Sample(id=subj, split=unit.split, label=int(grade == "HGG"),
                       image=vol[0] if vol.shape[0] == 1 else vol,
-                      mask=mask if mask.any() else None)
+                      mask=mask if mask.any() else None, group=patient_of(subj))
 
 
 def _crop_resize(chw: np.ndarray, sl: tuple[float, float, int, int], size: int) -> np.ndarray:

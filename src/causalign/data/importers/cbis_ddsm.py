@@ -351,7 +351,8 @@ class CbisDdsmImporter(Importer):
             crop = resize(crop_square(img, cx, cy, side), (opts.size, opts.size))
             m = resize_mask(crop_square(mask, cx, cy, side), (opts.size, opts.size))
             yield Sample(id=row["id"], split=unit.split, label=row["label"], image=crop, mask=m,
-                         box=box_of_mask(m), attributes=row["attributes"])
+                         box=box_of_mask(m), attributes=row["attributes"],
+                         group=e["patient"])
 
     def _roi_mask(self, roi_path: str, shape: tuple[int, int]) -> np.ndarray:
         """The binary ROI mask among the files of the ROI series (the cropped image that

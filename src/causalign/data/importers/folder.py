@@ -374,7 +374,7 @@ class FolderImporter(Importer):
                                           max(box[2], mb[2]), max(box[3], mb[3]))
         yield Sample(id=it.sid, split=unit.split, label=it.label, image=img, mask=mask,
                      box=box if it.box is not None else box_of_mask(mask),
-                     attributes=it.attributes, site=it.site)
+                     attributes=it.attributes, site=it.site, group=it.group)
 
 
 def _refuse_score_columns(path: Path, attributes: list[str], rows: list[dict]) -> None:

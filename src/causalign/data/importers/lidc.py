@@ -582,7 +582,7 @@ class LidcImporter(Importer):
             mask = m
         return Sample(id=sid, split=split, label=nod.label, image=window(patch_hu, lo, hi),
                       mask=mask, box=box_of_mask(mask) if mask is not None else None,
-                      attributes=nod.attributes)
+                      attributes=nod.attributes, group=series.patient)
 
     # ------------------------------------------------------------------ patches CSV
     def _plan_patches(self) -> list[Unit]:
@@ -698,7 +698,7 @@ class LidcImporter(Importer):
             mask = resize_mask(mask, (opts.size, opts.size))
         yield Sample(id=it["id"], split=unit.split, label=it["label"], image=img, mask=mask,
                      box=box_of_mask(mask) if mask is not None else None,
-                     attributes=it["attributes"])
+                     attributes=it["attributes"], group=it["patient"])
 
 
 class _Slices:

@@ -325,7 +325,8 @@ def _write_sample(out: Path, s: Sample, meta: DatasetMeta, opts, png_bits: int =
     return {"id": s.id, "split": s.split, "label": int(s.label), "site": str(s.site),
             "image": image_rel, "shape": shape, "mask": mask_rel, "mask_shape": mask_shape,
             "mask_frac": mask_frac, "box": box,
-            "attributes": [None if math.isnan(a) else float(a) for a in attrs]}
+            "attributes": [None if math.isnan(a) else float(a) for a in attrs],
+            "group": str(s.group)}
 
 
 # A fresh temporary (random name, created exclusively) renamed over the output: the fixed
@@ -346,6 +347,7 @@ def _to_record(r: dict) -> SampleRecord:
         id=r["id"], split=r["split"], label=r["label"], site=r["site"], image=r["image"],
         mask=r["mask"], box=tuple(r["box"]) if r["box"] else None,
         attributes=[math.nan if a is None else a for a in r["attributes"]],
+        group=r.get("group", ""),  # a journal written before groups were recorded: none
     )
 
 
