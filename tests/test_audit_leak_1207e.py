@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_real import BRATS_SHAPE, _png, _write_csv, write_lidc_patches
+from fixtures_real import BRATS_SHAPE, _png, _write_csv, write_lidc, write_lidc_patches
 
 from causalign.data.format import read_manifest
 from causalign.data.importers import run_import
@@ -146,3 +146,46 @@ def test_data_check_quiet_without_leaks_and_old_manifests_read(tmp_path, capsys)
     assert main(["data", "check", str(out)]) == 0
     text = capsys.readouterr().out
     assert "warning" not in text and text.rstrip().endswith("ok")
+
+
+def test_lidc_series_without_patient_id_grouped_by_patient_folder(tmp_path):
+    """A CT without PatientID (an anonymised copy) took its *series* folder as the patient:
+    a patient's other studies became patients of their own (with two more studies each,
+    seed 0 put patient 1's three studies in train, test and val), and every patient's
+    'series1' folder one patient."""
+    pydicom = pytest.importorskip("pydicom")
+    import re
+    import shutil
+
+    write_lidc(tmp_path / "src")
+    base = tmp_path / "src" / "LIDC-IDRI"
+    for pdir in sorted(base.glob("LIDC-IDRI-000*")):
+        first = next(pdir.glob("*/*"))
+        new = pdir / "study1" / "series1"  # a second study: the same scan under new UIDs
+        shutil.copytree(first, new)
+        uid = None
+        for f in sorted(new.glob("*.dcm")):
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception:  # the fixture's corrupt slices
+                continue
+            uid = str(ds.SeriesInstanceUID)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = uid + ".1", str(ds.SOPInstanceUID) + ".1"
+            ds.save_as(f)
+        for x in new.glob("*.xml"):
+            text = x.read_text().replace(uid, uid + ".1")
+            x.write_text(re.sub(r"(<imageSOP_UID>[^<]+)", r"\1.1", text))
+    for f in base.rglob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception:
+            continue
+        ds.PatientID = ""
+        ds.save_as(f)
+    s = run_import("lidc", tmp_path / "src", tmp_path / "out", {"size": 16, "seed": 0})
+    recs = read_manifest(tmp_path / "out")
+    assert {r.group for r in recs} == {"LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003"}
+    assert s["details"]["series"] == 6
+    by = _splits_by(recs, lambda r: r.group)
+    assert all(len(sp) == 1 for sp in by.values()), by
+    assert any("without PatientID" in what for what in s["notes"])

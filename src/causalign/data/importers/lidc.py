@@ -50,7 +50,8 @@ salient state, as in the synthetic benchmark; NaN when no reader scored it):
   lobulation     1–5 (1 none, 5 marked)      → 1 if median ≥ 3
   texture        1–5 (1 ground glass, 5 solid) → 1 if median ≥ 4 (solid)
 
-*Splits* are patient-level (no patient in two splits), random with `--seed`,
+*Splits* are patient-level (no patient in two splits; the patient is the DICOM PatientID, or
+where that is empty the <patient> folder of <patient>/<study>/<series>), random with `--seed`,
 `--val-frac`/`--test-frac` (default 0.2 each, ≈ paper 000's 731/238/244).
 
 **Pre-cropped patches** (`--patches-csv FILE`, paths relative to SRC): columns ``image``
@@ -459,12 +460,29 @@ class LidcImporter(Importer):
             s = self._index.get(uid)
             if s is None:
                 thick = float(ds.get("SliceThickness", 0) or 0)
-                s = self._index[uid] = Series(uid=uid, patient=str(ds.get("PatientID", "")
-                                                                   or f.parent.name),
+                patient = str(ds.get("PatientID", "") or "").strip()
+                if not patient:
+                    patient = self._patient_folder(f)
+                    self.note("CT series without PatientID: patient taken from its folder "
+                              "(<patient>/<study>/<series>)")
+                s = self._index[uid] = Series(uid=uid, patient=patient,
                                               spacing=(sp[0], sp[1]), thickness=thick,
                                               slices=[])
             s.slices.append((z, sop, f))
             s.slices.sort()
+
+    def _patient_folder(self, f: Path) -> str:
+        """The patient folder of LIDC-IDRI/<patient>/<study>/<series>/<file> (the top folder
+        below SRC when the tree is shallower). The series folder, used before, made each of
+        a patient's studies a patient of its own (drawn into different splits) and one
+        patient of every 'series1' folder."""
+        try:
+            parts = f.relative_to(self.src).parts
+        except ValueError:
+            return f.parent.name
+        if len(parts) >= 4:
+            return parts[-4]
+        return parts[0] if len(parts) > 1 else self.src.name
 
     def _label_nodule(self, msg: ReadMessage, cl: list[int], k: int, where: str
                       ) -> _Nodule | None:
