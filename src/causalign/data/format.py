@@ -1160,9 +1160,11 @@ def split_leaks(datasets: Sequence[LesionDataset], examples: int = 3) -> list[st
             if r.group:
                 where.setdefault(r.group, {}).setdefault(ds.split, []).append(r.id)
         # the float32 pixels the model sees, so one image stored as 8-bit PNG and as NPY
-        # still matches; in chunks, not the whole split as float32 at once
-        for start in range(0, len(ds), 256):
-            idx = torch.arange(start, min(start + 256, len(ds)))
+        # still matches; in chunks of ~64 MB, not the whole split as float32 at once (256
+        # volumes of 4 x 32 x 128 x 128 would be 2 GB)
+        chunk = max(1, (64 << 20) // (4 * math.prod(ds.image_shape)))
+        for start in range(0, len(ds), chunk):
+            idx = torch.arange(start, min(start + chunk, len(ds)))
             images = ds.batch(idx)["image"].numpy()
             for k, img in zip(idx.tolist(), images, strict=True):
                 key = hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16)
