@@ -26,9 +26,13 @@ def _check_pair(maps: Tensor, annotation: Tensor) -> tuple[Tensor, Tensor]:
     if maps.shape != annotation.shape:
         maps, annotation = squeeze(maps), squeeze(annotation)
     if maps.shape != annotation.shape or maps.dim() < 2:
+        # the hint only for maps (N, C, *spatial) of the annotation's N and spatial shape:
+        # read off the annotation's trailing axes, a batch-size or spatial mismatch of
+        # (N, H, W) maps was blamed on "H-channel attributions"
+        same_n = maps.dim() == annotation.dim() + 1 and maps.shape[:1] == annotation.shape[:1]
+        hint = channel_hint(maps, tuple(annotation.shape[1:])) if same_n else ""
         raise InputError(f"maps {tuple(maps.shape)} and annotation {tuple(annotation.shape)} "
-                         f"must have the same shape (N, *spatial)"
-                         f"{channel_hint(maps, annotation.shape[-(maps.dim() - 2):])}")
+                         f"must have the same shape (N, *spatial){hint}")
     if annotation.is_floating_point():
         n_bad = int((~torch.isfinite(annotation)).sum())
         if n_bad:  # NaN > 0 is False: a NaN mask silently counted as "not annotated"
