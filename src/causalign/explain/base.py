@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, unknown_name
+from ..errors import CausalignError, InputError, unknown_name
 
 _EXPLAINERS: dict[str, Callable[..., Explainer]] = {}
 
@@ -57,7 +57,8 @@ class Explainer:
         `attribute`. Explainers whose map comes with the logits of its own forward pass
         (Grad-CAM) override it and save that second forward."""
         check_inputs(inputs, model=self.model)
-        with torch.no_grad(), eval_mode(self.model):
+        with shape_errors(self.model, inputs, self.name), torch.no_grad(), \
+                eval_mode(self.model):
             logits = check_logits(self.model(inputs))
         return logits.detach(), self.attribute(inputs, target=logits.argmax(1)).detach()
 
@@ -274,6 +275,64 @@ def check_model_dtype(model: nn.Module, inputs: Tensor, autocast_ok: bool = True
         raise InputError(f"inputs are {inputs.dtype} but {type(model).__name__}'s parameters "
                          f"are {dtype}; cast one to match (inputs.to({dtype}) or "
                          f"model.to({inputs.dtype}))")
+
+
+def input_shape_hint(model: nn.Module, inputs: Tensor) -> str | None:
+    """Why ``inputs`` do not fit ``model``'s first convolution (in module order), or None
+    when they do, when the model has no convolution, or for one axis more (a volume a
+    multi-view model slices). Consulted only where something has already failed (the
+    model, in `shape_errors`; the maps' shape, in `deletion_scores`): a model whose first
+    registered conv is not its input layer is never refused for it."""
+    conv = next(((n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        return None
+    name, layer = conv
+    d, c = len(layer.kernel_size), layer.in_channels
+    axes = ("D", "H", "W")[-d:] if d <= 3 else ("*spatial",)
+    takes = f"(N, {c}, {', '.join(axes)})"
+    shape = tuple(inputs.shape)
+    if (inputs.dim() == d + 2 and shape[1] == c) or inputs.dim() == d + 3:
+        # one axis more may be a volume its model slices for a 2D conv (multiview): the
+        # first conv says nothing about it
+        return None
+    if inputs.dim() == d + 1:
+        no_channel = "N images without the channel axis? pass inputs.unsqueeze(1)"
+        no_batch = "one image without the batch axis? pass inputs.unsqueeze(0)"
+        fix = (f"{no_channel}; or {no_batch}" if c == 1 and shape[0] == 1 else no_channel
+               if c == 1 else no_batch if shape[0] == c else f"{d + 2} axes needed")
+    elif inputs.dim() == d + 2 and shape[-1] == c:
+        fix = f"channels-last (N, {', '.join(axes)}, C) order? pass inputs.movedim(-1, 1)"
+    elif inputs.dim() == d + 2:
+        fix = f"{shape[1]} channel(s), not {c}"
+    else:
+        fix = f"{inputs.dim()} axes, not {d + 2}"
+    label = f"'{name}'" if name else "itself"
+    return (f"inputs of shape {shape} do not fit {type(model).__name__}, whose first layer "
+            f"{label} ({type(layer).__name__}) takes {takes}: {fix}")
+
+
+@contextmanager
+def shape_errors(model: nn.Module, inputs: object, what: str) -> Iterator[None]:
+    """Re-raise the model's own failure on mis-shaped ``inputs`` as one `InputError` line:
+    (N, H, W) grayscale images failed in the first conv with "expected input[1, 4, 32, 32]
+    to have 1 channels, but got 4 channels" (the batch read as channels) or in a BatchNorm
+    with "expected 4D input (got 3D input)", a traceback from deep inside torch, Captum or
+    zennit. Other failures, and inputs that fit, keep their own exception."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        text = str(exc).lower()
+        # only torch's shape complaints ("expected input[...] to have 1 channels", "mat1 and
+        # mat2 shapes cannot be multiplied"): any other failure keeps its own exception
+        if isinstance(exc, CausalignError) or not isinstance(inputs, Tensor) \
+                or not ("input" in text or "shape" in text):
+            raise
+        hint = input_shape_hint(model, inputs)
+        if hint is None:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{what}: {hint} (torch: {first})") from exc
 
 
 _E = TypeVar("_E", bound=Explainer)

@@ -72,7 +72,7 @@ from ..implicit.adjoint import no_autocast
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
-from .base import INTERNAL_HOOK, check_model_dtype, eager_module
+from .base import INTERNAL_HOOK, check_model_dtype, eager_module, shape_errors
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -1097,7 +1097,8 @@ class CounterfactualGenerator:
         train mode its BatchNorm mixed the samples of the batch and overwrote its running
         statistics, and dropout made every search random."""
         ae = self.autoencoder if self.space == "latent" else None
-        with eval_mode(ae) if ae is not None else nullcontext():
+        with shape_errors(self.model, x0, "counterfactual"), \
+                eval_mode(ae) if ae is not None else nullcontext():
             return self._generate(x0, labels=labels, target=target, ids=ids, report=report,
                                   bn_stats=bn_stats, dihedral=dihedral)
 

@@ -25,7 +25,7 @@ import warnings
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .base import Explainer, Target, check_inputs, register_explainer
+from .base import Explainer, Target, check_inputs, register_explainer, shape_errors
 from .counterfactual import CounterfactualGenerator
 
 
@@ -62,7 +62,8 @@ class CounterfactualSaliency(Explainer):
                              "differentiable in the model's weights; create_graph=True needs "
                              "a gradient map (wbp, gradient, input-x-gradient)")
         check_inputs(inputs, target, self.model)
-        target = self._target(inputs, target)
+        with shape_errors(self.model, inputs, self.name):
+            target = self._target(inputs, target)
         # labels = the explained class; the "other" rule turns each into y* != target
         result = self.generator.generate(inputs, labels=target, report=True)
         self.flipped = result.flipped

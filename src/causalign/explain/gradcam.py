@@ -15,6 +15,7 @@ from .base import (
     check_logits,
     eval_mode,
     register_explainer,
+    shape_errors,
 )
 
 
@@ -59,6 +60,10 @@ class GradCAM(Explainer):
 
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
+        with shape_errors(self.model, inputs, self.name):
+            return self._attribute(inputs, target, create_graph)
+
+    def _attribute(self, inputs: Tensor, target: Target, create_graph: bool) -> Tensor:
         check_inputs(inputs, target, self.model)
         if inputs.dim() != 4:
             # A volume model (multiview) runs its CNN on N·D slices: the layer's activations
@@ -80,7 +85,7 @@ class GradCAM(Explainer):
                 raise
             self.layer = self._layer_that_runs(inputs)
             self._default_layer = False  # chosen now: a second miss is refused, no loop
-            return self.attribute(inputs, target, create_graph)
+            return self._attribute(inputs, target, create_graph)
         if cam.dim() != inputs.dim():
             # a layer without spatial output (layer='' is the model itself, a Linear, a
             # Flatten) failed in the upsampling: "Input and output must have the same
@@ -146,7 +151,8 @@ class GradCAM(Explainer):
 
         handle = self.layer.register_forward_hook(keep)
         try:
-            with torch.enable_grad(), eval_mode(self.model):
+            with shape_errors(self.model, inputs, self.name), torch.enable_grad(), \
+                    eval_mode(self.model):
                 logits = self.model(inputs.detach())
         finally:
             handle.remove()

@@ -12,7 +12,14 @@ import torch
 from captum.attr import Saliency
 from torch import Tensor
 
-from .base import Explainer, Target, check_inputs, eval_mode, register_explainer
+from .base import (
+    Explainer,
+    Target,
+    check_inputs,
+    eval_mode,
+    register_explainer,
+    shape_errors,
+)
 
 
 def _leaf(inputs: Tensor) -> Tensor:
@@ -32,6 +39,12 @@ def _gradient_map(explainer: Explainer, inputs: Tensor, target: Target,
     """(∂z_t/∂x, x) in eval mode; differentiable only with `create_graph` and autograd on
     (inside ``torch.no_grad()`` nothing is recorded, so the map is plain, as for any op)."""
     check_inputs(inputs, target, explainer.model)
+    with shape_errors(explainer.model, inputs, explainer.name):
+        return _gradient_map_checked(explainer, inputs, target, create_graph)
+
+
+def _gradient_map_checked(explainer: Explainer, inputs: Tensor, target: Target,
+                          create_graph: bool) -> tuple[Tensor, Tensor]:
     target = explainer._target(inputs, target)
     with eval_mode(explainer.model):
         if create_graph and torch.is_grad_enabled():

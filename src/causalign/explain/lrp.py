@@ -59,6 +59,7 @@ from .base import (
     check_target_classes,
     eval_mode,
     register_explainer,
+    shape_errors,
 )
 
 if TYPE_CHECKING:
@@ -196,6 +197,10 @@ class LRP(Explainer):
     def attribute(self, inputs: Tensor, target: Target = None,
                   create_graph: bool = False) -> Tensor:
         check_inputs(inputs, target, self.model)
+        with shape_errors(self.model, inputs, self.name):
+            return self._attribute(inputs, target, create_graph)
+
+    def _attribute(self, inputs: Tensor, target: Target, create_graph: bool) -> Tensor:
         if create_graph:
             if self.variant == "epsilon":
                 return lrp_epsilon_modified_gradient(self.model, inputs, target, self.epsilon,

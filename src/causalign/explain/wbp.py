@@ -70,6 +70,7 @@ from .base import (
     check_logits,
     check_target_classes,
     register_explainer,
+    shape_errors,
 )
 
 __all__ = ["WBP", "RescaleRule", "rescale_factor", "unsupported_layers", "wbp_mode",
@@ -526,6 +527,7 @@ class WBP(Explainer):
         self, inputs: Tensor, target: Target = None, create_graph: bool = False
     ) -> Tensor:
         check_inputs(inputs, target, self.model)
-        weights = wbp_weights(self.model, inputs, target, create_graph=create_graph)
+        with shape_errors(self.model, inputs, self.name):
+            weights = wbp_weights(self.model, inputs, target, create_graph=create_graph)
         x = inputs if create_graph else inputs.detach()
         return x * weights

@@ -156,12 +156,16 @@ class Method:
         own training loops with their own models and batches, where a mask without its channel
         axis silently broadcast into an (N, N, H, W) penalty and an (N,) output failed deep in
         cross_entropy ("Expected floating point type for target with class probabilities")."""
+        from ..explain.base import shape_errors
+
         top = check_batch(self.name, batch, self.uses_annotations, model)
         if hasattr(model, "_orig_mod"):  # torch.compile'd (trainer only): no hook to trace
             return self.loss(model, batch)
         handle = model.register_forward_hook(_logits_hook(self.name, top))
         try:
-            return self.loss(model, batch)
+            # (N, H, W) images failed in the model's first conv or BatchNorm (a traceback)
+            with shape_errors(model, batch["image"], self.name):
+                return self.loss(model, batch)
         finally:
             handle.remove()
 
@@ -227,6 +231,13 @@ def check_batch(method: str, batch: Any, annotations: bool = False,
         region = (n, 1, *x.shape[2:])
         for key in ("mask", "box_mask"):
             m = batch[key]
+            if isinstance(m, Tensor) and m.dim() == x.dim() + 1 and m.shape[0] == n \
+                    and m.shape[1] == 1 and m.shape[2:] == x.shape[1:]:
+                # the mask was blamed ("must have shape (4, 1, 32)") for an image without
+                # its channel axis
+                raise InputError(f"{method}: batch['image'] {tuple(x.shape)} has no channel "
+                                 f"axis (its {key} is {tuple(m.shape)}): images are (N, C, "
+                                 f"*spatial); pass image.unsqueeze(1)")
             if not isinstance(m, Tensor) or tuple(m.shape) != region or m.is_complex():
                 raise InputError(f"{method}: batch['{key}'] must have shape {region} (one "
                                  f"channel, the image's spatial size), got {_describe(m)}")

@@ -17,6 +17,8 @@ from ..explain.base import (
     check_model_dtype,
     check_target_classes,
     eval_mode,
+    input_shape_hint,
+    shape_errors,
 )
 from .localization import channel_hint
 
@@ -69,8 +71,12 @@ def deletion_scores(
     n = inputs.shape[0]
     spatial = tuple(inputs.shape[2:])
     if maps.shape[0] != n or maps.shape[1:] not in (spatial, (1, *spatial)):
+        # inputs that do not fit the model ((N, H, W) without the channel axis) make the
+        # right maps look wrong: "these are 32-channel attributions" blamed the maps
+        hint = input_shape_hint(model, inputs)
         raise InputError(f"maps {tuple(maps.shape)} must be (N, *spatial) of the inputs "
-                         f"{tuple(inputs.shape)}{channel_hint(maps, spatial)}")
+                         f"{tuple(inputs.shape)}"
+                         f"{f'; but {hint}' if hint else channel_hint(maps, spatial)}")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise InputError(f"deletion fractions must lie in (0, 1], got {bad}")
@@ -105,7 +111,7 @@ def deletion_scores(
     if logits is not None and tuple(logits.shape[:1]) != (n,):
         raise InputError(f"logits {tuple(logits.shape)} must be (N, classes) for the {n} "
                          f"inputs")
-    with eval_mode(model):
+    with eval_mode(model), shape_errors(model, inputs, "deletion"):
         logits = check_logits(model(inputs) if logits is None else logits.to(inputs.device),
                               "deletion")
         n_bad = int((~torch.isfinite(logits)).sum())
