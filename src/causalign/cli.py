@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import json
 import math
@@ -1312,25 +1313,49 @@ def main(argv: list[str] | None = None) -> int:
         sys.excepthook = excepthook
 
 
+def _escape_unencodable(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """Codec error handler: a file name's undecodable bytes (lone surrogates, PEP 383) go out
+    as the bytes they were, as 'surrogateescape' does; any other character the encoding lacks
+    as a backslash escape (\\u2192), as 'backslashreplace' does. Character by character: the
+    encoder hands over a run of both at once ('→' then a file name's byte)."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    out = bytearray()
+    for char in exc.object[exc.start:exc.end]:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(code - 0xDC00)
+        else:
+            out += char.encode("ascii", "backslashreplace")
+    return bytes(out), exc.end
+
+
+codecs.register_error("causalign-escape", _escape_unencodable)
+
+
 @contextmanager
 def _unencodable_output_escaped() -> Iterator[None]:
     """Output redirected to a file or pipe on Windows is cp1252 with errors 'strict': a
     '→' in the help or '…' in a message ended `causalign --help > help.txt` with a
-    UnicodeEncodeError traceback. Such characters print as escapes instead (\\u2192)."""
+    UnicodeEncodeError traceback. Such characters print as escapes instead (\\u2192).
+    Also under LC_ALL=C with UTF-8 mode off (PYTHONUTF8=0, or a Python before 3.7): stdout
+    is ASCII with errors 'surrogateescape', which raises on '×' as 'strict' does, so
+    `causalign --help` ended in a traceback there too."""
     changed = []
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        errors = getattr(stream, "errors", None)
+        if errors in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
             try:
-                stream.reconfigure(errors="backslashreplace")
-                changed.append(stream)
+                stream.reconfigure(errors="causalign-escape")
+                changed.append((stream, errors))
             except (ValueError, OSError):  # e.g. a closed stream: left as it is
                 pass
     try:
         yield
     finally:
-        for stream in changed:
+        for stream, errors in changed:
             try:
-                stream.reconfigure(errors="strict")
+                stream.reconfigure(errors=errors)
             except (ValueError, OSError):
                 pass
 
