@@ -39,3 +39,32 @@ def test_escape_handler_keeps_undecodable_file_name_bytes_and_escapes_the_rest()
     text = "a\u2192" + os.fsdecode(b"\xff") + "b"
     assert codecs.lookup_error("causalign-escape") is not None
     assert text.encode("ascii", "causalign-escape") == b"a\\u2192\xffb"
+
+
+def test_help_in_a_narrow_terminal_shows_every_option_name_whole():
+    # typer's rich tables cut what did not fit at 60 columns: `--smooth-sig…`, `--no-progr…`
+    res = _cli(["counterfactual", "--help"], COLUMNS="60")
+    assert res.returncode == 0, res.stderr.decode()[-600:]
+    text = res.stdout.decode()
+    for name in ("--smooth-sigma", "--no-progress", "--autoencoder"):
+        assert name in text
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 60
+
+
+def test_bare_group_in_a_narrow_terminal_prints_its_help_not_an_error_line():
+    # click's layout puts the help in the exception's message: it came out as one
+    # `error: Usage: …\n…` line on stderr
+    res = _cli(["data"], COLUMNS="40")
+    assert b"error" not in res.stderr
+    assert b"synth" in res.stdout and b"Usage:" in res.stdout
+
+
+def test_narrow_help_layout_is_set_for_one_call_only(monkeypatch, capsys):
+    from causalign.cli import app, main
+
+    before = app.rich_markup_mode
+    monkeypatch.setenv("COLUMNS", "50")
+    assert main(["data", "--help"]) == 0
+    assert "synth" in capsys.readouterr().out
+    assert app.rich_markup_mode == before

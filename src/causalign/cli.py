@@ -1306,11 +1306,43 @@ def main(argv: list[str] | None = None) -> int:
     excepthook = sys.excepthook
     try:
         with warnings.catch_warnings(), _sigterm_as_interrupt(), \
-                _unencodable_output_escaped():
+                _unencodable_output_escaped(), _plain_help_when_narrow():
             warnings.showwarning = show
             return _main(argv)
     finally:
         sys.excepthook = excepthook
+
+
+# Narrower than this, --help is click's plain layout instead of typer's rich tables. The tables
+# keep six columns (required mark, option, short, --no- form, type, help) at any width and cut
+# what does not fit with "…": at 60 columns `--smooth-sigma` showed as `--smooth-sig…`, the
+# `--no-` forms as `--no-progr…`, and the choice lists as `input-x-grad…` / `counterfactu…`;
+# at 40 `--saliency` as `--sali…`. Click's layout wraps instead and never cuts a name.
+RICH_HELP_MIN_WIDTH = 80
+
+
+def _help_width() -> int:
+    """The width the help is laid out for: TERMINAL_WIDTH (typer's own setting), COLUMNS,
+    else stdout's terminal; 80 off a terminal (what rich assumes there too)."""
+    import shutil
+
+    value = os.environ.get("TERMINAL_WIDTH", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+@contextmanager
+def _plain_help_when_narrow() -> Iterator[None]:
+    """Typer reads the root app's markup mode when it builds the commands, on every call; set
+    for this call only (an in-process caller's `app` keeps its own)."""
+    previous = app.rich_markup_mode
+    if _help_width() < RICH_HELP_MIN_WIDTH:
+        app.rich_markup_mode = None
+    try:
+        yield
+    finally:
+        app.rich_markup_mode = previous
 
 
 def _escape_unencodable(exc: UnicodeError) -> tuple[str | bytes, int]:
@@ -1445,9 +1477,13 @@ _PATH_OPTIONS = ("--out", "--data", "--config", "--json", "--autoencoder")
 
 def _main(argv: list[str] | None) -> int:
     try:  # recent typer (0.29 here) vendors click; its parser raises these, not click's
-        from typer._click.exceptions import ClickException
+        from typer._click import exceptions as click_exceptions
     except ImportError:
-        from click.exceptions import ClickException
+        from click import exceptions as click_exceptions
+    ClickException = click_exceptions.ClickException
+    # click >= 8.2: a bare group (`causalign data`) raises this with its help as the message
+    # (empty in typer's rich layout, which printed the help itself)
+    no_args_help: Any = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
     handled = sys.exc_info()[1]  # the caller's, if called in an except block: not ours
     try:
@@ -1466,6 +1502,10 @@ def _main(argv: list[str] | None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
+    except no_args_help as exc:  # the plain layout's help (narrow terminal): as the rich one
+        if exc.format_message():
+            typer.echo(exc.format_message())
+        return exc.exit_code
     except ClickException as exc:  # unknown command or option, missing argument, bad value
         message = exc.format_message()
         if message:  # empty when a bare group printed its help (no_args_is_help)
