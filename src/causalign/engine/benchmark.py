@@ -481,6 +481,16 @@ class RunSpec:
     roles: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
+# Settings added after suites' runs were keyed: at these values (the behaviour before they
+# existed) they stay out of a run's identity, so an OUT made before keeps its folders and
+# config hashes (a new key would have retrained every finished run beside itself).
+_UNKEYED_DEFAULTS = {"class_weight": "none"}
+
+
+def _at_unkeyed_default(key: str, value: Any) -> bool:
+    return key in _UNKEYED_DEFAULTS and value == _UNKEYED_DEFAULTS[key]
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", s).strip("-") or "run"
 
@@ -550,7 +560,8 @@ def plan(suite: Suite, extra: dict[str, Any] | None = None, out: Path | None = N
                             # method_args replaced the defaults' whole mapping)
                             cfg = apply_overrides(TrainConfig(), merge_settings(*layers))
                             ident = {k: v for k, v in cfg.to_dict().items()
-                                     if k not in ("device", "threads")}
+                                     if k not in ("device", "threads")
+                                     and not _at_unkeyed_default(k, v)}
                         except Exception as exc:  # recorded, the others still run
                             err = f"{type(exc).__name__}: {exc}"
                             ident = {k: str(v) for k, v in values.items()}

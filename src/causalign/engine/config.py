@@ -58,6 +58,11 @@ class TrainConfig:
     # water for CT in HU (air is -1000) and the mean for z-scored images; set it to the data's
     # "nothing here" value, e.g. deletion_fill=-1000 for HU
     deletion_fill: float = 0.0
+    # Class weights of the classification cross-entropy, for imbalanced data: none (plain
+    # mean), balanced (n / (classes * count_c) from the training split's labels, sklearn's
+    # rule) or an explicit list, one weight > 0 per class. The numbers used are recorded in
+    # config.yaml (class_weight_values); see `resolve_class_weight`.
+    class_weight: str | list[float] = "none"
     # Re-estimate BatchNorm running statistics on the training split (train-mode forward,
     # cumulative average) before each validation. With few steps per epoch the default
     # momentum-0.1 averages lag the weights and the eval-mode model can collapse to one class
@@ -153,6 +158,7 @@ class TrainConfig:
         if not math.isfinite(self.deletion_fill):  # refused here, not after training
             raise ConfigError(f"deletion_fill must be a finite number, got "
                               f"{self.deletion_fill!r}")
+        self.class_weight = check_class_weight(self.class_weight)
 
     def _normalise_types(self) -> None:
         # A TrainConfig built in Python is not type-checked by the dataclass: a string
@@ -160,8 +166,8 @@ class TrainConfig:
         # the loop, and NumPy scalars or a pathlib.Path made config.yaml's writer raise a
         # RepresenterError after the data was loaded.
         for f in dataclasses.fields(self):
-            if f.name in ("deletion_fractions", "method_args", "model_args"):
-                continue
+            if f.name in ("deletion_fractions", "method_args", "model_args", "class_weight"):
+                continue  # checked on their own (class_weight: `check_class_weight`)
             default = f.default
             value = getattr(self, f.name)
             if isinstance(default, bool):
@@ -208,6 +214,64 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+CLASS_WEIGHT_RULES = ("none", "balanced")
+
+
+def check_class_weight(value: Any) -> str | list[float]:
+    """`class_weight` normalised (a rule name, or a list of floats), or a ConfigError line
+    naming what is wrong. The count of weights is checked against the data's classes in
+    `resolve_class_weight`, where the classes are known."""
+    if isinstance(value, str):
+        if value not in CLASS_WEIGHT_RULES:
+            raise ConfigError(f"class_weight must be none, balanced or a list of per-class "
+                              f"weights (e.g. [1, 3]), got '{value}'"
+                              + did_you_mean(value, CLASS_WEIGHT_RULES))
+        return value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"class_weight must be none, balanced or a list of per-class weights "
+                          f"(e.g. [1, 3]), got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        # a weight of 0 drops a class from the loss, a negative one trains against it, and
+        # NaN/inf makes every step's loss NaN: refused before training
+        if isinstance(v, bool | np.bool_) or not isinstance(v, Real) \
+                or not 0 < v <= MAX_SETTING:
+            raise ConfigError(f"class_weight: every weight must be a finite number > 0 (and "
+                              f"<= {MAX_SETTING:g}), got {v!r} in {list(value)!r}")
+        out.append(float(v))
+    return out
+
+
+def resolve_class_weight(setting: str | list[float], labels: Any, num_classes: int,
+                         class_names: list[str] | None = None) -> list[float] | None:
+    """The per-class weights `setting` gives on a training split with these ``labels``: None
+    for none (the unweighted loss, bit-identical to before the setting existed), sklearn's
+    balanced rule n / (num_classes * count_c) with 0 for a class without a training sample
+    (its missing-class warning is the trainer's), or the explicit list, which must hold one
+    weight per class."""
+    setting = check_class_weight(setting)
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1),
+                             minlength=num_classes)[:num_classes]
+        n = int(counts.sum())
+        return [n / (num_classes * int(c)) if c > 0 else 0.0 for c in counts]
+    if len(setting) != num_classes:
+        named = f" ({', '.join(map(str, class_names))})" if class_names else ""
+        raise ConfigError(f"class_weight lists {len(setting)} weight(s), but the dataset has "
+                          f"{num_classes} classes{named}: give one weight per class, in "
+                          f"dataset.yaml's order")
+    return list(setting)
+
+
 def _plain(value: Any) -> Any:
     """NumPy scalars (and those inside lists/dicts) as Python values, a path as str: what
     YAML's safe writer can store in config.yaml."""
@@ -229,6 +293,11 @@ def valid_keys() -> list[str]:
 def _coerce(key: str, value: Any, current: Any) -> Any:
     """Coerce a parsed value to the type of the field's current value."""
     if current is None:
+        return value
+    if key == "class_weight":  # a rule name or a list: checked by `check_class_weight`
+        if isinstance(value, bool) or not isinstance(value, str | list | tuple):
+            raise ConfigError(f"class_weight must be none, balanced or a list of per-class "
+                              f"weights (e.g. [1, 3]), got {value!r}")
         return value
     if value is None:
         raise ConfigError(f"{key}: expected {type(current).__name__}, got nothing (null)")

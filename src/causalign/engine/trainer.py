@@ -50,7 +50,13 @@ from ..methods.base import (
 )
 from ..models.backbones import BACKBONES
 from . import distributed as D
-from .config import TrainConfig, apply_overrides, load_yaml, mps_note
+from .config import (
+    TrainConfig,
+    apply_overrides,
+    load_yaml,
+    mps_note,
+    resolve_class_weight,
+)
 from .evaluate import evaluate_split, iterate_batches, predict, quick_metrics
 from .progress import progress_bar
 from .provenance import content_digest, environment
@@ -575,7 +581,9 @@ class Trainer:
                               f"(epochs {cfg.epochs}): the {cfg.method} terms would never act; "
                               f"use method.warmup_epochs < {cfg.epochs} or more epochs")
         self._setups = 0  # fit() calls that reached _setup (a second one rebuilds the method)
-        read_meta(self.data)  # fail fast on a missing/invalid dataset before loading images
+        meta = read_meta(self.data)  # fail fast on a missing/invalid dataset before loading
+        if isinstance(cfg.class_weight, list):  # images; a list of the wrong length too
+            resolve_class_weight(cfg.class_weight, [], len(meta.classes), list(meta.classes))
         if _writes_run_folder():  # a run still training there: say so, not "already holds a
             check_folder_free(self.out)  # run (pass --resume)" from its first checkpoint
         self._check_out_dir()
@@ -741,6 +749,8 @@ class Trainer:
         if resuming:
             self._check_same_contents()
         ckpt = self._read_checkpoint() if resuming else None
+        self.class_weights = self._class_weights(resuming)
+        self.method.set_class_weight(self.class_weights)  # before setup: a method may use it
         if ckpt is not None:
             # the method's state first, so setup() skips what the checkpoint holds: a
             # latent-space autoencoder would be retrained (minutes) and then discarded.
@@ -787,6 +797,10 @@ class Trainer:
                 "torch_version": str(torch.__version__),
                 # the weights `init` named when the run started (init is kept as given)
                 **({"init_source": init_source(self.cfg.init)} if self.cfg.init else {}),
+                # the per-class weights class_weight resolved to (balanced: from the
+                # training labels), so the run shows the numbers its CE used
+                **({"class_weight_values": self.class_weights}
+                   if self.class_weights is not None else {}),
                 # commit, versions, machine and thread count: what makes a rerun
                 # bit-identical (README "Reproducibility")
                 "environment": environment(self.device, self.dist.world),
@@ -802,6 +816,29 @@ class Trainer:
                               + yaml.safe_dump(record, sort_keys=False))
             if self.method.checkpoint_after_setup:  # e.g. a freshly trained autoencoder
                 self._save_state()
+
+    def _class_weights(self, resuming: bool) -> list[float] | None:
+        """The per-class CE weights of `class_weight` (`resolve_class_weight`). A resumed run
+        keeps those its config.yaml records: the training labels are the same (its data
+        digests are checked), but a rule changed by a later version must not change the
+        loss of a run halfway."""
+        weights = resolve_class_weight(self.cfg.class_weight, self.train_set.labels,
+                                       self.train_set.num_classes,
+                                       list(self.train_set.meta.classes))
+        if resuming and weights is not None:
+            stored = (read_run_config(self.out).get("class_weight_values")
+                      if self.dist.is_main else None)
+            if self.dist.enabled:
+                stored = D.broadcast_object(stored)
+            if stored is not None:
+                if not (isinstance(stored, list) and len(stored) == len(weights) and all(
+                        isinstance(w, int | float) and not isinstance(w, bool)
+                        and math.isfinite(w) and w >= 0 for w in stored)):
+                    raise CausalignError(f"{self.out / 'config.yaml'}: class_weight_values "
+                                         f"must list {len(weights)} finite weights >= 0 (one "
+                                         f"per class), got {stored!r}")
+                weights = [float(w) for w in stored]
+        return weights
 
     def _record_resume(self) -> None:
         """Append this resume's machine to OUT/resumes.json: config.yaml's `environment` is
@@ -1464,7 +1501,8 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "data_classes",
                 "data_attributes", "data_intensity", "data_image_shape", "causalign_version",
-                "torch_version", "environment", "method_params", "init_source")
+                "torch_version", "environment", "method_params", "init_source",
+                "class_weight_values")
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:

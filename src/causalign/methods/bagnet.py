@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -54,5 +53,5 @@ class BagNetMethod(Method):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         logits = model(self.model_input(batch))
-        ce = F.cross_entropy(logits, batch["label"])
+        ce = self.ce(logits, batch["label"])
         return LossOutput(ce, {"ce": float(ce.detach())})

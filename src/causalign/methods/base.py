@@ -104,9 +104,49 @@ class Method:
     # device and threads): never a difference on --resume or when a benchmark collects a run
     # (`params_diff`), so a run that ran out of GPU memory can go on with them changed.
     placement_params: tuple[str, ...] = ()
+    # Per-class weights of the classification cross-entropy (`ce`), set by the trainer from
+    # the `class_weight` setting (`set_class_weight`); None: the plain, unweighted mean.
+    class_weight: Tensor | None = None
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    def set_class_weight(self, weights: Any) -> None:
+        """Weight the classification cross-entropy of every `ce` call per class (a sequence
+        of one float per class, as `engine.config.resolve_class_weight` gives), or not
+        (None)."""
+        self.class_weight = None if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float32).detach().cpu().flatten()
+
+    def ce(self, logits: Tensor, y: Tensor, *, batch_term: bool = True) -> Tensor:
+        """The cross-entropy of the true labels ``y``: every method's classification term.
+
+        Unweighted (``class_weight`` None) it is ``F.cross_entropy(logits, y)``, the same
+        call as before the setting existed (bit-identical). Weighted it is PyTorch's weighted
+        mean, Σ w_y·CE / Σ w_y over the rows. Under data-parallel training a term over the
+        rank's whole chunk (``batch_term``) divides by the global batch's weight sum
+        instead (its labels are in ``global_step``), so the trainer's average of the ranks'
+        m·world/N-scaled losses is exactly the single-process weighted mean of the global
+        batch, not a mean of per-rank weighted means. A term over a subset of the chunk
+        (``batch_term=False``: Chang's factual images, PPI's L_ad rows) stays a per-rank
+        weighted mean, combined by its count (`LossOutput.means`): exact when the ranks'
+        subsets have the same mean weight, an approximation otherwise."""
+        import torch.nn.functional as F
+
+        if self.class_weight is None:
+            return F.cross_entropy(logits, y)
+        # bf16 logits (amp) are upcast by cross_entropy's autocast rule: weigh in float32
+        dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
+        w = self.class_weight.to(device=logits.device, dtype=dtype)
+        gs = self.global_step
+        if not batch_term or gs is None or len(y) != gs.sizes[gs.rank] \
+                or "label" not in gs.batch:
+            return F.cross_entropy(logits, y, weight=w)
+        # the chunk's Σ w_y·CE over (m/N)·(the global batch's Σ w_y): the trainer scales it
+        # by m·world/N and averages over ranks, giving Σ_ranks Σ w_y·CE / Σ_global w_y
+        per = F.cross_entropy(logits, y, reduction="none")
+        total_w = w[gs.batch["label"].to(logits.device)].sum()
+        return (w[y] * per).sum() / (total_w * (len(y) / gs.n_global))
 
     def setting_had_no_effect(self, key: str, history: list[dict]) -> bool:
         """True when a stored run's history.csv rows show that setting ``key`` (one of

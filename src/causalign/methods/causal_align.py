@@ -964,7 +964,7 @@ class CausalAlign(Method):
         with capture_bn_stats(model) if aligns and p.bn == "batch" else nullcontext({}) \
                 as bn_stats:
             logits = model(x)
-        ce = F.cross_entropy(logits, y)
+        ce = self.ce(logits, y)  # class_weight; L_align (toward y*) is not weighted
         parts: dict[str, float] = {"ce": float(ce.detach())}
         self.step += 1
         if not aligns:

@@ -233,7 +233,7 @@ class CDEP(Method):
             expl = share.mean()
         else:
             expl = logits.sum() * 0.0
-        ce = F.cross_entropy(logits, batch["label"])
+        ce = self.ce(logits, batch["label"])
         total = ce + self.params.lam * expl
         k = int(annotated.sum())
         # weighted by the annotated samples in history's train_cdep (see rrr)

@@ -153,7 +153,7 @@ class Chang(Method):
         n = len(x)
         if not bool(annotated.any()):
             logits = model(x)
-            ce = F.cross_entropy(logits, y)
+            ce = self.ce(logits, y)
             return LossOutput(ce, {"ce": float(ce.detach())})
         aug = augment(x, y, area, annotated, self.params.fill, self.generator)
         k = len(aug["index"])
@@ -161,13 +161,17 @@ class Chang(Method):
         # annotated sample x_f is x itself, and its "factual" term would only re-weight CE.
         factual = k >= 2
         logits = model(torch.cat([x, aug["x_cf"], *([aug["x_f"]] if factual else [])]))
-        ce = F.cross_entropy(logits[:n], y)
+        # class_weight weighs the terms that classify an image as its true label: CE and the
+        # factual term (x_f keeps the lesion, so its label is y). L_cf says "not y" of an image
+        # whose evidence is removed: no class is being recognised, so no class prior to
+        # correct; it stays the plain mean over the annotated samples.
+        ce = self.ce(logits[:n], y)
         cf = not_class_loss(logits[n:n + k], aug["y_cf"])
         total = ce + self.params.cf_weight * cf
         parts = {"ce": float(ce.detach()), "cf": float(cf.detach())}
         means = {"cf": (self.params.cf_weight * cf, k)}
         if factual:
-            fact = F.cross_entropy(logits[n + k:], aug["y_f"])
+            fact = self.ce(logits[n + k:], aug["y_f"], batch_term=False)  # a subset
             total = total + self.params.factual_weight * fact
             parts["factual"] = float(fact.detach())
             means["factual"] = (self.params.factual_weight * fact, k)

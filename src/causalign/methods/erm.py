@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LossOutput, Method, register_method
@@ -13,5 +12,5 @@ class ERM(Method):
     plain_forward = True
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         logits = model(self.model_input(batch))
-        ce = F.cross_entropy(logits, batch["label"])
+        ce = self.ce(logits, batch["label"])
         return LossOutput(ce, {"ce": float(ce.detach())})

@@ -592,7 +592,7 @@ class HierAlign(Method):
             logits = model.f2(a_hat)
         bn_stats = bn_stats if p.bn == "batch" else {}
         self._check_binary(logits.shape[1])
-        ce = F.cross_entropy(logits, y)
+        ce = self.ce(logits, y)  # class_weight; the attribute BCE is not weighted
         known = batch["attr_known"].bool() if "attr_known" in batch else \
             torch.ones_like(z, dtype=torch.bool)
         a = torch.where(known, batch["attributes"].to(z.dtype), 0.0)

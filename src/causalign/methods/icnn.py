@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -86,7 +85,7 @@ class ICNNMethod(Method):
             # (swa_utils.AveragedModel, copy.deepcopy: "Only Tensors created explicitly ...").
             layer.record_maps = False
             layer.last_maps = None
-        ce = F.cross_entropy(logits, y)
+        ce = self.ce(logits, y)  # class_weight: the filter loss is no CE of y
         share = torch.stack([(y == k).float().mean() for k in range(model.num_outputs)])
         floss = filter_loss(maps, share[owner], self.params.beta).mean()
         total = ce + self.params.lam * floss

@@ -76,7 +76,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.format import as_training_split
@@ -410,7 +409,7 @@ class PPI(Method):
         y = batch["label"]
         n = x.shape[0]
         logits = model(x)
-        l_cls = F.cross_entropy(logits, y)
+        l_cls = self.ce(logits, y)
         if self.epoch == 0:
             self._warn_no_epoch()
         w_con = self.con_weight_now()
@@ -472,7 +471,10 @@ class PPI(Method):
                     parts["con"] = float(l_con.detach())
                     means["con"] = (w_con * l_con, len(target))
                 else:
-                    l_ad = F.cross_entropy(o, target)
+                    # class_weight: L_ad is CE of the true label on an image with another
+                    # image's (non-evidence) region removed, a classification of y like
+                    # L_cls, so weighted; L_con pushes away from y and is not
+                    l_ad = self.ce(o, target, batch_term=False)  # a subset of the rows
                     total = total + w_ad * l_ad
                     parts["ad"] = float(l_ad.detach())
                     means["ad"] = (w_ad * l_ad, len(target))

@@ -112,7 +112,7 @@ class RRR(Method):
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         x = self.model_input(batch)
         logits = model(x)  # ordinary forward: CE and BatchNorm running statistics
-        ce = F.cross_entropy(logits, batch["label"])
+        ce = self.ce(logits, batch["label"])
         _, grad = input_gradients(model, x, create_graph=True)
         area, annotated = annotation_region(batch, self.params.region)
         penalty = right_reasons(grad, 1.0 - area)
