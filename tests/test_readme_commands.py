@@ -524,6 +524,7 @@ COPIED_TABLES = [
     ("| AUC | ERM | PPI |", "cross_site_seeds.md", "| figure | ERM | PPI |",
      {"mean": "mean of the matrix", "in site mean": "in-site",
       "cross site mean": "cross-site", "gap in minus cross": "in − cross gap"}),
+    ("| class_weight | accuracy |", "class_weight_imbalance.md", "| class_weight |", {}),
 ]
 
 

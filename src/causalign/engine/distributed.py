@@ -12,6 +12,9 @@ RANK / WORLD_SIZE / LOCAL_RANK in their environment; the trainer then joins the 
 * **Loss weighting.** Each rank's loss is a mean over its chunk; it is multiplied by
   ``n_local · world / n_global`` before backward, so the average over ranks is the mean over
   the global batch even when chunks differ in size (last batch, batch not divisible by world).
+  With ``class_weight``, `Method.ce` divides a chunk's weighted CE by the global batch's
+  weight sum (labels from ``method.global_step``), so this stays the single-process weighted
+  mean; its subset terms (Chang's factual, PPI's L_ad) are combined by count (approximate).
 * **Subset means.** A term averaged over part of the batch (annotated samples, converged
   counterfactuals, contrasted rows) is reported in ``LossOutput.means`` with its count; the
   ranks share those counts each step and re-weight the term (`reweight_subset_means`), so it
