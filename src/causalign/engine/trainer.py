@@ -581,8 +581,10 @@ class Trainer:
                               f"(epochs {cfg.epochs}): the {cfg.method} terms would never act; "
                               f"use method.warmup_epochs < {cfg.epochs} or more epochs")
         self._setups = 0  # fit() calls that reached _setup (a second one rebuilds the method)
-        meta = read_meta(self.data)  # fail fast on a missing/invalid dataset before loading
-        if isinstance(cfg.class_weight, list):  # images; a list of the wrong length too
+        # fail fast, before loading images: a missing/invalid dataset, and a class_weight
+        # list whose length is not the dataset's class count
+        meta = read_meta(self.data)
+        if isinstance(cfg.class_weight, list):
             resolve_class_weight(cfg.class_weight, [], len(meta.classes), list(meta.classes))
         if _writes_run_folder():  # a run still training there: say so, not "already holds a
             check_folder_free(self.out)  # run (pass --resume)" from its first checkpoint

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError, did_you_mean, unknown_name, wrong_level
@@ -131,8 +132,6 @@ class Method:
         (``batch_term=False``: Chang's factual images, PPI's L_ad rows) stays a per-rank
         weighted mean, combined by its count (`LossOutput.means`): exact when the ranks'
         subsets have the same mean weight, an approximation otherwise."""
-        import torch.nn.functional as F
-
         if self.class_weight is None:
             return F.cross_entropy(logits, y)
         # bf16 logits (amp) are upcast by cross_entropy's autocast rule: weigh in float32
