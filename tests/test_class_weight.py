@@ -121,6 +121,7 @@ def test_the_methods_ce_is_pytorchs_weighted_cross_entropy(tiny_data, name, part
     ("rrr", {}, ["batch"]),
     ("cdep", {}, ["batch"]),
     ("icnn", {}, ["batch"]),
+    ("hier-align", {"lam1": 0.0, "lam2": 0.0}, ["batch"]),  # CE; not the attribute BCE
     # chang: CE and the factual images' CE (x_f keeps the lesion, label y); not L_cf
     ("chang", {}, ["batch", "subset"]),
     # ppi: L_cls and L_ad (CE of y on an image with another image's region removed)
