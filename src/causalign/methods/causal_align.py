@@ -591,6 +591,9 @@ class CausalAlign(Method):
         # trainer only checks for "a mask or a box"); hier-align's image level, whose masks
         # are optional, turns this off.
         self.require_region = True
+        # Who says the setup warnings on image-sized state, and the name of this object's
+        # alpha there: hier-align's image level is this class under method.alpha1
+        self.owner, self.alpha_key = "causal-align", "alpha"
         # The run this object's state belongs to: what setup() or the first aligned step
         # fitted itself ("scale", "autoencoder"; one assigned by the user is not refitted),
         # whether setup() ran, and whether load_state_dict() came after it (a resume: the
@@ -759,7 +762,9 @@ class CausalAlign(Method):
         has = getattr(train_set, "has_mask" if p.region == "mask" else "has_box_or_mask",
                       None)
         shape = getattr(train_set, "image_shape", None)
-        if not (p.warm_start and self.require_region and p.space != "latent") or \
+        # not gated on require_region: hier-align's image level (require_region off) keeps
+        # the same image-sized cache; lam 0 never aligns, so never fills it
+        if not (p.warm_start and p.lam > 0 and p.space != "latent") or \
                 labels is None or has is None or not shape:
             return  # latent: the rows are codes, not images
         n = int(self.alignable(labels, has).sum())
@@ -767,7 +772,7 @@ class CausalAlign(Method):
         size = n * math.prod(shape) * itemsize
         if size > CACHE_WARN_BYTES:
             where = "host memory" if p.cache_device == "cpu" else "the model's device"
-            warnings.warn(f"causal-align: the warm-start cache will hold up to {n} offsets of "
+            warnings.warn(f"{self.owner}: the warm-start cache will hold up to {n} offsets of "
                           f"shape {tuple(shape)} ({size / 2**30:.1f} GiB at {p.cache_dtype}) "
                           f"in {where} and in every checkpoint.pt; --set "
                           f"method.cache_device=cpu, method.cache_dtype=float16 or "
@@ -780,7 +785,9 @@ class CausalAlign(Method):
         the model already got wrong (4 of 32), L_align then a function of noise, without a
         word. Pixel and smooth spaces only (the latent search works on codes)."""
         batch = getattr(train_set, "image_batch", None)
-        if not (self.require_region and self.params.space != "latent" and callable(batch)):
+        # not gated on require_region: hier-align's image level searches in the same
+        # units and was never warned, though the README said it was (0..255 float images)
+        if not (self.params.lam > 0 and self.params.space != "latent" and callable(batch)):
             return
         n = min(len(train_set), INTENSITY_SAMPLE)
         if n == 0:
@@ -788,12 +795,12 @@ class CausalAlign(Method):
         lo, hi = torch.stack(batch(torch.arange(n)).float().aminmax()).tolist()
         if hi - lo > INTENSITY_SPAN_WARN:
             p = self.params
-            warnings.warn(f"causal-align: training images span {lo:g}..{hi:g}, but "
+            warnings.warn(f"{self.owner}: training images span {lo:g}..{hi:g}, but "
                           f"method.inner_lr={p.inner_lr:g}, method.eps={p.eps:g} and "
-                          f"method.alpha={p.alpha:g} are in units of [0, 1] images, so the "
-                          f"counterfactual search hardly moves x*; rescale the images to "
-                          f"[0, 1] (e.g. a fixed window for CT) or scale those settings with "
-                          f"the range", stacklevel=2)
+                          f"method.{self.alpha_key}={p.alpha:g} are in units of [0, 1] "
+                          f"images, so the counterfactual search hardly moves x*; rescale the "
+                          f"images to [0, 1] (e.g. a fixed window for CT) or scale those "
+                          f"settings with the range", stacklevel=2)
 
     def _refuse_nothing_alignable(self, train_set: LesionDataset) -> None:
         """Refuse a split in which annotated samples exist but `alignable` keeps none of them

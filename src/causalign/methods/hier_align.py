@@ -261,6 +261,8 @@ class HierAlign(Method):
         super().__init__(params)
         self.pixel = CausalAlign(self.params.pixel_params())
         self.pixel.require_region = False  # masks are optional here (attribute level only)
+        # its setup warnings (intensity range, cache size) name this method's settings
+        self.pixel.owner, self.pixel.alpha_key = "hier-align", "alpha1"
         self.attr = CausalAlign(self.params.attribute_params())
         self.attr.autoencoder = SigmoidCode()
         self.step = 0
