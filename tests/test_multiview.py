@@ -186,3 +186,42 @@ def test_report_draws_cam_and_counterfactual_figures_for_volumes(volumes, tmp_pa
     cf_images, cf_stars, regions, cf_titles = drawn["cf"]
     assert cf_images[1:] == cf_stars[1:] == (1, 32, 32) and regions.shape[1:] == (32, 32)
     assert all(r.any() for r in regions) and all(", slice " in t for t in cf_titles)
+
+
+def test_pc_features_of_a_multiview_run_are_one_row_per_volume(volumes, tmp_path, capsys):
+    """`causal pc` on a multi-view run failed with "32 feature rows, 8 attribute rows": the
+    Grad-CAM layer runs once per slice. Its rows are now pooled per volume with the model's
+    slice attention."""
+    import numpy as np
+
+    from causalign.causal.pc import pooled_features
+    from causalign.data.format import LesionDataset
+    from causalign.engine import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", str(volumes), "--method", "erm", "--model", "multiview", "--out",
+                 str(run), "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                 "--no-progress", "--set", "width=4"]) == 0
+    _, model, method, data = load_run(run, device="cpu")
+    ds = LesionDataset(data, "test")
+    feats = pooled_features(model, method, ds, batch_size=3)  # a last batch of 2
+    assert feats.shape[0] == len(ds) == 8
+    # by hand: the slice CNN's features of every slice, weighted by the attention
+    x = ds.batch(torch.arange(len(ds)))["image"]
+    from causalign.models import find_cam_layer
+
+    seen = []
+    with torch.no_grad():
+        model.eval()(x)
+        att = model.last_attention
+        views = x.transpose(1, 2).reshape(-1, *x.shape[1:2], *x.shape[3:])
+        hook = find_cam_layer(model).register_forward_hook(lambda m, i, o: seen.append(o))
+        model.slice_cnn(views)  # the slices alone, one image each
+        hook.remove()
+    per_slice = seen[0].flatten(2).mean(2).view(len(ds), x.shape[2], -1)
+    expected = (per_slice * att[..., None]).sum(1).numpy()
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-6)
+    capsys.readouterr()
+    # the command itself: past the row check (8 test volumes are then too few for PC)
+    assert main(["causal", "pc", str(run), "--out", str(tmp_path / "pc")]) == 2
+    assert "PC check: only 8 fully annotated samples" in capsys.readouterr().err

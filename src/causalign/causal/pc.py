@@ -45,22 +45,37 @@ def _require_causallearn():
 @torch.no_grad()
 def pooled_features(model: nn.Module, method: Method, dataset: LesionDataset,
                     device: torch.device | str = "cpu", batch_size: int = 128) -> np.ndarray:
-    """Global-average-pooled activations of the model's Grad-CAM layer, (n, channels)."""
+    """Global-average-pooled activations of the model's Grad-CAM layer, (n, channels).
+
+    A multi-view model runs that layer once per slice: its rows are combined into one per
+    volume with the slice attention of the same forward (`last_attention`), the weights
+    the model pools its slices' predictions with. They came out as one row per slice, and
+    the check failed with "128 feature rows, 16 attribute rows"."""
     from ..engine.evaluate import iterate_batches
     from ..explain.base import eval_mode
     from ..models import find_cam_layer
 
     layer = find_cam_layer(model)
     store: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     handle = layer.register_forward_hook(
         lambda m, i, o: store.append(o.detach().float().flatten(2).mean(2).cpu()))
     try:
         with eval_mode(model):  # the caller's train/eval flags are restored
             for batch in iterate_batches(dataset, batch_size, device=device):
+                store.clear()
                 model(method.model_input(batch))
+                feats = torch.cat(store)
+                n = len(batch["label"])
+                att = getattr(model, "last_attention", None)
+                if len(feats) != n and isinstance(att, torch.Tensor) and att.dim() == 2 \
+                        and att.shape[0] == n and len(feats) == att.numel():
+                    att = att.float().cpu()
+                    feats = (feats.view(n, att.shape[1], -1) * att[..., None]).sum(1)
+                rows.append(feats)
     finally:
         handle.remove()
-    return torch.cat(store).numpy()
+    return torch.cat(rows).numpy()
 
 
 def _check_alpha(alpha: float) -> None:
