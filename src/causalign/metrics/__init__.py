@@ -1,8 +1,18 @@
-"""Metrics: classification, localisation of saliency, deletion faithfulness."""
+"""Metrics: classification (with calibration and bootstrap intervals), localisation of
+saliency, deletion faithfulness."""
 
-from .classification import classification_metrics
+from .classification import (
+    BOOTSTRAP_METRICS,
+    ECE_BINS,
+    bootstrap_ci,
+    brier_score,
+    classification_metrics,
+    expected_calibration_error,
+)
 from .faithfulness import DELETION_FRACTIONS, deletion_scores
 from .localization import cam_precision, iou_dice, mass_in_mask, normalize_maps, rank_accuracy
 
-__all__ = ["classification_metrics", "deletion_scores", "DELETION_FRACTIONS", "cam_precision",
-           "mass_in_mask", "iou_dice", "normalize_maps", "rank_accuracy"]
+__all__ = ["classification_metrics", "brier_score", "expected_calibration_error",
+           "bootstrap_ci", "BOOTSTRAP_METRICS", "ECE_BINS", "deletion_scores",
+           "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
+           "rank_accuracy"]

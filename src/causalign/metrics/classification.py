@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import warnings
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    roc_auc_score,
+)
 
 from ..errors import InputError
+
+# Bins of the expected calibration error: Guo et al. 2017's 15 equal-width bins of the
+# maximum probability, the number most papers report
+ECE_BINS = 15
+
+# Fewest resamples `bootstrap_ci` takes: the 2.5th and 97.5th percentiles of fewer than 100
+# values are the 2nd/3rd smallest and largest of them, not an interval
+MIN_BOOTSTRAP = 100
+
+# The metrics `bootstrap_ci` gives intervals for, in metrics.json's order
+BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
 
 
 def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
@@ -18,42 +35,15 @@ def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray 
     classes the split holds; None when the split holds a single class, where AUC is
     undefined), and each class's recall (`recall_per_class`, None for a class the split
     lacks), which for two classes are also given as `sensitivity` (class 1's recall) and
-    `specificity` (class 0's); None for more classes.
+    `specificity` (class 0's); None for more classes. Calibration: `brier` (`brier_score`)
+    and `ece` (`expected_calibration_error`, 15 bins).
 
     ``probs`` (N, C) rows of class probabilities (each in [0, 1], summing to 1) and integer
     (or bool) ``labels`` (N,) in 0..C−1; anything else, an empty split or a NaN/inf
     probability raises `InputError` (a label C would otherwise count as "positive" in the
     binary AUC and give a silently wrong number; so would logits, whose class-1 column ranks
     samples differently from the softmax probability)."""
-    probs = np.asarray(_numpy(probs), dtype=np.float64)
-    labels = np.asarray(_numpy(labels))
-    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
-        raise InputError(f"classification metrics need probs (N, classes) and labels (N,), "
-                         f"got {probs.shape} and {labels.shape}")
-    if probs.shape[0] == 0:
-        raise InputError("classification metrics of an empty split are undefined")
-    if probs.shape[1] == 0:
-        raise InputError(f"probs {probs.shape} hold no classes")
-    n_bad = int((~np.isfinite(probs)).sum())
-    if n_bad:
-        raise InputError(f"probs hold {n_bad} NaN/inf value(s): the model's outputs are not "
-                         f"finite")
-    # loose enough for a half-precision softmax (rows off by ~C·5e-4), tight enough that
-    # logits or unnormalised scores are caught
-    off = float(np.abs(probs.sum(axis=1) - 1).max())
-    if probs.min() < -1e-3 or probs.max() > 1 + 1e-3 or off > 1e-2:
-        raise InputError(f"probs must be class probabilities (rows in [0, 1] summing to 1), "
-                         f"got values in [{probs.min():.4g}, {probs.max():.4g}] with row sums "
-                         f"off by up to {off:.3g}: pass softmax outputs, not logits")
-    if labels.dtype == np.bool_:  # binary labels as False/True are classes 0/1
-        labels = labels.astype(np.int64)
-    if not np.issubdtype(labels.dtype, np.integer) and not (
-            np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
-        raise InputError(f"labels must be integer class indices, got {labels.dtype}")
-    labels = labels.astype(np.int64)
-    if labels.min() < 0 or labels.max() >= probs.shape[1]:
-        raise InputError(f"labels must lie in 0..{probs.shape[1] - 1}, got "
-                         f"{labels.min()}..{labels.max()}")
+    probs, labels = _checked(probs, labels)
     pred = probs.argmax(axis=1)
     out: dict[str, Any] = {
         "accuracy": float(accuracy_score(labels, pred)),
@@ -83,7 +73,169 @@ def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray 
             # one-vs-rest AUC and is left out ("ovr" refuses such a split).
             out["auc"] = float(np.mean([roc_auc_score(labels == c, probs[:, c])
                                         for c in present]))
+    out["brier"] = _brier(probs, labels)
+    out["ece"] = _ece(probs, labels, ECE_BINS)
     return out
+
+
+def brier_score(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """The Brier score: the mean squared difference between the predicted probabilities and
+    the one-hot label. Two classes: scikit-learn's `brier_score_loss` on class 1's
+    probability, (p₁ − y)² averaged, in [0, 1]. More classes: Brier's original score, the
+    squares summed over the classes and averaged over samples, in [0, 2] (scikit-learn ≥ 1.7's
+    multi-class `brier_score_loss`). Lower is better; inputs as `classification_metrics`."""
+    return _brier(*_checked(probs, labels))
+
+
+def expected_calibration_error(probs: np.ndarray | torch.Tensor,
+                               labels: np.ndarray | torch.Tensor, n_bins: int = ECE_BINS
+                               ) -> float:
+    """Expected calibration error (Guo et al. 2017): the samples binned by their maximum
+    probability (the confidence) into ``n_bins`` equal-width bins (lo, hi] of [0, 1];
+    Σ_b |B_b|/N · |accuracy(B_b) − mean confidence(B_b)|, with the argmax prediction.
+    0 is perfectly calibrated; inputs as `classification_metrics`."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, Integral) or n_bins < 1:
+        raise InputError(f"n_bins must be a positive integer, got {n_bins!r}")
+    return _ece(*_checked(probs, labels), int(n_bins))
+
+
+def _brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    if probs.shape[1] == 2:
+        # clipped: rows may stray 1e-3 outside [0, 1] (a half-precision softmax), which
+        # scikit-learn refuses
+        return float(brier_score_loss(labels, np.clip(probs[:, 1], 0.0, 1.0), pos_label=1))
+    onehot = np.eye(probs.shape[1])[labels]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def _ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin b holds (edges[b], edges[b+1]], as Guo et al.'s code (a confidence of exactly 1/15
+    # falls in the first bin); the clip keeps 0 and a softmax's 1 + 1e-16 inside
+    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    # |B_b|·|acc_b − conf_b| = |Σ_{i∈B_b} (correct_i − conf_i)|: one bincount, no loop
+    gap = np.bincount(b, weights=correct - conf, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(conf))
+
+
+def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                 n: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Percentile 95 % intervals of accuracy, balanced accuracy, AUC, sensitivity and
+    specificity (as `classification_metrics` defines them) from ``n`` stratified bootstrap
+    resamples: each resample draws each class's samples with replacement from that class
+    alone, so it keeps the split's class counts (every class present, AUC always defined,
+    even with a single positive). Returns ``{"ci95": {metric: [lo, hi] or None},
+    "bootstrap": {"n", "seed", "method"}}`` (None where the point estimate is None),
+    the same for the same inputs and seed. ``n`` must be at least `MIN_BOOTSTRAP` (100);
+    inputs as `classification_metrics`.
+
+    Vectorised: a resample is a row of draw counts per sample, so every metric is a weighted
+    sum over the split (the AUC a weighted Mann–Whitney count with ties as ½, which is
+    scikit-learn's `roc_auc_score` on the resample)."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+        raise InputError(f"bootstrap resamples must be a non-negative integer, got {n!r}")
+    if n < MIN_BOOTSTRAP:
+        raise InputError(f"{n} bootstrap resamples: too few resamples for a 95 % interval; "
+                         f"use at least {MIN_BOOTSTRAP} (1000 is usual)")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise InputError(f"bootstrap seed must be a non-negative integer, got {seed!r}")
+    probs, labels = _checked(probs, labels)
+    point = classification_metrics(probs, labels)
+    n_samples, n_classes = probs.shape
+    rng = np.random.default_rng(int(seed))
+    present = np.unique(labels)
+    members = {int(c): np.flatnonzero(labels == c) for c in present}
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    # the AUC's classes: class 1 against 0 for two, each present class against the rest
+    auc_classes = ([] if point["auc"] is None else [1] if n_classes == 2
+                   else [int(c) for c in present])
+    rankings = {c: _ranking(probs[:, c], labels == c) for c in auc_classes}
+    stats: dict[str, list[np.ndarray]] = {m: [] for m in BOOTSTRAP_METRICS}
+    # resamples per chunk: bounds the (chunk, N) count matrices to ~8 MB each
+    chunk = max(1, 2 ** 20 // n_samples)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        w = np.zeros((m, n_samples))
+        for idx in members.values():  # each class's own n_c draws among its n_c samples
+            w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=m)
+        recall = {c: w[:, idx] @ correct[idx] / len(idx) for c, idx in members.items()}
+        stats["accuracy"].append(w @ correct / n_samples)
+        # sklearn's balanced accuracy: the mean recall of the classes the labels hold
+        stats["balanced_accuracy"].append(np.mean(list(recall.values()), axis=0))
+        if n_classes == 2:
+            for name, c in (("sensitivity", 1), ("specificity", 0)):
+                if c in recall:
+                    stats[name].append(recall[c])
+        if auc_classes:
+            stats["auc"].append(np.mean([_weighted_auc(w, *rankings[c])
+                                         for c in auc_classes], axis=0))
+    ci = {}
+    for name in BOOTSTRAP_METRICS:
+        if point[name] is None or not stats[name]:
+            ci[name] = None
+            continue
+        lo, hi = np.percentile(np.concatenate(stats[name]), [2.5, 97.5])
+        ci[name] = [float(lo), float(hi)]
+    return {"ci95": ci, "bootstrap": {"n": int(n), "seed": int(seed),
+                                      "method": "percentile, stratified by class"}}
+
+
+def _ranking(score: np.ndarray, positive: np.ndarray,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The samples in ascending score order, where each run of tied scores starts, and
+    whether each (so ordered) sample is a positive: what `_weighted_auc` needs per class."""
+    order = np.argsort(score, kind="stable")
+    s = score[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    return order, starts, positive[order]
+
+
+def _weighted_auc(w: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                  positive: np.ndarray) -> np.ndarray:
+    """AUC of each resample (row of draw counts ``w``): the share of (positive, negative)
+    pairs ranked right, ties counting ½, over the resample's drawn samples."""
+    w = w[:, order]
+    pos = np.add.reduceat(w * positive, starts, axis=1)  # drawn positives per tied score
+    neg = np.add.reduceat(w * ~positive, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # drawn negatives scored strictly lower
+    return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def _checked(probs: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (N, C) probabilities and int64 (N,) labels, or `InputError` naming what is
+    wrong with them (see `classification_metrics`)."""
+    probs = np.asarray(_numpy(probs), dtype=np.float64)
+    labels = np.asarray(_numpy(labels))
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise InputError(f"classification metrics need probs (N, classes) and labels (N,), "
+                         f"got {probs.shape} and {labels.shape}")
+    if probs.shape[0] == 0:
+        raise InputError("classification metrics of an empty split are undefined")
+    if probs.shape[1] == 0:
+        raise InputError(f"probs {probs.shape} hold no classes")
+    n_bad = int((~np.isfinite(probs)).sum())
+    if n_bad:
+        raise InputError(f"probs hold {n_bad} NaN/inf value(s): the model's outputs are not "
+                         f"finite")
+    # loose enough for a half-precision softmax (rows off by ~C·5e-4), tight enough that
+    # logits or unnormalised scores are caught
+    off = float(np.abs(probs.sum(axis=1) - 1).max())
+    if probs.min() < -1e-3 or probs.max() > 1 + 1e-3 or off > 1e-2:
+        raise InputError(f"probs must be class probabilities (rows in [0, 1] summing to 1), "
+                         f"got values in [{probs.min():.4g}, {probs.max():.4g}] with row sums "
+                         f"off by up to {off:.3g}: pass softmax outputs, not logits")
+    if labels.dtype == np.bool_:  # binary labels as False/True are classes 0/1
+        labels = labels.astype(np.int64)
+    if not np.issubdtype(labels.dtype, np.integer) and not (
+            np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+        raise InputError(f"labels must be integer class indices, got {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise InputError(f"labels must lie in 0..{probs.shape[1] - 1}, got "
+                         f"{labels.min()}..{labels.max()}")
+    return probs, labels
 
 
 def _numpy(x: object) -> object:
