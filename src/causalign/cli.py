@@ -617,14 +617,29 @@ def evaluate(
     predictions: Annotated[Path | None, typer.Option(
         help="also write each sample's prediction here (CSV: id, site, label, predicted, "
              "p_<class>)")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        help="also give percentile 95 % intervals (ci95) of accuracy, balanced accuracy, AUC, "
+             "sensitivity and specificity from N stratified bootstrap resamples (0: none; "
+             "at least 100, 1000 is usual)")] = 0,
+    bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, sensitivity/specificity,
-    CAM precision, deletion."""
+    Brier score, ECE, CAM precision, deletion; with --bootstrap N, their 95 % intervals."""
     from .engine.evaluate import VOLUME_UNSUPPORTED, evaluate_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
+    from .metrics.classification import MIN_BOOTSTRAP
 
+    # before loading the run: a bad count failed only after the whole evaluation
+    if bootstrap < 0:
+        raise CausalignError(f"--bootstrap {bootstrap}: give a number of resamples (at least "
+                             f"{MIN_BOOTSTRAP}; 0 for none)")
+    if 0 < bootstrap < MIN_BOOTSTRAP:
+        raise CausalignError(f"--bootstrap {bootstrap}: too few resamples for a 95 % "
+                             f"interval; give at least {MIN_BOOTSTRAP} (1000 is usual)")
+    if bootstrap_seed < 0:
+        raise CausalignError(f"--bootstrap-seed {bootstrap_seed}: must be 0 or more")
     if out is not None:  # fail before the evaluation, not after it
         _check_output_file("--out", out, "the metrics JSON")
     if predictions is not None:
@@ -651,7 +666,8 @@ def evaluate(
                                  fractions=tuple(cfg.deletion_fractions), progress=bar,
                                  deletion_fill=cfg.deletion_fill,
                                  explainer_kwargs=options.get(saliency),
-                                 predictions=predictions)
+                                 predictions=predictions, bootstrap=bootstrap,
+                                 bootstrap_seed=bootstrap_seed)
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
                **_search_record(options)}
     if out is not None:

@@ -300,7 +300,7 @@ def parse_suite(raw: dict, root: Path, name: str = "suite") -> Suite:
 # What metrics.json holds per split (causalign.engine.evaluate), for `metrics:` entries:
 # a misspelt one (test.acuracy) gave a column of "–" and exit code 0.
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity", "loss",
-                "n", "cam_precision",
+                "brier", "ece", "n", "cam_precision",
                 "cam_precision_mask", "cam_mass_in_mask", "saliency_iou", "saliency_dice",
                 "cam_empty_fraction", "n_annotated", "n_mask", "attribute_accuracy.mean")
 METRIC_SPLITS = ("test", "val", "train")

@@ -22,6 +22,7 @@ from ..explain.base import eval_mode
 from ..io import atomic_write_text
 from ..methods.base import Method
 from ..metrics import (
+    bootstrap_ci,
     cam_precision,
     classification_metrics,
     deletion_scores,
@@ -29,6 +30,7 @@ from ..metrics import (
     mass_in_mask,
     normalize_maps,
 )
+from ..metrics.classification import check_bootstrap
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -184,13 +186,17 @@ def evaluate_split(
     saliency: str = "gradcam", fractions: tuple[float, ...] = (0.002, 0.01, 0.02, 0.1, 0.2),
     batch_size: int = 128, progress: Progress | None = None,
     explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
-    predictions: str | Path | None = None,
+    predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
     ``predictions``: also write each sample's prediction there as CSV (`write_predictions`),
-    for the statistics metrics.json does not hold (confidence intervals, DeLong tests,
-    calibration, error review).
+    for the statistics metrics.json does not hold (DeLong tests, reliability diagrams, error
+    review).
+
+    ``bootstrap``: also give percentile 95 % intervals (`ci95`, with the `bootstrap` settings)
+    of the classification metrics from that many stratified resamples (`bootstrap_ci`,
+    seeded by ``bootstrap_seed``); 0 (the default) gives none. Checked before the pass.
 
     Localisation uses the saliency of the *predicted* class on the input the model sees
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
@@ -204,17 +210,20 @@ def evaluate_split(
     (it ran 4 + len(fractions) times: a separate prediction pass, the prediction again, the
     map's own forward and the deletion baseline).
     """
+    if bootstrap != 0:  # a bad count fails now, not after the whole evaluation
+        check_bootstrap(bootstrap, bootstrap_seed)
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
-                               predictions)
+                               predictions, bootstrap, bootstrap_seed)
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     device: torch.device | str, saliency: str, fractions: tuple[float, ...],
                     batch_size: int, progress: Progress | None,
                     explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0,
-                    predictions: str | Path | None = None) -> dict:
+                    predictions: str | Path | None = None, bootstrap: int = 0,
+                    bootstrap_seed: int = 0) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -270,6 +279,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     out = classification_metrics(p, y)
     out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
+    if bootstrap:
+        out.update(bootstrap_ci(p, y, bootstrap, bootstrap_seed))
     if predictions is not None:
         write_predictions(predictions, dataset, p)
 

@@ -134,13 +134,7 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     Vectorised: a resample is a row of draw counts per sample, so every metric is a weighted
     sum over the split (the AUC a weighted Mann–Whitney count with ties as ½, which is
     scikit-learn's `roc_auc_score` on the resample)."""
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
-        raise InputError(f"bootstrap resamples must be a non-negative integer, got {n!r}")
-    if n < MIN_BOOTSTRAP:
-        raise InputError(f"{n} bootstrap resamples: too few resamples for a 95 % interval; "
-                         f"use at least {MIN_BOOTSTRAP} (1000 is usual)")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise InputError(f"bootstrap seed must be a non-negative integer, got {seed!r}")
+    check_bootstrap(n, seed)
     probs, labels = _checked(probs, labels)
     point = classification_metrics(probs, labels)
     n_samples, n_classes = probs.shape
@@ -180,6 +174,18 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
         ci[name] = [float(lo), float(hi)]
     return {"ci95": ci, "bootstrap": {"n": int(n), "seed": int(seed),
                                       "method": "percentile, stratified by class"}}
+
+
+def check_bootstrap(n: int, seed: int) -> None:
+    """`InputError` unless ``n`` resamples (at least `MIN_BOOTSTRAP`) and ``seed`` (≥ 0)
+    are usable by `bootstrap_ci`; callers check before the work whose result they need."""
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+        raise InputError(f"bootstrap resamples must be a non-negative integer, got {n!r}")
+    if n < MIN_BOOTSTRAP:
+        raise InputError(f"{n} bootstrap resamples: too few resamples for a 95 % interval; "
+                         f"use at least {MIN_BOOTSTRAP} (1000 is usual)")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise InputError(f"bootstrap seed must be a non-negative integer, got {seed!r}")
 
 
 def _ranking(score: np.ndarray, positive: np.ndarray,
