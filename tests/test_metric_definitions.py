@@ -102,10 +102,13 @@ def test_classification_hand_values():
     labels = np.array([0, 1, 1, 1])
     out = classification_metrics(probs, labels)
     # 3/4 right; recalls 1 and 2/3; every positive scores above the one negative.
+    # Brier: mean (p1 − y)² = (.01 + .04 + .36 + .09)/4; ECE: each confidence (.9, .8, .6,
+    # .7) alone in its 1/15 bin, so the mean |correct − confidence| = (.1 + .2 + .6 + .3)/4.
     recalls = out.pop("recall_per_class")
     assert recalls == pytest.approx([1.0, 2 / 3])
     assert out == pytest.approx({"accuracy": 0.75, "balanced_accuracy": 5 / 6, "auc": 1.0,
-                                 "sensitivity": 2 / 3, "specificity": 1.0})
+                                 "sensitivity": 2 / 3, "specificity": 1.0, "brier": 0.125,
+                                 "ece": 0.3})
 
 
 def test_evaluate_split_means_over_annotated_and_predicted_class(tiny_data):
