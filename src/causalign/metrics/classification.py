@@ -139,8 +139,13 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     point = classification_metrics(probs, labels)
     n_samples, n_classes = probs.shape
     rng = np.random.default_rng(int(seed))
-    present = np.unique(labels)
-    members = {int(c): np.flatnonzero(labels == c) for c in present}
+    # samples sorted by class, so each class's columns of the count matrix are a slice (a
+    # view) rather than a fancy-indexed copy; every metric is order-free
+    order = np.argsort(labels, kind="stable")
+    probs, labels = probs[order], labels[order]
+    present, first, size = np.unique(labels, return_index=True, return_counts=True)
+    members = {int(c): slice(int(a), int(a + k)) for c, a, k in zip(present, first, size,
+                                                                       strict=True)}
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     # the AUC's classes: class 1 against 0 for two, each present class against the rest
     auc_classes = ([] if point["auc"] is None else [1] if n_classes == 2
@@ -152,9 +157,11 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         w = np.zeros((m, n_samples))
-        for idx in members.values():  # each class's own n_c draws among its n_c samples
-            w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=m)
-        recall = {c: w[:, idx] @ correct[idx] / len(idx) for c, idx in members.items()}
+        for sl in members.values():  # each class's own n_c draws among its n_c samples
+            k = sl.stop - sl.start
+            w[:, sl] = rng.multinomial(k, np.full(k, 1.0 / k), size=m)
+        recall = {c: w[:, sl] @ correct[sl] / (sl.stop - sl.start)
+                  for c, sl in members.items()}
         stats["accuracy"].append(w @ correct / n_samples)
         # sklearn's balanced accuracy: the mean recall of the classes the labels hold
         stats["balanced_accuracy"].append(np.mean(list(recall.values()), axis=0))
