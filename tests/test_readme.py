@@ -34,6 +34,8 @@ def test_quickstart_example(tmp_path: Path) -> None:
     acc, cam_precision = map(float, out[0].split())
     assert 0.0 <= acc <= 1.0 and 0.0 <= cam_precision <= 1.0
     assert out[1] == "torch.Size([4, 1, 64, 64])"
+    lo, hi = ast.literal_eval(out[2])  # bootstrap_ci's AUC interval from predictions_test.csv
+    assert 0.0 <= lo <= hi <= 1.0
     assert (tmp_path / "runs" / "oracle" / "metrics.json").is_file()
 
 
