@@ -245,7 +245,10 @@ class CbisDdsmImporter(Importer):
         test_patients = {e["patient"] for e in by_image.values() if e["official"] == "test"}
         train = [e for e in by_image.values()
                  if e["official"] == "train" and e["patient"] not in test_patients]
-        split_of = assign_splits([e["patient"] for e in train], opts.fractions(), opts.seed)
+        # val drawn by patient, stratified by the label of the patient's first image's first
+        # abnormality: unstratified, a small val split could hold one class only
+        split_of = assign_splits([e["patient"] for e in train], opts.fractions(), opts.seed,
+                                 strata=[e["rows"][0]["label"] for e in train])
         units, moved = [], 0
         for key, e in by_image.items():
             split = split_of.get(e["patient"], "test")

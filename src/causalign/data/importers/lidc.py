@@ -333,6 +333,11 @@ class _Nodule:
     readers: int
 
 
+def _majority(labels: list[int]) -> int:
+    """The most frequent label (the smallest on a tie): a series' stratum for the split."""
+    return max(sorted(set(labels)), key=labels.count)
+
+
 class LidcImporter(Importer):
     kind = "lidc"
     Options = LidcOptions
@@ -411,8 +416,11 @@ class LidcImporter(Importer):
             if nodules:
                 plans.append((series, msg, nodules, path))
         patients = [s.patient for s, _, nods, _ in plans]
+        # stratified by the series' majority nodule label (a patient's first series decides
+        # its stratum): unstratified, a small import could leave val or test one class
         split_of = assign_splits(patients, opts.fractions(), opts.seed,
-                                 weights=[len(n) for _, _, n, _ in plans])
+                                 weights=[len(n) for _, _, n, _ in plans],
+                                 strata=[_majority([x.label for x in n]) for _, _, n, _ in plans])
         self.details = {"series": len(plans),
                         "nodules": sum(len(n) for _, _, n, _ in plans),
                         "patients": {s: sorted({p for p in patients if split_of[p] == s})
@@ -661,7 +669,8 @@ class LidcImporter(Importer):
             self.note("patient(s) in more than one split by the CSV's split column (e.g. "
                       f"{mixed[0]}: {', '.join(given[mixed[0]])})", len(mixed))
         free = [it for it in items if not it["split"]]
-        split_of = assign_splits([it["patient"] for it in free], opts.fractions(), opts.seed)
+        split_of = assign_splits([it["patient"] for it in free], opts.fractions(), opts.seed,
+                                 strata=[it["label"] for it in free])
         used = UsedIds()
         units = []
         for it in items:
