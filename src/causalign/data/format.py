@@ -1155,6 +1155,7 @@ def split_leaks(datasets: Sequence[LesionDataset], examples: int = 3) -> list[st
     Either inflates validation and test scores; `causalign data check` prints them."""
     where: dict[str, dict[str, list[str]]] = {}
     by_pixels: dict[bytes, list[tuple[str, str]]] = {}
+    constant: set[bytes] = set()  # blank images: equal by having no content, not a copy
     for ds in datasets:
         for r in ds.records:
             if r.group:
@@ -1167,8 +1168,11 @@ def split_leaks(datasets: Sequence[LesionDataset], examples: int = 3) -> list[st
             idx = torch.arange(start, min(start + chunk, len(ds)))
             images = ds.batch(idx)["image"].numpy()
             for k, img in zip(idx.tolist(), images, strict=True):
-                key = hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16)
-                by_pixels.setdefault(key.digest(), []).append((ds.split, ds.records[k].id))
+                key = hashlib.blake2b(np.ascontiguousarray(img).tobytes(),
+                                      digest_size=16).digest()
+                by_pixels.setdefault(key, []).append((ds.split, ds.records[k].id))
+                if key not in constant and img.size and img.min() == img.max():
+                    constant.add(key)
     lines = []
     mixed = {g: s for g, s in where.items() if len(s) > 1}
     if mixed:
@@ -1177,13 +1181,27 @@ def split_leaks(datasets: Sequence[LesionDataset], examples: int = 3) -> list[st
         more = f", … (+{len(mixed) - examples})" if len(mixed) > examples else ""
         lines.append(f"{len(mixed)} group(s) have samples in more than one split (patient-"
                      f"level leakage): {shown}{more}")
-    shared = [ids for ids in by_pixels.values() if len({sp for sp, _ in ids}) > 1]
-    if shared:
-        shown = ", ".join(" = ".join(f"{sp}/{i}" for sp, i in ids[:3])
-                          for ids in shared[:examples])
-        more = f", … (+{len(shared) - examples})" if len(shared) > examples else ""
-        lines.append(f"{len(shared)} image(s) have pixels identical to an image of another "
+    def first_per_split(ids: list[tuple[str, str]]) -> str:
+        # one id of each split: the first three copies could all be in train
+        return " = ".join(f"{sp}/{next(i for s, i in ids if s == sp)}"
+                          for sp in SPLITS if any(s == sp for s, _ in ids))
+
+    shared = {key: ids for key, ids in by_pixels.items() if len({sp for sp, _ in ids}) > 1}
+    copies = [ids for key, ids in shared.items() if key not in constant]
+    if copies:
+        shown = ", ".join(first_per_split(ids) for ids in copies[:examples])
+        more = f", … (+{len(copies) - examples})" if len(copies) > examples else ""
+        lines.append(f"{len(copies)} image(s) have pixels identical to an image of another "
                      f"split: {shown}{more}")
+    # constant (e.g. all-black) images are identical wherever they are: no patient leaks
+    # through them, but a blank image is worth a look (a failed export, an empty slice)
+    blank = [ids for key, ids in shared.items() if key in constant]
+    if blank:
+        n = sum(len(ids) for ids in blank)
+        shown = ", ".join(first_per_split(ids) for ids in blank[:examples])
+        lines.append(f"{n} image(s) in more than one split are constant (every pixel one "
+                     f"value, e.g. blank): not a copied image, but check they belong in the "
+                     f"data: {shown}")
     return lines
 
 

@@ -1,0 +1,106 @@
+"""Review of the session's merged work (cad786c..4caa719): regressions found and fixed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+# ------------------------------------------------------------------ shape hints
+
+
+class CoordNet(nn.Module):
+    """CoordConv: 1-channel images get two coordinate channels before a 3-channel stem, so
+    the first conv's in_channels (3) is not the inputs' channel count (1)."""
+
+    def __init__(self, size: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * size * size, 2)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w),
+                                indexing="ij")
+        x = torch.cat([x, yy.expand(n, 1, h, w), xx.expand(n, 1, h, w)], 1)
+        return self.head(torch.relu(self.stem(x)).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["gradient", "gradcam"])
+def test_a_failure_after_the_input_layer_keeps_its_own_error(name):
+    """The hint ("1 channel(s), not 3") was given for any failure whose message said
+    "input" or "shape" once the inputs did not match the first conv: a CoordConv model
+    that takes these images fine, failing in its head on another image size ("mat1 and
+    mat2 shapes cannot be multiplied"), was told to change its channel count."""
+    from causalign.errors import InputError
+    from causalign.explain import get_explainer
+
+    torch.manual_seed(0)
+    model = CoordNet().eval()
+    assert get_explainer(name, model).attribute(torch.rand(2, 1, 16, 16), 0).shape[0] == 2
+    with pytest.raises(RuntimeError) as info:
+        get_explainer(name, model).attribute(torch.rand(2, 1, 24, 24), 0)
+    assert not isinstance(info.value, InputError)
+    assert "mat1 and mat2" in str(info.value) and "channel" not in str(info.value)
+
+
+def test_grayscale_without_channel_axis_still_gets_the_hint():
+    """Guard: the failure the hint is for (raised in the first conv) still gets it."""
+    from causalign.errors import InputError
+    from causalign.explain import get_explainer
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    with pytest.raises(InputError, match="without the channel axis"):
+        get_explainer("gradient", model).attribute(torch.rand(4, 16, 16), 0)
+    bn_first = nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(InputError, match="without the channel axis"):
+        get_explainer("gradient", bn_first).attribute(torch.rand(4, 16, 16), 0)
+
+
+# ------------------------------------------------------------------ leak report
+
+
+def _dataset(root, blank_per_split: int, copy: bool = False):
+    from causalign.data.format import DatasetMeta, DatasetWriter
+
+    rng = np.random.default_rng(0)
+    first = None
+    with DatasetWriter(root, DatasetMeta(name="b", classes=["normal", "benign"]),
+                       image_format="npy") as w:
+        for split, n in (("train", 8), ("val", 4), ("test", 4)):
+            for i in range(n):
+                img = (np.zeros((16, 16), np.float32) if i < blank_per_split
+                       else rng.random((16, 16)).astype(np.float32))
+                if first is None and i >= blank_per_split:
+                    first = img
+                if copy and i == n - 1:  # the last image of every split
+                    img = first
+                w.add(img, i % 2, split, sample_id=f"{split}{i}")
+    return root
+
+
+def _leaks(root):
+    from causalign.data.format import SPLITS, LesionDataset, split_leaks
+
+    return split_leaks([LesionDataset(root, s) for s in SPLITS])
+
+
+def test_blank_images_are_not_reported_as_copied_images(tmp_path):
+    """All-black images (a normal class without findings, an empty export) in train and
+    test were reported as "1 image(s) have pixels identical to an image of another split:
+    train/train0 = train/train1": a leak warning for images that hold no patient, its
+    examples all from one split, and 6 images counted as 1."""
+    lines = _leaks(_dataset(tmp_path / "d", blank_per_split=2))
+    assert not any("identical" in line for line in lines), lines
+    assert len(lines) == 1 and "constant" in lines[0] and "6 image(s)" in lines[0], lines
+
+
+def test_a_copied_image_is_named_with_the_splits_it_leaks_into(tmp_path):
+    """The example showed an image's first three copies, all in train when train held
+    three: the test copy that is the leak went unnamed."""
+    lines = _leaks(_dataset(tmp_path / "d", blank_per_split=0, copy=True))
+    assert len(lines) == 1 and "train/train0 = val/val3 = test/test3" in lines[0], lines
+    assert lines[0].startswith("1 image(s)"), lines
