@@ -312,6 +312,35 @@ def input_shape_hint(model: nn.Module, inputs: Tensor) -> str | None:
             f"{label} ({type(layer).__name__}) takes {takes}: {fix}")
 
 
+def _raised_at_input_layer(exc: BaseException, model: nn.Module) -> bool:
+    """Whether ``exc`` was raised inside ``model``'s first convolution or a submodule
+    registered before it (a leading BatchNorm): the layers whose input shape the hint is
+    about. A failure further on (a head's "mat1 and mat2 shapes cannot be multiplied" in a
+    CoordConv model whose first conv takes more channels than the images have) is another
+    problem, and keeps its own error. Read from the traceback, on the failure path only."""
+    named = list(model.named_modules())
+    conv = next(((n, m) for n, m in named if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None or conv[1] is model:
+        return True
+    name, layer = conv
+    early = set()
+    for n, m in named:
+        if m is layer:
+            early.add(id(m))
+            break
+        # not the model nor the containers holding the conv: their forward is on the stack
+        # of any failure inside them
+        if n and not name.startswith(n + "."):
+            early.add(id(m))
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in early:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 @contextmanager
 def shape_errors(model: nn.Module, inputs: object, what: str) -> Iterator[None]:
     """Re-raise the model's own failure on mis-shaped ``inputs`` as one `InputError` line:
@@ -329,7 +358,7 @@ def shape_errors(model: nn.Module, inputs: object, what: str) -> Iterator[None]:
                 or not ("input" in text or "shape" in text):
             raise
         hint = input_shape_hint(model, inputs)
-        if hint is None:
+        if hint is None or not _raised_at_input_layer(exc, model):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{what}: {hint} (torch: {first})") from exc
