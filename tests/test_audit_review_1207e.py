@@ -104,3 +104,37 @@ def test_a_copied_image_is_named_with_the_splits_it_leaks_into(tmp_path):
     lines = _leaks(_dataset(tmp_path / "d", blank_per_split=0, copy=True))
     assert len(lines) == 1 and "train/train0 = val/val3 = test/test3" in lines[0], lines
     assert lines[0].startswith("1 image(s)"), lines
+
+
+# ------------------------------------------------------------------ evaluate's own files
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_data, tmp_path_factory):
+    from causalign.engine.config import TrainConfig
+    from causalign.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(tiny_data, TrainConfig(epochs=1, width=4, batch_size=16, device="cpu",
+                                 model="cnn7"), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", ["best.pt.sha256", "checkpoint.pt.sha256", "resumes.json",
+                                  "benchmark_run.json"])
+def test_evaluate_refuses_the_runs_other_records(small_run, tmp_path, name):
+    """`--out RUN/metrics.json` was refused, but `--out RUN/best.pt.sha256` replaced the
+    checkpoint's digest with the metrics JSON: every later load said "checkpoint is corrupt
+    or truncated (checksum mismatch)". Likewise resumes.json and a benchmark's
+    benchmark_run.json (written with --predictions: a CSV in a JSON's place)."""
+    import shutil
+
+    from causalign.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    before = (run / name).read_bytes() if (run / name).exists() else b"kept\n"
+    (run / name).write_bytes(before)
+    option = "--predictions" if name.endswith(".json") else "--out"
+    assert main(["evaluate", str(run), "--device", "cpu", option, str(run / name)]) != 0
+    assert (run / name).read_bytes() == before

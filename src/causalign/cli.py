@@ -577,12 +577,16 @@ def _refuse_run_record(run: Path, **outputs: Path | None) -> None:
     """Refuse an output path that is one of the run's own files: `--out RUN/metrics.json`
     replaced the training's test metrics (which benchmark tables and `curves` read) with
     this evaluation's, and `--predictions RUN/config.yaml` made the run unloadable."""
-    from .engine.trainer import RUN_OUTPUTS
+    from .engine.trainer import BEST, CHECKPOINT, RESUMES, RUN_OUTPUTS
 
+    # and the checkpoints' digests (replaced, every later load failed "checksum mismatch"),
+    # the resume log and a benchmark's record of the run
+    records = (*RUN_OUTPUTS, f"{CHECKPOINT}.sha256", f"{BEST}.sha256", RESUMES,
+               "benchmark_run.json")
     for option, path in outputs.items():
         if path is None:
             continue
-        for name in RUN_OUTPUTS:
+        for name in records:
             if _same_file(path, run / name):
                 raise CausalignError(f"--{option} {path}: is the run's own {name}; give a "
                                      f"path outside the run's records (e.g. "
