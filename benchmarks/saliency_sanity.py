@@ -6,7 +6,8 @@
 Cascading model-parameter randomisation: the trained model of RUN is explained, then its
 weight layers are re-initialised from the logits down, one more at each step (a conv and the
 BatchNorm after it count as one layer and are reset together, running statistics included;
-the module's own ``reset_parameters``, seeded), until every layer is random. At each step
+a norm layer not after one, e.g. a pre-activation BatchNorm, is a step of its own; the
+module's own ``reset_parameters``, seeded), until every layer is random. At each step
 every registered explainer (`causalign.explain.explainer_names()`) maps the first ``--n``
 images of the split for the class the *trained* model predicts, and the maps are compared
 with the trained model's, image by image: Spearman rank correlation of |map| and of the
@@ -74,15 +75,27 @@ _NORMS = (nn.modules.batchnorm._BatchNorm,)
 def cascade_layers(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """(name, modules) of `model`'s weight layers from the logits down: each conv or linear
     layer together with a BatchNorm that directly follows it in module order (reset with it:
-    its running statistics belong to the old weights)."""
+    its running statistics belong to the old weights). Any other leaf with parameters or
+    buffers that can be re-initialised (a BatchNorm before its conv, as in pre-activation
+    blocks, or leading the network) is a layer of its own: else it stayed trained through
+    "every layer random"."""
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     layers: list[tuple[str, list[nn.Module]]] = []
+    taken: set[int] = set()
     for i, (name, m) in enumerate(leaves):
+        if id(m) in taken:
+            continue
         if isinstance(m, _WEIGHTED):
             group = [m]
             if i + 1 < len(leaves) and isinstance(leaves[i + 1][1], _NORMS):
                 group.append(leaves[i + 1][1])
-            layers.append((name, group))
+        elif hasattr(m, "reset_parameters") and (
+                list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))):
+            group = [m]
+        else:
+            continue
+        taken.update(id(g) for g in group)
+        layers.append((name, group))
     return layers[::-1]
 
 

@@ -138,3 +138,29 @@ def test_evaluate_refuses_the_runs_other_records(small_run, tmp_path, name):
     option = "--predictions" if name.endswith(".json") else "--out"
     assert main(["evaluate", str(run), "--device", "cpu", option, str(run / name)]) != 0
     assert (run / name).read_bytes() == before
+
+
+# ------------------------------------------------------------------ saliency sanity cascade
+
+
+def test_the_cascade_randomises_a_batchnorm_that_precedes_its_conv():
+    """Only a BatchNorm directly *after* a conv/linear was reset: a pre-activation block's
+    BatchNorm (bn -> relu -> conv), or one leading the network, kept its trained affine and
+    running statistics through "every layer random"."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import saliency_sanity as S
+
+    model = nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3), nn.ReLU(),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    covered = [m for _, group in S.cascade_layers(model) for m in group]
+    with_state = [m for m in model.modules()
+                  if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))]
+    assert all(any(m is c for c in covered) for m in with_state)
+    assert len(covered) == len({id(m) for m in covered})  # none reset twice
+    # the order is still from the logits down: the linear first, the leading BN last
+    layers = S.cascade_layers(model)
+    assert layers[0][1][0] is model[8] and layers[-1][1][0] is model[0]
