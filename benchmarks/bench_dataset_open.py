@@ -57,6 +57,10 @@ def main() -> None:
         ap.error("--repeats must be at least 1")
     if not args.data.is_dir():  # else each child's traceback, then CalledProcessError's
         ap.error(f"{args.data}: dataset folder does not exist")
+    for src in args.src:  # else the child imported the installed causalign, no word said
+        if not (Path(src) / "causalign" / "__init__.py").is_file():
+            ap.error(f"--src {src}: no causalign/__init__.py there (give a checkout's src "
+                     f"folder)")
     times: dict[str, dict[str, list[float]]] = {s: {"open": [], "pass": []} for s in args.src}
     n = 0
     for r in range(args.repeats):

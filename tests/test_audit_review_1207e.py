@@ -164,3 +164,31 @@ def test_the_cascade_randomises_a_batchnorm_that_precedes_its_conv():
     # the order is still from the logits down: the linear first, the leading BN last
     layers = S.cascade_layers(model)
     assert layers[0][1][0] is model[8] and layers[-1][1][0] is model[0]
+
+
+# ------------------------------------------------------------------ bench_dataset_open --src
+
+
+def test_bench_dataset_open_refuses_a_src_without_causalign(tiny_data, tmp_path,
+                                                           monkeypatch, capsys):
+    """A --src that holds no causalign (a typo, a worktree's root instead of its src) put a
+    missing folder on the child's PYTHONPATH, and the child imported the installed
+    causalign: the "baseline" timed was another checkout's code, with no word."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "review_bench_dataset_open", root / "benchmarks" / "bench_dataset_open.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec.loader.exec_module(mod)
+    out = tmp_path / "o.json"
+    monkeypatch.setattr(sys, "argv", ["bench_dataset_open.py", str(tiny_data), "--repeats",
+                                      "1", "--src", str(tmp_path / "typo"), "--out",
+                                      str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code not in (0, None)
+    assert "typo" in capsys.readouterr().err and not out.exists()
