@@ -192,3 +192,46 @@ def test_bench_dataset_open_refuses_a_src_without_causalign(tiny_data, tmp_path,
         mod.main()
     assert exit_.value.code not in (0, None)
     assert "typo" in capsys.readouterr().err and not out.exists()
+
+
+# ------------------------------------------------------------------ import resume vs new splits
+
+
+def test_a_resumed_import_does_not_keep_a_units_old_split(tmp_path):
+    """Rerunning an import resumes from its journal, which recorded each unit's split: units
+    journaled before a split rule changed (BraTS' time points, LIDC's patient folder, a CSV
+    group's empty split cells, all changed this session) kept their old split beside the
+    new rule's, and a finished import rerun to apply the fix changed nothing. A unit whose
+    planned split differs from its journal's is now imported again."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from causalign.data.format import read_manifest
+    from causalign.data.importers import run_import
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["image,label,group,split"]
+    for p in range(6):
+        for k in range(2):
+            Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(
+                src / f"p{p}_{k}.png")
+            lines.append(f"p{p}_{k}.png,{'ab'[p % 2]},P{p},{['train', 'val', 'test'][p % 3]}")
+    (src / "l.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    opts = {"csv": "l.csv", "size": 16}
+    run_import("folder", src, tmp_path / "fresh", opts)
+    want = {r.id: r.split for r in read_manifest(tmp_path / "fresh")}
+
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "fresh", out)
+    journal = next(out.rglob("journal.jsonl"))
+    entries = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
+    for e in entries:  # as an older rule had drawn them: every unit in another split
+        for r in e["records"]:
+            r["split"] = {"train": "test", "val": "train", "test": "val"}[r["split"]]
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    run_import("folder", src, out, opts)
+    assert {r.id: r.split for r in read_manifest(out)} == want

@@ -89,7 +89,12 @@ def run_import(
     with _open_journal(journal_path) as journal:
         for unit in units:
             entry = done.get(unit.key)
-            if entry is not None and _files_ok(out, entry["records"]):
+            # a unit journaled in another split than planned now (a split rule changed since,
+            # e.g. BraTS' time points of a patient together) is imported again: kept, it sat
+            # in its old split beside the new rule's (and a shortcut depends on the split)
+            if entry is not None and all(r.get("split") == unit.split
+                                         for r in entry["records"]) \
+                    and _files_ok(out, entry["records"]):
                 records[unit.key], skips[unit.key] = entry["records"], entry["skips"]
                 notes[unit.key] = entry.get("notes", {})
                 reused += 1
