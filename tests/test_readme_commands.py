@@ -14,6 +14,7 @@ import csv
 import glob
 import itertools
 import re
+import shlex
 import statistics
 from functools import cache
 from pathlib import Path
@@ -248,8 +249,8 @@ def test_standalone_settings_exist(doc: Path) -> None:
         if "causalign" in span or ".py" in span:
             continue  # whole commands: checked with their command
         for kv in re.findall(r"--set (\S+=\S*)", span):
-            try:
-                _check_set(kv, None, f"`{span}`")
+            try:  # as the shell passes it: `--set class_weight='[1,4]'` (quoted for zsh)
+                _check_set("".join(shlex.split(kv)), None, f"`{span}`")
             except Exception as exc:  # noqa: BLE001
                 problems.append(str(exc))
         bare = re.fullmatch(r"(method\.)?([a-z_0-9]+)=(\S+)", span)
