@@ -20,7 +20,7 @@ from causalign.models import build_model
 from causalign.models.backbones import BACKBONES
 
 # Small inputs each model accepts (bagnet9 needs ≥ 9 px; multiview takes (N, C, D, H, W)).
-MODELS = {"cnn7": (12, 12), "resnet18": (16, 16), "bagnet9": (12, 12),
+MODELS = {"cnn7": (12, 12), "resnet18": (40, 40), "bagnet9": (12, 12),  # resnet18 at 16 px: 1x1
           "multiview": (3, 8, 8)}
 
 

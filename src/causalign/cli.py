@@ -720,6 +720,17 @@ def explain(
         from .report.saliency import saliency_comparison, saliency_names
 
         names = saliency_names(volumes)
+        if "gradcam" in names and len(ds):
+            import torch
+
+            from .explain.gradcam import GradCAM
+
+            first = {k: v.to(dev) for k, v in ds.batch(torch.arange(1)).items()}
+            if GradCAM(model).constant_map(method.model_input(first)):
+                # a 1x1 Grad-CAM layer (resnet18 under 33 px) refuses; the others still run
+                names.remove("gradcam")
+                typer.echo("note: gradcam left out: its layer is 1x1 at this image size "
+                           "(a constant map)", err=True)
         options = _run_explainer_kwargs(run, method, data_path, dev, names)
         with folder_lock(out, f"causalign explain --out {out}"), _progress(progress) as bar:
             for name in names:

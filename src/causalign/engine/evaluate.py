@@ -230,6 +230,15 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         note = f"{saliency} needs 2D images: localisation and deletion use wbp on volumes"
         saliency, explainer_kwargs = "wbp", {}
     explainer = get_explainer(saliency, model, **explainer_kwargs)
+    if saliency == "gradcam" and len(dataset) and hasattr(explainer, "constant_map"):
+        first = next(iter(iterate_batches(dataset, 1, device=device)))
+        if explainer.constant_map(_input(model, method, first)):
+            # a 1x1 layer (resnet18 under 33 px): its upsampled map is a constant, and
+            # localisation and deletion ranked pixels by rounding noise; as for volumes
+            note = ("gradcam's layer is 1x1 at this image size (a constant map): "
+                    "localisation and deletion use wbp")
+            saliency, explainer_kwargs = "wbp", {}
+            explainer = get_explainer(saliency, model)
     probs, labels, losses = [], [], []
     prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}

@@ -96,8 +96,34 @@ class GradCAM(Explainer):
                              f"spatial output (its map is {tuple(cam.shape)}); pick a "
                              f"convolutional layer (the model's last: "
                              f"{', '.join(convs[-5:]) or 'none'})")
+        self._refuse_point_map(cam, inputs)
         cam = self._upsample(cam, inputs)
         return cam if create_graph else cam.detach()
+
+    def _refuse_point_map(self, cam: Tensor, inputs: Tensor) -> None:
+        """One line for a layer whose map is a single pixel: upsampled, it is a constant
+        (resnet18's layer4 on 32 px, inception_v3's Mixed_7c at 75 px), so it localises
+        nothing, and cam_precision / deletion ranked its pixels by float rounding noise."""
+        if cam.dim() >= 3 and all(s == 1 for s in cam.shape[2:]) \
+                and any(s > 1 for s in inputs.shape[2:]):
+            name = next((n for n, m in self.model.named_modules() if m is self.layer), "?")
+            raise InputError(
+                f"gradcam: layer '{name}' of {type(self.model).__name__} is 1x1 at "
+                f"{'x'.join(map(str, inputs.shape[2:]))} px, so its map is constant (no "
+                f"localisation); use larger images or another saliency (wbp, gradient, lrp-*)")
+
+    def constant_map(self, inputs: Tensor) -> bool:
+        """Whether this layer's map is a single pixel for ``inputs`` (one eval forward)."""
+        seen: list[tuple[int, ...]] = []
+        handle = self.layer.register_forward_hook(
+            lambda m, a, o: seen.append(tuple(o.shape[2:])) if isinstance(o, Tensor) else None)
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                self.model(inputs[:1])
+        finally:
+            handle.remove()
+        return bool(seen) and all(s == 1 for s in seen[-1]) \
+            and any(s > 1 for s in inputs.shape[2:])
 
     def _layer_that_runs(self, inputs: Tensor) -> nn.Module:
         """The last Conv2d the forward runs, for a default layer it never runs (GoogLeNet's
@@ -161,6 +187,7 @@ class GradCAM(Explainer):
             return super().predict_and_attribute(inputs)
         check_logits(logits)
         acts = seen[0]
+        self._refuse_point_map(acts, inputs)
         target = logits.detach().argmax(1)
         with torch.enable_grad():  # inside a caller's no_grad the score would be a constant
             score = logits.gather(1, target[:, None]).sum()
