@@ -51,3 +51,34 @@ def test_evaluate_falls_back_to_wbp_on_a_1x1_layer(data):
     assert out["saliency"] == "wbp"
     assert "1x1" in out["saliency_note"]
     assert out["cam_precision"] == out["cam_precision"]  # finite, from a real map
+
+
+def test_report_cam_grid_shows_wbp_for_a_1x1_gradcam_layer(tmp_path, monkeypatch):
+    """With Grad-CAM refusing a 1x1 layer, the report's CAM grid of a resnet18 run at 32 px
+    failed whole ("CAM grid failed: gradcam: layer 'layer4' …"); that column now shows WBP
+    and says so in its title, beside the other methods' Grad-CAM."""
+    import json
+
+    from causalign.engine import TrainConfig, train
+    from causalign.report import figures
+    from causalign.report import html as report_html
+
+    data = tmp_path / "d"
+    generate(data, SynthConfig(n_train=16, n_val=8, n_test=8, size=32, seed=2))
+    out = tmp_path / "bench"
+    runs = []
+    for label, model in (("erm-resnet", "resnet18"), ("erm-cnn", "cnn7")):
+        run_dir = f"runs/{label}"
+        train(data, TrainConfig(method="erm", model=model, epochs=1, batch_size=8,
+                                deletion_fractions=[0.1]), out / run_dir, progress=False)
+        runs.append({"key": label, "dataset": "d", "method": "erm", "label": label,
+                     "setting": "default", "seed": 0, "run_dir": run_dir, "status": "done",
+                     "metrics": {}})
+    results = {"suite": "s", "description": "", "experiments": [], "runs": runs}
+    (out / "results.json").write_text(json.dumps(results))
+    seen = {}
+    monkeypatch.setattr(figures, "cam_grid", lambda images, boxes, maps, path, **k:
+                        seen.update(maps))
+    assert report_html.cam_figure(out, results, "d", tmp_path / "cam.png", n=2)
+    assert set(seen) == {"erm-resnet (WBP)", "erm-cnn"}
+    assert all(float(m.std()) > 0 for m in seen.values())  # neither map is a constant

@@ -108,7 +108,8 @@ def _cut(volumes: Tensor, z: Tensor) -> Tensor:
 def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASES) -> bool:
     """Grad-CAM of the predicted class, method × the same test cases (paper 000 Fig. 4).
     Volumes: WBP (Grad-CAM's upsampling is 2D-only, as in evaluation), each case cut at the
-    slice with most annotation."""
+    slice with most annotation; a model whose Grad-CAM layer is 1x1 at this image size: WBP,
+    its column titled so."""
     from ..engine.trainer import load_run
     from ..explain import get_explainer, saliency_map
     from .figures import cam_grid
@@ -145,7 +146,12 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
         x = method.model_input(batch)
         with torch.no_grad():
             pred = model(x).argmax(1)
-        cam = saliency_map(get_explainer(saliency, model).attribute(x, target=pred))
+        explainer = get_explainer(saliency, model)
+        if saliency == "gradcam" and explainer.constant_map(x):
+            # a 1x1 Grad-CAM layer (resnet18 under 33 px) is refused as a constant map: that
+            # column shows WBP, named in its title, rather than the grid failing
+            explainer, label = get_explainer("wbp", model), f"{label} (WBP)"
+        cam = saliency_map(explainer.attribute(x, target=pred))
         maps[label] = cam.detach().float()
         if titles is None:
             # the sample id: the same cases head the counterfactual figure, whose rows
@@ -464,8 +470,10 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     if datasets:
         parts.append("<h2>CAM overlays (Fig. 4)</h2><p>Grad-CAM of the predicted class at "
                      "the last conv layer (WBP on volumes, cut at the slice with most "
-                     "annotation); the red box is the annotated lesion. Rows: test "
-                     "cases, columns: methods (default setting, lowest seed).</p>")
+                     "annotation, and for a model whose last conv layer is 1x1 at this "
+                     "image size, its column marked \"(WBP)\"); the red box is the annotated "
+                     "lesion. Rows: test cases, columns: methods (default setting, lowest "
+                     "seed).</p>")
     slugs: dict[str, str] = {}  # "a/b" and "a b" both slug to "a-b": keep both grids
     for d in datasets:
         slug = base = _file_slug(d)
