@@ -19,6 +19,7 @@ from ..data.format import LesionDataset
 from ..errors import InputError
 from ..explain import get_explainer, saliency_map
 from ..explain.base import eval_mode
+from ..explain.gradcam import ConstantMapError
 from ..io import atomic_write_text
 from ..methods.base import Method
 from ..metrics import (
@@ -230,15 +231,6 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         note = f"{saliency} needs 2D images: localisation and deletion use wbp on volumes"
         saliency, explainer_kwargs = "wbp", {}
     explainer = get_explainer(saliency, model, **explainer_kwargs)
-    if saliency == "gradcam" and len(dataset) and hasattr(explainer, "constant_map"):
-        first = next(iter(iterate_batches(dataset, 1, device=device)))
-        if explainer.constant_map(_input(model, method, first)):
-            # a 1x1 layer (resnet18 under 33 px): its upsampled map is a constant, and
-            # localisation and deletion ranked pixels by rounding noise; as for volumes
-            note = ("gradcam's layer is 1x1 at this image size (a constant map): "
-                    "localisation and deletion use wbp")
-            saliency, explainer_kwargs = "wbp", {}
-            explainer = get_explainer(saliency, model)
     probs, labels, losses = [], [], []
     prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}
@@ -249,7 +241,16 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                               device=device)
     for batch in batches:
         x = _input(model, method, batch)
-        logits, maps = explainer.predict_and_attribute(x)
+        try:
+            logits, maps = explainer.predict_and_attribute(x)
+        except ConstantMapError:
+            # a 1x1 Grad-CAM layer (resnet18 under 33 px; every batch has the images' size,
+            # so the first says it): its map is a constant, by whose rounding noise
+            # localisation and deletion ranked pixels; WBP instead, as for volumes
+            note = ("gradcam's layer is 1x1 at this image size (a constant map): "
+                    "localisation and deletion use wbp")
+            saliency, explainer = "wbp", get_explainer("wbp", model)
+            logits, maps = explainer.predict_and_attribute(x)
         n_bad = int((~torch.isfinite(logits)).sum())
         if n_bad:  # before the maps' own NaN errors, which would blame the saliency
             raise InputError(f"the model's outputs on split '{dataset.split}' hold {n_bad} "

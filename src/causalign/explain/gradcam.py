@@ -32,6 +32,11 @@ def _named_layer(model: nn.Module, name: str) -> nn.Module:
                          f"convolutions: {', '.join(convs[-5:]) or 'none'})") from None
 
 
+class ConstantMapError(InputError):
+    """Grad-CAM's layer is a single pixel at this image size: its map would be a constant.
+    Evaluation catches it to fall back to WBP without a forward pass of its own."""
+
+
 @register_explainer("gradcam")
 class GradCAM(Explainer):
     """ReLU(Σ_k α_k A_k) at `layer` (a module or its name, e.g. ``"layer4"`` of a ResNet; default:
@@ -107,7 +112,7 @@ class GradCAM(Explainer):
         if cam.dim() >= 3 and all(s == 1 for s in cam.shape[2:]) \
                 and any(s > 1 for s in inputs.shape[2:]):
             name = next((n for n, m in self.model.named_modules() if m is self.layer), "?")
-            raise InputError(
+            raise ConstantMapError(
                 f"gradcam: layer '{name}' of {type(self.model).__name__} is 1x1 at "
                 f"{'x'.join(map(str, inputs.shape[2:]))} px, so its map is constant (no "
                 f"localisation); use larger images or another saliency (wbp, gradient, lrp-*)")
