@@ -74,6 +74,14 @@ def main() -> None:
                                                  n_test=args.n_test, size=args.size,
                                                  shortcut="none", seed=0))
     counts = imbalanced_copy(args.out / "data_full", args.out / "data", args.minority)
+    # a split without one of the classes has no AUC (None) nor sensitivity/specificity:
+    # the summary's mean over seeds crashed in statistics.fmean after all the training
+    lacking = [f"{s} ({'no malignant' if not c['1'] else 'no benign'})"
+               for s, c in counts.items() if not c["0"] or not c["1"]]
+    if lacking:
+        shutil.rmtree(args.out)  # made by this call (it did not exist): a rerun may use it
+        ap.exit(2, f"{ap.prog}: error: --minority {args.minority} leaves {', '.join(lacking)}"
+                   f" at these sizes; raise --n-train/--n-val/--n-test or --minority\n")
     runs: dict[str, dict[int, dict]] = {rule: {} for rule in RULES}
     for rule in RULES:
         for seed in args.seeds:
