@@ -26,3 +26,23 @@ def test_class_weight_imbalance_refuses_a_split_without_a_class(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no malignant" in lines[0] and "test" in lines[0], lines
     assert not out.exists()
+
+
+def test_a_saliency_fallback_reaches_the_benchmark_table_notes():
+    """eval_saliency=gradcam on resnet18 at 32 px (a 1x1 layer) or on volumes: the test
+    split's CAM columns are WBP's; metrics.json said so (test.saliency_note) but tables.md
+    did not, so a table read as Grad-CAM's numbers. One note per dataset and note."""
+    from causalign.engine.benchmark import Experiment, MethodSpec, _slim, experiment_table
+
+    note = ("gradcam's layer is 1x1 at this image size (a constant map): localisation "
+            "and deletion use wbp")
+    recs = [{"key": f"d/erm/seed{s}", "dataset": "d", "method": "erm", "label": "erm",
+             "setting": "default", "seed": s, "experiments": ["t"], "status": "done",
+             "metrics": _slim({"method": "erm", "test": {"accuracy": 0.5, "cam_precision": 0.2,
+                                                         "saliency_note": note}})}
+            for s in (0, 1)]
+    exp = Experiment("t", "t", ["d"], [MethodSpec("erm", "erm")], [0, 1], {"default": {}},
+                     "method", ["test.accuracy", "test.cam_precision"])
+    notes = experiment_table(exp, recs).notes
+    hits = [n for n in notes if note in n]
+    assert hits == [f"d/erm/seed0 and 1 other run(s): warning: test: {note}"], notes

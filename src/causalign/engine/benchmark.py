@@ -1325,6 +1325,12 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
         if r["status"] == "done":  # a finished run whose alignment term was mostly skipped
             for w in r["metrics"].get("warnings", []):
                 warned.setdefault((str(r.get("dataset")), w), []).append(r["key"])
+            # the test split's saliency fell back to WBP (gradcam on volumes, or on a 1x1
+            # layer): its CAM columns are WBP's, not the eval_saliency the suite asked for
+            sal = (r["metrics"].get("test") or {}).get("saliency_note")
+            if sal:
+                warned.setdefault((str(r.get("dataset")), f"test: {sal}"), []).append(
+                    r["key"])
     # one note per dataset and warning: a dataset's one-class val split was listed once per
     # run on it (18 identical notes for 2 datasets x 3 methods x 2 seeds)
     for (_, w), keys in warned.items():
