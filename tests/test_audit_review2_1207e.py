@@ -46,3 +46,36 @@ def test_a_saliency_fallback_reaches_the_benchmark_table_notes():
     notes = experiment_table(exp, recs).notes
     hits = [n for n in notes if note in n]
     assert hits == [f"d/erm/seed0 and 1 other run(s): warning: test: {note}"], notes
+
+
+def test_shape_hint_survives_torch_compile():
+    """shape_errors gave its one-line channel hint only for errors whose traceback passes
+    through the first conv's frame; a torch.compile'd model fails while Dynamo traces it,
+    in frames of no layer, so the hint (given before that narrowing) was lost to a
+    multi-screen Dynamo error. Eager models keep the narrowing (head errors stay raw)."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from causalign.errors import InputError
+    from causalign.explain.base import shape_errors
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(5, 2)  # takes 5: a head that fails on the conv's 4
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    x = torch.randn(1, 1, 12, 12)
+    compiled = torch.compile(Net(), backend="eager")
+    with pytest.raises(InputError, match="takes \\(N, 3, H, W\\)"):
+        with shape_errors(compiled, x, "explain"):
+            compiled(x)
+    eager = Net()
+    with pytest.raises(RuntimeError, match="mat1 and mat2") as info:  # raw, not the hint
+        with shape_errors(eager, torch.randn(1, 3, 12, 12), "explain"):
+            eager(torch.randn(1, 3, 12, 12))
+    assert not isinstance(info.value, InputError)

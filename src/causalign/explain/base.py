@@ -332,13 +332,18 @@ def _raised_at_input_layer(exc: BaseException, model: nn.Module) -> bool:
         # of any failure inside them
         if n and not name.startswith(n + "."):
             early.add(id(m))
+    inner = {id(m) for m in model.modules() if m is not model and m is not eager_module(model)}
+    seen_inner = False
     tb = exc.__traceback__
     while tb is not None:
         owner = tb.tb_frame.f_locals.get("self")
         if owner is not None and id(owner) in early:
             return True
+        seen_inner = seen_inner or (owner is not None and id(owner) in inner)
         tb = tb.tb_next
-    return False
+    # no frame of any layer: the traceback cannot say where (a torch.compile'd model fails
+    # while Dynamo traces it, in frames of its own), so the hint is given as before
+    return not seen_inner
 
 
 @contextmanager
