@@ -79,3 +79,41 @@ def test_shape_hint_survives_torch_compile():
         with shape_errors(eager, torch.randn(1, 3, 12, 12), "explain"):
             eager(torch.randn(1, 3, 12, 12))
     assert not isinstance(info.value, InputError)
+
+
+def test_a_rerun_says_how_many_units_it_imported_again_for_a_new_split(tmp_path):
+    """Units journaled in another split than planned now are imported again (LIDC and
+    CBIS-DDSM are stratified since, so an import begun before redoes many of them); the
+    summary said only 'reused k of n', not why the rest was redone. Now a note counts them."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from causalign.data.importers import run_import
+    from causalign.data.importers.run import format_summary
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["image,label,group,split"]
+    for p in range(6):
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(src / f"p{p}.png")
+        lines.append(f"p{p}.png,{'ab'[p % 2]},P{p},{['train', 'val', 'test'][p % 3]}")
+    (src / "l.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    opts = {"csv": "l.csv", "size": 16}
+    out = tmp_path / "out"
+    run_import("folder", src, out, opts)
+    journal = next(out.rglob("journal.jsonl"))
+    entries = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
+    for e in entries[:2]:  # two units drawn by an older rule into another split
+        for r in e["records"]:
+            r["split"] = {"train": "test", "val": "train", "test": "val"}[r["split"]]
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    summary = run_import("folder", src, out, opts)
+    assert summary["units"]["reused_from_previous_run"] == 4
+    text = format_summary(summary)
+    assert "note: 2 × unit(s) of the previous run imported again: their planned split " \
+           "changed" in text, text
+    shutil.rmtree(out)

@@ -84,7 +84,7 @@ def run_import(
     records: dict[str, list[dict]] = {}
     skips: dict[str, list[dict]] = {}
     notes: dict[str, dict[str, int]] = {}
-    reused = 0
+    reused = moved = 0
     task = progress.add_task(f"importing {kind}", total=len(units)) if progress else None
     with _open_journal(journal_path) as journal:
         for unit in units:
@@ -99,6 +99,10 @@ def run_import(
                 notes[unit.key] = entry.get("notes", {})
                 reused += 1
             else:
+                # said in the summary: a rerun that redoes much of a finished import (e.g.
+                # LIDC / CBIS-DDSM, stratified since) should say why
+                moved += entry is not None and any(r.get("split") != unit.split
+                                                   for r in entry["records"])
                 importer.unit_notes = {}
                 recs, sk, complete = _process_unit(importer, unit, out, meta, opts, png_bits)
                 records[unit.key], skips[unit.key] = recs, sk
@@ -126,6 +130,9 @@ def run_import(
     for unit_notes in notes.values():
         for what, n in unit_notes.items():
             importer.notes[what] = importer.notes.get(what, 0) + n
+    if moved:
+        importer.notes["unit(s) of the previous run imported again: their planned split "
+                       "changed since (a newer version's split rule)"] = moved
     summary = _summary(kind, src, out, meta, rows, all_skips, importer, reused, len(units))
     atomic_write_json(out / SUMMARY, summary)
     atomic_write_json(out / STATE_DIR / "state.json", {**state, "complete": True})
