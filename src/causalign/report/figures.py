@@ -395,6 +395,9 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     with _figure(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False
                  ) as (fig, axes):
         colours = {label: f"C{i % 10}" for i, label in enumerate(histories)}
+        every = [e for rows in histories.values() for e in (_number(r.get("epoch")) for r in rows)
+                 if np.isfinite(e)]
+        span = (int(min(every)), int(max(every))) if every else None
         for ax, panel in zip(axes[0], panels, strict=True):
             for label, rows in histories.items():
                 if not rows:
@@ -410,8 +413,9 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                     ax.plot(epochs, [_number(r.get("val_auc")) for r in rows], **kw)
                 elif panel == "accuracy":
                     ax.plot(epochs, [_number(r.get("val_accuracy")) for r in rows], **kw)
+                    # hollow markers: a dashed line through one epoch's point drew nothing
                     ax.plot(epochs, [_number(r.get("train_accuracy")) for r in rows],
-                            linestyle="--", **{**kw, "marker": None})
+                            linestyle="--", markerfacecolor="none", **kw)
                 else:
                     for k, style in zip(aligned[label], ("-", "--", ":", "-."), strict=False):
                         ax.plot(epochs, [_number(r.get(k)) for r in rows], linestyle=style,
@@ -424,8 +428,13 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                 ax.legend(fontsize=7)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if span is not None and span[1] - span[0] < 2:
+                # one or two epochs: MaxNLocator falls back to fractional ticks that overlap
+                # ("0.9450.960…"); the epochs themselves, with room either side
+                ax.set_xticks(range(span[0], span[1] + 1))
+                ax.set_xlim(span[0] - 0.5, span[1] + 0.5)
             ax.set_title({"loss": "training loss", "auc": "validation AUC",
-                          "accuracy": "accuracy (val solid, train dashed)",
+                          "accuracy": "accuracy (val solid, train dashed, hollow)",
                           "align": "alignment term L_align (train)"}[panel], fontsize=9)
             ax.grid(alpha=0.3)
         # one legend of the runs under the panels: long run paths crowded the first panel

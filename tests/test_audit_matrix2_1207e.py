@@ -1,0 +1,41 @@
+"""Audit (matrix 2, 1207e): every command × every model type, the report's figures."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from causalign.report import figures
+
+
+def _capture(monkeypatch):
+    got = {}
+
+    def save(fig, path, **kw):
+        fig.canvas.draw()
+        got["fig"] = fig
+
+    monkeypatch.setattr(figures, "atomic_savefig", save)
+    return got
+
+
+def _one_epoch(acc: float) -> list[dict]:
+    return [{"epoch": 1, "train_loss": 0.7, "train_accuracy": acc, "val_accuracy": 0.4,
+             "val_auc": 0.6}]
+
+
+def test_one_epoch_curves_have_integer_ticks_and_a_visible_train_accuracy(monkeypatch, tmp_path):
+    """A 1-epoch run (the quick suite, any smoke test) drew its epoch axis as
+    "0.9450.9600.975…" (overlapping fractional ticks) and no training accuracy at all: a
+    dashed line without a marker through one point draws nothing."""
+    got = _capture(monkeypatch)
+    figures.training_curves({"a": _one_epoch(0.9), "b": _one_epoch(0.5)}, tmp_path / "c.png")
+    axes = got["fig"].axes
+    for ax in axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    acc = axes[2]
+    train = [ln for ln in acc.get_lines() if ln.get_linestyle() == "--"]
+    assert len(train) == 2
+    for ln in train:  # one point each: it must carry a marker to be seen
+        assert ln.get_marker() not in (None, "None", "", " ")
+        assert np.isfinite(np.asarray(ln.get_ydata(), float)).all()
