@@ -39,3 +39,27 @@ def test_one_epoch_curves_have_integer_ticks_and_a_visible_train_accuracy(monkey
     for ln in train:  # one point each: it must carry a marker to be seen
         assert ln.get_marker() not in (None, "None", "", " ")
         assert np.isfinite(np.asarray(ln.get_ydata(), float)).all()
+
+
+def _run(label: str, saliency: str, drop: float) -> dict:
+    return {"status": "done", "setting": "default", "dataset": "pm", "label": label, "seed": 0,
+            "metrics": {"test": {"saliency": saliency,
+                                 "deletion": {"0.01": drop, "0.1": drop * 2}}}}
+
+
+def test_deletion_legend_names_the_saliency_where_a_dataset_mixes_them(monkeypatch, tmp_path):
+    """resnet18 at 32 px is evaluated with WBP (its Grad-CAM layer is 1x1) next to Grad-CAM
+    runs: the deletion curves shared one axis with nothing saying which curve is WBP (the
+    CAM grid marks that column "(WBP)"), so the WBP curve read as a far more faithful model."""
+    import matplotlib.figure
+
+    got = {}
+    monkeypatch.setattr("causalign.io.atomic_savefig",
+                        lambda fig, path, **kw: got.setdefault("fig", fig))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: None)
+    from causalign.report.html import deletion_figure
+
+    results = {"runs": [_run("erm", "gradcam", 0.01), _run("erm-resnet", "wbp", 0.3)]}
+    assert deletion_figure(results, tmp_path / "d.png")
+    labels = [t.get_text() for t in got["fig"].axes[0].get_legend().get_texts()]
+    assert labels == ["erm (Grad-CAM)", "erm-resnet (WBP)"], labels

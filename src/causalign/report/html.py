@@ -308,15 +308,23 @@ def deletion_figure(results: dict, path: Path) -> bool:
     from .figures import _figure, _plain
 
     curves: dict[tuple[str, str], dict[str, list[float]]] = {}
+    saliency: dict[tuple[str, str], str] = {}
     for r in _finished(results):
         if r["setting"] != "default":
             continue
-        dele = ((r.get("metrics") or {}).get("test") or {}).get("deletion") or {}
+        test = (r.get("metrics") or {}).get("test") or {}
+        dele = test.get("deletion") or {}
         for k, v in dele.items():
             if v is not None:
                 curves.setdefault((r["dataset"], r["label"]), {}).setdefault(k, []).append(v)
+                saliency[(r["dataset"], r["label"])] = str(test.get("saliency") or "gradcam")
     if not curves:
         return False
+    # a dataset whose runs deleted by different saliencies (resnet18 under 33 px falls back
+    # to WBP next to Grad-CAM runs) names each curve's, as the CAM grid's "(WBP)" column does
+    mixed = {d for d, _ in curves
+             if len({s for (dd, _), s in saliency.items() if dd == d}) > 1}
+    names = {"gradcam": "Grad-CAM", "wbp": "WBP"}
     datasets = sorted({d for d, _ in curves})
     with _figure(1, len(datasets), figsize=(4.6 * len(datasets), 3.4),
                  squeeze=False) as (fig, axes):
@@ -325,8 +333,12 @@ def deletion_figure(results: dict, path: Path) -> bool:
                 if dd != d:
                     continue
                 ks = sorted(pts, key=float)
+                name = _plain(label)
+                if d in mixed:
+                    s = saliency[(dd, label)]
+                    name += f" ({names.get(s, s)})"
                 ax.plot([float(k) for k in ks], [float(np.mean(pts[k])) for k in ks],
-                        marker="o", label=_plain(label))
+                        marker="o", label=name)
             ax.set_xscale("log")
             ax.set_xlabel("fraction of pixels deleted (top-k salient)")
             ax.set_ylabel("drop of predicted-class probability")
