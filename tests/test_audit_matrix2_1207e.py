@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from causalign.report import figures
 
@@ -63,3 +64,18 @@ def test_deletion_legend_names_the_saliency_where_a_dataset_mixes_them(monkeypat
     assert deletion_figure(results, tmp_path / "d.png")
     labels = [t.get_text() for t in got["fig"].axes[0].get_legend().get_texts()]
     assert labels == ["erm (Grad-CAM)", "erm-resnet (WBP)"], labels
+
+
+def test_pc_refusal_names_the_minimum_and_a_way_out():
+    """`causalign causal pc RUN` on a small test split said only "PC check: only 16 fully
+    annotated samples": not how many it needs, nor that --split train has more."""
+    from causalign.causal.pc import pc_check
+    from causalign.errors import CausalignError
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(CausalignError) as e:
+        pc_check(rng.normal(size=(16, 8)), rng.integers(0, 2, (16, 3)).astype(float),
+                 rng.integers(0, 2, 16), ["a", "b", "c"])
+    msg = str(e.value)
+    assert "only 16 fully annotated samples" in msg and "at least 20" in msg and "split" in msg
+    assert "\n" not in msg

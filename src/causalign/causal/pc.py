@@ -254,6 +254,9 @@ def _dependent(data: np.ndarray, names: list[str]) -> str:
            "a constant)"
 
 
+_MIN_SAMPLES = 20  # fewer rows leave the conditional-independence tests no power
+
+
 def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
              attribute_names: list[str], *, n_components: int = 3, alpha: float = 0.01,
              indep_test: str = "fisherz", causal_attributes: list[str] | None = None,
@@ -278,8 +281,10 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
         if causal_attributes is not None:
             causal_attributes = [n for n in causal_attributes if n in attribute_names]
     keep = ~np.isnan(attributes).any(1)
-    if keep.sum() < 20:
-        raise CausalignError(f"PC check: only {int(keep.sum())} fully annotated samples")
+    if keep.sum() < _MIN_SAMPLES:
+        raise CausalignError(f"PC check: only {int(keep.sum())} fully annotated samples, at "
+                             f"least {_MIN_SAMPLES} needed (a larger split, e.g. "
+                             f"`causalign causal pc RUN --split train`)")
     f = features[keep]
     f = f - f.mean(0)
     # PCA by SVD; components scaled to unit variance
