@@ -517,6 +517,9 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                              f"prediction, left of the arrow, moved to the class right of it) "
                              f"| x* − x (red: brighter, blue: darker; "
                              f"black outline: annotation).</p>" + _img(p, "counterfactuals"))
+                if len(datasets) > 1:  # said, as for the CAM grids, not silently dropped
+                    rest = ", ".join(html.escape(x) for x in datasets[1:])
+                    parts.append(f"<p>Not drawn (the first dataset only): {rest}.</p>")
                 shown.add(p.name)
         except Exception as exc:
             _raise_interrupt_behind(exc, handled)
