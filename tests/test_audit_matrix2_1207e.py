@@ -112,3 +112,17 @@ def test_report_says_which_datasets_have_no_counterfactual_figure(monkeypatch, t
     page = rep.write_report(tmp_path).read_text()
     section = page.split("Counterfactuals (Fig. 9)")[1].split("<h2>")[0]
     assert "vol" in section and "not drawn" in section.lower(), section
+
+
+def test_one_epoch_alignment_levels_are_told_apart(monkeypatch, tmp_path):
+    """hier-align's two alignment terms (image, attribute level) were told apart by line
+    style only: after one epoch, two dots of one colour and a legend of line styles."""
+    got = _capture(monkeypatch)
+    rows = [{**_one_epoch(0.5)[0], "train_img_align": 0.9, "train_attr_align": 0.7}]
+    figures.training_curves({"hier-align": rows}, tmp_path / "c.png")
+    align = got["fig"].axes[3]
+    drawn = [ln for ln in align.get_lines() if len(ln.get_xdata())]
+    assert len(drawn) == 2 and drawn[0].get_marker() != drawn[1].get_marker()
+    proxies = {t.get_text(): h for t, h in zip(align.get_legend().get_texts(),
+                                                align.get_legend().legend_handles, strict=True)}
+    assert proxies["img_align"].get_marker() != proxies["attr_align"].get_marker()

@@ -381,6 +381,10 @@ def _alignment_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             and not k.endswith(("_n_align", "align_step"))]
 
 
+_ALIGN_STYLES = ("-", "--", ":", "-.")  # the alignment columns' line styles and markers
+_ALIGN_MARKERS = ("o", "s", "^", "D")
+
+
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                     title: str = "") -> None:
     """Per-epoch curves of one or more runs' history.csv rows (label → rows): training loss,
@@ -398,6 +402,7 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
         every = [e for rows in histories.values() for e in (_number(r.get("epoch")) for r in rows)
                  if np.isfinite(e)]
         span = (int(min(every)), int(max(every))) if every else None
+        longest_run = max(len(rows) for rows in histories.values())
         for ax, panel in zip(axes[0], panels, strict=True):
             for label, rows in histories.items():
                 if not rows:
@@ -417,14 +422,19 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                     ax.plot(epochs, [_number(r.get("train_accuracy")) for r in rows],
                             linestyle="--", markerfacecolor="none", **kw)
                 else:
-                    for k, style in zip(aligned[label], ("-", "--", ":", "-."), strict=False):
+                    # a marker per column too: after one epoch there is no line to style
+                    for k, style, marker in zip(aligned[label], _ALIGN_STYLES, _ALIGN_MARKERS,
+                                                strict=False):
                         ax.plot(epochs, [_number(r.get(k)) for r in rows], linestyle=style,
-                                **kw)
+                                **{**kw, "marker": marker if kw["marker"] else None})
             if panel == "align" and max(len(c) for c in aligned.values()) > 1:
                 # the line style names the column (hier-align: image and attribute level)
                 longest = max(aligned.values(), key=len)
-                for k, style in zip(longest, ("-", "--", ":", "-."), strict=False):
-                    ax.plot([], [], color="k", linestyle=style, label=k.removeprefix("train_"))
+                for k, style, marker in zip(longest, _ALIGN_STYLES, _ALIGN_MARKERS,
+                                            strict=False):
+                    ax.plot([], [], color="k", linestyle=style, markersize=3,
+                            marker=marker if longest_run <= 20 else None,
+                            label=k.removeprefix("train_"))
                 ax.legend(fontsize=7)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
