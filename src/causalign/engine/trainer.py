@@ -795,6 +795,10 @@ class Trainer:
                 "data_intensity": list(intensity_range(self.train_set)),
                 # and their size: another site's images are fed unresized (warned about)
                 "data_image_shape": [int(v) for v in self.train_set.image_shape],
+                # the network actually built: bagnet and icnn build their own, so `model`
+                # (a setting, default cnn7) did not say what was trained
+                "model_class": type(self.model).__name__,
+                "model_parameters": sum(int(p.numel()) for p in self.model.parameters()),
                 "causalign_version": __version__,
                 "torch_version": str(torch.__version__),
                 # the weights `init` named when the run started (init is kept as given)
@@ -1502,7 +1506,8 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
 
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "data_classes",
-                "data_attributes", "data_intensity", "data_image_shape", "causalign_version",
+                "data_attributes", "data_intensity", "data_image_shape", "model_class",
+                "model_parameters", "causalign_version",
                 "torch_version", "environment", "method_params", "init_source",
                 "class_weight_values")
 

@@ -1,4 +1,6 @@
-"""The rule by which `warn_other_intensity` tells another site's pixel range from the run's:
+"""What a run records of its data and network, and the warnings comparing another site's
+data with it. The rule by which `warn_other_intensity` tells another site's pixel range from
+the run's:
 a span beyond one training span outside it, or under an eighth of it, warns; the synthetic
 sites' contrast gains (0.75..1.25) and a degenerate (constant) training range do not
 misfire."""
@@ -91,3 +93,17 @@ def test_evaluate_on_another_image_size_warns_once(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc in (0, None), err
     assert err.count("images are 40×40 px, the run was trained on 32×32") == 1, err
+
+
+@pytest.mark.parametrize(("method", "expected"), [("erm", "SevenLayerCNN"), ("bagnet", "BagNet")])
+def test_config_records_the_network_actually_built(tiny_data, tmp_path, method, expected):
+    """bagnet (and icnn) build their own network: config.yaml said `model: cnn7` for a
+    BagNet-17 run, with nothing naming what was trained."""
+    from causalign.engine import TrainConfig, train
+
+    run = tmp_path / method
+    train(tiny_data, TrainConfig(method=method, epochs=1, batch_size=16, width=4, seed=0), run,
+          progress=False)
+    cfg = trainer.read_run_config(run)
+    assert cfg["model_class"] == expected
+    assert cfg["model_parameters"] > 0
