@@ -35,7 +35,8 @@ def _byte_floats(root, n: int = 8) -> LesionDataset:
         return LesionDataset(root, "train")
 
 
-def _setup_messages(method: str, ds: LesionDataset, **args) -> list[str]:
+def _setup_messages(method: str, ds: LesionDataset, match: str = "units of [0, 1] images",
+                    **args) -> list[str]:
     m = build_method(method, args)
     info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 16, 16), attributes=ATTRS)
     model = m.build_model(TrainConfig(width=4), info) if method == "hier-align" else \
@@ -43,7 +44,7 @@ def _setup_messages(method: str, ds: LesionDataset, **args) -> list[str]:
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         m.setup(ds, model)
-    return [str(w.message) for w in got if "units of [0, 1] images" in str(w.message)]
+    return [str(w.message) for w in got if match in str(w.message)]
 
 
 def test_hier_align_warns_that_its_search_settings_are_in_unit_pixels(tmp_path):
@@ -79,12 +80,6 @@ def test_cache_size_warning_names_the_method(tmp_path, monkeypatch, method, args
     import causalign.methods.causal_align as CA
 
     monkeypatch.setattr(CA, "CACHE_WARN_BYTES", 100)  # 8 samples of 16x16 float32 pass it
-    m = build_method(method, args)
-    info = DataInfo(in_channels=1, num_classes=2, image_shape=(1, 16, 16), attributes=ATTRS)
-    model = m.build_model(TrainConfig(width=4), info) if method == "hier-align" else \
-        nn.Sequential(nn.Flatten(), nn.Linear(256, 2))
-    with warnings.catch_warnings(record=True) as got:
-        warnings.simplefilter("always")
-        m.setup(_byte_floats(tmp_path / "d"), model)
-    hits = [str(w.message) for w in got if "warm-start cache will hold" in str(w.message)]
+    hits = _setup_messages(method, _byte_floats(tmp_path / "d"),
+                           match="warm-start cache will hold", **args)
     assert len(hits) == 1 and hits[0].startswith(f"{method}: "), hits
