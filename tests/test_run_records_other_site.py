@@ -107,3 +107,12 @@ def test_config_records_the_network_actually_built(tiny_data, tmp_path, method, 
     cfg = trainer.read_run_config(run)
     assert cfg["model_class"] == expected
     assert cfg["model_parameters"] > 0
+
+
+@pytest.mark.parametrize(("method", "expected"), [("erm", "SevenLayerCNN"), ("bagnet", "BagNet")])
+def test_bench_step_names_the_network_it_timed(method, expected):
+    """`bench step --method bagnet` reported "model": "cnn7" (the setting) for a BagNet."""
+    from causalign.engine.bench import bench_step
+
+    result = bench_step(method, size=16, batch_size=2, steps=1, warmup=0)
+    assert result["model"] == "cnn7" and result["model_class"] == expected

@@ -194,7 +194,13 @@ def bench_step(method: str, size: int = 64, batch_size: int = 64, steps: int = 5
         check(shape)
     # the runs seed torch's generator (`_TimedStep`): the caller's is restored after
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        return _bench(method, batch, cfg, info, dev, steps, warmup, method_args, profile)
+        result = _bench(method, batch, cfg, info, dev, steps, warmup, method_args, profile)
+        # the network timed: bagnet and icnn build their own, so "model" (the setting,
+        # cnn7) did not say what ran (a meta-device build: no weights allocated)
+        with torch.device("meta"):
+            timed = built.build_model(cfg, info)
+        result["model_class"] = type(timed).__name__
+        return result
 
 
 def _bench(method: str, batch: dict[str, torch.Tensor], cfg: TrainConfig, info: DataInfo,
