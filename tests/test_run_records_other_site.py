@@ -114,5 +114,5 @@ def test_bench_step_names_the_network_it_timed(method, expected):
     """`bench step --method bagnet` reported "model": "cnn7" (the setting) for a BagNet."""
     from causalign.engine.bench import bench_step
 
-    result = bench_step(method, size=16, batch_size=2, steps=1, warmup=0)
+    result = bench_step(method, size=24, batch_size=2, steps=1, warmup=0)
     assert result["model"] == "cnn7" and result["model_class"] == expected
