@@ -126,3 +126,37 @@ def test_one_epoch_alignment_levels_are_told_apart(monkeypatch, tmp_path):
     proxies = {t.get_text(): h for t, h in zip(align.get_legend().get_texts(),
                                                 align.get_legend().legend_handles, strict=True)}
     assert proxies["img_align"].get_marker() != proxies["attr_align"].get_marker()
+
+
+def test_explain_all_draws_its_figure_from_the_exported_maps(tiny_data, tmp_path,
+                                                             monkeypatch):
+    """`explain --saliency all` computed every method's maps twice: once per method for the
+    export, then again for all_saliency.png (minutes for the counterfactual map on large
+    models). The figure now takes the exported maps of its cases."""
+    import numpy as np
+
+    from causalign.cli import main
+    from causalign.engine import TrainConfig, train
+    from causalign.report import figures
+    from causalign.report import saliency as report_saliency
+
+    run = tmp_path / "run"
+    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0), run,
+          progress=False)
+
+    def recompute(*a, **k):
+        raise AssertionError("the figure's maps were computed again")
+
+    drawn = {}
+    monkeypatch.setattr(report_saliency, "compute_maps", recompute)
+    monkeypatch.setattr(figures, "cam_grid", lambda images, boxes, maps, path, **k:
+                        drawn.update(maps))
+    out = tmp_path / "ex"
+    assert main(["explain", str(run), "--saliency", "all", "--limit", "4", "--out", str(out),
+                 "--no-progress"]) in (0, None)
+    assert "gradient" in drawn and drawn["gradient"].shape[0] == 4
+    from causalign.data.format import LesionDataset
+
+    ids = [r.id for r in LesionDataset(tiny_data, "test").records[:4]]
+    saved = np.stack([np.load(out / "gradient" / "maps" / f"{i}.npy") for i in ids])
+    np.testing.assert_array_equal(drawn["gradient"], np.clip(saved, 0, None))

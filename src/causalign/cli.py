@@ -736,9 +736,16 @@ def explain(
             for name in names:
                 export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
                                 progress=bar, explainer_kwargs=options.get(name))
+            import numpy as np
+
+            # the figure's cases are the first of those just exported: their saved maps,
+            # not a second computation of every method's
+            shown = min(6, limit or 6, len(ds))
+            saved = {name: np.stack([np.load(out / name / "maps" / f"{ds.records[i].id}.npy")
+                                     for i in range(shown)]) for name in names}
             saliency_comparison(model, method, ds, out / "all_saliency.png", names=names,
-                                limit=min(6, limit or 6), device=dev,
-                                explainer_kwargs=options)
+                                limit=shown, device=dev, explainer_kwargs=options,
+                                maps=saved)
         typer.echo(f"wrote maps of {len(names)} methods to {out}/<method>/ and "
                    f"{out / 'all_saliency.png'}")
         return

@@ -45,9 +45,14 @@ def compute_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
 def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset, path: str | Path,
                         names: Sequence[str] | None = None, limit: int = 6,
                         device: torch.device | str = "cpu",
-                        explainer_kwargs: Mapping[str, dict[str, Any]] | None = None) -> dict:
+                        explainer_kwargs: Mapping[str, dict[str, Any]] | None = None,
+                        maps: Mapping[str, np.ndarray] | None = None) -> dict:
     """Write a figure: rows = the first `limit` cases, columns = the input (lesion box in red)
     and each method's map of the predicted class.
+
+    ``maps``: {name: (≥ limit, *spatial) maps} of those cases already computed (`causalign
+    explain --saliency all` has just exported them): used instead of computing them again,
+    which doubled the command's cost (minutes for the counterfactual map on large models).
 
     Maps show positive evidence only (negative relevance clipped to 0) and are min–max
     scaled per map, so signed methods (WBP, LRP, input × gradient) and unsigned ones (gradient,
@@ -62,7 +67,10 @@ def saliency_comparison(model: nn.Module, method: Method, dataset: LesionDataset
     x = method.model_input(batch)
     with torch.no_grad(), eval_mode(model):
         pred = model(x).argmax(1)
-    maps = compute_maps(model, x, pred, names, explainer_kwargs)
+    if maps is None:
+        maps = compute_maps(model, x, pred, names, explainer_kwargs)
+    else:
+        maps = {k: np.asarray(maps[k][:n], dtype=np.float32) for k in names}
     images = x.detach().cpu().numpy()
     boxes = batch["box_mask"][:, 0].cpu().numpy()
     if volumes:
