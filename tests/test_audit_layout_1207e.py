@@ -118,3 +118,15 @@ def test_other_model_failures_keep_their_own_exception():
     with pytest.raises(RuntimeError, match="custom failure") as info:
         get_explainer("gradient", Broken()).attribute(torch.rand(2, 1, 8, 8), target=0)
     assert not isinstance(info.value, InputError)
+
+
+def test_a_leading_batchnorm_gets_the_channel_hint():
+    """A network starting with a BatchNorm, given 3-channel images for 1, failed with torch's
+    "running_mean should contain 3 elements not 1", which the shape filter did not know."""
+    from causalign.explain import get_explainer
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Conv2d(1, 4, 3),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2)).eval()
+    with pytest.raises(InputError, match=r"3 channel\(s\), not 1"):
+        get_explainer("gradient", model).attribute(torch.rand(2, 3, 16, 16), target=0)

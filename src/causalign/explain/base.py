@@ -358,9 +358,10 @@ def shape_errors(model: nn.Module, inputs: object, what: str) -> Iterator[None]:
     except (RuntimeError, ValueError) as exc:
         text = str(exc).lower()
         # only torch's shape complaints ("expected input[...] to have 1 channels", "mat1 and
-        # mat2 shapes cannot be multiplied"): any other failure keeps its own exception
+        # mat2 shapes cannot be multiplied", a leading BatchNorm's "running_mean should
+        # contain 3 elements not 1"): any other failure keeps its own exception
         if isinstance(exc, CausalignError) or not isinstance(inputs, Tensor) \
-                or not ("input" in text or "shape" in text):
+                or not ("input" in text or "shape" in text or "running_mean" in text):
             raise
         hint = input_shape_hint(model, inputs)
         if hint is None or not _raised_at_input_layer(exc, model):
