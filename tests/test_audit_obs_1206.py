@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from causalign import cli
+from causalign.errors import TrainingTroubleWarning
 from causalign.explain import CounterfactualSaliency
 from causalign.explain.counterfactual import CounterfactualResult
 from causalign.io import atomic_write_json
@@ -171,13 +172,16 @@ def test_a_benchmark_runs_early_warning_names_the_run(monkeypatch, tmp_path, cap
     fake = types.SimpleNamespace(name="plus-minus/causal-align/seed0", _warned=set(),
                                  _exploding=lambda history: [])
     row = {"epoch": 1, "train_cg_dropped": 0.9}
-    trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
-    err = capsys.readouterr().err
-    assert err.startswith("warning: plus-minus/causal-align/seed0: epoch 1: train_cg_dropped"), err
+    # a TrainingTroubleWarning since 1207f (the command line shows it as `warning: …`)
+    with pytest.warns(TrainingTroubleWarning) as caught:
+        trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
+    text = str(caught[0].message)
+    assert text.startswith("plus-minus/causal-align/seed0: epoch 1: train_cg_dropped"), text
     fake.name = None  # `causalign train`: the run is the command's own, as documented
     fake._warned = set()
-    trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
-    assert capsys.readouterr().err.startswith("warning: epoch 1: train_cg_dropped")
+    with pytest.warns(TrainingTroubleWarning) as caught:
+        trainer.Trainer._warn_early(fake, row)  # type: ignore[arg-type]
+    assert str(caught[0].message).startswith("epoch 1: train_cg_dropped")
 
 
 def test_off_a_terminal_each_bar_prints_its_line_when_it_finishes(capsys):

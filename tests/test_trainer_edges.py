@@ -13,7 +13,7 @@ import causalign.engine.trainer as trainer_mod
 from causalign.cli import main
 from causalign.engine import TrainConfig, train
 from causalign.engine.trainer import load_checkpoint
-from causalign.errors import CausalignError
+from causalign.errors import CausalignError, TrainingTroubleWarning
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -207,13 +207,49 @@ def test_an_exploding_loss_is_warned_at_once_and_kept_in_metrics(data16, tmp_pat
     """Adam at lr 3 overshoots on this data in epoch 1 (mean training CE 35 against ln 2) and
     then recovers (4.4, 2.5): the run finishes with finite weights, so the warning is all that
     tells the user; it comes on stderr in that epoch, once, and again in metrics.json."""
-    metrics = train(data16, _cfg(epochs=3, lr=3.0, batch_size=8), tmp_path / "run",
-                    progress=False)
-    err = capfd.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("warning: epoch")]
-    assert len(lines) == 1 and lines[0].startswith("warning: epoch 1: exploding loss"), err
+    with pytest.warns(TrainingTroubleWarning) as caught:
+        metrics = train(data16, _cfg(epochs=3, lr=3.0, batch_size=8), tmp_path / "run",
+                        progress=False)
+    lines = [str(w.message) for w in caught if w.category is TrainingTroubleWarning]
+    assert len(lines) == 1 and lines[0].startswith("epoch 1: exploding loss"), lines
     assert any(w.startswith("exploding loss") for w in metrics.get("warnings", []))
     # the same settings at the default lr give no such warning
     ok = train(data16, _cfg(epochs=3, batch_size=8), tmp_path / "ok", progress=False)
     assert not any("exploding" in w for w in ok.get("warnings", []))
     assert "exploding" not in capfd.readouterr().err
+
+
+def test_training_trouble_can_stop_a_run_and_the_run_resumes(data16, tmp_path):
+    """Turned into an error, the early warning stops the run after its epoch is saved: the
+    run resumes from that epoch. Before 1207f the warning was a print that no filter could
+    catch, so a script could not stop a run at the first sign of trouble."""
+    import warnings
+
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingTroubleWarning)
+        with pytest.raises(TrainingTroubleWarning, match="epoch 1: exploding loss"):
+            train(data16, _cfg(epochs=3, lr=3.0, batch_size=8), run, progress=False)
+    assert [r["epoch"] for r in _rows(run)] == ["1"]  # epoch 1 written before the warning
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingTroubleWarning)
+        metrics = train(data16, _cfg(epochs=3, lr=3.0, batch_size=8), run, resume=True,
+                        progress=False)
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2", "3"]
+    assert any(w.startswith("exploding loss") for w in metrics.get("warnings", []))
+
+
+def test_the_command_line_shows_training_trouble_as_one_line(data16, tmp_path, capfd):
+    """Guard: as a Python warning, the trainer's early warning still reaches `causalign
+    train`'s stderr as one `warning: epoch E: …` line, not Python's file:line format."""
+    from causalign import cli
+
+    code = cli.main([ "train", str(data16), "--method", "erm", "--out", str(tmp_path / "run"),
+                     "--epochs", "1", "--lr", "3", "--batch-size", "8", "--set", "width=4",
+                     "--no-progress"])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "exploding loss" in ln]
+    assert lines and lines[0].startswith("warning: epoch 1: exploding loss"), err
+    assert "TrainingTroubleWarning" not in err and "trainer.py" not in err, err

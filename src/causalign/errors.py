@@ -37,6 +37,17 @@ class NumericalError(CausalignError):
     """Numerical trouble that could not be handled (e.g. NaN loss, diverging solve)."""
 
 
+class TrainingTroubleWarning(UserWarning):
+    """Numerical trouble found while training (a failure counter such as
+    `train_cg_dropped` reaching 0.5 in an epoch, or an exploding loss), warned at the first
+    epoch it appears, after that epoch's checkpoint is written.
+
+    A warning category of its own so that a script can act on it:
+    ``warnings.simplefilter("error", TrainingTroubleWarning)`` stops a run there (resume it
+    with other settings), ``"ignore"`` silences it; `metrics.json`'s `warnings` still lists
+    it at the end."""
+
+
 def did_you_mean(name: object, valid: Iterable[str], prefix: str = "",
                  shown: Mapping[str, str] | None = None) -> str:
     """"; did you mean 'x'?" naming the valid names closest to a misspelt ``name`` (case

@@ -816,7 +816,8 @@ def _said_once_per_dataset(said: set[tuple[str, str]], dataset: str, key: str
         if (dataset, str(message)) in said:
             return
         said.add((dataset, str(message)))
-        text = f"{key}: {message}"
+        # the trainer's own warnings already name the run (`train(name=key)`)
+        text = str(message) if str(message).startswith(f"{key}: ") else f"{key}: {message}"
         if inner is _SHOW_ORIG:  # not replaced (e.g. catch_warnings(record=True)): its sink
             warnings._showwarnmsg_impl(  # type: ignore[attr-defined]
                 warnings.WarningMessage(category(text), category, filename, lineno, file,

@@ -13,7 +13,6 @@ import os
 import pickle
 import random
 import re
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,7 @@ from torch.optim.swa_utils import update_bn
 
 from .. import __version__
 from ..data.format import LesionDataset, check_split_channels, read_meta
-from ..errors import CausalignError, ConfigError, DataError, NumericalError
+from ..errors import CausalignError, ConfigError, DataError, NumericalError, TrainingTroubleWarning
 from ..io import (
     atomic_torch_save,
     atomic_write_json,
@@ -1241,7 +1240,6 @@ class Trainer:
                 self.state.epoch = epoch
                 self.state.history.append(row)
                 if main:
-                    self._warn_early(row)
                     self._write_history()
                     self._save_state()
                     # best.pt only after the checkpoint that records its epoch: a kill between
@@ -1250,6 +1248,9 @@ class Trainer:
                     # --resume reruns (on a GPU not bit-identically) and may not select
                     if improved:
                         self._save_best()
+                    # after the epoch is saved: a script that turns the warning into an
+                    # error stops here and loses nothing (--resume continues)
+                    self._warn_early(row)
             if not self.dist.enabled:
                 return self._final_evaluation(progress)
             # rank 0 evaluates and writes metrics.json; the others wait and return its metrics
@@ -1280,14 +1281,18 @@ class Trainer:
         """The first epoch in which a failure counter reaches numerical_trouble's threshold
         says so on stderr at once: a run whose alignment term is mostly absent (e.g. CG
         breaking down on every step) should not train for hours before the end-of-run
-        warning; so does an exploding loss (`exploding_loss`). Once per counter and process."""
+        warning; so does an exploding loss (`exploding_loss`). Once per counter and run.
+
+        A Python warning (`TrainingTroubleWarning`), not a print: a script or notebook can
+        filter it or turn it into an error; the command line shows it as one `warning: …`
+        line as before."""
         for line in numerical_trouble([row]) + self._exploding([row]):
             column = line.split(":", 1)[0].split(" ", 1)[0]
             if column not in self._warned:
                 self._warned.add(column)
                 run = f"{self.name}: " if self.name else ""
-                print(f"warning: {run}epoch {row['epoch']}: {line}", file=sys.stderr,
-                      flush=True)
+                warnings.warn(f"{run}epoch {row['epoch']}: {line}", TrainingTroubleWarning,
+                              stacklevel=2)
 
     def _exploding(self, history: list[dict[str, Any]]) -> list[str]:
         return exploding_loss(history, self.train_set.num_classes, self.cfg.lr)
