@@ -26,7 +26,7 @@ def _block(marker: str) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(BLOCKS) == 5
+    assert len(BLOCKS) == 6
 
 
 def test_quickstart_example(tmp_path: Path) -> None:
@@ -69,3 +69,9 @@ def test_counterfactual_example(tmp_path: Path) -> None:
     flipped, inside = float(m[1]), float(m[2])
     assert flipped >= 0.75
     assert 0.0 < inside < 1.0
+
+
+def test_export_example(tmp_path: Path) -> None:
+    out = _run(_block("export_run"), tmp_path)
+    assert out == ["['benign', 'malignant'] torch.Size([4, 2])"]
+    assert (tmp_path / "runs" / "erm" / "model.pt2").is_file()

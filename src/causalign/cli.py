@@ -1045,6 +1045,24 @@ def _parse_bounds(text: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+@app.command("export")
+def export_model(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    out: Annotated[Path | None, typer.Option(
+        help="the program file (default RUN/model.pt2)")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="dataset, when the run's has moved (only its class names are read)")] = None,
+) -> None:
+    """Export the run's best model as a torch.export program (.pt2) for deployment: logits
+    of float32 images, any batch size; the run's config and classes saved inside."""
+    from .engine.export import export_run
+
+    out = run / "model.pt2" if out is None else out
+    _check_output_file("--out", out, "the exported program")
+    _refuse_run_record(run, out=out)
+    _echo_json(export_run(run, out, data=data))
+
+
 # ---------------------------------------------------------------------------- causal
 
 

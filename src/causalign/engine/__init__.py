@@ -2,7 +2,8 @@
 
 from .config import TrainConfig, apply_overrides, parse_set
 from .evaluate import evaluate_split, iterate_batches, quick_metrics
+from .export import export_run
 from .trainer import Trainer, load_run, train
 
 __all__ = ["TrainConfig", "apply_overrides", "parse_set", "evaluate_split", "iterate_batches",
-           "quick_metrics", "Trainer", "load_run", "train"]
+           "quick_metrics", "Trainer", "load_run", "train", "export_run"]
