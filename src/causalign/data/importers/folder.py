@@ -2,7 +2,7 @@
 
 Tree layout::
 
-    ROOT/<class>/<name>.png|jpg|jpeg|bmp|tif|npy
+    ROOT/<class>/<name>.png|jpg|jpeg|bmp|tif|npy|dcm
     ROOT/<class>/<name>_mask.png            optional; '<name>_mask_1.png' … are merged by OR
                                             (the suffix in any case: '_Mask', '_MASK')
 
@@ -23,8 +23,10 @@ and resized to `--size`. Intensities: 8-bit files → value / 255; one rule for 
 import scales deeper files (16-bit PNG/TIFF and uint16 NPY by the bit depth of the largest
 value of the import, e.g. 12-bit data / 4095; float NPY outside [0, 1] by the import's
 range), never by an image's own maximum, and such imports store 16-bit PNGs (see
-`util.IntensityScale`). An all-zero mask is stored as no mask. Random splits are stratified
-by class and drawn with `--seed` at group level.
+`util.IntensityScale`). 2D DICOM files (`.dcm`, needs pydicom) are read in physical units
+(rescale slope/intercept applied, MONOCHROME1 inverted): unsigned integer values by the
+16-bit rule, others (CT in HU) by the float rule. An all-zero mask is stored as no mask.
+Random splits are stratified by class and drawn with `--seed` at group level.
 
 Skipped with a reason: a CSV row pointing to a missing file, unreadable images or masks, a
 mask whose size differs from its image, unknown class/split values, non-numeric boxes or
@@ -37,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from ..format import SPLITS, DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
 from .util import (
     IMAGE_SUFFIXES,
+    IntensityScale,
     SkipItem,
     UsedIds,
     assign_splits,
@@ -340,16 +343,8 @@ class FolderImporter(Importer):
 
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         it: _Item = unit.payload
-        img = read_image(it.image, "RGB" if self.opts.color == "rgb" else "L", self.scale,
-                         note=self.note)
-        if self.opts.color == "rgb" and img.ndim == 3 and img.shape[0] != 3:
-            # read_image passes a channel-first NPY's channels through, but dataset.yaml
-            # declares 3: a (1, H, W) array is gray → RGB; other counts (2, 4 modalities …)
-            # have no RGB reading, and a mix of counts would make the split unreadable
-            if img.shape[0] != 1:
-                raise SkipItem("unsupported image", f"{rel(it.image, self.src)} has "
-                               f"{img.shape[0]} channels; --color rgb takes 1 or 3")
-            img = np.repeat(img, 3, axis=0)
+        img = read_folder_image(it.image, self.opts.color, self.scale, note=self.note,
+                                root=self.src)
         spatial = img.shape[-2:]
         mask = None
         if it.masks:
@@ -375,6 +370,26 @@ class FolderImporter(Importer):
         yield Sample(id=it.sid, split=unit.split, label=it.label, image=img, mask=mask,
                      box=box if it.box is not None else box_of_mask(mask),
                      attributes=it.attributes, site=it.site, group=it.group)
+
+
+def read_folder_image(path: Path, color: str, scale: IntensityScale | None = None,
+                      note: Callable[[str], None] | None = None,
+                      root: Path | None = None) -> np.ndarray:
+    """One image as the folder importer reads it, before `fit_square`: (H, W) for
+    ``color`` "gray", (3, H, W) for "rgb", values in [0, 1] by ``scale`` (the import's
+    `IntensityScale`). `causalign predict` reads plain files through this function too, so
+    new images reach a run as an imported split's did. Raises SkipItem."""
+    img = read_image(path, "RGB" if color == "rgb" else "L", scale, note=note)
+    if color == "rgb" and img.ndim == 3 and img.shape[0] != 3:
+        # read_image passes a channel-first NPY's channels through, but dataset.yaml
+        # declares 3: a (1, H, W) array is gray → RGB; other counts (2, 4 modalities …)
+        # have no RGB reading, and a mix of counts would make the split unreadable
+        if img.shape[0] != 1:
+            shown = rel(path, root) if root is not None else str(path)
+            raise SkipItem("unsupported image", f"{shown} has {img.shape[0]} channels; "
+                           f"--color rgb takes 1 or 3")
+        img = np.repeat(img, 3, axis=0)
+    return img
 
 
 def _refuse_score_columns(path: Path, attributes: list[str], rows: list[dict]) -> None:

@@ -150,7 +150,7 @@ def check_voxels(shape: Sequence[int], path: Path, what: str) -> None:
 
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".dcm")
 _PIL_INT_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit (and 32-bit integer) gray images
 
 
@@ -213,7 +213,12 @@ def scan_intensity(paths: Iterable[Path]) -> IntensityScale:
     has_float = False
     for path in dict.fromkeys(Path(p) for p in paths):  # each file once, in order
         try:
-            if path.suffix.lower() == ".npy":
+            if path.suffix.lower() == ".dcm":
+                arr, unsigned = _dicom_values(path)
+                if unsigned:
+                    int_top = max(int_top, float(arr.max()))
+                    continue
+            elif path.suffix.lower() == ".npy":
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
                 if arr.dtype == np.uint8 or not np.issubdtype(arr.dtype, np.number) \
                         or arr.size == 0:
@@ -264,7 +269,8 @@ def _note_exif(im, note: Callable[[str], None] | None) -> None:
 
 def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None,
                note: Callable[[str], None] | None = None) -> np.ndarray:
-    """Read PNG/JPEG/BMP/TIFF (via PIL) or NPY as float32 in [0, 1]: mode "L" → (H,W) gray,
+    """Read PNG/JPEG/BMP/TIFF (via PIL), NPY or 2D DICOM (`_dicom_values`) as float32 in
+    [0, 1]: mode "L" → (H,W) gray,
     "RGB" → (3,H,W). 8-bit files: value / 255. Deeper files follow `scale`, the import's
     one rule (see `IntensityScale`, built by `scan_intensity`); without it (a single file
     read on its own) the declared depth: 16-bit / 65535, uint32 NPY / 2^32 − 1, and float
@@ -273,6 +279,13 @@ def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None,
     Raises SkipItem("missing file" | "unreadable image")."""
     if not path.exists():
         raise SkipItem("missing file", str(path))
+    if path.suffix.lower() == ".dcm":
+        arr, unsigned = _dicom_values(path)
+        if not unsigned:  # HU and other signed / fractional values: the float rule
+            return _npy_to_float(arr, mode, path, scale)
+        top = scale.int_max if scale is not None and scale.int_max else _depth_of(arr.max())
+        out = np.clip(arr / np.float32(top), 0.0, 1.0)
+        return np.stack([out] * 3) if mode == "RGB" else out
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
@@ -300,6 +313,18 @@ def read_image(path: Path, mode: str = "L", scale: IntensityScale | None = None,
     except Exception as exc:  # PIL raises many types for truncated/corrupt files
         raise SkipItem("unreadable image", f"{path}: {type(exc).__name__}: {exc}") from None
     return np.moveaxis(arr, -1, 0).copy() if arr.ndim == 3 else arr
+
+
+def _dicom_values(path: Path) -> tuple[np.ndarray, bool]:
+    """A 2D DICOM's pixel values in physical units (`dicom.read_pixels`: rescaled,
+    MONOCHROME1 inverted) as float32, and whether they are unsigned integers (then scaled as
+    a 16-bit PNG's, by the import's bit depth; otherwise, e.g. CT in HU, as a float NPY's).
+    Raises SkipItem."""
+    from .dicom import pydicom_module, read_pixels
+
+    arr, _ = read_pixels(pydicom_module("folder"), path)
+    unsigned = bool(arr.min() >= 0) and bool((arr == np.round(arr)).all())
+    return arr, unsigned
 
 
 def _npy_to_float(arr: np.ndarray, mode: str, path: Path,
