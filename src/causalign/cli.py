@@ -680,6 +680,43 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="run folder")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="a causalign dataset folder (its --split), or image files / folders of them "
+             "(PNG, JPEG, BMP, TIFF, NPY, DICOM .dcm), preprocessed as `data import "
+             "folder` stores them at the run's image size", metavar="INPUT...")],
+    out: Annotated[Path, typer.Option(help="predictions CSV (id, source, site, label, "
+                                           "predicted, p_<class>, predicted_class, "
+                                           "data_warning)")],
+    split: Annotated[str, typer.Option(help="train | val | test (dataset input only)")
+                     ] = "test",
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Class probabilities of a run's model on new, unlabelled images (one CSV row each)."""
+    import numpy as np
+
+    from .engine.inference import predict_images
+
+    if batch_size < 1:
+        raise CausalignError(f"--batch-size {batch_size}: must be 1 or more")
+    _check_output_file("--out", out, "the predictions CSV")
+    _refuse_run_record(run, out=out)
+    with _progress(progress) as bar:
+        result = predict_images(run, inputs, split=split, batch_size=batch_size,
+                                device=device, progress=bar)
+    for message in result.warnings.values():  # one line per check, not one per image
+        warnings.warn(message, stacklevel=1)
+    result.write_csv(out)
+    counts = np.bincount(result.predicted, minlength=len(result.classes))
+    typer.echo(f"{len(result.ids)} images -> {out} ("
+               + ", ".join(f"{c}: {int(n)}" for c, n in zip(result.classes, counts,
+                                                             strict=False)) + ")")
+
+
+@app.command()
 def explain(
     run: Annotated[Path, typer.Argument(help="run folder")],
     saliency: Annotated[str, typer.Option(help=f"{SALIENCY_HELP} | all (every method, "

@@ -119,11 +119,15 @@ def _is_cpu(device: torch.device | str | None) -> bool:
 @torch.no_grad()
 def predict(model: nn.Module, method: Method, dataset: LesionDataset | Shard,
             device: torch.device | str,
-            batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
+            batch_size: int = 256, progress: Progress | None = None
+            ) -> tuple[np.ndarray, np.ndarray, float]:
     """Class probabilities, labels and mean cross-entropy over the split, in eval mode (every
     module's train/eval flag restored). Results stay on the device until the end: one host
-    copy per split, not two device syncs per batch."""
+    copy per split, not two device syncs per batch. ``progress``: a bar advanced per batch."""
     probs, labels, losses = [], [], []
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"predicting {dataset.split}", total=len(dataset))
     with eval_mode(model):
         for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size, device),
                                      device=device):
@@ -131,6 +135,8 @@ def predict(model: nn.Module, method: Method, dataset: LesionDataset | Shard,
             losses.append(F.cross_entropy(logits.float(), batch["label"], reduction="none"))
             probs.append(_probs(logits))
             labels.append(batch["label"])
+            if task is not None:
+                progress.advance(task, len(logits))
     p = torch.cat(probs).cpu().numpy()
     y = torch.cat(labels).cpu().numpy()
     return p, y, _mean_loss(losses)
@@ -152,16 +158,29 @@ def write_predictions(path: str | Path, dataset: LesionDataset, probs: np.ndarra
     if probs.shape[0] != len(records):
         raise InputError(f"{probs.shape[0]} prediction rows for the {len(records)} samples "
                          f"of split '{dataset.split}'")
-    names = list(getattr(dataset.meta, "classes", None) or [])
-    names += [str(c) for c in range(len(names), probs.shape[1])]
+    write_prediction_rows(path, ["id", "site", "label"],
+                          [[r.id, r.site, r.label] for r in records], probs,
+                          getattr(dataset.meta, "classes", None) or [])
+
+
+def write_prediction_rows(path: str | Path, head: list[str], rows: list[list[Any]],
+                          probs: np.ndarray, classes: list[str],
+                          tail: tuple[list[str], list[list[Any]]] | None = None) -> None:
+    """The predictions CSV, written atomically: the ``head`` columns of each row, then
+    predicted (argmax) and each class's probability (``p_<class name>``, classes past
+    ``classes`` by index), then the optional ``tail`` (column names, one list per row).
+    Shared by `evaluate --predictions` and `causalign predict`, so both name and format the
+    probabilities alike."""
+    names = list(classes) + [str(c) for c in range(len(classes), probs.shape[1])]
+    tail_cols, tail_rows = tail if tail is not None else ([], [[] for _ in rows])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "site", "label", "predicted", *(f"p_{n}" for n in names)])
+    writer.writerow([*head, "predicted", *(f"p_{n}" for n in names), *tail_cols])
     pred = probs.argmax(axis=1)
-    for r, row, k in zip(records, probs, pred, strict=True):
+    for cells, row, k, extra in zip(rows, probs, pred, tail_rows, strict=True):
         # repr-exact float64 (17 significant digits): a saturated model's 1 − 1e-12 stays
         # apart from 1.0, as the AUC in metrics.json took it
-        writer.writerow([r.id, r.site, r.label, int(k), *(f"{v:.17g}" for v in row)])
+        writer.writerow([*cells, int(k), *(f"{v:.17g}" for v in row), *extra])
     atomic_write_text(path, buf.getvalue())
 
 
