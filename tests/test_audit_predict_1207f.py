@@ -160,13 +160,15 @@ def test_other_intensity_is_flagged_once(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_run", "no_input", "empty", "corrupt", "channels",
-                                  "not_image"])
+                                  "not_image", "maps_alone", "counterfactual"])
 def test_errors_are_one_line(trained, tmp_path, capsys, case):
     run, inp = trained["run"], tmp_path / "in"
     inp.mkdir()
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(inp / "ok.png")
     expect = {"no_run": "missing", "no_input": "does not exist", "empty": "no images found",
-              "corrupt": "bad.png", "channels": "4 channels", "not_image": "not an image"}
+              "corrupt": "bad.png", "channels": "3 channel", "not_image": "not an image",
+              "maps_alone": "go together", "counterfactual": "causalign counterfactual"}
+    extra: list[str] = []
     if case == "no_run":
         run = tmp_path / "nope"
     elif case == "no_input":
@@ -186,17 +188,39 @@ def test_errors_are_one_line(trained, tmp_path, capsys, case):
                 Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(rgb / c / f"{i}.png")
         inp = tmp_path / "rgb"
         run_import("folder", rgb, inp, {"size": 32, "color": "rgb", "test_frac": 0.5})
-        expect["channels"] = "3 channel"
     elif case == "not_image":
         inp = tmp_path / "a.txt"
         inp.write_text("x")
+    elif case == "maps_alone":
+        extra = ["--maps", str(tmp_path / "m")]
+    elif case == "counterfactual":
+        extra = ["--saliency", "counterfactual", "--maps", str(tmp_path / "m")]
     out = tmp_path / "p.csv"
     rc = main(["predict", str(run), str(inp), "--out", str(out), "--device", "cpu",
-               "--no-progress"])
+               "--no-progress", *extra])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc not in (0, None) and len(lines) == 1, lines
     assert lines[0].startswith("error:") and expect[case] in lines[0], lines
     assert not out.exists()
+
+
+def test_saliency_maps_match_explain_on_the_import(trained, tmp_path):
+    """--saliency/--maps write explain's files per image, under the CSV's ids, with the
+    maps `explain` gives for the imported copies."""
+    out, maps = tmp_path / "p.csv", tmp_path / "maps"
+    assert main(["predict", str(trained["run"]), str(trained["raw"]), "--out", str(out),
+                 "--saliency", "gradcam", "--maps", str(maps), "--device", "cpu",
+                 "--no-progress"]) in (0, None)
+    ids = [r["id"] for r in _rows(out)]
+    assert sorted(p.stem for p in (maps / "maps").glob("*.npy")) == sorted(ids)
+    assert (maps / "grid.png").is_file() and len(list((maps / "overlays").glob("*.png"))) == 24
+    ref = tmp_path / "explain"
+    assert main(["explain", str(trained["run"]), "--saliency", "gradcam", "--out", str(ref),
+                 "--device", "cpu", "--no-progress"]) in (0, None)
+    for f in (ref / "maps").glob("*.npy"):
+        a, b = np.load(f), np.load(maps / "maps" / f.name)
+        assert a.shape == b.shape == (32, 32)
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(a).max()))
 
 
 def test_python_api_returns_probabilities(trained):

@@ -693,6 +693,11 @@ def predict(
                      ] = "test",
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
+    saliency: Annotated[str | None, typer.Option(
+        help=f"also each image's saliency map ({SALIENCY_HELP}), into --maps")] = None,
+    maps: Annotated[Path | None, typer.Option(
+        help="folder for the maps (as `explain --out`: maps/<id>.npy, overlays/<id>.png, "
+             "grid.png)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Class probabilities of a run's model on new, unlabelled images (one CSV row each)."""
@@ -706,7 +711,7 @@ def predict(
     _refuse_run_record(run, out=out)
     with _progress(progress) as bar:
         result = predict_images(run, inputs, split=split, batch_size=batch_size,
-                                device=device, progress=bar)
+                                device=device, progress=bar, saliency=saliency, maps=maps)
     for message in result.warnings.values():  # one line per check, not one per image
         warnings.warn(message, stacklevel=1)
     result.write_csv(out)

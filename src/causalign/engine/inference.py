@@ -214,17 +214,24 @@ def _checked_split(run: Path, data: Path, split: str, shown: Path
 
 def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
                    split: str = "test", batch_size: int = 256,
-                   device: str = "auto", progress: Progress | None = None) -> Predictions:
+                   device: str = "auto", progress: Progress | None = None,
+                   saliency: str | None = None, maps: str | Path | None = None
+                   ) -> Predictions:
     """Class probabilities of RUN's model for new images.
 
     ``inputs``: a causalign dataset folder (its ``split``), or image files / folders of
     them, preprocessed as `causalign data import folder` would store them at the run's
     image size and channel count. The data-shift checks of `evaluate` run on the input
-    (their messages in ``Predictions.warnings``; not warned here: the caller decides)."""
+    (their messages in ``Predictions.warnings``; not warned here: the caller decides).
+    ``saliency`` with ``maps``: also each image's map of its predicted class, written by
+    `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png)."""
     from .trainer import load_run, read_run_config
 
     run = Path(run)
     read_run_config(run)  # a missing run fails before any image is read
+    if (saliency is None) != (maps is None):
+        raise InputError("--saliency and --maps go together (a saliency method and the "
+                         "folder for its maps)")
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if not paths:
         raise InputError("no input given (a dataset folder or image files)")
@@ -235,7 +242,9 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         _, model, method, data = load_run(run, device=device, data=data)
         ds, fired = _checked_split(run, data, split, data)
         dev = next(model.parameters()).device
+        _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
+        _export_maps(model, method, ds, saliency, maps, dev, progress)
         return Predictions(ids=[r.id for r in ds.records],
                            sources=[str(data / r.image) for r in ds.records],
                            probs=probs, classes=list(ds.meta.classes),
@@ -249,7 +258,31 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         shown = paths[0] if len(paths) == 1 else Path(f"{len(paths)} inputs")
         ds, fired = _checked_split(run, data, "test", shown)
         dev = next(model.parameters()).device
+        _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
+        _export_maps(model, method, ds, saliency, maps, dev, progress)
         classes = list(ds.meta.classes)
     return Predictions(ids=[sid for sid, _ in files], sources=[str(f) for _, f in files],
                        probs=probs, classes=classes, warnings=fired)
+
+
+def _check_saliency(saliency: str | None, model: Any) -> None:
+    """An unknown name fails before the prediction pass (as `explain` checks it)."""
+    if saliency == "counterfactual":
+        # its search settings come from the run's training split (`explain`'s
+        # explainer_options_for_run); default ones would not be the run's maps
+        raise InputError("--saliency counterfactual is not offered by predict: use "
+                         "`causalign counterfactual RUN --data DATA` on the imported images")
+    if saliency is not None:
+        from ..explain import get_explainer
+
+        get_explainer(saliency, model)
+
+
+def _export_maps(model: Any, method: Any, ds: LesionDataset, saliency: str | None,
+                 maps: str | Path | None, device: Any, progress: Progress | None) -> None:
+    if saliency is None or maps is None:
+        return
+    from ..explain.export import export_saliency
+
+    export_saliency(model, method, ds, saliency, maps, device=device, progress=progress)
