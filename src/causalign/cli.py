@@ -644,6 +644,9 @@ def evaluate(
                              f"interval; give at least {MIN_BOOTSTRAP} (1000 is usual)")
     if bootstrap_seed < 0:
         raise CausalignError(f"--bootstrap-seed {bootstrap_seed}: must be 0 or more")
+    if bootstrap_seed and not bootstrap:  # no resample is drawn: the seed was silently unread
+        raise CausalignError(f"--bootstrap-seed {bootstrap_seed} is used only with --bootstrap "
+                             f"N (the resamples it seeds); add --bootstrap 1000")
     if out is not None:  # fail before the evaluation, not after it
         _check_output_file("--out", out, "the metrics JSON")
     if predictions is not None:
@@ -913,6 +916,13 @@ def counterfactual(
     if smooth_sigma is not None and settings.space != "smooth":  # as silently unused
         raise CausalignError(f"--smooth-sigma is used only with --space smooth; this search "
                              f"is in {settings.space} space")
+    # as silently unused: eps smooths only the l1, and Gauss-Newton takes no step size
+    if eps is not None and settings.distance not in ("l1", "scaled-l1"):
+        raise CausalignError(f"--eps is used only with an l1 distance (it smooths the l1); "
+                             f"this search uses {settings.distance}")
+    if lr is not None and settings.optimizer == "newton":
+        raise CausalignError("--lr is used only with --optimizer adam or ista; newton takes "
+                             "no step size (its line search sets each step)")
     if settings.space == "latent" and settings.distance.startswith("scaled"):
         raise CausalignError(f"distance '{settings.distance}' is per pixel; --space latent "
                              f"takes l1 or l2")

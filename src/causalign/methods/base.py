@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -372,6 +373,22 @@ def params_diff(stored: dict[str, Any], current: dict[str, Any],
         if stored.get(k) != current.get(k):
             diffs.append(f"method.{k} {stored.get(k)!r} -> {current.get(k)!r}")
     return diffs
+
+
+def warn_unused_settings(params: Any, rows: Iterable[tuple[str, bool, str]]) -> None:
+    """One warning per setting changed from its default that this combination never reads.
+
+    ``rows``: (key, whether the method reads it here, where it is read, e.g. "with
+    method.mask=box"). Such a setting was accepted and recorded in config.yaml as if it
+    acted; a warning, not a refusal, so runs trained so stay loadable and resumable."""
+    defaults = {f.name: f.default for f in dataclasses.fields(params)}
+    for key, used, where in rows:
+        value = getattr(params, key)
+        if used or value == defaults[key]:
+            continue
+        shown = f"{value:g}" if isinstance(value, float) else value
+        warnings.warn(f"method.{key}={shown} has no effect: it is used only {where}",
+                      stacklevel=3)
 
 
 def grad_norm(loss: Tensor, params: list[Tensor]) -> Tensor:

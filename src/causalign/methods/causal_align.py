@@ -101,7 +101,14 @@ from ..explain.counterfactual import (
 )
 from ..implicit import implicit_gradient, lowrank_diag_solve, no_autocast
 from ._annotation import REGIONS
-from .base import LossOutput, Method, coerce_params, grad_norm, register_method
+from .base import (
+    LossOutput,
+    Method,
+    coerce_params,
+    grad_norm,
+    register_method,
+    warn_unused_settings,
+)
 
 HVP_MODES = ("exact", "finite-difference", "gauss-newton")
 NEGATIVE_CURVATURE = ("gauss-newton", "damping")
@@ -737,6 +744,14 @@ class CausalAlign(Method):
             warnings.warn(f"{' and '.join(unused)} have no effect with "
                           f"method.warm_start=false: the warm-start cache they configure is "
                           f"never used", stacklevel=2)
+        p = self.params
+        warn_unused_settings(p, (  # read by one mode only: accepted and recorded otherwise
+            ("fd_eps", p.hvp == "finite-difference", "with method.hvp=finite-difference"),
+            ("eps", p.distance in ("l1", "scaled-l1"),
+             "with method.distance l1 or scaled-l1 (it smooths the l1)"),
+            ("inner_lr", p.inner_optimizer != "newton",
+             "with method.inner_optimizer adam or ista (newton takes no step size)"),
+        ))
         if self.params.damping > DAMPING_WARN:
             # the adjoint v ≈ ∇L/δ once δ dominates the curvature: measured on cnn7 (32 px),
             # the alignment gradient's norm fell from 2.0 at δ = 0.01 to 0.015 at 10, 1.5e-5

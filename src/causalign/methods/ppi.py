@@ -81,7 +81,7 @@ from torch import Tensor, nn
 from ..data.format import as_training_split
 from ..errors import ConfigError, not_one_of
 from ..explain.base import eval_mode
-from .base import LossOutput, Method, register_method
+from .base import LossOutput, Method, register_method, warn_unused_settings
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -293,6 +293,7 @@ class PPI(Method):
         """Refuse Grad-CAM saliency whose layer is one pixel at this image size (resnet18 at
         32 px): its upsampled map is constant, so every intervention mask would cover the whole
         image and PPI would train on nothing."""
+        self.check_settings()
         train_set = as_training_split(train_set)  # a Subset has no `batch`
         if self.params.saliency != "gradcam" or len(train_set) == 0:
             return
@@ -319,6 +320,25 @@ class PPI(Method):
             raise ConfigError(f"method.saliency=gradcam: this model's Grad-CAM layer is "
                               f"{'x'.join(map(str, cam))} at {size} px images, so every map is "
                               f"constant; use method.saliency=wbp or larger images")
+
+    def check_settings(self, image_shape: tuple[int, ...] | None = None) -> None:
+        """Warn of settings the chosen mask or schedule never reads (`setup`; `causalign
+        bench step` calls it too): `--set method.hard_k=3` with the default soft mask, or
+        shift_max without shift_masks, trained exactly as without them."""
+        p = self.params
+        thresholded = p.mask in ("soft", "topn")  # sigmoid(ω(s − σ)) masks
+        warn_unused_settings(p, (
+            ("omega", thresholded, "with method.mask soft or topn"),
+            ("adaptive_k", thresholded, "with method.mask soft or topn"),
+            ("sigma", thresholded and p.adaptive_k == 0,
+             "with method.mask soft or topn and method.adaptive_k=0 (adaptive_k > 0 sets "
+             "sigma per image)"),
+            ("hard_k", p.mask in ("hard", "box"), "with method.mask hard or box"),
+            ("box_std", p.mask == "box", "with method.mask=box"),
+            ("top_n", p.mask == "topn", "with method.mask=topn"),
+            ("shift_max", p.shift_masks, "with method.shift_masks=true"),
+            ("con_boost_epoch", p.con_boost != 1, "with method.con_boost other than 1"),
+        ))
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
