@@ -53,7 +53,7 @@ def _observe(split, method: str, args: dict, *, steps: int = 2, epoch: int = 1,
         out.total.backward()
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                           for p in net.parameters()])
-        losses.append(float(out.total))
+        losses.append(float(out.total.detach()))
     return losses, grad
 
 
@@ -180,7 +180,14 @@ UNUSED = [
     ("causal-align", {"fd_eps": 0.1}, "method.fd_eps"),  # hvp exact
     ("causal-align", {"eps": 0.1, "distance": "l2"}, "method.eps"),
     ("causal-align", {"inner_lr": 0.1, "inner_optimizer": "newton"}, "method.inner_lr"),
+    ("causal-align", {"hvp": "gauss-newton", "cg_iters": 5}, "method.cg_iters"),  # no CG
+    ("causal-align", {"hvp": "gauss-newton", "cg_tol": 0.1}, "method.cg_tol"),
+    ("causal-align", {"hvp": "gauss-newton", "precondition": False}, "method.precondition"),
+    ("causal-align", {"hvp": "gauss-newton", "gn_switch": 1}, "method.gn_switch"),
+    ("causal-align", {"negative_curvature": "damping", "gn_switch": 1}, "method.gn_switch"),
+    ("causal-align", {"damping_max": 1.0}, "method.damping_max"),  # gauss-newton fallback
     ("hier-align", {"fd_eps": 0.1}, "method.fd_eps"),
+    ("hier-align", {"hvp": "gauss-newton", "cg_iters": 3}, "method.cg_iters"),
     ("hier-align", {"eps": 0.1, "distance": "scaled-l2"}, "method.eps"),
 ]
 
@@ -216,12 +223,36 @@ def test_unused_setting_warns(train_split, method, args, key):
     ("causal-align", {}), ("causal-align", {"hvp": "finite-difference", "fd_eps": 0.1}),
     ("causal-align", {"distance": "scaled-l1", "eps": 0.1}),
     ("causal-align", {"inner_optimizer": "ista", "inner_lr": 0.1}),
+    ("causal-align", {"cg_iters": 5, "cg_tol": 0.1, "precondition": False, "gn_switch": 1}),
+    ("causal-align", {"negative_curvature": "damping", "damping_max": 1.0}),
+    ("causal-align", {"hvp": "finite-difference", "cg_iters": 5}),
     ("hier-align", {}),
 ])
 def test_used_settings_do_not_warn(train_split, method, args):
     """Guard: settings that act in their combination (or defaults) are not called unused."""
     said = [w for w in _setup_warnings(train_split, method, args) if "no effect" in w]
     assert said == []
+
+
+UNREAD = [  # (combination, the change the warning calls unread in it)
+    ({"hvp": "gauss-newton"}, {"cg_iters": 5}), ({"hvp": "gauss-newton"}, {"cg_tol": 0.1}),
+    ({"hvp": "gauss-newton"}, {"precondition": False}),
+    ({"hvp": "gauss-newton"}, {"gn_switch": 1}),
+    ({"negative_curvature": "damping"}, {"gn_switch": 1}), ({}, {"damping_max": 1.0}),
+    ({}, {"fd_eps": 0.1}), ({"distance": "l2"}, {"eps": 0.1}),
+    ({"inner_optimizer": "newton", "steps": 2}, {"inner_lr": 0.1}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo,change", UNREAD,
+                         ids=[f"{next(iter(c))}" for _, c in UNREAD])
+def test_warned_settings_change_nothing(train_split, combo, change):
+    """Guard of the warnings' claim: in these combinations the setting is unread (loss and
+    gradient of two steps bit-identical)."""
+    base = _observe(train_split, "causal-align", combo)
+    other = _observe(train_split, "causal-align", {**combo, **change})
+    assert not _changed(base, other)
 
 
 def test_unused_ppi_settings_change_nothing(train_split):
@@ -272,3 +303,113 @@ def test_counterfactual_unused_flag_is_refused(erm_run, tmp_path, capsys, flags,
     err = capsys.readouterr().err
     assert rc != 0
     assert named in err, err
+
+
+# ------------------------------------------------------------------ training settings
+
+_BASE_RUN = {"method": "erm", "width": 4, "epochs": 2, "device": "cpu",
+             "deletion_fractions": [0.1], "threads": 1}
+
+
+def _train_observe(data, out, settings: dict) -> dict:
+    """What a 2-epoch ERM run leaves: the best weights, history rows and metrics."""
+    import csv
+    import json
+
+    from causalign.engine.trainer import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(data, {**_BASE_RUN, **settings}, out, progress=False)
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    with open(out / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    return {"weights": torch.cat([v.flatten().float() for v in state.values()
+                                  if isinstance(v, torch.Tensor)]),
+            "history": history, "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_data, tmp_path_factory):
+    return _train_observe(tiny_data, tmp_path_factory.mktemp("effect_base") / "run", {})
+
+
+def _weights(o):
+    return o["weights"]
+
+
+TRAIN_CASES = [
+    ("width", 6, lambda o: o["weights"].numel()),
+    ("epochs", 3, lambda o: len(o["history"])),
+    ("batch_size", 16, lambda o: o["history"][0]["train_loss"]),
+    ("lr", 0.01, _weights), ("weight_decay", 0.1, _weights), ("seed", 1, _weights),
+    ("scheduler", "none", _weights), ("augment", "dihedral", _weights),
+    ("class_weight", [1.0, 3.0], _weights),
+    ("eval_saliency", "wbp", lambda o: o["metrics"]["test"]["saliency"]),
+    ("deletion_fractions", [0.2], lambda o: sorted(o["metrics"]["test"]["deletion"])),
+    ("deletion_fill", 0.5, lambda o: o["metrics"]["test"]["deletion"]["0.1"]),
+    ("bn_recalibrate", False, lambda o: o["metrics"]["val"]["loss"]),
+    ("train_eval_samples", 8, lambda o: o["history"][0]["train_accuracy"]),
+]
+
+
+@pytest.mark.parametrize("key,value,observe", TRAIN_CASES,
+                         ids=[k for k, _, _ in TRAIN_CASES])
+def test_training_setting_changes_the_run(tiny_data, tmp_path, base_run, key, value, observe):
+    """Guard: each training setting, changed from the audit's base, changes what the run
+    leaves (weights, history.csv or metrics.json)."""
+    other = _train_observe(tiny_data, tmp_path / "run", {key: value})
+    a, b = observe(base_run), observe(other)
+    same = torch.equal(a, b) if isinstance(a, torch.Tensor) and a.shape == b.shape else a == b
+    assert not same, f"{key}={value!r} changed nothing"
+
+
+def test_select_metric_changes_the_score():
+    """Guard: select_metric picks what `Trainer._score` ranks epochs by (a 2-epoch run may
+    pick the same epoch under two metrics, so the score itself is the observable)."""
+    from causalign.engine.trainer import Trainer
+
+    metrics = {"auc": 0.9, "accuracy": 0.6, "balanced_accuracy": 0.55, "loss": 0.4}
+    scores = set()
+    for metric in ("auc", "accuracy", "balanced_accuracy", "loss"):
+        t = Trainer.__new__(Trainer)
+        t.cfg = apply_overrides(TrainConfig(), {"select_metric": metric})
+        scores.add(t._score(metrics))
+    assert len(scores) == 4
+
+
+# ------------------------------------------------------------------ data synth flags
+
+_SYNTH = dict(n_train=12, n_val=4, n_test=4, size=32, seed=0)
+
+
+def _synth(root, **kw) -> tuple[str, bytes]:
+    """The manifest and the first training image's pixels of a tiny synthetic set."""
+    from causalign.data.format import LesionDataset
+    from causalign.data.synth import SynthConfig, generate
+
+    generate(root, SynthConfig(**{**_SYNTH, **kw}))
+    ds = LesionDataset(root, "train")
+    pixels = ds.batch(torch.arange(12))["image"].numpy().tobytes()
+    return (root / "manifest.csv").read_text(), pixels
+
+
+@pytest.mark.parametrize("key,value", [
+    ("n_train", 13), ("size", 40), ("shortcut", "intensity"), ("shortcut", "none"),
+    ("sites", 2), ("depth", 4), ("seed", 1), ("label_noise", 1.5),
+    ("causal_weights", {"texture": 5.0}),
+])
+def test_synth_setting_changes_the_data(tmp_path, key, value):
+    """Guard: each `data synth` setting changes the manifest or the images."""
+    base = _synth(tmp_path / "a")
+    other = _synth(tmp_path / "b", **{key: value})
+    assert base != other
+
+
+def test_hier_align_defaults_are_not_called_unused(train_split):
+    """Regression guard: hier-align's image level compares with hier-align's defaults
+    (cg_iters 8), so hvp=gauss-newton alone names no CG setting."""
+    said = [w for w in _setup_warnings(train_split, "hier-align", {"hvp": "gauss-newton"})
+            if "no effect" in w]
+    assert said == []

@@ -375,18 +375,23 @@ def params_diff(stored: dict[str, Any], current: dict[str, Any],
     return diffs
 
 
-def warn_unused_settings(params: Any, rows: Iterable[tuple[str, bool, str]]) -> None:
+def warn_unused_settings(params: Any, rows: Iterable[tuple[str, bool, str]],
+                         defaults: Mapping[str, Any] | None = None) -> None:
     """One warning per setting changed from its default that this combination never reads.
 
     ``rows``: (key, whether the method reads it here, where it is read, e.g. "with
     method.mask=box"). Such a setting was accepted and recorded in config.yaml as if it
-    acted; a warning, not a refusal, so runs trained so stay loadable and resumable."""
-    defaults = {f.name: f.default for f in dataclasses.fields(params)}
+    acted; a warning, not a refusal, so runs trained so stay loadable and resumable.
+    ``defaults``: the values that count as unchanged (default: ``params``' field defaults;
+    hier-align's image level passes its own, e.g. cg_iters 8)."""
+    if defaults is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(params)}
     for key, used, where in rows:
         value = getattr(params, key)
         if used or value == defaults[key]:
             continue
-        shown = f"{value:g}" if isinstance(value, float) else value
+        shown = (str(value).lower() if isinstance(value, bool)  # as --set takes it
+                 else f"{value:g}" if isinstance(value, float) else value)
         warnings.warn(f"method.{key}={shown} has no effect: it is used only {where}",
                       stacklevel=3)
 

@@ -67,7 +67,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -601,6 +601,9 @@ class CausalAlign(Method):
         # Who says the setup warnings on image-sized state, and the name of this object's
         # alpha there: hier-align's image level is this class under method.alpha1
         self.owner, self.alpha_key = "causal-align", "alpha"
+        # the values `check_settings` counts as unchanged (None: Params' own defaults);
+        # hier-align's image level sets its own (cg_iters 8, not causal-align's 0 = auto)
+        self.setting_defaults: dict[str, Any] | None = None
         # The run this object's state belongs to: what setup() or the first aligned step
         # fitted itself ("scale", "autoencoder"; one assigned by the user is not refitted),
         # whether setup() ran, and whether load_state_dict() came after it (a resume: the
@@ -745,13 +748,22 @@ class CausalAlign(Method):
                           f"method.warm_start=false: the warm-start cache they configure is "
                           f"never used", stacklevel=2)
         p = self.params
+        cg = p.hvp != "gauss-newton"  # gauss-newton solves directly: no CG runs
         warn_unused_settings(p, (  # read by one mode only: accepted and recorded otherwise
             ("fd_eps", p.hvp == "finite-difference", "with method.hvp=finite-difference"),
             ("eps", p.distance in ("l1", "scaled-l1"),
              "with method.distance l1 or scaled-l1 (it smooths the l1)"),
             ("inner_lr", p.inner_optimizer != "newton",
              "with method.inner_optimizer adam or ista (newton takes no step size)"),
-        ))
+            *((k, cg, "with method.hvp exact or finite-difference (hvp=gauss-newton solves "
+                      "without CG)") for k in ("cg_iters", "cg_tol", "precondition")),
+            ("gn_switch", cg and p.negative_curvature == "gauss-newton",
+             "with method.negative_curvature=gauss-newton and method.hvp exact or "
+             "finite-difference"),
+            ("damping_max", cg and p.negative_curvature == "damping",
+             "with method.negative_curvature=damping and method.hvp exact or "
+             "finite-difference (the default gauss-newton fallback keeps damping)"),
+        ), self.setting_defaults)
         if self.params.damping > DAMPING_WARN:
             # the adjoint v ≈ ∇L/δ once δ dominates the curvature: measured on cnn7 (32 px),
             # the alignment gradient's norm fell from 2.0 at δ = 0.01 to 0.015 at 10, 1.5e-5

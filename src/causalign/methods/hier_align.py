@@ -263,6 +263,7 @@ class HierAlign(Method):
         self.pixel.require_region = False  # masks are optional here (attribute level only)
         # its setup warnings (intensity range, cache size) name this method's settings
         self.pixel.owner, self.pixel.alpha_key = "hier-align", "alpha1"
+        self.pixel.setting_defaults = dataclasses.asdict(HierAlignParams().pixel_params())
         self.attr = CausalAlign(self.params.attribute_params())
         self.attr.autoencoder = SigmoidCode()
         self.step = 0
