@@ -105,7 +105,10 @@ SLOW = {
         ("region", "box", {}), ("normalize", "none", {}), ("align_batch", 2, {}),
         ("attr_steps", 5, {}), ("attr_lr", 0.05, {}), ("attr_normalize", "none", {}),
         ("cg_iters", 1, {}), ("damping", 1.0, {}), ("hvp", "finite-difference", {}),
-        ("align_every", 2, {}), ("balance", 0.0, {}), ("ccce_model", "frequency", {})],
+        ("align_every", 2, {}), ("balance", 0.0, {}), ("ccce_model", "frequency", {}),
+        ("cache_dtype", "bfloat16", {}), ("bn", "running", {}), ("cg_tol", 0.5, {}),
+        ("precondition", False, {}), ("ccce_max_size", 1, {}), ("ccce_tol", 0.5, {}),
+        ("align_start", 2, {})],
 }
 SLOWCASES = [(m, k, v, extra) for m, rows in SLOW.items() for k, v, extra in rows]
 
@@ -161,6 +164,13 @@ def test_fd_eps_is_unread_only_on_warned_fallback_steps(train_split):
                                fd_eps=e) for e in (1e-3, 0.3)]
     g = [r.grads[0] for r in grads]
     assert not torch.allclose(g[0], g[1], rtol=0, atol=1e-6)
+
+
+def test_ppi_warmup_epochs_changes_the_first_epoch(train_split):
+    """Guard: method.warmup_epochs=1 leaves epoch 1 to L_cls alone."""
+    base = _observe(train_split, "ppi", {}, epoch=1)
+    other = _observe(train_split, "ppi", {"warmup_epochs": 1}, epoch=1)
+    assert _changed(base, other)
 
 
 # ------------------------------------------------------------------ settings that cannot act
@@ -413,3 +423,63 @@ def test_hier_align_defaults_are_not_called_unused(train_split):
     said = [w for w in _setup_warnings(train_split, "hier-align", {"hvp": "gauss-newton"})
             if "no effect" in w]
     assert said == []
+
+
+def _cf_arrays(run, out, *flags) -> bytes:
+    """The x* arrays `counterfactual` writes for the first 2 test samples."""
+    import numpy as np
+
+    from causalign.cli import main
+
+    assert main(["counterfactual", str(run), "--limit", "2", "--steps", "5", "--out", str(out),
+                 "--device", "cpu", "--no-progress", *flags]) == 0
+    return b"".join(np.load(f).tobytes() for f in sorted((out / "cf").glob("*.npy")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,base", [
+    (["--alpha", "0.5"], []), (["--steps", "9"], []), (["--lr", "0.05"], []),
+    (["--optimizer", "ista"], []), (["--distance", "l2"], []), (["--eps", "0.2"], []),
+    (["--space", "smooth"], []), (["--smooth-sigma", "3"], ["--space", "smooth"]),
+    (["--bounds", "none"], []), (["--split", "val"], []),
+])
+def test_counterfactual_flag_changes_x_star(erm_run, tmp_path, flags, base):
+    """Guard: each `counterfactual` search flag changes the x* arrays it writes."""
+    a = _cf_arrays(erm_run, tmp_path / "a", *base)
+    b = _cf_arrays(erm_run, tmp_path / "b", *base, *flags)
+    assert a != b
+
+
+@pytest.mark.parametrize("flags", [["--saliency", "gradient"], ["--split", "val"],
+                                   ["--limit", "3"]])
+def test_explain_flag_changes_the_maps(erm_run, tmp_path, flags):
+    """Guard: each `explain` flag changes the saliency maps it writes."""
+    import numpy as np
+
+    from causalign.cli import main
+
+    def maps(out, *extra):
+        assert main(["explain", str(erm_run), "--saliency", "wbp", "--limit", "2", "--out",
+                     str(out), "--device", "cpu", "--no-progress", *extra]) == 0
+        return {f.name: np.load(f).tobytes() for f in sorted(out.rglob("maps/*.npy"))}
+
+    assert maps(tmp_path / "a") != maps(tmp_path / "b", *flags)
+
+
+def test_evaluate_flags_change_the_metrics(erm_run, tmp_path, capsys):
+    """Guard: evaluate's --saliency, --split and --bootstrap-seed (with --bootstrap) change
+    the metrics JSON."""
+    import json
+
+    from causalign.cli import main
+
+    def metrics(*flags):
+        assert main(["evaluate", str(erm_run), "--device", "cpu", "--no-progress",
+                     *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    base = metrics()
+    assert metrics("--saliency", "wbp")["cam_precision"] != base["cam_precision"]
+    assert metrics("--split", "val")["loss"] != base["loss"]
+    boot = [metrics("--bootstrap", "100", "--bootstrap-seed", s)["ci95"] for s in ("0", "1")]
+    assert boot[0] != boot[1]
