@@ -1,5 +1,5 @@
-"""Metrics: classification (with calibration and bootstrap intervals), localisation of
-saliency, deletion faithfulness."""
+"""Metrics: classification (with calibration and bootstrap intervals), paired tests of two
+models (DeLong, McNemar), localisation of saliency, deletion faithfulness."""
 
 from .classification import (
     BOOTSTRAP_METRICS,
@@ -8,11 +8,14 @@ from .classification import (
     brier_score,
     classification_metrics,
     expected_calibration_error,
+    reliability_bins,
 )
 from .faithfulness import DELETION_FRACTIONS, deletion_scores
 from .localization import cam_precision, iou_dice, mass_in_mask, normalize_maps, rank_accuracy
+from .paired import MCNEMAR_EXACT_BELOW, delong_test, mcnemar_test
 
 __all__ = ["classification_metrics", "brier_score", "expected_calibration_error",
            "bootstrap_ci", "BOOTSTRAP_METRICS", "ECE_BINS", "deletion_scores",
            "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
-           "rank_accuracy"]
+           "rank_accuracy", "delong_test", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
+           "reliability_bins"]

@@ -111,13 +111,60 @@ def _brier(probs: np.ndarray, labels: np.ndarray) -> float:
 def _ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # bin b holds (edges[b], edges[b+1]], as Guo et al.'s code (a confidence of exactly 1/15
-    # falls in the first bin); the clip keeps 0 and a softmax's 1 + 1e-16 inside
-    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    b = _bin_of(conf, n_bins)
     # |B_b|·|acc_b − conf_b| = |Σ_{i∈B_b} (correct_i − conf_i)|: one bincount, no loop
     gap = np.bincount(b, weights=correct - conf, minlength=n_bins)
     return float(np.abs(gap).sum() / len(conf))
+
+
+def _bin_of(score: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each score's equal-width bin of [0, 1]: bin b holds (b/n, (b+1)/n], as Guo et al.'s
+    code (a confidence of exactly 1/15 falls in the first bin); the clip keeps 0 and a
+    softmax's 1 + 1e-16 inside."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, score, side="left") - 1, 0, n_bins - 1)
+
+
+# What `reliability_bins` bins: the predicted class's probability against accuracy (Guo et
+# al.'s diagram, whose gaps sum to `expected_calibration_error`), or class 1's probability
+# against the share of positives (the binary "calibration curve" of clinical papers)
+RELIABILITY_KINDS = ("confidence", "positive")
+
+
+def reliability_bins(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                     n_bins: int = ECE_BINS, kind: str = "confidence") -> dict[str, Any]:
+    """The bins of a reliability diagram: ``n_bins`` equal-width bins (lo, hi] of [0, 1].
+    ``kind`` "confidence" bins the maximum probability and observes accuracy (the bins of
+    `expected_calibration_error`, so ``ece`` equals it); "positive" (two classes only) bins
+    class 1's probability and observes the share of class-1 labels, ``ece`` then being
+    Σ |B|/N · |share − mean probability| over those bins. Returns ``kind``, ``edges``
+    (n_bins + 1), per bin ``count``, ``mean_predicted`` and ``observed`` (None for an empty
+    bin), and ``ece``; inputs as `classification_metrics`."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, Integral) or n_bins < 1:
+        raise InputError(f"n_bins must be a positive integer, got {n_bins!r}")
+    if kind not in RELIABILITY_KINDS:
+        raise InputError(f"kind must be one of {', '.join(RELIABILITY_KINDS)}, got {kind!r}")
+    probs, labels = _checked(probs, labels)
+    if kind == "positive":
+        if probs.shape[1] != 2:
+            raise InputError(f"a 'positive' reliability diagram needs two classes, got "
+                             f"{probs.shape[1]}; use kind='confidence'")
+        score, hit = probs[:, 1], (labels == 1).astype(np.float64)
+    else:
+        score = probs.max(axis=1)
+        hit = (probs.argmax(axis=1) == labels).astype(np.float64)
+    b = _bin_of(score, int(n_bins))
+    count = np.bincount(b, minlength=n_bins)
+    total = np.bincount(b, weights=score, minlength=n_bins)
+    hits = np.bincount(b, weights=hit, minlength=n_bins)
+    safe = np.maximum(count, 1)
+    return {"kind": kind, "edges": np.linspace(0.0, 1.0, n_bins + 1).tolist(),
+            "count": count.tolist(),
+            "mean_predicted": [float(t / k) if c else None
+                               for t, k, c in zip(total, safe, count, strict=True)],
+            "observed": [float(h / k) if c else None
+                         for h, k, c in zip(hits, safe, count, strict=True)],
+            "ece": float(np.abs(hits - total).sum() / len(score))}
 
 
 def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
