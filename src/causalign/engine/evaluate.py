@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -184,6 +184,56 @@ def write_prediction_rows(path: str | Path, head: list[str], rows: list[list[Any
     atomic_write_text(path, buf.getvalue())
 
 
+class Predictions(NamedTuple):
+    """A predictions CSV read back (`read_predictions`), in its row order."""
+
+    ids: list[str]
+    sites: list[str]
+    labels: np.ndarray  # (N,) int64
+    predicted: np.ndarray  # (N,) int64, the argmax of probs
+    probs: np.ndarray  # (N, C) float64
+    classes: list[str]  # the class names of the p_<class> columns
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """A CSV `write_predictions` wrote (``RUN/predictions_<split>.csv``, ``evaluate
+    --predictions``), or `InputError` naming what is wrong with it (missing, no id/label/p_
+    columns, a value that is not a number, a duplicate id)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such predictions CSV") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a predictions CSV ({exc.__class__.__name__})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    cols = [c for c in header if c.startswith("p_")]
+    missing = [c for c in ("id", "label") if c not in header]
+    if missing or not cols:
+        raise InputError(f"{path}: not a predictions CSV (needs columns id, label and "
+                         f"p_<class>; has {', '.join(header) or 'none'})")
+    ids, sites, labels, probs = [], [], [], []
+    seen: set[str] = set()
+    for line, row in enumerate(reader, start=2):
+        try:
+            labels.append(int(row["label"]))
+            probs.append([float(row[c]) for c in cols])
+        except (TypeError, ValueError):
+            raise InputError(f"{path} line {line}: label or probability is not a number "
+                             f"(id {row.get('id')!r})") from None
+        if row["id"] in seen:
+            raise InputError(f"{path} line {line}: id {row['id']!r} appears twice")
+        seen.add(row["id"])
+        ids.append(row["id"])
+        sites.append(row.get("site") or "")
+    if not ids:
+        raise InputError(f"{path}: no prediction rows")
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    return Predictions(ids, sites, y, p.argmax(axis=1), p, [c[2:] for c in cols])
+
+
 def _mean_loss(losses: list[Tensor]) -> float:
     """Mean of per-sample cross-entropies, summed in float64 over the whole split at once:
     the same number however the split was batched (float32 sums per batch made the loss
@@ -207,6 +257,7 @@ def evaluate_split(
     batch_size: int = 128, progress: Progress | None = None,
     explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
     predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
+    reliability: str | Path | None = None, reliability_title: str | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -217,6 +268,9 @@ def evaluate_split(
     ``bootstrap``: also give percentile 95 % intervals (`ci95`, with the `bootstrap` settings)
     of the classification metrics from that many stratified resamples (`bootstrap_ci`,
     seeded by ``bootstrap_seed``); 0 (the default) gives none. Checked before the pass.
+
+    ``reliability``: also draw the split's reliability diagram there
+    (`report.figures.reliability_diagram`, titled ``reliability_title``, default the split).
 
     Localisation uses the saliency of the *predicted* class on the input the model sees
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
@@ -235,7 +289,8 @@ def evaluate_split(
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
-                               predictions, bootstrap, bootstrap_seed)
+                               predictions, bootstrap, bootstrap_seed, reliability,
+                               reliability_title)
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -243,7 +298,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     batch_size: int, progress: Progress | None,
                     explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0,
                     predictions: str | Path | None = None, bootstrap: int = 0,
-                    bootstrap_seed: int = 0) -> dict:
+                    bootstrap_seed: int = 0, reliability: str | Path | None = None,
+                    reliability_title: str | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -312,6 +368,11 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         out.update(bootstrap_ci(p, y, bootstrap, bootstrap_seed))
     if predictions is not None:
         write_predictions(predictions, dataset, p)
+    if reliability is not None:
+        from ..report.figures import reliability_diagram
+
+        reliability_diagram({reliability_title or f"split '{dataset.split}'": (p, y)},
+                            reliability)
 
     def mean(parts: list[Tensor]) -> float | None:
         return float(torch.cat(parts).float().mean()) if parts else None

@@ -457,3 +457,62 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
             fig.suptitle(_plain(title), fontsize=10)
         fig.tight_layout(rect=(0, 0.18 * rows_of_legend / fig.get_figheight() + 0.02, 1, 1))
         atomic_savefig(fig, path, dpi=100)
+
+
+def reliability_diagram(panels: Mapping[str, tuple[Any, Any]], path: str | Path,
+                        n_bins: int | None = None, kind: str = "confidence") -> list[dict]:
+    """Reliability diagram of one or more models (label → (probs (N, C), labels (N,))), a
+    panel each: per equal-width bin the observed frequency (bars) against the mean predicted
+    probability (points), the diagonal of perfect calibration, each bin's sample count
+    above its bar and in a histogram below, and the ECE in the title. ``kind`` "confidence"
+    (the predicted class's probability against accuracy; its ECE is metrics.json's ``ece``)
+    or "positive" (two classes: class 1's probability against the share of positives);
+    ``n_bins`` defaults to `ECE_BINS` (15). Returns each panel's `reliability_bins`."""
+    fig, bins = _reliability_figure(panels, n_bins, kind)
+    atomic_savefig(fig, path, dpi=110)
+    return bins
+
+
+def _reliability_figure(panels: Mapping[str, tuple[Any, Any]], n_bins: int | None,
+                        kind: str) -> tuple[Figure, list[dict]]:
+    from ..metrics.classification import ECE_BINS, reliability_bins
+
+    if not panels:
+        raise InputError("reliability_diagram: no predictions to draw")
+    # every panel's bins first: a bad input fails before any drawing
+    bins = [reliability_bins(p, y, ECE_BINS if n_bins is None else n_bins, kind)
+            for p, y in panels.values()]
+    x_label = ("predicted probability of class 1" if kind == "positive"
+               else "confidence (predicted class's probability)")
+    y_label = "share of class 1" if kind == "positive" else "accuracy"
+    k = len(panels)
+    fig = agg_figure(figsize=(3.6 * k, 4.2))
+    axes = fig.subplots(2, k, squeeze=False, sharex="col",
+                        gridspec_kw={"height_ratios": [3, 1]})
+    for col, (label, b) in enumerate(zip(panels, bins, strict=True)):
+        top, bottom = axes[0][col], axes[1][col]
+        edges = np.asarray(b["edges"])
+        width = np.diff(edges)
+        full = [i for i, c in enumerate(b["count"]) if c]
+        observed = [b["observed"][i] for i in full]
+        top.bar(edges[full], observed, width=width[full], align="edge", color="C0",
+                alpha=0.7, edgecolor="k", linewidth=0.4, label="observed")
+        top.plot([b["mean_predicted"][i] for i in full], observed, "o", color="C3",
+                 markersize=3, label="mean predicted")
+        top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect")
+        for i, o in zip(full, observed, strict=True):
+            top.text(edges[i] + width[i] / 2, o + 0.01, str(b["count"][i]),
+                     ha="center", va="bottom", fontsize=5)
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1.1)  # room for the counts above a full bar
+        top.set_ylabel(y_label)
+        top.set_title(f"{_fit(label, 3.4, 9)}\nECE {b['ece']:.3f} ({len(width)} bins, "
+                      f"n={sum(b['count'])})", fontsize=8)
+        top.grid(alpha=0.3)
+        bottom.bar(edges[:-1], b["count"], width=width, align="edge", color="gray",
+                   edgecolor="k", linewidth=0.4)
+        bottom.set_xlabel(x_label, fontsize=8)
+        bottom.set_ylabel("count", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return fig, bins
