@@ -626,10 +626,14 @@ def evaluate(
              "sensitivity and specificity from N stratified bootstrap resamples (0: none; "
              "at least 100, 1000 is usual)")] = 0,
     bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
+    reliability: Annotated[Path | None, typer.Option(
+        help="also draw the split's reliability diagram here (.png, .pdf or .svg; 15 bins of "
+             "the predicted class's probability against accuracy, ECE in the title)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, sensitivity/specificity,
-    Brier score, ECE, CAM precision, deletion; with --bootstrap N, their 95 % intervals."""
+    Brier score, ECE, CAM precision, deletion; with --bootstrap N, their 95 % intervals;
+    with --reliability FILE, the reliability diagram."""
     from .engine.evaluate import VOLUME_UNSUPPORTED, evaluate_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
@@ -656,7 +660,9 @@ def evaluate(
             raise CausalignError(f"--out {out} and --predictions {predictions} name the same "
                                  f"file; give the metrics JSON and the predictions CSV "
                                  f"different paths")
-    _refuse_run_record(run, out=out, predictions=predictions)
+    if reliability is not None:
+        _check_figure_file("--reliability", reliability)
+    _refuse_run_record(run, out=out, predictions=predictions, reliability=reliability)
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = _split_for_model(data_path, split, run=run)
     _warn_unannotated_input(method, ds)
@@ -674,7 +680,8 @@ def evaluate(
                                  deletion_fill=cfg.deletion_fill,
                                  explainer_kwargs=options.get(saliency),
                                  predictions=predictions, bootstrap=bootstrap,
-                                 bootstrap_seed=bootstrap_seed)
+                                 bootstrap_seed=bootstrap_seed, reliability=reliability,
+                                 reliability_title=f"{run} ({split})")
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
                **_search_record(options)}
     if out is not None:
@@ -1328,6 +1335,128 @@ def benchmark(
     _fail_on_failed_runs(results["runs"], out)
 
 
+def _check_figure_file(option: str, path: Path) -> None:
+    """A figure path matplotlib can write (by suffix), in a folder that can hold it."""
+    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise CausalignError(f"{option} {path}: give a .png, .pdf or .svg file")
+    _check_output_file(option, path, "the figure")
+
+
+def _compared_predictions(source: Path, split: str) -> tuple[Path, Any]:
+    """The predictions CSV ``source`` names (a run folder's predictions_<split>.csv, or the
+    file itself) and its rows; one line saying how to make it when a run lacks it."""
+    from .engine.evaluate import read_predictions
+
+    csv_path = source / f"predictions_{split}.csv" if source.is_dir() else source
+    if source.is_dir() and not csv_path.is_file():
+        raise CausalignError(f"{source}: no predictions_{split}.csv (training writes val and "
+                             f"test); make it with `causalign evaluate {source} --split {split}"
+                             f" --predictions FILE.csv` and compare the CSV files")
+    if not source.exists():
+        raise CausalignError(f"{source}: no such run folder or predictions CSV")
+    return csv_path, read_predictions(csv_path)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="run folder (its predictions_<split>.csv) or "
+                                               "a predictions CSV (evaluate --predictions)")],
+    run_b: Annotated[Path, typer.Argument(help="the other run folder or predictions CSV")],
+    split: Annotated[str, typer.Option(help="val | test: the run folders' predictions CSV "
+                                            "(a CSV file given is read as it is)")] = "test",
+    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    reliability: Annotated[Path | None, typer.Option(
+        help="also draw both runs' reliability diagrams here (.png, .pdf or .svg)")] = None,
+) -> None:
+    """Paired comparison of two runs on the same samples, from their saved predictions:
+    accuracies and AUCs, DeLong's test of the AUC difference (binary; one-vs-rest per class
+    for more) and McNemar's test of the accuracy difference. Both must hold the same sample
+    ids with the same labels."""
+    import numpy as np
+
+    from .io import atomic_write_json
+    from .metrics import classification_metrics, mcnemar_test
+
+    if out is not None:
+        _check_output_file("--out", out, "the comparison JSON")
+    if reliability is not None:
+        _check_figure_file("--reliability", reliability)
+    for given, path in (("out", out), ("reliability", reliability)):
+        for source in (run_a, run_b):
+            if path is None:
+                continue
+            if source.is_dir():
+                _refuse_run_record(source, **{given: path})
+            elif _same_file(path, source):
+                raise CausalignError(f"--{given} {path}: is the predictions CSV being "
+                                     f"compared; give another path")
+    file_a, a = _compared_predictions(run_a, split)
+    file_b, b = _compared_predictions(run_b, split)
+    if a.probs.shape[1] != b.probs.shape[1]:
+        raise CausalignError(f"{file_a} has {a.probs.shape[1]} classes, {file_b} "
+                             f"{b.probs.shape[1]}: not the same task")
+    ids_a, ids_b = set(a.ids), set(b.ids)
+    only_a = next((i for i in a.ids if i not in ids_b), None)
+    only_b = next((i for i in b.ids if i not in ids_a), None)
+    if only_a is not None or only_b is not None:
+        first, there, missing = ((only_a, file_a, file_b) if only_a is not None
+                                 else (only_b, file_b, file_a))
+        raise CausalignError(f"the runs' predictions cover different samples: id {first!r} "
+                             f"is in {there} but not in {missing} ({len(a.ids)} and "
+                             f"{len(b.ids)} rows)")
+    # the same samples in another order (another manifest order): B's rows in A's order
+    where = {i: k for k, i in enumerate(b.ids)}
+    order = np.array([where[i] for i in a.ids])
+    probs_b, labels_b = b.probs[order], b.labels[order]
+    differ = np.flatnonzero(a.labels != labels_b)
+    if len(differ):
+        k = int(differ[0])
+        raise CausalignError(f"the runs' predictions disagree on the label of {len(differ)} "
+                             f"sample(s), first id {a.ids[k]!r}: {a.labels[k]} in {file_a}, "
+                             f"{labels_b[k]} in {file_b}")
+    y = a.labels
+    metrics_a = classification_metrics(a.probs, y)
+    metrics_b = classification_metrics(probs_b, y)
+    result: dict[str, Any] = {
+        "a": str(run_a), "b": str(run_b), "predictions_a": str(file_a),
+        "predictions_b": str(file_b), "n": len(y), "classes": a.classes,
+        "accuracy_a": metrics_a["accuracy"], "accuracy_b": metrics_b["accuracy"],
+        "auc_a": metrics_a["auc"], "auc_b": metrics_b["auc"],
+    }
+    n_classes = a.probs.shape[1]
+    if n_classes == 2:
+        result["delong"] = _delong_or_reason(a.probs, probs_b, y)
+    else:
+        # a macro AUC's difference has no DeLong variance: each class one-vs-rest instead
+        result["delong"] = None
+        result["delong_one_vs_rest"] = {
+            name: _delong_or_reason(a.probs[:, c], probs_b[:, c], y == c)
+            for c, name in enumerate(a.classes)}
+        result["delong_note"] = ("more than two classes: DeLong per class one-vs-rest, "
+                                 "p-values not adjusted for the multiple tests")
+    result["mcnemar"] = mcnemar_test(a.predicted, probs_b.argmax(axis=1), y)
+    if reliability is not None:
+        from .report.figures import reliability_diagram
+
+        reliability_diagram({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, reliability)
+        result["reliability"] = str(reliability)
+    if out is not None:
+        atomic_write_json(out, result)
+    _echo_json(result)
+
+
+def _delong_or_reason(probs_a: Any, probs_b: Any, labels: Any) -> dict[str, Any]:
+    """DeLong's result, or ``{"error": why}`` where the split cannot give one (fewer than
+    two samples of a class): McNemar and the accuracies still stand."""
+    from .errors import InputError
+    from .metrics import delong_test
+
+    try:
+        return delong_test(probs_a, probs_b, labels)
+    except InputError as exc:
+        return {"error": str(exc)}
+
+
 def _fail_on_failed_runs(runs: list[dict], out: Path) -> None:
     """Exit non-zero (after every output is written) when a run failed, so scripts notice."""
     failed = [r for r in runs if r["status"] == "failed"]
@@ -1352,8 +1481,7 @@ def curves(
         if len(runs) > 1:
             raise CausalignError(f"give --out FILE for the figure of {len(runs)} runs")
         out = runs[0] / "curves.png"
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise CausalignError(f"--out {out}: give a .png, .pdf or .svg file")
+    _check_figure_file("--out", out)
     histories: dict[str, list[dict]] = {}
     # labels: the runs' paths below their common folder (runs/erm/seed0, runs/rrr/seed0)
     resolved = [r.resolve() for r in runs]
