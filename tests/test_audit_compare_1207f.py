@@ -295,6 +295,9 @@ def test_compare_refuses_mismatched_predictions_in_one_line(tmp_path, capsys):
     line = _error_line(capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "a"),
                                 "--split", "val"])
     assert "no predictions_val.csv" in line and "causalign evaluate" in line
+    line = _error_line(capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "a"),
+                                "--split", "tset"])
+    assert "--split tset: give one of train, val, test" in line
     (tmp_path / "bad.csv").write_text("id,label\ns0,0\n")
     line = _error_line(capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "bad.csv")])
     assert "not a predictions CSV" in line
@@ -328,3 +331,35 @@ def test_compare_aligns_reordered_samples_and_tests_three_classes_one_vs_rest(tm
         assert r["delong_one_vs_rest"][name] == (
             delong_test(pa[:, c], pb[:, c], y == c))
     assert r["mcnemar"] == mcnemar_test(pa.argmax(1), pb.argmax(1), y)
+
+
+def test_report_has_a_calibration_section_from_the_runs_predictions(tmp_path):
+    """report.html draws each method's test reliability diagram from predictions_test.csv
+    (no model loaded); a run without the CSV is left out, none at all: no section."""
+    from causalign.report.html import write_report
+
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(40)]
+    y = np.arange(40) % 2
+    runs = []
+    for label in ("erm", "oracle", "rrr"):
+        (tmp_path / "runs" / label).mkdir(parents=True)
+        if label != "rrr":
+            _write_csv(tmp_path / "runs" / label / "predictions_test.csv", ids, y,
+                       rng.dirichlet([1, 1], 40))
+        runs.append({"key": label, "status": "done", "dataset": "pm", "label": label,
+                     "method": label, "setting": "default", "seed": 0,
+                     "run_dir": f"runs/{label}", "metrics": {}})
+    (tmp_path / "results.json").write_text(json.dumps({"suite": "s", "runs": runs}))
+    page = write_report(tmp_path).read_text()
+    assert "<h2>Calibration</h2>" in page and "reliability pm" in page
+    fig = tmp_path / "figures" / "reliability_pm.png"
+    assert fig.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(fig).shape[:2]
+    assert w > 1.5 * h  # two panels side by side (erm, oracle), not three
+    for label in ("erm", "oracle"):
+        (tmp_path / "runs" / label / "predictions_test.csv").unlink()
+    page = write_report(tmp_path).read_text()
+    assert "Calibration" not in page and not fig.exists()  # a stale figure is removed

@@ -1345,8 +1345,11 @@ def _check_figure_file(option: str, path: Path) -> None:
 def _compared_predictions(source: Path, split: str) -> tuple[Path, Any]:
     """The predictions CSV ``source`` names (a run folder's predictions_<split>.csv, or the
     file itself) and its rows; one line saying how to make it when a run lacks it."""
+    from .data.format import SPLITS
     from .engine.evaluate import read_predictions
 
+    if split not in SPLITS:
+        raise CausalignError(f"--split {split}: give one of {', '.join(SPLITS)}")
     csv_path = source / f"predictions_{split}.csv" if source.is_dir() else source
     if source.is_dir() and not csv_path.is_file():
         raise CausalignError(f"{source}: no predictions_{split}.csv (training writes val and "

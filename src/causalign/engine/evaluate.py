@@ -262,8 +262,8 @@ def evaluate_split(
     """Everything metrics.json reports for a split.
 
     ``predictions``: also write each sample's prediction there as CSV (`write_predictions`),
-    for the statistics metrics.json does not hold (DeLong tests, reliability diagrams, error
-    review).
+    for the statistics metrics.json does not hold (`causalign compare`'s DeLong and McNemar
+    tests of two runs, read back by `read_predictions`; error review).
 
     ``bootstrap``: also give percentile 95 % intervals (`ci95`, with the `bootstrap` settings)
     of the classification metrics from that many stratified resamples (`bootstrap_ci`,

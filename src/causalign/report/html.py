@@ -1,7 +1,8 @@
 """DIR/report.html: one self-contained page (every image embedded as base64 PNG) for a
 benchmark folder — the tables (mean (std), best in bold), runs that failed or were skipped,
 a CAM overlay grid method × case (paper 000 Fig. 4), counterfactual triptychs (Fig. 9),
-training curves per dataset (history.csv), deletion curves, and a cross-site AUC heat-map
+training curves and reliability diagrams per dataset (history.csv, predictions_test.csv),
+deletion curves, and a cross-site AUC heat-map
 when DIR/cross_site.json exists (written by benchmarks/cross_site.py).
 
 Figures are also kept as PNG files in DIR/figures/.
@@ -301,6 +302,24 @@ def curves_figure(out: Path, results: dict, dataset: str, path: Path) -> bool:
     return True
 
 
+def reliability_figure(out: Path, results: dict, dataset: str, path: Path) -> bool:
+    """Test-split reliability diagrams of one run per method on ``dataset`` (`_pick_runs`),
+    from their predictions_test.csv (no model runs: ~1 s); False when no run has one."""
+    from ..engine.evaluate import read_predictions
+    from .figures import reliability_diagram
+
+    panels = {}
+    for label, r in _pick_runs(results, dataset).items():
+        csv_path = out / r["run_dir"] / "predictions_test.csv"
+        if csv_path.is_file():
+            pred = read_predictions(csv_path)
+            panels[label] = (pred.probs, pred.labels)
+    if not panels:
+        return False
+    reliability_diagram(panels, path)
+    return True
+
+
 def deletion_figure(results: dict, path: Path) -> bool:
     """Mean drop of the predicted class's probability after deleting the top-k salient pixels
     (k as a fraction of the image), per method (default setting, mean over seeds)."""
@@ -542,6 +561,24 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                              "setting, lowest seed.</p>")
             parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"training curves {d}"))
             shown.add(p.name)
+    for d in datasets[:CAM_DATASETS]:
+        p = figs / f"reliability_{slugs[d]}.png"
+        try:
+            drawn = reliability_figure(out, results, d, p)
+        except Exception as exc:  # a figure must not sink the report
+            _raise_interrupt_behind(exc, handled)
+            parts.append(f"<p class='failed'>reliability diagrams for {html.escape(d)} "
+                         f"failed: {html.escape(str(exc))}</p>")
+            continue
+        if drawn:
+            if not any(f.startswith("reliability_") for f in shown):
+                parts.append("<h2>Calibration</h2><p>Reliability diagrams on the test split "
+                             "(predictions_test.csv): accuracy per bin of the predicted "
+                             "class's probability (15 bins, counts above the bars), the "
+                             "diagonal of perfect calibration, ECE in each title; "
+                             "<code>causalign compare</code> tests two runs.</p>")
+            parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"reliability {d}"))
+            shown.add(p.name)
     p = figs / "deletion.png"
     if deletion_figure(results, p):
         parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
@@ -570,8 +607,8 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     return path
 
 
-_FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "curves_*.png", "deletion.png",
-                    "cross_site.png")
+_FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "curves_*.png",
+                    "reliability_*.png", "deletion.png", "cross_site.png")
 
 
 def _raise_interrupt_behind(exc: Exception, handled: BaseException | None) -> None:
