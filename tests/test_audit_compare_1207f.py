@@ -363,3 +363,21 @@ def test_report_has_a_calibration_section_from_the_runs_predictions(tmp_path):
         (tmp_path / "runs" / label / "predictions_test.csv").unlink()
     page = write_report(tmp_path).read_text()
     assert "Calibration" not in page and not fig.exists()  # a stale figure is removed
+
+
+def test_readme_delong_example_prints_what_the_readme_says():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "delong_test(" in b]
+    assert len(block) == 1
+    proc = subprocess.run([sys.executable, "-c", block[0]], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.strip().splitlines()
+    assert first.startswith("AUC 0.756 vs 0.726, p 1.2e-05 (")
+    assert second == "McNemar p 0.0043"
+    assert "prints `AUC 0.756 vs 0.726, p 1.2e-05` and `McNemar p 0.0043`" in readme
