@@ -352,7 +352,7 @@ def test_report_has_a_calibration_section_from_the_runs_predictions(tmp_path):
                      "run_dir": f"runs/{label}", "metrics": {}})
     (tmp_path / "results.json").write_text(json.dumps({"suite": "s", "runs": runs}))
     page = write_report(tmp_path).read_text()
-    assert "<h2>Calibration</h2>" in page and "reliability pm" in page
+    assert "<h2>Calibration</h2>" in page and "reliability diagrams pm" in page
     fig = tmp_path / "figures" / "reliability_pm.png"
     assert fig.read_bytes()[:8] == PNG_MAGIC
     import matplotlib.image

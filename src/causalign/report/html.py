@@ -544,41 +544,32 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
             _raise_interrupt_behind(exc, handled)
             parts.append(f"<p class='failed'>counterfactual figure failed: "
                          f"{html.escape(str(exc))}</p>")
-    for d in datasets[:CAM_DATASETS]:
-        p = figs / f"curves_{slugs[d]}.png"
-        try:
-            drawn = curves_figure(out, results, d, p)
-        except Exception as exc:  # a figure must not sink the report
-            _raise_interrupt_behind(exc, handled)
-            parts.append(f"<p class='failed'>training curves for {html.escape(d)} failed: "
-                         f"{html.escape(str(exc))}</p>")
-            continue
-        if drawn:
-            if not any(f.startswith("curves_") for f in shown):
-                parts.append("<h2>Training curves</h2><p>Per epoch (history.csv): training "
-                             "loss, validation AUC, accuracy (validation solid, training "
-                             "dashed) and the alignment term where a method has one; default "
-                             "setting, lowest seed.</p>")
-            parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"training curves {d}"))
-            shown.add(p.name)
-    for d in datasets[:CAM_DATASETS]:
-        p = figs / f"reliability_{slugs[d]}.png"
-        try:
-            drawn = reliability_figure(out, results, d, p)
-        except Exception as exc:  # a figure must not sink the report
-            _raise_interrupt_behind(exc, handled)
-            parts.append(f"<p class='failed'>reliability diagrams for {html.escape(d)} "
-                         f"failed: {html.escape(str(exc))}</p>")
-            continue
-        if drawn:
-            if not any(f.startswith("reliability_") for f in shown):
-                parts.append("<h2>Calibration</h2><p>Reliability diagrams on the test split "
-                             "(predictions_test.csv): accuracy per bin of the predicted "
-                             "class's probability (15 bins, counts above the bars), the "
-                             "diagonal of perfect calibration, ECE in each title; "
-                             "<code>causalign compare</code> tests two runs.</p>")
-            parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"reliability {d}"))
-            shown.add(p.name)
+    per_dataset = (
+        ("curves", curves_figure, "training curves",
+         "<h2>Training curves</h2><p>Per epoch (history.csv): training loss, validation AUC, "
+         "accuracy (validation solid, training dashed) and the alignment term where a method "
+         "has one; default setting, lowest seed.</p>"),
+        ("reliability", reliability_figure, "reliability diagrams",
+         "<h2>Calibration</h2><p>Reliability diagrams on the test split "
+         "(predictions_test.csv): accuracy per bin of the predicted class's probability (15 "
+         "bins, counts above the bars), the diagonal of perfect calibration, ECE in each "
+         "title; default setting, lowest seed; <code>causalign compare</code> tests two "
+         "runs.</p>"))
+    for prefix, draw, what, heading in per_dataset:
+        for d in datasets[:CAM_DATASETS]:
+            p = figs / f"{prefix}_{slugs[d]}.png"
+            try:
+                drawn = draw(out, results, d, p)
+            except Exception as exc:  # a figure must not sink the report
+                _raise_interrupt_behind(exc, handled)
+                parts.append(f"<p class='failed'>{what} for {html.escape(d)} failed: "
+                             f"{html.escape(str(exc))}</p>")
+                continue
+            if drawn:
+                if not any(f.startswith(f"{prefix}_") for f in shown):
+                    parts.append(heading)
+                parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"{what} {d}"))
+                shown.add(p.name)
     p = figs / "deletion.png"
     if deletion_figure(results, p):
         parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
