@@ -1,7 +1,8 @@
 """Sanity checks for saliency maps (Adebayo et al. 2018): do the maps depend on the model?
 
     python benchmarks/saliency_sanity.py RUN [--label-run RUN2] [--n 32] [--split test]
-        [--methods all] [--seed 0] [--out benchmarks/results/saliency_sanity.json]
+        [--mode cascading|independent|both] [--methods all] [--seed 0]
+        [--out benchmarks/results/saliency_sanity.json]
 
 Cascading model-parameter randomisation: the trained model of RUN is explained, then its
 weight layers are re-initialised from the logits down, one more at each step (a conv and the
@@ -21,6 +22,12 @@ default 0.8) after every layer is random does not explain the model: its map com
 from the input. Adebayo et al. found this for guided backprop and guided Grad-CAM; input ×
 gradient keeps some correlation with the trained map through its input factor.
 
+Independent randomisation (``--mode independent`` or ``both``): step i re-initialises layer
+i alone (same layers, order and random weights as cascading step i), every other layer
+trained, and the layer is put back before the next step. Written under ``"independent"`` in
+the JSON (cascading stays at the top level), with ``"insensitive"``: per method, the layers
+whose randomisation alone leaves ρ(|map|) above ``--threshold`` (the map does not show them).
+
 Data randomisation: ``--write-permuted DIR`` writes a copy of RUN's dataset whose training
 and validation labels are permuted (test split unchanged) and exits; train a run on it with
 RUN's settings and pass it as ``--label-run``: its maps (for the class RUN predicts) are
@@ -28,7 +35,8 @@ compared with RUN's in the same way.
 
 Writes the JSON to --out and, beside it, ``<stem>_maps.png`` (rows: methods; columns: the
 randomisation steps; one test image, |map| scaled per cell) and ``<stem>_curves.png`` (mean
-rank correlation of |map| against the number of randomised layers).
+rank correlation of |map| against the number of randomised layers); independent
+randomisation's are ``<stem>_independent_maps.png`` and ``<stem>_independent_curves.png``.
 """
 
 from __future__ import annotations
@@ -177,6 +185,9 @@ def explain_all(model: nn.Module, x: Tensor, target: Tensor, names: list[str],
     return out
 
 
+MODES = ("cascading", "independent")
+
+
 def cascading_randomisation(model: nn.Module, x: Tensor, target: Tensor, names: list[str],
                             seed: int = 0, progress=None,
                             make: Callable[[str, nn.Module], object] | None = None) -> dict:
@@ -184,11 +195,32 @@ def cascading_randomisation(model: nn.Module, x: Tensor, target: Tensor, names: 
     compared with the trained maps: {"layers": [...], "steps": {method: [metrics, ...]},
     "examples": {method: [map of image 0, ...]}, "reference": {method: trained maps}}
     (step 0 = the trained model)."""
+    return layer_randomisation(model, x, target, names, "cascading", seed, progress, make)
+
+
+def independent_randomisation(model: nn.Module, x: Tensor, target: Tensor, names: list[str],
+                              seed: int = 0, progress=None,
+                              make: Callable[[str, nn.Module], object] | None = None) -> dict:
+    """As `cascading_randomisation`, but step i randomises layer i *alone* (every other
+    layer trained; Adebayo et al.'s independent randomisation), with the same random
+    weights as cascading step i (seed + i)."""
+    return layer_randomisation(model, x, target, names, "independent", seed, progress, make)
+
+
+def layer_randomisation(model: nn.Module, x: Tensor, target: Tensor, names: list[str],
+                        mode: str = "cascading", seed: int = 0, progress=None,
+                        make: Callable[[str, nn.Module], object] | None = None) -> dict:
+    """The randomisation tests over `cascade_layers`, logits down; `mode` "cascading" keeps
+    each step's layers random, "independent" restores a layer's trained state (parameters
+    and buffers) before the next one is randomised."""
+    if mode not in MODES:
+        raise unknown_name("randomisation mode", mode, list(MODES))
     work = copy.deepcopy(model).eval()
     layers = cascade_layers(work)
     if not layers:
         raise InputError(f"{type(model).__name__} has no conv or linear layer to randomise")
-    task = progress.add_task("randomising", total=len(layers) + 1) if progress else None
+    task = progress.add_task(f"randomising ({mode})", total=len(layers) + 1) if progress \
+        else None
     ref = explain_all(work, x, target, names, make)
     image = x.detach().sum(1).flatten(1).double().numpy()
 
@@ -204,11 +236,18 @@ def cascading_randomisation(model: nn.Module, x: Tensor, target: Tensor, names: 
     if progress:
         progress.advance(task)
     for i, (_, modules) in enumerate(layers):
+        # independent: keep the trained state to put back (copies: reset_parameters may
+        # write into the same tensors in place)
+        trained = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules] \
+            if mode == "independent" else None
         randomise(modules, seed + i)
         maps = explain_all(work, x, target, names, make)
         for n in names:
             steps[n].append(scored(ref[n], maps[n]))
             examples[n].append(maps[n][0].abs().numpy())
+        if trained is not None:
+            for m, state in zip(modules, trained, strict=True):
+                m.load_state_dict(state)
         if progress:
             progress.advance(task)
     return {"layers": ["trained", *(name for name, _ in layers)], "steps": steps,
@@ -222,10 +261,22 @@ def suspects(steps: dict[str, list[dict]], threshold: float) -> list[str]:
             if s[-1]["rank_abs"] is not None and s[-1]["rank_abs"] > threshold]
 
 
+def insensitive(layers: list[str], steps: dict[str, list[dict]],
+                threshold: float) -> dict[str, list[str]]:
+    """{method: layers whose randomisation alone leaves its maps' mean rank correlation of
+    |map| above `threshold`} (independent randomisation): what the map does not show."""
+    return {n: [layer for layer, st in zip(layers[1:], s[1:], strict=True)
+                if st["rank_abs"] is not None and st["rank_abs"] > threshold]
+            for n, s in steps.items()}
+
+
 # ------------------------------------------------------------------------------ figures
 
 
-def figures(result: dict, examples: dict, image: np.ndarray, stem: Path) -> None:
+def figures(result: dict, examples: dict, image: np.ndarray, stem: Path,
+            mode: str = "cascading") -> None:
+    """``<stem>_maps.png`` and ``<stem>_curves.png`` of `result` ({"layers", "steps",
+    "threshold"}); independent randomisation's are ``<stem>_independent_*.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,9 +296,12 @@ def figures(result: dict, examples: dict, image: np.ndarray, stem: Path) -> None
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("cascading randomisation, logits down (|map|, scaled per cell)", fontsize=8)
+    what = {"cascading": "cascading randomisation, logits down",
+            "independent": "independent randomisation, one layer at a time"}[mode]
+    fig.suptitle(f"{what} (|map|, scaled per cell)", fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, stem.with_name(stem.name + "_maps.png"), dpi=80)
+    suffix = "" if mode == "cascading" else f"_{mode}"
+    atomic_savefig(fig, stem.with_name(f"{stem.name}{suffix}_maps.png"), dpi=80)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
@@ -261,12 +315,12 @@ def figures(result: dict, examples: dict, image: np.ndarray, stem: Path) -> None
                                                                                  + i // 10])
         ax.axhline(result["threshold"], color="gray", ls="--", lw=0.8)
         ax.set_xticks(xs, layers, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{title} to the trained model's map")
+        ax.set_title(f"{title} to the trained model's map ({mode})")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean over images")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    atomic_savefig(fig, stem.with_name(stem.name + "_curves.png"), dpi=110)
+    atomic_savefig(fig, stem.with_name(f"{stem.name}{suffix}_curves.png"), dpi=110)
     plt.close(fig)
 
 
@@ -318,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="a run trained on the same images with permuted labels")
     ap.add_argument("--write-permuted", type=Path, default=None, metavar="DIR",
                     help="write RUN's dataset with permuted train/val labels to DIR and exit")
+    ap.add_argument("--mode", choices=[*MODES, "both"], default="cascading",
+                    help="cascading (logits down, layers stay random), independent (one "
+                         "layer random at a time) or both")
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=32, help="images compared (the split's first)")
     ap.add_argument("--methods", default="all", help="comma-separated explainers, or all")
@@ -351,20 +408,33 @@ def main(argv: list[str] | None = None) -> None:
         names = [n for n in names if n not in VOLUME_UNSUPPORTED]
     with torch.no_grad():
         target = model(x).argmax(1)  # the trained model's class at every step
+    modes = list(MODES) if a.mode == "both" else [a.mode]
     with progress_bar(a.progress) as progress:
-        cascade = cascading_randomisation(model, x, target, names, a.seed, progress)
+        runs = {m: layer_randomisation(model, x, target, names, m, a.seed, progress)
+                for m in modes}
+    reference = runs[modes[0]]["reference"]
     result = {
         "benchmark": "saliency_sanity", "run": str(a.run), "data": str(data), **info,
         "split": a.split, "n_images": int(x.shape[0]), "image_shape": list(x.shape[1:]),
         "target": "class predicted by the trained model",
         "accuracy": float((target == labels).float().mean()),
-        "randomisation": "cascading, logits down; reset_parameters (BatchNorm with the layer "
-                         "before it, running statistics reset)",
-        "seed": a.seed, "threshold": a.threshold, "layers": cascade["layers"],
-        "steps": cascade["steps"],
-        "fully_random": {n: s[-1] for n, s in cascade["steps"].items()},
-        "suspect": suspects(cascade["steps"], a.threshold),
+        "mode": a.mode, "seed": a.seed, "threshold": a.threshold,
     }
+    if "cascading" in runs:  # at the top level, as before --mode existed
+        cascade = runs["cascading"]
+        result.update({
+            "randomisation": "cascading, logits down; reset_parameters (BatchNorm with the "
+                             "layer before it, running statistics reset)",
+            "layers": cascade["layers"], "steps": cascade["steps"],
+            "fully_random": {n: s[-1] for n, s in cascade["steps"].items()},
+            "suspect": suspects(cascade["steps"], a.threshold)})
+    if "independent" in runs:
+        ind = runs["independent"]
+        result["independent"] = {
+            "randomisation": "one layer at a time, the others trained; the layer's random "
+                             "weights are those of the cascading step of the same index",
+            "layers": ind["layers"], "steps": ind["steps"],
+            "insensitive": insensitive(ind["layers"], ind["steps"], a.threshold)}
     if a.label_run is not None:
         permuted, x2, _, data2, info2 = _images(a.label_run, a.split, a.n)
         if x2.shape != x.shape or not torch.equal(x2, x):
@@ -373,15 +443,22 @@ def main(argv: list[str] | None = None) -> None:
         other = explain_all(permuted, x, target, names)
         result["label_randomisation"] = {
             "run": str(a.label_run), "epochs": info2["epochs"],
-            **{n: compare(cascade["reference"][n], other[n]) for n in names}}
+            **{n: compare(reference[n], other[n]) for n in names}}
     result.update(seconds=time.perf_counter() - t0, threads=a.threads,
                   torch=str(torch.__version__), cpu=platform.processor() or platform.machine())
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, result)
-    figures(result, cascade["examples"], x[0].sum(0).numpy(), a.out.with_suffix(""))
-    print(json.dumps({n: {k: None if v is None else round(v, 3) for k, v in s.items()}
-                      for n, s in result["fully_random"].items()}, indent=1))
-    print(json.dumps({"suspect": result["suspect"], "written": str(a.out)}))
+    for m, r in runs.items():
+        figures({**r, "threshold": a.threshold}, r["examples"], x[0].sum(0).numpy(),
+                a.out.with_suffix(""), m)
+    summary = {}
+    if "cascading" in runs:
+        print(json.dumps({n: {k: None if v is None else round(v, 3) for k, v in s.items()}
+                          for n, s in result["fully_random"].items()}, indent=1))
+        summary["suspect"] = result["suspect"]
+    if "independent" in runs:
+        summary["insensitive"] = result["independent"]["insensitive"]
+    print(json.dumps({**summary, "written": str(a.out)}))
 
 
 if __name__ == "__main__":
