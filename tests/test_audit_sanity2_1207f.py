@@ -3,39 +3,23 @@ one layer random at a time, the others trained, the layer put back afterwards.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from test_audit_sanity_1207e import S  # the benchmark module, loaded once
 from torch import nn
 
 from causalign.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    path = ROOT / "benchmarks" / "saliency_sanity.py"
-    spec = importlib.util.spec_from_file_location("bench_saliency_sanity_2", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _load()
-
 
 @pytest.fixture(scope="module")
 def tiny():
+    """An untrained width-4 cnn7, 6 random 16 px images, its own predictions."""
     torch.manual_seed(0)
     model = build_model("cnn7", 1, 2, width=4).eval()
     x = torch.rand(6, 1, 16, 16)
-    with torch.no_grad():
-        target = model(x).argmax(1)
-    return model, x, target
-
+    return model, x, model(x).argmax(1).detach()
 
 
 def test_independent_randomises_exactly_one_layer_per_step(tiny):
