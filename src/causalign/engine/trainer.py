@@ -224,6 +224,23 @@ def _numpy_rng_from_tensor(state: tuple) -> tuple:
     return (state[0], keys, *state[2:])
 
 
+def check_stand_in(state: object, path: Path) -> None:
+    """Refuse ``path`` (a run's checkpoint.pt, read because its best.pt is missing) when it
+    holds another epoch than the run's best: its weights are the last epoch's, and
+    `evaluate`, `explain`, `counterfactual` and `init` reported or started from them as the
+    run's best model without a word (a PPI run whose best epoch was 1 of 3 scored val AUC
+    0.603 instead of metrics.json's 0.651). A checkpoint of the best epoch itself (a kill
+    between checkpoint.pt and best.pt) still stands in."""
+    if path.name != CHECKPOINT or not isinstance(state, dict):
+        return
+    epoch, best = state.get("epoch"), state.get("best_epoch")
+    if isinstance(epoch, int) and isinstance(best, int) and best != epoch:
+        raise CausalignError(
+            f"{path.with_name(BEST)}: missing, and {CHECKPOINT} holds epoch {epoch}, not the "
+            f"run's best epoch {best}: its weights are not the run's best model (restore "
+            f"{BEST}, or train the run again)")
+
+
 def init_file(source: str | Path) -> Path:
     """The file `init` names: a run folder's best.pt (else its checkpoint.pt), or the file."""
     path = Path(source)
@@ -254,6 +271,8 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
     if not path.exists():
         raise CausalignError(f"init: {source}: no checkpoint there (a run folder or a .pt file)")
     state = load_checkpoint(path)
+    if Path(source).is_dir():  # a run folder without best.pt (a file named is taken as is)
+        check_stand_in(state, path)
     weights = state["model"] if isinstance(state, dict) and "model" in state else state
     if not isinstance(weights, dict):
         # a .pt of a tensor or None made `"model" in state` raise (a traceback)
@@ -1695,6 +1714,7 @@ def load_run(run: str | Path, device: str | torch.device = "auto", data: str | P
     state = load_checkpoint(weights, map_location="cpu", digest=loaded)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CausalignError(f"{weights}: not a causalign checkpoint (no model weights)")
+    check_stand_in(state, weights)
     info = data_info_from_disk(data_path)
     # the checkpoint's dtype, whatever torch's default is; the random initialisation that
     # the checkpoint's weights replace drew from the caller's global RNG (forked: built on
