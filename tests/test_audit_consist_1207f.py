@@ -197,3 +197,29 @@ def test_init_from_a_named_checkpoint_file_is_taken_as_is(run, tmp_path):
     init_weights(model, copy / "checkpoint.pt")
     last = load_checkpoint(run / "checkpoint.pt")["model"]
     assert all(bool((v == last[k]).all()) for k, v in model.state_dict().items())
+
+
+def test_benchmark_table_bolds_the_lowest_brier_and_ece_and_no_count_column():
+    """Regression: the tables' "best per column in bold" took the largest Brier score and ECE
+    (both lower-is-better) as the best, so a suite listing `test.brier` or `test.ece` marked
+    the worse-calibrated method; counts (`best_epoch`, `epochs`, `test.n`, `n_annotated`,
+    `n_mask`) have no better direction but were bolded too. The cells themselves are
+    metrics.json's numbers (guarded by the other tests of tables)."""
+    from causalign.engine.benchmark import Experiment, MethodSpec, experiment_table
+
+    metrics = ["test.brier", "test.ece", "best_epoch", "epochs", "test.n", "test.n_annotated",
+               "test.n_mask", "test.accuracy"]
+
+    def rec(method: str, brier: float, acc: float, best: int) -> dict:
+        return {"key": f"d/{method}/seed0", "dataset": "d", "method": method, "label": method,
+                "setting": "default", "seed": 0, "experiments": ["t"], "status": "done",
+                "metrics": {"best_epoch": best, "epochs": 3 + best,
+                            "test": {"brier": brier, "ece": brier / 2, "accuracy": acc,
+                                     "n": 10 + best, "n_annotated": best, "n_mask": best}}}
+
+    exp = Experiment("t", "t", ["d"], [MethodSpec("erm", "erm"), MethodSpec("rrr", "rrr")],
+                     [0], {"default": {}}, "method", metrics)
+    t = experiment_table(exp, [rec("erm", 0.1, 0.9, 1), rec("rrr", 0.3, 0.6, 3)])
+    # erm: better calibrated and more accurate; no count column is anyone's "best"
+    assert t.bold == [[True, True, False, False, False, False, False, True],
+                      [False] * 8]

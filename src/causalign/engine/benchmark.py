@@ -78,7 +78,9 @@ METRIC_LABELS = {
 }
 # Metrics where less is better: "best per column in bold" took the largest of every metric,
 # so a suite listing test.loss put the worst method in bold.
-LOWER_IS_BETTER = ("loss", "cam_empty_fraction")
+LOWER_IS_BETTER = ("loss", "cam_empty_fraction", "brier", "ece")
+# Counts and epochs: no better direction, never bold (the largest best_epoch or n was).
+UNRANKED = ("best_epoch", "epochs", "n", "n_annotated", "n_mask")
 # Rows never shown in bold: the oracle sees only the annotation, it is a ceiling, not a rival.
 NOT_COMPETING = ("oracle",)
 
@@ -1301,8 +1303,9 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
     per_metric = len(col_keys)  # columns run metric-major: metric × col_keys
     for j in range(len(values[0]) if values else 0):
         cand = [(values[i][j][0], i) for i in competing if values[i][j][0] is not None]
-        if len(cand) > 1:
-            lower = e.metrics[j // per_metric].rsplit(".", 1)[-1] in LOWER_IS_BETTER
+        name = e.metrics[j // per_metric].rsplit(".", 1)[-1]
+        if len(cand) > 1 and name not in UNRANKED:
+            lower = name in LOWER_IS_BETTER
             best = (min if lower else max)(v for v, _ in cand)
             for v, i in cand:
                 if abs(v - best) < 5e-4:
