@@ -223,3 +223,18 @@ def test_benchmark_table_bolds_the_lowest_brier_and_ece_and_no_count_column():
     # erm: better calibrated and more accurate; no count column is anyone's "best"
     assert t.bold == [[True, True, False, False, False, False, False, True],
                       [False] * 8]
+
+
+def test_explain_summary_lists_each_samples_prediction_as_predictions_test_csv(
+        run, tmp_path, monkeypatch):
+    """New: `explain`'s summary.json lists each explained sample's id, label and predicted
+    class (the class its map explains), as `counterfactual`'s does; they were only in the
+    overlay PNGs' titles, so explain could not be checked against predictions_test.csv."""
+    _no_figures(monkeypatch)
+    rows = _rows(run / "predictions_test.csv")[:6]
+    out = tmp_path / "ex"
+    assert main(["explain", str(run), "--out", str(out), "--limit", "6",
+                 "--saliency", "gradient", "--device", "cpu", "--no-progress"]) == 0
+    samples = json.loads((out / "summary.json").read_text())["samples"]
+    assert samples == [{"id": r["id"], "label": int(r["label"]), "prediction": int(r["predicted"])}
+                       for r in rows]

@@ -183,8 +183,9 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
     (``explainer_kwargs`` go to the explainer, e.g. a run's counterfactual search settings).
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
-    (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns a summary.
-    Maps and overlays an earlier export left in OUT and this one does not rewrite are removed
+    (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns the summary
+    (also OUT/summary.json), whose ``samples`` give each map's id, label and the predicted
+    class it explains. Maps and overlays an earlier export left in OUT and this one does not rewrite are removed
     (`OwnedFiles`); other files in OUT are kept.
     """
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -212,6 +213,9 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
     (out / "maps").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     images, boxes, maps_all, ids = [], [], [], []
+    # each map's sample and the class it explains, as counterfactual's summary lists them:
+    # checkable against predictions_<split>.csv (before, only the overlays' titles said it)
+    samples: list[dict[str, Any]] = []
     volumes = len(dataset.image_shape) == 4
     task = progress.add_task(f"explaining ({saliency})", total=n) if progress else None
     for start in range(0, n, batch_size):
@@ -229,6 +233,7 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
         has_mask = batch["has_mask"].cpu().tolist()
         for j, i in enumerate(idx.tolist()):
             rec = dataset.records[i]
+            samples.append({"id": rec.id, "label": int(rec.label), "prediction": preds[j]})
             m = maps[j]
             atomic_save_npy(files.path(f"maps/{rec.id}.npy"), m)
             img = images_np[j]
@@ -257,6 +262,7 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
     settings = {k: v for k, v in explainer_kwargs.items() if isinstance(v, (int, float, str))}
     if settings:  # e.g. the counterfactual search's α and distance: they shape the maps
         summary["explainer_settings"] = settings
+    summary["samples"] = samples
     files.path("summary.json")
     files.finish()  # before the summary: a summary present means the folder matches it
     atomic_write_json(out / "summary.json", summary)
