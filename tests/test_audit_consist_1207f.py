@@ -238,3 +238,45 @@ def test_explain_summary_lists_each_samples_prediction_as_predictions_test_csv(
     samples = json.loads((out / "summary.json").read_text())["samples"]
     assert samples == [{"id": r["id"], "label": int(r["label"]), "prediction": int(r["predicted"])}
                        for r in rows]
+
+
+def test_init_from_a_run_folder_starts_from_its_best_pt(run):
+    """Guard: `--set init=RUN` loads RUN's best.pt (README: "another run's best weights"),
+    not its last epoch's checkpoint.pt."""
+    from causalign.engine.trainer import init_weights
+
+    model = load_run(run, device="cpu")[1]
+    model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+    init_weights(model, run)
+    best = load_checkpoint(run / "best.pt")["model"]
+    assert all(bool((v == best[k]).all()) for k, v in model.state_dict().items())
+
+
+def test_curves_draw_history_csv_rows(run, tmp_path, monkeypatch):
+    """Guard: `curves RUN` draws RUN's history.csv rows as they are."""
+    import causalign.report.figures as figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "training_curves",
+                        lambda histories, path, **k: drawn.update(histories))
+    assert main(["curves", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert drawn == {run.name: _rows(run / "history.csv")}
+
+
+def test_benchmark_table_cells_are_the_runs_metrics_json(run):
+    """Guard: a benchmark table's cell of one run is its metrics.json value at 3 decimals."""
+    from causalign.engine.benchmark import Experiment, MethodSpec, experiment_table
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    names = ["test.accuracy", "test.auc", "test.cam_precision", "test.deletion.0.1",
+             "val.balanced_accuracy", "best_epoch"]
+    record = {"key": "d/erm/seed0", "dataset": "d", "method": "erm", "label": "erm",
+              "setting": "default", "seed": 0, "experiments": ["t"], "status": "done",
+              "metrics": metrics}
+    exp = Experiment("t", "t", ["d"], [MethodSpec("erm", "erm")], [0], {"default": {}},
+                     "method", names)
+    t = experiment_table(exp, [record])
+    want = [metrics["test"]["accuracy"], metrics["test"]["auc"],
+            metrics["test"]["cam_precision"], metrics["test"]["deletion"]["0.1"],
+            metrics["val"]["balanced_accuracy"], metrics["best_epoch"]]
+    assert t.rows == [["erm", *(f"{v:.3f}" for v in want)]]

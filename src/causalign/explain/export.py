@@ -185,8 +185,8 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
     (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns the summary
     (also OUT/summary.json), whose ``samples`` give each map's id, label and the predicted
-    class it explains. Maps and overlays an earlier export left in OUT and this one does not rewrite are removed
-    (`OwnedFiles`); other files in OUT are kept.
+    class it explains. Maps and overlays an earlier export left in OUT and this one does not
+    rewrite are removed (`OwnedFiles`); other files in OUT are kept.
     """
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n < 1:  # before anything in OUT changes; np.stack of no maps failed at the end
