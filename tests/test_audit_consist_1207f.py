@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from causalign.cli import main
 from causalign.data.format import LesionDataset
@@ -280,3 +281,25 @@ def test_benchmark_table_cells_are_the_runs_metrics_json(run):
             metrics["test"]["cam_precision"], metrics["test"]["deletion"]["0.1"],
             metrics["val"]["balanced_accuracy"], metrics["best_epoch"]]
     assert t.rows == [["erm", *(f"{v:.3f}" for v in want)]]
+
+
+def test_explain_maps_give_metrics_json_cam_precision(run, tmp_path, monkeypatch):
+    """Guard: `explain`'s saved maps (the run's eval_saliency, Grad-CAM) reproduce the test
+    CAM precision metrics.json reports for the same samples."""
+    from causalign.metrics import cam_precision
+
+    _no_figures(monkeypatch)
+    out = tmp_path / "ex"
+    assert main(["explain", str(run), "--out", str(out), "--limit", "100", "--device", "cpu",
+                 "--no-progress"]) == 0
+    samples = json.loads((out / "summary.json").read_text())["samples"]
+    _, _, _, data = load_run(run, device="cpu")
+    ds = LesionDataset(data, "test")
+    assert [s["id"] for s in samples] == [r.id for r in ds.records]
+    batch = ds.batch(torch.arange(len(ds)))
+    maps = torch.stack([torch.from_numpy(np.load(out / "maps" / f"{s['id']}.npy"))
+                        for s in samples])
+    ann = batch["has_annotation"]
+    got = float(cam_precision(maps[ann], batch["box_mask"][:, 0][ann]).float().mean())
+    want = json.loads((run / "metrics.json").read_text())["test"]["cam_precision"]
+    assert got == pytest.approx(want, abs=1e-6)
