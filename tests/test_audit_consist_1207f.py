@@ -303,3 +303,16 @@ def test_explain_maps_give_metrics_json_cam_precision(run, tmp_path, monkeypatch
     got = float(cam_precision(maps[ann], batch["box_mask"][:, 0][ann]).float().mean())
     want = json.loads((run / "metrics.json").read_text())["test"]["cam_precision"]
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_checkpoint_from_before_the_first_epoch_is_no_stand_in(run, tmp_path):
+    """Regression: a space=latent run killed in its first epoch leaves checkpoint.pt of
+    epoch 0 (its autoencoder; the classifier untrained) and no best.pt; load_run read it
+    and `evaluate` scored the random initialisation. Now one error line."""
+    from causalign.io import atomic_torch_save
+
+    copy = _without_best(run, tmp_path)
+    state = load_checkpoint(copy / "checkpoint.pt")
+    atomic_torch_save(copy / "checkpoint.pt", {**state, "epoch": 0, "best_epoch": 0})
+    with pytest.raises(CausalignError, match="first epoch"):
+        load_run(copy, device="cpu")

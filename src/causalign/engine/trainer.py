@@ -234,6 +234,11 @@ def check_stand_in(state: object, path: Path) -> None:
     if path.name != CHECKPOINT or not isinstance(state, dict):
         return
     epoch, best = state.get("epoch"), state.get("best_epoch")
+    if isinstance(epoch, int) and epoch < 1:
+        # the checkpoint a space=latent run writes before epoch 1 (its autoencoder): the
+        # classifier's weights are still the random initialisation
+        raise CausalignError(f"{path.with_name(BEST)}: missing, and {CHECKPOINT} was written "
+                             f"before the run's first epoch finished: no trained weights yet")
     if isinstance(epoch, int) and isinstance(best, int) and best != epoch:
         raise CausalignError(
             f"{path.with_name(BEST)}: missing, and {CHECKPOINT} holds epoch {epoch}, not the "
