@@ -26,7 +26,7 @@ def _block(marker: str) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(BLOCKS) == 6
+    assert len(BLOCKS) == 8
 
 
 def test_quickstart_example(tmp_path: Path) -> None:
@@ -75,3 +75,10 @@ def test_export_example(tmp_path: Path) -> None:
     out = _run(_block("export_run"), tmp_path)
     assert out == ["['benign', 'malignant'] torch.Size([4, 2])"]
     assert (tmp_path / "runs" / "erm" / "model.pt2").is_file()
+
+
+def test_predict_example(tmp_path: Path) -> None:
+    out = _run(_block("predict_images("), tmp_path)
+    assert out == ["(3, 2) ['benign', 'malignant'] ['case0', 'case1', 'case2']"]
+    rows = (tmp_path / "preds.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("id,")
