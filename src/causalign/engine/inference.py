@@ -33,6 +33,7 @@ from ..data.importers.folder import FolderOptions, read_folder_image
 from ..data.importers.run import _to_record, _write_sample
 from ..data.importers.util import (
     IMAGE_SUFFIXES,
+    IntensityScale,
     SkipItem,
     UsedIds,
     fit_square,
@@ -142,10 +143,35 @@ def _run_records(run: Path) -> dict[str, Any]:
     if not isinstance(attributes, list):
         attributes = list(meta.attributes) if meta is not None else []
     options = (meta.info.get("options") or {}) if meta is not None else {}
+    # the training import's intensity rule: the run's record, else its dataset's
+    scale = IntensityScale.from_record(raw.get("data_intensity_scale"))
+    if scale is None and meta is not None:
+        scale = IntensityScale.from_record(meta.info.get("intensity_scale"))
     return {"shape": [int(v) for v in shape], "classes": [str(c) for c in classes],
             "attributes": [str(a) for a in attributes],
             "image_format": options.get("image_format", "png")
-            if isinstance(options, dict) else "png"}
+            if isinstance(options, dict) else "png", "scale": scale}
+
+
+def _intensity_rule(trained: IntensityScale | None, here: IntensityScale, run: Path
+                    ) -> IntensityScale:
+    """How these files' values map to [0, 1]: the training import's rule for the kinds of
+    source it had (taken over these files instead, 12-bit files whose values stay under
+    2048 were divided by 2047, not the training's 4095, and float images by this batch's
+    own range), and the import's rule over these files for kinds it had not (12-bit DICOM
+    for a run trained on 8-bit PNGs: / 4095, as importing them would). A run whose import
+    recorded no rule gets the latter throughout, said when it matters."""
+    if trained is None:
+        if here.high_depth:
+            warnings.warn(f"{run}: its dataset records no intensity rule (imported before "
+                          f"it was recorded); files deeper than 8 bits are scaled by a rule "
+                          f"taken over the files given ({here.describe()}), which can "
+                          f"differ from the training import's", stacklevel=3)
+        return here
+    return IntensityScale(
+        int_max=trained.int_max if trained.int_max is not None else here.int_max,
+        float_range=trained.float_range if trained.has_float else here.float_range,
+        has_float=trained.has_float or here.has_float)
 
 
 def _import_files(files: list[tuple[str, Path]], run: Path, out: Path,
@@ -167,8 +193,7 @@ def _import_files(files: list[tuple[str, Path]], run: Path, out: Path,
                          image_format=rec["image_format"])
     meta = DatasetMeta(name="predict", classes=rec["classes"], attributes=rec["attributes"],
                        ndim=2, channels=channels)
-    # the import's one intensity rule, over these files (as over an import's)
-    scale = scan_intensity(f for _, f in files)
+    scale = _intensity_rule(rec["scale"], scan_intensity(f for _, f in files), run)
     png_bits = 16 if scale.high_depth else 8
     task = progress.add_task("reading images", total=len(files)) if progress else None
     rows = []

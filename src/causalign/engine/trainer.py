@@ -818,6 +818,9 @@ class Trainer:
                 "data_intensity": list(intensity_range(self.train_set)),
                 # and their size: another site's images are fed unresized (warned about)
                 "data_image_shape": [int(v) for v in self.train_set.image_shape],
+                # the import's rule from file values to [0, 1] (folder, BUSI, LIDC patches):
+                # `causalign predict` maps new files with it (null: no such import)
+                "data_intensity_scale": self.train_set.meta.info.get("intensity_scale"),
                 # the network actually built: bagnet and icnn build their own, so `model`
                 # (a setting, default cnn7) did not say what was trained
                 "model_class": type(self.model).__name__,
@@ -1535,7 +1538,8 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
 
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "data_classes",
-                "data_attributes", "data_intensity", "data_image_shape", "model_class",
+                "data_attributes", "data_intensity", "data_image_shape",
+                "data_intensity_scale", "model_class",
                 "model_parameters", "causalign_version",
                 "torch_version", "environment", "method_params", "init_source",
                 "class_weight_values")

@@ -111,6 +111,8 @@ from .base import (
 )
 
 HVP_MODES = ("exact", "finite-difference", "gauss-newton")
+# The smallest finite-difference step `implicit_gradient` takes for float32 images
+FD_EPS_MIN_FLOAT32 = 10 * torch.finfo(torch.float32).eps
 NEGATIVE_CURVATURE = ("gauss-newton", "damping")
 BN_MODES = ("batch", "running")
 NORMALIZE = ("none", "total")
@@ -276,7 +278,11 @@ class CausalAlignParams:
             (self.eps >= MIN_L1_EPS, f"method.eps must be >= {MIN_L1_EPS:g} (ε² underflows "
                                      f"float32 below ~1e-19: NaN at unchanged pixels), got "
                                      f"{self.eps}"),
-            (self.fd_eps > 0, f"method.fd_eps must be > 0, got {self.fd_eps}"),
+            # implicit_gradient's own floor for float32 images (10 ulps): 1e-6 passed here
+            # and stopped training at the first step with a ValueError traceback
+            (self.fd_eps >= FD_EPS_MIN_FLOAT32,
+             f"method.fd_eps must be >= {FD_EPS_MIN_FLOAT32:.2g} (a smaller step leaves "
+             f"only float32 rounding noise in the finite differences), got {self.fd_eps}"),
             (self.align_every >= 1, f"method.align_every must be >= 1, got {self.align_every}"),
             (self.align_batch >= 0, f"method.align_batch must be >= 0, got {self.align_batch}"),
             # 2^20: F.max_pool2d raised "Overflow when unpacking long long" on 1e20; the

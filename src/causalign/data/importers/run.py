@@ -68,6 +68,8 @@ def run_import(
     # sources deeper than 8 bits: the import's intensity rule, and 16-bit PNGs (8 bits
     # would keep 256 of a 12-bit image's 4096 levels); 8-bit imports are unchanged
     png_bits = 16 if importer.scale is not None and importer.scale.high_depth else 8
+    if importer.scale is not None:  # the rule itself, for `causalign predict` on new files
+        meta.info["intensity_scale"] = importer.scale.to_record()
     if png_bits == 16:
         stored = ("gray PNG images stored with 16 bits (RGB: 8)" if opts.image_format == "png"
                   else "images stored as float32 NPY")

@@ -181,6 +181,32 @@ class IntensityScale:
     def high_depth(self) -> bool:
         return self.int_max is not None or self.has_float
 
+    def to_record(self) -> dict[str, Any]:
+        """For dataset.yaml (info.intensity_scale) and a run's config: `causalign predict`
+        maps new files with the rule the training import used, not one taken over them."""
+        return {"int_max": self.int_max,
+                "float_range": None if self.float_range is None else list(self.float_range),
+                "has_float": self.has_float}
+
+    @classmethod
+    def from_record(cls, record: object) -> IntensityScale | None:
+        """The scale `to_record` wrote, or None for anything else (an older dataset)."""
+        if not isinstance(record, dict) or set(record) != {"int_max", "float_range",
+                                                           "has_float"}:
+            return None
+        top, rng, has_float = record["int_max"], record["float_range"], record["has_float"]
+        number = (int, float)
+        if not (top is None or (isinstance(top, number) and top > 0)) \
+                or not isinstance(has_float, bool):
+            return None
+        if rng is not None and not (isinstance(rng, list) and len(rng) == 2
+                                    and all(isinstance(v, number) for v in rng)
+                                    and rng[0] < rng[1]):
+            return None
+        return cls(int_max=None if top is None else float(top),
+                   float_range=None if rng is None else (float(rng[0]), float(rng[1])),
+                   has_float=has_float)
+
     def describe(self) -> str:
         """One line for dataset.yaml (info.intensity)."""
         parts = ["8-bit sources: value / 255"]
