@@ -313,16 +313,7 @@ class BratsImporter(Importer):
     def process(self, unit: Unit) -> Iterator[Sample | Skipped]:
         opts: BratsOptions = self.opts
         subj, files, grade = unit.payload
-        loaded = [load_volume(self.nib, files[m]) for m in [*opts.mods(), "seg"]]
-        vols = [v for v, _ in loaded[:-1]]
-        seg, spacing = loaded[-1]
-        shapes = {v.shape for v, _ in loaded}
-        if len(shapes) != 1:
-            raise SkipItem("volume shapes differ", f"{subj}: {sorted(shapes)}")
-        if any(not np.allclose(sp, spacing, rtol=1e-3, atol=1e-4) for _, sp in loaded):
-            raise SkipItem("voxel sizes differ", f"{subj}: " + ", ".join(
-                sorted({"×".join(f"{v:.3g}" for v in sp) for _, sp in loaded})) + " mm")
-        del loaded
+        vols, seg, spacing = load_subject(self.nib, subj, files, opts.mods())
         seg = np.rint(seg).astype(np.int16)
         regions = REGIONS_2023 if label_scheme(files) == "2023" else REGIONS
         if subj.upper().startswith("BRATS-PED") and (seg == 4).any():
@@ -334,31 +325,14 @@ class BratsImporter(Importer):
                            f"adult glioma numbering this importer reads")
         if regions is REGIONS_2023 and (seg == RESECTION_CAVITY_2024).any():
             self.note("label 4 read as resection cavity (BraTS 2024), not tumour")
-        brain = np.zeros(seg.shape, bool)
-        for v in vols:
-            brain |= v > 0
-        brain |= seg > 0
-        if not brain.any():
-            raise SkipItem("empty volume", subj)
-        chans = [np.where(brain, percentile_normalise(v, brain), 0.0) for v in vols]
-        image = np.stack([to_display(c) for c in chans])  # (C, z, rows, cols)
+        image, brain_d, sl = subject_image(subj, vols, seg, spacing)
         seg_d = to_display(seg)
-        brain_d = to_display(brain)
         region = np.isin(seg_d, regions[opts.region])
-        # brain bounding square (over all slices), square in mm: displayed columns run along
-        # RAS x, rows along y, so an anisotropic in-plane grid (sx ≠ sy) is cropped as a
-        # rectangle of voxels and the resize makes the pixels square (it was cropped square in
-        # voxels: a 2×1 mm grid came out squashed to half its width).
-        x0, y0, x1, y1 = box_of_mask(brain_d.any(axis=0))
-        sx, sy = float(spacing[0]), float(spacing[1])
-        side = max(x1 - x0, y1 - y0)
-        w = h = side
-        if not np.isclose(sx, sy, rtol=1e-3):
-            side_mm = max((x1 - x0) * sx, (y1 - y0) * sy)
-            w, h = max(1, round(side_mm / sx)), max(1, round(side_mm / sy))
-        sl = ((x0 + x1) / 2, (y0 + y1) / 2, w, h)  # centre x, y; width, height in voxels
         if opts.mode == "volumes":
-            yield self._volume(unit, subj, grade, image, region, brain_d, sl)
+            vol, mask = subject_volume(image, brain_d, sl, opts.depth, opts.size, region)
+            yield Sample(id=subj, split=unit.split, label=int(grade == "HGG"),
+                         image=vol[0] if vol.shape[0] == 1 else vol, mask=mask,
+                         group=patient_of(subj))
             return
         whole = np.isin(seg_d, regions["wt"]).sum(axis=(1, 2))
         labelled = (seg_d > 0).sum(axis=(1, 2))  # tumour or (2024) resection cavity
@@ -393,19 +367,73 @@ class BratsImporter(Importer):
                          box=box_of_mask(mask) if mask is not None else None,
                          group=patient_of(subj))
 
-    def _volume(self, unit: Unit, subj: str, grade: str | None, image: np.ndarray,
-                region: np.ndarray, brain: np.ndarray, sl: tuple[float, float, int, int]
-                ) -> Sample:
-        opts: BratsOptions = self.opts
-        zs = np.nonzero(brain.any(axis=(1, 2)))[0]
-        pos = np.linspace(zs.min(), zs.max(), opts.depth)
-        vol = np.stack([_crop_resize(_interp_z(image, p), sl, opts.size) for p in pos],
-                       axis=1)  # (C, D, H, W)
-        mask = np.stack([_crop_resize(_interp_z(region[None].astype(np.float32), p), sl,
-                                      opts.size)[0] >= 0.5 for p in pos])
-        return Sample(id=subj, split=unit.split, label=int(grade == "HGG"),
-                      image=vol[0] if vol.shape[0] == 1 else vol,
-                      mask=mask if mask.any() else None, group=patient_of(subj))
+
+def load_subject(nib: ModuleType, subj: str, files: dict[str, Path], mods: list[str]
+                 ) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray]:
+    """A subject's modality volumes (``mods``, in order) and segmentation (None where
+    ``files`` has no "seg"), reoriented to RAS, and their common voxel size; raises
+    SkipItem when shapes or voxel sizes differ. `causalign predict` loads raw subject
+    folders through this function too."""
+    names = [*mods, "seg"] if "seg" in files else list(mods)
+    loaded = [load_volume(nib, files[m]) for m in names]
+    spacing = loaded[-1][1]
+    shapes = {v.shape for v, _ in loaded}
+    if len(shapes) != 1:
+        raise SkipItem("volume shapes differ", f"{subj}: {sorted(shapes)}")
+    if any(not np.allclose(sp, spacing, rtol=1e-3, atol=1e-4) for _, sp in loaded):
+        raise SkipItem("voxel sizes differ", f"{subj}: " + ", ".join(
+            sorted({"×".join(f"{v:.3g}" for v in sp) for _, sp in loaded})) + " mm")
+    seg = loaded[-1][0] if "seg" in files else None
+    return [v for v, _ in loaded[:len(mods)]], seg, spacing
+
+
+def subject_image(subj: str, vols: list[np.ndarray], seg: np.ndarray | None,
+                  spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                tuple[float, float, int, int]]:
+    """The import's intensity and geometry rules for one subject: (C, z, rows, cols) image
+    (each modality scaled by its 0.5/99.5 percentiles inside the brain, 0 outside), the brain
+    in display orientation, and the brain's bounding box, square in mm (centre x, centre y,
+    width, height in voxels). The brain is every voxel > 0 in a modality or labelled in
+    ``seg`` (without a segmentation: in a modality only)."""
+    brain = np.zeros(vols[0].shape, bool)
+    for v in vols:
+        brain |= v > 0
+    if seg is not None:
+        brain |= seg > 0
+    if not brain.any():
+        raise SkipItem("empty volume", subj)
+    chans = [np.where(brain, percentile_normalise(v, brain), 0.0) for v in vols]
+    image = np.stack([to_display(c) for c in chans])  # (C, z, rows, cols)
+    brain_d = to_display(brain)
+    # brain bounding square (over all slices), square in mm: displayed columns run along
+    # RAS x, rows along y, so an anisotropic in-plane grid (sx ≠ sy) is cropped as a
+    # rectangle of voxels and the resize makes the pixels square (it was cropped square in
+    # voxels: a 2×1 mm grid came out squashed to half its width).
+    x0, y0, x1, y1 = box_of_mask(brain_d.any(axis=0))
+    sx, sy = float(spacing[0]), float(spacing[1])
+    side = max(x1 - x0, y1 - y0)
+    w = h = side
+    if not np.isclose(sx, sy, rtol=1e-3):
+        side_mm = max((x1 - x0) * sx, (y1 - y0) * sy)
+        w, h = max(1, round(side_mm / sx)), max(1, round(side_mm / sy))
+    return image, brain_d, ((x0 + x1) / 2, (y0 + y1) / 2, w, h)
+
+
+def subject_volume(image: np.ndarray, brain: np.ndarray, sl: tuple[float, float, int, int],
+                   depth: int, size: int, region: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """`--mode volumes`: the (C, depth, size, size) volume (``depth`` axial positions spanning
+    the brain, linearly interpolated, each cropped to ``sl`` and resized) and ``region``'s
+    mask alike (None when absent or empty)."""
+    zs = np.nonzero(brain.any(axis=(1, 2)))[0]
+    pos = np.linspace(zs.min(), zs.max(), depth)
+    vol = np.stack([_crop_resize(_interp_z(image, p), sl, size) for p in pos],
+                   axis=1)  # (C, D, H, W)
+    if region is None:
+        return vol, None
+    mask = np.stack([_crop_resize(_interp_z(region[None].astype(np.float32), p), sl,
+                                  size)[0] >= 0.5 for p in pos])
+    return vol, mask if mask.any() else None
 
 
 def _crop_resize(chw: np.ndarray, sl: tuple[float, float, int, int], size: int) -> np.ndarray:

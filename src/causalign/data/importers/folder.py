@@ -154,32 +154,17 @@ class FolderImporter(Importer):
         dirs = sorted(p.name for p in self.src.iterdir() if p.is_dir()
                       and not p.name.startswith("."))
         self.classes = self._choose_classes(dirs, "class folder")
-        suffix = re.escape(self.opts.mask_suffix)
-        # case-insensitive, as the suffixes are ('x_Mask.PNG' beside 'x.png' was imported as
-        # an image of the class, and x had no mask)
-        mask_re = re.compile(rf"^(?P<stem>.+?){suffix}(?:_\d+)?$", re.IGNORECASE)
         items = []
         used = UsedIds()  # non-ASCII names can map to the same id ('良性/1' → '1')
         for k, cls in enumerate(self.classes):
-            named = sorted(d / f for d, _, names in walk(self.src / cls) for f in names
-                           if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."))
+            found = tree_files(self.src / cls, self.opts.mask_suffix)
             # a link whose target is gone (a dataset assembled from links, then moved) was
             # dropped without a word: the class silently lost those images
-            for p in named:
-                if p.is_symlink() and not p.exists():
-                    self.skip(rel(p, self.src), "broken symlink", f"-> {os.readlink(p)}")
-            files = [p for p in named if p.is_file()]
-            masks: dict[Path, list[Path]] = {}
-            images = []
-            for p in files:
-                m = mask_re.match(p.stem)
-                if m:
-                    masks.setdefault(p.parent / m.group("stem"), []).append(p)
-                else:
-                    images.append(p)
-            stems = {p.parent / p.stem for p in images}
-            for key in sorted(set(masks) - stems):
-                self.skip(rel(masks[key][0], self.src), "mask without image")
+            for p in found.broken:
+                self.skip(rel(p, self.src), "broken symlink", f"-> {os.readlink(p)}")
+            for key in found.orphan_masks():
+                self.skip(rel(found.masks[key][0], self.src), "mask without image")
+            images, masks = found.images, found.masks
             for p in images:
                 r = p.relative_to(self.src)
                 sid = unique_id(safe_id(str(r.with_suffix(""))), used)
@@ -370,6 +355,54 @@ class FolderImporter(Importer):
         yield Sample(id=it.sid, split=unit.split, label=it.label, image=img, mask=mask,
                      box=box if it.box is not None else box_of_mask(mask),
                      attributes=it.attributes, site=it.site, group=it.group)
+
+
+@dataclass
+class TreeFiles:
+    """The files of one folder (searched recursively) as the tree layout reads them."""
+
+    images: list[Path]
+    masks: dict[Path, list[Path]]  # image path without suffix → its mask files
+    broken: list[Path]  # links whose target is gone
+    other: int  # hidden files and files of other suffixes (not read at all)
+
+    def orphan_masks(self) -> list[Path]:
+        """Keys of ``masks`` that no image has (sorted)."""
+        return sorted(set(self.masks) - {p.parent / p.stem for p in self.images})
+
+
+def mask_name_pattern(mask_suffix: str = "_mask") -> re.Pattern[str]:
+    """A mask file's stem: '<image stem><suffix>' or '<image stem><suffix>_<k>', the suffix
+    in any case ('x_Mask.PNG' beside 'x.png' was imported as an image of the class)."""
+    return re.compile(rf"^(?P<stem>.+?){re.escape(mask_suffix)}(?:_\d+)?$", re.IGNORECASE)
+
+
+def tree_files(folder: Path, mask_suffix: str = "_mask") -> TreeFiles:
+    """Images and masks under ``folder`` by the tree layout's rules: a file of an image suffix
+    (`IMAGE_SUFFIXES`, not hidden) whose stem ends in ``mask_suffix`` (optionally `_<k>`) is a
+    mask, every other one an image. `causalign predict` sorts raw folders by this function
+    too, so a mask is never predicted as an image."""
+    named, other = [], 0
+    for d, _, names in walk(folder):
+        for f in names:
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."):
+                named.append(d / f)
+            else:
+                other += 1
+    named.sort()
+    broken = [p for p in named if p.is_symlink() and not p.exists()]
+    mask_re = mask_name_pattern(mask_suffix)
+    masks: dict[Path, list[Path]] = {}
+    images = []
+    for p in named:
+        if not p.is_file():
+            continue
+        m = mask_re.match(p.stem)
+        if m:
+            masks.setdefault(p.parent / m.group("stem"), []).append(p)
+        else:
+            images.append(p)
+    return TreeFiles(images=images, masks=masks, broken=broken, other=other)
 
 
 def read_folder_image(path: Path, color: str, scale: IntensityScale | None = None,
