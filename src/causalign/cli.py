@@ -726,9 +726,12 @@ def predict(
         warnings.warn(message, stacklevel=1)
     result.write_csv(out)
     counts = np.bincount(result.predicted, minlength=len(result.classes))
+    # files of the folders given that were not read (masks, broken links, other files)
+    left = "; skipped " + ", ".join(f"{n} {why}" for why, n in result.skipped.items()) \
+        if result.skipped else ""
     typer.echo(f"{len(result.ids)} images -> {out} ("
                + ", ".join(f"{c}: {int(n)}" for c, n in zip(result.classes, counts,
-                                                             strict=False)) + ")")
+                                                             strict=False)) + f"){left}")
 
 
 @app.command()

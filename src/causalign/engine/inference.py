@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,12 @@ import numpy as np
 
 from ..data.format import META, SPLITS, DatasetMeta, LesionDataset, read_meta, write_manifest
 from ..data.importers.base import Sample
-from ..data.importers.folder import FolderOptions, read_folder_image
+from ..data.importers.folder import (
+    FolderOptions,
+    mask_name_pattern,
+    read_folder_image,
+    tree_files,
+)
 from ..data.importers.run import _to_record, _write_sample
 from ..data.importers.util import (
     IMAGE_SUFFIXES,
@@ -58,7 +63,8 @@ class Predictions:
     ``ids`` the sample ids (plain files: their path relative to the folder given, as `data
     import folder` names them); ``sources`` the files (or dataset image paths); ``labels``
     the dataset's labels (None for plain files); ``warnings`` the data-shift checks that
-    fired ("intensity", "geometry") with their messages."""
+    fired ("intensity", "geometry") with their messages; ``skipped`` the files of the folders
+    given that were not read, by reason (mask files, broken links, other files)."""
 
     ids: list[str]
     sources: list[str]
@@ -67,6 +73,7 @@ class Predictions:
     labels: list[int] | None = None
     sites: list[str] | None = None
     warnings: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -94,29 +101,63 @@ def is_dataset(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file()
 
 
-def image_files(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
+def image_files(inputs: Sequence[str | Path], mask_suffix: str = "_mask"
+                ) -> tuple[list[tuple[str, Path]], dict[str, int]]:
     """(id, file) of every image among ``inputs`` (files, or folders searched recursively
-    in sorted order). Ids follow the folder importer: the path relative to the folder given,
-    without suffix, through `safe_id` / `unique_id`."""
+    in sorted order), and how many files were left out, by reason. Folders are sorted by the
+    folder importer's own rules (`tree_files`): files whose stem ends in ``mask_suffix``
+    (``x_mask.png``, ``x_Mask_1.png``) are masks, not images, and broken links, hidden files
+    and other suffixes are not read, as `data import folder` leaves them out. Ids follow the
+    folder importer: the path relative to the folder given, without suffix, through
+    `safe_id` / `unique_id`."""
     found: list[tuple[str, Path]] = []
+    skipped: dict[str, int] = {}
     used = UsedIds()
+    mask_re = mask_name_pattern(mask_suffix)
+
+    def left_out(reason: str, n: int) -> None:
+        if n:
+            skipped[reason] = skipped.get(reason, 0) + n
+
     for given in map(Path, inputs):
         if not given.exists():
             raise InputError(f"{given}: input does not exist")
         if given.is_dir():
-            files = [d / f for d, _, names in walk(given) for f in names
-                     if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")
-                     and (d / f).is_file()]
-            if not files:
-                raise DataError(f"{given}: no images found ({', '.join(IMAGE_SUFFIXES)})")
-            pairs = [(f.relative_to(given), f) for f in files]
+            tree = tree_files(given, mask_suffix)
+            masks = sum(len(v) for v in tree.masks.values())
+            left_out(f"mask files ('<image>{mask_suffix}*', as `data import folder` reads "
+                     f"them)", masks)
+            left_out("broken links", len(tree.broken))
+            left_out("not images (hidden, or not " + ", ".join(IMAGE_SUFFIXES) + ")",
+                     tree.other)
+            if not tree.images and any(is_nifti(f) for _, _, names in walk(given)
+                                       for f in names):
+                raise DataError(f"{given}: holds NIfTI volumes, which predict reads only for "
+                                f"a run trained on BraTS volumes (`data import brats --mode "
+                                f"volumes`); import them and predict on that dataset")
+            if not tree.images:
+                raise DataError(f"{given}: no images found ({', '.join(IMAGE_SUFFIXES)})"
+                                + (f"; only {masks} mask file(s) '<image>{mask_suffix}*'"
+                                   if masks else ""))
+            pairs = [(f.relative_to(given), f) for f in tree.images]
         elif given.suffix.lower() in IMAGE_SUFFIXES:
+            if mask_re.match(given.stem):  # named as a mask: the importer would not read it
+                left_out(f"mask files ('<image>{mask_suffix}*', as `data import folder` "
+                         f"reads them)", 1)
+                continue
             pairs = [(Path(given.name), given)]
+        elif is_nifti(given.name):
+            raise DataError(f"{given}: a NIfTI volume, which predict reads only for a run "
+                            f"trained on BraTS volumes (`data import brats --mode volumes`); "
+                            f"import it and predict on that dataset")
         else:
             raise DataError(f"{given}: not an image file ({', '.join(IMAGE_SUFFIXES)}) nor a "
                             f"folder")
         found += [(unique_id(safe_id(str(r.with_suffix(""))), used), f) for r, f in pairs]
-    return found
+    if not found:
+        left = ", ".join(f"{n} {r}" for r, n in skipped.items())
+        raise DataError(f"no images among the inputs ({left})")
+    return found, skipped
 
 
 def _run_records(run: Path) -> dict[str, Any]:
@@ -143,14 +184,26 @@ def _run_records(run: Path) -> dict[str, Any]:
     if not isinstance(attributes, list):
         attributes = list(meta.attributes) if meta is not None else []
     options = (meta.info.get("options") or {}) if meta is not None else {}
+    if not isinstance(options, dict):
+        options = {}
     # the training import's intensity rule: the run's record, else its dataset's
     scale = IntensityScale.from_record(raw.get("data_intensity_scale"))
     if scale is None and meta is not None:
         scale = IntensityScale.from_record(meta.info.get("intensity_scale"))
     return {"shape": [int(v) for v in shape], "classes": [str(c) for c in classes],
             "attributes": [str(a) for a in attributes],
-            "image_format": options.get("image_format", "png")
-            if isinstance(options, dict) else "png", "scale": scale}
+            "image_format": options.get("image_format", "png"), "scale": scale,
+            # which importer made the training data, with its options: it decides how plain
+            # files are preprocessed (`_plain_reader`)
+            "importer": meta.info.get("importer") if meta is not None else None,
+            "options": options}
+
+
+def mask_suffix_of(rec: dict[str, Any]) -> str:
+    """The mask suffix of the run's import: `--mask-suffix` of a folder import, '_mask' for
+    the others (BUSI's '<image>_mask.png')."""
+    suffix = rec["options"].get("mask_suffix") if rec["importer"] == "folder" else None
+    return suffix if isinstance(suffix, str) and suffix else "_mask"
 
 
 def _intensity_rule(trained: IntensityScale | None, here: IntensityScale, run: Path
@@ -174,11 +227,68 @@ def _intensity_rule(trained: IntensityScale | None, here: IntensityScale, run: P
         has_float=trained.has_float or here.has_float)
 
 
-def _import_files(files: list[tuple[str, Path]], run: Path, out: Path,
+# importers whose per-image preprocessing is the folder importer's: one intensity rule,
+# letterbox to a square, resize (BUSI, CUB with `--crop image`; Decoy-MNIST's square 8-bit
+# digits are resized alone, which the letterbox of a square image is). Raw files of their
+# datasets take the folder path as is.
+_FOLDER_LIKE = ("folder", "busi", "decoy-mnist")
+_IMPORT_HINT = "import them with `causalign data import {kind}` and predict on that dataset"
+
+
+def _refuse_plain_files(rec: dict[str, Any], run: Path) -> None:
+    """Raise when the run's training import preprocessed its images in a way plain files
+    cannot reproduce (the folder path would feed the model other pixels, silently)."""
+    kind, opts = rec["importer"], rec["options"]
+    if kind is None or kind in _FOLDER_LIKE or (kind == "cub" and opts.get("crop") != "box"):
+        return
+    if kind == "lidc" and opts.get("patches_csv"):
+        return  # pre-cropped patches: read by the lidc importer's own `_read_patch`
+    why = {
+        "lidc": "nodule patches the lidc importer cut from CT series around each annotated "
+                "nodule (resampled to mm, HU windowed)",
+        "brats": "BraTS slices (reoriented, normalised by the brain's percentiles over the "
+                 "whole volume, cropped to the brain's box, chosen by the segmentation)",
+        "cbis-ddsm": "CBIS-DDSM crops (breast segmented and percentile-normalised, cropped "
+                     "around each abnormality's ROI)",
+        "cub": "CUB crops around each bird's bounding box (`--crop box`)",
+    }.get(kind, f"images the {kind} importer preprocessed")
+    raise DataError(f"{run}: trained on {why}, which plain files do not go through: "
+                    + _IMPORT_HINT.format(kind=kind))
+
+
+def _plain_reader(rec: dict[str, Any], run: Path, files: list[Path]
+                  ) -> tuple[Callable[[Path], np.ndarray], int]:
+    """How a plain file becomes the run's input (an image of the run's size, values in
+    [0, 1]) by its training import's own code, and the PNG depth that import stored."""
+    channels, size, _ = rec["shape"]
+    if rec["importer"] == "lidc":
+        # pre-cropped patches: NPY in HU windowed by the import's --window, image files by
+        # the import's rule, resized (not letterboxed) as `_process_patch` does
+        from ..data.importers.lidc import LidcOptions, _read_patch
+        from ..data.importers.util import resize
+
+        window = LidcOptions(window=str(rec["options"].get("window", LidcOptions.window))
+                             ).window_range()
+        scale = rec["scale"] or scan_intensity(f for f in files if f.suffix.lower() != ".npy")
+
+        def read_patch(path: Path) -> np.ndarray:
+            return resize(_read_patch(path, window, scale), (size, size))
+
+        return read_patch, 16 if scale.high_depth else 8
+    color = "rgb" if channels == 3 else "gray"
+    scale = _intensity_rule(rec["scale"], scan_intensity(files), run)
+
+    def read_folder(path: Path) -> np.ndarray:
+        return fit_square(read_folder_image(path, color, scale), None, size)[0]
+
+    return read_folder, 16 if scale.high_depth else 8
+
+
+def _import_files(files: list[tuple[str, Path]], rec: dict[str, Any], run: Path, out: Path,
                   progress: Progress | None = None) -> None:
-    """Write ``files`` as split "test" of a dataset in ``out``, preprocessed as `data import
-    folder` does at the run's image size and channel count (labels 0: unknown)."""
-    rec = _run_records(run)
+    """Write ``files`` as split "test" of a dataset in ``out``, preprocessed as the run's
+    training import did (`data import folder`'s path for most, see `_plain_reader`) at the
+    run's image size and channel count (labels 0: unknown)."""
     shape = rec["shape"]
     if len(shape) != 3:
         raise DataError(f"{run}: trained on volumes {tuple(shape)}; plain image files are "
@@ -189,21 +299,20 @@ def _import_files(files: list[tuple[str, Path]], run: Path, out: Path,
         raise DataError(f"{run}: trained on images of shape {tuple(shape)}, which the folder "
                         f"importer does not make (gray or RGB squares); predict on a "
                         f"dataset folder instead")
+    _refuse_plain_files(rec, run)
     opts = FolderOptions(size=h, color="rgb" if channels == 3 else "gray",
                          image_format=rec["image_format"])
     meta = DatasetMeta(name="predict", classes=rec["classes"], attributes=rec["attributes"],
                        ndim=2, channels=channels)
-    scale = _intensity_rule(rec["scale"], scan_intensity(f for _, f in files), run)
-    png_bits = 16 if scale.high_depth else 8
+    read, png_bits = _plain_reader(rec, run, [f for _, f in files])
     task = progress.add_task("reading images", total=len(files)) if progress else None
     rows = []
     for sid, path in files:
         try:
-            img = read_folder_image(path, opts.color, scale)
+            img = read(path)
         except SkipItem as exc:
             detail = exc.detail if str(path) in exc.detail else f"{path}: {exc.detail}"
             raise DataError(f"{exc.reason}: {detail}") from None
-        img, _, _ = fit_square(img, None, opts.size)
         sample = Sample(id=sid, split="test", label=0, image=img,
                         attributes=[float("nan")] * len(meta.attributes))
         try:
@@ -213,6 +322,101 @@ def _import_files(files: list[tuple[str, Path]], run: Path, out: Path,
         if task is not None:
             progress.advance(task)
     write_manifest(out, meta, [_to_record(r) for r in rows])
+
+
+def is_nifti(name: str) -> bool:
+    return name.lower().endswith((".nii", ".nii.gz"))
+
+
+def nifti_subjects(inputs: Sequence[Path], mods: list[str]
+                   ) -> tuple[dict[str, dict[str, Path]], dict[str, int]]:
+    """BraTS subjects among ``inputs`` (subject folders, folders of them, or their NIfTI
+    files), found by the brats importer's own file names (`find_subjects`), and how many
+    were left out by reason (a subject without one of ``mods``)."""
+    from ..data.importers.brats import find_subjects
+
+    subjects: dict[str, dict[str, Path]] = {}
+    for given in inputs:
+        if not given.exists():
+            raise InputError(f"{given}: input does not exist")
+        if given.is_dir():
+            found = find_subjects(given)
+        elif is_nifti(given.name):
+            # one file: its subject as the importer names it, this file only
+            found = {s: {m: p for m, p in f.items() if p.resolve() == given.resolve()}
+                     for s, f in find_subjects(given.parent, max_depth=1).items()}
+            found = {s: f for s, f in found.items() if f}
+        else:
+            found = {}
+        if not found:
+            raise DataError(f"{given}: no BraTS NIfTI volumes (<subject>_t1.nii.gz …; the "
+                            f"run was trained on BraTS volumes)")
+        for subj, files in found.items():
+            subjects.setdefault(subj, {}).update(files)
+    skipped: dict[str, int] = {}
+    kept = {}
+    for subj in sorted(subjects):
+        if all(m in subjects[subj] for m in mods):
+            kept[subj] = subjects[subj]
+        else:
+            reason = f"subjects without one of the run's modalities ({', '.join(mods)})"
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if not kept:
+        raise DataError(f"no subject among the inputs has all of the run's modalities "
+                        f"({', '.join(mods)})")
+    return kept, skipped
+
+
+def _import_volumes(subjects: dict[str, dict[str, Path]], rec: dict[str, Any], run: Path,
+                    out: Path, progress: Progress | None = None) -> None:
+    """Write raw BraTS subjects as split "test" of a volume dataset in ``out``, preprocessed
+    by the brats importer's own functions (`load_subject`: RAS reorientation, voxel sizes;
+    `subject_image`: brain percentiles, crop square in mm; `subject_volume`: axial positions
+    spanning the brain) at the run's recorded (C, D, H, W). A subject folder's segmentation,
+    when present, joins the brain mask as it did at import; without one the brain is the
+    voxels > 0 in a modality (the same wherever the tumour lies inside them)."""
+    from ..data.importers.brats import (
+        BratsOptions,
+        load_subject,
+        subject_image,
+        subject_volume,
+    )
+    from ..data.importers.util import require
+
+    nib = require("nibabel", "BraTS")
+    channels, depth, h, _ = rec["shape"]
+    opts = BratsOptions(size=h, depth=depth, mode="volumes", task="grade",
+                        modalities=",".join(_brats_modalities(rec)),
+                        image_format=rec["image_format"])
+    meta = DatasetMeta(name="predict", classes=rec["classes"], attributes=rec["attributes"],
+                       ndim=3, channels=channels)
+    task = progress.add_task("reading volumes", total=len(subjects)) if progress else None
+    rows = []
+    for subj, files in subjects.items():
+        try:
+            vols, seg, spacing = load_subject(nib, subj, files, opts.mods())
+            if seg is not None:
+                seg = np.rint(seg).astype(np.int16)  # as the importer rounds it
+            image, brain, sl = subject_image(subj, vols, seg, spacing)
+            vol, _ = subject_volume(image, brain, sl, depth, h)
+            sample = Sample(id=subj, split="test", label=0,
+                            image=vol[0] if vol.shape[0] == 1 else vol,
+                            attributes=[float("nan")] * len(meta.attributes))
+            rows.append(_write_sample(out, sample, meta, opts))
+        except SkipItem as exc:
+            detail = exc.detail if subj in exc.detail else f"{subj}: {exc.detail}"
+            raise DataError(f"{exc.reason}: {detail}") from None
+        if task is not None:
+            progress.advance(task)
+    write_manifest(out, meta, [_to_record(r) for r in rows])
+
+
+def _brats_modalities(rec: dict[str, Any]) -> list[str]:
+    """The run's modalities, in channel order, from its import's options."""
+    from ..data.importers.brats import BratsOptions
+
+    return BratsOptions(modalities=str(rec["options"].get("modalities") or
+                                       BratsOptions.modalities)).mods()
 
 
 def _checked_split(run: Path, data: Path, split: str, shown: Path
@@ -275,10 +479,19 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
                            probs=probs, classes=list(ds.meta.classes),
                            labels=[int(r.label) for r in ds.records],
                            sites=[r.site for r in ds.records], warnings=fired)
-    files = image_files(paths)
+    rec = _run_records(run)
+    volumes = len(rec["shape"]) == 4 and rec["importer"] == "brats"
+    if volumes:  # raw BraTS subjects, through the brats importer's preprocessing
+        subjects, skipped = nifti_subjects(paths, _brats_modalities(rec))
+        files = [(s, next(iter(f.values())).parent) for s, f in subjects.items()]
+    else:
+        files, skipped = image_files(paths, mask_suffix_of(rec))
     with tempfile.TemporaryDirectory(prefix="causalign-predict-") as tmp:
         data = Path(tmp)
-        _import_files(files, run, data, progress)
+        if volumes:
+            _import_volumes(subjects, rec, run, data, progress)
+        else:
+            _import_files(files, rec, run, data, progress)
         _, model, method, data = load_run(run, device=device, data=data)
         shown = paths[0] if len(paths) == 1 else Path(f"{len(paths)} inputs")
         ds, fired = _checked_split(run, data, "test", shown)
@@ -288,7 +501,7 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         _export_maps(model, method, ds, saliency, maps, dev, progress)
         classes = list(ds.meta.classes)
     return Predictions(ids=[sid for sid, _ in files], sources=[str(f) for _, f in files],
-                       probs=probs, classes=classes, warnings=fired)
+                       probs=probs, classes=classes, warnings=fired, skipped=skipped)
 
 
 def _check_saliency(saliency: str | None, model: Any) -> None:
