@@ -10,6 +10,12 @@ Two kinds of input:
   recorded image size and the importer's writer (`_write_sample`: the same 8/16-bit PNG
   quantisation), into a temporary dataset that is then read like any other. A raw file
   thus reaches the model with the bytes `data import folder` would have stored for it.
+  Folders are sorted by the folder importer's `tree_files` (mask files, hidden files and
+  other suffixes are skipped and counted). The run's importer decides the rest
+  (`_refuse_plain_files`, `_plain_reader`): LIDC patches go through the lidc importer's
+  patch reader; imports that crop or normalise otherwise are refused in one line;
+- raw BraTS subject folders, for a run on `data import brats --mode volumes`: through the
+  brats importer's `load_subject` / `subject_image` / `subject_volume`.
 
 The run's recorded training data (`data_intensity`, `data_image_shape`) is compared with the
 input by the same checks `evaluate` makes (`warn_other_intensity`, `warn_other_geometry`):

@@ -34,6 +34,7 @@ import numpy as np
 from ...errors import DataError
 from ..format import DatasetMeta
 from .base import CommonOptions, Importer, Sample, Skipped, Unit, parse_list
+from .folder import mask_name_pattern
 from .util import (
     SkipItem,
     UsedIds,
@@ -51,7 +52,8 @@ from .util import (
 )
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
-_MASK = re.compile(r"^(?P<stem>.+?)_mask(?:_\d+)?$", re.IGNORECASE)
+# the folder importer's mask names: predict sorts raw BUSI folders by the same rule
+_MASK = mask_name_pattern("_mask")
 
 
 @dataclass
