@@ -156,6 +156,19 @@ def test_raw_lidc_patches_are_windowed_as_their_import(tmp_path):
     assert max(np.abs(got[k] - ev[k]).max() for k in got) <= 1e-5
 
 
+def test_lidc_patch_masks_listed_in_the_csv_are_skipped(tmp_path):
+    """Regression: given the patches import's source folder, its 24 per-reader masks
+    ('masks/LIDC-IDRI-0001_0_r0.png', named by the CSV's mask column, no suffix) were
+    predicted as images beside the 8 patches; the CSV's masks are now left out and counted."""
+    write_lidc_patches(tmp_path / "src")
+    data = tmp_path / "data"
+    run_import("lidc", tmp_path / "src", data, {"size": 16, "patches_csv": "patches.csv"})
+    run = _train(data, tmp_path / "run")
+    res = predict_images(run, [tmp_path / "src"], device="cpu")
+    assert sorted(Path(s).parent.name for s in res.sources) == ["patches"] * 8
+    assert res.skipped["mask files (the mask column of patches.csv)"] == 24
+
+
 @pytest.mark.parametrize(("importer", "options", "refused"), [
     ("folder", {}, None), (None, {}, None), ("busi", {}, None), ("decoy-mnist", {}, None),
     ("cub", {"crop": "image"}, None), ("lidc", {"patches_csv": "p.csv"}, None),

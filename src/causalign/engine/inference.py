@@ -425,6 +425,34 @@ def _brats_modalities(rec: dict[str, Any]) -> list[str]:
                                        BratsOptions.modalities)).mods()
 
 
+def _drop_listed_masks(files: list[tuple[str, Path]], inputs: Sequence[Path],
+                       rec: dict[str, Any], skipped: dict[str, int]
+                       ) -> list[tuple[str, Path]]:
+    """A `lidc --patches-csv` import names its masks in the CSV's ``mask`` column (per-reader
+    'masks/x_r0.png', no suffix rule): given the folder that holds that CSV, the files it
+    lists as masks are left out (and counted in ``skipped``), as the importer reads them."""
+    csv_name = rec["options"].get("patches_csv") if rec["importer"] == "lidc" else None
+    if not csv_name:
+        return files
+    from ..data.importers.base import parse_list
+    from ..data.importers.util import read_csv
+
+    listed: set[Path] = set()
+    for given in inputs:
+        table = given / str(csv_name)
+        if given.is_dir() and table.is_file():
+            _, rows = read_csv(table)
+            listed |= {(given / m).resolve() for r in rows
+                       for m in parse_list((r.get("mask") or "").replace(";", ","))}
+    kept = [(sid, f) for sid, f in files if f.resolve() not in listed]
+    if len(kept) < len(files):
+        reason = f"mask files (the mask column of {Path(str(csv_name)).name})"
+        skipped[reason] = skipped.get(reason, 0) + len(files) - len(kept)
+    if not kept:
+        raise DataError("no images among the inputs (only the masks the patches CSV lists)")
+    return kept
+
+
 def _checked_split(run: Path, data: Path, split: str, shown: Path
                    ) -> tuple[LesionDataset, dict[str, str]]:
     """The split (channels checked against the run's model), and the run's data-shift
@@ -492,6 +520,7 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         files = [(s, next(iter(f.values())).parent) for s, f in subjects.items()]
     else:
         files, skipped = image_files(paths, mask_suffix_of(rec))
+        files = _drop_listed_masks(files, paths, rec, skipped)
     with tempfile.TemporaryDirectory(prefix="causalign-predict-") as tmp:
         data = Path(tmp)
         if volumes:
