@@ -10,7 +10,9 @@ methods, 1 for CAM-style methods). `saliency_map` reduces it to (N, *spatial) fo
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -159,19 +161,60 @@ def _warn_wrapper_hooks(*wrappers: nn.Module) -> None:
                       stacklevel=3)
 
 
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock causalign holds while it changes ``model`` for one call (hooks
+    whose effect depends on the call, in-place flags, patched ``forward``s, train/eval
+    flags): two threads explaining one model at once undid each other's changes (a
+    counterfactual search failed with "'BatchNorm2d' object has no attribute 'forward'").
+    Plain forwards need not take it; code of one's own that changes the model may."""
+    with _LOCKS_GUARD:  # one lock per model, also when two threads ask first at once
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    return lock
+
+
+def this_call_only(module: nn.Module, hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, to be registered on ``module`` for one call, run only for that call: a
+    forward of the same module in another thread (a shared model's prediction, another map)
+    passes it by. Module hooks are global, so a WBP hook rescaled the input gradient another
+    thread took meanwhile (a training step's gradient would have been WBP's) and Grad-CAM's
+    kept the other thread's activations. A DataParallel replica (another module object, run
+    in a worker thread) still runs it."""
+    owner = threading.get_ident()
+
+    def run(m: nn.Module, *args: Any) -> Any:
+        if m is module and threading.get_ident() != owner:
+            return None
+        return hook(m, *args)
+
+    return run
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` in eval mode, then restore every submodule's own train/eval flag, also when
     the body raises. Maps are taken in eval mode: in train mode BatchNorm would mix the
     samples of a batch and overwrite its running statistics, and dropout would make them
-    random."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
+    random. A model already in eval mode is not touched (maps of it from several threads run
+    in parallel); one with a module in train mode is switched under `model_lock`, so two
+    threads cannot restore each other's flags mid-map (its plain forwards in other threads
+    then run in eval mode: share a model between threads in eval mode)."""
+    if not any(m.training for m in model.modules()):
         yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+        return
+    with model_lock(model):
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            yield model
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 def as_target(target: Target) -> Tensor | int | None:

@@ -72,7 +72,7 @@ from ..implicit.adjoint import no_autocast
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
-from .base import INTERNAL_HOOK, check_model_dtype, eager_module, shape_errors
+from .base import INTERNAL_HOOK, check_model_dtype, eager_module, model_lock, shape_errors
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -342,11 +342,16 @@ def eval_mode(model: nn.Module, fold_bn: bool = False,
     (`no_autocast`: a bf16 autocast around causal-align's loss ran the search and CG in
     bfloat16, the alignment gradient 13 % off, silently).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    patched: list[tuple[nn.Module, object]] = []
     bn_stats = bn_stats or {}
-    with ieee_fp32_convolutions() if fold_bn else nullcontext(), \
+    if not fold_bn and not bn_stats and not any(m.training for m in model.modules()):
+        yield model  # nothing to change: searches of one eval model in threads run in parallel
+        return
+    patched: list[tuple[nn.Module, object]] = []
+    # the patched forwards live on the (shared) modules: two threads' searches restored each
+    # other's ("'BatchNorm2d' object has no attribute 'forward'"), so one at a time per model
+    with model_lock(model), ieee_fp32_convolutions() if fold_bn else nullcontext(), \
             no_autocast() if fold_bn else nullcontext():
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
             for m in model.modules():

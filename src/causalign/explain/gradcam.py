@@ -16,6 +16,7 @@ from .base import (
     eval_mode,
     register_explainer,
     shape_errors,
+    this_call_only,
 )
 
 
@@ -81,10 +82,14 @@ class GradCAM(Explainer):
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}
         try:
             with eval_mode(self.model):
-                # a plain function hides a DataParallel model's devices from Captum: pass them on
-                cam = LayerGradCam(self._checked_model(target), self.layer,
-                                   device_ids=getattr(self.model, "device_ids", None)).attribute(
-                    inputs, target=target, relu_attributions=True, **kwargs)
+                if getattr(self.model, "device_ids", None):
+                    # a plain function hides a DataParallel model's devices from Captum: pass
+                    # them on
+                    cam = LayerGradCam(self._checked_model(target), self.layer,
+                                       device_ids=self.model.device_ids).attribute(
+                        inputs, target=target, relu_attributions=True, **kwargs)
+                else:
+                    cam = self._cam(inputs, target, create_graph)
         except AssertionError as exc:  # Captum's "Forward hook did not obtain any outputs"
             if "did not obtain any outputs" not in str(exc):
                 raise
@@ -104,6 +109,39 @@ class GradCAM(Explainer):
         self._refuse_point_map(cam, inputs)
         cam = self._upsample(cam, inputs)
         return cam if create_graph else cam.detach()
+
+    def _cam(self, inputs: Tensor, target: Tensor, create_graph: bool) -> Tensor:
+        """Captum's LayerGradCam (ReLU of the channel sum of activations times their
+        spatially averaged gradients; the layer's last output in the forward), with a hook that
+        only this call runs: Captum's, on a model shared between threads, kept the activations
+        of another thread's forward and failed ("differentiated Tensor ... not used in the
+        graph")."""
+        seen: list[Tensor] = []
+
+        def keep(module: nn.Module, args: tuple, output: object) -> object:
+            if not isinstance(output, Tensor):
+                return None
+            # a copy, as Captum: a later in-place op (ReLU(inplace=True)) would overwrite it
+            out = output.clone()
+            if not out.requires_grad:
+                out.requires_grad_(True)  # frozen model: the activations are a leaf
+            seen.append(out)
+            return out
+
+        handle = self.layer.register_forward_hook(this_call_only(self.layer, keep))
+        try:
+            with torch.enable_grad():
+                logits = self._checked_model(target)(inputs)
+        finally:
+            handle.remove()
+        if not seen:
+            raise AssertionError("Forward hook did not obtain any outputs for given layer")
+        acts = seen[-1]
+        with torch.enable_grad():
+            score = logits.gather(1, target[:, None]).sum()
+        (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph)
+        alpha = grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
+        return torch.relu((alpha * acts).sum(dim=1, keepdim=True))
 
     def _refuse_point_map(self, cam: Tensor, inputs: Tensor) -> None:
         """One line for a layer whose map is a single pixel: upsampled, it is a constant
@@ -180,7 +218,7 @@ class GradCAM(Explainer):
             seen.append(output)  # type: ignore[arg-type]
             versions.append(getattr(output, "_version", None))
 
-        handle = self.layer.register_forward_hook(keep)
+        handle = self.layer.register_forward_hook(this_call_only(self.layer, keep))
         try:
             with shape_errors(self.model, inputs, self.name), torch.enable_grad(), \
                     eval_mode(self.model):

@@ -41,11 +41,12 @@ different maps of the same weights).
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,8 +59,10 @@ from .base import (
     check_inputs,
     check_target_classes,
     eval_mode,
+    model_lock,
     register_explainer,
     shape_errors,
+    this_call_only,
 )
 
 if TYPE_CHECKING:
@@ -220,26 +223,39 @@ class LRP(Explainer):
             raise InputError(f"lrp-{self.variant} has no rule for {pooled}'s attention pooling "
                              f"(log-softmax, logsumexp, weighted slice sums); use lrp-epsilon, "
                              f"wbp or gradient on this model")
-        from .wbp import _Functional, check_rules
+        from .wbp import check_rules
 
         check_rules(self.model, self.name)  # zennit would pass relevance through as a gradient
-        composite = self.composite()
         with _eval_mode(self.model):
             target = self._target(inputs, target)  # predicted class in eval mode, as mapped
-            if not self._merges_checked:
-                _check_bn_merges(self.model, inputs, composite.canonizers, self.name)
-                self._merges_checked = True
-        with torch.enable_grad(), _eval_mode(self.model), _restored_on_error(self.model):
+        # zennit canonizes (BatchNorm folded into the weights, bias parameters added) and hooks
+        # the modules it explains in place: on a model shared between threads two maps undid
+        # each other's changes (16 of 20 maps wrong; 60 hooks and stray bias parameters left
+        # on the model) and other threads' predictions ran half-canonized modules. A private
+        # copy (same weights) is explained instead; one that cannot be copied, under the lock.
+        model = _private_copy(self.model)
+        with model_lock(self.model) if model is self.model else nullcontext():
+            return self._zennit_map(model, inputs, target)
+
+    def _zennit_map(self, model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        from .wbp import _Functional
+
+        composite = self.composite()
+        if not self._merges_checked:
+            with _eval_mode(model):
+                _check_bn_merges(model, inputs, composite.canonizers, self.name)
+            self._merges_checked = True
+        with torch.enable_grad(), _eval_mode(model), _restored_on_error(model):
             try:
                 # not composite.context(): a canonizer or hook failing inside register() would
                 # skip its __exit__ and leave the hooks registered so far on the user's model
-                composite.register(self.model)
+                composite.register(model)
                 x = inputs.detach().requires_grad_(True)
                 # F.layer_norm, F.scaled_dot_product_attention, ...: no rule, as their modules
                 # (relevance crossed them as a gradient: maps of ~170 for logits of ~0.1);
                 # functional activations pass relevance, as zennit's rule for their modules
-                with _Functional(None, self.model, self.name):
-                    logits = self.model(x)
+                with _Functional(None, model, self.name):
+                    logits = model(x)
                 check_target_classes(logits, target)
                 onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
                 # R at the output = the target logit, so relevance is in logit units.
@@ -247,6 +263,15 @@ class LRP(Explainer):
             finally:
                 composite.remove()
         return rel.detach()
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for zennit to canonize and hook (parameters and buffers
+    copied, ``.grad`` not), or ``model`` itself when it cannot be copied."""
+    try:
+        return copy.deepcopy(model)
+    except (TypeError, RuntimeError, copy.Error):  # e.g. a lock or a generator in a module
+        return model
 
 
 def _bn_merge_pairs(model: nn.Module, canonizers: list) -> list[tuple[str, str]]:
@@ -444,7 +469,7 @@ def lrp_epsilon_modified_gradient(model: nn.Module, inputs: Tensor,
     try:
         with torch.enable_grad(), _wbp_mode(model, "lrp-epsilon") as phase:
             for m in _epsilon_points(model):
-                handles.append(m.register_forward_hook(hook))
+                handles.append(m.register_forward_hook(this_call_only(m, hook)))
             x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
             # functional activations rescaled as their modules (F.gelu was crossed as a
             # gradient, unlike nn.GELU); F.layer_norm etc. refused

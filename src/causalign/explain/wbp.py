@@ -69,8 +69,10 @@ from .base import (
     check_inputs,
     check_logits,
     check_target_classes,
+    model_lock,
     register_explainer,
     shape_errors,
+    this_call_only,
 )
 
 __all__ = ["WBP", "RescaleRule", "rescale_factor", "unsupported_layers", "wbp_mode",
@@ -452,6 +454,10 @@ def wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[nn.Module]:
 def _wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[_Phase]:
     """`wbp_mode`, yielding its phase (shared with `_Functional`)."""
     check_rules(model, what)
+    # held for the whole map: another thread's wbp_mode would re-enable the in-place flags
+    # and switch train/eval flags back under this one's forward
+    lock = model_lock(model)
+    lock.acquire()
     modes = [(m, m.training) for m in model.modules()]
     phase = _Phase()
     handles = []
@@ -466,7 +472,8 @@ def _wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[_Phase]:
                 # An in-place activation overwrites z, which the rule needs.
                 module.inplace = False
                 made_out_of_place.append(module)
-            handles.append(module.register_forward_hook(_make_hook(rule, phase)))
+            handles.append(module.register_forward_hook(
+                this_call_only(module, _make_hook(rule, phase))))
         yield phase
     finally:
         phase.rescale = False  # later backwards through this graph differentiate z(θ)
@@ -476,6 +483,7 @@ def _wbp_mode(model: nn.Module, what: str = "wbp") -> Iterator[_Phase]:
             module.inplace = True
         for module, training in modes:
             module.training = training
+        lock.release()
 
 
 def _resolve_target(logits: Tensor, target: Target) -> Tensor:
