@@ -13,7 +13,7 @@ import copy
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -297,6 +297,25 @@ def check_inputs(inputs: Tensor, target: Target = None, model: nn.Module | None 
         raise InputError(f"target class must be >= 0, got {target}")
     if model is not None:
         check_model_dtype(model, inputs)
+
+
+def check_no_batch_statistics(model: nn.Module, inputs: Tensor, what: str,
+                              exempt: Container[nn.Module] = (),
+                              fix: str = "pass one sample at a time") -> None:
+    """One clear line for a batch (N > 1) through a BatchNorm without running statistics
+    (``track_running_stats=False``) that is not in ``exempt`` (modules given fixed
+    statistics): in eval mode it still normalises over the batch, so each sample's `what`
+    would depend on the other samples in its batch (a gradient map by up to its own maximum,
+    silently). One sample alone is its own batch and is accepted."""
+    if inputs.shape[0] < 2:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None \
+                and m not in exempt:
+            raise InputError(f"BatchNorm '{name or type(m).__name__}' has no running "
+                             f"statistics (track_running_stats=False): in eval mode it "
+                             f"normalises over the batch, so each sample's {what} would "
+                             f"depend on the others in its batch; {fix}")
 
 
 def check_model_dtype(model: nn.Module, inputs: Tensor, autocast_ok: bool = True) -> None:

@@ -72,7 +72,14 @@ from ..implicit.adjoint import no_autocast
 from ..implicit.fastgrad import patch_modules
 from ..implicit.lowrank import lowrank_diag_solve
 from ..models.norm import channel_mean_var
-from .base import INTERNAL_HOOK, check_model_dtype, eager_module, model_lock, shape_errors
+from .base import (
+    INTERNAL_HOOK,
+    check_model_dtype,
+    check_no_batch_statistics,
+    eager_module,
+    model_lock,
+    shape_errors,
+)
 
 if TYPE_CHECKING:
     from ..data.format import LesionDataset
@@ -1148,8 +1155,10 @@ class CounterfactualGenerator:
         # bfloat16 inputs to a float32 model failed deep inside ("mat1 and mat2 must have the
         # same dtype")
         check_model_dtype(self.model, x0, autocast_ok=False)
-        if len(x0) > 1:
-            _check_no_batch_statistics(self.model, bn_stats)
+        # a batch through BatchNorm without running statistics coupled the searches (a
+        # batched x* differed from the per-sample one by up to 0.54 per pixel)
+        check_no_batch_statistics(self.model, x0, "counterfactual search", bn_stats or (),
+                                  "pass bn_stats (capture_bn_stats) or one sample at a time")
         if target is None:
             target, valid = self.targets(x0, labels)
             if not bool(valid.all()):
@@ -1223,22 +1232,6 @@ class CounterfactualGenerator:
         return CounterfactualResult(x_star=x_star.detach(), u_star=u.detach(), target=target,
                                     diverged=diverged, warm=warm, distance=dist.detach(),
                                     problem=prob, flipped=flipped, target_prob=target_prob)
-
-
-def _check_no_batch_statistics(model: nn.Module, bn_stats: BNStats | None) -> None:
-    """One clear line for a BatchNorm without running statistics (``track_running_stats=
-    False``) and no fixed ``bn_stats`` for it: in eval mode it still normalises with the
-    batch's statistics, so every sample's search depended on the others in its batch (a
-    batched x* differed from the per-sample one by up to 0.54 per pixel) and the flip report
-    with it."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None \
-                and not (bn_stats and m in bn_stats):
-            raise InputError(f"BatchNorm '{name or type(m).__name__}' has no running "
-                             f"statistics (track_running_stats=False): in eval mode it "
-                             f"normalises over the batch, so the samples' counterfactual "
-                             f"searches would depend on each other; pass bn_stats "
-                             f"(capture_bn_stats) or one sample at a time")
 
 
 def _report_logits(model: nn.Module, x: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from .base import (
     Target,
     check_inputs,
     check_logits,
+    check_no_batch_statistics,
     eval_mode,
     register_explainer,
     shape_errors,
@@ -77,6 +78,7 @@ class GradCAM(Explainer):
             raise InputError(f"gradcam needs 2D images (N, C, H, W); "
                              f"{type(self.model).__name__} got inputs of shape "
                              f"{tuple(inputs.shape)} (use wbp, lrp-* or gradient for volumes)")
+        check_no_batch_statistics(self.model, inputs, f"{self.name} map")
         target = self._target(inputs, target)
         create_graph = create_graph and torch.is_grad_enabled()  # no graph inside no_grad
         kwargs = {"grad_kwargs": {"create_graph": True}} if create_graph else {}
@@ -207,6 +209,7 @@ class GradCAM(Explainer):
         tensor would hold the ReLU's output, while Captum keeps the layer's own) takes the
         default two-pass path."""
         check_inputs(inputs, model=self.model)
+        check_no_batch_statistics(self.model, inputs, f"{self.name} map")
         if inputs.dim() != 4 or getattr(self.model, "device_ids", None):
             return super().predict_and_attribute(inputs)
         seen: list[Tensor] = []

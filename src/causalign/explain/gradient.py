@@ -16,6 +16,7 @@ from .base import (
     Explainer,
     Target,
     check_inputs,
+    check_no_batch_statistics,
     eval_mode,
     register_explainer,
     shape_errors,
@@ -39,6 +40,8 @@ def _gradient_map(explainer: Explainer, inputs: Tensor, target: Target,
     """(∂z_t/∂x, x) in eval mode; differentiable only with `create_graph` and autograd on
     (inside ``torch.no_grad()`` nothing is recorded, so the map is plain, as for any op)."""
     check_inputs(inputs, target, explainer.model)
+    # batch statistics: each map depended on its batch-mates (by up to its own maximum)
+    check_no_batch_statistics(explainer.model, inputs, f"{explainer.name} map")
     with shape_errors(explainer.model, inputs, explainer.name):
         return _gradient_map_checked(explainer, inputs, target, create_graph)
 

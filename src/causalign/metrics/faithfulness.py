@@ -15,6 +15,7 @@ from ..explain.base import (
     as_target,
     check_logits,
     check_model_dtype,
+    check_no_batch_statistics,
     check_target_classes,
     eval_mode,
     input_shape_hint,
@@ -68,6 +69,8 @@ def deletion_scores(
         raise InputError(f"inputs hold {n_bad} NaN/inf value(s); deletion of a non-finite "
                          f"image is undefined")
     check_model_dtype(model, inputs)
+    # batch statistics: each sample's drop depended on its batch-mates' deleted images
+    check_no_batch_statistics(model, inputs, "deletion score")
     n = inputs.shape[0]
     spatial = tuple(inputs.shape[2:])
     if maps.shape[0] != n or maps.shape[1:] not in (spatial, (1, *spatial)):
