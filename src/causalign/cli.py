@@ -1402,6 +1402,11 @@ def compare(
     if a.probs.shape[1] != b.probs.shape[1]:
         raise CausalignError(f"{file_a} has {a.probs.shape[1]} classes, {file_b} "
                              f"{b.probs.shape[1]}: not the same task")
+    if a.classes != b.classes:
+        # labels are indices into each file's class order: p_malignant,p_benign was read
+        # position by position, B's AUC taken off the other class's column
+        raise CausalignError(f"{file_a} has classes {a.classes}, {file_b} {b.classes}: "
+                             f"not the same class names in the same order")
     ids_a, ids_b = set(a.ids), set(b.ids)
     only_a = next((i for i in a.ids if i not in ids_b), None)
     only_b = next((i for i in b.ids if i not in ids_a), None)
@@ -1415,12 +1420,18 @@ def compare(
     where = {i: k for k, i in enumerate(b.ids)}
     order = np.array([where[i] for i in a.ids])
     probs_b, labels_b = b.probs[order], b.labels[order]
+    other_data = _other_datasets(run_a, run_b)
     differ = np.flatnonzero(a.labels != labels_b)
     if len(differ):
         k = int(differ[0])
         raise CausalignError(f"the runs' predictions disagree on the label of {len(differ)} "
                              f"sample(s), first id {a.ids[k]!r}: {a.labels[k]} in {file_a}, "
-                             f"{labels_b[k]} in {file_b}")
+                             f"{labels_b[k]} in {file_b}"
+                             + (f" ({other_data})" if other_data else ""))
+    if other_data:
+        warnings.warn(f"{other_data}: the same ids may name other images; compare "
+                      f"predictions of one dataset (`causalign evaluate RUN --data DATA "
+                      f"--predictions FILE.csv` for each run)", stacklevel=1)
     y = a.labels
     metrics_a = classification_metrics(a.probs, y)
     metrics_b = classification_metrics(probs_b, y)
@@ -1450,6 +1461,20 @@ def compare(
     if out is not None:
         atomic_write_json(out, result)
     _echo_json(result)
+
+
+def _other_datasets(run_a: Path, run_b: Path) -> str | None:
+    """Why two run folders' predictions CSVs are of different samples though their ids agree
+    (`data synth` names every dataset's samples test_00000…): their config.yaml records
+    other dataset contents (data_content_digest). None for CSV files or unrecorded digests."""
+    from .engine.trainer import read_run_config
+
+    if not (run_a.is_dir() and run_b.is_dir()):
+        return None
+    digests = [read_run_config(r).get("data_content_digest") for r in (run_a, run_b)]
+    if None in digests or digests[0] == digests[1]:
+        return None
+    return f"{run_a} and {run_b} were trained on different datasets (data_content_digest)"
 
 
 def _delong_or_reason(probs_a: Any, probs_b: Any, labels: Any) -> dict[str, Any]:
