@@ -84,3 +84,56 @@ def test_compare_warns_when_run_folders_trained_on_different_datasets(tmp_path, 
     d = _run_dir(tmp_path / "d", "1111", ids, y, rng.dirichlet([1, 1], 12))
     assert main(["compare", str(a), str(d)]) in (0, None)
     assert "different datasets" not in capsys.readouterr().err
+
+
+def _deep_run(root, kind):
+    """A one-epoch run on a folder import of 12-bit PNGs (int_max 4095) or HU NPYs."""
+    from PIL import Image
+
+    from causalign.data.importers.run import run_import
+    from causalign.engine import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    for c in ("benign", "malignant"):
+        (root / "raw" / c).mkdir(parents=True)
+        for i in range(8):
+            if kind == "png16":
+                Image.fromarray(rng.integers(0, 4000, (24, 24)).astype(np.uint16)).save(
+                    root / "raw" / c / f"img{i}.png")
+            else:
+                np.save(root / "raw" / c / f"img{i}.npy",
+                        rng.uniform(-1000, 1000, (24, 24)).astype(np.float32))
+    run_import("folder", root / "raw", root / "data", {"size": 16})
+    train(root / "data", TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0),
+          root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.mark.parametrize("kind", ["png16", "npy_hu"])
+def test_predict_says_when_new_files_exceed_the_training_rule_and_are_clipped(tmp_path,
+                                                                              kind):
+    """A 16-bit scanner's PNGs (values up to 65535) on a run imported from 12-bit ones were
+    divided by the training's 4095 and clipped at 1: ~94 % of the pixels saturated, no
+    warning (evaluate's intensity check sees values inside [0, 1]); likewise HU files
+    beyond the training import's float range. Now a "clipped" data warning."""
+    from PIL import Image
+
+    from causalign.engine import predict_images
+
+    run = _deep_run(tmp_path, kind)
+    new = tmp_path / "new"
+    new.mkdir()
+    rng = np.random.default_rng(1)
+    if kind == "png16":
+        Image.fromarray(rng.integers(0, 65535, (24, 24)).astype(np.uint16)).save(new / "a.png")
+        inside = rng.integers(0, 4000, (24, 24)).astype(np.uint16)
+        Image.fromarray(inside).save(tmp_path / "inside.png")
+    else:
+        np.save(new / "a.npy", rng.uniform(-1000, 3000, (24, 24)).astype(np.float32))
+        np.save(tmp_path / "inside.npy", rng.uniform(-900, 900, (24, 24)).astype(np.float32))
+    res = predict_images(run, [new], device="cpu")
+    assert "clipped" in res.warnings, res.warnings
+    assert "clipped to" in res.warnings["clipped"]
+    # guard: files within the training import's range are not flagged
+    inside = tmp_path / ("inside.png" if kind == "png16" else "inside.npy")
+    assert "clipped" not in predict_images(run, [inside], device="cpu").warnings

@@ -69,8 +69,9 @@ class Predictions:
     ``ids`` the sample ids (plain files: their path relative to the folder given, as `data
     import folder` names them); ``sources`` the files (or dataset image paths); ``labels``
     the dataset's labels (None for plain files); ``warnings`` the data-shift checks that
-    fired ("intensity", "geometry") with their messages; ``skipped`` the files of the folders
-    given that were not read, by reason (mask files, broken links, other files)."""
+    fired ("intensity", "geometry"; for plain files "clipped": values beyond the
+    training import's intensity rule) with their messages; ``skipped`` the files of the
+    folders given that were not read, by reason (mask files, broken links, other files)."""
 
     ids: list[str]
     sources: list[str]
@@ -263,9 +264,10 @@ def _refuse_plain_files(rec: dict[str, Any], run: Path) -> None:
 
 
 def _plain_reader(rec: dict[str, Any], run: Path, files: list[Path]
-                  ) -> tuple[Callable[[Path], np.ndarray], int]:
+                  ) -> tuple[Callable[[Path], np.ndarray], int, str | None]:
     """How a plain file becomes the run's input (an image of the run's size, values in
-    [0, 1]) by its training import's own code, and the PNG depth that import stored."""
+    [0, 1]) by its training import's own code, the PNG depth that import stored, and why
+    some of the files' values end clipped (`_clipped`), or None."""
     channels, size, _ = rec["shape"]
     if rec["importer"] == "lidc":
         # pre-cropped patches: NPY in HU windowed by the import's --window, image files by
@@ -280,21 +282,45 @@ def _plain_reader(rec: dict[str, Any], run: Path, files: list[Path]
         def read_patch(path: Path) -> np.ndarray:
             return resize(_read_patch(path, window, scale), (size, size))
 
-        return read_patch, 16 if scale.high_depth else 8
+        # values outside the window are clipped by design: no "clipped" warning
+        return read_patch, 16 if scale.high_depth else 8, None
     color = "rgb" if channels == 3 else "gray"
-    scale = _intensity_rule(rec["scale"], scan_intensity(files), run)
+    here = scan_intensity(files)
+    scale = _intensity_rule(rec["scale"], here, run)
 
     def read_folder(path: Path) -> np.ndarray:
         return fit_square(read_folder_image(path, color, scale), None, size)[0]
 
-    return read_folder, 16 if scale.high_depth else 8
+    return read_folder, 16 if scale.high_depth else 8, _clipped(rec["scale"], here)
+
+
+def _clipped(trained: IntensityScale | None, here: IntensityScale) -> str | None:
+    """Why some of these files' values end clipped at 0 or 1 by the training import's rule
+    (deeper integers than its depth, floats beyond its range), or None. Clipped values sit
+    inside [0, 1], so `warn_other_intensity` cannot see them: a 16-bit scanner's PNGs on a
+    run imported from 12-bit ones saturated ~94 % of their pixels unsaid."""
+    if trained is None:
+        return None
+    if trained.int_max is not None and here.int_max is not None \
+            and here.int_max > trained.int_max:
+        return (f"integer values of {int(here.int_max).bit_length()} bits (the training "
+                f"import divided by {int(trained.int_max)}): those above it clipped to 1")
+    if trained.has_float and here.has_float:
+        lo, hi = trained.float_range or (0.0, 1.0)  # None: floats kept, clipped to [0, 1]
+        new_lo, new_hi = here.float_range or (0.0, 1.0)
+        slack = 1e-3 * (hi - lo)  # the scan's float32 rounding is no clipping
+        if new_lo < lo - slack or new_hi > hi + slack:
+            return (f"float values {new_lo:g}..{new_hi:g} (the training import mapped "
+                    f"{lo:g}..{hi:g} to [0, 1]): those outside it clipped to 0 or 1")
+    return None
 
 
 def _import_files(files: list[tuple[str, Path]], rec: dict[str, Any], run: Path, out: Path,
-                  progress: Progress | None = None) -> None:
+                  progress: Progress | None = None) -> dict[str, str]:
     """Write ``files`` as split "test" of a dataset in ``out``, preprocessed as the run's
     training import did (`data import folder`'s path for most, see `_plain_reader`) at the
-    run's image size and channel count (labels 0: unknown)."""
+    run's image size and channel count (labels 0: unknown). Returns the "clipped" data
+    warning (`_clipped`) when it applies."""
     shape = rec["shape"]
     if len(shape) != 3:
         raise DataError(f"{run}: trained on volumes {tuple(shape)}; plain image files are "
@@ -310,7 +336,7 @@ def _import_files(files: list[tuple[str, Path]], rec: dict[str, Any], run: Path,
                          image_format=rec["image_format"])
     meta = DatasetMeta(name="predict", classes=rec["classes"], attributes=rec["attributes"],
                        ndim=2, channels=channels)
-    read, png_bits = _plain_reader(rec, run, [f for _, f in files])
+    read, png_bits, clipped = _plain_reader(rec, run, [f for _, f in files])
     task = progress.add_task("reading images", total=len(files)) if progress else None
     rows = []
     for sid, path in files:
@@ -328,6 +354,8 @@ def _import_files(files: list[tuple[str, Path]], rec: dict[str, Any], run: Path,
         if task is not None:
             progress.advance(task)
     write_manifest(out, meta, [_to_record(r) for r in rows])
+    return {"clipped": f"{run}: the files given hold {clipped}; the model sees those "
+                       f"pixels saturated"} if clipped else {}
 
 
 def is_nifti(name: str) -> bool:
@@ -523,13 +551,15 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         files = _drop_listed_masks(files, paths, rec, skipped)
     with tempfile.TemporaryDirectory(prefix="causalign-predict-") as tmp:
         data = Path(tmp)
+        clipped: dict[str, str] = {}
         if volumes:
             _import_volumes(subjects, rec, run, data, progress)
         else:
-            _import_files(files, rec, run, data, progress)
+            clipped = _import_files(files, rec, run, data, progress)
         _, model, method, data = load_run(run, device=device, data=data)
         shown = paths[0] if len(paths) == 1 else Path(f"{len(paths)} inputs")
         ds, fired = _checked_split(run, data, "test", shown)
+        fired.update(clipped)
         dev = next(model.parameters()).device
         _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
