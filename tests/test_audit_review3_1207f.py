@@ -113,7 +113,7 @@ def _deep_run(root, kind):
 def test_predict_says_when_new_files_exceed_the_training_rule_and_are_clipped(tmp_path,
                                                                               kind):
     """A 16-bit scanner's PNGs (values up to 65535) on a run imported from 12-bit ones were
-    divided by the training's 4095 and clipped at 1: ~94 % of the pixels saturated, no
+    divided by the training's 4095 and clipped at 1: 93 % of the pixels saturated, no
     warning (evaluate's intensity check sees values inside [0, 1]); likewise HU files
     beyond the training import's float range. Now a "clipped" data warning."""
     from PIL import Image
