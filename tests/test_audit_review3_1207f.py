@@ -137,3 +137,55 @@ def test_predict_says_when_new_files_exceed_the_training_rule_and_are_clipped(tm
     # guard: files within the training import's range are not flagged
     inside = tmp_path / ("inside.png" if kind == "png16" else "inside.npy")
     assert "clipped" not in predict_images(run, [inside], device="cpu").warnings
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    from causalign.data import SynthConfig, generate
+    from causalign.engine import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("review3")
+    generate(root / "data", SynthConfig(n_train=32, n_val=8, n_test=8, size=32))
+    train(root / "data", TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0),
+          root / "run", progress=False)
+    return root / "data", root / "run"
+
+
+def _png(path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32)).astype(np.uint8)
+                    ).save(path)
+    return path
+
+
+def test_predict_refuses_a_dataset_folder_among_other_inputs(synth_run, tmp_path, capsys):
+    """`predict RUN DATA other.png` searched the dataset folder as plain files: its
+    images/ and masks/ PNGs (masks as images) of all three splits, 226 rows for a 112-image
+    dataset plus one file; `predict RUN DATA DATA` gave 450."""
+    data, run = synth_run
+    png = _png(tmp_path / "x.png")
+    for argv in ([str(data), str(png)], [str(data), str(data)]):
+        line = _error_line(capsys, ["predict", str(run), *argv, "--out",
+                                    str(tmp_path / "p.csv"), "--no-progress"])
+        assert "dataset folder" in line and str(data) in line, line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_refuses_split_for_plain_files(synth_run, tmp_path, capsys):
+    """--split acts on a dataset folder only; given with plain files (even a misspelt one,
+    `--split bogus`) it was ignored without a word."""
+    data, run = synth_run
+    png = _png(tmp_path / "x.png")
+    for split in ("val", "bogus"):
+        line = _error_line(capsys, ["predict", str(run), str(png), "--split", split,
+                                    "--out", str(tmp_path / "p.csv"), "--no-progress"])
+        assert "--split" in line and "dataset folder" in line, line
+    # guard: without --split, and with --split on the dataset folder, it predicts
+    assert main(["predict", str(run), str(png), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress", "--device", "cpu"]) in (0, None)
+    assert main(["predict", str(run), str(data), "--split", "val", "--out",
+                 str(tmp_path / "q.csv"), "--no-progress", "--device", "cpu"]) in (0, None)
+    with open(tmp_path / "q.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8

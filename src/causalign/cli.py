@@ -700,8 +700,9 @@ def predict(
     out: Annotated[Path, typer.Option(help="predictions CSV (id, source, site, label, "
                                            "predicted, p_<class>, predicted_class, "
                                            "data_warning)")],
-    split: Annotated[str, typer.Option(help="train | val | test (dataset input only)")
-                     ] = "test",
+    split: Annotated[str | None, typer.Option(
+        help="train | val | test of a dataset folder input (default test); not for plain "
+             "files")] = None,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     saliency: Annotated[str | None, typer.Option(
@@ -1378,7 +1379,7 @@ def compare(
     """Paired comparison of two runs on the same samples, from their saved predictions:
     accuracies and AUCs, DeLong's test of the AUC difference (binary; one-vs-rest per class
     for more) and McNemar's test of the accuracy difference. Both must hold the same sample
-    ids with the same labels."""
+    ids with the same labels and classes."""
     import numpy as np
 
     from .io import atomic_write_json

@@ -504,14 +504,14 @@ def _checked_split(run: Path, data: Path, split: str, shown: Path
 
 
 def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
-                   split: str = "test", batch_size: int = 256,
+                   split: str | None = None, batch_size: int = 256,
                    device: str = "auto", progress: Progress | None = None,
                    saliency: str | None = None, maps: str | Path | None = None
                    ) -> Predictions:
     """Class probabilities of RUN's model for new images.
 
-    ``inputs``: a causalign dataset folder (its ``split``), or image files / folders of
-    them, preprocessed as `causalign data import folder` would store them at the run's
+    ``inputs``: a causalign dataset folder (its ``split``, default "test"; alone), or
+    image files / folders of them (no ``split``), preprocessed as `causalign data import folder` would store them at the run's
     image size and channel count. The data-shift checks of `evaluate` run on the input
     (their messages in ``Predictions.warnings``; not warned here: the caller decides).
     ``saliency`` with ``maps``: also each image's map of its predicted class, written by
@@ -526,7 +526,15 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if not paths:
         raise InputError("no input given (a dataset folder or image files)")
+    if len(paths) > 1:
+        # searched as plain files, a dataset's images/ and masks/ of every split were
+        # predicted (masks as images)
+        data = next((p for p in paths if is_dataset(p)), None)
+        if data is not None:
+            raise InputError(f"{data}: a dataset folder is predicted alone (its --split); "
+                             f"give it as the only input")
     if len(paths) == 1 and is_dataset(paths[0]):
+        split = "test" if split is None else split
         if split not in SPLITS:
             raise InputError(not_one_of("--split", split, SPLITS))
         data = paths[0]
@@ -541,6 +549,9 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
                            probs=probs, classes=list(ds.meta.classes),
                            labels=[int(r.label) for r in ds.records],
                            sites=[r.site for r in ds.records], warnings=fired)
+    if split is not None:  # plain files have no split: ignoring it hid a mistaken input
+        raise InputError(f"--split {split}: for a dataset folder input only; the input is "
+                         f"plain image files")
     rec = _run_records(run)
     volumes = len(rec["shape"]) == 4 and rec["importer"] == "brats"
     if volumes:  # raw BraTS subjects, through the brats importer's preprocessing
