@@ -511,8 +511,8 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     """Class probabilities of RUN's model for new images.
 
     ``inputs``: a causalign dataset folder (its ``split``, default "test"; alone), or
-    image files / folders of them (no ``split``), preprocessed as `causalign data import folder` would store them at the run's
-    image size and channel count. The data-shift checks of `evaluate` run on the input
+    image files / folders of them (no ``split``), preprocessed as `causalign data import
+    folder` would store them at the run's image size and channel count. The data-shift checks of `evaluate` run on the input
     (their messages in ``Predictions.warnings``; not warned here: the caller decides).
     ``saliency`` with ``maps``: also each image's map of its predicted class, written by
     `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png)."""
