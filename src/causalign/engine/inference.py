@@ -512,8 +512,9 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
 
     ``inputs``: a causalign dataset folder (its ``split``, default "test"; alone), or
     image files / folders of them (no ``split``), preprocessed as `causalign data import
-    folder` would store them at the run's image size and channel count. The data-shift checks of `evaluate` run on the input
-    (their messages in ``Predictions.warnings``; not warned here: the caller decides).
+    folder` would store them at the run's image size and channel count. The data-shift
+    checks of `evaluate` run on the input (their messages in ``Predictions.warnings``; not
+    warned here: the caller decides).
     ``saliency`` with ``maps``: also each image's map of its predicted class, written by
     `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png)."""
     from .trainer import load_run, read_run_config
