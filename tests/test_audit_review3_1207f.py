@@ -189,3 +189,30 @@ def test_predict_refuses_split_for_plain_files(synth_run, tmp_path, capsys):
                  str(tmp_path / "q.csv"), "--no-progress", "--device", "cpu"]) in (0, None)
     with open(tmp_path / "q.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 8
+
+
+def test_predict_maps_of_plain_files_claim_no_label(synth_run, tmp_path, monkeypatch):
+    """`predict --saliency --maps` on plain (unlabelled) files titled every overlay and grid
+    row "y=benign" and wrote "label": 0 into summary.json: the placeholder label 0 of the
+    temporary import shown as the image's true class."""
+    import causalign.report.figures as figures
+    from causalign.engine import predict_images
+
+    titles = []
+    real_overlay, real_grid = figures.overlay, figures.cam_grid
+    monkeypatch.setattr(figures, "overlay", lambda *a, title="", **k: (
+        titles.append(title), real_overlay(*a, title=title, **k))[1])
+    monkeypatch.setattr(figures, "cam_grid", lambda *a, row_titles=None, **k: (
+        titles.extend(row_titles or []), real_grid(*a, row_titles=row_titles, **k))[1])
+    data, run = synth_run
+    png = _png(tmp_path / "x.png")
+    predict_images(run, [png], device="cpu", saliency="gradcam", maps=tmp_path / "m")
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["samples"][0]["label"] is None
+    assert titles and not any("y=" in t for t in titles), titles
+    # guard: a dataset input keeps its labels in the maps' titles and summary
+    titles.clear()
+    predict_images(run, data, device="cpu", saliency="gradcam", maps=tmp_path / "d")
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert all(isinstance(s["label"], int) for s in summary["samples"])
+    assert all("y=" in t for t in titles)

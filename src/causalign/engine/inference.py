@@ -575,7 +575,7 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         dev = next(model.parameters()).device
         _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
-        _export_maps(model, method, ds, saliency, maps, dev, progress)
+        _export_maps(model, method, ds, saliency, maps, dev, progress, labelled=False)
         classes = list(ds.meta.classes)
     return Predictions(ids=[sid for sid, _ in files], sources=[str(f) for _, f in files],
                        probs=probs, classes=classes, warnings=fired, skipped=skipped)
@@ -595,9 +595,12 @@ def _check_saliency(saliency: str | None, model: Any) -> None:
 
 
 def _export_maps(model: Any, method: Any, ds: LesionDataset, saliency: str | None,
-                 maps: str | Path | None, device: Any, progress: Progress | None) -> None:
+                 maps: str | Path | None, device: Any, progress: Progress | None,
+                 labelled: bool = True) -> None:
     if saliency is None or maps is None:
         return
     from ..explain.export import export_saliency
 
-    export_saliency(model, method, ds, saliency, maps, device=device, progress=progress)
+    # plain files carry the temporary import's placeholder label 0, not a true class
+    export_saliency(model, method, ds, saliency, maps, device=device, progress=progress,
+                    labelled=labelled)

@@ -178,9 +178,12 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
                     out: str | Path, limit: int | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 32,
                     progress: Progress | None = None,
-                    explainer_kwargs: dict[str, Any] | None = None) -> dict:
+                    explainer_kwargs: dict[str, Any] | None = None,
+                    labelled: bool = True) -> dict:
     """Maps for the predicted class of the first `limit` samples of `dataset`
     (``explainer_kwargs`` go to the explainer, e.g. a run's counterfactual search settings).
+    ``labelled=False`` (`causalign predict` on plain files, whose temporary import holds the
+    placeholder label 0): no "y=" in the titles and ``label`` None in the summary.
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
     (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns the summary
@@ -197,13 +200,17 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
     # manifest entries under it (`folder_lock`)
     with folder_lock(out, f"causalign explain --out {out}"), eval_mode(model):
         return _export_saliency(model, method, dataset, saliency, Path(out), n, device,
-                                batch_size, progress, explainer_kwargs or {})
+                                batch_size, progress, explainer_kwargs or {}, labelled)
 
 
 def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                      out: Path, n: int, device: torch.device | str, batch_size: int,
-                     progress: Progress | None, explainer_kwargs: dict[str, Any]) -> dict:
+                     progress: Progress | None, explainer_kwargs: dict[str, Any],
+                     labelled: bool = True) -> dict:
     from ..report.figures import cam_grid, class_name, overlay
+
+    def truth(label: int) -> str:  # the title's true class; none for unlabelled images
+        return f" y={class_name(dataset, label)}" if labelled else ""
 
     explainer = get_explainer(saliency, model, **explainer_kwargs)
     ids_n = [dataset.records[i].id for i in range(n)]
@@ -233,7 +240,8 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
         has_mask = batch["has_mask"].cpu().tolist()
         for j, i in enumerate(idx.tolist()):
             rec = dataset.records[i]
-            samples.append({"id": rec.id, "label": int(rec.label), "prediction": preds[j]})
+            samples.append({"id": rec.id, "label": int(rec.label) if labelled else None,
+                            "prediction": preds[j]})
             m = maps[j]
             atomic_save_npy(files.path(f"maps/{rec.id}.npy"), m)
             img = images_np[j]
@@ -245,14 +253,14 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
                 where = f", slice {z}"  # 0-based, as in the report
             else:
                 m2 = m
-            title = (f"{rec.id}{where} y={class_name(dataset, rec.label)} "
+            title = (f"{rec.id}{where}{truth(rec.label)} "
                      f"pred={class_name(dataset, preds[j])}")
             overlay(img, m2, box, files.path(f"overlays/{rec.id}.png"), title=title)
             if len(images) < 16:
                 images.append(img)
                 boxes.append(box)
                 maps_all.append(m2)
-                ids.append(f"{rec.id}{where} y={class_name(dataset, rec.label)} "
+                ids.append(f"{rec.id}{where}{truth(rec.label)} "
                            f"p={class_name(dataset, preds[j])}")
         if task is not None:
             progress.advance(task, len(idx))
