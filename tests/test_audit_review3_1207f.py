@@ -216,3 +216,20 @@ def test_predict_maps_of_plain_files_claim_no_label(synth_run, tmp_path, monkeyp
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert all(isinstance(s["label"], int) for s in summary["samples"])
     assert all("y=" in t for t in titles)
+
+
+def test_predict_fallback_warning_does_not_call_a_synthetic_dataset_an_old_import(
+        synth_run, tmp_path):
+    """A run on `data synth` data given a 16-bit PNG was told its dataset was "imported
+    before it was recorded": synthetic data were never imported, so no rule exists."""
+    from PIL import Image
+
+    from causalign.engine import predict_images
+
+    _, run = synth_run
+    Image.fromarray(np.full((32, 32), 3000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.warns(UserWarning, match="records no intensity rule") as caught:
+        predict_images(run, [tmp_path / "deep.png"], device="cpu")
+    text = " ".join(str(w.message) for w in caught)
+    assert "imported before it was recorded" not in text
+    assert "synthetic" in text, text

@@ -197,13 +197,22 @@ def _run_records(run: Path) -> dict[str, Any]:
     scale = IntensityScale.from_record(raw.get("data_intensity_scale"))
     if scale is None and meta is not None:
         scale = IntensityScale.from_record(meta.info.get("intensity_scale"))
+    # why no rule, for the fallback's warning (synthetic data were never imported)
+    info = meta.info if meta is not None else {}
+    no_rule = ("its dataset is not at hand and config.yaml records no intensity rule"
+               if meta is None else
+               "its dataset is synthetic (`data synth`) and records no intensity rule"
+               if info.get("generator") else
+               f"its dataset's importer ({info.get('importer')}) records no intensity rule"
+               if info.get("importer") not in (None, "folder") else
+               "its dataset records no intensity rule (imported before it was recorded)")
     return {"shape": [int(v) for v in shape], "classes": [str(c) for c in classes],
             "attributes": [str(a) for a in attributes],
             "image_format": options.get("image_format", "png"), "scale": scale,
             # which importer made the training data, with its options: it decides how plain
             # files are preprocessed (`_plain_reader`)
             "importer": meta.info.get("importer") if meta is not None else None,
-            "options": options}
+            "options": options, "no_rule": no_rule}
 
 
 def mask_suffix_of(rec: dict[str, Any]) -> str:
@@ -213,8 +222,8 @@ def mask_suffix_of(rec: dict[str, Any]) -> str:
     return suffix if isinstance(suffix, str) and suffix else "_mask"
 
 
-def _intensity_rule(trained: IntensityScale | None, here: IntensityScale, run: Path
-                    ) -> IntensityScale:
+def _intensity_rule(trained: IntensityScale | None, here: IntensityScale, run: Path,
+                    no_rule: str = "its dataset records no intensity rule") -> IntensityScale:
     """How these files' values map to [0, 1]: the training import's rule for the kinds of
     source it had (taken over these files instead, 12-bit files whose values stay under
     2048 were divided by 2047, not the training's 4095, and float images by this batch's
@@ -223,8 +232,7 @@ def _intensity_rule(trained: IntensityScale | None, here: IntensityScale, run: P
     recorded no rule gets the latter throughout, said when it matters."""
     if trained is None:
         if here.high_depth:
-            warnings.warn(f"{run}: its dataset records no intensity rule (imported before "
-                          f"it was recorded); files deeper than 8 bits are scaled by a rule "
+            warnings.warn(f"{run}: {no_rule}; files deeper than 8 bits are scaled by a rule "
                           f"taken over the files given ({here.describe()}), which can "
                           f"differ from the training import's", stacklevel=3)
         return here
@@ -286,7 +294,7 @@ def _plain_reader(rec: dict[str, Any], run: Path, files: list[Path]
         return read_patch, 16 if scale.high_depth else 8, None
     color = "rgb" if channels == 3 else "gray"
     here = scan_intensity(files)
-    scale = _intensity_rule(rec["scale"], here, run)
+    scale = _intensity_rule(rec["scale"], here, run, rec["no_rule"])
 
     def read_folder(path: Path) -> np.ndarray:
         return fit_square(read_folder_image(path, color, scale), None, size)[0]
