@@ -233,3 +233,15 @@ def test_predict_fallback_warning_does_not_call_a_synthetic_dataset_an_old_impor
     text = " ".join(str(w.message) for w in caught)
     assert "imported before it was recorded" not in text
     assert "synthetic" in text, text
+
+
+def test_compare_names_predict_output_as_unlabelled(synth_run, tmp_path, capsys):
+    """`predict`'s CSV of plain files (empty label column) given to compare was "label or
+    probability is not a number": the value is missing, and compare needs labels."""
+    _, run = synth_run
+    png = _png(tmp_path / "x.png")
+    assert main(["predict", str(run), str(png), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress", "--device", "cpu"]) in (0, None)
+    capsys.readouterr()
+    line = _error_line(capsys, ["compare", str(run), str(tmp_path / "p.csv")])
+    assert "no label" in line and "predict" in line, line

@@ -216,6 +216,10 @@ def read_predictions(path: str | Path) -> Predictions:
     ids, sites, labels, probs = [], [], [], []
     seen: set[str] = set()
     for line, row in enumerate(reader, start=2):
+        if row["label"] == "":  # `causalign predict` on plain files writes none
+            raise InputError(f"{path} line {line}: no label (id {row.get('id')!r}): predictions "
+                             f"of unlabelled images, as `causalign predict` writes for plain "
+                             f"files, cannot be scored")
         try:
             labels.append(int(row["label"]))
             probs.append([float(row[c]) for c in cols])
