@@ -8,24 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from test_audit_compare_1207f import _error_line, _write_csv
 
 from causalign.cli import main
-
-
-def _write_csv(path, ids, labels, probs, classes=("benign", "malignant")):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "site", "label", "predicted", *(f"p_{c}" for c in classes)])
-        for i, y, p in zip(ids, labels, probs, strict=True):
-            w.writerow([i, 0, y, int(np.argmax(p)), *(f"{v:.17g}" for v in p)])
-
-
-def _error_line(capsys, argv):
-    rc = main(argv)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert rc == 2 and len(lines) == 1, lines
-    return lines[0]
 
 
 def _pair(tmp_path, classes_b):
