@@ -230,3 +230,16 @@ def test_compare_names_predict_output_as_unlabelled(synth_run, tmp_path, capsys)
     capsys.readouterr()
     line = _error_line(capsys, ["compare", str(run), str(tmp_path / "p.csv")])
     assert "no label" in line and "predict" in line, line
+
+
+def test_compare_reads_a_predictions_csv_saved_by_excel(tmp_path, capsys):
+    """A predictions CSV opened and saved by Excel (UTF-8 with BOM, CRLF) was "not a
+    predictions CSV (... has \\ufeffid, ...)"; the project's other CSV readers take it."""
+    a, b = _pair(tmp_path, ("benign", "malignant"))
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + b.read_bytes().replace(b"\r\n", b"\n")
+                      .replace(b"\n", b"\r\n"))
+    assert main(["compare", str(a), str(excel)]) in (0, None)
+    assert main(["compare", str(a), str(b)]) in (0, None)
+    first, second = capsys.readouterr().out.split("}\n{", 1)
+    assert json.loads(first + "}")["delong"] == json.loads("{" + second)["delong"]

@@ -201,7 +201,8 @@ def read_predictions(path: str | Path) -> Predictions:
     columns, a value that is not a number, a duplicate id)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # -sig: a CSV saved by a spreadsheet starts with a BOM ("\ufeffid", no id column)
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such predictions CSV") from None
     except (IsADirectoryError, UnicodeDecodeError) as exc:
