@@ -243,3 +243,16 @@ def test_compare_reads_a_predictions_csv_saved_by_excel(tmp_path, capsys):
     assert main(["compare", str(a), str(b)]) in (0, None)
     first, second = capsys.readouterr().out.split("}\n{", 1)
     assert json.loads(first + "}")["delong"] == json.loads("{" + second)["delong"]
+
+
+def test_compare_names_the_file_and_line_of_a_non_finite_probability(tmp_path, capsys):
+    """A hand-edited "nan" probability was refused as "probs hold 1 NaN/inf value(s): the
+    model's outputs are not finite", naming neither file nor row."""
+    a, b = _pair(tmp_path, ("benign", "malignant"))
+    lines = b.read_text().splitlines()
+    cells = lines[3].split(",")
+    cells[4] = "nan"
+    lines[3] = ",".join(cells)
+    b.write_text("\n".join(lines) + "\n")
+    line = _error_line(capsys, ["compare", str(a), str(b)])
+    assert str(b) in line and "line 4" in line and "s2" in line, line

@@ -227,6 +227,9 @@ def read_predictions(path: str | Path) -> Predictions:
         except (TypeError, ValueError):
             raise InputError(f"{path} line {line}: label or probability is not a number "
                              f"(id {row.get('id')!r})") from None
+        if not all(math.isfinite(v) for v in probs[-1]):  # float() reads "nan" and "inf"
+            raise InputError(f"{path} line {line}: a probability is NaN or infinite "
+                             f"(id {row.get('id')!r})")
         if row["id"] in seen:
             raise InputError(f"{path} line {line}: id {row['id']!r} appears twice")
         seen.add(row["id"])
