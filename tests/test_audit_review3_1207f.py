@@ -256,3 +256,21 @@ def test_compare_names_the_file_and_line_of_a_non_finite_probability(tmp_path, c
     b.write_text("\n".join(lines) + "\n")
     line = _error_line(capsys, ["compare", str(a), str(b)])
     assert str(b) in line and "line 4" in line and "s2" in line, line
+
+
+def test_export_record_carries_the_training_imports_intensity_rule(tmp_path):
+    """causalign.json, "what a deployment needs to feed" the program, had the trained
+    value range but not the import's rule mapping raw 12/16-bit or HU files to it
+    (info.intensity_scale / data_intensity_scale, which `predict` applies)."""
+    import torch
+
+    from causalign.engine import export_run
+    from causalign.engine.trainer import read_run_config
+
+    run = _deep_run(tmp_path, "png16")
+    export_run(run, tmp_path / "m.pt2")
+    extra = {"causalign.json": ""}
+    torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
+    record = json.loads(extra["causalign.json"])
+    assert record["data_intensity_scale"] == read_run_config(run)["data_intensity_scale"]
+    assert record["data_intensity_scale"]["int_max"] == 4095.0

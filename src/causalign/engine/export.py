@@ -103,6 +103,9 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
         **({"input_note": note} if note else {}),
         "classes": raw.get("data_classes"),
         "data_intensity": raw.get("data_intensity"),
+        # how raw 12/16-bit or HU files were mapped into that range (`causalign predict`
+        # applies it; None: 8-bit or synthetic data, value / 255)
+        "data_intensity_scale": raw.get("data_intensity_scale"),
         **getattr(model, "causalign_weights", {}),
     }
     config_text = (run / "config.yaml").read_text(encoding="utf-8")
