@@ -693,9 +693,9 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="run folder")],
     inputs: Annotated[list[Path], typer.Argument(
-        help="a causalign dataset folder (its --split), or image files / folders of them "
-             "(PNG, JPEG, BMP, TIFF, NPY, DICOM .dcm; mask files skipped), preprocessed as "
-             "the run's importer stores them at the run's image size; for a run on BraTS "
+        help="a causalign dataset folder (alone; its --split), or image files / folders of "
+             "them (PNG, JPEG, BMP, TIFF, NPY, DICOM .dcm; mask files skipped), preprocessed "
+             "as the run's importer stores them at the run's image size; for a run on BraTS "
              "volumes, raw subject folders (NIfTI)", metavar="INPUT...")],
     out: Annotated[Path, typer.Option(help="predictions CSV (id, source, site, label, "
                                            "predicted, p_<class>, predicted_class, "
