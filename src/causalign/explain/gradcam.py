@@ -123,12 +123,14 @@ class GradCAM(Explainer):
         def keep(module: nn.Module, args: tuple, output: object) -> object:
             if not isinstance(output, Tensor):
                 return None
-            # a copy, as Captum: a later in-place op (ReLU(inplace=True)) would overwrite it
-            out = output.clone()
-            if not out.requires_grad:
-                out.requires_grad_(True)  # frozen model: the activations are a leaf
-            seen.append(out)
-            return out
+            if not output.requires_grad:
+                output.requires_grad_(True)  # frozen model: the activations are a leaf
+            # as Captum: keep the layer's own output and pass a copy on, so a later in-place
+            # op (ReLU(inplace=True)) changes the copy; keeping the copy it passed on gave
+            # the ReLU's output (cam off by 2e-4 of 4e-4) and failed on a frozen model
+            # ("a leaf Variable that requires grad is being used in an in-place operation")
+            seen.append(output)
+            return output.clone()
 
         handle = self.layer.register_forward_hook(this_call_only(self.layer, keep))
         try:

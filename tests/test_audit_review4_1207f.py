@@ -1,0 +1,42 @@
+"""Review of the second wave (threads, batch statistics, predict follow-ups), 2026-12-07."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import LayerGradCam
+from torch import nn
+
+from causalign.explain.gradcam import GradCAM
+
+
+class _InplaceAfterCam(nn.Module):
+    """The CAM layer (c2) followed by ``ReLU(inplace=True)``, as a user-given conv of VGG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradcam_inplace_relu_after_layer_matches_captum(frozen: bool) -> None:
+    """Grad-CAM's own hook kept the copy it passed on, which the in-place ReLU overwrote: the
+    map used the ReLU's output (off by 2.2e-4 of 3.9e-4 vs Captum's LayerGradCam) and a
+    frozen model failed ("a leaf Variable that requires grad is being used in an in-place
+    operation")."""
+    torch.manual_seed(0)
+    model = _InplaceAfterCam().eval()
+    if frozen:
+        model.requires_grad_(False)
+    x = torch.randn(3, 1, 12, 12)
+    target = torch.tensor([0, 1, 1])
+    ours = GradCAM(model, layer="c2").attribute(x, target=target)
+    ref = LayerGradCam(model, model.c2).attribute(x, target=target, relu_attributions=True)
+    assert torch.allclose(ours, ref.detach(), atol=1e-7, rtol=0)
+    assert not any(m._forward_hooks for m in model.modules())
