@@ -40,3 +40,23 @@ def test_gradcam_inplace_relu_after_layer_matches_captum(frozen: bool) -> None:
     ref = LayerGradCam(model, model.c2).attribute(x, target=target, relu_attributions=True)
     assert torch.allclose(ours, ref.detach(), atol=1e-7, rtol=0)
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_predict_lists_a_file_given_twice_once(tmp_path) -> None:
+    """A file given twice, or by name and inside a folder also given, was predicted twice
+    (rows 'img0' and 'img0_1' of one image, `causalign predict RUN a/img0.png a/img0.png`);
+    it is now listed once and the repeat counted as left out."""
+    import numpy as np
+    from PIL import Image
+
+    from causalign.engine.inference import image_files
+
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "a" / f"img{i}.png")
+    one = tmp_path / "a" / "img0.png"
+    files, skipped = image_files([one, one])
+    assert [i for i, _ in files] == ["img0"]
+    assert skipped == {"files given more than once (one row each)": 1}
+    files, skipped = image_files([tmp_path / "a", one])
+    assert [i for i, _ in files] == ["img0", "img1"] and sum(skipped.values()) == 1

@@ -120,6 +120,7 @@ def image_files(inputs: Sequence[str | Path], mask_suffix: str = "_mask"
     found: list[tuple[str, Path]] = []
     skipped: dict[str, int] = {}
     used = UsedIds()
+    seen: set[Path] = set()  # resolved paths already listed
     mask_re = mask_name_pattern(mask_suffix)
 
     def left_out(reason: str, n: int) -> None:
@@ -160,7 +161,12 @@ def image_files(inputs: Sequence[str | Path], mask_suffix: str = "_mask"
         else:
             raise DataError(f"{given}: not an image file ({', '.join(IMAGE_SUFFIXES)}) nor a "
                             f"folder")
-        found += [(unique_id(safe_id(str(r.with_suffix(""))), used), f) for r, f in pairs]
+        # one row per file: a file given twice, or by name and inside a folder given, was
+        # predicted twice (rows 'img0' and 'img0_1' of one image)
+        fresh = [(r, f) for r, f in pairs if f.resolve() not in seen]
+        left_out("files given more than once (one row each)", len(pairs) - len(fresh))
+        seen.update(f.resolve() for _, f in fresh)
+        found += [(unique_id(safe_id(str(r.with_suffix(""))), used), f) for r, f in fresh]
     if not found:
         left = ", ".join(f"{n} {r}" for r, n in skipped.items())
         raise DataError(f"no images among the inputs ({left})")
