@@ -60,3 +60,29 @@ def test_predict_lists_a_file_given_twice_once(tmp_path) -> None:
     assert skipped == {"files given more than once (one row each)": 1}
     files, skipped = image_files([tmp_path / "a", one])
     assert [i for i, _ in files] == ["img0", "img1"] and sum(skipped.values()) == 1
+
+
+def test_lrp_copy_shares_the_owners_of_method_hooks() -> None:
+    """LRP explains a deep copy of the model; a forward hook that is a method of the user's
+    recorder was copied with its recorder, so the user's recorder saw 1 of the map's 3
+    forwards (the c769999 count, and what a plain-function hook still saw)."""
+    from causalign.explain import get_explainer
+    from causalign.models import build_model
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.calls += 1
+
+    torch.manual_seed(0)
+    model = build_model("cnn7", 1, 2, width=4).eval()
+    rec, plain = Recorder(), []
+    model.features[0].register_forward_hook(rec.hook)
+    model.features[0].register_forward_hook(lambda m, a, o: plain.append(1))
+    x = torch.rand(2, 1, 32, 32)
+    before = get_explainer("lrp-epsilon", model).attribute(x)
+    assert rec.calls == len(plain) == 3
+    model.features[0]._forward_hooks.clear()
+    assert torch.equal(before, get_explainer("lrp-epsilon", model).attribute(x))

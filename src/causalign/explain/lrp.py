@@ -267,9 +267,20 @@ class LRP(Explainer):
 
 def _private_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` for zennit to canonize and hook (parameters and buffers
-    copied, ``.grad`` not), or ``model`` itself when it cannot be copied."""
+    copied, ``.grad`` not), or ``model`` itself when it cannot be copied. The objects whose
+    methods are the user's hooks are shared, not copied: a recorder's ``rec.hook`` counted
+    into a copy of ``rec`` (its owner saw 1 of 3 forwards), while plain-function hooks ran
+    as registered."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                      m._backward_pre_hooks):
+            for hook in hooks.values():
+                owner = getattr(hook, "__self__", None)
+                if owner is not None and not isinstance(owner, nn.Module):
+                    memo[id(owner)] = owner  # a module's own method binds to its copy
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except (TypeError, RuntimeError, copy.Error):  # e.g. a lock or a generator in a module
         return model
 
