@@ -224,6 +224,8 @@ def brats_run(tmp_path_factory):
     return {"run": run, "subjects": [root / f"BraTS20_Training_00{k}" for k in (1, 2, 5)]}
 
 
+# the fixture's 3-subject split warns of its one-class train and val splits
+@pytest.mark.filterwarnings("ignore:the (training|val) split holds only class:UserWarning")
 def test_raw_brats_subjects_give_the_volume_imports_probabilities(brats_run, tmp_path):
     """Regression (new): a multiview run given raw subject folders said 'no images found';
     they now go through the brats importer's own functions (reorientation, voxel sizes,

@@ -682,6 +682,9 @@ def test_hier_align_keeps_each_levels_gn_switch_in_its_state():
     assert again.attr.gn_streak == 2 and again.pixel.gn_streak == 0
 
 
+# the forced failures also give the early TrainingTroubleWarning, which
+# test_numerical_trouble_is_reported_when_it_first_happens checks
+@pytest.mark.filterwarnings("ignore::causalign.errors.TrainingTroubleWarning")
 @pytest.mark.parametrize("failure", ["diverged", "cg"])
 def test_training_survives_forced_failures_and_logs_them(tiny_data, tmp_path, failure):
     """Through the trainer: a diverging inner solve (Adam step 1e38 → inf/NaN logits) or a CG
