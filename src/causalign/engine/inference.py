@@ -196,7 +196,13 @@ def _run_records(run: Path) -> dict[str, Any]:
     attributes = raw.get("data_attributes")
     if not isinstance(attributes, list):
         attributes = list(meta.attributes) if meta is not None else []
-    options = (meta.info.get("options") or {}) if meta is not None else {}
+    # which importer made the training data, with its options: the dataset's record, else
+    # the run's copy of it (a moved or deleted dataset took the folder path, silently: a
+    # `--mask-suffix _roi` import's masks were predicted as images)
+    recorded = raw.get("data_import") if isinstance(raw.get("data_import"), dict) else {}
+    info = meta.info if meta is not None else recorded
+    importer = info.get("importer")
+    options = info.get("options") or {}
     if not isinstance(options, dict):
         options = {}
     # the training import's intensity rule: the run's record, else its dataset's
@@ -204,7 +210,6 @@ def _run_records(run: Path) -> dict[str, Any]:
     if scale is None and meta is not None:
         scale = IntensityScale.from_record(meta.info.get("intensity_scale"))
     # why no rule, for the fallback's warning (synthetic data were never imported)
-    info = meta.info if meta is not None else {}
     no_rule = ("its dataset is not at hand and config.yaml records no intensity rule"
                if meta is None else
                "its dataset is synthetic (`data synth`) and records no intensity rule"
@@ -217,7 +222,7 @@ def _run_records(run: Path) -> dict[str, Any]:
             "image_format": options.get("image_format", "png"), "scale": scale,
             # which importer made the training data, with its options: it decides how plain
             # files are preprocessed (`_plain_reader`)
-            "importer": meta.info.get("importer") if meta is not None else None,
+            "importer": importer if isinstance(importer, str) else None,
             "options": options, "no_rule": no_rule}
 
 

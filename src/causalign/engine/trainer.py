@@ -821,6 +821,9 @@ class Trainer:
                 # the import's rule from file values to [0, 1] (folder, BUSI, LIDC patches):
                 # `causalign predict` maps new files with it (null: no such import)
                 "data_intensity_scale": self.train_set.meta.info.get("intensity_scale"),
+                # and which importer made the data, with its options: `predict` preprocesses
+                # plain files as it did, also once the dataset has moved (null: not imported)
+                "data_import": _import_record(self.train_set.meta.info),
                 # the network actually built: bagnet and icnn build their own, so `model`
                 # (a setting, default cnn7) did not say what was trained
                 "model_class": type(self.model).__name__,
@@ -1539,7 +1542,7 @@ def train(data: str | Path, cfg: TrainConfig | Mapping[str, Any], out: str | Pat
 
 RUN_METADATA = ("data", "data_digest", "data_content_digest", "data_classes",
                 "data_attributes", "data_intensity", "data_image_shape",
-                "data_intensity_scale", "model_class",
+                "data_intensity_scale", "data_import", "model_class",
                 "model_parameters", "causalign_version",
                 "torch_version", "environment", "method_params", "init_source",
                 "class_weight_values")
@@ -1688,6 +1691,15 @@ def data_info_from_disk(data: Path) -> DataInfo:
     shape = to_float_image(load_array(path), meta.ndim, path).shape
     return DataInfo(in_channels=shape[0], num_classes=len(meta.classes), image_shape=shape,
                     attributes=list(meta.attributes))
+
+
+def _import_record(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """dataset.yaml's importer and its options, for a run's config (None: not imported)."""
+    importer = info.get("importer")
+    if not isinstance(importer, str):
+        return None
+    options = info.get("options")
+    return {"importer": importer, "options": dict(options) if isinstance(options, dict) else {}}
 
 
 def load_run(run: str | Path, device: str | torch.device = "auto", data: str | Path | None = None
