@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -561,6 +561,17 @@ def _refuse_conflicts(flags: dict, sets: dict) -> None:
                                  f"conflict; give one of them")
 
 
+def _file_option(option: str, example: str) -> Callable[[str], Path]:
+    """A parser for a file-path option that keeps what `Path` drops: `--out results/` (a
+    folder, by its trailing slash) wrote a file named `results`."""
+    def parse(value: str) -> Path:
+        if value.endswith(("/", os.sep)):
+            raise CausalignError(f"{option} {value}: ends with '/', a folder; give a file "
+                                 f"path (e.g. {value}{example})")
+        return Path(value)
+    return parse
+
+
 def _check_output_file(option: str, path: Path, what: str) -> None:
     """Refuse an output file path that cannot be written (a folder, or a path under a
     file) before the work whose result it would hold."""
@@ -617,8 +628,11 @@ def evaluate(
                                                       f"eval_saliency)")
                         ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="also write the metrics JSON here")] = None,
+    out: Annotated[Path | None, typer.Option(
+        parser=_file_option("--out", "metrics.json"), metavar="<path>",
+        help="also write the metrics JSON here")] = None,
     predictions: Annotated[Path | None, typer.Option(
+        parser=_file_option("--predictions", "predictions.csv"), metavar="<path>",
         help="also write each sample's prediction here (CSV: id, site, label, predicted, "
              "p_<class>)")] = None,
     bootstrap: Annotated[int, typer.Option(
@@ -627,6 +641,7 @@ def evaluate(
              "at least 100, 1000 is usual)")] = 0,
     bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
     reliability: Annotated[Path | None, typer.Option(
+        parser=_file_option("--reliability", "reliability.png"), metavar="<path>",
         help="also draw the split's reliability diagram here (.png, .pdf or .svg; 15 bins of "
              "the predicted class's probability against accuracy, ECE in the title)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
@@ -697,9 +712,10 @@ def predict(
              "them (PNG, JPEG, BMP, TIFF, NPY, DICOM .dcm; mask files skipped), preprocessed "
              "as the run's importer stores them at the run's image size; for a run on BraTS "
              "volumes, raw subject folders (NIfTI)", metavar="INPUT...")],
-    out: Annotated[Path, typer.Option(help="predictions CSV (id, source, site, label, "
-                                           "predicted, p_<class>, predicted_class, "
-                                           "data_warning)")],
+    out: Annotated[Path, typer.Option(
+        parser=_file_option("--out", "predictions.csv"), metavar="<path>",
+        help="predictions CSV (id, source, site, label, predicted, p_<class>, "
+             "predicted_class, data_warning)")],
     split: Annotated[str | None, typer.Option(
         help="train | val | test of a dataset folder input (default test); not for plain "
              "files")] = None,
@@ -1113,6 +1129,7 @@ def _parse_bounds(text: str) -> tuple[float, float] | None:
 def export_model(
     run: Annotated[Path, typer.Argument(help="run folder")],
     out: Annotated[Path | None, typer.Option(
+        parser=_file_option("--out", "model.pt2"), metavar="<path>",
         help="the program file (default RUN/model.pt2)")] = None,
     data: Annotated[Path | None, typer.Option(
         help="dataset, when the run's has moved (only its class names are read)")] = None,
@@ -1142,8 +1159,9 @@ def causal_ccce(
         help="largest attribute subset (default 3, or the run's)")] = None,
     tol: Annotated[float | None, typer.Option(
         help="smallest subset within tol of the best (default 0.01, or the run's)")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write JSON here")
-                        ] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", parser=_file_option("--json", "ccce.json"), metavar="<path>",
+        help="also write JSON here")] = None,
 ) -> None:
     """CCCE causal attribution (seed 000 §4.3): how often each attribute is causal.
 
@@ -1370,10 +1388,14 @@ def compare(
     run_a: Annotated[Path, typer.Argument(help="run folder (its predictions_<split>.csv) or "
                                                "a predictions CSV (evaluate --predictions)")],
     run_b: Annotated[Path, typer.Argument(help="the other run folder or predictions CSV")],
-    split: Annotated[str, typer.Option(help="val | test: the run folders' predictions CSV "
-                                            "(a CSV file given is read as it is)")] = "test",
-    out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    split: Annotated[str, typer.Option(
+        help="train | val | test: the run folders' predictions_<split>.csv (training writes "
+             "val and test; a CSV file given is read as it is)")] = "test",
+    out: Annotated[Path | None, typer.Option(
+        parser=_file_option("--out", "compare.json"), metavar="<path>",
+        help="also write the JSON here")] = None,
     reliability: Annotated[Path | None, typer.Option(
+        parser=_file_option("--reliability", "reliability.png"), metavar="<path>",
         help="also draw both runs' reliability diagrams here (.png, .pdf or .svg)")] = None,
 ) -> None:
     """Paired comparison of two runs on the same samples, from their saved predictions:
@@ -1383,7 +1405,7 @@ def compare(
     import numpy as np
 
     from .io import atomic_write_json
-    from .metrics import classification_metrics, mcnemar_test
+    from .metrics import classification_metrics, holm_adjust, mcnemar_test
 
     if out is not None:
         _check_output_file("--out", out, "the comparison JSON")
@@ -1448,11 +1470,18 @@ def compare(
     else:
         # a macro AUC's difference has no DeLong variance: each class one-vs-rest instead
         result["delong"] = None
-        result["delong_one_vs_rest"] = {
-            name: _delong_or_reason(a.probs[:, c], probs_b[:, c], y == c)
-            for c, name in enumerate(a.classes)}
-        result["delong_note"] = ("more than two classes: DeLong per class one-vs-rest, "
-                                 "p-values not adjusted for the multiple tests")
+        per_class = {name: _delong_or_reason(a.probs[:, c], probs_b[:, c], y == c)
+                     for c, name in enumerate(a.classes)}
+        # one test per class is several looks at one comparison: each class's p read at
+        # 0.05 alone rejects some class far more often than 5 % when the runs are equal
+        adjusted = holm_adjust([r.get("p_value") for r in per_class.values()])
+        for r, p_holm in zip(per_class.values(), adjusted, strict=True):
+            if "error" not in r:
+                r["p_holm"] = p_holm
+        result["delong_one_vs_rest"] = per_class
+        result["delong_note"] = ("more than two classes: DeLong per class one-vs-rest; "
+                                 "p_holm: Holm-adjusted over the classes (p_value: each "
+                                 "test alone)")
     result["mcnemar"] = mcnemar_test(a.predicted, probs_b.argmax(axis=1), y)
     if reliability is not None:
         from .report.figures import reliability_diagram
@@ -1502,8 +1531,9 @@ def _fail_on_failed_runs(runs: list[dict], out: Path) -> None:
 @app.command()
 def curves(
     runs: Annotated[list[Path], typer.Argument(help="run folders (their history.csv)")],
-    out: Annotated[Path | None, typer.Option(help="figure file (default: RUN/curves.png for "
-                                                  "one run; needed for several)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        parser=_file_option("--out", "curves.png"), metavar="<path>",
+        help="figure file (default: RUN/curves.png for one run; needed for several)")] = None,
 ) -> None:
     """Per-epoch training curves of one or more runs side by side: training loss, validation
     AUC, accuracy and, for the alignment methods, the alignment term."""

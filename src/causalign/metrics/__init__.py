@@ -12,10 +12,10 @@ from .classification import (
 )
 from .faithfulness import DELETION_FRACTIONS, deletion_scores
 from .localization import cam_precision, iou_dice, mass_in_mask, normalize_maps, rank_accuracy
-from .paired import MCNEMAR_EXACT_BELOW, delong_test, mcnemar_test
+from .paired import MCNEMAR_EXACT_BELOW, delong_test, holm_adjust, mcnemar_test
 
 __all__ = ["classification_metrics", "brier_score", "expected_calibration_error",
            "bootstrap_ci", "BOOTSTRAP_METRICS", "ECE_BINS", "deletion_scores",
            "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
-           "rank_accuracy", "delong_test", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
+           "rank_accuracy", "delong_test", "holm_adjust", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
            "reliability_bins"]

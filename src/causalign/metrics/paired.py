@@ -115,6 +115,23 @@ def mcnemar_test(pred_a: np.ndarray | torch.Tensor, pred_b: np.ndarray | torch.T
             "statistic": statistic, "p_value": p, "method": method}
 
 
+def holm_adjust(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (family-wise error rate) of several tests of one
+    comparison, e.g. DeLong per class one-vs-rest: the k-th smallest of m becomes
+    max over j ≤ k of min(1, (m − j + 1)·p_(j)). ``None`` (a test that could not be made)
+    stays None and does not count towards m."""
+    given = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    for p, _ in given:
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise InputError(f"p-values must lie in [0, 1], got {p}")
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(given)):
+        running = max(running, min(1.0, (len(given) - rank) * p))  # monotone step-down
+        adjusted[i] = running
+    return adjusted
+
+
 def _scores(probs: object, name: str) -> np.ndarray:
     """Class-1 scores (N,) from (N,) scores or (N, 2) probabilities; `InputError` else."""
     arr = np.asarray(_numpy(probs))
