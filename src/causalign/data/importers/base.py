@@ -69,6 +69,11 @@ class CommonOptions:
         if getattr(self, "val_frac", 0.0) + getattr(self, "test_frac", 0.0) >= 1.0:
             raise DataError("--val-frac + --test-frac must leave some training data (< 1)")
 
+    def flag_use(self) -> list[tuple[str, bool, str]]:
+        """(option, whether this combination reads it, where it is read) for the options
+        read in some combinations only; `build_options` refuses one given where unread."""
+        return []
+
     def fractions(self) -> dict[str, float]:
         val = getattr(self, "val_frac", 0.0)
         test = getattr(self, "test_frac", 0.0)
@@ -188,6 +193,12 @@ def build_options(cls: type[CommonOptions], kind: str, given: dict[str, Any]) ->
         raise DataError(f"{flags} not used by the {kind} importer (its options: {valid})")
     opts = cls(**given)
     opts.validate()
+    # a flag this combination never reads wrote the same files as without it, yet was
+    # recorded in .import/state.json as if it acted (e.g. brats --depth under --mode slices)
+    for key, used, where in opts.flag_use():
+        if key in given and not used:
+            raise DataError(f"--{key.replace('_', '-')} not used by the {kind} importer "
+                            f"here: it is read only {where}")
     return opts
 
 

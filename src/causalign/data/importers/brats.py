@@ -132,6 +132,12 @@ class BratsOptions(CommonOptions):
             raise DataError("--slices-per-subject and --min-tumor-px must be >= 1, "
                             "--depth >= 4")
 
+    def flag_use(self) -> list[tuple[str, bool, str]]:
+        vol = self.mode == "volumes"
+        return [("depth", vol, "with --mode volumes"),
+                ("min_tumor_px", not vol, "with --mode slices"),
+                ("slices_per_subject", not vol, "with --mode slices")]
+
     def mods(self) -> list[str]:
         return [ALIASES.get(m, m) for m in parse_list(self.modalities)]
 

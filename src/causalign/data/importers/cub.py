@@ -84,6 +84,9 @@ class CubOptions(CommonOptions):
     def fractions(self) -> dict[str, float]:
         return {"train": 1.0 - self.val_frac, "val": self.val_frac, "test": 0.0}
 
+    def flag_use(self) -> list[tuple[str, bool, str]]:
+        return [("context", self.crop == "box", "with --crop box (the margin of the crop)")]
+
 
 def read_table(path: Path, ncols: int) -> dict[str, list[str]]:
     """'<id> <v1> …' lines → {id: [v1, …]} (the last column may contain spaces)."""

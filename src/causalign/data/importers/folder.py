@@ -84,6 +84,10 @@ class FolderOptions(CommonOptions):
         if not self.mask_suffix:
             raise DataError("--mask-suffix must not be empty")
 
+    def flag_use(self) -> list[tuple[str, bool, str]]:
+        return [("mask_suffix", not self.csv,
+                 "for class folders (with --csv, the CSV's mask column names the masks)")]
+
 
 @dataclass
 class _Item:

@@ -160,6 +160,11 @@ class LidcOptions(CommonOptions):
         if self.drop_uncertain and self.label != "malignancy":
             raise DataError("--drop-uncertain applies to --label malignancy only")
 
+    def flag_use(self) -> list[tuple[str, bool, str]]:
+        # pre-cropped patches: no CT series to resample, no reader marks to cluster or count
+        return [(k, not self.patches_csv, "with the XML/DICOM layout (not with --patches-csv)")
+                for k in ("spacing", "cluster_mm", "min_readers")]
+
     def window_range(self) -> tuple[float, float]:
         try:
             lo, hi = (float(v) for v in self.window.split(","))
