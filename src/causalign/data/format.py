@@ -238,11 +238,19 @@ class DatasetWriter:
             if len(box) == 6 and self.meta.ndim != 3:
                 raise DataError(f"sample {sid}: box {box} has a slice range (z0, z1), but the "
                                 f"dataset's images are 2D")
+            # the reader refuses these: written, they made the closed dataset unreadable
+            empty = _empty_box(box)
+            if empty:
+                raise DataError(f"sample {sid}: {empty}")
         # (before any file: a wrong count left an orphan image and mask behind)
         attrs = [float("nan")] * len(self.meta.attributes) if attributes is None else attributes
         if len(attrs) != len(self.meta.attributes):
             raise DataError(f"sample {sid}: {len(attrs)} attributes given, "
                             f"dataset declares {len(self.meta.attributes)}")
+        for name, a in zip(self.meta.attributes, attrs, strict=True):
+            if not _binary_attribute(float(a)):  # -1, inf: refused by the reader likewise
+                raise DataError(f"sample {sid}: attribute {name} = {float(a):g} is not in "
+                                f"[0, 1] (binary attribute: 0, 1, or NaN when not annotated)")
         image = _as_array(image)
         mask = None if mask is None else _as_array(mask)
         # the reader's shape and box checks, before any file: a volume's mask given for one
@@ -521,10 +529,9 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
         except (ValueError, OverflowError):  # OverflowError: 'inf'
             raise DataError(f"{where}: box {box_cells + [c for c in z_cells if c]} is not "
                             f"{'six' if any(z_cells) else 'four'} finite numbers") from None
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise DataError(f"{where}: empty box {box} (need x1 > x0 and y1 > y0)")
-        if len(box) == 6 and box[5] <= box[4]:
-            raise DataError(f"{where}: empty box slice range {box[4:]} (need z1 > z0)")
+        empty = _empty_box(box)
+        if empty:
+            raise DataError(f"{where}: {empty}")
     # a manifest written on Windows (by hand, or str() of a WindowsPath) separates folders
     # with backslashes: on Linux/macOS 'images\\a.png' named a missing file
     image = (row.get("image") or "").strip().replace("\\", "/")
@@ -541,7 +548,7 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
         except ValueError:
             raise DataError(f"{where}: attribute {a} = '{cell}' is not a number") from None
         # attributes are binary targets (BCE, CCCE): 'inf' would turn the loss into NaN
-        if math.isinf(v) or not (math.isnan(v) or 0.0 <= v <= 1.0):
+        if not _binary_attribute(v):
             raise DataError(f"{where}: attribute {a} = '{cell}' is not in [0, 1] "
                             f"(binary attribute: 0, 1, or empty when not annotated)")
         attrs.append(v)
@@ -550,6 +557,21 @@ def _parse_row(row: dict, meta: DatasetMeta, where: str) -> SampleRecord:
         image=image, mask=mask, box=box,
         attributes=attrs, group=(row.get(GROUP_COLUMN) or "").strip(),
     )
+
+
+def _empty_box(box: Sequence[int]) -> str:
+    """Why a whole-pixel box covers no pixel ('' when it covers some)."""
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return f"empty box {tuple(box)} (need x1 > x0 and y1 > y0)"
+    if len(box) == 6 and box[5] <= box[4]:
+        return f"empty box slice range {tuple(box[4:])} (need z1 > z0)"
+    return ""
+
+
+def _binary_attribute(v: float) -> bool:
+    """An attribute value the losses take (BCE, CCCE): 0..1, or NaN for "not annotated";
+    'inf' would turn the loss into NaN."""
+    return math.isnan(v) or 0.0 <= v <= 1.0
 
 
 @contextmanager
