@@ -207,3 +207,119 @@ def test_synth_box_is_the_mask_box_padded_by_two_pixels(tmp_path):
         want = (max(xs.min() - 2, 0), max(ys.min() - 2, 0),
                 min(xs.max() + 3, 32), min(ys.max() + 3, 32))
         assert rec.box == want, rec.id
+
+
+def test_float_images_reaching_exactly_1_are_kept_as_they_are(tmp_path):
+    """Guard: float NPY sources within [0, 1] (max exactly 1.0 included) keep their values;
+    only a range outside [0, 1] is rescaled import-wide (kills `hi <= 1.0` -> `< 1.0`,
+    which stretched images of 0.2..1.0 to 0..1)."""
+    from causalign.data.importers.util import read_image, scan_intensity
+
+    a = np.linspace(0.2, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", np.full((4, 4), 0.5, np.float32))
+    scale = scan_intensity([tmp_path / "a.npy", tmp_path / "b.npy"])
+    assert scale.has_float and scale.float_range is None
+    assert np.array_equal(read_image(tmp_path / "a.npy", "L", scale), a)
+    np.save(tmp_path / "c.npy", np.full((4, 4), 2.0, np.float32))  # outside: rescaled
+    wide = scan_intensity([tmp_path / "a.npy", tmp_path / "c.npy"])
+    assert wide.float_range == pytest.approx((0.2, 2.0))
+    assert np.allclose(read_image(tmp_path / "a.npy", "L", wide), (a - 0.2) / 1.8, atol=1e-6)
+
+
+def test_a_gray_import_of_a_channel_first_npy_averages_its_channels(tmp_path):
+    """Guard: `read_image(..., "L")` of a (3, H, W) float NPY is the channel mean (kills the
+    maximum over channels, which brightened every colour image read as gray)."""
+    from causalign.data.importers.util import read_image
+
+    rgb = np.random.default_rng(0).random((3, 5, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", rgb)
+    assert np.allclose(read_image(tmp_path / "x.npy", "L"), rgb.mean(axis=0), atol=1e-7)
+
+
+def test_an_imported_mask_drawn_in_green_is_annotated(tmp_path):
+    """Guard: the importers' `read_mask` takes a colour mask's maximum over its channels,
+    so a green-only outline counts (kills reading the red channel only, an empty mask)."""
+    from causalign.data.importers.util import read_mask
+
+    rgb = np.zeros((6, 7, 3), np.uint8)
+    rgb[1:4, 2:5, 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png").tolist() == (rgb[..., 1] > 0).tolist()
+    np.save(tmp_path / "m.npy", rgb)  # channel-last NPY likewise
+    assert read_mask(tmp_path / "m.npy").tolist() == (rgb[..., 1] > 0).tolist()
+
+
+def _npy_split(root, image: np.ndarray, mask: np.ndarray | None = None) -> None:
+    """One training sample stored as NPY, image and mask as given (no writer conversion)."""
+    with DatasetWriter(root, _meta(), image_format="npy") as w:
+        w.add(np.zeros(image.shape, np.float32), label=0, split="train", sample_id="s",
+              mask=None if mask is None else np.ones(mask.shape, np.uint8))
+    np.save(root / "images" / "s.npy", image)
+    if mask is not None:
+        (root / "masks" / "s.png").unlink()
+        np.save(root / "masks" / "s.npy", mask)
+        _edit_manifest(root, "masks/s.png", "masks/s.npy")
+
+
+def test_a_binary_0_1_float_image_is_not_taken_for_8bit_values(tmp_path, recwarn):
+    """Guard: a float image of whole numbers 0 and 1 is a [0, 1] image, not "8-bit values
+    stored as float"; 0..255 floats are (kills `1.0 < top` -> `1.0 <= top`)."""
+    img = np.zeros((8, 8), np.float32)
+    img[2:5, 2:5] = 1.0
+    _npy_split(tmp_path / "a", img)
+    LesionDataset(tmp_path / "a", "train")
+    assert not [w for w in recwarn if "whole numbers up to 255" in str(w.message)]
+    _npy_split(tmp_path / "b", img * 200)
+    with pytest.warns(UserWarning, match="1 of 1 images hold whole numbers up to 255"):
+        LesionDataset(tmp_path / "b", "train")
+
+
+def test_a_mask_of_only_negative_labels_is_reported_not_binary(tmp_path):
+    """Guard: a mask holding 0 and -1 (an "ignore" code) is not binary and is reported,
+    though no pixel is positive (kills dropping the negative-value test of `_not_binary`,
+    which found such a mask binary because its maximum is 0)."""
+    mask = np.zeros((8, 8), np.int16)
+    mask[1:3, 1:3] = -1
+    _npy_split(tmp_path, np.zeros((8, 8), np.float32), mask)
+    with pytest.warns(UserWarning, match="1 of 1 masks are not binary"):
+        ds = LesionDataset(tmp_path, "train")
+    assert not bool(ds.has_mask[0])  # nothing positive: no annotation
+
+
+def test_a_volume_box_without_slice_range_beside_one_with_it(tmp_path):
+    """Guard: in a volume dataset where one box has a slice range, a 4-number box is written
+    with two empty z cells, so its row keeps the header's cell count and spans every slice
+    (kills padding the wrong rows: the manifest became unreadable, "cells" error)."""
+    meta = _meta(ndim=3)
+    with DatasetWriter(tmp_path, meta, image_format="npy") as w:
+        w.add(np.zeros((4, 8, 8), np.float32), label=0, split="train", box=(1, 1, 5, 5, 1, 3))
+        w.add(np.zeros((4, 8, 8), np.float32), label=1, split="train", box=(2, 2, 6, 6))
+    ds = LesionDataset(tmp_path, "train")
+    assert [r.box for r in ds.records] == [(1, 1, 5, 5, 1, 3), (2, 2, 6, 6)]
+    boxes = ds.box_masks[:, 0]
+    assert boxes[0].sum(dim=(1, 2)).tolist() == [0, 16, 16, 0]
+    assert boxes[1].sum(dim=(1, 2)).tolist() == [16, 16, 16, 16]
+
+
+def test_a_mask_pixel_above_a_quarter_of_the_maximum_is_annotated(tmp_path):
+    """Guard: `read_mask` separates JPEG noise at a quarter of the mask's maximum: 100 of 255
+    is annotated, 40 is not (kills a threshold of three quarters, which cut antialiased
+    lesion edges)."""
+    from causalign.data.importers.util import read_mask
+
+    m = np.zeros((4, 5), np.uint8)
+    m[1, 1:4] = (40, 100, 255)
+    Image.fromarray(m).save(tmp_path / "m.png")
+    assert np.argwhere(read_mask(tmp_path / "m.png")).tolist() == [[1, 2], [1, 3]]
+
+
+def test_a_lesion_too_small_for_the_new_size_keeps_one_pixel(tmp_path):
+    """Guard: downsampling a one-pixel lesion keeps the pixel nearest its centre instead of
+    losing the annotation (kills dropping `resize_mask`'s fallback)."""
+    from causalign.data.importers.util import resize_mask
+
+    mask = np.zeros((64, 64), bool)
+    mask[40, 20] = True
+    out = resize_mask(mask, (8, 8))
+    assert np.argwhere(out).tolist() == [[5, 2]]  # 40 * 8 / 64, 20 * 8 / 64
