@@ -323,3 +323,18 @@ def test_a_lesion_too_small_for_the_new_size_keeps_one_pixel(tmp_path):
     mask[40, 20] = True
     out = resize_mask(mask, (8, 8))
     assert np.argwhere(out).tolist() == [[5, 2]]  # 40 * 8 / 64, 20 * 8 / 64
+
+
+def test_a_stratum_with_fewer_groups_than_splits_is_assigned_by_deficit():
+    """A class of two patients beside a larger one: both go to train (each split's first
+    group is seeded only where the stratum has one group per split). Kills U9 (seeding
+    while groups remain, which lent one of the two to val)."""
+    from causalign.data.importers.util import assign_splits
+
+    groups = ["a0", "a1", "a2", "b0", "b1"]
+    strata = [0, 0, 0, 1, 1]
+    for seed in range(3):
+        out = assign_splits(groups, {"train": 0.7, "val": 0.15, "test": 0.15}, seed,
+                            strata=strata)
+        assert sorted(out[g] for g in ("a0", "a1", "a2")) == ["test", "train", "val"]
+        assert out["b0"] == out["b1"] == "train"

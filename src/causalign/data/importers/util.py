@@ -627,9 +627,10 @@ def assign_splits(
     """Assign whole groups (patients, duplicate sets, images) to splits.
 
     Groups are shuffled with `seed` (after sorting, so the result does not depend on input
-    order). Within each stratum (e.g. class), every split with a positive fraction first gets
-    one group while groups remain, then each group goes to the split furthest below its
-    target weight. A group never straddles two splits. Deterministic given the inputs.
+    order). Within each stratum (e.g. class) that has at least one group per split, every split
+    with a positive fraction first gets one group; then (and in a smaller stratum, from the
+    start) each group goes to the split furthest below its target weight, so a class of two
+    patients stays in training rather than lending one to validation. A group never straddles two splits. Deterministic given the inputs.
     """
     weights = list(weights) if weights is not None else [1.0] * len(groups)
     strata = list(strata) if strata is not None else [0] * len(groups)
