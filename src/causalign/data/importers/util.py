@@ -630,7 +630,8 @@ def assign_splits(
     order). Within each stratum (e.g. class) that has at least one group per split, every split
     with a positive fraction first gets one group; then (and in a smaller stratum, from the
     start) each group goes to the split furthest below its target weight, so a class of two
-    patients stays in training rather than lending one to validation. A group never straddles two splits. Deterministic given the inputs.
+    patients stays in training rather than lending one to validation.
+    A group never straddles two splits. Deterministic given the inputs.
     """
     weights = list(weights) if weights is not None else [1.0] * len(groups)
     strata = list(strata) if strata is not None else [0] * len(groups)
