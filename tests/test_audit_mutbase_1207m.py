@@ -111,7 +111,8 @@ def test_cd_train_mode_dropout_keeps_the_expected_activation():
 
 def test_chang_factual_background_is_never_the_images_own():
     """The factual pairing is a derangement for every draw: x_f of sample i always takes
-    another sample's background. Kills a shift drawn from 0..n−1 (self-pairing, x_f = x)."""
+    another sample's background. A guard over 12 seeds × n = 2, 3 (the existing check
+    covers one draw); kills a shift drawn from 0..n−1 (self-pairing, x_f = x)."""
     x = torch.rand(2, 1, 4, 4)
     mask = torch.zeros(2, 1, 4, 4)
     mask[:, :, 1:3, 1:3] = 1
