@@ -107,7 +107,8 @@ def test_rows_summing_to_1_05_are_refused():
 
 
 def test_a_label_equal_to_the_class_count_is_refused():
-    """Guard: label C (one past the last class) is refused, not scored as a positive."""
+    """Guard: label C (one past the last class) is refused, not scored as a positive. Kills
+    `labels.max() > C` (no existing test tried label C itself)."""
     with pytest.raises(InputError, match=r"0\.\.1"):
         classification_metrics(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 2]))
 
@@ -309,3 +310,42 @@ def test_attribute_accuracy_thresholds_the_probability_at_one_half(tiny_data):
     assert 0 < min(want) and max(want) < 1  # both kinds present: the threshold matters
     assert list(got["per_attribute"].values()) == pytest.approx(want)
     assert got["mean"] == pytest.approx(np.mean(want))
+
+
+def test_evaluate_split_counts_box_annotations_and_their_empty_maps(tiny_data):
+    """``n_annotated`` and ``cam_empty_fraction`` are over the samples with a box *or* a
+    mask, ``n_mask`` over those with a pixel mask. A model whose saliency is empty exactly
+    where its class-1 score is ≤ t (a zero gradient of the predicted class 0) gives an
+    independent reference. Kills: n_annotated counting the mask subset, the empty fraction
+    taken over the mask subset."""
+    from torch import nn
+
+    from causalign.data.format import LesionDataset
+    from causalign.engine.evaluate import evaluate_split
+    from causalign.methods import build_method
+
+    ds = LesionDataset(tiny_data, "test")
+    ds.has_mask[::3] = False  # box-only samples, so the two subsets differ
+    batch = ds.batch(torch.arange(len(ds)))
+    pattern = torch.randn(*ds.image_shape, generator=torch.Generator().manual_seed(0))
+    score = (batch["image"] * pattern).flatten(1).sum(1)
+    t = float(score.quantile(0.3))
+
+    class Thresholded(nn.Module):  # logits (0, relu(<x, pattern> − t))
+        def __init__(self):
+            super().__init__()
+            self.pattern = nn.Parameter(pattern.clone())
+
+        def forward(self, x):
+            s = torch.relu((x * self.pattern).flatten(1).sum(1) - t)
+            return torch.stack([torch.zeros_like(s), s], 1)
+
+    out = evaluate_split(Thresholded(), build_method("erm"), ds, "cpu", saliency="gradient",
+                         fractions=(0.1,), batch_size=5)
+    ann, has_mask = batch["has_annotation"], batch["has_mask"]
+    empty = (score <= t).double()
+    assert out["n_annotated"] == int(ann.sum()) and out["n_mask"] == int(has_mask.sum())
+    assert out["n_annotated"] != out["n_mask"]
+    want = float(empty[ann].mean())
+    assert want != pytest.approx(float(empty[has_mask].mean()))  # the subsets disagree here
+    assert out["cam_empty_fraction"] == pytest.approx(want)
