@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from test_hotpaths import _model  # cnn7 with BatchNorm statistics that make eval ≠ train
 
 from causalign.errors import InputError
 from causalign.metrics import (
@@ -200,20 +201,6 @@ def test_brier_of_a_half_precision_softmax_slightly_outside_the_unit_interval():
 # ------------------------------------------------------------------------ evaluate_split
 
 
-def _eval_model(ds):  # as test_hotpaths: BatchNorm statistics that make eval ≠ train mode
-    from torch import nn
-
-    from causalign.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("cnn7", ds.image_shape[0], ds.num_classes, width=4)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def test_evaluate_split_scores_the_eval_mode_outputs_of_the_whole_split(tiny_data):
     """metrics.json's loss is the mean cross-entropy over every sample (batches of 5, 5, 5
     and 1 of the 16: not the mean of batch means), and the classification metrics and the
@@ -226,7 +213,7 @@ def test_evaluate_split_scores_the_eval_mode_outputs_of_the_whole_split(tiny_dat
     from causalign.methods import build_method
 
     ds = LesionDataset(tiny_data, "test")
-    model = _eval_model(ds).eval()
+    model = _model(ds).eval()
     batch = ds.batch(torch.arange(len(ds)))
     with torch.no_grad():
         logits = model(batch["image"]).double()
@@ -254,7 +241,7 @@ def test_evaluate_split_refuses_a_bad_bootstrap_count_before_running_the_model(t
     from causalign.methods import build_method
 
     ds = LesionDataset(tiny_data, "test")
-    model = _eval_model(ds)
+    model = _model(ds)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     with pytest.raises(InputError, match="too few"):
