@@ -336,3 +336,18 @@ def test_evaluate_split_counts_box_annotations_and_their_empty_maps(tiny_data):
     want = float(empty[ann].mean())
     assert want != pytest.approx(float(empty[has_mask].mean()))  # the subsets disagree here
     assert out["cam_empty_fraction"] == pytest.approx(want)
+
+
+def test_read_predictions_refuses_a_duplicate_id(tmp_path):
+    """A predictions CSV naming one sample twice (two files concatenated) is refused with
+    the line and id: `causalign compare` aligns two runs by id, and a repeated id would pair
+    the wrong rows. Kills dropping the duplicate check (no test had one)."""
+    from causalign.engine.evaluate import read_predictions
+
+    path = tmp_path / "p.csv"
+    path.write_text("id,site,label,predicted,p_neg,p_pos\na,s,0,0,0.8,0.2\n"
+                    "b,s,1,1,0.3,0.7\na,s,0,0,0.8,0.2\n")
+    with pytest.raises(InputError, match=r"line 4: id 'a' appears twice"):
+        read_predictions(path)
+    path.write_text("id,site,label,predicted,p_neg,p_pos\na,s,0,0,0.8,0.2\n")
+    assert read_predictions(path).ids == ["a"]  # the same row once is fine
