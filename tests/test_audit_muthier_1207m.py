@@ -356,3 +356,36 @@ def test_nan_in_unknown_attribute_cells_leaves_the_gradient_finite():
     out.total.backward()
     assert torch.isfinite(out.total)
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+
+
+def test_a_constant_attribute_at_a_non_binary_value_is_left_out(monkeypatch):
+    """A constant 0.7 column (std ~1e-16 from the mean's rounding) is constant: listed and
+    left out of the PC variables. Kills testing `std > 0` instead of max − min."""
+    seen = _stub_pc(monkeypatch)
+    rng = np.random.default_rng(3)
+    a = np.column_stack([(rng.random(41) < 0.5) * 1.0, np.full(41, 0.7)])
+    rep = pc_mod.pc_check(rng.normal(size=(41, 3)), a, (rng.random(41) < 0.5) * 1.0,
+                          ["a", "flat"], n_components=1)
+    assert rep["constant_attributes"] == ["flat"] and seen["data"].shape[1] == 1 + 1 + 1
+
+
+def test_a_validation_loss_attributes_its_own_batch():
+    """Under no_grad (a validation loss) r comes from the batch's own attributes, not the
+    training table rows that share its indices: here the validation batch's sample 1
+    (y = 1, every attribute 0) has no subset with an effect (nor, refitted, sample 0), so 4
+    of 6 rows align at the attribute level (the batch's own CCCE, recomputed here), where the
+    training table's rows would give 6. Kills reading the table."""
+    method = build_method("hier-align", dict(FAST, lam1=0.0))
+    train_b = _batch()
+    # y = 1 rows hold two attributes, y = 0 rows one: every row has a subset with an effect
+    train_b["attributes"] = torch.tensor([[0, 0, 1], [1, 1, 0], [1, 0, 0], [1, 0, 1],
+                                          [0, 1, 0], [0, 1, 1]], dtype=DT)
+    method.fit_attribution(train_b["attributes"], train_b["label"])
+    assert bool(method.r_known.all())
+    val = dict(train_b, attributes=train_b["attributes"].clone())
+    val["attributes"][1] = 0.0
+    with torch.no_grad():
+        out = method(_hier().train(), val)
+    own = causal_attribution(fit_label_model(val["attributes"].numpy(), val["label"].numpy()),
+                             val["attributes"].numpy(), val["label"].numpy())
+    assert out.parts["n_align_attr"] == float((own.subset >= 0).sum()) == 4.0
