@@ -13,15 +13,6 @@ from causalign.explain import get_explainer, saliency_map
 from causalign.explain.wbp import RescaleRule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny nets: intra-op threads only add contention on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cam_net() -> nn.Sequential:
     """Conv → ReLU → pool → conv (the CAM layer, 4x4 on 8x8 inputs) → ReLU → 3 classes."""
     torch.manual_seed(0)
