@@ -107,7 +107,8 @@ def test_differentiable_epsilon_matches_zennit_with_batchnorm():
     # ~5e-6 per BN layer smaller than the exact rule; 1e-4 bounds that for 6 layers.
     for kw in ({}, EXACT):
         ref = get_explainer("lrp-epsilon", model, **kw).attribute(x, target=t)
-        ours = lrp_epsilon_modified_gradient(model, x, t, epsilon=kw.get("epsilon", 1e-6))
+        ours = lrp_epsilon_modified_gradient(model, x, t, epsilon=kw.get("epsilon", 1e-6),
+                                             stabilizer=kw.get("stabilizer", 1e-6))
         assert rel_err(ours, ref) < 1e-4
     # For a ReLU net LRP-ε (ε → 0) is input × gradient, biases and BN included.
     assert rel_err(ours, input_x_grad(model, x, t)) < 1e-8
@@ -119,7 +120,7 @@ def test_differentiable_epsilon_matches_zennit_on_resnet18():
     x = torch.rand(1, 3, 32, 32, dtype=F64)
     t = torch.tensor([1])
     ref = get_explainer("lrp-epsilon", model, **EXACT).attribute(x, target=t)  # ResNetCanonizer
-    ours = lrp_epsilon_modified_gradient(model, x, t, epsilon=EXACT["epsilon"])
+    ours = lrp_epsilon_modified_gradient(model, x, t, **EXACT)
     assert rel_err(ours, ref) < 2e-4  # 20 folded BNs, as above
     assert rel_err(ours, input_x_grad(model, x, t)) < 1e-8
 

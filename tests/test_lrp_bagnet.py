@@ -48,7 +48,7 @@ def test_epsilon_lrp_on_bagnet_equals_input_times_gradient(name):
     # Before: 9.9 (bagnet9), 18 (bagnet13). 1e-4: zennit's folded BN keeps its eps
     # (~5e-6 per BN, see test_lrp).
     assert rel_err(rel, input_x_grad(model, x, t)) < 1e-4
-    assert rel_err(lrp_epsilon_modified_gradient(model, x, t, EXACT["epsilon"]), rel) < 1e-4
+    assert rel_err(lrp_epsilon_modified_gradient(model, x, t, **EXACT), rel) < 1e-4
     # Bias-free classifier: the relevance still sums to the logit.
     logit = model(x).gather(1, t[:, None]).squeeze(1).detach()
     assert torch.allclose(rel.flatten(1).sum(1), logit, rtol=1e-4, atol=0)
