@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,10 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
         for check in checks:
             x = torch.randn(*check, generator=gen)
             try:
-                diff = max(diff, float((exported(x) - model(x)).abs().max()))
+                d = float((exported(x) - model(x)).abs().max())
+                # NaN kept: max(0.0, nan) is 0.0, and a program whose logits were NaN
+                # passed the tolerance check with max_abs_diff 0
+                diff = d if math.isnan(d) or math.isnan(diff) else max(diff, d)
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise CausalignError(f"{run}: the exported program does not take inputs of "
