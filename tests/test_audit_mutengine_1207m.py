@@ -304,3 +304,22 @@ def test_export_refuses_a_program_whose_logits_are_nan(run2, tmp_path, monkeypat
     with pytest.raises(CausalignError, match="differ"):
         export_mod.export_run(run2, tmp_path / "m.pt2")
     assert not (tmp_path / "m.pt2").exists()
+
+
+@pytest.mark.parametrize("key,bad", [("epochs", 0), ("lr", 0.0)])
+def test_zero_epochs_and_zero_learning_rate_are_refused(key, bad):
+    """`validate`: epochs >= 1 and lr > 0 (0 trained nothing). Kills `epochs < 0` and
+    `0 <= lr`."""
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig(**{key: bad}).validate()
+
+
+def test_predict_on_a_dataset_defaults_to_its_test_split(run2, tiny_data):
+    """`predict_images` on a dataset folder without `split`: the test split (ids and labels
+    as its manifest lists them). Kills a default of "val"."""
+    from causalign.engine.inference import predict_images
+
+    pred = predict_images(run2, tiny_data, device="cpu")
+    test = LesionDataset(tiny_data, "test")
+    assert pred.ids == [r.id for r in test.records]
+    assert pred.labels == [int(r.label) for r in test.records]
