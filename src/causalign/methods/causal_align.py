@@ -687,6 +687,14 @@ class CausalAlign(Method):
         self._warn_cache_size(train_set)
         self._warn_intensity_range(train_set)
         device = next(model.parameters()).device
+        if self.params.cache_device == "cpu" and self.params.warm_start \
+                and device.type == "cpu":
+            # "model" puts the cache on the CPU too: accepted and recorded in config.yaml as
+            # if it moved something (warm_start false: check_settings' warning says more;
+            # the wording avoids "warm-start cache", which names the cache-size warning)
+            warnings.warn("method.cache_device=cpu has no effect here: the model is on the "
+                          "CPU, so the default (model) keeps the cache in host memory too "
+                          "(the setting moves it off a GPU)", stacklevel=2)
         need_scale = self.params.distance.startswith("scaled") and self.scale is None
         need_ae = self.params.space == "latent" and self.autoencoder is None
         # getattr_static: `images` is a property that builds the whole split as floats (the
