@@ -428,19 +428,6 @@ def test_brats_patient_of_joins_2024_time_points_only():
     assert patient_of("BraTS20_Training_001") == "BraTS20_Training_001"
 
 
-def test_brats_crop_is_square_in_millimetres_on_anisotropic_voxels():
-    """With 1 mm x-voxels (display columns) and 2 mm y-voxels (rows), the brain's crop is
-    square in mm: width·1 mm = height·2 mm, and covers the brain's 30 mm extent along
-    y (15 voxels). Kills B08 (width and height swapped: a 15×30 voxel crop, 15 × 60 mm)."""
-    from causalign.data.importers.brats import subject_image
-
-    vol = np.zeros((40, 40, 3), np.float32)
-    vol[10:30, 10:25, :] = 1.0  # x: 20 voxels = 20 mm, y: 15 voxels = 30 mm
-    _, _, (_, _, w, h) = subject_image("s", [vol], None, np.array([1.0, 2.0, 1.0]))
-    assert abs(w * 1.0 - h * 2.0) <= 2.0
-    assert w * 1.0 >= 28 and w > h
-
-
 def test_cbis_patient_in_a_test_csv_has_all_images_in_test(tmp_path):
     """The official split is per CSV: P_1 is in the mass training CSV and the calc test CSV,
     so all of P_1's images go to test (no patient in train and test); P_2 (train only)
@@ -474,3 +461,92 @@ def test_cbis_patient_in_a_test_csv_has_all_images_in_test(tmp_path):
     assert by_patient["P_00001"] == {"test"}
     assert imp.details["train_images_of_test_patients_moved_to_test"] == 1
     assert all(by_patient[p] <= {"train", "val"} for p in pids[1:])
+
+
+def _cbis_case(tmp_path: Path, roi_files: dict[str, np.ndarray], size: int = 64):
+    """One CBIS-DDSM image (128² px: a bright breast over a dark background) and its ROI
+    folder files, processed by CbisDdsmImporter.process with literal CSV paths."""
+    from causalign.data.importers.base import Unit
+    from causalign.data.importers.cbis_ddsm import CbisDdsmImporter, CbisDdsmOptions
+
+    full = np.zeros((128, 128), np.uint16)
+    full[8:120, 8:120] = 1000 + (np.arange(112)[None, :] * 3).astype(np.uint16)
+    case = "Mass-Training_P_00001_LEFT_CC"
+    _dicom(tmp_path / case / "a" / "b" / "1-1.dcm", full)
+    for k, (name, arr) in enumerate(roi_files.items()):
+        write_dicom(tmp_path / f"{case}_1" / "a" / "c" / name, arr, SOPInstanceUID=f"1.9.{k}",
+                    SeriesInstanceUID="1.9", Modality="MG")
+    imp = CbisDdsmImporter(tmp_path, CbisDdsmOptions(size=size))
+    imp.pydicom, imp._case_dirs, imp._series_index = pydicom, None, {}
+    first = next(iter(roi_files))
+    e = {"image": f"{case}/a/b/1-1.dcm", "patient": "P_00001", "official": "train",
+         "rows": [{"id": "x", "label": 1, "attributes": [], "source": "csv:2",
+                   "roi": f"{case}_1/a/c/{first}"}]}
+    return list(imp.process(Unit(key="k", split="train", source="s", payload=e)))
+
+
+def _square_mask(lo: int, hi: int) -> np.ndarray:
+    m = np.zeros((128, 128), np.uint8)
+    m[lo:hi, lo:hi] = 255
+    return m
+
+
+def test_cbis_crop_adds_context_of_half_the_box_on_each_side(tmp_path):
+    """The crop's side is the ROI box's longest side × (1 + 2·--context): with the default
+    0.5 a 40 px lesion fills half the crop (≈ 32 of 64 px). The fixtures' lesions are below
+    the 32 px minimum crop, so 'side × (1 + context)' survived (C04)."""
+    (s,) = _cbis_case(tmp_path, {"1-1.dcm": _square_mask(40, 80)})
+    x0, y0, x1, y1 = s.box
+    assert abs((x1 - x0) - 32) <= 2 and abs((y1 - y0) - 32) <= 2
+
+
+def test_cbis_roi_mask_is_the_binary_file_not_a_three_level_image(tmp_path):
+    """The ROI series also holds the cropped lesion image: only a binary file is the mask.
+    A full-size image with 3 gray levels (two squares on black) listed first is passed over
+    for the binary 20 px lesion mask beside it, which fills its box; C06 (up to 3 levels
+    accepted) took both squares, a mask covering a fifth of its 70 px box."""
+    three = np.zeros((128, 128), np.uint16)
+    three[20:40, 20:40] = 100
+    three[70:90, 70:90] = 200
+    (s,) = _cbis_case(tmp_path, {"1-1.dcm": three, "1-2.dcm": _square_mask(50, 70)})
+    x0, y0, x1, y1 = s.box
+    assert abs((x1 - x0) - 32) <= 2  # the 20 px lesion, with context, fills half the crop
+    assert s.mask.sum() >= 0.8 * (x1 - x0) * (y1 - y0)
+
+
+def test_cub_box_crop_margin_is_context_on_each_side(tmp_path):
+    """--crop box: a square of the box's longest side × (1 + 2·--context) (0.15: 1.3×), so a
+    40 px box fills 64·40/52 ≈ 49 px of a 64 px crop; the earlier test accepted anything
+    from 60% to 100%, so 'side × (1 + context)' (≈ 56 px) survived (U05)."""
+    from PIL import Image
+
+    from causalign.data.importers.base import Unit
+    from causalign.data.importers.cub import CubImporter, CubOptions
+
+    (tmp_path / "images" / "001.A").mkdir(parents=True)
+    Image.fromarray(np.full((100, 128, 3), 90, np.uint8)).save(tmp_path / "images/001.A/a.png")
+    imp = CubImporter(tmp_path, CubOptions(size=64, crop="box", mask="box"))
+    imp.root, imp.seg_root = tmp_path, None
+    (s,) = imp.process(Unit(key="1", split="train", source="a",
+                            payload=("1", "001.A/a.png", 0, (20.0, 30.0, 60.0, 70.0), None)))
+    x0, y0, x1, y1 = s.box
+    assert abs((x1 - x0) - 64 * 40 / 52) <= 1.5 and abs((y1 - y0) - 64 * 40 / 52) <= 1.5
+
+
+# ----------------------------------------------------------------------------- Decoy MNIST
+
+
+def test_decoy_mnist_mask_excludes_the_swatch_even_over_the_digit(tmp_path):
+    """The mask is the dilated digit minus the 4×4 decoy swatch. The fixture's digits never
+    reach a corner, so 'swatch excluded' could be dropped (D02); here the digit fills the
+    frame (real MNIST strokes can reach the corner rows), so exactly the 16 swatch pixels,
+    shaded 255 − 25·3, are unmasked."""
+    from causalign.data.importers.base import Unit
+    from causalign.data.importers.decoy_mnist import DecoyMnistImporter, DecoyMnistOptions
+
+    imp = DecoyMnistImporter(tmp_path, DecoyMnistOptions())
+    imp.data = {"train": (np.full((1, 28, 28), 100, np.uint8), np.array([3], np.uint8))}
+    (s,) = imp.process(Unit(key="train0", split="train", source="t", payload=("train", 0)))
+    swatch = np.isclose(np.asarray(s.image), (255 - 75) / 255)
+    assert swatch.sum() == 16
+    np.testing.assert_array_equal(s.mask, ~swatch)
