@@ -1308,7 +1308,9 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
             lower = name in LOWER_IS_BETTER
             best = (min if lower else max)(v for v, _ in cand)
             for v, i in cand:
-                if abs(v - best) < 5e-4:
+                # ties as the cells print them (_fmt_cell's 3 decimals): |v - best| < 5e-4
+                # bolded 0.700 beside a bold 0.701, and left one of two 0.700s plain
+                if f"{v:.3f}" == f"{best:.3f}":
                     bold[i][j] = True
     rows = []
     for lab, cells, marks in zip(labels, values, short, strict=True):
