@@ -288,3 +288,54 @@ def test_bold_ties_are_the_cells_that_print_alike():
     assert bold(0.7006, 0.7002) == ["erm"]  # 0.701 vs 0.700
     assert bold(0.7004, 0.6996) == ["erm", "rrr"]  # both 0.700
     assert bold(0.25, 0.25) == ["erm", "rrr"]
+
+
+def test_results_written_after_each_run_say_incomplete_until_the_last(tmp_path, monkeypatch):
+    """results.json is rewritten after every run with complete: false (a killed benchmark
+    shows what finished, marked unfinished), and true only at the end. Runs are stubbed
+    (no training). Kills the per-run write marked final."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / bm.META).write_text("{}\n")
+    e = _exp(methods=("erm", "rrr"), seeds=(0,))
+    suite = bm.Suite("s", "", {"epochs": 1}, {"d": {"path": str(data)}}, [e], tmp_path)
+    seen: list[tuple[bool, list[str]]] = []
+
+    def fake_run(spec, data_dir, run_dir, digests=None):
+        before = json.loads((tmp_path / "out" / "results.json").read_text()) \
+            if (tmp_path / "out" / "results.json").exists() else None
+        if before is not None:
+            seen.append((before["complete"], [r["key"] for r in before["runs"]]))
+        return {"test": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(bm, "run_one", fake_run)
+    res = bm.run_suite(suite, tmp_path / "out", progress=False, report=False,
+                       log=lambda s: None)
+    assert seen == [(False, ["d/erm/seed0"])]
+    assert res["complete"] is True
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"] is True
+
+
+def test_a_resumed_runs_seconds_add_the_epochs_before_the_interruption(tmp_path,
+                                                                       monkeypatch):
+    """A run resumed from its checkpoint counts the seconds of its history.csv epochs
+    (100 + 20.5 s here) on top of this invocation's part. Runs are stubbed. Kills `+ before`
+    dropped."""
+    from causalign.engine.trainer import CHECKPOINT
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / bm.META).write_text("{}\n")
+    suite = bm.Suite("s", "", {"epochs": 1}, {"d": {"path": str(data)}},
+                     [_exp(methods=("erm",), seeds=(0,))], tmp_path)
+    run_dir = tmp_path / "out" / "runs" / "d" / "erm" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / CHECKPOINT).write_bytes(b"")
+    (run_dir / "history.csv").write_text("epoch,seconds\n1,100\n2,20.5\n")
+    monkeypatch.setattr(bm, "run_one", lambda *a, **k: {"test": {"accuracy": 0.5}})
+    res = bm.run_suite(suite, tmp_path / "out", progress=False, report=False,
+                       log=lambda s: None)
+    seconds = res["runs"][0]["seconds"]
+    assert 120.5 <= seconds < 150
+    stored = json.loads((run_dir / "benchmark_run.json").read_text())
+    assert stored["resumed_after_seconds"] == 120.5 and stored["seconds"] == seconds
