@@ -3,11 +3,11 @@ adjustment over the classes, and file options that name a folder by a trailing s
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
+from test_audit_compare_1207f import _write_csv  # the same predictions CSV writer
 
 from causalign.cli import main
 from causalign.errors import InputError
@@ -31,14 +31,6 @@ def test_holm_adjust_equals_statsmodels():
         p[rng.integers(m)] = p.min()  # a tie
         want = multitest.multipletests(p, method="holm")[1]
         assert holm_adjust(list(p)) == pytest.approx(list(want), abs=1e-15)
-
-
-def _write_csv(path, ids, labels, probs, classes):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "site", "label", "predicted", *(f"p_{c}" for c in classes)])
-        for i, y, p in zip(ids, labels, probs, strict=True):
-            w.writerow([i, 0, y, int(np.argmax(p)), *(f"{v:.17g}" for v in p)])
 
 
 def test_compare_adjusts_one_vs_rest_p_values_over_the_classes(tmp_path, capsys):
