@@ -339,3 +339,20 @@ def test_a_resumed_runs_seconds_add_the_epochs_before_the_interruption(tmp_path,
     assert 120.5 <= seconds < 150
     stored = json.loads((run_dir / "benchmark_run.json").read_text())
     assert stored["resumed_after_seconds"] == 120.5 and stored["seconds"] == seconds
+
+
+def test_results_csv_deletion_columns_are_sorted_by_fraction(tmp_path):
+    """Runs deleting other fractions: the columns ascend by fraction whatever run came first
+    (before: first-met order, test_deletion@0.1 before @0.02 and @0.5)."""
+    e = _exp(methods=("erm",), seeds=(0, 1))
+    suite = bm.Suite("s", "", {}, {"d": {"synth": {}}}, [e], tmp_path)
+    first = _rec("erm", 0, {"deletion": {"0.1": 0.3}})
+    second = _rec("erm", 1, {"deletion": {"0.5": 0.6, "0.02": 0.1, "0.1": 0.2}})
+    bm._write_results(tmp_path, suite, [first, second], 1.0, final=True)
+    with open(tmp_path / "results.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    columns = [c for c in reader.fieldnames if c.startswith("test_deletion@")]
+    assert columns == ["test_deletion@0.02", "test_deletion@0.1", "test_deletion@0.5"]
+    assert [r["test_deletion@0.02"] for r in rows] == ["", "0.1"]
+    assert [r["test_deletion@0.1"] for r in rows] == ["0.3", "0.2"]

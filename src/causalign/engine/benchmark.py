@@ -1195,6 +1195,9 @@ def _write_results(out: Path, suite: Suite, records: list[dict], seconds: float,
         for k in ((r.get("metrics") or {}).get("test") or {}).get("deletion", {}) or {}:
             if k not in deletion_keys:
                 deletion_keys.append(k)
+    # by fraction, not in the order the runs first name them: runs deleting other fractions
+    # (a --set deletion_fractions) put 0.1 before 0.02 when a 0.1-only run came first
+    deletion_keys.sort(key=_fraction_order)
     header = ["key", "dataset", "method", "label", "setting", "seed", "status",
               *[f"test_{m}" for m in CSV_METRICS], *[f"test_deletion@{k}" for k in deletion_keys],
               "val_accuracy", "best_epoch", "seconds", "experiments", "error"]
@@ -1220,6 +1223,15 @@ def _num(v) -> str:
 
 
 # ---------------------------------------------------------------------------- tables
+
+
+
+def _fraction_order(key: str) -> tuple[int, float, str]:
+    """Sort key of a deletion column: numeric fractions ascending, anything else after."""
+    try:
+        return (0, float(key), key)
+    except ValueError:
+        return (1, 0.0, key)
 
 
 def get_path(d: dict, dotted: str) -> Any:
