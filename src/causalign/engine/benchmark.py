@@ -1218,20 +1218,19 @@ def _write_results(out: Path, suite: Suite, records: list[dict], seconds: float,
     return results
 
 
-def _num(v) -> str:
-    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
-
-
-# ---------------------------------------------------------------------------- tables
-
-
-
 def _fraction_order(key: str) -> tuple[int, float, str]:
     """Sort key of a deletion column: numeric fractions ascending, anything else after."""
     try:
         return (0, float(key), key)
     except ValueError:
         return (1, 0.0, key)
+
+
+def _num(v) -> str:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+# ---------------------------------------------------------------------------- tables
 
 
 def get_path(d: dict, dotted: str) -> Any:
