@@ -637,8 +637,9 @@ def evaluate(
              "p_<class>)")] = None,
     bootstrap: Annotated[int, typer.Option(
         help="also give percentile 95 % intervals (ci95) of accuracy, balanced accuracy, AUC, "
-             "sensitivity and specificity from N stratified bootstrap resamples (0: none; "
-             "at least 100, 1000 is usual)")] = 0,
+             "sensitivity, specificity, Brier, ECE, CAM precision and the other localisation "
+             "and deletion means from N stratified bootstrap resamples (0: none; at least "
+             "100, 1000 is usual)")] = 0,
     bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
     reliability: Annotated[Path | None, typer.Option(
         parser=_file_option("--reliability", "reliability.png"), metavar="<path>",

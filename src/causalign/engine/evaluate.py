@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 # Saliency methods that cannot explain the volume model: Grad-CAM's layer sees slices, not
 # volumes, and zennit has rules for none of MultiViewCNN's attention pooling except via
 # lrp-epsilon's modified gradient (explain/lrp.py).
+# the saliency-against-annotation means `evaluate_split` reports (and resamples)
+LOCALISATION_METRICS = ("cam_precision", "cam_precision_mask", "cam_mass_in_mask",
+                        "saliency_iou", "saliency_dice")
+
 VOLUME_UNSUPPORTED = ("gradcam", "lrp-alpha-beta", "lrp-flat", "lrp-gamma", "lrp-w-square",
                       "lrp-zbox")
 
@@ -274,8 +278,11 @@ def evaluate_split(
     tests of two runs, read back by `read_predictions`; error review).
 
     ``bootstrap``: also give percentile 95 % intervals (`ci95`, with the `bootstrap` settings)
-    of the classification metrics from that many stratified resamples (`bootstrap_ci`,
-    seeded by ``bootstrap_seed``); 0 (the default) gives none. Checked before the pass.
+    of the classification and calibration metrics, and of the localisation and deletion
+    means (``ci95["deletion"][fraction]``), from that many stratified resamples of the split
+    (`bootstrap_ci`, seeded by ``bootstrap_seed``; a localisation mean is resampled over the
+    annotated samples each resample draws); 0 (the default) gives none. Checked before the
+    pass.
 
     ``reliability``: also draw the split's reliability diagram there
     (`report.figures.reliability_diagram`, titled ``reliability_title``, default the split).
@@ -315,7 +322,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         saliency, explainer_kwargs = "wbp", {}
     explainer = get_explainer(saliency, model, **explainer_kwargs)
     probs, labels, losses = [], [], []
-    prec_box, prec_mask, mass, iou, dice, empty = [], [], [], [], [], []
+    local: dict[str, list[Tensor]] = {name: [] for name in LOCALISATION_METRICS}
+    empty: list[Tensor] = []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}
     task = None
     if progress is not None:
@@ -352,15 +360,23 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         has_mask = batch["has_mask"]
         box = batch["box_mask"][:, 0]
         mask = batch["mask"][:, 0]
+        # each sample's value, NaN where it does not count: the means below, and
+        # the per-sample values `bootstrap_ci` resamples for their intervals
+        values = {name: torch.full((len(pred),), float("nan"), dtype=torch.float64,
+                                   device=maps.device) for name in LOCALISATION_METRICS}
         if ann.any():
-            prec_box.append(cam_precision(maps[ann], box[ann]))
+            values["cam_precision"][ann] = cam_precision(maps[ann], box[ann]).double()
             empty.append(normalize_maps(maps[ann])[1])  # the test cam_precision uses
         if has_mask.any():
-            prec_mask.append(cam_precision(maps[has_mask], mask[has_mask]))
-            mass.append(mass_in_mask(maps[has_mask], mask[has_mask]))
+            values["cam_precision_mask"][has_mask] = cam_precision(
+                maps[has_mask], mask[has_mask]).double()
+            values["cam_mass_in_mask"][has_mask] = mass_in_mask(
+                maps[has_mask], mask[has_mask]).double()
             i, d = iou_dice(maps[has_mask], mask[has_mask])
-            iou.append(i)
-            dice.append(d)
+            values["saliency_iou"][has_mask] = i.double()
+            values["saliency_dice"][has_mask] = d.double()
+        for name, v in values.items():
+            local[name].append(v)
         for frac, drop in deletion_scores(model, x, maps, pred, fractions,
                                           fill=deletion_fill, logits=logits).items():
             deletion[frac].append(drop)
@@ -372,8 +388,6 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     out = classification_metrics(p, y)
     out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
-    if bootstrap:
-        out.update(bootstrap_ci(p, y, bootstrap, bootstrap_seed))
     if predictions is not None:
         write_predictions(predictions, dataset, p)
     if reliability is not None:
@@ -381,24 +395,31 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
 
         reliability_diagram({reliability_title or f"split '{dataset.split}'": (p, y)},
                             reliability)
+    per_sample = {name: torch.cat(parts) for name, parts in local.items()}
+    counted = {name: v[~v.isnan()] for name, v in per_sample.items()}
 
-    def mean(parts: list[Tensor]) -> float | None:
-        return float(torch.cat(parts).float().mean()) if parts else None
+    def mean(values: Tensor) -> float | None:
+        return float(values.float().mean()) if len(values) else None
 
     out.update({
-        "cam_precision": mean(prec_box),
-        "cam_precision_mask": mean(prec_mask),
-        "cam_mass_in_mask": mean(mass),
-        "saliency_iou": mean(iou),
-        "saliency_dice": mean(dice),
-        "cam_empty_fraction": mean(empty),
-        "n_annotated": int(sum(len(p) for p in prec_box)),
+        **{name: mean(counted[name]) for name in LOCALISATION_METRICS},
+        "cam_empty_fraction": mean(torch.cat(empty)) if empty else None,
+        "n_annotated": len(counted["cam_precision"]),
         # the samples cam_precision_mask, cam_mass_in_mask and IoU/Dice average (a pixel
         # mask): fewer than n_annotated where some samples have only a box
-        "n_mask": int(sum(len(p) for p in prec_mask)),
+        "n_mask": len(counted["cam_precision_mask"]),
         "saliency": saliency,
-        "deletion": {f"{f:g}": mean(v) for f, v in deletion.items()},
+        "deletion": {f"{f:g}": mean(torch.cat(v)) for f, v in deletion.items()},
     })
+    if bootstrap:
+        # the localisation and deletion means resampled with the same draws as accuracy
+        for f, v in deletion.items():
+            per_sample[f"deletion@{f:g}"] = torch.cat(v)
+        resampled = bootstrap_ci(p, y, bootstrap, bootstrap_seed,
+                                 per_sample={k: v.cpu().numpy() for k, v in per_sample.items()})
+        ci = resampled["ci95"]
+        ci["deletion"] = {f"{f:g}": ci.pop(f"deletion@{f:g}") for f in deletion}
+        out.update(resampled)
     if note is not None:
         out["saliency_note"] = note
     acc = attribute_accuracy(model, method, dataset, device)

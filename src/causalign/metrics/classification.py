@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Mapping
 from numbers import Integral
 from typing import Any
 
@@ -26,7 +27,8 @@ ECE_BINS = 15
 MIN_BOOTSTRAP = 100
 
 # The metrics `bootstrap_ci` gives intervals for, in metrics.json's order
-BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity",
+                     "brier", "ece")
 
 
 def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
@@ -108,6 +110,13 @@ def _brier(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
 
 
+def _brier_per_sample(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each sample's Brier term, whose mean is `_brier`."""
+    if probs.shape[1] == 2:
+        return (np.clip(probs[:, 1], 0.0, 1.0) - labels) ** 2
+    return ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(axis=1)
+
+
 def _ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
@@ -168,45 +177,56 @@ def reliability_bins(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
 
 def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                 n: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Percentile 95 % intervals of accuracy, balanced accuracy, AUC, sensitivity and
-    specificity (as `classification_metrics` defines them) from ``n`` stratified bootstrap
-    resamples: each resample draws each class's samples with replacement from that class
-    alone, so it keeps the split's class counts (every class present, AUC always defined,
-    even with a single positive). Returns ``{"ci95": {metric: [lo, hi] or None},
-    "bootstrap": {"n", "seed", "method"}}`` (None where the point estimate is None),
-    the same for the same inputs and seed. ``n`` must be at least `MIN_BOOTSTRAP` (100);
-    inputs as `classification_metrics`.
+                 n: int = 1000, seed: int = 0,
+                 per_sample: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+                 ) -> dict[str, Any]:
+    """Percentile 95 % intervals of accuracy, balanced accuracy, AUC, sensitivity,
+    specificity, Brier score and ECE (as `classification_metrics` defines them) from ``n``
+    stratified bootstrap resamples: each resample draws each class's samples with
+    replacement from that class alone, so it keeps the split's class counts (every class
+    present, AUC always defined, even with a single positive). Returns ``{"ci95": {metric:
+    [lo, hi] or None}, "bootstrap": {"n", "seed", "method"}}`` (None where the point
+    estimate is None), the same for the same inputs and seed. ``n`` must be at least
+    `MIN_BOOTSTRAP` (100); inputs as `classification_metrics`.
+
+    ``per_sample``: more metrics that are means of a per-sample value, ``{name: (N,) values}``
+    with NaN where a sample does not count (CAM precision of an unannotated image); each
+    gets the interval of its mean over the counted samples the same resamples draw. A
+    resample that draws none of a metric's counted samples has no value for it: it is left
+    out, and ``bootstrap["undefined"][name]`` says how many were (absent when none).
 
     Vectorised: a resample is a row of draw counts per sample, so every metric is a weighted
     sum over the split (the AUC a weighted Mann–Whitney count with ties as ½, which is
-    scikit-learn's `roc_auc_score` on the resample)."""
+    scikit-learn's `roc_auc_score` on the resample; the ECE a weighted bincount)."""
     check_bootstrap(n, seed)
     probs, labels = _checked(probs, labels)
+    extra = _checked_per_sample(per_sample, len(labels))
     point = classification_metrics(probs, labels)
     n_samples, n_classes = probs.shape
-    rng = np.random.default_rng(int(seed))
     # samples sorted by class, so each class's columns of the count matrix are a slice (a
     # view) rather than a fancy-indexed copy; every metric is order-free
     order = np.argsort(labels, kind="stable")
     probs, labels = probs[order], labels[order]
-    present, first, size = np.unique(labels, return_index=True, return_counts=True)
-    members = {int(c): slice(int(a), int(a + k)) for c, a, k in zip(present, first, size,
-                                                                       strict=True)}
+    extra = {name: v[order] for name, v in extra.items()}
+    members = _class_slices(labels)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     # the AUC's classes: class 1 against 0 for two, each present class against the rest
     auc_classes = ([] if point["auc"] is None else [1] if n_classes == 2
-                   else [int(c) for c in present])
+                   else [int(c) for c in np.unique(labels)])
     rankings = {c: _ranking(probs[:, c], labels == c) for c in auc_classes}
-    stats: dict[str, list[np.ndarray]] = {m: [] for m in BOOTSTRAP_METRICS}
-    # resamples per chunk: bounds the (chunk, N) count matrices to ~8 MB each
-    chunk = max(1, 2 ** 20 // n_samples)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        w = np.zeros((m, n_samples))
-        for sl in members.values():  # each class's own n_c draws among its n_c samples
-            k = sl.stop - sl.start
-            w[:, sl] = rng.multinomial(k, np.full(k, 1.0 / k), size=m)
+    # the ECE's signed gap per (sample, bin): a resample's |Σ_bin| summed is its ECE·N
+    gap = np.zeros((n_samples, ECE_BINS))
+    conf = probs.max(axis=1)
+    gap[np.arange(n_samples), _bin_of(conf, ECE_BINS)] = correct - conf
+    # one matrix product per chunk for every weighted sum below: Brier's terms, the ECE's
+    # gaps, and each per-sample metric's counted flags and values (NaN → 0)
+    names = list(extra)
+    k = len(names)
+    sums = np.column_stack([_brier_per_sample(probs, labels), gap,
+                            *(~np.isnan(extra[n]) for n in names),
+                            *(np.nan_to_num(extra[n], nan=0.0) for n in names)])
+    stats: dict[str, list[np.ndarray]] = {m: [] for m in (*BOOTSTRAP_METRICS, *extra)}
+    for w in _resample_counts(labels, n, seed):
         recall = {c: w[:, sl] @ correct[sl] / (sl.stop - sl.start)
                   for c, sl in members.items()}
         stats["accuracy"].append(w @ correct / n_samples)
@@ -219,15 +239,76 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
         if auc_classes:
             stats["auc"].append(np.mean([_weighted_auc(w, *rankings[c])
                                          for c in auc_classes], axis=0))
-    ci = {}
-    for name in BOOTSTRAP_METRICS:
-        if point[name] is None or not stats[name]:
+        total = w @ sums
+        stats["brier"].append(total[:, 0] / n_samples)
+        stats["ece"].append(np.abs(total[:, 1:1 + ECE_BINS]).sum(axis=1) / n_samples)
+        drawn = total[:, 1 + ECE_BINS:1 + ECE_BINS + k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(drawn > 0, total[:, 1 + ECE_BINS + k:] / drawn, np.nan)
+        for j, name in enumerate(names):
+            stats[name].append(means[:, j])
+    ci: dict[str, list[float] | None] = {}
+    undefined = {}
+    for name, parts in stats.items():
+        if name in point and point[name] is None or not parts:
             ci[name] = None
             continue
-        lo, hi = np.percentile(np.concatenate(stats[name]), [2.5, 97.5])
+        drawn = np.concatenate(parts)
+        drawn = drawn[~np.isnan(drawn)]
+        if len(drawn) < len(np.concatenate(parts)):
+            undefined[name] = int(len(np.concatenate(parts)) - len(drawn))
+        if len(drawn) == 0:  # no counted sample at all (an unannotated split)
+            ci[name] = None
+            continue
+        lo, hi = np.percentile(drawn, [2.5, 97.5])
         ci[name] = [float(lo), float(hi)]
-    return {"ci95": ci, "bootstrap": {"n": int(n), "seed": int(seed),
-                                      "method": "percentile, stratified by class"}}
+    settings: dict[str, Any] = {"n": int(n), "seed": int(seed),
+                                "method": "percentile, stratified by class"}
+    if undefined:
+        settings["undefined"] = undefined
+    return {"ci95": ci, "bootstrap": settings}
+
+
+def _resample_counts(labels: np.ndarray, n: int, seed: int) -> Iterator[np.ndarray]:
+    """`bootstrap_ci`'s ``n`` stratified resamples of samples sorted by ``labels``, as
+    chunks of rows of draw counts (m, N): each class's n_c draws among its own n_c samples,
+    from ``numpy.random.default_rng(seed)``. Chunks bound each matrix to ~8 MB."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(int(seed))
+    members = _class_slices(labels)
+    chunk = max(1, 2 ** 20 // len(labels))
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        w = np.zeros((m, len(labels)))
+        for sl in members.values():
+            k = sl.stop - sl.start
+            w[:, sl] = rng.multinomial(k, np.full(k, 1.0 / k), size=m)
+        yield w
+
+
+def _class_slices(labels: np.ndarray) -> dict[int, slice]:
+    """Each class's run of samples in ``labels`` sorted by class."""
+    present, first, size = np.unique(labels, return_index=True, return_counts=True)
+    return {int(c): slice(int(a), int(a + k)) for c, a, k in zip(present, first, size,
+                                                                   strict=True)}
+
+
+def _checked_per_sample(per_sample: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
+    """float64 (N,) arrays, NaN for "not counted", or `InputError`."""
+    out = {}
+    for name, v in (per_sample or {}).items():
+        if name in BOOTSTRAP_METRICS:
+            raise InputError(f"per-sample metric {name!r} clashes with a classification "
+                             f"metric's name")
+        arr = np.asarray(_numpy(v), dtype=np.float64)
+        if arr.shape != (n,):
+            raise InputError(f"per-sample metric {name!r} has shape {arr.shape}, expected "
+                             f"({n},) (one value per sample)")
+        if np.isinf(arr).any():
+            raise InputError(f"per-sample metric {name!r} holds inf values (NaN marks a "
+                             f"sample that does not count)")
+        out[name] = arr
+    return out
 
 
 def check_bootstrap(n: int, seed: int) -> None:
