@@ -34,3 +34,41 @@ def test_skeleton_check_flags_forbidden_edges():
     assert not rep["skeleton_consistent"]
     assert len(rep["forbidden_edges"]) == 2
     assert rep["missed_causal"] == ["b"]
+
+
+def test_kci_finds_the_nonlinear_edge_fisher_z_cannot_see(tmp_path):
+    """`indep_test="kci"` acts: an attribute that is the square of the feature (zero
+    correlation with it) is linked to the image by the kernel test and not by Fisher-z's
+    partial correlations."""
+    rng = np.random.default_rng(3)
+    n = 150
+    x = rng.normal(size=(n, 1))
+    a = x ** 2 + 0.3 * rng.normal(size=(n, 1))  # X → A, with no linear trace
+    # A → Y; a less noisy Y explains A away at this n: KCI then keeps X ⫫ A | Y
+    y = a[:, 0] + rng.normal(size=n)
+    assert abs(np.corrcoef(x[:, 0], a[:, 0])[0, 1]) < 0.05
+    linear = pc_check(x, a, y, ["a0"], n_components=1, alpha=0.01)
+    kernel = pc_check(x, a, y, ["a0"], n_components=1, alpha=0.01, indep_test="kci")
+    assert linear["indep_test"] == "fisherz" and kernel["indep_test"] == "kci"
+    assert linear["attributes_linked_to_image"] == []
+    assert kernel["attributes_linked_to_image"] == ["a0"]
+    assert kernel["attributes_linked_to_label"] == linear["attributes_linked_to_label"] == ["a0"]
+
+
+@pytest.mark.parametrize("test", ["gsq", "chisq", "Fisherz"])
+def test_unknown_independence_test_is_refused(test):
+    rng = np.random.default_rng(0)
+    x, a, y = rng.normal(size=(40, 2)), rng.normal(size=(40, 1)), rng.normal(size=40)
+    from causalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"unknown independence test '{test}'; choose "
+                                          f"fisherz or kci"):
+        pc_check(x, a, y, ["a0"], indep_test=test)
+
+
+def test_cli_unknown_test_is_refused_before_the_run_is_read(tmp_path, capsys):
+    from causalign.cli import main
+
+    rc = main(["causal", "pc", str(tmp_path / "no-such-run"), "--test", "gsq"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and lines == ["error: --test gsq: unknown test; choose fisherz or kci"]

@@ -1212,6 +1212,10 @@ def causal_pc(
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     components: Annotated[int, typer.Option(help="principal components of the features")] = 3,
     alpha: Annotated[float, typer.Option(help="significance level of the CI tests")] = 0.01,
+    test: Annotated[str, typer.Option(
+        help="conditional-independence test: fisherz (partial correlation, assumes linear "
+             "Gaussian relations; fast) | kci (kernel test, no such assumption; seconds to "
+             "minutes at a few hundred samples)")] = "fisherz",
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN/pc)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "cpu",
     attributes: Annotated[str | None, typer.Option(
@@ -1220,7 +1224,7 @@ def causal_pc(
     """PC algorithm (causal-learn): checks the learnt skeleton against X → A → Y.
 
     Runs on pooled image features, attributes and label; draws the graph (seed 000 App. C.5)."""
-    from .causal.pc import run_pc_check
+    from .causal.pc import PC_TESTS, run_pc_check
 
     if components < 1:  # no feature node: the X -> A -> Y check has no X
         raise CausalignError(f"--components must be >= 1, got {components}")
@@ -1228,8 +1232,10 @@ def causal_pc(
         raise CausalignError(f"--alpha must lie in (0, 1), got {alpha}")
     from .data.importers.base import parse_list
 
+    if test not in PC_TESTS:  # before the run's features are computed
+        raise CausalignError(f"--test {test}: unknown test; choose {' or '.join(PC_TESTS)}")
     rep = run_pc_check(run, split=split, data=data, n_components=components, alpha=alpha,
-                       out=out, device=device,
+                       indep_test=test, out=out, device=device,
                        attributes=parse_list(attributes) if attributes is not None else None)
     typer.echo(f"PC on {rep['n']} samples: {rep['n_edges']} edges "
                f"{rep['edges_by_kind']}; skeleton consistent with X -> A -> Y: "

@@ -84,8 +84,21 @@ def _check_alpha(alpha: float) -> None:
         raise ConfigError(f"PC significance level alpha must lie in (0, 1), got {alpha!r}")
 
 
-def _check_settings(alpha: float, n_components: int) -> None:
+# causal-learn's conditional-independence tests that fit these variables: Fisher-z (partial
+# correlation: linear-Gaussian, fast) and KCI (kernel: no linearity assumption, O(n³) per
+# test). Its chisq / gsq need discrete data, and the feature components are continuous.
+PC_TESTS = ("fisherz", "kci")
+
+
+def _check_test(indep_test: str) -> None:
+    if indep_test not in PC_TESTS:
+        raise ConfigError(f"PC check: unknown independence test {indep_test!r}; choose "
+                          f"{' or '.join(PC_TESTS)}")
+
+
+def _check_settings(alpha: float, n_components: int, indep_test: str = "fisherz") -> None:
     _check_alpha(alpha)
+    _check_test(indep_test)
     # 0 or negative left no (or, by slicing from the end, the wrong) feature nodes and failed
     # later as causal-learn's "correlation matrix is singular"
     if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral) \
@@ -124,6 +137,7 @@ def pc_graph(data: np.ndarray, alpha: float = 0.01, indep_test: str = "fisherz"
     """PC on the columns of ``data``; returns causal-learn's endpoint matrix G where
     G[j, i] = 1 and G[i, j] = −1 means i → j, both −1 an undirected edge, both 1 ↔."""
     _check_alpha(alpha)
+    _check_test(indep_test)
     pc = _require_causallearn()
     cg = pc(np.asarray(data, np.float64), alpha=alpha, indep_test=indep_test,
             show_progress=False)
@@ -266,7 +280,7 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     ``select``: only these attributes (by name; default all). Rows with a missing (selected)
     attribute are dropped. A label of more than two classes enters as class indicators
     (`label_columns`), all in the group Y."""
-    _check_settings(alpha, n_components)
+    _check_settings(alpha, n_components, indep_test)
     features, attributes, labels = _check_inputs(features, attributes, labels, attribute_names)
     if select is not None:
         unknown = [n for n in select if n not in attribute_names]
@@ -357,7 +371,7 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
     from ..engine.trainer import load_run
     from ..io import atomic_write_json
 
-    _check_settings(alpha, n_components)  # before loading the run and its features
+    _check_settings(alpha, n_components, indep_test)  # before loading the run
     _require_causallearn()
     _, model, method, data_path = load_run(run, device=device, data=data)
     ds = LesionDataset(data_path, split)
