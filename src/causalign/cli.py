@@ -1395,9 +1395,9 @@ def compare(
     run_a: Annotated[Path, typer.Argument(help="run folder (its predictions_<split>.csv) or "
                                                "a predictions CSV (evaluate --predictions)")],
     run_b: Annotated[Path, typer.Argument(help="the other run folder or predictions CSV")],
-    split: Annotated[str, typer.Option(
-        help="train | val | test: the run folders' predictions_<split>.csv (training writes "
-             "val and test; a CSV file given is read as it is)")] = "test",
+    split: Annotated[str | None, typer.Option(
+        help="train | val | test: the run folders' predictions_<split>.csv (default test; "
+             "training writes val and test; a CSV file given is read as it is)")] = None,
     out: Annotated[Path | None, typer.Option(
         parser=_file_option("--out", "compare.json"), metavar="<path>",
         help="also write the JSON here")] = None,
@@ -1414,6 +1414,12 @@ def compare(
     from .io import atomic_write_json
     from .metrics import classification_metrics, holm_adjust, mcnemar_test
 
+    if split is not None and run_a.is_file() and run_b.is_file():
+        # two CSV files are read as they are: `--split val` printed their comparison, exit 0
+        raise CausalignError(f"--split {split}: not used, {run_a} and {run_b} are predictions "
+                             f"CSV files (read as they are; --split picks a run folder's "
+                             f"predictions_<split>.csv)")
+    split = "test" if split is None else split
     if out is not None:
         _check_output_file("--out", out, "the comparison JSON")
     if reliability is not None:
