@@ -354,7 +354,8 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
            "n_components": k,
            "explained_variance": float((s[:k] ** 2).sum() / (s ** 2).sum()),
            "edges": edges, **skeleton_check(edges, groups, causal_attributes),
-           "constant_attributes": constant}
+           # the attribute nodes (after --attributes and the constant ones): the graph's A
+           "attributes": attribute_names, "constant_attributes": constant}
     if figure is not None:
         plot_graph(edges, groups, figure)
         out["figure"] = str(figure)
@@ -386,6 +387,7 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
                    n_components=n_components, alpha=alpha, indep_test=indep_test,
                    causal_attributes=causal, figure=out / "pc_graph.png",
                    class_names=list(ds.meta.classes), select=attributes)
-    rep.update(run=str(run), split=split)
+    # the dataset read: `--data` another one gave a record that read as the run's own
+    rep.update(run=str(run), data=str(data_path), split=split)
     atomic_write_json(out / "pc_check.json", rep)
     return rep
