@@ -380,3 +380,25 @@ def test_pc_check_json_records_the_data_and_attributes_used(runs, tiny_data, tmp
         assert rec["data"] == str(data)
         want = attrs or [a for a in every if a not in rec["constant_attributes"]]
         assert rec["attributes"] == want
+
+
+def test_cbis_context_at_the_crop_floor_is_said(src3, tmp_path):
+    """Regression: on lesions small enough that the crop side (box × (1 + 2·context)) stays
+    under the 32 px floor, `--context` changes nothing: the fixture's calcifications gave
+    byte-identical images at --context 0.5 and 1.0, and the import said nothing. The summary
+    now counts those crops in its notes (data-dependent, so a note, not a refusal)."""
+    from causalign.data.importers import run_import
+
+    summaries, digests = [], []
+    for c in (0.5, 1.0):
+        out = tmp_path / f"c{c}"
+        digests.append(_import_digest("cbis-ddsm", src3["cbis-ddsm"], out,
+                                      {"size": 16, "abnormality": "calc", "context": c}))
+        summaries.append(json.loads((out / "import_summary.json").read_text()))
+    assert digests[0] == digests[1]
+    for s in summaries:
+        said = [n for w, n in s["notes"].items() if "--context" in w]
+        assert said == [s["n"]], s["notes"]
+    mass = run_import("cbis-ddsm", src3["cbis-ddsm"], tmp_path / "m", {"size": 16,
+                                                                       "context": 3.0})
+    assert not any("--context" in w for w in mass["notes"])

@@ -349,7 +349,11 @@ class CbisDdsmImporter(Importer):
                 yield Skipped(row["source"], exc.reason, exc.detail)
                 continue
             bx0, by0, bx1, by1 = box_of_mask(mask)
-            side = max(int(round(max(bx1 - bx0, by1 - by0) * (1 + 2 * opts.context))), 32)
+            wanted = int(round(max(bx1 - bx0, by1 - by0) * (1 + 2 * opts.context)))
+            side = max(wanted, 32)
+            if wanted < 32:  # the floor decides the crop: --context changed nothing here
+                self.note("crop at the 32 px minimum side (lesion too small for --context "
+                          "to widen it)")
             cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
             crop = resize(crop_square(img, cx, cy, side), (opts.size, opts.size))
             m = resize_mask(crop_square(mask, cx, cy, side), (opts.size, opts.size))
