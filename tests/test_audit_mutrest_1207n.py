@@ -416,3 +416,21 @@ def test_kept_run_params_yield_to_the_users_own_and_skip_placement(tmp_path):
     assert "cache_device" not in mine.method_args
     kept = _keep_run_params(TrainConfig(method="causal-align"), dict(stored))
     assert kept.method_args["cg_iters"] == 3 and "cache_device" not in kept.method_args
+
+
+def test_another_method_reports_its_method_args_too(tmp_path):
+    """`settings_diff` compares method_args as resolved values only when the method is the
+    same; a resume with another method names the method and the raw method_args change.
+    Kills the mutant that skipped method_args whatever the method."""
+    run = _run_folder(tmp_path, TrainConfig(method="rrr", method_args={"lam": 5.0}))
+    diffs = settings_diff(run, TrainConfig(method="erm"))
+    assert diffs == ["method 'rrr' -> 'erm'", "method_args {'lam': 5.0} -> {}"]
+
+
+def test_lidc_patches_csv_row_with_an_unknown_split_is_skipped(tmp_path):
+    """A split cell that is not train/val/test ('training') skips its row with the reason
+    'bad split value' (it never becomes a split of its own). Kills the mutant that let it
+    through."""
+    units, imp = _lidc_patches(tmp_path, [("A", "5;5;4", "training"), ("B", "1;1;2", "val")])
+    assert [u.split for u in units] == ["val"]
+    assert [s.reason for s in imp.skipped] == ["bad split value"]
