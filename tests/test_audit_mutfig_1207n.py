@@ -377,9 +377,15 @@ def test_multiview_output_is_log_of_attention_weighted_slice_probabilities():
     embedding, and pooling without the attention weights."""
     model = _mv(delta_init=0.5, tau=0.3).eval()
     with torch.no_grad():
-        model.position.weight.normal_(0, 3)
-        model.attention.bias.fill_(-1.0)
-        x = torch.rand(2, 1, 4, 8, 8)
+        model.slice_cnn.classifier.weight.mul_(300.0)  # slices' p_i far apart
+        # a_i = the slice embedding's first entry: some slices below −δ, some above
+        model.position.weight.zero_()
+        model.position.weight[:4, 0] = torch.tensor([-1.0, -0.2, 0.3, 0.8])
+        model.attention.weight.zero_()
+        model.attention.weight[0, -6] = 1.0
+        model.attention.bias.fill_(0.0)
+        # slices of very different brightness: different slice probabilities p_i
+        x = torch.rand(2, 1, 4, 8, 8) * torch.tensor([0.0, 2.0, 8.0, 30.0]).view(1, 1, 4, 1, 1)
         out = model(x)
         cnn = model.slice_cnn
         f = cnn.flatten(cnn.pool(cnn.features(x.transpose(1, 2).reshape(8, 1, 8, 8))))
@@ -387,6 +393,9 @@ def test_multiview_output_is_log_of_attention_weighted_slice_probabilities():
         e = model.position.weight[:4].expand(2, 4, -1)
         a = model.attention(torch.cat([f.view(2, 4, -1), e], -1)).squeeze(-1)
         w = torch.softmax(torch.relu(a + 0.5) / 0.3, dim=1)
+    # the attention must matter here: some slices clipped by the ReLU, weights not uniform
+    assert (a + 0.5 < 0).any() and (a + 0.5 > 0).any() and w.std(1).min() > 0.05
+    assert (p.max(1).values - p.min(1).values).max() > 0.05
     torch.testing.assert_close(out, (w[..., None] * p).sum(1).log(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.last_attention, w, rtol=1e-4, atol=1e-6)
 
