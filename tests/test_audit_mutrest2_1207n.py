@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import yaml
 from fixtures_real import _save_nii, write_dicom
+from test_audit_mutimport_1207m import _square_mask
+from test_audit_mutrest_1207n import _run_folder
 
 from causalign.data.importers.base import Sample, Skipped, Unit
 from causalign.engine import TrainConfig
@@ -23,21 +24,8 @@ from causalign.engine.trainer import (
     train,
 )
 from causalign.errors import CausalignError
-from causalign.methods import build_method
-from causalign.methods.base import resolved_params
 
 # ----------------------------------------------------------------------------- settings_diff
-
-
-def _run_folder(root: Path, cfg: TrainConfig) -> Path:
-    """A run folder's config.yaml as the trainer writes it (settings and resolved
-    hyper-parameters)."""
-    run = root / "run"
-    run.mkdir(parents=True)
-    stored = {**cfg.to_dict(), "method_params": resolved_params(build_method(cfg.method,
-                                                                             cfg.method_args))}
-    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
-    return run
 
 
 def test_another_model_reports_its_raw_model_args_without_resolving_them(tmp_path):
@@ -133,12 +121,6 @@ def _full() -> np.ndarray:
     full = np.zeros((128, 128), np.uint16)
     full[8:120, 8:120] = 1000 + (np.arange(112)[None, :] * 3).astype(np.uint16)
     return full
-
-
-def _square_mask(lo: int, hi: int) -> np.ndarray:
-    m = np.zeros((128, 128), np.uint8)
-    m[lo:hi, lo:hi] = 255
-    return m
 
 
 def _cbis(src: Path, images: dict[str, np.ndarray], rois: dict[str, np.ndarray],
