@@ -643,8 +643,12 @@ def evaluate(
     bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
     reliability: Annotated[Path | None, typer.Option(
         parser=_file_option("--reliability", "reliability.png"), metavar="<path>",
-        help="also draw the split's reliability diagram here (.png, .pdf or .svg; 15 bins of "
-             "the predicted class's probability against accuracy, ECE in the title)")] = None,
+        help="also draw the split's reliability diagram here (.png, .pdf or .svg; --n-bins "
+             "bins of the predicted class's probability against accuracy, ECE in the "
+             "title)")] = None,
+    n_bins: Annotated[int, typer.Option(
+        help="bins of the ECE (its interval, the reliability diagram): 15 (Guo et al.), as "
+             "training's metrics.json; another number is recorded as ece_bins")] = 15,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, sensitivity/specificity,
@@ -664,6 +668,7 @@ def evaluate(
                              f"interval; give at least {MIN_BOOTSTRAP} (1000 is usual)")
     if bootstrap_seed < 0:
         raise CausalignError(f"--bootstrap-seed {bootstrap_seed}: must be 0 or more")
+    _check_n_bins(n_bins)
     if bootstrap_seed and not bootstrap:  # no resample is drawn: the seed was silently unread
         raise CausalignError(f"--bootstrap-seed {bootstrap_seed} is used only with --bootstrap "
                              f"N (the resamples it seeds); add --bootstrap 1000")
@@ -697,7 +702,7 @@ def evaluate(
                                  explainer_kwargs=options.get(saliency),
                                  predictions=predictions, bootstrap=bootstrap,
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
-                                 reliability_title=f"{run} ({split})")
+                                 reliability_title=f"{run} ({split})", ece_bins=n_bins)
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
                **_search_record(options)}
     if out is not None:
@@ -1404,6 +1409,9 @@ def compare(
     reliability: Annotated[Path | None, typer.Option(
         parser=_file_option("--reliability", "reliability.png"), metavar="<path>",
         help="also draw both runs' reliability diagrams here (.png, .pdf or .svg)")] = None,
+    n_bins: Annotated[int, typer.Option(
+        help="bins of the ECE and the reliability diagrams (15: Guo et al., as "
+             "metrics.json)")] = 15,
 ) -> None:
     """Paired comparison of two runs on the same samples, from their saved predictions:
     accuracies and AUCs, DeLong's test of the AUC difference (binary; one-vs-rest per class
@@ -1420,6 +1428,7 @@ def compare(
                              f"CSV files (read as they are; --split picks a run folder's "
                              f"predictions_<split>.csv)")
     split = "test" if split is None else split
+    _check_n_bins(n_bins)
     if out is not None:
         _check_output_file("--out", out, "the comparison JSON")
     if reliability is not None:
@@ -1469,13 +1478,16 @@ def compare(
                       f"predictions of one dataset (`causalign evaluate RUN --data DATA "
                       f"--predictions FILE.csv` for each run)", stacklevel=1)
     y = a.labels
-    metrics_a = classification_metrics(a.probs, y)
-    metrics_b = classification_metrics(probs_b, y)
+    metrics_a = classification_metrics(a.probs, y, n_bins)
+    metrics_b = classification_metrics(probs_b, y, n_bins)
     result: dict[str, Any] = {
         "a": str(run_a), "b": str(run_b), "predictions_a": str(file_a),
         "predictions_b": str(file_b), "n": len(y), "classes": a.classes,
         "accuracy_a": metrics_a["accuracy"], "accuracy_b": metrics_b["accuracy"],
         "auc_a": metrics_a["auc"], "auc_b": metrics_b["auc"],
+        # calibration beside discrimination (no test of their difference)
+        "brier_a": metrics_a["brier"], "brier_b": metrics_b["brier"],
+        "ece_a": metrics_a["ece"], "ece_b": metrics_b["ece"], "ece_bins": n_bins,
     }
     n_classes = a.probs.shape[1]
     if n_classes == 2:
@@ -1499,11 +1511,19 @@ def compare(
     if reliability is not None:
         from .report.figures import reliability_diagram
 
-        reliability_diagram({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, reliability)
+        reliability_diagram({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, reliability,
+                            n_bins=n_bins)
         result["reliability"] = str(reliability)
     if out is not None:
         atomic_write_json(out, result)
     _echo_json(result)
+
+
+def _check_n_bins(n_bins: int) -> None:
+    """--n-bins refused in one line before any work (the ECE's own check said "n_bins")."""
+    if n_bins < 1:
+        raise CausalignError(f"--n-bins {n_bins}: give a number of bins of at least 1 (15 "
+                             f"is usual)")
 
 
 def _other_datasets(run_a: Path, run_b: Path) -> str | None:

@@ -31,7 +31,7 @@ from ..metrics import (
     mass_in_mask,
     normalize_maps,
 )
-from ..metrics.classification import check_bootstrap
+from ..metrics.classification import ECE_BINS, check_bins, check_bootstrap
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -270,6 +270,7 @@ def evaluate_split(
     explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
     predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
     reliability: str | Path | None = None, reliability_title: str | None = None,
+    ece_bins: int = ECE_BINS,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -287,6 +288,9 @@ def evaluate_split(
     ``reliability``: also draw the split's reliability diagram there
     (`report.figures.reliability_diagram`, titled ``reliability_title``, default the split).
 
+    ``ece_bins``: the bins of the ECE, its interval and the reliability diagram (15, Guo et
+    al.'s, by default); another number is recorded as ``ece_bins``.
+
     Localisation uses the saliency of the *predicted* class on the input the model sees
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
     mask), `cam_precision_mask`, `cam_mass_in_mask`, IoU/Dice against the pixel mask.
@@ -301,11 +305,12 @@ def evaluate_split(
     """
     if bootstrap != 0:  # a bad count fails now, not after the whole evaluation
         check_bootstrap(bootstrap, bootstrap_seed)
+    check_bins(ece_bins)
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
-                               reliability_title)
+                               reliability_title, ece_bins)
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -314,7 +319,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0,
                     predictions: str | Path | None = None, bootstrap: int = 0,
                     bootstrap_seed: int = 0, reliability: str | Path | None = None,
-                    reliability_title: str | None = None) -> dict:
+                    reliability_title: str | None = None, ece_bins: int = ECE_BINS) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -385,7 +390,9 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
 
     p = torch.cat(probs).cpu().numpy()
     y = torch.cat(labels).cpu().numpy()
-    out = classification_metrics(p, y)
+    out = classification_metrics(p, y, ece_bins)
+    if ece_bins != ECE_BINS:
+        out["ece_bins"] = ece_bins
     out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
     if predictions is not None:
@@ -394,7 +401,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         from ..report.figures import reliability_diagram
 
         reliability_diagram({reliability_title or f"split '{dataset.split}'": (p, y)},
-                            reliability)
+                            reliability, n_bins=ece_bins)
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
     counted = {name: v[~v.isnan()] for name, v in per_sample.items()}
 
@@ -416,7 +423,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         for f, v in deletion.items():
             per_sample[f"deletion@{f:g}"] = torch.cat(v)
         resampled = bootstrap_ci(p, y, bootstrap, bootstrap_seed,
-                                 per_sample={k: v.cpu().numpy() for k, v in per_sample.items()})
+                                 per_sample={k: v.cpu().numpy() for k, v in per_sample.items()},
+                                 ece_bins=ece_bins)
         ci = resampled["ci95"]
         ci["deletion"] = {f"{f:g}": ci.pop(f"deletion@{f:g}") for f in deletion}
         out.update(resampled)

@@ -32,19 +32,20 @@ BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "spe
 
 
 def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                           ) -> dict[str, Any]:
+                           ece_bins: int = ECE_BINS) -> dict[str, Any]:
     """accuracy, balanced accuracy and AUC (one-vs-rest macro for >2 classes, over the
     classes the split holds; None when the split holds a single class, where AUC is
     undefined), and each class's recall (`recall_per_class`, None for a class the split
     lacks), which for two classes are also given as `sensitivity` (class 1's recall) and
     `specificity` (class 0's); None for more classes. Calibration: `brier` (`brier_score`)
-    and `ece` (`expected_calibration_error`, 15 bins).
+    and `ece` (`expected_calibration_error`, ``ece_bins`` bins, 15 by default).
 
     ``probs`` (N, C) rows of class probabilities (each in [0, 1], summing to 1) and integer
     (or bool) ``labels`` (N,) in 0..C−1; anything else, an empty split or a NaN/inf
     probability raises `InputError` (a label C would otherwise count as "positive" in the
     binary AUC and give a silently wrong number; so would logits, whose class-1 column ranks
     samples differently from the softmax probability)."""
+    check_bins(ece_bins)
     probs, labels = _checked(probs, labels)
     pred = probs.argmax(axis=1)
     out: dict[str, Any] = {
@@ -76,7 +77,7 @@ def classification_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray 
             out["auc"] = float(np.mean([roc_auc_score(labels == c, probs[:, c])
                                         for c in present]))
     out["brier"] = _brier(probs, labels)
-    out["ece"] = _ece(probs, labels, ECE_BINS)
+    out["ece"] = _ece(probs, labels, int(ece_bins))
     return out
 
 
@@ -89,6 +90,12 @@ def brier_score(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Ten
     return _brier(*_checked(probs, labels))
 
 
+def check_bins(n_bins: int) -> None:
+    """`InputError` unless ``n_bins`` is a positive integer (a calibration bin count)."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, Integral) or n_bins < 1:
+        raise InputError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
 def expected_calibration_error(probs: np.ndarray | torch.Tensor,
                                labels: np.ndarray | torch.Tensor, n_bins: int = ECE_BINS
                                ) -> float:
@@ -96,8 +103,7 @@ def expected_calibration_error(probs: np.ndarray | torch.Tensor,
     probability (the confidence) into ``n_bins`` equal-width bins (lo, hi] of [0, 1];
     Σ_b |B_b|/N · |accuracy(B_b) − mean confidence(B_b)|, with the argmax prediction.
     0 is perfectly calibrated; inputs as `classification_metrics`."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, Integral) or n_bins < 1:
-        raise InputError(f"n_bins must be a positive integer, got {n_bins!r}")
+    check_bins(n_bins)
     return _ece(*_checked(probs, labels), int(n_bins))
 
 
@@ -149,8 +155,7 @@ def reliability_bins(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     Σ |B|/N · |share − mean probability| over those bins. Returns ``kind``, ``edges``
     (n_bins + 1), per bin ``count``, ``mean_predicted`` and ``observed`` (None for an empty
     bin), and ``ece``; inputs as `classification_metrics`."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, Integral) or n_bins < 1:
-        raise InputError(f"n_bins must be a positive integer, got {n_bins!r}")
+    check_bins(n_bins)
     if kind not in RELIABILITY_KINDS:
         raise InputError(f"kind must be one of {', '.join(RELIABILITY_KINDS)}, got {kind!r}")
     probs, labels = _checked(probs, labels)
@@ -179,7 +184,7 @@ def reliability_bins(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                  n: int = 1000, seed: int = 0,
                  per_sample: Mapping[str, np.ndarray | torch.Tensor] | None = None,
-                 ) -> dict[str, Any]:
+                 ece_bins: int = ECE_BINS) -> dict[str, Any]:
     """Percentile 95 % intervals of accuracy, balanced accuracy, AUC, sensitivity,
     specificity, Brier score and ECE (as `classification_metrics` defines them) from ``n``
     stratified bootstrap resamples: each resample draws each class's samples with
@@ -187,7 +192,7 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     present, AUC always defined, even with a single positive). Returns ``{"ci95": {metric:
     [lo, hi] or None}, "bootstrap": {"n", "seed", "method"}}`` (None where the point
     estimate is None), the same for the same inputs and seed. ``n`` must be at least
-    `MIN_BOOTSTRAP` (100); inputs as `classification_metrics`.
+    `MIN_BOOTSTRAP` (100); inputs and ``ece_bins`` as `classification_metrics`.
 
     ``per_sample``: more metrics that are means of a per-sample value, ``{name: (N,) values}``
     with NaN where a sample does not count (CAM precision of an unannotated image); each
@@ -201,7 +206,8 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     check_bootstrap(n, seed)
     probs, labels = _checked(probs, labels)
     extra = _checked_per_sample(per_sample, len(labels))
-    point = classification_metrics(probs, labels)
+    point = classification_metrics(probs, labels, ece_bins)
+    bins = int(ece_bins)
     n_samples, n_classes = probs.shape
     # samples sorted by class, so each class's columns of the count matrix are a slice (a
     # view) rather than a fancy-indexed copy; every metric is order-free
@@ -215,9 +221,9 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
                    else [int(c) for c in np.unique(labels)])
     rankings = {c: _ranking(probs[:, c], labels == c) for c in auc_classes}
     # the ECE's signed gap per (sample, bin): a resample's |Σ_bin| summed is its ECE·N
-    gap = np.zeros((n_samples, ECE_BINS))
+    gap = np.zeros((n_samples, bins))
     conf = probs.max(axis=1)
-    gap[np.arange(n_samples), _bin_of(conf, ECE_BINS)] = correct - conf
+    gap[np.arange(n_samples), _bin_of(conf, bins)] = correct - conf
     # one matrix product per chunk for every weighted sum below: Brier's terms, the ECE's
     # gaps, and each per-sample metric's counted flags and values (NaN → 0)
     names = list(extra)
@@ -241,10 +247,10 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
                                          for c in auc_classes], axis=0))
         total = w @ sums
         stats["brier"].append(total[:, 0] / n_samples)
-        stats["ece"].append(np.abs(total[:, 1:1 + ECE_BINS]).sum(axis=1) / n_samples)
-        drawn = total[:, 1 + ECE_BINS:1 + ECE_BINS + k]
+        stats["ece"].append(np.abs(total[:, 1:1 + bins]).sum(axis=1) / n_samples)
+        drawn = total[:, 1 + bins:1 + bins + k]
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(drawn > 0, total[:, 1 + ECE_BINS + k:] / drawn, np.nan)
+            means = np.where(drawn > 0, total[:, 1 + bins + k:] / drawn, np.nan)
         for j, name in enumerate(names):
             stats[name].append(means[:, j])
     ci: dict[str, list[float] | None] = {}
