@@ -255,18 +255,6 @@ def test_wbp_refuses_functional_batch_norm_over_batch_statistics():
             torch.rand(2, 1, 4, 4), target=0)
 
 
-def test_lrp_epsilon_trained_map_folds_batchnorm_for_a_large_epsilon():
-    """With ε = 0.5 on a conv followed by BatchNorm, the differentiable LRP-ε map (PPI's)
-    applies ε to the BN output, as zennit's folded layer does: it equals the explained
-    (zennit) map. Kills putting the ε factor on the conv output in `_epsilon_points`."""
-    net = bn_net().eval()
-    x = torch.rand(2, 1, 8, 8)
-    explainer = get_explainer("lrp-epsilon", net, epsilon=0.5)
-    plain = explainer.attribute(x, target=torch.tensor([0, 2]))
-    trained = explainer.attribute(x, target=torch.tensor([0, 2]), create_graph=True)
-    torch.testing.assert_close(trained.detach(), plain, rtol=1e-4, atol=1e-6)
-
-
 def _plain_net() -> nn.Sequential:
     torch.manual_seed(4)
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(),
@@ -405,3 +393,40 @@ def test_unused_settings_warn_only_when_changed_from_their_default():
     assert [str(w.message) for w in caught] == [
         "method.a=0.25 has no effect: it is used only with x",
         "method.b=true has no effect: it is used only with y"]
+
+
+class _ShiftedTanh(nn.Module):
+    """tanh(z) + 0.3: g(0) ≠ 0 and no closed form (RescaleRule's generic branch)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z) + 0.3
+
+
+def test_generic_rescale_rule_takes_the_limit_for_tiny_pre_activations_in_float32():
+    """For g(0) ≠ 0 without a closed form, (g(z) − g(0))/z loses all digits for |z| ~ 1e-7
+    in float32; the rule takes its limit g'(0) = 1 there (tanh(z)/z → 1), and the exact
+    value away from it. Kills dropping the cancellation threshold (eps = 0)."""
+    from causalign.explain.wbp import RescaleRule
+
+    rule = RescaleRule(_ShiftedTanh())
+    z = torch.tensor([1e-7, -3e-7, 0.0, 0.5, -2.0])
+    h = rule(z, torch.tanh(z) + 0.3)
+    want = torch.tensor([1.0, 1.0, 1.0, float(torch.tanh(torch.tensor(0.5)) / 0.5),
+                         float(torch.tanh(torch.tensor(2.0)) / 2.0)])
+    torch.testing.assert_close(h, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gradient", "gradcam", "wbp", "lrp-epsilon"])
+def test_float64_inputs_into_a_float32_model_are_refused_in_one_line(name):
+    """float64 images into a float32 model: one line naming both dtypes (torch's own
+    message comes from deep inside Captum/zennit); the float64 model takes them. Kills
+    dropping the dtype comparison in `check_model_dtype`."""
+    net = bn_net().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(InputError, match="inputs are torch.float64 but .* torch.float32"):
+        _explainer(name, net).attribute(x, target=0)
+    net64 = bn_net().double().eval()
+    want = _explainer(name, bn_net().eval()).attribute(x.float(), target=0)
+    got = _explainer(name, net64).attribute(x, target=0)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-5)
