@@ -165,14 +165,14 @@ class _Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(1)
-        self.stem = nn.Conv2d(1, 3, 3, padding=1)
-        self.shared = nn.Conv2d(3, 3, 3, padding=1)
-        self.head = nn.Linear(3, 3)
+        self.layers = nn.ModuleDict({"stem": nn.Conv2d(1, 3, 3, padding=1),
+                                     "shared": nn.Conv2d(3, 3, 3, padding=1)})
+        self.head = nn.Linear(3 * 36, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.shared(torch.tanh(self.stem(x))))
-        h = torch.tanh(self.shared(h))
-        return self.head(h.mean(dim=(2, 3)))
+        shared = self.layers["shared"]
+        h = shared(torch.relu(self.layers["stem"](x))).sigmoid()
+        return self.head(shared(h).sigmoid().flatten(1))
 
 
 def test_gradcam_one_pass_of_a_layer_run_twice_is_the_two_pass_map():
@@ -181,7 +181,7 @@ def test_gradcam_one_pass_of_a_layer_run_twice_is_the_two_pass_map():
     Kills accepting more than one kept output (``len(seen) < 1``), which used the first."""
     net = _Twice().eval()
     x = torch.rand(4, 1, 6, 6)
-    explainer = get_explainer("gradcam", net, layer="shared")
+    explainer = get_explainer("gradcam", net, layer="layers.shared")
     logits, cam = explainer.predict_and_attribute(x)
     want = explainer.attribute(x, target=logits.argmax(1))
     torch.testing.assert_close(cam, want, rtol=1e-5, atol=1e-7)
@@ -273,29 +273,22 @@ def _zennit_map(net: nn.Module, composite, x: torch.Tensor, target: torch.Tensor
 
 
 def _composite_cases():
-    from zennit.composites import (
-        EpsilonAlpha2Beta1,
-        EpsilonGammaBox,
-        EpsilonPlusFlat,
-        LayerMapComposite,
-        SpecialFirstLayerMapComposite,
-        layer_map_base,
-    )
-    from zennit.rules import Epsilon, Gamma, Pass, WSquare, ZPlus
-    from zennit.types import Convolution, Linear
+    import zennit.composites as zc
+    import zennit.rules as zr
+    import zennit.types as zt
 
-    base = [(nn.Mish, Pass())] + layer_map_base(1e-6)
+    base = [(nn.Mish, zr.Pass())] + zc.layer_map_base(1e-6)
     return [
-        ("lrp-gamma", {"gamma": 1.5}, LayerMapComposite(
-            base + [(Convolution, Gamma(gamma=1.5, stabilizer=1e-6)),
-                    (nn.Linear, Epsilon(epsilon=1e-6))])),
-        ("lrp-alpha-beta", {"epsilon": 0.3}, EpsilonAlpha2Beta1(epsilon=0.3)),
-        ("lrp-flat", {"epsilon": 0.3}, EpsilonPlusFlat(epsilon=0.3)),
-        ("lrp-w-square", {}, SpecialFirstLayerMapComposite(
-            layer_map=base + [(Convolution, ZPlus(stabilizer=1e-6)),
-                              (nn.Linear, Epsilon(epsilon=1e-6))],
-            first_map=[(Linear, WSquare(stabilizer=1e-6))])),
-        ("lrp-zbox", {"low": -1.0, "high": 2.0}, EpsilonGammaBox(low=-1.0, high=2.0)),
+        ("lrp-gamma", {"gamma": 1.5}, zc.LayerMapComposite(
+            base + [(zt.Convolution, zr.Gamma(gamma=1.5, stabilizer=1e-6)),
+                    (nn.Linear, zr.Epsilon(epsilon=1e-6))])),
+        ("lrp-alpha-beta", {"epsilon": 0.3}, zc.EpsilonAlpha2Beta1(epsilon=0.3)),
+        ("lrp-flat", {"epsilon": 0.3}, zc.EpsilonPlusFlat(epsilon=0.3)),
+        ("lrp-w-square", {}, zc.SpecialFirstLayerMapComposite(
+            layer_map=base + [(zt.Convolution, zr.ZPlus(stabilizer=1e-6)),
+                              (nn.Linear, zr.Epsilon(epsilon=1e-6))],
+            first_map=[(zt.Linear, zr.WSquare(stabilizer=1e-6))])),
+        ("lrp-zbox", {"low": -1.0, "high": 2.0}, zc.EpsilonGammaBox(low=-1.0, high=2.0)),
     ]
 
 
