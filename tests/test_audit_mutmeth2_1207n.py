@@ -265,6 +265,7 @@ def hier_split(tmp_path_factory):
     return train_set
 
 
+@pytest.mark.filterwarnings("ignore:hier-align.*have only a box:UserWarning")  # by design
 def test_global_alignable_flags_are_the_global_batchs_rows(hier_split):
     """`_global_alignable`: the attribute level's flags are r_known at the global batch's
     dataset indices (not its first N rows), the image level's the global batch's has_mask
@@ -313,6 +314,7 @@ def _mirrored(train_set, chunk, sizes=None):
     return GlobalStep(0, 2, sizes, global_step(train_set, chunk, 0, 1).batch)
 
 
+@pytest.mark.filterwarnings("ignore:hier-align.*have only a box:UserWarning")  # by design
 @pytest.mark.parametrize("args", [{"lam1": 0.0}, {"attr_weight": 3.0}],
                          ids=["attribute-level-only", "attr-weight-3"])
 def test_global_balance_caps_equal_one_process_on_a_mirrored_chunk(hier_split, monkeypatch,
@@ -343,6 +345,7 @@ def test_global_balance_caps_equal_one_process_on_a_mirrored_chunk(hier_split, m
     assert mirror.calls == (1 if params["lam1"] == 0 else 2)
 
 
+@pytest.mark.filterwarnings("ignore:hier-align.*have only a box:UserWarning")  # by design
 def test_global_balance_joins_no_exchange_it_does_not_need(hier_split, monkeypatch):
     """No exchange for a level with nothing alignable in the global batch (rows 0, 1, 7
     carry no mask: only the attribute level's), none at all with an empty rank (it never
