@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from test_audit_mutfig_1207n import _saved  # noqa: E402  (figures captured, not saved)
 
 from causalign.data.format import (  # noqa: E402
     DatasetMeta,
@@ -226,20 +227,6 @@ def test_regenerating_prunes_only_the_generators_own_stale_files(tmp_path):
 
 
 # --- figures: the arrays handed to matplotlib -------------------------------------------
-
-
-def _saved(monkeypatch) -> list:
-    """Each figure a writer would save, drawn, instead of a PNG."""
-    import causalign.report.figures as figures
-
-    figs: list = []
-
-    def capture(fig, path, **kwargs):
-        fig.canvas.draw()
-        figs.append(fig)
-
-    monkeypatch.setattr(figures, "atomic_savefig", capture)
-    return figs
 
 
 def test_training_curves_draw_each_panels_own_column(monkeypatch, tmp_path):
