@@ -38,13 +38,13 @@ if TYPE_CHECKING:
 
     from .distributed import Shard
 
-# Saliency methods that cannot explain the volume model: Grad-CAM's layer sees slices, not
-# volumes, and zennit has rules for none of MultiViewCNN's attention pooling except via
-# lrp-epsilon's modified gradient (explain/lrp.py).
-# the saliency-against-annotation means `evaluate_split` reports (and resamples)
+# The saliency-against-annotation means `evaluate_split` reports (and resamples)
 LOCALISATION_METRICS = ("cam_precision", "cam_precision_mask", "cam_mass_in_mask",
                         "saliency_iou", "saliency_dice")
 
+# Saliency methods that cannot explain the volume model: Grad-CAM's layer sees slices, not
+# volumes, and zennit has rules for none of MultiViewCNN's attention pooling except via
+# lrp-epsilon's modified gradient (explain/lrp.py).
 VOLUME_UNSUPPORTED = ("gradcam", "lrp-alpha-beta", "lrp-flat", "lrp-gamma", "lrp-w-square",
                       "lrp-zbox")
 

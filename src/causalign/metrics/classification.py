@@ -202,7 +202,8 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
 
     Vectorised: a resample is a row of draw counts per sample, so every metric is a weighted
     sum over the split (the AUC a weighted Mann–Whitney count with ties as ½, which is
-    scikit-learn's `roc_auc_score` on the resample; the ECE a weighted bincount)."""
+    scikit-learn's `roc_auc_score` on the resample; Brier, the ECE's per-bin gaps and the
+    per-sample means one matrix product per chunk)."""
     check_bootstrap(n, seed)
     probs, labels = _checked(probs, labels)
     extra = _checked_per_sample(per_sample, len(labels))
@@ -256,17 +257,17 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     ci: dict[str, list[float] | None] = {}
     undefined = {}
     for name, parts in stats.items():
-        if name in point and point[name] is None or not parts:
+        if (name in point and point[name] is None) or not parts:
             ci[name] = None
             continue
-        drawn = np.concatenate(parts)
-        drawn = drawn[~np.isnan(drawn)]
-        if len(drawn) < len(np.concatenate(parts)):
-            undefined[name] = int(len(np.concatenate(parts)) - len(drawn))
-        if len(drawn) == 0:  # no counted sample at all (an unannotated split)
+        resampled = np.concatenate(parts)
+        defined = resampled[~np.isnan(resampled)]
+        if len(defined) < len(resampled):
+            undefined[name] = int(len(resampled) - len(defined))
+        if len(defined) == 0:  # no counted sample at all (an unannotated split)
             ci[name] = None
             continue
-        lo, hi = np.percentile(drawn, [2.5, 97.5])
+        lo, hi = np.percentile(defined, [2.5, 97.5])
         ci[name] = [float(lo), float(hi)]
     settings: dict[str, Any] = {"n": int(n), "seed": int(seed),
                                 "method": "percentile, stratified by class"}
