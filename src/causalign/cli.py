@@ -649,15 +649,24 @@ def evaluate(
     n_bins: Annotated[int, typer.Option(
         help="bins of the ECE (its interval, the reliability diagram): 15 (Guo et al.), as "
              "training's metrics.json; another number is recorded as ece_bins")] = 15,
+    operating_point: Annotated[str | None, typer.Option(
+        metavar="RULE",
+        help="two-class runs: also give sensitivity, specificity, PPV and NPV at a threshold "
+             "on the positive class's probability, chosen on the val split by RULE: youden, "
+             "sensitivity=S (the best specificity with sensitivity ≥ S), specificity=S; or "
+             "threshold=T, fixed")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, sensitivity/specificity,
     Brier score, ECE, CAM precision, deletion; with --bootstrap N, their 95 % intervals;
-    with --reliability FILE, the reliability diagram."""
-    from .engine.evaluate import VOLUME_UNSUPPORTED, evaluate_split
+    with --reliability FILE, the reliability diagram; with --operating-point RULE, the
+    rates at a threshold chosen on the val split."""
+    from .engine.evaluate import VOLUME_UNSUPPORTED, check_two_classes, evaluate_split
+    from .engine.evaluate import predict as predict_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
     from .metrics.classification import MIN_BOOTSTRAP
+    from .metrics.operating_point import OperatingPoint, choose_threshold
 
     # before loading the run: a bad count failed only after the whole evaluation
     if bootstrap < 0:
@@ -672,6 +681,12 @@ def evaluate(
     if bootstrap_seed and not bootstrap:  # no resample is drawn: the seed was silently unread
         raise CausalignError(f"--bootstrap-seed {bootstrap_seed} is used only with --bootstrap "
                              f"N (the resamples it seeds); add --bootstrap 1000")
+    point = None
+    if operating_point is not None:
+        try:
+            point = OperatingPoint.parse(operating_point)
+        except CausalignError as e:
+            raise CausalignError(f"--operating-point: {e}") from None
     if out is not None:  # fail before the evaluation, not after it
         _check_output_file("--out", out, "the metrics JSON")
     if predictions is not None:
@@ -695,14 +710,45 @@ def evaluate(
     dev = next(model.parameters()).device
     saliency = saliency or cfg.eval_saliency
     options = _run_explainer_kwargs(run, method, data_path, dev, [saliency])
+    if point is not None:
+        try:  # a three-class run is refused before any pass
+            check_two_classes(ds)
+        except CausalignError as e:
+            raise CausalignError(f"--operating-point {point}: {e}") from None
     with _progress(progress) as bar:
+        threshold, chosen = None, {"chosen_on": None}
+        if point is not None and not point.chooses:
+            threshold = point.target
+        elif point is not None:
+            # on validation, never on the split reported: a threshold tuned on the test
+            # split gives an optimistic sensitivity/specificity pair
+            try:
+                val = ds if split == "val" else _split_for_model(data_path, "val")
+            except CausalignError as e:
+                raise CausalignError(f"--operating-point {point} chooses its threshold on "
+                                     f"the val split: {e}") from None
+            p_val, y_val, _ = predict_split(model, method, val, dev, progress=bar)
+            try:
+                threshold = choose_threshold(point, p_val, y_val)
+            except CausalignError as e:
+                raise CausalignError(f"--operating-point {point} on split 'val' of "
+                                     f"{data_path}: {e}") from None
+            chosen = {"chosen_on": "val", "n_chosen_on": int(len(y_val))}
         metrics = evaluate_split(model, method, ds, dev, saliency=saliency,
                                  fractions=tuple(cfg.deletion_fractions), progress=bar,
                                  deletion_fill=cfg.deletion_fill,
                                  explainer_kwargs=options.get(saliency),
                                  predictions=predictions, bootstrap=bootstrap,
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
-                                 reliability_title=f"{run} ({split})", ece_bins=n_bins)
+                                 reliability_title=f"{run} ({split})", ece_bins=n_bins,
+                                 threshold=threshold)
+    if point is not None:
+        # the rule and where it was chosen before the rates, as a reader asks
+        metrics["operating_point"] = {"rule": str(point), **chosen,
+                                      **metrics["operating_point"]}
+        if split == "val" and point.chooses:
+            metrics["operating_point"]["note"] = ("chosen on the split it reports: its "
+                                                  "rates are optimistic")
     metrics = {"run": str(run), "data": str(data_path), "split": split, **metrics,
                **_search_record(options)}
     if out is not None:

@@ -32,6 +32,7 @@ from ..metrics import (
     normalize_maps,
 )
 from ..metrics.classification import ECE_BINS, check_bins, check_bootstrap
+from ..metrics.operating_point import operating_point_metrics, operating_point_per_sample
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -270,7 +271,7 @@ def evaluate_split(
     explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
     predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
     reliability: str | Path | None = None, reliability_title: str | None = None,
-    ece_bins: int = ECE_BINS,
+    ece_bins: int = ECE_BINS, threshold: float | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -291,6 +292,11 @@ def evaluate_split(
     ``ece_bins``: the bins of the ECE, its interval and the reliability diagram (15, Guo et
     al.'s, by default); another number is recorded as ``ece_bins``.
 
+    ``threshold``: also give the split's ``operating_point`` when class 1 is called for
+    ``p ≥ threshold`` (`operating_point_metrics`: sensitivity, specificity, PPV, NPV and the
+    confusion counts; with ``bootstrap``, their intervals in ``ci95["operating_point"]``).
+    Two-class datasets only (`InputError` before the pass otherwise).
+
     Localisation uses the saliency of the *predicted* class on the input the model sees
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
     mask), `cam_precision_mask`, `cam_mass_in_mask`, IoU/Dice against the pixel mask.
@@ -306,11 +312,32 @@ def evaluate_split(
     if bootstrap != 0:  # a bad count fails now, not after the whole evaluation
         check_bootstrap(bootstrap, bootstrap_seed)
     check_bins(ece_bins)
+    if threshold is not None:
+        check_threshold(threshold, dataset)
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
-                               reliability_title, ece_bins)
+                               reliability_title, ece_bins, threshold)
+
+
+def check_threshold(threshold: float, dataset: LesionDataset) -> None:
+    """`InputError` unless ``threshold`` is a probability in [0, 1] and ``dataset`` has two
+    classes (an operating point needs a positive class)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+            math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise InputError(f"operating-point threshold must be a probability in [0, 1], got "
+                         f"{threshold!r}")
+    check_two_classes(dataset)
+
+
+def check_two_classes(dataset: LesionDataset) -> None:
+    """`InputError` unless ``dataset`` has two classes: an operating point needs a positive
+    class."""
+    classes = dataset.meta.classes
+    if len(classes) != 2:
+        raise InputError(f"an operating point needs a two-class dataset (a positive class); "
+                         f"{dataset.root} has {len(classes)} classes: {', '.join(classes)}")
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -319,7 +346,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     explainer_kwargs: dict[str, Any], deletion_fill: float = 0.0,
                     predictions: str | Path | None = None, bootstrap: int = 0,
                     bootstrap_seed: int = 0, reliability: str | Path | None = None,
-                    reliability_title: str | None = None, ece_bins: int = ECE_BINS) -> dict:
+                    reliability_title: str | None = None, ece_bins: int = ECE_BINS,
+                    threshold: float | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -395,6 +423,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         out["ece_bins"] = ece_bins
     out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
+    if threshold is not None:
+        out["operating_point"] = operating_point_metrics(p, y, threshold)
     if predictions is not None:
         write_predictions(predictions, dataset, p)
     if reliability is not None:
@@ -422,11 +452,16 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         # the localisation and deletion means resampled with the same draws as accuracy
         for f, v in deletion.items():
             per_sample[f"deletion@{f:g}"] = torch.cat(v)
-        resampled = bootstrap_ci(p, y, bootstrap, bootstrap_seed,
-                                 per_sample={k: v.cpu().numpy() for k, v in per_sample.items()},
+        extra = {k: v.cpu().numpy() for k, v in per_sample.items()}
+        rates = (operating_point_per_sample(p, y, threshold) if threshold is not None
+                 else {})
+        extra.update({f"operating_point@{k}": v for k, v in rates.items()})
+        resampled = bootstrap_ci(p, y, bootstrap, bootstrap_seed, per_sample=extra,
                                  ece_bins=ece_bins)
         ci = resampled["ci95"]
         ci["deletion"] = {f"{f:g}": ci.pop(f"deletion@{f:g}") for f in deletion}
+        if rates:
+            ci["operating_point"] = {k: ci.pop(f"operating_point@{k}") for k in rates}
         out.update(resampled)
     if note is not None:
         out["saliency_note"] = note

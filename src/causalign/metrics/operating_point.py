@@ -1,0 +1,143 @@
+"""Operating points of a binary classifier: a threshold on the positive class's probability,
+chosen on one split (validation) and applied unchanged to another (test), with the
+sensitivity, specificity, PPV and NPV it gives there.
+
+Argmax — the rule accuracy uses — is the threshold 0.5; a screening reader instead fixes the
+sensitivity (or specificity) the test must reach and reads off the other. Choosing the
+threshold on the test split itself would report an optimistic pair, so `choose_threshold`
+takes the split to choose on and `operating_point_metrics` the split to report.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_curve
+
+from ..errors import InputError
+from .classification import _checked
+
+# the rules `OperatingPoint.parse` accepts, in the form the CLI shows them
+OPERATING_POINT_RULES = ("youden", "sensitivity=S", "specificity=S", "threshold=T")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How the threshold is set: ``rule`` one of "youden" (the threshold maximising
+    sensitivity + specificity − 1), "sensitivity" / "specificity" (the threshold giving the
+    highest specificity whose sensitivity is at least ``target``, and the reverse), or
+    "threshold" (``target`` itself, nothing is chosen)."""
+
+    rule: str
+    target: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> OperatingPoint:
+        """``youden``, ``sensitivity=0.9``, ``specificity=0.95`` or ``threshold=0.3``;
+        anything else raises `InputError` naming the accepted forms."""
+        spec = text.strip().lower()
+        if spec == "youden":
+            return cls("youden")
+        m = re.fullmatch(r"(sensitivity|specificity|threshold)\s*=\s*(\S+)", spec)
+        if m is None:
+            raise InputError(f"operating point {text!r}: give one of "
+                             f"{', '.join(OPERATING_POINT_RULES)} (e.g. sensitivity=0.9)")
+        rule, value = m.groups()
+        try:
+            target = float(value)
+        except ValueError:
+            raise InputError(f"operating point {text!r}: {value!r} is not a number") from None
+        if not np.isfinite(target) or not 0.0 <= target <= 1.0:
+            raise InputError(f"operating point {text!r}: the {rule} must lie in [0, 1]")
+        if rule != "threshold" and target == 0.0:
+            # every threshold reaches a sensitivity of 0: the "choice" would be arbitrary
+            raise InputError(f"operating point {text!r}: a {rule} of 0 is met by every "
+                             f"threshold; give a target in (0, 1]")
+        return cls(rule, target)
+
+    @property
+    def chooses(self) -> bool:
+        """Whether the threshold is chosen from data (every rule but a fixed threshold)."""
+        return self.rule != "threshold"
+
+    def __str__(self) -> str:
+        return self.rule if self.target is None else f"{self.rule}={self.target:g}"
+
+
+def choose_threshold(point: OperatingPoint, probs: np.ndarray | torch.Tensor,
+                     labels: np.ndarray | torch.Tensor) -> float:
+    """The threshold on class 1's probability (positive when ``p ≥ threshold``) that
+    ``point`` picks on these samples (two-class probabilities and labels, both classes
+    present; `InputError` otherwise). Candidates are the samples' own scores, as
+    scikit-learn's `roc_curve` gives them; "youden" takes the highest of tied optima, a
+    sensitivity target the highest threshold that meets it (the best specificity), a
+    specificity target the lowest (the best sensitivity). A fixed threshold is returned as
+    it is."""
+    if not point.chooses:
+        return float(point.target)
+    score, positive = _binary(probs, labels, f"choosing the {point} threshold")
+    if positive.all() or not positive.any():
+        raise InputError(f"choosing the {point} threshold needs both classes, got only "
+                         f"class {int(positive[0])} ({len(positive)} samples)")
+    fpr, tpr, thresholds = roc_curve(positive, score, drop_intermediate=False)
+    # thresholds[0] is "nothing positive" (inf, or max + 1 in older scikit-learn): a
+    # candidate only for a specificity target no real threshold meets
+    if point.rule == "youden":
+        i = 1 + int(np.argmax((tpr - fpr)[1:]))
+    elif point.rule == "sensitivity":
+        i = int(np.flatnonzero(tpr >= point.target - 1e-12)[0])
+    else:
+        i = int(np.flatnonzero(1.0 - fpr >= point.target - 1e-12)[-1])
+    if i == 0:
+        # above every score: JSON has no inf, and the next float above the top score
+        # classifies these samples exactly as inf does
+        return float(np.nextafter(score.max(), np.inf))
+    return float(thresholds[i])
+
+
+def operating_point_metrics(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                            threshold: float) -> dict[str, Any]:
+    """Sensitivity, specificity, PPV and NPV (None where undefined: no positive, no
+    negative, nothing called positive or negative) and the confusion counts ``tp``, ``fp``,
+    ``tn``, ``fn`` when class 1 is called for ``p ≥ threshold``."""
+    score, positive = _binary(probs, labels, "operating-point metrics")
+    called = score >= threshold
+    tp = int((called & positive).sum())
+    fp = int((called & ~positive).sum())
+    tn = int((~called & ~positive).sum())
+    fn = int((~called & positive).sum())
+
+    def share(a: int, b: int) -> float | None:
+        return a / (a + b) if a + b else None
+
+    return {"threshold": float(threshold), "sensitivity": share(tp, fn),
+            "specificity": share(tn, fp), "ppv": share(tp, fp), "npv": share(tn, fn),
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def operating_point_per_sample(probs: np.ndarray | torch.Tensor,
+                               labels: np.ndarray | torch.Tensor,
+                               threshold: float) -> dict[str, np.ndarray]:
+    """Each operating-point rate as a mean of a per-sample value with NaN where a sample does
+    not count (sensitivity: a positive's "called positive"; PPV: a called positive's "is
+    positive"; …): the form `bootstrap_ci(per_sample=)` resamples."""
+    score, positive = _binary(probs, labels, "operating-point metrics")
+    called = score >= threshold
+    nan = np.full(len(score), np.nan)
+    return {"sensitivity": np.where(positive, called, nan),
+            "specificity": np.where(~positive, ~called, nan),
+            "ppv": np.where(called, positive, nan),
+            "npv": np.where(~called, ~positive, nan)}
+
+
+def _binary(probs: object, labels: object, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class 1's probability and the positive flags, or `InputError` for more classes."""
+    probs, labels = _checked(probs, labels)
+    if probs.shape[1] != 2:
+        raise InputError(f"{what} need a two-class model (a positive class), got "
+                         f"{probs.shape[1]} classes")
+    return probs[:, 1], labels == 1
