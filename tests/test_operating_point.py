@@ -67,6 +67,9 @@ def test_chosen_threshold_matches_a_brute_force_search(rule, seed):
     got = choose_threshold(point, probs, y)
     assert got == pytest.approx(_reference(point, probs[:, 1], y), abs=1e-15)
     sens, spec = _rates(probs[:, 1], y, got)
+    # the reported rates call the threshold's own (tied) samples positive, as chosen
+    m = operating_point_metrics(probs, y, got)
+    assert (m["sensitivity"], m["specificity"]) == (sens, spec)
     if point.rule == "sensitivity":
         assert sens >= point.target
     if point.rule == "specificity":
@@ -94,11 +97,17 @@ def test_fixed_threshold_is_not_chosen_and_metrics_match_sklearn():
     assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (tn, fp, fn, tp)
     assert m["sensitivity"] == tp / (tp + fn) and m["specificity"] == tn / (tn + fp)
     assert m["ppv"] == tp / (tp + fp) and m["npv"] == tn / (tn + fn)
-    # each rate is the mean of its per-sample values over the samples that count
-    for name, values in operating_point_per_sample(probs, y, 0.3).items():
-        assert np.nanmean(values) == pytest.approx(m[name], abs=1e-15)
-        assert np.isnan(values).sum() == {"sensitivity": tn + fp, "specificity": tp + fn,
-                                          "ppv": tn + fn, "npv": tp + fp}[name]
+    # each rate is the mean of its per-sample values over the samples that count, also
+    # at a threshold many samples tie on
+    for probs, y, t in ((probs, y, 0.3), (*_tied_probs(150, 0), 0.45)):
+        m = operating_point_metrics(probs, y, t)
+        for name, values in operating_point_per_sample(probs, y, t).items():
+            assert np.nanmean(values) == pytest.approx(m[name], abs=1e-15)
+            assert np.isnan(values).sum() == {"sensitivity": m["tn"] + m["fp"],
+                                              "specificity": m["tp"] + m["fn"],
+                                              "ppv": m["tn"] + m["fn"],
+                                              "npv": m["tp"] + m["fp"]}[name]
+    assert (_tied_probs(150, 0)[0][:, 1] == 0.45).sum() > 3
 
 
 @pytest.mark.parametrize("text, match", [
