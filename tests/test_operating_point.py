@@ -99,9 +99,9 @@ def test_fixed_threshold_is_not_chosen_and_metrics_match_sklearn():
     assert m["ppv"] == tp / (tp + fp) and m["npv"] == tn / (tn + fn)
     # each rate is the mean of its per-sample values over the samples that count, also
     # at a threshold many samples tie on
-    for probs, y, t in ((probs, y, 0.3), (*_tied_probs(150, 0), 0.45)):
-        m = operating_point_metrics(probs, y, t)
-        for name, values in operating_point_per_sample(probs, y, t).items():
+    for p, labels, t in ((probs, y, 0.3), (*_tied_probs(150, 0), 0.45)):
+        m = operating_point_metrics(p, labels, t)
+        for name, values in operating_point_per_sample(p, labels, t).items():
             assert np.nanmean(values) == pytest.approx(m[name], abs=1e-15)
             assert np.isnan(values).sum() == {"sensitivity": m["tn"] + m["fp"],
                                               "specificity": m["tp"] + m["fn"],

@@ -175,7 +175,7 @@ def data_check(data: Annotated[Path, typer.Argument(help="dataset folder")]) -> 
 
 
 def _split_for_model(data_path: Path, split: str, limit: int | None = None,
-                     run: Path | None = None):
+                     run: Path | None = None, pick: str = "first"):
     """``split`` of ``data_path`` (its first ``limit`` samples), refused in one line when its
     images have another channel count than the model `load_run` built (from the dataset's
     first image): it failed inside the first convolution with a traceback. With ``run``, a
@@ -188,7 +188,7 @@ def _split_for_model(data_path: Path, split: str, limit: int | None = None,
         warn_other_intensity,
     )
 
-    ds = LesionDataset(data_path, split, limit=limit)
+    ds = LesionDataset(data_path, split, limit=limit, pick=pick)
     check_split_channels(ds, data_info_from_disk(data_path).in_channels,
                          "the run's model takes")
     if run is not None:
@@ -812,8 +812,10 @@ def explain(
                         ] = "gradcam",
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
-    limit: Annotated[int | None, typer.Option(help="first N samples (N past the split's size: all)")
+    limit: Annotated[int | None, typer.Option(help="N samples (N past the split's size: all)")
                      ] = 32,
+    pick: Annotated[str, typer.Option(help="which N: first (manifest order) | balanced (the "
+                                           "classes in turn)")] = "first",
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
@@ -827,6 +829,7 @@ def explain(
     from .explain.export import export_saliency
     from .io import folder_lock
 
+    _check_pick(pick)
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     if saliency != "all":
         get_explainer(saliency, model)  # unknown names fail before any work
@@ -834,7 +837,7 @@ def explain(
         raise CausalignError(f"--limit must be >= 1, got {limit}")
     # only the samples explained are read: --limit 32 (the default) read and validated a
     # whole 20000-image split first (minutes)
-    ds = _split_for_model(data_path, split, limit, run=run)
+    ds = _split_for_model(data_path, split, limit, run=run, pick=pick)
     _warn_unannotated_input(method, ds)
     volumes = len(ds.image_shape) == 4
     if volumes and saliency in VOLUME_UNSUPPORTED:
@@ -908,8 +911,10 @@ def counterfactual(
     run: Annotated[Path, typer.Argument(help="run folder")],
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("counterfactuals"),
-    limit: Annotated[int | None, typer.Option(help="first N samples (N past the split's size: all)")
+    limit: Annotated[int | None, typer.Option(help="N samples (N past the split's size: all)")
                      ] = 32,
+    pick: Annotated[str, typer.Option(help="which N: first (manifest order) | balanced (the "
+                                           "classes in turn)")] = "first",
     data: Annotated[Path | None, typer.Option(help="dataset (default: the run's)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     alpha: Annotated[float | None, typer.Option(
@@ -962,6 +967,7 @@ def counterfactual(
     )
     from .io import folder_lock
 
+    _check_pick(pick)
     fixed_bounds = _parse_bounds(bounds)  # before loading anything: a typo fails at once
     if limit is not None and limit < 1:
         raise CausalignError(f"--limit must be >= 1, got {limit}")
@@ -1053,6 +1059,10 @@ def counterfactual(
                                                  else (bounds_train, ds)),
                                                also=recorded)
     settings.bounds = None if bounds.strip().lower() == "none" else valid_range
+    if pick == "balanced" and limit is not None:  # after the range, which the whole split sets
+        from .data.format import balanced_pick
+
+        ds = ds.restricted(sorted(balanced_pick(ds.labels, limit)))
     # held from the autoencoder on: it is saved into OUT too (`folder_lock`)
     with folder_lock(out, f"causalign counterfactual --out {out}"), _progress(progress) as bar:
         ae = None
@@ -1563,6 +1573,15 @@ def compare(
     if out is not None:
         atomic_write_json(out, result)
     _echo_json(result)
+
+
+def _check_pick(pick: str) -> None:
+    """--pick refused in one line before the run is loaded."""
+    from .data.format import PICKS
+
+    if pick not in PICKS:
+        raise CausalignError(f"--pick {pick}: give one of {', '.join(PICKS)}"
+                             + did_you_mean(pick, PICKS))
 
 
 def _check_n_bins(n_bins: int) -> None:

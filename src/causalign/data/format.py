@@ -80,6 +80,27 @@ def outward_box(coords: Sequence[float]) -> tuple[int, ...]:
 _BOX_NOISE = 1e-6  # pixels; far above float64's error at image sizes, far below a pixel
 
 
+# Which samples a ``limit`` keeps (`LesionDataset`, `explain --pick`)
+PICKS = ("first", "balanced")
+
+
+def balanced_pick(labels: Sequence[int], n: int, order: Sequence[int] | None = None
+                  ) -> list[int]:
+    """Up to ``n`` indices into ``labels``, the classes in turn (ascending) and each class's
+    samples in ``order`` (default: index order), so every class present is shown when ``n``
+    allows; in the order picked."""
+    by_class: dict[int, list[int]] = {}
+    for i in range(len(labels)) if order is None else order:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    queues = [by_class[c][::-1] for c in sorted(by_class)]  # popped from the end
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop())
+    return picked
+
+
 @dataclass
 class DatasetMeta:
     """Contents of dataset.yaml."""
@@ -741,18 +762,23 @@ class LesionDataset(Dataset):
     each item; it is applied to every item `__getitem__` and `batch` return. The trainer
     builds its own datasets without one.
 
-    ``limit`` keeps only the split's first ``limit`` samples (manifest order) and reads only
-    their files: a command that shows a few samples (`data synth`'s examples.png, `explain
-    --limit 32`) read, decoded and validated all of a 20000-image split first.
+    ``limit`` keeps only ``limit`` of the split's samples and reads only their files: a
+    command that shows a few samples (`data synth`'s examples.png, `explain --limit 32`) read,
+    decoded and validated all of a 20000-image split first. ``pick`` says which: "first"
+    (manifest order) or "balanced" (`balanced_pick`: the classes in turn, each from its
+    first, so a class-sorted manifest still shows every class), kept in manifest order.
     """
 
     def __init__(self, root: str | Path, split: str = "train",
                  transform: Callable[[dict[str, Tensor]], Mapping] | None = None,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, pick: str = "first") -> None:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):
             raise ValueError(f"LesionDataset: limit must be a positive int or None, got "
                              f"{limit!r}")
+        if pick not in PICKS:
+            raise ValueError(f"LesionDataset: pick must be one of {', '.join(PICKS)}, got "
+                             f"{pick!r}")
         if transform is not None and not callable(transform):
             raise TypeError(f"LesionDataset: transform must be a callable taking the item "
                             f"dict, got {type(transform).__name__}")
@@ -768,7 +794,11 @@ class LesionDataset(Dataset):
         self.records = [r for r in all_records if r.split == split]
         if not self.records:
             raise DataError(f"{self.root / MANIFEST}: split '{split}' is empty")
-        self.records = self.records[:limit]
+        if pick == "balanced" and limit is not None:
+            chosen = balanced_pick([r.label for r in self.records], limit)
+            self.records = [self.records[i] for i in sorted(chosen)]
+        else:
+            self.records = self.records[:limit]
         self._load_all()
 
     # Loading everything once makes validation complete before training starts and keeps

@@ -356,6 +356,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     explainer = get_explainer(saliency, model, **explainer_kwargs)
     probs, labels, losses = [], [], []
     local: dict[str, list[Tensor]] = {name: [] for name in LOCALISATION_METRICS}
+    # per sample: whether its map is empty under cam_precision's test (NaN: unannotated)
     empty: list[Tensor] = []
     deletion: dict[float, list[Tensor]] = {f: [] for f in fractions}
     task = None
@@ -397,9 +398,11 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         # the per-sample values `bootstrap_ci` resamples for their intervals
         values = {name: torch.full((len(pred),), float("nan"), dtype=torch.float64,
                                    device=maps.device) for name in LOCALISATION_METRICS}
+        is_empty = torch.full_like(values["cam_precision"], float("nan"))
         if ann.any():
             values["cam_precision"][ann] = cam_precision(maps[ann], box[ann]).double()
-            empty.append(normalize_maps(maps[ann])[1])  # the test cam_precision uses
+            is_empty[ann] = normalize_maps(maps[ann])[1].double()  # cam_precision's test
+        empty.append(is_empty)
         if has_mask.any():
             values["cam_precision_mask"][has_mask] = cam_precision(
                 maps[has_mask], mask[has_mask]).double()
@@ -433,6 +436,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         reliability_diagram({reliability_title or f"split '{dataset.split}'": (p, y)},
                             reliability, n_bins=ece_bins)
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
+    per_sample["cam_empty_fraction"] = torch.cat(empty)
     counted = {name: v[~v.isnan()] for name, v in per_sample.items()}
 
     def mean(values: Tensor) -> float | None:
@@ -440,7 +444,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
 
     out.update({
         **{name: mean(counted[name]) for name in LOCALISATION_METRICS},
-        "cam_empty_fraction": mean(torch.cat(empty)) if empty else None,
+        "cam_empty_fraction": mean(counted["cam_empty_fraction"]),
         "n_annotated": len(counted["cam_precision"]),
         # the samples cam_precision_mask, cam_mass_in_mask and IoU/Dice average (a pixel
         # mask): fewer than n_annotated where some samples have only a box
@@ -448,11 +452,16 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         "saliency": saliency,
         "deletion": {f"{f:g}": mean(torch.cat(v)) for f, v in deletion.items()},
     })
+    hits = attribute_hits(model, method, dataset, device)
+    if hits is not None:
+        out["attribute_accuracy"] = _attribute_accuracy(hits, dataset.meta.attributes)
     if bootstrap:
         # the localisation and deletion means resampled with the same draws as accuracy
         for f, v in deletion.items():
             per_sample[f"deletion@{f:g}"] = torch.cat(v)
         extra = {k: v.cpu().numpy() for k, v in per_sample.items()}
+        names = dataset.meta.attributes if hits is not None else []
+        extra.update({f"attribute@{n}": hits[:, j] for j, n in enumerate(names)})
         rates = (operating_point_per_sample(p, y, threshold) if threshold is not None
                  else {})
         extra.update({f"operating_point@{k}": v for k, v in rates.items()})
@@ -462,12 +471,11 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         ci["deletion"] = {f"{f:g}": ci.pop(f"deletion@{f:g}") for f in deletion}
         if rates:
             ci["operating_point"] = {k: ci.pop(f"operating_point@{k}") for k in rates}
+        if names:  # each attribute's accuracy; not their mean, a mean of ratios
+            ci["attribute_accuracy"] = {n: ci.pop(f"attribute@{n}") for n in names}
         out.update(resampled)
     if note is not None:
         out["saliency_note"] = note
-    acc = attribute_accuracy(model, method, dataset, device)
-    if acc is not None:
-        out["attribute_accuracy"] = acc
     return out
 
 
@@ -478,23 +486,33 @@ def attribute_accuracy(model: nn.Module, method: Method, dataset: LesionDataset,
     hierarchical X→A→Y model): accuracy of σ(logit) > 0.5 against the annotated attributes,
     per attribute (over samples where it is annotated) and the mean over attributes.
     None when the model predicts no attributes or the split has no annotations."""
-    names = list(dataset.meta.attributes)
-    if not callable(getattr(model, "attributes", None)) or not names:
+    hits = attribute_hits(model, method, dataset, device, batch_size)
+    return None if hits is None else _attribute_accuracy(hits, dataset.meta.attributes)
+
+
+@torch.no_grad()
+def attribute_hits(model: nn.Module, method: Method, dataset: LesionDataset,
+                   device: torch.device | str, batch_size: int = 256) -> np.ndarray | None:
+    """(N, attributes) float64: 1 where the model's σ(logit) > 0.5 matches the annotated
+    attribute, 0 where not, NaN where it is not annotated, in the split's order (the
+    per-sample values `attribute_accuracy` averages and `bootstrap_ci` resamples). None when
+    the model predicts no attributes or the split has no annotations."""
+    if not callable(getattr(model, "attributes", None)) or not dataset.meta.attributes:
         return None
-    hits, knowns = [], []  # per-batch counts, summed on the host once (no sync per batch)
+    parts = []  # per batch, copied to the host once (no sync per batch)
     with eval_mode(model):
         for batch in iterate_batches(dataset, eval_batch_size(dataset, batch_size, device),
                                      device=device):
             logits = model.attributes(_input(model, method, batch)).float()
-            known = batch["attr_known"].bool()
-            hit = ((logits > 0) == (batch["attributes"] > 0.5)) & known
-            hits.append(hit.sum(0))
-            knowns.append(known.sum(0))
-    correct = torch.stack(hits).sum(0).double().cpu()
-    count = torch.stack(knowns).sum(0).double().cpu()
-    if not bool((count > 0).any()):
-        return None
-    per = {n: (float(c / k) if k > 0 else None)
-           for n, c, k in zip(names, correct, count, strict=True)}
+            hit = ((logits > 0) == (batch["attributes"] > 0.5)).double()
+            parts.append(hit.masked_fill(~batch["attr_known"].bool(), float("nan")))
+    hits = torch.cat(parts).cpu().numpy()
+    return hits if bool((~np.isnan(hits)).any()) else None
+
+
+def _attribute_accuracy(hits: np.ndarray, names: list[str]) -> dict:
+    known = ~np.isnan(hits)
+    per = {n: (float(np.nanmean(hits[:, j])) if known[:, j].any() else None)
+           for j, n in enumerate(names)}
     vals = [v for v in per.values() if v is not None]
     return {"mean": float(np.mean(vals)), "per_attribute": per}

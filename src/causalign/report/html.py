@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.format import balanced_pick
 from ..errors import CausalignError, interrupt_behind
 from ..io import atomic_write_text
 from .figures import class_name
@@ -136,7 +137,7 @@ def cam_figure(out: Path, results: dict, dataset: str, path: Path, n: int = CASE
     # cases with a lesion annotation, both classes when possible
     order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
         list(range(len(test)))
-    idx = torch.tensor(_balanced(order, test.labels, n))
+    idx = torch.tensor(balanced_pick(test.labels, n, order))
     batch = test.batch(idx)
     maps, titles = {}, None
     for label, r in runs.items():
@@ -188,18 +189,6 @@ def _split_tag(ds: LesionDataset) -> str:
     return "" if ds.split == "test" else f" ({ds.split})"
 
 
-def _balanced(order: list[int], labels, n: int) -> list[int]:
-    by = {}
-    for i in order:
-        by.setdefault(int(labels[i]), []).append(i)
-    out: list[int] = []
-    while len(out) < n and any(by.values()):
-        for k in sorted(by):
-            if by[k] and len(out) < n:
-                out.append(by[k].pop(0))
-    return out
-
-
 def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
                           n: int = CF_CASES) -> str | None:
     """Triptychs original | x* | x* − x for the preferred method's run (paper 000 Fig. 9);
@@ -233,7 +222,7 @@ def counterfactual_figure(out: Path, results: dict, dataset: str, path: Path,
     test = _figure_split(data)
     order = [i for i in range(len(test)) if bool(test.has_box_or_mask[i])] or \
         list(range(len(test)))
-    idx = torch.tensor(_balanced(order, test.labels, min(n, len(test))))
+    idx = torch.tensor(balanced_pick(test.labels, min(n, len(test)), order))
     batch = test.batch(idx)
     x = method.model_input(batch)
     gen = CounterfactualGenerator(model, alpha=settings.alpha, steps=settings.steps,
