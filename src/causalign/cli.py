@@ -573,14 +573,18 @@ def _file_option(option: str, example: str) -> Callable[[str], Path]:
 
 
 def _check_output_file(option: str, path: Path, what: str) -> None:
-    """Refuse an output file path that cannot be written (a folder, or a path under a
-    file) before the work whose result it would hold."""
+    """Refuse an output file path that cannot be written (a folder, a path under a file,
+    or in a folder the user may not write) before the work whose result it would hold."""
     if path.is_dir():
         raise CausalignError(f"{option} {path}: is a folder; give a file path for {what}")
-    for parent in path.parents:  # the nearest existing ancestor must be a folder
+    for parent in path.parents:  # the nearest existing ancestor must be a writable folder
         if parent.exists():
             if not parent.is_dir():
                 raise CausalignError(f"{option} {path}: {parent} is a file, not a folder")
+            # `export --out RO/m.pt2` traced the model (~20 s) before its temporary file
+            # failed with "Permission denied"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CausalignError(f"{option} {path}: {parent} is not writable")
             return
 
 
