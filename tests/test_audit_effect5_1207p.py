@@ -20,16 +20,8 @@ from causalign.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_real import write_busi  # noqa: E402
+from test_audit_effect4_1207n import _err_line  # noqa: E402
 from test_training_curves import _rows, _write_history  # noqa: E402
-
-
-def _err_line(capsys, argv: list[str]) -> str:
-    """Run the CLI, expect a user error: its one stderr line."""
-    capsys.readouterr()
-    assert main(argv) != 0
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +221,65 @@ def test_export_out_in_an_unwritable_folder_is_refused_before_exporting(
     line = _err_line(capsys, ["export", str(run), "--out", str(ro / "new" / "m.pt2")])
     assert line == f"error: --out {ro / 'new' / 'm.pt2'}: {ro} is not writable"
     assert no_export == []
+
+
+# ------------------------------------------------------------------ options no test named
+
+
+def test_train_no_resume_on_a_run_folder_is_one_line(run, tiny_data, capsys):
+    """Guard: `train --no-resume` (the default) into a folder that holds a run refuses in one
+    line pointing at --resume, and leaves the run's checkpoint untouched."""
+    before = (run / "checkpoint.pt").read_bytes()
+    line = _err_line(capsys, ["train", str(tiny_data), "--out", str(run), "--epochs", "1",
+                              "--no-resume", "--no-progress"])
+    assert line == f"error: {run}: already holds a run (pass --resume to continue it, or " \
+                   "choose another --out)"
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_data_synth_no_overwrite_refuses_and_overwrite_replaces(tmp_path, capsys):
+    """Guard: `data synth --no-overwrite` into a non-empty folder is one line and keeps its
+    files; `--overwrite` writes the new dataset there."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    argv = ["data", "synth", str(out), "--n-train", "4", "--n-val", "2", "--n-test", "2",
+            "--size", "32", "--no-examples", "--no-progress"]
+    line = _err_line(capsys, [*argv, "--no-overwrite"])
+    assert line == f"error: {out}: output folder exists and is not empty (use --overwrite)"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "manifest.csv").is_file()
+    capsys.readouterr()
+
+
+def test_data_import_no_overwrite_keeps_and_overwrite_redoes(busi, tmp_path, capsys):
+    """Guard: a second `data import` with other settings into the same OUT is refused with
+    --no-overwrite (the first import's images stay), and --overwrite redoes it."""
+    out = tmp_path / "i"
+    base = ["data", "import", "busi", str(busi), str(out), "--no-progress"]
+    assert main([*base, "--size", "16"]) == 0
+    first = sorted(p.name for p in (out / "images").iterdir())
+    capsys.readouterr()
+    assert main([*base, "--size", "24", "--no-overwrite"]) != 0
+    assert capsys.readouterr().err.count("\n") == 1
+    assert sorted(p.name for p in (out / "images").iterdir()) == first
+    assert main([*base, "--size", "24", "--overwrite"]) == 0
+    from PIL import Image
+
+    with Image.open(next((out / "images").iterdir())) as im:
+        assert im.size == (24, 24)
+    capsys.readouterr()
+
+
+def test_causal_pc_test_and_split_reach_the_report(run, tmp_path, capsys):
+    """Guard: `causal pc --test kci --split train` runs the kernel test on the training
+    split: pc_check.json records indep_test kci and the 48 training samples."""
+    import json
+
+    assert main(["causal", "pc", str(run), "--test", "kci", "--split", "train", "--out",
+                 str(tmp_path / "pc")]) == 0
+    rep = json.loads((tmp_path / "pc" / "pc_check.json").read_text())
+    assert (rep["indep_test"], rep["n"]) == ("kci", 48)
+    assert rep["split"] == "train"
+    capsys.readouterr()
