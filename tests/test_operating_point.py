@@ -215,3 +215,48 @@ def test_cli_refuses_a_bad_rule_and_a_three_class_run_in_one_line(tmp_path, caps
     lines = _error_lines(capsys)
     assert rc == 2 and len(lines) == 1 and "needs a two-class dataset" in lines[0] and (
         "3 classes: normal, benign, malignant") in lines[0], lines
+
+
+def test_predict_calls_images_at_a_threshold(erm_run, tiny_data, tmp_path, capsys):
+    """`predict --threshold T`: called_class is the positive class exactly where its
+    probability reaches T, predicted stays the argmax (so `compare` still reads the file),
+    and the summary counts both."""
+    from causalign.engine.evaluate import read_predictions
+
+    capsys.readouterr()
+    plain, called = tmp_path / "plain.csv", tmp_path / "called.csv"
+    assert main(["predict", str(erm_run), str(tiny_data), "--out", str(plain),
+                 "--no-progress"]) in (0, None)
+    probs = read_predictions(plain).probs
+    t = float(np.sort(probs[:, 1])[len(probs) // 2])  # a score: its own sample is called 1
+    capsys.readouterr()
+    assert main(["predict", str(erm_run), str(tiny_data), "--out", str(called),
+                 "--threshold", repr(t), "--no-progress"]) in (0, None)
+    summary = capsys.readouterr().out
+    with open(called, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    want = np.where(probs[:, 1] >= t, "malignant", "benign")
+    assert [r["called_class"] for r in rows] == want.tolist()
+    assert [float(r["threshold"]) for r in rows] == [t] * len(rows)
+    back = read_predictions(called)
+    np.testing.assert_array_equal(back.predicted, probs.argmax(1))
+    n_called = int((probs[:, 1] >= t).sum())
+    assert f"at {t:g}: benign: {len(rows) - n_called}, malignant: {n_called}" in summary
+    assert 0 < n_called < len(rows)
+
+
+def test_predict_threshold_refusals(tmp_path, capsys):
+    data = _write_three_class(tmp_path / "data")
+    run = tmp_path / "run3"
+    train(data, TrainConfig(method="erm", epochs=1, width=4, batch_size=8), run,
+          progress=False)
+    capsys.readouterr()
+    for threshold, message in (("1.5", "error: --threshold: operating-point threshold must "
+                                       "be a probability in [0, 1], got 1.5"),
+                               ("0.5", "error: a threshold needs a two-class run (a positive "
+                                       "class); this run has 3 classes: normal, benign, "
+                                       "malignant")):
+        rc = main(["predict", str(run), str(data), "--out", str(tmp_path / "p.csv"),
+                   "--threshold", threshold, "--no-progress"])
+        assert rc == 2 and _error_lines(capsys) == [message]
+        assert not (tmp_path / "p.csv").exists()

@@ -36,6 +36,10 @@ def test_quickstart_example(tmp_path: Path) -> None:
     assert out[1] == "torch.Size([4, 1, 64, 64])"
     lo, hi = ast.literal_eval(out[2])  # bootstrap_ci's AUC interval from predictions_test.csv
     assert 0.0 <= lo <= hi <= 1.0
+    op = ast.literal_eval(out[3])  # rates at the val split's sensitivity-0.9 threshold
+    assert op["tp"] + op["fp"] + op["tn"] + op["fn"] == 50
+    assert op["sensitivity"] == op["tp"] / (op["tp"] + op["fn"])
+    assert 0.0 <= op["threshold"] <= 1.0
     assert (tmp_path / "runs" / "oracle" / "metrics.json").is_file()
 
 

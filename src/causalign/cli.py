@@ -782,6 +782,10 @@ def predict(
     maps: Annotated[Path | None, typer.Option(
         help="folder for the maps (as `explain --out`: maps/<id>.npy, overlays/<id>.png, "
              "grid.png)")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="two-class runs: also call each image at this probability of the second class "
+             "(column called_class; e.g. the threshold `evaluate --operating-point` chose); "
+             "predicted stays the argmax")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Class probabilities of a run's model on new, unlabelled images (one CSV row each)."""
@@ -791,21 +795,32 @@ def predict(
 
     if batch_size < 1:
         raise CausalignError(f"--batch-size {batch_size}: must be 1 or more")
+    if threshold is not None:
+        from .metrics.operating_point import check_probability
+
+        try:
+            check_probability(threshold)
+        except CausalignError as e:
+            raise CausalignError(f"--threshold: {e}") from None
     _check_output_file("--out", out, "the predictions CSV")
     _refuse_run_record(run, out=out)
     with _progress(progress) as bar:
         result = predict_images(run, inputs, split=split, batch_size=batch_size,
-                                device=device, progress=bar, saliency=saliency, maps=maps)
+                                device=device, progress=bar, saliency=saliency, maps=maps,
+                                threshold=threshold)
     for message in result.warnings.values():  # one line per check, not one per image
         warnings.warn(message, stacklevel=1)
     result.write_csv(out)
-    counts = np.bincount(result.predicted, minlength=len(result.classes))
     # files of the folders given that were not read (masks, broken links, other files)
     left = "; skipped " + ", ".join(f"{n} {why}" for why, n in result.skipped.items()) \
         if result.skipped else ""
-    typer.echo(f"{len(result.ids)} images -> {out} ("
-               + ", ".join(f"{c}: {int(n)}" for c, n in zip(result.classes, counts,
-                                                             strict=False)) + f"){left}")
+    def tally(classes) -> str:
+        counts = np.bincount(classes, minlength=len(result.classes))
+        return ", ".join(f"{c}: {int(n)}" for c, n in zip(result.classes, counts,
+                                                           strict=False))
+
+    called = "" if threshold is None else f"; at {threshold:g}: {tally(result.called)}"
+    typer.echo(f"{len(result.ids)} images -> {out} ({tally(result.predicted)}{called}){left}")
 
 
 @app.command()

@@ -32,7 +32,11 @@ from ..metrics import (
     normalize_maps,
 )
 from ..metrics.classification import ECE_BINS, check_bins, check_bootstrap
-from ..metrics.operating_point import operating_point_metrics, operating_point_per_sample
+from ..metrics.operating_point import (
+    check_probability,
+    operating_point_metrics,
+    operating_point_per_sample,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -324,10 +328,7 @@ def evaluate_split(
 def check_threshold(threshold: float, dataset: LesionDataset) -> None:
     """`InputError` unless ``threshold`` is a probability in [0, 1] and ``dataset`` has two
     classes (an operating point needs a positive class)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-            math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-        raise InputError(f"operating-point threshold must be a probability in [0, 1], got "
-                         f"{threshold!r}")
+    check_probability(threshold)
     check_two_classes(dataset)
 
 

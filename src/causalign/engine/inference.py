@@ -71,7 +71,9 @@ class Predictions:
     the dataset's labels (None for plain files); ``warnings`` the data-shift checks that
     fired ("intensity", "geometry"; for plain files "clipped": values beyond the
     training import's intensity rule) with their messages; ``skipped`` the files of the
-    folders given that were not read, by reason (mask files, broken links, other files)."""
+    folders given that were not read, by reason (mask files, broken links, other files);
+    ``threshold`` (two classes) the probability of class 1 from which `called` says class 1
+    (None: no threshold, `called` is the argmax)."""
 
     ids: list[str]
     sources: list[str]
@@ -81,15 +83,24 @@ class Predictions:
     sites: list[str] | None = None
     warnings: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    threshold: float | None = None
 
     @property
     def predicted(self) -> np.ndarray:
         return self.probs.argmax(axis=1)
 
+    @property
+    def called(self) -> np.ndarray:
+        """The class at ``threshold`` (1 where p₁ ≥ threshold), else the argmax."""
+        if self.threshold is None:
+            return self.predicted
+        return (self.probs[:, 1] >= self.threshold).astype(np.int64)
+
     def write_csv(self, path: str | Path) -> None:
         """One row per image (atomically): id, source, site, label (empty for plain files),
         predicted, p_<class> as in `evaluate --predictions`, predicted_class and
-        data_warning (the shift checks that fired, ';'-joined; empty when none)."""
+        data_warning (the shift checks that fired, ';'-joined; empty when none); with a
+        ``threshold``, also ``called_class`` (the class at it) and ``threshold``."""
         n = len(self.ids)
         labels = self.labels if self.labels is not None else [""] * n
         sites = self.sites if self.sites is not None else [""] * n
@@ -99,9 +110,20 @@ class Predictions:
             [[i, s, t, y] for i, s, t, y in zip(self.ids, self.sources, sites, labels,
                                                 strict=True)],
             self.probs, self.classes,
-            tail=(["predicted_class", "data_warning"],
-                  [[self.classes[k] if k < len(self.classes) else str(k), flag]
-                   for k in self.predicted]))
+            tail=self._tail(flag))
+
+    def _tail(self, flag: str) -> tuple[list[str], list[list[str]]]:
+        def name(k: int) -> str:
+            return self.classes[k] if k < len(self.classes) else str(k)
+
+        if self.threshold is None:
+            return ["predicted_class", "data_warning"], [[name(k), flag]
+                                                         for k in self.predicted]
+        # argmax's class stays beside the called one: `compare` and `read_predictions`
+        # take `predicted` as the argmax
+        return (["predicted_class", "called_class", "threshold", "data_warning"],
+                [[name(k), name(c), f"{self.threshold:.17g}", flag]
+                 for k, c in zip(self.predicted, self.called, strict=True)])
 
 
 def is_dataset(path: Path) -> bool:
@@ -525,8 +547,8 @@ def _checked_split(run: Path, data: Path, split: str, shown: Path
 def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
                    split: str | None = None, batch_size: int = 256,
                    device: str = "auto", progress: Progress | None = None,
-                   saliency: str | None = None, maps: str | Path | None = None
-                   ) -> Predictions:
+                   saliency: str | None = None, maps: str | Path | None = None,
+                   threshold: float | None = None) -> Predictions:
     """Class probabilities of RUN's model for new images.
 
     ``inputs``: a causalign dataset folder (its ``split``, default "test"; alone), or
@@ -535,11 +557,15 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     checks of `evaluate` run on the input (their messages in ``Predictions.warnings``; not
     warned here: the caller decides).
     ``saliency`` with ``maps``: also each image's map of its predicted class, written by
-    `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png)."""
+    `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png).
+    ``threshold``: a two-class run's operating point (`Predictions.threshold`), e.g. the one
+    `evaluate --operating-point` chose; refused for more classes before any image is read."""
     from .trainer import load_run, read_run_config
 
     run = Path(run)
-    read_run_config(run)  # a missing run fails before any image is read
+    recorded = read_run_config(run)  # a missing run fails before any image is read
+    if threshold is not None:
+        _check_threshold(threshold, recorded.get("data_classes"))
     if (saliency is None) != (maps is None):
         raise InputError("--saliency and --maps go together (a saliency method and the "
                          "folder for its maps)")
@@ -564,11 +590,11 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
         _export_maps(model, method, ds, saliency, maps, dev, progress)
-        return Predictions(ids=[r.id for r in ds.records],
-                           sources=[str(data / r.image) for r in ds.records],
-                           probs=probs, classes=list(ds.meta.classes),
-                           labels=[int(r.label) for r in ds.records],
-                           sites=[r.site for r in ds.records], warnings=fired)
+        return _with_threshold(Predictions(
+            ids=[r.id for r in ds.records], sources=[str(data / r.image) for r in ds.records],
+            probs=probs, classes=list(ds.meta.classes),
+            labels=[int(r.label) for r in ds.records], sites=[r.site for r in ds.records],
+            warnings=fired), threshold)
     if split is not None:  # plain files have no split: ignoring it hid a mistaken input
         raise InputError(f"--split {split}: for a dataset folder input only; the input is "
                          f"plain image files")
@@ -596,8 +622,29 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
         _export_maps(model, method, ds, saliency, maps, dev, progress, labelled=False)
         classes = list(ds.meta.classes)
-    return Predictions(ids=[sid for sid, _ in files], sources=[str(f) for _, f in files],
-                       probs=probs, classes=classes, warnings=fired, skipped=skipped)
+    return _with_threshold(Predictions(
+        ids=[sid for sid, _ in files], sources=[str(f) for _, f in files], probs=probs,
+        classes=classes, warnings=fired, skipped=skipped), threshold)
+
+
+def _check_threshold(threshold: float, classes: Sequence[str] | None) -> None:
+    """`InputError` unless ``threshold`` is a probability and the run (``classes``, when
+    recorded) has two classes."""
+    from ..metrics.operating_point import check_probability
+
+    check_probability(threshold)
+    if classes is not None and len(classes) != 2:
+        raise InputError(f"a threshold needs a two-class run (a positive class); this run has "
+                         f"{len(classes)} classes: {', '.join(map(str, classes))}")
+
+
+def _with_threshold(result: Predictions, threshold: float | None) -> Predictions:
+    """``result`` with its ``threshold`` set, checked against its classes (a run trained
+    before the classes were recorded is checked only here, after the pass)."""
+    if threshold is not None:
+        _check_threshold(threshold, result.classes)
+        result.threshold = float(threshold)
+    return result
 
 
 def _check_saliency(saliency: str | None, model: Any) -> None:

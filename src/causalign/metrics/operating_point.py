@@ -68,6 +68,14 @@ class OperatingPoint:
         return self.rule if self.target is None else f"{self.rule}={self.target:g}"
 
 
+def check_probability(threshold: float) -> None:
+    """`InputError` unless ``threshold`` is a probability in [0, 1]."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+            0.0 <= threshold <= 1.0):  # NaN fails the comparison too
+        raise InputError(f"operating-point threshold must be a probability in [0, 1], got "
+                         f"{threshold!r}")
+
+
 def choose_threshold(point: OperatingPoint, probs: np.ndarray | torch.Tensor,
                      labels: np.ndarray | torch.Tensor) -> float:
     """The threshold on class 1's probability (positive when ``p ≥ threshold``) that
