@@ -64,7 +64,8 @@ def test_evaluate_split_bootstrap_resamples_each_samples_own_deletion_with_the_b
     drops = {f"deletion@{f:g}": torch.cat(v).numpy() for f, v in seen.items()}
     ref = bootstrap_ci(probs, y, 100, 2, per_sample=drops, ece_bins=bins)["ci95"]
     ci = out["ci95"]
-    assert set(ci) == {*BOOTSTRAP_METRICS, *ev.LOCALISATION_METRICS, "deletion"}
+    assert set(ci) == {*BOOTSTRAP_METRICS, *ev.LOCALISATION_METRICS, "cam_empty_fraction",
+                       "deletion"}
     assert set(ci["deletion"]) == {"0.1", "0.2"}
     for f in ("0.1", "0.2"):
         assert ci["deletion"][f] == pytest.approx(ref[f"deletion@{f}"], abs=1e-12), f
