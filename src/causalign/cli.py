@@ -653,6 +653,10 @@ def evaluate(
     n_bins: Annotated[int, typer.Option(
         help="bins of the ECE (its interval, the reliability diagram): 15 (Guo et al.), as "
              "training's metrics.json; another number is recorded as ece_bins")] = 15,
+    roc: Annotated[Path | None, typer.Option(
+        parser=_file_option("--roc", "roc.png"), metavar="<path>",
+        help="also draw the split's ROC curve here (.png, .pdf or .svg; AUC in the legend, "
+             "the argmax's point and any --operating-point marked)")] = None,
     operating_point: Annotated[str | None, typer.Option(
         metavar="RULE",
         help="two-class runs: also give sensitivity, specificity, PPV and NPV at a threshold "
@@ -702,7 +706,11 @@ def evaluate(
                                  f"different paths")
     if reliability is not None:
         _check_figure_file("--reliability", reliability)
-    _refuse_run_record(run, out=out, predictions=predictions, reliability=reliability)
+    if roc is not None:
+        _check_figure_file("--roc", roc)
+    _refuse_one_file(out=out, predictions=predictions, reliability=reliability, roc=roc)
+    _refuse_run_record(run, out=out, predictions=predictions, reliability=reliability,
+                       roc=roc)
     cfg, model, method, data_path = load_run(run, device=device, data=data)
     ds = _split_for_model(data_path, split, run=run)
     _warn_unannotated_input(method, ds)
@@ -745,7 +753,7 @@ def evaluate(
                                  predictions=predictions, bootstrap=bootstrap,
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
                                  reliability_title=f"{run} ({split})", ece_bins=n_bins,
-                                 threshold=threshold)
+                                 threshold=threshold, roc=roc)
     if point is not None:
         # the rule and where it was chosen before the rates, as a reader asks
         metrics["operating_point"] = {"rule": str(point), **chosen,
@@ -1445,6 +1453,27 @@ def benchmark(
     _fail_on_failed_runs(results["runs"], out)
 
 
+def _refuse_one_file(**outputs: Path | None) -> None:
+    """Two output options naming one file: the later write replaced the earlier's output,
+    exit 0."""
+    given = [(name, path) for name, path in outputs.items() if path is not None]
+    for i, (name_a, a) in enumerate(given):
+        for name_b, b in given[i + 1:]:
+            if _same_file(a, b):
+                raise CausalignError(f"--{name_a.replace('_', '-')} {a} and "
+                                     f"--{name_b.replace('_', '-')} {b} name the same file; "
+                                     f"give each output its own path")
+
+
+def _delong_title(result: dict) -> str:
+    """The ROC figure's title in `compare`: the AUC difference and DeLong's p."""
+    test = result.get("delong") or {}
+    if "p_value" not in test:
+        return "ROC curves (one-vs-rest per class)"
+    return (f"AUC {test['auc_a']:.3f} vs {test['auc_b']:.3f}, DeLong p = "
+            f"{test['p_value']:.3g}")
+
+
 def _check_figure_file(option: str, path: Path) -> None:
     """A figure path matplotlib can write (by suffix), in a folder that can hold it."""
     if path.suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -1484,6 +1513,10 @@ def compare(
     reliability: Annotated[Path | None, typer.Option(
         parser=_file_option("--reliability", "reliability.png"), metavar="<path>",
         help="also draw both runs' reliability diagrams here (.png, .pdf or .svg)")] = None,
+    roc: Annotated[Path | None, typer.Option(
+        parser=_file_option("--roc", "roc.png"), metavar="<path>",
+        help="also draw both runs' ROC curves on one axes here (.png, .pdf or .svg; "
+             "one-vs-rest per class for more than two)")] = None,
     n_bins: Annotated[int, typer.Option(
         help="bins of the ECE and the reliability diagrams (15: Guo et al., as "
              "metrics.json)")] = 15,
@@ -1508,7 +1541,10 @@ def compare(
         _check_output_file("--out", out, "the comparison JSON")
     if reliability is not None:
         _check_figure_file("--reliability", reliability)
-    for given, path in (("out", out), ("reliability", reliability)):
+    if roc is not None:
+        _check_figure_file("--roc", roc)
+    _refuse_one_file(out=out, reliability=reliability, roc=roc)
+    for given, path in (("out", out), ("reliability", reliability), ("roc", roc)):
         for source in (run_a, run_b):
             if path is None:
                 continue
@@ -1589,6 +1625,12 @@ def compare(
         reliability_diagram({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, reliability,
                             n_bins=n_bins)
         result["reliability"] = str(reliability)
+    if roc is not None:
+        from .report.figures import roc_figure
+
+        roc_figure({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, roc,
+                   title=_delong_title(result))
+        result["roc"] = str(roc)
     if out is not None:
         atomic_write_json(out, result)
     _echo_json(result)

@@ -230,6 +230,10 @@ def read_predictions(path: str | Path) -> Predictions:
             raise InputError(f"{path} line {line}: no label (id {row.get('id')!r}): predictions "
                              f"of unlabelled images, as `causalign predict` writes for plain "
                              f"files, cannot be scored")
+        extra = [v for v in row.get(None) or () if v.strip()]
+        if extra:  # the values past the header were dropped: p_ columns shifted or missing
+            raise InputError(f"{path} line {line}: {len(extra)} value(s) more than the "
+                             f"header's {len(header)} columns (id {row.get('id')!r})")
         try:
             labels.append(int(row["label"]))
             probs.append([float(row[c]) for c in cols])
@@ -275,7 +279,7 @@ def evaluate_split(
     explainer_kwargs: dict[str, Any] | None = None, deletion_fill: float = 0.0,
     predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
     reliability: str | Path | None = None, reliability_title: str | None = None,
-    ece_bins: int = ECE_BINS, threshold: float | None = None,
+    ece_bins: int = ECE_BINS, threshold: float | None = None, roc: str | Path | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -295,6 +299,9 @@ def evaluate_split(
 
     ``ece_bins``: the bins of the ECE, its interval and the reliability diagram (15, Guo et
     al.'s, by default); another number is recorded as ``ece_bins``.
+
+    ``roc``: also draw the split's ROC curve there (`report.figures.roc_figure`, titled
+    ``reliability_title``; two classes: the argmax's point and ``threshold``'s marked).
 
     ``threshold``: also give the split's ``operating_point`` when class 1 is called for
     ``p ≥ threshold`` (`operating_point_metrics`: sensitivity, specificity, PPV, NPV and the
@@ -322,7 +329,7 @@ def evaluate_split(
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
-                               reliability_title, ece_bins, threshold)
+                               reliability_title, ece_bins, threshold, roc)
 
 
 def check_threshold(threshold: float, dataset: LesionDataset) -> None:
@@ -348,7 +355,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     predictions: str | Path | None = None, bootstrap: int = 0,
                     bootstrap_seed: int = 0, reliability: str | Path | None = None,
                     reliability_title: str | None = None, ece_bins: int = ECE_BINS,
-                    threshold: float | None = None) -> dict:
+                    threshold: float | None = None, roc: str | Path | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -436,6 +443,14 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
 
         reliability_diagram({reliability_title or f"split '{dataset.split}'": (p, y)},
                             reliability, n_bins=ece_bins)
+    if roc is not None:
+        from ..report.figures import roc_figure
+
+        title = reliability_title or f"split '{dataset.split}'"
+        marks = [("p ≥ 0.5 (argmax)", 0.5)] if p.shape[1] == 2 else []
+        if threshold is not None:
+            marks.append((f"operating point p ≥ {threshold:.3g}", threshold))
+        roc_figure({title: (p, y)}, roc, points={title: marks})
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
     per_sample["cam_empty_fraction"] = torch.cat(empty)
     counted = {name: v[~v.isnan()] for name, v in per_sample.items()}

@@ -516,3 +516,66 @@ def _reliability_figure(panels: Mapping[str, tuple[Any, Any]], n_bins: int | Non
     axes[0][0].legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     return fig, bins
+
+
+def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
+               points: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+               title: str | None = None) -> dict[str, list[dict]]:
+    """ROC curves of one or more models (label → (probs (N, C), labels (N,))) on one axes:
+    for two classes class 1's curve, for more each present class against the rest (the
+    curves `classification_metrics`' macro AUC averages), each with its AUC in the legend,
+    and the chance diagonal. ``points``: per label, thresholds on class 1's probability to
+    mark on its curve (name, threshold), e.g. the argmax's 0.5 and an operating point.
+    Returns per label each curve's ``{"class", "auc", "fpr", "tpr", "points"}`` (what was
+    drawn; ``points`` each mark's name, threshold, fpr and tpr)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from ..metrics.classification import _checked
+
+    if not curves:
+        raise InputError("roc_figure: no predictions to draw")
+    drawn: dict[str, list[dict]] = {}
+    for label, (probs, labels) in curves.items():  # every input checked before drawing
+        p, y = _checked(probs, labels)
+        classes = [1] if p.shape[1] == 2 else [int(c) for c in np.unique(y)]
+        if len(np.unique(y)) < 2:
+            raise InputError(f"roc_figure: '{label}' holds one class only; a ROC curve needs "
+                             f"positives and negatives")
+        drawn[label] = []
+        for c in classes:
+            fpr, tpr, _ = roc_curve(y == c, p[:, c])
+            drawn[label].append({"class": c, "auc": float(roc_auc_score(y == c, p[:, c])),
+                                 "fpr": fpr, "tpr": tpr})
+    fig = agg_figure(figsize=(4.6, 4.4))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="chance")
+    colour = 0
+    for label, parts in drawn.items():
+        for part in parts:
+            name = label if len(parts) == 1 else f"{label} · class {part['class']}"
+            ax.plot(part["fpr"], part["tpr"], color=f"C{colour}", linewidth=1.4,
+                    label=f"{_fit(name, 2.6, 7)} (AUC {part['auc']:.3f})")
+            part["points"] = []
+            if len(parts) == 1:
+                p, y = _checked(*curves[label])
+                for k, (what, t) in enumerate((points or {}).get(label, ())):
+                    called = p[:, 1] >= t
+                    sens, fall = float(called[y == 1].mean()), float(called[y == 0].mean())
+                    part["points"].append({"name": what, "threshold": float(t),
+                                           "fpr": fall, "tpr": sens})
+                    ax.plot([fall], [sens], "osD^v"[k % 5], color=f"C{colour}", markersize=6,
+                            markeredgecolor="k", label=_plain(f"{what}: sens {sens:.2f}, "
+                                                              f"spec {1 - fall:.2f}"))
+            colour += 1
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("1 − specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    if title:
+        ax.set_title(_fit(title, 4.2, 8), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    return drawn
