@@ -8,25 +8,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_audit_mutdata2_1207n import _meta, _two_samples
 
-from causalign.data.format import (
-    DatasetMeta,
-    DatasetWriter,
-    LesionDataset,
-    read_manifest,
-    read_meta,
-)
+from causalign.data.format import DatasetWriter, LesionDataset, read_manifest, read_meta
 from causalign.errors import DataError
 
 
-def _meta(**kw) -> DatasetMeta:
-    return DatasetMeta("toy", ["benign", "malignant"], **kw)
-
-
-def _two_samples(root, **meta) -> None:
-    with DatasetWriter(root, _meta(**meta)) as w:
-        for k, sid in enumerate("ab"):
-            w.add(np.full((8, 8), k / 4, np.float32), label=k, split="train", sample_id=sid)
+def _volume_pair(root, z: tuple[int, int]) -> str:
+    """Two 4-slice volumes, 'a' with box (1, 1, 5, 5, *z); returns its manifest cells."""
+    with DatasetWriter(root, _meta(ndim=3), image_format="npy") as w:
+        w.add(np.zeros((4, 8, 8), np.float32), label=0, split="train", sample_id="a",
+              box=(1, 1, 5, 5, *z))
+        w.add(np.zeros((4, 8, 8), np.float32), label=1, split="train", sample_id="b")
+    cells = f",1,1,5,5,{z[0]},{z[1]}"
+    assert (root / "manifest.csv").read_text().count(cells) == 1
+    return cells
 
 
 # --- dataset.yaml, manifest, limit ----------------------------------------------------
@@ -54,13 +50,9 @@ def test_a_volume_box_with_only_one_slice_bound_is_refused(tmp_path, cells, need
     """Guard: a manifest row giving box_z0 without box_z1 (or the reverse) is refused naming
     both columns (kills the z-cells check `all` -> `any`, which passed half a slice range
     on to the box parser)."""
-    with DatasetWriter(tmp_path, _meta(ndim=3), image_format="npy") as w:
-        w.add(np.zeros((4, 8, 8), np.float32), label=0, split="train", sample_id="a",
-              box=(1, 1, 5, 5, 1, 3))
-        w.add(np.zeros((4, 8, 8), np.float32), label=1, split="train", sample_id="b")
+    _volume_pair(tmp_path, (1, 3))
     path = tmp_path / "manifest.csv"
     text = path.read_text()
-    assert text.count(",1,1,5,5,1,3") == 1, text
     path.write_text(text.replace(",1,1,5,5,1,3", ",1,1,5,5," + cells))
     with pytest.raises(DataError, match=needle):
         read_manifest(tmp_path)
@@ -139,10 +131,7 @@ def test_synth_lesion_contrast_scales_with_the_site_gain(depth):
 def test_a_slice_range_without_a_box_is_refused(tmp_path):
     """Guard: box_z0/box_z1 given while the four box cells are empty is refused in one line
     (kills dropping the check: the slice range was silently ignored)."""
-    with DatasetWriter(tmp_path, _meta(ndim=3), image_format="npy") as w:
-        w.add(np.zeros((4, 8, 8), np.float32), label=0, split="train", sample_id="a",
-              box=(1, 1, 5, 5, 1, 3))
-        w.add(np.zeros((4, 8, 8), np.float32), label=1, split="train", sample_id="b")
+    _volume_pair(tmp_path, (1, 3))
     path = tmp_path / "manifest.csv"
     text = path.read_text()
     path.write_text(text.replace(",1,1,5,5,1,3", ",,,,,1,3"))
@@ -268,10 +257,7 @@ def test_a_slice_range_one_past_the_last_slice_is_refused(tmp_path):
     """Guard: a 4-slice volume's box may end at slice 4 (z1 exclusive) but not at 5: the
     reader refuses it naming the volume's slice count (kills `z1 > d` -> `z1 > d + 1`,
     which made a box mask spanning slices that do not exist)."""
-    with DatasetWriter(tmp_path, _meta(ndim=3), image_format="npy") as w:
-        w.add(np.zeros((4, 8, 8), np.float32), label=0, split="train", sample_id="a",
-              box=(1, 1, 5, 5, 1, 4))
-        w.add(np.zeros((4, 8, 8), np.float32), label=1, split="train", sample_id="b")
+    _volume_pair(tmp_path, (1, 4))
     assert LesionDataset(tmp_path, "train").box_masks[0, 0].sum(dim=(1, 2)).tolist() == [
         0, 16, 16, 16]
     path = tmp_path / "manifest.csv"
