@@ -129,3 +129,43 @@ def test_a_predictions_row_longer_than_its_header_is_refused(tmp_path):
     (tmp_path / "q.csv").write_text("\n".join([text[0]] + [",".join(r.split(",")[:6]) + ",,"
                                                            for r in text[1:]]) + "\n")
     assert len(read_predictions(tmp_path / "q.csv").ids) == 5
+
+
+def test_report_has_a_roc_section_from_the_runs_predictions(tmp_path, monkeypatch):
+    """report.html draws each method's test ROC curve (from predictions_test.csv, no model
+    loaded) on one axes per dataset; without predictions: no section, no stale figure."""
+    import causalign.report.figures as figures
+    from causalign.report.html import write_report
+
+    drawn = []
+    real = figures.roc_figure
+    monkeypatch.setattr(figures, "roc_figure",
+                        lambda curves, path, **k: drawn.append(curves) or real(curves, path,
+                                                                               **k))
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(40)]
+    y = np.arange(40) % 2
+    runs, written = [], {}
+    for label in ("erm", "oracle", "rrr"):
+        (tmp_path / "runs" / label).mkdir(parents=True)
+        if label != "rrr":
+            written[label] = rng.dirichlet([1, 1], 40)
+            _write_csv(tmp_path / "runs" / label / "predictions_test.csv", ids, y,
+                       written[label])
+        runs.append({"key": label, "status": "done", "dataset": "pm", "label": label,
+                     "method": label, "setting": "default", "seed": 0,
+                     "run_dir": f"runs/{label}", "metrics": {}})
+    (tmp_path / "results.json").write_text(json.dumps({"suite": "s", "runs": runs}))
+    page = write_report(tmp_path).read_text()
+    assert "<h2>ROC curves</h2>" in page and "ROC curves pm" in page
+    (curves,) = drawn
+    assert list(curves) == ["erm", "oracle"]
+    for label, (probs, labels) in curves.items():
+        np.testing.assert_allclose(probs, written[label], rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(labels, y)
+    fig = tmp_path / "figures" / "roc_pm.png"
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+    for label in ("erm", "oracle"):
+        (tmp_path / "runs" / label / "predictions_test.csv").unlink()
+    page = write_report(tmp_path).read_text()
+    assert "ROC curves" not in page and not fig.exists()

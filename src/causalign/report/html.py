@@ -1,9 +1,9 @@
 """DIR/report.html: one self-contained page (every image embedded as base64 PNG) for a
 benchmark folder — the tables (mean (std), best in bold), runs that failed or were skipped,
 a CAM overlay grid method × case (paper 000 Fig. 4), counterfactual triptychs (Fig. 9),
-training curves and reliability diagrams per dataset (history.csv, predictions_test.csv),
-deletion curves, and a cross-site AUC heat-map
-when DIR/cross_site.json exists (written by benchmarks/cross_site.py).
+training curves, reliability diagrams and ROC curves per dataset (history.csv,
+predictions_test.csv), deletion curves, and a cross-site AUC heat-map when
+DIR/cross_site.json exists (written by benchmarks/cross_site.py).
 
 Figures are also kept as PNG files in DIR/figures/.
 """
@@ -294,19 +294,36 @@ def curves_figure(out: Path, results: dict, dataset: str, path: Path) -> bool:
 def reliability_figure(out: Path, results: dict, dataset: str, path: Path) -> bool:
     """Test-split reliability diagrams of one run per method on ``dataset`` (`_pick_runs`),
     from their predictions_test.csv (no model runs: ~1 s); False when no run has one."""
-    from ..engine.evaluate import read_predictions
     from .figures import reliability_diagram
 
-    panels = {}
+    panels = _test_predictions(out, results, dataset)
+    if panels:
+        reliability_diagram(panels, path)
+    return bool(panels)
+
+
+def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool:
+    """Test-split ROC curves of one run per method on ``dataset`` on one axes, from their
+    predictions_test.csv; False when no run has one."""
+    from .figures import roc_figure
+
+    curves = _test_predictions(out, results, dataset)
+    if curves:
+        roc_figure(curves, path, title=f"{dataset}: test split")
+    return bool(curves)
+
+
+def _test_predictions(out: Path, results: dict, dataset: str) -> dict[str, tuple]:
+    """label → (probs, labels) of each picked run's predictions_test.csv (`_pick_runs`)."""
+    from ..engine.evaluate import read_predictions
+
+    found = {}
     for label, r in _pick_runs(results, dataset).items():
         csv_path = out / r["run_dir"] / "predictions_test.csv"
         if csv_path.is_file():
             pred = read_predictions(csv_path)
-            panels[label] = (pred.probs, pred.labels)
-    if not panels:
-        return False
-    reliability_diagram(panels, path)
-    return True
+            found[label] = (pred.probs, pred.labels)
+    return found
 
 
 def deletion_figure(results: dict, path: Path) -> bool:
@@ -543,7 +560,12 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
          "(predictions_test.csv): accuracy per bin of the predicted class's probability (15 "
          "bins, counts above the bars), the diagonal of perfect calibration, ECE in each "
          "title; default setting, lowest seed; <code>causalign compare</code> tests two "
-         "runs.</p>"))
+         "runs.</p>"),
+        ("roc", roc_figure_of, "ROC curves",
+         "<h2>ROC curves</h2><p>Test split (predictions_test.csv), one run per method "
+         "(default setting, lowest seed), AUC in the legend; more than two classes: each "
+         "class against the rest. <code>causalign compare --roc</code> adds DeLong's test "
+         "of two runs.</p>"))
     for prefix, draw, what, heading in per_dataset:
         for d in datasets[:CAM_DATASETS]:
             p = figs / f"{prefix}_{slugs[d]}.png"
@@ -588,7 +610,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
 
 
 _FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "curves_*.png",
-                    "reliability_*.png", "deletion.png", "cross_site.png")
+                    "reliability_*.png", "roc_*.png", "deletion.png", "cross_site.png")
 
 
 def _raise_interrupt_behind(exc: Exception, handled: BaseException | None) -> None:
