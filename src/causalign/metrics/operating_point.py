@@ -95,7 +95,11 @@ def choose_threshold(point: OperatingPoint, probs: np.ndarray | torch.Tensor,
     # thresholds[0] is "nothing positive" (inf, or max + 1 in older scikit-learn): a
     # candidate only for a specificity target no real threshold meets
     if point.rule == "youden":
-        i = 1 + int(np.argmax((tpr - fpr)[1:]))
+        # in counts, not rates: 0.7 − 0.1 < 0.9 − 0.3 in floats, and the lower of two tied
+        # optima (tp, fp) = (7, 1), (9, 3) of 10 + 10 samples was taken
+        n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+        tp, fp = np.rint(tpr * n_pos), np.rint(fpr * n_neg)
+        i = 1 + int(np.argmax((tp * n_neg - fp * n_pos)[1:]))
     elif point.rule == "sensitivity":
         i = int(np.flatnonzero(tpr >= point.target - 1e-12)[0])
     else:
