@@ -65,7 +65,12 @@ class OperatingPoint:
         return self.rule != "threshold"
 
     def __str__(self) -> str:
-        return self.rule if self.target is None else f"{self.rule}={self.target:g}"
+        if self.target is None:
+            return self.rule
+        # `:g` alone recorded threshold=0.5526386145581799 as "threshold=0.552639" and
+        # sensitivity=0.9999999 as "sensitivity=1": the shortest form that reads back exactly
+        short = f"{self.target:g}"
+        return f"{self.rule}={short if float(short) == self.target else repr(self.target)}"
 
 
 def check_probability(threshold: float) -> None:
