@@ -332,6 +332,20 @@ def evaluate_split(
                                reliability_title, ece_bins, threshold, roc)
 
 
+def _nested(flat: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
+    """``flat`` with each "PREFIX@KEY" entry whose PREFIX is in ``groups`` moved to
+    ``[groups[PREFIX]][KEY]``: the per-sample names `bootstrap_ci` was given, as ci95 nests
+    them."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        prefix, at, key = name.partition("@")
+        if at and prefix in groups:
+            out.setdefault(groups[prefix], {})[key] = value
+        else:
+            out[name] = value
+    return out
+
+
 def check_threshold(threshold: float, dataset: LesionDataset) -> None:
     """`InputError` unless ``threshold`` is a probability in [0, 1] and ``dataset`` has two
     classes (an operating point needs a positive class)."""
@@ -489,6 +503,12 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
             ci["operating_point"] = {k: ci.pop(f"operating_point@{k}") for k in rates}
         if names:  # each attribute's accuracy; not their mean, a mean of ratios
             ci["attribute_accuracy"] = {n: ci.pop(f"attribute@{n}") for n in names}
+        if "undefined" in resampled["bootstrap"]:
+            # named as in ci95: "operating_point@ppv" matched no key a reader has
+            resampled["bootstrap"]["undefined"] = _nested(
+                resampled["bootstrap"]["undefined"],
+                {"deletion": "deletion", "operating_point": "operating_point",
+                 "attribute": "attribute_accuracy"})
         out.update(resampled)
     if note is not None:
         out["saliency_note"] = note
