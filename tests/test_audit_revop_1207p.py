@@ -8,10 +8,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import test_operating_point
 
 from causalign.cli import main
 from causalign.data.format import LesionDataset, balanced_pick
-from causalign.engine import TrainConfig, train
 from causalign.engine.evaluate import evaluate_split
 from causalign.engine.evaluate import predict as predict_split
 from causalign.engine.trainer import load_run
@@ -73,12 +73,7 @@ def test_rule_string_keeps_the_target_given():
         assert OperatingPoint.parse(str(point)) == point
 
 
-@pytest.fixture(scope="module")
-def erm_run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("revop") / "run"
-    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0), run,
-          progress=False)
-    return run
+erm_run = test_operating_point.erm_run  # the fixture: a 2-epoch ERM on tiny_data
 
 
 def test_bootstrap_undefined_rates_are_named_as_in_ci95(tiny_data, erm_run):
