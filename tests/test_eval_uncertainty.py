@@ -231,13 +231,24 @@ def test_readme_bootstrap_lines_run_on_a_predictions_csv(tmp_path):
     lines = block.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("rows = "))
     code = "\n".join(lines[start:])
+    from causalign.metrics.operating_point import (
+        OperatingPoint,
+        choose_threshold,
+        operating_point_metrics,
+    )
+
     probs, y = _scored(80)
     (tmp_path / "runs" / "oracle").mkdir(parents=True)
-    with open(tmp_path / "runs" / "oracle" / "predictions_test.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "site", "label", "predicted", "p_benign", "p_malignant"])
-        for i, (p, lab) in enumerate(zip(probs, y, strict=True)):
-            w.writerow([f"t{i}", 0, lab, int(p.argmax()), f"{p[0]:.17g}", f"{p[1]:.17g}"])
+    # the val split the example's operating point is chosen on: other samples
+    val_probs, val_y = probs[::-1][:60], y[:60]
+    for split, (ps, ys) in {"test": (probs, y), "val": (val_probs, val_y)}.items():
+        with open(tmp_path / "runs" / "oracle" / f"predictions_{split}.csv", "w",
+                  newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "site", "label", "predicted", "p_benign", "p_malignant"])
+            for i, (p, lab) in enumerate(zip(ps, ys, strict=True)):
+                w.writerow([f"{split}{i}", 0, lab, int(p.argmax()), f"{p[0]:.17g}",
+                            f"{p[1]:.17g}"])
     printed: list[object] = []
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -246,4 +257,6 @@ def test_readme_bootstrap_lines_run_on_a_predictions_csv(tmp_path):
                     "print": printed.append})
     finally:
         os.chdir(cwd)
-    assert printed == [bootstrap_ci(probs, y, n=1000, seed=0)["ci95"]["auc"]]
+    t = choose_threshold(OperatingPoint.parse("sensitivity=0.9"), val_probs, val_y)
+    assert printed == [bootstrap_ci(probs, y, n=1000, seed=0)["ci95"]["auc"],
+                       operating_point_metrics(probs, y, t)]
