@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import test_operating_point
 import torch
 from test_bootstrap_calibration_localisation import _probs
 
@@ -19,6 +20,9 @@ from causalign.metrics.operating_point import (
     choose_threshold,
     operating_point_metrics,
 )
+
+# the 2-epoch ERM run of test_operating_point (one training for both files' tests)
+erm_run = test_operating_point.erm_run
 
 
 def test_threshold_bounds_are_inclusive_and_a_bool_is_no_probability():
@@ -89,16 +93,6 @@ def test_delong_title_names_a_then_b():
     assert _delong_title({"delong": None}) == "ROC curves (one-vs-rest per class)"
     assert _delong_title({"delong": {"reason": "one class"}}) == (
         "ROC curves (one-vs-rest per class)")
-
-
-@pytest.fixture(scope="module")
-def erm_run(tiny_data, tmp_path_factory):
-    from causalign.engine import TrainConfig, train
-
-    run = tmp_path_factory.mktemp("mutop") / "run"
-    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4, seed=0), run,
-          progress=False)
-    return run
 
 
 def test_cli_fixed_threshold_is_used_as_given_and_not_called_optimistic(erm_run, tmp_path,
