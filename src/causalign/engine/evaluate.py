@@ -31,6 +31,11 @@ from ..metrics import (
     mass_in_mask,
     normalize_maps,
 )
+from ..metrics.calibration import (
+    apply_temperature,
+    check_temperature,
+    negative_log_likelihood,
+)
 from ..metrics.classification import ECE_BINS, check_bins, check_bootstrap
 from ..metrics.operating_point import (
     check_probability,
@@ -280,6 +285,7 @@ def evaluate_split(
     predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
     reliability: str | Path | None = None, reliability_title: str | None = None,
     ece_bins: int = ECE_BINS, threshold: float | None = None, roc: str | Path | None = None,
+    temperature: float | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -308,6 +314,13 @@ def evaluate_split(
     confusion counts; with ``bootstrap``, their intervals in ``ci95["operating_point"]``).
     Two-class datasets only (`InputError` before the pass otherwise).
 
+    ``temperature``: also give ``calibration`` of the split's probabilities scaled by it
+    (`metrics.calibration.apply_temperature`, a T fitted elsewhere, e.g. on val): ``nll``,
+    ``brier`` and ``ece`` after, and ``nll_before``, ``brier_before``, ``ece_before``; every
+    other metric stays the unscaled model's. With ``reliability`` the diagram has two panels
+    (before, after); with ``bootstrap``, ``ci95["calibration"]`` holds the intervals of the
+    scaled Brier and ECE from the same resamples.
+
     Localisation uses the saliency of the *predicted* class on the input the model sees
     (`method.model_input`); `cam_precision` against the box when the sample has one (else the
     mask), `cam_precision_mask`, `cam_mass_in_mask`, IoU/Dice against the pixel mask.
@@ -325,11 +338,13 @@ def evaluate_split(
     check_bins(ece_bins)
     if threshold is not None:
         check_threshold(threshold, dataset)
+    if temperature is not None:
+        check_temperature(temperature)
     with eval_mode(model):
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
-                               reliability_title, ece_bins, threshold, roc)
+                               reliability_title, ece_bins, threshold, roc, temperature)
 
 
 def _nested(flat: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
@@ -369,7 +384,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     predictions: str | Path | None = None, bootstrap: int = 0,
                     bootstrap_seed: int = 0, reliability: str | Path | None = None,
                     reliability_title: str | None = None, ece_bins: int = ECE_BINS,
-                    threshold: float | None = None, roc: str | Path | None = None) -> dict:
+                    threshold: float | None = None, roc: str | Path | None = None,
+                    temperature: float | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -452,11 +468,22 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         out["operating_point"] = operating_point_metrics(p, y, threshold)
     if predictions is not None:
         write_predictions(predictions, dataset, p)
+    scaled = None
+    if temperature is not None:
+        scaled = apply_temperature(p, temperature)
+        after = classification_metrics(scaled, y, ece_bins)
+        out["calibration"] = {
+            "temperature": float(temperature),
+            "nll": negative_log_likelihood(scaled, y), "brier": after["brier"],
+            "ece": after["ece"], "nll_before": negative_log_likelihood(p, y),
+            "brier_before": out["brier"], "ece_before": out["ece"]}
     if reliability is not None:
         from ..report.figures import reliability_diagram
 
-        reliability_diagram({reliability_title or f"split '{dataset.split}'": (p, y)},
-                            reliability, n_bins=ece_bins)
+        title = reliability_title or f"split '{dataset.split}'"
+        panels = {title: (p, y)} if scaled is None else {
+            f"{title}, before": (p, y), f"{title}, after T={temperature:.3g}": (scaled, y)}
+        reliability_diagram(panels, reliability, n_bins=ece_bins)
     if roc is not None:
         from ..report.figures import roc_figure
 
@@ -503,6 +530,10 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
             ci["operating_point"] = {k: ci.pop(f"operating_point@{k}") for k in rates}
         if names:  # each attribute's accuracy; not their mean, a mean of ratios
             ci["attribute_accuracy"] = {n: ci.pop(f"attribute@{n}") for n in names}
+        if scaled is not None:
+            # the same seed and labels draw the same resamples (`_resample_counts`)
+            again = bootstrap_ci(scaled, y, bootstrap, bootstrap_seed, ece_bins=ece_bins)
+            ci["calibration"] = {k: again["ci95"][k] for k in ("brier", "ece")}
         if "undefined" in resampled["bootstrap"]:
             # named as in ci95: "operating_point@ppv" matched no key a reader has
             resampled["bootstrap"]["undefined"] = _nested(

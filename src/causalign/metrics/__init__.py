@@ -1,6 +1,7 @@
 """Metrics: classification (with calibration and bootstrap intervals), paired tests of two
 models (DeLong, McNemar), localisation of saliency, deletion faithfulness."""
 
+from .calibration import apply_temperature, fit_temperature
 from .classification import (
     BOOTSTRAP_METRICS,
     ECE_BINS,
@@ -18,4 +19,4 @@ __all__ = ["classification_metrics", "brier_score", "expected_calibration_error"
            "bootstrap_ci", "BOOTSTRAP_METRICS", "ECE_BINS", "deletion_scores",
            "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
            "rank_accuracy", "delong_test", "holm_adjust", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
-           "reliability_bins"]
+           "reliability_bins", "fit_temperature", "apply_temperature"]
