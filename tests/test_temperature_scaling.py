@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
+from test_operating_point import erm_run  # noqa: F401  (fixture: a tiny 2-epoch ERM run)
 
 from causalign.cli import main
-from causalign.engine import TrainConfig, train
 from causalign.engine.evaluate import read_predictions
 from causalign.errors import InputError
 from causalign.metrics import bootstrap_ci, expected_calibration_error
@@ -117,15 +117,7 @@ def test_a_separable_split_warns_at_the_bound():
     assert t == pytest.approx(1e-2) and any("search bound" in str(w.message) for w in caught)
 
 
-@pytest.fixture(scope="module")
-def erm_run(tiny_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("ts") / "run"
-    train(tiny_data, TrainConfig(method="erm", epochs=2, batch_size=16, width=4, seed=0), run,
-          progress=False)
-    return run
-
-
-def test_cli_fits_on_val_and_scales_the_test_split(erm_run, tmp_path, capsys):
+def test_cli_fits_on_val_and_scales_the_test_split(erm_run, tmp_path, capsys):  # noqa: F811
     capsys.readouterr()
     out = {}
     for split in ("val", "test"):

@@ -39,8 +39,9 @@ T_MIN, T_MAX = 1e-2, 1e2
 PROB_FLOOR = float(np.finfo(np.float64).tiny)
 
 
-def log_probabilities(probs_or_logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                      logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def log_probabilities(probs_or_logits: np.ndarray | torch.Tensor,
+                      labels: np.ndarray | torch.Tensor, logits: bool = False,
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """float64 log-probabilities (N, C) and int64 labels (N,), checked as
     `classification_metrics` checks its inputs (``logits``: the scores are logits, any finite
     values, taken through log-softmax; else class probabilities, floored at `PROB_FLOOR`)."""
