@@ -682,7 +682,7 @@ def evaluate(
     from .io import atomic_write_json
     from .metrics.calibration import CALIBRATION_METHODS, fit_temperature
     from .metrics.classification import MIN_BOOTSTRAP
-    from .metrics.operating_point import OperatingPoint, choose_threshold
+    from .metrics.operating_point import choose_threshold
 
     # before loading the run: a bad count failed only after the whole evaluation
     if bootstrap < 0:
@@ -697,12 +697,7 @@ def evaluate(
     if bootstrap_seed and not bootstrap:  # no resample is drawn: the seed was silently unread
         raise CausalignError(f"--bootstrap-seed {bootstrap_seed} is used only with --bootstrap "
                              f"N (the resamples it seeds); add --bootstrap 1000")
-    point = None
-    if operating_point is not None:
-        try:
-            point = OperatingPoint.parse(operating_point)
-        except CausalignError as e:
-            raise CausalignError(f"--operating-point: {e}") from None
+    point = _parse_operating_point(operating_point)
     if calibrate is not None and calibrate not in CALIBRATION_METHODS:
         raise CausalignError(f"--calibrate {calibrate}: unknown method; choose from "
                              f"{', '.join(CALIBRATION_METHODS)}")
@@ -1555,15 +1550,31 @@ def compare(
     n_bins: Annotated[int, typer.Option(
         help="bins of the ECE and the reliability diagrams (15: Guo et al., as "
              "metrics.json)")] = 15,
+    operating_point: Annotated[str | None, typer.Option(
+        metavar="RULE",
+        help="two-class runs: also compare sensitivity and specificity at a threshold on the "
+             "positive class's probability (McNemar on the positives, on the negatives), "
+             "chosen by RULE on each run folder's own predictions_val.csv: youden, "
+             "sensitivity=S, specificity=S; or threshold=T for both (CSV inputs too)")] = None,
 ) -> None:
     """Paired comparison of two runs on the same samples, from their saved predictions:
     accuracies and AUCs, DeLong's test of the AUC difference (binary; one-vs-rest per class
-    for more) and McNemar's test of the accuracy difference. Both must hold the same sample
-    ids with the same labels and classes."""
+    for more) and McNemar's test of the accuracy difference; with --operating-point RULE,
+    both runs' sensitivity and specificity at a threshold and McNemar's test of each. Both
+    must hold the same sample ids with the same labels and classes."""
     import numpy as np
 
     from .io import atomic_write_json
     from .metrics import classification_metrics, holm_adjust, mcnemar_test
+
+    point = _parse_operating_point(operating_point)
+    if point is not None:
+        csv_inputs = [str(r) for r in (run_a, run_b) if r.is_file()]
+        if point.chooses and csv_inputs:
+            # a CSV carries one split: choosing on it would tune on the split reported
+            raise CausalignError(f"--operating-point {point} chooses each run's threshold on "
+                                 f"its run folder's predictions_val.csv; {csv_inputs[0]} is a "
+                                 f"CSV file: give threshold=T (or two run folders)")
 
     if split is not None and run_a.is_file() and run_b.is_file():
         # two CSV files are read as they are: `--split val` printed their comparison, exit 0
@@ -1598,6 +1609,9 @@ def compare(
         # position by position, B's AUC taken off the other class's column
         raise CausalignError(f"{file_a} has classes {a.classes}, {file_b} {b.classes}: "
                              f"not the same class names in the same order")
+    if point is not None and a.probs.shape[1] != 2:
+        raise CausalignError(f"--operating-point {point}: two-class runs only (a positive "
+                             f"class), {file_a} has {a.probs.shape[1]} classes")
     ids_a, ids_b = set(a.ids), set(b.ids)
     only_a = next((i for i in a.ids if i not in ids_b), None)
     only_b = next((i for i in b.ids if i not in ids_a), None)
@@ -1654,6 +1668,9 @@ def compare(
                                  "p_holm: Holm-adjusted over the classes (p_value: each "
                                  "test alone)")
     result["mcnemar"] = mcnemar_test(a.predicted, probs_b.argmax(axis=1), y)
+    if point is not None:
+        result["operating_point"] = _compare_operating_point(point, run_a, run_b, a.probs,
+                                                             probs_b, y, split)
     if reliability is not None:
         from .report.figures import reliability_diagram
 
@@ -1669,6 +1686,51 @@ def compare(
     if out is not None:
         atomic_write_json(out, result)
     _echo_json(result)
+
+
+def _parse_operating_point(text: str | None) -> Any:
+    """--operating-point RULE as an `OperatingPoint` (None when not given), refused in one
+    line naming the option (`evaluate`, `compare`)."""
+    from .metrics.operating_point import OperatingPoint
+
+    if text is None:
+        return None
+    try:
+        return OperatingPoint.parse(text)
+    except CausalignError as e:
+        raise CausalignError(f"--operating-point: {e}") from None
+
+
+def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
+                             probs_b: Any, labels: Any, split: str) -> dict[str, Any]:
+    """`compare --operating-point`: each run's threshold (chosen on its own
+    predictions_val.csv, or the fixed one) and `paired_operating_point` at them."""
+    from .engine.evaluate import read_predictions
+    from .metrics import paired_operating_point
+    from .metrics.operating_point import choose_threshold
+
+    thresholds = []
+    for run in (run_a, run_b):
+        if not point.chooses:
+            thresholds.append(float(point.target))
+            continue
+        val_csv = run / "predictions_val.csv"
+        if not val_csv.is_file():
+            raise CausalignError(f"--operating-point {point} chooses each run's threshold on "
+                                 f"its predictions_val.csv; {run} has none (training writes "
+                                 f"it; make it with `causalign evaluate {run} --split val "
+                                 f"--predictions FILE.csv`), or give threshold=T")
+        val = read_predictions(val_csv)
+        try:
+            thresholds.append(choose_threshold(point, val.probs, val.labels))
+        except CausalignError as e:
+            raise CausalignError(f"--operating-point {point} on {val_csv}: {e}") from None
+    compared = {"rule": str(point), "threshold_a": thresholds[0], "threshold_b": thresholds[1],
+                "chosen_on": "val" if point.chooses else None,
+                **paired_operating_point(probs_a, probs_b, labels, *thresholds)}
+    if point.chooses and split == "val":
+        compared["note"] = "chosen on the split it reports: its rates are optimistic"
+    return compared
 
 
 def _check_pick(pick: str) -> None:

@@ -13,10 +13,17 @@ from .classification import (
 )
 from .faithfulness import DELETION_FRACTIONS, deletion_scores
 from .localization import cam_precision, iou_dice, mass_in_mask, normalize_maps, rank_accuracy
-from .paired import MCNEMAR_EXACT_BELOW, delong_test, holm_adjust, mcnemar_test
+from .paired import (
+    MCNEMAR_EXACT_BELOW,
+    delong_test,
+    holm_adjust,
+    mcnemar_test,
+    paired_operating_point,
+)
 
 __all__ = ["classification_metrics", "brier_score", "expected_calibration_error",
            "bootstrap_ci", "BOOTSTRAP_METRICS", "ECE_BINS", "deletion_scores",
            "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
            "rank_accuracy", "delong_test", "holm_adjust", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
+           "paired_operating_point",
            "reliability_bins", "fit_temperature", "apply_temperature"]

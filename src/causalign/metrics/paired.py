@@ -115,6 +115,43 @@ def mcnemar_test(pred_a: np.ndarray | torch.Tensor, pred_b: np.ndarray | torch.T
             "statistic": statistic, "p_value": p, "method": method}
 
 
+def paired_operating_point(probs_a: np.ndarray | torch.Tensor,
+                           probs_b: np.ndarray | torch.Tensor,
+                           labels: np.ndarray | torch.Tensor, threshold_a: float,
+                           threshold_b: float) -> dict[str, Any]:
+    """Two two-class models on the same samples, each at its own threshold on class 1's
+    probability (class 1 called for p ≥ threshold): ``sensitivity_a/_b``,
+    ``specificity_a/_b`` (`operating_point_metrics`; None without positives / negatives),
+    ``mcnemar_sensitivity`` (`mcnemar_test` on the positives only: its ``accuracy_a/_b`` are
+    the sensitivities) and ``mcnemar_specificity`` (on the negatives). A test a split cannot
+    give (no positive, or no negative) is ``{"error": why}``."""
+    from .operating_point import _binary, check_probability, operating_point_metrics
+
+    check_probability(threshold_a)
+    check_probability(threshold_b)
+    rates_a = operating_point_metrics(probs_a, labels, threshold_a)
+    rates_b = operating_point_metrics(probs_b, labels, threshold_b)
+    score_a, positive = _binary(probs_a, labels, "operating-point comparison")
+    score_b, _ = _binary(probs_b, labels, "operating-point comparison")
+    if len(score_b) != len(score_a):
+        raise InputError(f"probs_a and probs_b must score the same samples, got "
+                         f"{len(score_a)} and {len(score_b)}")
+    called_a = (score_a >= threshold_a).astype(np.int64)
+    called_b = (score_b >= threshold_b).astype(np.int64)
+    y = positive.astype(np.int64)
+
+    def among(keep: np.ndarray) -> dict[str, Any]:
+        # McNemar within one class: "correct" there is exactly "sensitive" / "specific"
+        try:
+            return mcnemar_test(called_a[keep], called_b[keep], y[keep])
+        except InputError as exc:  # no sample of the class: the other test still stands
+            return {"error": str(exc)}
+
+    return {"sensitivity_a": rates_a["sensitivity"], "sensitivity_b": rates_b["sensitivity"],
+            "specificity_a": rates_a["specificity"], "specificity_b": rates_b["specificity"],
+            "mcnemar_sensitivity": among(positive), "mcnemar_specificity": among(~positive)}
+
+
 def holm_adjust(p_values: list[float | None]) -> list[float | None]:
     """Holm's step-down adjusted p-values (family-wise error rate) of several tests of one
     comparison, e.g. DeLong per class one-vs-rest: the k-th smallest of m becomes
