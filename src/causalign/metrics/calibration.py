@@ -81,6 +81,16 @@ def fit_temperature(probs_or_logits: np.ndarray | torch.Tensor,
         raise InputError(f"temperature scaling needs labels of at least two classes; the "
                          f"{len(y)} labels are all class {int(present[0])}")
     lo, hi = math.log(T_MIN), math.log(T_MAX)
+    # every label at its row's maximum (and not all rows flat): each sample's NLL falls as T
+    # falls, so the optimum is T → 0. Decided here, not by the search: the NLL underflows to
+    # exactly 0 once margin / T > ~37, and Brent stopped anywhere on that flat floor, unwarned
+    # (T 2.97 for one-hot rows, 0.088 for margins of 20.7)
+    margin = logp[np.arange(len(y)), y][:, None] - logp
+    if (margin >= 0).all() and (margin > 0).any():
+        warnings.warn(f"temperature scaling: the fitted T lies at the search bound {T_MIN:g} "
+                      f"(the NLL keeps falling past it: a split the model separates)",
+                      stacklevel=2)
+        return T_MIN
     res = minimize_scalar(lambda s: _nll(logp, y, math.exp(s)), bounds=(lo, hi),
                           method="bounded", options={"xatol": 1e-9})
     s = float(res.x)
