@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
 import numpy as np
 import pytest
 from scipy.special import log_softmax
+from scipy.stats import binomtest
+
+from causalign.cli import main
 
 from causalign.metrics.calibration import T_MIN, fit_temperature
 
@@ -58,3 +62,70 @@ def test_one_misranked_sample_keeps_an_interior_fit():
     nll = [-log_softmax(logp / s, axis=1)[np.arange(len(y)), y].mean() for s in grid]
     assert not msgs
     assert math.log(t) == pytest.approx(math.log(grid[int(np.argmin(nll))]), abs=1e-3)
+
+
+def _write_csv(path, labels, p1) -> None:
+    rows = ["id,site,label,predicted,p_benign,p_malignant"]
+    for i, (y, p) in enumerate(zip(labels, p1, strict=True)):
+        rows.append(f"s{i:02d},0,{y},{int(p > 0.5)},{float(1 - p)!r},{float(p)!r}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def _strict(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-strict JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_compare_fixed_threshold_on_csvs_counts_ties_as_called(tmp_path, capsys):
+    """Guard: `compare A.csv B.csv --operating-point threshold=0.3 --out --roc`: scores
+    exactly at 0.3 are called positive (p ≥ T), the rates and McNemar tables equal a hand
+    count, the p-values scipy's exact binomial, and the JSON (stdout and --out) is strict."""
+    rng = np.random.default_rng(5)
+    y = np.array([1] * 12 + [0] * 14)
+    pa = rng.choice([0.1, 0.3, 0.7], size=len(y))  # many exact ties at T
+    pb = rng.choice([0.2, 0.3, 0.9], size=len(y))
+    _write_csv(tmp_path / "a.csv", y, pa)
+    _write_csv(tmp_path / "b.csv", y, pb)
+    capsys.readouterr()
+    rc = main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+               "--operating-point", "threshold=0.3", "--out", str(tmp_path / "c.json"),
+               "--roc", str(tmp_path / "roc.png")])
+    cap = capsys.readouterr()
+    out = cap.out
+    assert rc in (0, None), cap.err
+    got = _strict(out)["operating_point"]
+    assert _strict((tmp_path / "c.json").read_text())["operating_point"] == got
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    ca, cb, pos = pa >= 0.3, pb >= 0.3, y == 1
+    assert got["threshold_a"] == got["threshold_b"] == 0.3 and got["chosen_on"] is None
+    assert got["sensitivity_a"] == ca[pos].mean() and got["sensitivity_b"] == cb[pos].mean()
+    assert got["specificity_a"] == (~ca[~pos]).mean()
+    assert got["specificity_b"] == (~cb[~pos]).mean()
+    for key, keep, ok_a, ok_b in (("mcnemar_sensitivity", pos, ca, cb),
+                                  ("mcnemar_specificity", ~pos, ~ca, ~cb)):
+        b = int((ok_a[keep] & ~ok_b[keep]).sum())
+        c = int((~ok_a[keep] & ok_b[keep]).sum())
+        assert (got[key]["a_only_correct"], got[key]["b_only_correct"]) == (b, c)
+        want = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+        assert got[key]["p_value"] == pytest.approx(min(1.0, want), rel=1e-9)
+
+
+def test_compare_chosen_threshold_refuses_a_one_class_val_csv_in_one_line(tmp_path, capsys):
+    """Guard: a run folder whose predictions_val.csv holds no positive: `compare
+    --operating-point youden` exits 2 with one `error:` line naming the file, no traceback."""
+    y = np.array([0, 1] * 6)
+    for name in ("ra", "rb"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("method: erm\n")  # a run folder
+        _write_csv(tmp_path / name / "predictions_test.csv", y, np.linspace(0.1, 0.9, 12))
+    _write_csv(tmp_path / "ra" / "predictions_val.csv", [1, 0, 1, 0], [0.8, 0.2, 0.6, 0.4])
+    _write_csv(tmp_path / "rb" / "predictions_val.csv", [0, 0, 0], [0.8, 0.2, 0.6])
+    capsys.readouterr()
+    rc = main(["compare", str(tmp_path / "ra"), str(tmp_path / "rb"),
+               "--operating-point", "youden"])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), cap.err
+    assert "predictions_val.csv" in lines[0] and "Traceback" not in cap.err
