@@ -129,3 +129,40 @@ def test_compare_chosen_threshold_refuses_a_one_class_val_csv_in_one_line(tmp_pa
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), cap.err
     assert "predictions_val.csv" in lines[0] and "Traceback" not in cap.err
+
+
+def _val_rates(p1: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
+    called = p1 >= t
+    return called[y == 1].mean(), (~called[y == 0]).mean()
+
+
+def test_target_rules_pick_no_point_beaten_on_both_rates():
+    """sensitivity=S / specificity=S on the val split: no other threshold has both rates
+    at least as good and one better (brute force over every score). The highest threshold
+    meeting a sensitivity left out positives that cost no negative, and the lowest meeting
+    a specificity gave up negatives for no positive: the demo's oracle at specificity=0.9
+    took 0.7695 (val sens 0.707, spec 0.902) over 0.7736 (0.707, 0.909)."""
+    from causalign.metrics.operating_point import OperatingPoint, choose_threshold
+
+    # scores high → low: pos pos neg pos pos neg neg pos neg neg (5 positives, 5 negatives)
+    p1 = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5])
+    y = np.array([1, 1, 0, 1, 1, 0, 0, 1, 0, 0])
+    probs = np.column_stack([1 - p1, p1])
+    # sensitivity ≥ 0.5 is first met at 0.8 (3/5, one negative above); 0.75 adds a
+    # positive and no negative (4/5, specificity 0.8 at both): 0.75 (0.8 before)
+    assert choose_threshold(OperatingPoint.parse("sensitivity=0.5"), probs, y) == 0.75
+    # specificity ≥ 0.6: 0.7 is the lowest meeting it (spec 0.6, sens 1); 0.75 has sens 1
+    # too and spec 0.8: 0.75 (0.7 before)
+    assert choose_threshold(OperatingPoint.parse("specificity=0.6"), probs, y) == 0.75
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        y = rng.integers(0, 2, 40)
+        y[:2] = [0, 1]
+        p1 = np.clip(np.round((rng.normal(0.4, 0.2, 40) + 0.25 * y) * 20) / 20, 0, 1)
+        probs = np.column_stack([1 - p1, p1])
+        for rule in ("sensitivity=0.8", "specificity=0.8", "sensitivity=0.5"):
+            t = choose_threshold(OperatingPoint.parse(rule), probs, y)
+            se, sp = _val_rates(p1, y, t)
+            for u in np.unique(p1):
+                a, b = _val_rates(p1, y, u)
+                assert not (a >= se and b >= sp and (a > se or b > sp)), (rule, t, u)

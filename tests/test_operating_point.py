@@ -44,8 +44,8 @@ def _rates(p1: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
 
 def _reference(point: OperatingPoint, p1: np.ndarray, y: np.ndarray) -> float:
     """Brute force over every score as a threshold (and "above all"), with the documented
-    tie rules: Youden's highest optimal threshold, a sensitivity target's highest meeting
-    threshold, a specificity target's lowest."""
+    tie rules: Youden's highest optimal threshold; a sensitivity target's best specificity,
+    then its lowest threshold; a specificity target's best sensitivity, then its highest."""
     above = np.nextafter(p1.max(), np.inf)
     candidates = sorted({*p1.tolist(), above}, reverse=True)
     table = [(t, *_rates(p1, y, t)) for t in candidates]
@@ -53,8 +53,12 @@ def _reference(point: OperatingPoint, p1: np.ndarray, y: np.ndarray) -> float:
         best = max(s + c - 1 for t, s, c in table if t != above)
         return max(t for t, s, c in table if t != above and s + c - 1 >= best - 1e-12)
     if point.rule == "sensitivity":
-        return max(t for t, s, c in table if s >= point.target - 1e-12)
-    return min(t for t, s, c in table if c >= point.target - 1e-12)
+        # the best specificity meeting the target, then the lowest such threshold
+        best = max(c for t, s, c in table if s >= point.target - 1e-12)
+        return min(t for t, s, c in table if s >= point.target - 1e-12 and c == best)
+    # the best sensitivity meeting the target, then the highest such threshold
+    best = max(s for t, s, c in table if c >= point.target - 1e-12)
+    return max(t for t, s, c in table if c >= point.target - 1e-12 and s == best)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

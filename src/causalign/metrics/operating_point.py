@@ -87,9 +87,10 @@ def choose_threshold(point: OperatingPoint, probs: np.ndarray | torch.Tensor,
     ``point`` picks on these samples (two-class probabilities and labels, both classes
     present; `InputError` otherwise). Candidates are the samples' own scores, as
     scikit-learn's `roc_curve` gives them; "youden" takes the highest of tied optima, a
-    sensitivity target the highest threshold that meets it (the best specificity), a
-    specificity target the lowest (the best sensitivity). A fixed threshold is returned as
-    it is."""
+    sensitivity target the best specificity among the thresholds that meet it and, of
+    those, the lowest threshold (the best sensitivity at that specificity); a specificity
+    target the best sensitivity and, of those, the highest (the best specificity): never
+    a point another threshold beats on both rates. A fixed threshold is returned as it is."""
     if not point.chooses:
         return float(point.target)
     score, positive = _binary(probs, labels, f"choosing the {point} threshold")
@@ -106,9 +107,17 @@ def choose_threshold(point: OperatingPoint, probs: np.ndarray | torch.Tensor,
         tp, fp = np.rint(tpr * n_pos), np.rint(fpr * n_neg)
         i = 1 + int(np.argmax((tp * n_neg - fp * n_pos)[1:]))
     elif point.rule == "sensitivity":
-        i = int(np.flatnonzero(tpr >= point.target - 1e-12)[0])
+        # the best specificity meeting the target, then the lowest threshold keeping it:
+        # the highest meeting one alone left out positives that cost no negative (the demo's
+        # ERM: val sensitivity 0.905 at 0.0991, 0.911 at 0.0973, specificity 0.315 at both)
+        first = int(np.flatnonzero(tpr >= point.target - 1e-12)[0])
+        i = int(np.flatnonzero(fpr == fpr[first])[-1])
     else:
-        i = int(np.flatnonzero(1.0 - fpr >= point.target - 1e-12)[-1])
+        # the best sensitivity meeting the target, then the highest threshold keeping it
+        # (the demo's oracle: val specificity 0.902 at 0.7695, 0.909 at 0.7736, same
+        # sensitivity 0.707)
+        last = int(np.flatnonzero(1.0 - fpr >= point.target - 1e-12)[-1])
+        i = int(np.flatnonzero(tpr == tpr[last])[0])
     if i == 0:
         # above every score: JSON has no inf, and the next float above the top score
         # classifies these samples exactly as inf does
