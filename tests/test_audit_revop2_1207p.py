@@ -13,7 +13,6 @@ from scipy.special import log_softmax
 from scipy.stats import binomtest
 
 from causalign.cli import main
-
 from causalign.metrics.calibration import T_MIN, fit_temperature
 
 
