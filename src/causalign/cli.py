@@ -1716,10 +1716,12 @@ def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
             continue
         val_csv = run / "predictions_val.csv"
         if not val_csv.is_file():
+            # an `evaluate --predictions` CSV cannot stand in: the run's own file name is
+            # a run record `evaluate` refuses to write, and CSV inputs choose nothing
             raise CausalignError(f"--operating-point {point} chooses each run's threshold on "
                                  f"its predictions_val.csv; {run} has none (training writes "
-                                 f"it; make it with `causalign evaluate {run} --split val "
-                                 f"--predictions FILE.csv`), or give threshold=T")
+                                 f"it): give threshold=T (`causalign evaluate {run} "
+                                 f"--operating-point {point}` prints the run's own)")
         val = read_predictions(val_csv)
         try:
             thresholds.append(choose_threshold(point, val.probs, val.labels))

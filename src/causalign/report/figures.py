@@ -535,8 +535,9 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
     if not curves:
         raise InputError("roc_figure: no predictions to draw")
     drawn: dict[str, list[dict]] = {}
+    checked = {}
     for label, (probs, labels) in curves.items():  # every input checked before drawing
-        p, y = _checked(probs, labels)
+        p, y = checked[label] = _checked(probs, labels)
         classes = [1] if p.shape[1] == 2 else [int(c) for c in np.unique(y)]
         if len(np.unique(y)) < 2:
             raise InputError(f"roc_figure: '{label}' holds one class only; a ROC curve needs "
@@ -557,7 +558,7 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
                     label=f"{_fit(name, 2.6, 7)} (AUC {part['auc']:.3f})")
             part["points"] = []
             if len(parts) == 1:
-                p, y = _checked(*curves[label])
+                p, y = checked[label]
                 for k, (what, t) in enumerate((points or {}).get(label, ())):
                     called = p[:, 1] >= t
                     sens, fall = float(called[y == 1].mean()), float(called[y == 0].mean())
