@@ -72,3 +72,31 @@ def test_cli_unknown_test_is_refused_before_the_run_is_read(tmp_path, capsys):
     rc = main(["causal", "pc", str(tmp_path / "no-such-run"), "--test", "gsq"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and lines == ["error: --test gsq: unknown test; choose fisherz or kci"]
+
+
+def test_run_pc_check_refuses_a_small_split_before_computing_features(tiny_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    """`causal pc RUN --split val` on 16 samples computed every feature (~12 s on a real
+    model) before saying "at least 20 needed"; the count needs only the attributes. With
+    `--attributes` the count is over the selected columns."""
+    import causalign.causal.pc as pc
+    from causalign.cli import main
+    from causalign.engine import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4), run,
+          progress=False)
+
+    def never(*a, **k):
+        raise AssertionError("features computed before the sample count was checked")
+
+    monkeypatch.setattr(pc, "pooled_features", never)
+    capsys.readouterr()
+    assert main(["causal", "pc", str(run), "--split", "val"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "only 16 fully annotated samples" in lines[0], lines
+    assert main(["causal", "pc", str(run), "--split", "val", "--attributes", "nope"]) == 2
+    assert "unknown attribute(s) nope" in capsys.readouterr().err
+    # a split large enough gets past the count to the features
+    with pytest.raises(AssertionError, match="features computed"):
+        pc.run_pc_check(run, split="train", out=tmp_path / "pc")

@@ -656,7 +656,8 @@ def evaluate(
     roc: Annotated[Path | None, typer.Option(
         parser=_file_option("--roc", "roc.png"), metavar="<path>",
         help="also draw the split's ROC curve here (.png, .pdf or .svg; AUC in the legend, "
-             "the argmax's point and any --operating-point marked)")] = None,
+             "the argmax's point and any --operating-point marked; with --bootstrap N, "
+             "the curve's pointwise 95 % band)")] = None,
     operating_point: Annotated[str | None, typer.Option(
         metavar="RULE",
         help="two-class runs: also give sensitivity, specificity, PPV and NPV at a threshold "
@@ -1546,7 +1547,8 @@ def compare(
     roc: Annotated[Path | None, typer.Option(
         parser=_file_option("--roc", "roc.png"), metavar="<path>",
         help="also draw both runs' ROC curves on one axes here (.png, .pdf or .svg; "
-             "one-vs-rest per class for more than two)")] = None,
+             "one-vs-rest per class for more than two; two classes: each run's argmax "
+             "point and any --operating-point threshold marked)")] = None,
     n_bins: Annotated[int, typer.Option(
         help="bins of the ECE and the reliability diagrams (15: Guo et al., as "
              "metrics.json)")] = 15,
@@ -1680,8 +1682,15 @@ def compare(
     if roc is not None:
         from .report.figures import roc_figure
 
+        # the argmax's point on each curve and, with --operating-point, each run's threshold
+        marks: dict[str, list[tuple[str, float]]] = {}
+        for which, run in (("a", run_a), ("b", run_b)):
+            marks[str(run)] = [("p ≥ 0.5 (argmax)", 0.5)]
+            if "operating_point" in result:
+                t = result["operating_point"][f"threshold_{which}"]
+                marks[str(run)].append((f"{point} (p ≥ {t:.3g})", t))
         roc_figure({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, roc,
-                   title=_delong_title(result))
+                   title=_delong_title(result), points=marks)
         result["roc"] = str(roc)
     if out is not None:
         atomic_write_json(out, result)

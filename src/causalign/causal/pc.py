@@ -282,23 +282,8 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     (`label_columns`), all in the group Y."""
     _check_settings(alpha, n_components, indep_test)
     features, attributes, labels = _check_inputs(features, attributes, labels, attribute_names)
-    if select is not None:
-        unknown = [n for n in select if n not in attribute_names]
-        if unknown or not select:
-            given = ", ".join(unknown) or "(none given)"
-            known = ", ".join(attribute_names[:8]) + (
-                f", … ({len(attribute_names)} in all)" if len(attribute_names) > 8 else "")
-            raise InputError(f"PC check: unknown attribute(s) {given}; the data's: {known}")
-        cols = [attribute_names.index(n) for n in dict.fromkeys(select)]
-        attributes = attributes[:, cols]
-        attribute_names = [attribute_names[j] for j in cols]
-        if causal_attributes is not None:
-            causal_attributes = [n for n in causal_attributes if n in attribute_names]
-    keep = ~np.isnan(attributes).any(1)
-    if keep.sum() < _MIN_SAMPLES:
-        raise CausalignError(f"PC check: only {int(keep.sum())} fully annotated samples, at "
-                             f"least {_MIN_SAMPLES} needed (a larger split, e.g. "
-                             f"`causalign causal pc RUN --split train`)")
+    attributes, attribute_names, causal_attributes, keep = _annotated(
+        attributes, attribute_names, causal_attributes, select)
     f = features[keep]
     f = f - f.mean(0)
     # PCA by SVD; components scaled to unit variance
@@ -362,6 +347,33 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
     return out
 
 
+
+def _annotated(attributes: np.ndarray, attribute_names: list[str],
+               causal_attributes: list[str] | None, select: list[str] | None,
+               ) -> tuple[np.ndarray, list[str], list[str] | None, np.ndarray]:
+    """`pc_check`'s attribute columns after ``select``, and its rows: the fully annotated
+    samples, or an error when fewer than `_MIN_SAMPLES` are. Needs no features, so
+    `run_pc_check` asks before it computes them (seconds on a large split)."""
+    if select is not None:
+        unknown = [n for n in select if n not in attribute_names]
+        if unknown or not select:
+            given = ", ".join(unknown) or "(none given)"
+            known = ", ".join(attribute_names[:8]) + (
+                f", … ({len(attribute_names)} in all)" if len(attribute_names) > 8 else "")
+            raise InputError(f"PC check: unknown attribute(s) {given}; the data's: {known}")
+        cols = [attribute_names.index(n) for n in dict.fromkeys(select)]
+        attributes = attributes[:, cols]
+        attribute_names = [attribute_names[j] for j in cols]
+        if causal_attributes is not None:
+            causal_attributes = [n for n in causal_attributes if n in attribute_names]
+    keep = ~np.isnan(attributes).any(1)
+    if keep.sum() < _MIN_SAMPLES:
+        raise CausalignError(f"PC check: only {int(keep.sum())} fully annotated samples, at "
+                             f"least {_MIN_SAMPLES} needed (a larger split, e.g. "
+                             f"`causalign causal pc RUN --split train`)")
+    return attributes, attribute_names, causal_attributes, keep
+
+
 def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | None = None,
                  n_components: int = 3, alpha: float = 0.01, indep_test: str = "fisherz",
                  out: str | Path | None = None, device: str = "cpu",
@@ -378,6 +390,7 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
     ds = LesionDataset(data_path, split)
     if not ds.meta.attributes:
         raise CausalignError(f"{data_path}: the dataset declares no attributes")
+    _annotated(ds.attributes.numpy(), list(ds.meta.attributes), None, attributes)
     feats = pooled_features(model, method, ds, device=next(model.parameters()).device)
     weights = (ds.meta.info or {}).get("causal_weights")
     causal = [n for n in ds.meta.attributes if weights and float(weights.get(n, 0)) > 0] \

@@ -307,7 +307,8 @@ def evaluate_split(
     al.'s, by default); another number is recorded as ``ece_bins``.
 
     ``roc``: also draw the split's ROC curve there (`report.figures.roc_figure`, titled
-    ``reliability_title``; two classes: the argmax's point and ``threshold``'s marked).
+    ``reliability_title``; two classes: the argmax's point and ``threshold``'s marked, and
+    with ``bootstrap`` the curve's pointwise 95 % band, `metrics.roc.roc_band`).
 
     ``threshold``: also give the split's ``operating_point`` when class 1 is called for
     ``p ≥ threshold`` (`operating_point_metrics`: sensitivity, specificity, PPV, NPV and the
@@ -491,7 +492,13 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         marks = [("p ≥ 0.5 (argmax)", 0.5)] if p.shape[1] == 2 else []
         if threshold is not None:
             marks.append((f"operating point p ≥ {threshold:.3g}", threshold))
-        roc_figure({title: (p, y)}, roc, points={title: marks})
+        band = None
+        if bootstrap and p.shape[1] == 2:  # the resamples `bootstrap_ci` draws below
+            from ..metrics.roc import roc_band
+
+            band = roc_band(p, y, bootstrap, bootstrap_seed)
+        roc_figure({title: (p, y)}, roc, points={title: marks},
+                   bands=None if band is None else {title: band})
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
     per_sample["cam_empty_fraction"] = torch.cat(empty)
     counted = {name: v[~v.isnan()] for name, v in per_sample.items()}

@@ -520,12 +520,15 @@ def _reliability_figure(panels: Mapping[str, tuple[Any, Any]], n_bins: int | Non
 
 def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
                points: Mapping[str, Sequence[tuple[str, float]]] | None = None,
-               title: str | None = None) -> dict[str, list[dict]]:
+               title: str | None = None,
+               bands: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, list[dict]]:
     """ROC curves of one or more models (label → (probs (N, C), labels (N,))) on one axes:
     for two classes class 1's curve, for more each present class against the rest (the
     curves `classification_metrics`' macro AUC averages), each with its AUC in the legend,
     and the chance diagonal. ``points``: per label, thresholds on class 1's probability to
     mark on its curve (name, threshold), e.g. the argmax's 0.5 and an operating point.
+    ``bands``: per label, a pointwise confidence band of its class-1 curve to shade
+    (`metrics.roc.roc_band`'s result; two-class labels only).
     Returns per label each curve's ``{"class", "auc", "fpr", "tpr", "points"}`` (what was
     drawn; ``points`` each mark's name, threshold, fpr and tpr)."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -542,6 +545,10 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
         if len(np.unique(y)) < 2:
             raise InputError(f"roc_figure: '{label}' holds one class only; a ROC curve needs "
                              f"positives and negatives")
+        band = (bands or {}).get(label)
+        if band is not None and (p.shape[1] != 2 or band.get("positive") != 1):
+            raise InputError(f"roc_figure: the band of '{label}' must be class 1's curve of "
+                             f"a two-class model")
         drawn[label] = []
         for c in classes:
             fpr, tpr, _ = roc_curve(y == c, p[:, c])
@@ -556,6 +563,11 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
             name = label if len(parts) == 1 else f"{label} · class {part['class']}"
             ax.plot(part["fpr"], part["tpr"], color=f"C{colour}", linewidth=1.4,
                     label=f"{_fit(name, 2.6, 7)} (AUC {part['auc']:.3f})")
+            band = (bands or {}).get(label)
+            if band is not None:
+                ax.fill_between(band["fpr"], band["lo"], band["hi"], color=f"C{colour}",
+                                alpha=0.18, linewidth=0,
+                                label=f"pointwise 95 % band ({band['n']} resamples)")
             part["points"] = []
             if len(parts) == 1:
                 p, y = checked[label]
