@@ -30,9 +30,11 @@ METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
 RULES = ("none", "balanced")
 
 
-def imbalanced_copy(src: Path, dst: Path, minority: float) -> dict[str, dict[str, int]]:
+def imbalanced_copy(src: Path, dst: Path, minority: float,
+                    splits: tuple[str, ...] | None = None) -> dict[str, dict[str, int]]:
     """``src`` copied to ``dst`` with malignant (label 1) cut to ``minority`` of each split
-    (the first ones in manifest order); returns the counts per split and label."""
+    in ``splits`` (None: every split; the first ones in manifest order); returns the counts
+    per split and label."""
     shutil.copytree(src, dst)
     with open(src / MANIFEST, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -41,7 +43,7 @@ def imbalanced_copy(src: Path, dst: Path, minority: float) -> dict[str, dict[str
     cap = {s: round(n * minority / (1 - minority)) for s, n in benign.items()}
     kept, taken = [], dict.fromkeys(benign, 0)
     for r in rows:
-        if r["label"] == "1":
+        if r["label"] == "1" and (splits is None or r["split"] in splits):
             taken[r["split"]] += 1
             if taken[r["split"]] > cap[r["split"]]:
                 continue

@@ -383,7 +383,9 @@ def train(
     balanced_accuracy | accuracy | loss (auc), eval_saliency (gradcam), deletion_fractions
     ([0.002, 0.01, 0.02, 0.1, 0.2]), deletion_fill (0: the value deleted pixels take; -1000
     for CT in HU), class_weight none | balanced | one weight per class, e.g. [1, 3]: of the
-    classification cross-entropy (none), bn_recalibrate (true), train_eval_samples (0:
+    classification cross-entropy (none), sampler none | balanced: each epoch's training
+    samples, a shuffled pass or drawn with replacement equally per class (none),
+    bn_recalibrate (true), train_eval_samples (0:
     train_accuracy on the whole training split, else on a fixed random subset of that
     many), augment none | dihedral (none),
     init, a run folder or .pt file to start from (none: random weights), deterministic

@@ -486,7 +486,7 @@ class RunSpec:
 # Settings added after suites' runs were keyed: at these values (the behaviour before they
 # existed) they stay out of a run's identity, so an OUT made before keeps its folders and
 # config hashes (a new key would have retrained every finished run beside itself).
-_UNKEYED_DEFAULTS = {"class_weight": "none"}
+_UNKEYED_DEFAULTS = {"class_weight": "none", "sampler": "none"}
 
 
 def _at_unkeyed_default(key: str, value: Any) -> bool:

@@ -63,6 +63,11 @@ class TrainConfig:
     # rule) or an explicit list, one weight > 0 per class. The numbers used are recorded in
     # config.yaml (class_weight_values); see `resolve_class_weight`.
     class_weight: str | list[float] = "none"
+    # Which training samples an epoch draws, for imbalanced data: none (a shuffled pass of
+    # the split, as before the setting existed) or balanced (len(split) draws with
+    # replacement, each sample with probability proportional to 1 / count of its class, so
+    # every class is drawn equally often in expectation); see `epoch_order`.
+    sampler: str = "none"
     # Re-estimate BatchNorm running statistics on the training split (train-mode forward,
     # cumulative average) before each validation. With few steps per epoch the default
     # momentum-0.1 averages lag the weights and the eval-mode model can collapse to one class
@@ -159,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"deletion_fill must be a finite number, got "
                               f"{self.deletion_fill!r}")
         self.class_weight = check_class_weight(self.class_weight)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(not_one_of("sampler", self.sampler, SAMPLERS))
 
     def _normalise_types(self) -> None:
         # A TrainConfig built in Python is not type-checked by the dataclass: a string
@@ -215,6 +222,7 @@ class TrainConfig:
 
 
 CLASS_WEIGHT_RULES = ("none", "balanced")
+SAMPLERS = ("none", "balanced")
 
 
 def check_class_weight(value: Any) -> str | list[float]:

@@ -419,6 +419,20 @@ def _sample_ids(v: dict) -> list[int]:
     return [int(i) // stride for i in v["ids"].tolist()]
 
 
+def last_touched(global_batches: Sequence[Tensor], rank: int, world: int) -> Tensor:
+    """The dataset indices whose last appearance in an epoch's ``global_batches`` lies in
+    this rank's chunk (`shard_indices`): the rank whose per-sample cache entry is the newest,
+    as `merge_method_states` needs. Without repeats (a permutation) these are simply the
+    rank's own samples; a sampler drawing with replacement (``sampler=balanced``) may give a
+    sample to several ranks, and "the last rank listing it" would keep an older entry."""
+    last: dict[int, int] = {}
+    for idx in global_batches:
+        for r, chunk in enumerate(torch.tensor_split(idx, world)):
+            for i in chunk.tolist():
+                last[i] = r
+    return torch.tensor([i for i, r in last.items() if r == rank], dtype=torch.long)
+
+
 def touched_only(state: dict, touched: Tensor) -> dict:
     """``state`` with each per-sample cache cut to the entries of the samples in ``touched``
     (what `merge_method_states` takes from this rank)."""

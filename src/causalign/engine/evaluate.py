@@ -62,14 +62,17 @@ VOLUME_UNSUPPORTED = ("gradcam", "lrp-alpha-beta", "lrp-flat", "lrp-gamma", "lrp
 def iterate_batches(
     dataset: LesionDataset | Shard, batch_size: int, shuffle: bool = False,
     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-    drop_last: bool = False,
+    drop_last: bool = False, order: Tensor | None = None,
 ) -> Iterator[dict[str, Tensor]]:
-    """Batches of the cached split, moved to `device`."""
+    """Batches of the cached split, moved to `device`. ``order`` (sample indices, e.g. a
+    sampler's draw with repeats) replaces the pass in split or shuffled order."""
     # a negative size gave no batches at all (metrics of nothing), 0 a bare range() error
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = len(dataset)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if order is None:
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    n = len(order)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         batch = dataset.batch(order[start:start + batch_size])

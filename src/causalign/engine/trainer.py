@@ -29,7 +29,14 @@ from torch.optim.swa_utils import update_bn
 
 from .. import __version__
 from ..data.format import LesionDataset, check_split_channels, read_meta
-from ..errors import CausalignError, ConfigError, DataError, NumericalError, TrainingTroubleWarning
+from ..errors import (
+    CausalignError,
+    ConfigError,
+    DataError,
+    NumericalError,
+    TrainingTroubleWarning,
+    not_one_of,
+)
 from ..io import (
     atomic_torch_save,
     atomic_write_json,
@@ -50,6 +57,7 @@ from ..methods.base import (
 from ..models.backbones import BACKBONES
 from . import distributed as D
 from .config import (
+    SAMPLERS,
     TrainConfig,
     apply_overrides,
     load_yaml,
@@ -564,6 +572,37 @@ def exploding_loss(history: list[dict[str, Any]], num_classes: int, lr: float) -
             f"the optimiser overshoots; try a smaller --lr (this run: {lr:g})"]
 
 
+def sampler_probabilities(labels: Tensor | np.ndarray, num_classes: int,
+                          class_names: list[str] | None = None) -> Tensor:
+    """Per-sample draw probabilities of ``sampler=balanced``: 1 / (classes present × count
+    of the sample's class), so each class is drawn with probability 1 / classes (float64,
+    sums to 1). A declared class without a training sample is refused: the sampler could
+    not draw it, and the other classes would silently share its share."""
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    counts = torch.bincount(y, minlength=num_classes)[:num_classes]
+    missing = [i for i in range(num_classes) if counts[i] == 0]
+    if missing:
+        names = [class_names[i] if class_names else str(i) for i in missing]
+        raise ConfigError(f"sampler=balanced: the training split has no sample of class "
+                          f"{', '.join(names)}, which it could not draw; use sampler=none "
+                          f"or add such samples")
+    return 1.0 / (num_classes * counts.double()[y])
+
+
+def epoch_order(labels: Tensor | np.ndarray, num_classes: int, sampler: str,
+                generator: torch.Generator) -> Tensor:
+    """One epoch's training sample indices: ``none`` a permutation of the split (the order
+    `iterate_batches(shuffle=True)` gives, bit for bit); ``balanced`` len(labels) draws with
+    replacement by `sampler_probabilities` (PyTorch's WeightedRandomSampler scheme)."""
+    n = len(labels)
+    if sampler == "none":
+        return torch.randperm(n, generator=generator)
+    if sampler == "balanced":
+        return torch.multinomial(sampler_probabilities(labels, num_classes), n,
+                                 replacement=True, generator=generator)
+    raise ConfigError(not_one_of("sampler", sampler, SAMPLERS))
+
+
 class Trainer:
     """Train `cfg.method` on DATA into the run folder `out`."""
 
@@ -717,6 +756,13 @@ class Trainer:
                           f"a new run from epoch 1", stacklevel=2)
         seed_everything(self.cfg.seed, self.cfg.deterministic)
         self.train_set = LesionDataset(self.data, "train")
+        if self.cfg.sampler == "balanced":  # a class it cannot draw: refused before training
+            sampler_probabilities(self.train_set.labels, self.train_set.num_classes,
+                                  list(self.train_set.meta.classes))
+            if self.cfg.class_weight == "balanced":
+                warnings.warn("sampler=balanced with class_weight=balanced corrects the class "
+                              "imbalance twice (balanced draws, then weights against the "
+                              "former majority); use one of them", stacklevel=2)
         self._train_eval: LesionDataset | None = None  # `_train_eval_set`, made on first use
         self.val_set = LesionDataset(self.data, "val")
         # Read the test split now, not after training: a corrupt test image must stop the
@@ -1014,7 +1060,7 @@ class Trainer:
                                      "batch's draws would differ per rank); use augment=none")
             return self._train_epoch_distributed(epoch, progress, task, drop)
         for step, batch in enumerate(iterate_batches(
-                self.train_set, self.cfg.batch_size, shuffle=True, generator=self.generator,
+                self.train_set, self.cfg.batch_size, order=self._epoch_order(),
                 device=self.device, drop_last=drop)):
             if self.cfg.augment == "dihedral":
                 batch = dihedral_augment(batch, self.generator)
@@ -1045,8 +1091,8 @@ class Trainer:
         n = len(self.train_set)
         bs = self.cfg.batch_size
         counts: list[tuple[int, int, str, float]] = []  # (step, N, key, count): summed
-        touched: list[Tensor] = []  # dataset indices of this rank's chunks
-        order = torch.randperm(n, generator=self.generator)  # as iterate_batches(shuffle=True)
+        batches: list[Tensor] = []  # the epoch's global batches (dataset indices)
+        order = self._epoch_order()  # the single process's order: every rank draws it
         for step, start in enumerate(range(0, n - drop, bs)):  # drop: see drop_single_last
             global_idx = order[start:start + bs]
             n_global = len(global_idx)
@@ -1054,7 +1100,7 @@ class Trainer:
             # where this chunk sits in the global batch: per-batch caps and draws inside the
             # method (align_batch, balance, PPI's fraction) then act on the global batch
             self.method.global_step = D.global_step(self.train_set, global_idx, rank, world)
-            touched.append(local)
+            batches.append(global_idx)
             # DDP needs every rank to run forward+backward; a batch smaller than the world
             # leaves some ranks empty, so it takes the all-reduce-after-backward path.
             use_ddp = plain and n_global >= world
@@ -1110,8 +1156,16 @@ class Trainer:
         c_sums, c_weights = D.merge_step_counts([c for _, _, c in gathered])
         sums.update(c_sums)  # in place: history's column order stays the single process's
         weights.update(c_weights)
-        self._merge_method_state(torch.cat(touched) if touched else torch.zeros(0, dtype=int))
+        # the samples whose newest cache entry is this rank's (a balanced draw repeats some)
+        self._merge_method_state(D.last_touched(batches, rank, world))
         return _epoch_means(sums, weights)
+
+    def _epoch_order(self) -> Tensor:
+        """This epoch's training sample order (`epoch_order` of the `sampler` setting), drawn
+        from the run's sampler generator: seeded by `seed`, saved in every checkpoint, so a
+        resumed run draws what an uninterrupted one would, and every rank the same."""
+        return epoch_order(self.train_set.labels, self.train_set.num_classes,
+                           self.cfg.sampler, self.generator)
 
     def _merge_method_state(self, touched: Tensor) -> None:
         """Make the method's state (warm-start caches, step counter) one again across ranks
