@@ -56,12 +56,14 @@ def imbalanced_copy(src: Path, dst: Path, minority: float,
                 for label in ("0", "1")} for s in sorted(benign)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, minority: float) -> argparse.Namespace:
+    """The options this script and sampler_imbalance.py share (`--minority` defaulting to
+    ``minority``), checked: a minority fraction in (0, 0.5) and a new --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--minority", type=float, default=0.15)
+    ap.add_argument("--minority", type=float, default=minority)
     ap.add_argument("--n-train", type=int, default=1200)
     ap.add_argument("--n-val", type=int, default=400)
     ap.add_argument("--n-test", type=int, default=600)
@@ -72,6 +74,33 @@ def main() -> None:
         ap.error(f"--minority must be in (0, 0.5), got {args.minority}")
     if args.out.exists():
         ap.error(f"{args.out} exists; choose a new --out (its runs may have other settings)")
+    args.parser = ap
+    return args
+
+
+def summarise(summary: dict, runs: dict[str, dict[int, dict]], seeds: list[int],
+              metrics: tuple[str, ...], head: str, out: Path) -> None:
+    """Mean (std, ddof 0) over seeds per setting and metric into ``summary`` ("mean",
+    "std"), written to OUT/summary.json and as a Markdown table to OUT/summary.md and
+    stdout."""
+    lines = [f"| {head} | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name in runs:
+        cells = []
+        for k in metrics:
+            values = [runs[name][s][k] for s in seeds]
+            mean, std = statistics.fmean(values), statistics.pstdev(values)
+            summary["mean"].setdefault(name, {})[k] = mean
+            summary["std"].setdefault(name, {})[k] = std
+            cells.append(f"{mean:.3f} ({std:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args = parse_args(__doc__, 0.15)
+    ap = args.parser
     generate(args.out / "data_full", SynthConfig(n_train=args.n_train, n_val=args.n_val,
                                                  n_test=args.n_test, size=args.size,
                                                  shortcut="none", seed=0))
@@ -95,21 +124,7 @@ def main() -> None:
     summary = {"benchmark": "class_weight_imbalance", "seeds": args.seeds,
                "epochs": args.epochs, "minority": args.minority, "counts": counts,
                "runs": runs, "mean": {}, "std": {}}
-    lines = ["| class_weight | " + " | ".join(METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
-    for rule in RULES:
-        cells = []
-        for k in METRICS:
-            values = [runs[rule][s][k] for s in args.seeds]
-            mean, std = statistics.fmean(values), statistics.pstdev(values)
-            summary["mean"].setdefault(rule, {})[k] = mean
-            summary["std"].setdefault(rule, {})[k] = std
-            cells.append(f"{mean:.3f} ({std:.3f})")
-        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
-    atomic_write_json(args.out / "summary.json", summary)
-    atomic_write_text(args.out / "summary.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    summarise(summary, runs, args.seeds, METRICS, "class_weight", args.out)
 
 if __name__ == "__main__":
     main()
