@@ -272,8 +272,13 @@ def _train_keys() -> frozenset[str]:
 
 
 def _script_options(script: Path) -> set[str]:
-    """The options a benchmark script's argparse declares (read from its source)."""
+    """The options a benchmark script's argparse declares (read from its source, and from
+    the sibling scripts it imports, e.g. a shared `parse_args`)."""
     src = script.read_text()
+    for name in re.findall(r"^from (\w+) import", src, flags=re.M):
+        sibling = script.parent / f"{name}.py"
+        if sibling.is_file() and sibling != script:
+            src += sibling.read_text()
     return set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", src))
 
 
