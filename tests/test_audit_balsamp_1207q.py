@@ -301,3 +301,21 @@ def test_two_processes_shard_the_same_balanced_draw(tmp_path):
     ck_s = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
     for k, v in ck_s["model"].items():
         assert torch.allclose(ck_d["model"][k], v, rtol=1e-4, atol=1e-5), k
+
+
+def test_a_run_from_before_the_setting_matches_the_default_and_a_change_is_named(tiny_data,
+                                                                                   tmp_path):
+    """Guard: a config.yaml without `sampler` (written before the setting) reads as
+    sampler=none, so --resume and benchmark reuse see no difference; asking such a run for
+    sampler=balanced is named as a changed setting."""
+    from causalign.engine.trainer import settings_diff
+
+    run = tmp_path / "run"
+    train(tiny_data, _cfg(epochs=1), run, progress=False)
+    cfg_file = run / "config.yaml"
+    lines = cfg_file.read_text().splitlines(keepends=True)
+    assert "sampler: none\n" in lines
+    cfg_file.write_text("".join(line for line in lines if line != "sampler: none\n"))
+    assert settings_diff(run, _cfg(epochs=1)) == []
+    assert settings_diff(run, _cfg(epochs=1, sampler="balanced")) == \
+        ["sampler 'none' -> 'balanced'"]
