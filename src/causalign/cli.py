@@ -683,7 +683,11 @@ def evaluate(
     from .engine.evaluate import predict as predict_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
-    from .metrics.calibration import CALIBRATION_METHODS, fit_temperature
+    from .metrics.calibration import (
+        CALIBRATION_METHODS,
+        calibrated_threshold,
+        fit_temperature,
+    )
     from .metrics.classification import MIN_BOOTSTRAP
     from .metrics.operating_point import choose_threshold
 
@@ -791,6 +795,13 @@ def evaluate(
         # the rule and where it was chosen before the rates, as a reader asks
         metrics["operating_point"] = {"rule": str(point), **chosen,
                                       **metrics["operating_point"]}
+        # the threshold is chosen and applied on the model's own probabilities, never the
+        # temperature-scaled ones (as `predict --threshold` applies it, --temperature or
+        # not): said here, with where it lies on the calibrated p₁ for a reader of those
+        metrics["operating_point"]["probabilities"] = "uncalibrated"
+        if temperature is not None:
+            metrics["operating_point"]["threshold_calibrated"] = calibrated_threshold(
+                threshold, temperature)
         if split == "val" and point.chooses:
             metrics["operating_point"]["note"] = ("chosen on the split it reports: its "
                                                   "rates are optimistic")
@@ -826,7 +837,11 @@ def predict(
     threshold: Annotated[float | None, typer.Option(
         help="two-class runs: also call each image at this probability of the second class "
              "(column called_class; e.g. the threshold `evaluate --operating-point` chose); "
-             "predicted stays the argmax")] = None,
+             "predicted stays the argmax; always on the model's own, uncalibrated "
+             "probability, also with --temperature)")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="calibrated probabilities softmax(logits / T), T > 0: the temperature `evaluate "
+             "--calibrate temperature` fitted on val (column temperature)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Class probabilities of a run's model on new, unlabelled images (one CSV row each)."""
@@ -843,12 +858,19 @@ def predict(
             check_probability(threshold)
         except CausalignError as e:
             raise CausalignError(f"--threshold: {e}") from None
+    if temperature is not None:  # before any image is read
+        from .metrics.calibration import check_temperature
+
+        try:
+            check_temperature(temperature)
+        except CausalignError as e:
+            raise CausalignError(f"--temperature: {e}") from None
     _check_output_file("--out", out, "the predictions CSV")
     _refuse_run_record(run, out=out)
     with _progress(progress) as bar:
         result = predict_images(run, inputs, split=split, batch_size=batch_size,
                                 device=device, progress=bar, saliency=saliency, maps=maps,
-                                threshold=threshold)
+                                threshold=threshold, temperature=temperature)
     for message in result.warnings.values():  # one line per check, not one per image
         warnings.warn(message, stacklevel=1)
     result.write_csv(out)
@@ -861,7 +883,9 @@ def predict(
                                                            strict=False))
 
     called = "" if threshold is None else f"; at {threshold:g}: {tally(result.called)}"
-    typer.echo(f"{len(result.ids)} images -> {out} ({tally(result.predicted)}{called}){left}")
+    scaled = "" if temperature is None else f"; probabilities at T={temperature:g}"
+    typer.echo(f"{len(result.ids)} images -> {out} ({tally(result.predicted)}{called}"
+               f"{scaled}){left}")
 
 
 @app.command()

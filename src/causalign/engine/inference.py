@@ -54,6 +54,7 @@ from ..data.importers.util import (
     walk,
 )
 from ..errors import CausalignError, DataError, InputError, not_one_of
+from ..metrics.calibration import apply_temperature, calibrated_threshold, check_temperature
 from .evaluate import predict as predict_split
 from .evaluate import write_prediction_rows
 
@@ -73,7 +74,11 @@ class Predictions:
     training import's intensity rule) with their messages; ``skipped`` the files of the
     folders given that were not read, by reason (mask files, broken links, other files);
     ``threshold`` (two classes) the probability of class 1 from which `called` says class 1
-    (None: no threshold, `called` is the argmax)."""
+    (None: no threshold, `called` is the argmax), always on the model's own (uncalibrated)
+    probability, the scale `evaluate --operating-point` chooses it on; ``temperature`` the T
+    ``probs`` were scaled by (softmax(log p / T), as `evaluate --calibrate temperature`
+    scales them; None: the model's own), ``uncalibrated`` then the model's own
+    probabilities."""
 
     ids: list[str]
     sources: list[str]
@@ -84,6 +89,8 @@ class Predictions:
     warnings: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     threshold: float | None = None
+    temperature: float | None = None
+    uncalibrated: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -91,16 +98,23 @@ class Predictions:
 
     @property
     def called(self) -> np.ndarray:
-        """The class at ``threshold`` (1 where p₁ ≥ threshold), else the argmax."""
+        """The class at ``threshold`` (1 where the model's own p₁ ≥ threshold), else the
+        argmax."""
         if self.threshold is None:
             return self.predicted
-        return (self.probs[:, 1] >= self.threshold).astype(np.int64)
+        # on the uncalibrated p₁ even with a temperature: one scale for every threshold
+        # (evaluate chooses it there), and a small T saturates the scaled p₁ at 1.0 in
+        # float64 (T 0.05: every p₁ above 0.863), where a threshold can no longer rank
+        own = self.probs if self.uncalibrated is None else self.uncalibrated
+        return (own[:, 1] >= self.threshold).astype(np.int64)
 
     def write_csv(self, path: str | Path) -> None:
         """One row per image (atomically): id, source, site, label (empty for plain files),
         predicted, p_<class> as in `evaluate --predictions`, predicted_class and
         data_warning (the shift checks that fired, ';'-joined; empty when none); with a
-        ``threshold``, also ``called_class`` (the class at it) and ``threshold``."""
+        ``threshold``, also ``called_class`` (the class at it) and ``threshold``; with a
+        ``temperature``, also ``temperature`` (the p_<class> columns' scale) and, with both,
+        ``threshold_calibrated`` (where the threshold lies on the calibrated p₁)."""
         n = len(self.ids)
         labels = self.labels if self.labels is not None else [""] * n
         sites = self.sites if self.sites is not None else [""] * n
@@ -116,14 +130,22 @@ class Predictions:
         def name(k: int) -> str:
             return self.classes[k] if k < len(self.classes) else str(k)
 
-        if self.threshold is None:
-            return ["predicted_class", "data_warning"], [[name(k), flag]
-                                                         for k in self.predicted]
-        # argmax's class stays beside the called one: `compare` and `read_predictions`
-        # take `predicted` as the argmax
-        return (["predicted_class", "called_class", "threshold", "data_warning"],
-                [[name(k), name(c), f"{self.threshold:.17g}", flag]
-                 for k, c in zip(self.predicted, self.called, strict=True)])
+        cols, rows = ["predicted_class"], [[name(k)] for k in self.predicted]
+        if self.threshold is not None:
+            # argmax's class stays beside the called one: `compare` and `read_predictions`
+            # take `predicted` as the argmax
+            cols += ["called_class", "threshold"]
+            for row, c in zip(rows, self.called, strict=True):
+                row += [name(c), f"{self.threshold:.17g}"]
+        if self.temperature is not None:  # which scale p_<class> are on
+            cols.append("temperature")
+            extra = [f"{self.temperature:.17g}"]
+            if self.threshold is not None:
+                cols.append("threshold_calibrated")
+                extra.append(f"{calibrated_threshold(self.threshold, self.temperature):.17g}")
+            for row in rows:
+                row += extra
+        return [*cols, "data_warning"], [[*row, flag] for row in rows]
 
 
 def is_dataset(path: Path) -> bool:
@@ -548,7 +570,8 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
                    split: str | None = None, batch_size: int = 256,
                    device: str = "auto", progress: Progress | None = None,
                    saliency: str | None = None, maps: str | Path | None = None,
-                   threshold: float | None = None) -> Predictions:
+                   threshold: float | None = None, temperature: float | None = None
+                   ) -> Predictions:
     """Class probabilities of RUN's model for new images.
 
     ``inputs``: a causalign dataset folder (its ``split``, default "test"; alone), or
@@ -559,9 +582,17 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     ``saliency`` with ``maps``: also each image's map of its predicted class, written by
     `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png).
     ``threshold``: a two-class run's operating point (`Predictions.threshold`), e.g. the one
-    `evaluate --operating-point` chose; refused for more classes before any image is read."""
+    `evaluate --operating-point` chose; refused for more classes before any image is read.
+    It applies to the model's own probability of class 1, with ``temperature`` too (the scale
+    on which `evaluate` chose it; `Predictions.called`).
+    ``temperature``: a T > 0 (e.g. the one `evaluate --calibrate temperature` fitted on val):
+    the probabilities are softmax(log p / T) of the model's p, as that evaluation scaled
+    them (`apply_temperature`; equal to softmax(logits / T), and for multi-view models,
+    whose outputs are pooled log-probabilities, the same scaling of those)."""
     from .trainer import load_run, read_run_config
 
+    if temperature is not None:  # an argument's own error first, as the CLI's
+        check_temperature(temperature)
     run = Path(run)
     recorded = read_run_config(run)  # a missing run fails before any image is read
     if threshold is not None:
@@ -594,7 +625,7 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
             ids=[r.id for r in ds.records], sources=[str(data / r.image) for r in ds.records],
             probs=probs, classes=list(ds.meta.classes),
             labels=[int(r.label) for r in ds.records], sites=[r.site for r in ds.records],
-            warnings=fired), threshold)
+            warnings=fired), threshold, temperature)
     if split is not None:  # plain files have no split: ignoring it hid a mistaken input
         raise InputError(f"--split {split}: for a dataset folder input only; the input is "
                          f"plain image files")
@@ -624,7 +655,7 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         classes = list(ds.meta.classes)
     return _with_threshold(Predictions(
         ids=[sid for sid, _ in files], sources=[str(f) for _, f in files], probs=probs,
-        classes=classes, warnings=fired, skipped=skipped), threshold)
+        classes=classes, warnings=fired, skipped=skipped), threshold, temperature)
 
 
 def _check_threshold(threshold: float, classes: Sequence[str] | None) -> None:
@@ -638,9 +669,15 @@ def _check_threshold(threshold: float, classes: Sequence[str] | None) -> None:
                          f"{len(classes)} classes: {', '.join(map(str, classes))}")
 
 
-def _with_threshold(result: Predictions, threshold: float | None) -> Predictions:
-    """``result`` with its ``threshold`` set, checked against its classes (a run trained
-    before the classes were recorded is checked only here, after the pass)."""
+def _with_threshold(result: Predictions, threshold: float | None,
+                    temperature: float | None = None) -> Predictions:
+    """``result`` with its probabilities scaled by ``temperature`` and its ``threshold`` set,
+    checked against its classes (a run trained before the classes were recorded is checked
+    only here, after the pass)."""
+    if temperature is not None:
+        result.uncalibrated = result.probs
+        result.probs = apply_temperature(result.probs, temperature)
+        result.temperature = float(temperature)
     if threshold is not None:
         _check_threshold(threshold, result.classes)
         result.threshold = float(threshold)

@@ -23,6 +23,7 @@ from scipy.special import log_softmax
 
 from ..errors import InputError
 from .classification import _checked, _numpy
+from .operating_point import check_probability
 
 # the methods `evaluate --calibrate` accepts
 CALIBRATION_METHODS = ("temperature",)
@@ -106,12 +107,29 @@ def fit_temperature(probs_or_logits: np.ndarray | torch.Tensor,
 
 def apply_temperature(probs: np.ndarray | torch.Tensor, temperature: float) -> np.ndarray:
     """softmax(log p / T) of class probabilities ``probs`` (N, C), float64 (N, C); zeros
-    floored at `PROB_FLOOR` first. `InputError` unless ``temperature`` is finite and > 0."""
+    floored at `PROB_FLOOR` first (T = 1: ``probs`` unchanged, as float64). `InputError`
+    unless ``temperature`` is finite and > 0."""
     check_temperature(temperature)
     p = np.asarray(_numpy(probs), dtype=np.float64)
     if p.ndim != 2:
         raise InputError(f"probs must be (N, classes), got shape {p.shape}")
+    if temperature == 1:
+        # the identity: the log-softmax round trip moved the last digits (1 ulp), so
+        # `predict --temperature 1` differed from no flag
+        return p.copy()
     return np.exp(log_softmax(np.log(np.maximum(p, PROB_FLOOR)) / temperature, axis=1))
+
+
+def calibrated_threshold(threshold: float, temperature: float) -> float:
+    """The threshold on class 1's temperature-scaled probability that calls the same samples
+    as ``threshold`` on its uncalibrated one (two classes). softmax(log p / T)₁ is
+    sigmoid(logit(p₁) / T), increasing in p₁, so p₁ ≥ t ⇔ q₁ ≥ this (up to float rounding
+    of a score equal to t): the row (1 − t, t) scaled as `apply_temperature` scales a
+    sample's (a score of exactly 0 or 1 is floored as there, so 0 and 1 map to where those
+    scores go, not to 0 and 1)."""
+    check_probability(threshold)
+    check_temperature(temperature)
+    return float(apply_temperature(np.array([[1.0 - threshold, threshold]]), temperature)[0, 1])
 
 
 def check_temperature(temperature: float) -> None:
