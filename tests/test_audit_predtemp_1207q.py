@@ -177,3 +177,30 @@ def test_predict_threshold_with_temperature_calls_on_the_models_own_p1():
     assert (hot.probs[:3, 1] == 1.0).all()  # saturated: no threshold could rank them
     assert plain.called.tolist() == hot.called.tolist() == [0, 1, 1, 0]
     assert (hot.uncalibrated == own).all()
+
+
+def test_multiview_volume_run_scales_its_pooled_log_probabilities(tmp_path):
+    """A multi-view volume run outputs log Σ w p (a pooled log-probability, not logits):
+    predict --temperature 2 gives softmax(output / 2), the probabilities evaluate_split's
+    calibration block scores at T = 2 (its ECE recomputed from predict's CSV)."""
+    from causalign.data.synth import SynthConfig, generate
+    from causalign.engine import TrainConfig, train
+    from causalign.engine.evaluate import evaluate_split
+
+    data, run = tmp_path / "vol", tmp_path / "run"
+    generate(data, SynthConfig(n_train=16, n_val=8, n_test=8, size=32, depth=4, seed=5))
+    train(data, TrainConfig(method="erm", model="multiview", epochs=1, batch_size=8, width=4,
+                            seed=0), run, progress=False)
+    _, model, method, _ = load_run(run, device="cpu")
+    ds = LesionDataset(data, "test")
+    model.eval()
+    with torch.no_grad():
+        out = model(_input(model, method, ds.batch(torch.arange(len(ds))))).double().numpy()
+    assert np.allclose(softmax(out, axis=1).sum(axis=1), 1.0)  # a log-probability
+    rows = _predict(run, data, tmp_path / "p.csv", "--temperature", "2")
+    q = _p(rows)
+    assert np.allclose(q, softmax(out / 2, axis=1), rtol=0, atol=1e-9)
+    m = evaluate_split(model, method, ds, "cpu", saliency="wbp", temperature=2.0)
+    y = np.array([int(r["label"]) for r in rows])
+    assert expected_calibration_error(q, y) == pytest.approx(m["calibration"]["ece"],
+                                                             abs=1e-9)

@@ -587,8 +587,8 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     on which `evaluate` chose it; `Predictions.called`).
     ``temperature``: a T > 0 (e.g. the one `evaluate --calibrate temperature` fitted on val):
     the probabilities are softmax(log p / T) of the model's p, as that evaluation scaled
-    them (`apply_temperature`; equal to softmax(logits / T), and for multi-view models,
-    whose outputs are pooled log-probabilities, the same scaling of those)."""
+    them (`apply_temperature`; equal to softmax(logits / T), and for the multi-view volume
+    model, whose output is a pooled log-probability, softmax(output / T))."""
     from .trainer import load_run, read_run_config
 
     if temperature is not None:  # an argument's own error first, as the CLI's
