@@ -63,6 +63,8 @@ SALIENCY_HELP = ("gradcam | gradient | input-x-gradient | wbp | lrp-epsilon | lr
                  "lrp-alpha-beta | lrp-flat | lrp-w-square | lrp-zbox | counterfactual")
 DEMO_METHODS = "erm, oracle, rrr, causal-align, hier-align, ppi"  # suites/demo.yaml
 _SET = "KEY=VALUE"  # --set's metavar: typer showed <list[str]>
+# --bootstrap-seed of `evaluate` and `compare`: one declaration, one help text
+BootstrapSeed = Annotated[int, typer.Option(help="seed of the bootstrap resamples")]
 
 
 def _progress(enabled: bool = True):
@@ -646,7 +648,7 @@ def evaluate(
              "sensitivity, specificity, Brier, ECE, CAM precision and the other localisation "
              "and deletion means from N stratified bootstrap resamples (0: none; at least "
              "100, 1000 is usual)")] = 0,
-    bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
+    bootstrap_seed: BootstrapSeed = 0,
     reliability: Annotated[Path | None, typer.Option(
         parser=_file_option("--reliability", "reliability.png"), metavar="<path>",
         help="also draw the split's reliability diagram here (.png, .pdf or .svg; --n-bins "
@@ -688,22 +690,11 @@ def evaluate(
         calibrated_threshold,
         fit_temperature,
     )
-    from .metrics.classification import MIN_BOOTSTRAP
     from .metrics.operating_point import choose_threshold
 
     # before loading the run: a bad count failed only after the whole evaluation
-    if bootstrap < 0:
-        raise CausalignError(f"--bootstrap {bootstrap}: give a number of resamples (at least "
-                             f"{MIN_BOOTSTRAP}; 0 for none)")
-    if 0 < bootstrap < MIN_BOOTSTRAP:
-        raise CausalignError(f"--bootstrap {bootstrap}: too few resamples for a 95 % "
-                             f"interval; give at least {MIN_BOOTSTRAP} (1000 is usual)")
-    if bootstrap_seed < 0:
-        raise CausalignError(f"--bootstrap-seed {bootstrap_seed}: must be 0 or more")
+    _check_bootstrap_options(bootstrap, bootstrap_seed)
     _check_n_bins(n_bins)
-    if bootstrap_seed and not bootstrap:  # no resample is drawn: the seed was silently unread
-        raise CausalignError(f"--bootstrap-seed {bootstrap_seed} is used only with --bootstrap "
-                             f"N (the resamples it seeds); add --bootstrap 1000")
     point = _parse_operating_point(operating_point)
     if calibrate is not None and calibrate not in CALIBRATION_METHODS:
         raise CausalignError(f"--calibrate {calibrate}: unknown method; choose from "
@@ -741,7 +732,7 @@ def evaluate(
         except CausalignError as e:
             raise CausalignError(f"--operating-point {point}: {e}") from None
     with _progress(progress) as bar:
-        threshold, chosen = None, {"chosen_on": None}
+        threshold, chosen, chosen_by = None, {"chosen_on": None}, None
         val_predictions = None  # the val split's (probs, labels), predicted once for both
 
         def on_val(option: str) -> tuple:  # option: what is chosen on val, for errors
@@ -766,6 +757,8 @@ def evaluate(
                 raise CausalignError(f"--operating-point {point} on split 'val' of "
                                      f"{data_path}: {e}") from None
             chosen = {"chosen_on": "val", "n_chosen_on": int(len(y_val))}
+            if split != "val":  # chosen on the split reported: no independent val to resample
+                chosen_by = (point, p_val, y_val)
         temperature = None
         if calibrate is not None:
             # on validation too: T fitted on the split reported flatters its ECE
@@ -782,7 +775,8 @@ def evaluate(
                                  predictions=predictions, bootstrap=bootstrap,
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
                                  reliability_title=f"{run} ({split})", ece_bins=n_bins,
-                                 threshold=threshold, roc=roc, temperature=temperature)
+                                 threshold=threshold, roc=roc, temperature=temperature,
+                                 chosen_by=chosen_by)
     if calibrate is not None:
         fitted = metrics.pop("calibration")
         metrics["calibration"] = {"method": calibrate, "temperature": fitted.pop("temperature"),
@@ -1584,6 +1578,12 @@ def compare(
              "positive class's probability (McNemar on the positives, on the negatives), "
              "chosen by RULE on each run folder's own predictions_val.csv: youden, "
              "sensitivity=S, specificity=S; or threshold=T for both (CSV inputs too)")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        help="with --operating-point: also give paired percentile 95 % intervals of "
+             "sensitivity_b − sensitivity_a and specificity_b − specificity_a from N "
+             "stratified bootstrap resamples of the compared split (thresholds fixed; 0: "
+             "none; at least 100, 1000 is usual)")] = 0,
+    bootstrap_seed: BootstrapSeed = 0,
 ) -> None:
     """Paired comparison of two runs on the same samples, from their saved predictions:
     accuracies and AUCs, DeLong's test of the AUC difference (binary; one-vs-rest per class
@@ -1596,6 +1596,12 @@ def compare(
     from .metrics import classification_metrics, holm_adjust, mcnemar_test
 
     point = _parse_operating_point(operating_point)
+    _check_bootstrap_options(bootstrap, bootstrap_seed)
+    if bootstrap and point is None:
+        # the paired intervals are of operating-point rates: N was silently unread
+        raise CausalignError(f"--bootstrap {bootstrap} is used only with --operating-point "
+                             f"RULE (the paired intervals of its rates); add "
+                             f"--operating-point sensitivity=0.9")
     if point is not None:
         csv_inputs = [str(r) for r in (run_a, run_b) if r.is_file()]
         if point.chooses and csv_inputs:
@@ -1698,7 +1704,8 @@ def compare(
     result["mcnemar"] = mcnemar_test(a.predicted, probs_b.argmax(axis=1), y)
     if point is not None:
         result["operating_point"] = _compare_operating_point(point, run_a, run_b, a.probs,
-                                                             probs_b, y, split)
+                                                             probs_b, y, split, bootstrap,
+                                                             bootstrap_seed)
     if reliability is not None:
         from .report.figures import reliability_diagram
 
@@ -1723,6 +1730,23 @@ def compare(
     _echo_json(result)
 
 
+def _check_bootstrap_options(bootstrap: int, bootstrap_seed: int) -> None:
+    """--bootstrap N and --bootstrap-seed S refused in one line (`evaluate`, `compare`)."""
+    from .metrics.classification import MIN_BOOTSTRAP
+
+    if bootstrap < 0:
+        raise CausalignError(f"--bootstrap {bootstrap}: give a number of resamples (at least "
+                             f"{MIN_BOOTSTRAP}; 0 for none)")
+    if 0 < bootstrap < MIN_BOOTSTRAP:
+        raise CausalignError(f"--bootstrap {bootstrap}: too few resamples for a 95 % "
+                             f"interval; give at least {MIN_BOOTSTRAP} (1000 is usual)")
+    if bootstrap_seed < 0:
+        raise CausalignError(f"--bootstrap-seed {bootstrap_seed}: must be 0 or more")
+    if bootstrap_seed and not bootstrap:  # no resample is drawn: the seed was silently unread
+        raise CausalignError(f"--bootstrap-seed {bootstrap_seed} is used only with --bootstrap "
+                             f"N (the resamples it seeds); add --bootstrap 1000")
+
+
 def _parse_operating_point(text: str | None) -> Any:
     """--operating-point RULE as an `OperatingPoint` (None when not given), refused in one
     line naming the option (`evaluate`, `compare`)."""
@@ -1737,11 +1761,13 @@ def _parse_operating_point(text: str | None) -> Any:
 
 
 def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
-                             probs_b: Any, labels: Any, split: str) -> dict[str, Any]:
+                             probs_b: Any, labels: Any, split: str, bootstrap: int = 0,
+                             bootstrap_seed: int = 0) -> dict[str, Any]:
     """`compare --operating-point`: each run's threshold (chosen on its own
-    predictions_val.csv, or the fixed one) and `paired_operating_point` at them."""
+    predictions_val.csv, or the fixed one) and `paired_operating_point` at them; with
+    ``bootstrap``, `paired_operating_point_ci`'s intervals of the differences."""
     from .engine.evaluate import read_predictions
-    from .metrics import paired_operating_point
+    from .metrics import paired_operating_point, paired_operating_point_ci
     from .metrics.operating_point import choose_threshold
 
     thresholds = []
@@ -1765,6 +1791,10 @@ def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
     compared = {"rule": str(point), "threshold_a": thresholds[0], "threshold_b": thresholds[1],
                 "chosen_on": "val" if point.chooses else None,
                 **paired_operating_point(probs_a, probs_b, labels, *thresholds)}
+    if bootstrap:
+        # one test resample scores both runs; the thresholds stay fixed (not re-chosen)
+        compared.update(paired_operating_point_ci(probs_a, probs_b, labels, *thresholds,
+                                                  n=bootstrap, seed=bootstrap_seed))
     if point.chooses and split == "val":
         compared["note"] = "chosen on the split it reports: its rates are optimistic"
     return compared

@@ -39,6 +39,7 @@ from ..metrics.calibration import (
 from ..metrics.classification import ECE_BINS, check_bins, check_bootstrap
 from ..metrics.operating_point import (
     check_probability,
+    operating_point_bootstrap,
     operating_point_metrics,
     operating_point_per_sample,
 )
@@ -288,7 +289,7 @@ def evaluate_split(
     predictions: str | Path | None = None, bootstrap: int = 0, bootstrap_seed: int = 0,
     reliability: str | Path | None = None, reliability_title: str | None = None,
     ece_bins: int = ECE_BINS, threshold: float | None = None, roc: str | Path | None = None,
-    temperature: float | None = None,
+    temperature: float | None = None, chosen_by: tuple[Any, Any, Any] | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -317,6 +318,12 @@ def evaluate_split(
     ``p ≥ threshold`` (`operating_point_metrics`: sensitivity, specificity, PPV, NPV and the
     confusion counts; with ``bootstrap``, their intervals in ``ci95["operating_point"]``).
     Two-class datasets only (`InputError` before the pass otherwise).
+
+    ``chosen_by``: ``(point, val probs, val labels)`` that chose ``threshold``; with
+    ``bootstrap`` and a choosing rule, ``ci95["operating_point_with_threshold"]`` holds the
+    threshold's and the rates' intervals with the threshold re-chosen on each val resample
+    (`operating_point_bootstrap`; its left-out resamples under
+    ``bootstrap["undefined"]["operating_point_with_threshold"]``).
 
     ``temperature``: also give ``calibration`` of the split's probabilities scaled by it
     (`metrics.calibration.apply_temperature`, a T fitted elsewhere, e.g. on val): ``nll``,
@@ -348,7 +355,8 @@ def evaluate_split(
         return _evaluate_split(model, method, dataset, device, saliency, fractions,
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
-                               reliability_title, ece_bins, threshold, roc, temperature)
+                               reliability_title, ece_bins, threshold, roc, temperature,
+                               chosen_by)
 
 
 def _nested(flat: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
@@ -389,7 +397,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     bootstrap_seed: int = 0, reliability: str | Path | None = None,
                     reliability_title: str | None = None, ece_bins: int = ECE_BINS,
                     threshold: float | None = None, roc: str | Path | None = None,
-                    temperature: float | None = None) -> dict:
+                    temperature: float | None = None,
+                    chosen_by: tuple[Any, Any, Any] | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -550,6 +559,13 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                 resampled["bootstrap"]["undefined"],
                 {"deletion": "deletion", "operating_point": "operating_point",
                  "attribute": "attribute_accuracy"})
+        if chosen_by is not None and chosen_by[0].chooses:
+            # the question ci95.operating_point leaves out: the threshold is a val statistic
+            again = operating_point_bootstrap(*chosen_by, p, y, bootstrap, bootstrap_seed)
+            ci["operating_point_with_threshold"] = again["ci95"]
+            if again["undefined"]:
+                resampled["bootstrap"].setdefault("undefined", {})[
+                    "operating_point_with_threshold"] = again["undefined"]
         out.update(resampled)
     if note is not None:
         out["saliency_note"] = note

@@ -260,15 +260,9 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
         if (name in point and point[name] is None) or not parts:
             ci[name] = None
             continue
-        resampled = np.concatenate(parts)
-        defined = resampled[~np.isnan(resampled)]
-        if len(defined) < len(resampled):
-            undefined[name] = int(len(resampled) - len(defined))
-        if len(defined) == 0:  # no counted sample at all (an unannotated split)
-            ci[name] = None
-            continue
-        lo, hi = np.percentile(defined, [2.5, 97.5])
-        ci[name] = [float(lo), float(hi)]
+        ci[name], missing = percentile_interval(np.concatenate(parts))
+        if missing:
+            undefined[name] = missing
     settings: dict[str, Any] = {"n": int(n), "seed": int(seed),
                                 "method": "percentile, stratified by class"}
     if undefined:
@@ -276,12 +270,27 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     return {"ci95": ci, "bootstrap": settings}
 
 
-def _resample_counts(labels: np.ndarray, n: int, seed: int) -> Iterator[np.ndarray]:
+def percentile_interval(resampled: np.ndarray) -> tuple[list[float] | None, int]:
+    """The percentile 95 % interval of one metric's bootstrap values (NaN: a resample
+    where it is undefined, left out) and how many were left out; None when all were."""
+    resampled = np.asarray(resampled, dtype=np.float64)
+    defined = resampled[~np.isnan(resampled)]
+    missing = int(len(resampled) - len(defined))
+    if len(defined) == 0:  # no counted sample at all (an unannotated split)
+        return None, missing
+    lo, hi = np.percentile(defined, [2.5, 97.5])
+    return [float(lo), float(hi)], missing
+
+
+def _resample_counts(labels: np.ndarray, n: int,
+                     seed: int | np.random.SeedSequence) -> Iterator[np.ndarray]:
     """`bootstrap_ci`'s ``n`` stratified resamples of samples sorted by ``labels``, as
     chunks of rows of draw counts (m, N): each class's n_c draws among its own n_c samples,
-    from ``numpy.random.default_rng(seed)``. Chunks bound each matrix to ~8 MB."""
+    from ``numpy.random.default_rng(seed)`` (a `SeedSequence` for a second, independent
+    stream from one user seed). Chunks bound each matrix to ~8 MB."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng(int(seed))
+    rng = np.random.default_rng(seed if isinstance(seed, np.random.SeedSequence)
+                                else int(seed))
     members = _class_slices(labels)
     chunk = max(1, 2 ** 20 // len(labels))
     for start in range(0, n, chunk):

@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from ..errors import InputError
-from .classification import _checked
+from .classification import _checked, _resample_counts, check_bootstrap, percentile_interval
 
 # the rules `OperatingPoint.parse` accepts, in the form the CLI shows them
 OPERATING_POINT_RULES = ("youden", "sensitivity=S", "specificity=S", "threshold=T")
@@ -158,6 +158,74 @@ def operating_point_per_sample(probs: np.ndarray | torch.Tensor,
             "specificity": np.where(~positive, ~called, nan),
             "ppv": np.where(called, positive, nan),
             "npv": np.where(~called, ~positive, nan)}
+
+
+def operating_point_bootstrap(point: OperatingPoint, probs_val: np.ndarray | torch.Tensor,
+                              labels_val: np.ndarray | torch.Tensor,
+                              probs: np.ndarray | torch.Tensor,
+                              labels: np.ndarray | torch.Tensor, n: int = 1000,
+                              seed: int = 0) -> dict[str, Any]:
+    """Percentile 95 % intervals of the threshold ``point`` chooses on the val samples and
+    of the sensitivity, specificity, PPV and NPV it gives on the test samples, with the
+    threshold's own uncertainty in them: each of ``n`` resamples draws the val split and the
+    test split independently (stratified by class, as `bootstrap_ci`), re-chooses the
+    threshold by ``point`` on the val draw (`choose_threshold`) and applies it to the test
+    draw. The test draws are `bootstrap_ci`'s for the same labels and seed (so the rates at
+    the fixed threshold, ``ci95.operating_point``, come from the same test draws); the val
+    draws come from the independent stream ``SeedSequence((seed, 1))``.
+
+    Returns ``{"ci95": {"threshold", "sensitivity", "specificity", "ppv", "npv": [lo, hi]
+    or None}, "undefined": {name: count}}``: a resample where a rate's denominator is empty
+    (nothing called positive: no PPV) is left out of that rate and counted, and a val draw
+    the rule cannot choose on (one class only: impossible for stratified draws of a split
+    holding both, kept as a guard) is left out of all and counted under "threshold".
+    `InputError` for a fixed threshold (nothing is chosen: the test-only interval is
+    already complete), more than two classes, or a val split lacking a class."""
+    check_bootstrap(n, seed)
+    if not point.chooses:
+        raise InputError(f"operating point {point}: nothing is chosen, so there is no "
+                         f"threshold uncertainty to resample")
+    probs_val, labels_val = _checked(probs_val, labels_val)
+    choose_threshold(point, probs_val, labels_val)  # a bad val split fails before the loop
+    _binary(probs, labels, "operating-point metrics")  # two classes, or InputError
+    probs, labels = _checked(probs, labels)
+    # sorted by class as `bootstrap_ci` sorts them: the same seed then draws the same rows
+    order = np.argsort(labels_val, kind="stable")
+    probs_val, labels_val = probs_val[order], labels_val[order]
+    order = np.argsort(labels, kind="stable")
+    labels = labels[order]
+    score, positive = probs[order, 1], labels == 1
+    thresholds = np.full(int(n), np.nan)
+    done = 0
+    for w in _resample_counts(labels_val, n, np.random.SeedSequence((int(seed), 1))):
+        for row in w.astype(np.int64):
+            drawn = np.repeat(np.arange(len(row)), row)
+            try:
+                thresholds[done] = choose_threshold(point, probs_val[drawn], labels_val[drawn])
+            except InputError:
+                pass  # one class drawn: no threshold, NaN, counted below
+            done += 1
+    rates: dict[str, list[np.ndarray]] = {k: [] for k in ("sensitivity", "specificity",
+                                                           "ppv", "npv")}
+    done = 0
+    for w in _resample_counts(labels, n, seed):
+        t = thresholds[done:done + len(w)]
+        done += len(w)
+        called = score[None, :] >= t[:, None]  # NaN threshold: a row of False, masked below
+        tp, fp = (w * (called & positive)).sum(1), (w * (called & ~positive)).sum(1)
+        tn, fn = (w * (~called & ~positive)).sum(1), (w * (~called & positive)).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for name, (a, b) in {"sensitivity": (tp, fn), "specificity": (tn, fp),
+                                 "ppv": (tp, fp), "npv": (tn, fn)}.items():
+                rates[name].append(np.where(np.isnan(t) | (a + b == 0), np.nan, a / (a + b)))
+    ci: dict[str, list[float] | None] = {}
+    undefined: dict[str, int] = {}
+    for name, values in {"threshold": thresholds,
+                         **{k: np.concatenate(v) for k, v in rates.items()}}.items():
+        ci[name], missing = percentile_interval(values)
+        if missing:
+            undefined[name] = missing
+    return {"ci95": ci, "undefined": undefined}
 
 
 def _binary(probs: object, labels: object, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -152,6 +152,37 @@ def paired_operating_point(probs_a: np.ndarray | torch.Tensor,
             "mcnemar_sensitivity": among(positive), "mcnemar_specificity": among(~positive)}
 
 
+def paired_operating_point_ci(probs_a: np.ndarray | torch.Tensor,
+                              probs_b: np.ndarray | torch.Tensor,
+                              labels: np.ndarray | torch.Tensor, threshold_a: float,
+                              threshold_b: float, n: int = 1000, seed: int = 0
+                              ) -> dict[str, Any]:
+    """Paired percentile 95 % intervals of ``sensitivity_b − sensitivity_a`` and
+    ``specificity_b − specificity_a`` at fixed thresholds (as `paired_operating_point`):
+    each of ``n`` stratified resamples (`bootstrap_ci`'s, same seed → same draws) draws one
+    set of samples that both models are scored on. Over one resample's positives the
+    sensitivity difference is the mean of called_b − called_a, so it is `bootstrap_ci`'s
+    per-sample mean of that value (NaN for negatives); the specificity's likewise. Returns
+    ``{"ci95": {"sensitivity_b_minus_a", "specificity_b_minus_a": [lo, hi] or None (no
+    positive / negative)}, "bootstrap": {"n", "seed", "method"}}``."""
+    from .classification import bootstrap_ci
+    from .operating_point import _binary, check_probability
+
+    check_probability(threshold_a)
+    check_probability(threshold_b)
+    score_a, positive = _binary(probs_a, labels, "operating-point comparison")
+    score_b, _ = _binary(probs_b, labels, "operating-point comparison")
+    if len(score_b) != len(score_a):
+        raise InputError(f"probs_a and probs_b must score the same samples, got "
+                         f"{len(score_a)} and {len(score_b)}")
+    gain = (score_b >= threshold_b).astype(np.float64) - (score_a >= threshold_a)
+    names = {"sensitivity_b_minus_a": np.where(positive, gain, np.nan),
+             "specificity_b_minus_a": np.where(~positive, -gain, np.nan)}
+    resampled = bootstrap_ci(probs_a, labels, n, seed, per_sample=names)
+    return {"ci95": {k: resampled["ci95"][k] for k in names},
+            "bootstrap": resampled["bootstrap"]}
+
+
 def holm_adjust(p_values: list[float | None]) -> list[float | None]:
     """Holm's step-down adjusted p-values (family-wise error rate) of several tests of one
     comparison, e.g. DeLong per class one-vs-rest: the k-th smallest of m becomes
