@@ -282,3 +282,31 @@ def test_evaluate_cli_gives_the_with_threshold_block(erm_run, tmp_path, capsys):
     m2 = json.loads(capsys.readouterr().out)
     assert "operating_point_with_threshold" not in m2["ci95"]
     assert m2["ci95"]["operating_point"] == m["ci95"]["operating_point"]
+
+
+def test_evaluate_on_val_has_no_with_threshold_block(erm_run, capsys):
+    """With --split val the threshold is chosen on the split reported: there is no separate
+    val split to resample, so the block is absent (the rates carry their `note`)."""
+    capsys.readouterr()
+    rc = main(["evaluate", str(erm_run), "--split", "val", "--operating-point", "youden",
+               "--bootstrap", "200", "--no-progress", "--saliency", "gradient",
+               "--device", "cpu"])
+    assert rc in (0, None)
+    m = json.loads(capsys.readouterr().out)
+    assert "note" in m["operating_point"] and "operating_point" in m["ci95"]
+    assert "operating_point_with_threshold" not in m["ci95"]
+
+
+def test_compare_csv_inputs_with_a_fixed_threshold_get_paired_intervals(tmp_path, capsys):
+    """CSV inputs carry no val split; with threshold=T the paired intervals still apply."""
+    rng = np.random.default_rng(4)
+    _run(tmp_path / "a", rng, shift=0.4)
+    _run(tmp_path / "b", rng, shift=0.1)
+    r = _compare(capsys, tmp_path / "a" / "predictions_test.csv",
+                 tmp_path / "b" / "predictions_test.csv", "--operating-point",
+                 "threshold=0.5", "--bootstrap", "100")
+    op = r["operating_point"]
+    assert op["chosen_on"] is None and set(op["ci95"]) == {"sensitivity_b_minus_a",
+                                                           "specificity_b_minus_a"}
+    lo, hi = op["ci95"]["specificity_b_minus_a"]
+    assert lo <= op["specificity_b"] - op["specificity_a"] <= hi
