@@ -504,6 +504,7 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     for r in _finished(results):
         if r["dataset"] not in datasets:
             datasets.append(r["dataset"])
+    parts += _clinical_section(out, results, datasets, handled)
     if datasets:
         parts.append("<h2>CAM overlays (Fig. 4)</h2><p>Grad-CAM of the predicted class at "
                      "the last conv layer (WBP on volumes, cut at the slice with most "
@@ -607,6 +608,35 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
     path.chmod(0o644)  # a page to share: readable like any other output file
     _remove_stale_figures(figs, shown)
     return path
+
+
+def _clinical_section(out: Path, results: dict, datasets: list[str],
+                      handled: BaseException | None) -> list[str]:
+    """"Operating points and calibration": per dataset, `report.clinical.clinical_table`
+    (from the predictions CSVs only, every dataset: no model runs, ~0.1 s a run)."""
+    from .clinical import clinical_table
+
+    if not datasets:
+        return []
+    parts = ["<h2>Operating points and calibration</h2><p>Per method (default setting): the "
+             "threshold on the positive class's (class 1's) probability chosen on the val "
+             "split by Youden's J and by sensitivity ≥ 0.9, the test sensitivity and "
+             "specificity at it, and the test ECE (15 bins) before and after temperature "
+             "scaling fitted on val, with its T; from predictions_val.csv and "
+             "predictions_test.csv, as <code>causalign evaluate --operating-point RULE "
+             "--calibrate temperature</code> gives them. Mean (std, ddof 0) over seeds where "
+             "a method has several; seeds: the runs counted.</p>"]
+    for d in datasets:
+        try:
+            t = clinical_table(out, results, d)
+        except Exception as exc:  # a table must not sink the report, as a figure
+            _raise_interrupt_behind(exc, handled)
+            parts.append(f"<p class='failed'>operating points for {html.escape(d)} failed: "
+                         f"{html.escape(str(exc))}</p>")
+            continue
+        if t is not None:
+            parts.append(_table_html(t))
+    return parts
 
 
 _FIGURE_PATTERNS = ("cam_grid_*.png", "counterfactuals_*.png", "curves_*.png",
