@@ -622,6 +622,19 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _other_dataset(run: Path, data: Path | None) -> Path | None:
+    """``data`` resolved when `--data` names a dataset other than the one RUN was trained on
+    (another site), else None: what a split chosen on ("val") and a figure refer to."""
+    if data is None:
+        return None
+    from .engine.trainer import read_run_config
+
+    stored = read_run_config(run).get("data")
+    if isinstance(stored, str) and stored and _same_file(Path(stored), data):
+        return None
+    return data.resolve()
+
+
 def _f(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -726,6 +739,11 @@ def evaluate(
     dev = next(model.parameters()).device
     saliency = saliency or cfg.eval_saliency
     options = _run_explainer_kwargs(run, method, data_path, dev, [saliency])
+    # another site's val split chooses the threshold and T, and its test split is drawn:
+    # "val" and "RUN (test)" alone read as the run's own (site A's) split
+    other = _other_dataset(run, data)
+    where = {} if other is None else {"chosen_on_data": str(other)}
+    figure_title = f"{run} ({split})" if other is None else f"{run} ({split} of {data})"
     if point is not None:
         try:  # a three-class run is refused before any pass
             check_two_classes(ds)
@@ -774,20 +792,21 @@ def evaluate(
                                  explainer_kwargs=options.get(saliency),
                                  predictions=predictions, bootstrap=bootstrap,
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
-                                 reliability_title=f"{run} ({split})", ece_bins=n_bins,
+                                 reliability_title=figure_title, ece_bins=n_bins,
                                  threshold=threshold, roc=roc, temperature=temperature,
                                  chosen_by=chosen_by)
     if calibrate is not None:
         fitted = metrics.pop("calibration")
         metrics["calibration"] = {"method": calibrate, "temperature": fitted.pop("temperature"),
                                   "chosen_on": "val", "n_chosen_on": int(len(y_val)),
-                                  **fitted}
+                                  **where, **fitted}
         if split == "val":
             metrics["calibration"]["note"] = ("fitted on the split it reports: its "
                                               "calibration is optimistic")
     if point is not None:
         # the rule and where it was chosen before the rates, as a reader asks
         metrics["operating_point"] = {"rule": str(point), **chosen,
+                                      **(where if point.chooses else {}),
                                       **metrics["operating_point"]}
         # the threshold is chosen and applied on the model's own probabilities, never the
         # temperature-scaled ones (as `predict --threshold` applies it, --temperature or
@@ -938,10 +957,12 @@ def explain(
                 typer.echo("note: gradcam left out: its layer is 1x1 at this image size "
                            "(a constant map)", err=True)
         options = _run_explainer_kwargs(run, method, data_path, dev, names)
+        record = {"pick": pick, "provenance": _output_provenance(run, model, data_path, ds, dev)}
         with folder_lock(out, f"causalign explain --out {out}"), _progress(progress) as bar:
             for name in names:
                 export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
-                                progress=bar, explainer_kwargs=options.get(name))
+                                progress=bar, explainer_kwargs=options.get(name),
+                                record=record)
             import numpy as np
 
             # the figure's cases are the first of those just exported: their saved maps,
@@ -959,7 +980,9 @@ def explain(
     with _progress(progress) as bar:
         summary = export_saliency(model, method, ds, saliency, out, limit=limit,
                                   device=dev, progress=bar,
-                                  explainer_kwargs=options.get(saliency))
+                                  explainer_kwargs=options.get(saliency),
+                                  record={"pick": pick, "provenance": _output_provenance(
+                                      run, model, data_path, ds, dev)})
     typer.echo(f"wrote {summary['n']} maps and overlays to {out}")
 
 
@@ -1154,7 +1177,7 @@ def counterfactual(
                                          device=dev, train_images=train_images,
                                          autoencoder=ae, progress=bar,
                                          valid_range=valid_range,
-                                         provenance=_counterfactual_provenance(run, model,
+                                         provenance=_output_provenance(run, model,
                                                                                data_path, ds,
                                                                                dev))
     lo, hi = summary["valid_range"]
@@ -1236,12 +1259,13 @@ def _low_flip_warning(summary: dict, settings: Any, ae_mse: float | None,
             f"{hint}")
 
 
-def _counterfactual_provenance(run: Path, model: Any, data_path: Path, ds: Any,
-                               device: Any) -> dict:
-    """What summary.json needs to say where its x* came from: the run and the digest of the
-    weights `load_run` read into ``model`` (best.pt, else checkpoint.pt), the data and its
-    split's content digest, and the machine (`environment`): a summary alone named none of
-    them."""
+def _output_provenance(run: Path, model: Any, data_path: Path, ds: Any,
+                       device: Any) -> dict:
+    """What a summary.json (counterfactual's, explain's) needs to say where its x* or maps
+    came from: the run and the digest of the weights `load_run` read into ``model`` (best.pt,
+    else checkpoint.pt), the data and its split's content digest, and the machine
+    (`environment`): a summary alone named none of them (explain's, with --data another
+    site, read as the run's own site)."""
     from .engine.provenance import content_digest, environment
 
     return {"run": str(Path(run).resolve()), **model.causalign_weights,

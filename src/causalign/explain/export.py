@@ -179,11 +179,13 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
                     device: torch.device | str = "cpu", batch_size: int = 32,
                     progress: Progress | None = None,
                     explainer_kwargs: dict[str, Any] | None = None,
-                    labelled: bool = True) -> dict:
+                    labelled: bool = True, record: dict[str, Any] | None = None) -> dict:
     """Maps for the predicted class of the first `limit` samples of `dataset`
     (``explainer_kwargs`` go to the explainer, e.g. a run's counterfactual search settings).
     ``labelled=False`` (`causalign predict` on plain files, whose temporary import holds the
     placeholder label 0): no "y=" in the titles and ``label`` None in the summary.
+    ``record``: more keys for the summary, before ``samples`` (`causalign explain`: how the
+    samples were picked and the provenance, which run, weights and dataset).
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
     (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns the summary
@@ -200,13 +202,14 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
     # manifest entries under it (`folder_lock`)
     with folder_lock(out, f"causalign explain --out {out}"), eval_mode(model):
         return _export_saliency(model, method, dataset, saliency, Path(out), n, device,
-                                batch_size, progress, explainer_kwargs or {}, labelled)
+                                batch_size, progress, explainer_kwargs or {}, labelled,
+                                record or {})
 
 
 def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                      out: Path, n: int, device: torch.device | str, batch_size: int,
                      progress: Progress | None, explainer_kwargs: dict[str, Any],
-                     labelled: bool = True) -> dict:
+                     labelled: bool = True, record: dict[str, Any] | None = None) -> dict:
     from ..report.figures import cam_grid, class_name, overlay
 
     def truth(label: int) -> str:  # the title's true class; none for unlabelled images
@@ -270,6 +273,7 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
     settings = {k: v for k, v in explainer_kwargs.items() if isinstance(v, (int, float, str))}
     if settings:  # e.g. the counterfactual search's α and distance: they shape the maps
         summary["explainer_settings"] = settings
+    summary.update(record or {})
     summary["samples"] = samples
     files.path("summary.json")
     files.finish()  # before the summary: a summary present means the folder matches it
