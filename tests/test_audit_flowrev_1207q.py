@@ -94,3 +94,59 @@ def test_explain_summary_names_run_and_dataset(two_sites, tmp_path, capsys):
     assert prov["weights_sha256"] and prov["split_content_digest"]
     assert summary["pick"] == "balanced"
     assert sorted(s["label"] for s in summary["samples"]) == [0, 0, 1, 1]
+
+
+def _site_b_csvs(tmp_path: Path) -> tuple[Path, Path, list[int], list[float], list[float]]:
+    """Two runs' `evaluate --predictions` CSVs of one site-B split (hand-made scores)."""
+    labels = [0, 0, 0, 1, 1, 1, 0, 1]
+    pa = [0.10, 0.35, 0.55, 0.40, 0.65, 0.90, 0.20, 0.30]
+    pb = [0.05, 0.50, 0.70, 0.60, 0.75, 0.95, 0.65, 0.55]
+    paths = []
+    for name, probs in (("a", pa), ("b", pb)):
+        path = tmp_path / f"{name}.csv"
+        rows = ["id,site,label,predicted,p_benign,p_malignant"] + [
+            f"s{i},B,{y},{int(p >= 0.5)},{1 - p!r},{p!r}"
+            for i, (y, p) in enumerate(zip(labels, probs, strict=True))]
+        path.write_text("\n".join(rows) + "\n")
+        paths.append(path)
+    return paths[0], paths[1], labels, pa, pb
+
+
+def test_compare_applies_each_runs_own_threshold_to_another_sites_csvs(tmp_path, capsys):
+    """Each run's threshold was chosen on its development site's val split; on site B's
+    CSVs `compare` took one threshold=T for both (the pair was refused: "'0.3,0.6' is not a
+    number"), so two models could not be compared at their own operating points."""
+    a, b, labels, pa, pb = _site_b_csvs(tmp_path)
+    assert main(["compare", str(a), str(b), "--operating-point", "threshold=0.3,0.6"]
+                ) in (0, None)
+    op = json.loads(capsys.readouterr().out)["operating_point"]
+    assert (op["rule"], op["threshold_a"], op["threshold_b"], op["chosen_on"]) == (
+        "threshold=0.3,0.6", 0.3, 0.6, None)
+
+    def rates(probs: list[float], t: float) -> tuple[float, float]:
+        pos = [p >= t for p, y in zip(probs, labels, strict=True) if y == 1]
+        neg = [p < t for p, y in zip(probs, labels, strict=True) if y == 0]
+        return sum(pos) / len(pos), sum(neg) / len(neg)
+
+    assert (op["sensitivity_a"], op["specificity_a"]) == rates(pa, 0.3)
+    assert (op["sensitivity_b"], op["specificity_b"]) == rates(pb, 0.6)
+
+
+@pytest.mark.parametrize("rule, says", [
+    ("threshold=0.3,1.5", "must lie in [0, 1]"),
+    ("threshold=0.3,0.4,0.5", "two thresholds"),
+    ("youden,0.3", "give one of"),
+])
+def test_compare_threshold_pair_refused_in_one_line(tmp_path, capsys, rule, says):
+    a, b, *_ = _site_b_csvs(tmp_path)
+    assert main(["compare", str(a), str(b), "--operating-point", rule]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and says in err, err
+
+
+def test_evaluate_refuses_a_threshold_pair(two_sites, capsys):
+    """Guard: a pair is compare's (two runs); evaluate has one run, one threshold."""
+    run, _ = two_sites
+    assert main(["evaluate", str(run), "--operating-point", "threshold=0.3,0.6",
+                 "--no-progress"]) == 2
+    assert "not a number" in capsys.readouterr().err

@@ -136,9 +136,9 @@ def test_evaluate_draws_the_band_of_its_bootstrap_and_compare_marks_both_runs(
     result = json.loads(capsys.readouterr().out)
     points = seen[-1][1]["points"]
     assert points == {str(tmp_path / "a.csv"): [("p ≥ 0.5 (argmax)", 0.5),
-                                                ("threshold=0.3 (p ≥ 0.3)", 0.3)],
+                                                ("p ≥ 0.3 (fixed)", 0.3)],
                       str(tmp_path / "b.csv"): [("p ≥ 0.5 (argmax)", 0.5),
-                                                ("threshold=0.3 (p ≥ 0.3)", 0.3)]}
+                                                ("p ≥ 0.3 (fixed)", 0.3)]}
     assert result["operating_point"]["threshold_a"] == 0.3
     # the marks' rates are each run's own at its threshold
     drawn = real({str(tmp_path / "b.csv"): (probs_b, y)}, tmp_path / "d.png",

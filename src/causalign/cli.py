@@ -1601,7 +1601,8 @@ def compare(
         help="two-class runs: also compare sensitivity and specificity at a threshold on the "
              "positive class's probability (McNemar on the positives, on the negatives), "
              "chosen by RULE on each run folder's own predictions_val.csv: youden, "
-             "sensitivity=S, specificity=S; or threshold=T for both (CSV inputs too)")] = None,
+             "sensitivity=S, specificity=S; or threshold=T for both, threshold=TA,TB one "
+             "per run (CSV inputs too)")] = None,
     bootstrap: Annotated[int, typer.Option(
         help="with --operating-point: also give paired percentile 95 % intervals of "
              "sensitivity_b − sensitivity_a and specificity_b − specificity_a from N "
@@ -1619,7 +1620,9 @@ def compare(
     from .io import atomic_write_json
     from .metrics import classification_metrics, holm_adjust, mcnemar_test
 
-    point = _parse_operating_point(operating_point)
+    pair = _threshold_pair(operating_point)
+    point = _parse_operating_point(operating_point if pair is None else
+                                   f"threshold={pair[0]!r}")
     _check_bootstrap_options(bootstrap, bootstrap_seed)
     if bootstrap and point is None:
         # the paired intervals are of operating-point rates: N was silently unread
@@ -1728,8 +1731,8 @@ def compare(
     result["mcnemar"] = mcnemar_test(a.predicted, probs_b.argmax(axis=1), y)
     if point is not None:
         result["operating_point"] = _compare_operating_point(point, run_a, run_b, a.probs,
-                                                             probs_b, y, split, bootstrap,
-                                                             bootstrap_seed)
+                                                             probs_b, y, split, pair,
+                                                             bootstrap, bootstrap_seed)
     if reliability is not None:
         from .report.figures import reliability_diagram
 
@@ -1745,7 +1748,8 @@ def compare(
             marks[str(run)] = [("p ≥ 0.5 (argmax)", 0.5)]
             if "operating_point" in result:
                 t = result["operating_point"][f"threshold_{which}"]
-                marks[str(run)].append((f"{point} (p ≥ {t:.3g})", t))
+                marks[str(run)].append((f"{point} (p ≥ {t:.3g})" if point.chooses
+                                        else f"p ≥ {t:.3g} (fixed)", t))
         roc_figure({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, roc,
                    title=_delong_title(result), points=marks)
         result["roc"] = str(roc)
@@ -1784,18 +1788,46 @@ def _parse_operating_point(text: str | None) -> Any:
         raise CausalignError(f"--operating-point: {e}") from None
 
 
+def _threshold_pair(text: str | None) -> tuple[float, float] | None:
+    """`compare --operating-point threshold=TA,TB`: each run's own fixed threshold (e.g. the
+    one `evaluate` chose on its development site's val split, for another site's CSVs), each
+    checked as ``threshold=T`` is; None for any other rule."""
+    from .metrics.operating_point import OperatingPoint
+
+    if text is None or "," not in text:
+        return None
+    head, _, values = text.partition("=")
+    if head.strip().lower() != "threshold":
+        return None  # `_parse_operating_point` names the accepted forms
+    parts = values.split(",")
+    if len(parts) != 2:
+        raise CausalignError(f"--operating-point {text}: give two thresholds, "
+                             f"threshold=TA,TB (one per run), or threshold=T for both")
+    try:
+        a, b = (OperatingPoint.parse(f"threshold={v}").target for v in parts)
+    except CausalignError as e:
+        raise CausalignError(f"--operating-point: {e}") from None
+    return float(a), float(b)
+
+
 def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
-                             probs_b: Any, labels: Any, split: str, bootstrap: int = 0,
+                             probs_b: Any, labels: Any, split: str,
+                             pair: tuple[float, float] | None = None, bootstrap: int = 0,
                              bootstrap_seed: int = 0) -> dict[str, Any]:
     """`compare --operating-point`: each run's threshold (chosen on its own
-    predictions_val.csv, or the fixed one) and `paired_operating_point` at them; with
-    ``bootstrap``, `paired_operating_point_ci`'s intervals of the differences."""
+    predictions_val.csv, the fixed one, or ``pair``: one fixed threshold per run) and
+    `paired_operating_point` at them; with ``bootstrap``, `paired_operating_point_ci`'s
+    intervals of the differences."""
     from .engine.evaluate import read_predictions
     from .metrics import paired_operating_point, paired_operating_point_ci
-    from .metrics.operating_point import choose_threshold
+    from .metrics.operating_point import OperatingPoint, choose_threshold
 
-    thresholds = []
-    for run in (run_a, run_b):
+    thresholds: list[float] = []
+    rule = str(point)
+    if pair is not None:  # the rule as given, each value in threshold=T's exact form
+        short = [str(OperatingPoint("threshold", t)).partition("=")[2] for t in pair]
+        rule, thresholds = f"threshold={short[0]},{short[1]}", list(pair)
+    for run in (run_a, run_b) if pair is None else ():
         if not point.chooses:
             thresholds.append(float(point.target))
             continue
@@ -1812,7 +1844,7 @@ def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
             thresholds.append(choose_threshold(point, val.probs, val.labels))
         except CausalignError as e:
             raise CausalignError(f"--operating-point {point} on {val_csv}: {e}") from None
-    compared = {"rule": str(point), "threshold_a": thresholds[0], "threshold_b": thresholds[1],
+    compared = {"rule": rule, "threshold_a": thresholds[0], "threshold_b": thresholds[1],
                 "chosen_on": "val" if point.chooses else None,
                 **paired_operating_point(probs_a, probs_b, labels, *thresholds)}
     if bootstrap:
