@@ -230,7 +230,6 @@ def test_compare_cli_paired_intervals(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--bootstrap", "200"], "only with --operating-point"),
     (["--operating-point", "youden", "--bootstrap", "50"], "too few resamples"),
     (["--operating-point", "youden", "--bootstrap-seed", "3"], "only with --bootstrap"),
 ])

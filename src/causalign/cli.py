@@ -1604,31 +1604,33 @@ def compare(
              "sensitivity=S, specificity=S; or threshold=T for both, threshold=TA,TB one "
              "per run (CSV inputs too)")] = None,
     bootstrap: Annotated[int, typer.Option(
-        help="with --operating-point: also give paired percentile 95 % intervals of "
-             "sensitivity_b − sensitivity_a and specificity_b − specificity_a from N "
-             "stratified bootstrap resamples of the compared split (thresholds fixed; 0: "
-             "none; at least 100, 1000 is usual)")] = 0,
+        help="also give paired percentile 95 % intervals of B − A of accuracy, balanced "
+             "accuracy, AUC, Brier score and ECE (ci95_difference) and, with "
+             "--operating-point, of sensitivity and specificity (thresholds fixed), from N "
+             "stratified bootstrap resamples of the compared split, each scoring both runs "
+             "(0: none; at least 100, 1000 is usual)")] = 0,
     bootstrap_seed: BootstrapSeed = 0,
 ) -> None:
     """Paired comparison of two runs on the same samples, from their saved predictions:
     accuracies and AUCs, DeLong's test of the AUC difference (binary; one-vs-rest per class
     for more) and McNemar's test of the accuracy difference; with --operating-point RULE,
-    both runs' sensitivity and specificity at a threshold and McNemar's test of each. Both
-    must hold the same sample ids with the same labels and classes."""
+    both runs' sensitivity and specificity at a threshold and McNemar's test of each; with
+    --bootstrap N, paired 95 % intervals of the differences B − A. Both must hold the same
+    sample ids with the same labels and classes."""
     import numpy as np
 
     from .io import atomic_write_json
-    from .metrics import classification_metrics, holm_adjust, mcnemar_test
+    from .metrics import (
+        classification_metrics,
+        holm_adjust,
+        mcnemar_test,
+        paired_bootstrap_ci,
+    )
 
     pair = _threshold_pair(operating_point)
     point = _parse_operating_point(operating_point if pair is None else
                                    f"threshold={pair[0]!r}")
     _check_bootstrap_options(bootstrap, bootstrap_seed)
-    if bootstrap and point is None:
-        # the paired intervals are of operating-point rates: N was silently unread
-        raise CausalignError(f"--bootstrap {bootstrap} is used only with --operating-point "
-                             f"RULE (the paired intervals of its rates); add "
-                             f"--operating-point sensitivity=0.9")
     if point is not None:
         csv_inputs = [str(r) for r in (run_a, run_b) if r.is_file()]
         if point.chooses and csv_inputs:
@@ -1706,7 +1708,7 @@ def compare(
         "predictions_b": str(file_b), "n": len(y), "classes": a.classes,
         "accuracy_a": metrics_a["accuracy"], "accuracy_b": metrics_b["accuracy"],
         "auc_a": metrics_a["auc"], "auc_b": metrics_b["auc"],
-        # calibration beside discrimination (no test of their difference)
+        # calibration beside discrimination (its difference's interval: --bootstrap N)
         "brier_a": metrics_a["brier"], "brier_b": metrics_b["brier"],
         "ece_a": metrics_a["ece"], "ece_b": metrics_b["ece"], "ece_bins": n_bins,
     }
@@ -1729,6 +1731,10 @@ def compare(
                                  "p_holm: Holm-adjusted over the classes (p_value: each "
                                  "test alone)")
     result["mcnemar"] = mcnemar_test(a.predicted, probs_b.argmax(axis=1), y)
+    if bootstrap:
+        # the one test of the calibration difference (and a second look at the others)
+        result.update(paired_bootstrap_ci(a.probs, probs_b, y, bootstrap, bootstrap_seed,
+                                          ece_bins=n_bins))
     if point is not None:
         result["operating_point"] = _compare_operating_point(point, run_a, run_b, a.probs,
                                                              probs_b, y, split, pair,

@@ -5,10 +5,12 @@ from .calibration import apply_temperature, fit_temperature
 from .classification import (
     BOOTSTRAP_METRICS,
     ECE_BINS,
+    PAIRED_BOOTSTRAP_METRICS,
     bootstrap_ci,
     brier_score,
     classification_metrics,
     expected_calibration_error,
+    paired_bootstrap_ci,
     reliability_bins,
 )
 from .faithfulness import DELETION_FRACTIONS, deletion_scores
@@ -24,7 +26,8 @@ from .paired import (
 from .roc import roc_band
 
 __all__ = ["classification_metrics", "brier_score", "expected_calibration_error",
-           "bootstrap_ci", "BOOTSTRAP_METRICS", "ECE_BINS", "deletion_scores",
+           "bootstrap_ci", "BOOTSTRAP_METRICS", "paired_bootstrap_ci", "PAIRED_BOOTSTRAP_METRICS",
+           "ECE_BINS", "deletion_scores",
            "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
            "rank_accuracy", "delong_test", "holm_adjust", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
            "paired_operating_point", "paired_operating_point_ci", "roc_band",

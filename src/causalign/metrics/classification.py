@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from numbers import Integral
 from typing import Any
 
@@ -208,52 +208,17 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     probs, labels = _checked(probs, labels)
     extra = _checked_per_sample(per_sample, len(labels))
     point = classification_metrics(probs, labels, ece_bins)
-    bins = int(ece_bins)
-    n_samples, n_classes = probs.shape
     # samples sorted by class, so each class's columns of the count matrix are a slice (a
     # view) rather than a fancy-indexed copy; every metric is order-free
     order = np.argsort(labels, kind="stable")
-    probs, labels = probs[order], labels[order]
+    labels = labels[order]
     extra = {name: v[order] for name, v in extra.items()}
-    members = _class_slices(labels)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    # the AUC's classes: class 1 against 0 for two, each present class against the rest
-    auc_classes = ([] if point["auc"] is None else [1] if n_classes == 2
-                   else [int(c) for c in np.unique(labels)])
-    rankings = {c: _ranking(probs[:, c], labels == c) for c in auc_classes}
-    # the ECE's signed gap per (sample, bin): a resample's |Σ_bin| summed is its ECE·N
-    gap = np.zeros((n_samples, bins))
-    conf = probs.max(axis=1)
-    gap[np.arange(n_samples), _bin_of(conf, bins)] = correct - conf
-    # one matrix product per chunk for every weighted sum below: Brier's terms, the ECE's
-    # gaps, and each per-sample metric's counted flags and values (NaN → 0)
-    names = list(extra)
-    k = len(names)
-    sums = np.column_stack([_brier_per_sample(probs, labels), gap,
-                            *(~np.isnan(extra[n]) for n in names),
-                            *(np.nan_to_num(extra[n], nan=0.0) for n in names)])
+    resampled = _resampled_metrics(probs[order], labels, ece_bins, point["auc"] is not None,
+                                   extra)
     stats: dict[str, list[np.ndarray]] = {m: [] for m in (*BOOTSTRAP_METRICS, *extra)}
     for w in _resample_counts(labels, n, seed):
-        recall = {c: w[:, sl] @ correct[sl] / (sl.stop - sl.start)
-                  for c, sl in members.items()}
-        stats["accuracy"].append(w @ correct / n_samples)
-        # sklearn's balanced accuracy: the mean recall of the classes the labels hold
-        stats["balanced_accuracy"].append(np.mean(list(recall.values()), axis=0))
-        if n_classes == 2:
-            for name, c in (("sensitivity", 1), ("specificity", 0)):
-                if c in recall:
-                    stats[name].append(recall[c])
-        if auc_classes:
-            stats["auc"].append(np.mean([_weighted_auc(w, *rankings[c])
-                                         for c in auc_classes], axis=0))
-        total = w @ sums
-        stats["brier"].append(total[:, 0] / n_samples)
-        stats["ece"].append(np.abs(total[:, 1:1 + bins]).sum(axis=1) / n_samples)
-        drawn = total[:, 1 + bins:1 + bins + k]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = np.where(drawn > 0, total[:, 1 + bins + k:] / drawn, np.nan)
-        for j, name in enumerate(names):
-            stats[name].append(means[:, j])
+        for name, values in resampled(w).items():
+            stats[name].append(values)
     ci: dict[str, list[float] | None] = {}
     undefined = {}
     for name, parts in stats.items():
@@ -268,6 +233,104 @@ def bootstrap_ci(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
     if undefined:
         settings["undefined"] = undefined
     return {"ci95": ci, "bootstrap": settings}
+
+
+# The metrics `paired_bootstrap_ci` gives difference intervals for (compare's)
+PAIRED_BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "auc", "brier", "ece")
+
+
+def paired_bootstrap_ci(probs_a: np.ndarray | torch.Tensor, probs_b: np.ndarray | torch.Tensor,
+                        labels: np.ndarray | torch.Tensor, n: int = 1000, seed: int = 0,
+                        ece_bins: int = ECE_BINS) -> dict[str, Any]:
+    """Paired percentile 95 % intervals of metric_b − metric_a for accuracy, balanced
+    accuracy, AUC (macro one-vs-rest for more than two classes), Brier score and ECE of two
+    models scored on the same samples: each of ``n`` stratified resamples (`bootstrap_ci`'s,
+    same seed → same draws) draws one set of samples both models are scored on, so what the
+    two share cancels. Returns ``{"ci95_difference": {metric: [lo, hi] or None (AUC of a
+    single-class split)}, "bootstrap": {"n", "seed", "method"}}``; inputs as
+    `classification_metrics`, both ``probs`` with the same shape."""
+    check_bootstrap(n, seed)
+    check_bins(ece_bins)
+    probs_a, labels = _checked(probs_a, labels)
+    probs_b, _ = _checked(probs_b, labels)
+    if probs_b.shape != probs_a.shape:
+        raise InputError(f"probs_a and probs_b must score the same samples and classes, got "
+                         f"{probs_a.shape} and {probs_b.shape}")
+    order = np.argsort(labels, kind="stable")
+    labels = labels[order]
+    auc = len(np.unique(labels)) > 1  # classification_metrics' AUC is None otherwise
+    resampled_a = _resampled_metrics(probs_a[order], labels, ece_bins, auc)
+    resampled_b = _resampled_metrics(probs_b[order], labels, ece_bins, auc)
+    diffs: dict[str, list[np.ndarray]] = {m: [] for m in PAIRED_BOOTSTRAP_METRICS}
+    for w in _resample_counts(labels, n, seed):
+        a, b = resampled_a(w), resampled_b(w)
+        for name in PAIRED_BOOTSTRAP_METRICS:
+            if name in a:
+                diffs[name].append(b[name] - a[name])
+    ci = {name: percentile_interval(np.concatenate(parts))[0] if parts else None
+          for name, parts in diffs.items()}
+    return {"ci95_difference": ci,
+            "bootstrap": {"n": int(n), "seed": int(seed),
+                          "method": "percentile, stratified by class, paired (one resample "
+                                    "scores both)"}}
+
+
+def _resampled_metrics(probs: np.ndarray, labels: np.ndarray, ece_bins: int, auc: bool,
+                       extra: Mapping[str, np.ndarray] | None = None,
+                       ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The per-resample metrics `bootstrap_ci` and `paired_bootstrap_ci` share: for checked
+    ``probs`` / ``labels`` already sorted by class (`_resample_counts`' order), a function of
+    one chunk of draw-count rows ``w`` (m, N) giving each metric's (m,) values. ``auc``:
+    whether the AUC is defined (False: a single-class split, no "auc" key); sensitivity
+    and specificity are given for two classes only, each when its class is present.
+    ``extra``: per-sample values (NaN: not counted), each resample's mean over the counted
+    samples it draws (NaN where it draws none)."""
+    extra = dict(extra or {})
+    bins = int(ece_bins)
+    n_samples, n_classes = probs.shape
+    members = _class_slices(labels)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    # the AUC's classes: class 1 against 0 for two, each present class against the rest
+    auc_classes = ([] if not auc else [1] if n_classes == 2
+                   else [int(c) for c in np.unique(labels)])
+    rankings = {c: _ranking(probs[:, c], labels == c) for c in auc_classes}
+    # the ECE's signed gap per (sample, bin): a resample's |Σ_bin| summed is its ECE·N
+    gap = np.zeros((n_samples, bins))
+    conf = probs.max(axis=1)
+    gap[np.arange(n_samples), _bin_of(conf, bins)] = correct - conf
+    # one matrix product per chunk for every weighted sum below: Brier's terms, the ECE's
+    # gaps, and each per-sample metric's counted flags and values (NaN → 0)
+    names = list(extra)
+    k = len(names)
+    sums = np.column_stack([_brier_per_sample(probs, labels), gap,
+                            *(~np.isnan(extra[n]) for n in names),
+                            *(np.nan_to_num(extra[n], nan=0.0) for n in names)])
+
+    def metrics(w: np.ndarray) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        recall = {c: w[:, sl] @ correct[sl] / (sl.stop - sl.start)
+                  for c, sl in members.items()}
+        out["accuracy"] = w @ correct / n_samples
+        # sklearn's balanced accuracy: the mean recall of the classes the labels hold
+        out["balanced_accuracy"] = np.mean(list(recall.values()), axis=0)
+        if n_classes == 2:
+            for name, c in (("sensitivity", 1), ("specificity", 0)):
+                if c in recall:
+                    out[name] = recall[c]
+        if auc_classes:
+            out["auc"] = np.mean([_weighted_auc(w, *rankings[c]) for c in auc_classes],
+                                 axis=0)
+        total = w @ sums
+        out["brier"] = total[:, 0] / n_samples
+        out["ece"] = np.abs(total[:, 1:1 + bins]).sum(axis=1) / n_samples
+        drawn = total[:, 1 + bins:1 + bins + k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(drawn > 0, total[:, 1 + bins + k:] / drawn, np.nan)
+        for j, name in enumerate(names):
+            out[name] = means[:, j]
+        return out
+
+    return metrics
 
 
 def percentile_interval(resampled: np.ndarray) -> tuple[list[float] | None, int]:
