@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-from test_audit_compare_1207f import _error_line, _write_csv
+from test_audit_compare_1207f import _write_csv
+from test_audit_opboot_1207q import test_compare_cli_bootstrap_refusals as _refused
 from test_compare_operating_point import _compare, _run
 
 from causalign.errors import InputError
@@ -137,23 +138,24 @@ def test_compare_cli_bootstrap_without_operating_point(tmp_path, capsys):
     assert "ci95_difference" not in plain and "bootstrap" not in plain
 
 
-def test_compare_cli_operating_point_intervals_unchanged(tmp_path, capsys):
-    """Guard: with --operating-point the rate intervals are still
-    `paired_operating_point_ci`'s, beside the new ci95_difference."""
-    from causalign.engine.evaluate import read_predictions
-
-    rng = np.random.default_rng(4)
-    _run(tmp_path / "a", rng, shift=0.4)
-    _run(tmp_path / "b", rng, shift=0.1)
-    r = _compare(capsys, tmp_path / "a", tmp_path / "b", "--operating-point",
-                 "sensitivity=0.9", "--bootstrap", "200", "--bootstrap-seed", "1")
-    op = r["operating_point"]
-    a = read_predictions(tmp_path / "a" / "predictions_test.csv")
-    b = read_predictions(tmp_path / "b" / "predictions_test.csv")
-    ref = paired_operating_point_ci(a.probs, b.probs, a.labels, op["threshold_a"],
-                                    op["threshold_b"], n=200, seed=1)
-    assert op["ci95"] == ref["ci95"] and op["bootstrap"] == ref["bootstrap"]
-    assert set(r["ci95_difference"]) == set(PAIRED_BOOTSTRAP_METRICS)
+def test_compare_cli_operating_point_adds_its_rates_beside_the_differences(tmp_path, capsys):
+    """Guard (the rate intervals themselves: test_audit_opboot_1207q): --operating-point
+    leaves ci95_difference as it is alone and puts the rate intervals of the same
+    resamples inside operating_point."""
+    rng = np.random.default_rng(8)
+    pa, _, y = _models(rng, 30, 2)
+    pb = np.stack([1 - pa[:, 1] ** 2, pa[:, 1] ** 2], axis=1)
+    ids = [f"s{i}" for i in range(30)]
+    _write_csv(tmp_path / "a.csv", ids, y, pa)
+    _write_csv(tmp_path / "b.csv", ids, y, pb)
+    alone = _compare(capsys, tmp_path / "a.csv", tmp_path / "b.csv", "--bootstrap", "100")
+    both = _compare(capsys, tmp_path / "a.csv", tmp_path / "b.csv", "--bootstrap", "100",
+                    "--operating-point", "threshold=0.3")
+    assert both["ci95_difference"] == alone["ci95_difference"]
+    assert both["operating_point"]["ci95"] == paired_operating_point_ci(
+        pa, pb, y, 0.3, 0.3, n=100)["ci95"]
+    # B is A's scores squared: the same ranking, so the AUC difference is exactly 0
+    assert alone["ci95_difference"]["auc"] == [0.0, 0.0]
 
 
 def test_compare_cli_three_classes(tmp_path, capsys):
@@ -176,9 +178,7 @@ def test_compare_cli_three_classes(tmp_path, capsys):
     (["--bootstrap-seed", "3"], "only with --bootstrap"),
     (["--bootstrap", "200", "--bootstrap-seed", "-2"], "must be 0 or more"),
 ])
-def test_compare_cli_bootstrap_refusals(tmp_path, capsys, argv, words):
-    rng = np.random.default_rng(4)
-    _run(tmp_path / "a", rng)
-    _run(tmp_path / "b", rng)
-    assert words in _error_line(capsys, ["compare", str(tmp_path / "a"),
-                                         str(tmp_path / "b"), *argv])
+def test_compare_cli_bootstrap_refusals_without_operating_point(tmp_path, capsys, argv,
+                                                                 words):
+    """Still refused in one line now that --bootstrap needs no --operating-point."""
+    _refused(tmp_path, capsys, argv, words)
