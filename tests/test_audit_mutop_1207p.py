@@ -62,8 +62,8 @@ def test_evaluate_split_refuses_a_threshold_on_three_classes_before_any_pass(tmp
 
     ds = SimpleNamespace(meta=SimpleNamespace(classes=["normal", "benign", "malignant"]),
                          root=tmp_path, split="test")
-    with pytest.raises(InputError, match="needs a two-class dataset .* 3 classes: normal, "
-                                         "benign, malignant"):
+    with pytest.raises(InputError, match="3-class run needs its positive class: give "
+                                         "--positive CLASS .* normal, benign, malignant"):
         evaluate_split(None, None, ds, "cpu", threshold=0.5)
     check_threshold(0.5, SimpleNamespace(meta=SimpleNamespace(classes=["a", "b"]),
                                          root=tmp_path))  # two classes: accepted
@@ -205,8 +205,8 @@ def test_with_threshold_checks_the_classes_the_pass_found():
 
     p3, _ = _probs(4, 3, seed=0)
     three = Predictions([f"s{i}" for i in range(4)], ["x"] * 4, p3, ["n", "b", "m"])
-    with pytest.raises(InputError, match="a threshold needs a two-class run .* 3 classes: "
-                                         "n, b, m"):
+    with pytest.raises(InputError, match="3-class run needs its positive class: give "
+                                         "--positive CLASS .* n, b, m"):
         _with_threshold(three, 0.5)
     assert _with_threshold(three, None).threshold is None
     p2 = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])

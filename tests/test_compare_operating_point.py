@@ -151,7 +151,7 @@ def test_refusals_in_one_line(tmp_path, capsys):
     _write_csv(tmp_path / "y.csv", ids, np.arange(12) % 3, three[::-1], ("x", "y", "z"))
     line = _error_line(capsys, ["compare", str(tmp_path / "x.csv"), str(tmp_path / "y.csv"),
                                 "--operating-point", "threshold=0.5"])
-    assert line.startswith("error:") and "two-class" in line and "3 classes" in line
+    assert line.startswith("error:") and "3-class run" in line and "--positive" in line
     csv_a = tmp_path / "a" / "predictions_test.csv"
     line = _error_line(capsys, ["compare", str(csv_a), str(tmp_path / "a"),
                                 "--operating-point", "sensitivity=0.9"])

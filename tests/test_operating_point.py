@@ -217,8 +217,8 @@ def test_cli_refuses_a_bad_rule_and_a_three_class_run_in_one_line(tmp_path, caps
     capsys.readouterr()
     rc = main(["evaluate", str(run), "--operating-point", "youden", "--no-progress"])
     lines = _error_lines(capsys)
-    assert rc == 2 and len(lines) == 1 and "needs a two-class dataset" in lines[0] and (
-        "3 classes: normal, benign, malignant") in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and "give --positive CLASS" in lines[0] and (
+        "normal, benign, malignant") in lines[0], lines
 
 
 def test_predict_calls_images_at_a_threshold(erm_run, tiny_data, tmp_path, capsys):
@@ -257,9 +257,9 @@ def test_predict_threshold_refusals(tmp_path, capsys):
     capsys.readouterr()
     for threshold, message in (("1.5", "error: --threshold: operating-point threshold must "
                                        "be a probability in [0, 1], got 1.5"),
-                               ("0.5", "error: a threshold needs a two-class run (a positive "
-                                       "class); this run has 3 classes: normal, benign, "
-                                       "malignant")):
+                               ("0.5", "error: an operating point on a 3-class run needs "
+                                       "its positive class: give --positive CLASS "
+                                       "(one-vs-rest), one of normal, benign, malignant")):
         rc = main(["predict", str(run), str(data), "--out", str(tmp_path / "p.csv"),
                    "--threshold", threshold, "--no-progress"])
         assert rc == 2 and _error_lines(capsys) == [message]

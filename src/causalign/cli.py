@@ -65,6 +65,11 @@ DEMO_METHODS = "erm, oracle, rrr, causal-align, hier-align, ppi"  # suites/demo.
 _SET = "KEY=VALUE"  # --set's metavar: typer showed <list[str]>
 # --bootstrap-seed of `evaluate` and `compare`: one declaration, one help text
 BootstrapSeed = Annotated[int, typer.Option(help="seed of the bootstrap resamples")]
+# the class an operating point calls positive (`evaluate`, `compare`, `predict`)
+Positive = Annotated[str | None, typer.Option(
+    metavar="CLASS",
+    help="the class the operating point calls positive, one-vs-rest: a class name of the "
+         "run's dataset or its index (default: class 1 of two classes; required for more)")]
 
 
 def _progress(enabled: bool = True):
@@ -677,10 +682,11 @@ def evaluate(
              "the curve's pointwise 95 % band)")] = None,
     operating_point: Annotated[str | None, typer.Option(
         metavar="RULE",
-        help="two-class runs: also give sensitivity, specificity, PPV and NPV at a threshold "
-             "on the positive class's probability, chosen on the val split by RULE: youden, "
-             "sensitivity=S (the best specificity with sensitivity ≥ S), specificity=S; or "
-             "threshold=T, fixed")] = None,
+        help="also give sensitivity, specificity, PPV and NPV at a threshold on the "
+             "--positive class's probability (one-vs-rest), chosen on the val split by "
+             "RULE: youden, sensitivity=S (the best specificity with sensitivity ≥ S), "
+             "specificity=S; or threshold=T, fixed")] = None,
+    positive: Positive = None,
     calibrate: Annotated[str | None, typer.Option(
         metavar="METHOD",
         help="also give the split's NLL, Brier and ECE after post-hoc calibration fitted on "
@@ -694,7 +700,7 @@ def evaluate(
     with --reliability FILE, the reliability diagram; with --operating-point RULE, the
     rates at a threshold chosen on the val split; with --calibrate temperature, the
     calibration after temperature scaling fitted on the val split."""
-    from .engine.evaluate import VOLUME_UNSUPPORTED, check_two_classes, evaluate_split
+    from .engine.evaluate import VOLUME_UNSUPPORTED, evaluate_split
     from .engine.evaluate import predict as predict_split
     from .engine.trainer import load_run
     from .io import atomic_write_json
@@ -703,12 +709,13 @@ def evaluate(
         calibrated_threshold,
         fit_temperature,
     )
-    from .metrics.operating_point import choose_threshold
+    from .metrics.operating_point import choose_threshold, one_vs_rest
 
     # before loading the run: a bad count failed only after the whole evaluation
     _check_bootstrap_options(bootstrap, bootstrap_seed)
     _check_n_bins(n_bins)
     point = _parse_operating_point(operating_point)
+    _check_positive_used(positive, point, "--operating-point RULE")
     if calibrate is not None and calibrate not in CALIBRATION_METHODS:
         raise CausalignError(f"--calibrate {calibrate}: unknown method; choose from "
                              f"{', '.join(CALIBRATION_METHODS)}")
@@ -744,11 +751,12 @@ def evaluate(
     other = _other_dataset(run, data)
     where = {} if other is None else {"chosen_on_data": str(other)}
     figure_title = f"{run} ({split})" if other is None else f"{run} ({split} of {data})"
-    if point is not None:
-        try:  # a three-class run is refused before any pass
-            check_two_classes(ds)
-        except CausalignError as e:
-            raise CausalignError(f"--operating-point {point}: {e}") from None
+    positive_index = None
+    if point is not None:  # a three-class run without --positive is refused before any pass
+        positive_index = _positive_index(positive, ds.meta.classes, f"--operating-point {point}")
+        if calibrate is not None and len(ds.meta.classes) > 2:
+            _refuse_calibrated_threshold(f"--operating-point {point}", "--calibrate temperature",
+                                         len(ds.meta.classes))
     with _progress(progress) as bar:
         threshold, chosen, chosen_by = None, {"chosen_on": None}, None
         val_predictions = None  # the val split's (probs, labels), predicted once for both
@@ -769,8 +777,9 @@ def evaluate(
             # on validation, never on the split reported: a threshold tuned on the test
             # split gives an optimistic sensitivity/specificity pair
             p_val, y_val = on_val(f"--operating-point {point} chooses its threshold on")
-            try:
-                threshold = choose_threshold(point, p_val, y_val)
+            try:  # on the positive class against the rest (class 1 of two classes)
+                threshold = choose_threshold(point, *one_vs_rest(p_val, y_val,
+                                                                 positive_index))
             except CausalignError as e:
                 raise CausalignError(f"--operating-point {point} on split 'val' of "
                                      f"{data_path}: {e}") from None
@@ -794,7 +803,7 @@ def evaluate(
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
                                  reliability_title=figure_title, ece_bins=n_bins,
                                  threshold=threshold, roc=roc, temperature=temperature,
-                                 chosen_by=chosen_by)
+                                 chosen_by=chosen_by, positive=positive_index)
     if calibrate is not None:
         fitted = metrics.pop("calibration")
         metrics["calibration"] = {"method": calibrate, "temperature": fitted.pop("temperature"),
@@ -805,7 +814,8 @@ def evaluate(
                                               "calibration is optimistic")
     if point is not None:
         # the rule and where it was chosen before the rates, as a reader asks
-        metrics["operating_point"] = {"rule": str(point), **chosen,
+        metrics["operating_point"] = {"rule": str(point),
+                                      "positive": ds.meta.classes[positive_index], **chosen,
                                       **(where if point.chooses else {}),
                                       **metrics["operating_point"]}
         # the threshold is chosen and applied on the model's own probabilities, never the
@@ -848,10 +858,12 @@ def predict(
         help="folder for the maps (as `explain --out`: maps/<id>.npy, overlays/<id>.png, "
              "grid.png)")] = None,
     threshold: Annotated[float | None, typer.Option(
-        help="two-class runs: also call each image at this probability of the second class "
-             "(column called_class; e.g. the threshold `evaluate --operating-point` chose); "
-             "predicted stays the argmax; always on the model's own, uncalibrated "
-             "probability, also with --temperature)")] = None,
+        help="also call each image at this probability of the --positive class (class 1 of "
+             "two classes; below it, the likeliest other class) (column called_class; e.g. "
+             "the threshold `evaluate --operating-point` chose); predicted stays the argmax; "
+             "always on the model's own, uncalibrated probability, also with --temperature)"
+    )] = None,
+    positive: Positive = None,
     temperature: Annotated[float | None, typer.Option(
         help="calibrated probabilities softmax(logits / T), T > 0: the temperature `evaluate "
              "--calibrate temperature` fitted on val (column temperature)")] = None,
@@ -883,7 +895,8 @@ def predict(
     with _progress(progress) as bar:
         result = predict_images(run, inputs, split=split, batch_size=batch_size,
                                 device=device, progress=bar, saliency=saliency, maps=maps,
-                                threshold=threshold, temperature=temperature)
+                                threshold=threshold, temperature=temperature,
+                                positive=positive)
     for message in result.warnings.values():  # one line per check, not one per image
         warnings.warn(message, stacklevel=1)
     result.write_csv(out)
@@ -1598,11 +1611,12 @@ def compare(
              "metrics.json)")] = 15,
     operating_point: Annotated[str | None, typer.Option(
         metavar="RULE",
-        help="two-class runs: also compare sensitivity and specificity at a threshold on the "
-             "positive class's probability (McNemar on the positives, on the negatives), "
+        help="also compare sensitivity and specificity at a threshold on the --positive "
+             "class's probability (one-vs-rest; McNemar on the positives, on the negatives), "
              "chosen by RULE on each run folder's own predictions_val.csv: youden, "
              "sensitivity=S, specificity=S; or threshold=T for both, threshold=TA,TB one "
              "per run (CSV inputs too)")] = None,
+    positive: Positive = None,
     bootstrap: Annotated[int, typer.Option(
         help="also give paired percentile 95 % intervals of B − A of accuracy, balanced "
              "accuracy, AUC, Brier score and ECE (ci95_difference) and, with "
@@ -1630,6 +1644,7 @@ def compare(
     pair = _threshold_pair(operating_point)
     point = _parse_operating_point(operating_point if pair is None else
                                    f"threshold={pair[0]!r}")
+    _check_positive_used(positive, point, "--operating-point RULE")
     _check_bootstrap_options(bootstrap, bootstrap_seed)
     if point is not None:
         csv_inputs = [str(r) for r in (run_a, run_b) if r.is_file()]
@@ -1672,9 +1687,9 @@ def compare(
         # position by position, B's AUC taken off the other class's column
         raise CausalignError(f"{file_a} has classes {a.classes}, {file_b} {b.classes}: "
                              f"not the same class names in the same order")
-    if point is not None and a.probs.shape[1] != 2:
-        raise CausalignError(f"--operating-point {point}: two-class runs only (a positive "
-                             f"class), {file_a} has {a.probs.shape[1]} classes")
+    positive_index = None
+    if point is not None:  # class 1 of two classes; more need --positive
+        positive_index = _positive_index(positive, a.classes, f"--operating-point {point}")
     ids_a, ids_b = set(a.ids), set(b.ids)
     only_a = next((i for i in a.ids if i not in ids_b), None)
     only_b = next((i for i in b.ids if i not in ids_a), None)
@@ -1738,7 +1753,8 @@ def compare(
     if point is not None:
         result["operating_point"] = _compare_operating_point(point, run_a, run_b, a.probs,
                                                              probs_b, y, split, pair,
-                                                             bootstrap, bootstrap_seed)
+                                                             bootstrap, bootstrap_seed,
+                                                             positive_index, a.classes)
     if reliability is not None:
         from .report.figures import reliability_diagram
 
@@ -1750,14 +1766,21 @@ def compare(
 
         # the argmax's point on each curve and, with --operating-point, each run's threshold
         marks: dict[str, list[tuple[str, float]]] = {}
+        curves = {str(run_a): (a.probs, y), str(run_b): (probs_b, y)}
+        title = _delong_title(result)
+        if positive_index is not None and (n_classes != 2 or positive_index != 1):
+            from .metrics.operating_point import one_vs_rest
+
+            # the curves the thresholds lie on: the positive class's against the rest
+            curves = {k: one_vs_rest(p, y, positive_index) for k, (p, _) in curves.items()}
+            title = f"{title} · {a.classes[positive_index]} vs rest"
         for which, run in (("a", run_a), ("b", run_b)):
-            marks[str(run)] = [("p ≥ 0.5 (argmax)", 0.5)]
+            marks[str(run)] = [("p ≥ 0.5 (argmax)", 0.5)] if n_classes == 2 else []
             if "operating_point" in result:
                 t = result["operating_point"][f"threshold_{which}"]
                 marks[str(run)].append((f"{point} (p ≥ {t:.3g})" if point.chooses
                                         else f"p ≥ {t:.3g} (fixed)", t))
-        roc_figure({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, roc,
-                   title=_delong_title(result), points=marks)
+        roc_figure(curves, roc, title=title, points=marks)
         result["roc"] = str(roc)
     if out is not None:
         atomic_write_json(out, result)
@@ -1816,17 +1839,50 @@ def _threshold_pair(text: str | None) -> tuple[float, float] | None:
     return float(a), float(b)
 
 
+def _check_positive_used(positive: str | None, point: Any, needs: str) -> None:
+    """--positive given without what it picks the class of: refused (it was unread)."""
+    if positive is not None and point is None:
+        raise CausalignError(f"--positive {positive} is used only with {needs} (the class "
+                             f"it calls positive); add {needs}")
+
+
+def _positive_index(positive: str | None, classes: Any, option: str) -> int:
+    """--positive CLASS as the class's index (`positive_class`; class 1 of two classes
+    by default), refused in one line naming the run's classes."""
+    from .metrics.operating_point import positive_class
+
+    try:
+        return positive_class(positive, [str(c) for c in classes])
+    except CausalignError as e:
+        raise CausalignError(f"{option if positive is None else '--positive'}: {e}") from None
+
+
+def _refuse_calibrated_threshold(option: str, scaling: str, n_classes: int) -> None:
+    """A threshold with temperature scaling on more than two classes: the calibrated p_c
+    (softmax(log p / T)_c) depends on every class's p, not on p_c alone, so no one threshold
+    on it calls the images the uncalibrated one calls (two classes: sigmoid(logit(p_c) / T),
+    increasing in p_c, hence `threshold_calibrated`)."""
+    raise CausalignError(f"{option} with {scaling} on a {n_classes}-class run: the calibrated "
+                         f"probability of a class is not a function of its own uncalibrated "
+                         f"one, so no threshold_calibrated exists; run them separately")
+
+
 def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
                              probs_b: Any, labels: Any, split: str,
                              pair: tuple[float, float] | None = None, bootstrap: int = 0,
-                             bootstrap_seed: int = 0) -> dict[str, Any]:
+                             bootstrap_seed: int = 0, positive: int = 1,
+                             classes: Any = None) -> dict[str, Any]:
     """`compare --operating-point`: each run's threshold (chosen on its own
     predictions_val.csv, the fixed one, or ``pair``: one fixed threshold per run) and
     `paired_operating_point` at them; with ``bootstrap``, `paired_operating_point_ci`'s
-    intervals of the differences."""
+    intervals of the differences. All on class ``positive`` against the rest
+    (`one_vs_rest`; two classes, positive 1: as they are)."""
     from .engine.evaluate import read_predictions
     from .metrics import paired_operating_point, paired_operating_point_ci
-    from .metrics.operating_point import OperatingPoint, choose_threshold
+    from .metrics.operating_point import OperatingPoint, choose_threshold, one_vs_rest
+
+    probs_a, _ = one_vs_rest(probs_a, labels, positive)
+    probs_b, labels = one_vs_rest(probs_b, labels, positive)
 
     thresholds: list[float] = []
     rule = str(point)
@@ -1847,10 +1903,12 @@ def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,
                                  f"--operating-point {point}` prints the run's own)")
         val = read_predictions(val_csv)
         try:
-            thresholds.append(choose_threshold(point, val.probs, val.labels))
+            thresholds.append(choose_threshold(point, *one_vs_rest(val.probs, val.labels,
+                                                                   positive)))
         except CausalignError as e:
             raise CausalignError(f"--operating-point {point} on {val_csv}: {e}") from None
-    compared = {"rule": rule, "threshold_a": thresholds[0], "threshold_b": thresholds[1],
+    compared = {"rule": rule, "positive": classes[positive] if classes else str(positive),
+                "threshold_a": thresholds[0], "threshold_b": thresholds[1],
                 "chosen_on": "val" if point.chooses else None,
                 **paired_operating_point(probs_a, probs_b, labels, *thresholds)}
     if bootstrap:

@@ -39,9 +39,11 @@ from ..metrics.calibration import (
 from ..metrics.classification import ECE_BINS, check_bins, check_bootstrap
 from ..metrics.operating_point import (
     check_probability,
+    one_vs_rest,
     operating_point_bootstrap,
     operating_point_metrics,
     operating_point_per_sample,
+    positive_class,
 )
 
 if TYPE_CHECKING:
@@ -290,6 +292,7 @@ def evaluate_split(
     reliability: str | Path | None = None, reliability_title: str | None = None,
     ece_bins: int = ECE_BINS, threshold: float | None = None, roc: str | Path | None = None,
     temperature: float | None = None, chosen_by: tuple[Any, Any, Any] | None = None,
+    positive: int | str | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -317,9 +320,12 @@ def evaluate_split(
     ``threshold``: also give the split's ``operating_point`` when class 1 is called for
     ``p ≥ threshold`` (`operating_point_metrics`: sensitivity, specificity, PPV, NPV and the
     confusion counts; with ``bootstrap``, their intervals in ``ci95["operating_point"]``).
-    Two-class datasets only (`InputError` before the pass otherwise).
+    ``positive``: the class called positive (a class name or index; `positive_class`):
+    the rates are class ``positive``'s against the rest (`one_vs_rest`); default class 1 of
+    a two-class dataset, required for more (`InputError` before the pass otherwise).
 
-    ``chosen_by``: ``(point, val probs, val labels)`` that chose ``threshold``; with
+    ``chosen_by``: ``(point, val probs, val labels)`` that chose ``threshold`` (all classes'
+    probabilities: reduced to ``positive`` against the rest here); with
     ``bootstrap`` and a choosing rule, ``ci95["operating_point_with_threshold"]`` holds the
     threshold's and the rates' intervals with the threshold re-chosen on each val resample
     (`operating_point_bootstrap`; its left-out resamples under
@@ -348,7 +354,7 @@ def evaluate_split(
         check_bootstrap(bootstrap, bootstrap_seed)
     check_bins(ece_bins)
     if threshold is not None:
-        check_threshold(threshold, dataset)
+        positive = check_threshold(threshold, dataset, positive)
     if temperature is not None:
         check_temperature(temperature)
     with eval_mode(model):
@@ -356,7 +362,7 @@ def evaluate_split(
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
                                reliability_title, ece_bins, threshold, roc, temperature,
-                               chosen_by)
+                               chosen_by, positive)
 
 
 def _nested(flat: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
@@ -373,20 +379,12 @@ def _nested(flat: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def check_threshold(threshold: float, dataset: LesionDataset) -> None:
-    """`InputError` unless ``threshold`` is a probability in [0, 1] and ``dataset`` has two
-    classes (an operating point needs a positive class)."""
+def check_threshold(threshold: float, dataset: LesionDataset,
+                    positive: int | str | None = None) -> int:
+    """The positive class's index (`positive_class` of ``dataset``'s classes), or
+    `InputError` unless ``threshold`` is a probability in [0, 1] and the class is known."""
     check_probability(threshold)
-    check_two_classes(dataset)
-
-
-def check_two_classes(dataset: LesionDataset) -> None:
-    """`InputError` unless ``dataset`` has two classes: an operating point needs a positive
-    class."""
-    classes = dataset.meta.classes
-    if len(classes) != 2:
-        raise InputError(f"an operating point needs a two-class dataset (a positive class); "
-                         f"{dataset.root} has {len(classes)} classes: {', '.join(classes)}")
+    return positive_class(positive, dataset.meta.classes)
 
 
 def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
@@ -398,7 +396,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     reliability_title: str | None = None, ece_bins: int = ECE_BINS,
                     threshold: float | None = None, roc: str | Path | None = None,
                     temperature: float | None = None,
-                    chosen_by: tuple[Any, Any, Any] | None = None) -> dict:
+                    chosen_by: tuple[Any, Any, Any] | None = None,
+                    positive: int | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -478,7 +477,10 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
     out["loss"] = _mean_loss(losses)
     out["n"] = int(len(y))
     if threshold is not None:
-        out["operating_point"] = operating_point_metrics(p, y, threshold)
+        # class `positive` against the rest: the two-class code below runs unchanged on it
+        # (two classes, positive 1: the very probabilities, the output as before)
+        p_op, y_op = one_vs_rest(p, y, positive)
+        out["operating_point"] = operating_point_metrics(p_op, y_op, threshold)
     if predictions is not None:
         write_predictions(predictions, dataset, p)
     scaled = None
@@ -501,15 +503,22 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         from ..report.figures import roc_figure
 
         title = reliability_title or f"split '{dataset.split}'"
+        curve = (p, y)
+        if threshold is not None:
+            # the curve the operating point lies on: the positive class's against the rest
+            # (class 1's of two classes, as before; several one-vs-rest curves took no mark)
+            curve = (p_op, y_op)
+            if p.shape[1] != 2 or positive != 1:
+                title = f"{title} · {dataset.meta.classes[positive]} vs rest"
         marks = [("p ≥ 0.5 (argmax)", 0.5)] if p.shape[1] == 2 else []
         if threshold is not None:
             marks.append((f"operating point p ≥ {threshold:.3g}", threshold))
         band = None
-        if bootstrap and p.shape[1] == 2:  # the resamples `bootstrap_ci` draws below
+        if bootstrap and curve[0].shape[1] == 2:  # the resamples `bootstrap_ci` draws below
             from ..metrics.roc import roc_band
 
-            band = roc_band(p, y, bootstrap, bootstrap_seed)
-        roc_figure({title: (p, y)}, roc, points={title: marks},
+            band = roc_band(*curve, bootstrap, bootstrap_seed)
+        roc_figure({title: curve}, roc, points={title: marks},
                    bands=None if band is None else {title: band})
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
     per_sample["cam_empty_fraction"] = torch.cat(empty)
@@ -538,7 +547,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         extra = {k: v.cpu().numpy() for k, v in per_sample.items()}
         names = dataset.meta.attributes if hits is not None else []
         extra.update({f"attribute@{n}": hits[:, j] for j, n in enumerate(names)})
-        rates = (operating_point_per_sample(p, y, threshold) if threshold is not None
+        rates = (operating_point_per_sample(p_op, y_op, threshold) if threshold is not None
                  else {})
         extra.update({f"operating_point@{k}": v for k, v in rates.items()})
         resampled = bootstrap_ci(p, y, bootstrap, bootstrap_seed, per_sample=extra,
@@ -561,7 +570,9 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                  "attribute": "attribute_accuracy"})
         if chosen_by is not None and chosen_by[0].chooses:
             # the question ci95.operating_point leaves out: the threshold is a val statistic
-            again = operating_point_bootstrap(*chosen_by, p, y, bootstrap, bootstrap_seed)
+            point, p_val, y_val = chosen_by
+            again = operating_point_bootstrap(point, *one_vs_rest(p_val, y_val, positive),
+                                              p_op, y_op, bootstrap, bootstrap_seed)
             ci["operating_point_with_threshold"] = again["ci95"]
             if again["undefined"]:
                 resampled["bootstrap"].setdefault("undefined", {})[

@@ -73,7 +73,8 @@ class Predictions:
     fired ("intensity", "geometry"; for plain files "clipped": values beyond the
     training import's intensity rule) with their messages; ``skipped`` the files of the
     folders given that were not read, by reason (mask files, broken links, other files);
-    ``threshold`` (two classes) the probability of class 1 from which `called` says class 1
+    ``threshold`` the probability of class ``positive`` (an index; class 1 of two classes)
+    from which `called` says that class
     (None: no threshold, `called` is the argmax), always on the model's own (uncalibrated)
     probability, the scale `evaluate --operating-point` chooses it on; ``temperature`` the T
     ``probs`` were scaled by (softmax(log p / T), as `evaluate --calibrate temperature`
@@ -91,6 +92,7 @@ class Predictions:
     threshold: float | None = None
     temperature: float | None = None
     uncalibrated: np.ndarray | None = None
+    positive: int = 1
 
     @property
     def predicted(self) -> np.ndarray:
@@ -98,21 +100,26 @@ class Predictions:
 
     @property
     def called(self) -> np.ndarray:
-        """The class at ``threshold`` (1 where the model's own p₁ ≥ threshold), else the
-        argmax."""
+        """The class at ``threshold``: ``positive`` where the model's own p_positive ≥
+        threshold, else the argmax of the other classes (two classes: the other one, as
+        before); without a threshold the argmax."""
         if self.threshold is None:
             return self.predicted
         # on the uncalibrated p₁ even with a temperature: one scale for every threshold
         # (evaluate chooses it there), and a small T saturates the scaled p₁ at 1.0 in
         # float64 (T 0.05: every p₁ above 0.863), where a threshold can no longer rank
         own = self.probs if self.uncalibrated is None else self.uncalibrated
-        return (own[:, 1] >= self.threshold).astype(np.int64)
+        c = self.positive
+        rest = own.copy()
+        rest[:, c] = -np.inf  # below threshold: the likeliest of the other classes
+        return np.where(own[:, c] >= self.threshold, c, rest.argmax(axis=1)).astype(np.int64)
 
     def write_csv(self, path: str | Path) -> None:
         """One row per image (atomically): id, source, site, label (empty for plain files),
         predicted, p_<class> as in `evaluate --predictions`, predicted_class and
         data_warning (the shift checks that fired, ';'-joined; empty when none); with a
-        ``threshold``, also ``called_class`` (the class at it) and ``threshold``; with a
+        ``threshold``, also ``called_class`` (the class at it), ``threshold`` and ``positive``
+        (the class it is on); with a
         ``temperature``, also ``temperature`` (the p_<class> columns' scale) and, with both,
         ``threshold_calibrated`` (where the threshold lies on the calibrated p₁)."""
         n = len(self.ids)
@@ -134,9 +141,9 @@ class Predictions:
         if self.threshold is not None:
             # argmax's class stays beside the called one: `compare` and `read_predictions`
             # take `predicted` as the argmax
-            cols += ["called_class", "threshold"]
+            cols += ["called_class", "threshold", "positive"]
             for row, c in zip(rows, self.called, strict=True):
-                row += [name(c), f"{self.threshold:.17g}"]
+                row += [name(c), f"{self.threshold:.17g}", name(self.positive)]
         if self.temperature is not None:  # which scale p_<class> are on
             cols.append("temperature")
             extra = [f"{self.temperature:.17g}"]
@@ -570,8 +577,8 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
                    split: str | None = None, batch_size: int = 256,
                    device: str = "auto", progress: Progress | None = None,
                    saliency: str | None = None, maps: str | Path | None = None,
-                   threshold: float | None = None, temperature: float | None = None
-                   ) -> Predictions:
+                   threshold: float | None = None, temperature: float | None = None,
+                   positive: int | str | None = None) -> Predictions:
     """Class probabilities of RUN's model for new images.
 
     ``inputs``: a causalign dataset folder (its ``split``, default "test"; alone), or
@@ -581,10 +588,12 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     warned here: the caller decides).
     ``saliency`` with ``maps``: also each image's map of its predicted class, written by
     `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png).
-    ``threshold``: a two-class run's operating point (`Predictions.threshold`), e.g. the one
-    `evaluate --operating-point` chose; refused for more classes before any image is read.
-    It applies to the model's own probability of class 1, with ``temperature`` too (the scale
-    on which `evaluate` chose it; `Predictions.called`).
+    ``threshold``: an operating point (`Predictions.threshold`), e.g. the one `evaluate
+    --operating-point` chose, on the probability of class ``positive`` (a class name or index,
+    `positive_class`: class 1 of two classes by default; required for more, and refused with
+    ``temperature`` there, where no threshold on the calibrated probability calls the same
+    images), checked before any image is read. It applies to the model's own probability,
+    with ``temperature`` too (the scale on which `evaluate` chose it; `Predictions.called`).
     ``temperature``: a T > 0 (e.g. the one `evaluate --calibrate temperature` fitted on val):
     the probabilities are softmax(log p / T) of the model's p, as that evaluation scaled
     them (`apply_temperature`; equal to softmax(logits / T), and for the multi-view volume
@@ -596,7 +605,10 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     run = Path(run)
     recorded = read_run_config(run)  # a missing run fails before any image is read
     if threshold is not None:
-        _check_threshold(threshold, recorded.get("data_classes"))
+        _check_threshold(threshold, recorded.get("data_classes"), positive, temperature)
+    elif positive is not None:
+        raise InputError(f"--positive {positive} is used only with --threshold T (the class "
+                         f"it is on); add --threshold")
     if (saliency is None) != (maps is None):
         raise InputError("--saliency and --maps go together (a saliency method and the "
                          "folder for its maps)")
@@ -625,7 +637,7 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
             ids=[r.id for r in ds.records], sources=[str(data / r.image) for r in ds.records],
             probs=probs, classes=list(ds.meta.classes),
             labels=[int(r.label) for r in ds.records], sites=[r.site for r in ds.records],
-            warnings=fired), threshold, temperature)
+            warnings=fired), threshold, temperature, positive)
     if split is not None:  # plain files have no split: ignoring it hid a mistaken input
         raise InputError(f"--split {split}: for a dataset folder input only; the input is "
                          f"plain image files")
@@ -655,22 +667,33 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         classes = list(ds.meta.classes)
     return _with_threshold(Predictions(
         ids=[sid for sid, _ in files], sources=[str(f) for _, f in files], probs=probs,
-        classes=classes, warnings=fired, skipped=skipped), threshold, temperature)
+        classes=classes, warnings=fired, skipped=skipped), threshold, temperature, positive)
 
 
-def _check_threshold(threshold: float, classes: Sequence[str] | None) -> None:
-    """`InputError` unless ``threshold`` is a probability and the run (``classes``, when
-    recorded) has two classes."""
-    from ..metrics.operating_point import check_probability
+def _check_threshold(threshold: float, classes: Sequence[str] | None,
+                     positive: int | str | None = None,
+                     temperature: float | None = None) -> int | None:
+    """The positive class's index (`positive_class`; None when the run recorded no classes),
+    or `InputError` unless ``threshold`` is a probability and the class is the run's. With
+    ``temperature`` on more than two classes refused: the calibrated p_c depends on every
+    class's p, so no ``threshold_calibrated`` calls the images ``threshold`` calls."""
+    from ..metrics.operating_point import check_probability, positive_class
 
     check_probability(threshold)
-    if classes is not None and len(classes) != 2:
-        raise InputError(f"a threshold needs a two-class run (a positive class); this run has "
-                         f"{len(classes)} classes: {', '.join(map(str, classes))}")
+    if classes is None:
+        return None
+    index = positive_class(positive, [str(c) for c in classes])
+    if temperature is not None and len(classes) > 2:
+        raise InputError(f"--threshold with --temperature on a {len(classes)}-class run: the "
+                         f"calibrated probability of a class is not a function of its own "
+                         f"uncalibrated one, so no threshold_calibrated exists; give one of "
+                         f"them")
+    return index
 
 
 def _with_threshold(result: Predictions, threshold: float | None,
-                    temperature: float | None = None) -> Predictions:
+                    temperature: float | None = None,
+                    positive: int | str | None = None) -> Predictions:
     """``result`` with its probabilities scaled by ``temperature`` and its ``threshold`` set,
     checked against its classes (a run trained before the classes were recorded is checked
     only here, after the pass)."""
@@ -679,7 +702,7 @@ def _with_threshold(result: Predictions, threshold: float | None,
         result.probs = apply_temperature(result.probs, temperature)
         result.temperature = float(temperature)
     if threshold is not None:
-        _check_threshold(threshold, result.classes)
+        result.positive = _check_threshold(threshold, result.classes, positive, temperature)
         result.threshold = float(threshold)
     return result
 

@@ -11,6 +11,7 @@ takes the split to choose on and `operating_point_metrics` the split to report.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,46 @@ class OperatingPoint:
         # sensitivity=0.9999999 as "sensitivity=1": the shortest form that reads back exactly
         short = f"{self.target:g}"
         return f"{self.rule}={short if float(short) == self.target else repr(self.target)}"
+
+
+def positive_class(positive: str | int | None, classes: Sequence[str]) -> int:
+    """The index of the class an operating point calls positive: ``positive`` a class name of
+    ``classes`` or its index (a name first, so a class named "1" is the name); None gives
+    class 1 for two classes (the default) and `InputError` for more, where no class is
+    the positive one by convention. An unknown name or index is refused naming the classes."""
+    names = ", ".join(map(str, classes))
+    if positive is None:
+        if len(classes) == 2:
+            return 1
+        raise InputError(f"an operating point on a {len(classes)}-class run needs its positive "
+                         f"class: give --positive CLASS (one-vs-rest), one of {names}")
+    if isinstance(positive, str) and positive in classes:
+        return list(classes).index(positive)
+    try:
+        index = int(positive)
+    except (TypeError, ValueError):
+        index = None
+    if isinstance(positive, bool) or index is None or str(positive).strip() != str(index) \
+            or not 0 <= index < len(classes):
+        raise InputError(f"positive class {positive!r}: not a class of this run; give one of "
+                         f"{names} (or an index 0-{len(classes) - 1})")
+    return index
+
+
+def one_vs_rest(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                positive: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two-class problem "class ``positive`` against the rest": probabilities
+    ``[1 − p_c, p_c]`` and labels ``labels == c`` (0/1), on which `choose_threshold`,
+    `operating_point_metrics` and their intervals run unchanged. Two classes with
+    ``positive`` 1 are returned as they are (the very same numbers as without it)."""
+    probs, labels = _checked(probs, labels)
+    if not 0 <= positive < probs.shape[1]:
+        raise InputError(f"positive class {positive}: the probabilities have "
+                         f"{probs.shape[1]} classes")
+    if probs.shape[1] == 2 and positive == 1:
+        return probs, labels
+    p = probs[:, positive]
+    return np.stack([1.0 - p, p], axis=1), (labels == positive).astype(labels.dtype)
 
 
 def check_probability(threshold: float) -> None:
