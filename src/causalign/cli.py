@@ -1281,7 +1281,7 @@ def _output_provenance(run: Path, model: Any, data_path: Path, ds: Any,
     site, read as the run's own site)."""
     from .engine.provenance import content_digest, environment
 
-    return {"run": str(Path(run).resolve()), **model.causalign_weights,
+    return {"run": str(Path(run).resolve()), **getattr(model, "causalign_weights", {}),
             "data": str(Path(data_path).resolve()),
             "split_content_digest": content_digest([ds]), "environment": environment(device)}
 
