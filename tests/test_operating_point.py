@@ -257,9 +257,10 @@ def test_predict_threshold_refusals(tmp_path, capsys):
     capsys.readouterr()
     for threshold, message in (("1.5", "error: --threshold: operating-point threshold must "
                                        "be a probability in [0, 1], got 1.5"),
-                               ("0.5", "error: an operating point on a 3-class run needs "
-                                       "its positive class: give --positive CLASS "
-                                       "(one-vs-rest), one of normal, benign, malignant")):
+                               ("0.5", "error: --threshold 0.5: an operating point on a "
+                                       "3-class run needs its positive class: give "
+                                       "--positive CLASS (one-vs-rest), one of normal, "
+                                       "benign, malignant")):
         rc = main(["predict", str(run), str(data), "--out", str(tmp_path / "p.csv"),
                    "--threshold", threshold, "--no-progress"])
         assert rc == 2 and _error_lines(capsys) == [message]

@@ -1604,8 +1604,9 @@ def compare(
     roc: Annotated[Path | None, typer.Option(
         parser=_file_option("--roc", "roc.png"), metavar="<path>",
         help="also draw both runs' ROC curves on one axes here (.png, .pdf or .svg; "
-             "one-vs-rest per class for more than two; two classes: each run's argmax "
-             "point and any --operating-point threshold marked)")] = None,
+             "one-vs-rest per class for more than two; each run's argmax point (two "
+             "classes) and any --operating-point threshold marked, on the --positive "
+             "class's curve against the rest)")] = None,
     n_bins: Annotated[int, typer.Option(
         help="bins of the ECE and the reliability diagrams (15: Guo et al., as "
              "metrics.json)")] = 15,
@@ -1689,7 +1690,9 @@ def compare(
                              f"not the same class names in the same order")
     positive_index = None
     if point is not None:  # class 1 of two classes; more need --positive
-        positive_index = _positive_index(positive, a.classes, f"--operating-point {point}")
+        # the rule as given: a pair was parsed as its first value, threshold=TA alone
+        rule = operating_point if pair is not None else point
+        positive_index = _positive_index(positive, a.classes, f"--operating-point {rule}")
     ids_a, ids_b = set(a.ids), set(b.ids)
     only_a = next((i for i in a.ids if i not in ids_b), None)
     only_b = next((i for i in b.ids if i not in ids_a), None)
@@ -1755,6 +1758,16 @@ def compare(
                                                              probs_b, y, split, pair,
                                                              bootstrap, bootstrap_seed,
                                                              positive_index, a.classes)
+        # a `predict --temperature` CSV holds scaled probabilities: the threshold lands on
+        # them, not on the model's own p where `evaluate` chose it (its threshold_calibrated)
+        for which, source, read in (("a", file_a, a), ("b", file_b, b)):
+            if read.temperature is not None:
+                result["operating_point"][f"temperature_{which}"] = read.temperature
+                warnings.warn(f"{source} holds probabilities scaled by temperature "
+                              f"{read.temperature:g} (predict --temperature): --operating-point "
+                              f"applies its threshold to them; a threshold `evaluate` chose is "
+                              f"on the uncalibrated ones (its threshold_calibrated is on these)",
+                              stacklevel=1)
     if reliability is not None:
         from .report.figures import reliability_diagram
 

@@ -213,6 +213,8 @@ class Predictions(NamedTuple):
     predicted: np.ndarray  # (N,) int64, the argmax of probs
     probs: np.ndarray  # (N, C) float64
     classes: list[str]  # the class names of the p_<class> columns
+    # the T its probabilities were scaled by (`predict --temperature`'s column), else None
+    temperature: float | None = None
 
 
 def read_predictions(path: str | Path) -> Predictions:
@@ -263,7 +265,23 @@ def read_predictions(path: str | Path) -> Predictions:
         raise InputError(f"{path}: no prediction rows")
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
-    return Predictions(ids, sites, y, p.argmax(axis=1), p, [c[2:] for c in cols])
+    return Predictions(ids, sites, y, p.argmax(axis=1), p, [c[2:] for c in cols],
+                       _read_temperature(path, text))
+
+
+def _read_temperature(path: Path, text: str) -> float | None:
+    """The ``temperature`` column `predict --temperature` writes (one T for every row): its
+    p_<class> are temperature-scaled, not the model's own. None without the column."""
+    values = {row.get("temperature") or "" for row in csv.DictReader(io.StringIO(text))}
+    if values == {""}:
+        return None
+    try:
+        (t,) = {float(v) for v in values}
+    except ValueError:
+        raise InputError(f"{path}: the temperature column holds {len(values)} different "
+                         f"values or one that is not a number ({', '.join(sorted(values))})"
+                         ) from None
+    return t
 
 
 def _mean_loss(losses: list[Tensor]) -> float:
@@ -517,7 +535,10 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         if bootstrap and curve[0].shape[1] == 2:  # the resamples `bootstrap_ci` draws below
             from ..metrics.roc import roc_band
 
-            band = roc_band(*curve, bootstrap, bootstrap_seed)
+            # drawn by the split's own classes, as `bootstrap_ci` draws (the one-vs-rest
+            # labels sort and draw them in another order); class 1 of the curve drawn
+            band = {**roc_band(p, y, bootstrap, bootstrap_seed,
+                               positive=1 if threshold is None else positive), "positive": 1}
         roc_figure({title: curve}, roc, points={title: marks},
                    bands=None if band is None else {title: band})
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
@@ -572,7 +593,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
             # the question ci95.operating_point leaves out: the threshold is a val statistic
             point, p_val, y_val = chosen_by
             again = operating_point_bootstrap(point, *one_vs_rest(p_val, y_val, positive),
-                                              p_op, y_op, bootstrap, bootstrap_seed)
+                                              p_op, y_op, bootstrap, bootstrap_seed, strata=y)
             ci["operating_point_with_threshold"] = again["ci95"]
             if again["undefined"]:
                 resampled["bootstrap"].setdefault("undefined", {})[

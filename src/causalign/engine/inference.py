@@ -682,7 +682,12 @@ def _check_threshold(threshold: float, classes: Sequence[str] | None,
     check_probability(threshold)
     if classes is None:
         return None
-    index = positive_class(positive, [str(c) for c in classes])
+    try:
+        index = positive_class(positive, [str(c) for c in classes])
+    except InputError as e:
+        # the option at fault named, as `evaluate` and `compare` name theirs
+        option = f"--threshold {threshold:g}" if positive is None else "--positive"
+        raise InputError(f"{option}: {e}") from None
     if temperature is not None and len(classes) > 2:
         raise InputError(f"--threshold with --temperature on a {len(classes)}-class run: the "
                          f"calibrated probability of a class is not a function of its own "

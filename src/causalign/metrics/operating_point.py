@@ -205,7 +205,8 @@ def operating_point_bootstrap(point: OperatingPoint, probs_val: np.ndarray | tor
                               labels_val: np.ndarray | torch.Tensor,
                               probs: np.ndarray | torch.Tensor,
                               labels: np.ndarray | torch.Tensor, n: int = 1000,
-                              seed: int = 0) -> dict[str, Any]:
+                              seed: int = 0, strata: np.ndarray | torch.Tensor | None = None,
+                              ) -> dict[str, Any]:
     """Percentile 95 % intervals of the threshold ``point`` chooses on the val samples and
     of the sensitivity, specificity, PPV and NPV it gives on the test samples, with the
     threshold's own uncertainty in them: each of ``n`` resamples draws the val split and the
@@ -213,7 +214,9 @@ def operating_point_bootstrap(point: OperatingPoint, probs_val: np.ndarray | tor
     threshold by ``point`` on the val draw (`choose_threshold`) and applies it to the test
     draw. The test draws are `bootstrap_ci`'s for the same labels and seed (so the rates at
     the fixed threshold, ``ci95.operating_point``, come from the same test draws); the val
-    draws come from the independent stream ``SeedSequence((seed, 1))``.
+    draws come from the independent stream ``SeedSequence((seed, 1))``. ``strata``: the test
+    samples' own classes when ``labels`` are a one-vs-rest problem's (`one_vs_rest`), so that
+    the test draws are still `bootstrap_ci`'s of the split (default ``labels``).
 
     Returns ``{"ci95": {"threshold", "sensitivity", "specificity", "ppv", "npv": [lo, hi]
     or None}, "undefined": {name: count}}``: a resample where a rate's denominator is empty
@@ -233,8 +236,14 @@ def operating_point_bootstrap(point: OperatingPoint, probs_val: np.ndarray | tor
     # sorted by class as `bootstrap_ci` sorts them: the same seed then draws the same rows
     order = np.argsort(labels_val, kind="stable")
     probs_val, labels_val = probs_val[order], labels_val[order]
-    order = np.argsort(labels, kind="stable")
-    labels = labels[order]
+    # stratified by the split's own classes where given: class c against the rest sorts and
+    # draws its classes in another order (positive 0: the rest first), so other draws
+    strata = labels if strata is None else np.asarray(strata)
+    if strata.shape != labels.shape:
+        raise InputError(f"operating_point_bootstrap: strata has shape {strata.shape}, the "
+                         f"labels {labels.shape}")
+    order = np.argsort(strata, kind="stable")
+    strata, labels = strata[order], labels[order]
     score, positive = probs[order, 1], labels == 1
     thresholds = np.full(int(n), np.nan)
     done = 0
@@ -249,7 +258,7 @@ def operating_point_bootstrap(point: OperatingPoint, probs_val: np.ndarray | tor
     rates: dict[str, list[np.ndarray]] = {k: [] for k in ("sensitivity", "specificity",
                                                            "ppv", "npv")}
     done = 0
-    for w in _resample_counts(labels, n, seed):
+    for w in _resample_counts(strata, n, seed):
         t = thresholds[done:done + len(w)]
         done += len(w)
         called = score[None, :] >= t[:, None]  # NaN threshold: a row of False, masked below
