@@ -159,3 +159,26 @@ def test_guard_compare_uncalibrated_csvs_warn_nothing(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
                  "--operating-point", "threshold=0.45"]) == 0
     assert not capsys.readouterr().err.strip()
+
+
+def test_compare_roc_title_of_one_positive_class_is_its_own_delong(tmp_path, monkeypatch):
+    """`compare --roc --operating-point … --positive benign` on 3 classes draws only benign's
+    curve against the rest, but its title read "ROC curves (one-vs-rest per class) · benign
+    vs rest". It now gives that curve's AUCs and DeLong p (`delong_one_vs_rest.benign`)."""
+    import json
+
+    import causalign.report.figures as figures
+    from causalign.cli import main
+
+    seen = {}
+    monkeypatch.setattr(figures, "roc_figure",
+                        lambda curves, path, title=None, **k: seen.update(title=title,
+                                                                          n=len(curves)))
+    a, b = _three_class_csvs(tmp_path)
+    out = tmp_path / "c.json"
+    assert main(["compare", str(a), str(b), "--operating-point", "threshold=0.4",
+                 "--positive", "benign", "--roc", str(tmp_path / "roc.png"), "--out",
+                 str(out)]) == 0
+    test = json.loads(out.read_text())["delong_one_vs_rest"]["benign"]
+    assert seen["title"] == (f"AUC {test['auc_a']:.3f} vs {test['auc_b']:.3f}, DeLong p = "
+                             f"{test['p_value']:.3g} · benign vs rest")

@@ -1786,7 +1786,10 @@ def compare(
 
             # the curves the thresholds lie on: the positive class's against the rest
             curves = {k: one_vs_rest(p, y, positive_index) for k, (p, _) in curves.items()}
-            title = f"{title} · {a.classes[positive_index]} vs rest"
+            name = a.classes[positive_index]
+            # more than two classes: the drawn curve's own DeLong test, not "per class"
+            title = (_delong_title({"delong": result["delong_one_vs_rest"][name]})
+                     if n_classes != 2 else title) + f" · {name} vs rest"
         for which, run in (("a", run_a), ("b", run_b)):
             marks[str(run)] = [("p ≥ 0.5 (argmax)", 0.5)] if n_classes == 2 else []
             if "operating_point" in result:
