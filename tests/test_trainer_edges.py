@@ -50,7 +50,9 @@ def test_final_batch_of_one_sample_is_dropped_for_batchnorm(data16, tmp_path, mo
 
     def recording(dataset, batch_size, shuffle=False, **kw):
         for batch in real_batches(dataset, batch_size, shuffle=shuffle, **kw):
-            if shuffle:  # the training epochs (BatchNorm recalibration runs in order)
+            # the training epochs pass their sampler's order (`epoch_order`); BatchNorm
+            # recalibration and evaluation run in split order
+            if shuffle or kw.get("order") is not None:
                 seen.append(batch["index"].clone())
             yield batch
 
