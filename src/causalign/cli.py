@@ -1796,7 +1796,8 @@ def compare(
                 t = result["operating_point"][f"threshold_{which}"]
                 marks[str(run)].append((f"{point} (p ≥ {t:.3g})" if point.chooses
                                         else f"p ≥ {t:.3g} (fixed)", t))
-        roc_figure(curves, roc, title=title, points=marks)
+        roc_figure(curves, roc, title=title, points=marks,
+                   class_names={k: a.classes for k in curves})
         result["roc"] = str(roc)
     if out is not None:
         atomic_write_json(out, result)

@@ -539,8 +539,11 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
             # labels sort and draw them in another order); class 1 of the curve drawn
             band = {**roc_band(p, y, bootstrap, bootstrap_seed,
                                positive=1 if threshold is None else positive), "positive": 1}
+        # names matter only where each class's one-vs-rest curve is drawn (> 2 columns)
+        named = ({"class_names": {title: list(dataset.meta.classes)}}
+                 if curve[0].shape[1] > 2 else {})
         roc_figure({title: curve}, roc, points={title: marks},
-                   bands=None if band is None else {title: band})
+                   bands=None if band is None else {title: band}, **named)
     per_sample = {name: torch.cat(parts) for name, parts in local.items()}
     per_sample["cam_empty_fraction"] = torch.cat(empty)
     counted = {name: v[~v.isnan()] for name, v in per_sample.items()}

@@ -105,8 +105,9 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
                      *(fmt_mean_std([v.get(c) for v in per_seed]) for c in cols)])
     if classes - {2}:
         notes.insert(0, f"{', '.join(str(c) for c in sorted(classes - {2}))} classes: "
-                        f"no positive class, so no operating point (two-class datasets "
-                        f"only); ECE and temperature scaling apply")
+                        f"no positive class, so no operating point here (one class "
+                        f"against the rest: causalign evaluate RUN --operating-point RULE "
+                        f"--positive CLASS, one-vs-rest); ECE and temperature scaling apply")
     header = ["method", "seeds", "Youden: threshold (val)", "sens. (test)", "spec. (test)",
               "sens.=0.9: threshold (val)", "sens. (test)", "spec. (test)", "ECE (test)",
               "ECE after T", "T (val)"]

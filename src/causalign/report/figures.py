@@ -521,14 +521,18 @@ def _reliability_figure(panels: Mapping[str, tuple[Any, Any]], n_bins: int | Non
 def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
                points: Mapping[str, Sequence[tuple[str, float]]] | None = None,
                title: str | None = None,
-               bands: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, list[dict]]:
+               bands: Mapping[str, Mapping[str, Any]] | None = None,
+               class_names: Mapping[str, Sequence[str]] | None = None
+               ) -> dict[str, list[dict]]:
     """ROC curves of one or more models (label → (probs (N, C), labels (N,))) on one axes:
     for two classes class 1's curve, for more each present class against the rest (the
     curves `classification_metrics`' macro AUC averages), each with its AUC in the legend,
     and the chance diagonal. ``points``: per label, thresholds on class 1's probability to
     mark on its curve (name, threshold), e.g. the argmax's 0.5 and an operating point.
     ``bands``: per label, a pointwise confidence band of its class-1 curve to shade
-    (`metrics.roc.roc_band`'s result; two-class labels only).
+    (`metrics.roc.roc_band`'s result; two-class labels only). ``class_names``: per label,
+    its classes' names, so a one-vs-rest curve reads "label · malignant vs rest" (without,
+    "label · class 2").
     Returns per label each curve's ``{"class", "auc", "fpr", "tpr", "points"}`` (what was
     drawn; ``points`` each mark's name, threshold, fpr and tpr)."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -560,7 +564,10 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
     colour = 0
     for label, parts in drawn.items():
         for part in parts:
-            name = label if len(parts) == 1 else f"{label} · class {part['class']}"
+            names = (class_names or {}).get(label)
+            # a reader of a 3-class figure asks "which class?": its name, not its index
+            name = (label if len(parts) == 1 else f"{label} · {names[part['class']]} vs rest"
+                    if names else f"{label} · class {part['class']}")
             ax.plot(part["fpr"], part["tpr"], color=f"C{colour}", linewidth=1.4,
                     label=f"{_fit(name, 2.6, 7)} (AUC {part['auc']:.3f})")
             band = (bands or {}).get(label)

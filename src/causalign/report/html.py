@@ -298,7 +298,7 @@ def reliability_figure(out: Path, results: dict, dataset: str, path: Path) -> bo
 
     panels = _test_predictions(out, results, dataset)
     if panels:
-        reliability_diagram(panels, path)
+        reliability_diagram({k: v[:2] for k, v in panels.items()}, path)
     return bool(panels)
 
 
@@ -309,12 +309,14 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool:
 
     curves = _test_predictions(out, results, dataset)
     if curves:
-        roc_figure(curves, path, title=f"{dataset}: test split")
+        roc_figure({k: v[:2] for k, v in curves.items()}, path, title=f"{dataset}: test split",
+                   class_names={k: v[2] for k, v in curves.items()})
     return bool(curves)
 
 
 def _test_predictions(out: Path, results: dict, dataset: str) -> dict[str, tuple]:
-    """label → (probs, labels) of each picked run's predictions_test.csv (`_pick_runs`)."""
+    """label → (probs, labels, classes) of each picked run's predictions_test.csv
+    (`_pick_runs`)."""
     from ..engine.evaluate import read_predictions
 
     found = {}
@@ -322,7 +324,7 @@ def _test_predictions(out: Path, results: dict, dataset: str) -> dict[str, tuple
         csv_path = out / r["run_dir"] / "predictions_test.csv"
         if csv_path.is_file():
             pred = read_predictions(csv_path)
-            found[label] = (pred.probs, pred.labels)
+            found[label] = (pred.probs, pred.labels, pred.classes)
     return found
 
 
