@@ -102,3 +102,29 @@ def test_evaluate_roc_of_three_classes_names_each_class(run3, tmp_path, monkeypa
     capsys.readouterr()
     assert [t.split(" (AUC")[0].rsplit(" · ", 1)[1] for t in texts[1:]] == [
         f"{c} vs rest" for c in BUSI]
+
+
+def test_compare_gives_balanced_accuracy_beside_its_interval(tmp_path, capsys):
+    """`compare --bootstrap` gave ci95_difference.balanced_accuracy (the metric an imbalanced
+    BUSI reader compares `sampler: balanced` by) but not the two runs' balanced accuracies:
+    an interval without its point. Now balanced_accuracy_a / _b, equal to scikit-learn's,
+    beside accuracy_a / _b (also without --bootstrap)."""
+    import json
+
+    from sklearn.metrics import balanced_accuracy_score
+    from test_audit_compare_1207f import _write_csv
+
+    from causalign.cli import main
+
+    rng = np.random.default_rng(4)
+    p, y = _random_split(rng, 60, 3)
+    q = _random_split(rng, 60, 3)[0]
+    ids = [f"s{i}" for i in range(60)]
+    _write_csv(tmp_path / "a.csv", ids, y, p, classes=BUSI)
+    _write_csv(tmp_path / "b.csv", ids, y, q, classes=BUSI)
+    assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["balanced_accuracy_a"] == balanced_accuracy_score(y, p.argmax(1))
+    assert r["balanced_accuracy_b"] == balanced_accuracy_score(y, q.argmax(1))
+    keys = list(r)
+    assert keys.index("balanced_accuracy_a") == keys.index("accuracy_b") + 1

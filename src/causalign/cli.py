@@ -1725,6 +1725,9 @@ def compare(
         "a": str(run_a), "b": str(run_b), "predictions_a": str(file_a),
         "predictions_b": str(file_b), "n": len(y), "classes": a.classes,
         "accuracy_a": metrics_a["accuracy"], "accuracy_b": metrics_b["accuracy"],
+        # the point of ci95_difference.balanced_accuracy (what an imbalanced set compares)
+        "balanced_accuracy_a": metrics_a["balanced_accuracy"],
+        "balanced_accuracy_b": metrics_b["balanced_accuracy"],
         "auc_a": metrics_a["auc"], "auc_b": metrics_b["auc"],
         # calibration beside discrimination (its difference's interval: --bootstrap N)
         "brier_a": metrics_a["brier"], "brier_b": metrics_b["brier"],
