@@ -10,9 +10,9 @@ import pytest
 from sklearn.metrics import roc_curve
 from test_audit_compare_1207f import _write_csv
 from test_bootstrap_calibration_localisation import _probs
+from test_roc_figure import _recorded_roc_run
 
 from causalign.cli import main
-from causalign.engine import TrainConfig, train
 from causalign.errors import InputError
 from causalign.metrics import roc_band
 from causalign.metrics.classification import _resample_counts
@@ -102,16 +102,7 @@ def test_refusals():
 
 def test_evaluate_draws_the_band_of_its_bootstrap_and_compare_marks_both_runs(
         tiny_data, tmp_path, capsys, monkeypatch):
-    import causalign.report.figures as figures
-
-    seen = []
-    real = figures.roc_figure
-    monkeypatch.setattr(figures, "roc_figure",
-                        lambda curves, path, **k: seen.append((curves, k)) or real(
-                            curves, path, **k))
-    run = tmp_path / "run"
-    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4), run,
-          progress=False)
+    seen, run = _recorded_roc_run(tiny_data, tmp_path, monkeypatch)
     capsys.readouterr()
     assert main(["evaluate", str(run), "--roc", str(tmp_path / "roc.png"), "--bootstrap",
                  "150", "--bootstrap-seed", "4", "--no-progress"]) in (0, None)
@@ -141,7 +132,7 @@ def test_evaluate_draws_the_band_of_its_bootstrap_and_compare_marks_both_runs(
                                                 ("p ≥ 0.3 (fixed)", 0.3)]}
     assert result["operating_point"]["threshold_a"] == 0.3
     # the marks' rates are each run's own at its threshold
-    drawn = real({str(tmp_path / "b.csv"): (probs_b, y)}, tmp_path / "d.png",
+    drawn = roc_figure({str(tmp_path / "b.csv"): (probs_b, y)}, tmp_path / "d.png",
                  points={str(tmp_path / "b.csv"): [("op", 0.3)]})
     assert drawn[str(tmp_path / "b.csv")][0]["points"][0]["tpr"] == pytest.approx(
         result["operating_point"]["sensitivity_b"])

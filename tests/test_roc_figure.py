@@ -52,17 +52,24 @@ def test_more_classes_draw_each_present_class_against_the_rest(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_evaluate_and_compare_draw_roc(tiny_data, tmp_path, capsys, monkeypatch):
+def _recorded_roc_run(data, tmp_path, monkeypatch) -> tuple[list, object]:
+    """A one-epoch ERM run, and the list every later `roc_figure` call records its
+    ``(curves, kwargs)`` in (the figure is still drawn)."""
     import causalign.report.figures as figures
 
-    seen = []
+    seen: list = []
     real = figures.roc_figure
     monkeypatch.setattr(figures, "roc_figure",
                         lambda curves, path, **k: seen.append((curves, k)) or real(
                             curves, path, **k))
     run = tmp_path / "run"
-    train(tiny_data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4), run,
+    train(data, TrainConfig(method="erm", epochs=1, batch_size=16, width=4), run,
           progress=False)
+    return seen, run
+
+
+def test_cli_evaluate_and_compare_draw_roc(tiny_data, tmp_path, capsys, monkeypatch):
+    seen, run = _recorded_roc_run(tiny_data, tmp_path, monkeypatch)
     capsys.readouterr()
     roc = tmp_path / "roc.png"
     assert main(["evaluate", str(run), "--roc", str(roc), "--operating-point", "youden",
