@@ -246,13 +246,15 @@ def paired_bootstrap_ci(probs_a: np.ndarray | torch.Tensor, probs_b: np.ndarray 
     accuracy, AUC (macro one-vs-rest for more than two classes), Brier score and ECE of two
     models scored on the same samples: each of ``n`` stratified resamples (`bootstrap_ci`'s,
     same seed → same draws) draws one set of samples both models are scored on, so what the
-    two share cancels. Returns ``{"ci95_difference": {metric: [lo, hi] or None (AUC of a
-    single-class split)}, "bootstrap": {"n", "seed", "method"}}``; inputs as
+    two share cancels. Returns ``{"difference": {metric: b − a on the split itself},
+    "ci95_difference": {metric: [lo, hi] or None (AUC of a single-class split)},
+    "bootstrap": {"n", "seed", "method"}}``; inputs as
     `classification_metrics`, both ``probs`` with the same shape."""
     check_bootstrap(n, seed)
     check_bins(ece_bins)
     probs_a, labels = _checked(probs_a, labels)
     probs_b, _ = _checked(probs_b, labels)
+    labels_in = labels
     if probs_b.shape != probs_a.shape:
         raise InputError(f"probs_a and probs_b must score the same samples and classes, got "
                          f"{probs_a.shape} and {probs_b.shape}")
@@ -269,7 +271,12 @@ def paired_bootstrap_ci(probs_a: np.ndarray | torch.Tensor, probs_b: np.ndarray 
                 diffs[name].append(b[name] - a[name])
     ci = {name: percentile_interval(np.concatenate(parts))[0] if parts else None
           for name, parts in diffs.items()}
-    return {"ci95_difference": ci,
+    # the point differences the intervals are around (a reader subtracted `_a` from `_b`)
+    point_a = classification_metrics(probs_a, labels_in, ece_bins)
+    point_b = classification_metrics(probs_b, labels_in, ece_bins)
+    difference = {name: None if point_a[name] is None or point_b[name] is None
+                  else point_b[name] - point_a[name] for name in PAIRED_BOOTSTRAP_METRICS}
+    return {"difference": difference, "ci95_difference": ci,
             "bootstrap": {"n": int(n), "seed": int(seed),
                           "method": "percentile, stratified by class, paired (one resample "
                                     "scores both)"}}

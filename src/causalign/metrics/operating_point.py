@@ -93,9 +93,21 @@ def positive_class(positive: str | int | None, classes: Sequence[str]) -> int:
         index = None
     if isinstance(positive, bool) or index is None or str(positive).strip() != str(index) \
             or not 0 <= index < len(classes):
-        raise InputError(f"positive class {positive!r}: not a class of this run; give one of "
-                         f"{names} (or an index 0-{len(classes) - 1})")
+        raise InputError(f"positive class {positive!r}: not a class of this run"
+                         f"{_did_you_mean(str(positive), classes)}; give one of {names} (or an "
+                         f"index 0-{len(classes) - 1})")
     return index
+
+
+def _did_you_mean(given: str, classes: Sequence[str]) -> str:
+    """" (did you mean 'malignant'?)" for a near miss of a class name (another case, a typo),
+    else "": class names are matched exactly, so "Malignant" is refused."""
+    import difflib
+
+    names = [str(c) for c in classes]
+    same = [c for c in names if c.lower() == given.strip().lower()]
+    close = same or difflib.get_close_matches(given.strip(), names, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def one_vs_rest(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
