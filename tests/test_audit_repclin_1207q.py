@@ -134,16 +134,18 @@ def test_run_without_val_or_without_any_predictions_is_noted(tmp_path):
 
 
 def test_three_class_dataset_is_noted_and_keeps_calibration(tmp_path):
-    """A 3-class dataset has no positive class: no operating point ("–"), said in a note;
-    ECE and temperature scaling are still given (they need no positive class)."""
+    """A 3-class dataset has no positive class: one row per class against the rest (values
+    checked in test_audit_clin3_1207q), said in a note; ECE and temperature scaling (all
+    classes) are given on the method's first row."""
     rng = np.random.default_rng(1)
     (pv, yv), (pt, yt) = _random_split(rng, 90, 3), _random_split(rng, 90, 3)
     res = {"runs": [_run(tmp_path, "d3", "erm", 0, (pv, yv), (pt, yt))]}
     t = clinical_table(tmp_path, res, "d3")
-    assert t.rows[0][2:8] == ["–"] * 6
+    assert [r[:3] for r in t.rows] == [["erm", c, "1"] for c in ("benign", "malignant",
+                                                                  "other")]
     temp = fit_temperature(pv, yv)
     after = classification_metrics(apply_temperature(pt, temp), yt)["ece"]
-    assert t.rows[0][8:] == [f"{classification_metrics(pt, yt)['ece']:.3f}", f"{after:.3f}",
+    assert t.rows[0][9:] == [f"{classification_metrics(pt, yt)['ece']:.3f}", f"{after:.3f}",
                              f"{temp:.3f}"]
     assert t.notes[0].startswith("3 classes: no positive class")
 

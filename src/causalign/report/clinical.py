@@ -16,11 +16,17 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 from ..metrics.calibration import apply_temperature, fit_temperature
 from ..metrics.classification import expected_calibration_error
-from ..metrics.operating_point import OperatingPoint, choose_threshold, operating_point_metrics
+from ..metrics.operating_point import (
+    OperatingPoint,
+    choose_threshold,
+    one_vs_rest,
+    operating_point_metrics,
+)
 from .tables import fmt_mean_std
 
 if TYPE_CHECKING:
     from ..engine.benchmark import Table
+    from ..engine.evaluate import Predictions
 
 # the rules of the table, in its column order: Youden's J and a screening point
 CLINICAL_POINTS = ("youden", "sensitivity=0.9")
@@ -29,7 +35,9 @@ CLINICAL_POINTS = ("youden", "sensitivity=0.9")
 def run_clinical_values(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """One run's values for the table: ``{"n_classes", "<rule>.threshold" / ".sensitivity" /
     ".specificity", "ece", "ece_after", "temperature"}`` (a value None where it cannot be
-    computed) and the notes saying why. A run without predictions_test.csv gives ({},
+    computed) and the notes saying why; for more than two classes the rates are per class
+    against the rest, ``"<c>/<rule>.<rate>"`` for class index c, with ``"classes"`` the
+    names. A run without predictions_test.csv gives ({},
     [note]); without predictions_val.csv, only the test ECE (nothing to choose or fit on)."""
     from ..engine.evaluate import read_predictions
 
@@ -48,15 +56,13 @@ def run_clinical_values(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
                         f"predictions_test.csv {test.probs.shape[1]}"]
     notes: list[str] = []
     if test.probs.shape[1] == 2:
-        for rule in CLINICAL_POINTS:
-            try:
-                t = choose_threshold(OperatingPoint.parse(rule), val.probs, val.labels)
-            except InputError as exc:  # a val split holding one class: nothing to choose
-                notes.append(f"{rule}: {exc}")
-                continue
-            rates = operating_point_metrics(test.probs, test.labels, t)
-            values.update({f"{rule}.threshold": t, f"{rule}.sensitivity": rates["sensitivity"],
-                           f"{rule}.specificity": rates["specificity"]})
+        values.update(_operating_points(val, test, 1, "", "", notes))
+    else:
+        # no positive class by convention: each class against the rest, as `evaluate
+        # --positive CLASS` gives it, under keys "<class index>/<rule>.<rate>"
+        values["classes"] = list(test.classes)
+        for c, name in enumerate(test.classes):
+            values.update(_operating_points(val, test, c, f"{c}/", f" ({name} vs rest)", notes))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -72,6 +78,28 @@ def run_clinical_values(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     return values, notes
 
 
+def _operating_points(val: Predictions, test: Predictions, positive: int, prefix: str,
+                      what: str, notes: list[str]) -> dict[str, float | None]:
+    """Each rule's threshold chosen on val and the test sensitivity / specificity at it for
+    class ``positive`` against the rest (`one_vs_rest`: class 1 of two classes is the CSVs'
+    own numbers), keyed ``<prefix><rule>.<threshold|sensitivity|specificity>``; a rule that
+    cannot choose (a val split without the class, or of it alone) is appended to ``notes``."""
+    pv, yv = one_vs_rest(val.probs, val.labels, positive)
+    pt, yt = one_vs_rest(test.probs, test.labels, positive)
+    out: dict[str, float | None] = {}
+    for rule in CLINICAL_POINTS:
+        try:
+            t = choose_threshold(OperatingPoint.parse(rule), pv, yv)
+        except InputError as exc:  # a val split holding one class: nothing to choose
+            notes.append(f"{rule}{what}: {exc}")
+            continue
+        rates = operating_point_metrics(pt, yt, t)
+        out.update({f"{prefix}{rule}.threshold": t,
+                    f"{prefix}{rule}.sensitivity": rates["sensitivity"],
+                    f"{prefix}{rule}.specificity": rates["specificity"]})
+    return out
+
+
 def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
     """The table of ``dataset``: one row per method label (default setting), each cell the
     mean (std, ddof 0) over the method's seeds as the results table gives it, the value
@@ -85,10 +113,11 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
             runs.setdefault(str(r["label"]), []).append(r)
     if not runs:
         return None
-    cols = [*(f"{rule}.{k}" for rule in CLINICAL_POINTS
-              for k in ("threshold", "sensitivity", "specificity")),
-            "ece", "ece_after", "temperature"]
-    rows, notes, classes = [], [], set()
+    points = [f"{rule}.{k}" for rule in CLINICAL_POINTS
+              for k in ("threshold", "sensitivity", "specificity")]
+    calibration = ["ece", "ece_after", "temperature"]
+    per_method: list[tuple[str, list[dict[str, Any]]]] = []
+    notes, classes = [], set()
     for label, rs in runs.items():
         per_seed: list[dict[str, Any]] = []
         for r in sorted(rs, key=lambda r: r["seed"]):
@@ -101,15 +130,35 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
             if values:
                 per_seed.append(values)
                 classes.add(values["n_classes"])
-        rows.append([label, str(len(per_seed)),
-                     *(fmt_mean_std([v.get(c) for v in per_seed]) for c in cols)])
-    if classes - {2}:
-        notes.insert(0, f"{', '.join(str(c) for c in sorted(classes - {2}))} classes: "
-                        f"no positive class, so no operating point here (one class "
-                        f"against the rest: causalign evaluate RUN --operating-point RULE "
-                        f"--positive CLASS, one-vs-rest); ECE and temperature scaling apply")
+        per_method.append((label, per_seed))
+
+    def cells(per_seed: list[dict[str, Any]], keys: list[str]) -> list[str]:
+        return [fmt_mean_std([v.get(k) for v in per_seed]) for k in keys]
+
     header = ["method", "seeds", "Youden: threshold (val)", "sens. (test)", "spec. (test)",
               "sens.=0.9: threshold (val)", "sens. (test)", "spec. (test)", "ECE (test)",
               "ECE after T", "T (val)"]
+    rows = []
+    if not classes - {2}:
+        rows = [[label, str(len(ps)), *cells(ps, points + calibration)]
+                for label, ps in per_method]
+    else:
+        header.insert(1, "class (vs rest)")
+        for label, ps in per_method:
+            # the class names of the method's first run read (seeds of one dataset agree)
+            names = next((v["classes"] for v in ps if "classes" in v), [])
+            if not names:  # no run read, or two-class runs in a dataset of more
+                rows.append([label, "–", str(len(ps)), *cells(ps, points + calibration)])
+                continue
+            for c, name in enumerate(names):
+                # ECE and T are the method's, over all classes: on its first row only, as
+                # repeating them on each class's row would read as per-class values
+                rows.append([label, str(name), str(len(ps)),
+                             *cells(ps, [f"{c}/{k}" for k in points]),
+                             *(cells(ps, calibration) if c == 0 else [""] * 3)])
+        notes.insert(0, f"{', '.join(str(c) for c in sorted(classes - {2}))} classes: "
+                        f"no positive class by convention, so one row per class, that class "
+                        f"against the rest (one-vs-rest, as causalign evaluate RUN "
+                        f"--operating-point RULE --positive CLASS gives it); ECE and "
+                        f"temperature scaling cover all classes, on each method's first row")
     return Table(dataset, header, rows, [[False] * (len(header) - 1) for _ in rows], notes)
-

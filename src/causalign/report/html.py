@@ -626,7 +626,9 @@ def _clinical_section(out: Path, results: dict, datasets: list[str],
              "specificity at it, and the test ECE (15 bins) before and after temperature "
              "scaling fitted on val, with its T; from predictions_val.csv and "
              "predictions_test.csv, as <code>causalign evaluate --operating-point RULE "
-             "--calibrate temperature</code> gives them. Mean (std, ddof 0) over seeds where "
+             "--calibrate temperature</code> gives them; for more than two classes, one row per "
+             "class, that class against the rest (<code>--positive CLASS</code>). Mean "
+             "(std, ddof 0) over seeds where "
              "a method has several; seeds: the runs counted.</p>"]
     for d in datasets:
         try:
