@@ -201,8 +201,8 @@ def test_output_provenance_digests_the_split_it_was_given(tiny_data, tmp_path):
 
     import torch
 
-    from causalign.cli import _output_provenance
     from causalign.data.format import LesionDataset
+    from causalign.engine.provenance import output_provenance as _output_provenance
 
     model = SimpleNamespace(causalign_weights={"weights_sha256": "ab" * 32})
     digests = {}

@@ -856,7 +856,8 @@ def predict(
         help=f"also each image's saliency map ({SALIENCY_HELP}), into --maps")] = None,
     maps: Annotated[Path | None, typer.Option(
         help="folder for the maps (as `explain --out`: maps/<id>.npy, overlays/<id>.png, "
-             "grid.png)")] = None,
+             "grid.png, summary.json with each map's explained class and the provenance); "
+             "with --threshold, maps of called_class")] = None,
     threshold: Annotated[float | None, typer.Option(
         help="also call each image at this probability of the --positive class (class 1 of "
              "two classes; below it, the likeliest other class) (column called_class; e.g. "
@@ -934,6 +935,7 @@ def explain(
 
     `--saliency all` writes each method into DIR/<name>/ and all maps into DIR/all_saliency.png."""
     from .engine.evaluate import VOLUME_UNSUPPORTED
+    from .engine.provenance import output_provenance
     from .engine.trainer import load_run
     from .explain import get_explainer
     from .explain.export import export_saliency
@@ -970,7 +972,7 @@ def explain(
                 typer.echo("note: gradcam left out: its layer is 1x1 at this image size "
                            "(a constant map)", err=True)
         options = _run_explainer_kwargs(run, method, data_path, dev, names)
-        record = {"pick": pick, "provenance": _output_provenance(run, model, data_path, ds, dev)}
+        record = {"pick": pick, "provenance": output_provenance(run, model, data_path, ds, dev)}
         with folder_lock(out, f"causalign explain --out {out}"), _progress(progress) as bar:
             for name in names:
                 export_saliency(model, method, ds, name, out / name, limit=limit, device=dev,
@@ -994,7 +996,7 @@ def explain(
         summary = export_saliency(model, method, ds, saliency, out, limit=limit,
                                   device=dev, progress=bar,
                                   explainer_kwargs=options.get(saliency),
-                                  record={"pick": pick, "provenance": _output_provenance(
+                                  record={"pick": pick, "provenance": output_provenance(
                                       run, model, data_path, ds, dev)})
     typer.echo(f"wrote {summary['n']} maps and overlays to {out}")
 
@@ -1068,6 +1070,7 @@ def counterfactual(
     optimizer (with its Gauss-Newton polish steps), not its steps or step size; a hier-align
     run those of its image level (α₁)."""
     from .data.format import LesionDataset
+    from .engine.provenance import output_provenance
     from .engine.trainer import load_run, same_dataset
     from .explain.counterfactual import DISTANCES, OPTIMIZERS, SPACES
     from .explain.counterfactual_export import (
@@ -1190,9 +1193,8 @@ def counterfactual(
                                          device=dev, train_images=train_images,
                                          autoencoder=ae, progress=bar,
                                          valid_range=valid_range,
-                                         provenance=_output_provenance(run, model,
-                                                                               data_path, ds,
-                                                                               dev))
+                                         provenance=output_provenance(run, model,
+                                                                      data_path, ds, dev))
     lo, hi = summary["valid_range"]
     if summary["n_diverged"]:  # exit 0 with "flip rate 0.000" hid that nothing was searched
         typer.echo(f"warning: {summary['n_diverged']} of {summary['n_generated']} "
@@ -1270,20 +1272,6 @@ def _low_flip_warning(summary: dict, settings: Any, ae_mse: float | None,
             f"target probability {summary['mean_target_prob']:.3f}): the model's output moves "
             f"too little for the cost α·d (a nearly constant model may not flip at all); "
             f"{hint}")
-
-
-def _output_provenance(run: Path, model: Any, data_path: Path, ds: Any,
-                       device: Any) -> dict:
-    """What a summary.json (counterfactual's, explain's) needs to say where its x* or maps
-    came from: the run and the digest of the weights `load_run` read into ``model`` (best.pt,
-    else checkpoint.pt), the data and its split's content digest, and the machine
-    (`environment`): a summary alone named none of them (explain's, with --data another
-    site, read as the run's own site)."""
-    from .engine.provenance import content_digest, environment
-
-    return {"run": str(Path(run).resolve()), **getattr(model, "causalign_weights", {}),
-            "data": str(Path(data_path).resolve()),
-            "split_content_digest": content_digest([ds]), "environment": environment(device)}
 
 
 def _parse_bounds(text: str) -> tuple[float, float] | None:

@@ -586,8 +586,10 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
     folder` would store them at the run's image size and channel count. The data-shift
     checks of `evaluate` run on the input (their messages in ``Predictions.warnings``; not
     warned here: the caller decides).
-    ``saliency`` with ``maps``: also each image's map of its predicted class, written by
-    `explain`'s export (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png).
+    ``saliency`` with ``maps``: also each image's map of its predicted class (with
+    ``threshold``, of its called class: the decision made), written by `explain`'s export
+    (MAPS/maps/<id>.npy, overlays/<id>.png, grid.png, summary.json with each map's
+    ``explained`` class and the ``provenance``: run, weights, inputs).
     ``threshold``: an operating point (`Predictions.threshold`), e.g. the one `evaluate
     --operating-point` chose, on the probability of class ``positive`` (a class name or index,
     `positive_class`: class 1 of two classes by default; required for more, and refused with
@@ -632,12 +634,15 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         dev = next(model.parameters()).device
         _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
-        _export_maps(model, method, ds, saliency, maps, dev, progress)
-        return _with_threshold(Predictions(
+        result = _with_threshold(Predictions(
             ids=[r.id for r in ds.records], sources=[str(data / r.image) for r in ds.records],
             probs=probs, classes=list(ds.meta.classes),
             labels=[int(r.label) for r in ds.records], sites=[r.site for r in ds.records],
             warnings=fired), threshold, temperature, positive)
+        _export_maps(model, method, ds, saliency, maps, dev, progress, result=result,
+                     provenance=lambda: _maps_provenance(run, model, data, ds, dev, paths,
+                                                         split))
+        return result
     if split is not None:  # plain files have no split: ignoring it hid a mistaken input
         raise InputError(f"--split {split}: for a dataset folder input only; the input is "
                          f"plain image files")
@@ -663,11 +668,15 @@ def predict_images(run: str | Path, inputs: str | Path | Sequence[str | Path],
         dev = next(model.parameters()).device
         _check_saliency(saliency, model)
         probs, _, _ = predict_split(model, method, ds, dev, batch_size, progress=progress)
-        _export_maps(model, method, ds, saliency, maps, dev, progress, labelled=False)
-        classes = list(ds.meta.classes)
-    return _with_threshold(Predictions(
-        ids=[sid for sid, _ in files], sources=[str(f) for _, f in files], probs=probs,
-        classes=classes, warnings=fired, skipped=skipped), threshold, temperature, positive)
+        result = _with_threshold(Predictions(
+            ids=[sid for sid, _ in files], sources=[str(f) for _, f in files], probs=probs,
+            classes=list(ds.meta.classes), warnings=fired, skipped=skipped), threshold,
+            temperature, positive)
+        _export_maps(model, method, ds, saliency, maps, dev, progress, labelled=False,
+                     result=result,
+                     provenance=lambda: _maps_provenance(run, model, None, ds, dev, paths,
+                                                         None))
+    return result
 
 
 def _check_threshold(threshold: float, classes: Sequence[str] | None,
@@ -725,13 +734,35 @@ def _check_saliency(saliency: str | None, model: Any) -> None:
         get_explainer(saliency, model)
 
 
+def _maps_provenance(run: Path, model: Any, data: Path | None, ds: LesionDataset,
+                     device: Any, inputs: Sequence[Path], split: str | None) -> dict:
+    """`output_provenance` (as explain's summary) of predict's maps, with the ``inputs`` given
+    and the dataset ``split``; plain files' ``data`` (a temporary import, gone after) is
+    left out, the digest of what the model read stays."""
+    from .provenance import output_provenance
+
+    if data is None:
+        record = output_provenance(run, model, ds.root, ds, device)
+        record.pop("data")
+    else:
+        record = output_provenance(run, model, data, ds, device)
+    return {**record, "inputs": [str(p.resolve()) for p in inputs], "split": split}
+
+
 def _export_maps(model: Any, method: Any, ds: LesionDataset, saliency: str | None,
                  maps: str | Path | None, device: Any, progress: Progress | None,
-                 labelled: bool = True) -> None:
+                 labelled: bool = True, result: Predictions | None = None,
+                 provenance: Callable[[], dict] | None = None) -> None:
+    """``provenance``: called only when maps are written (it digests the split and asks
+    git for the source commit)."""
     if saliency is None or maps is None:
         return
     from ..explain.export import export_saliency
 
-    # plain files carry the temporary import's placeholder label 0, not a true class
+    # plain files carry the temporary import's placeholder label 0, not a true class; the
+    # maps explain the class the CSV calls (`called`: the argmax without a threshold), so a
+    # positive call at an operating point is shown with its own map, not the argmax's
     export_saliency(model, method, ds, saliency, maps, device=device, progress=progress,
-                    labelled=labelled)
+                    labelled=labelled,
+                    targets=None if result is None else result.called,
+                    record=None if provenance is None else {"provenance": provenance()})

@@ -83,3 +83,15 @@ def environment(device: torch.device, world_size: int = 1) -> dict[str, Any]:
 
 
 __all__ = ["content_digest", "environment", "source_commit"]
+
+
+def output_provenance(run: Path, model: Any, data_path: Path, ds: Any,
+                      device: Any) -> dict:
+    """What a summary.json (counterfactual's, explain's, predict's maps) needs to say where
+    its x* or maps came from: the run and the digest of the weights `load_run` read into
+    ``model`` (best.pt, else checkpoint.pt), the data and its split's content digest, and
+    the machine (`environment`): a summary alone named none of them (explain's, with --data
+    another site, read as the run's own site)."""
+    return {"run": str(Path(run).resolve()), **getattr(model, "causalign_weights", {}),
+            "data": str(Path(data_path).resolve()),
+            "split_content_digest": content_digest([ds]), "environment": environment(device)}

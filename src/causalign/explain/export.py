@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
@@ -179,13 +179,17 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
                     device: torch.device | str = "cpu", batch_size: int = 32,
                     progress: Progress | None = None,
                     explainer_kwargs: dict[str, Any] | None = None,
-                    labelled: bool = True, record: dict[str, Any] | None = None) -> dict:
+                    labelled: bool = True, record: dict[str, Any] | None = None,
+                    targets: Sequence[int] | np.ndarray | None = None) -> dict:
     """Maps for the predicted class of the first `limit` samples of `dataset`
     (``explainer_kwargs`` go to the explainer, e.g. a run's counterfactual search settings).
     ``labelled=False`` (`causalign predict` on plain files, whose temporary import holds the
     placeholder label 0): no "y=" in the titles and ``label`` None in the summary.
     ``record``: more keys for the summary, before ``samples`` (`causalign explain`: how the
     samples were picked and the provenance, which run, weights and dataset).
+    ``targets``: the class each sample's map explains instead (one per sample of `dataset`;
+    `causalign predict --threshold`: the called class); the summary's ``samples`` then also
+    give it as ``explained``, beside the argmax ``prediction``.
 
     Writes OUT/maps/<id>.npy (float32, image's spatial shape), OUT/overlays/<id>.png
     (image + map + annotation box) and OUT/grid.png (up to 16 cases); returns the summary
@@ -197,19 +201,22 @@ def export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, sa
     if n < 1:  # before anything in OUT changes; np.stack of no maps failed at the end
         raise CausalignError(f"split '{dataset.split}' has no samples to explain"
                              + (f" (limit {limit})" if limit is not None else ""))
+    if targets is not None and len(targets) != len(dataset):
+        raise ValueError(f"{len(targets)} targets for {len(dataset)} samples")
     # eval for the maps, then every submodule's own mode back (a caller's training loop)
     # one export at a time per folder: a second one removed the first's temporaries and
     # manifest entries under it (`folder_lock`)
     with folder_lock(out, f"causalign explain --out {out}"), eval_mode(model):
         return _export_saliency(model, method, dataset, saliency, Path(out), n, device,
                                 batch_size, progress, explainer_kwargs or {}, labelled,
-                                record or {})
+                                record or {}, targets)
 
 
 def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, saliency: str,
                      out: Path, n: int, device: torch.device | str, batch_size: int,
                      progress: Progress | None, explainer_kwargs: dict[str, Any],
-                     labelled: bool = True, record: dict[str, Any] | None = None) -> dict:
+                     labelled: bool = True, record: dict[str, Any] | None = None,
+                     targets: Sequence[int] | np.ndarray | None = None) -> dict:
     from ..report.figures import cam_grid, class_name, overlay
 
     def truth(label: int) -> str:  # the title's true class; none for unlabelled images
@@ -234,9 +241,16 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
         x = method.model_input(batch)
         # one pass for prediction and map where the explainer can (Grad-CAM), and one copy
         # to the host per batch rather than three device syncs per sample
-        logits, maps = explainer.predict_and_attribute(x)
-        maps = saliency_map(maps).float().cpu().numpy()
+        if targets is None:
+            logits, maps = explainer.predict_and_attribute(x)
+        else:  # the given classes' maps; the logits still give the argmax beside them
+            with torch.no_grad():
+                logits = model(x)
+            maps = explainer.attribute(
+                x, target=torch.as_tensor(np.asarray(targets)[idx.numpy()], device=x.device))
+        maps = saliency_map(maps.detach()).float().cpu().numpy()
         preds = logits.argmax(1).cpu().tolist()
+        shown = preds if targets is None else [int(targets[i]) for i in idx.tolist()]
         images_np = x.detach().cpu().numpy()
         boxes_np = batch["box_mask"][:, 0].cpu().numpy()
         masks_np = batch["mask"][:, 0].cpu().numpy() if volumes else None
@@ -245,6 +259,8 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
             rec = dataset.records[i]
             samples.append({"id": rec.id, "label": int(rec.label) if labelled else None,
                             "prediction": preds[j]})
+            if targets is not None:
+                samples[-1]["explained"] = shown[j]
             m = maps[j]
             atomic_save_npy(files.path(f"maps/{rec.id}.npy"), m)
             img = images_np[j]
@@ -256,15 +272,17 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
                 where = f", slice {z}"  # 0-based, as in the report
             else:
                 m2 = m
+            # a map of another class than the argmax says whose it is
+            other = f" map={class_name(dataset, shown[j])}" if shown[j] != preds[j] else ""
             title = (f"{rec.id}{where}{truth(rec.label)} "
-                     f"pred={class_name(dataset, preds[j])}")
+                     f"pred={class_name(dataset, preds[j])}{other}")
             overlay(img, m2, box, files.path(f"overlays/{rec.id}.png"), title=title)
             if len(images) < 16:
                 images.append(img)
                 boxes.append(box)
                 maps_all.append(m2)
                 ids.append(f"{rec.id}{where}{truth(rec.label)} "
-                           f"p={class_name(dataset, preds[j])}")
+                           f"p={class_name(dataset, preds[j])}{other}")
         if task is not None:
             progress.advance(task, len(idx))
     cam_grid(np.stack(images[:8]), np.stack(boxes[:8]), {saliency: np.stack(maps_all[:8])},
