@@ -755,8 +755,11 @@ def evaluate(
     if point is not None:  # a three-class run without --positive is refused before any pass
         positive_index = _positive_index(positive, ds.meta.classes, f"--operating-point {point}")
         if calibrate is not None and len(ds.meta.classes) > 2:
-            _refuse_calibrated_threshold(f"--operating-point {point}", "--calibrate temperature",
-                                         len(ds.meta.classes))
+            from .metrics.calibration import refuse_calibrated_threshold
+
+            refuse_calibrated_threshold(f"--operating-point {point} with --calibrate "
+                                        f"temperature", len(ds.meta.classes),
+                                        "run them separately")
     with _progress(progress) as bar:
         threshold, chosen, chosen_by = None, {"chosen_on": None}, None
         val_predictions = None  # the val split's (probs, labels), predicted once for both
@@ -1863,16 +1866,6 @@ def _positive_index(positive: str | None, classes: Any, option: str) -> int:
         return positive_class(positive, [str(c) for c in classes])
     except CausalignError as e:
         raise CausalignError(f"{option if positive is None else '--positive'}: {e}") from None
-
-
-def _refuse_calibrated_threshold(option: str, scaling: str, n_classes: int) -> None:
-    """A threshold with temperature scaling on more than two classes: the calibrated p_c
-    (softmax(log p / T)_c) depends on every class's p, not on p_c alone, so no one threshold
-    on it calls the images the uncalibrated one calls (two classes: sigmoid(logit(p_c) / T),
-    increasing in p_c, hence `threshold_calibrated`)."""
-    raise CausalignError(f"{option} with {scaling} on a {n_classes}-class run: the calibrated "
-                         f"probability of a class is not a function of its own uncalibrated "
-                         f"one, so no threshold_calibrated exists; run them separately")
 
 
 def _compare_operating_point(point: Any, run_a: Path, run_b: Path, probs_a: Any,

@@ -54,7 +54,12 @@ from ..data.importers.util import (
     walk,
 )
 from ..errors import CausalignError, DataError, InputError, not_one_of
-from ..metrics.calibration import apply_temperature, calibrated_threshold, check_temperature
+from ..metrics.calibration import (
+    apply_temperature,
+    calibrated_threshold,
+    check_temperature,
+    refuse_calibrated_threshold,
+)
 from .evaluate import predict as predict_split
 from .evaluate import write_prediction_rows
 
@@ -698,10 +703,8 @@ def _check_threshold(threshold: float, classes: Sequence[str] | None,
         option = f"--threshold {threshold:g}" if positive is None else "--positive"
         raise InputError(f"{option}: {e}") from None
     if temperature is not None and len(classes) > 2:
-        raise InputError(f"--threshold with --temperature on a {len(classes)}-class run: the "
-                         f"calibrated probability of a class is not a function of its own "
-                         f"uncalibrated one, so no threshold_calibrated exists; give one of "
-                         f"them")
+        refuse_calibrated_threshold("--threshold with --temperature", len(classes),
+                                    "give one of them")
     return index
 
 

@@ -146,3 +146,14 @@ def negative_log_likelihood(probs: np.ndarray | torch.Tensor,
     `classification_metrics`."""
     logp, y = log_probabilities(probs, labels)
     return _nll(logp, y, 1.0)
+
+
+def refuse_calibrated_threshold(option: str, n_classes: int, advice: str) -> None:
+    """`InputError` for a threshold with temperature scaling on more than two classes: the
+    calibrated p_c (softmax(log p / T)_c) depends on every class's p, not on p_c alone, so no
+    one threshold on it calls the images the uncalibrated one calls (two classes:
+    sigmoid(logit(p_c) / T), increasing in p_c, hence `calibrated_threshold`). ``option``
+    names the flags at fault, ``advice`` what to do instead."""
+    raise InputError(f"{option} on a {n_classes}-class run: the calibrated probability of a "
+                     f"class is not a function of its own uncalibrated one, so no "
+                     f"threshold_calibrated exists; {advice}")
