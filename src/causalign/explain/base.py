@@ -51,18 +51,32 @@ class Explainer:
         training through the map, where the method supports it). Subclasses implement it."""
         raise NotImplementedError
 
-    def predict_and_attribute(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def predict_and_attribute(self, inputs: Tensor,
+                              target: Target = None) -> tuple[Tensor, Tensor]:
         """(logits, map of the predicted class), both detached, in eval mode.
 
         Evaluation needs the logits (accuracy, loss, the deletion baseline) and the map of the
         argmax class; this default takes one no-grad forward for the logits and then
         `attribute`. Explainers whose map comes with the logits of its own forward pass
-        (Grad-CAM) override it and save that second forward."""
+        (Grad-CAM) override it and save that second forward. ``target``: the map of these
+        classes instead (as `attribute` takes them; `predict --maps --threshold` explains
+        the called class), the logits still the model's own."""
         check_inputs(inputs, model=self.model)
         with shape_errors(self.model, inputs, self.name), torch.no_grad(), \
                 eval_mode(self.model):
             logits = check_logits(self.model(inputs))
-        return logits.detach(), self.attribute(inputs, target=logits.argmax(1)).detach()
+        chosen = logits.argmax(1) if target is None else self._given_target(logits, target)
+        return logits.detach(), self.attribute(inputs, target=chosen).detach()
+
+    def _given_target(self, logits: Tensor, target: Target) -> Tensor:
+        """A caller's target (not None) resolved to one class per row of ``logits`` and
+        checked against their classes, as `attribute` would."""
+        resolved = as_target(target)
+        if isinstance(resolved, int):
+            resolved = torch.full((logits.shape[0],), resolved, dtype=torch.long)
+        resolved = resolved.to(logits.device).long().reshape(-1).expand(logits.shape[0])
+        check_target_classes(logits, resolved)
+        return resolved
 
     def _target(self, inputs: Tensor, target: Target) -> Tensor:
         """Resolve `target`: None means the predicted class (in eval mode, as mapped)."""

@@ -241,13 +241,11 @@ def _export_saliency(model: nn.Module, method: Method, dataset: LesionDataset, s
         x = method.model_input(batch)
         # one pass for prediction and map where the explainer can (Grad-CAM), and one copy
         # to the host per batch rather than three device syncs per sample
-        if targets is None:
-            logits, maps = explainer.predict_and_attribute(x)
-        else:  # the given classes' maps; the logits still give the argmax beside them
-            with torch.no_grad():
-                logits = model(x)
-            maps = explainer.attribute(
-                x, target=torch.as_tensor(np.asarray(targets)[idx.numpy()], device=x.device))
+        # the given classes' maps (`predict --threshold`'s called class); the logits still
+        # give the argmax beside them
+        logits, maps = explainer.predict_and_attribute(
+            x, None if targets is None
+            else torch.as_tensor(np.asarray(targets)[idx.numpy()], device=x.device))
         maps = saliency_map(maps.detach()).float().cpu().numpy()
         preds = logits.argmax(1).cpu().tolist()
         shown = preds if targets is None else [int(targets[i]) for i in idx.tolist()]

@@ -198,8 +198,9 @@ class GradCAM(Explainer):
             cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), "bilinear")
         return cam
 
-    def predict_and_attribute(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits, Grad-CAM of the predicted class) from ONE forward pass.
+    def predict_and_attribute(self, inputs: Tensor,
+                              target: Target = None) -> tuple[Tensor, Tensor]:
+        """(logits, Grad-CAM of the predicted class, or of ``target``'s) from ONE forward pass.
 
         Evaluation otherwise runs the model twice per batch (a no-grad forward for the
         prediction, then Captum's forward for the map of that prediction); here the layer's
@@ -213,7 +214,7 @@ class GradCAM(Explainer):
         check_inputs(inputs, model=self.model)
         check_no_batch_statistics(self.model, inputs, f"{self.name} map")
         if inputs.dim() != 4 or getattr(self.model, "device_ids", None):
-            return super().predict_and_attribute(inputs)
+            return super().predict_and_attribute(inputs, target)
         seen: list[Tensor] = []
         versions: list[int | None] = []  # the outputs' version counters when kept
 
@@ -232,11 +233,12 @@ class GradCAM(Explainer):
             handle.remove()
         if len(seen) != 1 or not isinstance(seen[0], Tensor) or seen[0].dim() < 3 \
                 or seen[0]._version != versions[0]:
-            return super().predict_and_attribute(inputs)
+            return super().predict_and_attribute(inputs, target)
         check_logits(logits)
         acts = seen[0]
         self._refuse_point_map(acts, inputs)
-        target = logits.detach().argmax(1)
+        target = (logits.detach().argmax(1) if target is None
+                  else self._given_target(logits.detach(), target))
         with torch.enable_grad():  # inside a caller's no_grad the score would be a constant
             score = logits.gather(1, target[:, None]).sum()
         (grads,) = torch.autograd.grad(score, acts)
