@@ -173,7 +173,7 @@ def _stub_pc(monkeypatch):
     causal-learn's search); records the data it was given."""
     seen = {}
 
-    def fake(data, alpha=0.01, indep_test="fisherz"):
+    def fake(data, alpha=0.01, indep_test="fisherz", show_progress=False):
         seen["data"] = np.asarray(data)
         return np.zeros((data.shape[1], data.shape[1]))
 

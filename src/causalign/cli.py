@@ -1387,11 +1387,15 @@ def causal_pc(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "cpu",
     attributes: Annotated[str | None, typer.Option(
         help="comma-separated attribute names to include (default all)")] = None,
+    progress: Annotated[bool, typer.Option(
+        help="show causal-learn's progress bar during the search (on a terminal only)")
+    ] = True,
 ) -> None:
     """PC algorithm (causal-learn): checks the learnt skeleton against X → A → Y.
 
     Runs on pooled image features, attributes and label; draws the graph (seed 000 App. C.5)."""
     from .causal.pc import PC_TESTS, run_pc_check
+    from .engine.progress import is_tty
 
     if components < 1:  # no feature node: the X -> A -> Y check has no X
         raise CausalignError(f"--components must be >= 1, got {components}")
@@ -1403,7 +1407,9 @@ def causal_pc(
         raise CausalignError(f"--test {test}: unknown test; choose {' or '.join(PC_TESTS)}")
     rep = run_pc_check(run, split=split, data=data, n_components=components, alpha=alpha,
                        indep_test=test, out=out, device=device,
-                       attributes=parse_list(attributes) if attributes is not None else None)
+                       attributes=parse_list(attributes) if attributes is not None else None,
+                       # tqdm's redraws would fill a log file with carriage-return lines
+                       show_progress=progress and is_tty(sys.stderr))
     typer.echo(f"PC on {rep['n']} samples: {rep['n_edges']} edges "
                f"{rep['edges_by_kind']}; skeleton consistent with X -> A -> Y: "
                f"{rep['skeleton_consistent']}")

@@ -132,15 +132,17 @@ def _check_inputs(features: np.ndarray, attributes: np.ndarray, labels: np.ndarr
     return f, a, y
 
 
-def pc_graph(data: np.ndarray, alpha: float = 0.01, indep_test: str = "fisherz"
-             ) -> np.ndarray:
+def pc_graph(data: np.ndarray, alpha: float = 0.01, indep_test: str = "fisherz",
+             show_progress: bool = False) -> np.ndarray:
     """PC on the columns of ``data``; returns causal-learn's endpoint matrix G where
-    G[j, i] = 1 and G[i, j] = −1 means i → j, both −1 an undirected edge, both 1 ↔."""
+    G[j, i] = 1 and G[i, j] = −1 means i → j, both −1 an undirected edge, both 1 ↔.
+    ``show_progress``: causal-learn's own progress bar (tqdm, on stderr: the depth and node
+    it works on), for the KCI test's minutes."""
     _check_alpha(alpha)
     _check_test(indep_test)
     pc = _require_causallearn()
     cg = pc(np.asarray(data, np.float64), alpha=alpha, indep_test=indep_test,
-            show_progress=False)
+            show_progress=bool(show_progress))
     return np.asarray(cg.G.graph)
 
 
@@ -275,11 +277,11 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
              attribute_names: list[str], *, n_components: int = 3, alpha: float = 0.01,
              indep_test: str = "fisherz", causal_attributes: list[str] | None = None,
              figure: str | Path | None = None, class_names: list[str] | None = None,
-             select: list[str] | None = None) -> dict:
+             select: list[str] | None = None, show_progress: bool = False) -> dict:
     """PCs of ``features`` + attributes + label → PC graph → skeleton check (+ figure).
     ``select``: only these attributes (by name; default all). Rows with a missing (selected)
     attribute are dropped. A label of more than two classes enters as class indicators
-    (`label_columns`), all in the group Y."""
+    (`label_columns`), all in the group Y. ``show_progress``: `pc_graph`'s."""
     _check_settings(alpha, n_components, indep_test)
     features, attributes, labels = _check_inputs(features, attributes, labels, attribute_names)
     attributes, attribute_names, causal_attributes, keep = _annotated(
@@ -325,7 +327,8 @@ def pc_check(features: np.ndarray, attributes: np.ndarray, labels: np.ndarray,
         const = [n for n, sd in zip(names, std, strict=True) if sd == 0]
         raise CausalignError(f"PC check: constant variable(s) {', '.join(const)}")
     try:
-        graph = pc_graph(data, alpha=alpha, indep_test=indep_test)
+        graph = pc_graph(data, alpha=alpha, indep_test=indep_test,
+                         show_progress=show_progress)
     except ValueError as exc:  # causal-learn's Fisher-z: "correlation matrix is singular"
         if "singular" not in str(exc):
             raise
@@ -377,9 +380,10 @@ def _annotated(attributes: np.ndarray, attribute_names: list[str],
 def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | None = None,
                  n_components: int = 3, alpha: float = 0.01, indep_test: str = "fisherz",
                  out: str | Path | None = None, device: str = "cpu",
-                 attributes: list[str] | None = None) -> dict:
+                 attributes: list[str] | None = None, show_progress: bool = False) -> dict:
     """`pc_check` on a trained run: its pooled features on ``split`` with the split's
-    annotated attributes and labels; writes OUT/pc_graph.png and OUT/pc_check.json."""
+    annotated attributes and labels; writes OUT/pc_graph.png and OUT/pc_check.json.
+    ``show_progress``: causal-learn's progress bar during the search (`pc_graph`)."""
     from ..data.format import LesionDataset
     from ..engine.trainer import load_run
     from ..io import atomic_write_json
@@ -399,7 +403,8 @@ def run_pc_check(run: str | Path, *, split: str = "test", data: str | Path | Non
     rep = pc_check(feats, ds.attributes.numpy(), ds.labels.numpy(), list(ds.meta.attributes),
                    n_components=n_components, alpha=alpha, indep_test=indep_test,
                    causal_attributes=causal, figure=out / "pc_graph.png",
-                   class_names=list(ds.meta.classes), select=attributes)
+                   class_names=list(ds.meta.classes), select=attributes,
+                   show_progress=show_progress)
     # the dataset read: `--data` another one gave a record that read as the run's own
     rep.update(run=str(run), data=str(data_path), split=split)
     atomic_write_json(out / "pc_check.json", rep)

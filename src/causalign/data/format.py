@@ -453,8 +453,11 @@ def read_meta(root: str | Path) -> DatasetMeta:
     return DatasetMeta.from_dict(d, str(path))
 
 
-def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[SampleRecord]:
-    """Parse manifest.csv into records, checking columns, labels, splits and boxes."""
+def read_manifest(root: str | Path, meta: DatasetMeta | None = None,
+                  limit: int | None = None) -> list[SampleRecord]:
+    """Parse manifest.csv into records, checking columns, labels, splits and boxes.
+    ``limit``: stop after that many records (the rows after them are not read or checked;
+    `data_info_from_disk` needs only the first image of a manifest that may list 20,000)."""
     root = Path(root)
     meta = meta or read_meta(root)
     path = root / MANIFEST
@@ -507,6 +510,8 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None) -> list[Sam
                 first_line[rec.id] = lineno
                 folded[_file_key(rec.id)] = rec.id
                 records.append(rec)
+                if limit is not None and len(records) >= limit:
+                    break
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
         except csv.Error as exc:  # NUL bytes, unterminated quotes at EOF …

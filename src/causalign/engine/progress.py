@@ -46,7 +46,7 @@ def progress_bar(enabled: bool = True, remaining: bool = True) -> Iterator[Progr
     if remaining:
         columns.append(TimeRemainingColumn())
     console = Console(stderr=True)
-    if (console.is_terminal and not console.is_jupyter and not _is_tty(console.file)
+    if (console.is_terminal and not console.is_jupyter and not is_tty(console.file)
             and os.environ.get("TTY_INTERACTIVE") != "1"):
         # FORCE_COLOR (set by many CI workflows) or TTY_COMPATIBLE makes rich take any file
         # for a terminal: a CI log then got ~10 redrawn frames a second on one line (10 KB
@@ -87,7 +87,8 @@ def _lines_only(console: Console) -> bool:
                                        or not console.is_interactive)
 
 
-def _is_tty(stream: object) -> bool:
+def is_tty(stream: object) -> bool:
+    """Whether ``stream`` is a terminal (False for a file, a pipe or a closed stream)."""
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty()) if callable(isatty) else False
