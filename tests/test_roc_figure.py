@@ -145,10 +145,10 @@ def test_report_has_a_roc_section_from_the_runs_predictions(tmp_path, monkeypatc
     from causalign.report.html import write_report
 
     drawn = []
-    real = figures.roc_figure
-    monkeypatch.setattr(figures, "roc_figure",
-                        lambda curves, path, **k: drawn.append(curves) or real(curves, path,
-                                                                               **k))
+    # two classes: each method's seeds (one here) through roc_seeds_figure
+    real = figures.roc_seeds_figure
+    monkeypatch.setattr(figures, "roc_seeds_figure",
+                        lambda runs, path, **k: drawn.append(runs) or real(runs, path, **k))
     rng = np.random.default_rng(0)
     ids = [f"s{i}" for i in range(40)]
     y = np.arange(40) % 2
@@ -167,7 +167,7 @@ def test_report_has_a_roc_section_from_the_runs_predictions(tmp_path, monkeypatc
     assert "<h2>ROC curves</h2>" in page and "ROC curves pm" in page
     (curves,) = drawn
     assert list(curves) == ["erm", "oracle"]
-    for label, (probs, labels) in curves.items():
+    for label, ((probs, labels),) in curves.items():
         np.testing.assert_allclose(probs, written[label], rtol=0, atol=1e-15)
         np.testing.assert_array_equal(labels, y)
     fig = tmp_path / "figures" / "roc_pm.png"

@@ -23,12 +23,12 @@ from .paired import (
     paired_operating_point,
     paired_operating_point_ci,
 )
-from .roc import roc_band
+from .roc import roc_at, roc_band
 
 __all__ = ["classification_metrics", "brier_score", "expected_calibration_error",
            "bootstrap_ci", "BOOTSTRAP_METRICS", "paired_bootstrap_ci", "PAIRED_BOOTSTRAP_METRICS",
            "ECE_BINS", "deletion_scores",
            "DELETION_FRACTIONS", "cam_precision", "mass_in_mask", "iou_dice", "normalize_maps",
            "rank_accuracy", "delong_test", "holm_adjust", "mcnemar_test", "MCNEMAR_EXACT_BELOW",
-           "paired_operating_point", "paired_operating_point_ci", "roc_band",
+           "paired_operating_point", "paired_operating_point_ci", "roc_at", "roc_band",
            "reliability_bins", "fit_temperature", "apply_temperature"]

@@ -1,7 +1,9 @@
-"""A ROC curve's pointwise bootstrap band (vertical averaging, Fawcett 2006 §7.1)."""
+"""A ROC curve on a grid of false-positive rates and its pointwise bootstrap band (vertical
+averaging, Fawcett 2006 §7.1)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,16 +32,41 @@ def roc_band(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
     Inputs as `classification_metrics`; the split must hold class ``positive`` and some
     other class."""
     check_bootstrap(n, seed)
+    grid, curves, by_class_labels = _grid_curves(probs, labels, positive, fpr, "roc_band")
+    own = curves(np.ones((1, len(by_class_labels))))[0]
+    resampled = np.concatenate([curves(w) for w in _resample_counts(by_class_labels, n,
+                                                                    seed)])
+    lo, hi = np.percentile(resampled, [2.5, 97.5], axis=0)
+    return {"fpr": grid, "tpr": own, "lo": lo, "hi": hi, "n": int(n), "seed": int(seed),
+            "positive": int(positive)}
+
+
+def roc_at(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+           positive: int = 1, fpr: np.ndarray | None = None) -> np.ndarray:
+    """The ROC curve of class ``positive`` (against the rest) at each false-positive rate of
+    ``fpr`` (default every 0.01): the split's own curve `roc_band` returns as ``tpr``, read
+    off the same polyline, so curves of several runs can be averaged vertically (Fawcett
+    2006 §7.1) on one grid. Inputs and checks as `roc_band`'s."""
+    grid, curves, by_class_labels = _grid_curves(probs, labels, positive, fpr, "roc_at")
+    return curves(np.ones((1, len(by_class_labels))))[0]
+
+
+def _grid_curves(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                 positive: int, fpr: np.ndarray | None, who: str
+                 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray], np.ndarray]:
+    """The checked grid, a function giving each row of per-sample weights (samples sorted
+    by class, as `_resample_counts` draws them) its curve's sensitivity at the grid, and the
+    labels in that order: the one curve-on-a-grid code `roc_band` and `roc_at` share."""
     probs, labels = _checked(probs, labels)
     if not 0 <= positive < probs.shape[1]:
-        raise InputError(f"roc_band: positive class {positive} is not one of the "
+        raise InputError(f"{who}: positive class {positive} is not one of the "
                          f"{probs.shape[1]} classes")
     grid = ROC_BAND_GRID if fpr is None else np.asarray(fpr, dtype=np.float64)
     if grid.ndim != 1 or not len(grid) or not np.all((grid >= 0) & (grid <= 1)):
-        raise InputError("roc_band: fpr must be a non-empty 1-D array of rates in [0, 1]")
+        raise InputError(f"{who}: fpr must be a non-empty 1-D array of rates in [0, 1]")
     is_pos = labels == positive
     if is_pos.all() or not is_pos.any():
-        raise InputError(f"roc_band: the split needs class {positive} and another class "
+        raise InputError(f"{who}: the split needs class {positive} and another class "
                          f"(a ROC curve needs positives and negatives)")
     # samples sorted by class as `_resample_counts` draws them, then by score (highest
     # first) for the cumulative counts; each tie group ends at one curve point
@@ -59,12 +86,7 @@ def roc_band(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
         return np.stack([_tpr_at(f, t, grid) for f, t in
                          zip(np.hstack([zero, fall]), np.hstack([zero, tpr]), strict=True)])
 
-    own = curves(np.ones((1, len(labels))))[0]
-    resampled = np.concatenate([curves(w) for w in _resample_counts(labels[by_class], n,
-                                                                    seed)])
-    lo, hi = np.percentile(resampled, [2.5, 97.5], axis=0)
-    return {"fpr": grid, "tpr": own, "lo": lo, "hi": hi, "n": int(n), "seed": int(seed),
-            "positive": int(positive)}
+    return grid, curves, labels[by_class]
 
 
 def _tpr_at(fall: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ CASES = 6
 CAM_DATASETS = 3  # CAM grids per page: each costs a model load per method
 CF_CASES = 4
 CF_PREFERENCE = ("causal-align", "hier-align", "ppi", "erm")
+ROC_RESAMPLES = 500  # bootstrap band of a method with one seed (the ROC figure)
 
 
 def _file_slug(name: str) -> str:
@@ -302,16 +303,47 @@ def reliability_figure(out: Path, results: dict, dataset: str, path: Path) -> bo
     return bool(panels)
 
 
-def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool:
-    """Test-split ROC curves of one run per method on ``dataset`` on one axes, from their
-    predictions_test.csv; False when no run has one."""
-    from .figures import roc_figure
+def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | str:
+    """Test-split ROC curves of every method on ``dataset`` on one axes, from their
+    predictions_test.csv; False when no run has one. Two classes: each method's seeds
+    (`_seed_runs`) averaged (`roc_seeds_figure`), returned as the note naming each curve's
+    band; more classes: each class against the rest of one run per method (`_pick_runs`)."""
+    from ..engine.evaluate import read_predictions
+    from .figures import SEED_BAND, roc_figure, roc_seeds_figure
 
-    curves = _test_predictions(out, results, dataset)
-    if curves:
-        roc_figure({k: v[:2] for k, v in curves.items()}, path, title=f"{dataset}: test split",
-                   class_names={k: v[2] for k, v in curves.items()})
-    return bool(curves)
+    seeds = {label: [read_predictions(c) for r in runs
+                     if (c := out / r["run_dir"] / "predictions_test.csv").is_file()]
+             for label, runs in _seed_runs(results, dataset).items()}
+    seeds = {label: preds for label, preds in seeds.items() if preds}
+    if not seeds:
+        return False
+    if any(pred.probs.shape[1] != 2 for preds in seeds.values() for pred in preds):
+        curves = {label: preds[0] for label, preds in seeds.items()}  # the lowest seed
+        roc_figure({k: (v.probs, v.labels) for k, v in curves.items()}, path,
+                   title=f"{dataset}: test split",
+                   class_names={k: v.classes for k, v in curves.items()})
+        return True
+    drawn = roc_seeds_figure({k: [(v.probs, v.labels) for v in preds]
+                              for k, preds in seeds.items()}, path,
+                             title=f"{dataset}: test split", n_boot=ROC_RESAMPLES)
+    kinds = {"seeds": [], "bootstrap": []}
+    for label, d in drawn.items():
+        kinds[d["band"]].append(label)
+    # which band each curve has, said under its figure (a reader compares them)
+    return "; ".join(
+        f"{what}: {', '.join(labels)}" for what, labels in (
+            (f"mean of the seeds' curves, band the {SEED_BAND}", kinds["seeds"]),
+            (f"one seed, band pointwise bootstrap 95 % ({ROC_RESAMPLES} resamples)",
+             kinds["bootstrap"])) if labels) + "."
+
+
+def _seed_runs(results: dict, dataset: str) -> dict[str, list[dict]]:
+    """Per method label, its finished runs on ``dataset`` of the setting `_pick_runs`
+    picks (default where there is one), by seed."""
+    picked = _pick_runs(results, dataset)
+    return {label: sorted((r for r in _finished(results) if r["dataset"] == dataset
+                           and r["label"] == label and r["setting"] == p["setting"]),
+                          key=lambda r: r["seed"]) for label, p in picked.items()}
 
 
 def _test_predictions(out: Path, results: dict, dataset: str) -> dict[str, tuple]:
@@ -565,10 +597,13 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
          "title; default setting, lowest seed; <code>causalign compare</code> tests two "
          "runs.</p>"),
         ("roc", roc_figure_of, "ROC curves",
-         "<h2>ROC curves</h2><p>Test split (predictions_test.csv), one run per method "
-         "(default setting, lowest seed), AUC in the legend; more than two classes: each "
-         "class against the rest. <code>causalign compare --roc</code> adds DeLong's test "
-         "of two runs.</p>"))
+         "<h2>ROC curves</h2><p>Test split (predictions_test.csv), default setting. Two "
+         "classes: per method the mean of its seeds' curves (sensitivity averaged at every "
+         "0.01 of false-positive rate), shaded between the seeds' lowest and highest curve; "
+         "a method with one seed: its curve with the pointwise bootstrap 95 % band; legend: "
+         "AUC mean (std) over the seeds. More than two classes: each class against the rest, "
+         "lowest seed. <code>causalign compare --roc</code> adds DeLong's test of two "
+         "runs.</p>"))
     for prefix, draw, what, heading in per_dataset:
         for d in datasets[:CAM_DATASETS]:
             p = figs / f"{prefix}_{slugs[d]}.png"
@@ -583,6 +618,8 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
                 if not any(f.startswith(f"{prefix}_") for f in shown):
                     parts.append(heading)
                 parts.append(f"<h3>{html.escape(d)}</h3>" + _img(p, f"{what} {d}"))
+                if isinstance(drawn, str):  # a figure's own note (the ROC bands' kinds)
+                    parts.append(f"<p>{html.escape(drawn)}</p>")
                 shown.add(p.name)
     p = figs / "deletion.png"
     if deletion_figure(results, p):
