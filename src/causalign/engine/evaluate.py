@@ -170,17 +170,35 @@ def _probs(logits: Tensor) -> Tensor:
     return logits.double().softmax(1)
 
 
-def write_predictions(path: str | Path, dataset: LesionDataset, probs: np.ndarray) -> None:
+def write_predictions(path: str | Path, dataset: LesionDataset, probs: np.ndarray,
+                      temperature: float | None = None) -> None:
     """One CSV row per sample of ``dataset``, in its manifest order: id, site, label,
     predicted (argmax) and each class's probability (``p_<class name>``), written
-    atomically. ``probs`` (N, C) are the split's class probabilities in that order."""
+    atomically. ``probs`` (N, C) are the split's class probabilities in that order.
+
+    ``temperature``: also each class's temperature-scaled probability (``pcal_<class
+    name>``, `apply_temperature` of ``probs``) and a ``calibration_temperature`` column
+    holding T. The ``p_`` columns stay the model's own and the column is not named
+    ``temperature`` (`read_predictions` reads that as "p_ columns are scaled", as `predict
+    --temperature` writes): `compare` and the report read the file as without it."""
     records = dataset.records
     if probs.shape[0] != len(records):
         raise InputError(f"{probs.shape[0]} prediction rows for the {len(records)} samples "
                          f"of split '{dataset.split}'")
+    classes = getattr(dataset.meta, "classes", None) or []
+    tail = None
+    if temperature is not None:
+        scaled = apply_temperature(probs, temperature)
+        tail = ([*(f"pcal_{n}" for n in _column_names(classes, probs.shape[1])),
+                 "calibration_temperature"],
+                [[*(f"{v:.17g}" for v in row), repr(float(temperature))] for row in scaled])
     write_prediction_rows(path, ["id", "site", "label"],
-                          [[r.id, r.site, r.label] for r in records], probs,
-                          getattr(dataset.meta, "classes", None) or [])
+                          [[r.id, r.site, r.label] for r in records], probs, classes, tail)
+
+
+def _column_names(classes: list[str], n: int) -> list[str]:
+    """The names of ``n`` probability columns: ``classes``, then indices past them."""
+    return list(classes) + [str(c) for c in range(len(classes), n)]
 
 
 def write_prediction_rows(path: str | Path, head: list[str], rows: list[list[Any]],
@@ -191,7 +209,7 @@ def write_prediction_rows(path: str | Path, head: list[str], rows: list[list[Any
     ``classes`` by index), then the optional ``tail`` (column names, one list per row).
     Shared by `evaluate --predictions` and `causalign predict`, so both name and format the
     probabilities alike."""
-    names = list(classes) + [str(c) for c in range(len(classes), probs.shape[1])]
+    names = _column_names(classes, probs.shape[1])
     tail_cols, tail_rows = tail if tail is not None else ([], [[] for _ in rows])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -316,7 +334,9 @@ def evaluate_split(
 
     ``predictions``: also write each sample's prediction there as CSV (`write_predictions`),
     for the statistics metrics.json does not hold (`causalign compare`'s DeLong and McNemar
-    tests of two runs, read back by `read_predictions`; error review).
+    tests of two runs, read back by `read_predictions`; error review); with
+    ``temperature``, also the calibrated ``pcal_<class>`` columns and
+    ``calibration_temperature``.
 
     ``bootstrap``: also give percentile 95 % intervals (`ci95`, with the `bootstrap` settings)
     of the classification and calibration metrics, and of the localisation and deletion
@@ -500,7 +520,7 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
         p_op, y_op = one_vs_rest(p, y, positive)
         out["operating_point"] = operating_point_metrics(p_op, y_op, threshold)
     if predictions is not None:
-        write_predictions(predictions, dataset, p)
+        write_predictions(predictions, dataset, p, temperature)
     scaled = None
     if temperature is not None:
         scaled = apply_temperature(p, temperature)
