@@ -691,15 +691,22 @@ def evaluate(
         metavar="METHOD",
         help="also give the split's NLL, Brier and ECE after post-hoc calibration fitted on "
              "the val split: temperature (one T > 0 minimising the val NLL of "
-             "softmax(logits / T), Guo et al. 2017); accuracy and AUC stay the model's")
+             "softmax(logits / T), Guo et al. 2017); accuracy and AUC stay the model's; "
+             "with --predictions, also columns pcal_<class> and calibration_temperature")
                          ] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="as --calibrate temperature with this T > 0 given, not fitted (a site without "
+             "a val split, or another site's T carried over, e.g. the T `evaluate "
+             "--calibrate temperature` fitted on the development site); not with "
+             "--calibrate")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Evaluate a run on a split: accuracy, balanced accuracy, AUC, sensitivity/specificity,
     Brier score, ECE, CAM precision, deletion; with --bootstrap N, their 95 % intervals;
     with --reliability FILE, the reliability diagram; with --operating-point RULE, the
     rates at a threshold chosen on the val split; with --calibrate temperature, the
-    calibration after temperature scaling fitted on the val split."""
+    calibration after temperature scaling fitted on the val split (--temperature T: at a
+    given T)."""
     from .engine.evaluate import VOLUME_UNSUPPORTED, evaluate_split
     from .engine.evaluate import predict as predict_split
     from .engine.trainer import load_run
@@ -707,6 +714,7 @@ def evaluate(
     from .metrics.calibration import (
         CALIBRATION_METHODS,
         calibrated_threshold,
+        check_temperature,
         fit_temperature,
     )
     from .metrics.operating_point import choose_threshold, one_vs_rest
@@ -719,6 +727,15 @@ def evaluate(
     if calibrate is not None and calibrate not in CALIBRATION_METHODS:
         raise CausalignError(f"--calibrate {calibrate}: unknown method; choose from "
                              f"{', '.join(CALIBRATION_METHODS)}")
+    if temperature is not None:  # before the run is read, worded as `predict --temperature`
+        try:
+            check_temperature(temperature)
+        except CausalignError as e:
+            raise CausalignError(f"--temperature: {e}") from None
+        if calibrate is not None:  # one T: fitted on val or given, never both
+            raise CausalignError(f"--temperature {temperature:g} and --calibrate {calibrate} "
+                                 f"both set the temperature: give one (--calibrate fits T on "
+                                 f"val, --temperature applies the T given)")
     if out is not None:  # fail before the evaluation, not after it
         _check_output_file("--out", out, "the metrics JSON")
     if predictions is not None:
@@ -754,12 +771,13 @@ def evaluate(
     positive_index = None
     if point is not None:  # a three-class run without --positive is refused before any pass
         positive_index = _positive_index(positive, ds.meta.classes, f"--operating-point {point}")
-        if calibrate is not None and len(ds.meta.classes) > 2:
+        if (calibrate is not None or temperature is not None) and len(ds.meta.classes) > 2:
             from .metrics.calibration import refuse_calibrated_threshold
 
-            refuse_calibrated_threshold(f"--operating-point {point} with --calibrate "
-                                        f"temperature", len(ds.meta.classes),
-                                        "run them separately")
+            scaling = ("--calibrate temperature" if calibrate is not None
+                       else f"--temperature {temperature:g}")
+            refuse_calibrated_threshold(f"--operating-point {point} with {scaling}",
+                                        len(ds.meta.classes), "run them separately")
     with _progress(progress) as bar:
         threshold, chosen, chosen_by = None, {"chosen_on": None}, None
         val_predictions = None  # the val split's (probs, labels), predicted once for both
@@ -789,8 +807,7 @@ def evaluate(
             chosen = {"chosen_on": "val", "n_chosen_on": int(len(y_val))}
             if split != "val":  # chosen on the split reported: no independent val to resample
                 chosen_by = (point, p_val, y_val)
-        temperature = None
-        if calibrate is not None:
+        if calibrate is not None:  # else `temperature` is the one given, or None
             # on validation too: T fitted on the split reported flatters its ECE
             p_val, y_val = on_val(f"--calibrate {calibrate} fits its temperature on")
             try:
@@ -815,6 +832,11 @@ def evaluate(
         if split == "val":
             metrics["calibration"]["note"] = ("fitted on the split it reports: its "
                                               "calibration is optimistic")
+    elif temperature is not None:  # given: nothing was fitted, so no chosen_on
+        fitted = metrics.pop("calibration")
+        metrics["calibration"] = {"method": "temperature",
+                                  "temperature": fitted.pop("temperature"),
+                                  "temperature_given": True, **fitted}
     if point is not None:
         # the rule and where it was chosen before the rates, as a reader asks
         metrics["operating_point"] = {"rule": str(point),
