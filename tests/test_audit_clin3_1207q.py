@@ -49,7 +49,7 @@ def _want(seed: int, c: int) -> list[float]:
     for rule in RULES:
         t = choose_threshold(OperatingPoint.parse(rule), pv, yv)
         rates = operating_point_metrics(pt, yt, t)
-        out += [t, rates["sensitivity"], rates["specificity"]]
+        out += [t, *(rates[k] for k in ("sensitivity", "specificity", "ppv", "npv"))]
     return out
 
 
@@ -67,18 +67,18 @@ def test_three_classes_give_one_row_per_class_against_the_rest(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither val split is separated: T inside its bounds
         t = clinical_table(tmp_path, {"runs": runs}, "busi")
-    assert t.header[:3] == ["method", "class (vs rest)", "seeds"] and len(t.header) == 12
+    assert t.header[:3] == ["method", "class (vs rest)", "seeds"] and len(t.header) == 16
     assert [r[:3] for r in t.rows] == [["erm", n, "2"] for n in NAMES]
     for c, row in enumerate(t.rows):
         per_seed = [_want(s, c) for s in (0, 1)]
-        assert row[3:9] == [_cell([v[i] for v in per_seed]) for i in range(6)], NAMES[c]
+        assert row[3:13] == [_cell([v[i] for v in per_seed]) for i in range(10)], NAMES[c]
     temps = [fit_temperature(VAL[s][0], np.asarray(VAL[s][1])) for s in (0, 1)]
     ece = [expected_calibration_error(TEST[s][0], np.asarray(TEST[s][1])) for s in (0, 1)]
     after = [expected_calibration_error(apply_temperature(TEST[s][0], temps[s]),
                                         np.asarray(TEST[s][1])) for s in (0, 1)]
-    assert t.rows[0][9:] == [_cell(ece), _cell(after), _cell(temps)]
-    assert t.rows[1][9:] == t.rows[2][9:] == ["", "", ""]
-    assert len(t.bold) == 3 and all(len(b) == 11 for b in t.bold)
+    assert t.rows[0][13:] == [_cell(ece), _cell(after), _cell(temps)]
+    assert t.rows[1][13:] == t.rows[2][13:] == ["", "", ""]
+    assert len(t.bold) == 3 and all(len(b) == 15 for b in t.bold)
 
 
 def test_three_class_note_says_one_vs_rest_per_row(tmp_path):
@@ -132,12 +132,19 @@ EXPECTED_TWO_CLASS = (
 
 def test_two_class_table_html_unchanged(tmp_path):
     """Guard: a demo-like two-class dataset (two methods × two seeds, one old run) renders
-    the very HTML the table gave before per-class rows existed (captured from that code)."""
+    the very HTML the table gave before per-class rows existed (captured from that code),
+    once the PPV / NPV columns and the prevalence note added since are taken out."""
     rng = np.random.default_rng(11)
     runs = [_run(tmp_path, "plus-minus", lab, s, _random_split(rng, 40), _random_split(rng, 40))
             for lab in ("erm", "ppi") for s in (0, 1)]
     runs.append(_run(tmp_path, "plus-minus", "old", 0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert _table_html(clinical_table(tmp_path, {"runs": runs}, "plus-minus")) \
-            == EXPECTED_TWO_CLASS
+        t = clinical_table(tmp_path, {"runs": runs}, "plus-minus")
+    keep = [i for i, h in enumerate(t.header) if not h.startswith(("PPV", "NPV"))]
+    assert len(keep) == 11 and t.notes[0].startswith("test prevalence (PPV and NPV")
+    t.header = [t.header[i] for i in keep]
+    t.rows = [[r[i] for i in keep] for r in t.rows]
+    t.bold = [[b[i - 1] for i in keep[1:]] for b in t.bold]
+    t.notes = t.notes[1:]
+    assert _table_html(t) == EXPECTED_TWO_CLASS

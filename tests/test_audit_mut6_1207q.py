@@ -187,7 +187,9 @@ def test_clinical_values_refuse_val_and_test_of_different_class_counts(tmp_path)
     _csv(tmp_path / "predictions_val.csv", *_random_split(rng, 30, classes=3))
     _csv(tmp_path / "predictions_test.csv", pt, yt)
     values, notes = run_clinical_values(tmp_path)
-    assert values == {"n_classes": 2, "ece": pytest.approx(expected_calibration_error(pt, yt))}
+    assert values == {"n_classes": 2, "ece": pytest.approx(expected_calibration_error(pt, yt)),
+                      "test_counts": np.bincount(yt, minlength=2).tolist(),
+                      "classes": ["benign", "malignant"]}
     assert notes == ["predictions_val.csv has 3 classes, predictions_test.csv 2"]
 
 

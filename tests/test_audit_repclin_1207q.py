@@ -73,9 +73,11 @@ def _sens_brute(p1: np.ndarray, y: np.ndarray, target: float) -> float:
     return max(cands)[2]
 
 
-def _rates(p1: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
+def _rates(p1: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float, float, float]:
+    """Sensitivity, specificity, PPV, NPV of the calls p ≥ t."""
     called = p1 >= t
-    return (called & (y == 1)).sum() / (y == 1).sum(), (~called & (y == 0)).sum() / (y == 0).sum()
+    return ((called & (y == 1)).sum() / (y == 1).sum(), (~called & (y == 0)).sum() / (y == 0).sum(),
+            (called & (y == 1)).sum() / called.sum(), (~called & (y == 0)).sum() / (~called).sum())
 
 
 def test_values_match_evaluate_computed_independently(tmp_path):
@@ -96,8 +98,9 @@ def test_values_match_evaluate_computed_independently(tmp_path):
             classification_metrics(apply_temperature(pt, temp), yt)["ece"], temp]
     assert row[:2] == ["erm", "1"]
     assert row[2:] == [f"{v:.3f}" for v in want]
-    assert 0.01 < temp < 100 and float(row[9]) < float(row[8])  # over-confident: ECE falls
-    assert t.notes == []
+    assert 0.01 < temp < 100 and float(row[13]) < float(row[12])  # over-confident: ECE falls
+    assert t.notes == [f"test prevalence (PPV and NPV depend on it): malignant "
+                       f"{yt.sum()}/{len(yt)} = {yt.mean():.3f}"]
 
 
 def test_hand_written_seeds_give_mean_and_population_std(tmp_path):
@@ -111,7 +114,7 @@ def test_hand_written_seeds_give_mean_and_population_std(tmp_path):
     row = clinical_table(tmp_path, res, "d").rows[0]
     assert row[:5] == ["m", "2", "0.500 (0.100)", "0.750 (0.250)", "0.500 (0.000)"]
     # sensitivity ≥ 0.9 on val: both positives, so the same thresholds as Youden here
-    assert row[5:8] == row[2:5]
+    assert row[7:12] == row[2:7]
     notes = clinical_table(tmp_path, res, "d").notes
     assert any("search bound" in n and n.startswith("m seed 0") for n in notes)
 
@@ -125,9 +128,9 @@ def test_run_without_val_or_without_any_predictions_is_noted(tmp_path):
                     _run(tmp_path, "d", "old", 0)]}
     t = clinical_table(tmp_path, res, "d")
     noval, old = t.rows
-    assert noval[1] == "1" and noval[8] == f"{classification_metrics(pt, yt)['ece']:.3f}"
-    assert noval[2:8] == ["–"] * 6 and noval[9:] == ["–", "–"]
-    assert old == ["old", "0", *["–"] * 9]
+    assert noval[1] == "1" and noval[12] == f"{classification_metrics(pt, yt)['ece']:.3f}"
+    assert noval[2:12] == ["–"] * 10 and noval[13:] == ["–", "–"]
+    assert old == ["old", "0", *["–"] * 13]
     assert "noval seed 0: no predictions_val.csv: no threshold chosen, no temperature fitted" \
         in t.notes
     assert any(n.startswith("old seed 0: no predictions_test.csv") for n in t.notes)
@@ -145,7 +148,7 @@ def test_three_class_dataset_is_noted_and_keeps_calibration(tmp_path):
                                                                   "other")]
     temp = fit_temperature(pv, yv)
     after = classification_metrics(apply_temperature(pt, temp), yt)["ece"]
-    assert t.rows[0][9:] == [f"{classification_metrics(pt, yt)['ece']:.3f}", f"{after:.3f}",
+    assert t.rows[0][13:] == [f"{classification_metrics(pt, yt)['ece']:.3f}", f"{after:.3f}",
                              f"{temp:.3f}"]
     assert t.notes[0].startswith("3 classes: no positive class")
 
@@ -186,9 +189,11 @@ def test_run_values_guard_two_class_keys(tmp_path):
     _csv(d / "predictions_val.csv", *_random_split(rng, 30))
     _csv(d / "predictions_test.csv", *_random_split(rng, 30))
     values, notes = run_clinical_values(d)
-    assert set(values) == {"n_classes", "ece", "ece_after", "temperature",
+    assert set(values) == {"n_classes", "ece", "ece_after", "temperature", "test_counts",
+                           "classes",
                            *(f"{r}.{k}" for r in ("youden", "sensitivity=0.9")
-                             for k in ("threshold", "sensitivity", "specificity"))}
+                             for k in ("threshold", "sensitivity", "specificity", "ppv",
+                                       "npv"))}
     assert values["n_classes"] == 2 and notes == []
 
 
@@ -198,6 +203,6 @@ def test_val_with_one_class_notes_the_rule(tmp_path, labels):
     res = {"runs": [_run(tmp_path, "d", "m", 0, (_two([0.6, 0.7, 0.8, 0.9]), labels),
                          (_two([0.2, 0.7]), [0, 1]))]}
     t = clinical_table(tmp_path, res, "d")
-    assert t.rows[0][2:8] == ["–"] * 6 and t.rows[0][8] != "–"
+    assert t.rows[0][2:12] == ["–"] * 10 and t.rows[0][12] != "–"
     assert any("youden" in n and "both classes" in n for n in t.notes)
     assert any("temperature scaling" in n for n in t.notes)

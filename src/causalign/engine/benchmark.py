@@ -1052,8 +1052,13 @@ def _run_suite(suite: Suite, out: Path, extra: dict[str, Any] | None, progress: 
             _write_results(out, *shown(records), time.perf_counter() - t0, final=False)
     view, every = shown(records)
     results = _write_results(out, view, every, time.perf_counter() - t0, final=True)
+    from ..report.clinical import clinical_markdown
+
+    # the report's operating points, after the results tables: predictions CSVs only (no
+    # model run), so tables.md and the demo's summary.md carry them without --report
     tables = render_tables(view, every)
-    atomic_write_text(out / "tables.md", tables)
+    clinical = clinical_markdown(out, results)
+    atomic_write_text(out / "tables.md", f"{tables}\n{clinical}" if clinical else tables)
     if report:
         from ..report.html import write_report
 

@@ -653,20 +653,12 @@ def _clinical_section(out: Path, results: dict, datasets: list[str],
                       handled: BaseException | None) -> list[str]:
     """"Operating points and calibration": per dataset, `report.clinical.clinical_table`
     (from the predictions CSVs only, every dataset: no model runs, ~0.1 s a run)."""
-    from .clinical import clinical_table
+    from .clinical import CLINICAL_CAPTION, CLINICAL_TITLE, caption_html, clinical_table
 
     if not datasets:
         return []
-    parts = ["<h2>Operating points and calibration</h2><p>Per method (default setting): the "
-             "threshold on the positive class's (class 1's) probability chosen on the val "
-             "split by Youden's J and by sensitivity ≥ 0.9, the test sensitivity and "
-             "specificity at it, and the test ECE (15 bins) before and after temperature "
-             "scaling fitted on val, with its T; from predictions_val.csv and "
-             "predictions_test.csv, as <code>causalign evaluate --operating-point RULE "
-             "--calibrate temperature</code> gives them; for more than two classes, one row per "
-             "class, that class against the rest (<code>--positive CLASS</code>). Mean "
-             "(std, ddof 0) over seeds where "
-             "a method has several; seeds: the runs counted.</p>"]
+    # the caption tables.md carries too (report.clinical.clinical_markdown)
+    parts = [f"<h2>{CLINICAL_TITLE}</h2><p>{caption_html(CLINICAL_CAPTION)}</p>"]
     for d in datasets:
         try:
             t = clinical_table(out, results, d)

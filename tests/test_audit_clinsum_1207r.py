@@ -1,0 +1,170 @@
+"""The clinical table ("Operating points and calibration") gives test PPV and NPV at each
+rule's threshold with the test prevalence they depend on, and reaches tables.md (so the
+demo's summary.md) as markdown beside report.html; checked against `causalign evaluate
+--operating-point RULE [--positive C]` on real runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_audit_repclin_1207q import _random_split, _run
+from test_multiclass import BUSI, _write_three_class
+
+from causalign.cli import main
+from causalign.engine import benchmark as bm
+from causalign.engine.trainer import TrainConfig, train
+from causalign.report import clinical
+from causalign.report.clinical import clinical_table
+from causalign.report.html import _clinical_section
+
+RULES = ("youden", "sensitivity=0.9")
+SUITE = {
+    "name": "clinsum",
+    "defaults": {"epochs": 1, "width": 4, "batch_size": 16, "device": "cpu"},
+    "datasets": {"pm": {"synth": {"n_train": 32, "n_val": 16, "n_test": 16, "size": 32,
+                                  "seed": 1}}},
+    "experiments": {"t": {"title": "Tiny", "datasets": ["pm"], "seeds": [0, 1],
+                          "methods": ["erm"], "metrics": ["test.accuracy"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny two-class benchmark: ERM, seeds 0 and 1, one epoch, no report (~5 s)."""
+    tmp = tmp_path_factory.mktemp("clinsum")
+    (tmp / "s.yaml").write_text(yaml.safe_dump(SUITE))
+    out = tmp / "bench"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = bm.run_suite(bm.load_suite(tmp / "s.yaml"), out, progress=False,
+                               report=False, log=lambda s: None)
+    return out, results
+
+
+def _evaluate(run: Path, rule: str, tmp: Path, positive: str | None = None) -> dict:
+    """`causalign evaluate RUN --operating-point RULE [--positive C]`'s operating point."""
+    js = tmp / f"{run.name}_{re.sub(r'[^a-z0-9]', '_', rule)}_{positive}.json"
+    args = ["evaluate", str(run), "--operating-point", rule, "--out", str(js),
+            "--no-progress", "--device", "cpu"]
+    assert main(args + (["--positive", positive] if positive else [])) in (0, None)
+    return json.loads(js.read_text())["operating_point"]
+
+
+def _cell(values: list[float]) -> str:
+    """The table's mean (std, ddof 0) cell, the value alone for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ({np.std(values):.3f})"
+
+
+def test_two_class_ppv_npv_equal_evaluate_per_seed(bench, tmp_path):
+    """Each rule's PPV and NPV cells are the mean (std) over seeds 0 and 1 of the ppv / npv
+    `causalign evaluate RUN --operating-point RULE` writes for each seed's run (sens./spec.
+    too, as before); the test prevalence of class 1 is given in the notes."""
+    out, results = bench
+    t = clinical_table(out, results, "pm")
+    assert t.header[2:12] == ["Youden: threshold (val)", "sens. (test)", "spec. (test)",
+                              "PPV (test)", "NPV (test)", "sens.=0.9: threshold (val)",
+                              "sens. (test)", "spec. (test)", "PPV (test)", "NPV (test)"]
+    row = t.rows[0]
+    assert row[:2] == ["erm", "2"]
+    for i, rule in enumerate(RULES):
+        ops = [_evaluate(out / f"runs/pm/erm/seed{s}", rule, tmp_path) for s in (0, 1)]
+        want = [_cell([op[k] for op in ops])
+                for k in ("threshold", "sensitivity", "specificity", "ppv", "npv")]
+        assert row[2 + 5 * i:7 + 5 * i] == want, rule
+    n_pos = ops[0]["tp"] + ops[0]["fn"]
+    n = n_pos + ops[0]["tn"] + ops[0]["fp"]
+    assert f"test prevalence (PPV and NPV depend on it): malignant {n_pos}/{n} = " \
+           f"{n_pos / n:.3f}" in t.notes
+
+
+def test_tables_md_carries_the_table_with_the_report_numbers(bench):
+    """tables.md holds the section after the results table, every cell and note of the
+    report.html section (the same clinical_table), and the markdown equals a rebuild."""
+    out, results = bench
+    tables = (out / "tables.md").read_text(encoding="utf-8")
+    assert tables.index("### Tiny") < tables.index("## Operating points and calibration")
+    assert tables.endswith(clinical.clinical_markdown(out, results))
+    html = "".join(_clinical_section(out, results, ["pm"], None))
+    t = clinical_table(out, results, "pm")
+    assert "| " + " | ".join(t.rows[0]) + " |" in tables
+    cells = re.findall(r"<td>([^<]*)</td>", html)
+    assert cells == t.rows[0][1:]
+    assert "PPV and NPV depend on the test split's prevalence" in tables
+    assert "- test prevalence (PPV and NPV depend on it): malignant" in tables
+
+
+@pytest.fixture(scope="module")
+def bench3(tmp_path_factory):
+    """A benchmark folder with one real 1-epoch ERM run on the 3-class BUSI-like dataset."""
+    tmp = tmp_path_factory.mktemp("clinsum3")
+    data = _write_three_class(tmp / "data")
+    out = tmp / "bench"
+    run_dir = "runs/busi/erm/seed0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(data, TrainConfig(method="erm", epochs=1, width=4, batch_size=8,
+                                deletion_fractions=[0.1]), out / run_dir, progress=False)
+    results = {"runs": [{"key": "busi/erm/seed0", "dataset": "busi", "method": "erm",
+                         "label": "erm", "setting": "default", "seed": 0, "run_dir": run_dir,
+                         "status": "done", "metrics": {}}]}
+    return out, results
+
+
+def test_three_class_ppv_npv_equal_evaluate_positive(bench3, tmp_path):
+    """For 3 classes each class's row gives the ppv / npv of `evaluate --operating-point
+    RULE --positive C` (one-vs-rest), and the prevalence of every class is noted."""
+    out, results = bench3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = clinical_table(out, results, "busi")
+    assert [r[1] for r in t.rows] == BUSI
+    for c, name in enumerate(BUSI):
+        for i, rule in enumerate(RULES):
+            op = _evaluate(out / "runs/busi/erm/seed0", rule, tmp_path, name)
+            want = [_cell([op[k]]) if op[k] is not None else "–"
+                    for k in ("threshold", "sensitivity", "specificity", "ppv", "npv")]
+            assert t.rows[c][3 + 5 * i:8 + 5 * i] == want, (name, rule)
+    assert t.notes[1] == ("test prevalence (PPV and NPV depend on it): normal 3/9 = 0.333, "
+                          "benign 3/9 = 0.333, malignant 3/9 = 0.333")
+
+
+def test_tables_md_of_runs_without_predictions_says_why(tmp_path):
+    """A run older than the predictions files: tables.md's section notes it (as report.html
+    does), with no crash and no prevalence; a run with CSVs beside it still gets its row."""
+    rng = np.random.default_rng(7)
+    runs = [_run(tmp_path, "d", "old", 0),
+            _run(tmp_path, "d", "new", 0, _random_split(rng, 40), _random_split(rng, 40))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = clinical.clinical_markdown(tmp_path, {"runs": runs})
+    assert md.startswith("## Operating points and calibration\n")
+    assert "| old | 0 | " + " | ".join(["–"] * 13) + " |" in md
+    assert "- old seed 0: no predictions_test.csv (a run older than the predictions files)" \
+        in md
+    old_only = clinical.clinical_markdown(tmp_path, {"runs": runs[:1]})
+    assert "no predictions_test.csv" in old_only and "prevalence (PPV" not in \
+        old_only.split("### d")[1]
+    assert clinical.clinical_markdown(tmp_path, {"runs": []}) == ""
+
+
+def test_prevalence_of_runs_on_different_test_splits_is_their_spread(tmp_path):
+    """Two seeds whose test splits differ (1/4 and 3/4 positives): the note gives the mean
+    (std) of the share, not one run's count."""
+    two = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6]])
+    val = (two, [0, 1, 0, 1])
+    runs = [_run(tmp_path, "d", "m", 0, val, (two, [0, 0, 0, 1])),
+            _run(tmp_path, "d", "m", 1, val, (two, [0, 1, 1, 1]))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = clinical_table(tmp_path, {"runs": runs}, "d")
+    assert t.notes[0] == ("test prevalence (PPV and NPV depend on it): malignant "
+                          "0.500 (0.250) over the runs' test splits")
+
