@@ -168,3 +168,19 @@ def test_prevalence_of_runs_on_different_test_splits_is_their_spread(tmp_path):
     assert t.notes[0] == ("test prevalence (PPV and NPV depend on it): malignant "
                           "0.500 (0.250) over the runs' test splits")
 
+
+def test_a_run_shared_by_two_experiments_keeps_its_first_label(tmp_path):
+    """A run that experiment A calls "erm" and B "baseline": its record's label is the last
+    selection's ("baseline" after `benchmark --only B`), so the table's row was renamed by a
+    rerun that trained nothing (tables.md changed; test_benchmark_subset caught it). The row
+    now takes the first experiment's default role: "erm" either way."""
+    rng = np.random.default_rng(9)
+    r = _run(tmp_path, "d", "baseline", 0, _random_split(rng, 30), _random_split(rng, 30))
+    r.update(experiments=["A", "B"], roles={"A": [["erm", "default"]],
+                                            "B": [["baseline", "default"]]})
+    other = {**r, "key": "d/x/seed0", "label": "x", "setting": "default",
+             "roles": {"A": [["x", "lam=5"]]}, "experiments": ["A"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = clinical_table(tmp_path, {"runs": [r, other]}, "d")
+    assert [row[0] for row in t.rows] == ["erm"]  # x: no default role, no row

@@ -132,9 +132,9 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
 
     runs: dict[str, list[dict]] = {}
     for r in results["runs"]:
-        if (r.get("status") == "done" and r.get("dataset") == dataset
-                and r.get("setting", "default") == "default"):
-            runs.setdefault(str(r["label"]), []).append(r)
+        label = _default_label(r)
+        if r.get("status") == "done" and r.get("dataset") == dataset and label is not None:
+            runs.setdefault(label, []).append(r)
     if not runs:
         return None
     points = [f"{rule}.{k}" for rule in CLINICAL_POINTS for k in ("threshold", *CLINICAL_RATES)]
@@ -191,6 +191,22 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
         # before the runs' notes, after the class note: the caption a PPV is read against
         notes.insert(1 if classes - {2} else 0, prevalence)
     return Table(dataset, header, rows, [[False] * (len(header) - 1) for _ in rows], notes)
+
+
+def _default_label(r: dict) -> str | None:
+    """The method label of a run's row, None if the run is no experiment's default setting:
+    its first experiment's default role (``roles``), so a run two experiments share under two
+    labels keeps one row name — its record's own ``label`` is the last selection's, and the
+    row was "erm" after the whole suite, "baseline" after `--only B`; results without roles
+    (older versions): the record's label and setting."""
+    roles = r.get("roles")
+    if not roles:
+        return str(r["label"]) if r.get("setting", "default") == "default" else None
+    for e in r.get("experiments") or list(roles):
+        for lab, setting in roles.get(e, []):
+            if setting == "default":
+                return str(lab)
+    return None
 
 
 def _prevalence_note(per_run: list[dict[str, Any]]) -> str | None:
