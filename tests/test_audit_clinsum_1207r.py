@@ -12,26 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_multiclass
 import yaml
 from test_audit_repclin_1207q import _random_split, _run
-from test_multiclass import BUSI, _write_three_class
+from test_audit_review3_1206 import _SUITE as SUITE  # ERM, seeds 0 and 1, 1 epoch
+from test_multiclass import BUSI
 
 from causalign.cli import main
 from causalign.engine import benchmark as bm
-from causalign.engine.trainer import TrainConfig, train
 from causalign.report import clinical
 from causalign.report.clinical import clinical_table
 from causalign.report.html import _clinical_section
 
 RULES = ("youden", "sensitivity=0.9")
-SUITE = {
-    "name": "clinsum",
-    "defaults": {"epochs": 1, "width": 4, "batch_size": 16, "device": "cpu"},
-    "datasets": {"pm": {"synth": {"n_train": 32, "n_val": 16, "n_test": 16, "size": 32,
-                                  "seed": 1}}},
-    "experiments": {"t": {"title": "Tiny", "datasets": ["pm"], "seeds": [0, 1],
-                          "methods": ["erm"], "metrics": ["test.accuracy"]}},
-}
+# a benchmark folder with one real 1-epoch ERM run on a 3-class (BUSI-like) dataset
+three_class_bench = test_multiclass.three_class_bench
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +85,7 @@ def test_tables_md_carries_the_table_with_the_report_numbers(bench):
     report.html section (the same clinical_table), and the markdown equals a rebuild."""
     out, results = bench
     tables = (out / "tables.md").read_text(encoding="utf-8")
-    assert tables.index("### Tiny") < tables.index("## Operating points and calibration")
+    assert tables.index("### T\n") < tables.index("## Operating points and calibration")
     assert tables.endswith(clinical.clinical_markdown(out, results))
     html = "".join(_clinical_section(out, results, ["pm"], None))
     t = clinical_table(out, results, "pm")
@@ -101,27 +96,10 @@ def test_tables_md_carries_the_table_with_the_report_numbers(bench):
     assert "- test prevalence (PPV and NPV depend on it): malignant" in tables
 
 
-@pytest.fixture(scope="module")
-def bench3(tmp_path_factory):
-    """A benchmark folder with one real 1-epoch ERM run on the 3-class BUSI-like dataset."""
-    tmp = tmp_path_factory.mktemp("clinsum3")
-    data = _write_three_class(tmp / "data")
-    out = tmp / "bench"
-    run_dir = "runs/busi/erm/seed0"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(data, TrainConfig(method="erm", epochs=1, width=4, batch_size=8,
-                                deletion_fractions=[0.1]), out / run_dir, progress=False)
-    results = {"runs": [{"key": "busi/erm/seed0", "dataset": "busi", "method": "erm",
-                         "label": "erm", "setting": "default", "seed": 0, "run_dir": run_dir,
-                         "status": "done", "metrics": {}}]}
-    return out, results
-
-
-def test_three_class_ppv_npv_equal_evaluate_positive(bench3, tmp_path):
+def test_three_class_ppv_npv_equal_evaluate_positive(three_class_bench, tmp_path):
     """For 3 classes each class's row gives the ppv / npv of `evaluate --operating-point
     RULE --positive C` (one-vs-rest), and the prevalence of every class is noted."""
-    out, results = bench3
+    out, results = three_class_bench  # a real 1-epoch ERM run, 3 classes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = clinical_table(out, results, "busi")

@@ -4,7 +4,9 @@ Runs the ``demo`` benchmark suite (causalign/suites/demo.yaml: ERM, oracle, RRR,
 causal-align, hier-align and PPI, one seed) through the benchmark runner — the benchmark is
 synthesised if missing, finished runs are collected, interrupted ones resume — and ends with
 OUT/report.html (tables, CAM overlays, counterfactuals, training and deletion curves),
-OUT/tables.md and OUT/summary.md.
+OUT/tables.md and OUT/summary.md (tables.md's results tables and operating points and
+calibration table — thresholds, sensitivity, specificity, PPV, NPV, ECE — and where things
+are).
 """
 
 from __future__ import annotations
