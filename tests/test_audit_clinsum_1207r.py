@@ -162,3 +162,22 @@ def test_a_run_shared_by_two_experiments_keeps_its_first_label(tmp_path):
         warnings.simplefilter("ignore")
         t = clinical_table(tmp_path, {"runs": [r, other]}, "d")
     assert [row[0] for row in t.rows] == ["erm"]  # x: no default role, no row
+
+
+def test_demo_summary_carries_the_table(tmp_path, monkeypatch):
+    """`causalign demo` prints and saves summary.md from tables.md: it now holds the
+    operating points table (the demo suite swapped for the tiny one, one seed, 1 epoch)."""
+    from causalign import demo
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(SUITE))
+    monkeypatch.setattr(demo, "load_suite", lambda name: bm.load_suite(tmp_path / "s.yaml"))
+    # the page's figures run models (~1 min): not what is tested here
+    monkeypatch.setattr("causalign.report.html.write_report",
+                        lambda *a, **k: tmp_path / "report.html")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = demo.run_demo(tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "summary.md").read_text(encoding="utf-8") == summary
+    section = summary[summary.index("## Operating points and calibration"):]
+    assert "| erm | 1 | " in section and "PPV (test) | NPV (test)" in section
+    assert "- test prevalence (PPV and NPV depend on it): malignant" in section
