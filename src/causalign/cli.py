@@ -1235,8 +1235,16 @@ def counterfactual(
                f"{summary['n_out_of_range']}")
     by = summary.get("by_transition") or {}
     if len(by) > 1:  # one overall rate hides a prediction→target pair the search cannot reach
+        from .report.figures import class_name
+
+        def pair(key: str) -> str:
+            # the summary's keys are class indices; the line names them as the figures do
+            # (BUSI's "normal→benign", not "0→1"), the index where no name is known
+            return "→".join(class_name(ds, int(k)) if k.isdigit() else k
+                            for k in key.split("→"))
+
         typer.echo("flip rate by prediction→target: " + ", ".join(
-            f"{k} {_f(v['flip_rate'])} (n {v['n']})"
+            f"{pair(k)} {_f(v['flip_rate'])} (n {v['n']})"
             for k, v in sorted(by.items(), key=lambda kv: kv[1]["flip_rate"])[:8]))
     rates = summary.get("attribute_change_rate")
     if rates:  # hierarchical run: which predicted attributes the counterfactuals changed

@@ -1,0 +1,48 @@
+"""Review of a trained three-class (BUSI-like) run end to end: what a user reads after
+`causalign benchmark`, `evaluate`, `compare`, `predict`, `explain` and `counterfactual`."""
+
+from __future__ import annotations
+
+import pytest
+from test_multiclass import BUSI, _write_three_class
+
+from causalign.cli import main
+from causalign.engine.trainer import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    """A real 1-epoch ERM run on a 3-class dataset named normal / benign / malignant."""
+    tmp = tmp_path_factory.mktemp("rep3cls")
+    data = _write_three_class(tmp / "data")
+    run = tmp / "run3"
+    train(data, TrainConfig(method="erm", epochs=1, width=4, batch_size=8), run,
+          progress=False)
+    return data, run
+
+
+def test_counterfactual_pairs_line_names_the_classes(run3, tmp_path, capsys, monkeypatch):
+    """`counterfactual` on a 3-class BUSI-format run printed "flip rate by
+    prediction→target: 0→1 1.000 (n 12), 1→0 1.000 (n 3), 1→2 …" — class indices where
+    the dataset names its classes; the line now reads "normal→benign"; summary.json keeps its
+    documented index keys. (A 1-epoch run predicts one class: the searched pairs are
+    widened to three, as tests/test_counterfactual.py does.)"""
+    from causalign.explain import counterfactual_export as export
+
+    real = export.export_counterfactuals
+
+    def three_pairs(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        summary["by_transition"] = {k: {"n": 1, "flip_rate": r}
+                                    for k, r in (("0→1", 1.0), ("2→1", 0.5), ("1→2", 0.0))}
+        return summary
+
+    monkeypatch.setattr(export, "export_counterfactuals", three_pairs)
+    _, run = run3
+    assert main(["counterfactual", str(run), "--out", str(tmp_path / "cf"), "--limit", "2",
+                 "--steps", "2"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines()
+                if ln.startswith("flip rate by prediction→target: "))
+    assert line == ("flip rate by prediction→target: benign→malignant 0.000 (n 1), "
+                    "malignant→benign 0.500 (n 1), normal→benign 1.000 (n 1)"), line
+    assert BUSI == ["normal", "benign", "malignant"]
