@@ -46,3 +46,33 @@ def test_counterfactual_pairs_line_names_the_classes(run3, tmp_path, capsys, mon
     assert line == ("flip rate by prediction→target: benign→malignant 0.000 (n 1), "
                     "malignant→benign 0.500 (n 1), normal→benign 1.000 (n 1)"), line
     assert BUSI == ["normal", "benign", "malignant"]
+
+
+def _record(dataset: str, method: str, auc: float, n_classes: int) -> dict:
+    """One finished run's results.json entry as `causalign benchmark` stores it."""
+    return {"key": f"{dataset}/{method}/seed0", "dataset": dataset, "method": method,
+            "label": method, "setting": "default", "seed": 0, "experiments": ["t"],
+            "status": "done",
+            "metrics": {"test": {"auc": auc, "accuracy": 0.5,
+                                 "recall_per_class": [0.5] * n_classes}}}
+
+
+def test_results_table_says_three_class_auc_is_the_macro_one_vs_rest():
+    """A BUSI-format 3-class suite's results table showed "AUC 0.899 (0.009)" beside a ROC
+    figure whose legend gives one AUC per class (0.967, 0.702, 1.000): nothing said the
+    table's AUC is their macro average (metrics.json's); a note now says so, naming the
+    datasets, and a two-class table has no such note."""
+    from causalign.engine.benchmark import Experiment, MethodSpec, experiment_table
+
+    exp = Experiment("t", "t", ["busi", "pm"], [MethodSpec("erm", "erm")], [0],
+                     {"default": {}}, "dataset", ["test.auc", "test.accuracy"])
+    t = experiment_table(exp, [_record("busi", "erm", 0.899, 3), _record("pm", "erm", 0.8, 2)])
+    notes = [n for n in t.notes if "macro" in n]
+    assert notes == ["AUC on busi (more than two classes): the macro average of each "
+                     "class's one-vs-rest AUC (metrics.json's auc)"], t.notes
+    two = experiment_table(exp, [_record("pm", "erm", 0.8, 2)])
+    assert not [n for n in two.notes if "macro" in n], two.notes  # guard: two classes
+    no_auc = Experiment("t", "t", ["busi"], [MethodSpec("erm", "erm")], [0],
+                        {"default": {}}, "method", ["test.accuracy"])
+    assert not [n for n in experiment_table(no_auc, [_record("busi", "erm", 0.9, 3)]).notes
+                if "macro" in n]  # no AUC column, no note

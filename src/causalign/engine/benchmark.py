@@ -1335,6 +1335,14 @@ def experiment_table(e: Experiment, records: list[dict]) -> Table:
     notes = []
     if lacking:
         notes.append(f"† over fewer seeds, without {'; '.join(lacking)}")
+    # a 3-class (BUSI) table's AUC sat beside a ROC legend of one AUC per class with
+    # nothing saying it is their macro average
+    multi = sorted({str(r["dataset"]) for r in mine if r["status"] == "done"
+                    and any(len(((r.get("metrics") or {}).get(sp) or {}).get("recall_per_class")
+                                or []) > 2 for sp in ("val", "test"))})
+    if multi and any(m.rsplit(".", 1)[-1] == "auc" for m in e.metrics):
+        notes.append(f"AUC on {', '.join(multi)} (more than two classes): the macro average "
+                     f"of each class's one-vs-rest AUC (metrics.json's auc)")
     once = list({r["key"]: r for r in mine}.values())  # a run under two labels: noted once
     missing = [r for r in once if r["status"] != "done"]
     for r in missing:
