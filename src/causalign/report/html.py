@@ -626,7 +626,10 @@ def write_report(out: str | Path, progress: bool = False, cross_site: Path | Non
         parts.append("<h2>Deletion curves</h2><p>Faithfulness: mean drop of the predicted "
                      f"class's probability after zeroing the top-k "
                      f"{html.escape(_deletion_saliency(results))} pixels (higher = the "
-                     "saliency points at what the model uses).</p>" + _img(p, "deletion"))
+                     "saliency points at what the model uses); test split, default setting, "
+                     # the figures beside it show the lowest seed: this one is averaged
+                     "mean over the test images, then the seeds (metrics.json's "
+                     "deletion).</p>" + _img(p, "deletion"))
         shown.add(p.name)
     cs = Path(cross_site) if cross_site is not None else out / "cross_site.json"
     p = figs / "cross_site.png"
