@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from test_multiclass import BUSI, _write_three_class
+import test_audit_mcop_1207q
+from test_multiclass import BUSI
 
 from causalign.cli import main
-from causalign.engine.trainer import TrainConfig, train
 
-
-@pytest.fixture(scope="module")
-def run3(tmp_path_factory):
-    """A real 1-epoch ERM run on a 3-class dataset named normal / benign / malignant."""
-    tmp = tmp_path_factory.mktemp("rep3cls")
-    data = _write_three_class(tmp / "data")
-    run = tmp / "run3"
-    train(data, TrainConfig(method="erm", epochs=1, width=4, batch_size=8), run,
-          progress=False)
-    return data, run
+# the 1-epoch ERM run on a 3-class (normal / benign / malignant) dataset, trained once
+run3 = test_audit_mcop_1207q.run3
 
 
 def test_counterfactual_pairs_line_names_the_classes(run3, tmp_path, capsys, monkeypatch):
