@@ -150,4 +150,6 @@ def test_three_classes_keep_the_lowest_seeds_one_vs_rest_curves(tmp_path, monkey
         np.testing.assert_allclose(curves[label][0], preds[label][0][0], atol=1e-6)
         np.testing.assert_array_equal(curves[label][1], preds[label][0][1])
     assert kw["class_names"]["erm"] == ["benign", "malignant", "other"]
+    # the title names the seed drawn (a reader saw "d: test split" beside a seeds table)
+    assert kw["title"] == "d: test split, each method's lowest seed"
     assert (tmp_path / "roc.png").stat().st_size > 5000

@@ -41,8 +41,9 @@ CLINICAL_RATES = ("sensitivity", "specificity", "ppv", "npv")
 # the section's caption, markdown (backticks: code); report.html converts it (`caption_html`)
 CLINICAL_TITLE = "Operating points and calibration"
 CLINICAL_CAPTION = (
-    "Per method (default setting): the threshold on the positive class's (class 1's) "
-    "probability chosen on the val split by Youden's J and by sensitivity ≥ 0.9, the test "
+    "Per method (default setting): the threshold on the positive class's probability "
+    "(class 1's of two; for more, each class's in turn, see below) chosen on the val split "
+    "by Youden's J and by sensitivity ≥ 0.9, the test "
     "sensitivity, specificity, PPV and NPV at it (PPV and NPV depend on the test split's "
     "prevalence, given under each table), and the test ECE (15 bins) before and after "
     "temperature scaling fitted on val, with its T; from predictions_val.csv and "

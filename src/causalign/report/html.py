@@ -319,8 +319,9 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
         return False
     if any(pred.probs.shape[1] != 2 for preds in seeds.values() for pred in preds):
         curves = {label: preds[0] for label, preds in seeds.items()}  # the lowest seed
+        # the title says whose curves these are: the table beside it gives every seed
         roc_figure({k: (v.probs, v.labels) for k, v in curves.items()}, path,
-                   title=f"{dataset}: test split",
+                   title=f"{dataset}: test split, each method's lowest seed",
                    class_names={k: v.classes for k, v in curves.items()})
         return True
     drawn = roc_seeds_figure({k: [(v.probs, v.labels) for v in preds]
