@@ -51,3 +51,23 @@ def test_positive_hint_for_a_near_miss_only():
         positive_class("cancer", classes)
     assert "did you mean" not in str(e.value)
     assert positive_class("malignant", classes) == 2  # exact names only
+
+
+@pytest.mark.parametrize("given", ["abnormal", "nonmalignant", "Abnormal"])
+def test_positive_hint_skips_a_prefixed_class_name(given):
+    """A class name after extra leading letters is another word whose prefix may negate it:
+    'abnormal' was told "did you mean 'normal'?" (the opposite class; difflib ratio 0.86);
+    now no hint, the classes still listed."""
+    classes = ["normal", "benign", "malignant"]
+    with pytest.raises(InputError) as e:
+        positive_class(given, classes)
+    assert "did you mean" not in str(e.value)
+    assert "normal" in str(e.value) and "malignant" in str(e.value)
+
+
+def test_positive_hint_keeps_one_letter_slips_at_the_start():
+    """Guard: a single stray leading letter or a trailing one is still a typo with a hint."""
+    classes = ["normal", "benign", "malignant"]
+    for given in ("xmalignant", "malignantt", "benin"):
+        with pytest.raises(InputError, match="did you mean"):
+            positive_class(given, classes)

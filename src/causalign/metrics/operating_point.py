@@ -105,8 +105,13 @@ def _did_you_mean(given: str, classes: Sequence[str]) -> str:
     import difflib
 
     names = [str(c) for c in classes]
-    same = [c for c in names if c.lower() == given.strip().lower()]
-    close = same or difflib.get_close_matches(given.strip(), names, n=1, cutoff=0.75)
+    typed = given.strip()
+    same = [c for c in names if c.lower() == typed.lower()]
+    # a class name after two or more extra leading letters is a prefixed word, not a typo,
+    # and a prefix may negate it: 'abnormal' got "did you mean 'normal'?", the other class
+    close = same or [c for c in difflib.get_close_matches(typed, names, n=1, cutoff=0.75)
+                     if not (typed.lower().endswith(c.lower())
+                             and len(typed) - len(c) >= 2)]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
