@@ -2016,7 +2016,8 @@ def curves(
         help="figure file (default: RUN/curves.png for one run; needed for several)")] = None,
 ) -> None:
     """Per-epoch training curves of one or more runs side by side: training loss, validation
-    AUC, accuracy and, for the alignment methods, the alignment term."""
+    AUC, accuracy and each method's guidance terms (causal-align's alignment term, RRR's,
+    PPI's…; `Method.guidance_terms`) where a run logged them."""
     from .engine.trainer import _stored_history
     from .report.figures import training_curves
 

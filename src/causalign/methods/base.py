@@ -106,6 +106,10 @@ class Method:
     # device and threads): never a difference on --resume or when a benchmark collects a run
     # (`params_diff`), so a run that ran out of GPU memory can go on with them changed.
     placement_params: tuple[str, ...] = ()
+    # The history.csv columns (without "train_") of the terms that guide the model towards
+    # the expert evidence, as `loss` logs them in `LossOutput.parts`: the training curves
+    # draw them in their fourth panel. Not the classification loss, counts or step flags.
+    guidance_terms: tuple[str, ...] = ()
     # Per-class weights of the classification cross-entropy (`ce`), set by the trainer from
     # the `class_weight` setting (`set_class_weight`); None: the plain, unweighted mean.
     class_weight: Tensor | None = None

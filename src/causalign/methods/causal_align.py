@@ -567,6 +567,7 @@ class CausalAlign(Method):
 
     Params = CausalAlignTrainingParams
     uses_annotations = True
+    guidance_terms = ("align",)
     subset_means = True  # L_align: a mean over the aligned samples (LossOutput.means)
     # runs stored before gn_switch existed tried CG on every step; before damping_max a
     # step whose CG met negative curvature dropped those samples at δ = damping (a cap of

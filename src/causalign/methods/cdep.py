@@ -210,6 +210,7 @@ class CDEPParams:
 class CDEP(Method):
     Params = CDEPParams
     uses_annotations = True
+    guidance_terms = ("cdep",)
     subset_means = True  # the penalty averages the annotated samples (LossOutput.means)
     not_plain_reason = ("runs contextual decomposition over the model's layers one by one "
                         "(not the model's forward)")

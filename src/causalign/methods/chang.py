@@ -125,6 +125,7 @@ def not_class_loss(logits: Tensor, y: Tensor) -> Tensor:
 class Chang(Method):
     Params = ChangParams
     uses_annotations = True
+    guidance_terms = ("cf", "factual")
     plain_forward = True  # forward passes only; backward() makes every gradient
     subset_means = True  # both terms average the annotated samples (LossOutput.means)
 

@@ -246,6 +246,7 @@ class HierAlign(Method):
     Params = HierAlignParams
     # Masks/boxes are optional: without any, only the attribute level (Eq. 6) aligns.
     uses_annotations = False
+    guidance_terms = ("img_align", "attr_align")
     subset_means = True  # BCE over known attributes, both alignment terms (see loss)
     # as causal-align's; before negative_curvature both levels raised δ (up to 10; runs from
     # before 2026-12-05 01:15 dropped the samples instead, which no setting reproduces)

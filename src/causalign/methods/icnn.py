@@ -41,6 +41,7 @@ class ICNNParams:
 @register_method("icnn")
 class ICNNMethod(Method):
     Params = ICNNParams
+    guidance_terms = ("filter",)  # −MI of the filters and their class templates (≤ 0)
     not_plain_reason = ("reads the maps its interpretable layer records during the forward "
                         "(module state a compiled or autocast forward does not keep as-is)")
 

@@ -280,6 +280,8 @@ class PPI(Method):
     """L_cls + L_con + L_reg + L_ad with differentiable saliency (see module doc)."""
 
     Params = PPIParams
+    # L_cls (train_cls) is the classification loss, drawn as train_loss like others' CE
+    guidance_terms = ("con", "ad", "reg")
     # L_reg, L_con, L_ad average subsets of the batch (fraction, masked/contrasted rows):
     # data-parallel training weights them by the global batch's counts (LossOutput.means)
     subset_means = True

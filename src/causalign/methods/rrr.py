@@ -103,6 +103,7 @@ def right_reasons(grad: Tensor, irrelevant: Tensor) -> Tensor:
 class RRR(Method):
     Params = RRRParams
     uses_annotations = True
+    guidance_terms = ("rrr",)
     subset_means = True  # the penalty averages the annotated samples (LossOutput.means)
 
     def setup(self, train_set: LesionDataset, model: nn.Module) -> None:

@@ -381,6 +381,18 @@ def _alignment_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             and not k.endswith(("_n_align", "align_step"))]
 
 
+def _guidance_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The guidance-term columns of a history, in its order: every registered method's
+    `Method.guidance_terms` (RRR's ``train_rrr``, PPI's ``train_con``…) and the alignment
+    columns. A history carries no method name; no two methods log a term of the same name."""
+    from ..methods.base import method_class, method_names
+
+    terms = {f"train_{t}" for m in method_names() for t in method_class(m).guidance_terms}
+    aligned = set(_alignment_columns(rows))
+    keys = rows[0].keys() if rows else ()
+    return [k for k in keys if k in terms or k in aligned]
+
+
 _ALIGN_STYLES = ("-", "--", ":", "-.")  # the alignment columns' line styles and markers
 _ALIGN_MARKERS = ("o", "s", "^", "D")
 
@@ -388,14 +400,18 @@ _ALIGN_MARKERS = ("o", "s", "^", "D")
 def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                     title: str = "") -> None:
     """Per-epoch curves of one or more runs' history.csv rows (label → rows): training loss,
-    validation AUC, training (dashed) and validation accuracy, and the alignment term where
-    a run has one. The best epoch is what the run keeps; the curves show how it got there."""
+    validation AUC, training (dashed) and validation accuracy, and the guidance terms
+    (`Method.guidance_terms`: causal-align's alignment term, RRR's, PPI's…) where a run has
+    them. The best epoch is what the run keeps; the curves show how it got there."""
     if not histories or not any(histories.values()):
         raise InputError("training_curves: no history rows to draw")
     from matplotlib.ticker import MaxNLocator
 
-    aligned = {label: _alignment_columns(rows) for label, rows in histories.items()}
+    aligned = {label: _guidance_columns(rows) for label, rows in histories.items()}
     panels = ["loss", "auc", "accuracy"] + (["align"] if any(aligned.values()) else [])
+    # only causal-align / hier-align terms: their panel as before; else each line is named
+    only_align = all(_alignment_columns(rows) == aligned[label]
+                     for label, rows in histories.items())
     with _figure(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False
                  ) as (fig, axes):
         colours = {label: f"C{i % 10}" for i, label in enumerate(histories)}
@@ -426,8 +442,19 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                     for k, style, marker in zip(aligned[label], _ALIGN_STYLES, _ALIGN_MARKERS,
                                                 strict=False):
                         ax.plot(epochs, [_number(r.get(k)) for r in rows], linestyle=style,
-                                **{**kw, "marker": marker if kw["marker"] else None})
-            if panel == "align" and max(len(c) for c in aligned.values()) > 1:
+                                **{**kw, "marker": marker if kw["marker"] else None},
+                                **({} if only_align else {"label": k.removeprefix("train_")}))
+            if panel == "align" and not only_align:
+                # the run's colour and the term's name (rrr, con, align…) tell each line apart
+                ax.legend(fontsize=7)
+                values = [v for ln in ax.get_lines() for v in ln.get_ydata()]
+                finite = [v for v in values if np.isfinite(v)]
+                if finite and min(finite) > 0 and max(finite) >= 10 * min(finite):
+                    # the methods' terms differ in units and scale (demo: RRR 0.02, PPI's
+                    # L_ad 0.8, causal-align 0.6): on a log axis each one's relative fall is
+                    # a visible slope, where a linear one flattens the small ones
+                    ax.set_yscale("log")
+            elif panel == "align" and max(len(c) for c in aligned.values()) > 1:
                 # the line style names the column (hier-align: image and attribute level)
                 longest = max(aligned.values(), key=len)
                 for k, style, marker in zip(longest, _ALIGN_STYLES, _ALIGN_MARKERS,
@@ -445,7 +472,9 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                 ax.set_xlim(span[0] - 0.5, span[1] + 0.5)
             ax.set_title({"loss": "training loss", "auc": "validation AUC",
                           "accuracy": "accuracy (val solid, train dashed, hollow)",
-                          "align": "alignment term L_align (train)"}[panel], fontsize=9)
+                          "align": "alignment term L_align (train)" if only_align else
+                          "guidance terms (train" + (", log scale)" if ax.get_yscale() == "log"
+                                                     else ")")}[panel], fontsize=9)
             ax.grid(alpha=0.3)
         # one legend of the runs under the panels: long run paths crowded the first panel
         handles, labels = axes[0][0].get_legend_handles_labels()
