@@ -53,8 +53,8 @@ def test_compare_roc_marks_each_runs_own_chosen_threshold(tmp_path, capsys, monk
                  str(tmp_path / "c.png"), "--operating-point", "sensitivity=0.9"]) in (0, None)
     json.loads(capsys.readouterr().out)
     marks = seen[-1]["points"]
-    assert [t for _, t in marks[str(tmp_path / "a")]] == [0.5, ta]
-    assert [t for _, t in marks[str(tmp_path / "b")]] == [0.5, tb]
+    assert [t for _, t in marks["a"]] == [0.5, ta]
+    assert [t for _, t in marks["b"]] == [0.5, tb]
 
 
 def test_roc_figure_refuses_the_band_of_class_0_on_a_two_class_curve(tmp_path):

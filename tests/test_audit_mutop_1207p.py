@@ -313,7 +313,7 @@ def test_compare_roc_draws_b_in_a_s_sample_order(tmp_path, capsys, monkeypatch):
                  str(tmp_path / "roc.png")]) in (0, None)
     result = json.loads(capsys.readouterr().out)
     (curves,) = seen
-    (pa, ya), (pb, yb) = curves[str(tmp_path / "a.csv")], curves[str(tmp_path / "b.csv")]
+    (pa, ya), (pb, yb) = curves["a.csv"], curves["b.csv"]
     np.testing.assert_array_equal(ya, y)
     assert roc_auc_score(ya, pa[:, 1]) == pytest.approx(result["auc_a"], abs=1e-12)
     assert roc_auc_score(yb, pb[:, 1]) == pytest.approx(result["auc_b"], abs=1e-12)

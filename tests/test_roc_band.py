@@ -126,10 +126,8 @@ def test_evaluate_draws_the_band_of_its_bootstrap_and_compare_marks_both_runs(
                  str(tmp_path / "c.png"), "--operating-point", "threshold=0.3"]) in (0, None)
     result = json.loads(capsys.readouterr().out)
     points = seen[-1][1]["points"]
-    assert points == {str(tmp_path / "a.csv"): [("p ≥ 0.5 (argmax)", 0.5),
-                                                ("p ≥ 0.3 (fixed)", 0.3)],
-                      str(tmp_path / "b.csv"): [("p ≥ 0.5 (argmax)", 0.5),
-                                                ("p ≥ 0.3 (fixed)", 0.3)]}
+    assert points == {"a.csv": [("p ≥ 0.5 (argmax)", 0.5), ("p ≥ 0.3 (fixed)", 0.3)],
+                      "b.csv": [("p ≥ 0.5 (argmax)", 0.5), ("p ≥ 0.3 (fixed)", 0.3)]}
     assert result["operating_point"]["threshold_a"] == 0.3
     # the marks' rates are each run's own at its threshold
     drawn = roc_figure({str(tmp_path / "b.csv"): (probs_b, y)}, tmp_path / "d.png",

@@ -78,7 +78,7 @@ def test_cli_evaluate_and_compare_draw_roc(tiny_data, tmp_path, capsys, monkeypa
     assert roc.stat().st_size > 5000
     (curves, kwargs), = seen
     (title,) = curves
-    assert title == f"{run} (test)"
+    assert title == "run (test)"  # the folder's name (full path: JSON, not legend)
     marks = kwargs["points"][title]
     assert marks[0][1] == 0.5 and marks[1][1] == metrics["operating_point"]["threshold"]
     # the curve is the split's: its AUC is the one metrics.json reports

@@ -767,7 +767,12 @@ def evaluate(
     # "val" and "RUN (test)" alone read as the run's own (site A's) split
     other = _other_dataset(run, data)
     where = {} if other is None else {"chosen_on_data": str(other)}
-    figure_title = f"{run} ({split})" if other is None else f"{run} ({split} of {data})"
+    # the figures' label: the run folder's name (its full path made a long legend entry)
+    from .report.figures import short_path_labels
+
+    run_name = short_path_labels([run])[0]
+    figure_title = (f"{run_name} ({split})" if other is None
+                    else f"{run_name} ({split} of {data})")
     positive_index = None
     if point is not None:  # a three-class run without --positive is refused before any pass
         positive_index = _positive_index(positive, ds.meta.classes, f"--operating-point {point}")
@@ -1798,10 +1803,15 @@ def compare(
                               f"applies its threshold to them; a threshold `evaluate` chose is "
                               f"on the uncalibrated ones (its threshold_calibrated is on these)",
                               stacklevel=1)
+    # figure labels: the paths' shortest distinct tails (erm/seed0, rrr/seed0), full paths
+    # repeated per class covered the curves; the JSON's "a" and "b" keep the full paths
+    from .report.figures import short_path_labels
+
+    label_a, label_b = short_path_labels([run_a, run_b])
     if reliability is not None:
         from .report.figures import reliability_diagram
 
-        reliability_diagram({str(run_a): (a.probs, y), str(run_b): (probs_b, y)}, reliability,
+        reliability_diagram({label_a: (a.probs, y), label_b: (probs_b, y)}, reliability,
                             n_bins=n_bins)
         result["reliability"] = str(reliability)
     if roc is not None:
@@ -1809,7 +1819,7 @@ def compare(
 
         # the argmax's point on each curve and, with --operating-point, each run's threshold
         marks: dict[str, list[tuple[str, float]]] = {}
-        curves = {str(run_a): (a.probs, y), str(run_b): (probs_b, y)}
+        curves = {label_a: (a.probs, y), label_b: (probs_b, y)}
         title = _delong_title(result)
         if positive_index is not None and (n_classes != 2 or positive_index != 1):
             from .metrics.operating_point import one_vs_rest
@@ -1820,12 +1830,12 @@ def compare(
             # more than two classes: the drawn curve's own DeLong test, not "per class"
             title = (_delong_title({"delong": result["delong_one_vs_rest"][name]})
                      if n_classes != 2 else title) + f" · {name} vs rest"
-        for which, run in (("a", run_a), ("b", run_b)):
-            marks[str(run)] = [("p ≥ 0.5 (argmax)", 0.5)] if n_classes == 2 else []
+        for which, run in (("a", label_a), ("b", label_b)):
+            marks[run] = [("p ≥ 0.5 (argmax)", 0.5)] if n_classes == 2 else []
             if "operating_point" in result:
                 t = result["operating_point"][f"threshold_{which}"]
-                marks[str(run)].append((f"{point} (p ≥ {t:.3g})" if point.chooses
-                                        else f"p ≥ {t:.3g} (fixed)", t))
+                marks[run].append((f"{point} (p ≥ {t:.3g})" if point.chooses
+                                   else f"p ≥ {t:.3g} (fixed)", t))
         roc_figure(curves, roc, title=title, points=marks,
                    class_names={k: a.classes for k in curves})
         result["roc"] = str(roc)

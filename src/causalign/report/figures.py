@@ -547,6 +547,31 @@ def _reliability_figure(panels: Mapping[str, tuple[Any, Any]], n_bins: int | Non
     return fig, bins
 
 
+def short_path_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Legend labels of run folders or predictions CSVs: each path below the paths' common
+    folder (``…/busi/erm/seed0`` and ``…/busi/rrr/seed0`` → ``erm/seed0``, ``rrr/seed0``;
+    a run and a CSV inside it → ``seed0``, ``seed0/p.csv``; one path → its own name). Full
+    paths repeated for every class of a three-class figure made the legend cover the
+    curves. The same path twice keeps its name, numbered, so no two labels are equal."""
+    import os
+
+    # absolute, not resolved: a symlinked run keeps the name it was given by
+    full = [Path(os.path.abspath(p)) for p in paths]
+    if not full:
+        return []
+    common = Path(os.path.commonpath(full))
+    if common in full:  # one path holds the others (or there is one): name it, too
+        common = common.parent
+    labels = [str(p.relative_to(common)) if p != common else p.name for p in full]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
+
+
+# a class's line style where several runs' one-vs-rest curves share the axes (colour: run)
+_CLASS_STYLES = ("-", "--", ":", "-.")
+
+
 def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
                points: Mapping[str, Sequence[tuple[str, float]]] | None = None,
                title: str | None = None,
@@ -590,15 +615,22 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
     fig = agg_figure(figsize=(4.6, 4.4))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="chance")
+    # several runs' one-vs-rest curves (2 runs × 3 classes: six curves, six colours): the
+    # run is the colour and the class the line style, so the runs' curves of one class
+    # differ in colour only; runs (report methods) outnumber the 2-4 classes of these tasks
+    grouped = len(drawn) > 1 and any(len(parts) > 1 for parts in drawn.values())
     colour = 0
-    for label, parts in drawn.items():
+    for run_index, (label, parts) in enumerate(drawn.items()):
         for part in parts:
             names = (class_names or {}).get(label)
             # a reader of a 3-class figure asks "which class?": its name, not its index
             name = (label if len(parts) == 1 else f"{label} · {names[part['class']]} vs rest"
                     if names else f"{label} · class {part['class']}")
+            if grouped:
+                colour = run_index
+            style = _CLASS_STYLES[part["class"] % len(_CLASS_STYLES)] if grouped else "-"
             ax.plot(part["fpr"], part["tpr"], color=f"C{colour}", linewidth=1.4,
-                    label=f"{_fit(name, 2.6, 7)} (AUC {part['auc']:.3f})")
+                    linestyle=style, label=f"{_fit(name, 2.6, 7)} (AUC {part['auc']:.3f})")
             band = (bands or {}).get(label)
             if band is not None:
                 ax.fill_between(band["fpr"], band["lo"], band["hi"], color=f"C{colour}",
@@ -616,12 +648,14 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path,
                             markeredgecolor="k", label=_plain(f"{what}: sens {sens:.2f}, "
                                                               f"spec {1 - fall:.2f}"))
             colour += 1
-    _finish_roc_axes(fig, ax, path, title)
+    _finish_roc_axes(fig, ax, path, title, room=True)
     return drawn
 
 
-def _finish_roc_axes(fig: Figure, ax: Any, path: str | Path, title: str | None) -> None:
-    """The unit square, axis names, title, legend and save every ROC figure shares."""
+def _finish_roc_axes(fig: Figure, ax: Any, path: str | Path, title: str | None,
+                     room: bool = False) -> None:
+    """The unit square, axis names, title, legend and save every ROC figure shares;
+    ``room``: a legend of more than `_LEGEND_INSIDE` entries goes below the axes."""
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
@@ -630,9 +664,32 @@ def _finish_roc_axes(fig: Figure, ax: Any, path: str | Path, title: str | None) 
     if title:
         ax.set_title(_fit(title, 4.2, 8), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    entries = len(ax.get_legend_handles_labels()[1])
+    if not room or entries <= _LEGEND_INSIDE:
+        ax.legend(fontsize=6, loc="lower right")
+    else:
+        # a tall legend in the corner covered the curves (2 runs × 3 classes + chance):
+        # below the axes, the figure taller by the legend's measured height (wrapped
+        # labels take two rows; an estimate per entry cut the last ones off)
+        # at the figure's foot, as `training_curves` lays its legend out (one in axes
+        # coordinates slid off the figure: the equal-aspect axes sit mid-slot); still the
+        # axes' legend, kept out of tight_layout, which makes room for it by `rect`
+        legend = ax.legend(fontsize=6, loc="lower center", bbox_to_anchor=(0.5, 0),
+                           bbox_transform=fig.transFigure)
+        legend.set_in_layout(False)
+        # + 0.3 in: tight_layout placed the x label a few pixels into a flush legend
+        height = legend.get_window_extent(fig.canvas.get_renderer()).height / fig.dpi + 0.3
+        fig.set_figheight(fig.get_figheight() + height)
+        ax.set_anchor("N")  # centred in its taller slot, the x label ran into the legend
+        fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
+        atomic_savefig(fig, path, dpi=110)
+        return
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
+
+
+# legend entries that still fit the ROC axes' empty lower-right corner
+_LEGEND_INSIDE = 5
 
 
 # the band of a method with several seeds: what is shaded, in words (legend, report caption)
