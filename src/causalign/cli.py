@@ -2029,7 +2029,7 @@ def curves(
     AUC, accuracy and each method's guidance terms (causal-align's alignment term, RRR's,
     PPI's…; `Method.guidance_terms`) where a run logged them."""
     from .engine.trainer import _stored_history
-    from .report.figures import training_curves
+    from .report.figures import short_path_labels, training_curves
 
     if out is None:
         if len(runs) > 1:
@@ -2037,19 +2037,19 @@ def curves(
         out = runs[0] / "curves.png"
     _check_figure_file("--out", out)
     histories: dict[str, list[dict]] = {}
-    # labels: the runs' paths below their common folder (runs/erm/seed0, runs/rrr/seed0)
-    resolved = [r.resolve() for r in runs]
-    common = Path(os.path.commonpath(resolved)) if len(runs) > 1 else resolved[0].parent
-    for run, full in zip(runs, resolved, strict=True):
+    seen: set[Path] = set()
+    # labels: the runs' paths below their common folder (runs/erm/seed0, runs/rrr/seed0),
+    # as `compare`'s figures name theirs
+    for run, label in zip(runs, short_path_labels(runs), strict=True):
         if not run.is_dir():
             raise CausalignError(f"{run}: not a run folder")
         rows = _stored_history(run)
         if not rows:
             raise CausalignError(f"{run}: no history.csv rows (not a training run, or no "
                                  f"epoch finished yet)")
-        label = str(full.relative_to(common)) if full != common else full.name
-        if label in histories:
+        if run.resolve() in seen:
             raise CausalignError(f"{run}: given twice")
+        seen.add(run.resolve())
         histories[label] = rows
     training_curves(histories, out)
     typer.echo(f"wrote {out}")
