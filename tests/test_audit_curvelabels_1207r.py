@@ -30,7 +30,7 @@ def test_curves_labels_are_the_paths_below_the_common_folder(tmp_path, monkeypat
     assert main(["curves", str(a), str(b), "--out", str(tmp_path / "c.png")]) in (0, None)
     assert seen == [["erm/seed0", "rrr/seed0"]]
     assert main(["curves", str(a)]) in (0, None)
-    assert seen[-1] == ["seed0"]
+    assert seen[-1] == ["erm/seed0"]  # a bare seed folder keeps its method's
 
 
 def test_curves_refuses_a_run_given_twice(tmp_path, capsys):

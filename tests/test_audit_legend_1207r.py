@@ -83,8 +83,9 @@ def test_short_path_labels_never_repeat_a_label(tmp_path):
     r = tmp_path / "runs"
     assert short_path_labels([r / "busi/erm/seed0", r / "ddsm/erm/seed0"]) == [
         "busi/erm/seed0", "ddsm/erm/seed0"]
-    assert short_path_labels([r / "erm/seed0", r / "erm/seed1"]) == ["seed0", "seed1"]
-    assert short_path_labels([r / "erm/seed0"]) == ["seed0"]
+    # bare seed folders keep their method's folder (test_a_benchmark_seed_folder_keeps_its_method)
+    assert short_path_labels([r / "erm/seed0", r / "erm/seed1"]) == ["erm/seed0", "erm/seed1"]
+    assert short_path_labels([r / "erm/seed0"]) == ["erm/seed0"]
     twice = short_path_labels([r / "a", r / "a"])
     assert len(set(twice)) == 2 and all(t.startswith("a") for t in twice)
 
@@ -97,6 +98,21 @@ def test_evaluate_labels_a_run_by_its_folder_name(tiny_data, tmp_path, capsys, m
     capsys.readouterr()
     ((curves, _),) = seen
     assert list(curves) == ["run (test)"]
+
+
+def test_a_benchmark_seed_folder_keeps_its_method():
+    """`evaluate oracle/seed0 --roc` labelled the curve "seed0 (test)", which says nothing
+    of whose run it is; a bare seed folder keeps its parent (the benchmark's method folder),
+    alone and in a pair of seeds; other names are unchanged."""
+    from causalign.report.figures import short_path_labels
+
+    assert short_path_labels(["/b/runs/d/oracle/seed0"]) == ["oracle/seed0"]
+    assert short_path_labels(["/b/runs/d/erm/seed0", "/b/runs/d/erm/seed1"]) == \
+        ["erm/seed0", "erm/seed1"]
+    assert short_path_labels(["/b/runs/d/erm/seed0", "/b/runs/d/rrr/seed0"]) == \
+        ["erm/seed0", "rrr/seed0"]
+    assert short_path_labels(["/x/my_run"]) == ["my_run"]
+    assert short_path_labels(["/x/seed12x"]) == ["seed12x"]
 
 
 def test_three_class_compare_groups_run_by_colour_and_class_by_style(tmp_path, capsys,
@@ -155,6 +171,6 @@ def test_a_run_and_a_csv_inside_it_keep_the_run_name(tmp_path):
 
     run = tmp_path / "runs" / "erm" / "seed0"
     assert short_path_labels([run, run / "predictions_test.csv"]) == [
-        "seed0", "seed0/predictions_test.csv"]
+        "erm/seed0", "erm/seed0/predictions_test.csv"]
     assert short_path_labels([run / "a.csv", tmp_path / "b.csv"]) == [
         "runs/erm/seed0/a.csv", "b.csv"]

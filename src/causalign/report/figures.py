@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -552,7 +553,8 @@ def short_path_labels(paths: Sequence[str | Path]) -> list[str]:
     folder (``…/busi/erm/seed0`` and ``…/busi/rrr/seed0`` → ``erm/seed0``, ``rrr/seed0``;
     a run and a CSV inside it → ``seed0``, ``seed0/p.csv``; one path → its own name). Full
     paths repeated for every class of a three-class figure made the legend cover the
-    curves. The same path twice keeps its name, numbered, so no two labels are equal."""
+    curves. A bare benchmark seed folder keeps its method's folder (``oracle/seed0``). The
+    same path twice keeps its name, numbered, so no two labels are equal."""
     import os
 
     # absolute, not resolved: a symlinked run keeps the name it was given by
@@ -563,6 +565,11 @@ def short_path_labels(paths: Sequence[str | Path]) -> list[str]:
     if common in full:  # one path holds the others (or there is one): name it, too
         common = common.parent
     labels = [str(p.relative_to(common)) if p != common else p.name for p in full]
+    # a benchmark's run folder is runs/<dataset>/<method>/seed<k>: "seed0" alone does not
+    # say whose run it is, so it keeps its method's folder ("oracle/seed0")
+    labels = [f"{common.name}/{label}"
+              if re.fullmatch(r"seed\d+", label.split("/")[0]) and common.name else label
+              for label in labels]
     if len(set(labels)) < len(labels):
         labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
     return labels
