@@ -117,7 +117,13 @@ def apply_temperature(probs: np.ndarray | torch.Tensor, temperature: float) -> n
         # the identity: the log-softmax round trip moved the last digits (1 ulp), so
         # `predict --temperature 1` differed from no flag
         return p.copy()
-    return np.exp(log_softmax(np.log(np.maximum(p, PROB_FLOOR)) / temperature, axis=1))
+    logp = np.log(np.maximum(p, PROB_FLOOR))
+    # shifted by each row's maximum first (softmax is shift-invariant): a tiny T (1e-320,
+    # accepted as finite and > 0) overflowed log p / T to -inf in every cell, giving NaN;
+    # shifted, the maximum stays 0 and the rest go to -inf: the one-hot limit T -> 0
+    with np.errstate(over="ignore"):  # the overflow to -inf is that limit, not an error
+        shifted = (logp - logp.max(axis=1, keepdims=True)) / temperature
+    return np.exp(log_softmax(shifted, axis=1))
 
 
 def calibrated_threshold(threshold: float, temperature: float) -> float:

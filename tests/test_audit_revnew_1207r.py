@@ -1,0 +1,41 @@
+"""Adversarial review of the late-session features (`evaluate --temperature T`, the `pcal_`
+columns, `read_manifest(limit=)`), alone and combined with the options around them."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from causalign.metrics.calibration import apply_temperature, calibrated_threshold
+
+
+@pytest.mark.parametrize("t", [1e-320, 1e-310, 5e-324])
+def test_a_tiny_given_temperature_scales_to_the_argmax_not_nan(t):
+    """`--temperature 1e-320` (finite, > 0, so accepted) made log p / T overflow to -inf in
+    every cell: `apply_temperature` gave NaN, so `predict --temperature 1e-320` wrote NaN
+    probabilities with rc 0 (every image called 'benign') and `evaluate --temperature
+    1e-320` failed with 'the model's outputs are not finite' behind two RuntimeWarnings.
+    The limit T → 0 is the one-hot argmax (a tie shared), which it now gives."""
+    p = np.array([[0.50561, 0.49439], [0.4999, 0.5001], [0.2, 0.8], [0.5, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a RuntimeWarning printed beside the CLI's line
+        q = apply_temperature(p, t)
+    assert np.isfinite(q).all()
+    assert np.array_equal(q, [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.5, 0.5]])
+    three = apply_temperature(np.array([[0.1, 0.3, 0.6], [0.0, 0.5, 0.5]]), t)
+    assert np.array_equal(three, [[0.0, 0.0, 1.0], [0.0, 0.5, 0.5]])
+    assert calibrated_threshold(0.3, t) == 0.0 and calibrated_threshold(0.7, t) == 1.0
+
+
+def test_ordinary_temperatures_scale_as_before():
+    """Guard: at everyday T the max-shifted form equals softmax(log p / T) computed here
+    (within 1e-15), and T = 1 is still the identity."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], 50)
+    for t in (0.01, 0.1081, 0.5, 2.0, 14.6, 100.0):
+        assert np.allclose(apply_temperature(p, t), softmax(np.log(p) / t, axis=1),
+                           rtol=0, atol=1e-15)
+    assert np.array_equal(apply_temperature(p, 1), p)
