@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
+from causalign.data.format import read_manifest
+from causalign.errors import InputError
 from causalign.metrics.calibration import apply_temperature, calibrated_threshold
 
 
@@ -39,3 +41,13 @@ def test_ordinary_temperatures_scale_as_before():
         assert np.allclose(apply_temperature(p, t), softmax(np.log(p) / t, axis=1),
                            rtol=0, atol=1e-15)
     assert np.array_equal(apply_temperature(p, 1), p)
+
+
+def test_read_manifest_limit_zero_reads_no_record_and_a_negative_one_is_refused(tiny_data):
+    """`read_manifest(root, limit=0)` returned one record (the limit was checked only after
+    a record was kept), and `limit=-1` one too, silently; now 0 gives none (the header still
+    checked) and a negative limit is refused naming it."""
+    assert read_manifest(tiny_data, limit=0) == []
+    assert len(read_manifest(tiny_data, limit=1)) == 1
+    with pytest.raises(InputError, match="limit -1"):
+        read_manifest(tiny_data, limit=-1)

@@ -53,7 +53,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from ..errors import DataError, did_you_mean, not_one_of
+from ..errors import DataError, InputError, did_you_mean, not_one_of
 from ..io import LOCK_NAME, atomic_write_file, atomic_write_text
 
 MANIFEST = "manifest.csv"
@@ -458,6 +458,8 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None,
     """Parse manifest.csv into records, checking columns, labels, splits and boxes.
     ``limit``: stop after that many records (the rows after them are not read or checked;
     `data_info_from_disk` needs only the first image of a manifest that may list 20,000)."""
+    if limit is not None and limit < 0:
+        raise InputError(f"read_manifest: limit {limit} is negative (None reads every row)")
     root = Path(root)
     meta = meta or read_meta(root)
     path = root / MANIFEST
@@ -481,7 +483,7 @@ def read_manifest(root: str | Path, meta: DatasetMeta | None = None,
             records = []
             first_line: dict[str, int] = {}
             folded: dict[str, str] = {}  # `_file_key` -> id
-            for cells in reader:
+            for cells in reader if limit != 0 else ():  # limit=0: the header checks only
                 lineno = reader.line_num
                 if not any(c.strip() for c in cells):
                     continue  # blank line (e.g. left at the end by an editor)
