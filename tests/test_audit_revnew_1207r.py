@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import softmax
 
 from causalign.data.format import read_manifest
@@ -51,3 +52,25 @@ def test_read_manifest_limit_zero_reads_no_record_and_a_negative_one_is_refused(
     assert len(read_manifest(tiny_data, limit=1)) == 1
     with pytest.raises(InputError, match="limit -1"):
         read_manifest(tiny_data, limit=-1)
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradient"])
+def test_predict_and_attribute_refuses_a_target_of_another_shape_as_attribute(name):
+    """`predict_and_attribute(x, target)` with a target of 3 classes for 5 inputs raised
+    torch's 'The expanded size of the tensor (5) must match the existing size (3)'
+    RuntimeError, and a (1, 5) target passed, where `attribute` refuses both in one line
+    ('target must hold one class per input (5), got shape (3,)'); now the same line."""
+    from test_audit_volmaps_1207r import _small_cnn
+
+    from causalign.explain import get_explainer
+
+    x = torch.rand(5, 1, 12, 12)
+    for bad in (torch.tensor([0, 1, 2]), torch.tensor([[0, 1, 2, 0, 1]]),
+                torch.zeros(5, 2, dtype=torch.long)):
+        expl = get_explainer(name, _small_cnn())
+        with pytest.raises(InputError) as by_attribute:
+            expl.attribute(x, target=bad)
+        with pytest.raises(InputError) as by_both:
+            expl.predict_and_attribute(x, bad)
+        assert str(by_both.value) == str(by_attribute.value)
+        assert str(by_both.value).startswith("target must hold one class per input (5)")

@@ -61,7 +61,7 @@ class Explainer:
         (Grad-CAM) override it and save that second forward. ``target``: the map of these
         classes instead (as `attribute` takes them; `predict --maps --threshold` explains
         the called class), the logits still the model's own."""
-        check_inputs(inputs, model=self.model)
+        check_inputs(inputs, target, model=self.model)  # its shape, as `attribute`
         with shape_errors(self.model, inputs, self.name), torch.no_grad(), \
                 eval_mode(self.model):
             logits = check_logits(self.model(inputs))

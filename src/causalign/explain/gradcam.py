@@ -211,7 +211,7 @@ class GradCAM(Explainer):
         later in-place op overwrites (``nn.ReLU(inplace=True)`` after the conv: the kept
         tensor would hold the ReLU's output, while Captum keeps the layer's own) takes the
         default two-pass path."""
-        check_inputs(inputs, model=self.model)
+        check_inputs(inputs, target, model=self.model)  # its shape, as `attribute`
         check_no_batch_statistics(self.model, inputs, f"{self.name} map")
         if inputs.dim() != 4 or getattr(self.model, "device_ids", None):
             return super().predict_and_attribute(inputs, target)
