@@ -74,3 +74,26 @@ def test_predict_and_attribute_refuses_a_target_of_another_shape_as_attribute(na
             expl.predict_and_attribute(x, bad)
         assert str(by_both.value) == str(by_attribute.value)
         assert str(by_both.value).startswith("target must hold one class per input (5)")
+
+
+def test_report_roc_leaves_out_a_seed_whose_test_split_holds_one_class(tmp_path):
+    """The report's ROC figure averaged every seed: one seed whose test split held only
+    negatives (seed 2 of erm here) made `roc_at` raise, and report.html said 'ROC curves
+    for pm failed' for every method, where before (the lowest seed drawn) the figure
+    came. Now that seed is left out, named under the figure, and the rest drawn."""
+    from test_audit_repclin_1207q import _random_split, _run
+
+    from causalign.report import html as report_html
+
+    rng = np.random.default_rng(3)
+    runs = [_run(tmp_path, "pm", "erm", s, None, _random_split(rng, 30)) for s in (0, 1)]
+    p, _ = _random_split(rng, 30)
+    runs.append(_run(tmp_path, "pm", "erm", 2, None, (p, [0] * 30)))
+    runs.append(_run(tmp_path, "pm", "rrr", 0, None, _random_split(rng, 30)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        note = report_html.roc_figure_of(tmp_path, {"runs": runs}, "pm", tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").is_file()
+    assert note == ("mean of the seeds' curves, band the min–max of the seeds' curves: erm; "
+                    "one seed, band pointwise bootstrap 95 % (500 resamples): rrr; not drawn "
+                    "(a test split of one class, no ROC curve): erm seed 2.")

@@ -311,13 +311,24 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
     from ..engine.evaluate import read_predictions
     from .figures import SEED_BAND, roc_figure, roc_seeds_figure
 
-    seeds = {label: [read_predictions(c) for r in runs
-                     if (c := out / r["run_dir"] / "predictions_test.csv").is_file()]
-             for label, runs in _seed_runs(results, dataset).items()}
-    seeds = {label: preds for label, preds in seeds.items() if preds}
+    read = {label: [(r["seed"], read_predictions(c)) for r in runs
+                    if (c := out / r["run_dir"] / "predictions_test.csv").is_file()]
+            for label, runs in _seed_runs(results, dataset).items()}
+    seeds = {label: [pred for _, pred in preds] for label, preds in read.items() if preds}
     if not seeds:
         return False
-    if any(pred.probs.shape[1] != 2 for preds in seeds.values() for pred in preds):
+    two_class = all(pred.probs.shape[1] == 2 for preds in seeds.values() for pred in preds)
+    one_class: list[str] = []
+    if two_class:
+        # a seed whose test split holds one class has no ROC curve: left out and named (one
+        # such seed made the whole figure fail for every method once all seeds were averaged)
+        one_class = [f"{label} seed {seed}" for label, preds in read.items()
+                     for seed, pred in preds if len(np.unique(pred.labels == 1)) < 2]
+        seeds = {label: kept for label, preds in read.items() if (kept := [
+            pred for _, pred in preds if len(np.unique(pred.labels == 1)) == 2])}
+        if not seeds:
+            return False
+    else:
         curves = {label: preds[0] for label, preds in seeds.items()}  # the lowest seed
         # the title says whose curves these are: the table beside it gives every seed
         roc_figure({k: (v.probs, v.labels) for k, v in curves.items()}, path,
@@ -335,7 +346,8 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
         f"{what}: {', '.join(labels)}" for what, labels in (
             (f"mean of the seeds' curves, band the {SEED_BAND}", kinds["seeds"]),
             (f"one seed, band pointwise bootstrap 95 % ({ROC_RESAMPLES} resamples)",
-             kinds["bootstrap"])) if labels) + "."
+             kinds["bootstrap"]),
+            ("not drawn (a test split of one class, no ROC curve)", one_class)) if labels) + "."
 
 
 def _seed_runs(results: dict, dataset: str) -> dict[str, list[dict]]:
