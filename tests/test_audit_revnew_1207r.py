@@ -97,3 +97,32 @@ def test_report_roc_leaves_out_a_seed_whose_test_split_holds_one_class(tmp_path)
     assert note == ("mean of the seeds' curves, band the min–max of the seeds' curves: erm; "
                     "one seed, band pointwise bootstrap 95 % (500 resamples): rrr; not drawn "
                     "(a test split of one class, no ROC curve): erm seed 2.")
+
+
+def test_three_class_report_roc_skips_a_lowest_seed_of_one_class(tmp_path, monkeypatch):
+    """Three classes: a method's lowest seed whose test split holds one class made the whole
+    figure fail ('holds one class only'); its next seed is drawn, and the skipped seed is
+    named under the figure."""
+    from test_audit_repclin_1207q import _random_split, _run
+
+    from causalign.report import figures
+    from causalign.report import html as report_html
+
+    rng = np.random.default_rng(4)
+    p, _ = _random_split(rng, 30, classes=3)
+    runs = [_run(tmp_path, "b", "erm", 0, None, (p, [2] * 30))]
+    second = _random_split(rng, 30, classes=3)
+    runs.append(_run(tmp_path, "b", "erm", 1, None, second))
+    runs.append(_run(tmp_path, "b", "rrr", 0, None, _random_split(rng, 30, classes=3)))
+    seen: list = []
+    real = figures.roc_figure
+    monkeypatch.setattr(figures, "roc_figure",
+                        lambda curves, path, **k: seen.append(curves) or real(curves, path, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        note = report_html.roc_figure_of(tmp_path, {"runs": runs}, "b", tmp_path / "roc.png")
+    assert note == "not drawn (a test split of one class, no ROC curve): erm seed 0."
+    (curves,) = seen
+    assert list(curves) == ["erm", "rrr"]
+    np.testing.assert_allclose(curves["erm"][0], second[0], atol=1e-6)  # seed 1's
+    assert (tmp_path / "roc.png").stat().st_size > 5000

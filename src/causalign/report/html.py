@@ -308,7 +308,7 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
     predictions_test.csv; False when no run has one. Two classes: each method's seeds
     (`_seed_runs`) averaged (`roc_seeds_figure`), returned as the note naming each curve's
     band; more classes: each class against the rest of one run per method (`_pick_runs`)."""
-    from ..engine.evaluate import read_predictions
+    from ..engine.evaluate import Predictions, read_predictions
     from .figures import SEED_BAND, roc_figure, roc_seeds_figure
 
     read = {label: [(r["seed"], read_predictions(c)) for r in runs
@@ -318,23 +318,27 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
     if not seeds:
         return False
     two_class = all(pred.probs.shape[1] == 2 for preds in seeds.values() for pred in preds)
-    one_class: list[str] = []
-    if two_class:
-        # a seed whose test split holds one class has no ROC curve: left out and named (one
-        # such seed made the whole figure fail for every method once all seeds were averaged)
-        one_class = [f"{label} seed {seed}" for label, preds in read.items()
-                     for seed, pred in preds if len(np.unique(pred.labels == 1)) < 2]
-        seeds = {label: kept for label, preds in read.items() if (kept := [
-            pred for _, pred in preds if len(np.unique(pred.labels == 1)) == 2])}
-        if not seeds:
-            return False
-    else:
+
+    def has_curve(pred: Predictions) -> bool:
+        # two classes: class 1 against the rest; more: some present class against the rest
+        return len(np.unique(pred.labels == 1 if two_class else pred.labels)) >= 2
+
+    # a seed whose test split holds one class has no ROC curve: left out and named (one
+    # such seed made the whole figure fail for every method)
+    one_class = [f"{label} seed {seed}" for label, preds in read.items()
+                 for seed, pred in preds if not has_curve(pred)]
+    seeds = {label: kept for label, preds in read.items()
+             if (kept := [pred for _, pred in preds if has_curve(pred)])}
+    if not seeds:
+        return False
+    left_out = ("not drawn (a test split of one class, no ROC curve)", one_class)
+    if not two_class:
         curves = {label: preds[0] for label, preds in seeds.items()}  # the lowest seed
         # the title says whose curves these are: the table beside it gives every seed
         roc_figure({k: (v.probs, v.labels) for k, v in curves.items()}, path,
                    title=f"{dataset}: test split, each method's lowest seed",
                    class_names={k: v.classes for k, v in curves.items()})
-        return True
+        return f"{left_out[0]}: {', '.join(one_class)}." if one_class else True
     drawn = roc_seeds_figure({k: [(v.probs, v.labels) for v in preds]
                               for k, preds in seeds.items()}, path,
                              title=f"{dataset}: test split", n_boot=ROC_RESAMPLES)
@@ -347,7 +351,7 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
             (f"mean of the seeds' curves, band the {SEED_BAND}", kinds["seeds"]),
             (f"one seed, band pointwise bootstrap 95 % ({ROC_RESAMPLES} resamples)",
              kinds["bootstrap"]),
-            ("not drawn (a test split of one class, no ROC curve)", one_class)) if labels) + "."
+            left_out) if labels) + "."
 
 
 def _seed_runs(results: dict, dataset: str) -> dict[str, list[dict]]:
