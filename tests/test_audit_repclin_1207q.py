@@ -128,7 +128,8 @@ def test_run_without_val_or_without_any_predictions_is_noted(tmp_path):
                     _run(tmp_path, "d", "old", 0)]}
     t = clinical_table(tmp_path, res, "d")
     noval, old = t.rows
-    assert noval[1] == "1" and noval[12] == f"{classification_metrics(pt, yt)['ece']:.3f}"
+    assert noval[1] == "1 (0 with val thresholds)"
+    assert noval[12] == f"{classification_metrics(pt, yt)['ece']:.3f}"
     assert noval[2:12] == ["–"] * 10 and noval[13:] == ["–", "–"]
     assert old == ["old", "0", *["–"] * 13]
     assert "noval seed 0: no predictions_val.csv: no threshold chosen, no temperature fitted" \

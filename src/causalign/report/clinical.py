@@ -50,7 +50,8 @@ CLINICAL_CAPTION = (
     "predictions_test.csv, as `causalign evaluate --operating-point RULE --calibrate "
     "temperature` gives them; for more than two classes, one row per class, that class "
     "against the rest (`--positive CLASS`). Mean (std, ddof 0) over seeds where a method has "
-    "several; seeds: the runs counted.")
+    "several; seeds: the runs counted (\"3 (2 with val thresholds)\": one run chose none, "
+    "e.g. without predictions_val.csv; the notes say why).")
 
 
 def run_clinical_values(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
@@ -159,6 +160,13 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
     def cells(per_seed: list[dict[str, Any]], keys: list[str]) -> list[str]:
         return [fmt_mean_std([v.get(k) for v in per_seed]) for k in keys]
 
+    def seeds_cell(per_seed: list[dict[str, Any]]) -> str:
+        # a run without predictions_val.csv (or with one class in it) has a test ECE but
+        # no threshold: the cell said 3 while the threshold columns averaged 2
+        chosen = sum(any(k.endswith("youden.threshold") for k in v) for v in per_seed)
+        n = len(per_seed)
+        return str(n) if chosen == n else f"{n} ({chosen} with val thresholds)"
+
     # one number per cell (PPV and NPV columns beside each rule's sens./spec.): a merged
     # "sens / spec / PPV / NPV" cell of four mean (std) pairs would not read
     rates = ["sens. (test)", "spec. (test)", "PPV (test)", "NPV (test)"]
@@ -167,7 +175,7 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
     rows = []
     prevalence = _prevalence_note([v for _, ps in per_method for v in ps])
     if not classes - {2}:
-        rows = [[label, str(len(ps)), *cells(ps, points + calibration)]
+        rows = [[label, seeds_cell(ps), *cells(ps, points + calibration)]
                 for label, ps in per_method]
     else:
         header.insert(1, "class (vs rest)")
@@ -175,12 +183,12 @@ def clinical_table(out: Path, results: dict, dataset: str) -> Table | None:
             # the class names of the method's first run read (seeds of one dataset agree)
             names = next((v["classes"] for v in ps if v["n_classes"] > 2), [])
             if not names:  # no run read, or two-class runs in a dataset of more
-                rows.append([label, "–", str(len(ps)), *cells(ps, points + calibration)])
+                rows.append([label, "–", seeds_cell(ps), *cells(ps, points + calibration)])
                 continue
             for c, name in enumerate(names):
                 # ECE and T are the method's, over all classes: on its first row only, as
                 # repeating them on each class's row would read as per-class values
-                rows.append([label, str(name), str(len(ps)),
+                rows.append([label, str(name), seeds_cell(ps),
                              *cells(ps, [f"{c}/{k}" for k in points]),
                              *(cells(ps, calibration) if c == 0 else [""] * 3)])
         notes.insert(0, f"{', '.join(str(c) for c in sorted(classes - {2}))} classes: "
