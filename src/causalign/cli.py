@@ -828,7 +828,9 @@ def evaluate(
                                  bootstrap_seed=bootstrap_seed, reliability=reliability,
                                  reliability_title=figure_title, ece_bins=n_bins,
                                  threshold=threshold, roc=roc, temperature=temperature,
-                                 chosen_by=chosen_by, positive=positive_index)
+                                 chosen_by=chosen_by, positive=positive_index,
+                                 temperature_source=None if temperature is None else
+                                 "fitted on val" if calibrate is not None else "given")
     if calibrate is not None:
         fitted = metrics.pop("calibration")
         metrics["calibration"] = {"method": calibrate, "temperature": fitted.pop("temperature"),

@@ -328,7 +328,7 @@ def evaluate_split(
     reliability: str | Path | None = None, reliability_title: str | None = None,
     ece_bins: int = ECE_BINS, threshold: float | None = None, roc: str | Path | None = None,
     temperature: float | None = None, chosen_by: tuple[Any, Any, Any] | None = None,
-    positive: int | str | None = None,
+    positive: int | str | None = None, temperature_source: str | None = None,
 ) -> dict:
     """Everything metrics.json reports for a split.
 
@@ -346,7 +346,9 @@ def evaluate_split(
     pass.
 
     ``reliability``: also draw the split's reliability diagram there
-    (`report.figures.reliability_diagram`, titled ``reliability_title``, default the split).
+    (`report.figures.reliability_diagram`, titled ``reliability_title``, default the split;
+    with ``temperature``, before and after, the after panel naming ``temperature_source``,
+    e.g. "fitted on val" or "given").
 
     ``ece_bins``: the bins of the ECE, its interval and the reliability diagram (15, Guo et
     al.'s, by default); another number is recorded as ``ece_bins``.
@@ -400,7 +402,7 @@ def evaluate_split(
                                batch_size, progress, explainer_kwargs or {}, deletion_fill,
                                predictions, bootstrap, bootstrap_seed, reliability,
                                reliability_title, ece_bins, threshold, roc, temperature,
-                               chosen_by, positive)
+                               chosen_by, positive, temperature_source)
 
 
 def _nested(flat: dict[str, Any], groups: dict[str, str]) -> dict[str, Any]:
@@ -435,7 +437,8 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
                     threshold: float | None = None, roc: str | Path | None = None,
                     temperature: float | None = None,
                     chosen_by: tuple[Any, Any, Any] | None = None,
-                    positive: int | None = None) -> dict:
+                    positive: int | None = None,
+                    temperature_source: str | None = None) -> dict:
     note = None
     if saliency in VOLUME_UNSUPPORTED and len(dataset.image_shape) == 4:
         # Grad-CAM's upsampling is 2D-only; localisation still gets a map rather than nothing.
@@ -535,7 +538,10 @@ def _evaluate_split(model: nn.Module, method: Method, dataset: LesionDataset,
 
         title = reliability_title or f"split '{dataset.split}'"
         panels = {title: (p, y)} if scaled is None else {
-            f"{title}, before": (p, y), f"{title}, after T={temperature:.3g}": (scaled, y)}
+            f"{title}, before": (p, y),
+            # a T fitted on val and one given (another site's) read alike without it
+            f"{title}, after T={temperature:.3g}"
+            + (f" ({temperature_source})" if temperature_source else ""): (scaled, y)}
         reliability_diagram(panels, reliability, n_bins=ece_bins)
     if roc is not None:
         from ..report.figures import roc_figure
