@@ -648,3 +648,22 @@ def test_warm_cache_dtype_smoke(tmp_path, monkeypatch):
         assert 0 < r["bytes"][d]["rel_l2_error_randn"] < 1e-2
         assert -1 <= r["seeds"][0][d]["cosine_warm"] <= 1
     assert r["bytes"]["float32"]["rel_l2_error_randn"] == 0
+
+
+def test_roc_band_coverage_smoke(tmp_path, capsys):
+    """The coverage simulation at a tiny size: standard JSON, coverages are shares of the
+    data sets, the true curve is the binormal one, and a bad option is one line."""
+    from scipy.stats import norm
+
+    mod = _load("roc_band_coverage")
+    out = tmp_path / "cov.json"
+    mod.main(["--out", str(out), "--n", "40", "--datasets", "4", "--resamples", "100",
+              "--d", "1.0"])
+    r = _strict_json(out)
+    fpr = r["fpr"]
+    assert r["true_tpr"] == pytest.approx([1 - norm.cdf(norm.ppf(1 - f) - 1.0) for f in fpr])
+    assert all(c * 4 == round(c * 4) and 0 <= c <= 1 for c in r["coverage"])
+    assert 0 <= r["whole_curve_coverage_0.05_0.95"] <= r["mean_coverage_0.05_0.95"] <= 1
+    assert "band holds it in" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--out", str(out), "--resamples", "10"])
