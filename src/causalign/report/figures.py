@@ -410,7 +410,8 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
 
     aligned = {label: _guidance_columns(rows) for label, rows in histories.items()}
     panels = ["loss", "auc", "accuracy"] + (["align"] if any(aligned.values()) else [])
-    # only causal-align / hier-align terms: their panel as before; else each line is named
+    # only causal-align / hier-align terms: one 'alignment term L_align' panel; else each
+    # line is named
     only_align = all(_alignment_columns(rows) == aligned[label]
                      for label, rows in histories.items())
     with _figure(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False
