@@ -9,10 +9,34 @@ import re
 from pathlib import Path
 
 import pytest
+import typer.main
+
+from causalign.cli import app
 
 # without the fenced blocks, whose ``` would pair with the prose's backticks
 README = re.sub(r"```.*?```", "", (Path(__file__).resolve().parents[1] / "README.md").read_text(),
                 flags=re.S)
+
+
+def _options(*path: str) -> set[str]:
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    # --progress / --no-progress: one README sentence covers every command with a bar
+    return {o for p in command.params for o in p.opts if o.startswith("--")} - {
+        "--help", "--progress", "--no-progress"}
+
+
+@pytest.mark.parametrize("path", [("predict",), ("compare",), ("curves",), ("demo",),
+                                  ("counterfactual",)])
+def test_cli_table_row_names_every_option(path):
+    """counterfactual's row lacked --data, --device, --lr, --eps, --smooth-sigma and
+    --autoencoder (documented only further down); the others are guards."""
+    name = "causalign " + " ".join(path)
+    rows = [line for line in README.splitlines() if line.startswith(f"| `{name} ")]
+    assert len(rows) == 1, name
+    shown = set(re.findall(r"--[a-z][a-z0-9-]*", rows[0].split("` |")[0]))
+    assert _options(*path) <= shown, sorted(_options(*path) - shown)
 
 
 @pytest.mark.parametrize("phrase", [
