@@ -6,25 +6,9 @@ prose of those parts says what the tool does, not what it did before."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-import typer.main
-
-from causalign.cli import app
-
-# without the fenced blocks, whose ``` would pair with the prose's backticks
-README = re.sub(r"```.*?```", "", (Path(__file__).resolve().parents[1] / "README.md").read_text(),
-                flags=re.S)
-
-
-def _options(*path: str) -> set[str]:
-    command = typer.main.get_command(app)
-    for name in path:
-        command = command.commands[name]
-    # --progress / --no-progress: one README sentence covers every command with a bar
-    return {o for p in command.params for o in p.opts if o.startswith("--")} - {
-        "--help", "--progress", "--no-progress"}
+from test_audit_docrev_1207q import README, _options  # the README without fenced blocks
 
 
 @pytest.mark.parametrize("path", [("predict",), ("compare",), ("curves",), ("demo",),
