@@ -391,7 +391,18 @@ def _guidance_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     terms = {f"train_{t}" for m in method_names() for t in method_class(m).guidance_terms}
     aligned = set(_alignment_columns(rows))
     keys = rows[0].keys() if rows else ()
-    return [k for k in keys if k in terms or k in aligned]
+    # a column empty in every row (an old or cut history) drew an empty panel and a legend
+    # entry without a line
+    return [k for k in keys if (k in terms or k in aligned)
+            and any(np.isfinite(_number(r.get(k))) for r in rows)]
+
+
+def _epochs(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    """A history's epoch column; 1, 2, … by row where it has none (an old or hand-made
+    history.csv without 'epoch' drew every panel empty)."""
+    epochs = [_number(r.get("epoch")) for r in rows]
+    return epochs if any(np.isfinite(e) for e in epochs) else [float(i + 1) for i in
+                                                                range(len(rows))]
 
 
 _ALIGN_STYLES = ("-", "--", ":", "-.")  # the alignment columns' line styles and markers
@@ -412,20 +423,19 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     panels = ["loss", "auc", "accuracy"] + (["align"] if any(aligned.values()) else [])
     # only causal-align / hier-align terms: one 'alignment term L_align' panel; else each
     # line is named
-    only_align = all(_alignment_columns(rows) == aligned[label]
+    only_align = all(set(aligned[label]) <= set(_alignment_columns(rows))
                      for label, rows in histories.items())
     with _figure(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False
                  ) as (fig, axes):
         colours = {label: f"C{i % 10}" for i, label in enumerate(histories)}
-        every = [e for rows in histories.values() for e in (_number(r.get("epoch")) for r in rows)
-                 if np.isfinite(e)]
+        every = [e for rows in histories.values() for e in _epochs(rows) if np.isfinite(e)]
         span = (int(min(every)), int(max(every))) if every else None
         longest_run = max(len(rows) for rows in histories.values())
         for ax, panel in zip(axes[0], panels, strict=True):
             for label, rows in histories.items():
                 if not rows:
                     continue
-                epochs = [_number(r.get("epoch")) for r in rows]
+                epochs = _epochs(rows)
                 kw = {"color": colours[label], "marker": "o" if len(rows) <= 20 else None,
                       "markersize": 3}
                 if panel == "loss":
