@@ -4,20 +4,9 @@ histories with empty term columns or without an epoch column, and figure labels.
 from __future__ import annotations
 
 import pytest
+from test_audit_curvterms_1207r import _capture
 
 from causalign.report import figures
-
-
-def _capture(monkeypatch) -> dict:
-    """Keep the figure instead of saving it."""
-    got: dict = {"fig": None}
-
-    def save(fig, path, **kw):
-        fig.canvas.draw()
-        got["fig"] = fig
-
-    monkeypatch.setattr(figures, "atomic_savefig", save)
-    return got
 
 
 def _row(e: int, **terms: str) -> dict:
