@@ -151,5 +151,5 @@ def test_three_classes_keep_the_lowest_seeds_one_vs_rest_curves(tmp_path, monkey
         np.testing.assert_array_equal(curves[label][1], preds[label][0][1])
     assert kw["class_names"]["erm"] == ["benign", "malignant", "other"]
     # the title names the seed drawn (a reader saw "d: test split" beside a seeds table)
-    assert kw["title"] == "d: test split, each method's lowest seed"
+    assert kw["title"] == "d: test split, each method's lowest seed with a curve"
     assert (tmp_path / "roc.png").stat().st_size > 5000

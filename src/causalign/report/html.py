@@ -336,7 +336,7 @@ def roc_figure_of(out: Path, results: dict, dataset: str, path: Path) -> bool | 
         curves = {label: preds[0] for label, preds in seeds.items()}  # the lowest seed
         # the title says whose curves these are: the table beside it gives every seed
         roc_figure({k: (v.probs, v.labels) for k, v in curves.items()}, path,
-                   title=f"{dataset}: test split, each method's lowest seed",
+                   title=f"{dataset}: test split, each method's lowest seed with a curve",
                    class_names={k: v.classes for k, v in curves.items()})
         return f"{left_out[0]}: {', '.join(one_class)}." if one_class else True
     drawn = roc_seeds_figure({k: [(v.probs, v.labels) for v in preds]
