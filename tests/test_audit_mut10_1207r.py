@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from test_audit_mutfig_1207n import _saved as _kept  # figures drawn, not saved
 from test_bootstrap_calibration_localisation import _probs
 from test_compare_operating_point import _compare, _run
 from test_multiclass import BUSI
@@ -18,18 +19,6 @@ from causalign.engine.trainer import TrainConfig, train
 from causalign.errors import InputError
 from causalign.metrics.operating_point import OperatingPoint, choose_threshold, positive_class
 from causalign.report.figures import short_path_labels
-
-
-def _kept(monkeypatch) -> list:
-    """Every figure that would be saved, drawn, instead of the PNG."""
-    figs: list = []
-
-    def save(fig, path, **kw):
-        fig.canvas.draw()
-        figs.append(fig)
-
-    monkeypatch.setattr(figures, "atomic_savefig", save)
-    return figs
 
 
 def _rows(**terms: list[float]) -> list[dict]:
