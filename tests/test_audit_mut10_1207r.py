@@ -128,6 +128,25 @@ def test_five_legend_entries_stay_inside_six_go_below(monkeypatch, tmp_path, mar
     assert fig.get_figheight() == pytest.approx(4.4) or below
 
 
+@pytest.mark.parametrize(("methods", "below"), [(4, False), (5, True)])
+def test_seed_averaged_roc_legend_goes_below_past_five_entries(monkeypatch, tmp_path,
+                                                               methods, below):
+    """The report's seed-averaged ROC figure (`roc_seeds_figure`) places its legend as
+    `roc_figure` does: chance + 4 methods inside, chance + 5 (the demo has 6) below the
+    axes, the figure taller (before: always in the corner, over the curves; mutant M17)."""
+    figs = _kept(monkeypatch)
+    rng = np.random.default_rng(1)
+    y = np.arange(60) % 2
+    runs = {}
+    for m in range(methods):
+        p1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, 60), 0.01, 0.99)
+        runs[f"m{m}"] = [(np.stack([1 - p1, p1], 1), y)]
+    figures.roc_seeds_figure(runs, tmp_path / "r.png", n_boot=100)
+    fig = figs[0]
+    assert len(fig.axes[0].get_legend().get_texts()) == 1 + methods
+    assert bool(fig.get_figheight() > 4.4 + 0.3) == below
+
+
 # --- --positive hint -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("given", ["preMalignant", "nonmalignanT"])

@@ -762,5 +762,6 @@ def roc_seeds_figure(runs: Mapping[str, Sequence[tuple[Any, Any]]], path: str | 
                       f"seed{'s' if n > 1 else ''})")
         ax.fill_between(d["band_fpr"], d["lo"], d["hi"], color=f"C{k}", alpha=0.15,
                         linewidth=0)
-    _finish_roc_axes(fig, ax, path, title)
+    # the demo's six methods + chance: a legend over the curves, as in `roc_figure`
+    _finish_roc_axes(fig, ax, path, title, room=True)
     return drawn
