@@ -148,31 +148,18 @@ def test_cli_causal_pc_test_reaches_causal_learn(tiny_data, tmp_path, monkeypatc
     Kills: the CLI's --test or run_pc_check's indep_test not passed on (Fisher-z ran
     whatever was asked)."""
     import json
-    import types
 
-    import causalign.causal.pc as pc
-    import causalign.engine.trainer as trainer
+    from test_audit_pcprogress_1207r import stub_search
+
     from causalign.cli import main
 
-    asked: list[str] = []
-
-    def fake_pc(data, alpha, indep_test, show_progress):
-        asked.append(indep_test)
-        k = data.shape[1]
-        return types.SimpleNamespace(G=types.SimpleNamespace(graph=np.zeros((k, k))))
-
-    monkeypatch.setattr(pc, "_require_causallearn", lambda: fake_pc)
-    monkeypatch.setattr(trainer, "load_run", lambda run, device, data: (
-        None, torch.nn.Linear(1, 1), None, tiny_data))
-    rng = np.random.default_rng(0)
-    monkeypatch.setattr(pc, "pooled_features",
-                        lambda model, method, ds, device: rng.normal(size=(len(ds), 4)))
+    asked = stub_search(monkeypatch, tiny_data)
     for extra, want in (([], "fisherz"), (["--test", "kci"], "kci")):
         out = tmp_path / f"pc-{want}"
         rc = main(["causal", "pc", str(tmp_path / "run"), "--split", "train", "--out",
                    str(out), *extra])
         assert rc in (0, None), capsys.readouterr().err
-        assert asked and asked[-1] == want
+        assert asked and asked[-1]["indep_test"] == want
         assert json.loads((out / "pc_check.json").read_text())["indep_test"] == want
 
 

@@ -15,24 +15,31 @@ from causalign.cli import main
 from causalign.engine import trainer
 
 
-@pytest.fixture
-def fake_search(monkeypatch, tiny_data):
-    """causal-learn's pc replaced by a recorder of its show_progress; the run's features
-    replaced by random ones (the search is what is under test)."""
-    asked: list[bool] = []
+def stub_search(monkeypatch, tiny_data=None) -> list[dict]:
+    """causal-learn's pc replaced by a recorder of what it is asked (``indep_test``,
+    ``show_progress``) returning an empty graph; with ``tiny_data``, also the run's loading
+    and its pooled features (random), so `causal pc` runs without a model (the plumbing is
+    under test, not the search)."""
+    asked: list[dict] = []
 
     def fake_pc(data, alpha, indep_test, show_progress):
-        asked.append(show_progress)
+        asked.append({"indep_test": indep_test, "show_progress": show_progress})
         k = data.shape[1]
         return types.SimpleNamespace(G=types.SimpleNamespace(graph=np.zeros((k, k))))
 
     monkeypatch.setattr(pc, "_require_causallearn", lambda: fake_pc)
-    monkeypatch.setattr(trainer, "load_run", lambda run, device, data: (
-        None, torch.nn.Linear(1, 1), None, tiny_data))
-    rng = np.random.default_rng(0)
-    monkeypatch.setattr(pc, "pooled_features",
-                        lambda model, method, ds, device: rng.normal(size=(len(ds), 4)))
+    if tiny_data is not None:
+        monkeypatch.setattr(trainer, "load_run", lambda run, device, data: (
+            None, torch.nn.Linear(1, 1), None, tiny_data))
+        rng = np.random.default_rng(0)
+        monkeypatch.setattr(pc, "pooled_features",
+                            lambda model, method, ds, device: rng.normal(size=(len(ds), 4)))
     return asked
+
+
+@pytest.fixture
+def fake_search(monkeypatch, tiny_data):
+    return stub_search(monkeypatch, tiny_data)
 
 
 @pytest.mark.parametrize(("terminal", "flag", "want"), [
@@ -47,23 +54,16 @@ def test_pc_progress_only_on_a_terminal(fake_search, monkeypatch, tmp_path, caps
     rc = main(["causal", "pc", str(tmp_path / "run"), "--split", "train", "--out",
                str(tmp_path / "pc"), "--test", "kci", *flag])
     assert rc in (0, None), capsys.readouterr().err
-    assert fake_search == [want]
+    assert [a["show_progress"] for a in fake_search] == [want]
 
 
 def test_pc_check_passes_show_progress_to_the_search(monkeypatch):
     """`pc_check(show_progress=True)` reaches causal-learn's pc; the default stays off."""
-    asked: list[bool] = []
-
-    def fake_pc(data, alpha, indep_test, show_progress):
-        asked.append(show_progress)
-        k = data.shape[1]
-        return types.SimpleNamespace(G=types.SimpleNamespace(graph=np.zeros((k, k))))
-
-    monkeypatch.setattr(pc, "_require_causallearn", lambda: fake_pc)
+    asked = stub_search(monkeypatch)
     rng = np.random.default_rng(1)
     n = 40
     features, attributes = rng.normal(size=(n, 5)), rng.normal(size=(n, 2))
     labels = (attributes[:, 0] > 0).astype(int)
     pc.pc_check(features, attributes, labels, ["a", "b"], show_progress=True)
     pc.pc_check(features, attributes, labels, ["a", "b"])
-    assert asked == [True, False]
+    assert [a["show_progress"] for a in asked] == [True, False]
