@@ -458,7 +458,14 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                                 **({} if only_align else {"label": k.removeprefix("train_")}))
             if panel == "align" and not only_align:
                 # the run's colour and the term's name (rrr, con, align…) tell each line apart
-                ax.legend(fontsize=7)
+                if len(ax.get_legend_handles_labels()[1]) > _LEGEND_INSIDE:
+                    # many terms (the demo's seven) covered the lines: beside the panel,
+                    # the figure wider by the legend's room
+                    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                              borderaxespad=0.0)
+                    fig.set_figwidth(fig.get_figwidth() + 1.0)
+                else:
+                    ax.legend(fontsize=7)
                 values = [v for ln in ax.get_lines() for v in ln.get_ydata()]
                 finite = [v for v in values if np.isfinite(v)]
                 if finite and min(finite) > 0 and max(finite) >= 10 * min(finite):
