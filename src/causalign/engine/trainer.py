@@ -1395,12 +1395,24 @@ class Trainer:
             self._check_best()
             return
         try:
-            best = load_checkpoint(self.out / BEST)
-            if isinstance(best, dict) and best.get("epoch") == self.state.best_epoch:
+            if self._best_problem(load_checkpoint(self.out / BEST)) is None:
                 return
         except CausalignError:  # missing or damaged: rewritten below
             pass
-        self._save_best()
+        self._save_best()  # also over a best.pt of another model (copied from another run)
+
+    def _best_problem(self, best: Any) -> str | None:
+        """Why `best` (best.pt's content) is not this run's best epoch, or None. Its epoch
+        number alone let another run's best.pt (another architecture) through to the final
+        evaluation's load_state_dict, a traceback of dozens of lines."""
+        path = self.out / BEST
+        if not (isinstance(best, dict) and best.get("epoch") == self.state.best_epoch
+                and isinstance(best.get("model"), dict)):
+            return f"{path}: holds no weights of epoch {self.state.best_epoch}"
+        problem = state_dict_mismatch(self.model, best["model"])
+        return None if problem is None else (
+            f"{path}: does not fit the model that {self.out / 'config.yaml'} describes "
+            f"({problem[1]})")
 
     def _check_best(self) -> None:
         """The best epoch is an earlier one than the checkpoint's: only best.pt holds its
@@ -1412,10 +1424,7 @@ class Trainer:
             return
         path = self.out / BEST
         try:
-            best = load_checkpoint(path)
-            problem = None if isinstance(best, dict) and best.get("epoch") == \
-                self.state.best_epoch and isinstance(best.get("model"), dict) else \
-                f"{path}: holds no weights of epoch {self.state.best_epoch}"
+            problem = self._best_problem(load_checkpoint(path))
         except CausalignError as exc:
             problem = str(exc)
         if problem is not None:
@@ -1434,6 +1443,12 @@ class Trainer:
 
     def _final_evaluation(self, progress) -> dict:
         best = load_checkpoint(self.out / BEST, map_location=self.device)
+        problem = state_dict_mismatch(self.model, best["model"]) if isinstance(best, dict) \
+            and isinstance(best.get("model"), dict) else ("names", "no model weights")
+        if problem is not None:  # e.g. copied from another run after the last epoch
+            raise CausalignError(f"{self.out / BEST}: does not fit the model that "
+                                 f"{self.out / 'config.yaml'} describes ({problem[1]}); "
+                                 f"use a new --out")
         self.model.load_state_dict(best["model"])
         metrics: dict[str, Any] = {
             "method": self.cfg.method,
