@@ -146,3 +146,11 @@ def test_resume_with_a_foreign_best_pt_of_an_earlier_epoch_stops_before_training
         train(tiny_data, _audit_cfg(epochs=3), best_elsewhere, resume=True, progress=False)
     ckpt = torch.load(best_elsewhere / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2  # nothing trained
+
+
+@pytest.mark.parametrize("method", ["ppi", "hier-align"])
+def test_ppi_and_hier_align_with_balanced_sampler_resume_bitwise(tiny_data, tmp_path,
+                                                                 monkeypatch, method):
+    """Guard: the balanced sampler's repeated samples with PPI's map terms and hier-align's
+    warm-start cache (keyed by sample index), interrupted in epoch 2 and resumed."""
+    _check_method(method, tiny_data, tmp_path, monkeypatch, sampler="balanced")
