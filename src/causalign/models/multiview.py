@@ -106,8 +106,10 @@ class MultiViewCNN(nn.Module):
         if d > self.max_slices:
             raise InputError(f"volume has {d} slices; this model embeds at most "
                              f"{self.max_slices} positions")
-        per = max(1, self.infer_floats // max(1, d * h * w * self.width))
-        if n > per and not self.training and not torch.is_grad_enabled():
+        # the mode tests first: torch.export traces with gradients on, and `n > per` on a
+        # symbolic batch became a guard, a program refusing batches above 4096 (32 px)
+        if (not self.training and not torch.is_grad_enabled()
+                and n > (per := max(1, self.infer_floats // max(1, d * h * w * self.width)))):
             # Inference: a few volumes at a time bound the CNN's activation memory (and the
             # transposed copy of the input); eval mode uses every slice, no randomness.
             outs, att = [], []
