@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from causalign.data.synth import SynthConfig, generate
@@ -45,3 +46,22 @@ def test_a_multiview_program_takes_more_than_4096_volumes(tmp_path):
     x = torch.rand(4097, 1, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("region", ["mask", "box"])
+def test_an_oracle_program_record_says_which_masking_it_expects(tiny_data, tmp_path, region):
+    """Regression: an oracle run's record (and warning) said only "images masked to their
+    annotated lesion region": not whether the mask or the box, nor what a sample without a
+    pixel mask or without any annotation gets. The program takes `Oracle.model_input`'s
+    x·m; the note now names the run's region and the fallbacks."""
+    run = _train(tiny_data, tmp_path / "or", method="oracle",
+                 method_args={"region": region})
+    with pytest.warns(UserWarning, match="oracle"):
+        export_run(run, tmp_path / "or.pt2")
+    _, rec = _load(tmp_path / "or.pt2")
+    note = rec["input_note"]
+    if region == "mask":
+        assert "0/1 lesion mask" in note and "box where a sample has no mask" in note
+    else:
+        assert "0/1 lesion box" in note and "mask" not in note.replace("masked", "")
+    assert "whole image where nothing is annotated" in note

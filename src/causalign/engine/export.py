@@ -41,7 +41,7 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
     saved with it, plus ``max_abs_diff``: the largest |Δ logit| to the eager model on the
     check inputs. ``data``: the dataset, when the run's has moved (as for `load_run`)."""
     run, out = Path(run), Path(out)
-    cfg, model, _method, _data_path = load_run(run, device="cpu", data=data)
+    cfg, model, method, _data_path = load_run(run, device="cpu", data=data)
     raw = read_run_config(run)
     shape = raw.get("data_image_shape")
     if not (isinstance(shape, list) and len(shape) in (3, 4)
@@ -51,8 +51,13 @@ def export_run(run: str | Path, out: str | Path, data: str | Path | None = None,
                              f"train it again to export it")
     note = None
     if cfg.method == "oracle":  # `Oracle.model_input`: the images it was trained on
-        note = ("the oracle's model was trained on images masked to their annotated lesion "
-                "region; the program expects such images")
+        # which region and fallbacks: "masked to their lesion region" left a deployer to
+        # guess the mask or the box, and what an unannotated image gets
+        region = ("0/1 lesion box (" if method.params.region == "box" else
+                  "0/1 lesion mask (the lesion's box where a sample has no mask, ")
+        region += "the whole image where nothing is annotated)"
+        note = (f"the oracle's model was trained on images multiplied by their {region}; "
+                f"the program expects such images (x·m, as `Oracle.model_input`)")
         warnings.warn(f"{run}: {note}", stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2, *shape, generator=gen)
