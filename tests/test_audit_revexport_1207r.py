@@ -7,21 +7,14 @@ import json
 
 import pytest
 import torch
+from test_export import _train  # a 1-epoch width-4 run
 
 from causalign.data.synth import SynthConfig, generate
-from causalign.engine import TrainConfig, train
 from causalign.engine.export import export_run
 from causalign.engine.trainer import load_run
 
 
-def _train(data, out, **kw):
-    cfg = TrainConfig(**{**dict(method="erm", epochs=1, width=4, batch_size=16, seed=0,
-                                device="cpu", deletion_fractions=[0.1]), **kw})
-    train(data, cfg, out, progress=False)
-    return out
-
-
-def _load(path):
+def _load(path):  # the ExportedProgram itself (test_export's gives its module)
     extra = {"causalign.json": ""}
     program = torch.export.load(str(path), extra_files=extra)
     return program, json.loads(extra["causalign.json"])
