@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_audit_curvlegend_1207r import _history
-from test_audit_mutfig_1207n import _saved
+from test_audit_curvlegend_1207r import (
+    test_guidance_legend_goes_beside_the_panel_past_five_terms as _legend_check,
+)
 from test_resume_audit import _cfg as _audit_cfg
 from test_resume_audit import best_elsewhere  # noqa: F401 (fixture)
 
-import causalign.report.figures as figures
 from causalign.engine import train
 from causalign.engine.trainer import Trainer, load_checkpoint, state_dict_mismatch
 from causalign.errors import CausalignError
@@ -66,24 +66,10 @@ def test_final_evaluation_names_a_best_pt_that_does_not_fit_in_one_line(
 
 
 def test_six_guidance_terms_already_put_the_legend_beside_the_panel(monkeypatch, tmp_path):
-    """The threshold is "more than five": six terms (one past it) go beside the panel and
-    widen the figure by 1 inch. The earlier test drew five and seven, so a threshold moved
-    to six (`> _LEGEND_INSIDE + 1`) passed it."""
-    figs = _saved(monkeypatch)
-    histories = {"rrr": _history({"rrr": [0.04, 0.02, 0.01]}),
-                 "ppi": _history({"con": [0.3, 0.2, 0.1], "ad": [0.8, 0.7, 0.6]}),
-                 "causal-align": _history({"align": [0.9, 0.8, 0.7]}),
-                 "hier-align": _history({"attr_align": [0.9, 0.8, 0.7],
-                                         "img_align": [0.8, 0.7, 0.6]})}
-    figures.training_curves(histories, tmp_path / "c.png")
-    (fig,) = figs
-    ax = fig.axes[3]
-    legend = ax.get_legend()
-    assert [t.get_text() for t in legend.get_texts()] == [
-        "rrr", "con", "ad", "align", "attr_align", "img_align"]
-    renderer = fig.canvas.get_renderer()
-    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
-    assert fig.get_figwidth() == pytest.approx(3.6 * 4 + 1.0)
+    """The threshold is "more than five": six terms (one past it: rrr, con, ad, align,
+    attr_align, img_align) go beside the panel and widen the figure. The earlier test drew
+    five and seven, so a threshold moved to six (`> _LEGEND_INSIDE + 1`) passed it."""
+    _legend_check(monkeypatch, tmp_path, n_ppi_terms=2, beside=True)
 
 
 # ---------------------------------------------------------------- the resume's best.pt check
